@@ -1,0 +1,78 @@
+"""Builds sparsekern._C: the C++ CPU kernels always, the CUDA kernels when a CUDA torch and nvcc exist.
+
+Switches (printed at build time):
+  SPARSEKERN_CPP=0    build no extension at all (pure-Python install: reference and Triton backends only)
+  SPARSEKERN_CUDA=1   force the CUDA sources in;  SPARSEKERN_CUDA=0  leave them out
+  TORCH_CUDA_ARCH_LIST  architectures for the CUDA build, as torch reads it
+"""
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+PACKAGES = ["sparsekern", "sparsekern.triton_kernels"]
+# The bare name `triton_kernels` belongs to Triton's own package; ours installs under sparsekern.
+PACKAGE_DIR = {"sparsekern": "sparsekern", "sparsekern.triton_kernels": "triton_kernels"}
+
+
+def _say(message):
+    print(f"[sparsekern build] {message}", file=sys.stderr)
+
+
+def _sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _cuda_decision(torch, cuda_home):
+    flag = os.environ.get("SPARSEKERN_CUDA", "")
+    if flag == "0":
+        return False, "SPARSEKERN_CUDA=0"
+    if flag == "1":
+        return True, "SPARSEKERN_CUDA=1"
+    # Gate on a CUDA build of torch plus nvcc, never on torch.cuda.is_available():
+    # a build host without a GPU must still produce the CUDA kernels.
+    if not torch.version.cuda:
+        return False, "torch is a CPU build"
+    if not cuda_home:
+        return False, "no CUDA toolkit found (set CUDA_HOME)"
+    return True, f"torch CUDA {torch.version.cuda}, toolkit at {cuda_home}"
+
+
+def _extensions():
+    if os.environ.get("SPARSEKERN_CPP", "1") == "0":
+        _say("SPARSEKERN_CPP=0: no compiled extension")
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    cxx_flags = ["-O3", "-std=c++17"]
+    if sys.platform.startswith("linux"):
+        cxx_flags.append("-fopenmp")  # at::parallel_for is OpenMP-backed in torch's Linux wheels
+    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+    use_cuda, why = _cuda_decision(torch, CUDA_HOME)
+    _say(f"C++ CPU kernels: yes; CUDA kernels: {'yes' if use_cuda else 'no'} ({why})")
+    if use_cuda:
+        sources += _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*_cuda.cpp")
+        extension = CUDAExtension(
+            "sparsekern._C",
+            sources,
+            extra_compile_args={"cxx": cxx_flags + ["-DSPARSEKERN_WITH_CUDA"],
+                                "nvcc": ["-O3", "-std=c++17", "-DSPARSEKERN_WITH_CUDA"]},
+            extra_link_args=["-fopenmp"] if "-fopenmp" in cxx_flags else [],
+            include_dirs=[os.path.join(ROOT, "csrc")],
+        )
+    else:
+        extension = CppExtension(
+            "sparsekern._C",
+            sources,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"] if "-fopenmp" in cxx_flags else [],
+            include_dirs=[os.path.join(ROOT, "csrc")],
+        )
+    return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+setup(packages=PACKAGES, package_dir=PACKAGE_DIR, ext_modules=ext_modules, cmdclass=cmdclass)

@@ -1,0 +1,120 @@
+"""sparsekern's ops: the public entry points, their contracts, and the backend each call runs on.
+
+Every function here checks its arguments once (bad input raises TypeError or ValueError naming the
+argument and changes nothing), then runs the backend chosen by `sparsekern._backend.choose`:
+the compiled extension, then Triton, then the pure-PyTorch reference (`sparsekern.reference`,
+the specification every backend must match). `sparsekern.backends()` reports the choice.
+
+Selection rule of the mask ops: larger score first; NaN is never preferred to a number; equal
+scores (+0.0 equals -0.0) go to the lower flat position, row-major through the list in order.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from . import _backend, _checks, _masked_linear_op, reference
+from ._backend import Implementation
+
+# Ops that have a Triton implementation, as functions of the same name in sparsekern._triton_ops.
+TRITON_OPS: tuple[str, ...] = ()
+# Ops that the compiled extension defines (schemas in csrc/ops.cpp).
+COMPILED_OPS = ("topk_mask", "topk_mask_per_tensor", "prune_grow")
+
+
+def topk_mask(scores: Sequence[Tensor], k: int | Sequence[int]) -> list[Tensor]:
+    """Bool masks of the top-scoring entries of a list of tensors.
+
+    Args:
+        scores: tensors of one float dtype (float16, bfloat16, float32, float64) on one device,
+            any shapes and strides.
+        k: an int for one global selection of exactly k entries over all tensors together, or a
+            list of ints, one per tensor, for a separate selection in each.
+    Returns:
+        a list of bool tensors shaped like `scores`, True at the selected entries.
+    Ties go to the lower flat position (tensor order, then row-major index). NaN is never
+    selected: asking for more entries than there are non-NaN scores raises ValueError, as does
+    k outside [0, numel].
+    """
+    scores = _checks.scores_list(scores)
+    k = _checks.topk_counts(k, scores)
+    op = "topk_mask_per_tensor" if isinstance(k, list) else "topk_mask"
+    device_type = scores[0].device.type if scores else "cpu"
+    return list(_backend.choose(op, device_type)[1].run(scores, k))
+
+
+@torch.no_grad()
+def prune_grow(weight: Tensor, mask: Tensor, prune_score: Tensor, grow_score: Tensor, n: int,
+               state: Sequence[Tensor] = ()) -> Tensor:
+    """One drop-and-grow mask update (RigL, SET, MEST, ...) in one pass.
+
+    Keeps the `active - n` active entries with the highest `prune_score`, then adds the `n`
+    entries with the highest `grow_score` among all entries not kept (just-dropped ones
+    included), both under the topk_mask selection rule (NaN ranks below every number here and
+    never raises). The active count is unchanged.
+
+    Args:
+        weight: float tensor, mutated in place.
+        mask: bool tensor shaped like weight, the current mask (not mutated).
+        prune_score, grow_score: float tensors shaped like weight, of one dtype.
+        n: entries to swap, in [0, min(active, inactive)].
+        state: optimizer-state tensors shaped like weight (momentum, Adam moments), mutated.
+    Returns:
+        the new bool mask.
+    In place: weight becomes 0 wherever the new mask is False and at newly grown positions
+    (new & ~old); each state tensor becomes 0 at newly grown positions; entries active before
+    and after keep their values.
+    """
+    n, state = _checks.prune_grow_args(weight, mask, prune_score, grow_score, n, state)
+    return _backend.choose("prune_grow", weight.device.type)[1].run(
+        weight, mask, prune_score, grow_score, n, state)
+
+
+def masked_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None = None, *,
+                  dense_grad: bool = False) -> Tensor:
+    """y = x @ (weight * mask).T + bias, for x of shape (..., in_features).
+
+    weight: (out_features, in_features), mask: bool of the same shape, bias: (out_features,) or
+    None; x, weight and bias share one dtype (float32, float16, bfloat16, float64). Entries off
+    the mask contribute nothing, even when they hold inf or NaN.
+
+    Autograd: dx = dy @ (weight * mask); dweight = (dy.T @ x) * mask over all batch rows, or the
+    dense dy.T @ x when `dense_grad=True` (RigL's growth criterion reads the gradient at inactive
+    positions, and needs it only on mask-update steps); dbias = dy summed over batch rows.
+    """
+    _checks.masked_linear_args(x, weight, mask, bias)
+    return _backend.choose("masked_linear", x.device.type)[1].run(x, weight, mask, bias, dense_grad)
+
+
+def _compiled(op: str) -> Implementation:
+    return Implementation(run=lambda *args: getattr(torch.ops.sparsekern, op)(*args),
+                          missing=_backend.compiled_missing(op))
+
+
+def _triton(op: str) -> Implementation:
+    def run(*args):
+        # Imported on first use: importing Triton costs seconds and is needed only where it runs.
+        return getattr(importlib.import_module("sparsekern._triton_ops"), op)(*args)
+    return Implementation(run=run, missing=_backend.triton_missing, automatic=_backend.only_on_gpu)
+
+
+def _reference(function) -> Implementation:
+    return Implementation(run=function, missing=_backend.never_missing)
+
+
+_masked_linear_reference = _masked_linear_op.define(
+    "reference", reference.masked_linear, reference.masked_linear_grad_input,
+    reference.masked_linear_grad_weight)
+
+for _op, _function in (("topk_mask", reference.topk_mask),
+                       ("topk_mask_per_tensor", reference.topk_mask_per_tensor),
+                       ("prune_grow", reference.prune_grow),
+                       ("masked_linear", _masked_linear_reference)):
+    _backend.register(_op, "reference", _reference(_function))
+    if _op in COMPILED_OPS:
+        _backend.register(_op, "cuda", _compiled(_op))
+    if _op in TRITON_OPS:
+        _backend.register(_op, "triton", _triton(_op))
