@@ -11,6 +11,16 @@ from sparsekern.algorithms.dst import _Blocks
 from sparsekern.nn import SparseConv2d, SparseLinear, sparse_modules
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: with CI's few cores shared by other jobs, more threads only contend
+    (the digits runs took 60x longer with 2 threads on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def small_model(seed=0, density=0.3):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 24), nn.ReLU(),
