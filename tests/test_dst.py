@@ -419,3 +419,25 @@ def test_rigl_and_set_beat_static_sparse_training_on_digits():
         for method, (_, correct) in results.items():
             accuracy[method] += correct / 3
     assert accuracy["rigl"] > accuracy["static"] and accuracy["set"] > accuracy["static"], accuracy
+
+
+@pytest.mark.parametrize("reset_state", [True, False])
+def test_update_after_the_optimizer_step_and_without_state_reset(reset_state):
+    """The "after" placement: the optimizer step sees dense gradients on update steps, and the
+    update that follows puts every inactive weight and its state back to 0."""
+    model = small_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+    algo = sparsekern.RigL(model, optimizer, update_every=2, total_steps=40, reset_state=reset_state)
+    counts = [int(m.sum()) for m in masks(model)]
+    for step in range(8):
+        x, y = batch(step)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        algo.step()
+        assert_inactive_zero(model)
+        for _, module in sparse_modules(model):
+            for value in optimizer.state[module.weight].values():
+                if value.shape == module.weight.shape:
+                    assert torch.all(value[~module.mask] == 0)
+    assert [int(m.sum()) for m in masks(model)] == counts
