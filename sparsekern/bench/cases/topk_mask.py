@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ... import ops
 from ..core import Case, sparsekern_runs
-from ..shapes import ONE_MILLION, RESNET50, RESNET50_TINY, random_tensors
+from ..shapes import ONE_MILLION, RESNET50, RESNET50_TINY, describe, random_tensors
 
 DENSITY = 0.1
 
@@ -48,9 +48,9 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
     million = (1 << 14,) if quick else ONE_MILLION
     label = "resnet50/16" if quick else "resnet50"
     result = []
-    for name, scores in ((label, _abs(resnet, device)), ("1 tensor", _abs([("x", million)], device))):
+    for name, scores in ((label, _abs(resnet, device)), ("1M", _abs([("x", million)], device))):
         total = sum(s.numel() for s in scores)
-        size = f"{name}, {total / 1e6:.3g}M entries, d={DENSITY}"
+        size = f"{describe(name, scores)}, d={DENSITY}"
         k = round(DENSITY * total)
         runs = {"torch cat+topk": lambda scores=scores, k=k: torch_cat_topk(scores, k),
                 "torch cat+kthvalue": lambda scores=scores, k=k: torch_cat_kthvalue(scores, k)}
@@ -61,7 +61,7 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
     k = [round(DENSITY * s.numel()) for s in scores]
     runs = {"torch per-layer topk": lambda: torch_per_layer_topk(scores, k)}
     runs.update(sparsekern_runs("topk_mask_per_tensor", device, lambda: ops.topk_mask(scores, k)))
-    result.append(Case("topk_mask (per tensor)", f"{label}, d={DENSITY}", runs, baseline="torch per-layer topk"))
+    result.append(Case("topk_mask (per tensor)", f"{describe(label, scores)}, d={DENSITY}", runs, baseline="torch per-layer topk"))
     return result
 
 
