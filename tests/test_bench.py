@@ -100,7 +100,9 @@ def test_main_writes_json_and_csv(tmp_path, capsys):
     assert status == 0
     table = capsys.readouterr().out
     assert "| topk_mask (global) |" in table and "torch cat+topk" in table
-    records = json.loads(json_path.read_text())
+    saved = json.loads(json_path.read_text())
+    assert saved["environment"].startswith("device cpu")
+    records = saved["rows"]
     assert records and all(record["op"].startswith("topk_mask") for record in records)
     with open(csv_path) as stream:
         assert len(list(csv.DictReader(stream))) == len(records)
