@@ -54,7 +54,8 @@ def format_table(rows: list[core.Row]) -> str:
             time_text, ratio_text = "failed", row.error
         else:
             time_text = f"{row.time_ms:.3f}" if row.time_ms < 10 else f"{row.time_ms:.1f}"
-            ratio_text = f"{row.ratio:.2f}x" + (" (baseline)" if row.implementation == row.baseline else "")
+            ratio_text = (f"{row.ratio:.2f}x" if row.ratio >= 0.1 else f"{row.ratio:.2g}x") + (
+                " (baseline)" if row.implementation == row.baseline else "")
         lines.append(_line([row.op, row.size, row.implementation, time_text, ratio_text]))
     return "\n".join(lines)
 
@@ -105,7 +106,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m benchmarks") -> i
         parser.error(f"--only {args.only!r} matches no case; case modules: {', '.join(core.case_modules())}")
     where = environment(device)
     print(where)
-    print("speed-up = baseline time / time: above 1 is faster than the case's baseline, the torch code it replaces.")
+    print("speed-up = baseline time / time: above 1 is faster than the case's baseline, "
+          "the torch code it replaces.")
     if device.type == "cpu":
         print("sparsekern[cuda] on CPU tensors is the compiled extension's C++ kernels.")
     print(format_table(rows))
