@@ -136,7 +136,8 @@ def test_prune_grow_baseline_updates_like_the_op(generator):
     weight.mul_(mask)
     active, n = int(mask.sum()), 5
     expected_weight, expected_momentum = weight.clone(), momentum.clone()
-    expected = ops.prune_grow(expected_weight, mask, expected_weight.abs(), grow.abs(), n, state=(expected_momentum,))
+    expected = ops.prune_grow(expected_weight, mask, expected_weight.abs(), grow.abs(), n,
+                              state=(expected_momentum,))
     new = cases.torch_prune_grow(weight, mask, weight.abs(), grow.abs(), n, active, [momentum])
     assert torch.equal(new, expected)
     assert torch.equal(weight, expected_weight) and torch.equal(momentum, expected_momentum)
