@@ -42,6 +42,13 @@ def numel(shapes: list[tuple[str, tuple[int, ...]]]) -> int:
     return sum(math.prod(shape) for _, shape in shapes)
 
 
+def describe(name: str, tensors: list[torch.Tensor]) -> str:
+    """A size label: "resnet50 (54 tensors, 25.5M entries)", or "1 tensor (1.05M entries)"."""
+    total = sum(t.numel() for t in tensors)
+    count = "1 tensor" if len(tensors) == 1 else f"{len(tensors)} tensors"
+    return f"{name} ({count}, {total / 1e6:.3g}M entries)"
+
+
 def random_tensors(shapes: list[tuple[str, tuple[int, ...]]], device: torch.device, seed: int = 0,
                    dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
     """One standard-normal tensor per shape, reproducible from `seed`."""
