@@ -142,6 +142,7 @@ def _step_cases(device: torch.device, quick: bool) -> list[Case]:
             optimizer.step()
         return run
 
+    step(dynamic, optimizers["dynamic"], algo)()  # gradients and momentum for the optimizer.step() run
     size = f"MLP {width}-{2 * width}-{2 * width}-10, batch {batch}, d={DENSITY}"
     training = Case("training step", size, {
         "dense nn.Linear": step(dense, optimizers["dense"]),
