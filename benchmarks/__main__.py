@@ -1,4 +1,4 @@
-"""python -m benchmarks [--device cpu|cuda] [--quick] [--only OP] [--json PATH] [--csv PATH]"""
+"""python -m benchmarks [--device cpu|cuda] [--quick] [--only OP] [--json PATH] [--csv PATH] [--threads N] [--budget SECONDS]"""
 import sys
 
 from sparsekern.bench.report import main
