@@ -1,4 +1,5 @@
-"""python -m benchmarks [--device cpu|cuda] [--quick] [--only OP] [--json PATH] [--csv PATH]"""
+"""python -m benchmarks [--device cpu|cuda] [--quick] [--only OP] [--json PATH] [--csv PATH]
+[--threads N] [--budget SECONDS]: times every case of sparsekern.bench.cases and prints one table."""
 import sys
 
 from sparsekern.bench.report import main

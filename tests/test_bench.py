@@ -80,9 +80,9 @@ def test_time_call_adapts_repeats_to_budget():
     assert math.isfinite(timing.median_ms)
 
 
-def test_time_call_times_a_call_longer_than_the_budget_once():
+def test_time_call_times_a_call_much_longer_than_the_budget_once():
     calls = []
-    timing = core.time_call(lambda: calls.append(time.sleep(0.002)), CPU, budget_s=0.001)
+    timing = core.time_call(lambda: calls.append(time.sleep(0.005)), CPU, budget_s=0.001)
     assert timing.repeats == 1 and len(calls) == 1
 
 

@@ -80,7 +80,8 @@ def write(rows: list[core.Row], path: str, kind: str, environment_line: str = ""
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m benchmarks") -> int:
-    """Command line: [--device cpu|cuda] [--quick] [--only OP] [--json PATH] [--csv PATH] [--budget SECONDS].
+    """Command line: [--device cpu|cuda] [--quick] [--only OP] [--json PATH] [--csv PATH] [--threads N]
+    [--budget SECONDS].
 
     Prints the table on stdout (progress on stderr). Returns 0, or 1 when some implementation failed.
     `prog` is the command name shown in help and errors (`sparsekern bench` from the CLI).
@@ -93,6 +94,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m benchmarks") -> i
                         help="one case module (e.g. topk_mask), or the cases whose op starts with OP")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     parser.add_argument("--csv", metavar="PATH", help="also write the rows as CSV")
+    parser.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--budget", type=float, metavar="SECONDS",
                         help="seconds of timed calls per implementation (default 2, 0.05 with --quick)")
     args = parser.parse_args(argv)
@@ -100,6 +102,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m benchmarks") -> i
         parser.error("--device cuda: no CUDA device is available")
     if args.budget is not None and not args.budget > 0:
         parser.error(f"--budget must be > 0, got {args.budget}")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     rows = run(device, args.quick, args.only, args.budget, progress=sys.stderr)
     if not rows:
