@@ -136,10 +136,10 @@ class SparseConv2d(SparseModule, nn.Conv2d):
     """nn.Conv2d with a weight mask (same arguments, string padding and padding modes included).
 
     The forward masks the weight and runs the ordinary convolution (cuDNN / oneDNN). Lowering to
-    `ops.masked_linear` through im2col (F.unfold) was the alternative; on CPU (2 cores, batch 16,
-    forward plus backward, 10% density) it measured 1.5x (1x1 kernel) to 9x (3x3, 64 channels,
-    32x32) slower than masking the weight into F.conv2d, because unfold materialises a
-    k_h*k_w times larger input and its backward (fold) is slow.
+    `ops.masked_linear` through im2col (F.unfold) was the alternative; forward+backward on CPU at
+    10% density it was 1.5x (1x1 kernel) to 9x (3x3, 64 channels, 32x32) slower, because unfold
+    materialises a k_h*k_w times larger input and its backward (fold) is slow, while the masked
+    weight costs 0.8x-1.06x of a dense conv (`sparsekern/bench/cases/sparse_conv2d.py`).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
