@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+import sparsekern
 import sparsekern.checkpoint
 from sparsekern.algorithms import IMP
 from sparsekern.nn import sparse_modules
@@ -181,3 +182,11 @@ def test_digits_imp_with_rewinding_beats_random_reinitialisation_at_90_percent_s
     print(f"digits, 90% sparsity, 3 seeds: IMP-WR {imp.mean():.4f} ± {imp.std():.4f}, "
           f"random reinit {reinit.mean():.4f} ± {reinit.std():.4f}")
     assert imp.mean() > reinit.mean()
+
+
+def test_a_model_made_dense_by_sparsify_starts_imp_from_the_package_export():
+    model = sparsekern.sparsify(torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3)),
+                                1.0, generator=torch.Generator().manual_seed(0))
+    imp = sparsekern.IMP(model, _sgd, prune_fraction=0.5)
+    assert all(mask.all() for mask in imp.masks)
+    assert sum(int(mask.sum()) for mask in imp.next_cycle()) == 45 - math.ceil(0.5 * 45)
