@@ -185,8 +185,8 @@ def test_digits_imp_with_rewinding_beats_random_reinitialisation_at_90_percent_s
 
 
 def test_a_model_made_dense_by_sparsify_starts_imp_from_the_package_export():
-    model = sparsekern.sparsify(torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3)),
-                                1.0, generator=torch.Generator().manual_seed(0))
+    dense = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    model = sparsekern.sparsify(dense, 1.0, generator=torch.Generator().manual_seed(0))
     imp = sparsekern.IMP(model, _sgd, prune_fraction=0.5)
     assert all(mask.all() for mask in imp.masks)
     assert sum(int(mask.sum()) for mask in imp.next_cycle()) == 45 - math.ceil(0.5 * 45)

@@ -11,7 +11,6 @@ import torch
 import sparsekern.checkpoint
 from sparsekern.algorithms import IMP, SWAMP
 from sparsekern.algorithms.swamp import data_seed
-from sparsekern.nn import sparse_modules
 
 from lottery_common import batch, digits_run, mlp, one_thread  # noqa: F401 (fixture)
 
@@ -101,7 +100,8 @@ def test_one_particle_without_swa_is_imp_with_rewinding_bit_for_bit(rewind_step)
     reference = _imp_wr(rewind_step, cycles=3)
     x, y = _data(1)
     model = mlp(2, hidden=16)
-    swamp = SWAMP(model, _sgd, particles=1, prune_fraction=0.3, rewind_step=rewind_step, swa_start=None, seed=5)
+    swamp = SWAMP(model, _sgd, particles=1, prune_fraction=0.3, rewind_step=rewind_step, swa_start=None,
+                  seed=5)
     _swamp_run(model, swamp, x, y, cycles=3)
     for a, b in zip(reference.state_dict().values(), model.state_dict().values()):
         assert torch.equal(a, b)

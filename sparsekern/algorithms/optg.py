@@ -10,8 +10,9 @@ cosine learning rate lr_e. Scores have no weight decay.
 
 Pruned weights keep their values while pruned, as in the paper's code (the forward multiplies the
 weight by the mask instead of zeroing it): their own gradient is 0, so only the weight optimizer's
-weight decay and momentum (if any) move them, and they come back with the value they had. OptG therefore
-sets the modules' masks without zeroing the weight, and stores the pruned values in its
+weight decay and leftover momentum (if any) move them, and they come back with the value they then
+hold. So, unlike the other algorithms, OptG breaks the modules' "zero off the mask" invariant on
+purpose: it sets their masks without zeroing the weight, and keeps the pruned values in its
 `state_dict()` because loading a sparse module's state dict zeroes the weight off the mask.
 """
 from __future__ import annotations
@@ -149,7 +150,8 @@ class OptG:
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "scores": [score.clone() for score in self.scores],
                 "score_optimizer": self.score_optimizer.state_dict(), "masks": self.masks,
-                "pruned_weights": [torch.where(layer.mask, 0, layer.weight.detach()) for layer in self.layers]}
+                "pruned_weights": [torch.where(layer.mask, 0, layer.weight.detach())
+                                   for layer in self.layers]}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:

@@ -11,7 +11,7 @@ with `all_reduce`). Every rank then holds the same θ̄ and so prunes to the sam
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 import torch.distributed as dist
