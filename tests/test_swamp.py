@@ -77,6 +77,29 @@ def test_the_average_is_the_mean_of_the_particles_swa_averages_and_particles_dif
         assert scores[kept].min() >= scores[~kept & (scores > 0)].max()
 
 
+def test_particles_start_from_the_ticket_with_the_optimizer_state_of_step_k_in_cycle_zero():
+    x, y = _data(5)
+    model = mlp(6, hidden=8)
+    swamp = SWAMP(model, _sgd, particles=2, prune_fraction=0.3, rewind_step=4, swa_start=6)
+    _train(model, swamp, x, y, swamp.data_seed, stop=4)
+    theta_k = model.state_dict()
+    theta_k = {name: value.clone() for name, value in theta_k.items()}
+    momentum_k = [swamp.optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    _train(model, swamp, x, y, swamp.data_seed)
+    assert swamp.next_particle() and swamp.particle == 1 and swamp.step_in_cycle == 4
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, theta_k[name])
+    for p, momentum in zip(model.parameters(), momentum_k):
+        assert torch.equal(swamp.optimizer.state[p]["momentum_buffer"], momentum)
+    _train(model, swamp, x, y, swamp.data_seed)
+    assert not swamp.next_particle()
+    swamp.next_cycle()                    # later cycles: θ_k ⊙ m and a fresh optimizer
+    assert not swamp.optimizer.state
+    for (name, value), mask in zip([(n, v) for n, v in model.state_dict().items() if n.endswith("weight")],
+                                   swamp.masks):
+        assert torch.equal(value, torch.where(mask, theta_k[name], 0))
+
+
 def _imp_wr(rewind_step, cycles):
     x, y = _data(1)
     model = mlp(2, hidden=16)
@@ -86,13 +109,7 @@ def _imp_wr(rewind_step, cycles):
 
 
 def _swamp_run(model, swamp, x, y, cycles):
-    while True:
-        _train(model, swamp, x, y, swamp.data_seed)
-        if swamp.next_particle():
-            continue
-        if swamp.cycle == cycles - 1:
-            return
-        swamp.next_cycle()
+    swamp.run(lambda s: _train(model, s, x, y, s.data_seed), cycles)
 
 
 @pytest.mark.parametrize("rewind_step", [0, 3])
@@ -154,8 +171,10 @@ def _swamp(model):
     return SWAMP(model, _sgd, particles=2, prune_fraction=0.3, rewind_step=3, swa_start=6, seed=7)
 
 
-# (cycle, particle, step): mid-particle before and after k and in the SWA phase, at a particle's end.
-@pytest.mark.parametrize("stop", [(0, 0, 2), (0, 0, 7), (0, 1, 5), (0, 1, STEPS), (1, 0, 8), (1, 1, 4)])
+# (cycle, particle, step): mid-particle before and after k and in the SWA phase, at a particle's
+# end; (cycle, "averaged", None): after the cycle's average, before its pruning.
+@pytest.mark.parametrize("stop", [(0, 0, 2), (0, 0, 7), (0, 1, 5), (0, 1, STEPS), (1, 0, 8), (1, 1, 4),
+                                  (1, "averaged", None)])
 def test_resuming_from_a_checkpoint_is_bit_identical(tmp_path, stop):
     x, y = _data(4)
     reference = mlp(8, hidden=16)
@@ -163,11 +182,14 @@ def test_resuming_from_a_checkpoint_is_bit_identical(tmp_path, stop):
 
     model = mlp(8, hidden=16)
     swamp = _swamp(model)
-    while (swamp.cycle, swamp.particle) != stop[:2]:
-        _train(model, swamp, x, y, swamp.data_seed)
-        if not swamp.next_particle():
+    while (swamp.cycle, "averaged" if swamp.averaged else swamp.particle) != stop[:2]:
+        if swamp.averaged:
             swamp.next_cycle()
-    _train(model, swamp, x, y, swamp.data_seed, stop=stop[2])
+            continue
+        _train(model, swamp, x, y, swamp.data_seed)
+        swamp.next_particle()
+    if stop[2] is not None:
+        _train(model, swamp, x, y, swamp.data_seed, stop=stop[2])
     sparsekern.checkpoint.save({"model": model.state_dict(), "swamp": swamp.state_dict()}, tmp_path / "s.pt")
 
     checkpoint = sparsekern.checkpoint.load(tmp_path / "s.pt")

@@ -11,7 +11,7 @@ with `all_reduce`). Every rank then holds the same θ̄ and so prunes to the sam
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -36,6 +36,7 @@ class SWAMP:
         prune_fraction, rewind_step, scope: as for `IMP` (weight rewinding only).
         swa_start: the step within the cycle after which the particle's running mean starts: the
             weights after every `swa_every`-th step past `swa_start` are averaged with equal weight.
+            Set it to where the cycle's last phase begins (the default 0 averages the whole cycle).
             None: no SWA, a particle contributes its final weights (N = 1 is then IMP-WR exactly).
         swa_every: steps between two SWA samples.
         bn_loader: an iterable of batches (a tensor, or a tuple/list whose first element is the
@@ -53,6 +54,9 @@ class SWAMP:
             evaluate(model)                  # the model holds θ̄ (BatchNorm recomputed)
             if swamp.cycle == cycles - 1: break
             swamp.next_cycle()               # prune θ̄, reset to θ_k ⊙ m, first particle
+
+    or `swamp.run(train_fn, cycles)` with `train_fn(swamp)` training one particle from
+    `swamp.step_in_cycle` to the end of the cycle in the order of `swamp.data_seed`.
 
     Cycle 0 starts dense from the initialisation: the first particle trains from step 0 and θ_k
     (with the optimizer state at k) is kept at step k; the other particles of cycle 0 start from
@@ -210,6 +214,18 @@ class SWAMP:
         self.averaged = False
         self._start_particle()
         return masks
+
+    def run(self, train_fn: Callable[["SWAMP"], None], cycles: int) -> None:
+        """Runs (or resumes) `cycles` cycles; the model ends holding the last cycle's θ̄."""
+        cycles = _tickets.check_count(cycles, "cycles")
+        while self.cycle < cycles:
+            if not self.averaged:
+                train_fn(self)
+                if self.next_particle():
+                    continue
+            if self.cycle == cycles - 1:
+                return
+            self.next_cycle()
 
     @property
     def masks(self) -> list[Tensor]:
