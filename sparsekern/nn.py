@@ -2,9 +2,11 @@
 
 Each sparse module holds `weight` (Parameter), `bias` (Parameter or None), a bool buffer `mask`
 shaped like the weight (all True at construction) and a plain attribute `dense_grad` (False by
-default). Invariant: weight entries off the mask are exactly 0. The forward only ever uses
-weight * mask and the weight gradient is masked (unless `dense_grad`), so SGD, momentum, weight
-decay and Adam leave those zeros alone without any per-step masking loop.
+default). The forward only ever uses weight * mask: entries off the mask contribute nothing,
+whatever they hold. Invariant: `set_mask` sets weight entries off the mask to exactly 0, and the
+weight gradient is masked (unless `dense_grad`), so SGD, momentum, weight decay and Adam leave
+those zeros alone without any per-step masking loop. (Writing `mask` directly skips the zeroing,
+for algorithms such as OptG that keep pruned values.)
 
 With `dense_grad = True` the next backward also gives the gradient at inactive positions (dy.T @ x
 for a linear layer), which growth criteria such as RigL's read on mask-update steps. That gradient
@@ -69,13 +71,16 @@ class SparseModule(nn.Module):
         # load_state_dict hands each module its own copy of the dict, so filling in the mask of a
         # dense checkpoint here does not touch the caller's dict.
         if prefix + "mask" not in state_dict and prefix + "weight" in state_dict:
-            state_dict[prefix + "mask"] = torch.ones(state_dict[prefix + "weight"].shape, dtype=torch.bool)
+            weight = state_dict[prefix + "weight"]
+            state_dict[prefix + "mask"] = torch.ones(weight.shape, dtype=torch.bool, device=weight.device)
+        # Weight values load as saved: a checkpoint of a module that kept the invariant already
+        # holds zeros off its mask, and OptG's deliberately kept values off the mask come back.
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-        with torch.no_grad():
-            self.weight.masked_fill_(~self.mask, 0)
 
     def extra_repr(self) -> str:
+        if self.mask.is_meta:  # no values to count
+            return super().extra_repr()
         return f"{super().extra_repr()}, density={self.density:.4g}"
 
 
@@ -138,8 +143,8 @@ class SparseConv2d(SparseModule, nn.Conv2d):
     The forward masks the weight and runs the ordinary convolution (cuDNN / oneDNN). Lowering to
     `ops.masked_linear` through im2col (F.unfold) was the alternative; forward+backward on CPU at
     10% density it was 1.5x (1x1 kernel) to 9x (3x3, 64 channels, 32x32) slower, because unfold
-    materialises a k_h*k_w times larger input and its backward (fold) is slow, while the masked
-    weight costs 0.8x-1.06x of a dense conv (`sparsekern/bench/cases/sparse_conv2d.py`).
+    materialises a k_h*k_w times larger input and its backward (fold) is slow, while masking the
+    weight took 0.95x-1.25x the time of a dense conv (`sparsekern/bench/cases/sparse_conv2d.py`).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
