@@ -203,6 +203,7 @@ def test_resuming_from_a_checkpoint_is_bit_identical(tmp_path, stop):
         assert torch.equal(a, b)
 
 
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_particles_on_two_gloo_ranks_match_particles_in_sequence(tmp_path):
     script = os.path.join(os.path.dirname(__file__), "swamp_distributed.py")
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -212,8 +213,7 @@ def test_particles_on_two_gloo_ranks_match_particles_in_sequence(tmp_path):
         capture_output=True, text=True, timeout=120, env=environment)
     assert result.returncode == 0, result.stdout + result.stderr
 
-    sys.path.insert(0, os.path.dirname(__file__))
-    from swamp_distributed import run
+    from swamp_distributed import run   # tests/ is on sys.path, as for lottery_common
     sequential = run()
     for rank in range(2):
         distributed = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
