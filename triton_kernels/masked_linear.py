@@ -50,6 +50,7 @@ plus the fixed cost of visiting every flag.
 """
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass
 
@@ -300,12 +301,17 @@ def _masked_weight_matmul(a: Tensor, weight: Tensor, layout: MaskLayout, bias: T
     return c
 
 
+def _rows(t: Tensor) -> Tensor:
+    """t as a 2-D (rows, last dim) tensor; reshape(-1, 0) would be ambiguous for empty last dims."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
 def masked_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None = None,
                   layout: MaskLayout | None = None) -> Tensor:
     """y = x @ where(mask, weight, 0).T + bias over the leading dims of x; `layout` defaults to
     the cached `mask_layout(mask)`."""
     layout = layout if layout is not None else mask_layout(mask)
-    out = _masked_weight_matmul(x.reshape(-1, x.shape[-1]), weight, layout, bias, weight_rows_are_p=True)
+    out = _masked_weight_matmul(_rows(x), weight, layout, bias, weight_rows_are_p=True)
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -313,7 +319,7 @@ def masked_linear_grad_input(grad_out: Tensor, weight: Tensor, mask: Tensor,
                              layout: MaskLayout | None = None) -> Tensor:
     """dx = grad_out @ where(mask, weight, 0) over the leading dims of grad_out."""
     layout = layout if layout is not None else mask_layout(mask)
-    out = _masked_weight_matmul(grad_out.reshape(-1, grad_out.shape[-1]), weight, layout, None,
+    out = _masked_weight_matmul(_rows(grad_out), weight, layout, None,
                                 weight_rows_are_p=False)
     return out.view(*grad_out.shape[:-1], weight.shape[1])
 
@@ -321,8 +327,8 @@ def masked_linear_grad_input(grad_out: Tensor, weight: Tensor, mask: Tensor,
 def masked_linear_grad_weight(grad_out: Tensor, x: Tensor, mask: Tensor, dense_grad: bool,
                               layout: MaskLayout | None = None) -> Tensor:
     """dW = grad_out^T @ x over all leading rows, zero off the mask unless `dense_grad`."""
-    dy = grad_out.reshape(-1, grad_out.shape[-1])
-    x2 = x.reshape(-1, x.shape[-1])
+    dy = _rows(grad_out)
+    x2 = _rows(x)
     n, k = mask.shape
     m = dy.shape[0]
     dw = torch.empty((n, k), dtype=dy.dtype, device=dy.device)
