@@ -89,6 +89,7 @@ def _check_masked_linear(ml, x, weight, mask, bias, dy, dtype):
 @pytest.mark.parametrize("dtype", INTERPRETER_DTYPES)
 def test_masked_linear_products_match_reference(kernels, dtype, generator):
     _, ml, _, _ = kernels
+    # Unstructured: every 32x32 block is active, so the loops run without tile tests (`skip_tiles`).
     # Sizes that are not multiples of the 64 tiles nor of the 32 flag blocks; batch dims on x.
     _check_masked_linear(ml, *_masked_linear_case((2, 35, 90), 100, 0.4, dtype, generator), dtype)
 
@@ -104,6 +105,7 @@ def test_masked_linear_block_mask_skips_tiles(kernels, generator):
     x, weight, mask, bias, dy = _masked_linear_case((50, 160), 96, 0.3, torch.float32, generator, block=(32, 32))
     layout = ml.pack_mask(mask)
     assert 0 < int(layout.tiles.sum()) < layout.tiles.numel()  # some tiles are skipped, some are not
+    assert layout.skip_tiles
     _check_masked_linear(ml, x, weight, mask, bias, dy, torch.float32)
 
 

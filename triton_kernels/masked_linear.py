@@ -74,6 +74,12 @@ class MaskLayout:
     # and dense-ish masks can pick different tile shapes.
     active_eighths: int
 
+    @property
+    def skip_tiles(self) -> bool:
+        """Whether the matmul loops test the tile flags: only when at least ~1/5 of the blocks are
+        empty, since a branch around the loads keeps Triton from software-pipelining them."""
+        return self.active_eighths < 7
+
 
 @triton.jit
 def _or(a, b):
@@ -180,45 +186,71 @@ def _any_active(tiles_ptr, stride_tiles, rows0, cols0, flag_rows, flag_cols,
 
 
 @triton.jit
-def _mask_bits(bits_ptr, stride_bits, rows, cols, in_bounds):
-    """The mask at weight positions (rows[:, None], cols[None, :]) as a bool tile, from packed bits."""
-    words = tl.load(bits_ptr + rows[:, None] * stride_bits + (cols[None, :] >> 5), mask=in_bounds, other=0)
-    return ((words >> (cols[None, :] & 31)) & 1) != 0
+def _mask_bits(bits_ptr, stride_bits, row0, col0, rows_total, cols_total,
+               ROWS: tl.constexpr, COLS: tl.constexpr):
+    """The mask on the ROWS x COLS weight tile at (row0, col0), col0 a multiple of 32, as a bool tile.
+
+    One int32 load per 32 weights, expanded in registers (bits past the last column are 0)."""
+    rows = row0 + tl.arange(0, ROWS)
+    words = col0 // 32 + tl.arange(0, COLS // 32)
+    packed = tl.load(bits_ptr + rows[:, None] * stride_bits + words[None, :],
+                     mask=(rows[:, None] < rows_total) & (words[None, :] < tl.cdiv(cols_total, 32)), other=0)
+    bits = (packed[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1
+    return tl.reshape(bits, (ROWS, COLS)) != 0
 
 
-@autotune(_MATMUL_CONFIGS, key=["M", "P", "R", "ACTIVE_EIGHTHS"])
+@triton.jit
+def _masked_weight_step(acc, a_ptr, w_ptr, bits_ptr, offs_m, p0, r0, M, P, R,
+                        stride_am, stride_ar, stride_wp, stride_wr, stride_bits,
+                        WEIGHT_ROWS_ARE_P: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                        BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr):
+    """acc + Wm[p0:p0+BLOCK_P, r0:r0+BLOCK_R] @ A[:, r0:r0+BLOCK_R]^T, the mask applied as W loads."""
+    offs_p = p0 + tl.arange(0, BLOCK_P)
+    offs_r = r0 + tl.arange(0, BLOCK_R)
+    w = tl.load(w_ptr + offs_p[:, None] * stride_wp + offs_r[None, :] * stride_wr,
+                mask=(offs_p[:, None] < P) & (offs_r[None, :] < R), other=0)
+    # The weight's rows are P in the forward product (W^T is read) and R in dx (W as stored).
+    if WEIGHT_ROWS_ARE_P:
+        keep = _mask_bits(bits_ptr, stride_bits, p0, r0, P, R, BLOCK_P, BLOCK_R)
+    else:
+        keep = tl.trans(_mask_bits(bits_ptr, stride_bits, r0, p0, R, P, BLOCK_R, BLOCK_P))
+    w = tl.where(keep, w, tl.zeros_like(w))
+    a_t = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_m[None, :] * stride_am,
+                  mask=(offs_r[:, None] < R) & (offs_m[None, :] < M), other=0)
+    return tl.dot(w, a_t, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+
+
+@autotune(_MATMUL_CONFIGS, key=["M", "P", "R", "ACTIVE_EIGHTHS", "SKIP_TILES"])
 @triton.jit
 def _masked_weight_matmul_kernel(
         a_ptr, w_ptr, bits_ptr, tiles_ptr, bias_ptr, c_ptr,
         M, P, R, ACTIVE_EIGHTHS,
         stride_am, stride_ar, stride_wp, stride_wr, stride_bits, stride_tiles, stride_cm, stride_cp,
-        WEIGHT_ROWS_ARE_P: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr,
-        INPUT_PRECISION: tl.constexpr,
+        WEIGHT_ROWS_ARE_P: tl.constexpr, SKIP_TILES: tl.constexpr, HAS_BIAS: tl.constexpr,
+        ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr):
     tile_m, tile_p = _grouped_tile(M, P, BLOCK_M, BLOCK_P, GROUP)
     offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_p = tile_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    flag_p = tl.cdiv(P, FLAG_BLOCK)
-    flag_r = tl.cdiv(R, FLAG_BLOCK)
+    p0 = tile_p * BLOCK_P
+    offs_p = p0 + tl.arange(0, BLOCK_P)
     acc = tl.zeros((BLOCK_P, BLOCK_M), dtype=ACC_DTYPE)
     for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        # The weight's rows are P in the forward product (W^T is read) and R in dx (W as stored).
-        if WEIGHT_ROWS_ARE_P:
-            active = _any_active(tiles_ptr, stride_tiles, tile_p * BLOCK_P, r0, flag_p, flag_r, BLOCK_P, BLOCK_R)
-        else:
-            active = _any_active(tiles_ptr, stride_tiles, r0, tile_p * BLOCK_P, flag_r, flag_p, BLOCK_R, BLOCK_P)
-        if active:
-            w_in = (offs_p[:, None] < P) & (offs_r[None, :] < R)
-            w = tl.load(w_ptr + offs_p[:, None] * stride_wp + offs_r[None, :] * stride_wr, mask=w_in, other=0)
+        if SKIP_TILES:
             if WEIGHT_ROWS_ARE_P:
-                keep = _mask_bits(bits_ptr, stride_bits, offs_p, offs_r, w_in)
+                active = _any_active(tiles_ptr, stride_tiles, p0, r0, tl.cdiv(P, FLAG_BLOCK), tl.cdiv(R, FLAG_BLOCK),
+                                     BLOCK_P, BLOCK_R)
             else:
-                keep = tl.trans(_mask_bits(bits_ptr, stride_bits, offs_r, offs_p, tl.trans(w_in)))
-            w = tl.where(keep, w, tl.zeros_like(w))
-            a_t = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_m[None, :] * stride_am,
-                          mask=(offs_r[:, None] < R) & (offs_m[None, :] < M), other=0)
-            acc = tl.dot(w, a_t, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                active = _any_active(tiles_ptr, stride_tiles, r0, p0, tl.cdiv(R, FLAG_BLOCK), tl.cdiv(P, FLAG_BLOCK),
+                                     BLOCK_R, BLOCK_P)
+            if active:
+                acc = _masked_weight_step(acc, a_ptr, w_ptr, bits_ptr, offs_m, p0, r0, M, P, R, stride_am,
+                                          stride_ar, stride_wp, stride_wr, stride_bits, WEIGHT_ROWS_ARE_P,
+                                          ACC_DTYPE, INPUT_PRECISION, BLOCK_P, BLOCK_R)
+        else:
+            # No branch in the loop body, so Triton can software-pipeline the loads.
+            acc = _masked_weight_step(acc, a_ptr, w_ptr, bits_ptr, offs_m, p0, r0, M, P, R, stride_am,
+                                      stride_ar, stride_wp, stride_wr, stride_bits, WEIGHT_ROWS_ARE_P,
+                                      ACC_DTYPE, INPUT_PRECISION, BLOCK_P, BLOCK_R)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_p, mask=offs_p < P, other=0).to(ACC_DTYPE)[:, None]
     tl.store(c_ptr + offs_m[None, :] * stride_cm + offs_p[:, None] * stride_cp,
@@ -262,7 +294,8 @@ def _grad_weight_kernel(
                        tl.cdiv(N, FLAG_BLOCK), tl.cdiv(K, FLAG_BLOCK), BLOCK_P, BLOCK_R):
             acc = _product_over_m(dy_ptr, x_ptr, offs_n, offs_k, M, N, K, stride_dym, stride_dyn, stride_xm,
                                   stride_xk, ACC_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_P, BLOCK_R)
-            acc = tl.where(_mask_bits(bits_ptr, stride_bits, offs_n, offs_k, in_bounds), acc, tl.zeros_like(acc))
+            keep = _mask_bits(bits_ptr, stride_bits, tile_n * BLOCK_P, tile_k * BLOCK_R, N, K, BLOCK_P, BLOCK_R)
+            acc = tl.where(keep, acc, tl.zeros_like(acc))
     tl.store(dw_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
              acc.to(dw_ptr.dtype.element_ty), mask=in_bounds)
 
@@ -296,7 +329,7 @@ def _masked_weight_matmul(a: Tensor, weight: Tensor, layout: MaskLayout, bias: T
         m, p, r, layout.active_eighths,
         a.stride(0), a.stride(1), stride_wp, stride_wr, layout.bits.stride(0), layout.tiles.stride(0),
         c.stride(0), c.stride(1),
-        WEIGHT_ROWS_ARE_P=weight_rows_are_p, HAS_BIAS=bias is not None, ACC_DTYPE=acc_dtype,
+        WEIGHT_ROWS_ARE_P=weight_rows_are_p, SKIP_TILES=layout.skip_tiles, HAS_BIAS=bias is not None, ACC_DTYPE=acc_dtype,
         INPUT_PRECISION=precision)
     return c
 
