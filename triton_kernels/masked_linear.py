@@ -63,6 +63,7 @@ from ._autotune import autotune
 
 # Side of the square mask blocks summarised by one tile flag; kernel tiles are multiples of it.
 FLAG_BLOCK = 32
+_FLAG = tl.constexpr(FLAG_BLOCK)  # the same, as kernels may read it
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ def _pack_mask_kernel(mask_ptr, bits_ptr, tiles_ptr, N, K, WORDS,
                       stride_mn, stride_mk, stride_bits, stride_tiles,
                       WORDS_PER_PROGRAM: tl.constexpr):
     row_block = tl.program_id(0)
-    rows = row_block * FLAG_BLOCK + tl.arange(0, FLAG_BLOCK)
+    rows = row_block * _FLAG + tl.arange(0, _FLAG)
     words = tl.program_id(1) * WORDS_PER_PROGRAM + tl.arange(0, WORDS_PER_PROGRAM)
     lanes = tl.arange(0, 32)
     cols = words[:, None] * 32 + lanes[None, :]
@@ -178,8 +179,8 @@ def _grouped_tile(M, P, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, GROUP: tl.
 def _any_active(tiles_ptr, stride_tiles, rows0, cols0, flag_rows, flag_cols,
                 ROWS: tl.constexpr, COLS: tl.constexpr):
     """Whether the weight-plane tile at (rows0, cols0) of ROWS x COLS has any active 32x32 block."""
-    row_flags = rows0 // FLAG_BLOCK + tl.arange(0, ROWS // FLAG_BLOCK)
-    col_flags = cols0 // FLAG_BLOCK + tl.arange(0, COLS // FLAG_BLOCK)
+    row_flags = rows0 // _FLAG + tl.arange(0, ROWS // _FLAG)
+    col_flags = cols0 // _FLAG + tl.arange(0, COLS // _FLAG)
     flags = tl.load(tiles_ptr + row_flags[:, None] * stride_tiles + col_flags[None, :],
                     mask=(row_flags[:, None] < flag_rows) & (col_flags[None, :] < flag_cols), other=0)
     return tl.max(tl.max(flags, axis=1), axis=0) > 0
@@ -237,10 +238,10 @@ def _masked_weight_matmul_kernel(
     for r0 in range(0, R, BLOCK_R):
         if SKIP_TILES:
             if WEIGHT_ROWS_ARE_P:
-                active = _any_active(tiles_ptr, stride_tiles, p0, r0, tl.cdiv(P, FLAG_BLOCK), tl.cdiv(R, FLAG_BLOCK),
+                active = _any_active(tiles_ptr, stride_tiles, p0, r0, tl.cdiv(P, _FLAG), tl.cdiv(R, _FLAG),
                                      BLOCK_P, BLOCK_R)
             else:
-                active = _any_active(tiles_ptr, stride_tiles, r0, p0, tl.cdiv(R, FLAG_BLOCK), tl.cdiv(P, FLAG_BLOCK),
+                active = _any_active(tiles_ptr, stride_tiles, r0, p0, tl.cdiv(R, _FLAG), tl.cdiv(P, _FLAG),
                                      BLOCK_R, BLOCK_P)
             if active:
                 acc = _masked_weight_step(acc, a_ptr, w_ptr, bits_ptr, offs_m, p0, r0, M, P, R, stride_am,
@@ -291,7 +292,7 @@ def _grad_weight_kernel(
     else:
         acc = tl.zeros((BLOCK_P, BLOCK_R), dtype=ACC_DTYPE)
         if _any_active(tiles_ptr, stride_tiles, tile_n * BLOCK_P, tile_k * BLOCK_R,
-                       tl.cdiv(N, FLAG_BLOCK), tl.cdiv(K, FLAG_BLOCK), BLOCK_P, BLOCK_R):
+                       tl.cdiv(N, _FLAG), tl.cdiv(K, _FLAG), BLOCK_P, BLOCK_R):
             acc = _product_over_m(dy_ptr, x_ptr, offs_n, offs_k, M, N, K, stride_dym, stride_dyn, stride_xm,
                                   stride_xk, ACC_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_P, BLOCK_R)
             keep = _mask_bits(bits_ptr, stride_bits, tile_n * BLOCK_P, tile_k * BLOCK_R, N, K, BLOCK_P, BLOCK_R)

@@ -101,8 +101,10 @@ def _segment_threshold(prefix_ptr, segment, KEY_BITS: tl.constexpr):
     """The segment's prefix, as an unsigned key of KEY_BITS bits (32 for 16-bit keys)."""
     prefix = tl.load(prefix_ptr + segment)
     if KEY_BITS == 64:
-        return prefix.to(tl.uint64, bitcast=True)
-    return prefix.to(tl.uint32)
+        threshold = prefix.to(tl.uint64, bitcast=True)
+    else:
+        threshold = prefix.to(tl.uint32)
+    return threshold
 
 
 @triton.jit
