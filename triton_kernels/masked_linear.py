@@ -7,46 +7,56 @@ applied with a select, never a multiply.
 Design
 ------
 The mask is never expanded into a masked weight. Once per mask version, `mask_layout` reads the bool
-mask in one pass (`_pack_mask_kernel`) and keeps two small tensors:
+mask in one pass (`_pack_mask_kernel`) and keeps small tensors:
 
 * `bits`: int32 (N, ceil(K/32)); bit j of word w in row n is mask[n, 32w + j]. Kernels read the mask
-  at one bit per weight (1/16 of a bf16 weight's bytes, against 1/2 for the bool mask) and apply it
-  in registers, with a select, as each weight tile is loaded.
+  at one bit per weight (1/16 of a bf16 weight's bytes, against 1/2 for the bool mask): one int32
+  load per 32 weights, expanded in registers and applied with a select as each weight tile loads.
 * `tiles`: int8 (ceil(N/32), ceil(K/32)), 1 where a 32x32 block of the mask holds any active entry.
-  Every kernel tile in the weight plane is a multiple of 32 on both sides, so before each step a
-  kernel reads its (tile/32)^2 flags and skips the step (its loads and its dot) when all are 0.
-  Block-structured masks therefore get faster as they get sparser, in all three products; a mask
-  whose (32a, 32b) blocks aligned at 0 are all-or-nothing is skipped exactly.
+* when at least a fifth of those blocks are empty (`skip_tiles`), step lists (CSR) for the two
+  matmuls: per strip of 64 output features, the 32-deep reduction steps whose weight tile has an
+  active entry. The kernel's block-sparse path loops over that list only, so skipped tiles cost
+  nothing (no loads, no dot, no branch in the loop body: the loads stay software-pipelined, which a
+  branch around them prevents). Masks with few empty blocks take the plain loop over every step.
+Block-structured masks therefore get faster as they get sparser, in all three products: the weight
+gradient tests its tile's flags once and writes zeros for an empty tile without reading dy or x.
+A mask whose 32x32 blocks (aligned at 0) are all-or-nothing is skipped exactly; nothing else is
+needed from the caller (DST passes its block mask as a plain bool mask).
 
 The layouts are cached by mask identity and `mask._version`, so an in-place update of the mask
 (`mask.copy_(...)`, `mask[...] = ...`) is seen; a mask changed behind the version counter
-(through `.data`, or by another library) needs `forget_mask_layouts()`.
+(through `.data`, or by another library) needs `forget_mask_layouts()`. Building a layout reads the
+mask once and synchronises with the host once (to count active blocks and build the step lists).
 
 Kernels:
 * `_masked_weight_matmul_kernel`: C[M, P] = A[M, R] @ B[R, P] (+ bias), B the masked weight read
   transposed (forward: A = x, P = N, R = K) or as stored (dx = dy @ Wm: A = dy, P = K, R = N). It
   computes the transposed tile C^T = Wm_tile @ A_tile^T so that the masked weight, which passes
   through registers for the select anyway, is the left dot operand (the one a Hopper wgmma can
-  take from registers) and the activations stream in as the right one.
+  take from registers) and the activations stream in as the right one. Two autotuned launchers
+  share it: every-step configs, and block-sparse configs whose weight tile is the lists' 64x32.
 * `_grad_weight_kernel`: dW[N, K] = dy^T @ x, reduced over all M rows. Masked: a tile with no active
   block stores zeros without reading dy or x; other tiles are zeroed off the mask at the store.
   `dense_grad=True` computes every tile.
 All accumulate in fp32 (fp64 for fp64 inputs); fp32 inputs use tf32 exactly when torch does
-(`torch.backends.cuda.matmul.allow_tf32`).
+(`torch.backends.cuda.matmul.allow_tf32`). Compiled for sm_90 without a GPU
+(benchmarks/triton_compile_check.py), both matmul paths use wgmma with cp.async pipelining for
+fp16/bf16.
 
 Expected cost on a GPU (to be measured by sparsekern/bench/cases/triton_masked_linear.py; not
 measured yet, there was no GPU when this was written). For M tokens, a dense matmul moves about
 2(MK + NK + MN) bytes in bf16 and does 2MNK flops, so at M = 4096, N = K = 4096 it is compute bound
-(137 GFLOP). The mask adds: the packed bits, NK/8 bytes read once per M tile (2 MB for 4096^2,
-about 1/16 of the weight traffic, mostly from L2); the flags, negligible; and, per weight element
-per M tile, a shift, an and and a select on the CUDA cores against BLOCK_M = 128 tensor-core
-multiply-adds, work that overlaps the asynchronous dot. The layout pass reads NK bytes once per mask
-version (16 MB, ~10 us, amortised over the steps between mask updates). The target is <= 1.05x of
-a dense torch.matmul for unstructured masks at any density: no tile is skipped there (a 32x32 block
-of a 5%-dense random mask is almost never empty), so the kernel must match cuBLAS on dense tiles,
-which autotuning over the configs below is for. Block masks at density d skip a fraction 1 - d of
-the steps when the tile is 32x32 in the weight plane, so their time falls towards d times dense
-plus the fixed cost of visiting every flag.
+(137 GFLOP, ~0.2 ms at ~700 TFLOP/s). The mask adds: the packed bits, NK/8 bytes read once per M
+tile (2 MB for 4096^2, 1/16 of the weight traffic, mostly from L2); and, per weight element per M
+tile, a shift, an and and a select on the CUDA cores against BLOCK_M = 128 tensor-core
+multiply-adds, work that can overlap the asynchronous wgmma. The layout pass reads NK bytes once
+per mask version (16 MB, ~10 us, amortised over the steps between mask updates). The target is
+<= 1.05x of a dense torch.matmul for unstructured masks at any density: no tile can be skipped there
+(a 32x32 block of a 5%-dense random mask is essentially never empty), so the kernel must match
+cuBLAS on dense tiles, which autotuning over the configs below is for. Block masks at block density d
+run a fraction of about 1 - (1 - d)^2 of the 64x32 steps (0.19 at d = 0.1, ~5x fewer than dense),
+and the weight gradient skips whole output tiles: with its 32x32-tile configs (which autotuning
+can pick for such masks, keyed on the active fraction) a fraction 1 - d of them.
 """
 from __future__ import annotations
 
@@ -66,6 +76,20 @@ FLAG_BLOCK = 32
 _FLAG = tl.constexpr(FLAG_BLOCK)  # the same, as kernels may read it
 
 
+# Weight-plane tile of the matmuls' block-sparse path: SPARSE_TILE_P along the output features of
+# the product (rows of W forward, columns of W in dx), SPARSE_TILE_R along its reduction.
+SPARSE_TILE_P, SPARSE_TILE_R = 64, 32
+_SPARSE_P, _SPARSE_R = tl.constexpr(SPARSE_TILE_P), tl.constexpr(SPARSE_TILE_R)
+
+
+@dataclass(frozen=True)
+class Steps:
+    """For each strip of SPARSE_TILE_P output features, the reduction steps (of SPARSE_TILE_R) whose
+    weight tile holds any active entry, in CSR form: strip i runs steps[starts[i]:starts[i + 1]]."""
+    starts: Tensor
+    steps: Tensor
+
+
 @dataclass(frozen=True)
 class MaskLayout:
     """What the kernels read instead of the bool mask (see the module docstring)."""
@@ -74,12 +98,30 @@ class MaskLayout:
     # Fraction of 32x32 blocks with any active entry, in eighths: an autotuning key, so block-sparse
     # and dense-ish masks can pick different tile shapes.
     active_eighths: int
+    # The active steps of the forward (x @ Wm^T) and dx (dy @ Wm) products, for masks whose blocks are
+    # empty often enough to visit only the active ones (`skip_tiles`); None otherwise.
+    forward_steps: Steps | None = None
+    grad_input_steps: Steps | None = None
 
     @property
     def skip_tiles(self) -> bool:
-        """Whether the matmul loops test the tile flags: only when at least ~1/5 of the blocks are
-        empty, since a branch around the loads keeps Triton from software-pipelining them."""
-        return self.active_eighths < 7
+        return self.forward_steps is not None
+
+
+def _steps(flags: Tensor) -> Steps:
+    """CSR of a 2-D bool (strips, steps) map."""
+    counts = flags.sum(1, dtype=torch.int32)
+    starts = torch.zeros(flags.shape[0] + 1, dtype=torch.int32, device=flags.device)
+    torch.cumsum(counts, 0, out=starts[1:])
+    return Steps(starts, flags.nonzero()[:, 1].to(torch.int32))
+
+
+def _any_in_pairs(flags: Tensor, dim: int) -> Tensor:
+    """flags OR-ed over consecutive pairs along `dim` (odd sizes padded with False)."""
+    if flags.shape[dim] % 2:
+        flags = torch.cat([flags, flags.new_zeros((1, flags.shape[1]) if dim == 0 else (flags.shape[0], 1))], dim)
+    shape = (flags.shape[0] // 2, 2, flags.shape[1]) if dim == 0 else (flags.shape[0], flags.shape[1] // 2, 2)
+    return flags.reshape(shape).any(dim + 1)
 
 
 @triton.jit
@@ -119,7 +161,13 @@ def pack_mask(mask: Tensor) -> MaskLayout:
         _pack_mask_kernel[grid](mask, bits, tiles, n, k, words, mask.stride(0), mask.stride(1),
                                 bits.stride(0), tiles.stride(0), WORDS_PER_PROGRAM=words_per_program)
     active = int(tiles.sum()) / tiles.numel() if tiles.numel() else 1.0
-    return MaskLayout(bits, tiles, round(8 * active))
+    if active >= 0.8:
+        # Few empty blocks: a plain loop over every step (no indirection) is faster.
+        return MaskLayout(bits, tiles, round(8 * active))
+    flags = tiles != 0  # (row blocks of W, column blocks of W), 32x32 each
+    # Forward: strips of 64 rows of W, steps of 32 columns. dx: strips of 64 columns, steps of 32 rows.
+    return MaskLayout(bits, tiles, round(8 * active), forward_steps=_steps(_any_in_pairs(flags, 0)),
+                      grad_input_steps=_steps(_any_in_pairs(flags, 1).T))
 
 
 _LAYOUTS: dict[int, tuple] = {}
@@ -148,13 +196,17 @@ def _configs(shapes):
             for m, p, r, w, s in shapes]
 
 
-# First entry: what the interpreter runs (large tiles keep its Python-level work small).
-# Then dense-friendly tiles, then 32-wide tiles in the weight plane that skip 32x32 blocks exactly.
+# First entry of each list: what the interpreter runs (large tiles keep its Python-level work small).
 _MATMUL_CONFIGS = _configs([
     (64, 64, 64, 4, 2),
     (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 32, 4, 4),
-    (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
-    (128, 32, 32, 4, 4), (256, 32, 32, 8, 3), (128, 64, 32, 4, 4), (256, 64, 32, 8, 3),
+    (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (128, 64, 32, 4, 4), (256, 64, 32, 8, 3),
+])
+# The block-sparse path: every config has the weight-plane tile of the step lists.
+_SPARSE_MATMUL_CONFIGS = _configs([
+    (64, SPARSE_TILE_P, SPARSE_TILE_R, 4, 3),
+    (128, SPARSE_TILE_P, SPARSE_TILE_R, 4, 3), (128, SPARSE_TILE_P, SPARSE_TILE_R, 4, 5),
+    (256, SPARSE_TILE_P, SPARSE_TILE_R, 4, 3), (256, SPARSE_TILE_P, SPARSE_TILE_R, 8, 4),
 ])
 _GRAD_WEIGHT_CONFIGS = _configs([
     (64, 64, 64, 4, 2),
@@ -221,12 +273,11 @@ def _masked_weight_step(acc, a_ptr, w_ptr, bits_ptr, offs_m, p0, r0, M, P, R,
     return tl.dot(w, a_t, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
 
 
-@autotune(_MATMUL_CONFIGS, key=["M", "P", "R", "ACTIVE_EIGHTHS", "SKIP_TILES"])
 @triton.jit
 def _masked_weight_matmul_kernel(
-        a_ptr, w_ptr, bits_ptr, tiles_ptr, bias_ptr, c_ptr,
+        a_ptr, w_ptr, bits_ptr, starts_ptr, steps_ptr, bias_ptr, c_ptr,
         M, P, R, ACTIVE_EIGHTHS,
-        stride_am, stride_ar, stride_wp, stride_wr, stride_bits, stride_tiles, stride_cm, stride_cp,
+        stride_am, stride_ar, stride_wp, stride_wr, stride_bits, stride_cm, stride_cp,
         WEIGHT_ROWS_ARE_P: tl.constexpr, SKIP_TILES: tl.constexpr, HAS_BIAS: tl.constexpr,
         ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr):
@@ -235,20 +286,17 @@ def _masked_weight_matmul_kernel(
     p0 = tile_p * BLOCK_P
     offs_p = p0 + tl.arange(0, BLOCK_P)
     acc = tl.zeros((BLOCK_P, BLOCK_M), dtype=ACC_DTYPE)
-    for r0 in range(0, R, BLOCK_R):
-        if SKIP_TILES:
-            if WEIGHT_ROWS_ARE_P:
-                active = _any_active(tiles_ptr, stride_tiles, p0, r0, tl.cdiv(P, _FLAG), tl.cdiv(R, _FLAG),
-                                     BLOCK_P, BLOCK_R)
-            else:
-                active = _any_active(tiles_ptr, stride_tiles, r0, p0, tl.cdiv(R, _FLAG), tl.cdiv(P, _FLAG),
-                                     BLOCK_R, BLOCK_P)
-            if active:
-                acc = _masked_weight_step(acc, a_ptr, w_ptr, bits_ptr, offs_m, p0, r0, M, P, R, stride_am,
-                                          stride_ar, stride_wp, stride_wr, stride_bits, WEIGHT_ROWS_ARE_P,
-                                          ACC_DTYPE, INPUT_PRECISION, BLOCK_P, BLOCK_R)
-        else:
-            # No branch in the loop body, so Triton can software-pipeline the loads.
+    if SKIP_TILES:
+        # Only the steps whose weight tile has an active entry, from the layout's lists. Loop bodies
+        # without a branch let Triton software-pipeline the loads (the step index is a load too).
+        tl.static_assert((BLOCK_P == _SPARSE_P) & (BLOCK_R == _SPARSE_R))
+        for i in range(tl.load(starts_ptr + tile_p), tl.load(starts_ptr + tile_p + 1)):
+            r0 = tl.load(steps_ptr + i) * BLOCK_R
+            acc = _masked_weight_step(acc, a_ptr, w_ptr, bits_ptr, offs_m, p0, r0, M, P, R, stride_am,
+                                      stride_ar, stride_wp, stride_wr, stride_bits, WEIGHT_ROWS_ARE_P,
+                                      ACC_DTYPE, INPUT_PRECISION, BLOCK_P, BLOCK_R)
+    else:
+        for r0 in range(0, R, BLOCK_R):
             acc = _masked_weight_step(acc, a_ptr, w_ptr, bits_ptr, offs_m, p0, r0, M, P, R, stride_am,
                                       stride_ar, stride_wp, stride_wr, stride_bits, WEIGHT_ROWS_ARE_P,
                                       ACC_DTYPE, INPUT_PRECISION, BLOCK_P, BLOCK_R)
@@ -256,6 +304,11 @@ def _masked_weight_matmul_kernel(
         acc += tl.load(bias_ptr + offs_p, mask=offs_p < P, other=0).to(ACC_DTYPE)[:, None]
     tl.store(c_ptr + offs_m[None, :] * stride_cm + offs_p[:, None] * stride_cp,
              acc.to(c_ptr.dtype.element_ty), mask=(offs_p[:, None] < P) & (offs_m[None, :] < M))
+
+
+_MATMUL_KEY = ["M", "P", "R", "ACTIVE_EIGHTHS", "WEIGHT_ROWS_ARE_P"]
+_dense_steps_matmul = autotune(_MATMUL_CONFIGS, key=_MATMUL_KEY)(_masked_weight_matmul_kernel)
+_sparse_steps_matmul = autotune(_SPARSE_MATMUL_CONFIGS, key=_MATMUL_KEY)(_masked_weight_matmul_kernel)
 
 
 @triton.jit
@@ -324,13 +377,16 @@ def _masked_weight_matmul(a: Tensor, weight: Tensor, layout: MaskLayout, bias: T
     stride_wp, stride_wr = (weight.stride(0), weight.stride(1)) if weight_rows_are_p else \
         (weight.stride(1), weight.stride(0))
     acc_dtype, precision = _precision(a.dtype, a.device)
+    steps = layout.forward_steps if weight_rows_are_p else layout.grad_input_steps
+    kernel = _sparse_steps_matmul if steps is not None else _dense_steps_matmul
+    # Without step lists the kernel never reads them: any int32 tensor fills the arguments.
+    starts, step_list = (steps.starts, steps.steps) if steps is not None else (layout.bits, layout.bits)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(p, meta["BLOCK_P"]),)  # noqa: E731
-    _masked_weight_matmul_kernel[grid](
-        a, weight, layout.bits, layout.tiles, bias if bias is not None else c, c,
+    kernel[grid](
+        a, weight, layout.bits, starts, step_list, bias if bias is not None else c, c,
         m, p, r, layout.active_eighths,
-        a.stride(0), a.stride(1), stride_wp, stride_wr, layout.bits.stride(0), layout.tiles.stride(0),
-        c.stride(0), c.stride(1),
-        WEIGHT_ROWS_ARE_P=weight_rows_are_p, SKIP_TILES=layout.skip_tiles, HAS_BIAS=bias is not None, ACC_DTYPE=acc_dtype,
+        a.stride(0), a.stride(1), stride_wp, stride_wr, layout.bits.stride(0), c.stride(0), c.stride(1),
+        WEIGHT_ROWS_ARE_P=weight_rows_are_p, SKIP_TILES=steps is not None, HAS_BIAS=bias is not None, ACC_DTYPE=acc_dtype,
         INPUT_PRECISION=precision)
     return c
 
