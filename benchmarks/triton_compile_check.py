@@ -61,8 +61,8 @@ for name, dtype in FLOATS.items():
               {"dy_ptr": pointer, "x_ptr": pointer, "bits_ptr": "*i32", "tiles_ptr": "*i8", "dw_ptr": pointer},
               dict(DENSE=dense, ACC_DTYPE=acc, INPUT_PRECISION="ieee"), masked_linear._GRAD_WEIGHT_CONFIGS[1])
     key_bits = {"fp16": 16, "bf16": 16, "fp32": 32, "fp64": 64}[name]
-    tables = {"block_tensor_ptr": "*i32", "block_start_ptr": "*i64", "score_ptrs": "*i64", "numel_ptr": "*i64",
-              "segment_ptr": "*i32", "eligible_ptrs": "*i64", "prefix_ptr": "*i64", "hist_ptr": "*i32",
+    tables = {"block_tensor_ptr": "*i64", "block_start_ptr": "*i64", "score_ptrs": "*i64", "numel_ptr": "*i64",
+              "segment_ptr": "*i64", "eligible_ptrs": "*i64", "prefix_ptr": "*i64", "hist_ptr": "*i32",
               "remaining_ptr": "*i64", "ties_ptr": "*i64", "ties_before_ptr": "*i64",
               "segment_first_block_ptr": "*i64", "out_ptrs": "*i64"}
     for mode in (topk_mask.ALL_NUMBERS, topk_mask.WHERE_TRUE, topk_mask.WHERE_FALSE):

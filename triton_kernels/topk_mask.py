@@ -171,8 +171,9 @@ def _write_mask_kernel(block_tensor_ptr, block_start_ptr, score_ptrs, numel_ptr,
     tl.store(out + offs, selected, mask=offs < tl.load(numel_ptr + tensor))
 
 
-def _pointers(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
-    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64).to(device)
+def _pointers(tensors: Sequence[Tensor]) -> Tensor:
+    """The tensors' data pointers, as a host int64 tensor (kernels cast them back to pointers)."""
+    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
 
 
 def select(scores: Sequence[Tensor], counts: Tensor, segments: Sequence[int],
@@ -181,7 +182,7 @@ def select(scores: Sequence[Tensor], counts: Tensor, segments: Sequence[int],
 
     Args:
         scores: contiguous tensors of one float dtype on one device, read in flat order.
-        counts: int64 tensor on that device, entries to select per segment (must not exceed the
+        counts: int64 tensor on the host or that device, entries to select per segment (at most the
             eligible count: the caller checks with the returned counts).
         segments: per tensor, the index of its segment; a segment's tensors must be consecutive.
         eligible_mode, eligible: which entries may be selected (see the module docstring); `eligible`
@@ -201,20 +202,24 @@ def select(scores: Sequence[Tensor], counts: Tensor, segments: Sequence[int],
     segment_first_block = torch.zeros(segment_count, dtype=torch.int64)
     for tensor in reversed(range(len(scores))):
         segment_first_block[segments[tensor]] = first_block_of_tensor[tensor]
-    tables = dict(
-        block_tensor_ptr=block_tensor.to(torch.int32).to(device),
-        block_start_ptr=block_start.to(device),
-        score_ptrs=_pointers(scores, device),
-        numel_ptr=torch.tensor([s.numel() for s in scores], dtype=torch.int64).to(device),
-        segment_ptr=torch.tensor(list(segments), dtype=torch.int32).to(device),
-        eligible_ptrs=_pointers(eligible if eligible is not None else scores, device),
-    )
+    # Every table, the prefixes and (when on the host) the counts travel in one host-to-device copy.
+    names = ["block_tensor_ptr", "block_start_ptr", "score_ptrs", "numel_ptr", "segment_ptr", "eligible_ptrs",
+             "segment_first_block_ptr", "out_ptrs", "prefix"]
+    parts = [block_tensor, block_start, _pointers(scores), torch.tensor([s.numel() for s in scores]),
+             torch.tensor(list(segments)), _pointers(eligible if eligible is not None else scores),
+             segment_first_block, _pointers(outputs), torch.zeros(segment_count, dtype=torch.int64)]
+    if counts.device.type == "cpu":
+        names.append("remaining")
+        parts.append(counts)
+    packed = torch.cat([part.to(torch.int64) for part in parts]).to(device)
+    tables = dict(zip(names, packed.split([part.numel() for part in parts])))
+    prefix, segment_first_block, out_ptrs = tables.pop("prefix"), tables.pop("segment_first_block_ptr"), \
+        tables.pop("out_ptrs")
+    remaining = tables.pop("remaining") if "remaining" in tables else counts.to(torch.int64, copy=True)
     meta = dict(SCORE_DTYPE=_TL_DTYPE[scores[0].dtype], KEY_BITS=key_bits, ELIGIBLE=eligible_mode, BLOCK=BLOCK)
     grid = (len(block_tensor),)
     rounds = key_bits // 8
     hist = torch.zeros((rounds, segment_count, BINS), dtype=torch.int32, device=device)
-    prefix = torch.zeros(segment_count, dtype=torch.int64, device=device)
-    remaining = counts.to(device=device, dtype=torch.int64, copy=True)
     for round_ in range(rounds):
         shift = key_bits - 8 * (round_ + 1)
         _histogram_kernel[grid](**tables, prefix_ptr=prefix, hist_ptr=hist[round_], SHIFT=shift, BINS=BINS, **meta)
@@ -223,8 +228,7 @@ def select(scores: Sequence[Tensor], counts: Tensor, segments: Sequence[int],
     _count_ties_kernel[grid](**tables, prefix_ptr=prefix, ties_ptr=ties, **meta)
     ties_before = ties.cumsum(0) - ties
     _write_mask_kernel[grid](**tables, prefix_ptr=prefix, remaining_ptr=remaining, ties_before_ptr=ties_before,
-                             segment_first_block_ptr=segment_first_block.to(device),
-                             out_ptrs=_pointers(outputs, device), **meta)
+                             segment_first_block_ptr=segment_first_block, out_ptrs=out_ptrs, **meta)
     return outputs, hist[0].sum(1, dtype=torch.int64)
 
 
