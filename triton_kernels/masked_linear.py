@@ -376,6 +376,7 @@ def _masked_weight_matmul(a: Tensor, weight: Tensor, layout: MaskLayout, bias: T
     # (stride along P, stride along R) of the weight.
     stride_wp, stride_wr = (weight.stride(0), weight.stride(1)) if weight_rows_are_p else \
         (weight.stride(1), weight.stride(0))
+    bias = bias.contiguous() if bias is not None else None  # read with unit stride
     acc_dtype, precision = _precision(a.dtype, a.device)
     steps = layout.forward_steps if weight_rows_are_p else layout.grad_input_steps
     kernel = _sparse_steps_matmul if steps is not None else _dense_steps_matmul
