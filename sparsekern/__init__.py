@@ -3,7 +3,8 @@ from . import distributions, init, nn, ops, reference
 from ._backend import backends
 from .metrics import gradient_flow, summary
 from .sparsify import sparsify
+from .algorithms import DST, MEST, SET, RigL
 
 __all__ = ["ops", "reference", "backends", "nn", "distributions", "init", "sparsify", "summary",
-           "gradient_flow"]
+           "gradient_flow", "DST", "SET", "RigL", "MEST"]
 __version__ = "0.1.0"

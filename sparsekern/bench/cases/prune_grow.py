@@ -62,7 +62,7 @@ class _Layers:
 def cases(device: torch.device, quick: bool) -> list[Case]:
     result = []
     for name, shapes in (("resnet50/16" if quick else "resnet50", RESNET50_TINY if quick else RESNET50),
-                         ("1M", [("x", (1 << 14,) if quick else ONE_MILLION)])):
+                         ("single" if quick else "1M", [("x", (1 << 14,) if quick else ONE_MILLION)])):
         layers = _Layers(shapes, device)
         size = f"{describe(name, layers.weights)}, d={DENSITY}, drop {DROP_FRACTION}"
         runs = {"torch ops per layer": layers.torch_update}

@@ -48,7 +48,7 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
     million = (1 << 14,) if quick else ONE_MILLION
     label = "resnet50/16" if quick else "resnet50"
     result = []
-    for name, scores in ((label, _abs(resnet, device)), ("1M", _abs([("x", million)], device))):
+    for name, scores in ((label, _abs(resnet, device)), ("single" if quick else "1M", _abs([("x", million)], device))):
         total = sum(s.numel() for s in scores)
         size = f"{describe(name, scores)}, d={DENSITY}"
         k = round(DENSITY * total)
