@@ -13,12 +13,11 @@ import time
 import torch
 
 from . import compare as compare_module
+from .algorithms.dst import SCOPES
+from .criteria import GROW, PRUNE
 from .data import check_dataset
 from .models import MODELS
-from .training import DISTRIBUTIONS, METHODS, TrainConfig, train
-
-PRUNE_CRITERIA: tuple[str, ...] = ()
-GROW_CRITERIA: tuple[str, ...] = ()
+from .training import DISTRIBUTIONS, METHODS, SCHEDULES, TrainConfig, total_epochs, train
 
 
 class _Parser(argparse.ArgumentParser):
@@ -77,10 +76,13 @@ def _add_run_options(parser: argparse.ArgumentParser, defaults: TrainConfig) -> 
     parser.add_argument("--epochs", type=_positive, default=defaults.epochs)
     parser.add_argument("--batch-size", type=_positive, default=defaults.batch_size)
     parser.add_argument("--lr", type=float, default=defaults.lr, help="SGD learning rate (cosine-annealed)")
+    parser.add_argument("--scope", choices=SCOPES, default=defaults.scope, help="DST: per layer or global updates")
     parser.add_argument("--update-every", type=_positive, default=defaults.update_every,
-                        help="steps between mask updates (DST)")
-    parser.add_argument("--drop-fraction", type=float, default=defaults.drop_fraction,
-                        help="initial fraction of active weights moved per update (DST)")
+                        help="DST: steps between mask updates")
+    parser.add_argument("--cycles", type=_positive, default=defaults.cycles,
+                        help="IMP, SWAMP: pruning cycles of --epochs epochs each")
+    parser.add_argument("--particles", type=_positive, default=defaults.particles,
+                        help="SWAMP: particles per cycle")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=defaults.device)
     parser.add_argument("--threads", type=_positive, default=1,
                         help="torch CPU threads (default 1: these small models run fastest on one, and a "
@@ -95,9 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument("--method", choices=METHODS, default=TrainConfig.method)
     train_parser.add_argument("--density", type=_density, default=TrainConfig.density,
                               help="fraction of weights kept, in (0, 1]")
-    if PRUNE_CRITERIA:
-        train_parser.add_argument("--prune", choices=PRUNE_CRITERIA, help="pruning criterion (default: the method's)")
-        train_parser.add_argument("--grow", choices=GROW_CRITERIA, help="growth criterion (default: the method's)")
+    train_parser.add_argument("--prune", choices=PRUNE, help="DST pruning criterion (default: the method's)")
+    train_parser.add_argument("--grow", choices=GROW, help="DST growth criterion (default: the method's)")
+    train_parser.add_argument("--schedule", choices=SCHEDULES, help="DST drop-fraction schedule (default: the "
+                              "method's: cosine for rigl and dst, constant for set and mest)")
+    train_parser.add_argument("--drop-fraction", type=float,
+                              help="DST initial fraction of active weights moved per update (default: the schedule's)")
     train_parser.add_argument("--seed", type=int, default=TrainConfig.seed)
     _add_run_options(train_parser, TrainConfig())
     train_parser.add_argument("--out", default="runs/train", help="directory for metrics and the checkpoint")
@@ -110,12 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     compare_parser = commands.add_parser("compare", help="train a grid of methods, criteria and densities")
     compare_parser.add_argument("--methods", type=_choices(METHODS, "method"),
                                 default=list(compare_module.DEFAULT_METHODS))
-    if PRUNE_CRITERIA:
-        compare_parser.add_argument("--criteria", type=_choices(PRUNE_CRITERIA, "criterion"),
-                                    default=list(compare_module.DEFAULT_CRITERIA),
-                                    help=f"pruning criteria, one line each for --methods {compare_module.CRITERION_METHOD}")
-        compare_parser.add_argument("--grow", choices=GROW_CRITERIA, default="random",
-                                    help="growth criterion of the criteria lines")
+    compare_parser.add_argument("--criteria", type=_choices(tuple(PRUNE), "criterion"),
+                                default=list(compare_module.DEFAULT_CRITERIA),
+                                help=f"pruning criteria, one line each when --methods has "
+                                     f"{compare_module.CRITERION_METHOD}")
+    compare_parser.add_argument("--grow", choices=GROW, default=compare_module.DEFAULT_GROW,
+                                help="growth criterion of the criteria lines")
     compare_parser.add_argument("--densities", type=_densities, default=list(compare_module.DEFAULT_DENSITIES))
     compare_parser.add_argument("--seeds", type=_positive, default=compare_module.DEFAULT_SEEDS,
                                 help="seeds 0..N-1 per point")
@@ -143,12 +148,14 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "train":
             if args.resume is not None and not os.path.isfile(args.resume):
                 raise ValueError(f"resume checkpoint {args.resume!r} does not exist")
-            config = _config(args, method=args.method, density=args.density, seed=args.seed,
-                             prune=getattr(args, "prune", None), grow=getattr(args, "grow", None))
+            config = _config(args, method=args.method, density=args.density, seed=args.seed, prune=args.prune,
+                             grow=args.grow, schedule=args.schedule, drop_fraction=args.drop_fraction)
         else:
             config = _config(args)
-            lines = compare_module.grid_lines(args.methods, getattr(args, "criteria", []),
-                                              getattr(args, "grow", None))
+            lines = compare_module.grid_lines(args.methods, args.criteria, args.grow)
+            for line in lines:  # each line's settings are checked before the first run starts
+                for density in args.densities:
+                    compare_module.line_config(config, line, density, seed=0)
     except ValueError as error:
         parser.error(str(error))
     if args.command == "train":
@@ -169,15 +176,15 @@ def _bench(bench_args: list[str]) -> int:
 
 def _config(args, **run) -> TrainConfig:
     return TrainConfig(distribution=args.distribution, model=args.model, dataset=args.dataset, epochs=args.epochs,
-                       device=args.device, batch_size=args.batch_size, lr=args.lr, update_every=args.update_every,
-                       drop_fraction=args.drop_fraction, **run)
+                       device=args.device, batch_size=args.batch_size, lr=args.lr, scope=args.scope,
+                       update_every=args.update_every, cycles=args.cycles, particles=args.particles, **run)
 
 
 def _train(config: TrainConfig, args) -> None:
     result = train(config, out_dir=args.out, resume=args.resume, stop_after=args.stop_after,
                    progress=not args.quiet)
     final = result.final
-    done = "finished" if final["epoch"] == config.epochs else f"stopped after epoch {final['epoch']}"
+    done = "finished" if final["epoch"] == total_epochs(config) else f"stopped after epoch {final['epoch']}"
     print(f"{config.method} {done}: test accuracy {100 * final['test_accuracy']:.2f}%, test loss "
           f"{final['test_loss']:.4f}, density {final['density']:.4f}, gradient flow {final['gradient_flow']:.4g}; "
           f"metrics and checkpoint in {args.out}")

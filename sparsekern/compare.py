@@ -14,8 +14,9 @@ from dataclasses import dataclass, replace
 from .data import load_dataset
 from .training import TrainConfig, train
 
-DEFAULT_METHODS = ("dense", "static")
-DEFAULT_CRITERIA: tuple[str, ...] = ()
+DEFAULT_METHODS = ("dense", "static", "set", "rigl", "dst")
+DEFAULT_CRITERIA = ("magnitude", "mest", "snip")
+DEFAULT_GROW = "random"
 DEFAULT_DENSITIES = (0.5, 0.2, 0.1, 0.05)
 DEFAULT_SEEDS = 3
 DEFAULT_EPOCHS = 10
@@ -45,14 +46,18 @@ def grid_lines(methods: list[str], criteria: list[str], grow: str) -> list[Line]
     return lines
 
 
+def line_config(base: TrainConfig, line: Line, density: float, seed: int) -> TrainConfig:
+    """The run of `line` at `density` (dense: 1) and `seed`; ValueError if the line cannot run so."""
+    return replace(base, method=line.method, prune=line.prune, grow=line.grow, seed=seed,
+                   density=1.0 if line.method == "dense" else density)
+
+
 def run_compare(lines: list[Line], densities: list[float], seeds: int, base: TrainConfig, out_dir: str,
                 progress: bool = True) -> list[dict]:
     """Trains every line at every density (dense once) for seeds 0..seeds-1 and writes runs.csv, results.csv,
     results.md and accuracy_vs_density.png to `out_dir`. Returns the summary rows of results.csv."""
-    configs = [replace(base, method=line.method, prune=line.prune, grow=line.grow, seed=seed,
-                       density=1.0 if line.method == "dense" else density)
-               for line in lines for density in ([1.0] if line.method == "dense" else densities)
-               for seed in range(seeds)]
+    configs = [line_config(base, line, density, seed) for line in lines
+               for density in ([1.0] if line.method == "dense" else densities) for seed in range(seeds)]
     datasets = {seed: load_dataset(base.dataset, seed) for seed in range(seeds)}
     bar = None
     if progress:

@@ -1,8 +1,9 @@
 """The training loop behind `sparsekern train` and `sparsekern compare`.
 
-One run = one `TrainConfig`. Everything random comes from the seed: the model's initial weights and mask from
-torch's RNG seeded once, the data order of epoch e from its own generator seeded with (seed, e), so a run resumed
-from the checkpoint of epoch k replays epochs k+1.. exactly as an uninterrupted run does.
+One run = one `TrainConfig`; `sparsekern.recipes` says how its method drives the loop. Everything random comes
+from the seed: the model's initial weights and mask from torch's RNG seeded once, each epoch's data order from its
+own generator seeded with (seed, epoch), random criteria from the algorithm's own seeded generator, so a run
+resumed from the checkpoint of epoch k replays epochs k+1.. exactly as an uninterrupted run does.
 """
 from __future__ import annotations
 
@@ -11,41 +12,54 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-from . import checkpoint
+from . import checkpoint, criteria, schedules
+from .algorithms.dst import SCOPES
 from .data import Dataset, load_dataset
+from .metrics import gradient_flow
 from .models import build_model
+from .recipes import DST_PRESETS, METHODS, TICKET_METHODS, make_recipe, start_density
+from .sparsify import sparsify
 
-METHODS = ("dense", "static")
 DISTRIBUTIONS = ("erk", "uniform")
+SCHEDULES = tuple(schedules.DEFAULT_DROP_FRACTION)
 CHECKPOINT_NAME = "checkpoint.pt"
 GRADIENT_FLOW_BATCH = 256
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that decides a run's result (the output directory and progress display do not)."""
+    """Everything that decides a run's result (the output directory and progress display do not).
 
-    method: str = "static"
+    density is the target: where training starts (static, DST) or ends (IMP, SWAMP, OptG). prune, grow,
+    schedule, drop_fraction: None keeps the DST method's own (RigL: magnitude, gradient, cosine 0.3).
+    epochs counts one segment: IMP trains `cycles` of them, SWAMP `cycles` x `particles`.
+    """
+
+    method: str = "rigl"
     density: float = 0.1
-    prune: str | None = None  # None: the method's own criterion
+    prune: str | None = None
     grow: str | None = None
+    schedule: str | None = None
+    drop_fraction: float | None = None
+    scope: str = "layer"
+    update_every: int = 25
     distribution: str = "erk"
     model: str = "mlp"
     dataset: str = "digits"
     epochs: int = 20
+    cycles: int = 4
+    particles: int = 2
     seed: int = 0
     device: str = "cpu"
     batch_size: int = 64
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    update_every: int = 25
-    drop_fraction: float = 0.3
     width: int = 256
 
     def __post_init__(self):
@@ -53,19 +67,34 @@ class TrainConfig:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if not 0 < self.density <= 1:
             raise ValueError(f"density must be in (0, 1], got {self.density}")
-        if self.distribution not in DISTRIBUTIONS:
-            raise ValueError(f"distribution must be one of {', '.join(DISTRIBUTIONS)}, got {self.distribution!r}")
-        for name in ("epochs", "batch_size", "update_every", "width"):
+        _check_choice("prune", self.prune, criteria.PRUNE)
+        _check_choice("grow", self.grow, criteria.GROW)
+        _check_choice("schedule", self.schedule, SCHEDULES)
+        _check_choice("scope", self.scope, SCOPES)
+        _check_choice("distribution", self.distribution, DISTRIBUTIONS)
+        _check_choice("device", self.device, ("cpu", "cuda"))
+        dst_only = [name for name in ("prune", "grow", "schedule", "drop_fraction") if getattr(self, name) is not None]
+        if dst_only and self.method not in DST_PRESETS:
+            raise ValueError(f"{dst_only[0]} applies to the methods {', '.join(DST_PRESETS)}, not {self.method!r}")
+        for name in ("epochs", "batch_size", "update_every", "width", "cycles", "particles"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if self.lr <= 0:
+        if self.method in TICKET_METHODS and self.cycles < 2:
+            raise ValueError(f"cycles must be >= 2 for {self.method} (one training before each pruning and one "
+                             f"after the last), got {self.cycles}")
+        if self.method in (*TICKET_METHODS, "optg") and self.density == 1:
+            raise ValueError(f"density must be below 1 for {self.method}, which prunes to it, got 1")
+        if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
-        if not 0 < self.drop_fraction < 1:
-            raise ValueError(f"drop_fraction must be in (0, 1), got {self.drop_fraction}")
-        if self.device not in ("cpu", "cuda"):
-            raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
+        if self.drop_fraction is not None and not 0 < self.drop_fraction <= 1:
+            raise ValueError(f"drop_fraction must be in (0, 1], got {self.drop_fraction}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' was asked for, but torch sees no CUDA device")
+
+
+def _check_choice(name: str, value, allowed) -> None:
+    if value is not None and value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
 
 
 @dataclass
@@ -88,23 +117,18 @@ def train(config: TrainConfig, out_dir: str | None = None, resume: str | None = 
     `resume`: a checkpoint written by an earlier call with the same config; training continues after its epoch.
     `stop_after`: stop once this many epochs are done (the checkpoint then resumes the run).
     `dataset`: an already loaded `load_dataset(config.dataset, config.seed)`, to save reloading it.
+    Epochs are counted over all segments (IMP cycles, SWAMP particles): `total_epochs(config)` in all.
     """
     device = torch.device(config.device)
     data = dataset if dataset is not None else load_dataset(config.dataset, config.seed)
     torch.manual_seed(config.seed)
     model = build_model(config.model, data.input_shape, data.num_classes, config.width)
     if config.method != "dense":
-        from . import sparsify
-
-        sparsify(model, config.density, distribution=config.distribution,
+        sparsify(model, start_density(config.method, config.density), distribution=config.distribution,
                  generator=torch.Generator().manual_seed(config.seed))
     model.to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(data.train_y) / config.batch_size)
-    total_steps = config.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
-    algorithm = _build_algorithm(config, model, optimizer, total_steps)
+    recipe = make_recipe(config, model, steps_per_epoch)
 
     history: list[dict] = []
     start_epoch = 0
@@ -113,13 +137,11 @@ def train(config: TrainConfig, out_dir: str | None = None, resume: str | None = 
         if state["config"] != asdict(config):
             raise ValueError(f"resume checkpoint {resume!r} was written by a different configuration")
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if algorithm is not None:
-            algorithm.load_state_dict(state["algorithm"])
+        recipe.load_state_dict(state["recipe"])
         torch.set_rng_state(state["rng"])
         history, start_epoch = state["history"], state["epoch"]
-    last_epoch = config.epochs if stop_after is None else min(config.epochs, stop_after)
+    epochs = total_epochs(config)
+    last_epoch = epochs if stop_after is None else min(epochs, stop_after)
 
     train_x, train_y = data.train_x.to(device), data.train_y.to(device)
     test_x, test_y = data.test_x.to(device), data.test_y.to(device)
@@ -128,40 +150,64 @@ def train(config: TrainConfig, out_dir: str | None = None, resume: str | None = 
     bar = _progress_bar(progress, (last_epoch - start_epoch) * steps_per_epoch, config)
     for epoch in range(start_epoch, last_epoch):
         started = time.perf_counter()
+        epoch_in_segment = epoch % config.epochs
+        last_of_segment = epoch_in_segment == config.epochs - 1
+        last_segment = epoch // config.epochs == recipe.segments - 1
+        position = recipe.position()
         model.train()
-        order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(_epoch_seed(config, epoch)))
-        loss_sum, updates = 0.0, 0
-        for start in range(0, len(order), config.batch_size):
-            batch = order[start:start + config.batch_size].to(device)
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(train_x[batch]), train_y[batch])
-            loss.backward()
-            if algorithm is not None:
-                updates += bool(algorithm.step())
-            optimizer.step()
-            scheduler.step()
-            loss_sum += loss.item() * len(batch)
+        order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(
+            recipe.data_seed(epoch_in_segment)))
+        loss_sum, samples, updates = 0.0, 0, 0
+        for batch_index, start in enumerate(range(0, len(order), config.batch_size)):
+            step = epoch_in_segment * steps_per_epoch + batch_index
             if bar is not None:
                 bar.update()
+            if step < recipe.first_step:  # a rewound ticket resumes its cycle at step k
+                continue
+            for group in recipe.optimizer.param_groups:
+                group["lr"] = config.lr * 0.5 * (1 + math.cos(math.pi * step / recipe.steps_per_segment))
+            batch = order[start:start + config.batch_size].to(device)
+            recipe.optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(train_x[batch]), train_y[batch])
+            loss.backward()
+            updates += recipe.after_backward()
+            recipe.optimizer.step()
+            recipe.after_optimizer_step()
+            loss_sum += loss.item() * len(batch)
+            samples += len(batch)
+            if bar is not None:
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", refresh=False)
-        metrics = {"epoch": epoch + 1, "train_loss": loss_sum / len(order), **_evaluate(model, test_x, test_y),
-                   "density": density(model), "gradient_flow": _gradient_flow(model, loss_fn, flow_batch),
-                   "mask_updates": updates, "seconds": time.perf_counter() - started}
-        optimizer.zero_grad(set_to_none=True)
+        recipe.optimizer.zero_grad(set_to_none=True)
+        if last_of_segment:
+            recipe.end_segment_before_evaluation(last_segment)
+        metrics = {"epoch": epoch + 1, **position, "train_loss": loss_sum / max(samples, 1),
+                   **_evaluate(model, test_x, test_y), "density": density(model),
+                   "gradient_flow": _gradient_flow(model, loss_fn, flow_batch), "mask_updates": updates,
+                   "seconds": time.perf_counter() - started}
         history.append(metrics)
+        recipe.end_epoch_after_evaluation(last_of_segment)
+        if last_of_segment:
+            recipe.end_segment_after_evaluation(last_segment)
         if bar is not None:
             bar.set_postfix(epoch=epoch + 1, loss=f"{metrics['train_loss']:.3f}",
                             acc=f"{metrics['test_accuracy']:.3f}")
         if out_dir is not None:
             checkpoint.save({"config": asdict(config), "epoch": epoch + 1, "model": model.state_dict(),
-                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                             "algorithm": None if algorithm is None else algorithm.state_dict(),
-                             "rng": torch.get_rng_state(), "history": history},
+                             "recipe": recipe.state_dict(), "rng": torch.get_rng_state(), "history": history},
                             os.path.join(out_dir, CHECKPOINT_NAME))
             write_metrics(config, history, out_dir)
     if bar is not None:
         bar.close()
     return RunResult(config, history, model)
+
+
+def total_epochs(config: TrainConfig) -> int:
+    """Epochs over all segments: `epochs`, times the cycles of IMP, times the particles too for SWAMP."""
+    if config.method == "imp":
+        return config.epochs * config.cycles
+    if config.method == "swamp":
+        return config.epochs * config.cycles * config.particles
+    return config.epochs
 
 
 def density(model: nn.Module) -> float:
@@ -186,19 +232,6 @@ def write_metrics(config: TrainConfig, history: list[dict], out_dir: str) -> Non
         writer.writerows(history)
 
 
-def config_fields() -> list[str]:
-    return [field.name for field in fields(TrainConfig)]
-
-
-def _epoch_seed(config: TrainConfig, epoch: int) -> int:
-    return config.seed * 1_000_003 + epoch
-
-
-def _build_algorithm(config: TrainConfig, model: nn.Module, optimizer, total_steps: int):
-    """The mask-updating algorithm for `config.method`, or None for dense and static training."""
-    return None
-
-
 @torch.no_grad()
 def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
     model.eval()
@@ -209,8 +242,6 @@ def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
 
 def _gradient_flow(model: nn.Module, loss_fn, batch) -> float:
     """Total gradient flow (ALGORITHMS.md) on a fixed training batch, in eval mode."""
-    from . import gradient_flow
-
     model.eval()
     return float(gradient_flow(model, loss_fn, batch)["total"])
 

@@ -16,8 +16,6 @@ from sparsekern import checkpoint
 from sparsekern.cli import main
 from sparsekern.data import load_dataset
 
-COMPARE_METHODS = "dense,static"
-RESUME_METHOD = "static"
 
 
 def _read_csv(path):
@@ -27,8 +25,8 @@ def _read_csv(path):
 
 def test_compare_outputs_exist_and_agree(tmp_path, capsys):
     out = tmp_path / "compare"
-    main(["compare", "--methods", COMPARE_METHODS, "--densities", "0.5,0.1", "--seeds", "2", "--epochs", "1",
-          "--out", str(out), "--quiet"])
+    main(["compare", "--methods", "dense,dst", "--criteria", "snip", "--densities", "0.5,0.1", "--seeds", "2",
+          "--epochs", "1", "--update-every", "5", "--out", str(out), "--quiet"])
     runs = _read_csv(out / "runs.csv")
     rows = _read_csv(out / "results.csv")
     table = (out / "results.md").read_text()
@@ -44,6 +42,7 @@ def test_compare_outputs_exist_and_agree(tmp_path, capsys):
         assert float(row["accuracy_std"]) == pytest.approx(statistics.stdev(mine), abs=1e-12)
     sparse_densities = {float(row["density"]) for row in rows if row["method"] != "dense"}
     assert sparse_densities == {0.5, 0.1}
+    assert {row["label"] for row in rows} == {"dense", "snip (+random)"}
 
     # the Markdown table shows the CSV's numbers (percent, one decimal); dense fills every column
     lines = table.strip().splitlines()
@@ -69,29 +68,37 @@ def test_compare_outputs_exist_and_agree(tmp_path, capsys):
         assert line["std"][at] == pytest.approx(100 * float(row["accuracy_std"]))
 
 
-def test_interrupted_train_resumes_to_the_uninterrupted_result(tmp_path):
-    common = ["train", "--method", RESUME_METHOD, "--density", "0.2", "--epochs", "3", "--seed", "3",
-              "--update-every", "10", "--quiet"]
+@pytest.mark.parametrize("method, options, epochs, stop_after", [
+    ("rigl", ["--epochs", "3", "--update-every", "10"], 3, 1),  # mask updates before and after the stop
+    ("set", ["--epochs", "2", "--update-every", "5", "--scope", "global"], 2, 1),
+    ("imp", ["--epochs", "2", "--cycles", "2"], 4, 3),  # stopped mid-cycle, after a pruning
+    ("swamp", ["--epochs", "1", "--cycles", "2", "--particles", "2"], 4, 1),  # between particles
+    ("optg", ["--epochs", "3"], 3, 2),
+])
+def test_interrupted_train_resumes_to_the_uninterrupted_result(tmp_path, method, options, epochs, stop_after):
+    common = ["train", "--method", method, "--density", "0.2", "--seed", "3", *options, "--quiet"]
     main([*common, "--out", str(tmp_path / "whole")])
-    main([*common, "--out", str(tmp_path / "split"), "--stop-after", "1"])
+    main([*common, "--out", str(tmp_path / "split"), "--stop-after", str(stop_after)])
     stopped = json.loads((tmp_path / "split" / "metrics.json").read_text())["epochs"]
-    assert [epoch["epoch"] for epoch in stopped] == [1]
+    assert [epoch["epoch"] for epoch in stopped] == list(range(1, stop_after + 1))
     main([*common, "--out", str(tmp_path / "split"), "--resume", str(tmp_path / "split" / "checkpoint.pt")])
 
     def metrics(run):
         epochs = json.loads((tmp_path / run / "metrics.json").read_text())["epochs"]
         return [{key: value for key, value in epoch.items() if key != "seconds"} for epoch in epochs]
 
-    assert len(metrics("whole")) == 3
+    assert len(metrics("whole")) == epochs
     assert metrics("split") == metrics("whole")
+    if method in ("rigl", "set"):
+        assert sum(epoch["mask_updates"] for epoch in metrics("whole")) > 0
     with open(tmp_path / "split" / "metrics.csv", newline="") as file:
-        assert [row["epoch"] for row in csv.DictReader(file)] == ["1", "2", "3"]
+        assert [int(row["epoch"]) for row in csv.DictReader(file)] == list(range(1, epochs + 1))
     whole = checkpoint.load(tmp_path / "whole" / "checkpoint.pt")
     split = checkpoint.load(tmp_path / "split" / "checkpoint.pt")
     assert whole["model"].keys() == split["model"].keys()
     for name, tensor in whole["model"].items():
         assert torch.equal(tensor, split["model"][name]), name
-    assert whole["epoch"] == split["epoch"] == 3
+    assert whole["epoch"] == split["epoch"] == epochs
 
 
 @pytest.mark.parametrize("argv", [
@@ -103,7 +110,11 @@ def test_interrupted_train_resumes_to_the_uninterrupted_result(tmp_path):
     ["train", "--dataset", "cifar10"],
     ["train", "--resume", "/no/such/checkpoint.pt"],
     ["train", "--epochs", "0"],
+    ["train", "--method", "rigl", "--prune", "biggest"],
+    ["train", "--method", "static", "--prune", "snip"],  # a criterion only DST methods take
+    ["train", "--method", "imp", "--cycles", "1"],
     ["compare", "--methods", "static,magic"],
+    ["compare", "--criteria", "magnitude,nope"],
     ["compare", "--densities", "0.5,2"],
     ["--densities", "-0.1"],  # no subcommand: compare
 ])
