@@ -17,7 +17,8 @@ from sparsekern.bench import core
 
 def pytest_addoption(parser):
     group = parser.getgroup("sparsekern benchmarks")
-    group.addoption("--bench-device", choices=("cpu", "cuda"), default="cpu", help="device of the benchmark inputs")
+    group.addoption("--bench-device", choices=("cpu", "cuda"), default="cpu",
+                    help="device of the benchmark inputs")
     group.addoption("--bench-quick", action="store_true", help="tiny sizes (the CI smoke test's)")
 
 

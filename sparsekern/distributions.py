@@ -15,6 +15,7 @@ Layers are given by their weight shapes, e.g. (out, in) for a linear layer and
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence
 
 DISTRIBUTIONS = ("erk", "uniform")
@@ -22,7 +23,7 @@ DISTRIBUTIONS = ("erk", "uniform")
 
 def check_density(density) -> float:
     """`density` as a float, or ValueError/TypeError naming it unless it is a number in (0, 1]."""
-    if isinstance(density, bool) or not isinstance(density, (int, float)):
+    if isinstance(density, bool) or not isinstance(density, numbers.Real):
         raise TypeError(f"density must be a number in (0, 1], got {type(density).__name__}")
     if not 0 < density <= 1:  # also rejects NaN
         raise ValueError(f"density must be in (0, 1], got {density}")
@@ -56,8 +57,9 @@ def erk(shapes: Sequence[Sequence[int]], density: float, *, power: float = 1.0,
     shapes = _shapes(shapes)
     sizes = [math.prod(shape) for shape in shapes]
     density = check_density(density)
-    if isinstance(power, bool) or not isinstance(power, (int, float)) or not math.isfinite(power):
+    if isinstance(power, bool) or not isinstance(power, numbers.Real) or not math.isfinite(power):
         raise ValueError(f"power must be a finite number, got {power!r}")
+    power = float(power)
     raw = [(sum(shape) / size) ** power for shape, size in zip(shapes, sizes)]
     budget = density * sum(sizes)
     dense = {0} if dense_first_layer and sizes else set()

@@ -16,6 +16,7 @@ convolution's group (an output unit of a grouped conv sees in_channels / groups 
 """
 from __future__ import annotations
 
+import numbers
 from typing import Callable
 
 import torch
@@ -94,7 +95,7 @@ def resolve(init: str | Callable) -> Callable[..., None]:
 def _check(distribution: str, scale: float) -> None:
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not scale > 0:
         raise ValueError(f"scale must be a positive number, got {scale!r}")
 
 

@@ -69,13 +69,16 @@ class SparseModule(nn.Module):
         # load_state_dict hands each module its own copy of the dict, so filling in the mask of a
         # dense checkpoint here does not touch the caller's dict.
         if prefix + "mask" not in state_dict and prefix + "weight" in state_dict:
-            state_dict[prefix + "mask"] = torch.ones(state_dict[prefix + "weight"].shape, dtype=torch.bool)
+            weight = state_dict[prefix + "weight"]
+            state_dict[prefix + "mask"] = torch.ones(weight.shape, dtype=torch.bool, device=weight.device)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         with torch.no_grad():
             self.weight.masked_fill_(~self.mask, 0)
 
     def extra_repr(self) -> str:
+        if self.mask.is_meta:  # no values to count
+            return super().extra_repr()
         return f"{super().extra_repr()}, density={self.density:.4g}"
 
 
@@ -136,10 +139,10 @@ class SparseConv2d(SparseModule, nn.Conv2d):
     """nn.Conv2d with a weight mask (same arguments, string padding and padding modes included).
 
     The forward masks the weight and runs the ordinary convolution (cuDNN / oneDNN). Lowering to
-    `ops.masked_linear` through im2col (F.unfold) was the alternative; on CPU (2 cores, batch 16,
-    forward plus backward, 10% density) it measured 1.5x (1x1 kernel) to 9x (3x3, 64 channels,
-    32x32) slower than masking the weight into F.conv2d, because unfold materialises a
-    k_h*k_w times larger input and its backward (fold) is slow.
+    `ops.masked_linear` through im2col (F.unfold) was the alternative; forward+backward on CPU at
+    10% density it was 1.5x (1x1 kernel) to 9x (3x3, 64 channels, 32x32) slower, because unfold
+    materialises a k_h*k_w times larger input and its backward (fold) is slow, while masking the
+    weight took 0.95x-1.25x the time of a dense conv (`sparsekern/bench/cases/sparse_conv2d.py`).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,

@@ -32,7 +32,8 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
             module is sparsified if it matches some `include` pattern (all do when None) and no
             `exclude` pattern.
         init: "sparse" (sparsity-aware, Evci et al. 2022), "layer-scaled", "dense" (keep the
-            module's own init), or a callable init(module, generator=...) (`sparsekern.init`).
+            module's current weights, masked: on an already sparse module the newly active
+            positions start at 0), or a callable init(module, generator=...) (`sparsekern.init`).
         generator: CPU torch.Generator for the masks and the init (the global one if None); the
             same seed gives the same masks and weights.
     Returns:

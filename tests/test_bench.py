@@ -5,6 +5,7 @@ No timing is asserted: speed claims live in the benchmark report, not in tests.
 import csv
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -72,9 +73,16 @@ def test_failing_run_is_reported_not_raised():
 
 def test_time_call_adapts_repeats_to_budget():
     calls = []
-    timing = core.time_call(lambda: calls.append(1), CPU, budget_s=0.001, max_repeats=7)
-    assert 1 <= timing.repeats <= 7
-    assert len(calls) == 1 + timing.repeats  # one warm-up call
+    timing = core.time_call(lambda: calls.append(1), CPU, budget_s=0.5, max_repeats=7)
+    assert timing.repeats == 7  # an instant call fills the repeat cap
+    assert len(calls) == 1 + timing.repeats  # after one warm-up call
+    assert math.isfinite(timing.median_ms)
+
+
+def test_time_call_times_a_call_longer_than_the_budget_once():
+    calls = []
+    timing = core.time_call(lambda: calls.append(time.sleep(0.002)), CPU, budget_s=0.001)
+    assert timing.repeats == 1 and len(calls) == 1
 
 
 def test_forced_backend_restores_environment(monkeypatch):
@@ -92,7 +100,9 @@ def test_main_writes_json_and_csv(tmp_path, capsys):
     assert status == 0
     table = capsys.readouterr().out
     assert "| topk_mask (global) |" in table and "torch cat+topk" in table
-    records = json.loads(json_path.read_text())
+    saved = json.loads(json_path.read_text())
+    assert saved["environment"].startswith("device cpu")
+    records = saved["rows"]
     assert records and all(record["op"].startswith("topk_mask") for record in records)
     with open(csv_path) as stream:
         assert len(list(csv.DictReader(stream))) == len(records)

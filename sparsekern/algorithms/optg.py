@@ -51,6 +51,10 @@ class OptG:
             `lr_schedule` (epoch -> lr_e) is given. The score lr is lr_e·σ(β(e − E/2)).
         beta: β of the sigmoid.
         momentum, nesterov: of the scores' SGD (the paper uses the weights' momentum).
+        dense_while_scores_tie: keep every weight while all scores are equal (epoch 0, where they
+            are all 0). The paper's code keeps every entry tied with the threshold, so its epoch 0
+            is dense; an exact top-k over equal scores would instead prune the tail of the last
+            layers (ties go to the lower flat position). False applies p_0 by that rule.
 
     Loop: call `step()` after `backward()` and before the weight optimizer's step (it turns the
     dense gradient into the scores' gradient, masks the weights' gradient and updates the
@@ -69,7 +73,7 @@ class OptG:
 
     def __init__(self, model: nn.Module, sparsity: float, epochs: int, lr: float = 0.1, beta: float = 1.0,
                  momentum: float = 0.9, nesterov: bool = False,
-                 lr_schedule: Callable[[int], float] | None = None):
+                 lr_schedule: Callable[[int], float] | None = None, dense_while_scores_tie: bool = True):
         self.layers = _tickets.sparse_layers(model)
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
             raise TypeError(f"sparsity must be a float, got {type(sparsity).__name__}")
@@ -86,6 +90,7 @@ class OptG:
         self.sparsity = float(sparsity)
         self.beta = float(beta)
         self.lr_schedule = lr_schedule if lr_schedule is not None else cosine_lr(lr, epochs)
+        self.dense_while_scores_tie = bool(dense_while_scores_tie)
         self.scores = [torch.zeros_like(layer.weight) for layer in self.layers]
         self.score_optimizer = torch.optim.SGD(self.scores, lr=0.0, momentum=momentum, nesterov=nesterov,
                                                weight_decay=0.0)
@@ -103,11 +108,17 @@ class OptG:
     def _start_epoch(self) -> None:
         total = sum(score.numel() for score in self.scores)
         keep = total - round(self.sparsity_at(self.epoch) * total)
+        if self.dense_while_scores_tie and self._scores_all_equal():
+            keep = total
         for layer, mask in zip(self.layers, ops.topk_mask(self.scores, keep)):
             layer.mask.copy_(mask)      # not set_mask: pruned weights keep their values
             layer.dense_grad = True
         for group in self.score_optimizer.param_groups:
             group["lr"] = self.score_lr(self.epoch)
+
+    def _scores_all_equal(self) -> bool:
+        first = self.scores[0].flatten()[:1]
+        return all(bool((score == first).all()) for score in self.scores)
 
     @torch.no_grad()
     def step(self) -> None:

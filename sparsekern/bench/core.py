@@ -66,17 +66,20 @@ def time_call(run: Callable[[], object], device: torch.device, budget_s: float =
               max_repeats: int = 100) -> Timing:
     """Times `run`: warm-up calls, then the median of as many calls as fit in about `budget_s`.
 
-    The repeat count adapts to the first call's duration (at least one, at most `max_repeats`), so
-    slow reference implementations on CPU cost a few calls, not a fixed hundred. On CUDA every call
-    is bracketed by CUDA events and synchronized, so queued kernels are counted.
+    The repeat count adapts to the warm-up's duration (at most `max_repeats`), so slow reference
+    implementations on CPU cost a few calls, not a fixed hundred. A CPU call that alone outlasts the
+    budget is timed once, its warm-up being the sample (at seconds per call, first-call costs are
+    noise). On CUDA every call is bracketed by CUDA events and synchronized, so queued kernels count.
     """
     on_cuda = device.type == "cuda"
     # On CUDA the first calls compile and autotune Triton kernels; on CPU one call pages inputs in.
     warmups = 3 if on_cuda else 1
-    first_s = 0.0
+    last_s = 0.0
     for _ in range(warmups):
-        first_s = _one_call_s(run, on_cuda)
-    repeats = max(1, min(max_repeats, int(budget_s / max(first_s, 1e-6))))
+        last_s = _one_call_s(run, on_cuda)
+    if not on_cuda and last_s >= budget_s:
+        return Timing(median_ms=1e3 * last_s, repeats=1)
+    repeats = max(1, min(max_repeats, int(budget_s / max(last_s, 1e-6))))
     samples = [_one_call_s(run, on_cuda) for _ in range(repeats)]
     return Timing(median_ms=1e3 * statistics.median(samples), repeats=repeats)
 

@@ -54,7 +54,8 @@ def format_table(rows: list[core.Row]) -> str:
             time_text, ratio_text = "failed", row.error
         else:
             time_text = f"{row.time_ms:.3f}" if row.time_ms < 10 else f"{row.time_ms:.1f}"
-            ratio_text = f"{row.ratio:.2f}x" + (" (baseline)" if row.implementation == row.baseline else "")
+            ratio_text = (f"{row.ratio:.2f}x" if row.ratio >= 0.1 else f"{row.ratio:.2g}x") + (
+                " (baseline)" if row.implementation == row.baseline else "")
         lines.append(_line([row.op, row.size, row.implementation, time_text, ratio_text]))
     return "\n".join(lines)
 
@@ -63,13 +64,14 @@ def _line(cells) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def write(rows: list[core.Row], path: str, kind: str) -> None:
-    """Saves the rows as JSON (a list of objects) or CSV (one header line); NaN becomes null / empty."""
+def write(rows: list[core.Row], path: str, kind: str, environment_line: str = "") -> None:
+    """Saves the rows as JSON ({"environment": ..., "rows": [...]}) or CSV (one header line, one line
+    per row); NaN becomes null / empty."""
     records = [{key: (None if isinstance(value, float) and math.isnan(value) else value)
                 for key, value in dataclasses.asdict(row).items()} for row in rows]
     with open(path, "w", newline="") as stream:
         if kind == "json":
-            json.dump(records, stream, indent=1)
+            json.dump({"environment": environment_line, "rows": records}, stream, indent=1)
             stream.write("\n")
         else:
             writer = csv.DictWriter(stream, fieldnames=[field.name for field in dataclasses.fields(core.Row)])
@@ -77,12 +79,13 @@ def write(rows: list[core.Row], path: str, kind: str) -> None:
             writer.writerows(records)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m benchmarks") -> int:
     """Command line: [--device cpu|cuda] [--quick] [--only OP] [--json PATH] [--csv PATH] [--budget SECONDS].
 
     Prints the table on stdout (progress on stderr). Returns 0, or 1 when some implementation failed.
+    `prog` is the command name shown in help and errors (`sparsekern bench` from the CLI).
     """
-    parser = argparse.ArgumentParser(prog="python -m benchmarks",
+    parser = argparse.ArgumentParser(prog=prog,
                                      description="Times sparsekern's ops against the torch code they replace.")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that every case runs")
@@ -101,11 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(device, args.quick, args.only, args.budget, progress=sys.stderr)
     if not rows:
         parser.error(f"--only {args.only!r} matches no case; case modules: {', '.join(core.case_modules())}")
-    print(environment(device))
-    print("speed-up = baseline time / time: above 1 is faster than the case's baseline, the torch code it replaces.")
+    where = environment(device)
+    print(where)
+    print("speed-up = baseline time / time: above 1 is faster than the case's baseline, "
+          "the torch code it replaces.")
+    if device.type == "cpu":
+        print("sparsekern[cuda] on CPU tensors is the compiled extension's C++ kernels.")
     print(format_table(rows))
     if args.json:
-        write(rows, args.json, "json")
+        write(rows, args.json, "json", where)
     if args.csv:
         write(rows, args.csv, "csv")
     return 1 if any(row.error is not None for row in rows) else 0

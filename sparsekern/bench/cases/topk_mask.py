@@ -44,25 +44,28 @@ def _split_like(flat: Tensor, scores: list[Tensor]) -> list[Tensor]:
 
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
-    resnet = RESNET50_TINY if quick else RESNET50
-    million = (1 << 14,) if quick else ONE_MILLION
-    label = "resnet50/16" if quick else "resnet50"
-    result = []
-    for name, scores in ((label, _abs(resnet, device)), ("single" if quick else "1M", _abs([("x", million)], device))):
-        total = sum(s.numel() for s in scores)
-        size = f"{describe(name, scores)}, d={DENSITY}"
-        k = round(DENSITY * total)
-        runs = {"torch cat+topk": lambda scores=scores, k=k: torch_cat_topk(scores, k),
-                "torch cat+kthvalue": lambda scores=scores, k=k: torch_cat_kthvalue(scores, k)}
-        runs.update(sparsekern_runs("topk_mask", device, lambda scores=scores, k=k: ops.topk_mask(scores, k)))
-        result.append(Case("topk_mask (global)", size, runs, baseline="torch cat+topk"))
+    resnet = _abs(RESNET50_TINY if quick else RESNET50, device)
+    resnet_name = "resnet50/16" if quick else "resnet50"
+    single = _abs([("x", (1 << 14,) if quick else ONE_MILLION)], device)
+    return [_global_case(resnet_name, resnet, device),
+            _global_case("single" if quick else "1M", single, device),
+            _per_tensor_case(resnet_name, resnet, device)]
 
-    scores = _abs(resnet, device)
+
+def _global_case(name: str, scores: list[Tensor], device: torch.device) -> Case:
+    k = round(DENSITY * sum(s.numel() for s in scores))
+    runs = {"torch cat+topk": lambda: torch_cat_topk(scores, k),
+            "torch cat+kthvalue": lambda: torch_cat_kthvalue(scores, k)}
+    runs.update(sparsekern_runs("topk_mask", device, lambda: ops.topk_mask(scores, k)))
+    return Case("topk_mask (global)", f"{describe(name, scores)}, d={DENSITY}", runs, baseline="torch cat+topk")
+
+
+def _per_tensor_case(name: str, scores: list[Tensor], device: torch.device) -> Case:
     k = [round(DENSITY * s.numel()) for s in scores]
     runs = {"torch per-layer topk": lambda: torch_per_layer_topk(scores, k)}
     runs.update(sparsekern_runs("topk_mask_per_tensor", device, lambda: ops.topk_mask(scores, k)))
-    result.append(Case("topk_mask (per tensor)", f"{describe(label, scores)}, d={DENSITY}", runs, baseline="torch per-layer topk"))
-    return result
+    return Case("topk_mask (per tensor)", f"{describe(name, scores)}, d={DENSITY}", runs,
+                baseline="torch per-layer topk")
 
 
 def _abs(shapes, device) -> list[Tensor]:
