@@ -128,9 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare_parser.add_argument("--out", default="runs/compare", help="directory for the table, CSV and plot")
     compare_parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    bench_parser = commands.add_parser("bench", help="run the kernel benchmark report (arguments pass through)",
-                                       add_help=False)
-    bench_parser.add_argument("bench_args", nargs=argparse.REMAINDER)
+    commands.add_parser("bench", help="run the kernel benchmark report on the GPU if there is one, else the CPU "
+                                      "(`sparsekern bench --help` lists its options)")
     return parser
 
 
@@ -139,9 +138,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["compare", *argv]
+    if argv[0] == "bench":  # its arguments belong to the report's own parser
+        sys.exit(_bench(argv[1:]))
     args = parser.parse_args(argv)
-    if args.command == "bench":
-        sys.exit(_bench(args.bench_args))
     try:
         check_dataset(args.dataset)
         torch.set_num_threads(args.threads)
@@ -171,7 +170,7 @@ def _bench(bench_args: list[str]) -> int:
 
     if torch.cuda.is_available() and not any(arg.startswith("--device") for arg in bench_args):
         bench_args = ["--device", "cuda", *bench_args]
-    return report.main(bench_args)
+    return report.main(bench_args, prog="sparsekern bench")
 
 
 def _config(args, **run) -> TrainConfig:
