@@ -58,7 +58,7 @@ def run_compare(lines: list[Line], densities: list[float], seeds: int, base: Tra
     results.md and accuracy_vs_density.png to `out_dir`. Returns the summary rows of results.csv."""
     configs = [line_config(base, line, density, seed) for line in lines
                for density in ([1.0] if line.method == "dense" else densities) for seed in range(seeds)]
-    datasets = {seed: load_dataset(base.dataset, seed) for seed in range(seeds)}
+    dataset = load_dataset(base.dataset)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -67,7 +67,7 @@ def run_compare(lines: list[Line], densities: list[float], seeds: int, base: Tra
     runs = []
     started = time.perf_counter()
     for config in configs:
-        result = train(config, progress=False, dataset=datasets[config.seed])
+        result = train(config, progress=False, dataset=dataset)
         runs.append({"method": config.method, "prune": config.prune, "grow": config.grow, "density": config.density,
                      "seed": config.seed, "test_accuracy": result.final["test_accuracy"],
                      "final_density": result.final["density"], "gradient_flow": result.final["gradient_flow"]})
@@ -124,7 +124,8 @@ def markdown_table(rows: list[dict], densities: list[float]) -> str:
 
 def plot(rows: list[dict], path: str, base: TrainConfig) -> None:
     """Accuracy (%) against density on a log axis, sparser to the right; error bars are ± one std over seeds; the
-    dense line is dashed across. The plotted series are stored in the PNG's "Description" text as JSON."""
+    dense line is dashed across; lines are nudged sideways a little so their error bars do not hide each other.
+    The plotted series are stored in the PNG's "Description" text as JSON."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,7 +134,8 @@ def plot(rows: list[dict], path: str, base: TrainConfig) -> None:
     figure, axes = pyplot.subplots(figsize=(6.4, 4.4), dpi=120)
     series = {}
     sparse_densities = sorted({row["density"] for row in rows if row["method"] != "dense"})
-    for label in dict.fromkeys(row["label"] for row in rows):
+    labels = list(dict.fromkeys(row["label"] for row in rows))
+    for index, label in enumerate(labels):
         mine = [row for row in rows if row["label"] == label]
         means = [100 * row["accuracy_mean"] for row in mine]
         stds = [100 * row["accuracy_std"] for row in mine]
@@ -143,7 +145,9 @@ def plot(rows: list[dict], path: str, base: TrainConfig) -> None:
             series[label] = {"density": [1.0], "mean": means, "std": stds}
             continue
         xs = [row["density"] for row in mine]
-        axes.errorbar(xs, means, yerr=stds, marker="o", markersize=4, capsize=3, linewidth=1.5, label=label)
+        dodge = 1 + 0.025 * (index - (len(labels) - 1) / 2)  # side by side, so error bars stay readable
+        axes.errorbar([x * dodge for x in xs], means, yerr=stds, marker="o", markersize=4, capsize=3,
+                      linewidth=1.5, label=label)
         series[label] = {"density": xs, "mean": means, "std": stds}
     axes.set_xscale("log")
     if sparse_densities:

@@ -116,11 +116,12 @@ def train(config: TrainConfig, out_dir: str | None = None, resume: str | None = 
 
     `resume`: a checkpoint written by an earlier call with the same config; training continues after its epoch.
     `stop_after`: stop once this many epochs are done (the checkpoint then resumes the run).
-    `dataset`: an already loaded `load_dataset(config.dataset, config.seed)`, to save reloading it.
+    `dataset`: an already loaded `load_dataset(config.dataset)`, to save reloading it. The train/test split is
+    the same for every seed, so seeds vary only the training (init, mask, data order, random criteria).
     Epochs are counted over all segments (IMP cycles, SWAMP particles): `total_epochs(config)` in all.
     """
     device = torch.device(config.device)
-    data = dataset if dataset is not None else load_dataset(config.dataset, config.seed)
+    data = dataset if dataset is not None else load_dataset(config.dataset)
     torch.manual_seed(config.seed)
     model = build_model(config.model, data.input_shape, data.num_classes, config.width)
     if config.method != "dense":
