@@ -9,9 +9,11 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import asdict
 
 import torch
 
+from . import checkpoint
 from . import compare as compare_module
 from .algorithms.dst import SCOPES
 from .criteria import GROW, PRUNE
@@ -62,7 +64,10 @@ def _choices(allowed: tuple[str, ...], what: str):
 
 
 def _densities(text: str) -> list[float]:
-    return [_density(item) for item in text.split(",") if item.strip()]
+    densities = [_density(item) for item in text.split(",") if item.strip()]
+    if not densities:
+        raise argparse.ArgumentTypeError(f"expected comma-separated densities, got {text!r}")
+    return densities
 
 
 def _add_run_options(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
@@ -145,10 +150,10 @@ def main(argv: list[str] | None = None) -> None:
         check_dataset(args.dataset)
         torch.set_num_threads(args.threads)
         if args.command == "train":
-            if args.resume is not None and not os.path.isfile(args.resume):
-                raise ValueError(f"resume checkpoint {args.resume!r} does not exist")
             config = _config(args, method=args.method, density=args.density, seed=args.seed, prune=args.prune,
                              grow=args.grow, schedule=args.schedule, drop_fraction=args.drop_fraction)
+            if args.resume is not None:
+                _check_resume(args.resume, config)
         else:
             config = _config(args)
             lines = compare_module.grid_lines(args.methods, args.criteria, args.grow)
@@ -161,6 +166,17 @@ def main(argv: list[str] | None = None) -> None:
         _train(config, args)
     else:
         _compare(lines, config, args)
+
+
+def _check_resume(path: str, config: TrainConfig) -> None:
+    if not os.path.isfile(path):
+        raise ValueError(f"resume checkpoint {path!r} does not exist")
+    saved = checkpoint.load(path)["config"]
+    changed = [f"{name} {saved.get(name)!r} -> {value!r}" for name, value in asdict(config).items()
+               if saved.get(name) != value]
+    if changed:
+        raise ValueError(f"resume checkpoint {path!r} was written with other arguments ({', '.join(changed)}); "
+                         f"resume with the arguments of the interrupted run")
 
 
 def _bench(bench_args: list[str]) -> int:

@@ -81,7 +81,11 @@ def test_interrupted_train_resumes_to_the_uninterrupted_result(tmp_path, method,
     main([*common, "--out", str(tmp_path / "split"), "--stop-after", str(stop_after)])
     stopped = json.loads((tmp_path / "split" / "metrics.json").read_text())["epochs"]
     assert [epoch["epoch"] for epoch in stopped] == list(range(1, stop_after + 1))
-    main([*common, "--out", str(tmp_path / "split"), "--resume", str(tmp_path / "split" / "checkpoint.pt")])
+    resume = ["--out", str(tmp_path / "split"), "--resume", str(tmp_path / "split" / "checkpoint.pt")]
+    with pytest.raises(SystemExit) as exit_info:  # other arguments than the interrupted run's: refused
+        main([*common, "--lr", "0.05", *resume])
+    assert exit_info.value.code == 2
+    main([*common, *resume])
 
     def metrics(run):
         epochs = json.loads((tmp_path / run / "metrics.json").read_text())["epochs"]
