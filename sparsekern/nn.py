@@ -2,9 +2,11 @@
 
 Each sparse module holds `weight` (Parameter), `bias` (Parameter or None), a bool buffer `mask`
 shaped like the weight (all True at construction) and a plain attribute `dense_grad` (False by
-default). Invariant: weight entries off the mask are exactly 0. The forward only ever uses
-weight * mask and the weight gradient is masked (unless `dense_grad`), so SGD, momentum, weight
-decay and Adam leave those zeros alone without any per-step masking loop.
+default). The forward only ever uses weight * mask: entries off the mask contribute nothing,
+whatever they hold. Invariant: `set_mask` sets weight entries off the mask to exactly 0, and the
+weight gradient is masked (unless `dense_grad`), so SGD, momentum, weight decay and Adam leave
+those zeros alone without any per-step masking loop. (Writing `mask` directly skips the zeroing,
+for algorithms such as OptG that keep pruned values.)
 
 With `dense_grad = True` the next backward also gives the gradient at inactive positions (dy.T @ x
 for a linear layer), which growth criteria such as RigL's read on mask-update steps. That gradient
@@ -71,10 +73,10 @@ class SparseModule(nn.Module):
         if prefix + "mask" not in state_dict and prefix + "weight" in state_dict:
             weight = state_dict[prefix + "weight"]
             state_dict[prefix + "mask"] = torch.ones(weight.shape, dtype=torch.bool, device=weight.device)
+        # Weight values load as saved: a checkpoint of a module that kept the invariant already
+        # holds zeros off its mask, and OptG's deliberately kept values off the mask come back.
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-        with torch.no_grad():
-            self.weight.masked_fill_(~self.mask, 0)
 
     def extra_repr(self) -> str:
         if self.mask.is_meta:  # no values to count

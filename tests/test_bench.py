@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from sparsekern import ops
 from sparsekern.bench import core, report
 
 CPU = torch.device("cpu")
@@ -111,3 +112,41 @@ def test_main_writes_json_and_csv(tmp_path, capsys):
 def test_main_rejects_an_unknown_only(capsys):
     with pytest.raises(SystemExit):
         report.main(["--quick", "--only", "no_such_op"])
+
+
+# The baselines must do the op's work, or their ratios mean nothing: on tie-free inputs they equal the op.
+
+def test_topk_mask_baselines_select_what_the_op_selects(generator):
+    from sparsekern.bench.cases import topk_mask as cases
+
+    scores = [torch.rand(shape, generator=generator) for shape in ((7, 5), (33,), (4, 3, 2))]
+    expected = ops.topk_mask(scores, 20)
+    for baseline in (cases.torch_cat_topk, cases.torch_cat_kthvalue):
+        assert all(torch.equal(a, b) for a, b in zip(baseline(scores, 20), expected))
+    per_layer = [3, 0, 24]
+    assert all(torch.equal(a, b) for a, b in
+               zip(cases.torch_per_layer_topk(scores, per_layer), ops.topk_mask(scores, per_layer)))
+
+
+def test_prune_grow_baseline_updates_like_the_op(generator):
+    from sparsekern.bench.cases import prune_grow as cases
+
+    weight, grow, momentum = (torch.randn(12, 9, generator=generator) for _ in range(3))
+    mask = torch.rand(12, 9, generator=generator) < 0.4
+    weight.mul_(mask)
+    active, n = int(mask.sum()), 5
+    expected_weight, expected_momentum = weight.clone(), momentum.clone()
+    expected = ops.prune_grow(expected_weight, mask, expected_weight.abs(), grow.abs(), n,
+                              state=(expected_momentum,))
+    new = cases.torch_prune_grow(weight, mask, weight.abs(), grow.abs(), n, active, [momentum])
+    assert torch.equal(new, expected)
+    assert torch.equal(weight, expected_weight) and torch.equal(momentum, expected_momentum)
+
+
+def test_masked_linear_baseline_matches_the_op(generator):
+    from sparsekern.bench.cases import masked_linear as cases
+
+    x, weight, bias = (torch.randn(shape, generator=generator) for shape in ((6, 8), (5, 8), (5,)))
+    mask = torch.rand(5, 8, generator=generator) < 0.5
+    torch.testing.assert_close(cases.torch_mask_then_matmul(x, weight, mask, bias),
+                               ops.masked_linear(x, weight, mask, bias))

@@ -68,6 +68,10 @@ class DST:
             weights' device), or from a new one seeded with `seed` (default 0). Equal seeds give
             equal masks, on every rank of a distributed run too.
 
+    Calling `step()` after `optimizer.step()` instead is ALGORITHMS.md's "after" option: the
+    optimizer step then sees the dense gradient of an update step and may move inactive weights,
+    and the update that follows zeroes them again (and their optimizer state) off the new mask.
+
     n is clamped to min(active, inactive) (prune_grow's range), so an update never changes the
     active count. Step t counts `step()` calls from 1; updates happen at multiples of
     update_every below end_step. Newly grown weights start at 0; a just-dropped weight may be
