@@ -21,7 +21,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def mlp(seed: int, inputs: int = 64, hidden: int = 32, outputs: int = 10, batch_norm: bool = False) -> nn.Module:
+def mlp(seed: int, inputs: int = 64, hidden: int = 32, outputs: int = 10,
+        batch_norm: bool = False) -> nn.Module:
     """Sparse (all-True masks) MLP whose default initialisation is drawn from `seed`."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+import sparsekern
 import sparsekern.checkpoint
 from sparsekern.algorithms import IMP
 from sparsekern.nn import sparse_modules
@@ -117,6 +118,20 @@ def test_ties_are_broken_towards_the_lower_flat_position():
     assert flat.tolist() == [False] + [True] * 5 + [False] * 4
 
 
+def test_masks_nest_even_when_active_weights_tie_with_pruned_zeros():
+    model = mlp(4, inputs=3, hidden=2, outputs=2)
+    layers = [layer for _, layer in sparse_modules(model)]
+    with torch.no_grad():
+        layers[0].weight.zero_()
+        layers[1].weight.zero_()
+        layers[1].weight[1, 1] = 2.0
+    imp = IMP(model, _sgd, prune_fraction=0.2)
+    layers[0].set_mask(torch.tensor([[False, False, True], [True, True, True]]))
+    masks = imp.next_cycle()           # 8 active, 2 removed: keep the 2.0 and the 5 first active zeros
+    flat = torch.cat([m.flatten() for m in masks])
+    assert flat.tolist() == [False, False, True, True, True, True, True, False, False, True]
+
+
 def test_next_cycle_before_the_rewind_step_raises_and_changes_nothing():
     model = mlp(5, hidden=8)
     imp = IMP(model, _sgd, rewind_step=5)
@@ -181,3 +196,11 @@ def test_digits_imp_with_rewinding_beats_random_reinitialisation_at_90_percent_s
     print(f"digits, 90% sparsity, 3 seeds: IMP-WR {imp.mean():.4f} ± {imp.std():.4f}, "
           f"random reinit {reinit.mean():.4f} ± {reinit.std():.4f}")
     assert imp.mean() > reinit.mean()
+
+
+def test_a_model_made_dense_by_sparsify_starts_imp_from_the_package_export():
+    dense = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    model = sparsekern.sparsify(dense, 1.0, generator=torch.Generator().manual_seed(0))
+    imp = sparsekern.IMP(model, _sgd, prune_fraction=0.5)
+    assert all(mask.all() for mask in imp.masks)
+    assert sum(int(mask.sum()) for mask in imp.next_cycle()) == 45 - math.ceil(0.5 * 45)

@@ -11,7 +11,6 @@ import torch
 import sparsekern.checkpoint
 from sparsekern.algorithms import IMP, SWAMP
 from sparsekern.algorithms.swamp import data_seed
-from sparsekern.nn import sparse_modules
 
 from lottery_common import batch, digits_run, mlp, one_thread  # noqa: F401 (fixture)
 
@@ -78,6 +77,29 @@ def test_the_average_is_the_mean_of_the_particles_swa_averages_and_particles_dif
         assert scores[kept].min() >= scores[~kept & (scores > 0)].max()
 
 
+def test_particles_start_from_the_ticket_with_the_optimizer_state_of_step_k_in_cycle_zero():
+    x, y = _data(5)
+    model = mlp(6, hidden=8)
+    swamp = SWAMP(model, _sgd, particles=2, prune_fraction=0.3, rewind_step=4, swa_start=6)
+    _train(model, swamp, x, y, swamp.data_seed, stop=4)
+    theta_k = model.state_dict()
+    theta_k = {name: value.clone() for name, value in theta_k.items()}
+    momentum_k = [swamp.optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    _train(model, swamp, x, y, swamp.data_seed)
+    assert swamp.next_particle() and swamp.particle == 1 and swamp.step_in_cycle == 4
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, theta_k[name])
+    for p, momentum in zip(model.parameters(), momentum_k):
+        assert torch.equal(swamp.optimizer.state[p]["momentum_buffer"], momentum)
+    _train(model, swamp, x, y, swamp.data_seed)
+    assert not swamp.next_particle()
+    swamp.next_cycle()                    # later cycles: θ_k ⊙ m and a fresh optimizer
+    assert not swamp.optimizer.state
+    for (name, value), mask in zip([(n, v) for n, v in model.state_dict().items() if n.endswith("weight")],
+                                   swamp.masks):
+        assert torch.equal(value, torch.where(mask, theta_k[name], 0))
+
+
 def _imp_wr(rewind_step, cycles):
     x, y = _data(1)
     model = mlp(2, hidden=16)
@@ -87,13 +109,7 @@ def _imp_wr(rewind_step, cycles):
 
 
 def _swamp_run(model, swamp, x, y, cycles):
-    while True:
-        _train(model, swamp, x, y, swamp.data_seed)
-        if swamp.next_particle():
-            continue
-        if swamp.cycle == cycles - 1:
-            return
-        swamp.next_cycle()
+    swamp.run(lambda s: _train(model, s, x, y, s.data_seed), cycles)
 
 
 @pytest.mark.parametrize("rewind_step", [0, 3])
@@ -101,7 +117,8 @@ def test_one_particle_without_swa_is_imp_with_rewinding_bit_for_bit(rewind_step)
     reference = _imp_wr(rewind_step, cycles=3)
     x, y = _data(1)
     model = mlp(2, hidden=16)
-    swamp = SWAMP(model, _sgd, particles=1, prune_fraction=0.3, rewind_step=rewind_step, swa_start=None, seed=5)
+    swamp = SWAMP(model, _sgd, particles=1, prune_fraction=0.3, rewind_step=rewind_step, swa_start=None,
+                  seed=5)
     _swamp_run(model, swamp, x, y, cycles=3)
     for a, b in zip(reference.state_dict().values(), model.state_dict().values()):
         assert torch.equal(a, b)
@@ -135,6 +152,7 @@ def test_batch_norm_without_a_loader_is_refused():
     (dict(swa_every=0), ValueError, "swa_every must be >= 1, got 0"),
     (dict(swa_start=-2), ValueError, "swa_start must be >= 0, got -2"),
     (dict(prune_fraction=0), ValueError, "prune_fraction must be in"),
+    (dict(rewind_step=5, swa_start=4), ValueError, "swa_start must be >= rewind_step \\(5\\), got 4"),
 ])
 def test_bad_arguments_raise_naming_them(kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -154,8 +172,10 @@ def _swamp(model):
     return SWAMP(model, _sgd, particles=2, prune_fraction=0.3, rewind_step=3, swa_start=6, seed=7)
 
 
-# (cycle, particle, step): mid-particle before and after k and in the SWA phase, at a particle's end.
-@pytest.mark.parametrize("stop", [(0, 0, 2), (0, 0, 7), (0, 1, 5), (0, 1, STEPS), (1, 0, 8), (1, 1, 4)])
+# (cycle, particle, step): mid-particle before and after k and in the SWA phase, at a particle's
+# end; (cycle, "averaged", None): after the cycle's average, before its pruning.
+@pytest.mark.parametrize("stop", [(0, 0, 2), (0, 0, 7), (0, 1, 5), (0, 1, STEPS), (1, 0, 8), (1, 1, 4),
+                                  (1, "averaged", None)])
 def test_resuming_from_a_checkpoint_is_bit_identical(tmp_path, stop):
     x, y = _data(4)
     reference = mlp(8, hidden=16)
@@ -163,11 +183,14 @@ def test_resuming_from_a_checkpoint_is_bit_identical(tmp_path, stop):
 
     model = mlp(8, hidden=16)
     swamp = _swamp(model)
-    while (swamp.cycle, swamp.particle) != stop[:2]:
-        _train(model, swamp, x, y, swamp.data_seed)
-        if not swamp.next_particle():
+    while (swamp.cycle, "averaged" if swamp.averaged else swamp.particle) != stop[:2]:
+        if swamp.averaged:
             swamp.next_cycle()
-    _train(model, swamp, x, y, swamp.data_seed, stop=stop[2])
+            continue
+        _train(model, swamp, x, y, swamp.data_seed)
+        swamp.next_particle()
+    if stop[2] is not None:
+        _train(model, swamp, x, y, swamp.data_seed, stop=stop[2])
     sparsekern.checkpoint.save({"model": model.state_dict(), "swamp": swamp.state_dict()}, tmp_path / "s.pt")
 
     checkpoint = sparsekern.checkpoint.load(tmp_path / "s.pt")
@@ -180,6 +203,7 @@ def test_resuming_from_a_checkpoint_is_bit_identical(tmp_path, stop):
         assert torch.equal(a, b)
 
 
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_particles_on_two_gloo_ranks_match_particles_in_sequence(tmp_path):
     script = os.path.join(os.path.dirname(__file__), "swamp_distributed.py")
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -189,8 +213,7 @@ def test_particles_on_two_gloo_ranks_match_particles_in_sequence(tmp_path):
         capture_output=True, text=True, timeout=120, env=environment)
     assert result.returncode == 0, result.stdout + result.stderr
 
-    sys.path.insert(0, os.path.dirname(__file__))
-    from swamp_distributed import run
+    from swamp_distributed import run   # tests/ is on sys.path, as for lottery_common
     sequential = run()
     for rank in range(2):
         distributed = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)

@@ -71,7 +71,8 @@ class IMP:
         self._capture_if_due()
 
     def _capture_if_due(self) -> None:
-        if self.cycle == 0 and self.step_in_cycle == self.rewind_step and self.rewind_state is None:
+        if (self.rewind == "weights" and self.cycle == 0 and self.step_in_cycle == self.rewind_step
+                and self.rewind_state is None):
             self.rewind_state = _tickets.snapshot(self.model)
 
     def prune_masks(self) -> list[Tensor]:

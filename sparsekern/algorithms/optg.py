@@ -10,9 +10,10 @@ cosine learning rate lr_e. Scores have no weight decay.
 
 Pruned weights keep their values while pruned, as in the paper's code (the forward multiplies the
 weight by the mask instead of zeroing it): their own gradient is 0, so only the weight optimizer's
-weight decay and momentum (if any) move them, and they come back with the value they had. OptG therefore
-sets the modules' masks without zeroing the weight, and stores the pruned values in its
-`state_dict()` because loading a sparse module's state dict zeroes the weight off the mask.
+weight decay and leftover momentum (if any) move them, and they come back with the value they then
+hold. So, unlike the other algorithms, OptG breaks the modules' "zero off the mask" invariant on
+purpose: it sets their masks without zeroing the weight. The model's state dict carries both the
+masks and the pruned values (sparse modules load weights as saved).
 """
 from __future__ import annotations
 
@@ -67,8 +68,8 @@ class OptG:
                 optg.step(); optimizer.step(); optimizer.zero_grad()
             optg.next_epoch()
 
-    `state_dict()` holds the epoch, the scores, their optimizer and the values of pruned weights;
-    load the model's state first, then OptG's.
+    `state_dict()` holds the epoch, the scores and their optimizer; the masks and weights (pruned
+    values included) are in the model's state dict, checkpointed beside it.
     """
 
     def __init__(self, model: nn.Module, sparsity: float, epochs: int, lr: float = 0.1, beta: float = 1.0,
@@ -148,18 +149,15 @@ class OptG:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "scores": [score.clone() for score in self.scores],
-                "score_optimizer": self.score_optimizer.state_dict(), "masks": self.masks,
-                "pruned_weights": [torch.where(layer.mask, 0, layer.weight.detach()) for layer in self.layers]}
+                "score_optimizer": self.score_optimizer.state_dict()}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
-        """Restores a `state_dict()`; load the model's state first (it zeroes pruned weights)."""
+        """Restores a `state_dict()`. The mask of the current epoch is the model's own (loaded with
+        the model): it came from the scores at the epoch's start, not those saved mid-epoch."""
         self.epoch = int(state["epoch"])
         for score, saved in zip(self.scores, state["scores"]):
             score.copy_(saved)
         self.score_optimizer.load_state_dict(state["score_optimizer"])
-        # The epoch's mask came from the scores at its start, not from the scores saved mid-epoch.
-        for layer, mask, pruned in zip(self.layers, state["masks"], state["pruned_weights"]):
-            layer.mask.copy_(mask)
-            layer.weight.copy_(torch.where(layer.mask, layer.weight, pruned))
+        for layer in self.layers:
             layer.dense_grad = True

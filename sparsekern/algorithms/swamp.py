@@ -36,6 +36,8 @@ class SWAMP:
         prune_fraction, rewind_step, scope: as for `IMP` (weight rewinding only).
         swa_start: the step within the cycle after which the particle's running mean starts: the
             weights after every `swa_every`-th step past `swa_start` are averaged with equal weight.
+            Set it to where the cycle's last phase begins (the default 0 averages the whole cycle);
+            it must be >= rewind_step.
             None: no SWA, a particle contributes its final weights (N = 1 is then IMP-WR exactly).
         swa_every: steps between two SWA samples.
         bn_loader: an iterable of batches (a tensor, or a tuple/list whose first element is the
@@ -53,6 +55,9 @@ class SWAMP:
             evaluate(model)                  # the model holds θ̄ (BatchNorm recomputed)
             if swamp.cycle == cycles - 1: break
             swamp.next_cycle()               # prune θ̄, reset to θ_k ⊙ m, first particle
+
+    or `swamp.run(train_fn, cycles)` with `train_fn(swamp)` training one particle from
+    `swamp.step_in_cycle` to the end of the cycle in the order of `swamp.data_seed`.
 
     Cycle 0 starts dense from the initialisation: the first particle trains from step 0 and θ_k
     (with the optimizer state at k) is kept at step k; the other particles of cycle 0 start from
@@ -75,6 +80,9 @@ class SWAMP:
         self.rewind_step = _tickets.check_count(rewind_step, "rewind_step")
         self.scope = _tickets.check_choice(scope, "scope", _tickets.SCOPES)
         self.swa_start = None if swa_start is None else _tickets.check_count(swa_start, "swa_start")
+        if self.swa_start is not None and self.swa_start < self.rewind_step:
+            # Particles after the first start at step k: none can average weights from before it.
+            raise ValueError(f"swa_start must be >= rewind_step ({self.rewind_step}), got {swa_start}")
         self.swa_every = _tickets.check_count(swa_every, "swa_every")
         if self.swa_every < 1:
             raise ValueError(f"swa_every must be >= 1, got {swa_every}")
@@ -90,7 +98,7 @@ class SWAMP:
         self.model = model
         self.optimizer_factory = optimizer_factory
         self.bn_loader = bn_loader
-        self.parameters = [p for p in model.parameters()]
+        self.averaged_parameters = [p for p in model.parameters()]
         self.cycle = 0
         self.particle = self.rank
         self.step_in_cycle = 0
@@ -122,9 +130,9 @@ class SWAMP:
     def _update_average(self) -> None:
         self.average_count += 1
         if self.particle_average is None:
-            self.particle_average = [p.detach().clone() for p in self.parameters]
+            self.particle_average = [p.detach().clone() for p in self.averaged_parameters]
             return
-        for average, p in zip(self.particle_average, self.parameters):
+        for average, p in zip(self.particle_average, self.averaged_parameters):
             average.add_(p.detach() - average, alpha=1 / self.average_count)
 
     def _capture_if_due(self) -> None:
@@ -161,7 +169,7 @@ class SWAMP:
             if self.swa_start is not None:
                 raise RuntimeError(f"particle ended with no SWA sample: swa_start={self.swa_start} "
                                    f"but only {self.step_in_cycle} steps were taken")
-            self.particle_average = [p.detach().clone() for p in self.parameters]
+            self.particle_average = [p.detach().clone() for p in self.averaged_parameters]
         if self.particle_sum is None:
             self.particle_sum = self.particle_average
         else:
@@ -179,7 +187,7 @@ class SWAMP:
         if self.world_size > 1:
             for total in self.particle_sum:
                 dist.all_reduce(total, op=dist.ReduceOp.SUM)
-        for p, total in zip(self.parameters, self.particle_sum):
+        for p, total in zip(self.averaged_parameters, self.particle_sum):
             p.copy_(total / self.particles if self.particles > 1 else total)
         self.particle_sum = None
         self.averaged = True
@@ -210,6 +218,18 @@ class SWAMP:
         self.averaged = False
         self._start_particle()
         return masks
+
+    def run(self, train_fn: Callable[["SWAMP"], None], cycles: int) -> None:
+        """Runs (or resumes) `cycles` cycles; the model ends holding the last cycle's θ̄."""
+        cycles = _tickets.check_count(cycles, "cycles")
+        while self.cycle < cycles:
+            if not self.averaged:
+                train_fn(self)
+                if self.next_particle():
+                    continue
+            if self.cycle == cycles - 1:
+                return
+            self.next_cycle()
 
     @property
     def masks(self) -> list[Tensor]:
