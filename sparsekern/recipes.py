@@ -17,7 +17,6 @@ from .algorithms import DST, IMP, MEST, SET, SWAMP, OptG, RigL
 DST_PRESETS = {"set": SET, "rigl": RigL, "mest": MEST, "dst": DST}
 TICKET_METHODS = ("imp", "swamp")
 METHODS = ("dense", "static", *DST_PRESETS, "imp", "swamp", "optg")
-ALGORITHM_SEED_OFFSET = 1_000_003
 
 
 def start_density(method: str, density: float) -> float:
@@ -79,10 +78,8 @@ class DSTRecipe(Recipe):
 
     def __init__(self, config, model, steps_per_epoch):
         super().__init__(config, model, steps_per_epoch)
-        # Not config.seed itself: sparsify drew the masks from a generator seeded with it, and random growth
-        # drawing the same stream would score exactly the active positions highest and regrow what it dropped.
         options = {"total_steps": self.steps_per_segment, "update_every": config.update_every,
-                   "scope": config.scope, "seed": config.seed + ALGORITHM_SEED_OFFSET}
+                   "scope": config.scope, "seed": config.seed}
         for name in ("prune", "grow", "schedule", "drop_fraction"):
             if getattr(config, name) is not None:
                 options[name] = getattr(config, name)

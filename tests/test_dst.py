@@ -442,3 +442,15 @@ def test_update_after_the_optimizer_step_and_without_state_reset(reset_state):
                 if value.shape == module.weight.shape:
                     assert torch.all(value[~module.mask] == 0)
     assert [int(m.sum()) for m in masks(model)] == counts
+
+
+@pytest.mark.parametrize("algorithm", ["SET", "MEST"])
+def test_random_growth_with_the_seed_that_drew_the_masks_still_moves_them(algorithm):
+    # sparsify's generator and DST share seed 0 here: DST must not replay the stream that chose the
+    # masks, or random growth would regrow exactly the dropped weights and the masks never change.
+    model = small_model(seed=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    algo = getattr(sparsekern, algorithm)(model, optimizer, total_steps=4, update_every=1, seed=0)
+    before = masks(model)
+    train_step(model, optimizer, algo, step=1)
+    assert any(not torch.equal(b, a) for b, a in zip(before, masks(model)))

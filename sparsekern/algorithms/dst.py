@@ -18,6 +18,8 @@ No gradient buffer is kept between steps.
 """
 from __future__ import annotations
 
+import zlib
+
 import dataclasses
 
 import torch
@@ -28,6 +30,11 @@ from ..nn import sparse_modules
 
 SCOPES = ("layer", "global")
 
+
+
+def _stream_seed(seed: int) -> int:
+    """DST's own seed for `seed`: deterministic, and not `seed` itself (see DST's `seed`)."""
+    return zlib.crc32(f"sparsekern.DST/{seed}".encode())
 
 class DST:
     """Drop-and-grow mask updates on the sparse modules of `model`.
@@ -65,8 +72,11 @@ class DST:
             prune="set", whose score is a rank, not a per-weight quantity.
         mest_gamma: γ of the MEST criterion |θ| + γ|g|.
         seed, generator: random criteria draw from `generator` (a torch.Generator on the
-            weights' device), or from a new one seeded with `seed` (default 0). Equal seeds give
-            equal masks, on every rank of a distributed run too.
+            weights' device), or from a new one whose stream is derived from `seed` (default 0)
+            and differs from `torch.Generator().manual_seed(seed)`'s, the generator a user most
+            likely gave `sparsify`: growing from the stream that drew the masks would score the
+            active positions highest and regrow exactly what was dropped. Equal seeds give equal
+            masks, on every rank of a distributed run too.
 
     Calling `step()` after `optimizer.step()` instead is ALGORITHMS.md's "after" option: the
     optimizer step then sees the dense gradient of an update step and may move inactive weights,
@@ -117,7 +127,7 @@ class DST:
         if generator is None:
             if isinstance(seed, bool) or not isinstance(seed, int):
                 raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-            generator = torch.Generator(device=device).manual_seed(seed)
+            generator = torch.Generator(device=device).manual_seed(_stream_seed(seed))
         elif not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         elif generator.device.type != device.type:
