@@ -3,10 +3,12 @@
 Each `benchmark_<topic>.py` names its case module in CASE_MODULE and gets a `case_run` parameter per
 implementation of every case, grouped by case so pytest-benchmark compares each run with its baseline.
 Options: --bench-device cpu|cuda (default cpu), --bench-quick (the tiny sizes of the CI smoke test).
+Implementations slower than a second per call run 3 rounds instead of pytest-benchmark's minimum of 5.
 Run: python -m pytest benchmarks --benchmark-enable [--bench-quick]
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -46,9 +48,23 @@ class CaseRun:
                 result = run()
                 torch.cuda.synchronize()
                 return result
-            benchmark(synchronized)
+            run = synchronized
+        if not benchmark.disabled and _seconds(run) >= SLOW_CALL_S:
+            # pytest-benchmark's default of at least 5 rounds costs minutes for the slow reference.
+            benchmark.pedantic(run, rounds=SLOW_ROUNDS, iterations=1)
         else:
             benchmark(run)
+
+
+SLOW_CALL_S = 1.0
+SLOW_ROUNDS = 3
+
+
+def _seconds(run) -> float:
+    """Duration of one call (also the warm-up)."""
+    begin = time.perf_counter()
+    run()
+    return time.perf_counter() - begin
 
 
 def pytest_generate_tests(metafunc):

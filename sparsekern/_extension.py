@@ -42,14 +42,15 @@ def kernel_missing(op: str, device_type: str) -> str | None:
 
 if _C is not None:
     # Shapes and dtypes of the compiled ops' outputs, for torch.compile and meta tensors.
+    # The kernels return contiguous masks whatever the inputs' strides, so the fakes must too.
     @torch.library.register_fake("sparsekern::topk_mask")
     def _topk_mask_fake(scores, k):
-        return [torch.empty_like(s, dtype=torch.bool) for s in scores]
+        return [s.new_empty(s.shape, dtype=torch.bool) for s in scores]
 
     @torch.library.register_fake("sparsekern::topk_mask_per_tensor")
     def _topk_mask_per_tensor_fake(scores, k):
-        return [torch.empty_like(s, dtype=torch.bool) for s in scores]
+        return [s.new_empty(s.shape, dtype=torch.bool) for s in scores]
 
     @torch.library.register_fake("sparsekern::prune_grow")
     def _prune_grow_fake(weight, mask, prune_score, grow_score, n, state):
-        return torch.empty_like(mask)
+        return mask.new_empty(mask.shape)

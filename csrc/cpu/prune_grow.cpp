@@ -22,9 +22,11 @@ struct EligibleScoreKeys {
   bool wanted;
 
   auto reader(int64_t) const {
-    return [scores = scores, flags = flags, wanted = wanted](int64_t i) {
-      const Key key = score_key(scores[i]);
-      return flags[i] == wanted ? key : Key(kIneligibleKey);
+    // Flags read as bytes and applied as a bit mask, so that loops over keys vectorize.
+    const auto* bytes = reinterpret_cast<const uint8_t*>(flags);
+    return [scores = scores, bytes, wanted = uint8_t(wanted)](int64_t i) {
+      const Key eligible = Key(Key(0) - Key(bytes[i] == wanted));
+      return Key(score_key(scores[i]) & eligible);
     };
   }
 };

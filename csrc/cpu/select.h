@@ -93,7 +93,9 @@ class Layout {
       }
       total_ += part_sizes[part];
     }
-    const int64_t blocks = std::clamp<int64_t>(total_ / kMinBlockSize, 1, at::get_num_threads());
+    // At least one block per thread, and few enough positions per block for 32-bit counts.
+    const int64_t blocks = std::max(std::clamp<int64_t>(total_ / kMinBlockSize, 1, at::get_num_threads()),
+                                    total_ / kMaxBlockSize + 1);
     // A span belongs to the block its first position falls in, so blocks differ by under one span.
     block_begin_.assign(blocks + 1, spans_.size());
     int64_t start = 0;
@@ -122,6 +124,7 @@ class Layout {
  private:
   static constexpr int64_t kSpanSize = int64_t(1) << 15;
   static constexpr int64_t kMinBlockSize = int64_t(1) << 15;
+  static constexpr int64_t kMaxBlockSize = int64_t(1) << 31;
   std::vector<Span> spans_;
   std::vector<size_t> block_begin_;
   int64_t total_ = 0;
@@ -134,33 +137,38 @@ struct Cutoff {
   int64_t equal_taken;
 };
 
+// Spare histogram bins past the last digit's, for keys that do not count.
+constexpr int64_t kSpareMask = 15;
+
 // Adds one to histogram[digit] for every eligible key in [begin, end) that starts with `prefix` (the
 // bits under high_mask), where digit = (key >> shift) & digit_mask. Arguments by value: the compiler
 // then knows that the increments change none of them.
 template <typename KeyAt, typename Key>
 void count_digits(const KeyAt key_at, const int64_t begin, const int64_t end, const int shift,
-                  const Key high_mask, const Key prefix, const int64_t digit_mask, int64_t* histogram) {
-  // Bitwise & rather than &&: no branch, so the group test below vectorizes.
-  const auto counts = [&](Key key) { return (key != Key(kIneligibleKey)) & ((key & high_mask) == prefix); };
-  int64_t i = begin;
-  if (high_mask != 0) {
-    // Past the first digit few keys share the prefix: test a group at once in a loop that
-    // vectorizes, and count one by one only in groups that have a match.
-    constexpr int64_t kGroup = 16;
-    for (; i + kGroup <= end; i += kGroup) {
-      int any = 0;
-      for (int64_t j = i; j < i + kGroup; ++j) any |= counts(key_at(j));
-      if (!any) continue;
-      for (int64_t j = i; j < i + kGroup; ++j) {
-        const Key key = key_at(j);
-        if (counts(key)) ++histogram[(key >> shift) & digit_mask];
-      }
+                  const Key high_mask, const Key prefix, const int64_t digit_mask, uint32_t* histogram) {
+  if (high_mask == 0) {
+    // The first digit: every eligible key counts. Ineligible ones (never taken) go to spare bins
+    // past the histogram, in turn, rather than through a branch that mispredicts or into one bin
+    // that every increment would have to wait for.
+    for (int64_t i = begin; i < end; ++i) {
+      const Key key = key_at(i);
+      ++histogram[key != Key(kIneligibleKey) ? (key >> shift) & digit_mask : digit_mask + 1 + (i & kSpareMask)];
     }
+    return;
   }
-  for (; i < end; ++i) {
-    const Key key = key_at(i);
-    // Skipping ineligible keys (never taken) also spares long runs of increments to one bin.
-    if (counts(key)) ++histogram[(key >> shift) & digit_mask];
+  // Later digits: few keys share the prefix, so test a group at once in a loop that vectorizes
+  // (bitwise &, no branch) and count one by one only in groups with a match.
+  const auto counts = [&](Key key) { return (key != Key(kIneligibleKey)) & ((key & high_mask) == prefix); };
+  constexpr int64_t kGroup = 16;
+  for (int64_t i = begin; i < end; i += kGroup) {
+    const int64_t group_end = std::min(end, i + kGroup);
+    int any = 0;
+    for (int64_t j = i; j < group_end; ++j) any |= counts(key_at(j));
+    if (!any) continue;
+    for (int64_t j = i; j < group_end; ++j) {
+      const Key key = key_at(j);
+      if (counts(key)) ++histogram[(key >> shift) & digit_mask];
+    }
   }
 }
 
@@ -176,7 +184,8 @@ Cutoff<typename Source::Key> find_cutoff(const Source& source, const Layout& lay
   // a small input costs to read.
   const int digit_bits = layout.total() < (int64_t(1) << 16) ? 8 : 16;
   const int64_t bins = int64_t(1) << digit_bits;
-  std::vector<int64_t> histograms(layout.blocks() * bins);
+  const int64_t stride = bins + kSpareMask + 1;
+  std::vector<uint32_t> histograms(layout.blocks() * stride);
   Key prefix = 0;         // the cutoff's digits found so far, higher bits first
   int64_t remaining = k;  // how many to take among the keys that start with `prefix`
   for (int shift = kKeyBits - digit_bits; shift >= 0; shift -= digit_bits) {
@@ -184,13 +193,14 @@ Cutoff<typename Source::Key> find_cutoff(const Source& source, const Layout& lay
     std::fill(histograms.begin(), histograms.end(), 0);
     layout.for_each_span([&](int64_t block, size_t, const Span& span) {
       count_digits(source.reader(span.part), span.begin, span.end, shift, high_mask, prefix, bins - 1,
-                   histograms.data() + block * bins);
+                   histograms.data() + block * stride);
     });
+    std::vector<int64_t> totals(histograms.begin(), histograms.begin() + bins);
     for (int64_t block = 1; block < layout.blocks(); ++block) {
-      for (int64_t bin = 0; bin < bins; ++bin) histograms[bin] += histograms[block * bins + bin];
+      for (int64_t bin = 0; bin < bins; ++bin) totals[bin] += histograms[block * stride + bin];
     }
     int64_t digit = bins - 1;
-    while (histograms[digit] < remaining) remaining -= histograms[digit--];
+    while (totals[digit] < remaining) remaining -= totals[digit--];
     prefix = Key(prefix | (Key(digit) << shift));
   }
   return {prefix, remaining};
