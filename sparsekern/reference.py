@@ -120,7 +120,7 @@ def pack(weight: Tensor, mask: Tensor) -> dict[str, Tensor]:
 def unpack(bitmap: Tensor, values: Tensor, in_features: int) -> Tensor:
     """The dense weight (zeros off the mask) of a packed one."""
     bit = torch.arange(BITS_PER_WORD, device=bitmap.device, dtype=torch.int32)
-    mask = ((bitmap.unsqueeze(-1) >> bit) & 1).bool().reshape(bitmap.shape[0], -1)[:, :in_features]
+    mask = ((bitmap.unsqueeze(-1) >> bit) & 1).bool().reshape(bitmap.shape[0], bitmap.shape[1] * BITS_PER_WORD)[:, :in_features]
     weight = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
     weight[mask] = values
     return weight
