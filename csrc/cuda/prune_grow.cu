@@ -77,9 +77,10 @@ struct PruneGrowBody {
 
 }  // namespace
 
-size_t prune_grow_workspace_bytes(int64_t numel, int num_state) {
+size_t prune_grow_workspace_bytes(FloatType score_type, int64_t numel, int num_state) {
   // Two selections (keep, grow) of one tensor each, plus the table of optimizer-state tensors.
   return radix::layout_workspace(nullptr, 1, 1, radix::tiles_of(numel), 2,
+                                 radix::candidate_capacity(score_type, numel, 1) * radix::key_bytes(score_type),
                                  sizeof(StateTensor) * num_state, nullptr);
 }
 
@@ -91,7 +92,9 @@ cudaError_t prune_grow_cuda(FloatType score_type, const void* prune_score, const
   if (numel == 0) return cudaSuccess;
   const int64_t num_tiles = radix::tiles_of(numel);
   radix::Workspace space;
+  const radix::u64 capacity = radix::candidate_capacity(score_type, numel, 1);
   const size_t needed = radix::layout_workspace(workspace, 1, 1, num_tiles, 2,
+                                                capacity * radix::key_bytes(score_type),
                                                 sizeof(StateTensor) * num_state, &space);
   if (needed > workspace_bytes) return cudaErrorInvalidValue;
 
@@ -120,10 +123,12 @@ cudaError_t prune_grow_cuda(FloatType score_type, const void* prune_score, const
     error = cudaMemsetAsync(space.hist, 0, sizeof(radix::u64) * radix::kBins, stream);
   }
   if (error != cudaSuccess) return error;
-  const radix::SelectTable keep{space.tensors,     1, num_tiles, space.states, space.hist,
-                                space.tie_counts,  space.tie_offsets, false};
-  const radix::SelectTable grow{space.tensors + 1, 1, num_tiles, space.states + 1, space.hist,
-                                space.tie_counts,  space.tie_offsets, true};
+  const radix::SelectTable keep{space.tensors,     1,    num_tiles,        space.states,
+                                space.hist,        space.tie_counts, space.tie_offsets,
+                                false,             space.candidates, capacity};
+  const radix::SelectTable grow{space.tensors + 1, 1,    num_tiles,        space.states + 1,
+                                space.hist,        space.tie_counts, space.tie_offsets,
+                                true,              space.candidates, capacity};
   const Finish finish{mask, new_mask, weight, weight_bytes, state_table, num_state};
   return radix::dispatch_float(score_type, PruneGrowBody{keep, grow, space, finish, stream});
 }

@@ -59,7 +59,7 @@ at::Tensor prune_grow(at::Tensor& weight, const at::Tensor& mask, const at::Tens
   }
   at::Tensor new_mask = at::empty(weight.sizes(), mask.options().memory_format(at::MemoryFormat::Contiguous));
   const int num_state = static_cast<int>(state.size());
-  const size_t bytes = prune_grow_workspace_bytes(numel, num_state);
+  const size_t bytes = prune_grow_workspace_bytes(score_type, numel, num_state);
   at::Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, weight.options().dtype(at::kByte));
   const cudaError_t error = prune_grow_cuda(
       score_type, prune_c.data_ptr(), grow_c.data_ptr(), mask_c.data_ptr<bool>(), numel, n,
@@ -70,7 +70,7 @@ at::Tensor prune_grow(at::Tensor& weight, const at::Tensor& mask, const at::Tens
   // Non-contiguous inputs were worked on in copies: write the results back in place.
   if (!weight_c.is_same(weight)) weight.copy_(weight_c);
   for (size_t i = 0; i < state.size(); ++i) {
-    if (!state_c[i].is_same(state[i])) const_cast<at::Tensor&>(state[i]).copy_(state_c[i]);
+    if (!state_c[i].is_same(state[i])) state[i].copy_(state_c[i]);
   }
   return new_mask;
 }

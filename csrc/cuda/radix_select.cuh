@@ -55,8 +55,10 @@ struct SegmentState {
   u64 nan_count;   // NaN scores among eligible entries (counted in the first pass)
   int64_t k;       // entries to select, or entries to leave out when k_is_complement
   int64_t first_tile;
+  u64 candidates;       // keys appended to the candidate buffer (compaction)
   int k_is_complement;  // k counts the eligible entries *not* selected (prune_grow's keep step)
   int select_none;
+  int compacted;        // passes 2.. read the candidate buffer
 };
 
 struct SelectTable {
@@ -68,6 +70,8 @@ struct SelectTable {
   u64* tie_counts;         // one per tile
   u64* tie_offsets;        // exclusive scan of tie_counts
   bool invert_eligible;    // select where eligible[i] is false instead
+  void* candidates;        // keys of the compaction buffer
+  u64 candidate_capacity;  // 0: no compaction (several segments, or keys of two passes)
 };
 
 template <typename Bits>
@@ -114,16 +118,40 @@ __device__ __forceinline__ void flush_histogram(unsigned int* shared_hist, unsig
 
 // Counts, per segment, the eligible keys that match the prefix chosen so far, by their digit of
 // this pass. A persistent grid strides over tiles and flushes its shared counters when the
-// segment changes, so global atomics stay few.
+// segment changes, so global atomics stay few. Each thread loads its kItems keys before using
+// them, so many loads are in flight.
+//
+// Compaction (one-segment selections of keys needing more than two passes, when the bin chosen in
+// pass 0 holds at most candidate_capacity entries): pass 1 also appends the keys matching pass 0's
+// prefix to `candidates`, and later passes read only those instead of every score.
 template <typename Bits, Bits kInfBits>
 __global__ void __launch_bounds__(kThreads) histogram_kernel(SelectTable table, int pass) {
+  using Scan = cub::BlockScan<unsigned int, kThreads>;
   __shared__ unsigned int shared_hist[kBins];
   __shared__ unsigned int shared_nan;
+  __shared__ typename Scan::TempStorage scan_storage;
+  __shared__ u64 write_base;
   for (int b = threadIdx.x; b < kBins; b += blockDim.x) shared_hist[b] = 0;
   if (threadIdx.x == 0) shared_nan = 0;
   __syncthreads();
   const int high = digit_high<Bits>(pass), low = digit_low<Bits>(pass);
   const u64 digit_mask = (u64(1) << (high - low)) - 1;
+  const bool first_pass = high == 8 * int(sizeof(Bits));
+  Bits* candidates = static_cast<Bits*>(table.candidates);
+  const bool compacted = table.candidate_capacity > 0 && table.states[0].compacted;
+
+  if (pass >= 2 && compacted) {
+    SegmentState& state = table.states[0];
+    const u64 prefix = state.prefix, count = state.candidates;
+    for (u64 i = u64(blockIdx.x) * kThreads + threadIdx.x; i < count; i += u64(gridDim.x) * kThreads) {
+      const u64 key = candidates[i];
+      if ((key >> high) == (prefix >> high)) atomicAdd(shared_hist + ((key >> low) & digit_mask), 1u);
+    }
+    flush_histogram(shared_hist, &shared_nan, table.hist, &state);
+    return;
+  }
+
+  const bool write_candidates = pass == 1 && compacted;
   int segment = -1;
   for (int64_t tile = blockIdx.x; tile < table.num_tiles; tile += gridDim.x) {
     const TensorEntry entry = table.tensors[tensor_of_tile(table, tile)];
@@ -134,24 +162,45 @@ __global__ void __launch_bounds__(kThreads) histogram_kernel(SelectTable table, 
       }
       segment = entry.segment;
     }
-    const SegmentState& state = table.states[segment];
-    if (state.select_none) continue;
+    SegmentState& state = table.states[segment];
+    if (state.select_none) continue;  // block-uniform
     const u64 prefix = state.prefix;
     const Bits* scores = static_cast<const Bits*>(entry.scores);
     const int64_t base = (tile - entry.first_tile) * kTile;
-    unsigned int nan_here = 0;
-#pragma unroll 4
+    Bits keys[kItems];
+    bool counted[kItems];
+#pragma unroll
     for (int item = 0; item < kItems; ++item) {
       const int64_t i = base + int64_t(item) * kThreads + threadIdx.x;
-      if (i >= entry.numel || !is_eligible(entry, i, table.invert_eligible)) continue;
-      const u64 key = to_key<Bits, kInfBits>(scores[i]);
+      counted[item] = i < entry.numel && is_eligible(entry, i, table.invert_eligible);
+      keys[item] = counted[item] ? to_key<Bits, kInfBits>(scores[i]) : Bits(0);
+    }
+    unsigned int nan_here = 0, matches = 0;
+#pragma unroll
+    for (int item = 0; item < kItems; ++item) {
+      if (!counted[item]) continue;
+      const u64 key = keys[item];
       nan_here += key == 0;
       // Pass 0 has no decided bits; later passes count only keys sharing the chosen prefix.
-      if (high == 8 * int(sizeof(Bits)) || (key >> high) == (prefix >> high)) {
+      counted[item] = first_pass || (key >> high) == (prefix >> high);
+      if (counted[item]) {
         atomicAdd(shared_hist + ((key >> low) & digit_mask), 1u);
+        ++matches;
       }
     }
     if (pass == 0 && nan_here != 0) atomicAdd(&shared_nan, nan_here);
+    if (write_candidates) {  // block-uniform; one global atomic per tile
+      unsigned int offset = 0, total = 0;
+      Scan(scan_storage).ExclusiveSum(matches, offset, total);
+      if (threadIdx.x == 0) write_base = atomicAdd(&state.candidates, u64(total));
+      __syncthreads();
+      Bits* out = candidates + write_base + offset;
+#pragma unroll
+      for (int item = 0; item < kItems; ++item) {
+        if (counted[item]) *out++ = keys[item];
+      }
+      __syncthreads();
+    }
   }
   if (segment >= 0) {
     flush_histogram(shared_hist, &shared_nan, table.hist + int64_t(segment) * kBins,
@@ -194,6 +243,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_digit_kernel(SelectTabl
         state->prefix |= u64(bin) << low;
         state->remaining = remaining - better;
         state->ties = count[j];
+        if (pass == 0) state->compacted = count[j] <= table.candidate_capacity;
       }
       better += count[j];
     }
@@ -283,27 +333,40 @@ struct Workspace {
   u64* tie_offsets;
   void* scan_temp;
   size_t scan_temp_bytes;
+  void* candidates;
   void* extra;  // caller-defined tables (prune_grow's state pointers)
 };
 
 inline size_t align_up(size_t bytes) { return (bytes + 255) / 256 * 256; }
 
+inline int key_bytes(FloatType type) {
+  return type == FloatType::kFloat64 ? 8 : type == FloatType::kFloat32 ? 4 : 2;
+}
+
+// Candidate keys kept for compaction: a sixteenth of the entries, enough for the bin of a 12-bit
+// digit around most thresholds of smooth score distributions (a uniform one puts 1/16 there at
+// worst); a fuller bin falls back to reading every score. Keys of two passes gain nothing.
+inline u64 candidate_capacity(FloatType type, int64_t total_numel, int num_segments) {
+  return num_segments == 1 && key_bytes(type) > 2 ? u64(total_numel / 16) : 0;
+}
+
 // Lays out the workspace; with base == nullptr it only measures. `tables` selections share the
-// histogram and tie buffers but have their own tensor entries and segment states.
+// histogram, tie and candidate buffers but have their own tensor entries and segment states.
 inline size_t layout_workspace(void* base, int num_tensors, int num_segments, int64_t num_tiles,
-                               int tables, size_t extra_bytes, Workspace* out) {
+                               int tables, size_t candidate_bytes, size_t extra_bytes, Workspace* out) {
   size_t scan_temp_bytes = 0;
   cub::DeviceScan::ExclusiveSum(nullptr, scan_temp_bytes, static_cast<u64*>(nullptr),
                                 static_cast<u64*>(nullptr), num_tiles > 0 ? num_tiles : 1);
-  const size_t sizes[] = {
+  constexpr int kRegions = 8;
+  const size_t sizes[kRegions] = {
       sizeof(TensorEntry) * num_tensors * tables, sizeof(SegmentState) * num_segments * tables,
       sizeof(u64) * kBins * num_segments,         sizeof(u64) * (num_tiles + 1),
       sizeof(u64) * (num_tiles + 1),              scan_temp_bytes,
-      extra_bytes};
+      candidate_bytes,                            extra_bytes};
   char* cursor = static_cast<char*>(base);
-  void* regions[7];
+  void* regions[kRegions];
   size_t total = 0;
-  for (int r = 0; r < 7; ++r) {
+  for (int r = 0; r < kRegions; ++r) {
     regions[r] = cursor ? cursor + total : nullptr;
     total += align_up(sizes[r]);
   }
@@ -311,7 +374,8 @@ inline size_t layout_workspace(void* base, int num_tensors, int num_segments, in
     *out = Workspace{static_cast<TensorEntry*>(regions[0]), static_cast<SegmentState*>(regions[1]),
                      static_cast<u64*>(regions[2]),         static_cast<u64*>(regions[3]),
                      static_cast<u64*>(regions[4]),         regions[5],
-                     scan_temp_bytes,                       regions[6]};
+                     scan_temp_bytes,                       regions[6],
+                     regions[7]};
   }
   return total;
 }
@@ -324,9 +388,8 @@ inline int histogram_grid(int64_t num_tiles) {
   return int(num_tiles < persistent ? num_tiles : persistent);
 }
 
-// Runs the radix passes of one selection; afterwards each segment's state holds its threshold.
-// With stop_after_first set, returns after pass 0 (its NaN counts are then final) so the caller can
-// check them and call again with first_pass = 1.
+// Runs passes first_pass..last_pass of the radix select; after the last one each segment's state
+// holds its threshold key and the number of ties to take. Pass 0 also counts NaN.
 template <typename Bits, Bits kInfBits>
 cudaError_t run_passes(const SelectTable& table, int num_segments, int first_pass, int last_pass,
                        cudaStream_t stream) {

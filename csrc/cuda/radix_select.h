@@ -12,9 +12,9 @@
 
 namespace sparsekern::cuda {
 
-// Device bytes topk_mask_cuda needs as workspace for tensors of these sizes split into
+// Device bytes topk_mask_cuda needs as workspace for scores of `type` of these sizes split into
 // `num_segments` independent selections.
-size_t topk_mask_workspace_bytes(const int64_t* numels, int num_tensors, int num_segments);
+size_t topk_mask_workspace_bytes(FloatType type, const int64_t* numels, int num_tensors, int num_segments);
 
 // Selects, within each segment (a run of consecutive tensors), the k_per_segment[s] best entries
 // under the selection rule (larger first, NaN never, -0.0 == +0.0, lower flat position on ties)
@@ -28,9 +28,9 @@ cudaError_t topk_mask_cuda(FloatType type, const void* const* scores, bool* cons
                            size_t workspace_bytes, int* short_segment, int64_t* available,
                            cudaStream_t stream);
 
-// Device bytes prune_grow_cuda needs as workspace for a weight of `numel` entries and
-// `num_state` optimizer-state tensors.
-size_t prune_grow_workspace_bytes(int64_t numel, int num_state);
+// Device bytes prune_grow_cuda needs as workspace for scores of `score_type`, a weight of `numel`
+// entries and `num_state` optimizer-state tensors.
+size_t prune_grow_workspace_bytes(FloatType score_type, int64_t numel, int num_state);
 
 // One RigL/SET update (the contract of sparsekern.ops.prune_grow): keeps the (active - n) best
 // active entries by prune_score, grows the n best of the others by grow_score, writes the new

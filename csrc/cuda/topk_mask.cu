@@ -58,11 +58,18 @@ int64_t total_tiles(const int64_t* numels, int num_tensors) {
   return tiles;
 }
 
+size_t candidate_bytes(FloatType type, const int64_t* numels, int num_tensors, int num_segments) {
+  int64_t total = 0;
+  for (int t = 0; t < num_tensors; ++t) total += numels[t];
+  return radix::candidate_capacity(type, total, num_segments) * radix::key_bytes(type);
+}
+
 }  // namespace
 
-size_t topk_mask_workspace_bytes(const int64_t* numels, int num_tensors, int num_segments) {
-  return radix::layout_workspace(nullptr, num_tensors, num_segments, total_tiles(numels, num_tensors),
-                                 1, sizeof(bool*) * num_tensors, nullptr);
+size_t topk_mask_workspace_bytes(FloatType type, const int64_t* numels, int num_tensors, int num_segments) {
+  return radix::layout_workspace(nullptr, num_tensors, num_segments, total_tiles(numels, num_tensors), 1,
+                                 candidate_bytes(type, numels, num_tensors, num_segments),
+                                 sizeof(bool*) * num_tensors, nullptr);
 }
 
 cudaError_t topk_mask_cuda(FloatType type, const void* const* scores, bool* const* masks,
@@ -75,7 +82,8 @@ cudaError_t topk_mask_cuda(FloatType type, const void* const* scores, bool* cons
   if (num_tensors == 0) return cudaSuccess;
   const int64_t num_tiles = total_tiles(numels, num_tensors);
   radix::Workspace space;
-  if (radix::layout_workspace(workspace, num_tensors, num_segments, num_tiles, 1,
+  const size_t candidates = candidate_bytes(type, numels, num_tensors, num_segments);
+  if (radix::layout_workspace(workspace, num_tensors, num_segments, num_tiles, 1, candidates,
                               sizeof(bool*) * num_tensors, &space) > workspace_bytes) {
     return cudaErrorInvalidValue;
   }
@@ -108,8 +116,10 @@ cudaError_t topk_mask_cuda(FloatType type, const void* const* scores, bool* cons
     error = cudaMemsetAsync(space.hist, 0, sizeof(radix::u64) * radix::kBins * num_segments, stream);
   }
   if (error != cudaSuccess) return error;
-  const radix::SelectTable table{space.tensors, num_tensors,       num_tiles,         space.states,
-                                 space.hist,    space.tie_counts, space.tie_offsets, false};
+  const radix::SelectTable table{space.tensors,     num_tensors,      num_tiles,
+                                 space.states,      space.hist,       space.tie_counts,
+                                 space.tie_offsets, false,            space.candidates,
+                                 candidates / radix::key_bytes(type)};
   return radix::dispatch_float(
       type, TopkBody{table, space, static_cast<bool* const*>(space.extra), num_segments,
                      short_segment, available, numel_per_segment.data(), stream});

@@ -52,12 +52,13 @@ std::vector<at::Tensor> select(at::TensorList scores, const std::vector<int>& se
   }
   const int num_tensors = static_cast<int>(scores.size());
   const int num_segments = static_cast<int>(k.size());
-  const size_t bytes = topk_mask_workspace_bytes(numels.data(), num_tensors, num_segments);
+  const FloatType type = float_type(scores[0], "scores");
+  const size_t bytes = topk_mask_workspace_bytes(type, numels.data(), num_tensors, num_segments);
   at::Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, scores[0].options().dtype(at::kByte));
   int short_segment = -1;
   int64_t available = 0;
   const cudaError_t error = topk_mask_cuda(
-      float_type(scores[0], "scores"), score_pointers.data(), mask_pointers.data(), numels.data(),
+      type, score_pointers.data(), mask_pointers.data(), numels.data(),
       num_tensors, segment_of_tensor.data(), k.data(), num_segments, workspace.data_ptr(), bytes,
       &short_segment, &available, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(error == cudaSuccess, "sparsekern::topk_mask CUDA kernels failed: ", cudaGetErrorString(error));
