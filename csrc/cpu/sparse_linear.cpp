@@ -1,6 +1,7 @@
 // sparse_linear on CPU: y = x @ W.T for a bitmap-packed W (layout: sparsekern/packing.py).
 // Each output feature walks its row's bitmap words and, per set bit, adds value * x[:, column];
-// x is transposed first so the batch entries of one column are adjacent (a short vector loop).
+// x is transposed first so the batch entries of one column are adjacent (a short vector loop over
+// a tile of at most 16 batch entries, whose sums stay in registers).
 // Rows of W are spread over threads with at::parallel_for; each thread owns its outputs, so the
 // sums are deterministic.
 #include <ATen/ATen.h>
@@ -8,6 +9,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/sparse_linear_checks.h"
@@ -52,30 +55,54 @@ int64_t check_sparse_linear_args(const at::Tensor& x, const at::Tensor& bitmap, 
 
 namespace {
 
+// One tile of kBatch batch entries (starting at b0) for rows [begin, end) of W: the sums stay in
+// a fixed-size array, so the compiler keeps them in registers and vectorizes the batch loop.
+template <typename scalar_t, int kBatch>
+void multiply_tile(const int32_t* bitmap, const scalar_t* values, const int64_t* chunk_offsets,
+                   const at::opmath_type<scalar_t>* x_t, const scalar_t* bias, scalar_t* y,
+                   int64_t out_features, int64_t words, int64_t chunks, int64_t rows, int64_t b0,
+                   int64_t begin, int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t batch = std::min<int64_t>(kBatch, rows - b0);
+  for (int64_t r = begin; r < end; ++r) {
+    acc_t acc[kBatch] = {};
+    int64_t index = chunk_offsets[r * chunks];
+    const int32_t* row_bits = bitmap + r * words;
+    for (int64_t w = 0; w < words; ++w) {
+      uint32_t bits = static_cast<uint32_t>(row_bits[w]);
+      while (bits != 0u) {
+        const int64_t column = w * 32 + __builtin_ctz(bits);
+        bits &= bits - 1u;
+        const acc_t v = static_cast<acc_t>(values[index++]);
+        const acc_t* x_column = x_t + column * rows + b0;
+        if (batch == kBatch) {
+          for (int b = 0; b < kBatch; ++b) acc[b] += v * x_column[b];
+        } else {
+          for (int b = 0; b < batch; ++b) acc[b] += v * x_column[b];
+        }
+      }
+    }
+    const acc_t shift = bias ? static_cast<acc_t>(bias[r]) : acc_t(0);
+    for (int64_t b = 0; b < batch; ++b) y[(b0 + b) * out_features + r] = static_cast<scalar_t>(acc[b] + shift);
+  }
+}
+
 template <typename scalar_t>
 void multiply_rows(const int32_t* bitmap, const scalar_t* values, const int64_t* chunk_offsets,
                    const at::opmath_type<scalar_t>* x_t, const scalar_t* bias, scalar_t* y,
                    int64_t out_features, int64_t words, int64_t chunks, int64_t rows) {
-  using acc_t = at::opmath_type<scalar_t>;
   // Grain: enough rows per task that the scheduling cost stays small next to the row work.
   at::parallel_for(0, out_features, 16, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(rows);
-    for (int64_t r = begin; r < end; ++r) {
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      int64_t index = chunk_offsets[r * chunks];
-      const int32_t* row_bits = bitmap + r * words;
-      for (int64_t w = 0; w < words; ++w) {
-        uint32_t bits = static_cast<uint32_t>(row_bits[w]);
-        while (bits != 0u) {
-          const int64_t column = w * 32 + __builtin_ctz(bits);
-          bits &= bits - 1u;
-          const acc_t v = static_cast<acc_t>(values[index++]);
-          const acc_t* x_column = x_t + column * rows;
-          for (int64_t b = 0; b < rows; ++b) acc[b] += v * x_column[b];
-        }
-      }
-      const acc_t shift = bias ? static_cast<acc_t>(bias[r]) : acc_t(0);
-      for (int64_t b = 0; b < rows; ++b) y[b * out_features + r] = static_cast<scalar_t>(acc[b] + shift);
+    for (int64_t b0 = 0; b0 < rows; b0 += 16) {
+      const int64_t batch = rows - b0;
+      const auto run = [&](auto tile) {
+        multiply_tile<scalar_t, decltype(tile)::value>(bitmap, values, chunk_offsets, x_t, bias, y, out_features,
+                                                       words, chunks, rows, b0, begin, end);
+      };
+      if (batch == 1) run(std::integral_constant<int, 1>());
+      else if (batch <= 4) run(std::integral_constant<int, 4>());
+      else if (batch <= 8) run(std::integral_constant<int, 8>());
+      else run(std::integral_constant<int, 16>());
     }
   });
 }
