@@ -25,12 +25,17 @@ TRITON_OPS: tuple[str, ...] = ()
 # Ops that the compiled extension defines (schemas in csrc/ops.cpp).
 COMPILED_OPS = ("topk_mask", "topk_mask_per_tensor", "prune_grow", "sparse_linear")
 
-# sparse_linear runs its sparse kernel while the packed weight's density is at most max_density
-# and x has at most max_rows rows (batch entries); beyond either, multiplying the unpacked weight
-# densely is faster. Measured on CPU (benchmarks: sparse_linear cases); the CUDA row is the
-# memory-traffic estimate, to be confirmed by benchmarks/gpu_check.sh.
-SPARSE_LINEAR_LIMITS = {"cpu": {"max_density": 0.5, "max_rows": 64},
-                        "cuda": {"max_density": 0.6, "max_rows": 16}}
+# sparse_linear runs its sparse kernel where it beats the dense product of the unpacked weight:
+# x's dtype listed, the packed density at most max_density, and min_rows <= rows of x <= max_rows.
+# CPU row: measured on 2 cores (4096x4096; see the sparse_linear benchmark cases): the C++ kernel
+# wins for float32 at 4 to 16 rows and density <= 0.1 (about 2-3x), loses to MKL's GEMV at one row
+# and to the dense bfloat16 kernels. CUDA row: the memory-traffic estimate (a bitmap read costs
+# 0.125 + 2 * density bytes per entry against 2 dense), to be confirmed by benchmarks/gpu_check.sh.
+SPARSE_LINEAR_LIMITS = {
+    "cpu": {"dtypes": (torch.float32, torch.float64), "max_density": 0.1, "min_rows": 2, "max_rows": 16},
+    "cuda": {"dtypes": (torch.float16, torch.bfloat16, torch.float32, torch.float64), "max_density": 0.6,
+             "min_rows": 1, "max_rows": 16},
+}
 
 
 def topk_mask(scores: Sequence[Tensor], k: int | Sequence[int]) -> list[Tensor]:
@@ -113,10 +118,11 @@ def pack(weight: Tensor, mask: Tensor) -> PackedWeight:
     return PackedWeight(**reference.pack(weight.detach(), mask), in_features=weight.shape[1])
 
 
-def dense_is_faster(density: float, rows: int, device_type: str) -> bool:
+def dense_is_faster(density: float, rows: int, dtype: torch.dtype, device_type: str) -> bool:
     """Whether sparse_linear should multiply the unpacked weight densely (SPARSE_LINEAR_LIMITS)."""
     limits = SPARSE_LINEAR_LIMITS.get(device_type)
-    return limits is None or density > limits["max_density"] or rows > limits["max_rows"]
+    return (limits is None or dtype not in limits["dtypes"] or density > limits["max_density"]
+            or not limits["min_rows"] <= rows <= limits["max_rows"])
 
 
 @torch.no_grad()
@@ -145,7 +151,7 @@ def sparse_linear(x: Tensor, packed: PackedWeight, bias: Tensor | None = None) -
         tensors.append(("bias", bias))
     _checks.same_device(tensors)
     rows = x.numel() // packed.in_features if packed.in_features else 0
-    if dense_is_faster(packed.density, rows, x.device.type):
+    if dense_is_faster(packed.density, rows, x.dtype, x.device.type):
         return torch.nn.functional.linear(x, packed.unpack(), bias)
     return _backend.choose("sparse_linear", x.device.type)[1].run(
         x, packed.bitmap, packed.values, packed.chunk_offsets, bias)

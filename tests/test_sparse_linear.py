@@ -10,6 +10,8 @@ needs_cpu_kernel = pytest.mark.skipif(
     reason=f"no C++ sparse_linear: {_extension.kernel_missing('sparse_linear', 'cpu')}")
 
 # (dtype, atol, rtol) against a float64 product of the same (rounded) inputs.
+ALWAYS_SPARSE = {"dtypes": (torch.float32,), "max_density": 1.0, "min_rows": 0, "max_rows": 10**9}
+NEVER_SPARSE = {"dtypes": (), "max_density": 0.0, "min_rows": 1, "max_rows": 0}
 DTYPES = [(torch.float32, 1e-4, 1e-4), (torch.float16, 2e-2, 1e-2), (torch.bfloat16, 1e-1, 2e-2)]
 
 
@@ -82,9 +84,8 @@ def test_entry_point_matches_reference_on_both_paths(generator, monkeypatch, lim
     weight, mask = random_layer(generator, 20, 50, 0.2, torch.float32)
     packed = ops.pack(weight, mask)
     x = torch.randn(2, 3, 50, generator=generator)
-    limit = {"max_density": 1.0, "max_rows": 10**9} if limits_allow_sparse else {"max_density": 0.0, "max_rows": 0}
-    monkeypatch.setitem(ops.SPARSE_LINEAR_LIMITS, "cpu", limit)
-    assert ops.dense_is_faster(packed.density, 6, "cpu") is not limits_allow_sparse
+    monkeypatch.setitem(ops.SPARSE_LINEAR_LIMITS, "cpu", ALWAYS_SPARSE if limits_allow_sparse else NEVER_SPARSE)
+    assert ops.dense_is_faster(packed.density, 6, torch.float32, "cpu") is not limits_allow_sparse
     y = ops.sparse_linear(x, packed)
     torch.testing.assert_close(y.double(), expected(x, weight, mask, None), atol=1e-5, rtol=1e-5)
 
@@ -92,7 +93,7 @@ def test_entry_point_matches_reference_on_both_paths(generator, monkeypatch, lim
 @pytest.mark.parametrize("backend", ["reference", "cuda"])
 def test_each_backend_through_the_entry_point(generator, use_backend, monkeypatch, backend):
     use_backend(backend, "sparse_linear")
-    monkeypatch.setitem(ops.SPARSE_LINEAR_LIMITS, "cpu", {"max_density": 1.0, "max_rows": 10**9})
+    monkeypatch.setitem(ops.SPARSE_LINEAR_LIMITS, "cpu", ALWAYS_SPARSE)
     weight, mask = random_layer(generator, 33, 65, 0.1, torch.float32)
     bias = torch.randn(33, generator=generator)
     packed = ops.pack(weight, mask)
@@ -154,3 +155,13 @@ def test_kernel_checks_name_the_argument():
         op(torch.randn(2, 40), packed.bitmap, packed.values.double(), packed.chunk_offsets, None)
     with pytest.raises(ValueError, match="bias"):
         op(torch.randn(2, 40), packed.bitmap, packed.values, packed.chunk_offsets, torch.randn(3))
+
+
+def test_dense_fallback_rule():
+    assert ops.dense_is_faster(0.1, 4, torch.float32, "cpu") is False
+    assert ops.dense_is_faster(0.1, 1, torch.float32, "cpu") is True  # MKL's GEMV wins at one row
+    assert ops.dense_is_faster(0.5, 4, torch.float32, "cpu") is True
+    assert ops.dense_is_faster(0.1, 4, torch.bfloat16, "cpu") is True
+    assert ops.dense_is_faster(0.1, 1000, torch.float16, "cuda") is True
+    assert ops.dense_is_faster(0.3, 16, torch.float16, "cuda") is False
+    assert ops.dense_is_faster(0.1, 4, torch.float32, "meta") is True

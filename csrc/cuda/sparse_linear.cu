@@ -4,8 +4,9 @@
 //
 // One warp takes one (row, 1024-column chunk): each lane reads one 32-bit bitmap word, a warp
 // scan of popcounts gives each lane the index of its first value (from the chunk's offset), and the
-// lane walks its set bits, multiplying values with x columns (x is stored transposed so the batch
-// entries of one column are adjacent). Warp sums meet in shared memory per row.
+// lane walks its set bits, multiplying values with the matching entries of x (read in place: x is
+// small and stays in L1/L2, and no transposing launch is needed). Warp sums meet in shared memory
+// per row.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -38,9 +39,9 @@ __device__ __forceinline__ T store_value(Acc v) {
 template <typename T, typename Acc, int kBatch>
 __global__ void __launch_bounds__(kWarps * 32)
 sparse_linear_kernel(const uint32_t* __restrict__ bitmap, const T* __restrict__ values,
-                     const int64_t* __restrict__ chunk_offsets, const Acc* __restrict__ x_t,
+                     const int64_t* __restrict__ chunk_offsets, const T* __restrict__ x,
                      const T* __restrict__ bias, T* __restrict__ y, int64_t out_features,
-                     int64_t words, int64_t chunks, int64_t rows) {
+                     int64_t in_features, int64_t words, int64_t chunks, int64_t rows) {
   __shared__ Acc partial[kRowsPerBlock][kBatch];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   for (int t = threadIdx.x; t < kRowsPerBlock * kBatch; t += blockDim.x) partial[t / kBatch][t % kBatch] = 0;
@@ -70,10 +71,10 @@ sparse_linear_kernel(const uint32_t* __restrict__ bitmap, const T* __restrict__ 
       const int bit = __ffs(bits) - 1;
       bits &= bits - 1u;
       const Acc v = to_acc(values[index++]);
-      const Acc* x_column = x_t + (word * 32 + bit) * rows + b0;
+      const T* x_column = x + b0 * in_features + word * 32 + bit;
 #pragma unroll
       for (int b = 0; b < kBatch; ++b) {
-        if (b < batch) acc[b] += v * x_column[b];
+        if (b < batch) acc[b] += v * to_acc(x_column[b * in_features]);
       }
     }
 #pragma unroll
@@ -101,7 +102,7 @@ sparse_linear_kernel(const uint32_t* __restrict__ bitmap, const T* __restrict__ 
 
 template <typename T, typename Acc, int kBatch>
 cudaError_t launch(const int32_t* bitmap, const void* values, const int64_t* chunk_offsets,
-                   const void* x_t, const void* bias, void* y, int64_t out_features,
+                   const void* x, const void* bias, void* y, int64_t out_features,
                    int64_t in_features, int64_t rows, cudaStream_t stream) {
   const int64_t words = (in_features + 31) / 32;
   const int64_t chunks = (words + kWordsPerChunk - 1) / kWordsPerChunk;
@@ -109,39 +110,39 @@ cudaError_t launch(const int32_t* bitmap, const void* values, const int64_t* chu
                   unsigned((rows + kBatch - 1) / kBatch));
   sparse_linear_kernel<T, Acc, kBatch><<<grid, kWarps * 32, 0, stream>>>(
       reinterpret_cast<const uint32_t*>(bitmap), static_cast<const T*>(values), chunk_offsets,
-      static_cast<const Acc*>(x_t), static_cast<const T*>(bias), static_cast<T*>(y), out_features,
-      words, chunks, rows);
+      static_cast<const T*>(x), static_cast<const T*>(bias), static_cast<T*>(y), out_features,
+      in_features, words, chunks, rows);
   return cudaGetLastError();
 }
 
 // The batch tile: the smallest power of two covering `rows`, at most 16.
 template <typename T, typename Acc>
 cudaError_t launch_for_rows(const int32_t* bitmap, const void* values, const int64_t* chunk_offsets,
-                            const void* x_t, const void* bias, void* y, int64_t out_features,
+                            const void* x, const void* bias, void* y, int64_t out_features,
                             int64_t in_features, int64_t rows, cudaStream_t stream) {
-  if (rows <= 1) return launch<T, Acc, 1>(bitmap, values, chunk_offsets, x_t, bias, y, out_features, in_features, rows, stream);
-  if (rows <= 2) return launch<T, Acc, 2>(bitmap, values, chunk_offsets, x_t, bias, y, out_features, in_features, rows, stream);
-  if (rows <= 4) return launch<T, Acc, 4>(bitmap, values, chunk_offsets, x_t, bias, y, out_features, in_features, rows, stream);
-  if (rows <= 8) return launch<T, Acc, 8>(bitmap, values, chunk_offsets, x_t, bias, y, out_features, in_features, rows, stream);
-  return launch<T, Acc, 16>(bitmap, values, chunk_offsets, x_t, bias, y, out_features, in_features, rows, stream);
+  if (rows <= 1) return launch<T, Acc, 1>(bitmap, values, chunk_offsets, x, bias, y, out_features, in_features, rows, stream);
+  if (rows <= 2) return launch<T, Acc, 2>(bitmap, values, chunk_offsets, x, bias, y, out_features, in_features, rows, stream);
+  if (rows <= 4) return launch<T, Acc, 4>(bitmap, values, chunk_offsets, x, bias, y, out_features, in_features, rows, stream);
+  if (rows <= 8) return launch<T, Acc, 8>(bitmap, values, chunk_offsets, x, bias, y, out_features, in_features, rows, stream);
+  return launch<T, Acc, 16>(bitmap, values, chunk_offsets, x, bias, y, out_features, in_features, rows, stream);
 }
 
 }  // namespace
 
 cudaError_t sparse_linear_cuda(FloatType type, const int32_t* bitmap, const void* values,
-                               const int64_t* chunk_offsets, const void* x_t, const void* bias,
+                               const int64_t* chunk_offsets, const void* x, const void* bias,
                                void* y, int64_t out_features, int64_t in_features, int64_t rows,
                                cudaStream_t stream) {
   if (rows == 0 || out_features == 0) return cudaSuccess;
   switch (type) {
     case FloatType::kFloat16:
-      return launch_for_rows<__half, float>(bitmap, values, chunk_offsets, x_t, bias, y, out_features, in_features, rows, stream);
+      return launch_for_rows<__half, float>(bitmap, values, chunk_offsets, x, bias, y, out_features, in_features, rows, stream);
     case FloatType::kBFloat16:
-      return launch_for_rows<__nv_bfloat16, float>(bitmap, values, chunk_offsets, x_t, bias, y, out_features, in_features, rows, stream);
+      return launch_for_rows<__nv_bfloat16, float>(bitmap, values, chunk_offsets, x, bias, y, out_features, in_features, rows, stream);
     case FloatType::kFloat32:
-      return launch_for_rows<float, float>(bitmap, values, chunk_offsets, x_t, bias, y, out_features, in_features, rows, stream);
+      return launch_for_rows<float, float>(bitmap, values, chunk_offsets, x, bias, y, out_features, in_features, rows, stream);
     case FloatType::kFloat64:
-      return launch_for_rows<double, double>(bitmap, values, chunk_offsets, x_t, bias, y, out_features, in_features, rows, stream);
+      return launch_for_rows<double, double>(bitmap, values, chunk_offsets, x, bias, y, out_features, in_features, rows, stream);
   }
   return cudaErrorInvalidValue;
 }

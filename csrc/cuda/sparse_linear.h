@@ -12,11 +12,11 @@
 
 namespace sparsekern::cuda {
 
-// y[b, r] = sum over marked columns c of row r: values(r, c) * x_t[c, b] (+ bias[r]), for b < rows.
-// x_t is x transposed, contiguous (in_features, rows), in float (float64 when `type` is float64);
-// values, bias and y are of `type`; y is (rows, out_features), contiguous. bias may be null.
+// y[b, r] = sum over marked columns c of row r: values(r, c) * x[b, c] (+ bias[r]), for b < rows,
+// accumulated in float (double for float64). x (rows, in_features) and y (rows, out_features) are
+// contiguous; x, values, bias and y are of `type`. bias may be null.
 cudaError_t sparse_linear_cuda(FloatType type, const int32_t* bitmap, const void* values,
-                               const int64_t* chunk_offsets, const void* x_t, const void* bias,
+                               const int64_t* chunk_offsets, const void* x, const void* bias,
                                void* y, int64_t out_features, int64_t in_features, int64_t rows,
                                cudaStream_t stream);
 
