@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from sparsekern import _extension, ops
-from sparsekern.bench.core import Case
+from ... import _extension, ops
+from ..core import Case
 
 
 def _plan(device: torch.device, quick: bool):
