@@ -27,12 +27,14 @@ COMPILED_OPS = ("topk_mask", "topk_mask_per_tensor", "prune_grow", "sparse_linea
 
 # sparse_linear runs its sparse kernel where it beats the dense product of the unpacked weight:
 # x's dtype listed, the packed density at most max_density, and min_rows <= rows of x <= max_rows.
-# CPU row: measured on 2 cores (4096x4096; see the sparse_linear benchmark cases): the C++ kernel
-# wins for float32 at 4 to 16 rows and density <= 0.1 (about 2-3x), loses to MKL's GEMV at one row
-# and to the dense bfloat16 kernels. CUDA row: the memory-traffic estimate (a bitmap read costs
+# CPU row: measured on a loaded 2-core machine (benchmark cases `sparse_linear`): the C++ kernel
+# costs 5-10 ns per kept entry (its bit walk is branch-bound), so it beats MKL only where the dense
+# weight streams from memory: float32 4096x4096 at density 0.05 and 4-16 rows (1.3-1.8x on one
+# thread); it loses at one row, at density >= 0.1, to cache-resident weights and to the dense
+# bfloat16 kernels. CUDA row: the memory-traffic estimate (a bitmap read costs
 # 0.125 + 2 * density bytes per entry against 2 dense), to be confirmed by benchmarks/gpu_check.sh.
 SPARSE_LINEAR_LIMITS = {
-    "cpu": {"dtypes": (torch.float32, torch.float64), "max_density": 0.1, "min_rows": 2, "max_rows": 16},
+    "cpu": {"dtypes": (torch.float32, torch.float64), "max_density": 0.05, "min_rows": 2, "max_rows": 16},
     "cuda": {"dtypes": (torch.float16, torch.bfloat16, torch.float32, torch.float64), "max_density": 0.6,
              "min_rows": 1, "max_rows": 16},
 }
