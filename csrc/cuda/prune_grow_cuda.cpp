@@ -1,4 +1,5 @@
-// Torch glue of prune_grow on CUDA: argument checks, allocation, current stream, in-place results
+// Torch glue of prune_grow on CUDA (same C++ signature as the CPU kernel, which the dispatcher
+// requires): argument checks, allocation, current stream, in-place results
 // for non-contiguous weight/state. The device code is torch-free in prune_grow.cu.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -22,7 +23,7 @@ void check_like(const at::Tensor& t, const char* name, const at::Tensor& weight)
                     weight.device());
 }
 
-at::Tensor prune_grow(at::Tensor& weight, const at::Tensor& mask, const at::Tensor& prune_score,
+at::Tensor prune_grow(const at::Tensor& weight, const at::Tensor& mask, const at::Tensor& prune_score,
                       const at::Tensor& grow_score, int64_t n, at::TensorList state) {
   float_type(weight, "weight");
   TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool, "mask must be a bool tensor, got ", mask.scalar_type());
