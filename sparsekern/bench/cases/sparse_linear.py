@@ -2,8 +2,8 @@
 
 Inference at small batch is limited by the bytes of weight read; the packed bitmap reads
 0.125 + itemsize * density bytes per entry against itemsize for dense (sparsekern.packing).
-Labels: "dense F.linear" (baseline), "sparsekern.sparse_linear" (the entry point, with its dense
-fallback rule), "sparse kernel" (the compiled kernel alone, where the extension has one).
+Labels: "dense F.linear" (baseline), "sparsekern.ops.sparse_linear" (the entry point, with its dense
+fallback rule), "sparsekern kernel only" (the compiled kernel alone, where the extension has one).
 """
 from __future__ import annotations
 
@@ -38,10 +38,10 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
                     x = torch.randn(batch, in_features, generator=generator).to(dtype).to(device)
                     runs = {
                         "dense F.linear": lambda x=x, dense=dense: torch.nn.functional.linear(x, dense, bias),
-                        "sparsekern.sparse_linear": lambda x=x, packed=packed: ops.sparse_linear(x, packed, bias),
+                        "sparsekern.ops.sparse_linear": lambda x=x, packed=packed: ops.sparse_linear(x, packed, bias),
                     }
                     if has_kernel:
-                        runs["sparse kernel"] = lambda x=x, p=packed: torch.ops.sparsekern.sparse_linear(
+                        runs["sparsekern kernel only"] = lambda x=x, p=packed: torch.ops.sparsekern.sparse_linear(
                             x, p.bitmap, p.values, p.chunk_offsets, bias)
                     size = f"{out_features}x{in_features} batch {batch} density {density} {str(dtype)[6:]}"
                     result.append(Case(op="sparse_linear", size=size, runs=runs, baseline="dense F.linear"))
