@@ -47,7 +47,8 @@ def _extensions():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-    cxx_flags = ["-O3", "-std=c++17"]
+    # No -std flag: BuildExtension adds the standard this torch's headers need (C++20 from torch 2.14).
+    cxx_flags = ["-O3"]
     if sys.platform.startswith("linux"):
         cxx_flags.append("-fopenmp")  # at::parallel_for is OpenMP-backed in torch's Linux wheels
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
@@ -59,7 +60,7 @@ def _extensions():
             "sparsekern._C",
             sources,
             extra_compile_args={"cxx": cxx_flags + ["-DSPARSEKERN_WITH_CUDA"],
-                                "nvcc": ["-O3", "-std=c++17", "-DSPARSEKERN_WITH_CUDA"]},
+                                "nvcc": ["-O3", "-DSPARSEKERN_WITH_CUDA"]},
             extra_link_args=["-fopenmp"] if "-fopenmp" in cxx_flags else [],
             include_dirs=[os.path.join(ROOT, "csrc")],
         )

@@ -13,4 +13,9 @@ TORCH_LIBRARY(sparsekern, m) {
   m.def(
       "prune_grow(Tensor(a!) weight, Tensor mask, Tensor prune_score, Tensor grow_score, int n, "
       "Tensor(b!)[] state) -> Tensor");
+  // y = x @ W.T (+ bias) for W packed by sparsekern.ops.pack (bitmap, values, chunk_offsets:
+  // layout in sparsekern/packing.py); x is (..., in_features), y is (..., out_features).
+  m.def(
+      "sparse_linear(Tensor x, Tensor bitmap, Tensor values, Tensor chunk_offsets, Tensor? bias) "
+      "-> Tensor");
 }

@@ -54,3 +54,8 @@ if _C is not None:
     @torch.library.register_fake("sparsekern::prune_grow")
     def _prune_grow_fake(weight, mask, prune_score, grow_score, n, state):
         return mask.new_empty(mask.shape)
+
+    @torch.library.register_fake("sparsekern::sparse_linear")
+    def _sparse_linear_fake(x, bitmap, values, chunk_offsets, bias):
+        torch._check(values.dtype == x.dtype, lambda: f"values has dtype {values.dtype} but x has {x.dtype}")
+        return x.new_empty((*x.shape[:-1], bitmap.shape[0]))

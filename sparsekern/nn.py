@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
+from .packing import PackedWeight
 
 
 class SparseModule(nn.Module):
@@ -84,6 +85,9 @@ class SparseModule(nn.Module):
         return f"{super().extra_repr()}, density={self.density:.4g}"
 
 
+_PACKED_FIELDS = ("bitmap", "values", "chunk_offsets")
+
+
 class SparseLinear(SparseModule, nn.Linear):
     """nn.Linear with a weight mask; forward through `sparsekern.ops.masked_linear`."""
 
@@ -92,7 +96,40 @@ class SparseLinear(SparseModule, nn.Linear):
         self._init_mask()
 
     def forward(self, input: Tensor) -> Tensor:
+        packed = self.packed
+        if packed is not None:
+            return ops.sparse_linear(input, packed, self.bias)
         return ops.masked_linear(input, self.weight, self.mask, self.bias, dense_grad=self.dense_grad)
+
+    @torch.no_grad()
+    def to_inference(self) -> "SparseLinear":
+        """Inference mode: packs the masked weight (`sparsekern.ops.pack`) and runs forward through
+        `ops.sparse_linear`, which reads only the kept entries at small batch (and multiplies
+        densely by itself where that is faster). No gradients flow in this mode.
+
+        The packed tensors are non-persistent buffers (`packed_bitmap`, `packed_values`,
+        `packed_chunk_offsets`): they follow `.to(device)` and `.half()`, and the state dict stays
+        that of a training module. The pack is a snapshot: call again after changing weight or
+        mask, or `to_training()` to go back. Returns self.
+        """
+        packed = ops.pack(self.weight, self.mask)
+        for name in _PACKED_FIELDS:
+            self.register_buffer(f"packed_{name}", getattr(packed, name), persistent=False)
+        return self
+
+    def to_training(self) -> "SparseLinear":
+        """Leaves inference mode: forward goes back to `ops.masked_linear`. Returns self."""
+        for name in _PACKED_FIELDS:
+            if f"packed_{name}" in self._buffers:
+                del self._buffers[f"packed_{name}"]
+        return self
+
+    @property
+    def packed(self) -> PackedWeight | None:
+        """The packed weight of inference mode, or None in training mode."""
+        if "packed_values" not in self._buffers:
+            return None
+        return PackedWeight(*(self._buffers[f"packed_{name}"] for name in _PACKED_FIELDS), self.in_features)
 
     @classmethod
     def from_dense(cls, linear: nn.Linear) -> "SparseLinear":

@@ -18,11 +18,26 @@ from torch import Tensor
 
 from . import _backend, _checks, _masked_linear_op, reference
 from ._backend import Implementation
+from .packing import PackedWeight
 
 # Ops that have a Triton implementation, as functions of the same name in sparsekern._triton_ops.
 TRITON_OPS: tuple[str, ...] = ("topk_mask", "topk_mask_per_tensor", "prune_grow", "masked_linear")
 # Ops that the compiled extension defines (schemas in csrc/ops.cpp).
-COMPILED_OPS = ("topk_mask", "topk_mask_per_tensor", "prune_grow")
+COMPILED_OPS = ("topk_mask", "topk_mask_per_tensor", "prune_grow", "sparse_linear")
+
+# sparse_linear runs its sparse kernel where it beats the dense product of the unpacked weight:
+# x's dtype listed, the packed density at most max_density, and min_rows <= rows of x <= max_rows.
+# CPU row: measured on a loaded 2-core machine (benchmark cases `sparse_linear`): the C++ kernel
+# costs 5-10 ns per kept entry (its bit walk is branch-bound), so it beats MKL only where the dense
+# weight streams from memory: float32 4096x4096 at density 0.05 and 4-16 rows (1.3-1.8x on one
+# thread); it loses at one row, at density >= 0.1, to cache-resident weights and to the dense
+# bfloat16 kernels. CUDA row: the memory-traffic estimate (a bitmap read costs
+# 0.125 + 2 * density bytes per entry against 2 dense), to be confirmed by benchmarks/gpu_check.sh.
+SPARSE_LINEAR_LIMITS = {
+    "cpu": {"dtypes": (torch.float32, torch.float64), "max_density": 0.05, "min_rows": 2, "max_rows": 16},
+    "cuda": {"dtypes": (torch.float16, torch.bfloat16, torch.float32, torch.float64), "max_density": 0.6,
+             "min_rows": 1, "max_rows": 16},
+}
 
 
 def topk_mask(scores: Sequence[Tensor], k: int | Sequence[int]) -> list[Tensor]:
@@ -92,6 +107,61 @@ def masked_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None =
     return _backend.choose("masked_linear", x.device.type)[1].run(x, weight, mask, bias, dense_grad)
 
 
+def pack(weight: Tensor, mask: Tensor) -> PackedWeight:
+    """Compresses a trained masked weight for `sparse_linear` (layout and its why: sparsekern.packing).
+
+    weight: (out_features, in_features), float16, bfloat16, float32 or float64; mask: bool of the
+    same shape, on the same device. Entries off the mask are dropped, whatever they hold (inf, NaN).
+    Returns a PackedWeight on weight's device; `packed.unpack()` gives weight * mask back exactly.
+    A one-time conversion, done with torch ops on every device.
+    """
+    _checks.floating(weight, "weight")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    _checks.bool_mask(mask, "mask", weight, "weight")
+    _checks.same_device([("weight", weight), ("mask", mask)])
+    return PackedWeight(**reference.pack(weight.detach(), mask), in_features=weight.shape[1])
+
+
+def dense_is_faster(density: float, rows: int, dtype: torch.dtype, device_type: str) -> bool:
+    """Whether sparse_linear should multiply the unpacked weight densely (SPARSE_LINEAR_LIMITS)."""
+    limits = SPARSE_LINEAR_LIMITS.get(device_type)
+    return (limits is None or dtype not in limits["dtypes"] or density > limits["max_density"]
+            or not limits["min_rows"] <= rows <= limits["max_rows"])
+
+
+@torch.no_grad()
+def sparse_linear(x: Tensor, packed: PackedWeight, bias: Tensor | None = None) -> Tensor:
+    """y = x @ W.T + bias for a weight W packed by `pack`: inference at small batch.
+
+    x: (..., in_features), of the packed weight's dtype and device; bias: (out_features,) or None,
+    same dtype. Returns (..., out_features) in x's dtype, accumulated in float32 (float64 for
+    float64). No autograd: this is for inference. Where the dense product is faster (density or
+    row count above SPARSE_LINEAR_LIMITS for the device), it unpacks and calls F.linear instead.
+    """
+    if not isinstance(packed, PackedWeight):
+        raise TypeError(f"packed must be a PackedWeight (from sparsekern.ops.pack), got {type(packed).__name__}")
+    _checks.floating(x, "x")
+    if x.dim() < 1 or x.shape[-1] != packed.in_features:
+        raise ValueError(f"x must end in in_features={packed.in_features}, got shape {tuple(x.shape)}")
+    if x.dtype != packed.dtype:
+        raise TypeError(f"x has dtype {x.dtype} but the packed weight has {packed.dtype}")
+    tensors = [("x", x), ("packed", packed.values)]
+    if bias is not None:
+        _checks.floating(bias, "bias")
+        if bias.shape != (packed.out_features,):
+            raise ValueError(f"bias must have shape ({packed.out_features},), got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias has dtype {bias.dtype} but x has {x.dtype}")
+        tensors.append(("bias", bias))
+    _checks.same_device(tensors)
+    rows = x.numel() // packed.in_features if packed.in_features else 0
+    if dense_is_faster(packed.density, rows, x.dtype, x.device.type):
+        return torch.nn.functional.linear(x, packed.unpack(), bias)
+    return _backend.choose("sparse_linear", x.device.type)[1].run(
+        x, packed.bitmap, packed.values, packed.chunk_offsets, bias)
+
+
 def _compiled(op: str) -> Implementation:
     return Implementation(run=lambda *args: getattr(torch.ops.sparsekern, op)(*args),
                           missing=_backend.compiled_missing(op))
@@ -115,7 +185,8 @@ _masked_linear_reference = _masked_linear_op.define(
 for _op, _function in (("topk_mask", reference.topk_mask),
                        ("topk_mask_per_tensor", reference.topk_mask_per_tensor),
                        ("prune_grow", reference.prune_grow),
-                       ("masked_linear", _masked_linear_reference)):
+                       ("masked_linear", _masked_linear_reference),
+                       ("sparse_linear", reference.sparse_linear)):
     _backend.register(_op, "reference", _reference(_function))
     if _op in COMPILED_OPS:
         _backend.register(_op, "cuda", _compiled(_op))

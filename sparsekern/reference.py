@@ -103,3 +103,37 @@ def masked_linear_grad_weight(grad_out: Tensor, x: Tensor, mask: Tensor, dense_g
     """dweight = dy.T @ x over all batch rows, times mask unless the dense gradient is asked for."""
     grad = rows(grad_out).T @ rows(x)
     return grad if dense_grad else masked_weight(grad, mask)
+
+
+# Packed weights for sparse_linear (layout: sparsekern.packing.PackedWeight).
+BITS_PER_WORD = 32
+WORDS_PER_CHUNK = 32
+
+
+def pack(weight: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """The bitmap layout of weight where mask: bitmap (int32), values, chunk_offsets (int64)."""
+    out_features, in_features = weight.shape
+    words = -(-in_features // BITS_PER_WORD)
+    chunks = -(-words // WORDS_PER_CHUNK)
+    padded = torch.nn.functional.pad(mask, (0, chunks * WORDS_PER_CHUNK * BITS_PER_WORD - in_features))
+    bits = padded[:, :words * BITS_PER_WORD].reshape(out_features, words, BITS_PER_WORD).to(torch.int64)
+    word_values = (bits << torch.arange(BITS_PER_WORD, device=mask.device)).sum(-1)
+    bitmap = torch.where(word_values >= 2**31, word_values - 2**32, word_values).to(torch.int32)
+    per_chunk = padded.reshape(out_features, chunks, WORDS_PER_CHUNK * BITS_PER_WORD).sum(-1).reshape(-1)
+    chunk_offsets = (torch.cumsum(per_chunk, 0) - per_chunk).reshape(out_features, chunks)
+    return {"bitmap": bitmap, "values": weight[mask], "chunk_offsets": chunk_offsets}
+
+
+def unpack(bitmap: Tensor, values: Tensor, in_features: int) -> Tensor:
+    """The dense weight (zeros off the mask) of a packed one."""
+    bit = torch.arange(BITS_PER_WORD, device=bitmap.device, dtype=torch.int32)
+    mask = ((bitmap.unsqueeze(-1) >> bit) & 1).bool().reshape(bitmap.shape[0], bitmap.shape[1] * BITS_PER_WORD)[:, :in_features]
+    weight = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
+    weight[mask] = values
+    return weight
+
+
+def sparse_linear(x: Tensor, bitmap: Tensor, values: Tensor, chunk_offsets: Tensor,
+                  bias: Tensor | None = None) -> Tensor:
+    """y = x @ W.T + bias for the packed W, over any leading batch dims of x."""
+    return torch.nn.functional.linear(x, unpack(bitmap, values, x.shape[-1]), bias)

@@ -1,0 +1,48 @@
+"""SparseLinear's inference mode: forward through pack + sparse_linear matches the training forward."""
+import pytest
+import torch
+
+from sparsekern import ops
+from sparsekern.nn import SparseLinear
+
+
+def sparse_layer(generator, in_features, out_features, density, dtype=torch.float32):
+    layer = SparseLinear(in_features, out_features, dtype=dtype)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(out_features, in_features, generator=generator))
+        layer.bias.copy_(torch.randn(out_features, generator=generator))
+    layer.set_mask(torch.rand(out_features, in_features, generator=generator) < density)
+    return layer
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("density", [0.0, 0.03, 0.3, 1.0])
+@pytest.mark.parametrize("batch", [(1,), (4,), (16,), (2, 3)])
+def test_inference_forward_matches_training_forward(generator, monkeypatch, dtype, tolerance, density, batch):
+    # Force the sparse kernel path as well as the fallback: both must give the same function.
+    monkeypatch.setitem(ops.SPARSE_LINEAR_LIMITS, "cpu", {"dtypes": (dtype,), "max_density": 1.0,
+                                                          "min_rows": 0, "max_rows": 10**9})
+    layer = sparse_layer(generator, 70, 33, density, dtype)
+    x = torch.randn(*batch, 70, generator=generator).to(dtype)
+    with torch.no_grad():
+        expected = layer(x).double()
+        layer.to_inference()
+        assert layer.packed is not None and layer.packed.values.numel() == layer.nnz
+        torch.testing.assert_close(layer(x).double(), expected, atol=tolerance, rtol=tolerance)
+        monkeypatch.setitem(ops.SPARSE_LINEAR_LIMITS, "cpu", {"dtypes": (), "max_density": 0.0,
+                                                              "min_rows": 1, "max_rows": 0})
+        torch.testing.assert_close(layer(x).double(), expected, atol=tolerance, rtol=tolerance)
+
+
+def test_inference_mode_follows_the_module_and_keeps_the_state_dict(generator):
+    layer = sparse_layer(generator, 40, 8, 0.2)
+    keys = set(layer.state_dict())
+    layer.to_inference()
+    assert set(layer.state_dict()) == keys
+    layer.to(torch.float64)
+    assert layer.packed.dtype == torch.float64 and layer.packed.bitmap.dtype == torch.int32
+    x = torch.randn(3, 40, generator=generator, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.masked_weight(), layer.bias))
+    assert layer.to_training().packed is None
+    assert layer(x).requires_grad  # back on masked_linear, with autograd
