@@ -152,7 +152,10 @@ void count_digits(const KeyAt key_at, const int64_t begin, const int64_t end, co
     // that every increment would have to wait for.
     for (int64_t i = begin; i < end; ++i) {
       const Key key = key_at(i);
-      ++histogram[key != Key(kIneligibleKey) ? (key >> shift) & digit_mask : digit_mask + 1 + (i & kSpareMask)];
+      // A bit mask rather than ?: which compilers turn back into a branch.
+      const int64_t eligible = -static_cast<int64_t>(key != Key(kIneligibleKey));
+      const int64_t digit = static_cast<int64_t>(key >> shift) & digit_mask;
+      ++histogram[(digit & eligible) | ((digit_mask + 1 + (i & kSpareMask)) & ~eligible)];
     }
     return;
   }
