@@ -9,11 +9,11 @@ import glob
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PACKAGES = ["sparsekern", "sparsekern.triton_kernels"]
 # The bare name `triton_kernels` belongs to Triton's own package; ours installs under sparsekern.
+PACKAGES = find_packages(include=["sparsekern", "sparsekern.*"]) + ["sparsekern.triton_kernels"]
 PACKAGE_DIR = {"sparsekern": "sparsekern", "sparsekern.triton_kernels": "triton_kernels"}
 
 

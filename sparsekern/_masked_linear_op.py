@@ -11,6 +11,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from . import reference
+
 
 def define(backend: str, forward: Callable, grad_input: Callable, grad_weight: Callable):
     """Registers the three ops for `backend` and returns the differentiable forward op."""
@@ -52,7 +54,7 @@ def define(backend: str, forward: Callable, grad_input: Callable, grad_weight: C
         grad_x = masked_linear_grad_input(grad_out, weight, mask) if ctx.needs_input_grad[0] else None
         grad_weight_ = (masked_linear_grad_weight(grad_out, x, mask, ctx.dense_grad)
                         if ctx.needs_input_grad[1] else None)
-        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if ctx.needs_input_grad[3] else None
+        grad_bias = reference.rows(grad_out).sum(0) if ctx.needs_input_grad[3] else None
         return grad_x, grad_weight_, None, grad_bias, None
 
     masked_linear.register_autograd(backward, setup_context=setup_context)

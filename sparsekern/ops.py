@@ -20,7 +20,7 @@ from . import _backend, _checks, _masked_linear_op, reference
 from ._backend import Implementation
 
 # Ops that have a Triton implementation, as functions of the same name in sparsekern._triton_ops.
-TRITON_OPS: tuple[str, ...] = ()
+TRITON_OPS: tuple[str, ...] = ("topk_mask", "topk_mask_per_tensor", "prune_grow", "masked_linear")
 # Ops that the compiled extension defines (schemas in csrc/ops.cpp).
 COMPILED_OPS = ("topk_mask", "topk_mask_per_tensor", "prune_grow")
 

@@ -10,6 +10,8 @@ counting row-major through the tensors in list order.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -87,6 +89,11 @@ def masked_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None =
     return torch.nn.functional.linear(x, masked_weight(weight, mask), bias)
 
 
+def rows(t: Tensor) -> Tensor:
+    """t as a 2-D (batch rows, features) tensor; reshape(-1, 0) would be ambiguous for 0 features."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
 def masked_linear_grad_input(grad_out: Tensor, weight: Tensor, mask: Tensor) -> Tensor:
     """dx = dy @ (weight * mask)."""
     return grad_out @ masked_weight(weight, mask)
@@ -94,5 +101,5 @@ def masked_linear_grad_input(grad_out: Tensor, weight: Tensor, mask: Tensor) -> 
 
 def masked_linear_grad_weight(grad_out: Tensor, x: Tensor, mask: Tensor, dense_grad: bool) -> Tensor:
     """dweight = dy.T @ x over all batch rows, times mask unless the dense gradient is asked for."""
-    grad = grad_out.reshape(-1, grad_out.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+    grad = rows(grad_out).T @ rows(x)
     return grad if dense_grad else masked_weight(grad, mask)

@@ -1,0 +1,133 @@
+"""Iterative magnitude pruning with rewinding (lottery tickets; Frankle et al. 2019, 2020).
+
+Train to the rewind step k and keep θ_k; then each cycle: train to the end, remove ⌈p·remaining⌉
+weights by magnitude (globally by default), reset the survivors to θ_k ⊙ m, train again. k = 0 is
+the original lottery-ticket reset to the initialisation. With `rewind="learning_rate"` (Renda et
+al. 2020) the survivors keep their trained values and only the training schedule is rewound.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from . import _tickets
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+REWINDS = ("weights", "learning_rate")
+
+
+class IMP:
+    """Iterative magnitude pruning with weight (or learning-rate) rewinding, driven by your loop.
+
+    Args:
+        model: a model whose prunable layers are `sparsekern.nn` sparse modules (start dense:
+            `sparsekern.sparsify(model, 1.0)`); its weights are pruned and reset in place.
+        optimizer_factory: called with `model.parameters()` at construction and after every
+            pruning; IMP starts each cycle with a fresh optimizer, `imp.optimizer`. Use that one.
+        prune_fraction: p, the fraction of the remaining weights removed per cycle (⌈p·remaining⌉).
+        rewind_step: k, the number of optimizer steps (calls of `step()`) after which θ_k is kept.
+        scope: "global" ranks all sparse layers' weights together; "layer" prunes each layer by p.
+        rewind: "weights" resets survivors to θ_k ⊙ m (and every other parameter and buffer, BatchNorm
+            statistics included, to its value at step k); "learning_rate" keeps the trained values.
+
+    Loop: after every optimizer step call `step()`; at the end of a cycle call `next_cycle()`.
+    `step_in_cycle` counts steps within the cycle; after `next_cycle()` it restarts at k, so a
+    learning-rate schedule indexed by it is rewound to step k as well (in both rewind modes).
+
+        imp = IMP(model, lambda params: torch.optim.SGD(params, lr=0.1), rewind_step=k)
+        for cycle in range(cycles):
+            for t in range(imp.step_in_cycle, steps):
+                loss_fn(model(x[t]), y[t]).backward()
+                imp.optimizer.step(); imp.optimizer.zero_grad(); imp.step()
+            if cycle < cycles - 1:
+                imp.next_cycle()
+
+    `state_dict()` holds the counters, θ_k and the optimizer's state, not the model: checkpoint
+    `model.state_dict()` beside it and load the model first.
+    """
+
+    def __init__(self, model: nn.Module, optimizer_factory: OptimizerFactory, prune_fraction: float = 0.2,
+                 rewind_step: int = 0, scope: str = "global", rewind: str = "weights"):
+        self.layers = _tickets.sparse_layers(model)
+        if not callable(optimizer_factory):
+            raise TypeError(f"optimizer_factory must be callable, got {type(optimizer_factory).__name__}")
+        self.prune_fraction = _tickets.check_fraction(prune_fraction)
+        self.rewind_step = _tickets.check_count(rewind_step, "rewind_step")
+        self.scope = _tickets.check_choice(scope, "scope", _tickets.SCOPES)
+        self.rewind = _tickets.check_choice(rewind, "rewind", REWINDS)
+        self.model = model
+        self.optimizer_factory = optimizer_factory
+        self.cycle = 0
+        self.step_in_cycle = 0
+        self.rewind_state: dict[str, Tensor] | None = None
+        self.optimizer = optimizer_factory(model.parameters())
+        self._capture_if_due()
+
+    def step(self) -> None:
+        """Counts one optimizer step; keeps θ_k when the k-th step of the first cycle is done."""
+        self.step_in_cycle += 1
+        self._capture_if_due()
+
+    def _capture_if_due(self) -> None:
+        if (self.rewind == "weights" and self.cycle == 0 and self.step_in_cycle == self.rewind_step
+                and self.rewind_state is None):
+            self.rewind_state = _tickets.snapshot(self.model)
+
+    def prune_masks(self) -> list[Tensor]:
+        """The next masks from the current weights (nothing is changed)."""
+        return _tickets.magnitude_masks(self.layers, self.prune_fraction, self.scope)
+
+    def next_cycle(self) -> list[Tensor]:
+        """Prunes ⌈p·remaining⌉ weights by magnitude, rewinds, and starts a fresh optimizer.
+
+        Returns the new masks (one bool tensor per sparse module, in `sparse_modules` order).
+        RuntimeError if weight rewinding is asked before step k was reached.
+        """
+        if self.rewind == "weights" and self.rewind_state is None:
+            raise RuntimeError(f"next_cycle() before the rewind step: rewind_step={self.rewind_step} "
+                               f"but only {self.step_in_cycle} steps were counted")
+        masks = self.prune_masks()
+        self.reset(masks)
+        return masks
+
+    def reset(self, masks: list[Tensor]) -> None:
+        """Starts the next cycle on `masks`: rewinds (per `rewind`), sets them, fresh optimizer."""
+        if self.rewind == "weights":
+            _tickets.restore(self.model, self.rewind_state)
+        _tickets.set_masks(self.layers, masks)
+        self.cycle += 1
+        self.step_in_cycle = self.rewind_step
+        self.optimizer = self.optimizer_factory(self.model.parameters())
+
+    def run(self, train_fn: Callable[["IMP"], None], cycles: int) -> None:
+        """Runs (or resumes) `cycles` training cycles with pruning between them.
+
+        `train_fn(imp)` trains one cycle from step `imp.step_in_cycle` to its end with
+        `imp.optimizer`, calling `imp.step()` after every optimizer step. The model ends trained
+        at the last cycle's masks (cycles - 1 prunings).
+        """
+        cycles = _tickets.check_count(cycles, "cycles")
+        while self.cycle < cycles:
+            train_fn(self)
+            if self.cycle == cycles - 1:
+                break
+            self.next_cycle()
+
+    @property
+    def masks(self) -> list[Tensor]:
+        return _tickets.masks_of(self.layers)
+
+    def state_dict(self) -> dict:
+        return {"cycle": self.cycle, "step_in_cycle": self.step_in_cycle, "rewind_state": self.rewind_state,
+                "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores a `state_dict()`; load the model's own state first (its masks live there)."""
+        self.cycle = int(state["cycle"])
+        self.step_in_cycle = int(state["step_in_cycle"])
+        self.rewind_state = (None if state["rewind_state"] is None
+                             else {name: value.clone() for name, value in state["rewind_state"].items()})
+        self.optimizer = self.optimizer_factory(self.model.parameters())
+        self.optimizer.load_state_dict(state["optimizer"])

@@ -1,0 +1,163 @@
+"""OptG: optimizing gradient-driven criteria in network sparsity (Zhang et al. 2022).
+
+Each prunable weight has a score s, initialised to 0. The forward uses θ ⊙ m where m keeps the
+highest scores; the scores are trained with the straight-through gradient
+∂L/∂s = ∂L/∂(θ ⊙ m) ⊙ θ at every position, pruned ones included, so with plain SGD
+s accumulates −Σ η_t g_t ⊙ θ_t and a removed weight returns when its score rises again.
+The sparsity ramps up as p_e = p·σ(β(e − E/2)), the mask is recomputed once per epoch by one
+global top-k over the scores, and the score learning rate is lr_e·σ(β(e − E/2)) with the weights'
+cosine learning rate lr_e. Scores have no weight decay.
+
+Pruned weights keep their values while pruned, as in the paper's code (the forward multiplies the
+weight by the mask instead of zeroing it): their own gradient is 0, so only the weight optimizer's
+weight decay and leftover momentum (if any) move them, and they come back with the value they then
+hold. So, unlike the other algorithms, OptG breaks the modules' "zero off the mask" invariant on
+purpose: it sets their masks without zeroing the weight. The model's state dict carries both the
+masks and the pruned values (sparse modules load weights as saved).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from . import _tickets
+
+
+def sparsity_at(epoch: int, sparsity: float, epochs: int, beta: float = 1.0) -> float:
+    """p_e = p·σ(β(e − E/2))."""
+    return sparsity * _sigmoid(beta * (epoch - epochs / 2))
+
+
+def cosine_lr(lr: float, epochs: int) -> Callable[[int], float]:
+    """lr_e = lr/2·(1 + cos(π e / E)), the weights' schedule OptG assumes unless given another."""
+    return lambda epoch: 0.5 * lr * (1 + math.cos(math.pi * epoch / epochs))
+
+
+def _sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+class OptG:
+    """Score-based sparse training with a sigmoid sparsity ramp, driven by your loop.
+
+    Args:
+        model: a model of `sparsekern.nn` sparse modules (any masks; OptG sets them).
+        sparsity: p, the final fraction of prunable weights removed (globally), in [0, 1).
+        epochs: E, the number of training epochs.
+        lr: the weights' base learning rate; lr_e follows `cosine_lr(lr, epochs)` unless
+            `lr_schedule` (epoch -> lr_e) is given. The score lr is lr_e·σ(β(e − E/2)).
+        beta: β of the sigmoid.
+        momentum, nesterov: of the scores' SGD (the paper uses the weights' momentum).
+        dense_while_scores_tie: keep every weight while all scores are equal (epoch 0, where they
+            are all 0). The paper's code keeps every entry tied with the threshold, so its epoch 0
+            is dense; an exact top-k over equal scores would instead prune the tail of the last
+            layers (ties go to the lower flat position). False applies p_0 by that rule.
+
+    Loop: call `step()` after `backward()` and before the weight optimizer's step (it turns the
+    dense gradient into the scores' gradient, masks the weights' gradient and updates the
+    scores); call `next_epoch()` after each epoch (it recomputes the mask for the next epoch).
+
+        optg = OptG(model, sparsity=0.9, epochs=E, lr=0.1)
+        for epoch in range(optg.epoch, E):
+            for x, y in loader:
+                loss_fn(model(x), y).backward()
+                optg.step(); optimizer.step(); optimizer.zero_grad()
+            optg.next_epoch()
+
+    `state_dict()` holds the epoch, the scores and their optimizer; the masks and weights (pruned
+    values included) are in the model's state dict, checkpointed beside it.
+    """
+
+    def __init__(self, model: nn.Module, sparsity: float, epochs: int, lr: float = 0.1, beta: float = 1.0,
+                 momentum: float = 0.9, nesterov: bool = False,
+                 lr_schedule: Callable[[int], float] | None = None, dense_while_scores_tie: bool = True):
+        self.layers = _tickets.sparse_layers(model)
+        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+            raise TypeError(f"sparsity must be a float, got {type(sparsity).__name__}")
+        if not 0 <= sparsity < 1:
+            raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+        self.epochs = _tickets.check_count(epochs, "epochs")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {epochs}")
+        for name, value in (("lr", lr), ("beta", beta), ("momentum", momentum)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        if lr_schedule is not None and not callable(lr_schedule):
+            raise TypeError(f"lr_schedule must be callable, got {type(lr_schedule).__name__}")
+        self.sparsity = float(sparsity)
+        self.beta = float(beta)
+        self.lr_schedule = lr_schedule if lr_schedule is not None else cosine_lr(lr, epochs)
+        self.dense_while_scores_tie = bool(dense_while_scores_tie)
+        self.scores = [torch.zeros_like(layer.weight) for layer in self.layers]
+        self.score_optimizer = torch.optim.SGD(self.scores, lr=0.0, momentum=momentum, nesterov=nesterov,
+                                               weight_decay=0.0)
+        self.epoch = 0
+        self._start_epoch()
+
+    def score_lr(self, epoch: int) -> float:
+        """lr_e·σ(β(e − E/2))."""
+        return self.lr_schedule(epoch) * _sigmoid(self.beta * (epoch - self.epochs / 2))
+
+    def sparsity_at(self, epoch: int) -> float:
+        return sparsity_at(epoch, self.sparsity, self.epochs, self.beta)
+
+    @torch.no_grad()
+    def _start_epoch(self) -> None:
+        total = sum(score.numel() for score in self.scores)
+        keep = total - round(self.sparsity_at(self.epoch) * total)
+        if self.dense_while_scores_tie and self._scores_all_equal():
+            keep = total
+        for layer, mask in zip(self.layers, ops.topk_mask(self.scores, keep)):
+            layer.mask.copy_(mask)      # not set_mask: pruned weights keep their values
+            layer.dense_grad = True
+        for group in self.score_optimizer.param_groups:
+            group["lr"] = self.score_lr(self.epoch)
+
+    def _scores_all_equal(self) -> bool:
+        first = self.scores[0].flatten()[:1]
+        return all(bool((score == first).all()) for score in self.scores)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Scores' gradient g ⊙ θ at every position, weights' gradient g ⊙ m, one score update.
+
+        Reads the dense gradient g = ∂L/∂(θ ⊙ m) that the modules' `dense_grad` gives; a layer
+        whose weight received no gradient contributes none.
+        """
+        for layer, score in zip(self.layers, self.scores):
+            grad = layer.weight.grad
+            layer.dense_grad = True     # the next backward must be dense again
+            if grad is None:
+                score.grad = None
+                continue
+            score.grad = grad * layer.weight
+            grad.mul_(layer.mask)
+        self.score_optimizer.step()
+
+    def next_epoch(self) -> None:
+        """Ends the epoch: the next epoch's sparsity, score lr and global top-k mask."""
+        self.epoch += 1
+        self._start_epoch()
+
+    @property
+    def masks(self) -> list[Tensor]:
+        return _tickets.masks_of(self.layers)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "scores": [score.clone() for score in self.scores],
+                "score_optimizer": self.score_optimizer.state_dict()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        """Restores a `state_dict()`. The mask of the current epoch is the model's own (loaded with
+        the model): it came from the scores at the epoch's start, not those saved mid-epoch."""
+        self.epoch = int(state["epoch"])
+        for score, saved in zip(self.scores, state["scores"]):
+            score.copy_(saved)
+        self.score_optimizer.load_state_dict(state["score_optimizer"])
+        for layer in self.layers:
+            layer.dense_grad = True

@@ -1,0 +1,266 @@
+"""SWAMP: sparse weight averaging with multiple particles (Choi et al., ICLR 2024).
+
+IMP with weight rewinding in which each cycle trains N particles from the same ticket θ_k ⊙ m,
+differing only in data order; each particle keeps an equal-weight running mean of its weights
+over the last phase of the cycle (SWA); the N averages are averaged into θ̄, BatchNorm
+statistics are recomputed for θ̄, and the next mask is the global magnitude pruning of θ̄.
+
+Particles run one after another in one process, or spread over the ranks of an initialised
+`torch.distributed` process group (rank r trains particles r, r + W, ...; the averages are summed
+with `all_reduce`). Every rank then holds the same θ̄ and so prunes to the same mask.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from . import _tickets
+from .imp import OptimizerFactory
+
+
+def data_seed(seed: int, cycle: int, particle: int) -> int:
+    """The data-order seed of one particle in one cycle: distinct for each (cycle, particle)."""
+    return seed * 1_000_003 + cycle * 10_007 + particle
+
+
+class SWAMP:
+    """Iterative magnitude pruning whose mask comes from the average of N SWA particles.
+
+    Args:
+        model: as for `IMP` (sparse modules, start dense); trained, averaged and pruned in place.
+        optimizer_factory: called with `model.parameters()` for every particle; use `swamp.optimizer`.
+        particles: N, the number of particles per cycle (default 4).
+        prune_fraction, rewind_step, scope: as for `IMP` (weight rewinding only).
+        swa_start: the step within the cycle after which the particle's running mean starts: the
+            weights after every `swa_every`-th step past `swa_start` are averaged with equal weight.
+            Set it to where the cycle's last phase begins (the default 0 averages the whole cycle);
+            it must be >= rewind_step.
+            None: no SWA, a particle contributes its final weights (N = 1 is then IMP-WR exactly).
+        swa_every: steps between two SWA samples.
+        bn_loader: an iterable of batches (a tensor, or a tuple/list whose first element is the
+            input) for recomputing BatchNorm statistics of θ̄ (`torch.optim.swa_utils.update_bn`);
+            required when the model has BatchNorm layers.
+        seed: base of `data_seed`, the data order the current particle must use.
+
+    Loop (the data order of a particle must follow `swamp.data_seed`):
+
+        while True:                          # one cycle
+            for t in range(swamp.step_in_cycle, steps):
+                ... loss.backward(); swamp.optimizer.step(); swamp.optimizer.zero_grad(); swamp.step()
+            if swamp.next_particle():        # True: the model was reset for the next particle
+                continue
+            evaluate(model)                  # the model holds θ̄ (BatchNorm recomputed)
+            if swamp.cycle == cycles - 1: break
+            swamp.next_cycle()               # prune θ̄, reset to θ_k ⊙ m, first particle
+
+    or `swamp.run(train_fn, cycles)` with `train_fn(swamp)` training one particle from
+    `swamp.step_in_cycle` to the end of the cycle in the order of `swamp.data_seed`.
+
+    Cycle 0 starts dense from the initialisation: the first particle trains from step 0 and θ_k
+    (with the optimizer state at k) is kept at step k; the other particles of cycle 0 start from
+    θ_k and that optimizer state at step k. Later cycles start every particle from θ_k ⊙ m with a
+    fresh optimizer, as IMP does. Under torch.distributed, rank 0's θ_k is broadcast at step k.
+    `state_dict()` holds everything but the model (checkpoint `model.state_dict()` beside it).
+    """
+
+    def __init__(self, model: nn.Module, optimizer_factory: OptimizerFactory, particles: int = 4,
+                 prune_fraction: float = 0.2, rewind_step: int = 0, scope: str = "global",
+                 swa_start: int | None = 0, swa_every: int = 1, bn_loader: Iterable | None = None,
+                 seed: int = 0):
+        self.layers = _tickets.sparse_layers(model)
+        if not callable(optimizer_factory):
+            raise TypeError(f"optimizer_factory must be callable, got {type(optimizer_factory).__name__}")
+        self.particles = _tickets.check_count(particles, "particles")
+        if self.particles < 1:
+            raise ValueError(f"particles must be >= 1, got {particles}")
+        self.prune_fraction = _tickets.check_fraction(prune_fraction)
+        self.rewind_step = _tickets.check_count(rewind_step, "rewind_step")
+        self.scope = _tickets.check_choice(scope, "scope", _tickets.SCOPES)
+        self.swa_start = None if swa_start is None else _tickets.check_count(swa_start, "swa_start")
+        if self.swa_start is not None and self.swa_start < self.rewind_step:
+            # Particles after the first start at step k: none can average weights from before it.
+            raise ValueError(f"swa_start must be >= rewind_step ({self.rewind_step}), got {swa_start}")
+        self.swa_every = _tickets.check_count(swa_every, "swa_every")
+        if self.swa_every < 1:
+            raise ValueError(f"swa_every must be >= 1, got {swa_every}")
+        has_batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        if has_batch_norm and bn_loader is None:
+            raise ValueError("bn_loader is None but the model has BatchNorm layers, whose statistics "
+                             "SWAMP must recompute for the averaged weights")
+        self.seed = _tickets.check_count(seed, "seed")
+        self.rank, self.world_size = ((dist.get_rank(), dist.get_world_size())
+                                      if dist.is_available() and dist.is_initialized() else (0, 1))
+        if self.particles < self.world_size:
+            raise ValueError(f"particles ({particles}) must be >= the number of ranks ({self.world_size})")
+        self.model = model
+        self.optimizer_factory = optimizer_factory
+        self.bn_loader = bn_loader
+        self.averaged_parameters = [p for p in model.parameters()]
+        self.cycle = 0
+        self.particle = self.rank
+        self.step_in_cycle = 0
+        self.averaged = False               # True once every particle of the cycle is in θ̄
+        self.rewind_state: dict[str, Tensor] | None = None
+        self.rewind_optimizer_state: dict | None = None
+        self.particle_average: list[Tensor] | None = None   # this particle's SWA running mean
+        self.average_count = 0
+        self.particle_sum: list[Tensor] | None = None       # sum of this rank's finished particles
+        self.optimizer = optimizer_factory(model.parameters())
+        self._capture_if_due()
+
+    @property
+    def data_seed(self) -> int:
+        """The seed of the current particle's data order."""
+        return data_seed(self.seed, self.cycle, self.particle)
+
+    def step(self) -> None:
+        """Counts one optimizer step of the current particle; keeps θ_k; updates its SWA mean."""
+        if self.averaged:
+            raise RuntimeError("step() after the cycle's last particle: call next_cycle() first")
+        self.step_in_cycle += 1
+        self._capture_if_due()
+        if self.swa_start is not None and self.step_in_cycle > self.swa_start \
+                and (self.step_in_cycle - self.swa_start) % self.swa_every == 0:
+            self._update_average()
+
+    @torch.no_grad()
+    def _update_average(self) -> None:
+        self.average_count += 1
+        if self.particle_average is None:
+            self.particle_average = [p.detach().clone() for p in self.averaged_parameters]
+            return
+        for average, p in zip(self.particle_average, self.averaged_parameters):
+            average.add_(p.detach() - average, alpha=1 / self.average_count)
+
+    def _capture_if_due(self) -> None:
+        if self.cycle != 0 or self.step_in_cycle != self.rewind_step or self.rewind_state is not None:
+            return
+        if self.world_size > 1:
+            self._adopt_rank0_state()
+        self.rewind_state = _tickets.snapshot(self.model)
+        self.rewind_optimizer_state = _clone_state(self.optimizer.state_dict())
+
+    @torch.no_grad()
+    def _adopt_rank0_state(self) -> None:
+        # Every rank trained to step k on its own data; the ticket must be one, so take rank 0's.
+        for value in self.model.state_dict(keep_vars=True).values():
+            dist.broadcast(value.data, src=0)
+        holder = [self.optimizer.state_dict()]
+        dist.broadcast_object_list(holder, src=0)
+        self.optimizer.load_state_dict(holder[0])
+
+    @torch.no_grad()
+    def next_particle(self) -> bool:
+        """Ends the current particle and folds its SWA mean (or final weights) into the sum.
+
+        Returns True when this rank has another particle to train (the model is then reset to
+        the ticket, with a fresh optimizer, at step k); False when the cycle's particles are all
+        done: the model then holds θ̄, the mean of all N particles' averages (all-reduced across
+        ranks), with BatchNorm statistics recomputed on `bn_loader`.
+        """
+        if self.averaged:
+            raise RuntimeError("next_particle() after the cycle's last particle: call next_cycle() first")
+        if self.rewind_state is None:
+            raise RuntimeError(f"particle ended before the rewind step {self.rewind_step} was reached")
+        if self.particle_average is None:
+            if self.swa_start is not None:
+                raise RuntimeError(f"particle ended with no SWA sample: swa_start={self.swa_start} "
+                                   f"but only {self.step_in_cycle} steps were taken")
+            self.particle_average = [p.detach().clone() for p in self.averaged_parameters]
+        if self.particle_sum is None:
+            self.particle_sum = self.particle_average
+        else:
+            for total, average in zip(self.particle_sum, self.particle_average):
+                total.add_(average)
+        self.particle_average, self.average_count = None, 0
+        if self.particle + self.world_size < self.particles:
+            self.particle += self.world_size
+            self._start_particle()
+            return True
+        self._average()
+        return False
+
+    def _average(self) -> None:
+        if self.world_size > 1:
+            for total in self.particle_sum:
+                dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        for p, total in zip(self.averaged_parameters, self.particle_sum):
+            p.copy_(total / self.particles if self.particles > 1 else total)
+        self.particle_sum = None
+        self.averaged = True
+        if self.bn_loader is not None:
+            torch.optim.swa_utils.update_bn(self.bn_loader, self.model)
+
+    def _start_particle(self) -> None:
+        _tickets.restore(self.model, self.rewind_state)
+        if self.cycle > 0:
+            _tickets.set_masks(self.layers, self.masks)
+        self.step_in_cycle = self.rewind_step
+        self.optimizer = self.optimizer_factory(self.model.parameters())
+        if self.cycle == 0:
+            self.optimizer.load_state_dict(_clone_state(self.rewind_optimizer_state))
+
+    def prune_masks(self) -> list[Tensor]:
+        """The next masks from the current weights (θ̄ once the cycle is averaged)."""
+        return _tickets.magnitude_masks(self.layers, self.prune_fraction, self.scope)
+
+    def next_cycle(self) -> list[Tensor]:
+        """Prunes θ̄ by magnitude and starts the next cycle's first particle from θ_k ⊙ m."""
+        if not self.averaged:
+            raise RuntimeError("next_cycle() before the cycle's particles were averaged (next_particle())")
+        masks = self.prune_masks()
+        _tickets.set_masks(self.layers, masks)
+        self.cycle += 1
+        self.particle = self.rank
+        self.averaged = False
+        self._start_particle()
+        return masks
+
+    def run(self, train_fn: Callable[["SWAMP"], None], cycles: int) -> None:
+        """Runs (or resumes) `cycles` cycles; the model ends holding the last cycle's θ̄."""
+        cycles = _tickets.check_count(cycles, "cycles")
+        while self.cycle < cycles:
+            if not self.averaged:
+                train_fn(self)
+                if self.next_particle():
+                    continue
+            if self.cycle == cycles - 1:
+                return
+            self.next_cycle()
+
+    @property
+    def masks(self) -> list[Tensor]:
+        return _tickets.masks_of(self.layers)
+
+    def state_dict(self) -> dict:
+        return {"cycle": self.cycle, "particle": self.particle, "step_in_cycle": self.step_in_cycle,
+                "averaged": self.averaged, "rewind_state": self.rewind_state,
+                "rewind_optimizer_state": self.rewind_optimizer_state,
+                "particle_average": self.particle_average, "average_count": self.average_count,
+                "particle_sum": self.particle_sum, "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores a `state_dict()` (of the same rank); load the model's own state first."""
+        for name in ("cycle", "particle", "step_in_cycle", "average_count"):
+            setattr(self, name, int(state[name]))
+        self.averaged = bool(state["averaged"])
+        self.rewind_state = _clone_state(state["rewind_state"])
+        self.rewind_optimizer_state = _clone_state(state["rewind_optimizer_state"])
+        self.particle_average = _clone_state(state["particle_average"])
+        self.particle_sum = _clone_state(state["particle_sum"])
+        self.optimizer = self.optimizer_factory(self.model.parameters())
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+def _clone_state(value):
+    """A deep copy of nested dicts/lists of tensors and plain values."""
+    if isinstance(value, Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {key: _clone_state(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_clone_state(item) for item in value)
+    return value

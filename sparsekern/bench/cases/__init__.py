@@ -1,0 +1,1 @@
+"""Benchmark cases, one module per topic; each defines `cases(device, quick) -> list[Case]`."""

@@ -1,0 +1,124 @@
+"""The benchmark report: times every case and prints one table, optionally saved as JSON or CSV.
+
+Command line (`python -m benchmarks`, `sparsekern bench`): see `main`.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import platform
+import sys
+
+import torch
+
+from . import core
+
+HEADER = ("op", "size", "implementation", "time (ms)", "speed-up vs baseline")
+
+
+def run(device: torch.device, quick: bool = False, only: str | None = None, budget_s: float | None = None,
+        progress=None) -> list[core.Row]:
+    """Measures every discovered case on `device` and returns the rows of the report.
+
+    budget_s: seconds of timed calls per implementation (default 2, or 0.05 when quick).
+    progress: a text stream for one line per case as it is timed, or None.
+    """
+    if budget_s is None:
+        budget_s = 0.05 if quick else 2.0
+    rows = []
+    for case in core.discover(device, quick, only):
+        if progress is not None:
+            print(f"timing {case.op} [{case.size}]: {', '.join(case.runs)}", file=progress, flush=True)
+        rows.extend(core.measure(case, device, budget_s))
+    return rows
+
+
+def environment(device: torch.device) -> str:
+    """One line saying where the figures were taken."""
+    from .. import _extension
+
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    extension = "loaded" if _extension.LOAD_ERROR is None else "not loaded"
+    return f"device {device.type} ({where}), torch {torch.__version__}, sparsekern._C {extension}"
+
+
+def format_table(rows: list[core.Row]) -> str:
+    """A Markdown table: one line per (op, size, implementation); ratio = baseline time / time."""
+    lines = [_line(HEADER), _line(["---"] * len(HEADER))]
+    for row in rows:
+        if row.error is not None:
+            time_text, ratio_text = "failed", row.error
+        else:
+            time_text = f"{row.time_ms:.3f}" if row.time_ms < 10 else f"{row.time_ms:.1f}"
+            ratio_text = (f"{row.ratio:.2f}x" if row.ratio >= 0.1 else f"{row.ratio:.2g}x") + (
+                " (baseline)" if row.implementation == row.baseline else "")
+        lines.append(_line([row.op, row.size, row.implementation, time_text, ratio_text]))
+    return "\n".join(lines)
+
+
+def _line(cells) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def write(rows: list[core.Row], path: str, kind: str, environment_line: str = "") -> None:
+    """Saves the rows as JSON ({"environment": ..., "rows": [...]}) or CSV (one header line, one line
+    per row); NaN becomes null / empty."""
+    records = [{key: (None if isinstance(value, float) and math.isnan(value) else value)
+                for key, value in dataclasses.asdict(row).items()} for row in rows]
+    with open(path, "w", newline="") as stream:
+        if kind == "json":
+            json.dump({"environment": environment_line, "rows": records}, stream, indent=1)
+            stream.write("\n")
+        else:
+            writer = csv.DictWriter(stream, fieldnames=[field.name for field in dataclasses.fields(core.Row)])
+            writer.writeheader()
+            writer.writerows(records)
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m benchmarks") -> int:
+    """Command line: [--device cpu|cuda] [--quick] [--only OP] [--json PATH] [--csv PATH] [--threads N]
+    [--budget SECONDS].
+
+    Prints the table on stdout (progress on stderr). Returns 0, or 1 when some implementation failed.
+    `prog` is the command name shown in help and errors (`sparsekern bench` from the CLI).
+    """
+    parser = argparse.ArgumentParser(prog=prog,
+                                     description="Times sparsekern's ops against the torch code they replace.")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that every case runs")
+    parser.add_argument("--only", metavar="OP",
+                        help="one case module (e.g. topk_mask), or the cases whose op starts with OP")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    parser.add_argument("--csv", metavar="PATH", help="also write the rows as CSV")
+    parser.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--budget", type=float, metavar="SECONDS",
+                        help="seconds of timed calls per implementation (default 2, 0.05 with --quick)")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    if args.budget is not None and not args.budget > 0:
+        parser.error(f"--budget must be > 0, got {args.budget}")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    rows = run(device, args.quick, args.only, args.budget, progress=sys.stderr)
+    if not rows:
+        parser.error(f"--only {args.only!r} matches no case; case modules: {', '.join(core.case_modules())}")
+    where = environment(device)
+    print(where)
+    print("speed-up = baseline time / time: above 1 is faster than the case's baseline, "
+          "the torch code it replaces.")
+    if device.type == "cpu":
+        print("sparsekern[cuda] on CPU tensors is the compiled extension's C++ kernels.")
+    print(format_table(rows))
+    if args.json:
+        write(rows, args.json, "json", where)
+    if args.csv:
+        write(rows, args.csv, "csv")
+    return 1 if any(row.error is not None for row in rows) else 0

@@ -1,0 +1,99 @@
+"""Per-layer densities: how a global density d is spread over the sparsified layers.
+
+Layers are given by their weight shapes, e.g. (out, in) for a linear layer and
+(out, in / groups, k_h, k_w) for a convolution; N_l is the number of weights of layer l.
+
+- `uniform`: every layer at density d; optionally the first layer dense (RigL's uniform setting),
+  which puts the total above d * sum N_l.
+- `erk` (Erdos-Renyi-Kernel, RigL's `get_sparsities_erdos_renyi`): d_l = eps * (sum(shape_l) /
+  prod(shape_l)) ** power, with eps solved so that sum d_l * N_l = d * sum N_l. A layer whose d_l
+  would exceed 1 is made dense and eps is solved again over the others, until none exceeds 1.
+
+`layer_counts` turns densities into exact non-zero counts: round(d_l * N_l), rounding half to even
+(Python's `round`).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Sequence
+
+DISTRIBUTIONS = ("erk", "uniform")
+
+
+def check_density(density) -> float:
+    """`density` as a float, or ValueError/TypeError naming it unless it is a number in (0, 1]."""
+    if isinstance(density, bool) or not isinstance(density, numbers.Real):
+        raise TypeError(f"density must be a number in (0, 1], got {type(density).__name__}")
+    if not 0 < density <= 1:  # also rejects NaN
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    return float(density)
+
+
+def layer_densities(shapes: Sequence[Sequence[int]], density: float, distribution: str = "erk", *,
+                    power: float = 1.0, dense_first_layer: bool = False) -> list[float]:
+    """Densities for layers of weight shapes `shapes` under `distribution` ("erk" or "uniform")."""
+    if distribution == "erk":
+        return erk(shapes, density, power=power, dense_first_layer=dense_first_layer)
+    if distribution == "uniform":
+        return uniform(shapes, density, dense_first_layer=dense_first_layer)
+    raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+
+
+def uniform(shapes: Sequence[Sequence[int]], density: float, *, dense_first_layer: bool = False) -> list[float]:
+    """Every layer at `density`; with `dense_first_layer` the first layer at 1."""
+    sizes = [math.prod(shape) for shape in _shapes(shapes)]
+    density = check_density(density)
+    return [1.0 if dense_first_layer and i == 0 else density for i in range(len(sizes))]
+
+
+def erk(shapes: Sequence[Sequence[int]], density: float, *, power: float = 1.0,
+        dense_first_layer: bool = False) -> list[float]:
+    """Erdos-Renyi-Kernel densities (module docstring), total non-zeros d * sum N_l.
+
+    `dense_first_layer` keeps the first layer dense and spreads the rest of the same total over
+    the others (ValueError if the first layer alone holds more than d * sum N_l).
+    """
+    shapes = _shapes(shapes)
+    sizes = [math.prod(shape) for shape in shapes]
+    density = check_density(density)
+    if isinstance(power, bool) or not isinstance(power, numbers.Real) or not math.isfinite(power):
+        raise ValueError(f"power must be a finite number, got {power!r}")
+    power = float(power)
+    raw = [(sum(shape) / size) ** power for shape, size in zip(shapes, sizes)]
+    budget = density * sum(sizes)
+    dense = {0} if dense_first_layer and sizes else set()
+    if dense_first_layer and sizes and sizes[0] > budget:
+        raise ValueError(f"density={density} is below what the dense first layer alone holds "
+                         f"({sizes[0] / sum(sizes):.6g} of all weights)")
+    while True:
+        sparse = [i for i in range(len(sizes)) if i not in dense]
+        if not sparse:
+            return [1.0] * len(sizes)
+        epsilon = (budget - sum(sizes[i] for i in dense)) / sum(raw[i] * sizes[i] for i in sparse)
+        saturated = {i for i in sparse if epsilon * raw[i] > 1}
+        if not saturated:
+            return [1.0 if i in dense else epsilon * raw[i] for i in range(len(sizes))]
+        # Making a saturated layer dense frees budget, so eps only grows: every layer saturated
+        # now stays saturated, and taking them all at once reaches the same end as one by one.
+        dense |= saturated
+
+
+def layer_counts(shapes: Sequence[Sequence[int]], densities: Sequence[float]) -> list[int]:
+    """Exact non-zero counts round(d_l * N_l), each within [0, N_l]."""
+    sizes = [math.prod(shape) for shape in _shapes(shapes)]
+    densities = list(densities)
+    if len(densities) != len(sizes):
+        raise ValueError(f"densities has {len(densities)} entries but shapes has {len(sizes)}")
+    return [min(size, max(0, round(d * size))) for d, size in zip(densities, sizes)]
+
+
+def _shapes(shapes: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
+    """`shapes` as a list of tuples of positive ints, or ValueError naming the bad entry."""
+    checked = []
+    for i, shape in enumerate(shapes):
+        shape = tuple(shape)
+        if not shape or any(isinstance(n, bool) or not hasattr(n, "__index__") or n < 1 for n in shape):
+            raise ValueError(f"shapes[{i}] must be a non-empty tuple of positive ints, got {shape}")
+        checked.append(tuple(int(n) for n in shape))
+    return checked

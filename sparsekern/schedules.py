@@ -1,0 +1,111 @@
+"""Drop-fraction schedules r(t) of dynamic sparse training: pure functions of the step t.
+
+    cosine    RigL: r(t) = α/2 (1 + cos(π t / T_end)), α = 0.3; no updates from T_end on
+              (T_end defaults to 75% of training).
+    constant  SET: r(t) = α, α = 0.3.
+    annealed  Fantastic Weights: α = 0.5 cosine-annealed to α_final = 0.005 over all of training,
+              r(t) = α_final + (α - α_final)/2 (1 + cos(π t / T)), T = total steps; no T_end.
+
+`make(name, total_steps, ...)` turns a name and its options into a `Schedule`, which also says
+at which steps masks are updated.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+DEFAULT_DROP_FRACTION = {"cosine": 0.3, "constant": 0.3, "annealed": 0.5}
+DEFAULT_FINAL_DROP_FRACTION = 0.005
+# RigL stops updating masks after this fraction of training.
+COSINE_END_FRACTION = 0.75
+
+
+def cosine(step: int, *, drop_fraction: float = 0.3, end_step: int) -> float:
+    """RigL's α/2 (1 + cos(π t / T_end)); 0 from end_step on."""
+    if step >= end_step:
+        return 0.0
+    return drop_fraction / 2 * (1 + math.cos(math.pi * step / end_step))
+
+
+def constant(step: int, *, drop_fraction: float = 0.3) -> float:
+    """SET's constant drop fraction."""
+    return drop_fraction
+
+
+def annealed(step: int, *, drop_fraction: float = 0.5, final_drop_fraction: float = 0.005,
+             total_steps: int) -> float:
+    """Cosine annealing from drop_fraction at step 0 to final_drop_fraction at total_steps
+    (what torch's CosineAnnealingLR computes, as in the Fantastic Weights code)."""
+    progress = min(step, total_steps) / total_steps
+    return final_drop_fraction + (drop_fraction - final_drop_fraction) / 2 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """When masks are updated and by how much.
+
+    Masks are updated at steps t = update_every, 2·update_every, ... with t < end_step (t counts
+    `DST.step()` calls from 1); the update at step t drops fraction(t) of the active weights.
+    """
+
+    name: str
+    update_every: int
+    end_step: int
+    total_steps: int
+    drop_fraction: float
+    final_drop_fraction: float
+
+    def is_update(self, step: int) -> bool:
+        return step % self.update_every == 0 and 0 < step < self.end_step
+
+    def fraction(self, step: int) -> float:
+        if self.name == "cosine":
+            return cosine(step, drop_fraction=self.drop_fraction, end_step=self.end_step)
+        if self.name == "constant":
+            return constant(step, drop_fraction=self.drop_fraction)
+        return annealed(step, drop_fraction=self.drop_fraction,
+                        final_drop_fraction=self.final_drop_fraction, total_steps=self.total_steps)
+
+
+def make(name, total_steps, *, update_every=100, end_step=None, drop_fraction=None,
+         final_drop_fraction=None) -> Schedule:
+    """A validated Schedule.
+
+    drop_fraction defaults per schedule (0.3 cosine and constant, 0.5 annealed); end_step
+    defaults to round(0.75 · total_steps) for cosine and total_steps otherwise;
+    final_drop_fraction (annealed only) defaults to 0.005.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"schedule must be a str, got {type(name).__name__}")
+    if name not in DEFAULT_DROP_FRACTION:
+        raise ValueError(f"schedule must be one of {sorted(DEFAULT_DROP_FRACTION)}, got {name!r}")
+    total_steps = _positive_int(total_steps, "total_steps")
+    update_every = _positive_int(update_every, "update_every")
+    if end_step is None:
+        end_step = round(COSINE_END_FRACTION * total_steps) if name == "cosine" else total_steps
+    else:
+        end_step = _positive_int(end_step, "end_step")
+    drop_fraction = _fraction(DEFAULT_DROP_FRACTION[name] if drop_fraction is None else drop_fraction,
+                              "drop_fraction")
+    if final_drop_fraction is not None and name != "annealed":
+        raise ValueError(f"final_drop_fraction applies only to schedule='annealed', got schedule={name!r}")
+    final_drop_fraction = _fraction(DEFAULT_FINAL_DROP_FRACTION if final_drop_fraction is None
+                                    else final_drop_fraction, "final_drop_fraction")
+    return Schedule(name, update_every, end_step, total_steps, drop_fraction, final_drop_fraction)
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = value.__index__()
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value}")
+    return value
+
+
+def _fraction(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not 0 <= value <= 1:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+    return float(value)

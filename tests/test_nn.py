@@ -1,0 +1,308 @@
+"""Sparse modules against plain PyTorch with masked weights, sparsify, summary and gradient flow."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparsekern
+from sparsekern.nn import SparseConv2d, SparseLinear, sparse_modules
+
+
+def random_mask(shape, density, generator):
+    return torch.rand(shape, generator=generator) < density
+
+
+def masked(weight, mask):
+    return torch.where(mask, weight, torch.zeros((), dtype=weight.dtype))
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dense_grad", [False, True])
+def test_sparse_linear_matches_masked_dense(generator, dtype, atol, bias, dense_grad):
+    layer = SparseLinear(13, 7, bias=bias, dtype=dtype)
+    mask = random_mask(layer.weight.shape, 0.3, generator)
+    layer.set_mask(mask)
+    layer.dense_grad = dense_grad
+    x = torch.randn(2, 5, 13, generator=generator, dtype=dtype).requires_grad_()
+    dy = torch.randn(2, 5, 7, generator=generator, dtype=dtype)
+    y = layer(x)
+    y.backward(dy)
+
+    weight = masked(layer.weight.detach(), mask).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    bias_ref = layer.bias.detach().clone().requires_grad_() if bias else None
+    y_ref = F.linear(x_ref, weight, bias_ref)
+    y_ref.backward(dy)
+    torch.testing.assert_close(y, y_ref, atol=atol, rtol=0)
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=atol, rtol=0)
+    expected_grad = weight.grad if dense_grad else masked(weight.grad, mask)
+    torch.testing.assert_close(layer.weight.grad, expected_grad, atol=atol, rtol=0)
+    if dense_grad:
+        assert (layer.weight.grad[~mask] != 0).any()
+    if bias:
+        torch.testing.assert_close(layer.bias.grad, bias_ref.grad, atol=atol, rtol=0)
+
+
+CONV_CASES = [
+    dict(kernel_size=3),
+    dict(kernel_size=3, stride=2, padding=1),
+    dict(kernel_size=(3, 2), stride=(2, 1), padding=(2, 0), dilation=(1, 2)),
+    dict(kernel_size=3, dilation=2, padding="same"),
+    dict(kernel_size=3, padding="valid", groups=2),
+    dict(kernel_size=1, groups=6, bias=False),
+    dict(kernel_size=3, padding=1, padding_mode="reflect", groups=3),
+    dict(kernel_size=3, padding=1, padding_mode="circular"),
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("dense_grad", [False, True])
+def test_sparse_conv2d_matches_conv2d_with_masked_weight(generator, case, dense_grad):
+    dense = nn.Conv2d(6, 12, **case, dtype=torch.float64)
+    layer = SparseConv2d.from_dense(copy.deepcopy(dense))
+    mask = random_mask(layer.weight.shape, 0.4, generator)
+    layer.set_mask(mask)
+    layer.dense_grad = dense_grad
+    # Non-contiguous input: channels-last strides.
+    x = torch.randn(3, 6, 9, 8, generator=generator, dtype=torch.float64).to(
+        memory_format=torch.channels_last).requires_grad_()
+    y = layer(x)
+    dy = torch.randn(y.shape, generator=generator, dtype=torch.float64)
+    y.backward(dy)
+
+    with torch.no_grad():
+        dense.weight.copy_(masked(dense.weight, mask))
+    x_ref = x.detach().clone().requires_grad_()
+    y_ref = dense(x_ref)
+    y_ref.backward(dy)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    expected_grad = dense.weight.grad if dense_grad else masked(dense.weight.grad, mask)
+    torch.testing.assert_close(layer.weight.grad, expected_grad)
+    if dense.bias is not None:
+        torch.testing.assert_close(layer.bias.grad, dense.bias.grad)
+
+
+def test_new_module_is_dense_and_set_mask_zeroes_weights(generator):
+    layer = SparseLinear(8, 4)
+    assert layer.mask.dtype == torch.bool and layer.mask.all() and layer.dense_grad is False
+    mask = random_mask((4, 8), 0.5, generator)
+    layer.set_mask(mask)
+    assert torch.equal(layer.mask, mask) and layer.mask is not mask
+    assert (layer.weight[~mask] == 0).all() and layer.nnz == int(mask.sum())
+    assert layer.density == pytest.approx(int(mask.sum()) / 32)
+
+
+@pytest.mark.parametrize("bad, error", [(torch.ones(4, 8), TypeError), (torch.ones(8, 4, dtype=torch.bool), ValueError),
+                                        ([[True]], TypeError)])
+def test_set_mask_rejects_bad_masks_and_changes_nothing(bad, error):
+    layer = SparseLinear(8, 4)
+    before = layer.weight.detach().clone()
+    with pytest.raises(error, match="mask"):
+        layer.set_mask(bad)
+    assert layer.mask.all() and torch.equal(layer.weight, before)
+
+
+@pytest.mark.parametrize("make", [lambda: nn.Linear(10, 6), lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2)])
+def test_dense_round_trip_and_state_dicts(generator, make):
+    dense = make()
+    sparse = (SparseLinear if isinstance(dense, nn.Linear) else SparseConv2d).from_dense(dense)
+    assert sparse.weight is dense.weight  # shared, so an optimizer on the dense model stays valid
+    mask = random_mask(sparse.weight.shape, 0.5, generator)
+    sparse.set_mask(mask)
+    x = torch.randn(2, 10, generator=generator) if isinstance(dense, nn.Linear) else torch.randn(
+        2, 4, 7, 7, generator=generator)
+
+    back = sparse.to_dense()
+    assert type(back) is type(dense) and back.weight is not sparse.weight
+    torch.testing.assert_close(back(x), sparse(x))
+    assert torch.equal(back.weight, masked(sparse.weight, mask))
+
+    # A plain state dict loads strictly into a sparse module: mask all True.
+    fresh = copy.deepcopy(sparse)
+    fresh.load_state_dict(back.state_dict())
+    assert fresh.mask.all()
+    torch.testing.assert_close(fresh(x), back(x))
+    # The sparse state dict carries the mask.
+    state = sparse.state_dict()
+    assert torch.equal(state["mask"], mask)
+    other = copy.deepcopy(fresh)
+    other.load_state_dict(state)
+    assert torch.equal(other.mask, mask) and torch.equal(other.weight, sparse.weight)
+
+
+def test_loading_dense_checkpoint_into_sparsified_model_keeps_callers_dict():
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    state = copy.deepcopy(model.state_dict())
+    sparse = sparsekern.sparsify(copy.deepcopy(model), 0.5, distribution="uniform")
+    sparse.load_state_dict(state)
+    assert set(state) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    assert all(m.mask.all() for _, m in sparse_modules(sparse))
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(sparse(x), model(x))
+
+
+def small_model():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, groups=2, bias=False), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                         nn.Flatten(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+@pytest.mark.parametrize("optimizer", [
+    lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2, nesterov=True),
+    lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=1e-2),
+    lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=1e-1)], ids=["sgd", "adam", "adamw"])
+def test_inactive_weights_stay_zero_and_output_equals_masked_dense(generator, optimizer):
+    model = sparsekern.sparsify(small_model(), 0.3, generator=generator)
+    opt = optimizer(model.parameters())
+    for _ in range(3):
+        x = torch.randn(5, 3, 6, 6, generator=generator)
+        y = torch.randint(0, 4, (5,), generator=generator)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        for _, module in sparse_modules(model):
+            assert (module.weight[~module.mask] == 0).all()
+    dense = copy.deepcopy(model)
+    for name, module in sparse_modules(model):
+        dense.set_submodule(name, module.to_dense())
+    assert not sparse_modules(dense)
+    model.eval(), dense.eval()
+    x = torch.randn(5, 3, 6, 6, generator=generator)
+    torch.testing.assert_close(model(x), dense(x))
+
+
+def test_sparsify_swaps_in_place_and_keeps_other_layers_dense(generator):
+    model = small_model()
+    before = {name: p for name, p in model.named_parameters()}
+    result = sparsekern.sparsify(model, 0.2, distribution="uniform", generator=generator)
+    assert result is model
+    assert [name for name, _ in sparse_modules(model)] == ["0", "3", "7", "9"]
+    assert [type(m) for _, m in sparse_modules(model)] == [SparseConv2d, SparseConv2d, SparseLinear, SparseLinear]
+    after = dict(model.named_parameters())
+    assert set(after) == set(before) and all(after[n] is before[n] for n in before)
+    assert model[1].weight.eq(1).all() and model[0].bias.ne(0).all()
+    for _, module in sparse_modules(model):
+        assert module.nnz == round(0.2 * module.weight.numel())
+
+
+def test_sparsify_include_exclude_shared_and_root(generator):
+    shared = nn.Linear(4, 4)
+    model = nn.ModuleDict({"a": shared, "b": nn.Sequential(shared, nn.Linear(4, 4)), "head": nn.Linear(4, 2),
+                           "attention": nn.MultiheadAttention(4, 2)})
+    sparsekern.sparsify(model, 0.5, include=["a", "b.*", "head"], exclude="head", generator=generator)
+    assert isinstance(model["a"], SparseLinear) and model["b"][0] is model["a"]
+    assert isinstance(model["b"][1], SparseLinear) and type(model["head"]) is nn.Linear
+    assert type(model["attention"].out_proj) is not SparseLinear  # a Linear subclass, left alone
+    root = sparsekern.sparsify(nn.Linear(5, 5), 0.4, generator=generator)
+    assert isinstance(root, SparseLinear) and root.nnz == 10
+
+
+def test_sparsify_same_seed_same_masks_and_weights():
+    def masks(seed):
+        torch.manual_seed(0)
+        model = sparsekern.sparsify(small_model(), 0.25, generator=torch.Generator().manual_seed(seed))
+        return [(m.mask.clone(), m.weight.detach().clone()) for _, m in sparse_modules(model)]
+    first, again, other = masks(1), masks(1), masks(2)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
+    assert any(not torch.equal(a[0], b[0]) for a, b in zip(first, other))
+
+
+@pytest.mark.parametrize("kwargs, argument", [
+    (dict(density=0), "density"), (dict(density=1.5), "density"), (dict(density=float("nan")), "density"),
+    (dict(density=0.5, distribution="gaussian"), "distribution"), (dict(density=0.5, init="xavier"), "init"),
+    (dict(density=0.5, include=["nothing*"]), "include"), (dict(density=0.5, power=float("inf")), "power")])
+def test_sparsify_rejects_bad_arguments_before_touching_the_model(kwargs, argument):
+    model = small_model()
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=argument):
+        sparsekern.sparsify(model, **kwargs)
+    assert not sparse_modules(model)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_summary_counts(generator, capsys):
+    model = sparsekern.sparsify(small_model(), 0.3, distribution="uniform", generator=generator)
+    result = sparsekern.summary(model)
+    printed = capsys.readouterr().out
+    assert "SparseConv2d" in printed and "total" in printed
+    rows = {row["name"]: row for row in result["layers"]}
+    assert list(rows) == ["0", "1", "3", "7", "9"]
+    conv = model[0]
+    assert rows["0"]["shape"] == (8, 3, 3, 3)
+    assert rows["0"]["nonzeros"] == conv.nnz + 8 and rows["0"]["parameters"] == 8 * 27 + 8
+    weights = [m.weight.numel() for _, m in sparse_modules(model)]
+    assert result["sparse_weights"]["nonzeros"] == sum(round(0.3 * n) for n in weights)
+    assert result["total"]["parameters"] == sum(p.numel() for p in model.parameters())
+    sparsekern.summary(model, print_fn=None)
+    assert capsys.readouterr().out == ""
+
+
+def test_gradient_flow_is_masked_norm_and_changes_nothing(generator):
+    model = sparsekern.sparsify(nn.Sequential(small_model(), nn.Dropout(0.5)), 0.3, generator=generator)
+    model[0][3].dense_grad = True  # the metric masks the gradient whatever the module is set to
+    x = torch.randn(6, 3, 6, 6, generator=generator)
+    y = torch.randint(0, 4, (6,), generator=generator)
+    F.cross_entropy(model(x), y).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    rng = torch.get_rng_state()
+
+    flow = sparsekern.gradient_flow(model, F.cross_entropy, (x, y))
+
+    assert all(torch.equal(p.grad, grads[n]) for n, p in model.named_parameters())
+    assert all(torch.equal(b, buffers[n]) for n, b in model.named_buffers())
+    assert torch.equal(torch.get_rng_state(), rng)
+    # Reference: plain backward on a copy (same dropout draw), then mask.
+    reference = copy.deepcopy(model)
+    reference.zero_grad()
+    torch.set_rng_state(rng)
+    F.cross_entropy(reference(x), y).backward()
+    squares = {}
+    for name, p in reference.named_parameters():
+        layer = name.rpartition(".")[0]
+        module = reference.get_submodule(layer)
+        grad = p.grad * module.mask if name.endswith("weight") and hasattr(module, "mask") else p.grad
+        squares[layer] = squares.get(layer, 0.0) + float(grad.double().square().sum())
+    assert flow["layers"] == pytest.approx({k: v ** 0.5 for k, v in squares.items()}, rel=1e-6)
+    assert flow["total"] == pytest.approx(sum(squares.values()) ** 0.5, rel=1e-6)
+
+
+@pytest.mark.parametrize("make, shape", [(lambda: SparseLinear(16, 8), (4, 16)),
+                                         (lambda: SparseConv2d(4, 8, 3, padding=1, groups=2), (2, 4, 6, 6))],
+                         ids=["linear", "conv2d"])
+def test_compiles_as_one_graph_and_follows_dense_grad(generator, make, shape):
+    # aot_eager traces forward and backward through the fake impls like inductor does, in a
+    # fraction of inductor's compile time on CPU.
+    layer = make()
+    layer.set_mask(random_mask(layer.weight.shape, 0.5, generator))
+    x = torch.randn(shape, generator=generator)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    for dense_grad in (False, True):
+        layer.dense_grad = dense_grad
+        layer.weight.grad = None
+        y = compiled(x)
+        torch.testing.assert_close(y, layer(x))
+        y.sum().backward()
+        assert (layer.weight.grad[~layer.mask] != 0).any() == dense_grad
+
+
+@pytest.mark.parametrize("make, shape", [(lambda: SparseLinear(6, 4), (3, 6)),
+                                         (lambda: SparseConv2d(2, 4, 3, padding=1), (3, 2, 5, 5))],
+                         ids=["linear", "conv2d"])
+def test_values_off_the_mask_never_reach_the_output_and_load_as_saved(generator, make, shape):
+    layer = make()
+    mask = random_mask(layer.weight.shape, 0.5, generator)
+    layer.set_mask(mask)
+    x = torch.randn(shape, generator=generator)
+    expected = layer(x)
+    with torch.no_grad():  # what an algorithm writing `mask` directly (OptG) leaves behind
+        layer.weight.masked_fill_(~mask, float("nan"))
+        layer.weight.view(-1)[(~mask).view(-1).nonzero()[0]] = float("inf")
+    torch.testing.assert_close(layer(x), expected)
+    reloaded = make()
+    reloaded.load_state_dict(layer.state_dict())
+    assert torch.equal(reloaded.weight.isnan(), layer.weight.isnan())
