@@ -97,9 +97,11 @@ def test_scores_may_be_the_weight_itself(backend, use_backend, generator):
 @pytest.mark.parametrize("kind", ["normal", "ties", "special"])
 def test_large_tensor_equals_reference(backend, kind, use_backend, generator):
     # Large enough for the compiled kernel's parallel blocks and 16-bit radix digits.
+    if backend == "reference":
+        pytest.skip("the reference is the expected answer")
     use_backend(backend, "prune_grow")
-    skip_interpreter_limits(backend, size=300 * 400)
-    args = case(generator, (300, 400), torch.float32, kind, "transposed", density=0.1)
+    skip_interpreter_limits(backend, size=260 * 300)
+    args = case(generator, (260, 300), torch.float32, kind, "transposed", density=0.1)
     for n in swap_counts(args[1], generator):
         assert_same_update(clone_args(args), clone_args(args), n)
 

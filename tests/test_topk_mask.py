@@ -96,8 +96,10 @@ def test_per_tensor_selection_equals_reference(backend, dtype, kind, layout, use
 @pytest.mark.parametrize("kind", ["normal", "ties", "special"])
 def test_large_list_equals_reference(backend, dtype, kind, use_backend, generator):
     # Large enough for the compiled kernels' parallel blocks and 16-bit radix digits.
+    if backend == "reference":
+        pytest.skip("the reference is the expected answer")
     use_backend(backend, "topk_mask")
-    shapes = [(300, 257), (33, 3, 3, 3), (120_001,)]
+    shapes = [(300, 257), (33, 3, 3, 3), (20_001,)]
     skip_interpreter_limits(backend, dtype, size=sum(torch.Size(s).numel() for s in shapes))
     scores = score_list(generator, dtype, kind, "transposed", shapes)
     available = sum(non_nan_counts(scores))

@@ -33,22 +33,24 @@ struct EligibleScoreKeys {
 
 constexpr int64_t kGrain = int64_t(1) << 15;
 
-template <typename Bits, typename ZeroAt>
-void zero_bits(Bits* data, int64_t size, const ZeroAt& zero_at) {
+template <typename Bits>
+void zero_bits(Bits* data, int64_t size, const uint8_t* zero) {
   at::parallel_for(0, size, kGrain, [&](int64_t first, int64_t last) {
-    for (int64_t i = first; i < last; ++i) data[i] = zero_at(i) ? Bits(0) : data[i];
+    Bits* __restrict values = data;
+    const uint8_t* __restrict flags = zero;
+    // A mask, not a conditional store, so that the loop vectorizes.
+    for (int64_t i = first; i < last; ++i) values[i] &= Bits(Bits(flags[i]) - 1);
   });
 }
 
-// Sets target's entries to 0 where zero_at(flat position) holds. All-zero bits are +0.0 in every
-// float dtype, so only the element size matters. A non-contiguous target is updated through a copy.
-template <typename ZeroAt>
-void zero_where(const at::Tensor& target, const ZeroAt& zero_at) {
+// Sets target's entries to 0 where zero[flat position] is 1. All-zero bits are +0.0 in every float
+// dtype, so only the element size matters. A non-contiguous target is updated through a copy.
+void zero_where(const at::Tensor& target, const uint8_t* zero) {
   at::Tensor data = target.contiguous();
   switch (data.element_size()) {
-    case 2: zero_bits(static_cast<uint16_t*>(data.data_ptr()), data.numel(), zero_at); break;
-    case 4: zero_bits(static_cast<uint32_t*>(data.data_ptr()), data.numel(), zero_at); break;
-    case 8: zero_bits(static_cast<uint64_t*>(data.data_ptr()), data.numel(), zero_at); break;
+    case 2: zero_bits(static_cast<uint16_t*>(data.data_ptr()), data.numel(), zero); break;
+    case 4: zero_bits(static_cast<uint32_t*>(data.data_ptr()), data.numel(), zero); break;
+    case 8: zero_bits(static_cast<uint64_t*>(data.data_ptr()), data.numel(), zero); break;
     default: TORCH_INTERNAL_ASSERT(false, "unexpected element size ", data.element_size());
   }
   if (!data.is_same(target)) target.copy_(data);
@@ -110,15 +112,25 @@ at::Tensor prune_grow(const at::Tensor& weight, const at::Tensor& mask, const at
     const EligibleScoreKeys<scalar_t> grow_source{grow.const_data_ptr<scalar_t>(), kept, false};
     write_selection(grow_source, layout, find_cutoff(grow_source, layout, n), {fresh});
   });
-  // kept becomes the new mask (kept | grown) and grown becomes the newly grown set (grown & ~old).
+  // kept becomes the new mask (kept | grown), grown the newly grown set (grown & ~old), and a third
+  // array marks where the weight becomes 0 (~new | newly grown). Bytes, not bools, for arithmetic.
+  at::Tensor weight_zero = at::empty_like(new_mask, new_mask.options().dtype(at::kByte));
+  auto* zero = weight_zero.data_ptr<uint8_t>();
   at::parallel_for(0, size, kGrain, [&](int64_t first, int64_t last) {
+    uint8_t* __restrict next = reinterpret_cast<uint8_t*>(kept);
+    uint8_t* __restrict added = reinterpret_cast<uint8_t*>(fresh);
+    uint8_t* __restrict zero_weight = zero;
+    const auto* __restrict before = reinterpret_cast<const uint8_t*>(old);
     for (int64_t i = first; i < last; ++i) {
-      kept[i] = kept[i] | fresh[i];
-      fresh[i] = fresh[i] & !old[i];
+      const uint8_t now = next[i] | added[i];
+      const uint8_t grown_now = added[i] & (before[i] ^ 1);
+      next[i] = now;
+      added[i] = grown_now;
+      zero_weight[i] = (now ^ 1) | grown_now;
     }
   });
-  zero_where(weight, [kept, fresh](int64_t i) { return !kept[i] | fresh[i]; });
-  for (const at::Tensor& tensor : state) zero_where(tensor, [fresh](int64_t i) { return fresh[i]; });
+  zero_where(weight, zero);
+  for (const at::Tensor& tensor : state) zero_where(tensor, reinterpret_cast<const uint8_t*>(fresh));
   return new_mask;
 }
 

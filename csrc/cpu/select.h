@@ -152,24 +152,31 @@ void count_digits(const KeyAt key_at, const int64_t begin, const int64_t end, co
     // that every increment would have to wait for.
     for (int64_t i = begin; i < end; ++i) {
       const Key key = key_at(i);
-      ++histogram[key != Key(kIneligibleKey) ? (key >> shift) & digit_mask : digit_mask + 1 + (i & kSpareMask)];
+      // A bit mask rather than ?: which compilers turn back into a branch.
+      const int64_t eligible = -static_cast<int64_t>(key != Key(kIneligibleKey));
+      const int64_t digit = static_cast<int64_t>(key >> shift) & digit_mask;
+      ++histogram[(digit & eligible) | ((digit_mask + 1 + (i & kSpareMask)) & ~eligible)];
     }
     return;
   }
   // Later digits: few keys share the prefix, so test a group at once in a loop that vectorizes
   // (bitwise &, no branch) and count one by one only in groups with a match.
   const auto counts = [&](Key key) { return (key != Key(kIneligibleKey)) & ((key & high_mask) == prefix); };
-  constexpr int64_t kGroup = 16;
-  for (int64_t i = begin; i < end; i += kGroup) {
-    const int64_t group_end = std::min(end, i + kGroup);
-    int any = 0;
-    for (int64_t j = i; j < group_end; ++j) any |= counts(key_at(j));
-    if (!any) continue;
-    for (int64_t j = i; j < group_end; ++j) {
-      const Key key = key_at(j);
+  const auto count_each = [&](int64_t first, int64_t last) {
+    for (int64_t i = first; i < last; ++i) {
+      const Key key = key_at(i);
       if (counts(key)) ++histogram[(key >> shift) & digit_mask];
     }
+  };
+  constexpr int64_t kGroup = 32;
+  int64_t i = begin;
+  for (; i + kGroup <= end; i += kGroup) {
+    int any = 0;
+#pragma omp simd reduction(| : any)
+    for (int64_t j = 0; j < kGroup; ++j) any |= counts(key_at(i + j));
+    if (any) count_each(i, i + kGroup);
   }
+  count_each(i, end);
 }
 
 // The cutoff of the k best keys. A Source has a `Key` type and `reader(part)`, a callable giving the
