@@ -15,10 +15,24 @@ from ..core import Case
 
 def _plan(device: torch.device, quick: bool):
     if quick:
-        return [torch.float32], [(256, 256)], [1, 16], [0.1]
+        # Two shapes, so the smoke test catches a case that reads another case's tensors.
+        return [torch.float32], [(256, 256), (128, 192)], [1, 16], [0.1]
     if device.type == "cuda":
         return [torch.float16, torch.bfloat16], [(4096, 4096), (8192, 8192)], [1, 4, 16], [0.05, 0.1, 0.2, 0.3, 0.5]
     return [torch.float32, torch.bfloat16], [(1024, 1024), (4096, 4096)], [1, 4, 16, 64], [0.05, 0.1, 0.3, 0.5]
+
+
+def _runs(x, dense, packed, bias, has_kernel: bool) -> dict:
+    # A function of its own so each case's closures hold that case's tensors (a lambda in the loop
+    # would read the loop's last bias).
+    runs = {
+        "dense F.linear": lambda: torch.nn.functional.linear(x, dense, bias),
+        "sparsekern.ops.sparse_linear": lambda: ops.sparse_linear(x, packed, bias),
+    }
+    if has_kernel:
+        runs["sparsekern kernel only"] = lambda: torch.ops.sparsekern.sparse_linear(
+            x, packed.bitmap, packed.values, packed.chunk_offsets, bias)
+    return runs
 
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
@@ -36,13 +50,7 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
                 packed = ops.pack(weight, mask)
                 for batch in batches:
                     x = torch.randn(batch, in_features, generator=generator).to(dtype).to(device)
-                    runs = {
-                        "dense F.linear": lambda x=x, dense=dense: torch.nn.functional.linear(x, dense, bias),
-                        "sparsekern.ops.sparse_linear": lambda x=x, packed=packed: ops.sparse_linear(x, packed, bias),
-                    }
-                    if has_kernel:
-                        runs["sparsekern kernel only"] = lambda x=x, p=packed: torch.ops.sparsekern.sparse_linear(
-                            x, p.bitmap, p.values, p.chunk_offsets, bias)
+                    runs = _runs(x, dense, packed, bias, has_kernel)
                     size = f"{out_features}x{in_features} batch {batch} density {density} {str(dtype)[6:]}"
                     result.append(Case(op="sparse_linear", size=size, runs=runs, baseline="dense F.linear"))
     return result
