@@ -122,6 +122,7 @@ class SparseLinear(SparseModule, nn.Linear):
         for name in _PACKED_FIELDS:
             if f"packed_{name}" in self._buffers:
                 del self._buffers[f"packed_{name}"]
+        self.__dict__.pop("_packed_weight", None)
         return self
 
     @property
@@ -129,7 +130,14 @@ class SparseLinear(SparseModule, nn.Linear):
         """The packed weight of inference mode, or None in training mode."""
         if "packed_values" not in self._buffers:
             return None
-        return PackedWeight(*(self._buffers[f"packed_{name}"] for name in _PACKED_FIELDS), self.in_features)
+        tensors = [self._buffers[f"packed_{name}"] for name in _PACKED_FIELDS]
+        # One PackedWeight per set of buffers, so the dense weight it keeps for the dense fallback
+        # lasts across calls; .to()/.half() replace the buffers, and a new one is made.
+        cached = self.__dict__.get("_packed_weight")
+        if cached is None or any(a is not getattr(cached, name) for a, name in zip(tensors, _PACKED_FIELDS)):
+            cached = PackedWeight(*tensors, self.in_features)
+            self.__dict__["_packed_weight"] = cached
+        return cached
 
     @classmethod
     def from_dense(cls, linear: nn.Linear) -> "SparseLinear":

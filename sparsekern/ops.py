@@ -137,7 +137,8 @@ def sparse_linear(x: Tensor, packed: PackedWeight, bias: Tensor | None = None) -
     x: (..., in_features), of the packed weight's dtype and device; bias: (out_features,) or None,
     same dtype. Returns (..., out_features) in x's dtype, accumulated in float32 (float64 for
     float64). No autograd: this is for inference. Where the dense product is faster (density or
-    row count above SPARSE_LINEAR_LIMITS for the device), it unpacks and calls F.linear instead.
+    row count above SPARSE_LINEAR_LIMITS for the device), it calls F.linear on `packed.dense()`,
+    the unpacked weight, which the PackedWeight makes on the first such call and keeps.
     """
     if not isinstance(packed, PackedWeight):
         raise TypeError(f"packed must be a PackedWeight (from sparsekern.ops.pack), got {type(packed).__name__}")
@@ -157,7 +158,7 @@ def sparse_linear(x: Tensor, packed: PackedWeight, bias: Tensor | None = None) -
     _checks.same_device(tensors)
     rows = x.numel() // packed.in_features if packed.in_features else 0
     if dense_is_faster(packed.density, rows, x.dtype, x.device.type):
-        return torch.nn.functional.linear(x, packed.unpack(), bias)
+        return torch.nn.functional.linear(x, packed.dense(), bias)
     return _backend.choose("sparse_linear", x.device.type)[1].run(
         x, packed.bitmap, packed.values, packed.chunk_offsets, bias)
 

@@ -18,7 +18,7 @@ fewer bytes at every density above 1/16, which covers the densities sparse train
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -34,6 +34,9 @@ class PackedWeight:
     values: Tensor
     chunk_offsets: Tensor
     in_features: int
+    # The unpacked weight, made on the first dense fallback and kept: unpacking costs as much as the
+    # dense product itself, so doing it per call would make the fallback slower than dense.
+    _dense: Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def out_features(self) -> int:
@@ -62,8 +65,18 @@ class PackedWeight:
                             self.in_features)
 
     def unpack(self) -> Tensor:
-        """The dense weight, zero where nothing was kept."""
+        """The dense weight, zero where nothing was kept (a new tensor each call)."""
         return reference.unpack(self.bitmap, self.values, self.in_features)
+
+    def dense(self) -> Tensor:
+        """`unpack()`, made once and kept (do not modify it): what sparse_linear's dense fallback multiplies."""
+        if self._dense is None:
+            self._dense = self.unpack()
+        return self._dense
+
+    def __getstate__(self):
+        # The kept dense weight is a cache: saving it would store the weight twice.
+        return {**self.__dict__, "_dense": None}
 
 
 # torch.load(weights_only=True), which sparsekern.checkpoint.load uses, accepts only listed classes.

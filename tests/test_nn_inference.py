@@ -46,3 +46,11 @@ def test_inference_mode_follows_the_module_and_keeps_the_state_dict(generator):
         torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.masked_weight(), layer.bias))
     assert layer.to_training().packed is None
     assert layer(x).requires_grad  # back on masked_linear, with autograd
+
+
+def test_inference_mode_keeps_one_packed_weight_until_its_buffers_change(generator):
+    layer = sparse_layer(generator, 40, 8, 0.2).to_inference()
+    assert layer.packed is layer.packed  # the dense fallback's unpacked weight lasts across calls
+    before = layer.packed
+    layer.to(torch.float64)
+    assert layer.packed is not before and layer.packed.dtype == torch.float64

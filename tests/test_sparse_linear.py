@@ -165,3 +165,16 @@ def test_dense_fallback_rule():
     assert ops.dense_is_faster(0.1, 1000, torch.float16, "cuda") is True
     assert ops.dense_is_faster(0.3, 16, torch.float16, "cuda") is False
     assert ops.dense_is_faster(0.1, 4, torch.float32, "meta") is True
+
+
+def test_dense_fallback_unpacks_once_and_never_saves_the_copy(generator, tmp_path):
+    weight, mask = random_layer(generator, 9, 33, 0.9, torch.float32)
+    packed = ops.pack(weight, mask)
+    x = torch.randn(64, 33, generator=generator)
+    assert ops.dense_is_faster(packed.density, 64, x.dtype, "cpu")
+    first = ops.sparse_linear(x, packed)
+    kept = packed.dense()
+    torch.testing.assert_close(ops.sparse_linear(x, packed), first)
+    assert packed.dense() is kept and torch.equal(kept, packed.unpack())
+    checkpoint.save(packed, tmp_path / "packed.pt")
+    assert checkpoint.load(tmp_path / "packed.pt")._dense is None
