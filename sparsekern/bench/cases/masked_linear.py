@@ -26,14 +26,14 @@ def torch_dense(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor) -> Tensor
     return torch.nn.functional.linear(x, weight, bias)
 
 
-def _forward(linear, x, weight, mask, bias):
+def forward_run(linear, x, weight, mask, bias):
     def run():
         with torch.no_grad():
             return linear(x, weight, mask, bias)
     return run
 
 
-def _forward_backward(linear, x, weight, mask, bias, grad_out):
+def forward_backward_run(linear, x, weight, mask, bias, grad_out):
     inputs = [t.detach().requires_grad_() for t in (x, weight, bias)]
 
     def run():
@@ -59,8 +59,8 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
                         f"{str(dtype).removeprefix('torch.')}")
                 implementations = {"torch mask-then-matmul": torch_mask_then_matmul,
                                    "torch dense matmul": torch_dense}
-                for mode, wrap, extra in (("forward", _forward, ()),
-                                          ("forward+backward", _forward_backward, (grad_out,))):
+                for mode, wrap, extra in (("forward", forward_run, ()),
+                                          ("forward+backward", forward_backward_run, (grad_out,))):
                     runs = {label: wrap(linear, x, weight, mask, bias, *extra)
                             for label, linear in implementations.items()}
                     runs.update(sparsekern_runs("masked_linear", device,

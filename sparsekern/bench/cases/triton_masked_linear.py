@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ... import _backend, ops
 from ..core import Case, forced_backend
+from .masked_linear import forward_backward_run, forward_run
 
 UNSTRUCTURED_DENSITIES = (0.5, 0.2, 0.1, 0.05)
 BLOCK = (32, 32)
@@ -33,21 +34,6 @@ def _mask_then_matmul(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor) -> 
 def _triton(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor) -> Tensor:
     with forced_backend("triton"):
         return ops.masked_linear(x, weight, mask, bias)
-
-
-def _forward(linear, x, weight, mask, bias):
-    def run():
-        with torch.no_grad():
-            return linear(x, weight, mask, bias)
-    return run
-
-
-def _forward_backward(linear, x, weight, mask, bias, grad_out):
-    inputs = [t.detach().requires_grad_() for t in (x, weight, bias)]
-
-    def run():
-        return torch.autograd.grad(linear(inputs[0], inputs[1], mask, inputs[2]), inputs, grad_out)
-    return run
 
 
 def _bsr_forward(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor):
@@ -80,11 +66,11 @@ def _cases_for(device, dtype, tokens, in_features, out_features, masks, modes, g
         size = f"{tokens}x{in_features} -> {out_features}, {description}, {str(dtype).removeprefix('torch.')}"
         for mode in modes:
             if mode == "forward":
-                runs = {label: _forward(linear, x, weight, mask, bias) for label, linear in implementations.items()}
+                runs = {label: forward_run(linear, x, weight, mask, bias) for label, linear in implementations.items()}
                 if with_bsr:
                     runs["torch BSR matmul"] = _bsr_forward(x, weight, mask, bias)
             else:
-                runs = {label: _forward_backward(linear, x, weight, mask, bias, grad_out)
+                runs = {label: forward_backward_run(linear, x, weight, mask, bias, grad_out)
                         for label, linear in implementations.items()}
             result.append(Case(f"triton masked_linear {mode}", size, runs, baseline=DENSE))
     return result
