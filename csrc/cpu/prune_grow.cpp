@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/score_checks.h"
 #include "cpu/select.h"
 
 namespace sparsekern::cpu {

@@ -48,11 +48,6 @@ struct KeyTraits<double> {
   static constexpr Key kInfinity = 0x7FF0000000000000ull;
 };
 
-// The score dtypes that have keys.
-inline bool is_score_dtype(c10::ScalarType dtype) {
-  return dtype == c10::kHalf || dtype == c10::kBFloat16 || dtype == c10::kFloat || dtype == c10::kDouble;
-}
-
 // Keys 0 and 1 are free: the smallest number, -inf, maps far above them. 0 marks an entry that may
 // not be selected at all (callers' eligibility), 1 a NaN (ranks below every number but may be taken).
 constexpr uint64_t kIneligibleKey = 0;

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "cpu/select.h"
+#include "cpu/score_checks.h"
 
 namespace sparsekern::cpu {
 namespace {
@@ -25,12 +26,8 @@ struct ScoreKeys {
 };
 
 void check_scores(at::TensorList scores) {
+  check_score_dtypes(scores);
   for (size_t i = 0; i < scores.size(); ++i) {
-    const auto dtype = scores[i].scalar_type();
-    TORCH_CHECK_TYPE(is_score_dtype(dtype),
-                     "scores[", i, "] must be float16, bfloat16, float32 or float64, got ", dtype);
-    TORCH_CHECK_TYPE(dtype == scores[0].scalar_type(), "scores[", i, "] has dtype ", dtype,
-                     " but scores[0] has ", scores[0].scalar_type());
     TORCH_CHECK_VALUE(scores[i].device().is_cpu(), "scores[", i, "] is on ", scores[i].device(),
                       ", not the CPU");
   }
@@ -65,20 +62,13 @@ std::vector<at::Tensor> select_masks(at::TensorList scores, int64_t k, const std
 
 std::vector<at::Tensor> topk_mask(at::TensorList scores, int64_t k) {
   check_scores(scores);
-  int64_t total = 0;
-  for (const at::Tensor& s : scores) total += s.numel();
-  TORCH_CHECK_VALUE(0 <= k && k <= total, "k must be in [0, ", total, "], got ", k);
+  check_global_k(scores, k);
   return select_masks(scores, k, "k");
 }
 
 std::vector<at::Tensor> topk_mask_per_tensor(at::TensorList scores, at::IntArrayRef k) {
   check_scores(scores);
-  TORCH_CHECK_VALUE(k.size() == scores.size(), "k has ", k.size(), " entries but scores has ",
-                    scores.size(), " tensors");
-  for (size_t i = 0; i < k.size(); ++i) {
-    TORCH_CHECK_VALUE(0 <= k[i] && k[i] <= scores[i].numel(), "k[", i, "] must be in [0, ",
-                      scores[i].numel(), "], got ", k[i]);
-  }
+  check_per_tensor_k(scores, k);
   std::vector<at::Tensor> masks;
   for (size_t i = 0; i < scores.size(); ++i) {
     masks.push_back(select_masks({scores[i]}, k[i], "k[" + std::to_string(i) + "]")[0]);

@@ -7,6 +7,7 @@
 
 #include <vector>
 
+#include "cpu/score_checks.h"
 #include "cuda/radix_select.h"
 
 namespace sparsekern::cuda {
@@ -24,10 +25,8 @@ FloatType float_type(const at::Tensor& t, const char* name) {
 namespace {
 
 void check_scores(at::TensorList scores) {
+  check_score_dtypes(scores);
   for (size_t i = 0; i < scores.size(); ++i) {
-    float_type(scores[i], "scores");
-    TORCH_CHECK_TYPE(scores[i].scalar_type() == scores[0].scalar_type(), "scores[", i, "] has dtype ",
-                     scores[i].scalar_type(), " but scores[0] has ", scores[0].scalar_type());
     TORCH_CHECK_VALUE(scores[i].is_cuda() && scores[i].device() == scores[0].device(), "scores[", i,
                       "] is on ", scores[i].device(), " but this kernel runs on ", scores[0].device());
   }
@@ -69,22 +68,15 @@ std::vector<at::Tensor> select(at::TensorList scores, const std::vector<int>& se
 
 std::vector<at::Tensor> topk_mask(at::TensorList scores, int64_t k) {
   check_scores(scores);
-  int64_t total = 0;
-  for (const at::Tensor& s : scores) total += s.numel();
-  TORCH_CHECK_VALUE(0 <= k && k <= total, "k must be in [0, ", total, "], got ", k);
+  check_global_k(scores, k);
   return select(scores, std::vector<int>(scores.size(), 0), {k}, "k");
 }
 
 std::vector<at::Tensor> topk_mask_per_tensor(at::TensorList scores, at::IntArrayRef k) {
   check_scores(scores);
-  TORCH_CHECK_VALUE(k.size() == scores.size(), "k has ", k.size(), " entries but scores has ",
-                    scores.size(), " tensors");
+  check_per_tensor_k(scores, k);
   std::vector<int> segment_of_tensor(scores.size());
-  for (size_t i = 0; i < scores.size(); ++i) {
-    TORCH_CHECK_VALUE(0 <= k[i] && k[i] <= scores[i].numel(), "k[", i, "] must be in [0, ",
-                      scores[i].numel(), "], got ", k[i]);
-    segment_of_tensor[i] = static_cast<int>(i);
-  }
+  for (size_t i = 0; i < scores.size(); ++i) segment_of_tensor[i] = static_cast<int>(i);
   return select(scores, segment_of_tensor, k.vec(), "k");
 }
 
