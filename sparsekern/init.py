@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from . import reference
 from .nn import SparseModule
 
 MODES = ("fan_in", "fan_out", "fan_avg")
@@ -107,5 +108,4 @@ def _draw_(module: SparseModule, variance: Tensor, distribution: str, generator)
     else:
         values = (torch.rand(shape, generator=generator) * 2 - 1) * (3 * variance).sqrt()
     values = values.to(device=module.weight.device, dtype=module.weight.dtype)
-    module.weight.copy_(torch.where(module.mask, values, torch.zeros((), dtype=values.dtype,
-                                                                        device=values.device)))
+    module.weight.copy_(reference.masked_weight(values, module.mask))

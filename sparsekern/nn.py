@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import ops
+from . import ops, reference
 from .packing import PackedWeight
 
 
@@ -64,8 +64,7 @@ class SparseModule(nn.Module):
 
     def masked_weight(self) -> Tensor:
         """weight where the mask is True, else 0 (a new tensor, not a view)."""
-        return torch.where(self.mask, self.weight, torch.zeros((), dtype=self.weight.dtype,
-                                                               device=self.weight.device))
+        return reference.masked_weight(self.weight, self.mask)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -166,7 +165,7 @@ class _MaskWeight(torch.autograd.Function):
 
     @staticmethod
     def forward(weight: Tensor, mask: Tensor, dense_grad: bool) -> Tensor:
-        return torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
+        return reference.masked_weight(weight, mask)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -179,7 +178,7 @@ class _MaskWeight(torch.autograd.Function):
         if ctx.dense_grad:
             return grad, None, None
         (mask,) = ctx.saved_tensors
-        return torch.where(mask, grad, torch.zeros((), dtype=grad.dtype, device=grad.device)), None, None
+        return reference.masked_weight(grad, mask), None, None
 
 
 class SparseConv2d(SparseModule, nn.Conv2d):

@@ -60,8 +60,7 @@ def topk_mask(scores: Sequence[Tensor], k: int | Sequence[int]) -> list[Tensor]:
         # Nothing to select; a compiled op could not even be dispatched without a tensor argument.
         return []
     op = "topk_mask_per_tensor" if isinstance(k, list) else "topk_mask"
-    device_type = scores[0].device.type if scores else "cpu"
-    return list(_backend.choose(op, device_type)[1].run(scores, k))
+    return list(_backend.choose(op, scores[0].device.type)[1].run(scores, k))
 
 
 @torch.no_grad()

@@ -33,6 +33,7 @@ class Recipe:
         self.optimizer = self._make_optimizer(model.parameters())
 
     segments = 1
+    algorithm = None  # the sparsekern algorithm that changes the masks, checkpointed with the optimizer
 
     @property
     def first_step(self) -> int:
@@ -63,10 +64,15 @@ class Recipe:
         return {}
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict()}
+        state = {"optimizer": self.optimizer.state_dict()}
+        if self.algorithm is not None:
+            state["algorithm"] = self.algorithm.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.algorithm is not None:
+            self.algorithm.load_state_dict(state["algorithm"])
 
     def _make_optimizer(self, parameters):
         return torch.optim.SGD(parameters, lr=self.config.lr, momentum=self.config.momentum,
@@ -88,13 +94,6 @@ class DSTRecipe(Recipe):
     def after_backward(self) -> bool:
         return self.algorithm.step()
 
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "algorithm": self.algorithm.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.algorithm.load_state_dict(state["algorithm"])
-
 
 class OptGRecipe(Recipe):
     """OptG: scores trained alongside the weights; the mask follows its sigmoid sparsity ramp per epoch."""
@@ -111,13 +110,6 @@ class OptGRecipe(Recipe):
     def end_epoch_after_evaluation(self, last_of_segment: bool) -> None:
         if not last_of_segment:  # the mask for the next epoch; none follows the last
             self.algorithm.next_epoch()
-
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "algorithm": self.algorithm.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.algorithm.load_state_dict(state["algorithm"])
 
 
 class TicketRecipe(Recipe):

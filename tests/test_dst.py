@@ -306,21 +306,19 @@ def test_peak_memory_of_a_dst_step_stays_within_static_sparse_training():
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         algo = sparsekern.RigL(model, optimizer, update_every=1, total_steps=100) if algorithm else None
         x = torch.randn(512, 1024, device="cuda")
-        for _ in range(3):
-            optimizer.zero_grad()
-            model(x).square().mean().backward()
-            if algo is not None:
-                algo.step()
-            optimizer.step()
-        torch.cuda.synchronize()
+
+        def train(steps):
+            for _ in range(steps):
+                optimizer.zero_grad()
+                model(x).square().mean().backward()
+                if algo is not None:
+                    algo.step()
+                optimizer.step()
+            torch.cuda.synchronize()
+
+        train(3)  # optimizer state and allocator caches exist before the peak is measured
         torch.cuda.reset_peak_memory_stats()
-        for _ in range(2):
-            optimizer.zero_grad()
-            model(x).square().mean().backward()
-            if algo is not None:
-                algo.step()
-            optimizer.step()
-        torch.cuda.synchronize()
+        train(2)
         return torch.cuda.max_memory_allocated()
 
     static, dst = peak(False), peak(True)
