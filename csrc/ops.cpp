@@ -1,5 +1,5 @@
 // The schemas of sparsekern's compiled ops. Kernels register against them per dispatch key
-// (csrc/cpu/*.cpp for CPU, csrc/cuda/*_cuda.cpp for CUDA); the contracts are in sparsekern/ops.py.
+// (csrc/cpu/*.cpp for CPU, csrc/cuda/*_cuda.cpp for CUDA); the contracts are in sparsekern/ops/__init__.py.
 #include <torch/library.h>
 
 TORCH_LIBRARY(sparsekern, m) {
@@ -14,7 +14,7 @@ TORCH_LIBRARY(sparsekern, m) {
       "prune_grow(Tensor(a!) weight, Tensor mask, Tensor prune_score, Tensor grow_score, int n, "
       "Tensor(b!)[] state) -> Tensor");
   // y = x @ W.T (+ bias) for W packed by sparsekern.ops.pack (bitmap, values, chunk_offsets:
-  // layout in sparsekern/packing.py); x is (..., in_features), y is (..., out_features).
+  // layout in sparsekern/ops/packing.py); x is (..., in_features), y is (..., out_features).
   m.def(
       "sparse_linear(Tensor x, Tensor bitmap, Tensor values, Tensor chunk_offsets, Tensor? bias) "
       "-> Tensor");

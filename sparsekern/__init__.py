@@ -1,10 +1,16 @@
-"""sparsekern: fused kernels and faithful algorithms for sparse neural-network training."""
-from . import distributions, init, nn, ops, reference
-from ._backend import backends
-from .metrics import gradient_flow, summary
-from .sparsify import sparsify
-from .algorithms import DST, IMP, MEST, SET, SWAMP, OptG, RigL
+"""sparsekern: fused kernels and faithful algorithms for sparse neural-network training.
+
+The package is built in floors, each importing only the floors below it (docs/architecture.md):
+`ops` (the op contract, reference and backends) -> `nn` (sparse modules, sparsify, init, metrics) ->
+`algorithms` (DST, IMP, SWAMP, OptG) -> `cli` and `bench` (tools). `checkpoint` serves every floor.
+"""
+from . import algorithms, checkpoint, nn, ops
+from .algorithms import DST, IMP, MEST, SET, SWAMP, OptG, RigL, distributed
+from .nn import distributions, gradient_flow, init, sparsify, summary
+from .ops import reference
+from .ops._backend import backends
 
 __all__ = ["ops", "reference", "backends", "nn", "distributions", "init", "sparsify", "summary",
-           "gradient_flow", "DST", "SET", "RigL", "MEST", "IMP", "SWAMP", "OptG"]
+           "gradient_flow", "algorithms", "DST", "SET", "RigL", "MEST", "IMP", "SWAMP", "OptG", "distributed",
+           "checkpoint"]
 __version__ = "0.1.0"

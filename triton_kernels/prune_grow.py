@@ -1,6 +1,6 @@
 """One drop-and-grow mask update in Triton (RigL, SET, MEST, ...).
 
-Contract: `sparsekern.ops.prune_grow` and `sparsekern.reference.prune_grow`. Two exact radix
+Contract: `sparsekern.ops.prune_grow` and `sparsekern.ops.reference.prune_grow`. Two exact radix
 selections (`topk_mask.select`) and one fused update:
   kept  = the (active - n) best active entries by prune_score (eligible: mask True);
   grown = the n best entries not kept by grow_score (eligible: kept False);

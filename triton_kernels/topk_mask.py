@@ -1,6 +1,6 @@
 """Exact top-k selection masks in Triton: a radix select on order-preserving keys, no sort.
 
-Contract: `sparsekern.ops.topk_mask` and `sparsekern.reference.select`. Larger scores first; -0.0
+Contract: `sparsekern.ops.topk_mask` and `sparsekern.ops.reference.select`. Larger scores first; -0.0
 equals +0.0; ties go to the lower flat position, counting row-major through the tensors in list
 order; NaN ranks below every number and, in `topk_mask`, is never selected.
 

@@ -1,7 +1,7 @@
 // Exact top-k selection over a virtual concatenation of arrays by radix select, shared by the CPU
 // kernels of topk_mask and prune_grow.
 //
-// The rule (sparsekern/reference.py): larger score first; NaN below every number; +0.0 equals -0.0;
+// The rule (sparsekern/ops/reference.py): larger score first; NaN below every number; +0.0 equals -0.0;
 // equal scores go to the lower flat position. Each score becomes an unsigned key whose integer order
 // is that rule's order among values, so selecting the k best is finding the key of the k-th best (the
 // cutoff) digit by digit from histograms, then taking every key above it plus the first entries

@@ -1,4 +1,4 @@
-// sparse_linear on CPU: y = x @ W.T for a bitmap-packed W (layout: sparsekern/packing.py).
+// sparse_linear on CPU: y = x @ W.T for a bitmap-packed W (layout: sparsekern/ops/packing.py).
 // Each output feature walks its row's bitmap words and, per set bit, adds value * x[:, column];
 // x is transposed first so the batch entries of one column are adjacent (a short vector loop over
 // a tile of at most 16 batch entries, whose sums stay in registers).

@@ -1,5 +1,5 @@
 // Torch-free host interface of the CUDA sparse_linear kernel (sparse_linear.cu).
-// Packed layout (sparsekern.packing.PackedWeight): bit j of bitmap[r, w] marks column 32*w + j
+// Packed layout (sparsekern.ops.packing.PackedWeight): bit j of bitmap[r, w] marks column 32*w + j
 // of row r; `values` holds the marked entries row by row in column order; chunk_offsets[r, c] is
 // the index in `values` of row r's first entry in columns [1024*c, 1024*(c+1)).
 #pragma once

@@ -2,7 +2,7 @@
 
 Every `update_every` steps until `end_step`, each sparse layer (or, with scope="global", all of
 them together) drops n = round(r(t) · active) active weights by a pruning criterion and grows n
-by a growth criterion (`sparsekern.criteria`, `sparsekern.schedules`); the active count is
+by a growth criterion (`sparsekern.algorithms.criteria`, `sparsekern.algorithms.schedules`); the active count is
 unchanged. Usage, once per training step:
 
     loss.backward()
@@ -25,7 +25,8 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
-from .. import criteria, ops, schedules
+from .. import ops
+from . import criteria, schedules
 from ..nn import sparse_modules
 
 SCOPES = ("layer", "global")
@@ -45,7 +46,7 @@ class DST:
         optimizer: the torch optimizer of the model's parameters; its per-weight state tensors
             (momentum, Adam moments: every state tensor shaped like the weight) are zeroed at
             inactive positions on update steps.
-        prune: pruning criterion, one of `sparsekern.criteria.PRUNE` (drop the lowest score):
+        prune: pruning criterion, one of `sparsekern.algorithms.criteria.PRUNE` (drop the lowest score):
             "magnitude", "set", "mest", "snip", "sensitivity", "rsensitivity", "random".
         grow: growth criterion, "gradient" (largest |g| among inactive) or "random".
         drop_fraction: α, the schedule's initial fraction (default per schedule: 0.3 cosine and

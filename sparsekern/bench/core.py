@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .. import _backend
+from ..ops import _backend
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class Case:
     """One op at one size, and the implementations to compare on it.
 
     op: what is measured, e.g. "topk_mask (global)". size: the input, in words, e.g. "resnet50 d=0.1".
-    runs: implementation label (e.g. "sparsekern[cuda]", "torch cat+topk") -> zero-argument callable
+    runs: implementation label (e.g. "sparsekern[compiled/cpu]", "torch cat+topk") -> zero-argument callable
     doing the work once. baseline: the key of `runs` every ratio is taken against.
     """
 
@@ -140,7 +140,8 @@ def sparsekern_runs(op: str, device: torch.device, call: Callable[[], object]) -
             with forced_backend(name):
                 return call()
         return run
-    return {f"sparsekern[{name}]": forced(name) for name in usable_backends(op, device)}
+    return {f"sparsekern[{_backend.label(name, device.type)}]": forced(name)
+            for name in usable_backends(op, device)}
 
 
 def case_modules(only: str | None = None) -> list[str]:

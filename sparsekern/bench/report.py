@@ -38,7 +38,7 @@ def run(device: torch.device, quick: bool = False, only: str | None = None, budg
 
 def environment(device: torch.device) -> str:
     """One line saying where the figures were taken."""
-    from .. import _extension
+    from ..ops import _extension
 
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
@@ -114,8 +114,6 @@ def main(argv: list[str] | None = None, prog: str = "python -m benchmarks") -> i
     print(where)
     print("speed-up = baseline time / time: above 1 is faster than the case's baseline, "
           "the torch code it replaces.")
-    if device.type == "cpu":
-        print("sparsekern[cuda] on CPU tensors is the compiled extension's C++ kernels.")
     print(format_table(rows))
     if args.json:
         write(rows, args.json, "json", where)

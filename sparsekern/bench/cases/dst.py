@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ... import sparsify
+from ...nn import sparsify
 from ...algorithms import RigL
 from ...nn import sparse_modules
 from ..core import Case, sparsekern_runs

@@ -1,7 +1,7 @@
 """Benchmark cases: sparse_linear on a packed weight against dense F.linear on the masked weight.
 
 Inference at small batch is limited by the bytes of weight read; the packed bitmap reads
-0.125 + itemsize * density bytes per entry against itemsize for dense (sparsekern.packing).
+0.125 + itemsize * density bytes per entry against itemsize for dense (sparsekern.ops.packing).
 Labels: "dense F.linear" (baseline), "sparsekern.ops.sparse_linear" (the entry point, with its dense
 fallback rule), "sparsekern kernel only" (the compiled kernel alone, where the extension has one).
 """
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ... import _extension, ops
+from ... import ops
+from ...ops import _extension
 from ..core import Case
 
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ... import _backend, ops
+from ... import ops
+from ...ops import _backend
 from ..core import Case, forced_backend
 from .masked_linear import forward_backward_run, forward_run
 

@@ -1,0 +1,205 @@
+"""How each `--method` drives the training loop of `sparsekern.cli.training`.
+
+The loop trains in segments of `config.epochs` epochs: one segment for dense, static, DST (set, rigl, mest, dst)
+and OptG; one per pruning cycle for IMP; one per cycle and particle for SWAMP. Within a segment the learning rate
+follows a cosine from `config.lr` to 0 over the segment's steps. A recipe says what happens after backward, after
+the optimizer step and at a segment's end, and holds the state a checkpoint needs besides the model's.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..algorithms import DST, IMP, MEST, SET, SWAMP, OptG, RigL
+
+DST_PRESETS = {"set": SET, "rigl": RigL, "mest": MEST, "dst": DST}
+TICKET_METHODS = ("imp", "swamp")
+METHODS = ("dense", "static", *DST_PRESETS, "imp", "swamp", "optg")
+
+
+def start_density(method: str, density: float) -> float:
+    """The density `sparsify` starts the model at: the target, or dense for methods that prune as they train."""
+    return 1.0 if method in (*TICKET_METHODS, "optg") else density
+
+
+class Recipe:
+    """Dense and static training: a plain optimizer, masks never change."""
+
+    def __init__(self, config, model: nn.Module, steps_per_epoch: int):
+        self.config, self.model = config, model
+        self.steps_per_segment = config.epochs * steps_per_epoch
+        self.optimizer = self._make_optimizer(model.parameters())
+
+    segments = 1
+    algorithm = None  # the sparsekern algorithm that changes the masks, checkpointed with the optimizer
+
+    @property
+    def first_step(self) -> int:
+        """Steps of the current segment that are skipped (a rewound ticket starts at step k)."""
+        return 0
+
+    def data_seed(self, epoch_in_segment: int) -> int:
+        return self.config.seed * 1_000_003 + epoch_in_segment
+
+    def after_backward(self) -> bool:
+        """Returns whether masks changed."""
+        return False
+
+    def after_optimizer_step(self) -> None:
+        pass
+
+    def end_segment_before_evaluation(self, last: bool) -> None:
+        pass
+
+    def end_segment_after_evaluation(self, last: bool) -> None:
+        pass
+
+    def end_epoch_after_evaluation(self, last_of_segment: bool) -> None:
+        pass
+
+    def position(self) -> dict:
+        """Extra per-epoch columns saying where in the method's schedule the epoch was."""
+        return {}
+
+    def state_dict(self) -> dict:
+        state = {"optimizer": self.optimizer.state_dict()}
+        if self.algorithm is not None:
+            state["algorithm"] = self.algorithm.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.algorithm is not None:
+            self.algorithm.load_state_dict(state["algorithm"])
+
+    def _make_optimizer(self, parameters):
+        return torch.optim.SGD(parameters, lr=self.config.lr, momentum=self.config.momentum,
+                               weight_decay=self.config.weight_decay)
+
+
+class DSTRecipe(Recipe):
+    """SET, RigL, MEST or DST with any criteria: `algo.step()` after backward, before the optimizer step."""
+
+    def __init__(self, config, model, steps_per_epoch):
+        super().__init__(config, model, steps_per_epoch)
+        options = {"total_steps": self.steps_per_segment, "update_every": config.update_every,
+                   "scope": config.scope, "seed": config.seed}
+        for name in ("prune", "grow", "schedule", "drop_fraction"):
+            if getattr(config, name) is not None:
+                options[name] = getattr(config, name)
+        self.algorithm = DST_PRESETS[config.method](model, self.optimizer, **options)
+
+    def after_backward(self) -> bool:
+        return self.algorithm.step()
+
+
+class OptGRecipe(Recipe):
+    """OptG: scores trained alongside the weights; the mask follows its sigmoid sparsity ramp per epoch."""
+
+    def __init__(self, config, model, steps_per_epoch):
+        super().__init__(config, model, steps_per_epoch)
+        self.algorithm = OptG(model, sparsity=1 - config.density, epochs=config.epochs, lr=config.lr,
+                              momentum=config.momentum)
+
+    def after_backward(self) -> bool:
+        self.algorithm.step()
+        return False
+
+    def end_epoch_after_evaluation(self, last_of_segment: bool) -> None:
+        if not last_of_segment:  # the mask for the next epoch; none follows the last
+            self.algorithm.next_epoch()
+
+
+class TicketRecipe(Recipe):
+    """IMP with weight rewinding (and SWAMP, below): `cycles` segments, each pruning ⌈p·remaining⌉ weights by
+    global magnitude with p chosen so that the last cycle trains at the target density; the ticket is rewound
+    to step k = 10% of a cycle."""
+
+    def __init__(self, config, model, steps_per_epoch):
+        self.config, self.model = config, model
+        self.steps_per_segment = config.epochs * steps_per_epoch
+        self.cycles = config.cycles
+        self.algorithm = self._make_algorithm(prune_fraction=1 - config.density ** (1 / (config.cycles - 1)),
+                                              rewind_step=self.steps_per_segment // 10)
+
+    @property
+    def segments(self) -> int:
+        return self.cycles
+
+    @property
+    def optimizer(self):
+        return self.algorithm.optimizer
+
+    @property
+    def first_step(self) -> int:
+        return self.algorithm.step_in_cycle if self.algorithm.cycle > 0 else 0
+
+    def after_optimizer_step(self) -> None:
+        self.algorithm.step()
+
+    def end_segment_after_evaluation(self, last: bool) -> None:
+        if not last:
+            self.algorithm.next_cycle()
+
+    def position(self) -> dict:
+        return {"cycle": self.algorithm.cycle}
+
+    def state_dict(self) -> dict:
+        return {"algorithm": self.algorithm.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.algorithm.load_state_dict(state["algorithm"])
+
+    def _make_algorithm(self, **options):
+        return IMP(self.model, self._make_optimizer, **options)
+
+
+class SWAMPRecipe(TicketRecipe):
+    """SWAMP: every cycle trains `particles` particles one after another (each its own data order, an SWA mean
+    over the last 25% of the cycle); the last epoch of a cycle reports the averaged weights."""
+
+    def __init__(self, config, model, steps_per_epoch):
+        self.particles = config.particles
+        super().__init__(config, model, steps_per_epoch)
+
+    @property
+    def segments(self) -> int:
+        return self.cycles * self.particles
+
+    @property
+    def first_step(self) -> int:
+        return self.algorithm.step_in_cycle if (self.algorithm.cycle, self.algorithm.particle) != (0, 0) else 0
+
+    def data_seed(self, epoch_in_segment: int) -> int:
+        return self.algorithm.data_seed * 1_009 + epoch_in_segment
+
+    def end_segment_before_evaluation(self, last: bool) -> None:
+        if self.algorithm.particle == self.particles - 1:
+            self.algorithm.next_particle()  # the model now holds the average of the cycle's particles
+
+    def end_segment_after_evaluation(self, last: bool) -> None:
+        if not self.algorithm.averaged:
+            self.algorithm.next_particle()
+        elif not last:
+            self.algorithm.next_cycle()
+
+    def position(self) -> dict:
+        return {"cycle": self.algorithm.cycle, "particle": self.algorithm.particle}
+
+    def _make_algorithm(self, **options):
+        return SWAMP(self.model, self._make_optimizer, particles=self.particles,
+                     swa_start=math.ceil(0.75 * self.steps_per_segment), seed=self.config.seed, **options)
+
+
+def make_recipe(config, model: nn.Module, steps_per_epoch: int) -> Recipe:
+    if config.method in DST_PRESETS:
+        return DSTRecipe(config, model, steps_per_epoch)
+    if config.method == "optg":
+        return OptGRecipe(config, model, steps_per_epoch)
+    if config.method == "imp":
+        return TicketRecipe(config, model, steps_per_epoch)
+    if config.method == "swamp":
+        return SWAMPRecipe(config, model, steps_per_epoch)
+    return Recipe(config, model, steps_per_epoch)

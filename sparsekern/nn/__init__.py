@@ -1,0 +1,11 @@
+"""Floor 2, the modules: sparse layers, `sparsify(model)`, sparsity-aware init, layer densities and metrics.
+
+Imports only `sparsekern.ops` below it; the algorithms above drive these modules' masks.
+"""
+from . import distributions, init
+from .metrics import gradient_flow, summary
+from .modules import SparseConv2d, SparseLinear, SparseModule, sparse_modules
+from .sparsify import sparsify
+
+__all__ = ["SparseModule", "SparseLinear", "SparseConv2d", "sparse_modules", "sparsify", "distributions",
+           "init", "gradient_flow", "summary"]

@@ -1,0 +1,111 @@
+"""Initialisation of sparse modules, after their mask is set.
+
+- `sparse_` (Evci et al. 2022, "Gradient Flow in Sparse Neural Networks"): each active weight
+  into output unit j is drawn with Var = scale / max(1, fan_in_j), fan_in_j the number of active
+  incoming weights of unit j (kernel positions included). `mode="fan_out"` uses the active
+  outgoing weights of the input unit instead, `mode="fan_avg"` the mean of the two for each weight.
+  scale=1.0 is the reference code's choice; scale=2.0 is He initialisation for ReLU networks.
+- `layer_scaled_` (the usual baseline): the dense init variance divided by the layer's density,
+  Var = scale / (density * dense fan), the same for every weight of the layer.
+- `dense_`: keeps whatever the module was initialised with and zeroes the weights off the mask.
+
+Weights are drawn normal (std sqrt(Var)) or uniform (on +-sqrt(3 Var)) on the CPU from
+`generator` (the global generator if None), so one seed gives the same weights on any device.
+Weights off the mask end at exactly 0; biases are left alone. Fans count connections inside a
+convolution's group (an output unit of a grouped conv sees in_channels / groups input channels).
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..ops import reference
+from .modules import SparseModule
+
+MODES = ("fan_in", "fan_out", "fan_avg")
+DISTRIBUTIONS = ("normal", "uniform")
+
+
+def fans(mask: Tensor, mode: str = "fan_in", groups: int = 1) -> Tensor:
+    """Per-weight fan (float, shaped like `mask`) counted over the active entries of `mask`.
+
+    mask: bool, (out, in / groups, *kernel). fan_in: active weights into the weight's output unit;
+    fan_out: active weights out of its input unit (within its group); fan_avg: their mean.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    active = mask.to(torch.float32)
+    out_units = mask.shape[0]
+    if out_units % groups:
+        raise ValueError(f"groups={groups} does not divide the weight's {out_units} output units")
+    fan_in = active.reshape(out_units, -1).sum(1).view(-1, *[1] * (mask.dim() - 1)).expand(mask.shape)
+    if mode == "fan_in":
+        return fan_in
+    grouped = active.reshape(groups, out_units // groups, mask.shape[1], -1)
+    fan_out = grouped.sum((1, 3), keepdim=True).expand(grouped.shape).reshape(mask.shape)
+    return fan_out if mode == "fan_out" else (fan_in + fan_out) / 2
+
+
+@torch.no_grad()
+def sparse_(module: SparseModule, *, distribution: str = "normal", mode: str = "fan_in",
+            scale: float = 1.0, generator: torch.Generator | None = None) -> None:
+    """Sparsity-aware init of `module.weight` in place: Var = scale / max(1, fan) per weight."""
+    _check(distribution, scale)
+    variance = scale / fans(module.mask, mode, getattr(module, "groups", 1)).clamp(min=1)
+    _draw_(module, variance, distribution, generator)
+
+
+@torch.no_grad()
+def layer_scaled_(module: SparseModule, *, distribution: str = "normal", mode: str = "fan_in",
+                  scale: float = 1.0, generator: torch.Generator | None = None) -> None:
+    """Dense init variance over density: Var = scale / (density * dense fan), in place."""
+    _check(distribution, scale)
+    dense_fan = fans(torch.ones_like(module.mask), mode, getattr(module, "groups", 1))
+    variance = scale / (max(module.density, 1 / module.mask.numel()) * dense_fan)
+    _draw_(module, variance, distribution, generator)
+
+
+@torch.no_grad()
+def dense_(module: SparseModule, *, generator: torch.Generator | None = None) -> None:
+    """Keeps the module's own initialisation; only zeroes the weights off the mask.
+
+    `generator` is accepted for a uniform signature and not used.
+    """
+    module.weight.masked_fill_(~module.mask, 0)
+
+
+INITS: dict[str, Callable[..., None]] = {"sparse": sparse_, "layer-scaled": layer_scaled_, "dense": dense_}
+
+
+def resolve(init: str | Callable) -> Callable[..., None]:
+    """The init function called `init` (a name of INITS), or `init` itself if callable.
+
+    A callable is called as init(module, generator=generator) after the mask is set; use
+    functools.partial for options, e.g. partial(sparse_, mode="fan_avg", scale=2.0).
+    """
+    if callable(init):
+        return init
+    if init not in INITS:
+        raise ValueError(f"init must be one of {tuple(INITS)} or a callable, got {init!r}")
+    return INITS[init]
+
+
+def _check(distribution: str, scale: float) -> None:
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not scale > 0:
+        raise ValueError(f"scale must be a positive number, got {scale!r}")
+
+
+def _draw_(module: SparseModule, variance: Tensor, distribution: str, generator) -> None:
+    shape = module.weight.shape
+    variance = variance.cpu()
+    if distribution == "normal":
+        values = torch.randn(shape, generator=generator) * variance.sqrt()
+    else:
+        values = (torch.rand(shape, generator=generator) * 2 - 1) * (3 * variance).sqrt()
+    values = values.to(device=module.weight.device, dtype=module.weight.dtype)
+    module.weight.copy_(reference.masked_weight(values, module.mask))

@@ -1,0 +1,106 @@
+"""Measurements of a (sparse) model: the gradient-flow metric and a per-layer summary."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .modules import SparseModule, sparse_modules
+
+
+def gradient_flow(model: nn.Module, loss_fn: Callable[..., Tensor], batch) -> dict:
+    """Gradient flow (Evci et al. 2022): ||g * m||_2 over the trainable parameters, on one batch.
+
+    batch: (inputs, targets), giving loss = loss_fn(model(inputs), targets), or a single input
+    tensor, giving loss = loss_fn(model(batch)). g is the gradient of that loss alone (no weight
+    decay), m the mask of a sparse module's weight and all ones for every other parameter.
+    Runs in the model's current train/eval mode and changes nothing: the parameters' .grad,
+    the buffers (BatchNorm statistics) and the random number generators are as before.
+    Returns {"total": float, "layers": {module name: float}}, each layer's norm over the
+    parameters the module owns directly, in model order ("" names the root module).
+    """
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        inputs, extra = batch[0], (batch[1],)
+    elif isinstance(batch, Tensor):
+        inputs, extra = batch, ()
+    else:
+        raise TypeError(f"batch must be (inputs, targets) or a Tensor, got {type(batch).__name__}")
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    masks = {id(module.weight): module.mask for _, module in sparse_modules(model)}
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    devices = sorted({p.device.index or 0 for _, p in named if p.device.type == "cuda"})
+    try:
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            loss = loss_fn(model(inputs), *extra)
+            grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+    finally:
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+
+    squares: dict[str, float] = {}
+    for (name, p), grad in zip(named, grads):
+        if grad is None:
+            continue
+        if id(p) in masks:
+            grad = grad * masks[id(p)]
+        layer = name.rpartition(".")[0]
+        squares[layer] = squares.get(layer, 0.0) + float(grad.double().square().sum())
+    return {"total": sum(squares.values()) ** 0.5,
+            "layers": {layer: value ** 0.5 for layer, value in squares.items()}}
+
+
+def summary(model: nn.Module, print_fn: Callable[[str], object] | None = print) -> dict:
+    """Per-layer shape, parameter count, non-zeros and density of `model`, printed and returned.
+
+    One row per module that owns parameters directly, in model order: non-zeros counts the
+    active entries of a sparse module's weight (its mask) plus its other parameters in full.
+    Returns {"layers": [{"name", "type", "shape", "parameters", "nonzeros", "density"}, ...],
+    "sparse_weights": {...}, "total": {...}}: the totals over the sparse modules' weights (the
+    density that `sparsify` targets) and over all parameters. `print_fn=None` prints nothing.
+    """
+    rows = []
+    for name, module in model.named_modules():
+        own = list(module.parameters(recurse=False))
+        if not own:
+            continue
+        parameters = sum(p.numel() for p in own)
+        nonzeros = parameters
+        if isinstance(module, SparseModule):
+            nonzeros += module.nnz - module.weight.numel()
+        weight = getattr(module, "weight", None)
+        shape = tuple((weight if isinstance(weight, Tensor) else own[0]).shape)
+        rows.append({"name": name, "type": type(module).__name__, "shape": shape,
+                     "parameters": parameters, "nonzeros": nonzeros, "density": _ratio(nonzeros, parameters)})
+    sparse_size = sum(m.weight.numel() for _, m in sparse_modules(model))
+    sparse_nonzeros = sum(m.nnz for _, m in sparse_modules(model))
+    parameters = sum(row["parameters"] for row in rows)
+    nonzeros = sum(row["nonzeros"] for row in rows)
+    result = {"layers": rows,
+              "sparse_weights": {"parameters": sparse_size, "nonzeros": sparse_nonzeros,
+                                 "density": _ratio(sparse_nonzeros, sparse_size)},
+              "total": {"parameters": parameters, "nonzeros": nonzeros, "density": _ratio(nonzeros, parameters)}}
+    if print_fn is not None:
+        print_fn(_table(result))
+    return result
+
+
+def _ratio(part: int, whole: int) -> float:
+    return part / whole if whole else 1.0
+
+
+def _table(result: dict) -> str:
+    header = ("layer", "type", "shape", "parameters", "non-zeros", "density")
+    lines = [(row["name"] or "(root)", row["type"], "x".join(map(str, row["shape"])), str(row["parameters"]),
+              str(row["nonzeros"]), f"{row['density']:.4f}") for row in result["layers"]]
+    for label in ("sparse_weights", "total"):
+        t = result[label]
+        lines.append((label.replace("_", " "), "", "", str(t["parameters"]), str(t["nonzeros"]), f"{t['density']:.4f}"))
+    widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
+
+    def fmt(cells) -> str:  # text columns left-aligned, numbers right-aligned
+        return "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    rule = "-" * len(fmt(header))
+    return "\n".join([fmt(header), rule, *map(fmt, lines[:-2]), rule, *map(fmt, lines[-2:])])

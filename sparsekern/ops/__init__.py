@@ -1,0 +1,194 @@
+"""sparsekern's ops: the public entry points, their contracts, and the backend each call runs on.
+
+Every function here checks its arguments once (bad input raises TypeError or ValueError naming the
+argument and changes nothing), then runs the backend chosen by `sparsekern.ops._backend.choose`:
+the compiled extension, then Triton, then the pure-PyTorch reference (`sparsekern.ops.reference`,
+the specification every backend must match). `sparsekern.backends()` reports the choice.
+
+Selection rule of the mask ops: larger score first; NaN is never preferred to a number; equal
+scores (+0.0 equals -0.0) go to the lower flat position, row-major through the list in order.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from . import _backend, _checks, _masked_linear_op, reference
+from ._backend import Implementation
+from .packing import PackedWeight
+
+# Ops that have a Triton implementation, as functions of the same name in sparsekern.ops._triton_ops.
+TRITON_OPS: tuple[str, ...] = ("topk_mask", "topk_mask_per_tensor", "prune_grow", "masked_linear")
+# Ops that the compiled extension defines (schemas in csrc/ops.cpp).
+COMPILED_OPS = ("topk_mask", "topk_mask_per_tensor", "prune_grow", "sparse_linear")
+
+# sparse_linear runs its sparse kernel where it beats the dense product of the unpacked weight:
+# x's dtype listed, the packed density at most max_density, and min_rows <= rows of x <= max_rows.
+# CPU row: measured on a loaded 2-core machine (benchmark cases `sparse_linear`): the C++ kernel
+# costs 5-10 ns per kept entry (its bit walk is branch-bound), so it beats MKL only where the dense
+# weight streams from memory: float32 4096x4096 at density 0.05 and 4-16 rows (1.3-1.8x on one
+# thread); it loses at one row, at density >= 0.1, to cache-resident weights and to the dense
+# bfloat16 kernels. CUDA row: the memory-traffic estimate (a bitmap read costs
+# 0.125 + 2 * density bytes per entry against 2 dense), to be confirmed by benchmarks/gpu_check.sh.
+SPARSE_LINEAR_LIMITS = {
+    "cpu": {"dtypes": (torch.float32, torch.float64), "max_density": 0.05, "min_rows": 2, "max_rows": 16},
+    "cuda": {"dtypes": (torch.float16, torch.bfloat16, torch.float32, torch.float64), "max_density": 0.6,
+             "min_rows": 1, "max_rows": 16},
+}
+
+
+def topk_mask(scores: Sequence[Tensor], k: int | Sequence[int]) -> list[Tensor]:
+    """Bool masks of the top-scoring entries of a list of tensors.
+
+    Args:
+        scores: tensors of one float dtype (float16, bfloat16, float32, float64) on one device,
+            any shapes and strides.
+        k: an int for one global selection of exactly k entries over all tensors together, or a
+            list of ints, one per tensor, for a separate selection in each.
+    Returns:
+        a list of bool tensors shaped like `scores`, True at the selected entries.
+    Ties go to the lower flat position (tensor order, then row-major index). NaN is never
+    selected: asking for more entries than there are non-NaN scores raises ValueError, as does
+    k outside [0, numel].
+    """
+    scores = _checks.scores_list(scores)
+    k = _checks.topk_counts(k, scores)
+    if not scores:
+        # Nothing to select; a compiled op could not even be dispatched without a tensor argument.
+        return []
+    op = "topk_mask_per_tensor" if isinstance(k, list) else "topk_mask"
+    return list(_backend.choose(op, scores[0].device.type)[1].run(scores, k))
+
+
+@torch.no_grad()
+def prune_grow(weight: Tensor, mask: Tensor, prune_score: Tensor, grow_score: Tensor, n: int,
+               state: Sequence[Tensor] = ()) -> Tensor:
+    """One drop-and-grow mask update (RigL, SET, MEST, ...) in one pass.
+
+    Keeps the `active - n` active entries with the highest `prune_score`, then adds the `n`
+    entries with the highest `grow_score` among all entries not kept (just-dropped ones
+    included), both under the topk_mask selection rule (NaN ranks below every number here and
+    never raises). The active count is unchanged.
+
+    Args:
+        weight: float tensor, mutated in place.
+        mask: bool tensor shaped like weight, the current mask (not mutated).
+        prune_score, grow_score: float tensors shaped like weight, of one dtype.
+        n: entries to swap, in [0, min(active, inactive)].
+        state: optimizer-state tensors shaped like weight (momentum, Adam moments), mutated.
+    Returns:
+        the new bool mask.
+    In place: weight becomes 0 wherever the new mask is False and at newly grown positions
+    (new & ~old); each state tensor becomes 0 at newly grown positions; entries active before
+    and after keep their values.
+    """
+    n, state = _checks.prune_grow_args(weight, mask, prune_score, grow_score, n, state)
+    return _backend.choose("prune_grow", weight.device.type)[1].run(
+        weight, mask, prune_score, grow_score, n, state)
+
+
+def masked_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None = None, *,
+                  dense_grad: bool = False) -> Tensor:
+    """y = x @ (weight * mask).T + bias, for x of shape (..., in_features).
+
+    weight: (out_features, in_features), mask: bool of the same shape, bias: (out_features,) or
+    None; x, weight and bias share one dtype (float32, float16, bfloat16, float64). Entries off
+    the mask contribute nothing, even when they hold inf or NaN.
+
+    Autograd: dx = dy @ (weight * mask); dweight = (dy.T @ x) * mask over all batch rows, or the
+    dense dy.T @ x when `dense_grad=True` (RigL's growth criterion reads the gradient at inactive
+    positions, and needs it only on mask-update steps); dbias = dy summed over batch rows.
+    """
+    _checks.masked_linear_args(x, weight, mask, bias)
+    return _backend.choose("masked_linear", x.device.type)[1].run(x, weight, mask, bias, dense_grad)
+
+
+def pack(weight: Tensor, mask: Tensor) -> PackedWeight:
+    """Compresses a trained masked weight for `sparse_linear` (layout and its why: sparsekern.ops.packing).
+
+    weight: (out_features, in_features), float16, bfloat16, float32 or float64; mask: bool of the
+    same shape, on the same device. Entries off the mask are dropped, whatever they hold (inf, NaN).
+    Returns a PackedWeight on weight's device; `packed.unpack()` gives weight * mask back exactly.
+    A one-time conversion, done with torch ops on every device.
+    """
+    _checks.floating(weight, "weight")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    _checks.bool_mask(mask, "mask", weight, "weight")
+    _checks.same_device([("weight", weight), ("mask", mask)])
+    return PackedWeight(**reference.pack(weight.detach(), mask), in_features=weight.shape[1])
+
+
+def dense_is_faster(density: float, rows: int, dtype: torch.dtype, device_type: str) -> bool:
+    """Whether sparse_linear should multiply the unpacked weight densely (SPARSE_LINEAR_LIMITS)."""
+    limits = SPARSE_LINEAR_LIMITS.get(device_type)
+    return (limits is None or dtype not in limits["dtypes"] or density > limits["max_density"]
+            or not limits["min_rows"] <= rows <= limits["max_rows"])
+
+
+@torch.no_grad()
+def sparse_linear(x: Tensor, packed: PackedWeight, bias: Tensor | None = None) -> Tensor:
+    """y = x @ W.T + bias for a weight W packed by `pack`: inference at small batch.
+
+    x: (..., in_features), of the packed weight's dtype and device; bias: (out_features,) or None,
+    same dtype. Returns (..., out_features) in x's dtype, accumulated in float32 (float64 for
+    float64). No autograd: this is for inference. Where the dense product is faster (density or
+    row count above SPARSE_LINEAR_LIMITS for the device), it calls F.linear on `packed.dense()`,
+    the unpacked weight, which the PackedWeight makes on the first such call and keeps.
+    """
+    if not isinstance(packed, PackedWeight):
+        raise TypeError(f"packed must be a PackedWeight (from sparsekern.ops.pack), got {type(packed).__name__}")
+    _checks.floating(x, "x")
+    if x.dim() < 1 or x.shape[-1] != packed.in_features:
+        raise ValueError(f"x must end in in_features={packed.in_features}, got shape {tuple(x.shape)}")
+    if x.dtype != packed.dtype:
+        raise TypeError(f"x has dtype {x.dtype} but the packed weight has {packed.dtype}")
+    tensors = [("x", x), ("packed", packed.values)]
+    if bias is not None:
+        _checks.floating(bias, "bias")
+        if bias.shape != (packed.out_features,):
+            raise ValueError(f"bias must have shape ({packed.out_features},), got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias has dtype {bias.dtype} but x has {x.dtype}")
+        tensors.append(("bias", bias))
+    _checks.same_device(tensors)
+    rows = x.numel() // packed.in_features if packed.in_features else 0
+    if dense_is_faster(packed.density, rows, x.dtype, x.device.type):
+        return torch.nn.functional.linear(x, packed.dense(), bias)
+    return _backend.choose("sparse_linear", x.device.type)[1].run(
+        x, packed.bitmap, packed.values, packed.chunk_offsets, bias)
+
+
+def _compiled(op: str) -> Implementation:
+    return Implementation(run=lambda *args: getattr(torch.ops.sparsekern, op)(*args),
+                          missing=_backend.compiled_missing(op))
+
+
+def _triton(op: str) -> Implementation:
+    def run(*args):
+        # Imported on first use: importing Triton costs seconds and is needed only where it runs.
+        return getattr(importlib.import_module("sparsekern.ops._triton_ops"), op)(*args)
+    return Implementation(run=run, missing=_backend.triton_missing, automatic=_backend.only_on_gpu)
+
+
+def _reference(function) -> Implementation:
+    return Implementation(run=function, missing=_backend.never_missing)
+
+
+_masked_linear_reference = _masked_linear_op.define(
+    "reference", reference.masked_linear, reference.masked_linear_grad_input,
+    reference.masked_linear_grad_weight)
+
+for _op, _function in (("topk_mask", reference.topk_mask),
+                       ("topk_mask_per_tensor", reference.topk_mask_per_tensor),
+                       ("prune_grow", reference.prune_grow),
+                       ("masked_linear", _masked_linear_reference),
+                       ("sparse_linear", reference.sparse_linear)):
+    _backend.register(_op, "reference", _reference(_function))
+    if _op in COMPILED_OPS:
+        _backend.register(_op, "compiled", _compiled(_op))
+    if _op in TRITON_OPS:
+        _backend.register(_op, "triton", _triton(_op))

@@ -1,0 +1,129 @@
+"""Backend choice: for each op and device, the compiled extension, then Triton, then the reference.
+
+`SPARSEKERN_BACKEND=reference|triton|compiled|auto` overrides the automatic choice (read at every call,
+so tests and users can switch it at run time). `compiled` names the compiled extension `sparsekern._C`:
+its CUDA kernels for CUDA tensors and its C++ kernels for CPU tensors, reported as `compiled/cuda` and
+`compiled/cpu` (`label`). `cuda` and `cpp`, the names of earlier releases, are accepted as aliases.
+An automatic choice falls back quietly; a backend asked for by name that cannot run raises.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import _extension
+
+ENV_VAR = "SPARSEKERN_BACKEND"
+AUTO_ORDER = ("compiled", "triton", "reference")
+ALIASES = {"cuda": "compiled", "cpp": "compiled"}
+
+
+@dataclass(frozen=True)
+class Implementation:
+    run: Callable
+    # Why this implementation cannot run on a device type, or None when it can.
+    missing: Callable[[str], str | None]
+    # Whether the automatic choice may take it on a device type (Triton on CPU is the slow interpreter).
+    automatic: Callable[[str], bool] = lambda device_type: True
+
+
+_REGISTRY: dict[str, dict[str, Implementation]] = {}
+
+
+def register(op: str, backend: str, implementation: Implementation) -> None:
+    _REGISTRY.setdefault(op, {})[backend] = implementation
+
+
+def requested() -> str:
+    """The backend named by SPARSEKERN_BACKEND, or 'auto'."""
+    name = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    name = ALIASES.get(name, name)
+    if name != "auto" and name not in AUTO_ORDER:
+        raise ValueError(f"{ENV_VAR} must be one of auto, {', '.join(AUTO_ORDER)} "
+                         f"(or an alias: {', '.join(ALIASES)}), got {name!r}")
+    return name
+
+
+def label(backend: str, device_type: str) -> str:
+    """How reports name a backend on a device: the compiled extension says which of its kernels ran."""
+    return f"{backend}/{device_type}" if backend == "compiled" else backend
+
+
+def _reasons(op: str, device_type: str) -> dict[str, str | None]:
+    implementations = _REGISTRY[op]
+    return {
+        name: (implementations[name].missing(device_type) if name in implementations
+               else f"no {name} implementation of {op}")
+        for name in AUTO_ORDER
+    }
+
+
+def choose(op: str, device_type: str) -> tuple[str, Implementation]:
+    """The backend that runs `op` on tensors of `device_type`, under SPARSEKERN_BACKEND."""
+    name = requested()
+    reasons = _reasons(op, device_type)
+    if name != "auto":
+        if reasons[name] is not None:
+            usable = [n for n, why in reasons.items() if why is None]
+            raise RuntimeError(f"{ENV_VAR}={name} cannot run {op} on {device_type}: {reasons[name]}; "
+                               f"usable backends: {', '.join(usable)}")
+        return name, _REGISTRY[op][name]
+    for candidate in AUTO_ORDER:
+        if reasons[candidate] is None and _REGISTRY[op][candidate].automatic(device_type):
+            return candidate, _REGISTRY[op][candidate]
+    raise RuntimeError(f"no backend can run {op} on {device_type}: {reasons}")
+
+
+def triton_missing(device_type: str) -> str | None:
+    """Why Triton kernels cannot run on a device type, or None. Never touches the GPU driver."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if device_type == "cuda":
+        return None if torch.cuda.is_available() else "no CUDA device"
+    if device_type == "cpu":
+        return None if os.environ.get("TRITON_INTERPRET") == "1" else "CPU tensors need TRITON_INTERPRET=1"
+    return f"no Triton support for device type {device_type!r}"
+
+
+def compiled_missing(op: str) -> Callable[[str], str | None]:
+    def missing(device_type: str) -> str | None:
+        if device_type == "cuda" and not torch.cuda.is_available():
+            return "no CUDA device"
+        return _extension.kernel_missing(op, device_type)
+    return missing
+
+
+def never_missing(device_type: str) -> None:
+    return None
+
+
+def only_on_gpu(device_type: str) -> bool:
+    return device_type == "cuda"
+
+
+def backends() -> dict:
+    """Which backend each op uses on each device type now, and why the others are passed over.
+
+    Returns {"requested": ..., "extension": load status, "ops": {op: {device: {"chosen": name,
+    "<backend>": None if usable else reason}}}}.
+    """
+    report = {
+        "requested": requested(),
+        "extension": "loaded" if _extension.LOAD_ERROR is None else _extension.LOAD_ERROR,
+        "ops": {},
+    }
+    for op in sorted(_REGISTRY):
+        report["ops"][op] = {}
+        for device_type in ("cpu", "cuda"):
+            entry = dict(_reasons(op, device_type))
+            try:
+                entry["chosen"] = choose(op, device_type)[0]
+            except RuntimeError as error:
+                entry["chosen"] = None
+                entry["error"] = str(error)
+            report["ops"][op][device_type] = entry
+    return report

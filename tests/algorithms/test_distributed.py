@@ -1,0 +1,21 @@
+"""Masks stay identical across ranks under DDP (gloo, CPU, 2 processes via torch.distributed.run)."""
+import pytest
+import torch
+import torch.distributed
+
+from ..helpers import torchrun
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed with gloo")
+def test_ddp_rigl_and_set_keep_masks_identical_on_two_ranks(tmp_path):
+    finished = torchrun("tests.algorithms.distributed_worker", str(tmp_path))
+    assert finished.returncode == 0, finished.stdout[-4000:] + finished.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for algorithm in ("RigL", "SET"):
+        first, second = ranks[0]["results"][algorithm], ranks[1]["results"][algorithm]
+        assert first.keys() == second.keys()
+        for name in first:
+            assert torch.equal(first[name][0], second[name][0]), (algorithm, name)
+            assert torch.equal(first[name][1], second[name][1]), (algorithm, name)
+    assert all(rank["disagreed"] and rank["repaired"] for rank in ranks)

@@ -1,0 +1,455 @@
+"""DST (SET, RigL, MEST): acceptance checks 1, 3, 4, 6 and 11 of ALGORITHMS.md, state, arguments."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import sparsekern
+from sparsekern import checkpoint
+from sparsekern.algorithms import criteria
+from sparsekern.algorithms.dst import _Blocks
+from sparsekern.nn import SparseLinear, sparse_modules
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: with CI's few cores shared by other jobs, more threads only contend
+    (the digits runs took 60x longer with 2 threads on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small_model(seed=0, density=0.3):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 24), nn.ReLU(),
+                          nn.Linear(24, 5))
+    return sparsekern.sparsify(model, density, distribution="uniform", generator=torch.Generator().manual_seed(seed))
+
+
+def batch(step):
+    generator = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(8, 2, 6, 6, generator=generator), torch.randint(0, 5, (8,), generator=generator)
+
+
+def train_step(model, optimizer, algo, step):
+    x, y = batch(step)
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    updated = algo.step() if algo is not None else False
+    optimizer.step()
+    return updated
+
+
+def masks(model):
+    return [m.mask.clone() for _, m in sparse_modules(model)]
+
+
+def assert_inactive_zero(model):
+    for name, module in sparse_modules(model):
+        assert torch.all(module.weight[~module.mask] == 0), name
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+@pytest.mark.parametrize("grow", ["gradient", "random"])
+@pytest.mark.parametrize("prune", sorted(criteria.PRUNE))
+def test_exact_counts_after_every_update(prune, grow, scope):
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    algo = sparsekern.DST(model, optimizer, prune=prune, grow=grow, schedule="constant", update_every=2,
+                          total_steps=20)
+    counts = [int(m.sum()) for m in masks(model)]
+    updates, changed = 0, False
+    for step in range(6):
+        before = masks(model)
+        updates += train_step(model, optimizer, algo, step)
+        after = masks(model)
+        changed |= any(not torch.equal(a, b) for a, b in zip(before, after))
+        now = [int(m.sum()) for m in after]
+        assert (now == counts) if scope == "layer" else sum(now) == sum(counts)
+        assert_inactive_zero(model)
+    assert updates == 3 and changed
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+@pytest.mark.parametrize("block", [(2, 3), (4, 4)])
+def test_block_masks_stay_whole_blocks_with_exact_block_counts(block, scope):
+    model = small_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    algo = sparsekern.RigL(model, optimizer, update_every=2, total_steps=40, block=block, scope=scope)
+    modules = [m for _, m in sparse_modules(model)]
+    grids = [_Blocks(m.weight.shape, block) for m in modules]
+
+    def block_counts():
+        counts = []
+        for grid, module in zip(grids, modules):
+            per_block = grid.sum(module.mask.float())
+            full = grid.sum(torch.ones_like(module.weight))
+            assert torch.all((per_block == 0) | (per_block == full))  # all or nothing
+            counts.append(int((per_block > 0).sum()))
+        return counts
+
+    expected = [min(round(0.3 * m.weight.numel() / (block[0] * block[1])), g.grid[0] * g.grid[1])
+                for m, g in zip(modules, grids)]
+    assert block_counts() == expected
+    for step in range(8):
+        train_step(model, optimizer, algo, step)
+        counts = block_counts()
+        assert (counts == expected) if scope == "layer" else sum(counts) == sum(expected)
+        assert_inactive_zero(model)
+
+
+def test_rigl_planted_gradient(generator):
+    """Check 3: dropped = n smallest |θ| among active, grown = top-n |g| among inactive; grown
+    weights and their optimizer state are 0, and so is the state at dropped positions."""
+    layer = SparseLinear(10, 8, bias=False)
+    numel = layer.weight.numel()
+    mask = (torch.randperm(numel, generator=generator) < 24).view(8, 10)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(8, 10, generator=generator))
+    layer.set_mask(mask)
+    model = nn.Sequential(layer)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    model(torch.randn(3, 10, generator=generator)).sum().backward()
+    optimizer.step()
+    for value in optimizer.state[layer.weight].values():
+        if value.shape == layer.weight.shape:
+            value.copy_(mask.float() + 1)  # non-zero at active positions, for the check below
+    algo = sparsekern.RigL(model, optimizer, update_every=1, total_steps=100)
+    assert layer.dense_grad  # step 1 is an update step
+    # Planted dense gradient: inactive entries all larger than active ones, distinct.
+    grad = torch.rand(8, 10, generator=generator)
+    grad[~mask] += 1 + torch.randperm(numel - 24, generator=generator).float()
+    layer.weight.grad = grad.clone()
+    old_weight = layer.weight.detach().clone()
+
+    assert algo.step()
+    n = round(0.3 / 2 * (1 + torch.cos(torch.tensor(torch.pi / 75))).item() * 24)
+    assert n == 7
+    active, inactive = mask.flatten().nonzero().squeeze(1), (~mask).flatten().nonzero().squeeze(1)
+    dropped = active[old_weight.flatten()[active].abs().argsort()[:n]]
+    grown = inactive[grad.flatten()[inactive].argsort(descending=True)[:n]]
+    new = layer.mask.flatten()
+    assert torch.equal((mask.flatten() & ~new).nonzero().squeeze(1).sort().values, dropped.sort().values)
+    assert torch.equal((new & ~mask.flatten()).nonzero().squeeze(1).sort().values, grown.sort().values)
+    weight = layer.weight.detach().flatten()
+    assert torch.all(weight[grown] == 0) and torch.all(weight[dropped] == 0)
+    kept = mask.flatten() & new
+    assert torch.equal(weight[kept], old_weight.flatten()[kept])
+    for value in optimizer.state[layer.weight].values():
+        if value.shape == layer.weight.shape:
+            flat = value.flatten()
+            assert torch.all(flat[grown] == 0) and torch.all(flat[dropped] == 0) and torch.all(flat[kept] == 2)
+    # The optimizer step that follows sees masked gradients: grown entries keep theirs.
+    assert torch.equal(layer.weight.grad, torch.where(layer.mask, grad, 0.0))
+    assert not layer.dense_grad or algo.schedule.is_update(2)
+
+
+def test_updates_follow_the_schedule_and_stop_at_end_step():
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    algo = sparsekern.RigL(model, optimizer, update_every=2, total_steps=20)
+    updated = [step + 1 for step in range(20) if train_step(model, optimizer, algo, step)]
+    assert updated == [2, 4, 6, 8, 10, 12, 14]  # T_end = 15
+
+
+def test_dense_grad_only_before_update_steps_and_only_when_read():
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    rigl = sparsekern.RigL(model, optimizer, update_every=3, total_steps=30)
+    modules = [m for _, m in sparse_modules(model)]
+    for step in range(7):
+        train_step(model, optimizer, rigl, step)
+        expected = (step + 2) % 3 == 0
+        assert all(m.dense_grad == expected for m in modules)
+        for module in modules:  # the gradient the optimizer saw was masked
+            assert torch.all(module.weight.grad[~module.mask] == 0)
+    set_ = sparsekern.SET(small_model(), torch.optim.SGD(small_model().parameters(), lr=0.1),
+                          update_every=1, total_steps=10)
+    assert not any(m.dense_grad for _, m in set_.modules)  # SET reads no gradient
+
+
+OPTIMIZERS = {
+    "sgd momentum wd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2),
+    "sgd nesterov": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1),
+    "adam amsgrad": lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=1e-2, amsgrad=True),
+}
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+@pytest.mark.parametrize("grow", ["gradient", "random"])
+@pytest.mark.parametrize("optimizer_name", sorted(OPTIMIZERS))
+def test_inactive_weights_stay_zero_after_every_optimizer_step(optimizer_name, grow, scope):
+    """Check 6: θ⊙(1−m) = 0 after every optimizer step; the sparse model equals a dense model
+    with masked weights."""
+    model = small_model()
+    optimizer = OPTIMIZERS[optimizer_name](model.parameters())
+    algo = sparsekern.DST(model, optimizer, grow=grow, scope=scope, update_every=2, total_steps=30,
+                          schedule="constant", drop_fraction=0.5)
+    for step in range(8):
+        train_step(model, optimizer, algo, step)
+        assert_inactive_zero(model)
+    dense = copy.deepcopy(model)
+    for name, module in sparse_modules(model):
+        parent, _, child = name.rpartition(".")
+        setattr(dense.get_submodule(parent) if parent else dense, child, module.to_dense())
+    x, _ = batch(99)
+    torch.testing.assert_close(model(x), dense(x), rtol=0, atol=0)
+
+
+def run_training(total, stop=None, path=None, algorithm="RigL"):
+    model = small_model(seed=0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    algo = getattr(sparsekern, algorithm)(model, optimizer, update_every=4, total_steps=total, seed=5)
+    start = 0
+    if stop is not None and path is not None and path.exists():
+        model = small_model(seed=1)  # a different init, overwritten by the checkpoint
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+        algo = getattr(sparsekern, algorithm)(model, optimizer, update_every=4, total_steps=total, seed=6)
+        saved = checkpoint.load(path)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        algo.load_state_dict(saved["algorithm"])
+        start = stop
+    for step in range(start, total):
+        if stop is not None and step == stop and start == 0:
+            checkpoint.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "algorithm": algo.state_dict()}, path)
+            return None
+        train_step(model, optimizer, algo, step)
+    return model
+
+
+@pytest.mark.parametrize("algorithm", ["RigL", "SET", "MEST"])
+def test_resume_from_checkpoint_is_bit_identical(algorithm, tmp_path):
+    path = tmp_path / "run.pt"
+    whole = run_training(20, algorithm=algorithm)
+    assert run_training(20, stop=7, path=path, algorithm=algorithm) is None  # step 8 updates
+    resumed = run_training(20, stop=7, path=path, algorithm=algorithm)
+    for (name, a), (_, b) in zip(sparse_modules(whole), sparse_modules(resumed)):
+        assert torch.equal(a.mask, b.mask), name
+        assert torch.equal(a.weight, b.weight), name
+        assert a.dense_grad == b.dense_grad
+    assert all(torch.equal(a, b) for a, b in zip(whole.parameters(), resumed.parameters()))
+
+
+def test_state_dict_round_trip_and_bad_state_changes_nothing():
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    algo = sparsekern.SET(model, optimizer, update_every=2, total_steps=20)
+    for step in range(5):
+        train_step(model, optimizer, algo, step)
+    state = algo.state_dict()
+    assert state["step_count"] == 5 and set(state["masks"]) == {name for name, _ in sparse_modules(model)}
+    before = masks(model)
+    broken = dict(state, masks={name: mask[:1] for name, mask in state["masks"].items()})
+    with pytest.raises(ValueError, match="masks"):
+        algo.load_state_dict(broken)
+    with pytest.raises(ValueError, match="step_count"):
+        algo.load_state_dict(dict(state, step_count=-1))
+    with pytest.raises(ValueError, match="lacks"):
+        algo.load_state_dict({"masks": state["masks"]})
+    with pytest.raises(ValueError, match="schedule"):
+        algo.load_state_dict(dict(state, schedule={"name": "cosine"}))
+    assert all(torch.equal(a, b) for a, b in zip(before, masks(model))) and algo.step_count == 5
+
+
+def test_presets_and_overrides():
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    rigl = sparsekern.RigL(model, optimizer, total_steps=100)
+    assert (rigl.prune, rigl.grow, rigl.schedule.name) == ("magnitude", "gradient", "cosine")
+    assert rigl.schedule.drop_fraction == 0.3
+    assert rigl.schedule.update_every == 100 and rigl.schedule.end_step == 75
+    set_ = sparsekern.SET(model, optimizer, total_steps=100)
+    assert (set_.prune, set_.grow, set_.schedule.name) == ("set", "random", "constant")
+    mest = sparsekern.MEST(model, optimizer, total_steps=100, mest_gamma=0.5, grow="gradient")
+    assert (mest.prune, mest.grow, mest.mest_gamma) == ("mest", "gradient", 0.5)
+    annealed = sparsekern.DST(model, optimizer, schedule="annealed", total_steps=100)
+    assert annealed.schedule.drop_fraction == 0.5 and annealed.schedule.end_step == 100
+
+
+def test_keeps_no_tensors_between_steps():
+    """No per-layer dense buffer lives between steps: the algorithm holds no tensor of its own,
+    and the gradients the model keeps are masked outside update steps."""
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    algo = sparsekern.RigL(model, optimizer, update_every=2, total_steps=20, scope="global")
+
+    def tensors(value):
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, dict):
+            for item in value.values():
+                yield from tensors(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                yield from tensors(item)
+
+    own = {key: value for key, value in vars(algo).items() if key not in ("modules", "optimizer")}
+    for step in range(6):
+        train_step(model, optimizer, algo, step)
+        assert list(tensors(own)) == []
+        for _, module in algo.modules:
+            assert torch.all(module.weight.grad[~module.mask] == 0)
+
+
+@pytest.mark.gpu
+def test_peak_memory_of_a_dst_step_stays_within_static_sparse_training():
+    def peak(algorithm):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(1024, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(),
+                              nn.Linear(4096, 10))
+        model = sparsekern.sparsify(model, 0.1, generator=torch.Generator().manual_seed(0)).cuda()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        algo = sparsekern.RigL(model, optimizer, update_every=1, total_steps=100) if algorithm else None
+        x = torch.randn(512, 1024, device="cuda")
+
+        def train(steps):
+            for _ in range(steps):
+                optimizer.zero_grad()
+                model(x).square().mean().backward()
+                if algo is not None:
+                    algo.step()
+                optimizer.step()
+            torch.cuda.synchronize()
+
+        train(3)  # optimizer state and allocator caches exist before the peak is measured
+        torch.cuda.reset_peak_memory_stats()
+        train(2)
+        return torch.cuda.max_memory_allocated()
+
+    static, dst = peak(False), peak(True)
+    assert dst <= 1.05 * static, (dst, static)
+
+
+@pytest.mark.parametrize("arguments, error, word", [
+    (dict(prune="biggest"), ValueError, "prune"),
+    (dict(grow=1), TypeError, "grow"),
+    (dict(schedule="step"), ValueError, "schedule"),
+    (dict(update_every=0), ValueError, "update_every"),
+    (dict(total_steps=None), TypeError, "total_steps"),
+    (dict(end_step=0), ValueError, "end_step"),
+    (dict(drop_fraction=2.0), ValueError, "drop_fraction"),
+    (dict(scope="row"), ValueError, "scope"),
+    (dict(scope=None), TypeError, "scope"),
+    (dict(reset_state=1), TypeError, "reset_state"),
+    (dict(block=(0, 4)), ValueError, "block"),
+    (dict(block=4), TypeError, "block"),
+    (dict(block=(2, 2), prune="set"), ValueError, "block"),
+    (dict(mest_gamma=-1.0), ValueError, "mest_gamma"),
+    (dict(mest_gamma="1"), TypeError, "mest_gamma"),
+    (dict(seed=1.5), TypeError, "seed"),
+    (dict(generator=3), TypeError, "generator"),
+])
+def test_bad_arguments_name_themselves_and_change_nothing(arguments, error, word):
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = masks(model)
+    options = dict(total_steps=10)
+    options.update(arguments)
+    with pytest.raises(error, match=word):
+        sparsekern.DST(model, optimizer, **options)
+    assert all(torch.equal(a, b) for a, b in zip(before, masks(model)))
+    assert not any(m.dense_grad for _, m in sparse_modules(model))
+
+
+def test_model_and_optimizer_types_are_checked():
+    model = small_model()
+    with pytest.raises(TypeError, match="optimizer"):
+        sparsekern.DST(model, None, total_steps=10)
+    with pytest.raises(TypeError, match="model"):
+        sparsekern.DST(None, torch.optim.SGD(model.parameters(), lr=0.1), total_steps=10)
+    dense = nn.Linear(3, 3)
+    with pytest.raises(ValueError, match="sparse modules"):
+        sparsekern.DST(dense, torch.optim.SGD(dense.parameters(), lr=0.1), total_steps=10)
+
+
+def test_update_without_gradient_says_so():
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    algo = sparsekern.RigL(model, optimizer, update_every=1, total_steps=10)
+    with pytest.raises(RuntimeError, match="after backward"):
+        algo.step()
+
+
+def digits_run(method, seed, data, steps=400, update_every=40):
+    train_x, train_y, test_x, test_y = data
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
+    # The same seed gives every method the same initial mask and weights.
+    model = sparsekern.sparsify(model, 0.1, distribution="uniform", generator=torch.Generator().manual_seed(seed))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    algo = None
+    if method == "rigl":
+        algo = sparsekern.RigL(model, optimizer, total_steps=steps, update_every=update_every, seed=seed)
+    elif method == "set":
+        algo = sparsekern.SET(model, optimizer, total_steps=steps, update_every=update_every,
+                              end_step=round(0.75 * steps), seed=seed)
+    order = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        index = torch.randint(0, len(train_x), (64,), generator=order)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(train_x[index]), train_y[index]).backward()
+        if algo is not None:
+            algo.step()
+        optimizer.step()
+    with torch.no_grad():
+        logits = model(test_x)
+    return nn.functional.cross_entropy(logits, test_y).item(), (logits.argmax(1) == test_y).float().mean().item()
+
+
+def test_rigl_and_set_beat_static_sparse_training_on_digits():
+    """Check 11: scikit-learn's bundled digits, 90% sparsity, 3 seeds, held-out loss."""
+    datasets = pytest.importorskip("sklearn.datasets")
+    digits = datasets.load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32) / 16
+    y = torch.tensor(digits.target)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(123))
+    x, y = x[order], y[order]
+    data = (x[:1400], y[:1400], x[1400:], y[1400:])
+    accuracy = {"static": 0.0, "rigl": 0.0, "set": 0.0}
+    for seed in range(3):
+        results = {method: digits_run(method, seed, data) for method in accuracy}
+        for method in ("rigl", "set"):
+            assert results[method][0] < results["static"][0], (seed, results)
+        for method, (_, correct) in results.items():
+            accuracy[method] += correct / 3
+    assert accuracy["rigl"] > accuracy["static"] and accuracy["set"] > accuracy["static"], accuracy
+
+
+@pytest.mark.parametrize("reset_state", [True, False])
+def test_update_after_the_optimizer_step_and_without_state_reset(reset_state):
+    """The "after" placement: the optimizer step sees dense gradients on update steps, and the
+    update that follows puts every inactive weight and its state back to 0."""
+    model = small_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+    algo = sparsekern.RigL(model, optimizer, update_every=2, total_steps=40, reset_state=reset_state)
+    counts = [int(m.sum()) for m in masks(model)]
+    for step in range(8):
+        x, y = batch(step)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        algo.step()
+        assert_inactive_zero(model)
+        for _, module in sparse_modules(model):
+            for value in optimizer.state[module.weight].values():
+                if value.shape == module.weight.shape:
+                    assert torch.all(value[~module.mask] == 0)
+    assert [int(m.sum()) for m in masks(model)] == counts
+
+
+@pytest.mark.parametrize("algorithm", ["SET", "MEST"])
+def test_random_growth_with_the_seed_that_drew_the_masks_still_moves_them(algorithm):
+    # sparsify's generator and DST share seed 0 here: DST must not replay the stream that chose the
+    # masks, or random growth would regrow exactly the dropped weights and the masks never change.
+    model = small_model(seed=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    algo = getattr(sparsekern, algorithm)(model, optimizer, total_steps=4, update_every=1, seed=0)
+    before = masks(model)
+    train_step(model, optimizer, algo, step=1)
+    assert any(not torch.equal(b, a) for b, a in zip(before, masks(model)))

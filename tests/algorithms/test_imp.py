@@ -1,0 +1,206 @@
+"""IMP with rewinding: acceptance check 8 of ALGORITHMS.md, resumption, and the digits comparison."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import sparsekern
+import sparsekern.checkpoint
+from sparsekern.algorithms import IMP
+from sparsekern.nn import sparse_modules
+
+from ..helpers import batch, digits_run, mlp
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _sgd(parameters):
+    return torch.optim.SGD(parameters, lr=0.05, momentum=0.9, weight_decay=1e-3)
+
+
+def _data(seed=0, rows=96):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, 64, generator=g), torch.randint(0, 10, (rows,), generator=g)
+
+
+def _train(model, imp, x, y, steps, stop=None):
+    for t in range(imp.step_in_cycle, steps if stop is None else stop):
+        inputs, targets = batch(x, y, imp.cycle, t, 16)
+        torch.nn.functional.cross_entropy(model(inputs), targets).backward()
+        imp.optimizer.step()
+        imp.optimizer.zero_grad()
+        imp.step()
+
+
+def _weights(model):
+    return [layer.weight.detach().clone() for _, layer in sparse_modules(model)]
+
+
+def _numpy_global_keep(weights, masks, prune_fraction):
+    """NumPy re-implementation of one global pruning: keep the largest |w| among active entries,
+    ties to the lower flat position (layer order, then row-major)."""
+    flat = np.concatenate([w.numpy().ravel() for w in weights]).astype(np.float64)
+    active = np.concatenate([m.numpy().ravel() for m in masks])
+    remaining = int(active.sum())
+    removed = math.ceil(round(prune_fraction * remaining, 9))
+    candidates = np.flatnonzero(active)
+    order = candidates[np.lexsort((candidates, -np.abs(flat[candidates])))]
+    keep = np.zeros_like(active)
+    keep[order[:remaining - removed]] = True
+    return keep, removed
+
+
+@pytest.mark.parametrize("rewind_step", [0, 3])
+def test_survivors_are_the_rewound_weights_masks_nest_and_global_counts_are_exact(rewind_step):
+    x, y = _data()
+    model = mlp(1, hidden=24)
+    prune_fraction = 0.3
+    imp = IMP(model, _sgd, prune_fraction=prune_fraction, rewind_step=rewind_step)
+    rewound = _weights(model) if rewind_step == 0 else None
+    bias_at_k = None
+    for cycle in range(4):
+        if rewound is None:
+            _train(model, imp, x, y, 10, stop=rewind_step)
+            rewound = _weights(model)
+            bias_at_k = model[0].bias.detach().clone()
+        _train(model, imp, x, y, 10)
+        trained, old_masks = _weights(model), imp.masks
+        expected_keep, removed = _numpy_global_keep(trained, old_masks, prune_fraction)
+        new_masks = imp.next_cycle()
+        flat_new = np.concatenate([m.numpy().ravel() for m in new_masks])
+        np.testing.assert_array_equal(flat_new, expected_keep)
+        assert sum(int(m.sum()) for m in old_masks) - sum(int(m.sum()) for m in new_masks) == removed
+        for old, new in zip(old_masks, new_masks):
+            assert not (new & ~old).any()
+        for weight, theta_k, mask in zip(_weights(model), rewound, new_masks):
+            assert torch.equal(weight, torch.where(mask, theta_k, 0))
+        if bias_at_k is not None:
+            assert torch.equal(model[0].bias, bias_at_k)
+        assert imp.cycle == cycle + 1 and imp.step_in_cycle == rewind_step
+        assert not imp.optimizer.state          # a fresh optimizer per cycle
+
+
+def test_layer_scope_removes_the_fraction_from_every_layer():
+    x, y = _data(1)
+    model = mlp(2, hidden=16)
+    imp = IMP(model, _sgd, prune_fraction=0.25, scope="layer")
+    _train(model, imp, x, y, 6)
+    trained, old = _weights(model), imp.masks
+    new = imp.next_cycle()
+    for weight, old_mask, new_mask in zip(trained, old, new):
+        keep, removed = _numpy_global_keep([weight], [old_mask], 0.25)
+        np.testing.assert_array_equal(new_mask.numpy().ravel(), keep)
+        assert int(old_mask.sum()) - int(new_mask.sum()) == removed
+
+
+def test_learning_rate_rewinding_keeps_the_trained_survivors():
+    x, y = _data(2)
+    model = mlp(3, hidden=16)
+    imp = IMP(model, _sgd, prune_fraction=0.5, rewind_step=2, rewind="learning_rate")
+    _train(model, imp, x, y, 8)
+    trained = _weights(model)
+    masks = imp.next_cycle()
+    for weight, before, mask in zip(_weights(model), trained, masks):
+        assert torch.equal(weight, torch.where(mask, before, 0))
+    assert imp.step_in_cycle == 2
+
+
+def test_ties_are_broken_towards_the_lower_flat_position():
+    model = mlp(4, inputs=3, hidden=2, outputs=2)
+    with torch.no_grad():
+        for _, layer in sparse_modules(model):
+            layer.weight.fill_(-0.5)
+        model[0].weight[0, 0] = 0.0
+    imp = IMP(model, _sgd, prune_fraction=0.5)
+    masks = imp.next_cycle()           # 10 weights, 5 removed: the 0 then the last four ties
+    flat = torch.cat([m.flatten() for m in masks])
+    assert flat.tolist() == [False] + [True] * 5 + [False] * 4
+
+
+def test_masks_nest_even_when_active_weights_tie_with_pruned_zeros():
+    model = mlp(4, inputs=3, hidden=2, outputs=2)
+    layers = [layer for _, layer in sparse_modules(model)]
+    with torch.no_grad():
+        layers[0].weight.zero_()
+        layers[1].weight.zero_()
+        layers[1].weight[1, 1] = 2.0
+    imp = IMP(model, _sgd, prune_fraction=0.2)
+    layers[0].set_mask(torch.tensor([[False, False, True], [True, True, True]]))
+    masks = imp.next_cycle()           # 8 active, 2 removed: keep the 2.0 and the 5 first active zeros
+    flat = torch.cat([m.flatten() for m in masks])
+    assert flat.tolist() == [False, False, True, True, True, True, True, False, False, True]
+
+
+def test_next_cycle_before_the_rewind_step_raises_and_changes_nothing():
+    model = mlp(5, hidden=8)
+    imp = IMP(model, _sgd, rewind_step=5)
+    masks = imp.masks
+    with pytest.raises(RuntimeError, match="rewind_step=5"):
+        imp.next_cycle()
+    assert all(torch.equal(a, b) for a, b in zip(masks, imp.masks)) and imp.cycle == 0
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(prune_fraction=1.0), ValueError, "prune_fraction must be in"),
+    (dict(prune_fraction="0.2"), TypeError, "prune_fraction must be a float"),
+    (dict(rewind_step=-1), ValueError, "rewind_step must be >= 0, got -1"),
+    (dict(scope="layerwise"), ValueError, "scope must be one of"),
+    (dict(rewind="optimizer"), ValueError, "rewind must be one of"),
+])
+def test_bad_arguments_raise_naming_them(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        IMP(mlp(0, hidden=4), _sgd, **kwargs)
+
+
+def test_a_model_without_sparse_modules_is_refused():
+    with pytest.raises(ValueError, match="no sparse modules"):
+        IMP(torch.nn.Linear(3, 3), _sgd)
+
+
+def _uninterrupted(steps, cycles, rewind_step):
+    x, y = _data(3)
+    model = mlp(6, hidden=16)
+    imp = IMP(model, _sgd, prune_fraction=0.3, rewind_step=rewind_step)
+    imp.run(lambda a: _train(model, a, x, y, steps), cycles)
+    return model, imp
+
+
+@pytest.mark.parametrize("stop_cycle, stop_step", [(0, 2), (0, 5), (1, 4), (1, 10), (2, 7)])
+def test_resuming_from_a_checkpoint_is_bit_identical(tmp_path, stop_cycle, stop_step):
+    steps, cycles, rewind_step = 10, 3, 4
+    reference, _ = _uninterrupted(steps, cycles, rewind_step)
+    x, y = _data(3)
+    model = mlp(6, hidden=16)
+    imp = IMP(model, _sgd, prune_fraction=0.3, rewind_step=rewind_step)
+    for _ in range(stop_cycle):
+        _train(model, imp, x, y, steps)
+        imp.next_cycle()
+    _train(model, imp, x, y, steps, stop=stop_step)
+    sparsekern.checkpoint.save({"model": model.state_dict(), "imp": imp.state_dict()}, tmp_path / "imp.pt")
+
+    checkpoint = sparsekern.checkpoint.load(tmp_path / "imp.pt")
+    resumed = mlp(99, hidden=16)
+    resumed.load_state_dict(checkpoint["model"])
+    imp = IMP(resumed, _sgd, prune_fraction=0.3, rewind_step=rewind_step)
+    imp.load_state_dict(checkpoint["imp"])
+    imp.run(lambda a: _train(resumed, a, x, y, steps), cycles)
+    for a, b in zip(reference.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_digits_imp_with_rewinding_beats_random_reinitialisation_at_90_percent_sparsity():
+    seeds = range(3)
+    imp = np.array([digits_run("imp", seed) for seed in seeds])
+    reinit = np.array([digits_run("reinit", seed) for seed in seeds])
+    print(f"digits, 90% sparsity, 3 seeds: IMP-WR {imp.mean():.4f} ± {imp.std():.4f}, "
+          f"random reinit {reinit.mean():.4f} ± {reinit.std():.4f}")
+    assert imp.mean() > reinit.mean()
+
+
+def test_a_model_made_dense_by_sparsify_starts_imp_from_the_package_export():
+    dense = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    model = sparsekern.sparsify(dense, 1.0, generator=torch.Generator().manual_seed(0))
+    imp = sparsekern.IMP(model, _sgd, prune_fraction=0.5)
+    assert all(mask.all() for mask in imp.masks)
+    assert sum(int(mask.sum()) for mask in imp.next_cycle()) == 45 - math.ceil(0.5 * 45)

@@ -1,0 +1,182 @@
+"""OptG: acceptance check 7 of ALGORITHMS.md, the per-epoch global mask, pruned weights that
+come back, and resumption."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import sparsekern.checkpoint
+from sparsekern.algorithms import OptG
+from sparsekern.algorithms.optg import cosine_lr, sparsity_at
+from sparsekern.nn import sparse_modules
+
+from ..helpers import batch, mlp
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _data(seed=0, rows=64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, 64, generator=g), torch.randint(0, 10, (rows,), generator=g)
+
+
+def _layers(model):
+    return [layer for _, layer in sparse_modules(model)]
+
+
+def _dense_gradient(model, inputs, targets):
+    """g = ∂L/∂(θ ⊙ m) of each sparse layer, by plain autograd on a functional copy of the MLP."""
+    first, second = _layers(model)
+    w1 = (first.weight * first.mask).detach().requires_grad_()
+    w2 = (second.weight * second.mask).detach().requires_grad_()
+    hidden = torch.relu(inputs @ w1.T + first.bias.detach())
+    loss = torch.nn.functional.cross_entropy(hidden @ w2.T + second.bias.detach(), targets)
+    return torch.autograd.grad(loss, [w1, w2])
+
+
+def _epoch_loop(model, optg, optimizer, x, y, epochs, steps, start_step=0, stop=None, on_step=None):
+    """Trains epochs optg.epoch..epochs-1 from step `start_step`; returns early at (epoch, step) `stop`."""
+    for epoch in range(optg.epoch, epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = optg.lr_schedule(epoch)
+        for t in range(start_step, steps):
+            if (epoch, t) == stop:
+                return
+            inputs, targets = batch(x, y, epoch, t, 16)
+            if on_step is not None:
+                on_step(inputs, targets)
+            torch.nn.functional.cross_entropy(model(inputs), targets).backward()
+            optg.step()
+            optimizer.step()
+            optimizer.zero_grad()
+        start_step = 0
+        optg.next_epoch()
+
+
+def test_scores_accumulate_minus_lr_times_gradient_times_weight_at_every_position():
+    x, y = _data()
+    model = mlp(1, hidden=16)
+    epochs, steps = 4, 5
+    optg = OptG(model, sparsity=0.6, epochs=epochs, lr=0.2, momentum=0.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
+    expected = [torch.zeros_like(layer.weight, dtype=torch.float64) for layer in _layers(model)]
+    pruned_seen = [torch.zeros_like(layer.mask) for layer in _layers(model)]
+
+    def record(inputs, targets):
+        eta = optg.score_lr(optg.epoch)
+        for total, seen, layer, g in zip(expected, pruned_seen, _layers(model),
+                                         _dense_gradient(model, inputs, targets)):
+            total -= eta * (g * layer.weight.detach()).double()
+            seen |= ~layer.mask
+    _epoch_loop(model, optg, optimizer, x, y, epochs, steps, on_step=record)
+    for score, total, seen in zip(optg.scores, expected, pruned_seen):
+        torch.testing.assert_close(score.double(), total, rtol=0, atol=1e-6)
+        assert seen.any() and (score[seen] != 0).any()     # pruned positions' scores move too
+
+
+def test_each_epoch_keeps_the_global_top_scores_at_the_ramped_sparsity():
+    x, y = _data(1)
+    model = mlp(2, hidden=16)
+    epochs = 6
+    optg = OptG(model, sparsity=0.8, epochs=epochs, lr=0.1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    total = sum(layer.mask.numel() for layer in _layers(model))
+    for epoch in range(epochs):
+        scores = np.concatenate([s.numpy().ravel() for s in optg.scores])
+        keep = total - round(0.8 / (1 + math.exp(-(epoch - epochs / 2))) * total) if epoch else total
+        order = np.lexsort((np.arange(total), -scores))      # ties to the lower flat position
+        expected = np.zeros(total, dtype=bool)
+        expected[order[:keep]] = True
+        np.testing.assert_array_equal(np.concatenate([m.numpy().ravel() for m in optg.masks]), expected)
+        assert optg.score_lr(epoch) == pytest.approx(
+            cosine_lr(0.1, epochs)(epoch) / (1 + math.exp(-(epoch - epochs / 2))))
+        _epoch_loop(model, optg, optimizer, x, y, epoch + 1, 3)
+    assert sparsity_at(epochs, 0.8, epochs) == pytest.approx(0.8 / (1 + math.exp(-epochs / 2)))
+
+
+def test_pruned_weights_keep_their_values_get_no_gradient_and_come_back():
+    x, y = _data(2)
+    model = mlp(3, hidden=8)
+    optg = OptG(model, sparsity=0.5, epochs=3, lr=0.1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # no momentum, no decay
+    _epoch_loop(model, optg, optimizer, x, y, 1, 3)
+    layer = _layers(model)[0]
+    before = layer.weight.detach().clone()
+    pruned = ~layer.mask
+    assert pruned.any() and (before[pruned] != 0).all()      # masked out, not zeroed
+    _epoch_loop(model, optg, optimizer, x, y, 2, 3)
+    assert torch.equal(layer.weight[pruned], before[pruned])
+    assert not torch.equal(layer.weight[~pruned], before[~pruned])
+    # A pruned weight whose score rises to the top returns with the value it kept.
+    position = pruned.nonzero()[0].tolist()
+    with torch.no_grad():
+        optg.scores[0][tuple(position)] = 1e3
+    optg.next_epoch()
+    assert layer.mask[tuple(position)]
+    assert layer.weight[tuple(position)] == before[tuple(position)]
+
+
+def test_epoch_zero_is_dense_while_all_scores_are_zero_unless_asked():
+    total = 64 * 8 + 8 * 10
+    assert all(m.all() for m in OptG(mlp(0, hidden=8), sparsity=0.9, epochs=2).masks)
+    masks = OptG(mlp(0, hidden=8), sparsity=0.9, epochs=2, dense_while_scores_tie=False).masks
+    flat = torch.cat([m.flatten() for m in masks])
+    removed = round(0.9 / (1 + math.exp(1)) * total)
+    assert flat.tolist() == [True] * (total - removed) + [False] * removed   # ties: lower position kept
+
+
+def test_scores_get_no_weight_decay_and_the_weights_gradient_is_masked():
+    x, y = _data(3)
+    model = mlp(4, hidden=8)
+    optg = OptG(model, sparsity=0.5, epochs=2, lr=0.1, momentum=0.0, dense_while_scores_tie=False)
+    assert all(group["weight_decay"] == 0 for group in optg.score_optimizer.param_groups)
+    inputs, targets = batch(x, y, 0, 0, 16)
+    torch.nn.functional.cross_entropy(model(inputs), targets).backward()
+    optg.step()
+    for layer in _layers(model):
+        assert (layer.weight.grad[~layer.mask] == 0).all()
+        assert layer.dense_grad
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(sparsity=1.0), ValueError, "sparsity must be in"),
+    (dict(sparsity="0.9"), TypeError, "sparsity must be a float"),
+    (dict(epochs=0), ValueError, "epochs must be >= 1, got 0"),
+    (dict(beta=-1.0), ValueError, "beta must be a number >= 0, got -1.0"),
+    (dict(lr_schedule=0.1), TypeError, "lr_schedule must be callable"),
+])
+def test_bad_arguments_raise_naming_them(kwargs, error, match):
+    arguments = {"sparsity": 0.5, "epochs": 3, **kwargs}
+    with pytest.raises(error, match=match):
+        OptG(mlp(0, hidden=4), **arguments)
+
+
+@pytest.mark.parametrize("stop_epoch, stop_step", [(1, 0), (1, 3), (2, 4)])
+def test_resuming_from_a_checkpoint_is_bit_identical(tmp_path, stop_epoch, stop_step):
+    x, y = _data(4)
+    epochs, steps = 4, 5
+
+    def fresh(seed):
+        model = mlp(seed, hidden=16)
+        return (model, OptG(model, sparsity=0.7, epochs=epochs, lr=0.1),
+                torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3))
+
+    reference, optg, optimizer = fresh(5)
+    _epoch_loop(reference, optg, optimizer, x, y, epochs, steps)
+    reference_scores = [s.clone() for s in optg.scores]
+
+    model, optg, optimizer = fresh(5)
+    _epoch_loop(model, optg, optimizer, x, y, epochs, steps, stop=(stop_epoch, stop_step))
+    sparsekern.checkpoint.save({"model": model.state_dict(), "optg": optg.state_dict(),
+                                "optimizer": optimizer.state_dict()}, tmp_path / "optg.pt")
+    checkpoint = sparsekern.checkpoint.load(tmp_path / "optg.pt")
+    model, optg, optimizer = fresh(6)
+    model.load_state_dict(checkpoint["model"])
+    optg.load_state_dict(checkpoint["optg"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    _epoch_loop(model, optg, optimizer, x, y, epochs, steps, start_step=stop_step)
+    for a, b in zip(reference.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(reference_scores, optg.scores):
+        assert torch.equal(a, b)

@@ -1,0 +1,152 @@
+"""Smoke tests of the benchmark suite: every case runs at quick sizes and yields a finite time and ratio.
+
+No timing is asserted: speed claims live in the benchmark report, not in tests.
+"""
+import csv
+import json
+import math
+import time
+
+import pytest
+import torch
+
+from sparsekern import ops
+from sparsekern.bench import core, report
+from sparsekern.ops import _backend
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def quick_rows():
+    return report.run(CPU, quick=True, budget_s=0.01)
+
+
+def test_every_case_module_yields_cases():
+    modules = core.case_modules()
+    assert modules, "no case modules found in sparsekern.bench.cases"
+    for module in modules:
+        cases = core.load_cases(module, CPU, quick=True)
+        assert cases, f"{module}.cases() returned no case"
+        for case in cases:
+            assert isinstance(case, core.Case)
+            assert case.baseline in case.runs
+
+
+def test_quick_report_gives_finite_time_and_ratio_for_every_run(quick_rows):
+    assert quick_rows
+    for row in quick_rows:
+        assert row.error is None, f"{row.op} [{row.size}] {row.implementation}: {row.error}"
+        assert math.isfinite(row.time_ms) and row.time_ms > 0, row
+        assert math.isfinite(row.ratio) and row.ratio > 0, row
+        assert row.repeats >= 1
+
+
+def test_baseline_rows_have_ratio_one(quick_rows):
+    baselines = [row for row in quick_rows if row.implementation == row.baseline]
+    assert baselines
+    assert all(row.ratio == 1.0 for row in baselines)
+
+
+def test_foundation_ops_are_timed_on_every_automatic_backend(quick_rows):
+    timed = {(row.op.split()[0], row.implementation) for row in quick_rows}
+    for op, registry_op in (("topk_mask", "topk_mask"), ("prune_grow", "prune_grow"),
+                            ("masked_linear", "masked_linear")):
+        for backend in core.usable_backends(registry_op, CPU):
+            assert (op, f"sparsekern[{_backend.label(backend, 'cpu')}]") in timed
+
+
+def test_case_rejects_unknown_baseline():
+    with pytest.raises(ValueError, match="baseline"):
+        core.Case("op", "size", {"a": lambda: None}, baseline="b")
+
+
+def test_failing_run_is_reported_not_raised():
+    def broken():
+        raise RuntimeError("boom")
+
+    rows = core.measure(core.Case("op", "size", {"ok": lambda: None, "broken": broken}, baseline="ok"),
+                        CPU, budget_s=0.001)
+    by_label = {row.implementation: row for row in rows}
+    assert by_label["ok"].error is None
+    assert "boom" in by_label["broken"].error and math.isnan(by_label["broken"].ratio)
+    assert "failed" in report.format_table(rows)
+
+
+def test_time_call_adapts_repeats_to_budget():
+    calls = []
+    timing = core.time_call(lambda: calls.append(1), CPU, budget_s=0.5, max_repeats=7)
+    assert timing.repeats == 7  # an instant call fills the repeat cap
+    assert len(calls) == 1 + timing.repeats  # after one warm-up call
+    assert math.isfinite(timing.median_ms)
+
+
+def test_time_call_times_a_call_much_longer_than_the_budget_once():
+    calls = []
+    timing = core.time_call(lambda: calls.append(time.sleep(0.005)), CPU, budget_s=0.001)
+    assert timing.repeats == 1 and len(calls) == 1
+
+
+def test_forced_backend_restores_environment(monkeypatch):
+    monkeypatch.setenv("SPARSEKERN_BACKEND", "auto")
+    with core.forced_backend("reference"):
+        assert _backend.requested() == "reference"
+    assert _backend.requested() == "auto"
+
+
+def test_main_writes_json_and_csv(tmp_path, capsys):
+    json_path, csv_path = tmp_path / "rows.json", tmp_path / "rows.csv"
+    status = report.main(["--quick", "--only", "topk_mask", "--budget", "0.001",
+                          "--json", str(json_path), "--csv", str(csv_path)])
+    assert status == 0
+    table = capsys.readouterr().out
+    assert "| topk_mask (global) |" in table and "torch cat+topk" in table
+    saved = json.loads(json_path.read_text())
+    assert saved["environment"].startswith("device cpu")
+    records = saved["rows"]
+    assert records and all(record["op"].startswith("topk_mask") for record in records)
+    with open(csv_path) as stream:
+        assert len(list(csv.DictReader(stream))) == len(records)
+
+
+def test_main_rejects_an_unknown_only(capsys):
+    with pytest.raises(SystemExit):
+        report.main(["--quick", "--only", "no_such_op"])
+
+
+# The baselines must do the op's work, or their ratios mean nothing: on tie-free inputs they equal the op.
+
+def test_topk_mask_baselines_select_what_the_op_selects(generator):
+    from sparsekern.bench.cases import topk_mask as cases
+
+    scores = [torch.rand(shape, generator=generator) for shape in ((7, 5), (33,), (4, 3, 2))]
+    expected = ops.topk_mask(scores, 20)
+    for baseline in (cases.torch_cat_topk, cases.torch_cat_kthvalue):
+        assert all(torch.equal(a, b) for a, b in zip(baseline(scores, 20), expected))
+    per_layer = [3, 0, 24]
+    assert all(torch.equal(a, b) for a, b in
+               zip(cases.torch_per_layer_topk(scores, per_layer), ops.topk_mask(scores, per_layer)))
+
+
+def test_prune_grow_baseline_updates_like_the_op(generator):
+    from sparsekern.bench.cases import prune_grow as cases
+
+    weight, grow, momentum = (torch.randn(12, 9, generator=generator) for _ in range(3))
+    mask = torch.rand(12, 9, generator=generator) < 0.4
+    weight.mul_(mask)
+    active, n = int(mask.sum()), 5
+    expected_weight, expected_momentum = weight.clone(), momentum.clone()
+    expected = ops.prune_grow(expected_weight, mask, expected_weight.abs(), grow.abs(), n,
+                              state=(expected_momentum,))
+    new = cases.torch_prune_grow(weight, mask, weight.abs(), grow.abs(), n, active, [momentum])
+    assert torch.equal(new, expected)
+    assert torch.equal(weight, expected_weight) and torch.equal(momentum, expected_momentum)
+
+
+def test_masked_linear_baseline_matches_the_op(generator):
+    from sparsekern.bench.cases import masked_linear as cases
+
+    x, weight, bias = (torch.randn(shape, generator=generator) for shape in ((6, 8), (5, 8), (5,)))
+    mask = torch.rand(5, 8, generator=generator) < 0.5
+    torch.testing.assert_close(cases.torch_mask_then_matmul(x, weight, mask, bias),
+                               ops.masked_linear(x, weight, mask, bias))

@@ -1,0 +1,170 @@
+"""Helpers shared by the test packages (fixtures live in conftest.py).
+
+Op tests: the backends under test, dtypes, random scores with ties and special values, non-contiguous
+layouts. Algorithm tests (IMP, SWAMP, OptG and the SWAMP-on-ranks script): a small sparse MLP,
+scikit-learn's digits, and a stateless batch order (batch t is a function of (data seed, t)), so that
+a run resumed at any step sees the same batches as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from sparsekern.nn import SparseLinear, sparse_modules
+from sparsekern.ops import _backend
+
+BACKENDS = _backend.AUTO_ORDER
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def random_scores(generator, shape, dtype, kind):
+    """Scores of one kind: 'normal', 'ties' (a handful of distinct values), or 'special' (NaN, ±inf, ±0)."""
+    if kind == "ties":
+        values = torch.randint(-2, 3, shape, generator=generator).to(torch.float64) / 2
+    else:
+        values = torch.randn(shape, generator=generator, dtype=torch.float64)
+    if kind == "special":
+        specials = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0], dtype=torch.float64)
+        which = torch.randint(0, 10, shape, generator=generator)
+        values = torch.where(which < 5, specials[which.clamp(max=4)], values)
+    return values.to(dtype)
+
+
+def strided(t, generator, layout):
+    """The same values as t in a non-contiguous layout: 'transposed' or 'sliced' (every other column)."""
+    if layout == "contiguous" or t.dim() < 2:
+        return t
+    if layout == "transposed":
+        return t.transpose(0, -1).contiguous().transpose(0, -1)
+    wide = torch.randn((*t.shape[:-1], 2 * t.shape[-1]), generator=generator).to(t.dtype)
+    wide[..., ::2] = t
+    return wide[..., ::2]
+
+
+def skip_interpreter_limits(backend, dtype=None, size=0):
+    """Skips a Triton case the interpreter cannot run right (bf16) or in CI time (over 4096 entries)."""
+    if backend != "triton" or torch.cuda.is_available():
+        return
+    if dtype == torch.bfloat16:
+        pytest.skip("Triton interpreter lacks bf16")
+    if size > 4096:
+        pytest.skip("too large for the Triton interpreter")
+
+
+def mlp(seed: int, inputs: int = 64, hidden: int = 32, outputs: int = 10,
+        batch_norm: bool = False) -> nn.Module:
+    """Sparse (all-True masks) MLP whose default initialisation is drawn from `seed`."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        layers = [SparseLinear(inputs, hidden)]
+        if batch_norm:
+            layers.append(nn.BatchNorm1d(hidden))
+        layers += [nn.ReLU(), SparseLinear(hidden, outputs)]
+        return nn.Sequential(*layers)
+
+
+@functools.lru_cache(maxsize=1)
+def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_train, y_train, x_test, y_test): scikit-learn's bundled digits, a fixed 1397/400 split."""
+    from sklearn.datasets import load_digits
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32) / 16
+    y = torch.tensor(data.target, dtype=torch.long)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    x, y = x[order], y[order]
+    return x[400:], y[400:], x[:400], y[:400]
+
+
+def batch(x: torch.Tensor, y: torch.Tensor, data_seed: int, step: int, size: int):
+    """The `step`-th minibatch of a shuffled pass order that depends only on (data_seed, epoch)."""
+    per_epoch = len(y) // size
+    epoch, index = divmod(step, per_epoch)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(data_seed * 7919 + epoch))
+    rows = order[index * size:(index + 1) * size]
+    return x[rows], y[rows]
+
+
+def train(model, algorithm, x, y, data_seed: int, steps: int, size: int = 32) -> None:
+    """Trains from `algorithm.step_in_cycle` to `steps` with `algorithm.optimizer` (IMP/SWAMP)."""
+    for t in range(algorithm.step_in_cycle, steps):
+        inputs, targets = batch(x, y, data_seed, t, size)
+        nn.functional.cross_entropy(model(inputs), targets).backward()
+        algorithm.optimizer.step()
+        algorithm.optimizer.zero_grad()
+        algorithm.step()
+
+
+@torch.no_grad()
+def accuracy(model, x, y) -> float:
+    model.eval()
+    correct = (model(x).argmax(1) == y).float().mean().item()
+    model.train()
+    return correct
+
+
+# The digits comparison at 90% sparsity. IMP's default p = 0.2 needs 11 prunings to get there;
+# p = 0.54 needs 3 (0.46^3 = 9.7% density) and keeps the runs short.
+DIGITS = dict(hidden=100, steps=300, rewind_step=20, prune_fraction=0.54, prunings=3, lr=0.1,
+              swa_start=150, swa_every=10)
+
+
+def _sgd(parameters):
+    return torch.optim.SGD(parameters, lr=DIGITS["lr"], momentum=0.9)
+
+
+@functools.lru_cache(maxsize=None)
+def digits_run(method: str, seed: int) -> float:
+    """Test accuracy of one method at ~90% sparsity: "imp" (IMP-WR), "reinit" (IMP-WR's final mask
+    on a fresh random initialisation), or "swamp<N>" (SWAMP with N particles)."""
+    from sparsekern.algorithms import IMP, SWAMP
+    from sparsekern.algorithms.swamp import data_seed
+    x, y, x_test, y_test = digits()
+    steps, cycles = DIGITS["steps"], DIGITS["prunings"] + 1
+    with torch.random.fork_rng(devices=[]):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)     # a tiny MLP on 2 shared cores runs ~10x faster on one thread
+        try:
+            model = mlp(seed, hidden=DIGITS["hidden"])
+            if method in ("imp", "reinit"):
+                imp = IMP(model, _sgd, prune_fraction=DIGITS["prune_fraction"],
+                          rewind_step=DIGITS["rewind_step"])
+                imp.run(lambda a: train(model, a, x, y, data_seed(seed, a.cycle, 0), steps), cycles)
+                if method == "reinit":
+                    masks = imp.masks
+                    model = mlp(seed + 10_000, hidden=DIGITS["hidden"])
+                    imp = IMP(model, _sgd)
+                    for (_, layer), mask in zip(sparse_modules(model), masks):
+                        layer.set_mask(mask)
+                    train(model, imp, x, y, data_seed(seed, cycles, 0), steps)
+            else:
+                swamp = SWAMP(model, _sgd, particles=int(method[len("swamp"):]),
+                              prune_fraction=DIGITS["prune_fraction"], rewind_step=DIGITS["rewind_step"],
+                              swa_start=DIGITS["swa_start"], swa_every=DIGITS["swa_every"], seed=seed)
+                while True:
+                    train(model, swamp, x, y, swamp.data_seed, steps)
+                    if swamp.next_particle():
+                        continue
+                    if swamp.cycle == cycles - 1:
+                        break
+                    swamp.next_cycle()
+            return accuracy(model, x_test, y_test)
+        finally:
+            torch.set_num_threads(threads)
+
+
+def torchrun(module: str, *args: str, ranks: int = 2) -> subprocess.CompletedProcess:
+    """Runs `python -m <module> args...` on `ranks` local processes under torch.distributed.run (one
+    thread each), from the repository root so that `tests.*` modules import."""
+    environment = dict(os.environ, OMP_NUM_THREADS="1",
+                       PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
+               "-m", module, *args]
+    return subprocess.run(command, env=environment, cwd=ROOT, capture_output=True, text=True, timeout=120)

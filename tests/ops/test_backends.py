@@ -1,0 +1,107 @@
+"""Backend choice: what auto picks on CPU, the SPARSEKERN_BACKEND override, and determinism."""
+import os
+
+import pytest
+import torch
+
+import sparsekern
+from sparsekern.ops import COMPILED_OPS, _backend, _extension
+
+from ..helpers import BACKENDS, random_scores
+
+CPP_DISABLED = os.environ.get("SPARSEKERN_CPP") == "0"
+
+
+@pytest.mark.skipif(CPP_DISABLED, reason="built with SPARSEKERN_CPP=0")
+def test_extension_is_loaded():
+    # A broken C++ build falls back quietly at import; here it fails CI instead.
+    assert sparsekern.backends()["extension"] == "loaded"
+
+
+@pytest.mark.skipif(CPP_DISABLED, reason="built with SPARSEKERN_CPP=0")
+@pytest.mark.parametrize("op", COMPILED_OPS)
+def test_auto_chooses_the_compiled_cpu_kernels_on_cpu(op, monkeypatch):
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsekern::{op}", "CPU")
+    report = sparsekern.backends()
+    assert report["requested"] == "auto"
+    assert report["ops"][op]["cpu"]["chosen"] == "compiled"
+    assert report["ops"][op]["cpu"]["compiled"] is None
+
+
+def test_reference_is_always_usable(monkeypatch):
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    for op, devices in sparsekern.backends()["ops"].items():
+        assert devices["cpu"]["reference"] is None, op
+        assert devices["cpu"]["chosen"] is not None, op
+
+
+@pytest.mark.parametrize("name", ["fastest", "cuda:0"])
+def test_unknown_backend_name_lists_the_valid_ones(name, monkeypatch):
+    monkeypatch.setenv(_backend.ENV_VAR, name)
+    for call in (sparsekern.backends, lambda: sparsekern.ops.topk_mask([torch.randn(3)], 1)):
+        with pytest.raises(ValueError, match=r"SPARSEKERN_BACKEND.*auto, compiled, triton, reference"):
+            call()
+
+
+@pytest.mark.parametrize("alias", ["cuda", "cpp", "CUDA"])
+def test_earlier_names_are_aliases_of_the_compiled_backend(alias, monkeypatch):
+    monkeypatch.setenv(_backend.ENV_VAR, alias)
+    assert _backend.requested() == "compiled"
+
+
+def test_reports_say_which_kernels_of_the_compiled_backend_ran():
+    assert _backend.label("compiled", "cpu") == "compiled/cpu"
+    assert _backend.label("compiled", "cuda") == "compiled/cuda"
+    assert _backend.label("triton", "cuda") == "triton"
+
+
+def unusable_pairs():
+    """(op, backend, reason) for every backend that cannot run an op on CPU tensors in this install."""
+    return [(op, name, why) for op in _backend._REGISTRY for name, why in _backend._reasons(op, "cpu").items()
+            if why is not None]
+
+
+def test_asking_for_an_unusable_backend_raises(monkeypatch):
+    pairs = unusable_pairs()
+    if not pairs:
+        pytest.skip("every backend can run every op here")
+    for op, name, why in pairs:
+        monkeypatch.setenv(_backend.ENV_VAR, name)
+        with pytest.raises(RuntimeError, match=rf"{_backend.ENV_VAR}={name} cannot run {op} on cpu"):
+            _backend.choose(op, "cpu")
+        assert sparsekern.backends()["ops"][op]["cpu"]["chosen"] is None
+
+
+def test_asking_for_the_compiled_backend_without_it_raises(monkeypatch):
+    # Simulates an install whose extension failed to build: the kernel reports itself missing.
+    monkeypatch.setattr(_extension, "kernel_missing", lambda op, device_type: "extension not loaded (simulated)")
+    monkeypatch.setenv(_backend.ENV_VAR, "compiled")
+    with pytest.raises(RuntimeError, match=r"simulated.*usable backends: .*reference"):
+        sparsekern.ops.topk_mask([torch.randn(4)], 2)
+    monkeypatch.setenv(_backend.ENV_VAR, "auto")
+    assert _backend.choose("topk_mask", "cpu")[0] != "compiled"
+
+
+def draw_masks(seed, backend, monkeypatch):
+    """Masks of topk_mask and prune_grow on inputs drawn from `seed`, computed by one backend."""
+    monkeypatch.setenv(_backend.ENV_VAR, backend)
+    generator = torch.Generator().manual_seed(seed)
+    scores = [random_scores(generator, shape, torch.float32, "ties") for shape in [(40, 30), (7,), (5, 3, 3)]]
+    weight = torch.randn(40, 30, generator=generator)
+    mask = torch.rand(40, 30, generator=generator) < 0.2
+    grow_score = random_scores(generator, (40, 30), torch.float32, "ties")
+    return (sparsekern.ops.topk_mask(scores, 500) + sparsekern.ops.topk_mask(scores, [100, 3, 20])
+            + [sparsekern.ops.prune_grow(weight, mask, weight.abs(), grow_score, 50)])
+
+
+def test_same_seed_gives_the_same_masks_on_every_backend(monkeypatch):
+    usable = [b for b in BACKENDS
+              if all(_backend._reasons(op, "cpu")[b] is None for op in ("topk_mask", "prune_grow"))]
+    runs = {backend: draw_masks(1234, backend, monkeypatch) for backend in usable}
+    runs["again"] = draw_masks(1234, usable[0], monkeypatch)
+    first = runs[usable[0]]
+    for backend, masks in runs.items():
+        assert all(torch.equal(a, b) for a, b in zip(masks, first)), backend
+    other_seed = draw_masks(4321, usable[0], monkeypatch)
+    assert not all(torch.equal(a, b) for a, b in zip(other_seed, first)), "a different seed must change the masks"

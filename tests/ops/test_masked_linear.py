@@ -1,0 +1,103 @@
+"""masked_linear: values and gradients of every backend against float64 autograd of the reference."""
+import pytest
+import torch
+
+import sparsekern
+from sparsekern.ops import reference
+
+from ..helpers import BACKENDS, skip_interpreter_limits
+
+# Absolute slack on top of the relative rule below, per dtype.
+ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def make_inputs(generator, batch, in_features, out_features, dtype, bias=True, density=0.4):
+    x = torch.randn((*batch, in_features), generator=generator).to(dtype)
+    weight = torch.randn(out_features, in_features, generator=generator).to(dtype)
+    mask = torch.rand(out_features, in_features, generator=generator) < density
+    b = torch.randn(out_features, generator=generator).to(dtype) if bias else None
+    return x, weight, mask, b
+
+
+def outputs_and_grads(function, x, weight, mask, bias, grad_out, dtype, dense_grad):
+    """y and (dx, dweight, dbias) of function at the inputs cast to dtype."""
+    leaves = [t.detach().to(dtype).requires_grad_() if t is not None else None for t in (x, weight, bias)]
+    y = function(leaves[0], leaves[1], mask, leaves[2], dense_grad)
+    y.backward(grad_out.to(dtype))
+    return [y.detach()] + [t.grad if t is not None else None for t in leaves]
+
+
+def reference_function(x, weight, mask, bias, dense_grad):
+    if not dense_grad:
+        return reference.masked_linear(x, weight, mask, bias)
+    # The same values, but the weight's gradient bypasses the mask: the dense dy.T @ x.
+    masked = weight + (reference.masked_weight(weight, mask) - weight).detach()
+    return torch.nn.functional.linear(x, masked, bias)
+
+
+def sparsekern_function(x, weight, mask, bias, dense_grad):
+    return sparsekern.ops.masked_linear(x, weight, mask, bias, dense_grad=dense_grad)
+
+
+def assert_within_rule(name, actual, torch_same_dtype, exact, dtype):
+    """The backend's error against float64 is at most twice plain PyTorch's at the same dtype, plus atol."""
+    if exact is None:
+        assert actual is None and torch_same_dtype is None, name
+        return
+    assert actual.dtype == dtype and actual.shape == exact.shape, f"{name}: {actual.dtype} {tuple(actual.shape)}"
+    error = (actual.double() - exact).abs().max().item() if exact.numel() else 0.0
+    torch_error = (torch_same_dtype.double() - exact).abs().max().item() if exact.numel() else 0.0
+    assert error <= 2 * torch_error + ATOL[dtype], f"{name}: error {error} vs PyTorch's {torch_error} at {dtype}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("batch", [(5,), (2, 3), (), (0,)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dense_grad", [False, True])
+def test_values_and_gradients(backend, dtype, batch, bias, dense_grad, use_backend, generator):
+    use_backend(backend, "masked_linear")
+    skip_interpreter_limits(backend, dtype)
+    x, weight, mask, b = make_inputs(generator, batch, 19, 11, torch.float64, bias)
+    grad_out = torch.randn((*batch, 11), generator=generator, dtype=torch.float64)
+    exact = outputs_and_grads(reference_function, x, weight, mask, b, grad_out, torch.float64, dense_grad)
+    plain = outputs_and_grads(reference_function, x, weight, mask, b, grad_out, dtype, dense_grad)
+    actual = outputs_and_grads(sparsekern_function, x, weight, mask, b, grad_out, dtype, dense_grad)
+    for name, a, p, e in zip(["y", "dx", "dweight", "dbias"], actual, plain, exact):
+        assert_within_rule(name, a, p, e, dtype)
+    if not dense_grad:
+        assert not actual[2][~mask].any(), "masked dweight must be 0 off the mask"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_out_inf_and_nan_do_not_leak(backend, use_backend, generator):
+    use_backend(backend, "masked_linear")
+    x, weight, mask, bias = make_inputs(generator, (4,), 8, 6, torch.float32)
+    weight = torch.where(mask, weight, torch.tensor([float("inf"), -float("inf"), float("nan")]).repeat(16)[:48]
+                         .view(6, 8)).requires_grad_()
+    x.requires_grad_()
+    y = sparsekern.ops.masked_linear(x, weight, mask, bias)
+    y.sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all() and torch.isfinite(weight.grad).all()
+    expected = torch.nn.functional.linear(x, torch.where(mask, weight, 0.0), bias)
+    torch.testing.assert_close(y.detach(), expected.detach())
+
+
+def test_the_rule_catches_a_wrong_gradient(generator):
+    x, weight, mask, b = make_inputs(generator, (5,), 7, 3, torch.float64)
+    grad_out = torch.randn(5, 3, generator=generator, dtype=torch.float64)
+    exact = outputs_and_grads(reference_function, x, weight, mask, b, grad_out, torch.float64, False)
+    plain = outputs_and_grads(reference_function, x, weight, mask, b, grad_out, torch.float32, False)
+    dense = outputs_and_grads(reference_function, x, weight, mask, b, grad_out, torch.float32, True)
+    # The dense gradient where the masked one is asked for must fail the rule.
+    with pytest.raises(AssertionError, match="dweight"):
+        assert_within_rule("dweight", dense[2], plain[2], exact[2], torch.float32)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dense_grad", [False, True])
+def test_opcheck_masked_linear_reference(bias, dense_grad, generator):
+    x, weight, mask, b = make_inputs(generator, (2, 3), 6, 4, torch.float32, bias)
+    x.requires_grad_()
+    weight.requires_grad_()
+    torch.library.opcheck(torch.ops.sparsekern.masked_linear_reference.default, (x, weight, mask, b, dense_grad))

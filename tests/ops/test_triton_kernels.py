@@ -1,0 +1,334 @@
+"""The Triton kernels against sparsekern.ops.reference: under TRITON_INTERPRET=1 on CPU tensors (small
+shapes, no bfloat16: the interpreter computes it wrongly), and at real sizes on a GPU (`gpu` mark)."""
+import numpy as np
+import pytest
+import torch
+
+from sparsekern.ops import _backend, reference
+
+pytest.importorskip("triton")
+
+CPU = torch.device("cpu")
+INTERPRETER_DTYPES = [
+    torch.float32, torch.float16, torch.float64,
+    pytest.param(torch.bfloat16, marks=pytest.mark.skip(reason="Triton interpreter lacks bf16")),
+]
+GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+# Largest ||out - ref|| / ||ref|| against a float64 reference, per input dtype.
+RELATIVE_ERROR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2, torch.float64: 1e-12}
+
+
+def _import_kernels():
+    from sparsekern.ops import _triton_ops
+    from sparsekern.triton_kernels import masked_linear, prune_grow, topk_mask
+    return _triton_ops, masked_linear, topk_mask, prune_grow
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    """The Triton modules, for tests on CPU tensors (which need the interpreter)."""
+    reason = _backend.triton_missing("cpu")
+    if reason is not None:
+        pytest.skip(reason)
+    return _import_kernels()
+
+
+@pytest.fixture(scope="module")
+def gpu_kernels():
+    return _import_kernels()
+
+
+def _scores_with_ties(shape, dtype, generator, device=CPU):
+    """Small integers (many ties), with NaN, -0.0 and infinities sprinkled in."""
+    scores = torch.randint(-6, 6, shape, generator=generator).to(dtype)
+    flat = scores.view(-1)
+    if flat.numel() >= 10:
+        flat[::7] = float("nan")
+        flat[3::11] = -0.0
+        flat[1] = float("-inf")
+        flat[5] = float("inf")
+    return scores.to(device)
+
+
+def _close(out, expected, dtype):
+    out, expected = out.double().cpu(), expected.double().cpu()
+    assert not torch.isnan(out).any()
+    scale = expected.norm().clamp_min(1e-30)
+    assert (out - expected).norm() / scale <= RELATIVE_ERROR[dtype], ((out - expected).abs().max(), scale)
+
+
+def _masked_linear_case(shape_x, n, density, dtype, generator, device=CPU, block=None):
+    k = shape_x[-1]
+    x = torch.randn(shape_x, generator=generator).to(dtype)
+    weight = torch.randn(n, k, generator=generator).to(dtype)
+    if block is None:
+        mask = torch.rand(n, k, generator=generator) < density
+    else:
+        blocks = torch.rand(-(-n // block[0]), -(-k // block[1]), generator=generator) < density
+        mask = blocks.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:n, :k].contiguous()
+    weight[~mask] = float("nan")  # off the mask nothing may leak, not even NaN
+    bias = torch.randn(n, generator=generator).to(dtype)
+    dy = torch.randn(*shape_x[:-1], n, generator=generator).to(dtype)
+    return [t.to(device) for t in (x, weight, mask, bias, dy)]
+
+
+def _check_masked_linear(ml, x, weight, mask, bias, dy, dtype):
+    x64, w64, b64, dy64 = (t.double() for t in (x, weight, bias, dy))
+    _close(ml.masked_linear(x, weight, mask, bias), reference.masked_linear(x64, w64, mask, b64), dtype)
+    _close(ml.masked_linear_grad_input(dy, weight, mask), reference.masked_linear_grad_input(dy64, w64, mask), dtype)
+    masked = ml.masked_linear_grad_weight(dy, x, mask, False)
+    _close(masked, reference.masked_linear_grad_weight(dy64, x64, mask, False), dtype)
+    assert not masked[~mask].any()
+    _close(ml.masked_linear_grad_weight(dy, x, mask, True), reference.masked_linear_grad_weight(dy64, x64, mask, True),
+           dtype)
+
+
+# ----------------------------------------------------------------------------------- masked_linear
+
+
+@pytest.mark.parametrize("dtype", INTERPRETER_DTYPES)
+def test_masked_linear_products_match_reference(kernels, dtype, generator):
+    _, ml, _, _ = kernels
+    # Unstructured: every 32x32 block is active, so the loops run without tile tests (`skip_tiles`).
+    # Sizes that are not multiples of the 64 tiles nor of the 32 flag blocks; batch dims on x.
+    _check_masked_linear(ml, *_masked_linear_case((2, 35, 90), 100, 0.4, dtype, generator), dtype)
+
+
+@pytest.mark.parametrize("density", [0.0, 1.0])
+def test_masked_linear_all_zero_and_all_one_masks(kernels, density, generator):
+    _, ml, _, _ = kernels
+    _check_masked_linear(ml, *_masked_linear_case((40, 70), 50, density, torch.float32, generator), torch.float32)
+
+
+def test_masked_linear_block_mask_skips_tiles(kernels, generator):
+    _, ml, _, _ = kernels
+    x, weight, mask, bias, dy = _masked_linear_case((50, 160), 96, 0.3, torch.float32, generator, block=(32, 32))
+    layout = ml.pack_mask(mask)
+    assert 0 < int(layout.tiles.sum()) < layout.tiles.numel()  # some tiles are skipped, some are not
+    assert layout.skip_tiles
+    _check_masked_linear(ml, x, weight, mask, bias, dy, torch.float32)
+
+
+def test_pack_mask_matches_numpy(kernels, generator):
+    _, ml, _, _ = kernels
+    mask = torch.rand(45, 100, generator=generator) < 0.1
+    mask[:32, 64:] = False  # one all-zero flag block
+    layout = ml.pack_mask(mask.T.contiguous().T)  # non-contiguous input
+    padded = np.zeros((45, 128), dtype=np.uint64)
+    padded[:, :100] = mask.numpy()
+    words = (padded.reshape(45, 4, 32) << np.arange(32, dtype=np.uint64)).sum(-1)
+    np.testing.assert_array_equal(layout.bits.numpy().view(np.uint32), words.astype(np.uint32))
+    blocks = np.zeros((64, 128), dtype=bool)
+    blocks[:45, :100] = mask.numpy()
+    np.testing.assert_array_equal(layout.tiles.numpy(), blocks.reshape(2, 32, 4, 32).any(axis=(1, 3)))
+
+
+@pytest.mark.parametrize("shape_x, n", [((0, 20), 30), ((7, 0), 30), ((7, 20), 0), ((2, 0, 20), 30)])
+def test_masked_linear_empty(kernels, shape_x, n, generator):
+    _, ml, _, _ = kernels
+    x, weight, mask, bias, dy = _masked_linear_case(shape_x, n, 0.5, torch.float32, generator)
+    torch.testing.assert_close(ml.masked_linear(x, weight, mask, bias), reference.masked_linear(x, weight, mask, bias))
+    torch.testing.assert_close(ml.masked_linear_grad_input(dy, weight, mask),
+                               reference.masked_linear_grad_input(dy, weight, mask))
+    # reference.masked_linear_grad_weight cannot reshape an empty last dim (reshape(-1, 0)), so
+    # the expected gradient is written out here: dy^T x over all rows is all zeros or empty.
+    for dense in (False, True):
+        got = ml.masked_linear_grad_weight(dy, x, mask, dense)
+        assert got.shape == mask.shape and not got.any()
+
+
+def test_masked_linear_non_contiguous(kernels, generator):
+    _, ml, _, _ = kernels
+    x, weight, mask, bias, dy = _masked_linear_case((70, 40), 60, 0.5, torch.float32, generator)
+    x_t = x.T.contiguous().T
+    weight_t = weight.T.contiguous().T
+    mask_t = mask.T.contiguous().T
+    dy_t = dy.T.contiguous().T
+    bias_t = torch.stack([bias, bias], 1)[:, 0]
+    assert not any(t.is_contiguous() for t in (x_t, weight_t, mask_t, dy_t, bias_t))
+    _check_masked_linear(ml, x_t, weight_t, mask_t, bias_t, dy_t, torch.float32)
+
+
+def test_mask_layout_cache_sees_in_place_updates(kernels, generator):
+    _, ml, _, _ = kernels
+    x, weight, mask, bias, _ = _masked_linear_case((20, 40), 30, 0.5, torch.float32, generator)
+    weight = torch.randn_like(weight)
+    before = ml.masked_linear(x, weight, mask, bias)
+    assert ml.mask_layout(mask) is ml.mask_layout(mask)
+    mask.logical_not_()
+    _close(ml.masked_linear(x, weight, mask, bias), reference.masked_linear(x, weight, mask, bias), torch.float32)
+    assert not torch.allclose(before, ml.masked_linear(x, weight, mask, bias))
+
+
+def test_masked_linear_autograd_through_ops(kernels, use_backend, generator):
+    use_backend("triton", "masked_linear")
+    from sparsekern import ops
+    x, weight, mask, bias, dy = _masked_linear_case((3, 10, 40), 30, 0.5, torch.float32, generator)
+    weight = torch.randn_like(weight)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    expected = [t.double().requires_grad_() for t in (x, weight, bias)]
+    ops.masked_linear(leaves[0], leaves[1], mask, leaves[2], dense_grad=True).backward(dy)
+    reference.masked_linear(expected[0], expected[1], mask, expected[2]).backward(dy.double())
+    for leaf, want in zip(leaves[::2], expected[::2]):
+        _close(leaf.grad, want.grad, torch.float32)
+    # dense_grad: the weight gradient is dy^T x everywhere, the reference's before masking.
+    _close(leaves[1].grad, dy.reshape(-1, 30).double().T @ x.reshape(-1, 40).double(), torch.float32)
+
+
+# -------------------------------------------------------------------------------------- topk_mask
+
+
+def _score_list(dtype, generator, device=CPU):
+    scores = [_scores_with_ties(shape, dtype, generator) for shape in [(30, 40), (7,), (0,), (2, 3, 50), (1500,)]]
+    scores[0] = scores[0].T.contiguous().T  # non-contiguous
+    return [s.to(device) for s in scores]
+
+
+@pytest.mark.parametrize("dtype", INTERPRETER_DTYPES)
+def test_topk_mask_matches_reference(kernels, dtype, generator):
+    _, _, tk, _ = kernels
+    scores = _score_list(dtype, generator)
+    numbers = reference.count_numbers(scores)
+    for k in (0, 1, 333, numbers):
+        got = tk.topk_mask(scores, k)
+        expected = reference.topk_mask(scores, k)
+        assert all(torch.equal(g, e) for g, e in zip(got, expected)), k
+        assert sum(int(g.sum()) for g in got) == k
+
+
+@pytest.mark.parametrize("dtype", INTERPRETER_DTYPES)
+def test_topk_mask_per_tensor_matches_reference(kernels, dtype, generator):
+    _, _, tk, _ = kernels
+    scores = _score_list(dtype, generator)
+    k = [5, 6, 0, 150, reference.count_numbers(scores[-1:])]
+    got = tk.topk_mask_per_tensor(scores, k)
+    assert all(torch.equal(g, e) for g, e in zip(got, reference.topk_mask_per_tensor(scores, k)))
+
+
+def test_topk_mask_zero_signs_and_random_scores(kernels, generator):
+    _, _, tk, _ = kernels
+    # -0.0 and +0.0 tie (lower position wins); distinct random floats exercise every radix round.
+    scores = [torch.tensor([0.0, -0.0, -0.0, 0.0, -1.0]), torch.randn(2000, generator=generator)]
+    scores[1][100:110] = 0.0
+    for k in (2, 3, 1000):
+        got = tk.topk_mask(scores, k)
+        assert all(torch.equal(g, e) for g, e in zip(got, reference.topk_mask(scores, k))), k
+
+
+def test_topk_mask_refuses_more_than_the_numbers(kernels, generator):
+    _, _, tk, _ = kernels
+    scores = _score_list(torch.float32, generator)
+    numbers = reference.count_numbers(scores)
+    with pytest.raises(ValueError, match=f"k={numbers + 1} is more than the {numbers} non-NaN"):
+        tk.topk_mask(scores, numbers + 1)
+    with pytest.raises(ValueError, match="non-NaN"):
+        tk.topk_mask_per_tensor([torch.tensor([float("nan"), 1.0])], [2])
+
+
+def test_topk_mask_empty(kernels):
+    _, _, tk, _ = kernels
+    assert tk.topk_mask([], 0) == []
+    got = tk.topk_mask([torch.empty(0), torch.empty(3, 0)], 0)
+    assert [g.shape for g in got] == [(0,), (3, 0)] and all(g.dtype == torch.bool for g in got)
+
+
+# ------------------------------------------------------------------------------------- prune_grow
+
+
+def _prune_grow_case(shape, dtype, generator, device=CPU):
+    weight = torch.randn(shape, generator=generator).to(dtype)
+    mask = torch.rand(shape, generator=generator) < 0.4
+    prune_score = _scores_with_ties(shape, dtype, generator)
+    grow_score = _scores_with_ties(shape, dtype, generator)
+    state = [torch.randn(shape, generator=generator).to(dtype),
+             torch.randn(tuple(reversed(shape)), generator=generator).to(dtype).T]  # non-contiguous
+    return [t.to(device) for t in (weight, mask, prune_score, grow_score)], [s.to(device) for s in state]
+
+
+def _check_prune_grow(pg, tensors, state, n):
+    weight, mask, prune_score, grow_score = tensors
+    expected_weight, expected_state = weight.clone(), [s.clone() for s in state]
+    expected = reference.prune_grow(expected_weight, mask, prune_score, grow_score, n, expected_state)
+    got = pg.prune_grow(weight, mask, prune_score, grow_score, n, state)
+    assert torch.equal(got, expected)
+    assert torch.equal(weight, expected_weight)
+    assert all(torch.equal(s, e) for s, e in zip(state, expected_state))
+
+
+@pytest.mark.parametrize("dtype", INTERPRETER_DTYPES)
+def test_prune_grow_matches_reference(kernels, dtype, generator):
+    _, _, _, pg = kernels
+    tensors, state = _prune_grow_case((45, 50), dtype, generator)
+    active = int(tensors[1].sum())
+    for n in (0, 7, min(active, tensors[1].numel() - active)):
+        _check_prune_grow(pg, [t.clone() for t in tensors], [s.clone() for s in state], n)
+
+
+def test_prune_grow_non_contiguous_weight_and_empty(kernels, generator):
+    _, _, _, pg = kernels
+    tensors, state = _prune_grow_case((30, 20), torch.float32, generator)
+    tensors = [t.T.contiguous().T for t in tensors]
+    _check_prune_grow(pg, tensors, state, 20)
+    empty = [torch.empty(0, 5), torch.empty(0, 5, dtype=torch.bool), torch.empty(0, 5), torch.empty(0, 5)]
+    assert pg.prune_grow(*empty, 0, []).shape == (0, 5)
+
+
+# ---------------------------------------------------------------------------------------- opcheck
+
+
+def test_opcheck_every_triton_op(kernels, generator):
+    ops, _, _, _ = kernels
+    x, weight, mask, bias, dy = _masked_linear_case((20, 40), 30, 0.5, torch.float32, generator)
+    weight = torch.randn_like(weight)
+    torch.library.opcheck(torch.ops.sparsekern.masked_linear_triton, (x, weight, mask, bias, False))
+    torch.library.opcheck(torch.ops.sparsekern.masked_linear_grad_input_triton, (dy, weight, mask))
+    torch.library.opcheck(torch.ops.sparsekern.masked_linear_grad_weight_triton, (dy, x, mask, True))
+    scores = [torch.randn(10, 20, generator=generator), torch.randn(30, generator=generator)]
+    torch.library.opcheck(torch.ops.sparsekern.topk_mask_triton, (scores, 50))
+    torch.library.opcheck(torch.ops.sparsekern.topk_mask_per_tensor_triton, (scores, [5, 6]))
+    tensors, state = _prune_grow_case((10, 20), torch.float32, generator)
+    torch.library.opcheck(torch.ops.sparsekern.prune_grow_triton, (*tensors, 5, state))
+
+
+# ------------------------------------------------------------------------------- GPU, real sizes
+
+CUDA = torch.device("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("density, block", [(0.5, None), (0.05, None), (0.1, (32, 32)), (1.0, None)])
+def test_gpu_masked_linear_products(gpu_kernels, dtype, density, block, generator):
+    _, ml, _, _ = gpu_kernels
+    case = _masked_linear_case((4, 1000, 1500), 2100, density, dtype, generator, CUDA, block)
+    _check_masked_linear(ml, *case, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+def test_gpu_topk_mask(gpu_kernels, dtype, generator):
+    _, _, tk, _ = gpu_kernels
+    scores = [_scores_with_ties(shape, dtype, generator, CUDA) for shape in [(512, 1000), (3,), (64, 3, 3, 3), (10**6,)]]
+    scores.append(torch.randn(2**20, generator=generator).to(dtype).to(CUDA))
+    cpu_scores = [s.cpu() for s in scores]
+    for k in (1, 123_457, reference.count_numbers(cpu_scores) // 2):
+        got = tk.topk_mask(scores, k)
+        assert all(torch.equal(g.cpu(), e) for g, e in zip(got, reference.topk_mask(cpu_scores, k))), k
+    per = [s.numel() // 3 for s in scores]
+    got = tk.topk_mask_per_tensor(scores, per)
+    assert all(torch.equal(g.cpu(), e) for g, e in zip(got, reference.topk_mask_per_tensor(cpu_scores, per)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+def test_gpu_prune_grow(gpu_kernels, dtype, generator):
+    _, _, _, pg = gpu_kernels
+    tensors, state = _prune_grow_case((1024, 2304), dtype, generator, CUDA)
+    weight, mask, prune_score, grow_score = tensors
+    n = int(mask.sum()) // 10
+    expected_weight, expected_state = weight.cpu(), [s.cpu() for s in state]
+    expected = reference.prune_grow(expected_weight, mask.cpu(), prune_score.cpu(), grow_score.cpu(), n,
+                                    expected_state)
+    got = pg.prune_grow(weight, mask, prune_score, grow_score, n, state)
+    assert torch.equal(got.cpu(), expected) and torch.equal(weight.cpu(), expected_weight)
+    assert all(torch.equal(s.cpu(), e) for s, e in zip(state, expected_state))

@@ -1,0 +1,70 @@
+"""The floors of docs/architecture.md hold: no module imports from a floor above its own."""
+import ast
+import pathlib
+
+import pytest
+
+PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "sparsekern"
+# Floor of each top-level part of sparsekern; a module may import its own floor and the floors below.
+FLOORS = {"_C": 0, "triton_kernels": 0, "checkpoint": 0, "ops": 1, "nn": 2, "algorithms": 3, "cli": 4, "bench": 4}
+
+
+def part_of(module: str) -> str:
+    """'ops' for 'sparsekern.ops.reference', 'checkpoint' for 'sparsekern.checkpoint'."""
+    return module.split(".")[1]
+
+
+def module_name(path: pathlib.Path, package: pathlib.Path) -> str:
+    return "sparsekern." + ".".join(path.relative_to(package).with_suffix("").parts)
+
+
+def imported_modules(path: pathlib.Path, package_root: pathlib.Path = PACKAGE) -> set[str]:
+    """Absolute names of the sparsekern modules or packages a file imports from (relative imports resolved)."""
+    module = module_name(path, package_root)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    package = package.removesuffix(".__init__")
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                target = f"{base}.{node.module}" if node.module else base
+            else:
+                target = node.module or ""
+            if target == "sparsekern":  # `from .. import ops`: each alias is a module
+                names.update(f"sparsekern.{alias.name}" for alias in node.names)
+            elif target.startswith("sparsekern."):
+                names.add(target)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names if alias.name.startswith("sparsekern."))
+    return names
+
+
+MODULES = sorted(p for p in PACKAGE.rglob("*.py") if p.name != "__init__.py" or p.parent != PACKAGE)
+
+
+def assert_imports_run_down(path: pathlib.Path, package_root: pathlib.Path = PACKAGE) -> None:
+    own = part_of(module_name(path, package_root))
+    for name in imported_modules(path, package_root):
+        assert FLOORS[part_of(name)] <= FLOORS[own], f"{path.relative_to(package_root)} ({own}) imports {name}"
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_imports_run_down_the_floors(path):
+    assert_imports_run_down(path)
+
+
+def test_the_check_sees_an_upward_import(tmp_path):
+    # A test that cannot fail proves nothing: an ops module importing the algorithms must be caught.
+    fake = tmp_path / "sparsekern"
+    (fake / "ops").mkdir(parents=True)
+    (fake / "ops" / "bad.py").write_text("from ..algorithms import dst\nfrom . import reference\nfrom .. import nn\n")
+    assert imported_modules(fake / "ops" / "bad.py", fake) == {"sparsekern.algorithms", "sparsekern.ops",
+                                                               "sparsekern.nn"}
+    with pytest.raises(AssertionError, match="imports sparsekern.(algorithms|nn)"):
+        assert_imports_run_down(fake / "ops" / "bad.py", fake)
+
+
+def test_at_most_four_modules_sit_loose_at_the_top():
+    loose = [p.name for p in PACKAGE.glob("*.py") if p.name != "__init__.py"]
+    assert len(loose) <= 4, loose
