@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -17,8 +18,8 @@
 
 namespace sparsekern {
 
-int64_t check_sparse_linear_args(const at::Tensor& x, const at::Tensor& bitmap, const at::Tensor& values,
-                                 const at::Tensor& chunk_offsets, const std::optional<at::Tensor>& bias) {
+SparseLinearShape check_sparse_linear_args(const at::Tensor& x, const at::Tensor& bitmap, const at::Tensor& values,
+                                           const at::Tensor& chunk_offsets, const std::optional<at::Tensor>& bias) {
   const at::ScalarType dtype = x.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat || dtype == at::kDouble,
                    "x must be float16, bfloat16, float32 or float64, got ", dtype);
@@ -50,10 +51,62 @@ int64_t check_sparse_linear_args(const at::Tensor& x, const at::Tensor& bitmap, 
   for (const auto& [name, t] : on_device) {
     TORCH_CHECK_VALUE(t->device() == x.device(), name, " is on ", t->device(), " but x is on ", x.device());
   }
-  return in_features;
+  std::vector<int64_t> y_shape = x.sizes().vec();
+  y_shape.back() = bitmap.size(0);
+  const int64_t rows = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+  return {in_features, bitmap.size(0), rows, std::move(y_shape)};
+}
+
+std::optional<at::Tensor> sparse_linear_without_products(const SparseLinearShape& shape, const at::Tensor& x,
+                                                         const std::optional<at::Tensor>& bias) {
+  if (shape.rows == 0 || shape.out_features == 0) return at::empty(shape.y_shape, x.options());
+  if (shape.in_features == 0) {
+    at::Tensor y = at::zeros(shape.y_shape, x.options());
+    return bias.has_value() ? y.add_(*bias) : y;
+  }
+  return std::nullopt;
 }
 
 namespace {
+
+// The packed layout's invariants that the kernel indexes by, checked on every call (a popcount per
+// bitmap word: a few percent of the product): no bit past in_features (x has no such column), and
+// chunk_offsets the running count of set bits with values holding one entry per bit (the kernel
+// reads values from chunk_offsets[r, 0] on, one per bit). sparsekern.ops.PackedWeight checks the
+// same once; this is for direct callers of the op and for tensors changed in place.
+void check_packed_contents(const int32_t* bitmap, const int64_t* chunk_offsets, int64_t out_features,
+                           int64_t in_features, int64_t words, int64_t chunks, int64_t nnz) {
+  const int spare = static_cast<int>(in_features % 32);
+  std::vector<int64_t> row_count(out_features);
+  at::parallel_for(0, out_features, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const uint32_t* row_bits = reinterpret_cast<const uint32_t*>(bitmap) + r * words;
+      TORCH_CHECK_VALUE(spare == 0 || (row_bits[words - 1] >> spare) == 0u,
+                        "bitmap marks columns past in_features=", in_features, " (row ", r, ")");
+      const int64_t* offsets = chunk_offsets + r * chunks;
+      int64_t count = 0;
+      for (int64_t c = 0; c < chunks; ++c) {
+        // Modulo 2^64, so that no offset overflows; exact once offsets[0] matches the running
+        // count below, which is at most the number of bits.
+        TORCH_CHECK_VALUE(static_cast<uint64_t>(offsets[c]) == static_cast<uint64_t>(offsets[0]) + count,
+                          "chunk_offsets disagree with bitmap: chunk_offsets[", r, ", ", c, "] is ", offsets[c],
+                          " but chunk_offsets[", r, ", 0] is ", offsets[0], " and the bitmap marks ", count,
+                          " entries between them");
+        const int64_t last = std::min(words, (c + 1) * 32);
+        for (int64_t w = c * 32; w < last; ++w) count += __builtin_popcount(row_bits[w]);
+      }
+      row_count[r] = count;
+    }
+  });
+  int64_t marked = 0;
+  for (int64_t r = 0; r < out_features; ++r) {
+    TORCH_CHECK_VALUE(chunks == 0 || chunk_offsets[r * chunks] == marked, "chunk_offsets disagree with bitmap: ",
+                      "chunk_offsets[", r, ", 0] is ", chunk_offsets[r * chunks], " but the bitmap marks ", marked,
+                      " entries before row ", r);
+    marked += row_count[r];
+  }
+  TORCH_CHECK_VALUE(marked == nnz, "values has ", nnz, " entries but bitmap marks ", marked);
+}
 
 // One tile of kBatch batch entries (starting at b0) for rows [begin, end) of W: the sums stay in
 // a fixed-size array, so the compiler keeps them in registers and vectorizes the batch loop.
@@ -109,26 +162,25 @@ void multiply_rows(const int32_t* bitmap, const scalar_t* values, const int64_t*
 
 at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& bitmap, const at::Tensor& values,
                          const at::Tensor& chunk_offsets, const std::optional<at::Tensor>& bias) {
-  const int64_t in_features = check_sparse_linear_args(x, bitmap, values, chunk_offsets, bias);
-  const int64_t out_features = bitmap.size(0);
-  const at::Tensor x2 = x.reshape({-1, in_features});
-  const int64_t rows = x2.size(0);
-  at::Tensor y = at::empty({rows, out_features}, x.options());
-  auto shape = x.sizes().vec();
-  shape.back() = out_features;
-  if (rows == 0 || out_features == 0) return y.view(shape);
+  const SparseLinearShape shape = check_sparse_linear_args(x, bitmap, values, chunk_offsets, bias);
   const at::Tensor bitmap_c = bitmap.contiguous(), values_c = values.contiguous();
   const at::Tensor offsets_c = chunk_offsets.contiguous();
+  const int64_t out_features = shape.out_features, words = bitmap.size(1), chunks = chunk_offsets.size(1);
+  check_packed_contents(bitmap_c.data_ptr<int32_t>(), offsets_c.data_ptr<int64_t>(), out_features,
+                        shape.in_features, words, chunks, values.numel());
+  if (auto y = sparse_linear_without_products(shape, x, bias)) return *y;
+  const int64_t rows = shape.rows;
+  at::Tensor y = at::empty({rows, out_features}, x.options());
   const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparse_linear", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const at::Tensor x_t = x2.t().to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    const at::Tensor x_t = x.reshape({rows, shape.in_features}).t().to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
     multiply_rows<scalar_t>(bitmap_c.data_ptr<int32_t>(), values_c.data_ptr<scalar_t>(),
                             offsets_c.data_ptr<int64_t>(), x_t.data_ptr<acc_t>(),
                             bias_c.defined() ? bias_c.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(),
-                            out_features, bitmap.size(1), chunk_offsets.size(1), rows);
+                            out_features, words, chunks, rows);
   });
-  return y.view(shape);
+  return y.view(shape.y_shape);
 }
 
 }  // namespace

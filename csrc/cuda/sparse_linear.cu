@@ -1,23 +1,70 @@
-// sparse_linear on CUDA: y = x @ W.T for a bitmap-packed W at small batch (GEMV-like), where
-// the time is the bytes of W read: 1 bit per entry plus the kept values, against 2 bytes per entry
-// for a dense fp16/bf16 W. Torch-free; the torch glue is sparse_linear_cuda.cpp.
+// sparse_linear on CUDA: y = x @ W.T for a bitmap-packed W at small batch (GEMV-like), where the
+// time is the bytes of W read: 1 bit per entry plus the kept values, against 2 bytes per entry for a
+// dense fp16/bf16 W. Torch-free; the torch glue is sparse_linear_cuda.cpp.
 //
-// One warp takes one (row, 1024-column chunk): each lane reads one 32-bit bitmap word, a warp
-// scan of popcounts gives each lane the index of its first value (from the chunk's offset), and the
-// lane walks its set bits, multiplying values with the matching entries of x (read in place: x is
-// small and stays in L1/L2, and no transposing launch is needed). Warp sums meet in shared memory
-// per row.
+// A block owns a group of output rows, one slab of whole 1024-column chunks and one tile of at
+// most 16 batch rows. It first stages x[tile, slab] in shared memory as float (double for float64),
+// one column's batch entries side by side, so that each kept entry costs one or a few vector
+// shared loads instead of a 2-byte global gather per batch row. Then each warp walks its rows chunk
+// by chunk: one lane per bitmap word, a warp scan of popcounts places every set bit in a per-warp
+// list of columns, and the lanes take the chunk's kept entries in turn (entry i to lane i % 32), so
+// the value loads are coalesced and every lane does the same work whatever the bit counts. A lane
+// keeps one partial sum per batch row; at the end of a row one butterfly of shuffles adds them
+// across the warp. No atomics: a row's sum has one fixed order, so results are deterministic. When
+// x's slab cannot hold every column, blocks of several slabs write float partial sums, and a second
+// kernel adds them in slab order (plus the bias).
+//
+// The packed layout is checked where it is read, so that no inconsistent input reads out of bounds
+// (sparsekern.ops.PackedWeight checks it once with clear errors; the op can be called directly):
+// each (row, chunk) checks that its values range [chunk_offsets[i], chunk_offsets[i + 1]) (nnz for
+// the last) lies in values and holds exactly the chunk's set bits, chunk_offsets[0] == 0, and that
+// no bit marks a column past in_features. Together these are the whole layout. A failure is a
+// device-side assertion, as torch's own index kernels report a bad index: refusing on the host would
+// cost a synchronization per call.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <climits>
+#include <cstdint>
+
 #include "cuda/sparse_linear.h"
+
+// The device-side assertion that assert() calls, declared as glibc does (<cassert> hides it under
+// NDEBUG, and this check must stay in release builds).
+extern "C" __host__ __device__ void __assert_fail(const char* assertion, const char* file, unsigned int line,
+                                                 const char* function) noexcept __attribute__((__noreturn__));
 
 namespace sparsekern::cuda {
 namespace {
 
 constexpr int kWarps = 8;
-constexpr int kRowsPerBlock = 4;
-constexpr int kWordsPerChunk = 32;
+constexpr int kThreads = kWarps * 32;
+constexpr int kChunkWords = 32;
+constexpr int kChunkColumns = kChunkWords * 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+// Values each lane loads per step of a chunk's kept entries (loads in flight together).
+constexpr int kValuesPerLane = 4;
+// Shared memory for the staged x slab: at least one chunk; more slabs (and a second kernel) when
+// in_features needs more. Smaller slabs leave room for more blocks per SM.
+constexpr int64_t kSlabBytes = 32 * 1024;
+// Batch rows per launch when partial sums are kept (they take splits * rows * out floats).
+constexpr int64_t kRowsPerPassWithSplits = 256;
+
+// Output rows per block: more for larger batch tiles, whose staged x costs more to fill, so that
+// every block reuses it over enough rows (x is read from L2 once per block).
+__host__ __device__ constexpr int rows_per_block(int batch_tile) {
+  return kWarps * (batch_tile <= 1 ? 2 : batch_tile == 2 ? 4 : batch_tile == 4 ? 8 : 16);
+}
+
+// Elements per column of the staged x: the batch tile, padded to an odd number of 16-byte units
+// once it spans one or more, so that lanes reading 16-byte pieces of random columns spread over all
+// 32 banks (with an even number every column starts in the same half of the banks).
+__host__ __device__ constexpr int column_stride(int batch_tile, int acc_bytes) {
+  const int bytes = batch_tile * acc_bytes;
+  if (bytes < 16) return batch_tile;
+  const int units = (bytes + 15) / 16;
+  return (units % 2 == 0 ? units + 1 : units) * 16 / acc_bytes;
+}
 
 __device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -28,121 +75,318 @@ template <typename T> __device__ __forceinline__ T from_acc(float v);
 template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 template <> __device__ __forceinline__ float from_acc<float>(float v) { return v; }
-__device__ __forceinline__ double from_acc_double(double v) { return v; }
+template <typename T> __device__ __forceinline__ T from_acc(double v) { return v; }
 
-template <typename T, typename Acc>
-__device__ __forceinline__ T store_value(Acc v) {
-  if constexpr (sizeof(Acc) == 8) return from_acc_double(v); else return from_acc<T>(v);
+// The kBatch staged entries of one column (16-byte loads where the column spans them).
+template <typename Acc, int kBatch>
+__device__ __forceinline__ void load_column(const Acc* p, Acc (&v)[kBatch]) {
+  constexpr int kBytes = kBatch * int(sizeof(Acc));
+  if constexpr (kBytes % 16 == 0 && sizeof(Acc) == 4) {
+#pragma unroll
+    for (int i = 0; i < kBatch / 4; ++i) {
+      const float4 q = reinterpret_cast<const float4*>(p)[i];
+      v[4 * i] = q.x, v[4 * i + 1] = q.y, v[4 * i + 2] = q.z, v[4 * i + 3] = q.w;
+    }
+  } else if constexpr (kBytes % 16 == 0) {
+#pragma unroll
+    for (int i = 0; i < kBatch / 2; ++i) {
+      const double2 q = reinterpret_cast<const double2*>(p)[i];
+      v[2 * i] = q.x, v[2 * i + 1] = q.y;
+    }
+  } else if constexpr (kBytes == 8 && sizeof(Acc) == 4) {
+    const float2 q = *reinterpret_cast<const float2*>(p);
+    v[0] = q.x, v[1] = q.y;
+  } else {
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) v[i] = p[i];
+  }
 }
 
-// kBatch: batch entries per block (a power of two up to 16); blockIdx.y walks batch tiles.
+// Out of line, so that the assertion's call does not weigh on the kernel's registers.
+__device__ __noinline__ void packed_weight_error() {
+  __assert_fail("sparsekern::sparse_linear: bitmap, values and chunk_offsets disagree (a sparsekern.ops.PackedWeight "
+                "checks them with a clear error)", __FILE__, __LINE__, __func__);
+  __trap();  // in case assertions are compiled out: never go on to read by the bad layout
+}
+
+// What a warp reads first for one (row, chunk): its lane's bitmap word and the chunk's values range.
+struct ChunkHead {
+  uint32_t bits;
+  int64_t start, end;
+};
+
+__device__ __forceinline__ ChunkHead load_head(const uint32_t* __restrict__ bitmap,
+                                               const int64_t* __restrict__ chunk_offsets, int64_t nnz,
+                                               int64_t row, int64_t chunk, int64_t words, int64_t chunks,
+                                               int64_t items, int lane) {
+  const int64_t word = chunk * kChunkWords + lane;
+  const int64_t item = row * chunks + chunk;
+  ChunkHead head;
+  head.bits = word < words ? __ldg(bitmap + row * words + word) : 0u;
+  head.start = __ldg(chunk_offsets + item);
+  head.end = item + 1 < items ? __ldg(chunk_offsets + item + 1) : nnz;
+  return head;
+}
+
+// One halving step of sum_across_lanes (kHalf entries kept of 2 * kHalf), then the next ones.
+template <typename Acc, int kBatch, int kHalf>
+__device__ __forceinline__ void halve_across_lanes(Acc (&acc)[kBatch], int lane) {
+  if constexpr (kHalf >= 1) {
+    constexpr int kMask = 32 * kHalf / kBatch;
+    const bool upper = (lane & kMask) != 0;
+#pragma unroll
+    for (int i = 0; i < kHalf; ++i) {
+      const Acc give = upper ? acc[i] : acc[i + kHalf];
+      const Acc keep = upper ? acc[i + kHalf] : acc[i];
+      acc[i] = keep + __shfl_xor_sync(kFullMask, give, kMask);
+    }
+    halve_across_lanes<Acc, kBatch, kHalf / 2>(acc, lane);
+  }
+}
+
+// Sums acc[b] over the warp's 32 lanes for every b; returns the sum of batch entry lane / (32 / kBatch)
+// (every lane of a group of 32 / kBatch lanes holds the same one). Each halving step gives the
+// partner lane the half of the entries it keeps and adds the partner's copy of the half kept here:
+// kBatch - 1 + log2(32 / kBatch) shuffles instead of 5 * kBatch, in a fixed order.
+template <typename Acc, int kBatch>
+__device__ __forceinline__ Acc sum_across_lanes(Acc (&acc)[kBatch], int lane) {
+  halve_across_lanes<Acc, kBatch, kBatch / 2>(acc, lane);
+  Acc sum = acc[0];
+#pragma unroll
+  for (int mask = 16 / kBatch; mask >= 1; mask /= 2) sum += __shfl_xor_sync(kFullMask, sum, mask);
+  return sum;
+}
+
+// x: (rows, in_features) of this pass; y: (rows, out_features). Block: (row group, slab) in
+// blockIdx.x, batch tile in blockIdx.y. With splits > 1, partial[split][rows][out_features] gets
+// float sums and add_splits_kernel finishes y.
 template <typename T, typename Acc, int kBatch>
-__global__ void __launch_bounds__(kWarps * 32)
-sparse_linear_kernel(const uint32_t* __restrict__ bitmap, const T* __restrict__ values,
+__global__ void __launch_bounds__(kThreads)
+sparse_linear_kernel(const uint32_t* __restrict__ bitmap, const T* __restrict__ values, int64_t nnz,
                      const int64_t* __restrict__ chunk_offsets, const T* __restrict__ x,
-                     const T* __restrict__ bias, T* __restrict__ y, int64_t out_features,
-                     int64_t in_features, int64_t words, int64_t chunks, int64_t rows) {
-  __shared__ Acc partial[kRowsPerBlock][kBatch];
+                     const T* __restrict__ bias, T* __restrict__ y, Acc* __restrict__ partial,
+                     int64_t out_features, int64_t in_features, int64_t rows, int64_t slab_chunks,
+                     int64_t splits) {
+  constexpr int kRows = rows_per_block(kBatch);
+  constexpr int kStride = column_stride(kBatch, sizeof(Acc));
+  extern __shared__ __align__(16) unsigned char shared[];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  for (int t = threadIdx.x; t < kRowsPerBlock * kBatch; t += blockDim.x) partial[t / kBatch][t % kBatch] = 0;
-  __syncthreads();
-  const int64_t first_row = int64_t(blockIdx.x) * kRowsPerBlock;
+  const int64_t words = (in_features + 31) / 32, chunks = (words + kChunkWords - 1) / kChunkWords;
+  const int64_t groups = (out_features + kRows - 1) / kRows;
+  const int64_t group = blockIdx.x % groups, split = blockIdx.x / groups;
   const int64_t b0 = int64_t(blockIdx.y) * kBatch;
   const int batch = rows - b0 < kBatch ? int(rows - b0) : kBatch;
-  for (int64_t item = warp; item < kRowsPerBlock * chunks; item += kWarps) {
-    const int local_row = int(item / chunks);
-    const int64_t row = first_row + local_row, chunk = item % chunks;
-    if (row >= out_features) break;  // items grow with the row; warp-uniform
-    const int64_t word = chunk * kWordsPerChunk + lane;
-    uint32_t bits = word < words ? bitmap[row * words + word] : 0u;
-    // Exclusive prefix of popcounts across the warp: this lane's first value in the chunk.
-    const int count = __popc(bits);
-    int before = count;
+  const int64_t first_chunk = split * slab_chunks;
+  const int64_t last_chunk = first_chunk + slab_chunks < chunks ? first_chunk + slab_chunks : chunks;
+  const int64_t first_column = first_chunk * kChunkColumns;
+  const int staged = int((last_chunk - first_chunk) * kChunkColumns);
+  const int64_t slab_end = last_chunk * kChunkColumns < in_features ? last_chunk * kChunkColumns : in_features;
+  const int present = int(slab_end - first_column);
+
+  Acc* x_slab = reinterpret_cast<Acc*>(shared);
+  uint16_t* columns = reinterpret_cast<uint16_t*>(x_slab + slab_chunks * kChunkColumns * kStride) + warp * kChunkColumns;
+  // x[b0 + b, first_column + c] -> x_slab[c * kStride + b]; zero past the batch and past in_features.
 #pragma unroll
-    for (int shift = 1; shift < 32; shift <<= 1) {
-      const int other = __shfl_up_sync(0xffffffffu, before, shift);
-      if (lane >= shift) before += other;
-    }
-    int64_t index = chunk_offsets[row * chunks + chunk] + before - count;
-    Acc acc[kBatch];
-#pragma unroll
-    for (int b = 0; b < kBatch; ++b) acc[b] = 0;
-    while (bits != 0u) {
-      const int bit = __ffs(bits) - 1;
-      bits &= bits - 1u;
-      const Acc v = to_acc(values[index++]);
-      const T* x_column = x + b0 * in_features + word * 32 + bit;
-#pragma unroll
-      for (int b = 0; b < kBatch; ++b) {
-        if (b < batch) acc[b] += v * to_acc(x_column[b * in_features]);
-      }
-    }
-#pragma unroll
-    for (int b = 0; b < kBatch; ++b) {
-#pragma unroll
-      for (int shift = 16; shift > 0; shift >>= 1) acc[b] += __shfl_xor_sync(0xffffffffu, acc[b], shift);
-    }
-    if (lane == 0) {
-#pragma unroll
-      for (int b = 0; b < kBatch; ++b) {
-        if (b < batch) atomicAdd(&partial[local_row][b], acc[b]);
-      }
+  for (int b = 0; b < kBatch; ++b) {
+    const T* x_row = x + (b0 + b) * in_features + first_column;
+    for (int c = threadIdx.x; c < staged; c += kThreads) {
+      x_slab[c * kStride + b] = b < batch && c < present ? to_acc(x_row[c]) : Acc(0);
     }
   }
   __syncthreads();
-  for (int t = threadIdx.x; t < kRowsPerBlock * batch; t += blockDim.x) {
-    const int local_row = t / batch, b = t % batch;
-    const int64_t row = first_row + local_row;
-    if (row >= out_features) continue;
-    Acc sum = partial[local_row][b];
-    if (bias != nullptr) sum += to_acc(bias[row]);
-    y[(b0 + b) * out_features + row] = store_value<T, Acc>(sum);
+
+  // This warp's rows are group * kRows + warp + j * kWarps; it walks (row, chunk) steps in order and
+  // loads the next step's head before working on the current one.
+  const int64_t first_row = group * kRows + warp;
+  const int64_t row_end = (group + 1) * kRows < out_features ? (group + 1) * kRows : out_features;
+  if (first_row >= row_end) return;
+  const int64_t items = out_features * chunks;
+  const int spare = int(in_features % 32);
+  Acc acc[kBatch];
+#pragma unroll
+  for (int b = 0; b < kBatch; ++b) acc[b] = Acc(0);
+  int64_t row = first_row, chunk = first_chunk;
+  ChunkHead next = load_head(bitmap, chunk_offsets, nnz, row, chunk, words, chunks, items, lane);
+  while (true) {
+    const ChunkHead head = next;
+    int64_t next_row = row, next_chunk = chunk + 1;
+    if (next_chunk == last_chunk) next_row += kWarps, next_chunk = first_chunk;
+    if (next_row < row_end) {
+      next = load_head(bitmap, chunk_offsets, nnz, next_row, next_chunk, words, chunks, items, lane);
+    }
+
+    // The layout's invariants for this chunk, before anything is read by them.
+    bool ok = head.start >= 0 && head.end <= nnz && head.start <= head.end &&
+              head.end - head.start <= kChunkColumns && (row * chunks + chunk != 0 || head.start == 0);
+    if (spare != 0 && chunk * kChunkWords + lane == words - 1 && (head.bits >> spare) != 0u) ok = false;
+    if (!__all_sync(kFullMask, ok)) packed_weight_error();
+    const int count = int(head.end - head.start);
+    const T* chunk_values = values + head.start;
+    Acc v[kValuesPerLane];
+#pragma unroll
+    for (int u = 0; u < kValuesPerLane; ++u) {
+      const int i = u * 32 + lane;
+      v[u] = i < count ? to_acc(chunk_values[i]) : Acc(0);
+    }
+    // Exclusive prefix of the lanes' popcounts: where this lane's columns go in the list.
+    const int own = __popc(head.bits);
+    int before = own;
+#pragma unroll
+    for (int shift = 1; shift < 32; shift <<= 1) {
+      const int other = __shfl_up_sync(kFullMask, before, shift);
+      if (lane >= shift) before += other;
+    }
+    if (__shfl_sync(kFullMask, before, 31) != count) packed_weight_error();
+    before -= own;
+    for (uint32_t bits = head.bits; bits != 0u; bits &= bits - 1u) {
+      columns[before++] = uint16_t(lane * 32 + __ffs(bits) - 1);
+    }
+    __syncwarp();
+    const Acc* chunk_x = x_slab + (chunk - first_chunk) * kChunkColumns * kStride;
+    for (int base = 0; base < count; base += 32 * kValuesPerLane) {
+      if (base > 0) {
+#pragma unroll
+        for (int u = 0; u < kValuesPerLane; ++u) {
+          const int i = base + u * 32 + lane;
+          v[u] = i < count ? to_acc(chunk_values[i]) : Acc(0);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kValuesPerLane; ++u) {
+        const int i = base + u * 32 + lane;
+        if (i < count) {
+          Acc column[kBatch];
+          load_column<Acc, kBatch>(chunk_x + columns[i] * kStride, column);
+#pragma unroll
+          for (int b = 0; b < kBatch; ++b) acc[b] += v[u] * column[b];
+        }
+      }
+    }
+    __syncwarp();  // the list is rewritten by the next chunk
+
+    if (chunk == last_chunk - 1) {
+      const Acc sum = sum_across_lanes<Acc, kBatch>(acc, lane);
+      const int group_lanes = 32 / kBatch, b = lane / group_lanes;
+      if (lane % group_lanes == 0 && b < batch) {
+        if (splits == 1) {
+          y[(b0 + b) * out_features + row] = from_acc<T>(bias != nullptr ? sum + to_acc(bias[row]) : sum);
+        } else {
+          partial[(split * rows + b0 + b) * out_features + row] = sum;
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i) acc[i] = Acc(0);
+    }
+    if (next_row >= row_end) break;
+    row = next_row, chunk = next_chunk;
   }
 }
 
-template <typename T, typename Acc, int kBatch>
-cudaError_t launch(const int32_t* bitmap, const void* values, const int64_t* chunk_offsets,
-                   const void* x, const void* bias, void* y, int64_t out_features,
-                   int64_t in_features, int64_t rows, cudaStream_t stream) {
-  const int64_t words = (in_features + 31) / 32;
-  const int64_t chunks = (words + kWordsPerChunk - 1) / kWordsPerChunk;
-  const dim3 grid(unsigned((out_features + kRowsPerBlock - 1) / kRowsPerBlock),
-                  unsigned((rows + kBatch - 1) / kBatch));
-  sparse_linear_kernel<T, Acc, kBatch><<<grid, kWarps * 32, 0, stream>>>(
-      reinterpret_cast<const uint32_t*>(bitmap), static_cast<const T*>(values), chunk_offsets,
-      static_cast<const T*>(x), static_cast<const T*>(bias), static_cast<T*>(y), out_features,
-      in_features, words, chunks, rows);
-  return cudaGetLastError();
+// y = the slabs' partial sums added in slab order, plus the bias.
+template <typename T, typename Acc>
+__global__ void add_splits_kernel(const Acc* __restrict__ partial, const T* __restrict__ bias, T* __restrict__ y,
+                                  int64_t out_features, int64_t count, int64_t splits) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x) {
+    Acc sum = partial[i];
+    for (int64_t s = 1; s < splits; ++s) sum += partial[s * count + i];
+    y[i] = from_acc<T>(bias != nullptr ? sum + to_acc(bias[i % out_features]) : sum);
+  }
 }
 
-// The batch tile: the smallest power of two covering `rows`, at most 16.
+// How one call is cut: x's slab (whole chunks) per block, the number of slabs, rows per launch.
+struct Plan {
+  int64_t slab_chunks, splits, rows_per_pass;
+  size_t shared_bytes;
+};
+
+int batch_tile(int64_t rows) { return rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : rows <= 8 ? 8 : 16; }
+
+Plan make_plan(int tile, int acc_bytes, int64_t in_features) {
+  const int64_t chunks = ((in_features + 31) / 32 + kChunkWords - 1) / kChunkWords;
+  const int64_t chunk_bytes = int64_t(kChunkColumns) * column_stride(tile, acc_bytes) * acc_bytes;
+  const int64_t fit = kSlabBytes / chunk_bytes > 1 ? kSlabBytes / chunk_bytes : 1;
+  Plan plan;
+  plan.splits = (chunks + fit - 1) / fit;
+  plan.slab_chunks = (chunks + plan.splits - 1) / plan.splits;  // even slabs
+  plan.rows_per_pass = plan.splits == 1 ? int64_t(65535) * tile : kRowsPerPassWithSplits;
+  plan.shared_bytes = size_t(plan.slab_chunks * chunk_bytes) + kWarps * kChunkColumns * sizeof(uint16_t);
+  return plan;
+}
+
+int acc_bytes(FloatType type) { return type == FloatType::kFloat64 ? 8 : 4; }
+
+template <typename T, typename Acc, int kBatch>
+cudaError_t launch(const int32_t* bitmap, const void* values, int64_t nnz, const int64_t* chunk_offsets,
+                   const void* x, const void* bias, void* y, void* workspace, int64_t out_features,
+                   int64_t in_features, int64_t rows, cudaStream_t stream) {
+  const Plan plan = make_plan(kBatch, sizeof(Acc), in_features);
+  const auto kernel = sparse_linear_kernel<T, Acc, kBatch>;
+  if (plan.shared_bytes > 48 * 1024) {
+    const cudaError_t error =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(plan.shared_bytes));
+    if (error != cudaSuccess) return error;
+  }
+  const int64_t blocks = (out_features + rows_per_block(kBatch) - 1) / rows_per_block(kBatch) * plan.splits;
+  if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
+  for (int64_t r0 = 0; r0 < rows; r0 += plan.rows_per_pass) {
+    const int64_t n = rows - r0 < plan.rows_per_pass ? rows - r0 : plan.rows_per_pass;
+    const dim3 grid(unsigned(blocks), unsigned((n + kBatch - 1) / kBatch));
+    T* y_pass = static_cast<T*>(y) + r0 * out_features;
+    kernel<<<grid, kThreads, plan.shared_bytes, stream>>>(
+        reinterpret_cast<const uint32_t*>(bitmap), static_cast<const T*>(values), nnz, chunk_offsets,
+        static_cast<const T*>(x) + r0 * in_features, static_cast<const T*>(bias), y_pass,
+        static_cast<Acc*>(workspace), out_features, in_features, n, plan.slab_chunks, plan.splits);
+    cudaError_t error = cudaGetLastError();
+    if (error != cudaSuccess) return error;
+    if (plan.splits > 1) {
+      const int64_t count = n * out_features;
+      const int64_t add_blocks = (count + 255) / 256 < 4096 ? (count + 255) / 256 : 4096;
+      add_splits_kernel<T, Acc><<<unsigned(add_blocks), 256, 0, stream>>>(
+          static_cast<const Acc*>(workspace), static_cast<const T*>(bias), y_pass, out_features, count, plan.splits);
+      error = cudaGetLastError();
+      if (error != cudaSuccess) return error;
+    }
+  }
+  return cudaSuccess;
+}
+
 template <typename T, typename Acc>
-cudaError_t launch_for_rows(const int32_t* bitmap, const void* values, const int64_t* chunk_offsets,
-                            const void* x, const void* bias, void* y, int64_t out_features,
+cudaError_t launch_for_rows(const int32_t* bitmap, const void* values, int64_t nnz, const int64_t* chunk_offsets,
+                            const void* x, const void* bias, void* y, void* workspace, int64_t out_features,
                             int64_t in_features, int64_t rows, cudaStream_t stream) {
-  if (rows <= 1) return launch<T, Acc, 1>(bitmap, values, chunk_offsets, x, bias, y, out_features, in_features, rows, stream);
-  if (rows <= 2) return launch<T, Acc, 2>(bitmap, values, chunk_offsets, x, bias, y, out_features, in_features, rows, stream);
-  if (rows <= 4) return launch<T, Acc, 4>(bitmap, values, chunk_offsets, x, bias, y, out_features, in_features, rows, stream);
-  if (rows <= 8) return launch<T, Acc, 8>(bitmap, values, chunk_offsets, x, bias, y, out_features, in_features, rows, stream);
-  return launch<T, Acc, 16>(bitmap, values, chunk_offsets, x, bias, y, out_features, in_features, rows, stream);
+  switch (batch_tile(rows)) {
+    case 1: return launch<T, Acc, 1>(bitmap, values, nnz, chunk_offsets, x, bias, y, workspace, out_features, in_features, rows, stream);
+    case 2: return launch<T, Acc, 2>(bitmap, values, nnz, chunk_offsets, x, bias, y, workspace, out_features, in_features, rows, stream);
+    case 4: return launch<T, Acc, 4>(bitmap, values, nnz, chunk_offsets, x, bias, y, workspace, out_features, in_features, rows, stream);
+    case 8: return launch<T, Acc, 8>(bitmap, values, nnz, chunk_offsets, x, bias, y, workspace, out_features, in_features, rows, stream);
+    default: return launch<T, Acc, 16>(bitmap, values, nnz, chunk_offsets, x, bias, y, workspace, out_features, in_features, rows, stream);
+  }
 }
 
 }  // namespace
 
-cudaError_t sparse_linear_cuda(FloatType type, const int32_t* bitmap, const void* values,
-                               const int64_t* chunk_offsets, const void* x, const void* bias,
-                               void* y, int64_t out_features, int64_t in_features, int64_t rows,
+size_t sparse_linear_workspace_bytes(FloatType type, int64_t out_features, int64_t in_features, int64_t rows) {
+  if (rows == 0 || out_features == 0 || in_features == 0) return 0;
+  const Plan plan = make_plan(batch_tile(rows), acc_bytes(type), in_features);
+  if (plan.splits == 1) return 0;
+  const int64_t pass_rows = rows < plan.rows_per_pass ? rows : plan.rows_per_pass;
+  return size_t(plan.splits * pass_rows * out_features * acc_bytes(type));
+}
+
+cudaError_t sparse_linear_cuda(FloatType type, const int32_t* bitmap, const void* values, int64_t nnz,
+                               const int64_t* chunk_offsets, const void* x, const void* bias, void* y,
+                               void* workspace, int64_t out_features, int64_t in_features, int64_t rows,
                                cudaStream_t stream) {
-  if (rows == 0 || out_features == 0) return cudaSuccess;
+  if (rows == 0 || out_features == 0 || in_features == 0) return cudaErrorInvalidValue;  // the glue's job
   switch (type) {
     case FloatType::kFloat16:
-      return launch_for_rows<__half, float>(bitmap, values, chunk_offsets, x, bias, y, out_features, in_features, rows, stream);
+      return launch_for_rows<__half, float>(bitmap, values, nnz, chunk_offsets, x, bias, y, workspace, out_features, in_features, rows, stream);
     case FloatType::kBFloat16:
-      return launch_for_rows<__nv_bfloat16, float>(bitmap, values, chunk_offsets, x, bias, y, out_features, in_features, rows, stream);
+      return launch_for_rows<__nv_bfloat16, float>(bitmap, values, nnz, chunk_offsets, x, bias, y, workspace, out_features, in_features, rows, stream);
     case FloatType::kFloat32:
-      return launch_for_rows<float, float>(bitmap, values, chunk_offsets, x, bias, y, out_features, in_features, rows, stream);
+      return launch_for_rows<float, float>(bitmap, values, nnz, chunk_offsets, x, bias, y, workspace, out_features, in_features, rows, stream);
     case FloatType::kFloat64:
-      return launch_for_rows<double, double>(bitmap, values, chunk_offsets, x, bias, y, out_features, in_features, rows, stream);
+      return launch_for_rows<double, double>(bitmap, values, nnz, chunk_offsets, x, bias, y, workspace, out_features, in_features, rows, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -9,6 +9,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from . import reference
+
 SCORE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -132,3 +134,57 @@ def masked_linear_args(x, weight, mask, bias) -> None:
             raise TypeError(f"bias has dtype {bias.dtype} but x has {x.dtype}")
         tensors.append(("bias", bias))
     same_device(tensors)
+
+
+def packed_weight(bitmap, values, chunk_offsets, in_features) -> int:
+    """Checks that the three tensors of a packed weight are the layout of sparsekern.ops.packing for
+    `in_features` columns, contents included: the kernels index `values` and x by them, so a bitmap
+    that disagrees with `values` or `chunk_offsets` would make them read out of bounds. Returns
+    in_features as an int. Meta tensors have no contents to check."""
+    fields = [("bitmap", bitmap), ("values", values), ("chunk_offsets", chunk_offsets)]
+    for name, value in fields:
+        tensor(value, name)
+        if value.layout != torch.strided:
+            raise TypeError(f"{name} must be a dense (strided) tensor, got layout {value.layout}")
+    if bitmap.dtype != torch.int32:
+        raise TypeError(f"bitmap must be an int32 tensor, got {bitmap.dtype}")
+    floating(values, "values")
+    if chunk_offsets.dtype != torch.int64:
+        raise TypeError(f"chunk_offsets must be an int64 tensor, got {chunk_offsets.dtype}")
+    in_features = integer(in_features, "in_features")
+    if in_features < 0:
+        raise ValueError(f"in_features must be >= 0, got {in_features}")
+    words = -(-in_features // reference.BITS_PER_WORD)
+    if bitmap.dim() != 2 or bitmap.shape[1] != words:
+        raise ValueError(f"bitmap must have shape (out_features, {words}) for in_features={in_features}, "
+                         f"got {_shape(bitmap)}")
+    if values.dim() != 1:
+        raise ValueError(f"values must be 1-D, got shape {_shape(values)}")
+    chunks = (bitmap.shape[0], -(-words // reference.WORDS_PER_CHUNK))
+    if chunk_offsets.shape != chunks:
+        raise ValueError(f"chunk_offsets must have shape {chunks} for bitmap {_shape(bitmap)}, "
+                         f"got {_shape(chunk_offsets)}")
+    same_device(fields)
+    for name, value in fields:
+        if not value.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    if bitmap.device.type != "meta":
+        _packed_contents(bitmap, values, chunk_offsets, in_features)
+    return in_features
+
+
+def _packed_contents(bitmap: Tensor, values: Tensor, chunk_offsets: Tensor, in_features: int) -> None:
+    """Padding bits clear, chunk_offsets the running counts of the bitmap's bits, one value per bit."""
+    spare = in_features % reference.BITS_PER_WORD
+    if spare and bitmap.numel() and bool((bitmap[:, -1] >> spare).any()):
+        row = int((bitmap[:, -1] >> spare).ne(0).nonzero()[0, 0])
+        raise ValueError(f"bitmap marks columns past in_features={in_features} (row {row})")
+    expected = reference.chunk_offsets(bitmap)
+    if not torch.equal(chunk_offsets, expected):
+        row, chunk = (int(i) for i in chunk_offsets.ne(expected).nonzero()[0])
+        raise ValueError(f"chunk_offsets disagree with bitmap: chunk_offsets[{row}, {chunk}] is "
+                         f"{int(chunk_offsets[row, chunk])} but the bitmap marks {int(expected[row, chunk])} "
+                         f"entries before that chunk")
+    marked = int(reference.popcount(bitmap).sum())
+    if values.numel() != marked:
+        raise ValueError(f"values has {values.numel()} entries but bitmap marks {marked}")

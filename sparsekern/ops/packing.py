@@ -23,12 +23,22 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from . import reference
+from . import _checks, reference
+
+_FIELDS = ("bitmap", "values", "chunk_offsets", "in_features")
 
 
-@dataclass
+@dataclass(frozen=True)
 class PackedWeight:
-    """A weight packed by `sparsekern.ops.pack`; survives torch.save / torch.load (weights_only too)."""
+    """A weight packed by `sparsekern.ops.pack`; survives torch.save / torch.load (weights_only too).
+
+    Every way to make one (the constructor, `.to()`, unpickling by torch.load or copy) checks that the
+    tensors are this layout, contents included (`sparsekern.ops._checks.packed_weight`), and raises
+    TypeError or ValueError naming the field otherwise: the kernels index `values` and x by the
+    bitmap and `chunk_offsets`, and must never see a bitmap that disagrees with them. Fields cannot
+    be reassigned afterwards; the compiled kernels check again what they index by (see
+    `sparsekern.ops.sparse_linear`), in case a tensor is changed in place.
+    """
 
     bitmap: Tensor
     values: Tensor
@@ -37,6 +47,10 @@ class PackedWeight:
     # The unpacked weight, made on the first dense fallback and kept: unpacking costs as much as the
     # dense product itself, so doing it per call would make the fallback slower than dense.
     _dense: Tensor | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        in_features = _checks.packed_weight(self.bitmap, self.values, self.chunk_offsets, self.in_features)
+        object.__setattr__(self, "in_features", in_features)
 
     @property
     def out_features(self) -> int:
@@ -71,12 +85,20 @@ class PackedWeight:
     def dense(self) -> Tensor:
         """`unpack()`, made once and kept (do not modify it): what sparse_linear's dense fallback multiplies."""
         if self._dense is None:
-            self._dense = self.unpack()
+            object.__setattr__(self, "_dense", self.unpack())
         return self._dense
 
     def __getstate__(self):
         # The kept dense weight is a cache: saving it would store the weight twice.
-        return {**self.__dict__, "_dense": None}
+        return {**{name: getattr(self, name) for name in _FIELDS}, "_dense": None}
+
+    def __setstate__(self, state):
+        # Unpickling (torch.load, even with weights_only=True, and copy) skips __init__: check here
+        # too, since a file may hold anything. The saved `_dense` is always None and is not loaded.
+        if not isinstance(state, dict) or not set(_FIELDS) <= state.keys() <= {*_FIELDS, "_dense"}:
+            shown = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"a saved PackedWeight must hold exactly {', '.join(_FIELDS)}; got {shown}")
+        self.__init__(**{name: state[name] for name in _FIELDS})
 
 
 # torch.load(weights_only=True), which sparsekern.checkpoint.load uses, accepts only listed classes.

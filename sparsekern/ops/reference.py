@@ -114,14 +114,29 @@ def pack(weight: Tensor, mask: Tensor) -> dict[str, Tensor]:
     """The bitmap layout of weight where mask: bitmap (int32), values, chunk_offsets (int64)."""
     out_features, in_features = weight.shape
     words = -(-in_features // BITS_PER_WORD)
-    chunks = -(-words // WORDS_PER_CHUNK)
-    padded = torch.nn.functional.pad(mask, (0, chunks * WORDS_PER_CHUNK * BITS_PER_WORD - in_features))
-    bits = padded[:, :words * BITS_PER_WORD].reshape(out_features, words, BITS_PER_WORD).to(torch.int64)
+    padded = torch.nn.functional.pad(mask, (0, words * BITS_PER_WORD - in_features))
+    bits = padded.reshape(out_features, words, BITS_PER_WORD).to(torch.int64)
     word_values = (bits << torch.arange(BITS_PER_WORD, device=mask.device)).sum(-1)
     bitmap = torch.where(word_values >= 2**31, word_values - 2**32, word_values).to(torch.int32)
-    per_chunk = padded.reshape(out_features, chunks, WORDS_PER_CHUNK * BITS_PER_WORD).sum(-1).reshape(-1)
-    chunk_offsets = (torch.cumsum(per_chunk, 0) - per_chunk).reshape(out_features, chunks)
-    return {"bitmap": bitmap, "values": weight[mask], "chunk_offsets": chunk_offsets}
+    return {"bitmap": bitmap, "values": weight[mask], "chunk_offsets": chunk_offsets(bitmap)}
+
+
+def popcount(bitmap: Tensor) -> Tensor:
+    """Set bits of each int32 word, as int64 (a SWAR count: torch has no popcount op)."""
+    v = bitmap.to(torch.int64) & 0xFFFFFFFF
+    v = v - ((v >> 1) & 0x55555555)
+    v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
+    v = (v + (v >> 4)) & 0x0F0F0F0F
+    return ((v * 0x01010101) & 0xFFFFFFFF) >> 24
+
+
+def chunk_offsets(bitmap: Tensor) -> Tensor:
+    """The chunk_offsets of a bitmap: row-major exclusive running count of set bits per 1024-column chunk."""
+    out_features, words = bitmap.shape
+    chunks = -(-words // WORDS_PER_CHUNK)
+    counts = torch.nn.functional.pad(popcount(bitmap), (0, chunks * WORDS_PER_CHUNK - words))
+    per_chunk = counts.reshape(out_features, chunks, WORDS_PER_CHUNK).sum(-1).reshape(-1)
+    return (torch.cumsum(per_chunk, 0) - per_chunk).reshape(out_features, chunks)
 
 
 def unpack(bitmap: Tensor, values: Tensor, in_features: int) -> Tensor:
