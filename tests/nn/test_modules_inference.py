@@ -54,3 +54,11 @@ def test_inference_mode_keeps_one_packed_weight_until_its_buffers_change(generat
     before = layer.packed
     layer.to(torch.float64)
     assert layer.packed is not before and layer.packed.dtype == torch.float64
+
+
+def test_replaced_inference_buffers_are_checked(generator):
+    # The packed buffers are plain buffers: a PackedWeight made from replaced ones is checked again.
+    layer = sparse_layer(generator, 70, 5, 0.5).to_inference()
+    layer.packed_values = layer.packed_values[:2].clone()
+    with pytest.raises(ValueError, match="values has 2 entries"):
+        layer(torch.randn(1, 70, generator=generator))
