@@ -3,9 +3,9 @@
 // dense fp16/bf16 W. Torch-free; the torch glue is sparse_linear_cuda.cpp.
 //
 // A block owns a group of output rows, one slab of whole 1024-column chunks and one tile of at
-// most 16 batch rows. It first stages x[tile, slab] in shared memory as float (double for float64),
-// one column's batch entries side by side, so that each kept entry costs one or a few vector
-// shared loads instead of a 2-byte global gather per batch row. Then each warp walks its rows chunk
+// most 16 batch rows. It first stages x[tile, slab] in shared memory (as float, double for float64;
+// fp16/bf16 as they are in tiles of 8 or 16), one column's batch entries side by side, so that each
+// kept entry costs one or a few vector shared loads instead of a 2-byte global gather per batch row. Then each warp walks its rows chunk
 // by chunk: one lane per bitmap word, a warp scan of popcounts places every set bit in a per-warp
 // list of columns, and the lanes take the chunk's kept entries in turn (entry i to lane i % 32), so
 // the value loads are coalesced and every lane does the same work whatever the bit counts. A lane
@@ -26,6 +26,7 @@
 
 #include <climits>
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/sparse_linear.h"
 
@@ -56,14 +57,21 @@ __host__ __device__ constexpr int rows_per_block(int batch_tile) {
   return kWarps * (batch_tile <= 1 ? 2 : batch_tile == 2 ? 4 : batch_tile == 4 ? 8 : 16);
 }
 
+// Bytes of one staged x entry: tiles of 8 or 16 batch rows keep fp16/bf16 x as it is, since each
+// kept entry then reads a whole column of them from shared memory and that read is the bound (16
+// rows x 4 bytes per entry would double it); smaller tiles convert once to the accumulator type.
+__host__ __device__ constexpr int stage_bytes(int batch_tile, int value_bytes, int acc_bytes) {
+  return batch_tile >= 8 && value_bytes == 2 ? 2 : acc_bytes;
+}
+
 // Elements per column of the staged x: the batch tile, padded to an odd number of 16-byte units
 // once it spans one or more, so that lanes reading 16-byte pieces of random columns spread over all
 // 32 banks (with an even number every column starts in the same half of the banks).
-__host__ __device__ constexpr int column_stride(int batch_tile, int acc_bytes) {
-  const int bytes = batch_tile * acc_bytes;
+__host__ __device__ constexpr int column_stride(int batch_tile, int entry_bytes) {
+  const int bytes = batch_tile * entry_bytes;
   if (bytes < 16) return batch_tile;
   const int units = (bytes + 15) / 16;
-  return (units % 2 == 0 ? units + 1 : units) * 16 / acc_bytes;
+  return (units % 2 == 0 ? units + 1 : units) * 16 / entry_bytes;
 }
 
 __device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
@@ -77,11 +85,38 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(flo
 template <> __device__ __forceinline__ float from_acc<float>(float v) { return v; }
 template <typename T> __device__ __forceinline__ T from_acc(double v) { return v; }
 
-// The kBatch staged entries of one column (16-byte loads where the column spans them).
-template <typename Acc, int kBatch>
-__device__ __forceinline__ void load_column(const Acc* p, Acc (&v)[kBatch]) {
-  constexpr int kBytes = kBatch * int(sizeof(Acc));
-  if constexpr (kBytes % 16 == 0 && sizeof(Acc) == 4) {
+template <typename Stage, typename T, typename Acc>
+__device__ __forceinline__ Stage to_stage(T v) {
+  if constexpr (std::is_same_v<Stage, T>) return v; else return to_acc(v);
+}
+template <typename Stage> __device__ __forceinline__ Stage zero_stage() { return Stage(0); }
+template <> __device__ __forceinline__ __half zero_stage<__half>() { return __ushort_as_half(0); }
+template <> __device__ __forceinline__ __nv_bfloat16 zero_stage<__nv_bfloat16>() { return __ushort_as_bfloat16(0); }
+
+__device__ __forceinline__ float2 pair_to_acc(uint32_t pair, __half) {
+  return __half22float2(*reinterpret_cast<const __half2*>(&pair));
+}
+__device__ __forceinline__ float2 pair_to_acc(uint32_t pair, __nv_bfloat16) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&pair));
+}
+
+// The kBatch staged entries of one column as Acc (16-byte loads where the column spans them).
+template <typename Stage, typename Acc, int kBatch>
+__device__ __forceinline__ void load_column(const Stage* p, Acc (&v)[kBatch]) {
+  constexpr int kBytes = kBatch * int(sizeof(Stage));
+  if constexpr (sizeof(Stage) == 2) {  // fp16/bf16 kept as they are: tiles of 8 or 16
+    static_assert(kBytes % 16 == 0, "2-byte staging is for tiles of 8 or 16 batch rows");
+#pragma unroll
+    for (int i = 0; i < kBatch / 8; ++i) {
+      const uint4 q = reinterpret_cast<const uint4*>(p)[i];
+      const uint32_t pairs[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float2 f = pair_to_acc(pairs[j], Stage());
+        v[8 * i + 2 * j] = f.x, v[8 * i + 2 * j + 1] = f.y;
+      }
+    }
+  } else if constexpr (kBytes % 16 == 0 && sizeof(Acc) == 4) {
 #pragma unroll
     for (int i = 0; i < kBatch / 4; ++i) {
       const float4 q = reinterpret_cast<const float4*>(p)[i];
@@ -168,7 +203,8 @@ sparse_linear_kernel(const uint32_t* __restrict__ bitmap, const T* __restrict__ 
                      int64_t out_features, int64_t in_features, int64_t rows, int64_t slab_chunks,
                      int64_t splits) {
   constexpr int kRows = rows_per_block(kBatch);
-  constexpr int kStride = column_stride(kBatch, sizeof(Acc));
+  using Stage = std::conditional_t<stage_bytes(kBatch, sizeof(T), sizeof(Acc)) == 2, T, Acc>;
+  constexpr int kStride = column_stride(kBatch, sizeof(Stage));
   extern __shared__ __align__(16) unsigned char shared[];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t words = (in_features + 31) / 32, chunks = (words + kChunkWords - 1) / kChunkWords;
@@ -183,14 +219,14 @@ sparse_linear_kernel(const uint32_t* __restrict__ bitmap, const T* __restrict__ 
   const int64_t slab_end = last_chunk * kChunkColumns < in_features ? last_chunk * kChunkColumns : in_features;
   const int present = int(slab_end - first_column);
 
-  Acc* x_slab = reinterpret_cast<Acc*>(shared);
+  Stage* x_slab = reinterpret_cast<Stage*>(shared);
   uint16_t* columns = reinterpret_cast<uint16_t*>(x_slab + slab_chunks * kChunkColumns * kStride) + warp * kChunkColumns;
   // x[b0 + b, first_column + c] -> x_slab[c * kStride + b]; zero past the batch and past in_features.
 #pragma unroll
   for (int b = 0; b < kBatch; ++b) {
     const T* x_row = x + (b0 + b) * in_features + first_column;
     for (int c = threadIdx.x; c < staged; c += kThreads) {
-      x_slab[c * kStride + b] = b < batch && c < present ? to_acc(x_row[c]) : Acc(0);
+      x_slab[c * kStride + b] = b < batch && c < present ? to_stage<Stage, T, Acc>(x_row[c]) : zero_stage<Stage>();
     }
   }
   __syncthreads();
@@ -242,7 +278,7 @@ sparse_linear_kernel(const uint32_t* __restrict__ bitmap, const T* __restrict__ 
       columns[before++] = uint16_t(lane * 32 + __ffs(bits) - 1);
     }
     __syncwarp();
-    const Acc* chunk_x = x_slab + (chunk - first_chunk) * kChunkColumns * kStride;
+    const Stage* chunk_x = x_slab + (chunk - first_chunk) * kChunkColumns * kStride;
     for (int base = 0; base < count; base += 32 * kValuesPerLane) {
       if (base > 0) {
 #pragma unroll
@@ -256,7 +292,7 @@ sparse_linear_kernel(const uint32_t* __restrict__ bitmap, const T* __restrict__ 
         const int i = base + u * 32 + lane;
         if (i < count) {
           Acc column[kBatch];
-          load_column<Acc, kBatch>(chunk_x + columns[i] * kStride, column);
+          load_column<Stage, Acc, kBatch>(chunk_x + columns[i] * kStride, column);
 #pragma unroll
           for (int b = 0; b < kBatch; ++b) acc[b] += v[u] * column[b];
         }
@@ -301,9 +337,10 @@ struct Plan {
 
 int batch_tile(int64_t rows) { return rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : rows <= 8 ? 8 : 16; }
 
-Plan make_plan(int tile, int acc_bytes, int64_t in_features) {
+Plan make_plan(int tile, int value_bytes, int acc_bytes, int64_t in_features) {
   const int64_t chunks = ((in_features + 31) / 32 + kChunkWords - 1) / kChunkWords;
-  const int64_t chunk_bytes = int64_t(kChunkColumns) * column_stride(tile, acc_bytes) * acc_bytes;
+  const int entry_bytes = stage_bytes(tile, value_bytes, acc_bytes);
+  const int64_t chunk_bytes = int64_t(kChunkColumns) * column_stride(tile, entry_bytes) * entry_bytes;
   const int64_t fit = kSlabBytes / chunk_bytes > 1 ? kSlabBytes / chunk_bytes : 1;
   Plan plan;
   plan.splits = (chunks + fit - 1) / fit;
@@ -314,12 +351,15 @@ Plan make_plan(int tile, int acc_bytes, int64_t in_features) {
 }
 
 int acc_bytes(FloatType type) { return type == FloatType::kFloat64 ? 8 : 4; }
+int value_bytes(FloatType type) {
+  return type == FloatType::kFloat64 ? 8 : type == FloatType::kFloat32 ? 4 : 2;
+}
 
 template <typename T, typename Acc, int kBatch>
 cudaError_t launch(const int32_t* bitmap, const void* values, int64_t nnz, const int64_t* chunk_offsets,
                    const void* x, const void* bias, void* y, void* workspace, int64_t out_features,
                    int64_t in_features, int64_t rows, cudaStream_t stream) {
-  const Plan plan = make_plan(kBatch, sizeof(Acc), in_features);
+  const Plan plan = make_plan(kBatch, sizeof(T), sizeof(Acc), in_features);
   const auto kernel = sparse_linear_kernel<T, Acc, kBatch>;
   if (plan.shared_bytes > 48 * 1024) {
     const cudaError_t error =
@@ -367,7 +407,7 @@ cudaError_t launch_for_rows(const int32_t* bitmap, const void* values, int64_t n
 
 size_t sparse_linear_workspace_bytes(FloatType type, int64_t out_features, int64_t in_features, int64_t rows) {
   if (rows == 0 || out_features == 0 || in_features == 0) return 0;
-  const Plan plan = make_plan(batch_tile(rows), acc_bytes(type), in_features);
+  const Plan plan = make_plan(batch_tile(rows), value_bytes(type), acc_bytes(type), in_features);
   if (plan.splits == 1) return 0;
   const int64_t pass_rows = rows < plan.rows_per_pass ? rows : plan.rows_per_pass;
   return size_t(plan.splits * pass_rows * out_features * acc_bytes(type));

@@ -3,11 +3,16 @@
 Every test needs a CUDA device with the extension built for it; without one they are skipped.
 Mask ops must match the reference bit for bit; sparse_linear within dtype tolerance.
 """
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
 from sparsekern import ops
 from sparsekern.ops import _extension, reference
+from sparsekern.ops.packing import PackedWeight
 
 pytestmark = pytest.mark.gpu
 
@@ -119,7 +124,7 @@ def test_prune_grow_non_contiguous_weight_and_state(generator):
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2),
                                               (torch.float32, 1e-5), (torch.float64, 1e-12)])
 @pytest.mark.parametrize("shape", [(4096, 4096), (1000, 2049)])
-@pytest.mark.parametrize("batch", [1, 4, 16, 33])
+@pytest.mark.parametrize("batch", [1, 2, 4, 7, 16, 33, 300])  # 300: several launches of summed slabs
 @pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 1.0])
 def test_sparse_linear_matches_reference(generator, dtype, tolerance, shape, batch, density):
     weight = torch.randn(shape, generator=generator).to(dtype).cuda()
@@ -132,6 +137,95 @@ def test_sparse_linear_matches_reference(generator, dtype, tolerance, shape, bat
     assert not torch.isnan(y).any()  # every output written (torch.empty may hold NaN)
     error = (y.double() - want).norm() / want.norm().clamp_min(1e-30)
     assert error < tolerance, f"relative error {error:.2e}"
+
+
+def sparse_linear_case(generator, rows, out_features, in_features, density=0.3, dtype=torch.float16):
+    weight = torch.randn(out_features, in_features, generator=generator).to(dtype)
+    mask = torch.rand(out_features, in_features, generator=generator) < density
+    x = torch.randn(rows, in_features, generator=generator).to(dtype)
+    bias = torch.randn(out_features, generator=generator).to(dtype)
+    return ops.pack(weight, mask).to("cuda"), x.cuda(), bias.cuda(), weight, mask
+
+
+def test_sparse_linear_more_rows_than_a_grid_dimension(generator):
+    # 16 * 65535 rows is the most one launch's grid.y covers; the kernel once overflowed it.
+    packed, x, bias, weight, mask = sparse_linear_case(generator, 16 * 65535 + 37, 9, 70, dtype=torch.float32)
+    y = torch.ops.sparsekern.sparse_linear(x, packed.bitmap, packed.values, packed.chunk_offsets, bias)
+    want = reference.masked_linear(x.double(), weight.double().cuda(), mask.cuda(), bias.double())
+    assert ((y.double() - want).norm() / want.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_sparse_linear_without_columns_gives_the_bias(bias):
+    b = torch.arange(6.0, device="cuda") if bias else None
+    y = torch.ops.sparsekern.sparse_linear(torch.randn(2, 3, 0, device="cuda"), torch.zeros(6, 0, dtype=torch.int32,
+                                           device="cuda"), torch.zeros(0, device="cuda"),
+                                           torch.zeros(6, 0, dtype=torch.int64, device="cuda"), b)
+    assert y.shape == (2, 3, 6) and torch.equal(y.cpu(), (b.cpu() if bias else torch.zeros(6)).expand(2, 3, 6))
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16, 40])
+def test_sparse_linear_is_deterministic(generator, rows):
+    packed, x, bias, _, _ = sparse_linear_case(generator, rows, 300, 5000)
+    first = torch.ops.sparsekern.sparse_linear(x, packed.bitmap, packed.values, packed.chunk_offsets, bias)
+    for _ in range(3):
+        again = torch.ops.sparsekern.sparse_linear(x, packed.bitmap, packed.values, packed.chunk_offsets, bias)
+        assert torch.equal(again, first)
+
+
+def test_sparse_linear_entry_point_runs_the_kernel(generator, monkeypatch):
+    monkeypatch.setitem(ops.SPARSE_LINEAR_LIMITS, "cuda", {"dtypes": (torch.float16,), "max_density": 1.0,
+                                                           "min_rows": 1, "max_rows": 10**9})
+    packed, x, bias, weight, mask = sparse_linear_case(generator, 4, 100, 3000)
+    y = ops.sparse_linear(x, packed, bias)
+    want = reference.masked_linear(x.double(), weight.double().cuda(), mask.cuda(), bias.double())
+    assert ((y.double() - want).norm() / want.norm()) < 2e-3
+
+
+def test_packed_weight_checks_its_contents_on_the_gpu(generator):
+    packed, _, _, _, _ = sparse_linear_case(generator, 1, 10, 2000)
+    with pytest.raises(ValueError, match="chunk_offsets disagree"):
+        PackedWeight(packed.bitmap, packed.values, packed.chunk_offsets + 1, 2000)
+    with pytest.raises(ValueError, match="values has"):
+        PackedWeight(packed.bitmap, packed.values[:-1], packed.chunk_offsets, 2000)
+
+
+def test_sparse_linear_glue_refuses_what_it_can_see(generator):
+    packed, x, _, _, _ = sparse_linear_case(generator, 2, 10, 100)
+    op = torch.ops.sparsekern.sparse_linear
+    with pytest.raises(ValueError, match="values is on cpu"):
+        op(x, packed.bitmap, packed.values.cpu(), packed.chunk_offsets, None)
+    with pytest.raises(ValueError, match="bitmap must have 4 words"):
+        op(x, packed.bitmap[:, :3], packed.values, packed.chunk_offsets, None)
+
+
+@pytest.mark.parametrize("tamper", ["offsets + 10**15", "values[:3]", "offsets + 1", "padding bit"])
+def test_sparse_linear_kernel_stops_on_contents_that_disagree(tamper):
+    # Checking contents on the host would synchronize every call, so the kernel checks them as it
+    # reads and stops with a device-side assertion, which ends the CUDA context: a child process.
+    script = textwrap.dedent(f"""
+        import os
+        import torch
+        from sparsekern import ops
+        packed = ops.pack(torch.randn(8, 70), torch.rand(8, 70) < 0.5)
+        bitmap, values, offsets = packed.bitmap.cuda(), packed.values.cuda(), packed.chunk_offsets.cuda()
+        tamper = {tamper!r}
+        if tamper == "padding bit":
+            bitmap[3, -1] |= 1 << 20
+        else:
+            values = values[:3] if tamper == "values[:3]" else values
+            offsets = offsets + (10**15 if tamper == "offsets + 10**15" else 1 if tamper == "offsets + 1" else 0)
+        try:
+            torch.ops.sparsekern.sparse_linear(torch.randn(2, 70, device="cuda"), bitmap, values, offsets, None)
+            torch.cuda.synchronize()
+            print("not stopped")
+        except RuntimeError as error:
+            print("stopped:", error, flush=True)
+        os._exit(0)  # no teardown in a CUDA context that an assertion ended
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert "stopped:" in result.stdout and "device-side assert" in result.stdout, result.stdout + result.stderr[-2000:]
 
 
 def test_opcheck_cuda_ops(generator):
