@@ -3,9 +3,9 @@
 // dense fp16/bf16 W. Torch-free; the torch glue is sparse_linear_cuda.cpp.
 //
 // A block owns a group of output rows, one slab of whole 1024-column chunks and one tile of at
-// most 16 batch rows. It first stages x[tile, slab] in shared memory (as float, double for float64;
-// fp16/bf16 as they are in tiles of 8 or 16), one column's batch entries side by side, so that each
-// kept entry costs one or a few vector shared loads instead of a 2-byte global gather per batch row. Then each warp walks its rows chunk
+// most 16 batch rows. It first stages x[tile, slab] in shared memory, one column's batch entries side
+// by side, so that each kept entry costs one or two vector shared loads instead of a 2-byte global
+// gather per batch row. Then each warp walks its rows chunk
 // by chunk: one lane per bitmap word, a warp scan of popcounts places every set bit in a per-warp
 // list of columns, and the lanes take the chunk's kept entries in turn (entry i to lane i % 32), so
 // the value loads are coalesced and every lane does the same work whatever the bit counts. A lane
@@ -57,11 +57,11 @@ __host__ __device__ constexpr int rows_per_block(int batch_tile) {
   return kWarps * (batch_tile <= 1 ? 2 : batch_tile == 2 ? 4 : batch_tile == 4 ? 8 : 16);
 }
 
-// Bytes of one staged x entry: tiles of 8 or 16 batch rows keep fp16/bf16 x as it is, since each
-// kept entry then reads a whole column of them from shared memory and that read is the bound (16
-// rows x 4 bytes per entry would double it); smaller tiles convert once to the accumulator type.
-__host__ __device__ constexpr int stage_bytes(int batch_tile, int value_bytes, int acc_bytes) {
-  return batch_tile >= 8 && value_bytes == 2 ? 2 : acc_bytes;
+// Bytes of one staged x entry: fp16/bf16 x stays as it is, since every kept entry reads a column of
+// the batch tile from shared memory and at 8-16 rows that read is the bound (as float it would cost
+// twice the bytes); float32/float64 x is staged as it is too (the accumulator type).
+__host__ __device__ constexpr int stage_bytes(int value_bytes, int acc_bytes) {
+  return value_bytes == 2 ? 2 : acc_bytes;
 }
 
 // Elements per column of the staged x: the batch tile, padded to an odd number of 16-byte units
@@ -104,16 +104,26 @@ __device__ __forceinline__ float2 pair_to_acc(uint32_t pair, __nv_bfloat16) {
 template <typename Stage, typename Acc, int kBatch>
 __device__ __forceinline__ void load_column(const Stage* p, Acc (&v)[kBatch]) {
   constexpr int kBytes = kBatch * int(sizeof(Stage));
-  if constexpr (sizeof(Stage) == 2) {  // fp16/bf16 kept as they are: tiles of 8 or 16
-    static_assert(kBytes % 16 == 0, "2-byte staging is for tiles of 8 or 16 batch rows");
+  if constexpr (sizeof(Stage) == 2 && kBatch == 1) {
+    v[0] = to_acc(p[0]);
+  } else if constexpr (sizeof(Stage) == 2) {  // fp16/bf16 pairs, in one 4-, 8- or 16-byte load at a time
+    constexpr int kPairs = kBytes >= 16 ? 4 : kBytes / 4;
 #pragma unroll
-    for (int i = 0; i < kBatch / 8; ++i) {
-      const uint4 q = reinterpret_cast<const uint4*>(p)[i];
-      const uint32_t pairs[4] = {q.x, q.y, q.z, q.w};
+    for (int i = 0; i < kBatch / (2 * kPairs); ++i) {
+      uint32_t pairs[kPairs];
+      if constexpr (kPairs == 4) {
+        const uint4 q = reinterpret_cast<const uint4*>(p)[i];
+        pairs[0] = q.x, pairs[1] = q.y, pairs[2] = q.z, pairs[3] = q.w;
+      } else if constexpr (kPairs == 2) {
+        const uint2 q = reinterpret_cast<const uint2*>(p)[i];
+        pairs[0] = q.x, pairs[1] = q.y;
+      } else {
+        pairs[0] = reinterpret_cast<const uint32_t*>(p)[i];
+      }
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
+      for (int j = 0; j < kPairs; ++j) {
         const float2 f = pair_to_acc(pairs[j], Stage());
-        v[8 * i + 2 * j] = f.x, v[8 * i + 2 * j + 1] = f.y;
+        v[2 * (kPairs * i + j)] = f.x, v[2 * (kPairs * i + j) + 1] = f.y;
       }
     }
   } else if constexpr (kBytes % 16 == 0 && sizeof(Acc) == 4) {
@@ -203,7 +213,7 @@ sparse_linear_kernel(const uint32_t* __restrict__ bitmap, const T* __restrict__ 
                      int64_t out_features, int64_t in_features, int64_t rows, int64_t slab_chunks,
                      int64_t splits) {
   constexpr int kRows = rows_per_block(kBatch);
-  using Stage = std::conditional_t<stage_bytes(kBatch, sizeof(T), sizeof(Acc)) == 2, T, Acc>;
+  using Stage = std::conditional_t<stage_bytes(sizeof(T), sizeof(Acc)) == 2, T, Acc>;
   constexpr int kStride = column_stride(kBatch, sizeof(Stage));
   extern __shared__ __align__(16) unsigned char shared[];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -339,7 +349,7 @@ int batch_tile(int64_t rows) { return rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 
 
 Plan make_plan(int tile, int value_bytes, int acc_bytes, int64_t in_features) {
   const int64_t chunks = ((in_features + 31) / 32 + kChunkWords - 1) / kChunkWords;
-  const int entry_bytes = stage_bytes(tile, value_bytes, acc_bytes);
+  const int entry_bytes = stage_bytes(value_bytes, acc_bytes);
   const int64_t chunk_bytes = int64_t(kChunkColumns) * column_stride(tile, entry_bytes) * entry_bytes;
   const int64_t fit = kSlabBytes / chunk_bytes > 1 ? kSlabBytes / chunk_bytes : 1;
   Plan plan;
