@@ -600,26 +600,21 @@ def results(out_dir: str) -> int:
 
 
 def suggest_limits(crossover: list[dict]) -> str:
-    """SPARSE_LINEAR_LIMITS["cuda"] from the sweep, with a 10% margin: max_rows is the largest batch up to
-    which the kernel wins at density 0.1 for every batch measured, max_density the largest density up to
-    which it wins for every density and every batch up to max_rows."""
-    def wins(density, batch):
-        return all(row["time_ratio"] < 0.9 for row in crossover if row["density"] == density and row["batch"] == batch)
-    batches = sorted({row["batch"] for row in crossover})
-    densities = sorted({row["density"] for row in crossover})
-    max_rows = 0
-    for batch in batches:
-        if not wins(0.1, batch):
+    """SPARSE_LINEAR_LIMITS["cuda"]["max_density_by_rows"] from the sweep, with a 10% margin: for each batch
+    measured, the largest density up to which the kernel takes under 0.9x dense's time at every density;
+    rows beyond the first batch where it never does go dense."""
+    limits = []
+    for batch in sorted({row["batch"] for row in crossover}):
+        ratios = sorted((row["density"], row["time_ratio"]) for row in crossover if row["batch"] == batch)
+        best = None
+        for density, ratio in ratios:
+            if ratio >= 0.9:
+                break
+            best = density
+        if best is None:
             break
-        max_rows = batch
-    if max_rows == 0:
-        return "the kernel does not win at density 0.1 and batch 1: route everything to dense"
-    max_density = 0.0
-    for density in densities:
-        if not all(wins(density, batch) for batch in batches if batch <= max_rows):
-            break
-        max_density = density
-    return f'SPARSE_LINEAR_LIMITS["cuda"]: max_density={max_density}, min_rows=1, max_rows={max_rows}'
+        limits.append((batch, best))
+    return f'SPARSE_LINEAR_LIMITS["cuda"]["max_density_by_rows"] = {tuple(limits)}'
 
 
 def main(argv=None) -> int:

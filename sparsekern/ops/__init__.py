@@ -25,18 +25,24 @@ TRITON_OPS: tuple[str, ...] = ("topk_mask", "topk_mask_per_tensor", "prune_grow"
 # Ops that the compiled extension defines (schemas in csrc/ops.cpp).
 COMPILED_OPS = ("topk_mask", "topk_mask_per_tensor", "prune_grow", "sparse_linear")
 
-# sparse_linear runs its sparse kernel where it beats the dense product of the unpacked weight:
-# x's dtype listed, the packed density at most max_density, and min_rows <= rows of x <= max_rows.
+# sparse_linear runs its sparse kernel where it beats the dense product of the unpacked weight: x's
+# dtype listed, at least min_rows rows of x, and the packed density at most the limit of the first
+# (rows up to, max density) pair of max_density_by_rows that covers the row count (none: dense).
 # CPU row: measured on a loaded 2-core machine (benchmark cases `sparse_linear`): the C++ kernel
 # costs 5-10 ns per kept entry (its bit walk is branch-bound), so it beats MKL only where the dense
 # weight streams from memory: float32 4096x4096 at density 0.05 and 4-16 rows (1.3-1.8x on one
 # thread); it loses at one row, at density >= 0.1, to cache-resident weights and to the dense
-# bfloat16 kernels. CUDA row: the memory-traffic estimate (a bitmap read costs
-# 0.125 + 2 * density bytes per entry against 2 dense), to be confirmed by benchmarks/gpu_check.sh.
+# bfloat16 kernels.
+# CUDA row: an estimate, to be replaced by what benchmarks/gpu_check.sh measures (its results file
+# prints the row its crossover sweep gives). fp16 8192^2 on an H100/H200, dense reading 134 MB at
+# ~4 TB/s (~34 us): the kernel's time is the largest of its bytes (2.1 + 33.5 * density us), the
+# shared-memory reads of x (one column of the batch tile per kept entry: ~26, 32, 55, 90, 180 *
+# density us at 1, 2, 4, 8, 16 rows, with bank conflicts) and its instructions (~27-100 * density
+# us), plus ~3-5 us of launches; the limits keep it 10% under dense.
 SPARSE_LINEAR_LIMITS = {
-    "cpu": {"dtypes": (torch.float32, torch.float64), "max_density": 0.05, "min_rows": 2, "max_rows": 16},
-    "cuda": {"dtypes": (torch.float16, torch.bfloat16, torch.float32, torch.float64), "max_density": 0.6,
-             "min_rows": 1, "max_rows": 16},
+    "cpu": {"dtypes": (torch.float32, torch.float64), "min_rows": 2, "max_density_by_rows": ((16, 0.05),)},
+    "cuda": {"dtypes": (torch.float16, torch.bfloat16, torch.float32, torch.float64), "min_rows": 1,
+             "max_density_by_rows": ((2, 0.6), (4, 0.4), (8, 0.25), (16, 0.12))},
 }
 
 
@@ -125,8 +131,12 @@ def pack(weight: Tensor, mask: Tensor) -> PackedWeight:
 def dense_is_faster(density: float, rows: int, dtype: torch.dtype, device_type: str) -> bool:
     """Whether sparse_linear should multiply the unpacked weight densely (SPARSE_LINEAR_LIMITS)."""
     limits = SPARSE_LINEAR_LIMITS.get(device_type)
-    return (limits is None or dtype not in limits["dtypes"] or density > limits["max_density"]
-            or not limits["min_rows"] <= rows <= limits["max_rows"])
+    if limits is None or dtype not in limits["dtypes"] or rows < limits["min_rows"]:
+        return True
+    for up_to, max_density in limits["max_density_by_rows"]:
+        if rows <= up_to:
+            return density > max_density
+    return True
 
 
 @torch.no_grad()

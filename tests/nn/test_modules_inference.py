@@ -20,8 +20,8 @@ def sparse_layer(generator, in_features, out_features, density, dtype=torch.floa
 @pytest.mark.parametrize("batch", [(1,), (4,), (16,), (2, 3)])
 def test_inference_forward_matches_training_forward(generator, monkeypatch, dtype, tolerance, density, batch):
     # Force the sparse kernel path as well as the fallback: both must give the same function.
-    monkeypatch.setitem(ops.SPARSE_LINEAR_LIMITS, "cpu", {"dtypes": (dtype,), "max_density": 1.0,
-                                                          "min_rows": 0, "max_rows": 10**9})
+    monkeypatch.setitem(ops.SPARSE_LINEAR_LIMITS, "cpu", {"dtypes": (dtype,), "min_rows": 0,
+                                                          "max_density_by_rows": ((10**9, 1.0),)})
     layer = sparse_layer(generator, 70, 33, density, dtype)
     x = torch.randn(*batch, 70, generator=generator).to(dtype)
     with torch.no_grad():
@@ -29,8 +29,8 @@ def test_inference_forward_matches_training_forward(generator, monkeypatch, dtyp
         layer.to_inference()
         assert layer.packed is not None and layer.packed.values.numel() == layer.nnz
         torch.testing.assert_close(layer(x).double(), expected, atol=tolerance, rtol=tolerance)
-        monkeypatch.setitem(ops.SPARSE_LINEAR_LIMITS, "cpu", {"dtypes": (), "max_density": 0.0,
-                                                              "min_rows": 1, "max_rows": 0})
+        monkeypatch.setitem(ops.SPARSE_LINEAR_LIMITS, "cpu", {"dtypes": (), "min_rows": 1,
+                                                              "max_density_by_rows": ()})
         torch.testing.assert_close(layer(x).double(), expected, atol=tolerance, rtol=tolerance)
 
 

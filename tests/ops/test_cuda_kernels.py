@@ -174,8 +174,8 @@ def test_sparse_linear_is_deterministic(generator, rows):
 
 
 def test_sparse_linear_entry_point_runs_the_kernel(generator, monkeypatch):
-    monkeypatch.setitem(ops.SPARSE_LINEAR_LIMITS, "cuda", {"dtypes": (torch.float16,), "max_density": 1.0,
-                                                           "min_rows": 1, "max_rows": 10**9})
+    monkeypatch.setitem(ops.SPARSE_LINEAR_LIMITS, "cuda", {"dtypes": (torch.float16,), "min_rows": 1,
+                                                           "max_density_by_rows": ((10**9, 1.0),)})
     packed, x, bias, weight, mask = sparse_linear_case(generator, 4, 100, 3000)
     y = ops.sparse_linear(x, packed, bias)
     want = reference.masked_linear(x.double(), weight.double().cuda(), mask.cuda(), bias.double())

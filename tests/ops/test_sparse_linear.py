@@ -17,8 +17,8 @@ needs_cpu_kernel = pytest.mark.skipif(
     reason=f"no C++ sparse_linear: {_extension.kernel_missing('sparse_linear', 'cpu')}")
 
 # (dtype, atol, rtol) against a float64 product of the same (rounded) inputs.
-ALWAYS_SPARSE = {"dtypes": (torch.float32,), "max_density": 1.0, "min_rows": 0, "max_rows": 10**9}
-NEVER_SPARSE = {"dtypes": (), "max_density": 0.0, "min_rows": 1, "max_rows": 0}
+ALWAYS_SPARSE = {"dtypes": (torch.float32,), "min_rows": 0, "max_density_by_rows": ((10**9, 1.0),)}
+NEVER_SPARSE = {"dtypes": (), "min_rows": 1, "max_density_by_rows": ()}
 DTYPES = [(torch.float32, 1e-4, 1e-4), (torch.float16, 2e-2, 1e-2), (torch.bfloat16, 1e-1, 2e-2)]
 
 
@@ -170,7 +170,11 @@ def test_dense_fallback_rule():
     assert ops.dense_is_faster(0.1, 4, torch.float32, "cpu") is True
     assert ops.dense_is_faster(0.1, 4, torch.bfloat16, "cpu") is True
     assert ops.dense_is_faster(0.1, 1000, torch.float16, "cuda") is True
-    assert ops.dense_is_faster(0.3, 16, torch.float16, "cuda") is False
+    assert ops.dense_is_faster(0.1, 16, torch.float16, "cuda") is False
+    assert ops.dense_is_faster(0.3, 16, torch.float16, "cuda") is True  # the batch tile's x reads cost most
+    assert ops.dense_is_faster(0.5, 1, torch.bfloat16, "cuda") is False
+    assert ops.dense_is_faster(0.5, 4, torch.float16, "cuda") is True
+    assert ops.dense_is_faster(0.3, 8, torch.float16, "cuda") is True
     assert ops.dense_is_faster(0.1, 4, torch.float32, "meta") is True
 
 
