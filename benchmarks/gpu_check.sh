@@ -46,7 +46,8 @@ JOBS=${MAX_JOBS:-$(nproc)}
 # PYTHONPATH: `benchmarks` (the workloads, the pytest plugin) is not an installed package, and pytest-xdist
 # workers do not start in the checkout's root.
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$OUT/.triton_cache}
+# Outside OUT (it is not a result), and kept: a rerun on the same machine finds its kernels compiled.
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-${TMPDIR:-/tmp}/sparsekern-triton-cache}
 if [ -d /usr/local/cuda/bin ]; then
   export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
   export PATH=$CUDA_HOME/bin:$PATH
