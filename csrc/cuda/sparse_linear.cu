@@ -24,6 +24,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <atomic>
 #include <climits>
 #include <cstdint>
 #include <type_traits>
@@ -50,6 +51,8 @@ constexpr int kValuesPerLane = 4;
 constexpr int64_t kSlabBytes = 32 * 1024;
 // Batch rows per launch when partial sums are kept (they take splits * rows * out floats).
 constexpr int64_t kRowsPerPassWithSplits = 256;
+// Devices for which a launcher remembers its shared-memory opt-in (others ask every call).
+constexpr int kDevicesRemembered = 64;
 
 // Output rows per block: more for larger batch tiles, whose staged x costs more to fill, so that
 // every block reuses it over enough rows (x is read from L2 once per block).
@@ -371,10 +374,15 @@ cudaError_t launch(const int32_t* bitmap, const void* values, int64_t nnz, const
                    int64_t in_features, int64_t rows, cudaStream_t stream) {
   const Plan plan = make_plan(kBatch, sizeof(T), sizeof(Acc), in_features);
   const auto kernel = sparse_linear_kernel<T, Acc, kBatch>;
-  if (plan.shared_bytes > 48 * 1024) {
-    const cudaError_t error =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(plan.shared_bytes));
+  // More than 48 KB of dynamic shared memory needs a per-device opt-in; done once per size needed.
+  static std::atomic<size_t> allowed[kDevicesRemembered] = {};
+  int device = 0;
+  cudaError_t error = cudaGetDevice(&device);
+  if (error != cudaSuccess) return error;
+  if (plan.shared_bytes > 48 * 1024 && (device >= kDevicesRemembered || allowed[device].load() < plan.shared_bytes)) {
+    error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(plan.shared_bytes));
     if (error != cudaSuccess) return error;
+    if (device < kDevicesRemembered) allowed[device].store(plan.shared_bytes);
   }
   const int64_t blocks = (out_features + rows_per_block(kBatch) - 1) / rows_per_block(kBatch) * plan.splits;
   if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
@@ -386,7 +394,7 @@ cudaError_t launch(const int32_t* bitmap, const void* values, int64_t nnz, const
         reinterpret_cast<const uint32_t*>(bitmap), static_cast<const T*>(values), nnz, chunk_offsets,
         static_cast<const T*>(x) + r0 * in_features, static_cast<const T*>(bias), y_pass,
         static_cast<Acc*>(workspace), out_features, in_features, n, plan.slab_chunks, plan.splits);
-    cudaError_t error = cudaGetLastError();
+    error = cudaGetLastError();
     if (error != cudaSuccess) return error;
     if (plan.splits > 1) {
       const int64_t count = n * out_features;
