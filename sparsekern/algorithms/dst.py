@@ -18,19 +18,19 @@ No gradient buffer is kept between steps.
 """
 from __future__ import annotations
 
-import zlib
-
 import dataclasses
+import warnings
+import weakref
+import zlib
 
 import torch
 from torch import Tensor, nn
 
 from .. import ops
-from . import criteria, schedules
-from ..nn import sparse_modules
+from . import criteria, distributed, schedules
+from ..nn import sparse_modules, tying
 
 SCOPES = ("layer", "global")
-
 
 
 def _stream_seed(seed: int) -> int:
@@ -77,7 +77,22 @@ class DST:
             and differs from `torch.Generator().manual_seed(seed)`'s, the generator a user most
             likely gave `sparsify`: growing from the stream that drew the masks would score the
             active positions highest and regrow exactly what was dropped. Equal seeds give equal
-            masks, on every rank of a distributed run too.
+            masks, on every rank of a distributed run too; under an initialised torch.distributed
+            process group the construction is collective and refuses (ValueError on every rank)
+            a seed or generator state that differs across ranks, which would let replicas diverge.
+
+    Which layers: every sparse module whose weight requires grad and is trained by `optimizer`;
+    frozen ones are left alone, with a warning. Modules that share one weight (tied weights) are
+    one layer: the first in model order is updated and the others get its mask. Misconfigurations
+    that would silently do nothing or damage the model raise ValueError before anything changes
+    (a block holding more weights than a layer keeps, tied modules with different masks) or warn
+    (a block that does not tile a layer, so that its count can drift; a schedule under which no
+    update ever happens; a layer without active weights).
+
+    `step()` refuses (RuntimeError, nothing changed) an update step whose criteria read
+    gradients when a weight's gradient is the very tensor, unwritten since, that the previous
+    `step()` saw: a second `step()` in one iteration, or one without a fresh backward, would
+    grow by a stale, masked gradient and regrow exactly what it dropped.
 
     Calling `step()` after `optimizer.step()` instead is ALGORITHMS.md's "after" option: the
     optimizer step then sees the dense gradient of an update step and may move inactive weights,
@@ -117,14 +132,13 @@ class DST:
             raise TypeError(f"mest_gamma must be a float, got {type(mest_gamma).__name__}")
         if not mest_gamma >= 0:
             raise ValueError(f"mest_gamma must be >= 0, got {mest_gamma}")
-        self.modules = sparse_modules(model)
-        if not self.modules:
-            raise ValueError("model has no sparse modules; sparsify it first (sparsekern.sparsify)")
+        self.modules, self._groups = _trained_layers(model, optimizer)
         device = self.modules[0][1].weight.device
         for name, module in self.modules:
             if module.weight.device != device:
                 raise ValueError(f"sparse modules must share one device: {name} is on "
                                  f"{module.weight.device}, {self.modules[0][0]} on {device}")
+        stream = "the generator's state" if generator is not None else f"seed={seed!r}"
         if generator is None:
             if isinstance(seed, bool) or not isinstance(seed, int):
                 raise TypeError(f"seed must be an int, got {type(seed).__name__}")
@@ -133,6 +147,11 @@ class DST:
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         elif generator.device.type != device.type:
             raise ValueError(f"generator is on {generator.device} but the weights are on {device}")
+        if block is not None:
+            _check_blocks(self.modules, block)
+        _warn_if_idle(self.schedule, self.modules, scope)
+        # Collective, and last: every rank gets here or none has anything to undo.
+        distributed.check_same_on_every_rank(generator.get_state(), f"DST's random stream ({stream})")
 
         self.optimizer = optimizer
         self.prune, self.grow, self.scope = prune, grow, scope
@@ -148,7 +167,8 @@ class DST:
             for _, module in self.modules:
                 for tensor in self._state(module.weight):
                     tensor.masked_fill_(~module.mask, 0)
-        self._set_dense_grad(self._dense_grad_next())
+        self._sync_modules()
+        self._remember_gradients()
 
     def step(self) -> bool:
         """Counts one training step; on update steps updates the masks. Returns whether it did.
@@ -156,12 +176,15 @@ class DST:
         Call after backward and before optimizer.step(). On steps that neither update nor precede
         an update it only counts.
         """
+        updated = self.schedule.is_update(self.step_count + 1)
+        if updated and self._reads_gradient:
+            self._check_fresh_gradients(self.step_count + 1)
         self.step_count += 1
-        updated = self.schedule.is_update(self.step_count)
         if updated:
             self._update(self.schedule.fraction(self.step_count))
         if updated or self.schedule.is_update(self.step_count + 1):
-            self._set_dense_grad(self._dense_grad_next())
+            self._sync_modules()
+            self._remember_gradients()
         return updated
 
     def state_dict(self) -> dict:
@@ -173,7 +196,8 @@ class DST:
 
     def load_state_dict(self, state: dict) -> None:
         """Restores a `state_dict()`: step count, masks (weights are zeroed off them), schedule and
-        generator. Checked completely before anything changes."""
+        generator. Checked completely before anything changes: a bad state raises TypeError or
+        ValueError naming the entry, and the model and this DST are as before."""
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict, got {type(state).__name__}")
         missing = {"step_count", "masks", "schedule", "generator"} - set(state)
@@ -184,35 +208,63 @@ class DST:
             raise ValueError(f"state['step_count'] must be an int >= 0, got {step_count!r}")
         masks = state["masks"]
         names = [name for name, _ in self.modules]
-        if not isinstance(masks, dict) or sorted(masks) != sorted(names):
+        if not isinstance(masks, dict) or sorted(masks, key=str) != sorted(names):
             raise ValueError(f"state['masks'] must hold the masks of {names}, got "
-                             f"{sorted(masks) if isinstance(masks, dict) else type(masks).__name__}")
+                             f"{sorted(masks, key=str) if isinstance(masks, dict) else type(masks).__name__}")
+        staged = []
         for name, module in self.modules:
             mask = masks[name]
             if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != module.mask.shape:
                 raise ValueError(f"state['masks'][{name!r}] must be a bool tensor of shape "
                                  f"{tuple(module.mask.shape)}")
-        try:
-            schedule = schedules.Schedule(**state["schedule"])
-        except TypeError as error:
-            raise ValueError(f"state['schedule'] is not a schedule: {error}") from None
-        if not isinstance(state["generator"], Tensor):
-            raise TypeError(f"state['generator'] must be a Tensor, got {type(state['generator']).__name__}")
-        for name, module in self.modules:
-            module.set_mask(masks[name].to(module.mask.device))
+            mask = mask.to(module.mask.device, copy=True)
+            if self.block is not None and not _Blocks(module.weight.shape, self.block).is_whole(mask):
+                raise ValueError(f"state['masks'][{name!r}] is not made of whole {self.block} blocks")
+            staged.append((module, mask))
+        schedule = _schedule_from_state(state["schedule"])
+        generator_state = state["generator"]
+        if not isinstance(generator_state, Tensor):
+            raise TypeError(f"state['generator'] must be a Tensor, got {type(generator_state).__name__}")
+        try:  # on a scratch generator first: set_state checks the state only as it installs it
+            torch.Generator(device=self.generator.device).set_state(generator_state)
+        except (RuntimeError, TypeError, ValueError) as error:
+            raise ValueError(f"state['generator'] is not a state of a {self.generator.device.type} "
+                             f"generator: {error}") from None
+        for module, mask in staged:
+            module.set_mask(mask)
         self.schedule = schedule
         self.step_count = step_count
-        self.generator.set_state(state["generator"])
-        self._set_dense_grad(self._dense_grad_next())
+        self.generator.set_state(generator_state)
+        self._sync_modules()
+        self._remember_gradients()
 
     # -- internals ------------------------------------------------------------------------
 
     def _dense_grad_next(self) -> bool:
         return self._reads_gradient and self.schedule.is_update(self.step_count + 1)
 
-    def _set_dense_grad(self, value: bool) -> None:
+    def _sync_modules(self) -> None:
+        """Sets `dense_grad` for the next step and gives tied modules their primary's mask."""
+        value = self._dense_grad_next()
         for _, module in self.modules:
             module.dense_grad = value
+        tying.sync(self._groups)
+
+    def _remember_gradients(self) -> None:
+        """Notes which gradient tensors (and their versions) this step saw, for the next update."""
+        self._seen_gradients = [None if module.weight.grad is None
+                                else (weakref.ref(module.weight.grad), module.weight.grad._version)
+                                for _, module in self.modules]
+
+    def _check_fresh_gradients(self, step: int) -> None:
+        for (name, module), seen in zip(self.modules, self._seen_gradients):
+            grad = module.weight.grad
+            if seen is not None and grad is not None and seen[0]() is grad and seen[1] == grad._version:
+                raise RuntimeError(
+                    f"DST.step() at update step {step}: {name}.weight's gradient has not changed since the "
+                    f"previous step() (no backward in between: step() called twice in one iteration, or "
+                    f"without a fresh backward); an update by that stale gradient would regrow what it drops. "
+                    f"Call step() once per iteration, after loss.backward()")
 
     @torch.no_grad()
     def _update(self, fraction: float) -> None:
@@ -305,8 +357,78 @@ class DST:
         for _, module in self.modules:
             blocks = _Blocks(module.weight.shape, self.block)
             per_block = blocks.sum(module.mask.to(torch.float32))
-            keep = min(round(int(module.mask.sum()) / (self.block[0] * self.block[1])), per_block.numel())
-            module.set_mask(blocks.expand(ops.topk_mask([per_block], [keep])[0]))
+            module.set_mask(blocks.expand(ops.topk_mask([per_block], [blocks.keep(module.mask)])[0]))
+
+
+def _trained_layers(model: nn.Module, optimizer: torch.optim.Optimizer):
+    """(primary (name, module) per weight, groups of modules sharing a weight) of the sparse modules
+    that `optimizer` trains; warns about the frozen ones, which are left alone."""
+    named = sparse_modules(model)
+    if not named:
+        raise ValueError("model has no sparse modules; sparsify it first (sparsekern.sparsify)")
+    groups = tying.group_by_weight(named)
+    tying.check_groups(groups)
+    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    frozen = [group[0][0] for group in groups
+              if not group[0][1].weight.requires_grad or id(group[0][1].weight) not in optimized]
+    if frozen:
+        if len(frozen) == len(groups):
+            raise ValueError(f"no sparse module of the model is trained: the weights of {frozen} do not "
+                             f"require grad or are not in the optimizer")
+        warnings.warn(f"DST leaves the masks of {frozen} alone: their weights do not require grad or are "
+                      f"not in the optimizer, so grown weights could never train", stacklevel=4)
+        groups = [group for group in groups if group[0][0] not in frozen]
+    return [group[0] for group in groups], groups
+
+
+def _check_blocks(modules, block: tuple[int, int]) -> None:
+    """ValueError for a layer that whole blocks would empty; a warning where blocks do not tile."""
+    for name, module in modules:
+        blocks = _Blocks(module.weight.shape, block)
+        active = int(module.mask.sum())
+        if active and not blocks.keep(module.mask):
+            raise ValueError(f"block={block} is too large for layer {name!r}: its {active} active weights make "
+                             f"{active / (block[0] * block[1]):.3g} blocks of {block[0] * block[1]}, which "
+                             f"rounds to 0 and would empty the layer")
+        if blocks.rows % block[0] or blocks.cols % block[1]:
+            warnings.warn(f"block={block} does not tile layer {name!r}'s {blocks.rows}x{blocks.cols} weight matrix: "
+                          f"its edge blocks hold fewer weights, so its active weight count changes when "
+                          f"they are dropped or grown (its block count stays exact)", stacklevel=4)
+
+
+def _warn_if_idle(schedule: schedules.Schedule, modules, scope: str) -> None:
+    """Warns about configurations under which DST silently does nothing (or nothing to a layer)."""
+    if not schedule.is_update(schedule.update_every):
+        warnings.warn(f"no mask update will ever happen: update_every={schedule.update_every} reaches no "
+                      f"step before end_step={schedule.end_step} (total_steps={schedule.total_steps})",
+                      stacklevel=4)
+    elif schedule.drop_fraction == 0 and (schedule.name != "annealed" or schedule.final_drop_fraction == 0):
+        warnings.warn("drop_fraction is 0: every mask update swaps no weight", stacklevel=4)
+    if scope == "layer":
+        empty = [name for name, module in modules if not module.mask.any()]
+        if empty:
+            warnings.warn(f"{empty} have no active weight: with scope='layer' they stay empty", stacklevel=4)
+
+
+def _schedule_from_state(saved) -> schedules.Schedule:
+    """The Schedule of a state dict's "schedule" entry, validated like DST's own arguments."""
+    fields = [field.name for field in dataclasses.fields(schedules.Schedule)]
+    if not isinstance(saved, dict) or sorted(saved) != sorted(fields):
+        raise ValueError(f"state['schedule'] must be a dict of {fields}, got "
+                         f"{sorted(saved) if isinstance(saved, dict) else type(saved).__name__}")
+    try:
+        schedule = schedules.make(saved["name"], saved["total_steps"], update_every=saved["update_every"],
+                                  end_step=saved["end_step"], drop_fraction=saved["drop_fraction"],
+                                  final_drop_fraction=saved["final_drop_fraction"]
+                                  if saved["name"] == "annealed" else None)
+        final = saved["final_drop_fraction"]
+        if isinstance(final, bool) or not isinstance(final, (int, float)) or not 0 <= final <= 1:
+            raise ValueError(f"final_drop_fraction must be in [0, 1], got {final!r}")
+        # Unused but kept by the other schedules, so that a state round-trips exactly.
+        schedule = dataclasses.replace(schedule, final_drop_fraction=float(final))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"state['schedule'] is not a valid schedule: {error}") from None
+    return schedule
 
 
 class _Blocks:
@@ -328,6 +450,14 @@ class _Blocks:
     def mask(self, mask: Tensor) -> Tensor:
         """Bool grid: which blocks are active (any active entry)."""
         return self.sum(mask.to(torch.float32)) > 0
+
+    def keep(self, mask: Tensor) -> int:
+        """Blocks a layer of this shape keeps for `mask`: its active count in whole blocks, rounded."""
+        return min(round(int(mask.sum()) / (self.block[0] * self.block[1])), self.grid[0] * self.grid[1])
+
+    def is_whole(self, mask: Tensor) -> bool:
+        """Whether every block of `mask` is all active or all inactive."""
+        return torch.equal(self.expand(self.mask(mask)), mask)
 
     def expand(self, block_mask: Tensor) -> Tensor:
         """The entry mask, shaped like the weight, of a bool block grid."""
