@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-import weakref
 import zlib
 
 import torch
@@ -28,6 +27,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from . import criteria, distributed, schedules
+from ._gradients import GradientWatch
 from ..nn import sparse_modules, tying
 
 SCOPES = ("layer", "global")
@@ -159,6 +159,7 @@ class DST:
         self.generator = generator
         self.step_count = 0
         self._reads_gradient = prune in criteria.READS_GRADIENT or grow in criteria.READS_GRADIENT
+        self._gradients = GradientWatch()
         if block is not None:
             self._make_block_structured()
         # State left at inactive positions (say, from dense training before sparsify) would move
@@ -251,20 +252,16 @@ class DST:
         tying.sync(self._groups)
 
     def _remember_gradients(self) -> None:
-        """Notes which gradient tensors (and their versions) this step saw, for the next update."""
-        self._seen_gradients = [None if module.weight.grad is None
-                                else (weakref.ref(module.weight.grad), module.weight.grad._version)
-                                for _, module in self.modules]
+        self._gradients.remember([module.weight for _, module in self.modules])
 
     def _check_fresh_gradients(self, step: int) -> None:
-        for (name, module), seen in zip(self.modules, self._seen_gradients):
-            grad = module.weight.grad
-            if seen is not None and grad is not None and seen[0]() is grad and seen[1] == grad._version:
-                raise RuntimeError(
-                    f"DST.step() at update step {step}: {name}.weight's gradient has not changed since the "
-                    f"previous step() (no backward in between: step() called twice in one iteration, or "
-                    f"without a fresh backward); an update by that stale gradient would regrow what it drops. "
-                    f"Call step() once per iteration, after loss.backward()")
+        stale = self._gradients.unchanged([module.weight for _, module in self.modules])
+        if stale is not None:
+            raise RuntimeError(
+                f"DST.step() at update step {step}: {self.modules[stale][0]}.weight's gradient has not changed "
+                f"since the previous step() (no backward in between: step() called twice in one iteration, "
+                f"or without a fresh backward); an update by that stale gradient would regrow what it drops. "
+                f"Call step() once per iteration, after loss.backward()")
 
     @torch.no_grad()
     def _update(self, fraction: float) -> None:
