@@ -130,8 +130,8 @@ class DST:
             raise ValueError(f"block needs an elementwise pruning criterion, got prune={prune!r}")
         if isinstance(mest_gamma, bool) or not isinstance(mest_gamma, (int, float)):
             raise TypeError(f"mest_gamma must be a float, got {type(mest_gamma).__name__}")
-        if not mest_gamma >= 0:
-            raise ValueError(f"mest_gamma must be >= 0, got {mest_gamma}")
+        if not 0 <= mest_gamma < float("inf"):
+            raise ValueError(f"mest_gamma must be a finite number >= 0, got {mest_gamma}")
         self.modules, self._groups = _trained_layers(model, optimizer)
         device = self.modules[0][1].weight.device
         for name, module in self.modules:
@@ -179,7 +179,7 @@ class DST:
         """
         updated = self.schedule.is_update(self.step_count + 1)
         if updated and self._reads_gradient:
-            self._check_fresh_gradients(self.step_count + 1)
+            self._check_gradients(self.step_count + 1)
         self.step_count += 1
         if updated:
             self._update(self.schedule.fraction(self.step_count))
@@ -254,7 +254,12 @@ class DST:
     def _remember_gradients(self) -> None:
         self._gradients.remember([module.weight for _, module in self.modules])
 
-    def _check_fresh_gradients(self, step: int) -> None:
+    def _check_gradients(self, step: int) -> None:
+        """RuntimeError, before anything changes, unless every weight has a fresh gradient."""
+        for name, module in self.modules:
+            if module.weight.grad is None:
+                raise RuntimeError(f"{name}.weight has no gradient at update step {step}: call DST.step() "
+                                   f"after backward (prune={self.prune!r}, grow={self.grow!r} read it)")
         stale = self._gradients.unchanged([module.weight for _, module in self.modules])
         if stale is not None:
             raise RuntimeError(
@@ -267,10 +272,6 @@ class DST:
     def _update(self, fraction: float) -> None:
         weights = [module.weight for _, module in self.modules]
         grads = [w.grad for w in weights]
-        if self._reads_gradient and any(g is None for g in grads):
-            name = self.modules[[g is None for g in grads].index(True)][0]
-            raise RuntimeError(f"{name}.weight has no gradient at update step {self.step_count}: call "
-                               f"DST.step() after backward (prune={self.prune!r}, grow={self.grow!r} read it)")
         if self.scope == "layer":
             for (_, module), grad in zip(self.modules, grads):
                 self._update_layer(module, grad, fraction)

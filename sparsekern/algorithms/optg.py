@@ -113,8 +113,11 @@ class OptG:
         self._start_epoch()
 
     def score_lr(self, epoch: int) -> float:
-        """lr_e·σ(β(e − E/2))."""
-        return self.lr_schedule(epoch) * _sigmoid(self.beta * (epoch - self.epochs / 2))
+        """lr_e·σ(β(e − E/2)); ValueError naming lr_schedule unless lr_e is a finite number >= 0."""
+        lr = self.lr_schedule(epoch)
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+            raise ValueError(f"lr_schedule({epoch}) must return a finite number >= 0, got {lr!r}")
+        return lr * _sigmoid(self.beta * (epoch - self.epochs / 2))
 
     def sparsity_at(self, epoch: int) -> float:
         return sparsity_at(epoch, self.sparsity, self.epochs, self.beta)
@@ -122,10 +125,6 @@ class OptG:
     @torch.no_grad()
     def _start_epoch(self) -> None:
         score_lr = self.score_lr(self.epoch)
-        if isinstance(score_lr, bool) or not isinstance(score_lr, (int, float)) or not math.isfinite(score_lr) \
-                or score_lr < 0:
-            raise ValueError(f"lr_schedule({self.epoch}) must give a finite number >= 0, got a score lr of "
-                             f"{score_lr!r}")
         total = sum(score.numel() for score in self.scores)
         keep = total - round(self.sparsity_at(self.epoch) * total)
         if self.dense_while_scores_tie and self._scores_all_equal():
