@@ -39,17 +39,19 @@ def save(obj, path: str | os.PathLike) -> None:
 def load(path: str | os.PathLike, map_location=None):
     """Loads a checkpoint written by `save` (tensors and plain Python containers only).
 
-    A file that is not such a checkpoint (truncated, corrupt, or holding other objects, which
-    are never unpickled) raises ValueError naming the file; a missing one FileNotFoundError.
+    A file that cannot be loaded (truncated, corrupt, holding objects other than tensors and
+    containers, which are never unpickled, or tensors of a device this machine lacks) raises
+    ValueError naming the file; a missing one FileNotFoundError. `map_location` (None, a device
+    or its name, a dict of device names, or a callable, as for torch.load) is checked first.
     """
     path = _checked_path(path)
+    _check_map_location(map_location)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, RuntimeError, ValueError,
             UnicodeDecodeError, AttributeError, ImportError, IndexError, KeyError) as error:
         first_line = (str(error).strip().splitlines() or [""])[0][:200]
-        raise ValueError(f"{path} is not a readable sparsekern checkpoint: {type(error).__name__}: "
-                         f"{first_line}") from error
+        raise ValueError(f"{path}: cannot load this checkpoint: {type(error).__name__}: {first_line}") from error
 
 
 def _checked_path(path) -> str:
@@ -61,6 +63,22 @@ def _checked_path(path) -> str:
     if not path:
         raise ValueError("path must not be empty")
     return path
+
+
+def _check_map_location(map_location) -> None:
+    if map_location is None or callable(map_location):
+        return
+    devices = list(map_location.values()) if isinstance(map_location, dict) else [map_location]
+    for device in devices:
+        if not isinstance(device, (str, torch.device)):
+            raise TypeError(f"map_location must be a device, a device name, a dict of them or a callable, "
+                            f"got {type(device).__name__}")
+        try:
+            device = torch.device(device)
+        except RuntimeError as error:
+            raise ValueError(f"map_location names no device: {error}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"map_location={str(device)!r} but CUDA is not available")
 
 
 def _sync_directory(directory: str) -> None:

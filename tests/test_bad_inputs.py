@@ -214,7 +214,7 @@ def differences(before, after, path="") -> list[str]:
         return [f"{path}: {type(before).__name__} -> {type(after).__name__}"]
     if isinstance(before, Tensor):
         same = (before.dtype == after.dtype and before.shape == after.shape and before.device == after.device
-                and torch.equal(_bits(before), _bits(after)))
+                and (before.is_meta or torch.equal(_bits(before), _bits(after))))   # meta: no values
         return [] if same else [f"{path}: tensor changed"]
     if isinstance(before, dict):
         if before.keys() != after.keys():
@@ -330,10 +330,29 @@ for _world_name, _world in (("dense", dense_world), ("sparse", resparsify_world)
 
 error("sparsify(model=5)", dense_world, lambda w: sparsekern.sparsify(5, 0.5), TypeError, "model")
 error("sparsify(model=None)", dense_world, lambda w: sparsekern.sparsify(None, 0.5), TypeError, "model")
+def _nan_weight_dense_world(tmp_path=None):
+    world = dense_world()
+    with torch.no_grad():
+        world.model[3].weight.fill_(NAN)
+    return world
+
+
+# init="dense" keeps the weights: NaN ones would be kept too (a fresh init replaces them and is fine).
+error("sparsify(init='dense') of a model with NaN weights", _nan_weight_dense_world,
+      lambda w: sparsekern.sparsify(w.model, 0.5, init="dense", generator=w.generator), ValueError, "non-finite")
+
 for _name, _make in (("without Linear/Conv2d", lambda: nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3))),
                      ("of a Linear subclass only", lambda: nn.MultiheadAttention(4, 2))):
     error(f"sparsify(model {_name})", lambda tmp_path=None, m=_make: SimpleNamespace(model=m()),
           lambda w: sparsekern.sparsify(w.model, 0.5), ValueError, "model has no")
+
+
+def _meta_world(tmp_path=None):
+    return SimpleNamespace(model=nn.Sequential(nn.Linear(4, 4, device="meta"), nn.Linear(4, 2, device="meta")))
+
+
+error("sparsify(a model on the meta device)", _meta_world, lambda w: sparsekern.sparsify(w.model, 0.5),
+      ValueError, "meta")
 
 
 def _empty_linear_world(tmp_path=None):
@@ -559,6 +578,25 @@ def _stepped_world(tmp_path=None):
 
 error("RigL.step() without a fresh backward", _stepped_world, lambda w: w.algo.step(), RuntimeError,
       "fresh backward", then=_still_updates)
+
+
+error("SET.step() twice in one iteration", functools.partial(_twice_world, prune="set"),
+      lambda w: w.algo.step(), RuntimeError, "step\\(\\) called twice", then=_still_updates)
+
+
+def _frozen_later_world(tmp_path=None):
+    world = _twice_world()
+    world.model[3].weight.requires_grad_(False)
+    return world
+
+
+def _unfreeze_and_update(world):
+    world.model[3].weight.requires_grad_(True)
+    _still_updates(world)
+
+
+error("RigL.step() on a layer frozen after construction", _frozen_later_world, lambda w: w.algo.step(),
+      RuntimeError, "frozen", then=_unfreeze_and_update)
 
 
 def _zero_grad_world(tmp_path=None):
@@ -975,6 +1013,10 @@ for _name, _error, _match in [("missing.pt", FileNotFoundError, "missing"), ("em
                               ("code.pt", ValueError, "code.pt"), ("plain.pkl", ValueError, "plain.pkl"),
                               ("subdirectory", IsADirectoryError, "subdirectory")]:
     error(f"checkpoint.load({_name})", file_world, lambda w, n=_name: checkpoint.load(w.directory / n), _error, _match)
+for _location, _error in (("nonsense", ValueError), (5, TypeError), ({"cpu": "nowhere"}, ValueError),
+                          ({"cpu": 3}, TypeError), *((("cuda:0", ValueError),) if not torch.cuda.is_available() else ())):
+    error(f"checkpoint.load(map_location={_show(_location)})", file_world,
+          lambda w, m=_location: checkpoint.load(w.directory / "good.pt", map_location=m), _error, "map_location")
 for _path, _error in ((5, TypeError), (None, TypeError), ("", ValueError)):
     error(f"checkpoint.load(path={_show(_path)})", file_world, lambda w, p=_path: checkpoint.load(p), _error, "path")
 
@@ -1126,6 +1168,8 @@ def _lopsided_world(tmp_path=None):
 
 warning("IMP global pruning that empties a layer", _lopsided_world, lambda w: w.algo.next_cycle(),
         "leaves layers \\['1'\\] with no weight")
+warning("RigL.step() past total_steps", lambda tmp_path=None: dst_world(total_steps=4),
+        lambda w: [_train_step(w, 60 + step) for step in range(2)], "more than total_steps=4")
 warning("OptG(lr=0)", model_world, lambda w: OptG(w.model, sparsity=0.5, epochs=3, lr=0.0), "lr=0")
 
 

@@ -89,10 +89,11 @@ class DST:
     (a block that does not tile a layer, so that its count can drift; a schedule under which no
     update ever happens; a layer without active weights).
 
-    `step()` refuses (RuntimeError, nothing changed) an update step whose criteria read
-    gradients when a weight's gradient is the very tensor, unwritten since, that the previous
-    `step()` saw: a second `step()` in one iteration, or one without a fresh backward, would
-    grow by a stale, masked gradient and regrow exactly what it dropped.
+    `step()` refuses (RuntimeError, nothing changed) an update step when a weight's gradient is
+    the very tensor, unwritten since, that the previous `step()` saw: a second `step()` in one
+    iteration, or one without a fresh backward, would update by a stale, masked gradient (and,
+    growing by gradient, regrow exactly what it dropped). It warns once when called more than
+    `total_steps` times.
 
     Calling `step()` after `optimizer.step()` instead is ALGORITHMS.md's "after" option: the
     optimizer step then sees the dense gradient of an update step and may move inactive weights,
@@ -178,9 +179,13 @@ class DST:
         an update it only counts.
         """
         updated = self.schedule.is_update(self.step_count + 1)
-        if updated and self._reads_gradient:
+        if updated:
             self._check_gradients(self.step_count + 1)
         self.step_count += 1
+        if self.step_count == self.schedule.total_steps + 1:
+            warnings.warn(f"DST.step() called more than total_steps={self.schedule.total_steps} times: the "
+                          f"schedule (and end_step={self.schedule.end_step}) assumed training ends there",
+                          stacklevel=2)
         if updated:
             self._update(self.schedule.fraction(self.step_count))
         if updated or self.schedule.is_update(self.step_count + 1):
@@ -255,9 +260,13 @@ class DST:
         self._gradients.remember([module.weight for _, module in self.modules])
 
     def _check_gradients(self, step: int) -> None:
-        """RuntimeError, before anything changes, unless every weight has a fresh gradient."""
+        """RuntimeError, before anything changes, unless every weight's gradient is fresh (and,
+        where a criterion reads it, there)."""
         for name, module in self.modules:
-            if module.weight.grad is None:
+            if not module.weight.requires_grad:
+                raise RuntimeError(f"{name}.weight was frozen (requires_grad=False) after DST was built; "
+                                   f"build DST again, which leaves frozen layers alone")
+            if self._reads_gradient and module.weight.grad is None:
                 raise RuntimeError(f"{name}.weight has no gradient at update step {step}: call DST.step() "
                                    f"after backward (prune={self.prune!r}, grow={self.grow!r} read it)")
         stale = self._gradients.unchanged([module.weight for _, module in self.modules])

@@ -108,8 +108,8 @@ def _patterns(patterns, name: str) -> list[str] | None:
         return None if name == "include" else []
     if isinstance(patterns, str):
         return [patterns]
-    if not isinstance(patterns, (list, tuple, set, frozenset)):
-        raise TypeError(f"{name} must be a str pattern or a sequence of them, got {type(patterns).__name__}")
+    if isinstance(patterns, (bytes, dict)) or not hasattr(patterns, "__iter__"):
+        raise TypeError(f"{name} must be a str pattern or an iterable of them, got {type(patterns).__name__}")
     patterns = list(patterns)
     for i, pattern in enumerate(patterns):
         if not isinstance(pattern, str):
@@ -163,6 +163,9 @@ def _layers(model: nn.Module, include: list[str] | None, exclude: list[str]) -> 
         if module.weight.numel() == 0:
             raise ValueError(f"layer {name or '(root)'!r} has an empty weight of shape "
                              f"{tuple(module.weight.shape)}: exclude it")
+        if module.weight.is_meta:
+            raise ValueError(f"layer {name or '(root)'!r} is on the meta device, whose tensors hold no values: "
+                             f"materialise the model first (e.g. model.to_empty(device=...) and an init)")
     return groups
 
 
@@ -196,25 +199,29 @@ def _stage(groups: list[tying.Group], shapes, counts, init_function: Callable, i
                 raise kind(f"init={init!r} failed on layer {name or '(root)'!r}: {type(error).__name__}: "
                            f"{error} (an init callable is called as init(module, generator=...) with the "
                            f"sparse module)") from error
-        new_weight = _checked_output(trial, "weight", weight, name, init)
-        new_bias = None if bias is None else _checked_output(trial, "bias", bias, name, init)
-        new_weight.masked_fill_(~mask, 0)
+        new_weight = _checked_output(trial, "weight", weight, mask, name, init)
+        new_bias = None if bias is None else _checked_output(trial, "bias", bias, None, name, init)
         modules = [(module if isinstance(module, SparseModule) else _sparse_like(module)) for _, module in group]
         staged.append(([original for _, original in group], modules, mask, new_weight, new_bias))
     return staged
 
 
-def _checked_output(trial: SparseModule, attribute: str, original: Tensor, name: str, init) -> Tensor:
+def _checked_output(trial: SparseModule, attribute: str, original: Tensor, mask: Tensor | None, name: str,
+                    init) -> Tensor:
+    """The trial's new weight (zeroed off `mask`) or bias, checked: written in place, finite."""
     value = getattr(trial, attribute)
     if (not isinstance(value, Tensor) or value.shape != original.shape or value.dtype != original.dtype
             or value.device != original.device):
         raise TypeError(f"init={init!r} replaced the {attribute} of layer {name or '(root)'!r} by "
                         f"{type(value).__name__ if not isinstance(value, Tensor) else tuple(value.shape)}; "
                         f"it must write the module's {attribute} in place")
+    value = value.detach()
+    if mask is not None:
+        value.masked_fill_(~mask, 0)
     if not torch.isfinite(value).all():
-        raise ValueError(f"init={init!r} wrote non-finite values into the {attribute} of layer "
-                         f"{name or '(root)'!r}")
-    return value.detach()
+        raise ValueError(f"the {attribute} of layer {name or '(root)'!r} holds non-finite values after "
+                         f"init={init!r}")
+    return value
 
 
 @torch.no_grad()
