@@ -644,6 +644,7 @@ DST_STATES = [
      ValueError, "masks"),
     ("masks with a transposed mask", lambda w: _masks_with(w, "3", w.state["masks"]["3"].T), ValueError, "masks"),
     ("masks with a list", lambda w: _masks_with(w, "3", w.state["masks"]["3"].tolist()), ValueError, "masks"),
+    ("masks with a meta mask", lambda w: _masks_with(w, "3", w.state["masks"]["3"].to("meta")), ValueError, "masks"),
     ("schedule=None", lambda w: _replace(w.state, "schedule", None), ValueError, "schedule"),
     ("schedule without update_every", lambda w: _schedule_with(w, "update_every", _DELETE), ValueError, "schedule"),
     ("schedule with an extra key", lambda w: _schedule_with(w, "warmup", 3), ValueError, "schedule"),
@@ -743,6 +744,8 @@ TICKET_STATES = [
     ("rewind_state with a wrong dtype", lambda w: _rewind_with(w, "3.weight", w.state["rewind_state"]["3.weight"].double()),
      ValueError, "rewind_state"),
     ("rewind_state with a list", lambda w: _rewind_with(w, "3.bias", [0.0] * 16), ValueError, "rewind_state"),
+    ("rewind_state with a meta tensor", lambda w: _rewind_with(w, "3.bias", w.state["rewind_state"]["3.bias"].to("meta")),
+     ValueError, "rewind_state"),
     ("rewind_state=None past the rewind step", lambda w: _replace(w.state, "rewind_state", None), ValueError,
      "rewind_state"),
     ("optimizer=None", lambda w: _replace(w.state, "optimizer", None), TypeError, "optimizer"),
@@ -818,6 +821,8 @@ for _masks, _error in ((None, ValueError), ([], ValueError), ("masks", ValueErro
 error("IMP.reset(float masks)", imp_world, lambda w: w.algo.reset([m.float() for m in w.algo.masks]), ValueError,
       "masks")
 error("IMP.reset(transposed masks)", imp_world, lambda w: w.algo.reset([m.T for m in w.algo.masks]), ValueError,
+      "masks")
+error("IMP.reset(meta masks)", imp_world, lambda w: w.algo.reset([m.to("meta") for m in w.algo.masks]), ValueError,
       "masks")
 error("IMP.reset(one mask too few)", imp_world, lambda w: w.algo.reset(w.algo.masks[1:]), ValueError, "masks")
 for _cls, _world in (("IMP", imp_world), ("SWAMP", swamp_world)):
@@ -930,6 +935,8 @@ OPTG_STATES = [
     ("scores one short", lambda w: _replace(w.state, "scores", w.state["scores"][1:]), ValueError, "scores"),
     ("scores with a wrong shape", lambda w: _scores_with(w, 1, torch.zeros(3)), ValueError, "scores"),
     ("scores with a wrong dtype", lambda w: _scores_with(w, 1, w.state["scores"][1].double()), ValueError, "scores"),
+    ("scores with a meta tensor", lambda w: _scores_with(w, 1, w.state["scores"][1].to("meta")), ValueError,
+     "scores"),
     ("scores with NaN", lambda w: _scores_with(w, 1, torch.full_like(w.state["scores"][1], NAN)), ValueError,
      "scores"),
     ("scores with inf", lambda w: _scores_with(w, 0, torch.full_like(w.state["scores"][0], INF)), ValueError,

@@ -145,7 +145,8 @@ def check_snapshot(state, model: nn.Module, name: str) -> dict[str, Tensor]:
     checked = {}
     for key, value in current.items():
         saved = state[key]
-        if not isinstance(saved, Tensor) or saved.shape != value.shape or saved.dtype != value.dtype:
+        if (not isinstance(saved, Tensor) or saved.shape != value.shape or saved.dtype != value.dtype
+                or saved.is_meta):
             got = f"{saved.dtype} {tuple(saved.shape)}" if isinstance(saved, Tensor) else type(saved).__name__
             raise ValueError(f"{name}[{key!r}] must be a {value.dtype} tensor of shape {tuple(value.shape)}, "
                              f"got {got}")
@@ -170,7 +171,8 @@ def check_tensors(values, like: list[Tensor], name: str) -> list[Tensor] | None:
                          f"{len(values) if isinstance(values, (list, tuple)) else type(values).__name__}")
     checked = []
     for i, (value, reference) in enumerate(zip(values, like)):
-        if not isinstance(value, Tensor) or value.shape != reference.shape or value.dtype != reference.dtype:
+        if (not isinstance(value, Tensor) or value.shape != reference.shape or value.dtype != reference.dtype
+                or value.is_meta):
             raise ValueError(f"{name}[{i}] must be a {reference.dtype} tensor of shape {tuple(reference.shape)}")
         checked.append(value.detach().to(reference.device, copy=True))
     return checked
@@ -184,7 +186,8 @@ def check_masks(masks, groups: list[tying.Group], name: str = "masks") -> list[T
                          f"{len(masks) if isinstance(masks, (list, tuple)) else type(masks).__name__}")
     checked = []
     for i, (mask, layer) in enumerate(zip(masks, layers)):
-        if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != layer.weight.shape:
+        if (not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != layer.weight.shape
+                or mask.is_meta):
             raise ValueError(f"{name}[{i}] must be a bool tensor of shape {tuple(layer.weight.shape)}")
         checked.append(mask.to(layer.mask.device))
     return checked

@@ -220,9 +220,10 @@ class DST:
         staged = []
         for name, module in self.modules:
             mask = masks[name]
-            if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != module.mask.shape:
+            if (not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != module.mask.shape
+                    or mask.is_meta):
                 raise ValueError(f"state['masks'][{name!r}] must be a bool tensor of shape "
-                                 f"{tuple(module.mask.shape)}")
+                                 f"{tuple(module.mask.shape)} holding values")
             mask = mask.to(module.mask.device, copy=True)
             if self.block is not None and not _Blocks(module.weight.shape, self.block).is_whole(mask):
                 raise ValueError(f"state['masks'][{name!r}] is not made of whole {self.block} blocks")
