@@ -399,7 +399,8 @@ for _module in (nn.Linear(3, 3), None):
     error(f"init.dense_(module={type(_module).__name__})", layer_world,
           lambda w, m=_module: init.dense_(m), TypeError, "module")
 for _arguments, _error, _match in [
-        (dict(mask=torch.ones(4, 6)), TypeError, "mask"), (dict(mask=torch.ones(6, dtype=torch.bool)), TypeError, "mask"),
+        (dict(mask=torch.ones(4, 6)), TypeError, "mask"),
+        (dict(mask=torch.ones(6, dtype=torch.bool)), TypeError, "mask"),
         (dict(mask=None), TypeError, "mask"), (dict(mode="x"), ValueError, "mode"),
         (dict(groups=0), ValueError, "groups"), (dict(groups=-2), ValueError, "groups"),
         (dict(groups=3), ValueError, "groups"), (dict(groups=1.5), ValueError, "groups")]:
@@ -418,7 +419,8 @@ for _arguments, _error, _match in [
         (dict(shapes=5), TypeError, "shapes"), (dict(shapes=[5]), ValueError, "shapes"),
         (dict(shapes=[("a", 2)]), ValueError, "shapes"), (dict(shapes=[(2.5, 2)]), ValueError, "shapes"),
         (dict(shapes=[(True, 2)]), ValueError, "shapes"), (dict(shapes="34"), TypeError, "shapes"),
-        (dict(distribution="normal"), ValueError, "distribution"), (dict(distribution=None), ValueError, "distribution"),
+        (dict(distribution="normal"), ValueError, "distribution"),
+        (dict(distribution=None), ValueError, "distribution"),
         (dict(power=NAN), ValueError, "power"), (dict(power="2"), ValueError, "power"),
         (dict(dense_first_layer=1), TypeError, "dense_first_layer"),
         (dict(density=0.01, dense_first_layer=True), ValueError, "density"),
@@ -555,19 +557,19 @@ def _still_updates(world):
     raise AssertionError("no update happened after the refused call")
 
 
-def _twice_world(tmp_path=None, prune="magnitude"):
+def _twice_world(tmp_path=None, prune="magnitude", grow="gradient"):
     world = trained(sparse_model())
-    world.algo = DST(world.model, world.optimizer, prune=prune, update_every=2, total_steps=40)
+    world.algo = DST(world.model, world.optimizer, prune=prune, grow=grow, update_every=2, total_steps=40)
     world.optimizer.zero_grad()
     backward(world.model, 0)
     world.algo.step()                   # step 1: the next one is an update
     return world
 
 
-error("RigL.step() twice in one iteration", _twice_world, lambda w: w.algo.step(), RuntimeError,
-      "step\\(\\) called twice", then=_still_updates)
-error("DST(prune='mest').step() twice in one iteration", functools.partial(_twice_world, prune="mest"),
-      lambda w: w.algo.step(), RuntimeError, "step\\(\\) called twice", then=_still_updates)
+for _prune, _grow in (("magnitude", "gradient"), ("mest", "gradient"), ("set", "random"), ("random", "random")):
+    error(f"DST(prune={_prune!r}, grow={_grow!r}).step() twice in one iteration",
+          functools.partial(_twice_world, prune=_prune, grow=_grow), lambda w: w.algo.step(), RuntimeError,
+          "step\\(\\) called twice", then=_still_updates)
 
 
 def _stepped_world(tmp_path=None):
@@ -578,10 +580,6 @@ def _stepped_world(tmp_path=None):
 
 error("RigL.step() without a fresh backward", _stepped_world, lambda w: w.algo.step(), RuntimeError,
       "fresh backward", then=_still_updates)
-
-
-error("SET.step() twice in one iteration", functools.partial(_twice_world, prune="set"),
-      lambda w: w.algo.step(), RuntimeError, "step\\(\\) called twice", then=_still_updates)
 
 
 def _frozen_later_world(tmp_path=None):
@@ -689,9 +687,11 @@ TICKET_BAD = [
     ("prune_fraction", None, TypeError), ("prune_fraction", True, TypeError),
     ("rewind_step", -1, ValueError), ("rewind_step", 1.5, TypeError), ("rewind_step", "1", TypeError),
     ("rewind_step", None, TypeError), ("rewind_step", True, TypeError),
-    ("scope", "all", ValueError), ("scope", None, ValueError), ("scope", 5, ValueError), ("scope", ["global"], ValueError),
+    ("scope", "all", ValueError), ("scope", None, ValueError), ("scope", 5, ValueError),
+    ("scope", ["global"], ValueError),
     ("optimizer_factory", None, TypeError), ("optimizer_factory", 5, TypeError),
-    ("optimizer_factory", lambda parameters: 5, TypeError), ("optimizer_factory", lambda parameters: list(parameters), TypeError),
+    ("optimizer_factory", lambda parameters: 5, TypeError),
+    ("optimizer_factory", lambda parameters: list(parameters), TypeError),
 ]
 IMP_BAD = [("rewind", "w", ValueError), ("rewind", None, ValueError), ("rewind", 5, ValueError)]
 SWAMP_BAD = [
@@ -741,10 +741,12 @@ TICKET_STATES = [
     ("rewind_state with an extra entry", lambda w: _rewind_with(w, "extra", torch.ones(1)), ValueError, "rewind_state"),
     ("rewind_state with a wrong shape", lambda w: _rewind_with(w, "3.weight", torch.ones(2, 2)), ValueError,
      "rewind_state"),
-    ("rewind_state with a wrong dtype", lambda w: _rewind_with(w, "3.weight", w.state["rewind_state"]["3.weight"].double()),
+    ("rewind_state with a wrong dtype",
+     lambda w: _rewind_with(w, "3.weight", w.state["rewind_state"]["3.weight"].double()),
      ValueError, "rewind_state"),
     ("rewind_state with a list", lambda w: _rewind_with(w, "3.bias", [0.0] * 16), ValueError, "rewind_state"),
-    ("rewind_state with a meta tensor", lambda w: _rewind_with(w, "3.bias", w.state["rewind_state"]["3.bias"].to("meta")),
+    ("rewind_state with a meta tensor",
+     lambda w: _rewind_with(w, "3.bias", w.state["rewind_state"]["3.bias"].to("meta")),
      ValueError, "rewind_state"),
     ("rewind_state=None past the rewind step", lambda w: _replace(w.state, "rewind_state", None), ValueError,
      "rewind_state"),
@@ -1020,8 +1022,9 @@ for _name, _error, _match in [("missing.pt", FileNotFoundError, "missing"), ("em
                               ("code.pt", ValueError, "code.pt"), ("plain.pkl", ValueError, "plain.pkl"),
                               ("subdirectory", IsADirectoryError, "subdirectory")]:
     error(f"checkpoint.load({_name})", file_world, lambda w, n=_name: checkpoint.load(w.directory / n), _error, _match)
+_NO_CUDA = (("cuda:0", ValueError),) if not torch.cuda.is_available() else ()
 for _location, _error in (("nonsense", ValueError), (5, TypeError), ({"cpu": "nowhere"}, ValueError),
-                          ({"cpu": 3}, TypeError), *((("cuda:0", ValueError),) if not torch.cuda.is_available() else ())):
+                          ({"cpu": 3}, TypeError), *_NO_CUDA):
     error(f"checkpoint.load(map_location={_show(_location)})", file_world,
           lambda w, m=_location: checkpoint.load(w.directory / "good.pt", map_location=m), _error, "map_location")
 for _path, _error in ((5, TypeError), (None, TypeError), ("", ValueError)):

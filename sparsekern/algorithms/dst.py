@@ -399,7 +399,7 @@ def _check_blocks(modules, block: tuple[int, int]) -> None:
                              f"{active / (block[0] * block[1]):.3g} blocks of {block[0] * block[1]}, which "
                              f"rounds to 0 and would empty the layer")
         if blocks.rows % block[0] or blocks.cols % block[1]:
-            warnings.warn(f"block={block} does not tile layer {name!r}'s {blocks.rows}x{blocks.cols} weight matrix: "
+            warnings.warn(f"block={block} does not tile layer {name!r} ({blocks.rows}x{blocks.cols} weight matrix): "
                           f"its edge blocks hold fewer weights, so its active weight count changes when "
                           f"they are dropped or grown (its block count stays exact)", stacklevel=4)
 

@@ -123,12 +123,19 @@ def _check(module, distribution: str, scale: float, generator) -> None:
     if (isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not scale > 0
             or not math.isfinite(scale)):
         raise ValueError(f"scale must be a finite positive number, got {scale!r}")
-    if generator is not None:
-        if not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        if generator.device.type != "cpu":
-            raise ValueError(f"generator must be a CPU torch.Generator (weights are drawn on the CPU), "
-                             f"got one on {generator.device}")
+    check_generator(generator)
+
+
+def check_generator(generator) -> None:
+    """TypeError/ValueError naming `generator` unless it is None or a CPU torch.Generator (sparsekern
+    draws masks and initial weights on the CPU, so that one seed gives the same on every device)."""
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if generator.device.type != "cpu":
+        raise ValueError(f"generator must be a CPU torch.Generator (draws happen on the CPU), "
+                         f"got one on {generator.device}")
 
 
 def _draw_(module: SparseModule, variance: Tensor, distribution: str, generator) -> None:

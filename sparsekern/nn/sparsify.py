@@ -72,12 +72,7 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
         raise ValueError(f"power must be a finite number, got {power!r}")
     if not isinstance(dense_first_layer, bool):
         raise TypeError(f"dense_first_layer must be a bool, got {type(dense_first_layer).__name__}")
-    if generator is not None:
-        if not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        if generator.device.type != "cpu":
-            raise ValueError(f"generator must be a CPU torch.Generator (masks are drawn on the CPU), "
-                             f"got one on {generator.device}")
+    sparse_init.check_generator(generator)
 
     groups = _layers(model, include, exclude)
     shapes = [tuple(group[0][1].weight.shape) for group in groups]
