@@ -327,6 +327,9 @@ for _world_name, _world in (("dense", dense_world), ("sparse", resparsify_world)
                          for k, v in arguments.items()}
             return sparsekern.sparsify(world.model, **arguments)
         error(f"sparsify[{_world_name}]({_argument}={_show(_value)})", _world, _call, _error, _argument)
+for _world_name, _world in (("dense", dense_world), ("sparse", resparsify_world)):
+    error(f"sparsify[{_world_name}](density below a dense first layer)", _world,
+          lambda w: sparsekern.sparsify(w.model, 0.01, dense_first_layer=True), ValueError, "density")
 
 error("sparsify(model=5)", dense_world, lambda w: sparsekern.sparsify(5, 0.5), TypeError, "model")
 error("sparsify(model=None)", dense_world, lambda w: sparsekern.sparsify(None, 0.5), TypeError, "model")
@@ -692,6 +695,7 @@ TICKET_BAD = [
     ("optimizer_factory", None, TypeError), ("optimizer_factory", 5, TypeError),
     ("optimizer_factory", lambda parameters: 5, TypeError),
     ("optimizer_factory", lambda parameters: list(parameters), TypeError),
+    ("optimizer_factory", lambda parameters: _sgd([next(iter(parameters))]), ValueError),
 ]
 IMP_BAD = [("rewind", "w", ValueError), ("rewind", None, ValueError), ("rewind", 5, ValueError)]
 SWAMP_BAD = [
@@ -1180,6 +1184,24 @@ warning("IMP global pruning that empties a layer", _lopsided_world, lambda w: w.
         "leaves layers \\['1'\\] with no weight")
 warning("RigL.step() past total_steps", lambda tmp_path=None: dst_world(total_steps=4),
         lambda w: [_train_step(w, 60 + step) for step in range(2)], "more than total_steps=4")
+def _global_world(tmp_path=None):
+    world = model_world()
+    with torch.no_grad():   # the last layer's weights are far smaller than all others
+        world.model[5].weight.mul_(1e-6)
+    return world
+
+
+def _global_update_without_the_last_layer(world):
+    """A global RigL update where the last layer's weights are the smallest and its gradient is 0."""
+    world.algo = sparsekern.RigL(world.model, world.optimizer, scope="global", update_every=1, total_steps=100)
+    world.optimizer.zero_grad()
+    backward(world.model, 70)
+    world.model[5].weight.grad.zero_()
+    world.algo.step()
+
+
+warning("RigL(scope='global') emptying a layer", _global_world, _global_update_without_the_last_layer,
+        "left \\['5'\\] with no active weight")
 warning("OptG(lr=0)", model_world, lambda w: OptG(w.model, sparsity=0.5, epochs=3, lr=0.0), "lr=0")
 
 

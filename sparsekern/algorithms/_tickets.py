@@ -43,10 +43,16 @@ def primaries(groups: list[tying.Group]) -> list[SparseModule]:
 
 
 def make_optimizer(optimizer_factory: Callable, model: nn.Module) -> torch.optim.Optimizer:
-    """optimizer_factory(model.parameters()), checked to be a torch optimizer."""
+    """optimizer_factory(model.parameters()), checked to be a torch optimizer that trains every
+    trainable sparse weight of `model` (one that does not would leave the ticket untrained)."""
     optimizer = optimizer_factory(model.parameters())
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer_factory must return a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    untrained = [name for name, module in sparse_modules(model)
+                 if module.weight.requires_grad and id(module.weight) not in trained]
+    if untrained:
+        raise ValueError(f"optimizer_factory's optimizer does not train the weights of {untrained[:5]}")
     return optimizer
 
 

@@ -93,7 +93,7 @@ class DST:
     the very tensor, unwritten since, that the previous `step()` saw: a second `step()` in one
     iteration, or one without a fresh backward, would update by a stale, masked gradient (and,
     growing by gradient, regrow exactly what it dropped). It warns once when called more than
-    `total_steps` times.
+    `total_steps` times, and when a global update leaves a layer without active weights.
 
     Calling `step()` after `optimizer.step()` instead is ALGORITHMS.md's "after" option: the
     optimizer step then sees the dense gradient of an update step and may move inactive weights,
@@ -161,6 +161,7 @@ class DST:
         self.step_count = 0
         self._reads_gradient = prune in criteria.READS_GRADIENT or grow in criteria.READS_GRADIENT
         self._gradients = GradientWatch()
+        self._empty = {name for name, module in self.modules if not module.mask.any()}   # warned about
         if block is not None:
             self._make_block_structured()
         # State left at inactive positions (say, from dense training before sparsify) would move
@@ -188,6 +189,8 @@ class DST:
                           stacklevel=2)
         if updated:
             self._update(self.schedule.fraction(self.step_count))
+            if self.scope == "global":
+                self._warn_if_emptied()
         if updated or self.schedule.is_update(self.step_count + 1):
             self._sync_modules()
             self._remember_gradients()
@@ -256,6 +259,13 @@ class DST:
         for _, module in self.modules:
             module.dense_grad = value
         tying.sync(self._groups)
+
+    def _warn_if_emptied(self) -> None:
+        emptied = [name for name, module in self.modules if not module.mask.any() and name not in self._empty]
+        if emptied:
+            warnings.warn(f"the global update at step {self.step_count} left {emptied} with no active weight",
+                          stacklevel=3)
+        self._empty = {name for name, module in self.modules if not module.mask.any()}
 
     def _remember_gradients(self) -> None:
         self._gradients.remember([module.weight for _, module in self.modules])
