@@ -1251,3 +1251,18 @@ def test_the_snapshot_sees_every_kind_of_change(tmp_path):
     before = world_snapshot(world)
     (world.directory / "good.pt").write_bytes(b"x")
     assert differences(before, world_snapshot(world))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_the_automatic_choice_passes_over_triton_for_bfloat16_under_the_interpreter(monkeypatch):
+    """Where Triton would be chosen (CUDA tensors) but runs interpreted, bfloat16 goes to the next
+    backend, and sk.backends() says why; float32 still gets Triton."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _backend.choose("masked_linear", "cuda", (torch.float32,))[0] == "triton"
+    assert _backend.choose("masked_linear", "cuda", (torch.bfloat16,))[0] == "reference"
+    refused = sparsekern.backends()["ops"]["masked_linear"]["cuda"]["dtypes"]["bfloat16"]["triton"]
+    assert "interpreter" in refused and "bfloat16" in refused
+    monkeypatch.setenv("TRITON_INTERPRET", "0")   # compiled Triton on a GPU runs bfloat16 right
+    assert _backend.choose("masked_linear", "cuda", (torch.bfloat16,))[0] == "triton"
