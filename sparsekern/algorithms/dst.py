@@ -285,8 +285,8 @@ class DST:
             raise RuntimeError(
                 f"DST.step() at update step {step}: {self.modules[stale][0]}.weight's gradient has not changed "
                 f"since the previous step() (no backward in between: step() called twice in one iteration, "
-                f"or without a fresh backward); an update by that stale gradient would regrow what it drops. "
-                f"Call step() once per iteration, after loss.backward()")
+                f"or without a fresh backward); an update from it would be wrong (with gradient growth it "
+                f"regrows exactly what it drops). Call step() once per iteration, after loss.backward()")
 
     @torch.no_grad()
     def _update(self, fraction: float) -> None:
@@ -409,9 +409,9 @@ def _check_blocks(modules, block: tuple[int, int]) -> None:
                              f"{active / (block[0] * block[1]):.3g} blocks of {block[0] * block[1]}, which "
                              f"rounds to 0 and would empty the layer")
         if blocks.rows % block[0] or blocks.cols % block[1]:
-            warnings.warn(f"block={block} does not tile layer {name!r} ({blocks.rows}x{blocks.cols} weight matrix): "
-                          f"its edge blocks hold fewer weights, so its active weight count changes when "
-                          f"they are dropped or grown (its block count stays exact)", stacklevel=4)
+            warnings.warn(f"block={block} does not tile layer {name!r} ({blocks.rows}x{blocks.cols} weight "
+                          f"matrix): its edge blocks hold fewer weights, so its active weight count changes "
+                          f"when they are dropped or grown (its block count stays exact)", stacklevel=4)
 
 
 def _warn_if_idle(schedule: schedules.Schedule, modules, scope: str) -> None:
@@ -431,9 +431,9 @@ def _warn_if_idle(schedule: schedules.Schedule, modules, scope: str) -> None:
 def _schedule_from_state(saved) -> schedules.Schedule:
     """The Schedule of a state dict's "schedule" entry, validated like DST's own arguments."""
     fields = [field.name for field in dataclasses.fields(schedules.Schedule)]
-    if not isinstance(saved, dict) or sorted(saved) != sorted(fields):
+    if not isinstance(saved, dict) or sorted(saved, key=str) != sorted(fields):
         raise ValueError(f"state['schedule'] must be a dict of {fields}, got "
-                         f"{sorted(saved) if isinstance(saved, dict) else type(saved).__name__}")
+                         f"{sorted(saved, key=str) if isinstance(saved, dict) else type(saved).__name__}")
     try:
         schedule = schedules.make(saved["name"], saved["total_steps"], update_every=saved["update_every"],
                                   end_step=saved["end_step"], drop_fraction=saved["drop_fraction"],
