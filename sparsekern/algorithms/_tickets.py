@@ -1,30 +1,64 @@
-"""What IMP and SWAMP share: global or layer-wise magnitude pruning, and rewinding to a snapshot.
+"""What IMP, SWAMP and OptG share: the layers they prune, global or layer-wise magnitude pruning,
+rewinding to a snapshot, and the checks of their arguments and saved states.
 
 A snapshot is the model's full state (parameters and buffers, BatchNorm statistics included)
 except the masks, cloned; restoring it and then setting a mask gives the ticket θ_k ⊙ m.
+
+Layers are the model's sparse modules grouped by weight (`sparsekern.nn.tying`): modules sharing
+one weight are one layer, pruned once, and every mask change is copied to the others (`set_masks`,
+`tying.sync`).
 """
 from __future__ import annotations
 
 import math
+import numbers
+import warnings
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..nn import SparseModule, sparse_modules
+from ..nn import SparseModule, sparse_modules, tying
 
 SCOPES = ("global", "layer")
 
 
-def sparse_layers(model: nn.Module) -> list[SparseModule]:
-    """The model's sparse modules; ValueError when there are none (nothing to prune)."""
+def sparse_layers(model: nn.Module) -> list[tying.Group]:
+    """The model's sparse modules grouped by weight; ValueError when there are none (nothing to
+    prune) or when modules sharing a weight carry different masks."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    layers = [module for _, module in sparse_modules(model)]
-    if not layers:
+    named = sparse_modules(model)
+    if not named:
         raise ValueError("model has no sparse modules: convert it with sparsekern.sparsify(model, 1.0) "
                          "or build it from sparsekern.nn.SparseLinear / SparseConv2d")
-    return layers
+    groups = tying.group_by_weight(named)
+    tying.check_groups(groups)
+    return groups
+
+
+def primaries(groups: list[tying.Group]) -> list[SparseModule]:
+    return [group[0][1] for group in groups]
+
+
+def make_optimizer(optimizer_factory: Callable, model: nn.Module) -> torch.optim.Optimizer:
+    """optimizer_factory(model.parameters()), checked to be a torch optimizer that trains every
+    trainable sparse weight of `model` (one that does not would leave the ticket untrained)."""
+    optimizer = optimizer_factory(model.parameters())
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer_factory must return a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    untrained = [name for name, module in sparse_modules(model)
+                 if module.weight.requires_grad and id(module.weight) not in trained]
+    if untrained:
+        raise ValueError(f"optimizer_factory's optimizer does not train the weights of {untrained[:5]}")
+    return optimizer
+
+
+def check_callable(value, name: str) -> None:
+    if not callable(value):
+        raise TypeError(f"{name} must be callable, got {type(value).__name__}")
 
 
 def check_fraction(prune_fraction) -> float:
@@ -36,16 +70,16 @@ def check_fraction(prune_fraction) -> float:
 
 
 def check_choice(value, name: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
+    if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
     return value
 
 
-def check_count(value, name: str) -> int:
+def check_count(value, name: str, low: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
     return value
 
 
@@ -55,27 +89,75 @@ def removal_count(remaining: int, prune_fraction: float) -> int:
 
 
 @torch.no_grad()
-def magnitude_masks(layers: list[SparseModule], prune_fraction: float, scope: str) -> list[Tensor]:
+def magnitude_masks(groups: list[tying.Group], prune_fraction: float, scope: str) -> list[Tensor]:
     """Masks that keep all but ⌈p·remaining⌉ active weights, ranked by |weight|.
 
     `scope="global"` ranks every active weight of every layer together and removes
     ⌈p·(total active)⌉; `"layer"` removes ⌈p·(active in layer)⌉ from each layer. Inactive
     positions score NaN, which `topk_mask` never selects, so the new masks nest in the old ones.
-    Ties follow `topk_mask` (lower flat position kept).
+    Ties follow `topk_mask` (lower flat position kept). Pruning that would leave no weight at
+    all (or, layer-wise, a layer with none) raises ValueError, as do NaN weights; a global
+    pruning that empties some layer warns.
     """
+    layers = primaries(groups)
+    names = [group[0][0] for group in groups]
+    for name, layer in zip(names, layers):
+        if torch.isnan(layer.weight[layer.mask]).any():
+            raise ValueError(f"layer {name!r} has NaN weights (did training diverge?): magnitude pruning "
+                             f"cannot rank them")
     scores = [torch.where(layer.mask, layer.weight.abs(), torch.nan) for layer in layers]
     active = [int(layer.mask.sum()) for layer in layers]
     if scope == "global":
         total = sum(active)
-        return ops.topk_mask(scores, total - removal_count(total, prune_fraction))
-    return ops.topk_mask(scores, [n - removal_count(n, prune_fraction) for n in active])
+        keep = total - removal_count(total, prune_fraction)
+        if keep == 0:
+            raise ValueError(f"pruning {prune_fraction} of the {total} remaining weights would leave none")
+        masks = ops.topk_mask(scores, keep)
+        emptied = [name for name, n, mask in zip(names, active, masks) if n and not mask.any()]
+        if emptied:
+            warnings.warn(f"global magnitude pruning leaves layers {emptied} with no weight", stacklevel=3)
+        return masks
+    keep = [n - removal_count(n, prune_fraction) for n in active]
+    emptied = [name for name, n, k in zip(names, active, keep) if n and not k]
+    if emptied:
+        raise ValueError(f"pruning {prune_fraction} of each layer's remaining weights would leave layers "
+                         f"{emptied} with none")
+    return ops.topk_mask(scores, keep)
+
+
+def _mask_names(model: nn.Module) -> set[str]:
+    # Every name of every sparse module: a module reached under two names has two mask entries.
+    return {f"{name}.mask" if name else "mask" for name, module in model.named_modules(remove_duplicate=False)
+            if isinstance(module, SparseModule)}
 
 
 def snapshot(model: nn.Module) -> dict[str, Tensor]:
     """A clone of every parameter and buffer except the sparse modules' masks."""
-    masks = {f"{name}.mask" if name else "mask" for name, _ in sparse_modules(model)}
+    masks = _mask_names(model)
     return {name: value.detach().clone() for name, value in model.state_dict(keep_vars=True).items()
             if name not in masks}
+
+
+def check_snapshot(state, model: nn.Module, name: str) -> dict[str, Tensor]:
+    """A validated copy of a saved `snapshot` of `model` (the same entries, shapes and dtypes),
+    moved to the model's devices; TypeError/ValueError naming `name` otherwise."""
+    if not isinstance(state, dict):
+        raise TypeError(f"{name} must be a dict of tensors, got {type(state).__name__}")
+    masks = _mask_names(model)
+    current = {key: value for key, value in model.state_dict(keep_vars=True).items() if key not in masks}
+    if sorted(state, key=str) != sorted(current):
+        missing, unexpected = sorted(set(current) - set(state)), sorted(set(state) - set(current), key=str)
+        raise ValueError(f"{name} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    checked = {}
+    for key, value in current.items():
+        saved = state[key]
+        if (not isinstance(saved, Tensor) or saved.shape != value.shape or saved.dtype != value.dtype
+                or saved.is_meta):
+            got = f"{saved.dtype} {tuple(saved.shape)}" if isinstance(saved, Tensor) else type(saved).__name__
+            raise ValueError(f"{name}[{key!r}] must be a {value.dtype} tensor of shape {tuple(value.shape)}, "
+                             f"got {got}")
+        checked[key] = saved.detach().to(value.device, copy=True)
+    return checked
 
 
 @torch.no_grad()
@@ -86,10 +168,77 @@ def restore(model: nn.Module, state: dict[str, Tensor]) -> None:
         current[name].copy_(value)
 
 
-def set_masks(layers: list[SparseModule], masks: list[Tensor]) -> None:
-    for layer, mask in zip(layers, masks):
+def check_tensors(values, like: list[Tensor], name: str) -> list[Tensor] | None:
+    """None, or a validated copy of `values`: tensors of the shapes and dtypes of `like`, on their devices."""
+    if values is None:
+        return None
+    if not isinstance(values, (list, tuple)) or len(values) != len(like):
+        raise ValueError(f"{name} must be None or a list of {len(like)} tensors, got "
+                         f"{len(values) if isinstance(values, (list, tuple)) else type(values).__name__}")
+    checked = []
+    for i, (value, reference) in enumerate(zip(values, like)):
+        if (not isinstance(value, Tensor) or value.shape != reference.shape or value.dtype != reference.dtype
+                or value.is_meta):
+            raise ValueError(f"{name}[{i}] must be a {reference.dtype} tensor of shape {tuple(reference.shape)}")
+        checked.append(value.detach().to(reference.device, copy=True))
+    return checked
+
+
+def check_masks(masks, groups: list[tying.Group], name: str = "masks") -> list[Tensor]:
+    """`masks`, one bool tensor shaped like each layer's weight, on its device; or TypeError/ValueError."""
+    layers = primaries(groups)
+    if not isinstance(masks, (list, tuple)) or len(masks) != len(layers):
+        raise ValueError(f"{name} must be a list of {len(layers)} bool tensors (one per sparse layer), got "
+                         f"{len(masks) if isinstance(masks, (list, tuple)) else type(masks).__name__}")
+    checked = []
+    for i, (mask, layer) in enumerate(zip(masks, layers)):
+        if (not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != layer.weight.shape
+                or mask.is_meta):
+            raise ValueError(f"{name}[{i}] must be a bool tensor of shape {tuple(layer.weight.shape)}")
+        checked.append(mask.to(layer.mask.device))
+    return checked
+
+
+def set_masks(groups: list[tying.Group], masks: list[Tensor]) -> None:
+    for layer, mask in zip(primaries(groups), masks):
         layer.set_mask(mask)
+    tying.sync(groups)
 
 
-def masks_of(layers: list[SparseModule]) -> list[Tensor]:
-    return [layer.mask.clone() for layer in layers]
+def masks_of(groups: list[tying.Group]) -> list[Tensor]:
+    return [layer.mask.clone() for layer in primaries(groups)]
+
+
+def check_state_keys(state, keys: tuple[str, ...]) -> None:
+    if not isinstance(state, dict):
+        raise TypeError(f"state must be a dict, got {type(state).__name__}")
+    missing = sorted(set(keys) - set(state))
+    if missing:
+        raise ValueError(f"state lacks {missing}")
+
+
+def state_count(state: dict, key: str, low: int = 0) -> int:
+    return check_count(state[key], f"state[{key!r}]", low)
+
+
+def loaded_optimizer(optimizer_factory: Callable, model: nn.Module, saved, name: str) -> torch.optim.Optimizer:
+    """A fresh optimizer from the factory with `saved` loaded; ValueError naming `name` if it does not fit."""
+    optimizer = make_optimizer(optimizer_factory, model)
+    if not isinstance(saved, dict):
+        raise TypeError(f"{name} must be an optimizer state dict, got {type(saved).__name__}")
+    try:
+        optimizer.load_state_dict(saved)
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
+        raise ValueError(f"{name} does not fit the optimizer: {type(error).__name__}: {error}") from None
+    return optimizer
+
+
+def check_number(value, name: str, valid: Callable[[float], bool], requirement: str) -> float:
+    """`value` as a float, or TypeError/ValueError naming it unless it is a finite number for which
+    `valid` holds (`requirement` says which, as in "in [0, 1)")."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or not valid(value):
+        raise ValueError(f"{name} must be a finite number {requirement}, got {value!r}")
+    return value

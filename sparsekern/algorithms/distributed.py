@@ -1,37 +1,47 @@
-"""Keeping sparse masks identical across the ranks of a distributed (DDP) run.
+"""Keeping sparse masks, and the weights under them, identical across the ranks of a DDP run.
 
 DST keeps masks identical by construction when every rank builds it with the same `seed` (the
-default): the random criteria then draw the same numbers everywhere, and the gradient criteria
-read gradients that DDP has already averaged, which are equal on every rank. These helpers check
-that (`masks_identical`) and repair it when a run needs certainty (`broadcast_masks`, e.g. after
-every update step or after loading a checkpoint on one rank). They need an initialised
-`torch.distributed` process group; masks travel as uint8 (gloo has no bool all-reduce).
+default; it refuses a seed that differs across ranks): the random criteria then draw the same
+numbers everywhere, and the gradient criteria read gradients that DDP has already averaged, which
+are equal on every rank. Masks alone can look equal while replicas differ: DDP copies rank 0's
+buffers, masks included, to every rank at each forward, but each rank zeroed its own weights off
+its own mask. So `masks_identical` compares the masks and the weights under them, and
+`broadcast_masks` repairs both (e.g. after loading a checkpoint on one rank). They need an
+initialised `torch.distributed` process group; masks travel as uint8 (gloo has no bool all-reduce).
 """
 from __future__ import annotations
 
+import zlib
+
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
 from ..nn import sparse_modules
 
 
 @torch.no_grad()
-def broadcast_masks(model: nn.Module, src: int = 0, group=None) -> None:
-    """Copies rank `src`'s mask into every sparse module of `model` on every rank (weights off
-    the mask become 0). `model` may be wrapped in DistributedDataParallel."""
+def broadcast_masks(model: nn.Module, src: int = 0, group=None, weights: bool = True) -> None:
+    """Copies rank `src`'s mask, and with `weights` its weight, into every sparse module of `model`
+    on every rank (weights off the mask become 0). `model` may be wrapped in
+    DistributedDataParallel. Collective: call on every rank."""
     for _, module in sparse_modules(model):
         mask = module.mask.to(torch.uint8)
         dist.broadcast(mask, src=src, group=group)
+        if weights:
+            dist.broadcast(module.weight.data, src=src, group=group)
         module.set_mask(mask.bool())
 
 
 @torch.no_grad()
-def masks_identical(model: nn.Module, group=None) -> bool:
-    """True on every rank when every sparse module's mask is the same on all ranks of `group`.
+def masks_identical(model: nn.Module, group=None, weights: bool = True) -> bool:
+    """True on every rank when every sparse module's mask, and with `weights` the weight values
+    under it, are the same on all ranks of `group`.
 
-    Exact: rank 0's masks are broadcast and compared entry by entry, and the verdicts combined
-    with an all-reduce, so every rank returns the same answer. Collective: call on every rank.
+    Exact: rank 0's masks and masked weights are broadcast and compared entry by entry (NaN
+    equals NaN), and the verdicts combined with an all-reduce, so every rank returns the same
+    answer. Pass weights=False where ranks train different weights on purpose (SWAMP's
+    particles). Collective: call on every rank.
     """
     source = dist.get_global_rank(group, 0) if group is not None else 0
     same = True
@@ -39,9 +49,36 @@ def masks_identical(model: nn.Module, group=None) -> bool:
         reference = module.mask.to(torch.uint8)
         dist.broadcast(reference, src=source, group=group)
         same &= torch.equal(reference.bool(), module.mask)
+        if weights:
+            under = torch.where(module.mask, module.weight.detach(), 0)
+            expected = under.clone()
+            dist.broadcast(expected, src=source, group=group)
+            same &= _equal_or_both_nan(under, expected)
     verdict = torch.tensor([1 if same else 0], dtype=torch.int32, device=_device(model))
     dist.all_reduce(verdict, op=dist.ReduceOp.MIN, group=group)
     return bool(verdict.item())
+
+
+def check_same_on_every_rank(state: Tensor, what: str) -> None:
+    """ValueError on every rank unless `state` (a tensor) is the same on all ranks.
+
+    A no-op without an initialised process group of two or more ranks; otherwise collective
+    (one all_gather_object of a checksum) over the default group: call on every rank.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return
+    checksum = zlib.crc32(state.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    checksums = [None] * dist.get_world_size()
+    dist.all_gather_object(checksums, checksum)
+    if len(set(checksums)) > 1:
+        differing = [rank for rank, value in enumerate(checksums) if value != checksums[0]]
+        raise ValueError(f"{what} differs across ranks (ranks {differing} differ from rank 0): random "
+                         f"criteria would draw different masks on each rank and the replicas would "
+                         f"diverge; use the same seed (or generator state) on every rank")
+
+
+def _equal_or_both_nan(a: Tensor, b: Tensor) -> bool:
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -18,19 +18,19 @@ No gradient buffer is kept between steps.
 """
 from __future__ import annotations
 
-import zlib
-
 import dataclasses
+import warnings
+import zlib
 
 import torch
 from torch import Tensor, nn
 
 from .. import ops
-from . import criteria, schedules
-from ..nn import sparse_modules
+from . import criteria, distributed, schedules
+from ._gradients import GradientWatch
+from ..nn import sparse_modules, tying
 
 SCOPES = ("layer", "global")
-
 
 
 def _stream_seed(seed: int) -> int:
@@ -77,7 +77,23 @@ class DST:
             and differs from `torch.Generator().manual_seed(seed)`'s, the generator a user most
             likely gave `sparsify`: growing from the stream that drew the masks would score the
             active positions highest and regrow exactly what was dropped. Equal seeds give equal
-            masks, on every rank of a distributed run too.
+            masks, on every rank of a distributed run too; under an initialised torch.distributed
+            process group the construction is collective and refuses (ValueError on every rank)
+            a seed or generator state that differs across ranks, which would let replicas diverge.
+
+    Which layers: every sparse module whose weight requires grad and is trained by `optimizer`;
+    frozen ones are left alone, with a warning. Modules that share one weight (tied weights) are
+    one layer: the first in model order is updated and the others get its mask. Misconfigurations
+    that would silently do nothing or damage the model raise ValueError before anything changes
+    (a block holding more weights than a layer keeps, tied modules with different masks) or warn
+    (a block that does not tile a layer, so that its count can drift; a schedule under which no
+    update ever happens; a layer without active weights).
+
+    `step()` refuses (RuntimeError, nothing changed) an update step when a weight's gradient is
+    the very tensor, unwritten since, that the previous `step()` saw: a second `step()` in one
+    iteration, or one without a fresh backward, would update by a stale, masked gradient (and,
+    growing by gradient, regrow exactly what it dropped). It warns once when called more than
+    `total_steps` times, and when a global update leaves a layer without active weights.
 
     Calling `step()` after `optimizer.step()` instead is ALGORITHMS.md's "after" option: the
     optimizer step then sees the dense gradient of an update step and may move inactive weights,
@@ -115,16 +131,15 @@ class DST:
             raise ValueError(f"block needs an elementwise pruning criterion, got prune={prune!r}")
         if isinstance(mest_gamma, bool) or not isinstance(mest_gamma, (int, float)):
             raise TypeError(f"mest_gamma must be a float, got {type(mest_gamma).__name__}")
-        if not mest_gamma >= 0:
-            raise ValueError(f"mest_gamma must be >= 0, got {mest_gamma}")
-        self.modules = sparse_modules(model)
-        if not self.modules:
-            raise ValueError("model has no sparse modules; sparsify it first (sparsekern.sparsify)")
+        if not 0 <= mest_gamma < float("inf"):
+            raise ValueError(f"mest_gamma must be a finite number >= 0, got {mest_gamma}")
+        self.modules, self._groups = _trained_layers(model, optimizer)
         device = self.modules[0][1].weight.device
         for name, module in self.modules:
             if module.weight.device != device:
                 raise ValueError(f"sparse modules must share one device: {name} is on "
                                  f"{module.weight.device}, {self.modules[0][0]} on {device}")
+        stream = "the generator's state" if generator is not None else f"seed={seed!r}"
         if generator is None:
             if isinstance(seed, bool) or not isinstance(seed, int):
                 raise TypeError(f"seed must be an int, got {type(seed).__name__}")
@@ -133,6 +148,11 @@ class DST:
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         elif generator.device.type != device.type:
             raise ValueError(f"generator is on {generator.device} but the weights are on {device}")
+        if block is not None:
+            _check_blocks(self.modules, block)
+        _warn_if_idle(self.schedule, self.modules, scope)
+        # Collective, and last: every rank gets here or none has anything to undo.
+        distributed.check_same_on_every_rank(generator.get_state(), f"DST's random stream ({stream})")
 
         self.optimizer = optimizer
         self.prune, self.grow, self.scope = prune, grow, scope
@@ -140,6 +160,8 @@ class DST:
         self.generator = generator
         self.step_count = 0
         self._reads_gradient = prune in criteria.READS_GRADIENT or grow in criteria.READS_GRADIENT
+        self._gradients = GradientWatch()
+        self._empty = {name for name, module in self.modules if not module.mask.any()}   # warned about
         if block is not None:
             self._make_block_structured()
         # State left at inactive positions (say, from dense training before sparsify) would move
@@ -148,7 +170,8 @@ class DST:
             for _, module in self.modules:
                 for tensor in self._state(module.weight):
                     tensor.masked_fill_(~module.mask, 0)
-        self._set_dense_grad(self._dense_grad_next())
+        self._sync_modules()
+        self._remember_gradients()
 
     def step(self) -> bool:
         """Counts one training step; on update steps updates the masks. Returns whether it did.
@@ -156,12 +179,21 @@ class DST:
         Call after backward and before optimizer.step(). On steps that neither update nor precede
         an update it only counts.
         """
+        updated = self.schedule.is_update(self.step_count + 1)
+        if updated:
+            self._check_gradients(self.step_count + 1)
         self.step_count += 1
-        updated = self.schedule.is_update(self.step_count)
+        if self.step_count == self.schedule.total_steps + 1:
+            warnings.warn(f"DST.step() called more than total_steps={self.schedule.total_steps} times: the "
+                          f"schedule (and end_step={self.schedule.end_step}) assumed training ends there",
+                          stacklevel=2)
         if updated:
             self._update(self.schedule.fraction(self.step_count))
+            if self.scope == "global":
+                self._warn_if_emptied()
         if updated or self.schedule.is_update(self.step_count + 1):
-            self._set_dense_grad(self._dense_grad_next())
+            self._sync_modules()
+            self._remember_gradients()
         return updated
 
     def state_dict(self) -> dict:
@@ -173,7 +205,8 @@ class DST:
 
     def load_state_dict(self, state: dict) -> None:
         """Restores a `state_dict()`: step count, masks (weights are zeroed off them), schedule and
-        generator. Checked completely before anything changes."""
+        generator. Checked completely before anything changes: a bad state raises TypeError or
+        ValueError naming the entry, and the model and this DST are as before."""
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict, got {type(state).__name__}")
         missing = {"step_count", "masks", "schedule", "generator"} - set(state)
@@ -184,44 +217,81 @@ class DST:
             raise ValueError(f"state['step_count'] must be an int >= 0, got {step_count!r}")
         masks = state["masks"]
         names = [name for name, _ in self.modules]
-        if not isinstance(masks, dict) or sorted(masks) != sorted(names):
+        if not isinstance(masks, dict) or sorted(masks, key=str) != sorted(names):
             raise ValueError(f"state['masks'] must hold the masks of {names}, got "
-                             f"{sorted(masks) if isinstance(masks, dict) else type(masks).__name__}")
+                             f"{sorted(masks, key=str) if isinstance(masks, dict) else type(masks).__name__}")
+        staged = []
         for name, module in self.modules:
             mask = masks[name]
-            if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != module.mask.shape:
+            if (not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != module.mask.shape
+                    or mask.is_meta):
                 raise ValueError(f"state['masks'][{name!r}] must be a bool tensor of shape "
-                                 f"{tuple(module.mask.shape)}")
-        try:
-            schedule = schedules.Schedule(**state["schedule"])
-        except TypeError as error:
-            raise ValueError(f"state['schedule'] is not a schedule: {error}") from None
-        if not isinstance(state["generator"], Tensor):
-            raise TypeError(f"state['generator'] must be a Tensor, got {type(state['generator']).__name__}")
-        for name, module in self.modules:
-            module.set_mask(masks[name].to(module.mask.device))
+                                 f"{tuple(module.mask.shape)} holding values")
+            mask = mask.to(module.mask.device, copy=True)
+            if self.block is not None and not _Blocks(module.weight.shape, self.block).is_whole(mask):
+                raise ValueError(f"state['masks'][{name!r}] is not made of whole {self.block} blocks")
+            staged.append((module, mask))
+        schedule = _schedule_from_state(state["schedule"])
+        generator_state = state["generator"]
+        if not isinstance(generator_state, Tensor):
+            raise TypeError(f"state['generator'] must be a Tensor, got {type(generator_state).__name__}")
+        try:  # on a scratch generator first: set_state checks the state only as it installs it
+            torch.Generator(device=self.generator.device).set_state(generator_state)
+        except (RuntimeError, TypeError, ValueError) as error:
+            raise ValueError(f"state['generator'] is not a state of a {self.generator.device.type} "
+                             f"generator: {error}") from None
+        for module, mask in staged:
+            module.set_mask(mask)
         self.schedule = schedule
         self.step_count = step_count
-        self.generator.set_state(state["generator"])
-        self._set_dense_grad(self._dense_grad_next())
+        self.generator.set_state(generator_state)
+        self._sync_modules()
+        self._remember_gradients()
 
     # -- internals ------------------------------------------------------------------------
 
     def _dense_grad_next(self) -> bool:
         return self._reads_gradient and self.schedule.is_update(self.step_count + 1)
 
-    def _set_dense_grad(self, value: bool) -> None:
+    def _sync_modules(self) -> None:
+        """Sets `dense_grad` for the next step and gives tied modules their primary's mask."""
+        value = self._dense_grad_next()
         for _, module in self.modules:
             module.dense_grad = value
+        tying.sync(self._groups)
+
+    def _warn_if_emptied(self) -> None:
+        emptied = [name for name, module in self.modules if not module.mask.any() and name not in self._empty]
+        if emptied:
+            warnings.warn(f"the global update at step {self.step_count} left {emptied} with no active weight",
+                          stacklevel=3)
+        self._empty = {name for name, module in self.modules if not module.mask.any()}
+
+    def _remember_gradients(self) -> None:
+        self._gradients.remember([module.weight for _, module in self.modules])
+
+    def _check_gradients(self, step: int) -> None:
+        """RuntimeError, before anything changes, unless every weight's gradient is fresh (and,
+        where a criterion reads it, there)."""
+        for name, module in self.modules:
+            if not module.weight.requires_grad:
+                raise RuntimeError(f"{name}.weight was frozen (requires_grad=False) after DST was built; "
+                                   f"build DST again, which leaves frozen layers alone")
+            if self._reads_gradient and module.weight.grad is None:
+                raise RuntimeError(f"{name}.weight has no gradient at update step {step}: call DST.step() "
+                                   f"after backward (prune={self.prune!r}, grow={self.grow!r} read it)")
+        stale = self._gradients.unchanged([module.weight for _, module in self.modules])
+        if stale is not None:
+            raise RuntimeError(
+                f"DST.step() at update step {step}: {self.modules[stale][0]}.weight's gradient has not changed "
+                f"since the previous step() (no backward in between: step() called twice in one iteration, "
+                f"or without a fresh backward); an update from it would be wrong (with gradient growth it "
+                f"regrows exactly what it drops). Call step() once per iteration, after loss.backward()")
 
     @torch.no_grad()
     def _update(self, fraction: float) -> None:
         weights = [module.weight for _, module in self.modules]
         grads = [w.grad for w in weights]
-        if self._reads_gradient and any(g is None for g in grads):
-            name = self.modules[[g is None for g in grads].index(True)][0]
-            raise RuntimeError(f"{name}.weight has no gradient at update step {self.step_count}: call "
-                               f"DST.step() after backward (prune={self.prune!r}, grow={self.grow!r} read it)")
         if self.scope == "layer":
             for (_, module), grad in zip(self.modules, grads):
                 self._update_layer(module, grad, fraction)
@@ -305,8 +375,78 @@ class DST:
         for _, module in self.modules:
             blocks = _Blocks(module.weight.shape, self.block)
             per_block = blocks.sum(module.mask.to(torch.float32))
-            keep = min(round(int(module.mask.sum()) / (self.block[0] * self.block[1])), per_block.numel())
-            module.set_mask(blocks.expand(ops.topk_mask([per_block], [keep])[0]))
+            module.set_mask(blocks.expand(ops.topk_mask([per_block], [blocks.keep(module.mask)])[0]))
+
+
+def _trained_layers(model: nn.Module, optimizer: torch.optim.Optimizer):
+    """(primary (name, module) per weight, groups of modules sharing a weight) of the sparse modules
+    that `optimizer` trains; warns about the frozen ones, which are left alone."""
+    named = sparse_modules(model)
+    if not named:
+        raise ValueError("model has no sparse modules; sparsify it first (sparsekern.sparsify)")
+    groups = tying.group_by_weight(named)
+    tying.check_groups(groups)
+    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    frozen = [group[0][0] for group in groups
+              if not group[0][1].weight.requires_grad or id(group[0][1].weight) not in optimized]
+    if frozen:
+        if len(frozen) == len(groups):
+            raise ValueError(f"no sparse module of the model is trained: the weights of {frozen} do not "
+                             f"require grad or are not in the optimizer")
+        warnings.warn(f"DST leaves the masks of {frozen} alone: their weights do not require grad or are "
+                      f"not in the optimizer, so grown weights could never train", stacklevel=4)
+        groups = [group for group in groups if group[0][0] not in frozen]
+    return [group[0] for group in groups], groups
+
+
+def _check_blocks(modules, block: tuple[int, int]) -> None:
+    """ValueError for a layer that whole blocks would empty; a warning where blocks do not tile."""
+    for name, module in modules:
+        blocks = _Blocks(module.weight.shape, block)
+        active = int(module.mask.sum())
+        if active and not blocks.keep(module.mask):
+            raise ValueError(f"block={block} is too large for layer {name!r}: its {active} active weights make "
+                             f"{active / (block[0] * block[1]):.3g} blocks of {block[0] * block[1]}, which "
+                             f"rounds to 0 and would empty the layer")
+        if blocks.rows % block[0] or blocks.cols % block[1]:
+            warnings.warn(f"block={block} does not tile layer {name!r} ({blocks.rows}x{blocks.cols} weight "
+                          f"matrix): its edge blocks hold fewer weights, so its active weight count changes "
+                          f"when they are dropped or grown (its block count stays exact)", stacklevel=4)
+
+
+def _warn_if_idle(schedule: schedules.Schedule, modules, scope: str) -> None:
+    """Warns about configurations under which DST silently does nothing (or nothing to a layer)."""
+    if not schedule.is_update(schedule.update_every):
+        warnings.warn(f"no mask update will ever happen: update_every={schedule.update_every} reaches no "
+                      f"step before end_step={schedule.end_step} (total_steps={schedule.total_steps})",
+                      stacklevel=4)
+    elif schedule.drop_fraction == 0 and (schedule.name != "annealed" or schedule.final_drop_fraction == 0):
+        warnings.warn("drop_fraction is 0: every mask update swaps no weight", stacklevel=4)
+    if scope == "layer":
+        empty = [name for name, module in modules if not module.mask.any()]
+        if empty:
+            warnings.warn(f"{empty} have no active weight: with scope='layer' they stay empty", stacklevel=4)
+
+
+def _schedule_from_state(saved) -> schedules.Schedule:
+    """The Schedule of a state dict's "schedule" entry, validated like DST's own arguments."""
+    fields = [field.name for field in dataclasses.fields(schedules.Schedule)]
+    if not isinstance(saved, dict) or sorted(saved, key=str) != sorted(fields):
+        raise ValueError(f"state['schedule'] must be a dict of {fields}, got "
+                         f"{sorted(saved, key=str) if isinstance(saved, dict) else type(saved).__name__}")
+    try:
+        schedule = schedules.make(saved["name"], saved["total_steps"], update_every=saved["update_every"],
+                                  end_step=saved["end_step"], drop_fraction=saved["drop_fraction"],
+                                  final_drop_fraction=saved["final_drop_fraction"]
+                                  if saved["name"] == "annealed" else None)
+        final = saved["final_drop_fraction"]
+        if isinstance(final, bool) or not isinstance(final, (int, float)) or not 0 <= final <= 1:
+            raise ValueError(f"final_drop_fraction must be in [0, 1], got {final!r}")
+        # Unused but kept by the other schedules, so that a state round-trips exactly.
+        schedule = dataclasses.replace(schedule, final_drop_fraction=float(final))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"state['schedule'] is not a valid schedule: {error}") from None
+    return schedule
 
 
 class _Blocks:
@@ -328,6 +468,14 @@ class _Blocks:
     def mask(self, mask: Tensor) -> Tensor:
         """Bool grid: which blocks are active (any active entry)."""
         return self.sum(mask.to(torch.float32)) > 0
+
+    def keep(self, mask: Tensor) -> int:
+        """Blocks a layer of this shape keeps for `mask`: its active count in whole blocks, rounded."""
+        return min(round(int(mask.sum()) / (self.block[0] * self.block[1])), self.grid[0] * self.grid[1])
+
+    def is_whole(self, mask: Tensor) -> bool:
+        """Whether every block of `mask` is all active or all inactive."""
+        return torch.equal(self.expand(self.mask(mask)), mask)
 
     def expand(self, block_mask: Tensor) -> Tensor:
         """The entry mask, shaped like the weight, of a bool block grid."""

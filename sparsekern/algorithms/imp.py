@@ -50,9 +50,9 @@ class IMP:
 
     def __init__(self, model: nn.Module, optimizer_factory: OptimizerFactory, prune_fraction: float = 0.2,
                  rewind_step: int = 0, scope: str = "global", rewind: str = "weights"):
-        self.layers = _tickets.sparse_layers(model)
-        if not callable(optimizer_factory):
-            raise TypeError(f"optimizer_factory must be callable, got {type(optimizer_factory).__name__}")
+        self._groups = _tickets.sparse_layers(model)
+        self.layers = _tickets.primaries(self._groups)
+        _tickets.check_callable(optimizer_factory, "optimizer_factory")
         self.prune_fraction = _tickets.check_fraction(prune_fraction)
         self.rewind_step = _tickets.check_count(rewind_step, "rewind_step")
         self.scope = _tickets.check_choice(scope, "scope", _tickets.SCOPES)
@@ -62,7 +62,7 @@ class IMP:
         self.cycle = 0
         self.step_in_cycle = 0
         self.rewind_state: dict[str, Tensor] | None = None
-        self.optimizer = optimizer_factory(model.parameters())
+        self.optimizer = _tickets.make_optimizer(optimizer_factory, model)
         self._capture_if_due()
 
     def step(self) -> None:
@@ -77,7 +77,7 @@ class IMP:
 
     def prune_masks(self) -> list[Tensor]:
         """The next masks from the current weights (nothing is changed)."""
-        return _tickets.magnitude_masks(self.layers, self.prune_fraction, self.scope)
+        return _tickets.magnitude_masks(self._groups, self.prune_fraction, self.scope)
 
     def next_cycle(self) -> list[Tensor]:
         """Prunes ⌈p·remaining⌉ weights by magnitude, rewinds, and starts a fresh optimizer.
@@ -93,13 +93,21 @@ class IMP:
         return masks
 
     def reset(self, masks: list[Tensor]) -> None:
-        """Starts the next cycle on `masks`: rewinds (per `rewind`), sets them, fresh optimizer."""
+        """Starts the next cycle on `masks`: rewinds (per `rewind`), sets them, fresh optimizer.
+
+        `masks` (one bool tensor per layer, as `masks` returns) are checked first, and weight
+        rewinding before step k is refused, with nothing changed."""
+        masks = _tickets.check_masks(masks, self._groups)
+        if self.rewind == "weights" and self.rewind_state is None:
+            raise RuntimeError(f"reset() before the rewind step: rewind_step={self.rewind_step} "
+                               f"but only {self.step_in_cycle} steps were counted")
+        optimizer = _tickets.make_optimizer(self.optimizer_factory, self.model)
         if self.rewind == "weights":
             _tickets.restore(self.model, self.rewind_state)
-        _tickets.set_masks(self.layers, masks)
+        _tickets.set_masks(self._groups, masks)
         self.cycle += 1
         self.step_in_cycle = self.rewind_step
-        self.optimizer = self.optimizer_factory(self.model.parameters())
+        self.optimizer = optimizer
 
     def run(self, train_fn: Callable[["IMP"], None], cycles: int) -> None:
         """Runs (or resumes) `cycles` training cycles with pruning between them.
@@ -108,7 +116,8 @@ class IMP:
         `imp.optimizer`, calling `imp.step()` after every optimizer step. The model ends trained
         at the last cycle's masks (cycles - 1 prunings).
         """
-        cycles = _tickets.check_count(cycles, "cycles")
+        _tickets.check_callable(train_fn, "train_fn")
+        cycles = _tickets.check_count(cycles, "cycles", low=1)
         while self.cycle < cycles:
             train_fn(self)
             if self.cycle == cycles - 1:
@@ -117,17 +126,29 @@ class IMP:
 
     @property
     def masks(self) -> list[Tensor]:
-        return _tickets.masks_of(self.layers)
+        return _tickets.masks_of(self._groups)
 
     def state_dict(self) -> dict:
         return {"cycle": self.cycle, "step_in_cycle": self.step_in_cycle, "rewind_state": self.rewind_state,
                 "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restores a `state_dict()`; load the model's own state first (its masks live there)."""
-        self.cycle = int(state["cycle"])
-        self.step_in_cycle = int(state["step_in_cycle"])
-        self.rewind_state = (None if state["rewind_state"] is None
-                             else {name: value.clone() for name, value in state["rewind_state"].items()})
-        self.optimizer = self.optimizer_factory(self.model.parameters())
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Restores a `state_dict()`; load the model's own state first (its masks live there).
+
+        Checked completely first (entries, counts, θ_k against the model, the optimizer state
+        against a fresh optimizer): a bad state raises TypeError or ValueError and changes nothing.
+        """
+        _tickets.check_state_keys(state, ("cycle", "step_in_cycle", "rewind_state", "optimizer"))
+        cycle = _tickets.state_count(state, "cycle")
+        step_in_cycle = _tickets.state_count(state, "step_in_cycle")
+        rewind_state = state["rewind_state"]
+        if rewind_state is not None:
+            rewind_state = _tickets.check_snapshot(rewind_state, self.model, "state['rewind_state']")
+        elif self.rewind == "weights" and (cycle > 0 or step_in_cycle >= self.rewind_step):
+            raise ValueError(f"state['rewind_state'] is None, but the state is past the rewind step "
+                             f"(cycle {cycle}, step {step_in_cycle}, rewind_step={self.rewind_step})")
+        optimizer = _tickets.loaded_optimizer(self.optimizer_factory, self.model, state["optimizer"],
+                                              "state['optimizer']")
+        self.cycle, self.step_in_cycle = cycle, step_in_cycle
+        self.rewind_state = rewind_state
+        self.optimizer = optimizer

@@ -18,13 +18,16 @@ masks and the pruned values (sparse modules load weights as saved).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..nn import tying
 from . import _tickets
+from ._gradients import GradientWatch
 
 
 def sparsity_at(epoch: int, sparsity: float, epochs: int, beta: float = 1.0) -> float:
@@ -75,38 +78,53 @@ class OptG:
     def __init__(self, model: nn.Module, sparsity: float, epochs: int, lr: float = 0.1, beta: float = 1.0,
                  momentum: float = 0.9, nesterov: bool = False,
                  lr_schedule: Callable[[int], float] | None = None, dense_while_scores_tie: bool = True):
-        self.layers = _tickets.sparse_layers(model)
+        self._groups = _tickets.sparse_layers(model)
+        self.layers = _tickets.primaries(self._groups)
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
             raise TypeError(f"sparsity must be a float, got {type(sparsity).__name__}")
-        if not 0 <= sparsity < 1:
+        if not 0 <= sparsity < 1:  # also refuses NaN
             raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-        self.epochs = _tickets.check_count(epochs, "epochs")
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {epochs}")
-        for name, value in (("lr", lr), ("beta", beta), ("momentum", momentum)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-        if lr_schedule is not None and not callable(lr_schedule):
-            raise TypeError(f"lr_schedule must be callable, got {type(lr_schedule).__name__}")
+        self.epochs = _tickets.check_count(epochs, "epochs", low=1)
+        lr = _tickets.check_number(lr, "lr", lambda v: v >= 0, ">= 0")
+        beta = _tickets.check_number(beta, "beta", lambda v: v > 0, "> 0")
+        momentum = _tickets.check_number(momentum, "momentum", lambda v: 0 <= v < 1, "in [0, 1)")
+        for name, value in (("nesterov", nesterov), ("dense_while_scores_tie", dense_while_scores_tie)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+        if nesterov and momentum == 0:
+            raise ValueError("nesterov=True needs momentum > 0")
+        if lr_schedule is not None:
+            _tickets.check_callable(lr_schedule, "lr_schedule")
+        total = sum(layer.weight.numel() for layer in self.layers)
+        if total - round(sparsity * total) == 0:
+            raise ValueError(f"sparsity={sparsity} would prune all {total} prunable weights")
+        if lr == 0 and lr_schedule is None:
+            warnings.warn("lr=0: the scores never move, so the mask only follows the sparsity ramp over "
+                          "all-equal scores", stacklevel=2)
         self.sparsity = float(sparsity)
-        self.beta = float(beta)
+        self.beta = beta
         self.lr_schedule = lr_schedule if lr_schedule is not None else cosine_lr(lr, epochs)
-        self.dense_while_scores_tie = bool(dense_while_scores_tie)
+        self.dense_while_scores_tie = dense_while_scores_tie
         self.scores = [torch.zeros_like(layer.weight) for layer in self.layers]
         self.score_optimizer = torch.optim.SGD(self.scores, lr=0.0, momentum=momentum, nesterov=nesterov,
                                                weight_decay=0.0)
+        self._gradients = GradientWatch()
         self.epoch = 0
         self._start_epoch()
 
     def score_lr(self, epoch: int) -> float:
-        """lr_e·σ(β(e − E/2))."""
-        return self.lr_schedule(epoch) * _sigmoid(self.beta * (epoch - self.epochs / 2))
+        """lr_e·σ(β(e − E/2)); ValueError naming lr_schedule unless lr_e is a finite number >= 0."""
+        lr = self.lr_schedule(epoch)
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+            raise ValueError(f"lr_schedule({epoch}) must return a finite number >= 0, got {lr!r}")
+        return lr * _sigmoid(self.beta * (epoch - self.epochs / 2))
 
     def sparsity_at(self, epoch: int) -> float:
         return sparsity_at(epoch, self.sparsity, self.epochs, self.beta)
 
     @torch.no_grad()
     def _start_epoch(self) -> None:
+        score_lr = self.score_lr(self.epoch)
         total = sum(score.numel() for score in self.scores)
         keep = total - round(self.sparsity_at(self.epoch) * total)
         if self.dense_while_scores_tie and self._scores_all_equal():
@@ -114,8 +132,9 @@ class OptG:
         for layer, mask in zip(self.layers, ops.topk_mask(self.scores, keep)):
             layer.mask.copy_(mask)      # not set_mask: pruned weights keep their values
             layer.dense_grad = True
+        tying.sync(self._groups)
         for group in self.score_optimizer.param_groups:
-            group["lr"] = self.score_lr(self.epoch)
+            group["lr"] = score_lr
 
     def _scores_all_equal(self) -> bool:
         first = self.scores[0].flatten()[:1]
@@ -126,8 +145,15 @@ class OptG:
         """Scores' gradient g ⊙ θ at every position, weights' gradient g ⊙ m, one score update.
 
         Reads the dense gradient g = ∂L/∂(θ ⊙ m) that the modules' `dense_grad` gives; a layer
-        whose weight received no gradient contributes none.
+        whose weight received no gradient contributes none. A gradient unchanged since the previous
+        `step()` (no backward in between) raises RuntimeError, with nothing changed: it would
+        count the same gradient twice in the scores.
         """
+        weights = [layer.weight for layer in self.layers]
+        stale = self._gradients.unchanged(weights)
+        if stale is not None:
+            raise RuntimeError(f"OptG.step(): the gradient of sparse layer {stale} has not changed since the "
+                               f"previous step() (step() called twice, or without a backward in between)")
         for layer, score in zip(self.layers, self.scores):
             grad = layer.weight.grad
             layer.dense_grad = True     # the next backward must be dense again
@@ -137,15 +163,25 @@ class OptG:
             score.grad = grad * layer.weight
             grad.mul_(layer.mask)
         self.score_optimizer.step()
+        tying.sync(self._groups)
+        self._gradients.remember(weights)
 
     def next_epoch(self) -> None:
-        """Ends the epoch: the next epoch's sparsity, score lr and global top-k mask."""
+        """Ends the epoch: the next epoch's sparsity, score lr and global top-k mask.
+
+        RuntimeError, with nothing changed, once all `epochs` have ended."""
+        if self.epoch >= self.epochs:
+            raise RuntimeError(f"next_epoch() after the last of the {self.epochs} epochs")
         self.epoch += 1
-        self._start_epoch()
+        try:
+            self._start_epoch()
+        except BaseException:
+            self.epoch -= 1
+            raise
 
     @property
     def masks(self) -> list[Tensor]:
-        return _tickets.masks_of(self.layers)
+        return _tickets.masks_of(self._groups)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "scores": [score.clone() for score in self.scores],
@@ -154,10 +190,29 @@ class OptG:
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
         """Restores a `state_dict()`. The mask of the current epoch is the model's own (loaded with
-        the model): it came from the scores at the epoch's start, not those saved mid-epoch."""
-        self.epoch = int(state["epoch"])
-        for score, saved in zip(self.scores, state["scores"]):
+        the model): it came from the scores at the epoch's start, not those saved mid-epoch.
+        Checked completely first: a bad state raises TypeError or ValueError and changes nothing."""
+        _tickets.check_state_keys(state, ("epoch", "scores", "score_optimizer"))
+        epoch = _tickets.state_count(state, "epoch")
+        if epoch > self.epochs:
+            raise ValueError(f"state['epoch'] must be at most epochs={self.epochs}, got {epoch}")
+        scores = _tickets.check_tensors(state["scores"], self.scores, "state['scores']")
+        if scores is None or not all(torch.isfinite(score).all() for score in scores):
+            raise ValueError("state['scores'] must be a list of finite score tensors, one per sparse layer")
+        if not isinstance(state["score_optimizer"], dict):
+            raise TypeError(f"state['score_optimizer'] must be an optimizer state dict, got "
+                            f"{type(state['score_optimizer']).__name__}")
+        score_optimizer = torch.optim.SGD(self.scores, **self.score_optimizer.defaults)
+        try:  # into a fresh optimizer, so that a state that does not fit leaves the current one alone
+            score_optimizer.load_state_dict(state["score_optimizer"])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
+            raise ValueError(f"state['score_optimizer'] does not fit the scores' optimizer: "
+                             f"{type(error).__name__}: {error}") from None
+        self.epoch = epoch
+        for score, saved in zip(self.scores, scores):
             score.copy_(saved)
-        self.score_optimizer.load_state_dict(state["score_optimizer"])
+        self.score_optimizer = score_optimizer
         for layer in self.layers:
             layer.dense_grad = True
+        tying.sync(self._groups)
+        self._gradients.remember([layer.weight for layer in self.layers])

@@ -70,12 +70,10 @@ class SWAMP:
                  prune_fraction: float = 0.2, rewind_step: int = 0, scope: str = "global",
                  swa_start: int | None = 0, swa_every: int = 1, bn_loader: Iterable | None = None,
                  seed: int = 0):
-        self.layers = _tickets.sparse_layers(model)
-        if not callable(optimizer_factory):
-            raise TypeError(f"optimizer_factory must be callable, got {type(optimizer_factory).__name__}")
-        self.particles = _tickets.check_count(particles, "particles")
-        if self.particles < 1:
-            raise ValueError(f"particles must be >= 1, got {particles}")
+        self._groups = _tickets.sparse_layers(model)
+        self.layers = _tickets.primaries(self._groups)
+        _tickets.check_callable(optimizer_factory, "optimizer_factory")
+        self.particles = _tickets.check_count(particles, "particles", low=1)
         self.prune_fraction = _tickets.check_fraction(prune_fraction)
         self.rewind_step = _tickets.check_count(rewind_step, "rewind_step")
         self.scope = _tickets.check_choice(scope, "scope", _tickets.SCOPES)
@@ -83,9 +81,9 @@ class SWAMP:
         if self.swa_start is not None and self.swa_start < self.rewind_step:
             # Particles after the first start at step k: none can average weights from before it.
             raise ValueError(f"swa_start must be >= rewind_step ({self.rewind_step}), got {swa_start}")
-        self.swa_every = _tickets.check_count(swa_every, "swa_every")
-        if self.swa_every < 1:
-            raise ValueError(f"swa_every must be >= 1, got {swa_every}")
+        self.swa_every = _tickets.check_count(swa_every, "swa_every", low=1)
+        if bn_loader is not None and not hasattr(bn_loader, "__iter__"):
+            raise TypeError(f"bn_loader must be an iterable of batches or None, got {type(bn_loader).__name__}")
         has_batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
         if has_batch_norm and bn_loader is None:
             raise ValueError("bn_loader is None but the model has BatchNorm layers, whose statistics "
@@ -108,7 +106,7 @@ class SWAMP:
         self.particle_average: list[Tensor] | None = None   # this particle's SWA running mean
         self.average_count = 0
         self.particle_sum: list[Tensor] | None = None       # sum of this rank's finished particles
-        self.optimizer = optimizer_factory(model.parameters())
+        self.optimizer = _tickets.make_optimizer(optimizer_factory, model)
         self._capture_if_due()
 
     @property
@@ -195,24 +193,25 @@ class SWAMP:
             torch.optim.swa_utils.update_bn(self.bn_loader, self.model)
 
     def _start_particle(self) -> None:
+        optimizer = _tickets.make_optimizer(self.optimizer_factory, self.model)
+        if self.cycle == 0:
+            optimizer.load_state_dict(_clone_state(self.rewind_optimizer_state))
         _tickets.restore(self.model, self.rewind_state)
         if self.cycle > 0:
-            _tickets.set_masks(self.layers, self.masks)
+            _tickets.set_masks(self._groups, self.masks)
         self.step_in_cycle = self.rewind_step
-        self.optimizer = self.optimizer_factory(self.model.parameters())
-        if self.cycle == 0:
-            self.optimizer.load_state_dict(_clone_state(self.rewind_optimizer_state))
+        self.optimizer = optimizer
 
     def prune_masks(self) -> list[Tensor]:
         """The next masks from the current weights (θ̄ once the cycle is averaged)."""
-        return _tickets.magnitude_masks(self.layers, self.prune_fraction, self.scope)
+        return _tickets.magnitude_masks(self._groups, self.prune_fraction, self.scope)
 
     def next_cycle(self) -> list[Tensor]:
         """Prunes θ̄ by magnitude and starts the next cycle's first particle from θ_k ⊙ m."""
         if not self.averaged:
             raise RuntimeError("next_cycle() before the cycle's particles were averaged (next_particle())")
         masks = self.prune_masks()
-        _tickets.set_masks(self.layers, masks)
+        _tickets.set_masks(self._groups, masks)
         self.cycle += 1
         self.particle = self.rank
         self.averaged = False
@@ -221,7 +220,8 @@ class SWAMP:
 
     def run(self, train_fn: Callable[["SWAMP"], None], cycles: int) -> None:
         """Runs (or resumes) `cycles` cycles; the model ends holding the last cycle's θ̄."""
-        cycles = _tickets.check_count(cycles, "cycles")
+        _tickets.check_callable(train_fn, "train_fn")
+        cycles = _tickets.check_count(cycles, "cycles", low=1)
         while self.cycle < cycles:
             if not self.averaged:
                 train_fn(self)
@@ -233,7 +233,7 @@ class SWAMP:
 
     @property
     def masks(self) -> list[Tensor]:
-        return _tickets.masks_of(self.layers)
+        return _tickets.masks_of(self._groups)
 
     def state_dict(self) -> dict:
         return {"cycle": self.cycle, "particle": self.particle, "step_in_cycle": self.step_in_cycle,
@@ -243,16 +243,52 @@ class SWAMP:
                 "particle_sum": self.particle_sum, "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restores a `state_dict()` (of the same rank); load the model's own state first."""
-        for name in ("cycle", "particle", "step_in_cycle", "average_count"):
-            setattr(self, name, int(state[name]))
-        self.averaged = bool(state["averaged"])
-        self.rewind_state = _clone_state(state["rewind_state"])
-        self.rewind_optimizer_state = _clone_state(state["rewind_optimizer_state"])
-        self.particle_average = _clone_state(state["particle_average"])
-        self.particle_sum = _clone_state(state["particle_sum"])
-        self.optimizer = self.optimizer_factory(self.model.parameters())
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Restores a `state_dict()` (of the same rank); load the model's own state first.
+
+        Checked completely first: a bad state raises TypeError or ValueError and changes nothing.
+        """
+        _tickets.check_state_keys(state, ("cycle", "particle", "step_in_cycle", "averaged", "rewind_state",
+                                          "rewind_optimizer_state", "particle_average", "average_count",
+                                          "particle_sum", "optimizer"))
+        counts = {name: _tickets.state_count(state, name)
+                  for name in ("cycle", "particle", "step_in_cycle", "average_count")}
+        particle = counts["particle"]
+        if particle >= self.particles or particle % self.world_size != self.rank:
+            raise ValueError(f"state['particle']={particle} is not a particle of rank {self.rank} of "
+                             f"{self.world_size} with particles={self.particles}")
+        averaged = state["averaged"]
+        if not isinstance(averaged, bool):
+            raise TypeError(f"state['averaged'] must be a bool, got {type(averaged).__name__}")
+        rewind_state = state["rewind_state"]
+        if rewind_state is not None:
+            rewind_state = _tickets.check_snapshot(rewind_state, self.model, "state['rewind_state']")
+        elif counts["cycle"] > 0 or counts["step_in_cycle"] >= self.rewind_step:
+            raise ValueError(f"state['rewind_state'] is None, but the state is past the rewind step "
+                             f"(cycle {counts['cycle']}, step {counts['step_in_cycle']}, "
+                             f"rewind_step={self.rewind_step})")
+        rewind_optimizer_state = state["rewind_optimizer_state"]
+        if (rewind_optimizer_state is None) != (rewind_state is None):
+            raise ValueError("state['rewind_optimizer_state'] must be given exactly when state['rewind_state'] is")
+        if rewind_optimizer_state is not None:  # it must load into this optimizer when a particle starts
+            _tickets.loaded_optimizer(self.optimizer_factory, self.model, rewind_optimizer_state,
+                                      "state['rewind_optimizer_state']")
+        particle_average = _tickets.check_tensors(state["particle_average"], self.averaged_parameters,
+                                                  "state['particle_average']")
+        if (particle_average is None) != (counts["average_count"] == 0):
+            raise ValueError(f"state['particle_average'] and state['average_count']="
+                             f"{counts['average_count']} disagree")
+        particle_sum = _tickets.check_tensors(state["particle_sum"], self.averaged_parameters,
+                                              "state['particle_sum']")
+        optimizer = _tickets.loaded_optimizer(self.optimizer_factory, self.model, state["optimizer"],
+                                              "state['optimizer']")
+        for name, value in counts.items():
+            setattr(self, name, value)
+        self.averaged = averaged
+        self.rewind_state = rewind_state
+        self.rewind_optimizer_state = _clone_state(rewind_optimizer_state)
+        self.particle_average = particle_average
+        self.particle_sum = particle_sum
+        self.optimizer = optimizer
 
 
 def _clone_state(value):

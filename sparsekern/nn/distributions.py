@@ -33,6 +33,8 @@ def check_density(density) -> float:
 def layer_densities(shapes: Sequence[Sequence[int]], density: float, distribution: str = "erk", *,
                     power: float = 1.0, dense_first_layer: bool = False) -> list[float]:
     """Densities for layers of weight shapes `shapes` under `distribution` ("erk" or "uniform")."""
+    if not isinstance(dense_first_layer, bool):
+        raise TypeError(f"dense_first_layer must be a bool, got {type(dense_first_layer).__name__}")
     if distribution == "erk":
         return erk(shapes, density, power=power, dense_first_layer=dense_first_layer)
     if distribution == "uniform":
@@ -85,13 +87,20 @@ def layer_counts(shapes: Sequence[Sequence[int]], densities: Sequence[float]) ->
     densities = list(densities)
     if len(densities) != len(sizes):
         raise ValueError(f"densities has {len(densities)} entries but shapes has {len(sizes)}")
+    for i, d in enumerate(densities):
+        if isinstance(d, bool) or not isinstance(d, numbers.Real) or not 0 <= d <= 1:
+            raise ValueError(f"densities[{i}] must be a number in [0, 1], got {d!r}")
     return [min(size, max(0, round(d * size))) for d, size in zip(densities, sizes)]
 
 
 def _shapes(shapes: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
     """`shapes` as a list of tuples of positive ints, or ValueError naming the bad entry."""
+    if isinstance(shapes, (str, bytes)) or not hasattr(shapes, "__iter__"):
+        raise TypeError(f"shapes must be a sequence of weight shapes, got {type(shapes).__name__}")
     checked = []
     for i, shape in enumerate(shapes):
+        if not hasattr(shape, "__iter__"):
+            raise ValueError(f"shapes[{i}] must be a non-empty tuple of positive ints, got {shape!r}")
         shape = tuple(shape)
         if not shape or any(isinstance(n, bool) or not hasattr(n, "__index__") or n < 1 for n in shape):
             raise ValueError(f"shapes[{i}] must be a non-empty tuple of positive ints, got {shape}")

@@ -16,6 +16,8 @@ convolution's group (an output unit of a grouped conv sees in_channels / groups 
 """
 from __future__ import annotations
 
+import inspect
+import math
 import numbers
 from typing import Callable
 
@@ -35,8 +37,13 @@ def fans(mask: Tensor, mode: str = "fan_in", groups: int = 1) -> Tensor:
     mask: bool, (out, in / groups, *kernel). fan_in: active weights into the weight's output unit;
     fan_out: active weights out of its input unit (within its group); fan_avg: their mean.
     """
-    if mode not in MODES:
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.dim() < 2:
+        got = f"{mask.dtype} of shape {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
+        raise TypeError(f"mask must be a bool tensor of 2 or more dimensions, got {got}")
+    if not isinstance(mode, str) or mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
     active = mask.to(torch.float32)
     out_units = mask.shape[0]
     if out_units % groups:
@@ -53,7 +60,7 @@ def fans(mask: Tensor, mode: str = "fan_in", groups: int = 1) -> Tensor:
 def sparse_(module: SparseModule, *, distribution: str = "normal", mode: str = "fan_in",
             scale: float = 1.0, generator: torch.Generator | None = None) -> None:
     """Sparsity-aware init of `module.weight` in place: Var = scale / max(1, fan) per weight."""
-    _check(distribution, scale)
+    _check(module, distribution, scale, generator)
     variance = scale / fans(module.mask, mode, getattr(module, "groups", 1)).clamp(min=1)
     _draw_(module, variance, distribution, generator)
 
@@ -62,7 +69,7 @@ def sparse_(module: SparseModule, *, distribution: str = "normal", mode: str = "
 def layer_scaled_(module: SparseModule, *, distribution: str = "normal", mode: str = "fan_in",
                   scale: float = 1.0, generator: torch.Generator | None = None) -> None:
     """Dense init variance over density: Var = scale / (density * dense fan), in place."""
-    _check(distribution, scale)
+    _check(module, distribution, scale, generator)
     dense_fan = fans(torch.ones_like(module.mask), mode, getattr(module, "groups", 1))
     variance = scale / (max(module.density, 1 / module.mask.numel()) * dense_fan)
     _draw_(module, variance, distribution, generator)
@@ -74,6 +81,7 @@ def dense_(module: SparseModule, *, generator: torch.Generator | None = None) ->
 
     `generator` is accepted for a uniform signature and not used.
     """
+    _check_module(module)
     module.weight.masked_fill_(~module.mask, 0)
 
 
@@ -87,17 +95,47 @@ def resolve(init: str | Callable) -> Callable[..., None]:
     functools.partial for options, e.g. partial(sparse_, mode="fan_avg", scale=2.0).
     """
     if callable(init):
+        try:
+            signature = inspect.signature(init)
+        except (TypeError, ValueError):  # some builtins have none; trust them
+            return init
+        try:
+            signature.bind(None, generator=None)
+        except TypeError:
+            raise TypeError(f"init must be callable as init(module, generator=...), got {init!r} "
+                            f"with signature {signature}") from None
         return init
-    if init not in INITS:
+    if not isinstance(init, str) or init not in INITS:
         raise ValueError(f"init must be one of {tuple(INITS)} or a callable, got {init!r}")
     return INITS[init]
 
 
-def _check(distribution: str, scale: float) -> None:
-    if distribution not in DISTRIBUTIONS:
+def _check_module(module) -> None:
+    if not isinstance(module, SparseModule):
+        raise TypeError(f"module must be a sparse module (sparsekern.nn.SparseLinear, SparseConv2d), "
+                        f"got {type(module).__name__}")
+
+
+def _check(module, distribution: str, scale: float, generator) -> None:
+    _check_module(module)
+    if not isinstance(distribution, str) or distribution not in DISTRIBUTIONS:
         raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not scale > 0:
-        raise ValueError(f"scale must be a positive number, got {scale!r}")
+    if (isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not scale > 0
+            or not math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite positive number, got {scale!r}")
+    check_generator(generator)
+
+
+def check_generator(generator) -> None:
+    """TypeError/ValueError naming `generator` unless it is None or a CPU torch.Generator (sparsekern
+    draws masks and initial weights on the CPU, so that one seed gives the same on every device)."""
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if generator.device.type != "cpu":
+        raise ValueError(f"generator must be a CPU torch.Generator (draws happen on the CPU), "
+                         f"got one on {generator.device}")
 
 
 def _draw_(module: SparseModule, variance: Tensor, distribution: str, generator) -> None:

@@ -20,6 +20,10 @@ def gradient_flow(model: nn.Module, loss_fn: Callable[..., Tensor], batch) -> di
     Returns {"total": float, "layers": {module name: float}}, each layer's norm over the
     parameters the module owns directly, in model order ("" names the root module).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         inputs, extra = batch[0], (batch[1],)
     elif isinstance(batch, Tensor):
@@ -27,12 +31,17 @@ def gradient_flow(model: nn.Module, loss_fn: Callable[..., Tensor], batch) -> di
     else:
         raise TypeError(f"batch must be (inputs, targets) or a Tensor, got {type(batch).__name__}")
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("model has no parameter that requires grad: there is no gradient to measure")
     masks = {id(module.weight): module.mask for _, module in sparse_modules(model)}
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     devices = sorted({p.device.index or 0 for _, p in named if p.device.type == "cuda"})
     try:
         with torch.random.fork_rng(devices=devices), torch.enable_grad():
             loss = loss_fn(model(inputs), *extra)
+            if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.requires_grad:
+                raise ValueError(f"loss_fn must return a one-element tensor that depends on the parameters, "
+                                 f"got {_describe(loss)}")
             grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
     finally:
         with torch.no_grad():
@@ -56,25 +65,38 @@ def summary(model: nn.Module, print_fn: Callable[[str], object] | None = print) 
 
     One row per module that owns parameters directly, in model order: non-zeros counts the
     active entries of a sparse module's weight (its mask) plus its other parameters in full.
-    Returns {"layers": [{"name", "type", "shape", "parameters", "nonzeros", "density"}, ...],
-    "sparse_weights": {...}, "total": {...}}: the totals over the sparse modules' weights (the
-    density that `sparsify` targets) and over all parameters. `print_fn=None` prints nothing.
+    A parameter shared by several modules (tied weights) is counted once, in the row of its first
+    holder; a later holder's row counts only its own other parameters and names the first holder
+    in "tied_to" (None when nothing is shared).
+    Returns {"layers": [{"name", "type", "shape", "parameters", "nonzeros", "density", "tied_to"},
+    ...], "sparse_weights": {...}, "total": {...}}: the totals over the sparse modules' weights
+    (the density that `sparsify` targets) and over all parameters. `print_fn=None` prints nothing.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if print_fn is not None and not callable(print_fn):
+        raise TypeError(f"print_fn must be callable or None, got {type(print_fn).__name__}")
     rows = []
+    first_holder: dict[int, str] = {}
     for name, module in model.named_modules():
-        own = list(module.parameters(recurse=False))
+        own = [p for p in module._parameters.values() if p is not None]
         if not own:
             continue
-        parameters = sum(p.numel() for p in own)
+        new = [p for p in own if id(p) not in first_holder]
+        tied_to = next((first_holder[id(p)] for p in own if id(p) in first_holder), None)
+        for p in new:
+            first_holder[id(p)] = name
+        parameters = sum(p.numel() for p in new)
         nonzeros = parameters
-        if isinstance(module, SparseModule):
+        if isinstance(module, SparseModule) and any(p is module.weight for p in new):
             nonzeros += module.nnz - module.weight.numel()
         weight = getattr(module, "weight", None)
         shape = tuple((weight if isinstance(weight, Tensor) else own[0]).shape)
-        rows.append({"name": name, "type": type(module).__name__, "shape": shape,
-                     "parameters": parameters, "nonzeros": nonzeros, "density": _ratio(nonzeros, parameters)})
-    sparse_size = sum(m.weight.numel() for _, m in sparse_modules(model))
-    sparse_nonzeros = sum(m.nnz for _, m in sparse_modules(model))
+        rows.append({"name": name, "type": type(module).__name__, "shape": shape, "parameters": parameters,
+                     "nonzeros": nonzeros, "density": _ratio(nonzeros, parameters), "tied_to": tied_to})
+    weights = {id(m.weight): m for _, m in sparse_modules(model)}.values()
+    sparse_size = sum(m.weight.numel() for m in weights)
+    sparse_nonzeros = sum(m.nnz for m in weights)
     parameters = sum(row["parameters"] for row in rows)
     nonzeros = sum(row["nonzeros"] for row in rows)
     result = {"layers": rows,
@@ -86,13 +108,25 @@ def summary(model: nn.Module, print_fn: Callable[[str], object] | None = print) 
     return result
 
 
+def _describe(value) -> str:
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(value.shape)}" + ("" if value.requires_grad else " without grad")
+    return type(value).__name__
+
+
 def _ratio(part: int, whole: int) -> float:
     return part / whole if whole else 1.0
 
 
+def _type_cell(row: dict) -> str:
+    if row["tied_to"] is None:
+        return row["type"]
+    return f"{row['type']} (tied to {row['tied_to'] or '(root)'})"
+
+
 def _table(result: dict) -> str:
     header = ("layer", "type", "shape", "parameters", "non-zeros", "density")
-    lines = [(row["name"] or "(root)", row["type"], "x".join(map(str, row["shape"])), str(row["parameters"]),
+    lines = [(row["name"] or "(root)", _type_cell(row), "x".join(map(str, row["shape"])), str(row["parameters"]),
               str(row["nonzeros"]), f"{row['density']:.4f}") for row in result["layers"]]
     for label in ("sparse_weights", "total"):
         t = result[label]

@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import fnmatch
+import math
+import numbers
+import warnings
 from typing import Callable, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .. import ops
-from . import distributions, init as sparse_init
+from . import distributions, init as sparse_init, tying
 from .modules import SparseConv2d, SparseLinear, SparseModule
 
 # Exact types: a subclass of nn.Linear may read its weight outside forward (MultiheadAttention's
@@ -30,54 +33,69 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
             `sparsekern.nn.distributions`); `power` is ERK's exponent and `dense_first_layer` keeps
             the first sparsified layer (in model order) dense.
         include, exclude: fnmatch patterns on qualified module names ("features.*", "fc"); a
-            module is sparsified if it matches some `include` pattern (all do when None) and no
-            `exclude` pattern.
+            module is sparsified if one of its names matches some `include` pattern (all do when
+            None) and none matches an `exclude` pattern. A pattern that matches no module's name
+            at all warns (a typo would otherwise change nothing).
         init: "sparse" (sparsity-aware, Evci et al. 2022), "layer-scaled", "dense" (keep the
             module's current weights, masked: on an already sparse module the newly active
-            positions start at 0), or a callable init(module, generator=...) (`sparsekern.nn.init`).
+            positions start at 0), or a callable init(module, generator=...) (`sparsekern.nn.init`),
+            run under torch.no_grad(); whatever it writes off the mask is set to 0.
         generator: CPU torch.Generator for the masks and the init (the global one if None); the
             same seed gives the same masks and weights.
     Returns:
         `model`, or its replacement if `model` itself is a Linear/Conv2d.
 
     Layer l holds exactly round(d_l * N_l) active weights, chosen uniformly at random (the top
-    entries of uniform random scores, through `sparsekern.ops.topk_mask`). Parameters are shared
-    with the replaced modules, so an optimizer built before keeps working. Biases, norms and
-    embeddings stay dense. Every argument is checked before the model is touched.
+    entries of uniform random scores, through `sparsekern.ops.topk_mask`); a density so low that
+    some layer would keep no weight raises ValueError. Parameters are shared with the replaced
+    modules, so an optimizer built before keeps working. Biases, norms and embeddings stay dense.
+
+    Shared modules and tied weights: every reference to a replaced module (a module used twice
+    in a Sequential, say) becomes the sparse one. Modules that share one weight Parameter form
+    one layer with one mask. A weight that a module staying dense also holds (an Embedding tied
+    to an output Linear, an excluded layer) is left dense, with a warning: masking it would
+    prune the dense module too.
+
+    Nothing changes unless everything succeeds: the arguments are checked, and masks and initial
+    weights computed on copies, before the model is touched; on any error the model and the
+    random generator (`generator`, or the global one) are as before.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     density = distributions.check_density(density)
-    if distribution not in distributions.DISTRIBUTIONS:
+    if not isinstance(distribution, str) or distribution not in distributions.DISTRIBUTIONS:
         raise ValueError(f"distribution must be one of {distributions.DISTRIBUTIONS}, got {distribution!r}")
     init_function = sparse_init.resolve(init)
     include = _patterns(include, "include")
     exclude = _patterns(exclude, "exclude")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if isinstance(power, bool) or not isinstance(power, numbers.Real) or not math.isfinite(power):
+        raise ValueError(f"power must be a finite number, got {power!r}")
+    if not isinstance(dense_first_layer, bool):
+        raise TypeError(f"dense_first_layer must be a bool, got {type(dense_first_layer).__name__}")
+    sparse_init.check_generator(generator)
 
-    targets = [(name, module) for name, module in model.named_modules()
-               if (type(module) in _SPARSE_OF or isinstance(module, SparseModule))
-               and (include is None or any(fnmatch.fnmatchcase(name, p) for p in include))
-               and not any(fnmatch.fnmatchcase(name, p) for p in exclude)]
-    if not targets:
-        raise ValueError("model has no nn.Linear or nn.Conv2d module to sparsify"
-                         + ("" if include is None and not exclude else " matching include/exclude"))
-    shapes = [tuple(module.weight.shape) for _, module in targets]
+    groups = _layers(model, include, exclude)
+    shapes = [tuple(group[0][1].weight.shape) for group in groups]
     densities = distributions.layer_densities(shapes, density, distribution, power=power,
                                               dense_first_layer=dense_first_layer)
     counts = distributions.layer_counts(shapes, densities)
+    empty = [group[0][0] or "(root)" for group, count in zip(groups, counts) if count == 0]
+    if empty:
+        raise ValueError(f"density={density} leaves {len(empty)} layer(s) with no active weight "
+                         f"({', '.join(map(repr, empty[:5]))}{', ...' if len(empty) > 5 else ''}) under "
+                         f"distribution={distribution!r}: raise density or exclude those layers")
 
-    scores = [torch.rand(shape, generator=generator) for shape in shapes]
-    masks = ops.topk_mask(scores, counts)
-    replacements = {}
-    for (_, module), mask in zip(targets, masks):
-        sparse = module if isinstance(module, SparseModule) else _SPARSE_OF[type(module)].from_dense(module)
-        sparse.set_mask(mask.to(sparse.weight.device))
-        init_function(sparse, generator=generator)
-        replacements[id(module)] = sparse
-    _replace(model, replacements)
-    return replacements.get(id(model), model)
+    # An init callable may draw from the global generator even when `generator` is given.
+    global_state = torch.get_rng_state()
+    generator_state = generator.get_state() if generator is not None else None
+    try:
+        staged = _stage(groups, shapes, counts, init_function, init, generator)
+    except BaseException:
+        torch.set_rng_state(global_state)
+        if generator is not None:
+            generator.set_state(generator_state)
+        raise
+    return _commit(model, staged)
 
 
 def _patterns(patterns, name: str) -> list[str] | None:
@@ -85,6 +103,8 @@ def _patterns(patterns, name: str) -> list[str] | None:
         return None if name == "include" else []
     if isinstance(patterns, str):
         return [patterns]
+    if isinstance(patterns, (bytes, dict)) or not hasattr(patterns, "__iter__"):
+        raise TypeError(f"{name} must be a str pattern or an iterable of them, got {type(patterns).__name__}")
     patterns = list(patterns)
     for i, pattern in enumerate(patterns):
         if not isinstance(pattern, str):
@@ -92,9 +112,131 @@ def _patterns(patterns, name: str) -> list[str] | None:
     return patterns
 
 
+def _matches(names: list[str], patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for name in names for pattern in patterns)
+
+
+def _layers(model: nn.Module, include: list[str] | None, exclude: list[str]) -> list[tying.Group]:
+    """The modules to sparsify, grouped by weight Parameter (one group per mask), in model order.
+
+    Warns about patterns that match no module name and about weights tied to a dense module.
+    """
+    names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
+    every_name = [name for module_names in names.values() for name in module_names]
+    for label, patterns in (("include", include or []), ("exclude", exclude)):
+        for pattern in patterns:
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in every_name):
+                warnings.warn(f"{label} pattern {pattern!r} matches no module of the model", stacklevel=3)
+
+    candidates = [(name, module) for name, module in model.named_modules()
+                  if type(module) in _SPARSE_OF or isinstance(module, SparseModule)]
+    targets = [(name, module) for name, module in candidates
+               if (include is None or _matches(names[id(module)], include))
+               and not _matches(names[id(module)], exclude)]
+    target_ids = {id(module) for _, module in targets}
+    held = tying.holders(model)
+    tied_to_dense = {}
+    for name, module in targets:
+        dense = [(other_name, other) for other_name, other in held[id(module.weight)] if id(other) not in target_ids]
+        if dense:
+            tied_to_dense[id(module)] = dense
+            other_name, other = dense[0]
+            warnings.warn(f"{name or '(root)'} ({type(module).__name__}) stays dense: its weight is tied to "
+                          f"{other_name or '(root)'} ({type(other).__name__}), which is not sparsified, "
+                          f"and a mask would prune that module too", stacklevel=3)
+    # A group is left dense as a whole when any of its members is tied to a dense module.
+    groups = [group for group in tying.group_by_weight(targets)
+              if not any(id(module) in tied_to_dense for _, module in group)]
+    if not groups:
+        raise ValueError("model has no nn.Linear or nn.Conv2d module to sparsify"
+                         + ("" if include is None and not exclude else " matching include/exclude")
+                         + (" whose weight is not tied to a dense module" if tied_to_dense else ""))
+    for group in groups:
+        name, module = group[0]
+        if module.weight.numel() == 0:
+            raise ValueError(f"layer {name or '(root)'!r} has an empty weight of shape "
+                             f"{tuple(module.weight.shape)}: exclude it")
+        if module.weight.is_meta:
+            raise ValueError(f"layer {name or '(root)'!r} is on the meta device, whose tensors hold no values: "
+                             f"materialise the model first (e.g. model.to_empty(device=...) and an init)")
+    return groups
+
+
+def _sparse_like(module: nn.Module) -> SparseModule:
+    """A new sparse module sharing `module`'s Parameters (nothing of `module` changes)."""
+    kind = SparseLinear if isinstance(module, nn.Linear) else SparseConv2d
+    return kind.from_dense(module)
+
+
+def _stage(groups: list[tying.Group], shapes, counts, init_function: Callable, init, generator):
+    """Everything sparsify will write, computed without touching the model: for each group its
+    sparse modules (sharing the original Parameters), its mask, and its new weight and bias values."""
+    scores = [torch.rand(shape, generator=generator) for shape in shapes]
+    masks = ops.topk_mask(scores, counts)
+    staged = []
+    for group, mask in zip(groups, masks):
+        name, module = group[0]
+        weight, bias = module.weight, module.bias
+        mask = mask.to(weight.device)
+        trial = _sparse_like(module)
+        # The trial runs the init on copies of the Parameters, so a failing init changes nothing.
+        trial.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+        if bias is not None:
+            trial.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+        trial.set_mask(mask)
+        with torch.no_grad():
+            try:
+                init_function(trial, generator=generator)
+            except Exception as error:
+                kind = TypeError if isinstance(error, (TypeError, AttributeError)) else RuntimeError
+                raise kind(f"init={init!r} failed on layer {name or '(root)'!r}: {type(error).__name__}: "
+                           f"{error} (an init callable is called as init(module, generator=...) with the "
+                           f"sparse module)") from error
+        new_weight = _checked_output(trial, "weight", weight, mask, name, init)
+        new_bias = None if bias is None else _checked_output(trial, "bias", bias, None, name, init)
+        modules = [(module if isinstance(module, SparseModule) else _sparse_like(module)) for _, module in group]
+        staged.append(([original for _, original in group], modules, mask, new_weight, new_bias))
+    return staged
+
+
+def _checked_output(trial: SparseModule, attribute: str, original: Tensor, mask: Tensor | None, name: str,
+                    init) -> Tensor:
+    """The trial's new weight (zeroed off `mask`) or bias, checked: written in place, finite."""
+    value = getattr(trial, attribute)
+    if (not isinstance(value, Tensor) or value.shape != original.shape or value.dtype != original.dtype
+            or value.device != original.device):
+        raise TypeError(f"init={init!r} replaced the {attribute} of layer {name or '(root)'!r} by "
+                        f"{type(value).__name__ if not isinstance(value, Tensor) else tuple(value.shape)}; "
+                        f"it must write the module's {attribute} in place")
+    value = value.detach()
+    if mask is not None:
+        value.masked_fill_(~mask, 0)
+    if not torch.isfinite(value).all():
+        raise ValueError(f"the {attribute} of layer {name or '(root)'!r} holds non-finite values after "
+                         f"init={init!r}")
+    return value
+
+
+@torch.no_grad()
+def _commit(model: nn.Module, staged) -> nn.Module:
+    replacements = {}
+    for originals, modules, mask, new_weight, new_bias in staged:
+        primary = modules[0]
+        primary.weight.copy_(new_weight)
+        if new_bias is not None:
+            primary.bias.copy_(new_bias)
+        for original, sparse in zip(originals, modules):
+            sparse.set_mask(mask)
+            replacements[id(original)] = sparse
+    _replace(model, replacements)
+    return replacements.get(id(model), model)
+
+
 def _replace(model: nn.Module, replacements: dict[int, nn.Module]) -> None:
-    # Walk every parent (shared submodules included) so each reference to a replaced module moves.
+    # Every parent and every slot of it: named_children() would skip a module's second reference.
     for parent in list(model.modules()):
-        for child_name, child in list(parent.named_children()):
-            if id(child) in replacements:
-                setattr(parent, child_name, replacements[id(child)])
+        for child_name, child in list(parent._modules.items()):
+            if child is not None and id(child) in replacements:
+                parent._modules[child_name] = replacements[id(child)]

@@ -66,7 +66,7 @@ def topk_mask(scores: Sequence[Tensor], k: int | Sequence[int]) -> list[Tensor]:
         # Nothing to select; a compiled op could not even be dispatched without a tensor argument.
         return []
     op = "topk_mask_per_tensor" if isinstance(k, list) else "topk_mask"
-    return list(_backend.choose(op, scores[0].device.type)[1].run(scores, k))
+    return list(_backend.choose(op, scores[0].device.type, (scores[0].dtype,))[1].run(scores, k))
 
 
 @torch.no_grad()
@@ -92,7 +92,7 @@ def prune_grow(weight: Tensor, mask: Tensor, prune_score: Tensor, grow_score: Te
     and after keep their values.
     """
     n, state = _checks.prune_grow_args(weight, mask, prune_score, grow_score, n, state)
-    return _backend.choose("prune_grow", weight.device.type)[1].run(
+    return _backend.choose("prune_grow", weight.device.type, (weight.dtype, prune_score.dtype))[1].run(
         weight, mask, prune_score, grow_score, n, state)
 
 
@@ -109,7 +109,7 @@ def masked_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None =
     positions, and needs it only on mask-update steps); dbias = dy summed over batch rows.
     """
     _checks.masked_linear_args(x, weight, mask, bias)
-    return _backend.choose("masked_linear", x.device.type)[1].run(x, weight, mask, bias, dense_grad)
+    return _backend.choose("masked_linear", x.device.type, (x.dtype,))[1].run(x, weight, mask, bias, dense_grad)
 
 
 def pack(weight: Tensor, mask: Tensor) -> PackedWeight:
@@ -168,7 +168,7 @@ def sparse_linear(x: Tensor, packed: PackedWeight, bias: Tensor | None = None) -
     rows = x.numel() // packed.in_features if packed.in_features else 0
     if dense_is_faster(packed.density, rows, x.dtype, x.device.type):
         return torch.nn.functional.linear(x, packed.dense(), bias)
-    return _backend.choose("sparse_linear", x.device.type)[1].run(
+    return _backend.choose("sparse_linear", x.device.type, (x.dtype,))[1].run(
         x, packed.bitmap, packed.values, packed.chunk_offsets, bias)
 
 

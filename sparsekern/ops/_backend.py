@@ -5,6 +5,9 @@ so tests and users can switch it at run time). `compiled` names the compiled ext
 its CUDA kernels for CUDA tensors and its C++ kernels for CPU tensors, reported as `compiled/cuda` and
 `compiled/cpu` (`label`). `cuda` and `cpp`, the names of earlier releases, are accepted as aliases.
 An automatic choice falls back quietly; a backend asked for by name that cannot run raises.
+A backend is refused not only where it cannot run but where it would compute wrongly: the Triton
+interpreter (TRITON_INTERPRET=1) gets bfloat16 silently wrong, so Triton is refused for bfloat16
+tensors there, with that reason, and the automatic choice takes the next backend.
 """
 from __future__ import annotations
 
@@ -20,13 +23,15 @@ from . import _extension
 ENV_VAR = "SPARSEKERN_BACKEND"
 AUTO_ORDER = ("compiled", "triton", "reference")
 ALIASES = {"cuda": "compiled", "cpp": "compiled"}
+_REPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float64)
 
 
 @dataclass(frozen=True)
 class Implementation:
     run: Callable
-    # Why this implementation cannot run on a device type, or None when it can.
-    missing: Callable[[str], str | None]
+    # Why this implementation cannot run (or not run right) on a device type for tensors of the
+    # given dtypes, or None when it can: missing(device_type, dtypes).
+    missing: Callable[[str, tuple], str | None]
     # Whether the automatic choice may take it on a device type (Triton on CPU is the slow interpreter).
     automatic: Callable[[str], bool] = lambda device_type: True
 
@@ -53,23 +58,24 @@ def label(backend: str, device_type: str) -> str:
     return f"{backend}/{device_type}" if backend == "compiled" else backend
 
 
-def _reasons(op: str, device_type: str) -> dict[str, str | None]:
+def _reasons(op: str, device_type: str, dtypes: tuple = ()) -> dict[str, str | None]:
     implementations = _REGISTRY[op]
     return {
-        name: (implementations[name].missing(device_type) if name in implementations
+        name: (implementations[name].missing(device_type, dtypes) if name in implementations
                else f"no {name} implementation of {op}")
         for name in AUTO_ORDER
     }
 
 
-def choose(op: str, device_type: str) -> tuple[str, Implementation]:
-    """The backend that runs `op` on tensors of `device_type`, under SPARSEKERN_BACKEND."""
+def choose(op: str, device_type: str, dtypes: tuple = ()) -> tuple[str, Implementation]:
+    """The backend that runs `op` on tensors of `device_type` and `dtypes`, under SPARSEKERN_BACKEND."""
     name = requested()
-    reasons = _reasons(op, device_type)
+    reasons = _reasons(op, device_type, tuple(dtypes))
     if name != "auto":
         if reasons[name] is not None:
             usable = [n for n, why in reasons.items() if why is None]
-            raise RuntimeError(f"{ENV_VAR}={name} cannot run {op} on {device_type}: {reasons[name]}; "
+            on = f"{device_type} {'/'.join(str(d).removeprefix('torch.') for d in dtypes)}".rstrip()
+            raise RuntimeError(f"{ENV_VAR}={name} cannot run {op} on {on}: {reasons[name]}; "
                                f"usable backends: {', '.join(usable)}")
         return name, _REGISTRY[op][name]
     for candidate in AUTO_ORDER:
@@ -78,26 +84,34 @@ def choose(op: str, device_type: str) -> tuple[str, Implementation]:
     raise RuntimeError(f"no backend can run {op} on {device_type}: {reasons}")
 
 
-def triton_missing(device_type: str) -> str | None:
-    """Why Triton kernels cannot run on a device type, or None. Never touches the GPU driver."""
+def triton_interpreted() -> bool:
+    """Whether Triton kernels run in its CPU interpreter (read by Triton when kernels are defined)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_missing(device_type: str, dtypes: tuple = ()) -> str | None:
+    """Why Triton kernels cannot run, or not run right, on a device type for tensors of `dtypes`,
+    or None. Never touches the GPU driver."""
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
+    if torch.bfloat16 in dtypes and triton_interpreted():
+        return "the Triton interpreter (TRITON_INTERPRET=1) computes bfloat16 wrongly"
     if device_type == "cuda":
         return None if torch.cuda.is_available() else "no CUDA device"
     if device_type == "cpu":
-        return None if os.environ.get("TRITON_INTERPRET") == "1" else "CPU tensors need TRITON_INTERPRET=1"
+        return None if triton_interpreted() else "CPU tensors need TRITON_INTERPRET=1"
     return f"no Triton support for device type {device_type!r}"
 
 
-def compiled_missing(op: str) -> Callable[[str], str | None]:
-    def missing(device_type: str) -> str | None:
+def compiled_missing(op: str) -> Callable[[str, tuple], str | None]:
+    def missing(device_type: str, dtypes: tuple = ()) -> str | None:
         if device_type == "cuda" and not torch.cuda.is_available():
             return "no CUDA device"
         return _extension.kernel_missing(op, device_type)
     return missing
 
 
-def never_missing(device_type: str) -> None:
+def never_missing(device_type: str, dtypes: tuple = ()) -> None:
     return None
 
 
@@ -109,7 +123,9 @@ def backends() -> dict:
     """Which backend each op uses on each device type now, and why the others are passed over.
 
     Returns {"requested": ..., "extension": load status, "ops": {op: {device: {"chosen": name,
-    "<backend>": None if usable else reason}}}}.
+    "<backend>": None if usable else reason, "dtypes": {dtype name: {"<backend>": reason}}}}}}:
+    "chosen" and the plain reasons hold for float32 tensors; "dtypes" lists the dtypes for which
+    a backend is refused although it runs float32 (bfloat16 under the Triton interpreter).
     """
     report = {
         "requested": requested(),
@@ -125,5 +141,11 @@ def backends() -> dict:
             except RuntimeError as error:
                 entry["chosen"] = None
                 entry["error"] = str(error)
+            entry["dtypes"] = {}
+            for dtype in _REPORTED_DTYPES:
+                refused = {name: why for name, why in _reasons(op, device_type, (dtype,)).items()
+                           if why is not None and entry[name] is None}
+                if refused:
+                    entry["dtypes"][str(dtype).removeprefix("torch.")] = refused
             report["ops"][op][device_type] = entry
     return report

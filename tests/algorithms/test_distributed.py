@@ -19,3 +19,13 @@ def test_ddp_rigl_and_set_keep_masks_identical_on_two_ranks(tmp_path):
             assert torch.equal(first[name][0], second[name][0]), (algorithm, name)
             assert torch.equal(first[name][1], second[name][1]), (algorithm, name)
     assert all(rank["disagreed"] and rank["repaired"] for rank in ranks)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed with gloo")
+def test_per_rank_seeds_are_refused_and_diverged_replicas_are_detected(tmp_path):
+    finished = torchrun("tests.algorithms.divergence_worker", str(tmp_path))
+    assert finished.returncode == 0, finished.stdout[-4000:] + finished.stderr[-4000:]
+    for rank in (0, 1):
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert result == {"refused": True, "diverged_detected": True, "repaired": True}, (rank, result)

@@ -166,8 +166,8 @@ def test_dense_grad_only_before_update_steps_and_only_when_read():
         assert all(m.dense_grad == expected for m in modules)
         for module in modules:  # the gradient the optimizer saw was masked
             assert torch.all(module.weight.grad[~module.mask] == 0)
-    set_ = sparsekern.SET(small_model(), torch.optim.SGD(small_model().parameters(), lr=0.1),
-                          update_every=1, total_steps=10)
+    other = small_model()
+    set_ = sparsekern.SET(other, torch.optim.SGD(other.parameters(), lr=0.1), update_every=1, total_steps=10)
     assert not any(m.dense_grad for _, m in set_.modules)  # SET reads no gradient
 
 

@@ -143,7 +143,7 @@ def test_scores_get_no_weight_decay_and_the_weights_gradient_is_masked():
     (dict(sparsity=1.0), ValueError, "sparsity must be in"),
     (dict(sparsity="0.9"), TypeError, "sparsity must be a float"),
     (dict(epochs=0), ValueError, "epochs must be >= 1, got 0"),
-    (dict(beta=-1.0), ValueError, "beta must be a number >= 0, got -1.0"),
+    (dict(beta=-1.0), ValueError, "beta must be a finite number > 0, got -1.0"),
     (dict(lr_schedule=0.1), TypeError, "lr_schedule must be callable"),
 ])
 def test_bad_arguments_raise_naming_them(kwargs, error, match):

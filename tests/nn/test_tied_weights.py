@@ -1,0 +1,85 @@
+"""Shared modules and tied weights: every reference sparse, one mask per weight, a weight tied to a
+dense module left dense with a warning, and summary counting a shared parameter once."""
+import pytest
+import torch
+from torch import nn
+
+import sparsekern
+from sparsekern.nn import SparseLinear, sparse_modules
+
+
+def sgd_step(model, x):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(x).square().sum().backward()
+    optimizer.step()
+
+
+def test_every_reference_to_a_shared_module_becomes_the_sparse_one(generator):
+    linear = nn.Linear(16, 16)
+    model = sparsekern.sparsify(nn.Sequential(linear, nn.ReLU(), linear), 0.2, generator=generator)
+    assert isinstance(model[0], SparseLinear) and model[2] is model[0]
+    sgd_step(model, torch.randn(4, 16, generator=generator))
+    layer = model[0]
+    assert torch.all(layer.weight[~layer.mask] == 0)   # before: 190 of 205 inactive weights moved
+
+
+def test_modules_sharing_one_weight_get_one_mask(generator):
+    first, second = nn.Linear(8, 8), nn.Linear(8, 8)
+    second.weight = first.weight
+    model = sparsekern.sparsify(nn.Sequential(first, nn.Tanh(), second), 0.3, generator=generator)
+    assert model[0].weight is model[2].weight and model[0].bias is not model[2].bias
+    assert torch.equal(model[0].mask, model[2].mask) and model[0].nnz == round(0.3 * 64)
+    sgd_step(model, torch.randn(4, 8, generator=generator))
+    assert torch.all(model[0].weight[~model[0].mask] == 0)
+
+
+class TiedLanguageModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(20, 8)
+        self.hidden = nn.Linear(8, 8)
+        self.output = nn.Linear(8, 20, bias=False)
+        self.output.weight = self.embedding.weight
+
+    def forward(self, tokens):
+        return self.output(torch.relu(self.hidden(self.embedding(tokens))))
+
+
+def test_a_weight_tied_to_a_dense_embedding_stays_dense_with_a_warning(generator):
+    model = TiedLanguageModel()
+    embedding = model.embedding.weight.detach().clone()
+    with pytest.warns(UserWarning, match=r"output \(Linear\) stays dense: its weight is tied to embedding"):
+        sparsekern.sparsify(model, 0.3, generator=generator)
+    assert type(model.output) is nn.Linear and isinstance(model.hidden, SparseLinear)
+    assert torch.equal(model.embedding.weight, embedding)   # before: pruned to 30%
+
+
+def test_a_weight_tied_to_an_excluded_layer_stays_dense(generator):
+    first, second = nn.Linear(6, 6), nn.Linear(6, 6)
+    second.weight = first.weight
+    model = nn.Sequential(first, second, nn.Linear(6, 2))
+    with pytest.warns(UserWarning, match="tied to 1"):
+        sparsekern.sparsify(model, 0.5, exclude="1", generator=generator)
+    assert type(model[0]) is nn.Linear and type(model[1]) is nn.Linear and isinstance(model[2], SparseLinear)
+
+
+def test_summary_counts_a_shared_parameter_once(generator):
+    first, second = nn.Linear(8, 8), nn.Linear(8, 8)
+    second.weight = first.weight
+    model = sparsekern.sparsify(nn.Sequential(first, second), 0.25, generator=generator)
+    result = sparsekern.summary(model, print_fn=None)
+    unique = sum(p.numel() for p in model.parameters())   # parameters() counts a shared one once
+    assert result["total"]["parameters"] == unique == 64 + 8 + 8
+    assert result["sparse_weights"] == {"parameters": 64, "nonzeros": 16, "density": 0.25}
+    assert result["total"]["nonzeros"] == 16 + 16
+    assert [row["tied_to"] for row in result["layers"]] == [None, "0"]
+    assert "tied to 0" in sparsekern.nn.metrics._table(result)
+
+
+def test_sparsify_a_model_whose_modules_already_share_a_sparse_weight(generator):
+    first = SparseLinear(6, 6)
+    second = SparseLinear(6, 6)
+    second.weight = first.weight
+    model = sparsekern.sparsify(nn.Sequential(first, second), 0.5, generator=generator)
+    assert torch.equal(model[0].mask, model[1].mask) and model[0].nnz == 18
+    assert len(sparse_modules(model)) == 2

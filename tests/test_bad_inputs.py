@@ -1,0 +1,1268 @@
+"""The bad-input campaign: bad input gets a clear error naming the argument and changes nothing.
+
+Each case is data: a name, a *world* builder (a small trained model with its optimizer and, where
+the case needs one, an algorithm mid-run, a file, ...), the bad call, the exception it must raise
+and a pattern its message must contain (the argument's name). The test snapshots everything the
+world holds before the call (parameters, buffers and masks bit for bit, module structure,
+dense_grad flags, gradients, optimizer state, every attribute of an algorithm, random generators,
+files) and compares after it. Warning cases are settings that are legal but degenerate: they must
+warn, naming what is wrong. The cases cover the public API of sparsekern.nn, sparsekern.algorithms
+and sparsekern.checkpoint, and the entry points of the ops that no other test owns.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import math
+import os
+import pathlib
+import pickle
+import weakref
+from types import SimpleNamespace
+from typing import Any, Callable
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import sparsekern
+from sparsekern import checkpoint, ops
+from sparsekern.algorithms import DST, IMP, SWAMP, OptG, distributed
+from sparsekern.nn import SparseLinear, distributions, init, sparse_modules
+from sparsekern.ops import _backend
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+NAN, INF = float("nan"), float("inf")
+
+
+# -- worlds: what a case starts from ----------------------------------------------------------------
+
+def dense_model(seed: int = 0) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 16), nn.ReLU(),
+                             nn.Linear(16, 5))
+
+
+def batch(step: int = 0):
+    generator = torch.Generator().manual_seed(100 + step)
+    return torch.randn(8, 2, 6, 6, generator=generator), torch.randint(0, 5, (8,), generator=generator)
+
+
+def backward(model: nn.Module, step: int = 0) -> None:
+    x, y = batch(step)
+    nn.functional.cross_entropy(model(x), y).backward()
+
+
+def sparse_model(density: float = 0.4, seed: int = 0) -> nn.Module:
+    return sparsekern.sparsify(dense_model(seed), density, generator=torch.Generator().manual_seed(seed))
+
+
+def trained(model: nn.Module, **world) -> SimpleNamespace:
+    """`model` after one SGD step (so the optimizer has state), holding fresh gradients."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    backward(model)
+    optimizer.step()
+    optimizer.zero_grad()
+    backward(model, 1)
+    return SimpleNamespace(model=model, optimizer=optimizer, **world)
+
+
+def dense_world(tmp_path=None):
+    return SimpleNamespace(model=dense_model(), generator=torch.Generator().manual_seed(3))
+
+
+def resparsify_world(tmp_path=None):
+    return SimpleNamespace(model=sparse_model(), generator=torch.Generator().manual_seed(3))
+
+
+def model_world(tmp_path=None):
+    return trained(sparse_model())
+
+
+def dst_world(tmp_path=None, **options):
+    world = trained(sparse_model())
+    options = {"update_every": 2, "total_steps": 40, **options}
+    world.algo = sparsekern.RigL(world.model, world.optimizer, **options)
+    for step in range(3):   # two ordinary steps and one update: every piece of state is non-trivial
+        world.optimizer.zero_grad()
+        backward(world.model, step)
+        world.algo.step()
+        world.optimizer.step()
+    world.optimizer.zero_grad()
+    backward(world.model, 3)
+    world.state = world.algo.state_dict()
+    return world
+
+
+def block_dst_world(tmp_path=None):
+    return dst_world(block=(2, 2))
+
+
+def _sgd(parameters):
+    return torch.optim.SGD(parameters, lr=0.05, momentum=0.9)
+
+
+def _imp_train(world, steps):
+    for t in range(world.algo.step_in_cycle, steps):
+        backward(world.model, t)
+        world.algo.optimizer.step()
+        world.algo.optimizer.zero_grad()
+        world.algo.step()
+
+
+def imp_world(tmp_path=None, **options):
+    model = sparse_model(density=1.0)
+    world = SimpleNamespace(model=model, algo=IMP(model, _sgd, **{"rewind_step": 2, **options}))
+    _imp_train(world, 4)
+    world.state = world.algo.state_dict()
+    return world
+
+
+def swamp_world(tmp_path=None):
+    model = sparse_model(density=1.0)
+    world = SimpleNamespace(model=model, algo=SWAMP(model, _sgd, particles=2, rewind_step=1, swa_start=2))
+    _imp_train(world, 4)
+    world.state = world.algo.state_dict()
+    return world
+
+
+def optg_world(tmp_path=None):
+    model = sparse_model(density=1.0)
+    world = SimpleNamespace(model=model, algo=OptG(model, sparsity=0.5, epochs=3, lr=0.5))
+    world.optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step in range(2):
+        backward(model, step)
+        world.algo.step()
+        world.optimizer.step()
+        world.optimizer.zero_grad()
+    world.algo.next_epoch()
+    backward(model, 5)
+    world.state = world.algo.state_dict()
+    return world
+
+
+def layer_world(tmp_path=None):
+    layer = SparseLinear(6, 4)
+    layer.set_mask(torch.rand(4, 6, generator=torch.Generator().manual_seed(0)) < 0.5)
+    return SimpleNamespace(layer=layer)
+
+
+def file_world(tmp_path):
+    directory = tmp_path / "checkpoints"
+    checkpoint.save({"step": 1, "weight": torch.arange(6.0)}, directory / "good.pt")
+    raw = (directory / "good.pt").read_bytes()
+    (directory / "empty.pt").write_bytes(b"")
+    (directory / "truncated.pt").write_bytes(raw[:len(raw) // 2])
+    (directory / "garbage.pt").write_bytes(b"not a checkpoint " * 20)
+    torch.save({"payload": _Pickled()}, directory / "code.pt")      # would run code if unpickled
+    (directory / "plain.pkl").write_bytes(pickle.dumps({"step": 1}))
+    (directory / "subdirectory").mkdir()
+    return SimpleNamespace(directory=directory, model=dense_model())
+
+
+class _Pickled:
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+class _Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("cannot pickle this object")
+
+
+# -- snapshots: everything a world holds, compared bit for bit --------------------------------------
+
+def capture(value, seen=None):
+    """A comparable copy of `value`: tensors cloned, modules/optimizers/algorithms opened up."""
+    seen = set() if seen is None else seen
+    if isinstance(value, Tensor):
+        return ("tensor", value.detach().clone())
+    if isinstance(value, torch.Generator):
+        return ("generator", value.get_state())
+    if isinstance(value, pathlib.Path):
+        return ("files", {p.name: (p.read_bytes() if p.is_file() else "dir") for p in sorted(value.iterdir())})
+    if isinstance(value, weakref.ref):
+        return ("weakref", id(value()))
+    if isinstance(value, nn.Module):
+        return ("module", id(value), {
+            "state": {k: v.detach().clone() for k, v in value.state_dict(keep_vars=True).items()},
+            "structure": [(n, type(m).__name__, id(m)) for n, m in value.named_modules(remove_duplicate=False)],
+            "parameters": [(n, id(p), p.requires_grad, None if p.grad is None else p.grad.detach().clone())
+                           for n, p in value.named_parameters(remove_duplicate=False)],
+            "flags": [(n, vars(m).get("dense_grad")) for n, m in value.named_modules()]})
+    if isinstance(value, torch.optim.Optimizer):
+        return ("optimizer", id(value), capture(value.state_dict(), seen))
+    if isinstance(value, dict):
+        return {key: capture(item, seen) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, [capture(item, seen) for item in value])
+    if isinstance(value, (DST, IMP, SWAMP, OptG)) or type(value).__module__.startswith("sparsekern."):
+        if id(value) in seen:
+            return ("seen", id(value))
+        seen.add(id(value))
+        return ("object", type(value).__name__, capture(vars(value), seen))
+    if callable(value):
+        return ("callable", id(value))
+    return value
+
+
+def differences(before, after, path="") -> list[str]:
+    if type(before) is not type(after):
+        return [f"{path}: {type(before).__name__} -> {type(after).__name__}"]
+    if isinstance(before, Tensor):
+        same = (before.dtype == after.dtype and before.shape == after.shape and before.device == after.device
+                and (before.is_meta or torch.equal(_bits(before), _bits(after))))   # meta: no values
+        return [] if same else [f"{path}: tensor changed"]
+    if isinstance(before, dict):
+        if before.keys() != after.keys():
+            return [f"{path}: keys {sorted(map(str, before))} -> {sorted(map(str, after))}"]
+        return [d for key in before for d in differences(before[key], after[key], f"{path}.{key}")]
+    if isinstance(before, (list, tuple)):
+        if len(before) != len(after):
+            return [f"{path}: length {len(before)} -> {len(after)}"]
+        return [d for i, (a, b) in enumerate(zip(before, after)) for d in differences(a, b, f"{path}[{i}]")]
+    if isinstance(before, float) and math.isnan(before) and math.isnan(after):
+        return []
+    return [] if before == after else [f"{path}: {before!r} -> {after!r}"]
+
+
+def _bits(t: Tensor) -> Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def world_snapshot(world) -> dict:
+    return {"world": capture(vars(world)), "global random state": torch.get_rng_state()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    world: Callable[..., SimpleNamespace]
+    call: Callable[[SimpleNamespace], Any]
+    error: type[BaseException] | None   # None: a warning case
+    match: str
+    then: Callable[[SimpleNamespace], None] | None = None   # what must still work afterwards
+
+
+ERRORS: list[Case] = []
+WARNINGS: list[Case] = []
+
+
+def error(name, world, call, exception, match, then=None):
+    ERRORS.append(Case(name, world, call, exception, match, then))
+
+
+def warning(name, world, call, match, then=None):
+    WARNINGS.append(Case(name, world, call, None, match, then))
+
+
+def _show(value) -> str:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if callable(value) and not isinstance(value, type):
+        return getattr(value, "__name__", type(value).__name__)
+    text = repr(value)
+    return text if len(text) <= 24 else text[:21] + "..."
+
+
+# -- sparsekern.nn: sparsify ------------------------------------------------------------------------
+
+def _init_raises(module, generator=None):
+    raise ValueError("this init cannot")
+
+
+def _init_writes_nan(module, generator=None):
+    module.weight.fill_(NAN)
+
+
+def _init_replaces_weight(module, generator=None):
+    module.weight = nn.Parameter(torch.zeros(3))
+
+
+def _init_without_generator(module):
+    pass
+
+
+def _init_writes_everywhere(module, generator=None):   # then fails: nothing of it may stay
+    module.weight.fill_(1.0)
+    module.bias.fill_(2.0)
+    raise RuntimeError("half done")
+
+
+SPARSIFY_BAD = [
+    ("density", 0, ValueError), ("density", -0.1, ValueError), ("density", 1.5, ValueError),
+    ("density", NAN, ValueError), ("density", INF, ValueError), ("density", -INF, ValueError),
+    ("density", "0.5", TypeError), ("density", None, TypeError), ("density", True, TypeError),
+    ("density", [0.5], TypeError), ("density", torch.tensor(0.5), TypeError),
+    ("density", 1e-9, ValueError),          # every layer would keep no weight
+    ("density", 0.004, ValueError),         # the smallest layer (80 weights under ERK) keeps none
+    ("distribution", "gaussian", ValueError), ("distribution", "ERK", ValueError),
+    ("distribution", 5, ValueError), ("distribution", None, ValueError), ("distribution", ["erk"], ValueError),
+    ("include", 5, TypeError), ("include", [5], TypeError), ("include", ["3", None], TypeError),
+    ("include", "nothing*", ValueError), ("include", [], ValueError), ("include", {"3": 1}, TypeError),
+    ("exclude", 5, TypeError), ("exclude", [None], TypeError), ("exclude", "*", ValueError),
+    ("exclude", ["*"], ValueError),
+    ("init", "xavier", ValueError), ("init", 5, ValueError), ("init", None, ValueError),
+    ("init", "Sparse", ValueError), ("init", torch.nn.init.kaiming_normal_, TypeError),
+    ("init", _init_without_generator, TypeError), ("init", _init_raises, RuntimeError),
+    ("init", _init_writes_nan, ValueError), ("init", _init_replaces_weight, TypeError),
+    ("init", _init_writes_everywhere, RuntimeError), ("init", lambda: None, TypeError),
+    ("power", NAN, ValueError), ("power", INF, ValueError), ("power", "1", ValueError),
+    ("power", None, ValueError), ("power", True, ValueError),
+    ("dense_first_layer", 1, TypeError), ("dense_first_layer", "yes", TypeError),
+    ("dense_first_layer", None, TypeError),
+    ("generator", 5, TypeError), ("generator", "seed", TypeError), ("generator", torch.manual_seed, TypeError),
+]
+
+for _world_name, _world in (("dense", dense_world), ("sparse", resparsify_world)):
+    for _argument, _value, _error in SPARSIFY_BAD:
+        _arguments = {"density": 0.3, "generator": "world"}
+        _arguments[_argument] = _value
+
+        def _call(world, arguments=_arguments):
+            arguments = {k: (world.generator if v == "world" and k == "generator" else v)
+                         for k, v in arguments.items()}
+            return sparsekern.sparsify(world.model, **arguments)
+        error(f"sparsify[{_world_name}]({_argument}={_show(_value)})", _world, _call, _error, _argument)
+for _world_name, _world in (("dense", dense_world), ("sparse", resparsify_world)):
+    error(f"sparsify[{_world_name}](density below a dense first layer)", _world,
+          lambda w: sparsekern.sparsify(w.model, 0.01, dense_first_layer=True), ValueError, "density")
+
+error("sparsify(model=5)", dense_world, lambda w: sparsekern.sparsify(5, 0.5), TypeError, "model")
+error("sparsify(model=None)", dense_world, lambda w: sparsekern.sparsify(None, 0.5), TypeError, "model")
+def _nan_weight_dense_world(tmp_path=None):
+    world = dense_world()
+    with torch.no_grad():
+        world.model[3].weight.fill_(NAN)
+    return world
+
+
+# init="dense" keeps the weights: NaN ones would be kept too (a fresh init replaces them and is fine).
+error("sparsify(init='dense') of a model with NaN weights", _nan_weight_dense_world,
+      lambda w: sparsekern.sparsify(w.model, 0.5, init="dense", generator=w.generator), ValueError, "non-finite")
+
+for _name, _make in (("without Linear/Conv2d", lambda: nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3))),
+                     ("of a Linear subclass only", lambda: nn.MultiheadAttention(4, 2))):
+    error(f"sparsify(model {_name})", lambda tmp_path=None, m=_make: SimpleNamespace(model=m()),
+          lambda w: sparsekern.sparsify(w.model, 0.5), ValueError, "model has no")
+
+
+def _meta_world(tmp_path=None):
+    return SimpleNamespace(model=nn.Sequential(nn.Linear(4, 4, device="meta"), nn.Linear(4, 2, device="meta")))
+
+
+error("sparsify(a model on the meta device)", _meta_world, lambda w: sparsekern.sparsify(w.model, 0.5),
+      ValueError, "meta")
+
+
+def _empty_linear_world(tmp_path=None):
+    return SimpleNamespace(model=nn.Sequential(nn.Linear(0, 3), nn.Linear(3, 2)))
+
+
+error("sparsify(layer with an empty weight)", _empty_linear_world,
+      lambda w: sparsekern.sparsify(w.model, 0.5), ValueError, "empty weight")
+
+
+class _TiedOnly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(10, 4)
+        self.output = nn.Linear(4, 10, bias=False)
+        self.output.weight = self.embedding.weight
+
+
+def _tied_only_world(tmp_path=None):
+    return SimpleNamespace(model=_TiedOnly())
+
+
+error("sparsify(only a Linear tied to an Embedding)", _tied_only_world,
+      lambda w: sparsekern.sparsify(w.model, 0.5), ValueError, "tied to a dense module")
+
+
+# -- sparsekern.nn: init, distributions, metrics, modules -------------------------------------------
+
+INIT_BAD = [
+    ("distribution", "gaussian", ValueError), ("distribution", None, ValueError), ("distribution", 1, ValueError),
+    ("mode", "fan", ValueError), ("mode", None, ValueError), ("mode", "FAN_IN", ValueError),
+    ("scale", 0, ValueError), ("scale", -1.0, ValueError), ("scale", NAN, ValueError), ("scale", INF, ValueError),
+    ("scale", "1", ValueError), ("scale", True, ValueError), ("scale", None, ValueError),
+    ("generator", 5, TypeError), ("generator", "g", TypeError),
+]
+for _function in (init.sparse_, init.layer_scaled_):
+    for _argument, _value, _error in INIT_BAD:
+        error(f"init.{_function.__name__}({_argument}={_show(_value)})", layer_world,
+              lambda w, f=_function, a=_argument, v=_value: f(w.layer, **{a: v}), _error, _argument)
+    for _module in (nn.Linear(3, 3), None, torch.ones(3, 3)):
+        error(f"init.{_function.__name__}(module={type(_module).__name__})", layer_world,
+              lambda w, f=_function, m=_module: f(m), TypeError, "module")
+for _module in (nn.Linear(3, 3), None):
+    error(f"init.dense_(module={type(_module).__name__})", layer_world,
+          lambda w, m=_module: init.dense_(m), TypeError, "module")
+for _arguments, _error, _match in [
+        (dict(mask=torch.ones(4, 6)), TypeError, "mask"),
+        (dict(mask=torch.ones(6, dtype=torch.bool)), TypeError, "mask"),
+        (dict(mask=None), TypeError, "mask"), (dict(mode="x"), ValueError, "mode"),
+        (dict(groups=0), ValueError, "groups"), (dict(groups=-2), ValueError, "groups"),
+        (dict(groups=3), ValueError, "groups"), (dict(groups=1.5), ValueError, "groups")]:
+    error(f"init.fans({_show(_arguments)})", layer_world,
+          lambda w, a=_arguments: init.fans(**{"mask": w.layer.mask, **a}), _error, _match)
+for _value, _error in (("xavier", ValueError), (5, ValueError), (None, ValueError), (lambda: 0, TypeError),
+                       (lambda module, *, scale: 0, TypeError)):
+    error(f"init.resolve({_show(_value)})", layer_world, lambda w, v=_value: init.resolve(v), _error, "init")
+
+for _value, _error in ((0, ValueError), (-1, ValueError), (1.01, ValueError), (NAN, ValueError),
+                       ("0.1", TypeError), (None, TypeError), (True, TypeError)):
+    error(f"distributions.check_density({_show(_value)})", layer_world,
+          lambda w, v=_value: distributions.check_density(v), _error, "density")
+for _arguments, _error, _match in [
+        (dict(shapes=[(0, 3)]), ValueError, "shapes"), (dict(shapes=[()]), ValueError, "shapes"),
+        (dict(shapes=5), TypeError, "shapes"), (dict(shapes=[5]), ValueError, "shapes"),
+        (dict(shapes=[("a", 2)]), ValueError, "shapes"), (dict(shapes=[(2.5, 2)]), ValueError, "shapes"),
+        (dict(shapes=[(True, 2)]), ValueError, "shapes"), (dict(shapes="34"), TypeError, "shapes"),
+        (dict(distribution="normal"), ValueError, "distribution"),
+        (dict(distribution=None), ValueError, "distribution"),
+        (dict(power=NAN), ValueError, "power"), (dict(power="2"), ValueError, "power"),
+        (dict(dense_first_layer=1), TypeError, "dense_first_layer"),
+        (dict(density=0.01, dense_first_layer=True), ValueError, "density"),
+        (dict(density=2.0), ValueError, "density")]:
+    error(f"distributions.layer_densities({_show(_arguments)})", layer_world,
+          lambda w, a=_arguments: distributions.layer_densities(**{"shapes": [(4, 8), (8, 16)], "density": 0.5, **a}),
+          _error, _match)
+for _densities, _match in (([0.5], "densities"), ([0.5, 1.5], "densities"), ([0.5, NAN], "densities"),
+                           ([0.5, -0.1], "densities"), ([0.5, "0.5"], "densities"), ([0.5, None], "densities")):
+    error(f"distributions.layer_counts({_show(_densities)})", layer_world,
+          lambda w, d=_densities: distributions.layer_counts([(4, 8), (8, 16)], d), ValueError, _match)
+
+
+def _loss(output, target):
+    return nn.functional.cross_entropy(output, target)
+
+
+for _arguments, _error, _match in [
+        (dict(model=5), TypeError, "model"), (dict(loss_fn=5), TypeError, "loss_fn"),
+        (dict(batch="x"), TypeError, "batch"), (dict(batch=(1, 2, 3)), TypeError, "batch"),
+        (dict(batch=None), TypeError, "batch"),
+        (dict(loss_fn=lambda output, target: output), ValueError, "loss_fn"),
+        (dict(loss_fn=lambda output, target: 1.0), ValueError, "loss_fn"),
+        (dict(loss_fn=lambda output, target: output.detach().sum()), ValueError, "loss_fn")]:
+    error(f"gradient_flow({_show(_arguments)})", model_world,
+          lambda w, a=_arguments: sparsekern.gradient_flow(**{"model": w.model, "loss_fn": _loss,
+                                                              "batch": batch(), **a}), _error, _match)
+for _arguments, _match in ((dict(model=5), "model"), (dict(model=None), "model"), (dict(print_fn=5), "print_fn")):
+    error(f"summary({_show(_arguments)})", model_world,
+          lambda w, a=_arguments: sparsekern.summary(**{"model": w.model, **a}), TypeError, _match)
+
+for _mask, _error in ((torch.ones(4, 6), TypeError), (torch.ones(6, 4, dtype=torch.bool), ValueError),
+                      (None, TypeError), (torch.ones(4, 6, dtype=torch.uint8), TypeError),
+                      (torch.ones(24, dtype=torch.bool), ValueError)):
+    error(f"SparseLinear.set_mask({_show(_mask)})", layer_world,
+          lambda w, m=_mask: w.layer.set_mask(m), _error, "mask")
+
+
+# -- sparsekern.algorithms: DST (SET, RigL, MEST) ---------------------------------------------------
+
+DST_BAD = [
+    ("prune", "biggest", ValueError), ("prune", 1, TypeError), ("prune", None, TypeError),
+    ("prune", "MAGNITUDE", ValueError), ("prune", ["magnitude"], TypeError),
+    ("grow", "gradients", ValueError), ("grow", 0, TypeError), ("grow", None, TypeError),
+    ("schedule", "step", ValueError), ("schedule", None, TypeError), ("schedule", 3, TypeError),
+    ("update_every", 0, ValueError), ("update_every", -1, ValueError), ("update_every", 1.5, TypeError),
+    ("update_every", "100", TypeError), ("update_every", None, TypeError), ("update_every", True, TypeError),
+    ("total_steps", 0, ValueError), ("total_steps", -5, ValueError), ("total_steps", 2.5, TypeError),
+    ("total_steps", "10", TypeError), ("total_steps", None, TypeError), ("total_steps", INF, TypeError),
+    ("end_step", 0, ValueError), ("end_step", -1, ValueError), ("end_step", 1.5, TypeError),
+    ("end_step", "5", TypeError),
+    ("drop_fraction", -0.1, ValueError), ("drop_fraction", 1.5, ValueError), ("drop_fraction", NAN, ValueError),
+    ("drop_fraction", INF, ValueError), ("drop_fraction", "0.3", TypeError), ("drop_fraction", True, TypeError),
+    ("final_drop_fraction", 0.01, ValueError),   # only the annealed schedule has one
+    ("scope", "row", ValueError), ("scope", None, TypeError), ("scope", 1, TypeError), ("scope", "Layer", ValueError),
+    ("reset_state", 1, TypeError), ("reset_state", "yes", TypeError), ("reset_state", None, TypeError),
+    ("block", (0, 4), ValueError), ("block", 4, TypeError), ("block", (2,), TypeError), ("block", (2, 2, 2), TypeError),
+    ("block", (2.0, 2), TypeError), ("block", (-1, 2), ValueError), ("block", "22", TypeError),
+    ("block", (True, 2), TypeError),
+    ("block", (32, 32), ValueError),             # larger than a layer: it would keep no block
+    ("mest_gamma", -1.0, ValueError), ("mest_gamma", NAN, ValueError), ("mest_gamma", INF, ValueError),
+    ("mest_gamma", "1", TypeError), ("mest_gamma", None, TypeError),
+    ("seed", 1.5, TypeError), ("seed", "0", TypeError), ("seed", None, TypeError), ("seed", True, TypeError),
+    ("generator", 3, TypeError), ("generator", "generator", TypeError),
+]
+ANNEALED_BAD = [("final_drop_fraction", -0.1, ValueError), ("final_drop_fraction", 2.0, ValueError),
+                ("final_drop_fraction", NAN, ValueError), ("final_drop_fraction", "x", TypeError)]
+
+
+def _dst_call(factory, arguments):
+    def call(world):
+        return factory(world.model, world.optimizer, **{"total_steps": 40, **arguments})
+    return call
+
+
+for _factory in (DST, sparsekern.RigL, sparsekern.SET, sparsekern.MEST):
+    for _argument, _value, _error in DST_BAD:
+        error(f"{_factory.__name__}({_argument}={_show(_value)})", model_world,
+              _dst_call(_factory, {_argument: _value}), _error, _argument)
+    for _argument, _value, _error in ANNEALED_BAD:
+        error(f"{_factory.__name__}(schedule='annealed', {_argument}={_show(_value)})", model_world,
+              _dst_call(_factory, {"schedule": "annealed", _argument: _value}), _error, _argument)
+error("DST(block=(2, 2), prune='set')", model_world, _dst_call(DST, {"block": (2, 2), "prune": "set"}),
+      ValueError, "block")
+error("DST(model=None)", model_world, lambda w: DST(None, w.optimizer, total_steps=10), TypeError, "model")
+error("DST(optimizer=None)", model_world, lambda w: DST(w.model, None, total_steps=10), TypeError, "optimizer")
+error("DST(optimizer='sgd')", model_world, lambda w: DST(w.model, "sgd", total_steps=10), TypeError, "optimizer")
+error("DST(dense model)", model_world,
+      lambda w: DST(dense_model(), torch.optim.SGD(dense_model().parameters(), lr=0.1), total_steps=10),
+      ValueError, "sparse modules")
+error("DST(an optimizer of another model)", model_world,
+      lambda w: DST(w.model, torch.optim.SGD(sparse_model().parameters(), lr=0.1), total_steps=10),
+      ValueError, "optimizer")
+
+
+def _frozen_world(tmp_path=None):
+    world = model_world()
+    for _, module in sparse_modules(world.model):
+        module.weight.requires_grad_(False)
+    return world
+
+
+error("DST(every layer frozen)", _frozen_world, _dst_call(DST, {}), ValueError, "require grad")
+
+
+def _tied_mismatch_world(tmp_path=None):
+    first, second = SparseLinear(4, 4), SparseLinear(4, 4)
+    second.weight = first.weight
+    first.set_mask(torch.eye(4, dtype=torch.bool))
+    model = nn.Sequential(first, second)
+    return SimpleNamespace(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+for _name, _call in (("DST", lambda w: DST(w.model, w.optimizer, total_steps=10)),
+                     ("IMP", lambda w: IMP(w.model, _sgd)), ("SWAMP", lambda w: SWAMP(w.model, _sgd)),
+                     ("OptG", lambda w: OptG(w.model, sparsity=0.5, epochs=2))):
+    error(f"{_name}(tied modules with different masks)", _tied_mismatch_world, _call, ValueError,
+          "share one weight")
+
+
+def _train_step(world, step=10):
+    world.optimizer.zero_grad()
+    backward(world.model, step)
+    updated = world.algo.step()
+    world.optimizer.step()
+    return updated
+
+
+def _still_updates(world):
+    """After a refused call the algorithm trains on and reaches its next update."""
+    for step in range(2 * world.algo.schedule.update_every):
+        if _train_step(world, 20 + step):
+            return
+    raise AssertionError("no update happened after the refused call")
+
+
+def _twice_world(tmp_path=None, prune="magnitude", grow="gradient"):
+    world = trained(sparse_model())
+    world.algo = DST(world.model, world.optimizer, prune=prune, grow=grow, update_every=2, total_steps=40)
+    world.optimizer.zero_grad()
+    backward(world.model, 0)
+    world.algo.step()                   # step 1: the next one is an update
+    return world
+
+
+for _prune, _grow in (("magnitude", "gradient"), ("mest", "gradient"), ("set", "random"), ("random", "random")):
+    error(f"DST(prune={_prune!r}, grow={_grow!r}).step() twice in one iteration",
+          functools.partial(_twice_world, prune=_prune, grow=_grow), lambda w: w.algo.step(), RuntimeError,
+          "step\\(\\) called twice", then=_still_updates)
+
+
+def _stepped_world(tmp_path=None):
+    world = _twice_world()
+    world.optimizer.step()               # an optimizer step, but no backward since step()
+    return world
+
+
+error("RigL.step() without a fresh backward", _stepped_world, lambda w: w.algo.step(), RuntimeError,
+      "fresh backward", then=_still_updates)
+
+
+def _frozen_later_world(tmp_path=None):
+    world = _twice_world()
+    world.model[3].weight.requires_grad_(False)
+    return world
+
+
+def _unfreeze_and_update(world):
+    world.model[3].weight.requires_grad_(True)
+    _still_updates(world)
+
+
+error("RigL.step() on a layer frozen after construction", _frozen_later_world, lambda w: w.algo.step(),
+      RuntimeError, "frozen", then=_unfreeze_and_update)
+
+
+def _zero_grad_world(tmp_path=None):
+    world = _twice_world()
+    world.optimizer.zero_grad(set_to_none=True)
+    return world
+
+
+error("RigL.step() with no gradient at an update", _zero_grad_world, lambda w: w.algo.step(), RuntimeError,
+      "after backward", then=_still_updates)
+
+
+def _replace(mapping: dict, key, value) -> dict:
+    changed = dict(mapping)
+    if value is _DELETE:
+        del changed[key]
+    else:
+        changed[key] = value
+    return changed
+
+
+_DELETE = object()
+
+
+def _masks_with(world, name, value):
+    return _replace(world.state["masks"], name, value)
+
+
+def _schedule_with(world, key, value):
+    return _replace(world.state["schedule"], key, value)
+
+
+DST_STATES = [
+    ("not a dict", lambda w: None, TypeError, "state"), ("a list", lambda w: [], TypeError, "state"),
+    ("a string", lambda w: "state", TypeError, "state"),
+    *[(f"without {key}", lambda w, k=key: _replace(w.state, k, _DELETE), ValueError, key)
+      for key in ("step_count", "masks", "schedule", "generator")],
+    *[(f"step_count={_show(v)}", lambda w, v=v: _replace(w.state, "step_count", v), ValueError, "step_count")
+      for v in (-1, 1.5, "3", None, True)],
+    ("masks=[]", lambda w: _replace(w.state, "masks", []), ValueError, "masks"),
+    ("masks without one layer", lambda w: _masks_with(w, "3", _DELETE), ValueError, "masks"),
+    ("masks with an extra layer", lambda w: _masks_with(w, "7", torch.ones(2, dtype=torch.bool)), ValueError, "masks"),
+    ("masks with a float mask", lambda w: _masks_with(w, "3", w.state["masks"]["3"].float()), ValueError, "masks"),
+    ("masks with a uint8 mask", lambda w: _masks_with(w, "3", w.state["masks"]["3"].to(torch.uint8)),
+     ValueError, "masks"),
+    ("masks with a transposed mask", lambda w: _masks_with(w, "3", w.state["masks"]["3"].T), ValueError, "masks"),
+    ("masks with a list", lambda w: _masks_with(w, "3", w.state["masks"]["3"].tolist()), ValueError, "masks"),
+    ("masks with a meta mask", lambda w: _masks_with(w, "3", w.state["masks"]["3"].to("meta")), ValueError, "masks"),
+    ("schedule=None", lambda w: _replace(w.state, "schedule", None), ValueError, "schedule"),
+    ("schedule without update_every", lambda w: _schedule_with(w, "update_every", _DELETE), ValueError, "schedule"),
+    ("schedule with an extra key", lambda w: _schedule_with(w, "warmup", 3), ValueError, "schedule"),
+    *[(f"schedule.{key}={_show(v)}",
+       lambda w, k=key, v=v: _replace(w.state, "schedule", _schedule_with(w, "name" if k == "schedule" else k, v)),
+       ValueError, key)
+      for key, values in (("update_every", (0, -1, "2", None, 2.5)), ("total_steps", (0, -3, None)),
+                          ("end_step", (0, "10")), ("drop_fraction", (2.0, NAN, -1.0, "0.3")),
+                          ("final_drop_fraction", (5.0, NAN, None)), ("schedule", ("step", None, 3)))
+      for v in values],
+    ("generator=None", lambda w: _replace(w.state, "generator", None), TypeError, "generator"),
+    ("generator=[]", lambda w: _replace(w.state, "generator", []), TypeError, "generator"),
+    ("generator float tensor", lambda w: _replace(w.state, "generator", w.state["generator"].float()),
+     ValueError, "generator"),
+    ("generator too short", lambda w: _replace(w.state, "generator", w.state["generator"][:10]),
+     ValueError, "generator"),
+    ("generator empty", lambda w: _replace(w.state, "generator", torch.empty(0, dtype=torch.uint8)),
+     ValueError, "generator"),
+]
+for _scope in ("layer", "global"):
+    for _name, _make, _error, _match in DST_STATES:
+        error(f"RigL[{_scope}].load_state_dict({_name})", functools.partial(dst_world, scope=_scope),
+              lambda w, m=_make: w.algo.load_state_dict(m(w)), _error, _match, then=_still_updates)
+
+
+def _unblocked_mask(world):
+    mask = world.state["masks"]["3"].clone()
+    mask[0, 0] = not mask[0, 0]
+    return _masks_with(world, "3", mask)
+
+
+error("RigL[block].load_state_dict(masks not made of whole blocks)", block_dst_world,
+      lambda w: w.algo.load_state_dict(_replace(w.state, "masks", _unblocked_mask(w))), ValueError, "block",
+      then=_still_updates)
+
+
+# -- sparsekern.algorithms: IMP, SWAMP -------------------------------------------------------------
+
+TICKET_BAD = [
+    ("prune_fraction", 0, ValueError), ("prune_fraction", 1, ValueError), ("prune_fraction", -0.1, ValueError),
+    ("prune_fraction", 1.5, ValueError), ("prune_fraction", NAN, ValueError), ("prune_fraction", "0.2", TypeError),
+    ("prune_fraction", None, TypeError), ("prune_fraction", True, TypeError),
+    ("rewind_step", -1, ValueError), ("rewind_step", 1.5, TypeError), ("rewind_step", "1", TypeError),
+    ("rewind_step", None, TypeError), ("rewind_step", True, TypeError),
+    ("scope", "all", ValueError), ("scope", None, ValueError), ("scope", 5, ValueError),
+    ("scope", ["global"], ValueError),
+    ("optimizer_factory", None, TypeError), ("optimizer_factory", 5, TypeError),
+    ("optimizer_factory", lambda parameters: 5, TypeError),
+    ("optimizer_factory", lambda parameters: list(parameters), TypeError),
+    ("optimizer_factory", lambda parameters: _sgd([next(iter(parameters))]), ValueError),
+]
+IMP_BAD = [("rewind", "w", ValueError), ("rewind", None, ValueError), ("rewind", 5, ValueError)]
+SWAMP_BAD = [
+    ("particles", 0, ValueError), ("particles", -1, ValueError), ("particles", "2", TypeError),
+    ("particles", 1.5, TypeError), ("particles", None, TypeError),
+    ("swa_start", -1, ValueError), ("swa_start", "0", TypeError), ("swa_start", 1.5, TypeError),
+    ("swa_every", 0, ValueError), ("swa_every", -1, ValueError), ("swa_every", "1", TypeError),
+    ("bn_loader", 5, TypeError), ("seed", -1, ValueError), ("seed", "0", TypeError), ("seed", 1.5, TypeError),
+]
+for _cls, _specific in ((IMP, IMP_BAD), (SWAMP, SWAMP_BAD)):
+    for _argument, _value, _error in TICKET_BAD + _specific:
+        _arguments = {"optimizer_factory": _sgd, _argument: _value}
+        error(f"{_cls.__name__}({_argument}={_show(_value)})", model_world,
+              lambda w, c=_cls, a=_arguments: c(w.model, **a), _error, _argument)
+    error(f"{_cls.__name__}(model=None)", model_world, lambda w, c=_cls: c(None, _sgd), TypeError, "model")
+    error(f"{_cls.__name__}(dense model)", model_world, lambda w, c=_cls: c(dense_model(), _sgd), ValueError,
+          "no sparse modules")
+error("SWAMP(swa_start < rewind_step)", model_world, lambda w: SWAMP(w.model, _sgd, rewind_step=5, swa_start=2),
+      ValueError, "swa_start")
+
+
+def _batch_norm_world(tmp_path=None):
+    model = nn.Sequential(SparseLinear(4, 4), nn.BatchNorm1d(4))
+    return SimpleNamespace(model=model)
+
+
+error("SWAMP(BatchNorm without bn_loader)", _batch_norm_world, lambda w: SWAMP(w.model, _sgd), ValueError, "bn_loader")
+
+
+def _other_optimizer_state(world, drop=1):
+    """The state dict of an optimizer over fewer parameters than the model has."""
+    parameters = list(world.model.parameters())[drop:]
+    optimizer = _sgd(parameters)
+    return optimizer.state_dict()
+
+
+def _rewind_with(world, key, value):
+    return _replace(world.state, "rewind_state", _replace(world.state["rewind_state"], key, value))
+
+
+TICKET_STATES = [
+    ("None", lambda w: None, TypeError, "state"), ("{}", lambda w: {}, ValueError, "lacks"),
+    ("a list", lambda w: [1], TypeError, "state"),
+    ("rewind_state=5", lambda w: _replace(w.state, "rewind_state", 5), TypeError, "rewind_state"),
+    ("rewind_state={}", lambda w: _replace(w.state, "rewind_state", {}), ValueError, "rewind_state"),
+    ("rewind_state without an entry", lambda w: _rewind_with(w, "0.weight", _DELETE), ValueError, "rewind_state"),
+    ("rewind_state with an extra entry", lambda w: _rewind_with(w, "extra", torch.ones(1)), ValueError, "rewind_state"),
+    ("rewind_state with a wrong shape", lambda w: _rewind_with(w, "3.weight", torch.ones(2, 2)), ValueError,
+     "rewind_state"),
+    ("rewind_state with a wrong dtype",
+     lambda w: _rewind_with(w, "3.weight", w.state["rewind_state"]["3.weight"].double()),
+     ValueError, "rewind_state"),
+    ("rewind_state with a list", lambda w: _rewind_with(w, "3.bias", [0.0] * 16), ValueError, "rewind_state"),
+    ("rewind_state with a meta tensor",
+     lambda w: _rewind_with(w, "3.bias", w.state["rewind_state"]["3.bias"].to("meta")),
+     ValueError, "rewind_state"),
+    ("rewind_state=None past the rewind step", lambda w: _replace(w.state, "rewind_state", None), ValueError,
+     "rewind_state"),
+    ("optimizer=None", lambda w: _replace(w.state, "optimizer", None), TypeError, "optimizer"),
+    ("optimizer={}", lambda w: _replace(w.state, "optimizer", {}), ValueError, "optimizer"),
+    ("optimizer of fewer parameters", lambda w: _replace(w.state, "optimizer", _other_optimizer_state(w)),
+     ValueError, "optimizer"),
+    ("optimizer without param_groups", lambda w: _replace(w.state, "optimizer", {"state": {}}), ValueError,
+     "optimizer"),
+]
+IMP_STATES = TICKET_STATES + [
+    *[(f"without {key}", lambda w, k=key: _replace(w.state, k, _DELETE), ValueError, key)
+      for key in ("cycle", "step_in_cycle", "rewind_state", "optimizer")],
+    *[(f"{key}={_show(v)}", lambda w, k=key, v=v: _replace(w.state, k, v), (TypeError, ValueError), key)
+      for key in ("cycle", "step_in_cycle") for v in (-1, "1", 1.5, None, True)],
+]
+
+
+def _imp_continues(world):
+    _imp_train(world, 6)
+    world.algo.next_cycle()
+    _imp_train(world, 6)
+
+
+for _name, _make, _error, _match in IMP_STATES:
+    error(f"IMP.load_state_dict({_name})", imp_world, lambda w, m=_make: w.algo.load_state_dict(m(w)),
+          _error, _match, then=_imp_continues)
+
+_SWAMP_KEYS = ("cycle", "particle", "step_in_cycle", "averaged", "rewind_state", "rewind_optimizer_state",
+               "particle_average", "average_count", "particle_sum", "optimizer")
+
+
+def _average_with(world, key, value):
+    return _replace(world.state, key, value)
+
+
+SWAMP_STATES = TICKET_STATES + [
+    *[(f"without {key}", lambda w, k=key: _replace(w.state, k, _DELETE), ValueError, key) for key in _SWAMP_KEYS],
+    *[(f"{key}={_show(v)}", lambda w, k=key, v=v: _replace(w.state, k, v), (TypeError, ValueError), key)
+      for key in ("cycle", "particle", "step_in_cycle", "average_count") for v in (-1, "1", 1.5, None)],
+    ("particle=2 (of 2)", lambda w: _replace(w.state, "particle", 2), ValueError, "particle"),
+    ("averaged='yes'", lambda w: _replace(w.state, "averaged", "yes"), TypeError, "averaged"),
+    ("averaged=1", lambda w: _replace(w.state, "averaged", 1), TypeError, "averaged"),
+    ("rewind_optimizer_state=None", lambda w: _replace(w.state, "rewind_optimizer_state", None), ValueError,
+     "rewind_optimizer_state"),
+    ("rewind_optimizer_state of fewer parameters",
+     lambda w: _replace(w.state, "rewind_optimizer_state", _other_optimizer_state(w)), ValueError,
+     "rewind_optimizer_state"),
+    ("particle_average=[]", lambda w: _replace(w.state, "particle_average", []), ValueError, "particle_average"),
+    ("particle_average with a wrong shape",
+     lambda w: _replace(w.state, "particle_average", [torch.ones(1)] * len(w.state["particle_average"])),
+     ValueError, "particle_average"),
+    ("particle_average=None with samples", lambda w: _replace(w.state, "particle_average", None), ValueError,
+     "particle_average"),
+    ("particle_average with samples and average_count=0", lambda w: _replace(w.state, "average_count", 0),
+     ValueError, "average_count"),
+    ("particle_sum=5", lambda w: _replace(w.state, "particle_sum", 5), ValueError, "particle_sum"),
+    ("particle_sum of one tensor", lambda w: _replace(w.state, "particle_sum", [torch.ones(3)]), ValueError,
+     "particle_sum"),
+]
+
+
+def _swamp_continues(world):
+    _imp_train(world, 6)
+    assert world.algo.next_particle()
+
+
+for _name, _make, _error, _match in SWAMP_STATES:
+    error(f"SWAMP.load_state_dict({_name})", swamp_world, lambda w, m=_make: w.algo.load_state_dict(m(w)),
+          _error, _match, then=_swamp_continues)
+
+for _masks, _error in ((None, ValueError), ([], ValueError), ("masks", ValueError)):
+    error(f"IMP.reset({_show(_masks)})", imp_world, lambda w, m=_masks: w.algo.reset(m), _error, "masks")
+error("IMP.reset(float masks)", imp_world, lambda w: w.algo.reset([m.float() for m in w.algo.masks]), ValueError,
+      "masks")
+error("IMP.reset(transposed masks)", imp_world, lambda w: w.algo.reset([m.T for m in w.algo.masks]), ValueError,
+      "masks")
+error("IMP.reset(meta masks)", imp_world, lambda w: w.algo.reset([m.to("meta") for m in w.algo.masks]), ValueError,
+      "masks")
+error("IMP.reset(one mask too few)", imp_world, lambda w: w.algo.reset(w.algo.masks[1:]), ValueError, "masks")
+for _cls, _world in (("IMP", imp_world), ("SWAMP", swamp_world)):
+    for _cycles, _error in ((0, ValueError), (-1, ValueError), ("2", TypeError), (1.5, TypeError), (None, TypeError)):
+        error(f"{_cls}.run(cycles={_show(_cycles)})", _world, lambda w, c=_cycles: w.algo.run(lambda a: None, c),
+              _error, "cycles")
+    error(f"{_cls}.run(train_fn=None)", _world, lambda w: w.algo.run(None, 2), TypeError, "train_fn")
+
+
+def _early_imp_world(tmp_path=None):
+    model = sparse_model(density=1.0)
+    return SimpleNamespace(model=model, algo=IMP(model, _sgd, rewind_step=5))
+
+
+error("IMP.next_cycle() before the rewind step", _early_imp_world, lambda w: w.algo.next_cycle(), RuntimeError,
+      "rewind")
+error("IMP.reset() before the rewind step", _early_imp_world, lambda w: w.algo.reset(w.algo.masks), RuntimeError,
+      "rewind")
+
+
+def _nearly_empty_world(tmp_path=None, scope="layer"):
+    model = nn.Sequential(SparseLinear(3, 2), SparseLinear(2, 2))
+    model[0].set_mask(torch.tensor([[True, False, False], [False, False, False]]))
+    return SimpleNamespace(model=model, algo=IMP(model, _sgd, prune_fraction=0.5, scope=scope))
+
+
+error("IMP[layer].next_cycle() leaving a layer with no weight", _nearly_empty_world,
+      lambda w: w.algo.next_cycle(), ValueError, "with none")
+
+
+def _last_weight_world(tmp_path=None):
+    model = nn.Sequential(SparseLinear(2, 1, bias=False))
+    model[0].set_mask(torch.tensor([[True, False]]))
+    return SimpleNamespace(model=model, algo=IMP(model, _sgd, prune_fraction=0.5))
+
+
+error("IMP[global].next_cycle() leaving no weight", _last_weight_world, lambda w: w.algo.next_cycle(), ValueError,
+      "leave none")
+
+
+def _nan_weight_world(tmp_path=None):
+    world = imp_world()
+    with torch.no_grad():
+        world.algo.layers[1].weight[0, 0] = NAN
+    return world
+
+
+error("IMP.next_cycle() on NaN weights", _nan_weight_world, lambda w: w.algo.next_cycle(), ValueError, "NaN")
+
+
+def _averaged_swamp_world(tmp_path=None):
+    world = swamp_world()
+    _imp_train(world, 6)
+    world.algo.next_particle()
+    _imp_train(world, 6)
+    world.algo.next_particle()
+    return world
+
+
+error("SWAMP.step() after the cycle was averaged", _averaged_swamp_world, lambda w: w.algo.step(), RuntimeError,
+      "next_cycle")
+error("SWAMP.next_particle() after the cycle was averaged", _averaged_swamp_world,
+      lambda w: w.algo.next_particle(), RuntimeError, "next_cycle")
+error("SWAMP.next_cycle() before the average", swamp_world, lambda w: w.algo.next_cycle(), RuntimeError,
+      "next_particle")
+
+
+# -- sparsekern.algorithms: OptG -------------------------------------------------------------------
+
+OPTG_BAD = [
+    ("sparsity", 1.0, ValueError), ("sparsity", -0.1, ValueError), ("sparsity", NAN, ValueError),
+    ("sparsity", INF, ValueError), ("sparsity", "0.5", TypeError), ("sparsity", None, TypeError),
+    ("sparsity", True, TypeError), ("sparsity", 0.9999, ValueError),   # every weight of this model pruned
+    ("epochs", 0, ValueError), ("epochs", -1, ValueError), ("epochs", 1.5, TypeError), ("epochs", "3", TypeError),
+    ("epochs", None, TypeError),
+    ("lr", INF, ValueError), ("lr", -1.0, ValueError), ("lr", NAN, ValueError), ("lr", "0.1", TypeError),
+    ("lr", None, TypeError),
+    ("beta", NAN, ValueError), ("beta", 0, ValueError), ("beta", -1.0, ValueError), ("beta", INF, ValueError),
+    ("beta", "1", TypeError),
+    ("momentum", 2, ValueError), ("momentum", -0.1, ValueError), ("momentum", 1.0, ValueError),
+    ("momentum", NAN, ValueError), ("momentum", "0.9", TypeError),
+    ("nesterov", "yes", TypeError), ("nesterov", 1, TypeError), ("nesterov", None, TypeError),
+    ("lr_schedule", 0.1, TypeError), ("lr_schedule", "cosine", TypeError),
+    ("lr_schedule", lambda epoch: NAN, ValueError), ("lr_schedule", lambda epoch: -1.0, ValueError),
+    ("lr_schedule", lambda epoch: "x", ValueError), ("lr_schedule", lambda epoch: INF, ValueError),
+    ("dense_while_scores_tie", 1, TypeError), ("dense_while_scores_tie", "no", TypeError),
+    ("dense_while_scores_tie", None, TypeError),
+]
+for _argument, _value, _error in OPTG_BAD:
+    error(f"OptG({_argument}={_show(_value)})", model_world,
+          lambda w, a=_argument, v=_value: OptG(w.model, **{"sparsity": 0.5, "epochs": 3, a: v}), _error, _argument)
+error("OptG(nesterov=True, momentum=0)", model_world,
+      lambda w: OptG(w.model, sparsity=0.5, epochs=3, nesterov=True, momentum=0.0), ValueError, "nesterov")
+error("OptG(model=None)", model_world, lambda w: OptG(None, sparsity=0.5, epochs=3), TypeError, "model")
+
+
+def _scores_with(world, index, value):
+    scores = list(world.state["scores"])
+    scores[index] = value
+    return _replace(world.state, "scores", scores)
+
+
+OPTG_STATES = [
+    ("None", lambda w: None, TypeError, "state"), ("{}", lambda w: {}, ValueError, "lacks"),
+    *[(f"without {key}", lambda w, k=key: _replace(w.state, k, _DELETE), ValueError, key)
+      for key in ("epoch", "scores", "score_optimizer")],
+    *[(f"epoch={_show(v)}", lambda w, v=v: _replace(w.state, "epoch", v), (TypeError, ValueError), "epoch")
+      for v in (-1, 99, "1", 1.5, None)],
+    ("scores=None", lambda w: _replace(w.state, "scores", None), ValueError, "scores"),
+    ("scores one short", lambda w: _replace(w.state, "scores", w.state["scores"][1:]), ValueError, "scores"),
+    ("scores with a wrong shape", lambda w: _scores_with(w, 1, torch.zeros(3)), ValueError, "scores"),
+    ("scores with a wrong dtype", lambda w: _scores_with(w, 1, w.state["scores"][1].double()), ValueError, "scores"),
+    ("scores with a meta tensor", lambda w: _scores_with(w, 1, w.state["scores"][1].to("meta")), ValueError,
+     "scores"),
+    ("scores with NaN", lambda w: _scores_with(w, 1, torch.full_like(w.state["scores"][1], NAN)), ValueError,
+     "scores"),
+    ("scores with inf", lambda w: _scores_with(w, 0, torch.full_like(w.state["scores"][0], INF)), ValueError,
+     "scores"),
+    ("score_optimizer=None", lambda w: _replace(w.state, "score_optimizer", None), TypeError, "score_optimizer"),
+    ("score_optimizer={}", lambda w: _replace(w.state, "score_optimizer", {}), ValueError, "score_optimizer"),
+    ("score_optimizer of fewer scores",
+     lambda w: _replace(w.state, "score_optimizer", torch.optim.SGD([torch.zeros(2)], lr=0.1).state_dict()),
+     ValueError, "score_optimizer"),
+]
+
+
+def _optg_continues(world):
+    for step in range(2):
+        world.optimizer.zero_grad()
+        backward(world.model, 40 + step)
+        world.algo.step()
+        world.optimizer.step()
+    world.algo.next_epoch()
+
+
+for _name, _make, _error, _match in OPTG_STATES:
+    error(f"OptG.load_state_dict({_name})", optg_world, lambda w, m=_make: w.algo.load_state_dict(m(w)),
+          _error, _match, then=_optg_continues)
+def _optg_stepped_world(tmp_path=None):
+    world = optg_world()
+    world.algo.step()
+    return world
+
+
+error("OptG.step() twice without a backward", _optg_stepped_world, lambda w: w.algo.step(), RuntimeError, "twice",
+      then=_optg_continues)
+
+
+def _finished_optg_world(tmp_path=None):
+    world = optg_world()
+    world.algo.next_epoch()
+    world.algo.next_epoch()
+    return world
+
+
+error("OptG.next_epoch() after the last epoch", _finished_optg_world, lambda w: w.algo.next_epoch(), RuntimeError,
+      "last")
+
+
+def _bad_schedule_later_world(tmp_path=None):
+    model = sparse_model(density=1.0)
+    return SimpleNamespace(model=model, algo=OptG(model, sparsity=0.5, epochs=3,
+                                                  lr_schedule=lambda epoch: 0.1 if epoch == 0 else NAN))
+
+
+error("OptG.next_epoch() with lr_schedule giving NaN", _bad_schedule_later_world, lambda w: w.algo.next_epoch(),
+      ValueError, "lr_schedule")
+
+
+# -- sparsekern.algorithms.distributed, without a process group -------------------------------------
+
+for _name, _call in (("masks_identical", lambda w: distributed.masks_identical(w.model)),
+                     ("broadcast_masks", lambda w: distributed.broadcast_masks(w.model))):
+    error(f"distributed.{_name}() without a process group", model_world, _call, (ValueError, RuntimeError),
+          "process group")
+
+
+# -- sparsekern.checkpoint -------------------------------------------------------------------------
+
+for _name, _path, _error, _match in [
+        ("a directory", lambda w: w.directory / "subdirectory", IsADirectoryError, "directory"),
+        ("the checkpoints directory", lambda w: w.directory, IsADirectoryError, "directory"),
+        ("an int", lambda w: 5, TypeError, "path"), ("None", lambda w: None, TypeError, "path"),
+        ("an empty name", lambda w: "", ValueError, "path"),
+        ("below a file", lambda w: w.directory / "good.pt" / "x.pt", OSError, "good.pt")]:
+    error(f"checkpoint.save(path={_name})", file_world,
+          lambda w, p=_path: checkpoint.save({"step": 2}, p(w)), _error, _match)
+error("checkpoint.save(an unpicklable object over a good file)", file_world,
+      lambda w: checkpoint.save({"step": 2, "bad": _Unpicklable()}, w.directory / "good.pt"), RuntimeError,
+      "cannot pickle")
+error("checkpoint.save(a model's bound method)", file_world,
+      lambda w: checkpoint.save({"forward": lambda x: x}, w.directory / "good.pt"), Exception, "lambda|pickle")
+for _name, _error, _match in [("missing.pt", FileNotFoundError, "missing"), ("empty.pt", ValueError, "empty.pt"),
+                              ("truncated.pt", ValueError, "truncated.pt"), ("garbage.pt", ValueError, "garbage.pt"),
+                              ("code.pt", ValueError, "code.pt"), ("plain.pkl", ValueError, "plain.pkl"),
+                              ("subdirectory", IsADirectoryError, "subdirectory")]:
+    error(f"checkpoint.load({_name})", file_world, lambda w, n=_name: checkpoint.load(w.directory / n), _error, _match)
+_NO_CUDA = (("cuda:0", ValueError),) if not torch.cuda.is_available() else ()
+for _location, _error in (("nonsense", ValueError), (5, TypeError), ({"cpu": "nowhere"}, ValueError),
+                          ({"cpu": 3}, TypeError), *_NO_CUDA):
+    error(f"checkpoint.load(map_location={_show(_location)})", file_world,
+          lambda w, m=_location: checkpoint.load(w.directory / "good.pt", map_location=m), _error, "map_location")
+for _path, _error in ((5, TypeError), (None, TypeError), ("", ValueError)):
+    error(f"checkpoint.load(path={_show(_path)})", file_world, lambda w, p=_path: checkpoint.load(p), _error, "path")
+
+
+# -- sparsekern.ops entry points (topk_mask, masked_linear, pack) and the backend choice --------------
+
+def _ops_world(tmp_path=None):
+    generator = torch.Generator().manual_seed(0)
+    return SimpleNamespace(scores=[torch.randn(4, 5, generator=generator), torch.randn(7, generator=generator)],
+                           x=torch.randn(3, 6, generator=generator), weight=torch.randn(4, 6, generator=generator),
+                           mask=torch.rand(4, 6, generator=generator) < 0.5, bias=torch.randn(4, generator=generator))
+
+
+for _name, _call, _error, _match in [
+        ("scores=tensor", lambda w: ops.topk_mask(w.scores[0], 3), TypeError, "scores"),
+        ("scores=None", lambda w: ops.topk_mask(None, 3), TypeError, "scores"),
+        ("scores of ints", lambda w: ops.topk_mask([torch.arange(5)], 3), TypeError, "scores"),
+        ("scores of mixed dtypes", lambda w: ops.topk_mask([w.scores[0], w.scores[1].double()], 3), TypeError,
+         "scores"),
+        ("k=-1", lambda w: ops.topk_mask(w.scores, -1), ValueError, "k"),
+        ("k > numel", lambda w: ops.topk_mask(w.scores, 28), ValueError, "k"),
+        ("k=1.5", lambda w: ops.topk_mask(w.scores, 1.5), TypeError, "k"),
+        ("k='3'", lambda w: ops.topk_mask(w.scores, "3"), (TypeError, ValueError), "k"),
+        ("k list too short", lambda w: ops.topk_mask(w.scores, [1]), ValueError, "k"),
+        ("k list entry too large", lambda w: ops.topk_mask(w.scores, [1, 8]), ValueError, "k"),
+        ("k over the non-NaN scores", lambda w: ops.topk_mask([torch.tensor([1.0, NAN])], 2), ValueError, "NaN")]:
+    error(f"ops.topk_mask({_name})", _ops_world, _call, _error, _match)
+for _name, _call, _error, _match in [
+        ("x of the wrong width", lambda w: ops.masked_linear(w.x[:, :5], w.weight, w.mask), ValueError, "x"),
+        ("a float mask", lambda w: ops.masked_linear(w.x, w.weight, w.mask.float()), TypeError, "mask"),
+        ("a transposed mask", lambda w: ops.masked_linear(w.x, w.weight, w.mask.T), ValueError, "mask"),
+        ("a bias of the wrong size", lambda w: ops.masked_linear(w.x, w.weight, w.mask, w.bias[:3]), ValueError,
+         "bias"),
+        ("x of another dtype", lambda w: ops.masked_linear(w.x.double(), w.weight, w.mask), TypeError, "dtype"),
+        ("an int weight", lambda w: ops.masked_linear(w.x, w.weight.int(), w.mask), TypeError, "weight"),
+        ("weight=None", lambda w: ops.masked_linear(w.x, None, w.mask), TypeError, "weight")]:
+    error(f"ops.masked_linear({_name})", _ops_world, _call, _error, _match)
+for _name, _call, _error, _match in [
+        ("a 1-D weight", lambda w: ops.pack(w.weight.flatten(), w.mask.flatten()), ValueError, "weight"),
+        ("a float mask", lambda w: ops.pack(w.weight, w.mask.float()), TypeError, "mask"),
+        ("an int weight", lambda w: ops.pack(w.weight.int(), w.mask), TypeError, "weight")]:
+    error(f"ops.pack({_name})", _ops_world, _call, _error, _match)
+
+
+def _with_backend(name, call):
+    def run(world):
+        saved = os.environ.get(_backend.ENV_VAR)
+        os.environ[_backend.ENV_VAR] = name
+        try:
+            return call(world)
+        finally:
+            if saved is None:
+                del os.environ[_backend.ENV_VAR]
+            else:
+                os.environ[_backend.ENV_VAR] = saved
+    return run
+
+
+_TRITON_BF16 = [
+    ("masked_linear", lambda w: ops.masked_linear(w.x.bfloat16(), w.weight.bfloat16(), w.mask)),
+    ("topk_mask", lambda w: ops.topk_mask([s.bfloat16() for s in w.scores], 5)),
+    ("prune_grow", lambda w: ops.prune_grow(w.weight, w.mask, w.weight.abs().bfloat16(), w.weight.bfloat16(), 2)),
+]
+# The Triton interpreter runs where there is no GPU (tests/conftest.py sets TRITON_INTERPRET=1).
+for _op, _call in _TRITON_BF16 if importlib.util.find_spec("triton") and not torch.cuda.is_available() else ():
+    error(f"SPARSEKERN_BACKEND=triton {_op}(bfloat16) under the interpreter", _ops_world,
+          _with_backend("triton", _call), RuntimeError, "interpreter.*bfloat16")
+error("SPARSEKERN_BACKEND=fastest", _ops_world, _with_backend("fastest", lambda w: ops.topk_mask(w.scores, 3)),
+      ValueError, "SPARSEKERN_BACKEND")
+
+
+# -- degenerate settings that are legal: they must warn ---------------------------------------------
+
+def _masks(model):
+    return [m.mask.clone() for _, m in sparse_modules(model)]
+
+
+def _train_dst(world, steps=6):
+    for step in range(steps):
+        _train_step(world, 50 + step)
+
+
+warning("DST(block not tiling a layer)", model_world, lambda w: DST(w.model, w.optimizer, total_steps=40,
+                                                                    block=(3, 3)), "does not tile")
+warning("DST(update_every > total_steps)", model_world,
+        lambda w: DST(w.model, w.optimizer, total_steps=20, update_every=50), "no mask update will ever happen")
+warning("DST(update_every past the cosine end_step)", model_world,
+        lambda w: DST(w.model, w.optimizer, total_steps=100, update_every=80), "no mask update will ever happen")
+warning("SET(drop_fraction=0)", model_world,
+        lambda w: sparsekern.SET(w.model, w.optimizer, total_steps=20, update_every=2, drop_fraction=0.0),
+        "drop_fraction is 0")
+
+
+def _frozen_one_world(tmp_path=None):
+    world = model_world()
+    world.model[3].weight.requires_grad_(False)
+    world.frozen = (world.model[3].mask.clone(), world.model[3].weight.detach().clone())
+    return world
+
+
+def _frozen_layer_untouched(world):
+    world.algo = world.result
+    _train_dst(world)
+    mask, weight = world.frozen
+    assert torch.equal(world.model[3].mask, mask) and torch.equal(world.model[3].weight, weight)
+
+
+for _grow in ("random", "gradient"):
+    warning(f"DST(grow={_grow!r}) with a frozen layer", _frozen_one_world,
+            lambda w, g=_grow: DST(w.model, w.optimizer, grow=g, total_steps=40, update_every=2),
+            "leaves the masks of \\['3'\\]", then=_frozen_layer_untouched)
+
+
+def _not_optimized_world(tmp_path=None):
+    world = model_world()
+    world.optimizer = torch.optim.SGD([p for n, p in world.model.named_parameters() if n != "5.weight"], lr=0.1)
+    world.frozen = (world.model[5].mask.clone(), world.model[5].weight.detach().clone())
+    return world
+
+
+warning("SET with a layer its optimizer does not train", _not_optimized_world,
+        lambda w: sparsekern.SET(w.model, w.optimizer, total_steps=40, update_every=2), "not in the optimizer")
+
+
+def _empty_layer_world(tmp_path=None):
+    world = model_world()
+    world.model[5].set_mask(torch.zeros_like(world.model[5].mask))
+    return world
+
+
+warning("RigL(scope='layer') with a layer holding no weight", _empty_layer_world,
+        lambda w: sparsekern.RigL(w.model, w.optimizer, total_steps=40), "no active weight")
+warning("sparsify(a Linear tied to an Embedding)", lambda tmp_path=None: SimpleNamespace(model=_TiedOnly()),
+        lambda w: sparsekern.sparsify(nn.ModuleDict({"lm": w.model, "head": nn.Linear(4, 2)}), 0.5),
+        "stays dense: its weight is tied to lm.embedding")
+warning("sparsify(include with a pattern matching nothing)", dense_world,
+        lambda w: sparsekern.sparsify(w.model, 0.5, include=["3", "fc*"]), "include pattern 'fc\\*'")
+warning("sparsify(exclude with a pattern matching nothing)", dense_world,
+        lambda w: sparsekern.sparsify(w.model, 0.5, exclude="head"), "exclude pattern 'head'")
+
+
+def _lopsided_world(tmp_path=None):
+    model = nn.Sequential(SparseLinear(8, 8), SparseLinear(8, 2))
+    with torch.no_grad():
+        model[1].weight.fill_(1e-3)
+        model[0].weight.fill_(1.0)
+    return SimpleNamespace(model=model, algo=IMP(model, _sgd, prune_fraction=0.7))
+
+
+warning("IMP global pruning that empties a layer", _lopsided_world, lambda w: w.algo.next_cycle(),
+        "leaves layers \\['1'\\] with no weight")
+warning("RigL.step() past total_steps", lambda tmp_path=None: dst_world(total_steps=4),
+        lambda w: [_train_step(w, 60 + step) for step in range(2)], "more than total_steps=4")
+def _global_world(tmp_path=None):
+    world = model_world()
+    with torch.no_grad():   # the last layer's weights are far smaller than all others
+        world.model[5].weight.mul_(1e-6)
+    return world
+
+
+def _global_update_without_the_last_layer(world):
+    """A global RigL update where the last layer's weights are the smallest and its gradient is 0."""
+    world.algo = sparsekern.RigL(world.model, world.optimizer, scope="global", update_every=1, total_steps=100)
+    world.optimizer.zero_grad()
+    backward(world.model, 70)
+    world.model[5].weight.grad.zero_()
+    world.algo.step()
+
+
+warning("RigL(scope='global') emptying a layer", _global_world, _global_update_without_the_last_layer,
+        "left \\['5'\\] with no active weight")
+warning("OptG(lr=0)", model_world, lambda w: OptG(w.model, sparsity=0.5, epochs=3, lr=0.0), "lr=0")
+
+
+# -- the tests -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", ERRORS, ids=[case.name for case in ERRORS])
+def test_bad_input_raises_naming_it_and_changes_nothing(case, tmp_path):
+    world = case.world(tmp_path)
+    before = world_snapshot(world)
+    with pytest.raises(case.error, match=case.match):
+        case.call(world)
+    assert differences(before, world_snapshot(world)) == []
+    if case.then is not None:
+        case.then(world)
+
+
+@pytest.mark.parametrize("case", WARNINGS, ids=[case.name for case in WARNINGS])
+def test_degenerate_setting_warns(case, tmp_path):
+    world = case.world(tmp_path)
+    with pytest.warns(UserWarning, match=case.match):
+        world.result = case.call(world)
+    if case.then is not None:
+        case.then(world)
+
+
+def test_the_snapshot_sees_every_kind_of_change(tmp_path):
+    """The campaign's comparison must be able to fail: each kind of mutation it guards is caught."""
+    mutations = [
+        lambda w: w.model[3].weight.data.view(-1)[0].add_(1e-7),
+        lambda w: w.model[3].mask.view(-1)[0].logical_not_(),
+        lambda w: setattr(w.model[3], "dense_grad", not w.model[3].dense_grad),
+        lambda w: w.model[3].weight.grad.view(-1)[0].add_(1.0),
+        lambda w: w.optimizer.state[w.model[3].weight]["momentum_buffer"].view(-1)[0].add_(1.0),
+        lambda w: w.optimizer.param_groups[0].update(lr=1.0),
+        lambda w: setattr(w.algo, "step_count", w.algo.step_count + 1),
+        lambda w: w.algo.generator.manual_seed(5),
+        lambda w: setattr(w.algo, "optimizer", torch.optim.SGD(w.model.parameters(), lr=0.05, momentum=0.9)),
+        lambda w: setattr(w.model, "3", nn.Linear(64, 16)),
+        lambda w: torch.rand(1),
+    ]
+    for mutate in mutations:
+        world = dst_world()
+        before = world_snapshot(world)
+        mutate(world)
+        assert differences(before, world_snapshot(world)), mutate
+    world = file_world(tmp_path)
+    before = world_snapshot(world)
+    (world.directory / "good.pt").write_bytes(b"x")
+    assert differences(before, world_snapshot(world))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_the_automatic_choice_passes_over_triton_for_bfloat16_under_the_interpreter(monkeypatch):
+    """Where Triton would be chosen (CUDA tensors) but runs interpreted, bfloat16 goes to the next
+    backend, and sk.backends() says why; float32 still gets Triton."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _backend.choose("masked_linear", "cuda", (torch.float32,))[0] == "triton"
+    assert _backend.choose("masked_linear", "cuda", (torch.bfloat16,))[0] == "reference"
+    refused = sparsekern.backends()["ops"]["masked_linear"]["cuda"]["dtypes"]["bfloat16"]["triton"]
+    assert "interpreter" in refused and "bfloat16" in refused
+    monkeypatch.setenv("TRITON_INTERPRET", "0")   # compiled Triton on a GPU runs bfloat16 right
+    assert _backend.choose("masked_linear", "cuda", (torch.bfloat16,))[0] == "triton"
