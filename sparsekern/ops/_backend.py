@@ -4,7 +4,10 @@
 so tests and users can switch it at run time). `compiled` names the compiled extension `sparsekern._C`:
 its CUDA kernels for CUDA tensors and its C++ kernels for CPU tensors, reported as `compiled/cuda` and
 `compiled/cpu` (`label`). `cuda` and `cpp`, the names of earlier releases, are accepted as aliases.
-An automatic choice falls back quietly; a backend asked for by name that cannot run raises.
+An automatic choice falls back quietly; a backend asked for by name that cannot run raises. A backend
+asked for by name that does not implement an op at all (the compiled extension has no masked_linear)
+hands that op to the automatic choice among the backends after it, so naming a backend never breaks a
+model; `backends()` reports the fallback.
 """
 from __future__ import annotations
 
@@ -29,6 +32,12 @@ class Implementation:
     missing: Callable[[str], str | None]
     # Whether the automatic choice may take it on a device type (Triton on CPU is the slow interpreter).
     automatic: Callable[[str], bool] = lambda device_type: True
+    # Whether the automatic choice gives it one call, judged from the call's leading tensor arguments
+    # (Triton's masked_linear takes only masks it can skip work on); None takes every call. A backend
+    # named in SPARSEKERN_BACKEND takes every call.
+    takes: Callable[..., bool] | None = None
+    # A line for `backends()` on what this implementation does beyond the plain choice.
+    note: str | None = None
 
 
 _REGISTRY: dict[str, dict[str, Implementation]] = {}
@@ -62,19 +71,33 @@ def _reasons(op: str, device_type: str) -> dict[str, str | None]:
     }
 
 
-def choose(op: str, device_type: str) -> tuple[str, Implementation]:
-    """The backend that runs `op` on tensors of `device_type`, under SPARSEKERN_BACKEND."""
+def is_forced(op: str) -> bool:
+    """Whether SPARSEKERN_BACKEND names a backend that implements `op`, which then runs every call."""
+    return requested() in _REGISTRY[op]
+
+
+def choose(op: str, device_type: str, args: tuple | None = None) -> tuple[str, Implementation]:
+    """The backend that runs `op` on tensors of `device_type`, under SPARSEKERN_BACKEND.
+
+    `args`, the call's leading tensor arguments, let an implementation decline a call it would run
+    slowly (`Implementation.takes`); without them every usable implementation is taken.
+    """
     name = requested()
     reasons = _reasons(op, device_type)
+    candidates = AUTO_ORDER
     if name != "auto":
-        if reasons[name] is not None:
-            usable = [n for n, why in reasons.items() if why is None]
-            raise RuntimeError(f"{ENV_VAR}={name} cannot run {op} on {device_type}: {reasons[name]}; "
-                               f"usable backends: {', '.join(usable)}")
-        return name, _REGISTRY[op][name]
-    for candidate in AUTO_ORDER:
-        if reasons[candidate] is None and _REGISTRY[op][candidate].automatic(device_type):
-            return candidate, _REGISTRY[op][candidate]
+        if name in _REGISTRY[op]:
+            if reasons[name] is not None:
+                usable = [n for n, why in reasons.items() if why is None]
+                raise RuntimeError(f"{ENV_VAR}={name} cannot run {op} on {device_type}: {reasons[name]}; "
+                                   f"usable backends: {', '.join(usable)}")
+            return name, _REGISTRY[op][name]
+        candidates = AUTO_ORDER[AUTO_ORDER.index(name) + 1:]
+    for candidate in candidates:
+        implementation = _REGISTRY[op].get(candidate)
+        if (reasons[candidate] is None and implementation.automatic(device_type)
+                and (args is None or implementation.takes is None or implementation.takes(*args))):
+            return candidate, implementation
     raise RuntimeError(f"no backend can run {op} on {device_type}: {reasons}")
 
 
@@ -109,7 +132,8 @@ def backends() -> dict:
     """Which backend each op uses on each device type now, and why the others are passed over.
 
     Returns {"requested": ..., "extension": load status, "ops": {op: {device: {"chosen": name,
-    "<backend>": None if usable else reason}}}}.
+    "<backend>": None if usable else reason, and where they apply "fallback" (the named backend lacks
+    the op), "note" (a per-call rule of the chosen implementation)}}}}.
     """
     report = {
         "requested": requested(),
@@ -125,5 +149,11 @@ def backends() -> dict:
             except RuntimeError as error:
                 entry["chosen"] = None
                 entry["error"] = str(error)
+            if report["requested"] != "auto" and not is_forced(op) and entry["chosen"] is not None:
+                entry["fallback"] = (f"{ENV_VAR}={report['requested']} does not implement {op}: "
+                                     f"{entry['chosen']} runs it")
+            note = _REGISTRY[op][entry["chosen"]].note if entry["chosen"] is not None else None
+            if note is not None:
+                entry["note"] = note
             report["ops"][op][device_type] = entry
     return report
