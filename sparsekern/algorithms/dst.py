@@ -154,15 +154,27 @@ class DST:
         """Counts one training step; on update steps updates the masks. Returns whether it did.
 
         Call after backward and before optimizer.step(). On steps that neither update nor precede
-        an update it only counts.
+        an update it only counts. An update step whose gradients (of any parameter the optimizer
+        holds) are not all finite is skipped, as torch.amp.GradScaler skips its optimizer step:
+        the masks wait for the next update step.
         """
         self.step_count += 1
-        updated = self.schedule.is_update(self.step_count)
+        due = self.schedule.is_update(self.step_count)
+        updated = due and self._gradients_finite()
         if updated:
             self._update(self.schedule.fraction(self.step_count))
-        if updated or self.schedule.is_update(self.step_count + 1):
+        if due or self.schedule.is_update(self.step_count + 1):
             self._set_dense_grad(self._dense_grad_next())
         return updated
+
+    def _gradients_finite(self) -> bool:
+        """Whether every gradient the optimizer holds is finite (one host sync per device)."""
+        finite: dict[torch.device, list[Tensor]] = {}
+        for group in self.optimizer.param_groups:
+            for parameter in group["params"]:
+                if parameter.grad is not None:
+                    finite.setdefault(parameter.grad.device, []).append(torch.isfinite(parameter.grad).all())
+        return all(bool(torch.stack(flags).all()) for flags in finite.values())
 
     def state_dict(self) -> dict:
         """Step count, masks (by module name), schedule and random-generator state."""

@@ -17,7 +17,7 @@ nothing. How it is computed is explicit in `zero_off_mask`:
   where(mask, weight, 0) first (`sparsekern.ops.masked_linear`'s masked path).
 
 Writing into `weight` off the mask, or writing `mask` other than through `set_mask`, breaks the
-promise: set `zero_off_mask = False` (or call `set_mask` again). `verify_zero_off_mask()` checks it
+promise: set `zero_off_mask = False`, or call `zero_weights_off_mask()` to keep it. `verify_zero_off_mask()` checks it
 (one pass over the weight); `SparseModule.check_zero_off_mask = True` (on the class, or on one
 module) runs that check at every forward that relies on it, a debugging aid.
 
@@ -73,6 +73,12 @@ class SparseModule(nn.Module):
             raise ValueError(f"mask must have the weight's shape {tuple(self.weight.shape)}, "
                              f"got {tuple(mask.shape)}")
         self.mask.copy_(mask)
+        self.zero_weights_off_mask()
+
+    @torch.no_grad()
+    def zero_weights_off_mask(self) -> None:
+        """Sets every weight off the mask to exactly 0, so the module promises `zero_off_mask` again
+        (after anything wrote into the weight)."""
         self.weight.masked_fill_(~self.mask, 0)
         self.zero_off_mask = True
 
@@ -82,7 +88,7 @@ class SparseModule(nn.Module):
         not exactly 0 (NaN included). One pass over the weight and one host sync."""
         if self.zero_off_mask and self._off_mask_nonzero():
             raise RuntimeError(f"{type(self).__name__} promises zero_off_mask but holds non-zero weights off "
-                               "its mask: call set_mask() or set zero_off_mask = False after writing them")
+                               "its mask: call zero_weights_off_mask() or set zero_off_mask = False after writing them")
 
     def _off_mask_nonzero(self) -> bool:
         return bool(torch.where(self.mask, 0, self.weight).ne(0).any())

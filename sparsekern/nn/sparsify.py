@@ -75,6 +75,7 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
         sparse = module if isinstance(module, SparseModule) else _SPARSE_OF[type(module)].from_dense(module)
         sparse.set_mask(mask.to(sparse.weight.device))
         init_function(sparse, generator=generator)
+        sparse.zero_weights_off_mask()  # whatever a callable init wrote: the modules promise zeros off the mask
         replacements[id(module)] = sparse
     _replace(model, replacements)
     return replacements.get(id(model), model)

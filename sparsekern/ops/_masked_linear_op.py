@@ -128,8 +128,25 @@ class _WeightForDenseKernel(torch.autograd.Function):
             return reference.masked_weight(grad, mask), None, None, None
         # The weight gradient a linear or convolution kernel just wrote, which nothing else holds:
         # masking it where it lies is the one pass this path adds, with no new allocation.
-        zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
-        return torch.where(mask, grad, zero, out=grad), None, None, None
+        return _mask_in_place(grad, mask), None, None, None
+
+
+# On CPU a multiply by a bool mask first converts the mask to the gradient's dtype, a temporary as
+# large as the gradient; in chunks of this many entries it stays small and in cache. Measured on 2
+# shared cores for a 2048x2048 float32 gradient: 1.1 ms against 1.8 ms unchunked and 5-9 ms for
+# torch.where or masked_fill_ (neither vectorizes its bool condition).
+_CPU_CHUNK = 1 << 17
+
+
+def _mask_in_place(grad: Tensor, mask: Tensor) -> Tensor:
+    """grad *= mask in place, for a contiguous grad: exactly 0 off the mask wherever grad is finite
+    (an inf or NaN gradient, a step GradScaler skips, stays NaN there)."""
+    if grad.device.type != "cpu":
+        return grad.mul_(mask)  # GPU kernels convert the mask as they read it
+    flat_grad, flat_mask = grad.view(-1), mask.reshape(-1).view(torch.uint8)
+    for start in range(0, flat_grad.numel(), _CPU_CHUNK):
+        flat_grad[start:start + _CPU_CHUNK].mul_(flat_mask[start:start + _CPU_CHUNK])
+    return grad
 
 
 def weight_for_dense_kernel(weight: Tensor, mask: Tensor, zero_off_mask: bool, dense_grad: bool) -> Tensor:

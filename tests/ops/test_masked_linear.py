@@ -111,28 +111,46 @@ def test_non_contiguous_inputs(backend, layout, zero_off_mask, use_backend, gene
         torch.testing.assert_close(a, e)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("zero_off_mask", [False, True])
-@pytest.mark.parametrize("dense_grad", [False, True])
-def test_double_backward(backend, zero_off_mask, dense_grad, use_backend, generator):
-    use_backend(backend, "masked_linear")
-    x, weight, mask, b = make_inputs(generator, (2, 3), 7, 5, torch.float64)
-    leaves = [x.requires_grad_(), b.requires_grad_()]
+def double_backward_case(generator, zero_off_mask):
+    """(function of (x, bias, free weight values), leaves): with zero_off_mask only the active values
+    are free, so the weight keeps the promise under gradcheck's nudges."""
+    x, weight, mask, b = make_inputs(generator, (2, 2), 4, 3, torch.float64, density=0.6)
     if zero_off_mask:
-        # Only the active values are free, so the weight keeps the promise under gradcheck's nudges.
-        active = weight[mask].clone().requires_grad_()
-        leaves.append(active)
+        free = weight[mask].clone()
         make_weight = lambda values: torch.zeros(mask.shape, dtype=values.dtype).masked_scatter(mask, values)  # noqa: E731
     else:
-        leaves.append(weight.requires_grad_())
-        make_weight = lambda w: w  # noqa: E731
+        free, make_weight = weight, (lambda w: w)  # noqa: E731
 
-    def function(x, b, w):
-        return sparsekern_function(x, make_weight(w), mask, b, dense_grad and not zero_off_mask, zero_off_mask)
+    def function(x, b, w, dense_grad=False):
+        return sparsekern_function(x, make_weight(w), mask, b, dense_grad, zero_off_mask)
+    return function, [x.requires_grad_(), b.requires_grad_(), free.requires_grad_()]
 
-    assert torch.autograd.gradgradcheck(function, leaves)
-    if not zero_off_mask and not dense_grad:
-        assert torch.autograd.gradcheck(function, leaves)
+
+@pytest.mark.parametrize("zero_off_mask", [False, True])
+@pytest.mark.parametrize("dense_grad", [False, True])
+def test_double_backward(zero_off_mask, dense_grad, use_backend, generator):
+    use_backend("reference", "masked_linear")
+    function, leaves = double_backward_case(generator, zero_off_mask)
+    assert torch.autograd.gradgradcheck(functools.partial(function, dense_grad=dense_grad and not zero_off_mask),
+                                        leaves)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("zero_off_mask", [False, True])
+def test_every_backend_differentiates_its_backward_as_the_reference(backend, zero_off_mask, use_backend, monkeypatch,
+                                                                    generator):
+    # gradgradcheck under the Triton interpreter would take minutes: compare one second-order
+    # gradient of every input with the reference's instead.
+    def second_order(name):
+        monkeypatch.setenv(_backend.ENV_VAR, name)
+        function, leaves = double_backward_case(torch.Generator().manual_seed(7), zero_off_mask)
+        y = function(*leaves)
+        first = torch.autograd.grad(y, leaves, torch.ones_like(y), create_graph=True)
+        return torch.autograd.grad(sum((g * g).sum() for g in first), leaves, materialize_grads=True)
+
+    use_backend(backend, "masked_linear")
+    for got, want in zip(second_order(backend), second_order("reference")):
+        torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
