@@ -10,6 +10,7 @@ itself where it is already 0 off the mask, else the masked weight; its gradient 
 """
 from __future__ import annotations
 
+import threading
 from typing import Callable, Optional
 
 import torch
@@ -131,21 +132,30 @@ class _WeightForDenseKernel(torch.autograd.Function):
         return _mask_in_place(grad, mask), None, None, None
 
 
-# On CPU a multiply by a bool mask first converts the mask to the gradient's dtype, a temporary as
-# large as the gradient; in chunks of this many entries it stays small and in cache. Measured on 2
-# shared cores for a 2048x2048 float32 gradient: 1.1 ms against 1.8 ms unchunked and 5-9 ms for
-# torch.where or masked_fill_ (neither vectorizes its bool condition).
+# On CPU a multiply by a bool mask first converts the whole mask to the gradient's dtype, a
+# temporary as large as the gradient that would raise the step's peak memory above a dense step's.
+# Instead each thread keeps one scratch chunk per dtype (512 KB for float32), converts the mask into
+# it chunk by chunk and multiplies. Measured on one shared core, per 128K float32 entries: 21 us,
+# against 127 us for torch.where (which does not vectorize its bool condition).
 _CPU_CHUNK = 1 << 17
+_scratch = threading.local()
 
 
 def _mask_in_place(grad: Tensor, mask: Tensor) -> Tensor:
     """grad *= mask in place, for a contiguous grad: exactly 0 off the mask wherever grad is finite
     (an inf or NaN gradient, a step GradScaler skips, stays NaN there)."""
     if grad.device.type != "cpu":
-        return grad.mul_(mask)  # GPU kernels convert the mask as they read it
+        return grad.mul_(mask)  # GPU kernels convert the mask as they read it, no temporary
+    # As bytes: converting uint8 to float vectorizes, converting bool does not (8 us against 72 us
+    # for 128K entries).
     flat_grad, flat_mask = grad.view(-1), mask.reshape(-1).view(torch.uint8)
+    chunks = _scratch.__dict__
+    if grad.dtype not in chunks:
+        chunks[grad.dtype] = torch.empty(_CPU_CHUNK, dtype=grad.dtype)
+    factor = chunks[grad.dtype]
     for start in range(0, flat_grad.numel(), _CPU_CHUNK):
-        flat_grad[start:start + _CPU_CHUNK].mul_(flat_mask[start:start + _CPU_CHUNK])
+        chunk = flat_grad[start:start + _CPU_CHUNK]
+        chunk.mul_(factor[:chunk.numel()].copy_(flat_mask[start:start + _CPU_CHUNK]))
     return grad
 
 
