@@ -44,22 +44,21 @@ def check(kernel, types, constexprs, config=None):
     print(f"ok   {fn.__name__} {shown} ptx: {', '.join(uses) or '-'}")
 
 
-check(masked_linear._pack_mask_kernel, {"mask_ptr": "*i1", "bits_ptr": "*i32", "tiles_ptr": "*i8"},
+check(masked_linear._pack_mask_kernel, {"mask_ptr": "*i1", "bits_ptr": "*i32", "flags_ptr": "*i8"},
       {"WORDS_PER_PROGRAM": 8})
 for name, dtype in FLOATS.items():
     pointer = "*" + name
     acc = tl.float64 if name == "fp64" else tl.float32
     for rows_are_p in (True, False):
-        for skip, config in ((False, masked_linear._MATMUL_CONFIGS[1]), (True, masked_linear._SPARSE_MATMUL_CONFIGS[1])):
-            check(masked_linear._masked_weight_matmul_kernel,
-                  {"a_ptr": pointer, "w_ptr": pointer, "bits_ptr": "*i32", "starts_ptr": "*i32", "steps_ptr": "*i32",
-                   "bias_ptr": pointer, "c_ptr": pointer},
-                  dict(WEIGHT_ROWS_ARE_P=rows_are_p, SKIP_TILES=skip, HAS_BIAS=True, ACC_DTYPE=acc,
-                       INPUT_PRECISION="ieee"), config)
-    for dense in (False, True):
-        check(masked_linear._grad_weight_kernel,
-              {"dy_ptr": pointer, "x_ptr": pointer, "bits_ptr": "*i32", "tiles_ptr": "*i8", "dw_ptr": pointer},
-              dict(DENSE=dense, ACC_DTYPE=acc, INPUT_PRECISION="ieee"), masked_linear._GRAD_WEIGHT_CONFIGS[1])
+        for select, (tile_p, tile_r) in ((False, (32, 32)), (True, (32, 32)), (False, (64, 64))):
+            check(masked_linear._block_matmul_kernel,
+                  {"a_ptr": pointer, "w_ptr": pointer, "bits_ptr": "*i32", "starts_ptr": "*i32", "split_ptr": "*i32",
+                   "steps_ptr": "*i32", "bias_ptr": pointer, "c_ptr": pointer},
+                  dict(WEIGHT_ROWS_ARE_P=rows_are_p, SELECT_PARTIAL=select, HAS_BIAS=True, ACC_DTYPE=acc,
+                       INPUT_PRECISION="ieee", TILE_P=tile_p, TILE_R=tile_r), masked_linear._MATMUL_CONFIGS[1])
+    check(masked_linear._block_grad_weight_kernel,
+          {"dy_ptr": pointer, "x_ptr": pointer, "bits_ptr": "*i32", "tiles_ptr": "*i32", "dw_ptr": pointer},
+          dict(ACC_DTYPE=acc, INPUT_PRECISION="ieee", TILE_N=32, TILE_K=32), masked_linear._GRAD_WEIGHT_CONFIGS[1])
     key_bits = {"fp16": 16, "bf16": 16, "fp32": 32, "fp64": 64}[name]
     tables = {"block_tensor_ptr": "*i64", "block_start_ptr": "*i64", "score_ptrs": "*i64", "numel_ptr": "*i64",
               "segment_ptr": "*i64", "eligible_ptrs": "*i64", "prefix_ptr": "*i64", "hist_ptr": "*i32",
