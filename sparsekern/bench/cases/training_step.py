@@ -56,7 +56,7 @@ MODELS = {
 
 
 def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, x, y, algorithm=None) -> Callable[[], None]:
-    learn = _learning(model, optimizer, x, y, algorithm)
+    learn = learning_step(model, optimizer, x, y, algorithm)
 
     def run():
         optimizer.zero_grad()
@@ -64,7 +64,7 @@ def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, x, y, algo
     return run
 
 
-def _learning(model: nn.Module, optimizer: torch.optim.Optimizer, x, y, algorithm=None) -> Callable[[], None]:
+def learning_step(model: nn.Module, optimizer: torch.optim.Optimizer, x, y, algorithm=None) -> Callable[[], None]:
     """A training step after zero_grad: forward, backward, [algorithm.step()], optimizer.step()."""
     def run():
         nn.functional.cross_entropy(model(x), y).backward()
@@ -130,7 +130,7 @@ def _case(description: str, build: Callable[[], nn.Module], input_shape, device:
     for name, run in runs.items():
         run()  # optimizer state exists before memory is measured
         optimizers[name].zero_grad()
-        peaks[name] = step_peak_bytes(_learning(models[name], optimizers[name], x, y, algorithms[name]), device)
+        peaks[name] = step_peak_bytes(learning_step(models[name], optimizers[name], x, y, algorithms[name]), device)
     masks = sum(module.mask.numel() * module.mask.element_size() for _, module in sparse_modules(models["sparse, static"]))
     memory = ", ".join(f"{name} {peak / 2 ** 20:.1f} MB ({peak / peaks[DENSE]:.2f}x)" for name, peak in peaks.items())
     size = f"{description}, d={DENSITY}; step peak memory: {memory}; masks held: {masks / 2 ** 20:.1f} MB"
