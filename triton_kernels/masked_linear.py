@@ -45,6 +45,9 @@ Kernels
 * `_block_grad_weight_kernel`: one program per active tile of dW = dy^T @ x, reduced over all M rows,
   zeroed off the mask at the store on partial tiles; the rest of dW is a memset. The dense gradient
   (`dense_grad`) is a plain GEMM and runs as torch.mm (cuBLAS).
+Compiled for sm_90a by Triton 3.6 (the GPU machine's) with a real launch's divisibility hints, every
+fp16/bf16 forward and dx config, select or not, is wgmma with cp.async pipelining and ptxas reports
+no C7515 (serialized wgmma), which it reported for every forward config of the earlier kernel.
 All accumulate in fp32 (fp64 for fp64 inputs); fp32 inputs use tf32 exactly when torch does
 (`torch.backends.cuda.matmul.allow_tf32`). Offsets are int64 wherever a row index meets a stride, so
 tensors past 2^31 entries are addressed right. Autotuning keys on the problem's shape and a power-of-two
@@ -289,6 +292,21 @@ def _block_step(acc, a_ptr, w_ptr, bits_ptr, offs_m, p0, r0, M, P, R,
 
 
 @triton.jit
+def _block_steps(acc, first, last, a_ptr, w_ptr, bits_ptr, steps_ptr, offs_m, p0, M, P, R,
+                 stride_am, stride_ar, stride_wp, stride_wr, stride_bits,
+                 SELECT: tl.constexpr, WEIGHT_ROWS_ARE_P: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                 INPUT_PRECISION: tl.constexpr, TILE_P: tl.constexpr, TILE_R: tl.constexpr):
+    """acc plus the steps steps[first:last] of one strip. The loop body has no branch, so Triton can
+    software-pipeline its loads (the step index is a load too)."""
+    for i in range(first, last):
+        r0 = tl.load(steps_ptr + i) * TILE_R
+        acc = _block_step(acc, a_ptr, w_ptr, bits_ptr, offs_m, p0, r0, M, P, R, stride_am, stride_ar,
+                          stride_wp, stride_wr, stride_bits, SELECT, WEIGHT_ROWS_ARE_P, ACC_DTYPE,
+                          INPUT_PRECISION, TILE_P, TILE_R)
+    return acc
+
+
+@triton.jit
 def _block_matmul_kernel(
         a_ptr, w_ptr, bits_ptr, starts_ptr, split_ptr, steps_ptr, bias_ptr, c_ptr,
         M, P, R, M_BUCKET,
@@ -303,19 +321,14 @@ def _block_matmul_kernel(
     acc = tl.zeros((BLOCK_M, TILE_P), dtype=ACC_DTYPE)
     start = tl.load(starts_ptr + strip)
     end = tl.load(starts_ptr + strip + 1)
-    # Loop bodies without a branch let Triton software-pipeline the loads (the step index is a load too).
     plain_end = tl.load(split_ptr + strip) if SELECT_PARTIAL else end
-    for i in range(start, plain_end):
-        r0 = tl.load(steps_ptr + i) * TILE_R
-        acc = _block_step(acc, a_ptr, w_ptr, bits_ptr, offs_m, p0, r0, M, P, R, stride_am, stride_ar,
-                          stride_wp, stride_wr, stride_bits, False, WEIGHT_ROWS_ARE_P, ACC_DTYPE,
-                          INPUT_PRECISION, TILE_P, TILE_R)
+    acc = _block_steps(acc, start, plain_end, a_ptr, w_ptr, bits_ptr, steps_ptr, offs_m, p0, M, P, R,
+                       stride_am, stride_ar, stride_wp, stride_wr, stride_bits, False, WEIGHT_ROWS_ARE_P,
+                       ACC_DTYPE, INPUT_PRECISION, TILE_P, TILE_R)
     if SELECT_PARTIAL:
-        for i in range(plain_end, end):
-            r0 = tl.load(steps_ptr + i) * TILE_R
-            acc = _block_step(acc, a_ptr, w_ptr, bits_ptr, offs_m, p0, r0, M, P, R, stride_am, stride_ar,
-                              stride_wp, stride_wr, stride_bits, True, WEIGHT_ROWS_ARE_P, ACC_DTYPE,
-                              INPUT_PRECISION, TILE_P, TILE_R)
+        acc = _block_steps(acc, plain_end, end, a_ptr, w_ptr, bits_ptr, steps_ptr, offs_m, p0, M, P, R,
+                           stride_am, stride_ar, stride_wp, stride_wr, stride_bits, True, WEIGHT_ROWS_ARE_P,
+                           ACC_DTYPE, INPUT_PRECISION, TILE_P, TILE_R)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_p, mask=offs_p < P, other=0).to(ACC_DTYPE)[None, :]
     tl.store(c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_p.to(tl.int64)[None, :] * stride_cp,
