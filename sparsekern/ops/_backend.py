@@ -11,7 +11,6 @@ model; `backends()` reports the fallback.
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -102,15 +101,14 @@ def choose(op: str, device_type: str, args: tuple | None = None) -> tuple[str, I
     raise RuntimeError(f"no backend can run {op} on {device_type}: {reasons}")
 
 
-@functools.cache
-def _triton_installed() -> bool:
-    # Looked up once: find_spec searches the import path on every call (tens of microseconds).
-    return importlib.util.find_spec("triton") is not None
+# Looked up once, at import (without importing Triton): find_spec searches the import path on every
+# call, tens of microseconds that every op call would pay.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def triton_missing(device_type: str) -> str | None:
     """Why Triton kernels cannot run on a device type, or None. Never touches the GPU driver."""
-    if not _triton_installed():
+    if not _TRITON_INSTALLED:
         return "triton is not installed"
     if device_type == "cuda":
         return None if torch.cuda.is_available() else "no CUDA device"
