@@ -96,34 +96,36 @@ def check(kernel, types, constexprs, config=None, ints=None):
 
 
 # The launches of the goal shapes: a 4096 x 4096 weight, 4096 tokens, contiguous tensors (unit
-# strides last), mask bits of 128 words per row; unstructured masks have every tile active (8/8).
+# strides last), mask bits of 128 words per row.
 SIZE = 4096
 WORDS = SIZE // 32
-FORWARD = dict(M=SIZE, P=SIZE, R=SIZE, ACTIVE_EIGHTHS=8, stride_am=SIZE, stride_ar=1, stride_wp=SIZE,
+FORWARD = dict(M=SIZE, P=SIZE, R=SIZE, M_BUCKET=SIZE, stride_am=SIZE, stride_ar=1, stride_wp=SIZE,
                stride_wr=1, stride_bits=WORDS, stride_cm=SIZE, stride_cp=1)
 GRAD_INPUT = {**FORWARD, "stride_wp": 1, "stride_wr": SIZE}  # dx = dy @ Wm reads W transposed
-GRAD_WEIGHT = dict(N=SIZE, K=SIZE, M=SIZE, ACTIVE_EIGHTHS=8, stride_dym=SIZE, stride_dyn=1, stride_xm=SIZE,
-                   stride_xk=1, stride_bits=WORDS, stride_tiles=SIZE // 32, stride_wn=SIZE, stride_wk=1)
-PACK_MASK = dict(N=SIZE, K=SIZE, WORDS=WORDS, stride_mn=SIZE, stride_mk=1, stride_bits=WORDS, stride_tiles=SIZE // 32)
+GRAD_WEIGHT = dict(N=SIZE, K=SIZE, M=SIZE, M_BUCKET=SIZE, stride_dym=SIZE, stride_dyn=1, stride_xm=SIZE,
+                   stride_xk=1, stride_bits=WORDS, stride_wn=SIZE, stride_wk=1)
+PACK_MASK = dict(N=SIZE, K=SIZE, WORDS=WORDS, stride_mn=SIZE, stride_mk=1, stride_bits=WORDS, stride_flags=SIZE // 32)
 
 
-check(masked_linear._pack_mask_kernel, {"mask_ptr": "*i1", "bits_ptr": "*i32", "tiles_ptr": "*i8"},
+check(masked_linear._pack_mask_kernel, {"mask_ptr": "*i1", "bits_ptr": "*i32", "flags_ptr": "*i8"},
       {"WORDS_PER_PROGRAM": 8}, ints=PACK_MASK)
 for name, dtype in FLOATS.items():
     pointer = "*" + name
     acc = tl.float64 if name == "fp64" else tl.float32
     for rows_are_p in (True, False):
-        for skip, config in ((False, masked_linear._MATMUL_CONFIGS[1]), (True, masked_linear._SPARSE_MATMUL_CONFIGS[1])):
-            check(masked_linear._masked_weight_matmul_kernel,
-                  {"a_ptr": pointer, "w_ptr": pointer, "bits_ptr": "*i32", "starts_ptr": "*i32", "steps_ptr": "*i32",
-                   "bias_ptr": pointer, "c_ptr": pointer},
-                  dict(WEIGHT_ROWS_ARE_P=rows_are_p, SKIP_TILES=skip, HAS_BIAS=True, ACC_DTYPE=acc,
-                       INPUT_PRECISION="ieee"), config, ints=FORWARD if rows_are_p else GRAD_INPUT)
-    for dense in (False, True):
-        check(masked_linear._grad_weight_kernel,
-              {"dy_ptr": pointer, "x_ptr": pointer, "bits_ptr": "*i32", "tiles_ptr": "*i8", "dw_ptr": pointer},
-              dict(DENSE=dense, ACC_DTYPE=acc, INPUT_PRECISION="ieee"), masked_linear._GRAD_WEIGHT_CONFIGS[1],
-              ints=GRAD_WEIGHT)
+        # Weights 0 off the mask (no select), a block mask's partial tiles (select), 64x64 tiles.
+        for select, tile in ((False, 32), (True, 32), (False, 64)):
+            check(masked_linear._block_matmul_kernel,
+                  {"a_ptr": pointer, "w_ptr": pointer, "bits_ptr": "*i32", "starts_ptr": "*i32", "split_ptr": "*i32",
+                   "steps_ptr": "*i32", "bias_ptr": pointer, "c_ptr": pointer},
+                  dict(WEIGHT_ROWS_ARE_P=rows_are_p, SELECT_PARTIAL=select, HAS_BIAS=True, ACC_DTYPE=acc,
+                       INPUT_PRECISION="ieee", TILE_P=tile, TILE_R=tile), masked_linear._MATMUL_CONFIGS[1],
+                  ints=FORWARD if rows_are_p else GRAD_INPUT)
+    for tile in (32, 64):
+        check(masked_linear._block_grad_weight_kernel,
+              {"dy_ptr": pointer, "x_ptr": pointer, "bits_ptr": "*i32", "tiles_ptr": "*i32", "dw_ptr": pointer},
+              dict(ACC_DTYPE=acc, INPUT_PRECISION="ieee", TILE_N=tile, TILE_K=tile),
+              masked_linear._GRAD_WEIGHT_CONFIGS[1], ints=GRAD_WEIGHT)
     key_bits = {"fp16": 16, "bf16": 16, "fp32": 32, "fp64": 64}[name]
     tables = {"block_tensor_ptr": "*i64", "block_start_ptr": "*i64", "score_ptrs": "*i64", "numel_ptr": "*i64",
               "segment_ptr": "*i64", "eligible_ptrs": "*i64", "prefix_ptr": "*i64", "hist_ptr": "*i32",

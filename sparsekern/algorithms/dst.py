@@ -177,24 +177,36 @@ class DST:
         """Counts one training step; on update steps updates the masks. Returns whether it did.
 
         Call after backward and before optimizer.step(). On steps that neither update nor precede
-        an update it only counts.
+        an update it only counts. An update step whose gradients (of any parameter the optimizer
+        holds) are not all finite is skipped, as torch.amp.GradScaler skips its optimizer step:
+        the masks wait for the next update step.
         """
-        updated = self.schedule.is_update(self.step_count + 1)
-        if updated:
+        due = self.schedule.is_update(self.step_count + 1)
+        if due:
             self._check_gradients(self.step_count + 1)
         self.step_count += 1
         if self.step_count == self.schedule.total_steps + 1:
             warnings.warn(f"DST.step() called more than total_steps={self.schedule.total_steps} times: the "
                           f"schedule (and end_step={self.schedule.end_step}) assumed training ends there",
                           stacklevel=2)
+        updated = due and self._gradients_finite()
         if updated:
             self._update(self.schedule.fraction(self.step_count))
             if self.scope == "global":
                 self._warn_if_emptied()
-        if updated or self.schedule.is_update(self.step_count + 1):
+        if due or self.schedule.is_update(self.step_count + 1):
             self._sync_modules()
             self._remember_gradients()
         return updated
+
+    def _gradients_finite(self) -> bool:
+        """Whether every gradient the optimizer holds is finite (one host sync per device)."""
+        finite: dict[torch.device, list[Tensor]] = {}
+        for group in self.optimizer.param_groups:
+            for parameter in group["params"]:
+                if parameter.grad is not None:
+                    finite.setdefault(parameter.grad.device, []).append(torch.isfinite(parameter.grad).all())
+        return all(bool(torch.stack(flags).all()) for flags in finite.values())
 
     def state_dict(self) -> dict:
         """Step count, masks (by module name), schedule and random-generator state."""

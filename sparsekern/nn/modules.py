@@ -1,20 +1,37 @@
 """Sparse layers: nn.Linear and nn.Conv2d whose weight is multiplied by a fixed bool mask.
 
 Each sparse module holds `weight` (Parameter), `bias` (Parameter or None), a bool buffer `mask`
-shaped like the weight (all True at construction) and a plain attribute `dense_grad` (False by
-default). The forward only ever uses weight * mask: entries off the mask contribute nothing,
-whatever they hold. Invariant: `set_mask` sets weight entries off the mask to exactly 0, and the
-weight gradient is masked (unless `dense_grad`), so SGD, momentum, weight decay and Adam leave
-those zeros alone without any per-step masking loop. (Writing `mask` directly skips the zeroing,
-for algorithms such as OptG that keep pruned values.)
+shaped like the weight (all True at construction) and two plain attributes, `dense_grad` and
+`zero_off_mask`. The output is always that of weight * mask: entries off the mask contribute
+nothing. How it is computed is explicit in `zero_off_mask`:
+
+* True (set by `set_mask`, which zeroes the weight off the mask; true of a new module): the module
+  promises that every weight off the mask is exactly 0, so weight * mask == weight. Forward and the
+  input gradient run the dense kernel on the weight itself (F.linear: MKL/oneDNN, cuBLAS; the
+  convolution: oneDNN, cuDNN), and only the weight gradient meets the mask, masked in place in one
+  pass. The masked gradient keeps the promise through training: SGD (momentum, Nesterov, weight
+  decay), Adam, AdamW, Adagrad, RMSprop, Adadelta, Adamax, NAdam and RAdam all leave a weight with
+  zero gradient and zero state at 0. sparsify, DST and IMP keep the promise.
+* False: the weight may hold values off the mask (OptG keeps pruned weights; so does a module whose
+  `mask` was written directly, which then must set False itself), and every forward selects
+  where(mask, weight, 0) first (`sparsekern.ops.masked_linear`'s masked path).
+
+Writing into `weight` off the mask, or writing `mask` other than through `set_mask`, breaks the
+promise: set `zero_off_mask = False`, or call `zero_weights_off_mask()` to keep it. `verify_zero_off_mask()` checks it
+(one pass over the weight); `SparseModule.check_zero_off_mask = True` (on the class, or on one
+module) runs that check at every forward that relies on it, a debugging aid.
 
 With `dense_grad = True` the next backward also gives the gradient at inactive positions (dy.T @ x
 for a linear layer), which growth criteria such as RigL's read on mask-update steps. That gradient
 is not masked: set `dense_grad` back to False, and mask or consume the gradient, before an
 optimizer step, or the step moves inactive weights.
 
+Under torch.autocast the layers compute in the autocast dtype and return it, as nn.Linear and
+nn.Conv2d do. Their backward is differentiable again (double backward).
+
 A plain nn.Linear / nn.Conv2d state dict loads into the matching sparse module (its missing
 `mask` means all True), and `to_dense()` returns a plain module holding the masked weight.
+Loading a state dict sets `zero_off_mask` from the loaded values.
 """
 from __future__ import annotations
 
@@ -35,14 +52,19 @@ class SparseModule(nn.Module):
 
     mask: Tensor
     dense_grad: bool
+    zero_off_mask: bool
+    # Opt-in debugging check: verify the zero-off-mask promise at every forward that relies on it.
+    check_zero_off_mask: bool = False
 
     def _init_mask(self) -> None:
         self.register_buffer("mask", torch.ones_like(self.weight, dtype=torch.bool))
         self.dense_grad = False
+        self.zero_off_mask = True  # nothing is off an all-True mask
 
     @torch.no_grad()
     def set_mask(self, mask: Tensor) -> None:
-        """Copies `mask` (bool, shaped like the weight) in and sets the weight to 0 off it."""
+        """Copies `mask` (bool, shaped like the weight) in and sets the weight to 0 off it, so the
+        module again promises `zero_off_mask`."""
         if not isinstance(mask, Tensor):
             raise TypeError(f"mask must be a Tensor, got {type(mask).__name__}")
         if mask.dtype != torch.bool:
@@ -51,7 +73,31 @@ class SparseModule(nn.Module):
             raise ValueError(f"mask must have the weight's shape {tuple(self.weight.shape)}, "
                              f"got {tuple(mask.shape)}")
         self.mask.copy_(mask)
+        self.zero_weights_off_mask()
+
+    @torch.no_grad()
+    def zero_weights_off_mask(self) -> None:
+        """Sets every weight off the mask to exactly 0, so the module promises `zero_off_mask` again
+        (after anything wrote into the weight)."""
         self.weight.masked_fill_(~self.mask, 0)
+        self.zero_off_mask = True
+
+    @torch.no_grad()
+    def verify_zero_off_mask(self) -> None:
+        """Raises RuntimeError if the module promises `zero_off_mask` and a weight off the mask is
+        not exactly 0 (NaN included). One pass over the weight and one host sync."""
+        if self.zero_off_mask and self._off_mask_nonzero():
+            raise RuntimeError(f"{type(self).__name__} promises zero_off_mask but holds non-zero weights off "
+                               "its mask: call zero_weights_off_mask() or set zero_off_mask = False after writing them")
+
+    def _off_mask_nonzero(self) -> bool:
+        return bool(torch.where(self.mask, 0, self.weight).ne(0).any())
+
+    def _relies_on_zero_off_mask(self) -> bool:
+        """`zero_off_mask`, verified first when `check_zero_off_mask` asks for it."""
+        if self.zero_off_mask and self.check_zero_off_mask:
+            self.verify_zero_off_mask()
+        return self.zero_off_mask
 
     @property
     def nnz(self) -> int:
@@ -78,6 +124,8 @@ class SparseModule(nn.Module):
         # holds zeros off its mask, and OptG's deliberately kept values off the mask come back.
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        if not self.weight.is_meta:
+            self.zero_off_mask = not self._off_mask_nonzero()
 
     def extra_repr(self) -> str:
         if self.mask.is_meta:  # no values to count
@@ -99,7 +147,8 @@ class SparseLinear(SparseModule, nn.Linear):
         packed = self.packed
         if packed is not None:
             return ops.sparse_linear(input, packed, self.bias)
-        return ops.masked_linear(input, self.weight, self.mask, self.bias, dense_grad=self.dense_grad)
+        return ops.masked_linear(input, self.weight, self.mask, self.bias, dense_grad=self.dense_grad,
+                                 zero_off_mask=self._relies_on_zero_off_mask())
 
     @torch.no_grad()
     def to_inference(self) -> "SparseLinear":
@@ -157,35 +206,11 @@ class SparseLinear(SparseModule, nn.Linear):
         return _copy_masked_into(dense, self)
 
 
-class _MaskWeight(torch.autograd.Function):
-    """weight * mask whose backward passes the gradient through masked, or dense if asked.
-
-    The gradient that reaches the masked weight is the convolution's full weight gradient, so
-    passing it through unmasked is exactly the dense gradient of the contract.
-    """
-
-    @staticmethod
-    def forward(weight: Tensor, mask: Tensor, dense_grad: bool) -> Tensor:
-        return reference.masked_weight(weight, mask)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _, mask, dense_grad = inputs
-        ctx.dense_grad = dense_grad
-        ctx.save_for_backward(mask)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        if ctx.dense_grad:
-            return grad, None, None
-        (mask,) = ctx.saved_tensors
-        return reference.masked_weight(grad, mask), None, None
-
-
 class SparseConv2d(SparseModule, nn.Conv2d):
     """nn.Conv2d with a weight mask (same arguments, string padding and padding modes included).
 
-    The forward masks the weight and runs the ordinary convolution (cuDNN / oneDNN). Lowering to
+    The forward runs the ordinary convolution (cuDNN / oneDNN) on the weight itself where it is 0
+    off the mask (`zero_off_mask`), else on the masked weight. Lowering to
     `ops.masked_linear` through im2col (F.unfold) was the alternative; forward+backward on CPU at
     10% density it was 1.5x (1x1 kernel) to 9x (3x3, 64 channels, 32x32) slower, because unfold
     materialises a k_h*k_w times larger input and its backward (fold) is slow, while masking the
@@ -201,8 +226,9 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         self._init_mask()
 
     def forward(self, input: Tensor) -> Tensor:
-        return self._conv_forward(input, _MaskWeight.apply(self.weight, self.mask, self.dense_grad),
-                                  self.bias)
+        weight = ops.weight_for_dense_kernel(self.weight, self.mask, zero_off_mask=self._relies_on_zero_off_mask(),
+                                             dense_grad=self.dense_grad)
+        return self._conv_forward(input, weight, self.bias)
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d) -> "SparseConv2d":

@@ -97,19 +97,62 @@ def prune_grow(weight: Tensor, mask: Tensor, prune_score: Tensor, grow_score: Te
 
 
 def masked_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None = None, *,
-                  dense_grad: bool = False) -> Tensor:
+                  dense_grad: bool = False, zero_off_mask: bool = False) -> Tensor:
     """y = x @ (weight * mask).T + bias, for x of shape (..., in_features).
 
     weight: (out_features, in_features), mask: bool of the same shape, bias: (out_features,) or
-    None; x, weight and bias share one dtype (float32, float16, bfloat16, float64). Entries off
-    the mask contribute nothing, even when they hold inf or NaN.
+    None; x, weight and bias share one dtype (float32, float16, bfloat16, float64), except under
+    torch.autocast, which casts them as it casts F.linear's (the output then has the autocast
+    dtype, as nn.Linear's would). Entries off the mask contribute nothing, even when they hold inf
+    or NaN.
 
     Autograd: dx = dy @ (weight * mask); dweight = (dy.T @ x) * mask over all batch rows, or the
     dense dy.T @ x when `dense_grad=True` (RigL's growth criterion reads the gradient at inactive
-    positions, and needs it only on mask-update steps); dbias = dy summed over batch rows.
+    positions, and needs it only on mask-update steps); dbias = dy summed over batch rows. Every
+    backward is differentiable again (double backward).
+
+    zero_off_mask=True promises that weight is exactly 0 wherever mask is False (sparsekern's
+    modules keep it so), so that weight * mask == weight: forward and dx then run the dense kernel
+    on the weight itself (F.linear: MKL/oneDNN, cuBLAS), and only dweight meets the mask, masked in
+    place in one pass. The promise is not checked here (`SparseModule.verify_zero_off_mask` does);
+    a weight that breaks it gives wrong results. Masks whose blocks let the Triton kernel skip
+    work still run it (it then skips the select as well); a backend named in SPARSEKERN_BACKEND
+    runs every call.
     """
+    if isinstance(x, Tensor):
+        x, weight, bias = _autocast_cast(x.device.type, x, weight, bias)
     _checks.masked_linear_args(x, weight, mask, bias)
-    return _backend.choose("masked_linear", x.device.type, (x.dtype,))[1].run(x, weight, mask, bias, dense_grad)
+    name, implementation = _backend.choose("masked_linear", x.device.type, (x.dtype,), (x, weight, mask))
+    if zero_off_mask and name == "reference" and not _backend.is_forced("masked_linear"):
+        # No kernel can skip work on this mask: the dense kernel on the weight is the fastest.
+        return torch.nn.functional.linear(x, weight_for_dense_kernel(weight, mask, zero_off_mask=True,
+                                                                     dense_grad=dense_grad), bias)
+    return implementation.run(x, weight, mask, bias, dense_grad, zero_off_mask)
+
+
+def weight_for_dense_kernel(weight: Tensor, mask: Tensor, *, zero_off_mask: bool, dense_grad: bool = False) -> Tensor:
+    """What a dense kernel (F.linear, F.conv2d, ...) should take as its weight to multiply by weight * mask.
+
+    zero_off_mask=True (weight already 0 off the mask): `weight` itself, at no cost; otherwise
+    where(mask, weight, 0). The gradient reaching `weight` is the kernel's weight gradient masked in
+    place in one pass, or left whole if `dense_grad`. Pass the result straight to one dense kernel
+    (its weight gradient must be a tensor of its own: the mask is applied to it in place).
+    Under torch.autocast the kernel casts it as it casts any weight.
+    """
+    return _masked_linear_op.weight_for_dense_kernel(weight, mask, zero_off_mask, dense_grad)
+
+
+# torch.autocast casts these dtypes (not float64) to its own for the ops it runs in lower precision.
+_AUTOCAST_CASTS = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _autocast_cast(device_type: str, *tensors):
+    """`tensors` as torch.autocast hands them to F.linear on `device_type`: eligible floats in the
+    autocast dtype, everything else (None, float64, non-tensors the checks will reject) as is."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.dtype in _AUTOCAST_CASTS else t for t in tensors)
 
 
 def pack(weight: Tensor, mask: Tensor) -> PackedWeight:
@@ -179,17 +222,38 @@ def _compiled(op: str) -> Implementation:
 
 def _triton(op: str) -> Implementation:
     def run(*args):
-        # Imported on first use: importing Triton costs seconds and is needed only where it runs.
-        return getattr(importlib.import_module("sparsekern.ops._triton_ops"), op)(*args)
-    return Implementation(run=run, missing=_backend.triton_missing, automatic=_backend.only_on_gpu)
+        return getattr(_load_triton_ops(), op)(*args)
+    takes, note = (_triton_skips_tiles, _TRITON_MASKED_LINEAR_NOTE) if op == "masked_linear" else (None, None)
+    return Implementation(run=run, missing=_backend.triton_missing, automatic=_backend.only_on_gpu,
+                          takes=takes, note=note)
 
 
-def _reference(function) -> Implementation:
-    return Implementation(run=function, missing=_backend.never_missing)
+def _load_triton_ops():
+    # Imported on first use: importing Triton costs seconds and is needed only where it runs.
+    return importlib.import_module("sparsekern.ops._triton_ops")
 
 
+def _triton_skips_tiles(x: Tensor, weight: Tensor, mask: Tensor) -> bool:
+    return _load_triton_ops().skips_tiles(mask)
+
+
+# Triton's masked matmul pays for its mask on every tile it cannot skip (GPU_REVIEW: serialized
+# tensor cores behind the select), so the automatic choice gives it block-structured masks only.
+_TRITON_MASKED_LINEAR_NOTE = ("chosen automatically only for masks whose blocks let it skip tiles; other masks "
+                              "run the next backend, or the dense kernel where weights are 0 off the mask")
+_REFERENCE_MASKED_LINEAR_NOTE = ("automatic calls whose weights are 0 off the mask (zero_off_mask) run the "
+                                 "dense kernel on the weight itself instead")
+
+
+def _reference(function, note: str | None = None) -> Implementation:
+    return Implementation(run=function, missing=_backend.never_missing, note=note)
+
+
+# The reference always selects: the specification does not lean on the zero_off_mask promise.
 _masked_linear_reference = _masked_linear_op.define(
-    "reference", reference.masked_linear, reference.masked_linear_grad_input,
+    "reference",
+    lambda x, weight, mask, bias, zero_off_mask: reference.masked_linear(x, weight, mask, bias),
+    lambda grad_out, weight, mask, zero_off_mask: reference.masked_linear_grad_input(grad_out, weight, mask),
     reference.masked_linear_grad_weight)
 
 for _op, _function in (("topk_mask", reference.topk_mask),
@@ -197,7 +261,8 @@ for _op, _function in (("topk_mask", reference.topk_mask),
                        ("prune_grow", reference.prune_grow),
                        ("masked_linear", _masked_linear_reference),
                        ("sparse_linear", reference.sparse_linear)):
-    _backend.register(_op, "reference", _reference(_function))
+    _backend.register(_op, "reference", _reference(
+        _function, _REFERENCE_MASKED_LINEAR_NOTE if _op == "masked_linear" else None))
     if _op in COMPILED_OPS:
         _backend.register(_op, "compiled", _compiled(_op))
     if _op in TRITON_OPS:

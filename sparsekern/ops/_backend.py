@@ -8,6 +8,9 @@ An automatic choice falls back quietly; a backend asked for by name that cannot 
 A backend is refused not only where it cannot run but where it would compute wrongly: the Triton
 interpreter (TRITON_INTERPRET=1) gets bfloat16 silently wrong, so Triton is refused for bfloat16
 tensors there, with that reason, and the automatic choice takes the next backend.
+A backend asked for by name that does not implement an op at all (the compiled extension has no
+masked_linear) hands that op to the automatic choice among the backends after it, so naming a backend
+never breaks a model; `backends()` reports the fallback.
 """
 from __future__ import annotations
 
@@ -34,6 +37,12 @@ class Implementation:
     missing: Callable[[str, tuple], str | None]
     # Whether the automatic choice may take it on a device type (Triton on CPU is the slow interpreter).
     automatic: Callable[[str], bool] = lambda device_type: True
+    # Whether the automatic choice gives it one call, judged from the call's leading tensor arguments
+    # (Triton's masked_linear takes only masks it can skip work on); None takes every call. A backend
+    # named in SPARSEKERN_BACKEND takes every call.
+    takes: Callable[..., bool] | None = None
+    # A line for `backends()` on what this implementation does beyond the plain choice.
+    note: str | None = None
 
 
 _REGISTRY: dict[str, dict[str, Implementation]] = {}
@@ -67,21 +76,40 @@ def _reasons(op: str, device_type: str, dtypes: tuple = ()) -> dict[str, str | N
     }
 
 
-def choose(op: str, device_type: str, dtypes: tuple = ()) -> tuple[str, Implementation]:
-    """The backend that runs `op` on tensors of `device_type` and `dtypes`, under SPARSEKERN_BACKEND."""
+def is_forced(op: str) -> bool:
+    """Whether SPARSEKERN_BACKEND names a backend that implements `op`, which then runs every call."""
+    return requested() in _REGISTRY[op]
+
+
+def choose(op: str, device_type: str, dtypes: tuple = (), args: tuple | None = None) -> tuple[str, Implementation]:
+    """The backend that runs `op` on tensors of `device_type` and `dtypes`, under SPARSEKERN_BACKEND.
+
+    `args`, the call's leading tensor arguments, let an implementation decline a call it would run
+    slowly (`Implementation.takes`); without them every usable implementation is taken.
+    """
     name = requested()
     reasons = _reasons(op, device_type, tuple(dtypes))
+    candidates = AUTO_ORDER
     if name != "auto":
-        if reasons[name] is not None:
-            usable = [n for n, why in reasons.items() if why is None]
-            on = f"{device_type} {'/'.join(str(d).removeprefix('torch.') for d in dtypes)}".rstrip()
-            raise RuntimeError(f"{ENV_VAR}={name} cannot run {op} on {on}: {reasons[name]}; "
-                               f"usable backends: {', '.join(usable)}")
-        return name, _REGISTRY[op][name]
-    for candidate in AUTO_ORDER:
-        if reasons[candidate] is None and _REGISTRY[op][candidate].automatic(device_type):
-            return candidate, _REGISTRY[op][candidate]
+        if name in _REGISTRY[op]:
+            if reasons[name] is not None:
+                usable = [n for n, why in reasons.items() if why is None]
+                on = f"{device_type} {'/'.join(str(d).removeprefix('torch.') for d in dtypes)}".rstrip()
+                raise RuntimeError(f"{ENV_VAR}={name} cannot run {op} on {on}: {reasons[name]}; "
+                                   f"usable backends: {', '.join(usable)}")
+            return name, _REGISTRY[op][name]
+        candidates = AUTO_ORDER[AUTO_ORDER.index(name) + 1:]
+    for candidate in candidates:
+        implementation = _REGISTRY[op].get(candidate)
+        if (reasons[candidate] is None and implementation.automatic(device_type)
+                and (args is None or implementation.takes is None or implementation.takes(*args))):
+            return candidate, implementation
     raise RuntimeError(f"no backend can run {op} on {device_type}: {reasons}")
+
+
+# Looked up once, at import (without importing Triton): find_spec searches the import path on every
+# call, tens of microseconds that every op call would pay.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def triton_interpreted() -> bool:
@@ -92,7 +120,7 @@ def triton_interpreted() -> bool:
 def triton_missing(device_type: str, dtypes: tuple = ()) -> str | None:
     """Why Triton kernels cannot run, or not run right, on a device type for tensors of `dtypes`,
     or None. Never touches the GPU driver."""
-    if importlib.util.find_spec("triton") is None:
+    if not _TRITON_INSTALLED:
         return "triton is not installed"
     if torch.bfloat16 in dtypes and triton_interpreted():
         return "the Triton interpreter (TRITON_INTERPRET=1) computes bfloat16 wrongly"
@@ -123,9 +151,10 @@ def backends() -> dict:
     """Which backend each op uses on each device type now, and why the others are passed over.
 
     Returns {"requested": ..., "extension": load status, "ops": {op: {device: {"chosen": name,
-    "<backend>": None if usable else reason, "dtypes": {dtype name: {"<backend>": reason}}}}}}:
-    "chosen" and the plain reasons hold for float32 tensors; "dtypes" lists the dtypes for which
-    a backend is refused although it runs float32 (bfloat16 under the Triton interpreter).
+    "<backend>": None if usable else reason, "dtypes": {dtype name: {"<backend>": reason}}, and where
+    they apply "fallback" (the named backend lacks the op) and "note" (a per-call rule of the chosen
+    implementation)}}}}: "chosen" and the plain reasons hold for float32 tensors; "dtypes" lists the
+    dtypes for which a backend is refused although it runs float32 (bfloat16 under the Triton interpreter).
     """
     report = {
         "requested": requested(),
@@ -147,5 +176,11 @@ def backends() -> dict:
                            if why is not None and entry[name] is None}
                 if refused:
                     entry["dtypes"][str(dtype).removeprefix("torch.")] = refused
+            if report["requested"] != "auto" and not is_forced(op) and entry["chosen"] is not None:
+                entry["fallback"] = (f"{ENV_VAR}={report['requested']} does not implement {op}: "
+                                     f"{entry['chosen']} runs it")
+            note = _REGISTRY[op][entry["chosen"]].note if entry["chosen"] is not None else None
+            if note is not None:
+                entry["note"] = note
             report["ops"][op][device_type] = entry
     return report

@@ -69,3 +69,13 @@ def prune_grow(weight: Tensor, mask: Tensor, prune_score: Tensor, grow_score: Te
 masked_linear = _masked_linear_op.define(
     "triton", _masked_linear.masked_linear, _masked_linear.masked_linear_grad_input,
     _masked_linear.masked_linear_grad_weight)
+
+
+def skips_tiles(mask: Tensor) -> bool:
+    """Whether the Triton masked_linear skips enough of `mask`'s tiles to be worth running.
+
+    Under torch.compile's tracing the mask holds no values to look at: the answer is no, and the
+    traced graph runs the dense kernel."""
+    if torch.compiler.is_compiling():
+        return False
+    return _masked_linear.skips_tiles(mask)

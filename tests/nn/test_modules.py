@@ -302,7 +302,21 @@ def test_values_off_the_mask_never_reach_the_output_and_load_as_saved(generator,
     with torch.no_grad():  # what an algorithm writing `mask` directly (OptG) leaves behind
         layer.weight.masked_fill_(~mask, float("nan"))
         layer.weight.view(-1)[(~mask).view(-1).nonzero()[0]] = float("inf")
+    # Written behind the module's back, the promise no longer holds: the opt-in check says so.
+    with pytest.raises(RuntimeError, match="zero_off_mask"):
+        layer.verify_zero_off_mask()
+    layer.check_zero_off_mask = True
+    with pytest.raises(RuntimeError, match="zero_off_mask"):
+        layer(x)
+    layer.zero_off_mask = False  # declared: the masked path
+    layer.verify_zero_off_mask()
     torch.testing.assert_close(layer(x), expected)
     reloaded = make()
     reloaded.load_state_dict(layer.state_dict())
     assert torch.equal(reloaded.weight.isnan(), layer.weight.isnan())
+    assert reloaded.zero_off_mask is False  # loading sees the values off the mask
+    torch.testing.assert_close(reloaded(x), expected)
+    layer.set_mask(mask)  # zeroes them: the promise holds again
+    assert layer.zero_off_mask is True
+    layer.verify_zero_off_mask()
+    torch.testing.assert_close(layer(x), expected)

@@ -1,11 +1,13 @@
 """masked_linear: values and gradients of every backend against float64 autograd of the reference."""
+import functools
+
 import pytest
 import torch
 
 import sparsekern
-from sparsekern.ops import reference
+from sparsekern.ops import _backend, reference
 
-from ..helpers import BACKENDS, skip_interpreter_limits
+from ..helpers import BACKENDS, skip_interpreter_limits, strided
 
 # Absolute slack on top of the relative rule below, per dtype.
 ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -35,8 +37,12 @@ def reference_function(x, weight, mask, bias, dense_grad):
     return torch.nn.functional.linear(x, masked, bias)
 
 
-def sparsekern_function(x, weight, mask, bias, dense_grad):
-    return sparsekern.ops.masked_linear(x, weight, mask, bias, dense_grad=dense_grad)
+def sparsekern_function(x, weight, mask, bias, dense_grad, zero_off_mask=False):
+    return sparsekern.ops.masked_linear(x, weight, mask, bias, dense_grad=dense_grad, zero_off_mask=zero_off_mask)
+
+
+def zero_off(weight, mask):
+    return torch.where(mask, weight, torch.zeros((), dtype=weight.dtype))
 
 
 def assert_within_rule(name, actual, torch_same_dtype, exact, dtype):
@@ -55,18 +61,118 @@ def assert_within_rule(name, actual, torch_same_dtype, exact, dtype):
 @pytest.mark.parametrize("batch", [(5,), (2, 3), (), (0,)])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dense_grad", [False, True])
-def test_values_and_gradients(backend, dtype, batch, bias, dense_grad, use_backend, generator):
+@pytest.mark.parametrize("zero_off_mask", [False, True])
+def test_values_and_gradients(backend, dtype, batch, bias, dense_grad, zero_off_mask, use_backend, generator):
     use_backend(backend, "masked_linear")
     skip_interpreter_limits(backend, dtype)
     x, weight, mask, b = make_inputs(generator, batch, 19, 11, torch.float64, bias)
+    if zero_off_mask:  # the caller's promise
+        weight = zero_off(weight, mask)
     grad_out = torch.randn((*batch, 11), generator=generator, dtype=torch.float64)
     exact = outputs_and_grads(reference_function, x, weight, mask, b, grad_out, torch.float64, dense_grad)
     plain = outputs_and_grads(reference_function, x, weight, mask, b, grad_out, dtype, dense_grad)
-    actual = outputs_and_grads(sparsekern_function, x, weight, mask, b, grad_out, dtype, dense_grad)
+    actual = outputs_and_grads(functools.partial(sparsekern_function, zero_off_mask=zero_off_mask),
+                               x, weight, mask, b, grad_out, dtype, dense_grad)
     for name, a, p, e in zip(["y", "dx", "dweight", "dbias"], actual, plain, exact):
         assert_within_rule(name, a, p, e, dtype)
     if not dense_grad:
         assert not actual[2][~mask].any(), "masked dweight must be 0 off the mask"
+
+
+def test_zero_off_mask_runs_the_dense_kernel_on_the_weight_itself(monkeypatch, generator):
+    # Automatic choice on CPU: F.linear on the weight, no select, no custom op.
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    x, weight, mask, b = make_inputs(generator, (4,), 8, 6, torch.float32)
+    weight = zero_off(weight, mask).requires_grad_()
+    linear_weights = []
+    original = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w, b=None: linear_weights.append(w) or original(x, w, b))
+    y = sparsekern.ops.masked_linear(x, weight, mask, b, zero_off_mask=True)
+    assert len(linear_weights) == 1 and linear_weights[0].data_ptr() == weight.data_ptr()
+    y.sum().backward()
+    assert not weight.grad[~mask].any() and weight.grad[mask].ne(0).all()
+
+
+@pytest.mark.parametrize("layout", ["transposed", "sliced"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("zero_off_mask", [False, True])
+def test_non_contiguous_inputs(backend, layout, zero_off_mask, use_backend, generator):
+    use_backend(backend, "masked_linear")
+    x, weight, mask, b = make_inputs(generator, (7,), 33, 21, torch.float64)
+    if zero_off_mask:
+        weight = zero_off(weight, mask)
+    grad_out = torch.randn(7, 21, generator=generator, dtype=torch.float64)
+    exact = outputs_and_grads(reference_function, x, weight, mask, b, grad_out, torch.float64, False)
+    strided_inputs = [strided(t, generator, layout) for t in (x, weight, mask)]
+    assert not any(t.is_contiguous() for t in strided_inputs)
+    actual = outputs_and_grads(functools.partial(sparsekern_function, zero_off_mask=zero_off_mask),
+                               *strided_inputs, b, strided(grad_out, generator, layout), torch.float64, False)
+    for a, e in zip(actual, exact):
+        torch.testing.assert_close(a, e)
+
+
+def double_backward_case(generator, zero_off_mask):
+    """(function of (x, bias, free weight values), leaves): with zero_off_mask only the active values
+    are free, so the weight keeps the promise under gradcheck's nudges."""
+    x, weight, mask, b = make_inputs(generator, (2, 2), 4, 3, torch.float64, density=0.6)
+    if zero_off_mask:
+        free = weight[mask].clone()
+        make_weight = lambda values: torch.zeros(mask.shape, dtype=values.dtype).masked_scatter(mask, values)  # noqa: E731
+    else:
+        free, make_weight = weight, (lambda w: w)  # noqa: E731
+
+    def function(x, b, w, dense_grad=False):
+        return sparsekern_function(x, make_weight(w), mask, b, dense_grad, zero_off_mask)
+    return function, [x.requires_grad_(), b.requires_grad_(), free.requires_grad_()]
+
+
+@pytest.mark.parametrize("zero_off_mask", [False, True])
+@pytest.mark.parametrize("dense_grad", [False, True])
+def test_double_backward(zero_off_mask, dense_grad, use_backend, generator):
+    use_backend("reference", "masked_linear")
+    function, leaves = double_backward_case(generator, zero_off_mask)
+    assert torch.autograd.gradgradcheck(functools.partial(function, dense_grad=dense_grad and not zero_off_mask),
+                                        leaves)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("zero_off_mask", [False, True])
+def test_every_backend_differentiates_its_backward_as_the_reference(backend, zero_off_mask, use_backend, monkeypatch,
+                                                                    generator):
+    # gradgradcheck under the Triton interpreter would take minutes: compare one second-order
+    # gradient of every input with the reference's instead.
+    def second_order(name):
+        monkeypatch.setenv(_backend.ENV_VAR, name)
+        function, leaves = double_backward_case(torch.Generator().manual_seed(7), zero_off_mask)
+        y = function(*leaves)
+        first = torch.autograd.grad(y, leaves, torch.ones_like(y), create_graph=True)
+        return torch.autograd.grad(sum((g * g).sum() for g in first), leaves, materialize_grads=True)
+
+    use_backend(backend, "masked_linear")
+    for got, want in zip(second_order(backend), second_order("reference")):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("zero_off_mask", [False, True])
+def test_autocast_gives_what_linear_gives(backend, zero_off_mask, use_backend, generator):
+    use_backend(backend, "masked_linear")
+    skip_interpreter_limits(backend, torch.bfloat16)
+    x, weight, mask, b = make_inputs(generator, (6,), 16, 12, torch.float32)
+    weight = zero_off(weight, mask)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, b)]
+    expected_leaves = [t.clone().requires_grad_() for t in (x, weight, b)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = sparsekern_function(*leaves[:2], mask, leaves[2], False, zero_off_mask)
+        expected = torch.nn.functional.linear(expected_leaves[0], zero_off(expected_leaves[1], mask), expected_leaves[2])
+    assert y.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(y, expected)
+    grad_out = torch.randn(6, 12, generator=generator).to(torch.bfloat16)
+    y.backward(grad_out)
+    expected.backward(grad_out)
+    for leaf, want in zip(leaves, expected_leaves):
+        assert leaf.grad.dtype == torch.float32
+        torch.testing.assert_close(leaf.grad, want.grad)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -98,6 +204,10 @@ def test_the_rule_catches_a_wrong_gradient(generator):
 @pytest.mark.parametrize("dense_grad", [False, True])
 def test_opcheck_masked_linear_reference(bias, dense_grad, generator):
     x, weight, mask, b = make_inputs(generator, (2, 3), 6, 4, torch.float32, bias)
-    x.requires_grad_()
-    weight.requires_grad_()
-    torch.library.opcheck(torch.ops.sparsekern.masked_linear_reference.default, (x, weight, mask, b, dense_grad))
+    grad_out = torch.randn(2, 3, 4, generator=generator)
+    for t in (x, weight, grad_out):
+        t.requires_grad_()
+    ops = torch.ops.sparsekern
+    torch.library.opcheck(ops.masked_linear_reference.default, (x, weight, mask, b, dense_grad, False))
+    torch.library.opcheck(ops.masked_linear_grad_input_reference.default, (grad_out, weight, mask, False))
+    torch.library.opcheck(ops.masked_linear_grad_weight_reference.default, (grad_out, x, mask, dense_grad))

@@ -61,21 +61,22 @@ def _masked_linear_case(shape_x, n, density, dtype, generator, device=CPU, block
     k = shape_x[-1]
     x = torch.randn(shape_x, generator=generator).to(dtype)
     weight = torch.randn(n, k, generator=generator).to(dtype)
-    if block is None:
-        mask = torch.rand(n, k, generator=generator) < density
-    else:
-        blocks = torch.rand(-(-n // block[0]), -(-k // block[1]), generator=generator) < density
-        mask = blocks.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:n, :k].contiguous()
+    mask = torch.rand(n, k, generator=generator) < density if block is None else _block_mask((n, k), block, density,
+                                                                                             generator)
     weight[~mask] = float("nan")  # off the mask nothing may leak, not even NaN
     bias = torch.randn(n, generator=generator).to(dtype)
     dy = torch.randn(*shape_x[:-1], n, generator=generator).to(dtype)
     return [t.to(device) for t in (x, weight, mask, bias, dy)]
 
 
-def _check_masked_linear(ml, x, weight, mask, bias, dy, dtype):
+def _check_masked_linear(ml, x, weight, mask, bias, dy, dtype, zero_off_mask=False):
     x64, w64, b64, dy64 = (t.double() for t in (x, weight, bias, dy))
-    _close(ml.masked_linear(x, weight, mask, bias), reference.masked_linear(x64, w64, mask, b64), dtype)
-    _close(ml.masked_linear_grad_input(dy, weight, mask), reference.masked_linear_grad_input(dy64, w64, mask), dtype)
+    if zero_off_mask:  # the caller's promise: the weight is 0 off the mask
+        weight = torch.where(mask, weight, torch.zeros((), dtype=weight.dtype))
+    _close(ml.masked_linear(x, weight, mask, bias, zero_off_mask),
+           reference.masked_linear(x64, w64, mask, b64), dtype)
+    _close(ml.masked_linear_grad_input(dy, weight, mask, zero_off_mask),
+           reference.masked_linear_grad_input(dy64, w64, mask), dtype)
     masked = ml.masked_linear_grad_weight(dy, x, mask, False)
     _close(masked, reference.masked_linear_grad_weight(dy64, x64, mask, False), dtype)
     assert not masked[~mask].any()
@@ -83,44 +84,90 @@ def _check_masked_linear(ml, x, weight, mask, bias, dy, dtype):
            dtype)
 
 
+def _block_mask(shape, block, density, generator):
+    blocks = torch.rand(-(-shape[0] // block[0]), -(-shape[1] // block[1]), generator=generator) < density
+    return blocks.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:shape[0], :shape[1]].contiguous()
+
+
 # ----------------------------------------------------------------------------------- masked_linear
 
 
 @pytest.mark.parametrize("dtype", INTERPRETER_DTYPES)
-def test_masked_linear_products_match_reference(kernels, dtype, generator):
+@pytest.mark.parametrize("zero_off_mask", [False, True])
+def test_masked_linear_products_match_reference(kernels, dtype, zero_off_mask, generator):
     _, ml, _, _ = kernels
-    # Unstructured: every 32x32 block is active, so the loops run without tile tests (`skip_tiles`).
-    # Sizes that are not multiples of the 64 tiles nor of the 32 flag blocks; batch dims on x.
-    _check_masked_linear(ml, *_masked_linear_case((2, 35, 90), 100, 0.4, dtype, generator), dtype)
+    # Unstructured: every tile is active and partial, so every step goes through the select.
+    # Sizes that are not multiples of the tiles nor of the 32 flag blocks; batch dims on x.
+    case = _masked_linear_case((2, 35, 90), 100, 0.4, dtype, generator)
+    _check_masked_linear(ml, *case, dtype, zero_off_mask)
 
 
 @pytest.mark.parametrize("density", [0.0, 1.0])
 def test_masked_linear_all_zero_and_all_one_masks(kernels, density, generator):
     _, ml, _, _ = kernels
-    _check_masked_linear(ml, *_masked_linear_case((40, 70), 50, density, torch.float32, generator), torch.float32)
+    case = _masked_linear_case((40, 70), 50, density, torch.float32, generator)
+    layout = ml.pack_mask(case[2])
+    assert layout.active_fraction == density and (layout.flags == (ml.FULL if density else ml.EMPTY)).all()
+    _check_masked_linear(ml, *case, torch.float32)
 
 
-def test_masked_linear_block_mask_skips_tiles(kernels, generator):
+@pytest.mark.parametrize("block, tile, zero_off_mask", [((32, 32), (32, 32), False), ((32, 32), (32, 32), True),
+                                                        ((64, 64), (64, 64), False), ((64, 32), (64, 32), False),
+                                                        ((32, 96), (32, 32), True)])
+def test_masked_linear_block_mask_runs_tiles_of_its_blocks(kernels, block, tile, zero_off_mask, generator):
     _, ml, _, _ = kernels
-    x, weight, mask, bias, dy = _masked_linear_case((50, 160), 96, 0.3, torch.float32, generator, block=(32, 32))
+    x, weight, mask, bias, dy = _masked_linear_case((20, 200), 136, 0.3, torch.float32, generator, block=block)
     layout = ml.pack_mask(mask)
-    assert 0 < int(layout.tiles.sum()) < layout.tiles.numel()  # some tiles are skipped, some are not
-    assert layout.skip_tiles
-    _check_masked_linear(ml, x, weight, mask, bias, dy, torch.float32)
+    assert (layout.tile_n, layout.tile_k) == tile
+    # Tiles match the blocks: the active tiles cover exactly the active blocks' area, no more.
+    flags = layout.flags.to(torch.int64).repeat_interleave(tile[0], 0).repeat_interleave(tile[1], 1)[:136, :200]
+    assert torch.equal(flags > ml.EMPTY, mask)
+    assert 0 < layout.active_fraction < 1
+    # Every active tile of a block mask is full except at the ragged edges: no select inside.
+    interior = layout.flags[:136 // tile[0], :200 // tile[1]]
+    assert not (interior == ml.PARTIAL).any()
+    _check_masked_linear(ml, x, weight, mask, bias, dy, torch.float32, zero_off_mask)
+
+
+def test_block_masks_at_density_one_tenth_run_one_tenth_of_the_steps(kernels, generator):
+    # GPU_REVIEW finding 4: 64x32 tiles over a 32x32-block mask ran 19% of the steps at density 0.1.
+    _, ml, _, _ = kernels
+    blocks = torch.zeros(100, dtype=torch.bool)
+    blocks[torch.randperm(100, generator=generator)[:10]] = True
+    mask = blocks.view(10, 10).repeat_interleave(32, 0).repeat_interleave(32, 1)
+    layout = ml.pack_mask(mask)
+    assert (layout.tile_n, layout.tile_k) == (32, 32) and layout.active_fraction == 0.1
+    assert int(layout.forward_steps.starts[-1]) == int(layout.grad_input_steps.starts[-1]) == 10
+    assert layout.grad_weight_tiles.shape == (10, 2)
+    assert not ml.skips_tiles(torch.rand(320, 320, generator=generator) < 0.1)  # unstructured: nothing to skip
 
 
 def test_pack_mask_matches_numpy(kernels, generator):
     _, ml, _, _ = kernels
     mask = torch.rand(45, 100, generator=generator) < 0.1
-    mask[:32, 64:] = False  # one all-zero flag block
+    mask[:32, 64:] = False  # two empty 32x32 blocks, side by side: 32x64 tiles skip them, no larger tile can
+    mask[32:, :32] = True   # a full block at the ragged bottom edge
     layout = ml.pack_mask(mask.T.contiguous().T)  # non-contiguous input
     padded = np.zeros((45, 128), dtype=np.uint64)
     padded[:, :100] = mask.numpy()
     words = (padded.reshape(45, 4, 32) << np.arange(32, dtype=np.uint64)).sum(-1)
     np.testing.assert_array_equal(layout.bits.numpy().view(np.uint32), words.astype(np.uint32))
-    blocks = np.zeros((64, 128), dtype=bool)
-    blocks[:45, :100] = mask.numpy()
-    np.testing.assert_array_equal(layout.tiles.numpy(), blocks.reshape(2, 32, 4, 32).any(axis=(1, 3)))
+    assert (layout.tile_n, layout.tile_k) == (32, 64)
+    entries = np.zeros((64, 128), dtype=np.int64)  # 1 active, 0 inactive, -1 past the edge
+    entries[:] = -1
+    entries[:45, :100] = mask.numpy()
+    tiles = entries.reshape(2, 32, 2, 64).transpose(0, 2, 1, 3).reshape(2, 2, -1)
+    real = np.where(tiles >= 0, tiles, 1)
+    expected = np.where((real == 1).all(-1), ml.FULL, np.where((tiles == 1).any(-1), ml.PARTIAL, ml.EMPTY))
+    np.testing.assert_array_equal(layout.flags.numpy(), expected)
+    assert expected[1, 0] == ml.PARTIAL and expected[0, 1] == ml.EMPTY
+    # Step lists: full tiles first, then partial ones, each in order.
+    steps = layout.forward_steps
+    for strip in range(2):
+        row = expected[strip]
+        want = [j for j in range(2) if row[j] == ml.FULL] + [j for j in range(2) if row[j] == ml.PARTIAL]
+        assert steps.steps[steps.starts[strip]:steps.starts[strip + 1]].tolist() == want
+        assert int(steps.split[strip] - steps.starts[strip]) == int((row == ml.FULL).sum())
 
 
 @pytest.mark.parametrize("shape_x, n", [((0, 20), 30), ((7, 0), 30), ((7, 20), 0), ((2, 0, 20), 30)])
@@ -280,8 +327,8 @@ def test_opcheck_every_triton_op(kernels, generator):
     ops, _, _, _ = kernels
     x, weight, mask, bias, dy = _masked_linear_case((20, 40), 30, 0.5, torch.float32, generator)
     weight = torch.randn_like(weight)
-    torch.library.opcheck(torch.ops.sparsekern.masked_linear_triton, (x, weight, mask, bias, False))
-    torch.library.opcheck(torch.ops.sparsekern.masked_linear_grad_input_triton, (dy, weight, mask))
+    torch.library.opcheck(torch.ops.sparsekern.masked_linear_triton, (x, weight, mask, bias, False, False))
+    torch.library.opcheck(torch.ops.sparsekern.masked_linear_grad_input_triton, (dy, weight, mask, False))
     torch.library.opcheck(torch.ops.sparsekern.masked_linear_grad_weight_triton, (dy, x, mask, True))
     scores = [torch.randn(10, 20, generator=generator), torch.randn(30, generator=generator)]
     torch.library.opcheck(torch.ops.sparsekern.topk_mask_triton, (scores, 50))
@@ -298,10 +345,11 @@ CUDA = torch.device("cuda")
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("density, block", [(0.5, None), (0.05, None), (0.1, (32, 32)), (1.0, None)])
-def test_gpu_masked_linear_products(gpu_kernels, dtype, density, block, generator):
+@pytest.mark.parametrize("zero_off_mask", [False, True])
+def test_gpu_masked_linear_products(gpu_kernels, dtype, density, block, zero_off_mask, generator):
     _, ml, _, _ = gpu_kernels
     case = _masked_linear_case((4, 1000, 1500), 2100, density, dtype, generator, CUDA, block)
-    _check_masked_linear(ml, *case, dtype)
+    _check_masked_linear(ml, *case, dtype, zero_off_mask)
 
 
 @pytest.mark.gpu

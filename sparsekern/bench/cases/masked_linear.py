@@ -1,5 +1,10 @@
 """masked_linear against mask-then-matmul (the baseline) and a dense matmul, forward and forward+backward.
 
+Every backend runs the masked path (SPARSEKERN_BACKEND forces it); "sparsekern[auto, zero off mask]"
+is what a sparse module runs: the automatic choice on a weight that is 0 off the mask, which is the
+dense kernel on the weight itself with the weight gradient masked in place (or, on a GPU, the Triton
+kernel where the mask's blocks let it skip tiles).
+
 Forward runs without autograd (inference); forward+backward takes the gradients of x, weight and
 bias with `torch.autograd.grad`, so no `.grad` accumulation is timed.
 """
@@ -9,7 +14,8 @@ import torch
 from torch import Tensor
 
 from ... import ops
-from ..core import Case, sparsekern_runs
+from ...ops import reference
+from ..core import Case, forced_backend, sparsekern_runs
 
 DENSITIES = (0.1, 0.5)
 # (tokens, in_features, out_features)
@@ -24,6 +30,11 @@ def torch_mask_then_matmul(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor
 
 def torch_dense(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor) -> Tensor:
     return torch.nn.functional.linear(x, weight, bias)
+
+
+def zero_off_mask_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor) -> Tensor:
+    with forced_backend("auto"):
+        return ops.masked_linear(x, weight, mask, bias, zero_off_mask=True)
 
 
 def forward_run(linear, x, weight, mask, bias):
@@ -55,6 +66,7 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
             grad_out = randn(tokens, out_features)
             for density in DENSITIES:
                 mask = torch.rand(weight.shape, generator=generator, device=device) < density
+                zeroed = reference.masked_weight(weight, mask)  # what a sparse module holds
                 size = (f"{tokens}x{in_features} -> {out_features}, d={density}, "
                         f"{str(dtype).removeprefix('torch.')}")
                 implementations = {"torch mask-then-matmul": torch_mask_then_matmul,
@@ -65,5 +77,6 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
                             for label, linear in implementations.items()}
                     runs.update(sparsekern_runs("masked_linear", device,
                                                 wrap(ops.masked_linear, x, weight, mask, bias, *extra)))
+                    runs["sparsekern[auto, zero off mask]"] = wrap(zero_off_mask_linear, x, zeroed, mask, bias, *extra)
                     result.append(Case(f"masked_linear {mode}", size, runs, baseline="torch mask-then-matmul"))
     return result

@@ -1,11 +1,14 @@
-"""SparseConv2d forward+backward: masking the weight into the convolution (what SparseConv2d does)
-against lowering to `ops.masked_linear` through im2col (the alternative it was chosen over), with
-a dense nn.Conv2d as the baseline.
+"""SparseConv2d forward+backward: the convolution on the weight itself, its gradient masked (what
+SparseConv2d does while its weights are 0 off the mask), the convolution on the masked weight (its
+masked path, for weights that are not), and lowering to `ops.masked_linear` through im2col (the
+alternative it was chosen over), with a dense nn.Conv2d as the baseline.
 
 Forward+backward takes the gradients of x and weight with `torch.autograd.grad` (no `.grad`
 accumulation timed).
 """
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -41,16 +44,19 @@ def _case(device, generator, batch, in_channels, out_channels, size, kernel) -> 
     padding = kernel // 2
     layer = SparseConv2d(in_channels, out_channels, kernel, padding=padding, bias=False, device=device)
     layer.set_mask(torch.rand(layer.weight.shape, generator=generator, device=device) < DENSITY)
+    masked_path = copy.deepcopy(layer)
+    masked_path.zero_off_mask = False
     x = torch.randn(batch, in_channels, size, size, generator=generator, device=device, requires_grad=True)
     grad_out = torch.randn(batch, out_channels, size, size, generator=generator, device=device)
-    runs = {
-        "SparseConv2d (masked weight into conv2d)": lambda x, w: layer(x),
-        "im2col + masked_linear": lambda x, w: im2col_masked_linear(x, w, layer.mask, padding),
-        "torch dense conv2d": lambda x, w: F.conv2d(x, w, padding=padding),
+    runs = {  # label: (function of (x, weight), the weight it differentiates)
+        "SparseConv2d (conv2d on the weight, gradient masked)": (lambda x, w: layer(x), layer.weight),
+        "SparseConv2d, masked path (conv2d on the masked weight)": (lambda x, w: masked_path(x), masked_path.weight),
+        "im2col + masked_linear": (lambda x, w: im2col_masked_linear(x, w, layer.mask, padding), layer.weight),
+        "torch dense conv2d": (lambda x, w: F.conv2d(x, w, padding=padding), layer.weight),
     }
     return Case("sparse conv2d forward+backward",
                 f"{batch}x{in_channels}x{size}x{size} -> {out_channels}, k={kernel}, d={DENSITY}",
-                {label: _forward_backward(function, x, layer.weight, grad_out) for label, function in runs.items()},
+                {label: _forward_backward(function, x, weight, grad_out) for label, (function, weight) in runs.items()},
                 baseline="torch dense conv2d")
 
 

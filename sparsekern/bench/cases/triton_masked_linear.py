@@ -16,12 +16,15 @@ from torch import Tensor
 from ... import ops
 from ...ops import _backend
 from ..core import Case, forced_backend
-from .masked_linear import forward_backward_run, forward_run
+from .masked_linear import forward_backward_run, forward_run, zero_off_mask_linear
 
 UNSTRUCTURED_DENSITIES = (0.5, 0.2, 0.1, 0.05)
 BLOCK = (32, 32)
 BLOCK_DENSITY = 0.1
 DENSE = "torch dense matmul"
+# What a sparse module runs: the automatic choice for a weight that is 0 off the mask (cuBLAS on the
+# weight for unstructured masks, the Triton kernel for block masks it can skip).
+AUTO = "sparsekern[auto, zero off mask]"
 
 
 def _dense(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor) -> Tensor:
@@ -35,6 +38,11 @@ def _mask_then_matmul(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor) -> 
 def _triton(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor) -> Tensor:
     with forced_backend("triton"):
         return ops.masked_linear(x, weight, mask, bias)
+
+
+def _triton_zero_off_mask(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor) -> Tensor:
+    with forced_backend("triton"):
+        return ops.masked_linear(x, weight, mask, bias, zero_off_mask=True)
 
 
 def _bsr_forward(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor):
@@ -57,13 +65,17 @@ def _block_mask(shape, density, generator, device) -> Tensor:
 def _cases_for(device, dtype, tokens, in_features, out_features, masks, modes, generator):
     def randn(*shape):
         return torch.randn(shape, generator=generator, device=device).to(dtype)
-    x, weight, bias = randn(tokens, in_features), randn(out_features, in_features), randn(out_features)
+    x, bias = randn(tokens, in_features), randn(out_features)
     grad_out = randn(tokens, out_features)
     implementations = {DENSE: _dense, "torch mask-then-matmul": _mask_then_matmul}
+    implementations[AUTO] = zero_off_mask_linear
     if _backend.triton_missing(device.type) is None:
         implementations["sparsekern[triton]"] = _triton
+        implementations["sparsekern[triton, zero off mask]"] = _triton_zero_off_mask
     result = []
     for description, mask, with_bsr in masks:
+        # Zero off the mask, so that every implementation, the zero-off-mask ones included, computes the same.
+        weight = torch.where(mask, randn(out_features, in_features), 0)
         size = f"{tokens}x{in_features} -> {out_features}, {description}, {str(dtype).removeprefix('torch.')}"
         for mode in modes:
             if mode == "forward":

@@ -1,0 +1,141 @@
+"""A training step of a sparse model against the dense one, in time and in peak memory.
+
+Models, at density 0.1 (ERK): the MLP 1024-2048-2048-10 at batch 256 and a small conv net (four 3x3
+convolutions 3-32-64-128-256, batch norm, a linear head) at batch 32 on 32x32 images. A step is
+zero_grad, forward, cross-entropy, backward, [DST.step()], SGD with momentum. Runs:
+
+- "dense" (the baseline): the nn.Linear / nn.Conv2d model;
+- "sparse, static": sparsified, weights 0 off the masks, so every layer runs the dense kernel on its
+  weight and masks only the weight gradient (`SparseModule.zero_off_mask`);
+- "sparse + RigL (no update)": the same under a DST whose next update never comes;
+- "sparse, masked path": the static model told its weights may be non-zero off the masks (OptG's
+  path), which selects where(mask, W, 0) every step.
+
+Peak memory (in the size column): the most memory a step allocates after zero_grad above what it
+holds then (parameters, buffers, optimizer state, and the sparse models' masks, whose size is given
+apart), so that a persistent dense-gradient buffer or a mask-sized temporary would show. Measured
+once per run while the case is built: on CUDA by torch.cuda.max_memory_allocated, on CPU from the
+profiler's allocation events.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ...algorithms import RigL
+from ...nn import sparse_modules, sparsify
+from ..core import Case
+
+DENSITY = 0.1
+DENSE = "dense"
+
+
+def mlp(width: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(width, 2 * width), nn.ReLU(), nn.Linear(2 * width, 2 * width), nn.ReLU(),
+                         nn.Linear(2 * width, 10))
+
+
+def conv_net(channels: int) -> nn.Module:
+    layers, inputs = [], 3
+    for i, outputs in enumerate((channels, 2 * channels, 4 * channels, 8 * channels)):
+        layers += [nn.Conv2d(inputs, outputs, 3, stride=1 if i == 0 else 2, padding=1, bias=False),
+                   nn.BatchNorm2d(outputs), nn.ReLU()]
+        inputs = outputs
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(inputs, 10))
+
+
+# (description, model builder, input shape) per device and size.
+MODELS = {
+    False: [("MLP 1024-2048-2048-10, batch 256", lambda: mlp(1024), (256, 1024)),
+            ("conv net 3-32-64-128-256, batch 32, 32x32", lambda: conv_net(32), (32, 3, 32, 32))],
+    True: [("MLP 64-128-128-10, batch 32", lambda: mlp(64), (32, 64)),
+           ("conv net 3-4-8-16-32, batch 4, 8x8", lambda: conv_net(4), (4, 3, 8, 8))],
+}
+
+
+def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, x, y, algorithm=None) -> Callable[[], None]:
+    learn = learning_step(model, optimizer, x, y, algorithm)
+
+    def run():
+        optimizer.zero_grad()
+        learn()
+    return run
+
+
+def learning_step(model: nn.Module, optimizer: torch.optim.Optimizer, x, y, algorithm=None) -> Callable[[], None]:
+    """A training step after zero_grad: forward, backward, [algorithm.step()], optimizer.step()."""
+    def run():
+        nn.functional.cross_entropy(model(x), y).backward()
+        if algorithm is not None:
+            algorithm.step()
+        optimizer.step()
+    return run
+
+
+def _allocations(profile) -> list[int]:
+    """Bytes allocated (> 0) and freed (< 0), in time order, from a CPU profile with memory events.
+
+    The profiler's event tree is a private API, used here by a benchmark only."""
+    allocation = torch._C._profiler._EventType.Allocation
+    stack, events = list(profile.profiler.kineto_results.experimental_event_tree()), []
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        if event.tag == allocation:
+            events.append((event.start_time_ns, event.extra_fields.alloc_size))
+    return [size for _, size in sorted(events)]
+
+
+def step_peak_bytes(learn: Callable[[], None], device: torch.device) -> int:
+    """Peak memory a call of `learn` allocates above what is allocated when it starts."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        held = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        learn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - held
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
+        learn()
+    peak = total = 0
+    for size in _allocations(profile):
+        total += size
+        peak = max(peak, total)
+    return peak
+
+
+def _case(description: str, build: Callable[[], nn.Module], input_shape, device: torch.device) -> Case:
+    generator = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(input_shape, generator=generator, device=device)
+    y = torch.randint(0, 10, (input_shape[0],), generator=generator, device=device)
+
+    def model(sparse: bool) -> nn.Module:
+        torch.manual_seed(0)
+        built = build().to(device)
+        return sparsify(built, DENSITY, generator=torch.Generator().manual_seed(0)) if sparse else built
+
+    models = {DENSE: model(False), "sparse, static": model(True), "sparse + RigL (no update)": model(True),
+              "sparse, masked path": model(True)}
+    for _, module in sparse_modules(models["sparse, masked path"]):
+        module.zero_off_mask = False
+    optimizers = {name: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for name, m in models.items()}
+    # A step count no update ever reaches: every step() is an ordinary, non-update step.
+    rigl = RigL(models["sparse + RigL (no update)"], optimizers["sparse + RigL (no update)"],
+                update_every=10 ** 9, total_steps=10 ** 10)
+    algorithms = {name: rigl if "RigL" in name else None for name in models}
+    runs = {name: training_step(m, optimizers[name], x, y, algorithms[name]) for name, m in models.items()}
+    peaks = {}
+    for name, run in runs.items():
+        run()  # optimizer state exists before memory is measured
+        optimizers[name].zero_grad()
+        peaks[name] = step_peak_bytes(learning_step(models[name], optimizers[name], x, y, algorithms[name]), device)
+    masks = sum(module.mask.numel() * module.mask.element_size() for _, module in sparse_modules(models["sparse, static"]))
+    memory = ", ".join(f"{name} {peak / 2 ** 20:.1f} MB ({peak / peaks[DENSE]:.2f}x)" for name, peak in peaks.items())
+    size = f"{description}, d={DENSITY}; step peak memory: {memory}; masks held: {masks / 2 ** 20:.1f} MB"
+    return Case("training step", size, runs, baseline=DENSE)
+
+
+def cases(device: torch.device, quick: bool) -> list[Case]:
+    return [_case(description, build, shape, device) for description, build, shape in MODELS[quick]]

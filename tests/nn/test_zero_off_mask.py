@@ -1,0 +1,158 @@
+"""The zero-off-mask promise: sparsify, DST and IMP keep every inactive weight exactly 0 under every
+common optimizer, the modules run the dense kernel on the weight itself when they promise it, and
+the masked path when they do not."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparsekern
+from sparsekern.nn import SparseConv2d, SparseLinear, sparse_modules
+
+OPTIMIZERS = {
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.1),
+    "sgd-nesterov": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True),
+    "sgd-weight-decay": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.1),
+    "adam": lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=1e-2, amsgrad=True),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+    "adagrad": lambda p: torch.optim.Adagrad(p, lr=0.1, weight_decay=1e-2),
+    "rmsprop": lambda p: torch.optim.RMSprop(p, lr=1e-2, momentum=0.9, centered=True, weight_decay=1e-2),
+    "adadelta": lambda p: torch.optim.Adadelta(p, weight_decay=1e-2),
+    "adamax": lambda p: torch.optim.Adamax(p, lr=1e-2, weight_decay=1e-2),
+    "nadam": lambda p: torch.optim.NAdam(p, lr=1e-2, weight_decay=1e-2),
+    "radam": lambda p: torch.optim.RAdam(p, lr=1e-2, weight_decay=1e-2),
+}
+
+
+def small_model():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, groups=2, bias=False), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                         nn.Flatten(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def batch(generator):
+    return torch.randn(5, 3, 6, 6, generator=generator), torch.randint(0, 4, (5,), generator=generator)
+
+
+def assert_zero_off_mask(model):
+    for name, module in sparse_modules(model):
+        assert module.zero_off_mask, name
+        assert torch.equal(module.weight[~module.mask], torch.zeros_like(module.weight[~module.mask])), name
+        module.verify_zero_off_mask()
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS.values(), ids=OPTIMIZERS)
+def test_sparsify_and_dst_keep_inactive_weights_exactly_zero(optimizer, generator, one_thread):
+    model = sparsekern.sparsify(small_model(), 0.3, generator=generator)
+    opt = optimizer(model.parameters())
+    # Updates at steps 3 and 6: dense gradients before each, masks and optimizer state changed at each.
+    algo = sparsekern.RigL(model, opt, update_every=3, total_steps=100, drop_fraction=0.5)
+    updates = 0
+    for _ in range(7):
+        x, y = batch(generator)
+        F.cross_entropy(model(x), y).backward()
+        updates += algo.step()
+        opt.step()
+        opt.zero_grad()
+        assert_zero_off_mask(model)
+    assert updates == 2
+    # The dense kernel on the weight gives what the masked weight would.
+    dense = copy.deepcopy(model)
+    for name, module in sparse_modules(model):
+        dense.set_submodule(name, module.to_dense())
+    model.eval(), dense.eval()
+    x, _ = batch(generator)
+    torch.testing.assert_close(model(x), dense(x))
+
+
+@pytest.mark.parametrize("name", ["sgd-weight-decay", "adamw", "adagrad"])
+def test_imp_keeps_inactive_weights_exactly_zero(name, generator, one_thread):
+    model = sparsekern.sparsify(small_model(), 1.0)
+    imp = sparsekern.IMP(model, OPTIMIZERS[name], prune_fraction=0.5, rewind_step=1)
+    for cycle in range(2):
+        for _ in range(3):
+            x, y = batch(generator)
+            F.cross_entropy(model(x), y).backward()
+            imp.optimizer.step()
+            imp.optimizer.zero_grad()
+            imp.step()
+            assert_zero_off_mask(model)
+        if cycle == 0:
+            imp.next_cycle()
+            assert_zero_off_mask(model)
+    assert all(not module.mask.all() for _, module in sparse_modules(model))
+
+
+def test_sparsify_zeroes_what_a_callable_init_writes_off_the_mask(generator):
+    def careless(module, generator=None):
+        with torch.no_grad():
+            module.weight.normal_(generator=generator)
+    model = sparsekern.sparsify(small_model(), 0.3, init=careless, generator=generator)
+    assert_zero_off_mask(model)
+
+
+def test_optg_runs_the_masked_path_and_keeps_its_pruned_values(generator):
+    model = sparsekern.sparsify(small_model(), 1.0)
+    optg = sparsekern.OptG(model, sparsity=0.5, epochs=2, dense_while_scores_tie=False)
+    layers = [module for _, module in sparse_modules(model)]
+    assert all(not layer.zero_off_mask for layer in layers)
+    assert any((layer.weight[~layer.mask] != 0).any() for layer in layers)
+    optg.next_epoch()
+    assert all(not layer.zero_off_mask for layer in layers)
+
+
+@pytest.mark.parametrize("make, shape", [(lambda: SparseLinear(12, 6), (4, 12)),
+                                         (lambda: SparseConv2d(4, 6, 3, padding=1), (2, 4, 5, 5))],
+                         ids=["linear", "conv2d"])
+def test_which_path_runs_follows_the_modules_state(make, shape, generator, monkeypatch):
+    layer = make()
+    layer.set_mask(torch.rand(layer.weight.shape, generator=generator) < 0.5)
+    kernel = "linear" if isinstance(layer, SparseLinear) else "conv2d"
+    seen = []
+    original = getattr(F, kernel)
+    monkeypatch.setattr(F, kernel, lambda x, w, *rest: seen.append(w) or original(x, w, *rest))
+    x = torch.randn(shape, generator=generator)
+    expected = layer(x)
+    assert seen[-1].data_ptr() == layer.weight.data_ptr()  # the weight itself, no masked copy
+    layer.zero_off_mask = False
+    torch.testing.assert_close(layer(x), expected)
+    assert seen[-1].data_ptr() != layer.weight.data_ptr()  # the masked weight
+
+
+@pytest.mark.parametrize("make, shape", [(lambda: SparseLinear(5, 3, dtype=torch.float64), (2, 5)),
+                                         (lambda: SparseConv2d(2, 2, 2, padding=1, dtype=torch.float64),
+                                          (1, 2, 2, 2))], ids=["linear", "conv2d"])
+@pytest.mark.parametrize("zero_off_mask", [True, False])
+def test_double_backward_through_the_layers(make, shape, zero_off_mask, generator):
+    # SparseLinear had no autograd formula for its backward ("no autograd formula").
+    layer = make()
+    mask = torch.rand(layer.weight.shape, generator=generator) < 0.6
+    layer.set_mask(mask)
+    layer.zero_off_mask = zero_off_mask
+    x = torch.randn(shape, generator=generator, dtype=torch.float64, requires_grad=True)
+    active = layer.weight.detach()[mask].clone().requires_grad_()
+
+    def function(x, active, bias):
+        # Only active values vary, so the weight keeps its promise under gradcheck's nudges.
+        weight = torch.zeros(mask.shape, dtype=active.dtype).masked_scatter(mask, active)
+        return torch.func.functional_call(layer, {"weight": weight, "bias": bias}, (x,))
+
+    assert torch.autograd.gradgradcheck(function, (x, active, layer.bias.detach().clone().requires_grad_()))
+
+
+@pytest.mark.parametrize("make, shape", [(lambda: SparseLinear(16, 8), (4, 16)),
+                                         (lambda: SparseConv2d(4, 8, 3, padding=1, groups=2), (2, 4, 6, 6))],
+                         ids=["linear", "conv2d"])
+@pytest.mark.parametrize("zero_off_mask", [True, False])
+def test_compiles_as_one_graph_on_either_path(make, shape, zero_off_mask, generator):
+    layer = make()
+    layer.set_mask(torch.rand(layer.weight.shape, generator=generator) < 0.5)
+    layer.zero_off_mask = zero_off_mask
+    x = torch.randn(shape, generator=generator)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    y = compiled(x)
+    torch.testing.assert_close(y, layer(x))
+    y.sum().backward()
+    assert not layer.weight.grad[~layer.mask].any()
