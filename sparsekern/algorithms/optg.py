@@ -4,9 +4,16 @@ Each prunable weight has a score s, initialised to 0. The forward uses θ ⊙ m 
 highest scores; the scores are trained with the straight-through gradient
 ∂L/∂s = ∂L/∂(θ ⊙ m) ⊙ θ at every position, pruned ones included, so with plain SGD
 s accumulates −Σ η_t g_t ⊙ θ_t and a removed weight returns when its score rises again.
-The sparsity ramps up as p_e = p·σ(β(e − E/2)), the mask is recomputed once per epoch by one
-global top-k over the scores, and the score learning rate is lr_e·σ(β(e − E/2)) with the weights'
-cosine learning rate lr_e. Scores have no weight decay.
+The sparsity ramps up as p_e = p·σ(β(e − E/2)) / σ(β(E/2 − 1)), the mask is recomputed once per
+epoch by one global top-k over the scores, and the score learning rate is lr_e·σ(β(e − E/2)) with
+the weights' cosine learning rate lr_e. Scores have no weight decay.
+
+The ramp differs from the reference code's p·σ(β(e − E/2)), which ends at p·σ(β(E/2 − 1)), short
+of the target: a nominal density 0.05 over 10 epochs ends at 0.067. Dividing by σ(β(E/2 − 1))
+makes the last epoch (e = E − 1) train at exactly the sparsity asked for; `reach_target=False`
+gives the reference ramp. The scores need enough epochs to settle: on scikit-learn's digits (an
+MLP, SGD) OptG collapses below MIN_EPOCHS_DIGITS epochs, where magnitude pruning on the same ramp
+(`criterion="magnitude"`, the baseline) does not.
 
 Pruned weights keep their values while pruned, as in the paper's code (the forward multiplies the
 weight by the mask instead of zeroing it): their own gradient is 0, so only the weight optimizer's
@@ -27,9 +34,19 @@ from .. import ops
 from . import _tickets
 
 
-def sparsity_at(epoch: int, sparsity: float, epochs: int, beta: float = 1.0) -> float:
-    """p_e = p·σ(β(e − E/2))."""
-    return sparsity * _sigmoid(beta * (epoch - epochs / 2))
+CRITERIA = ("learned", "magnitude")
+# Measured with `sparsekern reproduce` (claim e) on digits: fewer epochs than this and OptG's mask
+# collapses (accuracy far below magnitude pruning on the same ramp); the CLI warns below it.
+MIN_EPOCHS_DIGITS = 20
+
+
+def sparsity_at(epoch: int, sparsity: float, epochs: int, beta: float = 1.0, reach_target: bool = True) -> float:
+    """p_e = p·σ(β(e − E/2)) / σ(β(E/2 − 1)), capped at p, so that epoch E − 1 trains at p; with
+    reach_target=False the reference code's p·σ(β(e − E/2))."""
+    ramp = _sigmoid(beta * (epoch - epochs / 2))
+    if not reach_target:
+        return sparsity * ramp
+    return sparsity * min(1.0, ramp / _sigmoid(beta * (epochs / 2 - 1)))
 
 
 def cosine_lr(lr: float, epochs: int) -> Callable[[int], float]:
@@ -55,7 +72,13 @@ class OptG:
         dense_while_scores_tie: keep every weight while all scores are equal (epoch 0, where they
             are all 0). The paper's code keeps every entry tied with the threshold, so its epoch 0
             is dense; an exact top-k over equal scores would instead prune the tail of the last
-            layers (ties go to the lower flat position). False applies p_0 by that rule.
+            layers (ties go to the lower flat position). False applies p_0 by that rule. (With
+            E = 1 the only epoch is then dense.)
+        reach_target: ramp to exactly `sparsity` at the last epoch (default), or follow the
+            reference code's ramp, which stops short of it (module docstring).
+        criterion: "learned" (OptG's trained scores) or "magnitude": each epoch's mask keeps the
+            largest |θ| instead, with no scores trained — gradual magnitude pruning on the same
+            ramp, the baseline OptG is measured against.
 
     Loop: call `step()` after `backward()` and before the weight optimizer's step (it turns the
     dense gradient into the scores' gradient, masks the weights' gradient and updates the
@@ -74,7 +97,8 @@ class OptG:
 
     def __init__(self, model: nn.Module, sparsity: float, epochs: int, lr: float = 0.1, beta: float = 1.0,
                  momentum: float = 0.9, nesterov: bool = False,
-                 lr_schedule: Callable[[int], float] | None = None, dense_while_scores_tie: bool = True):
+                 lr_schedule: Callable[[int], float] | None = None, dense_while_scores_tie: bool = True,
+                 reach_target: bool = True, criterion: str = "learned"):
         self.layers = _tickets.sparse_layers(model)
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
             raise TypeError(f"sparsity must be a float, got {type(sparsity).__name__}")
@@ -88,10 +112,14 @@ class OptG:
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
         if lr_schedule is not None and not callable(lr_schedule):
             raise TypeError(f"lr_schedule must be callable, got {type(lr_schedule).__name__}")
+        if criterion not in CRITERIA:
+            raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
         self.sparsity = float(sparsity)
         self.beta = float(beta)
         self.lr_schedule = lr_schedule if lr_schedule is not None else cosine_lr(lr, epochs)
         self.dense_while_scores_tie = bool(dense_while_scores_tie)
+        self.reach_target = bool(reach_target)
+        self.criterion = criterion
         self.scores = [torch.zeros_like(layer.weight) for layer in self.layers]
         self.score_optimizer = torch.optim.SGD(self.scores, lr=0.0, momentum=momentum, nesterov=nesterov,
                                                weight_decay=0.0)
@@ -103,17 +131,20 @@ class OptG:
         return self.lr_schedule(epoch) * _sigmoid(self.beta * (epoch - self.epochs / 2))
 
     def sparsity_at(self, epoch: int) -> float:
-        return sparsity_at(epoch, self.sparsity, self.epochs, self.beta)
+        return sparsity_at(epoch, self.sparsity, self.epochs, self.beta, self.reach_target)
 
     @torch.no_grad()
     def _start_epoch(self) -> None:
+        if self.criterion == "magnitude":
+            for layer, score in zip(self.layers, self.scores):
+                torch.abs(layer.weight, out=score)
         total = sum(score.numel() for score in self.scores)
         keep = total - round(self.sparsity_at(self.epoch) * total)
         if self.dense_while_scores_tie and self._scores_all_equal():
             keep = total
         for layer, mask in zip(self.layers, ops.topk_mask(self.scores, keep)):
             layer.mask.copy_(mask)      # not set_mask: pruned weights keep their values
-            layer.dense_grad = True
+            layer.dense_grad = self._learns
         for group in self.score_optimizer.param_groups:
             group["lr"] = self.score_lr(self.epoch)
 
@@ -121,13 +152,23 @@ class OptG:
         first = self.scores[0].flatten()[:1]
         return all(bool((score == first).all()) for score in self.scores)
 
+    @property
+    def _learns(self) -> bool:
+        return self.criterion == "learned"
+
     @torch.no_grad()
     def step(self) -> None:
         """Scores' gradient g ⊙ θ at every position, weights' gradient g ⊙ m, one score update.
 
         Reads the dense gradient g = ∂L/∂(θ ⊙ m) that the modules' `dense_grad` gives; a layer
-        whose weight received no gradient contributes none.
+        whose weight received no gradient contributes none. With criterion="magnitude" it only
+        masks the weights' gradient.
         """
+        if not self._learns:
+            for layer in self.layers:
+                if layer.weight.grad is not None:
+                    layer.weight.grad.mul_(layer.mask)
+            return
         for layer, score in zip(self.layers, self.scores):
             grad = layer.weight.grad
             layer.dense_grad = True     # the next backward must be dense again
@@ -160,4 +201,4 @@ class OptG:
             score.copy_(saved)
         self.score_optimizer.load_state_dict(state["score_optimizer"])
         for layer in self.layers:
-            layer.dense_grad = True
+            layer.dense_grad = self._learns
