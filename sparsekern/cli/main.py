@@ -238,8 +238,9 @@ def check_backend(device: str) -> None:
 
 def _warn_short_optg(method: str, epochs: int) -> None:
     if method == "optg" and epochs < MIN_EPOCHS_DIGITS:
-        _warn(f"OptG needs about {MIN_EPOCHS_DIGITS} epochs for its scores to settle (measured on digits); with "
-              f"--epochs {epochs} its mask may collapse far below magnitude pruning on the same ramp (--method gmp)")
+        _warn(f"OptG needs about {MIN_EPOCHS_DIGITS} epochs for its scores to settle (measured on digits: at 10 it "
+              f"collapses to about 36% at densities 0.05 and 0.02); with --epochs {epochs} its mask may collapse far "
+              f"below magnitude pruning on the same ramp (--method gmp)")
 
 
 def _prepare_train(args):

@@ -100,6 +100,7 @@ class Report:
     runs: int
     trained: int
     seconds: float
+    training_seconds: float
     workers: int
     rows: list[dict] = field(default_factory=list)
 
@@ -119,7 +120,8 @@ class Report:
                 f"{base.batch_size}), {base.distribution} layer densities, {base.epochs} epochs per run unless "
                 f"stated, DST updates every {base.update_every} steps. {self.runs} runs ({self.trained} trained now, "
                 f"the rest reused from earlier runs in this folder) in {self.seconds:.0f} s on {self.workers} "
-                f"process(es).\n\n"
+                f"process(es); the runs' training loops took {self.training_seconds:.0f} s of wall time, summed over "
+                f"runs.\n\n"
                 f"Verdicts: for \"A beats B\", Δ = mean(A) − mean(B) over seeds and se = √(s_A²/n_A + s_B²/n_B) "
                 f"(at least {FLOOR:g} of the metric's scale); **holds** if Δ > 2 se, **does not hold at this "
                 f"scale** if Δ < −2 se, **tie** otherwise. Small models and few seeds: a tie says the difference is "
@@ -171,7 +173,8 @@ def run(plan: Plan, out_dir: str, dataset: Dataset | None = None, progress: bool
         return records[key(config, masks_from)]
 
     claims = [claim for experiment in EXPERIMENTS for claim in experiment.analyse(plan, lookup, out_dir)]
-    report = Report(plan, claims, count, sum(trained), seconds, workers)
+    report = Report(plan, claims, count, sum(trained), seconds,
+                    sum(record["seconds"] for record in records.values()), workers)
     for claim in claims:
         write_text(os.path.join(out_dir, f"{claim.key}.csv"), csv_text(_fields(claim.rows), claim.rows))
     runs = [{key_: value for key_, value in record.items() if key_ not in ("history", "flow")}
@@ -249,27 +252,34 @@ def _density_axis(axes, densities) -> None:
     axes.minorticks_off()
     axes.invert_xaxis()
     axes.set_xlabel("density")
-    axes.grid(True, alpha=0.3)
 
 
-def _errorbar_lines(axes, series: dict[str, tuple[list[float], list[list[float]]]]) -> None:
-    """One line per label: x values and, per x, the seeds' accuracies (plotted in percent, ± one sd)."""
+def _errorbar_lines(axes, series: dict[str, tuple[list[float], list[list[float]]]], percent: bool = True) -> None:
+    """One line per label: x values and, per x, the seeds' values (accuracies plotted in percent), ± one sd; lines
+    are nudged sideways a little so their error bars do not hide each other."""
+    unit = 100 if percent else 1
     for index, (label, (xs, values)) in enumerate(series.items()):
         dodge = 1 + 0.02 * (index - (len(series) - 1) / 2)
-        means = [100 * stats(v)[0] for v in values]
-        sds = [100 * stats(v)[1] for v in values]
-        axes.errorbar([x * dodge for x in xs], means, yerr=sds, marker="o", markersize=4, capsize=3, label=label)
+        axes.errorbar([x * dodge for x in xs], [unit * stats(v)[0] for v in values],
+                      yerr=[unit * stats(v)[1] for v in values], marker="o", markersize=4, capsize=3, label=label)
 
 
-def _bars(axes, groups: list[str], series: dict[str, list[list[float]]], ylabel: str) -> None:
+def _label(axes, title: str, ylabel: str = "test accuracy (%)", xlabel: str | None = None, legend: int = 8) -> None:
+    axes.set_title(title, fontsize=10)
+    axes.set_ylabel(ylabel)
+    if xlabel is not None:
+        axes.set_xlabel(xlabel)
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=legend, frameon=False)
+
+
+def _bars(axes, groups: list[str], series: dict[str, list[list[float]]]) -> None:
     width = 0.8 / len(series)
     for index, (label, values) in enumerate(series.items()):
         positions = [g + (index - (len(series) - 1) / 2) * width for g in range(len(groups))]
         axes.bar(positions, [100 * stats(v)[0] for v in values], width, yerr=[100 * stats(v)[1] for v in values],
                  capsize=3, label=label)
     axes.set_xticks(range(len(groups)), groups)
-    axes.set_ylabel(ylabel)
-    axes.grid(True, axis="y", alpha=0.3)
 
 
 # -- the experiments -----------------------------------------------------------------------------------------
@@ -322,9 +332,7 @@ class DSTvsStatic:
                                                                    for d in plan.dst_densities])
                                for method in cls.METHODS})
         _density_axis(axes, plan.dst_densities)
-        axes.set_ylabel("test accuracy (%)")
-        axes.legend(fontsize=8, frameon=False)
-        axes.set_title("(a) DST vs static sparse training", fontsize=10)
+        _label(axes, "(a) DST vs static sparse training")
         save_figure(figure, os.path.join(out_dir, "a.png"))
         schedules = "; ".join(f"{m}: {results(m, sparsest)[0]['schedule']}" for m in ("set", "rigl"))
         return [Claim("a", "DST vs static sparse training at high sparsity",
@@ -380,9 +388,7 @@ class CriteriaGrid:
         _errorbar_lines(axes, {c: (list(plan.criteria_densities), [accuracy[c, d] for d in plan.criteria_densities])
                                for c in plan.criteria})
         _density_axis(axes, plan.criteria_densities)
-        axes.set_ylabel("test accuracy (%)")
-        axes.legend(fontsize=7, frameon=False, ncol=2)
-        axes.set_title("(b) pruning criteria, random growth, annealed schedule", fontsize=10)
+        _label(axes, "(b) pruning criteria, random growth, annealed schedule", legend=7)
         save_figure(figure, os.path.join(out_dir, "b.png"))
         schedule = lookup(cls.configs(plan, plan.criteria[0], sparsest)[0])["schedule"]
         return [Claim("b", "The Fantastic Weights pruning criteria", "Nowak et al. 2023",
@@ -455,12 +461,10 @@ class Tickets:
         figure, axes = _figure()
         axes = axes[0][0]
         _bars(axes, [f"d = {d:g}" for d in plan.ticket_densities],
-              {line: [_accuracies(results[d][line][1]) for d in plan.ticket_densities] for line in at},
-              "test accuracy (%)")
+              {line: [_accuracies(results[d][line][1]) for d in plan.ticket_densities] for line in at})
         low = min(100 * stats(_accuracies(r))[0] for d in results for _, r in results[d].values())
         axes.set_ylim(max(0, low - 10), 100)
-        axes.legend(fontsize=7, frameon=False)
-        axes.set_title("(c, d) lottery tickets: IMP-WR, reinitialised masks, SWAMP", fontsize=10)
+        _label(axes, "(c, d) lottery tickets: IMP-WR, reinitialised masks, SWAMP", legend=7)
         save_figure(figure, os.path.join(out_dir, "c_d.png"))
         imp_config = cls.imp(plan, sparsest)[0]
         setup = (f"IMP with weight rewinding to 10% of a cycle, {imp_config.cycles} cycles of {plan.base.epochs} "
@@ -518,15 +522,10 @@ class OptGvsMagnitude:
                                 f"not below GMP from {enough} epochs" if enough else "below GMP at every length"))
         figure, axes = _figure(len(plan.ramp_densities))
         for panel, density in zip(axes[0], plan.ramp_densities):
-            for method in cls.METHODS:
-                values = [_accuracies(results[method, density, e]) for e in plan.ramp_epochs]
-                panel.errorbar(plan.ramp_epochs, [100 * stats(v)[0] for v in values],
-                               yerr=[100 * stats(v)[1] for v in values], marker="o", capsize=3, label=names[method])
-            panel.set_xlabel("epochs")
-            panel.set_ylabel("test accuracy (%)")
-            panel.set_title(f"(e) final density {density:g}", fontsize=10)
-            panel.grid(True, alpha=0.3)
-            panel.legend(fontsize=8, frameon=False)
+            _errorbar_lines(panel, {names[m]: (list(plan.ramp_epochs), [_accuracies(results[m, density, e])
+                                                                          for e in plan.ramp_epochs])
+                                    for m in cls.METHODS})
+            _label(panel, f"(e) final density {density:g}", xlabel="epochs")
         save_figure(figure, os.path.join(out_dir, "e.png"))
         return [Claim("e", "OptG vs magnitude pruning at equal final density", "Zhang et al. 2022",
                      "training the pruning scores with the straight-through gradient beats magnitude-based pruning "
@@ -601,15 +600,11 @@ class GradientFlow:
         ]
         figure, axes = _figure(2)
         left, right = axes[0]
-        for line in lines:
-            values = [at_init(results[line, d]) for d in plan.dst_densities]
-            left.errorbar(plan.dst_densities, [stats(v)[0] for v in values], yerr=[stats(v)[1] for v in values],
-                          marker="o", capsize=3, label=line)
+        _errorbar_lines(left, {line: (list(plan.dst_densities), [at_init(results[line, d]) for d in plan.dst_densities])
+                               for line in lines if lines[line][0] == "static"}, percent=False)  # RigL starts alike
         _density_axis(left, plan.dst_densities)
         left.set_yscale("log")
-        left.set_ylabel("gradient flow at init ‖g⊙m‖₂")
-        left.set_title("(f) at initialisation", fontsize=10)
-        left.legend(fontsize=7, frameon=False)
+        _label(left, "(f) at initialisation", "gradient flow at init ‖g⊙m‖₂", legend=7)
         for line, records in (("static, sparse init", sparse), ("RigL, sparse init", rigl)):
             points = records[0]["flow"]
             steps = sorted({r["step"] for r in points if r["when"] in ("init", "epoch")})
@@ -618,17 +613,14 @@ class GradientFlow:
                                       for record in records) for step in steps]
             right.plot(steps, curve, marker=".", label=f"{line}, per epoch (mean of {len(records)} seeds)")
         seed0 = rigl[0]["flow"]
-        for when, marker in (("before update", "v"), ("after update", "^")):
+        for when, marker, colour in (("before update", "v", "grey"), ("after update", "^", "black")):
             points = [r for r in seed0 if r["when"] == when]
             right.scatter([r["step"] for r in points], [r["gradient_flow"] for r in points], marker=marker, s=14,
-                          label=f"RigL seed 0, {when}")
+                          color=colour, label=f"RigL seed 0, {when}")
         for step in {r["step"] for r in seed0 if r["when"] == "after update"}:
             right.axvline(step, color="grey", alpha=0.15, linewidth=1)
-        right.set_xlabel("step (grey: RigL mask updates)")
-        right.set_ylabel("gradient flow ‖g⊙m‖₂")
-        right.set_title(f"(f) during training, d = {sparsest:g}", fontsize=10)
-        right.grid(True, alpha=0.3)
-        right.legend(fontsize=6, frameon=False)
+        _label(right, f"(f) during training, d = {sparsest:g}", "gradient flow ‖g⊙m‖₂",
+               "step (grey: RigL mask updates)", legend=6)
         save_figure(figure, os.path.join(out_dir, "f.png"))
         return [Claim("f", "Gradient flow at init and during training", "Evci et al. 2022",
                      "sparse networks start with poor gradient flow, which an init scaled to each unit's active "
