@@ -14,6 +14,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -299,7 +300,9 @@ def read_checkpoint(path: str) -> dict:
     if not os.path.isfile(path):
         raise ValueError(f"resume checkpoint {path!r} does not exist or is not a file")
     try:
-        state = checkpoint.load(path)
+        with warnings.catch_warnings():  # torch warns about foreign pickles on stderr: the error says it all
+            warnings.simplefilter("ignore")
+            state = checkpoint.load(path)
     except Exception as error:  # torch.load raises many types for a damaged file; all mean the same here
         raise ValueError(f"resume checkpoint {path!r} cannot be read ({type(error).__name__}: "
                          f"{first_line(error)})") from None

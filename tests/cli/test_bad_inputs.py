@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -264,9 +265,11 @@ def nothing_trains(monkeypatch):
 def refused(argv, capsys, words=""):
     """Runs the command line; asserts exit code 2 with one error line holding `words`, and nothing on stdout."""
     capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(SystemExit) as exit_info, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # a warning would be more lines on stderr
         main(argv)
     captured = capsys.readouterr()
+    assert not caught, [str(warning.message) for warning in caught]
     assert exit_info.value.code == 2, captured.err
     assert captured.out == ""
     lines = captured.err.strip().splitlines()
