@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -304,6 +305,9 @@ def read_checkpoint(path: str) -> dict:
             warnings.simplefilter("ignore")
             state = checkpoint.load(path)
     except Exception as error:  # torch.load raises many types for a damaged file; all mean the same here
+        if isinstance(error, pickle.UnpicklingError) and "Weights only" in str(error):
+            raise ValueError(f"resume checkpoint {path!r} cannot be read: it holds objects other than tensors and "
+                             f"plain containers, which sparsekern never loads") from None
         raise ValueError(f"resume checkpoint {path!r} cannot be read ({type(error).__name__}: "
                          f"{first_line(error)})") from None
     missing = [key for key in CHECKPOINT_KEYS if key not in state] if isinstance(state, dict) else CHECKPOINT_KEYS

@@ -168,7 +168,7 @@ BAD_CHECKPOINTS = [
     ("a folder", lambda tmp_path: str(tmp_path), "is not a file"),
     ("a tensor", torch_file(torch.zeros(3)), "not a checkpoint of sparsekern train"),
     ("a dict of the wrong keys", torch_file({"model": {}, "epoch": 1}), "lacks config"),
-    ("a pickled program", pickled(Evil()), "cannot be read"),
+    ("a pickled program", pickled(Evil()), "objects other than tensors"),
     ("other arguments", edited_checkpoint(lambda state: state["config"].update(lr=0.5)), "other arguments"),
     ("wrong weight shape", edited_checkpoint(shrink_first_weight), "does not fit this run"),
     ("epoch beyond the run", edited_checkpoint(lambda state: state.update(epoch=99)), "inconsistent"),
