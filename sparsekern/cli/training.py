@@ -305,7 +305,7 @@ def read_checkpoint(path: str) -> dict:
             warnings.simplefilter("ignore")
             state = checkpoint.load(path)
     except Exception as error:  # torch.load raises many types for a damaged file; all mean the same here
-        if isinstance(error, pickle.UnpicklingError) and "Weights only" in str(error):
+        if "Weights only load failed" in str(error):  # torch refused to unpickle a foreign object
             raise ValueError(f"resume checkpoint {path!r} cannot be read: it holds objects other than tensors and "
                              f"plain containers, which sparsekern never loads") from None
         raise ValueError(f"resume checkpoint {path!r} cannot be read ({type(error).__name__}: "
