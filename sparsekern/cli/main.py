@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import asdict
 
 import torch
@@ -209,12 +210,19 @@ def main(argv: list[str] | None = None) -> None:
     if argv[0] == "bench":  # its arguments belong to the report's own parser
         sys.exit(_bench(argv[1:]))
     args = parser.parse_args(argv)
-    try:
-        torch.set_num_threads(args.threads)
-        job = {"train": _prepare_train, "compare": _prepare_compare, "reproduce": _prepare_reproduce}[args.command]
-        start = job(args)
-    except ValueError as error:
-        parser.error(str(error))
+    # Warnings raised while checking the inputs are held back: a refused input gets its one error line only,
+    # an accepted one each warning on one line.
+    with warnings.catch_warnings(record=True) as held:
+        warnings.simplefilter("always")
+        try:
+            torch.set_num_threads(args.threads)
+            job = {"train": _prepare_train, "compare": _prepare_compare,
+                   "reproduce": _prepare_reproduce}[args.command]
+            start = job(args)
+        except ValueError as error:
+            parser.error(str(error))
+    for message in dict.fromkeys(str(warning.message) for warning in held):
+        _warn(message)
     try:
         start()
     except KeyboardInterrupt:
@@ -224,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _warn(message: str) -> None:
-    print(f"sparsekern: warning: {message}", file=sys.stderr)
+    print(f"sparsekern: warning: {' '.join(message.split())}", file=sys.stderr)
 
 
 def check_backend(device: str) -> None:

@@ -4,6 +4,7 @@ checkpoint, an unwritable --out, a bad SPARSEKERN_BACKEND. And a killed write le
 
 BAD_INPUTS lists each input once; most are tried through more than one command (train, compare, reproduce).
 """
+import importlib
 import os
 import pickle
 import signal
@@ -326,6 +327,22 @@ def test_bad_backend_setting_exits_2_before_training(command, value, words, tmp_
     extra = {"train": ["--epochs", "1"], "compare": QUICK_COMPARE, "reproduce": ["--quick", "--jobs", "1"]}[command]
     refused([command, *extra, "--out", str(tmp_path / "out")], capsys, words)
     assert not (tmp_path / "out").exists()
+
+
+def test_library_warnings_wait_until_the_inputs_are_accepted(tmp_path, capsys, monkeypatch):
+    main_module = importlib.import_module("sparsekern.cli.main")  # the module, not the function of that name
+    real_prepare = main_module.prepare
+
+    def prepare_with_a_warning(*args, **kwargs):
+        warnings.warn("a warning from below\non two lines")
+        return real_prepare(*args, **kwargs)
+
+    monkeypatch.setattr(main_module, "prepare", prepare_with_a_warning)
+    refused(["train", "--epochs", "1", "--out", out_is_file(tmp_path)], capsys, "is a file")  # no warning shown
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # none may escape: the command line prints them itself
+        main(["train", "--epochs", "1", "--out", str(tmp_path / "run"), "--quiet"])
+    assert capsys.readouterr().err.splitlines() == ["sparsekern: warning: a warning from below on two lines"]
 
 
 def test_installed_command_reports_bad_density_on_one_line():
