@@ -338,10 +338,11 @@ def test_library_warnings_wait_until_the_inputs_are_accepted(tmp_path, capsys, m
         return real_prepare(*args, **kwargs)
 
     monkeypatch.setattr(main_module, "prepare", prepare_with_a_warning)
-    refused(["train", "--epochs", "1", "--out", out_is_file(tmp_path)], capsys, "is a file")  # no warning shown
+    refused(["train", "--method", "static", "--epochs", "1", "--out", out_is_file(tmp_path)], capsys,
+            "is a file")  # no warning shown
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # none may escape: the command line prints them itself
-        main(["train", "--epochs", "1", "--out", str(tmp_path / "run"), "--quiet"])
+        main(["train", "--method", "static", "--epochs", "1", "--out", str(tmp_path / "run"), "--quiet"])
     assert capsys.readouterr().err.splitlines() == ["sparsekern: warning: a warning from below on two lines"]
 
 
