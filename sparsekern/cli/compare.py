@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, replace
 
 from .data import Dataset, load_dataset
 from .output import csv_text, save_figure, write_text
-from .runs import Job, RunStore, execute, key
+from .runs import Job, RunStore, execute, key, warn_once
 from .training import TrainConfig
 
 DEFAULT_METHODS = ("dense", "static", "set", "rigl", "dst")
@@ -104,6 +104,7 @@ def run_compare(lines: list[Line], densities: list[float], seeds: int, base: Tra
     finally:
         if bar is not None:
             bar.close()
+    warn_once(records.values())
     runs = [run_row(line, config, records[key(config)]) for line, config in planned]
     rows = summarise(lines, runs)
     write_text(os.path.join(out_dir, "runs.csv"), csv_text(list(RUN_FIELDS), runs))

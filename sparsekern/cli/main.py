@@ -221,14 +221,22 @@ def main(argv: list[str] | None = None) -> None:
             start = job(args)
         except ValueError as error:
             parser.error(str(error))
+    _warn_each(held)
+    with warnings.catch_warnings(record=True) as held:  # shown after the results, one line each
+        warnings.simplefilter("always")
+        try:
+            start()
+        except KeyboardInterrupt:
+            print(f"sparsekern: interrupted; finished work is kept in {args.out} (rerun the same command to go on)",
+                  file=sys.stderr)
+            sys.exit(130)
+        finally:
+            _warn_each(held)
+
+
+def _warn_each(held: list) -> None:
     for message in dict.fromkeys(str(warning.message) for warning in held):
         _warn(message)
-    try:
-        start()
-    except KeyboardInterrupt:
-        print(f"sparsekern: interrupted; finished work is kept in {args.out} (rerun the same command to go on)",
-              file=sys.stderr)
-        sys.exit(130)
 
 
 def _warn(message: str) -> None:

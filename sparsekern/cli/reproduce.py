@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 
 from .data import Dataset, load_dataset
 from .output import csv_text, save_figure, write_text
-from .runs import Job, RunStore, execute, key
+from .runs import Job, RunStore, execute, key, warn_once
 from .training import TrainConfig, total_epochs
 
 HOLDS, FAILS, TIE = "holds", "does not hold at this scale", "tie"
@@ -168,6 +168,7 @@ def run(plan: Plan, out_dir: str, dataset: Dataset | None = None, progress: bool
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - started
+    warn_once(records.values())
 
     def lookup(config: TrainConfig, masks_from: TrainConfig | None = None) -> dict:
         return records[key(config, masks_from)]

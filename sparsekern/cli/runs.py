@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import multiprocessing
+import os
+import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 
@@ -67,13 +68,16 @@ class RunStore:
         return record
 
     def train(self, job: Job, dataset: Dataset, keep_masks: bool = False) -> dict:
-        """Trains `job` and stores its record: `RunResult.summary()` plus "key", "config", "history" (per epoch)
-        and "flow" (every gradient-flow record); with `keep_masks`, its final masks too."""
+        """Trains `job` and stores its record: `RunResult.summary()` plus "key", "config", "history" (per epoch),
+        "flow" (every gradient-flow record) and "warnings" (what training warned, once each); with `keep_masks`,
+        its final masks too."""
         name = key(job.config, job.masks_from)
         masks = None if job.masks_from is None else checkpoint.load(self._path(key(job.masks_from), ".masks.pt"))
-        result = train(job.config, progress=False, dataset=dataset, masks=masks)
+        with warnings.catch_warnings(record=True) as caught:  # kept with the run, shown once by the caller
+            warnings.simplefilter("always")
+            result = train(job.config, progress=False, dataset=dataset, masks=masks)
         record = {"key": name, "config": asdict(job.config), **result.summary(), "history": result.history,
-                  "flow": result.flow}
+                  "flow": result.flow, "warnings": list(dict.fromkeys(str(w.message) for w in caught))}
         if keep_masks:
             checkpoint.save({layer: module.mask.cpu() for layer, module in sparse_modules(result.model)},
                             self._path(name, ".masks.pt"))
@@ -107,6 +111,16 @@ def execute(jobs: list[Job], store: RunStore, dataset: Dataset, workers: int = 1
             if on_done is not None:
                 on_done(job, record, True)
     return records
+
+
+def warn_once(records) -> None:
+    """Re-raises the distinct warnings that the runs of `records` kept, each once, saying how many runs gave it."""
+    counts: dict[str, int] = {}
+    for record in records:
+        for message in record.get("warnings", []):
+            counts[message] = counts.get(message, 0) + 1
+    for message, count in counts.items():
+        warnings.warn(f"{count} run{'s' if count > 1 else ''}: {message}", stacklevel=2)
 
 
 def _train_all(jobs: list[Job], store: RunStore, dataset: Dataset, workers: int, sources: set[str]):

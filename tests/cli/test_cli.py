@@ -6,6 +6,7 @@ import json
 import math
 import os
 import statistics
+import warnings
 
 import numpy as np
 import pytest
@@ -118,6 +119,28 @@ def test_interrupted_compare_keeps_finished_runs_and_a_rerun_trains_only_the_res
     main([*argv[:-3], "--out", str(tmp_path / "whole"), "--fresh", "--quiet"])
     whole = _read_csv(tmp_path / "whole" / "runs.csv")
     assert [run["test_accuracy"] for run in rerun] == [run["test_accuracy"] for run in whole]
+
+
+def test_warnings_of_the_runs_are_kept_with_them_and_shown_once_each(tmp_path, capsys, monkeypatch):
+    from sparsekern.cli import runs as runs_module
+
+    real_train = runs_module.train
+
+    def train_with_a_warning(config, **kwargs):
+        warnings.warn(f"odd thing\nat density {config.density}")
+        return real_train(config, **kwargs)
+
+    monkeypatch.setattr(runs_module, "train", train_with_a_warning)
+    argv = ["compare", "--methods", "static", "--densities", "0.3,0.1", "--seeds", "2", "--epochs", "1", "--jobs",
+            "1", "--out", str(tmp_path), "--quiet"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # none may escape: the command line prints them itself
+        main(argv)
+    expected = ["sparsekern: warning: 2 runs: odd thing at density 0.3",
+                "sparsekern: warning: 2 runs: odd thing at density 0.1"]
+    assert capsys.readouterr().err.splitlines() == expected
+    main(argv)  # reused runs keep their warnings
+    assert capsys.readouterr().err.splitlines() == expected
 
 
 def test_compare_results_do_not_depend_on_the_number_of_worker_processes(tmp_path):
