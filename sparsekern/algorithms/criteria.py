@@ -60,35 +60,56 @@ def random(weights, grads, masks, *, generator=None, gamma=1.0) -> list[Tensor]:
 
 
 def set_rule(weights, grads, masks, *, generator=None, gamma=1.0) -> list[Tensor]:
-    """SET (Mocanu et al. 2018): drop the ⌈n/2⌉ smallest positive weights and the ⌊n/2⌋ negative
-    weights closest to zero, for whatever n the update asks, expressed as one score.
+    """SET (Mocanu et al. 2018): drop the smallest positive weights and the negative weights
+    closest to zero, in proportion to their numbers, expressed as one score.
 
-    This is the rule of the paper. The Fantastic Weights repository's `SET` option ranks the
-    negative half the wrong way round (it drops the most negative weights); its `SET_fixed`
-    option is this rule.
+    Of any n dropped, n₊ = round(n·A₊/A) are positive and n₋ = n − n₊ negative, where A₊ and A₋
+    count the active positive and negative weights and A = A₊ + A₋ (rounded half up). Mocanu drops
+    the fraction ζ of each sign, which this equals up to rounding while keeping n exact. Since n₊
+    and n₋ never decrease as n grows, one ranking serves every n: the k-th lowest score (k = 1..A)
+    goes to the next positive weight (smallest first) when n₊(k) > n₊(k − 1), else to the next
+    negative weight (closest to zero first), ties by lower position (row-major, in list order).
+    n₊(A) = A₊, so a sign never runs out before its share is dropped: with no positive (or no
+    negative) weights every drop is of the other sign.
 
-    Among active entries (over the whole list, row-major in list order) the i-th smallest
-    non-negative weight (0-based; ties by lower position) scores 2i and the i-th negative weight
-    closest to zero scores 2i + 1. The n lowest scores are then 0..n-1 whenever both halves are
-    large enough: ⌈n/2⌉ non-negative and ⌊n/2⌋ negative weights. When one half runs out, every
-    score beyond it belongs to the other half, so the rest of the n is taken from there. Zeros
-    (grown weights start at 0) count as the smallest non-negative weights; NaN weights score NaN
-    (dropped first by prune_grow). Inactive entries score +inf. Scores are float32 while the
-    ranks fit its 24-bit mantissa, float64 beyond.
+    Zeros carry no sign: they rank first, by position, so they are dropped before anything else
+    (Mocanu's code drops every zero weight; here a zero is a grown weight that has not moved).
+    NaN weights score NaN (prune_grow drops them first). Inactive entries score +inf. Ranks are
+    computed over the whole list, so a per-layer update passes one layer. Scores are float32
+    while the ranks fit its 24-bit mantissa, float64 beyond.
+
+    The *Fantastic Weights* repository differs: its `SET` option (`MagnitudeAndNegativityPruner`,
+    used for the paper's SET runs) keeps the most negative weights and drops #negatives + 1
+    weights whatever the drop rate, about half a layer per update; its `SET_fixed` option drops
+    2·⌈n/2⌉ weights split evenly between the signs. Neither is Mocanu's proportional rule.
     """
     if not weights:
         return []
     flat_weight = torch.cat([w.detach().reshape(-1) for w in weights])
     flat_mask = torch.cat([m.reshape(-1) for m in masks])
-    dtype = torch.float32 if 2 * flat_weight.numel() <= 2 ** 24 else torch.float64
-    score = torch.full(flat_weight.shape, float("inf"), dtype=dtype, device=flat_weight.device)
+    device = flat_weight.device
+    dtype = torch.float32 if flat_weight.numel() <= 2 ** 24 else torch.float64
+    score = torch.full(flat_weight.shape, float("inf"), dtype=dtype, device=device)
     score[flat_mask & torch.isnan(flat_weight)] = float("nan")
-    for half, offset, descending in ((flat_mask & (flat_weight >= 0), 0, False),
-                                     (flat_mask & (flat_weight < 0), 1, True)):
-        positions = half.nonzero().squeeze(1)
-        order = torch.sort(flat_weight[positions], descending=descending, stable=True).indices
-        score[positions[order]] = (2 * torch.arange(order.numel(), device=score.device) + offset).to(dtype)
+    zeros = (flat_mask & (flat_weight == 0)).nonzero().squeeze(1)
+    score[zeros] = torch.arange(zeros.numel(), device=device).to(dtype)
+    positive = _sorted_positions(flat_weight, flat_mask & (flat_weight > 0), descending=False)
+    negative = _sorted_positions(flat_weight, flat_mask & (flat_weight < 0), descending=True)
+    signed = positive.numel() + negative.numel()
+    if signed:
+        k = torch.arange(1, signed + 1, device=device)
+        positive_share = (2 * k * positive.numel() + signed) // (2 * signed)   # n₊(k), half up
+        takes_positive = torch.diff(positive_share, prepend=positive_share.new_zeros(1)) == 1
+        rank = torch.arange(zeros.numel(), zeros.numel() + signed, device=device).to(dtype)
+        score[positive] = rank[takes_positive]
+        score[negative] = rank[~takes_positive]
     return [part.view(w.shape) for part, w in zip(score.split([w.numel() for w in weights]), weights)]
+
+
+def _sorted_positions(values: Tensor, selected: Tensor, descending: bool) -> Tensor:
+    """Flat positions of `selected` entries ordered by value (ties by lower position)."""
+    positions = selected.nonzero().squeeze(1)
+    return positions[torch.sort(values[positions], descending=descending, stable=True).indices]
 
 
 def gradient(weights, grads, masks, *, generator=None, gamma=1.0) -> list[Tensor]:

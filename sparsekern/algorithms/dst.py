@@ -54,8 +54,9 @@ class DST:
         final_drop_fraction: the annealed schedule's final fraction (default 0.005).
         schedule: "cosine" (RigL), "constant" (SET) or "annealed" (Fantastic Weights).
         update_every: ΔT, steps between mask updates.
-        end_step: no updates from this step on (default: 75% of total_steps for cosine, else
-            total_steps).
+        end_step, end_fraction: the end point T_end, no updates from it on: a step, or a
+            fraction of total_steps (at most one of them; default 0.75 for cosine and constant,
+            as RigL's paper runs RigL and SET, 1.0 for annealed).
         total_steps: length of training, in `step()` calls.
         scope: "layer" (each layer keeps its count; `ops.prune_grow`) or "global" (one selection
             of the drop and one of the growth over all layers; `ops.topk_mask`; layer counts may
@@ -109,7 +110,8 @@ class DST:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, prune: str = "magnitude",
                  grow: str = "gradient", drop_fraction: float | None = None,
                  final_drop_fraction: float | None = None, schedule: str = "cosine",
-                 update_every: int = 100, end_step: int | None = None, total_steps: int,
+                 update_every: int = 100, end_step: int | None = None, end_fraction: float | None = None,
+                 total_steps: int,
                  scope: str = "layer", reset_state: bool = True, block: tuple[int, int] | None = None,
                  mest_gamma: float = 1.0, seed: int = 0, generator: torch.Generator | None = None):
         if not isinstance(model, nn.Module):
@@ -119,7 +121,8 @@ class DST:
         self._prune = criteria.lookup(prune, criteria.PRUNE, "prune")
         self._grow = criteria.lookup(grow, criteria.GROW, "grow")
         self.schedule = schedules.make(schedule, total_steps, update_every=update_every, end_step=end_step,
-                                       drop_fraction=drop_fraction, final_drop_fraction=final_drop_fraction)
+                                       end_fraction=end_fraction, drop_fraction=drop_fraction,
+                                       final_drop_fraction=final_drop_fraction)
         if not isinstance(scope, str):
             raise TypeError(f"scope must be a str, got {type(scope).__name__}")
         if scope not in SCOPES:
@@ -527,11 +530,13 @@ def RigL(model: nn.Module, optimizer: torch.optim.Optimizer, **options) -> DST:
 
 def SET(model: nn.Module, optimizer: torch.optim.Optimizer, **options) -> DST:
     """SET (Mocanu et al. 2018): drop the smallest positive and the negative weights closest to
-    zero, random growth, constant fraction 0.3. Every DST option may be overridden."""
+    zero in proportion to their counts, random growth, constant fraction 0.3, no update after 75%
+    of training (RigL's T_end, under which RigL's paper compares SET). Every DST option may be
+    overridden (end_fraction=1.0 updates to the end, as Mocanu's code)."""
     return DST(model, optimizer, **{"prune": "set", "grow": "random", "schedule": "constant", **options})
 
 
 def MEST(model: nn.Module, optimizer: torch.optim.Optimizer, **options) -> DST:
     """MEST (Yuan et al. 2021): prune by |θ| + γ|g| (mest_gamma, default 1), random growth,
-    constant fraction 0.3. Every DST option may be overridden."""
+    constant fraction 0.3, no update after 75% of training. Every DST option may be overridden."""
     return DST(model, optimizer, **{"prune": "mest", "grow": "random", "schedule": "constant", **options})

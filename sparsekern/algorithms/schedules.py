@@ -1,13 +1,16 @@
 """Drop-fraction schedules r(t) of dynamic sparse training: pure functions of the step t.
 
-    cosine    RigL: r(t) = α/2 (1 + cos(π t / T_end)), α = 0.3; no updates from T_end on
-              (T_end defaults to 75% of training).
-    constant  SET: r(t) = α, α = 0.3.
-    annealed  Fantastic Weights: α = 0.5 cosine-annealed to α_final = 0.005 over all of training,
-              r(t) = α_final + (α - α_final)/2 (1 + cos(π t / T)), T = total steps; no T_end.
+    cosine    RigL: r(t) = α/2 (1 + cos(π t / T_end)), α = 0.3.
+    constant  SET, MEST: r(t) = α, α = 0.3.
+    annealed  Fantastic Weights: α = 0.5 cosine-annealed to α_final = 0.005 by T_end,
+              r(t) = α_final + (α - α_final)/2 (1 + cos(π t / T_end)).
 
-`make(name, total_steps, ...)` turns a name and its options into a `Schedule`, which also says
-at which steps masks are updated.
+Every schedule has an end point T_end: no mask update from T_end on. It defaults to 75% of
+training for cosine (RigL's paper) and constant (the protocol under which RigL's paper compares
+SET: a constant 30% swap a few steps before the end, at a learning rate near 0, leaves freshly
+grown zero weights untrained), and to all of training for annealed (the Fantastic Weights code
+has no end point). `make(name, total_steps, ...)` turns a name and its options into a `Schedule`,
+which also says at which steps masks are updated.
 """
 from __future__ import annotations
 
@@ -16,8 +19,8 @@ from dataclasses import dataclass
 
 DEFAULT_DROP_FRACTION = {"cosine": 0.3, "constant": 0.3, "annealed": 0.5}
 DEFAULT_FINAL_DROP_FRACTION = 0.005
-# RigL stops updating masks after this fraction of training.
-COSINE_END_FRACTION = 0.75
+# The fraction of training after which each schedule stops updating masks, by default.
+DEFAULT_END_FRACTION = {"cosine": 0.75, "constant": 0.75, "annealed": 1.0}
 
 
 def cosine(step: int, *, drop_fraction: float = 0.3, end_step: int) -> float:
@@ -33,10 +36,11 @@ def constant(step: int, *, drop_fraction: float = 0.3) -> float:
 
 
 def annealed(step: int, *, drop_fraction: float = 0.5, final_drop_fraction: float = 0.005,
-             total_steps: int) -> float:
-    """Cosine annealing from drop_fraction at step 0 to final_drop_fraction at total_steps
-    (what torch's CosineAnnealingLR computes, as in the Fantastic Weights code)."""
-    progress = min(step, total_steps) / total_steps
+             end_step: int) -> float:
+    """Cosine annealing from drop_fraction at step 0 to final_drop_fraction at end_step (what
+    torch's CosineAnnealingLR computes, as in the Fantastic Weights code, whose end_step is the
+    whole training)."""
+    progress = min(step, end_step) / end_step
     return final_drop_fraction + (drop_fraction - final_drop_fraction) / 2 * (1 + math.cos(math.pi * progress))
 
 
@@ -46,6 +50,7 @@ class Schedule:
 
     Masks are updated at steps t = update_every, 2·update_every, ... with t < end_step (t counts
     `DST.step()` calls from 1); the update at step t drops fraction(t) of the active weights.
+    `end_step` is the end point T_end; `total_steps` the length of training it was made for.
     """
 
     name: str
@@ -64,15 +69,16 @@ class Schedule:
         if self.name == "constant":
             return constant(step, drop_fraction=self.drop_fraction)
         return annealed(step, drop_fraction=self.drop_fraction,
-                        final_drop_fraction=self.final_drop_fraction, total_steps=self.total_steps)
+                        final_drop_fraction=self.final_drop_fraction, end_step=self.end_step)
 
 
-def make(name, total_steps, *, update_every=100, end_step=None, drop_fraction=None,
+def make(name, total_steps, *, update_every=100, end_step=None, end_fraction=None, drop_fraction=None,
          final_drop_fraction=None) -> Schedule:
     """A validated Schedule.
 
-    drop_fraction defaults per schedule (0.3 cosine and constant, 0.5 annealed); end_step
-    defaults to round(0.75 · total_steps) for cosine and total_steps otherwise;
+    The end point is end_step, or round(end_fraction · total_steps) (at least 1), at most one of
+    them; by default the schedule's DEFAULT_END_FRACTION (0.75 cosine and constant, 1 annealed).
+    drop_fraction defaults per schedule (0.3 cosine and constant, 0.5 annealed);
     final_drop_fraction (annealed only) defaults to 0.005.
     """
     if not isinstance(name, str):
@@ -81,8 +87,14 @@ def make(name, total_steps, *, update_every=100, end_step=None, drop_fraction=No
         raise ValueError(f"schedule must be one of {sorted(DEFAULT_DROP_FRACTION)}, got {name!r}")
     total_steps = _positive_int(total_steps, "total_steps")
     update_every = _positive_int(update_every, "update_every")
+    if end_step is not None and end_fraction is not None:
+        raise ValueError(f"give end_step or end_fraction, not both (got {end_step} and {end_fraction})")
     if end_step is None:
-        end_step = round(COSINE_END_FRACTION * total_steps) if name == "cosine" else total_steps
+        end_fraction = DEFAULT_END_FRACTION[name] if end_fraction is None else end_fraction
+        end_fraction = _fraction(end_fraction, "end_fraction")
+        if end_fraction == 0:
+            raise ValueError("end_fraction must be in (0, 1], got 0")
+        end_step = max(1, round(end_fraction * total_steps))
     else:
         end_step = _positive_int(end_step, "end_step")
     drop_fraction = _fraction(DEFAULT_DROP_FRACTION[name] if drop_fraction is None else drop_fraction,

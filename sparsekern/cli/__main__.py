@@ -1,4 +1,5 @@
 """`python -m sparsekern.cli`: the same as the `sparsekern` command."""
 from .main import main
 
-main()
+if __name__ == "__main__":  # not in the worker processes of compare and reproduce
+    main()

@@ -1,28 +1,42 @@
 """`sparsekern compare`: a grid of methods x pruning criteria x densities x seeds, summarised as a Markdown table,
 a CSV (mean and sample standard deviation over seeds) and a plot of accuracy against density with error bars,
 one line per method or criterion, in the manner of the figures of "Fantastic Weights" (Nowak et al. 2023).
+
+Every table says what it ran: the init (one for the whole grid, dense baseline included), each line's mask
+schedule and the epochs it trained in all (IMP and SWAMP train several segments). Each run is filed under the
+density it ended at: its target, unless it ended more than FILING_TOLERANCE away from it (then a column of its
+own). Each finished run is written as it completes (`sparsekern.cli.runs`), so a rerun of the same comparison into
+the same folder trains only what is missing.
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 import statistics
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
-from .data import load_dataset
-from .training import TrainConfig, train
+from .data import Dataset, load_dataset
+from .output import csv_text, save_figure, write_text
+from .runs import Job, RunStore, execute, key, warn_once
+from .training import TrainConfig
 
 DEFAULT_METHODS = ("dense", "static", "set", "rigl", "dst")
-DEFAULT_CRITERIA = ("magnitude", "mest", "snip")
+DEFAULT_CRITERIA = ("magnitude", "snip", "random")
 DEFAULT_GROW = "random"
-DEFAULT_DENSITIES = (0.5, 0.2, 0.1, 0.05)
+DEFAULT_SCHEDULE = "cosine"
+DEFAULT_DENSITIES = (0.2, 0.05, 0.02, 0.01)
 DEFAULT_SEEDS = 3
-DEFAULT_EPOCHS = 10
+DEFAULT_EPOCHS = 20
 CRITERION_METHOD = "dst"  # the method whose lines the criteria axis makes; presets keep their own criteria
-SUMMARY_FIELDS = ("label", "method", "prune", "grow", "density", "accuracy_mean", "accuracy_std", "seeds",
-                  "gradient_flow_mean")
+# A run that ends within this relative distance of its target density is filed under the target: exact per-layer
+# counts round d_l·N_l, so the overall density of a small model misses the target by a fraction of a percent.
+FILING_TOLERANCE = 0.01
+RUN_FIELDS = ("label", "method", "prune", "grow", "schedule", "init", "density", "final_density", "seed",
+              "epochs_trained", "test_accuracy", "gradient_flow", "gradient_flow_mean", "seconds", "key")
+SUMMARY_FIELDS = ("label", "method", "prune", "grow", "schedule", "init", "epochs", "density", "target_density",
+                  "final_density_mean", "accuracy_mean", "accuracy_std", "seeds", "gradient_flow_final_mean",
+                  "gradient_flow_training_mean")
 
 
 @dataclass(frozen=True)
@@ -33,99 +47,153 @@ class Line:
     method: str
     prune: str | None = None
     grow: str | None = None
+    schedule: str | None = None
 
 
-def grid_lines(methods: list[str], criteria: list[str], grow: str) -> list[Line]:
-    """One line per method, except that the criterion method gives one line per pruning criterion with `grow`."""
+def grid_lines(methods: list[str], criteria: list[str], grow: str, schedule: str | None = None) -> list[Line]:
+    """One line per method, except that the criterion method gives one line per pruning criterion with `grow`
+    and `schedule` (None: DST's default, cosine)."""
     lines = []
     for method in methods:
         if method == CRITERION_METHOD:
-            lines += [Line(f"{criterion} (+{grow})", method, criterion, grow) for criterion in criteria]
+            lines += [Line(f"{criterion} (+{grow})", method, criterion, grow, schedule) for criterion in criteria]
         else:
             lines.append(Line(method, method))
     return lines
 
 
 def line_config(base: TrainConfig, line: Line, density: float, seed: int) -> TrainConfig:
-    """The run of `line` at `density` (dense: 1) and `seed`; ValueError if the line cannot run so."""
-    return replace(base, method=line.method, prune=line.prune, grow=line.grow, seed=seed,
-                   density=1.0 if line.method == "dense" else density)
+    """The run of `line` at `density` (dense: 1) and `seed`; ValueError if the line cannot run so. The base's
+    end_fraction applies to DST lines only."""
+    dst = line.method in ("set", "rigl", "mest", CRITERION_METHOD)
+    return replace(base, method=line.method, prune=line.prune, grow=line.grow, schedule=line.schedule, seed=seed,
+                   density=1.0 if line.method == "dense" else density,
+                   end_fraction=base.end_fraction if dst else None)
+
+
+def grid(lines: list[Line], densities: list[float], seeds: int, base: TrainConfig) -> list[tuple[Line, TrainConfig]]:
+    """Every run of the comparison: each line at each density (dense once) for seeds 0..seeds-1."""
+    return [(line, line_config(base, line, density, seed)) for line in lines
+            for density in ([1.0] if line.method == "dense" else densities) for seed in range(seeds)]
 
 
 def run_compare(lines: list[Line], densities: list[float], seeds: int, base: TrainConfig, out_dir: str,
-                progress: bool = True) -> list[dict]:
-    """Trains every line at every density (dense once) for seeds 0..seeds-1 and writes runs.csv, results.csv,
-    results.md and accuracy_vs_density.png to `out_dir`. Returns the summary rows of results.csv."""
-    configs = [line_config(base, line, density, seed) for line in lines
-               for density in ([1.0] if line.method == "dense" else densities) for seed in range(seeds)]
-    dataset = load_dataset(base.dataset)
+                progress: bool = True, dataset: Dataset | None = None, fresh: bool = False,
+                workers: int = 1) -> list[dict]:
+    """Trains the grid on `workers` processes, keeping each finished run in `out_dir`/runs (and reusing those
+    already there unless `fresh`), then writes runs.csv, results.csv, results.md, accuracy_vs_density.png and
+    grid.json to `out_dir`. Returns the summary rows of results.csv."""
+    planned = grid(lines, densities, seeds, base)
+    dataset = dataset if dataset is not None else load_dataset(base.dataset)
+    store = RunStore(os.path.join(out_dir, "runs"), fresh)
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(configs), desc="compare", unit="run", dynamic_ncols=True)
-    runs = []
-    started = time.perf_counter()
-    for config in configs:
-        result = train(config, progress=False, dataset=dataset)
-        runs.append({"method": config.method, "prune": config.prune, "grow": config.grow, "density": config.density,
-                     "seed": config.seed, "test_accuracy": result.final["test_accuracy"],
-                     "final_density": result.final["density"], "gradient_flow": result.final["gradient_flow"]})
+        bar = tqdm(total=len(planned), desc="compare", unit="run", dynamic_ncols=True)
+
+    def done(job: Job, record: dict, trained: bool) -> None:
         if bar is not None:
             bar.update()
-            bar.set_postfix(method=config.method, density=config.density, acc=f"{runs[-1]['test_accuracy']:.3f}")
-    if bar is not None:
-        bar.close()
+            bar.set_postfix(method=job.config.method, density=job.config.density,
+                            acc=f"{record['test_accuracy']:.3f}")
+
+    started = time.perf_counter()
+    try:
+        records = execute([Job(config) for _, config in planned], store, dataset, workers, done)
+    finally:
+        if bar is not None:
+            bar.close()
+    warn_once(records.values())
+    runs = [run_row(line, config, records[key(config)]) for line, config in planned]
     rows = summarise(lines, runs)
-    os.makedirs(out_dir, exist_ok=True)
-    _write_csv(os.path.join(out_dir, "runs.csv"), list(runs[0]), runs)
-    _write_csv(os.path.join(out_dir, "results.csv"), list(SUMMARY_FIELDS), rows)
-    table = markdown_table(rows, densities)
-    with open(os.path.join(out_dir, "results.md"), "w") as file:
-        file.write(table)
+    write_text(os.path.join(out_dir, "runs.csv"), csv_text(list(RUN_FIELDS), runs))
+    write_text(os.path.join(out_dir, "results.csv"), csv_text(list(SUMMARY_FIELDS), rows))
+    write_text(os.path.join(out_dir, "results.md"), markdown_table(rows, base, seeds))
     plot(rows, os.path.join(out_dir, "accuracy_vs_density.png"), base)
-    with open(os.path.join(out_dir, "grid.json"), "w") as file:
-        json.dump({"base": base.__dict__, "lines": [line.__dict__ for line in lines], "densities": list(densities),
-                   "seeds": seeds, "seconds": time.perf_counter() - started}, file, indent=2)
+    write_text(os.path.join(out_dir, "grid.json"), json.dumps(
+        {"base": asdict(base), "lines": [asdict(line) for line in lines], "densities": list(densities),
+         "seeds": seeds, "workers": workers, "seconds": time.perf_counter() - started}, indent=2))
     return rows
+
+
+def run_row(line: Line, config: TrainConfig, record: dict) -> dict:
+    """One row of runs.csv: the run's line and config, and what it measured."""
+    return {"label": line.label, "method": config.method, "prune": config.prune or "", "grow": config.grow or "",
+            "init": config.init, "density": config.density, "seed": config.seed,
+            **{name: record[name] for name in ("schedule", "final_density", "epochs_trained", "test_accuracy",
+                                               "gradient_flow", "gradient_flow_mean", "seconds", "key")}}
+
+
+def filed_density(target: float, final: float) -> float:
+    """The density a run is reported under: its target, or where it ended if that is more than FILING_TOLERANCE
+    (relative) away, rounded to 3 significant digits."""
+    if abs(final - target) <= FILING_TOLERANCE * target:
+        return target
+    return float(f"{final:.3g}")
 
 
 def summarise(lines: list[Line], runs: list[dict]) -> list[dict]:
-    """Mean and sample standard deviation (0 for one seed) of test accuracy per line and density."""
+    """Per line and filed density: mean and sample standard deviation (0 for one seed) of test accuracy, the mean
+    final density, and gradient flow (final, and the mean over training's epochs), averaged over seeds."""
     rows = []
     for line in lines:
-        mine = [run for run in runs if (run["method"], run["prune"], run["grow"]) ==
-                (line.method, line.prune, line.grow)]
-        for density in sorted({run["density"] for run in mine}, reverse=True):
-            at = [run for run in mine if run["density"] == density]
+        mine = [run for run in runs if run["label"] == line.label]
+        groups: dict[float, list[dict]] = {}
+        for run in mine:
+            groups.setdefault(filed_density(run["density"], run["final_density"]), []).append(run)
+        for density in sorted(groups, reverse=True):
+            at = groups[density]
             accuracies = [run["test_accuracy"] for run in at]
             rows.append({"label": line.label, "method": line.method, "prune": line.prune or "",
-                         "grow": line.grow or "", "density": density,
+                         "grow": line.grow or "", "schedule": at[0]["schedule"], "init": at[0]["init"],
+                         "epochs": at[0]["epochs_trained"], "density": density, "target_density": at[0]["density"],
+                         "final_density_mean": statistics.fmean(run["final_density"] for run in at),
                          "accuracy_mean": statistics.fmean(accuracies),
                          "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
                          "seeds": len(accuracies),
-                         "gradient_flow_mean": statistics.fmean(run["gradient_flow"] for run in at)})
+                         "gradient_flow_final_mean": statistics.fmean(run["gradient_flow"] for run in at),
+                         "gradient_flow_training_mean": statistics.fmean(run["gradient_flow_mean"] for run in at)})
     return rows
 
 
-def markdown_table(rows: list[dict], densities: list[float]) -> str:
-    """Test accuracy in percent, mean ± std over seeds: one row per line, one column per density (dense: the
-    same value in every column)."""
-    columns = sorted(densities, reverse=True)
-    header = "| method | " + " | ".join(f"density {density:g}" for density in columns) + " |\n"
-    header += "| --- |" + " --- |" * len(columns) + "\n"
-    body = ""
-    for label in dict.fromkeys(row["label"] for row in rows):
-        mine = {row["density"]: row for row in rows if row["label"] == label}
-        cells = [mine.get(1.0) if set(mine) == {1.0} else mine.get(density) for density in columns]
-        body += f"| {label} | " + " | ".join(_cell(row) for row in cells) + " |\n"
-    return header + body
+def caption(base: TrainConfig, seeds: int) -> str:
+    """What every line of a comparison shares."""
+    return (f"{base.model} (width {base.width}) on {base.dataset}, {base.distribution} layer densities, "
+            f"init {base.init} (dense baseline too), SGD lr {base.lr:g} cosine, batch {base.batch_size}, "
+            f"{seeds} seed{'s' if seeds != 1 else ''}")
+
+
+def markdown_table(rows: list[dict], base: TrainConfig, seeds: int) -> str:
+    """A caption, then test accuracy in percent, mean ± std over seeds: one row per line with its mask schedule and
+    total epochs, one column per density (dense: the same value in every column); then the same grid of gradient
+    flow averaged over training."""
+    columns = sorted({row["density"] for row in rows if row["method"] != "dense"}, reverse=True) or [1.0]
+    header = ("| line | schedule | epochs | " + " | ".join(f"density {density:g}" for density in columns) + " |\n"
+              + "| --- | --- | --- |" + " --- |" * len(columns) + "\n")
+
+    def body(cell) -> str:
+        text = ""
+        for label in dict.fromkeys(row["label"] for row in rows):
+            mine = {row["density"]: row for row in rows if row["label"] == label}
+            first = next(iter(mine.values()))
+            cells = [first if first["method"] == "dense" else mine.get(density) for density in columns]
+            text += (f"| {label} | {first['schedule'] or '–'} | {first['epochs']} | "
+                     + " | ".join("–" if row is None else cell(row) for row in cells) + " |\n")
+        return text
+
+    accuracy = body(lambda row: f"{100 * row['accuracy_mean']:.1f} ± {100 * row['accuracy_std']:.1f}")
+    flow = body(lambda row: f"{row['gradient_flow_training_mean']:.3g}")
+    return (f"Test accuracy (%), mean ± sd over seeds. {caption(base, seeds)}.\n\n{header}{accuracy}\n"
+            f"Gradient flow ‖g⊙m‖₂ on a fixed batch, mean over the epochs of training and over seeds.\n\n"
+            f"{header}{flow}")
 
 
 def plot(rows: list[dict], path: str, base: TrainConfig) -> None:
     """Accuracy (%) against density on a log axis, sparser to the right; error bars are ± one std over seeds; the
-    dense line is dashed across; lines are nudged sideways a little so their error bars do not hide each other.
-    The plotted series are stored in the PNG's "Description" text as JSON."""
+    dense line is dashed across; lines are nudged sideways a little so their error bars do not hide each other;
+    a line that trained more epochs than --epochs says how many. The plotted series are stored in the PNG's
+    "Description" text as JSON."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -139,15 +207,16 @@ def plot(rows: list[dict], path: str, base: TrainConfig) -> None:
         mine = [row for row in rows if row["label"] == label]
         means = [100 * row["accuracy_mean"] for row in mine]
         stds = [100 * row["accuracy_std"] for row in mine]
+        legend = label if mine[0]["epochs"] == base.epochs else f"{label} ({mine[0]['epochs']} epochs)"
         if mine[0]["method"] == "dense":
-            axes.axhline(means[0], color="black", linestyle="--", linewidth=1, label=label)
+            axes.axhline(means[0], color="black", linestyle="--", linewidth=1, label=legend)
             axes.axhspan(means[0] - stds[0], means[0] + stds[0], color="black", alpha=0.08)
             series[label] = {"density": [1.0], "mean": means, "std": stds}
             continue
         xs = [row["density"] for row in mine]
         dodge = 1 + 0.025 * (index - (len(labels) - 1) / 2)  # side by side, so error bars stay readable
         axes.errorbar([x * dodge for x in xs], means, yerr=stds, marker="o", markersize=4, capsize=3,
-                      linewidth=1.5, label=label)
+                      linewidth=1.5, label=legend)
         series[label] = {"density": xs, "mean": means, "std": stds}
     axes.set_xscale("log")
     if sparse_densities:
@@ -156,22 +225,10 @@ def plot(rows: list[dict], path: str, base: TrainConfig) -> None:
     axes.invert_xaxis()
     axes.set_xlabel("density (fraction of weights kept)")
     axes.set_ylabel("test accuracy (%)")
-    axes.set_title(f"{base.model} on {base.dataset}, {base.epochs} epochs, {base.distribution}")
+    axes.set_title(f"{base.model} on {base.dataset}, {base.epochs} epochs, {base.distribution}, init {base.init}",
+                   fontsize=10)
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize=8, frameon=False)
     figure.tight_layout()
-    figure.savefig(path, metadata={"Description": json.dumps(series)})
-    pyplot.close(figure)
+    save_figure(figure, path, {"Description": json.dumps(series)})
 
-
-def _cell(row: dict | None) -> str:
-    if row is None:
-        return "–"
-    return f"{100 * row['accuracy_mean']:.1f} ± {100 * row['accuracy_std']:.1f}"
-
-
-def _write_csv(path: str, fieldnames: list[str], rows: list[dict]) -> None:
-    with open(path, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=fieldnames)
-        writer.writeheader()
-        writer.writerows(rows)

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .output import first_line
+
 # Names people type expecting a download; each gets a message instead of a network call.
 DOWNLOAD_NAMES = frozenset({"mnist", "fashion-mnist", "fashionmnist", "kmnist", "emnist", "cifar10", "cifar-10",
                             "cifar100", "cifar-100", "svhn", "stl10", "imagenet", "tiny-imagenet"})
@@ -50,7 +52,12 @@ def check_dataset(spec: str) -> None:
 
 def load_dataset(spec: str, seed: int = 0, test_fraction: float = 0.2) -> Dataset:
     """Loads `spec` ("digits", an .npz path or an image-folder path) and splits it by a permutation seeded with
-    `seed` (the same seed always gives the same split)."""
+    `seed` (the same seed always gives the same split).
+
+    Raises ValueError (one line, naming the dataset and, for an image, the file) for anything that cannot train:
+    an unreadable file, features that are not finite numbers, labels that are not class indices 0..K-1 with
+    2 <= K <= the number of samples, fewer than 2 samples.
+    """
     check_dataset(spec)
     if spec == "digits":
         x, y = _digits()
@@ -58,13 +65,41 @@ def load_dataset(spec: str, seed: int = 0, test_fraction: float = 0.2) -> Datase
         x, y = _image_folder(spec)
     else:
         x, y = _npz(spec)
-    if len(y) < 2:
-        raise ValueError(f"dataset {spec!r} needs at least 2 samples, got {len(y)}")
+    _check_content(spec, x, y)
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     test_count = min(len(y) - 1, max(1, round(test_fraction * len(y))))
     test, train = order[:test_count], order[test_count:]
     return Dataset(os.path.basename(os.path.normpath(spec)), x[train], y[train], x[test], y[test],
                    int(y.max()) + 1)
+
+
+def _check_content(spec: str, x: torch.Tensor, y: torch.Tensor) -> None:
+    if len(y) < 2:
+        raise ValueError(f"dataset {spec!r} needs at least 2 samples, got {len(y)}")
+    if x.dim() < 2 or x[0].numel() == 0:
+        raise ValueError(f"dataset {spec!r}: x must have shape (samples, features...) with at least one feature, "
+                         f"got {tuple(x.shape)}")
+    finite = torch.isfinite(x)
+    if not finite.all():
+        bad = (~finite).flatten(1).any(1).nonzero()
+        raise ValueError(f"dataset {spec!r}: features must be finite float32 numbers, but {len(bad)} samples hold "
+                         f"NaN or infinity or exceed float32's range (the first is sample {int(bad[0])})")
+    classes = torch.unique(y)
+    if len(classes) < 2:
+        raise ValueError(f"dataset {spec!r}: every label is {int(classes[0])}; classification needs at least "
+                         f"2 classes")
+
+
+def _check_labels(spec: str, y: np.ndarray) -> None:
+    """Labels are class indices: integers in [0, number of samples)."""
+    if y.ndim != 1:
+        raise ValueError(f"dataset {spec!r}: y must be one integer label per sample, got shape {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"dataset {spec!r}: y must hold integer class indices, got dtype {y.dtype}")
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= len(y)):
+        bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
+        raise ValueError(f"dataset {spec!r}: label {bad} is out of range: labels must be class indices 0..K-1 "
+                         f"with K at most the number of samples ({len(y)})")
 
 
 def _digits() -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,17 +111,23 @@ def _digits() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _npz(path: str) -> tuple[torch.Tensor, torch.Tensor]:
-    with np.load(path) as arrays:
-        missing = {"x", "y"} - set(arrays.files)
-        if missing:
-            raise ValueError(f"dataset {path!r} must hold arrays x and y, missing {sorted(missing)}")
-        x, y = arrays["x"], arrays["y"]
-    if len(x) != len(y):
-        raise ValueError(f"dataset {path!r}: x has {len(x)} samples but y has {len(y)}")
-    if not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0):
-        raise ValueError(f"dataset {path!r}: y must hold non-negative integer labels, got dtype {y.dtype}")
-    x = torch.from_numpy(np.ascontiguousarray(x)).float()
-    if x.numel() and x.max() > 1.0:
+    try:
+        with np.load(path) as arrays:
+            x, y = (arrays[name] if name in arrays.files else None for name in ("x", "y"))
+    except Exception as error:  # a damaged file raises one of many types; all mean the same here
+        raise ValueError(f"dataset {path!r} cannot be read as an .npz of numeric arrays ({type(error).__name__}: "
+                         f"{first_line(error)})") from None
+    missing = [name for name, array in (("x", x), ("y", y)) if array is None]
+    if missing:
+        raise ValueError(f"dataset {path!r} must hold arrays x and y, missing {missing}")
+    _check_labels(path, y)
+    if x.ndim == 0 or len(x) != len(y):
+        raise ValueError(f"dataset {path!r}: x has {len(x) if x.ndim else 0} samples but y has {len(y)}")
+    if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating) or x.dtype == np.bool_):
+        raise ValueError(f"dataset {path!r}: x must hold real numbers, got dtype {x.dtype}")
+    with np.errstate(over="ignore"):  # a value beyond float32's range becomes infinity, refused below
+        x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    if x.numel() and torch.isfinite(x).all() and x.max() > 1.0:
         x = x / x.max()  # images stored as 0..255 train better scaled to [0, 1]
     if x.dim() == 3:  # (N, H, W) grayscale images
         x = x.unsqueeze(1)
@@ -103,7 +144,15 @@ def _image_folder(path: str) -> tuple[torch.Tensor, torch.Tensor]:
              for file in sorted(os.listdir(os.path.join(path, name))) if file.lower().endswith(IMAGE_SUFFIXES)]
     if not files:
         raise ValueError(f"dataset {path!r} holds no images in class subfolders")
-    images = [Image.open(file) for file, _ in files]
+    images = []
+    for file, _ in files:
+        try:
+            with Image.open(file) as image:
+                image.load()  # decodes now, so a truncated or damaged file fails here, by name
+                images.append(image.copy())
+        except Exception as error:  # PIL raises many types for a damaged image
+            raise ValueError(f"dataset {path!r}: cannot read image {file!r} ({type(error).__name__}: "
+                             f"{first_line(error)})") from None
     mode = "L" if all(image.mode in ("1", "L", "I", "I;16", "F") for image in images) else "RGB"
     size = images[0].size
     arrays = [np.asarray(image.convert(mode).resize(size), dtype=np.float32) / 255.0 for image in images]

@@ -1,42 +1,67 @@
-"""The `sparsekern` command: `train` one run, `compare` a grid of runs, `bench` the kernels.
+"""The `sparsekern` command: `train` one run, `compare` a grid of runs, `reproduce` the seed papers' findings,
+`bench` the kernels.
 
 With no subcommand it runs `compare` with its defaults on scikit-learn's bundled digits.
-Bad arguments fail with a one-line error and exit code 2 before any training.
+Every bad input (an argument, the dataset's content, a resume checkpoint, the output folder, SPARSEKERN_BACKEND)
+fails with a one-line error and exit code 2 before any training.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import asdict
 
 import torch
 
-from .. import checkpoint
 from . import compare as compare_module
-from ..algorithms.dst import SCOPES
+from . import reproduce as reproduce_module
 from ..algorithms.criteria import GROW, PRUNE
-from .data import check_dataset
-from .models import MODELS
-from .training import DISTRIBUTIONS, METHODS, SCHEDULES, TrainConfig, total_epochs, train
+from ..algorithms.dst import SCOPES
+from ..algorithms.optg import MIN_EPOCHS_DIGITS
+from ..ops._backend import backends
+from .data import check_dataset, load_dataset
+from .models import MODELS, build_model
+from .output import check_output_dir
+from .training import (DISTRIBUTIONS, INITS, METHODS, SCHEDULES, TrainConfig, prepare, read_checkpoint,
+                       total_epochs)
+
+# The ops a training run calls: a SPARSEKERN_BACKEND that cannot run one of them is refused before training.
+TRAINING_OPS = ("masked_linear", "topk_mask", "topk_mask_per_tensor", "prune_grow")
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a bad argument on one line (no usage block), exit code 2."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
 
 
-def _density(text: str) -> float:
+def _number(text: str, what: str, low: float, high: float, low_open: bool = True) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"density must be a number in (0, 1], got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"density must be in (0, 1], got {text}")
+        raise argparse.ArgumentTypeError(f"{what} must be a number in {'(' if low_open else '['}{low:g}, "
+                                         f"{high:g}], got {text!r}") from None
+    if not (low < value <= high if low_open else low <= value <= high):
+        raise argparse.ArgumentTypeError(f"{what} must be in {'(' if low_open else '['}{low:g}, {high:g}], "
+                                         f"got {text}")
     return value
+
+
+def _density(text: str) -> float:
+    return _number(text, "density", 0, 1)
+
+
+def _fraction(name: str):
+    return lambda text: _number(text, name, 0, 1)
+
+
+def _learning_rate(text: str) -> float:
+    return _number(text, "lr", 0, math.inf)
 
 
 def _positive(text: str) -> int:
@@ -53,7 +78,7 @@ def _choices(allowed: tuple[str, ...], what: str):
     """A comma-separated list whose every item is in `allowed`."""
 
     def parse(text: str) -> list[str]:
-        items = [item.strip() for item in text.split(",") if item.strip()]
+        items = list(dict.fromkeys(item.strip() for item in text.split(",") if item.strip()))
         unknown = [item for item in items if item not in allowed]
         if unknown or not items:
             raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(unknown) or repr(text)}; "
@@ -64,7 +89,7 @@ def _choices(allowed: tuple[str, ...], what: str):
 
 
 def _densities(text: str) -> list[float]:
-    densities = [_density(item) for item in text.split(",") if item.strip()]
+    densities = list(dict.fromkeys(_density(item) for item in text.split(",") if item.strip()))
     if not densities:
         raise argparse.ArgumentTypeError(f"expected comma-separated densities, got {text!r}")
     return densities
@@ -78,20 +103,42 @@ def _add_run_options(parser: argparse.ArgumentParser, defaults: TrainConfig) -> 
                              "with one subfolder per class")
     parser.add_argument("--distribution", choices=DISTRIBUTIONS, default=defaults.distribution,
                         help="per-layer densities")
+    parser.add_argument("--init", choices=INITS, default=defaults.init,
+                        help="initial weights: 'sparse' (variance 1/fan-in over the active inputs), 'layer-scaled' "
+                             "(dense variance / density) or 'dense' (torch's default, masked); dense runs and the "
+                             "runs that start dense use it at density 1 (default: %(default)s)")
     parser.add_argument("--epochs", type=_positive, default=defaults.epochs)
     parser.add_argument("--batch-size", type=_positive, default=defaults.batch_size)
-    parser.add_argument("--lr", type=float, default=defaults.lr, help="SGD learning rate (cosine-annealed)")
+    parser.add_argument("--lr", type=_learning_rate, default=defaults.lr, help="SGD learning rate (cosine-annealed)")
     parser.add_argument("--scope", choices=SCOPES, default=defaults.scope, help="DST: per layer or global updates")
     parser.add_argument("--update-every", type=_positive, default=defaults.update_every,
                         help="DST: steps between mask updates")
+    parser.add_argument("--end-fraction", type=_fraction("end fraction"),
+                        help="DST: no mask update after this fraction of training (default: the schedule's, 0.75 "
+                             "for cosine and constant, as RigL's paper runs RigL and SET; 1 for annealed)")
     parser.add_argument("--cycles", type=_positive, default=defaults.cycles,
                         help="IMP, SWAMP: pruning cycles of --epochs epochs each")
     parser.add_argument("--particles", type=_positive, default=defaults.particles,
                         help="SWAMP: particles per cycle")
+    _add_machine_options(parser, defaults)
+
+
+def _add_machine_options(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default=defaults.device)
     parser.add_argument("--threads", type=_positive, default=1,
                         help="torch CPU threads (default 1: these small models run fastest on one, and a "
                              "run is bit-reproducible only with the same count)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_jobs_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--jobs", type=_positive, default=_usable_cpus(),
+                        help="runs trained at once, one process each (default: the CPUs this process may use, "
+                             "%(default)s); results do not depend on it")
+
+
+def _usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument("--grow", choices=GROW, help="DST growth criterion (default: the method's)")
     train_parser.add_argument("--schedule", choices=SCHEDULES, help="DST drop-fraction schedule (default: the "
                               "method's: cosine for rigl and dst, constant for set and mest)")
-    train_parser.add_argument("--drop-fraction", type=float,
+    train_parser.add_argument("--drop-fraction", type=_fraction("drop fraction"),
                               help="DST initial fraction of active weights moved per update (default: the schedule's)")
     train_parser.add_argument("--seed", type=int, default=TrainConfig.seed)
     _add_run_options(train_parser, TrainConfig())
@@ -114,7 +161,6 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument("--resume", metavar="CKPT", help="continue the run saved in this checkpoint")
     train_parser.add_argument("--stop-after", type=_positive, metavar="EPOCH",
                               help="stop after this epoch (resume later with --resume)")
-    train_parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
     compare_defaults = TrainConfig(epochs=compare_module.DEFAULT_EPOCHS)
     compare_parser = commands.add_parser("compare", help="train a grid of methods, criteria and densities")
@@ -126,12 +172,30 @@ def build_parser() -> argparse.ArgumentParser:
                                      f"{compare_module.CRITERION_METHOD}")
     compare_parser.add_argument("--grow", choices=GROW, default=compare_module.DEFAULT_GROW,
                                 help="growth criterion of the criteria lines")
+    compare_parser.add_argument("--schedule", choices=SCHEDULES, default=compare_module.DEFAULT_SCHEDULE,
+                                help="drop-fraction schedule of the criteria lines: cosine (RigL's, 0.3 to 75%% of "
+                                     "training), annealed (Fantastic Weights': 0.5 to 0.005 over all of it) or "
+                                     "constant (default: %(default)s)")
     compare_parser.add_argument("--densities", type=_densities, default=list(compare_module.DEFAULT_DENSITIES))
     compare_parser.add_argument("--seeds", type=_positive, default=compare_module.DEFAULT_SEEDS,
                                 help="seeds 0..N-1 per point")
     _add_run_options(compare_parser, compare_defaults)
-    compare_parser.add_argument("--out", default="runs/compare", help="directory for the table, CSV and plot")
-    compare_parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    compare_parser.add_argument("--out", default="runs/compare",
+                                help="directory for the table, CSV and plot; finished runs are kept in its runs/ "
+                                     "folder, and a rerun into it trains only what is missing")
+    compare_parser.add_argument("--fresh", action="store_true", help="train every run again, ignoring finished "
+                                                                     "runs in --out (after a change to the code)")
+    _add_jobs_option(compare_parser)
+
+    reproduce_parser = commands.add_parser("reproduce", help="one small experiment per claim of the seed papers, "
+                                                             "reported with verdicts, plots and CSVs")
+    reproduce_parser.add_argument("--quick", action="store_true",
+                                  help="a one-minute version (fewer seeds, epochs and densities): a smoke test")
+    reproduce_parser.add_argument("--out", default="runs/reproduce", help="directory for report.md, plots and CSVs")
+    reproduce_parser.add_argument("--fresh", action="store_true",
+                                  help="train every run again, ignoring finished runs in --out")
+    _add_jobs_option(reproduce_parser)
+    _add_machine_options(reproduce_parser, TrainConfig())
 
     commands.add_parser("bench", help="run the kernel benchmark report on the GPU if there is one, else the CPU "
                                       "(`sparsekern bench --help` lists its options)")
@@ -146,32 +210,123 @@ def main(argv: list[str] | None = None) -> None:
     if argv[0] == "bench":  # its arguments belong to the report's own parser
         sys.exit(_bench(argv[1:]))
     args = parser.parse_args(argv)
-    try:
-        check_dataset(args.dataset)
-        torch.set_num_threads(args.threads)
-        if args.command == "train":
-            config = _config(args, method=args.method, density=args.density, seed=args.seed, prune=args.prune,
-                             grow=args.grow, schedule=args.schedule, drop_fraction=args.drop_fraction)
-            if args.resume is not None:
-                _check_resume(args.resume, config)
-        else:
-            config = _config(args)
-            lines = compare_module.grid_lines(args.methods, args.criteria, args.grow)
-            for line in lines:  # each line's settings are checked before the first run starts
-                for density in args.densities:
-                    compare_module.line_config(config, line, density, seed=0)
-    except ValueError as error:
-        parser.error(str(error))
-    if args.command == "train":
-        _train(config, args)
-    else:
-        _compare(lines, config, args)
+    # Warnings raised while checking the inputs are held back: a refused input gets its one error line only,
+    # an accepted one each warning on one line.
+    with warnings.catch_warnings(record=True) as held:
+        warnings.simplefilter("always")
+        try:
+            torch.set_num_threads(args.threads)
+            job = {"train": _prepare_train, "compare": _prepare_compare,
+                   "reproduce": _prepare_reproduce}[args.command]
+            start = job(args)
+        except ValueError as error:
+            parser.error(str(error))
+    _warn_each(held)
+    with warnings.catch_warnings(record=True) as held:  # shown after the results, one line each
+        warnings.simplefilter("always")
+        try:
+            start()
+        except KeyboardInterrupt:
+            print(f"sparsekern: interrupted; finished work is kept in {args.out} (rerun the same command to go on)",
+                  file=sys.stderr)
+            sys.exit(130)
+        finally:
+            _warn_each(held)
+
+
+def _warn_each(held: list) -> None:
+    for message in dict.fromkeys(str(warning.message) for warning in held):
+        _warn(message)
+
+
+def _warn(message: str) -> None:
+    print(f"sparsekern: warning: {' '.join(message.split())}", file=sys.stderr)
+
+
+def check_backend(device: str) -> None:
+    """ValueError (one line) if SPARSEKERN_BACKEND is unknown or names a backend that cannot run training's ops."""
+    report = backends()  # raises ValueError for an unknown name
+    for op in TRAINING_OPS:
+        error = report["ops"][op][device].get("error")
+        if error is not None:
+            raise ValueError(error)
+
+
+def _warn_short_optg(method: str, epochs: int) -> None:
+    if method == "optg" and epochs < MIN_EPOCHS_DIGITS:
+        _warn(f"OptG needs about {MIN_EPOCHS_DIGITS} epochs for its scores to settle (measured on digits: at 10 it "
+              f"collapses to about 36% at densities 0.05 and 0.02); with --epochs {epochs} its mask may collapse far "
+              f"below magnitude pruning on the same ramp (--method gmp)")
+
+
+def _prepare_train(args):
+    config = _config(args, method=args.method, density=args.density, seed=args.seed, prune=args.prune,
+                     grow=args.grow, schedule=args.schedule, drop_fraction=args.drop_fraction)
+    check_dataset(config.dataset)
+    check_backend(config.device)
+    dataset = load_dataset(config.dataset)
+    if args.resume is not None:
+        _check_resume(args.resume, config)
+    run = prepare(config, dataset, args.resume)
+    check_output_dir(args.out)
+    _warn_short_optg(config.method, config.epochs)
+
+    def start():
+        result = run.train(args.out, args.stop_after, progress=not args.quiet)
+        final = result.final
+        done = "finished" if final["epoch"] == total_epochs(config) else f"stopped after epoch {final['epoch']}"
+        print(f"{config.method} {done}: test accuracy {100 * final['test_accuracy']:.2f}%, test loss "
+              f"{final['test_loss']:.4f}, density {final['density']:.4f}, gradient flow {final['gradient_flow']:.4g} "
+              f"(mean over epochs {result.summary()['gradient_flow_mean']:.4g}); metrics and checkpoint in {args.out}")
+
+    return start
+
+
+def _prepare_compare(args):
+    base = _config(args)
+    lines = compare_module.grid_lines(args.methods, args.criteria, args.grow, args.schedule)
+    for line in lines:  # each line's settings are checked before the first run starts
+        for density in args.densities:
+            compare_module.line_config(base, line, density, seed=0)
+    check_dataset(base.dataset)
+    check_backend(base.device)
+    dataset = load_dataset(base.dataset)
+    build_model(base.model, dataset.input_shape, dataset.num_classes, base.width)
+    check_output_dir(args.out)
+    if "optg" in args.methods:
+        _warn_short_optg("optg", base.epochs)
+
+    def start():
+        started = time.perf_counter()
+        rows = compare_module.run_compare(lines, args.densities, args.seeds, base, args.out,
+                                          progress=not args.quiet, dataset=dataset, fresh=args.fresh,
+                                          workers=args.jobs)
+        print(compare_module.markdown_table(rows, base, args.seeds), end="")
+        print(f"{len(lines)} lines x {len(args.densities)} densities x {args.seeds} seeds in "
+              f"{time.perf_counter() - started:.1f} s; table, CSV and plot in {args.out}")
+
+    return start
+
+
+def _prepare_reproduce(args):
+    check_backend(args.device)
+    plan = reproduce_module.plan(quick=args.quick, device=args.device)
+    dataset = load_dataset(plan.dataset)
+    check_output_dir(args.out)
+
+    def start():
+        started = time.perf_counter()
+        report = reproduce_module.run(plan, args.out, dataset=dataset, progress=not args.quiet, fresh=args.fresh,
+                                      workers=args.jobs)
+        print(report.summary_table(), end="")
+        print(f"{len(report.claims)} claims from {report.runs} runs in {time.perf_counter() - started:.1f} s; "
+              f"report, plots and CSVs in {args.out}")
+
+    return start
 
 
 def _check_resume(path: str, config: TrainConfig) -> None:
-    if not os.path.isfile(path):
-        raise ValueError(f"resume checkpoint {path!r} does not exist")
-    saved = checkpoint.load(path)["config"]
+    saved = read_checkpoint(path)["config"]
     changed = [f"{name} {saved.get(name)!r} -> {value!r}" for name, value in asdict(config).items()
                if saved.get(name) != value]
     if changed:
@@ -190,25 +345,7 @@ def _bench(bench_args: list[str]) -> int:
 
 
 def _config(args, **run) -> TrainConfig:
-    return TrainConfig(distribution=args.distribution, model=args.model, dataset=args.dataset, epochs=args.epochs,
-                       device=args.device, batch_size=args.batch_size, lr=args.lr, scope=args.scope,
-                       update_every=args.update_every, cycles=args.cycles, particles=args.particles, **run)
-
-
-def _train(config: TrainConfig, args) -> None:
-    result = train(config, out_dir=args.out, resume=args.resume, stop_after=args.stop_after,
-                   progress=not args.quiet)
-    final = result.final
-    done = "finished" if final["epoch"] == total_epochs(config) else f"stopped after epoch {final['epoch']}"
-    print(f"{config.method} {done}: test accuracy {100 * final['test_accuracy']:.2f}%, test loss "
-          f"{final['test_loss']:.4f}, density {final['density']:.4f}, gradient flow {final['gradient_flow']:.4g}; "
-          f"metrics and checkpoint in {args.out}")
-
-
-def _compare(lines, base: TrainConfig, args) -> None:
-    started = time.perf_counter()
-    rows = compare_module.run_compare(lines, args.densities, args.seeds, base, args.out, progress=not args.quiet)
-    print(compare_module.markdown_table(rows, args.densities), end="")
-    print(f"{len(lines)} lines x {len(args.densities)} densities x {args.seeds} seeds in "
-          f"{time.perf_counter() - started:.1f} s; table, CSV and plot in {args.out}")
-
+    return TrainConfig(distribution=args.distribution, init=args.init, model=args.model, dataset=args.dataset,
+                       epochs=args.epochs, device=args.device, batch_size=args.batch_size, lr=args.lr,
+                       scope=args.scope, update_every=args.update_every, end_fraction=args.end_fraction,
+                       cycles=args.cycles, particles=args.particles, **run)

@@ -1,7 +1,8 @@
 """How each `--method` drives the training loop of `sparsekern.cli.training`.
 
-The loop trains in segments of `config.epochs` epochs: one segment for dense, static, DST (set, rigl, mest, dst)
-and OptG; one per pruning cycle for IMP; one per cycle and particle for SWAMP. Within a segment the learning rate
+The loop trains in segments of `config.epochs` epochs: one segment for dense, static, DST (set, rigl, mest, dst),
+OptG and GMP (magnitude pruning on OptG's ramp); one per pruning cycle for IMP; one per cycle and particle for
+SWAMP. Within a segment the learning rate
 follows a cosine from `config.lr` to 0 over the segment's steps. A recipe says what happens after backward, after
 the optimizer step and at a segment's end, and holds the state a checkpoint needs besides the model's.
 """
@@ -16,12 +17,14 @@ from ..algorithms import DST, IMP, MEST, SET, SWAMP, OptG, RigL
 
 DST_PRESETS = {"set": SET, "rigl": RigL, "mest": MEST, "dst": DST}
 TICKET_METHODS = ("imp", "swamp")
-METHODS = ("dense", "static", *DST_PRESETS, "imp", "swamp", "optg")
+RAMP_METHODS = {"optg": "learned", "gmp": "magnitude"}  # OptG's sigmoid ramp, and the OptG criterion it uses
+METHODS = ("dense", "static", *DST_PRESETS, *TICKET_METHODS, *RAMP_METHODS)
 
 
 def start_density(method: str, density: float) -> float:
-    """The density `sparsify` starts the model at: the target, or dense for methods that prune as they train."""
-    return 1.0 if method in (*TICKET_METHODS, "optg") else density
+    """The density `sparsify` starts the model at: the target, or dense for the dense method and the methods that
+    prune as they train."""
+    return 1.0 if method in ("dense", *TICKET_METHODS, *RAMP_METHODS) else density
 
 
 class Recipe:
@@ -43,6 +46,10 @@ class Recipe:
     def data_seed(self, epoch_in_segment: int) -> int:
         return self.config.seed * 1_000_003 + epoch_in_segment
 
+    def updates_masks_next(self) -> bool:
+        """Whether the coming `after_backward` updates the masks (a DST update step)."""
+        return False
+
     def after_backward(self) -> bool:
         """Returns whether masks changed."""
         return False
@@ -62,6 +69,10 @@ class Recipe:
     def position(self) -> dict:
         """Extra per-epoch columns saying where in the method's schedule the epoch was."""
         return {}
+
+    def describe(self) -> str:
+        """How the masks change over training, in a few words for tables ("" when they never change)."""
+        return ""
 
     def state_dict(self) -> dict:
         state = {"optimizer": self.optimizer.state_dict()}
@@ -86,22 +97,37 @@ class DSTRecipe(Recipe):
         super().__init__(config, model, steps_per_epoch)
         options = {"total_steps": self.steps_per_segment, "update_every": config.update_every,
                    "scope": config.scope, "seed": config.seed}
-        for name in ("prune", "grow", "schedule", "drop_fraction"):
+        for name in ("prune", "grow", "schedule", "drop_fraction", "end_fraction"):
             if getattr(config, name) is not None:
                 options[name] = getattr(config, name)
         self.algorithm = DST_PRESETS[config.method](model, self.optimizer, **options)
 
+    def updates_masks_next(self) -> bool:
+        return self.algorithm.schedule.is_update(self.algorithm.step_count + 1)
+
     def after_backward(self) -> bool:
         return self.algorithm.step()
 
+    def describe(self) -> str:
+        schedule = self.algorithm.schedule
+        rate = f"{schedule.drop_fraction:g}"
+        if schedule.name == "annealed":
+            rate += f"→{schedule.final_drop_fraction:g}"
+        return (f"{schedule.name} {rate}, ΔT {schedule.update_every}, "
+                f"to {schedule.end_step / schedule.total_steps:.0%}")
+
 
 class OptGRecipe(Recipe):
-    """OptG: scores trained alongside the weights; the mask follows its sigmoid sparsity ramp per epoch."""
+    """OptG: scores trained alongside the weights; the mask follows its sigmoid sparsity ramp per epoch. GMP: the
+    same ramp, the mask keeping the largest weights."""
 
     def __init__(self, config, model, steps_per_epoch):
         super().__init__(config, model, steps_per_epoch)
         self.algorithm = OptG(model, sparsity=1 - config.density, epochs=config.epochs, lr=config.lr,
-                              momentum=config.momentum)
+                              momentum=config.momentum, criterion=RAMP_METHODS[config.method])
+
+    def describe(self) -> str:
+        return f"sigmoid ramp over {self.config.epochs} epochs"
 
     def after_backward(self) -> bool:
         self.algorithm.step()
@@ -146,6 +172,9 @@ class TicketRecipe(Recipe):
     def position(self) -> dict:
         return {"cycle": self.algorithm.cycle}
 
+    def describe(self) -> str:
+        return f"{self.cycles} cycles, rewind to 10%"
+
     def state_dict(self) -> dict:
         return {"algorithm": self.algorithm.state_dict()}
 
@@ -188,6 +217,9 @@ class SWAMPRecipe(TicketRecipe):
     def position(self) -> dict:
         return {"cycle": self.algorithm.cycle, "particle": self.algorithm.particle}
 
+    def describe(self) -> str:
+        return f"{self.cycles} cycles × {self.particles} particles, rewind to 10%"
+
     def _make_algorithm(self, **options):
         return SWAMP(self.model, self._make_optimizer, particles=self.particles,
                      swa_start=math.ceil(0.75 * self.steps_per_segment), seed=self.config.seed, **options)
@@ -196,7 +228,7 @@ class SWAMPRecipe(TicketRecipe):
 def make_recipe(config, model: nn.Module, steps_per_epoch: int) -> Recipe:
     if config.method in DST_PRESETS:
         return DSTRecipe(config, model, steps_per_epoch)
-    if config.method == "optg":
+    if config.method in RAMP_METHODS:
         return OptGRecipe(config, model, steps_per_epoch)
     if config.method == "imp":
         return TicketRecipe(config, model, steps_per_epoch)

@@ -1,18 +1,21 @@
-"""The training loop behind `sparsekern train` and `sparsekern compare`.
+"""The training loop behind `sparsekern train`, `compare` and `reproduce`.
 
 One run = one `TrainConfig`; `sparsekern.cli.recipes` says how its method drives the loop. Everything random comes
 from the seed: the model's initial weights and mask from torch's RNG seeded once, each epoch's data order from its
 own generator seeded with (seed, epoch), random criteria from the algorithm's own seeded generator, so a run
 resumed from the checkpoint of epoch k replays epochs k+1.. exactly as an uninterrupted run does.
+
+`prepare` builds a run and checks everything it is given (config, dataset, resume checkpoint, masks) before the
+first step, raising ValueError; `Run.train` then trains. `train` does both.
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+import warnings
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -20,25 +23,31 @@ from torch import nn
 from .. import checkpoint
 from ..algorithms import criteria, schedules
 from ..algorithms.dst import SCOPES
+from ..nn import gradient_flow, sparse_modules, sparsify
+from ..nn import init as sparse_init
 from .data import Dataset, load_dataset
-from ..nn import gradient_flow
 from .models import build_model
-from .recipes import DST_PRESETS, METHODS, TICKET_METHODS, make_recipe, start_density
-from ..nn import sparsify
+from .output import csv_text, first_line, write_text
+from .recipes import DST_PRESETS, METHODS, RAMP_METHODS, TICKET_METHODS, make_recipe, start_density
 
 DISTRIBUTIONS = ("erk", "uniform")
+INITS = tuple(sparse_init.INITS)
 SCHEDULES = tuple(schedules.DEFAULT_DROP_FRACTION)
 CHECKPOINT_NAME = "checkpoint.pt"
 GRADIENT_FLOW_BATCH = 256
+CHECKPOINT_KEYS = ("config", "epoch", "model", "recipe", "rng", "history", "gradient_flow")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that decides a run's result (the output directory and progress display do not).
 
-    density is the target: where training starts (static, DST) or ends (IMP, SWAMP, OptG). prune, grow,
-    schedule, drop_fraction: None keeps the DST method's own (RigL: magnitude, gradient, cosine 0.3).
-    epochs counts one segment: IMP trains `cycles` of them, SWAMP `cycles` x `particles`.
+    density is the target: where training starts (static, DST) or ends (IMP, SWAMP, OptG, GMP). prune, grow,
+    schedule, drop_fraction, end_fraction: None keeps the DST method's own (RigL: magnitude, gradient, cosine 0.3
+    ending at 75%). init: how sparse weights start (`sparsekern.nn.init`: "sparse" draws Var = 1/fan_in over the
+    active inputs, "layer-scaled" the dense variance over the density, "dense" keeps torch's default init, masked);
+    the dense method and the methods that start dense use it at density 1, where "sparse" and "layer-scaled" are
+    both Var = 1/fan_in. epochs counts one segment: IMP trains `cycles` of them, SWAMP `cycles` x `particles`.
     """
 
     method: str = "rigl"
@@ -47,9 +56,11 @@ class TrainConfig:
     grow: str | None = None
     schedule: str | None = None
     drop_fraction: float | None = None
+    end_fraction: float | None = None
     scope: str = "layer"
     update_every: int = 25
     distribution: str = "erk"
+    init: str = "sparse"
     model: str = "mlp"
     dataset: str = "digits"
     epochs: int = 20
@@ -73,8 +84,10 @@ class TrainConfig:
         _check_choice("schedule", self.schedule, SCHEDULES)
         _check_choice("scope", self.scope, SCOPES)
         _check_choice("distribution", self.distribution, DISTRIBUTIONS)
+        _check_choice("init", self.init, INITS)
         _check_choice("device", self.device, ("cpu", "cuda"))
-        dst_only = [name for name in ("prune", "grow", "schedule", "drop_fraction") if getattr(self, name) is not None]
+        dst_only = [name for name in ("prune", "grow", "schedule", "drop_fraction", "end_fraction")
+                    if getattr(self, name) is not None]
         if dst_only and self.method not in DST_PRESETS:
             raise ValueError(f"{dst_only[0]} applies to the methods {', '.join(DST_PRESETS)}, not {self.method!r}")
         for name in ("epochs", "batch_size", "update_every", "width", "cycles", "particles"):
@@ -83,12 +96,14 @@ class TrainConfig:
         if self.method in TICKET_METHODS and self.cycles < 2:
             raise ValueError(f"cycles must be >= 2 for {self.method} (one training before each pruning and one "
                              f"after the last), got {self.cycles}")
-        if self.method in (*TICKET_METHODS, "optg") and self.density == 1:
+        if self.method in (*TICKET_METHODS, *RAMP_METHODS) and self.density == 1:
             raise ValueError(f"density must be below 1 for {self.method}, which prunes to it, got 1")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if self.drop_fraction is not None and not 0 < self.drop_fraction <= 1:
-            raise ValueError(f"drop_fraction must be in (0, 1], got {self.drop_fraction}")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"lr must be a positive finite number, got {self.lr}")
+        for name in ("drop_fraction", "end_fraction"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {value}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' was asked for, but torch sees no CUDA device")
 
@@ -100,107 +115,205 @@ def _check_choice(name: str, value, allowed) -> None:
 
 @dataclass
 class RunResult:
-    """Per-epoch metrics (`history`, one dict per epoch) and the trained model."""
+    """Per-epoch metrics (`history`, one dict per epoch), the gradient-flow records (`flow`: at init, per epoch,
+    and just before and after each mask update) and the trained model."""
 
     config: TrainConfig
     history: list[dict]
     model: nn.Module
+    flow: list[dict] = field(default_factory=list)
+    schedule: str = ""
 
     @property
     def final(self) -> dict:
         return self.history[-1]
 
+    def summary(self) -> dict:
+        """What a comparison keeps of a finished run: final metrics, its gradient flow over training, its
+        schedule and the epochs it trained."""
+        flows = [epoch["gradient_flow"] for epoch in self.history]
+        return {"test_accuracy": self.final["test_accuracy"], "test_loss": self.final["test_loss"],
+                "final_density": self.final["density"], "gradient_flow": self.final["gradient_flow"],
+                "gradient_flow_mean": sum(flows) / len(flows), "epochs_trained": len(self.history),
+                "schedule": self.schedule, "seconds": sum(epoch["seconds"] for epoch in self.history)}
 
-def train(config: TrainConfig, out_dir: str | None = None, resume: str | None = None,
-          stop_after: int | None = None, progress: bool = True, dataset: Dataset | None = None) -> RunResult:
-    """Trains `config`; with `out_dir`, writes metrics.json, metrics.csv and checkpoint.pt there after every epoch.
 
-    `resume`: a checkpoint written by an earlier call with the same config; training continues after its epoch.
-    `stop_after`: stop once this many epochs are done (the checkpoint then resumes the run).
-    `dataset`: an already loaded `load_dataset(config.dataset)`, to save reloading it. The train/test split is
-    the same for every seed, so seeds vary only the training (init, mask, data order, random criteria).
-    Epochs are counted over all segments (IMP cycles, SWAMP particles): `total_epochs(config)` in all.
+def prepare(config: TrainConfig, dataset: Dataset | None = None, resume: str | None = None,
+            masks: dict[str, torch.Tensor] | None = None) -> "Run":
+    """Builds the model, its masks and the method's recipe; with `resume`, restores the checkpoint of an
+    interrupted run of the same config. ValueError (one line) for anything that does not fit.
+
+    `dataset`: an already loaded `load_dataset(config.dataset)`, to save reloading it. `masks`: start a static
+    or DST run from these masks (by sparse module name) instead of random ones, the weights drawn afresh by
+    `config.init` on them ("dense": torch's default init of the dense layer, masked), e.g. to reinitialise a
+    lottery ticket.
     """
-    device = torch.device(config.device)
     data = dataset if dataset is not None else load_dataset(config.dataset)
     torch.manual_seed(config.seed)
     model = build_model(config.model, data.input_shape, data.num_classes, config.width)
-    if config.method != "dense":
+    generator = torch.Generator().manual_seed(config.seed)
+    if masks is not None:
+        _start_from_masks(model, config, masks, generator)
+    elif config.method != "dense" or config.init != "dense":
         sparsify(model, start_density(config.method, config.density), distribution=config.distribution,
-                 generator=torch.Generator().manual_seed(config.seed))
-    model.to(device)
-    steps_per_epoch = math.ceil(len(data.train_y) / config.batch_size)
-    recipe = make_recipe(config, model, steps_per_epoch)
-
-    history: list[dict] = []
-    start_epoch = 0
+                 init=config.init, generator=generator)
+    model.to(torch.device(config.device))
+    run = Run(config, data, model)
     if resume is not None:
-        state = checkpoint.load(resume, map_location=device)
-        if state["config"] != asdict(config):
-            raise ValueError(f"resume checkpoint {resume!r} was written by a different configuration")
-        model.load_state_dict(state["model"])
-        recipe.load_state_dict(state["recipe"])
-        torch.set_rng_state(state["rng"])
-        history, start_epoch = state["history"], state["epoch"]
-    epochs = total_epochs(config)
-    last_epoch = epochs if stop_after is None else min(epochs, stop_after)
+        run.restore(resume)
+    return run
 
-    train_x, train_y = data.train_x.to(device), data.train_y.to(device)
-    test_x, test_y = data.test_x.to(device), data.test_y.to(device)
-    flow_batch = (train_x[:GRADIENT_FLOW_BATCH], train_y[:GRADIENT_FLOW_BATCH])
-    loss_fn = nn.CrossEntropyLoss()
-    bar = _progress_bar(progress, (last_epoch - start_epoch) * steps_per_epoch, config)
-    for epoch in range(start_epoch, last_epoch):
-        started = time.perf_counter()
-        epoch_in_segment = epoch % config.epochs
-        last_of_segment = epoch_in_segment == config.epochs - 1
-        last_segment = epoch // config.epochs == recipe.segments - 1
-        position = recipe.position()
-        model.train()
-        order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(
-            recipe.data_seed(epoch_in_segment)))
-        loss_sum, samples, updates = 0.0, 0, 0
-        for batch_index, start in enumerate(range(0, len(order), config.batch_size)):
-            step = epoch_in_segment * steps_per_epoch + batch_index
-            if bar is not None:
-                bar.update()
-            if step < recipe.first_step:  # a rewound ticket resumes its cycle at step k
-                continue
-            for group in recipe.optimizer.param_groups:
-                group["lr"] = config.lr * 0.5 * (1 + math.cos(math.pi * step / recipe.steps_per_segment))
-            batch = order[start:start + config.batch_size].to(device)
+
+def train(config: TrainConfig, out_dir: str | None = None, resume: str | None = None,
+          stop_after: int | None = None, progress: bool = True, dataset: Dataset | None = None,
+          masks: dict[str, torch.Tensor] | None = None) -> RunResult:
+    """`prepare(config, dataset, resume, masks).train(out_dir, stop_after, progress)`."""
+    return prepare(config, dataset, resume, masks).train(out_dir, stop_after, progress)
+
+
+class Run:
+    """A prepared run: model, recipe, data and what has been trained so far."""
+
+    def __init__(self, config: TrainConfig, data: Dataset, model: nn.Module):
+        self.config, self.data, self.model = config, data, model
+        self.steps_per_epoch = math.ceil(len(data.train_y) / config.batch_size)
+        self.recipe = make_recipe(config, model, self.steps_per_epoch)
+        self.history: list[dict] = []
+        self.flow: list[dict] = []
+        self.epoch = 0
+
+    def restore(self, path: str) -> None:
+        """Continues the run saved in the checkpoint at `path` (written by `train` for the same config)."""
+        state = read_checkpoint(path)
+        if state["config"] != asdict(self.config):
+            raise ValueError(f"resume checkpoint {path!r} was written by a different configuration")
+        epoch = state["epoch"]
+        if not isinstance(epoch, int) or not 0 < epoch <= total_epochs(self.config) or \
+                not isinstance(state["history"], list) or len(state["history"]) != epoch:
+            raise ValueError(f"resume checkpoint {path!r} is inconsistent (epoch {epoch!r}, "
+                             f"{len(state['history']) if isinstance(state['history'], list) else '?'} epochs of history)")
+        try:
+            self.model.load_state_dict(state["model"])
+            self.recipe.load_state_dict(state["recipe"])
+            torch.set_rng_state(state["rng"])
+        except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as error:
+            raise ValueError(f"resume checkpoint {path!r} does not fit this run: {first_line(error)}") from None
+        self.history, self.flow, self.epoch = state["history"], state["gradient_flow"], epoch
+
+    def train(self, out_dir: str | None = None, stop_after: int | None = None, progress: bool = True) -> RunResult:
+        """Trains to the end (or through epoch `stop_after`); with `out_dir`, writes metrics.json, metrics.csv,
+        gradient_flow.csv and checkpoint.pt there after every epoch, each atomically.
+
+        The train/test split is the same for every seed, so seeds vary only the training (init, mask, data
+        order, random criteria). Epochs are counted over all segments (IMP cycles, SWAMP particles):
+        `total_epochs(config)` in all. Gradient flow (`sparsekern.nn.gradient_flow`, on the first
+        GRADIENT_FLOW_BATCH training samples in eval mode) is recorded at step 0, after every epoch, and just
+        before and just after every mask update of a DST method.
+        """
+        config, recipe, model = self.config, self.recipe, self.model
+        device = torch.device(config.device)
+        epochs = total_epochs(config)
+        last_epoch = epochs if stop_after is None else min(epochs, stop_after)
+        train_x, train_y = self.data.train_x.to(device), self.data.train_y.to(device)
+        test_x, test_y = self.data.test_x.to(device), self.data.test_y.to(device)
+        flow_batch = (train_x[:GRADIENT_FLOW_BATCH], train_y[:GRADIENT_FLOW_BATCH])
+        loss_fn = nn.CrossEntropyLoss()
+
+        def record_flow(step: int, epoch: int, when: str) -> float:
+            value = float(gradient_flow(model, loss_fn, flow_batch)["total"])
+            self.flow.append({"step": step, "epoch": epoch, "when": when, "gradient_flow": value})
+            return value
+
+        model.eval()
+        if self.epoch == 0 and not self.flow:
+            record_flow(0, 0, "init")
+        bar = _progress_bar(progress, (last_epoch - self.epoch) * self.steps_per_epoch, config)
+        for epoch in range(self.epoch, last_epoch):
+            started = time.perf_counter()
+            epoch_in_segment = epoch % config.epochs
+            last_of_segment = epoch_in_segment == config.epochs - 1
+            last_segment = epoch // config.epochs == recipe.segments - 1
+            position = recipe.position()
+            model.train()
+            order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(
+                recipe.data_seed(epoch_in_segment)))
+            loss_sum, samples, updates = 0.0, 0, 0
+            for batch_index, start in enumerate(range(0, len(order), config.batch_size)):
+                step = epoch_in_segment * self.steps_per_epoch + batch_index
+                global_step = epoch * self.steps_per_epoch + batch_index + 1
+                if bar is not None:
+                    bar.update()
+                if step < recipe.first_step:  # a rewound ticket resumes its cycle at step k
+                    continue
+                for group in recipe.optimizer.param_groups:
+                    group["lr"] = config.lr * 0.5 * (1 + math.cos(math.pi * step / recipe.steps_per_segment))
+                batch = order[start:start + config.batch_size].to(device)
+                recipe.optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(model(train_x[batch]), train_y[batch])
+                loss.backward()
+                around_update = recipe.updates_masks_next()
+                if around_update:
+                    model.eval()
+                    record_flow(global_step, epoch + 1, "before update")
+                updates += recipe.after_backward()
+                if around_update:
+                    record_flow(global_step, epoch + 1, "after update")
+                    model.train()
+                recipe.optimizer.step()
+                recipe.after_optimizer_step()
+                loss_sum += loss.item() * len(batch)
+                samples += len(batch)
+                if bar is not None:
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", refresh=False)
             recipe.optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(train_x[batch]), train_y[batch])
-            loss.backward()
-            updates += recipe.after_backward()
-            recipe.optimizer.step()
-            recipe.after_optimizer_step()
-            loss_sum += loss.item() * len(batch)
-            samples += len(batch)
+            if last_of_segment:
+                recipe.end_segment_before_evaluation(last_segment)
+            evaluation = _evaluate(model, test_x, test_y)
+            metrics = {"epoch": epoch + 1, **position, "train_loss": loss_sum / max(samples, 1), **evaluation,
+                       "density": density(model),
+                       "gradient_flow": record_flow((epoch + 1) * self.steps_per_epoch, epoch + 1, "epoch"),
+                       "mask_updates": updates, "seconds": time.perf_counter() - started}
+            self.history.append(metrics)
+            self.epoch = epoch + 1
+            recipe.end_epoch_after_evaluation(last_of_segment)
+            if last_of_segment:
+                recipe.end_segment_after_evaluation(last_segment)
             if bar is not None:
-                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", refresh=False)
-        recipe.optimizer.zero_grad(set_to_none=True)
-        if last_of_segment:
-            recipe.end_segment_before_evaluation(last_segment)
-        metrics = {"epoch": epoch + 1, **position, "train_loss": loss_sum / max(samples, 1),
-                   **_evaluate(model, test_x, test_y), "density": density(model),
-                   "gradient_flow": _gradient_flow(model, loss_fn, flow_batch), "mask_updates": updates,
-                   "seconds": time.perf_counter() - started}
-        history.append(metrics)
-        recipe.end_epoch_after_evaluation(last_of_segment)
-        if last_of_segment:
-            recipe.end_segment_after_evaluation(last_segment)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{metrics['train_loss']:.3f}",
+                                acc=f"{metrics['test_accuracy']:.3f}")
+            if out_dir is not None:
+                self.save(out_dir)
         if bar is not None:
-            bar.set_postfix(epoch=epoch + 1, loss=f"{metrics['train_loss']:.3f}",
-                            acc=f"{metrics['test_accuracy']:.3f}")
-        if out_dir is not None:
-            checkpoint.save({"config": asdict(config), "epoch": epoch + 1, "model": model.state_dict(),
-                             "recipe": recipe.state_dict(), "rng": torch.get_rng_state(), "history": history},
-                            os.path.join(out_dir, CHECKPOINT_NAME))
-            write_metrics(config, history, out_dir)
-    if bar is not None:
-        bar.close()
-    return RunResult(config, history, model)
+            bar.close()
+        return RunResult(config, self.history, model, self.flow, recipe.describe())
+
+    def save(self, out_dir: str) -> None:
+        """checkpoint.pt and the metrics files, each written atomically."""
+        checkpoint.save({"config": asdict(self.config), "epoch": self.epoch, "model": self.model.state_dict(),
+                         "recipe": self.recipe.state_dict(), "rng": torch.get_rng_state(), "history": self.history,
+                         "gradient_flow": self.flow}, os.path.join(out_dir, CHECKPOINT_NAME))
+        write_metrics(self.config, self.history, self.flow, out_dir)
+
+
+def read_checkpoint(path: str) -> dict:
+    """The checkpoint `train` wrote at `path`; ValueError (one line) if it is missing, unreadable or not one."""
+    if not os.path.isfile(path):
+        raise ValueError(f"resume checkpoint {path!r} does not exist or is not a file")
+    try:
+        with warnings.catch_warnings():  # torch warns about foreign pickles on stderr: the error says it all
+            warnings.simplefilter("ignore")
+            state = checkpoint.load(path)
+    except Exception as error:  # torch.load raises many types for a damaged file; all mean the same here
+        if "Weights only load failed" in str(error):  # torch refused to unpickle a foreign object
+            raise ValueError(f"resume checkpoint {path!r} cannot be read: it holds objects other than tensors and "
+                             f"plain containers, which sparsekern never loads") from None
+        raise ValueError(f"resume checkpoint {path!r} cannot be read ({type(error).__name__}: "
+                         f"{first_line(error)})") from None
+    missing = [key for key in CHECKPOINT_KEYS if key not in state] if isinstance(state, dict) else CHECKPOINT_KEYS
+    if missing or not isinstance(state["config"], dict):
+        raise ValueError(f"resume checkpoint {path!r} is not a checkpoint of sparsekern train "
+                         f"(lacks {', '.join(missing) or 'a config'})")
+    return state
 
 
 def total_epochs(config: TrainConfig) -> int:
@@ -223,15 +336,30 @@ def density(model: nn.Module) -> float:
     return active / total if total else 1.0
 
 
-def write_metrics(config: TrainConfig, history: list[dict], out_dir: str) -> None:
-    """metrics.json (config and per-epoch metrics) and metrics.csv (one row per epoch) in `out_dir`."""
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "metrics.json"), "w") as file:
-        json.dump({"config": asdict(config), "epochs": history}, file, indent=2)
-    with open(os.path.join(out_dir, "metrics.csv"), "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=list(history[0]))
-        writer.writeheader()
-        writer.writerows(history)
+def write_metrics(config: TrainConfig, history: list[dict], flow: list[dict], out_dir: str) -> None:
+    """metrics.json (config, per-epoch metrics, gradient-flow records), metrics.csv (one row per epoch) and
+    gradient_flow.csv (one row per record) in `out_dir`, each written atomically."""
+    write_text(os.path.join(out_dir, "metrics.json"),
+               json.dumps({"config": asdict(config), "epochs": history, "gradient_flow": flow}, indent=2))
+    write_text(os.path.join(out_dir, "metrics.csv"), csv_text(list(history[0]), history))
+    write_text(os.path.join(out_dir, "gradient_flow.csv"), csv_text(list(flow[0]), flow))
+
+
+def _start_from_masks(model: nn.Module, config: TrainConfig, masks: dict, generator: torch.Generator) -> None:
+    if config.method not in ("static", *DST_PRESETS):
+        raise ValueError(f"masks apply to static and DST runs, not {config.method!r}")
+    sparsify(model, 1.0, distribution=config.distribution, init="dense", generator=generator)
+    modules = sparse_modules(model)
+    names = [name for name, _ in modules]
+    if sorted(masks) != sorted(names):
+        raise ValueError(f"masks must be given for the sparse modules {names}, got {sorted(masks)}")
+    init = sparse_init.resolve(config.init)
+    for name, module in modules:
+        mask = masks[name]
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != module.mask.shape:
+            raise ValueError(f"masks[{name!r}] must be a bool tensor of shape {tuple(module.mask.shape)}")
+        module.set_mask(mask.to(module.mask.device))
+        init(module, generator=generator)
 
 
 @torch.no_grad()
@@ -240,12 +368,6 @@ def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
     logits = model(x)
     return {"test_loss": nn.functional.cross_entropy(logits, y).item(),
             "test_accuracy": (logits.argmax(1) == y).float().mean().item()}
-
-
-def _gradient_flow(model: nn.Module, loss_fn, batch) -> float:
-    """Total gradient flow (ALGORITHMS.md) on a fixed training batch, in eval mode."""
-    model.eval()
-    return float(gradient_flow(model, loss_fn, batch)["total"])
 
 
 def _progress_bar(enabled: bool, total: int, config: TrainConfig):

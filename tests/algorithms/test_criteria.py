@@ -1,6 +1,7 @@
 """Acceptance check 5: every pruning criterion removes exactly the set a NumPy re-implementation
 removes for fixed (θ, g), through the whole DST update (layer and global scope)."""
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -31,16 +32,19 @@ def numpy_removed(name, theta, g, active, n):
 
 
 def numpy_set_removed(theta, active, n):
+    """Mocanu's rule, written independently: zeros first (by position), then of the rest n₊ =
+    round-half-up(n·A₊/A) smallest positive and n − n₊ negative weights closest to zero."""
     values = theta[active]
-    positive, negative = active[values >= 0], active[values < 0]
+    zeros = active[values == 0]
+    if n <= len(zeros):
+        return np.sort(zeros[:n])
+    rest = n - len(zeros)
+    positive, negative = active[values > 0], active[values < 0]
     positive = positive[np.argsort(theta[positive], kind="stable")]     # smallest first
     negative = negative[np.argsort(-theta[negative], kind="stable")]    # closest to zero first
-    take_positive, take_negative = math.ceil(n / 2), n // 2
-    if take_positive > len(positive):
-        take_positive, take_negative = len(positive), n - len(positive)
-    if take_negative > len(negative):
-        take_positive, take_negative = n - len(negative), len(negative)
-    return np.sort(np.concatenate([positive[:take_positive], negative[:take_negative]]))
+    signed = len(positive) + len(negative)
+    take_positive = math.floor(Fraction(rest * len(positive), signed) + Fraction(1, 2))
+    return np.sort(np.concatenate([zeros, positive[:take_positive], negative[:rest - take_positive]]))
 
 
 def layers(generator, shapes, density, positive_share=0.5):
@@ -103,7 +107,7 @@ def test_global_scope_removes_the_numpy_set(prune, generator):
 
 
 @pytest.mark.parametrize("positive_share", [0.0, 0.1, 0.9, 1.0])
-def test_set_takes_the_rest_from_the_other_half_when_one_runs_out(positive_share, generator):
+def test_set_splits_by_sign_counts_at_extreme_shares(positive_share, generator):
     model, grads = layers(generator, [(10, 10)], density=0.45, positive_share=positive_share)
     before, after = run_update(model, grads, "set", 0.8, "layer")
     (theta, old), new = before[0], after[0]
@@ -112,12 +116,54 @@ def test_set_takes_the_rest_from_the_other_half_when_one_runs_out(positive_share
     np.testing.assert_array_equal(np.flatnonzero(old & ~new), numpy_set_removed(theta, active, n))
 
 
-def test_set_rule_interleaves_the_halves():
+def lowest(score, n):
+    """Flat positions of the n lowest scores (NaN first), as prune_grow drops them."""
+    flat = score.flatten().double()
+    key = torch.where(torch.isnan(flat), float("-inf"), flat)
+    return np.sort(torch.sort(key, stable=True).indices[:n].numpy())
+
+
+@pytest.mark.parametrize("case", ["mixed", "no positives", "no negatives", "one positive", "one negative",
+                                  "many zeros", "only zeros", "ties"])
+def test_set_rule_drops_the_numpy_set_for_every_n(case, generator):
+    numel = 60
+    theta = torch.randn(numel, generator=generator)
+    mask = torch.rand(numel, generator=generator) < 0.7
+    if case == "no positives":
+        theta = -theta.abs()
+    elif case == "no negatives":
+        theta = theta.abs()
+    elif case in ("one positive", "one negative"):
+        theta = -theta.abs() if case == "one positive" else theta.abs()
+        theta[mask.nonzero()[3]] *= -1
+    elif case == "many zeros":
+        theta[torch.rand(numel, generator=generator) < 0.3] = 0.0
+    elif case == "only zeros":
+        theta.zero_()
+    elif case == "ties":
+        theta = torch.randint(-2, 3, (numel,), generator=generator).float() / 2
+    score = criteria.set_rule([theta.view(6, 10)], [None], [mask.view(6, 10)])[0]
+    assert torch.isinf(score.flatten()[~mask]).all()
+    active = np.flatnonzero(mask.numpy())
+    for n in range(len(active) + 1):
+        np.testing.assert_array_equal(lowest(score, n), numpy_set_removed(theta.numpy(), active, n), err_msg=f"n={n}")
+
+
+def test_set_rule_splits_in_proportion_not_half_and_half():
+    # 8 positive and 2 negative weights: of 5 dropped, round(5·8/10) = 4 are positive, 1 negative
+    # (half and half would drop 3 and 2).
+    weight = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, -0.05, -0.9])
+    score = criteria.set_rule([weight], [None], [torch.ones(10, dtype=torch.bool)])[0]
+    dropped = set(torch.argsort(score)[:5].tolist())
+    assert dropped == {0, 1, 2, 3, 8}
+
+
+def test_set_rule_ranks_zeros_first_then_interleaves_by_share():
     weight = torch.tensor([0.5, -0.1, 0.2, -0.3, 0.0, 9.0, -2.0])
     mask = torch.tensor([True, True, True, True, True, False, True])
     score = criteria.set_rule([weight], [None], [mask])[0]
-    # non-negative, smallest first: 0.0 (2·0), 0.2 (2·1), 0.5 (2·2); negative, closest first:
-    # -0.1 (1), -0.3 (3), -2.0 (5); inactive: +inf.
+    # zero first (0); then A₊ = 2 and A₋ = 3: n₊(k) = round-half-up(2k/5) = 0, 1, 1, 2, 2 for k = 1..5,
+    # so ranks 1..5 go -, +, -, +, -: -0.1 (1), 0.2 (2), -0.3 (3), 0.5 (4), -2.0 (5); inactive +inf.
     torch.testing.assert_close(score, torch.tensor([4.0, 1.0, 2.0, 3.0, 0.0, float("inf"), 5.0]))
 
 

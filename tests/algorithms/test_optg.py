@@ -84,7 +84,8 @@ def test_each_epoch_keeps_the_global_top_scores_at_the_ramped_sparsity():
     total = sum(layer.mask.numel() for layer in _layers(model))
     for epoch in range(epochs):
         scores = np.concatenate([s.numpy().ravel() for s in optg.scores])
-        keep = total - round(0.8 / (1 + math.exp(-(epoch - epochs / 2))) * total) if epoch else total
+        ramp = (1 + math.exp(-(epochs / 2 - 1))) / (1 + math.exp(-(epoch - epochs / 2)))  # σ(e − E/2)/σ(E/2 − 1)
+        keep = total - round(0.8 * ramp * total) if epoch else total
         order = np.lexsort((np.arange(total), -scores))      # ties to the lower flat position
         expected = np.zeros(total, dtype=bool)
         expected[order[:keep]] = True
@@ -92,7 +93,47 @@ def test_each_epoch_keeps_the_global_top_scores_at_the_ramped_sparsity():
         assert optg.score_lr(epoch) == pytest.approx(
             cosine_lr(0.1, epochs)(epoch) / (1 + math.exp(-(epoch - epochs / 2))))
         _epoch_loop(model, optg, optimizer, x, y, epoch + 1, 3)
-    assert sparsity_at(epochs, 0.8, epochs) == pytest.approx(0.8 / (1 + math.exp(-epochs / 2)))
+    assert sparsity_at(epochs - 1, 0.8, epochs) == pytest.approx(0.8)
+    assert sparsity_at(epochs, 0.8, epochs) == 0.8          # capped: never beyond the target
+
+
+@pytest.mark.parametrize("epochs", [2, 3, 10, 31])
+@pytest.mark.parametrize("sparsity", [0.5, 0.95, 0.99])
+def test_the_last_epoch_trains_at_exactly_the_target_density(epochs, sparsity):
+    model = mlp(0, hidden=16)
+    optg = OptG(model, sparsity=sparsity, epochs=epochs, lr=0.1)
+    ramp = [optg.sparsity_at(e) for e in range(epochs)]
+    assert ramp == sorted(ramp) and ramp[-1] == pytest.approx(sparsity, abs=1e-12)
+    for layer, score in zip(_layers(model), optg.scores):  # scores no longer tie
+        score.copy_(torch.randn(score.shape, generator=torch.Generator().manual_seed(epochs)))
+    while optg.epoch < epochs - 1:
+        optg.next_epoch()
+    total = sum(layer.mask.numel() for layer in _layers(model))
+    assert sum(int(layer.mask.sum()) for layer in _layers(model)) == total - round(sparsity * total)
+
+
+def test_the_reference_ramp_stops_short_of_the_target():
+    # the reference code's p·σ(β(e − E/2)): a nominal density 0.05 over 10 epochs ends at 0.067
+    final = sparsity_at(9, 0.95, 10, reach_target=False)
+    assert 1 - final == pytest.approx(0.0671, abs=1e-4)
+    assert sparsity_at(9, 0.95, 10) == pytest.approx(0.95)
+
+
+def test_magnitude_criterion_keeps_the_largest_weights_on_the_same_ramp():
+    x, y = _data(5)
+    model = mlp(6, hidden=16)
+    epochs = 4
+    optg = OptG(model, sparsity=0.75, epochs=epochs, lr=0.1, criterion="magnitude")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    total = sum(layer.mask.numel() for layer in _layers(model))
+    for epoch in range(epochs):
+        magnitudes = np.concatenate([layer.weight.detach().abs().numpy().ravel() for layer in _layers(model)])
+        keep = total - round(optg.sparsity_at(epoch) * total)
+        expected = np.zeros(total, dtype=bool)
+        expected[np.lexsort((np.arange(total), -magnitudes))[:keep]] = True
+        np.testing.assert_array_equal(np.concatenate([m.numpy().ravel() for m in optg.masks]), expected)
+        assert not any(layer.dense_grad for layer in _layers(model))    # no scores to train
+        _epoch_loop(model, optg, optimizer, x, y, epoch + 1, 3)
 
 
 def test_pruned_weights_keep_their_values_get_no_gradient_and_come_back():
@@ -122,7 +163,7 @@ def test_epoch_zero_is_dense_while_all_scores_are_zero_unless_asked():
     assert all(m.all() for m in OptG(mlp(0, hidden=8), sparsity=0.9, epochs=2).masks)
     masks = OptG(mlp(0, hidden=8), sparsity=0.9, epochs=2, dense_while_scores_tie=False).masks
     flat = torch.cat([m.flatten() for m in masks])
-    removed = round(0.9 / (1 + math.exp(1)) * total)
+    removed = round(0.9 * 2 / (1 + math.exp(1)) * total)     # p·σ(−1)/σ(0), the ramp's epoch 0 of 2
     assert flat.tolist() == [True] * (total - removed) + [False] * removed   # ties: lower position kept
 
 
@@ -145,6 +186,7 @@ def test_scores_get_no_weight_decay_and_the_weights_gradient_is_masked():
     (dict(epochs=0), ValueError, "epochs must be >= 1, got 0"),
     (dict(beta=-1.0), ValueError, "beta must be a finite number > 0, got -1.0"),
     (dict(lr_schedule=0.1), TypeError, "lr_schedule must be callable"),
+    (dict(criterion="snip"), ValueError, "criterion must be one of learned, magnitude"),
 ])
 def test_bad_arguments_raise_naming_them(kwargs, error, match):
     arguments = {"sparsity": 0.5, "epochs": 3, **kwargs}

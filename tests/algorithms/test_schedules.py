@@ -1,7 +1,9 @@
 import math
 
 import pytest
+import torch
 
+import sparsekern
 from sparsekern.algorithms import schedules
 
 
@@ -25,14 +27,14 @@ def test_annealed_goes_from_half_to_final_over_all_training(step):
     assert schedule.end_step == 1000
     expected = 0.005 + (0.5 - 0.005) / 2 * (1 + math.cos(math.pi * step / 1000))
     assert schedule.fraction(step) == pytest.approx(expected, abs=1e-15)
-    assert schedules.annealed(0, total_steps=1000) == pytest.approx(0.5)
-    assert schedules.annealed(1000, total_steps=1000) == pytest.approx(0.005)
+    assert schedules.annealed(0, end_step=1000) == pytest.approx(0.5)
+    assert schedules.annealed(1000, end_step=1000) == pytest.approx(0.005)
 
 
 def test_constant_and_options():
     schedule = schedules.make("constant", 500, drop_fraction=0.2)
     assert [schedule.fraction(t) for t in (0, 250, 499)] == [0.2, 0.2, 0.2]
-    assert schedule.end_step == 500
+    assert schedule.end_step == 375  # SET and MEST stop at 75%, as RigL's paper runs SET
     annealed = schedules.make("annealed", 100, drop_fraction=0.4, final_drop_fraction=0.1)
     assert annealed.fraction(100) == pytest.approx(0.1) and annealed.fraction(0) == pytest.approx(0.4)
 
@@ -41,7 +43,7 @@ def test_constant_and_options():
 def test_updates_only_on_multiples_before_end_step(name):
     schedule = schedules.make(name, 1000, update_every=100)
     updates = [t for t in range(0, 1200) if schedule.is_update(t)]
-    last = 700 if name == "cosine" else 900
+    last = 900 if name == "annealed" else 700
     assert updates == list(range(100, last + 1, 100))
     explicit = schedules.make(name, 1000, update_every=30, end_step=95)
     assert [t for t in range(200) if explicit.is_update(t)] == [30, 60, 90]
@@ -54,6 +56,11 @@ def test_updates_only_on_multiples_before_end_step(name):
     (dict(name="cosine", total_steps=1.5), TypeError, "total_steps"),
     (dict(name="cosine", total_steps=10, update_every=0), ValueError, "update_every"),
     (dict(name="cosine", total_steps=10, end_step=-1), ValueError, "end_step"),
+    (dict(name="cosine", total_steps=10, end_step=5, end_fraction=0.5), ValueError, "end_step or end_fraction"),
+    (dict(name="constant", total_steps=10, end_fraction=0), ValueError, "end_fraction"),
+    (dict(name="constant", total_steps=10, end_fraction=1.5), ValueError, "end_fraction"),
+    (dict(name="annealed", total_steps=10, end_fraction=float("nan")), ValueError, "end_fraction"),
+    (dict(name="annealed", total_steps=10, end_fraction="0.5"), TypeError, "end_fraction"),
     (dict(name="cosine", total_steps=10, drop_fraction=1.5), ValueError, "drop_fraction"),
     (dict(name="cosine", total_steps=10, drop_fraction="a"), TypeError, "drop_fraction"),
     (dict(name="cosine", total_steps=10, final_drop_fraction=0.1), ValueError, "final_drop_fraction"),
@@ -63,3 +70,52 @@ def test_bad_arguments_name_themselves(arguments, error, word):
     name = arguments.pop("name")
     with pytest.raises(error, match=word):
         schedules.make(name, **arguments)
+
+
+@pytest.mark.parametrize("name, default_end", [("cosine", 0.75), ("constant", 0.75), ("annealed", 1.0)])
+@pytest.mark.parametrize("end_fraction", [None, 0.5, 1.0, 0.001])
+def test_every_schedule_has_an_end_point_and_no_update_after_it(name, default_end, end_fraction):
+    """Check 4: no update from T_end on, whatever the schedule; T_end = round(f·T), at least 1."""
+    schedule = schedules.make(name, 400, update_every=10, end_fraction=end_fraction)
+    fraction = default_end if end_fraction is None else end_fraction
+    assert schedule.end_step == max(1, round(fraction * 400))
+    updates = [t for t in range(1, 500) if schedule.is_update(t)]
+    assert all(t < schedule.end_step for t in updates)
+    assert updates == list(range(10, schedule.end_step, 10))
+
+
+def test_annealed_reaches_its_final_fraction_at_its_end_point():
+    schedule = schedules.make("annealed", 1000, end_step=600)
+    assert schedule.fraction(0) == pytest.approx(0.5) and schedule.fraction(600) == pytest.approx(0.005)
+    assert schedule.fraction(300) == pytest.approx(0.005 + (0.5 - 0.005) / 2)
+
+
+def _dst_update_steps(preset, total_steps, **options):
+    torch.manual_seed(0)
+    model = sparsekern.sparsify(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)),
+                                0.3, generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    algo = getattr(sparsekern, preset)(model, optimizer, total_steps=total_steps, update_every=5, **options)
+    updated = []
+    for step in range(1, total_steps + 1):
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(torch.randn(6, 8)), torch.randint(0, 4, (6,))).backward()
+        if algo.step():
+            updated.append(step)
+        optimizer.step()
+    return updated, algo.schedule
+
+
+@pytest.mark.parametrize("preset", ["RigL", "SET", "MEST"])
+def test_presets_stop_updating_at_75_percent_of_training(preset):
+    updated, schedule = _dst_update_steps(preset, 100)
+    assert schedule.end_step == 75 and updated == list(range(5, 75, 5))
+
+
+def test_dst_takes_an_end_fraction_or_an_end_step():
+    updated, _ = _dst_update_steps("SET", 100, end_fraction=1.0)  # Mocanu's: update to the end
+    assert updated == list(range(5, 100, 5))
+    updated, _ = _dst_update_steps("DST", 100, schedule="annealed", end_step=42)
+    assert updated == list(range(5, 42, 5))
+    with pytest.raises(ValueError, match="end_step or end_fraction"):
+        _dst_update_steps("RigL", 100, end_step=10, end_fraction=0.5)

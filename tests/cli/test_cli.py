@@ -1,21 +1,23 @@
-"""End to end: `sparsekern compare` outputs agree with each other, an interrupted `train` resumes to the same
-result bit for bit, bad arguments exit 2 with one line, and local datasets load."""
+"""End to end: `sparsekern compare` outputs agree with each other and say what ran, an interrupted `compare` or
+`train` loses no finished work, runs record gradient flow and stop updating at their end point, and local
+datasets load. Bad inputs: test_bad_inputs.py."""
 import csv
 import json
 import math
 import os
 import statistics
-import subprocess
-import sys
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
 from sparsekern import checkpoint
+from sparsekern.algorithms.optg import MIN_EPOCHS_DIGITS
+from sparsekern.cli import compare as compare_module
 from sparsekern.cli import main
 from sparsekern.cli.data import load_dataset
-
+from sparsekern.cli.training import TrainConfig, prepare
 
 
 def _read_csv(path):
@@ -26,33 +28,45 @@ def _read_csv(path):
 def test_compare_outputs_exist_and_agree(tmp_path, capsys):
     out = tmp_path / "compare"
     main(["compare", "--methods", "dense,dst", "--criteria", "snip", "--densities", "0.5,0.1", "--seeds", "2",
-          "--epochs", "1", "--update-every", "5", "--out", str(out), "--quiet"])
+          "--epochs", "1", "--update-every", "5", "--schedule", "annealed", "--init", "layer-scaled", "--jobs", "1",
+          "--out", str(out), "--quiet"])
     runs = _read_csv(out / "runs.csv")
     rows = _read_csv(out / "results.csv")
     table = (out / "results.md").read_text()
     assert capsys.readouterr().out.startswith(table)
 
-    # results.csv is the mean and sample std over seeds of runs.csv
+    # results.csv is the mean and sample std over seeds of runs.csv; the gradient flow columns average each run's
+    # final value and its mean over epochs
     assert rows and all(int(row["seeds"]) == 2 for row in rows)
     for row in rows:
-        mine = [float(run["test_accuracy"]) for run in runs if run["method"] == row["method"]
-                and (run["prune"] or "") == row["prune"] and float(run["density"]) == float(row["density"])]
+        mine = [run for run in runs if run["label"] == row["label"] and float(run["density"]) == float(row["density"])]
+        accuracies = [float(run["test_accuracy"]) for run in mine]
         assert len(mine) == 2
-        assert float(row["accuracy_mean"]) == pytest.approx(statistics.fmean(mine), abs=1e-12)
-        assert float(row["accuracy_std"]) == pytest.approx(statistics.stdev(mine), abs=1e-12)
+        assert float(row["accuracy_mean"]) == pytest.approx(statistics.fmean(accuracies), abs=1e-12)
+        assert float(row["accuracy_std"]) == pytest.approx(statistics.stdev(accuracies), abs=1e-12)
+        assert float(row["gradient_flow_training_mean"]) == pytest.approx(
+            statistics.fmean(float(run["gradient_flow_mean"]) for run in mine))
+        assert row["init"] == "layer-scaled" and int(row["epochs"]) == 1
     sparse_densities = {float(row["density"]) for row in rows if row["method"] != "dense"}
     assert sparse_densities == {0.5, 0.1}
     assert {row["label"] for row in rows} == {"dense", "snip (+random)"}
+    assert {row["schedule"] for row in rows if row["method"] == "dst"} == {"annealed 0.5→0.005, ΔT 5, to 100%"}
 
-    # the Markdown table shows the CSV's numbers (percent, one decimal); dense fills every column
-    lines = table.strip().splitlines()
-    assert lines[0] == "| method | density 0.5 | density 0.1 |"
+    # the Markdown table names the init in its caption, each line's schedule and epochs, and shows the CSV's
+    # numbers (percent, one decimal); dense fills every column
+    caption, accuracy_table = table.split("\n\n")[:2]
+    assert "init layer-scaled (dense baseline too)" in caption and "2 seeds" in caption
+    lines = accuracy_table.strip().splitlines()
+    assert lines[0] == "| line | schedule | epochs | density 0.5 | density 0.1 |"
     cells = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]] for line in lines[2:]}
     assert set(cells) == {row["label"] for row in rows}
+    assert cells["snip (+random)"][:2] == ["annealed 0.5→0.005, ΔT 5, to 100%", "1"]
+    assert cells["dense"][:2] == ["–", "1"]
     for row in rows:
         expected = f"{100 * float(row['accuracy_mean']):.1f} ± {100 * float(row['accuracy_std']):.1f}"
-        columns = [0, 1] if row["method"] == "dense" else [[0.5, 0.1].index(float(row["density"]))]
+        columns = [2, 3] if row["method"] == "dense" else [2 + [0.5, 0.1].index(float(row["density"]))]
         assert all(cells[row["label"]][column] == expected for column in columns)
+    assert "Gradient flow" in table  # and a second grid: gradient flow over training
 
     # the plot is a PNG whose plotted series (stored in its metadata) are the CSV's
     from PIL import Image
@@ -66,6 +80,139 @@ def test_compare_outputs_exist_and_agree(tmp_path, capsys):
         at = line["density"].index(float(row["density"]))
         assert line["mean"][at] == pytest.approx(100 * float(row["accuracy_mean"]))
         assert line["std"][at] == pytest.approx(100 * float(row["accuracy_std"]))
+
+
+def test_compare_says_how_long_each_line_trained(tmp_path, capsys):
+    main(["compare", "--methods", "static,imp", "--densities", "0.3", "--seeds", "1", "--epochs", "1", "--cycles",
+          "2", "--jobs", "1", "--out", str(tmp_path), "--quiet"])
+    rows = {row["label"]: row for row in _read_csv(tmp_path / "results.csv")}
+    assert rows["static"]["epochs"] == "1" and rows["imp"]["epochs"] == "2"
+    assert rows["imp"]["schedule"] == "2 cycles, rewind to 10%"
+    assert "| imp | 2 cycles, rewind to 10% | 2 |" in (tmp_path / "results.md").read_text()
+
+
+def test_interrupted_compare_keeps_finished_runs_and_a_rerun_trains_only_the_rest(tmp_path, monkeypatch):
+    argv = ["compare", "--methods", "static,rigl", "--densities", "0.3,0.1", "--seeds", "2", "--epochs", "2",
+            "--update-every", "5", "--jobs", "1", "--out", str(tmp_path / "out"), "--quiet"]
+    from sparsekern.cli import runs as runs_module
+
+    real_train, calls, kept_going = runs_module.train, [], []
+
+    def train_then_interrupt(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 5 and not kept_going:
+            raise KeyboardInterrupt
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(runs_module, "train", train_then_interrupt)
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 130
+    kept = sorted(os.listdir(tmp_path / "out" / "runs"))
+    assert len(kept) == 4 and all(name.endswith(".json") for name in kept)
+    calls.clear()
+    kept_going.append(True)
+    main(argv)
+    assert len(calls) == 4  # the 4 runs that were missing, none again
+    rerun = _read_csv(tmp_path / "out" / "runs.csv")
+    monkeypatch.undo()
+    main([*argv[:-3], "--out", str(tmp_path / "whole"), "--fresh", "--quiet"])
+    whole = _read_csv(tmp_path / "whole" / "runs.csv")
+    assert [run["test_accuracy"] for run in rerun] == [run["test_accuracy"] for run in whole]
+
+
+def test_warnings_of_the_runs_are_kept_with_them_and_shown_once_each(tmp_path, capsys, monkeypatch):
+    from sparsekern.cli import runs as runs_module
+
+    real_train = runs_module.train
+
+    def train_with_a_warning(config, **kwargs):
+        warnings.warn(f"odd thing\nat density {config.density}")
+        return real_train(config, **kwargs)
+
+    monkeypatch.setattr(runs_module, "train", train_with_a_warning)
+    argv = ["compare", "--methods", "static", "--densities", "0.3,0.1", "--seeds", "2", "--epochs", "1", "--jobs",
+            "1", "--out", str(tmp_path), "--quiet"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # none may escape: the command line prints them itself
+        main(argv)
+    expected = ["sparsekern: warning: 2 runs: odd thing at density 0.3",
+                "sparsekern: warning: 2 runs: odd thing at density 0.1"]
+    assert capsys.readouterr().err.splitlines() == expected
+    main(argv)  # reused runs keep their warnings
+    assert capsys.readouterr().err.splitlines() == expected
+
+
+def test_compare_results_do_not_depend_on_the_number_of_worker_processes(tmp_path):
+    argv = ["compare", "--methods", "static,set", "--densities", "0.2", "--seeds", "2", "--epochs", "1", "--quiet"]
+    main([*argv, "--jobs", "1", "--out", str(tmp_path / "one")])
+    main([*argv, "--jobs", "2", "--out", str(tmp_path / "two")])
+
+    def results(name):
+        return [(run["label"], run["seed"], run["test_accuracy"], run["gradient_flow_mean"])
+                for run in _read_csv(tmp_path / name / "runs.csv")]
+
+    assert results("one") == results("two")
+
+
+@pytest.mark.parametrize("target, final, filed", [(0.05, 0.0502, 0.05), (0.05, 0.0671, 0.0671), (0.2, 1.0, 1.0),
+                                                  (0.01, 0.0101, 0.01), (0.01, 0.0102, 0.0102)])
+def test_a_run_is_filed_under_the_density_it_ended_at(target, final, filed):
+    assert compare_module.filed_density(target, final) == filed
+
+
+def test_compare_files_optg_under_the_density_it_reached(tmp_path):
+    # one epoch of OptG is dense (its scores all tie at 0): filed under density 1, not the target 0.1
+    main(["compare", "--methods", "optg,static", "--densities", "0.1", "--seeds", "1", "--epochs", "1", "--jobs",
+          "1", "--out", str(tmp_path), "--quiet"])
+    rows = {row["label"]: row for row in _read_csv(tmp_path / "results.csv")}
+    assert float(rows["optg"]["density"]) == 1.0 and float(rows["optg"]["target_density"]) == 0.1
+    assert float(rows["static"]["density"]) == 0.1
+    assert "density 1 |" in (tmp_path / "results.md").read_text()
+
+
+def test_optg_ends_at_the_target_density_and_warns_when_short(tmp_path, capsys):
+    main(["train", "--method", "optg", "--density", "0.2", "--epochs", "3", "--out", str(tmp_path), "--quiet"])
+    history = json.loads((tmp_path / "metrics.json").read_text())["epochs"]
+    assert history[-1]["density"] == pytest.approx(0.2, abs=2e-4)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "warning" in err[0] and f"about {MIN_EPOCHS_DIGITS} epochs" in err[0]
+
+
+def test_gradient_flow_is_recorded_at_init_per_epoch_and_around_every_mask_update(tmp_path):
+    main(["train", "--method", "rigl", "--density", "0.1", "--epochs", "3", "--update-every", "10", "--out",
+          str(tmp_path), "--quiet"])
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    flow = metrics["gradient_flow"]
+    assert flow == [{**row, "step": int(row["step"]), "epoch": int(row["epoch"]),
+                     "gradient_flow": float(row["gradient_flow"])} for row in _read_csv(tmp_path / "gradient_flow.csv")]
+    assert flow[0]["when"] == "init" and flow[0]["step"] == 0
+    assert [row["gradient_flow"] for row in flow if row["when"] == "epoch"] == \
+        [epoch["gradient_flow"] for epoch in metrics["epochs"]]
+    before = [row for row in flow if row["when"] == "before update"]
+    after = [row for row in flow if row["when"] == "after update"]
+    steps = math.ceil(1438 / 64) * 3
+    assert [row["step"] for row in before] == [row["step"] for row in after] == list(range(10, round(0.75 * steps), 10))
+    assert len(before) == sum(epoch["mask_updates"] for epoch in metrics["epochs"])
+    assert all(b["gradient_flow"] != a["gradient_flow"] for b, a in zip(before, after))
+
+
+@pytest.mark.parametrize("method, end_fraction, last_update_epoch", [("set", None, 3), ("set", "0.5", 2),
+                                                                     ("mest", None, 3), ("rigl", "1", 4)])
+def test_dst_stops_updating_at_its_end_point(tmp_path, method, end_fraction, last_update_epoch):
+    options = [] if end_fraction is None else ["--end-fraction", end_fraction]
+    main(["train", "--method", method, "--density", "0.2", "--epochs", "4", "--update-every", "5", *options,
+          "--out", str(tmp_path), "--quiet"])
+    updates = [epoch["mask_updates"] for epoch in json.loads((tmp_path / "metrics.json").read_text())["epochs"]]
+    assert updates[last_update_epoch - 1] > 0 and not any(updates[last_update_epoch:])
+
+
+@pytest.mark.parametrize("init, std", [("sparse", 1 / 8), ("layer-scaled", 1 / 8), ("dense", 1 / (8 * math.sqrt(3)))])
+def test_the_dense_baseline_uses_the_stated_init(init, std):
+    # first layer: 64 inputs; sparse and layer-scaled are Var 1/fan_in at density 1, dense is torch's default
+    run = prepare(TrainConfig(method="dense", init=init, seed=1))
+    weight = next(run.model.parameters()).detach()
+    assert weight.shape == (256, 64) and float(weight.std()) == pytest.approx(std, rel=0.05)
 
 
 @pytest.mark.parametrize("method, options, epochs, stop_after", [
@@ -93,6 +240,8 @@ def test_interrupted_train_resumes_to_the_uninterrupted_result(tmp_path, method,
 
     assert len(metrics("whole")) == epochs
     assert metrics("split") == metrics("whole")
+    flows = [json.loads((tmp_path / run / "metrics.json").read_text())["gradient_flow"] for run in ("whole", "split")]
+    assert flows[0] == flows[1] and flows[0][0]["when"] == "init"
     if method in ("rigl", "set"):
         assert sum(epoch["mask_updates"] for epoch in metrics("whole")) > 0
     with open(tmp_path / "split" / "metrics.csv", newline="") as file:
@@ -103,48 +252,6 @@ def test_interrupted_train_resumes_to_the_uninterrupted_result(tmp_path, method,
     for name, tensor in whole["model"].items():
         assert torch.equal(tensor, split["model"][name]), name
     assert whole["epoch"] == split["epoch"] == epochs
-
-
-@pytest.mark.parametrize("argv", [
-    ["train", "--density", "0"],
-    ["train", "--density", "1.5"],
-    ["train", "--density", "nan"],
-    ["train", "--method", "magic"],
-    ["train", "--dataset", "/no/such/dataset.npz"],
-    ["train", "--dataset", "cifar10"],
-    ["train", "--resume", "/no/such/checkpoint.pt"],
-    ["train", "--epochs", "0"],
-    ["train", "--method", "rigl", "--prune", "biggest"],
-    ["train", "--method", "static", "--prune", "snip"],  # a criterion only DST methods take
-    ["train", "--method", "imp", "--cycles", "1"],
-    ["compare", "--methods", "static,magic"],
-    ["compare", "--criteria", "magnitude,nope"],
-    ["compare", "--densities", "0.5,2"],
-    ["--densities", "-0.1"],  # no subcommand: compare
-])
-def test_bad_arguments_exit_2_with_one_line_before_training(argv, tmp_path, capsys):
-    out = tmp_path / "out"
-    with pytest.raises(SystemExit) as exit_info:
-        main([*argv, "--out", str(out)])
-    assert exit_info.value.code == 2
-    captured = capsys.readouterr()
-    assert captured.out == ""
-    assert len(captured.err.strip().splitlines()) == 1 and "error" in captured.err
-    assert not out.exists()
-
-
-def test_download_dataset_message_says_how_to_pass_a_local_copy(capsys):
-    with pytest.raises(SystemExit):
-        main(["train", "--dataset", "mnist"])
-    assert "--dataset PATH" in capsys.readouterr().err
-
-
-def test_installed_command_reports_bad_density_on_one_line():
-    done = subprocess.run([sys.executable, "-m", "sparsekern.cli", "train", "--density", "1.01"],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == ["sparsekern train: error: argument --density: density must be in "
-                                                "(0, 1], got 1.01"]
 
 
 def test_npz_dataset_loads_and_trains(tmp_path, generator):
@@ -165,13 +272,6 @@ def test_npz_dataset_loads_and_trains(tmp_path, generator):
     main(["train", "--method", "static", "--model", "cnn", "--dataset", str(path), "--epochs", "1",
           "--out", str(tmp_path / "run"), "--quiet"])
     assert (tmp_path / "run" / "checkpoint.pt").exists()
-
-
-def test_npz_without_labels_is_refused(tmp_path, capsys):
-    path = tmp_path / "bad.npz"
-    np.savez(path, x=np.zeros((4, 2)))
-    with pytest.raises(ValueError, match="arrays x and y"):
-        load_dataset(str(path))
 
 
 def test_image_folder_dataset_loads(tmp_path, generator):

@@ -1,0 +1,57 @@
+"""What the command line writes: output folders checked before training, files written atomically, errors on
+one line."""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import tempfile
+
+from .. import checkpoint
+
+
+def check_output_dir(path: str, argument: str = "--out") -> None:
+    """Creates the folder `path` if needed and makes sure a file can be written in it; ValueError (one line,
+    naming `argument`) if not. Run before training, so no work is lost to an unwritable output."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{argument} {path!r} is a file, not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise ValueError(f"{argument} {path!r} is not a writable folder ({error.strerror or error})") from None
+
+
+def write_text(path: str, text: str) -> None:
+    """Writes `text` to `path` atomically (`sparsekern.checkpoint.write_atomically`)."""
+    write_bytes(path, text.encode())
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    checkpoint.write_atomically(path, lambda file: file.write(data))
+
+
+def save_figure(figure, path: str, metadata: dict | None = None) -> None:
+    """A matplotlib figure as a PNG at `path`, written atomically; closes the figure."""
+    from matplotlib import pyplot
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", metadata=metadata)
+    pyplot.close(figure)
+    write_bytes(path, buffer.getvalue())
+
+
+def csv_text(fieldnames: list[str], rows: list[dict]) -> str:
+    """`rows` as CSV with a header of `fieldnames` (other keys are left out)."""
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=fieldnames, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (library errors can run to many lines)."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

@@ -1,0 +1,155 @@
+"""Finished runs of `compare` and `reproduce`, kept one file each as they complete, trained in parallel.
+
+A run's record is named by a hash of everything that decides its result (its `TrainConfig` and, for a run started
+from another run's final masks, that run's config), and written atomically, so an interrupted grid loses no
+finished run and a rerun into the same folder trains only what is missing. After a change to the code, rerun with
+`fresh=True` (`--fresh`): records do not know which code produced them.
+
+Runs are independent and seeded, and every worker process trains on the parent's thread count, so a result does
+not depend on how many workers share the work.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .. import checkpoint
+from ..nn import sparse_modules
+from .data import Dataset
+from .output import write_text
+from .training import TrainConfig, train
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run: `config`, started from the final masks of the run of `masks_from` if given (a lottery ticket
+    reinitialised, say)."""
+
+    config: TrainConfig
+    masks_from: TrainConfig | None = None
+
+
+def key(config: TrainConfig, masks_from: TrainConfig | None = None) -> str:
+    """The name of a run's record: a hash of what decides its result."""
+    text = json.dumps({"config": asdict(config), "masks_from": None if masks_from is None else key(masks_from)},
+                      sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+class RunStore:
+    """Records of finished runs under `directory`: `<key>.json`, and `<key>.masks.pt` for runs whose final masks
+    another run starts from."""
+
+    def __init__(self, directory: str, fresh: bool = False):
+        self.directory, self.fresh = directory, fresh
+
+    def get(self, job: Job, needs_masks: bool = False) -> dict | None:
+        """The stored record of `job` (None if there is none, it is unreadable, or its masks are needed and
+        missing, or the store is fresh)."""
+        if self.fresh:
+            return None
+        name = key(job.config, job.masks_from)
+        try:
+            with open(self._path(name, ".json")) as file:
+                record = json.load(file)
+        except (OSError, ValueError):
+            return None
+        if record.get("config") != asdict(job.config):
+            return None
+        if needs_masks and not os.path.isfile(self._path(name, ".masks.pt")):
+            return None
+        return record
+
+    def train(self, job: Job, dataset: Dataset, keep_masks: bool = False) -> dict:
+        """Trains `job` and stores its record: `RunResult.summary()` plus "key", "config", "history" (per epoch),
+        "flow" (every gradient-flow record) and "warnings" (what training warned, once each); with `keep_masks`,
+        its final masks too."""
+        name = key(job.config, job.masks_from)
+        masks = None if job.masks_from is None else checkpoint.load(self._path(key(job.masks_from), ".masks.pt"))
+        with warnings.catch_warnings(record=True) as caught:  # kept with the run, shown once by the caller
+            warnings.simplefilter("always")
+            result = train(job.config, progress=False, dataset=dataset, masks=masks)
+        record = {"key": name, "config": asdict(job.config), **result.summary(), "history": result.history,
+                  "flow": result.flow, "warnings": list(dict.fromkeys(str(w.message) for w in caught))}
+        if keep_masks:
+            checkpoint.save({layer: module.mask.cpu() for layer, module in sparse_modules(result.model)},
+                            self._path(name, ".masks.pt"))
+        write_text(self._path(name, ".json"), json.dumps(record))  # last: a record means all of it is there
+        return record
+
+    def _path(self, name: str, suffix: str) -> str:
+        return os.path.join(self.directory, name + suffix)
+
+
+def execute(jobs: list[Job], store: RunStore, dataset: Dataset, workers: int = 1, on_done=None) -> dict[str, dict]:
+    """Runs every job not already in `store` (those that start from another run's masks after it), on `workers`
+    processes (1: in this one), and returns every job's record by `key`. `on_done(job, record, trained)` is called
+    as each job is done (stored ones first, with trained False)."""
+    unique = list({key(job.config, job.masks_from): job for job in jobs}.values())
+    sources = {key(job.masks_from) for job in unique if job.masks_from is not None}
+    records: dict[str, dict] = {}
+    for phase in ([job for job in unique if job.masks_from is None], [job for job in unique if job.masks_from]):
+        pending = []
+        for job in phase:
+            name = key(job.config, job.masks_from)
+            record = store.get(job, needs_masks=name in sources)
+            if record is None:
+                pending.append(job)
+            else:
+                records[name] = record
+                if on_done is not None:
+                    on_done(job, record, False)
+        for job, record in _train_all(pending, store, dataset, workers, sources):
+            records[key(job.config, job.masks_from)] = record
+            if on_done is not None:
+                on_done(job, record, True)
+    return records
+
+
+def warn_once(records) -> None:
+    """Re-raises the distinct warnings that the runs of `records` kept, each once, saying how many runs gave it."""
+    counts: dict[str, int] = {}
+    for record in records:
+        for message in record.get("warnings", []):
+            counts[message] = counts.get(message, 0) + 1
+    for message, count in counts.items():
+        warnings.warn(f"{count} run{'s' if count > 1 else ''}: {message}", stacklevel=2)
+
+
+def _train_all(jobs: list[Job], store: RunStore, dataset: Dataset, workers: int, sources: set[str]):
+    """(job, record) for each job, as each finishes."""
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            yield job, store.train(job, dataset, keep_masks=key(job.config) in sources)
+        return
+    context = multiprocessing.get_context("spawn")  # torch and fork do not mix
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context, initializer=_start_worker,
+                             initargs=(store.directory, dataset, torch.get_num_threads())) as pool:
+        futures = {pool.submit(_train_in_worker, job, key(job.config) in sources): job for job in jobs}
+        try:
+            for future in as_completed(futures):
+                yield futures[future], future.result()
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
+_WORKER: dict = {}
+
+
+def _start_worker(directory: str, dataset: Dataset, threads: int) -> None:
+    torch.set_num_threads(threads)
+    _WORKER["store"] = RunStore(directory, fresh=True)
+    _WORKER["dataset"] = dataset
+
+
+def _train_in_worker(job: Job, keep_masks: bool) -> dict:
+    return _WORKER["store"].train(job, _WORKER["dataset"], keep_masks)

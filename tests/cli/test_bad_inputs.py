@@ -1,0 +1,409 @@
+"""Every bad input to the command line gets one line on stderr and exit code 2 before anything trains: bad
+arguments, a dataset whose content cannot train (named by file for an image), a damaged or foreign --resume
+checkpoint, an unwritable --out, a bad SPARSEKERN_BACKEND. And a killed write leaves no temporary file behind.
+
+BAD_INPUTS lists each input once; most are tried through more than one command (train, compare, reproduce).
+"""
+import importlib
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from sparsekern import checkpoint
+from sparsekern.cli import main
+from sparsekern.cli import runs as runs_module
+from sparsekern.cli import training
+
+QUICK_COMPARE = ["--methods", "static", "--densities", "0.5", "--seeds", "1", "--epochs", "1", "--jobs", "1"]
+
+
+def npz(**arrays):
+    """A bad .npz dataset: a function of tmp_path returning its path."""
+
+    def make(tmp_path):
+        path = tmp_path / "data.npz"
+        np.savez(path, **arrays)
+        return str(path)
+
+    return make
+
+
+def raw_file(name, content: bytes):
+    def make(tmp_path):
+        path = tmp_path / name
+        path.write_bytes(content)
+        return str(path)
+
+    return make
+
+
+def images(damage=None, classes=("ant", "cat")):
+    """An image folder with one bad file (`damage(path)` spoils ant/bad.png) or too few classes."""
+
+    def make(tmp_path):
+        from PIL import Image
+
+        root = tmp_path / "images"
+        for name in classes:
+            os.makedirs(root / name)
+            for index in range(3):
+                Image.fromarray(np.full((5, 5), 40 * index, np.uint8), mode="L").save(root / name / f"{index}.png")
+        if damage is not None:
+            Image.fromarray(np.arange(100, dtype=np.uint8).reshape(10, 10), mode="L").save(root / classes[0] / "bad.png")
+            damage(root / classes[0] / "bad.png")
+        return str(root)
+
+    return make
+
+
+def truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+GOOD_X = np.random.default_rng(0).random((20, 4)).astype(np.float32)
+GOOD_Y = np.arange(20) % 2
+
+
+def with_x(x):
+    return npz(x=x, y=GOOD_Y[:len(x)] if len(x) <= 20 else np.arange(len(x)) % 2)
+
+
+def poisoned(value):
+    x = GOOD_X.copy()
+    x[7, 2] = value
+    return with_x(x)
+
+
+# (name, dataset factory, words the one-line error must hold)
+BAD_DATASETS = [
+    ("nan feature", poisoned(np.nan), "(the first is sample 7)"),
+    ("inf feature", poisoned(np.inf), "NaN or infinity"),
+    ("-inf feature", poisoned(-np.inf), "NaN or infinity"),
+    ("feature beyond float32", with_x(np.where(GOOD_X > 0.5, 1e300, 0.0)), "exceed float32's range"),
+    ("one class", npz(x=GOOD_X, y=np.zeros(20, np.int64)), "every label is 0"),
+    ("huge label", npz(x=GOOD_X, y=np.where(GOOD_Y == 1, 10 ** 9, 0)), "label 1000000000 is out of range"),
+    ("uint64 label", npz(x=GOOD_X, y=np.where(GOOD_Y == 1, 2 ** 64 - 1, 0).astype(np.uint64)), "out of range"),
+    ("negative label", npz(x=GOOD_X, y=GOOD_Y - 1), "label -1 is out of range"),
+    ("float labels", npz(x=GOOD_X, y=GOOD_Y.astype(np.float64)), "integer class indices"),
+    ("one-hot labels", npz(x=GOOD_X, y=np.eye(2, dtype=np.int64)[GOOD_Y]), "one integer label per sample"),
+    ("scalar labels", npz(x=GOOD_X, y=np.int64(3)), "one integer label per sample"),
+    ("length mismatch", npz(x=GOOD_X, y=GOOD_Y[:15]), "x has 20 samples but y has 15"),
+    ("missing y", npz(x=GOOD_X), "must hold arrays x and y"),
+    ("one sample", npz(x=GOOD_X[:1], y=GOOD_Y[:1]), "at least 2 samples"),
+    ("1-d features", npz(x=GOOD_X[:, 0], y=GOOD_Y), "at least one feature"),
+    ("no features", npz(x=GOOD_X[:, :0], y=GOOD_Y), "at least one feature"),
+    ("string features", npz(x=np.array([["a"] * 4] * 20), y=GOOD_Y), "real numbers"),
+    ("complex features", npz(x=GOOD_X.astype(np.complex64), y=GOOD_Y), "real numbers"),
+    ("pickled objects", npz(x=np.array([{"a": 1}] * 20, dtype=object), y=GOOD_Y), "cannot be read"),
+    ("not a zip", raw_file("data.npz", b"this is not an npz\n" * 10), "cannot be read"),
+    ("empty file", raw_file("data.npz", b""), "cannot be read"),
+    ("corrupt image", images(lambda path: path.write_bytes(os.urandom(200))), "bad.png"),
+    ("truncated image", images(truncate), "bad.png"),
+    ("empty image", images(lambda path: path.write_bytes(b"")), "bad.png"),
+    ("one image class", images(classes=("ant",)), "every label is 0"),
+    ("no images", lambda tmp_path: (os.makedirs(tmp_path / "empty" / "ant"), str(tmp_path / "empty"))[1],
+     "holds no images"),
+]
+
+
+def trained_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    main(["train", "--method", "static", "--epochs", "1", "--density", "0.3", "--out", str(out), "--quiet"])
+    return out / "checkpoint.pt"
+
+
+def edited_checkpoint(edit):
+    def make(tmp_path):
+        path = trained_checkpoint(tmp_path)
+        state = checkpoint.load(path)
+        edit(state)
+        checkpoint.save(state, path)
+        return str(path)
+
+    return make
+
+
+def shrink_first_weight(state):
+    name = next(iter(state["model"]))
+    state["model"][name] = state["model"][name][:3]
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def pickled(obj):
+    def make(tmp_path):
+        path = tmp_path / "evil.pt"
+        path.write_bytes(pickle.dumps(obj))
+        return str(path)
+
+    return make
+
+
+def torch_file(obj):
+    def make(tmp_path):
+        path = tmp_path / "other.pt"
+        torch.save(obj, path)
+        return str(path)
+
+    return make
+
+
+# Resume checkpoints for `train --method static --epochs 1 --density 0.3`: (name, factory, words)
+BAD_CHECKPOINTS = [
+    ("garbage bytes", raw_file("ckpt.pt", os.urandom(300)), "cannot be read"),
+    ("empty file", raw_file("ckpt.pt", b""), "cannot be read"),
+    ("truncated checkpoint", lambda tmp_path: (truncate(trained_checkpoint(tmp_path)),
+                                               str(tmp_path / "run" / "checkpoint.pt"))[1], "cannot be read"),
+    ("a folder", lambda tmp_path: str(tmp_path), "is not a file"),
+    ("a tensor", torch_file(torch.zeros(3)), "not a checkpoint of sparsekern train"),
+    ("a dict of the wrong keys", torch_file({"model": {}, "epoch": 1}), "lacks config"),
+    ("a pickled program", pickled(Evil()), "objects other than tensors"),
+    ("other arguments", edited_checkpoint(lambda state: state["config"].update(lr=0.5)), "other arguments"),
+    ("wrong weight shape", edited_checkpoint(shrink_first_weight), "does not fit this run"),
+    ("epoch beyond the run", edited_checkpoint(lambda state: state.update(epoch=99)), "inconsistent"),
+    ("history of another length", edited_checkpoint(lambda state: state.update(history=[])), "inconsistent"),
+    ("bad rng state", edited_checkpoint(lambda state: state.update(rng=torch.zeros(3))), "does not fit this run"),
+]
+
+
+def out_is_file(tmp_path):
+    path = tmp_path / "taken"
+    path.write_text("a file")
+    return str(path)
+
+
+def out_under_file(tmp_path):
+    return os.path.join(out_is_file(tmp_path), "sub")
+
+
+def out_read_only(tmp_path):
+    path = tmp_path / "locked"
+    path.mkdir()
+    path.chmod(0o500)
+    probe = path / "probe"
+    try:
+        probe.write_text("")
+    except OSError:
+        return str(path)
+    probe.unlink()
+    pytest.skip("this user can write to a read-only folder (root)")
+
+
+BAD_OUTPUTS = [
+    ("an existing file", out_is_file, "is a file, not a folder"),
+    ("under a file", out_under_file, "is not a writable folder"),
+    ("in /proc", lambda tmp_path: "/proc/sparsekern-out", "is not a writable folder"),
+    ("a read-only folder", out_read_only, "is not a writable folder"),
+]
+
+BAD_BACKENDS = [("bogus", "SPARSEKERN_BACKEND must be one of"), ("tensorflow", "SPARSEKERN_BACKEND must be one of"),
+                ("compiled", "cannot run masked_linear")]
+
+BAD_ARGUMENTS = [
+    ["train", "--density", "0"],
+    ["train", "--density", "1.5"],
+    ["train", "--density", "nan"],
+    ["train", "--method", "magic"],
+    ["train", "--dataset", "/no/such/dataset.npz"],
+    ["train", "--dataset", "cifar10"],
+    ["train", "--resume", "/no/such/checkpoint.pt"],
+    ["train", "--epochs", "0"],
+    ["train", "--method", "rigl", "--prune", "biggest"],
+    ["train", "--method", "static", "--prune", "snip"],  # a criterion only DST methods take
+    ["train", "--method", "imp", "--cycles", "1"],
+    ["train", "--lr", "inf"],
+    ["train", "--lr", "nan"],
+    ["train", "--lr", "-0.1"],
+    ["train", "--lr", "0"],
+    ["train", "--end-fraction", "0"],
+    ["train", "--end-fraction", "1.5"],
+    ["train", "--end-fraction", "nan"],
+    ["train", "--end-fraction", "three quarters"],
+    ["train", "--method", "static", "--end-fraction", "0.5"],  # an end point only DST methods take
+    ["train", "--drop-fraction", "0"],
+    ["train", "--drop-fraction", "2"],
+    ["train", "--init", "orthogonal"],
+    ["train", "--method", "optg", "--density", "1"],
+    ["train", "--model", "cnn", "--dataset", "FEATURES"],  # a CNN needs images, this .npz holds feature vectors
+    ["compare", "--methods", "static,magic"],
+    ["compare", "--criteria", "magnitude,nope"],
+    ["compare", "--densities", "0.5,2"],
+    ["compare", "--densities", ","],
+    ["compare", "--schedule", "linear"],
+    ["compare", "--jobs", "0"],
+    ["compare", "--seeds", "0"],
+    ["compare", "--lr", "inf"],
+    ["compare", "--model", "cnn", "--dataset", "FEATURES"],
+    ["--densities", "-0.1"],  # no subcommand: compare
+    ["reproduce", "--jobs", "0"],
+    ["reproduce", "--seeds", "3"],  # reproduce has no --seeds
+]
+
+
+@pytest.fixture
+def nothing_trains(monkeypatch):
+    """Makes any training fail the test: a bad input must be refused before."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("training started on a bad input")
+
+    monkeypatch.setattr(training.Run, "train", refuse)
+    monkeypatch.setattr(runs_module, "train", refuse)
+
+
+def refused(argv, capsys, words=""):
+    """Runs the command line; asserts exit code 2 with one error line holding `words`, and nothing on stdout."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # a warning would be more lines on stderr
+        main(argv)
+    captured = capsys.readouterr()
+    assert not caught, [str(warning.message) for warning in caught]
+    assert exit_info.value.code == 2, captured.err
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "error" in lines[0], captured.err
+    assert words in lines[0]
+
+
+def features_npz(tmp_path):
+    return npz(x=GOOD_X, y=GOOD_Y)(tmp_path)
+
+
+@pytest.mark.parametrize("argv", BAD_ARGUMENTS, ids=" ".join)
+def test_bad_arguments_exit_2_with_one_line_before_training(argv, tmp_path, capsys, nothing_trains):
+    out = tmp_path / "out"
+    argv = [features_npz(tmp_path) if item == "FEATURES" else item for item in argv]
+    refused([*argv, "--out", str(out)], capsys)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["train", "compare"])
+@pytest.mark.parametrize("name, make, words", BAD_DATASETS, ids=[case[0] for case in BAD_DATASETS])
+def test_dataset_content_errors_exit_2_naming_the_dataset(command, name, make, words, tmp_path, capsys,
+                                                          nothing_trains):
+    dataset = make(tmp_path)
+    extra = ["--epochs", "1"] if command == "train" else QUICK_COMPARE
+    refused([command, "--dataset", dataset, *extra, "--out", str(tmp_path / "out")], capsys, words)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name, make, words", BAD_CHECKPOINTS, ids=[case[0] for case in BAD_CHECKPOINTS])
+def test_bad_resume_checkpoints_exit_2(name, make, words, tmp_path, capsys):
+    path = make(tmp_path)
+    before = os.listdir(tmp_path)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training.Run, "train", lambda *a, **k: pytest.fail("training started on a bad checkpoint"))
+        refused(["train", "--method", "static", "--epochs", "1", "--density", "0.3", "--resume", path,
+                 "--out", str(tmp_path / "resumed")], capsys, words)
+    assert os.listdir(tmp_path) == before
+
+
+@pytest.mark.parametrize("command", ["train", "compare", "reproduce"])
+@pytest.mark.parametrize("name, make, words", BAD_OUTPUTS, ids=[case[0] for case in BAD_OUTPUTS])
+def test_unwritable_output_exits_2_before_training(command, name, make, words, tmp_path, capsys, nothing_trains):
+    out = make(tmp_path)
+    extra = {"train": ["--epochs", "1"], "compare": QUICK_COMPARE, "reproduce": ["--quick", "--jobs", "1"]}[command]
+    refused([command, *extra, "--out", out], capsys, words)
+
+
+@pytest.mark.parametrize("command", ["train", "compare", "reproduce"])
+@pytest.mark.parametrize("value, words", BAD_BACKENDS)
+def test_bad_backend_setting_exits_2_before_training(command, value, words, tmp_path, capsys, monkeypatch,
+                                                     nothing_trains):
+    monkeypatch.setenv("SPARSEKERN_BACKEND", value)
+    extra = {"train": ["--epochs", "1"], "compare": QUICK_COMPARE, "reproduce": ["--quick", "--jobs", "1"]}[command]
+    refused([command, *extra, "--out", str(tmp_path / "out")], capsys, words)
+    assert not (tmp_path / "out").exists()
+
+
+def test_library_warnings_wait_until_the_inputs_are_accepted(tmp_path, capsys, monkeypatch):
+    main_module = importlib.import_module("sparsekern.cli.main")  # the module, not the function of that name
+    real_prepare = main_module.prepare
+
+    def prepare_with_a_warning(*args, **kwargs):
+        warnings.warn("a warning from below\non two lines")
+        return real_prepare(*args, **kwargs)
+
+    monkeypatch.setattr(main_module, "prepare", prepare_with_a_warning)
+    refused(["train", "--method", "static", "--epochs", "1", "--out", out_is_file(tmp_path)], capsys,
+            "is a file")  # no warning shown
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # none may escape: the command line prints them itself
+        main(["train", "--method", "static", "--epochs", "1", "--out", str(tmp_path / "run"), "--quiet"])
+    assert capsys.readouterr().err.splitlines() == ["sparsekern: warning: a warning from below on two lines"]
+
+
+def test_installed_command_reports_bad_density_on_one_line():
+    done = subprocess.run([sys.executable, "-m", "sparsekern.cli", "train", "--density", "1.01"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == ["sparsekern train: error: argument --density: density must be in "
+                                                "(0, 1], got 1.01"]
+
+
+def test_installed_command_reports_bad_data_on_one_line(tmp_path):
+    dataset = poisoned(np.nan)(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "sparsekern.cli", "train", "--dataset", dataset, "--out",
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "NaN" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_download_dataset_message_says_how_to_pass_a_local_copy(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--dataset", "mnist"])
+    assert "--dataset PATH" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not hasattr(os, "O_TMPFILE"), reason="unnamed files are a Linux feature")
+@pytest.mark.parametrize("size", [10, 3_000_000])
+def test_a_write_killed_midway_leaves_no_temporary_file_and_the_old_file(tmp_path, size):
+    target = tmp_path / "checkpoint.pt"
+    checkpoint.save({"epoch": 1}, target)
+    script = textwrap.dedent(f"""
+        import os, signal
+        from sparsekern import checkpoint
+
+        def write(file):
+            file.write(b"x" * {size})
+            file.flush()
+            os.kill(os.getpid(), signal.SIGKILL)   # killed while the new file is half written
+
+        checkpoint.write_atomically({str(target)!r}, write)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]
+    assert checkpoint.load(target) == {"epoch": 1}
+
+
+def test_a_killed_train_leaves_no_temporary_file(tmp_path):
+    out = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "sparsekern.cli", "train", "--method", "rigl", "--epochs",
+                                "500", "--update-every", "5", "--out", str(out), "--quiet"])
+    try:
+        for _ in range(600):  # kill it a few checkpoints in
+            if (out / "metrics.csv").exists() and len((out / "metrics.csv").read_text().splitlines()) > 3:
+                break
+            try:
+                process.wait(0.1)
+            except subprocess.TimeoutExpired:
+                pass
+    finally:
+        process.kill()
+        process.wait()
+    assert sorted(os.listdir(out)) == ["checkpoint.pt", "gradient_flow.csv", "metrics.csv", "metrics.json"]
+    assert checkpoint.load(out / "checkpoint.pt")["epoch"] >= 3

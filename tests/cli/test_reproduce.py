@@ -1,0 +1,47 @@
+"""`sparsekern reproduce --quick` end to end: a report with every claim, its plots and CSVs, and a rerun that reuses
+the finished runs."""
+import csv
+import os
+
+from sparsekern.cli import main
+from sparsekern.cli import reproduce
+
+CLAIMS = ("a", "b", "c", "d", "e", "f")
+
+
+def test_quick_reproduce_writes_a_report_of_every_claim(tmp_path, capsys):
+    out = tmp_path / "reproduce"
+    main(["reproduce", "--quick", "--jobs", "1", "--quiet", "--out", str(out)])
+    printed = capsys.readouterr().out
+    report = (out / "report.md").read_text()
+    assert printed.startswith("| claim | the paper says | ours (mean ± sd over seeds) | verdict |")
+    table = "\n".join(line for line in printed.splitlines() if line.startswith("|"))
+    assert table in report  # the printed table is the report's
+    for claim in CLAIMS:
+        assert f"## ({claim}) " in report and f"| ({claim}) " in report
+        with open(out / f"{claim}.csv", newline="") as file:
+            rows = list(csv.DictReader(file))
+        assert rows and all(float(row["accuracy_sd"]) >= 0 for row in rows)
+    verdicts = [line.rsplit("|", 2)[1].strip() for line in printed.splitlines()[2:] if line.startswith("| (")]
+    assert len(verdicts) >= 10
+    assert set(verdicts[:3]) <= {reproduce.HOLDS, reproduce.FAILS, reproduce.TIE}
+    for figure in ("a.png", "b.png", "c_d.png", "e.png", "f.png"):
+        assert (out / figure).stat().st_size > 5_000 and f"({figure})" in report
+    runs = len(reproduce.jobs(reproduce.plan(quick=True)))
+    assert len([name for name in os.listdir(out / "runs") if name.endswith(".json")]) <= runs
+
+    main(["reproduce", "--quick", "--jobs", "1", "--quiet", "--out", str(out)])  # everything reused
+    again = (out / "report.md").read_text()
+    assert "(0 trained now" in again
+    strip = lambda text: [line for line in text.splitlines() if "trained now" not in line]  # noqa: E731
+    assert strip(again) == strip(report)
+
+
+def test_verdicts_follow_two_standard_errors():
+    assert reproduce.verdict([0.9, 0.92, 0.91], [0.8, 0.82, 0.81])[0] == reproduce.HOLDS
+    assert reproduce.verdict([0.8, 0.82, 0.81], [0.9, 0.92, 0.91])[0] == reproduce.FAILS
+    assert reproduce.verdict([0.9, 0.7, 0.8], [0.82, 0.81, 0.83])[0] == reproduce.TIE
+    # equal seeds do not make a hair's difference significant: se is at least FLOOR of the scale
+    assert reproduce.verdict([0.9001, 0.9001], [0.9, 0.9])[0] == reproduce.TIE
+    result, detail = reproduce.verdict([0.95, 0.96], [0.90, 0.91])
+    assert result == reproduce.HOLDS and detail.startswith("Δ +5")
