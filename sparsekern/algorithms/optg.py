@@ -163,7 +163,8 @@ class OptG:
         if self.dense_while_scores_tie and self._scores_all_equal():
             keep = total
         for layer, mask in zip(self.layers, ops.topk_mask(self.scores, keep)):
-            layer.mask.copy_(mask)      # not set_mask: pruned weights keep their values
+            layer.mask.copy_(mask)      # not set_mask: pruned weights keep their values,
+            layer.zero_off_mask = False  # so the forward must select
             layer.dense_grad = self._learns
         tying.sync(self._groups)
         for group in self.score_optimizer.param_groups:
@@ -257,6 +258,7 @@ class OptG:
             score.copy_(saved)
         self.score_optimizer = score_optimizer
         for layer in self.layers:
+            layer.zero_off_mask = False
             layer.dense_grad = self._learns
         tying.sync(self._groups)
         self._gradients.remember([layer.weight for layer in self.layers])

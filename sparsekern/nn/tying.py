@@ -34,7 +34,7 @@ def check_groups(groups: list[Group]) -> None:
 
 
 def sync(groups: list[Group]) -> None:
-    """Copies each primary's mask and `dense_grad` to the other modules holding its weight.
+    """Copies each primary's mask, `dense_grad` and `zero_off_mask` to the other modules holding its weight.
 
     The weight itself is shared, so zeroing it off the mask through the primary already did it
     for all of them; only the modules' own mask buffers and flags need to follow.
@@ -44,6 +44,7 @@ def sync(groups: list[Group]) -> None:
         for _, module in group[1:]:
             module.mask.copy_(primary.mask)
             module.dense_grad = primary.dense_grad
+            module.zero_off_mask = primary.zero_off_mask
 
 
 def holders(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
