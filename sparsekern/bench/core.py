@@ -41,14 +41,6 @@ class Case:
 
 
 @dataclass(frozen=True)
-class Timing:
-    """Median wall time of one call in milliseconds, over `repeats` calls after warm-up."""
-
-    median_ms: float
-    repeats: int
-
-
-@dataclass(frozen=True)
 class Row:
     """One line of the report. ratio = baseline time / this time, so > 1 means faster than the baseline."""
 
@@ -63,31 +55,8 @@ class Row:
 
 
 # A warm-up call this many budgets long is the only sample (a contended machine can slow one call
-# several-fold, so a call merely over budget still gets a timed repeat).
+# several-fold, so a call merely over budget still gets timed repeats).
 SLOW_CALL_BUDGETS = 4
-
-
-def time_call(run: Callable[[], object], device: torch.device, budget_s: float = 2.0,
-              max_repeats: int = 100) -> Timing:
-    """Times `run`: warm-up calls, then the median of as many calls as fit in about `budget_s`.
-
-    The repeat count adapts to the warm-up's duration (at most `max_repeats`), so slow reference
-    implementations on CPU cost a few calls, not a fixed hundred. A CPU call that alone outlasts
-    SLOW_CALL_BUDGETS budgets is timed once, its warm-up being the sample (at many seconds per call,
-    first-call costs are noise). On CUDA every call is bracketed by CUDA events and synchronized, so
-    queued kernels count.
-    """
-    on_cuda = device.type == "cuda"
-    # On CUDA the first calls compile and autotune Triton kernels; on CPU one call pages inputs in.
-    warmups = 3 if on_cuda else 1
-    last_s = 0.0
-    for _ in range(warmups):
-        last_s = _one_call_s(run, on_cuda)
-    if not on_cuda and last_s >= SLOW_CALL_BUDGETS * budget_s:
-        return Timing(median_ms=1e3 * last_s, repeats=1)
-    repeats = max(1, min(max_repeats, int(budget_s / max(last_s, 1e-6))))
-    samples = [_one_call_s(run, on_cuda) for _ in range(repeats)]
-    return Timing(median_ms=1e3 * statistics.median(samples), repeats=repeats)
 
 
 def _one_call_s(run: Callable[[], object], on_cuda: bool) -> float:
@@ -166,22 +135,70 @@ def discover(device: torch.device, quick: bool, only: str | None = None) -> Iter
                 yield case
 
 
-def measure(case: Case, device: torch.device, budget_s: float = 2.0) -> list[Row]:
-    """Times every implementation of a case; a run that raises gets a row with its error, not a crash."""
-    timings: dict[str, Timing | Exception] = {}
-    for label, run in case.runs.items():
+def measure(case: Case, device: torch.device, budget_s: float = 2.0, max_rounds: int = 100) -> list[Row]:
+    """Times every implementation of a case; a run that raises gets a row with its error, not a crash.
+
+    The implementations are timed in rounds, each calling every one of them once (in an order that
+    rotates from round to round), as many rounds as fit in about `budget_s` per implementation (at
+    most `max_rounds`), after warm-up calls. A row's time is the median of its calls, and its ratio
+    the median over rounds of baseline time / its time in the same round: on a shared machine, load
+    that comes and goes slows both sides of a ratio alike, where timing one implementation after
+    another would credit the load to whichever ran while it lasted. A CPU implementation whose
+    warm-up call alone outlasts SLOW_CALL_BUDGETS budgets is timed by that call only (at many
+    seconds per call, first-call costs are noise), and its ratio taken from the medians. On CUDA
+    every call is bracketed by CUDA events and synchronized, so queued kernels count; the first
+    calls there compile and autotune Triton kernels, so they warm up three times.
+    """
+    on_cuda = device.type == "cuda"
+    samples: dict[str, list[float]] = {}
+    errors: dict[str, Exception] = {}
+
+    def call(label: str) -> float | None:
         try:
-            timings[label] = time_call(run, device, budget_s)
+            return _one_call_s(case.runs[label], on_cuda)
         except Exception as error:  # one broken implementation must not hide the others' figures
-            timings[label] = error
-    baseline = timings[case.baseline]
-    baseline_ms = baseline.median_ms if isinstance(baseline, Timing) else math.nan
-    rows = []
-    for label, timing in timings.items():
-        if isinstance(timing, Timing):
-            rows.append(Row(case.op, case.size, label, timing.median_ms, baseline_ms / timing.median_ms,
-                            timing.repeats, case.baseline))
-        else:
-            rows.append(Row(case.op, case.size, label, math.nan, math.nan, 0, case.baseline,
-                            error=f"{type(timing).__name__}: {timing}"))
-    return rows
+            errors[label] = error
+            return None
+
+    warm_s = {}
+    for label in case.runs:
+        for _ in range(3 if on_cuda else 1):
+            warm_s[label] = call(label)
+            if label in errors:
+                break
+    slow = {label for label, s in warm_s.items()
+            if label not in errors and not on_cuda and s >= SLOW_CALL_BUDGETS * budget_s}
+    for label in slow:
+        samples[label] = [warm_s[label]]
+    rotating = [label for label in case.runs if label not in errors and label not in slow]
+    round_s = sum(warm_s[label] for label in rotating)
+    rounds = max(1, min(max_rounds, int(budget_s * len(rotating) / max(round_s, 1e-6)))) if rotating else 0
+    per_round: list[dict[str, float]] = []
+    for r in range(rounds):
+        timed = {}
+        for i in range(len(rotating)):
+            label = rotating[(r + i) % len(rotating)]
+            if label not in errors:
+                timed[label] = call(label)
+        per_round.append({label: s for label, s in timed.items() if label not in errors})
+    for label in rotating:
+        if label not in errors:
+            samples[label] = [times[label] for times in per_round]
+    return [_row(case, label, samples, errors, per_round) for label in case.runs]
+
+
+def _row(case: Case, label: str, samples: dict[str, list[float]], errors: dict[str, Exception],
+         per_round: list[dict[str, float]]) -> Row:
+    if label in errors:
+        error = errors[label]
+        return Row(case.op, case.size, label, math.nan, math.nan, 0, case.baseline,
+                   error=f"{type(error).__name__}: {error}")
+    time_s = statistics.median(samples[label])
+    paired = [times[case.baseline] / times[label] for times in per_round if case.baseline in times and label in times]
+    if paired:
+        ratio = statistics.median(paired)
+    elif case.baseline in samples:
+        ratio = statistics.median(samples[case.baseline]) / time_s
+    else:
+        ratio = math.nan
+    return Row(case.op, case.size, label, 1e3 * time_s, ratio, len(samples[label]), case.baseline)

@@ -73,18 +73,42 @@ def test_failing_run_is_reported_not_raised():
     assert "failed" in report.format_table(rows)
 
 
-def test_time_call_adapts_repeats_to_budget():
+def test_measure_adapts_rounds_to_budget_and_interleaves_the_implementations():
     calls = []
-    timing = core.time_call(lambda: calls.append(1), CPU, budget_s=0.5, max_repeats=7)
-    assert timing.repeats == 7  # an instant call fills the repeat cap
-    assert len(calls) == 1 + timing.repeats  # after one warm-up call
-    assert math.isfinite(timing.median_ms)
+    case = core.Case("op", "size", {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, baseline="a")
+    rows = core.measure(case, CPU, budget_s=0.5, max_rounds=7)
+    assert [row.repeats for row in rows] == [7, 7]  # instant calls fill the round cap
+    assert calls[:2] == ["a", "b"]  # one warm-up call each
+    rounds = [calls[i:i + 2] for i in range(2, len(calls), 2)]
+    assert len(rounds) == 7 and all(sorted(r) == ["a", "b"] for r in rounds)
+    assert rounds[0] != rounds[1]  # the order rotates, so neither side always runs first
+    assert all(math.isfinite(row.time_ms) for row in rows) and rows[0].ratio == 1.0
 
 
-def test_time_call_times_a_call_much_longer_than_the_budget_once():
+def test_a_ratio_pairs_calls_of_one_round():
+    # Calls cost 4 ms while the machine is loaded (the first 8 calls: warm-ups and 3 rounds) and 1 ms
+    # after, and "fast" takes half of it. Paired per round the ratio is 2; timed one implementation after
+    # the other, the baseline would run loaded and "fast" mostly not, and the ratio would come out near 8.
     calls = []
-    timing = core.time_call(lambda: calls.append(time.sleep(0.005)), CPU, budget_s=0.001)
-    assert timing.repeats == 1 and len(calls) == 1
+
+    def costing(share):
+        def run():
+            loaded = len(calls) < 8
+            calls.append(1)
+            time.sleep((0.004 if loaded else 0.001) * share)
+        return run
+
+    rows = core.measure(core.Case("op", "size", {"base": costing(1), "fast": costing(0.5)}, baseline="base"),
+                        CPU, budget_s=0.05, max_rounds=6)
+    assert len(calls) == 14
+    assert 1.6 < {row.implementation: row for row in rows}["fast"].ratio < 2.5
+
+
+def test_measure_times_a_call_much_longer_than_the_budget_once():
+    calls = []
+    rows = core.measure(core.Case("op", "size", {"slow": lambda: calls.append(time.sleep(0.005))}, baseline="slow"),
+                        CPU, budget_s=0.001)
+    assert rows[0].repeats == 1 and len(calls) == 1
 
 
 def test_forced_backend_restores_environment(monkeypatch):
