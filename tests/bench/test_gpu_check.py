@@ -60,6 +60,7 @@ def test_the_dry_run_measures_every_goal_and_writes_the_results_file(dry_run):
                     "## Where a goal is missed"):
         assert heading in text
     assert text.count("| global topk_mask |") >= 1 and "| sparse_linear |" in text and "Routing" in text
+    assert "| peak memory of a training step |" in text
 
 
 @pytest.mark.parametrize("name, label", [("NVIDIA H200", "h200"), ("NVIDIA H100 80GB HBM3", "h100"),

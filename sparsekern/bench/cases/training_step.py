@@ -56,11 +56,15 @@ MODELS = {
 
 
 def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, x, y, algorithm=None) -> Callable[[], None]:
+    """zero_grad, then `learning_step`. The callable keeps `learn` (the step after zero_grad), `model` and
+    `optimizer` as attributes, for peak-memory measurements."""
     learn = learning_step(model, optimizer, x, y, algorithm)
 
     def run():
         optimizer.zero_grad()
         learn()
+
+    run.learn, run.model, run.optimizer = learn, model, optimizer
     return run
 
 
@@ -106,7 +110,12 @@ def step_peak_bytes(learn: Callable[[], None], device: torch.device) -> int:
     return peak
 
 
-def _case(description: str, build: Callable[[], nn.Module], input_shape, device: torch.device) -> Case:
+STATIC, RIGL, MASKED = "sparse, static", "sparse + RigL (no update)", "sparse, masked path"
+
+
+def training_runs(build: Callable[[], nn.Module], input_shape, device: torch.device) -> dict[str, Callable[[], None]]:
+    """One training-step callable per run (dense, static, RigL on a non-update step, masked path) of
+    the model `build` makes, on a fixed random batch of `input_shape`, each with its own model copy."""
     generator = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(input_shape, generator=generator, device=device)
     y = torch.randint(0, 10, (input_shape[0],), generator=generator, device=device)
@@ -116,24 +125,38 @@ def _case(description: str, build: Callable[[], nn.Module], input_shape, device:
         built = build().to(device)
         return sparsify(built, DENSITY, generator=torch.Generator().manual_seed(0)) if sparse else built
 
-    models = {DENSE: model(False), "sparse, static": model(True), "sparse + RigL (no update)": model(True),
-              "sparse, masked path": model(True)}
-    for _, module in sparse_modules(models["sparse, masked path"]):
+    models = {DENSE: model(False), STATIC: model(True), RIGL: model(True), MASKED: model(True)}
+    for _, module in sparse_modules(models[MASKED]):
         module.zero_off_mask = False
     optimizers = {name: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for name, m in models.items()}
     # A step count no update ever reaches: every step() is an ordinary, non-update step.
-    rigl = RigL(models["sparse + RigL (no update)"], optimizers["sparse + RigL (no update)"],
-                update_every=10 ** 9, total_steps=10 ** 10)
-    algorithms = {name: rigl if "RigL" in name else None for name in models}
-    runs = {name: training_step(m, optimizers[name], x, y, algorithms[name]) for name, m in models.items()}
+    rigl = RigL(models[RIGL], optimizers[RIGL], update_every=10 ** 9, total_steps=10 ** 10)
+    return {name: training_step(m, optimizers[name], x, y, rigl if name == RIGL else None)
+            for name, m in models.items()}
+
+
+def step_peaks(runs: dict[str, Callable[[], None]], device: torch.device) -> dict[str, int]:
+    """Peak bytes each run's step allocates above what it holds after zero_grad (`step_peak_bytes`),
+    measured after two steps, so that optimizer state and allocator caches already exist."""
     peaks = {}
     for name, run in runs.items():
-        run()  # optimizer state exists before memory is measured
-        optimizers[name].zero_grad()
-        peaks[name] = step_peak_bytes(learning_step(models[name], optimizers[name], x, y, algorithms[name]), device)
-    masks = sum(module.mask.numel() * module.mask.element_size() for _, module in sparse_modules(models["sparse, static"]))
+        run(), run()
+        run.optimizer.zero_grad()
+        peaks[name] = step_peak_bytes(run.learn, device)
+    return peaks
+
+
+def mask_bytes(runs: dict[str, Callable[[], None]]) -> int:
+    """Bytes of the masks a sparse run holds between steps."""
+    return sum(module.mask.numel() * module.mask.element_size() for _, module in sparse_modules(runs[STATIC].model))
+
+
+def _case(description: str, build: Callable[[], nn.Module], input_shape, device: torch.device) -> Case:
+    runs = training_runs(build, input_shape, device)
+    peaks = step_peaks(runs, device)
     memory = ", ".join(f"{name} {peak / 2 ** 20:.1f} MB ({peak / peaks[DENSE]:.2f}x)" for name, peak in peaks.items())
-    size = f"{description}, d={DENSITY}; step peak memory: {memory}; masks held: {masks / 2 ** 20:.1f} MB"
+    size = (f"{description}, d={DENSITY}; step peak memory: {memory}; "
+            f"masks held: {mask_bytes(runs) / 2 ** 20:.1f} MB")
     return Case("training step", size, runs, baseline=DENSE)
 
 
