@@ -1,28 +1,93 @@
 // CPU kernels of sparsekern::topk_mask (one selection over the whole list) and
-// sparsekern::topk_mask_per_tensor (one per tensor), by radix select (select.h).
+// sparsekern::topk_mask_per_tensor (one per tensor), by radix select (select.h): per selection one
+// histogram pass (two for clumped scores), then one pass that writes the masks.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <memory>
 #include <string>
 #include <vector>
 
-#include "cpu/select.h"
+#include "cpu/columns.h"
 #include "cpu/score_checks.h"
+#include "cpu/select.h"
 
 namespace sparsekern::cpu {
 namespace {
 
-// Keys of contiguous score arrays, one array per tensor of the list.
+// Keys of score tensors of any strides; NaN is never selected, so it is ineligible.
 template <typename scalar_t>
 struct ScoreKeys {
   using Key = typename KeyTraits<scalar_t>::Key;
-  std::vector<const scalar_t*> parts;
+  std::vector<Column> parts;
+  KeyRule<scalar_t> rule{false, kIneligibleKey};
 
-  auto reader(int64_t part) const {
-    const scalar_t* scores = parts[part];
-    return [scores](int64_t i) { return score_key(scores[i]); };
+  void keys(int64_t part, int64_t begin, int64_t end, Key* __restrict out) const {
+    Key buffer[kChunk];
+    const Key* __restrict bits = parts[part].template read<Key>(begin, end, buffer);
+    for (int64_t i = 0; i < end - begin; ++i) out[i] = rule(bits[i]);
   }
+};
+
+// One selection of k entries over some of the tensors (a segment).
+template <typename scalar_t>
+class SegmentSelection {
+ public:
+  using Key = typename KeyTraits<scalar_t>::Key;
+
+  SegmentSelection(std::vector<Column> scores, const std::vector<int64_t>& sizes, std::vector<uint8_t*> out,
+                   int64_t k)
+      : source_{std::move(scores)}, layout_(sizes), out_(std::move(out)), k_(k), selector_(layout_) {}
+
+  // The first histogram, which also counts the numbers (non-NaN scores): returned.
+  int64_t count_numbers() {
+    selector_.count(source_);
+    if (k_ <= selector_.eligible()) {
+      selector_.aim(k_);
+      settled_ = selector_.choose();
+    }
+    return selector_.eligible();
+  }
+
+  void write() {
+    while (!settled_) {
+      selector_.count(source_);
+      settled_ = selector_.choose();
+    }
+    const Boundary<Key>& boundary = selector_.boundary();
+    Candidates<Key> candidates(boundary);
+    TieBudget ties(boundary);
+    layout_.for_each_chunk([&](int64_t block, int64_t part, int64_t begin, int64_t end) {
+      Key keys[kChunk];
+      source_.keys(part, begin, end, keys);
+      uint8_t* __restrict selected = out_[part] + begin;
+      uint8_t on_boundary = 0;
+      for (int64_t i = 0; i < end - begin; ++i) {
+        const uint8_t place = boundary.place(keys[i]);
+        selected[i] = place >> 1;
+        on_boundary |= place & 1;
+      }
+      if (!on_boundary) return;
+      for (int64_t i = 0; i < end - begin; ++i) {
+        if (boundary.place(keys[i]) != kBoundary) continue;
+        if (boundary.exact) {
+          selected[i] = ties.take(block);
+        } else {
+          candidates.add(block, keys[i], part, begin + i);
+        }
+      }
+    });
+    candidates.settle(boundary.take, [&](int64_t part, int64_t position, bool taken) { out_[part][position] = taken; });
+  }
+
+ private:
+  const ScoreKeys<scalar_t> source_;
+  const Layout layout_;
+  const std::vector<uint8_t*> out_;
+  const int64_t k_;
+  Selector<Key> selector_;
+  bool settled_ = false;
 };
 
 void check_scores(at::TensorList scores) {
@@ -33,29 +98,40 @@ void check_scores(at::TensorList scores) {
   }
 }
 
-// One selection of exactly k entries over all of `scores`; `k_name` names k in the error raised when
-// fewer than k scores are numbers.
-std::vector<at::Tensor> select_masks(at::TensorList scores, int64_t k, const std::string& k_name) {
-  std::vector<at::Tensor> inputs;
+// One selection per segment (a run of consecutive tensors) of exactly k[segment] entries; `k_name`
+// names k in the error raised when fewer than k scores are numbers. Every segment is counted before
+// any mask is written.
+std::vector<at::Tensor> select_masks(at::TensorList scores, const std::vector<std::vector<int64_t>>& segments,
+                                     const std::vector<int64_t>& k, const std::vector<std::string>& k_names) {
   std::vector<at::Tensor> masks;
-  std::vector<int64_t> sizes;
-  std::vector<bool*> out;
-  for (const at::Tensor& s : scores) {
-    inputs.push_back(s.contiguous());
-    masks.push_back(at::empty(s.sizes(), s.options().dtype(at::kBool)));
-    sizes.push_back(s.numel());
-    out.push_back(masks.back().data_ptr<bool>());
-  }
-  const Layout layout(sizes);
+  for (const at::Tensor& s : scores) masks.push_back(at::empty(s.sizes(), s.options().dtype(at::kBool)));
   if (scores.empty()) return masks;
+  std::vector<int64_t> segment_sizes;
+  for (const auto& tensors : segments) {
+    int64_t size = 0;
+    for (int64_t t : tensors) size += scores[t].numel();
+    segment_sizes.push_back(size);
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores[0].scalar_type(), "topk_mask", [&] {
-    ScoreKeys<scalar_t> source;
-    for (const at::Tensor& input : inputs) source.parts.push_back(input.const_data_ptr<scalar_t>());
-    const auto cutoff = find_cutoff(source, layout, k);
-    // A cutoff at NaN means the k-th best is a NaN: every number is above it, and too few of them.
-    TORCH_CHECK_VALUE(k == 0 || cutoff.key != kNaNKey, k_name, "=", k, " is more than the ",
-                      k - cutoff.equal_taken, " non-NaN scores available");
-    write_selection(source, layout, cutoff, out);
+    std::vector<std::unique_ptr<SegmentSelection<scalar_t>>> selections(segments.size());
+    std::vector<int64_t> numbers(segments.size());
+    for_each_segment(segment_sizes, [&](int64_t s) {
+      std::vector<Column> columns;
+      std::vector<int64_t> sizes;
+      std::vector<uint8_t*> out;
+      for (int64_t t : segments[s]) {
+        columns.emplace_back(scores[t]);
+        sizes.push_back(scores[t].numel());
+        out.push_back(static_cast<uint8_t*>(masks[t].data_ptr()));
+      }
+      selections[s] = std::make_unique<SegmentSelection<scalar_t>>(std::move(columns), sizes, std::move(out), k[s]);
+      numbers[s] = selections[s]->count_numbers();
+    });
+    for (size_t s = 0; s < segments.size(); ++s) {
+      TORCH_CHECK_VALUE(k[s] <= numbers[s], k_names[s], "=", k[s], " is more than the ", numbers[s],
+                        " non-NaN scores available");
+    }
+    for_each_segment(segment_sizes, [&](int64_t s) { selections[s]->write(); });
   });
   return masks;
 }
@@ -63,17 +139,21 @@ std::vector<at::Tensor> select_masks(at::TensorList scores, int64_t k, const std
 std::vector<at::Tensor> topk_mask(at::TensorList scores, int64_t k) {
   check_scores(scores);
   check_global_k(scores, k);
-  return select_masks(scores, k, "k");
+  std::vector<int64_t> all(scores.size());
+  for (size_t i = 0; i < all.size(); ++i) all[i] = static_cast<int64_t>(i);
+  return select_masks(scores, {all}, {k}, {"k"});
 }
 
 std::vector<at::Tensor> topk_mask_per_tensor(at::TensorList scores, at::IntArrayRef k) {
   check_scores(scores);
   check_per_tensor_k(scores, k);
-  std::vector<at::Tensor> masks;
+  std::vector<std::vector<int64_t>> segments;
+  std::vector<std::string> names;
   for (size_t i = 0; i < scores.size(); ++i) {
-    masks.push_back(select_masks({scores[i]}, k[i], "k[" + std::to_string(i) + "]")[0]);
+    segments.push_back({static_cast<int64_t>(i)});
+    names.push_back("k[" + std::to_string(i) + "]");
   }
-  return masks;
+  return select_masks(scores, segments, k.vec(), names);
 }
 
 }  // namespace

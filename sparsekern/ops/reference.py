@@ -61,22 +61,73 @@ def topk_mask_per_tensor(scores: list[Tensor], k: list[int]) -> list[Tensor]:
     return [topk_mask([s], ki)[0] for s, ki in zip(scores, k)]
 
 
-def prune_grow(weight: Tensor, mask: Tensor, prune_score: Tensor, grow_score: Tensor, n: int,
-               state: list[Tensor] = ()) -> Tensor:
-    """Drop the n worst active entries by prune_score, grow the n best of the rest by grow_score.
+def as_flags(mask: Tensor) -> Tensor:
+    """A bool mask as torch reads it: any non-zero byte is True (uint8 data viewed as bool included)."""
+    return mask.view(torch.uint8) != 0
 
-    Mutates weight (0 off the new mask and at newly grown positions) and each state tensor (0 at
-    newly grown positions). NaN scores rank lowest; they never raise here.
+
+def active_counts(masks: list[Tensor]) -> list[int]:
+    """True entries of each mask, read once for the whole list (one host read on a GPU)."""
+    if not masks:
+        return []
+    return torch.stack([as_flags(m).sum() for m in masks]).tolist()
+
+
+def prune_grow(weights: list[Tensor], masks: list[Tensor], prune_scores: list[Tensor], grow_scores: list[Tensor],
+               n: list[int], global_scope: bool, state: list[list[Tensor]], masked: list[list[Tensor]],
+               active: list[int] | None = None, prune_abs: bool = False, grow_abs: bool = False) -> list[Tensor]:
+    """Drop-and-grow over a list of layers; returns the new masks (contiguous bool tensors).
+
+    Selections run per segment: each layer alone (n[i] for layer i), or, with global_scope, the
+    whole list as one flat sequence (n[0]). A segment keeps the (active - n) active entries with the
+    highest prune score, then grows the n entries with the highest grow score among all it did not
+    keep (just-dropped ones included). Scores are ranked as they are, or by |score| with
+    prune_abs / grow_abs. NaN scores rank lowest; they never raise here.
+
+    Then, for each layer (old = masks, new = the result, newly grown = new & ~old):
+    weights[i] and every tensor of state[i] become 0 off the new mask and at newly grown positions;
+    every tensor of masked[i] becomes 0 off the new mask. All selections finish before anything is
+    written, so scores may be the very tensors being written. `active`, when given, holds the
+    caller's count of active entries per segment and must be right.
     """
-    old = mask.reshape(-1)
-    kept = select(prune_score.reshape(-1), old, int(old.sum()) - n)
-    grown = select(grow_score.reshape(-1), ~kept, n)
-    new = (kept | grown).view(mask.shape)
-    newly_grown = (grown & ~old).view(mask.shape)
-    weight.masked_fill_(~new | newly_grown, 0)
-    for tensor in state:
-        tensor.masked_fill_(newly_grown, 0)
+    flags = [as_flags(m).reshape(-1) for m in masks]
+    segments = [list(range(len(weights)))] if global_scope else [[layer] for layer in range(len(weights))]
+    new, newly_grown = [None] * len(weights), [None] * len(weights)
+    for segment, (swap, layers) in enumerate(zip(n, segments)):
+        old = torch.cat([flags[layer] for layer in layers]) if layers else torch.zeros(0, dtype=torch.bool)
+        count = int(old.sum())
+        check_swap(segment, swap, count, None if active is None else active[segment], global_scope)
+        prune = _flat_scores([prune_scores[layer] for layer in layers], prune_abs)
+        grow = _flat_scores([grow_scores[layer] for layer in layers], grow_abs)
+        kept = select(prune, old, count - swap)
+        grown = select(grow, ~kept, swap)
+        sizes = [flags[layer].numel() for layer in layers]
+        for layer, part_new, part_grown in zip(layers, (kept | grown).split(sizes), (grown & ~old).split(sizes)):
+            new[layer], newly_grown[layer] = part_new.view(masks[layer].shape), part_grown.view(masks[layer].shape)
+    for layer, weight in enumerate(weights):
+        zero_like_weight = ~new[layer] | newly_grown[layer]
+        weight.masked_fill_(zero_like_weight, 0)
+        for tensor in state[layer]:
+            tensor.masked_fill_(zero_like_weight, 0)
+        for tensor in masked[layer]:
+            tensor.masked_fill_(~new[layer], 0)
     return new
+
+
+def _flat_scores(scores: list[Tensor], absolute: bool) -> Tensor:
+    flat = torch.cat([s.reshape(-1) for s in scores]) if scores else torch.zeros(0)
+    return flat.abs() if absolute else flat
+
+
+def check_swap(segment: int, swap: int, count: int, claimed: int | None, global_scope: bool) -> None:
+    """Raises ValueError unless 0 <= swap <= count, the segment's active count, and the caller's
+    claimed count (if any) is that count. Messages name n / active as sparsekern.ops.prune_grow does."""
+    where = "" if global_scope else f"[{segment}]"
+    owner = "the masks have" if global_scope else f"masks[{segment}] has"
+    if claimed is not None and claimed != count:
+        raise ValueError(f"active{where} is {claimed} but {owner} {count} active entries")
+    if not 0 <= swap <= count:
+        raise ValueError(f"n{where} must be in [0, {count}] ({owner} {count} active entries), got {swap}")
 
 
 def masked_weight(weight: Tensor, mask: Tensor) -> Tensor:
