@@ -1,11 +1,11 @@
 // CPU kernel of sparsekern::prune_grow over a list of layers: per segment (a layer, or the whole list)
 // two radix selections (select.h) and one final pass that writes everything.
 //
-//   phase 1 (every segment, before anything is written): the keep selection's first histogram over
-//            the active entries, which also counts them, so n and `active` are checked here;
-//   phase 2 (per segment): the keep selection's final pass writes `kept` into the new mask; the grow
-//            selection counts among the entries not kept, and its final pass writes the new mask,
-//            zeroes weight, state and masked tensors, and leaves the few boundary candidates to last.
+//   phase 1 (every segment, before anything is written): the keep selection's read-only pass over
+//            the prune scores, which also counts the active entries, so n and `active` are checked;
+//   phase 2 (per segment): a pass writes `kept` into the new mask; the grow selection's read-only
+//            pass over the grow scores of entries not kept; the final pass writes the new mask and
+//            zeroes weight, state and masked tensors.
 // Segments run in parallel, one per thread (layer scope), or one segment's passes do (global scope).
 // Masks are read as bytes: any non-zero byte is True, as torch reads a bool.
 #include <ATen/ATen.h>
@@ -46,13 +46,14 @@ struct EligibleKeys {
     const Layer& layer = layers[parts[part]];
     uint8_t flag_buffer[kChunk];
     Key bit_buffer[kChunk];
-    const uint8_t* __restrict flags =
-        kGrow ? layer.new_mask + begin : layer.mask.read<uint8_t>(begin, end, flag_buffer);
-    const Key* __restrict bits = (kGrow ? layer.grow : layer.prune).template read<Key>(begin, end, bit_buffer);
-    const int64_t size = end - begin;
-    for (int64_t i = 0; i < size; ++i) {
-      const Key eligible = Key(Key(0) - Key(kGrow ? flags[i] == 0 : flags[i] != 0));
-      out[i] = Key(rule(bits[i]) & eligible);
+    const uint8_t* flags = kGrow ? layer.new_mask + begin : layer.mask.read<uint8_t>(begin, end, flag_buffer);
+    const Key* bits = (kGrow ? layer.grow : layer.prune).template read<Key>(begin, end, bit_buffer);
+    // Grow: eligible where not kept (new_mask holds `kept`, 0 or 1); keep: where the mask is set.
+    const uint8_t wanted_nonzero = kGrow ? 0 : 1;
+    if (rule.absolute()) {
+      rule.template keys<true>(bits, flags, wanted_nonzero, end - begin, out);
+    } else {
+      rule.template keys<false>(bits, flags, wanted_nonzero, end - begin, out);
     }
   }
 };
@@ -88,12 +89,6 @@ void zero_where(const Column& column, int64_t begin, int64_t end, const uint8_t*
   }
 }
 
-// Sets one entry to 0.
-void zero_at(const Column& column, int64_t position) {
-  const uint8_t one = 1;
-  zero_where(column, position, position + 1, &one);
-}
-
 template <typename scalar_t>
 class SegmentUpdate {
  public:
@@ -109,29 +104,26 @@ class SegmentUpdate {
         grow_source_{layers_, parts_, KeyRule<scalar_t>(grow_abs, kNaNKey)},
         keep_(layout_) {}
 
-  // Phase 1: counts the active entries (returned) while counting the keep step's first digit, and
-  // fixes that digit when n is in range (the caller raises otherwise).
-  int64_t count_active() {
-    keep_.count(keep_source_);
-    if (n_ <= keep_.eligible()) {
-      keep_.aim(keep_.eligible() - n_);
-      keep_settled_ = keep_.choose();
-    }
-    return keep_.eligible();
+  // Phase 1: reads the active entries' prune scores once, and returns how many entries are active.
+  // `active_hint` (< 0: none) is the caller's count.
+  int64_t count_active(int64_t active_hint) {
+    active_ = keep_.scan(keep_source_, Target{n_, true}, active_hint);
+    return active_;
   }
 
   // Phase 2: everything else, once every segment's counts have been checked.
   void update() {
-    while (!keep_settled_) {
-      keep_.count(keep_source_);
-      keep_settled_ = keep_.choose();
-    }
-    write_kept();
-    Selector<Key> grow(layout_);
-    grow.count(grow_source_);
-    grow.aim(n_);
-    while (!grow.choose()) grow.count(grow_source_);
-    write_grown(grow.boundary());
+    const Threshold<Key> keep = keep_.finish(keep_source_);
+    layout_.for_each_chunk([&](int64_t, int64_t part, int64_t begin, int64_t end) {
+      Key keys[kChunk];
+      keep_source_.keys(part, begin, end, keys);
+      keep.apply(keys, layout_.offset(part) + begin, end - begin, layers_[parts_[part]].new_mask + begin);
+    });
+    ThresholdSearch<Key> grow(layout_);
+    const int64_t eligible = grow.scan(grow_source_, Target{n_, false}, layout_.total() - (active_ - n_));
+    TORCH_INTERNAL_ASSERT(eligible == layout_.total() - (active_ - n_), "kept ", layout_.total() - eligible,
+                          " entries, not ", active_ - n_);
+    write_grown(grow.finish(grow_source_));
   }
 
  private:
@@ -141,89 +133,30 @@ class SegmentUpdate {
     return result;
   }
 
-  void write_kept() {
-    const Boundary<Key>& boundary = keep_.boundary();
-    Candidates<Key> candidates(boundary);
-    TieBudget ties(boundary);
-    layout_.for_each_chunk([&](int64_t block, int64_t part, int64_t begin, int64_t end) {
-      Key keys[kChunk];
-      keep_source_.keys(part, begin, end, keys);
-      uint8_t* __restrict kept = layers_[parts_[part]].new_mask + begin;
-      uint8_t on_boundary = 0;
-      for (int64_t i = 0; i < end - begin; ++i) {
-        const uint8_t place = boundary.place(keys[i]);
-        kept[i] = place >> 1;
-        on_boundary |= place & 1;
-      }
-      if (!on_boundary) return;
-      for (int64_t i = 0; i < end - begin; ++i) {
-        if (boundary.place(keys[i]) != kBoundary) continue;
-        if (boundary.exact) {
-          kept[i] = ties.take(block);
-        } else {
-          candidates.add(block, keys[i], part, begin + i);
-        }
-      }
-    });
-    candidates.settle(boundary.take, [&](int64_t part, int64_t position, bool taken) {
-      layers_[parts_[part]].new_mask[position] = taken;
-    });
-  }
-
   // new = kept | grown. Weight and state: 0 off the new mask and at newly grown entries, which is
-  // every entry that was not active; masked tensors: 0 off the new mask. Candidates (boundary keys
-  // of a boundary that is not exact) are left as they are until settled.
-  void write_grown(const Boundary<Key>& boundary) {
-    Candidates<Key> candidates(boundary);
-    TieBudget ties(boundary);
-    layout_.for_each_chunk([&](int64_t block, int64_t part, int64_t begin, int64_t end) {
+  // every entry that was not active; masked tensors: 0 off the new mask.
+  void write_grown(const Threshold<Key>& grow) {
+    layout_.for_each_chunk([&](int64_t, int64_t part, int64_t begin, int64_t end) {
       const Layer& layer = layers_[parts_[part]];
       const int64_t size = end - begin;
       Key keys[kChunk];
       grow_source_.keys(part, begin, end, keys);  // before any write: a score may be a written tensor
-      uint8_t grown[kChunk], deferred[kChunk], zero_weight[kChunk], zero_masked[kChunk], old_buffer[kChunk];
-      uint8_t on_boundary = 0;
-      for (int64_t i = 0; i < size; ++i) {
-        const uint8_t place = boundary.place(keys[i]);
-        grown[i] = place >> 1;
-        deferred[i] = place & 1;
-        on_boundary |= place & 1;
-      }
-      if (on_boundary) {
-        for (int64_t i = 0; i < size; ++i) {
-          if (!deferred[i]) continue;
-          if (boundary.exact) {
-            grown[i] = ties.take(block);
-            deferred[i] = 0;
-          } else {
-            candidates.add(block, keys[i], part, begin + i);
-          }
-        }
-      }
+      uint8_t grown[kChunk], zero_weight[kChunk], zero_masked[kChunk], old_buffer[kChunk];
+      grow.apply(keys, layout_.offset(part) + begin, size, grown);
       const uint8_t* __restrict old = layer.mask.read<uint8_t>(begin, end, old_buffer);
       uint8_t* __restrict next = layer.new_mask + begin;
+      const uint8_t* __restrict taken = grown;
+      uint8_t* __restrict zero_w = zero_weight;
+      uint8_t* __restrict zero_m = zero_masked;
       for (int64_t i = 0; i < size; ++i) {
-        const uint8_t was_active = old[i] != 0;
-        const uint8_t now = next[i] | grown[i];
+        const uint8_t now = next[i] | taken[i];
         next[i] = now;
-        zero_masked[i] = (deferred[i] ^ 1) & (now ^ 1);
-        zero_weight[i] = (was_active ^ 1) | zero_masked[i];
+        zero_m[i] = now ^ 1;
+        zero_w[i] = uint8_t(old[i] == 0) | zero_m[i];
       }
       zero_where(layer.weight, begin, end, zero_weight);
       for (const Column& column : layer.state) zero_where(column, begin, end, zero_weight);
       for (const Column& column : layer.masked) zero_where(column, begin, end, zero_masked);
-    });
-    candidates.settle(boundary.take, [&](int64_t part, int64_t position, bool taken) {
-      const Layer& layer = layers_[parts_[part]];
-      if (taken) {
-        layer.new_mask[position] = 1;
-        return;
-      }
-      for (const Column& column : layer.masked) zero_at(column, position);
-      uint8_t was_active = 0;
-      if (*layer.mask.read<uint8_t>(position, position + 1, &was_active) == 0) return;  // zeroed already
-      zero_at(layer.weight, position);
-      for (const Column& column : layer.state) zero_at(column, position);
     });
   }
 
@@ -233,8 +166,8 @@ class SegmentUpdate {
   const int64_t n_;
   const EligibleKeys<scalar_t, false> keep_source_;
   const EligibleKeys<scalar_t, true> grow_source_;
-  Selector<Key> keep_;
-  bool keep_settled_ = false;
+  ThresholdSearch<Key> keep_;
+  int64_t active_ = 0;
 };
 
 void prune_grow(at::TensorList weights, at::TensorList masks, at::TensorList prune_scores, at::TensorList grow_scores,
@@ -282,7 +215,7 @@ void prune_grow(at::TensorList weights, at::TensorList masks, at::TensorList pru
     std::vector<int64_t> counts(parts.size());
     for_each_segment(segment_sizes, [&](int64_t s) {
       updates[s] = std::make_unique<SegmentUpdate<scalar_t>>(layers, parts[s], n[s], prune_abs, grow_abs);
-      counts[s] = updates[s]->count_active();
+      counts[s] = updates[s]->count_active(active ? (*active)[s] : -1);
     });
     // Every count is checked before any segment writes.
     for (int64_t s = 0; s < arguments.segments(); ++s) {

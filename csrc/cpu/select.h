@@ -1,15 +1,12 @@
-// Exact top-k selection over a virtual concatenation of arrays by radix select, shared by the CPU
-// kernels of topk_mask and prune_grow.
+// Exact top-k selection over a virtual concatenation of arrays, shared by the CPU kernels of
+// topk_mask and prune_grow.
 //
 // The rule (sparsekern/ops/reference.py): larger score first; NaN below every number; +0.0 equals -0.0;
 // equal scores go to the lower flat position. Each score becomes an unsigned key whose integer order
-// is that rule's order among values, so selecting the k best is finding the k-th best key digit by
-// digit from histograms. A Selector does the histogram passes and stops at the first digit whose
-// chosen bin (the "boundary") is small, or at the last digit. The caller's final pass then takes
-// every key above the boundary and settles the boundary keys: when the boundary is a whole key
-// (exact), its first `take` keys in flat order, counted per block; otherwise the boundary keys are
-// collected as candidates during that pass and `take_best` picks among them afterwards. For smooth
-// float32 scores that is two reads of the scores (one histogram, one final pass) and no sort.
+// is that rule's order among values, so a selection of the k best is a Threshold: every key above
+// one key value, and the keys equal to it up to one flat position. ThresholdSearch finds it (a
+// sample, then one read-only pass; radix select when that is not enough), and the kernels' final
+// pass applies it to each key. Nothing is sorted.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -18,7 +15,9 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -79,6 +78,25 @@ struct KeyRule {
     const Key flip = Key(Key(0 - Key(bits >> kTopBit)) | kSign);
     return magnitude > KeyTraits<scalar_t>::kInfinity ? nan_key : Key(bits ^ flip);
   }
+
+  // The same for |score|, in fewer operations: the magnitude with the sign bit set.
+  inline Key magnitude_key(Key bits) const {
+    const Key magnitude = Key(bits & Key(~kSign));
+    return magnitude > KeyTraits<scalar_t>::kInfinity ? nan_key : Key(magnitude | kSign);
+  }
+
+  bool absolute() const { return abs_mask != Key(~Key(0)); }
+
+  // keys[i] = key of bits[i] where eligible[i] (a byte compared with `wanted`), else kIneligibleKey.
+  template <bool kAbsolute>
+  inline void keys(const Key* __restrict bits, const uint8_t* __restrict flags, uint8_t wanted_nonzero,
+                   int64_t size, Key* __restrict out) const {
+    const KeyRule local = *this;  // a local copy keeps the loop free of reloads
+    for (int64_t i = 0; i < size; ++i) {
+      const Key eligible = Key(Key(0) - Key(uint8_t(flags[i] != 0) == wanted_nonzero));
+      out[i] = Key((kAbsolute ? local.magnitude_key(bits[i]) : local(bits[i])) & eligible);
+    }
+  }
 };
 
 // Positions [begin, end) of array `part`, at most 2^15 of them: the unit of work.
@@ -86,9 +104,10 @@ struct Span {
   int64_t part;
   int64_t begin;
   int64_t end;
+  int64_t first_chunk;  // index of its first chunk in the whole layout
 };
 
-// Positions a final pass handles at once: its keys and flags fit in L1.
+// Positions a pass handles at once: their keys and flags fit in L1.
 constexpr int64_t kChunk = 1024;
 
 // The flat order over arrays of the given sizes, cut into spans, with the spans grouped into
@@ -97,9 +116,14 @@ constexpr int64_t kChunk = 1024;
 class Layout {
  public:
   explicit Layout(const std::vector<int64_t>& part_sizes) {
+    int64_t chunks = 0;
     for (int64_t part = 0; part < static_cast<int64_t>(part_sizes.size()); ++part) {
+      offsets_.push_back(total_);
+      sizes_.push_back(part_sizes[part]);
       for (int64_t begin = 0; begin < part_sizes[part]; begin += kSpanSize) {
-        spans_.push_back({part, begin, std::min(part_sizes[part], begin + kSpanSize)});
+        const int64_t end = std::min(part_sizes[part], begin + kSpanSize);
+        spans_.push_back({part, begin, end, chunks});
+        chunks += (end - begin + kChunk - 1) / kChunk;
       }
       total_ += part_sizes[part];
     }
@@ -119,24 +143,23 @@ class Layout {
   }
 
   int64_t total() const { return total_; }
+  int64_t size(int64_t part) const { return sizes_[part]; }
   int64_t blocks() const { return static_cast<int64_t>(block_begin_.size()) - 1; }
+  // Flat position of position 0 of `part`.
+  int64_t offset(int64_t part) const { return offsets_[part]; }
 
-  // Calls work(block, span) for every span, blocks in parallel, spans of a block in flat order.
+  // Calls work(block, part, begin, end) for every chunk of at most kChunk positions, blocks in
+  // parallel, the chunks of a block in flat order; with `every` > 1 only for one chunk in `every`.
   template <typename Work>
-  void for_each_span(const Work& work) const {
+  void for_each_chunk(const Work& work, int64_t every = 1) const {
     at::parallel_for(0, blocks(), 1, [&](int64_t first, int64_t last) {
       for (int64_t block = first; block < last; ++block) {
-        for (size_t s = block_begin_[block]; s < block_begin_[block + 1]; ++s) work(block, spans_[s]);
-      }
-    });
-  }
-
-  // Calls work(block, part, begin, end) for every chunk of at most kChunk positions.
-  template <typename Work>
-  void for_each_chunk(const Work& work) const {
-    for_each_span([&](int64_t block, const Span& span) {
-      for (int64_t begin = span.begin; begin < span.end; begin += kChunk) {
-        work(block, span.part, begin, std::min(span.end, begin + kChunk));
+        for (size_t s = block_begin_[block]; s < block_begin_[block + 1]; ++s) {
+          const Span& span = spans_[s];
+          for (int64_t begin = span.begin, chunk = span.first_chunk; begin < span.end; begin += kChunk, ++chunk) {
+            if (chunk % every == 0) work(block, span.part, begin, std::min(span.end, begin + kChunk));
+          }
+        }
       }
     });
   }
@@ -147,6 +170,8 @@ class Layout {
   static constexpr int64_t kMaxBlockSize = int64_t(1) << 31;
   std::vector<Span> spans_;
   std::vector<size_t> block_begin_;
+  std::vector<int64_t> offsets_;
+  std::vector<int64_t> sizes_;
   int64_t total_ = 0;
 };
 
@@ -187,196 +212,329 @@ void count_digits(const Key* __restrict keys, const int64_t size, const int shif
   }
 }
 
-// What a final pass does with a key: where it stands against the boundary the Selector found.
-enum Place : uint8_t { kBelow = 0, kBoundary = 1, kAbove = 2 };
-
-// The boundary of a selection: the k best keys are every key above it and `take` of the keys in it.
+// An exact selection: every key above `key`, and the keys equal to it up to flat position
+// `tie_position` (inclusive). Ineligible keys are never taken.
 template <typename Key>
-struct Boundary {
-  int shift = 0;        // keys whose bits from `shift` up equal prefix's are in the boundary
-  Key prefix = 0;
-  bool none = true;     // k == 0: every key is below
-  bool exact = false;   // the boundary holds one key value: take its first `take` keys in flat order
-  int64_t take = 0;
-  int64_t count = 0;    // keys in the boundary
-  std::vector<int64_t> per_block;  // exact: how many each block takes; else how many each block has
+struct Threshold {
+  Key key = std::numeric_limits<Key>::max();
+  int64_t tie_position = -1;
+  bool none = true;  // nothing is taken (k == 0)
 
-  // Branch-free place of an eligible-or-not key (ineligible keys are below everything).
-  inline uint8_t place(Key key) const {
-    const Key high = Key(key >> shift);
-    const Key bound = Key(prefix >> shift);
-    const uint8_t eligible = (key != Key(kIneligibleKey)) & !none;
-    return uint8_t(eligible * (uint8_t(high == bound) + 2 * uint8_t(high > bound)));
+  // Writes taken[i] for the keys of flat positions [first, first + size).
+  inline void apply(const Key* __restrict keys, int64_t first, int64_t size, uint8_t* __restrict taken) const {
+    const Key threshold = key;
+    const Key active = !none;
+    // Ties at i < tie_limit are taken. Indices as wide as the keys (a chunk fits), so that the loop
+    // vectorizes.
+    const Key tie_limit = Key(std::clamp<int64_t>(tie_position + 1 - first, 0, size));
+    for (Key i = 0; i < Key(size); ++i) {
+      const Key k = keys[i];
+      taken[i] = uint8_t(active & Key(k != Key(kIneligibleKey)) &
+                         (Key(k > threshold) | (Key(k == threshold) & Key(i < tie_limit))));
+    }
   }
 };
 
-// Histogram passes of one radix selection over a Layout (see the file comment). Usage:
-//   Selector<Key> selector(layout);
-//   selector.count(source);                // first digit; eligible() is known from here
-//   selector.aim(k);                       // k <= eligible()
-//   while (!selector.choose()) selector.count(source);
-//   ... final pass with selector.boundary()
-// A Source has `void keys(int64_t part, int64_t begin, int64_t end, Key* out) const`, writing each
-// position's key (kIneligibleKey for positions that may not be selected).
+// How many keys a selection takes: `count`, or all eligible keys but `count` (prune_grow's keep step,
+// whose eligible count is found as it goes).
+struct Target {
+  int64_t count;
+  bool complement;
+  int64_t k(int64_t eligible) const { return complement ? eligible - count : count; }
+};
+
+// Finds the Threshold of a selection among the keys of a Source over a Layout; a Source has
+// `void keys(int64_t part, int64_t begin, int64_t end, Key* out) const` writing each position's key
+// (kIneligibleKey where it may not be selected).
+//
+// The usual way, two reads: histograms of a sample of the keys (one chunk in up to 64; every chunk
+// of a small layout) predict a window, a range of keys that holds the k-th best with a margin; one
+// read-only pass (`scan`) counts the eligible keys and those above the window, and collects the few
+// inside it; `finish` settles the threshold among them. That pass costs a compare per key, where a
+// histogram costs a memory increment (~1 ns). A window of one key value (ties: the zeros of
+// just-grown weights) is counted per chunk instead of collected. If the window missed, `finish`
+// narrows by full histograms digit by digit (radix select).
 template <typename Key>
-class Selector {
+class ThresholdSearch {
  public:
-  explicit Selector(const Layout& layout)
+  explicit ThresholdSearch(const Layout& layout)
       : layout_(layout),
-        digit_bits_(layout.total() < (int64_t(1) << 16) ? 8 : 16),
+        digit_bits_(std::min<int>(kKeyBits, layout.total() < (int64_t(1) << 14) ? 8 : 16)),
         bins_(int64_t(1) << digit_bits_),
-        stride_(bins_ + kSpareMask + 1),
-        shift_(kKeyBits),
-        // A boundary bin this small is settled from candidates collected in the final pass.
-        candidate_limit_(std::max<int64_t>(int64_t(1) << 16, layout.total() / 256)) {}
+        every_(sampling_stride(layout.total())),
+        limit_(std::max<int64_t>(int64_t(1) << 16, layout.total() / 32)) {}
+
+  // Reads every key once and returns how many are eligible. `eligible_hint` (< 0: unknown) sharpens
+  // the window. finish() may be called once the caller checked 0 <= target.k(eligible) <= eligible.
+  template <typename Source>
+  int64_t scan(const Source& source, Target target, int64_t eligible_hint) {
+    target_ = target;
+    window_ = predict(source, eligible_hint);
+    collect(source);
+    return eligible_;
+  }
 
   template <typename Source>
-  void count(const Source& source) {
-    shift_ -= digit_bits_;
-    const Key high_mask = shift_ + digit_bits_ >= kKeyBits ? Key(0) : Key(~uint64_t(0) << (shift_ + digit_bits_));
-    histograms_.assign(layout_.blocks() * stride_, 0);
-    layout_.for_each_chunk([&](int64_t block, int64_t part, int64_t begin, int64_t end) {
-      Key keys[kChunk];
-      source.keys(part, begin, end, keys);
-      count_digits(keys, end - begin, shift_, high_mask, boundary_.prefix, bins_ - 1,
-                   histograms_.data() + block * stride_);
-    });
-    totals_.assign(bins_, 0);
-    for (int64_t block = 0; block < layout_.blocks(); ++block) {
-      for (int64_t bin = 0; bin < bins_; ++bin) totals_[bin] += histograms_[block * stride_ + bin];
-    }
-    if (eligible_ < 0) {
-      eligible_ = 0;
-      for (int64_t t : totals_) eligible_ += t;
-    }
-  }
-
-  // Eligible keys (known after the first count).
-  int64_t eligible() const { return eligible_; }
-
-  void aim(int64_t k) {
+  Threshold<Key> finish(const Source& source) {
+    const int64_t k = target_.k(eligible_);
     TORCH_INTERNAL_ASSERT(0 <= k && k <= eligible_, "selection of ", k, " from ", eligible_);
-    remaining_ = k;
-    boundary_.none = k == 0;
+    Threshold<Key> found;
+    if (k == 0 || settle(source, k, &found)) return found;
+    return narrow(source, k);
   }
-
-  // Fixes the digit of the last count. True when the boundary is settled: small enough for
-  // candidates, or a whole key; false when another count of the next digit is needed.
-  bool choose() {
-    if (boundary_.none) {
-      histograms_ = {};
-      totals_ = {};
-      return true;
-    }
-    int64_t digit = bins_ - 1;
-    while (totals_[digit] < remaining_) remaining_ -= totals_[digit--];
-    boundary_.prefix = Key(boundary_.prefix | (Key(digit) << shift_));
-    boundary_.shift = shift_;
-    boundary_.count = totals_[digit];
-    boundary_.take = remaining_;
-    boundary_.exact = shift_ == 0;
-    if (!boundary_.exact && boundary_.count > candidate_limit_) return false;
-    boundary_.per_block.assign(layout_.blocks(), 0);
-    int64_t left = remaining_;
-    for (int64_t block = 0; block < layout_.blocks(); ++block) {
-      const int64_t here = histograms_[block * stride_ + digit];
-      // Exact: ties go to the lowest positions, so blocks take their share in flat order.
-      boundary_.per_block[block] = boundary_.exact ? std::min(left, here) : here;
-      left -= boundary_.exact ? boundary_.per_block[block] : 0;
-    }
-    // Settled: the counters are not needed again (a selection per layer keeps only this small state).
-    histograms_ = {};
-    totals_ = {};
-    return true;
-  }
-
-  const Boundary<Key>& boundary() const { return boundary_; }
 
  private:
   static constexpr int kKeyBits = 8 * sizeof(Key);
-  const Layout& layout_;
-  const int digit_bits_;
-  const int64_t bins_;
-  const int64_t stride_;
-  std::vector<uint32_t> histograms_;
-  std::vector<int64_t> totals_;
-  int shift_;
-  const int64_t candidate_limit_;
-  int64_t eligible_ = -1;
-  int64_t remaining_ = 0;
-  Boundary<Key> boundary_;
-};
+  static constexpr Key kMaxKey = std::numeric_limits<Key>::max();
 
-// Boundary keys met by a final pass that is not exact, per block in flat order.
-template <typename Key>
-struct Candidates {
-  std::vector<std::vector<Key>> keys;
-  std::vector<std::vector<int64_t>> parts;
-  std::vector<std::vector<int64_t>> positions;
+  // Keys in [bottom, top]; empty when bottom > top.
+  struct Window {
+    Key bottom = 1;
+    Key top = 0;
+    bool empty() const { return bottom > top; }
+    bool one_key() const { return bottom == top; }
+  };
 
-  explicit Candidates(const Boundary<Key>& boundary)
-      : keys(boundary.per_block.size()), parts(keys.size()), positions(keys.size()) {
-    for (size_t block = 0; block < keys.size(); ++block) {
-      const int64_t expected = boundary.exact ? 0 : boundary.per_block[block];
-      keys[block].reserve(expected);
-      parts[block].reserve(expected);
-      positions[block].reserve(expected);
-    }
+  // One chunk in how many the sample reads: all of a layout under 2^15 positions (the window is then
+  // exact), else enough for about 16K keys at least, one chunk in 64 at most.
+  static int64_t sampling_stride(int64_t total) {
+    int64_t every = 1;
+    while (every < 64 && total / (every * 2) >= (int64_t(1) << 14)) every *= 2;
+    return every;
   }
 
-  void add(int64_t block, Key key, int64_t part, int64_t position) {
-    keys[block].push_back(key);
-    parts[block].push_back(part);
-    positions[block].push_back(position);
+  // Counts, by their digit at `shift`, of the eligible keys whose bits above that digit are
+  // prefix's, over one chunk in `every`; *positions gets the positions read.
+  template <typename Source>
+  std::vector<int64_t> histogram(const Source& source, int shift, Key prefix, int64_t every,
+                                 int64_t* positions = nullptr) const {
+    const Key high_mask = shift + digit_bits_ >= kKeyBits ? Key(0) : Key(~uint64_t(0) << (shift + digit_bits_));
+    const int64_t stride = bins_ + kSpareMask + 1;
+    std::vector<uint32_t> counts(layout_.blocks() * stride, 0);
+    layout_.for_each_chunk([&](int64_t block, int64_t part, int64_t begin, int64_t end) {
+      Key keys[kChunk];
+      source.keys(part, begin, end, keys);
+      count_digits(keys, end - begin, shift, high_mask, Key(prefix & high_mask), bins_ - 1,
+                   counts.data() + block * stride);
+    }, every);
+    std::vector<int64_t> totals(bins_, 0);
+    int64_t spare = 0;
+    for (int64_t block = 0; block < layout_.blocks(); ++block) {
+      for (int64_t bin = 0; bin < bins_; ++bin) totals[bin] += counts[block * stride + bin];
+      for (int64_t bin = bins_; bin < stride; ++bin) spare += counts[block * stride + bin];
+    }
+    if (positions) {
+      *positions = spare;
+      for (int64_t count : totals) *positions += count;
+    }
+    return totals;
   }
 
-  // Calls taken(part, position, is_taken) for every candidate: the `take` largest keys, equal keys
-  // to the lower flat position (the order they were met in).
-  template <typename Visit>
-  void settle(int64_t take, const Visit& visit) const {
-    std::vector<Key> all;
-    for (const auto& block : keys) all.insert(all.end(), block.begin(), block.end());
-    if (all.empty()) return;  // an exact boundary collects none
-    TORCH_INTERNAL_ASSERT(take <= static_cast<int64_t>(all.size()), "taking ", take, " of ", all.size());
-    Key threshold = std::numeric_limits<Key>::max();
-    int64_t equal_to_take = 0;
-    if (take > 0) {
-      std::vector<Key> order(all);
-      std::nth_element(order.begin(), order.begin() + (take - 1), order.end(), std::greater<Key>());
-      threshold = order[take - 1];
-      int64_t above = 0;
-      for (Key key : all) above += key > threshold;
-      equal_to_take = take - above;
-    }
-    for (size_t block = 0; block < keys.size(); ++block) {
-      for (size_t i = 0; i < keys[block].size(); ++i) {
-        const Key key = keys[block][i];
-        bool taken = take > 0 && key > threshold;
-        if (take > 0 && key == threshold && equal_to_take > 0) {
-          taken = true;
-          --equal_to_take;
+  // The window the sample predicts; empty when it cannot (nothing eligible sampled).
+  template <typename Source>
+  Window predict(const Source& source, int64_t eligible_hint) const {
+    int64_t positions = 0;
+    int shift = kKeyBits - digit_bits_;
+    std::vector<int64_t> sample = histogram(source, shift, Key(0), every_, &positions);
+    int64_t sampled = 0;
+    for (int64_t count : sample) sampled += count;
+    if (sampled == 0) return {};
+    const double eligible = eligible_hint >= 0 ? double(eligible_hint)
+                                               : double(sampled) * double(layout_.total()) / double(positions);
+    // The expected number of sampled keys among the k best, and a margin of a few of its standard
+    // deviations (none when the sample is everything).
+    double rank = double(target_.k(int64_t(std::llround(eligible)))) * double(sampled) / std::max(eligible, 1.0);
+    const double margin = every_ == 1 ? 0.0 : 4.0 * std::sqrt(rank + 1.0) + 32.0;
+    Key prefix = 0;  // bits above the current digit, fixed while refining
+    for (;;) {
+      // Digits from the one holding the (rank - margin)-th best sampled key down to the one holding
+      // the (rank + margin)-th; `middle` holds the rank-th.
+      int64_t above = 0, high = -1, middle = -1, low = 0, above_middle = 0;
+      for (int64_t digit = bins_ - 1; digit >= 0; --digit) {
+        if (high < 0 && double(above + sample[digit]) >= rank - margin) high = digit;
+        if (middle < 0 && double(above + sample[digit]) >= rank) {
+          middle = digit;
+          above_middle = above;
         }
-        visit(parts[block][i], positions[block][i], taken);
+        above += sample[digit];
+        if (double(above) >= rank + margin) {
+          low = digit;
+          break;
+        }
+      }
+      if (high < 0) return {};
+      if (middle < 0) middle = low;
+      // Give up outer digits while the window would hold too many keys (a digit of equal keys may
+      // hold a third of a layout).
+      int64_t inside = 0;
+      for (int64_t digit = low; digit <= high; ++digit) inside += sample[digit];
+      const auto too_many = [&] { return double(inside) * double(every_) > double(limit_); };
+      while (too_many() && low < middle) inside -= sample[low++];
+      while (too_many() && high > middle) inside -= sample[high--];
+      const Key low_bits = Key(Key(Key(1) << shift) - 1);  // bits below the digit
+      const auto bottom_of = [&](int64_t digit) { return Key(prefix | Key(Key(digit) << shift)); };
+      const auto top_of = [&](int64_t digit) { return Key(bottom_of(digit) | low_bits); };
+      if (!too_many()) return {bottom_of(low), top_of(high)};
+      // The middle digit alone holds too many: refine it by the next digit, within the sample.
+      if (shift == 0) return {bottom_of(middle), bottom_of(middle)};  // one key: counted, not collected
+      prefix = bottom_of(middle);
+      rank -= double(above_middle);
+      shift = std::max(0, shift - digit_bits_);
+      sample = histogram(source, shift, prefix, every_);
+    }
+  }
+
+  // One pass over every key: counts eligible keys and those above the window, and collects those
+  // inside it in flat order (a one-key window: counts them per chunk).
+  template <typename Source>
+  void collect(const Source& source) {
+    const int64_t blocks = layout_.blocks();
+    std::vector<int64_t> eligible(blocks, 0), above(blocks, 0);
+    keys_.assign(blocks, {});
+    positions_.assign(blocks, {});
+    tie_chunks_.assign(blocks, {});
+    const Window window = window_;
+    layout_.for_each_chunk([&](int64_t block, int64_t part, int64_t begin, int64_t end) {
+      Key chunk[kChunk];
+      uint8_t inside[kChunk];
+      source.keys(part, begin, end, chunk);
+      const int64_t size = end - begin;
+      const Key* __restrict keys = chunk;
+      uint8_t* __restrict in = inside;
+      const Key bottom = window.bottom, width = Key(window.top - window.bottom), top = window.top;
+      // Counters as wide as the keys, so that the loop vectorizes (a chunk fits in 16 bits).
+      Key counted = 0, over = 0, in_count = 0;
+      for (int64_t i = 0; i < size; ++i) {
+        const Key key = keys[i];
+        const Key valid = key != Key(kIneligibleKey);
+        const Key is_in = valid & Key(Key(key - bottom) <= width);  // bottom <= key <= top
+        counted += valid;
+        over += valid & Key(key > top);
+        in_count += is_in;
+        in[i] = uint8_t(is_in);
+      }
+      eligible[block] += counted;
+      if (window.empty()) return;
+      above[block] += over;
+      if (in_count == 0) return;
+      if (window.one_key()) {
+        tie_chunks_[block].push_back({part, begin, int64_t(in_count)});
+        return;
+      }
+      // Keys inside are few: skip groups without one.
+      constexpr int64_t kGroup = 64;
+      for (int64_t i = 0; i < size; i += kGroup) {
+        const int64_t last = std::min(size, i + kGroup);
+        uint8_t any = 0;
+        for (int64_t j = i; j < last; ++j) any |= inside[j];
+        if (!any) continue;
+        for (int64_t j = i; j < last; ++j) {
+          if (!inside[j]) continue;
+          keys_[block].push_back(chunk[j]);
+          positions_[block].push_back(layout_.offset(part) + begin + j);
+        }
+      }
+    });
+    eligible_ = above_ = 0;
+    for (int64_t block = 0; block < blocks; ++block) {
+      eligible_ += eligible[block];
+      above_ += above[block];
+    }
+  }
+
+  // Settles the threshold from what collect() found, when the k-th best key is in the window.
+  template <typename Source>
+  bool settle(const Source& source, int64_t k, Threshold<Key>* found) const {
+    if (window_.empty()) return false;
+    int64_t inside = 0;
+    for (const auto& block : keys_) inside += static_cast<int64_t>(block.size());
+    for (const auto& block : tie_chunks_) {
+      for (const auto& chunk : block) inside += chunk[2];
+    }
+    const int64_t take = k - above_;
+    if (take < 0 || take > inside) return false;
+    found->none = false;
+    found->tie_position = -1;
+    if (take == 0) {  // every key above the window, none in it
+      found->key = window_.top;
+      return true;
+    }
+    if (window_.one_key()) {
+      found->key = window_.top;
+      found->tie_position = nth_tie(source, window_.top, take);
+      return true;
+    }
+    std::vector<Key> order;
+    order.reserve(inside);
+    for (const auto& block : keys_) order.insert(order.end(), block.begin(), block.end());
+    std::nth_element(order.begin(), order.begin() + (take - 1), order.end(), std::greater<Key>());
+    found->key = order[take - 1];
+    int64_t ties = take;
+    for (Key key : order) ties -= key > found->key;
+    // The keys were collected in flat order: the ties taken are the first `ties` of them.
+    for (size_t block = 0; block < keys_.size() && ties > 0; ++block) {
+      for (size_t i = 0; i < keys_[block].size() && ties > 0; ++i) {
+        if (keys_[block][i] == found->key && --ties == 0) found->tie_position = positions_[block][i];
       }
     }
-  }
-};
-
-// Settles boundary keys of an exact boundary in flat order: each block takes its share.
-class TieBudget {
- public:
-  template <typename Key>
-  explicit TieBudget(const Boundary<Key>& boundary)
-      : left_(boundary.exact ? boundary.per_block : std::vector<int64_t>(boundary.per_block.size(), 0)) {}
-
-  bool take(int64_t block) {
-    if (left_[block] == 0) return false;
-    --left_[block];
     return true;
   }
 
- private:
-  std::vector<int64_t> left_;
+  // Flat position of the n-th key equal to `key` (a one-key window's), from collect()'s chunk counts.
+  template <typename Source>
+  int64_t nth_tie(const Source& source, Key key, int64_t n) const {
+    for (const auto& block : tie_chunks_) {
+      for (const auto& [part, begin, ties] : block) {
+        if (ties < n) {
+          n -= ties;
+          continue;
+        }
+        const int64_t end = std::min(begin + kChunk, layout_.size(part));
+        Key chunk[kChunk];
+        source.keys(part, begin, end, chunk);
+        for (int64_t i = 0; i < end - begin; ++i) {
+          if (chunk[i] == key && --n == 0) return layout_.offset(part) + begin + i;
+        }
+      }
+    }
+    TORCH_INTERNAL_ASSERT(false, "fewer ties than counted");
+    return -1;
+  }
+
+  // Radix select, when the predicted window missed: fixes digits from the top by full histograms
+  // until the keys sharing the prefix are few enough to collect, or the prefix is a whole key.
+  template <typename Source>
+  Threshold<Key> narrow(const Source& source, int64_t k) {
+    Key bottom = 0, top = kMaxKey;
+    int64_t remaining = k;
+    for (int shift = kKeyBits - digit_bits_;; shift -= std::min(shift, digit_bits_)) {
+      const std::vector<int64_t> counts = histogram(source, shift, bottom, 1);
+      int64_t digit = bins_ - 1;
+      while (counts[digit] < remaining) remaining -= counts[digit--];
+      bottom = Key(bottom | Key(Key(digit) << shift));
+      top = Key(bottom | Key(Key(Key(1) << shift) - 1));
+      if (shift == 0 || counts[digit] <= limit_) {
+        window_ = Window{bottom, top};
+        collect(source);
+        Threshold<Key> found;
+        TORCH_INTERNAL_ASSERT(settle(source, k, &found), "radix select lost its keys");
+        return found;
+      }
+    }
+  }
+
+  const Layout& layout_;
+  const int digit_bits_;
+  const int64_t bins_;
+  const int64_t every_;
+  const int64_t limit_;
+  Target target_{0, false};
+  Window window_;
+  int64_t eligible_ = 0;
+  int64_t above_ = 0;
+  std::vector<std::vector<Key>> keys_;
+  std::vector<std::vector<int64_t>> positions_;
+  std::vector<std::vector<std::array<int64_t, 3>>> tie_chunks_;  // one-key window: (part, begin, ties)
 };
 
 // Runs work(segment) for every segment of the given sizes, each exactly once. Segments of at least

@@ -1,6 +1,6 @@
 // CPU kernels of sparsekern::topk_mask (one selection over the whole list) and
-// sparsekern::topk_mask_per_tensor (one per tensor), by radix select (select.h): per selection one
-// histogram pass (two for clumped scores), then one pass that writes the masks.
+// sparsekern::topk_mask_per_tensor (one per tensor), by radix select (select.h): per selection a
+// sample, one read-only pass, then one pass that writes the masks.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -26,7 +26,8 @@ struct ScoreKeys {
   void keys(int64_t part, int64_t begin, int64_t end, Key* __restrict out) const {
     Key buffer[kChunk];
     const Key* __restrict bits = parts[part].template read<Key>(begin, end, buffer);
-    for (int64_t i = 0; i < end - begin; ++i) out[i] = rule(bits[i]);
+    const KeyRule<scalar_t> local = rule;  // a local copy keeps the loop free of reloads
+    for (int64_t i = 0; i < end - begin; ++i) out[i] = local(bits[i]);
   }
 };
 
@@ -38,47 +39,18 @@ class SegmentSelection {
 
   SegmentSelection(std::vector<Column> scores, const std::vector<int64_t>& sizes, std::vector<uint8_t*> out,
                    int64_t k)
-      : source_{std::move(scores)}, layout_(sizes), out_(std::move(out)), k_(k), selector_(layout_) {}
+      : source_{std::move(scores)}, layout_(sizes), out_(std::move(out)), k_(k), search_(layout_) {}
 
-  // The first histogram, which also counts the numbers (non-NaN scores): returned.
-  int64_t count_numbers() {
-    selector_.count(source_);
-    if (k_ <= selector_.eligible()) {
-      selector_.aim(k_);
-      settled_ = selector_.choose();
-    }
-    return selector_.eligible();
-  }
+  // Reads the scores once (the caller then checks k against the count returned: the numbers).
+  int64_t count_numbers() { return search_.scan(source_, Target{k_, false}, -1); }
 
   void write() {
-    while (!settled_) {
-      selector_.count(source_);
-      settled_ = selector_.choose();
-    }
-    const Boundary<Key>& boundary = selector_.boundary();
-    Candidates<Key> candidates(boundary);
-    TieBudget ties(boundary);
-    layout_.for_each_chunk([&](int64_t block, int64_t part, int64_t begin, int64_t end) {
+    const Threshold<Key> threshold = search_.finish(source_);
+    layout_.for_each_chunk([&](int64_t, int64_t part, int64_t begin, int64_t end) {
       Key keys[kChunk];
       source_.keys(part, begin, end, keys);
-      uint8_t* __restrict selected = out_[part] + begin;
-      uint8_t on_boundary = 0;
-      for (int64_t i = 0; i < end - begin; ++i) {
-        const uint8_t place = boundary.place(keys[i]);
-        selected[i] = place >> 1;
-        on_boundary |= place & 1;
-      }
-      if (!on_boundary) return;
-      for (int64_t i = 0; i < end - begin; ++i) {
-        if (boundary.place(keys[i]) != kBoundary) continue;
-        if (boundary.exact) {
-          selected[i] = ties.take(block);
-        } else {
-          candidates.add(block, keys[i], part, begin + i);
-        }
-      }
+      threshold.apply(keys, layout_.offset(part) + begin, end - begin, out_[part] + begin);
     });
-    candidates.settle(boundary.take, [&](int64_t part, int64_t position, bool taken) { out_[part][position] = taken; });
   }
 
  private:
@@ -86,8 +58,7 @@ class SegmentSelection {
   const Layout layout_;
   const std::vector<uint8_t*> out_;
   const int64_t k_;
-  Selector<Key> selector_;
-  bool settled_ = false;
+  ThresholdSearch<Key> search_;
 };
 
 void check_scores(at::TensorList scores) {
