@@ -1,11 +1,12 @@
 // CPU kernel of sparsekern::prune_grow over a list of layers: per segment (a layer, or the whole list)
 // two radix selections (select.h) and one final pass that writes everything.
 //
-//   phase 1 (every segment, before anything is written): the keep selection's read-only pass over
-//            the prune scores, which also counts the active entries, so n and `active` are checked;
-//   phase 2 (per segment): a pass writes `kept` into the new mask; the grow selection's read-only
-//            pass over the grow scores of entries not kept; the final pass writes the new mask and
-//            zeroes weight, state and masked tensors.
+//   phase 1 (every segment, before anything is written): the keep selection's pass over the prune
+//            scores, which counts the active entries, so n and `active` are checked, and writes
+//            `kept` into the new mask where it can tell already;
+//   phase 2 (per segment): the few keys the keep selection settles last; the grow selection's pass
+//            over the grow scores of entries not kept, which marks the grown ones it can tell; its
+//            last few; a final pass that zeroes weight, state and masked tensors off the new mask.
 // Segments run in parallel, one per thread (layer scope), or one segment's passes do (global scope).
 // Masks are read as bytes: any non-zero byte is True, as torch reads a bool.
 #include <ATen/ATen.h>
@@ -14,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <memory>
 #include <optional>
 #include <string>
@@ -55,6 +57,28 @@ struct EligibleKeys {
     } else {
       rule.template keys<false>(bits, flags, wanted_nonzero, end - begin, out);
     }
+  }
+};
+
+// The grow step's keys from scratch: each call first writes `kept` (the keep step's threshold applied
+// to its keys) into the new mask for the positions asked, then reads the grow step's keys against
+// it. For when the grow step's first pass marked grown entries in the new mask and its prediction
+// missed: the keys must then be read as that pass saw them.
+template <typename scalar_t>
+struct KeepThenGrowKeys {
+  using Key = typename KeyTraits<scalar_t>::Key;
+  const std::vector<Layer>& layers;
+  const std::vector<int64_t>& parts;
+  const Layout& layout;
+  const EligibleKeys<scalar_t, false>& keep_source;
+  const EligibleKeys<scalar_t, true>& grow_source;
+  const Threshold<Key>& keep;
+
+  void keys(int64_t part, int64_t begin, int64_t end, Key* out) const {
+    Key keep_keys[kChunk];
+    keep_source.keys(part, begin, end, keep_keys);
+    keep.apply(keep_keys, layout.offset(part) + begin, end - begin, layers[parts[part]].new_mask + begin);
+    grow_source.keys(part, begin, end, out);
   }
 };
 
@@ -105,25 +129,42 @@ class SegmentUpdate {
         keep_(layout_) {}
 
   // Phase 1: reads the active entries' prune scores once, and returns how many entries are active.
-  // `active_hint` (< 0: none) is the caller's count.
+  // `active_hint` (< 0: none) is the caller's count. Also writes `kept` into the new mask where it
+  // can already tell (the new masks are outputs: writing them before the checks changes nothing).
   int64_t count_active(int64_t active_hint) {
-    active_ = keep_.scan(keep_source_, Target{n_, true}, active_hint);
+    active_ = keep_.scan(keep_source_, Target{n_, true}, active_hint,
+                         [&](int64_t part, int64_t begin, int64_t size, const uint8_t* above) {
+                           std::memcpy(layers_[parts_[part]].new_mask + begin, above, size);
+                         });
     return active_;
   }
 
   // Phase 2: everything else, once every segment's counts have been checked.
   void update() {
     const Threshold<Key> keep = keep_.finish(keep_source_);
-    layout_.for_each_chunk([&](int64_t, int64_t part, int64_t begin, int64_t end) {
-      Key keys[kChunk];
-      keep_source_.keys(part, begin, end, keys);
-      keep.apply(keys, layout_.offset(part) + begin, end - begin, layers_[parts_[part]].new_mask + begin);
-    });
+    if (keep_.settled_in_window()) {
+      keep_.visit_taken_in_window(keep_source_, keep, [&](int64_t part, int64_t i) { new_mask(part)[i] = 1; });
+    } else {
+      apply(keep_source_, keep, /*or_into=*/false);
+    }
     ThresholdSearch<Key> grow(layout_);
-    const int64_t eligible = grow.scan(grow_source_, Target{n_, false}, layout_.total() - (active_ - n_));
+    const int64_t eligible = grow.scan(grow_source_, Target{n_, false}, layout_.total() - (active_ - n_),
+                                       [&](int64_t part, int64_t begin, int64_t size, const uint8_t* above) {
+                                         uint8_t* __restrict next = new_mask(part) + begin;
+                                         for (int64_t i = 0; i < size; ++i) next[i] |= above[i];
+                                       });
     TORCH_INTERNAL_ASSERT(eligible == layout_.total() - (active_ - n_), "kept ", layout_.total() - eligible,
                           " entries, not ", active_ - n_);
-    write_grown(grow.finish(grow_source_));
+    // If the grow window missed, its marks are wrong: narrowing and applying then start again from
+    // `kept` (KeepThenGrowKeys rewrites it).
+    const KeepThenGrowKeys<scalar_t> kept_then_grow{layers_, parts_, layout_, keep_source_, grow_source_, keep};
+    const Threshold<Key> grow_threshold = grow.finish(grow_source_, &kept_then_grow);
+    if (grow.settled_in_window()) {
+      grow.visit_taken_in_window(grow_source_, grow_threshold, [&](int64_t part, int64_t i) { new_mask(part)[i] = 1; });
+    } else {
+      apply(kept_then_grow, grow_threshold, /*or_into=*/true);
+    }
+    zero_off_new_mask();
   }
 
  private:
@@ -133,25 +174,34 @@ class SegmentUpdate {
     return result;
   }
 
-  // new = kept | grown. Weight and state: 0 off the new mask and at newly grown entries, which is
-  // every entry that was not active; masked tensors: 0 off the new mask.
-  void write_grown(const Threshold<Key>& grow) {
+  uint8_t* new_mask(int64_t part) const { return layers_[parts_[part]].new_mask; }
+
+  // Writes the threshold's selection into the new mask, or ORs it in.
+  template <typename Source>
+  void apply(const Source& source, const Threshold<Key>& threshold, bool or_into) {
+    layout_.for_each_chunk([&](int64_t, int64_t part, int64_t begin, int64_t end) {
+      Key keys[kChunk];
+      uint8_t taken[kChunk];
+      source.keys(part, begin, end, keys);
+      threshold.apply(keys, layout_.offset(part) + begin, end - begin, taken);
+      uint8_t* __restrict next = new_mask(part) + begin;
+      for (int64_t i = 0; i < end - begin; ++i) next[i] = uint8_t(or_into ? next[i] | taken[i] : taken[i]);
+    });
+  }
+
+  // Weight and state: 0 off the new mask and at newly grown entries, which is every entry that was
+  // not active; masked tensors: 0 off the new mask.
+  void zero_off_new_mask() {
     layout_.for_each_chunk([&](int64_t, int64_t part, int64_t begin, int64_t end) {
       const Layer& layer = layers_[parts_[part]];
       const int64_t size = end - begin;
-      Key keys[kChunk];
-      grow_source_.keys(part, begin, end, keys);  // before any write: a score may be a written tensor
-      uint8_t grown[kChunk], zero_weight[kChunk], zero_masked[kChunk], old_buffer[kChunk];
-      grow.apply(keys, layout_.offset(part) + begin, size, grown);
+      uint8_t zero_weight[kChunk], zero_masked[kChunk], old_buffer[kChunk];
       const uint8_t* __restrict old = layer.mask.read<uint8_t>(begin, end, old_buffer);
-      uint8_t* __restrict next = layer.new_mask + begin;
-      const uint8_t* __restrict taken = grown;
+      const uint8_t* __restrict now = layer.new_mask + begin;
       uint8_t* __restrict zero_w = zero_weight;
       uint8_t* __restrict zero_m = zero_masked;
       for (int64_t i = 0; i < size; ++i) {
-        const uint8_t now = next[i] | taken[i];
-        next[i] = now;
-        zero_m[i] = now ^ 1;
+        zero_m[i] = now[i] ^ 1;
         zero_w[i] = uint8_t(old[i] == 0) | zero_m[i];
       }
       zero_where(layer.weight, begin, end, zero_weight);

@@ -18,11 +18,18 @@
 #include <array>
 #include <atomic>
 #include <cmath>
+#include <type_traits>
 #include <cstdint>
 #include <cstring>
 #include <functional>
 #include <limits>
 #include <vector>
+#include <cstdio>
+#include <cstdlib>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 namespace sparsekern::cpu {
 
@@ -147,6 +154,11 @@ class Layout {
   int64_t blocks() const { return static_cast<int64_t>(block_begin_.size()) - 1; }
   // Flat position of position 0 of `part`.
   int64_t offset(int64_t part) const { return offsets_[part]; }
+  // The part holding a flat position.
+  int64_t part_of(int64_t position) const {
+    // The last part starting at or before the position (empty parts share an offset with the next).
+    return static_cast<int64_t>(std::upper_bound(offsets_.begin(), offsets_.end(), position) - offsets_.begin()) - 1;
+  }
 
   // Calls work(block, part, begin, end) for every chunk of at most kChunk positions, blocks in
   // parallel, the chunks of a block in flat order; with `every` > 1 only for one chunk in `every`.
@@ -212,6 +224,26 @@ void count_digits(const Key* __restrict keys, const int64_t size, const int shif
   }
 }
 
+// Calls visit(i) for every i < size with flags[i] != 0 (flags are 0 or 1), in order, at a cost of
+// about one instruction per 16 flags plus one per flag set: collections of a few keys in many.
+template <typename Visit>
+inline void for_each_flagged(const uint8_t* flags, int64_t size, const Visit& visit) {
+  int64_t i = 0;
+#if defined(__SSE2__)
+  for (; i + 16 <= size; i += 16) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(flags + i));
+    unsigned bits = static_cast<unsigned>(_mm_movemask_epi8(_mm_cmpgt_epi8(bytes, _mm_setzero_si128())));
+    while (bits != 0) {
+      visit(i + __builtin_ctz(bits));
+      bits &= bits - 1;
+    }
+  }
+#endif
+  for (; i < size; ++i) {
+    if (flags[i]) visit(i);
+  }
+}
+
 // An exact selection: every key above `key`, and the keys equal to it up to flat position
 // `tie_position` (inclusive). Ineligible keys are never taken.
 template <typename Key>
@@ -262,25 +294,67 @@ class ThresholdSearch {
         digit_bits_(std::min<int>(kKeyBits, layout.total() < (int64_t(1) << 14) ? 8 : 16)),
         bins_(int64_t(1) << digit_bits_),
         every_(sampling_stride(layout.total())),
-        limit_(std::max<int64_t>(int64_t(1) << 16, layout.total() / 32)) {}
+        limit_(std::max<int64_t>(int64_t(1) << 10, layout.total() / 256)) {}
 
   // Reads every key once and returns how many are eligible. `eligible_hint` (< 0: unknown) sharpens
-  // the window. finish() may be called once the caller checked 0 <= target.k(eligible) <= eligible.
-  template <typename Source>
-  int64_t scan(const Source& source, Target target, int64_t eligible_hint) {
+  // the window. For every chunk it calls mark(part, begin, size, above), above[i] = 1 where the
+  // key is above the window: those are taken if the threshold is settled in the window
+  // (settled_in_window()), the usual case, so callers write them as they go. finish() may be called
+  // once the caller checked 0 <= target.k(eligible) <= eligible.
+  template <typename Source, typename Mark>
+  int64_t scan(const Source& source, Target target, int64_t eligible_hint, const Mark& mark) {
     target_ = target;
     window_ = predict(source, eligible_hint);
-    collect(source);
+    collect(source, mark);
     return eligible_;
   }
 
-  template <typename Source>
-  Threshold<Key> finish(const Source& source) {
+  // The threshold. `source` reads the keys again where needed; `fresh`, used only when the window
+  // missed, must give them as scan() saw them whatever scan()'s marks changed (default: `source`).
+  template <typename Source, typename Fresh = Source>
+  Threshold<Key> finish(const Source& source, const Fresh* fresh = nullptr) {
     const int64_t k = target_.k(eligible_);
     TORCH_INTERNAL_ASSERT(0 <= k && k <= eligible_, "selection of ", k, " from ", eligible_);
     Threshold<Key> found;
-    if (k == 0 || settle(source, k, &found)) return found;
-    return narrow(source, k);
+    // Nothing to take: settled, unless scan() marked keys above its window (it aimed by an estimate).
+    settled_in_window_ = k == 0 ? above_ == 0 : settle(source, k, &found);
+    if (settled_in_window_ || k == 0) return found;
+    if constexpr (std::is_same_v<Fresh, Source>) {
+      if (fresh == nullptr) return narrow(source, k);
+    }
+    return narrow(*fresh, k);
+  }
+
+  // Whether finish() settled the threshold in scan()'s window: then the keys scan() marked above it
+  // are exactly the taken keys outside it, and visit_taken_in_window() gives the rest.
+  bool settled_in_window() const { return settled_in_window_; }
+
+  // Calls visit(part, position) for every key in the window that `threshold` takes.
+  template <typename Source, typename Visit>
+  void visit_taken_in_window(const Source& source, const Threshold<Key>& threshold, const Visit& visit) const {
+    if (threshold.none || window_.empty()) return;
+    for (size_t block = 0; block < keys_.size(); ++block) {
+      for (size_t i = 0; i < keys_[block].size(); ++i) {
+        const Key key = keys_[block][i];
+        const int64_t position = positions_[block][i];
+        if (key > threshold.key || (key == threshold.key && position <= threshold.tie_position)) {
+          const int64_t part = layout_.part_of(position);
+          visit(part, position - layout_.offset(part));
+        }
+      }
+    }
+    for (const auto& block : tie_chunks_) {  // a one-key window
+      for (const auto& [part, begin, ties] : block) {
+        const int64_t first = layout_.offset(part) + begin;
+        if (first > threshold.tie_position) return;
+        const int64_t end = std::min(begin + kChunk, layout_.size(part));
+        Key chunk[kChunk];
+        source.keys(part, begin, end, chunk);
+        for (int64_t i = 0; i < end - begin && first + i <= threshold.tie_position; ++i) {
+          if (chunk[i] == threshold.key) visit(part, begin + i);
+        }
+      }
+    }
   }
 
  private:
@@ -295,11 +369,12 @@ class ThresholdSearch {
     bool one_key() const { return bottom == top; }
   };
 
-  // One chunk in how many the sample reads: all of a layout under 2^15 positions (the window is then
-  // exact), else enough for about 16K keys at least, one chunk in 64 at most.
+  // One chunk in how many the sample reads: all of a layout under 2^17 positions (the window is then
+  // exact), else at least 64K positions and one chunk in 16 at most. The window's width in keys
+  // grows as the square root of the stride; the sample's cost shrinks as the stride.
   static int64_t sampling_stride(int64_t total) {
     int64_t every = 1;
-    while (every < 64 && total / (every * 2) >= (int64_t(1) << 14)) every *= 2;
+    while (every < 16 && total / (every * 2) >= (int64_t(1) << 16)) every *= 2;
     return every;
   }
 
@@ -344,7 +419,10 @@ class ThresholdSearch {
     // The expected number of sampled keys among the k best, and a margin of a few of its standard
     // deviations (none when the sample is everything).
     double rank = double(target_.k(int64_t(std::llround(eligible)))) * double(sampled) / std::max(eligible, 1.0);
-    const double margin = every_ == 1 ? 0.0 : 4.0 * std::sqrt(rank + 1.0) + 32.0;
+    // The sampled count above a fixed key is about binomial: 4 standard deviations, and a few keys
+    // for the estimate of `eligible` and for chunks that are not independent draws.
+    const double share = std::clamp(rank / double(sampled), 0.0, 1.0);
+    const double margin = every_ == 1 ? 0.0 : 4.0 * std::sqrt(rank * (1.0 - share) + 1.0) + 16.0;
     Key prefix = 0;  // bits above the current digit, fixed while refining
     for (;;) {
       // Digits from the one holding the (rank - margin)-th best sampled key down to the one holding
@@ -385,9 +463,9 @@ class ThresholdSearch {
   }
 
   // One pass over every key: counts eligible keys and those above the window, and collects those
-  // inside it in flat order (a one-key window: counts them per chunk).
-  template <typename Source>
-  void collect(const Source& source) {
+  // inside it in flat order (a one-key window: counts them per chunk); mark() as scan() says.
+  template <typename Source, typename Mark>
+  void collect(const Source& source, const Mark& mark) {
     const int64_t blocks = layout_.blocks();
     std::vector<int64_t> eligible(blocks, 0), above(blocks, 0);
     keys_.assign(blocks, {});
@@ -396,24 +474,29 @@ class ThresholdSearch {
     const Window window = window_;
     layout_.for_each_chunk([&](int64_t block, int64_t part, int64_t begin, int64_t end) {
       Key chunk[kChunk];
-      uint8_t inside[kChunk];
+      uint8_t inside[kChunk], is_above[kChunk];
       source.keys(part, begin, end, chunk);
       const int64_t size = end - begin;
       const Key* __restrict keys = chunk;
       uint8_t* __restrict in = inside;
-      const Key bottom = window.bottom, width = Key(window.top - window.bottom), top = window.top;
+      uint8_t* __restrict up = is_above;
+      // An empty window takes every eligible key: only counting is wanted then.
+      const Key bottom = window.bottom, width = Key(window.top - window.bottom), top = window.empty() ? kMaxKey : window.top;
       // Counters as wide as the keys, so that the loop vectorizes (a chunk fits in 16 bits).
       Key counted = 0, over = 0, in_count = 0;
       for (int64_t i = 0; i < size; ++i) {
         const Key key = keys[i];
         const Key valid = key != Key(kIneligibleKey);
         const Key is_in = valid & Key(Key(key - bottom) <= width);  // bottom <= key <= top
+        const Key is_over = valid & Key(key > top);
         counted += valid;
-        over += valid & Key(key > top);
+        over += is_over;
         in_count += is_in;
         in[i] = uint8_t(is_in);
+        up[i] = uint8_t(is_over);
       }
       eligible[block] += counted;
+      mark(part, begin, size, static_cast<const uint8_t*>(is_above));
       if (window.empty()) return;
       above[block] += over;
       if (in_count == 0) return;
@@ -421,24 +504,21 @@ class ThresholdSearch {
         tie_chunks_[block].push_back({part, begin, int64_t(in_count)});
         return;
       }
-      // Keys inside are few: skip groups without one.
-      constexpr int64_t kGroup = 64;
-      for (int64_t i = 0; i < size; i += kGroup) {
-        const int64_t last = std::min(size, i + kGroup);
-        uint8_t any = 0;
-        for (int64_t j = i; j < last; ++j) any |= inside[j];
-        if (!any) continue;
-        for (int64_t j = i; j < last; ++j) {
-          if (!inside[j]) continue;
-          keys_[block].push_back(chunk[j]);
-          positions_[block].push_back(layout_.offset(part) + begin + j);
-        }
-      }
+      const int64_t first = layout_.offset(part) + begin;
+      for_each_flagged(inside, size, [&](int64_t i) {
+        keys_[block].push_back(chunk[i]);
+        positions_[block].push_back(first + i);
+      });
     });
     eligible_ = above_ = 0;
     for (int64_t block = 0; block < blocks; ++block) {
       eligible_ += eligible[block];
       above_ += above[block];
+    }
+    if (std::getenv("SK_DEBUG")) {
+      int64_t inside = 0;
+      for (const auto& b : keys_) inside += b.size();
+      fprintf(stderr, "collect total %ld every %ld k %ld eligible %ld above %ld inside %ld window [%lx, %lx]\n", (long)layout_.total(), (long)every_, (long)target_.k(eligible_), (long)eligible_, (long)above_, (long)inside, (unsigned long)window_.bottom, (unsigned long)window_.top);
     }
   }
 
@@ -515,7 +595,7 @@ class ThresholdSearch {
       top = Key(bottom | Key(Key(Key(1) << shift) - 1));
       if (shift == 0 || counts[digit] <= limit_) {
         window_ = Window{bottom, top};
-        collect(source);
+        collect(source, [](int64_t, int64_t, int64_t, const uint8_t*) {});
         Threshold<Key> found;
         TORCH_INTERNAL_ASSERT(settle(source, k, &found), "radix select lost its keys");
         return found;
@@ -530,6 +610,7 @@ class ThresholdSearch {
   const int64_t limit_;
   Target target_{0, false};
   Window window_;
+  bool settled_in_window_ = false;
   int64_t eligible_ = 0;
   int64_t above_ = 0;
   std::vector<std::vector<Key>> keys_;

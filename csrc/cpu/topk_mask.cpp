@@ -1,10 +1,12 @@
 // CPU kernels of sparsekern::topk_mask (one selection over the whole list) and
 // sparsekern::topk_mask_per_tensor (one per tensor), by radix select (select.h): per selection a
-// sample, one read-only pass, then one pass that writes the masks.
+// sample and one pass that reads the scores and writes the masks, but for the few keys settled
+// after it.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
@@ -41,11 +43,21 @@ class SegmentSelection {
                    int64_t k)
       : source_{std::move(scores)}, layout_(sizes), out_(std::move(out)), k_(k), search_(layout_) {}
 
-  // Reads the scores once (the caller then checks k against the count returned: the numbers).
-  int64_t count_numbers() { return search_.scan(source_, Target{k_, false}, -1); }
+  // Reads the scores once, writing the masks where it can already tell (the caller then checks k
+  // against the count returned: the numbers).
+  int64_t count_numbers() {
+    return search_.scan(source_, Target{k_, false}, -1,
+                        [&](int64_t part, int64_t begin, int64_t size, const uint8_t* above) {
+                          std::memcpy(out_[part] + begin, above, size);
+                        });
+  }
 
   void write() {
     const Threshold<Key> threshold = search_.finish(source_);
+    if (search_.settled_in_window()) {
+      search_.visit_taken_in_window(source_, threshold, [&](int64_t part, int64_t i) { out_[part][i] = 1; });
+      return;
+    }
     layout_.for_each_chunk([&](int64_t, int64_t part, int64_t begin, int64_t end) {
       Key keys[kChunk];
       source_.keys(part, begin, end, keys);
