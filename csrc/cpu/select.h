@@ -283,7 +283,7 @@ struct Target {
 // of a small layout) predict a window, a range of keys that holds the k-th best with a margin; one
 // read-only pass (`scan`) counts the eligible keys and those above the window, and collects the few
 // inside it; `finish` settles the threshold among them. That pass costs a compare per key, where a
-// histogram costs a memory increment (~1 ns). A window of one key value (ties: the zeros of
+// histogram costs a memory increment (~1 ns). One key value held by many (ties: the zeros of
 // just-grown weights) is counted per chunk instead of collected. If the window missed, `finish`
 // narrows by full histograms digit by digit (radix select).
 template <typename Key>
@@ -291,10 +291,9 @@ class ThresholdSearch {
  public:
   explicit ThresholdSearch(const Layout& layout)
       : layout_(layout),
-        digit_bits_(std::min<int>(kKeyBits, layout.total() < (int64_t(1) << 14) ? 8 : 16)),
-        bins_(int64_t(1) << digit_bits_),
         every_(sampling_stride(layout.total())),
-        limit_(std::max<int64_t>(int64_t(1) << 10, layout.total() / 256)) {}
+        digit_bits_(digit_bits(layout.total() / every_)),
+        limit_(std::max<int64_t>(int64_t(1) << 10, layout.total() / 64)) {}
 
   // Reads every key once and returns how many are eligible. `eligible_hint` (< 0: unknown) sharpens
   // the window. For every chunk it calls mark(part, begin, size, above), above[i] = 1 where the
@@ -343,15 +342,18 @@ class ThresholdSearch {
         }
       }
     }
-    for (const auto& block : tie_chunks_) {  // a one-key window
-      for (const auto& [part, begin, ties] : block) {
+    // The heavy key's entries: all taken when it is above the threshold, the first ones when it is it.
+    if (!window_.has_heavy || window_.heavy < threshold.key) return;
+    const int64_t last = window_.heavy > threshold.key ? layout_.total() : threshold.tie_position;
+    for (const auto& block : heavy_chunks_) {
+      for (const auto& [part, begin, count] : block) {
         const int64_t first = layout_.offset(part) + begin;
-        if (first > threshold.tie_position) return;
+        if (first > last) return;
         const int64_t end = std::min(begin + kChunk, layout_.size(part));
         Key chunk[kChunk];
         source.keys(part, begin, end, chunk);
-        for (int64_t i = 0; i < end - begin && first + i <= threshold.tie_position; ++i) {
-          if (chunk[i] == threshold.key) visit(part, begin + i);
+        for (int64_t i = 0; i < end - begin && first + i <= last; ++i) {
+          if (chunk[i] == window_.heavy) visit(part, begin + i);
         }
       }
     }
@@ -361,42 +363,52 @@ class ThresholdSearch {
   static constexpr int kKeyBits = 8 * sizeof(Key);
   static constexpr Key kMaxKey = std::numeric_limits<Key>::max();
 
-  // Keys in [bottom, top]; empty when bottom > top.
+  // Keys in [bottom, top]; empty when bottom > top. The keys equal to `heavy` (when has_heavy: one
+  // key value held by many, such as the zeros of just-grown weights) are counted per chunk rather
+  // than collected.
   struct Window {
     Key bottom = 1;
     Key top = 0;
+    bool has_heavy = false;
+    Key heavy = 0;
     bool empty() const { return bottom > top; }
-    bool one_key() const { return bottom == top; }
   };
 
-  // One chunk in how many the sample reads: all of a layout under 2^17 positions (the window is then
-  // exact), else at least 64K positions and one chunk in 16 at most. The window's width in keys
+  // One chunk in how many the sample reads: all of a layout under 2^15 positions (the window is then
+  // exact), else at least 16K positions and one chunk in 64 at most. The window's width in keys
   // grows as the square root of the stride; the sample's cost shrinks as the stride.
   static int64_t sampling_stride(int64_t total) {
     int64_t every = 1;
-    while (every < 16 && total / (every * 2) >= (int64_t(1) << 16)) every *= 2;
+    while (every < 64 && total / (every * 2) >= (int64_t(1) << 14)) every *= 2;
     return every;
   }
 
-  // Counts, by their digit at `shift`, of the eligible keys whose bits above that digit are
-  // prefix's, over one chunk in `every`; *positions gets the positions read.
+  // Bits per digit: histograms about as large as the sample they count (clearing and scanning 64K
+  // bins for a small layer would cost more than reading it); windows too wide are refined.
+  static int digit_bits(int64_t sampled) {
+    return std::min<int>(kKeyBits, sampled >= (int64_t(1) << 16) ? 16 : sampled >= (int64_t(1) << 11) ? 12 : 8);
+  }
+
+  // Counts of the eligible keys whose bits from `fixed` up are prefix's, by their digit: the bits
+  // from `shift` up to `fixed`, over one chunk in `every`; *positions gets the positions read.
   template <typename Source>
-  std::vector<int64_t> histogram(const Source& source, int shift, Key prefix, int64_t every,
+  std::vector<int64_t> histogram(const Source& source, int shift, int fixed, Key prefix, int64_t every,
                                  int64_t* positions = nullptr) const {
-    const Key high_mask = shift + digit_bits_ >= kKeyBits ? Key(0) : Key(~uint64_t(0) << (shift + digit_bits_));
-    const int64_t stride = bins_ + kSpareMask + 1;
+    const Key high_mask = fixed >= kKeyBits ? Key(0) : Key(~uint64_t(0) << fixed);
+    const int64_t bins = int64_t(1) << (fixed - shift);
+    const int64_t stride = bins + kSpareMask + 1;
     std::vector<uint32_t> counts(layout_.blocks() * stride, 0);
     layout_.for_each_chunk([&](int64_t block, int64_t part, int64_t begin, int64_t end) {
       Key keys[kChunk];
       source.keys(part, begin, end, keys);
-      count_digits(keys, end - begin, shift, high_mask, Key(prefix & high_mask), bins_ - 1,
+      count_digits(keys, end - begin, shift, high_mask, Key(prefix & high_mask), bins - 1,
                    counts.data() + block * stride);
     }, every);
-    std::vector<int64_t> totals(bins_, 0);
+    std::vector<int64_t> totals(bins, 0);
     int64_t spare = 0;
     for (int64_t block = 0; block < layout_.blocks(); ++block) {
-      for (int64_t bin = 0; bin < bins_; ++bin) totals[bin] += counts[block * stride + bin];
-      for (int64_t bin = bins_; bin < stride; ++bin) spare += counts[block * stride + bin];
+      for (int64_t bin = 0; bin < bins; ++bin) totals[bin] += counts[block * stride + bin];
+      for (int64_t bin = bins; bin < stride; ++bin) spare += counts[block * stride + bin];
     }
     if (positions) {
       *positions = spare;
@@ -405,12 +417,16 @@ class ThresholdSearch {
     return totals;
   }
 
+  // The next digit below bit `fixed`: its lowest bit.
+  int next_shift(int fixed) const { return std::max(0, fixed - digit_bits_); }
+
   // The window the sample predicts; empty when it cannot (nothing eligible sampled).
   template <typename Source>
   Window predict(const Source& source, int64_t eligible_hint) const {
     int64_t positions = 0;
-    int shift = kKeyBits - digit_bits_;
-    std::vector<int64_t> sample = histogram(source, shift, Key(0), every_, &positions);
+    int fixed = kKeyBits;
+    int shift = next_shift(fixed);
+    std::vector<int64_t> sample = histogram(source, shift, fixed, Key(0), every_, &positions);
     int64_t sampled = 0;
     for (int64_t count : sample) sampled += count;
     if (sampled == 0) return {};
@@ -424,11 +440,13 @@ class ThresholdSearch {
     const double share = std::clamp(rank / double(sampled), 0.0, 1.0);
     const double margin = every_ == 1 ? 0.0 : 4.0 * std::sqrt(rank * (1.0 - share) + 1.0) + 16.0;
     Key prefix = 0;  // bits above the current digit, fixed while refining
+    Key top = kMaxKey;  // the window's top: set by the first digit, kept while refining its bottom
     for (;;) {
       // Digits from the one holding the (rank - margin)-th best sampled key down to the one holding
       // the (rank + margin)-th; `middle` holds the rank-th.
+      const int64_t bins = static_cast<int64_t>(sample.size());
       int64_t above = 0, high = -1, middle = -1, low = 0, above_middle = 0;
-      for (int64_t digit = bins_ - 1; digit >= 0; --digit) {
+      for (int64_t digit = bins - 1; digit >= 0; --digit) {
         if (high < 0 && double(above + sample[digit]) >= rank - margin) high = digit;
         if (middle < 0 && double(above + sample[digit]) >= rank) {
           middle = digit;
@@ -442,23 +460,33 @@ class ThresholdSearch {
       }
       if (high < 0) return {};
       if (middle < 0) middle = low;
-      // Give up outer digits while the window would hold too many keys (a digit of equal keys may
-      // hold a third of a layout).
-      int64_t inside = 0;
-      for (int64_t digit = low; digit <= high; ++digit) inside += sample[digit];
-      const auto too_many = [&] { return double(inside) * double(every_) > double(limit_); };
-      while (too_many() && low < middle) inside -= sample[low++];
-      while (too_many() && high > middle) inside -= sample[high--];
+      // A digit holding more sampled keys than the margin spans (a digit of equal keys, such as the
+      // zeros of just-grown weights, may hold a third of a layout) is left out of the window, unless
+      // it holds the rank-th key: then the window is refined within it.
+      const double heavy = every_ == 1 ? double(limit_) : std::max(64.0, 2.0 * margin + 1.0);
+      for (int64_t digit = low; digit < middle; ++digit) {
+        if (double(sample[digit]) > heavy) low = digit + 1;
+      }
+      for (int64_t digit = middle + 1; digit <= high; ++digit) {
+        if (double(sample[digit]) > heavy) {
+          high = digit - 1;
+          break;
+        }
+      }
+      const bool too_many = double(sample[middle]) > heavy;
       const Key low_bits = Key(Key(Key(1) << shift) - 1);  // bits below the digit
       const auto bottom_of = [&](int64_t digit) { return Key(prefix | Key(Key(digit) << shift)); };
       const auto top_of = [&](int64_t digit) { return Key(bottom_of(digit) | low_bits); };
-      if (!too_many()) return {bottom_of(low), top_of(high)};
-      // The middle digit alone holds too many: refine it by the next digit, within the sample.
-      if (shift == 0) return {bottom_of(middle), bottom_of(middle)};  // one key: counted, not collected
+      if (fixed == kKeyBits) top = top_of(high);
+      if (!too_many) return {bottom_of(low), top};
+      // The middle digit alone holds too many: one key, counted rather than collected, or refined by
+      // the next digit, within the sample.
+      if (shift == 0) return {bottom_of(middle), top, true, bottom_of(middle)};
       prefix = bottom_of(middle);
       rank -= double(above_middle);
-      shift = std::max(0, shift - digit_bits_);
-      sample = histogram(source, shift, prefix, every_);
+      fixed = shift;
+      shift = next_shift(fixed);
+      sample = histogram(source, shift, fixed, prefix, every_);
     }
   }
 
@@ -470,7 +498,7 @@ class ThresholdSearch {
     std::vector<int64_t> eligible(blocks, 0), above(blocks, 0);
     keys_.assign(blocks, {});
     positions_.assign(blocks, {});
-    tie_chunks_.assign(blocks, {});
+    heavy_chunks_.assign(blocks, {});
     const Window window = window_;
     layout_.for_each_chunk([&](int64_t block, int64_t part, int64_t begin, int64_t end) {
       Key chunk[kChunk];
@@ -482,16 +510,20 @@ class ThresholdSearch {
       uint8_t* __restrict up = is_above;
       // An empty window takes every eligible key: only counting is wanted then.
       const Key bottom = window.bottom, width = Key(window.top - window.bottom), top = window.empty() ? kMaxKey : window.top;
+      // The heavy key, or a key no eligible key equals.
+      const Key heavy = window.has_heavy ? window.heavy : Key(kIneligibleKey);
       // Counters as wide as the keys, so that the loop vectorizes (a chunk fits in 16 bits).
-      Key counted = 0, over = 0, in_count = 0;
+      Key counted = 0, over = 0, in_count = 0, heavy_count = 0;
       for (int64_t i = 0; i < size; ++i) {
         const Key key = keys[i];
         const Key valid = key != Key(kIneligibleKey);
-        const Key is_in = valid & Key(Key(key - bottom) <= width);  // bottom <= key <= top
+        const Key is_heavy = valid & Key(key == heavy);
+        const Key is_in = valid & Key(Key(key - bottom) <= width) & (is_heavy ^ 1);  // bottom <= key <= top
         const Key is_over = valid & Key(key > top);
         counted += valid;
         over += is_over;
         in_count += is_in;
+        heavy_count += is_heavy;
         in[i] = uint8_t(is_in);
         up[i] = uint8_t(is_over);
       }
@@ -499,11 +531,8 @@ class ThresholdSearch {
       mark(part, begin, size, static_cast<const uint8_t*>(is_above));
       if (window.empty()) return;
       above[block] += over;
+      if (heavy_count != 0) heavy_chunks_[block].push_back({part, begin, int64_t(heavy_count)});
       if (in_count == 0) return;
-      if (window.one_key()) {
-        tie_chunks_[block].push_back({part, begin, int64_t(in_count)});
-        return;
-      }
       const int64_t first = layout_.offset(part) + begin;
       for_each_flagged(inside, size, [&](int64_t i) {
         keys_[block].push_back(chunk[i]);
@@ -526,27 +555,33 @@ class ThresholdSearch {
   template <typename Source>
   bool settle(const Source& source, int64_t k, Threshold<Key>* found) const {
     if (window_.empty()) return false;
-    int64_t inside = 0;
-    for (const auto& block : keys_) inside += static_cast<int64_t>(block.size());
-    for (const auto& block : tie_chunks_) {
-      for (const auto& chunk : block) inside += chunk[2];
+    std::vector<Key> order;
+    for (const auto& block : keys_) order.insert(order.end(), block.begin(), block.end());
+    int64_t heavy = 0;
+    for (const auto& block : heavy_chunks_) {
+      for (const auto& chunk : block) heavy += chunk[2];
     }
-    const int64_t take = k - above_;
-    if (take < 0 || take > inside) return false;
+    const int64_t collected = static_cast<int64_t>(order.size());
+    int64_t take = k - above_;
+    if (take < 0 || take > collected + heavy) return false;
     found->none = false;
     found->tie_position = -1;
     if (take == 0) {  // every key above the window, none in it
       found->key = window_.top;
       return true;
     }
-    if (window_.one_key()) {
-      found->key = window_.top;
-      found->tie_position = nth_tie(source, window_.top, take);
-      return true;
+    // Collected keys above the heavy one come first, then its entries, then collected keys below it.
+    int64_t above_heavy = collected;
+    if (window_.has_heavy) {
+      above_heavy = 0;
+      for (Key key : order) above_heavy += key > window_.heavy;
+      if (take > above_heavy && take <= above_heavy + heavy) {
+        found->key = window_.heavy;
+        found->tie_position = nth_heavy(source, take - above_heavy);
+        return true;
+      }
+      if (take > above_heavy) take -= heavy;  // every heavy entry is taken too
     }
-    std::vector<Key> order;
-    order.reserve(inside);
-    for (const auto& block : keys_) order.insert(order.end(), block.begin(), block.end());
     std::nth_element(order.begin(), order.begin() + (take - 1), order.end(), std::greater<Key>());
     found->key = order[take - 1];
     int64_t ties = take;
@@ -560,24 +595,24 @@ class ThresholdSearch {
     return true;
   }
 
-  // Flat position of the n-th key equal to `key` (a one-key window's), from collect()'s chunk counts.
+  // Flat position of the n-th entry of the heavy key, from collect()'s chunk counts.
   template <typename Source>
-  int64_t nth_tie(const Source& source, Key key, int64_t n) const {
-    for (const auto& block : tie_chunks_) {
-      for (const auto& [part, begin, ties] : block) {
-        if (ties < n) {
-          n -= ties;
+  int64_t nth_heavy(const Source& source, int64_t n) const {
+    for (const auto& block : heavy_chunks_) {
+      for (const auto& [part, begin, count] : block) {
+        if (count < n) {
+          n -= count;
           continue;
         }
         const int64_t end = std::min(begin + kChunk, layout_.size(part));
         Key chunk[kChunk];
         source.keys(part, begin, end, chunk);
         for (int64_t i = 0; i < end - begin; ++i) {
-          if (chunk[i] == key && --n == 0) return layout_.offset(part) + begin + i;
+          if (chunk[i] == window_.heavy && --n == 0) return layout_.offset(part) + begin + i;
         }
       }
     }
-    TORCH_INTERNAL_ASSERT(false, "fewer ties than counted");
+    TORCH_INTERNAL_ASSERT(false, "fewer entries of the heavy key than counted");
     return -1;
   }
 
@@ -587,14 +622,14 @@ class ThresholdSearch {
   Threshold<Key> narrow(const Source& source, int64_t k) {
     Key bottom = 0, top = kMaxKey;
     int64_t remaining = k;
-    for (int shift = kKeyBits - digit_bits_;; shift -= std::min(shift, digit_bits_)) {
-      const std::vector<int64_t> counts = histogram(source, shift, bottom, 1);
-      int64_t digit = bins_ - 1;
+    for (int fixed = kKeyBits, shift = next_shift(fixed);; fixed = shift, shift = next_shift(fixed)) {
+      const std::vector<int64_t> counts = histogram(source, shift, fixed, bottom, 1);
+      int64_t digit = static_cast<int64_t>(counts.size()) - 1;
       while (counts[digit] < remaining) remaining -= counts[digit--];
       bottom = Key(bottom | Key(Key(digit) << shift));
       top = Key(bottom | Key(Key(Key(1) << shift) - 1));
       if (shift == 0 || counts[digit] <= limit_) {
-        window_ = Window{bottom, top};
+        window_ = shift == 0 ? Window{bottom, top, true, bottom} : Window{bottom, top};
         collect(source, [](int64_t, int64_t, int64_t, const uint8_t*) {});
         Threshold<Key> found;
         TORCH_INTERNAL_ASSERT(settle(source, k, &found), "radix select lost its keys");
@@ -604,9 +639,8 @@ class ThresholdSearch {
   }
 
   const Layout& layout_;
-  const int digit_bits_;
-  const int64_t bins_;
   const int64_t every_;
+  const int digit_bits_;
   const int64_t limit_;
   Target target_{0, false};
   Window window_;
@@ -615,7 +649,7 @@ class ThresholdSearch {
   int64_t above_ = 0;
   std::vector<std::vector<Key>> keys_;
   std::vector<std::vector<int64_t>> positions_;
-  std::vector<std::vector<std::array<int64_t, 3>>> tie_chunks_;  // one-key window: (part, begin, ties)
+  std::vector<std::vector<std::array<int64_t, 3>>> heavy_chunks_;  // (part, begin, entries of the heavy key)
 };
 
 // Runs work(segment) for every segment of the given sizes, each exactly once. Segments of at least
