@@ -111,7 +111,7 @@ def prune_grow(weights, masks, prune_scores, grow_scores, n, state=(), masked=()
     if not args.weights:
         return []
     new = list(_backend.choose("prune_grow", args.weights[0].device.type)[1].run(*args.backend_args()))
-    return new[0] if isinstance(weights, Tensor) else new
+    return new[0] if args.single else new
 
 
 def masked_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None = None, *,

@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .reference import active_counts, check_swap
+from .reference import active_counts, check_swap, swap_names
 
 SCORE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -106,23 +106,39 @@ class PruneGrowArgs:
     active: list[int] | None    # the caller's active count per segment, if it gave one
     prune_abs: bool
     grow_abs: bool
+    single: bool                # the one-layer form: the caller gets one mask back
 
     def backend_args(self) -> tuple:
         return (self.weights, self.masks, self.prune_scores, self.grow_scores, self.n, self.global_scope,
                 self.state, self.masked, self.active, self.prune_abs, self.grow_abs)
 
 
+class _Name:
+    """An argument's name in errors, written out only when an error does: `weight`, `state[1]` in
+    the one-layer form; `weights[3]`, `state[3][1]` for lists."""
+
+    __slots__ = ("kind", "layer", "index", "single")
+
+    def __init__(self, kind: str, layer: int, index: int | None, single: bool):
+        self.kind, self.layer, self.index, self.single = kind, layer, index, single
+
+    def __str__(self) -> str:
+        plural = "" if self.kind in ("state", "masked") else "s"
+        name = self.kind if self.single else f"{self.kind}{plural}[{self.layer}]"
+        return name if self.index is None else f"{name}[{self.index}]"
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+
 class _Names:
-    """Argument names in errors: `weight`, `state[1]` for the one-layer form; `weights[3]`, `state[3][1]` for lists."""
+    """Makes the _Name of an argument of one call."""
 
     def __init__(self, single: bool):
         self.single = single
 
-    def __call__(self, kind: str, layer: int, index: int | None = None) -> str:
-        name = kind if self.single else f"{kind}s[{layer}]"
-        if kind in ("state", "masked"):
-            name = kind if self.single else f"{kind}[{layer}]"
-        return name if index is None else f"{name}[{index}]"
+    def __call__(self, kind: str, layer: int, index: int | None = None) -> _Name:
+        return _Name(kind, layer, index, self.single)
 
 
 def _tensor_list(value, name: str) -> list:
@@ -140,11 +156,12 @@ def prune_grow_args(weights, masks, prune_scores, grow_scores, n, state, masked,
     shared with another written tensor or a mask). A score that shares memory with a written
     tensor, other than being that very tensor of its own layer, is copied first.
     """
-    single = isinstance(weights, Tensor)
+    # A tensor mask is the one-layer form (whatever is wrong with the weight).
+    single = isinstance(masks, Tensor)
     names = _Names(single)
     if single:
         weights, masks, prune_scores, grow_scores = [weights], [masks], [prune_scores], [grow_scores]
-        state, masked = [state], [masked]
+        state, masked = [_tensor_list(state, "state")], [_tensor_list(masked, "masked")]
         if isinstance(n, Sequence):
             raise TypeError(f"n must be an integer, got {type(n).__name__}")
         n = [n]
@@ -181,17 +198,19 @@ def prune_grow_args(weights, masks, prune_scores, grow_scores, n, state, masked,
                           ("grow_score", grow_scores)):
         named += [(names(kind, layer), t) for layer, t in enumerate(tensors)]
     if named:
-        same_device(sorted(named, key=lambda item: not item[0].startswith("weight")))
+        same_device(sorted(named, key=lambda item: item[0].kind != "weight"))
     global_scope = not single and not isinstance(n, Sequence)
     n, active = _swap_counts(n, active, global_scope, weights, names)
     prune_scores, grow_scores = _check_memory(weights, masks, prune_scores, grow_scores, state, masked, names)
-    if active is None and weights and weights[0].device.type != "cpu":
-        # Counting on the host costs a device read; the CPU kernels count as they go.
+    if active is None and weights and (single or weights[0].device.type != "cpu"):
+        # Counting costs a device read on a GPU, where no kernel can raise without one; the CPU
+        # kernels count as they go (but name the list form's arguments).
         counts = active_counts(masks)
         for segment, swap in enumerate(n):
-            check_swap(segment, swap, sum(counts) if global_scope else counts[segment], None, global_scope)
+            count = sum(counts) if global_scope else counts[segment]
+            check_swap(swap, count, None, *swap_names(segment, global_scope, single))
     return PruneGrowArgs(weights, masks, prune_scores, grow_scores, n, global_scope, state, masked, active,
-                         prune_abs, grow_abs)
+                         prune_abs, grow_abs, single)
 
 
 def _per_layer(value, name: str, layers: int) -> list[list[Tensor]]:
@@ -255,7 +274,7 @@ def _byte_range(t: Tensor) -> tuple[int, int, int] | None:
         storage = t.untyped_storage().data_ptr()
     except (RuntimeError, NotImplementedError):  # fake tensors and others without real memory
         return None
-    span = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    span = t.numel() if t.is_contiguous() else 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
     return storage, t.data_ptr(), t.data_ptr() + span * t.element_size()
 
 
@@ -267,7 +286,8 @@ def _same_view(a: Tensor, b: Tensor) -> bool:
 def _check_memory(weights, masks, prune_scores, grow_scores, state, masked, names):
     """Refuses written tensors that overlap themselves, each other or a mask; returns the scores,
     with a copy of each one that shares memory with a written tensor it is not."""
-    written = []  # (name, layer, tensor, byte range)
+    written_by_storage: dict[int, list] = {}  # storage -> [(name, layer, tensor, first byte, end byte)]
+    read_by_storage: dict[int, list] = {}
     for layer, weight in enumerate(weights):
         tensors = [(names("weight", layer), weight)]
         tensors += [(names(kind, layer, i), t) for kind, per_layer in (("state", state), ("masked", masked))
@@ -276,34 +296,33 @@ def _check_memory(weights, masks, prune_scores, grow_scores, state, masked, name
             if not non_overlapping(t):
                 raise ValueError(f"{name} has entries that share memory (an expanded or stride-0 view), so it "
                                  f"cannot be written in place; pass a tensor of its own (e.g. .clone())")
-            written.append((name, layer, t, _byte_range(t)))
-    read = [(names("mask", layer), layer, m, _byte_range(m)) for layer, m in enumerate(masks)]
-    # Sorted by first byte within each storage, a tensor can only overlap those that start before it ends.
-    by_storage: dict[int, list] = {}
-    for item in written + read:
-        if item[3] is not None:
-            by_storage.setdefault(item[3][0], []).append(item)
-    for items in by_storage.values():
-        items.sort(key=lambda item: item[3][1])
-        for i, (name, _, first, (_, _, end)) in enumerate(items):
-            for other_name, _, other, (_, begin, _) in items[i + 1:]:
+            where = _byte_range(t)
+            if where is not None:
+                written_by_storage.setdefault(where[0], []).append((name, layer, t, where[1], where[2]))
+        where = _byte_range(masks[layer])
+        if where is not None:
+            read_by_storage.setdefault(where[0], []).append((names("mask", layer), layer, masks[layer],
+                                                             where[1], where[2]))
+    # Only tensors on one storage can share memory; sorted by first byte, a tensor can only overlap
+    # those that start before it ends.
+    for storage, written in written_by_storage.items():
+        items = sorted(written + read_by_storage.get(storage, []), key=lambda item: item[3])
+        for i, (name, _, first, _, end) in enumerate(items):
+            for other_name, _, other, begin, _ in items[i + 1:]:
                 if begin >= end:
                     break
-                if first.dtype != torch.bool or other.dtype != torch.bool:  # two masks may share memory
-                    raise ValueError(f"{name} and {other_name} share memory, and a tensor written in place may "
-                                     f"share it with nothing else; pass tensors of their own (e.g. .clone())")
+                raise ValueError(f"{name} and {other_name} share memory, and a tensor written in place may "
+                                 f"share it with nothing else; pass tensors of their own (e.g. .clone())")
 
     def own(score: Tensor, layer: int) -> Tensor:
         where = _byte_range(score)
-        if where is None:
-            return score
-        for _, written_layer, t, span in written:
-            if span is None or span[0] != where[0] or span[2] <= where[1] or where[2] <= span[1]:
-                continue
-            if not (written_layer == layer and _same_view(score, t)):
+        for _, written_layer, t, begin, end in written_by_storage.get(where[0], []) if where else ():
+            if begin < where[2] and where[1] < end and not (written_layer == layer and _same_view(score, t)):
                 return score.clone()
         return score
 
+    if not written_by_storage:
+        return prune_scores, grow_scores
     return ([own(s, layer) for layer, s in enumerate(prune_scores)],
             [own(s, layer) for layer, s in enumerate(grow_scores)])
 

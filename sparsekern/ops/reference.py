@@ -96,7 +96,7 @@ def prune_grow(weights: list[Tensor], masks: list[Tensor], prune_scores: list[Te
     for segment, (swap, layers) in enumerate(zip(n, segments)):
         old = torch.cat([flags[layer] for layer in layers]) if layers else torch.zeros(0, dtype=torch.bool)
         count = int(old.sum())
-        check_swap(segment, swap, count, None if active is None else active[segment], global_scope)
+        check_swap(swap, count, None if active is None else active[segment], *swap_names(segment, global_scope))
         prune = _flat_scores([prune_scores[layer] for layer in layers], prune_abs)
         grow = _flat_scores([grow_scores[layer] for layer in layers], grow_abs)
         kept = select(prune, old, count - swap)
@@ -119,15 +119,22 @@ def _flat_scores(scores: list[Tensor], absolute: bool) -> Tensor:
     return flat.abs() if absolute else flat
 
 
-def check_swap(segment: int, swap: int, count: int, claimed: int | None, global_scope: bool) -> None:
-    """Raises ValueError unless 0 <= swap <= count, the segment's active count, and the caller's
-    claimed count (if any) is that count. Messages name n / active as sparsekern.ops.prune_grow does."""
-    where = "" if global_scope else f"[{segment}]"
-    owner = "the masks have" if global_scope else f"masks[{segment}] has"
+def swap_names(segment: int, global_scope: bool, single: bool = False) -> tuple[str, str]:
+    """How check_swap names a segment's n and its masks, as sparsekern.ops.prune_grow's arguments."""
+    if single:
+        return "n", "mask has"
+    if global_scope:
+        return "n", "the masks have"
+    return f"n[{segment}]", f"masks[{segment}] has"
+
+
+def check_swap(swap: int, count: int, claimed: int | None, n_name: str, owner: str) -> None:
+    """Raises ValueError unless 0 <= swap <= count, a segment's active count, and the caller's claimed
+    count (if any) is that count."""
     if claimed is not None and claimed != count:
-        raise ValueError(f"active{where} is {claimed} but {owner} {count} active entries")
+        raise ValueError(f"{n_name.replace('n', 'active', 1)} is {claimed} but {owner} {count} active entries")
     if not 0 <= swap <= count:
-        raise ValueError(f"n{where} must be in [0, {count}] ({owner} {count} active entries), got {swap}")
+        raise ValueError(f"{n_name} must be in [0, {count}] ({owner} {count} active entries), got {swap}")
 
 
 def masked_weight(weight: Tensor, mask: Tensor) -> Tensor:
