@@ -92,7 +92,7 @@ def prune_grow(weights: list[Tensor], masks: list[Tensor], prune_scores: list[Te
     """
     flags = [as_flags(m).reshape(-1) for m in masks]
     segments = [list(range(len(weights)))] if global_scope else [[layer] for layer in range(len(weights))]
-    new, newly_grown = [None] * len(weights), [None] * len(weights)
+    new = [None] * len(weights)
     for segment, (swap, layers) in enumerate(zip(n, segments)):
         old = torch.cat([flags[layer] for layer in layers]) if layers else torch.zeros(0, dtype=torch.bool)
         count = int(old.sum())
@@ -102,16 +102,26 @@ def prune_grow(weights: list[Tensor], masks: list[Tensor], prune_scores: list[Te
         kept = select(prune, old, count - swap)
         grown = select(grow, ~kept, swap)
         sizes = [flags[layer].numel() for layer in layers]
-        for layer, part_new, part_grown in zip(layers, (kept | grown).split(sizes), (grown & ~old).split(sizes)):
-            new[layer], newly_grown[layer] = part_new.view(masks[layer].shape), part_grown.view(masks[layer].shape)
-    for layer, weight in enumerate(weights):
-        zero_like_weight = ~new[layer] | newly_grown[layer]
-        weight.masked_fill_(zero_like_weight, 0)
-        for tensor in state[layer]:
-            tensor.masked_fill_(zero_like_weight, 0)
-        for tensor in masked[layer]:
-            tensor.masked_fill_(~new[layer], 0)
+        for layer, part in zip(layers, (kept | grown).split(sizes)):
+            new[layer] = part.view(masks[layer].shape)
+    apply_masks(weights, masks, new, state, masked)
     return new
+
+
+def apply_masks(weights: list[Tensor], old: list[Tensor], new: list[Tensor], state: list[list[Tensor]],
+                masked: list[list[Tensor]]) -> None:
+    """What a mask update does to the tensors of each layer, old masks to new: weights[i] and every
+    tensor of state[i] become 0 off the new mask and at newly grown entries (new & ~old); every
+    tensor of masked[i] becomes 0 off the new mask."""
+    for weight, before, after, zeroed_like_weight, zeroed_off_mask in zip(weights, old, new, state, masked):
+        after = as_flags(after)
+        off = ~after
+        off_or_grown = off | (after & ~as_flags(before))
+        weight.masked_fill_(off_or_grown, 0)
+        for tensor in zeroed_like_weight:
+            tensor.masked_fill_(off_or_grown, 0)
+        for tensor in zeroed_off_mask:
+            tensor.masked_fill_(off, 0)
 
 
 def _flat_scores(scores: list[Tensor], absolute: bool) -> Tensor:
