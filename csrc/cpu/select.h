@@ -24,8 +24,6 @@
 #include <functional>
 #include <limits>
 #include <vector>
-#include <cstdio>
-#include <cstdlib>
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -543,11 +541,6 @@ class ThresholdSearch {
     for (int64_t block = 0; block < blocks; ++block) {
       eligible_ += eligible[block];
       above_ += above[block];
-    }
-    if (std::getenv("SK_DEBUG")) {
-      int64_t inside = 0;
-      for (const auto& b : keys_) inside += b.size();
-      fprintf(stderr, "collect total %ld every %ld k %ld eligible %ld above %ld inside %ld window [%lx, %lx]\n", (long)layout_.total(), (long)every_, (long)target_.k(eligible_), (long)eligible_, (long)above_, (long)inside, (unsigned long)window_.bottom, (unsigned long)window_.top);
     }
   }
 

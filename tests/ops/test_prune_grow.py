@@ -275,3 +275,36 @@ def test_opcheck_compiled_prune_grow(layout, scope, generator):
         torch.library.opcheck(torch.ops.sparsekern.prune_grow.default,
                               (weights, masks, prune, grow, n, scope == "global", *flat_layers(state),
                                *flat_layers(masked), hint, True, False, new_masks_like(masks)))
+
+
+def shaped_scores(generator, numel, kind):
+    """Scores that lead the compiled kernels' sampled windows astray or through their other paths."""
+    if kind == "sorted":  # chunks are not alike: a sample of chunks predicts badly (radix fallback)
+        return torch.arange(numel, dtype=torch.float32) / max(numel, 1)
+    scores = torch.randn(numel, generator=generator)
+    if kind == "clumped":  # one value held by most entries
+        scores[torch.rand(numel, generator=generator) < 0.9] = 0.5
+    elif kind == "zeros":  # many +-0.0, as the weights of just-grown entries
+        scores[torch.rand(numel, generator=generator) < 0.4] = 0.0
+        scores[torch.rand(numel, generator=generator) < 0.1] = -0.0
+    elif kind == "nan":
+        scores[torch.rand(numel, generator=generator) < 0.3] = float("nan")
+    return scores
+
+
+@pytest.mark.parametrize("kind", ["normal", "sorted", "clumped", "zeros", "nan"])
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_compiled_kernel_every_selection_path(kind, scope, use_backend, generator):
+    # Layers large enough to be sampled (2^15 entries and more), at densities around 1/(1 + r).
+    use_backend("compiled", "prune_grow")
+    sizes = [300_000, 70_000, 5, 130_000]
+    weights = [torch.randn(n, generator=generator) for n in sizes]
+    masks = [torch.rand(n, generator=generator) < d for n, d in zip(sizes, [0.1, 0.8, 0.6, 0.4])]
+    prune = [shaped_scores(generator, n, kind) for n in sizes]
+    grow = [shaped_scores(generator, n, kind) for n in sizes]
+    counts = [int(m.sum()) for m in masks]
+    for n in ([round(0.3 * c) for c in counts], [c for c in counts], [1, 0, 1, 2]):
+        if scope == "global":
+            n = sum(n)
+        for flags in ({}, {"prune_abs": True, "grow_abs": True}):
+            assert_same_update((weights, masks, prune, grow, [[] for _ in sizes], [[] for _ in sizes]), n, **flags)

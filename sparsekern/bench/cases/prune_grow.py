@@ -86,7 +86,7 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
             if len(shapes) == 1 and global_scope:
                 continue  # one tensor: the same work as layer scope
             baseline = f"torch topk ({'cat' if global_scope else 'per layer'})"
-            runs = {baseline: lambda g=global_scope: layers.torch_update(g)}
-            runs.update(sparsekern_runs("prune_grow", device, lambda g=global_scope: layers.sparsekern_update(g)))
+            runs = {baseline: lambda l=layers, g=global_scope: l.torch_update(g)}
+            runs.update(sparsekern_runs("prune_grow", device, lambda l=layers, g=global_scope: l.sparsekern_update(g)))
             result.append(Case(f"prune_grow (RigL update, {scope} scope)", size, runs, baseline=baseline))
     return result
