@@ -224,18 +224,8 @@ void prune_grow(at::TensorList weights, at::TensorList masks, at::TensorList pru
                 at::IntArrayRef n, bool global_scope, at::TensorList state, at::IntArrayRef state_layers,
                 at::TensorList masked, at::IntArrayRef masked_layers, at::OptionalIntArrayRef active, bool prune_abs,
                 bool grow_abs, at::TensorList new_masks) {
-  const PruneGrowArguments arguments{weights,
-                                     masks,
-                                     prune_scores,
-                                     grow_scores,
-                                     n,
-                                     global_scope,
-                                     state,
-                                     state_layers,
-                                     masked,
-                                     masked_layers,
-                                     active ? c10::optional<at::IntArrayRef>(*active) : c10::nullopt,
-                                     new_masks};
+  const PruneGrowArguments arguments(weights, masks, prune_scores, grow_scores, n, global_scope, state, state_layers,
+                                     masked, masked_layers, active, new_masks);
   check_prune_grow(arguments, [](const at::Tensor& t, const std::string& name) {
     TORCH_CHECK_VALUE(t.device().is_cpu(), name, " is on ", t.device(), ", not the CPU");
   });

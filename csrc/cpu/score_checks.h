@@ -46,6 +46,16 @@ inline void check_per_tensor_k(at::TensorList scores, at::IntArrayRef k) {
 
 // prune_grow's arguments (schema in csrc/ops.cpp), with each tensor's name for errors.
 struct PruneGrowArguments {
+  // In the order of the schema, as each device's kernel receives them.
+  PruneGrowArguments(at::TensorList weights, at::TensorList masks, at::TensorList prune_scores,
+                     at::TensorList grow_scores, at::IntArrayRef n, bool global_scope, at::TensorList state,
+                     at::IntArrayRef state_layers, at::TensorList masked, at::IntArrayRef masked_layers,
+                     at::OptionalIntArrayRef active, at::TensorList new_masks)
+      : weights(weights), masks(masks), prune_scores(prune_scores), grow_scores(grow_scores), n(n),
+        global_scope(global_scope), state(state), state_layers(state_layers), masked(masked),
+        masked_layers(masked_layers), active(active ? c10::optional<at::IntArrayRef>(*active) : c10::nullopt),
+        new_masks(new_masks) {}
+
   at::TensorList weights, masks, prune_scores, grow_scores;
   at::IntArrayRef n;
   bool global_scope;

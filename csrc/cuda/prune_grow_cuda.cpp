@@ -22,18 +22,8 @@ void prune_grow(at::TensorList weights, at::TensorList masks, at::TensorList pru
                 at::IntArrayRef n, bool global_scope, at::TensorList state, at::IntArrayRef state_layers,
                 at::TensorList masked, at::IntArrayRef masked_layers, at::OptionalIntArrayRef active, bool prune_abs,
                 bool grow_abs, at::TensorList new_masks) {
-  const PruneGrowArguments arguments{weights,
-                                     masks,
-                                     prune_scores,
-                                     grow_scores,
-                                     n,
-                                     global_scope,
-                                     state,
-                                     state_layers,
-                                     masked,
-                                     masked_layers,
-                                     active ? c10::optional<at::IntArrayRef>(*active) : c10::nullopt,
-                                     new_masks};
+  const PruneGrowArguments arguments(weights, masks, prune_scores, grow_scores, n, global_scope, state, state_layers,
+                                     masked, masked_layers, active, new_masks);
   if (weights.empty()) return;
   const at::Device device = weights[0].device();
   // The counts themselves are not read: `active` (when given) bounds n here, and the kernels count

@@ -225,12 +225,13 @@ struct UploadChunk {
   alignas(16) unsigned char bytes[kUploadBytes];
 };
 
-__global__ void upload_kernel(const UploadChunk chunk) {
+// Internal linkage (static), as upload(): both .cu files include this header.
+static __global__ void upload_kernel(const UploadChunk chunk) {
   for (int i = threadIdx.x; i < chunk.size; i += blockDim.x) chunk.destination[i] = chunk.bytes[i];
 }
 
 // Uploads `size` bytes at host `source` to device `destination`, in chunks, on `stream`.
-inline cudaError_t upload(void* destination, const void* source, size_t size, cudaStream_t stream) {
+static cudaError_t upload(void* destination, const void* source, size_t size, cudaStream_t stream) {
   thread_local UploadChunk chunk;  // 30 KB: too large for a caller's stack; the launch copies it
   for (size_t offset = 0; offset < size; offset += kUploadBytes) {
     const size_t part = size - offset < size_t(kUploadBytes) ? size - offset : size_t(kUploadBytes);

@@ -10,15 +10,9 @@
 
 namespace sparsekern::cuda {
 
-inline FloatType float_type(const at::Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kHalf: return FloatType::kFloat16;
-    case at::kBFloat16: return FloatType::kBFloat16;
-    case at::kFloat: return FloatType::kFloat32;
-    case at::kDouble: return FloatType::kFloat64;
-    default: TORCH_CHECK_TYPE(false, name, " must be float16, bfloat16, float32 or float64, got ", t.scalar_type());
-  }
-}
+// The kernels' float type of a tensor's dtype (TypeError naming `name` otherwise). Defined in
+// topk_mask_cuda.cpp; sparse_linear_cuda.cpp uses it too.
+FloatType float_type(const at::Tensor& t, const char* name);
 
 // The TensorRefs of one call and the strides they point into. A tensor is addressed in place:
 // contiguous ones directly, others through their sizes and strides (dimensions of size 1 dropped,

@@ -13,6 +13,17 @@
 #include "cuda/select_glue.h"
 
 namespace sparsekern::cuda {
+
+FloatType float_type(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kHalf: return FloatType::kFloat16;
+    case at::kBFloat16: return FloatType::kBFloat16;
+    case at::kFloat: return FloatType::kFloat32;
+    case at::kDouble: return FloatType::kFloat64;
+    default: TORCH_CHECK_TYPE(false, name, " must be float16, bfloat16, float32 or float64, got ", t.scalar_type());
+  }
+}
+
 namespace {
 
 void check_scores(at::TensorList scores) {
