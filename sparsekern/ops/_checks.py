@@ -149,7 +149,7 @@ def _tensor_list(value, name: str) -> list:
 
 def prune_grow_args(weights, masks, prune_scores, grow_scores, n, state, masked, active,
                     prune_abs, grow_abs) -> PruneGrowArgs:
-    """Checks prune_grow's arguments, in the one-layer form (a Tensor weight) or the list form.
+    """Checks prune_grow's arguments, in the one-layer form (a Tensor mask) or the list form.
 
     Everything is checked before anything is written: types, shapes, one score dtype, one device,
     the counts, and the memory of the tensors written in place (no overlapping entries, none

@@ -7,8 +7,6 @@ fake implementations rather than `triton_op`s, which fail opcheck under the Trit
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 from torch import Tensor
 
