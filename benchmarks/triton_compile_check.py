@@ -132,16 +132,19 @@ for name, dtype in FLOATS.items():
               "remaining_ptr": "*i64", "ties_ptr": "*i64", "ties_before_ptr": "*i64",
               "segment_first_block_ptr": "*i64", "out_ptrs": "*i64"}
     for mode in (topk_mask.ALL_NUMBERS, topk_mask.WHERE_TRUE, topk_mask.WHERE_FALSE):
-        meta = dict(SCORE_DTYPE=dtype, KEY_BITS=key_bits, ELIGIBLE=mode, BLOCK=topk_mask.BLOCK)
-        for shift in (key_bits - 8, 0):
-            check(topk_mask._histogram_kernel, tables, dict(SHIFT=shift, BINS=topk_mask.BINS, **meta))
-        check(topk_mask._count_ties_kernel, tables, meta)
-        check(topk_mask._write_mask_kernel, tables, meta)
-    check(prune_grow._apply_kernel, {"weight_ptr": pointer, "old_ptr": "*i1", "kept_ptr": "*i1", "grown_ptr": "*i1",
-                                     "new_ptr": "*i1"}, {"BLOCK": prune_grow.BLOCK})
-    check(prune_grow._zero_grown_kernel, {"state_ptr": pointer, "old_ptr": "*i1", "grown_ptr": "*i1"},
-          {"BLOCK": prune_grow.BLOCK})
-check(topk_mask._choose_digit_kernel, {"hist_ptr": "*i32", "prefix_ptr": "*i64", "remaining_ptr": "*i64"},
-      {"SHIFT": 8, "BINS": topk_mask.BINS})
+        for absolute in (False, True):
+            meta = dict(SCORE_DTYPE=dtype, KEY_BITS=key_bits, ELIGIBLE=mode, BLOCK=topk_mask.BLOCK, ABS=absolute)
+            for shift in (key_bits - 8, 0):
+                check(topk_mask._histogram_kernel, tables, dict(SHIFT=shift, BINS=topk_mask.BINS, **meta))
+            check(topk_mask._count_ties_kernel, tables, meta)
+            check(topk_mask._write_mask_kernel, tables, meta)
+list_tables = {name: "*i64" for name in ("block_target_ptr", "block_start_ptr", "numel_ptr", "kept_ptrs", "grown_ptrs",
+                                         "new_ptrs", "data_ptrs", "old_ptrs", "mode_ptr")}
+check(prune_grow._new_mask_kernel, list_tables, {"BLOCK": prune_grow.BLOCK})
+for bits in (tl.int16, tl.int32, tl.int64):
+    check(prune_grow._zero_kernel, list_tables, {"BITS": bits, "BLOCK": prune_grow.BLOCK})
+for complement in (False, True):
+    check(topk_mask._choose_digit_kernel, {"hist_ptr": "*i32", "prefix_ptr": "*i64", "remaining_ptr": "*i64"},
+          {"SHIFT": 8, "BINS": topk_mask.BINS, "COMPLEMENT": complement})
 print(f"{len(failures)} kernel(s) failed to compile" if failures else "every kernel compiled for sm_90")
 sys.exit(1 if failures else 0)

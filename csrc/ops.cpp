@@ -8,11 +8,18 @@ TORCH_LIBRARY(sparsekern, m) {
   m.def("topk_mask(Tensor[] scores, int k) -> Tensor[]");
   // The same rule applied to each tensor alone, with its own k.
   m.def("topk_mask_per_tensor(Tensor[] scores, int[] k) -> Tensor[]");
-  // Keep the (active - n) best active entries by prune_score, grow the n best of the rest by
-  // grow_score; zero weight off the new mask and at new positions, zero `state` at new positions.
+  // The drop-and-grow update of a list of layers (contract: sparsekern.ops.prune_grow). Per segment
+  // (each layer, or the whole list when global_scope) keep the (active - n) best active entries by
+  // prune score, grow the n best of the rest by grow score (scores ranked by |score| when *_abs);
+  // zero each weight and its `state` tensors off the new mask and at newly grown entries, and its
+  // `masked` tensors off the new mask. state_layers / masked_layers give each such tensor's layer;
+  // `active`, when given, is the caller's active count per segment. The new masks are written into
+  // `new_masks` (contiguous bool tensors shaped like the masks): a mutating op cannot return a list
+  // and still work under torch.compile.
   m.def(
-      "prune_grow(Tensor(a!) weight, Tensor mask, Tensor prune_score, Tensor grow_score, int n, "
-      "Tensor(b!)[] state) -> Tensor");
+      "prune_grow(Tensor(a!)[] weights, Tensor[] masks, Tensor[] prune_scores, Tensor[] grow_scores, int[] n, "
+      "bool global_scope, Tensor(b!)[] state, int[] state_layers, Tensor(c!)[] masked, int[] masked_layers, "
+      "int[]? active, bool prune_abs, bool grow_abs, Tensor(d!)[] new_masks) -> ()");
   // y = x @ W.T (+ bias) for W packed by sparsekern.ops.pack (bitmap, values, chunk_offsets:
   // layout in sparsekern/ops/packing.py); x is (..., in_features), y is (..., out_features).
   m.def(

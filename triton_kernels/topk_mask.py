@@ -60,8 +60,10 @@ ALL_NUMBERS, WHERE_TRUE, WHERE_FALSE = 0, 1, 2
 
 
 @triton.jit
-def order_key(x, KEY_BITS: tl.constexpr):
-    """Unsigned keys whose order is the selection order (NaN -> 0, below every number)."""
+def order_key(x, KEY_BITS: tl.constexpr, ABS: tl.constexpr = False):
+    """Unsigned keys whose order is the selection order (NaN -> 0, below every number); of |x| with ABS."""
+    if ABS:
+        x = tl.abs(x)
     if KEY_BITS == 16:
         bits = x.to(tl.uint16, bitcast=True).to(tl.uint32)
         sign = 0x8000
@@ -82,19 +84,21 @@ def order_key(x, KEY_BITS: tl.constexpr):
 @triton.jit
 def _block_keys(block_tensor_ptr, block_start_ptr, score_ptrs, numel_ptr, segment_ptr, eligible_ptrs,
                 SCORE_DTYPE: tl.constexpr, KEY_BITS: tl.constexpr, ELIGIBLE: tl.constexpr,
-                BLOCK: tl.constexpr):
+                BLOCK: tl.constexpr, ABS: tl.constexpr):
     """This program's block: (keys, eligible, flat offsets in its tensor, tensor index, segment)."""
     block = tl.program_id(0)
     tensor = tl.load(block_tensor_ptr + block)
-    offs = tl.load(block_start_ptr + block) + tl.arange(0, BLOCK)
+    # int64 offsets: a tensor may hold 2^31 entries or more.
+    offs = tl.load(block_start_ptr + block).to(tl.int64) + tl.arange(0, BLOCK)
     in_bounds = offs < tl.load(numel_ptr + tensor)
     scores = tl.load(score_ptrs + tensor).to(tl.pointer_type(SCORE_DTYPE))
     x = tl.load(scores + offs, mask=in_bounds, other=0)
-    key = order_key(x, KEY_BITS)
+    key = order_key(x, KEY_BITS, ABS)
     if ELIGIBLE == 0:
         eligible = in_bounds & (key != 0)
     else:
-        flags = tl.load(tl.load(eligible_ptrs + tensor).to(tl.pointer_type(tl.int1)) + offs,
+        # Flags read as bytes: any non-zero byte of a bool tensor is True, as torch reads it.
+        flags = tl.load(tl.load(eligible_ptrs + tensor).to(tl.pointer_type(tl.uint8)) + offs,
                         mask=in_bounds, other=0)
         if ELIGIBLE == 1:
             eligible = in_bounds & (flags != 0)
@@ -118,10 +122,10 @@ def _segment_threshold(prefix_ptr, segment, KEY_BITS: tl.constexpr):
 def _histogram_kernel(block_tensor_ptr, block_start_ptr, score_ptrs, numel_ptr, segment_ptr, eligible_ptrs,
                       prefix_ptr, hist_ptr,
                       SHIFT: tl.constexpr, SCORE_DTYPE: tl.constexpr, KEY_BITS: tl.constexpr,
-                      ELIGIBLE: tl.constexpr, BLOCK: tl.constexpr, BINS: tl.constexpr):
+                      ELIGIBLE: tl.constexpr, BLOCK: tl.constexpr, BINS: tl.constexpr, ABS: tl.constexpr):
     key, eligible, offs, tensor, segment = _block_keys(
         block_tensor_ptr, block_start_ptr, score_ptrs, numel_ptr, segment_ptr, eligible_ptrs,
-        SCORE_DTYPE, KEY_BITS, ELIGIBLE, BLOCK)
+        SCORE_DTYPE, KEY_BITS, ELIGIBLE, BLOCK, ABS)
     if SHIFT + 8 < KEY_BITS:
         prefix = _segment_threshold(prefix_ptr, segment, KEY_BITS)
         eligible = eligible & ((key >> (SHIFT + 8)) == (prefix >> (SHIFT + 8)))
@@ -133,11 +137,14 @@ def _histogram_kernel(block_tensor_ptr, block_start_ptr, score_ptrs, numel_ptr, 
 
 
 @triton.jit
-def _choose_digit_kernel(hist_ptr, prefix_ptr, remaining_ptr, SHIFT: tl.constexpr, BINS: tl.constexpr):
+def _choose_digit_kernel(hist_ptr, prefix_ptr, remaining_ptr, SHIFT: tl.constexpr, BINS: tl.constexpr,
+                         COMPLEMENT: tl.constexpr):
     segment = tl.program_id(0)
     bins = tl.arange(0, BINS)
     hist = tl.load(hist_ptr + segment * BINS + bins).to(tl.int64)
     remaining = tl.load(remaining_ptr + segment)
+    if COMPLEMENT:  # the first round: `remaining` held how many eligible entries to leave out
+        remaining = tl.sum(hist, axis=0) - remaining
     above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0)  # entries in bins above each bin
     # The highest digit whose bin reaches `remaining` counting from the top (0 if none can: the
     # caller reports that k exceeds what is eligible).
@@ -151,10 +158,10 @@ def _choose_digit_kernel(hist_ptr, prefix_ptr, remaining_ptr, SHIFT: tl.constexp
 def _count_ties_kernel(block_tensor_ptr, block_start_ptr, score_ptrs, numel_ptr, segment_ptr, eligible_ptrs,
                        prefix_ptr, ties_ptr,
                        SCORE_DTYPE: tl.constexpr, KEY_BITS: tl.constexpr, ELIGIBLE: tl.constexpr,
-                       BLOCK: tl.constexpr):
+                       BLOCK: tl.constexpr, ABS: tl.constexpr):
     key, eligible, offs, tensor, segment = _block_keys(
         block_tensor_ptr, block_start_ptr, score_ptrs, numel_ptr, segment_ptr, eligible_ptrs,
-        SCORE_DTYPE, KEY_BITS, ELIGIBLE, BLOCK)
+        SCORE_DTYPE, KEY_BITS, ELIGIBLE, BLOCK, ABS)
     threshold = _segment_threshold(prefix_ptr, segment, KEY_BITS)
     tl.store(ties_ptr + tl.program_id(0), tl.sum((eligible & (key == threshold)).to(tl.int64), axis=0))
 
@@ -163,10 +170,10 @@ def _count_ties_kernel(block_tensor_ptr, block_start_ptr, score_ptrs, numel_ptr,
 def _write_mask_kernel(block_tensor_ptr, block_start_ptr, score_ptrs, numel_ptr, segment_ptr, eligible_ptrs,
                        prefix_ptr, remaining_ptr, ties_before_ptr, segment_first_block_ptr, out_ptrs,
                        SCORE_DTYPE: tl.constexpr, KEY_BITS: tl.constexpr, ELIGIBLE: tl.constexpr,
-                       BLOCK: tl.constexpr):
+                       BLOCK: tl.constexpr, ABS: tl.constexpr):
     key, eligible, offs, tensor, segment = _block_keys(
         block_tensor_ptr, block_start_ptr, score_ptrs, numel_ptr, segment_ptr, eligible_ptrs,
-        SCORE_DTYPE, KEY_BITS, ELIGIBLE, BLOCK)
+        SCORE_DTYPE, KEY_BITS, ELIGIBLE, BLOCK, ABS)
     threshold = _segment_threshold(prefix_ptr, segment, KEY_BITS)
     tie = eligible & (key == threshold)
     # Rank of each tie in flat order within its segment.
@@ -174,8 +181,8 @@ def _write_mask_kernel(block_tensor_ptr, block_start_ptr, score_ptrs, numel_ptr,
                 - tl.load(ties_before_ptr + tl.load(segment_first_block_ptr + segment))
                 + tl.cumsum(tie.to(tl.int64), axis=0) - tie.to(tl.int64))
     selected = (eligible & (key > threshold)) | (tie & (tie_rank < tl.load(remaining_ptr + segment)))
-    out = tl.load(out_ptrs + tensor).to(tl.pointer_type(tl.int1))
-    tl.store(out + offs, selected, mask=offs < tl.load(numel_ptr + tensor))
+    out = tl.load(out_ptrs + tensor).to(tl.pointer_type(tl.uint8))
+    tl.store(out + offs, selected.to(tl.uint8), mask=offs < tl.load(numel_ptr + tensor))
 
 
 def _pointers(tensors: Sequence[Tensor]) -> Tensor:
@@ -183,17 +190,30 @@ def _pointers(tensors: Sequence[Tensor]) -> Tensor:
     return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
 
 
+def to_device(table: Tensor, device: torch.device) -> Tensor:
+    """A host table on `device`: from pinned memory without waiting on a GPU, as is on the CPU."""
+    if device.type != "cuda":
+        return table.to(device)
+    return table.pin_memory().to(device, non_blocking=True)
+
+
 def select(scores: Sequence[Tensor], counts: Tensor, segments: Sequence[int],
-           eligible_mode: int = ALL_NUMBERS, eligible: Sequence[Tensor] | None = None) -> tuple[list[Tensor], Tensor]:
+           eligible_mode: int = ALL_NUMBERS, eligible: Sequence[Tensor] | None = None, absolute: bool = False,
+           complement: bool = False) -> tuple[list[Tensor], Tensor]:
     """Bool masks of the best entries of each segment, and how many entries each segment had eligible.
 
     Args:
         scores: contiguous tensors of one float dtype on one device, read in flat order.
         counts: int64 tensor on the host or that device, entries to select per segment (at most the
-            eligible count: the caller checks with the returned counts).
+            eligible count: the caller checks with the returned counts), or with `complement` the
+            eligible entries to leave out (prune_grow's keep step: its eligible count is found on
+            the device).
         segments: per tensor, the index of its segment; a segment's tensors must be consecutive.
         eligible_mode, eligible: which entries may be selected (see the module docstring); `eligible`
-            holds one contiguous bool tensor per score tensor for modes WHERE_TRUE and WHERE_FALSE.
+            holds one contiguous bool tensor per score tensor for modes WHERE_TRUE and WHERE_FALSE
+            (read as bytes: any non-zero byte is True).
+        absolute: rank |score| instead of score.
+    Nothing is read back to the host: the tables travel in one copy (from pinned memory on a GPU).
     """
     device = scores[0].device
     outputs = [torch.empty(s.shape, dtype=torch.bool, device=device) for s in scores]
@@ -218,19 +238,21 @@ def select(scores: Sequence[Tensor], counts: Tensor, segments: Sequence[int],
     if counts.device.type == "cpu":
         names.append("remaining")
         parts.append(counts)
-    packed = torch.cat([part.to(torch.int64) for part in parts]).to(device)
+    packed = to_device(torch.cat([part.to(torch.int64) for part in parts]), device)
     tables = dict(zip(names, packed.split([part.numel() for part in parts])))
     prefix, segment_first_block, out_ptrs = tables.pop("prefix"), tables.pop("segment_first_block_ptr"), \
         tables.pop("out_ptrs")
     remaining = tables.pop("remaining") if "remaining" in tables else counts.to(torch.int64, copy=True)
-    meta = dict(SCORE_DTYPE=_TL_DTYPE[scores[0].dtype], KEY_BITS=key_bits, ELIGIBLE=eligible_mode, BLOCK=BLOCK)
+    meta = dict(SCORE_DTYPE=_TL_DTYPE[scores[0].dtype], KEY_BITS=key_bits, ELIGIBLE=eligible_mode, BLOCK=BLOCK,
+                ABS=absolute)
     grid = (len(block_tensor),)
     rounds = key_bits // 8
     hist = torch.zeros((rounds, segment_count, BINS), dtype=torch.int32, device=device)
     for round_ in range(rounds):
         shift = key_bits - 8 * (round_ + 1)
         _histogram_kernel[grid](**tables, prefix_ptr=prefix, hist_ptr=hist[round_], SHIFT=shift, BINS=BINS, **meta)
-        _choose_digit_kernel[(segment_count,)](hist[round_], prefix, remaining, SHIFT=shift, BINS=BINS)
+        _choose_digit_kernel[(segment_count,)](hist[round_], prefix, remaining, SHIFT=shift, BINS=BINS,
+                                               COMPLEMENT=complement and round_ == 0)
     ties = torch.empty(len(block_tensor), dtype=torch.int64, device=device)
     _count_ties_kernel[grid](**tables, prefix_ptr=prefix, ties_ptr=ties, **meta)
     ties_before = ties.cumsum(0) - ties

@@ -1,7 +1,10 @@
-// prune_grow on CUDA: two radix selections and one fused finishing pass, no host synchronization.
-//   1. keep: the (active - n) best active entries by prune_score; written into new_mask.
-//   2. grow: the n best entries outside the kept set by grow_score; its mask pass also writes the
-//      final mask and zeroes weight and optimizer state in place, so no extra pass is needed.
+// prune_grow on CUDA for a list of layers: two radix selections over every layer at once and a fused
+// finishing pass, a fixed number of launches whatever the number of layers, no host synchronization.
+//   1. keep: per segment, the (active - n) best active entries by prune score; written into the new
+//      masks. The active count is found on the device, in the first histogram pass.
+//   2. grow: per segment, the n best entries outside the kept set by grow score; its mask pass also
+//      writes the final masks and zeroes weights, optimizer state and masked tensors in place.
+// Every table (tensors, segments, layers, targets, strides) is uploaded through kernel parameters.
 // Torch-free; the torch glue is prune_grow_cuda.cpp. Pass structure and cost: README.md here.
 #include <vector>
 
@@ -11,46 +14,49 @@
 namespace sparsekern::cuda {
 namespace {
 
+using radix::HostTable;
 using radix::SegmentState;
 using radix::TensorEntry;
 
-struct StateTensor {
-  void* data;
-  int bytes;
+// What the finishing pass needs of each layer: its old mask, its new mask and its targets.
+struct LayerOutputs {
+  TensorRef old_mask;
+  uint8_t* new_mask;
+  int first_target;
+  int num_targets;
 };
 
-__device__ __forceinline__ void write_zero(void* data, int bytes, int64_t i) {
-  // All-zero bits are +0.0 in every IEEE format.
+__device__ __forceinline__ void write_zero(void* data, int bytes, int64_t offset) {
   switch (bytes) {
-    case 2: static_cast<uint16_t*>(data)[i] = 0; break;
-    case 4: static_cast<uint32_t*>(data)[i] = 0; break;
-    default: static_cast<uint64_t*>(data)[i] = 0; break;
+    case 2: static_cast<uint16_t*>(data)[offset] = 0; break;
+    case 4: static_cast<uint32_t*>(data)[offset] = 0; break;
+    default: static_cast<uint64_t*>(data)[offset] = 0; break;
   }
 }
 
 struct WriteKept {
-  bool* kept;
-  __device__ void operator()(int, int64_t i, bool selected) const { kept[i] = selected; }
+  const LayerOutputs* layers;
+  __device__ __forceinline__ void operator()(int tensor, int64_t i, bool selected) const { layers[tensor].new_mask[i] = selected; }
 };
 
-// new = kept | grown; weight 0 off new and at newly grown entries; state 0 at newly grown entries.
-// `mask` (the old mask) is read only; new_mask held `kept` and is overwritten entry by entry by
-// the same thread that read it.
+// new = kept | grown; targets like the weight become 0 off new and where they were inactive
+// (newly grown entries, and entries off both masks); masked targets become 0 off new. The new mask
+// holds `kept` until the thread handling an entry overwrites it.
 struct Finish {
-  const bool* mask;
-  bool* new_mask;
-  void* weight;
-  int weight_bytes;
-  const StateTensor* state;
-  int num_state;
-  __device__ void operator()(int, int64_t i, bool grown) const {
-    const bool kept = new_mask[i];
-    const bool now = kept || grown;
-    const bool newly_grown = grown && !mask[i];
-    new_mask[i] = now;
-    if (!now || newly_grown) write_zero(weight, weight_bytes, i);
-    if (newly_grown) {
-      for (int s = 0; s < num_state; ++s) write_zero(state[s].data, state[s].bytes, i);
+  const LayerOutputs* layers;
+  const ZeroTarget* targets;
+  const Strides* strides;
+  __device__ __forceinline__ void operator()(int tensor, int64_t i, bool grown) const {
+    const LayerOutputs& layer = layers[tensor];
+    const bool now = layer.new_mask[i] != 0 || grown;
+    const bool was = __ldg(static_cast<const uint8_t*>(layer.old_mask.data) +
+                           radix::offset_of(layer.old_mask, strides, i)) != 0;
+    layer.new_mask[i] = now;
+    for (int t = layer.first_target; t < layer.first_target + layer.num_targets; ++t) {
+      const ZeroTarget target = targets[t];
+      if (!now || (target.like_weight && !was)) {
+        write_zero(target.ref.data, target.bytes, radix::offset_of(target.ref, strides, i));
+      }
     }
   }
 };
@@ -58,79 +64,156 @@ struct Finish {
 struct PruneGrowBody {
   radix::SelectTable keep;
   radix::SelectTable grow;
+  int num_segments;
   const radix::Workspace& workspace;
+  WriteKept write_kept;
   Finish finish;
   cudaStream_t stream;
 
   template <typename Bits, Bits kInfBits>
   cudaError_t operator()() const {
     const int last = radix::num_passes<Bits>();
-    cudaError_t error = radix::run_passes<Bits, kInfBits>(keep, 1, 0, last, stream);
-    if (error == cudaSuccess) {
-      error = radix::run_mask<Bits, kInfBits>(keep, workspace, WriteKept{finish.new_mask}, stream);
-    }
-    if (error == cudaSuccess) error = radix::run_passes<Bits, kInfBits>(grow, 1, 0, last, stream);
+    cudaError_t error = radix::run_passes<Bits, kInfBits>(keep, num_segments, 0, last, stream);
+    if (error == cudaSuccess) error = radix::run_mask<Bits, kInfBits>(keep, workspace, write_kept, stream);
+    if (error == cudaSuccess) error = radix::run_passes<Bits, kInfBits>(grow, num_segments, 0, last, stream);
     if (error == cudaSuccess) error = radix::run_mask<Bits, kInfBits>(grow, workspace, finish, stream);
     return error;
   }
 };
 
-}  // namespace
+// The uploaded tables of one call, and their offsets in the upload.
+struct Tables {
+  HostTable host;
+  size_t entries = 0, states = 0, strides = 0, layers = 0, targets = 0;
+  int64_t num_tiles = 0;
+  int num_segments = 0;
+};
 
-size_t prune_grow_workspace_bytes(FloatType score_type, int64_t numel, int num_state) {
-  // Two selections (keep, grow) of one tensor each, plus the table of optimizer-state tensors.
-  return radix::layout_workspace(nullptr, 1, 1, radix::tiles_of(numel), 2,
-                                 radix::candidate_capacity(score_type, numel, 1) * radix::key_bytes(score_type),
-                                 sizeof(StateTensor) * num_state, nullptr);
+bool aligned16(const void* pointer) { return reinterpret_cast<uintptr_t>(pointer) % 16 == 0; }
+
+Tables build_tables(const PruneGrowLayer* layers, int num_layers, const int64_t* n, bool global_scope,
+                    const ZeroTarget* targets, int num_targets, const Strides* strides, int num_strides) {
+  Tables tables;
+  tables.num_segments = global_scope ? 1 : num_layers;
+  // Keep entries (scores: prune, flags: the old mask), then grow entries (scores: grow, flags: the
+  // new mask holding `kept`, selected where zero), over the same tiles.
+  std::vector<TensorEntry> entries(2 * num_layers);
+  std::vector<SegmentState> states(2 * tables.num_segments, SegmentState{});
+  std::vector<LayerOutputs> outputs(num_layers);
+  int64_t tile = 0;
+  int target = 0;
+  for (int l = 0; l < num_layers; ++l) {
+    const PruneGrowLayer& layer = layers[l];
+    const int segment = global_scope ? 0 : l;
+    if (l == 0 || !global_scope) {
+      states[segment].first_tile = tile;
+      states[tables.num_segments + segment].first_tile = tile;
+    }
+    const int vector_keep = layer.prune_score.strides < 0 && layer.mask.strides < 0 &&
+                            aligned16(layer.prune_score.data) && aligned16(layer.mask.data);
+    const int vector_grow = layer.grow_score.strides < 0 && aligned16(layer.grow_score.data) &&
+                            aligned16(layer.new_mask);
+    entries[l] = TensorEntry{layer.prune_score, layer.mask, layer.numel, tile, segment, vector_keep};
+    entries[num_layers + l] = TensorEntry{layer.grow_score, TensorRef{layer.new_mask, -1}, layer.numel, tile,
+                                          segment, vector_grow};
+    const int first = target;
+    while (target < num_targets && targets[target].layer == l) ++target;
+    outputs[l] = LayerOutputs{layer.mask, reinterpret_cast<uint8_t*>(layer.new_mask), first, target - first};
+    tile += radix::tiles_of(layer.numel);
+  }
+  for (int s = 0; s < tables.num_segments; ++s) {
+    SegmentState& keep = states[s];
+    keep.k = n[s];
+    keep.k_is_complement = 1;
+    SegmentState& grow = states[tables.num_segments + s];
+    grow.k = n[s];
+    grow.select_none = n[s] == 0;
+  }
+  tables.num_tiles = tile;
+  tables.entries = tables.host.append(entries.data(), entries.size());
+  tables.states = tables.host.append(states.data(), states.size());
+  tables.strides = tables.host.append(strides, num_strides);
+  tables.layers = tables.host.append(outputs.data(), outputs.size());
+  tables.targets = tables.host.append(targets, num_targets);
+  return tables;
 }
 
-cudaError_t prune_grow_cuda(FloatType score_type, const void* prune_score, const void* grow_score,
-                            const bool* mask, int64_t numel, int64_t n, void* weight,
-                            int weight_bytes, void* const* state, const int* state_bytes,
-                            int num_state, bool* new_mask, void* workspace,
-                            size_t workspace_bytes, cudaStream_t stream) {
-  if (numel == 0) return cudaSuccess;
-  const int64_t num_tiles = radix::tiles_of(numel);
+size_t workspace_bytes(FloatType score_type, const Tables& tables, int64_t total_numel) {
+  const radix::u64 capacity = radix::candidate_capacity(score_type, total_numel, tables.num_segments);
+  return radix::layout_workspace(nullptr, tables.host.size(), tables.num_segments, tables.num_tiles,
+                                 capacity * radix::key_bytes(score_type), nullptr);
+}
+
+int64_t total_numel(const PruneGrowLayer* layers, int num_layers) {
+  int64_t total = 0;
+  for (int l = 0; l < num_layers; ++l) total += layers[l].numel;
+  return total;
+}
+
+}  // namespace
+
+size_t prune_grow_workspace_bytes(FloatType score_type, const PruneGrowLayer* layers, int num_layers,
+                                  bool global_scope, int num_targets, int num_strides) {
+  // The tables' size does not depend on their contents: measure with placeholders.
+  std::vector<int64_t> n(global_scope ? 1 : num_layers, 0);
+  std::vector<ZeroTarget> targets(num_targets, ZeroTarget{TensorRef{nullptr, -1}, 4, num_layers, 0});
+  std::vector<Strides> strides(num_strides);
+  const Tables tables = build_tables(layers, num_layers, n.data(), global_scope, targets.data(), num_targets,
+                                     strides.data(), num_strides);
+  return workspace_bytes(score_type, tables, total_numel(layers, num_layers));
+}
+
+cudaError_t prune_grow_cuda(FloatType score_type, const PruneGrowLayer* layers, int num_layers, const int64_t* n,
+                            bool global_scope, const ZeroTarget* targets, int num_targets, const Strides* strides,
+                            int num_strides, bool prune_abs, bool grow_abs, void* workspace,
+                            size_t workspace_bytes_given, cudaStream_t stream) {
+  if (num_layers == 0) return cudaSuccess;
+  const Tables tables = build_tables(layers, num_layers, n, global_scope, targets, num_targets, strides,
+                                     num_strides);
+  const int64_t total = total_numel(layers, num_layers);
+  if (tables.num_tiles == 0) return cudaSuccess;
+  if (workspace_bytes(score_type, tables, total) > workspace_bytes_given) return cudaErrorInvalidValue;
   radix::Workspace space;
-  const radix::u64 capacity = radix::candidate_capacity(score_type, numel, 1);
-  const size_t needed = radix::layout_workspace(workspace, 1, 1, num_tiles, 2,
-                                                capacity * radix::key_bytes(score_type),
-                                                sizeof(StateTensor) * num_state, &space);
-  if (needed > workspace_bytes) return cudaErrorInvalidValue;
-
-  // Keep: eligible where the old mask is set; k counts the active entries left out (n), so the
-  // active count is found on the device, in the first histogram pass.
-  // Grow: eligible where new_mask (holding `kept` by then) is false.
-  TensorEntry entries[2] = {TensorEntry{prune_score, mask, numel, 0, 0},
-                            TensorEntry{grow_score, new_mask, numel, 0, 0}};
-  SegmentState states[2] = {};
-  states[0].k = n;
-  states[0].k_is_complement = 1;
-  states[1].k = n;
-  states[1].select_none = n == 0;
-  std::vector<StateTensor> tables(num_state);
-  for (int s = 0; s < num_state; ++s) tables[s] = StateTensor{state[s], state_bytes[s]};
-  auto* state_table = static_cast<StateTensor*>(space.extra);
-
-  cudaError_t error = cudaMemcpyAsync(space.tensors, entries, sizeof(entries), cudaMemcpyHostToDevice, stream);
+  const radix::u64 capacity = radix::candidate_capacity(score_type, total, tables.num_segments);
+  radix::layout_workspace(workspace, tables.host.size(), tables.num_segments, tables.num_tiles,
+                          capacity * radix::key_bytes(score_type), &space);
+  cudaError_t error = radix::upload(space.table, tables.host.data(), tables.host.size(), stream);
   if (error == cudaSuccess) {
-    error = cudaMemcpyAsync(space.states, states, sizeof(states), cudaMemcpyHostToDevice, stream);
-  }
-  if (error == cudaSuccess && num_state > 0) {
-    error = cudaMemcpyAsync(state_table, tables.data(), sizeof(StateTensor) * num_state, cudaMemcpyHostToDevice, stream);
-  }
-  if (error == cudaSuccess) {
-    error = cudaMemsetAsync(space.hist, 0, sizeof(radix::u64) * radix::kBins, stream);
+    error = cudaMemsetAsync(space.hist, 0, sizeof(radix::u64) * radix::kBins * tables.num_segments, stream);
   }
   if (error != cudaSuccess) return error;
-  const radix::SelectTable keep{space.tensors,     1,    num_tiles,        space.states,
-                                space.hist,        space.tie_counts, space.tie_offsets,
-                                false,             space.candidates, capacity};
-  const radix::SelectTable grow{space.tensors + 1, 1,    num_tiles,        space.states + 1,
-                                space.hist,        space.tie_counts, space.tie_offsets,
-                                true,              space.candidates, capacity};
-  const Finish finish{mask, new_mask, weight, weight_bytes, state_table, num_state};
-  return radix::dispatch_float(score_type, PruneGrowBody{keep, grow, space, finish, stream});
+  auto* entries = HostTable::at<TensorEntry>(space.table, tables.entries);
+  auto* states = HostTable::at<SegmentState>(space.table, tables.states);
+  const auto* device_strides = HostTable::at<Strides>(space.table, tables.strides);
+  const auto* outputs = HostTable::at<LayerOutputs>(space.table, tables.layers);
+  const auto* device_targets = HostTable::at<ZeroTarget>(space.table, tables.targets);
+  const radix::SelectTable keep{entries,
+                                num_layers,
+                                tables.num_tiles,
+                                states,
+                                device_strides,
+                                space.hist,
+                                space.tie_counts,
+                                space.tie_offsets,
+                                /*invert_eligible=*/0,
+                                prune_abs,
+                                space.candidates,
+                                capacity};
+  const radix::SelectTable grow{entries + num_layers,
+                                num_layers,
+                                tables.num_tiles,
+                                states + tables.num_segments,
+                                device_strides,
+                                space.hist,
+                                space.tie_counts,
+                                space.tie_offsets,
+                                /*invert_eligible=*/1,
+                                grow_abs,
+                                space.candidates,
+                                capacity};
+  return radix::dispatch_float(score_type,
+                               PruneGrowBody{keep, grow, tables.num_segments, space, WriteKept{outputs},
+                                             Finish{outputs, device_targets, device_strides}, stream});
 }
 
 }  // namespace sparsekern::cuda

@@ -9,12 +9,13 @@
 namespace sparsekern::cuda {
 namespace {
 
+using radix::HostTable;
 using radix::SegmentState;
 using radix::TensorEntry;
 
 struct WriteMask {
-  bool* const* masks;  // device table, one output per tensor
-  __device__ void operator()(int tensor, int64_t i, bool selected) const { masks[tensor][i] = selected; }
+  bool* const* masks;  // device table, one contiguous output per tensor
+  __device__ __forceinline__ void operator()(int tensor, int64_t i, bool selected) const { masks[tensor][i] = selected; }
 };
 
 struct TopkBody {
@@ -22,6 +23,7 @@ struct TopkBody {
   const radix::Workspace& workspace;
   bool* const* device_masks;
   int num_segments;
+  SegmentState* pinned_states;
   int* short_segment;
   int64_t* available;
   const int64_t* numel_per_segment;
@@ -32,15 +34,14 @@ struct TopkBody {
     cudaError_t error = radix::run_passes<Bits, kInfBits>(table, num_segments, 0, 0, stream);
     if (error != cudaSuccess) return error;
     // NaN is never selected: a segment asking for more than its numbers must raise, before any
-    // mask is written.
-    std::vector<SegmentState> states(num_segments);
-    error = cudaMemcpyAsync(states.data(), workspace.states, sizeof(SegmentState) * num_segments,
+    // mask is written. The one read back of the op, into pinned memory.
+    error = cudaMemcpyAsync(pinned_states, table.states, sizeof(SegmentState) * num_segments,
                             cudaMemcpyDeviceToHost, stream);
     if (error == cudaSuccess) error = cudaStreamSynchronize(stream);
     if (error != cudaSuccess) return error;
     for (int s = 0; s < num_segments; ++s) {
-      const int64_t numbers = numel_per_segment[s] - int64_t(states[s].nan_count);
-      if (states[s].k > numbers) {
+      const int64_t numbers = numel_per_segment[s] - int64_t(pinned_states[s].nan_count);
+      if (pinned_states[s].k > numbers) {
         *short_segment = s;
         *available = numbers;
         return cudaSuccess;
@@ -52,77 +53,107 @@ struct TopkBody {
   }
 };
 
-int64_t total_tiles(const int64_t* numels, int num_tensors) {
-  int64_t tiles = 0;
-  for (int t = 0; t < num_tensors; ++t) tiles += radix::tiles_of(numels[t]);
-  return tiles;
-}
+struct Tables {
+  HostTable host;
+  size_t entries = 0, states = 0, strides = 0, masks = 0;
+  int64_t num_tiles = 0;
+  std::vector<int64_t> numel_per_segment;
+};
 
-size_t candidate_bytes(FloatType type, const int64_t* numels, int num_tensors, int num_segments) {
-  int64_t total = 0;
-  for (int t = 0; t < num_tensors; ++t) total += numels[t];
-  return radix::candidate_capacity(type, total, num_segments) * radix::key_bytes(type);
-}
-
-}  // namespace
-
-size_t topk_mask_workspace_bytes(FloatType type, const int64_t* numels, int num_tensors, int num_segments) {
-  return radix::layout_workspace(nullptr, num_tensors, num_segments, total_tiles(numels, num_tensors), 1,
-                                 candidate_bytes(type, numels, num_tensors, num_segments),
-                                 sizeof(bool*) * num_tensors, nullptr);
-}
-
-cudaError_t topk_mask_cuda(FloatType type, const void* const* scores, bool* const* masks,
-                           const int64_t* numels, int num_tensors, const int* segment_of_tensor,
-                           const int64_t* k_per_segment, int num_segments, void* workspace,
-                           size_t workspace_bytes, int* short_segment, int64_t* available,
-                           cudaStream_t stream) {
-  *short_segment = -1;
-  *available = 0;
-  if (num_tensors == 0) return cudaSuccess;
-  const int64_t num_tiles = total_tiles(numels, num_tensors);
-  radix::Workspace space;
-  const size_t candidates = candidate_bytes(type, numels, num_tensors, num_segments);
-  if (radix::layout_workspace(workspace, num_tensors, num_segments, num_tiles, 1, candidates,
-                              sizeof(bool*) * num_tensors, &space) > workspace_bytes) {
-    return cudaErrorInvalidValue;
-  }
-  // Host images of the tables, copied in one go (pageable copies return once the source is read).
+Tables build_tables(const TensorRef* scores, bool* const* masks, const int64_t* numels, int num_tensors,
+                    const int* segment_of_tensor, const int64_t* k_per_segment, int num_segments,
+                    const Strides* strides, int num_strides) {
+  Tables tables;
   std::vector<TensorEntry> entries(num_tensors);
-  std::vector<SegmentState> states(num_segments);
-  std::vector<int64_t> numel_per_segment(num_segments, 0);
+  std::vector<SegmentState> states(num_segments, SegmentState{});
+  tables.numel_per_segment.assign(num_segments, 0);
   int64_t tile = 0;
   for (int t = 0; t < num_tensors; ++t) {
     const int s = segment_of_tensor[t];
-    entries[t] = TensorEntry{scores[t], nullptr, numels[t], tile, s};
+    const int vectorized = scores[t].strides < 0 && reinterpret_cast<uintptr_t>(scores[t].data) % 16 == 0;
+    entries[t] = TensorEntry{scores[t], TensorRef{nullptr, -1}, numels[t], tile, s, vectorized};
     if (t == 0 || segment_of_tensor[t - 1] != s) states[s].first_tile = tile;
-    numel_per_segment[s] += numels[t];
+    tables.numel_per_segment[s] += numels[t];
     tile += radix::tiles_of(numels[t]);
   }
   for (int s = 0; s < num_segments; ++s) {
     states[s].k = k_per_segment[s];
     states[s].select_none = k_per_segment[s] == 0;
   }
-  cudaError_t error = cudaMemcpyAsync(space.tensors, entries.data(), sizeof(TensorEntry) * num_tensors,
-                                      cudaMemcpyHostToDevice, stream);
-  if (error == cudaSuccess) {
-    error = cudaMemcpyAsync(space.states, states.data(), sizeof(SegmentState) * num_segments,
-                            cudaMemcpyHostToDevice, stream);
-  }
-  if (error == cudaSuccess) {
-    error = cudaMemcpyAsync(space.extra, masks, sizeof(bool*) * num_tensors, cudaMemcpyHostToDevice, stream);
-  }
+  tables.num_tiles = tile;
+  tables.entries = tables.host.append(entries.data(), entries.size());
+  tables.states = tables.host.append(states.data(), states.size());
+  tables.strides = tables.host.append(strides, num_strides);
+  tables.masks = tables.host.append(masks, num_tensors);
+  return tables;
+}
+
+radix::u64 capacity_of(FloatType type, const Tables& tables, int num_segments) {
+  int64_t total = 0;
+  for (int64_t numel : tables.numel_per_segment) total += numel;
+  return radix::candidate_capacity(type, total, num_segments);
+}
+
+size_t workspace_bytes(FloatType type, const Tables& tables, int num_segments) {
+  return radix::layout_workspace(nullptr, tables.host.size(), num_segments, tables.num_tiles,
+                                 capacity_of(type, tables, num_segments) * radix::key_bytes(type), nullptr);
+}
+
+}  // namespace
+
+size_t topk_mask_workspace_bytes(FloatType type, const int64_t* numels, int num_tensors, int num_segments,
+                                 int num_strides) {
+  // The tables' size does not depend on their contents: measure with placeholders.
+  std::vector<TensorRef> scores(num_tensors, TensorRef{nullptr, -1});
+  std::vector<bool*> masks(num_tensors, nullptr);
+  std::vector<int> segment_of_tensor(num_tensors);
+  for (int t = 0; t < num_tensors; ++t) segment_of_tensor[t] = num_segments == 1 ? 0 : t;
+  std::vector<int64_t> k(num_segments, 0);
+  std::vector<Strides> strides(num_strides);
+  const Tables tables = build_tables(scores.data(), masks.data(), numels, num_tensors, segment_of_tensor.data(),
+                                     k.data(), num_segments, strides.data(), num_strides);
+  return workspace_bytes(type, tables, num_segments);
+}
+
+size_t topk_mask_pinned_bytes(int num_segments) { return sizeof(SegmentState) * num_segments; }
+
+cudaError_t topk_mask_cuda(FloatType type, const TensorRef* scores, bool* const* masks, const int64_t* numels,
+                           int num_tensors, const int* segment_of_tensor, const int64_t* k_per_segment,
+                           int num_segments, const Strides* strides, int num_strides, void* workspace,
+                           size_t workspace_bytes_given, void* pinned, int* short_segment, int64_t* available,
+                           cudaStream_t stream) {
+  *short_segment = -1;
+  *available = 0;
+  if (num_tensors == 0) return cudaSuccess;
+  const Tables tables = build_tables(scores, masks, numels, num_tensors, segment_of_tensor, k_per_segment,
+                                     num_segments, strides, num_strides);
+  if (workspace_bytes(type, tables, num_segments) > workspace_bytes_given) return cudaErrorInvalidValue;
+  const radix::u64 capacity = capacity_of(type, tables, num_segments);
+  radix::Workspace space;
+  radix::layout_workspace(workspace, tables.host.size(), num_segments, tables.num_tiles,
+                          capacity * radix::key_bytes(type), &space);
+  cudaError_t error = radix::upload(space.table, tables.host.data(), tables.host.size(), stream);
   if (error == cudaSuccess) {
     error = cudaMemsetAsync(space.hist, 0, sizeof(radix::u64) * radix::kBins * num_segments, stream);
   }
   if (error != cudaSuccess) return error;
-  const radix::SelectTable table{space.tensors,     num_tensors,      num_tiles,
-                                 space.states,      space.hist,       space.tie_counts,
-                                 space.tie_offsets, false,            space.candidates,
-                                 candidates / radix::key_bytes(type)};
+  auto* states = HostTable::at<SegmentState>(space.table, tables.states);
+  const radix::SelectTable table{HostTable::at<TensorEntry>(space.table, tables.entries),
+                                 num_tensors,
+                                 tables.num_tiles,
+                                 states,
+                                 HostTable::at<Strides>(space.table, tables.strides),
+                                 space.hist,
+                                 space.tie_counts,
+                                 space.tie_offsets,
+                                 /*invert_eligible=*/0,
+                                 /*absolute=*/0,
+                                 space.candidates,
+                                 capacity};
   return radix::dispatch_float(
-      type, TopkBody{table, space, static_cast<bool* const*>(space.extra), num_segments,
-                     short_segment, available, numel_per_segment.data(), stream});
+      type, TopkBody{table, space, HostTable::at<bool*>(space.table, tables.masks), num_segments,
+                     static_cast<SegmentState*>(pinned), short_segment, available,
+                     tables.numel_per_segment.data(), stream});
 }
 
 }  // namespace sparsekern::cuda

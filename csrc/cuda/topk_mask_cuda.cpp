@@ -1,5 +1,6 @@
 // Torch glue of topk_mask / topk_mask_per_tensor on CUDA: argument checks, allocation, current
-// stream. The device code is torch-free in topk_mask.cu (declared in radix_select.h).
+// stream. The device code is torch-free in topk_mask.cu (declared in radix_select.h). Scores of any
+// strides are read in place.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -9,6 +10,7 @@
 
 #include "cpu/score_checks.h"
 #include "cuda/radix_select.h"
+#include "cuda/select_glue.h"
 
 namespace sparsekern::cuda {
 
@@ -38,27 +40,28 @@ std::vector<at::Tensor> select(at::TensorList scores, const std::vector<int>& se
   std::vector<at::Tensor> masks;
   if (scores.empty()) return masks;
   const c10::cuda::CUDAGuard guard(scores[0].device());
-  std::vector<at::Tensor> contiguous;
-  std::vector<const void*> score_pointers;
+  TensorRefs refs;
+  std::vector<TensorRef> score_refs;
   std::vector<bool*> mask_pointers;
   std::vector<int64_t> numels;
   for (const at::Tensor& s : scores) {
-    contiguous.push_back(s.contiguous());
+    score_refs.push_back(refs.add(s, /*written=*/false));
     masks.push_back(at::empty(s.sizes(), s.options().dtype(at::kBool)));
-    score_pointers.push_back(contiguous.back().data_ptr());
     mask_pointers.push_back(masks.back().data_ptr<bool>());
     numels.push_back(s.numel());
   }
   const int num_tensors = static_cast<int>(scores.size());
   const int num_segments = static_cast<int>(k.size());
   const FloatType type = float_type(scores[0], "scores");
-  const size_t bytes = topk_mask_workspace_bytes(type, numels.data(), num_tensors, num_segments);
+  const size_t bytes = topk_mask_workspace_bytes(type, numels.data(), num_tensors, num_segments, refs.num_strides());
   at::Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, scores[0].options().dtype(at::kByte));
+  at::Tensor pinned = at::empty({static_cast<int64_t>(topk_mask_pinned_bytes(num_segments))},
+                                at::TensorOptions().dtype(at::kByte).pinned_memory(true));
   int short_segment = -1;
   int64_t available = 0;
   const cudaError_t error = topk_mask_cuda(
-      type, score_pointers.data(), mask_pointers.data(), numels.data(),
-      num_tensors, segment_of_tensor.data(), k.data(), num_segments, workspace.data_ptr(), bytes,
+      type, score_refs.data(), mask_pointers.data(), numels.data(), num_tensors, segment_of_tensor.data(),
+      k.data(), num_segments, refs.strides(), refs.num_strides(), workspace.data_ptr(), bytes, pinned.data_ptr(),
       &short_segment, &available, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(error == cudaSuccess, "sparsekern::topk_mask CUDA kernels failed: ", cudaGetErrorString(error));
   TORCH_CHECK_VALUE(short_segment < 0, k_name, "=", k[short_segment < 0 ? 0 : short_segment],

@@ -28,29 +28,41 @@ EPSILON = 1e-8
 Criterion = Callable[..., list[Tensor]]
 
 
+# The elementwise criteria are computed for the whole list in one batched pass each
+# (torch._foreach_*), not one torch call per layer.
+
+
+def _each(function, tensors: list[Tensor], *others) -> list[Tensor]:
+    """function (a torch._foreach_* op) over lists, which may be empty."""
+    return list(function(tensors, *others)) if tensors else []
+
+
 def magnitude(weights, grads, masks, *, generator=None, gamma=1.0) -> list[Tensor]:
     """|θ|: drops the active weights closest to zero (RigL)."""
-    return [w.abs() for w in weights]
+    return _each(torch._foreach_abs, list(weights))
 
 
 def mest(weights, grads, masks, *, generator=None, gamma=1.0) -> list[Tensor]:
     """|θ| + γ|g| (MEST, γ = 1 by default)."""
-    return [w.abs() + gamma * g.abs() for w, g in zip(weights, grads)]
+    return _each(torch._foreach_add, magnitude(weights, grads, masks), _each(torch._foreach_mul, gradient(
+        weights, grads, masks), gamma))
 
 
 def snip(weights, grads, masks, *, generator=None, gamma=1.0) -> list[Tensor]:
     """|θ·g| (SNIP's saliency)."""
-    return [(w * g).abs() for w, g in zip(weights, grads)]
+    return _each(torch._foreach_abs, _each(torch._foreach_mul, list(weights), list(grads)))
 
 
 def sensitivity(weights, grads, masks, *, generator=None, gamma=1.0) -> list[Tensor]:
     """|g| / (|θ| + ε)."""
-    return [g.abs() / (w.abs() + EPSILON) for w, g in zip(weights, grads)]
+    return _each(torch._foreach_div, gradient(weights, grads, masks),
+                 _each(torch._foreach_add, magnitude(weights, grads, masks), EPSILON))
 
 
 def rsensitivity(weights, grads, masks, *, generator=None, gamma=1.0) -> list[Tensor]:
     """|θ| / (|g| + ε), the reciprocal of sensitivity."""
-    return [w.abs() / (g.abs() + EPSILON) for w, g in zip(weights, grads)]
+    return _each(torch._foreach_div, magnitude(weights, grads, masks),
+                 _each(torch._foreach_add, gradient(weights, grads, masks), EPSILON))
 
 
 def random(weights, grads, masks, *, generator=None, gamma=1.0) -> list[Tensor]:
@@ -114,7 +126,7 @@ def _sorted_positions(values: Tensor, selected: Tensor, descending: bool) -> Ten
 
 def gradient(weights, grads, masks, *, generator=None, gamma=1.0) -> list[Tensor]:
     """|g| (RigL's growth: the largest dense gradients among inactive entries)."""
-    return [g.abs() for g in grads]
+    return _each(torch._foreach_abs, list(grads))
 
 
 PRUNE: dict[str, Criterion] = {
@@ -122,6 +134,10 @@ PRUNE: dict[str, Criterion] = {
     "sensitivity": sensitivity, "rsensitivity": rsensitivity, "random": random,
 }
 GROW: dict[str, Criterion] = {"gradient": gradient, "random": random}
+# Criteria whose score is |x| of an input x, by what x is among (weights, grads): the mask ops can
+# rank x by magnitude themselves (prune_grow's prune_abs / grow_abs), so no score tensor is made.
+MAGNITUDE_OF: dict[str, Callable[[list[Tensor], list[Tensor]], list[Tensor]]] = {
+    "magnitude": lambda weights, grads: list(weights), "gradient": lambda weights, grads: list(grads)}
 # Criteria whose score reads the gradient: the update step needs grads for them.
 READS_GRADIENT = frozenset({"mest", "snip", "sensitivity", "rsensitivity", "gradient"})
 # Criteria that score entries one by one: summing their scores per block is meaningful.

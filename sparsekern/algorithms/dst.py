@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..ops import reference
 from . import criteria, distributed, schedules
 from ._gradients import GradientWatch
 from ..nn import sparse_modules, tying
@@ -58,9 +59,9 @@ class DST:
             fraction of total_steps (at most one of them; default 0.75 for cosine and constant,
             as RigL's paper runs RigL and SET, 1.0 for annealed).
         total_steps: length of training, in `step()` calls.
-        scope: "layer" (each layer keeps its count; `ops.prune_grow`) or "global" (one selection
-            of the drop and one of the growth over all layers; `ops.topk_mask`; layer counts may
-            change, the total stays).
+        scope: "layer" (each layer keeps its count) or "global" (one selection of the drop and one
+            of the growth over all layers; layer counts may change, the total stays). Either way one
+            `ops.prune_grow` call updates every layer.
         reset_state: zero the optimizer state at newly grown positions (RigL). Dropped positions'
             state is always zeroed, because momentum left there would move an inactive weight off
             0; so with SGD and Adam, whose state at an inactive weight is then 0, False (the
@@ -81,6 +82,11 @@ class DST:
             masks, on every rank of a distributed run too; under an initialised torch.distributed
             process group the construction is collective and refuses (ValueError on every rank)
             a seed or generator state that differs across ranks, which would let replicas diverge.
+        host_checks: the two checks of an update step that read the device: skip the update when
+            the gradients are not all finite (as torch.amp.GradScaler skips its step), and warn
+            when a global update empties a layer; one device-to-host read each. False trusts the
+            gradients and leaves the warning out, so that an update on a GPU never waits for the
+            device and can be captured in a CUDA graph.
 
     Which layers: every sparse module whose weight requires grad and is trained by `optimizer`;
     frozen ones are left alone, with a warning. Modules that share one weight (tied weights) are
@@ -100,8 +106,9 @@ class DST:
     optimizer step then sees the dense gradient of an update step and may move inactive weights,
     and the update that follows zeroes them again (and their optimizer state) off the new mask.
 
-    n is clamped to min(active, inactive) (prune_grow's range), so an update never changes the
-    active count. Step t counts `step()` calls from 1; updates happen at multiples of
+    n = round(r · active) (Python's round) is not capped by the inactive count: a layer denser
+    than 1/(1 + r) drops more than it has inactive entries and grows some just-dropped ones back,
+    as RigL does; an update never changes the active count. Step t counts `step()` calls from 1; updates happen at multiples of
     update_every below end_step. Newly grown weights start at 0; a just-dropped weight may be
     grown again and then keeps its value. After an update the gradients are masked by the new
     masks, so the optimizer step that follows sees masked gradients (grown weights get theirs).
@@ -113,7 +120,8 @@ class DST:
                  update_every: int = 100, end_step: int | None = None, end_fraction: float | None = None,
                  total_steps: int,
                  scope: str = "layer", reset_state: bool = True, block: tuple[int, int] | None = None,
-                 mest_gamma: float = 1.0, seed: int = 0, generator: torch.Generator | None = None):
+                 mest_gamma: float = 1.0, seed: int = 0, generator: torch.Generator | None = None,
+                 host_checks: bool = True):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -129,6 +137,8 @@ class DST:
             raise ValueError(f"scope must be one of {list(SCOPES)}, got {scope!r}")
         if not isinstance(reset_state, bool):
             raise TypeError(f"reset_state must be a bool, got {type(reset_state).__name__}")
+        if not isinstance(host_checks, bool):
+            raise TypeError(f"host_checks must be a bool, got {type(host_checks).__name__}")
         block = _check_block(block)
         if block is not None and prune not in criteria.ELEMENTWISE:
             raise ValueError(f"block needs an elementwise pruning criterion, got prune={prune!r}")
@@ -161,7 +171,10 @@ class DST:
         self.prune, self.grow, self.scope = prune, grow, scope
         self.reset_state, self.block, self.mest_gamma = reset_state, block, float(mest_gamma)
         self.generator = generator
+        self.host_checks = host_checks
         self.step_count = 0
+        # (mask versions, active counts per layer) as of the last update or count (_active_counts).
+        self._counts: tuple[tuple[int, ...], list[int]] | None = None
         self._reads_gradient = prune in criteria.READS_GRADIENT or grow in criteria.READS_GRADIENT
         self._gradients = GradientWatch()
         self._empty = {name for name, module in self.modules if not module.mask.any()}   # warned about
@@ -192,10 +205,10 @@ class DST:
             warnings.warn(f"DST.step() called more than total_steps={self.schedule.total_steps} times: the "
                           f"schedule (and end_step={self.schedule.end_step}) assumed training ends there",
                           stacklevel=2)
-        updated = due and self._gradients_finite()
+        updated = due and (not self.host_checks or self._gradients_finite())
         if updated:
             self._update(self.schedule.fraction(self.step_count))
-            if self.scope == "global":
+            if self.scope == "global" and self.host_checks:
                 self._warn_if_emptied()
         if due or self.schedule.is_update(self.step_count + 1):
             self._sync_modules()
@@ -276,11 +289,12 @@ class DST:
         tying.sync(self._groups)
 
     def _warn_if_emptied(self) -> None:
-        emptied = [name for name, module in self.modules if not module.mask.any() and name not in self._empty]
+        empty = torch.stack([~module.mask.any() for _, module in self.modules]).tolist()   # one read
+        emptied = [name for (name, _), is_empty in zip(self.modules, empty) if is_empty and name not in self._empty]
         if emptied:
             warnings.warn(f"the global update at step {self.step_count} left {emptied} with no active weight",
                           stacklevel=3)
-        self._empty = {name for name, module in self.modules if not module.mask.any()}
+        self._empty = {name for (name, _), is_empty in zip(self.modules, empty) if is_empty}
 
     def _remember_gradients(self) -> None:
         self._gradients.remember([module.weight for _, module in self.modules])
@@ -305,81 +319,92 @@ class DST:
 
     @torch.no_grad()
     def _update(self, fraction: float) -> None:
-        weights = [module.weight for _, module in self.modules]
+        """One mask update of every layer: one sparsekern.ops.prune_grow call, scores included."""
+        modules = [module for _, module in self.modules]
+        weights = [module.weight for module in modules]
         grads = [w.grad for w in weights]
-        if self.scope == "layer":
-            for (_, module), grad in zip(self.modules, grads):
-                self._update_layer(module, grad, fraction)
+        masks = [module.mask for module in modules]
+        prune, prune_abs, grow, grow_abs = self._scores(weights, grads, masks)
+        state = [self._state(w) for w in weights]
+        # Optimizer state follows the weight (0 off the new mask and at grown entries) when reset,
+        # else only the mask; gradients follow the mask, so the optimizer step cannot revive a
+        # dropped weight.
+        zeroed_like_weight = state if self.reset_state else [[] for _ in weights]
+        masked = [([] if g is None else [g]) + ([] if self.reset_state else s) for g, s in zip(grads, state)]
+        if self.block is None:
+            counts = self._active_counts(masks, masks)
+            new = ops.prune_grow(weights, masks, prune, grow, self._swap_counts(fraction, counts),
+                                 state=zeroed_like_weight, masked=masked, active=self._per_scope(counts),
+                                 prune_abs=prune_abs, grow_abs=grow_abs)
         else:
-            self._update_global(grads, fraction)
+            new = self._update_blocks(fraction, masks, prune, prune_abs, grow, grow_abs)
+            reference.apply_masks(weights, masks, new, zeroed_like_weight, masked)
+        # The weights are 0 off the new masks already (prune_grow wrote them), so the masks are copied
+        # in directly rather than through set_mask, which would read every weight again; the modules
+        # promise zero_off_mask, as set_mask would have them.
+        torch._foreach_copy_(masks, new)
+        for module in modules:
+            module.zero_off_mask = True
+        self._remember_counts(masks)
 
-    def _scores(self, weights, grads, masks) -> tuple[list[Tensor], list[Tensor]]:
+    def _update_blocks(self, fraction: float, masks, prune, prune_abs: bool, grow, grow_abs: bool) -> list[Tensor]:
+        """The new entry masks of a block-structured update: whole blocks dropped and grown by their
+        summed scores, in one prune_grow call over the block grids."""
+        blocking = [_Blocks(m.shape, self.block) for m in masks]
+        block_masks = [b.mask(m) for b, m in zip(blocking, masks)]
+        prune = [b.sum(s.abs() if prune_abs else s) for b, s in zip(blocking, prune)]
+        grow = [b.sum(s.abs() if grow_abs else s) for b, s in zip(blocking, grow)]
+        counts = self._active_counts(masks, block_masks)
+        new_blocks = ops.prune_grow([torch.zeros_like(p) for p in prune], block_masks, prune, grow,
+                                    self._swap_counts(fraction, counts), active=self._per_scope(counts))
+        return [b.expand(m) for b, m in zip(blocking, new_blocks)]
+
+    def _swap_counts(self, fraction: float, counts: list[int]):
+        """n per layer (layer scope) or over the list (global scope) for active counts `counts`."""
+        if self.scope == "layer":
+            return [_swap_count(fraction, active) for active in counts]
+        return _swap_count(fraction, sum(counts))
+
+    def _per_scope(self, counts: list[int]):
+        return counts if self.scope == "layer" else sum(counts)
+
+    def _active_counts(self, masks: list[Tensor], units: list[Tensor]) -> list[int]:
+        """Active entries of each of `units` (the masks, or their block grids), counted only when a
+        mask changed since the last update. An update keeps each layer's count (layer scope) or the
+        total (global scope), so DST counts on the device, a host read on a GPU, only after masks are
+        set some other way (load_state_dict, set_mask)."""
+        versions = tuple(m._version for m in masks)
+        if self._counts is None or self._counts[0] != versions:
+            self._counts = (versions, reference.active_counts(units))
+        return self._counts[1]
+
+    def _remember_counts(self, masks: list[Tensor]) -> None:
+        """Marks the counts as current for the masks just installed. In global scope only their total
+        is still right, and it is all that scope reads."""
+        counts = self._counts[1]
+        self._counts = (tuple(m._version for m in masks), counts if self.scope == "layer" else [sum(counts)])
+
+    def _scores(self, weights, grads, masks) -> tuple[list[Tensor], bool, list[Tensor], bool]:
+        """(prune scores, rank them by |score|, grow scores, rank them by |score|), of one dtype.
+
+        Magnitude criteria hand over the weights or gradients themselves, ranked by magnitude, so no
+        score tensor is made for them (criteria.MAGNITUDE_OF); the others are computed in one
+        batched pass each."""
         options = dict(generator=self.generator, gamma=self.mest_gamma)
-        prune = self._prune(weights, grads, masks, **options)
-        grow = self._grow(weights, grads, masks, **options)
+        scored = []
+        for name, criterion in ((self.prune, self._prune), (self.grow, self._grow)):
+            if name in criteria.MAGNITUDE_OF:
+                scored.append((criteria.MAGNITUDE_OF[name](weights, grads), True))
+            elif name in criteria.ELEMENTWISE or self.scope == "global":
+                scored.append((criterion(weights, grads, masks, **options), False))
+            else:  # a rank over the list (SET): in layer scope, each layer's own
+                scored.append(([criterion([w], [g], [m], **options)[0] for w, g, m in zip(weights, grads, masks)],
+                               False))
+        (prune, prune_abs), (grow, grow_abs) = scored
         dtype = prune[0].dtype
         for score in prune + grow:
             dtype = torch.promote_types(dtype, score.dtype)
-        return [s.to(dtype) for s in prune], [s.to(dtype) for s in grow]
-
-    def _update_layer(self, module, grad, fraction: float) -> None:
-        weight, mask = module.weight, module.mask
-        (prune,), (grow,) = self._scores([weight], [grad], [mask])
-        state = self._state(weight)
-        if self.block is None:
-            n = _swap_count(fraction, mask)
-            new = ops.prune_grow(weight, mask, prune, grow, n, state if self.reset_state else [])
-        else:
-            blocks = _Blocks(weight.shape, self.block)
-            block_mask = blocks.mask(mask)
-            n = _swap_count(fraction, block_mask)
-            new_blocks = ops.prune_grow(torch.zeros(block_mask.shape, device=weight.device), block_mask,
-                                        blocks.sum(prune), blocks.sum(grow), n)
-            new = blocks.expand(new_blocks)
-            self._zero_grown(weight, mask, new, state)
-        self._finish(module, new, grad, state)
-
-    def _update_global(self, grads, fraction: float) -> None:
-        modules = [module for _, module in self.modules]
-        prune, grow = self._scores([m.weight for m in modules], grads, [m.mask for m in modules])
-        if self.block is None:
-            masks = [m.mask for m in modules]
-        else:
-            blocking = [_Blocks(m.weight.shape, self.block) for m in modules]
-            masks = [b.mask(m.mask) for b, m in zip(blocking, modules)]
-            prune = [b.sum(s) for b, s in zip(blocking, prune)]
-            grow = [b.sum(s) for b, s in zip(blocking, grow)]
-        active = sum(int(m.sum()) for m in masks)
-        n = min(round(fraction * active), active, sum(m.numel() for m in masks) - active)
-        nan = torch.tensor(float("nan"), dtype=prune[0].dtype, device=prune[0].device)
-        # NaN marks the entries a selection may not take (topk_mask never selects NaN), so real
-        # NaN scores become -inf: still ranked last, but eligible.
-        kept = ops.topk_mask([torch.where(m, _nan_last(s), nan) for m, s in zip(masks, prune)], active - n)
-        grown = ops.topk_mask([torch.where(k, nan, _nan_last(s)) for k, s in zip(kept, grow)], n)
-        new_masks = [k | g for k, g in zip(kept, grown)]
-        if self.block is not None:
-            new_masks = [b.expand(m) for b, m in zip(blocking, new_masks)]
-        for module, new, grad in zip(modules, new_masks, grads):
-            state = self._state(module.weight)
-            self._zero_grown(module.weight, module.mask, new, state)
-            self._finish(module, new, grad, state)
-
-    def _zero_grown(self, weight: Tensor, old: Tensor, new: Tensor, state: list[Tensor]) -> None:
-        """What prune_grow does at newly grown positions, for updates that select masks otherwise."""
-        grown = new & ~old
-        weight.masked_fill_(grown, 0)
-        if self.reset_state:
-            for tensor in state:
-                tensor.masked_fill_(grown, 0)
-
-    @staticmethod
-    def _finish(module, new: Tensor, grad: Tensor | None, state: list[Tensor]) -> None:
-        inactive = ~new
-        module.set_mask(new)
-        for tensor in state:
-            tensor.masked_fill_(inactive, 0)
-        if grad is not None:
-            grad.masked_fill_(inactive, 0)
+        return [s.to(dtype) for s in prune], prune_abs, [s.to(dtype) for s in grow], grow_abs
 
     def _state(self, weight: Tensor) -> list[Tensor]:
         """The optimizer's per-entry state tensors of `weight` (not scalars such as Adam's step)."""
@@ -499,14 +524,11 @@ class _Blocks:
         return entries[:self.rows, :self.cols].reshape(self.shape)
 
 
-def _swap_count(fraction: float, mask: Tensor) -> int:
-    """n = round(fraction · active), clamped to [0, min(active, inactive)] as prune_grow requires."""
-    active = int(mask.sum())
-    return min(round(fraction * active), active, mask.numel() - active)
-
-
-def _nan_last(score: Tensor) -> Tensor:
-    return torch.where(torch.isnan(score), float("-inf"), score)
+def _swap_count(fraction: float, active: int) -> int:
+    """n = round(fraction · active), Python's round (halves to even), in [0, active] for fractions in
+    [0, 1]. Not capped by the inactive count: n may exceed it, and just-dropped entries then grow
+    back (ALGORITHMS.md; RigL's code floors instead, a difference of at most one entry)."""
+    return round(fraction * active)
 
 
 def _check_block(block):

@@ -70,30 +70,55 @@ def topk_mask(scores: Sequence[Tensor], k: int | Sequence[int]) -> list[Tensor]:
 
 
 @torch.no_grad()
-def prune_grow(weight: Tensor, mask: Tensor, prune_score: Tensor, grow_score: Tensor, n: int,
-               state: Sequence[Tensor] = ()) -> Tensor:
-    """One drop-and-grow mask update (RigL, SET, MEST, ...) in one pass.
+def prune_grow(weights, masks, prune_scores, grow_scores, n, state=(), masked=(), *, active=None,
+               prune_abs: bool = False, grow_abs: bool = False):
+    """The drop-and-grow mask update of RigL, SET, MEST, ... for every layer at once.
 
-    Keeps the `active - n` active entries with the highest `prune_score`, then adds the `n`
-    entries with the highest `grow_score` among all entries not kept (just-dropped ones
-    included), both under the topk_mask selection rule (NaN ranks below every number here and
-    never raises). The active count is unchanged.
+    Per segment (each layer alone, or the whole list as one flat sequence) it keeps the
+    `active - n` active entries with the highest prune score, then adds the `n` entries with the
+    highest grow score among all entries not kept, just-dropped ones included (a just-dropped entry
+    grown again keeps its value). Both selections follow the topk_mask rule (NaN ranks below every
+    number here and never raises). Active counts are unchanged: per layer in layer scope, over the
+    list in global scope.
 
     Args:
-        weight: float tensor, mutated in place.
-        mask: bool tensor shaped like weight, the current mask (not mutated).
-        prune_score, grow_score: float tensors shaped like weight, of one dtype.
-        n: entries to swap, in [0, min(active, inactive)].
-        state: optimizer-state tensors shaped like weight (momentum, Adam moments), mutated.
+        weights: float tensors (any float dtype each), mutated in place.
+        masks: bool tensors shaped like their weight, the current masks (not mutated; any non-zero
+            byte is True).
+        prune_scores, grow_scores: float tensors shaped like their weight, all of one dtype.
+        n: entries to swap. A list with one int per layer (layer scope: 0 <= n[i] <= active
+            entries of masks[i]), or one int (global scope: 0 <= n <= active entries of the list).
+        state: per layer, a list of tensors zeroed like the weight (optimizer state: momentum,
+            Adam moments), or () for none.
+        masked: per layer, a list of tensors zeroed off the new mask only (the gradients the next
+            optimizer step reads; optimizer state that new connections keep), or () for none.
+        active: the caller's count of active entries, shaped like n (a list per layer, or the
+            total). It saves counting the masks, which costs a device-to-host read on a GPU; the
+            CPU kernels and the reference check it, the GPU kernels trust it.
+        prune_abs, grow_abs: rank the prune (grow) scores by their absolute value, so that magnitude
+            criteria (|w|, |grad|) pass the weights or gradients themselves and need no score copy.
     Returns:
-        the new bool mask.
-    In place: weight becomes 0 wherever the new mask is False and at newly grown positions
-    (new & ~old); each state tensor becomes 0 at newly grown positions; entries active before
-    and after keep their values.
+        the new masks, contiguous bool tensors shaped like `masks`.
+    In place: each weight and each of its `state` tensors become 0 wherever the new mask is False
+    and at newly grown positions (new & ~old); each `masked` tensor becomes 0 wherever the new mask
+    is False; entries active before and after keep their values.
+
+    Every argument is checked before anything is written: a bad one anywhere in the list raises
+    TypeError or ValueError naming it and changes no layer. Tensors written in place may not
+    overlap themselves (expanded views), each other or a mask. A score may be the very tensor its
+    own layer writes (magnitude pruning passes the weight); one sharing memory with a written tensor
+    in any other way is copied first.
+
+    One-layer form: prune_grow(weight, mask, prune_score, grow_score, n, state=[...], masked=[...])
+    with tensors, an int n (and an int active) returns the new mask.
     """
-    n, state = _checks.prune_grow_args(weight, mask, prune_score, grow_score, n, state)
-    return _backend.choose("prune_grow", weight.device.type, (weight.dtype, prune_score.dtype))[1].run(
-        weight, mask, prune_score, grow_score, n, state)
+    args = _checks.prune_grow_args(weights, masks, prune_scores, grow_scores, n, state, masked, active,
+                                   prune_abs, grow_abs)
+    if not args.weights:
+        return []
+    dtypes = tuple({w.dtype for w in args.weights} | {args.prune_scores[0].dtype})
+    new = list(_backend.choose("prune_grow", args.weights[0].device.type, dtypes)[1].run(*args.backend_args()))
+    return new[0] if args.single else new
 
 
 def masked_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None = None, *,
@@ -216,8 +241,27 @@ def sparse_linear(x: Tensor, packed: PackedWeight, bias: Tensor | None = None) -
 
 
 def _compiled(op: str) -> Implementation:
-    return Implementation(run=lambda *args: getattr(torch.ops.sparsekern, op)(*args),
-                          missing=_backend.compiled_missing(op))
+    run = _compiled_prune_grow if op == "prune_grow" else lambda *args: getattr(torch.ops.sparsekern, op)(*args)
+    return Implementation(run=run, missing=_backend.compiled_missing(op))
+
+
+def flat_layers(per_layer: list[list[Tensor]]) -> tuple[list[Tensor], list[int]]:
+    """Per-layer lists of tensors as one list and each tensor's layer (op schemas have no nested lists)."""
+    return ([t for tensors in per_layer for t in tensors],
+            [layer for layer, tensors in enumerate(per_layer) for _ in tensors])
+
+
+def new_masks_like(masks: list[Tensor]) -> list[Tensor]:
+    """Contiguous bool tensors shaped like `masks`, for the mask ops that write their results into them."""
+    return [torch.empty(m.shape, dtype=torch.bool, device=m.device) for m in masks]
+
+
+def _compiled_prune_grow(weights, masks, prune_scores, grow_scores, n, global_scope, state, masked, active,
+                         prune_abs, grow_abs):
+    new = new_masks_like(masks)
+    torch.ops.sparsekern.prune_grow(weights, masks, prune_scores, grow_scores, n, global_scope, *flat_layers(state),
+                                    *flat_layers(masked), active, prune_abs, grow_abs, new)
+    return new
 
 
 def _triton(op: str) -> Implementation:

@@ -4,12 +4,14 @@ Type and dtype errors raise TypeError, shape and range errors ValueError; each n
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from . import reference
+from .reference import active_counts, check_swap, swap_names
 
 SCORE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -90,29 +92,240 @@ def topk_counts(k, scores: list[Tensor]):
     return in_range(integer(k, "k"), 0, sum(s.numel() for s in scores), "k")
 
 
-def prune_grow_args(weight, mask, prune_score, grow_score, n, state) -> tuple[int, list[Tensor]]:
-    """Checks prune_grow's arguments; returns n as an int and state as a list."""
-    floating(weight, "weight")
-    bool_mask(mask, "mask", weight, "weight")
-    for name, score in (("prune_score", prune_score), ("grow_score", grow_score)):
-        floating(score, name)
-        same_shape(score, name, weight, "weight")
-    if grow_score.dtype != prune_score.dtype:
-        raise TypeError(f"grow_score has dtype {grow_score.dtype} but prune_score has {prune_score.dtype}")
-    if isinstance(state, Tensor) or not isinstance(state, Sequence):
-        raise TypeError(f"state must be a list of Tensors, got {type(state).__name__}")
-    state = list(state)
-    for i, s in enumerate(state):
-        floating(s, f"state[{i}]")
-        same_shape(s, f"state[{i}]", weight, "weight")
-    same_device([("weight", weight), ("mask", mask), ("prune_score", prune_score),
-                 ("grow_score", grow_score)] + [(f"state[{i}]", s) for i, s in enumerate(state)])
-    n = integer(n, "n")
-    active = int(mask.sum())
-    if not 0 <= n <= min(active, mask.numel() - active):
-        raise ValueError(f"n must be in [0, {min(active, mask.numel() - active)}] (mask has {active} active "
-                         f"and {mask.numel() - active} inactive entries), got {n}")
-    return n, state
+@dataclass(frozen=True)
+class PruneGrowArgs:
+    """prune_grow's arguments as every backend takes them: lists per layer, one n per segment."""
+
+    weights: list[Tensor]
+    masks: list[Tensor]
+    prune_scores: list[Tensor]
+    grow_scores: list[Tensor]
+    n: list[int]                # one per segment: per layer, or one for the whole list
+    global_scope: bool
+    state: list[list[Tensor]]   # per layer: zeroed like the weight
+    masked: list[list[Tensor]]  # per layer: zeroed off the new mask
+    active: list[int] | None    # the caller's active count per segment, if it gave one
+    prune_abs: bool
+    grow_abs: bool
+    single: bool                # the one-layer form: the caller gets one mask back
+
+    def backend_args(self) -> tuple:
+        return (self.weights, self.masks, self.prune_scores, self.grow_scores, self.n, self.global_scope,
+                self.state, self.masked, self.active, self.prune_abs, self.grow_abs)
+
+
+class _Name:
+    """An argument's name in errors, written out only when an error does: `weight`, `state[1]` in
+    the one-layer form; `weights[3]`, `state[3][1]` for lists."""
+
+    __slots__ = ("kind", "layer", "index", "single")
+
+    def __init__(self, kind: str, layer: int, index: int | None, single: bool):
+        self.kind, self.layer, self.index, self.single = kind, layer, index, single
+
+    def __str__(self) -> str:
+        plural = "" if self.kind in ("state", "masked") else "s"
+        name = self.kind if self.single else f"{self.kind}{plural}[{self.layer}]"
+        return name if self.index is None else f"{name}[{self.index}]"
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+
+class _Names:
+    """Makes the _Name of an argument of one call."""
+
+    def __init__(self, single: bool):
+        self.single = single
+
+    def __call__(self, kind: str, layer: int, index: int | None = None) -> _Name:
+        return _Name(kind, layer, index, self.single)
+
+
+def _tensor_list(value, name: str) -> list:
+    if isinstance(value, Tensor) or not isinstance(value, Sequence):
+        raise TypeError(f"{name} must be a list of Tensors, got {type(value).__name__}")
+    return list(value)
+
+
+def prune_grow_args(weights, masks, prune_scores, grow_scores, n, state, masked, active,
+                    prune_abs, grow_abs) -> PruneGrowArgs:
+    """Checks prune_grow's arguments, in the one-layer form (a Tensor mask) or the list form.
+
+    Everything is checked before anything is written: types, shapes, one score dtype, one device,
+    the counts, and the memory of the tensors written in place (no overlapping entries, none
+    shared with another written tensor or a mask). A score that shares memory with a written
+    tensor, other than being that very tensor of its own layer, is copied first.
+    """
+    # A tensor mask is the one-layer form (whatever is wrong with the weight).
+    single = isinstance(masks, Tensor)
+    names = _Names(single)
+    if single:
+        weights, masks, prune_scores, grow_scores = [weights], [masks], [prune_scores], [grow_scores]
+        state, masked = [_tensor_list(state, "state")], [_tensor_list(masked, "masked")]
+        if isinstance(n, Sequence):
+            raise TypeError(f"n must be an integer, got {type(n).__name__}")
+        n = [n]
+        active = None if active is None else [active]
+    else:
+        weights = _tensor_list(weights, "weights")
+        lists = {"masks": masks, "prune_scores": prune_scores, "grow_scores": grow_scores}
+        for name, value in lists.items():
+            lists[name] = _tensor_list(value, name)
+            if len(lists[name]) != len(weights):
+                raise ValueError(f"{name} has {len(lists[name])} entries but weights has {len(weights)}")
+        masks, prune_scores, grow_scores = lists.values()
+        state = _per_layer(state, "state", len(weights))
+        masked = _per_layer(masked, "masked", len(weights))
+    for name, flag in (("prune_abs", prune_abs), ("grow_abs", grow_abs)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    for layer, weight in enumerate(weights):
+        floating(weight, names("weight", layer))
+        bool_mask(masks[layer], names("mask", layer), weight, names("weight", layer))
+        for kind, score in (("prune_score", prune_scores[layer]), ("grow_score", grow_scores[layer])):
+            floating(score, names(kind, layer))
+            same_shape(score, names(kind, layer), weight, names("weight", layer))
+            if score.dtype != prune_scores[0].dtype:
+                raise TypeError(f"{names(kind, layer)} has dtype {score.dtype} but {names('prune_score', 0)} "
+                                f"has {prune_scores[0].dtype}: every score must share one dtype")
+        for kind, tensors in (("state", state[layer]), ("masked", masked[layer])):
+            for i, t in enumerate(tensors):
+                floating(t, names(kind, layer, i))
+                same_shape(t, names(kind, layer, i), weight, names("weight", layer))
+    named = [(names(kind, layer, i), t) for kind, per_layer in (("state", state), ("masked", masked))
+             for layer, tensors in enumerate(per_layer) for i, t in enumerate(tensors)]
+    for kind, tensors in (("weight", weights), ("mask", masks), ("prune_score", prune_scores),
+                          ("grow_score", grow_scores)):
+        named += [(names(kind, layer), t) for layer, t in enumerate(tensors)]
+    if named:
+        same_device(sorted(named, key=lambda item: item[0].kind != "weight"))
+    global_scope = not single and not isinstance(n, Sequence)
+    n, active = _swap_counts(n, active, global_scope, weights, names)
+    prune_scores, grow_scores = _check_memory(weights, masks, prune_scores, grow_scores, state, masked, names)
+    if active is None and weights and (single or weights[0].device.type != "cpu"):
+        # Counting costs a device read on a GPU, where no kernel can raise without one; the CPU
+        # kernels count as they go (but name the list form's arguments).
+        counts = active_counts(masks)
+        for segment, swap in enumerate(n):
+            count = sum(counts) if global_scope else counts[segment]
+            check_swap(swap, count, None, *swap_names(segment, global_scope, single))
+    return PruneGrowArgs(weights, masks, prune_scores, grow_scores, n, global_scope, state, masked, active,
+                         prune_abs, grow_abs, single)
+
+
+def _per_layer(value, name: str, layers: int) -> list[list[Tensor]]:
+    """state / masked of the list form: () for none, else one list of tensors per layer."""
+    value = _tensor_list(value, name)
+    if not value:
+        return [[] for _ in range(layers)]
+    if len(value) != layers:
+        raise ValueError(f"{name} has {len(value)} entries but weights has {layers} (one list of tensors per layer)")
+    return [_tensor_list(tensors, f"{name}[{layer}]") for layer, tensors in enumerate(value)]
+
+
+def _swap_counts(n, active, global_scope: bool, weights: list[Tensor], names) -> tuple[list[int], list[int] | None]:
+    """n and active as one int per segment, each in range as far as the host knows without counting."""
+    sizes = [w.numel() for w in weights]
+    if global_scope:
+        n = [in_range(integer(n, "n"), 0, sum(sizes), "n")]
+        if active is not None:
+            if isinstance(active, Sequence):
+                raise TypeError(f"active must be an integer with an integer n (global scope), got {type(active).__name__}")
+            active = [in_range(integer(active, "active"), 0, sum(sizes), "active")]
+            in_range(n[0], 0, active[0], "n")
+        return n, active
+    where = (lambda name, layer: name) if names.single else (lambda name, layer: f"{name}[{layer}]")
+    n = list(n)
+    if len(n) != len(weights):
+        raise ValueError(f"n has {len(n)} entries but weights has {len(weights)}")
+    n = [in_range(integer(swap, where("n", layer)), 0, size, where("n", layer))
+         for layer, (swap, size) in enumerate(zip(n, sizes))]
+    if active is not None:
+        if isinstance(active, Tensor) or not isinstance(active, Sequence):
+            raise TypeError(f"active must be a list of integers with a list n (layer scope), got "
+                            f"{type(active).__name__}")
+        active = list(active)
+        if len(active) != len(weights):
+            raise ValueError(f"active has {len(active)} entries but weights has {len(weights)}")
+        active = [in_range(integer(count, where("active", layer)), 0, size, where("active", layer))
+                  for layer, (count, size) in enumerate(zip(active, sizes))]
+        for layer, (swap, count) in enumerate(zip(n, active)):
+            in_range(swap, 0, count, where("n", layer))
+    return n, active
+
+
+def non_overlapping(t: Tensor) -> bool:
+    """Whether no two entries of t share memory (False for expanded, stride-0 and other overlapping views)."""
+    # Sufficient and, for the strides torch makes, exact: taking dimensions by increasing stride,
+    # each stride must step past everything the smaller ones span.
+    extent = 1
+    for stride, size in sorted((stride, size) for size, stride in zip(t.shape, t.stride()) if size > 1):
+        if stride < extent:
+            return False
+        extent += stride * (size - 1)
+    return True
+
+
+def _byte_range(t: Tensor) -> tuple[int, int, int] | None:
+    """(storage, first byte, end byte) of the memory t may touch, or None where it has none to compare."""
+    if t.numel() == 0 or t.device.type == "meta":
+        return None
+    try:
+        storage = t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # fake tensors and others without real memory
+        return None
+    span = t.numel() if t.is_contiguous() else 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return storage, t.data_ptr(), t.data_ptr() + span * t.element_size()
+
+
+def _same_view(a: Tensor, b: Tensor) -> bool:
+    return (a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape
+            and a.stride() == b.stride())
+
+
+def _check_memory(weights, masks, prune_scores, grow_scores, state, masked, names):
+    """Refuses written tensors that overlap themselves, each other or a mask; returns the scores,
+    with a copy of each one that shares memory with a written tensor it is not."""
+    written_by_storage: dict[int, list] = {}  # storage -> [(name, layer, tensor, first byte, end byte)]
+    read_by_storage: dict[int, list] = {}
+    for layer, weight in enumerate(weights):
+        tensors = [(names("weight", layer), weight)]
+        tensors += [(names(kind, layer, i), t) for kind, per_layer in (("state", state), ("masked", masked))
+                    for i, t in enumerate(per_layer[layer])]
+        for name, t in tensors:
+            if not non_overlapping(t):
+                raise ValueError(f"{name} has entries that share memory (an expanded or stride-0 view), so it "
+                                 f"cannot be written in place; pass a tensor of its own (e.g. .clone())")
+            where = _byte_range(t)
+            if where is not None:
+                written_by_storage.setdefault(where[0], []).append((name, layer, t, where[1], where[2]))
+        where = _byte_range(masks[layer])
+        if where is not None:
+            read_by_storage.setdefault(where[0], []).append((names("mask", layer), layer, masks[layer],
+                                                             where[1], where[2]))
+    # Only tensors on one storage can share memory; sorted by first byte, a tensor can only overlap
+    # those that start before it ends.
+    for storage, written in written_by_storage.items():
+        items = sorted(written + read_by_storage.get(storage, []), key=lambda item: item[3])
+        for i, (name, _, first, _, end) in enumerate(items):
+            for other_name, _, other, begin, _ in items[i + 1:]:
+                if begin >= end:
+                    break
+                raise ValueError(f"{name} and {other_name} share memory, and a tensor written in place may "
+                                 f"share it with nothing else; pass tensors of their own (e.g. .clone())")
+
+    def own(score: Tensor, layer: int) -> Tensor:
+        where = _byte_range(score)
+        for _, written_layer, t, begin, end in written_by_storage.get(where[0], []) if where else ():
+            if begin < where[2] and where[1] < end and not (written_layer == layer and _same_view(score, t)):
+                return score.clone()
+        return score
+
+    if not written_by_storage:
+        return prune_scores, grow_scores
+    return ([own(s, layer) for layer, s in enumerate(prune_scores)],
+            [own(s, layer) for layer, s in enumerate(grow_scores)])
 
 
 def masked_linear_args(x, weight, mask, bias) -> None:

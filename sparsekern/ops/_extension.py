@@ -52,8 +52,9 @@ if _C is not None:
         return [s.new_empty(s.shape, dtype=torch.bool) for s in scores]
 
     @torch.library.register_fake("sparsekern::prune_grow")
-    def _prune_grow_fake(weight, mask, prune_score, grow_score, n, state):
-        return mask.new_empty(mask.shape)
+    def _prune_grow_fake(weights, masks, prune_scores, grow_scores, n, global_scope, state, state_layers,
+                         masked, masked_layers, active, prune_abs, grow_abs, new_masks):
+        return None
 
     @torch.library.register_fake("sparsekern::sparse_linear")
     def _sparse_linear_fake(x, bitmap, values, chunk_offsets, bias):

@@ -7,12 +7,10 @@ fake implementations rather than `triton_op`s, which fail opcheck under the Trit
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 from torch import Tensor
 
-from . import _masked_linear_op
+from . import _masked_linear_op, flat_layers, new_masks_like
 from ..triton_kernels import masked_linear as _masked_linear
 from ..triton_kernels import prune_grow as _prune_grow
 from ..triton_kernels import topk_mask as _topk_mask
@@ -42,15 +40,28 @@ def _(scores, k):
     return [_bool_like(s) for s in scores]
 
 
-@torch.library.custom_op("sparsekern::prune_grow_triton", mutates_args=("weight", "state"))
-def _prune_grow_op(weight: Tensor, mask: Tensor, prune_score: Tensor, grow_score: Tensor, n: int,
-                   state: list[Tensor]) -> Tensor:
-    return _prune_grow.prune_grow(weight, mask, prune_score, grow_score, n, state)
+@torch.library.custom_op("sparsekern::prune_grow_triton", mutates_args=("weights", "state", "masked", "new_masks"))
+def _prune_grow_op(weights: list[Tensor], masks: list[Tensor], prune_scores: list[Tensor], grow_scores: list[Tensor],
+                   n: list[int], global_scope: bool, state: list[Tensor], state_layers: list[int],
+                   masked: list[Tensor], masked_layers: list[int], prune_abs: bool, grow_abs: bool,
+                   new_masks: list[Tensor]) -> None:
+    # The same schema as the compiled op (csrc/ops.cpp); `active` is not needed: Triton counts on the device.
+    _prune_grow.prune_grow(weights, masks, prune_scores, grow_scores, n, global_scope,
+                           _per_layer(state, state_layers, len(weights)), _per_layer(masked, masked_layers, len(weights)),
+                           None, prune_abs, grow_abs, new_masks)
 
 
 @_prune_grow_op.register_fake
-def _(weight, mask, prune_score, grow_score, n, state):
-    return _bool_like(mask)
+def _(weights, masks, prune_scores, grow_scores, n, global_scope, state, state_layers, masked, masked_layers,
+      prune_abs, grow_abs, new_masks):
+    return None
+
+
+def _per_layer(tensors: list[Tensor], layers: list[int], count: int) -> list[list[Tensor]]:
+    per_layer = [[] for _ in range(count)]
+    for tensor, layer in zip(tensors, layers):
+        per_layer[layer].append(tensor)
+    return per_layer
 
 
 def topk_mask(scores: list[Tensor], k: int) -> list[Tensor]:
@@ -61,9 +72,12 @@ def topk_mask_per_tensor(scores: list[Tensor], k: list[int]) -> list[Tensor]:
     return list(_topk_mask_per_tensor_op(list(scores), list(k)))
 
 
-def prune_grow(weight: Tensor, mask: Tensor, prune_score: Tensor, grow_score: Tensor, n: int,
-               state: Sequence[Tensor] = ()) -> Tensor:
-    return _prune_grow_op(weight, mask, prune_score, grow_score, n, list(state))
+def prune_grow(weights, masks, prune_scores, grow_scores, n, global_scope, state, masked, active, prune_abs,
+               grow_abs) -> list[Tensor]:
+    new = new_masks_like(masks)
+    _prune_grow_op(list(weights), list(masks), list(prune_scores), list(grow_scores), list(n), global_scope,
+                   *flat_layers(state), *flat_layers(masked), prune_abs, grow_abs, new)
+    return new
 
 
 masked_linear = _masked_linear_op.define(

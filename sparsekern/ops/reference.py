@@ -61,22 +61,90 @@ def topk_mask_per_tensor(scores: list[Tensor], k: list[int]) -> list[Tensor]:
     return [topk_mask([s], ki)[0] for s, ki in zip(scores, k)]
 
 
-def prune_grow(weight: Tensor, mask: Tensor, prune_score: Tensor, grow_score: Tensor, n: int,
-               state: list[Tensor] = ()) -> Tensor:
-    """Drop the n worst active entries by prune_score, grow the n best of the rest by grow_score.
+def as_flags(mask: Tensor) -> Tensor:
+    """A bool mask as torch reads it: any non-zero byte is True (uint8 data viewed as bool included)."""
+    return mask.view(torch.uint8) != 0
 
-    Mutates weight (0 off the new mask and at newly grown positions) and each state tensor (0 at
-    newly grown positions). NaN scores rank lowest; they never raise here.
+
+def active_counts(masks: list[Tensor]) -> list[int]:
+    """True entries of each mask, read once for the whole list (one host read on a GPU)."""
+    if not masks:
+        return []
+    return torch.stack([as_flags(m).sum() for m in masks]).tolist()
+
+
+def prune_grow(weights: list[Tensor], masks: list[Tensor], prune_scores: list[Tensor], grow_scores: list[Tensor],
+               n: list[int], global_scope: bool, state: list[list[Tensor]], masked: list[list[Tensor]],
+               active: list[int] | None = None, prune_abs: bool = False, grow_abs: bool = False) -> list[Tensor]:
+    """Drop-and-grow over a list of layers; returns the new masks (contiguous bool tensors).
+
+    Selections run per segment: each layer alone (n[i] for layer i), or, with global_scope, the
+    whole list as one flat sequence (n[0]). A segment keeps the (active - n) active entries with the
+    highest prune score, then grows the n entries with the highest grow score among all it did not
+    keep (just-dropped ones included). Scores are ranked as they are, or by |score| with
+    prune_abs / grow_abs. NaN scores rank lowest; they never raise here.
+
+    Then, for each layer (old = masks, new = the result, newly grown = new & ~old):
+    weights[i] and every tensor of state[i] become 0 off the new mask and at newly grown positions;
+    every tensor of masked[i] becomes 0 off the new mask. All selections finish before anything is
+    written, so scores may be the very tensors being written. `active`, when given, holds the
+    caller's count of active entries per segment and must be right.
     """
-    old = mask.reshape(-1)
-    kept = select(prune_score.reshape(-1), old, int(old.sum()) - n)
-    grown = select(grow_score.reshape(-1), ~kept, n)
-    new = (kept | grown).view(mask.shape)
-    newly_grown = (grown & ~old).view(mask.shape)
-    weight.masked_fill_(~new | newly_grown, 0)
-    for tensor in state:
-        tensor.masked_fill_(newly_grown, 0)
+    flags = [as_flags(m).reshape(-1) for m in masks]
+    segments = [list(range(len(weights)))] if global_scope else [[layer] for layer in range(len(weights))]
+    new = [None] * len(weights)
+    for segment, (swap, layers) in enumerate(zip(n, segments)):
+        old = torch.cat([flags[layer] for layer in layers]) if layers else torch.zeros(0, dtype=torch.bool)
+        count = int(old.sum())
+        check_swap(swap, count, None if active is None else active[segment], *swap_names(segment, global_scope))
+        prune = _flat_scores([prune_scores[layer] for layer in layers], prune_abs)
+        grow = _flat_scores([grow_scores[layer] for layer in layers], grow_abs)
+        kept = select(prune, old, count - swap)
+        grown = select(grow, ~kept, swap)
+        sizes = [flags[layer].numel() for layer in layers]
+        for layer, part in zip(layers, (kept | grown).split(sizes)):
+            new[layer] = part.view(masks[layer].shape)
+    apply_masks(weights, masks, new, state, masked)
     return new
+
+
+def apply_masks(weights: list[Tensor], old: list[Tensor], new: list[Tensor], state: list[list[Tensor]],
+                masked: list[list[Tensor]]) -> None:
+    """What a mask update does to the tensors of each layer, old masks to new: weights[i] and every
+    tensor of state[i] become 0 off the new mask and at newly grown entries (new & ~old); every
+    tensor of masked[i] becomes 0 off the new mask."""
+    for weight, before, after, zeroed_like_weight, zeroed_off_mask in zip(weights, old, new, state, masked):
+        after = as_flags(after)
+        off = ~after
+        off_or_grown = off | (after & ~as_flags(before))
+        weight.masked_fill_(off_or_grown, 0)
+        for tensor in zeroed_like_weight:
+            tensor.masked_fill_(off_or_grown, 0)
+        for tensor in zeroed_off_mask:
+            tensor.masked_fill_(off, 0)
+
+
+def _flat_scores(scores: list[Tensor], absolute: bool) -> Tensor:
+    flat = torch.cat([s.reshape(-1) for s in scores]) if scores else torch.zeros(0)
+    return flat.abs() if absolute else flat
+
+
+def swap_names(segment: int, global_scope: bool, single: bool = False) -> tuple[str, str]:
+    """How check_swap names a segment's n and its masks, as sparsekern.ops.prune_grow's arguments."""
+    if single:
+        return "n", "mask has"
+    if global_scope:
+        return "n", "the masks have"
+    return f"n[{segment}]", f"masks[{segment}] has"
+
+
+def check_swap(swap: int, count: int, claimed: int | None, n_name: str, owner: str) -> None:
+    """Raises ValueError unless 0 <= swap <= count, a segment's active count, and the caller's claimed
+    count (if any) is that count."""
+    if claimed is not None and claimed != count:
+        raise ValueError(f"{n_name.replace('n', 'active', 1)} is {claimed} but {owner} {count} active entries")
+    if not 0 <= swap <= count:
+        raise ValueError(f"{n_name} must be in [0, {count}] ({owner} {count} active entries), got {swap}")
 
 
 def masked_weight(weight: Tensor, mask: Tensor) -> Tensor:

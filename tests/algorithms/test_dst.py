@@ -424,3 +424,160 @@ def test_random_growth_with_the_seed_that_drew_the_masks_still_moves_them(algori
     before = masks(model)
     train_step(model, optimizer, algo, step=1)
     assert any(not torch.equal(b, a) for b, a in zip(before, masks(model)))
+
+
+# -- the update path: one op call, counts kept on the host, swap counts above the inactive count --
+
+
+def dense_layer_model(density, seed=0):
+    """One SparseLinear(20, 10) at `density`, its dense gradient set."""
+    generator = torch.Generator().manual_seed(seed)
+    layer = SparseLinear(20, 10, bias=False)
+    mask = (torch.randperm(200, generator=generator) < round(density * 200)).view(10, 20)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(10, 20, generator=generator))
+    layer.set_mask(mask)
+    layer.weight.grad = torch.rand(10, 20, generator=generator)
+    return nn.Sequential(layer), generator
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_a_layer_denser_than_one_over_one_plus_r_swaps_round_r_active(scope):
+    """Acceptance check 12: at density 0.86 with r = 0.3, n = round(r·A) = 52 exceeds the 28
+    inactive entries; just-dropped entries grow back (keeping their weights), the count stays."""
+    model, _ = dense_layer_model(0.86)
+    layer = model[0]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    algo = sparsekern.DST(model, optimizer, prune="magnitude", grow="gradient", schedule="constant",
+                          drop_fraction=0.3, update_every=1, total_steps=10, scope=scope)
+    old, weight = layer.mask.clone(), layer.weight.detach().clone()
+    active = int(old.sum())
+    n = round(0.3 * active)
+    assert n > old.numel() - active
+    layer.weight.grad = torch.rand(10, 20, generator=torch.Generator().manual_seed(1))
+    grad = layer.weight.grad.clone()
+    assert algo.step()
+    new = layer.mask
+    assert int(new.sum()) == active
+    kept = old.flatten().clone()
+    kept[weight.abs().flatten().masked_fill(~old.flatten(), float("inf")).argsort()[:n]] = False
+    dropped = (old.flatten() & ~kept).view_as(old)
+    assert int(dropped.sum()) == n
+    regrown = dropped & new
+    assert int(regrown.sum()) >= n - (old.numel() - active) > 0
+    # Grown entries are the best n by |g| among all not kept.
+    candidates = (~kept).nonzero().squeeze(1)
+    expected = torch.zeros(200, dtype=torch.bool)
+    expected[candidates[grad.flatten()[candidates].argsort(descending=True)[:n]]] = True
+    assert torch.equal((new.flatten() & ~kept), expected)
+    assert torch.equal(layer.weight.detach()[regrown], weight[regrown])
+    assert torch.all(layer.weight.detach()[new & ~old] == 0)
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+@pytest.mark.parametrize("block", [None, (2, 2)])
+def test_an_update_is_one_prune_grow_call_and_reads_no_count(scope, block, monkeypatch):
+    from sparsekern.ops import reference
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    algo = sparsekern.RigL(model, optimizer, update_every=1, total_steps=100, scope=scope, block=block)
+    calls = {"prune_grow": 0, "topk_mask": 0, "count": 0}
+    for name in ("prune_grow", "topk_mask"):
+        original = getattr(sparsekern.ops, name)
+        monkeypatch.setattr(sparsekern.ops, name, lambda *a, _f=original, _n=name, **k: (
+            calls.__setitem__(_n, calls[_n] + 1), _f(*a, **k))[1])
+    counting = reference.active_counts
+    monkeypatch.setattr(reference, "active_counts", lambda masks: (
+        calls.__setitem__("count", calls["count"] + 1), counting(masks))[1])
+    for step in range(3):
+        train_step(model, optimizer, algo, step)
+    # Three updates: three calls; the masks are counted once (the first update), never again.
+    assert calls == {"prune_grow": 3, "topk_mask": 0, "count": 1}
+    # Masks set another way are counted again at the next update.
+    module = algo.modules[0][1]
+    module.set_mask(module.mask.clone())
+    train_step(model, optimizer, algo, 3)
+    assert calls["count"] == 2
+
+
+def test_counts_follow_masks_loaded_from_a_state_dict():
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    algo = sparsekern.RigL(model, optimizer, update_every=1, total_steps=100)
+    train_step(model, optimizer, algo, 0)
+    state = algo.state_dict()
+    denser = small_model(seed=3, density=0.6)
+    other = sparsekern.RigL(denser, torch.optim.SGD(denser.parameters(), lr=0.1), update_every=1, total_steps=100)
+    train_step(denser, other.optimizer, other, 0)
+    other.load_state_dict(state)  # the sparser masks: counts must be read again
+    counts = [int(m.sum()) for m in masks(denser)]
+    train_step(denser, other.optimizer, other, 1)
+    assert [int(m.sum()) for m in masks(denser)] == counts
+
+
+def cuda_rigl(scope):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+    model = sparsekern.sparsify(model, 0.1, generator=torch.Generator().manual_seed(0)).cuda()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    algo = sparsekern.RigL(model, optimizer, update_every=1, total_steps=10 ** 6, scope=scope, host_checks=False)
+    x = torch.randn(64, 256, device="cuda")
+    model(x).square().mean().backward()
+    optimizer.step()  # momentum buffers exist
+    algo.step()       # the first update counts the masks (one read), later ones do not
+    return model, optimizer, algo, x
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_a_cuda_update_never_waits_for_the_device(scope):
+    model, optimizer, algo, x = cuda_rigl(scope)
+    model(x).square().mean().backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        assert algo.step()  # raises on any synchronizing call (a count or n read back, a pageable copy)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for _, module in algo.modules:
+        assert torch.all(module.weight[~module.mask] == 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_a_cuda_update_is_captured_in_a_graph(scope):
+    model, optimizer, algo, x = cuda_rigl(scope)
+    model(x).square().mean().backward()
+    saved = {"masks": [m.mask.clone() for _, m in algo.modules],
+             "weights": [m.weight.detach().clone() for _, m in algo.modules],
+             "grads": [m.weight.grad.clone() for _, m in algo.modules],
+             "momenta": [optimizer.state[m.weight]["momentum_buffer"].clone() for _, m in algo.modules]}
+    # Eager result of the update, then the same update captured and replayed from the same state.
+    step = algo.step_count
+    algo.step()
+    expected = [m.mask.clone() for _, m in algo.modules], [m.weight.detach().clone() for _, m in algo.modules]
+
+    def restore():
+        with torch.no_grad():
+            for (_, m), mask, weight, grad, momentum in zip(algo.modules, saved["masks"], saved["weights"],
+                                                            saved["grads"], saved["momenta"]):
+                m.mask.copy_(mask)
+                m.weight.copy_(weight)
+                m.weight.grad.copy_(grad)
+                optimizer.state[m.weight]["momentum_buffer"].copy_(momentum)
+        algo.step_count = step
+
+    restore()
+    algo.step()  # counts the restored masks outside the capture
+    restore()
+    algo._remember_counts([m.mask for _, m in algo.modules])
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(side), torch.cuda.graph(graph):
+        algo.step()
+    restore()
+    graph.replay()
+    torch.cuda.synchronize()
+    for (_, m), mask, weight in zip(algo.modules, *expected):
+        assert torch.equal(m.mask, mask) and torch.equal(m.weight.detach(), weight)

@@ -152,19 +152,23 @@ def test_topk_mask_baselines_select_what_the_op_selects(generator):
                zip(cases.torch_per_layer_topk(scores, per_layer), ops.topk_mask(scores, per_layer)))
 
 
-def test_prune_grow_baseline_updates_like_the_op(generator):
+@pytest.mark.parametrize("global_scope", [False, True])
+def test_prune_grow_baseline_updates_like_the_op(global_scope, generator):
     from sparsekern.bench.cases import prune_grow as cases
 
-    weight, grow, momentum = (torch.randn(12, 9, generator=generator) for _ in range(3))
-    mask = torch.rand(12, 9, generator=generator) < 0.4
-    weight.mul_(mask)
-    active, n = int(mask.sum()), 5
-    expected_weight, expected_momentum = weight.clone(), momentum.clone()
-    expected = ops.prune_grow(expected_weight, mask, expected_weight.abs(), grow.abs(), n,
-                              state=(expected_momentum,))
-    new = cases.torch_prune_grow(weight, mask, weight.abs(), grow.abs(), n, active, [momentum])
-    assert torch.equal(new, expected)
-    assert torch.equal(weight, expected_weight) and torch.equal(momentum, expected_momentum)
+    shapes = [(12, 9), (30,), (4, 3, 2)]
+    weights, grads, momenta = ([torch.randn(s, generator=generator) for s in shapes] for _ in range(3))
+    masks = [torch.rand(s, generator=generator) < 0.4 for s in shapes]
+    for weight, mask in zip(weights, masks):
+        weight.mul_(mask)
+    n = 9 if global_scope else [int(m.sum()) // 3 for m in masks]
+    expected_weights, expected_momenta = [w.clone() for w in weights], [m.clone() for m in momenta]
+    expected = ops.prune_grow(expected_weights, masks, expected_weights, grads, n,
+                              state=[[m] for m in expected_momenta], prune_abs=True, grow_abs=True)
+    new = cases.torch_prune_grow(weights, masks, grads, n, momenta, global_scope)
+    assert all(torch.equal(a, b) for a, b in zip(new, expected))
+    assert all(torch.equal(a, b) for a, b in zip(weights, expected_weights))
+    assert all(torch.equal(a, b) for a, b in zip(momenta, expected_momenta))
 
 
 def test_masked_linear_baseline_matches_the_op(generator):

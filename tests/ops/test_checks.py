@@ -73,6 +73,12 @@ def prune_grow_args(**changes):
     return tuple(args.values())
 
 
+def sharing_weight(changes_of):
+    """prune_grow_args whose weight is shared with the tensors changes_of(weight) names."""
+    weight = torch.randn(4, 5)
+    return prune_grow_args(weight=weight, **changes_of(weight))
+
+
 PRUNE_GROW_CASES = {
     "integer weight": (prune_grow_args(weight=torch.ones(4, 5, dtype=torch.int32)), TypeError, "weight"),
     "weight not a tensor": (prune_grow_args(weight=[[1.0]]), TypeError, "weight"),
@@ -82,12 +88,18 @@ PRUNE_GROW_CASES = {
     "grow_score integer": (prune_grow_args(grow_score=torch.ones(4, 5, dtype=torch.long)), TypeError, "grow_score"),
     "score dtypes differ": (prune_grow_args(grow_score=torch.randn(4, 5).half()), TypeError, "grow_score"),
     "n above active": (prune_grow_args(n=9), ValueError, "n"),
-    "n above inactive": (prune_grow_args(mask=torch.ones(4, 5, dtype=torch.bool).tril(2), n=9), ValueError, "n"),
+    "n a list": (prune_grow_args(n=[3]), TypeError, "n"),
     "negative n": (prune_grow_args(n=-1), ValueError, "n"),
     "float n": (prune_grow_args(n=2.0), TypeError, "n"),
     "state a tensor": (prune_grow_args(state=torch.randn(4, 5)), TypeError, "state"),
     "state shape": (prune_grow_args(state=[torch.randn(4, 5), torch.randn(3)]), ValueError, "state[1]"),
     "state integer": (prune_grow_args(state=[torch.ones(4, 5, dtype=torch.int8)]), TypeError, "state[0]"),
+    "state expanded": (prune_grow_args(state=[torch.randn(1, 5).expand(4, 5)]), ValueError, "state[0]"),
+    "state stride 0": (prune_grow_args(state=[torch.randn(()).expand(4, 5)]), ValueError, "state[0]"),
+    "state is the weight": (sharing_weight(lambda w: dict(state=[w])), ValueError, "weight"),
+    "state views the weight": (sharing_weight(lambda w: dict(state=[w[:, :]])), ValueError, "weight"),
+    "mask views the weight's bytes": (sharing_weight(lambda w: dict(mask=w.view(torch.uint8)[:, ::4].view(torch.bool))),
+                                      ValueError, "weight"),
     "mask on another device": (prune_grow_args(mask=torch.ones(4, 5, dtype=torch.bool, device="meta")), ValueError,
                                "mask"),
 }
@@ -97,6 +109,122 @@ PRUNE_GROW_CASES = {
 def test_prune_grow_rejects(name):
     args, error, argument = PRUNE_GROW_CASES[name]
     assert_rejected(sparsekern.ops.prune_grow, args, error, argument)
+
+
+def test_prune_grow_swaps_more_than_the_inactive_entries():
+    # n is bounded by the active count only (just-dropped entries may grow back).
+    weight, mask, prune_score, grow_score, _, state = prune_grow_args(mask=torch.ones(4, 5, dtype=torch.bool).tril(2))
+    active = int(mask.sum())
+    new = sparsekern.ops.prune_grow(weight, mask, prune_score, grow_score, active, state)
+    assert int(new.sum()) == active
+
+
+def layer_lists():
+    """(weights, masks, prune_scores, grow_scores, n, state, masked) of three layers."""
+    shapes = [(4, 5), (3, 3, 2), (6,)]
+    weights = [torch.randn(shape) for shape in shapes]
+    masks = [torch.rand(shape) < 0.5 for shape in shapes]
+    for m in masks:
+        m.view(-1)[0] = True
+    n = [int(m.sum()) // 2 for m in masks]
+    return dict(weights=weights, masks=masks, prune_scores=[w.abs() for w in weights],
+                grow_scores=[torch.randn(shape) for shape in shapes], n=n,
+                state=[[torch.randn(shape)] for shape in shapes], masked=[[torch.randn(shape)] for shape in shapes])
+
+
+def list_case(**changes):
+    """Arguments of the list form with some entries replaced: changes map a name to a function of
+    the default value returning the new one."""
+    args = layer_lists()
+    for name, change in changes.items():
+        args[name] = change(args[name])
+    return args
+
+
+def replaced(i, value):
+    return lambda values: [value if j == i else v for j, v in enumerate(values)]
+
+
+def total_active(masks):
+    return sum(int(m.sum()) for m in masks)
+
+
+def masked_sharing_a_weight():
+    args = layer_lists()
+    args["masked"] = [[], [], [args["weights"][0].view(-1)[:6]]]
+    return args
+
+
+def n_above_the_active_count_given():
+    args = layer_lists()
+    args["active"] = [int(m.sum()) for m in args["masks"]]
+    args["n"] = args["n"][:2] + [args["active"][2] + 1]
+    return args
+
+
+LIST_CASES = {
+    "weights not a list": (list_case(weights=lambda w: w[0]), TypeError, "weights"),
+    "masks too short": (list_case(masks=lambda m: m[:2]), ValueError, "masks"),
+    "weight integer": (list_case(weights=replaced(2, torch.ones(6, dtype=torch.int32))), TypeError, "weights[2]"),
+    "mask shape": (list_case(masks=replaced(1, torch.ones(3, 2, 3, dtype=torch.bool))), ValueError, "masks[1]"),
+    "mask not bool": (list_case(masks=replaced(2, torch.ones(6))), TypeError, "masks[2]"),
+    "mixed score dtypes": (list_case(grow_scores=replaced(2, torch.randn(6).double())), TypeError, "grow_scores[2]"),
+    "mixed prune dtypes": (list_case(prune_scores=replaced(1, torch.randn(3, 3, 2).half())), TypeError,
+                           "prune_scores[1]"),
+    "n too short": (list_case(n=lambda n: n[:2]), ValueError, "n"),
+    "n above the layer": (list_case(n=replaced(1, 19)), ValueError, "n[1]"),
+    "n above active": (list_case(n=lambda n: n[:2] + [7]), ValueError, "n[2]"),
+    "negative n": (list_case(n=replaced(2, -1)), ValueError, "n[2]"),
+    "state wrong length": (list_case(state=lambda s: s[:2]), ValueError, "state"),
+    "state shape": (list_case(state=replaced(2, [torch.randn(5)])), ValueError, "state[2][0]"),
+    "state expanded": (list_case(state=replaced(1, [torch.randn(1, 1, 2).expand(3, 3, 2)])), ValueError,
+                       "state[1][0]"),
+    "masked integer": (list_case(masked=replaced(2, [torch.ones(6, dtype=torch.int64)])), TypeError, "masked[2][0]"),
+    "one weight in two layers": (list_case(weights=lambda w: [w[0], w[1], w[0].view(-1)[:6]]), ValueError,
+                                 "weights[0]"),
+    "state of two layers shared": (list_case(state=lambda s: [s[0], s[1], [s[0][0].view(-1)[14:]]]), ValueError,
+                                   "state[0][0]"),
+    "masked is another layer's weight": (masked_sharing_a_weight(), ValueError, "weights[0]"),
+    "global n above active": (list_case(n=lambda n: 10 ** 6), ValueError, "n"),
+    "global n a float": (list_case(n=lambda n: 2.5), TypeError, "n"),
+    "active wrong length": (dict(layer_lists(), active=[1, 2]), ValueError, "active"),
+    "active a tensor": (dict(layer_lists(), active=torch.tensor([1, 2, 3])), TypeError, "active"),
+    "n above active given": (n_above_the_active_count_given(), ValueError, "n[2]"),
+    "prune_abs not bool": (dict(layer_lists(), prune_abs=1), TypeError, "prune_abs"),
+}
+
+
+def call_list(args):
+    args = dict(args)
+    return sparsekern.ops.prune_grow(args.pop("weights"), args.pop("masks"), args.pop("prune_scores"),
+                                     args.pop("grow_scores"), args.pop("n"), **args)
+
+
+@pytest.mark.parametrize("backend", ["compiled", "reference"])
+@pytest.mark.parametrize("name", list(LIST_CASES))
+def test_prune_grow_list_rejects_and_no_layer_changes(name, backend, use_backend):
+    # A bad argument anywhere in the list (here mostly in a later layer) changes no layer.
+    use_backend(backend, "prune_grow")
+    args, error, argument = LIST_CASES[name]
+    assert_rejected(call_list, (args,), error, argument)
+
+
+@pytest.mark.parametrize("backend", ["compiled", "reference"])
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_a_wrong_active_count_is_refused_before_any_write(backend, scope, use_backend):
+    use_backend(backend, "prune_grow")
+    args = layer_lists()
+    counts = [int(m.sum()) for m in args["masks"]]
+    if scope == "layer":
+        args["active"] = counts[:2] + [counts[2] + 1]
+        expected = r"active\[2\] is"
+    else:
+        args["n"], args["active"] = 1, sum(counts) - 1
+        expected = r"active is"
+    before = snapshot(list(args.values()))
+    with pytest.raises(ValueError, match=expected):
+        call_list(args)
+    assert_unchanged(before, list(args.values()))
 
 
 def linear_args(**changes):
@@ -132,6 +260,19 @@ def test_a_wrong_name_would_be_caught():
 compiled = pytest.mark.skipif(_extension.kernel_missing("prune_grow", "cpu") is not None,
                               reason=f"no compiled CPU kernels: {_extension.kernel_missing('prune_grow', 'cpu')}")
 
+def compiled_prune_grow(**changes):
+    """Arguments of torch.ops.sparsekern.prune_grow (the list schema) for two layers."""
+    from sparsekern.ops import flat_layers, new_masks_like
+    args = layer_lists()
+    args = dict(weights=args["weights"][:2], masks=args["masks"][:2], prune_scores=args["prune_scores"][:2],
+                grow_scores=args["grow_scores"][:2], n=args["n"][:2], global_scope=False,
+                state=flat_layers(args["state"][:2])[0], state_layers=[0, 1],
+                masked=flat_layers(args["masked"][:2])[0], masked_layers=[0, 1], active=None, prune_abs=False,
+                grow_abs=False, new_masks=new_masks_like(args["masks"][:2]))
+    args.update(changes)
+    return tuple(args.values())
+
+
 COMPILED_CASES = {
     "topk negative k": (lambda: torch.ops.sparsekern.topk_mask, (scores(), -1), ValueError, "k"),
     "topk k above numel": (lambda: torch.ops.sparsekern.topk_mask, (scores(), 18), ValueError, "k"),
@@ -140,16 +281,30 @@ COMPILED_CASES = {
                           TypeError, "scores[1]"),
     "per tensor k length": (lambda: torch.ops.sparsekern.topk_mask_per_tensor, (scores(), [1]), ValueError, "k"),
     "per tensor k range": (lambda: torch.ops.sparsekern.topk_mask_per_tensor, (scores(), [1, 6]), ValueError, "k[1]"),
-    "prune_grow n": (lambda: torch.ops.sparsekern.prune_grow, prune_grow_args(n=9), ValueError, "n"),
-    "prune_grow mask": (lambda: torch.ops.sparsekern.prune_grow, prune_grow_args(mask=torch.ones(4, 5)), TypeError,
-                        "mask"),
-    "prune_grow shape": (lambda: torch.ops.sparsekern.prune_grow, prune_grow_args(grow_score=torch.randn(5, 4)),
-                         ValueError, "grow_score"),
+    "prune_grow n": (lambda: torch.ops.sparsekern.prune_grow, compiled_prune_grow(n=[1, 19]), ValueError, "n[1]"),
+    "prune_grow mask": (lambda: torch.ops.sparsekern.prune_grow,
+                        compiled_prune_grow(masks=[torch.ones(4, 5), torch.ones(3, 3, 2, dtype=torch.bool)]),
+                        TypeError, "masks[0]"),
+    "prune_grow shape": (lambda: torch.ops.sparsekern.prune_grow,
+                         compiled_prune_grow(grow_scores=[torch.randn(4, 5), torch.randn(2, 3, 3)]), ValueError,
+                         "grow_scores[1]"),
     "prune_grow dtypes": (lambda: torch.ops.sparsekern.prune_grow,
-                          prune_grow_args(grow_score=torch.randn(4, 5).double()), TypeError, "grow_score"),
+                          compiled_prune_grow(grow_scores=[torch.randn(4, 5), torch.randn(3, 3, 2).double()]),
+                          TypeError, "grow_scores[1]"),
     "prune_grow state": (lambda: torch.ops.sparsekern.prune_grow,
-                         prune_grow_args(state=[torch.randn(4, 5), torch.ones(4, 5, dtype=torch.int32)]), TypeError,
-                         "state[1]"),
+                         compiled_prune_grow(state=[torch.randn(4, 5), torch.ones(3, 3, 2, dtype=torch.int32)]),
+                         TypeError, "state[1]"),
+    "prune_grow state layer": (lambda: torch.ops.sparsekern.prune_grow, compiled_prune_grow(state_layers=[0, 2]),
+                               ValueError, "state_layers[1]"),
+    "prune_grow state expanded": (lambda: torch.ops.sparsekern.prune_grow,
+                                  compiled_prune_grow(state=[torch.randn(1, 5).expand(4, 5), torch.randn(3, 3, 2)]),
+                                  ValueError, "state[0]"),
+    "prune_grow shared weight": (lambda: torch.ops.sparsekern.prune_grow,
+                                 (lambda w: compiled_prune_grow(weights=[w, torch.randn(3, 3, 2)],
+                                                                masked=[w, torch.randn(3, 3, 2)]))(torch.randn(4, 5)),
+                                 ValueError, "weights[0]"),
+    "prune_grow active": (lambda: torch.ops.sparsekern.prune_grow, compiled_prune_grow(active=[1]), ValueError,
+                          "active"),
 }
 
 

@@ -82,9 +82,50 @@ def test_topk_mask_per_tensor_matches_reference(generator, dtype, kind):
 
 def test_topk_mask_non_contiguous_and_empty_list(generator):
     scores = [s.t() for s in scores_like(generator, [(300, 200), (64, 9)], torch.float32, "ties")]
+    scores.append(scores_like(generator, [(64, 32, 3, 3)], torch.float32, "ties")[0].contiguous(
+        memory_format=torch.channels_last))
     for g, w in zip(torch.ops.sparsekern.topk_mask(scores, 7000), reference.topk_mask(scores, 7000)):
         assert torch.equal(g, w)
     assert torch.ops.sparsekern.topk_mask([], 0) == []
+
+
+def cuda_layers(generator, shapes, densities, score_dtype, kind, weight_dtype=torch.float32, state_dtype=torch.float32):
+    """(weights, masks, prune_scores, grow_scores, state, masked) of layers on the GPU."""
+    weights, masks, state, masked = [], [], [], []
+    for shape, density in zip(shapes, densities):
+        weights.append(torch.randn(shape, generator=generator).to(weight_dtype).cuda())
+        masks.append((torch.rand(shape, generator=generator) < density).cuda())
+        state.append([torch.randn(shape, generator=generator).to(state_dtype).cuda()])
+        masked.append([torch.randn(shape, generator=generator).cuda()])
+    prune = scores_like(generator, shapes, score_dtype, kind)
+    grow = scores_like(generator, shapes, score_dtype, kind)
+    return weights, masks, prune, grow, state, masked
+
+
+def each(args, function):
+    """function applied to every tensor of a layer list (tensors, and per-layer lists of tensors)."""
+    return [[function(t) for t in x] if not x or not isinstance(x[0], list) else [[function(t) for t in ts] for ts in x]
+            for x in args]
+
+
+def run_prune_grow(args, n, global_scope, **flags):
+    """The CUDA op and the reference (on copies) of one update; asserts they agree bit for bit."""
+    from sparsekern.ops import flat_layers, new_masks_like
+    weights, masks, prune, grow, state, masked = args
+    copies = ([w.clone() for w in weights], [[t.clone() for t in ts] for ts in state],
+              [[t.clone() for t in ts] for ts in masked])
+    want = reference.prune_grow(copies[0], masks, prune, grow, n, global_scope, copies[1], copies[2], None,
+                                flags.get("prune_abs", False), flags.get("grow_abs", False))
+    got = new_masks_like(masks)
+    torch.ops.sparsekern.prune_grow(weights, masks, prune, grow, n, global_scope, *flat_layers(state),
+                                    *flat_layers(masked), None, flags.get("prune_abs", False),
+                                    flags.get("grow_abs", False), got)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    for actual, wanted in ((weights, copies[0]), (flat_layers(state)[0], flat_layers(copies[1])[0]),
+                           (flat_layers(masked)[0], flat_layers(copies[2])[0])):
+        for a, w in zip(actual, wanted):
+            assert torch.equal(a, w)
 
 
 @pytest.mark.parametrize("score_dtype", DTYPES)
@@ -92,33 +133,85 @@ def test_topk_mask_non_contiguous_and_empty_list(generator):
 @pytest.mark.parametrize("weight_dtype, state_dtype", [(torch.float32, torch.float32),
                                                         (torch.bfloat16, torch.float32),
                                                         (torch.float16, torch.float64)])
-def test_prune_grow_matches_reference(generator, score_dtype, kind, weight_dtype, state_dtype):
-    shape = (1024, 1153)  # not a multiple of the tile
-    mask = (torch.rand(shape, generator=generator) < 0.2).cuda()
-    active = int(mask.sum())
-    prune_score, grow_score = scores_like(generator, [shape, shape], score_dtype, kind)
-    for n in (0, 1, active // 3, min(active, mask.numel() - active)):
-        weight = torch.randn(shape, generator=generator).to(weight_dtype).cuda()
-        state = [torch.randn(shape, generator=generator).to(state_dtype).cuda() for _ in range(2)]
-        weight_ref, state_ref = weight.clone(), [s.clone() for s in state]
-        got = torch.ops.sparsekern.prune_grow(weight, mask, prune_score, grow_score, n, state)
-        want = reference.prune_grow(weight_ref, mask, prune_score, grow_score, n, state_ref)
-        assert torch.equal(got, want) and int(got.sum()) == active
-        assert torch.equal(weight, weight_ref)
-        for s, r in zip(state, state_ref):
-            assert torch.equal(s, r)
+@pytest.mark.parametrize("global_scope", [False, True])
+def test_prune_grow_matches_reference(generator, score_dtype, kind, weight_dtype, state_dtype, global_scope):
+    # ResNet-50-like layers, densities around 1/(1 + r), one layer dense, one empty tensor.
+    densities = [0.1, 0.2, 0.5, 0.9, 0.05, 1.0, 0.3, 0.5]
+    args = cuda_layers(generator, SIZES, densities, score_dtype, kind, weight_dtype, state_dtype)
+    counts = [int(m.sum()) for m in args[1]]
+    choices = [[0] * len(counts), [round(0.3 * c) for c in counts], counts]
+    for n in choices:
+        run_prune_grow(each(args, torch.clone), [sum(n)] if global_scope else n, global_scope)
 
 
-def test_prune_grow_non_contiguous_weight_and_state(generator):
-    shape = (300, 200)
-    mask = (torch.rand(shape, generator=generator) < 0.5).cuda()
-    prune_score, grow_score = scores_like(generator, [shape, shape], torch.float32, "ties")
-    weight = torch.randn(shape[::-1], generator=generator).cuda().t()
-    state = [torch.randn(shape[::-1], generator=generator).cuda().t()]
-    weight_ref, state_ref = weight.clone(), [state[0].clone()]
-    got = torch.ops.sparsekern.prune_grow(weight, mask, prune_score, grow_score, 1000, state)
-    want = reference.prune_grow(weight_ref, mask, prune_score, grow_score, 1000, state_ref)
-    assert torch.equal(got, want) and torch.equal(weight, weight_ref) and torch.equal(state[0], state_ref[0])
+@pytest.mark.parametrize("layout", ["transposed", "channels_last", "sliced"])
+@pytest.mark.parametrize("global_scope", [False, True])
+def test_prune_grow_any_strides_in_place(generator, layout, global_scope):
+    shapes = [(64, 32, 3, 3), (128, 64, 1, 1), (300, 200, 1, 1)]
+    args = cuda_layers(generator, shapes, [0.1, 0.5, 0.2], torch.float32, "ties")
+
+    def lay(t):
+        if layout == "channels_last":
+            return t.contiguous(memory_format=torch.channels_last)
+        if layout == "transposed":
+            return t.transpose(0, 1).contiguous().transpose(0, 1)
+        wide = torch.zeros((*t.shape[:-1], 2 * t.shape[-1]), dtype=t.dtype, device=t.device)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+
+    args = each(args, lay)
+    counts = [int(m.sum()) for m in args[1]]
+    n = [sum(counts) // 3] if global_scope else [c // 3 for c in counts]
+    run_prune_grow(args, n, global_scope, prune_abs=True, grow_abs=True)
+
+
+def test_prune_grow_reads_any_nonzero_mask_byte_as_true(generator):
+    raw = (torch.randint(0, 4, (4096 * 3 + 5,), generator=generator, dtype=torch.uint8) * 85).cuda()
+    args = cuda_layers(generator, [raw.shape], [0.5], torch.float32, "ties")
+    clean = raw != 0
+    weights, _, prune, grow, state, masked = args
+    copies = [w.clone() for w in weights], [[t.clone() for t in ts] for ts in state]
+    n = [int(clean.sum()) // 2]
+    run_prune_grow((copies[0], [clean], prune, grow, copies[1], [[]]), n, False)
+    from sparsekern.ops import new_masks_like
+    got = new_masks_like([raw])
+    torch.ops.sparsekern.prune_grow(weights, [raw.view(torch.bool)], prune, grow, n, False, state[0], [0], [], [],
+                                    None, False, False, got)
+    assert int(got[0].sum()) == int(clean.sum())
+    assert torch.equal(weights[0], copies[0][0])
+
+
+@pytest.mark.parametrize("global_scope", [False, True])
+def test_prune_grow_does_not_synchronize_and_is_captured_in_a_graph(generator, global_scope):
+    from sparsekern.ops import flat_layers, new_masks_like
+    args = cuda_layers(generator, SIZES[:5], [0.1, 0.2, 0.5, 0.9, 0.3], torch.float32, "continuous")
+    weights, masks, prune, grow, state, masked = args
+    counts = [int(m.sum()) for m in masks]
+    n = [sum(counts) // 4] if global_scope else [c // 4 for c in counts]
+    saved = [w.clone() for w in weights], [[t.clone() for t in ts] for ts in state]
+    new = new_masks_like(masks)
+    call = lambda: torch.ops.sparsekern.prune_grow(weights, masks, prune, grow, n, global_scope, *flat_layers(state),
+                                                   *flat_layers(masked), None, False, False, new)  # noqa: E731
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        call()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    eager = [m.clone() for m in new], [w.clone() for w in weights]
+    for w, s in zip(weights, saved[0]):
+        w.copy_(s)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(side), torch.cuda.graph(graph):
+        call()
+    for w, s in zip(weights, saved[0]):
+        w.copy_(s)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(new, eager[0]))
+    assert all(torch.equal(a, b) for a, b in zip(weights, eager[1]))
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2),
@@ -229,15 +322,18 @@ def test_sparse_linear_kernel_stops_on_contents_that_disagree(tamper):
 
 
 def test_opcheck_cuda_ops(generator):
+    from sparsekern.ops import new_masks_like
     scores = scores_like(generator, [(40, 30), (17,)], torch.float32, "ties")
     torch.library.opcheck(torch.ops.sparsekern.topk_mask.default, (scores, 100))
     torch.library.opcheck(torch.ops.sparsekern.topk_mask_per_tensor.default, (scores, [10, 3]))
-    weight = torch.randn(40, 30, device="cuda")
-    mask = scores[0] > 0
-    torch.library.opcheck(torch.ops.sparsekern.prune_grow.default,
-                          (weight, mask, scores[0].abs(), torch.randn(40, 30, device="cuda"), 5,
-                           [torch.randn(40, 30, device="cuda")]))
-    packed = ops.pack(weight, mask)
+    weights = [torch.randn(40, 30, device="cuda"), torch.randn(17, device="cuda")]
+    masks = [s > 0 for s in scores]
+    for global_scope, n in ((False, [5, 2]), (True, [7])):
+        torch.library.opcheck(torch.ops.sparsekern.prune_grow.default,
+                              (weights, masks, [s.abs() for s in scores], [torch.randn_like(w) for w in weights], n,
+                               global_scope, [torch.randn(40, 30, device="cuda")], [0], [torch.randn(17, device="cuda")],
+                               [1], None, True, False, new_masks_like(masks)))
+    packed = ops.pack(weights[0], masks[0])
     torch.library.opcheck(torch.ops.sparsekern.sparse_linear.default,
                           (torch.randn(3, 30, device="cuda"), packed.bitmap, packed.values,
                            packed.chunk_offsets, None))

@@ -139,3 +139,26 @@ def test_opcheck_compiled_topk_mask(layout, generator):
     torch.library.opcheck(torch.ops.sparsekern.topk_mask.default, (scores, available // 2))
     k = [c // 2 for c in non_nan_counts(scores)]
     torch.library.opcheck(torch.ops.sparsekern.topk_mask_per_tensor.default, (scores, k))
+
+
+@compiled
+@pytest.mark.parametrize("kind", ["normal", "sorted", "clumped", "zeros", "nan"])
+def test_compiled_kernel_every_selection_path(kind, generator):
+    # Tensors large enough to be sampled; scores that send the sampled windows astray, or hold one
+    # value many times.
+    sizes = [300_000, 70_000, 5]
+    scores = []
+    for numel in sizes:
+        s = torch.arange(numel, dtype=torch.float32) if kind == "sorted" else torch.randn(numel, generator=generator)
+        if kind == "clumped":
+            s[torch.rand(numel, generator=generator) < 0.9] = 0.5
+        if kind == "zeros":
+            s[torch.rand(numel, generator=generator) < 0.4] = 0.0
+        if kind == "nan":
+            s[torch.rand(numel, generator=generator) < 0.3] = float("nan")
+        scores.append(s)
+    available = sum(non_nan_counts(scores))
+    for k in (1, available // 7, available // 2, available):
+        assert_same_masks(sparsekern.ops.topk_mask(scores, k), reference.topk_mask(scores, k))
+    k = [c // 3 for c in non_nan_counts(scores)]
+    assert_same_masks(sparsekern.ops.topk_mask(scores, k), reference.topk_mask_per_tensor(scores, k))

@@ -292,14 +292,18 @@ def _prune_grow_case(shape, dtype, generator, device=CPU):
     return [t.to(device) for t in (weight, mask, prune_score, grow_score)], [s.to(device) for s in state]
 
 
-def _check_prune_grow(pg, tensors, state, n):
-    weight, mask, prune_score, grow_score = tensors
-    expected_weight, expected_state = weight.clone(), [s.clone() for s in state]
-    expected = reference.prune_grow(expected_weight, mask, prune_score, grow_score, n, expected_state)
-    got = pg.prune_grow(weight, mask, prune_score, grow_score, n, state)
-    assert torch.equal(got, expected)
-    assert torch.equal(weight, expected_weight)
-    assert all(torch.equal(s, e) for s, e in zip(state, expected_state))
+def _check_prune_grow(pg, layers, n, global_scope=False, masked=None):
+    """Runs the Triton list kernel on layers [(weight, mask, prune_score, grow_score, state)] and
+    the reference on copies; compares masks, weights, state and masked tensors bit for bit."""
+    weights, masks, prune, grow, state = (list(x) for x in zip(*layers))
+    masked = masked or [[] for _ in layers]
+    copies = [w.clone() for w in weights], [[t.clone() for t in ts] for ts in state], [[t.clone() for t in ts] for ts in masked]
+    expected = reference.prune_grow(copies[0], masks, prune, grow, n, global_scope, copies[1], copies[2])
+    got = pg.prune_grow(weights, masks, prune, grow, n, global_scope, state, masked)
+    assert all(torch.equal(g.cpu(), e.cpu()) for g, e in zip(got, expected))
+    assert all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(weights, copies[0]))
+    for actual, wanted in ((state, copies[1]), (masked, copies[2])):
+        assert all(torch.equal(a.cpu(), b.cpu()) for ts, es in zip(actual, wanted) for a, b in zip(ts, es))
 
 
 @pytest.mark.parametrize("dtype", INTERPRETER_DTYPES)
@@ -307,17 +311,51 @@ def test_prune_grow_matches_reference(kernels, dtype, generator):
     _, _, _, pg = kernels
     tensors, state = _prune_grow_case((45, 50), dtype, generator)
     active = int(tensors[1].sum())
-    for n in (0, 7, min(active, tensors[1].numel() - active)):
-        _check_prune_grow(pg, [t.clone() for t in tensors], [s.clone() for s in state], n)
+    for n in (0, 7, min(active, tensors[1].numel() - active), active):
+        _check_prune_grow(pg, [([t.clone() for t in tensors] + [[s.clone() for s in state]])], [n])
+
+
+@pytest.mark.parametrize("global_scope", [False, True])
+def test_prune_grow_list_by_magnitude(kernels, global_scope, generator):
+    _, _, _, pg = kernels
+    layers = []
+    for shape in [(30, 20), (7,), (0, 3), (5, 4, 3)]:
+        tensors, state = _prune_grow_case(shape, torch.float32, generator)
+        layers.append(tensors + [state[:1]])
+    counts = [int(layer[1].sum()) for layer in layers]
+    n = [sum(counts) // 3] if global_scope else [c // 3 for c in counts]
+    weights = [layer[0] for layer in layers]
+    expected_weights = [w.clone() for w in weights]
+    masks = [layer[1] for layer in layers]
+    grads = [layer[3] for layer in layers]
+    expected = reference.prune_grow(expected_weights, masks, [w.clone() for w in weights], [g.clone() for g in grads],
+                                    n, global_scope, [[] for _ in layers], [[g.clone()] for g in grads], None, True, True)
+    got = pg.prune_grow(weights, masks, weights, grads, n, global_scope, [[] for _ in layers], [[g] for g in grads],
+                        None, True, True)
+    assert all(torch.equal(g, e) for g, e in zip(got, expected))
+    assert all(torch.equal(w, e) for w, e in zip(weights, expected_weights))
+
+
+def test_prune_grow_reads_any_nonzero_mask_byte_as_true(kernels, generator):
+    _, _, _, pg = kernels
+    raw = torch.randint(0, 4, (60,), generator=generator, dtype=torch.uint8) * 85
+    mask = raw.view(torch.bool)
+    tensors, state = _prune_grow_case((60,), torch.float32, generator)
+    tensors[1] = mask
+    clean = [tensors[0], raw != 0, tensors[2], tensors[3], state]
+    expected_weight = tensors[0].clone()
+    expected = reference.prune_grow([expected_weight], [clean[1]], [clean[2]], [clean[3]], [5], False, [[]], [[]])
+    got = pg.prune_grow([tensors[0]], [mask], [tensors[2]], [tensors[3]], [5], False, [[]], [[]])
+    assert torch.equal(got[0], expected[0]) and torch.equal(tensors[0], expected_weight)
 
 
 def test_prune_grow_non_contiguous_weight_and_empty(kernels, generator):
     _, _, _, pg = kernels
     tensors, state = _prune_grow_case((30, 20), torch.float32, generator)
     tensors = [t.T.contiguous().T for t in tensors]
-    _check_prune_grow(pg, tensors, state, 20)
+    _check_prune_grow(pg, [tensors + [state]], [20])
     empty = [torch.empty(0, 5), torch.empty(0, 5, dtype=torch.bool), torch.empty(0, 5), torch.empty(0, 5)]
-    assert pg.prune_grow(*empty, 0, []).shape == (0, 5)
+    assert pg.prune_grow(*[[t] for t in empty], [0], False, [[]], [[]])[0].shape == (0, 5)
 
 
 # ---------------------------------------------------------------------------------------- opcheck
@@ -333,8 +371,11 @@ def test_opcheck_every_triton_op(kernels, generator):
     scores = [torch.randn(10, 20, generator=generator), torch.randn(30, generator=generator)]
     torch.library.opcheck(torch.ops.sparsekern.topk_mask_triton, (scores, 50))
     torch.library.opcheck(torch.ops.sparsekern.topk_mask_per_tensor_triton, (scores, [5, 6]))
-    tensors, state = _prune_grow_case((10, 20), torch.float32, generator)
-    torch.library.opcheck(torch.ops.sparsekern.prune_grow_triton, (*tensors, 5, state))
+    (weight, mask, prune_score, grow_score), state = _prune_grow_case((10, 20), torch.float32, generator)
+    for global_scope in (False, True):
+        torch.library.opcheck(torch.ops.sparsekern.prune_grow_triton,
+                              ([weight], [mask], [prune_score], [grow_score], [5], global_scope, state, [0, 0],
+                               [torch.randn(10, 20)], [0], True, False, [torch.empty(10, 20, dtype=torch.bool)]))
 
 
 # ------------------------------------------------------------------------------- GPU, real sizes
@@ -371,12 +412,11 @@ def test_gpu_topk_mask(gpu_kernels, dtype, generator):
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 def test_gpu_prune_grow(gpu_kernels, dtype, generator):
     _, _, _, pg = gpu_kernels
-    tensors, state = _prune_grow_case((1024, 2304), dtype, generator, CUDA)
-    weight, mask, prune_score, grow_score = tensors
-    n = int(mask.sum()) // 10
-    expected_weight, expected_state = weight.cpu(), [s.cpu() for s in state]
-    expected = reference.prune_grow(expected_weight, mask.cpu(), prune_score.cpu(), grow_score.cpu(), n,
-                                    expected_state)
-    got = pg.prune_grow(weight, mask, prune_score, grow_score, n, state)
-    assert torch.equal(got.cpu(), expected) and torch.equal(weight.cpu(), expected_weight)
-    assert all(torch.equal(s.cpu(), e) for s, e in zip(state, expected_state))
+    layers = []
+    for shape in [(1024, 2304), (64, 3, 7, 7), (1000,)]:
+        tensors, state = _prune_grow_case(shape, dtype, generator, CUDA)
+        layers.append(tensors + [state])
+    counts = [int(layer[1].sum()) for layer in layers]
+    for global_scope, n in ((False, [c // 10 for c in counts]), (True, [sum(counts) // 3])):
+        _check_prune_grow(pg, [[t.clone() for t in layer[:4]] + [[s.clone() for s in layer[4]]] for layer in layers],
+                          n, global_scope)

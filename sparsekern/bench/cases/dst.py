@@ -3,9 +3,10 @@
 - "RigL update (layer)" / "RigL update (global)": one `DST.step()` that updates every mask of a
   ResNet-50-shaped model (its 54 conv/linear weights, ERK at 90% sparsity, dense gradients and
   SGD momentum buffers present): magnitude drop, gradient growth, r = 0.3, weights and momentum
-  zeroed, gradients masked. Each call first copies the saved dense gradients back (the previous
-  call masked them), in both the sparsekern and the baseline runs. Baseline: the same update in
-  plain torch as DST libraries write it (per layer `torch.topk` of |θ| among active and of |g|
+  zeroed, gradients masked. DST makes one `sparsekern.ops.prune_grow` call for every layer. Each
+  call first copies the saved dense gradients back (the previous call masked them), in both the
+  sparsekern and the baseline runs (about 10 ms of each on 2 CPU cores). Baseline: the same update
+  in plain torch as DST libraries write it (per layer `torch.topk` of |θ| among active and of |g|
   among the rest; global: `torch.cat` and one `torch.topk` for each).
 - "training step": forward, backward and SGD step of an MLP (batch 256), dense `nn.Linear`
   (the baseline) against the same model sparsified at 90% with no DST and with RigL on a step
@@ -43,7 +44,7 @@ def torch_rigl_layer_update(modules, optimizer) -> None:
         for module in modules:
             weight, mask, grad = module.weight, module.mask, module.weight.grad
             active = int(mask.sum())
-            n = min(round(DROP_FRACTION * active), active, mask.numel() - active)
+            n = round(DROP_FRACTION * active)  # just-dropped entries may grow back
             drop_score = torch.where(mask, weight.abs(), float("-inf")).flatten()
             kept = torch.zeros_like(drop_score, dtype=torch.bool)
             kept[drop_score.topk(active - n, sorted=False).indices] = True
@@ -58,8 +59,7 @@ def torch_rigl_global_update(modules, optimizer) -> None:
     with torch.no_grad():
         masks = [m.mask for m in modules]
         active = sum(int(m.sum()) for m in masks)
-        total = sum(m.numel() for m in masks)
-        n = min(round(DROP_FRACTION * active), active, total - active)
+        n = round(DROP_FRACTION * active)
         drop_score = torch.cat([torch.where(m.mask, m.weight.abs(), float("-inf")).flatten() for m in modules])
         kept = torch.zeros_like(drop_score, dtype=torch.bool)
         kept[drop_score.topk(active - n, sorted=False).indices] = True
@@ -107,9 +107,8 @@ def _update_case(scope: str, device: torch.device, quick: bool) -> Case:
         restore_grads()
         baseline(modules, optimizer)
 
-    op = "prune_grow" if scope == "layer" else "topk_mask"
     runs = {f"torch topk ({'per layer' if scope == 'layer' else 'cat'})": torch_update}
-    runs.update(sparsekern_runs(op, device, sparsekern_update))
+    runs.update(sparsekern_runs("prune_grow", device, sparsekern_update))
     size = f"{'resnet50/16' if quick else 'resnet50'}, {sum(m.weight.numel() for m in modules) / 1e6:.3g}M, d={DENSITY}"
     return Case(f"RigL update ({scope})", size, runs, baseline=next(iter(runs)))
 

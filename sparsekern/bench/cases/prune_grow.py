@@ -1,10 +1,12 @@
-"""prune_grow against the same steps in torch ops: one layer-wise RigL mask update.
+"""prune_grow against the same steps in torch ops: one RigL mask update of every layer.
 
-Over ResNet-50's 54 weights at density 0.1, each layer drops its 30% lowest-|w| active entries and
-grows as many at the highest |gradient| among the rest, zeroing weight and momentum where the
-contract says. Scores (|w|, |g|) are computed inside every run, as a training step must.
-Updates mutate the inputs in place; repeating one is a steady state (the same old mask gives the
-same new mask), so every call does the same work.
+Over ResNet-50's 54 weights at density 0.1, drop the 30% lowest-|w| active entries and grow as many
+at the highest |gradient| among all not kept, zeroing weight and momentum where the contract says:
+per layer (layer scope) or over the whole list (global scope). sparsekern makes one call for the
+list, ranking the weights and gradients by magnitude itself; the baselines compute |w| and |g| and
+select with `torch.topk`, per layer or on the concatenated list, as DST code in plain torch does.
+Updates mutate the inputs in place; repeating one is a steady state (the same old masks give the
+same new masks), so every call does the same work.
 """
 from __future__ import annotations
 
@@ -19,25 +21,34 @@ DENSITY = 0.1
 DROP_FRACTION = 0.3
 
 
-def torch_prune_grow(weight: Tensor, mask: Tensor, prune_score: Tensor, grow_score: Tensor, n: int,
-                     active: int, state: list[Tensor]) -> Tensor:
-    """The contract's update in plain torch ops (topk instead of the exact tie rule; scores here have no ties)."""
-    old = mask.reshape(-1)
-    minus_inf = torch.tensor(float("-inf"), device=weight.device)
-    kept = torch.zeros_like(old)
-    kept[torch.where(old, prune_score.reshape(-1), minus_inf).topk(active - n, sorted=False).indices] = True
-    new = kept.clone()
-    new[torch.where(kept, minus_inf, grow_score.reshape(-1)).topk(n, sorted=False).indices] = True
-    newly_grown = (new & ~old).view(mask.shape)
-    new = new.view(mask.shape)
-    weight.masked_fill_(~new | newly_grown, 0)
-    for tensor in state:
-        tensor.masked_fill_(newly_grown, 0)
-    return new
+def torch_select(score: Tensor, eligible: Tensor, k: int) -> Tensor:
+    """Bool mask of k best entries of a flat score among eligible ones (topk; scores here have no ties)."""
+    selected = torch.zeros_like(eligible)
+    selected[torch.where(eligible, score, float("-inf")).topk(k, sorted=False).indices] = True
+    return selected
+
+
+def torch_prune_grow(weights: list[Tensor], masks: list[Tensor], grads: list[Tensor], n, state: list[Tensor],
+                     global_scope: bool) -> list[Tensor]:
+    """The contract's update in plain torch ops: per layer, or on the concatenated list."""
+    groups = [list(range(len(weights)))] if global_scope else [[i] for i in range(len(weights))]
+    swaps = [n] if global_scope else n
+    new_masks = [None] * len(weights)
+    for group, swap in zip(groups, swaps):
+        old = torch.cat([masks[i].reshape(-1) for i in group])
+        kept = torch_select(torch.cat([weights[i].abs().reshape(-1) for i in group]), old, int(old.sum()) - swap)
+        new = kept | torch_select(torch.cat([grads[i].abs().reshape(-1) for i in group]), ~kept, swap)
+        for i, part in zip(group, new.split([masks[i].numel() for i in group])):
+            new_masks[i] = part.view(masks[i].shape)
+    for weight, mask, new, tensor in zip(weights, masks, new_masks, state):
+        zero = ~new | (new & ~mask)
+        weight.masked_fill_(zero, 0)
+        tensor.masked_fill_(zero, 0)
+    return new_masks
 
 
 class _Layers:
-    """Sparse weights at DENSITY (zero off the mask), their gradients and momentum, and each layer's n."""
+    """Sparse weights at DENSITY (zero off the mask), their gradients and momentum, and the swap counts."""
 
     def __init__(self, shapes, device):
         self.weights = random_tensors(shapes, device, seed=0)
@@ -48,15 +59,21 @@ class _Layers:
         for weight, momentum, mask in zip(self.weights, self.momenta, self.masks):
             weight.mul_(mask)
             momentum.mul_(mask)
-        self.ns = [round(DROP_FRACTION * active) for active in self.actives]
 
-    def torch_update(self) -> list[Tensor]:
-        return [torch_prune_grow(w, m, w.abs(), g.abs(), n, active, [s]) for w, m, g, s, n, active
-                in zip(self.weights, self.masks, self.grads, self.momenta, self.ns, self.actives)]
+    def swaps(self, global_scope: bool):
+        if global_scope:
+            return round(DROP_FRACTION * sum(self.actives))
+        return [round(DROP_FRACTION * active) for active in self.actives]
 
-    def sparsekern_update(self) -> list[Tensor]:
-        return [ops.prune_grow(w, m, w.abs(), g.abs(), n, state=(s,))
-                for w, m, g, s, n in zip(self.weights, self.masks, self.grads, self.momenta, self.ns)]
+    def torch_update(self, global_scope: bool) -> list[Tensor]:
+        return torch_prune_grow(self.weights, self.masks, self.grads, self.swaps(global_scope), self.momenta,
+                                global_scope)
+
+    def sparsekern_update(self, global_scope: bool) -> list[Tensor]:
+        return ops.prune_grow(self.weights, self.masks, self.weights, self.grads, self.swaps(global_scope),
+                              state=[[m] for m in self.momenta],
+                              active=sum(self.actives) if global_scope else self.actives,
+                              prune_abs=True, grow_abs=True)
 
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
@@ -65,7 +82,11 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
                          ("single" if quick else "1M", [("x", (1 << 14,) if quick else ONE_MILLION)])):
         layers = _Layers(shapes, device)
         size = f"{describe(name, layers.weights)}, d={DENSITY}, drop {DROP_FRACTION}"
-        runs = {"torch ops per layer": layers.torch_update}
-        runs.update(sparsekern_runs("prune_grow", device, layers.sparsekern_update))
-        result.append(Case("prune_grow (RigL update, layer-wise)", size, runs, baseline="torch ops per layer"))
+        for scope, global_scope in (("layer", False), ("global", True)):
+            if len(shapes) == 1 and global_scope:
+                continue  # one tensor: the same work as layer scope
+            baseline = f"torch topk ({'cat' if global_scope else 'per layer'})"
+            runs = {baseline: lambda l=layers, g=global_scope: l.torch_update(g)}
+            runs.update(sparsekern_runs("prune_grow", device, lambda l=layers, g=global_scope: l.sparsekern_update(g)))
+            result.append(Case(f"prune_grow (RigL update, {scope} scope)", size, runs, baseline=baseline))
     return result
