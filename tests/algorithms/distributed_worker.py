@@ -52,6 +52,7 @@ def main(out):
     distributed.broadcast_masks(model)
     torch.save({"results": results, "disagreed": disagreed, "repaired": distributed.masks_identical(model)},
                os.path.join(out, f"rank{rank}.pt"))
+    dist.barrier()   # no rank tears the group down while another still talks to it
     dist.destroy_process_group()
 
 

@@ -51,6 +51,7 @@ def main(out):
     distributed.broadcast_masks(ddp)
     torch.save({"refused": refused, "diverged_detected": diverged_detected,
                 "repaired": distributed.masks_identical(ddp)}, os.path.join(out, f"rank{rank}.pt"))
+    dist.barrier()   # no rank tears the group down while another still talks to it
     dist.destroy_process_group()
 
 

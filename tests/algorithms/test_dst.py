@@ -308,6 +308,7 @@ def test_keeps_no_tensors_between_steps():
     (dict(scope="row"), ValueError, "scope"),
     (dict(scope=None), TypeError, "scope"),
     (dict(reset_state=1), TypeError, "reset_state"),
+    (dict(host_checks="no"), TypeError, "host_checks"),
     (dict(block=(0, 4)), ValueError, "block"),
     (dict(block=4), TypeError, "block"),
     (dict(block=(2, 2), prune="set"), ValueError, "block"),

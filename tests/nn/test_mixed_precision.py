@@ -67,13 +67,14 @@ def mlp():
     return nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 5))
 
 
-def train_with_grad_scaler(device_type, dtype, generator, poisoned_step):
+def train_with_grad_scaler(device_type, dtype, generator, poisoned_step, host_checks=True):
     """A RigL loop (update every 2 steps) under autocast and GradScaler whose `poisoned_step` sees an
     inf input. Returns, per step, (whether DST updated, masks changed, weights changed)."""
     torch.manual_seed(0)
     model = sparsekern.sparsify(mlp(), 0.3, generator=torch.Generator().manual_seed(1)).to(device_type)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    algo = sparsekern.RigL(model, optimizer, update_every=2, total_steps=100, drop_fraction=0.5)
+    algo = sparsekern.RigL(model, optimizer, update_every=2, total_steps=100, drop_fraction=0.5,
+                           host_checks=host_checks)
     scaler = torch.amp.GradScaler(device_type)
     history = []
     for step in range(1, 7):
@@ -103,6 +104,13 @@ def test_dst_does_not_update_masks_on_a_step_the_grad_scaler_skips(generator):
     history = train_with_grad_scaler("cpu", torch.bfloat16, generator, poisoned_step=4)
     assert history[3] == (False, False, False)  # step 4: an update step, skipped by both
     assert history[1][:2] == (True, True) and history[5][:2] == (True, True)  # steps 2 and 6 update
+
+
+def test_dst_without_host_checks_trusts_the_gradients(generator):
+    # host_checks=False reads nothing back: the update of the inf step runs (the scaler still skips
+    # its optimizer step), and the weights stay 0 off the new masks.
+    history = train_with_grad_scaler("cpu", torch.bfloat16, generator, poisoned_step=4, host_checks=False)
+    assert history[3][:2] == (True, True)
 
 
 @pytest.mark.gpu

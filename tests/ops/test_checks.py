@@ -216,7 +216,8 @@ def test_a_wrong_active_count_is_refused_before_any_write(backend, scope, use_ba
     args = layer_lists()
     counts = [int(m.sum()) for m in args["masks"]]
     if scope == "layer":
-        args["active"] = counts[:2] + [counts[2] + 1]
+        wrong = counts[2] + 1 if counts[2] < args["masks"][2].numel() else counts[2] - 1   # in range
+        args["active"] = counts[:2] + [wrong]
         expected = r"active\[2\] is"
     else:
         args["n"], args["active"] = 1, sum(counts) - 1
