@@ -430,6 +430,36 @@ def test_random_growth_with_the_seed_that_drew_the_masks_still_moves_them(algori
 # -- the update path: one op call, counts kept on the host, swap counts above the inactive count --
 
 
+@pytest.mark.parametrize("poison, updates", [(None, True), (3e38, True), (float("inf"), False), (float("nan"), False)])
+def test_an_update_waits_only_for_gradients_that_are_not_finite(poison, updates):
+    # 3e38 twice overflows a float32 sum to inf although every gradient is finite: the exact check
+    # behind the fast one must still let the update run.
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    algo = sparsekern.RigL(model, optimizer, update_every=1, total_steps=100, drop_fraction=0.5)
+    x, y = batch(0)
+    nn.functional.cross_entropy(model(x), y).backward()
+    if poison is not None:
+        model[3].weight.grad[0, :2] = poison
+    before = masks(model)
+    assert algo.step() is updates
+    assert any(not torch.equal(a, b) for a, b in zip(before, masks(model))) is updates
+
+
+def test_the_emptied_layer_warning_reads_whole_masks_whose_first_entries_are_inactive():
+    # Both layers hold more entries than the warning's first look (4096): layer 0 keeps one active
+    # entry past it, layer 2 none at all.
+    model = sparsekern.sparsify(nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 80)), 0.3,
+                                generator=torch.Generator().manual_seed(0))
+    algo = sparsekern.RigL(model, torch.optim.SGD(model.parameters(), lr=0.1), scope="global", total_steps=10)
+    late = torch.zeros(64, 128, dtype=torch.bool)
+    late.view(-1)[5000] = True
+    model[0].set_mask(late)
+    model[2].set_mask(torch.zeros(80, 64, dtype=torch.bool))
+    with pytest.warns(UserWarning, match=r"left \['2'\] with no active weight"):
+        algo._warn_if_emptied()
+
+
 def dense_layer_model(density, seed=0):
     """One SparseLinear(20, 10) at `density`, its dense gradient set."""
     generator = torch.Generator().manual_seed(seed)
