@@ -5,9 +5,10 @@
   SGD momentum buffers present): magnitude drop, gradient growth, r = 0.3, weights and momentum
   zeroed, gradients masked. DST makes one `sparsekern.ops.prune_grow` call for every layer. Each
   call first copies the saved dense gradients back (the previous call masked them), in both the
-  sparsekern and the baseline runs (about 10 ms of each on 2 CPU cores). Baseline: the same update
+  sparsekern and the baseline runs (about 7 ms of each on 2 CPU cores). Baseline: the same update
   in plain torch as DST libraries write it (per layer `torch.topk` of |θ| among active and of |g|
-  among the rest; global: `torch.cat` and one `torch.topk` for each).
+  among the rest; global: `torch.cat` and one `torch.topk` for each), on an identical model of its
+  own.
 - "training step": forward, backward and SGD step of an MLP (batch 256), dense `nn.Linear`
   (the baseline) against the same model sparsified at 90% with no DST and with RigL on a step
   that does not update masks; and "DST.step() (no update)" alone against `optimizer.step()`.
@@ -80,8 +81,8 @@ def _apply(module, optimizer, kept: Tensor, grown: Tensor) -> None:
     module.mask.copy_(new)
 
 
-def _update_case(scope: str, device: torch.device, quick: bool) -> Case:
-    shapes = RESNET50_TINY if quick else RESNET50
+def _rigl_world(shapes, device: torch.device):
+    """(model, its sparse modules, their optimizer, the dense gradients to restore before each update)."""
     model = resnet50_shaped(shapes, device)
     modules = [m for _, m in sparse_modules(model)]
     generator = torch.Generator(device=device).manual_seed(1)
@@ -90,22 +91,30 @@ def _update_case(scope: str, device: torch.device, quick: bool) -> Case:
         module.weight.grad = grad.clone()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     optimizer.step()  # creates the momentum buffers the update zeroes
+    return model, modules, optimizer, dense_grads
+
+
+def _update_case(scope: str, device: torch.device, quick: bool) -> Case:
+    shapes = RESNET50_TINY if quick else RESNET50
+    # Two identical models: the baseline's masks never change under DST (which would then count its
+    # masks again, as it does after any change it did not make) and vice versa.
+    worlds = [_rigl_world(shapes, device) for _ in range(2)]
+    baseline = torch_rigl_layer_update if scope == "layer" else torch_rigl_global_update
+    model, modules, optimizer, _ = worlds[1]
     # update_every=1 and a long horizon: every step() is an update with r(t) ≈ 0.3.
     algo = RigL(model, optimizer, update_every=1, total_steps=10 ** 9, scope=scope)
-    grads = [m.weight.grad for m in modules]
 
-    def restore_grads():
-        torch._foreach_copy_(grads, dense_grads)
+    def restore_grads(world):
+        _, world_modules, _, dense_grads = world
+        torch._foreach_copy_([m.weight.grad for m in world_modules], dense_grads)
 
     def sparsekern_update():
-        restore_grads()
+        restore_grads(worlds[1])
         algo.step()
 
-    baseline = torch_rigl_layer_update if scope == "layer" else torch_rigl_global_update
-
     def torch_update():
-        restore_grads()
-        baseline(modules, optimizer)
+        restore_grads(worlds[0])
+        baseline(worlds[0][1], worlds[0][2])
 
     runs = {f"torch topk ({'per layer' if scope == 'layer' else 'cat'})": torch_update}
     runs.update(sparsekern_runs("prune_grow", device, sparsekern_update))
