@@ -81,9 +81,14 @@ def scores_list(scores) -> list[Tensor]:
     return scores
 
 
+def is_count_list(value) -> bool:
+    """Whether a count argument (k, n, active) is a list of counts; a string is never one."""
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+
+
 def topk_counts(k, scores: list[Tensor]):
     """k as an int (global selection) or a list of ints (one per tensor), each within range."""
-    if isinstance(k, Sequence):
+    if is_count_list(k):
         k = list(k)
         if len(k) != len(scores):
             raise ValueError(f"k has {len(k)} entries but scores has {len(scores)} tensors")
@@ -163,7 +168,7 @@ def prune_grow_args(weights, masks, prune_scores, grow_scores, n, state, masked,
     if single:
         weights, masks, prune_scores, grow_scores = [weights], [masks], [prune_scores], [grow_scores]
         state, masked = [_tensor_list(state, "state")], [_tensor_list(masked, "masked")]
-        if isinstance(n, Sequence):
+        if is_count_list(n):
             raise TypeError(f"n must be an integer, got {type(n).__name__}")
         n = [n]
         active = None if active is None else [active]
@@ -200,7 +205,7 @@ def prune_grow_args(weights, masks, prune_scores, grow_scores, n, state, masked,
         named += [(names(kind, layer), t) for layer, t in enumerate(tensors)]
     if named:
         same_device(sorted(named, key=lambda item: item[0].kind != "weight"))
-    global_scope = not single and not isinstance(n, Sequence)
+    global_scope = not single and not is_count_list(n)
     n, active = _swap_counts(n, active, global_scope, weights, names)
     prune_scores, grow_scores = _check_memory(weights, masks, prune_scores, grow_scores, state, masked, names)
     if active is None and weights and (single or weights[0].device.type != "cpu"):
@@ -230,7 +235,7 @@ def _swap_counts(n, active, global_scope: bool, weights: list[Tensor], names) ->
     if global_scope:
         n = [in_range(integer(n, "n"), 0, sum(sizes), "n")]
         if active is not None:
-            if isinstance(active, Sequence):
+            if is_count_list(active):
                 raise TypeError(f"active must be an integer with an integer n (global scope), got {type(active).__name__}")
             active = [in_range(integer(active, "active"), 0, sum(sizes), "active")]
             in_range(n[0], 0, active[0], "n")
@@ -242,7 +247,7 @@ def _swap_counts(n, active, global_scope: bool, weights: list[Tensor], names) ->
     n = [in_range(integer(swap, where("n", layer)), 0, size, where("n", layer))
          for layer, (swap, size) in enumerate(zip(n, sizes))]
     if active is not None:
-        if isinstance(active, Tensor) or not isinstance(active, Sequence):
+        if isinstance(active, Tensor) or not is_count_list(active):
             raise TypeError(f"active must be a list of integers with a list n (layer scope), got "
                             f"{type(active).__name__}")
         active = list(active)

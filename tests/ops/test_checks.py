@@ -49,6 +49,7 @@ TOPK_CASES = {
     "k above numel": ((scores(), 18), ValueError, "k"),
     "float k": ((scores(), 1.5), TypeError, "k"),
     "bool k": ((scores(), True), TypeError, "k"),
+    "str k": ((scores(), "3"), TypeError, "k"),   # a str is a Sequence, never a list of counts
     "k list too short": ((scores(), [1]), ValueError, "k"),
     "k list entry out of range": ((scores(), [1, 6]), ValueError, "k[1]"),
     "k list entry negative": ((scores(), [-1, 0]), ValueError, "k[0]"),
@@ -91,6 +92,7 @@ PRUNE_GROW_CASES = {
     "n a list": (prune_grow_args(n=[3]), TypeError, "n"),
     "negative n": (prune_grow_args(n=-1), ValueError, "n"),
     "float n": (prune_grow_args(n=2.0), TypeError, "n"),
+    "str n": (prune_grow_args(n="2"), TypeError, "n"),
     "state a tensor": (prune_grow_args(state=torch.randn(4, 5)), TypeError, "state"),
     "state shape": (prune_grow_args(state=[torch.randn(4, 5), torch.randn(3)]), ValueError, "state[1]"),
     "state integer": (prune_grow_args(state=[torch.ones(4, 5, dtype=torch.int8)]), TypeError, "state[0]"),
@@ -186,6 +188,7 @@ LIST_CASES = {
                                    "state[0][0]"),
     "masked is another layer's weight": (masked_sharing_a_weight(), ValueError, "weights[0]"),
     "global n above active": (list_case(n=lambda n: 10 ** 6), ValueError, "n"),
+    "global n a str": (list_case(n=lambda n: "1"), TypeError, "n"),
     "global n a float": (list_case(n=lambda n: 2.5), TypeError, "n"),
     "active wrong length": (dict(layer_lists(), active=[1, 2]), ValueError, "active"),
     "active a tensor": (dict(layer_lists(), active=torch.tensor([1, 2, 3])), TypeError, "active"),
