@@ -381,14 +381,31 @@ def sanitize_workload(dry_run: bool, small: bool) -> int:
         ops.topk_mask([x.double()], 30_000)
 
     def prune_grow():
+        # Lists in both scopes: odd sizes, an empty layer, a transposed and a channels-last layer
+        # (written in place through their strides), weights of several dtypes, n from 0 up to every
+        # active entry (just-dropped ones grown back), masked tensors, |score| ranking, and scores
+        # that are the weights being written.
+        shapes = [(300, 301), (0, 5), (7,), (64, 3, 3, 3)] if not small else [(300, 301), (0, 5), (64, 3, 3, 3)]
         for score_dtype in (torch.float32,) if small else (torch.float32, torch.bfloat16):
-            mask = (torch.rand(300, 301, generator=generator) < 0.3).to(device)
-            active = int(mask.sum())
-            ties = ((torch.randn(300, 301, generator=generator) * 2).round() / 2).to(score_dtype).to(device)
-            for n in (0, 1, active // 3, min(active, mask.numel() - active)):
-                weight = torch.randn(300, 301, generator=generator).to(device)
-                state = [torch.randn(300, 301, generator=generator).to(device)]
-                ops.prune_grow(weight, mask, ties.abs(), ties, n, state=state)
+            masks = [(torch.rand(s, generator=generator) < 0.3).to(device) for s in shapes]
+            ties = [((torch.randn(s, generator=generator) * 2).round() / 2).to(score_dtype).to(device) for s in shapes]
+            actives = [int(m.sum()) for m in masks]
+            for global_scope in (False, True):
+                for fraction in (0.0, 0.3, 1.0):
+                    weights = [torch.randn(s, generator=generator).to(device) for s in shapes]
+                    weights[0] = weights[0].t().contiguous().t()              # column-major
+                    weights[-1] = weights[-1].to(memory_format=torch.channels_last)
+                    if not small:
+                        weights[2] = weights[2].half()
+                    state = [[torch.randn(s, generator=generator).to(device)] for s in shapes]
+                    masked = [[torch.randn(s, generator=generator).to(device)] for s in shapes]
+                    n = (round(fraction * sum(actives)) if global_scope
+                         else [round(fraction * a) for a in actives])
+                    ops.prune_grow(weights, masks, ties, ties, n, state=state, masked=masked,
+                                   active=sum(actives) if global_scope else actives, prune_abs=True)
+            # Magnitude pruning as DST calls it: the weights themselves are the prune scores.
+            weights = [torch.randn(s, generator=generator).to(score_dtype).to(device) for s in shapes]
+            ops.prune_grow(weights, masks, weights, ties, [a // 3 for a in actives], prune_abs=True, grow_abs=True)
 
     def sparse_linear():
         dtypes = (torch.float16, torch.float32) + (() if small else (torch.bfloat16, torch.float64))
