@@ -121,6 +121,22 @@ def test_which_path_runs_follows_the_modules_state(make, shape, generator, monke
     assert seen[-1].data_ptr() != layer.weight.data_ptr()  # the masked weight
 
 
+@pytest.mark.parametrize("zero_off_mask", [True, False])
+def test_a_mask_whose_true_bytes_are_not_one_masks_the_gradient_by_one(zero_off_mask, generator):
+    # uint8 data viewed as bool: torch reads any non-zero byte as True, and so must the in-place
+    # masking of the dense path (it multiplied by the byte, 255, before).
+    layer = SparseLinear(300, 500)   # more entries than one chunk of the CPU masking
+    flags = torch.rand(layer.weight.shape, generator=generator) < 0.3
+    layer.set_mask(flags)
+    layer.mask.view(torch.uint8).mul_(255)
+    layer.zero_off_mask = zero_off_mask
+    x = torch.randn(7, 300, generator=generator)
+    layer(x).square().sum().backward()
+    weight = layer.weight.detach().clone().requires_grad_()
+    F.linear(x, weight * flags, layer.bias.detach()).square().sum().backward()
+    torch.testing.assert_close(layer.weight.grad, weight.grad * flags)
+
+
 @pytest.mark.parametrize("make, shape", [(lambda: SparseLinear(5, 3, dtype=torch.float64), (2, 5)),
                                          (lambda: SparseConv2d(2, 2, 2, padding=1, dtype=torch.float64),
                                           (1, 2, 2, 2))], ids=["linear", "conv2d"])
