@@ -24,13 +24,15 @@ void prune_grow(at::TensorList weights, at::TensorList masks, at::TensorList pru
                 bool grow_abs, at::TensorList new_masks) {
   const PruneGrowArguments arguments(weights, masks, prune_scores, grow_scores, n, global_scope, state, state_layers,
                                      masked, masked_layers, active, new_masks);
-  if (weights.empty()) return;
-  const at::Device device = weights[0].device();
+  // An empty weight list is checked too (stray masks, scores or counts raise, as on the CPU); it
+  // has no tensor whose device the checks would compare.
+  const at::Device device = weights.empty() ? at::Device(at::kCUDA) : weights[0].device();
   // The counts themselves are not read: `active` (when given) bounds n here, and the kernels count
   // on the device (a wrong `active` leaves the counts unspecified, never memory unsafe).
   check_prune_grow(arguments, [&](const at::Tensor& t, const std::string& name) {
     TORCH_CHECK_VALUE(t.device() == device, name, " is on ", t.device(), " but weights[0] is on ", device);
   });
+  if (weights.empty()) return;
   const c10::cuda::CUDAGuard guard(device);
   TensorRefs refs;
   std::vector<PruneGrowLayer> layers;

@@ -181,6 +181,16 @@ def test_prune_grow_reads_any_nonzero_mask_byte_as_true(generator):
     assert torch.equal(weights[0], copies[0][0])
 
 
+def test_prune_grow_checks_an_empty_weight_list_as_the_cpu_does():
+    # The glue once returned on an empty weight list before checking anything: stray layers passed.
+    mask = torch.ones(5, dtype=torch.bool, device="cuda")
+    with pytest.raises(ValueError, match="one entry per layer"):
+        torch.ops.sparsekern.prune_grow([], [mask], [], [], [], False, [], [], [], [], None, False, False, [])
+    with pytest.raises(ValueError, match=r"state_layers\[0\] must be in \[0, 0\)"):
+        torch.ops.sparsekern.prune_grow([], [], [], [], [], False, [mask.float()], [0], [], [], None, False, False,
+                                        [])
+
+
 @pytest.mark.parametrize("global_scope", [False, True])
 def test_prune_grow_does_not_synchronize_and_is_captured_in_a_graph(generator, global_scope):
     from sparsekern.ops import flat_layers, new_masks_like
