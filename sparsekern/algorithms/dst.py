@@ -87,7 +87,9 @@ class DST:
             the gradients are not all finite (as torch.amp.GradScaler skips its step), and warn
             when a global update empties a layer; one device-to-host read each. False trusts the
             gradients and leaves the warning out, so that an update on a GPU never waits for the
-            device and can be captured in a CUDA graph.
+            device and can be captured in a CUDA graph. A captured update replays the swap counts
+            it was captured with (they are kernel parameters): capture again when they change, at
+            every update of a schedule whose drop fraction moves (cosine, annealed).
 
     Which layers: every sparse module whose weight requires grad and is trained by `optimizer`;
     frozen ones are left alone, with a warning. Modules that share one weight (tied weights) are
