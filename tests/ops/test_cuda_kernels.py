@@ -144,7 +144,21 @@ def test_prune_grow_matches_reference(generator, score_dtype, kind, weight_dtype
         run_prune_grow(each(args, torch.clone), [sum(n)] if global_scope else n, global_scope)
 
 
-@pytest.mark.parametrize("layout", ["transposed", "channels_last", "sliced"])
+def offset_by_one(t):
+    """A contiguous copy of t whose data starts one element past an aligned address: the kernels'
+    16-byte vector loads must not be taken for it."""
+    return torch.cat([t.new_zeros(1), t.flatten()])[1:].view(t.shape)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_topk_mask_of_misaligned_contiguous_scores_matches_reference(generator, dtype):
+    scores = [offset_by_one(s) for s in scores_like(generator, [(4096 * 3 + 7,), (33, 65)], dtype, "ties")]
+    for k in (1, 4096, reference.count_numbers(scores) // 2):
+        for got, want in zip(torch.ops.sparsekern.topk_mask(scores, k), reference.topk_mask(scores, k)):
+            assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "channels_last", "sliced", "offset"])
 @pytest.mark.parametrize("global_scope", [False, True])
 def test_prune_grow_any_strides_in_place(generator, layout, global_scope):
     shapes = [(64, 32, 3, 3), (128, 64, 1, 1), (300, 200, 1, 1)]
@@ -155,6 +169,8 @@ def test_prune_grow_any_strides_in_place(generator, layout, global_scope):
             return t.contiguous(memory_format=torch.channels_last)
         if layout == "transposed":
             return t.transpose(0, 1).contiguous().transpose(0, 1)
+        if layout == "offset":
+            return offset_by_one(t)
         wide = torch.zeros((*t.shape[:-1], 2 * t.shape[-1]), dtype=t.dtype, device=t.device)
         wide[..., ::2] = t
         return wide[..., ::2]
