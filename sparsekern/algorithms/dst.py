@@ -198,7 +198,9 @@ class DST:
         Call after backward and before optimizer.step(). On steps that neither update nor precede
         an update it only counts. An update step whose gradients (of any parameter the optimizer
         holds) are not all finite is skipped, as torch.amp.GradScaler skips its optimizer step:
-        the masks wait for the next update step.
+        the masks wait for the next update step. With a GradScaler, call scaler.unscale_(optimizer)
+        before step() (as for gradient clipping): the gradients are scaled until then, which
+        changes no ranking by |g| but makes MEST's |θ| + γ|g| rank by the scaled gradient.
         """
         due = self.schedule.is_update(self.step_count + 1)
         if due:
