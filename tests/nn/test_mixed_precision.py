@@ -119,3 +119,31 @@ def test_cuda_dst_does_not_update_masks_on_a_step_the_grad_scaler_skips(dtype, g
     history = train_with_grad_scaler("cuda", dtype, generator, poisoned_step=4)
     assert history[3] == (False, False, False)
     assert history[1][:2] == (True, True) and history[5][:2] == (True, True)
+
+
+def mest_masks_after_one_update(generator, scale: float | None, unscale: bool):
+    """MEST's masks after one update of an MLP, its gradients scaled by `scale` (a GradScaler's
+    factor), unscaled before DST.step() or not."""
+    torch.manual_seed(0)
+    model = sparsekern.sparsify(mlp(), 0.3, generator=torch.Generator().manual_seed(1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    algo = sparsekern.MEST(model, optimizer, update_every=1, total_steps=10, drop_fraction=0.5)
+    x, y = torch.randn(16, 20, generator=generator), torch.randint(0, 5, (16,), generator=generator)
+    loss = F.cross_entropy(model(x), y)
+    if scale is None:
+        loss.backward()
+    else:
+        scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+        scaler.scale(loss).backward()
+        if unscale:
+            scaler.unscale_(optimizer)
+    assert algo.step()
+    return [m.mask.clone() for _, m in sparse_modules(model)]
+
+
+def test_mest_under_a_grad_scaler_needs_the_gradients_unscaled_first():
+    plain = mest_masks_after_one_update(torch.Generator().manual_seed(3), None, False)
+    unscaled = mest_masks_after_one_update(torch.Generator().manual_seed(3), 2.0 ** 16, True)
+    scaled = mest_masks_after_one_update(torch.Generator().manual_seed(3), 2.0 ** 16, False)
+    assert all(torch.equal(a, b) for a, b in zip(plain, unscaled))   # what the docstring asks for
+    assert not all(torch.equal(a, b) for a, b in zip(plain, scaled))  # why it asks
