@@ -190,7 +190,26 @@ class SWAMP:
         self.particle_sum = None
         self.averaged = True
         if self.bn_loader is not None:
+            self._recompute_batch_norm()
+
+    def _recompute_batch_norm(self) -> None:
+        """update_bn on bn_loader; if a batch fails, every BatchNorm layer gets back its statistics,
+        momentum and mode (update_bn would leave them half recomputed, momentum None)."""
+        norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        saved = [({k: v.clone() for k, v in m.state_dict().items()}, m.momentum, m.training) for m in norms]
+        training = self.model.training
+        try:
             torch.optim.swa_utils.update_bn(self.bn_loader, self.model)
+        except Exception as error:
+            for module, (state, momentum, mode) in zip(norms, saved):
+                module.load_state_dict(state)
+                module.momentum = momentum
+                module.train(mode)
+            self.model.train(training)
+            raise RuntimeError(f"recomputing BatchNorm statistics on bn_loader failed ({type(error).__name__}: "
+                               f"{error}); the model holds the particles' average with its BatchNorm "
+                               f"statistics as they were: call torch.optim.swa_utils.update_bn(loader, model) "
+                               f"with a working loader") from error
 
     def _start_particle(self) -> None:
         optimizer = _tickets.make_optimizer(self.optimizer_factory, self.model)

@@ -139,6 +139,22 @@ def test_batch_norm_statistics_are_recomputed_for_the_average():
     torch.testing.assert_close(norm.running_var, per_batch.var(1).mean(0), rtol=1e-5, atol=1e-6)
 
 
+def test_a_failing_bn_loader_leaves_the_batch_norm_layers_as_they_were():
+    x, y = _data(2)
+    model = mlp(3, hidden=12, batch_norm=True)
+    loader = [x[:32], x[32:64, :5]]   # the second batch has the wrong width
+    swamp = SWAMP(model, _sgd, particles=1, swa_start=4, bn_loader=loader)
+    _train(model, swamp, x, y, swamp.data_seed)
+    norm = model[1]
+    before = ({k: v.clone() for k, v in norm.named_buffers()}, norm.momentum, model.training)
+    with pytest.raises(RuntimeError, match="recomputing BatchNorm statistics on bn_loader failed"):
+        swamp.next_particle()
+    for key, value in before[0].items():   # the statistics; the affine parameters are averaged
+        assert torch.equal(dict(norm.named_buffers())[key], value), key
+    assert norm.momentum == before[1] and model.training == before[2]
+    assert swamp.averaged
+
+
 def test_batch_norm_without_a_loader_is_refused():
     with pytest.raises(ValueError, match="bn_loader is None"):
         SWAMP(mlp(0, hidden=4, batch_norm=True), _sgd)
