@@ -84,8 +84,7 @@ class SWAMP:
         self.swa_every = _tickets.check_count(swa_every, "swa_every", low=1)
         if bn_loader is not None and not hasattr(bn_loader, "__iter__"):
             raise TypeError(f"bn_loader must be an iterable of batches or None, got {type(bn_loader).__name__}")
-        has_batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-        if has_batch_norm and bn_loader is None:
+        if _batch_norms(model) and bn_loader is None:
             raise ValueError("bn_loader is None but the model has BatchNorm layers, whose statistics "
                              "SWAMP must recompute for the averaged weights")
         self.seed = _tickets.check_count(seed, "seed")
@@ -195,17 +194,17 @@ class SWAMP:
     def _recompute_batch_norm(self) -> None:
         """update_bn on bn_loader; if a batch fails, every BatchNorm layer gets back its statistics,
         momentum and mode (update_bn would leave them half recomputed, momentum None)."""
-        norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        norms = _batch_norms(self.model)
         saved = [({k: v.clone() for k, v in m.state_dict().items()}, m.momentum, m.training) for m in norms]
         training = self.model.training
         try:
             torch.optim.swa_utils.update_bn(self.bn_loader, self.model)
         except Exception as error:
+            self.model.train(training)   # first: it sets every submodule's mode, the layers' own come after
             for module, (state, momentum, mode) in zip(norms, saved):
                 module.load_state_dict(state)
                 module.momentum = momentum
                 module.train(mode)
-            self.model.train(training)
             raise RuntimeError(f"recomputing BatchNorm statistics on bn_loader failed ({type(error).__name__}: "
                                f"{error}); the model holds the particles' average with its BatchNorm "
                                f"statistics as they were: call torch.optim.swa_utils.update_bn(loader, model) "
@@ -319,3 +318,7 @@ def _clone_state(value):
     if isinstance(value, (list, tuple)):
         return type(value)(_clone_state(item) for item in value)
     return value
+
+
+def _batch_norms(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]

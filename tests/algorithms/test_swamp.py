@@ -145,13 +145,13 @@ def test_a_failing_bn_loader_leaves_the_batch_norm_layers_as_they_were():
     loader = [x[:32], x[32:64, :5]]   # the second batch has the wrong width
     swamp = SWAMP(model, _sgd, particles=1, swa_start=4, bn_loader=loader)
     _train(model, swamp, x, y, swamp.data_seed)
-    norm = model[1]
+    norm = model[1].eval()   # a layer whose mode differs from the model's keeps it
     before = ({k: v.clone() for k, v in norm.named_buffers()}, norm.momentum, model.training)
     with pytest.raises(RuntimeError, match="recomputing BatchNorm statistics on bn_loader failed"):
         swamp.next_particle()
     for key, value in before[0].items():   # the statistics; the affine parameters are averaged
         assert torch.equal(dict(norm.named_buffers())[key], value), key
-    assert norm.momentum == before[1] and model.training == before[2]
+    assert norm.momentum == before[1] and model.training == before[2] and not norm.training
     assert swamp.averaged
 
 
