@@ -166,7 +166,8 @@ class DST:
             raise ValueError(f"generator is on {generator.device} but the weights are on {device}")
         if block is not None:
             _check_blocks(self.modules, block)
-        _warn_if_idle(self.schedule, self.modules, scope)
+        empty = [name for name, module in self.modules if not module.mask.any()]
+        _warn_if_idle(self.schedule, empty, scope)
         # Collective, and last: every rank gets here or none has anything to undo.
         distributed.check_same_on_every_rank(generator.get_state(), f"DST's random stream ({stream})")
 
@@ -180,7 +181,7 @@ class DST:
         self._counts: tuple[tuple[int, ...], list[int]] | None = None
         self._reads_gradient = prune in criteria.READS_GRADIENT or grow in criteria.READS_GRADIENT
         self._gradients = GradientWatch()
-        self._empty = {name for name, module in self.modules if not module.mask.any()}   # warned about
+        self._empty = set(empty)   # warned about
         if block is not None:
             self._make_block_structured()
         # State left at inactive positions (say, from dense training before sparsify) would move
@@ -474,18 +475,17 @@ def _check_blocks(modules, block: tuple[int, int]) -> None:
                           f"when they are dropped or grown (its block count stays exact)", stacklevel=4)
 
 
-def _warn_if_idle(schedule: schedules.Schedule, modules, scope: str) -> None:
-    """Warns about configurations under which DST silently does nothing (or nothing to a layer)."""
+def _warn_if_idle(schedule: schedules.Schedule, empty: list[str], scope: str) -> None:
+    """Warns about configurations under which DST silently does nothing (or nothing to a layer);
+    `empty` names the layers without an active weight."""
     if not schedule.is_update(schedule.update_every):
         warnings.warn(f"no mask update will ever happen: update_every={schedule.update_every} reaches no "
                       f"step before end_step={schedule.end_step} (total_steps={schedule.total_steps})",
                       stacklevel=4)
     elif schedule.drop_fraction == 0 and (schedule.name != "annealed" or schedule.final_drop_fraction == 0):
         warnings.warn("drop_fraction is 0: every mask update swaps no weight", stacklevel=4)
-    if scope == "layer":
-        empty = [name for name, module in modules if not module.mask.any()]
-        if empty:
-            warnings.warn(f"{empty} have no active weight: with scope='layer' they stay empty", stacklevel=4)
+    if scope == "layer" and empty:
+        warnings.warn(f"{empty} have no active weight: with scope='layer' they stay empty", stacklevel=4)
 
 
 def _schedule_from_state(saved) -> schedules.Schedule:
