@@ -267,9 +267,11 @@ def _compiled_prune_grow(weights, masks, prune_scores, grow_scores, n, global_sc
 def _triton(op: str) -> Implementation:
     def run(*args):
         return getattr(_load_triton_ops(), op)(*args)
-    takes, note = (_triton_skips_tiles, _TRITON_MASKED_LINEAR_NOTE) if op == "masked_linear" else (None, None)
-    return Implementation(run=run, missing=_backend.triton_missing, automatic=_backend.only_on_gpu,
-                          takes=takes, note=note)
+    if op == "masked_linear":  # its kernels walk lists of active tiles
+        return Implementation(run=run, missing=_backend.triton_missing_with_loaded_loops,
+                              automatic=_backend.only_on_gpu, takes=_triton_skips_tiles,
+                              note=_TRITON_MASKED_LINEAR_NOTE)
+    return Implementation(run=run, missing=_backend.triton_missing, automatic=_backend.only_on_gpu)
 
 
 def _load_triton_ops():

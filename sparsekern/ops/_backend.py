@@ -7,7 +7,9 @@ its CUDA kernels for CUDA tensors and its C++ kernels for CPU tensors, reported 
 An automatic choice falls back quietly; a backend asked for by name that cannot run raises.
 A backend is refused not only where it cannot run but where it would compute wrongly: the Triton
 interpreter (TRITON_INTERPRET=1) gets bfloat16 silently wrong, so Triton is refused for bfloat16
-tensors there, with that reason, and the automatic choice takes the next backend.
+tensors there, with that reason, and the automatic choice takes the next backend. Likewise Triton's
+masked_linear, whose loops run to bounds loaded from memory, under an interpreter that cannot run such
+loops (Triton before 3.7 with NumPy 2.4 or later).
 A backend asked for by name that does not implement an op at all (the compiled extension has no
 masked_linear) hands that op to the automatic choice among the backends after it, so naming a backend
 never breaks a model; `backends()` reports the fallback.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -129,6 +132,44 @@ def triton_missing(device_type: str, dtypes: tuple = ()) -> str | None:
     if device_type == "cpu":
         return None if triton_interpreted() else "CPU tensors need TRITON_INTERPRET=1"
     return f"no Triton support for device type {device_type!r}"
+
+
+# Triton before 3.7 interprets a loop whose bounds are loaded values through int() of a one-element
+# array, which NumPy 2.4 refuses (triton-lang/triton#9171): under TRITON_INTERPRET=1 a kernel with
+# such a loop (masked_linear's walk over its list of active tiles) raises there. torch 2.10 and 2.11
+# pin Triton 3.5 and 3.6.
+_LOOP_FIXED_TRITON = (3, 7)
+_LOOP_BREAKING_NUMPY = (2, 4)
+
+
+def _release(version: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as '3.6.0' or '2.4.0rc1+local'."""
+    major, minor = (re.match(r"\d+", part).group() for part in version.split(".")[:2])
+    return int(major), int(minor)
+
+
+def interpreter_loop_bug(triton_version: str, numpy_version: str) -> str | None:
+    """Why these releases' Triton interpreter cannot run a loop with loaded bounds, or None."""
+    if _release(triton_version) >= _LOOP_FIXED_TRITON or _release(numpy_version) < _LOOP_BREAKING_NUMPY:
+        return None
+    return (f"the interpreter of Triton {triton_version} cannot run loops with loaded bounds under NumPy "
+            f"{numpy_version} (triton-lang/triton#9171): use triton>=3.7 or numpy<2.4")
+
+
+# Constant to torch.compile, which would otherwise trace the version checks when it traces an op.
+@torch.compiler.assume_constant_result
+def _installed_interpreter_loop_bug() -> str | None:
+    import numpy
+    import triton  # imported already where the interpreter runs kernels; torch imports NumPy
+    return interpreter_loop_bug(triton.__version__, numpy.__version__)
+
+
+def triton_missing_with_loaded_loops(device_type: str, dtypes: tuple = ()) -> str | None:
+    """triton_missing, for kernels whose loops run to bounds loaded from memory."""
+    reason = triton_missing(device_type, dtypes)
+    if reason is None and triton_interpreted():
+        reason = _installed_interpreter_loop_bug()
+    return reason
 
 
 def compiled_missing(op: str) -> Callable[[str, tuple], str | None]:

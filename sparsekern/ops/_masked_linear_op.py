@@ -143,8 +143,11 @@ _scratch = threading.local()
 def _mask_in_place(grad: Tensor, mask: Tensor) -> Tensor:
     """grad *= mask in place, for a contiguous grad: exactly 0 off the mask wherever grad is finite
     (an inf or NaN gradient, a step GradScaler skips, stays NaN there)."""
-    if grad.device.type != "cpu":
-        return grad.mul_(mask)  # GPU kernels convert the mask as they read it, no temporary
+    if grad.device.type != "cpu" or torch.compiler.is_compiling():
+        # GPU kernels, and the kernel the compiler fuses this into, convert the mask as they read
+        # it: no temporary. (Traced, the chunk loop below would be unrolled into the graph, and
+        # Dynamo refuses the scratch's first allocation as a side effect of an autograd.Function.)
+        return grad.mul_(mask)
     # As bytes: converting uint8 to float vectorizes, converting bool does not (8 us against 72 us
     # for 128K entries).
     flat_grad, flat_mask = grad.view(-1), mask.reshape(-1).view(torch.uint8)

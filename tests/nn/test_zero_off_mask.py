@@ -172,3 +172,29 @@ def test_compiles_as_one_graph_on_either_path(make, shape, zero_off_mask, genera
     torch.testing.assert_close(y, layer(x))
     y.sum().backward()
     assert not layer.weight.grad[~layer.mask].any()
+
+
+def test_a_compiled_backward_masks_the_weight_gradient_in_one_operation(generator):
+    # Eagerly the CPU gradient is masked chunk by chunk (_mask_in_place); traced, that loop would be
+    # unrolled into the graph, one slice, copy, clamp and multiply per 128K entries, and the first
+    # allocation of its scratch failed the fullgraph compile (a side effect in an autograd.Function).
+    # The compiler gets one multiply to fuse instead.
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    backward_graphs = []
+
+    def record_backward(graph, inputs):
+        backward_graphs.append(graph)
+        return make_boxed_func(graph.forward)
+
+    layer = SparseLinear(768, 512)  # three chunks of gradient
+    layer.set_mask(torch.rand(layer.weight.shape, generator=generator) < 0.5)
+    backend = aot_autograd(fw_compiler=lambda graph, inputs: make_boxed_func(graph.forward),
+                           bw_compiler=record_backward)
+    torch.compile(layer, fullgraph=True, backend=backend)(torch.randn(2, 768, generator=generator)).sum().backward()
+    assert not layer.weight.grad[~layer.mask].any() and layer.weight.grad[layer.mask].all()
+    (graph,) = backward_graphs
+    targets = [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
+    assert not [t for t in targets if "slice" in t or "clamp" in t], targets
+    assert sum("mul" in t for t in targets) == 1, targets

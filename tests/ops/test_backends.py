@@ -85,6 +85,8 @@ def test_a_named_backend_that_lacks_an_op_hands_it_to_the_next(name, monkeypatch
     entry = sparsekern.backends()["ops"][op]["cpu"]
     assert entry["chosen"] == "reference"
     assert f"{_backend.ENV_VAR}={_backend.ALIASES.get(name, name)} does not implement {op}" in entry["fallback"]
+    if name == "triton" and (reason := _backend.triton_missing_with_loaded_loops("cpu")) is not None:
+        pytest.skip(f"the layer's masked_linear on the named Triton backend: {reason}")
     layer = sparsekern.nn.SparseLinear(8, 4)
     layer.set_mask(torch.rand(4, 8, generator=generator) < 0.5)
     for zero_off_mask in (True, False):
@@ -142,3 +144,30 @@ def test_same_seed_gives_the_same_masks_on_every_backend(monkeypatch):
         assert all(torch.equal(a, b) for a, b in zip(masks, first)), backend
     other_seed = draw_masks(4321, usable[0], monkeypatch)
     assert not all(torch.equal(a, b) for a, b in zip(other_seed, first)), "a different seed must change the masks"
+
+
+@pytest.mark.parametrize("triton_version, numpy_version, broken", [
+    ("3.6.0", "2.4.0", True), ("3.5.1", "2.5.2", True), ("3.6.0+git1a2b", "2.4.0rc1", True),
+    ("3.7.0", "2.4.6", False), ("3.9.0", "2.5.5", False), ("3.6.0", "2.3.5", False), ("3.2.0", "1.26.4", False)])
+def test_the_triton_interpreter_loop_bug_is_told_by_release(triton_version, numpy_version, broken):
+    # triton-lang/triton#9171: Triton < 3.7 interprets loaded loop bounds through int() of a
+    # one-element array, which NumPy >= 2.4 refuses.
+    reason = _backend.interpreter_loop_bug(triton_version, numpy_version)
+    assert (reason is not None) == broken
+    if broken:
+        assert triton_version in reason and numpy_version in reason and "triton>=3.7" in reason
+
+
+def test_masked_linear_on_a_broken_triton_interpreter_is_refused_by_name_and_passed_over(monkeypatch):
+    monkeypatch.setattr(_backend, "_installed_interpreter_loop_bug", lambda: "loop bug")
+    monkeypatch.setattr(_backend, "triton_missing", _backend.never_missing)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _backend._reasons("masked_linear", "cpu")["triton"] == "loop bug"
+    assert _backend._reasons("topk_mask", "cpu")["triton"] != "loop bug"  # its loops have constant bounds
+    monkeypatch.setenv(_backend.ENV_VAR, "triton")
+    with pytest.raises(RuntimeError, match="cannot run masked_linear on cpu: loop bug"):
+        _backend.choose("masked_linear", "cpu")
+    monkeypatch.setenv(_backend.ENV_VAR, "auto")
+    assert _backend.choose("masked_linear", "cpu")[0] == "reference"
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert _backend.triton_missing_with_loaded_loops("cuda") is None  # compiled kernels run such loops

@@ -34,6 +34,15 @@ def kernels():
 
 
 @pytest.fixture(scope="module")
+def masked_linear_kernels(kernels):
+    """The Triton modules, for masked_linear tests on CPU tensors (whose loops some interpreters cannot run)."""
+    reason = _backend.triton_missing_with_loaded_loops("cpu")
+    if reason is not None:
+        pytest.skip(reason)
+    return kernels
+
+
+@pytest.fixture(scope="module")
 def gpu_kernels():
     return _import_kernels()
 
@@ -94,8 +103,8 @@ def _block_mask(shape, block, density, generator):
 
 @pytest.mark.parametrize("dtype", INTERPRETER_DTYPES)
 @pytest.mark.parametrize("zero_off_mask", [False, True])
-def test_masked_linear_products_match_reference(kernels, dtype, zero_off_mask, generator):
-    _, ml, _, _ = kernels
+def test_masked_linear_products_match_reference(masked_linear_kernels, dtype, zero_off_mask, generator):
+    _, ml, _, _ = masked_linear_kernels
     # Unstructured: every tile is active and partial, so every step goes through the select.
     # Sizes that are not multiples of the tiles nor of the 32 flag blocks; batch dims on x.
     case = _masked_linear_case((2, 35, 90), 100, 0.4, dtype, generator)
@@ -103,8 +112,8 @@ def test_masked_linear_products_match_reference(kernels, dtype, zero_off_mask, g
 
 
 @pytest.mark.parametrize("density", [0.0, 1.0])
-def test_masked_linear_all_zero_and_all_one_masks(kernels, density, generator):
-    _, ml, _, _ = kernels
+def test_masked_linear_all_zero_and_all_one_masks(masked_linear_kernels, density, generator):
+    _, ml, _, _ = masked_linear_kernels
     case = _masked_linear_case((40, 70), 50, density, torch.float32, generator)
     layout = ml.pack_mask(case[2])
     assert layout.active_fraction == density and (layout.flags == (ml.FULL if density else ml.EMPTY)).all()
@@ -114,8 +123,9 @@ def test_masked_linear_all_zero_and_all_one_masks(kernels, density, generator):
 @pytest.mark.parametrize("block, tile, zero_off_mask", [((32, 32), (32, 32), False), ((32, 32), (32, 32), True),
                                                         ((64, 64), (64, 64), False), ((64, 32), (64, 32), False),
                                                         ((32, 96), (32, 32), True)])
-def test_masked_linear_block_mask_runs_tiles_of_its_blocks(kernels, block, tile, zero_off_mask, generator):
-    _, ml, _, _ = kernels
+def test_masked_linear_block_mask_runs_tiles_of_its_blocks(masked_linear_kernels, block, tile, zero_off_mask,
+                                                          generator):
+    _, ml, _, _ = masked_linear_kernels
     x, weight, mask, bias, dy = _masked_linear_case((20, 200), 136, 0.3, torch.float32, generator, block=block)
     layout = ml.pack_mask(mask)
     assert (layout.tile_n, layout.tile_k) == tile
@@ -184,8 +194,8 @@ def test_masked_linear_empty(kernels, shape_x, n, generator):
         assert got.shape == mask.shape and not got.any()
 
 
-def test_masked_linear_non_contiguous(kernels, generator):
-    _, ml, _, _ = kernels
+def test_masked_linear_non_contiguous(masked_linear_kernels, generator):
+    _, ml, _, _ = masked_linear_kernels
     x, weight, mask, bias, dy = _masked_linear_case((70, 40), 60, 0.5, torch.float32, generator)
     x_t = x.T.contiguous().T
     weight_t = weight.T.contiguous().T
@@ -196,8 +206,8 @@ def test_masked_linear_non_contiguous(kernels, generator):
     _check_masked_linear(ml, x_t, weight_t, mask_t, bias_t, dy_t, torch.float32)
 
 
-def test_mask_layout_cache_sees_in_place_updates(kernels, generator):
-    _, ml, _, _ = kernels
+def test_mask_layout_cache_sees_in_place_updates(masked_linear_kernels, generator):
+    _, ml, _, _ = masked_linear_kernels
     x, weight, mask, bias, _ = _masked_linear_case((20, 40), 30, 0.5, torch.float32, generator)
     weight = torch.randn_like(weight)
     before = ml.masked_linear(x, weight, mask, bias)
@@ -207,7 +217,7 @@ def test_mask_layout_cache_sees_in_place_updates(kernels, generator):
     assert not torch.allclose(before, ml.masked_linear(x, weight, mask, bias))
 
 
-def test_masked_linear_autograd_through_ops(kernels, use_backend, generator):
+def test_masked_linear_autograd_through_ops(masked_linear_kernels, use_backend, generator):
     use_backend("triton", "masked_linear")
     from sparsekern import ops
     x, weight, mask, bias, dy = _masked_linear_case((3, 10, 40), 30, 0.5, torch.float32, generator)
@@ -361,13 +371,15 @@ def test_prune_grow_non_contiguous_weight_and_empty(kernels, generator):
 # ---------------------------------------------------------------------------------------- opcheck
 
 
-def test_opcheck_every_triton_op(kernels, generator):
-    ops, _, _, _ = kernels
+def test_opcheck_every_triton_masked_linear_op(masked_linear_kernels, generator):
     x, weight, mask, bias, dy = _masked_linear_case((20, 40), 30, 0.5, torch.float32, generator)
     weight = torch.randn_like(weight)
     torch.library.opcheck(torch.ops.sparsekern.masked_linear_triton, (x, weight, mask, bias, False, False))
     torch.library.opcheck(torch.ops.sparsekern.masked_linear_grad_input_triton, (dy, weight, mask, False))
     torch.library.opcheck(torch.ops.sparsekern.masked_linear_grad_weight_triton, (dy, x, mask, True))
+
+
+def test_opcheck_every_triton_selection_op(kernels, generator):
     scores = [torch.randn(10, 20, generator=generator), torch.randn(30, generator=generator)]
     torch.library.opcheck(torch.ops.sparsekern.topk_mask_triton, (scores, 50))
     torch.library.opcheck(torch.ops.sparsekern.topk_mask_per_tensor_triton, (scores, [5, 6]))

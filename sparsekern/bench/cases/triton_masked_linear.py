@@ -69,7 +69,7 @@ def _cases_for(device, dtype, tokens, in_features, out_features, masks, modes, g
     grad_out = randn(tokens, out_features)
     implementations = {DENSE: _dense, "torch mask-then-matmul": _mask_then_matmul}
     implementations[AUTO] = zero_off_mask_linear
-    if _backend.triton_missing(device.type) is None:
+    if _backend.triton_missing_with_loaded_loops(device.type) is None:
         implementations["sparsekern[triton]"] = _triton
         implementations["sparsekern[triton, zero off mask]"] = _triton_zero_off_mask
     result = []
