@@ -160,11 +160,34 @@ def digits_run(method: str, seed: int) -> float:
             torch.set_num_threads(threads)
 
 
-def torchrun(module: str, *args: str, ranks: int = 2) -> subprocess.CompletedProcess:
+def torchrun(module: str, *args: str, ranks: int = 2, timeout: float = 120) -> subprocess.CompletedProcess:
     """Runs `python -m <module> args...` on `ranks` local processes under torch.distributed.run (one
-    thread each), from the repository root so that `tests.*` modules import."""
+    thread each), from the repository root so that `tests.*` modules import. Past `timeout` seconds
+    the run is stopped, its ranks included, and the test fails with their output."""
     environment = dict(os.environ, OMP_NUM_THREADS="1",
                        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
                "-m", module, *args]
-    return subprocess.run(command, env=environment, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    with subprocess.Popen(command, env=environment, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as run:
+        try:
+            stdout, stderr = run.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # SIGTERM: torchrun passes it on to the ranks, which run in sessions of their own (a
+            # SIGKILL would leave them running, holding the output pipes open).
+            run.terminate()
+            stdout, stderr = run.communicate(timeout=60)
+            pytest.fail(f"{module} on {ranks} ranks ran past {timeout} s:\n{stdout[-4000:]}\n{stderr[-4000:]}")
+    return subprocess.CompletedProcess(command, run.returncode, stdout, stderr)
+
+
+def end_rank() -> None:
+    """Ends a torchrun worker whose results are on disk, after a barrier so that no rank leaves while
+    another still talks to it, without tearing the gloo group down: its destructor joins gloo's
+    threads while holding the GIL, which a thread still freeing a finished collective's tensors waits
+    for (a hang seen here), and at interpreter exit it can abort ('terminate called without an active
+    exception'). torch's own teardown, not sparsekern's, so the ranks skip it."""
+    torch.distributed.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -16,6 +16,8 @@ import sparsekern
 from sparsekern.algorithms import distributed
 from sparsekern.nn import sparse_modules
 
+from ..helpers import end_rank
+
 
 def train(algorithm, rank, steps=12):
     torch.manual_seed(0)
@@ -52,8 +54,7 @@ def main(out):
     distributed.broadcast_masks(model)
     torch.save({"results": results, "disagreed": disagreed, "repaired": distributed.masks_identical(model)},
                os.path.join(out, f"rank{rank}.pt"))
-    dist.barrier()   # no rank tears the group down while another still talks to it
-    dist.destroy_process_group()
+    end_rank()
 
 
 if __name__ == "__main__":

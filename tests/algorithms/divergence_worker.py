@@ -17,6 +17,8 @@ from torch.nn.parallel import DistributedDataParallel
 import sparsekern
 from sparsekern.algorithms import distributed
 
+from ..helpers import end_rank
+
 
 def model_and_optimizer():
     torch.manual_seed(0)
@@ -51,8 +53,7 @@ def main(out):
     distributed.broadcast_masks(ddp)
     torch.save({"refused": refused, "diverged_detected": diverged_detected,
                 "repaired": distributed.masks_identical(ddp)}, os.path.join(out, f"rank{rank}.pt"))
-    dist.barrier()   # no rank tears the group down while another still talks to it
-    dist.destroy_process_group()
+    end_rank()
 
 
 if __name__ == "__main__":

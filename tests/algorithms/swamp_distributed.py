@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from sparsekern.algorithms import SWAMP
 
-from ..helpers import batch, mlp
+from ..helpers import batch, end_rank, mlp
 
 
 def run() -> dict:
@@ -39,4 +39,4 @@ if __name__ == "__main__":
     dist.init_process_group("gloo")
     state = run()
     torch.save(state, sys.argv[1].format(dist.get_rank()))
-    dist.destroy_process_group()
+    end_rank()
