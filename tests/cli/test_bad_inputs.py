@@ -91,7 +91,7 @@ BAD_DATASETS = [
     ("feature beyond float32", with_x(np.where(GOOD_X > 0.5, 1e300, 0.0)), "exceed float32's range"),
     ("one class", npz(x=GOOD_X, y=np.zeros(20, np.int64)), "every label is 0"),
     ("huge label", npz(x=GOOD_X, y=np.where(GOOD_Y == 1, 10 ** 9, 0)), "label 1000000000 is out of range"),
-    ("uint64 label", npz(x=GOOD_X, y=np.where(GOOD_Y == 1, 2 ** 64 - 1, 0).astype(np.uint64)), "out of range"),
+    ("uint64 label", npz(x=GOOD_X, y=np.where(GOOD_Y == 1, np.uint64(2 ** 64 - 1), np.uint64(0))), "out of range"),
     ("negative label", npz(x=GOOD_X, y=GOOD_Y - 1), "label -1 is out of range"),
     ("float labels", npz(x=GOOD_X, y=GOOD_Y.astype(np.float64)), "integer class indices"),
     ("one-hot labels", npz(x=GOOD_X, y=np.eye(2, dtype=np.int64)[GOOD_Y]), "one integer label per sample"),
