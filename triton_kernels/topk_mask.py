@@ -62,8 +62,6 @@ ALL_NUMBERS, WHERE_TRUE, WHERE_FALSE = 0, 1, 2
 @triton.jit
 def order_key(x, KEY_BITS: tl.constexpr, ABS: tl.constexpr = False):
     """Unsigned keys whose order is the selection order (NaN -> 0, below every number); of |x| with ABS."""
-    if ABS:
-        x = tl.abs(x)
     if KEY_BITS == 16:
         bits = x.to(tl.uint16, bitcast=True).to(tl.uint32)
         sign = 0x8000
@@ -76,6 +74,10 @@ def order_key(x, KEY_BITS: tl.constexpr, ABS: tl.constexpr = False):
         bits = x.to(tl.uint64, bitcast=True)
         sign = 0x8000000000000000
         ones = 0xFFFFFFFFFFFFFFFF
+    if ABS:
+        # |x| is x with its sign bit cleared, as the CUDA kernels take it. (tl.abs of fp16 crashes the
+        # LLVM of Triton 3.6 on sm_90: "Cannot select v2f16 = scalar_to_vector".)
+        bits = bits & (ones ^ sign)
     bits = tl.where(x == 0, tl.zeros_like(bits), bits)  # -0.0 ranks as +0.0
     key = tl.where((bits & sign) != 0, bits ^ ones, bits | sign)
     return tl.where(x != x, tl.zeros_like(key), key)
