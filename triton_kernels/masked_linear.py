@@ -145,6 +145,8 @@ def _pack_mask_kernel(mask_ptr, bits_ptr, flags_ptr, N, K, WORDS,
 def _merge(flags: Tensor, rows: int, cols: int) -> Tensor:
     """Flags of rows x cols groups of 32x32 blocks: EMPTY if all are, FULL if all are, else PARTIAL."""
     r, c = flags.shape
+    if flags.numel() == 0:  # no weights (and torch 2.9's pad refuses a dimension of size 0)
+        return flags.new_full((-(-r // rows), -(-c // cols)), EMPTY)
     padded = torch.nn.functional.pad(flags, (0, -c % cols, 0, -r % rows), value=EMPTY)
     groups = padded.view(padded.shape[0] // rows, rows, padded.shape[1] // cols, cols)
     any_active = groups.amax((1, 3)) > EMPTY
