@@ -136,7 +136,7 @@ def triton_missing(device_type: str, dtypes: tuple = ()) -> str | None:
 
 # Triton before 3.7 interprets a loop whose bounds are loaded values through int() of a one-element
 # array, which NumPy 2.4 refuses (triton-lang/triton#9171): under TRITON_INTERPRET=1 a kernel with
-# such a loop (masked_linear's walk over its list of active tiles) raises there. torch 2.10 and 2.11
+# such a loop (masked_linear's walk over its list of active tiles) raises there. torch 2.9 and 2.11
 # pin Triton 3.5 and 3.6.
 _LOOP_FIXED_TRITON = (3, 7)
 _LOOP_BREAKING_NUMPY = (2, 4)
