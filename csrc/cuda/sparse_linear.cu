@@ -363,6 +363,21 @@ Plan make_plan(int tile, int value_bytes, int acc_bytes, int64_t in_features) {
   return plan;
 }
 
+// The current device and the shared memory one of its blocks may opt in to.
+struct SharedLimit {
+  int device = 0;
+  int bytes = 0;
+};
+
+// The batch tile for `rows`, halved while its plan needs more shared memory than a block may have:
+// fp64 at 9-16 rows stages ~160 KB, which H100 and A100 have and sm_86/89/120 (99 KB) do not. A smaller
+// tile needs no more workspace (its plan has no more slabs), so the workspace size ignores the device.
+int fitting_batch_tile(int64_t rows, int value_bytes, int acc_bytes, int64_t in_features, int shared_limit) {
+  int tile = batch_tile(rows);
+  while (tile > 1 && make_plan(tile, value_bytes, acc_bytes, in_features).shared_bytes > size_t(shared_limit)) tile /= 2;
+  return tile;
+}
+
 int acc_bytes(FloatType type) { return type == FloatType::kFloat64 ? 8 : 4; }
 int value_bytes(FloatType type) {
   return type == FloatType::kFloat64 ? 8 : type == FloatType::kFloat32 ? 4 : 2;
@@ -371,19 +386,20 @@ int value_bytes(FloatType type) {
 template <typename T, typename Acc, int kBatch>
 cudaError_t launch(const int32_t* bitmap, const void* values, int64_t nnz, const int64_t* chunk_offsets,
                    const void* x, const void* bias, void* y, void* workspace, int64_t out_features,
-                   int64_t in_features, int64_t rows, cudaStream_t stream) {
+                   int64_t in_features, int64_t rows, const SharedLimit& shared, cudaStream_t stream) {
   const Plan plan = make_plan(kBatch, sizeof(T), sizeof(Acc), in_features);
   const auto kernel = sparse_linear_kernel<T, Acc, kBatch>;
-  // More than 48 KB of dynamic shared memory needs a per-device opt-in; done once per size needed.
-  static std::atomic<size_t> allowed[kDevicesRemembered] = {};
-  int device = 0;
-  cudaError_t error = cudaGetDevice(&device);
-  if (error != cudaSuccess) return error;
-  if (plan.shared_bytes > 48 * 1024 && (device >= kDevicesRemembered || allowed[device].load() < plan.shared_bytes)) {
-    error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(plan.shared_bytes));
+  // More than 48 KB of dynamic shared memory needs an opt-in per kernel and device. It is made once, to
+  // the device's whole limit (the kernel has no static shared memory), so every thread sets the same
+  // value: two first calls at once cannot leave it below the size the other then launches with.
+  static std::atomic<bool> opted_in[kDevicesRemembered] = {};
+  const bool remembered = shared.device < kDevicesRemembered;
+  if (plan.shared_bytes > 48 * 1024 && !(remembered && opted_in[shared.device].load())) {
+    const cudaError_t error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared.bytes);
     if (error != cudaSuccess) return error;
-    if (device < kDevicesRemembered) allowed[device].store(plan.shared_bytes);
+    if (remembered) opted_in[shared.device].store(true);
   }
+  cudaError_t error = cudaSuccess;
   const int64_t blocks = (out_features + rows_per_block(kBatch) - 1) / rows_per_block(kBatch) * plan.splits;
   if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
   for (int64_t r0 = 0; r0 < rows; r0 += plan.rows_per_pass) {
@@ -412,12 +428,18 @@ template <typename T, typename Acc>
 cudaError_t launch_for_rows(const int32_t* bitmap, const void* values, int64_t nnz, const int64_t* chunk_offsets,
                             const void* x, const void* bias, void* y, void* workspace, int64_t out_features,
                             int64_t in_features, int64_t rows, cudaStream_t stream) {
-  switch (batch_tile(rows)) {
-    case 1: return launch<T, Acc, 1>(bitmap, values, nnz, chunk_offsets, x, bias, y, workspace, out_features, in_features, rows, stream);
-    case 2: return launch<T, Acc, 2>(bitmap, values, nnz, chunk_offsets, x, bias, y, workspace, out_features, in_features, rows, stream);
-    case 4: return launch<T, Acc, 4>(bitmap, values, nnz, chunk_offsets, x, bias, y, workspace, out_features, in_features, rows, stream);
-    case 8: return launch<T, Acc, 8>(bitmap, values, nnz, chunk_offsets, x, bias, y, workspace, out_features, in_features, rows, stream);
-    default: return launch<T, Acc, 16>(bitmap, values, nnz, chunk_offsets, x, bias, y, workspace, out_features, in_features, rows, stream);
+  SharedLimit shared;
+  cudaError_t error = cudaGetDevice(&shared.device);
+  if (error == cudaSuccess) {
+    error = cudaDeviceGetAttribute(&shared.bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, shared.device);
+  }
+  if (error != cudaSuccess) return error;
+  switch (fitting_batch_tile(rows, sizeof(T), sizeof(Acc), in_features, shared.bytes)) {
+    case 1: return launch<T, Acc, 1>(bitmap, values, nnz, chunk_offsets, x, bias, y, workspace, out_features, in_features, rows, shared, stream);
+    case 2: return launch<T, Acc, 2>(bitmap, values, nnz, chunk_offsets, x, bias, y, workspace, out_features, in_features, rows, shared, stream);
+    case 4: return launch<T, Acc, 4>(bitmap, values, nnz, chunk_offsets, x, bias, y, workspace, out_features, in_features, rows, shared, stream);
+    case 8: return launch<T, Acc, 8>(bitmap, values, nnz, chunk_offsets, x, bias, y, workspace, out_features, in_features, rows, shared, stream);
+    default: return launch<T, Acc, 16>(bitmap, values, nnz, chunk_offsets, x, bias, y, workspace, out_features, in_features, rows, shared, stream);
   }
 }
 
