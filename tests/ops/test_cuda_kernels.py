@@ -80,6 +80,25 @@ def test_topk_mask_per_tensor_matches_reference(generator, dtype, kind):
         assert torch.equal(g, w)
 
 
+def test_topk_mask_ranks_and_writes_positions_past_int32():
+    # No other test reaches 2^31 entries. One fp16 tensor of 2^31 + 4101 (a partial last tile),
+    # -1 up to a point past 2^31 and 0 after it, with four positive entries on both sides of 2^31:
+    # k = 7 takes the four and the three ties (zeros) at the lowest positions, all past 2^31, so
+    # reads, tie ranks and mask writes must index in 64 bits. ~6.5 GB of GPU memory; entries are
+    # set and read one by one (basic indexing), so that only the op meets the size.
+    n = 2**31 + 4101
+    first_zero = 2**31 + 100
+    scores = torch.full((n,), -1.0, dtype=torch.float16, device="cuda")
+    scores[first_zero:] = 0.0
+    best = {7: 1.0, 2**31 + 5: 2.0, 2**31 + 300: 3.0, n - 1: 4.0}
+    for position, value in best.items():
+        scores[position] = value
+    (mask,) = torch.ops.sparsekern.topk_mask([scores], 7)
+    del scores
+    assert int(mask.sum()) == 7
+    assert all(bool(mask[p]) for p in [*best, first_zero, first_zero + 1, first_zero + 2])
+
+
 def test_topk_mask_non_contiguous_and_empty_list(generator):
     scores = [s.t() for s in scores_like(generator, [(300, 200), (64, 9)], torch.float32, "ties")]
     scores.append(scores_like(generator, [(64, 32, 3, 3)], torch.float32, "ties")[0].contiguous(
