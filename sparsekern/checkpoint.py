@@ -7,8 +7,10 @@ import errno
 import os
 import pickle
 import secrets
+import stat
 import tempfile
 import zipfile
+import zlib
 from typing import BinaryIO, Callable
 
 import torch
@@ -18,12 +20,16 @@ def save(obj, path: str | os.PathLike) -> None:
     """torch.save(obj) to `path`, atomically (`write_atomically`).
 
     On any error (an unpicklable object, a full disk, an interrupt) the file at `path` is as
-    before and no temporary file is left behind. `path` naming a directory raises
-    IsADirectoryError before anything is written.
+    before and no temporary file is left behind. `path` naming a directory (or ending in a
+    separator) raises IsADirectoryError, and naming something other than a regular file (a FIFO,
+    a device such as /dev/null, which the atomic rename would replace) ValueError, before anything
+    is written. A symbolic link is followed: the file it points to is replaced, the link stays.
     """
     path = _checked_path(path)
-    if os.path.isdir(path):
+    if os.path.isdir(path) or path.endswith((os.sep, os.altsep or os.sep)):
         raise IsADirectoryError(f"path {path!r} is a directory, not a checkpoint file")
+    path = os.path.realpath(path)
+    _check_regular(path, missing_ok=True)
     write_atomically(path, lambda file: torch.save(obj, file))
 
 
@@ -32,11 +38,16 @@ def load(path: str | os.PathLike, map_location=None):
 
     A file that cannot be loaded (truncated, corrupt, holding objects other than tensors and
     containers, which are never unpickled, or tensors of a device this machine lacks) raises
-    ValueError naming the file; a missing one FileNotFoundError. `map_location` (None, a device
-    or its name, a dict of device names, or a callable, as for torch.load) is checked first.
+    ValueError naming the file; so does one whose stored checksums (CRC-32 of every record of
+    torch's zip format) do not match its contents, which torch.load alone would load silently,
+    and a path that is not a regular file (a FIFO, which would block forever, a device); a
+    missing one raises FileNotFoundError. `map_location` (None, a device or its name, a dict
+    of them, or a callable, as for torch.load) is checked first.
     """
     path = _checked_path(path)
-    _check_map_location(map_location)
+    map_location = _check_map_location(map_location)
+    _check_regular(path, missing_ok=False)
+    _check_checksums(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, RuntimeError, ValueError,
@@ -53,12 +64,51 @@ def _checked_path(path) -> str:
         path = os.fsdecode(path)
     if not path:
         raise ValueError("path must not be empty")
+    if "\0" in path:
+        raise ValueError(f"path must not contain a NUL byte, got {path!r}")
     return path
 
 
-def _check_map_location(map_location) -> None:
+def _check_regular(path: str, missing_ok: bool) -> None:
+    """ValueError unless `path` (links followed) is a regular file, or missing and `missing_ok`."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if missing_ok:
+            return
+        raise FileNotFoundError(f"checkpoint {path!r} is missing") from None
+    except OSError as error:  # e.g. a path below a file: refused as the write or torch.load would
+        if missing_ok:
+            return
+        raise ValueError(f"{path}: cannot load this checkpoint: {error.strerror or error}") from None
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(f"path {path!r} is a directory, not a checkpoint file")
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"path {path!r} is not a regular file (a FIFO, socket or device), not a checkpoint file")
+
+
+def _check_checksums(path: str) -> None:
+    """ValueError naming the file and the record when a record of a zip checkpoint fails its CRC-32."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError):
+        return  # not a zip (torch's legacy format, or garbage): torch.load judges it
+    except zlib.error as error:
+        damaged = f"? ({error})"
+    if damaged is not None:
+        raise ValueError(f"{path}: cannot load this checkpoint: it is damaged (record {damaged!r} does not match "
+                         f"its stored checksum)")
+
+
+def _check_map_location(map_location):
+    """`map_location` checked, a dict's torch.device entries as names (torch.load takes only names there)."""
     if map_location is None or callable(map_location):
-        return
+        return map_location
+    if isinstance(map_location, dict):
+        for key in map_location:
+            if not isinstance(key, (str, torch.device)):
+                raise TypeError(f"map_location's keys must be device names, got {type(key).__name__}")
     devices = list(map_location.values()) if isinstance(map_location, dict) else [map_location]
     for device in devices:
         if not isinstance(device, (str, torch.device)):
@@ -70,6 +120,13 @@ def _check_map_location(map_location) -> None:
             raise ValueError(f"map_location names no device: {error}") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"map_location={str(device)!r} but CUDA is not available")
+        backend = getattr(torch, device.type, None) if device.type not in ("cpu", "meta", "cuda") else None
+        if device.type not in ("cpu", "meta", "cuda") and not (backend is not None and hasattr(backend, "is_available")
+                                                              and backend.is_available()):
+            raise ValueError(f"map_location={str(device)!r} but this machine has no {device.type} device")
+    if isinstance(map_location, dict):
+        return {str(key): str(value) for key, value in map_location.items()}
+    return map_location
 
 
 def _sync_directory(directory: str) -> None:
@@ -90,6 +147,8 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], object
     once. Elsewhere a named temporary file beside `path` is used and removed on any exception
     (a SIGKILL can leave that one behind). Creates the parent directory if needed.
     """
+    if not callable(write):
+        raise TypeError(f"write must be a callable taking the open file, got {type(write).__name__}")
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)

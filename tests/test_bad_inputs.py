@@ -18,10 +18,13 @@ import math
 import os
 import pathlib
 import pickle
+import warnings
 import weakref
+import zipfile
 from types import SimpleNamespace
 from typing import Any, Callable
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
@@ -188,7 +191,7 @@ def capture(value, seen=None):
         return ("weakref", id(value()))
     if isinstance(value, nn.Module):
         return ("module", id(value), {
-            "state": {k: v.detach().clone() for k, v in value.state_dict(keep_vars=True).items()},
+            "state": {k: _copy(v) for k, v in value.state_dict(keep_vars=True).items()},
             "structure": [(n, type(m).__name__, id(m)) for n, m in value.named_modules(remove_duplicate=False)],
             "parameters": [(n, id(p), p.requires_grad, None if p.grad is None else p.grad.detach().clone())
                            for n, p in value.named_parameters(remove_duplicate=False)],
@@ -207,6 +210,13 @@ def capture(value, seen=None):
     if callable(value):
         return ("callable", id(value))
     return value
+
+
+def _copy(tensor: Tensor):
+    # A Lazy module's parameter has no values yet (and refuses detach()).
+    if isinstance(tensor, nn.parameter.UninitializedTensorMixin):
+        return "uninitialized"
+    return tensor.detach().clone()
 
 
 def differences(before, after, path="") -> list[str]:
@@ -1204,6 +1214,131 @@ def _global_update_without_the_last_layer(world):
 warning("RigL(scope='global') emptying a layer", _global_world, _global_update_without_the_last_layer,
         "left \\['5'\\] with no active weight")
 warning("OptG(lr=0)", model_world, lambda w: OptG(w.model, sparsity=0.5, epochs=3, lr=0.0), "lr=0")
+
+
+# -- the second campaign: unusual layers, tensors standing in for counts, meta tensors, special files ------
+
+class _LinearThenLazy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(5, 4)
+        self.lazy = nn.LazyLinear(3)
+
+
+def _complex_world(tmp_path=None):
+    return SimpleNamespace(model=nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2, dtype=torch.complex64)))
+
+
+def _int_weight_world(tmp_path=None):
+    layer = nn.Linear(4, 3, bias=False)
+    layer.weight = nn.Parameter(torch.ones(3, 4, dtype=torch.int32), requires_grad=False)
+    return SimpleNamespace(model=nn.Sequential(nn.Linear(6, 4), layer))
+
+
+error("sparsify(an unmaterialised LazyLinear)", lambda tmp_path=None: SimpleNamespace(model=_LinearThenLazy()),
+      lambda w: sparsekern.sparsify(w.model, 0.5), ValueError, "'lazy' \\(LazyLinear\\) has not made its weight")
+error("sparsify(a complex Linear)", _complex_world, lambda w: sparsekern.sparsify(w.model, 0.5), TypeError,
+      "layer '1' has a torch.complex64 weight")
+error("sparsify(an int32 Linear)", _int_weight_world, lambda w: sparsekern.sparsify(w.model, 0.5), TypeError,
+      "layer '1' has a torch.int32 weight")
+error("sparsify(power=-1e6): a layer's ERK density underflows to 0", dense_world,
+      lambda w: sparsekern.sparsify(w.model, 0.5, power=-1e6, generator=w.generator), ValueError, "no active weight")
+error("SparseLinear.set_mask(a meta mask)", layer_world,
+      lambda w: w.layer.set_mask(torch.ones(4, 6, dtype=torch.bool, device="meta")), ValueError, "mask is on the meta")
+
+# Counts given as tensors or arrays: a 0-d integer tensor is a count; anything else names the argument.
+COUNT_BAD = [torch.tensor(3.0), torch.tensor([3]), torch.tensor([2, 3]), torch.tensor(True),
+             torch.tensor(3, device="meta"), np.array([2, 3])]
+for _k in COUNT_BAD:
+    error(f"ops.topk_mask(k={_show(_k)})", _ops_world, lambda w, k=_k: ops.topk_mask(w.scores, k), TypeError,
+          "^k must be an integer")
+    error(f"ops.topk_mask(k=[2, {_show(_k)}])", _ops_world, lambda w, k=_k: ops.topk_mask(w.scores, [2, k]),
+          TypeError, "^k\\[1\\] must be an integer")
+for _argument, _value in (("n", torch.tensor(2.0)), ("n", torch.tensor([2])), ("active", torch.tensor(11.5)),
+                          ("n", np.array([2]))):
+    error(f"ops.prune_grow({_argument}={_show(_value)})", _ops_world,
+          lambda w, a=_argument, v=_value: ops.prune_grow(
+              w.weight, w.mask, w.weight.abs(), w.weight.neg(), **{"n": 2, a: v}), TypeError,
+          f"^{_argument} must be an integer")
+for _name, _call, _error, _match in [
+        ("topk_mask(meta scores)", lambda w: ops.topk_mask([s.to("meta") for s in w.scores], 3), ValueError,
+         "scores\\[0\\] is on the meta device"),
+        ("topk_mask(meta scores, per tensor)", lambda w: ops.topk_mask([s.to("meta") for s in w.scores], [1, 1]),
+         ValueError, "scores\\[0\\] is on the meta device"),
+        ("prune_grow(meta tensors)", lambda w: ops.prune_grow(w.weight.to("meta"), w.mask.to("meta"),
+                                                               w.weight.to("meta"), w.weight.to("meta"), 2),
+         ValueError, "weight is on the meta device"),
+        ("prune_grow(meta tensors, list form)", lambda w: ops.prune_grow(
+            [w.weight.to("meta")], [w.mask.to("meta")], [w.weight.to("meta")], [w.weight.to("meta")], [2]),
+         ValueError, "weights\\[0\\] is on the meta device"),
+        ("pack(meta)", lambda w: ops.pack(w.weight.to("meta"), w.mask.to("meta")), ValueError,
+         "weight is on the meta device"),
+        ("masked_linear(dense_grad='no')", lambda w: ops.masked_linear(w.x, w.weight, w.mask, dense_grad="no"),
+         TypeError, "dense_grad must be a bool"),
+        ("masked_linear(zero_off_mask=1)", lambda w: ops.masked_linear(w.x, w.weight, w.mask, zero_off_mask=1),
+         TypeError, "zero_off_mask must be a bool")]:
+    error(f"ops.{_name}", _ops_world, _call, _error, _match)
+
+
+def _special_files_world(tmp_path):
+    """file_world plus a FIFO, a symbolic link to good.pt and a good.pt whose tensor record was damaged."""
+    world = file_world(tmp_path)
+    os.mkfifo(world.directory / "fifo.pt")
+    raw = bytearray((world.directory / "good.pt").read_bytes())
+    with zipfile.ZipFile(world.directory / "good.pt") as archive:   # where the tensor's stored bytes start
+        record = next(info for info in archive.infolist() if info.filename.endswith("data/0"))
+    local_header = raw[record.header_offset:record.header_offset + 30]
+    start = record.header_offset + 30 + int.from_bytes(local_header[26:28], "little") + int.from_bytes(
+        local_header[28:30], "little")
+    for i in range(start, start + 8):
+        raw[i] ^= 0xFF
+    (world.directory / "damaged.pt").write_bytes(bytes(raw))
+    return world
+
+
+_NO_MPS = (("mps", ValueError),) if not torch.backends.mps.is_available() else ()
+for _name, _call, _error, _match in [
+        ("save(over a FIFO)", lambda w: checkpoint.save({"step": 2}, w.directory / "fifo.pt"), ValueError,
+         "not a regular file"),
+        ("save(path ending in a separator)", lambda w: checkpoint.save({"step": 2}, f"{w.directory}/new/"),
+         IsADirectoryError, "directory"),
+        ("save(path with a NUL byte)", lambda w: checkpoint.save({"step": 2}, f"{w.directory}/a\0b.pt"), ValueError,
+         "path must not contain a NUL byte"),
+        ("load(path with a NUL byte)", lambda w: checkpoint.load(f"{w.directory}/good\0.pt"), ValueError,
+         "path must not contain a NUL byte"),
+        ("load(a damaged tensor record)", lambda w: checkpoint.load(w.directory / "damaged.pt"), ValueError,
+         "damaged.pt: cannot load this checkpoint: it is damaged"),
+        ("write_atomically(write=None)", lambda w: checkpoint.write_atomically(w.directory / "good.pt", None),
+         TypeError, "write must be a callable"),
+        *[(f"load(map_location={_location!r})", lambda w, m=_location: checkpoint.load(w.directory / "good.pt",
+                                                                                     map_location=m),
+           _error, "map_location") for _location, _error in _NO_MPS]]:
+    error(f"checkpoint.{_name}", _special_files_world, _call, _error, _match)
+
+
+def _computed_weight_world(kind):
+    def make(tmp_path=None):
+        first = nn.Linear(6, 4)
+        if kind == "weight_norm":
+            first = torch.nn.utils.parametrizations.weight_norm(first)
+        elif kind == "old weight_norm":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")   # deprecated, and still in use
+                first = torch.nn.utils.weight_norm(first)
+        else:
+            first = torch.nn.utils.spectral_norm(first)
+        return SimpleNamespace(model=nn.Sequential(first, nn.ReLU(), nn.Linear(4, 2)))
+    return make
+
+
+def _second_layer_sparsified(world):
+    assert type(world.result[2]).__name__ == "SparseLinear" and not isinstance(world.result[0], SparseLinear)
+
+
+for _kind in ("weight_norm", "old weight_norm", "spectral_norm"):
+    warning(f"sparsify(a Linear under {_kind})", _computed_weight_world(_kind),
+            lambda w: sparsekern.sparsify(w.model, 0.5), "0 \\(Linear\\) stays dense: its weight is computed",
+            then=_second_layer_sparsified)
 
 
 # -- the tests -------------------------------------------------------------------------------------

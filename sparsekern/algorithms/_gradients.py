@@ -20,6 +20,11 @@ class GradientWatch:
     def __init__(self) -> None:
         self._seen: list[tuple[weakref.ref, int] | None] = []
 
+    def __getstate__(self) -> dict:
+        # Weak references cannot be pickled; a copy (pickled, or a deep copy) has its own gradients, so
+        # it starts with nothing remembered: the first step() of the copy cannot be refused as stale.
+        return {"_seen": []}
+
     def remember(self, weights: Sequence[Tensor]) -> None:
         self._seen = [None if w.grad is None else (weakref.ref(w.grad), w.grad._version) for w in weights]
 

@@ -96,8 +96,8 @@ class OptG:
                 optg.step(); optimizer.step(); optimizer.zero_grad()
             optg.next_epoch()
 
-    `state_dict()` holds the epoch, the scores and their optimizer; the masks and weights (pruned
-    values included) are in the model's state dict, checkpointed beside it.
+    `state_dict()` holds the epoch, the scores, their optimizer and the current masks; the weights
+    (pruned values included) are in the model's state dict, checkpointed beside it.
     """
 
     def __init__(self, model: nn.Module, sparsity: float, epochs: int, lr: float = 0.1, beta: float = 1.0,
@@ -230,14 +230,18 @@ class OptG:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "scores": [score.clone() for score in self.scores],
-                "score_optimizer": self.score_optimizer.state_dict()}
+                "score_optimizer": self.score_optimizer.state_dict(), "masks": self.masks}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
-        """Restores a `state_dict()`. The mask of the current epoch is the model's own (loaded with
-        the model): it came from the scores at the epoch's start, not those saved mid-epoch.
-        Checked completely first: a bad state raises TypeError or ValueError and changes nothing."""
+        """Restores a `state_dict()`, the current epoch's masks included (they came from the scores at
+        the epoch's start, not those saved mid-epoch), so it does not matter whether the model's state
+        dict was loaded before this OptG was built (which sets epoch-0 masks) or after. A state without
+        "masks" (older versions) keeps the model's own. Checked completely first: a bad state raises
+        TypeError or ValueError and changes nothing."""
         _tickets.check_state_keys(state, ("epoch", "scores", "score_optimizer"))
+        masks = None if "masks" not in state else _tickets.check_masks(state["masks"], self._groups,
+                                                                        "state['masks']")
         epoch = _tickets.state_count(state, "epoch")
         if epoch > self.epochs:
             raise ValueError(f"state['epoch'] must be at most epochs={self.epochs}, got {epoch}")
@@ -257,6 +261,8 @@ class OptG:
         for score, saved in zip(self.scores, scores):
             score.copy_(saved)
         self.score_optimizer = score_optimizer
+        for layer, mask in zip(self.layers, masks or ()):
+            layer.mask.copy_(mask)       # not set_mask: pruned weights keep their values
         for layer in self.layers:
             layer.zero_off_mask = False
             layer.dense_grad = self._learns

@@ -79,6 +79,13 @@ def write(rows: list[core.Row], path: str, kind: str, environment_line: str = ""
             writer.writerows(records)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage block), exit code 2, as every sparsekern command's."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m benchmarks") -> int:
     """Command line: [--device cpu|cuda] [--quick] [--only OP] [--json PATH] [--csv PATH] [--threads N]
     [--budget SECONDS].
@@ -86,8 +93,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m benchmarks") -> i
     Prints the table on stdout (progress on stderr). Returns 0, or 1 when some implementation failed.
     `prog` is the command name shown in help and errors (`sparsekern bench` from the CLI).
     """
-    parser = argparse.ArgumentParser(prog=prog,
-                                     description="Times sparsekern's ops against the torch code they replace.")
+    parser = _Parser(prog=prog, description="Times sparsekern's ops against the torch code they replace.")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that every case runs")
     parser.add_argument("--only", metavar="OP",

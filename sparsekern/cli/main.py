@@ -26,6 +26,7 @@ from ..ops._backend import backends
 from .data import check_dataset, load_dataset
 from .models import MODELS, build_model
 from .output import check_output_dir
+from .recipes import DST_PRESETS, TICKET_METHODS
 from .training import (DISTRIBUTIONS, INITS, METHODS, SCHEDULES, TrainConfig, prepare, read_checkpoint,
                        total_epochs)
 
@@ -74,6 +75,33 @@ def _positive(text: str) -> int:
     return value
 
 
+# torch.manual_seed takes 64 bits, but the data-order seeds multiply the seed (seed * 1_000_003 + ...): 32 bits, NumPy's
+# seed range, keep every derived seed in range; a negative seed (-1 meaning "random" elsewhere) would be fixed here.
+MAX_SEED = 2 ** 32 - 1
+# More CPU threads than this makes OpenMP fail to create them and abort the process (measured: 4096 here).
+MAX_THREADS = 1024
+# A compare grid holding more runs than this is a typo (say --seeds 1000000000000), not a plan: building it
+# would hang before the first run.
+MAX_RUNS = 100_000
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed in [0, {MAX_SEED}], got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"seed must be in [0, {MAX_SEED}], got {text}")
+    return value
+
+
+def _threads(text: str) -> int:
+    value = _positive(text)
+    if value > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"threads must be at most {MAX_THREADS}, got {text}")
+    return value
+
+
 def _choices(allowed: tuple[str, ...], what: str):
     """A comma-separated list whose every item is in `allowed`."""
 
@@ -110,22 +138,22 @@ def _add_run_options(parser: argparse.ArgumentParser, defaults: TrainConfig) -> 
     parser.add_argument("--epochs", type=_positive, default=defaults.epochs)
     parser.add_argument("--batch-size", type=_positive, default=defaults.batch_size)
     parser.add_argument("--lr", type=_learning_rate, default=defaults.lr, help="SGD learning rate (cosine-annealed)")
-    parser.add_argument("--scope", choices=SCOPES, default=defaults.scope, help="DST: per layer or global updates")
-    parser.add_argument("--update-every", type=_positive, default=defaults.update_every,
-                        help="DST: steps between mask updates")
+    parser.add_argument("--scope", choices=SCOPES, help=f"DST: per layer or global updates (default: {defaults.scope})")
+    parser.add_argument("--update-every", type=_positive,
+                        help=f"DST: steps between mask updates (default: {defaults.update_every})")
     parser.add_argument("--end-fraction", type=_fraction("end fraction"),
                         help="DST: no mask update after this fraction of training (default: the schedule's, 0.75 "
                              "for cosine and constant, as RigL's paper runs RigL and SET; 1 for annealed)")
-    parser.add_argument("--cycles", type=_positive, default=defaults.cycles,
-                        help="IMP, SWAMP: pruning cycles of --epochs epochs each")
-    parser.add_argument("--particles", type=_positive, default=defaults.particles,
-                        help="SWAMP: particles per cycle")
+    parser.add_argument("--cycles", type=_positive,
+                        help=f"IMP, SWAMP: pruning cycles of --epochs epochs each (default: {defaults.cycles})")
+    parser.add_argument("--particles", type=_positive,
+                        help=f"SWAMP: particles per cycle (default: {defaults.particles})")
     _add_machine_options(parser, defaults)
 
 
 def _add_machine_options(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default=defaults.device)
-    parser.add_argument("--threads", type=_positive, default=1,
+    parser.add_argument("--threads", type=_threads, default=1,
                         help="torch CPU threads (default 1: these small models run fastest on one, and a "
                              "run is bit-reproducible only with the same count)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -155,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "method's: cosine for rigl and dst, constant for set and mest)")
     train_parser.add_argument("--drop-fraction", type=_fraction("drop fraction"),
                               help="DST initial fraction of active weights moved per update (default: the schedule's)")
-    train_parser.add_argument("--seed", type=int, default=TrainConfig.seed)
+    train_parser.add_argument("--seed", type=_seed, default=TrainConfig.seed)
     _add_run_options(train_parser, TrainConfig())
     train_parser.add_argument("--out", default="runs/train", help="directory for metrics and the checkpoint")
     train_parser.add_argument("--resume", metavar="CKPT", help="continue the run saved in this checkpoint")
@@ -167,15 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
     compare_parser.add_argument("--methods", type=_choices(METHODS, "method"),
                                 default=list(compare_module.DEFAULT_METHODS))
     compare_parser.add_argument("--criteria", type=_choices(tuple(PRUNE), "criterion"),
-                                default=list(compare_module.DEFAULT_CRITERIA),
                                 help=f"pruning criteria, one line each when --methods has "
-                                     f"{compare_module.CRITERION_METHOD}")
-    compare_parser.add_argument("--grow", choices=GROW, default=compare_module.DEFAULT_GROW,
-                                help="growth criterion of the criteria lines")
-    compare_parser.add_argument("--schedule", choices=SCHEDULES, default=compare_module.DEFAULT_SCHEDULE,
+                                     f"{compare_module.CRITERION_METHOD} (default: "
+                                     f"{','.join(compare_module.DEFAULT_CRITERIA)})")
+    compare_parser.add_argument("--grow", choices=GROW,
+                                help=f"growth criterion of the criteria lines (default: {compare_module.DEFAULT_GROW})")
+    compare_parser.add_argument("--schedule", choices=SCHEDULES,
                                 help="drop-fraction schedule of the criteria lines: cosine (RigL's, 0.3 to 75%% of "
                                      "training), annealed (Fantastic Weights': 0.5 to 0.005 over all of it) or "
-                                     "constant (default: %(default)s)")
+                                     f"constant (default: {compare_module.DEFAULT_SCHEDULE})")
     compare_parser.add_argument("--densities", type=_densities, default=list(compare_module.DEFAULT_DENSITIES))
     compare_parser.add_argument("--seeds", type=_positive, default=compare_module.DEFAULT_SEEDS,
                                 help="seeds 0..N-1 per point")
@@ -259,7 +287,27 @@ def _warn_short_optg(method: str, epochs: int) -> None:
               f"below magnitude pruning on the same ramp (--method gmp)")
 
 
+# Options that only some methods read (with None defaults, so that one given explicitly is known): the methods.
+_METHOD_OPTIONS = {"scope": tuple(DST_PRESETS), "update_every": tuple(DST_PRESETS), "end_fraction": tuple(DST_PRESETS),
+                   "cycles": TICKET_METHODS, "particles": ("swamp",)}
+_CRITERIA_OPTIONS = ("criteria", "grow", "schedule")   # compare: of the criteria lines only
+
+
+def _check_options_apply(args, methods: list[str]) -> None:
+    """ValueError for an option given explicitly that none of `methods` reads (it would be silently ignored)."""
+    for name, readers in _METHOD_OPTIONS.items():
+        if getattr(args, name) is not None and not set(methods) & set(readers):
+            raise ValueError(f"--{name.replace('_', '-')} applies to the methods {', '.join(readers)}, not "
+                             f"{', '.join(map(repr, methods))}")
+    if args.command == "compare" and compare_module.CRITERION_METHOD not in methods:
+        for name in _CRITERIA_OPTIONS:
+            if getattr(args, name) is not None:
+                raise ValueError(f"--{name} applies to the criteria lines of --methods "
+                                 f"{compare_module.CRITERION_METHOD}, which --methods {','.join(methods)} lacks")
+
+
 def _prepare_train(args):
+    _check_options_apply(args, [args.method])
     config = _config(args, method=args.method, density=args.density, seed=args.seed, prune=args.prune,
                      grow=args.grow, schedule=args.schedule, drop_fraction=args.drop_fraction)
     check_dataset(config.dataset)
@@ -268,6 +316,9 @@ def _prepare_train(args):
     if args.resume is not None:
         _check_resume(args.resume, config)
     run = prepare(config, dataset, args.resume)
+    if args.resume is not None and args.stop_after is not None and args.stop_after < run.epoch:
+        raise ValueError(f"--stop-after {args.stop_after} is before epoch {run.epoch}, where the resume checkpoint "
+                         f"already is: nothing would be trained")
     check_output_dir(args.out)
     _warn_short_optg(config.method, config.epochs)
 
@@ -283,8 +334,15 @@ def _prepare_train(args):
 
 
 def _prepare_compare(args):
+    _check_options_apply(args, args.methods)
     base = _config(args)
-    lines = compare_module.grid_lines(args.methods, args.criteria, args.grow, args.schedule)
+    lines = compare_module.grid_lines(args.methods, args.criteria or list(compare_module.DEFAULT_CRITERIA),
+                                      args.grow or compare_module.DEFAULT_GROW,
+                                      args.schedule or compare_module.DEFAULT_SCHEDULE)
+    runs = len(lines) * len(args.densities) * args.seeds
+    if runs > MAX_RUNS:
+        raise ValueError(f"the grid has {runs} runs ({len(lines)} lines x {len(args.densities)} densities x "
+                         f"{args.seeds} seeds), more than {MAX_RUNS}: lower --seeds or --densities")
     for line in lines:  # each line's settings are checked before the first run starts
         for density in args.densities:
             compare_module.line_config(base, line, density, seed=0)
@@ -293,6 +351,7 @@ def _prepare_compare(args):
     dataset = load_dataset(base.dataset)
     build_model(base.model, dataset.input_shape, dataset.num_classes, base.width)
     check_output_dir(args.out)
+    check_output_dir(os.path.join(args.out, "runs"), "--out's runs folder")
     if "optg" in args.methods:
         _warn_short_optg("optg", base.epochs)
 
@@ -313,6 +372,7 @@ def _prepare_reproduce(args):
     plan = reproduce_module.plan(quick=args.quick, device=args.device)
     dataset = load_dataset(plan.dataset)
     check_output_dir(args.out)
+    check_output_dir(os.path.join(args.out, "runs"), "--out's runs folder")
 
     def start():
         started = time.perf_counter()
@@ -345,7 +405,8 @@ def _bench(bench_args: list[str]) -> int:
 
 
 def _config(args, **run) -> TrainConfig:
+    given = {name: getattr(args, name) for name in ("scope", "update_every", "cycles", "particles")
+             if getattr(args, name) is not None}
     return TrainConfig(distribution=args.distribution, init=args.init, model=args.model, dataset=args.dataset,
                        epochs=args.epochs, device=args.device, batch_size=args.batch_size, lr=args.lr,
-                       scope=args.scope, update_every=args.update_every, end_fraction=args.end_fraction,
-                       cycles=args.cycles, particles=args.particles, **run)
+                       end_fraction=args.end_fraction, **given, **run)

@@ -43,6 +43,11 @@ def key(config: TrainConfig, masks_from: TrainConfig | None = None) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
+# What a record holds (RunStore.train) and its readers rely on.
+RECORD_KEYS = ("key", "config", "test_accuracy", "test_loss", "final_density", "gradient_flow", "gradient_flow_mean",
+               "epochs_trained", "schedule", "seconds", "history", "flow", "warnings")
+
+
 class RunStore:
     """Records of finished runs under `directory`: `<key>.json`, and `<key>.masks.pt` for runs whose final masks
     another run starts from."""
@@ -61,7 +66,8 @@ class RunStore:
                 record = json.load(file)
         except (OSError, ValueError):
             return None
-        if record.get("config") != asdict(job.config):
+        if not isinstance(record, dict) or record.get("config") != asdict(job.config) or \
+                not all(name in record for name in RECORD_KEYS):  # damaged or cut down: trained again
             return None
         if needs_masks and not os.path.isfile(self._path(name, ".masks.pt")):
             return None

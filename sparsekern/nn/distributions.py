@@ -62,7 +62,8 @@ def erk(shapes: Sequence[Sequence[int]], density: float, *, power: float = 1.0,
     if isinstance(power, bool) or not isinstance(power, numbers.Real) or not math.isfinite(power):
         raise ValueError(f"power must be a finite number, got {power!r}")
     power = float(power)
-    raw = [(sum(shape) / size) ** power for shape, size in zip(shapes, sizes)]
+    # log of (sum(shape) / size) ** power: a large |power| would overflow or underflow the power itself.
+    log_raw = [power * math.log(sum(shape) / size) for shape, size in zip(shapes, sizes)]
     budget = density * sum(sizes)
     dense = {0} if dense_first_layer and sizes else set()
     if dense_first_layer and sizes and sizes[0] > budget:
@@ -72,6 +73,10 @@ def erk(shapes: Sequence[Sequence[int]], density: float, *, power: float = 1.0,
         sparse = [i for i in range(len(sizes)) if i not in dense]
         if not sparse:
             return [1.0] * len(sizes)
+        # Scaled by the largest raw value among the sparse layers (eps absorbs the scale), so the largest
+        # is 1 and the sum below is at least one layer's size, whatever the power.
+        top = max(log_raw[i] for i in sparse)
+        raw = {i: math.exp(log_raw[i] - top) for i in sparse}
         epsilon = (budget - sum(sizes[i] for i in dense)) / sum(raw[i] * sizes[i] for i in sparse)
         saturated = {i for i in sparse if epsilon * raw[i] > 1}
         if not saturated:

@@ -72,6 +72,8 @@ class SparseModule(nn.Module):
         if mask.shape != self.weight.shape:
             raise ValueError(f"mask must have the weight's shape {tuple(self.weight.shape)}, "
                              f"got {tuple(mask.shape)}")
+        if mask.is_meta and not self.mask.is_meta:
+            raise ValueError("mask is on the meta device, which holds no values")
         self.mask.copy_(mask)
         self.zero_weights_off_mask()
 

@@ -9,8 +9,11 @@ from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.utils import parametrize
 
 from .. import ops
+from ..ops import _checks
 from . import distributions, init as sparse_init, tying
 from .modules import SparseConv2d, SparseLinear, SparseModule
 
@@ -28,6 +31,11 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
     Args:
         model: modified in place. Modules of exactly nn.Linear or nn.Conv2d (subclasses are left
             alone) and sparse modules already present (their masks are drawn again) are sparsified.
+            One whose weight is computed from other parameters (torch.nn.utils.parametrize,
+            weight_norm, spectral_norm, prune) stays dense, with a warning; a Lazy one that has not
+            made its weight yet raises ValueError; a weight of a dtype other than float16, bfloat16,
+            float32 or float64 raises TypeError. Hooks registered on a replaced module move to its
+            sparse replacement.
         density: overall fraction of active weights over the sparsified layers, in (0, 1].
         distribution: "erk" or "uniform", how density is spread over layers (see
             `sparsekern.nn.distributions`); `power` is ERK's exponent and `dense_first_layer` keeps
@@ -131,10 +139,10 @@ def _layers(model: nn.Module, include: list[str] | None, exclude: list[str]) -> 
                 warnings.warn(f"{label} pattern {pattern!r} matches no module of the model", stacklevel=3)
 
     candidates = [(name, module) for name, module in model.named_modules()
-                  if type(module) in _SPARSE_OF or isinstance(module, SparseModule)]
-    targets = [(name, module) for name, module in candidates
-               if (include is None or _matches(names[id(module)], include))
-               and not _matches(names[id(module)], exclude)]
+                  if type(module) in _SPARSE_OF or isinstance(module, SparseModule) or _reparametrized(module)]
+    targets = _maskable([(name, module) for name, module in candidates
+                         if (include is None or _matches(names[id(module)], include))
+                         and not _matches(names[id(module)], exclude)])
     target_ids = {id(module) for _, module in targets}
     held = tying.holders(model)
     tied_to_dense = {}
@@ -155,6 +163,7 @@ def _layers(model: nn.Module, include: list[str] | None, exclude: list[str]) -> 
                          + (" whose weight is not tied to a dense module" if tied_to_dense else ""))
     for group in groups:
         name, module = group[0]
+        _check_dtype(name, module)
         if module.weight.numel() == 0:
             raise ValueError(f"layer {name or '(root)'!r} has an empty weight of shape "
                              f"{tuple(module.weight.shape)}: exclude it")
@@ -162,6 +171,54 @@ def _layers(model: nn.Module, include: list[str] | None, exclude: list[str]) -> 
             raise ValueError(f"layer {name or '(root)'!r} is on the meta device, whose tensors hold no values: "
                              f"materialise the model first (e.g. model.to_empty(device=...) and an init)")
     return groups
+
+
+def _reparametrized(module: nn.Module) -> bool:
+    """A Linear/Conv2d whose weight a mask cannot hold: computed by torch.nn.utils.parametrize, or by a
+    forward hook from other parameters (torch.nn.utils.weight_norm, spectral_norm, prune), or not made yet
+    (a Lazy module before its first forward)."""
+    if not isinstance(module, tuple(_SPARSE_OF)) or isinstance(module, SparseModule):
+        return False
+    if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+        return True
+    return parametrize.is_parametrized(module, "weight") or not isinstance(module._parameters.get("weight"),
+                                                                             nn.Parameter)
+
+
+def _maskable(targets: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """`targets` without the reparametrized layers, which stay dense with a warning; ValueError (before
+    anything changes) for a Lazy layer not yet materialised, which would silently stay dense."""
+    kept = []
+    for name, module in targets:
+        if not _reparametrized(module):
+            kept.append((name, module))
+        elif isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+            raise ValueError(f"layer {name or '(root)'!r} ({type(module).__name__}) has not made its weight yet: "
+                             f"run one forward pass before sparsify, or exclude it")
+        else:
+            type_name = type(module).__name__
+            if type_name.startswith("Parametrized"):  # parametrize's generated class: name the layer kind
+                type_name = type(module).__mro__[1].__name__
+            warnings.warn(f"{name or '(root)'} ({type_name}) stays dense: its weight is computed from other "
+                          f"parameters (a parametrization, weight_norm, spectral_norm or torch.nn.utils.prune), "
+                          f"not a Parameter that a mask can hold", stacklevel=4)
+    return kept
+
+
+def _check_dtype(name: str, module: nn.Module) -> None:
+    if module.weight.dtype not in _checks.SCORE_DTYPES:
+        raise TypeError(f"layer {name or '(root)'!r} has a {module.weight.dtype} weight: sparse layers take "
+                        f"float16, bfloat16, float32 or float64 weights; exclude it")
+
+
+def _carry_hooks(original: nn.Module, sparse: nn.Module) -> None:
+    """Gives `sparse` the hooks registered on the module it replaces (the same dicts, so that the handles
+    the caller holds still remove them)."""
+    for attribute, value in vars(original).items():
+        if attribute.endswith(("hooks", "hooks_with_kwargs", "hooks_always_called")) and isinstance(value, dict):
+            sparse.__dict__[attribute] = value
+    if "_is_full_backward_hook" in vars(original):
+        sparse.__dict__["_is_full_backward_hook"] = original._is_full_backward_hook
 
 
 def _sparse_like(module: nn.Module) -> SparseModule:
@@ -229,6 +286,8 @@ def _commit(model: nn.Module, staged) -> nn.Module:
             primary.bias.copy_(new_bias)
         for original, sparse in zip(originals, modules):
             sparse.set_mask(mask)
+            if sparse is not original:
+                _carry_hooks(original, sparse)
             replacements[id(original)] = sparse
     _replace(model, replacements)
     return replacements.get(id(model), model)

@@ -146,7 +146,7 @@ def masked_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None =
     """
     if isinstance(x, Tensor):
         x, weight, bias = _autocast_cast(x.device.type, x, weight, bias)
-    _checks.masked_linear_args(x, weight, mask, bias)
+    _checks.masked_linear_args(x, weight, mask, bias, dense_grad, zero_off_mask)
     name, implementation = _backend.choose("masked_linear", x.device.type, (x.dtype,), (x, weight, mask))
     if zero_off_mask and name == "reference" and not _backend.is_forced("masked_linear"):
         # No kernel can skip work on this mask: the dense kernel on the weight is the fastest.
@@ -174,7 +174,11 @@ _AUTOCAST_CASTS = (torch.float16, torch.bfloat16, torch.float32)
 def _autocast_cast(device_type: str, *tensors):
     """`tensors` as torch.autocast hands them to F.linear on `device_type`: eligible floats in the
     autocast dtype, everything else (None, float64, non-tensors the checks will reject) as is."""
-    if not torch.is_autocast_enabled(device_type):
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type without autocast, such as meta (shape inference)
+        enabled = False
+    if not enabled:
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if isinstance(t, Tensor) and t.dtype in _AUTOCAST_CASTS else t for t in tensors)
@@ -193,6 +197,7 @@ def pack(weight: Tensor, mask: Tensor) -> PackedWeight:
         raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
     _checks.bool_mask(mask, "mask", weight, "weight")
     _checks.same_device([("weight", weight), ("mask", mask)])
+    _checks.holds_values(weight, "weight")
     return PackedWeight(**reference.pack(weight.detach(), mask), in_features=weight.shape[1])
 
 

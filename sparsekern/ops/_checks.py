@@ -34,10 +34,31 @@ def floating(value, name: str) -> Tensor:
 
 
 def integer(value, name: str) -> int:
-    # bool is an int subclass, and numpy/torch integer scalars are not ints: accept what indexes like one.
-    if isinstance(value, bool) or not hasattr(value, "__index__"):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
-    return value.__index__()
+    # bool is an int subclass, and numpy/torch integer scalars are not ints: accept what indexes like one,
+    # but not a bool of any kind, nor an array or tensor of more than a scalar (a 1-element list of counts?).
+    dtype = getattr(value, "dtype", None)
+    if (isinstance(value, bool) or not hasattr(value, "__index__") or getattr(value, "ndim", 0) != 0
+            or dtype in (torch.bool, bool) or str(dtype) == "bool"):
+        raise TypeError(f"{name} must be an integer, got {_describe(value)}")
+    try:
+        return value.__index__()
+    except (TypeError, RuntimeError, NotImplementedError) as error:  # a float or meta tensor
+        raise TypeError(f"{name} must be an integer, got {_describe(value)}") from error
+
+
+def _describe(value) -> str:
+    if isinstance(value, Tensor):
+        return f"a {value.dtype} tensor of shape {_shape(value)}{' on the meta device' if value.is_meta else ''}"
+    if getattr(value, "ndim", 0):  # a NumPy array
+        return f"a {value.dtype} array of shape {tuple(value.shape)}"
+    return type(value).__name__
+
+
+def holds_values(value: Tensor, name: str) -> Tensor:
+    """ValueError for a meta tensor: the mask ops read values, which it does not have."""
+    if value.is_meta:
+        raise ValueError(f"{name} is on the meta device, which holds no values")
+    return value
 
 
 def in_range(value: int, low: int, high: int, name: str) -> int:
@@ -52,6 +73,12 @@ def same_device(tensors: Sequence[tuple[str, Tensor]]) -> torch.device:
         if t.device != first.device:
             raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
     return first.device
+
+
+def same_device_named(tensors: Sequence[tuple[str, Tensor]]) -> tuple[Tensor, str]:
+    """`same_device`, returning the first tensor and its name."""
+    same_device(tensors)
+    return tensors[0][1], str(tensors[0][0])
 
 
 def bool_mask(mask, name: str, like: Tensor, like_name: str) -> Tensor:
@@ -78,6 +105,7 @@ def scores_list(scores) -> list[Tensor]:
             raise TypeError(f"scores[{i}] has dtype {s.dtype} but scores[0] has {scores[0].dtype}")
     if scores:
         same_device([(f"scores[{i}]", s) for i, s in enumerate(scores)])
+        holds_values(scores[0], "scores[0]")
     return scores
 
 
@@ -204,7 +232,7 @@ def prune_grow_args(weights, masks, prune_scores, grow_scores, n, state, masked,
                           ("grow_score", grow_scores)):
         named += [(names(kind, layer), t) for layer, t in enumerate(tensors)]
     if named:
-        same_device(sorted(named, key=lambda item: item[0].kind != "weight"))
+        holds_values(*same_device_named(sorted(named, key=lambda item: item[0].kind != "weight")))
     global_scope = not single and not is_count_list(n)
     n, active = _swap_counts(n, active, global_scope, weights, names)
     prune_scores, grow_scores = _check_memory(weights, masks, prune_scores, grow_scores, state, masked, names)
@@ -333,7 +361,15 @@ def _check_memory(weights, masks, prune_scores, grow_scores, state, masked, name
             [own(s, layer) for layer, s in enumerate(grow_scores)])
 
 
-def masked_linear_args(x, weight, mask, bias) -> None:
+def flag(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def masked_linear_args(x, weight, mask, bias, dense_grad=False, zero_off_mask=False) -> None:
+    flag(dense_grad, "dense_grad")
+    flag(zero_off_mask, "zero_off_mask")
     floating(x, "x")
     floating(weight, "weight")
     if weight.dim() != 2:

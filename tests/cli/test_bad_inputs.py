@@ -5,6 +5,7 @@ checkpoint, an unwritable --out, a bad SPARSEKERN_BACKEND. And a killed write le
 BAD_INPUTS lists each input once; most are tried through more than one command (train, compare, reproduce).
 """
 import importlib
+import json
 import os
 import pickle
 import signal
@@ -251,6 +252,27 @@ BAD_ARGUMENTS = [
     ["--densities", "-0.1"],  # no subcommand: compare
     ["reproduce", "--jobs", "0"],
     ["reproduce", "--seeds", "3"],  # reproduce has no --seeds
+    # Second campaign: a seed that is fixed where -1 means "random" elsewhere, and options given explicitly to
+    # methods that never read them (they were silently ignored).
+    ["train", "--seed", "-1"],
+    ["train", "--method", "rigl", "--cycles", "3"],
+    ["train", "--method", "imp", "--particles", "3"],
+    ["train", "--method", "static", "--scope", "global"],
+    ["train", "--method", "swamp", "--update-every", "7"],
+    ["compare", "--methods", "rigl", "--criteria", "snip"],
+    ["compare", "--methods", "static,rigl", "--grow", "random"],
+    ["compare", "--methods", "set", "--schedule", "annealed"],
+    ["compare", "--methods", "static,rigl", "--cycles", "3"],
+    ["compare", "--methods", "imp", "--particles", "3"],
+    ["compare", "--methods", "static", "--end-fraction", "0.5"],
+]
+
+# (argv, words the one-line error must hold): inputs whose refusal used to say too little.
+WORDED_ARGUMENTS = [
+    (["train", "--seed", str(2 ** 70)], "argument --seed: seed must be in [0, 4294967295]"),
+    (["train", "--threads", "5000"], "argument --threads: threads must be at most 1024"),
+    (["train", "--method", "static", "--scope", "global"], "--scope applies to the methods set, rigl, mest, dst"),
+    (["compare", "--methods", "rigl", "--criteria", "snip"], "--criteria applies to the criteria lines"),
 ]
 
 
@@ -290,6 +312,57 @@ def test_bad_arguments_exit_2_with_one_line_before_training(argv, tmp_path, caps
     argv = [features_npz(tmp_path) if item == "FEATURES" else item for item in argv]
     refused([*argv, "--out", str(out)], capsys)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("argv, words", WORDED_ARGUMENTS, ids=[" ".join(case[0]) for case in WORDED_ARGUMENTS])
+def test_refused_arguments_name_the_flag(argv, words, tmp_path, capsys, nothing_trains):
+    refused([*argv, "--out", str(tmp_path / "out")], capsys, words)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv", [["--bogus"], ["--device", "cuda"] if not torch.cuda.is_available() else ["--budget", "0"]],
+                         ids=" ".join)
+def test_bench_errors_are_one_line(argv, capsys):
+    refused(["bench", *argv], capsys, "sparsekern bench: error:")
+
+
+@pytest.mark.parametrize("argv", [["train", "--threads", "1000000", "--epochs", "1"],
+                                  ["compare", "--seeds", str(10 ** 12), "--methods", "static", "--epochs", "1"]],
+                         ids=["threads 10**6 (segfaulted)", "seeds 10**12 (hung)"])
+def test_huge_counts_exit_2_in_the_installed_command(argv, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "sparsekern.cli", *argv, "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+@pytest.mark.parametrize("command", ["compare", "reproduce"])
+def test_a_runs_file_in_out_exits_2_before_training(command, tmp_path, capsys, nothing_trains):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "runs").write_text("not a folder")
+    extra = {"compare": QUICK_COMPARE, "reproduce": ["--quick", "--jobs", "1"]}[command]
+    refused([command, *extra, "--out", str(tmp_path / "out")], capsys, "runs folder")
+
+
+def test_stop_after_before_the_resumed_epoch_exits_2(tmp_path, capsys):
+    arguments = ["train", "--method", "static", "--epochs", "2", "--density", "0.3", "--quiet"]
+    main([*arguments, "--out", str(tmp_path / "run")])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training.Run, "train", lambda *a, **k: pytest.fail("training started"))
+        refused([*arguments, "--resume", str(tmp_path / "run" / "checkpoint.pt"), "--stop-after", "1",
+                 "--out", str(tmp_path / "resumed")], capsys, "--stop-after 1 is before epoch 2")
+
+
+@pytest.mark.parametrize("damage", [lambda record: [1, 2],
+                                    lambda record: {key: value for key, value in record.items() if key != "test_accuracy"}],
+                         ids=["a JSON list", "a record without test_accuracy"])
+def test_compare_trains_again_over_a_damaged_run_record(damage, tmp_path):
+    argv = ["compare", *QUICK_COMPARE, "--quiet", "--out", str(tmp_path / "out")]
+    main(argv)
+    records = list((tmp_path / "out" / "runs").glob("*.json"))
+    assert len(records) == 1
+    records[0].write_text(json.dumps(damage(json.loads(records[0].read_text()))))
+    main(argv)
+    assert "test_accuracy" in json.loads(records[0].read_text())
 
 
 @pytest.mark.parametrize("command", ["train", "compare"])

@@ -1,0 +1,141 @@
+"""Unusual but legal input that the second bad-input campaign found mishandled: each must now work as a demanding
+user expects (test_bad_inputs.py holds that campaign's refused inputs). Every test here failed before its fix."""
+from __future__ import annotations
+
+import copy
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+import sparsekern
+from sparsekern import checkpoint
+from sparsekern.algorithms import OptG
+from sparsekern.nn import SparseLinear, distributions, sparse_modules
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _generator(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _batch(step: int):
+    generator = _generator(100 + step)
+    return torch.randn(8, 12, generator=generator), torch.randint(0, 4, (8,), generator=generator)
+
+
+def _mlp(density: float, seed: int = 0) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4))
+    return sparsekern.sparsify(model, density, generator=_generator(seed))
+
+
+def test_sparsify_moves_the_hooks_of_a_replaced_module():
+    calls = []
+    layer = nn.Linear(4, 3)
+    handle = layer.register_forward_hook(lambda module, inputs, output: calls.append(type(module).__name__))
+    layer.register_forward_pre_hook(lambda module, inputs: calls.append("pre"))
+    model = sparsekern.sparsify(nn.Sequential(layer), 0.5, generator=_generator())
+    model(torch.randn(2, 4))
+    assert calls == ["pre", "SparseLinear"]
+    handle.remove()   # the caller's handle still removes the hook from the sparse module
+    model(torch.randn(2, 4))
+    assert calls == ["pre", "SparseLinear", "pre"]
+
+
+@pytest.mark.parametrize("power", [400.0, 1e6])
+def test_erk_with_an_extreme_power_gives_its_limit(power):
+    """(sum/size)**power underflowed to 0 (ZeroDivisionError): the layer of largest sum/size fills first."""
+    densities = distributions.erk([(800, 400), (400, 2)], 0.5, power=power)
+    assert densities[1] == 1.0 and densities[0] == pytest.approx((0.5 * 320_800 - 800) / 320_000)
+    model = sparsekern.sparsify(nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 2)), 0.5, power=power,
+                                generator=_generator())
+    assert [module.density for _, module in sparse_modules(model)] == [0.375, 1.0]
+
+
+def _optg_run(split_epoch: int | None) -> dict:
+    """OptG for 3 epochs of 3 steps; at `split_epoch` the run is saved, and continued on a fresh model that
+    loads the checkpoint before a new OptG is built (IMP's documented order)."""
+    model = _mlp(1.0)
+    optg = OptG(model, sparsity=0.5, epochs=3, lr=0.5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for epoch in range(3):
+        if epoch == split_epoch:
+            saved = copy.deepcopy({"model": model.state_dict(), "optg": optg.state_dict(),
+                                   "optimizer": optimizer.state_dict()})
+            model = _mlp(1.0, seed=5)
+            model.load_state_dict(saved["model"])
+            optg = OptG(model, sparsity=0.5, epochs=3, lr=0.5)   # sets the masks of epoch 0
+            optg.load_state_dict(saved["optg"])
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+            optimizer.load_state_dict(saved["optimizer"])
+        for step in range(3):
+            x, y = _batch(10 * epoch + step)
+            nn.functional.cross_entropy(model(x), y).backward()
+            optg.step()
+            optimizer.step()
+            optimizer.zero_grad()
+        if epoch < 2:
+            optg.next_epoch()
+    return model.state_dict()
+
+
+def test_optg_resumed_on_a_model_loaded_before_optg_was_built_matches_the_uninterrupted_run():
+    uninterrupted, resumed = _optg_run(None), _optg_run(1)
+    assert all(torch.equal(uninterrupted[name], resumed[name]) for name in uninterrupted)
+
+
+def test_a_pickled_dst_trains_on():
+    model = _mlp(0.3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    algo = sparsekern.RigL(model, optimizer, update_every=2, total_steps=20)
+    nn.functional.cross_entropy(model(_batch(0)[0]), _batch(0)[1]).backward()
+    algo.step()
+    model, algo = pickle.loads(pickle.dumps((model, algo)))
+    optimizer = algo.optimizer
+    masks = [module.mask.clone() for _, module in sparse_modules(model)]
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(_batch(1)[0]), _batch(1)[1]).backward()
+    assert algo.step_count == 1 and algo.step()   # step 2 updates the masks
+    assert any(not torch.equal(a, m.mask) for a, (_, m) in zip(masks, sparse_modules(model)))
+
+
+def test_sparse_linear_forward_on_the_meta_device_gives_the_shape():
+    layer = SparseLinear(6, 4, device="meta")
+    assert layer(torch.empty(3, 6, device="meta")).shape == (3, 4)
+
+
+def test_checkpoint_save_through_a_symlink_replaces_its_target_and_keeps_the_link(tmp_path):
+    target = tmp_path / "runs" / "epoch3.pt"
+    checkpoint.save({"epoch": 3}, target)
+    link = tmp_path / "latest.pt"
+    link.symlink_to(target)
+    checkpoint.save({"epoch": 4}, link)
+    assert link.is_symlink() and checkpoint.load(target) == {"epoch": 4}
+
+
+def test_checkpoint_load_takes_a_map_location_dict_of_devices(tmp_path):
+    checkpoint.save({"w": torch.ones(2)}, tmp_path / "c.pt")
+    loaded = checkpoint.load(tmp_path / "c.pt", map_location={"cpu": torch.device("cpu")})
+    assert torch.equal(loaded["w"], torch.ones(2))
+
+
+def test_checkpoint_load_of_a_fifo_refuses_instead_of_blocking(tmp_path):
+    fifo = tmp_path / "checkpoint.pt"
+    os.mkfifo(fifo)
+    script = textwrap.dedent(f"""
+        from sparsekern import checkpoint
+        try:
+            checkpoint.load({str(fifo)!r})
+        except ValueError as error:
+            print(error)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "is not a regular file" in done.stdout, done.stderr
