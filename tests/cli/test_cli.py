@@ -309,3 +309,24 @@ def test_colour_image_folder_gives_three_channels(tmp_path):
     for image, label in zip(x, y):  # blue is label 0
         assert math.isclose(float(image[2 if label == 0 else 0].mean()), 1.0)
         assert float(image[0 if label == 0 else 2].max()) == 0.0
+
+
+def test_every_option_of_train_compare_and_reproduce_says_what_it_does_and_its_default():
+    import argparse
+
+    from sparsekern.cli.main import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name in ("train", "compare", "reproduce"):
+        parser = commands[name]
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if not action.option_strings or action.dest == "help":
+                continue
+            option = f"sparsekern {name} {action.option_strings[0]}"
+            assert action.help, f"{option} has no help"
+            if action.default in (None, False):
+                continue
+            shown = ",".join(map(str, action.default)) if isinstance(action.default, list) else str(action.default)
+            expanded = " ".join(formatter._expand_help(action).split())
+            assert "default" in expanded and shown in expanded.split("default", 1)[1], (option, expanded)
