@@ -28,10 +28,13 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
     Args:
         model: modified in place. Modules of exactly nn.Linear or nn.Conv2d (subclasses are left
             alone) and sparse modules already present (their masks are drawn again) are sparsified.
-        density: overall fraction of active weights over the sparsified layers, in (0, 1].
+        density: overall fraction of active weights over the sparsified layers, in (0, 1] (up to
+            each layer's rounding), except with distribution="uniform" and dense_first_layer, where
+            every layer but the first holds `density` (RigL's uniform setting) and the total is higher.
         distribution: "erk" or "uniform", how density is spread over layers (see
             `sparsekern.nn.distributions`); `power` is ERK's exponent and `dense_first_layer` keeps
-            the first sparsified layer (in model order) dense.
+            the first sparsified layer (in model order) dense (with "erk" the others share the rest
+            of the same total).
         include, exclude: fnmatch patterns on qualified module names ("features.*", "fc"); a
             module is sparsified if one of its names matches some `include` pattern (all do when
             None) and none matches an `exclude` pattern. A pattern that matches no module's name
