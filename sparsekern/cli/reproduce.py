@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 from .data import Dataset, load_dataset
-from .output import csv_text, save_figure, write_text
+from .output import csv_text, density_axis, save_figure, write_text
 from .runs import Job, RunStore, execute, key, warn_once
 from .training import TrainConfig, total_epochs
 
@@ -248,11 +248,7 @@ def _figure(columns: int = 1):
 
 
 def _density_axis(axes, densities) -> None:
-    axes.set_xscale("log")
-    axes.set_xticks(sorted(densities), [f"{d:g}" for d in sorted(densities)])
-    axes.minorticks_off()
-    axes.invert_xaxis()
-    axes.set_xlabel("density")
+    density_axis(axes, densities, "density")
 
 
 def _errorbar_lines(axes, series: dict[str, tuple[list[float], list[list[float]]]], percent: bool = True) -> None:

@@ -330,3 +330,16 @@ def test_every_option_of_train_compare_and_reproduce_says_what_it_does_and_its_d
             shown = ",".join(map(str, action.default)) if isinstance(action.default, list) else str(action.default)
             expanded = " ".join(formatter._expand_help(action).split())
             assert "default" in expanded and shown in expanded.split("default", 1)[1], (option, expanded)
+
+
+@pytest.mark.parametrize("densities", [[0.1], [0.2, 0.05, 0.01]])
+def test_the_plot_keeps_room_around_its_densities_so_nudged_lines_stay_beside_them(monkeypatch, densities):
+    figures = []
+    monkeypatch.setattr(compare_module, "save_figure", lambda figure, path, metadata=None: figures.append(figure))
+    rows = [{"label": label, "method": label, "density": density, "accuracy_mean": 0.9, "accuracy_std": 0.01,
+             "epochs": 1} for label in ("static", "set", "rigl") for density in densities]
+    compare_module.plot(rows, "unused.png", TrainConfig(epochs=1))
+    axes = figures[0].axes[0]
+    left, right = axes.get_xlim()
+    assert left > right                                   # sparser to the right
+    assert left >= 1.2 * max(densities) and right <= min(densities) / 1.2   # not the nudges' ±2.5% alone
