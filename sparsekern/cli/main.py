@@ -365,7 +365,7 @@ def _bench(bench_args: list[str]) -> int:
 
     if torch.cuda.is_available() and not any(arg.startswith("--device") for arg in bench_args):
         bench_args = ["--device", "cuda", *bench_args]
-    return report.main(bench_args, prog="sparsekern bench")
+    return report.main(bench_args, prog="sparsekern bench", parser_class=_Parser)
 
 
 def _config(args, **run) -> TrainConfig:
