@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m benchmarks",
     print(where)
     print("speed-up = baseline time / time: above 1 is faster than the case's baseline, "
           "the torch code it replaces.")
+    if args.quick:
+        print("--quick: tiny sizes, to check that every case runs; its times and speed-ups are not measurements.")
     print(format_table(rows))
     if args.json:
         write(rows, args.json, "json", where)

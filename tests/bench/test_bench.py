@@ -125,6 +125,7 @@ def test_main_writes_json_and_csv(tmp_path, capsys):
     assert status == 0
     table = capsys.readouterr().out
     assert "| topk_mask (global) |" in table and "torch cat+topk" in table
+    assert "--quick: tiny sizes" in table and "not measurements" in table   # its speed-ups are noise
     saved = json.loads(json_path.read_text())
     assert saved["environment"].startswith("device cpu")
     records = saved["rows"]
