@@ -49,7 +49,8 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         help_text = action.help or ""
-        if "default" in help_text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if "default" in help_text or unset or not action.option_strings:
             return help_text
         default = action.default
         shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
@@ -128,8 +129,9 @@ def _add_run_options(parser: argparse.ArgumentParser, defaults: TrainConfig) -> 
                         help="epochs of one training segment (IMP trains --cycles of them, SWAMP --cycles x "
                              "--particles)")
     parser.add_argument("--batch-size", type=_positive, default=defaults.batch_size, help="training batch size")
-    parser.add_argument("--lr", type=_learning_rate, default=defaults.lr, help=f"SGD learning rate (momentum {defaults.momentum:g}, weight decay {defaults.weight_decay:g}), "
-                             f"cosine-annealed to 0 over each segment")
+    parser.add_argument("--lr", type=_learning_rate, default=defaults.lr,
+                        help=f"SGD learning rate (momentum {defaults.momentum:g}, weight decay "
+                             f"{defaults.weight_decay:g}), cosine-annealed to 0 over each segment")
     parser.add_argument("--scope", choices=SCOPES, default=defaults.scope, help="DST: per layer or global updates")
     parser.add_argument("--update-every", type=_positive, default=defaults.update_every,
                         help="DST: steps between mask updates")

@@ -325,7 +325,7 @@ def test_every_option_of_train_compare_and_reproduce_says_what_it_does_and_its_d
                 continue
             option = f"sparsekern {name} {action.option_strings[0]}"
             assert action.help, f"{option} has no help"
-            if action.default in (None, False):
+            if action.default is None or action.default is False:
                 continue
             shown = ",".join(map(str, action.default)) if isinstance(action.default, list) else str(action.default)
             expanded = " ".join(formatter._expand_help(action).split())
