@@ -239,7 +239,11 @@ class DST:
         return True
 
     def state_dict(self) -> dict:
-        """Step count, masks (by module name), schedule and random-generator state."""
+        """Step count, masks (by module name), schedule and random-generator state.
+
+        The names are those of the model DST was built on, wrapper prefixes included ("module." under
+        DistributedDataParallel, "_orig_mod." under torch.compile): load the state into a DST built on the
+        same wrapping, as for the model's own state dict."""
         return {"step_count": self.step_count,
                 "masks": {name: module.mask.clone() for name, module in self.modules},
                 "schedule": dataclasses.asdict(self.schedule),

@@ -87,7 +87,8 @@ class OptG:
 
     Loop: call `step()` after `backward()` and before the weight optimizer's step (it turns the
     dense gradient into the scores' gradient, masks the weights' gradient and updates the
-    scores); call `next_epoch()` after each epoch (it recomputes the mask for the next epoch).
+    scores); call `next_epoch()` after each epoch (it recomputes the mask for the next epoch; after the
+    last one the model keeps the mask it trained with).
 
         optg = OptG(model, sparsity=0.9, epochs=E, lr=0.1)
         for epoch in range(optg.epoch, E):
@@ -214,9 +215,15 @@ class OptG:
     def next_epoch(self) -> None:
         """Ends the epoch: the next epoch's sparsity, score lr and global top-k mask.
 
-        RuntimeError, with nothing changed, once all `epochs` have ended."""
+        After the last epoch it only counts it (`epoch` becomes `epochs`): no epoch follows, and the
+        model keeps the mask it trained with, not a top-k of scores that moved during that epoch,
+        which would bring back weights that did not train in it. RuntimeError, with nothing changed,
+        once all `epochs` have ended."""
         if self.epoch >= self.epochs:
             raise RuntimeError(f"next_epoch() after the last of the {self.epochs} epochs")
+        if self.epoch == self.epochs - 1:
+            self.epoch += 1
+            return
         self.epoch += 1
         try:
             self._start_epoch()

@@ -7,13 +7,17 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import io
 import json
 import math
+import os
 import platform
 import sys
+import tempfile
 
 import torch
 
+from .. import checkpoint
 from . import core
 
 HEADER = ("op", "size", "implementation", "time (ms)", "speed-up vs baseline")
@@ -66,35 +70,50 @@ def _line(cells) -> str:
 
 def write(rows: list[core.Row], path: str, kind: str, environment_line: str = "") -> None:
     """Saves the rows as JSON ({"environment": ..., "rows": [...]}) or CSV (one header line, one line
-    per row); NaN becomes null / empty."""
+    per row), atomically (`sparsekern.checkpoint.write_atomically`); NaN becomes null / empty."""
     records = [{key: (None if isinstance(value, float) and math.isnan(value) else value)
                 for key, value in dataclasses.asdict(row).items()} for row in rows]
-    with open(path, "w", newline="") as stream:
-        if kind == "json":
-            json.dump({"environment": environment_line, "rows": records}, stream, indent=1)
-            stream.write("\n")
-        else:
-            writer = csv.DictWriter(stream, fieldnames=[field.name for field in dataclasses.fields(core.Row)])
-            writer.writeheader()
-            writer.writerows(records)
+    stream = io.StringIO(newline="")
+    if kind == "json":
+        json.dump({"environment": environment_line, "rows": records}, stream, indent=1)
+        stream.write("\n")
+    else:
+        writer = csv.DictWriter(stream, fieldnames=[field.name for field in dataclasses.fields(core.Row)])
+        writer.writeheader()
+        writer.writerows(records)
+    checkpoint.write_atomically(path, lambda file: file.write(stream.getvalue().encode()))
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line (no usage block), exit code 2, as every sparsekern command's."""
+def _unwritable(path: str) -> str | None:
+    """Why a file cannot be written at `path` (its folder is made if missing), or None: checked before the
+    timings, which a failed write at the end would throw away."""
+    if os.path.isdir(path):
+        return "is a folder"
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        return f"is inside {folder!r}, which is a file"
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        return f"cannot be written in {folder!r} ({error.strerror or error})"
+    return None
 
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
 
-
-def main(argv: list[str] | None = None, prog: str = "python -m benchmarks") -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m benchmarks",
+         parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> int:
     """Command line: [--device cpu|cuda] [--quick] [--only OP] [--json PATH] [--csv PATH] [--threads N]
     [--budget SECONDS].
 
     Prints the table on stdout (progress on stderr). Returns 0, or 1 when some implementation failed.
-    `prog` is the command name shown in help and errors (`sparsekern bench` from the CLI).
+    `prog` is the command name shown in help and errors (`sparsekern bench` from the CLI), and
+    `parser_class` the argument parser (the CLI's reports errors on one line). Arguments, --json and
+    --csv paths included, are checked before anything is timed.
     """
-    parser = _Parser(prog=prog, description="Times sparsekern's ops against the torch code they replace.")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser = parser_class(prog=prog, description="Times sparsekern's ops against the torch code they replace.")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where to time the ops (default: cpu; `sparsekern bench` uses cuda when there is a GPU)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that every case runs")
     parser.add_argument("--only", metavar="OP",
                         help="one case module (e.g. topk_mask), or the cases whose op starts with OP")
@@ -108,9 +127,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m benchmarks") -> i
         parser.error("--device cuda: no CUDA device is available")
     if args.budget is not None and not args.budget > 0:
         parser.error(f"--budget must be > 0, got {args.budget}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    for option, path in (("--json", args.json), ("--csv", args.csv)):
+        problem = path and _unwritable(path)
+        if problem:
+            parser.error(f"{option} {path!r} {problem}")
     if args.threads is not None:
-        if args.threads < 1:
-            parser.error(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     rows = run(device, args.quick, args.only, args.budget, progress=sys.stderr)
@@ -120,6 +143,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m benchmarks") -> i
     print(where)
     print("speed-up = baseline time / time: above 1 is faster than the case's baseline, "
           "the torch code it replaces.")
+    if args.quick:
+        print("--quick: tiny sizes, to check that every case runs; its times and speed-ups are not measurements.")
     print(format_table(rows))
     if args.json:
         write(rows, args.json, "json", where)

@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 from .data import Dataset, load_dataset
-from .output import csv_text, save_figure, write_text
+from .output import csv_text, density_axis, save_figure, write_text
 from .runs import Job, RunStore, execute, key, warn_once
 from .training import TrainConfig
 
@@ -218,12 +218,10 @@ def plot(rows: list[dict], path: str, base: TrainConfig) -> None:
         axes.errorbar([x * dodge for x in xs], means, yerr=stds, marker="o", markersize=4, capsize=3,
                       linewidth=1.5, label=legend)
         series[label] = {"density": xs, "mean": means, "std": stds}
-    axes.set_xscale("log")
     if sparse_densities:
-        axes.set_xticks(sparse_densities, [f"{density:g}" for density in sparse_densities])
-        axes.minorticks_off()
-    axes.invert_xaxis()
-    axes.set_xlabel("density (fraction of weights kept)")
+        density_axis(axes, sparse_densities, "density (fraction of weights kept)")
+    else:
+        axes.set_xlabel("density (fraction of weights kept)")
     axes.set_ylabel("test accuracy (%)")
     axes.set_title(f"{base.model} on {base.dataset}, {base.epochs} epochs, {base.distribution}, init {base.init}",
                    fontsize=10)

@@ -35,10 +35,27 @@ TRAINING_OPS = ("masked_linear", "topk_mask", "topk_mask_per_tensor", "prune_gro
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad argument on one line (no usage block), exit code 2."""
+    """argparse that reports a bad argument on one line (no usage block), exit code 2, and shows defaults."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help gives every option's default (a list as it is typed, comma-separated) unless its help says it."""
+
+    def _get_help_string(self, action):
+        help_text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if "default" in help_text or unset or not action.option_strings:
+            return help_text
+        default = action.default
+        shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{help_text} (default: {shown.replace('%', '%%')})".lstrip()
 
 
 def _number(text: str, what: str, low: float, high: float, low_open: bool = True) -> float:
@@ -125,7 +142,8 @@ def _densities(text: str) -> list[float]:
 
 def _add_run_options(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     """Options shared by train and compare: the model, data and optimisation."""
-    parser.add_argument("--model", choices=MODELS, default=defaults.model)
+    parser.add_argument("--model", choices=MODELS, default=defaults.model,
+                        help="network: an MLP (width 256) or a small CNN that adapts to the image size")
     parser.add_argument("--dataset", default=defaults.dataset,
                         help="'digits' (bundled with scikit-learn), a .npz with arrays x and y, or an image folder "
                              "with one subfolder per class")
@@ -135,9 +153,13 @@ def _add_run_options(parser: argparse.ArgumentParser, defaults: TrainConfig) -> 
                         help="initial weights: 'sparse' (variance 1/fan-in over the active inputs), 'layer-scaled' "
                              "(dense variance / density) or 'dense' (torch's default, masked); dense runs and the "
                              "runs that start dense use it at density 1 (default: %(default)s)")
-    parser.add_argument("--epochs", type=_positive, default=defaults.epochs)
-    parser.add_argument("--batch-size", type=_positive, default=defaults.batch_size)
-    parser.add_argument("--lr", type=_learning_rate, default=defaults.lr, help="SGD learning rate (cosine-annealed)")
+    parser.add_argument("--epochs", type=_positive, default=defaults.epochs,
+                        help="epochs of one training segment (IMP trains --cycles of them, SWAMP --cycles x "
+                             "--particles)")
+    parser.add_argument("--batch-size", type=_positive, default=defaults.batch_size, help="training batch size")
+    parser.add_argument("--lr", type=_learning_rate, default=defaults.lr,
+                        help=f"SGD learning rate (momentum {defaults.momentum:g}, weight decay "
+                             f"{defaults.weight_decay:g}), cosine-annealed to 0 over each segment")
     parser.add_argument("--scope", choices=SCOPES, help=f"DST: per layer or global updates (default: {defaults.scope})")
     parser.add_argument("--update-every", type=_positive,
                         help=f"DST: steps between mask updates (default: {defaults.update_every})")
@@ -152,7 +174,7 @@ def _add_run_options(parser: argparse.ArgumentParser, defaults: TrainConfig) -> 
 
 
 def _add_machine_options(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=defaults.device)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=defaults.device, help="where to train")
     parser.add_argument("--threads", type=_threads, default=1,
                         help="torch CPU threads (default 1: these small models run fastest on one, and a "
                              "run is bit-reproducible only with the same count)")
@@ -170,11 +192,12 @@ def _usable_cpus() -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="sparsekern", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="sparsekern", description=__doc__)
     commands = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     train_parser = commands.add_parser("train", help="train one model and write metrics and a checkpoint")
-    train_parser.add_argument("--method", choices=METHODS, default=TrainConfig.method)
+    train_parser.add_argument("--method", choices=METHODS, default=TrainConfig.method,
+                              help="how the mask is found (README.md, `sparsekern train`)")
     train_parser.add_argument("--density", type=_density, default=TrainConfig.density,
                               help="fraction of weights kept, in (0, 1]")
     train_parser.add_argument("--prune", choices=PRUNE, help="DST pruning criterion (default: the method's)")
@@ -183,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "method's: cosine for rigl and dst, constant for set and mest)")
     train_parser.add_argument("--drop-fraction", type=_fraction("drop fraction"),
                               help="DST initial fraction of active weights moved per update (default: the schedule's)")
-    train_parser.add_argument("--seed", type=_seed, default=TrainConfig.seed)
+    train_parser.add_argument("--seed", type=_seed, default=TrainConfig.seed,
+                              help="initial weights, masks, data order and random criteria (the test split is fixed)")
     _add_run_options(train_parser, TrainConfig())
     train_parser.add_argument("--out", default="runs/train", help="directory for metrics and the checkpoint")
     train_parser.add_argument("--resume", metavar="CKPT", help="continue the run saved in this checkpoint")
@@ -193,10 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     compare_defaults = TrainConfig(epochs=compare_module.DEFAULT_EPOCHS)
     compare_parser = commands.add_parser("compare", help="train a grid of methods, criteria and densities")
     compare_parser.add_argument("--methods", type=_choices(METHODS, "method"),
-                                default=list(compare_module.DEFAULT_METHODS))
+                                default=list(compare_module.DEFAULT_METHODS),
+                                help=f"comma-separated methods, one line each, from {', '.join(METHODS)}")
     compare_parser.add_argument("--criteria", type=_choices(tuple(PRUNE), "criterion"),
-                                help=f"pruning criteria, one line each when --methods has "
-                                     f"{compare_module.CRITERION_METHOD} (default: "
+                                help=f"comma-separated pruning criteria, one line each when --methods has "
+                                     f"{compare_module.CRITERION_METHOD}, from {', '.join(PRUNE)} (default: "
                                      f"{','.join(compare_module.DEFAULT_CRITERIA)})")
     compare_parser.add_argument("--grow", choices=GROW,
                                 help=f"growth criterion of the criteria lines (default: {compare_module.DEFAULT_GROW})")
@@ -204,9 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="drop-fraction schedule of the criteria lines: cosine (RigL's, 0.3 to 75%% of "
                                      "training), annealed (Fantastic Weights': 0.5 to 0.005 over all of it) or "
                                      f"constant (default: {compare_module.DEFAULT_SCHEDULE})")
-    compare_parser.add_argument("--densities", type=_densities, default=list(compare_module.DEFAULT_DENSITIES))
+    compare_parser.add_argument("--densities", type=_densities, default=list(compare_module.DEFAULT_DENSITIES),
+                                help="comma-separated target densities, one column each")
     compare_parser.add_argument("--seeds", type=_positive, default=compare_module.DEFAULT_SEEDS,
-                                help="seeds 0..N-1 per point")
+                                help="N: seeds 0..N-1 per point")
     _add_run_options(compare_parser, compare_defaults)
     compare_parser.add_argument("--out", default="runs/compare",
                                 help="directory for the table, CSV and plot; finished runs are kept in its runs/ "
@@ -401,7 +427,7 @@ def _bench(bench_args: list[str]) -> int:
 
     if torch.cuda.is_available() and not any(arg.startswith("--device") for arg in bench_args):
         bench_args = ["--device", "cuda", *bench_args]
-    return report.main(bench_args, prog="sparsekern bench")
+    return report.main(bench_args, prog="sparsekern bench", parser_class=_Parser)
 
 
 def _config(args, **run) -> TrainConfig:

@@ -42,6 +42,18 @@ def save_figure(figure, path: str, metadata: dict | None = None) -> None:
     write_bytes(path, buffer.getvalue())
 
 
+def density_axis(axes, densities, label: str) -> None:
+    """A log density axis, sparser to the right, ticked at `densities`, with room on both sides: the limits
+    matplotlib picks hug the points, so at a single density the lines' small sideways nudges filled the axis
+    and drew them far apart."""
+    densities = sorted(densities)
+    axes.set_xscale("log")
+    axes.set_xticks(densities, [f"{density:g}" for density in densities])
+    axes.minorticks_off()
+    axes.set_xlim(densities[-1] * 1.25, densities[0] / 1.25)   # left > right: sparser to the right
+    axes.set_xlabel(label)
+
+
 def csv_text(fieldnames: list[str], rows: list[dict]) -> str:
     """`rows` as CSV with a header of `fieldnames` (other keys are left out)."""
     buffer = io.StringIO(newline="")

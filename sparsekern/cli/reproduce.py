@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 from .data import Dataset, load_dataset
-from .output import csv_text, save_figure, write_text
+from .output import csv_text, density_axis, save_figure, write_text
 from .runs import Job, RunStore, execute, key, warn_once
 from .training import TrainConfig, total_epochs
 
@@ -247,14 +247,6 @@ def _figure(columns: int = 1):
     return pyplot.subplots(1, columns, figsize=(5.2 * columns, 3.8), dpi=110, squeeze=False)
 
 
-def _density_axis(axes, densities) -> None:
-    axes.set_xscale("log")
-    axes.set_xticks(sorted(densities), [f"{d:g}" for d in sorted(densities)])
-    axes.minorticks_off()
-    axes.invert_xaxis()
-    axes.set_xlabel("density")
-
-
 def _errorbar_lines(axes, series: dict[str, tuple[list[float], list[list[float]]]], percent: bool = True) -> None:
     """One line per label: x values and, per x, the seeds' values (accuracies plotted in percent), ± one sd; lines
     are nudged sideways a little so their error bars do not hide each other."""
@@ -332,7 +324,7 @@ class DSTvsStatic:
         _errorbar_lines(axes, {method: (list(plan.dst_densities), [_accuracies(results(method, d))
                                                                    for d in plan.dst_densities])
                                for method in cls.METHODS})
-        _density_axis(axes, plan.dst_densities)
+        density_axis(axes, plan.dst_densities, "density")
         _label(axes, "(a) DST vs static sparse training")
         save_figure(figure, os.path.join(out_dir, "a.png"))
         schedules = "; ".join(f"{m}: {results(m, sparsest)[0]['schedule']}" for m in ("set", "rigl"))
@@ -388,7 +380,7 @@ class CriteriaGrid:
         axes = axes[0][0]
         _errorbar_lines(axes, {c: (list(plan.criteria_densities), [accuracy[c, d] for d in plan.criteria_densities])
                                for c in plan.criteria})
-        _density_axis(axes, plan.criteria_densities)
+        density_axis(axes, plan.criteria_densities, "density")
         _label(axes, "(b) pruning criteria, random growth, annealed schedule", legend=7)
         save_figure(figure, os.path.join(out_dir, "b.png"))
         schedule = lookup(cls.configs(plan, plan.criteria[0], sparsest)[0])["schedule"]
@@ -603,7 +595,7 @@ class GradientFlow:
         left, right = axes[0]
         _errorbar_lines(left, {line: (list(plan.dst_densities), [at_init(results[line, d]) for d in plan.dst_densities])
                                for line in lines if lines[line][0] == "static"}, percent=False)  # RigL starts alike
-        _density_axis(left, plan.dst_densities)
+        density_axis(left, plan.dst_densities, "density")
         left.set_yscale("log")
         _label(left, "(f) at initialisation", "gradient flow at init ‖g⊙m‖₂", legend=7)
         for line, records in (("static, sparse init", sparse), ("RigL, sparse init", rigl)):

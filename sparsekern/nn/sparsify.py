@@ -36,10 +36,13 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
             made its weight yet raises ValueError; a weight of a dtype other than float16, bfloat16,
             float32 or float64 raises TypeError. Hooks registered on a replaced module move to its
             sparse replacement.
-        density: overall fraction of active weights over the sparsified layers, in (0, 1].
+        density: overall fraction of active weights over the sparsified layers, in (0, 1] (up to
+            each layer's rounding), except with distribution="uniform" and dense_first_layer, where
+            every layer but the first holds `density` (RigL's uniform setting) and the total is higher.
         distribution: "erk" or "uniform", how density is spread over layers (see
             `sparsekern.nn.distributions`); `power` is ERK's exponent and `dense_first_layer` keeps
-            the first sparsified layer (in model order) dense.
+            the first sparsified layer (in model order) dense (with "erk" the others share the rest
+            of the same total).
         include, exclude: fnmatch patterns on qualified module names ("features.*", "fc"); a
             module is sparsified if one of its names matches some `include` pattern (all do when
             None) and none matches an `exclude` pattern. A pattern that matches no module's name

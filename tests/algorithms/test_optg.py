@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import sparsekern.checkpoint
+import sparsekern.ops
 from sparsekern.algorithms import OptG
 from sparsekern.algorithms.optg import cosine_lr, sparsity_at
 from sparsekern.nn import sparse_modules
@@ -112,6 +113,33 @@ def test_the_last_epoch_trains_at_exactly_the_target_density(epochs, sparsity):
     assert sum(int(layer.mask.sum()) for layer in _layers(model)) == total - round(sparsity * total)
 
 
+def test_next_epoch_after_the_last_epoch_keeps_the_mask_the_last_epoch_trained():
+    # The docstring's loop calls next_epoch() after every epoch, the last included: the model must end with
+    # the mask it trained with, not a top-k of the scores that moved during the last epoch.
+    x, y = _data(7)
+    model = mlp(8, hidden=16)
+    epochs = 3
+    optg = OptG(model, sparsity=0.8, epochs=epochs, lr=0.5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    _epoch_loop(model, optg, optimizer, x, y, epochs - 1, 4)
+    for t in range(4):  # the last epoch, by hand, so that its mask can be read before next_epoch()
+        inputs, targets = batch(x, y, epochs - 1, t, 16)
+        torch.nn.functional.cross_entropy(model(inputs), targets).backward()
+        optg.step()
+        optimizer.step()
+        optimizer.zero_grad()
+    trained = optg.masks
+    total = sum(layer.mask.numel() for layer in _layers(model))
+    top_k = sparsekern.ops.topk_mask(optg.scores, sum(int(m.sum()) for m in trained))
+    assert not all(torch.equal(a, b) for a, b in zip(trained, top_k))   # the moved scores would pick others
+    optg.next_epoch()
+    assert optg.epoch == epochs
+    assert all(torch.equal(a, b) for a, b in zip(trained, optg.masks))
+    assert sum(int(m.sum()) for m in optg.masks) == total - round(0.8 * total)
+    with pytest.raises(RuntimeError, match="last"):
+        optg.next_epoch()
+
+
 def test_the_reference_ramp_stops_short_of_the_target():
     # the reference code's p·σ(β(e − E/2)): a nominal density 0.05 over 10 epochs ends at 0.067
     final = sparsity_at(9, 0.95, 10, reach_target=False)
@@ -139,7 +167,7 @@ def test_magnitude_criterion_keeps_the_largest_weights_on_the_same_ramp():
 def test_pruned_weights_keep_their_values_get_no_gradient_and_come_back():
     x, y = _data(2)
     model = mlp(3, hidden=8)
-    optg = OptG(model, sparsity=0.5, epochs=3, lr=0.1)
+    optg = OptG(model, sparsity=0.5, epochs=4, lr=0.1)   # the next_epoch() below is not after the last epoch
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # no momentum, no decay
     _epoch_loop(model, optg, optimizer, x, y, 1, 3)
     layer = _layers(model)[0]

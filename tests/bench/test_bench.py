@@ -125,6 +125,7 @@ def test_main_writes_json_and_csv(tmp_path, capsys):
     assert status == 0
     table = capsys.readouterr().out
     assert "| topk_mask (global) |" in table and "torch cat+topk" in table
+    assert "--quick: tiny sizes" in table and "not measurements" in table   # its speed-ups are noise
     saved = json.loads(json_path.read_text())
     assert saved["environment"].startswith("device cpu")
     records = saved["rows"]
@@ -178,3 +179,23 @@ def test_masked_linear_baseline_matches_the_op(generator):
     mask = torch.rand(5, 8, generator=generator) < 0.5
     torch.testing.assert_close(cases.torch_mask_then_matmul(x, weight, mask, bias),
                                ops.masked_linear(x, weight, mask, bias))
+
+
+@pytest.mark.parametrize("option", ["--json", "--csv"])
+def test_main_refuses_an_unwritable_output_path_before_timing_anything(tmp_path, monkeypatch, capsys, option):
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setattr(report, "run", lambda *args, **kwargs: pytest.fail("timed before checking the path"))
+    for path in (tmp_path / "a_file" / "rows.out", tmp_path):
+        with pytest.raises(SystemExit) as exit_info:
+            report.main(["--quick", option, str(path)])
+        assert exit_info.value.code == 2 and option in capsys.readouterr().err
+
+
+def test_sparsekern_bench_reports_a_bad_argument_on_one_line(tmp_path, capsys):
+    from sparsekern.cli import main
+
+    for argv in (["--budget", "0"], ["--json", str(tmp_path)]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["bench", *argv])
+        error = capsys.readouterr().err
+        assert exit_info.value.code == 2 and error.startswith("sparsekern bench: error: ") and error.count("\n") == 1

@@ -309,3 +309,37 @@ def test_colour_image_folder_gives_three_channels(tmp_path):
     for image, label in zip(x, y):  # blue is label 0
         assert math.isclose(float(image[2 if label == 0 else 0].mean()), 1.0)
         assert float(image[0 if label == 0 else 2].max()) == 0.0
+
+
+def test_every_option_of_train_compare_and_reproduce_says_what_it_does_and_its_default():
+    import argparse
+
+    from sparsekern.cli.main import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name in ("train", "compare", "reproduce"):
+        parser = commands[name]
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if not action.option_strings or action.dest == "help":
+                continue
+            option = f"sparsekern {name} {action.option_strings[0]}"
+            assert action.help, f"{option} has no help"
+            if action.default is None or action.default is False:
+                continue
+            shown = ",".join(map(str, action.default)) if isinstance(action.default, list) else str(action.default)
+            expanded = " ".join(formatter._expand_help(action).split())
+            assert "default" in expanded and shown in expanded.split("default", 1)[1], (option, expanded)
+
+
+@pytest.mark.parametrize("densities", [[0.1], [0.2, 0.05, 0.01]])
+def test_the_plot_keeps_room_around_its_densities_so_nudged_lines_stay_beside_them(monkeypatch, densities):
+    figures = []
+    monkeypatch.setattr(compare_module, "save_figure", lambda figure, path, metadata=None: figures.append(figure))
+    rows = [{"label": label, "method": label, "density": density, "accuracy_mean": 0.9, "accuracy_std": 0.01,
+             "epochs": 1} for label in ("static", "set", "rigl") for density in densities]
+    compare_module.plot(rows, "unused.png", TrainConfig(epochs=1))
+    axes = figures[0].axes[0]
+    left, right = axes.get_xlim()
+    assert left > right                                   # sparser to the right
+    assert left >= 1.2 * max(densities) and right <= min(densities) / 1.2   # not the nudges' ±2.5% alone
