@@ -159,7 +159,8 @@ def _add_run_options(parser: argparse.ArgumentParser, defaults: TrainConfig) -> 
     parser.add_argument("--batch-size", type=_positive, default=defaults.batch_size, help="training batch size")
     parser.add_argument("--lr", type=_learning_rate, default=defaults.lr,
                         help=f"SGD learning rate (momentum {defaults.momentum:g}, weight decay "
-                             f"{defaults.weight_decay:g}), cosine-annealed to 0 over each segment")
+                             f"{defaults.weight_decay:g}), cosine-annealed to 0 over each segment (SWAMP: to half of it, "
+                             f"held there while it averages)")
     parser.add_argument("--scope", choices=SCOPES, help=f"DST: per layer or global updates (default: {defaults.scope})")
     parser.add_argument("--update-every", type=_positive,
                         help=f"DST: steps between mask updates (default: {defaults.update_every})")

@@ -3,7 +3,8 @@
 The loop trains in segments of `config.epochs` epochs: one segment for dense, static, DST (set, rigl, mest, dst),
 OptG and GMP (magnitude pruning on OptG's ramp); one per pruning cycle for IMP; one per cycle and particle for
 SWAMP. Within a segment the learning rate
-follows a cosine from `config.lr` to 0 over the segment's steps. A recipe says what happens after backward, after
+follows a cosine from `config.lr` to 0 over the segment's steps (SWAMP's particles: SWA's schedule, see
+`SWAMPRecipe`). A recipe says what happens after backward, after
 the optimizer step and at a segment's end, and holds the state a checkpoint needs besides the model's.
 """
 from __future__ import annotations
@@ -45,6 +46,10 @@ class Recipe:
 
     def data_seed(self, epoch_in_segment: int) -> int:
         return self.config.seed * 1_000_003 + epoch_in_segment
+
+    def learning_rate(self, step: int) -> float:
+        """The learning rate of step `step` (from 0) of a segment: a cosine from `config.lr` to 0."""
+        return self.config.lr * 0.5 * (1 + math.cos(math.pi * step / self.steps_per_segment))
 
     def updates_masks_next(self) -> bool:
         """Whether the coming `after_backward` updates the masks (a DST update step)."""
@@ -189,6 +194,9 @@ class SWAMPRecipe(TicketRecipe):
     """SWAMP: every cycle trains `particles` particles one after another (each its own data order, an SWA mean
     over the last 25% of the cycle); the last epoch of a cycle reports the averaged weights."""
 
+    # SWA's constant rate as a fraction of --lr: the paper's setup averages at 0.05 after training at 0.1.
+    SWA_LR_FRACTION = 0.5
+
     def __init__(self, config, model, steps_per_epoch):
         self.particles = config.particles
         super().__init__(config, model, steps_per_epoch)
@@ -204,6 +212,16 @@ class SWAMPRecipe(TicketRecipe):
     def data_seed(self, epoch_in_segment: int) -> int:
         return self.algorithm.data_seed * 1_009 + epoch_in_segment
 
+    def learning_rate(self, step: int) -> float:
+        """SWA's schedule, as SWAMP runs it: a cosine from --lr down to the SWA rate until averaging starts, then
+        that rate, constant, over every averaged step. (A rate annealed to 0 there, like IMP's, leaves the
+        weights nearly still: the mean of a particle is then its last point, and SWAMP little more than IMP.)"""
+        swa_lr = self.SWA_LR_FRACTION * self.config.lr
+        start = self.algorithm.swa_start
+        if step >= start:
+            return swa_lr
+        return swa_lr + (self.config.lr - swa_lr) * 0.5 * (1 + math.cos(math.pi * step / start))
+
     def end_segment_before_evaluation(self, last: bool) -> None:
         if self.algorithm.particle == self.particles - 1:
             self.algorithm.next_particle()  # the model now holds the average of the cycle's particles
@@ -218,7 +236,8 @@ class SWAMPRecipe(TicketRecipe):
         return {"cycle": self.algorithm.cycle, "particle": self.algorithm.particle}
 
     def describe(self) -> str:
-        return f"{self.cycles} cycles × {self.particles} particles, rewind to 10%"
+        return (f"{self.cycles} cycles × {self.particles} particles, rewind to 10%, SWA at "
+                f"{self.SWA_LR_FRACTION:g}×lr over the last 25%")
 
     def _make_algorithm(self, **options):
         return SWAMP(self.model, self._make_optimizer, particles=self.particles,

@@ -338,6 +338,20 @@ class DSTvsStatic:
                      "a.png")]
 
 
+def criteria_tying_the_best(accuracy: dict, criteria, densities) -> tuple[int, int]:
+    """(ties, comparisons): at each density, how many criteria other than the best (by mean accuracy) are
+    within two standard errors of it. The best is left out: it ties with itself, and counting it made
+    half of the comparisons look like "most"."""
+    tied = total = 0
+    for density in densities:
+        best = max(criteria, key=lambda c: stats(accuracy[c, density])[0])
+        for criterion in criteria:
+            if criterion != best:
+                total += 1
+                tied += verdict(accuracy[best, density], accuracy[criterion, density])[0] == TIE
+    return tied, total
+
+
 class CriteriaGrid:
     """(b) the pruning criteria of Fantastic Weights, with random growth and its annealed schedule."""
 
@@ -360,16 +374,11 @@ class CriteriaGrid:
         table_rows = [[c, *[_cell(accuracy[c, d]) for d in plan.criteria_densities]] for c in plan.criteria]
         sparsest = min(plan.criteria_densities)
         denser = [d for d in plan.criteria_densities if d != sparsest] or [sparsest]
-        tied = total = 0
-        for density in denser:
-            best = max(plan.criteria, key=lambda c: stats(accuracy[c, density])[0])
-            for criterion in plan.criteria:
-                total += 1
-                tied += criterion == best or verdict(accuracy[best, density], accuracy[criterion, density])[0] == TIE
+        tied, total = criteria_tying_the_best(accuracy, plan.criteria, denser)
         findings = [Finding(f"(b) criteria tie, d = {', '.join(f'{d:g}' for d in denser)}",
                             "most pruning criteria perform alike",
-                            f"{tied} of {total} (criterion, density) pairs within 2 se of the best criterion",
-                            HOLDS if tied >= total / 2 else FAILS)]
+                            f"{tied} of {total} other criteria (per density) within 2 se of the best",
+                            HOLDS if tied > total / 2 else FAILS)]
         others = [c for c in plan.criteria if c != "magnitude"]
         if "magnitude" in plan.criteria and others:
             rival = max(others, key=lambda c: stats(accuracy[c, sparsest])[0])
@@ -512,7 +521,8 @@ class OptGvsMagnitude:
                                 "; ".join(f"{e} epochs: OptG {_cell(_accuracies(results['optg', sparsest, e]))} vs "
                                           f"GMP {_cell(_accuracies(results['gmp', sparsest, e]))}"
                                           for e in plan.ramp_epochs),
-                                f"not below GMP from {enough} epochs" if enough else "below GMP at every length"))
+                                f"not significantly below GMP from {enough} epochs" if enough
+                                else "below GMP at every length"))
         figure, axes = _figure(len(plan.ramp_densities))
         for panel, density in zip(axes[0], plan.ramp_densities):
             _errorbar_lines(panel, {names[m]: (list(plan.ramp_epochs), [_accuracies(results[m, density, e])

@@ -246,7 +246,7 @@ class Run:
                 if step < recipe.first_step:  # a rewound ticket resumes its cycle at step k
                     continue
                 for group in recipe.optimizer.param_groups:
-                    group["lr"] = config.lr * 0.5 * (1 + math.cos(math.pi * step / recipe.steps_per_segment))
+                    group["lr"] = recipe.learning_rate(step)
                 batch = order[start:start + config.batch_size].to(device)
                 recipe.optimizer.zero_grad(set_to_none=True)
                 loss = loss_fn(model(train_x[batch]), train_y[batch])

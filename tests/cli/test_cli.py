@@ -254,6 +254,33 @@ def test_interrupted_train_resumes_to_the_uninterrupted_result(tmp_path, method,
     assert whole["epoch"] == split["epoch"] == epochs
 
 
+def test_swamp_averages_at_a_constant_rate_while_imp_anneals_to_zero(tmp_path, monkeypatch):
+    # ALGORITHMS.md: each particle's SWA mean is taken at a constant rate (0.05 after 0.1 in SWAMP's setup).
+    # A rate annealed to 0 over the averaged steps, as IMP's, makes the mean the particle's last point.
+    from sparsekern.cli import recipes
+
+    seen = {}
+
+    def record(recipe):
+        step = recipe.algorithm.step_in_cycle  # before the algorithm counts the step just taken
+        seen.setdefault(type(recipe).__name__, []).append((step, recipe.optimizer.param_groups[0]["lr"]))
+        recipe.algorithm.step()
+
+    monkeypatch.setattr(recipes.TicketRecipe, "after_optimizer_step", record)
+    for method, options in (("swamp", ["--cycles", "2", "--particles", "2"]), ("imp", ["--cycles", "2"])):
+        main(["train", "--method", method, "--density", "0.5", "--epochs", "2", "--lr", "0.1", *options,
+              "--out", str(tmp_path / method), "--quiet"])
+    swa_start = math.ceil(0.75 * 46)  # digits: 23 steps of 64 per epoch, 2 epochs a segment
+    swamp = seen["SWAMPRecipe"]
+    assert len(swamp) == 46 + 3 * (46 - 4)  # the first particle from step 0, the others from the rewind step, 4
+    averaged = [lr for step, lr in swamp if step >= swa_start]
+    annealed = [lr for step, lr in swamp if step < swa_start]
+    assert len(averaged) == 4 * (46 - swa_start) and all(lr == pytest.approx(0.05) for lr in averaged)
+    assert swamp[0] == (0, pytest.approx(0.1)) and min(annealed) > 0.05
+    imp = seen["TicketRecipe"]
+    assert imp[-1][0] == 45 and imp[-1][1] < 1e-3
+
+
 def test_npz_dataset_loads_and_trains(tmp_path, generator):
     x = torch.randint(0, 256, (30, 6, 6), generator=generator).numpy().astype(np.uint8)
     y = torch.randint(0, 3, (30,), generator=generator).numpy()

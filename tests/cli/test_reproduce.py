@@ -45,3 +45,13 @@ def test_verdicts_follow_two_standard_errors():
     assert reproduce.verdict([0.9001, 0.9001], [0.9, 0.9])[0] == reproduce.TIE
     result, detail = reproduce.verdict([0.95, 0.96], [0.90, 0.91])
     assert result == reproduce.HOLDS and detail.startswith("Δ +5")
+
+
+def test_criteria_tie_counts_only_the_criteria_other_than_the_best():
+    close, far = [0.90, 0.91, 0.92], [0.60, 0.61, 0.62]
+    accuracy = {("magnitude", 0.2): [0.91, 0.92, 0.93], ("snip", 0.2): close, ("set", 0.2): far,
+                ("random", 0.2): far}
+    # one of three others ties: not most, though with the best itself counted it was 2 of 4, "half"
+    assert reproduce.criteria_tying_the_best(accuracy, ["magnitude", "snip", "set", "random"], [0.2]) == (1, 3)
+    accuracy["set", 0.2] = close
+    assert reproduce.criteria_tying_the_best(accuracy, ["magnitude", "snip", "set", "random"], [0.2]) == (2, 3)
