@@ -315,7 +315,7 @@ SPARSIFY_BAD = [
     ("include", "nothing*", ValueError), ("include", [], ValueError), ("include", {"3": 1}, TypeError),
     ("exclude", 5, TypeError), ("exclude", [None], TypeError), ("exclude", "*", ValueError),
     ("exclude", ["*"], ValueError),
-    ("init", "xavier", ValueError), ("init", 5, ValueError), ("init", None, ValueError),
+    ("init", "xavier", ValueError), ("init", 5, ValueError),
     ("init", "Sparse", ValueError), ("init", torch.nn.init.kaiming_normal_, TypeError),
     ("init", _init_without_generator, TypeError), ("init", _init_raises, RuntimeError),
     ("init", _init_writes_nan, ValueError), ("init", _init_replaces_weight, TypeError),
@@ -325,6 +325,7 @@ SPARSIFY_BAD = [
     ("dense_first_layer", 1, TypeError), ("dense_first_layer", "yes", TypeError),
     ("dense_first_layer", None, TypeError),
     ("generator", 5, TypeError), ("generator", "seed", TypeError), ("generator", torch.manual_seed, TypeError),
+    ("mask", "largest", ValueError), ("mask", None, ValueError), ("mask", "Magnitude", ValueError),
 ]
 
 for _world_name, _world in (("dense", dense_world), ("sparse", resparsify_world)):

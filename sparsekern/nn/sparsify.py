@@ -20,13 +20,15 @@ from .modules import SparseConv2d, SparseLinear, SparseModule
 # Exact types: a subclass of nn.Linear may read its weight outside forward (MultiheadAttention's
 # out_proj does), where a mask would not apply.
 _SPARSE_OF = {nn.Linear: SparseLinear, nn.Conv2d: SparseConv2d}
+MASKS = ("random", "magnitude")
 
 
 def sparsify(model: nn.Module, density: float, distribution: str = "erk",
              include: Sequence[str] | str | None = None, exclude: Sequence[str] | str | None = None,
-             init: str | Callable = "sparse", power: float = 1.0, dense_first_layer: bool = False,
-             generator: torch.Generator | None = None) -> nn.Module:
-    """Replaces the nn.Linear and nn.Conv2d modules of `model` by sparse ones with random masks.
+             init: str | Callable | None = None, power: float = 1.0, dense_first_layer: bool = False,
+             generator: torch.Generator | None = None, mask: str = "random") -> nn.Module:
+    """Replaces the nn.Linear and nn.Conv2d modules of `model` by sparse ones, with random masks or
+    masks that keep each layer's largest weights.
 
     Args:
         model: modified in place. Modules of exactly nn.Linear or nn.Conv2d (subclasses are left
@@ -50,15 +52,22 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
         init: "sparse" (sparsity-aware, Evci et al. 2022), "layer-scaled", "dense" (keep the
             module's current weights, masked: on an already sparse module the newly active
             positions start at 0), or a callable init(module, generator=...) (`sparsekern.nn.init`),
-            run under torch.no_grad(); whatever it writes off the mask is set to 0.
+            run under torch.no_grad(); whatever it writes off the mask is set to 0. None (the
+            default): "sparse" with random masks, "dense" with magnitude masks (the weights they
+            were chosen by are kept).
         generator: CPU torch.Generator for the masks and the init (the global one if None); the
             same seed gives the same masks and weights.
+        mask: "random" (uniformly random active positions) or "magnitude": the layer's largest
+            |weight| entries, for pruning a trained model once by magnitude before sparse training
+            or fine-tuning (per layer, at the distribution's densities; `sparsekern.IMP` prunes
+            globally over several cycles). Weights must be finite; an already sparse layer ranks
+            its current, masked weights, so a lower density keeps a subset of its active entries.
     Returns:
         `model`, or its replacement if `model` itself is a Linear/Conv2d.
 
-    Layer l holds exactly round(d_l * N_l) active weights, chosen uniformly at random (the top
-    entries of uniform random scores, through `sparsekern.ops.topk_mask`); a density so low that
-    some layer would keep no weight raises ValueError. Parameters are shared with the replaced
+    Layer l holds exactly round(d_l * N_l) active weights: the top entries, through
+    `sparsekern.ops.topk_mask`, of uniform random scores or of |weight| (ties to the lower flat
+    position); a density so low that some layer would keep no weight raises ValueError. Parameters are shared with the replaced
     modules, so an optimizer built before keeps working. Biases, norms and embeddings stay dense.
 
     Shared modules and tied weights: every reference to a replaced module (a module used twice
@@ -76,6 +85,10 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
     density = distributions.check_density(density)
     if not isinstance(distribution, str) or distribution not in distributions.DISTRIBUTIONS:
         raise ValueError(f"distribution must be one of {distributions.DISTRIBUTIONS}, got {distribution!r}")
+    if not isinstance(mask, str) or mask not in MASKS:
+        raise ValueError(f"mask must be one of {MASKS}, got {mask!r}")
+    if init is None:
+        init = "sparse" if mask == "random" else "dense"
     init_function = sparse_init.resolve(init)
     include = _patterns(include, "include")
     exclude = _patterns(exclude, "exclude")
@@ -86,6 +99,8 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
     sparse_init.check_generator(generator)
 
     groups = _layers(model, include, exclude)
+    if mask == "magnitude":
+        _check_finite(groups)
     shapes = [tuple(group[0][1].weight.shape) for group in groups]
     densities = distributions.layer_densities(shapes, density, distribution, power=power,
                                               dense_first_layer=dense_first_layer)
@@ -100,7 +115,9 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
     global_state = torch.get_rng_state()
     generator_state = generator.get_state() if generator is not None else None
     try:
-        staged = _stage(groups, shapes, counts, init_function, init, generator)
+        scores = ([torch.rand(shape, generator=generator) for shape in shapes] if mask == "random"
+                  else [_magnitudes(group) for group in groups])
+        staged = _stage(groups, scores, counts, init_function, init, generator)
     except BaseException:
         torch.set_rng_state(global_state)
         if generator is not None:
@@ -230,10 +247,25 @@ def _sparse_like(module: nn.Module) -> SparseModule:
     return kind.from_dense(module)
 
 
-def _stage(groups: list[tying.Group], shapes, counts, init_function: Callable, init, generator):
+def _magnitudes(group: tying.Group) -> Tensor:
+    """|weight| of a group's shared weight as the mask's scores: float64 on the CPU, like every layer's, since
+    topk_mask ranks one dtype on one device (float64 holds every weight dtype exactly, so no ties are made)."""
+    return group[0][1].weight.detach().abs().to(device="cpu", dtype=torch.float64)
+
+
+def _check_finite(groups: list[tying.Group]) -> None:
+    for group in groups:
+        name, module = group[0]
+        if module.weight.is_meta:
+            raise ValueError(f"mask='magnitude' ranks weights, but layer {name or '(root)'!r} is on the meta device")
+        if not torch.isfinite(module.weight.detach()).all():
+            raise ValueError(f"mask='magnitude' ranks weights, but layer {name or '(root)'!r} holds NaN or inf")
+
+
+def _stage(groups: list[tying.Group], scores: list[Tensor], counts, init_function: Callable, init, generator):
     """Everything sparsify will write, computed without touching the model: for each group its
-    sparse modules (sharing the original Parameters), its mask, and its new weight and bias values."""
-    scores = [torch.rand(shape, generator=generator) for shape in shapes]
+    sparse modules (sharing the original Parameters), its mask (the top `counts` of `scores`), and its
+    new weight and bias values."""
     masks = ops.topk_mask(scores, counts)
     staged = []
     for group, mask in zip(groups, masks):

@@ -211,10 +211,58 @@ def test_sparsify_same_seed_same_masks_and_weights():
     assert any(not torch.equal(a[0], b[0]) for a, b in zip(first, other))
 
 
+def test_magnitude_masks_keep_each_layers_largest_weights_and_the_weights(generator):
+    model = small_model()
+    before = {name: module.weight.detach().clone() for name, module in model.named_modules()
+              if type(module) in (nn.Linear, nn.Conv2d)}
+    sparsekern.sparsify(model, 0.2, mask="magnitude", generator=generator)
+    for name, module in sparse_modules(model):
+        weight = before[name]
+        count = module.nnz
+        expected = torch.zeros(weight.numel(), dtype=torch.bool)
+        expected[weight.abs().flatten().argsort(descending=True, stable=True)[:count]] = True
+        assert torch.equal(module.mask, expected.view_as(weight)), name
+        assert torch.equal(module.weight.detach(), weight * module.mask), name  # kept: init "dense"
+    densities = [m.nnz / m.weight.numel() for _, m in sparse_modules(model)]
+    assert len(set(densities)) > 1  # ERK's per-layer densities, not one threshold
+    # a lower density on the sparse model keeps a subset of its active weights, again by magnitude
+    masks = [m.mask.clone() for _, m in sparse_modules(model)]
+    sparsekern.sparsify(model, 0.1, mask="magnitude", generator=generator)
+    assert all(bool((m.mask <= old).all()) for (_, m), old in zip(sparse_modules(model), masks))
+
+
+def test_magnitude_masks_with_a_chosen_init_and_without_randomness(generator):
+    torch.manual_seed(0)
+    model = small_model()
+    first = copy.deepcopy(model)
+    sparsekern.sparsify(first, 0.3, mask="magnitude", generator=torch.Generator().manual_seed(1))
+    again = copy.deepcopy(model)
+    sparsekern.sparsify(again, 0.3, mask="magnitude", generator=torch.Generator().manual_seed(2))
+    assert all(torch.equal(a.mask, b.mask) for (_, a), (_, b) in zip(sparse_modules(first), sparse_modules(again)))
+    fresh = copy.deepcopy(model)
+    sparsekern.sparsify(fresh, 0.3, mask="magnitude", init="sparse", generator=generator)
+    for (_, kept), (_, drawn) in zip(sparse_modules(first), sparse_modules(fresh)):
+        assert torch.equal(kept.mask, drawn.mask) and not torch.equal(kept.weight, drawn.weight)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_magnitude_masks_refuse_non_finite_weights_and_change_nothing(value):
+    model = small_model()
+    with torch.no_grad():
+        model[7].weight[0, 0] = value
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="'7' holds NaN or inf"):
+        sparsekern.sparsify(model, 0.5, mask="magnitude")
+    assert not sparse_modules(model)
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, state[name], rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("kwargs, argument", [
     (dict(density=0), "density"), (dict(density=1.5), "density"), (dict(density=float("nan")), "density"),
     (dict(density=0.5, distribution="gaussian"), "distribution"), (dict(density=0.5, init="xavier"), "init"),
-    (dict(density=0.5, include=["nothing*"]), "include"), (dict(density=0.5, power=float("inf")), "power")])
+    (dict(density=0.5, include=["nothing*"]), "include"), (dict(density=0.5, power=float("inf")), "power"),
+    (dict(density=0.5, mask="largest"), "mask")])
 def test_sparsify_rejects_bad_arguments_before_touching_the_model(kwargs, argument):
     model = small_model()
     state = copy.deepcopy(model.state_dict())
