@@ -75,12 +75,6 @@ def same_device(tensors: Sequence[tuple[str, Tensor]]) -> torch.device:
     return first.device
 
 
-def same_device_named(tensors: Sequence[tuple[str, Tensor]]) -> tuple[Tensor, str]:
-    """`same_device`, returning the first tensor and its name."""
-    same_device(tensors)
-    return tensors[0][1], str(tensors[0][0])
-
-
 def bool_mask(mask, name: str, like: Tensor, like_name: str) -> Tensor:
     tensor(mask, name)
     if mask.dtype != torch.bool:
@@ -232,7 +226,9 @@ def prune_grow_args(weights, masks, prune_scores, grow_scores, n, state, masked,
                           ("grow_score", grow_scores)):
         named += [(names(kind, layer), t) for layer, t in enumerate(tensors)]
     if named:
-        holds_values(*same_device_named(sorted(named, key=lambda item: item[0].kind != "weight")))
+        named.sort(key=lambda item: item[0].kind != "weight")
+        same_device(named)
+        holds_values(named[0][1], str(named[0][0]))
     global_scope = not single and not is_count_list(n)
     n, active = _swap_counts(n, active, global_scope, weights, names)
     prune_scores, grow_scores = _check_memory(weights, masks, prune_scores, grow_scores, state, masked, names)
