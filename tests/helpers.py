@@ -49,6 +49,11 @@ def strided(t, generator, layout):
     return wide[..., ::2]
 
 
+def reversed_dims(t):
+    """`t` with its dimensions in reverse order, a non-contiguous view (`.T` of other than 2 dims is deprecated)."""
+    return t.permute(*reversed(range(t.dim())))
+
+
 def skip_interpreter_limits(backend, dtype=None, size=0):
     """Skips a Triton case the interpreter cannot run right (bf16) or in CI time (over 4096 entries)."""
     if backend != "triton" or torch.cuda.is_available():

@@ -35,6 +35,8 @@ from sparsekern.algorithms import DST, IMP, SWAMP, OptG, distributed
 from sparsekern.nn import SparseLinear, distributions, init, sparse_modules
 from sparsekern.ops import _backend
 
+from .helpers import reversed_dims
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 NAN, INF = float("nan"), float("inf")
@@ -838,7 +840,7 @@ for _masks, _error in ((None, ValueError), ([], ValueError), ("masks", ValueErro
     error(f"IMP.reset({_show(_masks)})", imp_world, lambda w, m=_masks: w.algo.reset(m), _error, "masks")
 error("IMP.reset(float masks)", imp_world, lambda w: w.algo.reset([m.float() for m in w.algo.masks]), ValueError,
       "masks")
-error("IMP.reset(transposed masks)", imp_world, lambda w: w.algo.reset([m.T for m in w.algo.masks]), ValueError,
+error("IMP.reset(transposed masks)", imp_world, lambda w: w.algo.reset([reversed_dims(m) for m in w.algo.masks]), ValueError,
       "masks")
 error("IMP.reset(meta masks)", imp_world, lambda w: w.algo.reset([m.to("meta") for m in w.algo.masks]), ValueError,
       "masks")

@@ -6,6 +6,8 @@ import torch
 
 from sparsekern.ops import _backend, reference
 
+from ..helpers import reversed_dims
+
 pytest.importorskip("triton")
 
 CPU = torch.device("cpu")
@@ -292,18 +294,13 @@ def test_topk_mask_empty(kernels):
 # ------------------------------------------------------------------------------------- prune_grow
 
 
-def _reversed_view(t):
-    """`t` with its dimensions in reverse order: a non-contiguous view (`.T` of any but 2 dims is deprecated)."""
-    return t.permute(*reversed(range(t.dim())))
-
-
 def _prune_grow_case(shape, dtype, generator, device=CPU):
     weight = torch.randn(shape, generator=generator).to(dtype)
     mask = torch.rand(shape, generator=generator) < 0.4
     prune_score = _scores_with_ties(shape, dtype, generator)
     grow_score = _scores_with_ties(shape, dtype, generator)
     state = [torch.randn(shape, generator=generator).to(dtype),
-             _reversed_view(torch.randn(tuple(reversed(shape)), generator=generator).to(dtype))]  # non-contiguous
+             reversed_dims(torch.randn(tuple(reversed(shape)), generator=generator).to(dtype))]  # non-contiguous
     return [t.to(device) for t in (weight, mask, prune_score, grow_score)], [s.to(device) for s in state]
 
 
