@@ -139,6 +139,19 @@ def _sync_directory(directory: str) -> None:
             os.close(descriptor)
 
 
+def check_writable_folder(path: str, argument: str) -> None:
+    """Creates the folder `path` if needed and makes sure a file can be written in it; ValueError (one line,
+    naming `argument`) if not. Run before the work whose results go there, so that none is lost to it."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{argument} {path!r} is a file, not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise ValueError(f"{argument} {path!r} is not a writable folder ({error.strerror or error})") from None
+
+
 def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
     """Calls write(file) on a new file, flushes it to disk and only then puts it at `path`.
 

@@ -13,7 +13,6 @@ import math
 import os
 import platform
 import sys
-import tempfile
 
 import torch
 
@@ -84,23 +83,6 @@ def write(rows: list[core.Row], path: str, kind: str, environment_line: str = ""
     checkpoint.write_atomically(path, lambda file: file.write(stream.getvalue().encode()))
 
 
-def _unwritable(path: str) -> str | None:
-    """Why a file cannot be written at `path` (its folder is made if missing), or None: checked before the
-    timings, which a failed write at the end would throw away."""
-    if os.path.isdir(path):
-        return "is a folder"
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        return f"is inside {folder!r}, which is a file"
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as error:
-        return f"cannot be written in {folder!r} ({error.strerror or error})"
-    return None
-
-
 def main(argv: list[str] | None = None, prog: str = "python -m benchmarks",
          parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> int:
     """Command line: [--device cpu|cuda] [--quick] [--only OP] [--json PATH] [--csv PATH] [--threads N]
@@ -130,9 +112,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m benchmarks",
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     for option, path in (("--json", args.json), ("--csv", args.csv)):
-        problem = path and _unwritable(path)
-        if problem:
-            parser.error(f"{option} {path!r} {problem}")
+        if path and os.path.isdir(path):
+            parser.error(f"{option} {path!r} is a folder")
+        if path:  # checked before the timings, which a failed write at the end would throw away
+            try:
+                checkpoint.check_writable_folder(os.path.dirname(os.path.abspath(path)), f"{option}'s folder")
+            except ValueError as error:
+                parser.error(str(error))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -22,10 +22,10 @@ from . import reproduce as reproduce_module
 from ..algorithms.criteria import GROW, PRUNE
 from ..algorithms.dst import SCOPES
 from ..algorithms.optg import MIN_EPOCHS_DIGITS
+from ..checkpoint import check_writable_folder
 from ..ops._backend import backends
 from .data import check_dataset, load_dataset
 from .models import MODELS, build_model
-from .output import check_output_dir
 from .recipes import DST_PRESETS, TICKET_METHODS
 from .training import (DISTRIBUTIONS, INITS, METHODS, SCHEDULES, TrainConfig, prepare, read_checkpoint,
                        total_epochs)
@@ -346,7 +346,7 @@ def _prepare_train(args):
     if args.resume is not None and args.stop_after is not None and args.stop_after < run.epoch:
         raise ValueError(f"--stop-after {args.stop_after} is before epoch {run.epoch}, where the resume checkpoint "
                          f"already is: nothing would be trained")
-    check_output_dir(args.out)
+    check_writable_folder(args.out, "--out")
     _warn_short_optg(config.method, config.epochs)
 
     def start():
@@ -377,8 +377,8 @@ def _prepare_compare(args):
     check_backend(base.device)
     dataset = load_dataset(base.dataset)
     build_model(base.model, dataset.input_shape, dataset.num_classes, base.width)
-    check_output_dir(args.out)
-    check_output_dir(os.path.join(args.out, "runs"), "--out's runs folder")
+    check_writable_folder(args.out, "--out")
+    check_writable_folder(os.path.join(args.out, "runs"), "--out's runs folder")
     if "optg" in args.methods:
         _warn_short_optg("optg", base.epochs)
 
@@ -398,8 +398,8 @@ def _prepare_reproduce(args):
     check_backend(args.device)
     plan = reproduce_module.plan(quick=args.quick, device=args.device)
     dataset = load_dataset(plan.dataset)
-    check_output_dir(args.out)
-    check_output_dir(os.path.join(args.out, "runs"), "--out's runs folder")
+    check_writable_folder(args.out, "--out")
+    check_writable_folder(os.path.join(args.out, "runs"), "--out's runs folder")
 
     def start():
         started = time.perf_counter()

@@ -1,26 +1,11 @@
-"""What the command line writes: output folders checked before training, files written atomically, errors on
-one line."""
+"""What the command line writes: files written atomically (output folders are checked before training with
+`sparsekern.checkpoint.check_writable_folder`), errors on one line."""
 from __future__ import annotations
 
 import csv
 import io
-import os
-import tempfile
 
 from .. import checkpoint
-
-
-def check_output_dir(path: str, argument: str = "--out") -> None:
-    """Creates the folder `path` if needed and makes sure a file can be written in it; ValueError (one line,
-    naming `argument`) if not. Run before training, so no work is lost to an unwritable output."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"{argument} {path!r} is a file, not a folder")
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as error:
-        raise ValueError(f"{argument} {path!r} is not a writable folder ({error.strerror or error})") from None
 
 
 def write_text(path: str, text: str) -> None:
