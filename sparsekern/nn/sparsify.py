@@ -199,10 +199,15 @@ def _reparametrized(module: nn.Module) -> bool:
     (a Lazy module before its first forward)."""
     if not isinstance(module, tuple(_SPARSE_OF)) or isinstance(module, SparseModule):
         return False
-    if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+    if _unmade(module):
         return True
     return parametrize.is_parametrized(module, "weight") or not isinstance(module._parameters.get("weight"),
                                                                              nn.Parameter)
+
+
+def _unmade(module: nn.Module) -> bool:
+    """A Lazy module that has not made its weight yet (before its first forward)."""
+    return isinstance(module, LazyModuleMixin) and module.has_uninitialized_params()
 
 
 def _maskable(targets: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
@@ -212,7 +217,7 @@ def _maskable(targets: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module
     for name, module in targets:
         if not _reparametrized(module):
             kept.append((name, module))
-        elif isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+        elif _unmade(module):
             raise ValueError(f"layer {name or '(root)'!r} ({type(module).__name__}) has not made its weight yet: "
                              f"run one forward pass before sparsify, or exclude it")
         else:
