@@ -199,3 +199,12 @@ def test_sparsekern_bench_reports_a_bad_argument_on_one_line(tmp_path, capsys):
             main(["bench", *argv])
         error = capsys.readouterr().err
         assert exit_info.value.code == 2 and error.startswith("sparsekern bench: error: ") and error.count("\n") == 1
+
+
+def test_training_step_case_labels_each_run_with_its_peak_and_keeps_the_profiler_off_stderr(capfd):
+    from sparsekern.bench.cases import training_step
+    cases = training_step.cases(CPU, quick=True)
+    assert capfd.readouterr().err == "", "the CPU memory profile wrote to stderr"
+    for case in cases:
+        assert case.baseline.startswith(f"{training_step.DENSE} (step peak ")
+        assert all(" (step peak " in label and label.endswith("x dense)") for label in case.runs)

@@ -11,14 +11,17 @@ zero_grad, forward, cross-entropy, backward, [DST.step()], SGD with momentum. Ru
 - "sparse, masked path": the static model told its weights may be non-zero off the masks (OptG's
   path), which selects where(mask, W, 0) every step.
 
-Peak memory (in the size column): the most memory a step allocates after zero_grad above what it
-holds then (parameters, buffers, optimizer state, and the sparse models' masks, whose size is given
-apart), so that a persistent dense-gradient buffer or a mask-sized temporary would show. Measured
-once per run while the case is built: on CUDA by torch.cuda.max_memory_allocated, on CPU from the
-profiler's allocation events.
+Peak memory (in each run's label, and its ratio to dense): the most memory a step allocates after
+zero_grad above what it holds then (parameters, buffers, optimizer state, and the sparse models' masks,
+whose size is in the size column), so that a persistent dense-gradient buffer or a mask-sized temporary
+would show. Measured once per run while the case is built: on CUDA by torch.cuda.max_memory_allocated,
+on CPU from the profiler's allocation events.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from typing import Callable
 
 import torch
@@ -92,6 +95,22 @@ def _allocations(profile) -> list[int]:
     return [size for _, size in sorted(events)]
 
 
+@contextlib.contextmanager
+def _stderr_silenced():
+    """Sends file descriptor 2 to /dev/null: Kineto (torch 2.13 and later) writes two "USDT:" lines to it
+    at every profiler start and stop, at a level KINETO_LOG_LEVEL does not silence, and a report would
+    otherwise be interleaved with them. Python exceptions are raised, not printed, so none is lost."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def step_peak_bytes(learn: Callable[[], None], device: torch.device) -> int:
     """Peak memory a call of `learn` allocates above what is allocated when it starts."""
     if device.type == "cuda":
@@ -101,7 +120,8 @@ def step_peak_bytes(learn: Callable[[], None], device: torch.device) -> int:
         learn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - held
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
+    with _stderr_silenced(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                     profile_memory=True) as profile:
         learn()
     peak = total = 0
     for size in _allocations(profile):
@@ -154,10 +174,10 @@ def mask_bytes(runs: dict[str, Callable[[], None]]) -> int:
 def _case(description: str, build: Callable[[], nn.Module], input_shape, device: torch.device) -> Case:
     runs = training_runs(build, input_shape, device)
     peaks = step_peaks(runs, device)
-    memory = ", ".join(f"{name} {peak / 2 ** 20:.1f} MB ({peak / peaks[DENSE]:.2f}x)" for name, peak in peaks.items())
-    size = (f"{description}, d={DENSITY}; step peak memory: {memory}; "
-            f"masks held: {mask_bytes(runs) / 2 ** 20:.1f} MB")
-    return Case("training step", size, runs, baseline=DENSE)
+    label = {name: f"{name} (step peak {peak / 2 ** 20:.1f} MB, {peak / peaks[DENSE]:.2f}x dense)"
+             for name, peak in peaks.items()}
+    size = f"{description}, d={DENSITY}, masks held {mask_bytes(runs) / 2 ** 20:.1f} MB"
+    return Case("training step", size, {label[name]: run for name, run in runs.items()}, baseline=label[DENSE])
 
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
