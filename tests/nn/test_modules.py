@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsekern
-from sparsekern.nn import SparseConv2d, SparseLinear, sparse_modules
+from sparsekern.nn import SparseConv1d, SparseConv2d, SparseConv3d, SparseLinear, sparse_modules
 
 
 def random_mask(shape, density, generator):
@@ -46,10 +46,15 @@ def test_sparse_linear_matches_masked_dense(generator, dtype, atol, bias, dense_
         torch.testing.assert_close(layer.bias.grad, bias_ref.grad, atol=atol, rtol=0)
 
 
+DENSE_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+SPARSE_CONV = {1: SparseConv1d, 2: SparseConv2d, 3: SparseConv3d}
+F_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+SPATIAL = {1: (9,), 2: (9, 8), 3: (5, 6, 4)}
+# Tuples give one value per spatial dim, cut to the convolution's dims.
 CONV_CASES = [
     dict(kernel_size=3),
     dict(kernel_size=3, stride=2, padding=1),
-    dict(kernel_size=(3, 2), stride=(2, 1), padding=(2, 0), dilation=(1, 2)),
+    dict(kernel_size=(3, 2, 2), stride=(2, 1, 1), padding=(2, 0, 1), dilation=(1, 2, 1)),
     dict(kernel_size=3, dilation=2, padding="same"),
     dict(kernel_size=3, padding="valid", groups=2),
     dict(kernel_size=1, groups=6, bias=False),
@@ -58,17 +63,27 @@ CONV_CASES = [
 ]
 
 
+def for_dims(case, dims):
+    return {key: value[:dims] if isinstance(value, tuple) else value for key, value in case.items()}
+
+
+def channels_last(shape, generator, dtype=torch.float32):
+    """Random (N, C, *spatial) values in channels-last strides, a non-contiguous input."""
+    n, c, *spatial = shape
+    return torch.randn(n, *spatial, c, generator=generator, dtype=dtype).movedim(-1, 1)
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
 @pytest.mark.parametrize("dense_grad", [False, True])
-def test_sparse_conv2d_matches_conv2d_with_masked_weight(generator, case, dense_grad):
-    dense = nn.Conv2d(6, 12, **case, dtype=torch.float64)
-    layer = SparseConv2d.from_dense(copy.deepcopy(dense))
+def test_sparse_conv_matches_conv_with_masked_weight(generator, dims, case, dense_grad):
+    dense = DENSE_CONV[dims](6, 12, **for_dims(case, dims), dtype=torch.float64)
+    layer = SPARSE_CONV[dims].from_dense(copy.deepcopy(dense))
     mask = random_mask(layer.weight.shape, 0.4, generator)
     layer.set_mask(mask)
     layer.dense_grad = dense_grad
-    # Non-contiguous input: channels-last strides.
-    x = torch.randn(3, 6, 9, 8, generator=generator, dtype=torch.float64).to(
-        memory_format=torch.channels_last).requires_grad_()
+    x = channels_last((3, 6, *SPATIAL[dims]), generator, torch.float64).requires_grad_()
+    assert not x.is_contiguous()
     y = layer(x)
     dy = torch.randn(y.shape, generator=generator, dtype=torch.float64)
     y.backward(dy)
@@ -84,6 +99,34 @@ def test_sparse_conv2d_matches_conv2d_with_masked_weight(generator, case, dense_
     torch.testing.assert_close(layer.weight.grad, expected_grad)
     if dense.bias is not None:
         torch.testing.assert_close(layer.bias.grad, dense.bias.grad)
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("batch", [2, 0], ids=["batch", "empty batch"])
+@pytest.mark.parametrize("dtype, atol, rtol", [(torch.float32, 1e-5, 1e-5), (torch.bfloat16, 5e-2, 2e-2)])
+def test_sparse_conv_matches_functional_conv_on_weight_times_mask(generator, dims, batch, dtype, atol, rtol):
+    # Odd channel counts and sizes, groups, dilation and stride; bfloat16 through autocast, against
+    # F.convNd on the masked weight under the same autocast.
+    layer = SPARSE_CONV[dims](9, 15, (3, 2, 3)[:dims], stride=(1, 2, 1)[:dims], padding=(2, 1, 0)[:dims],
+                              dilation=(2, 1, 1)[:dims], groups=3)
+    mask = random_mask(layer.weight.shape, 0.3, generator)
+    layer.set_mask(mask)
+    x = channels_last((batch, 9, *(7, 5, 6)[:dims]), generator).requires_grad_()
+    weight = masked(layer.weight.detach(), mask).requires_grad_()
+    bias = layer.bias.detach().clone().requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        y = layer(x)
+        y_ref = F_CONV[dims](x_ref, weight, bias, stride=layer.stride, padding=layer.padding,
+                             dilation=layer.dilation, groups=3)
+    assert y.dtype == y_ref.dtype == dtype and y.shape == y_ref.shape and y.shape[0] == batch
+    dy = torch.randn(y.shape, generator=generator).to(dtype)
+    y.backward(dy)
+    y_ref.backward(dy)
+    torch.testing.assert_close(y, y_ref, atol=atol, rtol=rtol)
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=atol, rtol=rtol)
+    torch.testing.assert_close(layer.weight.grad, masked(weight.grad, mask), atol=atol, rtol=rtol)
+    torch.testing.assert_close(layer.bias.grad, bias.grad, atol=atol, rtol=rtol)
 
 
 def test_new_module_is_dense_and_set_mask_zeroes_weights(generator):
@@ -106,15 +149,18 @@ def test_set_mask_rejects_bad_masks_and_changes_nothing(bad, error):
     assert layer.mask.all() and torch.equal(layer.weight, before)
 
 
-@pytest.mark.parametrize("make", [lambda: nn.Linear(10, 6), lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2)])
-def test_dense_round_trip_and_state_dicts(generator, make):
+@pytest.mark.parametrize("make, shape", [
+    (lambda: nn.Linear(10, 6), (2, 10)),
+    *[(lambda dims=dims: DENSE_CONV[dims](4, 6, 3, stride=2, padding=1, groups=2, padding_mode="reflect"),
+       (2, 4, *[7] * dims)) for dims in (1, 2, 3)]], ids=["linear", "conv1d", "conv2d", "conv3d"])
+def test_dense_round_trip_and_state_dicts(generator, make, shape):
     dense = make()
-    sparse = (SparseLinear if isinstance(dense, nn.Linear) else SparseConv2d).from_dense(dense)
+    sparse = (SparseLinear if isinstance(dense, nn.Linear) else SPARSE_CONV[dense.weight.dim() - 2]).from_dense(dense)
     assert sparse.weight is dense.weight  # shared, so an optimizer on the dense model stays valid
+    assert repr(sparse) == f"{type(sparse).__name__}{repr(dense).removeprefix(type(dense).__name__)[:-1]}, density=1)"
     mask = random_mask(sparse.weight.shape, 0.5, generator)
     sparse.set_mask(mask)
-    x = torch.randn(2, 10, generator=generator) if isinstance(dense, nn.Linear) else torch.randn(
-        2, 4, 7, 7, generator=generator)
+    x = torch.randn(shape, generator=generator)
 
     back = sparse.to_dense()
     assert type(back) is type(dense) and back.weight is not sparse.weight
@@ -132,6 +178,11 @@ def test_dense_round_trip_and_state_dicts(generator, make):
     other = copy.deepcopy(fresh)
     other.load_state_dict(state)
     assert torch.equal(other.mask, mask) and torch.equal(other.weight, sparse.weight)
+
+
+def test_from_dense_takes_only_its_own_kind_of_convolution():
+    with pytest.raises(TypeError, match="SparseConv3d.from_dense takes an nn.Conv3d, got Conv1d"):
+        SparseConv3d.from_dense(nn.Conv1d(2, 2, 3))
 
 
 def test_loading_dense_checkpoint_into_sparsified_model_keeps_callers_dict():
@@ -320,8 +371,10 @@ def test_gradient_flow_is_masked_norm_and_changes_nothing(generator):
 
 
 @pytest.mark.parametrize("make, shape", [(lambda: SparseLinear(16, 8), (4, 16)),
-                                         (lambda: SparseConv2d(4, 8, 3, padding=1, groups=2), (2, 4, 6, 6))],
-                         ids=["linear", "conv2d"])
+                                         (lambda: SparseConv1d(4, 8, 3, padding=1, groups=2), (2, 4, 6)),
+                                         (lambda: SparseConv2d(4, 8, 3, padding=1, groups=2), (2, 4, 6, 6)),
+                                         (lambda: SparseConv3d(4, 8, 3, padding=1, groups=2), (2, 4, 4, 5, 3))],
+                         ids=["linear", "conv1d", "conv2d", "conv3d"])
 def test_compiles_as_one_graph_and_follows_dense_grad(generator, make, shape):
     # aot_eager traces forward and backward through the fake impls like inductor does, in a
     # fraction of inductor's compile time on CPU.
@@ -339,8 +392,10 @@ def test_compiles_as_one_graph_and_follows_dense_grad(generator, make, shape):
 
 
 @pytest.mark.parametrize("make, shape", [(lambda: SparseLinear(6, 4), (3, 6)),
-                                         (lambda: SparseConv2d(2, 4, 3, padding=1), (3, 2, 5, 5))],
-                         ids=["linear", "conv2d"])
+                                         (lambda: SparseConv1d(2, 4, 3, padding=1), (3, 2, 5)),
+                                         (lambda: SparseConv2d(2, 4, 3, padding=1), (3, 2, 5, 5)),
+                                         (lambda: SparseConv3d(2, 4, 3, padding=1), (3, 2, 4, 3, 5))],
+                         ids=["linear", "conv1d", "conv2d", "conv3d"])
 def test_values_off_the_mask_never_reach_the_output_and_load_as_saved(generator, make, shape):
     layer = make()
     mask = random_mask(layer.weight.shape, 0.5, generator)
