@@ -1,4 +1,4 @@
-"""`sparsify(model, density, ...)`: turn a model's Linear and Conv2d layers into sparse ones, in place."""
+"""`sparsify(model, density, ...)`: turn a model's Linear and Conv1d/2d/3d layers into sparse ones, in place."""
 from __future__ import annotations
 
 import fnmatch
@@ -15,11 +15,11 @@ from torch.nn.utils import parametrize
 from .. import ops
 from ..ops import _checks
 from . import distributions, init as sparse_init, tying
-from .modules import SparseConv2d, SparseLinear, SparseModule
+from .modules import SparseConv1d, SparseConv2d, SparseConv3d, SparseLinear, SparseModule
 
 # Exact types: a subclass of nn.Linear may read its weight outside forward (MultiheadAttention's
 # out_proj does), where a mask would not apply.
-_SPARSE_OF = {nn.Linear: SparseLinear, nn.Conv2d: SparseConv2d}
+_SPARSE_OF = {nn.Linear: SparseLinear, nn.Conv1d: SparseConv1d, nn.Conv2d: SparseConv2d, nn.Conv3d: SparseConv3d}
 MASKS = ("random", "magnitude")
 
 
@@ -27,12 +27,13 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
              include: Sequence[str] | str | None = None, exclude: Sequence[str] | str | None = None,
              init: str | Callable | None = None, power: float = 1.0, dense_first_layer: bool = False,
              generator: torch.Generator | None = None, mask: str = "random") -> nn.Module:
-    """Replaces the nn.Linear and nn.Conv2d modules of `model` by sparse ones, with random masks or
-    masks that keep each layer's largest weights.
+    """Replaces the nn.Linear and nn.Conv1d/2d/3d modules of `model` by sparse ones, with random masks
+    or masks that keep each layer's largest weights.
 
     Args:
-        model: modified in place. Modules of exactly nn.Linear or nn.Conv2d (subclasses are left
-            alone) and sparse modules already present (their masks are drawn again) are sparsified.
+        model: modified in place. Modules of exactly nn.Linear, nn.Conv1d, nn.Conv2d or nn.Conv3d
+            (subclasses are left alone) and sparse modules already present (their masks are drawn
+            again) are sparsified.
             One whose weight is computed from other parameters (torch.nn.utils.parametrize,
             weight_norm, spectral_norm, prune) stays dense, with a warning; a Lazy one that has not
             made its weight yet raises ValueError; a weight of a dtype other than float16, bfloat16,
@@ -63,7 +64,7 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
             globally over several cycles). Weights must be finite; an already sparse layer ranks
             its current, masked weights, so a lower density keeps a subset of its active entries.
     Returns:
-        `model`, or its replacement if `model` itself is a Linear/Conv2d.
+        `model`, or its replacement if `model` itself is a Linear/Conv1d/Conv2d/Conv3d.
 
     Layer l holds exactly round(d_l * N_l) active weights: the top entries, through
     `sparsekern.ops.topk_mask`, of uniform random scores or of |weight| (ties to the lower flat
@@ -178,7 +179,7 @@ def _layers(model: nn.Module, include: list[str] | None, exclude: list[str]) -> 
     groups = [group for group in tying.group_by_weight(targets)
               if not any(id(module) in tied_to_dense for _, module in group)]
     if not groups:
-        raise ValueError("model has no nn.Linear or nn.Conv2d module to sparsify"
+        raise ValueError("model has no nn.Linear or nn.Conv1d/2d/3d module to sparsify"
                          + ("" if include is None and not exclude else " matching include/exclude")
                          + (" whose weight is not tied to a dense module" if tied_to_dense else ""))
     for group in groups:
@@ -194,7 +195,7 @@ def _layers(model: nn.Module, include: list[str] | None, exclude: list[str]) -> 
 
 
 def _reparametrized(module: nn.Module) -> bool:
-    """A Linear/Conv2d whose weight a mask cannot hold: computed by torch.nn.utils.parametrize, or by a
+    """A Linear/Conv whose weight a mask cannot hold: computed by torch.nn.utils.parametrize, or by a
     forward hook from other parameters (torch.nn.utils.weight_norm, spectral_norm, prune), or not made yet
     (a Lazy module before its first forward)."""
     if not isinstance(module, tuple(_SPARSE_OF)) or isinstance(module, SparseModule):
@@ -248,7 +249,7 @@ def _carry_hooks(original: nn.Module, sparse: nn.Module) -> None:
 
 def _sparse_like(module: nn.Module) -> SparseModule:
     """A new sparse module sharing `module`'s Parameters (nothing of `module` changes)."""
-    kind = SparseLinear if isinstance(module, nn.Linear) else SparseConv2d
+    kind = next(sparse for dense, sparse in _SPARSE_OF.items() if isinstance(module, dense))
     return kind.from_dense(module)
 
 

@@ -1,5 +1,6 @@
 """Sparse modules against plain PyTorch with masked weights, sparsify, summary and gradient flow."""
 import copy
+import math
 
 import pytest
 import torch
@@ -250,6 +251,47 @@ def test_sparsify_include_exclude_shared_and_root(generator):
     assert type(model["attention"].out_proj) is not SparseLinear  # a Linear subclass, left alone
     root = sparsekern.sparsify(nn.Linear(5, 5), 0.4, generator=generator)
     assert isinstance(root, SparseLinear) and root.nnz == 10
+
+
+def conv1d_conv3d_model():
+    """Input (N, 2, 4, 4, 4), 5 classes."""
+    return nn.Sequential(nn.Conv3d(2, 4, (3, 2, 3), groups=2), nn.ReLU(), nn.Flatten(2), nn.Conv1d(4, 6, 3),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(60, 5))
+
+
+@pytest.mark.parametrize("mask", ["random", "magnitude"])
+@pytest.mark.parametrize("distribution", ["uniform", "erk"])
+def test_sparsify_turns_conv1d_and_conv3d_sparse(generator, mask, distribution):
+    model = conv1d_conv3d_model()
+    before = {name: module.weight.detach().clone() for name, module in model.named_modules()
+              if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv3d))}
+    calls = []
+    model[3].register_forward_hook(lambda module, args, output: calls.append(type(module)))
+    sparsekern.sparsify(model, 0.3, distribution, mask=mask, generator=generator)
+    layers = [module for _, module in sparse_modules(model)]
+    assert [type(m) for m in layers] == [SparseConv3d, SparseConv1d, SparseLinear]
+    shapes = [tuple(m.weight.shape) for m in layers]
+    densities = sparsekern.distributions.layer_densities(shapes, 0.3, distribution)
+    assert [m.nnz for m in layers] == [round(d * math.prod(s)) for d, s in zip(densities, shapes)]
+    if distribution == "erk":  # RigL's (n_in + n_out + sum of kernel dims) / (n_in n_out prod of kernel dims)
+        def raw(m):
+            n_in, n_out = m.weight.shape[1], m.weight.shape[0]
+            kernel = getattr(m, "kernel_size", ())
+            return (n_in + n_out + sum(kernel)) / (n_in * n_out * math.prod(kernel))
+        assert max(densities) < 1
+        assert [d / raw(m) for d, m in zip(densities, layers)] == pytest.approx([densities[0] / raw(layers[0])] * 3)
+    for (name, module) in sparse_modules(model):
+        assert not module.weight[~module.mask].any()
+        if mask == "magnitude":
+            expected = torch.zeros(module.weight.numel(), dtype=torch.bool)
+            expected[before[name].abs().flatten().argsort(descending=True, stable=True)[:module.nnz]] = True
+            assert torch.equal(module.mask, expected.view_as(module.weight))
+    x = torch.randn(3, 2, 4, 4, 4, generator=generator)
+    dense = copy.deepcopy(model)
+    for name, module in sparse_modules(model):
+        dense.set_submodule(name, module.to_dense())
+    torch.testing.assert_close(model(x), dense(x))
+    assert calls == [SparseConv1d]  # the hook moved to the sparse module (to_dense makes a module without it)
 
 
 def test_sparsify_same_seed_same_masks_and_weights():
