@@ -32,8 +32,10 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
 
     Args:
         model: modified in place. Modules of exactly nn.Linear, nn.Conv1d, nn.Conv2d or nn.Conv3d
-            (subclasses are left alone) and sparse modules already present (their masks are drawn
-            again) are sparsified.
+            and sparse modules already present (their masks are drawn again) are sparsified. Other
+            weight-bearing layers stay dense, named in one warning unless include/exclude leave them
+            out: subclasses of those types, transposed convolutions, nn.Bilinear, the projections of
+            nn.MultiheadAttention, recurrent layers (norms and embeddings stay dense silently).
             One whose weight is computed from other parameters (torch.nn.utils.parametrize,
             weight_norm, spectral_norm, prune) stays dense, with a warning; a Lazy one that has not
             made its weight yet raises ValueError; a weight of a dtype other than float16, bfloat16,
@@ -159,11 +161,12 @@ def _layers(model: nn.Module, include: list[str] | None, exclude: list[str]) -> 
             if not any(fnmatch.fnmatchcase(name, pattern) for name in every_name):
                 warnings.warn(f"{label} pattern {pattern!r} matches no module of the model", stacklevel=3)
 
-    candidates = [(name, module) for name, module in model.named_modules()
-                  if type(module) in _SPARSE_OF or isinstance(module, SparseModule) or _reparametrized(module)]
-    targets = _maskable([(name, module) for name, module in candidates
-                         if (include is None or _matches(names[id(module)], include))
-                         and not _matches(names[id(module)], exclude)])
+    selected = [(name, module) for name, module in model.named_modules()
+                if (include is None or _matches(names[id(module)], include))
+                and not _matches(names[id(module)], exclude)]
+    left_dense = _left_dense(selected)
+    targets = _maskable([(name, module) for name, module in selected
+                         if type(module) in _SPARSE_OF or isinstance(module, SparseModule) or _reparametrized(module)])
     target_ids = {id(module) for _, module in targets}
     held = tying.holders(model)
     tied_to_dense = {}
@@ -181,7 +184,10 @@ def _layers(model: nn.Module, include: list[str] | None, exclude: list[str]) -> 
     if not groups:
         raise ValueError("model has no nn.Linear or nn.Conv1d/2d/3d module to sparsify"
                          + ("" if include is None and not exclude else " matching include/exclude")
-                         + (" whose weight is not tied to a dense module" if tied_to_dense else ""))
+                         + (" whose weight is not tied to a dense module" if tied_to_dense else "")
+                         + (f"; {left_dense}" if left_dense else ""))
+    if left_dense:
+        warnings.warn(f"{left_dense}; exclude them to silence this warning", stacklevel=3)
     for group in groups:
         name, module = group[0]
         _check_dtype(name, module)
@@ -192,6 +198,41 @@ def _layers(model: nn.Module, include: list[str] | None, exclude: list[str]) -> 
             raise ValueError(f"layer {name or '(root)'!r} is on the meta device, whose tensors hold no values: "
                              f"materialise the model first (e.g. model.to_empty(device=...) and an init)")
     return groups
+
+
+# Weight-bearing layers a user may expect sparsify to mask, which it leaves dense. Norms, embeddings
+# and other per-feature parameters (PReLU, biases) are not listed: sparse training keeps them dense by
+# convention (RigL, SET, the lottery-ticket papers), as they hold few of the weights and an
+# embedding's rows are looked up, not multiplied.
+_LEFT_DENSE = (
+    ((nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), "transposed convolutions have no sparse module"),
+    ((nn.Bilinear,), "nn.Bilinear has no sparse module"),
+    ((nn.MultiheadAttention,), "its input projection weights are its own Parameters, which "
+                               "F.multi_head_attention_forward reads directly"),
+    ((nn.RNNBase, nn.RNNCellBase), "recurrent layers have no sparse module"),
+)
+
+
+def _left_dense(selected: list[tuple[str, nn.Module]]) -> str:
+    """One sentence naming the modules of `selected` that stay dense although a user may expect them
+    sparsified, grouped by why ("" if none)."""
+    reasons: dict[str, list[str]] = {}
+    for name, module in selected:
+        if isinstance(module, SparseModule) or type(module) in _SPARSE_OF or _reparametrized(module):
+            continue  # sparsified, or stays dense with a warning of its own
+        if isinstance(module, tuple(_SPARSE_OF)):
+            base = next(kind for kind in _SPARSE_OF if isinstance(module, kind))
+            reason = (f"a subclass of nn.{base.__name__} may read its weight outside forward, where a mask "
+                      f"would not apply (only the exact type is sparsified)")
+        else:
+            reason = next((why for kinds, why in _LEFT_DENSE if isinstance(module, kinds)), None)
+        if reason is not None:
+            reasons.setdefault(reason, []).append(f"{name or '(root)'} ({type(module).__name__})")
+    if not reasons:
+        return ""
+    count = sum(map(len, reasons.values()))
+    return (f"sparsify leaves {count} weight-bearing layer(s) dense: "
+            + "; ".join(f"{', '.join(names)}: {why}" for why, names in reasons.items()))
 
 
 def _reparametrized(module: nn.Module) -> bool:

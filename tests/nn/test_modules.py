@@ -1,6 +1,7 @@
 """Sparse modules against plain PyTorch with masked weights, sparsify, summary and gradient flow."""
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -292,6 +293,43 @@ def test_sparsify_turns_conv1d_and_conv3d_sparse(generator, mask, distribution):
         dense.set_submodule(name, module.to_dense())
     torch.testing.assert_close(model(x), dense(x))
     assert calls == [SparseConv1d]  # the hook moved to the sparse module (to_dense makes a module without it)
+
+
+class ScaledLinear(nn.Linear):
+    pass
+
+
+class ChannelConv3d(nn.Conv3d):
+    pass
+
+
+def layers_left_dense():
+    return nn.ModuleDict({"conv": nn.Conv1d(2, 4, 3), "up": nn.ConvTranspose3d(4, 2, 2),
+                          "attention": nn.MultiheadAttention(4, 2), "rnn": nn.GRU(4, 4), "pair": nn.Bilinear(3, 3, 2),
+                          "scaled": ScaledLinear(4, 4), "channels": ChannelConv3d(2, 2, 1),
+                          "norm": nn.LayerNorm(4), "batch_norm": nn.BatchNorm1d(4), "embedding": nn.Embedding(9, 4)})
+
+
+def test_sparsify_names_the_weight_layers_it_leaves_dense_in_one_warning(generator):
+    model = layers_left_dense()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sparsekern.sparsify(model, 0.5, generator=generator)
+    assert isinstance(model["conv"], SparseConv1d)
+    assert len(caught) == 1 and caught[0].category is UserWarning and caught[0].filename == __file__
+    message = str(caught[0].message)
+    for named in ("up (ConvTranspose3d)", "attention (MultiheadAttention)", "rnn (GRU)", "pair (Bilinear)",
+                  "attention.out_proj (NonDynamicallyQuantizableLinear)", "scaled (ScaledLinear)",
+                  "channels (ChannelConv3d)", "subclass of nn.Linear", "subclass of nn.Conv3d"):
+        assert named in message, named
+    assert "7 weight-bearing layer(s)" in message
+    assert not any(name in message for name in ("norm", "embedding", "(Conv1d)"))  # dense by convention
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # excluded or not included: the user chose, nothing to say
+        sparsekern.sparsify(layers_left_dense(), 0.5, exclude=["up", "attention*", "rnn", "pair", "scaled", "channels"])
+        sparsekern.sparsify(layers_left_dense(), 0.5, include="conv")
+    with pytest.raises(ValueError, match=r"model has no .* module to sparsify; .*0 \(MultiheadAttention\)"):
+        sparsekern.sparsify(nn.Sequential(nn.MultiheadAttention(4, 2)), 0.5)
 
 
 def test_sparsify_same_seed_same_masks_and_weights():
