@@ -1,9 +1,9 @@
 """Helpers shared by the test packages (fixtures live in conftest.py).
 
 Op tests: the backends under test, dtypes, random scores with ties and special values, non-contiguous
-layouts. Algorithm tests (IMP, SWAMP, OptG and the SWAMP-on-ranks script): a small sparse MLP,
-scikit-learn's digits, and a stateless batch order (batch t is a function of (data seed, t)), so that
-a run resumed at any step sees the same batches as an uninterrupted one.
+layouts. Algorithm tests (IMP, SWAMP, OptG and the SWAMP-on-ranks script): a small sparse MLP, a
+Conv3d+Conv1d model, scikit-learn's digits, and a stateless batch order (batch t is a function of
+(data seed, t)), so that a run resumed at any step sees the same batches as an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from sparsekern.nn import SparseLinear, sparse_modules
+from sparsekern.nn import SparseConv1d, SparseConv3d, SparseLinear, sparse_modules
 from sparsekern.ops import _backend
 
 BACKENDS = _backend.AUTO_ORDER
@@ -74,6 +74,21 @@ def mlp(seed: int, inputs: int = 64, hidden: int = 32, outputs: int = 10,
             layers.append(nn.BatchNorm1d(hidden))
         layers += [nn.ReLU(), SparseLinear(hidden, outputs)]
         return nn.Sequential(*layers)
+
+
+def conv1d_conv3d_model(seed: int) -> nn.Module:
+    """Sparse (all-True masks) model of a Conv3d, a grouped Conv1d and a Linear head, drawn from `seed`:
+    input (N, 2, 4, 4, 4), 5 classes."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return nn.Sequential(SparseConv3d(2, 4, 3), nn.ReLU(), nn.Flatten(2), SparseConv1d(4, 6, 3, groups=2),
+                             nn.ReLU(), nn.Flatten(), SparseLinear(36, 5))
+
+
+def conv_data(seed: int = 0, rows: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) for `conv1d_conv3d_model`."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, 2, 4, 4, 4, generator=g), torch.randint(0, 5, (rows,), generator=g)
 
 
 @functools.lru_cache(maxsize=1)

@@ -357,7 +357,7 @@ def _nan_weight_dense_world(tmp_path=None):
 error("sparsify(init='dense') of a model with NaN weights", _nan_weight_dense_world,
       lambda w: sparsekern.sparsify(w.model, 0.5, init="dense", generator=w.generator), ValueError, "non-finite")
 
-for _name, _make in (("without Linear/Conv2d", lambda: nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3))),
+for _name, _make in (("without Linear/Conv", lambda: nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3))),
                      ("of a Linear subclass only", lambda: nn.MultiheadAttention(4, 2))):
     error(f"sparsify(model {_name})", lambda tmp_path=None, m=_make: SimpleNamespace(model=m()),
           lambda w: sparsekern.sparsify(w.model, 0.5), ValueError, "model has no")
@@ -1244,6 +1244,31 @@ error("sparsify(a complex Linear)", _complex_world, lambda w: sparsekern.sparsif
       "layer '1' has a torch.complex64 weight")
 error("sparsify(an int32 Linear)", _int_weight_world, lambda w: sparsekern.sparsify(w.model, 0.5), TypeError,
       "layer '1' has a torch.int32 weight")
+
+
+def _linear_after_it_sparsified(world):
+    assert type(world.result[1]).__name__ == "SparseLinear"
+
+
+# The same refusals for 1-d and 3-d convolutions.
+for _lazy, _conv in ((nn.LazyConv1d, nn.Conv1d), (nn.LazyConv3d, nn.Conv3d)):
+    error(f"sparsify(an unmaterialised {_lazy.__name__})",
+          lambda tmp_path=None, lazy=_lazy: SimpleNamespace(model=nn.Sequential(nn.Linear(5, 4), lazy(3, 2))),
+          lambda w: sparsekern.sparsify(w.model, 0.5), ValueError,
+          f"'1' \\({_lazy.__name__}\\) has not made its weight")
+    error(f"sparsify(a complex {_conv.__name__})",
+          lambda tmp_path=None, conv=_conv: SimpleNamespace(model=nn.Sequential(
+              nn.Linear(4, 3), conv(3, 2, 1, dtype=torch.complex64))),
+          lambda w: sparsekern.sparsify(w.model, 0.5), TypeError, "layer '1' has a torch.complex64 weight")
+    error(f"sparsify(an {_conv.__name__} on the meta device)",
+          lambda tmp_path=None, conv=_conv: SimpleNamespace(model=nn.Sequential(conv(3, 2, 1, device="meta"))),
+          lambda w: sparsekern.sparsify(w.model, 0.5), ValueError, "layer '0' is on the meta device")
+    warning(f"sparsify(an {_conv.__name__} under weight_norm)",
+            lambda tmp_path=None, conv=_conv: SimpleNamespace(model=nn.Sequential(
+                torch.nn.utils.parametrizations.weight_norm(conv(3, 2, 1)), nn.Linear(4, 2))),
+            lambda w: sparsekern.sparsify(w.model, 0.5),
+            f"0 \\({_conv.__name__}\\) stays dense: its weight is computed",
+            then=_linear_after_it_sparsified)
 error("sparsify(power=-1e6): a layer's ERK density underflows to 0", dense_world,
       lambda w: sparsekern.sparsify(w.model, 0.5, power=-1e6, generator=w.generator), ValueError, "no active weight")
 error("SparseLinear.set_mask(a meta mask)", layer_world,

@@ -32,7 +32,7 @@ def sparse_layers(model: nn.Module) -> list[tying.Group]:
     named = sparse_modules(model)
     if not named:
         raise ValueError("model has no sparse modules: convert it with sparsekern.sparsify(model, 1.0) "
-                         "or build it from sparsekern.nn.SparseLinear / SparseConv2d")
+                         "or build it from sparsekern.nn.SparseLinear / SparseConv1d/2d/3d")
     groups = tying.group_by_weight(named)
     tying.check_groups(groups)
     return groups

@@ -326,10 +326,10 @@ def total_epochs(config: TrainConfig) -> int:
 
 
 def density(model: nn.Module) -> float:
-    """Active fraction of the weights of the model's Linear and Conv2d layers (sparse ones count their mask)."""
+    """Active fraction of the weights of the model's Linear and Conv1d/2d/3d layers (sparse ones count their mask)."""
     active = total = 0
     for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
+        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             mask = getattr(module, "mask", None)
             active += module.weight.numel() if mask is None else int(mask.sum())
             total += module.weight.numel()

@@ -4,8 +4,8 @@ Imports only `sparsekern.ops` below it; the algorithms above drive these modules
 """
 from . import distributions, init
 from .metrics import gradient_flow, summary
-from .modules import SparseConv2d, SparseLinear, SparseModule, sparse_modules
+from .modules import SparseConv1d, SparseConv2d, SparseConv3d, SparseConvNd, SparseLinear, SparseModule, sparse_modules
 from .sparsify import sparsify
 
-__all__ = ["SparseModule", "SparseLinear", "SparseConv2d", "sparse_modules", "sparsify", "distributions",
-           "init", "gradient_flow", "summary"]
+__all__ = ["SparseModule", "SparseLinear", "SparseConvNd", "SparseConv1d", "SparseConv2d", "SparseConv3d",
+           "sparse_modules", "sparsify", "distributions", "init", "gradient_flow", "summary"]

@@ -1,13 +1,15 @@
 """Per-layer densities: how a global density d is spread over the sparsified layers.
 
 Layers are given by their weight shapes, e.g. (out, in) for a linear layer and
-(out, in / groups, k_h, k_w) for a convolution; N_l is the number of weights of layer l.
+(out, in / groups, *kernel) for a 1-d, 2-d or 3-d convolution; N_l is the number of weights of layer l.
 
 - `uniform`: every layer at density d; optionally the first layer dense (RigL's uniform setting),
   which puts the total above d * sum N_l.
 - `erk` (Erdos-Renyi-Kernel, RigL's `get_sparsities_erdos_renyi`): d_l = eps * (sum(shape_l) /
-  prod(shape_l)) ** power, with eps solved so that sum d_l * N_l = d * sum N_l. A layer whose d_l
-  would exceed 1 is made dense and eps is solved again over the others, until none exceeds 1.
+  prod(shape_l)) ** power, with eps solved so that sum d_l * N_l = d * sum N_l; for a convolution
+  of any number of kernel dims that is (n_out + n_in + sum of kernel dims) / (n_out * n_in * prod of
+  kernel dims). A layer whose d_l would exceed 1 is made dense and eps is solved again over the
+  others, until none exceeds 1.
 
 `layer_counts` turns densities into exact non-zero counts: round(d_l * N_l), rounding half to even
 (Python's `round`).

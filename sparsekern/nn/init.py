@@ -112,7 +112,7 @@ def resolve(init: str | Callable) -> Callable[..., None]:
 
 def _check_module(module) -> None:
     if not isinstance(module, SparseModule):
-        raise TypeError(f"module must be a sparse module (sparsekern.nn.SparseLinear, SparseConv2d), "
+        raise TypeError(f"module must be a sparse module (sparsekern.nn.SparseLinear, SparseConv1d/2d/3d), "
                         f"got {type(module).__name__}")
 
 

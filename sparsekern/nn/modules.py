@@ -1,4 +1,4 @@
-"""Sparse layers: nn.Linear and nn.Conv2d whose weight is multiplied by a fixed bool mask.
+"""Sparse layers: nn.Linear and nn.Conv1d/2d/3d whose weight is multiplied by a fixed bool mask.
 
 Each sparse module holds `weight` (Parameter), `bias` (Parameter or None), a bool buffer `mask`
 shaped like the weight (all True at construction) and two plain attributes, `dense_grad` and
@@ -27,9 +27,9 @@ is not masked: set `dense_grad` back to False, and mask or consume the gradient,
 optimizer step, or the step moves inactive weights.
 
 Under torch.autocast the layers compute in the autocast dtype and return it, as nn.Linear and
-nn.Conv2d do. Their backward is differentiable again (double backward).
+nn.Conv1d/2d/3d do. Their backward is differentiable again (double backward).
 
-A plain nn.Linear / nn.Conv2d state dict loads into the matching sparse module (its missing
+A plain nn.Linear / nn.Conv1d/2d/3d state dict loads into the matching sparse module (its missing
 `mask` means all True), and `to_dense()` returns a plain module holding the masked weight.
 Loading a state dict sets `zero_off_mask` from the loaded values.
 """
@@ -44,7 +44,7 @@ from ..ops.packing import PackedWeight
 
 
 class SparseModule(nn.Module):
-    """What SparseLinear and SparseConv2d share: the mask, its invariant and state-dict loading.
+    """What every sparse module shares: the mask, its invariant and state-dict loading.
 
     A mixin: subclasses also derive from the dense module they sparsify and call `_init_mask()`
     once `weight` exists.
@@ -208,8 +208,10 @@ class SparseLinear(SparseModule, nn.Linear):
         return _copy_masked_into(dense, self)
 
 
-class SparseConv2d(SparseModule, nn.Conv2d):
-    """nn.Conv2d with a weight mask (same arguments, string padding and padding modes included).
+class SparseConvNd(SparseModule):
+    """What SparseConv1d, SparseConv2d and SparseConv3d share: the arguments of the dense
+    convolution they sparsify (string padding and padding modes included), forward, from_dense and
+    to_dense. A subclass derives from this and from its dense module, named in `dense_class`.
 
     The forward runs the ordinary convolution (cuDNN / oneDNN) on the weight itself where it is 0
     off the mask (`zero_off_mask`), else on the masked weight. Lowering to
@@ -218,6 +220,8 @@ class SparseConv2d(SparseModule, nn.Conv2d):
     materialises a k_h*k_w times larger input and its backward (fold) is slow, while masking the
     weight took 0.95x-1.25x the time of a dense conv (`sparsekern/bench/cases/sparse_conv2d.py`).
     """
+
+    dense_class: type[nn.Module]
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
@@ -233,16 +237,37 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         return self._conv_forward(input, weight, self.bias)
 
     @classmethod
-    def from_dense(cls, conv: nn.Conv2d) -> "SparseConv2d":
-        """A SparseConv2d (mask all True) sharing `conv`'s weight and bias Parameters (see
-        SparseLinear.from_dense)."""
+    def from_dense(cls, conv: nn.Module) -> "SparseConvNd":
+        """A sparse convolution (mask all True) sharing `conv`'s weight and bias Parameters (see
+        SparseLinear.from_dense); `conv` must be a `dense_class`."""
+        if not isinstance(conv, cls.dense_class):
+            raise TypeError(f"{cls.__name__}.from_dense takes an nn.{cls.dense_class.__name__}, "
+                            f"got {type(conv).__name__}")
         sparse = cls(**_conv_arguments(conv), device="meta", dtype=conv.weight.dtype)
         return _adopt_parameters(sparse, conv)
 
-    def to_dense(self) -> nn.Conv2d:
-        """A plain nn.Conv2d with copies of the masked weight and the bias."""
-        dense = nn.Conv2d(**_conv_arguments(self), device="meta", dtype=self.weight.dtype)
+    def to_dense(self) -> nn.Module:
+        """A plain `dense_class` module with copies of the masked weight and the bias."""
+        dense = self.dense_class(**_conv_arguments(self), device="meta", dtype=self.weight.dtype)
         return _copy_masked_into(dense, self)
+
+
+class SparseConv1d(SparseConvNd, nn.Conv1d):
+    """nn.Conv1d with a weight mask (see SparseConvNd)."""
+
+    dense_class = nn.Conv1d
+
+
+class SparseConv2d(SparseConvNd, nn.Conv2d):
+    """nn.Conv2d with a weight mask (see SparseConvNd)."""
+
+    dense_class = nn.Conv2d
+
+
+class SparseConv3d(SparseConvNd, nn.Conv3d):
+    """nn.Conv3d with a weight mask (see SparseConvNd)."""
+
+    dense_class = nn.Conv3d
 
 
 def sparse_modules(model: nn.Module) -> list[tuple[str, SparseModule]]:
@@ -250,7 +275,7 @@ def sparse_modules(model: nn.Module) -> list[tuple[str, SparseModule]]:
     return [(name, module) for name, module in model.named_modules() if isinstance(module, SparseModule)]
 
 
-def _conv_arguments(conv: nn.Conv2d) -> dict:
+def _conv_arguments(conv: nn.Module) -> dict:
     return dict(in_channels=conv.in_channels, out_channels=conv.out_channels,
                 kernel_size=conv.kernel_size, stride=conv.stride, padding=conv.padding,
                 dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,

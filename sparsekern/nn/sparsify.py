@@ -1,4 +1,4 @@
-"""`sparsify(model, density, ...)`: turn a model's Linear and Conv2d layers into sparse ones, in place."""
+"""`sparsify(model, density, ...)`: turn a model's Linear and Conv1d/2d/3d layers into sparse ones, in place."""
 from __future__ import annotations
 
 import fnmatch
@@ -15,11 +15,11 @@ from torch.nn.utils import parametrize
 from .. import ops
 from ..ops import _checks
 from . import distributions, init as sparse_init, tying
-from .modules import SparseConv2d, SparseLinear, SparseModule
+from .modules import SparseConv1d, SparseConv2d, SparseConv3d, SparseLinear, SparseModule
 
 # Exact types: a subclass of nn.Linear may read its weight outside forward (MultiheadAttention's
 # out_proj does), where a mask would not apply.
-_SPARSE_OF = {nn.Linear: SparseLinear, nn.Conv2d: SparseConv2d}
+_SPARSE_OF = {nn.Linear: SparseLinear, nn.Conv1d: SparseConv1d, nn.Conv2d: SparseConv2d, nn.Conv3d: SparseConv3d}
 MASKS = ("random", "magnitude")
 
 
@@ -27,12 +27,15 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
              include: Sequence[str] | str | None = None, exclude: Sequence[str] | str | None = None,
              init: str | Callable | None = None, power: float = 1.0, dense_first_layer: bool = False,
              generator: torch.Generator | None = None, mask: str = "random") -> nn.Module:
-    """Replaces the nn.Linear and nn.Conv2d modules of `model` by sparse ones, with random masks or
-    masks that keep each layer's largest weights.
+    """Replaces the nn.Linear and nn.Conv1d/2d/3d modules of `model` by sparse ones, with random masks
+    or masks that keep each layer's largest weights.
 
     Args:
-        model: modified in place. Modules of exactly nn.Linear or nn.Conv2d (subclasses are left
-            alone) and sparse modules already present (their masks are drawn again) are sparsified.
+        model: modified in place. Modules of exactly nn.Linear, nn.Conv1d, nn.Conv2d or nn.Conv3d
+            and sparse modules already present (their masks are drawn again) are sparsified. Other
+            weight-bearing layers stay dense, named in one warning unless include/exclude leave them
+            out: subclasses of those types, transposed convolutions, nn.Bilinear, the projections of
+            nn.MultiheadAttention, recurrent layers (norms and embeddings stay dense silently).
             One whose weight is computed from other parameters (torch.nn.utils.parametrize,
             weight_norm, spectral_norm, prune) stays dense, with a warning; a Lazy one that has not
             made its weight yet raises ValueError; a weight of a dtype other than float16, bfloat16,
@@ -63,7 +66,7 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
             globally over several cycles). Weights must be finite; an already sparse layer ranks
             its current, masked weights, so a lower density keeps a subset of its active entries.
     Returns:
-        `model`, or its replacement if `model` itself is a Linear/Conv2d.
+        `model`, or its replacement if `model` itself is a Linear/Conv1d/Conv2d/Conv3d.
 
     Layer l holds exactly round(d_l * N_l) active weights: the top entries, through
     `sparsekern.ops.topk_mask`, of uniform random scores or of |weight| (ties to the lower flat
@@ -158,11 +161,12 @@ def _layers(model: nn.Module, include: list[str] | None, exclude: list[str]) -> 
             if not any(fnmatch.fnmatchcase(name, pattern) for name in every_name):
                 warnings.warn(f"{label} pattern {pattern!r} matches no module of the model", stacklevel=3)
 
-    candidates = [(name, module) for name, module in model.named_modules()
-                  if type(module) in _SPARSE_OF or isinstance(module, SparseModule) or _reparametrized(module)]
-    targets = _maskable([(name, module) for name, module in candidates
-                         if (include is None or _matches(names[id(module)], include))
-                         and not _matches(names[id(module)], exclude)])
+    selected = [(name, module) for name, module in model.named_modules()
+                if (include is None or _matches(names[id(module)], include))
+                and not _matches(names[id(module)], exclude)]
+    left_dense = _left_dense(selected)
+    targets = _maskable([(name, module) for name, module in selected
+                         if type(module) in _SPARSE_OF or isinstance(module, SparseModule) or _reparametrized(module)])
     target_ids = {id(module) for _, module in targets}
     held = tying.holders(model)
     tied_to_dense = {}
@@ -178,9 +182,12 @@ def _layers(model: nn.Module, include: list[str] | None, exclude: list[str]) -> 
     groups = [group for group in tying.group_by_weight(targets)
               if not any(id(module) in tied_to_dense for _, module in group)]
     if not groups:
-        raise ValueError("model has no nn.Linear or nn.Conv2d module to sparsify"
+        raise ValueError("model has no nn.Linear or nn.Conv1d/2d/3d module to sparsify"
                          + ("" if include is None and not exclude else " matching include/exclude")
-                         + (" whose weight is not tied to a dense module" if tied_to_dense else ""))
+                         + (" whose weight is not tied to a dense module" if tied_to_dense else "")
+                         + (f"; {left_dense}" if left_dense else ""))
+    if left_dense:
+        warnings.warn(f"{left_dense}; exclude them to silence this warning", stacklevel=3)
     for group in groups:
         name, module = group[0]
         _check_dtype(name, module)
@@ -193,8 +200,43 @@ def _layers(model: nn.Module, include: list[str] | None, exclude: list[str]) -> 
     return groups
 
 
+# Weight-bearing layers a user may expect sparsify to mask, which it leaves dense. Norms, embeddings
+# and other per-feature parameters (PReLU, biases) are not listed: sparse training keeps them dense by
+# convention (RigL, SET, the lottery-ticket papers), as they hold few of the weights and an
+# embedding's rows are looked up, not multiplied.
+_LEFT_DENSE = (
+    ((nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), "transposed convolutions have no sparse module"),
+    ((nn.Bilinear,), "nn.Bilinear has no sparse module"),
+    ((nn.MultiheadAttention,), "its input projection weights are its own Parameters, which "
+                               "F.multi_head_attention_forward reads directly"),
+    ((nn.RNNBase, nn.RNNCellBase), "recurrent layers have no sparse module"),
+)
+
+
+def _left_dense(selected: list[tuple[str, nn.Module]]) -> str:
+    """One sentence naming the modules of `selected` that stay dense although a user may expect them
+    sparsified, grouped by why ("" if none)."""
+    reasons: dict[str, list[str]] = {}
+    for name, module in selected:
+        if isinstance(module, SparseModule) or type(module) in _SPARSE_OF or _reparametrized(module):
+            continue  # sparsified, or stays dense with a warning of its own
+        if isinstance(module, tuple(_SPARSE_OF)):
+            base = next(kind for kind in _SPARSE_OF if isinstance(module, kind))
+            reason = (f"a subclass of nn.{base.__name__} may read its weight outside forward, where a mask "
+                      f"would not apply (only the exact type is sparsified)")
+        else:
+            reason = next((why for kinds, why in _LEFT_DENSE if isinstance(module, kinds)), None)
+        if reason is not None:
+            reasons.setdefault(reason, []).append(f"{name or '(root)'} ({type(module).__name__})")
+    if not reasons:
+        return ""
+    count = sum(map(len, reasons.values()))
+    return (f"sparsify leaves {count} weight-bearing layer(s) dense: "
+            + "; ".join(f"{', '.join(names)}: {why}" for why, names in reasons.items()))
+
+
 def _reparametrized(module: nn.Module) -> bool:
-    """A Linear/Conv2d whose weight a mask cannot hold: computed by torch.nn.utils.parametrize, or by a
+    """A Linear/Conv whose weight a mask cannot hold: computed by torch.nn.utils.parametrize, or by a
     forward hook from other parameters (torch.nn.utils.weight_norm, spectral_norm, prune), or not made yet
     (a Lazy module before its first forward)."""
     if not isinstance(module, tuple(_SPARSE_OF)) or isinstance(module, SparseModule):
@@ -248,7 +290,7 @@ def _carry_hooks(original: nn.Module, sparse: nn.Module) -> None:
 
 def _sparse_like(module: nn.Module) -> SparseModule:
     """A new sparse module sharing `module`'s Parameters (nothing of `module` changes)."""
-    kind = SparseLinear if isinstance(module, nn.Linear) else SparseConv2d
+    kind = next(sparse for dense, sparse in _SPARSE_OF.items() if isinstance(module, dense))
     return kind.from_dense(module)
 
 

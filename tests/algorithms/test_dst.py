@@ -9,7 +9,10 @@ import sparsekern
 from sparsekern import checkpoint
 from sparsekern.algorithms import criteria
 from sparsekern.algorithms.dst import _Blocks
-from sparsekern.nn import SparseLinear, sparse_modules
+from sparsekern.nn import SparseConv1d, SparseConv3d, SparseLinear, sparse_modules
+
+from ..helpers import batch as stateless_batch
+from ..helpers import conv1d_conv3d_model, conv_data
 
 
 @pytest.fixture(autouse=True)
@@ -612,3 +615,25 @@ def test_a_cuda_update_is_captured_in_a_graph(scope):
     torch.cuda.synchronize()
     for (_, m), mask, weight in zip(algo.modules, *expected):
         assert torch.equal(m.mask, mask) and torch.equal(m.weight.detach(), weight)
+
+
+@pytest.mark.parametrize("algorithm", ["SET", "RigL", "MEST"])
+def test_conv1d_and_conv3d_masks_update_at_exact_counts(algorithm):
+    model = sparsekern.sparsify(conv1d_conv3d_model(0), 0.3, distribution="uniform",
+                                generator=torch.Generator().manual_seed(0))
+    convolutions = [model[0], model[3]]
+    assert [type(m) for m in convolutions] == [SparseConv3d, SparseConv1d]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    algo = getattr(sparsekern, algorithm)(model, optimizer, update_every=2, total_steps=40, drop_fraction=0.5)
+    start = [m.mask.clone() for m in convolutions]
+    counts = [int(m.sum()) for m in masks(model)]
+    x, y = conv_data()
+    for step in range(6):
+        optimizer.zero_grad()
+        inputs, targets = stateless_batch(x, y, 0, step, 16)
+        nn.functional.cross_entropy(model(inputs), targets).backward()
+        algo.step()
+        optimizer.step()
+        assert [int(m.sum()) for m in masks(model)] == counts
+        assert_inactive_zero(model)
+    assert all(not torch.equal(m.mask, before) for m, before in zip(convolutions, start))

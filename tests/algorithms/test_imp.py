@@ -10,7 +10,7 @@ import sparsekern.checkpoint
 from sparsekern.algorithms import IMP
 from sparsekern.nn import sparse_modules
 
-from ..helpers import batch, digits_run, mlp
+from ..helpers import batch, conv1d_conv3d_model, conv_data, digits_run, mlp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -204,3 +204,26 @@ def test_a_model_made_dense_by_sparsify_starts_imp_from_the_package_export():
     imp = sparsekern.IMP(model, _sgd, prune_fraction=0.5)
     assert all(mask.all() for mask in imp.masks)
     assert sum(int(mask.sum()) for mask in imp.next_cycle()) == 45 - math.ceil(0.5 * 45)
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_conv1d_and_conv3d_layers_are_pruned_at_exact_counts_and_rewound(scope):
+    x, y = conv_data()
+    model = conv1d_conv3d_model(1)
+    imp = IMP(model, _sgd, prune_fraction=0.3, scope=scope)
+    rewound = _weights(model)
+    for cycle in range(2):
+        _train(model, imp, x, y, 6)
+        trained, old_masks = _weights(model), imp.masks
+        new_masks = imp.next_cycle()
+        if scope == "global":
+            expected_keep, _ = _numpy_global_keep(trained, old_masks, 0.3)
+            np.testing.assert_array_equal(np.concatenate([m.numpy().ravel() for m in new_masks]), expected_keep)
+        else:
+            for weight, old, new in zip(trained, old_masks, new_masks):
+                keep, _ = _numpy_global_keep([weight], [old], 0.3)
+                np.testing.assert_array_equal(new.numpy().ravel(), keep)
+        for old, new in zip(old_masks[:2], new_masks[:2]):   # the Conv3d and the Conv1d lost weights
+            assert int(new.sum()) < int(old.sum()) and not (new & ~old).any()
+        for weight, theta_0, mask in zip(_weights(model), rewound, new_masks):
+            assert torch.equal(weight, torch.where(mask, theta_0, 0))

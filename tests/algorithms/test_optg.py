@@ -1,5 +1,6 @@
 """OptG: acceptance check 7 of ALGORITHMS.md, the per-epoch global mask, pruned weights that
 come back, and resumption."""
+import copy
 import math
 
 import numpy as np
@@ -12,7 +13,7 @@ from sparsekern.algorithms import OptG
 from sparsekern.algorithms.optg import cosine_lr, sparsity_at
 from sparsekern.nn import sparse_modules
 
-from ..helpers import batch, mlp
+from ..helpers import batch, conv1d_conv3d_model, conv_data, mlp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -250,3 +251,26 @@ def test_resuming_from_a_checkpoint_is_bit_identical(tmp_path, stop_epoch, stop_
         assert torch.equal(a, b)
     for a, b in zip(reference_scores, optg.scores):
         assert torch.equal(a, b)
+
+
+def test_conv1d_and_conv3d_masks_follow_the_ramp_at_exact_global_counts():
+    x, y = conv_data(4)
+    model = conv1d_conv3d_model(5)
+    epochs = 4
+    optg = OptG(model, sparsity=0.7, epochs=epochs, lr=0.1, dense_while_scores_tie=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    convolutions = _layers(model)[:2]
+    total = sum(layer.mask.numel() for layer in _layers(model))
+    seen = [[] for _ in convolutions]
+    for epoch in range(epochs):
+        assert sum(int(m.sum()) for m in optg.masks) == total - round(optg.sparsity_at(epoch) * total)
+        for history, layer in zip(seen, convolutions):
+            history.append(layer.mask.clone())
+        dense = copy.deepcopy(model)
+        for index in (0, 3, 6):   # OptG keeps pruned values: they must not reach the output
+            dense[index] = model[index].to_dense()
+        torch.testing.assert_close(model(x[:8]), dense(x[:8]))
+        _epoch_loop(model, optg, optimizer, x, y, epoch + 1, 3)
+    for history, layer in zip(seen, convolutions):
+        assert any(not torch.equal(a, b) for a, b in zip(history, history[1:]))
+        assert (layer.weight[~layer.mask] != 0).any()   # kept, not zeroed

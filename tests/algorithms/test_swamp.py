@@ -1,5 +1,7 @@
 """SWAMP: acceptance check 9 of ALGORITHMS.md, BatchNorm recomputation, resumption, particles on
 two gloo ranks, and the digits comparison with IMP-WR."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -7,8 +9,9 @@ import torch
 import sparsekern.checkpoint
 from sparsekern.algorithms import IMP, SWAMP
 from sparsekern.algorithms.swamp import data_seed
+from sparsekern.nn import sparse_modules
 
-from ..helpers import batch, digits_run, mlp, torchrun
+from ..helpers import batch, conv1d_conv3d_model, conv_data, digits_run, mlp, torchrun
 from .swamp_distributed import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -239,3 +242,23 @@ def test_digits_swamp_compared_with_imp_with_rewinding_at_90_percent_sparsity():
           f"SWAMP (2 particles) {swamp.mean():.4f} ± {swamp.std():.4f}")
     # Only what is robust: SWAMP trains a useful sparse network, within 2 points of IMP-WR.
     assert swamp.mean() > imp.mean() - 0.02
+
+
+def test_conv1d_and_conv3d_layers_are_pruned_at_exact_counts_with_zeros_off_the_mask():
+    x, y = conv_data(6)
+    model = conv1d_conv3d_model(7)
+    swamp = SWAMP(model, _sgd, particles=2, prune_fraction=0.3, swa_start=4)
+    layers = [module for _, module in sparse_modules(model)]
+    for _ in range(2):
+        while True:
+            _train(model, swamp, x, y, swamp.data_seed, stop=6)
+            if not swamp.next_particle():
+                break
+        old = swamp.masks
+        remaining = sum(int(m.sum()) for m in old)
+        new = swamp.next_cycle()
+        assert sum(int(m.sum()) for m in new) == remaining - math.ceil(round(0.3 * remaining, 9))
+        for before, after in zip(old[:2], new[:2]):   # the Conv3d and the Conv1d lost weights
+            assert int(after.sum()) < int(before.sum()) and not (after & ~before).any()
+        for layer in layers:
+            assert not layer.weight[~layer.mask].any()

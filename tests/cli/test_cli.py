@@ -17,7 +17,9 @@ from sparsekern.algorithms.optg import MIN_EPOCHS_DIGITS
 from sparsekern.cli import compare as compare_module
 from sparsekern.cli import main
 from sparsekern.cli.data import load_dataset
+from sparsekern.cli import training
 from sparsekern.cli.training import TrainConfig, prepare
+from sparsekern.nn import SparseConv1d
 
 
 def _read_csv(path):
@@ -159,6 +161,13 @@ def test_compare_results_do_not_depend_on_the_number_of_worker_processes(tmp_pat
                                                   (0.01, 0.0101, 0.01), (0.01, 0.0102, 0.0102)])
 def test_a_run_is_filed_under_the_density_it_ended_at(target, final, filed):
     assert compare_module.filed_density(target, final) == filed
+
+
+def test_the_recorded_density_counts_every_convolution_and_linear_layer():
+    conv1d, linear = SparseConv1d(4, 6, 3), torch.nn.Linear(5, 2)
+    conv1d.set_mask(torch.arange(conv1d.weight.numel()).view_as(conv1d.weight) < 7)
+    model = torch.nn.Sequential(conv1d, torch.nn.Conv3d(2, 3, 2), linear)
+    assert training.density(model) == (7 + 3 * 2 * 8 + 10) / (72 + 3 * 2 * 8 + 10)
 
 
 def test_compare_files_optg_under_the_density_it_reached(tmp_path):

@@ -90,10 +90,13 @@ def test_counts_are_rounded_exactly():
 @pytest.mark.parametrize("density", [0.05, 0.3, 0.8])
 def test_sparsify_gives_exact_counts_per_layer(generator, distribution, options, density):
     for init in ("sparse", "layer-scaled", "dense"):
+        # never run: a stack of every kind of layer sparsify takes
         model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 32, 3, groups=4), nn.ReLU(),
-                              nn.Flatten(), nn.Linear(32 * 4, 64), nn.ReLU(), nn.Linear(64, 10))
+                              nn.Flatten(), nn.Linear(32 * 4, 64), nn.ReLU(), nn.Linear(64, 10),
+                              nn.Conv1d(8, 12, 5), nn.Conv3d(4, 8, (3, 2, 2), groups=2))
         sparsekern.sparsify(model, density, distribution, init=init, generator=generator, **options)
         modules = [m for _, m in sparsekern.nn.sparse_modules(model)]
+        assert len(modules) == 6
         shapes = [tuple(m.weight.shape) for m in modules]
         expected = distributions.layer_counts(
             shapes, distributions.layer_densities(shapes, density, distribution, **options))

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import sparsekern
-from sparsekern.nn import SparseConv2d, SparseLinear, init
+from sparsekern.nn import SparseConv1d, SparseConv2d, SparseConv3d, SparseLinear, init
 
 
 def fans_numpy(mask, mode, groups):
@@ -60,14 +60,21 @@ def test_variance_into_each_unit_is_scale_over_its_fan_in(generator, distributio
             assert torch.all((variance[units] / (scale / fan) - 1).abs() < 0.1)
 
 
-def test_uniform_bound_and_fan_out_mode(generator):
-    layer = SparseConv2d(8, 4, 3)
+@pytest.mark.parametrize("make", [lambda: SparseConv1d(8, 4, 5, groups=2), lambda: SparseConv2d(8, 4, 3),
+                                  lambda: SparseConv3d(8, 4, (3, 1, 2), groups=2)], ids=["conv1d", "conv2d", "conv3d"])
+def test_uniform_bound_in_fan_in_and_fan_out_modes(generator, make):
+    layer = make()
     mask = torch.rand(layer.weight.shape, generator=generator) < 0.3
     layer.set_mask(mask)
-    init.sparse_(layer, distribution="uniform", mode="fan_out", scale=2.0, generator=generator)
-    limit = (3 * 2.0 / init.fans(mask, "fan_out").clamp(min=1)).sqrt()
-    assert (layer.weight.abs() <= limit).all() and (layer.weight[~mask] == 0).all()
-    assert (layer.weight[mask] != 0).all()
+    # fan_in counted here directly: the active weights into each output channel, kernel positions included
+    fan_in = mask.flatten(1).sum(1).view(-1, *[1] * (mask.dim() - 1))
+    for mode, fan in (("fan_in", fan_in), ("fan_out", init.fans(mask, "fan_out", layer.groups))):
+        init.sparse_(layer, distribution="uniform", mode=mode, scale=2.0, generator=generator)
+        limit = (3 * 2.0 / fan.clamp(min=1)).sqrt()
+        assert (layer.weight.abs() <= limit).all() and (layer.weight[~mask] == 0).all()
+        assert (layer.weight[mask] != 0).all()
+        # and not a looser bound than the draw used: some weight comes within 10% of it
+        assert (layer.weight.abs() > 0.9 * limit).any()
 
 
 def test_fan_out_variance(generator):
@@ -87,12 +94,13 @@ def test_fan_out_variance(generator):
         assert variance[4 * k:4 * k + 4].mean() == pytest.approx(1 / fan, rel=0.1)
 
 
-def test_layer_scaled_variance_is_dense_variance_over_density(generator):
-    layer = SparseConv2d(64, 64, 3)
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_layer_scaled_variance_is_dense_variance_over_density(generator, dims):
+    layer = (SparseConv1d, SparseConv2d, SparseConv3d)[dims - 1](64, 64, 3)
     layer.set_mask(torch.rand(layer.weight.shape, generator=generator) < 0.1)
     init.layer_scaled_(layer, scale=2.0, generator=generator)
     active = layer.weight.detach()[layer.mask].double()
-    assert float(active.square().mean()) == pytest.approx(2.0 / (layer.density * 64 * 9), rel=0.05)
+    assert float(active.square().mean()) == pytest.approx(2.0 / (layer.density * 64 * 3 ** dims), rel=0.05)
     assert (layer.weight[~layer.mask] == 0).all()
 
 

@@ -1,5 +1,7 @@
 """Sparse modules against plain PyTorch with masked weights, sparsify, summary and gradient flow."""
 import copy
+import math
+import warnings
 
 import pytest
 import torch
@@ -7,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsekern
-from sparsekern.nn import SparseConv2d, SparseLinear, sparse_modules
+from sparsekern.nn import SparseConv1d, SparseConv2d, SparseConv3d, SparseLinear, sparse_modules
 
 
 def random_mask(shape, density, generator):
@@ -46,10 +48,15 @@ def test_sparse_linear_matches_masked_dense(generator, dtype, atol, bias, dense_
         torch.testing.assert_close(layer.bias.grad, bias_ref.grad, atol=atol, rtol=0)
 
 
+DENSE_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+SPARSE_CONV = {1: SparseConv1d, 2: SparseConv2d, 3: SparseConv3d}
+F_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+SPATIAL = {1: (9,), 2: (9, 8), 3: (5, 6, 4)}
+# Tuples give one value per spatial dim, cut to the convolution's dims.
 CONV_CASES = [
     dict(kernel_size=3),
     dict(kernel_size=3, stride=2, padding=1),
-    dict(kernel_size=(3, 2), stride=(2, 1), padding=(2, 0), dilation=(1, 2)),
+    dict(kernel_size=(3, 2, 2), stride=(2, 1, 1), padding=(2, 0, 1), dilation=(1, 2, 1)),
     dict(kernel_size=3, dilation=2, padding="same"),
     dict(kernel_size=3, padding="valid", groups=2),
     dict(kernel_size=1, groups=6, bias=False),
@@ -58,17 +65,27 @@ CONV_CASES = [
 ]
 
 
+def for_dims(case, dims):
+    return {key: value[:dims] if isinstance(value, tuple) else value for key, value in case.items()}
+
+
+def channels_last(shape, generator, dtype=torch.float32):
+    """Random (N, C, *spatial) values in channels-last strides, a non-contiguous input."""
+    n, c, *spatial = shape
+    return torch.randn(n, *spatial, c, generator=generator, dtype=dtype).movedim(-1, 1)
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
 @pytest.mark.parametrize("dense_grad", [False, True])
-def test_sparse_conv2d_matches_conv2d_with_masked_weight(generator, case, dense_grad):
-    dense = nn.Conv2d(6, 12, **case, dtype=torch.float64)
-    layer = SparseConv2d.from_dense(copy.deepcopy(dense))
+def test_sparse_conv_matches_conv_with_masked_weight(generator, dims, case, dense_grad):
+    dense = DENSE_CONV[dims](6, 12, **for_dims(case, dims), dtype=torch.float64)
+    layer = SPARSE_CONV[dims].from_dense(copy.deepcopy(dense))
     mask = random_mask(layer.weight.shape, 0.4, generator)
     layer.set_mask(mask)
     layer.dense_grad = dense_grad
-    # Non-contiguous input: channels-last strides.
-    x = torch.randn(3, 6, 9, 8, generator=generator, dtype=torch.float64).to(
-        memory_format=torch.channels_last).requires_grad_()
+    x = channels_last((3, 6, *SPATIAL[dims]), generator, torch.float64).requires_grad_()
+    assert not x.is_contiguous()
     y = layer(x)
     dy = torch.randn(y.shape, generator=generator, dtype=torch.float64)
     y.backward(dy)
@@ -84,6 +101,34 @@ def test_sparse_conv2d_matches_conv2d_with_masked_weight(generator, case, dense_
     torch.testing.assert_close(layer.weight.grad, expected_grad)
     if dense.bias is not None:
         torch.testing.assert_close(layer.bias.grad, dense.bias.grad)
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("batch", [2, 0], ids=["batch", "empty batch"])
+@pytest.mark.parametrize("dtype, atol, rtol", [(torch.float32, 1e-5, 1e-5), (torch.bfloat16, 5e-2, 2e-2)])
+def test_sparse_conv_matches_functional_conv_on_weight_times_mask(generator, dims, batch, dtype, atol, rtol):
+    # Odd channel counts and sizes, groups, dilation and stride; bfloat16 through autocast, against
+    # F.convNd on the masked weight under the same autocast.
+    layer = SPARSE_CONV[dims](9, 15, (3, 2, 3)[:dims], stride=(1, 2, 1)[:dims], padding=(2, 1, 0)[:dims],
+                              dilation=(2, 1, 1)[:dims], groups=3)
+    mask = random_mask(layer.weight.shape, 0.3, generator)
+    layer.set_mask(mask)
+    x = channels_last((batch, 9, *(7, 5, 6)[:dims]), generator).requires_grad_()
+    weight = masked(layer.weight.detach(), mask).requires_grad_()
+    bias = layer.bias.detach().clone().requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        y = layer(x)
+        y_ref = F_CONV[dims](x_ref, weight, bias, stride=layer.stride, padding=layer.padding,
+                             dilation=layer.dilation, groups=3)
+    assert y.dtype == y_ref.dtype == dtype and y.shape == y_ref.shape and y.shape[0] == batch
+    dy = torch.randn(y.shape, generator=generator).to(dtype)
+    y.backward(dy)
+    y_ref.backward(dy)
+    torch.testing.assert_close(y, y_ref, atol=atol, rtol=rtol)
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=atol, rtol=rtol)
+    torch.testing.assert_close(layer.weight.grad, masked(weight.grad, mask), atol=atol, rtol=rtol)
+    torch.testing.assert_close(layer.bias.grad, bias.grad, atol=atol, rtol=rtol)
 
 
 def test_new_module_is_dense_and_set_mask_zeroes_weights(generator):
@@ -106,15 +151,18 @@ def test_set_mask_rejects_bad_masks_and_changes_nothing(bad, error):
     assert layer.mask.all() and torch.equal(layer.weight, before)
 
 
-@pytest.mark.parametrize("make", [lambda: nn.Linear(10, 6), lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2)])
-def test_dense_round_trip_and_state_dicts(generator, make):
+@pytest.mark.parametrize("make, shape", [
+    (lambda: nn.Linear(10, 6), (2, 10)),
+    *[(lambda dims=dims: DENSE_CONV[dims](4, 6, 3, stride=2, padding=1, groups=2, padding_mode="reflect"),
+       (2, 4, *[7] * dims)) for dims in (1, 2, 3)]], ids=["linear", "conv1d", "conv2d", "conv3d"])
+def test_dense_round_trip_and_state_dicts(generator, make, shape):
     dense = make()
-    sparse = (SparseLinear if isinstance(dense, nn.Linear) else SparseConv2d).from_dense(dense)
+    sparse = (SparseLinear if isinstance(dense, nn.Linear) else SPARSE_CONV[dense.weight.dim() - 2]).from_dense(dense)
     assert sparse.weight is dense.weight  # shared, so an optimizer on the dense model stays valid
+    assert repr(sparse) == f"{type(sparse).__name__}{repr(dense).removeprefix(type(dense).__name__)[:-1]}, density=1)"
     mask = random_mask(sparse.weight.shape, 0.5, generator)
     sparse.set_mask(mask)
-    x = torch.randn(2, 10, generator=generator) if isinstance(dense, nn.Linear) else torch.randn(
-        2, 4, 7, 7, generator=generator)
+    x = torch.randn(shape, generator=generator)
 
     back = sparse.to_dense()
     assert type(back) is type(dense) and back.weight is not sparse.weight
@@ -132,6 +180,11 @@ def test_dense_round_trip_and_state_dicts(generator, make):
     other = copy.deepcopy(fresh)
     other.load_state_dict(state)
     assert torch.equal(other.mask, mask) and torch.equal(other.weight, sparse.weight)
+
+
+def test_from_dense_takes_only_its_own_kind_of_convolution():
+    with pytest.raises(TypeError, match="SparseConv3d.from_dense takes an nn.Conv3d, got Conv1d"):
+        SparseConv3d.from_dense(nn.Conv1d(2, 2, 3))
 
 
 def test_loading_dense_checkpoint_into_sparsified_model_keeps_callers_dict():
@@ -199,6 +252,84 @@ def test_sparsify_include_exclude_shared_and_root(generator):
     assert type(model["attention"].out_proj) is not SparseLinear  # a Linear subclass, left alone
     root = sparsekern.sparsify(nn.Linear(5, 5), 0.4, generator=generator)
     assert isinstance(root, SparseLinear) and root.nnz == 10
+
+
+def conv1d_conv3d_model():
+    """Input (N, 2, 4, 4, 4), 5 classes."""
+    return nn.Sequential(nn.Conv3d(2, 4, (3, 2, 3), groups=2), nn.ReLU(), nn.Flatten(2), nn.Conv1d(4, 6, 3),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(60, 5))
+
+
+@pytest.mark.parametrize("mask", ["random", "magnitude"])
+@pytest.mark.parametrize("distribution", ["uniform", "erk"])
+def test_sparsify_turns_conv1d_and_conv3d_sparse(generator, mask, distribution):
+    model = conv1d_conv3d_model()
+    before = {name: module.weight.detach().clone() for name, module in model.named_modules()
+              if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv3d))}
+    calls = []
+    model[3].register_forward_hook(lambda module, args, output: calls.append(type(module)))
+    sparsekern.sparsify(model, 0.3, distribution, mask=mask, generator=generator)
+    layers = [module for _, module in sparse_modules(model)]
+    assert [type(m) for m in layers] == [SparseConv3d, SparseConv1d, SparseLinear]
+    shapes = [tuple(m.weight.shape) for m in layers]
+    densities = sparsekern.distributions.layer_densities(shapes, 0.3, distribution)
+    assert [m.nnz for m in layers] == [round(d * math.prod(s)) for d, s in zip(densities, shapes)]
+    if distribution == "erk":  # RigL's (n_in + n_out + sum of kernel dims) / (n_in n_out prod of kernel dims)
+        def raw(m):
+            n_in, n_out = m.weight.shape[1], m.weight.shape[0]
+            kernel = getattr(m, "kernel_size", ())
+            return (n_in + n_out + sum(kernel)) / (n_in * n_out * math.prod(kernel))
+        assert max(densities) < 1
+        assert [d / raw(m) for d, m in zip(densities, layers)] == pytest.approx([densities[0] / raw(layers[0])] * 3)
+    for (name, module) in sparse_modules(model):
+        assert not module.weight[~module.mask].any()
+        if mask == "magnitude":
+            expected = torch.zeros(module.weight.numel(), dtype=torch.bool)
+            expected[before[name].abs().flatten().argsort(descending=True, stable=True)[:module.nnz]] = True
+            assert torch.equal(module.mask, expected.view_as(module.weight))
+    x = torch.randn(3, 2, 4, 4, 4, generator=generator)
+    dense = copy.deepcopy(model)
+    for name, module in sparse_modules(model):
+        dense.set_submodule(name, module.to_dense())
+    torch.testing.assert_close(model(x), dense(x))
+    assert calls == [SparseConv1d]  # the hook moved to the sparse module (to_dense makes a module without it)
+
+
+class ScaledLinear(nn.Linear):
+    pass
+
+
+class ChannelConv3d(nn.Conv3d):
+    pass
+
+
+def layers_left_dense():
+    return nn.ModuleDict({"conv": nn.Conv1d(2, 4, 3), "up": nn.ConvTranspose3d(4, 2, 2),
+                          "attention": nn.MultiheadAttention(4, 2), "rnn": nn.GRU(4, 4), "pair": nn.Bilinear(3, 3, 2),
+                          "scaled": ScaledLinear(4, 4), "channels": ChannelConv3d(2, 2, 1),
+                          "norm": nn.LayerNorm(4), "batch_norm": nn.BatchNorm1d(4), "embedding": nn.Embedding(9, 4)})
+
+
+def test_sparsify_names_the_weight_layers_it_leaves_dense_in_one_warning(generator):
+    model = layers_left_dense()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sparsekern.sparsify(model, 0.5, generator=generator)
+    assert isinstance(model["conv"], SparseConv1d)
+    assert len(caught) == 1 and caught[0].category is UserWarning and caught[0].filename == __file__
+    message = str(caught[0].message)
+    for named in ("up (ConvTranspose3d)", "attention (MultiheadAttention)", "rnn (GRU)", "pair (Bilinear)",
+                  "attention.out_proj (NonDynamicallyQuantizableLinear)", "scaled (ScaledLinear)",
+                  "channels (ChannelConv3d)", "subclass of nn.Linear", "subclass of nn.Conv3d"):
+        assert named in message, named
+    assert "7 weight-bearing layer(s)" in message
+    assert not any(name in message for name in ("norm", "embedding", "(Conv1d)"))  # dense by convention
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # excluded or not included: the user chose, nothing to say
+        sparsekern.sparsify(layers_left_dense(), 0.5, exclude=["up", "attention*", "rnn", "pair", "scaled", "channels"])
+        sparsekern.sparsify(layers_left_dense(), 0.5, include="conv")
+    with pytest.raises(ValueError, match=r"model has no .* module to sparsify; .*0 \(MultiheadAttention\)"):
+        sparsekern.sparsify(nn.Sequential(nn.MultiheadAttention(4, 2)), 0.5)
 
 
 def test_sparsify_same_seed_same_masks_and_weights():
@@ -320,8 +451,10 @@ def test_gradient_flow_is_masked_norm_and_changes_nothing(generator):
 
 
 @pytest.mark.parametrize("make, shape", [(lambda: SparseLinear(16, 8), (4, 16)),
-                                         (lambda: SparseConv2d(4, 8, 3, padding=1, groups=2), (2, 4, 6, 6))],
-                         ids=["linear", "conv2d"])
+                                         (lambda: SparseConv1d(4, 8, 3, padding=1, groups=2), (2, 4, 6)),
+                                         (lambda: SparseConv2d(4, 8, 3, padding=1, groups=2), (2, 4, 6, 6)),
+                                         (lambda: SparseConv3d(4, 8, 3, padding=1, groups=2), (2, 4, 4, 5, 3))],
+                         ids=["linear", "conv1d", "conv2d", "conv3d"])
 def test_compiles_as_one_graph_and_follows_dense_grad(generator, make, shape):
     # aot_eager traces forward and backward through the fake impls like inductor does, in a
     # fraction of inductor's compile time on CPU.
@@ -339,8 +472,10 @@ def test_compiles_as_one_graph_and_follows_dense_grad(generator, make, shape):
 
 
 @pytest.mark.parametrize("make, shape", [(lambda: SparseLinear(6, 4), (3, 6)),
-                                         (lambda: SparseConv2d(2, 4, 3, padding=1), (3, 2, 5, 5))],
-                         ids=["linear", "conv2d"])
+                                         (lambda: SparseConv1d(2, 4, 3, padding=1), (3, 2, 5)),
+                                         (lambda: SparseConv2d(2, 4, 3, padding=1), (3, 2, 5, 5)),
+                                         (lambda: SparseConv3d(2, 4, 3, padding=1), (3, 2, 4, 3, 5))],
+                         ids=["linear", "conv1d", "conv2d", "conv3d"])
 def test_values_off_the_mask_never_reach_the_output_and_load_as_saved(generator, make, shape):
     layer = make()
     mask = random_mask(layer.weight.shape, 0.5, generator)

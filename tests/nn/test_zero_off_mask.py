@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsekern
-from sparsekern.nn import SparseConv2d, SparseLinear, sparse_modules
+from sparsekern.nn import SparseConv1d, SparseConv2d, SparseConv3d, SparseLinear, sparse_modules
 
 OPTIMIZERS = {
     "sgd": lambda p: torch.optim.SGD(p, lr=0.1),
@@ -104,12 +104,14 @@ def test_optg_runs_the_masked_path_and_keeps_its_pruned_values(generator):
 
 
 @pytest.mark.parametrize("make, shape", [(lambda: SparseLinear(12, 6), (4, 12)),
-                                         (lambda: SparseConv2d(4, 6, 3, padding=1), (2, 4, 5, 5))],
-                         ids=["linear", "conv2d"])
+                                         (lambda: SparseConv1d(4, 6, 3, padding=1), (2, 4, 5)),
+                                         (lambda: SparseConv2d(4, 6, 3, padding=1), (2, 4, 5, 5)),
+                                         (lambda: SparseConv3d(4, 6, 3, padding=1), (2, 4, 3, 5, 4))],
+                         ids=["linear", "conv1d", "conv2d", "conv3d"])
 def test_which_path_runs_follows_the_modules_state(make, shape, generator, monkeypatch):
     layer = make()
     layer.set_mask(torch.rand(layer.weight.shape, generator=generator) < 0.5)
-    kernel = "linear" if isinstance(layer, SparseLinear) else "conv2d"
+    kernel = "linear" if isinstance(layer, SparseLinear) else f"conv{layer.weight.dim() - 2}d"
     seen = []
     original = getattr(F, kernel)
     monkeypatch.setattr(F, kernel, lambda x, w, *rest: seen.append(w) or original(x, w, *rest))
@@ -138,8 +140,11 @@ def test_a_mask_whose_true_bytes_are_not_one_masks_the_gradient_by_one(zero_off_
 
 
 @pytest.mark.parametrize("make, shape", [(lambda: SparseLinear(5, 3, dtype=torch.float64), (2, 5)),
+                                         (lambda: SparseConv1d(2, 2, 2, padding=1, dtype=torch.float64), (1, 2, 3)),
                                          (lambda: SparseConv2d(2, 2, 2, padding=1, dtype=torch.float64),
-                                          (1, 2, 2, 2))], ids=["linear", "conv2d"])
+                                          (1, 2, 2, 2)),
+                                         (lambda: SparseConv3d(2, 2, 2, padding=1, dtype=torch.float64),
+                                          (1, 2, 2, 1, 2))], ids=["linear", "conv1d", "conv2d", "conv3d"])
 @pytest.mark.parametrize("zero_off_mask", [True, False])
 def test_double_backward_through_the_layers(make, shape, zero_off_mask, generator):
     # SparseLinear had no autograd formula for its backward ("no autograd formula").
@@ -159,8 +164,10 @@ def test_double_backward_through_the_layers(make, shape, zero_off_mask, generato
 
 
 @pytest.mark.parametrize("make, shape", [(lambda: SparseLinear(16, 8), (4, 16)),
-                                         (lambda: SparseConv2d(4, 8, 3, padding=1, groups=2), (2, 4, 6, 6))],
-                         ids=["linear", "conv2d"])
+                                         (lambda: SparseConv1d(4, 8, 3, padding=1, groups=2), (2, 4, 6)),
+                                         (lambda: SparseConv2d(4, 8, 3, padding=1, groups=2), (2, 4, 6, 6)),
+                                         (lambda: SparseConv3d(4, 8, 3, padding=1, groups=2), (2, 4, 3, 4, 5))],
+                         ids=["linear", "conv1d", "conv2d", "conv3d"])
 @pytest.mark.parametrize("zero_off_mask", [True, False])
 def test_compiles_as_one_graph_on_either_path(make, shape, zero_off_mask, generator):
     layer = make()
