@@ -48,3 +48,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fresh_compiler():
+    """Forgets what torch.compile compiled before: Dynamo allows 8 recompiles of one code object per
+    process, and every compile test compiles the forward the sparse convolutions share anew (new
+    shapes, groups, zero_off_mask), so a session of them would otherwise hit that limit."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

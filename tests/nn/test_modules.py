@@ -455,7 +455,7 @@ def test_gradient_flow_is_masked_norm_and_changes_nothing(generator):
                                          (lambda: SparseConv2d(4, 8, 3, padding=1, groups=2), (2, 4, 6, 6)),
                                          (lambda: SparseConv3d(4, 8, 3, padding=1, groups=2), (2, 4, 4, 5, 3))],
                          ids=["linear", "conv1d", "conv2d", "conv3d"])
-def test_compiles_as_one_graph_and_follows_dense_grad(generator, make, shape):
+def test_compiles_as_one_graph_and_follows_dense_grad(generator, make, shape, fresh_compiler):
     # aot_eager traces forward and backward through the fake impls like inductor does, in a
     # fraction of inductor's compile time on CPU.
     layer = make()

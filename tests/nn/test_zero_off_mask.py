@@ -169,7 +169,7 @@ def test_double_backward_through_the_layers(make, shape, zero_off_mask, generato
                                          (lambda: SparseConv3d(4, 8, 3, padding=1, groups=2), (2, 4, 3, 4, 5))],
                          ids=["linear", "conv1d", "conv2d", "conv3d"])
 @pytest.mark.parametrize("zero_off_mask", [True, False])
-def test_compiles_as_one_graph_on_either_path(make, shape, zero_off_mask, generator):
+def test_compiles_as_one_graph_on_either_path(make, shape, zero_off_mask, generator, fresh_compiler):
     layer = make()
     layer.set_mask(torch.rand(layer.weight.shape, generator=generator) < 0.5)
     layer.zero_off_mask = zero_off_mask
@@ -181,7 +181,7 @@ def test_compiles_as_one_graph_on_either_path(make, shape, zero_off_mask, genera
     assert not layer.weight.grad[~layer.mask].any()
 
 
-def test_a_compiled_backward_masks_the_weight_gradient_in_one_operation(generator):
+def test_a_compiled_backward_masks_the_weight_gradient_in_one_operation(generator, fresh_compiler):
     # Eagerly the CPU gradient is masked chunk by chunk (_mask_in_place); traced, that loop would be
     # unrolled into the graph, one slice, copy, clamp and multiply per 128K entries, and the first
     # allocation of its scratch failed the fullgraph compile (a side effect in an autograd.Function).
