@@ -395,6 +395,22 @@ error("sparsify(only a Linear tied to an Embedding)", _tied_only_world,
       lambda w: sparsekern.sparsify(w.model, 0.5), ValueError, "tied to a dense module")
 
 
+
+def _attached_world(attach):
+    def world(tmp_path=None):
+        model = dense_model()
+        attach(model[5])
+        return SimpleNamespace(model=model)
+    return world
+
+
+# What a user attached to a replaced layer moves to the sparse one; under a name the sparse module uses
+# itself, one meaning would be lost.
+for _name, _attach in (("a buffer 'mask'", lambda m: m.register_buffer("mask", torch.ones(5, 16))),
+                       ("an attribute 'density'", lambda m: setattr(m, "density", 0.5)),
+                       ("an instance 'forward'", lambda m: setattr(m, "forward", lambda x: x))):
+    error(f"sparsify(a Linear holding {_name})", _attached_world(_attach),
+          lambda w: sparsekern.sparsify(w.model, 0.5), ValueError, "'5' \\(Linear\\) holds")
 # -- sparsekern.nn: init, distributions, metrics, modules -------------------------------------------
 
 INIT_BAD = [
