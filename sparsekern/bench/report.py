@@ -17,6 +17,7 @@ import sys
 import torch
 
 from .. import checkpoint
+from ..ops import _checks
 from . import core
 
 HEADER = ("op", "size", "implementation", "time (ms)", "speed-up vs baseline")
@@ -109,8 +110,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m benchmarks",
         parser.error("--device cuda: no CUDA device is available")
     if args.budget is not None and not args.budget > 0:
         parser.error(f"--budget must be > 0, got {args.budget}")
-    if args.threads is not None and args.threads < 1:
-        parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.threads is not None:
+        try:
+            _checks.thread_count(args.threads, "--threads")
+        except ValueError as error:
+            parser.error(str(error))
     for option, path in (("--json", args.json), ("--csv", args.csv)):
         if path and os.path.isdir(path):
             parser.error(f"{option} {path!r} is a folder")

@@ -191,6 +191,18 @@ def test_main_refuses_an_unwritable_output_path_before_timing_anything(tmp_path,
         assert exit_info.value.code == 2 and option in capsys.readouterr().err
 
 
+def test_bench_caps_threads_as_train_does_before_timing_anything(monkeypatch, capsys):
+    # torch.set_num_threads with more threads than OpenMP can create aborts the process.
+    from sparsekern.ops._checks import MAX_THREADS
+
+    monkeypatch.setattr(report, "run", lambda *args, **kwargs: pytest.fail("timed before checking --threads"))
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: pytest.fail(f"set {n} threads"))
+    for threads in (0, MAX_THREADS + 1, 10 ** 6):
+        with pytest.raises(SystemExit) as exit_info:
+            report.main(["--quick", "--threads", str(threads)])
+        assert exit_info.value.code == 2 and "--threads must be" in capsys.readouterr().err
+
+
 def test_sparsekern_bench_reports_a_bad_argument_on_one_line(tmp_path, capsys):
     from sparsekern.cli import main
 
