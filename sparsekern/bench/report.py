@@ -84,15 +84,23 @@ def write(rows: list[core.Row], path: str, kind: str, environment_line: str = ""
     checkpoint.write_atomically(path, lambda file: file.write(stream.getvalue().encode()))
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad argument on one line (no usage block), exit code 2, as `sparsekern
+    bench` does (the CLI passes its own parser, which also shows defaults in --help)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m benchmarks",
-         parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> int:
+         parser_class: type[argparse.ArgumentParser] = _OneLineParser) -> int:
     """Command line: [--device cpu|cuda] [--quick] [--only OP] [--json PATH] [--csv PATH] [--threads N]
     [--budget SECONDS].
 
     Prints the table on stdout (progress on stderr). Returns 0, or 1 when some implementation failed.
     `prog` is the command name shown in help and errors (`sparsekern bench` from the CLI), and
-    `parser_class` the argument parser (the CLI's reports errors on one line). Arguments, --json and
-    --csv paths included, are checked before anything is timed.
+    `parser_class` the argument parser (both the default and the CLI's report errors on one line, exit
+    code 2). Arguments, --json and --csv paths included, are checked before anything is timed.
     """
     parser = parser_class(prog=prog, description="Times sparsekern's ops against the torch code they replace.")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
