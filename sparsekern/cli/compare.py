@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, replace
 
 from .data import Dataset, load_dataset
 from .output import csv_text, density_axis, save_figure, write_text
+from .recipes import criteria_of
 from .runs import Job, RunStore, execute, key, warn_once
 from .training import TrainConfig
 
@@ -119,8 +120,9 @@ def run_compare(lines: list[Line], densities: list[float], seeds: int, base: Tra
 
 def run_row(line: Line, config: TrainConfig, record: dict) -> dict:
     """One row of runs.csv: the run's line and config, and what it measured."""
-    return {"label": line.label, "method": config.method, "prune": config.prune or "", "grow": config.grow or "",
-            "init": config.init, "density": config.density, "seed": config.seed,
+    prune, grow = criteria_of(config)
+    return {"label": line.label, "method": config.method, "prune": prune, "grow": grow, "init": config.init,
+            "density": config.density, "seed": config.seed,
             **{name: record[name] for name in ("schedule", "final_density", "epochs_trained", "test_accuracy",
                                                "gradient_flow", "gradient_flow_mean", "seconds", "key")}}
 
@@ -145,8 +147,8 @@ def summarise(lines: list[Line], runs: list[dict]) -> list[dict]:
         for density in sorted(groups, reverse=True):
             at = groups[density]
             accuracies = [run["test_accuracy"] for run in at]
-            rows.append({"label": line.label, "method": line.method, "prune": line.prune or "",
-                         "grow": line.grow or "", "schedule": at[0]["schedule"], "init": at[0]["init"],
+            rows.append({"label": line.label, "method": line.method, "prune": at[0]["prune"],
+                         "grow": at[0]["grow"], "schedule": at[0]["schedule"], "init": at[0]["init"],
                          "epochs": at[0]["epochs_trained"], "density": density, "target_density": at[0]["density"],
                          "final_density_mean": statistics.fmean(run["final_density"] for run in at),
                          "accuracy_mean": statistics.fmean(accuracies),

@@ -82,6 +82,28 @@ def test_compare_outputs_exist_and_agree(tmp_path, capsys):
         assert line["std"][at] == pytest.approx(100 * float(row["accuracy_std"]))
 
 
+def test_compare_names_the_criteria_each_dst_line_used(tmp_path):
+    # The presets name no criteria in their configs; their columns were left empty.
+    main(["compare", "--methods", "static,set,rigl,mest,dst", "--criteria", "snip", "--densities", "0.3", "--seeds",
+          "1", "--epochs", "1", "--jobs", "1", "--out", str(tmp_path), "--quiet"])
+    expected = {"static": ("", ""), "set": ("set", "random"), "rigl": ("magnitude", "gradient"),
+                "mest": ("mest", "random"), "snip (+random)": ("snip", "random")}
+    for name in ("results.csv", "runs.csv"):
+        rows = _read_csv(tmp_path / name)
+        assert {row["label"]: (row["prune"], row["grow"]) for row in rows} == expected, name
+
+
+@pytest.mark.parametrize("method", ["set", "rigl", "mest", "dst"])
+def test_the_criteria_reported_are_those_the_algorithm_uses(method):
+    from sparsekern.cli import recipes
+
+    for config in (TrainConfig(method=method), TrainConfig(method=method, prune="snip"),
+                   TrainConfig(method=method, grow="random")):
+        run = prepare(config, dataset=load_dataset("digits"))
+        algorithm = run.recipe.algorithm
+        assert recipes.criteria_of(config) == (algorithm.prune, algorithm.grow)
+
+
 def test_compare_says_how_long_each_line_trained(tmp_path, capsys):
     main(["compare", "--methods", "static,imp", "--densities", "0.3", "--seeds", "1", "--epochs", "1", "--cycles",
           "2", "--jobs", "1", "--out", str(tmp_path), "--quiet"])
