@@ -104,6 +104,22 @@ def test_the_criteria_reported_are_those_the_algorithm_uses(method):
         assert recipes.criteria_of(config) == (algorithm.prune, algorithm.grow)
 
 
+def test_one_seed_shows_no_spread_rather_than_a_measured_zero(tmp_path, capsys):
+    main(["compare", "--methods", "dense,static", "--densities", "0.3", "--seeds", "1", "--epochs", "1", "--jobs",
+          "1", "--out", str(tmp_path), "--quiet"])
+    rows = _read_csv(tmp_path / "results.csv")
+    assert rows and all(row["seeds"] == "1" and row["accuracy_std"] == "" for row in rows)
+    table = (tmp_path / "results.md").read_text()
+    assert "±" not in table and "mean ± sd" not in table
+    for row in rows:
+        assert f"| {100 * float(row['accuracy_mean']):.1f} |" in table
+    from PIL import Image
+
+    with Image.open(tmp_path / "accuracy_vs_density.png") as image:
+        series = json.loads(image.text["Description"])
+    assert all(line["std"] == [None] for line in series.values())
+
+
 def test_compare_says_how_long_each_line_trained(tmp_path, capsys):
     main(["compare", "--methods", "static,imp", "--densities", "0.3", "--seeds", "1", "--epochs", "1", "--cycles",
           "2", "--jobs", "1", "--out", str(tmp_path), "--quiet"])
