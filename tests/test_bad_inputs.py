@@ -395,6 +395,22 @@ error("sparsify(only a Linear tied to an Embedding)", _tied_only_world,
       lambda w: sparsekern.sparsify(w.model, 0.5), ValueError, "tied to a dense module")
 
 
+
+def _attached_world(attach):
+    def world(tmp_path=None):
+        model = dense_model()
+        attach(model[5])
+        return SimpleNamespace(model=model)
+    return world
+
+
+# What a user attached to a replaced layer moves to the sparse one; under a name the sparse module uses
+# itself, one meaning would be lost.
+for _name, _attach in (("a buffer 'mask'", lambda m: m.register_buffer("mask", torch.ones(5, 16))),
+                       ("an attribute 'density'", lambda m: setattr(m, "density", 0.5)),
+                       ("an instance 'forward'", lambda m: setattr(m, "forward", lambda x: x))):
+    error(f"sparsify(a Linear holding {_name})", _attached_world(_attach),
+          lambda w: sparsekern.sparsify(w.model, 0.5), ValueError, "'5' \\(Linear\\) holds")
 # -- sparsekern.nn: init, distributions, metrics, modules -------------------------------------------
 
 INIT_BAD = [
@@ -768,6 +784,11 @@ TICKET_STATES = [
      ValueError, "rewind_state"),
     ("rewind_state=None past the rewind step", lambda w: _replace(w.state, "rewind_state", None), ValueError,
      "rewind_state"),
+    # States a loop cannot produce, as from a run with another rewind_step (worlds: k >= 1, step 4).
+    ("rewind_state before the rewind step", lambda w: _replace(w.state, "step_in_cycle", 0), ValueError,
+     "rewind_state"),
+    ("cycle 1 below the rewind step", lambda w: _replace(_replace(w.state, "cycle", 1), "step_in_cycle", 0),
+     ValueError, "step_in_cycle"),
     ("optimizer=None", lambda w: _replace(w.state, "optimizer", None), TypeError, "optimizer"),
     ("optimizer={}", lambda w: _replace(w.state, "optimizer", {}), ValueError, "optimizer"),
     ("optimizer of fewer parameters", lambda w: _replace(w.state, "optimizer", _other_optimizer_state(w)),
@@ -792,6 +813,16 @@ def _imp_continues(world):
 for _name, _make, _error, _match in IMP_STATES:
     error(f"IMP.load_state_dict({_name})", imp_world, lambda w, m=_make: w.algo.load_state_dict(m(w)),
           _error, _match, then=_imp_continues)
+
+
+def _learning_rate_imp_world(tmp_path=None):
+    world = imp_world(rewind="learning_rate")
+    world.weights_state = imp_world().state
+    return world
+
+
+error("IMP[rewind='learning_rate'].load_state_dict(a weights-rewinding state)", _learning_rate_imp_world,
+      lambda w: w.algo.load_state_dict(w.weights_state), ValueError, "learning-rate rewinding", then=_imp_continues)
 
 _SWAMP_KEYS = ("cycle", "particle", "step_in_cycle", "averaged", "rewind_state", "rewind_optimizer_state",
                "particle_average", "average_count", "particle_sum", "optimizer")

@@ -50,6 +50,22 @@ def test_sparsify_moves_the_hooks_of_a_replaced_module():
     assert calls == ["pre", "SparseLinear", "pre"]
 
 
+def test_sparsify_keeps_what_a_user_attached_to_a_replaced_module():
+    layer = nn.Linear(4, 3)
+    layer.register_buffer("scale", torch.full((3,), 2.0))
+    layer.register_buffer("scratch", torch.zeros(1), persistent=False)
+    layer.register_parameter("gain", nn.Parameter(torch.ones(3)))
+    layer.calibration = nn.Identity()
+    layer.note = "fine-tuned"
+    model = sparsekern.sparsify(nn.Sequential(layer), 0.5, generator=_generator())
+    sparse = model[0]
+    assert isinstance(sparse, SparseLinear)
+    assert sorted(model.state_dict()) == ["0.bias", "0.gain", "0.mask", "0.scale", "0.weight"]
+    assert sparse.scale is layer.scale and sparse.scratch is layer.scratch and sparse.gain is layer.gain
+    assert sparse.calibration is layer.calibration and sparse.note == "fine-tuned"
+    assert [name for name, _ in model.named_parameters()] == ["0.weight", "0.bias", "0.gain"]
+
+
 @pytest.mark.parametrize("power", [400.0, 1e6])
 def test_erk_with_an_extreme_power_gives_its_limit(power):
     """(sum/size)**power underflowed to 0 (ZeroDivisionError): the layer of largest sum/size fills first."""

@@ -221,6 +221,27 @@ def state_count(state: dict, key: str, low: int = 0) -> int:
     return check_count(state[key], f"state[{key!r}]", low)
 
 
+def check_rewind_point(cycle: int, step_in_cycle: int, has_rewind_state: bool, rewind_step: int,
+                       keeps_weights: bool) -> None:
+    """ValueError unless a saved state's counters and θ_k agree as IMP and SWAMP keep them: every cycle
+    after the first starts at the rewind step k, and θ_k is held (with weight rewinding) exactly from
+    step k of cycle 0 on. A state saved under another rewind_step or rewind mode fails here."""
+    if cycle > 0 and step_in_cycle < rewind_step:
+        raise ValueError(f"state['step_in_cycle']={step_in_cycle} is below rewind_step={rewind_step} in cycle "
+                         f"{cycle}, which starts at the rewind step (saved with another rewind_step?)")
+    past = cycle > 0 or step_in_cycle >= rewind_step
+    if not keeps_weights:
+        if has_rewind_state:
+            raise ValueError("state['rewind_state'] is set, but learning-rate rewinding keeps no θ_k "
+                             "(saved with rewind='weights'?)")
+    elif has_rewind_state and not past:
+        raise ValueError(f"state['rewind_state'] is set, but the state is before the rewind step (cycle 0, step "
+                         f"{step_in_cycle}, rewind_step={rewind_step}; saved with another rewind_step?)")
+    elif not has_rewind_state and past:
+        raise ValueError(f"state['rewind_state'] is None, but the state is past the rewind step "
+                         f"(cycle {cycle}, step {step_in_cycle}, rewind_step={rewind_step})")
+
+
 def loaded_optimizer(optimizer_factory: Callable, model: nn.Module, saved, name: str) -> torch.optim.Optimizer:
     """A fresh optimizer from the factory with `saved` loaded; ValueError naming `name` if it does not fit."""
     optimizer = make_optimizer(optimizer_factory, model)

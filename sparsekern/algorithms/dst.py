@@ -252,7 +252,9 @@ class DST:
     def load_state_dict(self, state: dict) -> None:
         """Restores a `state_dict()`: step count, masks (weights are zeroed off them), schedule and
         generator. Checked completely before anything changes: a bad state raises TypeError or
-        ValueError naming the entry, and the model and this DST are as before."""
+        ValueError naming the entry, and the model and this DST are as before. A step count past the
+        schedule's total_steps (a run that called step() too often, which step() allows) loads with
+        a warning."""
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict, got {type(state).__name__}")
         missing = {"step_count", "masks", "schedule", "generator"} - set(state)
@@ -286,6 +288,12 @@ class DST:
         except (RuntimeError, TypeError, ValueError) as error:
             raise ValueError(f"state['generator'] is not a state of a {self.generator.device.type} "
                              f"generator: {error}") from None
+        if step_count > schedule.total_steps:
+            # Not refused: step() lets a run go past total_steps (with this warning), and its state must
+            # load back. Warned here, before anything changes, because step() will not warn again.
+            warnings.warn(f"state['step_count']={step_count} is beyond the schedule's total_steps="
+                          f"{schedule.total_steps}: the run that saved it went past the end of training the "
+                          f"schedule (end_step={schedule.end_step}) was made for", stacklevel=2)
         for module, mask in staged:
             module.set_mask(mask)
         self.schedule = schedule

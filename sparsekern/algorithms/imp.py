@@ -142,11 +142,10 @@ class IMP:
         cycle = _tickets.state_count(state, "cycle")
         step_in_cycle = _tickets.state_count(state, "step_in_cycle")
         rewind_state = state["rewind_state"]
+        _tickets.check_rewind_point(cycle, step_in_cycle, rewind_state is not None, self.rewind_step,
+                                    self.rewind == "weights")
         if rewind_state is not None:
             rewind_state = _tickets.check_snapshot(rewind_state, self.model, "state['rewind_state']")
-        elif self.rewind == "weights" and (cycle > 0 or step_in_cycle >= self.rewind_step):
-            raise ValueError(f"state['rewind_state'] is None, but the state is past the rewind step "
-                             f"(cycle {cycle}, step {step_in_cycle}, rewind_step={self.rewind_step})")
         optimizer = _tickets.loaded_optimizer(self.optimizer_factory, self.model, state["optimizer"],
                                               "state['optimizer']")
         self.cycle, self.step_in_cycle = cycle, step_in_cycle

@@ -77,8 +77,9 @@ class OptG:
         dense_while_scores_tie: keep every weight while all scores are equal (epoch 0, where they
             are all 0). The paper's code keeps every entry tied with the threshold, so its epoch 0
             is dense; an exact top-k over equal scores would instead prune the tail of the last
-            layers (ties go to the lower flat position). False applies p_0 by that rule. (With
-            E = 1 the only epoch is then dense.)
+            layers (ties go to the lower flat position). False applies p_0 by that rule. With it,
+            E = 1 is refused (ValueError): the only epoch would be dense, and the run would end
+            dense whatever `sparsity` asks; E = 2 trains epoch 1 at `sparsity`.
         reach_target: ramp to exactly `sparsity` at the last epoch (default), or follow the
             reference code's ramp, which stops short of it (module docstring).
         criterion: "learned" (OptG's trained scores) or "magnitude": each epoch's mask keeps the
@@ -127,6 +128,10 @@ class OptG:
             raise ValueError(f"sparsity={sparsity} would prune all {total} prunable weights")
         if criterion not in CRITERIA:
             raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
+        if epochs == 1 and sparsity > 0 and criterion == "learned" and dense_while_scores_tie:
+            # The mask is a top-k of scores trained in earlier epochs; the only epoch has none (all tie at 0).
+            raise ValueError(f"epochs=1 would end dense, not at sparsity={sparsity}: OptG's only epoch starts with "
+                             f"every score tied at 0, which dense_while_scores_tie keeps dense; use epochs >= 2")
         if lr == 0 and lr_schedule is None:
             warnings.warn("lr=0: the scores never move, so the mask only follows the sparsity ramp over "
                           "all-equal scores", stacklevel=2)

@@ -278,12 +278,10 @@ class SWAMP:
         if not isinstance(averaged, bool):
             raise TypeError(f"state['averaged'] must be a bool, got {type(averaged).__name__}")
         rewind_state = state["rewind_state"]
+        _tickets.check_rewind_point(counts["cycle"], counts["step_in_cycle"], rewind_state is not None,
+                                    self.rewind_step, keeps_weights=True)
         if rewind_state is not None:
             rewind_state = _tickets.check_snapshot(rewind_state, self.model, "state['rewind_state']")
-        elif counts["cycle"] > 0 or counts["step_in_cycle"] >= self.rewind_step:
-            raise ValueError(f"state['rewind_state'] is None, but the state is past the rewind step "
-                             f"(cycle {counts['cycle']}, step {counts['step_in_cycle']}, "
-                             f"rewind_step={self.rewind_step})")
         rewind_optimizer_state = state["rewind_optimizer_state"]
         if (rewind_optimizer_state is None) != (rewind_state is None):
             raise ValueError("state['rewind_optimizer_state'] must be given exactly when state['rewind_state'] is")

@@ -17,6 +17,7 @@ import sys
 import torch
 
 from .. import checkpoint
+from ..ops import _checks
 from . import core
 
 HEADER = ("op", "size", "implementation", "time (ms)", "speed-up vs baseline")
@@ -83,15 +84,23 @@ def write(rows: list[core.Row], path: str, kind: str, environment_line: str = ""
     checkpoint.write_atomically(path, lambda file: file.write(stream.getvalue().encode()))
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad argument on one line (no usage block), exit code 2, as `sparsekern
+    bench` does (the CLI passes its own parser, which also shows defaults in --help)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m benchmarks",
-         parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> int:
+         parser_class: type[argparse.ArgumentParser] = _OneLineParser) -> int:
     """Command line: [--device cpu|cuda] [--quick] [--only OP] [--json PATH] [--csv PATH] [--threads N]
     [--budget SECONDS].
 
     Prints the table on stdout (progress on stderr). Returns 0, or 1 when some implementation failed.
     `prog` is the command name shown in help and errors (`sparsekern bench` from the CLI), and
-    `parser_class` the argument parser (the CLI's reports errors on one line). Arguments, --json and
-    --csv paths included, are checked before anything is timed.
+    `parser_class` the argument parser (both the default and the CLI's report errors on one line, exit
+    code 2). Arguments, --json and --csv paths included, are checked before anything is timed.
     """
     parser = parser_class(prog=prog, description="Times sparsekern's ops against the torch code they replace.")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
@@ -109,8 +118,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m benchmarks",
         parser.error("--device cuda: no CUDA device is available")
     if args.budget is not None and not args.budget > 0:
         parser.error(f"--budget must be > 0, got {args.budget}")
-    if args.threads is not None and args.threads < 1:
-        parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.threads is not None:
+        try:
+            _checks.thread_count(args.threads, "--threads")
+        except ValueError as error:
+            parser.error(str(error))
     for option, path in (("--json", args.json), ("--csv", args.csv)):
         if path and os.path.isdir(path):
             parser.error(f"{option} {path!r} is a folder")

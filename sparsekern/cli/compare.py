@@ -11,6 +11,7 @@ the same folder trains only what is missing.
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import time
@@ -18,6 +19,7 @@ from dataclasses import asdict, dataclass, replace
 
 from .data import Dataset, load_dataset
 from .output import csv_text, density_axis, save_figure, write_text
+from .recipes import criteria_of
 from .runs import Job, RunStore, execute, key, warn_once
 from .training import TrainConfig
 
@@ -119,8 +121,9 @@ def run_compare(lines: list[Line], densities: list[float], seeds: int, base: Tra
 
 def run_row(line: Line, config: TrainConfig, record: dict) -> dict:
     """One row of runs.csv: the run's line and config, and what it measured."""
-    return {"label": line.label, "method": config.method, "prune": config.prune or "", "grow": config.grow or "",
-            "init": config.init, "density": config.density, "seed": config.seed,
+    prune, grow = criteria_of(config)
+    return {"label": line.label, "method": config.method, "prune": prune, "grow": grow, "init": config.init,
+            "density": config.density, "seed": config.seed,
             **{name: record[name] for name in ("schedule", "final_density", "epochs_trained", "test_accuracy",
                                                "gradient_flow", "gradient_flow_mean", "seconds", "key")}}
 
@@ -134,8 +137,9 @@ def filed_density(target: float, final: float) -> float:
 
 
 def summarise(lines: list[Line], runs: list[dict]) -> list[dict]:
-    """Per line and filed density: mean and sample standard deviation (0 for one seed) of test accuracy, the mean
-    final density, and gradient flow (final, and the mean over training's epochs), averaged over seeds."""
+    """Per line and filed density: mean and sample standard deviation of test accuracy (None for one seed, which
+    measures no spread: an empty CSV cell), the mean final density, and gradient flow (final, and the mean over
+    training's epochs), averaged over seeds."""
     rows = []
     for line in lines:
         mine = [run for run in runs if run["label"] == line.label]
@@ -145,12 +149,12 @@ def summarise(lines: list[Line], runs: list[dict]) -> list[dict]:
         for density in sorted(groups, reverse=True):
             at = groups[density]
             accuracies = [run["test_accuracy"] for run in at]
-            rows.append({"label": line.label, "method": line.method, "prune": line.prune or "",
-                         "grow": line.grow or "", "schedule": at[0]["schedule"], "init": at[0]["init"],
+            rows.append({"label": line.label, "method": line.method, "prune": at[0]["prune"],
+                         "grow": at[0]["grow"], "schedule": at[0]["schedule"], "init": at[0]["init"],
                          "epochs": at[0]["epochs_trained"], "density": density, "target_density": at[0]["density"],
                          "final_density_mean": statistics.fmean(run["final_density"] for run in at),
                          "accuracy_mean": statistics.fmean(accuracies),
-                         "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+                         "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else None,
                          "seeds": len(accuracies),
                          "gradient_flow_final_mean": statistics.fmean(run["gradient_flow"] for run in at),
                          "gradient_flow_training_mean": statistics.fmean(run["gradient_flow_mean"] for run in at)})
@@ -165,9 +169,9 @@ def caption(base: TrainConfig, seeds: int) -> str:
 
 
 def markdown_table(rows: list[dict], base: TrainConfig, seeds: int) -> str:
-    """A caption, then test accuracy in percent, mean ± std over seeds: one row per line with its mask schedule and
-    total epochs, one column per density (dense: the same value in every column); then the same grid of gradient
-    flow averaged over training."""
+    """A caption, then test accuracy in percent, mean ± std over seeds (the value alone for one seed): one row per
+    line with its mask schedule and total epochs, one column per density (dense: the same value in every column);
+    then the same grid of gradient flow averaged over training."""
     columns = sorted({row["density"] for row in rows if row["method"] != "dense"}, reverse=True) or [1.0]
     header = ("| line | schedule | epochs | " + " | ".join(f"density {density:g}" for density in columns) + " |\n"
               + "| --- | --- | --- |" + " --- |" * len(columns) + "\n")
@@ -182,15 +186,18 @@ def markdown_table(rows: list[dict], base: TrainConfig, seeds: int) -> str:
                      + " | ".join("–" if row is None else cell(row) for row in cells) + " |\n")
         return text
 
-    accuracy = body(lambda row: f"{100 * row['accuracy_mean']:.1f} ± {100 * row['accuracy_std']:.1f}")
+    accuracy = body(lambda row: f"{100 * row['accuracy_mean']:.1f}" + (
+        "" if row["accuracy_std"] is None else f" ± {100 * row['accuracy_std']:.1f}"))
     flow = body(lambda row: f"{row['gradient_flow_training_mean']:.3g}")
-    return (f"Test accuracy (%), mean ± sd over seeds. {caption(base, seeds)}.\n\n{header}{accuracy}\n"
+    spread = ", mean ± sd over seeds" if seeds > 1 else ""
+    return (f"Test accuracy (%){spread}. {caption(base, seeds)}.\n\n{header}{accuracy}\n"
             f"Gradient flow ‖g⊙m‖₂ on a fixed batch, mean over the epochs of training and over seeds.\n\n"
             f"{header}{flow}")
 
 
 def plot(rows: list[dict], path: str, base: TrainConfig) -> None:
-    """Accuracy (%) against density on a log axis, sparser to the right; error bars are ± one std over seeds; the
+    """Accuracy (%) against density on a log axis, sparser to the right; error bars are ± one std over seeds (none,
+    and a null std in the stored series, for one seed); the
     dense line is dashed across; lines are nudged sideways a little so their error bars do not hide each other;
     a line that trained more epochs than --epochs says how many. The plotted series are stored in the PNG's
     "Description" text as JSON."""
@@ -206,16 +213,18 @@ def plot(rows: list[dict], path: str, base: TrainConfig) -> None:
     for index, label in enumerate(labels):
         mine = [row for row in rows if row["label"] == label]
         means = [100 * row["accuracy_mean"] for row in mine]
-        stds = [100 * row["accuracy_std"] for row in mine]
+        stds = [None if row["accuracy_std"] is None else 100 * row["accuracy_std"] for row in mine]
         legend = label if mine[0]["epochs"] == base.epochs else f"{label} ({mine[0]['epochs']} epochs)"
         if mine[0]["method"] == "dense":
             axes.axhline(means[0], color="black", linestyle="--", linewidth=1, label=legend)
-            axes.axhspan(means[0] - stds[0], means[0] + stds[0], color="black", alpha=0.08)
+            if stds[0] is not None:
+                axes.axhspan(means[0] - stds[0], means[0] + stds[0], color="black", alpha=0.08)
             series[label] = {"density": [1.0], "mean": means, "std": stds}
             continue
         xs = [row["density"] for row in mine]
         dodge = 1 + 0.025 * (index - (len(labels) - 1) / 2)  # side by side, so error bars stay readable
-        axes.errorbar([x * dodge for x in xs], means, yerr=stds, marker="o", markersize=4, capsize=3,
+        axes.errorbar([x * dodge for x in xs], means, yerr=[math.nan if sd is None else sd for sd in stds],
+                      marker="o", markersize=4, capsize=3,
                       linewidth=1.5, label=legend)
         series[label] = {"density": xs, "mean": means, "std": stds}
     if sparse_densities:

@@ -24,6 +24,7 @@ from ..algorithms.dst import SCOPES
 from ..algorithms.optg import MIN_EPOCHS_DIGITS
 from ..checkpoint import check_writable_folder
 from ..ops._backend import backends
+from ..ops._checks import thread_count
 from .data import check_dataset, load_dataset
 from .models import MODELS, build_model
 from .recipes import DST_PRESETS, TICKET_METHODS
@@ -95,8 +96,6 @@ def _positive(text: str) -> int:
 # torch.manual_seed takes 64 bits, but the data-order seeds multiply the seed (seed * 1_000_003 + ...): 32 bits, NumPy's
 # seed range, keep every derived seed in range; a negative seed (-1 meaning "random" elsewhere) would be fixed here.
 MAX_SEED = 2 ** 32 - 1
-# More CPU threads than this makes OpenMP fail to create them and abort the process (measured: 4096 here).
-MAX_THREADS = 1024
 # A compare grid holding more runs than this is a typo (say --seeds 1000000000000), not a plan: building it
 # would hang before the first run.
 MAX_RUNS = 100_000
@@ -113,10 +112,10 @@ def _seed(text: str) -> int:
 
 
 def _threads(text: str) -> int:
-    value = _positive(text)
-    if value > MAX_THREADS:
-        raise argparse.ArgumentTypeError(f"threads must be at most {MAX_THREADS}, got {text}")
-    return value
+    try:
+        return thread_count(_positive(text), "threads")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _choices(allowed: tuple[str, ...], what: str):

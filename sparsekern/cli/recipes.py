@@ -17,9 +17,22 @@ from torch import nn
 from ..algorithms import DST, IMP, MEST, SET, SWAMP, OptG, RigL
 
 DST_PRESETS = {"set": SET, "rigl": RigL, "mest": MEST, "dst": DST}
+# (prune, grow) of each DST method when the config names neither: the presets' own and DST's defaults (a test
+# builds each method's algorithm and checks them).
+DST_CRITERIA = {"set": ("set", "random"), "rigl": ("magnitude", "gradient"), "mest": ("mest", "random"),
+                "dst": ("magnitude", "gradient")}
 TICKET_METHODS = ("imp", "swamp")
 RAMP_METHODS = {"optg": "learned", "gmp": "magnitude"}  # OptG's sigmoid ramp, and the OptG criterion it uses
 METHODS = ("dense", "static", *DST_PRESETS, *TICKET_METHODS, *RAMP_METHODS)
+
+
+def criteria_of(config) -> tuple[str, str]:
+    """(prune, grow): the criteria a DST method's run prunes and grows by, the config's or the method's own;
+    ("", "") for the other methods, which have none."""
+    if config.method not in DST_PRESETS:
+        return "", ""
+    prune, grow = DST_CRITERIA[config.method]
+    return config.prune or prune, config.grow or grow
 
 
 def start_density(method: str, density: float) -> float:

@@ -205,8 +205,16 @@ def verdict(a: list[float], b: list[float], scale: float = 1.0) -> tuple[str, st
 
 
 def _cell(values: list[float], percent: bool = True) -> str:
-    mean, sd, _ = stats(values)
+    """mean ± sd, or the mean alone for one value, which measures no spread."""
+    mean, sd, n = stats(values)
+    if n == 1:
+        return f"{100 * mean:.1f}" if percent else f"{mean:.3g}"
     return f"{100 * mean:.1f} ± {100 * sd:.1f}" if percent else f"{mean:.3g} ± {sd:.2g}"
+
+
+def _error(values: list[float], unit: float) -> float:
+    """An error bar's half-height: unit · sd, NaN (no bar) for one value."""
+    return unit * stats(values)[1] if len(values) > 1 else math.nan
 
 
 def _accuracies(records: list[dict]) -> list[float]:
@@ -230,7 +238,8 @@ def _row(claim: str, line: str, config: TrainConfig, records: list[dict], **extr
     mean, sd, n = stats(_accuracies(records))
     return {"claim": claim, "line": line, "method": config.method, "init": config.init,
             "density": config.density, "final_density": statistics.fmean(r["final_density"] for r in records),
-            "epochs_trained": total_epochs(config), "seeds": n, "accuracy_mean": mean, "accuracy_sd": sd,
+            "epochs_trained": total_epochs(config), "seeds": n, "accuracy_mean": mean,
+            "accuracy_sd": sd if n > 1 else None,   # empty in the CSV: one seed measures no spread
             "gradient_flow_mean": statistics.fmean(r["gradient_flow_mean"] for r in records), **extra}
 
 
@@ -254,7 +263,7 @@ def _errorbar_lines(axes, series: dict[str, tuple[list[float], list[list[float]]
     for index, (label, (xs, values)) in enumerate(series.items()):
         dodge = 1 + 0.02 * (index - (len(series) - 1) / 2)
         axes.errorbar([x * dodge for x in xs], [unit * stats(v)[0] for v in values],
-                      yerr=[unit * stats(v)[1] for v in values], marker="o", markersize=4, capsize=3, label=label)
+                      yerr=[_error(v, unit) for v in values], marker="o", markersize=4, capsize=3, label=label)
 
 
 def _label(axes, title: str, ylabel: str = "test accuracy (%)", xlabel: str | None = None, legend: int = 8) -> None:
@@ -270,7 +279,7 @@ def _bars(axes, groups: list[str], series: dict[str, list[list[float]]]) -> None
     width = 0.8 / len(series)
     for index, (label, values) in enumerate(series.items()):
         positions = [g + (index - (len(series) - 1) / 2) * width for g in range(len(groups))]
-        axes.bar(positions, [100 * stats(v)[0] for v in values], width, yerr=[100 * stats(v)[1] for v in values],
+        axes.bar(positions, [100 * stats(v)[0] for v in values], width, yerr=[_error(v, 100) for v in values],
                  capsize=3, label=label)
     axes.set_xticks(range(len(groups)), groups)
 

@@ -98,6 +98,10 @@ class TrainConfig:
                              f"after the last), got {self.cycles}")
         if self.method in (*TICKET_METHODS, *RAMP_METHODS) and self.density == 1:
             raise ValueError(f"density must be below 1 for {self.method}, which prunes to it, got 1")
+        if self.method == "optg" and self.epochs < 2:
+            raise ValueError(f"epochs must be >= 2 for optg, got {self.epochs}: its mask is a top-k of scores trained "
+                             f"in earlier epochs, so a 1-epoch run would end dense (gmp prunes by magnitude from the "
+                             f"start)")
         if not 0 < self.lr < math.inf:
             raise ValueError(f"lr must be a positive finite number, got {self.lr}")
         for name in ("drop_fraction", "end_fraction"):

@@ -30,7 +30,9 @@ Under torch.autocast the layers compute in the autocast dtype and return it, as 
 nn.Conv1d/2d/3d do. Their backward is differentiable again (double backward).
 
 A plain nn.Linear / nn.Conv1d/2d/3d state dict loads into the matching sparse module (its missing
-`mask` means all True), and `to_dense()` returns a plain module holding the masked weight.
+`mask` means all True), and `to_dense()` returns a plain module holding the masked weight. A saved
+mask that is not bool (torch.nn.utils.prune's are float) must hold only 0 and 1 (ValueError naming
+its key otherwise, the module unchanged).
 Loading a state dict sets `zero_off_mask` from the loaded values.
 """
 from __future__ import annotations
@@ -122,6 +124,7 @@ class SparseModule(nn.Module):
         if prefix + "mask" not in state_dict and prefix + "weight" in state_dict:
             weight = state_dict[prefix + "weight"]
             state_dict[prefix + "mask"] = torch.ones(weight.shape, dtype=torch.bool, device=weight.device)
+        _check_loaded_mask(state_dict.get(prefix + "mask"), prefix + "mask")
         # Weight values load as saved: a checkpoint of a module that kept the invariant already
         # holds zeros off its mask, and OptG's deliberately kept values off the mask come back.
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
@@ -133,6 +136,20 @@ class SparseModule(nn.Module):
         if self.mask.is_meta:  # no values to count
             return super().extra_repr()
         return f"{super().extra_repr()}, density={self.density:.4g}"
+
+
+def _check_loaded_mask(mask, key: str) -> None:
+    """ValueError naming `key` unless a non-bool saved mask holds only 0 and 1, before this module
+    changes. The copy into the bool buffer reads any non-zero as kept, which is right for the 0/1
+    float masks of torch.nn.utils.prune but would keep an entry saved as 0.5, NaN, -1 or 2 (a soft
+    mask or scores saved by mistake). Modules that torch's load_state_dict reached earlier are
+    already loaded, as with any error it raises."""
+    if not isinstance(mask, Tensor) or mask.dtype == torch.bool or mask.is_meta:
+        return
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        bad = mask[(mask != 0) & (mask != 1)].flatten()[:3].tolist()
+        raise ValueError(f"state dict entry {key!r} ({mask.dtype}) must hold only 0 and 1 (or be a bool "
+                         f"tensor), got values such as {bad}")
 
 
 _PACKED_FIELDS = ("bitmap", "values", "chunk_offsets")

@@ -40,7 +40,8 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
             weight_norm, spectral_norm, prune) stays dense, with a warning; a Lazy one that has not
             made its weight yet raises ValueError; a weight of a dtype other than float16, bfloat16,
             float32 or float64 raises TypeError. Hooks registered on a replaced module move to its
-            sparse replacement.
+            sparse replacement, and so do the parameters, buffers, submodules and plain attributes a
+            user added to it (ValueError for one named like an attribute of the sparse module).
         density: overall fraction of active weights over the sparsified layers, in (0, 1] (up to
             each layer's rounding), except with distribution="uniform" and dense_first_layer, where
             every layer but the first holds `density` (RigL's uniform setting) and the total is higher.
@@ -288,6 +289,29 @@ def _carry_hooks(original: nn.Module, sparse: nn.Module) -> None:
         sparse.__dict__["_is_full_backward_hook"] = original._is_full_backward_hook
 
 
+def _carry_extras(name: str, original: nn.Module, sparse: SparseModule) -> SparseModule:
+    """Gives `sparse`, not yet in the model, what a user attached to the module it replaces: extra
+    parameters, buffers (persistence kept) and submodules, the same objects, so that the state dict
+    keeps their keys and an optimizer holding them still trains them; and plain attributes
+    (`layer.scale = 2`), so that code reading them keeps working. ValueError, before anything
+    changes, for a name the sparse module uses itself (a buffer "mask", an attribute "density" or
+    "forward"): either meaning would be lost."""
+    # weight and bias are shared already (from_dense); a dense Linear/Conv2d has no other entries.
+    extras = [(slot, key, value) for slot in ("_parameters", "_buffers", "_modules")
+              for key, value in getattr(original, slot).items() if key not in ("weight", "bias")]
+    extras += [("__dict__", key, value) for key, value in vars(original).items() if key not in vars(sparse)]
+    for _, key, _ in extras:
+        if key in vars(sparse) or hasattr(type(sparse), key) or any(key in getattr(sparse, slot) for slot in
+                                                                     ("_parameters", "_buffers", "_modules")):
+            raise ValueError(f"layer {name or '(root)'!r} ({type(original).__name__}) holds {key!r}, a name "
+                             f"its {type(sparse).__name__} uses itself: rename it or exclude the layer")
+    for slot, key, value in extras:
+        getattr(sparse, slot)[key] = value
+        if slot == "_buffers" and key in original._non_persistent_buffers_set:
+            sparse._non_persistent_buffers_set.add(key)
+    return sparse
+
+
 def _sparse_like(module: nn.Module) -> SparseModule:
     """A new sparse module sharing `module`'s Parameters (nothing of `module` changes)."""
     kind = next(sparse for dense, sparse in _SPARSE_OF.items() if isinstance(module, dense))
@@ -335,7 +359,8 @@ def _stage(groups: list[tying.Group], scores: list[Tensor], counts, init_functio
                            f"sparse module)") from error
         new_weight = _checked_output(trial, "weight", weight, mask, name, init)
         new_bias = None if bias is None else _checked_output(trial, "bias", bias, None, name, init)
-        modules = [(module if isinstance(module, SparseModule) else _sparse_like(module)) for _, module in group]
+        modules = [(module if isinstance(module, SparseModule) else _carry_extras(name, module, _sparse_like(module)))
+                   for name, module in group]
         staged.append(([original for _, original in group], modules, mask, new_weight, new_bias))
     return staged
 

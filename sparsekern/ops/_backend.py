@@ -188,7 +188,27 @@ def only_on_gpu(device_type: str) -> bool:
     return device_type == "cuda"
 
 
-def backends() -> dict:
+class BackendReport(dict):
+    """`backends()`'s nested dict, which prints as an indented summary (the dict itself is one long line):
+    per op and device type the chosen backend, then each one passed over with its reason."""
+
+    def __repr__(self) -> str:
+        lines = [f"{ENV_VAR}={self['requested']}; compiled extension: {self['extension']}"]
+        for op, devices in self["ops"].items():
+            lines.append(op)
+            for device_type, entry in devices.items():
+                lines.append(f"  {device_type:<5} {entry['chosen'] or 'none: ' + entry.get('error', '')}")
+                lines += [f"        not {name}: {why}" for name, why in entry.items()
+                          if name in AUTO_ORDER and why is not None]
+                lines += [f"        not {name} for {dtype}: {why}" for dtype, refused in entry["dtypes"].items()
+                          for name, why in refused.items()]
+                lines += [f"        {field}: {entry[field]}" for field in ("fallback", "note") if field in entry]
+        return "\n".join(lines)
+
+    __str__ = __repr__
+
+
+def backends() -> BackendReport:
     """Which backend each op uses on each device type now, and why the others are passed over.
 
     Returns {"requested": ..., "extension": load status, "ops": {op: {device: {"chosen": name,
@@ -196,12 +216,13 @@ def backends() -> dict:
     they apply "fallback" (the named backend lacks the op) and "note" (a per-call rule of the chosen
     implementation)}}}}: "chosen" and the plain reasons hold for float32 tensors; "dtypes" lists the
     dtypes for which a backend is refused although it runs float32 (bfloat16 under the Triton interpreter).
+    A dict (a `BackendReport`), which prints as a readable summary.
     """
-    report = {
+    report = BackendReport({
         "requested": requested(),
         "extension": "loaded" if _extension.LOAD_ERROR is None else _extension.LOAD_ERROR,
         "ops": {},
-    }
+    })
     for op in sorted(_REGISTRY):
         report["ops"][op] = {}
         for device_type in ("cpu", "cuda"):

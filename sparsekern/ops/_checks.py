@@ -14,6 +14,19 @@ from . import reference
 from .reference import active_counts, check_swap, swap_names
 
 SCORE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# More torch CPU threads than this makes OpenMP fail to create them and abort the process (measured: 4096
+# here). Here, below both commands that set a thread count (`sparsekern train`, `sparsekern bench`), so that
+# they share one cap without the benchmarks importing the CLI.
+MAX_THREADS = 1024
+
+
+def thread_count(value: int, name: str) -> int:
+    """`value`, a torch CPU thread count, or ValueError naming `name` unless it is in [1, MAX_THREADS]."""
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    if value > MAX_THREADS:
+        raise ValueError(f"{name} must be at most {MAX_THREADS}, got {value}")
+    return value
 
 
 def _shape(t: Tensor) -> tuple:

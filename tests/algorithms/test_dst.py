@@ -1,5 +1,6 @@
 """DST (SET, RigL, MEST): acceptance checks 1, 3, 4, 6 and 11 of ALGORITHMS.md, state, arguments."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -258,6 +259,27 @@ def test_state_dict_round_trip_and_bad_state_changes_nothing():
     with pytest.raises(ValueError, match="schedule"):
         algo.load_state_dict(dict(state, schedule={"name": "cosine"}))
     assert all(torch.equal(a, b) for a, b in zip(before, masks(model))) and algo.step_count == 5
+
+
+def test_state_past_total_steps_loads_with_a_warning_before_any_change():
+    # step() lets a run go past total_steps (warning once), so such a state is DST's own and must load
+    # back; loading it warns, since step() will not, and the warning comes before any change.
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    algo = sparsekern.SET(model, optimizer, update_every=2, total_steps=4)
+    with pytest.warns(UserWarning, match="more than total_steps"):
+        for step in range(6):
+            train_step(model, optimizer, algo, step)
+    state = algo.state_dict()
+    fresh = sparsekern.SET(model, optimizer, update_every=2, total_steps=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match=r"state\['step_count'\]=6 is beyond the schedule's total_steps=4"):
+            fresh.load_state_dict(state)
+    assert fresh.step_count == 0
+    with pytest.warns(UserWarning, match="step_count"):
+        fresh.load_state_dict(state)
+    assert fresh.step_count == 6
 
 
 def test_presets_and_overrides():

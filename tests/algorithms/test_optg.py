@@ -223,6 +223,16 @@ def test_bad_arguments_raise_naming_them(kwargs, error, match):
         OptG(mlp(0, hidden=4), **arguments)
 
 
+def test_one_epoch_that_would_end_dense_is_refused_and_the_others_run():
+    # Epoch 0's scores all tie at 0 and dense_while_scores_tie keeps it dense: with E = 1 a run ended dense.
+    with pytest.raises(ValueError, match="epochs=1 would end dense, not at sparsity=0.5"):
+        OptG(mlp(0, hidden=4), sparsity=0.5, epochs=1)
+    for options in (dict(criterion="magnitude"), dict(dense_while_scores_tie=False), dict(sparsity=0.0)):
+        optg = OptG(mlp(0, hidden=4), **{"sparsity": 0.5, "epochs": 1, **options})
+        kept = sum(int(mask.sum()) for mask in optg.masks) / sum(mask.numel() for mask in optg.masks)
+        assert kept == pytest.approx(1 - optg.sparsity, abs=0.01)
+
+
 @pytest.mark.parametrize("stop_epoch, stop_step", [(1, 0), (1, 3), (2, 4)])
 def test_resuming_from_a_checkpoint_is_bit_identical(tmp_path, stop_epoch, stop_step):
     x, y = _data(4)

@@ -5,6 +5,9 @@ No timing is asserted: speed claims live in the benchmark report, not in tests.
 import csv
 import json
 import math
+import pathlib
+import subprocess
+import sys
 import time
 
 import pytest
@@ -189,6 +192,26 @@ def test_main_refuses_an_unwritable_output_path_before_timing_anything(tmp_path,
         with pytest.raises(SystemExit) as exit_info:
             report.main(["--quick", option, str(path)])
         assert exit_info.value.code == 2 and option in capsys.readouterr().err
+
+
+def test_bench_caps_threads_as_train_does_before_timing_anything(monkeypatch, capsys):
+    # torch.set_num_threads with more threads than OpenMP can create aborts the process.
+    from sparsekern.ops._checks import MAX_THREADS
+
+    monkeypatch.setattr(report, "run", lambda *args, **kwargs: pytest.fail("timed before checking --threads"))
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: pytest.fail(f"set {n} threads"))
+    for threads in (0, MAX_THREADS + 1, 10 ** 6):
+        with pytest.raises(SystemExit) as exit_info:
+            report.main(["--quick", "--threads", str(threads)])
+        assert exit_info.value.code == 2 and "--threads must be" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--bogus"], ["--budget", "0"], ["--threads", "x"]], ids=" ".join)
+def test_python_m_benchmarks_reports_a_bad_argument_on_one_line_as_sparsekern_bench_does(argv):
+    done = subprocess.run([sys.executable, "-m", "benchmarks", *argv], capture_output=True, text=True, timeout=120,
+                          cwd=pathlib.Path(__file__).resolve().parents[2])
+    assert done.returncode == 2 and done.stdout == "", done
+    assert done.stderr.startswith("python -m benchmarks: error: ") and done.stderr.count("\n") == 1, done.stderr
 
 
 def test_sparsekern_bench_reports_a_bad_argument_on_one_line(tmp_path, capsys):

@@ -273,6 +273,9 @@ WORDED_ARGUMENTS = [
     (["train", "--threads", "5000"], "argument --threads: threads must be at most 1024"),
     (["train", "--method", "static", "--scope", "global"], "--scope applies to the methods set, rigl, mest, dst"),
     (["compare", "--methods", "rigl", "--criteria", "snip"], "--criteria applies to the criteria lines"),
+    # One epoch of OptG ended dense whatever --density asked (its only epoch's scores all tie at 0).
+    (["train", "--method", "optg", "--density", "0.1", "--epochs", "1"], "epochs must be >= 2 for optg, got 1"),
+    (["compare", "--methods", "optg,static", "--densities", "0.1", "--epochs", "1"], "epochs must be >= 2 for optg"),
 ]
 
 

@@ -47,6 +47,14 @@ def test_verdicts_follow_two_standard_errors():
     assert result == reproduce.HOLDS and detail.startswith("Δ +5")
 
 
+def test_one_value_is_shown_alone_not_with_a_zero_spread():
+    assert reproduce._cell([0.971]) == "97.1" and reproduce._cell([0.5], percent=False) == "0.5"
+    assert reproduce._cell([0.97, 0.95]) == "96.0 ± 1.4"
+    config = reproduce.TrainConfig()
+    record = {"test_accuracy": 0.971, "final_density": 0.1, "gradient_flow_mean": 1.0}
+    assert reproduce._row("a", "line", config, [record])["accuracy_sd"] is None
+
+
 def test_criteria_tie_counts_only_the_criteria_other_than_the_best():
     close, far = [0.90, 0.91, 0.92], [0.60, 0.61, 0.62]
     accuracy = {("magnitude", 0.2): [0.91, 0.92, 0.93], ("snip", 0.2): close, ("set", 0.2): far,

@@ -187,6 +187,26 @@ def test_from_dense_takes_only_its_own_kind_of_convolution():
         SparseConv3d.from_dense(nn.Conv1d(2, 2, 3))
 
 
+def test_a_float_prune_mask_loads_and_other_values_are_refused_naming_the_key():
+    import torch.nn.utils.prune as prune
+    dense = nn.Linear(6, 5)
+    prune.l1_unstructured(dense, "weight", amount=0.4)  # float 0/1 weight_mask, as saved by torch users
+    saved = {"weight": dense.weight_orig.detach() * dense.weight_mask, "bias": dense.bias.detach(),
+             "mask": dense.weight_mask.clone()}
+    model = nn.Sequential(SparseLinear(6, 5))
+    model.load_state_dict({f"0.{key}": value for key, value in saved.items()})
+    assert torch.equal(model[0].mask, dense.weight_mask.bool())
+    before = copy.deepcopy(model.state_dict())
+    for dtype, value in ((torch.float32, 0.5), (torch.float32, float("nan")), (torch.float32, -1.0),
+                         (torch.float16, 2.0), (torch.uint8, 2), (torch.int64, -1)):
+        mask = torch.ones(5, 6, dtype=dtype)
+        mask[0, 0], mask[1, 1] = 0, value
+        bad = {"0.weight": torch.ones(5, 6), "0.bias": torch.ones(5), "0.mask": mask}
+        with pytest.raises(ValueError, match=r"'0\.mask'.*only 0 and 1"):
+            model.load_state_dict(bad)
+        assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
+
+
 def test_loading_dense_checkpoint_into_sparsified_model_keeps_callers_dict():
     model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
     state = copy.deepcopy(model.state_dict())

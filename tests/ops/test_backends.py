@@ -36,6 +36,25 @@ def test_reference_is_always_usable(monkeypatch):
         assert devices["cpu"]["chosen"] is not None, op
 
 
+def test_the_report_prints_readably_and_stays_a_dict(monkeypatch):
+    import json
+
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    report = sparsekern.backends()
+    assert isinstance(report, dict) and json.loads(json.dumps(report)) == report   # programs read it as before
+    text = str(report)
+    assert text == repr(report) and text.startswith(f"{_backend.ENV_VAR}=auto; compiled extension: ")
+    lines = text.splitlines()
+    for op, devices in report["ops"].items():
+        at = lines.index(op)   # each op on a line of its own, then one line per device: the chosen backend
+        for device, entry in devices.items():
+            chosen = next(line for line in lines[at + 1:] if line.startswith(f"  {device} "))
+            assert chosen.split() == [device, entry["chosen"]]
+            for name in _backend.AUTO_ORDER:
+                if entry[name] is not None:
+                    assert f"        not {name}: {entry[name]}" in lines
+
+
 @pytest.mark.parametrize("name", ["fastest", "cuda:0"])
 def test_unknown_backend_name_lists_the_valid_ones(name, monkeypatch):
     monkeypatch.setenv(_backend.ENV_VAR, name)
