@@ -84,16 +84,17 @@ def write(rows: list[core.Row], path: str, kind: str, environment_line: str = ""
     checkpoint.write_atomically(path, lambda file: file.write(stream.getvalue().encode()))
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad argument on one line (no usage block), exit code 2, as `sparsekern
-    bench` does (the CLI passes its own parser, which also shows defaults in --help)."""
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad argument on one line (no usage block), exit code 2. The CLI's parser
+    derives from it (and also shows defaults in --help), so that `python -m benchmarks` and
+    `sparsekern` report errors alike."""
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m benchmarks",
-         parser_class: type[argparse.ArgumentParser] = _OneLineParser) -> int:
+         parser_class: type[argparse.ArgumentParser] = OneLineParser) -> int:
     """Command line: [--device cpu|cuda] [--quick] [--only OP] [--json PATH] [--csv PATH] [--threads N]
     [--budget SECONDS].
 

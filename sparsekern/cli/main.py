@@ -22,6 +22,7 @@ from . import reproduce as reproduce_module
 from ..algorithms.criteria import GROW, PRUNE
 from ..algorithms.dst import SCOPES
 from ..algorithms.optg import MIN_EPOCHS_DIGITS
+from ..bench import report
 from ..checkpoint import check_writable_folder
 from ..ops._backend import backends
 from ..ops._checks import thread_count
@@ -35,15 +36,12 @@ from .training import (DISTRIBUTIONS, INITS, METHODS, SCHEDULES, TrainConfig, pr
 TRAINING_OPS = ("masked_linear", "topk_mask", "topk_mask_per_tensor", "prune_grow")
 
 
-class _Parser(argparse.ArgumentParser):
+class _Parser(report.OneLineParser):
     """argparse that reports a bad argument on one line (no usage block), exit code 2, and shows defaults."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -422,9 +420,6 @@ def _check_resume(path: str, config: TrainConfig) -> None:
 
 def _bench(bench_args: list[str]) -> int:
     """The benchmark report on the CUDA device when there is one, else on the CPU (unless --device is given)."""
-
-    from ..bench import report
-
     if torch.cuda.is_available() and not any(arg.startswith("--device") for arg in bench_args):
         bench_args = ["--device", "cuda", *bench_args]
     return report.main(bench_args, prog="sparsekern bench", parser_class=_Parser)

@@ -296,7 +296,7 @@ def _carry_extras(name: str, original: nn.Module, sparse: SparseModule) -> Spars
     (`layer.scale = 2`), so that code reading them keeps working. ValueError, before anything
     changes, for a name the sparse module uses itself (a buffer "mask", an attribute "density" or
     "forward"): either meaning would be lost."""
-    # weight and bias are shared already (from_dense); a dense Linear/Conv2d has no other entries.
+    # weight and bias are shared already (from_dense); a dense Linear or convolution has no other entries.
     extras = [(slot, key, value) for slot in ("_parameters", "_buffers", "_modules")
               for key, value in getattr(original, slot).items() if key not in ("weight", "bias")]
     extras += [("__dict__", key, value) for key, value in vars(original).items() if key not in vars(sparse)]
