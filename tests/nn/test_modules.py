@@ -207,6 +207,18 @@ def test_a_float_prune_mask_loads_and_other_values_are_refused_naming_the_key():
         assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
 
 
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_a_float_mask_loads_as_bool_with_assign(device):
+    """load_state_dict(assign=True) (loading into a model built on the meta device) put the float mask itself in
+    the buffer, and the module then failed in the middle of loading (torch.where took no float condition)."""
+    saved = {"weight": torch.tensor([[1.0, 0.0, 3.0]]), "bias": torch.zeros(1), "mask": torch.tensor([[1.0, 0.0, 1.0]])}
+    layer = SparseLinear(3, 1, device=device)
+    layer.load_state_dict(saved, assign=True)
+    assert layer.mask.dtype == torch.bool and torch.equal(layer.mask, torch.tensor([[True, False, True]]))
+    assert layer.zero_off_mask
+    torch.testing.assert_close(layer(torch.ones(1, 3)), torch.tensor([[4.0]]))
+
+
 def test_loading_dense_checkpoint_into_sparsified_model_keeps_callers_dict():
     model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
     state = copy.deepcopy(model.state_dict())
