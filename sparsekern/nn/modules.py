@@ -122,8 +122,10 @@ class SparseModule(nn.Module):
         # load_state_dict hands each module its own copy of the dict, so filling in the mask of a
         # dense checkpoint here does not touch the caller's dict.
         if prefix + "mask" not in state_dict and prefix + "weight" in state_dict:
-            weight = state_dict[prefix + "weight"]
-            state_dict[prefix + "mask"] = torch.ones(weight.shape, dtype=torch.bool, device=weight.device)
+            # The module's shape: a weight of another shape is refused on its own (a Conv2d's into a
+            # SparseConv3d), with no mismatch reported for a mask the checkpoint does not hold.
+            device = state_dict[prefix + "weight"].device
+            state_dict[prefix + "mask"] = torch.ones(self.mask.shape, dtype=torch.bool, device=device)
         mask = state_dict.get(prefix + "mask")
         _check_loaded_mask(mask, prefix + "mask")
         if isinstance(mask, Tensor) and mask.dtype != torch.bool:
