@@ -16,7 +16,7 @@ from torch import nn
 import sparsekern
 from sparsekern import checkpoint
 from sparsekern.algorithms import OptG
-from sparsekern.nn import SparseLinear, distributions, sparse_modules
+from sparsekern.nn import SparseConv1d, SparseLinear, distributions, sparse_modules
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -64,6 +64,22 @@ def test_sparsify_keeps_what_a_user_attached_to_a_replaced_module():
     assert sparse.scale is layer.scale and sparse.scratch is layer.scratch and sparse.gain is layer.gain
     assert sparse.calibration is layer.calibration and sparse.note == "fine-tuned"
     assert [name for name, _ in model.named_parameters()] == ["0.weight", "0.bias", "0.gain"]
+
+
+def test_sparsify_converts_a_layer_attached_to_a_replaced_layer():
+    """A Linear attached to a Linear (or a Conv1d to a Conv3d) is a layer sparsify counts and masks: the sparse
+    parent carried the dense child, so the model kept running it dense (its masked-off weights back in training)
+    and sparse_modules did not list it."""
+    outer, inner, deepest = nn.Linear(4, 4), nn.Linear(4, 4), nn.Conv1d(4, 4, 1)
+    outer.adapter = inner
+    inner.extra = deepest
+    model = sparsekern.sparsify(nn.Sequential(outer, nn.Conv3d(2, 2, 1)), 0.5, generator=_generator())
+    assert isinstance(model[0].adapter, SparseLinear) and model[0].adapter.weight is inner.weight
+    assert isinstance(model[0].adapter.extra, SparseConv1d) and model[0].adapter.extra.weight is deepest.weight
+    assert [name for name, _ in sparse_modules(model)] == ["0", "0.adapter", "0.adapter.extra", "1"]
+    layers = ("0", "0.adapter", "0.adapter.extra", "1")
+    assert sorted(model.state_dict()) == sorted(f"{layer}.{key}" for layer in layers
+                                                for key in ("weight", "bias", "mask"))
 
 
 @pytest.mark.parametrize("power", [400.0, 1e6])

@@ -221,6 +221,16 @@ def state_count(state: dict, key: str, low: int = 0) -> int:
     return check_count(state[key], f"state[{key!r}]", low)
 
 
+def check_saved_setting(state: dict, key: str, value) -> None:
+    """ValueError unless `state` was saved under the setting `key` = `value`. The counters alone cannot tell
+    (check_rewind_point): a state at step 3 of cycle 1 holding θ_2 fits rewind_step 0 as well, and resuming it
+    there would rewind to θ_2 and restart at step 0. A state without the entry (saved before it was kept) is
+    not checked."""
+    if key in state and state[key] != value:
+        raise ValueError(f"state[{key!r}]={state[key]!r}: the state was saved with {key}={state[key]!r}, "
+                         f"not {value!r}")
+
+
 def check_rewind_point(cycle: int, step_in_cycle: int, has_rewind_state: bool, rewind_step: int,
                        keeps_weights: bool) -> None:
     """ValueError unless a saved state's counters and θ_k agree as IMP and SWAMP keep them: every cycle

@@ -130,13 +130,14 @@ class IMP:
 
     def state_dict(self) -> dict:
         return {"cycle": self.cycle, "step_in_cycle": self.step_in_cycle, "rewind_state": self.rewind_state,
-                "optimizer": self.optimizer.state_dict()}
+                "optimizer": self.optimizer.state_dict(), "rewind_step": self.rewind_step, "rewind": self.rewind}
 
     def load_state_dict(self, state: dict) -> None:
         """Restores a `state_dict()`; load the model's own state first (its masks live there).
 
-        Checked completely first (entries, counts, θ_k against the model, the optimizer state
-        against a fresh optimizer): a bad state raises TypeError or ValueError and changes nothing.
+        Checked completely first (entries, counts, θ_k against the model, the rewind settings it was
+        saved with, the optimizer state against a fresh optimizer): a bad state raises TypeError or
+        ValueError and changes nothing.
         """
         _tickets.check_state_keys(state, ("cycle", "step_in_cycle", "rewind_state", "optimizer"))
         cycle = _tickets.state_count(state, "cycle")
@@ -144,6 +145,8 @@ class IMP:
         rewind_state = state["rewind_state"]
         _tickets.check_rewind_point(cycle, step_in_cycle, rewind_state is not None, self.rewind_step,
                                     self.rewind == "weights")
+        _tickets.check_saved_setting(state, "rewind", self.rewind)
+        _tickets.check_saved_setting(state, "rewind_step", self.rewind_step)
         if rewind_state is not None:
             rewind_state = _tickets.check_snapshot(rewind_state, self.model, "state['rewind_state']")
         optimizer = _tickets.loaded_optimizer(self.optimizer_factory, self.model, state["optimizer"],

@@ -258,7 +258,8 @@ class SWAMP:
                 "averaged": self.averaged, "rewind_state": self.rewind_state,
                 "rewind_optimizer_state": self.rewind_optimizer_state,
                 "particle_average": self.particle_average, "average_count": self.average_count,
-                "particle_sum": self.particle_sum, "optimizer": self.optimizer.state_dict()}
+                "particle_sum": self.particle_sum, "optimizer": self.optimizer.state_dict(),
+                "rewind_step": self.rewind_step}
 
     def load_state_dict(self, state: dict) -> None:
         """Restores a `state_dict()` (of the same rank); load the model's own state first.
@@ -280,6 +281,7 @@ class SWAMP:
         rewind_state = state["rewind_state"]
         _tickets.check_rewind_point(counts["cycle"], counts["step_in_cycle"], rewind_state is not None,
                                     self.rewind_step, keeps_weights=True)
+        _tickets.check_saved_setting(state, "rewind_step", self.rewind_step)
         if rewind_state is not None:
             rewind_state = _tickets.check_snapshot(rewind_state, self.model, "state['rewind_state']")
         rewind_optimizer_state = state["rewind_optimizer_state"]

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 
 from .data import Dataset, load_dataset
 from .output import csv_text, density_axis, save_figure, write_text
+from .recipes import criteria_of
 from .runs import Job, RunStore, execute, key, warn_once
 from .training import TrainConfig, total_epochs
 
@@ -178,11 +179,19 @@ def run(plan: Plan, out_dir: str, dataset: Dataset | None = None, progress: bool
                     sum(record["seconds"] for record in records.values()), workers)
     for claim in claims:
         write_text(os.path.join(out_dir, f"{claim.key}.csv"), csv_text(_fields(claim.rows), claim.rows))
-    runs = [{key_: value for key_, value in record.items() if key_ not in ("history", "flow")}
-            | record["config"] for record in records.values()]
+    configs = {key(job.config, job.masks_from): job.config for job in planned}
+    runs = [run_row(record, configs[name]) for name, record in records.items()]
     write_text(os.path.join(out_dir, "runs.csv"), csv_text(_fields(runs), runs))
     write_text(os.path.join(out_dir, "report.md"), report.markdown())
     return report
+
+
+def run_row(record: dict, config: TrainConfig) -> dict:
+    """One row of runs.csv: what the run measured, then its config's fields, with prune and grow naming the
+    criteria a DST preset uses although its config names none (as in compare's runs.csv)."""
+    prune, grow = criteria_of(config)
+    measured = {name: value for name, value in record.items() if name not in ("config", "history", "flow")}
+    return measured | record["config"] | {"prune": prune, "grow": grow}
 
 
 # -- statistics and verdicts ---------------------------------------------------------------------------------

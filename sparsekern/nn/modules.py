@@ -122,9 +122,16 @@ class SparseModule(nn.Module):
         # load_state_dict hands each module its own copy of the dict, so filling in the mask of a
         # dense checkpoint here does not touch the caller's dict.
         if prefix + "mask" not in state_dict and prefix + "weight" in state_dict:
-            weight = state_dict[prefix + "weight"]
-            state_dict[prefix + "mask"] = torch.ones(weight.shape, dtype=torch.bool, device=weight.device)
-        _check_loaded_mask(state_dict.get(prefix + "mask"), prefix + "mask")
+            # The module's shape: a weight of another shape is refused on its own (a Conv2d's into a
+            # SparseConv3d), with no mismatch reported for a mask the checkpoint does not hold.
+            device = state_dict[prefix + "weight"].device
+            state_dict[prefix + "mask"] = torch.ones(self.mask.shape, dtype=torch.bool, device=device)
+        mask = state_dict.get(prefix + "mask")
+        _check_loaded_mask(mask, prefix + "mask")
+        if isinstance(mask, Tensor) and mask.dtype != torch.bool:
+            # As bool here, not in the copy into the buffer: load_state_dict(assign=True) puts the tensor
+            # itself in the module.
+            state_dict[prefix + "mask"] = mask.bool()
         # Weight values load as saved: a checkpoint of a module that kept the invariant already
         # holds zeros off its mask, and OptG's deliberately kept values off the mask come back.
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,

@@ -292,7 +292,8 @@ def _carry_hooks(original: nn.Module, sparse: nn.Module) -> None:
 def _carry_extras(name: str, original: nn.Module, sparse: SparseModule) -> SparseModule:
     """Gives `sparse`, not yet in the model, what a user attached to the module it replaces: extra
     parameters, buffers (persistence kept) and submodules, the same objects, so that the state dict
-    keeps their keys and an optimizer holding them still trains them; and plain attributes
+    keeps their keys and an optimizer holding them still trains them (a child that sparsify converts
+    itself is then replaced there by `_replace`); and plain attributes
     (`layer.scale = 2`), so that code reading them keeps working. ValueError, before anything
     changes, for a name the sparse module uses itself (a buffer "mask", an attribute "density" or
     "forward"): either meaning would be lost."""
@@ -401,8 +402,10 @@ def _commit(model: nn.Module, staged) -> nn.Module:
 
 
 def _replace(model: nn.Module, replacements: dict[int, nn.Module]) -> None:
-    # Every parent and every slot of it: named_children() would skip a module's second reference.
-    for parent in list(model.modules()):
+    # Every parent and every slot of it: named_children() would skip a module's second reference. The sparse
+    # modules are parents too: a child carried from a replaced layer (a Linear attached to a Linear) may be
+    # replaced itself.
+    for parent in [*model.modules(), *replacements.values()]:
         for child_name, child in list(parent._modules.items()):
             if child is not None and id(child) in replacements:
                 parent._modules[child_name] = replacements[id(child)]

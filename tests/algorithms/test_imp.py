@@ -189,6 +189,24 @@ def test_resuming_from_a_checkpoint_is_bit_identical(tmp_path, stop_cycle, stop_
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("saved, loaded", [
+    (dict(rewind_step=2), dict(rewind_step=0)),    # cycle 1 at step 3 holding θ_2: fits k = 0 by its counters
+    (dict(rewind_step=0), dict(rewind_step=2)),    # θ_0 held at step 3 of cycle 0: fits k = 2 by its counters
+    (dict(rewind="learning_rate", rewind_step=2), dict(rewind="learning_rate", rewind_step=1))])
+def test_a_state_saved_under_other_rewind_settings_is_refused(saved, loaded):
+    x, y = _data(3)
+    model = mlp(6, hidden=16)
+    imp = IMP(model, _sgd, prune_fraction=0.3, **saved)
+    if saved.get("rewind_step") == 2:
+        _train(model, imp, x, y, 6)
+        imp.next_cycle()
+    _train(model, imp, x, y, 6, stop=3)
+    other = IMP(mlp(6, hidden=16), _sgd, prune_fraction=0.3, **loaded)
+    with pytest.raises(ValueError, match="saved with rewind"):
+        other.load_state_dict(imp.state_dict())
+    assert other.cycle == 0 and other.step_in_cycle == 0
+
+
 def test_digits_imp_with_rewinding_beats_random_reinitialisation_at_90_percent_sparsity():
     seeds = range(3)
     imp = np.array([digits_run("imp", seed) for seed in seeds])

@@ -219,6 +219,21 @@ def test_resuming_from_a_checkpoint_is_bit_identical(tmp_path, stop):
         assert torch.equal(a, b)
 
 
+def test_a_state_saved_under_another_rewind_step_is_refused():
+    # Particle 1 of cycle 0 at step 5 holding θ_3: its counters fit rewind_step 2 as well, where it loaded and
+    # the next particle would have restarted from θ_3 at step 2.
+    x, y = _data(4)
+    model = mlp(8, hidden=16)
+    swamp = _swamp(model)
+    _train(model, swamp, x, y, swamp.data_seed)
+    swamp.next_particle()
+    _train(model, swamp, x, y, swamp.data_seed, stop=5)
+    other = SWAMP(mlp(8, hidden=16), _sgd, particles=2, prune_fraction=0.3, rewind_step=2, swa_start=6, seed=7)
+    with pytest.raises(ValueError, match="saved with rewind_step=3, not 2"):
+        other.load_state_dict(swamp.state_dict())
+    assert other.particle == 0 and other.step_in_cycle == 0 and other.rewind_state is None
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_particles_on_two_gloo_ranks_match_particles_in_sequence(tmp_path):
     result = torchrun("tests.algorithms.swamp_distributed", str(tmp_path / "rank{}.pt"))

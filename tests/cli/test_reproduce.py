@@ -2,6 +2,7 @@
 the finished runs."""
 import csv
 import os
+from dataclasses import asdict
 
 from sparsekern.cli import main
 from sparsekern.cli import reproduce
@@ -27,6 +28,9 @@ def test_quick_reproduce_writes_a_report_of_every_claim(tmp_path, capsys):
     assert set(verdicts[:3]) <= {reproduce.HOLDS, reproduce.FAILS, reproduce.TIE}
     for figure in ("a.png", "b.png", "c_d.png", "e.png", "f.png"):
         assert (out / figure).stat().st_size > 5_000 and f"({figure})" in report
+    with open(out / "runs.csv", newline="") as file:
+        criteria = {(row["method"], row["prune"], row["grow"]) for row in csv.DictReader(file)}
+    assert {("rigl", "magnitude", "gradient"), ("set", "set", "random"), ("static", "", "")} <= criteria
     runs = len(reproduce.jobs(reproduce.plan(quick=True)))
     assert len([name for name in os.listdir(out / "runs") if name.endswith(".json")]) <= runs
 
@@ -53,6 +57,21 @@ def test_one_value_is_shown_alone_not_with_a_zero_spread():
     config = reproduce.TrainConfig()
     record = {"test_accuracy": 0.971, "final_density": 0.1, "gradient_flow_mean": 1.0}
     assert reproduce._row("a", "line", config, [record])["accuracy_sd"] is None
+
+
+def test_runs_csv_names_the_criteria_of_the_dst_presets_as_compare_does():
+    # The presets' configs name no criteria: runs.csv left prune and grow empty for (a)'s SET and RigL runs.
+    rows = {}
+    config_of = reproduce.TrainConfig
+    for config in (config_of(method="set"), config_of(method="rigl"), config_of(method="dst", prune="snip", grow="random"),
+                   config_of(method="static")):
+        record = {"key": config.method, "config": asdict(config), "test_accuracy": 0.9, "history": [], "flow": []}
+        rows[config.method] = reproduce.run_row(record, config)
+    assert {method: (row["prune"], row["grow"]) for method, row in rows.items()} == {
+        "set": ("set", "random"), "rigl": ("magnitude", "gradient"), "dst": ("snip", "random"), "static": ("", "")}
+    # the config's fields are columns of their own; its dict is not one more (a Python repr in a CSV cell)
+    assert list(rows["set"])[:2] == ["key", "test_accuracy"] and not {"config", "history", "flow"} & set(rows["set"])
+    assert rows["set"]["method"] == "set" and rows["set"]["density"] == reproduce.TrainConfig().density
 
 
 def test_criteria_tie_counts_only_the_criteria_other_than_the_best():

@@ -207,6 +207,28 @@ def test_a_float_prune_mask_loads_and_other_values_are_refused_naming_the_key():
         assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
 
 
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_a_float_mask_loads_as_bool_with_assign(device):
+    """load_state_dict(assign=True) (loading into a model built on the meta device) put the float mask itself in
+    the buffer, and the module then failed in the middle of loading (torch.where took no float condition)."""
+    saved = {"weight": torch.tensor([[1.0, 0.0, 3.0]]), "bias": torch.zeros(1), "mask": torch.tensor([[1.0, 0.0, 1.0]])}
+    layer = SparseLinear(3, 1, device=device)
+    layer.load_state_dict(saved, assign=True)
+    assert layer.mask.dtype == torch.bool and torch.equal(layer.mask, torch.tensor([[True, False, True]]))
+    assert layer.zero_off_mask
+    torch.testing.assert_close(layer(torch.ones(1, 3)), torch.tensor([[4.0]]))
+
+
+def test_a_dense_checkpoint_of_another_shape_is_refused_for_its_weight_only():
+    """The all-True mask filled in for a dense checkpoint took the checkpoint's weight shape: loading a Conv2d's
+    weights into a SparseConv3d also reported a size mismatch for a 'mask' the checkpoint does not hold."""
+    layer = SparseConv3d(4, 6, 3)
+    with pytest.raises(RuntimeError, match="size mismatch for weight") as error:
+        layer.load_state_dict(nn.Conv2d(4, 6, 3).state_dict())
+    assert "mask" not in str(error.value)
+    assert layer.mask.all() and layer.mask.shape == layer.weight.shape
+
+
 def test_loading_dense_checkpoint_into_sparsified_model_keeps_callers_dict():
     model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
     state = copy.deepcopy(model.state_dict())
