@@ -79,7 +79,7 @@ class OptG:
             is dense; an exact top-k over equal scores would instead prune the tail of the last
             layers (ties go to the lower flat position). False applies p_0 by that rule. With it,
             E = 1 is refused (ValueError): the only epoch would be dense, and the run would end
-            dense whatever `sparsity` asks; E = 2 trains epoch 1 at `sparsity`.
+            dense whatever `sparsity` asks; with E = 2 (and reach_target) epoch 1 trains at `sparsity`.
         reach_target: ramp to exactly `sparsity` at the last epoch (default), or follow the
             reference code's ramp, which stops short of it (module docstring).
         criterion: "learned" (OptG's trained scores) or "magnitude": each epoch's mask keeps the

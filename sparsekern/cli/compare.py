@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 from .data import Dataset, load_dataset
-from .output import csv_text, density_axis, save_figure, write_text
+from .output import counted, csv_text, density_axis, save_figure, write_text
 from .recipes import criteria_of
 from .runs import Job, RunStore, execute, key, warn_once
 from .training import TrainConfig
@@ -165,7 +165,7 @@ def caption(base: TrainConfig, seeds: int) -> str:
     """What every line of a comparison shares."""
     return (f"{base.model} (width {base.width}) on {base.dataset}, {base.distribution} layer densities, "
             f"init {base.init} (dense baseline too), SGD lr {base.lr:g} cosine, batch {base.batch_size}, "
-            f"{seeds} seed{'s' if seeds != 1 else ''}")
+            f"{counted(seeds, 'seed')}")
 
 
 def markdown_table(rows: list[dict], base: TrainConfig, seeds: int) -> str:

@@ -28,6 +28,7 @@ from ..ops._backend import backends
 from ..ops._checks import thread_count
 from .data import check_dataset, load_dataset
 from .models import MODELS, build_model
+from .output import counted
 from .recipes import DST_PRESETS, TICKET_METHODS
 from .training import (DISTRIBUTIONS, INITS, METHODS, SCHEDULES, TrainConfig, prepare, read_checkpoint,
                        total_epochs)
@@ -366,7 +367,7 @@ def _prepare_compare(args):
     runs = len(lines) * len(args.densities) * args.seeds
     if runs > MAX_RUNS:
         raise ValueError(f"the grid has {runs} runs ({len(lines)} lines x {len(args.densities)} densities x "
-                         f"{args.seeds} seeds), more than {MAX_RUNS}: lower --seeds or --densities")
+                         f"{counted(args.seeds, 'seed')}), more than {MAX_RUNS}: lower --seeds or --densities")
     for line in lines:  # each line's settings are checked before the first run starts
         for density in args.densities:
             compare_module.line_config(base, line, density, seed=0)
@@ -385,8 +386,9 @@ def _prepare_compare(args):
                                           progress=not args.quiet, dataset=dataset, fresh=args.fresh,
                                           workers=args.jobs)
         print(compare_module.markdown_table(rows, base, args.seeds), end="")
-        print(f"{len(lines)} lines x {len(args.densities)} densities x {args.seeds} seeds in "
-              f"{time.perf_counter() - started:.1f} s; table, CSV and plot in {args.out}")
+        grid = " x ".join((counted(len(lines), "line"), counted(len(args.densities), "density", "densities"),
+                           counted(args.seeds, "seed")))
+        print(f"{grid} in {time.perf_counter() - started:.1f} s; table, CSV and plot in {args.out}")
 
     return start
 

@@ -52,3 +52,8 @@ def first_line(error: BaseException) -> str:
     """The first line of an exception's message (library errors can run to many lines)."""
     lines = str(error).strip().splitlines()
     return lines[0] if lines else type(error).__name__
+
+
+def counted(number: int, noun: str, plural: str | None = None) -> str:
+    """'1 seed', '3 seeds', '2 densities': a count with its noun, plural unless it is one."""
+    return f"{number} {noun if number == 1 else plural or noun + 's'}"

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 from .data import Dataset, load_dataset
-from .output import csv_text, density_axis, save_figure, write_text
+from .output import counted, csv_text, density_axis, save_figure, write_text
 from .recipes import criteria_of
 from .runs import Job, RunStore, execute, key, warn_once
 from .training import TrainConfig, total_epochs
@@ -351,7 +351,7 @@ class DSTvsStatic:
                      "dynamic sparse training, which moves connections during training, reaches higher accuracy "
                      "than training a fixed random mask of the same density, the more so the sparser the network.",
                      f"static, SET and RigL at densities {', '.join(f'{d:g}' for d in plan.dst_densities)}, "
-                     f"{plan.seeds} seeds, init {plan.base.init}; {schedules}.",
+                     f"{counted(plan.seeds, 'seed')}, init {plan.base.init}; {schedules}.",
                      _table(["line", *[f"d = {d:g}" for d in plan.dst_densities]], table_rows), rows, findings,
                      "a.png")]
 
@@ -415,7 +415,7 @@ class CriteriaGrid:
                      "in dynamic sparse training the choice of pruning criterion matters little: most criteria "
                      "perform alike, and at low density plain magnitude pruning is best.",
                      f"DST with each pruning criterion and random growth, the paper's schedule ({schedule}), "
-                     f"densities {', '.join(f'{d:g}' for d in plan.criteria_densities)}, {plan.grid_seeds} seeds.",
+                     f"densities {', '.join(f'{d:g}' for d in plan.criteria_densities)}, {counted(plan.grid_seeds, 'seed')}.",
                      _table(["criterion", *[f"d = {d:g}" for d in plan.criteria_densities]], table_rows), rows,
                      findings, "b.png")]
 
@@ -492,7 +492,7 @@ class Tickets:
                  f"{', '.join(f'{d:g}' for d in plan.ticket_densities)}, torch's default init; SWAMP the same with "
                  f"{imp_config.particles} SWA particles per cycle; each IMP run's final mask trained {plan.base.epochs} "
                  f"epochs from new weights (other seeds) drawn from the same init, and from the sparsity-aware init; "
-                 f"{plan.seeds} seeds.")
+                 f"{counted(plan.seeds, 'seed')}.")
         return [Claim("c", "IMP with rewinding vs random reinitialisation", "Frankle & Carbin 2019; Frankle et al. 2020",
                       "a mask found by iterative magnitude pruning, with its weights rewound to an early point of "
                       "training, trains to higher accuracy than the same mask randomly reinitialised.",
@@ -553,7 +553,7 @@ class OptGvsMagnitude:
                      "at the same final sparsity, most clearly at high sparsity.",
                      f"OptG and gradual magnitude pruning (the same sigmoid ramp, each epoch keeping the largest "
                      f"weights) to final densities {', '.join(f'{d:g}' for d in plan.ramp_densities)} over "
-                     f"{', '.join(map(str, plan.ramp_epochs))} epochs, {plan.grid_seeds} seeds; the ramp ends at the "
+                     f"{', '.join(map(str, plan.ramp_epochs))} epochs, {counted(plan.grid_seeds, 'seed')}; the ramp ends at the "
                      f"target (final densities in the table).",
                      _table(["method", "density", "final density", *[f"{e} epochs" for e in plan.ramp_epochs]],
                             table_rows), rows, findings, "e.png")]
@@ -632,7 +632,7 @@ class GradientFlow:
             curve = [statistics.fmean(next(r["gradient_flow"] for r in record["flow"]
                                            if r["step"] == step and r["when"] in ("init", "epoch"))
                                       for record in records) for step in steps]
-            right.plot(steps, curve, marker=".", label=f"{line}, per epoch (mean of {len(records)} seeds)")
+            right.plot(steps, curve, marker=".", label=f"{line}, per epoch (mean of {counted(len(records), 'seed')})")
         seed0 = rigl[0]["flow"]
         for when, marker, colour in (("before update", "v", "grey"), ("after update", "^", "black")):
             points = [r for r in seed0 if r["when"] == when]
@@ -649,7 +649,7 @@ class GradientFlow:
                      f"gradient flow ‖g⊙m‖₂ on a fixed batch of 256 training images (no weight decay) at step 0, "
                      f"after every epoch and just before and after every RigL mask update; static training with the "
                      f"sparsity-aware and the dense-style (torch's default, masked) init, and RigL; densities "
-                     f"{', '.join(f'{d:g}' for d in plan.dst_densities)}, {plan.seeds} seeds.",
+                     f"{', '.join(f'{d:g}' for d in plan.dst_densities)}, {counted(plan.seeds, 'seed')}.",
                      _table(["line", "density", "gradient flow at init", "mean over training", "accuracy (%)"],
                             table_rows), rows, findings, "f.png")]
 
