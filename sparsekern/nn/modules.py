@@ -221,6 +221,8 @@ class SparseLinear(SparseModule, nn.Linear):
         Sharing keeps an optimizer built on the dense model valid; masking the result later
         therefore also zeroes `linear.weight`.
         """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"{cls.__name__}.from_dense takes an nn.Linear, got {type(linear).__name__}")
         sparse = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
                      device="meta", dtype=linear.weight.dtype)
         return _adopt_parameters(sparse, linear)

@@ -182,9 +182,11 @@ def test_dense_round_trip_and_state_dicts(generator, make, shape):
     assert torch.equal(other.mask, mask) and torch.equal(other.weight, sparse.weight)
 
 
-def test_from_dense_takes_only_its_own_kind_of_convolution():
+def test_from_dense_takes_only_its_own_kind_of_layer():
     with pytest.raises(TypeError, match="SparseConv3d.from_dense takes an nn.Conv3d, got Conv1d"):
         SparseConv3d.from_dense(nn.Conv1d(2, 2, 3))
+    with pytest.raises(TypeError, match="SparseLinear.from_dense takes an nn.Linear, got Bilinear"):
+        SparseLinear.from_dense(nn.Bilinear(2, 2, 3))
 
 
 def test_a_float_prune_mask_loads_and_other_values_are_refused_naming_the_key():
