@@ -25,4 +25,7 @@ TORCH_LIBRARY(sparsekern, m) {
   m.def(
       "sparse_linear(Tensor x, Tensor bitmap, Tensor values, Tensor chunk_offsets, Tensor? bias) "
       "-> Tensor");
+  // grad *= mask in place (mask: bool, grad's shape; grad: contiguous float): the weight gradient
+  // of a dense kernel (F.linear, a convolution) masked where it lies, in one pass with no temporary.
+  m.def("mask_grad_(Tensor(a!) grad, Tensor mask) -> ()");
 }

@@ -60,3 +60,7 @@ if _C is not None:
     def _sparse_linear_fake(x, bitmap, values, chunk_offsets, bias):
         torch._check(values.dtype == x.dtype, lambda: f"values has dtype {values.dtype} but x has {x.dtype}")
         return x.new_empty((*x.shape[:-1], bitmap.shape[0]))
+
+    @torch.library.register_fake("sparsekern::mask_grad_")
+    def _mask_grad_fake(grad, mask):
+        return None
