@@ -184,4 +184,8 @@ def weight_for_dense_kernel(weight: Tensor, mask: Tensor, zero_off_mask: bool, d
     kernel's weight gradient masked in place (whole if `dense_grad`). Pass the result straight to
     one dense kernel, whose weight gradient is a fresh tensor of its own.
     """
+    if not (weight.requires_grad and torch.is_grad_enabled()):
+        # No gradient will reach weight (evaluation, torch.no_grad): what the Function's forward
+        # returns, without building its autograd node (a few microseconds per layer and call).
+        return weight if zero_off_mask else reference.masked_weight(weight, mask)
     return _WeightForDenseKernel.apply(weight, mask, zero_off_mask, dense_grad)
