@@ -1,8 +1,16 @@
 // mask_grad_ on CPU: grad *= mask in place, one pass, no temporary: the weight gradient of the
 // dense-kernel path (sparsekern/ops/_masked_linear_op.py). Off the mask the result is grad * 0:
 // exactly 0 for a finite entry, NaN for an inf or NaN one (a step GradScaler skips stays skipped).
+//
+// weight_for_dense_kernel: the weight a dense kernel multiplies by (contract and Python twin:
+// sparsekern/ops/_masked_linear_op.py), as a C++ autograd Function. In eager mode it replaces the
+// Python Function, whose forward and backward calls cost ~17 us more per layer and step, more than
+// the products of a small layer; torch.compile traces the Python one. mask_grad_ is registered as an
+// op of its own so that it can be checked against torch on its own.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -67,8 +75,55 @@ void mask_grad_(const at::Tensor& grad, const at::Tensor& mask) {
   });
 }
 
+// where(mask, t, 0): a select, so that inf or NaN off the mask cannot leak.
+at::Tensor masked(const at::Tensor& t, const at::Tensor& mask) {
+  return at::where(mask, t, at::zeros({}, t.options()));
+}
+
+class WeightForDenseKernel : public torch::autograd::Function<WeightForDenseKernel> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& weight, const at::Tensor& mask,
+                            bool zero_off_mask, bool dense_grad) {
+    ctx->saved_data["dense_grad"] = dense_grad;
+    ctx->save_for_backward({mask});
+    return zero_off_mask ? weight.view_as(weight) : masked(weight, mask);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    at::Tensor grad = grads[0];
+    if (!ctx->saved_data["dense_grad"].toBool() && grad.defined()) {
+      const at::Tensor mask = ctx->get_saved_variables()[0];
+      if (at::GradMode::is_enabled() || !grad.is_contiguous()) {
+        // A graph for double backward (or a gradient laid out oddly): the out-of-place select.
+        grad = masked(grad, mask);
+      } else if (grad.device().is_cpu()) {
+        // The weight gradient the dense kernel just wrote, which nothing else holds: masked where it lies.
+        // Through the dispatcher, not the kernel itself: a tracer's fake tensors reach the fake impl.
+        static const auto op = c10::Dispatcher::singleton()
+                                   .findSchemaOrThrow("sparsekern::mask_grad_", "")
+                                   .typed<void(const at::Tensor&, const at::Tensor&)>();
+        op.call(grad, mask);
+      } else {
+        grad.mul_(mask);  // GPU kernels convert the mask as they read it: no temporary
+      }
+    }
+    return {grad, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor weight_for_dense_kernel(const at::Tensor& weight, const at::Tensor& mask, bool zero_off_mask,
+                                   bool dense_grad) {
+  return WeightForDenseKernel::apply(weight, mask, zero_off_mask, dense_grad);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sparsekern, CPU, m) { m.impl("mask_grad_", &mask_grad_); }
+
+// Above autograd, on every device: the Function records its own backward node.
+TORCH_LIBRARY_IMPL(sparsekern, CompositeImplicitAutograd, m) {
+  m.impl("weight_for_dense_kernel", &weight_for_dense_kernel);
+}
 
 }  // namespace sparsekern::cpu

@@ -40,6 +40,11 @@ def kernel_missing(op: str, device_type: str) -> str | None:
     return None if registered else f"extension was built without a {key} kernel for {qualified}"
 
 
+def op_defined(op: str) -> bool:
+    """Whether the loaded extension defines `sparsekern::op` (an older build may lack a newer op)."""
+    return _C is not None and torch._C._dispatch_has_kernel(f"sparsekern::{op}")
+
+
 if _C is not None:
     # Shapes and dtypes of the compiled ops' outputs, for torch.compile and meta tensors.
     # The kernels return contiguous masks whatever the inputs' strides, so the fakes must too.
