@@ -25,4 +25,11 @@ TORCH_LIBRARY(sparsekern, m) {
   m.def(
       "sparse_linear(Tensor x, Tensor bitmap, Tensor values, Tensor chunk_offsets, Tensor? bias) "
       "-> Tensor");
+  // grad *= mask in place (mask: bool, grad's shape; grad: contiguous float): the weight gradient
+  // of a dense kernel (F.linear, a convolution) masked where it lies, in one pass with no temporary.
+  m.def("mask_grad_(Tensor(a!) grad, Tensor mask) -> ()");
+  // The weight a dense kernel multiplies by to compute with weight * mask (contract:
+  // sparsekern.ops.weight_for_dense_kernel): weight itself when zero_off_mask, else where(mask, weight, 0);
+  // its gradient is masked in place, or left whole when dense_grad. Eager mode only (its autograd is C++).
+  m.def("weight_for_dense_kernel(Tensor weight, Tensor mask, bool zero_off_mask, bool dense_grad) -> Tensor");
 }

@@ -91,23 +91,27 @@ def choose(op: str, device_type: str, dtypes: tuple = (), args: tuple | None = N
     slowly (`Implementation.takes`); without them every usable implementation is taken.
     """
     name = requested()
-    reasons = _reasons(op, device_type, tuple(dtypes))
+    implementations = _REGISTRY[op]
     candidates = AUTO_ORDER
     if name != "auto":
-        if name in _REGISTRY[op]:
-            if reasons[name] is not None:
-                usable = [n for n, why in reasons.items() if why is None]
+        if name in implementations:
+            why = implementations[name].missing(device_type, dtypes)
+            if why is not None:
+                usable = [n for n, reason in _reasons(op, device_type, tuple(dtypes)).items() if reason is None]
                 on = f"{device_type} {'/'.join(str(d).removeprefix('torch.') for d in dtypes)}".rstrip()
-                raise RuntimeError(f"{ENV_VAR}={name} cannot run {op} on {on}: {reasons[name]}; "
+                raise RuntimeError(f"{ENV_VAR}={name} cannot run {op} on {on}: {why}; "
                                    f"usable backends: {', '.join(usable)}")
-            return name, _REGISTRY[op][name]
+            return name, implementations[name]
         candidates = AUTO_ORDER[AUTO_ORDER.index(name) + 1:]
+    # Each candidate's reason only when the ones before it were passed over: this runs at every op
+    # call (every sparse layer's forward), where the reasons of the rest would be wasted.
     for candidate in candidates:
-        implementation = _REGISTRY[op].get(candidate)
-        if (reasons[candidate] is None and implementation.automatic(device_type)
+        implementation = implementations.get(candidate)
+        if (implementation is not None and implementation.missing(device_type, dtypes) is None
+                and implementation.automatic(device_type)
                 and (args is None or implementation.takes is None or implementation.takes(*args))):
             return candidate, implementation
-    raise RuntimeError(f"no backend can run {op} on {device_type}: {reasons}")
+    raise RuntimeError(f"no backend can run {op} on {device_type}: {_reasons(op, device_type, tuple(dtypes))}")
 
 
 # Looked up once, at import (without importing Triton): find_spec searches the import path on every

@@ -40,6 +40,11 @@ def kernel_missing(op: str, device_type: str) -> str | None:
     return None if registered else f"extension was built without a {key} kernel for {qualified}"
 
 
+def op_defined(op: str) -> bool:
+    """Whether the loaded extension defines `sparsekern::op` (an older build may lack a newer op)."""
+    return _C is not None and torch._C._dispatch_has_kernel(f"sparsekern::{op}")
+
+
 if _C is not None:
     # Shapes and dtypes of the compiled ops' outputs, for torch.compile and meta tensors.
     # The kernels return contiguous masks whatever the inputs' strides, so the fakes must too.
@@ -60,3 +65,7 @@ if _C is not None:
     def _sparse_linear_fake(x, bitmap, values, chunk_offsets, bias):
         torch._check(values.dtype == x.dtype, lambda: f"values has dtype {values.dtype} but x has {x.dtype}")
         return x.new_empty((*x.shape[:-1], bitmap.shape[0]))
+
+    @torch.library.register_fake("sparsekern::mask_grad_")
+    def _mask_grad_fake(grad, mask):
+        return None

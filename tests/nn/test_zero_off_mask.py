@@ -205,3 +205,31 @@ def test_a_compiled_backward_masks_the_weight_gradient_in_one_operation(generato
     targets = [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
     assert not [t for t in targets if "slice" in t or "clamp" in t], targets
     assert sum("mul" in t for t in targets) == 1, targets
+
+
+@pytest.mark.parametrize("make, shape", [(lambda: SparseLinear(16, 8), (4, 16)),
+                                         (lambda: SparseConv2d(4, 8, 3, padding=1), (2, 4, 6, 6))],
+                         ids=["linear", "conv2d"])
+@pytest.mark.parametrize("zero_off_mask", [True, False])
+def test_without_a_weight_gradient_no_autograd_node_is_built(make, shape, zero_off_mask, generator, monkeypatch):
+    # Evaluation under no_grad, or a frozen weight: the mask's autograd Function would do nothing
+    # on the way back, and building it is a fixed cost per layer and call.
+    from sparsekern.ops import _masked_linear_op
+
+    layer = make()
+    layer.set_mask(torch.rand(layer.weight.shape, generator=generator) < 0.5)
+    layer.zero_off_mask = zero_off_mask
+    x = torch.randn(shape, generator=generator, requires_grad=True)
+    expected = layer(x)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), x)
+
+    def refuse(*args):
+        raise AssertionError("the autograd Function ran without a weight gradient to mask")
+
+    monkeypatch.setattr(_masked_linear_op._WeightForDenseKernel, "apply", refuse)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected)
+    layer.weight.requires_grad_(False)
+    y = layer(x)
+    torch.testing.assert_close(y, expected)
+    torch.testing.assert_close(torch.autograd.grad(y.sum(), x)[0], expected_grad)

@@ -1,7 +1,8 @@
 """A training step of a sparse model against the dense one, in time and in peak memory.
 
-Models, at density 0.1 (ERK): the MLP 1024-2048-2048-10 at batch 256 and a small conv net (four 3x3
-convolutions 3-32-64-128-256, batch norm, a linear head) at batch 32 on 32x32 images. A step is
+Models, at density 0.1 (ERK): the MLP 1024-2048-2048-10 at batch 256, the CLI's digits MLP 64-256-256-10 at
+batch 64 (small enough that a sparse layer's fixed per-call cost, not its products, decides the ratio), and a
+small conv net (four 3x3 convolutions 3-32-64-128-256, batch norm, a linear head) at batch 32 on 32x32 images. A step is
 zero_grad, forward, cross-entropy, backward, [DST.step()], SGD with momentum. Runs:
 
 - "dense" (the baseline): the nn.Linear / nn.Conv2d model;
@@ -35,9 +36,11 @@ DENSITY = 0.1
 DENSE = "dense"
 
 
-def mlp(width: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(width, 2 * width), nn.ReLU(), nn.Linear(2 * width, 2 * width), nn.ReLU(),
-                         nn.Linear(2 * width, 10))
+def mlp(width: int, hidden: int | None = None) -> nn.Module:
+    """width-hidden-hidden-10, hidden 2 * width unless given."""
+    hidden = 2 * width if hidden is None else hidden
+    return nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                         nn.Linear(hidden, 10))
 
 
 def conv_net(channels: int) -> nn.Module:
@@ -52,6 +55,7 @@ def conv_net(channels: int) -> nn.Module:
 # (description, model builder, input shape) per device and size.
 MODELS = {
     False: [("MLP 1024-2048-2048-10, batch 256", lambda: mlp(1024), (256, 1024)),
+            ("digits MLP 64-256-256-10, batch 64", lambda: mlp(64, 256), (64, 64)),
             ("conv net 3-32-64-128-256, batch 32, 32x32", lambda: conv_net(32), (32, 3, 32, 32))],
     True: [("MLP 64-128-128-10, batch 32", lambda: mlp(64), (32, 64)),
            ("conv net 3-4-8-16-32, batch 4, 8x8", lambda: conv_net(4), (4, 3, 8, 8))],

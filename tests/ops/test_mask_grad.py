@@ -1,0 +1,161 @@
+"""The dense-kernel path's compiled pieces: sparsekern::mask_grad_, the C++ in-place masking of the weight
+gradient, against torch's out-of-place product; the C++ autograd Function of weight_for_dense_kernel that
+eager calls take, against the Python one (torch.compile's, and the fallback without the extension)."""
+import pytest
+import torch
+
+from sparsekern.nn import SparseConv2d, SparseLinear
+from sparsekern import ops
+from sparsekern.ops import _extension, _masked_linear_op
+
+needs_cpu_kernel = pytest.mark.skipif(
+    _extension.kernel_missing("mask_grad_", "cpu") is not None,
+    reason=f"no C++ mask_grad_: {_extension.kernel_missing('mask_grad_', 'cpu')}")
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+# Empty, one entry, odd 2-D and 3-D shapes, and more entries than one block (16K) of the kernel.
+SHAPES = [(0,), (1,), (37, 53), (3, 5, 7), (129, 300)]
+
+
+def random_case(generator, shape, dtype):
+    """A gradient with inf and NaN on and off the mask, and a mask whose True bytes are not all 1."""
+    grad = torch.randn(shape, generator=generator).to(dtype)
+    special = torch.rand(shape, generator=generator)
+    grad[special < 0.02] = float("nan")
+    grad[(special >= 0.02) & (special < 0.04)] = float("inf")
+    grad[(special >= 0.04) & (special < 0.05)] = -float("inf")
+    bytes_ = torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8)
+    bytes_[torch.rand(shape, generator=generator) < 0.5] = 0
+    return grad, bytes_.view(torch.bool)
+
+
+def expected(grad, mask):
+    return grad * (mask.view(torch.uint8) != 0).to(grad.dtype)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_the_product_with_the_mask(dtype, shape, generator):
+    grad, mask = random_case(generator, shape, dtype)
+    want = expected(grad, mask)
+    torch.ops.sparsekern.mask_grad_(grad, mask)
+    torch.testing.assert_close(grad, want, rtol=0, atol=0, equal_nan=True)
+    # Off the mask exactly 0 where the gradient was finite (a negative one gives -0.0, still == 0).
+    off = mask.view(torch.uint8) == 0
+    assert (grad[off & want.isfinite()] == 0).all()
+
+
+@needs_cpu_kernel
+def test_a_non_contiguous_mask_is_read_by_position(generator):
+    grad, mask = random_case(generator, (40, 30), torch.float32)
+    mask_t = mask.t().contiguous().t()  # the same values, column-major
+    want = expected(grad, mask)
+    torch.ops.sparsekern.mask_grad_(grad, mask_t)
+    torch.testing.assert_close(grad, want, rtol=0, atol=0, equal_nan=True)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("case, error, match", [
+    ("strided", ValueError, "grad must be contiguous"),
+    ("int grad", TypeError, "grad must be float16"),
+    ("float mask", TypeError, "mask must be a bool tensor"),
+    ("shape", ValueError, "mask must have grad's shape"),
+])
+def test_bad_arguments_are_refused_and_change_nothing(case, error, match, generator):
+    grad, mask = random_case(generator, (20, 30), torch.float32)
+    if case == "strided":
+        grad = grad.t()
+        mask = mask.t()
+    elif case == "int grad":
+        grad = grad.nan_to_num().to(torch.int32)
+    elif case == "float mask":
+        mask = mask.float()
+    else:
+        mask = mask[:, :29]
+    before = grad.clone()
+    with pytest.raises(error, match=match):
+        torch.ops.sparsekern.mask_grad_(grad, mask)
+    torch.testing.assert_close(grad, before, rtol=0, atol=0, equal_nan=True)
+
+
+@needs_cpu_kernel
+def test_opcheck(generator):
+    for shape, dtype in [((37, 53), torch.float32), ((0,), torch.float64), ((5, 3), torch.bfloat16)]:
+        grad, mask = random_case(generator, shape, dtype)
+        torch.library.opcheck(torch.ops.sparsekern.mask_grad_.default, (grad, mask))
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("zero_off_mask", [True, False])
+@pytest.mark.parametrize("dense_grad", [False, True])
+def test_opcheck_weight_for_dense_kernel(zero_off_mask, dense_grad, generator):
+    mask = torch.rand(7, 11, generator=generator) < 0.5
+    weight = (torch.randn(7, 11, generator=generator) * mask).requires_grad_()
+    torch.library.opcheck(torch.ops.sparsekern.weight_for_dense_kernel.default,
+                          (weight, mask, zero_off_mask, dense_grad))
+
+
+def test_the_torch_fallback_masks_like_the_kernel(generator):
+    # More entries than one chunk (128K) of the fallback, and inf that must give NaN off the mask.
+    grad, mask = random_case(generator, (300, 500), torch.float32)
+    want = expected(grad, mask)
+    assert _masked_linear_op._mask_in_place(grad, mask) is grad
+    torch.testing.assert_close(grad, want, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["C++ Function", "Python Function"])
+@pytest.mark.parametrize("zero_off_mask", [True, False])
+@pytest.mark.parametrize("dense_grad", [False, True])
+def test_either_autograd_function_gives_the_contract(compiled, zero_off_mask, dense_grad, generator, monkeypatch):
+    # weight_for_dense_kernel's eager calls take the C++ Function; the Python one is what
+    # torch.compile traces and what runs without the extension. Both: values, the gradient masked
+    # in place (an inf off the mask gives NaN, as the product with the mask does), dense_grad,
+    # and a differentiable backward.
+    if compiled and _masked_linear_op._COMPILED_WEIGHT_FOR_DENSE_KERNEL is None:
+        pytest.skip("the extension has no weight_for_dense_kernel")
+    if not compiled:
+        monkeypatch.setattr(_masked_linear_op, "_COMPILED_WEIGHT_FOR_DENSE_KERNEL", None)
+    mask = torch.rand(9, 13, generator=generator) < 0.4
+    weight = torch.randn(9, 13, generator=generator, dtype=torch.float64)
+    if zero_off_mask:
+        weight = weight * mask
+    else:
+        weight[~mask] = float("inf")
+    weight.requires_grad_()
+    x = torch.randn(5, 13, generator=generator, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(5, 9, generator=generator, dtype=torch.float64)
+    upstream[0, 0] = float("inf")  # the weight gradient's first row is inf wherever x[0] is non-zero
+    kernel_weight = ops.weight_for_dense_kernel(weight, mask, zero_off_mask=zero_off_mask, dense_grad=dense_grad)
+    torch.testing.assert_close(kernel_weight, torch.where(mask, weight, 0).detach())
+    y = torch.nn.functional.linear(x, kernel_weight)
+    (y * upstream).sum().backward()
+    dense = upstream.t() @ x.detach()
+    torch.testing.assert_close(weight.grad, dense if dense_grad else dense * mask, equal_nan=True)
+    # Double backward (the out-of-place select, recorded in the graph) against the same formula in
+    # torch ops: the masked weight, whose gradient is masked, or whole under dense_grad.
+    finite = weight.detach().nan_to_num(posinf=3.0).requires_grad_()
+    reference_weight = torch.where(mask, finite, finite - finite.detach() if dense_grad else 0)
+    grads = []
+    for kernel_weight in (ops.weight_for_dense_kernel(finite, mask, zero_off_mask=zero_off_mask,
+                                                      dense_grad=dense_grad), reference_weight):
+        y = torch.nn.functional.linear(x, kernel_weight)
+        (grad_weight,) = torch.autograd.grad(y.square().sum(), finite, create_graph=True)
+        grads.append(torch.autograd.grad((grad_weight * grad_weight.detach()).sum(), (x, finite)))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("make, shape", [(lambda: SparseLinear(30, 20), (4, 30)),
+                                         (lambda: SparseConv2d(3, 4, 3), (2, 3, 5, 5))], ids=["linear", "conv2d"])
+def test_eager_calls_take_the_cpp_function(make, shape, generator):
+    layer = make()
+    layer.set_mask(torch.rand(layer.weight.shape, generator=generator) < 0.3)
+    names, pending = [], [layer(torch.randn(shape, generator=generator)).grad_fn]
+    while pending:
+        node = pending.pop()
+        if node is not None:
+            names.append(node.name())
+            pending += [next_node for next_node, _ in node.next_functions]
+    assert any(name.endswith("::WeightForDenseKernel>") for name in names), names
+    assert "_WeightForDenseKernelBackward" not in names
