@@ -158,10 +158,6 @@ def _mask_in_place(grad: Tensor, mask: Tensor) -> Tensor:
         # it: no temporary. (Traced, the chunk loop below would be unrolled into the graph, and
         # Dynamo refuses the scratch's first allocation as a side effect of an autograd.Function.)
         return grad.mul_(mask)
-    return _mask_in_place_by_chunks(grad, mask)
-
-
-def _mask_in_place_by_chunks(grad: Tensor, mask: Tensor) -> Tensor:
     # As bytes: converting uint8 to float vectorizes, converting bool does not (8 us against 72 us
     # for 128K entries).
     flat_grad, flat_mask = grad.view(-1), mask.reshape(-1).view(torch.uint8)
