@@ -197,10 +197,9 @@ def markdown_table(rows: list[dict], base: TrainConfig, seeds: int) -> str:
 
 def plot(rows: list[dict], path: str, base: TrainConfig) -> None:
     """Accuracy (%) against density on a log axis, sparser to the right; error bars are ± one std over seeds (none,
-    and a null std in the stored series, for one seed); the
-    dense line is dashed across; lines are nudged sideways a little so their error bars do not hide each other;
-    a line that trained more epochs than --epochs says how many. The plotted series are stored in the PNG's
-    "Description" text as JSON."""
+    and a null std in the stored series, for one seed); the dense line is dashed across; lines are nudged sideways
+    a little so their error bars do not hide each other; a line that trained more epochs than --epochs says how
+    many. The plotted series are stored in the PNG's "Description" text as JSON."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -224,8 +223,7 @@ def plot(rows: list[dict], path: str, base: TrainConfig) -> None:
         xs = [row["density"] for row in mine]
         dodge = 1 + 0.025 * (index - (len(labels) - 1) / 2)  # side by side, so error bars stay readable
         axes.errorbar([x * dodge for x in xs], means, yerr=[math.nan if sd is None else sd for sd in stds],
-                      marker="o", markersize=4, capsize=3,
-                      linewidth=1.5, label=legend)
+                      marker="o", markersize=4, capsize=3, linewidth=1.5, label=legend)
         series[label] = {"density": xs, "mean": means, "std": stds}
     if sparse_densities:
         density_axis(axes, sparse_densities, "density (fraction of weights kept)")
