@@ -25,6 +25,7 @@ from ..algorithms import criteria, schedules
 from ..algorithms.dst import SCOPES
 from ..nn import gradient_flow, sparse_modules, sparsify
 from ..nn import init as sparse_init
+from ..nn.sparsify import SPARSIFIABLE
 from .data import Dataset, load_dataset
 from .models import build_model
 from .output import csv_text, first_line, write_text
@@ -330,10 +331,10 @@ def total_epochs(config: TrainConfig) -> int:
 
 
 def density(model: nn.Module) -> float:
-    """Active fraction of the weights of the model's Linear and Conv1d/2d/3d layers (sparse ones count their mask)."""
+    """Active fraction of the weights of the layers sparsify can mask (sparse ones count their mask)."""
     active = total = 0
     for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        if isinstance(module, SPARSIFIABLE):
             mask = getattr(module, "mask", None)
             active += module.weight.numel() if mask is None else int(mask.sum())
             total += module.weight.numel()

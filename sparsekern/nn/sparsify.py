@@ -20,6 +20,8 @@ from .modules import SparseConv1d, SparseConv2d, SparseConv3d, SparseLinear, Spa
 # Exact types: a subclass of nn.Linear may read its weight outside forward (MultiheadAttention's
 # out_proj does), where a mask would not apply.
 _SPARSE_OF = {nn.Linear: SparseLinear, nn.Conv1d: SparseConv1d, nn.Conv2d: SparseConv2d, nn.Conv3d: SparseConv3d}
+# The dense layer types sparsify replaces (each sparse module is an instance of its own).
+SPARSIFIABLE = tuple(_SPARSE_OF)
 MASKS = ("random", "magnitude")
 
 
@@ -221,7 +223,7 @@ def _left_dense(selected: list[tuple[str, nn.Module]]) -> str:
     for name, module in selected:
         if isinstance(module, SparseModule) or type(module) in _SPARSE_OF or _reparametrized(module):
             continue  # sparsified, or stays dense with a warning of its own
-        if isinstance(module, tuple(_SPARSE_OF)):
+        if isinstance(module, SPARSIFIABLE):
             base = next(kind for kind in _SPARSE_OF if isinstance(module, kind))
             reason = (f"a subclass of nn.{base.__name__} may read its weight outside forward, where a mask "
                       f"would not apply (only the exact type is sparsified)")
@@ -240,7 +242,7 @@ def _reparametrized(module: nn.Module) -> bool:
     """A Linear/Conv whose weight a mask cannot hold: computed by torch.nn.utils.parametrize, or by a
     forward hook from other parameters (torch.nn.utils.weight_norm, spectral_norm, prune), or not made yet
     (a Lazy module before its first forward)."""
-    if not isinstance(module, tuple(_SPARSE_OF)) or isinstance(module, SparseModule):
+    if not isinstance(module, SPARSIFIABLE) or isinstance(module, SparseModule):
         return False
     if _unmade(module):
         return True
