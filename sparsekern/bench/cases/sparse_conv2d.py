@@ -17,6 +17,8 @@ from ... import ops
 from ...nn import SparseConv2d
 from ..core import Case
 
+OPS = ("sparse conv2d forward+backward",)
+
 DENSITY = 0.1
 # (batch, in_channels, out_channels, height = width, kernel): ResNet-like stages.
 SIZES = {"cpu": [(16, 64, 64, 32, 3), (16, 256, 256, 8, 3), (16, 64, 256, 32, 1)],
