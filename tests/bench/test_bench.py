@@ -202,6 +202,25 @@ def test_masked_linear_baseline_matches_the_op(generator):
                                ops.masked_linear(x, weight, mask, bias))
 
 
+@pytest.mark.parametrize("shape", [(2, 6, 11), (2, 6, 7, 9)], ids=["1d", "2d"])
+def test_im2col_conv_baseline_matches_the_convolution(shape, generator):
+    from sparsekern.bench.cases import sparse_conv as cases
+
+    x = torch.randn(shape, generator=generator)
+    weight = torch.randn(5, shape[1], *[3] * (len(shape) - 2), generator=generator)
+    mask = torch.rand(weight.shape, generator=generator) < 0.5
+    convolution = torch.nn.functional.conv1d if len(shape) == 3 else torch.nn.functional.conv2d
+    torch.testing.assert_close(cases.im2col_masked_linear(x, weight, mask, 1), convolution(x, weight * mask, padding=1))
+
+
+def test_sparse_convolution_is_timed_in_every_dimension(quick_rows):
+    from sparsekern.nn import SparseConv1d, SparseConv2d, SparseConv3d
+
+    timed = {row.implementation for row in quick_rows if row.op.startswith("sparse conv")}
+    for sparse in (SparseConv1d, SparseConv2d, SparseConv3d):
+        assert any(label.startswith(f"{sparse.__name__} (") for label in timed), sorted(timed)
+
+
 @pytest.mark.parametrize("option", ["--json", "--csv"])
 def test_main_refuses_an_unwritable_output_path_before_timing_anything(tmp_path, monkeypatch, capsys, option):
     (tmp_path / "a_file").write_text("")
