@@ -37,7 +37,8 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
             and sparse modules already present (their masks are drawn again) are sparsified. Other
             weight-bearing layers stay dense, named in one warning unless include/exclude leave them
             out: subclasses of those types, transposed convolutions, nn.Bilinear, the projections of
-            nn.MultiheadAttention, recurrent layers (norms and embeddings stay dense silently).
+            nn.MultiheadAttention (named once, by the attention module, its out_proj with it),
+            recurrent layers (norms and embeddings stay dense silently).
             One whose weight is computed from other parameters (torch.nn.utils.parametrize,
             weight_norm, spectral_norm, prune) stays dense, with a warning; a Lazy one that has not
             made its weight yet raises ValueError; a weight of a dtype other than float16, bfloat16,
@@ -167,7 +168,10 @@ def _layers(model: nn.Module, include: list[str] | None, exclude: list[str]) -> 
     selected = [(name, module) for name, module in model.named_modules()
                 if (include is None or _matches(names[id(module)], include))
                 and not _matches(names[id(module)], exclude)]
-    left_dense = _left_dense(selected)
+    # An MHA's out_proj (a Linear subclass) is left dense as part of its MHA, named with it or not at all:
+    # the patterns match names exactly, so exclude="attention" leaves "attention.out_proj" selected.
+    out_projections = {id(module.out_proj) for module in model.modules() if isinstance(module, nn.MultiheadAttention)}
+    left_dense = _left_dense([(name, module) for name, module in selected if id(module) not in out_projections])
     targets = _maskable([(name, module) for name, module in selected
                          if type(module) in _SPARSE_OF or isinstance(module, SparseModule) or _reparametrized(module)])
     target_ids = {id(module) for _, module in targets}
@@ -210,8 +214,8 @@ def _layers(model: nn.Module, include: list[str] | None, exclude: list[str]) -> 
 _LEFT_DENSE = (
     ((nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), "transposed convolutions have no sparse module"),
     ((nn.Bilinear,), "nn.Bilinear has no sparse module"),
-    ((nn.MultiheadAttention,), "its input projection weights are its own Parameters, which "
-                               "F.multi_head_attention_forward reads directly"),
+    ((nn.MultiheadAttention,), "F.multi_head_attention_forward reads its input projection weights (its own "
+                               "Parameters) and its out_proj's weight (a Linear subclass) directly"),
     ((nn.RNNBase, nn.RNNCellBase), "recurrent layers have no sparse module"),
 )
 
