@@ -301,12 +301,16 @@ def _carry_extras(name: str, original: nn.Module, sparse: SparseModule) -> Spars
     keeps their keys and an optimizer holding them still trains them (a child that sparsify converts
     itself is then replaced there by `_replace`); and plain attributes
     (`layer.scale = 2`), so that code reading them keeps working. ValueError, before anything
-    changes, for a name the sparse module uses itself (a buffer "mask", an attribute "density" or
-    "forward"): either meaning would be lost."""
+    changes, for a name the sparse module uses itself (a buffer "mask", an attribute "density",
+    "dense_grad", "zero_off_mask" or "forward"): either meaning would be lost."""
     # weight and bias are shared already (from_dense); a dense Linear or convolution has no other entries.
     extras = [(slot, key, value) for slot in ("_parameters", "_buffers", "_modules")
               for key, value in getattr(original, slot).items() if key not in ("weight", "bias")]
-    extras += [("__dict__", key, value) for key, value in vars(original).items() if key not in vars(sparse)]
+    # A plain attribute the sparse module also holds is nn.Module's or the dense layer's own (training,
+    # in_features), except the ones SparseModule declares (dense_grad, zero_off_mask): set on a dense layer,
+    # those are the user's, and dropping them would be as silent as overwriting them.
+    extras += [("__dict__", key, value) for key, value in vars(original).items()
+               if key not in vars(sparse) or key in SparseModule.__annotations__]
     for _, key, _ in extras:
         if key in vars(sparse) or hasattr(type(sparse), key) or any(key in getattr(sparse, slot) for slot in
                                                                      ("_parameters", "_buffers", "_modules")):
