@@ -168,10 +168,13 @@ def _layers(model: nn.Module, include: list[str] | None, exclude: list[str]) -> 
     selected = [(name, module) for name, module in model.named_modules()
                 if (include is None or _matches(names[id(module)], include))
                 and not _matches(names[id(module)], exclude)]
-    # An MHA's out_proj (a Linear subclass) is left dense as part of its MHA, named with it or not at all:
-    # the patterns match names exactly, so exclude="attention" leaves "attention.out_proj" selected.
-    out_projections = {id(module.out_proj) for module in model.modules() if isinstance(module, nn.MultiheadAttention)}
-    left_dense = _left_dense([(name, module) for name, module in selected if id(module) not in out_projections])
+    # An MHA's out_proj (a Linear subclass) is left dense as part of its MHA: named with it, and silent when the
+    # MHA is excluded (patterns match exact names, so exclude="attention" leaves "attention.out_proj" selected);
+    # named on its own only when include picks it without its MHA.
+    selected_ids = {id(module) for _, module in selected}
+    folded = {id(module.out_proj) for module in model.modules() if isinstance(module, nn.MultiheadAttention)
+              and (id(module) in selected_ids or _matches(names[id(module)], exclude))}
+    left_dense = _left_dense([(name, module) for name, module in selected if id(module) not in folded])
     targets = _maskable([(name, module) for name, module in selected
                          if type(module) in _SPARSE_OF or isinstance(module, SparseModule) or _reparametrized(module)])
     target_ids = {id(module) for _, module in targets}

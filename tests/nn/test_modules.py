@@ -376,6 +376,8 @@ def test_sparsify_names_the_weight_layers_it_leaves_dense_in_one_warning(generat
         sparsekern.sparsify(layers_left_dense(), 0.5, include="conv")
     with pytest.raises(ValueError, match=r"model has no .* module to sparsify; .*0 \(MultiheadAttention\)"):
         sparsekern.sparsify(nn.Sequential(nn.MultiheadAttention(4, 2)), 0.5)
+    with pytest.raises(ValueError, match=r"matching include/exclude; .*attention\.out_proj \(NonDynamically"):
+        sparsekern.sparsify(layers_left_dense(), 0.5, include="attention.out_proj")   # picked without its MHA
 
 
 def test_sparsify_same_seed_same_masks_and_weights():
