@@ -405,12 +405,16 @@ def _attached_world(attach):
 
 
 # What a user attached to a replaced layer moves to the sparse one; under a name the sparse module uses
-# itself, one meaning would be lost.
+# itself, one meaning would be lost. dense_grad and zero_off_mask were dropped silently: the sparse module
+# sets its own (a carried dense_grad=True would let an optimizer step move inactive weights).
 for _name, _attach in (("a buffer 'mask'", lambda m: m.register_buffer("mask", torch.ones(5, 16))),
                        ("an attribute 'density'", lambda m: setattr(m, "density", 0.5)),
-                       ("an instance 'forward'", lambda m: setattr(m, "forward", lambda x: x))):
+                       ("an instance 'forward'", lambda m: setattr(m, "forward", lambda x: x)),
+                       ("an attribute 'dense_grad'", lambda m: setattr(m, "dense_grad", True)),
+                       ("an attribute 'zero_off_mask'", lambda m: setattr(m, "zero_off_mask", False))):
     error(f"sparsify(a Linear holding {_name})", _attached_world(_attach),
-          lambda w: sparsekern.sparsify(w.model, 0.5), ValueError, "'5' \\(Linear\\) holds")
+          lambda w: sparsekern.sparsify(w.model, 0.5), ValueError,
+          f"'5' \\(Linear\\) holds {_name.split()[-1]}, a name its SparseLinear uses itself")
 # -- sparsekern.nn: init, distributions, metrics, modules -------------------------------------------
 
 INIT_BAD = [

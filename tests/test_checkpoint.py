@@ -1,4 +1,5 @@
 import os
+import zipfile
 
 import pytest
 import torch
@@ -28,3 +29,26 @@ def test_failed_save_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
         checkpoint.save({"step": 2, "bad": Unpicklable()}, path)
     assert checkpoint.load(path) == {"step": 1}
     assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_load_loads_the_bytes_whose_checksums_it_tested(tmp_path, monkeypatch):
+    # save replaces a file by renaming a new one over it: were the file read twice, once for the checksums and
+    # once by torch.load, a damaged file put in place between the reads would load unchecked.
+    path = tmp_path / "ckpt.pt"
+    weight = torch.arange(1000.0)
+    checkpoint.save({"weight": weight}, path)
+    damaged = bytearray(path.read_bytes())
+    damaged[damaged.find(weight.numpy().tobytes()) + 2001] ^= 0x40   # a byte of weight[500]
+    test = zipfile.ZipFile.testzip
+
+    def test_then_replace(archive):
+        result = test(archive)
+        (tmp_path / "new.pt").write_bytes(damaged)
+        os.replace(tmp_path / "new.pt", path)
+        return result
+
+    monkeypatch.setattr(zipfile.ZipFile, "testzip", test_then_replace)
+    assert torch.equal(checkpoint.load(path)["weight"], weight)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="it is damaged"):   # the replacement, checked on its own
+        checkpoint.load(path)

@@ -1,8 +1,10 @@
 """The benchmark engine: what a case is, how one implementation is timed, and how cases are found.
 
 A case module is any module in `sparsekern.bench.cases` with a function
-`cases(device: torch.device, quick: bool) -> list[Case]`. Inputs are built inside `cases` (so
-building them is never timed) and captured by the zero-argument callables in `Case.runs`.
+`cases(device: torch.device, quick: bool) -> list[Case]` and a tuple `OPS` of the ops its cases
+report (so that `--only` is checked, and its modules chosen, without building any case, which for
+some modules takes seconds). Inputs are built inside `cases` (so building them is never timed) and
+captured by the zero-argument callables in `Case.runs`.
 """
 from __future__ import annotations
 
@@ -114,11 +116,26 @@ def sparsekern_runs(op: str, device: torch.device, call: Callable[[], object]) -
 
 
 def case_modules(only: str | None = None) -> list[str]:
-    """Names of the case modules in sparsekern.bench.cases, sorted; just `only` if it names one."""
+    """Names of the case modules in sparsekern.bench.cases, sorted. With `only`: just that module if
+    it names one, else the modules with an op (their `OPS`) starting with it; a ValueError naming
+    the modules and ops when there is none."""
     from . import cases as package
 
     names = sorted(info.name for info in pkgutil.iter_modules(package.__path__) if not info.name.startswith("_"))
-    return [only] if only in names else names
+    if only is None:
+        return names
+    if only in names:
+        return [only]
+    matching = [name for name in names if any(op.startswith(only) for op in _ops(name))]
+    if not matching:
+        ops = sorted({op for name in names for op in _ops(name)})
+        raise ValueError(f"--only {only!r} names no case module and starts no op; case modules: {', '.join(names)}; "
+                         f"ops: {', '.join(ops)}")
+    return matching
+
+
+def _ops(module: str) -> tuple[str, ...]:
+    return importlib.import_module(f"{__package__}.cases.{module}").OPS
 
 
 def load_cases(module: str, device: torch.device, quick: bool) -> list[Case]:
@@ -128,7 +145,8 @@ def load_cases(module: str, device: torch.device, quick: bool) -> list[Case]:
 
 def discover(device: torch.device, quick: bool, only: str | None = None) -> Iterator[Case]:
     """Every case of every case module, one module at a time (each module's inputs are freed before
-    the next is built). `only` keeps one module, or else the cases whose op starts with it."""
+    the next is built). `only` keeps one module, or else the cases whose op starts with it (a
+    ValueError, before anything is built, when it does neither)."""
     for module in case_modules(only):
         for case in load_cases(module, device, quick):
             if only is None or module == only or case.op.startswith(only):

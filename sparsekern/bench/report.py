@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m benchmarks",
     Prints the table on stdout (progress on stderr). Returns 0, or 1 when some implementation failed.
     `prog` is the command name shown in help and errors (`sparsekern bench` from the CLI), and
     `parser_class` the argument parser (both the default and the CLI's report errors on one line, exit
-    code 2). Arguments, --json and --csv paths included, are checked before anything is timed.
+    code 2). Arguments, --json and --csv paths and --only included, are checked before any case is built.
     """
     parser = parser_class(prog=prog, description="Times sparsekern's ops against the torch code they replace.")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
@@ -132,12 +132,18 @@ def main(argv: list[str] | None = None, prog: str = "python -m benchmarks",
                 checkpoint.check_writable_folder(os.path.dirname(os.path.abspath(path)), f"{option}'s folder")
             except ValueError as error:
                 parser.error(str(error))
+    if args.only is not None:
+        try:
+            core.case_modules(args.only)
+        except ValueError as error:
+            parser.error(str(error))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     rows = run(device, args.quick, args.only, args.budget, progress=sys.stderr)
-    if not rows:
-        parser.error(f"--only {args.only!r} matches no case; case modules: {', '.join(core.case_modules())}")
+    if not rows:  # its modules have no case at these sizes on this device (triton_masked_linear on CPU)
+        parser.error(f"--only {args.only!r}: no case of it runs on {args.device}"
+                     f"{'' if args.quick else ' without --quick'}")
     where = environment(device)
     print(where)
     print("speed-up = baseline time / time: above 1 is faster than the case's baseline, "

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, replace
 from .data import Dataset, load_dataset
 from .output import counted, csv_text, density_axis, save_figure, write_text
 from .recipes import criteria_of
-from .runs import Job, RunStore, execute, key, warn_once
+from .runs import Job, RunStore, execute, key, warn_once, warnings_cell
 from .training import TrainConfig
 
 DEFAULT_METHODS = ("dense", "static", "set", "rigl", "dst")
@@ -35,7 +35,7 @@ CRITERION_METHOD = "dst"  # the method whose lines the criteria axis makes; pres
 # counts round d_l·N_l, so the overall density of a small model misses the target by a fraction of a percent.
 FILING_TOLERANCE = 0.01
 RUN_FIELDS = ("label", "method", "prune", "grow", "schedule", "init", "density", "final_density", "seed",
-              "epochs_trained", "test_accuracy", "gradient_flow", "gradient_flow_mean", "seconds", "key")
+              "epochs_trained", "test_accuracy", "gradient_flow", "gradient_flow_mean", "seconds", "key", "warnings")
 SUMMARY_FIELDS = ("label", "method", "prune", "grow", "schedule", "init", "epochs", "density", "target_density",
                   "final_density_mean", "accuracy_mean", "accuracy_std", "seeds", "gradient_flow_final_mean",
                   "gradient_flow_training_mean")
@@ -120,12 +120,13 @@ def run_compare(lines: list[Line], densities: list[float], seeds: int, base: Tra
 
 
 def run_row(line: Line, config: TrainConfig, record: dict) -> dict:
-    """One row of runs.csv: the run's line and config, and what it measured."""
+    """One row of runs.csv: the run's line and config, what it measured, and what its training warned."""
     prune, grow = criteria_of(config)
     return {"label": line.label, "method": config.method, "prune": prune, "grow": grow, "init": config.init,
             "density": config.density, "seed": config.seed,
             **{name: record[name] for name in ("schedule", "final_density", "epochs_trained", "test_accuracy",
-                                               "gradient_flow", "gradient_flow_mean", "seconds", "key")}}
+                                               "gradient_flow", "gradient_flow_mean", "seconds", "key")},
+            "warnings": warnings_cell(record)}
 
 
 def filed_density(target: float, final: float) -> float:

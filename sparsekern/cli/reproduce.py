@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from .data import Dataset, load_dataset
 from .output import counted, csv_text, density_axis, save_figure, write_text
 from .recipes import criteria_of
-from .runs import Job, RunStore, execute, key, warn_once
+from .runs import Job, RunStore, execute, key, warn_once, warnings_cell
 from .training import TrainConfig, total_epochs
 
 HOLDS, FAILS, TIE = "holds", "does not hold at this scale", "tie"
@@ -191,6 +191,7 @@ def run_row(record: dict, config: TrainConfig) -> dict:
     criteria a DST preset uses although its config names none (as in compare's runs.csv)."""
     prune, grow = criteria_of(config)
     measured = {name: value for name, value in record.items() if name not in ("config", "history", "flow")}
+    measured["warnings"] = warnings_cell(record)   # its list, as one plain-text cell
     return measured | record["config"] | {"prune": prune, "grow": grow}
 
 

@@ -129,6 +129,12 @@ def warn_once(records) -> None:
         warnings.warn(f"{count} run{'s' if count > 1 else ''}: {message}", stacklevel=2)
 
 
+def warnings_cell(record: dict) -> str:
+    """A record's warnings as one CSV cell of plain text: the messages, each on one line, joined by " | "
+    ("" when there are none)."""
+    return " | ".join(" ".join(message.split()) for message in record.get("warnings", []))
+
+
 def _train_all(jobs: list[Job], store: RunStore, dataset: Dataset, workers: int, sources: set[str]):
     """(job, record) for each job, as each finishes."""
     if workers <= 1 or len(jobs) <= 1:

@@ -240,11 +240,13 @@ class SparseConvNd(SparseModule):
     to_dense. A subclass derives from this and from its dense module, named in `dense_class`.
 
     The forward runs the ordinary convolution (cuDNN / oneDNN) on the weight itself where it is 0
-    off the mask (`zero_off_mask`), else on the masked weight. Lowering to
-    `ops.masked_linear` through im2col (F.unfold) was the alternative; forward+backward on CPU at
-    10% density it was 1.5x (1x1 kernel) to 9x (3x3, 64 channels, 32x32) slower, because unfold
-    materialises a k_h*k_w times larger input and its backward (fold) is slow, while masking the
-    weight took 0.95x-1.25x the time of a dense conv (`sparsekern/bench/cases/sparse_conv2d.py`).
+    off the mask (`zero_off_mask`), else on the masked weight. Lowering to `ops.masked_linear`
+    through im2col (F.unfold) was the alternative: unfold materialises a kernel-size times larger
+    input and its backward (fold) is slow. Forward+backward at 10% density on one CPU thread
+    (`python -m benchmarks --only sparse_conv --threads 1`, sparsekern/bench/cases/sparse_conv.py),
+    im2col ran at 0.2x (3x3, 64 channels, 32x32) to 0.8x (1x1) the dense convolution's speed in 2-d
+    and at 0.5x-0.7x in 1-d (a speech model's kernels 11 and 3), while the sparse convolution ran at
+    0.95x-1.0x of it in 1-d, 2-d and 3-d (a video network's 3x3x3 stages).
     """
 
     dense_class: type[nn.Module]

@@ -37,7 +37,8 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
             and sparse modules already present (their masks are drawn again) are sparsified. Other
             weight-bearing layers stay dense, named in one warning unless include/exclude leave them
             out: subclasses of those types, transposed convolutions, nn.Bilinear, the projections of
-            nn.MultiheadAttention, recurrent layers (norms and embeddings stay dense silently).
+            nn.MultiheadAttention (named once, by the attention module, its out_proj with it),
+            recurrent layers (norms and embeddings stay dense silently).
             One whose weight is computed from other parameters (torch.nn.utils.parametrize,
             weight_norm, spectral_norm, prune) stays dense, with a warning; a Lazy one that has not
             made its weight yet raises ValueError; a weight of a dtype other than float16, bfloat16,
@@ -167,7 +168,13 @@ def _layers(model: nn.Module, include: list[str] | None, exclude: list[str]) -> 
     selected = [(name, module) for name, module in model.named_modules()
                 if (include is None or _matches(names[id(module)], include))
                 and not _matches(names[id(module)], exclude)]
-    left_dense = _left_dense(selected)
+    # An MHA's out_proj (a Linear subclass) is left dense as part of its MHA: named with it, and silent when the
+    # MHA is excluded (patterns match exact names, so exclude="attention" leaves "attention.out_proj" selected);
+    # named on its own only when include picks it without its MHA.
+    selected_ids = {id(module) for _, module in selected}
+    folded = {id(module.out_proj) for module in model.modules() if isinstance(module, nn.MultiheadAttention)
+              and (id(module) in selected_ids or _matches(names[id(module)], exclude))}
+    left_dense = _left_dense([(name, module) for name, module in selected if id(module) not in folded])
     targets = _maskable([(name, module) for name, module in selected
                          if type(module) in _SPARSE_OF or isinstance(module, SparseModule) or _reparametrized(module)])
     target_ids = {id(module) for _, module in targets}
@@ -210,8 +217,8 @@ def _layers(model: nn.Module, include: list[str] | None, exclude: list[str]) -> 
 _LEFT_DENSE = (
     ((nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), "transposed convolutions have no sparse module"),
     ((nn.Bilinear,), "nn.Bilinear has no sparse module"),
-    ((nn.MultiheadAttention,), "its input projection weights are its own Parameters, which "
-                               "F.multi_head_attention_forward reads directly"),
+    ((nn.MultiheadAttention,), "F.multi_head_attention_forward reads its input projection weights (its own "
+                               "Parameters) and its out_proj's weight (a Linear subclass) directly"),
     ((nn.RNNBase, nn.RNNCellBase), "recurrent layers have no sparse module"),
 )
 
@@ -297,12 +304,16 @@ def _carry_extras(name: str, original: nn.Module, sparse: SparseModule) -> Spars
     keeps their keys and an optimizer holding them still trains them (a child that sparsify converts
     itself is then replaced there by `_replace`); and plain attributes
     (`layer.scale = 2`), so that code reading them keeps working. ValueError, before anything
-    changes, for a name the sparse module uses itself (a buffer "mask", an attribute "density" or
-    "forward"): either meaning would be lost."""
+    changes, for a name the sparse module uses itself (a buffer "mask", an attribute "density",
+    "dense_grad", "zero_off_mask" or "forward"): either meaning would be lost."""
     # weight and bias are shared already (from_dense); a dense Linear or convolution has no other entries.
     extras = [(slot, key, value) for slot in ("_parameters", "_buffers", "_modules")
               for key, value in getattr(original, slot).items() if key not in ("weight", "bias")]
-    extras += [("__dict__", key, value) for key, value in vars(original).items() if key not in vars(sparse)]
+    # A plain attribute the sparse module also holds is nn.Module's or the dense layer's own (training,
+    # in_features), except the ones SparseModule declares (dense_grad, zero_off_mask): set on a dense layer,
+    # those are the user's, and dropping them would be as silent as overwriting them.
+    extras += [("__dict__", key, value) for key, value in vars(original).items()
+               if key not in vars(sparse) or key in SparseModule.__annotations__]
     for _, key, _ in extras:
         if key in vars(sparse) or hasattr(type(sparse), key) or any(key in getattr(sparse, slot) for slot in
                                                                      ("_parameters", "_buffers", "_modules")):

@@ -34,6 +34,7 @@ def test_every_case_module_yields_cases():
         for case in cases:
             assert isinstance(case, core.Case)
             assert case.baseline in case.runs
+            assert case.op in core._ops(module), f"{module}.OPS lacks {case.op!r}: --only could not select it"
 
 
 def test_quick_report_gives_finite_time_and_ratio_for_every_run(quick_rows):
@@ -137,9 +138,26 @@ def test_main_writes_json_and_csv(tmp_path, capsys):
         assert len(list(csv.DictReader(stream))) == len(records)
 
 
-def test_main_rejects_an_unknown_only(capsys):
-    with pytest.raises(SystemExit):
-        report.main(["--quick", "--only", "no_such_op"])
+@pytest.mark.parametrize("command", ["python -m benchmarks", "sparsekern bench"])
+def test_an_unknown_only_is_reported_on_one_line_before_any_case_is_built(monkeypatch, capsys, command):
+    from sparsekern.cli import main as cli_main
+
+    monkeypatch.setattr(core, "load_cases", lambda *args: pytest.fail("built cases before checking --only"))
+    argv = ["--quick", "--device", "cpu", "--only", "topk_mak"]
+    with pytest.raises(SystemExit) as exit_info:
+        report.main(argv) if command == "python -m benchmarks" else cli_main(["bench", *argv])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and error.startswith(f"{command}: error: --only 'topk_mak'"), error
+    assert error.count("\n") == 1 and "topk_mask" in error and "RigL update (global)" in error, error
+
+
+def test_an_op_prefix_builds_only_the_modules_with_such_an_op(monkeypatch):
+    built = []
+    monkeypatch.setattr(core, "load_cases", lambda module, device, quick: built.append(module) or [])
+    assert list(core.discover(CPU, quick=True, only="RigL")) == [] and built == ["dst"]
+    built.clear()
+    list(core.discover(CPU, quick=True, only="topk_mask"))   # a module's name: that module alone
+    assert built == ["topk_mask"]
 
 
 # The baselines must do the op's work, or their ratios mean nothing: on tie-free inputs they equal the op.
@@ -182,6 +200,25 @@ def test_masked_linear_baseline_matches_the_op(generator):
     mask = torch.rand(5, 8, generator=generator) < 0.5
     torch.testing.assert_close(cases.torch_mask_then_matmul(x, weight, mask, bias),
                                ops.masked_linear(x, weight, mask, bias))
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 11), (2, 6, 7, 9)], ids=["1d", "2d"])
+def test_im2col_conv_baseline_matches_the_convolution(shape, generator):
+    from sparsekern.bench.cases import sparse_conv as cases
+
+    x = torch.randn(shape, generator=generator)
+    weight = torch.randn(5, shape[1], *[3] * (len(shape) - 2), generator=generator)
+    mask = torch.rand(weight.shape, generator=generator) < 0.5
+    convolution = torch.nn.functional.conv1d if len(shape) == 3 else torch.nn.functional.conv2d
+    torch.testing.assert_close(cases.im2col_masked_linear(x, weight, mask, 1), convolution(x, weight * mask, padding=1))
+
+
+def test_sparse_convolution_is_timed_in_every_dimension(quick_rows):
+    from sparsekern.nn import SparseConv1d, SparseConv2d, SparseConv3d
+
+    timed = {row.implementation for row in quick_rows if row.op.startswith("sparse conv")}
+    for sparse in (SparseConv1d, SparseConv2d, SparseConv3d):
+        assert any(label.startswith(f"{sparse.__name__} (") for label in timed), sorted(timed)
 
 
 @pytest.mark.parametrize("option", ["--json", "--csv"])

@@ -74,6 +74,28 @@ def test_runs_csv_names_the_criteria_of_the_dst_presets_as_compare_does():
     assert rows["set"]["method"] == "set" and rows["set"]["density"] == reproduce.TrainConfig().density
 
 
+def test_runs_csv_warnings_are_plain_text_in_compare_and_reproduce_alike():
+    # reproduce wrote the record's list as its Python repr ("['...']"); compare left the warnings out.
+    import io
+
+    from sparsekern.cli import compare
+    from sparsekern.cli.output import csv_text
+
+    config = reproduce.TrainConfig(method="static")
+    measured = {"key": "k", "config": asdict(config), "test_accuracy": 0.9, "final_density": 0.1, "schedule": "none",
+                "epochs_trained": 1, "gradient_flow": 1.0, "gradient_flow_mean": 1.0, "seconds": 1.0,
+                "history": [], "flow": []}
+    warned = ["layers left dense: 'head', \"it's\"", "a message\nover two lines"]
+    for warnings, cell in ((warned, "layers left dense: 'head', \"it's\" | a message over two lines"), ([], "")):
+        record = measured | {"warnings": warnings}
+        rows = {"reproduce": reproduce.run_row(record, config),
+                "compare": compare.run_row(compare.Line("static", "static"), config, record)}
+        for command, row in rows.items():
+            fields = list(compare.RUN_FIELDS) if command == "compare" else list(row)
+            read = list(csv.DictReader(io.StringIO(csv_text(fields, [row]), newline="")))
+            assert len(read) == 1 and read[0]["warnings"] == cell, command
+
+
 def test_criteria_tie_counts_only_the_criteria_other_than_the_best():
     close, far = [0.90, 0.91, 0.92], [0.60, 0.61, 0.62]
     accuracy = {("magnitude", 0.2): [0.91, 0.92, 0.93], ("snip", 0.2): close, ("set", 0.2): far,

@@ -363,17 +363,21 @@ def test_sparsify_names_the_weight_layers_it_leaves_dense_in_one_warning(generat
     assert len(caught) == 1 and caught[0].category is UserWarning and caught[0].filename == __file__
     message = str(caught[0].message)
     for named in ("up (ConvTranspose3d)", "attention (MultiheadAttention)", "rnn (GRU)", "pair (Bilinear)",
-                  "attention.out_proj (NonDynamicallyQuantizableLinear)", "scaled (ScaledLinear)",
-                  "channels (ChannelConv3d)", "subclass of nn.Linear", "subclass of nn.Conv3d"):
+                  "scaled (ScaledLinear)", "channels (ChannelConv3d)", "subclass of nn.Linear", "subclass of nn.Conv3d",
+                  "its out_proj's weight"):
         assert named in message, named
-    assert "7 weight-bearing layer(s)" in message
+    # the attention module once, its out_proj (a NonDynamicallyQuantizableLinear) folded in, not a 7th layer
+    assert "6 weight-bearing layer(s)" in message and "attention.out_proj" not in message
     assert not any(name in message for name in ("norm", "embedding", "(Conv1d)"))  # dense by convention
     with warnings.catch_warnings():
         warnings.simplefilter("error")   # excluded or not included: the user chose, nothing to say
-        sparsekern.sparsify(layers_left_dense(), 0.5, exclude=["up", "attention*", "rnn", "pair", "scaled", "channels"])
+        for attention in ("attention", "attention*"):   # out_proj goes with its attention module
+            sparsekern.sparsify(layers_left_dense(), 0.5, exclude=["up", attention, "rnn", "pair", "scaled", "channels"])
         sparsekern.sparsify(layers_left_dense(), 0.5, include="conv")
     with pytest.raises(ValueError, match=r"model has no .* module to sparsify; .*0 \(MultiheadAttention\)"):
         sparsekern.sparsify(nn.Sequential(nn.MultiheadAttention(4, 2)), 0.5)
+    with pytest.raises(ValueError, match=r"matching include/exclude; .*attention\.out_proj \(NonDynamically"):
+        sparsekern.sparsify(layers_left_dense(), 0.5, include="attention.out_proj")   # picked without its MHA
 
 
 def test_sparsify_same_seed_same_masks_and_weights():

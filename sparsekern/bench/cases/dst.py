@@ -24,6 +24,8 @@ from ...nn import sparse_modules
 from ..core import Case, sparsekern_runs
 from ..shapes import RESNET50, RESNET50_TINY
 
+OPS = ("RigL update (layer)", "RigL update (global)", "training step", "DST.step() (no update)")
+
 DENSITY = 0.1
 DROP_FRACTION = 0.3
 

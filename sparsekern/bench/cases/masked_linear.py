@@ -17,6 +17,8 @@ from ... import ops
 from ...ops import reference
 from ..core import Case, forced_backend, sparsekern_runs
 
+OPS = ("masked_linear forward", "masked_linear forward+backward")
+
 DENSITIES = (0.1, 0.5)
 # (tokens, in_features, out_features)
 SIZES = {"cpu": [(4096, 1024, 1024), (256, 1024, 1024)],

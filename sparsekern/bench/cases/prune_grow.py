@@ -17,6 +17,8 @@ from ... import ops
 from ..core import Case, sparsekern_runs
 from ..shapes import ONE_MILLION, RESNET50, RESNET50_TINY, describe, random_tensors
 
+OPS = ("prune_grow (RigL update, layer scope)", "prune_grow (RigL update, global scope)")
+
 DENSITY = 0.1
 DROP_FRACTION = 0.3
 

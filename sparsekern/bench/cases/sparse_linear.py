@@ -13,6 +13,8 @@ from ... import ops
 from ...ops import _extension
 from ..core import Case
 
+OPS = ("sparse_linear",)
+
 
 def _plan(device: torch.device, quick: bool):
     if quick:

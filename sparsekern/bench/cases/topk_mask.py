@@ -13,6 +13,8 @@ from ... import ops
 from ..core import Case, sparsekern_runs
 from ..shapes import ONE_MILLION, RESNET50, RESNET50_TINY, describe, random_tensors
 
+OPS = ("topk_mask (global)", "topk_mask (per tensor)")
+
 DENSITY = 0.1
 
 

@@ -13,6 +13,8 @@ from ... import ops
 from ..core import Case, sparsekern_runs
 from ..shapes import RESNET50, describe, random_tensors
 
+OPS = ("topk_mask (global)",)
+
 DENSITY = 0.1
 
 

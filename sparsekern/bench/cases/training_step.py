@@ -32,6 +32,8 @@ from ...algorithms import RigL
 from ...nn import sparse_modules, sparsify
 from ..core import Case
 
+OPS = ("training step",)
+
 DENSITY = 0.1
 DENSE = "dense"
 

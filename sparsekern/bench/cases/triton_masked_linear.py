@@ -18,6 +18,8 @@ from ...ops import _backend
 from ..core import Case, forced_backend
 from .masked_linear import forward_backward_run, forward_run, zero_off_mask_linear
 
+OPS = ("triton masked_linear forward", "triton masked_linear forward+backward")
+
 UNSTRUCTURED_DENSITIES = (0.5, 0.2, 0.1, 0.05)
 BLOCK = (32, 32)
 BLOCK_DENSITY = 0.1
