@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import os
 import pickle
 import secrets
@@ -43,23 +42,25 @@ def load(path: str | os.PathLike, map_location=None):
     torch's zip format) do not match its contents, which torch.load alone would load silently,
     and a path that is not a regular file (a FIFO, which would block forever, a device); a
     missing one raises FileNotFoundError. `map_location` (None, a device or its name, a dict
-    of them, or a callable, as for torch.load) is checked first. The file is read once, into
-    memory: both the checksums and torch.load see the same bytes.
+    of them, or a callable, as for torch.load) is checked first. The checksums and torch.load
+    read one open file, so both see the same contents.
     """
     path = _checked_path(path)
     map_location = _check_map_location(map_location)
     _check_regular(path, missing_ok=False)
-    # Read once: the checksums are tested on the bytes torch.load then reads, not on a file that `save`
-    # may have replaced in between. BytesIO shares the bytes, so the file is in memory once.
+    # One open file: `save` replaces a checkpoint by renaming a new file over it, so reopening the
+    # path for torch.load could read a file whose checksums were never tested. Reading through the
+    # handle, rather than loading the whole file into memory first, keeps peak memory at one copy of
+    # the loaded tensors.
     with open(path, "rb") as file:
-        data = file.read()
-    _check_checksums(path, data)
-    try:
-        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, RuntimeError, ValueError,
-            UnicodeDecodeError, AttributeError, ImportError, IndexError, KeyError) as error:
-        first_line = (str(error).strip().splitlines() or [""])[0][:200]
-        raise ValueError(f"{path}: cannot load this checkpoint: {type(error).__name__}: {first_line}") from error
+        _check_checksums(path, file)
+        file.seek(0)
+        try:
+            return torch.load(file, map_location=map_location, weights_only=True)
+        except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, RuntimeError, ValueError,
+                UnicodeDecodeError, AttributeError, ImportError, IndexError, KeyError) as error:
+            first_line = (str(error).strip().splitlines() or [""])[0][:200]
+            raise ValueError(f"{path}: cannot load this checkpoint: {type(error).__name__}: {first_line}") from error
 
 
 def _checked_path(path) -> str:
@@ -93,11 +94,11 @@ def _check_regular(path: str, missing_ok: bool) -> None:
         raise ValueError(f"path {path!r} is not a regular file (a FIFO, socket or device), not a checkpoint file")
 
 
-def _check_checksums(path: str, data: bytes) -> None:
-    """ValueError naming the file (`path`, whose content is `data`) and the record when a record of a zip
-    checkpoint fails its CRC-32."""
+def _check_checksums(path: str, file) -> None:
+    """ValueError naming the file (`path`, open as `file`) and the record when a record of a zip
+    checkpoint fails its CRC-32. Leaves `file` open (ZipFile closes only files it opened)."""
     try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        with zipfile.ZipFile(file) as archive:
             damaged = archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError):
         return  # not a zip (torch's legacy format, or garbage): torch.load judges it
