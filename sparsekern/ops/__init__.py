@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from . import _backend, _checks, _masked_linear_op, reference
+from . import _backend, _checks, _masked_linear_op, _transforms, reference
 from ._backend import Implementation
 from .packing import PackedWeight
 
@@ -143,10 +143,20 @@ def masked_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None =
     a weight that breaks it gives wrong results. Masks whose blocks let the Triton kernel skip
     work still run it (it then skips the select as well); a backend named in SPARSEKERN_BACKEND
     runs every call.
+
+    Under torch.func transforms (vmap, grad, vjp, jvp, jacrev, jacfwd, hessian) and forward-mode AD
+    every backend gives way to F.linear(x, where(mask, weight, 0), bias), differentiated as such
+    (weight tangents and gradients masked); with dense_grad the mask passes derivatives straight
+    through (those of the dense layer at the masked weight, so jvp stays the adjoint of vjp).
     """
     if isinstance(x, Tensor):
         x, weight, bias = _autocast_cast(x.device.type, x, weight, bias)
     _checks.masked_linear_args(x, weight, mask, bias, dense_grad, zero_off_mask)
+    if _transforms.active():
+        # No backend's custom ops have batching or forward-mode rules, nor autograd that torch.func
+        # can run: the contract's formula in plain torch code, which every transform knows.
+        return torch.nn.functional.linear(x, weight_for_dense_kernel(weight, mask, zero_off_mask=zero_off_mask,
+                                                                     dense_grad=dense_grad), bias)
     name, implementation = _backend.choose("masked_linear", x.device.type, (x.dtype,), (x, weight, mask))
     if zero_off_mask and name == "reference" and not _backend.is_forced("masked_linear"):
         # No kernel can skip work on this mask: the dense kernel on the weight is the fastest.
