@@ -245,6 +245,54 @@ def test_the_ops_under_transforms_on_every_path(zero_off_mask, dense_grad, gener
         assert_close(grad(loss, argnums=(0, 1))(weight, bias), want)
 
 
+def test_inference_mode_vmaps_and_refuses_derivatives(generator):
+    layer, x = make_layer("linear", "zero_off_mask", generator, batch=4)
+    want = layer(x)
+    layer.to_inference()
+    assert_close(vmap(lambda xi: layer(xi.unsqueeze(0)).squeeze(0))(x), want)
+    params = params_of(layer)
+    with pytest.raises(RuntimeError, match=r"sparse_linear does not support torch.func's reverse-mode.*to_training"):
+        grad(lambda xx: layer(xx).sum())(x)
+    with pytest.raises(RuntimeError, match=r"sparse_linear does not support torch.func's reverse-mode"):
+        grad(layer_loss(layer))(params, x)  # the bias is differentiated
+    with pytest.raises(RuntimeError, match=r"sparse_linear does not support forward-mode AD"):
+        jvp(lambda xx: layer(xx), (x,), (torch.ones_like(x),))
+    # A frozen inference-mode part of a model under a transform of another part is no derivative.
+    head = nn.Linear(5, 1, dtype=D)
+    per_sample = vmap(grad(lambda p, xi: functional_call(head, p, (layer(xi),)).sum()), in_dims=(None, 0))(
+        params_of(head), x)
+    torch.testing.assert_close(per_sample["weight"][:, 0], want, rtol=1e-10, atol=1e-12)
+
+
+def test_the_sparse_kernel_of_inference_mode_is_not_run_once_per_sample_under_vmap(generator, monkeypatch):
+    # The kernel has no batching rule: vmap's fallback would loop over samples (and warn).
+    layer = SparseLinear(64, 5)
+    layer.set_mask(torch.rand(5, 64, generator=generator) < 0.03)
+    layer.to_inference()
+    x = torch.randn(4, 8, 64, generator=generator)
+    monkeypatch.setattr(sparsekern.ops, "dense_is_faster", lambda *args: False)
+    want = layer(x)  # the sparse kernel
+    monkeypatch.setattr(sparsekern.ops._backend, "choose", lambda *args: pytest.fail("sparse kernel under vmap"))
+    torch.testing.assert_close(vmap(layer)(x), want)
+
+
+def test_the_mask_ops_refuse_vmap_and_change_nothing(generator):
+    scores = torch.randn(3, 4, 5, generator=generator)
+    with pytest.raises(RuntimeError, match=r"topk_mask does not support torch.vmap.*one k per tensor"):
+        vmap(lambda s: sparsekern.ops.topk_mask([s], 4)[0])(scores)
+    with pytest.raises(RuntimeError, match=r"topk_mask does not support torch.vmap"):
+        vmap(lambda s: sparsekern.ops.topk_mask([s], [4])[0])(scores)
+    weights = torch.randn(3, 4, 5, generator=generator)
+    masks = torch.rand(3, 4, 5, generator=generator) < 0.5
+    before = weights.clone()
+    with pytest.raises(RuntimeError, match=r"prune_grow does not support torch.vmap"):
+        vmap(lambda w, m, g: sparsekern.ops.prune_grow(w, m, w, g, 1, prune_abs=True))(weights, masks, scores)
+    assert torch.equal(weights, before)
+    # Masks have no derivative: under grad the selection runs as usual.
+    got = grad(lambda s: (s * sparsekern.ops.topk_mask([s], 4)[0]).sum())(scores[0])
+    assert torch.equal(got, sparsekern.ops.topk_mask([scores[0]], 4)[0].to(got.dtype))
+
+
 def test_the_zero_off_mask_check_does_not_break_vmap(generator, monkeypatch):
     # The debugging check reads values (vmap cannot); under transforms nothing relies on the promise.
     monkeypatch.setattr(SparseModule, "check_zero_off_mask", True)
