@@ -20,8 +20,8 @@ from sparsekern.ops import _masked_linear_op
 D = torch.float64
 KINDS = ("linear", "conv1d", "conv2d", "conv3d")
 # zero_off_mask: the promise kept (the dense-kernel path); masked: values off the mask
-# (zero_off_mask=False, the masked path); dense_grad: the promise kept, dense weight gradients.
-STATES = ("zero_off_mask", "masked", "dense_grad")
+# (zero_off_mask=False, the masked path); dense_grad: either, with dense weight gradients.
+STATES = ("zero_off_mask", "masked", "dense_grad", "masked_dense_grad")
 
 
 def make_layer(kind, state, generator, batch=3):
@@ -40,11 +40,11 @@ def make_layer(kind, state, generator, batch=3):
     with torch.no_grad():
         layer.weight.copy_(torch.randn(layer.weight.shape, dtype=D, generator=generator))
     layer.set_mask(torch.rand(layer.weight.shape, generator=generator) < 0.5)
-    if state == "masked":
+    if state.startswith("masked"):
         with torch.no_grad():
             layer.weight.add_(torch.randn(layer.weight.shape, dtype=D, generator=generator) * ~layer.mask)
         layer.zero_off_mask = False
-    layer.dense_grad = state == "dense_grad"
+    layer.dense_grad = state.endswith("dense_grad")
     return layer, x
 
 
@@ -95,7 +95,7 @@ def test_grad_of_functional_call_matches_plain_torch(kind, state, generator):
     params = params_of(layer)
     got = grad(layer_loss(layer), argnums=(0, 1))(params, x)
     assert_close(got, grad(loss_of(f), argnums=(0, 1))(as_truth(params), x))
-    if state != "dense_grad":
+    if not layer.dense_grad:
         assert not got[0]["weight"][~layer.mask].any()
     # vjp gives the same gradient for a cotangent of ones.
     out, pullback = vjp(lambda p: functional_call(layer, p, (x,)), params)
@@ -170,7 +170,7 @@ def test_vmap_of_a_module_whose_parameters_require_grad_backpropagates(kind, sta
     layer.zero_grad()
     layer(x).pow(2).sum().backward()
     assert_close(got, [p.grad for p in layer.parameters()])
-    if state != "dense_grad":
+    if not layer.dense_grad:
         assert not got[0][~layer.mask].any()
 
 
@@ -196,11 +196,12 @@ def test_per_sample_gradients_of_a_sparsified_model(generator):
             assert not per_sample[f"{name}.weight"][:, ~module.mask].any()
 
 
+@pytest.mark.parametrize("dense_grad", (False, True))
 @pytest.mark.parametrize("zero_off_mask", (True, False))
 @pytest.mark.parametrize("requires_grad", (True, False))
-def test_forward_mode_ad_masks_the_weight_tangent(zero_off_mask, requires_grad, generator):
+def test_forward_mode_ad_masks_the_weight_tangent(zero_off_mask, requires_grad, dense_grad, generator):
     # Before: with zero_off_mask a weight tangent went through unmasked, without it the masked
-    # path's custom op dropped it (no grad) or raised (grad).
+    # path's custom op dropped it (no grad) or raised (grad). dense_grad passes it on whole.
     weight = torch.randn(5, 7, dtype=D, generator=generator)
     mask = torch.rand(5, 7, generator=generator) < 0.5
     if zero_off_mask:
@@ -209,9 +210,11 @@ def test_forward_mode_ad_masks_the_weight_tangent(zero_off_mask, requires_grad, 
     x = torch.randn(3, 2, 7, dtype=D, generator=generator)
     tangent = torch.randn(5, 7, dtype=D, generator=generator)
     with fwAD.dual_level():
-        y = sparsekern.ops.masked_linear(x, fwAD.make_dual(weight, tangent), mask, zero_off_mask=zero_off_mask)
-        got = fwAD.unpack_dual(y).tangent
-    assert_close(got, F.linear(x, tangent * mask))
+        y = sparsekern.ops.masked_linear(x, fwAD.make_dual(weight, tangent), mask, dense_grad=dense_grad,
+                                         zero_off_mask=zero_off_mask)
+        got = fwAD.unpack_dual(y)
+    assert_close(got.primal, F.linear(x, weight * mask))
+    assert_close(got.tangent, F.linear(x, tangent if dense_grad else tangent * mask))
 
 
 @pytest.mark.parametrize("zero_off_mask", (True, False))
