@@ -142,6 +142,16 @@ def test_hessian_matches_plain_torch(kind, state, generator):
                  hessian(lambda p, xx: f(p, xx).tanh().sum(), argnums=(0, 1))(as_truth(params), x))
 
 
+@pytest.mark.parametrize("state", ("zero_off_mask", "masked"))
+def test_compiled_per_sample_gradients_match_eager_ones(state, generator, fresh_compiler):
+    # Dynamo folds the check for an active transform while it traces vmap(grad(...)).
+    layer, x = make_layer("linear", state, generator, batch=4)
+    per_sample = vmap(grad(lambda p, xi: layer_loss(layer)(p, xi.unsqueeze(0))), in_dims=(None, 0))
+    params = params_of(layer)
+    compiled = torch.compile(per_sample, fullgraph=True, backend="aot_eager")
+    assert_close(compiled(params, x), per_sample(params, x))
+
+
 @pytest.mark.parametrize("state", STATES)
 def test_an_ensemble_from_stack_module_state_matches_each_model(state, generator):
     models = [make_layer("linear", state, generator)[0] for _ in range(3)]
