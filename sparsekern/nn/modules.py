@@ -27,7 +27,11 @@ is not masked: set `dense_grad` back to False, and mask or consume the gradient,
 optimizer step, or the step moves inactive weights.
 
 Under torch.autocast the layers compute in the autocast dtype and return it, as nn.Linear and
-nn.Conv1d/2d/3d do. Their backward is differentiable again (double backward).
+nn.Conv1d/2d/3d do. Their backward is differentiable again (double backward). torch.func transforms
+(functional_call, grad, vmap(grad) per-sample gradients, jvp, jacrev, jacfwd, hessian,
+stack_module_state ensembles) and forward-mode AD see the plain-torch layer on where(mask, weight, 0)
+whatever `zero_off_mask` says (see `sparsekern.ops.masked_linear`); inference mode (`to_inference`)
+runs under vmap and refuses to be differentiated.
 
 A plain nn.Linear / nn.Conv1d/2d/3d state dict loads into the matching sparse module (its missing
 `mask` means all True), and `to_dense()` returns a plain module holding the masked weight. A saved
@@ -41,7 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops import reference
+from ..ops import _transforms, reference
 from ..ops.packing import PackedWeight
 
 
@@ -98,8 +102,10 @@ class SparseModule(nn.Module):
         return bool(torch.where(self.mask, 0, self.weight).ne(0).any())
 
     def _relies_on_zero_off_mask(self) -> bool:
-        """`zero_off_mask`, verified first when `check_zero_off_mask` asks for it."""
-        if self.zero_off_mask and self.check_zero_off_mask:
+        """`zero_off_mask`, verified first when `check_zero_off_mask` asks for it. Not under
+        torch.func transforms, where the layers select on the mask whatever they promise (and
+        vmap cannot branch on values of a batched weight)."""
+        if self.zero_off_mask and self.check_zero_off_mask and not _transforms.active():
             self.verify_zero_off_mask()
         return self.zero_off_mask
 

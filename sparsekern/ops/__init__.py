@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from . import _backend, _checks, _masked_linear_op, reference
+from . import _backend, _checks, _masked_linear_op, _transforms, reference
 from ._backend import Implementation
 from .packing import PackedWeight
 
@@ -59,7 +59,12 @@ def topk_mask(scores: Sequence[Tensor], k: int | Sequence[int]) -> list[Tensor]:
     Ties go to the lower flat position (tensor order, then row-major index). NaN is never
     selected: asking for more entries than there are non-NaN scores raises ValueError, as does
     k outside [0, numel].
+
+    Not under torch.vmap (RuntimeError): a list with one k per tensor selects in each separately,
+    in one call. Under grad and jvp transforms it runs as usual (masks have no derivative).
     """
+    _transforms.refuse_vmap("topk_mask", "its selection kernels have no batching rule",
+                       "call it outside vmap, with the batch as a list of tensors and one k per tensor")
     scores = _checks.scores_list(scores)
     k = _checks.topk_counts(k, scores)
     if not scores:
@@ -111,7 +116,11 @@ def prune_grow(weights, masks, prune_scores, grow_scores, n, state=(), masked=()
 
     One-layer form: prune_grow(weight, mask, prune_score, grow_score, n, state=[...], masked=[...])
     with tensors, an int n (and an int active) returns the new mask.
+
+    Not under torch.vmap (RuntimeError, before anything is written): the lists are its batch.
     """
+    _transforms.refuse_vmap("prune_grow", "it updates tensors in place through kernels with no batching rule",
+                       "call it outside vmap, with the batch as lists of per-layer tensors")
     args = _checks.prune_grow_args(weights, masks, prune_scores, grow_scores, n, state, masked, active,
                                    prune_abs, grow_abs)
     if not args.weights:
@@ -143,10 +152,20 @@ def masked_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None =
     a weight that breaks it gives wrong results. Masks whose blocks let the Triton kernel skip
     work still run it (it then skips the select as well); a backend named in SPARSEKERN_BACKEND
     runs every call.
+
+    Under torch.func transforms (vmap, grad, vjp, jvp, jacrev, jacfwd, hessian) and forward-mode AD
+    every backend gives way to F.linear(x, where(mask, weight, 0), bias), differentiated as such
+    (weight tangents and gradients masked); with dense_grad the mask passes derivatives straight
+    through (those of the dense layer at the masked weight, so jvp stays the adjoint of vjp).
     """
     if isinstance(x, Tensor):
         x, weight, bias = _autocast_cast(x.device.type, x, weight, bias)
     _checks.masked_linear_args(x, weight, mask, bias, dense_grad, zero_off_mask)
+    if _transforms.active():
+        # No backend's custom ops have batching or forward-mode rules, nor autograd that torch.func
+        # can run: the contract's formula in plain torch code, which every transform knows.
+        return torch.nn.functional.linear(x, weight_for_dense_kernel(weight, mask, zero_off_mask=zero_off_mask,
+                                                                     dense_grad=dense_grad), bias)
     name, implementation = _backend.choose("masked_linear", x.device.type, (x.dtype,), (x, weight, mask))
     if zero_off_mask and name == "reference" and not _backend.is_forced("masked_linear"):
         # No kernel can skip work on this mask: the dense kernel on the weight is the fastest.
@@ -221,6 +240,10 @@ def sparse_linear(x: Tensor, packed: PackedWeight, bias: Tensor | None = None) -
     float64). No autograd: this is for inference. Where the dense product is faster (density or
     row count above SPARSE_LINEAR_LIMITS for the device), it calls F.linear on `packed.dense()`,
     the unpacked weight, which the PackedWeight makes on the first such call and keeps.
+
+    Under torch.vmap it takes that dense product, which vmap batches natively. An x or bias that
+    torch.func's grad, vjp, jvp, jacrev, jacfwd or hessian (or forward-mode AD) differentiates
+    raises RuntimeError: there are no derivatives to give (torch.func.grad would give zeros).
     """
     if not isinstance(packed, PackedWeight):
         raise TypeError(f"packed must be a PackedWeight (from sparsekern.ops.pack), got {type(packed).__name__}")
@@ -238,8 +261,11 @@ def sparse_linear(x: Tensor, packed: PackedWeight, bias: Tensor | None = None) -
             raise TypeError(f"bias has dtype {bias.dtype} but x has {x.dtype}")
         tensors.append(("bias", bias))
     _checks.same_device(tensors)
+    _transforms.refuse_derivatives("sparse_linear", (x, bias), "it has no derivatives (inference mode)",
+                                   "leave inference mode first (SparseLinear.to_training()), or call masked_linear")
     rows = x.numel() // packed.in_features if packed.in_features else 0
-    if dense_is_faster(packed.density, rows, x.dtype, x.device.type):
+    # vmap: the sparse kernel has no batching rule, and its fallback runs it once per sample.
+    if _transforms.active() or dense_is_faster(packed.density, rows, x.dtype, x.device.type):
         return torch.nn.functional.linear(x, packed.dense(), bias)
     return _backend.choose("sparse_linear", x.device.type, (x.dtype,))[1].run(
         x, packed.bitmap, packed.values, packed.chunk_offsets, bias)

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from . import _extension, reference
+from . import _extension, _transforms, reference
 
 
 def define(backend: str, forward: Callable, grad_input: Callable, grad_weight: Callable):
@@ -139,6 +139,31 @@ class _WeightForDenseKernel(torch.autograd.Function):
         return _mask_in_place(grad, mask), None, None, None
 
 
+class _MaskStraightThrough(torch.autograd.Function):
+    """where(mask, weight, 0) whose derivatives pass the mask unchanged: dense_grad under torch.func
+    transforms, where the layer differentiates as the dense layer at the masked weight (the gradient
+    dense_grad asks for, and the jvp that is its adjoint, so jacfwd and jacrev agree). setup_context,
+    jvp and a generated vmap rule are what torch.func needs of a Function."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(weight: Tensor, mask: Tensor) -> Tensor:
+        return reference.masked_weight(weight, mask)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+    @staticmethod
+    def jvp(ctx, weight_tangent: Tensor, mask_tangent) -> Tensor:
+        return weight_tangent
+
+
 # On CPU a multiply by a bool mask first converts the whole mask to the gradient's dtype, a
 # temporary as large as the gradient that would raise the step's peak memory above a dense step's.
 # Eager calls with the extension mask in the C++ Function, in one vectorized pass
@@ -181,7 +206,18 @@ def weight_for_dense_kernel(weight: Tensor, mask: Tensor, zero_off_mask: bool, d
     otherwise where(mask, weight, 0), one pass. Either way the gradient that reaches `weight` is the
     kernel's weight gradient masked in place (whole if `dense_grad`). Pass the result straight to
     one dense kernel, whose weight gradient is a fresh tensor of its own.
+
+    Under torch.func transforms and forward-mode AD: where(mask, weight, 0), differentiated as
+    such (tangents and gradients masked), or with the mask passed straight through if `dense_grad`.
     """
+    if _transforms.active():
+        # torch.func transforms and forward-mode AD: plain torch code, which every transform knows
+        # (the C++ Function raises under them; the no-grad path below would pass a weight tangent
+        # on unmasked). It selects even where zero_off_mask holds: the select is what masks the
+        # tangents and gradients, at one pass.
+        if dense_grad:
+            return _MaskStraightThrough.apply(weight, mask)
+        return reference.masked_weight(weight, mask)
     if not (weight.requires_grad and torch.is_grad_enabled()):
         # No gradient will reach weight (evaluation, torch.no_grad): what the Function's forward
         # returns, without building its autograd node (a few microseconds per layer and call).
