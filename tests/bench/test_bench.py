@@ -268,3 +268,16 @@ def test_training_step_case_labels_each_run_with_its_peak_and_keeps_the_profiler
     for case in cases:
         assert case.baseline.startswith(f"{training_step.DENSE} (step peak ")
         assert all(" (step peak " in label and label.endswith("x dense)") for label in case.runs)
+
+
+def test_a_warning_in_the_profiled_training_step_still_reaches_stderr():
+    # The memory profile silences file descriptor 2 for Kineto's lines; a Python warning raised in the step
+    # must still be seen. A subprocess, so that stderr is the real descriptor 2 and not pytest's capture.
+    script = ("import warnings, torch\n"
+              "from sparsekern.bench.cases import training_step\n"
+              "training_step.step_peak_bytes(lambda: warnings.warn('inside the step'), torch.device('cpu'))\n"
+              "print('done')\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout == "done\n", result.stderr
+    assert "UserWarning: inside the step" in result.stderr
+    assert "USDT" not in result.stderr

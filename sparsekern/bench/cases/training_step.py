@@ -102,19 +102,34 @@ def _allocations(profile) -> list[int]:
 
 
 @contextlib.contextmanager
-def _stderr_silenced():
+def _kineto_silenced():
     """Sends file descriptor 2 to /dev/null: Kineto (torch 2.13 and later) writes two "USDT:" lines to it
     at every profiler start and stop, at a level KINETO_LOG_LEVEL does not silence, and a report would
-    otherwise be interleaved with them. Python exceptions are raised, not printed, so none is lost."""
+    otherwise be interleaved with them. Python's own writes (a warning raised in the profiled step) still
+    reach the real stderr, through a copy of the descriptor; exceptions are raised, not printed."""
     sys.stderr.flush()
-    saved = os.dup(2)
+    saved, python_stderr = os.dup(2), sys.stderr
     try:
         with open(os.devnull, "wb") as devnull:
             os.dup2(devnull.fileno(), 2)
+        if _writes_to_fd_2(python_stderr):
+            sys.stderr = open(saved, "w", encoding=python_stderr.encoding, errors="backslashreplace",
+                              buffering=1, closefd=False)
         yield
     finally:
+        if sys.stderr is not python_stderr:
+            sys.stderr.close()
+            sys.stderr = python_stderr
         os.dup2(saved, 2)
         os.close(saved)
+
+
+def _writes_to_fd_2(stream) -> bool:
+    """Whether a Python text stream writes to file descriptor 2 (not a capture or a StringIO)."""
+    try:
+        return stream.fileno() == 2
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 def step_peak_bytes(learn: Callable[[], None], device: torch.device) -> int:
@@ -126,8 +141,8 @@ def step_peak_bytes(learn: Callable[[], None], device: torch.device) -> int:
         learn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - held
-    with _stderr_silenced(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                                     profile_memory=True) as profile:
+    with _kineto_silenced(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                    profile_memory=True) as profile:
         learn()
     peak = total = 0
     for size in _allocations(profile):
