@@ -140,18 +140,25 @@ def masked_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None =
     modules keep it so), so that weight * mask == weight: forward and dx then run the dense kernel
     on the weight itself (F.linear: MKL/oneDNN, cuBLAS), and only dweight meets the mask, masked in
     place in one pass. The promise is not checked here (`SparseModule.verify_zero_off_mask` does);
-    a weight that breaks it gives wrong results. Masks whose blocks let the Triton kernel skip
-    work still run it (it then skips the select as well); a backend named in SPARSEKERN_BACKEND
-    runs every call.
+    a weight that breaks it gives wrong results. Without the promise, eager calls (with the
+    compiled extension) run the dense kernel on where(mask, weight, 0), made in one pass for the
+    forward and again for dx rather than kept in memory between them, and mask dweight in place
+    as above; torch.compile traces the reference's custom ops. Masks whose blocks let the Triton
+    kernel skip work still run it (it then skips the select as well); a backend named in
+    SPARSEKERN_BACKEND runs every call.
     """
     if isinstance(x, Tensor):
         x, weight, bias = _autocast_cast(x.device.type, x, weight, bias)
     _checks.masked_linear_args(x, weight, mask, bias, dense_grad, zero_off_mask)
     name, implementation = _backend.choose("masked_linear", x.device.type, (x.dtype,), (x, weight, mask))
-    if zero_off_mask and name == "reference" and not _backend.is_forced("masked_linear"):
-        # No kernel can skip work on this mask: the dense kernel on the weight is the fastest.
-        return torch.nn.functional.linear(x, weight_for_dense_kernel(weight, mask, zero_off_mask=True,
-                                                                     dense_grad=dense_grad), bias)
+    if name == "reference" and not _backend.is_forced("masked_linear"):
+        # No kernel can skip work on this mask: the dense kernel is the fastest, on the weight itself
+        # where it is 0 off the mask, else on the masked weight.
+        if zero_off_mask:
+            return torch.nn.functional.linear(x, weight_for_dense_kernel(weight, mask, zero_off_mask=True,
+                                                                         dense_grad=dense_grad), bias)
+        if _masked_linear_op.dense_kernel_runs_masked_weights():
+            return _masked_linear_op.masked_linear_dense_kernel(x, weight, mask, bias, dense_grad)
     return implementation.run(x, weight, mask, bias, dense_grad, zero_off_mask)
 
 
@@ -292,8 +299,9 @@ def _triton_skips_tiles(x: Tensor, weight: Tensor, mask: Tensor) -> bool:
 # tensor cores behind the select), so the automatic choice gives it block-structured masks only.
 _TRITON_MASKED_LINEAR_NOTE = ("chosen automatically only for masks whose blocks let it skip tiles; other masks "
                               "run the next backend, or the dense kernel where weights are 0 off the mask")
-_REFERENCE_MASKED_LINEAR_NOTE = ("automatic calls whose weights are 0 off the mask (zero_off_mask) run the "
-                                 "dense kernel on the weight itself instead")
+_REFERENCE_MASKED_LINEAR_NOTE = ("automatic calls run the dense kernel instead: on the weight itself where it is 0 "
+                                 "off the mask (zero_off_mask), else on the masked weight, made for each product "
+                                 "(eager mode, with the compiled extension)")
 
 
 def _reference(function, note: str | None = None) -> Implementation:

@@ -1,0 +1,79 @@
+// masked_linear_dense_kernel: sparsekern.ops.masked_linear for a weight that may be non-zero off its
+// mask (zero_off_mask=False, OptG's path) on the dense kernel, as one C++ autograd Function (contract
+// and caller: sparsekern/ops/_masked_linear_op.py). Eager mode only; torch.compile traces the
+// reference's custom ops.
+//
+// The masked weight is made anew for each product that reads it, the forward's and dx's, and freed
+// after it: F.linear on weight_for_dense_kernel's result would keep it from forward to backward, one
+// more weight-sized tensor per layer held through the step, where this costs one more vectorized
+// pass (measurements: sparsekern/ops/_masked_linear_op.py).
+#include <ATen/ATen.h>
+#include <c10/util/accumulate.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <optional>
+
+#include "mask.h"
+
+namespace sparsekern::cpu {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// Edges of the Function's tensor inputs (mask has one too; bias only when given).
+constexpr size_t kX = 0, kWeight = 1, kBias = 3;
+
+// (..., features) as (rows, features); reshape(-1, 0) would be ambiguous for 0 features.
+at::Tensor rows(const at::Tensor& t) {
+  return t.reshape({c10::multiply_integers(t.sizes().begin(), t.sizes().end() - 1), t.size(-1)});
+}
+
+class MaskedLinear : public torch::autograd::Function<MaskedLinear> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const at::Tensor& mask, const std::optional<at::Tensor>& bias, bool dense_grad) {
+    const bool has_bias = bias.has_value() && bias->defined();
+    ctx->saved_data["dense_grad"] = dense_grad;
+    ctx->saved_data["has_bias"] = has_bias;
+    // Only what the requested gradients read: dx reads the weight, dweight reads x.
+    ctx->save_for_backward({ctx->needs_input_grad(kWeight) ? x : at::Tensor(),
+                            ctx->needs_input_grad(kX) ? weight : at::Tensor(), mask});
+    return at::linear(x, masked(weight, mask), bias);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor& grad_out = grads[0];
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &weight = saved[1], &mask = saved[2];
+    at::Tensor grad_x, grad_weight, grad_bias;
+    // dx before dweight: its masked weight is freed before the weight gradient is allocated, so
+    // the step never holds both (a dense step holds the weight gradient alone).
+    if (ctx->needs_input_grad(kX)) grad_x = at::matmul(grad_out, masked(weight, mask));
+    if (ctx->needs_input_grad(kWeight)) {
+      grad_weight = at::mm(rows(grad_out).t(), rows(x));
+      if (!ctx->saved_data["dense_grad"].toBool()) grad_weight = mask_weight_grad(grad_weight, mask);
+    }
+    if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(kBias)) grad_bias = rows(grad_out).sum(0);
+    return {grad_x, grad_weight, at::Tensor(), grad_bias, at::Tensor()};
+  }
+};
+
+at::Tensor masked_linear_dense_kernel(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
+                                      const std::optional<at::Tensor>& bias, bool dense_grad) {
+  const bool bias_grad = bias.has_value() && bias->defined() && bias->requires_grad();
+  if (!(at::GradMode::is_enabled() && (x.requires_grad() || weight.requires_grad() || bias_grad))) {
+    return at::linear(x, masked(weight, mask), bias);  // no gradient to compute: no autograd node
+  }
+  return MaskedLinear::apply(x, weight, mask, bias, dense_grad);
+}
+
+}  // namespace
+
+// Above autograd, on every device: the Function records its own backward node.
+TORCH_LIBRARY_IMPL(sparsekern, CompositeImplicitAutograd, m) {
+  m.impl("masked_linear_dense_kernel", &masked_linear_dense_kernel);
+}
+
+}  // namespace sparsekern::cpu
