@@ -150,8 +150,9 @@ def masked_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None =
     if isinstance(x, Tensor):
         x, weight, bias = _autocast_cast(x.device.type, x, weight, bias)
     _checks.masked_linear_args(x, weight, mask, bias, dense_grad, zero_off_mask)
-    name, implementation = _backend.choose("masked_linear", x.device.type, (x.dtype,), (x, weight, mask))
-    if name == "reference" and not _backend.is_forced("masked_linear"):
+    request = _backend.requested()
+    name, implementation = _backend.choose("masked_linear", x.device.type, (x.dtype,), (x, weight, mask), request)
+    if name == "reference" and request != name:  # chosen automatically, not forced
         # No kernel can skip work on this mask: the dense kernel is the fastest, on the weight itself
         # where it is 0 off the mask, else on the masked weight.
         if zero_off_mask:
