@@ -138,9 +138,9 @@ def masked_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None =
 
     zero_off_mask=True promises that weight is exactly 0 wherever mask is False (sparsekern's
     modules keep it so), so that weight * mask == weight: forward and dx then run the dense kernel
-    on the weight itself (F.linear: MKL/oneDNN, cuBLAS), and only dweight meets the mask, masked in
-    place in one pass. The promise is not checked here (`SparseModule.verify_zero_off_mask` does);
-    a weight that breaks it gives wrong results. Without the promise, eager calls (with the
+    on the weight itself (F.linear's: MKL/oneDNN, cuBLAS), and only dweight meets the mask, masked
+    in place in one pass. The promise is not checked here (`SparseModule.verify_zero_off_mask`
+    does); a weight that breaks it gives wrong results. Without the promise, eager calls (with the
     compiled extension) run the dense kernel on where(mask, weight, 0), made in one pass for the
     forward and again for dx rather than kept in memory between them, and mask dweight in place
     as above; torch.compile traces the reference's custom ops. Masks whose blocks let the Triton
@@ -155,11 +155,11 @@ def masked_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None =
     if name == "reference" and request != name:  # chosen automatically, not forced
         # No kernel can skip work on this mask: the dense kernel is the fastest, on the weight itself
         # where it is 0 off the mask, else on the masked weight.
+        if _masked_linear_op.runs_compiled_dense_kernel():
+            return _masked_linear_op.masked_linear_dense_kernel(x, weight, mask, bias, dense_grad, zero_off_mask)
         if zero_off_mask:
             return torch.nn.functional.linear(x, weight_for_dense_kernel(weight, mask, zero_off_mask=True,
                                                                          dense_grad=dense_grad), bias)
-        if _masked_linear_op.dense_kernel_runs_masked_weights():
-            return _masked_linear_op.masked_linear_dense_kernel(x, weight, mask, bias, dense_grad)
     return implementation.run(x, weight, mask, bias, dense_grad, zero_off_mask)
 
 

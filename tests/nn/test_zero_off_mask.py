@@ -108,22 +108,27 @@ def test_optg_runs_the_masked_path_and_keeps_its_pruned_values(generator):
                                          (lambda: SparseConv2d(4, 6, 3, padding=1), (2, 4, 5, 5)),
                                          (lambda: SparseConv3d(4, 6, 3, padding=1), (2, 4, 3, 5, 4))],
                          ids=["linear", "conv1d", "conv2d", "conv3d"])
-def test_which_path_runs_follows_the_modules_state(make, shape, generator, monkeypatch):
+def test_which_path_runs_follows_the_modules_state(make, shape, generator):
     layer = make()
     layer.set_mask(torch.rand(layer.weight.shape, generator=generator) < 0.5)
-    kernel = "linear" if isinstance(layer, SparseLinear) else f"conv{layer.weight.dim() - 2}d"
-    seen = []
-    original = getattr(F, kernel)
-    monkeypatch.setattr(F, kernel, lambda x, w, *rest: seen.append(w) or original(x, w, *rest))
     x = torch.randn(shape, generator=generator)
-    expected = layer(x)
-    assert seen[-1].data_ptr() == layer.weight.data_ptr()  # the weight itself, no masked copy
-    # Off the mask now NaN, which only the masked weight keeps out (SparseLinear's masked path runs
-    # the dense kernel in C++, where no Python F.linear sees it).
+
+    def forward():
+        """The layer's output, and the ops its forward ran that make a masked copy of the weight
+        (the profiler sees those the C++ Functions call too)."""
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            y = layer(x)
+        return y, [e.name for e in profile.events() if e.name in ("sparsekern::masked_weight", "aten::where")]
+
+    expected, selects = forward()
+    assert not selects  # the weight itself, no masked copy
+    # Off the mask now NaN, which only the masked weight keeps out.
     with torch.no_grad():
         layer.weight[~layer.mask] = float("nan")
     layer.zero_off_mask = False
-    torch.testing.assert_close(layer(x), expected)
+    y, selects = forward()
+    assert len(selects) == 1
+    torch.testing.assert_close(y, expected)
 
 
 @pytest.mark.parametrize("zero_off_mask", [True, False])

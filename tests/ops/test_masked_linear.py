@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import sparsekern
-from sparsekern.ops import _backend, reference
+from sparsekern.ops import _backend, _masked_linear_op, reference
 
 from ..helpers import BACKENDS, skip_interpreter_limits, strided
 
@@ -96,17 +96,32 @@ def test_values_and_gradients(backend, dtype, batch, bias, dense_grad, zero_off_
         assert not actual[2][~mask].any(), "masked dweight must be 0 off the mask"
 
 
-def test_zero_off_mask_runs_the_dense_kernel_on_the_weight_itself(monkeypatch, generator):
-    # Automatic choice on CPU: F.linear on the weight, no select, no custom op.
+def ops_run(function) -> list[str]:
+    """Names of the ops `function()` dispatches, in order (the profiler sees those called from C++ too)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        function()
+    return [event.name for event in profile.events()]
+
+
+# The ops that make a masked copy of a weight (or of its gradient, out of place).
+SELECTS = ("sparsekern::masked_weight", "aten::where")
+
+
+@pytest.mark.parametrize("zero_off_mask", [True, False])
+def test_the_automatic_path_makes_a_masked_weight_only_where_the_weight_needs_one(zero_off_mask, monkeypatch,
+                                                                                  generator):
+    # Automatic choice on CPU: the dense kernel, on the weight itself where it is 0 off the mask (no
+    # select, no custom op), else on the masked weight, made for the forward and again for dx.
+    if not zero_off_mask and _masked_linear_op._COMPILED_MASKED_LINEAR_DENSE_KERNEL is None:
+        pytest.skip("without the extension the masked path runs the reference's custom ops")
     monkeypatch.delenv(_backend.ENV_VAR, raising=False)
     x, weight, mask, b = make_inputs(generator, (4,), 8, 6, torch.float32)
     weight = zero_off(weight, mask).requires_grad_()
-    linear_weights = []
-    original = torch.nn.functional.linear
-    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w, b=None: linear_weights.append(w) or original(x, w, b))
-    y = sparsekern.ops.masked_linear(x, weight, mask, b, zero_off_mask=True)
-    assert len(linear_weights) == 1 and linear_weights[0].data_ptr() == weight.data_ptr()
-    y.sum().backward()
+    x.requires_grad_()
+    names = ops_run(lambda: sparsekern.ops.masked_linear(x, weight, mask, b, zero_off_mask=zero_off_mask).sum()
+                    .backward())
+    assert [name for name in names if name in SELECTS] == ([] if zero_off_mask else ["sparsekern::masked_weight"] * 2)
+    assert not [name for name in names if "reference" in name], names
     assert not weight.grad[~mask].any() and weight.grad[mask].ne(0).all()
 
 
@@ -172,6 +187,22 @@ def test_every_backend_differentiates_its_backward_as_the_reference(backend, zer
     use_path(backend)
     for got, want in zip(second_order(backend), second_order("reference")):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend", PATHS)
+@pytest.mark.parametrize("zero_off_mask", [False, True])
+def test_the_weight_gradient_through_dx_is_masked_too(backend, zero_off_mask, use_path, generator):
+    # Double backward at a weight that is 0 off the mask (so either promise holds): the weight's
+    # gradient through dx meets the mask as its gradient through y does, on the zero_off_mask path
+    # too, whose dx takes the weight itself.
+    use_path(backend)
+    x, weight, mask, b = make_inputs(generator, (3,), 9, 7, torch.float64, density=0.5)
+    weight = zero_off(weight, mask).requires_grad_()
+    x.requires_grad_()
+    y = sparsekern_function(x, weight, mask, b, False, zero_off_mask)
+    (grad_x,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    (grad_weight,) = torch.autograd.grad(grad_x.square().sum(), weight)
+    assert grad_weight[mask].ne(0).all() and not grad_weight[~mask].any()
 
 
 @pytest.mark.parametrize("backend", PATHS)
