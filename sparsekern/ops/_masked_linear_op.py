@@ -182,7 +182,8 @@ def _mask_in_place(grad: Tensor, mask: Tensor) -> Tensor:
 # - weight not 0 off the mask (OptG's path): the reference's custom ops it replaces (Python autograd,
 #   torch.where ~6x slower than the C++ select, dweight masked out of place) made a step of the
 #   digits MLP 64-256-256-10 1.8x slower and 1.56x a dense step's peak memory (the MLP
-#   1024-2048-2048-10: 1.2x slower, 1.46x); now at a dense step's peak memory;
+#   1024-2048-2048-10: 1.2x slower, 1.46x); now 0.85x and 0.95x a dense step's speed (the
+#   benchmark's training_step case), at its peak memory;
 # - weight 0 off the mask: F.linear on weight_for_dense_kernel's C++ Function, three autograd nodes
 #   per layer, took ~20 us more per layer and step (the digits MLP's step 1.07x slower).
 _COMPILED_MASKED_LINEAR_DENSE_KERNEL = (torch.ops.sparsekern.masked_linear_dense_kernel.default
