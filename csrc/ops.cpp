@@ -32,4 +32,13 @@ TORCH_LIBRARY(sparsekern, m) {
   // sparsekern.ops.weight_for_dense_kernel): weight itself when zero_off_mask, else where(mask, weight, 0);
   // its gradient is masked in place, or left whole when dense_grad. Eager mode only (its autograd is C++).
   m.def("weight_for_dense_kernel(Tensor weight, Tensor mask, bool zero_off_mask, bool dense_grad) -> Tensor");
+  // where(mask, weight, 0) as a new contiguous tensor (mask: bool, weight's shape): the masked weight a
+  // dense kernel multiplies by; inf or NaN off the mask become 0.
+  m.def("masked_weight(Tensor weight, Tensor mask) -> Tensor");
+  // masked_linear (contract: sparsekern.ops.masked_linear) on the dense kernel: on the weight itself when
+  // zero_off_mask, else on the masked weight, made for each product and not kept for backward; the
+  // weight gradient is masked in place unless dense_grad. Eager mode only (its autograd is C++).
+  m.def(
+      "masked_linear_dense_kernel(Tensor x, Tensor weight, Tensor mask, Tensor? bias, bool dense_grad, "
+      "bool zero_off_mask) -> Tensor");
 }

@@ -14,7 +14,10 @@ nothing. How it is computed is explicit in `zero_off_mask`:
   zero gradient and zero state at 0. sparsify, DST and IMP keep the promise.
 * False: the weight may hold values off the mask (OptG keeps pruned weights; so does a module whose
   `mask` was written directly, which then must set False itself), and every forward selects
-  where(mask, weight, 0) first (`sparsekern.ops.masked_linear`'s masked path).
+  where(mask, weight, 0) first (`sparsekern.ops.masked_linear`'s masked path), then runs the same
+  dense kernel on it. SparseLinear makes that masked weight again for its input gradient rather
+  than keep it from forward to backward, so that a step's peak memory stays a dense step's; the
+  convolutions keep it (their weights are small next to their activations).
 
 Writing into `weight` off the mask, or writing `mask` other than through `set_mask`, breaks the
 promise: set `zero_off_mask = False`, or call `zero_weights_off_mask()` to keep it. `verify_zero_off_mask()` checks it

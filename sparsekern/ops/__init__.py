@@ -147,11 +147,14 @@ def masked_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None =
 
     zero_off_mask=True promises that weight is exactly 0 wherever mask is False (sparsekern's
     modules keep it so), so that weight * mask == weight: forward and dx then run the dense kernel
-    on the weight itself (F.linear: MKL/oneDNN, cuBLAS), and only dweight meets the mask, masked in
-    place in one pass. The promise is not checked here (`SparseModule.verify_zero_off_mask` does);
-    a weight that breaks it gives wrong results. Masks whose blocks let the Triton kernel skip
-    work still run it (it then skips the select as well); a backend named in SPARSEKERN_BACKEND
-    runs every call.
+    on the weight itself (F.linear's: MKL/oneDNN, cuBLAS), and only dweight meets the mask, masked
+    in place in one pass. The promise is not checked here (`SparseModule.verify_zero_off_mask`
+    does); a weight that breaks it gives wrong results. Without the promise, eager calls (with the
+    compiled extension) run the dense kernel on where(mask, weight, 0), made in one pass for the
+    forward and again for dx rather than kept in memory between them, and mask dweight in place
+    as above; torch.compile traces the reference's custom ops. Masks whose blocks let the Triton
+    kernel skip work still run it (it then skips the select as well); a backend named in
+    SPARSEKERN_BACKEND runs every call.
 
     Under torch.func transforms (vmap, grad, vjp, jvp, jacrev, jacfwd, hessian) and forward-mode AD
     every backend gives way to F.linear(x, where(mask, weight, 0), bias), differentiated as such
@@ -166,11 +169,16 @@ def masked_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None =
         # can run: the contract's formula in plain torch code, which every transform knows.
         return torch.nn.functional.linear(x, weight_for_dense_kernel(weight, mask, zero_off_mask=zero_off_mask,
                                                                      dense_grad=dense_grad), bias)
-    name, implementation = _backend.choose("masked_linear", x.device.type, (x.dtype,), (x, weight, mask))
-    if zero_off_mask and name == "reference" and not _backend.is_forced("masked_linear"):
-        # No kernel can skip work on this mask: the dense kernel on the weight is the fastest.
-        return torch.nn.functional.linear(x, weight_for_dense_kernel(weight, mask, zero_off_mask=True,
-                                                                     dense_grad=dense_grad), bias)
+    request = _backend.requested()
+    name, implementation = _backend.choose("masked_linear", x.device.type, (x.dtype,), (x, weight, mask), request)
+    if name == "reference" and request != name:  # chosen automatically, not forced
+        # No kernel can skip work on this mask: the dense kernel is the fastest, on the weight itself
+        # where it is 0 off the mask, else on the masked weight.
+        if _masked_linear_op.runs_compiled_dense_kernel():
+            return _masked_linear_op.masked_linear_dense_kernel(x, weight, mask, bias, dense_grad, zero_off_mask)
+        if zero_off_mask:
+            return torch.nn.functional.linear(x, weight_for_dense_kernel(weight, mask, zero_off_mask=True,
+                                                                         dense_grad=dense_grad), bias)
     return implementation.run(x, weight, mask, bias, dense_grad, zero_off_mask)
 
 
@@ -318,8 +326,9 @@ def _triton_skips_tiles(x: Tensor, weight: Tensor, mask: Tensor) -> bool:
 # tensor cores behind the select), so the automatic choice gives it block-structured masks only.
 _TRITON_MASKED_LINEAR_NOTE = ("chosen automatically only for masks whose blocks let it skip tiles; other masks "
                               "run the next backend, or the dense kernel where weights are 0 off the mask")
-_REFERENCE_MASKED_LINEAR_NOTE = ("automatic calls whose weights are 0 off the mask (zero_off_mask) run the "
-                                 "dense kernel on the weight itself instead")
+_REFERENCE_MASKED_LINEAR_NOTE = ("automatic calls run the dense kernel instead: on the weight itself where it is 0 "
+                                 "off the mask (zero_off_mask), else on the masked weight, made for each product "
+                                 "(eager mode, with the compiled extension)")
 
 
 def _reference(function, note: str | None = None) -> Implementation:

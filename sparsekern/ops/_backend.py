@@ -84,13 +84,17 @@ def is_forced(op: str) -> bool:
     return requested() in _REGISTRY[op]
 
 
-def choose(op: str, device_type: str, dtypes: tuple = (), args: tuple | None = None) -> tuple[str, Implementation]:
+def choose(op: str, device_type: str, dtypes: tuple = (), args: tuple | None = None,
+           request: str | None = None) -> tuple[str, Implementation]:
     """The backend that runs `op` on tensors of `device_type` and `dtypes`, under SPARSEKERN_BACKEND.
 
     `args`, the call's leading tensor arguments, let an implementation decline a call it would run
-    slowly (`Implementation.takes`); without them every usable implementation is taken.
+    slowly (`Implementation.takes`); without them every usable implementation is taken. `request`:
+    `requested()` as the caller just read it, for a caller that needs it too (reading the
+    environment costs ~0.7 us, at every op call); the chosen name equals it exactly when the
+    request forces the backend (`is_forced`).
     """
-    name = requested()
+    name = requested() if request is None else request
     implementations = _REGISTRY[op]
     candidates = AUTO_ORDER
     if name != "auto":
@@ -104,11 +108,13 @@ def choose(op: str, device_type: str, dtypes: tuple = (), args: tuple | None = N
             return name, implementations[name]
         candidates = AUTO_ORDER[AUTO_ORDER.index(name) + 1:]
     # Each candidate's reason only when the ones before it were passed over: this runs at every op
-    # call (every sparse layer's forward), where the reasons of the rest would be wasted.
+    # call (every sparse layer's forward), where the reasons of the rest would be wasted. Whether the
+    # automatic choice may take it at all is asked first: it is cheaper (Triton's reason reads
+    # TRITON_INTERPRET, and on CPU the automatic choice never takes Triton).
     for candidate in candidates:
         implementation = implementations.get(candidate)
-        if (implementation is not None and implementation.missing(device_type, dtypes) is None
-                and implementation.automatic(device_type)
+        if (implementation is not None and implementation.automatic(device_type)
+                and implementation.missing(device_type, dtypes) is None
                 and (args is None or implementation.takes is None or implementation.takes(*args))):
             return candidate, implementation
     raise RuntimeError(f"no backend can run {op} on {device_type}: {_reasons(op, device_type, tuple(dtypes))}")

@@ -69,3 +69,8 @@ if _C is not None:
     @torch.library.register_fake("sparsekern::mask_grad_")
     def _mask_grad_fake(grad, mask):
         return None
+
+    if op_defined("masked_weight"):  # an older build may lack it
+        @torch.library.register_fake("sparsekern::masked_weight")
+        def _masked_weight_fake(weight, mask):
+            return torch.empty_like(weight, memory_format=torch.contiguous_format)

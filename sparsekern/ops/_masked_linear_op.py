@@ -7,6 +7,8 @@ derivatives of each product are again products of the three ops.
 
 `weight_for_dense_kernel` is what a dense kernel (F.linear, a convolution) multiplies by: the weight
 itself where it is already 0 off the mask, else the masked weight; its gradient meets the mask.
+`masked_linear_dense_kernel` is masked_linear on the dense kernel in one C++ Function, which remakes the
+masked weight for backward instead of keeping it.
 """
 from __future__ import annotations
 
@@ -105,7 +107,8 @@ def define(backend: str, forward: Callable, grad_input: Callable, grad_weight: C
     return masked_linear
 
 
-# _WeightForDenseKernel as a C++ autograd Function (csrc/cpu/mask_grad.cpp), which eager calls take:
+# _WeightForDenseKernel as a C++ autograd Function (csrc/cpu/mask_grad.cpp), which eager calls of the
+# convolutions take (SparseLinear's take masked_linear_dense_kernel, below):
 # the Python Function's forward and backward calls cost ~17 us more per layer and step on a shared
 # core, more than the products of a small layer (a 64-256-256-10 MLP's sparse step: 1.27x the dense
 # one's with the Python Function, 1.21x with the C++ one, both masking in C++). torch.compile traces
@@ -197,6 +200,39 @@ def _mask_in_place(grad: Tensor, mask: Tensor) -> Tensor:
         # clamp: a True byte other than 1 (uint8 data viewed as bool) still multiplies by 1.
         chunk.mul_(factor[:chunk.numel()].copy_(flat_mask[start:start + _CPU_CHUNK]).clamp_(max=1))
     return grad
+
+
+# masked_linear on the dense kernel as one C++ autograd Function (csrc/cpu/masked_linear.cpp), which
+# eager calls take. Measured in one process, one thread, interleaved, a training step at density 0.1:
+# - weight not 0 off the mask (OptG's path): the reference's custom ops it replaces (Python autograd,
+#   torch.where ~6x slower than the C++ select, dweight masked out of place) made a step of the
+#   digits MLP 64-256-256-10 1.8x slower and 1.56x a dense step's peak memory (the MLP
+#   1024-2048-2048-10: 1.2x slower, 1.46x); now 0.85x and 0.95x a dense step's speed (the
+#   benchmark's training_step case), at its peak memory;
+# - weight 0 off the mask: F.linear on weight_for_dense_kernel's C++ Function, three autograd nodes
+#   per layer, took ~20 us more per layer and step (the digits MLP's step 1.07x slower).
+_COMPILED_MASKED_LINEAR_DENSE_KERNEL = (torch.ops.sparsekern.masked_linear_dense_kernel.default
+                                        if _extension.op_defined("masked_linear_dense_kernel") else None)
+
+
+def runs_compiled_dense_kernel() -> bool:
+    """Whether `masked_linear_dense_kernel` can run here: eager mode, with the extension."""
+    return _COMPILED_MASKED_LINEAR_DENSE_KERNEL is not None and not torch.compiler.is_compiling()
+
+
+def masked_linear_dense_kernel(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None, dense_grad: bool,
+                               zero_off_mask: bool) -> Tensor:
+    """masked_linear of arguments already checked, on the dense kernel (eager mode with the
+    extension: `runs_compiled_dense_kernel`).
+
+    zero_off_mask: the products take the weight itself. Otherwise the masked weight is made in one
+    vectorized pass for each product that reads it (the forward's and dx's) and freed after it, so
+    that a step's peak memory stays a dense step's: F.linear on weight_for_dense_kernel's result
+    would keep it from forward to backward, one more weight-sized tensor per layer through the step.
+    dweight is masked in place either way (an inf or NaN gradient off the mask gives NaN there, as
+    the product with the mask does).
+    """
+    return _COMPILED_MASKED_LINEAR_DENSE_KERNEL(x, weight, mask, bias, bool(dense_grad), bool(zero_off_mask))
 
 
 def weight_for_dense_kernel(weight: Tensor, mask: Tensor, zero_off_mask: bool, dense_grad: bool) -> Tensor:

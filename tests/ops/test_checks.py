@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import sparsekern
-from sparsekern.ops import _extension
+from sparsekern.ops import _checks, _extension
 
 
 def snapshot(value):
@@ -247,6 +247,12 @@ MASKED_LINEAR_CASES = {
     "bias shape": (linear_args(bias=torch.randn(6)), ValueError, "bias"),
     "bias dtype": (linear_args(bias=torch.randn(4).half()), TypeError, "bias"),
     "weight on another device": (linear_args(weight=torch.randn(4, 6, device="meta")), ValueError, "weight"),
+    "mask on another device": (linear_args(mask=torch.ones(4, 6, dtype=torch.bool, device="meta")), ValueError,
+                               "mask"),
+    "bias on another device": (linear_args(bias=torch.randn(4, device="meta")), ValueError, "bias"),
+    "x not a tensor": (linear_args(x=[[1.0] * 6]), TypeError, "x"),
+    "mask not a tensor": (linear_args(mask=[[True] * 6] * 4), TypeError, "mask"),
+    "bias not a tensor": (linear_args(bias=[0.0] * 4), TypeError, "bias"),
 }
 
 
@@ -254,6 +260,21 @@ MASKED_LINEAR_CASES = {
 def test_masked_linear_rejects(name):
     args, error, argument = MASKED_LINEAR_CASES[name]
     assert_rejected(sparsekern.ops.masked_linear, args, error, argument)
+
+
+@pytest.mark.parametrize("name", list(MASKED_LINEAR_CASES))
+def test_the_argument_checks_alone_reject_each_case(name):
+    # Valid arguments pass masked_linear_args in one expression (every layer call runs it): each bad
+    # case must fail that expression, not only a kernel behind the checks, which may refuse it too.
+    args, error, argument = MASKED_LINEAR_CASES[name]
+    assert_rejected(_checks.masked_linear_args, args, error, argument)
+
+
+@pytest.mark.parametrize("flag", ["dense_grad", "zero_off_mask"])
+@pytest.mark.parametrize("value", [1, None, "no", torch.tensor(True)])
+def test_masked_linear_flags_must_be_bools(flag, value):
+    assert_rejected(lambda *args: sparsekern.ops.masked_linear(*args, **{flag: value}), linear_args(), TypeError, flag)
+    assert_rejected(lambda *args: _checks.masked_linear_args(*args, **{flag: value}), linear_args(), TypeError, flag)
 
 
 def test_a_wrong_name_would_be_caught():

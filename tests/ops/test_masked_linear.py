@@ -1,16 +1,33 @@
-"""masked_linear: values and gradients of every backend against float64 autograd of the reference."""
+"""masked_linear: values and gradients of every backend, and of the automatic choice, against float64
+autograd of the reference."""
 import functools
 
 import pytest
 import torch
 
 import sparsekern
-from sparsekern.ops import _backend, reference
+from sparsekern.ops import _backend, _masked_linear_op, reference
 
 from ..helpers import BACKENDS, skip_interpreter_limits, strided
 
+# Each backend by name, and "auto": SPARSEKERN_BACKEND unset, as most users run it. On CPU that is the
+# dense kernel, on the weight itself (zero_off_mask) or on the masked weight
+# (sparsekern::masked_linear_dense_kernel), not a backend's op.
+PATHS = (*BACKENDS, "auto")
+
 # Absolute slack on top of the relative rule below, per dtype.
 ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture
+def use_path(use_backend, monkeypatch):
+    """use_path(name): a backend of PATHS by name (skipped if it cannot run), or the automatic choice."""
+    def use(name: str) -> None:
+        if name == "auto":
+            monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+        else:
+            use_backend(name, "masked_linear")
+    return use
 
 
 def make_inputs(generator, batch, in_features, out_features, dtype, bias=True, density=0.4):
@@ -56,14 +73,14 @@ def assert_within_rule(name, actual, torch_same_dtype, exact, dtype):
     assert error <= 2 * torch_error + ATOL[dtype], f"{name}: error {error} vs PyTorch's {torch_error} at {dtype}"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("batch", [(5,), (2, 3), (), (0,)])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dense_grad", [False, True])
 @pytest.mark.parametrize("zero_off_mask", [False, True])
-def test_values_and_gradients(backend, dtype, batch, bias, dense_grad, zero_off_mask, use_backend, generator):
-    use_backend(backend, "masked_linear")
+def test_values_and_gradients(backend, dtype, batch, bias, dense_grad, zero_off_mask, use_path, generator):
+    use_path(backend)
     skip_interpreter_limits(backend, dtype)
     x, weight, mask, b = make_inputs(generator, batch, 19, 11, torch.float64, bias)
     if zero_off_mask:  # the caller's promise
@@ -79,25 +96,40 @@ def test_values_and_gradients(backend, dtype, batch, bias, dense_grad, zero_off_
         assert not actual[2][~mask].any(), "masked dweight must be 0 off the mask"
 
 
-def test_zero_off_mask_runs_the_dense_kernel_on_the_weight_itself(monkeypatch, generator):
-    # Automatic choice on CPU: F.linear on the weight, no select, no custom op.
+def ops_run(function) -> list[str]:
+    """Names of the ops `function()` dispatches, in order (the profiler sees those called from C++ too)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        function()
+    return [event.name for event in profile.events()]
+
+
+# The ops that make a masked copy of a weight (or of its gradient, out of place).
+SELECTS = ("sparsekern::masked_weight", "aten::where")
+
+
+@pytest.mark.parametrize("zero_off_mask", [True, False])
+def test_the_automatic_path_makes_a_masked_weight_only_where_the_weight_needs_one(zero_off_mask, monkeypatch,
+                                                                                  generator):
+    # Automatic choice on CPU: the dense kernel, on the weight itself where it is 0 off the mask (no
+    # select, no custom op), else on the masked weight, made for the forward and again for dx.
+    if not zero_off_mask and _masked_linear_op._COMPILED_MASKED_LINEAR_DENSE_KERNEL is None:
+        pytest.skip("without the extension the masked path runs the reference's custom ops")
     monkeypatch.delenv(_backend.ENV_VAR, raising=False)
     x, weight, mask, b = make_inputs(generator, (4,), 8, 6, torch.float32)
     weight = zero_off(weight, mask).requires_grad_()
-    linear_weights = []
-    original = torch.nn.functional.linear
-    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w, b=None: linear_weights.append(w) or original(x, w, b))
-    y = sparsekern.ops.masked_linear(x, weight, mask, b, zero_off_mask=True)
-    assert len(linear_weights) == 1 and linear_weights[0].data_ptr() == weight.data_ptr()
-    y.sum().backward()
+    x.requires_grad_()
+    names = ops_run(lambda: sparsekern.ops.masked_linear(x, weight, mask, b, zero_off_mask=zero_off_mask).sum()
+                    .backward())
+    assert [name for name in names if name in SELECTS] == ([] if zero_off_mask else ["sparsekern::masked_weight"] * 2)
+    assert not [name for name in names if "reference" in name], names
     assert not weight.grad[~mask].any() and weight.grad[mask].ne(0).all()
 
 
 @pytest.mark.parametrize("layout", ["transposed", "sliced"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", PATHS)
 @pytest.mark.parametrize("zero_off_mask", [False, True])
-def test_non_contiguous_inputs(backend, layout, zero_off_mask, use_backend, generator):
-    use_backend(backend, "masked_linear")
+def test_non_contiguous_inputs(backend, layout, zero_off_mask, use_path, generator):
+    use_path(backend)
     x, weight, mask, b = make_inputs(generator, (7,), 33, 21, torch.float64)
     if zero_off_mask:
         weight = zero_off(weight, mask)
@@ -126,18 +158,22 @@ def double_backward_case(generator, zero_off_mask):
     return function, [x.requires_grad_(), b.requires_grad_(), free.requires_grad_()]
 
 
+@pytest.mark.parametrize("path", ["reference", "auto"])
 @pytest.mark.parametrize("zero_off_mask", [False, True])
 @pytest.mark.parametrize("dense_grad", [False, True])
-def test_double_backward(zero_off_mask, dense_grad, use_backend, generator):
-    use_backend("reference", "masked_linear")
+def test_double_backward(path, zero_off_mask, dense_grad, use_path, generator):
+    use_path(path)
     function, leaves = double_backward_case(generator, zero_off_mask)
-    assert torch.autograd.gradgradcheck(functools.partial(function, dense_grad=dense_grad and not zero_off_mask),
-                                        leaves)
+    dense_grad = dense_grad and not zero_off_mask
+    function = functools.partial(function, dense_grad=dense_grad)
+    if not dense_grad:  # the dense gradient is not the function's derivative off the mask
+        assert torch.autograd.gradcheck(function, leaves)
+    assert torch.autograd.gradgradcheck(function, leaves)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", PATHS)
 @pytest.mark.parametrize("zero_off_mask", [False, True])
-def test_every_backend_differentiates_its_backward_as_the_reference(backend, zero_off_mask, use_backend, monkeypatch,
+def test_every_backend_differentiates_its_backward_as_the_reference(backend, zero_off_mask, use_path, monkeypatch,
                                                                     generator):
     # gradgradcheck under the Triton interpreter would take minutes: compare one second-order
     # gradient of every input with the reference's instead.
@@ -148,15 +184,31 @@ def test_every_backend_differentiates_its_backward_as_the_reference(backend, zer
         first = torch.autograd.grad(y, leaves, torch.ones_like(y), create_graph=True)
         return torch.autograd.grad(sum((g * g).sum() for g in first), leaves, materialize_grads=True)
 
-    use_backend(backend, "masked_linear")
+    use_path(backend)
     for got, want in zip(second_order(backend), second_order("reference")):
         torch.testing.assert_close(got, want)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", PATHS)
 @pytest.mark.parametrize("zero_off_mask", [False, True])
-def test_autocast_gives_what_linear_gives(backend, zero_off_mask, use_backend, generator):
-    use_backend(backend, "masked_linear")
+def test_the_weight_gradient_through_dx_is_masked_too(backend, zero_off_mask, use_path, generator):
+    # Double backward at a weight that is 0 off the mask (so either promise holds): the weight's
+    # gradient through dx meets the mask as its gradient through y does, on the zero_off_mask path
+    # too, whose dx takes the weight itself.
+    use_path(backend)
+    x, weight, mask, b = make_inputs(generator, (3,), 9, 7, torch.float64, density=0.5)
+    weight = zero_off(weight, mask).requires_grad_()
+    x.requires_grad_()
+    y = sparsekern_function(x, weight, mask, b, False, zero_off_mask)
+    (grad_x,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    (grad_weight,) = torch.autograd.grad(grad_x.square().sum(), weight)
+    assert grad_weight[mask].ne(0).all() and not grad_weight[~mask].any()
+
+
+@pytest.mark.parametrize("backend", PATHS)
+@pytest.mark.parametrize("zero_off_mask", [False, True])
+def test_autocast_gives_what_linear_gives(backend, zero_off_mask, use_path, generator):
+    use_path(backend)
     skip_interpreter_limits(backend, torch.bfloat16)
     x, weight, mask, b = make_inputs(generator, (6,), 16, 12, torch.float32)
     weight = zero_off(weight, mask)
@@ -175,9 +227,9 @@ def test_autocast_gives_what_linear_gives(backend, zero_off_mask, use_backend, g
         torch.testing.assert_close(leaf.grad, want.grad)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_masked_out_inf_and_nan_do_not_leak(backend, use_backend, generator):
-    use_backend(backend, "masked_linear")
+@pytest.mark.parametrize("backend", PATHS)
+def test_masked_out_inf_and_nan_do_not_leak(backend, use_path, generator):
+    use_path(backend)
     x, weight, mask, bias = make_inputs(generator, (4,), 8, 6, torch.float32)
     weight = torch.where(mask, weight, torch.tensor([float("inf"), -float("inf"), float("nan")]).repeat(16)[:48]
                          .view(6, 8)).requires_grad_()
@@ -211,3 +263,38 @@ def test_opcheck_masked_linear_reference(bias, dense_grad, generator):
     torch.library.opcheck(ops.masked_linear_reference.default, (x, weight, mask, b, dense_grad, False))
     torch.library.opcheck(ops.masked_linear_grad_input_reference.default, (grad_out, weight, mask, False))
     torch.library.opcheck(ops.masked_linear_grad_weight_reference.default, (grad_out, x, mask, dense_grad))
+
+
+@pytest.mark.parametrize("zero_off_mask", [False, True])
+def test_without_a_gradient_to_compute_the_automatic_path_gives_the_reference(zero_off_mask, monkeypatch, generator):
+    # Under no_grad, and for a frozen weight (only dx to compute), the dense-kernel paths skip
+    # what they keep for the weight gradient; off the mask inf and NaN, unless the weight promises 0.
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    x, weight, mask, b = make_inputs(generator, (3, 5), 29, 17, torch.float32)
+    weight = zero_off(weight, mask) if zero_off_mask else torch.where(mask, weight, float("nan"))
+    expected = reference.masked_linear(x, weight, mask, b)
+    with torch.no_grad():
+        torch.testing.assert_close(sparsekern_function(x, weight.requires_grad_(), mask, b, False, zero_off_mask),
+                                   expected)
+    weight.requires_grad_(False)
+    x.requires_grad_()
+    y = sparsekern_function(x, weight, mask, b, False, zero_off_mask)
+    torch.testing.assert_close(y, expected)
+    grad_out = torch.randn(y.shape, generator=generator)
+    torch.testing.assert_close(torch.autograd.grad(y, x, grad_out)[0], grad_out @ zero_off(weight, mask))
+
+
+@pytest.mark.parametrize("dense_grad", [False, True])
+def test_compiled_masked_path_gives_what_eager_gives(dense_grad, monkeypatch, generator, fresh_compiler):
+    # Eager calls take the C++ Function (sparsekern::masked_linear_dense_kernel), torch.compile the
+    # reference's custom ops: the same values and gradients, NaN off the mask kept out of both.
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    x, weight, mask, b = make_inputs(generator, (6,), 21, 13, torch.float32)
+    weight = torch.where(mask, weight, float("nan"))
+    grad_out = torch.randn(6, 13, generator=generator)
+    compiled = outputs_and_grads(torch.compile(sparsekern_function, fullgraph=True, backend="aot_eager"), x, weight,
+                                 mask, b, grad_out, torch.float32, dense_grad)
+    eager = outputs_and_grads(sparsekern_function, x, weight, mask, b, grad_out, torch.float32, dense_grad)
+    for got, want in zip(compiled, eager):
+        torch.testing.assert_close(got, want)
+    assert compiled[0].isfinite().all() and compiled[1].isfinite().all()

@@ -1,0 +1,18 @@
+// The two mask passes of the dense-kernel path (csrc/cpu/mask_grad.cpp), shared by its autograd
+// Functions: weight_for_dense_kernel's and masked_linear_dense_kernel's (csrc/cpu/masked_linear.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace sparsekern::cpu {
+
+// where(mask, t, 0), a new tensor: one vectorized pass on CPU (sparsekern::masked_weight), at::where
+// elsewhere. Inf or NaN off the mask become 0.
+at::Tensor masked(const at::Tensor& t, const at::Tensor& mask);
+
+// A dense kernel's fresh weight gradient masked: in place where it can be (sparsekern::mask_grad_
+// on CPU, one multiply on a GPU: an inf or NaN off the mask gives NaN, as the product with the mask
+// does); out of place, and recorded, when grad mode is on (double backward) or grad is not contiguous.
+at::Tensor mask_weight_grad(const at::Tensor& grad, const at::Tensor& mask);
+
+}  // namespace sparsekern::cpu
