@@ -372,7 +372,10 @@ def _check_memory(weights, masks, prune_scores, grow_scores, state, masked, name
 
 def flag(value, name: str) -> bool:
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+        kind = type(value)
+        # numpy's bool is named "bool" too: "must be a bool, got bool" would say nothing
+        owner = "" if kind.__module__ == "builtins" else f"{kind.__module__}."
+        raise TypeError(f"{name} must be a bool, got {owner}{kind.__name__}")
     return value
 
 
