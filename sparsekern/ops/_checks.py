@@ -217,9 +217,8 @@ def prune_grow_args(weights, masks, prune_scores, grow_scores, n, state, masked,
         masks, prune_scores, grow_scores = lists.values()
         state = _per_layer(state, "state", len(weights))
         masked = _per_layer(masked, "masked", len(weights))
-    for name, flag in (("prune_abs", prune_abs), ("grow_abs", grow_abs)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    flag(prune_abs, "prune_abs")
+    flag(grow_abs, "grow_abs")
     for layer, weight in enumerate(weights):
         floating(weight, names("weight", layer))
         bool_mask(masks[layer], names("mask", layer), weight, names("weight", layer))
