@@ -1339,7 +1339,14 @@ for _name, _call, _error, _match in [
         ("masked_linear(dense_grad='no')", lambda w: ops.masked_linear(w.x, w.weight, w.mask, dense_grad="no"),
          TypeError, "dense_grad must be a bool"),
         ("masked_linear(zero_off_mask=1)", lambda w: ops.masked_linear(w.x, w.weight, w.mask, zero_off_mask=1),
-         TypeError, "zero_off_mask must be a bool")]:
+         TypeError, "zero_off_mask must be a bool"),
+        ("prune_grow(grow_abs=np.bool_(True))", lambda w: ops.prune_grow(w.weight, w.mask, w.weight, w.weight, 2,
+                                                                          grow_abs=np.bool_(True)),
+         TypeError, "grow_abs must be a bool, got numpy.bool"),
+        # numpy 2 names its bool type "bool" too: the message says whose it is
+        ("masked_linear(dense_grad=np.bool_(True))",
+         lambda w: ops.masked_linear(w.x, w.weight, w.mask, dense_grad=np.bool_(True)),
+         TypeError, "dense_grad must be a bool, got numpy.bool")]:
     error(f"ops.{_name}", _ops_world, _call, _error, _match)
 
 

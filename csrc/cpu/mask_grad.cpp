@@ -156,8 +156,13 @@ at::Tensor masked(const at::Tensor& t, const at::Tensor& mask) {
 }
 
 at::Tensor mask_weight_grad(const at::Tensor& grad, const at::Tensor& mask) {
-  if (at::GradMode::is_enabled() || !grad.is_contiguous()) {
-    // A graph for double backward (or a gradient laid out oddly): the out-of-place select, recorded.
+  // A gradient vmap batches (a graph recorded outside any transform, differentiated under one:
+  // torch.autograd.grad's is_grads_batched, functional.jacobian's vectorize, torch.func.vmap over
+  // autograd.grad): mask_grad_, in place, has no batching rule.
+  static const c10::DispatchKeySet batched({c10::DispatchKey::Batched, c10::DispatchKey::FuncTorchBatched});
+  if (at::GradMode::is_enabled() || !grad.is_contiguous() || grad.key_set().has_any(batched)) {
+    // A graph for double backward (or a gradient laid out oddly, or batched): the out-of-place
+    // select, recorded.
     return at::where(mask, grad, at::zeros({}, grad.options()));
   }
   if (grad.device().is_cpu()) {

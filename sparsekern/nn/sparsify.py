@@ -37,7 +37,7 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
             and sparse modules already present (their masks are drawn again) are sparsified. Other
             weight-bearing layers stay dense, named in one warning unless include/exclude leave them
             out: subclasses of those types, transposed convolutions, nn.Bilinear, the projections of
-            nn.MultiheadAttention (named once, by the attention module, its out_proj with it),
+            nn.MultiheadAttention (named once, by the attention module, its out_proj of any type with it),
             recurrent layers (norms and embeddings stay dense silently).
             One whose weight is computed from other parameters (torch.nn.utils.parametrize,
             weight_norm, spectral_norm, prune) stays dense, with a warning; a Lazy one that has not
@@ -168,15 +168,18 @@ def _layers(model: nn.Module, include: list[str] | None, exclude: list[str]) -> 
     selected = [(name, module) for name, module in model.named_modules()
                 if (include is None or _matches(names[id(module)], include))
                 and not _matches(names[id(module)], exclude)]
-    # An MHA's out_proj (a Linear subclass) is left dense as part of its MHA: named with it, and silent when the
-    # MHA is excluded (patterns match exact names, so exclude="attention" leaves "attention.out_proj" selected);
-    # named on its own only when include picks it without its MHA.
+    # An MHA's out_proj is left dense as part of its MHA, whatever its type (F.multi_head_attention_forward
+    # reads its weight directly: a user's plain nn.Linear there, made sparse, would train off its mask):
+    # named with it, and silent when the MHA is excluded (patterns match exact names, so exclude="attention"
+    # leaves "attention.out_proj" selected); named on its own only when include picks it without its MHA.
     selected_ids = {id(module) for _, module in selected}
-    folded = {id(module.out_proj) for module in model.modules() if isinstance(module, nn.MultiheadAttention)
-              and (id(module) in selected_ids or _matches(names[id(module)], exclude))}
-    left_dense = _left_dense([(name, module) for name, module in selected if id(module) not in folded])
-    targets = _maskable([(name, module) for name, module in selected
-                         if type(module) in _SPARSE_OF or isinstance(module, SparseModule) or _reparametrized(module)])
+    attentions = [module for module in model.modules() if isinstance(module, nn.MultiheadAttention)]
+    out_projs = {id(module.out_proj) for module in attentions}
+    folded = {id(module.out_proj) for module in attentions
+              if id(module) in selected_ids or _matches(names[id(module)], exclude)}
+    left_dense = _left_dense([(name, module) for name, module in selected if id(module) not in folded], out_projs)
+    targets = _maskable([(name, module) for name, module in selected if id(module) not in out_projs and (
+        type(module) in _SPARSE_OF or isinstance(module, SparseModule) or _reparametrized(module))])
     target_ids = {id(module) for _, module in targets}
     held = tying.holders(model)
     tied_to_dense = {}
@@ -223,11 +226,17 @@ _LEFT_DENSE = (
 )
 
 
-def _left_dense(selected: list[tuple[str, nn.Module]]) -> str:
+_OUT_PROJ = "F.multi_head_attention_forward reads the weight of nn.MultiheadAttention's out_proj directly"
+
+
+def _left_dense(selected: list[tuple[str, nn.Module]], out_projs: set[int]) -> str:
     """One sentence naming the modules of `selected` that stay dense although a user may expect them
-    sparsified, grouped by why ("" if none)."""
+    sparsified, grouped by why ("" if none). `out_projs`: ids of the MultiheadAttention out_proj modules."""
     reasons: dict[str, list[str]] = {}
     for name, module in selected:
+        if id(module) in out_projs:
+            reasons.setdefault(_OUT_PROJ, []).append(f"{name or '(root)'} ({type(module).__name__})")
+            continue
         if isinstance(module, SparseModule) or type(module) in _SPARSE_OF or _reparametrized(module):
             continue  # sparsified, or stays dense with a warning of its own
         if isinstance(module, SPARSIFIABLE):

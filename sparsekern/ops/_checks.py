@@ -217,9 +217,8 @@ def prune_grow_args(weights, masks, prune_scores, grow_scores, n, state, masked,
         masks, prune_scores, grow_scores = lists.values()
         state = _per_layer(state, "state", len(weights))
         masked = _per_layer(masked, "masked", len(weights))
-    for name, flag in (("prune_abs", prune_abs), ("grow_abs", grow_abs)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    flag(prune_abs, "prune_abs")
+    flag(grow_abs, "grow_abs")
     for layer, weight in enumerate(weights):
         floating(weight, names("weight", layer))
         bool_mask(masks[layer], names("mask", layer), weight, names("weight", layer))
@@ -372,7 +371,10 @@ def _check_memory(weights, masks, prune_scores, grow_scores, state, masked, name
 
 def flag(value, name: str) -> bool:
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+        kind = type(value)
+        # numpy's bool is named "bool" too: "must be a bool, got bool" would say nothing
+        owner = "" if kind.__module__ == "builtins" else f"{kind.__module__}."
+        raise TypeError(f"{name} must be a bool, got {owner}{kind.__name__}")
     return value
 
 

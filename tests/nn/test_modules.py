@@ -380,6 +380,29 @@ def test_sparsify_names_the_weight_layers_it_leaves_dense_in_one_warning(generat
         sparsekern.sparsify(layers_left_dense(), 0.5, include="attention.out_proj")   # picked without its MHA
 
 
+def test_sparsify_leaves_an_attention_modules_plain_linear_out_proj_dense(generator):
+    # F.multi_head_attention_forward reads out_proj.weight directly, whatever its type: a user's plain
+    # nn.Linear there made sparse would see its gradient unmasked, and a step would move the weights
+    # off its mask (its forward would no longer be masked either).
+    def model():
+        attention = nn.MultiheadAttention(4, 2)
+        attention.out_proj = nn.Linear(4, 4)
+        return nn.ModuleDict({"attention": attention, "head": nn.Linear(4, 2)})
+    sparsified = model()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sparsekern.sparsify(sparsified, 0.5, generator=generator)
+    assert type(sparsified["attention"].out_proj) is nn.Linear and isinstance(sparsified["head"], SparseLinear)
+    message = " ".join(str(warning.message) for warning in caught)
+    assert "attention (MultiheadAttention)" in message and "1 weight-bearing layer(s)" in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # the attention module excluded: its out_proj goes with it, silently
+        excluded = sparsekern.sparsify(model(), 0.5, exclude="attention", generator=generator)
+    assert type(excluded["attention"].out_proj) is nn.Linear
+    with pytest.raises(ValueError, match=r"matching include/exclude; .*attention\.out_proj \(Linear\): .*directly"):
+        sparsekern.sparsify(model(), 0.5, include="attention.out_proj")   # picked without its MHA
+
+
 def test_sparsify_same_seed_same_masks_and_weights():
     def masks(seed):
         torch.manual_seed(0)

@@ -245,3 +245,29 @@ def test_eager_calls_take_the_cpp_function(make, shape, zero_off_mask, generator
     else:
         assert any(name.endswith("::WeightForDenseKernel>") for name in names), names
     assert not [name for name in names if "_WeightForDenseKernelBackward" in name or "reference" in name], names
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("make, shape", [(lambda: SparseLinear(6, 5), (4, 6)),
+                                         (lambda: SparseConv2d(2, 3, 3), (2, 2, 4, 4))], ids=["linear", "conv2d"])
+@pytest.mark.parametrize("zero_off_mask", [True, False])
+@pytest.mark.parametrize("vmap", ["is_grads_batched", "torch.func.vmap"])
+def test_a_batched_backward_through_the_cpp_functions(make, shape, zero_off_mask, vmap, generator):
+    # A graph recorded outside any transform (the C++ Functions) and differentiated under vmap: the
+    # rows of a Jacobian at once (torch.autograd.grad's is_grads_batched, functional.jacobian's
+    # vectorize). The in-place masking of the weight gradient has no batching rule: the batched
+    # gradient is masked out of place.
+    layer = make()
+    layer.set_mask(torch.rand(layer.weight.shape, generator=generator) < 0.5)
+    layer.zero_off_mask = zero_off_mask
+    x = torch.randn(shape, generator=generator, requires_grad=True)
+    y = layer(x)
+    vectors = torch.randn((3, *y.shape), generator=generator)
+    if vmap == "is_grads_batched":
+        got = torch.autograd.grad(y, (x, layer.weight), vectors, retain_graph=True, is_grads_batched=True)
+    else:
+        got = torch.func.vmap(lambda v: torch.autograd.grad(y, (x, layer.weight), v, retain_graph=True))(vectors)
+    for i, v in enumerate(vectors):
+        for batched, one in zip(got, torch.autograd.grad(y, (x, layer.weight), v, retain_graph=True)):
+            torch.testing.assert_close(batched[i], one)
+    assert not got[1][:, ~layer.mask].any()
