@@ -61,7 +61,6 @@ class SparseModule(nn.Module):
 
     mask: Tensor
     dense_grad: bool
-    zero_off_mask: bool
     # Opt-in debugging check: verify the zero-off-mask promise at every forward that relies on it.
     check_zero_off_mask: bool = False
 
@@ -69,6 +68,34 @@ class SparseModule(nn.Module):
         self.register_buffer("mask", torch.ones_like(self.weight, dtype=torch.bool))
         self.dense_grad = False
         self.zero_off_mask = True  # nothing is off an all-True mask
+
+    def __setstate__(self, state: dict) -> None:
+        # A module pickled whole before zero_off_mask was a property holds it as a plain attribute.
+        if "zero_off_mask" in state:
+            state["_zero_off_mask"] = state.pop("zero_off_mask")
+        super().__setstate__(state)
+        self.zero_off_mask = self._zero_off_mask  # its hook, as the setter keeps it
+
+    @property
+    def zero_off_mask(self) -> bool:
+        """Whether the weight is exactly 0 wherever the mask is False (module docstring)."""
+        return self._zero_off_mask
+
+    @zero_off_mask.setter
+    def zero_off_mask(self, value: bool) -> None:
+        self._zero_off_mask = value
+        # Fused inference kernels of torch read a child layer's weight directly: in eval mode,
+        # nn.TransformerEncoderLayer hands linear1.weight and linear2.weight to one fused op, which
+        # would multiply by the values off the mask. It keeps to its children's forwards while any
+        # of them has a forward hook, so a module that holds values off its mask carries a no-op one
+        # (its only cost: nn.Module's hook path, a few microseconds per call).
+        hooks = self._forward_pre_hooks
+        guards = [key for key, hook in hooks.items() if hook is _forward_through_the_mask]
+        if not value and not guards:
+            self.register_forward_pre_hook(_forward_through_the_mask)
+        elif value:
+            for key in guards:
+                del hooks[key]
 
     @torch.no_grad()
     def set_mask(self, mask: Tensor) -> None:
@@ -152,6 +179,12 @@ class SparseModule(nn.Module):
         if self.mask.is_meta:  # no values to count
             return super().extra_repr()
         return f"{super().extra_repr()}, density={self.density:.4g}"
+
+
+def _forward_through_the_mask(module: nn.Module, args) -> None:
+    """The forward pre-hook a sparse module holds while its weight is non-zero off the mask
+    (`SparseModule.zero_off_mask` False): it does nothing, but its presence keeps fused kernels that
+    would read the weight directly (nn.TransformerEncoderLayer's in eval mode) off the module."""
 
 
 def _check_loaded_mask(mask, key: str) -> None:

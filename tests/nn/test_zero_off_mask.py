@@ -2,6 +2,7 @@
 common optimizer, the modules run the dense kernel on the weight itself when they promise it, and
 the masked path when they do not."""
 import copy
+import pickle
 
 import pytest
 import torch
@@ -282,3 +283,37 @@ def test_without_a_weight_gradient_no_autograd_node_is_built(make, shape, zero_o
     y = layer(x)
     torch.testing.assert_close(y, expected)
     torch.testing.assert_close(torch.autograd.grad(y.sum(), x)[0], expected_grad)
+
+
+def test_a_transformer_layer_in_eval_mode_multiplies_by_the_masked_weights(generator):
+    # In eval mode nn.TransformerEncoderLayer hands linear1.weight and linear2.weight to one fused
+    # kernel, unless a child has a forward hook: a sparse layer holding values off its mask (OptG's) must
+    # keep it to the layers' own forwards, and one that promises zero_off_mask may let it run.
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True)
+    with pytest.warns(UserWarning, match="self_attn"):
+        sparsekern.sparsify(layer, 0.3, generator=generator)
+    with torch.no_grad():
+        for _, module in sparse_modules(layer):
+            module.zero_off_mask = False
+            module.weight.add_(torch.randn(module.weight.shape, generator=generator))
+    masked = copy.deepcopy(layer)
+    for _, module in sparse_modules(masked):
+        module.zero_weights_off_mask()
+    assert not any(module._forward_pre_hooks for _, module in sparse_modules(masked))
+    x = torch.randn(3, 5, 16, generator=generator)
+    with torch.no_grad():
+        want = masked.eval()(x)      # the fused kernel, on weights that are 0 off the mask
+        got = layer.eval()(x)
+        unpickled = pickle.loads(pickle.dumps(layer))(x)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(unpickled, want)
+
+
+def test_a_module_pickled_with_zero_off_mask_as_a_plain_attribute_loads():
+    layer = SparseLinear(4, 3)
+    state = layer.__getstate__()
+    state = {**state, "zero_off_mask": False, "_forward_pre_hooks": type(state["_forward_pre_hooks"])()}
+    del state["_zero_off_mask"]
+    restored = SparseLinear.__new__(SparseLinear)
+    restored.__setstate__(state)
+    assert restored.zero_off_mask is False and len(restored._forward_pre_hooks) == 1
