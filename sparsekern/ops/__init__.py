@@ -180,9 +180,10 @@ def masked_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None =
         # Under torch.compile both states take F.linear on the Python Function, which Inductor sees
         # into: it fuses the select and the gradient's mask into its kernels, and recomputes the
         # masked weight for dx rather than keep it. The reference's custom ops are opaque to it:
-        # with them the masked path's compiled step (SGD, one thread, density 0.1) ran at 0.60x the
-        # compiled dense step's speed and 1.56x its peak memory for the MLP 64-256-256-10 at batch
-        # 64 (1024-2048-2048-10: 0.57x, 1.37x); with the Function at 0.88x (0.71x) and 1.0x.
+        # with them the masked path's compiled step (SGD, one thread, density 0.1, two runs) ran at
+        # 0.58-0.60x the compiled dense step's speed and 1.56x its peak memory for the MLP
+        # 64-256-256-10 at batch 64 (1024-2048-2048-10: 0.57-0.60x, 1.37x); with the Function at
+        # 0.82-0.88x (0.71-0.73x) and 1.0x.
         # Eager without the extension, the masked path keeps the custom ops, which remake the
         # masked weight for dx: the Function would keep it from forward to backward.
         if zero_off_mask or torch.compiler.is_compiling():
