@@ -57,12 +57,26 @@ def register(op: str, backend: str, implementation: Implementation) -> None:
 
 def requested() -> str:
     """The backend named by SPARSEKERN_BACKEND, or 'auto'."""
-    name = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    name = _environment_value().strip().lower() or "auto"
     name = ALIASES.get(name, name)
     if name != "auto" and name not in AUTO_ORDER:
         raise ValueError(f"{ENV_VAR} must be one of auto, {', '.join(AUTO_ORDER)} "
                          f"(or an alias: {', '.join(ALIASES)}), got {name!r}")
     return name
+
+
+def _environment_value() -> str:
+    """SPARSEKERN_BACKEND's value, or 'auto' where it is not set.
+
+    Under torch.compile the read must leave a guard, so that a compiled model follows a change of the
+    variable as an eager one does: Dynamo guards the value of a variable that is set, but not the
+    absence of one that is not (pytorch/pytorch#189027), and a model compiled with it unset kept its
+    backend after it was set. A membership test on the environment's own dict leaves that guard
+    (`encodekey` is how os.environ keys it, on every platform).
+    """
+    if torch.compiler.is_compiling() and os.environ.encodekey(ENV_VAR) not in os.environ._data:
+        return "auto"
+    return os.environ.get(ENV_VAR, "auto")
 
 
 def label(backend: str, device_type: str) -> str:

@@ -235,6 +235,24 @@ def masked_linear_dense_kernel(x: Tensor, weight: Tensor, mask: Tensor, bias: Te
     return _COMPILED_MASKED_LINEAR_DENSE_KERNEL(x, weight, mask, bias, bool(dense_grad), bool(zero_off_mask))
 
 
+# The C++ select (csrc/cpu/mask_grad.cpp), for the masked weight of a call that needs no gradient (a
+# convolution in evaluation): torch.where reads its bool condition entry by entry. Measured on one
+# shared core, 3x3 convolutions at density 0.1, no_grad: the select 4-6x faster, the forward 0.99x
+# (64->64 channels, batch 8 at 16x16), 1.13x (256->256, batch 8 at 8x8), 2.05x (512->512, 1 at 4x4).
+_COMPILED_MASKED_WEIGHT = (torch.ops.sparsekern.masked_weight.default
+                           if _extension.kernel_missing("masked_weight", "cpu") is None else None)
+
+
+def _masked_weight(weight: Tensor, mask: Tensor) -> Tensor:
+    """where(mask, weight, 0), by the C++ select where it can run: eager, on a contiguous CPU weight
+    (it returns a contiguous tensor, and a channels_last weight should stay channels_last for the
+    convolution's choice of layout). torch.compile traces the select, which Inductor fuses."""
+    if (_COMPILED_MASKED_WEIGHT is not None and weight.device.type == "cpu" and weight.is_contiguous()
+            and not torch.compiler.is_compiling()):
+        return _COMPILED_MASKED_WEIGHT(weight, mask)
+    return reference.masked_weight(weight, mask)
+
+
 def weight_for_dense_kernel(weight: Tensor, mask: Tensor, zero_off_mask: bool, dense_grad: bool) -> Tensor:
     """The weight argument of a dense kernel (F.linear, a convolution) that multiplies by weight * mask.
 
@@ -257,7 +275,7 @@ def weight_for_dense_kernel(weight: Tensor, mask: Tensor, zero_off_mask: bool, d
     if not (weight.requires_grad and torch.is_grad_enabled()):
         # No gradient will reach weight (evaluation, torch.no_grad): what the Function's forward
         # returns, without building its autograd node (a few microseconds per layer and call).
-        return weight if zero_off_mask else reference.masked_weight(weight, mask)
+        return weight if zero_off_mask else _masked_weight(weight, mask)
     if _COMPILED_WEIGHT_FOR_DENSE_KERNEL is not None and not torch.compiler.is_compiling():
         return _COMPILED_WEIGHT_FOR_DENSE_KERNEL(weight, mask, bool(zero_off_mask), bool(dense_grad))
     return _WeightForDenseKernel.apply(weight, mask, zero_off_mask, dense_grad)

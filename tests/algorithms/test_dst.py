@@ -659,3 +659,28 @@ def test_conv1d_and_conv3d_masks_update_at_exact_counts(algorithm):
         assert [int(m.sum()) for m in masks(model)] == counts
         assert_inactive_zero(model)
     assert all(not torch.equal(m.mask, before) for m, before in zip(convolutions, start))
+
+
+def test_a_compiled_model_under_rigl_compiles_twice_whatever_the_steps(generator, fresh_compiler):
+    # RigL sets dense_grad before each update step and clears it after: the compiled forward guards
+    # on it, so the model compiles once per value, then reuses both graphs, with no graph break.
+    # Anything else a forward read that changed per step (a counter, a mask replaced rather than
+    # written in place) would recompile at every update step, and stop compiling at Dynamo's limit.
+    from torch._dynamo.utils import counters
+
+    model = nn.Sequential(SparseLinear(8, 16), nn.ReLU(), SparseLinear(16, 4))
+    sparsekern.sparsify(model, 0.5, generator=generator)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    algorithm = sparsekern.algorithms.RigL(model, optimizer, update_every=2, total_steps=12)
+    compiled = torch.compile(model, backend="eager")
+    x = torch.randn(5, 8, generator=generator)
+    counters.clear()
+    masks = []
+    for _ in range(12):
+        optimizer.zero_grad()
+        compiled(x).square().sum().backward()
+        algorithm.step()
+        optimizer.step()
+        masks.append(model[0].mask.clone())
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
+    assert not all(torch.equal(mask, masks[0]) for mask in masks)  # the masks did change

@@ -317,3 +317,25 @@ def test_a_module_pickled_with_zero_off_mask_as_a_plain_attribute_loads():
     restored = SparseLinear.__new__(SparseLinear)
     restored.__setstate__(state)
     assert restored.zero_off_mask is False and len(restored._forward_pre_hooks) == 1
+
+
+@pytest.mark.skipif(sparsekern.ops._extension.kernel_missing("masked_weight", "cpu") is not None,
+                    reason="no C++ masked_weight")
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_a_convolution_without_weight_gradient_selects_in_cpp(layout, generator):
+    # Evaluation of OptG's masked path: torch.where reads its bool condition entry by entry, the C++
+    # select vectorizes. A channels_last weight keeps torch.where, which keeps its layout.
+    layer = SparseConv2d(4, 6, 3, padding=1)
+    layer.set_mask(torch.rand(layer.weight.shape, generator=generator) < 0.5)
+    x = torch.randn(2, 4, 5, 5, generator=generator)
+    if layout == "channels_last":
+        layer, x = layer.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    expected = F.conv2d(x, torch.where(layer.mask, layer.weight, 0), layer.bias, padding=1)
+    with torch.no_grad():
+        layer.weight[~layer.mask] = float("nan")
+    layer.zero_off_mask = False
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        y = layer(x)
+    selects = [e.name for e in profile.events() if e.name in ("sparsekern::masked_weight", "aten::where")]
+    assert selects == (["sparsekern::masked_weight"] if layout == "contiguous" else ["aten::where"])
+    torch.testing.assert_close(y, expected)

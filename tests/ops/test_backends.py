@@ -190,3 +190,26 @@ def test_masked_linear_on_a_broken_triton_interpreter_is_refused_by_name_and_pas
     assert _backend.choose("masked_linear", "cpu")[0] == "reference"
     monkeypatch.delenv("TRITON_INTERPRET")
     assert _backend.triton_missing_with_loaded_loops("cuda") is None  # compiled kernels run such loops
+
+
+def test_a_compiled_call_follows_the_variable_set_after_it_compiled(monkeypatch, fresh_compiler):
+    # Dynamo guards the value of a variable that is set, but not the absence of one that is not:
+    # a model compiled with SPARSEKERN_BACKEND unset ignored it once set (pytorch/pytorch#189027).
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    graphs = []
+
+    def record(graph, example_inputs):
+        graphs.append([str(node.target) for node in graph.graph.nodes if node.op == "call_function"])
+        return graph.forward
+
+    def layer(x, weight, mask):
+        return sparsekern.ops.masked_linear(x, weight, mask, zero_off_mask=True)
+
+    compiled = torch.compile(layer, backend=record, fullgraph=True)
+    x, mask = torch.randn(2, 8), torch.rand(4, 8) < 0.5
+    weight = torch.where(mask, torch.randn(4, 8), 0)
+    compiled(x, weight, mask)  # automatic: the dense kernel on the weight itself
+    monkeypatch.setenv(_backend.ENV_VAR, "reference")
+    torch.testing.assert_close(compiled(x, weight, mask), x @ weight.T)
+    assert len(graphs) == 2 and any("masked_linear_reference" in target for target in graphs[1]), graphs
+    assert not any("masked_linear_reference" in target for target in graphs[0]), graphs
