@@ -10,9 +10,9 @@ namespace sparsekern::cpu {
 // elsewhere. Inf or NaN off the mask become 0.
 at::Tensor masked(const at::Tensor& t, const at::Tensor& mask);
 
-// A dense kernel's fresh weight gradient masked: in place where it can be (sparsekern::mask_grad_
-// on CPU, one multiply on a GPU: an inf or NaN off the mask gives NaN, as the product with the mask
-// does); out of place, and recorded, when grad mode is on (double backward), grad is not contiguous or
+// A dense kernel's fresh weight gradient masked, +0.0 off the mask whatever it held there (a select,
+// as the reference's): in place where it can be (sparsekern::mask_grad_ on CPU, where's out variant on
+// a GPU); out of place, and recorded, when grad mode is on (double backward), grad is not contiguous or
 // vmap batches it.
 at::Tensor mask_weight_grad(const at::Tensor& grad, const at::Tensor& mask);
 

@@ -1,6 +1,7 @@
-// mask_grad_ on CPU: grad *= mask in place, one pass, no temporary: the weight gradient of the
-// dense-kernel path (sparsekern/ops/_masked_linear_op.py). Off the mask the result is grad * 0:
-// exactly 0 for a finite entry, NaN for an inf or NaN one (a step GradScaler skips stays skipped).
+// mask_grad_ on CPU: grad = where(mask, grad, 0) in place, one vectorized pass, no temporary: the
+// weight gradient of the dense-kernel path (sparsekern/ops/_masked_linear_op.py). Off the mask the
+// result is +0.0 whatever the gradient held there (inf and NaN included), as the reference's select
+// gives: every backend masks the weight gradient alike.
 //
 // masked_weight on CPU: where(mask, t, 0) in one vectorized pass, the masked weight a dense kernel
 // multiplies by (torch.where reads its bool condition entry by entry: measured at one thread, 6x
@@ -31,33 +32,35 @@ namespace {
 // non-zero byte (a bool tensor written as uint8 may hold any) and 0 for 0, and vectorizes.
 inline int32_t factor(uint8_t m) { return static_cast<int32_t>((static_cast<uint32_t>(m) + 255u) >> 8); }
 
-template <typename T>
-void mask_block(T* __restrict grad, const uint8_t* __restrict mask, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) grad[i] *= static_cast<T>(factor(mask[i]));
-}
-
-// float16 and bfloat16 multiply in float (exact for a factor of 0 or 1).
-template <>
-void mask_block<at::Half>(at::Half* __restrict grad, const uint8_t* __restrict mask, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) grad[i] = static_cast<float>(grad[i]) * static_cast<float>(factor(mask[i]));
-}
-
-template <>
-void mask_block<at::BFloat16>(at::BFloat16* __restrict grad, const uint8_t* __restrict mask, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) grad[i] = static_cast<float>(grad[i]) * static_cast<float>(factor(mask[i]));
-}
-
 // Blocks of a thread's range are walked last to first: the kernel that wrote the gradient wrote
 // its end last, so that is what is still in cache (the same order as the torch fallback, whose
 // measurement is in _masked_linear_op.py).
 constexpr int64_t kBlock = 1 << 14;
 
-template <typename T>
-void mask_range(T* grad, const uint8_t* mask, int64_t begin, int64_t end) {
-  for (int64_t stop = end; stop > begin; stop -= kBlock) {
-    const int64_t start = std::max(begin, stop - kBlock);
-    mask_block(grad + start, mask + start, stop - start);
-  }
+// The value's bits ANDed with all ones (mask byte non-zero) or all zeros (+0.0): a select, not a
+// product, so inf or NaN off the mask cannot leak; as integer arithmetic on the bits it needs no
+// float type (float16 and bfloat16 alike) and vectorizes (negated in Bits: negating the int factor
+// and widening it after stopped GCC 12 from vectorizing 64-bit entries).
+template <typename Bits>
+inline Bits keep_bits(uint8_t m) {
+  return static_cast<Bits>(Bits{0} - static_cast<Bits>(factor(m)));
+}
+
+template <typename Bits>
+void select_in_place_block(Bits* __restrict grad, const uint8_t* __restrict mask, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) grad[i] &= keep_bits<Bits>(mask[i]);
+}
+
+template <typename Bits>
+void select_in_place(const at::Tensor& grad, const uint8_t* mask) {
+  Bits* g = static_cast<Bits*>(grad.data_ptr());
+  // Grain: a task large enough that scheduling costs little next to the pass over it.
+  at::parallel_for(0, grad.numel(), kBlock, [&](int64_t begin, int64_t end) {
+    for (int64_t stop = end; stop > begin; stop -= kBlock) {
+      const int64_t start = std::max(begin, stop - kBlock);
+      select_in_place_block(g + start, mask + start, stop - start);
+    }
+  });
 }
 
 void check_mask(const at::Tensor& t, const char* name, const at::Tensor& mask) {
@@ -76,22 +79,18 @@ void mask_grad_(const at::Tensor& grad, const at::Tensor& mask) {
   // Written through one flat pointer: an expanded or strided gradient is the caller's to avoid.
   TORCH_CHECK_VALUE(grad.is_contiguous(), "grad must be contiguous (it is masked in place)");
   const at::Tensor mask_c = mask.contiguous();
-  const int64_t n = grad.numel();
   const uint8_t* m = reinterpret_cast<const uint8_t*>(mask_c.const_data_ptr<bool>());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "mask_grad_", [&] {
-    scalar_t* g = grad.data_ptr<scalar_t>();
-    // Grain: a task large enough that scheduling costs little next to the pass over it.
-    at::parallel_for(0, n, kBlock, [&](int64_t begin, int64_t end) { mask_range(g, m, begin, end); });
-  });
+  switch (grad.element_size()) {
+    case 2: select_in_place<uint16_t>(grad, m); break;
+    case 4: select_in_place<uint32_t>(grad, m); break;
+    default: select_in_place<uint64_t>(grad, m); break;
+  }
 }
 
-// out = in where the mask byte is non-zero, else +0.0: the value's bits ANDed with all ones or all
-// zeros. A select, not a product, so inf or NaN off the mask cannot leak; as integer arithmetic on
-// the bits it needs no float type (float16 and bfloat16 alike) and vectorizes (negated in Bits:
-// negating the int factor and widening it after stopped GCC 12 from vectorizing 64-bit entries).
+// out = in where the mask byte is non-zero, else +0.0 (keep_bits).
 template <typename Bits>
 void select_block(Bits* __restrict out, const Bits* __restrict in, const uint8_t* __restrict mask, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) out[i] = in[i] & static_cast<Bits>(Bits{0} - static_cast<Bits>(factor(mask[i])));
+  for (int64_t i = 0; i < n; ++i) out[i] = in[i] & keep_bits<Bits>(mask[i]);
 }
 
 template <typename Bits>
@@ -173,7 +172,9 @@ at::Tensor mask_weight_grad(const at::Tensor& grad, const at::Tensor& mask) {
     op.call(grad, mask);
     return grad;
   }
-  return grad.mul_(mask);  // GPU kernels convert the mask as they read it: no temporary
+  // The select written over its own input (no temporary; an elementwise op may write where it reads).
+  at::Tensor out = grad;  // the same tensor, as where_out's non-const output
+  return at::where_out(out, mask, grad, at::zeros({}, grad.options()));
 }
 
 TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {

@@ -140,10 +140,11 @@ def masked_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None =
     dtype, as nn.Linear's would). Entries off the mask contribute nothing, even when they hold inf
     or NaN.
 
-    Autograd: dx = dy @ (weight * mask); dweight = (dy.T @ x) * mask over all batch rows, or the
-    dense dy.T @ x when `dense_grad=True` (RigL's growth criterion reads the gradient at inactive
-    positions, and needs it only on mask-update steps); dbias = dy summed over batch rows. Every
-    backward is differentiable again (double backward).
+    Autograd: dx = dy @ (weight * mask); dweight = (dy.T @ x) * mask over all batch rows, masked by
+    a select (exactly 0 off the mask, even where dy.T @ x is inf or NaN), or the dense dy.T @ x
+    when `dense_grad=True` (RigL's growth criterion reads the gradient at inactive positions, and
+    needs it only on mask-update steps); dbias = dy summed over batch rows. Every backward is
+    differentiable again (double backward).
 
     zero_off_mask=True promises that weight is exactly 0 wherever mask is False (sparsekern's
     modules keep it so), so that weight * mask == weight: forward and dx then run the dense kernel

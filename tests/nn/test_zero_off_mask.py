@@ -171,22 +171,26 @@ def test_the_masked_path_of_a_linear_layer_keeps_a_step_at_the_static_paths_peak
     assert peaks[False] <= peaks[True] + x.numel() * x.element_size(), peaks
 
 
-def test_the_masked_path_masks_the_weight_gradient_as_the_static_path_does(generator):
-    # The same product with the mask on either path: an inf gradient (a step GradScaler will skip)
-    # gives NaN off the mask on both, where the masked path's select gave 0 before.
+def test_either_path_masks_the_weight_gradient_as_the_reference_does(generator, monkeypatch):
+    # A select: an inf gradient (a step GradScaler will skip) gives 0 off the mask on both paths, as the
+    # reference gives, where a product with the mask gave NaN there (the static path's, until the masked
+    # path took it too): every backend masks the weight gradient alike.
     layer = SparseLinear(24, 16)
     layer.set_mask(torch.rand(layer.weight.shape, generator=generator) < 0.4)
     x = torch.randn(5, 24, generator=generator)
     upstream = torch.randn(5, 16, generator=generator)
     upstream[0, 3] = float("inf")
     grads = {}
-    for zero_off_mask in (True, False):
-        layer.zero_off_mask = zero_off_mask
-        layer.weight.grad = None
-        (layer(x) * upstream).sum().backward()
-        grads[zero_off_mask] = layer.weight.grad
-    assert grads[True][3].isnan().any()
-    torch.testing.assert_close(grads[False], grads[True], rtol=0, atol=0, equal_nan=True)
+    for backend in ("auto", "reference"):
+        monkeypatch.setenv("SPARSEKERN_BACKEND", backend)
+        for zero_off_mask in (True, False):
+            layer.zero_off_mask = zero_off_mask
+            layer.weight.grad = None
+            (layer(x) * upstream).sum().backward()
+            grads[backend, zero_off_mask] = layer.weight.grad
+    assert grads["reference", True][3].isinf().any() and not grads["reference", True][~layer.mask].any()
+    for key, grad in grads.items():
+        torch.testing.assert_close(grad, grads["reference", True], rtol=0, atol=0, equal_nan=True, msg=str(key))
 
 
 @pytest.mark.parametrize("make, shape", [(lambda: SparseLinear(5, 3, dtype=torch.float64), (2, 5)),
@@ -235,7 +239,7 @@ def test_a_compiled_backward_masks_the_weight_gradient_in_one_operation(generato
     # Eagerly the CPU gradient is masked chunk by chunk (_mask_in_place); traced, that loop would be
     # unrolled into the graph, one slice, copy, clamp and multiply per 128K entries, and the first
     # allocation of its scratch failed the fullgraph compile (a side effect in an autograd.Function).
-    # The compiler gets one multiply to fuse instead.
+    # The compiler gets one select to fuse instead.
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
@@ -254,7 +258,7 @@ def test_a_compiled_backward_masks_the_weight_gradient_in_one_operation(generato
     (graph,) = backward_graphs
     targets = [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
     assert not [t for t in targets if "slice" in t or "clamp" in t], targets
-    assert sum("mul" in t for t in targets) == 1, targets
+    assert sum("where" in t for t in targets) == 1 and not [t for t in targets if "mul" in t], targets
 
 
 @pytest.mark.parametrize("make, shape", [(lambda: SparseLinear(16, 8), (4, 16)),

@@ -33,20 +33,21 @@ def random_case(generator, shape, dtype):
 
 
 def expected(grad, mask):
-    return grad * (mask.view(torch.uint8) != 0).to(grad.dtype)
+    """The reference's masking: a select, +0.0 off the mask whatever the gradient held there."""
+    return torch.where(mask.view(torch.uint8) != 0, grad, 0)
 
 
 @needs_cpu_kernel
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_matches_the_product_with_the_mask(dtype, shape, generator):
+def test_matches_the_references_select(dtype, shape, generator):
     grad, mask = random_case(generator, shape, dtype)
     want = expected(grad, mask)
     torch.ops.sparsekern.mask_grad_(grad, mask)
     torch.testing.assert_close(grad, want, rtol=0, atol=0, equal_nan=True)
-    # Off the mask exactly 0 where the gradient was finite (a negative one gives -0.0, still == 0).
+    # Off the mask +0.0, inf and NaN included (a product would leave -0.0 and NaN).
     off = mask.view(torch.uint8) == 0
-    assert (grad[off & want.isfinite()] == 0).all()
+    assert (grad[off] == 0).all() and not grad[off].signbit().any()
 
 
 @needs_cpu_kernel
@@ -173,7 +174,7 @@ def test_opcheck_masked_linear_dense_kernel(bias, dense_grad, zero_off_mask, gen
 
 
 def test_the_torch_fallback_masks_like_the_kernel(generator):
-    # More entries than one chunk (128K) of the fallback, and inf that must give NaN off the mask.
+    # More entries than one chunk (128K) of the fallback, and inf and NaN that must give 0 off the mask.
     grad, mask = random_case(generator, (300, 500), torch.float32)
     want = expected(grad, mask)
     assert _masked_linear_op._mask_in_place(grad, mask) is grad
@@ -186,7 +187,7 @@ def test_the_torch_fallback_masks_like_the_kernel(generator):
 def test_either_autograd_function_gives_the_contract(compiled, zero_off_mask, dense_grad, generator, monkeypatch):
     # weight_for_dense_kernel's eager calls take the C++ Function; the Python one is what
     # torch.compile traces and what runs without the extension. Both: values, the gradient masked
-    # in place (an inf off the mask gives NaN, as the product with the mask does), dense_grad,
+    # in place (an inf off the mask gives 0, as the reference's select does), dense_grad,
     # and a differentiable backward.
     if compiled and _masked_linear_op._COMPILED_WEIGHT_FOR_DENSE_KERNEL is None:
         pytest.skip("the extension has no weight_for_dense_kernel")
@@ -207,7 +208,7 @@ def test_either_autograd_function_gives_the_contract(compiled, zero_off_mask, de
     y = torch.nn.functional.linear(x, kernel_weight)
     (y * upstream).sum().backward()
     dense = upstream.t() @ x.detach()
-    torch.testing.assert_close(weight.grad, dense if dense_grad else dense * mask, equal_nan=True)
+    torch.testing.assert_close(weight.grad, dense if dense_grad else torch.where(mask, dense, 0), equal_nan=True)
     # Double backward (the out-of-place select, recorded in the graph) against the same formula in
     # torch ops: the masked weight, whose gradient is masked, or whole under dense_grad.
     finite = weight.detach().nan_to_num(posinf=3.0).requires_grad_()
