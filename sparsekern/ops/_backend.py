@@ -70,7 +70,7 @@ def _environment_value() -> str:
 
     Under torch.compile the read must leave a guard, so that a compiled model follows a change of the
     variable as an eager one does: Dynamo guards the value of a variable that is set, but not the
-    absence of one that is not (pytorch/pytorch#189027), and a model compiled with it unset kept its
+    absence of one that is not (seen with torch 2.13), and a model compiled with it unset kept its
     backend after it was set. A membership test on the environment's own dict leaves that guard
     (`encodekey` is how os.environ keys it, on every platform).
     """

@@ -194,7 +194,7 @@ def test_masked_linear_on_a_broken_triton_interpreter_is_refused_by_name_and_pas
 
 def test_a_compiled_call_follows_the_variable_set_after_it_compiled(monkeypatch, fresh_compiler):
     # Dynamo guards the value of a variable that is set, but not the absence of one that is not:
-    # a model compiled with SPARSEKERN_BACKEND unset ignored it once set (pytorch/pytorch#189027).
+    # a model compiled with SPARSEKERN_BACKEND unset ignored it once set (torch 2.13).
     monkeypatch.delenv(_backend.ENV_VAR, raising=False)
     graphs = []
 
