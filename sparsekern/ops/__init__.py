@@ -154,9 +154,9 @@ def masked_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None =
     compiled extension) run the dense kernel on where(mask, weight, 0), made in one pass for the
     forward and again for dx rather than kept in memory between them, and mask dweight in place
     as above; torch.compile traces where(mask, weight, 0) into F.linear, whose select and gradient
-    mask Inductor fuses into its kernels. Masks whose blocks let the Triton
-    kernel skip work still run it (it then skips the select as well); a backend named in
-    SPARSEKERN_BACKEND runs every call.
+    mask Inductor fuses into its kernels. Masks whose blocks let the Triton kernel skip work still
+    run it (it then skips the select as well); a backend named in SPARSEKERN_BACKEND runs every
+    call.
 
     Under torch.func transforms (vmap, grad, vjp, jvp, jacrev, jacfwd, hessian) and forward-mode AD
     every backend gives way to F.linear(x, where(mask, weight, 0), bias), differentiated as such
