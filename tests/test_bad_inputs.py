@@ -843,6 +843,8 @@ SWAMP_STATES = TICKET_STATES + [
     ("particle=2 (of 2)", lambda w: _replace(w.state, "particle", 2), ValueError, "particle"),
     ("averaged='yes'", lambda w: _replace(w.state, "averaged", "yes"), TypeError, "averaged"),
     ("averaged=1", lambda w: _replace(w.state, "averaged", 1), TypeError, "averaged"),
+    ("averaged=np.bool_(True)", lambda w: _replace(w.state, "averaged", np.bool_(True)), TypeError,
+     "state\\['averaged'\\] must be a bool, got numpy.bool"),
     ("rewind_optimizer_state=None", lambda w: _replace(w.state, "rewind_optimizer_state", None), ValueError,
      "rewind_optimizer_state"),
     ("rewind_optimizer_state of fewer parameters",
@@ -1348,6 +1350,23 @@ for _name, _call, _error, _match in [
          lambda w: ops.masked_linear(w.x, w.weight, w.mask, dense_grad=np.bool_(True)),
          TypeError, "dense_grad must be a bool, got numpy.bool")]:
     error(f"ops.{_name}", _ops_world, _call, _error, _match)
+
+
+# Every bool flag of the library says whose bool a refused numpy one is.
+for _name, _call, _match in [
+        ("sparsify(dense_first_layer=np.bool_(True))",
+         lambda w: sparsekern.sparsify(w.model, 0.3, dense_first_layer=np.bool_(True)), "dense_first_layer"),
+        ("distributions.layer_densities(dense_first_layer=np.bool_(True))",
+         lambda w: distributions.layer_densities([(4, 8), (8, 16)], 0.5, dense_first_layer=np.bool_(True)),
+         "dense_first_layer"),
+        ("RigL(reset_state=np.bool_(True))", _dst_call(sparsekern.RigL, {"reset_state": np.bool_(True)}), "reset_state"),
+        ("RigL(host_checks=np.bool_(True))", _dst_call(sparsekern.RigL, {"host_checks": np.bool_(True)}), "host_checks"),
+        ("OptG(nesterov=np.bool_(True))",
+         lambda w: OptG(w.model, sparsity=0.5, epochs=3, momentum=0.9, nesterov=np.bool_(True)), "nesterov"),
+        ("OptG(dense_while_scores_tie=np.bool_(True))",
+         lambda w: OptG(w.model, sparsity=0.5, epochs=3, dense_while_scores_tie=np.bool_(True)),
+         "dense_while_scores_tie")]:
+    error(_name, model_world, _call, TypeError, f"{_match} must be a bool, got numpy.bool")
 
 
 def _special_files_world(tmp_path):

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops import reference
+from ..ops import _checks, reference
 from . import criteria, distributed, schedules
 from ._gradients import GradientWatch
 from ..nn import sparse_modules, tying
@@ -138,10 +138,8 @@ class DST:
             raise TypeError(f"scope must be a str, got {type(scope).__name__}")
         if scope not in SCOPES:
             raise ValueError(f"scope must be one of {list(SCOPES)}, got {scope!r}")
-        if not isinstance(reset_state, bool):
-            raise TypeError(f"reset_state must be a bool, got {type(reset_state).__name__}")
-        if not isinstance(host_checks, bool):
-            raise TypeError(f"host_checks must be a bool, got {type(host_checks).__name__}")
+        _checks.flag(reset_state, "reset_state")
+        _checks.flag(host_checks, "host_checks")
         block = _check_block(block)
         if block is not None and prune not in criteria.ELEMENTWISE:
             raise ValueError(f"block needs an elementwise pruning criterion, got prune={prune!r}")

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..nn import tying
+from ..ops import _checks
 from . import _tickets
 from ._gradients import GradientWatch
 
@@ -116,9 +117,8 @@ class OptG:
         lr = _tickets.check_number(lr, "lr", lambda v: v >= 0, ">= 0")
         beta = _tickets.check_number(beta, "beta", lambda v: v > 0, "> 0")
         momentum = _tickets.check_number(momentum, "momentum", lambda v: 0 <= v < 1, "in [0, 1)")
-        for name, value in (("nesterov", nesterov), ("dense_while_scores_tie", dense_while_scores_tie)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+        _checks.flag(nesterov, "nesterov")
+        _checks.flag(dense_while_scores_tie, "dense_while_scores_tie")
         if nesterov and momentum == 0:
             raise ValueError("nesterov=True needs momentum > 0")
         if lr_schedule is not None:

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..ops import _checks
 from . import _tickets
 from .imp import OptimizerFactory
 
@@ -276,8 +277,7 @@ class SWAMP:
             raise ValueError(f"state['particle']={particle} is not a particle of rank {self.rank} of "
                              f"{self.world_size} with particles={self.particles}")
         averaged = state["averaged"]
-        if not isinstance(averaged, bool):
-            raise TypeError(f"state['averaged'] must be a bool, got {type(averaged).__name__}")
+        _checks.flag(averaged, "state['averaged']")
         rewind_state = state["rewind_state"]
         _tickets.check_rewind_point(counts["cycle"], counts["step_in_cycle"], rewind_state is not None,
                                     self.rewind_step, keeps_weights=True)

@@ -20,6 +20,8 @@ import math
 import numbers
 from typing import Sequence
 
+from ..ops import _checks
+
 DISTRIBUTIONS = ("erk", "uniform")
 
 
@@ -35,8 +37,7 @@ def check_density(density) -> float:
 def layer_densities(shapes: Sequence[Sequence[int]], density: float, distribution: str = "erk", *,
                     power: float = 1.0, dense_first_layer: bool = False) -> list[float]:
     """Densities for layers of weight shapes `shapes` under `distribution` ("erk" or "uniform")."""
-    if not isinstance(dense_first_layer, bool):
-        raise TypeError(f"dense_first_layer must be a bool, got {type(dense_first_layer).__name__}")
+    _checks.flag(dense_first_layer, "dense_first_layer")
     if distribution == "erk":
         return erk(shapes, density, power=power, dense_first_layer=dense_first_layer)
     if distribution == "uniform":

@@ -101,8 +101,7 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
     exclude = _patterns(exclude, "exclude")
     if isinstance(power, bool) or not isinstance(power, numbers.Real) or not math.isfinite(power):
         raise ValueError(f"power must be a finite number, got {power!r}")
-    if not isinstance(dense_first_layer, bool):
-        raise TypeError(f"dense_first_layer must be a bool, got {type(dense_first_layer).__name__}")
+    _checks.flag(dense_first_layer, "dense_first_layer")
     sparse_init.check_generator(generator)
 
     groups = _layers(model, include, exclude)
