@@ -11,8 +11,8 @@ namespace sparsekern::cpu {
 at::Tensor masked(const at::Tensor& t, const at::Tensor& mask);
 
 // A dense kernel's fresh weight gradient masked, +0.0 off the mask whatever it held there (a select,
-// as the reference's): in place where it can be (sparsekern::mask_grad_ on CPU, where's out variant on
-// a GPU); out of place, and recorded, when grad mode is on (double backward), grad is not contiguous or
+// as the reference's): in place where it can be (sparsekern::mask_grad_ on CPU, an integer multiply of
+// its bits on a GPU); out of place, and recorded, when grad mode is on (double backward), grad is not contiguous or
 // vmap batches it.
 at::Tensor mask_weight_grad(const at::Tensor& grad, const at::Tensor& mask);
 

@@ -172,9 +172,12 @@ at::Tensor mask_weight_grad(const at::Tensor& grad, const at::Tensor& mask) {
     op.call(grad, mask);
     return grad;
   }
-  // The select written over its own input (no temporary; an elementwise op may write where it reads).
-  at::Tensor out = grad;  // the same tensor, as where_out's non-const output
-  return at::where_out(out, mask, grad, at::zeros({}, grad.options()));
+  // Elsewhere (a GPU): the gradient's bits times the mask, as integers of their width: an exact select
+  // (+0.0 off the mask, inf and NaN included) in place, with the mask converted as the kernel reads it.
+  // No allocation at all: where's 0-dim `other` would be one (512 bytes on a GPU) above a dense step's peak.
+  const at::ScalarType bits = grad.element_size() == 2 ? at::kShort : grad.element_size() == 4 ? at::kInt : at::kLong;
+  grad.view(bits).mul_(mask);
+  return grad;
 }
 
 TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {

@@ -178,6 +178,15 @@ _scratch = threading.local()
 _BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+def _select_by_bits(grad: Tensor, mask: Tensor) -> Tensor:
+    """grad = where(mask, grad, 0) in place, as a GPU does it: the gradient's bits times the mask, as
+    integers of their width (an exact select, inf and NaN included), the mask converted as the kernel
+    reads it. No allocation: where's 0-dim `other` would be one. (On CPU the mixed-dtype multiply
+    would first convert the whole mask, a temporary.)"""
+    grad.view(_BITS[grad.element_size()]).mul_(mask)
+    return grad
+
+
 def _mask_in_place(grad: Tensor, mask: Tensor) -> Tensor:
     """grad = where(mask, grad, 0) in place, for a contiguous grad: +0.0 off the mask whatever grad
     held there (inf and NaN included), as the reference's select gives."""
@@ -187,8 +196,7 @@ def _mask_in_place(grad: Tensor, mask: Tensor) -> Tensor:
         # side effect of an autograd.Function.)
         return torch.where(mask, grad, 0.0)
     if grad.device.type != "cpu":
-        # GPU kernels read the bool condition fast enough; the out variant writes over its input.
-        return torch.where(mask, grad, grad.new_zeros(()), out=grad)
+        return _select_by_bits(grad, mask)
     bits = _BITS[grad.element_size()]
     flat_grad, flat_mask = grad.view(-1).view(bits), mask.reshape(-1).view(torch.uint8)
     chunks = _scratch.__dict__

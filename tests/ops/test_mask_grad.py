@@ -181,6 +181,16 @@ def test_the_torch_fallback_masks_like_the_kernel(generator):
     torch.testing.assert_close(grad, want, rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_gpu_select_by_bits_masks_like_the_kernel(dtype, generator):
+    # What a GPU runs (the C++ Functions' GPU branch does the same): run here on CPU tensors.
+    grad, mask = random_case(generator, (37, 29), dtype)
+    want = expected(grad, mask)
+    assert _masked_linear_op._select_by_bits(grad, mask) is grad
+    torch.testing.assert_close(grad, want, rtol=0, atol=0, equal_nan=True)
+    assert not grad[mask.view(torch.uint8) == 0].signbit().any()
+
+
 @pytest.mark.parametrize("compiled", [True, False], ids=["C++ Function", "Python Function"])
 @pytest.mark.parametrize("zero_off_mask", [True, False])
 @pytest.mark.parametrize("dense_grad", [False, True])
