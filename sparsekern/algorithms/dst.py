@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops import _checks, reference
+from ..ops import _checks, _transforms, reference
 from . import criteria, distributed, schedules
 from ._gradients import GradientWatch
 from ..nn import sparse_modules, tying
@@ -201,6 +201,8 @@ class DST:
         before step() (as for gradient clipping): the gradients are scaled until then, which
         changes no ranking by |g| but makes MEST's |θ| + γ|g| rank by the scaled gradient.
         """
+        _transforms.refuse_vmap(f"{type(self).__name__}.step()", "a mask update selects over the whole model",
+                                "call it outside vmap, once per training step")
         due = self.schedule.is_update(self.step_count + 1)
         if due:
             self._check_gradients(self.step_count + 1)

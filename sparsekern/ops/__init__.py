@@ -63,7 +63,7 @@ def topk_mask(scores: Sequence[Tensor], k: int | Sequence[int]) -> list[Tensor]:
     Not under torch.vmap (RuntimeError): a list with one k per tensor selects in each separately,
     in one call. Under grad and jvp transforms it runs as usual (masks have no derivative).
     """
-    _transforms.refuse_vmap("topk_mask", "its selection kernels have no batching rule",
+    _transforms.refuse_vmap("sparsekern.ops.topk_mask", "its selection kernels have no batching rule",
                        "call it outside vmap, with the batch as a list of tensors and one k per tensor")
     scores = _checks.scores_list(scores)
     k = _checks.topk_counts(k, scores)
@@ -119,7 +119,7 @@ def prune_grow(weights, masks, prune_scores, grow_scores, n, state=(), masked=()
 
     Not under torch.vmap (RuntimeError, before anything is written): the lists are its batch.
     """
-    _transforms.refuse_vmap("prune_grow", "it updates tensors in place through kernels with no batching rule",
+    _transforms.refuse_vmap("sparsekern.ops.prune_grow", "it updates tensors in place through kernels with no batching rule",
                        "call it outside vmap, with the batch as lists of per-layer tensors")
     args = _checks.prune_grow_args(weights, masks, prune_scores, grow_scores, n, state, masked, active,
                                    prune_abs, grow_abs)
@@ -280,7 +280,7 @@ def sparse_linear(x: Tensor, packed: PackedWeight, bias: Tensor | None = None) -
             raise TypeError(f"bias has dtype {bias.dtype} but x has {x.dtype}")
         tensors.append(("bias", bias))
     _checks.same_device(tensors)
-    _transforms.refuse_derivatives("sparse_linear", (x, bias), "it has no derivatives (inference mode)",
+    _transforms.refuse_derivatives("sparsekern.ops.sparse_linear", (x, bias), "it has no derivatives (inference mode)",
                                    "leave inference mode first (SparseLinear.to_training()), or call masked_linear")
     rows = x.numel() // packed.in_features if packed.in_features else 0
     # vmap: the sparse kernel has no batching rule, and its fallback runs it once per sample.

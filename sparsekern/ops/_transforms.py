@@ -25,8 +25,8 @@ def active() -> bool:
 
 
 def refuse_vmap(op: str, why: str, instead: str) -> None:
-    """RuntimeError naming `op`, why and what to do `instead` while a vmap is active; nothing
-    otherwise. Called before the op changes anything."""
+    """RuntimeError naming `op` (the call as a user writes it), why and what to do `instead` while a
+    vmap is active; nothing otherwise. Called before the op changes anything."""
     if active() and any(i.key() == TransformType.Vmap for i in retrieve_all_functorch_interpreters()):
         _raise(op, _VMAP, why, instead)
 
@@ -53,4 +53,4 @@ def refuse_derivatives(op: str, tensors, why: str, instead: str) -> None:
 
 
 def _raise(op: str, transform: str, why: str, instead: str) -> None:
-    raise RuntimeError(f"sparsekern.ops.{op} does not support {transform}: {why}; {instead}")
+    raise RuntimeError(f"{op} does not support {transform}: {why}; {instead}")

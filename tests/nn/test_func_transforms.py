@@ -306,6 +306,14 @@ def test_the_mask_ops_refuse_vmap_and_change_nothing(generator):
     assert torch.equal(got, sparsekern.ops.topk_mask([scores[0]], 4)[0].to(got.dtype))
 
 
+def test_a_dst_step_refuses_vmap_before_it_counts(generator):
+    model = sparsekern.sparsify(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)), 0.5, generator=generator)
+    rigl = sparsekern.RigL(model, torch.optim.SGD(model.parameters(), lr=0.1), update_every=1, total_steps=10)
+    with pytest.raises(RuntimeError, match=r"DST.step\(\) does not support torch.vmap"):
+        vmap(lambda x: (rigl.step(), x)[1])(torch.randn(2, 6, generator=generator))
+    assert rigl.step_count == 0
+
+
 def test_the_zero_off_mask_check_does_not_break_vmap(generator, monkeypatch):
     # The debugging check reads values (vmap cannot); under transforms nothing relies on the promise.
     monkeypatch.setattr(SparseModule, "check_zero_off_mask", True)
