@@ -1,7 +1,7 @@
 // masked_linear_dense_kernel: sparsekern.ops.masked_linear on the dense kernel, as one C++ autograd
 // Function (contract and caller: sparsekern/ops/_masked_linear_op.py), which eager SparseLinear calls
-// take. Eager mode only; torch.compile traces F.linear on weight_for_dense_kernel (zero_off_mask) or
-// the reference's custom ops.
+// take. Eager mode only; torch.compile traces F.linear on weight_for_dense_kernel's Python Function in
+// both states.
 //
 // zero_off_mask: the products take the weight itself. Otherwise the masked weight is made anew for
 // each product that reads it, the forward's and dx's, and freed after it: F.linear on
