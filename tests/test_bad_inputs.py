@@ -242,6 +242,8 @@ def differences(before, after, path="") -> list[str]:
 
 
 def _bits(t: Tensor) -> Tensor:
+    if t.layout != torch.strided:  # a torch.sparse weight some cases pass
+        t = t.to_dense()
     return t.contiguous().reshape(-1).view(torch.uint8)
 
 
@@ -1351,6 +1353,47 @@ for _name, _call, _error, _match in [
          TypeError, "dense_grad must be a bool, got numpy.bool")]:
     error(f"ops.{_name}", _ops_world, _call, _error, _match)
 
+
+# torch.sparse and mkldnn tensors: the kernels address entries by strides, so each is refused by name
+# rather than failing in the dispatcher ("Could not run 'sparsekern::topk_mask' with arguments from the
+# 'SparseCPU' backend").
+def _sparse(t: Tensor) -> Tensor:
+    return t.to_sparse()
+
+
+for _name, _call, _match in [
+        ("topk_mask(sparse scores)", lambda w: ops.topk_mask([w.scores[0], _sparse(w.scores[1])], 3), "scores\\[1\\]"),
+        ("prune_grow(a sparse weight)",
+         lambda w: ops.prune_grow(_sparse(w.weight), w.mask, w.weight.abs(), w.weight.neg(), 2), "^weight must"),
+        ("prune_grow(a sparse mask)",
+         lambda w: ops.prune_grow([w.weight], [_sparse(w.mask)], [w.weight.abs()], [w.weight.neg()], [2]),
+         "^masks\\[0\\] must"),
+        ("prune_grow(sparse grow scores)",
+         lambda w: ops.prune_grow(w.weight, w.mask, w.weight.abs(), _sparse(w.weight.neg()), 2), "^grow_score"),
+        ("masked_linear(a sparse x)", lambda w: ops.masked_linear(_sparse(w.x), w.weight, w.mask), "^x must"),
+        ("masked_linear(a sparse weight)", lambda w: ops.masked_linear(w.x, _sparse(w.weight), w.mask),
+         "^weight must"),
+        ("masked_linear(a sparse mask)", lambda w: ops.masked_linear(w.x, w.weight, _sparse(w.mask)), "^mask must"),
+        ("masked_linear(a sparse bias)", lambda w: ops.masked_linear(w.x, w.weight, w.mask, _sparse(w.bias)),
+         "^bias must"),
+        ("masked_linear(an mkldnn weight)", lambda w: ops.masked_linear(w.x, w.weight.to_mkldnn(), w.mask),
+         "^weight must"),
+        ("pack(a sparse weight)", lambda w: ops.pack(_sparse(w.weight), w.mask), "^weight must"),
+        ("sparse_linear(a sparse x)", lambda w: ops.sparse_linear(_sparse(w.x), ops.pack(w.weight, w.mask)),
+         "^x must")]:
+    error(f"ops.{_name}", _ops_world, _call, TypeError, _match + ".*dense \\(strided\\)")
+error("SparseLinear.set_mask(a sparse mask)", layer_world,
+      lambda w: w.layer.set_mask(_sparse(torch.ones(4, 6, dtype=torch.bool))), TypeError, "^mask must be a dense")
+
+
+def _sparse_weight_world(tmp_path=None):
+    layer = nn.Linear(6, 4)
+    layer.weight = nn.Parameter(_sparse(layer.weight.detach()))
+    return SimpleNamespace(model=nn.Sequential(nn.Linear(3, 6), layer))
+
+
+error("sparsify(a Linear with a sparse weight)", _sparse_weight_world, lambda w: sparsekern.sparsify(w.model, 0.5),
+      TypeError, "layer '1' has a torch.sparse_coo weight")
 
 # Every bool flag of the library says whose bool a refused numpy one is.
 for _name, _call, _match in [

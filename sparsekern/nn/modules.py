@@ -48,7 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops import _transforms, reference
+from ..ops import _checks, _transforms, reference
 from ..ops.packing import PackedWeight
 
 
@@ -101,8 +101,7 @@ class SparseModule(nn.Module):
     def set_mask(self, mask: Tensor) -> None:
         """Copies `mask` (bool, shaped like the weight) in and sets the weight to 0 off it, so the
         module again promises `zero_off_mask`."""
-        if not isinstance(mask, Tensor):
-            raise TypeError(f"mask must be a Tensor, got {type(mask).__name__}")
+        _checks.tensor(mask, "mask")
         if mask.dtype != torch.bool:
             raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
         if mask.shape != self.weight.shape:

@@ -202,7 +202,7 @@ def _layers(model: nn.Module, include: list[str] | None, exclude: list[str]) -> 
         warnings.warn(f"{left_dense}; exclude them to silence this warning", stacklevel=3)
     for group in groups:
         name, module = group[0]
-        _check_dtype(name, module)
+        _check_weight_type(name, module)
         if module.weight.numel() == 0:
             raise ValueError(f"layer {name or '(root)'!r} has an empty weight of shape "
                              f"{tuple(module.weight.shape)}: exclude it")
@@ -290,7 +290,10 @@ def _maskable(targets: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module
     return kept
 
 
-def _check_dtype(name: str, module: nn.Module) -> None:
+def _check_weight_type(name: str, module: nn.Module) -> None:
+    if module.weight.layout != torch.strided:
+        raise TypeError(f"layer {name or '(root)'!r} has a {module.weight.layout} weight: sparse layers take "
+                        f"dense (strided) weights; exclude it")
     if module.weight.dtype not in _checks.SCORE_DTYPES:
         raise TypeError(f"layer {name or '(root)'!r} has a {module.weight.dtype} weight: sparse layers take "
                         f"float16, bfloat16, float32 or float64 weights; exclude it")

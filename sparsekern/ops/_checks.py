@@ -36,6 +36,10 @@ def _shape(t: Tensor) -> tuple:
 def tensor(value, name: str) -> Tensor:
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a Tensor, got {type(value).__name__}")
+    # The kernels address entries by strides; a torch.sparse or mkldnn tensor would reach them and fail
+    # in the dispatcher with a message naming no argument.
+    if value.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {value.layout}")
     return value
 
 
@@ -378,6 +382,9 @@ def flag(value, name: str) -> bool:
     return value
 
 
+_STRIDED = torch.strided
+
+
 def masked_linear_args(x, weight, mask, bias, dense_grad=False, zero_off_mask=False) -> None:
     # Every sparse layer call runs this: valid arguments pass in one expression, each of whose terms
     # implies a check of `_masked_linear_errors`, which runs only when one fails, to say which
@@ -388,7 +395,9 @@ def masked_linear_args(x, weight, mask, bias, dense_grad=False, zero_off_mask=Fa
         if (dtype in SCORE_DTYPES and weight.dtype == dtype and len(shape) == 2 and x.dim() >= 1
                 and x.shape[-1] == shape[1] and mask.dtype == torch.bool and mask.shape == shape
                 and weight.device == device and mask.device == device
-                and (bias is None or (bias.dtype == dtype and bias.shape == shape[:1] and bias.device == device))):
+                and x.layout is _STRIDED and weight.layout is _STRIDED and mask.layout is _STRIDED
+                and (bias is None or (bias.dtype == dtype and bias.shape == shape[:1] and bias.device == device
+                                      and bias.layout is _STRIDED))):
             return
     _masked_linear_errors(x, weight, mask, bias, dense_grad, zero_off_mask)
 
@@ -424,8 +433,6 @@ def packed_weight(bitmap, values, chunk_offsets, in_features) -> int:
     fields = [("bitmap", bitmap), ("values", values), ("chunk_offsets", chunk_offsets)]
     for name, value in fields:
         tensor(value, name)
-        if value.layout != torch.strided:
-            raise TypeError(f"{name} must be a dense (strided) tensor, got layout {value.layout}")
     if bitmap.dtype != torch.int32:
         raise TypeError(f"bitmap must be an int32 tensor, got {bitmap.dtype}")
     floating(values, "values")
