@@ -63,6 +63,17 @@ void select_in_place(const at::Tensor& grad, const uint8_t* mask) {
   });
 }
 
+// Calls `f` with a zero of the unsigned integer type as wide as an entry of `t` (float16 and bfloat16: 2
+// bytes, float32: 4, float64: 8): the selects work on bits, so one instance per width serves every dtype.
+template <typename F>
+void with_bits_type(const at::Tensor& t, F&& f) {
+  switch (t.element_size()) {
+    case 2: f(uint16_t{}); break;
+    case 4: f(uint32_t{}); break;
+    default: f(uint64_t{}); break;
+  }
+}
+
 void check_mask(const at::Tensor& t, const char* name, const at::Tensor& mask) {
   const at::ScalarType dtype = t.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat || dtype == at::kDouble,
@@ -80,11 +91,7 @@ void mask_grad_(const at::Tensor& grad, const at::Tensor& mask) {
   TORCH_CHECK_VALUE(grad.is_contiguous(), "grad must be contiguous (it is masked in place)");
   const at::Tensor mask_c = mask.contiguous();
   const uint8_t* m = reinterpret_cast<const uint8_t*>(mask_c.const_data_ptr<bool>());
-  switch (grad.element_size()) {
-    case 2: select_in_place<uint16_t>(grad, m); break;
-    case 4: select_in_place<uint32_t>(grad, m); break;
-    default: select_in_place<uint64_t>(grad, m); break;
-  }
+  with_bits_type(grad, [&](auto zero) { select_in_place<decltype(zero)>(grad, m); });
 }
 
 // out = in where the mask byte is non-zero, else +0.0 (keep_bits).
@@ -108,11 +115,7 @@ at::Tensor masked_weight_cpu(const at::Tensor& weight, const at::Tensor& mask) {
   const at::Tensor mask_c = mask.contiguous();
   at::Tensor out = at::empty(weight.sizes(), weight.options().memory_format(at::MemoryFormat::Contiguous));
   const uint8_t* m = reinterpret_cast<const uint8_t*>(mask_c.const_data_ptr<bool>());
-  switch (weight.element_size()) {
-    case 2: select_all<uint16_t>(out, weight_c, m); break;
-    case 4: select_all<uint32_t>(out, weight_c, m); break;
-    default: select_all<uint64_t>(out, weight_c, m); break;
-  }
+  with_bits_type(weight, [&](auto zero) { select_all<decltype(zero)>(out, weight_c, m); });
   return out;
 }
 
