@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import torch
 from torch.autograd import forward_ad
-from torch._C._functorch import TransformType
-from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
 _VMAP = "torch.vmap"
 _REVERSE = "torch.func's reverse-mode transforms (grad, vjp, jacrev, hessian)"
@@ -27,8 +25,13 @@ def active() -> bool:
 def refuse_vmap(op: str, why: str, instead: str) -> None:
     """RuntimeError naming `op` (the call as a user writes it), why and what to do `instead` while a
     vmap is active; nothing otherwise. Called before the op changes anything."""
-    if active() and any(i.key() == TransformType.Vmap for i in retrieve_all_functorch_interpreters()):
-        _raise(op, _VMAP, why, instead)
+    if active():
+        # Private functorch modules, imported only under a transform: a torch that moved them breaks
+        # the refusal, not `import sparsekern`.
+        from torch._C._functorch import TransformType
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+        if any(i.key() == TransformType.Vmap for i in retrieve_all_functorch_interpreters()):
+            _raise(op, _VMAP, why, instead)
 
 
 def refuse_derivatives(op: str, tensors, why: str, instead: str) -> None:
