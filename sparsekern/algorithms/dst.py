@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..ops import _checks, _transforms, reference
 from . import criteria, distributed, schedules
-from ._gradients import GradientWatch
+from ._gradients import GradientWatch, all_finite
 from ..nn import sparse_modules, tying
 
 SCOPES = ("layer", "global")
@@ -222,21 +222,9 @@ class DST:
         return updated
 
     def _gradients_finite(self) -> bool:
-        """Whether every gradient the optimizer holds is finite (one host read per device).
-
-        A sum is finite whenever all its terms are (NaN and inf propagate through it), and one
-        reduction pass costs a fifth of torch.isfinite's on CPU; only a sum that overflowed, or a
-        gradient that really is not finite, pays the exact check as well."""
-        grads: dict[torch.device, list[Tensor]] = {}
-        for group in self.optimizer.param_groups:
-            for parameter in group["params"]:
-                if parameter.grad is not None:
-                    grads.setdefault(parameter.grad.device, []).append(parameter.grad)
-        for group in grads.values():
-            sums = torch.stack([g.sum().to(torch.float64) for g in group])
-            if not bool(sums.isfinite().all()) and not bool(torch.stack([g.isfinite().all() for g in group]).all()):
-                return False
-        return True
+        """Whether every gradient the optimizer holds is finite (one host read per device)."""
+        return all_finite([parameter.grad for group in self.optimizer.param_groups for parameter in group["params"]
+                           if parameter.grad is not None])
 
     def state_dict(self) -> dict:
         """Step count, masks (by module name), schedule and random-generator state.
