@@ -64,11 +64,26 @@ def _sigmoid(x: float) -> float:
     return 1 / (1 + math.exp(-x))
 
 
+def _trained_groups(groups: list[tying.Group]) -> list[tying.Group]:
+    """The layers whose weight requires grad; warns about the others, which learned scores leave alone."""
+    frozen = [group[0][0] for group in groups if not group[0][1].weight.requires_grad]
+    if frozen and len(frozen) == len(groups):
+        raise ValueError(f"no sparse layer of the model is trained: the weights of {frozen} do not require grad, "
+                         f"so their scores would never move")
+    if frozen:
+        warnings.warn(f"OptG leaves the masks of {frozen} alone: their weights do not require grad, so their "
+                      f"scores would stay 0 and the global top-k would prune them by position", stacklevel=3)
+    return [group for group in groups if group[0][0] not in frozen]
+
+
 class OptG:
     """Score-based sparse training with a sigmoid sparsity ramp, driven by your loop.
 
     Args:
-        model: a model of `sparsekern.nn` sparse modules (any masks; OptG sets them).
+        model: a model of `sparsekern.nn` sparse modules (any masks; OptG sets them). With
+            criterion="learned", a layer whose weight does not require grad is left alone, with a
+            warning: it gets no gradient, so its scores would stay 0 and the global top-k would
+            prune it by position.
         sparsity: p, the final fraction of prunable weights removed (globally), in [0, 1).
         epochs: E, the number of training epochs.
         lr: the weights' base learning rate; lr_e follows `cosine_lr(lr, epochs)` unless
@@ -111,6 +126,8 @@ class OptG:
                  lr_schedule: Callable[[int], float] | None = None, dense_while_scores_tie: bool = True,
                  reach_target: bool = True, criterion: str = "learned", host_checks: bool = True):
         self._groups = _tickets.sparse_layers(model)
+        if criterion == "learned":
+            self._groups = _trained_groups(self._groups)
         self.layers = _tickets.primaries(self._groups)
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
             raise TypeError(f"sparsity must be a float, got {type(sparsity).__name__}")
