@@ -30,6 +30,7 @@ from ..ops import _checks, _transforms, reference
 from . import criteria, distributed, schedules
 from ._gradients import GradientWatch, all_finite
 from ..nn import sparse_modules, tying
+from ..nn.sparsify import optimizer_state
 
 SCOPES = ("layer", "global")
 _HEAD = 4096   # entries of a mask that _warn_if_emptied reads first
@@ -429,8 +430,7 @@ class DST:
 
     def _state(self, weight: Tensor) -> list[Tensor]:
         """The optimizer's per-entry state tensors of `weight` (not scalars such as Adam's step)."""
-        return [value for value in self.optimizer.state.get(weight, {}).values()
-                if isinstance(value, Tensor) and value.shape == weight.shape]
+        return optimizer_state(self.optimizer, weight)
 
     def _make_block_structured(self) -> None:
         for _, module in self.modules:
