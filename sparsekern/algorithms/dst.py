@@ -201,6 +201,10 @@ class DST:
         the masks wait for the next update step. With a GradScaler, call scaler.unscale_(optimizer)
         before step() (as for gradient clipping): the gradients are scaled until then, which
         changes no ranking by |g| but makes MEST's |θ| + γ|g| rank by the scaled gradient.
+        Clip gradients after step(), not before: on an update step they are dense (where a criterion
+        reads them) until step() masks them, so a norm taken earlier counts the inactive entries too,
+        and clipping by it shrinks the active weights' update on update steps only (by 20-25% in a
+        small MLP at density 0.1).
         """
         _transforms.refuse_vmap(f"{type(self).__name__}.step()", "a mask update selects over the whole model",
                                 "call it outside vmap, once per training step")
