@@ -243,8 +243,8 @@ class DST:
                 "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restores a `state_dict()`: step count, masks (weights are zeroed off them), schedule and
-        generator. Checked completely before anything changes: a bad state raises TypeError or
+        """Restores a `state_dict()`: step count, masks (weights, and the optimizer's per-weight state,
+        are zeroed off them), schedule and generator. Checked completely before anything changes: a bad state raises TypeError or
         ValueError naming the entry, and the model and this DST are as before. A step count past the
         schedule's total_steps (a run that called step() too often, which step() allows) loads with
         a warning."""
@@ -289,6 +289,10 @@ class DST:
                           f"schedule (end_step={schedule.end_step}) was made for", stacklevel=2)
         for module, mask in staged:
             module.set_mask(mask)
+            # As at construction: state left off the mask (an optimizer not rolled back with the masks)
+            # would move inactive weights off 0. A state saved with these masks is 0 there already.
+            for tensor in self._state(module.weight):
+                tensor.masked_fill_(~mask, 0)
         self.schedule = schedule
         self.step_count = step_count
         self.generator.set_state(generator_state)
