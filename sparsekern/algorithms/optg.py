@@ -35,7 +35,7 @@ from .. import ops
 from ..nn import tying
 from ..ops import _checks
 from . import _tickets
-from ._gradients import GradientWatch
+from ._gradients import GradientWatch, all_finite
 
 
 CRITERIA = ("learned", "magnitude")
@@ -64,11 +64,26 @@ def _sigmoid(x: float) -> float:
     return 1 / (1 + math.exp(-x))
 
 
+def _trained_groups(groups: list[tying.Group]) -> list[tying.Group]:
+    """The layers whose weight requires grad; warns about the others, which learned scores leave alone."""
+    frozen = [group[0][0] for group in groups if not group[0][1].weight.requires_grad]
+    if frozen and len(frozen) == len(groups):
+        raise ValueError(f"no sparse layer of the model is trained: the weights of {frozen} do not require grad, "
+                         f"so their scores would never move")
+    if frozen:
+        warnings.warn(f"OptG leaves the masks of {frozen} alone: their weights do not require grad, so their "
+                      f"scores would stay 0 and the global top-k would prune them by position", stacklevel=3)
+    return [group for group in groups if group[0][0] not in frozen]
+
+
 class OptG:
     """Score-based sparse training with a sigmoid sparsity ramp, driven by your loop.
 
     Args:
-        model: a model of `sparsekern.nn` sparse modules (any masks; OptG sets them).
+        model: a model of `sparsekern.nn` sparse modules (any masks; OptG sets them). With
+            criterion="learned", a layer whose weight does not require grad is left alone, with a
+            warning: it gets no gradient, so its scores would stay 0 and the global top-k would
+            prune it by position.
         sparsity: p, the final fraction of prunable weights removed (globally), in [0, 1).
         epochs: E, the number of training epochs.
         lr: the weights' base learning rate; lr_e follows `cosine_lr(lr, epochs)` unless
@@ -86,6 +101,9 @@ class OptG:
         criterion: "learned" (OptG's trained scores) or "magnitude": each epoch's mask keeps the
             largest |θ| instead, with no scores trained — gradual magnitude pruning on the same
             ramp, the baseline OptG is measured against.
+        host_checks: skip the score update of a step whose gradients are not all finite (a step
+            that torch.amp.GradScaler skips: its scores would become inf or NaN for good), at one
+            device-to-host read per step. False trusts the gradients and reads nothing back.
 
     Loop: call `step()` after `backward()` and before the weight optimizer's step (it turns the
     dense gradient into the scores' gradient, masks the weights' gradient and updates the
@@ -106,8 +124,10 @@ class OptG:
     def __init__(self, model: nn.Module, sparsity: float, epochs: int, lr: float = 0.1, beta: float = 1.0,
                  momentum: float = 0.9, nesterov: bool = False,
                  lr_schedule: Callable[[int], float] | None = None, dense_while_scores_tie: bool = True,
-                 reach_target: bool = True, criterion: str = "learned"):
+                 reach_target: bool = True, criterion: str = "learned", host_checks: bool = True):
         self._groups = _tickets.sparse_layers(model)
+        if criterion == "learned":
+            self._groups = _trained_groups(self._groups)
         self.layers = _tickets.primaries(self._groups)
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
             raise TypeError(f"sparsity must be a float, got {type(sparsity).__name__}")
@@ -119,6 +139,7 @@ class OptG:
         momentum = _tickets.check_number(momentum, "momentum", lambda v: 0 <= v < 1, "in [0, 1)")
         _checks.flag(nesterov, "nesterov")
         _checks.flag(dense_while_scores_tie, "dense_while_scores_tie")
+        _checks.flag(host_checks, "host_checks")
         if nesterov and momentum == 0:
             raise ValueError("nesterov=True needs momentum > 0")
         if lr_schedule is not None:
@@ -141,6 +162,7 @@ class OptG:
         self.dense_while_scores_tie = dense_while_scores_tie
         self.reach_target = bool(reach_target)
         self.criterion = criterion
+        self.host_checks = host_checks
         self.scores = [torch.zeros_like(layer.weight) for layer in self.layers]
         self.score_optimizer = torch.optim.SGD(self.scores, lr=0.0, momentum=momentum, nesterov=nesterov,
                                                weight_decay=0.0)
@@ -192,28 +214,29 @@ class OptG:
         whose weight received no gradient contributes none. With criterion="magnitude" it only
         masks the weights' gradient. A gradient unchanged since the previous `step()` (no backward in
         between) raises RuntimeError, with nothing changed: it would count the same gradient twice in
-        the scores.
+        the scores. A step whose gradients are not all finite leaves the scores and their optimizer
+        alone (with host_checks), as torch.amp.GradScaler skips its step; with a GradScaler, call
+        scaler.unscale_(optimizer) before step(), or the scores add up gradients times a scale that
+        changes over training.
         """
         weights = [layer.weight for layer in self.layers]
         stale = self._gradients.unchanged(weights)
         if stale is not None:
             raise RuntimeError(f"OptG.step(): the gradient of sparse layer {stale} has not changed since the "
                                f"previous step() (step() called twice, or without a backward in between)")
-        if not self._learns:
-            for layer in self.layers:
-                if layer.weight.grad is not None:
-                    layer.weight.grad.mul_(layer.mask)
-            self._gradients.remember(weights)
-            return
-        for layer, score in zip(self.layers, self.scores):
-            grad = layer.weight.grad
-            layer.dense_grad = True     # the next backward must be dense again
+        grads = [weight.grad for weight in weights]
+        learn = self._learns and (not self.host_checks or all_finite([g for g in grads if g is not None]))
+        for layer, score, grad in zip(self.layers, self.scores, grads):
+            if self._learns:
+                layer.dense_grad = True     # the next backward must be dense again
             if grad is None:
                 score.grad = None
                 continue
-            score.grad = grad * layer.weight
+            if learn:
+                score.grad = grad * layer.weight
             grad.mul_(layer.mask)
-        self.score_optimizer.step()
+        if learn:
+            self.score_optimizer.step()
         tying.sync(self._groups)
         self._gradients.remember(weights)
 

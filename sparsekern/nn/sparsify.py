@@ -28,7 +28,8 @@ MASKS = ("random", "magnitude")
 def sparsify(model: nn.Module, density: float, distribution: str = "erk",
              include: Sequence[str] | str | None = None, exclude: Sequence[str] | str | None = None,
              init: str | Callable | None = None, power: float = 1.0, dense_first_layer: bool = False,
-             generator: torch.Generator | None = None, mask: str = "random") -> nn.Module:
+             generator: torch.Generator | None = None, mask: str = "random",
+             optimizer: torch.optim.Optimizer | None = None) -> nn.Module:
     """Replaces the nn.Linear and nn.Conv1d/2d/3d modules of `model` by sparse ones, with random masks
     or masks that keep each layer's largest weights.
 
@@ -69,13 +70,19 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
             or fine-tuning (per layer, at the distribution's densities; `sparsekern.IMP` prunes
             globally over several cycles). Weights must be finite; an already sparse layer ranks
             its current, masked weights, so a lower density keeps a subset of its active entries.
+        optimizer: an optimizer that already trains the model and has stepped (pruning a trained
+            model to fine-tune it): its per-weight state (momentum, Adam moments: every state
+            tensor shaped like a sparsified weight) is zeroed off the new masks. Left there, it
+            would move pruned weights off 0 at the next step, and the layers, which then still
+            promise `zero_off_mask`, would compute with them.
     Returns:
         `model`, or its replacement if `model` itself is a Linear/Conv1d/Conv2d/Conv3d.
 
     Layer l holds exactly round(d_l * N_l) active weights: the top entries, through
     `sparsekern.ops.topk_mask`, of uniform random scores or of |weight| (ties to the lower flat
     position); a density so low that some layer would keep no weight raises ValueError. Parameters are shared with the replaced
-    modules, so an optimizer built before keeps working. Biases, norms and embeddings stay dense.
+    modules, so an optimizer built before keeps training them; pass it as `optimizer` once it has state.
+    Biases, norms and embeddings stay dense.
 
     Shared modules and tied weights: every reference to a replaced module (a module used twice
     in a Sequential, say) becomes the sparse one. Modules that share one weight Parameter form
@@ -103,6 +110,8 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
         raise ValueError(f"power must be a finite number, got {power!r}")
     _checks.flag(dense_first_layer, "dense_first_layer")
     sparse_init.check_generator(generator)
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
 
     groups = _layers(model, include, exclude)
     if mask == "magnitude":
@@ -129,7 +138,13 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
         if generator is not None:
             generator.set_state(generator_state)
         raise
-    return _commit(model, staged)
+    return _commit(model, staged, optimizer)
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer, weight: Tensor) -> list[Tensor]:
+    """The optimizer's per-entry state tensors of `weight` (not scalars such as Adam's step)."""
+    return [value for value in optimizer.state.get(weight, {}).values()
+            if isinstance(value, Tensor) and value.shape == weight.shape]
 
 
 def _patterns(patterns, name: str) -> list[str] | None:
@@ -409,11 +424,13 @@ def _checked_output(trial: SparseModule, attribute: str, original: Tensor, mask:
 
 
 @torch.no_grad()
-def _commit(model: nn.Module, staged) -> nn.Module:
+def _commit(model: nn.Module, staged, optimizer: torch.optim.Optimizer | None) -> nn.Module:
     replacements = {}
     for originals, modules, mask, new_weight, new_bias in staged:
         primary = modules[0]
         primary.weight.copy_(new_weight)
+        for tensor in [] if optimizer is None else optimizer_state(optimizer, primary.weight):
+            tensor.masked_fill_(~mask.to(tensor.device), 0)
         if new_bias is not None:
             primary.bias.copy_(new_bias)
         for original, sparse in zip(originals, modules):

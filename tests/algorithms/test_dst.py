@@ -261,6 +261,25 @@ def test_state_dict_round_trip_and_bad_state_changes_nothing():
     assert all(torch.equal(a, b) for a, b in zip(before, masks(model))) and algo.step_count == 5
 
 
+
+def test_loading_masks_zeroes_the_optimizer_state_off_them():
+    # Rolling the model and DST back to an earlier state while the optimizer keeps its momentum. Before: the
+    # momentum of weights active since then moved them off 0 under the loaded masks, and the layers, promising
+    # zero_off_mask, computed with them.
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    algo = sparsekern.RigL(model, optimizer, update_every=4, total_steps=40)
+    for step in range(5):
+        train_step(model, optimizer, algo, step)
+    saved = copy.deepcopy({"model": model.state_dict(), "algo": algo.state_dict()})
+    for step in range(5, 13):
+        train_step(model, optimizer, algo, step)
+    assert any(not torch.equal(a, b) for a, b in zip(masks(model), saved["algo"]["masks"].values()))
+    model.load_state_dict(saved["model"])
+    algo.load_state_dict(saved["algo"])
+    assert not train_step(model, optimizer, algo, 13)    # no update: nothing else zeroes the weights
+    assert_inactive_zero(model)
+
 def test_state_past_total_steps_loads_with_a_warning_before_any_change():
     # step() lets a run go past total_steps (warning once), so such a state is DST's own and must load
     # back; loading it warns, since step() will not, and the warning comes before any change.

@@ -209,6 +209,51 @@ def test_scores_get_no_weight_decay_and_the_weights_gradient_is_masked():
         assert layer.dense_grad
 
 
+
+@pytest.mark.parametrize("host_checks", [True, False])
+def test_a_step_whose_gradients_are_not_finite_leaves_the_scores_alone(host_checks):
+    # Such a step is one torch.amp.GradScaler skips (an fp16 overflow). Before: the scores took inf · θ, stayed
+    # inf or NaN for good, and every later epoch kept or pruned those weights whatever they did.
+    x, y = _data(5)
+    model = mlp(6, hidden=8)
+    optg = OptG(model, sparsity=0.5, epochs=3, lr=0.1, host_checks=host_checks)
+    for step in range(3):
+        inputs, targets = batch(x, y, 0, step, 16)
+        torch.nn.functional.cross_entropy(model(inputs), targets).backward()
+        if step == 1:
+            _layers(model)[1].weight.grad[2] = float("inf")
+            scores = [score.clone() for score in optg.scores]
+            momenta = [optg.score_optimizer.state[score]["momentum_buffer"].clone() for score in optg.scores]
+        optg.step()
+        for layer in _layers(model):
+            layer.weight.grad = None
+        if step == 1 and host_checks:
+            assert all(torch.equal(a, b) for a, b in zip(scores, optg.scores))
+            assert all(torch.equal(a, optg.score_optimizer.state[b]["momentum_buffer"])
+                       for a, b in zip(momenta, optg.scores))
+            assert all(layer.dense_grad for layer in _layers(model))
+    assert all(torch.isfinite(score).all() for score in optg.scores) == host_checks   # False: trusts them
+    assert not torch.equal(optg.scores[1], scores[1])   # the steps after it update again
+
+
+def test_a_frozen_layer_keeps_its_mask_and_the_others_reach_the_target():
+    # Before: a layer whose weight does not require grad kept its scores at 0, and the global top-k pruned it
+    # by position (its last entries first).
+    x, y = _data(6)
+    model = mlp(7, hidden=8)
+    frozen, trained = _layers(model)
+    frozen.weight.requires_grad_(False)
+    with pytest.warns(UserWarning, match=r"OptG leaves the masks of \['0'\] alone"):
+        optg = OptG(model, sparsity=0.5, epochs=3, lr=0.1)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    _epoch_loop(model, optg, optimizer, x, y, 3, 3)
+    assert frozen.mask.all() and not frozen.dense_grad
+    assert int(trained.mask.sum()) == trained.mask.numel() - round(0.5 * trained.mask.numel())
+    trained.weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="no sparse layer of the model is trained"):
+        OptG(model, sparsity=0.5, epochs=3)
+    OptG(model, sparsity=0.5, epochs=3, criterion="magnitude")   # magnitudes need no gradient
+
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(sparsity=1.0), ValueError, "sparsity must be in"),
     (dict(sparsity="0.9"), TypeError, "sparsity must be a float"),

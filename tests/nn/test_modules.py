@@ -272,6 +272,34 @@ def test_inactive_weights_stay_zero_and_output_equals_masked_dense(generator, op
     torch.testing.assert_close(model(x), dense(x))
 
 
+
+@pytest.mark.parametrize("optimizer", [
+    lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+    lambda p: torch.optim.Adam(p, lr=1e-2)], ids=["sgd", "adam"])
+def test_an_optimizer_that_stepped_before_sparsify_leaves_the_pruned_weights_at_zero(generator, optimizer):
+    # Pruning a trained model to fine-tune it with the optimizer that trained it. Before (no way to pass it):
+    # its momentum or Adam moments moved the pruned weights off 0, and the layers, still promising zero_off_mask,
+    # computed with them: the fine-tuned "sparse" model was a different one than its masked weights.
+    model = small_model()
+    opt = optimizer(model.parameters())
+    for _ in range(2):
+        F.cross_entropy(model(torch.randn(5, 3, 6, 6, generator=generator)),
+                        torch.randint(0, 4, (5,), generator=generator)).backward()
+        opt.step()
+        opt.zero_grad()
+    sparsekern.sparsify(model, 0.3, mask="magnitude", optimizer=opt)
+    for _ in range(2):
+        F.cross_entropy(model(torch.randn(5, 3, 6, 6, generator=generator)),
+                        torch.randint(0, 4, (5,), generator=generator)).backward()
+        opt.step()
+        opt.zero_grad()
+        for _, module in sparse_modules(model):
+            assert module.zero_off_mask and (module.weight[~module.mask] == 0).all()
+            assert all((state[~module.mask] == 0).all() for state in opt.state[module.weight].values()
+                       if state.shape == module.weight.shape)
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer or None, got dict"):
+        sparsekern.sparsify(small_model(), 0.3, optimizer=opt.state_dict())
+
 def test_sparsify_swaps_in_place_and_keeps_other_layers_dense(generator):
     model = small_model()
     before = {name: p for name, p in model.named_parameters()}
