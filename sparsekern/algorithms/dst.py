@@ -13,8 +13,10 @@ Masking path. The sparse modules mask the weight gradient inside their op, so on
 not update masks inactive weights get gradient 0 and, with their optimizer state at 0, stay
 exactly 0 under SGD (momentum, weight decay) and Adam/AdamW; `step()` then only counts. Dense
 gradients are produced only for update steps: at the end of the step before one, `dense_grad` is
-set on every sparse module (only if a criterion reads gradients) and cleared at the update.
-No gradient buffer is kept between steps.
+set on every sparse module and cleared at the update. A gradient criterion reads them; with any
+criteria, the update masks them by the new masks, so the optimizer step that follows gives grown
+weights their first step (ALGORITHMS.md's default: update and optimizer step both, on an update
+step). No gradient buffer is kept between steps.
 """
 from __future__ import annotations
 
@@ -115,7 +117,8 @@ class DST:
     as RigL does; an update never changes the active count. Step t counts `step()` calls from 1; updates happen at multiples of
     update_every below end_step. Newly grown weights start at 0; a just-dropped weight may be
     grown again and then keeps its value. After an update the gradients are masked by the new
-    masks, so the optimizer step that follows sees masked gradients (grown weights get theirs).
+    masks, so the optimizer step that follows sees masked gradients (grown weights get theirs,
+    under every growth criterion: the backward before an update step is dense).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, prune: str = "magnitude",
@@ -302,7 +305,10 @@ class DST:
     # -- internals ------------------------------------------------------------------------
 
     def _dense_grad_next(self) -> bool:
-        return self._reads_gradient and self.schedule.is_update(self.step_count + 1)
+        # Dense whatever the criteria: SET's randomly grown weights get their first gradient step at
+        # the update as RigL's do. The dense-kernel path computes the dense weight gradient anyway
+        # and only skips masking it.
+        return self.schedule.is_update(self.step_count + 1)
 
     def _sync_modules(self) -> None:
         """Sets `dense_grad` for the next step and gives tied modules their primary's mask."""

@@ -159,20 +159,40 @@ def test_updates_follow_the_schedule_and_stop_at_end_step():
     assert updated == [2, 4, 6, 8, 10, 12, 14]  # T_end = 15
 
 
-def test_dense_grad_only_before_update_steps_and_only_when_read():
+@pytest.mark.parametrize("method", [sparsekern.RigL, sparsekern.SET])
+def test_dense_grad_only_before_update_steps(method):
     model = small_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    rigl = sparsekern.RigL(model, optimizer, update_every=3, total_steps=30)
+    algo = method(model, optimizer, update_every=3, total_steps=30)
     modules = [m for _, m in sparse_modules(model)]
     for step in range(7):
-        train_step(model, optimizer, rigl, step)
+        train_step(model, optimizer, algo, step)
         expected = (step + 2) % 3 == 0
         assert all(m.dense_grad == expected for m in modules)
         for module in modules:  # the gradient the optimizer saw was masked
             assert torch.all(module.weight.grad[~module.mask] == 0)
-    other = small_model()
-    set_ = sparsekern.SET(other, torch.optim.SGD(other.parameters(), lr=0.1), update_every=1, total_steps=10)
-    assert not any(m.dense_grad for _, m in set_.modules)  # SET reads no gradient
+
+
+def test_set_gives_its_grown_weights_their_first_gradient_step_at_the_update():
+    """ALGORITHMS.md's default on an update step: the update and the optimizer step both, so grown
+    weights (at 0) take one plain SGD step, -lr * g, whatever the growth criterion."""
+    model = small_model()
+    lr = 0.05
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    set_ = sparsekern.SET(model, optimizer, update_every=2, total_steps=20)
+    train_step(model, optimizer, set_, 0)
+    before = masks(model)
+    x, y = batch(1)
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    assert set_.step()
+    optimizer.step()
+    for (name, module), old in zip(sparse_modules(model), before):
+        grown = module.mask & ~old
+        assert grown.any()
+        torch.testing.assert_close(module.weight.detach()[grown], -lr * module.weight.grad[grown],
+                                   rtol=0, atol=0, msg=name)
+        assert (module.weight.detach()[grown] != 0).any(), name   # (a unit behind a dead ReLU has g = 0)
 
 
 OPTIMIZERS = {
