@@ -250,7 +250,8 @@ class DST:
         are zeroed off them), schedule and generator. Checked completely before anything changes: a bad state raises TypeError or
         ValueError naming the entry, and the model and this DST are as before. A step count past the
         schedule's total_steps (a run that called step() too often, which step() allows) loads with
-        a warning."""
+        a warning, as does a saved schedule that differs from the one this DST was built with (which
+        it replaces)."""
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict, got {type(state).__name__}")
         missing = {"step_count", "masks", "schedule", "generator"} - set(state)
@@ -284,6 +285,16 @@ class DST:
         except (RuntimeError, TypeError, ValueError) as error:
             raise ValueError(f"state['generator'] is not a state of a {self.generator.device.type} "
                              f"generator: {error}") from None
+        if schedule != self.schedule:
+            # The saved schedule is the run's own (its cosine was laid over its total_steps); built
+            # with other arguments (a longer run, a new end_step), this DST would silently follow it.
+            changed = {field.name: (getattr(self.schedule, field.name), getattr(schedule, field.name))
+                       for field in dataclasses.fields(schedule)
+                       if getattr(self.schedule, field.name) != getattr(schedule, field.name)}
+            warnings.warn("the loaded state's schedule replaces the one this DST was built with "
+                          f"({', '.join(f'{k}: {old!r} -> {new!r}' for k, (old, new) in changed.items())}); "
+                          "build it with the saving run's arguments, or set DST.schedule "
+                          "(sparsekern.algorithms.schedules.make) after loading", stacklevel=2)
         if step_count > schedule.total_steps:
             # Not refused: step() lets a run go past total_steps (with this warning), and its state must
             # load back. Warned here, before anything changes, because step() will not warn again.

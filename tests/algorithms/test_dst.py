@@ -282,6 +282,20 @@ def test_state_dict_round_trip_and_bad_state_changes_nothing():
 
 
 
+def test_a_saved_schedule_that_replaces_the_built_one_is_named_in_a_warning():
+    # A run resumed through the Python API with a longer total_steps followed the saved schedule without a word.
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = sparsekern.RigL(model, optimizer, update_every=4, total_steps=40).state_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sparsekern.RigL(model, optimizer, update_every=4, total_steps=40).load_state_dict(state)
+    longer = sparsekern.RigL(model, optimizer, update_every=4, total_steps=80)
+    with pytest.warns(UserWarning, match=r"replaces the one this DST was built with \(end_step: 60 -> 30, "
+                                         r"total_steps: 80 -> 40\)"):
+        longer.load_state_dict(state)
+    assert longer.schedule.total_steps == 40
+
 def test_loading_masks_zeroes_the_optimizer_state_off_them():
     # Rolling the model and DST back to an earlier state while the optimizer keeps its momentum. Before: the
     # momentum of weights active since then moved them off 0 under the loaded masks, and the layers, promising
