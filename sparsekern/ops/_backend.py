@@ -155,6 +155,25 @@ def choose(op: str, device_type: str, dtypes: tuple = (), args: tuple | None = N
     raise RuntimeError(f"no backend can run {op} on {device_type}: {_reasons(op, device_type, tuple(dtypes))}")
 
 
+def static_choice(op: str, device_type: str, request: str) -> str | None:
+    """The backend `choose` gives every call of `op` on `device_type` under `request` (a value of
+    `requested()`) whatever its dtypes and arguments, where the registry alone decides that; None
+    where a call's dtypes or arguments may (an implementation that is missing for some of them, or
+    that judges each call). For callers that skip `choose` on their fast path."""
+    implementations = _REGISTRY[op]
+    candidates = AUTO_ORDER
+    if request != "auto":
+        if request in implementations:
+            return request if implementations[request].missing is never_missing else None
+        candidates = AUTO_ORDER[AUTO_ORDER.index(request) + 1:]
+    for candidate in candidates:
+        implementation = implementations.get(candidate)
+        if implementation is None or not implementation.automatic(device_type):
+            continue  # passed over whatever the call
+        return candidate if implementation.missing is never_missing and implementation.takes is None else None
+    return None
+
+
 # Looked up once, at import (without importing Triton): find_spec searches the import path on every
 # call, tens of microseconds that every op call would pay.
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
