@@ -48,7 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops import _transforms, reference
+from ..ops import _masked_linear_op, _transforms, reference
 from ..ops.packing import PackedWeight
 
 
@@ -314,7 +314,8 @@ class SparseConvNd(SparseModule):
 
     def forward(self, input: Tensor) -> Tensor:
         weight, mask, bias, zero_off_mask = self._forward_arguments()
-        weight = ops.weight_for_dense_kernel(weight, mask, zero_off_mask=zero_off_mask, dense_grad=self.dense_grad)
+        # `ops.weight_for_dense_kernel` without its public wrapper, a call less at every layer call.
+        weight = _masked_linear_op.weight_for_dense_kernel(weight, mask, zero_off_mask, self.dense_grad)
         return self._conv_forward(input, weight, bias)
 
     @classmethod
