@@ -27,8 +27,14 @@ using torch::autograd::variable_list;
 // Edges of the Function's tensor inputs (mask has one too; bias only when given).
 constexpr size_t kX = 0, kWeight = 1, kBias = 3;
 
-// (..., features) as (rows, features); reshape(-1, 0) would be ambiguous for 0 features.
+// What backward reads of the forward's flags, as bits of one saved entry: each saved_data entry is
+// a hashed string key written in forward and looked up in backward.
+constexpr int64_t kDenseGrad = 1, kZeroOffMask = 2, kHasBias = 4;
+
+// (..., features) as (rows, features); reshape(-1, 0) would be ambiguous for 0 features. A 2-D
+// tensor is that already (reshape would still dispatch a view).
 at::Tensor rows(const at::Tensor& t) {
+  if (t.dim() == 2) return t;
   return t.reshape({c10::multiply_integers(t.sizes().begin(), t.sizes().end() - 1), t.size(-1)});
 }
 
@@ -38,9 +44,8 @@ class MaskedLinear : public torch::autograd::Function<MaskedLinear> {
                             const at::Tensor& mask, const std::optional<at::Tensor>& bias, bool dense_grad,
                             bool zero_off_mask) {
     const bool has_bias = bias.has_value() && bias->defined();
-    ctx->saved_data["dense_grad"] = dense_grad;
-    ctx->saved_data["has_bias"] = has_bias;
-    ctx->saved_data["zero_off_mask"] = zero_off_mask;
+    ctx->saved_data["flags"] = (dense_grad ? kDenseGrad : 0) | (zero_off_mask ? kZeroOffMask : 0) |
+                               (has_bias ? kHasBias : 0);
     // Only what the requested gradients read: dx reads the weight, dweight reads x.
     ctx->save_for_backward({ctx->needs_input_grad(kWeight) ? x : at::Tensor(),
                             ctx->needs_input_grad(kX) ? weight : at::Tensor(), mask});
@@ -51,27 +56,50 @@ class MaskedLinear : public torch::autograd::Function<MaskedLinear> {
     const at::Tensor& grad_out = grads[0];
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &weight = saved[1], &mask = saved[2];
+    const int64_t flags = ctx->saved_data["flags"].toInt();
     at::Tensor grad_x, grad_weight, grad_bias;
     // dx before dweight: a masked weight is freed before the weight gradient is allocated, so the
     // step never holds both (a dense step holds the weight gradient alone).
     if (ctx->needs_input_grad(kX)) {
       // Recorded for double backward, the select even on a weight that is 0 off the mask: the weight's
       // gradient through dx must be masked too.
-      const bool weight_itself = ctx->saved_data["zero_off_mask"].toBool() && !at::GradMode::is_enabled();
-      grad_x = at::matmul(grad_out, weight_itself ? weight : masked(weight, mask));
+      const bool weight_itself = (flags & kZeroOffMask) && !at::GradMode::is_enabled();
+      const at::Tensor& product_weight = weight_itself ? weight : masked(weight, mask);
+      // mm for rows (matmul would dispatch to it through a layer of its own).
+      grad_x = grad_out.dim() == 2 ? at::mm(grad_out, product_weight) : at::matmul(grad_out, product_weight);
     }
     const at::Tensor grad_rows = rows(grad_out);  // a copy where grad_out is not laid out as rows
     if (ctx->needs_input_grad(kWeight)) {
       grad_weight = at::mm(grad_rows.t(), rows(x));
-      if (!ctx->saved_data["dense_grad"].toBool()) grad_weight = mask_weight_grad(grad_weight, mask);
+      if (!(flags & kDenseGrad)) grad_weight = mask_weight_grad(grad_weight, mask);
     }
-    if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(kBias)) grad_bias = grad_rows.sum(0);
+    if ((flags & kHasBias) && ctx->needs_input_grad(kBias)) grad_bias = grad_rows.sum(0);
     return {grad_x, grad_weight, at::Tensor(), grad_bias, at::Tensor(), at::Tensor()};
   }
 };
 
+// The conditions of sparsekern.ops.masked_linear's argument checks (masked_linear_args in
+// sparsekern/ops/_checks.py), tested here before anything runs: its eager CPU calls come straight
+// here and, where this raises, run the Python checks to say which argument is wrong. In Python they
+// cost ~5 us per layer and training step, a tenth of a small layer's. Sizes as SymInts: a tracer's
+// symbolic shapes compare too.
+void check_arguments(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
+                     const std::optional<at::Tensor>& bias) {
+  const at::ScalarType dtype = x.scalar_type();
+  const bool floating = dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat || dtype == at::kDouble;
+  const bool shapes = weight.dim() == 2 && x.dim() >= 1 && x.sym_size(-1) == weight.sym_size(1) &&
+                      mask.sym_sizes() == weight.sym_sizes();
+  const bool bias_ok = !bias.has_value() || !bias->defined() ||
+                       (bias->scalar_type() == dtype && bias->dim() == 1 && bias->sym_size(0) == weight.sym_size(0) &&
+                        bias->device() == x.device());
+  TORCH_CHECK(floating && weight.scalar_type() == dtype && mask.scalar_type() == at::kBool && shapes && bias_ok &&
+                  weight.device() == x.device() && mask.device() == x.device(),
+              "masked_linear_dense_kernel: arguments that sparsekern.ops.masked_linear refuses (it says why)");
+}
+
 at::Tensor masked_linear_dense_kernel(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
                                       const std::optional<at::Tensor>& bias, bool dense_grad, bool zero_off_mask) {
+  check_arguments(x, weight, mask, bias);
   const bool bias_grad = bias.has_value() && bias->defined() && bias->requires_grad();
   if (!(at::GradMode::is_enabled() && (x.requires_grad() || weight.requires_grad() || bias_grad))) {
     // No gradient to compute: no autograd node.

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops import _checks, _transforms, reference
+from ..ops import _checks, _masked_linear_op, _transforms, reference
 from ..ops.packing import PackedWeight
 
 
@@ -130,13 +130,25 @@ class SparseModule(nn.Module):
     def _off_mask_nonzero(self) -> bool:
         return bool(torch.where(self.mask, 0, self.weight).ne(0).any())
 
-    def _relies_on_zero_off_mask(self) -> bool:
-        """`zero_off_mask`, verified first when `check_zero_off_mask` asks for it. Not under
-        torch.func transforms, where the layers select on the mask whatever they promise (and
-        vmap cannot branch on values of a batched weight)."""
-        if self.zero_off_mask and self.check_zero_off_mask and not _transforms.active():
+    def _forward_arguments(self) -> tuple:
+        """(weight, mask, bias, zero_off_mask) as forward takes them, in one call (each call and
+        attribute read on a layer's path costs it every step).
+
+        The tensors are read from nn.Module's dicts where they are there: the attribute reads
+        (nn.Module.__getattr__, ~0.5 us each) were a tenth of a small layer's fixed cost per call. One
+        that is not (removed by a parametrization, or by weight_norm's hook that sets it as a plain
+        attribute) is read as an attribute, as nn.Module resolves it.
+
+        zero_off_mask is verified first when `check_zero_off_mask` asks for it. Not under torch.func
+        transforms, where the layers select on the mask whatever they promise (and vmap cannot branch
+        on values of a batched weight)."""
+        parameters, buffers = self._parameters, self._buffers
+        weight, mask, bias = parameters.get("weight"), buffers.get("mask"), parameters.get("bias")
+        zero_off_mask = self.zero_off_mask
+        if zero_off_mask and self.check_zero_off_mask and not _transforms.active():
             self.verify_zero_off_mask()
-        return self.zero_off_mask
+        return (self.weight if weight is None else weight, self.mask if mask is None else mask,
+                self.bias if bias is None else bias, zero_off_mask)
 
     @property
     def nnz(self) -> int:
@@ -211,11 +223,10 @@ class SparseLinear(SparseModule, nn.Linear):
         self._init_mask()
 
     def forward(self, input: Tensor) -> Tensor:
-        packed = self.packed
-        if packed is not None:
-            return ops.sparse_linear(input, packed, self.bias)
-        return ops.masked_linear(input, self.weight, self.mask, self.bias, dense_grad=self.dense_grad,
-                                 zero_off_mask=self._relies_on_zero_off_mask())
+        if "packed_values" in self._buffers:  # inference mode (`packed`)
+            return ops.sparse_linear(input, self.packed, self.bias)
+        weight, mask, bias, zero_off_mask = self._forward_arguments()
+        return ops.masked_linear(input, weight, mask, bias, dense_grad=self.dense_grad, zero_off_mask=zero_off_mask)
 
     @torch.no_grad()
     def to_inference(self) -> "SparseLinear":
@@ -301,9 +312,10 @@ class SparseConvNd(SparseModule):
         self._init_mask()
 
     def forward(self, input: Tensor) -> Tensor:
-        weight = ops.weight_for_dense_kernel(self.weight, self.mask, zero_off_mask=self._relies_on_zero_off_mask(),
-                                             dense_grad=self.dense_grad)
-        return self._conv_forward(input, weight, self.bias)
+        weight, mask, bias, zero_off_mask = self._forward_arguments()
+        # `ops.weight_for_dense_kernel` without its public wrapper, a call less at every layer call.
+        weight = _masked_linear_op.weight_for_dense_kernel(weight, mask, zero_off_mask, self.dense_grad)
+        return self._conv_forward(input, weight, bias)
 
     @classmethod
     def from_dense(cls, conv: nn.Module) -> "SparseConvNd":

@@ -163,8 +163,25 @@ def masked_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None =
     (weight tangents and gradients masked); with dense_grad the mask passes derivatives straight
     through (those of the dense layer at the masked weight, so jvp stays the adjoint of vjp).
     """
+    if (isinstance(x, Tensor) and x.is_cpu and type(dense_grad) is bool and type(zero_off_mask) is bool
+            and not torch.is_autocast_enabled("cpu") and not _transforms.active()
+            and _masked_linear_op.runs_compiled_dense_kernel()):
+        # An eager CPU call (a sparse layer's, at every call) in fewer steps than the path below takes
+        # for it: the compiled op checks the arguments as `_checks.masked_linear_args` does, and only
+        # where it refuses them do those Python checks run, to say which is wrong. The checks, the
+        # backend choice and the calls between them cost ~10 us per layer and training step.
+        try:
+            if _backend.requested() in _CPU_DENSE_KERNEL_REQUESTS:
+                return _masked_linear_op.masked_linear_dense_kernel(x, weight, mask, bias, dense_grad, zero_off_mask)
+        except (RuntimeError, TypeError, ValueError):
+            try:
+                _checks.masked_linear_args(x, weight, mask, bias, dense_grad, zero_off_mask)
+            except (TypeError, ValueError) as refused:
+                raise refused from None
+            raise
     if isinstance(x, Tensor):
-        x, weight, bias = _autocast_cast(x.device.type, x, weight, bias)
+        device_type = x.device.type
+        x, weight, bias = _autocast_cast(device_type, x, weight, bias)
     _checks.masked_linear_args(x, weight, mask, bias, dense_grad, zero_off_mask)
     if _transforms.active():
         # No backend's custom ops have batching or forward-mode rules, nor autograd that torch.func
@@ -172,7 +189,7 @@ def masked_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None =
         return torch.nn.functional.linear(x, weight_for_dense_kernel(weight, mask, zero_off_mask=zero_off_mask,
                                                                      dense_grad=dense_grad), bias)
     request = _backend.requested()
-    name, implementation = _backend.choose("masked_linear", x.device.type, (x.dtype,), (x, weight, mask), request)
+    name, implementation = _backend.choose("masked_linear", device_type, (x.dtype,), (x, weight, mask), request)
     if name == "reference" and request != name:  # chosen automatically, not forced
         # No kernel can skip work on this mask: the dense kernel is the fastest, on the weight itself
         # where it is 0 off the mask, else on the masked weight.
@@ -365,3 +382,10 @@ for _op, _function in (("topk_mask", reference.topk_mask),
         _backend.register(_op, "compiled", _compiled(_op))
     if _op in TRITON_OPS:
         _backend.register(_op, "triton", _triton(_op))
+
+# The SPARSEKERN_BACKEND values under which every masked_linear call on CPU tensors takes the dense
+# kernel (the reference chosen automatically, not forced), as the registry decides it: masked_linear's
+# eager CPU path checks this instead of calling `_backend.choose`.
+_CPU_DENSE_KERNEL_REQUESTS = frozenset(
+    request for request in ("auto", *_backend.AUTO_ORDER)
+    if request != "reference" and _backend.static_choice("masked_linear", "cpu", request) == "reference")

@@ -57,7 +57,28 @@ def register(op: str, backend: str, implementation: Implementation) -> None:
 
 def requested() -> str:
     """The backend named by SPARSEKERN_BACKEND, or 'auto'."""
-    name = _environment_value().strip().lower() or "auto"
+    global _last_request
+    if torch.compiler.is_compiling():
+        return _request_named(_environment_value())
+    # Every sparse layer call reads it: os.environ's own dict, directly, and the name remembered for
+    # the value last read (os.environ.get, which encodes the key and decodes the value, and the
+    # parse cost ~1.5 us per call).
+    raw = os.environ._data.get(_ENVIRON_KEY)
+    if raw is None:
+        return "auto"
+    if raw != _last_request[0]:
+        _last_request = (raw, _request_named(os.environ.decodevalue(raw)))
+    return _last_request[1]
+
+
+# The key os.environ stores the variable under in its dict (on every platform), and the last value
+# read there with the name it gives (a value that names no backend raises at every read).
+_ENVIRON_KEY = os.environ.encodekey(ENV_VAR)
+_last_request: tuple = (None, "auto")
+
+
+def _request_named(value: str) -> str:
+    name = value.strip().lower() or "auto"
     name = ALIASES.get(name, name)
     if name != "auto" and name not in AUTO_ORDER:
         raise ValueError(f"{ENV_VAR} must be one of auto, {', '.join(AUTO_ORDER)} "
@@ -132,6 +153,25 @@ def choose(op: str, device_type: str, dtypes: tuple = (), args: tuple | None = N
                 and (args is None or implementation.takes is None or implementation.takes(*args))):
             return candidate, implementation
     raise RuntimeError(f"no backend can run {op} on {device_type}: {_reasons(op, device_type, tuple(dtypes))}")
+
+
+def static_choice(op: str, device_type: str, request: str) -> str | None:
+    """The backend `choose` gives every call of `op` on `device_type` under `request` (a value of
+    `requested()`) whatever its dtypes and arguments, where the registry alone decides that; None
+    where a call's dtypes or arguments may (an implementation that is missing for some of them, or
+    that judges each call). For callers that skip `choose` on their fast path."""
+    implementations = _REGISTRY[op]
+    candidates = AUTO_ORDER
+    if request != "auto":
+        if request in implementations:
+            return request if implementations[request].missing is never_missing else None
+        candidates = AUTO_ORDER[AUTO_ORDER.index(request) + 1:]
+    for candidate in candidates:
+        implementation = implementations.get(candidate)
+        if implementation is None or not implementation.automatic(device_type):
+            continue  # passed over whatever the call
+        return candidate if implementation.missing is never_missing and implementation.takes is None else None
+    return None
 
 
 # Looked up once, at import (without importing Triton): find_spec searches the import path on every

@@ -252,8 +252,9 @@ def runs_compiled_dense_kernel() -> bool:
 
 def masked_linear_dense_kernel(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None, dense_grad: bool,
                                zero_off_mask: bool) -> Tensor:
-    """masked_linear of arguments already checked, on the dense kernel (eager mode with the
-    extension: `runs_compiled_dense_kernel`).
+    """masked_linear on the dense kernel (eager mode with the extension: `runs_compiled_dense_kernel`).
+    The op tests the conditions of `_checks.masked_linear_args` first and raises RuntimeError where one
+    fails, without saying which (masked_linear then runs those checks to say it); flags must be bools.
 
     zero_off_mask: the products take the weight itself. Otherwise the masked weight is made in one
     vectorized pass for each product that reads it (the forward's and dx's) and freed after it, so

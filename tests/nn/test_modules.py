@@ -131,6 +131,33 @@ def test_sparse_conv_matches_functional_conv_on_weight_times_mask(generator, dim
     torch.testing.assert_close(layer.bias.grad, bias.grad, atol=atol, rtol=rtol)
 
 
+class _Doubled(nn.Module):
+    def forward(self, weight):
+        return 2 * weight
+
+
+@pytest.mark.parametrize("make", [lambda: SparseLinear(6, 4), lambda: SparseConv1d(3, 4, 2)])
+@pytest.mark.parametrize("name", ["weight", "bias"])
+def test_a_parametrized_weight_or_bias_is_what_forward_takes(generator, make, name):
+    # Forward reads weight, mask and bias from nn.Module's dicts where they are; a parametrization
+    # moves the tensor out of them, and forward must then take the attribute (the parametrized value).
+    from torch.nn.utils import parametrize
+    layer = make()
+    layer.set_mask(random_mask(layer.weight.shape, 0.5, generator))
+    x = torch.randn(2, 6, generator=generator) if isinstance(layer, SparseLinear) else torch.randn(2, 3, 5)
+    expected_weight, expected_bias = masked(layer.weight.detach(), layer.mask), layer.bias.detach()
+    if name == "weight":
+        expected_weight = 2 * expected_weight
+    else:
+        expected_bias = 2 * expected_bias
+    parametrize.register_parametrization(layer, name, _Doubled())
+    if isinstance(layer, SparseLinear):
+        expected = F.linear(x, expected_weight, expected_bias)
+    else:
+        expected = F.conv1d(x, expected_weight, expected_bias)
+    torch.testing.assert_close(layer(x), expected)
+
+
 def test_new_module_is_dense_and_set_mask_zeroes_weights(generator):
     layer = SparseLinear(8, 4)
     assert layer.mask.dtype == torch.bool and layer.mask.all() and layer.dense_grad is False

@@ -69,6 +69,23 @@ def test_earlier_names_are_aliases_of_the_compiled_backend(alias, monkeypatch):
     assert _backend.requested() == "compiled"
 
 
+def test_every_change_of_the_variable_is_followed(monkeypatch):
+    # requested() remembers the name of the value it last read: a change, an unset variable and a value
+    # that names no backend must each be read as such.
+    for value, name in (("reference", "reference"), ("triton", "triton"), (" CPP ", "compiled"), ("", "auto"),
+                        ("reference", "reference")):
+        monkeypatch.setenv(_backend.ENV_VAR, value)
+        assert _backend.requested() == name
+    monkeypatch.delenv(_backend.ENV_VAR)
+    assert _backend.requested() == "auto"
+    monkeypatch.setenv(_backend.ENV_VAR, "fastest")
+    for _ in range(2):
+        with pytest.raises(ValueError, match="got 'fastest'"):
+            _backend.requested()
+    monkeypatch.setenv(_backend.ENV_VAR, "reference")
+    assert _backend.requested() == "reference"
+
+
 def test_reports_say_which_kernels_of_the_compiled_backend_ran():
     assert _backend.label("compiled", "cpu") == "compiled/cpu"
     assert _backend.label("compiled", "cuda") == "compiled/cuda"

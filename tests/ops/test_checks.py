@@ -270,6 +270,28 @@ def test_the_argument_checks_alone_reject_each_case(name):
     assert_rejected(_checks.masked_linear_args, args, error, argument)
 
 
+dense_kernel = pytest.mark.skipif(not _extension.op_defined("masked_linear_dense_kernel"),
+                                  reason="the compiled extension lacks masked_linear_dense_kernel")
+
+
+@dense_kernel
+@pytest.mark.parametrize("name", list(MASKED_LINEAR_CASES))
+def test_the_compiled_dense_kernel_refuses_each_case(name):
+    # Eager CPU calls of masked_linear go straight to this op, which checks the arguments as
+    # masked_linear_args does; the Python checks run only where it refuses them, to say why. A case it
+    # let through would run (mask unread in forward where weights are 0 off it) with no error at all.
+    args, _, _ = MASKED_LINEAR_CASES[name]
+    with pytest.raises((RuntimeError, TypeError)):
+        torch.ops.sparsekern.masked_linear_dense_kernel(*args, False, True)
+
+
+def test_a_refused_call_shows_only_why():
+    # The compiled op's refusal comes first; the traceback must show the clear error alone.
+    with pytest.raises(TypeError, match="mask must be a bool tensor") as refused:
+        sparsekern.ops.masked_linear(*linear_args(mask=torch.ones(4, 6)))
+    assert refused.value.__context__ is None or refused.value.__suppress_context__
+
+
 @pytest.mark.parametrize("flag", ["dense_grad", "zero_off_mask"])
 @pytest.mark.parametrize("value", [1, None, "no", torch.tensor(True)])
 def test_masked_linear_flags_must_be_bools(flag, value):
