@@ -253,6 +253,10 @@ MASKED_LINEAR_CASES = {
     "x not a tensor": (linear_args(x=[[1.0] * 6]), TypeError, "x"),
     "mask not a tensor": (linear_args(mask=[[True] * 6] * 4), TypeError, "mask"),
     "bias not a tensor": (linear_args(bias=[0.0] * 4), TypeError, "bias"),
+    "x sparse": (linear_args(x=torch.randn(2, 6).to_sparse()), TypeError, "x"),
+    "weight sparse": (linear_args(weight=torch.randn(4, 6).to_sparse()), TypeError, "weight"),
+    "mask sparse": (linear_args(mask=torch.ones(4, 6, dtype=torch.bool).to_sparse()), TypeError, "mask"),
+    "bias sparse": (linear_args(bias=torch.randn(4).to_sparse()), TypeError, "bias"),
 }
 
 
