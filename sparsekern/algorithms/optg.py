@@ -234,7 +234,9 @@ class OptG:
                 continue
             if learn:
                 score.grad = grad * layer.weight
-            grad.mul_(layer.mask)
+            # A select, as every sparse layer masks its weight gradient: +0.0 off the mask even where
+            # the dense gradient is inf or NaN (a multiply would leave NaN on the pruned values OptG keeps).
+            grad.masked_fill_(~layer.mask, 0)
         if learn:
             self.score_optimizer.step()
         tying.sync(self._groups)

@@ -209,6 +209,21 @@ def test_scores_get_no_weight_decay_and_the_weights_gradient_is_masked():
         assert layer.dense_grad
 
 
+def test_the_weights_gradient_is_masked_by_a_select_as_the_layers_mask_it():
+    # Before: a multiply by the mask, so an inf gradient at a pruned weight became NaN there, and OptG, which
+    # keeps pruned values to bring them back, would have stepped that weight to NaN.
+    x, y = _data(3)
+    model = mlp(4, hidden=8)
+    optg = OptG(model, sparsity=0.5, epochs=2, lr=0.1, dense_while_scores_tie=False, host_checks=False)
+    inputs, targets = batch(x, y, 0, 0, 16)
+    torch.nn.functional.cross_entropy(model(inputs), targets).backward()
+    layer = _layers(model)[0]
+    layer.weight.grad[~layer.mask] = float("inf")
+    optg.step()
+    off = layer.weight.grad[~layer.mask]
+    assert off.numel() and torch.equal(off, torch.zeros_like(off)) and not torch.signbit(off).any()
+
+
 
 @pytest.mark.parametrize("host_checks", [True, False])
 def test_a_step_whose_gradients_are_not_finite_leaves_the_scores_alone(host_checks):
