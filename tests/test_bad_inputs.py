@@ -1057,6 +1057,8 @@ for _name, _call in (("masks_identical", lambda w: distributed.masks_identical(w
                      ("broadcast_masks", lambda w: distributed.broadcast_masks(w.model))):
     error(f"distributed.{_name}() without a process group", model_world, _call, (ValueError, RuntimeError),
           "process group")
+error("distributed.broadcast_masks(optimizer='sgd')", model_world,
+      lambda w: distributed.broadcast_masks(w.model, optimizer="sgd"), TypeError, "^optimizer must be")
 
 
 # -- sparsekern.checkpoint -------------------------------------------------------------------------

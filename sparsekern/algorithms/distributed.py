@@ -6,7 +6,8 @@ numbers everywhere, and the gradient criteria read gradients that DDP has alread
 are equal on every rank. Masks alone can look equal while replicas differ: DDP copies rank 0's
 buffers, masks included, to every rank at each forward, but each rank zeroed its own weights off
 its own mask. So `masks_identical` compares the masks and the weights under them, and
-`broadcast_masks` repairs both (e.g. after loading a checkpoint on one rank). They need an
+`broadcast_masks` repairs both, and the optimizer state of the sparse weights when given it (e.g. after
+loading a checkpoint on one rank). They need an
 initialised `torch.distributed` process group; masks travel as uint8 (gloo has no bool all-reduce).
 """
 from __future__ import annotations
@@ -18,19 +19,49 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..nn import sparse_modules
+from ..nn.sparsify import optimizer_state
 
 
 @torch.no_grad()
-def broadcast_masks(model: nn.Module, src: int = 0, group=None, weights: bool = True) -> None:
+def broadcast_masks(model: nn.Module, src: int = 0, group=None, weights: bool = True,
+                    optimizer: torch.optim.Optimizer | None = None) -> None:
     """Copies rank `src`'s mask, and with `weights` its weight, into every sparse module of `model`
     on every rank (weights off the mask become 0). `model` may be wrapped in
-    DistributedDataParallel. Collective: call on every rank."""
-    for _, module in sparse_modules(model):
+    DistributedDataParallel. Collective: call on every rank.
+
+    With `optimizer` (the one training `model` on this rank), rank `src`'s per-weight state of each
+    sparse weight (momentum, Adam moments) is copied too, and is 0 off the mask: a rank that trained
+    under masks of its own holds momentum that would move its weights apart from the others', and
+    off the new mask, at its next step. Every rank's optimizer must hold state for the same weights
+    (each has stepped, or none has); ValueError on every rank, before anything changes, otherwise."""
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+    modules = [module for _, module in sparse_modules(model)]
+    states = [[] if optimizer is None else optimizer_state(optimizer, module.weight) for module in modules]
+    if optimizer is not None:
+        _check_same_state_counts(states, group, _device(model))
+    for module, state in zip(modules, states):
         mask = module.mask.to(torch.uint8)
         dist.broadcast(mask, src=src, group=group)
         if weights:
             dist.broadcast(module.weight.data, src=src, group=group)
         module.set_mask(mask.bool())
+        for tensor in state:
+            dist.broadcast(tensor, src=src, group=group)
+            tensor.masked_fill_(~module.mask, 0)
+
+
+def _check_same_state_counts(states: list[list[Tensor]], group, device: torch.device) -> None:
+    """ValueError on every rank unless each rank holds as many optimizer state tensors per sparse
+    weight as the others: the broadcasts of that state would otherwise pair different tensors, or hang."""
+    counts = torch.tensor([len(state) for state in states], dtype=torch.int64, device=device)
+    low, high = counts.clone(), counts.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
+    if not torch.equal(low, high):
+        raise ValueError("optimizer holds state for other sparse weights on some ranks than on others "
+                         f"(state tensors per weight: between {low.tolist()} and {high.tolist()}); step "
+                         "every rank's optimizer, or none, before broadcast_masks")
 
 
 @torch.no_grad()

@@ -3,8 +3,11 @@
 1. DST with a seed that differs across ranks is refused on every rank.
 2. Replicas whose DST draws differ per rank (forced here past that refusal) diverge although DDP
    re-broadcasts rank 0's masks at every forward: masks_identical must see it.
-3. broadcast_masks repairs masks and weights.
-Writes {"refused": bool, "diverged_detected": bool, "repaired": bool} to <out>/rank<r>.pt.
+3. broadcast_masks repairs masks, weights and, given the optimizer, its momentum: the replicas stay
+   identical, with weights 0 off the masks, through the next training step.
+   An optimizer that holds state on some ranks only is refused on every rank first.
+Writes {"refused", "diverged_detected", "lopsided_refused", "repaired", "stays_repaired"} (bools) to
+<out>/rank<r>.pt.
 """
 import os
 import sys
@@ -41,18 +44,34 @@ def main(out):
     algo = sparsekern.SET(ddp, optimizer, update_every=2, total_steps=20, seed=0)
     algo.generator.manual_seed(1000 + rank)     # what a per-rank seed did before it was refused
     data = torch.Generator().manual_seed(7)     # the same batches everywhere
-    for _ in range(4):
+    def train_step():
         optimizer.zero_grad()
         nn.functional.cross_entropy(ddp(torch.randn(8, 16, generator=data)),
                                     torch.randint(0, 4, (8,), generator=data)).backward()
         algo.step()
         optimizer.step()
+
+    for _ in range(4):
+        train_step()
     with torch.no_grad():
         ddp(torch.randn(2, 16, generator=data))  # DDP copies rank 0's masks over every rank's
     diverged_detected = not distributed.masks_identical(ddp)
-    distributed.broadcast_masks(ddp)
-    torch.save({"refused": refused, "diverged_detected": diverged_detected,
-                "repaired": distributed.masks_identical(ddp)}, os.path.join(out, f"rank{rank}.pt"))
+    # An optimizer with state on one rank only (a fresh one on rank 1) is refused everywhere, changing nothing.
+    lopsided = optimizer if rank == 0 else torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    try:
+        distributed.broadcast_masks(ddp, optimizer=lopsided)
+        lopsided_refused = False
+    except ValueError as error:
+        lopsided_refused = "other sparse weights" in str(error) and not distributed.masks_identical(ddp)
+    distributed.broadcast_masks(ddp, optimizer=optimizer)
+    repaired = distributed.masks_identical(ddp)
+    train_step()   # step 5: no mask update; rank 1's own momentum would move its weights apart again
+    zero_off_masks = all(bool((module.weight[~module.mask] == 0).all())
+                         for _, module in sparsekern.nn.sparse_modules(model))
+    torch.save({"refused": refused, "diverged_detected": diverged_detected, "lopsided_refused": lopsided_refused,
+                "repaired": repaired,
+                "stays_repaired": distributed.masks_identical(ddp) and zero_off_masks},
+               os.path.join(out, f"rank{rank}.pt"))
     end_rank()
 
 

@@ -28,4 +28,6 @@ def test_per_rank_seeds_are_refused_and_diverged_replicas_are_detected(tmp_path)
     assert finished.returncode == 0, finished.stdout[-4000:] + finished.stderr[-4000:]
     for rank in (0, 1):
         result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
-        assert result == {"refused": True, "diverged_detected": True, "repaired": True}, (rank, result)
+        assert result == {"refused": True, "diverged_detected": True, "lopsided_refused": True, "repaired": True,
+                          "stays_repaired": True}, \
+            (rank, result)
