@@ -16,7 +16,7 @@ Peak memory (in each run's label, and its ratio to dense): the most memory a ste
 zero_grad above what it holds then (parameters, buffers, optimizer state, and the sparse models' masks,
 whose size is in the size column), so that a persistent dense-gradient buffer or a mask-sized temporary
 would show. Measured once per run while the case is built: on CUDA by torch.cuda.max_memory_allocated,
-on CPU from the profiler's allocation events.
+on CPU from the profiler's allocation events. compiled_training_step.py times the same runs under torch.compile.
 """
 from __future__ import annotations
 
