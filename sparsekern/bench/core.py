@@ -4,7 +4,10 @@ A case module is any module in `sparsekern.bench.cases` with a function
 `cases(device: torch.device, quick: bool) -> list[Case]` and a tuple `OPS` of the ops its cases
 report (so that `--only` is checked, and its modules chosen, without building any case, which for
 some modules takes seconds). Inputs are built inside `cases` (so building them is never timed) and
-captured by the zero-argument callables in `Case.runs`.
+captured by the zero-argument callables in `Case.runs`. A module that sets `ON_REQUEST = True` is left
+out of the full report and runs only when `--only` names it or one of its ops (compiled_training_step:
+its cases compile models for minutes, which no `--budget` bounds). A module that may not run everywhere
+has `unavailable(device) -> str | None`, the reason it cannot run there (its `cases` then returns none).
 """
 from __future__ import annotations
 
@@ -118,12 +121,12 @@ def sparsekern_runs(op: str, device: torch.device, call: Callable[[], object]) -
 def case_modules(only: str | None = None) -> list[str]:
     """Names of the case modules in sparsekern.bench.cases, sorted. With `only`: just that module if
     it names one, else the modules with an op (their `OPS`) starting with it; a ValueError naming
-    the modules and ops when there is none."""
+    the modules and ops when there is none. Without `only`, the modules not run on request only."""
     from . import cases as package
 
     names = sorted(info.name for info in pkgutil.iter_modules(package.__path__) if not info.name.startswith("_"))
     if only is None:
-        return names
+        return [name for name in names if not getattr(_module(name), "ON_REQUEST", False)]
     if only in names:
         return [only]
     matching = [name for name in names if any(op.startswith(only) for op in _ops(name))]
@@ -134,13 +137,28 @@ def case_modules(only: str | None = None) -> list[str]:
     return matching
 
 
+def _module(name: str):
+    return importlib.import_module(f"{__package__}.cases.{name}")
+
+
 def _ops(module: str) -> tuple[str, ...]:
-    return importlib.import_module(f"{__package__}.cases.{module}").OPS
+    return _module(module).OPS
+
+
+def unavailable(modules: list[str], device: torch.device) -> list[str]:
+    """"<module>: <reason>" for each of `modules` that says (its `unavailable`) it cannot run on `device`."""
+    reasons = []
+    for name in modules:
+        check = getattr(_module(name), "unavailable", None)
+        reason = check(device) if check is not None else None
+        if reason is not None:
+            reasons.append(f"{name}: {reason}")
+    return reasons
 
 
 def load_cases(module: str, device: torch.device, quick: bool) -> list[Case]:
     """The cases of one module of sparsekern.bench.cases."""
-    return importlib.import_module(f"{__package__}.cases.{module}").cases(device, quick)
+    return _module(module).cases(device, quick)
 
 
 def discover(device: torch.device, quick: bool, only: str | None = None) -> Iterator[Case]:

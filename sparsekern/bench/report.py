@@ -102,13 +102,15 @@ def main(argv: list[str] | None = None, prog: str = "python -m benchmarks",
     `prog` is the command name shown in help and errors (`sparsekern bench` from the CLI), and
     `parser_class` the argument parser (both the default and the CLI's report errors on one line, exit
     code 2). Arguments, --json and --csv paths and --only included, are checked before any case is built.
+    Modules run on request only (compiled_training_step) run when --only names them or their ops.
     """
     parser = parser_class(prog=prog, description="Times sparsekern's ops against the torch code they replace.")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="where to time the ops (default: cpu; `sparsekern bench` uses cuda when there is a GPU)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that every case runs")
     parser.add_argument("--only", metavar="OP",
-                        help="one case module (e.g. topk_mask), or the cases whose op starts with OP")
+                        help="one case module (e.g. topk_mask), or the cases whose op starts with OP; "
+                             "compiled_training_step (torch.compile, minutes of compiling) runs only when named")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     parser.add_argument("--csv", metavar="PATH", help="also write the rows as CSV")
     parser.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
@@ -134,9 +136,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m benchmarks",
                 parser.error(str(error))
     if args.only is not None:
         try:
-            core.case_modules(args.only)
+            modules = core.case_modules(args.only)
         except ValueError as error:
             parser.error(str(error))
+        reasons = core.unavailable(modules, torch.device(args.device))
+        if len(reasons) == len(modules):  # nothing it selects can run here: say why, before building anything
+            parser.error(f"--only {args.only!r}: {'; '.join(reasons)}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

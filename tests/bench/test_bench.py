@@ -281,3 +281,66 @@ def test_a_warning_in_the_profiled_training_step_still_reaches_stderr():
     assert result.returncode == 0 and result.stdout == "done\n", result.stderr
     assert "UserWarning: inside the step" in result.stderr
     assert "USDT" not in result.stderr
+
+
+# compiled_training_step compiles 6 models (tens of seconds each, cold): built once, and left out of the full report.
+
+@pytest.fixture(scope="module")
+def compiled_cases():
+    from sparsekern.bench.cases import compiled_training_step
+
+    if compiled_training_step.unavailable(CPU) is not None:
+        pytest.skip(compiled_training_step.unavailable(CPU))
+    # Past Dynamo's limit of compiled versions a model would run eager, and its figures would not be compiled ones.
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        return compiled_training_step.cases(CPU, quick=True)
+
+
+def test_compiled_training_step_runs_only_when_only_names_it():
+    assert "compiled_training_step" not in core.case_modules()
+    assert "training_step" in core.case_modules()
+    for only in ("compiled_training_step", "compiled training"):
+        assert core.case_modules(only) == ["compiled_training_step"]
+    assert "compiled_training_step" not in core.case_modules("training")   # its op starts with "compiled"
+
+
+def test_compiled_training_step_times_the_compiled_training_step_runs(compiled_cases):
+    from sparsekern.bench.cases import compiled_training_step, training_step
+
+    assert len(compiled_cases) == len(training_step.MODELS[True])
+    for case in compiled_cases:
+        assert case.op in compiled_training_step.OPS
+        names = [label.split(" (first step, compiling, ")[0] for label in case.runs]
+        assert names == [f"compiled {name}" for name in (training_step.DENSE, training_step.STATIC,
+                                                         training_step.RIGL, training_step.MASKED)], list(case.runs)
+        assert case.baseline.startswith(f"compiled {training_step.DENSE} (first step, compiling, ")
+        for run in case.runs.values():
+            assert isinstance(run.model, torch._dynamo.eval_frame.OptimizedModule)
+
+
+def test_compiled_training_step_compiles_nothing_while_timed(compiled_cases):
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        rows = [row for case in compiled_cases for row in core.measure(case, CPU, budget_s=0.001)]
+    for row in rows:
+        assert row.error is None, f"{row.size} {row.implementation}: {row.error}"
+        assert math.isfinite(row.ratio) and row.ratio > 0, row
+
+
+@pytest.mark.parametrize("command", ["python -m benchmarks", "sparsekern bench"])
+def test_compiled_training_step_without_a_cpp_compiler_is_refused_on_one_line(monkeypatch, capsys, command):
+    from torch._inductor import cpp_builder, exc
+
+    from sparsekern.cli import main as cli_main
+
+    def no_compiler():
+        raise exc.InvalidCxxCompiler()
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    monkeypatch.setattr(core, "load_cases", lambda *args: pytest.fail("built cases torch cannot compile"))
+    argv = ["--quick", "--device", "cpu", "--only", "compiled_training_step"]
+    with pytest.raises(SystemExit) as exit_info:
+        report.main(argv) if command == "python -m benchmarks" else cli_main(["bench", *argv])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and error.count("\n") == 1, error
+    assert error.startswith(f"{command}: error: --only 'compiled_training_step': compiled_training_step: "
+                            "torch.compile's Inductor needs a C++ compiler on CPU: No working C++ compiler"), error

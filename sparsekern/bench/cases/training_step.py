@@ -16,7 +16,7 @@ Peak memory (in each run's label, and its ratio to dense): the most memory a ste
 zero_grad above what it holds then (parameters, buffers, optimizer state, and the sparse models' masks,
 whose size is in the size column), so that a persistent dense-gradient buffer or a mask-sized temporary
 would show. Measured once per run while the case is built: on CUDA by torch.cuda.max_memory_allocated,
-on CPU from the profiler's allocation events.
+on CPU from the profiler's allocation events. compiled_training_step.py times the same runs under torch.compile.
 """
 from __future__ import annotations
 
@@ -154,9 +154,12 @@ def step_peak_bytes(learn: Callable[[], None], device: torch.device) -> int:
 STATIC, RIGL, MASKED = "sparse, static", "sparse + RigL (no update)", "sparse, masked path"
 
 
-def training_runs(build: Callable[[], nn.Module], input_shape, device: torch.device) -> dict[str, Callable[[], None]]:
+def training_runs(build: Callable[[], nn.Module], input_shape, device: torch.device,
+                  compiled: bool = False) -> dict[str, Callable[[], None]]:
     """One training-step callable per run (dense, static, RigL on a non-update step, masked path) of
-    the model `build` makes, on a fixed random batch of `input_shape`, each with its own model copy."""
+    the model `build` makes, on a fixed random batch of `input_shape`, each with its own model copy.
+    compiled: each step calls torch.compile(model) (compiled on its first call); the optimizer and
+    RigL hold the model itself, whose parameters the compiled one shares."""
     generator = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(input_shape, generator=generator, device=device)
     y = torch.randint(0, 10, (input_shape[0],), generator=generator, device=device)
@@ -172,7 +175,8 @@ def training_runs(build: Callable[[], nn.Module], input_shape, device: torch.dev
     optimizers = {name: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for name, m in models.items()}
     # A step count no update ever reaches: every step() is an ordinary, non-update step.
     rigl = RigL(models[RIGL], optimizers[RIGL], update_every=10 ** 9, total_steps=10 ** 10)
-    return {name: training_step(m, optimizers[name], x, y, rigl if name == RIGL else None)
+    return {name: training_step(torch.compile(m) if compiled else m, optimizers[name], x, y,
+                                rigl if name == RIGL else None)
             for name, m in models.items()}
 
 
