@@ -63,7 +63,10 @@ def requested() -> str:
     # Every sparse layer call reads it: os.environ's own dict, directly, and the name remembered for
     # the value last read (os.environ.get, which encodes the key and decodes the value, and the
     # parse cost ~1.5 us per call).
-    raw = os.environ._data.get(_ENVIRON_KEY)
+    try:
+        raw = os.environ._data.get(_ENVIRON_KEY)
+    except AttributeError:  # a plain mapping in os.environ's place (a test's mock.patch("os.environ", {...}))
+        return _request_named(_environment_value())
     if raw is None:
         return "auto"
     if raw != _last_request[0]:

@@ -86,6 +86,19 @@ def test_every_change_of_the_variable_is_followed(monkeypatch):
     assert _backend.requested() == "reference"
 
 
+@pytest.mark.parametrize("environ", [{}, {"SPARSEKERN_BACKEND": "reference"}])
+def test_the_variable_is_read_from_a_plain_mapping_put_in_place_of_os_environ(environ, monkeypatch):
+    # requested() reads os.environ's own dict; a test's mock.patch("os.environ", {...}) puts a plain
+    # dict there, which has none, and every sparse layer call failed with AttributeError.
+    monkeypatch.setattr(os, "environ", environ)
+    assert _backend.requested() == environ.get(_backend.ENV_VAR, "auto")
+    weight = torch.randn(4, 6)
+    mask = torch.rand(4, 6) < 0.5
+    x = torch.randn(3, 6)
+    assert torch.equal(sparsekern.ops.masked_linear(x, weight, mask),
+                       torch.nn.functional.linear(x, torch.where(mask, weight, 0)))
+
+
 def test_reports_say_which_kernels_of_the_compiled_backend_ran():
     assert _backend.label("compiled", "cpu") == "compiled/cpu"
     assert _backend.label("compiled", "cuda") == "compiled/cuda"
