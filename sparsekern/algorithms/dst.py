@@ -224,10 +224,21 @@ class DST:
             self._update(self.schedule.fraction(self.step_count))
             if self.scope == "global" and self.host_checks:
                 self._warn_if_emptied()
+        elif due:
+            self._mask_gradients()
         if due or self.schedule.is_update(self.step_count + 1):
             self._sync_modules()
             self._remember_gradients()
         return updated
+
+    @torch.no_grad()
+    def _mask_gradients(self) -> None:
+        """Masks the gradients as the layers mask them on a step without an update (a select: 0 off the
+        mask, inf and NaN included): those of a skipped update were left dense for it, and an
+        optimizer step (one without a GradScaler, which would skip it) would move inactive weights."""
+        for _, module in self.modules:
+            if module.weight.grad is not None:
+                module.weight.grad.masked_fill_(~module.mask, 0)
 
     def _gradients_finite(self) -> bool:
         """Whether every gradient the optimizer holds is finite (one host read per device)."""

@@ -522,6 +522,10 @@ def test_an_update_waits_only_for_gradients_that_are_not_finite(poison, updates)
     before = masks(model)
     assert algo.step() is updates
     assert any(not torch.equal(a, b) for a, b in zip(before, masks(model))) is updates
+    # Skipped or not, the optimizer step sees masked gradients (a skipped update's were left dense for it,
+    # and an optimizer step without a GradScaler would have moved inactive weights).
+    for name, module in sparse_modules(model):
+        assert torch.equal(module.weight.grad[~module.mask], torch.zeros_like(module.weight.grad[~module.mask])), name
 
 
 def test_the_emptied_layer_warning_reads_whole_masks_whose_first_entries_are_inactive():
