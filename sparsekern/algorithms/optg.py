@@ -64,16 +64,14 @@ def _sigmoid(x: float) -> float:
     return 1 / (1 + math.exp(-x))
 
 
-def _trained_groups(groups: list[tying.Group]) -> list[tying.Group]:
-    """The layers whose weight requires grad; warns about the others, which learned scores leave alone."""
+def _frozen_layers(groups: list[tying.Group]) -> list[str]:
+    """The names of the layers whose weight does not require grad, which learned scores leave alone
+    (ValueError when that is every layer)."""
     frozen = [group[0][0] for group in groups if not group[0][1].weight.requires_grad]
     if frozen and len(frozen) == len(groups):
         raise ValueError(f"no sparse layer of the model is trained: the weights of {frozen} do not require grad, "
                          f"so their scores would never move")
-    if frozen:
-        warnings.warn(f"OptG leaves the masks of {frozen} alone: their weights do not require grad, so their "
-                      f"scores would stay 0 and the global top-k would prune them by position", stacklevel=3)
-    return [group for group in groups if group[0][0] not in frozen]
+    return frozen
 
 
 class OptG:
@@ -126,8 +124,8 @@ class OptG:
                  lr_schedule: Callable[[int], float] | None = None, dense_while_scores_tie: bool = True,
                  reach_target: bool = True, criterion: str = "learned", host_checks: bool = True):
         self._groups = _tickets.sparse_layers(model)
-        if criterion == "learned":
-            self._groups = _trained_groups(self._groups)
+        frozen = _frozen_layers(self._groups) if criterion == "learned" else []
+        self._groups = [group for group in self._groups if group[0][0] not in frozen]
         self.layers = _tickets.primaries(self._groups)
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
             raise TypeError(f"sparsity must be a float, got {type(sparsity).__name__}")
@@ -153,6 +151,9 @@ class OptG:
             # The mask is a top-k of scores trained in earlier epochs; the only epoch has none (all tie at 0).
             raise ValueError(f"epochs=1 would end dense, not at sparsity={sparsity}: OptG's only epoch starts with "
                              f"every score tied at 0, which dense_while_scores_tie keeps dense; use epochs >= 2")
+        if frozen:  # warned once every argument has passed
+            warnings.warn(f"OptG leaves the masks of {frozen} alone: their weights do not require grad, so their "
+                          f"scores would stay 0 and the global top-k would prune them by position", stacklevel=2)
         if lr == 0 and lr_schedule is None:
             warnings.warn("lr=0: the scores never move, so the mask only follows the sparsity ramp over "
                           "all-equal scores", stacklevel=2)

@@ -2,6 +2,7 @@
 come back, and resumption."""
 import copy
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -268,6 +269,11 @@ def test_a_frozen_layer_keeps_its_mask_and_the_others_reach_the_target():
     with pytest.raises(ValueError, match="no sparse layer of the model is trained"):
         OptG(model, sparsity=0.5, epochs=3)
     OptG(model, sparsity=0.5, epochs=3, criterion="magnitude")   # magnitudes need no gradient
+    trained.weight.requires_grad_(True)
+    with warnings.catch_warnings():   # a refused argument is the only message: no warning before it
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="epochs must be"):
+            OptG(model, sparsity=0.5, epochs=0)
 
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(sparsity=1.0), ValueError, "sparsity must be in"),
