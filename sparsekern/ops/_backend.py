@@ -96,9 +96,9 @@ def _environment_value() -> str:
     variable as an eager one does: Dynamo guards the value of a variable that is set, but not the
     absence of one that is not (seen with torch 2.13), and a model compiled with it unset kept its
     backend after it was set. A membership test on the environment's own dict leaves that guard
-    (`encodekey` is how os.environ keys it, on every platform).
+    (`_ENVIRON_KEY`).
     """
-    if torch.compiler.is_compiling() and os.environ.encodekey(ENV_VAR) not in os.environ._data:
+    if torch.compiler.is_compiling() and _ENVIRON_KEY not in os.environ._data:
         return "auto"
     return os.environ.get(ENV_VAR, "auto")
 
