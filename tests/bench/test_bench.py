@@ -326,6 +326,23 @@ def test_compiled_training_step_compiles_nothing_while_timed(compiled_cases):
         assert math.isfinite(row.ratio) and row.ratio > 0, row
 
 
+def test_an_only_that_also_selects_a_module_that_cannot_run_says_which_it_skipped(monkeypatch, capsys):
+    from torch._inductor import cpp_builder, exc
+
+    def no_compiler():
+        raise exc.InvalidCxxCompiler()
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    load_cases = core.load_cases
+    monkeypatch.setattr(core, "load_cases",   # topk_mask's tiny cases stand for the modules that can run
+                        lambda module, *args: load_cases(module, *args) if module == "topk_mask" else [])
+    assert report.main(["--quick", "--device", "cpu", "--budget", "0.001", "--only", ""]) == 0
+    captured = capsys.readouterr()
+    assert "| topk_mask (global) |" in captured.out
+    assert "skipped compiled_training_step: torch.compile's Inductor needs a C++ compiler" in captured.err, \
+        captured.err
+
+
 @pytest.mark.parametrize("command", ["python -m benchmarks", "sparsekern bench"])
 def test_compiled_training_step_without_a_cpp_compiler_is_refused_on_one_line(monkeypatch, capsys, command):
     from torch._inductor import cpp_builder, exc
