@@ -115,7 +115,12 @@ class SWAMP:
         return data_seed(self.seed, self.cycle, self.particle)
 
     def step(self) -> None:
-        """Counts one optimizer step of the current particle; keeps θ_k; updates its SWA mean."""
+        """Counts one optimizer step of the current particle; keeps θ_k; updates its SWA mean.
+
+        Call it after every batch, also one whose step a GradScaler skipped: steps count batches, so
+        that every particle's cycle has the same length in data. A skipped step that falls on an SWA
+        sample adds the unchanged weights once more, as `torch.optim.swa_utils.AveragedModel` would.
+        """
         if self.averaged:
             raise RuntimeError("step() after the cycle's last particle: call next_cycle() first")
         self.step_in_cycle += 1
