@@ -87,12 +87,15 @@ void check_arguments(const at::Tensor& x, const at::Tensor& weight, const at::Te
                      const std::optional<at::Tensor>& bias) {
   const at::ScalarType dtype = x.scalar_type();
   const bool floating = dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat || dtype == at::kDouble;
-  const bool shapes = weight.dim() == 2 && x.dim() >= 1 && x.sym_size(-1) == weight.sym_size(1) &&
+  // First: a nested tensor's layout can be strided, and its sizes throw an internal error.
+  const bool strided = x.layout() == at::kStrided && weight.layout() == at::kStrided && mask.layout() == at::kStrided &&
+                       !x.is_nested() && !weight.is_nested() && !mask.is_nested();
+  const bool shapes = strided && weight.dim() == 2 && x.dim() >= 1 && x.sym_size(-1) == weight.sym_size(1) &&
                       mask.sym_sizes() == weight.sym_sizes();
-  const bool strided = x.layout() == at::kStrided && weight.layout() == at::kStrided && mask.layout() == at::kStrided;
   const bool bias_ok = !bias.has_value() || !bias->defined() ||
-                       (bias->scalar_type() == dtype && bias->dim() == 1 && bias->sym_size(0) == weight.sym_size(0) &&
-                        bias->device() == x.device() && bias->layout() == at::kStrided);
+                       (bias->layout() == at::kStrided && !bias->is_nested() && bias->scalar_type() == dtype &&
+                        bias->dim() == 1 && shapes && bias->sym_size(0) == weight.sym_size(0) &&
+                        bias->device() == x.device());
   TORCH_CHECK(floating && weight.scalar_type() == dtype && mask.scalar_type() == at::kBool && shapes && strided &&
                   bias_ok && weight.device() == x.device() && mask.device() == x.device(),
               "masked_linear_dense_kernel: arguments that sparsekern.ops.masked_linear refuses (it says why)");

@@ -40,6 +40,8 @@ def tensor(value, name: str) -> Tensor:
     # in the dispatcher with a message naming no argument.
     if value.layout != torch.strided:
         raise TypeError(f"{name} must be a dense (strided) tensor, got layout {value.layout}")
+    if value.is_nested:  # torch.nested's older layout, which is strided: its shape raises an internal error
+        raise TypeError(f"{name} must be a dense (strided) tensor, got a nested tensor")
     return value
 
 
@@ -390,7 +392,9 @@ def masked_linear_args(x, weight, mask, bias, dense_grad=False, zero_off_mask=Fa
     # implies a check of `_masked_linear_errors`, which runs only when one fails, to say which
     # (2.5 us down to 1.3 us per call).
     if (type(dense_grad) is bool and type(zero_off_mask) is bool and isinstance(x, Tensor)
-            and isinstance(weight, Tensor) and isinstance(mask, Tensor) and (bias is None or isinstance(bias, Tensor))):
+            and isinstance(weight, Tensor) and isinstance(mask, Tensor) and (bias is None or isinstance(bias, Tensor))
+            # before any shape: torch.nested's older layout is strided and its shape raises an internal error
+            and not (x.is_nested or weight.is_nested or mask.is_nested or (bias is not None and bias.is_nested))):
         dtype, shape, device = x.dtype, weight.shape, x.device
         if (dtype in SCORE_DTYPES and weight.dtype == dtype and len(shape) == 2 and x.dim() >= 1
                 and x.shape[-1] == shape[1] and mask.dtype == torch.bool and mask.shape == shape

@@ -1,5 +1,6 @@
 """Bad input raises TypeError or ValueError naming the argument, and changes no input."""
 import re
+import warnings
 
 import pytest
 import torch
@@ -19,7 +20,9 @@ def snapshot(value):
 
 def assert_unchanged(before, after):
     if isinstance(after, torch.Tensor):
-        if after.device.type == "cpu":
+        if after.is_nested:   # assert_close reads shapes, which a nested tensor of the older layout lacks
+            assert_unchanged(before.unbind(), after.unbind())
+        elif after.device.type == "cpu":
             torch.testing.assert_close(after, before, rtol=0, atol=0, equal_nan=True)
     elif isinstance(after, (list, tuple)):
         for b, a in zip(before, after):
@@ -237,6 +240,13 @@ def linear_args(**changes):
     return tuple(args.values())
 
 
+def nested(*tensors):
+    """A nested tensor of torch.nested's older layout, whose layout is strided and whose shape raises."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)   # the older layout is a prototype
+        return torch.nested.nested_tensor(list(tensors), layout=torch.strided)
+
+
 MASKED_LINEAR_CASES = {
     "integer x": (linear_args(x=torch.ones(2, 6, dtype=torch.long)), TypeError, "x"),
     "weight 1-D": (linear_args(weight=torch.randn(6), mask=torch.ones(6, dtype=torch.bool)), ValueError, "weight"),
@@ -257,6 +267,10 @@ MASKED_LINEAR_CASES = {
     "weight sparse": (linear_args(weight=torch.randn(4, 6).to_sparse()), TypeError, "weight"),
     "mask sparse": (linear_args(mask=torch.ones(4, 6, dtype=torch.bool).to_sparse()), TypeError, "mask"),
     "bias sparse": (linear_args(bias=torch.randn(4).to_sparse()), TypeError, "bias"),
+    "x nested": (linear_args(x=nested(torch.randn(2, 6), torch.randn(3, 6))), TypeError, "x"),
+    "weight nested": (linear_args(weight=nested(torch.randn(4, 6))), TypeError, "weight"),
+    "mask nested": (linear_args(mask=nested(torch.ones(4, 6, dtype=torch.bool))), TypeError, "mask"),
+    "bias nested": (linear_args(bias=nested(torch.randn(4))), TypeError, "bias"),
 }
 
 
