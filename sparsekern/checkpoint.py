@@ -57,7 +57,8 @@ def load(path: str | os.PathLike, map_location=None):
         file.seek(0)
         try:
             return torch.load(file, map_location=map_location, weights_only=True)
-        except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, RuntimeError, ValueError,
+        # OSError: torch's zip reader raises EINVAL for a file cut after its data (no central directory).
+        except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, RuntimeError, ValueError, OSError,
                 UnicodeDecodeError, AttributeError, ImportError, IndexError, KeyError) as error:
             first_line = (str(error).strip().splitlines() or [""])[0][:200]
             raise ValueError(f"{path}: cannot load this checkpoint: {type(error).__name__}: {first_line}") from error

@@ -52,3 +52,16 @@ def test_load_loads_the_bytes_whose_checksums_it_tested(tmp_path, monkeypatch):
     monkeypatch.undo()
     with pytest.raises(ValueError, match="it is damaged"):   # the replacement, checked on its own
         checkpoint.load(path)
+
+
+def test_a_truncated_checkpoint_raises_value_error_naming_it_wherever_it_was_cut(tmp_path):
+    # Cut after its tensor data, a file keeps a readable head but loses the zip's central directory:
+    # torch's reader then raised OSError (EINVAL), not the ValueError naming the file that load promises.
+    good = tmp_path / "good.pt"
+    checkpoint.save({"weight": torch.arange(1000.0)}, good)
+    raw = good.read_bytes()
+    path = tmp_path / "cut.pt"
+    for length in range(0, len(raw), 61):
+        path.write_bytes(raw[:length])
+        with pytest.raises(ValueError, match="cut.pt"):
+            checkpoint.load(path)

@@ -15,7 +15,7 @@ exactly 0 under SGD (momentum, weight decay) and Adam/AdamW; `step()` then only 
 gradients are produced only for update steps: at the end of the step before one, `dense_grad` is
 set on every sparse module and cleared at the update. A gradient criterion reads them; with any
 criteria, the update masks them by the new masks, so the optimizer step that follows gives grown
-weights their first step (ALGORITHMS.md's default: update and optimizer step both, on an update
+weights their first step (the default order: update and optimizer step both, on an update
 step). No gradient buffer is kept between steps.
 """
 from __future__ import annotations
@@ -108,9 +108,9 @@ class DST:
     growing by gradient, regrow exactly what it dropped). It warns once when called more than
     `total_steps` times, and when a global update leaves a layer without active weights.
 
-    Calling `step()` after `optimizer.step()` instead is ALGORITHMS.md's "after" option: the
-    optimizer step then sees the dense gradient of an update step and may move inactive weights,
-    and the update that follows zeroes them again (and their optimizer state) off the new mask.
+    Calling `step()` after `optimizer.step()` instead also works: the optimizer step then sees the
+    dense gradient of an update step and may move inactive weights, and the update that follows
+    zeroes them again (and their optimizer state) off the new mask.
 
     n = round(r · active) (Python's round) is not capped by the inactive count: a layer denser
     than 1/(1 + r) drops more than it has inactive entries and grows some just-dropped ones back,
@@ -583,7 +583,7 @@ class _Blocks:
 def _swap_count(fraction: float, active: int) -> int:
     """n = round(fraction · active), Python's round (halves to even), in [0, active] for fractions in
     [0, 1]. Not capped by the inactive count: n may exceed it, and just-dropped entries then grow
-    back (ALGORITHMS.md; RigL's code floors instead, a difference of at most one entry)."""
+    back (RigL's code floors instead, a difference of at most one entry)."""
     return round(fraction * active)
 
 

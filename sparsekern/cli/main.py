@@ -243,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce_parser = commands.add_parser("reproduce", help="one small experiment per claim of the seed papers, "
                                                              "reported with verdicts, plots and CSVs")
     reproduce_parser.add_argument("--quick", action="store_true",
-                                  help="a one-minute version (fewer seeds, epochs and densities): a smoke test")
+                                  help="a smoke test of every claim in well under a minute (fewer seeds, epochs "
+                                       "and densities)")
     reproduce_parser.add_argument("--out", default="runs/reproduce", help="directory for report.md, plots and CSVs")
     reproduce_parser.add_argument("--fresh", action="store_true",
                                   help="train every run again, ignoring finished runs in --out")

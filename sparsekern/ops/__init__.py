@@ -244,7 +244,7 @@ def pack(weight: Tensor, mask: Tensor) -> PackedWeight:
 
     weight: (out_features, in_features), float16, bfloat16, float32 or float64; mask: bool of the
     same shape, on the same device. Entries off the mask are dropped, whatever they hold (inf, NaN).
-    Returns a PackedWeight on weight's device; `packed.unpack()` gives weight * mask back exactly.
+    Returns a PackedWeight on weight's device; `packed.unpack()` gives where(mask, weight, 0) back exactly.
     A one-time conversion, done with torch ops on every device.
     """
     _checks.floating(weight, "weight")
