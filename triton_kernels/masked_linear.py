@@ -41,7 +41,7 @@ Kernels
   (forward: A = x, P = N, R = K) or as stored (dx = dy @ W: A = dy, P = K, R = N). The activations
   are the left dot operand and the weight tile the right one, both loaded straight from memory: on
   Hopper both wgmma operands then come from shared memory, where the earlier kernel routed a
-  selected weight tile through registers and serialized the tensor cores (GPU_REVIEW finding 3).
+  selected weight tile through registers and serialized the tensor cores.
 * `_block_grad_weight_kernel`: one program per active tile of dW = dy^T @ x, reduced over all M rows,
   zeroed off the mask at the store on partial tiles; the rest of dW is a memset. The dense gradient
   (`dense_grad`) is a plain GEMM and runs as torch.mm (cuBLAS).

@@ -350,8 +350,8 @@ def _triton_skips_tiles(x: Tensor, weight: Tensor, mask: Tensor) -> bool:
     return _load_triton_ops().skips_tiles(mask)
 
 
-# Triton's masked matmul pays for its mask on every tile it cannot skip (GPU_REVIEW: serialized
-# tensor cores behind the select), so the automatic choice gives it block-structured masks only.
+# Triton's masked matmul pays for its mask on every tile it cannot skip (a select in front of the
+# tensor cores), so the automatic choice gives it block-structured masks only.
 _TRITON_MASKED_LINEAR_NOTE = ("chosen automatically only for masks whose blocks let it skip tiles; other masks "
                               "run the next backend, or the dense kernel where weights are 0 off the mask")
 _REFERENCE_MASKED_LINEAR_NOTE = ("automatic calls run the dense kernel instead: on the weight itself where it is 0 "

@@ -1,4 +1,4 @@
-"""DST (SET, RigL, MEST): acceptance checks 1, 3, 4, 6 and 11 of ALGORITHMS.md, state, arguments."""
+"""DST (SET, RigL, MEST): the papers' update rules and schedules, state, arguments."""
 import copy
 import warnings
 
@@ -174,7 +174,7 @@ def test_dense_grad_only_before_update_steps(method):
 
 
 def test_set_gives_its_grown_weights_their_first_gradient_step_at_the_update():
-    """ALGORITHMS.md's default on an update step: the update and the optimizer step both, so grown
+    """The papers' default on an update step: the update and the optimizer step both, so grown
     weights (at 0) take one plain SGD step, -lr * g, whatever the growth criterion."""
     model = small_model()
     lr = 0.05

@@ -1,4 +1,4 @@
-"""IMP with rewinding: acceptance check 8 of ALGORITHMS.md, resumption, and the digits comparison."""
+"""IMP with rewinding: the lottery-ticket rule, resumption, and the digits comparison."""
 import math
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""OptG: acceptance check 7 of ALGORITHMS.md, the per-epoch global mask, pruned weights that
+"""OptG: the paper's learned scores, the per-epoch global mask, pruned weights that
 come back, and resumption."""
 import copy
 import math

@@ -1,4 +1,4 @@
-"""SWAMP: acceptance check 9 of ALGORITHMS.md, BatchNorm recomputation, resumption, particles on
+"""SWAMP: the paper's averaging and pruning rule, BatchNorm recomputation, resumption, particles on
 two gloo ranks, and the digits comparison with IMP-WR."""
 import math
 

@@ -303,7 +303,7 @@ def test_interrupted_train_resumes_to_the_uninterrupted_result(tmp_path, method,
 
 
 def test_swamp_averages_at_a_constant_rate_while_imp_anneals_to_zero(tmp_path, monkeypatch):
-    # ALGORITHMS.md: each particle's SWA mean is taken at a constant rate (0.05 after 0.1 in SWAMP's setup).
+    # SWAMP (Choi et al.): each particle's SWA mean is taken at a constant rate (0.05 after 0.1 in its setup).
     # A rate annealed to 0 over the averaged steps, as IMP's, makes the mean the particle's last point.
     from sparsekern.cli import recipes
 

@@ -181,7 +181,7 @@ def test_mask_bytes_other_than_one_are_true(backend, scope, use_backend, generat
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_swap_count_above_the_inactive_count_regrows_just_dropped(backend, use_backend, generator):
-    # ALGORITHMS.md acceptance check 12: a layer at density 0.86 with r = 0.3 swaps n = round(r·A),
+    # RigL's rule, uncapped: a layer at density 0.86 with r = 0.3 swaps n = round(r·A),
     # more than its inactive entries, so some just-dropped entries grow back (keeping their values).
     use_backend(backend, "prune_grow")
     numel = 200
