@@ -1,4 +1,5 @@
-"""The floors of docs/architecture.md hold: no module imports from a floor above its own."""
+"""The floors of docs/architecture.md hold: no module imports from a floor above its own; and the project
+stands alone: no file cites the team's documents, which live outside the repository."""
 import ast
 import pathlib
 
@@ -68,3 +69,20 @@ def test_the_check_sees_an_upward_import(tmp_path):
 def test_at_most_four_modules_sit_loose_at_the_top():
     loose = [p.name for p in PACKAGE.glob("*.py") if p.name != "__init__.py"]
     assert len(loose) <= 4, loose
+
+
+ROOT = PACKAGE.parent
+# The team's own documents live outside the repository: a clone has none of them, so nothing here may
+# read or cite them. Spelled in pieces so that this file does not match itself.
+TEAM_DOCUMENTS = ("." + "./shared", "GPU_" + "REVIEW", *(name + ".md" for name in ("ALGO" + "RITHMS", "DE" + "SIGN",
+                                                                                  "STY" + "LE", "PLAT" + "FORM")))
+PROJECT_FILES = [path for part in ("sparsekern", "triton_kernels", "csrc", "benchmarks", "tests", "docs", ".ci")
+                 for path in sorted((ROOT / part).rglob("*")) if path.is_file() and path.suffix != ".so"
+                 and "__pycache__" not in path.parts] + [ROOT / name for name in (
+                     "README.md", "setup.py", "pyproject.toml", "CMakeLists.txt")]
+
+
+def test_no_file_cites_a_team_document_a_clone_lacks():
+    citing = [f"{path.relative_to(ROOT)}: {name}" for path in PROJECT_FILES if path.exists()
+              for name in TEAM_DOCUMENTS if name in path.read_text(errors="replace")]
+    assert not citing, citing
