@@ -658,14 +658,16 @@ def _replace(mapping: dict, key, value) -> dict:
 _DELETE = object()
 
 
-def _masks_with(world, name, value):
-    return _replace(world.state["masks"], name, value)
+def _masks_with(world, name, value, masks=None):
+    """world's saved DST state with masks[name] replaced (in `masks`, where given)."""
+    return _replace(world.state, "masks", _replace(world.state["masks"] if masks is None else masks, name, value))
 
 
 def _schedule_with(world, key, value):
     return _replace(world.state["schedule"], key, value)
 
 
+_MASKS = "state\\['masks'\\]"   # the masks' own error, not a state that lacks them
 DST_STATES = [
     ("not a dict", lambda w: None, TypeError, "state"), ("a list", lambda w: [], TypeError, "state"),
     ("a string", lambda w: "state", TypeError, "state"),
@@ -673,15 +675,19 @@ DST_STATES = [
       for key in ("step_count", "masks", "schedule", "generator")],
     *[(f"step_count={_show(v)}", lambda w, v=v: _replace(w.state, "step_count", v), ValueError, "step_count")
       for v in (-1, 1.5, "3", None, True)],
-    ("masks=[]", lambda w: _replace(w.state, "masks", []), ValueError, "masks"),
-    ("masks without one layer", lambda w: _masks_with(w, "3", _DELETE), ValueError, "masks"),
-    ("masks with an extra layer", lambda w: _masks_with(w, "7", torch.ones(2, dtype=torch.bool)), ValueError, "masks"),
-    ("masks with a float mask", lambda w: _masks_with(w, "3", w.state["masks"]["3"].float()), ValueError, "masks"),
+    ("masks=[]", lambda w: _replace(w.state, "masks", []), ValueError, _MASKS),
+    ("masks without one layer", lambda w: _masks_with(w, "3", _DELETE), ValueError, _MASKS),
+    ("masks with an extra layer", lambda w: _masks_with(w, "7", torch.ones(2, dtype=torch.bool)), ValueError, _MASKS),
+    ("masks with a float mask", lambda w: _masks_with(w, "3", w.state["masks"]["3"].float()), ValueError, _MASKS),
     ("masks with a uint8 mask", lambda w: _masks_with(w, "3", w.state["masks"]["3"].to(torch.uint8)),
-     ValueError, "masks"),
-    ("masks with a transposed mask", lambda w: _masks_with(w, "3", w.state["masks"]["3"].T), ValueError, "masks"),
-    ("masks with a list", lambda w: _masks_with(w, "3", w.state["masks"]["3"].tolist()), ValueError, "masks"),
-    ("masks with a meta mask", lambda w: _masks_with(w, "3", w.state["masks"]["3"].to("meta")), ValueError, "masks"),
+     ValueError, _MASKS),
+    ("masks with a transposed mask", lambda w: _masks_with(w, "3", w.state["masks"]["3"].T), ValueError, _MASKS),
+    ("masks with a list", lambda w: _masks_with(w, "3", w.state["masks"]["3"].tolist()), ValueError, _MASKS),
+    ("masks with a meta mask", lambda w: _masks_with(w, "3", w.state["masks"]["3"].to("meta")), ValueError, _MASKS),
+    # A torch.sparse mask after one that differs: layers set before it must not change.
+    ("masks with a sparse mask", lambda w: _masks_with(w, "5", w.state["masks"]["5"].to_sparse(),
+                                                       _masks_with(w, "0", ~w.state["masks"]["0"])["masks"]),
+     ValueError, _MASKS),
     ("schedule=None", lambda w: _replace(w.state, "schedule", None), ValueError, "schedule"),
     ("schedule without update_every", lambda w: _schedule_with(w, "update_every", _DELETE), ValueError, "schedule"),
     ("schedule with an extra key", lambda w: _schedule_with(w, "warmup", 3), ValueError, "schedule"),
@@ -710,7 +716,7 @@ for _scope in ("layer", "global"):
 def _unblocked_mask(world):
     mask = world.state["masks"]["3"].clone()
     mask[0, 0] = not mask[0, 0]
-    return _masks_with(world, "3", mask)
+    return _masks_with(world, "3", mask)["masks"]
 
 
 error("RigL[block].load_state_dict(masks not made of whole blocks)", block_dst_world,
@@ -788,6 +794,9 @@ TICKET_STATES = [
     ("rewind_state with a meta tensor",
      lambda w: _rewind_with(w, "3.bias", w.state["rewind_state"]["3.bias"].to("meta")),
      ValueError, "rewind_state"),
+    ("rewind_state with a sparse tensor",
+     lambda w: _rewind_with(w, "5.bias", w.state["rewind_state"]["5.bias"].to_sparse()),
+     ValueError, "rewind_state"),
     ("rewind_state=None past the rewind step", lambda w: _replace(w.state, "rewind_state", None), ValueError,
      "rewind_state"),
     # States a loop cannot produce, as from a run with another rewind_step (worlds: k >= 1, step 4).
@@ -863,6 +872,9 @@ SWAMP_STATES = TICKET_STATES + [
     ("particle_sum=5", lambda w: _replace(w.state, "particle_sum", 5), ValueError, "particle_sum"),
     ("particle_sum of one tensor", lambda w: _replace(w.state, "particle_sum", [torch.ones(3)]), ValueError,
      "particle_sum"),
+    ("particle_average with a sparse tensor",
+     lambda w: _replace(w.state, "particle_average", [t.to_sparse() for t in w.state["particle_average"]]),
+     ValueError, "particle_average"),
 ]
 
 
@@ -883,6 +895,9 @@ error("IMP.reset(transposed masks)", imp_world, lambda w: w.algo.reset([reversed
       "masks")
 error("IMP.reset(meta masks)", imp_world, lambda w: w.algo.reset([m.to("meta") for m in w.algo.masks]), ValueError,
       "masks")
+error("IMP.reset(a sparse mask after a changed one)", imp_world,
+      lambda w: w.algo.reset([~w.algo.masks[0], *w.algo.masks[1:-1], w.algo.masks[-1].to_sparse()]), ValueError,
+      "masks\\[2\\]")
 error("IMP.reset(one mask too few)", imp_world, lambda w: w.algo.reset(w.algo.masks[1:]), ValueError, "masks")
 for _cls, _world in (("IMP", imp_world), ("SWAMP", swamp_world)):
     for _cycles, _error in ((0, ValueError), (-1, ValueError), ("2", TypeError), (1.5, TypeError), (None, TypeError)):
@@ -984,6 +999,19 @@ def _scores_with(world, index, value):
     return _replace(world.state, "scores", scores)
 
 
+def _optg_masks_with(world, index, value):
+    masks = list(world.state["masks"])
+    masks[index] = value
+    return _replace(world.state, "masks", masks)
+
+
+def _bumped_optg_state(world):
+    """world with a state whose epoch, first score and first mask differ from the OptG's own."""
+    bumped = _scores_with(world, 0, world.state["scores"][0] + 1)
+    bumped = _optg_masks_with(SimpleNamespace(state=bumped), 0, ~world.state["masks"][0])
+    return SimpleNamespace(state=_replace(bumped, "epoch", 0))
+
+
 OPTG_STATES = [
     ("None", lambda w: None, TypeError, "state"), ("{}", lambda w: {}, ValueError, "lacks"),
     *[(f"without {key}", lambda w, k=key: _replace(w.state, k, _DELETE), ValueError, key)
@@ -996,6 +1024,11 @@ OPTG_STATES = [
     ("scores with a wrong dtype", lambda w: _scores_with(w, 1, w.state["scores"][1].double()), ValueError, "scores"),
     ("scores with a meta tensor", lambda w: _scores_with(w, 1, w.state["scores"][1].to("meta")), ValueError,
      "scores"),
+    # torch.sparse tensors after entries that differ: nothing may be loaded before the refusal.
+    ("scores with a sparse tensor", lambda w: _scores_with(_bumped_optg_state(w), 1, w.state["scores"][1].to_sparse()),
+     ValueError, "scores"),
+    ("masks with a sparse mask", lambda w: _optg_masks_with(_bumped_optg_state(w), 1, w.state["masks"][1].to_sparse()),
+     ValueError, "masks"),
     ("scores with NaN", lambda w: _scores_with(w, 1, torch.full_like(w.state["scores"][1], NAN)), ValueError,
      "scores"),
     ("scores with inf", lambda w: _scores_with(w, 0, torch.full_like(w.state["scores"][0], INF)), ValueError,

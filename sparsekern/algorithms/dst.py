@@ -279,9 +279,10 @@ class DST:
         staged = []
         for name, module in self.modules:
             mask = masks[name]
+            # Not a torch.sparse mask either: set_mask refuses it only once the layers before are set.
             if (not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != module.mask.shape
-                    or mask.is_meta):
-                raise ValueError(f"state['masks'][{name!r}] must be a bool tensor of shape "
+                    or mask.is_meta or mask.layout != torch.strided):
+                raise ValueError(f"state['masks'][{name!r}] must be a dense bool tensor of shape "
                                  f"{tuple(module.mask.shape)} holding values")
             mask = mask.to(module.mask.device, copy=True)
             if self.block is not None and not _Blocks(module.weight.shape, self.block).is_whole(mask):
