@@ -346,6 +346,11 @@ for _world_name, _world in (("dense", dense_world), ("sparse", resparsify_world)
     error(f"sparsify[{_world_name}](density below a dense first layer)", _world,
           lambda w: sparsekern.sparsify(w.model, 0.01, dense_first_layer=True), ValueError, "density")
 
+error("sparsify(optimizer='sgd')", dense_world, lambda w: sparsekern.sparsify(w.model, 0.5, optimizer="sgd"),
+      TypeError, "^optimizer must be")
+error("sparsify(optimizer=LBFGS)", lambda tmp_path=None: _lbfgs_world(model=dense_model()),
+      lambda w: sparsekern.sparsify(w.model, 0.5, mask="magnitude", optimizer=w.optimizer), ValueError,
+      "^optimizer is a torch.optim.LBFGS")
 error("sparsify(model=5)", dense_world, lambda w: sparsekern.sparsify(5, 0.5), TypeError, "model")
 error("sparsify(model=None)", dense_world, lambda w: sparsekern.sparsify(None, 0.5), TypeError, "model")
 def _nan_weight_dense_world(tmp_path=None):
@@ -547,6 +552,26 @@ error("DST(block=(2, 2), prune='set')", model_world, _dst_call(DST, {"block": (2
 error("DST(model=None)", model_world, lambda w: DST(None, w.optimizer, total_steps=10), TypeError, "model")
 error("DST(optimizer=None)", model_world, lambda w: DST(w.model, None, total_steps=10), TypeError, "optimizer")
 error("DST(optimizer='sgd')", model_world, lambda w: DST(w.model, "sgd", total_steps=10), TypeError, "optimizer")
+
+
+def _lbfgs_world(tmp_path=None, model=None):
+    """A model trained one step by torch.optim.LBFGS, whose history no mask change can follow."""
+    model = sparse_model() if model is None else model
+    optimizer = torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=2)
+
+    def closure():
+        optimizer.zero_grad()
+        x, y = batch()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+    optimizer.step(closure)
+    return SimpleNamespace(model=model, optimizer=optimizer)
+
+
+for _factory in (DST, sparsekern.RigL, sparsekern.SET):
+    error(f"{_factory.__name__}(optimizer=LBFGS)", _lbfgs_world, _dst_call(_factory, {}), ValueError,
+          "^optimizer is a torch.optim.LBFGS")
 error("DST(dense model)", model_world,
       lambda w: DST(dense_model(), torch.optim.SGD(dense_model().parameters(), lr=0.1), total_steps=10),
       ValueError, "sparse modules")
@@ -1092,6 +1117,9 @@ for _name, _call in (("masks_identical", lambda w: distributed.masks_identical(w
           "process group")
 error("distributed.broadcast_masks(optimizer='sgd')", model_world,
       lambda w: distributed.broadcast_masks(w.model, optimizer="sgd"), TypeError, "^optimizer must be")
+error("distributed.broadcast_masks(optimizer=LBFGS)", _lbfgs_world,
+      lambda w: distributed.broadcast_masks(w.model, optimizer=w.optimizer), ValueError,
+      "^optimizer is a torch.optim.LBFGS")
 
 
 # -- sparsekern.checkpoint -------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from ..ops import _checks, _transforms, reference
 from . import criteria, distributed, schedules
 from ._gradients import GradientWatch, all_finite
 from ..nn import sparse_modules, tying
-from ..nn.sparsify import optimizer_state
+from ..nn.sparsify import check_optimizer, optimizer_state
 
 SCOPES = ("layer", "global")
 _HEAD = 4096   # entries of a mask that _warn_if_emptied reads first
@@ -50,7 +50,9 @@ class DST:
             in place, and must stay on one device.
         optimizer: the torch optimizer of the model's parameters; its per-weight state tensors
             (momentum, Adam moments: every state tensor shaped like the weight) are zeroed at
-            inactive positions on update steps.
+            inactive positions on update steps. Not an LBFGS (ValueError): its history, flattened
+            over all parameters, cannot follow a mask update, and its closure's backward would
+            recompute the gradients step() masked (dense before an update step).
         prune: pruning criterion, one of `sparsekern.algorithms.criteria.PRUNE` (drop the lowest score):
             "magnitude", "set", "mest", "snip", "sensitivity", "rsensitivity", "random".
         grow: growth criterion, "gradient" (largest |g| among inactive) or "random".
@@ -133,6 +135,7 @@ class DST:
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        check_optimizer(optimizer, "DST changes masks as it trains: use another optimizer")
         self._prune = criteria.lookup(prune, criteria.PRUNE, "prune")
         self._grow = criteria.lookup(grow, criteria.GROW, "grow")
         self.schedule = schedules.make(schedule, total_steps, update_every=update_every, end_step=end_step,
