@@ -689,10 +689,12 @@ def _masks_with(world, name, value, masks=None):
 
 
 def _schedule_with(world, key, value):
-    return _replace(world.state["schedule"], key, value)
+    """world's saved DST state with schedule[key] replaced."""
+    return _replace(world.state, "schedule", _replace(world.state["schedule"], key, value))
 
 
-_MASKS = "state\\['masks'\\]"   # the masks' own error, not a state that lacks them
+# The entries' own errors, not that of a state that lacks them.
+_MASKS, _SCHEDULE = "state\\['masks'\\]", "state\\['schedule'\\]"
 DST_STATES = [
     ("not a dict", lambda w: None, TypeError, "state"), ("a list", lambda w: [], TypeError, "state"),
     ("a string", lambda w: "state", TypeError, "state"),
@@ -713,12 +715,12 @@ DST_STATES = [
     ("masks with a sparse mask", lambda w: _masks_with(w, "5", w.state["masks"]["5"].to_sparse(),
                                                        _masks_with(w, "0", ~w.state["masks"]["0"])["masks"]),
      ValueError, _MASKS),
-    ("schedule=None", lambda w: _replace(w.state, "schedule", None), ValueError, "schedule"),
-    ("schedule without update_every", lambda w: _schedule_with(w, "update_every", _DELETE), ValueError, "schedule"),
-    ("schedule with an extra key", lambda w: _schedule_with(w, "warmup", 3), ValueError, "schedule"),
-    *[(f"schedule.{key}={_show(v)}",
-       lambda w, k=key, v=v: _replace(w.state, "schedule", _schedule_with(w, "name" if k == "schedule" else k, v)),
-       ValueError, key)
+    ("schedule=None", lambda w: _replace(w.state, "schedule", None), ValueError, _SCHEDULE),
+    ("schedule without update_every", lambda w: _schedule_with(w, "update_every", _DELETE), ValueError,
+     _SCHEDULE),
+    ("schedule with an extra key", lambda w: _schedule_with(w, "warmup", 3), ValueError, _SCHEDULE),
+    *[(f"schedule.{key}={_show(v)}", lambda w, k=key, v=v: _schedule_with(w, "name" if k == "schedule" else k, v),
+       ValueError, f"{_SCHEDULE}.*{key}")
       for key, values in (("update_every", (0, -1, "2", None, 2.5)), ("total_steps", (0, -3, None)),
                           ("end_step", (0, "10")), ("drop_fraction", (2.0, NAN, -1.0, "0.3")),
                           ("final_drop_fraction", (5.0, NAN, None)), ("schedule", ("step", None, 3)))
