@@ -32,7 +32,7 @@ from torch import Tensor, nn
 import sparsekern
 from sparsekern import checkpoint, ops
 from sparsekern.algorithms import DST, IMP, SWAMP, OptG, distributed
-from sparsekern.nn import SparseLinear, distributions, init, sparse_modules
+from sparsekern.nn import SparseConv2d, SparseLinear, distributions, init, sparse_modules
 from sparsekern.ops import _backend
 
 from .helpers import reversed_dims
@@ -1457,6 +1457,17 @@ def _sparse_weight_world(tmp_path=None):
     return SimpleNamespace(model=nn.Sequential(nn.Linear(3, 6), layer))
 
 
+for _name, _convert in (("a sparse", _sparse), ("an mkldnn", lambda t: t.to_mkldnn()),
+                        ("an int64", lambda t: t.to(torch.int64))):
+    def _dense_world_with(tmp_path=None, convert=_convert):
+        linear, conv = nn.Linear(6, 4), nn.Conv2d(2, 3, 3)
+        for module in (linear, conv):
+            module.weight = nn.Parameter(convert(module.weight.detach()), requires_grad=False)
+        return SimpleNamespace(linear=linear, conv=conv)
+    error(f"SparseLinear.from_dense(a Linear with {_name} weight)", _dense_world_with,
+          lambda w: SparseLinear.from_dense(w.linear), TypeError, "^SparseLinear.from_dense takes a")
+    error(f"SparseConv2d.from_dense(a Conv2d with {_name} weight)", _dense_world_with,
+          lambda w: SparseConv2d.from_dense(w.conv), TypeError, "^SparseConv2d.from_dense takes a")
 error("sparsify(a Linear with a sparse weight)", _sparse_weight_world, lambda w: sparsekern.sparsify(w.model, 0.5),
       TypeError, "layer '1' has a torch.sparse_coo weight")
 

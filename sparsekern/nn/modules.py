@@ -275,6 +275,7 @@ class SparseLinear(SparseModule, nn.Linear):
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"{cls.__name__}.from_dense takes an nn.Linear, got {type(linear).__name__}")
+        _check_adoptable_weight(cls, linear)
         sparse = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
                      device="meta", dtype=linear.weight.dtype)
         return _adopt_parameters(sparse, linear)
@@ -324,6 +325,7 @@ class SparseConvNd(SparseModule):
         if not isinstance(conv, cls.dense_class):
             raise TypeError(f"{cls.__name__}.from_dense takes an nn.{cls.dense_class.__name__}, "
                             f"got {type(conv).__name__}")
+        _check_adoptable_weight(cls, conv)
         sparse = cls(**_conv_arguments(conv), device="meta", dtype=conv.weight.dtype)
         return _adopt_parameters(sparse, conv)
 
@@ -361,6 +363,18 @@ def _conv_arguments(conv: nn.Module) -> dict:
                 kernel_size=conv.kernel_size, stride=conv.stride, padding=conv.padding,
                 dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
                 padding_mode=conv.padding_mode)
+
+
+def _check_adoptable_weight(cls: type, dense: nn.Module) -> None:
+    """TypeError unless `dense`'s weight is one a sparse module can take (sparsify's check): a
+    torch.sparse or mkldnn weight failed in the dispatcher as the mask was made ("Could not run
+    'aten::fill_.Scalar' with arguments from the 'SparseCPU' backend"), an integer one as the module was."""
+    weight = dense.weight
+    if weight.layout != torch.strided:
+        raise TypeError(f"{cls.__name__}.from_dense takes a dense (strided) weight, got layout {weight.layout}")
+    if weight.dtype not in _checks.SCORE_DTYPES:
+        raise TypeError(f"{cls.__name__}.from_dense takes a float16, bfloat16, float32 or float64 weight, "
+                        f"got {weight.dtype}")
 
 
 def _adopt_parameters(sparse: SparseModule, dense: nn.Module) -> SparseModule:
