@@ -203,7 +203,10 @@ def _check_loaded_mask(mask, key: str) -> None:
     changes. The copy into the bool buffer reads any non-zero as kept, which is right for the 0/1
     float masks of torch.nn.utils.prune but would keep an entry saved as 0.5, NaN, -1 or 2 (a soft
     mask or scores saved by mistake). Modules that torch's load_state_dict reached earlier are
-    already loaded, as with any error it raises."""
+    already loaded, as with any error it raises. A torch.sparse or mkldnn mask is refused too: its
+    values cannot be read so, and copy_ into the buffer refuses it only after the weight has loaded."""
+    if isinstance(mask, Tensor) and mask.layout != torch.strided:
+        raise ValueError(f"state dict entry {key!r} must be a dense (strided) tensor, got layout {mask.layout}")
     if not isinstance(mask, Tensor) or mask.dtype == torch.bool or mask.is_meta:
         return
     if not bool(((mask == 0) | (mask == 1)).all()):
