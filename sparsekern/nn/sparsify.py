@@ -154,9 +154,20 @@ def check_optimizer(optimizer, instead: str) -> None:
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer, weight: Tensor) -> list[Tensor]:
-    """The optimizer's per-entry state tensors of `weight` (not scalars such as Adam's step)."""
-    return [value for value in optimizer.state.get(weight, {}).values()
+    """The optimizer's per-entry state tensors of `weight` (not scalars such as Adam's step). A
+    ZeroRedundancyOptimizer keeps this rank's shard of its state in its local optimizer, not in its
+    own `state` (empty): that shard is read, and every rank, which runs the same code, masks its own."""
+    return [value for value in _state(optimizer).get(weight, {}).values()
             if isinstance(value, Tensor) and value.shape == weight.shape]
+
+
+def _state(optimizer: torch.optim.Optimizer) -> dict:
+    if torch.distributed.is_available():
+        from torch.distributed.optim import ZeroRedundancyOptimizer  # imported once, then looked up
+
+        if isinstance(optimizer, ZeroRedundancyOptimizer):
+            return optimizer.optim.state
+    return optimizer.state
 
 
 def _patterns(patterns, name: str) -> list[str] | None:

@@ -544,6 +544,28 @@ def test_a_sparse_gradient_of_another_parameter_is_checked_by_its_values(poison,
     assert (not torch.equal(before, layer.mask)) is updates
 
 
+@pytest.fixture
+def one_rank(tmp_path):
+    """A gloo process group of this process alone."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp_path / 'rendezvous'}")
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
+def test_the_momentum_zero_redundancy_optimizer_keeps_is_zeroed_too(one_rank):
+    # ZeroRedundancyOptimizer's own `state` is empty: each rank's shard lives in its local optimizer. Read
+    # there, DST's dropped weights keep no momentum; read from `state`, they moved off 0 at the next step.
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    model = small_model()
+    optimizer = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.SGD, lr=0.1, momentum=0.9)
+    algo = sparsekern.SET(model, optimizer, update_every=2, total_steps=40)
+    for step in range(5):
+        train_step(model, optimizer, algo, step)
+        assert_inactive_zero(model)
+
+
 def test_the_emptied_layer_warning_reads_whole_masks_whose_first_entries_are_inactive():
     # Both layers hold more entries than the warning's first look (4096): layer 0 keeps one active
     # entry past it, layer 2 none at all.
