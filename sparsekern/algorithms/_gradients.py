@@ -30,7 +30,7 @@ def all_finite(grads: Sequence[Tensor]) -> bool:
 
 def _stored_values(grad: Tensor) -> Tensor:
     if grad.layout == torch.sparse_coo:
-        return grad._values()   # uncoalesced: summing duplicates could overflow, or cancel infs
+        return grad.coalesce().values()   # the gradient the optimizer applies: duplicates summed
     if grad.layout != torch.strided:
         return grad.values()    # compressed layouts (CSR, CSC, BSR, BSC)
     return grad

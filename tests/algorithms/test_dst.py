@@ -528,7 +528,7 @@ def test_an_update_waits_only_for_gradients_that_are_not_finite(poison, updates)
         assert torch.equal(module.weight.grad[~module.mask], torch.zeros_like(module.weight.grad[~module.mask])), name
 
 
-@pytest.mark.parametrize("poison, updates", [(1.0, True), (float("inf"), False)])
+@pytest.mark.parametrize("poison, updates", [(1.0, True), (3e38, False), (float("inf"), False)])
 def test_a_sparse_gradient_of_another_parameter_is_checked_by_its_values(poison, updates):
     # An nn.Embedding(sparse=True) beside the sparse layers: the optimizer holds its torch.sparse gradient,
     # whose overflow (a step a GradScaler skips) raised NotImplementedError from isfinite (no sparse kernel).
@@ -538,7 +538,9 @@ def test_a_sparse_gradient_of_another_parameter_is_checked_by_its_values(poison,
     algo = sparsekern.RigL(nn.ModuleList([embedding, layer]), optimizer, update_every=1, total_steps=10,
                            drop_fraction=0.5)
     layer(embedding(torch.tensor([[1, 2], [3, 1]])).mean(1)).square().sum().backward()
-    embedding.weight.grad = torch.sparse_coo_tensor([[1, 1]], [[poison] * 8, [-poison] * 8], (10, 8))
+    # Two entries for one row, as an embedding's backward leaves them: summed, they are what the optimizer
+    # applies (3e38 twice overflows float32 to inf).
+    embedding.weight.grad = torch.sparse_coo_tensor([[1, 1]], [[poison] * 8, [poison] * 8], (10, 8))
     before = layer.mask.clone()
     assert algo.step() is updates
     assert (not torch.equal(before, layer.mask)) is updates
