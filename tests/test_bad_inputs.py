@@ -32,7 +32,7 @@ from torch import Tensor, nn
 import sparsekern
 from sparsekern import checkpoint, ops
 from sparsekern.algorithms import DST, IMP, SWAMP, OptG, distributed
-from sparsekern.nn import SparseLinear, distributions, init, sparse_modules
+from sparsekern.nn import SparseConv2d, SparseLinear, distributions, init, sparse_modules
 from sparsekern.ops import _backend
 
 from .helpers import reversed_dims
@@ -346,6 +346,11 @@ for _world_name, _world in (("dense", dense_world), ("sparse", resparsify_world)
     error(f"sparsify[{_world_name}](density below a dense first layer)", _world,
           lambda w: sparsekern.sparsify(w.model, 0.01, dense_first_layer=True), ValueError, "density")
 
+error("sparsify(optimizer='sgd')", dense_world, lambda w: sparsekern.sparsify(w.model, 0.5, optimizer="sgd"),
+      TypeError, "^optimizer must be")
+error("sparsify(optimizer=LBFGS)", lambda tmp_path=None: _lbfgs_world(model=dense_model()),
+      lambda w: sparsekern.sparsify(w.model, 0.5, mask="magnitude", optimizer=w.optimizer), ValueError,
+      "^optimizer is a torch.optim.LBFGS")
 error("sparsify(model=5)", dense_world, lambda w: sparsekern.sparsify(5, 0.5), TypeError, "model")
 error("sparsify(model=None)", dense_world, lambda w: sparsekern.sparsify(None, 0.5), TypeError, "model")
 def _nan_weight_dense_world(tmp_path=None):
@@ -547,6 +552,26 @@ error("DST(block=(2, 2), prune='set')", model_world, _dst_call(DST, {"block": (2
 error("DST(model=None)", model_world, lambda w: DST(None, w.optimizer, total_steps=10), TypeError, "model")
 error("DST(optimizer=None)", model_world, lambda w: DST(w.model, None, total_steps=10), TypeError, "optimizer")
 error("DST(optimizer='sgd')", model_world, lambda w: DST(w.model, "sgd", total_steps=10), TypeError, "optimizer")
+
+
+def _lbfgs_world(tmp_path=None, model=None):
+    """A model trained one step by torch.optim.LBFGS, whose history no mask change can follow."""
+    model = sparse_model() if model is None else model
+    optimizer = torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=2)
+
+    def closure():
+        optimizer.zero_grad()
+        x, y = batch()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+    optimizer.step(closure)
+    return SimpleNamespace(model=model, optimizer=optimizer)
+
+
+for _factory in (DST, sparsekern.RigL, sparsekern.SET):
+    error(f"{_factory.__name__}(optimizer=LBFGS)", _lbfgs_world, _dst_call(_factory, {}), ValueError,
+          "^optimizer is a torch.optim.LBFGS")
 error("DST(dense model)", model_world,
       lambda w: DST(dense_model(), torch.optim.SGD(dense_model().parameters(), lr=0.1), total_steps=10),
       ValueError, "sparse modules")
@@ -658,14 +683,18 @@ def _replace(mapping: dict, key, value) -> dict:
 _DELETE = object()
 
 
-def _masks_with(world, name, value):
-    return _replace(world.state["masks"], name, value)
+def _masks_with(world, name, value, masks=None):
+    """world's saved DST state with masks[name] replaced (in `masks`, where given)."""
+    return _replace(world.state, "masks", _replace(world.state["masks"] if masks is None else masks, name, value))
 
 
 def _schedule_with(world, key, value):
-    return _replace(world.state["schedule"], key, value)
+    """world's saved DST state with schedule[key] replaced."""
+    return _replace(world.state, "schedule", _replace(world.state["schedule"], key, value))
 
 
+# The entries' own errors, not that of a state that lacks them.
+_MASKS, _SCHEDULE = "state\\['masks'\\]", "state\\['schedule'\\]"
 DST_STATES = [
     ("not a dict", lambda w: None, TypeError, "state"), ("a list", lambda w: [], TypeError, "state"),
     ("a string", lambda w: "state", TypeError, "state"),
@@ -673,21 +702,25 @@ DST_STATES = [
       for key in ("step_count", "masks", "schedule", "generator")],
     *[(f"step_count={_show(v)}", lambda w, v=v: _replace(w.state, "step_count", v), ValueError, "step_count")
       for v in (-1, 1.5, "3", None, True)],
-    ("masks=[]", lambda w: _replace(w.state, "masks", []), ValueError, "masks"),
-    ("masks without one layer", lambda w: _masks_with(w, "3", _DELETE), ValueError, "masks"),
-    ("masks with an extra layer", lambda w: _masks_with(w, "7", torch.ones(2, dtype=torch.bool)), ValueError, "masks"),
-    ("masks with a float mask", lambda w: _masks_with(w, "3", w.state["masks"]["3"].float()), ValueError, "masks"),
+    ("masks=[]", lambda w: _replace(w.state, "masks", []), ValueError, _MASKS),
+    ("masks without one layer", lambda w: _masks_with(w, "3", _DELETE), ValueError, _MASKS),
+    ("masks with an extra layer", lambda w: _masks_with(w, "7", torch.ones(2, dtype=torch.bool)), ValueError, _MASKS),
+    ("masks with a float mask", lambda w: _masks_with(w, "3", w.state["masks"]["3"].float()), ValueError, _MASKS),
     ("masks with a uint8 mask", lambda w: _masks_with(w, "3", w.state["masks"]["3"].to(torch.uint8)),
-     ValueError, "masks"),
-    ("masks with a transposed mask", lambda w: _masks_with(w, "3", w.state["masks"]["3"].T), ValueError, "masks"),
-    ("masks with a list", lambda w: _masks_with(w, "3", w.state["masks"]["3"].tolist()), ValueError, "masks"),
-    ("masks with a meta mask", lambda w: _masks_with(w, "3", w.state["masks"]["3"].to("meta")), ValueError, "masks"),
-    ("schedule=None", lambda w: _replace(w.state, "schedule", None), ValueError, "schedule"),
-    ("schedule without update_every", lambda w: _schedule_with(w, "update_every", _DELETE), ValueError, "schedule"),
-    ("schedule with an extra key", lambda w: _schedule_with(w, "warmup", 3), ValueError, "schedule"),
-    *[(f"schedule.{key}={_show(v)}",
-       lambda w, k=key, v=v: _replace(w.state, "schedule", _schedule_with(w, "name" if k == "schedule" else k, v)),
-       ValueError, key)
+     ValueError, _MASKS),
+    ("masks with a transposed mask", lambda w: _masks_with(w, "3", w.state["masks"]["3"].T), ValueError, _MASKS),
+    ("masks with a list", lambda w: _masks_with(w, "3", w.state["masks"]["3"].tolist()), ValueError, _MASKS),
+    ("masks with a meta mask", lambda w: _masks_with(w, "3", w.state["masks"]["3"].to("meta")), ValueError, _MASKS),
+    # A torch.sparse mask after one that differs: layers set before it must not change.
+    ("masks with a sparse mask", lambda w: _masks_with(w, "5", w.state["masks"]["5"].to_sparse(),
+                                                       _masks_with(w, "0", ~w.state["masks"]["0"])["masks"]),
+     ValueError, _MASKS),
+    ("schedule=None", lambda w: _replace(w.state, "schedule", None), ValueError, _SCHEDULE),
+    ("schedule without update_every", lambda w: _schedule_with(w, "update_every", _DELETE), ValueError,
+     _SCHEDULE),
+    ("schedule with an extra key", lambda w: _schedule_with(w, "warmup", 3), ValueError, _SCHEDULE),
+    *[(f"schedule.{key}={_show(v)}", lambda w, k=key, v=v: _schedule_with(w, "name" if k == "schedule" else k, v),
+       ValueError, f"{_SCHEDULE}.*{key}")
       for key, values in (("update_every", (0, -1, "2", None, 2.5)), ("total_steps", (0, -3, None)),
                           ("end_step", (0, "10")), ("drop_fraction", (2.0, NAN, -1.0, "0.3")),
                           ("final_drop_fraction", (5.0, NAN, None)), ("schedule", ("step", None, 3)))
@@ -710,7 +743,7 @@ for _scope in ("layer", "global"):
 def _unblocked_mask(world):
     mask = world.state["masks"]["3"].clone()
     mask[0, 0] = not mask[0, 0]
-    return _masks_with(world, "3", mask)
+    return _masks_with(world, "3", mask)["masks"]
 
 
 error("RigL[block].load_state_dict(masks not made of whole blocks)", block_dst_world,
@@ -788,6 +821,9 @@ TICKET_STATES = [
     ("rewind_state with a meta tensor",
      lambda w: _rewind_with(w, "3.bias", w.state["rewind_state"]["3.bias"].to("meta")),
      ValueError, "rewind_state"),
+    ("rewind_state with a sparse tensor",
+     lambda w: _rewind_with(w, "5.bias", w.state["rewind_state"]["5.bias"].to_sparse()),
+     ValueError, "rewind_state"),
     ("rewind_state=None past the rewind step", lambda w: _replace(w.state, "rewind_state", None), ValueError,
      "rewind_state"),
     # States a loop cannot produce, as from a run with another rewind_step (worlds: k >= 1, step 4).
@@ -863,6 +899,9 @@ SWAMP_STATES = TICKET_STATES + [
     ("particle_sum=5", lambda w: _replace(w.state, "particle_sum", 5), ValueError, "particle_sum"),
     ("particle_sum of one tensor", lambda w: _replace(w.state, "particle_sum", [torch.ones(3)]), ValueError,
      "particle_sum"),
+    ("particle_average with a sparse tensor",
+     lambda w: _replace(w.state, "particle_average", [t.to_sparse() for t in w.state["particle_average"]]),
+     ValueError, "particle_average"),
 ]
 
 
@@ -883,6 +922,9 @@ error("IMP.reset(transposed masks)", imp_world, lambda w: w.algo.reset([reversed
       "masks")
 error("IMP.reset(meta masks)", imp_world, lambda w: w.algo.reset([m.to("meta") for m in w.algo.masks]), ValueError,
       "masks")
+error("IMP.reset(a sparse mask after a changed one)", imp_world,
+      lambda w: w.algo.reset([~w.algo.masks[0], *w.algo.masks[1:-1], w.algo.masks[-1].to_sparse()]), ValueError,
+      "masks\\[2\\]")
 error("IMP.reset(one mask too few)", imp_world, lambda w: w.algo.reset(w.algo.masks[1:]), ValueError, "masks")
 for _cls, _world in (("IMP", imp_world), ("SWAMP", swamp_world)):
     for _cycles, _error in ((0, ValueError), (-1, ValueError), ("2", TypeError), (1.5, TypeError), (None, TypeError)):
@@ -984,6 +1026,19 @@ def _scores_with(world, index, value):
     return _replace(world.state, "scores", scores)
 
 
+def _optg_masks_with(world, index, value):
+    masks = list(world.state["masks"])
+    masks[index] = value
+    return _replace(world.state, "masks", masks)
+
+
+def _bumped_optg_state(world):
+    """world with a state whose epoch, first score and first mask differ from the OptG's own."""
+    bumped = _scores_with(world, 0, world.state["scores"][0] + 1)
+    bumped = _optg_masks_with(SimpleNamespace(state=bumped), 0, ~world.state["masks"][0])
+    return SimpleNamespace(state=_replace(bumped, "epoch", 0))
+
+
 OPTG_STATES = [
     ("None", lambda w: None, TypeError, "state"), ("{}", lambda w: {}, ValueError, "lacks"),
     *[(f"without {key}", lambda w, k=key: _replace(w.state, k, _DELETE), ValueError, key)
@@ -996,6 +1051,11 @@ OPTG_STATES = [
     ("scores with a wrong dtype", lambda w: _scores_with(w, 1, w.state["scores"][1].double()), ValueError, "scores"),
     ("scores with a meta tensor", lambda w: _scores_with(w, 1, w.state["scores"][1].to("meta")), ValueError,
      "scores"),
+    # torch.sparse tensors after entries that differ: nothing may be loaded before the refusal.
+    ("scores with a sparse tensor", lambda w: _scores_with(_bumped_optg_state(w), 1, w.state["scores"][1].to_sparse()),
+     ValueError, "scores"),
+    ("masks with a sparse mask", lambda w: _optg_masks_with(_bumped_optg_state(w), 1, w.state["masks"][1].to_sparse()),
+     ValueError, "masks"),
     ("scores with NaN", lambda w: _scores_with(w, 1, torch.full_like(w.state["scores"][1], NAN)), ValueError,
      "scores"),
     ("scores with inf", lambda w: _scores_with(w, 0, torch.full_like(w.state["scores"][0], INF)), ValueError,
@@ -1059,6 +1119,9 @@ for _name, _call in (("masks_identical", lambda w: distributed.masks_identical(w
           "process group")
 error("distributed.broadcast_masks(optimizer='sgd')", model_world,
       lambda w: distributed.broadcast_masks(w.model, optimizer="sgd"), TypeError, "^optimizer must be")
+error("distributed.broadcast_masks(optimizer=LBFGS)", _lbfgs_world,
+      lambda w: distributed.broadcast_masks(w.model, optimizer=w.optimizer), ValueError,
+      "^optimizer is a torch.optim.LBFGS")
 
 
 # -- sparsekern.checkpoint -------------------------------------------------------------------------
@@ -1394,6 +1457,17 @@ def _sparse_weight_world(tmp_path=None):
     return SimpleNamespace(model=nn.Sequential(nn.Linear(3, 6), layer))
 
 
+for _name, _convert in (("a sparse", _sparse), ("an mkldnn", lambda t: t.to_mkldnn()),
+                        ("an int64", lambda t: t.to(torch.int64))):
+    def _dense_world_with(tmp_path=None, convert=_convert):
+        linear, conv = nn.Linear(6, 4), nn.Conv2d(2, 3, 3)
+        for module in (linear, conv):
+            module.weight = nn.Parameter(convert(module.weight.detach()), requires_grad=False)
+        return SimpleNamespace(linear=linear, conv=conv)
+    error(f"SparseLinear.from_dense(a Linear with {_name} weight)", _dense_world_with,
+          lambda w: SparseLinear.from_dense(w.linear), TypeError, "^SparseLinear.from_dense takes a")
+    error(f"SparseConv2d.from_dense(a Conv2d with {_name} weight)", _dense_world_with,
+          lambda w: SparseConv2d.from_dense(w.conv), TypeError, "^SparseConv2d.from_dense takes a")
 error("sparsify(a Linear with a sparse weight)", _sparse_weight_world, lambda w: sparsekern.sparsify(w.model, 0.5),
       TypeError, "layer '1' has a torch.sparse_coo weight")
 

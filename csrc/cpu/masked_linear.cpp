@@ -46,9 +46,12 @@ class MaskedLinear : public torch::autograd::Function<MaskedLinear> {
     const bool has_bias = bias.has_value() && bias->defined();
     ctx->saved_data["flags"] = (dense_grad ? kDenseGrad : 0) | (zero_off_mask ? kZeroOffMask : 0) |
                                (has_bias ? kHasBias : 0);
-    // Only what the requested gradients read: dx reads the weight, dweight reads x.
-    ctx->save_for_backward({ctx->needs_input_grad(kWeight) ? x : at::Tensor(),
-                            ctx->needs_input_grad(kX) ? weight : at::Tensor(), mask});
+    // Only what the gradients to come read: dx reads the weight, dweight reads x. Asked of the inputs,
+    // not of ctx->needs_input_grad: run inside a backward (non-reentrant activation checkpointing
+    // recomputes the forward there), that answers for the backward under way, whose graph lacks the
+    // nodes just recorded, and saved less than the first forward did (CheckpointError).
+    ctx->save_for_backward(
+        {weight.requires_grad() ? x : at::Tensor(), x.requires_grad() ? weight : at::Tensor(), mask});
     return at::linear(x, zero_off_mask ? weight : masked(weight, mask), bias);
   }
 

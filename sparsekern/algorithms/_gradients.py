@@ -15,15 +15,25 @@ def all_finite(grads: Sequence[Tensor]) -> bool:
 
     A sum is finite whenever all its terms are (NaN and inf propagate through it), and one
     reduction pass costs a fifth of torch.isfinite's on CPU; only a sum that overflowed, or a
-    gradient that really is not finite, pays the exact check as well."""
+    gradient that really is not finite, pays the exact check as well. A torch.sparse gradient (an
+    nn.Embedding(sparse=True) the optimizer holds) is read by its stored values: isfinite has no
+    sparse kernel."""
     by_device: dict[torch.device, list[Tensor]] = {}
     for grad in grads:
-        by_device.setdefault(grad.device, []).append(grad)
+        by_device.setdefault(grad.device, []).append(_stored_values(grad))
     for group in by_device.values():
         sums = torch.stack([g.sum().to(torch.float64) for g in group])
         if not bool(sums.isfinite().all()) and not bool(torch.stack([g.isfinite().all() for g in group]).all()):
             return False
     return True
+
+
+def _stored_values(grad: Tensor) -> Tensor:
+    if grad.layout == torch.sparse_coo:
+        return grad.coalesce().values()   # the gradient the optimizer applies: duplicates summed
+    if grad.layout != torch.strided:
+        return grad.values()    # compressed layouts (CSR, CSC, BSR, BSC)
+    return grad
 
 
 class GradientWatch:

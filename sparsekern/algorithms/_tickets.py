@@ -151,10 +151,10 @@ def check_snapshot(state, model: nn.Module, name: str) -> dict[str, Tensor]:
     checked = {}
     for key, value in current.items():
         saved = state[key]
-        if (not isinstance(saved, Tensor) or saved.shape != value.shape or saved.dtype != value.dtype
-                or saved.is_meta):
-            got = f"{saved.dtype} {tuple(saved.shape)}" if isinstance(saved, Tensor) else type(saved).__name__
-            raise ValueError(f"{name}[{key!r}] must be a {value.dtype} tensor of shape {tuple(value.shape)}, "
+        if not _dense_values(saved) or saved.shape != value.shape or saved.dtype != value.dtype:
+            got = (f"{saved.dtype} {tuple(saved.shape)} ({saved.layout}, {saved.device})" if isinstance(saved, Tensor)
+                   else type(saved).__name__)
+            raise ValueError(f"{name}[{key!r}] must be a dense {value.dtype} tensor of shape {tuple(value.shape)}, "
                              f"got {got}")
         checked[key] = saved.detach().to(value.device, copy=True)
     return checked
@@ -168,6 +168,13 @@ def restore(model: nn.Module, state: dict[str, Tensor]) -> None:
         current[name].copy_(value)
 
 
+def _dense_values(value) -> bool:
+    """Whether `value` is a tensor whose values can be copied into a module's: not a meta tensor (no
+    values), nor a torch.sparse or mkldnn one, which copy_ into a dense tensor refuses only as it
+    loads it, after the entries before it."""
+    return isinstance(value, Tensor) and value.layout == torch.strided and not value.is_meta
+
+
 def check_tensors(values, like: list[Tensor], name: str) -> list[Tensor] | None:
     """None, or a validated copy of `values`: tensors of the shapes and dtypes of `like`, on their devices."""
     if values is None:
@@ -177,9 +184,8 @@ def check_tensors(values, like: list[Tensor], name: str) -> list[Tensor] | None:
                          f"{len(values) if isinstance(values, (list, tuple)) else type(values).__name__}")
     checked = []
     for i, (value, reference) in enumerate(zip(values, like)):
-        if (not isinstance(value, Tensor) or value.shape != reference.shape or value.dtype != reference.dtype
-                or value.is_meta):
-            raise ValueError(f"{name}[{i}] must be a {reference.dtype} tensor of shape {tuple(reference.shape)}")
+        if not _dense_values(value) or value.shape != reference.shape or value.dtype != reference.dtype:
+            raise ValueError(f"{name}[{i}] must be a dense {reference.dtype} tensor of shape {tuple(reference.shape)}")
         checked.append(value.detach().to(reference.device, copy=True))
     return checked
 
@@ -192,9 +198,8 @@ def check_masks(masks, groups: list[tying.Group], name: str = "masks") -> list[T
                          f"{len(masks) if isinstance(masks, (list, tuple)) else type(masks).__name__}")
     checked = []
     for i, (mask, layer) in enumerate(zip(masks, layers)):
-        if (not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != layer.weight.shape
-                or mask.is_meta):
-            raise ValueError(f"{name}[{i}] must be a bool tensor of shape {tuple(layer.weight.shape)}")
+        if not _dense_values(mask) or mask.dtype != torch.bool or mask.shape != layer.weight.shape:
+            raise ValueError(f"{name}[{i}] must be a dense bool tensor of shape {tuple(layer.weight.shape)}")
         checked.append(mask.to(layer.mask.device))
     return checked
 

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..nn import sparse_modules
-from ..nn.sparsify import optimizer_state
+from ..nn.sparsify import check_optimizer, optimizer_state
 
 
 @torch.no_grad()
@@ -33,9 +33,9 @@ def broadcast_masks(model: nn.Module, src: int = 0, group=None, weights: bool = 
     sparse weight (momentum, Adam moments) is copied too, and is 0 off the mask: a rank that trained
     under masks of its own holds momentum that would move its weights apart from the others', and
     off the new mask, at its next step. Every rank's optimizer must hold state for the same weights
-    (each has stepped, or none has); ValueError on every rank, before anything changes, otherwise."""
-    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+    (each has stepped, or none has); ValueError on every rank, before anything changes, otherwise.
+    Not an LBFGS (ValueError): no mask change can follow its flattened history."""
+    check_optimizer(optimizer, "build a new LBFGS on every rank after broadcast_masks")
     modules = [module for _, module in sparse_modules(model)]
     states = [[] if optimizer is None else optimizer_state(optimizer, module.weight) for module in modules]
     if optimizer is not None:

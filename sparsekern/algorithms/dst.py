@@ -32,7 +32,7 @@ from ..ops import _checks, _transforms, reference
 from . import criteria, distributed, schedules
 from ._gradients import GradientWatch, all_finite
 from ..nn import sparse_modules, tying
-from ..nn.sparsify import optimizer_state
+from ..nn.sparsify import check_optimizer, optimizer_state
 
 SCOPES = ("layer", "global")
 _HEAD = 4096   # entries of a mask that _warn_if_emptied reads first
@@ -50,7 +50,9 @@ class DST:
             in place, and must stay on one device.
         optimizer: the torch optimizer of the model's parameters; its per-weight state tensors
             (momentum, Adam moments: every state tensor shaped like the weight) are zeroed at
-            inactive positions on update steps.
+            inactive positions on update steps. Not an LBFGS (ValueError): its history, flattened
+            over all parameters, cannot follow a mask update, and its closure's backward would
+            recompute the gradients step() masked (dense before an update step).
         prune: pruning criterion, one of `sparsekern.algorithms.criteria.PRUNE` (drop the lowest score):
             "magnitude", "set", "mest", "snip", "sensitivity", "rsensitivity", "random".
         grow: growth criterion, "gradient" (largest |g| among inactive) or "random".
@@ -133,6 +135,7 @@ class DST:
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        check_optimizer(optimizer, "DST changes masks as it trains: use another optimizer")
         self._prune = criteria.lookup(prune, criteria.PRUNE, "prune")
         self._grow = criteria.lookup(grow, criteria.GROW, "grow")
         self.schedule = schedules.make(schedule, total_steps, update_every=update_every, end_step=end_step,
@@ -279,9 +282,10 @@ class DST:
         staged = []
         for name, module in self.modules:
             mask = masks[name]
+            # Not a torch.sparse mask either: set_mask refuses it only once the layers before are set.
             if (not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != module.mask.shape
-                    or mask.is_meta):
-                raise ValueError(f"state['masks'][{name!r}] must be a bool tensor of shape "
+                    or mask.is_meta or mask.layout != torch.strided):
+                raise ValueError(f"state['masks'][{name!r}] must be a dense bool tensor of shape "
                                  f"{tuple(module.mask.shape)} holding values")
             mask = mask.to(module.mask.device, copy=True)
             if self.block is not None and not _Blocks(module.weight.shape, self.block).is_whole(mask):

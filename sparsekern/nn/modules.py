@@ -203,7 +203,10 @@ def _check_loaded_mask(mask, key: str) -> None:
     changes. The copy into the bool buffer reads any non-zero as kept, which is right for the 0/1
     float masks of torch.nn.utils.prune but would keep an entry saved as 0.5, NaN, -1 or 2 (a soft
     mask or scores saved by mistake). Modules that torch's load_state_dict reached earlier are
-    already loaded, as with any error it raises."""
+    already loaded, as with any error it raises. A torch.sparse or mkldnn mask is refused too: its
+    values cannot be read so, and copy_ into the buffer refuses it only after the weight has loaded."""
+    if isinstance(mask, Tensor) and mask.layout != torch.strided:
+        raise ValueError(f"state dict entry {key!r} must be a dense (strided) tensor, got layout {mask.layout}")
     if not isinstance(mask, Tensor) or mask.dtype == torch.bool or mask.is_meta:
         return
     if not bool(((mask == 0) | (mask == 1)).all()):
@@ -275,6 +278,7 @@ class SparseLinear(SparseModule, nn.Linear):
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"{cls.__name__}.from_dense takes an nn.Linear, got {type(linear).__name__}")
+        _check_adoptable_weight(cls, linear)
         sparse = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
                      device="meta", dtype=linear.weight.dtype)
         return _adopt_parameters(sparse, linear)
@@ -324,6 +328,7 @@ class SparseConvNd(SparseModule):
         if not isinstance(conv, cls.dense_class):
             raise TypeError(f"{cls.__name__}.from_dense takes an nn.{cls.dense_class.__name__}, "
                             f"got {type(conv).__name__}")
+        _check_adoptable_weight(cls, conv)
         sparse = cls(**_conv_arguments(conv), device="meta", dtype=conv.weight.dtype)
         return _adopt_parameters(sparse, conv)
 
@@ -361,6 +366,18 @@ def _conv_arguments(conv: nn.Module) -> dict:
                 kernel_size=conv.kernel_size, stride=conv.stride, padding=conv.padding,
                 dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
                 padding_mode=conv.padding_mode)
+
+
+def _check_adoptable_weight(cls: type, dense: nn.Module) -> None:
+    """TypeError unless `dense`'s weight is one a sparse module can take (sparsify's check): a
+    torch.sparse or mkldnn weight failed in the dispatcher as the mask was made ("Could not run
+    'aten::fill_.Scalar' with arguments from the 'SparseCPU' backend"), an integer one as the module was."""
+    weight = dense.weight
+    if weight.layout != torch.strided:
+        raise TypeError(f"{cls.__name__}.from_dense takes a dense (strided) weight, got layout {weight.layout}")
+    if weight.dtype not in _checks.SCORE_DTYPES:
+        raise TypeError(f"{cls.__name__}.from_dense takes a float16, bfloat16, float32 or float64 weight, "
+                        f"got {weight.dtype}")
 
 
 def _adopt_parameters(sparse: SparseModule, dense: nn.Module) -> SparseModule:

@@ -74,7 +74,8 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
             model to fine-tune it): its per-weight state (momentum, Adam moments: every state
             tensor shaped like a sparsified weight) is zeroed off the new masks. Left there, it
             would move pruned weights off 0 at the next step, and the layers, which then still
-            promise `zero_off_mask`, would compute with them.
+            promise `zero_off_mask`, would compute with them. Not an LBFGS (ValueError): its
+            history is flattened over all parameters; build it after sparsify.
     Returns:
         `model`, or its replacement if `model` itself is a Linear/Conv1d/Conv2d/Conv3d.
 
@@ -110,8 +111,7 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
         raise ValueError(f"power must be a finite number, got {power!r}")
     _checks.flag(dense_first_layer, "dense_first_layer")
     sparse_init.check_generator(generator)
-    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+    check_optimizer(optimizer, "build the LBFGS after sparsify")
 
     groups = _layers(model, include, exclude)
     if mask == "magnitude":
@@ -141,10 +141,33 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
     return _commit(model, staged, optimizer)
 
 
+def check_optimizer(optimizer, instead: str) -> None:
+    """TypeError unless `optimizer` is a torch.optim.Optimizer or None; ValueError for an LBFGS, whose
+    state (its last steps and gradient changes, each flattened over all its parameters) cannot be
+    zeroed off new masks: its next step would move the weights they prune off 0 (its closure's
+    backward also recomputes the gradients an algorithm has masked). `instead`: what to do."""
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+    if isinstance(optimizer, torch.optim.LBFGS):
+        raise ValueError("optimizer is a torch.optim.LBFGS, whose history of flattened steps cannot be zeroed off "
+                         f"the masks: its next step would move pruned weights off 0; {instead}")
+
+
 def optimizer_state(optimizer: torch.optim.Optimizer, weight: Tensor) -> list[Tensor]:
-    """The optimizer's per-entry state tensors of `weight` (not scalars such as Adam's step)."""
-    return [value for value in optimizer.state.get(weight, {}).values()
+    """The optimizer's per-entry state tensors of `weight` (not scalars such as Adam's step). A
+    ZeroRedundancyOptimizer keeps this rank's shard of its state in its local optimizer, not in its
+    own `state` (empty): that shard is read, and every rank, which runs the same code, masks its own."""
+    return [value for value in _state(optimizer).get(weight, {}).values()
             if isinstance(value, Tensor) and value.shape == weight.shape]
+
+
+def _state(optimizer: torch.optim.Optimizer) -> dict:
+    if torch.distributed.is_available():
+        from torch.distributed.optim import ZeroRedundancyOptimizer  # imported once, then looked up
+
+        if isinstance(optimizer, ZeroRedundancyOptimizer):
+            return optimizer.optim.state
+    return optimizer.state
 
 
 def _patterns(patterns, name: str) -> list[str] | None:

@@ -528,6 +528,46 @@ def test_an_update_waits_only_for_gradients_that_are_not_finite(poison, updates)
         assert torch.equal(module.weight.grad[~module.mask], torch.zeros_like(module.weight.grad[~module.mask])), name
 
 
+@pytest.mark.parametrize("poison, updates", [(1.0, True), (3e38, False), (float("inf"), False)])
+def test_a_sparse_gradient_of_another_parameter_is_checked_by_its_values(poison, updates):
+    # An nn.Embedding(sparse=True) beside the sparse layers: the optimizer holds its torch.sparse gradient,
+    # whose overflow (a step a GradScaler skips) raised NotImplementedError from isfinite (no sparse kernel).
+    embedding = nn.Embedding(10, 8, sparse=True)
+    layer = sparsekern.sparsify(nn.Linear(8, 4), 0.5, generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.SGD([*embedding.parameters(), *layer.parameters()], lr=0.1)
+    algo = sparsekern.RigL(nn.ModuleList([embedding, layer]), optimizer, update_every=1, total_steps=10,
+                           drop_fraction=0.5)
+    layer(embedding(torch.tensor([[1, 2], [3, 1]])).mean(1)).square().sum().backward()
+    # Two entries for one row, as an embedding's backward leaves them: summed, they are what the optimizer
+    # applies (3e38 twice overflows float32 to inf).
+    embedding.weight.grad = torch.sparse_coo_tensor([[1, 1]], [[poison] * 8, [poison] * 8], (10, 8))
+    before = layer.mask.clone()
+    assert algo.step() is updates
+    assert (not torch.equal(before, layer.mask)) is updates
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    """A gloo process group of this process alone."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp_path / 'rendezvous'}")
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
+def test_the_momentum_zero_redundancy_optimizer_keeps_is_zeroed_too(one_rank):
+    # ZeroRedundancyOptimizer's own `state` is empty: each rank's shard lives in its local optimizer. Read
+    # there, DST's dropped weights keep no momentum; read from `state`, they moved off 0 at the next step.
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    model = small_model()
+    optimizer = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.SGD, lr=0.1, momentum=0.9)
+    algo = sparsekern.SET(model, optimizer, update_every=2, total_steps=40)
+    for step in range(5):
+        train_step(model, optimizer, algo, step)
+        assert_inactive_zero(model)
+
+
 def test_the_emptied_layer_warning_reads_whole_masks_whose_first_entries_are_inactive():
     # Both layers hold more entries than the warning's first look (4096): layer 0 keeps one active
     # entry past it, layer 2 none at all.

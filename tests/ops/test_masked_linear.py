@@ -284,6 +284,28 @@ def test_without_a_gradient_to_compute_the_automatic_path_gives_the_reference(ze
     torch.testing.assert_close(torch.autograd.grad(y, x, grad_out)[0], grad_out @ zero_off(weight, mask))
 
 
+@pytest.mark.parametrize("zero_off_mask", [False, True])
+def test_activation_checkpointing_recomputes_what_the_forward_saved(zero_off_mask, monkeypatch, generator):
+    # Non-reentrant torch.utils.checkpoint reruns the forward inside the backward, and torch.autograd.grad
+    # asks for some inputs only: what the dense-kernel Function saves must depend on its inputs, not on
+    # that backward (its graph knows nothing of the recomputed nodes), or the recomputation saves less
+    # and checkpoint raises CheckpointError ("A different number of tensors was saved").
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    x, w1, m1, b1 = make_inputs(generator, (4,), 6, 5, torch.float32)
+    _, w2, m2, b2 = make_inputs(generator, (4,), 5, 3, torch.float32)
+    if zero_off_mask:
+        w1, w2 = zero_off(w1, m1), zero_off(w2, m2)
+    leaves = [t.requires_grad_() for t in (x, w1, b1, w2)]
+
+    def two_layers(x):
+        hidden = torch.relu(sparsekern_function(x, w1, m1, b1, False, zero_off_mask))
+        return sparsekern_function(hidden, w2, m2, b2, False, zero_off_mask)
+    expected = torch.autograd.grad(two_layers(x).square().sum(), leaves)
+    recomputed = torch.utils.checkpoint.checkpoint(two_layers, x, use_reentrant=False)
+    for got, want in zip(torch.autograd.grad(recomputed.square().sum(), leaves), expected):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("dense_grad", [False, True])
 def test_compiled_masked_path_gives_what_eager_gives(dense_grad, monkeypatch, generator, fresh_compiler):
     # Eager calls take the C++ Function (sparsekern::masked_linear_dense_kernel), torch.compile F.linear
