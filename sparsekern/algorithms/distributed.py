@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..nn import sparse_modules
+from ..nn.sharding import refuse_sharded
 from ..nn.sparsify import optimizer_state
 
 
@@ -36,6 +37,7 @@ def broadcast_masks(model: nn.Module, src: int = 0, group=None, weights: bool = 
     (each has stepped, or none has); ValueError on every rank, before anything changes, otherwise."""
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+    refuse_sharded(model, "broadcast_masks")
     modules = [module for _, module in sparse_modules(model)]
     states = [[] if optimizer is None else optimizer_state(optimizer, module.weight) for module in modules]
     if optimizer is not None:
@@ -74,6 +76,7 @@ def masks_identical(model: nn.Module, group=None, weights: bool = True) -> bool:
     answer. Pass weights=False where ranks train different weights on purpose (SWAMP's
     particles). Collective: call on every rank.
     """
+    refuse_sharded(model, "masks_identical")
     source = dist.get_global_rank(group, 0) if group is not None else 0
     same = True
     for _, module in sparse_modules(model):
@@ -96,7 +99,7 @@ def check_same_on_every_rank(state: Tensor, what: str) -> None:
     A no-op without an initialised process group of two or more ranks; otherwise collective
     (one all_gather_object of a checksum) over the default group: call on every rank.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+    if not _several_ranks():
         return
     checksum = zlib.crc32(state.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     checksums = [None] * dist.get_world_size()
@@ -106,6 +109,22 @@ def check_same_on_every_rank(state: Tensor, what: str) -> None:
         raise ValueError(f"{what} differs across ranks (ranks {differing} differ from rank 0): random "
                          f"criteria would draw different masks on each rank and the replicas would "
                          f"diverge; use the same seed (or generator state) on every rank")
+
+
+def check_masks_same_on_every_rank(model: nn.Module, who: str) -> None:
+    """ValueError on every rank unless `masks_identical(model)`: an algorithm that keeps masks equal
+    by drawing the same numbers everywhere cannot make masks equal that start apart. A no-op without
+    an initialised process group of two or more ranks; otherwise collective over the default group."""
+    if _several_ranks() and not masks_identical(model):
+        raise ValueError(f"{who}: the masks of model, or the weights under them, differ across ranks, and the "
+                         f"replicas would train apart (sparsify drew them from a generator seeded differently "
+                         f"per rank, or ran after DistributedDataParallel had copied rank 0's weights); sparsify "
+                         f"with the same generator on every rank, or call "
+                         f"sparsekern.distributed.broadcast_masks(model) first")
+
+
+def _several_ranks() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _equal_or_both_nan(a: Tensor, b: Tensor) -> bool:

@@ -50,7 +50,7 @@ class IMP:
 
     def __init__(self, model: nn.Module, optimizer_factory: OptimizerFactory, prune_fraction: float = 0.2,
                  rewind_step: int = 0, scope: str = "global", rewind: str = "weights"):
-        self._groups = _tickets.sparse_layers(model)
+        self._groups = _tickets.sparse_layers(model, "IMP")
         self.layers = _tickets.primaries(self._groups)
         _tickets.check_callable(optimizer_factory, "optimizer_factory")
         self.prune_fraction = _tickets.check_fraction(prune_fraction)

@@ -123,7 +123,7 @@ class OptG:
                  momentum: float = 0.9, nesterov: bool = False,
                  lr_schedule: Callable[[int], float] | None = None, dense_while_scores_tie: bool = True,
                  reach_target: bool = True, criterion: str = "learned", host_checks: bool = True):
-        self._groups = _tickets.sparse_layers(model)
+        self._groups = _tickets.sparse_layers(model, "OptG")
         frozen = _frozen_layers(self._groups) if criterion == "learned" else []
         self._groups = [group for group in self._groups if group[0][0] not in frozen]
         self.layers = _tickets.primaries(self._groups)

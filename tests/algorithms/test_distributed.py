@@ -31,3 +31,14 @@ def test_per_rank_seeds_are_refused_and_diverged_replicas_are_detected(tmp_path)
         assert result == {"refused": True, "diverged_detected": True, "lopsided_refused": True, "repaired": True,
                           "stays_repaired": True}, \
             (rank, result)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed with gloo")
+def test_masks_drawn_per_rank_and_sharded_models_are_refused(tmp_path):
+    finished = torchrun("tests.algorithms.replica_worker", str(tmp_path))
+    assert finished.returncode == 0, finished.stdout[-4000:] + finished.stderr[-4000:]
+    for rank in (0, 1):
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert result["refused"] and result["accepted_after_broadcast"], (rank, result)
+        assert all(result["sharded"].values()), (rank, result["sharded"])

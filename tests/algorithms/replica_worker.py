@@ -1,0 +1,75 @@
+"""One rank of test_distributed.py's replica tests (torch.distributed.run, gloo, CPU).
+
+1. Masks drawn per rank (sparsify with a rank-seeded generator; DDP copies rank 0's weights but, with
+   broadcast_buffers=False, not its masks) are refused by DST on every rank, and accepted once
+   broadcast_masks has made them rank 0's.
+2. A model sharded by fully_shard (DTensor weights) is refused, with a ValueError that says so, by
+   sparsify, DST, IMP, OptG, SWAMP, masks_identical and broadcast_masks, before any of them fails
+   inside an op.
+Writes {"refused", "accepted_after_broadcast", "sharded": {who: refused}} to <out>/rank<r>.pt.
+"""
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import sparsekern
+from sparsekern.algorithms import distributed
+
+from ..helpers import end_rank
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+def refuses(call, words):
+    try:
+        call()
+    except ValueError as error:
+        return words in str(error)
+    return False
+
+
+def sharded_refusals():
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        return {}
+    model = sparsekern.sparsify(mlp(), 0.5, generator=torch.Generator().manual_seed(0))
+    fully_shard(model)
+    dense = mlp()
+    fully_shard(dense)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    factory = lambda parameters: torch.optim.SGD(parameters, lr=0.1)
+    calls = {"sparsify": lambda: sparsekern.sparsify(dense, 0.5),
+             "DST": lambda: sparsekern.RigL(model, optimizer, update_every=1, total_steps=4),
+             "IMP": lambda: sparsekern.IMP(model, factory),
+             "OptG": lambda: sparsekern.OptG(model, sparsity=0.5, epochs=2),
+             "SWAMP": lambda: sparsekern.SWAMP(model, factory, particles=2),
+             "masks_identical": lambda: distributed.masks_identical(model),
+             "broadcast_masks": lambda: distributed.broadcast_masks(model)}
+    return {who: refuses(call, "sharded across ranks") for who, call in calls.items()}
+
+
+def main(out):
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    model = sparsekern.sparsify(mlp(), 0.3, generator=torch.Generator().manual_seed(rank))
+    ddp = DistributedDataParallel(model, broadcast_buffers=False)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    refused = refuses(lambda: sparsekern.SET(ddp, optimizer, update_every=2, total_steps=20),
+                      "differ across ranks")
+    distributed.broadcast_masks(ddp)
+    sparsekern.SET(ddp, optimizer, update_every=2, total_steps=20)
+    torch.save({"refused": refused, "accepted_after_broadcast": True, "sharded": sharded_refusals()},
+               os.path.join(out, f"rank{rank}.pt"))
+    end_rank()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
