@@ -1,12 +1,12 @@
 """One rank of test_distributed.py's replica tests (torch.distributed.run, gloo, CPU).
 
 1. Masks drawn per rank (sparsify with a rank-seeded generator; DDP copies rank 0's weights but, with
-   broadcast_buffers=False, not its masks) are refused by DST on every rank, and accepted once
-   broadcast_masks has made them rank 0's.
+   broadcast_buffers=False, not its masks) are refused by DST, IMP and OptG on every rank, and DST
+   accepts them once broadcast_masks has made them rank 0's.
 2. A model sharded by fully_shard (DTensor weights) is refused, with a ValueError that says so, by
    sparsify, DST, IMP, OptG, SWAMP, masks_identical and broadcast_masks, before any of them fails
    inside an op.
-Writes {"refused", "accepted_after_broadcast", "sharded": {who: refused}} to <out>/rank<r>.pt.
+Writes {"refused": {who: refused}, "accepted_after_broadcast", "sharded": {who: refused}} to <out>/rank<r>.pt.
 """
 import os
 import sys
@@ -62,8 +62,11 @@ def main(out):
     model = sparsekern.sparsify(mlp(), 0.3, generator=torch.Generator().manual_seed(rank))
     ddp = DistributedDataParallel(model, broadcast_buffers=False)
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
-    refused = refuses(lambda: sparsekern.SET(ddp, optimizer, update_every=2, total_steps=20),
-                      "differ across ranks")
+    factory = lambda parameters: torch.optim.SGD(parameters, lr=0.1)
+    refused = {"DST": refuses(lambda: sparsekern.SET(ddp, optimizer, update_every=2, total_steps=20),
+                              "differ across ranks"),
+               "IMP": refuses(lambda: sparsekern.IMP(ddp, factory), "differ across ranks"),
+               "OptG": refuses(lambda: sparsekern.OptG(ddp, sparsity=0.9, epochs=2), "differ across ranks")}
     distributed.broadcast_masks(ddp)
     sparsekern.SET(ddp, optimizer, update_every=2, total_steps=20)
     torch.save({"refused": refused, "accepted_after_broadcast": True, "sharded": sharded_refusals()},
