@@ -6,8 +6,8 @@ numbers everywhere, and the gradient criteria read gradients that DDP has alread
 are equal on every rank. Masks alone can look equal while replicas differ: DDP copies rank 0's
 buffers, masks included, to every rank at each forward, but each rank zeroed its own weights off
 its own mask. So `masks_identical` compares the masks and the weights under them, and
-`broadcast_masks` repairs both, and the optimizer state of the sparse weights when given it (e.g. after
-loading a checkpoint on one rank). They need an
+`broadcast_masks` repairs both, the optimizer state of the sparse weights when given it, and the
+algorithm's own state (step count, random stream) when given it. They need an
 initialised `torch.distributed` process group; masks travel as uint8 (gloo has no bool all-reduce).
 """
 from __future__ import annotations
@@ -25,10 +25,16 @@ from ..nn.sparsify import optimizer_state
 
 @torch.no_grad()
 def broadcast_masks(model: nn.Module, src: int = 0, group=None, weights: bool = True,
-                    optimizer: torch.optim.Optimizer | None = None) -> None:
+                    optimizer: torch.optim.Optimizer | None = None, algorithm=None) -> None:
     """Copies rank `src`'s mask, and with `weights` its weight, into every sparse module of `model`
     on every rank (weights off the mask become 0). `model` may be wrapped in
     DistributedDataParallel. Collective: call on every rank.
+
+    With `algorithm` (the DST, IMP or OptG driving `model` on this rank), rank `src`'s
+    `algorithm.state_dict()` is loaded on every other rank first: masks alone do not make replicas
+    agree when the algorithms' step counts or random streams differ (after a checkpoint was loaded on
+    one rank only, say), since their next mask updates then differ. Loading the checkpoint on every
+    rank (`sparsekern.checkpoint.load` is safe to call from all ranks at once) needs no repair.
 
     With `optimizer` (the one training `model` on this rank), rank `src`'s per-weight state of each
     sparse weight (momentum, Adam moments) is copied too, and is 0 off the mask: a rank that trained
@@ -37,11 +43,20 @@ def broadcast_masks(model: nn.Module, src: int = 0, group=None, weights: bool = 
     (each has stepped, or none has); ValueError on every rank, before anything changes, otherwise."""
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+    from . import dst, imp, optg   # here: they import this module
+    if algorithm is not None and not isinstance(algorithm, (dst.DST, imp.IMP, optg.OptG)):
+        raise TypeError(f"algorithm must be a DST, IMP or OptG or None (SWAMP's ranks train different particles on "
+                        f"purpose), got {type(algorithm).__name__}")
     refuse_sharded(model, "broadcast_masks")
     modules = [module for _, module in sparse_modules(model)]
     states = [[] if optimizer is None else optimizer_state(optimizer, module.weight) for module in modules]
     if optimizer is not None:
         _check_same_state_counts(states, group, _device(model))
+    if algorithm is not None:
+        held = [algorithm.state_dict() if dist.get_rank() == src else None]
+        dist.broadcast_object_list(held, src=src, group=group)
+        if dist.get_rank() != src:
+            algorithm.load_state_dict(held[0])
     for module, state in zip(modules, states):
         mask = module.mask.to(torch.uint8)
         dist.broadcast(mask, src=src, group=group)
