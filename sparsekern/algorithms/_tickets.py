@@ -20,15 +20,18 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..nn import SparseModule, sparse_modules, tying
+from ..nn.sharding import refuse_sharded
 
 SCOPES = ("global", "layer")
 
 
-def sparse_layers(model: nn.Module) -> list[tying.Group]:
+def sparse_layers(model: nn.Module, who: str) -> list[tying.Group]:
     """The model's sparse modules grouped by weight; ValueError when there are none (nothing to
-    prune) or when modules sharing a weight carry different masks."""
+    prune), when modules sharing a weight carry different masks, or when the model is sharded
+    across ranks (`who`, the algorithm, names the refusal)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    refuse_sharded(model, who)
     named = sparse_modules(model)
     if not named:
         raise ValueError("model has no sparse modules: convert it with sparsekern.sparsify(model, 1.0) "

@@ -6,8 +6,8 @@ numbers everywhere, and the gradient criteria read gradients that DDP has alread
 are equal on every rank. Masks alone can look equal while replicas differ: DDP copies rank 0's
 buffers, masks included, to every rank at each forward, but each rank zeroed its own weights off
 its own mask. So `masks_identical` compares the masks and the weights under them, and
-`broadcast_masks` repairs both, and the optimizer state of the sparse weights when given it (e.g. after
-loading a checkpoint on one rank). They need an
+`broadcast_masks` repairs both, the optimizer state of the sparse weights when given it, and the
+algorithm's own state (step count, random stream) when given it. They need an
 initialised `torch.distributed` process group; masks travel as uint8 (gloo has no bool all-reduce).
 """
 from __future__ import annotations
@@ -19,15 +19,22 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..nn import sparse_modules
+from ..nn.sharding import refuse_sharded
 from ..nn.sparsify import check_optimizer, optimizer_state
 
 
 @torch.no_grad()
 def broadcast_masks(model: nn.Module, src: int = 0, group=None, weights: bool = True,
-                    optimizer: torch.optim.Optimizer | None = None) -> None:
+                    optimizer: torch.optim.Optimizer | None = None, algorithm=None) -> None:
     """Copies rank `src`'s mask, and with `weights` its weight, into every sparse module of `model`
     on every rank (weights off the mask become 0). `model` may be wrapped in
     DistributedDataParallel. Collective: call on every rank.
+
+    With `algorithm` (the DST, IMP or OptG driving `model` on this rank), rank `src`'s
+    `algorithm.state_dict()` is loaded on every other rank first: masks alone do not make replicas
+    agree when the algorithms' step counts or random streams differ (after a checkpoint was loaded on
+    one rank only, say), since their next mask updates then differ. Loading the checkpoint on every
+    rank (`sparsekern.checkpoint.load` is safe to call from all ranks at once) needs no repair.
 
     With `optimizer` (the one training `model` on this rank), rank `src`'s per-weight state of each
     sparse weight (momentum, Adam moments) is copied too, and is 0 off the mask: a rank that trained
@@ -36,10 +43,20 @@ def broadcast_masks(model: nn.Module, src: int = 0, group=None, weights: bool = 
     (each has stepped, or none has); ValueError on every rank, before anything changes, otherwise.
     Not an LBFGS (ValueError): no mask change can follow its flattened history."""
     check_optimizer(optimizer, "build a new LBFGS on every rank after broadcast_masks")
+    from . import dst, imp, optg   # here: they import this module
+    if algorithm is not None and not isinstance(algorithm, (dst.DST, imp.IMP, optg.OptG)):
+        raise TypeError(f"algorithm must be a DST, IMP or OptG or None (SWAMP's ranks train different particles on "
+                        f"purpose), got {type(algorithm).__name__}")
+    refuse_sharded(model, "broadcast_masks")
     modules = [module for _, module in sparse_modules(model)]
     states = [[] if optimizer is None else optimizer_state(optimizer, module.weight) for module in modules]
     if optimizer is not None:
         _check_same_state_counts(states, group, _device(model))
+    if algorithm is not None:
+        held = [algorithm.state_dict() if dist.get_rank() == src else None]
+        dist.broadcast_object_list(held, src=src, group=group)
+        if dist.get_rank() != src:
+            algorithm.load_state_dict(held[0])
     for module, state in zip(modules, states):
         mask = module.mask.to(torch.uint8)
         dist.broadcast(mask, src=src, group=group)
@@ -74,6 +91,7 @@ def masks_identical(model: nn.Module, group=None, weights: bool = True) -> bool:
     answer. Pass weights=False where ranks train different weights on purpose (SWAMP's
     particles). Collective: call on every rank.
     """
+    refuse_sharded(model, "masks_identical")
     source = dist.get_global_rank(group, 0) if group is not None else 0
     same = True
     for _, module in sparse_modules(model):
@@ -96,7 +114,7 @@ def check_same_on_every_rank(state: Tensor, what: str) -> None:
     A no-op without an initialised process group of two or more ranks; otherwise collective
     (one all_gather_object of a checksum) over the default group: call on every rank.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+    if not _several_ranks():
         return
     checksum = zlib.crc32(state.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     checksums = [None] * dist.get_world_size()
@@ -106,6 +124,22 @@ def check_same_on_every_rank(state: Tensor, what: str) -> None:
         raise ValueError(f"{what} differs across ranks (ranks {differing} differ from rank 0): random "
                          f"criteria would draw different masks on each rank and the replicas would "
                          f"diverge; use the same seed (or generator state) on every rank")
+
+
+def check_masks_same_on_every_rank(model: nn.Module, who: str) -> None:
+    """ValueError on every rank unless `masks_identical(model)`: an algorithm that keeps masks equal
+    by drawing the same numbers everywhere cannot make masks equal that start apart. A no-op without
+    an initialised process group of two or more ranks; otherwise collective over the default group."""
+    if _several_ranks() and not masks_identical(model):
+        raise ValueError(f"{who}: the masks of model, or the weights under them, differ across ranks, and the "
+                         f"replicas would train apart (sparsify drew them from a generator seeded differently "
+                         f"per rank, or ran after DistributedDataParallel had copied rank 0's weights); sparsify "
+                         f"with the same generator on every rank, or call "
+                         f"sparsekern.distributed.broadcast_masks(model) first")
+
+
+def _several_ranks() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _equal_or_both_nan(a: Tensor, b: Tensor) -> bool:

@@ -32,6 +32,7 @@ from ..ops import _checks, _transforms, reference
 from . import criteria, distributed, schedules
 from ._gradients import GradientWatch, all_finite
 from ..nn import sparse_modules, tying
+from ..nn.sharding import refuse_sharded
 from ..nn.sparsify import check_optimizer, optimizer_state
 
 SCOPES = ("layer", "global")
@@ -87,7 +88,10 @@ class DST:
             active positions highest and regrow exactly what was dropped. Equal seeds give equal
             masks, on every rank of a distributed run too; under an initialised torch.distributed
             process group the construction is collective and refuses (ValueError on every rank)
-            a seed or generator state that differs across ranks, which would let replicas diverge.
+            a seed or generator state that differs across ranks, which would let replicas diverge,
+            and masks (or weights under them) that already differ across ranks (see
+            `sparsekern.distributed.broadcast_masks`). A model sharded across ranks (FSDP,
+            fully_shard) raises ValueError: use DistributedDataParallel.
         host_checks: the two checks of an update step that read the device: skip the update when
             the gradients are not all finite (as torch.amp.GradScaler skips its step), and warn
             when a global update empties a layer; one device-to-host read each. False trusts the
@@ -175,6 +179,7 @@ class DST:
         _warn_if_idle(self.schedule, empty, scope)
         # Collective, and last: every rank gets here or none has anything to undo.
         distributed.check_same_on_every_rank(generator.get_state(), f"DST's random stream ({stream})")
+        distributed.check_masks_same_on_every_rank(model, "DST")
 
         self.optimizer = optimizer
         self.prune, self.grow, self.scope = prune, grow, scope
@@ -482,6 +487,7 @@ class DST:
 def _trained_layers(model: nn.Module, optimizer: torch.optim.Optimizer):
     """(primary (name, module) per weight, groups of modules sharing a weight) of the sparse modules
     that `optimizer` trains; warns about the frozen ones, which are left alone."""
+    refuse_sharded(model, "DST")
     named = sparse_modules(model)
     if not named:
         raise ValueError("model has no sparse modules; sparsify it first (sparsekern.sparsify)")

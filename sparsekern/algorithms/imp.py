@@ -12,7 +12,7 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from . import _tickets
+from . import _tickets, distributed
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 REWINDS = ("weights", "learning_rate")
@@ -46,17 +46,23 @@ class IMP:
 
     `state_dict()` holds the counters, θ_k and the optimizer's state, not the model: checkpoint
     `model.state_dict()` beside it and load the model first.
+
+    Under an initialised torch.distributed process group of several ranks (DistributedDataParallel)
+    the construction is collective and refuses (ValueError on every rank) masks, or weights under
+    them, that differ across ranks.
     """
 
     def __init__(self, model: nn.Module, optimizer_factory: OptimizerFactory, prune_fraction: float = 0.2,
                  rewind_step: int = 0, scope: str = "global", rewind: str = "weights"):
-        self._groups = _tickets.sparse_layers(model)
+        self._groups = _tickets.sparse_layers(model, "IMP")
         self.layers = _tickets.primaries(self._groups)
         _tickets.check_callable(optimizer_factory, "optimizer_factory")
         self.prune_fraction = _tickets.check_fraction(prune_fraction)
         self.rewind_step = _tickets.check_count(rewind_step, "rewind_step")
         self.scope = _tickets.check_choice(scope, "scope", _tickets.SCOPES)
         self.rewind = _tickets.check_choice(rewind, "rewind", REWINDS)
+        # Collective, after every argument check: masks that start apart across ranks stay apart.
+        distributed.check_masks_same_on_every_rank(model, "IMP")
         self.model = model
         self.optimizer_factory = optimizer_factory
         self.cycle = 0

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..nn import tying
 from ..ops import _checks
-from . import _tickets
+from . import _tickets, distributed
 from ._gradients import GradientWatch, all_finite
 
 
@@ -117,13 +117,17 @@ class OptG:
 
     `state_dict()` holds the epoch, the scores, their optimizer and the current masks; the weights
     (pruned values included) are in the model's state dict, checkpointed beside it.
+
+    Under an initialised torch.distributed process group of several ranks (DistributedDataParallel)
+    the construction is collective and refuses (ValueError on every rank) masks, or weights under
+    them, that differ across ranks.
     """
 
     def __init__(self, model: nn.Module, sparsity: float, epochs: int, lr: float = 0.1, beta: float = 1.0,
                  momentum: float = 0.9, nesterov: bool = False,
                  lr_schedule: Callable[[int], float] | None = None, dense_while_scores_tie: bool = True,
                  reach_target: bool = True, criterion: str = "learned", host_checks: bool = True):
-        self._groups = _tickets.sparse_layers(model)
+        self._groups = _tickets.sparse_layers(model, "OptG")
         frozen = _frozen_layers(self._groups) if criterion == "learned" else []
         self._groups = [group for group in self._groups if group[0][0] not in frozen]
         self.layers = _tickets.primaries(self._groups)
@@ -151,6 +155,8 @@ class OptG:
             # The mask is a top-k of scores trained in earlier epochs; the only epoch has none (all tie at 0).
             raise ValueError(f"epochs=1 would end dense, not at sparsity={sparsity}: OptG's only epoch starts with "
                              f"every score tied at 0, which dense_while_scores_tie keeps dense; use epochs >= 2")
+        # Collective, after every argument check: masks that start apart across ranks stay apart.
+        distributed.check_masks_same_on_every_rank(model, "OptG")
         if frozen:  # warned once every argument has passed
             warnings.warn(f"OptG leaves the masks of {frozen} alone: their weights do not require grad, so their "
                           f"scores would stay 0 and the global top-k would prune them by position", stacklevel=2)

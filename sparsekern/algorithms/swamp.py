@@ -71,7 +71,7 @@ class SWAMP:
                  prune_fraction: float = 0.2, rewind_step: int = 0, scope: str = "global",
                  swa_start: int | None = 0, swa_every: int = 1, bn_loader: Iterable | None = None,
                  seed: int = 0):
-        self._groups = _tickets.sparse_layers(model)
+        self._groups = _tickets.sparse_layers(model, "SWAMP")
         self.layers = _tickets.primaries(self._groups)
         _tickets.check_callable(optimizer_factory, "optimizer_factory")
         self.particles = _tickets.check_count(particles, "particles", low=1)

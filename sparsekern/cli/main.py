@@ -261,6 +261,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["compare", *argv]
+    _refuse_launcher(parser)
     if argv[0] == "bench":  # its arguments belong to the report's own parser
         sys.exit(_bench(argv[1:]))
     args = parser.parse_args(argv)
@@ -286,6 +287,18 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(130)
         finally:
             _warn_each(held)
+
+
+def _refuse_launcher(parser: argparse.ArgumentParser) -> None:
+    """One error line when torchrun (or another torch.distributed launcher, which sets WORLD_SIZE) started
+    several copies of the command: it is a single-process program, so every rank would train the same
+    runs and write the same files, in a job that looks distributed."""
+    world_size = os.environ.get("WORLD_SIZE", "1").strip()
+    if world_size not in ("", "1"):
+        parser.error(f"the command line runs in one process, but WORLD_SIZE={world_size} says a torch.distributed "
+                     f"launcher (torchrun) started it on several ranks, each of which would train the same runs "
+                     f"into the same --out: run it without the launcher (compare and reproduce train runs in "
+                     f"parallel with --jobs), or train with DistributedDataParallel from Python")
 
 
 def _warn_each(held: list) -> None:

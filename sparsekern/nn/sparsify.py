@@ -15,6 +15,7 @@ from torch.nn.utils import parametrize
 from .. import ops
 from ..ops import _checks
 from . import distributions, init as sparse_init, tying
+from .sharding import refuse_sharded
 from .modules import SparseConv1d, SparseConv2d, SparseConv3d, SparseLinear, SparseModule
 
 # Exact types: a subclass of nn.Linear may read its weight outside forward (MultiheadAttention's
@@ -46,6 +47,8 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
             float32 or float64 raises TypeError. Hooks registered on a replaced module move to its
             sparse replacement, and so do the parameters, buffers, submodules and plain attributes a
             user added to it (ValueError for one named like an attribute of the sparse module).
+            A model sharded across ranks (FSDP, fully_shard, tensor parallelism) raises ValueError:
+            sparsify, then wrap in DistributedDataParallel.
         density: overall fraction of active weights over the sparsified layers, in (0, 1] (up to
             each layer's rounding), except with distribution="uniform" and dense_first_layer, where
             every layer but the first holds `density` (RigL's uniform setting) and the total is higher.
@@ -97,6 +100,7 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    refuse_sharded(model, "sparsify")
     density = distributions.check_density(density)
     if not isinstance(distribution, str) or distribution not in distributions.DISTRIBUTIONS:
         raise ValueError(f"distribution must be one of {distributions.DISTRIBUTIONS}, got {distribution!r}")

@@ -31,3 +31,27 @@ def test_per_rank_seeds_are_refused_and_diverged_replicas_are_detected(tmp_path)
         assert result == {"refused": True, "diverged_detected": True, "lopsided_refused": True, "repaired": True,
                           "stays_repaired": True}, \
             (rank, result)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed with gloo")
+def test_masks_drawn_per_rank_and_sharded_models_are_refused_and_a_load_on_one_rank_is_repaired(tmp_path):
+    finished = torchrun("tests.algorithms.replica_worker", str(tmp_path))
+    assert finished.returncode == 0, finished.stdout[-4000:] + finished.stderr[-4000:]
+    for rank in (0, 1):
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert all(result["refused"].values()) and result["accepted_after_broadcast"], (rank, result)
+        assert all(result["sharded"].values()), (rank, result["sharded"])
+        assert result["load_on_rank_0_repaired"], rank
+
+
+def test_broadcast_masks_refuses_an_algorithm_whose_state_is_per_rank_before_any_collective():
+    # No process group here: the refusal must come before the first collective. SWAMP's ranks hold
+    # different particles, so loading rank 0's state everywhere would train particle 0 on every rank.
+    import sparsekern
+    from sparsekern.algorithms import distributed
+    model = sparsekern.sparsify(torch.nn.Linear(4, 4), 1.0)
+    swamp = sparsekern.SWAMP(model, lambda parameters: torch.optim.SGD(parameters, lr=0.1), particles=1)
+    for algorithm in (swamp, object()):
+        with pytest.raises(TypeError, match="algorithm must be a DST, IMP or OptG"):
+            distributed.broadcast_masks(model, algorithm=algorithm)

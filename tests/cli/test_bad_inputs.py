@@ -408,6 +408,17 @@ def test_bad_backend_setting_exits_2_before_training(command, value, words, tmp_
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("command", ["train", "compare", "reproduce", "bench"])
+def test_a_torchrun_launch_exits_2_before_training(command, tmp_path, capsys, monkeypatch, nothing_trains):
+    # torchrun sets WORLD_SIZE on each rank it starts; every rank would train the same runs into one --out.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    extra = {"train": ["--epochs", "1"], "compare": QUICK_COMPARE, "reproduce": ["--quick", "--jobs", "1"],
+             "bench": []}[command]
+    refused([command, *extra, *(["--out", str(tmp_path / "out")] if command != "bench" else [])], capsys,
+            "WORLD_SIZE=2")
+    assert not (tmp_path / "out").exists()
+
+
 def test_library_warnings_wait_until_the_inputs_are_accepted(tmp_path, capsys, monkeypatch):
     main_module = importlib.import_module("sparsekern.cli.main")  # the module, not the function of that name
     real_prepare = main_module.prepare

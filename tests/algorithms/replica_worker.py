@@ -1,0 +1,113 @@
+"""One rank of test_distributed.py's replica tests (torch.distributed.run, gloo, CPU).
+
+1. Masks drawn per rank (sparsify with a rank-seeded generator; DDP copies rank 0's weights but, with
+   broadcast_buffers=False, not its masks) are refused by DST, IMP and OptG on every rank, and DST
+   accepts them once broadcast_masks has made them rank 0's.
+2. broadcast_masks(algorithm=...) repairs a DST whose checkpoint only rank 0 loaded.
+3. A model sharded by fully_shard (DTensor weights) is refused, with a ValueError that says so, by
+   sparsify, DST, IMP, OptG, SWAMP, masks_identical and broadcast_masks, before any of them fails
+   inside an op.
+Writes {"refused": {who: refused}, "accepted_after_broadcast", "sharded": {who: refused},
+"load_on_rank_0_repaired"} to <out>/rank<r>.pt.
+"""
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import sparsekern
+from sparsekern.algorithms import distributed
+
+from ..helpers import end_rank
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+def refuses(call, words):
+    try:
+        call()
+    except ValueError as error:
+        return words in str(error)
+    return False
+
+
+def sharded_refusals():
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        return {}
+    model = sparsekern.sparsify(mlp(), 0.5, generator=torch.Generator().manual_seed(0))
+    fully_shard(model)
+    dense = mlp()
+    fully_shard(dense)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    factory = lambda parameters: torch.optim.SGD(parameters, lr=0.1)
+    calls = {"sparsify": lambda: sparsekern.sparsify(dense, 0.5),
+             "DST": lambda: sparsekern.RigL(model, optimizer, update_every=1, total_steps=4),
+             "IMP": lambda: sparsekern.IMP(model, factory),
+             "OptG": lambda: sparsekern.OptG(model, sparsity=0.5, epochs=2),
+             "SWAMP": lambda: sparsekern.SWAMP(model, factory, particles=2),
+             "masks_identical": lambda: distributed.masks_identical(model),
+             "broadcast_masks": lambda: distributed.broadcast_masks(model)}
+    return {who: refuses(call, "sharded across ranks") for who, call in calls.items()}
+
+
+def set_run(rank):
+    model = sparsekern.sparsify(mlp(), 0.3, generator=torch.Generator().manual_seed(0))
+    ddp = DistributedDataParallel(model, broadcast_buffers=False)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    algorithm = sparsekern.SET(ddp, optimizer, update_every=2, total_steps=40)
+    data = torch.Generator().manual_seed(100 + rank)
+
+    def train(steps):
+        for _ in range(steps):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(ddp(torch.randn(8, 16, generator=data)),
+                                        torch.randint(0, 4, (8,), generator=data)).backward()
+            algorithm.step()
+            optimizer.step()
+    return ddp, algorithm, train
+
+
+def repaired_after_a_load_on_rank_0(rank):
+    """A checkpoint loaded on rank 0 only: broadcast_masks with the algorithm makes the replicas agree through
+    later mask updates (the masks alone would not: DST's step count and random stream stay behind)."""
+    ddp, algorithm, train = set_run(rank)
+    train(5)
+    saved = ddp.state_dict(), algorithm.state_dict()
+    ddp, algorithm, train = set_run(rank)
+    if rank == 0:
+        ddp.load_state_dict(saved[0])
+        algorithm.load_state_dict(saved[1])
+    distributed.broadcast_masks(ddp, algorithm=algorithm)
+    train(4)   # two mask updates
+    return algorithm.step_count == 9 and distributed.masks_identical(ddp)
+
+
+def main(out):
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    model = sparsekern.sparsify(mlp(), 0.3, generator=torch.Generator().manual_seed(rank))
+    ddp = DistributedDataParallel(model, broadcast_buffers=False)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    factory = lambda parameters: torch.optim.SGD(parameters, lr=0.1)
+    refused = {"DST": refuses(lambda: sparsekern.SET(ddp, optimizer, update_every=2, total_steps=20),
+                              "differ across ranks"),
+               "IMP": refuses(lambda: sparsekern.IMP(ddp, factory), "differ across ranks"),
+               "OptG": refuses(lambda: sparsekern.OptG(ddp, sparsity=0.9, epochs=2), "differ across ranks")}
+    distributed.broadcast_masks(ddp)
+    sparsekern.SET(ddp, optimizer, update_every=2, total_steps=20)
+    torch.save({"refused": refused, "accepted_after_broadcast": True, "sharded": sharded_refusals(),
+                "load_on_rank_0_repaired": repaired_after_a_load_on_rank_0(rank)},
+               os.path.join(out, f"rank{rank}.pt"))
+    end_rank()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
