@@ -187,6 +187,7 @@ class DST:
         self.generator = generator
         self.host_checks = host_checks
         self.step_count = 0
+        self._finished = False   # finish() was called: the next step() follows a masked backward
         # (mask versions, active counts per layer) as of the last update or count (_active_counts).
         self._counts: tuple[tuple[int, ...], list[int]] | None = None
         self._reads_gradient = prune in criteria.READS_GRADIENT or grow in criteria.READS_GRADIENT
@@ -227,7 +228,9 @@ class DST:
             warnings.warn(f"DST.step() called more than total_steps={self.schedule.total_steps} times: the "
                           f"schedule (and end_step={self.schedule.end_step}) assumed training ends there",
                           stacklevel=2)
-        updated = due and (not self.host_checks or self._gradients_finite())
+        # After finish(), the backward ran with masked gradients, from which no update can be made.
+        updated = due and not self._finished and (not self.host_checks or self._gradients_finite())
+        self._finished = False
         if updated:
             self._update(self.schedule.fraction(self.step_count))
             if self.scope == "global" and self.host_checks:
@@ -238,6 +241,20 @@ class DST:
             self._sync_modules()
             self._remember_gradients()
         return updated
+
+    def finish(self) -> None:
+        """Ends mask updates before the schedule does: call it before training on without step()
+        (fine-tuning the masks reached so far, say). The layers keep their masks, the gradients they
+        hold now are masked, and so are those of their next backwards. Without it, the backward before
+        an update step leaves gradients dense for the update, and an optimizer step on them, with no
+        step() to mask them, moves inactive weights off 0. A later step() carries on with the schedule
+        (its own step cannot update: its gradients were masked). Not part of `state_dict()`: after
+        `load_state_dict`, call it again to train on without step().
+        """
+        for _, module in self.modules:
+            module.dense_grad = False
+        self._mask_gradients()
+        self._finished = True
 
     @torch.no_grad()
     def _mask_gradients(self) -> None:

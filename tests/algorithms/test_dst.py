@@ -195,6 +195,35 @@ def test_set_gives_its_grown_weights_their_first_gradient_step_at_the_update():
         assert (module.weight.detach()[grown] != 0).any(), name   # (a unit behind a dead ReLU has g = 0)
 
 
+@pytest.mark.parametrize("method", ["SET", "RigL"])
+@pytest.mark.parametrize("after_backward", [False, True])
+def test_finish_lets_training_go_on_without_step_and_keeps_inactive_weights_at_0(after_backward, method):
+    # Stopped on the step before an update, the layers would compute dense gradients for it, and
+    # the optimizer alone moved inactive weights (0.1 of them, with momentum) off 0.
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    set_ = getattr(sparsekern, method)(model, optimizer, update_every=5, total_steps=50)
+    for step in range(4):
+        train_step(model, optimizer, set_, step)
+    before = masks(model)
+    if after_backward:   # a backward ran first: its dense gradients are masked too
+        x, y = batch(4)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        set_.finish()
+        optimizer.step()
+    else:
+        set_.finish()
+    for step in range(5, 9):
+        train_step(model, optimizer, None, step)
+    assert_inactive_zero(model)
+    assert all(torch.equal(a, b) for a, b in zip(before, masks(model)))
+    # step() carries on with the schedule; its own step cannot update (its gradients were masked)
+    assert [train_step(model, optimizer, set_, step) for step in range(9, 15)] == [False] * 5 + [True]
+    assert set_.step_count == 10
+    assert_inactive_zero(model)
+
+
 OPTIMIZERS = {
     "sgd momentum wd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2),
     "sgd nesterov": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2),
