@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..nn import sparse_modules
 from ..nn.sharding import refuse_sharded
-from ..nn.sparsify import check_optimizer, optimizer_state
+from ..nn.sparsify import check_optimizer, optimizer_state, state_is_sharded
 
 
 @torch.no_grad()
@@ -41,6 +41,8 @@ def broadcast_masks(model: nn.Module, src: int = 0, group=None, weights: bool = 
     under masks of its own holds momentum that would move its weights apart from the others', and
     off the new mask, at its next step. Every rank's optimizer must hold state for the same weights
     (each has stepped, or none has); ValueError on every rank, before anything changes, otherwise.
+    A ZeroRedundancyOptimizer keeps each weight's state on one rank only, which no other rank can have
+    moved: each rank zeroes its own share off the masks, and nothing is copied.
     Not an LBFGS (ValueError): no mask change can follow its flattened history."""
     check_optimizer(optimizer, "build a new LBFGS on every rank after broadcast_masks")
     from . import dst, imp, optg   # here: they import this module
@@ -50,7 +52,8 @@ def broadcast_masks(model: nn.Module, src: int = 0, group=None, weights: bool = 
     refuse_sharded(model, "broadcast_masks")
     modules = [module for _, module in sparse_modules(model)]
     states = [[] if optimizer is None else optimizer_state(optimizer, module.weight) for module in modules]
-    if optimizer is not None:
+    copy_state = optimizer is not None and not state_is_sharded(optimizer)
+    if copy_state:
         _check_same_state_counts(states, group, _device(model))
     if algorithm is not None:
         held = [algorithm.state_dict() if dist.get_rank() == src else None]
@@ -64,7 +67,8 @@ def broadcast_masks(model: nn.Module, src: int = 0, group=None, weights: bool = 
             dist.broadcast(module.weight.data, src=src, group=group)
         module.set_mask(mask.bool())
         for tensor in state:
-            dist.broadcast(tensor, src=src, group=group)
+            if copy_state:
+                dist.broadcast(tensor, src=src, group=group)
             tensor.masked_fill_(~module.mask, 0)
 
 

@@ -165,13 +165,17 @@ def optimizer_state(optimizer: torch.optim.Optimizer, weight: Tensor) -> list[Te
             if isinstance(value, Tensor) and value.shape == weight.shape]
 
 
-def _state(optimizer: torch.optim.Optimizer) -> dict:
+def state_is_sharded(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether each rank holds the state of its own share of the parameters only (ZeroRedundancyOptimizer)."""
     if torch.distributed.is_available():
         from torch.distributed.optim import ZeroRedundancyOptimizer  # imported once, then looked up
 
-        if isinstance(optimizer, ZeroRedundancyOptimizer):
-            return optimizer.optim.state
-    return optimizer.state
+        return isinstance(optimizer, ZeroRedundancyOptimizer)
+    return False
+
+
+def _state(optimizer: torch.optim.Optimizer) -> dict:
+    return optimizer.optim.state if state_is_sharded(optimizer) else optimizer.state
 
 
 def _patterns(patterns, name: str) -> list[str] | None:

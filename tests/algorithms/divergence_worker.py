@@ -6,7 +6,10 @@
 3. broadcast_masks repairs masks, weights and, given the optimizer, its momentum: the replicas stay
    identical, with weights 0 off the masks, through the next training step.
    An optimizer that holds state on some ranks only is refused on every rank first.
-Writes {"refused", "diverged_detected", "lopsided_refused", "repaired", "stays_repaired"} (bools) to
+4. With a ZeroRedundancyOptimizer, whose ranks hold the state of different weights by design,
+   broadcast_masks repairs the masks and each rank zeroes its own share of the state off them.
+Writes {"refused", "diverged_detected", "lopsided_refused", "repaired", "stays_repaired", "zero_repaired",
+"holds_a_share"} (bools) to
 <out>/rank<r>.pt.
 """
 import os
@@ -15,6 +18,7 @@ import sys
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
 import sparsekern
@@ -68,9 +72,23 @@ def main(out):
     train_step()   # step 5: no mask update; rank 1's own momentum would move its weights apart again
     zero_off_masks = all(bool((module.weight[~module.mask] == 0).all())
                          for _, module in sparsekern.nn.sparse_modules(model))
+    stays_repaired = distributed.masks_identical(ddp) and zero_off_masks
+
+    zero = ZeroRedundancyOptimizer(ddp.parameters(), optimizer_class=torch.optim.SGD, lr=0.1, momentum=0.9)
+    nn.functional.cross_entropy(ddp(torch.randn(8, 16, generator=data)),
+                                torch.randint(0, 4, (8,), generator=data)).backward()
+    zero.step()   # each rank now holds momentum for its own share of the weights only
+    first = sparsekern.nn.sparse_modules(model)[0][1]
+    if rank == 1:  # a replica whose masks came apart
+        first.set_mask(first.mask.roll(1, 0))
+    distributed.broadcast_masks(ddp, optimizer=zero)
+    shares = [(module, state) for _, module in sparsekern.nn.sparse_modules(model)
+              for state in zero.optim.state.get(module.weight, {}).values() if state.dim() > 0]
+    zero_repaired = distributed.masks_identical(ddp) and all(bool((state[~module.mask] == 0).all())
+                                                             for module, state in shares)
     torch.save({"refused": refused, "diverged_detected": diverged_detected, "lopsided_refused": lopsided_refused,
-                "repaired": repaired,
-                "stays_repaired": distributed.masks_identical(ddp) and zero_off_masks},
+                "repaired": repaired, "stays_repaired": stays_repaired,
+                "zero_repaired": zero_repaired, "holds_a_share": bool(shares)},
                os.path.join(out, f"rank{rank}.pt"))
     end_rank()
 
