@@ -153,8 +153,9 @@ def masked_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None =
     does); a weight that breaks it gives wrong results. Without the promise, eager calls (with the
     compiled extension) run the dense kernel on where(mask, weight, 0), made in one pass for the
     forward and again for dx rather than kept in memory between them, and mask dweight in place
-    as above; torch.compile traces where(mask, weight, 0) into F.linear, whose select and gradient
-    mask Inductor fuses into its kernels. Masks whose blocks let the Triton kernel skip work still
+    as above; torch.compile traces F.linear on the masked weight, its select and the gradient's
+    mask the extension's kernels on CPU (`_masked_linear_op._traced_select_is_opaque`), torch.where
+    that Inductor fuses elsewhere. Masks whose blocks let the Triton kernel skip work still
     run it (it then skips the select as well); a backend named in SPARSEKERN_BACKEND runs every
     call.
 
@@ -195,13 +196,15 @@ def masked_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None =
         # where it is 0 off the mask, else on the masked weight.
         if _masked_linear_op.runs_compiled_dense_kernel():
             return _masked_linear_op.masked_linear_dense_kernel(x, weight, mask, bias, dense_grad, zero_off_mask)
-        # Under torch.compile both states take F.linear on the Python Function, which Inductor sees
-        # into: it fuses the select and the gradient's mask into its kernels, and recomputes the
-        # masked weight for dx rather than keep it. The reference's custom ops are opaque to it:
+        # Under torch.compile both states take F.linear on the Python Function, whose products
+        # Inductor sees (its selects: `_masked_linear_op._traced_select_is_opaque`); the compiled
+        # forward keeps the masked weight for dx, at the dense step's peak memory all the same
+        # (measured: the MLPs below, 1.00x). The reference's custom ops hide the products from it:
         # with them the masked path's compiled step (SGD, one thread, density 0.1, two runs) ran at
         # 0.58-0.60x the compiled dense step's speed and 1.56x its peak memory for the MLP
         # 64-256-256-10 at batch 64 (1024-2048-2048-10: 0.57-0.60x, 1.37x); with the Function at
-        # 0.82-0.88x (0.71-0.73x) and 1.0x.
+        # 0.82-0.88x (0.71-0.73x) and 1.0x, and 0.91-0.93x (0.93-0.95x) once its selects were the
+        # extension's.
         # Eager without the extension, the masked path keeps the custom ops, which remake the
         # masked weight for dx: the Function would keep it from forward to backward.
         if zero_off_mask or torch.compiler.is_compiling():

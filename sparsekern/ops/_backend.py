@@ -95,10 +95,13 @@ def _environment_value() -> str:
     Under torch.compile the read must leave a guard, so that a compiled model follows a change of the
     variable as an eager one does: Dynamo guards the value of a variable that is set, but not the
     absence of one that is not (seen with torch 2.13), and a model compiled with it unset kept its
-    backend after it was set. A membership test on the environment's own dict leaves that guard
-    (`_ENVIRON_KEY`).
+    backend after it was set. A membership test on the environment's own dict leaves that guard,
+    with the key computed here (`encodekey` is how os.environ keys it, on every platform): Dynamo
+    guards a constant key's absence alone, but the absence of a key read from a global
+    (`_ENVIRON_KEY`) as the match of the dict's whole key set, so that setting any variable
+    recompiled every compiled sparse model, and each call checked ~45 guards more.
     """
-    if torch.compiler.is_compiling() and _ENVIRON_KEY not in os.environ._data:
+    if torch.compiler.is_compiling() and os.environ.encodekey(ENV_VAR) not in os.environ._data:
         return "auto"
     return os.environ.get(ENV_VAR, "auto")
 

@@ -256,12 +256,38 @@ def test_an_inductor_compiled_convolution_saves_its_mask_as_held(memory_format, 
     grad = layer.weight.grad
     assert not grad[~mask].any() and not grad[~mask].signbit().any() and grad[mask].isfinite().all()
 
+@pytest.mark.parametrize("zero_off_mask", [True, False])
+def test_an_inductor_compiled_linear_gives_what_eager_gives(zero_off_mask, generator, fresh_compiler):
+    # On CPU Inductor runs the extension's selects as they are (the masked weight, and the weight
+    # gradient masked in place: _masked_linear_op._traced_select_is_opaque). What it makes of them, in
+    # place or not, must give eager's values and gradients: +0.0 off the mask, NaN kept out.
+    eager = SparseLinear(24, 16)
+    mask = torch.rand(eager.weight.shape, generator=generator) < 0.5
+    eager.set_mask(mask)
+    if not zero_off_mask:
+        with torch.no_grad():
+            eager.weight.masked_fill_(~mask, float("nan"))
+        eager.zero_off_mask = False
+    compiled = copy.deepcopy(eager)
+    x = torch.randn(5, 24, generator=generator, requires_grad=True)
+    want = eager(x)
+    got = torch.compile(compiled, fullgraph=True)(x)
+    torch.testing.assert_close(got, want)
+    grad_out = torch.randn(5, 16, generator=generator)
+    want_grads = torch.autograd.grad(want, (x, eager.weight, eager.bias), grad_out)
+    got_grads = torch.autograd.grad(got, (x, compiled.weight, compiled.bias), grad_out)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w)
+    off = got_grads[1][~compiled.mask]
+    assert not off.any() and not off.signbit().any() and got.isfinite().all()
+
 
 def test_a_compiled_backward_masks_the_weight_gradient_in_one_operation(generator, fresh_compiler):
     # Eagerly the CPU gradient is masked chunk by chunk (_mask_in_place); traced, that loop would be
     # unrolled into the graph, one slice, copy, clamp and multiply per 128K entries, and the first
     # allocation of its scratch failed the fullgraph compile (a side effect in an autograd.Function).
-    # The compiler gets one select to fuse instead.
+    # The compiler gets one select instead: the extension's, in place, where it is built (see
+    # _masked_linear_op._traced_select_is_opaque), else torch.where, which it fuses.
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
@@ -278,9 +304,10 @@ def test_a_compiled_backward_masks_the_weight_gradient_in_one_operation(generato
     torch.compile(layer, fullgraph=True, backend=backend)(torch.randn(2, 768, generator=generator)).sum().backward()
     assert not layer.weight.grad[~layer.mask].any() and layer.weight.grad[layer.mask].all()
     (graph,) = backward_graphs
-    targets = [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
-    assert not [t for t in targets if "slice" in t or "clamp" in t], targets
-    assert sum("where" in t for t in targets) == 1 and not [t for t in targets if "mul" in t], targets
+    targets = [str(node.args[0]) if "auto_functionalized" in str(node.target) else str(node.target)
+               for node in graph.graph.nodes if node.op == "call_function"]
+    assert not [t for t in targets if "slice" in t or "clamp" in t or "mul" in t], targets
+    assert sum("where" in t or "mask_grad_" in t for t in targets) == 1, targets
 
 
 @pytest.mark.parametrize("make, shape", [(lambda: SparseLinear(16, 8), (4, 16)),

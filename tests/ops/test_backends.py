@@ -243,3 +243,27 @@ def test_a_compiled_call_follows_the_variable_set_after_it_compiled(monkeypatch,
     torch.testing.assert_close(compiled(x, weight, mask), x @ weight.T)
     assert len(graphs) == 2 and any("masked_linear_reference" in target for target in graphs[1]), graphs
     assert not any("masked_linear_reference" in target for target in graphs[0]), graphs
+
+
+def test_a_compiled_call_recompiles_for_no_other_variable(monkeypatch, fresh_compiler):
+    # The absence of SPARSEKERN_BACKEND, guarded as the absence of one key (a key computed in the traced
+    # code): guarded through a key read from a module global, it was the match of the environment's
+    # whole key set, and setting any variable recompiled every compiled sparse model (torch 2.13),
+    # each step paying ~45 guards more.
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    graphs = []
+
+    def record(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    def layer(x, weight, mask):
+        return sparsekern.ops.masked_linear(x, weight, mask, zero_off_mask=True)
+
+    compiled = torch.compile(layer, backend=record, fullgraph=True)
+    x, mask = torch.randn(2, 8), torch.rand(4, 8) < 0.5
+    weight = torch.where(mask, torch.randn(4, 8), 0)
+    compiled(x, weight, mask)
+    monkeypatch.setenv("SPARSEKERN_TEST_UNRELATED_VARIABLE", "1")
+    compiled(x, weight, mask)
+    assert len(graphs) == 1
