@@ -38,10 +38,12 @@ def unavailable(device: torch.device) -> str | None:
         from torch.utils._triton import has_triton
 
         return None if has_triton() else "torch.compile's Inductor needs Triton on CUDA, and it is not installed"
-    from torch._inductor import cpp_builder
-
+    try:  # private to torch: where a release moves it, the first step's error shows in the rows instead
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:
+        return None
     try:
-        cpp_builder.get_cpp_compiler()
+        get_cpp_compiler()
     except RuntimeError as error:  # InvalidCxxCompiler
         return f"torch.compile's Inductor needs a C++ compiler on CPU: {' '.join(str(error).split())}"
     return None
