@@ -43,13 +43,17 @@ def broadcast_masks(model: nn.Module, src: int = 0, group=None, weights: bool = 
     (each has stepped, or none has); ValueError on every rank, before anything changes, otherwise.
     A ZeroRedundancyOptimizer keeps each weight's state on one rank only, which no other rank can have
     moved: each rank zeroes its own share off the masks, and nothing is copied.
-    Not an LBFGS (ValueError): no mask change can follow its flattened history."""
+    Not an LBFGS (ValueError): no mask change can follow its flattened history. Ranks holding
+    different sparse layers (names or shapes) raise ValueError on every rank, before anything changes."""
     check_optimizer(optimizer, "build a new LBFGS on every rank after broadcast_masks")
     from . import dst, imp, optg   # here: they import this module
     if algorithm is not None and not isinstance(algorithm, (dst.DST, imp.IMP, optg.OptG)):
         raise TypeError(f"algorithm must be a DST, IMP or OptG or None (SWAMP's ranks train different particles on "
                         f"purpose), got {type(algorithm).__name__}")
     refuse_sharded(model, "broadcast_masks")
+    if not _same_layers_on_every_rank(model, group):
+        raise ValueError("broadcast_masks: the ranks hold different sparse layers (names or mask shapes), so no "
+                         "rank's masks fit the others' (pipeline stages are no replicas)")
     modules = [module for _, module in sparse_modules(model)]
     states = [[] if optimizer is None else optimizer_state(optimizer, module.weight) for module in modules]
     copy_state = optimizer is not None and not state_is_sharded(optimizer)
