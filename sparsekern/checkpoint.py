@@ -57,9 +57,12 @@ def load(path: str | os.PathLike, map_location=None):
         file.seek(0)
         try:
             return torch.load(file, map_location=map_location, weights_only=True)
-        # OSError: torch's zip reader raises EINVAL for a file cut after its data (no central directory).
         except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, RuntimeError, ValueError, OSError,
                 UnicodeDecodeError, AttributeError, ImportError, IndexError, KeyError) as error:
+            # OSError: torch's zip reader raises EINVAL for a file cut after its data (no central
+            # directory); any other is the storage failing (EIO, ESTALE), not the file, and stays one.
+            if isinstance(error, OSError) and error.errno != errno.EINVAL:
+                raise
             first_line = (str(error).strip().splitlines() or [""])[0][:200]
             raise ValueError(f"{path}: cannot load this checkpoint: {type(error).__name__}: {first_line}") from error
 

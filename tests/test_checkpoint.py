@@ -1,3 +1,4 @@
+import errno
 import os
 import zipfile
 
@@ -65,3 +66,18 @@ def test_a_truncated_checkpoint_raises_value_error_naming_it_wherever_it_was_cut
         path.write_bytes(raw[:length])
         with pytest.raises(ValueError, match="cut.pt"):
             checkpoint.load(path)
+
+
+def test_a_storage_error_while_loading_stays_an_os_error(tmp_path, monkeypatch):
+    # Only EINVAL (a file cut after its data) means a damaged checkpoint: an I/O error of the storage
+    # (EIO, a stale NFS handle) became 'cannot load this checkpoint', which a caller retrying on
+    # OSError, and a user told the file is damaged, would both get wrong.
+    path = tmp_path / "good.pt"
+    checkpoint.save({"weight": torch.arange(10.0)}, path)
+
+    def failing(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(torch, "load", failing)
+    with pytest.raises(OSError, match="Input/output error") as raised:
+        checkpoint.load(path)
+    assert not isinstance(raised.value, ValueError)

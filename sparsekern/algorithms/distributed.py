@@ -43,13 +43,17 @@ def broadcast_masks(model: nn.Module, src: int = 0, group=None, weights: bool = 
     (each has stepped, or none has); ValueError on every rank, before anything changes, otherwise.
     A ZeroRedundancyOptimizer keeps each weight's state on one rank only, which no other rank can have
     moved: each rank zeroes its own share off the masks, and nothing is copied.
-    Not an LBFGS (ValueError): no mask change can follow its flattened history."""
+    Not an LBFGS (ValueError): no mask change can follow its flattened history. Ranks holding
+    different sparse layers (names or shapes) raise ValueError on every rank, before anything changes."""
     check_optimizer(optimizer, "build a new LBFGS on every rank after broadcast_masks")
     from . import dst, imp, optg   # here: they import this module
     if algorithm is not None and not isinstance(algorithm, (dst.DST, imp.IMP, optg.OptG)):
         raise TypeError(f"algorithm must be a DST, IMP or OptG or None (SWAMP's ranks train different particles on "
                         f"purpose), got {type(algorithm).__name__}")
     refuse_sharded(model, "broadcast_masks")
+    if not _same_layers_on_every_rank(model, group):
+        raise ValueError("broadcast_masks: the ranks hold different sparse layers (names or mask shapes), so no "
+                         "rank's masks fit the others' (pipeline stages are no replicas)")
     modules = [module for _, module in sparse_modules(model)]
     states = [[] if optimizer is None else optimizer_state(optimizer, module.weight) for module in modules]
     copy_state = optimizer is not None and not state_is_sharded(optimizer)
@@ -92,10 +96,13 @@ def masks_identical(model: nn.Module, group=None, weights: bool = True) -> bool:
 
     Exact: rank 0's masks and masked weights are broadcast and compared entry by entry (NaN
     equals NaN), and the verdicts combined with an all-reduce, so every rank returns the same
-    answer. Pass weights=False where ranks train different weights on purpose (SWAMP's
-    particles). Collective: call on every rank.
+    answer; False too when the ranks hold different sparse layers (names or shapes). Pass
+    weights=False where ranks train different weights on purpose (SWAMP's particles). Collective:
+    call on every rank.
     """
     refuse_sharded(model, "masks_identical")
+    if not _same_layers_on_every_rank(model, group):
+        return False
     source = dist.get_global_rank(group, 0) if group is not None else 0
     same = True
     for _, module in sparse_modules(model):
@@ -133,13 +140,25 @@ def check_same_on_every_rank(state: Tensor, what: str) -> None:
 def check_masks_same_on_every_rank(model: nn.Module, who: str) -> None:
     """ValueError on every rank unless `masks_identical(model)`: an algorithm that keeps masks equal
     by drawing the same numbers everywhere cannot make masks equal that start apart. A no-op without
-    an initialised process group of two or more ranks; otherwise collective over the default group."""
-    if _several_ranks() and not masks_identical(model):
+    an initialised process group of two or more ranks; otherwise collective over the default group.
+    Ranks holding different sparse layers (pipeline stages) are no replicas and are not compared."""
+    if _several_ranks() and _same_layers_on_every_rank(model, None) and not masks_identical(model):
         raise ValueError(f"{who}: the masks of model, or the weights under them, differ across ranks, and the "
                          f"replicas would train apart (sparsify drew them from a generator seeded differently "
                          f"per rank, or ran after DistributedDataParallel had copied rank 0's weights); sparsify "
                          f"with the same generator on every rank, or call "
                          f"sparsekern.distributed.broadcast_masks(model) first")
+
+
+def _same_layers_on_every_rank(model: nn.Module, group) -> bool:
+    """Whether every rank of `group` holds sparse modules of the same names and mask shapes, by one
+    all_gather_object. Ranks holding different layers (pipeline stages) are no replicas of each other,
+    and comparing their masks tensor by tensor would pair broadcasts of different sizes or counts,
+    which gloo answers by aborting the process and NCCL by hanging."""
+    layers = [(name, tuple(module.mask.shape)) for name, module in sparse_modules(model)]
+    gathered = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, layers, group=group)
+    return all(other == layers for other in gathered)
 
 
 def _several_ranks() -> bool:

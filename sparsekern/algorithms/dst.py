@@ -253,6 +253,7 @@ class DST:
         """
         for _, module in self.modules:
             module.dense_grad = False
+        tying.sync(self._groups)   # a tied module left dense_grad set would add a dense gradient
         self._mask_gradients()
         self._finished = True
 
@@ -347,6 +348,7 @@ class DST:
         self.schedule = schedule
         self.step_count = step_count
         self.generator.set_state(generator_state)
+        self._finished = False   # the loaded run's next backward is dense again where an update is due
         self._sync_modules()
         self._remember_gradients()
 

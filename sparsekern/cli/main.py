@@ -261,7 +261,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["compare", *argv]
-    _refuse_launcher(parser)
+    if not {"-h", "--help"} & set(argv):   # help answers anywhere, a launched rank included
+        _refuse_launcher(parser)
     if argv[0] == "bench":  # its arguments belong to the report's own parser
         sys.exit(_bench(argv[1:]))
     args = parser.parse_args(argv)

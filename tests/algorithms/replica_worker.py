@@ -7,8 +7,10 @@
 3. A model sharded by fully_shard (DTensor weights) is refused, with a ValueError that says so, by
    sparsify, DST, IMP, OptG, SWAMP, masks_identical and broadcast_masks, before any of them fails
    inside an op.
+4. Pipeline stages (different layers per rank) are no replicas: DST builds, masks_identical says False,
+   broadcast_masks refuses.
 Writes {"refused": {who: refused}, "accepted_after_broadcast", "sharded": {who: refused},
-"load_on_rank_0_repaired"} to <out>/rank<r>.pt.
+"load_on_rank_0_repaired", "stages_built"} to <out>/rank<r>.pt.
 """
 import os
 import sys
@@ -90,6 +92,17 @@ def repaired_after_a_load_on_rank_0(rank):
     return algorithm.step_count == 9 and distributed.masks_identical(ddp)
 
 
+def stages_built(rank):
+    """Pipeline stages: each rank holds other layers. DST builds on every rank, masks_identical says
+    False and broadcast_masks refuses on every rank, where their tensor-by-tensor broadcasts aborted
+    gloo (SIGABRT)."""
+    stage = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32)) if rank == 0 else nn.Linear(32, 4)
+    stage = sparsekern.sparsify(stage, 0.3, generator=torch.Generator().manual_seed(0))
+    sparsekern.SET(stage, torch.optim.SGD(stage.parameters(), lr=0.1), update_every=2, total_steps=20)
+    return not distributed.masks_identical(stage) and refuses(lambda: distributed.broadcast_masks(stage),
+                                                               "different sparse layers")
+
+
 def main(out):
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -104,7 +117,8 @@ def main(out):
     distributed.broadcast_masks(ddp)
     sparsekern.SET(ddp, optimizer, update_every=2, total_steps=20)
     torch.save({"refused": refused, "accepted_after_broadcast": True, "sharded": sharded_refusals(),
-                "load_on_rank_0_repaired": repaired_after_a_load_on_rank_0(rank)},
+                "load_on_rank_0_repaired": repaired_after_a_load_on_rank_0(rank),
+                "stages_built": stages_built(rank)},
                os.path.join(out, f"rank{rank}.pt"))
     end_rank()
 

@@ -224,6 +224,50 @@ def test_finish_lets_training_go_on_without_step_and_keeps_inactive_weights_at_0
     assert_inactive_zero(model)
 
 
+
+class _TiedPair(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_finish_masks_the_gradient_of_every_module_holding_a_tied_weight():
+    # finish() cleared dense_grad on the primary only: the tied module's backward added a dense
+    # gradient, and momentum moved inactive weights off 0.
+    torch.manual_seed(0)
+    model = sparsekern.sparsify(_TiedPair(), 0.3, generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    set_ = sparsekern.SET(model, optimizer, update_every=5, total_steps=50)
+    generator = torch.Generator().manual_seed(1)
+    for step in range(9):
+        optimizer.zero_grad()
+        model(torch.randn(8, 8, generator=generator)).pow(2).sum().backward()
+        if step < 4:
+            set_.step()
+        elif step == 4:
+            set_.finish()
+        optimizer.step()
+    assert not model.b.dense_grad
+    assert_inactive_zero(model)
+
+
+def test_load_state_dict_after_finish_lets_the_due_update_happen():
+    # The state was saved on the step before an update: loaded after finish(), its update was
+    # skipped silently, its dense gradients computed for nothing.
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    set_ = sparsekern.SET(model, optimizer, update_every=5, total_steps=50)
+    for step in range(4):
+        train_step(model, optimizer, set_, step)
+    state = set_.state_dict()
+    set_.finish()
+    set_.load_state_dict(state)
+    assert train_step(model, optimizer, set_, 4)
+
 OPTIMIZERS = {
     "sgd momentum wd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2),
     "sgd nesterov": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2),

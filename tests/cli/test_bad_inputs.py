@@ -419,6 +419,17 @@ def test_a_torchrun_launch_exits_2_before_training(command, tmp_path, capsys, mo
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["bench", "-h"]])
+def test_help_answers_where_a_launcher_set_world_size(argv, capsys, monkeypatch):
+    # WORLD_SIZE refused every command line, so a shell on a rank of a distributed job (or one where
+    # a job script exported WORLD_SIZE) could not even read the help.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+
+
 def test_library_warnings_wait_until_the_inputs_are_accepted(tmp_path, capsys, monkeypatch):
     main_module = importlib.import_module("sparsekern.cli.main")  # the module, not the function of that name
     real_prepare = main_module.prepare
