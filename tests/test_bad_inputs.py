@@ -683,6 +683,13 @@ def _replace(mapping: dict, key, value) -> dict:
 _DELETE = object()
 
 
+def _nested(t: Tensor) -> Tensor:
+    """`t` as a one-entry nested tensor of torch.nested's older layout: strided, with a shape that raises."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)   # that layout is a prototype
+        return torch.nested.nested_tensor([t], layout=torch.strided)
+
+
 def _masks_with(world, name, value, masks=None):
     """world's saved DST state with masks[name] replaced (in `masks`, where given)."""
     return _replace(world.state, "masks", _replace(world.state["masks"] if masks is None else masks, name, value))
@@ -715,6 +722,7 @@ DST_STATES = [
     ("masks with a sparse mask", lambda w: _masks_with(w, "5", w.state["masks"]["5"].to_sparse(),
                                                        _masks_with(w, "0", ~w.state["masks"]["0"])["masks"]),
      ValueError, _MASKS),
+    ("masks with a nested mask", lambda w: _masks_with(w, "5", _nested(w.state["masks"]["5"])), ValueError, _MASKS),
     ("schedule=None", lambda w: _replace(w.state, "schedule", None), ValueError, _SCHEDULE),
     ("schedule without update_every", lambda w: _schedule_with(w, "update_every", _DELETE), ValueError,
      _SCHEDULE),
@@ -824,6 +832,8 @@ TICKET_STATES = [
     ("rewind_state with a sparse tensor",
      lambda w: _rewind_with(w, "5.bias", w.state["rewind_state"]["5.bias"].to_sparse()),
      ValueError, "rewind_state"),
+    ("rewind_state with a nested tensor",
+     lambda w: _rewind_with(w, "5.bias", _nested(w.state["rewind_state"]["5.bias"])), ValueError, "rewind_state"),
     ("rewind_state=None past the rewind step", lambda w: _replace(w.state, "rewind_state", None), ValueError,
      "rewind_state"),
     # States a loop cannot produce, as from a run with another rewind_step (worlds: k >= 1, step 4).
@@ -1056,6 +1066,7 @@ OPTG_STATES = [
      ValueError, "scores"),
     ("masks with a sparse mask", lambda w: _optg_masks_with(_bumped_optg_state(w), 1, w.state["masks"][1].to_sparse()),
      ValueError, "masks"),
+    ("masks with a nested mask", lambda w: _optg_masks_with(w, 1, _nested(w.state["masks"][1])), ValueError, "masks"),
     ("scores with NaN", lambda w: _scores_with(w, 1, torch.full_like(w.state["scores"][1], NAN)), ValueError,
      "scores"),
     ("scores with inf", lambda w: _scores_with(w, 0, torch.full_like(w.state["scores"][0], INF)), ValueError,

@@ -155,7 +155,8 @@ def check_snapshot(state, model: nn.Module, name: str) -> dict[str, Tensor]:
     for key, value in current.items():
         saved = state[key]
         if not _dense_values(saved) or saved.shape != value.shape or saved.dtype != value.dtype:
-            got = (f"{saved.dtype} {tuple(saved.shape)} ({saved.layout}, {saved.device})" if isinstance(saved, Tensor)
+            got = ("a nested tensor" if isinstance(saved, Tensor) and saved.is_nested
+                   else f"{saved.dtype} {tuple(saved.shape)} ({saved.layout}, {saved.device})" if isinstance(saved, Tensor)
                    else type(saved).__name__)
             raise ValueError(f"{name}[{key!r}] must be a dense {value.dtype} tensor of shape {tuple(value.shape)}, "
                              f"got {got}")
@@ -174,8 +175,9 @@ def restore(model: nn.Module, state: dict[str, Tensor]) -> None:
 def _dense_values(value) -> bool:
     """Whether `value` is a tensor whose values can be copied into a module's: not a meta tensor (no
     values), nor a torch.sparse or mkldnn one, which copy_ into a dense tensor refuses only as it
-    loads it, after the entries before it."""
-    return isinstance(value, Tensor) and value.layout == torch.strided and not value.is_meta
+    loads it, after the entries before it, nor a nested one (torch.nested's older layout is strided,
+    and its shape raises)."""
+    return isinstance(value, Tensor) and value.layout == torch.strided and not value.is_nested and not value.is_meta
 
 
 def check_tensors(values, like: list[Tensor], name: str) -> list[Tensor] | None:

@@ -221,7 +221,7 @@ class DST:
         _transforms.refuse_vmap(f"{type(self).__name__}.step()", "a mask update selects over the whole model",
                                 "call it outside vmap, once per training step")
         due = self.schedule.is_update(self.step_count + 1)
-        if due:
+        if due and not self._finished:   # after finish() no update can come of them
             self._check_gradients(self.step_count + 1)
         self.step_count += 1
         if self.step_count == self.schedule.total_steps + 1:
@@ -306,8 +306,8 @@ class DST:
         for name, module in self.modules:
             mask = masks[name]
             # Not a torch.sparse mask either: set_mask refuses it only once the layers before are set.
-            if (not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != module.mask.shape
-                    or mask.is_meta or mask.layout != torch.strided):
+            if (not isinstance(mask, Tensor) or mask.layout != torch.strided or mask.is_nested  # before its shape
+                    or mask.dtype != torch.bool or mask.shape != module.mask.shape or mask.is_meta):
                 raise ValueError(f"state['masks'][{name!r}] must be a dense bool tensor of shape "
                                  f"{tuple(module.mask.shape)} holding values")
             mask = mask.to(module.mask.device, copy=True)

@@ -207,6 +207,8 @@ def _check_loaded_mask(mask, key: str) -> None:
     values cannot be read so, and copy_ into the buffer refuses it only after the weight has loaded."""
     if isinstance(mask, Tensor) and mask.layout != torch.strided:
         raise ValueError(f"state dict entry {key!r} must be a dense (strided) tensor, got layout {mask.layout}")
+    if isinstance(mask, Tensor) and mask.is_nested:   # torch.nested's older layout: strided, and its shape raises
+        raise ValueError(f"state dict entry {key!r} must be a dense (strided) tensor, got a nested tensor")
     if not isinstance(mask, Tensor) or mask.dtype == torch.bool or mask.is_meta:
         return
     if not bool(((mask == 0) | (mask == 1)).all()):

@@ -152,7 +152,7 @@ def check_optimizer(optimizer, instead: str) -> None:
     backward also recomputes the gradients an algorithm has masked). `instead`: what to do."""
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
-    if isinstance(optimizer, torch.optim.LBFGS):
+    if isinstance(optimizer.optim if state_is_sharded(optimizer) else optimizer, torch.optim.LBFGS):
         raise ValueError("optimizer is a torch.optim.LBFGS, whose history of flattened steps cannot be zeroed off "
                          f"the masks: its next step would move pruned weights off 0; {instead}")
 

@@ -268,6 +268,21 @@ def test_load_state_dict_after_finish_lets_the_due_update_happen():
     set_.load_state_dict(state)
     assert train_step(model, optimizer, set_, 4)
 
+
+def test_a_due_step_after_finish_asks_for_no_gradient():
+    # It cannot update (its backward was masked), so RigL's "no gradient" refusal has nothing to protect.
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    rigl = sparsekern.RigL(model, optimizer, update_every=5, total_steps=50)
+    for step in range(4):
+        train_step(model, optimizer, rigl, step)
+    rigl.finish()
+    optimizer.zero_grad(set_to_none=True)
+    before = masks(model)
+    assert not rigl.step() and rigl.step_count == 5
+    assert all(torch.equal(a, b) for a, b in zip(before, masks(model)))
+
+
 OPTIMIZERS = {
     "sgd momentum wd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2),
     "sgd nesterov": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2),
@@ -639,6 +654,15 @@ def test_the_momentum_zero_redundancy_optimizer_keeps_is_zeroed_too(one_rank):
     for step in range(5):
         train_step(model, optimizer, algo, step)
         assert_inactive_zero(model)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
+def test_an_lbfgs_inside_a_zero_redundancy_optimizer_is_refused_as_a_plain_one(one_rank):
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    model = small_model()
+    optimizer = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.LBFGS, lr=0.1)
+    with pytest.raises(ValueError, match="LBFGS"):
+        sparsekern.SET(model, optimizer, update_every=2, total_steps=40)
 
 
 def test_the_emptied_layer_warning_reads_whole_masks_whose_first_entries_are_inactive():

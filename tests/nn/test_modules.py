@@ -236,7 +236,11 @@ def test_a_float_prune_mask_loads_and_other_values_are_refused_naming_the_key():
         assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
     # A torch.sparse mask (bool or float): refused by name before the weight loads, not failing in the
     # dispatcher as its values were read (float), nor after the weight had loaded (bool, in copy_).
-    for mask in (dense.weight_mask.to_sparse(), dense.weight_mask.bool().to_sparse()):
+    # A nested one (torch.nested's older layout is strided, and its shape raises) likewise.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)   # that layout is a prototype
+        nested = torch.nested.nested_tensor([dense.weight_mask.bool()], layout=torch.strided)
+    for mask in (dense.weight_mask.to_sparse(), dense.weight_mask.bool().to_sparse(), nested):
         bad = {"0.weight": torch.ones(5, 6), "0.bias": torch.ones(5), "0.mask": mask}
         with pytest.raises(ValueError, match=r"'0\.mask'.*dense \(strided\)"):
             model.load_state_dict(bad)
