@@ -138,16 +138,42 @@ def check_same_on_every_rank(state: Tensor, what: str) -> None:
 
 
 def check_masks_same_on_every_rank(model: nn.Module, who: str) -> None:
-    """ValueError on every rank unless `masks_identical(model)`: an algorithm that keeps masks equal
-    by drawing the same numbers everywhere cannot make masks equal that start apart. A no-op without
-    an initialised process group of two or more ranks; otherwise collective over the default group.
-    Ranks holding different sparse layers (pipeline stages) are no replicas and are not compared."""
-    if _several_ranks() and _same_layers_on_every_rank(model, None) and not masks_identical(model):
-        raise ValueError(f"{who}: the masks of model, or the weights under them, differ across ranks, and the "
-                         f"replicas would train apart (sparsify drew them from a generator seeded differently "
-                         f"per rank, or ran after DistributedDataParallel had copied rank 0's weights); sparsify "
-                         f"with the same generator on every rank, or call "
-                         f"sparsekern.distributed.broadcast_masks(model) first")
+    """ValueError on every rank unless every rank holds the same masks and weights under them: an
+    algorithm that keeps masks equal by drawing the same numbers everywhere cannot make masks equal
+    that start apart. A no-op without an initialised process group of two or more ranks; otherwise
+    collective over the default group. Ranks holding different sparse layers (pipeline stages) are no
+    replicas and are not compared.
+
+    One all_gather_object of the layers and a checksum of their masks and masked weights, read on the
+    host: a constructor's check must work on any backend and device, a CPU model under NCCL (whose
+    collectives take CUDA tensors only) included, and costs one pass over the weights."""
+    if not _several_ranks():
+        return
+    layers = [(name, tuple(module.mask.shape)) for name, module in sparse_modules(model)]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (layers, _masks_checksum(model)))
+    if any(other != layers for other, _ in gathered):
+        return
+    differing = [rank for rank, (_, checksum) in enumerate(gathered) if checksum != gathered[0][1]]
+    if differing:
+        raise ValueError(f"{who}: the masks of model, or the weights under them, differ across ranks (ranks "
+                         f"{differing} from rank 0's), and the replicas would train apart (sparsify drew them "
+                         f"from a generator seeded differently per rank, or ran after DistributedDataParallel "
+                         f"had copied rank 0's weights); sparsify with the same generator on every rank, or "
+                         f"call sparsekern.distributed.broadcast_masks(model) first")
+
+
+@torch.no_grad()
+def _masks_checksum(model: nn.Module) -> int:
+    """crc32 of every sparse module's mask and weights under it, as masks_identical compares them:
+    -0.0 as 0.0 and every NaN as one (x + 0.0 gives +0.0 for -0.0; the fill gives one NaN pattern)."""
+    checksum = 0
+    for _, module in sparse_modules(model):
+        under = torch.where(module.mask, module.weight.detach(), 0) + 0.0
+        under = under.masked_fill(under.isnan(), float("nan"))
+        for tensor in (module.mask, under):
+            checksum = zlib.crc32(tensor.cpu().contiguous().view(torch.uint8).numpy().tobytes(), checksum)
+    return checksum
 
 
 def _same_layers_on_every_rank(model: nn.Module, group) -> bool:

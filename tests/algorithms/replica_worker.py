@@ -9,8 +9,10 @@
    inside an op.
 4. Pipeline stages (different layers per rank) are no replicas: DST builds, masks_identical says False,
    broadcast_masks refuses.
+5. The constructors' replica check makes no tensor collective (NCCL's take CUDA tensors only, and a
+   model may still be on the CPU when its algorithm is built).
 Writes {"refused": {who: refused}, "accepted_after_broadcast", "sharded": {who: refused},
-"load_on_rank_0_repaired", "stages_built"} to <out>/rank<r>.pt.
+"load_on_rank_0_repaired", "stages_built", "built_by_objects_alone"} to <out>/rank<r>.pt.
 """
 import os
 import sys
@@ -103,6 +105,26 @@ def stages_built(rank):
                                                                "different sparse layers")
 
 
+def built_by_objects_alone(ddp, optimizer, factory):
+    """DST, IMP and OptG build with torch.distributed's tensor collectives replaced by failures."""
+    saved = dist.broadcast, dist.all_reduce, dist.all_gather
+
+    def tensor_collective(*args, **kwargs):
+        raise RuntimeError("a tensor collective")
+    dist.broadcast = dist.all_reduce = dist.all_gather = tensor_collective
+    try:
+        sparsekern.SET(ddp, optimizer, update_every=2, total_steps=20)
+        sparsekern.IMP(ddp, factory)
+        sparsekern.OptG(ddp, sparsity=0.9, epochs=2)
+        return True
+    except RuntimeError as error:
+        if str(error) != "a tensor collective":
+            raise
+        return False
+    finally:
+        dist.broadcast, dist.all_reduce, dist.all_gather = saved
+
+
 def main(out):
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -118,7 +140,8 @@ def main(out):
     sparsekern.SET(ddp, optimizer, update_every=2, total_steps=20)
     torch.save({"refused": refused, "accepted_after_broadcast": True, "sharded": sharded_refusals(),
                 "load_on_rank_0_repaired": repaired_after_a_load_on_rank_0(rank),
-                "stages_built": stages_built(rank)},
+                "stages_built": stages_built(rank),
+                "built_by_objects_alone": built_by_objects_alone(ddp, optimizer, factory)},
                os.path.join(out, f"rank{rank}.pt"))
     end_rank()
 

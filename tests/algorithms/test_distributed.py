@@ -45,6 +45,7 @@ def test_masks_drawn_per_rank_and_sharded_models_are_refused_and_a_load_on_one_r
         assert all(result["refused"].values()) and result["accepted_after_broadcast"], (rank, result)
         assert all(result["sharded"].values()), (rank, result["sharded"])
         assert result["load_on_rank_0_repaired"], rank
+        assert result["built_by_objects_alone"], rank
         assert result["stages_built"], rank
 
 
