@@ -370,16 +370,21 @@ def _conv_arguments(conv: nn.Module) -> dict:
                 padding_mode=conv.padding_mode)
 
 
-def _check_adoptable_weight(cls: type, dense: nn.Module) -> None:
-    """TypeError unless `dense`'s weight is one a sparse module can take (sparsify's check): a
-    torch.sparse or mkldnn weight failed in the dispatcher as the mask was made ("Could not run
-    'aten::fill_.Scalar' with arguments from the 'SparseCPU' backend"), an integer one as the module was."""
-    weight = dense.weight
+def weight_type_problem(weight: Tensor) -> str | None:
+    """What keeps a dense layer's weight from becoming a sparse module's ("a torch.sparse_coo weight: ..."),
+    or None: a torch.sparse or mkldnn weight fails in the dispatcher as the mask is made ("Could not run
+    'aten::fill_.Scalar' with arguments from the 'SparseCPU' backend"), an integer one as the module is."""
     if weight.layout != torch.strided:
-        raise TypeError(f"{cls.__name__}.from_dense takes a dense (strided) weight, got layout {weight.layout}")
+        return f"a {weight.layout} weight: sparse layers take dense (strided) weights"
     if weight.dtype not in _checks.SCORE_DTYPES:
-        raise TypeError(f"{cls.__name__}.from_dense takes a float16, bfloat16, float32 or float64 weight, "
-                        f"got {weight.dtype}")
+        return f"a {weight.dtype} weight: sparse layers take float16, bfloat16, float32 or float64 weights"
+    return None
+
+
+def _check_adoptable_weight(cls: type, dense: nn.Module) -> None:
+    problem = weight_type_problem(dense.weight)
+    if problem is not None:
+        raise TypeError(f"{cls.__name__}.from_dense takes a layer whose weight a sparse module can hold, got {problem}")
 
 
 def _adopt_parameters(sparse: SparseModule, dense: nn.Module) -> SparseModule:

@@ -16,7 +16,7 @@ from .. import ops
 from ..ops import _checks
 from . import distributions, init as sparse_init, tying
 from .sharding import refuse_sharded
-from .modules import SparseConv1d, SparseConv2d, SparseConv3d, SparseLinear, SparseModule
+from .modules import SparseConv1d, SparseConv2d, SparseConv3d, SparseLinear, SparseModule, weight_type_problem
 
 # Exact types: a subclass of nn.Linear may read its weight outside forward (MultiheadAttention's
 # out_proj does), where a mask would not apply.
@@ -337,12 +337,9 @@ def _maskable(targets: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module
 
 
 def _check_weight_type(name: str, module: nn.Module) -> None:
-    if module.weight.layout != torch.strided:
-        raise TypeError(f"layer {name or '(root)'!r} has a {module.weight.layout} weight: sparse layers take "
-                        f"dense (strided) weights; exclude it")
-    if module.weight.dtype not in _checks.SCORE_DTYPES:
-        raise TypeError(f"layer {name or '(root)'!r} has a {module.weight.dtype} weight: sparse layers take "
-                        f"float16, bfloat16, float32 or float64 weights; exclude it")
+    problem = weight_type_problem(module.weight)
+    if problem is not None:
+        raise TypeError(f"layer {name or '(root)'!r} has {problem}; exclude it")
 
 
 def _carry_hooks(original: nn.Module, sparse: nn.Module) -> None:
