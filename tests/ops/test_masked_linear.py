@@ -143,6 +143,24 @@ def test_non_contiguous_inputs(backend, layout, zero_off_mask, use_path, generat
         torch.testing.assert_close(a, e)
 
 
+
+@pytest.mark.parametrize("features", [(0, 5), (5, 0)], ids=["no inputs", "no outputs"])
+@pytest.mark.parametrize("backend", PATHS)
+@pytest.mark.parametrize("dense_grad", [False, True])
+@pytest.mark.parametrize("zero_off_mask", [False, True])
+def test_empty_features(features, backend, dense_grad, zero_off_mask, use_path, generator):
+    # No input features: y is the bias and dx is empty; no output features: y is empty and dx is 0.
+    use_path(backend)
+    x, weight, mask, b = make_inputs(generator, (3,), *features, torch.float64)
+    if zero_off_mask:
+        weight = zero_off(weight, mask)
+    grad_out = torch.randn(3, features[1], generator=generator, dtype=torch.float64)
+    exact = outputs_and_grads(reference_function, x, weight, mask, b, grad_out, torch.float64, dense_grad)
+    actual = outputs_and_grads(functools.partial(sparsekern_function, zero_off_mask=zero_off_mask),
+                               x, weight, mask, b, grad_out, torch.float64, dense_grad)
+    for a, e in zip(actual, exact):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+
 def double_backward_case(generator, zero_off_mask):
     """(function of (x, bias, free weight values), leaves): with zero_off_mask only the active values
     are free, so the weight keeps the promise under gradcheck's nudges."""
