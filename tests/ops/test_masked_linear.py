@@ -283,6 +283,25 @@ def test_opcheck_masked_linear_reference(bias, dense_grad, generator):
     torch.library.opcheck(ops.masked_linear_grad_weight_reference.default, (grad_out, x, mask, dense_grad))
 
 
+
+@pytest.mark.parametrize("case", ["transposed", "sliced", "no rows", "no inputs", "no outputs"])
+@pytest.mark.parametrize("zero_off_mask", [False, True])
+def test_opcheck_masked_linear_reference_on_odd_inputs(case, zero_off_mask, generator):
+    rows, in_features, out_features = {"no rows": (0, 6, 4), "no inputs": (3, 0, 4),
+                                       "no outputs": (3, 6, 0)}.get(case, (3, 6, 4))
+    x, weight, mask, b = make_inputs(generator, (2, rows), in_features, out_features, torch.float32)
+    grad_out = torch.randn(2, rows, out_features, generator=generator)
+    if zero_off_mask:
+        weight = zero_off(weight, mask)
+    if case in ("transposed", "sliced"):
+        x, weight, mask, grad_out = (strided(t, generator, case) for t in (x, weight, mask, grad_out))
+    for t in (x, weight, grad_out, b):
+        t.requires_grad_()
+    ops = torch.ops.sparsekern
+    torch.library.opcheck(ops.masked_linear_reference.default, (x, weight, mask, b, False, zero_off_mask))
+    torch.library.opcheck(ops.masked_linear_grad_input_reference.default, (grad_out, weight, mask, zero_off_mask))
+    torch.library.opcheck(ops.masked_linear_grad_weight_reference.default, (grad_out, x, mask, False))
+
 @pytest.mark.parametrize("zero_off_mask", [False, True])
 def test_without_a_gradient_to_compute_the_automatic_path_gives_the_reference(zero_off_mask, monkeypatch, generator):
     # Under no_grad, and for a frozen weight (only dx to compute), the dense-kernel paths skip
