@@ -49,7 +49,9 @@ def define(backend: str, forward: Callable, grad_input: Callable, grad_weight: C
 
     @torch.library.custom_op(f"sparsekern::masked_linear_grad_weight_{backend}", mutates_args=())
     def masked_linear_grad_weight(grad_out: Tensor, x: Tensor, mask: Tensor, dense_grad: bool) -> Tensor:
-        return grad_weight(grad_out, x, mask, dense_grad)
+        # Contiguous, as the fake says: dy.T @ x of transposed inputs comes out column-major (the
+        # reference's), and a tracer that believed the fake's strides would read it wrongly.
+        return grad_weight(grad_out, x, mask, dense_grad).contiguous()
 
     @masked_linear_grad_weight.register_fake
     def _(grad_out, x, mask, dense_grad):

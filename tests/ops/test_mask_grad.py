@@ -282,3 +282,86 @@ def test_a_batched_backward_through_the_cpp_functions(make, shape, zero_off_mask
         for batched, one in zip(got, torch.autograd.grad(y, (x, layer.weight), v, retain_graph=True)):
             torch.testing.assert_close(batched[i], one)
     assert not got[1][:, ~layer.mask].any()
+
+
+# Fresh random inputs in every dtype, odd and empty shapes, and non-contiguous layouts, for the two ops
+# whose other tests take one float32 or float64 case: their opcheck, and weight_for_dense_kernel's
+# values and gradient against the reference's select.
+def laid_out(t, layout):
+    """t's values in a non-contiguous layout where it has two dims ('transposed'), else t itself."""
+    return t.t().contiguous().t() if layout == "transposed" and t.dim() == 2 else t
+
+
+@needs_masked_weight
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(0,), (0, 5), (37, 53)])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_opcheck_masked_weight(dtype, shape, layout, generator):
+    weight, mask = random_case(generator, shape, dtype)
+    # No NaN: opcheck compares eager and traced outputs without equal_nan (aten.relu fails it on a NaN too).
+    weight = laid_out(weight.nan_to_num(nan=1.0, posinf=float("inf"), neginf=-float("inf")), layout)
+    torch.library.opcheck(torch.ops.sparsekern.masked_weight.default, (weight, laid_out(mask, layout)))
+
+
+needs_weight_for_dense_kernel = pytest.mark.skipif(
+    _masked_linear_op._COMPILED_WEIGHT_FOR_DENSE_KERNEL is None, reason="the extension has no weight_for_dense_kernel")
+
+
+@needs_weight_for_dense_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(0,), (5, 0), (1,), (7, 11), (3, 5, 7)])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+@pytest.mark.parametrize("zero_off_mask", [True, False])
+@pytest.mark.parametrize("dense_grad", [False, True])
+def test_weight_for_dense_kernel_matches_the_select(dtype, shape, layout, zero_off_mask, dense_grad, generator):
+    weight, mask = random_case(generator, shape, dtype)
+    upstream, _ = random_case(generator, shape, dtype)
+    if zero_off_mask:  # the caller's promise
+        weight = selected(weight, mask)
+    weight = laid_out(weight, layout).requires_grad_()
+    mask, upstream = laid_out(mask, layout), laid_out(upstream, layout)
+    got = torch.ops.sparsekern.weight_for_dense_kernel(weight, mask, zero_off_mask, dense_grad)
+    torch.testing.assert_close(got, selected(weight.detach(), mask), rtol=0, atol=0, equal_nan=True)
+    got.backward(upstream)
+    want = upstream if dense_grad else selected(upstream, mask)
+    torch.testing.assert_close(weight.grad, want, rtol=0, atol=0, equal_nan=True)
+
+
+@needs_weight_for_dense_kernel
+@pytest.mark.parametrize("zero_off_mask", [True, False])
+def test_gradcheck_weight_for_dense_kernel(zero_off_mask, generator):
+    # With zero_off_mask only the active values are free, so the weight keeps the promise under
+    # gradcheck's nudges (the masked gradient is the derivative only then).
+    mask = torch.rand(5, 7, generator=generator) < 0.5
+    mask[0, 0] = True
+    if zero_off_mask:
+        free = torch.randn(int(mask.sum()), generator=generator, dtype=torch.float64)
+        make_weight = lambda values: torch.zeros(mask.shape, dtype=values.dtype).masked_scatter(mask, values)  # noqa: E731
+    else:
+        free, make_weight = torch.randn(5, 7, generator=generator, dtype=torch.float64), (lambda w: w)  # noqa: E731
+    x = torch.randn(3, 7, generator=generator, dtype=torch.float64, requires_grad=True)
+
+    def function(x, values):
+        weight = torch.ops.sparsekern.weight_for_dense_kernel(make_weight(values), mask, zero_off_mask, False)
+        return torch.nn.functional.linear(x, weight)
+    assert torch.autograd.gradcheck(function, (x, free.requires_grad_()))
+
+
+
+@needs_masked_linear_dense_kernel
+@pytest.mark.parametrize("case", ["transposed", "sliced x", "no rows", "no inputs", "no outputs"])
+@pytest.mark.parametrize("zero_off_mask", [True, False])
+def test_opcheck_masked_linear_dense_kernel_odd_inputs(case, zero_off_mask, generator):
+    rows, in_features, out_features = {"no rows": (0, 11, 7), "no inputs": (3, 0, 7),
+                                       "no outputs": (3, 11, 0)}.get(case, (3, 11, 7))
+    mask = torch.rand(out_features, in_features, generator=generator) < 0.5
+    weight = torch.randn(out_features, in_features, generator=generator)
+    weight = weight * mask if zero_off_mask else weight
+    x = torch.randn(rows, 2 * in_features, generator=generator)
+    x = x[:, ::2] if case == "sliced x" else x[:, :in_features].contiguous()
+    if case == "transposed":
+        weight, mask = laid_out(weight, "transposed"), laid_out(mask, "transposed")
+    assert (case in ("transposed", "sliced x")) != (x.is_contiguous() and weight.is_contiguous())
+    b = torch.randn(out_features, generator=generator).requires_grad_()
+    torch.library.opcheck(torch.ops.sparsekern.masked_linear_dense_kernel.default,
+                          (x.requires_grad_(), weight.requires_grad_(), mask, b, False, zero_off_mask))

@@ -143,6 +143,24 @@ def test_non_contiguous_inputs(backend, layout, zero_off_mask, use_path, generat
         torch.testing.assert_close(a, e)
 
 
+
+@pytest.mark.parametrize("features", [(0, 5), (5, 0)], ids=["no inputs", "no outputs"])
+@pytest.mark.parametrize("backend", PATHS)
+@pytest.mark.parametrize("dense_grad", [False, True])
+@pytest.mark.parametrize("zero_off_mask", [False, True])
+def test_empty_features(features, backend, dense_grad, zero_off_mask, use_path, generator):
+    # No input features: y is the bias and dx is empty; no output features: y is empty and dx is 0.
+    use_path(backend)
+    x, weight, mask, b = make_inputs(generator, (3,), *features, torch.float64)
+    if zero_off_mask:
+        weight = zero_off(weight, mask)
+    grad_out = torch.randn(3, features[1], generator=generator, dtype=torch.float64)
+    exact = outputs_and_grads(reference_function, x, weight, mask, b, grad_out, torch.float64, dense_grad)
+    actual = outputs_and_grads(functools.partial(sparsekern_function, zero_off_mask=zero_off_mask),
+                               x, weight, mask, b, grad_out, torch.float64, dense_grad)
+    for a, e in zip(actual, exact):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+
 def double_backward_case(generator, zero_off_mask):
     """(function of (x, bias, free weight values), leaves): with zero_off_mask only the active values
     are free, so the weight keeps the promise under gradcheck's nudges."""
@@ -264,6 +282,25 @@ def test_opcheck_masked_linear_reference(bias, dense_grad, generator):
     torch.library.opcheck(ops.masked_linear_grad_input_reference.default, (grad_out, weight, mask, False))
     torch.library.opcheck(ops.masked_linear_grad_weight_reference.default, (grad_out, x, mask, dense_grad))
 
+
+
+@pytest.mark.parametrize("case", ["transposed", "sliced", "no rows", "no inputs", "no outputs"])
+@pytest.mark.parametrize("zero_off_mask", [False, True])
+def test_opcheck_masked_linear_reference_on_odd_inputs(case, zero_off_mask, generator):
+    rows, in_features, out_features = {"no rows": (0, 6, 4), "no inputs": (3, 0, 4),
+                                       "no outputs": (3, 6, 0)}.get(case, (3, 6, 4))
+    x, weight, mask, b = make_inputs(generator, (2, rows), in_features, out_features, torch.float32)
+    grad_out = torch.randn(2, rows, out_features, generator=generator)
+    if zero_off_mask:
+        weight = zero_off(weight, mask)
+    if case in ("transposed", "sliced"):
+        x, weight, mask, grad_out = (strided(t, generator, case) for t in (x, weight, mask, grad_out))
+    for t in (x, weight, grad_out, b):
+        t.requires_grad_()
+    ops = torch.ops.sparsekern
+    torch.library.opcheck(ops.masked_linear_reference.default, (x, weight, mask, b, False, zero_off_mask))
+    torch.library.opcheck(ops.masked_linear_grad_input_reference.default, (grad_out, weight, mask, zero_off_mask))
+    torch.library.opcheck(ops.masked_linear_grad_weight_reference.default, (grad_out, x, mask, False))
 
 @pytest.mark.parametrize("zero_off_mask", [False, True])
 def test_without_a_gradient_to_compute_the_automatic_path_gives_the_reference(zero_off_mask, monkeypatch, generator):

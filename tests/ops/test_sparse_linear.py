@@ -86,6 +86,25 @@ def test_cpu_kernel_float64_leading_dims_and_non_contiguous_x(generator):
     torch.testing.assert_close(y, expected(x, weight, mask, None), atol=1e-12, rtol=1e-12)
 
 
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype, atol, rtol", [*DTYPES, (torch.float64, 1e-12, 1e-12)])
+@pytest.mark.parametrize("shape", [(1, 1), (5, 1025), (3, 33), (0, 8), (4, 0)])
+@pytest.mark.parametrize("layout", ["contiguous", "sliced"])
+def test_cpu_kernel_odd_shapes_every_dtype_and_opcheck(generator, dtype, atol, rtol, shape, layout):
+    # Fresh inputs of odd and empty shapes in every dtype, x contiguous or every other column of a wider one.
+    weight, mask = random_layer(generator, *shape, 0.4, dtype)
+    bias = torch.randn(shape[0], generator=generator).to(dtype)
+    x = torch.randn(3, 2 * shape[1], generator=generator).to(dtype)
+    x = x[:, ::2] if layout == "sliced" else x[:, :shape[1]].contiguous()
+    packed = ops.pack(weight, mask)
+    args = (x, packed.bitmap, packed.values, packed.chunk_offsets, bias)
+    y = torch.ops.sparsekern.sparse_linear(*args)
+    assert y.dtype == dtype and y.shape == (3, shape[0])
+    torch.testing.assert_close(y.double(), expected(x, weight, mask, bias), atol=atol, rtol=rtol)
+    torch.testing.assert_close(y.double(), reference.sparse_linear(*args).double(), atol=2 * atol, rtol=2 * rtol)
+    torch.library.opcheck(torch.ops.sparsekern.sparse_linear.default, args)
+
 @pytest.mark.parametrize("limits_allow_sparse", [True, False])
 def test_entry_point_matches_reference_on_both_paths(generator, monkeypatch, limits_allow_sparse):
     weight, mask = random_layer(generator, 20, 50, 0.2, torch.float32)

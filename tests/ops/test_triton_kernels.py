@@ -392,6 +392,25 @@ def test_opcheck_every_triton_selection_op(kernels, generator):
                                [torch.randn(10, 20)], [0], True, False, [torch.empty(10, 20, dtype=torch.bool)]))
 
 
+def test_opcheck_triton_ops_on_non_contiguous_and_empty_inputs(masked_linear_kernels, generator):
+    scores = [reversed_dims(torch.randn(5, 7, generator=generator)), torch.empty(0, 4),
+              torch.randn(13, generator=generator)]
+    torch.library.opcheck(torch.ops.sparsekern.topk_mask_triton, (scores, 20))
+    torch.library.opcheck(torch.ops.sparsekern.topk_mask_per_tensor_triton, (scores, [4, 0, 6]))
+    x, weight, mask, bias, dy = _masked_linear_case((5, 40), 9, 0.5, torch.float32, generator)
+    weight = reversed_dims(torch.randn(40, 9, generator=generator))
+    torch.library.opcheck(torch.ops.sparsekern.masked_linear_triton, (x[:, ::2], weight[:, ::2], mask[:, ::2],
+                                                                       bias, False, False))
+    dy = reversed_dims(dy.t().contiguous())
+    torch.library.opcheck(torch.ops.sparsekern.masked_linear_grad_input_triton, (dy, weight, mask, False))
+    torch.library.opcheck(torch.ops.sparsekern.masked_linear_grad_weight_triton, (dy[:0], x[:0], mask, False))
+    (weight, mask, prune_score, grow_score), state = _prune_grow_case((6, 5), torch.float32, generator)
+    weight = reversed_dims(weight.t().contiguous())
+    torch.library.opcheck(torch.ops.sparsekern.prune_grow_triton,
+                          ([weight], [mask], [prune_score], [grow_score], [3], False, state, [0, 0],
+                           [], [], True, False, [torch.empty(6, 5, dtype=torch.bool)]))
+
+
 # ------------------------------------------------------------------------------- GPU, real sizes
 
 CUDA = torch.device("cuda")
