@@ -222,10 +222,9 @@ def test_masked_linear_on_a_broken_triton_interpreter_is_refused_by_name_and_pas
     assert _backend.triton_missing_with_loaded_loops("cuda") is None  # compiled kernels run such loops
 
 
-def test_a_compiled_call_follows_the_variable_set_after_it_compiled(monkeypatch, fresh_compiler):
-    # Dynamo guards the value of a variable that is set, but not the absence of one that is not:
-    # a model compiled with SPARSEKERN_BACKEND unset ignored it once set (torch 2.13).
-    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+def compiled_layer_and_inputs():
+    """A masked_linear layer compiled whole, the functions each of its graphs calls (a list that grows
+    with every compilation), and its inputs, weights 0 off the mask."""
     graphs = []
 
     def record(graph, example_inputs):
@@ -235,9 +234,16 @@ def test_a_compiled_call_follows_the_variable_set_after_it_compiled(monkeypatch,
     def layer(x, weight, mask):
         return sparsekern.ops.masked_linear(x, weight, mask, zero_off_mask=True)
 
-    compiled = torch.compile(layer, backend=record, fullgraph=True)
     x, mask = torch.randn(2, 8), torch.rand(4, 8) < 0.5
     weight = torch.where(mask, torch.randn(4, 8), 0)
+    return torch.compile(layer, backend=record, fullgraph=True), graphs, (x, weight, mask)
+
+
+def test_a_compiled_call_follows_the_variable_set_after_it_compiled(monkeypatch, fresh_compiler):
+    # Dynamo guards the value of a variable that is set, but not the absence of one that is not:
+    # a model compiled with SPARSEKERN_BACKEND unset ignored it once set (torch 2.13).
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    compiled, graphs, (x, weight, mask) = compiled_layer_and_inputs()
     compiled(x, weight, mask)  # automatic: the dense kernel on the weight itself
     monkeypatch.setenv(_backend.ENV_VAR, "reference")
     torch.testing.assert_close(compiled(x, weight, mask), x @ weight.T)
@@ -251,18 +257,7 @@ def test_a_compiled_call_recompiles_for_no_other_variable(monkeypatch, fresh_com
     # whole key set, and setting any variable recompiled every compiled sparse model (torch 2.13),
     # each step paying ~45 guards more.
     monkeypatch.delenv(_backend.ENV_VAR, raising=False)
-    graphs = []
-
-    def record(graph, example_inputs):
-        graphs.append(graph)
-        return graph.forward
-
-    def layer(x, weight, mask):
-        return sparsekern.ops.masked_linear(x, weight, mask, zero_off_mask=True)
-
-    compiled = torch.compile(layer, backend=record, fullgraph=True)
-    x, mask = torch.randn(2, 8), torch.rand(4, 8) < 0.5
-    weight = torch.where(mask, torch.randn(4, 8), 0)
+    compiled, graphs, (x, weight, mask) = compiled_layer_and_inputs()
     compiled(x, weight, mask)
     monkeypatch.setenv("SPARSEKERN_TEST_UNRELATED_VARIABLE", "1")
     compiled(x, weight, mask)
