@@ -5,13 +5,20 @@ import torch.distributed
 
 from ..helpers import torchrun
 
+gloo = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                          reason="needs torch.distributed with gloo")
 
-@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                    reason="needs torch.distributed with gloo")
-def test_ddp_rigl_and_set_keep_masks_identical_on_two_ranks(tmp_path):
-    finished = torchrun("tests.algorithms.distributed_worker", str(tmp_path))
+
+def rank_results(worker: str, tmp_path) -> list[dict]:
+    """What each of the two ranks of `worker` (a module of tests.algorithms) saved, once both ended well."""
+    finished = torchrun(f"tests.algorithms.{worker}", str(tmp_path))
     assert finished.returncode == 0, finished.stdout[-4000:] + finished.stderr[-4000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+
+
+@gloo
+def test_ddp_rigl_and_set_keep_masks_identical_on_two_ranks(tmp_path):
+    ranks = rank_results("distributed_worker", tmp_path)
     for algorithm in ("RigL", "SET"):
         first, second = ranks[0]["results"][algorithm], ranks[1]["results"][algorithm]
         assert first.keys() == second.keys()
@@ -21,13 +28,9 @@ def test_ddp_rigl_and_set_keep_masks_identical_on_two_ranks(tmp_path):
     assert all(rank["disagreed"] and rank["repaired"] for rank in ranks)
 
 
-@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                    reason="needs torch.distributed with gloo")
+@gloo
 def test_per_rank_seeds_are_refused_and_diverged_replicas_are_detected(tmp_path):
-    finished = torchrun("tests.algorithms.divergence_worker", str(tmp_path))
-    assert finished.returncode == 0, finished.stdout[-4000:] + finished.stderr[-4000:]
-    for rank in (0, 1):
-        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+    for rank, result in enumerate(rank_results("divergence_worker", tmp_path)):
         # ZeroRedundancyOptimizer: each rank holds the state of other weights than the other's, by design.
         assert result.pop("holds_a_share"), rank
         assert result == {"refused": True, "diverged_detected": True, "lopsided_refused": True, "repaired": True,
@@ -35,13 +38,9 @@ def test_per_rank_seeds_are_refused_and_diverged_replicas_are_detected(tmp_path)
             (rank, result)
 
 
-@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                    reason="needs torch.distributed with gloo")
+@gloo
 def test_masks_drawn_per_rank_and_sharded_models_are_refused_and_a_load_on_one_rank_is_repaired(tmp_path):
-    finished = torchrun("tests.algorithms.replica_worker", str(tmp_path))
-    assert finished.returncode == 0, finished.stdout[-4000:] + finished.stderr[-4000:]
-    for rank in (0, 1):
-        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+    for rank, result in enumerate(rank_results("replica_worker", tmp_path)):
         assert all(result["refused"].values()) and result["accepted_after_broadcast"], (rank, result)
         assert all(result["sharded"].values()), (rank, result["sharded"])
         assert result["load_on_rank_0_repaired"], rank
