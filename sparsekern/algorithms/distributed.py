@@ -127,7 +127,7 @@ def check_same_on_every_rank(state: Tensor, what: str) -> None:
     """
     if not _several_ranks():
         return
-    checksum = zlib.crc32(state.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    checksum = _crc32(state.detach())
     checksums = [None] * dist.get_world_size()
     dist.all_gather_object(checksums, checksum)
     if len(set(checksums)) > 1:
@@ -149,7 +149,7 @@ def check_masks_same_on_every_rank(model: nn.Module, who: str) -> None:
     collectives take CUDA tensors only) included, and costs one pass over the weights."""
     if not _several_ranks():
         return
-    layers = [(name, tuple(module.mask.shape)) for name, module in sparse_modules(model)]
+    layers = _layers(model)
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, (layers, _masks_checksum(model)))
     if any(other != layers for other, _ in gathered):
@@ -171,9 +171,18 @@ def _masks_checksum(model: nn.Module) -> int:
     for _, module in sparse_modules(model):
         under = torch.where(module.mask, module.weight.detach(), 0) + 0.0
         under = under.masked_fill(under.isnan(), float("nan"))
-        for tensor in (module.mask, under):
-            checksum = zlib.crc32(tensor.cpu().contiguous().view(torch.uint8).numpy().tobytes(), checksum)
+        checksum = _crc32(under, _crc32(module.mask, checksum))
     return checksum
+
+
+def _crc32(tensor: Tensor, start: int = 0) -> int:
+    """zlib.crc32 of a tensor's bytes, continuing from `start`."""
+    return zlib.crc32(tensor.cpu().contiguous().view(torch.uint8).numpy().tobytes(), start)
+
+
+def _layers(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, mask shape) of every sparse module: what ranks holding replicas of one model share."""
+    return [(name, tuple(module.mask.shape)) for name, module in sparse_modules(model)]
 
 
 def _same_layers_on_every_rank(model: nn.Module, group) -> bool:
@@ -181,7 +190,7 @@ def _same_layers_on_every_rank(model: nn.Module, group) -> bool:
     all_gather_object. Ranks holding different layers (pipeline stages) are no replicas of each other,
     and comparing their masks tensor by tensor would pair broadcasts of different sizes or counts,
     which gloo answers by aborting the process and NCCL by hanging."""
-    layers = [(name, tuple(module.mask.shape)) for name, module in sparse_modules(model)]
+    layers = _layers(model)
     gathered = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, layers, group=group)
     return all(other == layers for other in gathered)
