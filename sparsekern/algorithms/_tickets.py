@@ -154,7 +154,7 @@ def check_snapshot(state, model: nn.Module, name: str) -> dict[str, Tensor]:
     checked = {}
     for key, value in current.items():
         saved = state[key]
-        if not _dense_values(saved) or saved.shape != value.shape or saved.dtype != value.dtype:
+        if not dense_values(saved) or saved.shape != value.shape or saved.dtype != value.dtype:
             got = ("a nested tensor" if isinstance(saved, Tensor) and saved.is_nested
                    else f"{saved.dtype} {tuple(saved.shape)} ({saved.layout}, {saved.device})" if isinstance(saved, Tensor)
                    else type(saved).__name__)
@@ -172,7 +172,7 @@ def restore(model: nn.Module, state: dict[str, Tensor]) -> None:
         current[name].copy_(value)
 
 
-def _dense_values(value) -> bool:
+def dense_values(value) -> bool:
     """Whether `value` is a tensor whose values can be copied into a module's: not a meta tensor (no
     values), nor a torch.sparse or mkldnn one, which copy_ into a dense tensor refuses only as it
     loads it, after the entries before it, nor a nested one (torch.nested's older layout is strided,
@@ -189,7 +189,7 @@ def check_tensors(values, like: list[Tensor], name: str) -> list[Tensor] | None:
                          f"{len(values) if isinstance(values, (list, tuple)) else type(values).__name__}")
     checked = []
     for i, (value, reference) in enumerate(zip(values, like)):
-        if not _dense_values(value) or value.shape != reference.shape or value.dtype != reference.dtype:
+        if not dense_values(value) or value.shape != reference.shape or value.dtype != reference.dtype:
             raise ValueError(f"{name}[{i}] must be a dense {reference.dtype} tensor of shape {tuple(reference.shape)}")
         checked.append(value.detach().to(reference.device, copy=True))
     return checked
@@ -203,7 +203,7 @@ def check_masks(masks, groups: list[tying.Group], name: str = "masks") -> list[T
                          f"{len(masks) if isinstance(masks, (list, tuple)) else type(masks).__name__}")
     checked = []
     for i, (mask, layer) in enumerate(zip(masks, layers)):
-        if not _dense_values(mask) or mask.dtype != torch.bool or mask.shape != layer.weight.shape:
+        if not dense_values(mask) or mask.dtype != torch.bool or mask.shape != layer.weight.shape:
             raise ValueError(f"{name}[{i}] must be a dense bool tensor of shape {tuple(layer.weight.shape)}")
         checked.append(mask.to(layer.mask.device))
     return checked

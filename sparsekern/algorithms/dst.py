@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops import _checks, _transforms, reference
-from . import criteria, distributed, schedules
+from . import _tickets, criteria, distributed, schedules
 from ._gradients import GradientWatch, all_finite
 from ..nn import sparse_modules, tying
 from ..nn.sharding import refuse_sharded
@@ -306,8 +306,7 @@ class DST:
         for name, module in self.modules:
             mask = masks[name]
             # Not a torch.sparse mask either: set_mask refuses it only once the layers before are set.
-            if (not isinstance(mask, Tensor) or mask.layout != torch.strided or mask.is_nested  # before its shape
-                    or mask.dtype != torch.bool or mask.shape != module.mask.shape or mask.is_meta):
+            if not _tickets.dense_values(mask) or mask.dtype != torch.bool or mask.shape != module.mask.shape:
                 raise ValueError(f"state['masks'][{name!r}] must be a dense bool tensor of shape "
                                  f"{tuple(module.mask.shape)} holding values")
             mask = mask.to(module.mask.device, copy=True)
