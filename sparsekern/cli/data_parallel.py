@@ -6,9 +6,9 @@ LOCAL_RANK, WORLD_SIZE) and where rank 0 waits for the others (MASTER_ADDR, MAST
 initialised from them. Every rank trains the same run in lockstep: `training.Run.train` wraps the model in
 DistributedDataParallel and gives each rank its slice of every batch (`batch_slice`).
 
-A rank that stopped on a bad input alone would leave the others waiting in their first collective. So each rank
-checks its inputs first, catching the error, then joins the group and `agree`s: if any rank failed, every rank
-raises the same error.
+A rank that stopped on a bad input alone would leave the others waiting in their next collective. So the ranks
+join the group first, then each checks its inputs, catching the error, and they `agree`: if any rank failed,
+every rank raises the same error.
 """
 from __future__ import annotations
 
@@ -74,8 +74,8 @@ def check_config(config, ranks: Ranks) -> None:
 
 def start(ranks: Ranks, device: str) -> None:
     """Initialises the default process group from torchrun's environment: NCCL, on cuda:LOCAL_RANK, when the run
-    trains on CUDA; gloo otherwise (also when CUDA was asked for but is missing, so that the ranks can still agree
-    on that error)."""
+    trains on CUDA; gloo otherwise (also when CUDA was asked for but is missing, so that the ranks can agree on
+    that error)."""
     cuda = device == "cuda" and torch.cuda.is_available()
     if cuda:
         if ranks.local_rank >= torch.cuda.device_count():

@@ -372,29 +372,11 @@ def _check_options_apply(args, methods: list[str]) -> None:
 
 def _prepare_train(args):
     ranks = data_parallel.from_environment()
-    if not ranks.several:
-        config, dataset = _check_train(args, ranks)
-        run = prepare(config, dataset, args.resume)
-    else:
-        # Each rank checks its inputs, then all agree: one rank stopping alone would leave the others waiting.
-        error = config = dataset = None
-        try:
-            config, dataset = _check_train(args, ranks)
-        except ValueError as failed:
-            error = str(failed)
+    if ranks.several:
         data_parallel.start(ranks, args.device)
-        data_parallel.agree(error)
-        run = prepare(config, dataset)  # collective: the algorithms check that the ranks' masks agree
-        error = None
-        try:
-            if args.resume is not None:
-                run.restore(args.resume)  # on every rank, so that all continue alike
-        except ValueError as failed:
-            error = str(failed)
-        data_parallel.agree(error)
-    if args.resume is not None and args.stop_after is not None and args.stop_after < run.epoch:
-        raise ValueError(f"--stop-after {args.stop_after} is before epoch {run.epoch}, where the resume checkpoint "
-                         f"already is: nothing would be trained")
+    config, dataset = _agreed(ranks, lambda: _check_train(args, ranks))
+    run = prepare(config, dataset)  # collective on several ranks: the algorithms check that the ranks' masks agree
+    _agreed(ranks, lambda: _check_run(args, run, ranks))
     _warn_short_optg(config.method, config.epochs)
 
     def start():
@@ -411,8 +393,23 @@ def _prepare_train(args):
     return start
 
 
+def _agreed(ranks: data_parallel.Ranks, check):
+    """check()'s result. On several ranks each runs its check, then all agree: a ValueError on any rank is raised
+    on every rank, where one rank stopping alone would leave the others waiting in their next collective."""
+    if not ranks.several:
+        return check()
+    result = error = None
+    try:
+        result = check()
+    except ValueError as failed:
+        error = str(failed)
+    data_parallel.agree(error)
+    return result
+
+
 def _check_train(args, ranks: data_parallel.Ranks):
-    """(config, dataset) of a train command, every input checked on this rank (ValueError, one line)."""
+    """(config, dataset) of a train command, every input but --resume's state and --out checked (ValueError, one
+    line)."""
     _check_options_apply(args, [args.method])
     config = _config(args, method=args.method, density=args.density, seed=args.seed, prune=args.prune,
                      grow=args.grow, schedule=args.schedule, drop_fraction=args.drop_fraction)
@@ -423,9 +420,19 @@ def _check_train(args, ranks: data_parallel.Ranks):
     build_model(config.model, dataset.input_shape, dataset.num_classes, config.width)
     if args.resume is not None:
         _check_resume(args.resume, config)
-    if ranks.rank == 0:  # the rank that writes it
-        check_writable_folder(args.out, "--out")
     return config, dataset
+
+
+def _check_run(args, run, ranks: data_parallel.Ranks) -> None:
+    """Restores --resume into `run` (on every rank, so that all continue alike), then checks --stop-after against
+    it and, last because it creates the folder, --out (on rank 0, which writes it)."""
+    if args.resume is not None:
+        run.restore(args.resume)
+        if args.stop_after is not None and args.stop_after < run.epoch:
+            raise ValueError(f"--stop-after {args.stop_after} is before epoch {run.epoch}, where the resume "
+                             f"checkpoint already is: nothing would be trained")
+    if ranks.rank == 0:
+        check_writable_folder(args.out, "--out")
 
 
 def _prepare_compare(args):
