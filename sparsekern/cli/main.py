@@ -196,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sparsekern", description=__doc__)
     commands = parser.add_subparsers(dest="command", parser_class=_Parser)
 
-    train_parser = commands.add_parser("train", help="train one model and write metrics and a checkpoint")
+    train_parser = commands.add_parser("train", help="train one model and write metrics and a checkpoint (data-parallel "
+                                                      "on the ranks torchrun starts)")
     train_parser.add_argument("--method", choices=METHODS, default=TrainConfig.method,
                               help="how the mask is found (README.md, `sparsekern train`)")
     train_parser.add_argument("--density", type=_density, default=TrainConfig.density,
