@@ -3,7 +3,8 @@
 
 With no subcommand it runs `compare` with its defaults on scikit-learn's bundled digits.
 Every bad input (an argument, the dataset's content, a resume checkpoint, the output folder, SPARSEKERN_BACKEND)
-fails with a one-line error and exit code 2 before any training.
+fails with a one-line error and exit code 2 before any training. `train` also runs data-parallel on the ranks
+torchrun starts (`data_parallel`), where a bad input on any rank stops every rank with that error.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from dataclasses import asdict
 import torch
 
 from . import compare as compare_module
+from . import data_parallel
 from . import reproduce as reproduce_module
 from ..algorithms.criteria import GROW, PRUNE
 from ..algorithms.dst import SCOPES
@@ -194,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sparsekern", description=__doc__)
     commands = parser.add_subparsers(dest="command", parser_class=_Parser)
 
-    train_parser = commands.add_parser("train", help="train one model and write metrics and a checkpoint")
+    train_parser = commands.add_parser("train", help="train one model and write metrics and a checkpoint (data-parallel "
+                                                      "on the ranks torchrun starts)")
     train_parser.add_argument("--method", choices=METHODS, default=TrainConfig.method,
                               help="how the mask is found (README.md, `sparsekern train`)")
     train_parser.add_argument("--density", type=_density, default=TrainConfig.density,
@@ -262,10 +265,17 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["compare", *argv]
     if not {"-h", "--help"} & set(argv):   # help answers anywhere, a launched rank included
-        _refuse_launcher(parser)
+        _refuse_launcher(parser, argv[0])
     if argv[0] == "bench":  # its arguments belong to the report's own parser
         sys.exit(_bench(argv[1:]))
     args = parser.parse_args(argv)
+    try:
+        _run(parser, args)
+    finally:  # the process group train started on several ranks, also after an error
+        data_parallel.end()
+
+
+def _run(parser: argparse.ArgumentParser, args) -> None:
     # Warnings raised while checking the inputs are held back: a refused input gets its one error line only,
     # an accepted one each warning on one line.
     with warnings.catch_warnings(record=True) as held:
@@ -283,23 +293,37 @@ def main(argv: list[str] | None = None) -> None:
         try:
             start()
         except KeyboardInterrupt:
-            print(f"sparsekern: interrupted; finished work is kept in {args.out} (rerun the same command to go on)",
-                  file=sys.stderr)
+            if _leads():
+                print(f"sparsekern: interrupted; finished work is kept in {args.out} (rerun the same command to go "
+                      f"on)", file=sys.stderr)
             sys.exit(130)
         finally:
             _warn_each(held)
 
 
-def _refuse_launcher(parser: argparse.ArgumentParser) -> None:
+def _refuse_launcher(parser: argparse.ArgumentParser, command: str) -> None:
     """One error line when torchrun (or another torch.distributed launcher, which sets WORLD_SIZE) started
-    several copies of the command: it is a single-process program, so every rank would train the same
-    runs and write the same files, in a job that looks distributed."""
+    several copies of a command other than train: each copy would train the same runs and write the same
+    files, in a job that looks distributed. Also one for launcher variables that describe no rank."""
     world_size = os.environ.get("WORLD_SIZE", "1").strip()
-    if world_size not in ("", "1"):
-        parser.error(f"the command line runs in one process, but WORLD_SIZE={world_size} says a torch.distributed "
-                     f"launcher (torchrun) started it on several ranks, each of which would train the same runs "
-                     f"into the same --out: run it without the launcher (compare and reproduce train runs in "
-                     f"parallel with --jobs), or train with DistributedDataParallel from Python")
+    if command != "train" and world_size not in ("", "1"):
+        parser.error(f"only train runs data-parallel on the ranks of a torch.distributed launcher (torchrun), but "
+                     f"WORLD_SIZE={world_size} says one started this {command!r} on several, each of which would "
+                     f"do the same work into the same --out: run it without the launcher (compare and reproduce "
+                     f"train runs in parallel with --jobs)")
+    try:
+        data_parallel.from_environment()
+    except ValueError as error:
+        parser.error(str(error))
+
+
+def _leads() -> bool:
+    """Whether this process prints progress, results and warnings: rank 0 of a data-parallel train (every rank
+    prints its errors: each is why that rank stopped)."""
+    try:
+        return data_parallel.from_environment().rank == 0
+    except ValueError:
+        return True
 
 
 def _warn_each(held: list) -> None:
@@ -308,7 +332,8 @@ def _warn_each(held: list) -> None:
 
 
 def _warn(message: str) -> None:
-    print(f"sparsekern: warning: {' '.join(message.split())}", file=sys.stderr)
+    if _leads():
+        print(f"sparsekern: warning: {' '.join(message.split())}", file=sys.stderr)
 
 
 def check_backend(device: str) -> None:
@@ -347,30 +372,68 @@ def _check_options_apply(args, methods: list[str]) -> None:
 
 
 def _prepare_train(args):
-    _check_options_apply(args, [args.method])
-    config = _config(args, method=args.method, density=args.density, seed=args.seed, prune=args.prune,
-                     grow=args.grow, schedule=args.schedule, drop_fraction=args.drop_fraction)
-    check_dataset(config.dataset)
-    check_backend(config.device)
-    dataset = load_dataset(config.dataset)
-    if args.resume is not None:
-        _check_resume(args.resume, config)
-    run = prepare(config, dataset, args.resume)
-    if args.resume is not None and args.stop_after is not None and args.stop_after < run.epoch:
-        raise ValueError(f"--stop-after {args.stop_after} is before epoch {run.epoch}, where the resume checkpoint "
-                         f"already is: nothing would be trained")
-    check_writable_folder(args.out, "--out")
+    ranks = data_parallel.from_environment()
+    if ranks.several:
+        data_parallel.start(ranks, args.device)
+    config, dataset = _agreed(ranks, lambda: _check_train(args, ranks))
+    run = prepare(config, dataset)  # collective on several ranks: the algorithms check that the ranks' masks agree
+    _agreed(ranks, lambda: _check_run(args, run, ranks))
     _warn_short_optg(config.method, config.epochs)
 
     def start():
         result = run.train(args.out, args.stop_after, progress=not args.quiet)
         final = result.final
         done = "finished" if final["epoch"] == total_epochs(config) else f"stopped after epoch {final['epoch']}"
-        print(f"{config.method} {done}: test accuracy {100 * final['test_accuracy']:.2f}%, test loss "
-              f"{final['test_loss']:.4f}, density {final['density']:.4f}, gradient flow {final['gradient_flow']:.4g} "
-              f"(mean over epochs {result.summary()['gradient_flow_mean']:.4g}); metrics and checkpoint in {args.out}")
+        on = f" on {ranks.world_size} ranks" if ranks.several else ""
+        if _leads():
+            print(f"{config.method} {done}{on}: test accuracy {100 * final['test_accuracy']:.2f}%, test loss "
+                  f"{final['test_loss']:.4f}, density {final['density']:.4f}, gradient flow "
+                  f"{final['gradient_flow']:.4g} (mean over epochs {result.summary()['gradient_flow_mean']:.4g}); "
+                  f"metrics and checkpoint in {args.out}")
 
     return start
+
+
+def _agreed(ranks: data_parallel.Ranks, check):
+    """check()'s result. On several ranks each runs its check, then all agree: a ValueError on any rank is raised
+    on every rank, where one rank stopping alone would leave the others waiting in their next collective."""
+    if not ranks.several:
+        return check()
+    result = error = None
+    try:
+        result = check()
+    except ValueError as failed:
+        error = str(failed)
+    data_parallel.agree(error)
+    return result
+
+
+def _check_train(args, ranks: data_parallel.Ranks):
+    """(config, dataset) of a train command, every input but --resume's state and --out checked (ValueError, one
+    line)."""
+    _check_options_apply(args, [args.method])
+    config = _config(args, method=args.method, density=args.density, seed=args.seed, prune=args.prune,
+                     grow=args.grow, schedule=args.schedule, drop_fraction=args.drop_fraction)
+    data_parallel.check_config(config, ranks)
+    check_dataset(config.dataset)
+    check_backend(config.device)
+    dataset = load_dataset(config.dataset)
+    build_model(config.model, dataset.input_shape, dataset.num_classes, config.width)
+    if args.resume is not None:
+        _check_resume(args.resume, config)
+    return config, dataset
+
+
+def _check_run(args, run, ranks: data_parallel.Ranks) -> None:
+    """Restores --resume into `run` (on every rank, so that all continue alike), then checks --stop-after against
+    it and, last because it creates the folder, --out (on rank 0, which writes it)."""
+    if args.resume is not None:
+        run.restore(args.resume)
+        if args.stop_after is not None and args.stop_after < run.epoch:
+            raise ValueError(f"--stop-after {args.stop_after} is before epoch {run.epoch}, where the resume "
+                             f"checkpoint already is: nothing would be trained")
+    if ranks.rank == 0:
+        check_writable_folder(args.out, "--out")
 
 
 def _prepare_compare(args):
@@ -427,7 +490,7 @@ def _prepare_reproduce(args):
 
 
 def _check_resume(path: str, config: TrainConfig) -> None:
-    saved = read_checkpoint(path)["config"]
+    saved = read_checkpoint(path, map_location="cpu")["config"]
     changed = [f"{name} {saved.get(name)!r} -> {value!r}" for name, value in asdict(config).items()
                if saved.get(name) != value]
     if changed:

@@ -10,6 +10,7 @@ first step, raising ValueError; `Run.train` then trains. `train` does both.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -21,11 +22,12 @@ import torch
 from torch import nn
 
 from .. import checkpoint
-from ..algorithms import criteria, schedules
+from ..algorithms import criteria, distributed, schedules
 from ..algorithms.dst import SCOPES
 from ..nn import gradient_flow, sparse_modules, sparsify
 from ..nn import init as sparse_init
 from ..nn.sparsify import SPARSIFIABLE
+from . import data_parallel
 from .data import Dataset, load_dataset
 from .models import build_model
 from .output import csv_text, first_line, write_text
@@ -188,8 +190,9 @@ class Run:
         self.epoch = 0
 
     def restore(self, path: str) -> None:
-        """Continues the run saved in the checkpoint at `path` (written by `train` for the same config)."""
-        state = read_checkpoint(path)
+        """Continues the run saved in the checkpoint at `path` (written by `train` for the same config, on any
+        number of ranks)."""
+        state = read_checkpoint(path, map_location=_onto(self.model))
         if state["config"] != asdict(self.config):
             raise ValueError(f"resume checkpoint {path!r} was written by a different configuration")
         epoch = state["epoch"]
@@ -209,6 +212,15 @@ class Run:
         """Trains to the end (or through epoch `stop_after`); with `out_dir`, writes metrics.json, metrics.csv,
         gradient_flow.csv and checkpoint.pt there after every epoch, each atomically.
 
+        Under an initialised torch.distributed process group of several ranks (`sparsekern train` under
+        torchrun, `data_parallel`), every rank trains the same run data-parallel: the model is wrapped in
+        DistributedDataParallel and each rank takes its `data_parallel.batch_slice` of every batch of the same
+        order. A rank's loss is its slice's summed loss over the batch's size / the world size, so the gradient
+        DDP averages is the whole batch's mean, as in one process (the epoch's last, shorter batch included).
+        Every rank evaluates, records gradient flow and keeps the history (the same on all); after every epoch
+        `sparsekern.distributed.masks_identical` confirms that the replicas agree (RuntimeError if not), and
+        only rank 0 shows progress and writes `out_dir`.
+
         The train/test split is the same for every seed, so seeds vary only the training (init, mask, data
         order, random criteria). Epochs are counted over all segments (IMP cycles, SWAMP particles):
         `total_epochs(config)` in all. Gradient flow (`sparsekern.nn.gradient_flow`, on the first
@@ -217,12 +229,15 @@ class Run:
         """
         config, recipe, model = self.config, self.recipe, self.model
         device = torch.device(config.device)
+        rank, world_size = data_parallel.world()
+        forward = model if world_size == 1 else _data_parallel(model)
         epochs = total_epochs(config)
         last_epoch = epochs if stop_after is None else min(epochs, stop_after)
         train_x, train_y = self.data.train_x.to(device), self.data.train_y.to(device)
         test_x, test_y = self.data.test_x.to(device), self.data.test_y.to(device)
         flow_batch = (train_x[:GRADIENT_FLOW_BATCH], train_y[:GRADIENT_FLOW_BATCH])
         loss_fn = nn.CrossEntropyLoss()
+        summed_loss = nn.CrossEntropyLoss(reduction="sum")
 
         def record_flow(step: int, epoch: int, when: str) -> float:
             value = float(gradient_flow(model, loss_fn, flow_batch)["total"])
@@ -232,7 +247,7 @@ class Run:
         model.eval()
         if self.epoch == 0 and not self.flow:
             record_flow(0, 0, "init")
-        bar = _progress_bar(progress, (last_epoch - self.epoch) * self.steps_per_epoch, config)
+        bar = _progress_bar(progress and rank == 0, (last_epoch - self.epoch) * self.steps_per_epoch, config)
         for epoch in range(self.epoch, last_epoch):
             started = time.perf_counter()
             epoch_in_segment = epoch % config.epochs
@@ -252,10 +267,11 @@ class Run:
                     continue
                 for group in recipe.optimizer.param_groups:
                     group["lr"] = recipe.learning_rate(step)
-                batch = order[start:start + config.batch_size].to(device)
+                batch = order[start:start + config.batch_size]
+                mine = data_parallel.batch_slice(batch, rank, world_size).to(device)
                 recipe.optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(model(train_x[batch]), train_y[batch])
-                loss.backward()
+                loss = summed_loss(forward(train_x[mine]), train_y[mine])
+                (loss / (len(batch) / world_size)).backward()  # in one process: the batch's mean loss
                 around_update = recipe.updates_masks_next()
                 if around_update:
                     model.eval()
@@ -266,27 +282,34 @@ class Run:
                     model.train()
                 recipe.optimizer.step()
                 recipe.after_optimizer_step()
-                loss_sum += loss.item() * len(batch)
-                samples += len(batch)
+                loss_sum += loss.item()
+                samples += len(mine)
                 if bar is not None:
-                    bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", refresh=False)
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item() / max(len(mine), 1):.3f}", refresh=False)
             recipe.optimizer.zero_grad(set_to_none=True)
+            if world_size > 1:
+                loss_sum, samples = _summed_over_ranks([loss_sum, samples], device)
             if last_of_segment:
                 recipe.end_segment_before_evaluation(last_segment)
             evaluation = _evaluate(model, test_x, test_y)
             metrics = {"epoch": epoch + 1, **position, "train_loss": loss_sum / max(samples, 1), **evaluation,
                        "density": density(model),
                        "gradient_flow": record_flow((epoch + 1) * self.steps_per_epoch, epoch + 1, "epoch"),
-                       "mask_updates": updates, "seconds": time.perf_counter() - started}
+                       "mask_updates": updates, "world_size": world_size, "seconds": time.perf_counter() - started}
             self.history.append(metrics)
             self.epoch = epoch + 1
             recipe.end_epoch_after_evaluation(last_of_segment)
             if last_of_segment:
                 recipe.end_segment_after_evaluation(last_segment)
+            # (A model with no sparse module, dense with --init dense, has nothing to compare: its verdict would
+            # travel as a CPU tensor, which NCCL refuses.)
+            if world_size > 1 and sparse_modules(model) and not distributed.masks_identical(model):
+                raise RuntimeError(f"after epoch {epoch + 1} the ranks hold different masks or weights under them, "
+                                   f"which data-parallel training keeps identical: a bug, please report it")
             if bar is not None:
                 bar.set_postfix(epoch=epoch + 1, loss=f"{metrics['train_loss']:.3f}",
                                 acc=f"{metrics['test_accuracy']:.3f}")
-            if out_dir is not None:
+            if out_dir is not None and rank == 0:
                 self.save(out_dir)
         if bar is not None:
             bar.close()
@@ -300,14 +323,15 @@ class Run:
         write_metrics(self.config, self.history, self.flow, out_dir)
 
 
-def read_checkpoint(path: str) -> dict:
-    """The checkpoint `train` wrote at `path`; ValueError (one line) if it is missing, unreadable or not one."""
+def read_checkpoint(path: str, map_location=None) -> dict:
+    """The checkpoint `train` wrote at `path`, its tensors placed as `torch.load`'s `map_location` says; ValueError
+    (one line) if it is missing, unreadable or not one."""
     if not os.path.isfile(path):
         raise ValueError(f"resume checkpoint {path!r} does not exist or is not a file")
     try:
         with warnings.catch_warnings():  # torch warns about foreign pickles on stderr: the error says it all
             warnings.simplefilter("ignore")
-            state = checkpoint.load(path)
+            state = checkpoint.load(path, map_location=map_location)
     except Exception as error:  # torch.load raises many types for a damaged file; all mean the same here
         if "Weights only load failed" in str(error):  # torch refused to unpickle a foreign object
             raise ValueError(f"resume checkpoint {path!r} cannot be read: it holds objects other than tensors and "
@@ -365,6 +389,35 @@ def _start_from_masks(model: nn.Module, config: TrainConfig, masks: dict, genera
             raise ValueError(f"masks[{name!r}] must be a bool tensor of shape {tuple(module.mask.shape)}")
         module.set_mask(mask.to(module.mask.device))
         init(module, generator=generator)
+
+
+def _data_parallel(model: nn.Module) -> nn.Module:
+    """`model` wrapped for data-parallel training over the default process group, without syncing buffers at
+    each forward: the masks are these models' only buffers, the algorithms keep them identical on every rank,
+    and DDP copying rank 0's at every forward would hide a disagreement (the weights under them would still
+    differ) rather than prevent it."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = next(model.parameters()).device
+    # torch 2.13 renamed broadcast_buffers (and warns about the old name); torch 2.9 knows only that one.
+    renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                   **{"forward_sync_buffers" if renamed else "broadcast_buffers": False})
+
+
+def _summed_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    totals = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(totals)
+    return totals.tolist()
+
+
+def _onto(model: nn.Module) -> dict | None:
+    """map_location putting a checkpoint's CUDA tensors on `model`'s CUDA device (each rank's own, where rank 0
+    saved from cuda:0) and leaving its CPU tensors (RNG states) on the CPU; None for a model on the CPU."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return None
+    return {f"cuda:{index}": str(device) for index in range(torch.cuda.device_count())}
 
 
 @torch.no_grad()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import numbers
+import sys
 import warnings
 from typing import Callable, Sequence
 
@@ -166,12 +167,13 @@ def optimizer_state(optimizer: torch.optim.Optimizer, weight: Tensor) -> list[Te
 
 
 def state_is_sharded(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether each rank holds the state of its own share of the parameters only (ZeroRedundancyOptimizer)."""
-    if torch.distributed.is_available():
-        from torch.distributed.optim import ZeroRedundancyOptimizer  # imported once, then looked up
+    """Whether each rank holds the state of its own share of the parameters only (ZeroRedundancyOptimizer).
 
-        return isinstance(optimizer, ZeroRedundancyOptimizer)
-    return False
+    Imports nothing: only a loaded module can have made the optimizer, and importing torch.distributed.optim
+    warns (its modules call the deprecated torch.jit.script), which the command line showed after every run."""
+    module = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
+    zero = getattr(module, "ZeroRedundancyOptimizer", None)
+    return zero is not None and isinstance(optimizer, zero)
 
 
 def _state(optimizer: torch.optim.Optimizer) -> dict:

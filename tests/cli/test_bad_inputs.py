@@ -408,14 +408,29 @@ def test_bad_backend_setting_exits_2_before_training(command, value, words, tmp_
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("command", ["train", "compare", "reproduce", "bench"])
-def test_a_torchrun_launch_exits_2_before_training(command, tmp_path, capsys, monkeypatch, nothing_trains):
+@pytest.mark.parametrize("command", ["compare", "reproduce", "bench"])
+def test_a_torchrun_launch_of_another_command_than_train_exits_2_before_training(command, tmp_path, capsys,
+                                                                                 monkeypatch, nothing_trains):
     # torchrun sets WORLD_SIZE on each rank it starts; every rank would train the same runs into one --out.
+    # (train runs data-parallel there: test_data_parallel.py.)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    extra = {"train": ["--epochs", "1"], "compare": QUICK_COMPARE, "reproduce": ["--quick", "--jobs", "1"],
-             "bench": []}[command]
+    extra = {"compare": QUICK_COMPARE, "reproduce": ["--quick", "--jobs", "1"], "bench": []}[command]
     refused([command, *extra, *(["--out", str(tmp_path / "out")] if command != "bench" else [])], capsys,
             "WORLD_SIZE=2")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("variables, words", [
+    ({"WORLD_SIZE": "2"}, "RANK=''"),   # a WORLD_SIZE exported by hand, say
+    ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two'"),
+    ({"WORLD_SIZE": "2", "RANK": "2", "LOCAL_RANK": "0"}, "RANK=2 is not below WORLD_SIZE=2"),
+])
+def test_launcher_variables_that_name_no_rank_exit_2_before_training(variables, words, tmp_path, capsys,
+                                                                      monkeypatch, nothing_trains):
+    monkeypatch.delenv("RANK", raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    refused(["train", "--epochs", "1", "--out", str(tmp_path / "out")], capsys, words)
     assert not (tmp_path / "out").exists()
 
 
@@ -508,3 +523,11 @@ def test_a_killed_train_leaves_no_temporary_file(tmp_path):
         process.wait()
     assert sorted(os.listdir(out)) == ["checkpoint.pt", "gradient_flow.csv", "metrics.csv", "metrics.json"]
     assert checkpoint.load(out / "checkpoint.pt")["epoch"] >= 3
+
+
+def test_a_good_run_of_the_installed_command_prints_nothing_on_stderr(tmp_path):
+    # sparsify imported torch.distributed.optim, whose modules warn that torch.jit.script is deprecated:
+    # every train printed two such warnings after its results.
+    done = subprocess.run([sys.executable, "-m", "sparsekern.cli", "train", "--method", "static", "--epochs", "1",
+                           "--quiet", "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
