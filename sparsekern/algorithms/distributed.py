@@ -35,8 +35,9 @@ def broadcast_masks(model: nn.Module, src: int = 0, group=None, weights: bool = 
     With `algorithm` (the DST, IMP or OptG driving `model` on this rank), rank `src`'s
     `algorithm.state_dict()` is loaded on every other rank first: masks alone do not make replicas
     agree when the algorithms' step counts or random streams differ (after a checkpoint was loaded on
-    one rank only, say), since their next mask updates then differ. Loading the checkpoint on every
-    rank (`sparsekern.checkpoint.load` is safe to call from all ranks at once) needs no repair.
+    one rank only, say), since their next mask updates then differ. No other parameter (a bias, a
+    dense layer) or its optimizer state is copied: loading the checkpoint on every rank
+    (`sparsekern.checkpoint.load` is safe to call from all ranks at once) needs no repair.
 
     With `optimizer` (the one training `model` on this rank), rank `src`'s per-weight state of each
     sparse weight (momentum, Adam moments) is copied too, and is 0 off the mask where the weights
