@@ -247,6 +247,23 @@ def test_a_float_prune_mask_loads_and_other_values_are_refused_naming_the_key():
         assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
 
 
+@pytest.mark.parametrize("key", ["weight", "bias"])
+def test_a_torch_sparse_or_nested_weight_or_bias_is_refused_naming_the_key_before_the_module_changes(key):
+    # As the mask is: torch's load_state_dict copied the other entries in and then raised RuntimeError
+    # (copy_ from a torch.sparse tensor), leaving the module half loaded (mask and bias replaced, weight
+    # kept), and a nested entry raised PyTorch's 'Internal error: NestedTensorImpl doesn't support sizes'.
+    model = nn.Sequential(SparseLinear(6, 5))
+    before = copy.deepcopy(model.state_dict())
+    good = {"0.weight": torch.ones(5, 6), "0.bias": torch.ones(5), "0.mask": torch.rand(5, 6) < 0.5}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)   # torch.nested's strided layout is a prototype
+        nested = torch.nested.nested_tensor([good[f"0.{key}"]], layout=torch.strided)
+    for value in (good[f"0.{key}"].to_sparse(), nested):
+        with pytest.raises(ValueError, match=rf"'0\.{key}'.*dense \(strided\)"):
+            model.load_state_dict({**good, f"0.{key}": value})
+        assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
+
+
 @pytest.mark.parametrize("device", ["cpu", "meta"])
 def test_a_float_mask_loads_as_bool_with_assign(device):
     """load_state_dict(assign=True) (loading into a model built on the meta device) put the float mask itself in
