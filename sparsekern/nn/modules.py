@@ -383,9 +383,12 @@ def _conv_arguments(conv: nn.Module) -> dict:
 def weight_type_problem(weight: Tensor) -> str | None:
     """What keeps a dense layer's weight from becoming a sparse module's ("a torch.sparse_coo weight: ..."),
     or None: a torch.sparse or mkldnn weight fails in the dispatcher as the mask is made ("Could not run
-    'aten::fill_.Scalar' with arguments from the 'SparseCPU' backend"), an integer one as the module is."""
+    'aten::fill_.Scalar' with arguments from the 'SparseCPU' backend"), a nested one as its shape is read,
+    an integer one as the module is."""
     if weight.layout != torch.strided:
         return f"a {weight.layout} weight: sparse layers take dense (strided) weights"
+    if weight.is_nested:   # torch.nested's older layout: strided, and its shape raises an internal error
+        return "a nested weight: sparse layers take dense (strided) weights"
     if weight.dtype not in _checks.SCORE_DTYPES:
         return f"a {weight.dtype} weight: sparse layers take float16, bfloat16, float32 or float64 weights"
     return None

@@ -216,6 +216,22 @@ def test_from_dense_takes_only_its_own_kind_of_layer():
         SparseLinear.from_dense(nn.Bilinear(2, 2, 3))
 
 
+def test_a_nested_weight_is_refused_by_from_dense_and_sparsify_as_a_torch_sparse_one_is():
+    # torch.nested's older layout is strided: from_dense built a module around the nested weight, and
+    # sparsify failed with PyTorch's 'Internal error: NestedTensorImpl doesn't support sizes'.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)   # that layout is a prototype
+        linear, conv = nn.Linear(6, 4), nn.Conv2d(2, 3, 3)
+        for module in (linear, conv):
+            module.weight = nn.Parameter(torch.nested.nested_tensor([module.weight.detach()]), requires_grad=False)
+    with pytest.raises(TypeError, match="^SparseLinear.from_dense takes a .*nested"):
+        SparseLinear.from_dense(linear)
+    with pytest.raises(TypeError, match="^SparseConv2d.from_dense takes a .*nested"):
+        SparseConv2d.from_dense(conv)
+    with pytest.raises(TypeError, match="layer '0' has a nested weight"):
+        sparsekern.sparsify(nn.Sequential(linear), 0.5)
+
+
 def test_a_float_prune_mask_loads_and_other_values_are_refused_naming_the_key():
     import torch.nn.utils.prune as prune
     dense = nn.Linear(6, 5)
