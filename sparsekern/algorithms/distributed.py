@@ -35,9 +35,10 @@ def broadcast_masks(model: nn.Module, src: int = 0, group=None, weights: bool = 
     With `algorithm` (the DST, IMP or OptG driving `model` on this rank), rank `src`'s
     `algorithm.state_dict()` is loaded on every other rank first: masks alone do not make replicas
     agree when the algorithms' step counts or random streams differ (after a checkpoint was loaded on
-    one rank only, say), since their next mask updates then differ. No other parameter (a bias, a
-    dense layer) or its optimizer state is copied: loading the checkpoint on every rank
-    (`sparsekern.checkpoint.load` is safe to call from all ranks at once) needs no repair.
+    one rank only, say), since their next mask updates then differ; a DST that `finish()` ended stays
+    ended. No other parameter (a bias, a dense layer) or its optimizer state is copied: loading the
+    checkpoint on every rank (`sparsekern.checkpoint.load` is safe to call from all ranks at once)
+    needs no repair.
 
     With `optimizer` (the one training `model` on this rank), rank `src`'s per-weight state of each
     sparse weight (momentum, Adam moments) is copied too, and is 0 off the mask where the weights
@@ -67,7 +68,12 @@ def broadcast_masks(model: nn.Module, src: int = 0, group=None, weights: bool = 
         held = [algorithm.state_dict() if dist.get_rank() == src else None]
         dist.broadcast_object_list(held, src=src, group=group)
         if dist.get_rank() != src:
+            # finish() is no part of a state, and loading one forgets it: a finished rank whose next
+            # backward became dense again would move inactive weights off 0 through DDP's averaged gradient.
+            finished = isinstance(algorithm, dst.DST) and algorithm._finished
             algorithm.load_state_dict(held[0])
+            if finished:
+                algorithm.finish()
     for module, state in zip(modules, states):
         mask = module.mask.to(torch.uint8)
         dist.broadcast(mask, src=src, group=group)

@@ -48,6 +48,7 @@ def test_masks_drawn_per_rank_and_sharded_models_are_refused_and_a_load_on_one_r
         assert result["load_on_rank_0_repaired"], rank
         assert result["built_by_objects_alone"], rank
         assert result["stages_built"], rank
+        assert result["finish_kept_through_a_broadcast"], rank
 
 
 def test_broadcast_masks_refuses_an_algorithm_whose_state_is_per_rank_before_any_collective():
