@@ -813,14 +813,6 @@ def _rewind_with(world, key, value):
     return _replace(world.state, "rewind_state", _replace(world.state["rewind_state"], key, value))
 
 
-def _momentum_as(saved: dict, convert) -> dict:
-    """`saved` (an optimizer's state dict) with its last parameter's momentum converted (to_sparse, _nested)."""
-    state = dict(saved["state"])
-    last = list(state)[-1]
-    state[last] = _replace(state[last], "momentum_buffer", convert(state[last]["momentum_buffer"]))
-    return _replace(saved, "state", state)
-
-
 TICKET_STATES = [
     ("None", lambda w: None, TypeError, "state"), ("{}", lambda w: {}, ValueError, "lacks"),
     ("a list", lambda w: [1], TypeError, "state"),
@@ -851,11 +843,6 @@ TICKET_STATES = [
      ValueError, "step_in_cycle"),
     ("optimizer=None", lambda w: _replace(w.state, "optimizer", None), TypeError, "optimizer"),
     ("optimizer={}", lambda w: _replace(w.state, "optimizer", {}), ValueError, "optimizer"),
-    # Loaded by torch, these failed only at the next optimizer step (add(sparse, dense)), the state loaded.
-    *[(f"optimizer with a {kind} momentum",
-       lambda w, c=convert: _replace(w.state, "optimizer", _momentum_as(w.state["optimizer"], c)), ValueError,
-       r"state\['optimizer'\]\['state'\]\[\d+\]\['momentum_buffer'\] must be a dense tensor")
-      for kind, convert in (("sparse", Tensor.to_sparse), ("nested", _nested))],
     ("optimizer of fewer parameters", lambda w: _replace(w.state, "optimizer", _other_optimizer_state(w)),
      ValueError, "optimizer"),
     ("optimizer without param_groups", lambda w: _replace(w.state, "optimizer", {"state": {}}), ValueError,
@@ -925,10 +912,6 @@ SWAMP_STATES = TICKET_STATES + [
     ("particle_average with a sparse tensor",
      lambda w: _replace(w.state, "particle_average", [t.to_sparse() for t in w.state["particle_average"]]),
      ValueError, "particle_average"),
-    ("rewind_optimizer_state with a sparse momentum",
-     lambda w: _replace(w.state, "rewind_optimizer_state", _momentum_as(w.state["rewind_optimizer_state"],
-                                                                        Tensor.to_sparse)),
-     ValueError, "rewind_optimizer_state"),
 ]
 
 
@@ -1090,9 +1073,6 @@ OPTG_STATES = [
      "scores"),
     ("score_optimizer=None", lambda w: _replace(w.state, "score_optimizer", None), TypeError, "score_optimizer"),
     ("score_optimizer={}", lambda w: _replace(w.state, "score_optimizer", {}), ValueError, "score_optimizer"),
-    ("score_optimizer with a sparse momentum",
-     lambda w: _replace(w.state, "score_optimizer", _momentum_as(w.state["score_optimizer"], Tensor.to_sparse)),
-     ValueError, "score_optimizer"),
     ("score_optimizer of fewer scores",
      lambda w: _replace(w.state, "score_optimizer", torch.optim.SGD([torch.zeros(2)], lr=0.1).state_dict()),
      ValueError, "score_optimizer"),

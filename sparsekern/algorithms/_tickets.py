@@ -267,26 +267,11 @@ def loaded_optimizer(optimizer_factory: Callable, model: nn.Module, saved, name:
     optimizer = make_optimizer(optimizer_factory, model)
     if not isinstance(saved, dict):
         raise TypeError(f"{name} must be an optimizer state dict, got {type(saved).__name__}")
-    check_optimizer_state(saved, name)
     try:
         optimizer.load_state_dict(saved)
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
         raise ValueError(f"{name} does not fit the optimizer: {type(error).__name__}: {error}") from None
     return optimizer
-
-
-def check_optimizer_state(saved: dict, name: str) -> None:
-    """ValueError naming the entry of `saved` (an optimizer's state dict, `name`) whose state tensor
-    holds no dense values (torch.sparse, mkldnn, nested, meta): torch's load_state_dict takes it, and
-    the optimizer's next step fails inside torch (add(sparse, dense)), the state loaded by then. Other
-    faults are left to that load_state_dict."""
-    state = saved.get("state")
-    for index, entries in (state.items() if isinstance(state, dict) else ()):
-        for key, value in (entries.items() if isinstance(entries, dict) else ()):
-            if isinstance(value, Tensor) and not dense_values(value):
-                got = "a nested tensor" if value.is_nested else f"a {value.layout} tensor on {value.device}"
-                raise ValueError(f"{name}['state'][{index!r}][{key!r}] must be a dense tensor holding values, "
-                                 f"got {got}")
 
 
 def check_number(value, name: str, valid: Callable[[float], bool], requirement: str) -> float:

@@ -295,7 +295,6 @@ class OptG:
         if not isinstance(state["score_optimizer"], dict):
             raise TypeError(f"state['score_optimizer'] must be an optimizer state dict, got "
                             f"{type(state['score_optimizer']).__name__}")
-        _tickets.check_optimizer_state(state["score_optimizer"], "state['score_optimizer']")
         score_optimizer = torch.optim.SGD(self.scores, **self.score_optimizer.defaults)
         try:  # into a fresh optimizer, so that a state that does not fit leaves the current one alone
             score_optimizer.load_state_dict(state["score_optimizer"])
