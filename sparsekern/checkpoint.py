@@ -101,7 +101,8 @@ def _check_regular(path: str, missing_ok: bool) -> None:
 
 def _check_checksums(path: str, file) -> None:
     """ValueError naming the file (`path`, open as `file`) and the record when a record of a zip
-    checkpoint fails its CRC-32. Leaves `file` open (ZipFile closes only files it opened)."""
+    checkpoint fails its CRC-32, or cannot be read back at all (a damaged record header). Leaves
+    `file` open (ZipFile closes only files it opened)."""
     try:
         archive = zipfile.ZipFile(file)
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError):
