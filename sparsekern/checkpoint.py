@@ -39,7 +39,8 @@ def load(path: str | os.PathLike, map_location=None):
     A file that cannot be loaded (truncated, corrupt, holding objects other than tensors and
     containers, which are never unpickled, or tensors of a device this machine lacks) raises
     ValueError naming the file; so does one whose stored checksums (CRC-32 of every record of
-    torch's zip format) do not match its contents, which torch.load alone would load silently,
+    torch's zip format) do not match its contents, or whose record headers are damaged, both of
+    which torch.load alone would load silently,
     and a path that is not a regular file (a FIFO, which would block forever, a device); a
     missing one raises FileNotFoundError. `map_location` (None, a device or its name, a dict
     of them, or a callable, as for torch.load) is checked first. The checksums and torch.load
@@ -100,14 +101,21 @@ def _check_regular(path: str, missing_ok: bool) -> None:
 
 def _check_checksums(path: str, file) -> None:
     """ValueError naming the file (`path`, open as `file`) and the record when a record of a zip
-    checkpoint fails its CRC-32. Leaves `file` open (ZipFile closes only files it opened)."""
+    checkpoint fails its CRC-32, or cannot be read back at all (a damaged record header). Leaves
+    `file` open (ZipFile closes only files it opened)."""
     try:
-        with zipfile.ZipFile(file) as archive:
-            damaged = archive.testzip()
+        archive = zipfile.ZipFile(file)
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError):
         return  # not a zip (torch's legacy format, or garbage): torch.load judges it
-    except zlib.error as error:
-        damaged = f"? ({error})"
+    with archive:
+        try:
+            damaged = archive.testzip()
+        except OSError:
+            return  # the storage failing, or a seek the file cannot take: torch.load meets it too
+        # A zip whose records cannot be read back: a damaged header (a name's length, its flags) makes
+        # zipfile raise where torch's reader, which skips those checks, reads the data at a wrong offset.
+        except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError, RuntimeError, zlib.error) as error:
+            damaged = f"? ({type(error).__name__}: {error})"
     if damaged is not None:
         raise ValueError(f"{path}: cannot load this checkpoint: it is damaged (record {damaged!r} does not match "
                          f"its stored checksum)")

@@ -58,3 +58,12 @@ def fresh_compiler():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    """A gloo process group of this process alone."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp_path / 'rendezvous'}")
+    yield
+    dist.destroy_process_group()

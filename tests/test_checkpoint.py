@@ -81,3 +81,28 @@ def test_a_storage_error_while_loading_stays_an_os_error(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="Input/output error") as raised:
         checkpoint.load(path)
     assert not isinstance(raised.value, ValueError)
+
+
+def test_a_bit_flipped_in_a_record_header_raises_value_error_or_loads_the_saved_values(tmp_path):
+    # A flip in a record's local header (its name's length, its flags) made testzip raise
+    # UnicodeDecodeError or RuntimeError ('encrypted'): the first was taken for 'not a zip' and torch.load
+    # then read the tensor from the wrong offset, silently; the second escaped load.
+    good = tmp_path / "good.pt"
+    saved = {"weight": torch.arange(100.0), "steps": torch.arange(10)}
+    checkpoint.save(saved, good)
+    raw = good.read_bytes()
+    headers = [(info.header_offset, 30 + len(info.filename.encode())) for info in zipfile.ZipFile(good).infolist()]
+    path = tmp_path / "flipped.pt"
+    for start, length in headers:
+        for position in range(start, start + length):
+            for bit in (0, 7):   # the flags' 'encrypted' bit, a name length's low and high bytes
+                flipped = bytearray(raw)
+                flipped[position] ^= 1 << bit
+                path.write_bytes(flipped)
+                try:
+                    loaded = checkpoint.load(path)
+                except ValueError as error:
+                    assert "flipped.pt" in str(error), (position, bit, error)
+                    continue
+                assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved), \
+                    (position, bit)

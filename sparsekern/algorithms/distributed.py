@@ -27,20 +27,25 @@ from ..nn.sparsify import check_optimizer, optimizer_state, state_is_sharded
 def broadcast_masks(model: nn.Module, src: int = 0, group=None, weights: bool = True,
                     optimizer: torch.optim.Optimizer | None = None, algorithm=None) -> None:
     """Copies rank `src`'s mask, and with `weights` its weight, into every sparse module of `model`
-    on every rank (weights off the mask become 0). `model` may be wrapped in
-    DistributedDataParallel. Collective: call on every rank.
+    on every rank (weights off the mask become 0, except in a module that does not promise
+    `zero_off_mask`: OptG keeps its pruned weights, and their optimizer state, to bring them back,
+    and its forward selects). `model` may be wrapped in DistributedDataParallel. Collective: call
+    on every rank.
 
     With `algorithm` (the DST, IMP or OptG driving `model` on this rank), rank `src`'s
     `algorithm.state_dict()` is loaded on every other rank first: masks alone do not make replicas
     agree when the algorithms' step counts or random streams differ (after a checkpoint was loaded on
-    one rank only, say), since their next mask updates then differ. Loading the checkpoint on every
-    rank (`sparsekern.checkpoint.load` is safe to call from all ranks at once) needs no repair.
+    one rank only, say), since their next mask updates then differ; a DST that `finish()` ended stays
+    ended. No other parameter (a bias, a dense layer) or its optimizer state is copied: loading the
+    checkpoint on every rank (`sparsekern.checkpoint.load` is safe to call from all ranks at once)
+    needs no repair.
 
     With `optimizer` (the one training `model` on this rank), rank `src`'s per-weight state of each
-    sparse weight (momentum, Adam moments) is copied too, and is 0 off the mask: a rank that trained
-    under masks of its own holds momentum that would move its weights apart from the others', and
-    off the new mask, at its next step. Every rank's optimizer must hold state for the same weights
-    (each has stepped, or none has); ValueError on every rank, before anything changes, otherwise.
+    sparse weight (momentum, Adam moments) is copied too, and is 0 off the mask where the weights
+    are: a rank that trained under masks of its own holds momentum that would move its weights apart
+    from the others', and off the new mask, at its next step. Every rank's optimizer must hold state
+    for the same weights (each has stepped, or none has); ValueError on every rank, before anything
+    changes, otherwise.
     A ZeroRedundancyOptimizer keeps each weight's state on one rank only, which no other rank can have
     moved: each rank zeroes its own share off the masks, and nothing is copied.
     Not an LBFGS (ValueError): no mask change can follow its flattened history. Ranks holding
@@ -63,17 +68,30 @@ def broadcast_masks(model: nn.Module, src: int = 0, group=None, weights: bool = 
         held = [algorithm.state_dict() if dist.get_rank() == src else None]
         dist.broadcast_object_list(held, src=src, group=group)
         if dist.get_rank() != src:
+            # finish() is no part of a state, and loading one forgets it: a finished rank whose next
+            # backward became dense again would move inactive weights off 0 through DDP's averaged gradient.
+            finished = isinstance(algorithm, dst.DST) and algorithm._finished
             algorithm.load_state_dict(held[0])
+            if finished:
+                algorithm.finish()
     for module, state in zip(modules, states):
         mask = module.mask.to(torch.uint8)
         dist.broadcast(mask, src=src, group=group)
         if weights:
             dist.broadcast(module.weight.data, src=src, group=group)
-        module.set_mask(mask.bool())
+        # A module that does not promise zero_off_mask keeps values off its mask on purpose (OptG's
+        # pruned weights come back with them): zeroed, they and their momentum would be lost on every
+        # rank, src's included. Its forward selects, so the mask alone is copied in.
+        keeps_pruned = not module.zero_off_mask
+        if keeps_pruned:
+            module.mask.copy_(mask.bool())
+        else:
+            module.set_mask(mask.bool())
         for tensor in state:
             if copy_state:
                 dist.broadcast(tensor, src=src, group=group)
-            tensor.masked_fill_(~module.mask, 0)
+            if not keeps_pruned:
+                tensor.masked_fill_(~module.mask, 0)
 
 
 def _check_same_state_counts(states: list[list[Tensor]], group, device: torch.device) -> None:

@@ -166,6 +166,10 @@ class SparseModule(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        # Every entry of this module before any loads: torch copies each entry it can and raises for the
+        # others only at the end, which would leave the module half loaded.
+        for name in (*self._parameters, *self._buffers):
+            _check_loaded_layout(state_dict.get(prefix + name), prefix + name)
         # load_state_dict hands each module its own copy of the dict, so filling in the mask of a
         # dense checkpoint here does not touch the caller's dict.
         if prefix + "mask" not in state_dict and prefix + "weight" in state_dict:
@@ -203,18 +207,24 @@ def _check_loaded_mask(mask, key: str) -> None:
     changes. The copy into the bool buffer reads any non-zero as kept, which is right for the 0/1
     float masks of torch.nn.utils.prune but would keep an entry saved as 0.5, NaN, -1 or 2 (a soft
     mask or scores saved by mistake). Modules that torch's load_state_dict reached earlier are
-    already loaded, as with any error it raises. A torch.sparse or mkldnn mask is refused too: its
-    values cannot be read so, and copy_ into the buffer refuses it only after the weight has loaded."""
-    if isinstance(mask, Tensor) and mask.layout != torch.strided:
-        raise ValueError(f"state dict entry {key!r} must be a dense (strided) tensor, got layout {mask.layout}")
-    if isinstance(mask, Tensor) and mask.is_nested:   # torch.nested's older layout: strided, and its shape raises
-        raise ValueError(f"state dict entry {key!r} must be a dense (strided) tensor, got a nested tensor")
+    already loaded, as with any error it raises. (A torch.sparse, mkldnn or nested mask was refused
+    before, by `_check_loaded_layout`.)"""
     if not isinstance(mask, Tensor) or mask.dtype == torch.bool or mask.is_meta:
         return
     if not bool(((mask == 0) | (mask == 1)).all()):
         bad = mask[(mask != 0) & (mask != 1)].flatten()[:3].tolist()
         raise ValueError(f"state dict entry {key!r} ({mask.dtype}) must hold only 0 and 1 (or be a bool "
                          f"tensor), got values such as {bad}")
+
+
+def _check_loaded_layout(value, key: str) -> None:
+    """ValueError naming `key` for a torch.sparse, mkldnn or nested tensor: copy_ into a dense
+    parameter or buffer refuses the first two only as it loads them, after the entries before, and a
+    nested tensor (torch.nested's older layout is strided) raises an internal error as its shape is read."""
+    if isinstance(value, Tensor) and value.layout != torch.strided:
+        raise ValueError(f"state dict entry {key!r} must be a dense (strided) tensor, got layout {value.layout}")
+    if isinstance(value, Tensor) and value.is_nested:
+        raise ValueError(f"state dict entry {key!r} must be a dense (strided) tensor, got a nested tensor")
 
 
 _PACKED_FIELDS = ("bitmap", "values", "chunk_offsets")
@@ -373,9 +383,12 @@ def _conv_arguments(conv: nn.Module) -> dict:
 def weight_type_problem(weight: Tensor) -> str | None:
     """What keeps a dense layer's weight from becoming a sparse module's ("a torch.sparse_coo weight: ..."),
     or None: a torch.sparse or mkldnn weight fails in the dispatcher as the mask is made ("Could not run
-    'aten::fill_.Scalar' with arguments from the 'SparseCPU' backend"), an integer one as the module is."""
+    'aten::fill_.Scalar' with arguments from the 'SparseCPU' backend"), a nested one as its shape is read,
+    an integer one as the module is."""
     if weight.layout != torch.strided:
         return f"a {weight.layout} weight: sparse layers take dense (strided) weights"
+    if weight.is_nested:   # torch.nested's older layout: strided, and its shape raises an internal error
+        return "a nested weight: sparse layers take dense (strided) weights"
     if weight.dtype not in _checks.SCORE_DTYPES:
         return f"a {weight.dtype} weight: sparse layers take float16, bfloat16, float32 or float64 weights"
     return None

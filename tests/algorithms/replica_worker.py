@@ -3,7 +3,8 @@
 1. Masks drawn per rank (sparsify with a rank-seeded generator; DDP copies rank 0's weights but, with
    broadcast_buffers=False, not its masks) are refused by DST, IMP and OptG on every rank, and DST
    accepts them once broadcast_masks has made them rank 0's.
-2. broadcast_masks(algorithm=...) repairs a DST whose checkpoint only rank 0 loaded.
+2. broadcast_masks(algorithm=...) repairs a DST whose checkpoint only rank 0 loaded, and keeps each rank's
+   DST.finish().
 3. A model sharded by fully_shard (DTensor weights) is refused, with a ValueError that says so, by
    sparsify, DST, IMP, OptG, SWAMP, masks_identical and broadcast_masks, before any of them fails
    inside an op.
@@ -12,7 +13,8 @@
 5. The constructors' replica check makes no tensor collective (NCCL's take CUDA tensors only, and a
    model may still be on the CPU when its algorithm is built).
 Writes {"refused": {who: refused}, "accepted_after_broadcast", "sharded": {who: refused},
-"load_on_rank_0_repaired", "stages_built", "built_by_objects_alone"} to <out>/rank<r>.pt.
+"load_on_rank_0_repaired", "stages_built", "built_by_objects_alone", "finish_kept_through_a_broadcast"} to
+<out>/rank<r>.pt.
 """
 import os
 import sys
@@ -94,6 +96,17 @@ def repaired_after_a_load_on_rank_0(rank):
     return algorithm.step_count == 9 and distributed.masks_identical(ddp)
 
 
+def finish_kept_through_a_broadcast(rank):
+    """DST.finish() on every rank, then broadcast_masks(algorithm=...): the load of rank 0's state on rank 1
+    forgot its finish(), and its next backward, before a due update, was dense again while rank 0's was
+    masked, so DDP's averaged gradient moved inactive weights off 0 on every rank."""
+    ddp, algorithm, train = set_run(rank)
+    train(3)   # the next step (4) is an update step: the backward before it is dense
+    algorithm.finish()
+    distributed.broadcast_masks(ddp, algorithm=algorithm)
+    return not any(module.dense_grad for _, module in sparsekern.nn.sparse_modules(ddp))
+
+
 def stages_built(rank):
     """Pipeline stages: each rank holds other layers. DST builds on every rank, masks_identical says
     False and broadcast_masks refuses on every rank, where their tensor-by-tensor broadcasts aborted
@@ -141,6 +154,7 @@ def main(out):
     torch.save({"refused": refused, "accepted_after_broadcast": True, "sharded": sharded_refusals(),
                 "load_on_rank_0_repaired": repaired_after_a_load_on_rank_0(rank),
                 "stages_built": stages_built(rank),
+                "finish_kept_through_a_broadcast": finish_kept_through_a_broadcast(rank),
                 "built_by_objects_alone": built_by_objects_alone(ddp, optimizer, factory)},
                os.path.join(out, f"rank{rank}.pt"))
     end_rank()

@@ -1,4 +1,6 @@
 """Masks stay identical across ranks under DDP (gloo, CPU, 2 processes via torch.distributed.run)."""
+import copy
+
 import pytest
 import torch
 import torch.distributed
@@ -46,6 +48,7 @@ def test_masks_drawn_per_rank_and_sharded_models_are_refused_and_a_load_on_one_r
         assert result["load_on_rank_0_repaired"], rank
         assert result["built_by_objects_alone"], rank
         assert result["stages_built"], rank
+        assert result["finish_kept_through_a_broadcast"], rank
 
 
 def test_broadcast_masks_refuses_an_algorithm_whose_state_is_per_rank_before_any_collective():
@@ -58,3 +61,34 @@ def test_broadcast_masks_refuses_an_algorithm_whose_state_is_per_rank_before_any
     for algorithm in (swamp, object()):
         with pytest.raises(TypeError, match="algorithm must be a DST, IMP or OptG"):
             distributed.broadcast_masks(model, algorithm=algorithm)
+
+
+@gloo
+def test_broadcast_masks_leaves_the_pruned_weights_optg_keeps_and_their_momentum(one_rank):
+    # OptG keeps pruned weights' values (they come back with them when their scores rise) and the layers
+    # do not promise zero_off_mask; set_mask zeroed them, and the momentum there, on every rank, src's
+    # included: a broadcast that had nothing to repair changed the run.
+    import sparsekern
+    from sparsekern.algorithms import distributed
+    torch.manual_seed(0)
+    model = sparsekern.sparsify(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)),
+                                1.0)
+    optg = sparsekern.OptG(model, sparsity=0.5, epochs=4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(2):
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(torch.randn(5, 8)).square().sum().backward()
+            optg.step()
+            optimizer.step()
+        optg.next_epoch()
+    layers = [module for _, module in sparsekern.nn.sparse_modules(model)]
+    assert any(((layer.weight != 0) & ~layer.mask).any() for layer in layers)   # pruned values kept
+    before = copy.deepcopy((model.state_dict(), optimizer.state_dict(), [layer.zero_off_mask for layer in layers]))
+    distributed.broadcast_masks(model, optimizer=optimizer, algorithm=optg)
+    after = (model.state_dict(), optimizer.state_dict(), [layer.zero_off_mask for layer in layers])
+    assert after[2] == before[2] == [False, False]
+    for name, value in before[0].items():
+        assert torch.equal(after[0][name], value), name
+    for index, state in before[1]["state"].items():
+        assert torch.equal(after[1]["state"][index]["momentum_buffer"], state["momentum_buffer"]), index

@@ -634,15 +634,6 @@ def test_a_sparse_gradient_of_another_parameter_is_checked_by_its_values(poison,
     assert (not torch.equal(before, layer.mask)) is updates
 
 
-@pytest.fixture
-def one_rank(tmp_path):
-    """A gloo process group of this process alone."""
-    import torch.distributed as dist
-    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp_path / 'rendezvous'}")
-    yield
-    dist.destroy_process_group()
-
-
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
 def test_the_momentum_zero_redundancy_optimizer_keeps_is_zeroed_too(one_rank):
     # ZeroRedundancyOptimizer's own `state` is empty: each rank's shard lives in its local optimizer. Read

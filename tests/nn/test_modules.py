@@ -216,6 +216,22 @@ def test_from_dense_takes_only_its_own_kind_of_layer():
         SparseLinear.from_dense(nn.Bilinear(2, 2, 3))
 
 
+def test_a_nested_weight_is_refused_by_from_dense_and_sparsify_as_a_torch_sparse_one_is():
+    # torch.nested's older layout is strided: from_dense built a module around the nested weight, and
+    # sparsify failed with PyTorch's 'Internal error: NestedTensorImpl doesn't support sizes'.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)   # that layout is a prototype
+        linear, conv = nn.Linear(6, 4), nn.Conv2d(2, 3, 3)
+        for module in (linear, conv):
+            module.weight = nn.Parameter(torch.nested.nested_tensor([module.weight.detach()]), requires_grad=False)
+    with pytest.raises(TypeError, match="^SparseLinear.from_dense takes a .*nested"):
+        SparseLinear.from_dense(linear)
+    with pytest.raises(TypeError, match="^SparseConv2d.from_dense takes a .*nested"):
+        SparseConv2d.from_dense(conv)
+    with pytest.raises(TypeError, match="layer '0' has a nested weight"):
+        sparsekern.sparsify(nn.Sequential(linear), 0.5)
+
+
 def test_a_float_prune_mask_loads_and_other_values_are_refused_naming_the_key():
     import torch.nn.utils.prune as prune
     dense = nn.Linear(6, 5)
@@ -245,6 +261,23 @@ def test_a_float_prune_mask_loads_and_other_values_are_refused_naming_the_key():
         with pytest.raises(ValueError, match=r"'0\.mask'.*dense \(strided\)"):
             model.load_state_dict(bad)
         assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
+
+
+@pytest.mark.parametrize("key", ["weight", "bias"])
+def test_a_torch_sparse_or_nested_weight_or_bias_is_refused_naming_the_key_before_the_module_changes(key):
+    # As the mask is: torch's load_state_dict copied the other entries in and then raised RuntimeError
+    # (copy_ from a torch.sparse tensor), leaving the module half loaded (mask and bias replaced, weight
+    # kept), and a nested entry raised PyTorch's 'Internal error: NestedTensorImpl doesn't support sizes'.
+    model = nn.Sequential(SparseLinear(6, 5))
+    before = copy.deepcopy(model.state_dict())
+    good = {"0.weight": torch.ones(5, 6), "0.bias": torch.ones(5), "0.mask": torch.rand(5, 6) < 0.5}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)   # torch.nested's strided layout is a prototype
+        nested = torch.nested.nested_tensor([good[f"0.{key}"]], layout=torch.strided)
+    for value in (good[f"0.{key}"].to_sparse(), nested):
+        with pytest.raises(ValueError, match=rf"'0\.{key}'.*dense \(strided\)"):
+            model.load_state_dict({**good, f"0.{key}": value})
+        assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
 
 
 @pytest.mark.parametrize("device", ["cpu", "meta"])
