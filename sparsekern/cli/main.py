@@ -309,8 +309,8 @@ def _refuse_launcher(parser: argparse.ArgumentParser, command: str) -> None:
     if command != "train" and world_size not in ("", "1"):
         parser.error(f"only train runs data-parallel on the ranks of a torch.distributed launcher (torchrun), but "
                      f"WORLD_SIZE={world_size} says one started this {command!r} on several, each of which would "
-                     f"do the same work into the same --out: run it without the launcher (compare and reproduce "
-                     f"train runs in parallel with --jobs)")
+                     f"do the same work{' into the same --out' if command != 'bench' else ''}: run it without the "
+                     f"launcher (compare and reproduce train runs in parallel with --jobs)")
     try:
         data_parallel.from_environment()
     except ValueError as error:

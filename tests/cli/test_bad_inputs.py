@@ -291,7 +291,8 @@ def nothing_trains(monkeypatch):
 
 
 def refused(argv, capsys, words=""):
-    """Runs the command line; asserts exit code 2 with one error line holding `words`, and nothing on stdout."""
+    """Runs the command line; asserts exit code 2 with one error line holding `words`, and nothing on stdout;
+    returns that line."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")  # a warning would be more lines on stderr
@@ -303,6 +304,7 @@ def refused(argv, capsys, words=""):
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and "error" in lines[0], captured.err
     assert words in lines[0]
+    return lines[0]
 
 
 def features_npz(tmp_path):
@@ -415,9 +417,10 @@ def test_a_torchrun_launch_of_another_command_than_train_exits_2_before_training
     # (train runs data-parallel there: test_data_parallel.py.)
     monkeypatch.setenv("WORLD_SIZE", "2")
     extra = {"compare": QUICK_COMPARE, "reproduce": ["--quick", "--jobs", "1"], "bench": []}[command]
-    refused([command, *extra, *(["--out", str(tmp_path / "out")] if command != "bench" else [])], capsys,
-            "WORLD_SIZE=2")
+    message = refused([command, *extra, *(["--out", str(tmp_path / "out")] if command != "bench" else [])], capsys,
+                      "WORLD_SIZE=2")
     assert not (tmp_path / "out").exists()
+    assert ("--out" in message) == (command != "bench")   # bench has no --out to speak of
 
 
 @pytest.mark.parametrize("variables, words", [
