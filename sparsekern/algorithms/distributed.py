@@ -34,7 +34,9 @@ def broadcast_masks(model: nn.Module, src: int = 0, group=None, weights: bool = 
     `algorithm.state_dict()` is loaded on every other rank first: masks alone do not make replicas
     agree when the algorithms' step counts or random streams differ (after a checkpoint was loaded on
     one rank only, say), since their next mask updates then differ. Loading the checkpoint on every
-    rank (`sparsekern.checkpoint.load` is safe to call from all ranks at once) needs no repair.
+    rank (`sparsekern.checkpoint.load` is safe to call from all ranks at once) needs no repair. The state
+    is checked on every rank before any rank installs it: one that does not load on some rank (its
+    algorithm was built with other settings, or on another wrapping of the model) raises on every rank.
 
     With `optimizer` (the one training `model` on this rank), rank `src`'s per-weight state of each
     sparse weight (momentum, Adam moments) is copied too, and is 0 off the mask: a rank that trained
@@ -44,26 +46,32 @@ def broadcast_masks(model: nn.Module, src: int = 0, group=None, weights: bool = 
     A ZeroRedundancyOptimizer keeps each weight's state on one rank only, which no other rank can have
     moved: each rank zeroes its own share off the masks, and nothing is copied.
     Not an LBFGS (ValueError): no mask change can follow its flattened history. Ranks holding
-    different sparse layers (names or shapes) raise ValueError on every rank, before anything changes."""
-    check_optimizer(optimizer, "build a new LBFGS on every rank after broadcast_masks")
+    different sparse layers (names or shapes), or given an optimizer or algorithm on some ranks only,
+    raise ValueError on every rank. Every error is raised on every rank (a rank raising alone would
+    leave the others waiting in a collective), before anything changes on any: the rank whose check
+    failed raises its own, the others one of the same kind naming that rank."""
     from . import dst, imp, optg   # here: they import this module
-    if algorithm is not None and not isinstance(algorithm, (dst.DST, imp.IMP, optg.OptG)):
-        raise TypeError(f"algorithm must be a DST, IMP or OptG or None (SWAMP's ranks train different particles on "
-                        f"purpose), got {type(algorithm).__name__}")
-    refuse_sharded(model, "broadcast_masks")
-    if not _same_layers_on_every_rank(model, group):
-        raise ValueError("broadcast_masks: the ranks hold different sparse layers (names or mask shapes), so no "
-                         "rank's masks fit the others' (pipeline stages are no replicas)")
-    modules = [module for _, module in sparse_modules(model)]
-    states = [[] if optimizer is None else optimizer_state(optimizer, module.weight) for module in modules]
-    copy_state = optimizer is not None and not state_is_sharded(optimizer)
-    if copy_state:
-        _check_same_state_counts(states, group, _device(model))
+    with _Agreement("broadcast_masks", group) as agreement:
+        check_optimizer(optimizer, "build a new LBFGS on every rank after broadcast_masks")
+        if algorithm is not None and not isinstance(algorithm, (dst.DST, imp.IMP, optg.OptG)):
+            raise TypeError(f"algorithm must be a DST, IMP or OptG or None (SWAMP's ranks train different "
+                            f"particles on purpose), got {type(algorithm).__name__}")
+        refuse_sharded(model, "broadcast_masks")
+        modules = [module for _, module in sparse_modules(model)]
+        states = [[] if optimizer is None else optimizer_state(optimizer, module.weight) for module in modules]
+        copy_state = optimizer is not None and not state_is_sharded(optimizer)
+        agreement.shared = (_layers(model), [len(state) for state in states] if copy_state else None,
+                            algorithm is not None)
+    _check_same_setup(agreement.gathered)
     if algorithm is not None:
         held = [algorithm.state_dict() if dist.get_rank() == src else None]
         dist.broadcast_object_list(held, src=src, group=group)
-        if dist.get_rank() != src:
-            algorithm.load_state_dict(held[0])
+        # Checked on every rank before any installs it: a state that fails on one rank (its algorithm
+        # built with other settings) must leave every rank as it was, and none waiting for the others.
+        with _Agreement("broadcast_masks(algorithm=...)", group):
+            install = algorithm._prepare_load(held[0]) if dist.get_rank() != src else None
+        if install is not None:
+            install()
     for module, state in zip(modules, states):
         mask = module.mask.to(torch.uint8)
         dist.broadcast(mask, src=src, group=group)
@@ -76,17 +84,26 @@ def broadcast_masks(model: nn.Module, src: int = 0, group=None, weights: bool = 
             tensor.masked_fill_(~module.mask, 0)
 
 
-def _check_same_state_counts(states: list[list[Tensor]], group, device: torch.device) -> None:
-    """ValueError on every rank unless each rank holds as many optimizer state tensors per sparse
-    weight as the others: the broadcasts of that state would otherwise pair different tensors, or hang."""
-    counts = torch.tensor([len(state) for state in states], dtype=torch.int64, device=device)
-    low, high = counts.clone(), counts.clone()
-    dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
-    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
-    if not torch.equal(low, high):
+def _check_same_setup(gathered: list[tuple]) -> None:
+    """ValueError (on every rank: each reads the same `gathered`) unless every rank passed
+    broadcast_masks the same sparse layers, optimizer state counts and algorithm presence: the
+    broadcasts that follow would otherwise pair different tensors, or hang."""
+    layers, counts, has_algorithm = zip(*gathered)
+    if any(other != layers[0] for other in layers):
+        raise ValueError("broadcast_masks: the ranks hold different sparse layers (names or mask shapes), so no "
+                         "rank's masks fit the others' (pipeline stages are no replicas)")
+    if None in counts and any(count is not None for count in counts):
+        raise ValueError("broadcast_masks: optimizer is given on some ranks only (or is a ZeroRedundancyOptimizer "
+                         "on some ranks only); pass each rank's own optimizer on every rank, or none")
+    if any(count != counts[0] for count in counts):
+        low = [min(per_weight) for per_weight in zip(*counts)]
+        high = [max(per_weight) for per_weight in zip(*counts)]
         raise ValueError("optimizer holds state for other sparse weights on some ranks than on others "
-                         f"(state tensors per weight: between {low.tolist()} and {high.tolist()}); step "
-                         "every rank's optimizer, or none, before broadcast_masks")
+                         f"(state tensors per weight: between {low} and {high}); step every rank's optimizer, "
+                         "or none, before broadcast_masks")
+    if any(given != has_algorithm[0] for given in has_algorithm):
+        raise ValueError("broadcast_masks: algorithm is given on some ranks only; pass each rank's own on every "
+                         "rank, or none")
 
 
 @torch.no_grad()
@@ -163,6 +180,48 @@ def check_masks_same_on_every_rank(model: nn.Module, who: str) -> None:
                          f"call sparsekern.distributed.broadcast_masks(model) first")
 
 
+class _Agreement:
+    """A block of checks that fails on every rank of `group` when it fails on any: a rank that raised
+    alone would leave the others waiting in the next collective (a hang), or pairing it with another.
+
+    Before anything changes, each rank runs the block and sets `shared` to what the others must see;
+    at its end one all_gather_object carries `shared` and this rank's error, if it raised. The rank
+    that raised raises its own error; every other rank raises one of the same kind (TypeError,
+    ValueError, else RuntimeError) naming that rank. Otherwise `gathered` holds every rank's `shared`,
+    in rank order. Without a process group of several ranks nothing is gathered: an error is this
+    rank's alone, and `gathered` holds its own `shared`."""
+
+    _KINDS = {"TypeError": TypeError, "ValueError": ValueError}
+
+    def __init__(self, who: str, group=None):
+        self.who, self.group = who, group
+        self.shared = None
+        self.gathered: list | None = None
+
+    def __enter__(self) -> "_Agreement":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if kind is not None and not issubclass(kind, Exception):
+            return False   # KeyboardInterrupt, SystemExit: this process is going down, not failing a check
+        if not _several_ranks(self.group):
+            self.gathered = [self.shared]
+            return False
+        verdicts = [None] * dist.get_world_size(self.group)
+        failure = None if error is None else (type(error).__name__, str(error))
+        dist.all_gather_object(verdicts, (failure, self.shared), group=self.group)
+        if error is not None:
+            return False   # raises this rank's own error
+        for rank, (failed, _) in enumerate(verdicts):
+            if failed is not None:
+                name, message = failed
+                raise self._KINDS.get(name, RuntimeError)(
+                    f"{self.who} failed on rank {rank} ({name}: {message}); it fails on every rank, and "
+                    f"changed nothing on any")
+        self.gathered = [shared for _, shared in verdicts]
+        return False
+
+
 @torch.no_grad()
 def _masks_checksum(model: nn.Module) -> int:
     """crc32 of every sparse module's mask and weights under it, as masks_identical compares them:
@@ -196,8 +255,8 @@ def _same_layers_on_every_rank(model: nn.Module, group) -> bool:
     return all(other == layers for other in gathered)
 
 
-def _several_ranks() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+def _several_ranks(group=None) -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
 def _equal_or_both_nan(a: Tensor, b: Tensor) -> bool:

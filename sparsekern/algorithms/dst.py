@@ -289,6 +289,11 @@ class DST:
         schedule's total_steps (a run that called step() too often, which step() allows) loads with
         a warning, as does a saved schedule that differs from the one this DST was built with (which
         it replaces)."""
+        self._prepare_load(state)()
+
+    def _prepare_load(self, state: dict):
+        """Checks `state` completely, warnings included, and returns the function that installs it
+        (load_state_dict runs both; broadcast_masks checks on every rank before any rank installs)."""
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict, got {type(state).__name__}")
         missing = {"step_count", "masks", "schedule", "generator"} - set(state)
@@ -338,18 +343,21 @@ class DST:
             warnings.warn(f"state['step_count']={step_count} is beyond the schedule's total_steps="
                           f"{schedule.total_steps}: the run that saved it went past the end of training the "
                           f"schedule (end_step={schedule.end_step}) was made for", stacklevel=2)
-        for module, mask in staged:
-            module.set_mask(mask)
-            # As at construction: state left off the mask (an optimizer not rolled back with the masks)
-            # would move inactive weights off 0. A state saved with these masks is 0 there already.
-            for tensor in self._state(module.weight):
-                tensor.masked_fill_(~mask, 0)
-        self.schedule = schedule
-        self.step_count = step_count
-        self.generator.set_state(generator_state)
-        self._finished = False   # the loaded run's next backward is dense again where an update is due
-        self._sync_modules()
-        self._remember_gradients()
+
+        def install() -> None:
+            for module, mask in staged:
+                module.set_mask(mask)
+                # As at construction: state left off the mask (an optimizer not rolled back with the masks)
+                # would move inactive weights off 0. A state saved with these masks is 0 there already.
+                for tensor in self._state(module.weight):
+                    tensor.masked_fill_(~mask, 0)
+            self.schedule = schedule
+            self.step_count = step_count
+            self.generator.set_state(generator_state)
+            self._finished = False   # the loaded run's next backward is dense again where an update is due
+            self._sync_modules()
+            self._remember_gradients()
+        return install
 
     # -- internals ------------------------------------------------------------------------
 

@@ -145,6 +145,11 @@ class IMP:
         saved with, the optimizer state against a fresh optimizer): a bad state raises TypeError or
         ValueError and changes nothing.
         """
+        self._prepare_load(state)()
+
+    def _prepare_load(self, state: dict):
+        """Checks `state` completely and returns the function that installs it (load_state_dict runs
+        both; broadcast_masks checks on every rank before any rank installs)."""
         _tickets.check_state_keys(state, ("cycle", "step_in_cycle", "rewind_state", "optimizer"))
         cycle = _tickets.state_count(state, "cycle")
         step_in_cycle = _tickets.state_count(state, "step_in_cycle")
@@ -157,6 +162,9 @@ class IMP:
             rewind_state = _tickets.check_snapshot(rewind_state, self.model, "state['rewind_state']")
         optimizer = _tickets.loaded_optimizer(self.optimizer_factory, self.model, state["optimizer"],
                                               "state['optimizer']")
-        self.cycle, self.step_in_cycle = cycle, step_in_cycle
-        self.rewind_state = rewind_state
-        self.optimizer = optimizer
+
+        def install() -> None:
+            self.cycle, self.step_in_cycle = cycle, step_in_cycle
+            self.rewind_state = rewind_state
+            self.optimizer = optimizer
+        return install

@@ -276,13 +276,17 @@ class OptG:
         return {"epoch": self.epoch, "scores": [score.clone() for score in self.scores],
                 "score_optimizer": self.score_optimizer.state_dict(), "masks": self.masks}
 
-    @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
         """Restores a `state_dict()`, the current epoch's masks included (they came from the scores at
         the epoch's start, not those saved mid-epoch), so it does not matter whether the model's state
         dict was loaded before this OptG was built (which sets epoch-0 masks) or after. A state without
         "masks" (older versions) keeps the model's own. Checked completely first: a bad state raises
         TypeError or ValueError and changes nothing."""
+        self._prepare_load(state)()
+
+    def _prepare_load(self, state: dict):
+        """Checks `state` completely and returns the function that installs it (load_state_dict runs
+        both; broadcast_masks checks on every rank before any rank installs)."""
         _tickets.check_state_keys(state, ("epoch", "scores", "score_optimizer"))
         masks = None if "masks" not in state else _tickets.check_masks(state["masks"], self._groups,
                                                                         "state['masks']")
@@ -301,14 +305,18 @@ class OptG:
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
             raise ValueError(f"state['score_optimizer'] does not fit the scores' optimizer: "
                              f"{type(error).__name__}: {error}") from None
-        self.epoch = epoch
-        for score, saved in zip(self.scores, scores):
-            score.copy_(saved)
-        self.score_optimizer = score_optimizer
-        for layer, mask in zip(self.layers, masks or ()):
-            layer.mask.copy_(mask)       # not set_mask: pruned weights keep their values
-        for layer in self.layers:
-            layer.zero_off_mask = False
-            layer.dense_grad = self._learns
-        tying.sync(self._groups)
-        self._gradients.remember([layer.weight for layer in self.layers])
+
+        @torch.no_grad()
+        def install() -> None:
+            self.epoch = epoch
+            for score, saved in zip(self.scores, scores):
+                score.copy_(saved)
+            self.score_optimizer = score_optimizer
+            for layer, mask in zip(self.layers, masks or ()):
+                layer.mask.copy_(mask)       # not set_mask: pruned weights keep their values
+            for layer in self.layers:
+                layer.zero_off_mask = False
+                layer.dense_grad = self._learns
+            tying.sync(self._groups)
+            self._gradients.remember([layer.weight for layer in self.layers])
+        return install

@@ -58,3 +58,10 @@ def test_broadcast_masks_refuses_an_algorithm_whose_state_is_per_rank_before_any
     for algorithm in (swamp, object()):
         with pytest.raises(TypeError, match="algorithm must be a DST, IMP or OptG"):
             distributed.broadcast_masks(model, algorithm=algorithm)
+
+
+@gloo
+def test_a_call_that_fails_on_one_rank_fails_on_every_rank_and_changes_nothing(tmp_path):
+    # Where one rank raised and the other went on into the next collective, the run hung (the timeout).
+    for rank, result in enumerate(rank_results("agreement_worker", tmp_path)):
+        assert all(result.values()), (rank, result)

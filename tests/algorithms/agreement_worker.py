@@ -1,0 +1,71 @@
+"""One rank of test_distributed.py's agreement tests (torch.distributed.run, gloo, CPU): a call that fails on
+one rank fails on every rank, with nothing changed on any, rather than leave the others waiting in a collective.
+
+Each scenario returns a bool (True: as it should be); they run in order, and a hang in one shows as the
+test's timeout. Writes {scenario: bool} to <out>/rank<r>.pt.
+"""
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import sparsekern
+from sparsekern.algorithms import distributed
+from sparsekern.nn import sparse_modules
+
+from ..helpers import end_rank
+
+
+def ddp_model():
+    torch.manual_seed(0)
+    model = sparsekern.sparsify(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)), 0.3,
+                                generator=torch.Generator().manual_seed(0))
+    return model, DistributedDataParallel(model, broadcast_buffers=False)
+
+
+def masks_of(model):
+    return [module.mask.clone() for _, module in sparse_modules(model)]
+
+
+def raised(call, kind, words):
+    """Whether call() raised `kind` with `words` in its message."""
+    try:
+        call()
+    except kind as error:
+        return words in str(error)
+    return False
+
+
+def refused_load_changes_nothing(rank):
+    """broadcast_masks(algorithm=) whose state does not load on rank 1 (its DST was built on the unwrapped
+    model, so its layer names lack DDP's "module."): ValueError on both ranks, masks and step counts as before."""
+    model, ddp = ddp_model()
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    algorithm = sparsekern.SET(ddp if rank == 0 else model, optimizer, update_every=2, total_steps=20)
+    algorithm.step_count = 3 + rank
+    first = sparse_modules(model)[0][1]
+    if rank == 1:
+        first.set_mask(first.mask.roll(1, 0))
+    before = masks_of(model)
+    refused = raised(lambda: distributed.broadcast_masks(ddp, algorithm=algorithm), ValueError,
+                     "state['masks']" if rank == 1 else "failed on rank 1")
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, masks_of(model))) and algorithm.step_count == 3 + rank
+    return refused and unchanged and not distributed.masks_identical(ddp)
+
+
+SCENARIOS = (refused_load_changes_nothing,)
+
+
+def main(out):
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    results = {scenario.__name__: scenario(rank) for scenario in SCENARIOS}
+    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    end_rank()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
