@@ -733,6 +733,8 @@ DST_STATES = [
                           ("end_step", (0, "10")), ("drop_fraction", (2.0, NAN, -1.0, "0.3")),
                           ("final_drop_fraction", (5.0, NAN, None)), ("schedule", ("step", None, 3)))
       for v in values],
+    *[(f"finished={_show(v)}", lambda w, v=v: _replace(w.state, "finished", v), TypeError, "finished")
+      for v in (1, None, "yes")],
     ("generator=None", lambda w: _replace(w.state, "generator", None), TypeError, "generator"),
     ("generator=[]", lambda w: _replace(w.state, "generator", []), TypeError, "generator"),
     ("generator float tensor", lambda w: _replace(w.state, "generator", w.state["generator"].float()),

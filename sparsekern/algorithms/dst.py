@@ -248,8 +248,10 @@ class DST:
         hold now are masked, and so are those of their next backwards. Without it, the backward before
         an update step leaves gradients dense for the update, and an optimizer step on them, with no
         step() to mask them, moves inactive weights off 0. A later step() carries on with the schedule
-        (its own step cannot update: its gradients were masked). Not part of `state_dict()`: after
-        `load_state_dict`, call it again to train on without step().
+        (its own step cannot update: its gradients were masked). Part of `state_dict()` until that
+        step(): a DST loading a state saved after finish(), or given it by
+        `sparsekern.distributed.broadcast_masks(algorithm=)`, is finished too, as the replicas of a
+        DDP run must all be for their next mask updates to agree.
         """
         for _, module in self.modules:
             module.dense_grad = False
@@ -272,7 +274,8 @@ class DST:
                            if parameter.grad is not None])
 
     def state_dict(self) -> dict:
-        """Step count, masks (by module name), schedule and random-generator state.
+        """Step count, masks (by module name), schedule, random-generator state, and whether finish()
+        was called since the last step() ("finished").
 
         The names are those of the model DST was built on, wrapper prefixes included ("module." under
         DistributedDataParallel, "_orig_mod." under torch.compile): load the state into a DST built on the
@@ -280,11 +283,12 @@ class DST:
         return {"step_count": self.step_count,
                 "masks": {name: module.mask.clone() for name, module in self.modules},
                 "schedule": dataclasses.asdict(self.schedule),
-                "generator": self.generator.get_state()}
+                "generator": self.generator.get_state(), "finished": self._finished}
 
     def load_state_dict(self, state: dict) -> None:
         """Restores a `state_dict()`: step count, masks (weights, and the optimizer's per-weight state,
-        are zeroed off them), schedule and generator. Checked completely before anything changes: a bad state raises TypeError or
+        are zeroed off them), schedule, generator and, after finish(), finished (a state without
+        "finished", saved by earlier versions, loads unfinished). Checked completely before anything changes: a bad state raises TypeError or
         ValueError naming the entry, and the model and this DST are as before. A step count past the
         schedule's total_steps (a run that called step() too often, which step() allows) loads with
         a warning, as does a saved schedule that differs from the one this DST was built with (which
@@ -327,6 +331,9 @@ class DST:
         except (RuntimeError, TypeError, ValueError) as error:
             raise ValueError(f"state['generator'] is not a state of a {self.generator.device.type} "
                              f"generator: {error}") from None
+        finished = state.get("finished", False)
+        if not isinstance(finished, bool):
+            raise TypeError(f"state['finished'] must be a bool, got {type(finished).__name__}")
         if schedule != self.schedule:
             # The saved schedule is the run's own (its cosine was laid over its total_steps); built
             # with other arguments (a longer run, a new end_step), this DST would silently follow it.
@@ -357,6 +364,8 @@ class DST:
             self._finished = False   # the loaded run's next backward is dense again where an update is due
             self._sync_modules()
             self._remember_gradients()
+            if finished:
+                self.finish()
         return install
 
     # -- internals ------------------------------------------------------------------------

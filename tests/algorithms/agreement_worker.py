@@ -53,10 +53,37 @@ def refused_load_changes_nothing(rank):
     refused = raised(lambda: distributed.broadcast_masks(ddp, algorithm=algorithm), ValueError,
                      "state['masks']" if rank == 1 else "failed on rank 1")
     unchanged = all(torch.equal(a, b) for a, b in zip(before, masks_of(model))) and algorithm.step_count == 3 + rank
-    return refused and unchanged and not distributed.masks_identical(ddp)
+    identical = distributed.masks_identical(ddp)   # on every rank: no `and` may skip the collective
+    return refused and unchanged and not identical
 
 
-SCENARIOS = (refused_load_changes_nothing,)
+def finish_is_carried(rank):
+    """Rank 0 called finish() on the step before an update; broadcast_masks(algorithm=) makes rank 1's DST
+    finished too: on both, the next backward is masked and the due step() makes no update, so the replicas
+    stay identical (rank 1 updated alone, from masked gradients, when finish() was not carried)."""
+    model, ddp = ddp_model()
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    algorithm = sparsekern.SET(ddp, optimizer, update_every=4, total_steps=20)
+    data = torch.Generator().manual_seed(5)
+    def train_step():
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(ddp(torch.randn(8, 16, generator=data)),
+                                    torch.randint(0, 4, (8,), generator=data)).backward()
+        updated = algorithm.step()
+        optimizer.step()
+        return updated
+    for _ in range(3):
+        train_step()
+    if rank == 0:
+        algorithm.finish()
+    distributed.broadcast_masks(ddp, optimizer=optimizer, algorithm=algorithm)
+    masked = not any(module.dense_grad for _, module in sparse_modules(model))
+    updated = train_step()   # every rank runs each collective: no `and` may skip one
+    identical = distributed.masks_identical(ddp)
+    return masked and not updated and algorithm.step_count == 4 and identical
+
+
+SCENARIOS = (refused_load_changes_nothing, finish_is_carried)
 
 
 def main(out):
