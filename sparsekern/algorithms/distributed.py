@@ -136,50 +136,6 @@ def masks_identical(model: nn.Module, group=None, weights: bool = True) -> bool:
     return bool(verdict.item())
 
 
-def check_same_on_every_rank(state: Tensor, what: str) -> None:
-    """ValueError on every rank unless `state` (a tensor) is the same on all ranks.
-
-    A no-op without an initialised process group of two or more ranks; otherwise collective
-    (one all_gather_object of a checksum) over the default group: call on every rank.
-    """
-    if not _several_ranks():
-        return
-    checksum = _crc32(state.detach())
-    checksums = [None] * dist.get_world_size()
-    dist.all_gather_object(checksums, checksum)
-    if len(set(checksums)) > 1:
-        differing = [rank for rank, value in enumerate(checksums) if value != checksums[0]]
-        raise ValueError(f"{what} differs across ranks (ranks {differing} differ from rank 0): random "
-                         f"criteria would draw different masks on each rank and the replicas would "
-                         f"diverge; use the same seed (or generator state) on every rank")
-
-
-def check_masks_same_on_every_rank(model: nn.Module, who: str) -> None:
-    """ValueError on every rank unless every rank holds the same masks and weights under them: an
-    algorithm that keeps masks equal by drawing the same numbers everywhere cannot make masks equal
-    that start apart. A no-op without an initialised process group of two or more ranks; otherwise
-    collective over the default group. Ranks holding different sparse layers (pipeline stages) are no
-    replicas and are not compared.
-
-    One all_gather_object of the layers and a checksum of their masks and masked weights, read on the
-    host: a constructor's check must work on any backend and device, a CPU model under NCCL (whose
-    collectives take CUDA tensors only) included, and costs one pass over the weights."""
-    if not _several_ranks():
-        return
-    layers = _layers(model)
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, (layers, _masks_checksum(model)))
-    if any(other != layers for other, _ in gathered):
-        return
-    differing = [rank for rank, (_, checksum) in enumerate(gathered) if checksum != gathered[0][1]]
-    if differing:
-        raise ValueError(f"{who}: the masks of model, or the weights under them, differ across ranks (ranks "
-                         f"{differing} from rank 0's), and the replicas would train apart (sparsify drew them "
-                         f"from a generator seeded differently per rank, or ran after DistributedDataParallel "
-                         f"had copied rank 0's weights); sparsify with the same generator on every rank, or "
-                         f"call sparsekern.distributed.broadcast_masks(model) first")
-
-
 class _Agreement:
     """A block of checks that fails on every rank of `group` when it fails on any: a rank that raised
     alone would leave the others waiting in the next collective (a hang), or pairing it with another.
@@ -219,6 +175,48 @@ class _Agreement:
                     f"{self.who} failed on rank {rank} ({name}: {message}); it fails on every rank, and "
                     f"changed nothing on any")
         self.gathered = [shared for _, shared in verdicts]
+        return False
+
+
+class ReplicaCheck(_Agreement):
+    """The construction of an algorithm that keeps replicas identical by drawing the same numbers on
+    every rank (DST, IMP, OptG): it cannot make masks equal that start apart, nor keep them equal when
+    its random streams differ. Run the constructor's checks in the block, and last, before anything
+    changes, `compare(model, stream)`. At the block's end, one all_gather_object (whatever the backend
+    and device: a CPU model under NCCL, whose collectives take CUDA tensors only, included) carries
+    this rank's error, if it raised, and checksums of the stream and of the masks and weights under
+    them (one pass over the weights, read on the host). Every rank then raises if a check failed on
+    any rank, or ValueError if the streams, or the masks or weights under them, differ across ranks.
+    Ranks holding different sparse layers (pipeline stages) are no replicas and are not compared. A
+    no-op without an initialised process group of two or more ranks."""
+
+    def compare(self, model: nn.Module, stream: Tensor | None = None, what: str = "") -> None:
+        """Shares what the replicas must agree on: `model`'s sparse layers, their masks and weights
+        under them, and `stream` (a random generator's state, described by `what`), if any."""
+        if _several_ranks(self.group):
+            self.what = what
+            self.shared = (_layers(model), _masks_checksum(model), None if stream is None else _crc32(stream))
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        super().__exit__(kind, error, traceback)
+        if kind is not None or not _several_ranks(self.group):
+            return False
+        layers, masks, streams = zip(*self.gathered)
+        differing = [rank for rank, stream in enumerate(streams) if stream != streams[0]]
+        if differing:
+            raise ValueError(f"{self.what} differs across ranks (ranks {differing} differ from rank 0): random "
+                             f"criteria would draw different masks on each rank and the replicas would "
+                             f"diverge; use the same seed (or generator state) on every rank")
+        if any(other != layers[0] for other in layers):
+            return False
+        differing = [rank for rank, checksum in enumerate(masks) if checksum != masks[0]]
+        if differing:
+            raise ValueError(f"{self.who}: the masks of model, or the weights under them, differ across ranks "
+                             f"(ranks {differing} from rank 0's), and the replicas would train apart (sparsify "
+                             f"drew them from a generator seeded differently per rank, or ran after "
+                             f"DistributedDataParallel had copied rank 0's weights); sparsify with the same "
+                             f"generator on every rank, or call sparsekern.distributed.broadcast_masks(model) "
+                             f"first")
         return False
 
 

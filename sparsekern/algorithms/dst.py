@@ -90,7 +90,8 @@ class DST:
             process group the construction is collective and refuses (ValueError on every rank)
             a seed or generator state that differs across ranks, which would let replicas diverge,
             and masks (or weights under them) that already differ across ranks (see
-            `sparsekern.distributed.broadcast_masks`). A model sharded across ranks (FSDP,
+            `sparsekern.distributed.broadcast_masks`); an argument refused on one rank only is
+            refused on every rank (the others' error names that rank), so that none waits for it. A model sharded across ranks (FSDP,
             fully_shard) raises ValueError: use DistributedDataParallel.
         host_checks: the two checks of an update step that read the device: skip the update when
             the gradients are not all finite (as torch.amp.GradScaler skips its step), and warn
@@ -135,51 +136,52 @@ class DST:
                  scope: str = "layer", reset_state: bool = True, block: tuple[int, int] | None = None,
                  mest_gamma: float = 1.0, seed: int = 0, generator: torch.Generator | None = None,
                  host_checks: bool = True):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        check_optimizer(optimizer, "DST changes masks as it trains: use another optimizer")
-        self._prune = criteria.lookup(prune, criteria.PRUNE, "prune")
-        self._grow = criteria.lookup(grow, criteria.GROW, "grow")
-        self.schedule = schedules.make(schedule, total_steps, update_every=update_every, end_step=end_step,
-                                       end_fraction=end_fraction, drop_fraction=drop_fraction,
-                                       final_drop_fraction=final_drop_fraction)
-        if not isinstance(scope, str):
-            raise TypeError(f"scope must be a str, got {type(scope).__name__}")
-        if scope not in SCOPES:
-            raise ValueError(f"scope must be one of {list(SCOPES)}, got {scope!r}")
-        _checks.flag(reset_state, "reset_state")
-        _checks.flag(host_checks, "host_checks")
-        block = _check_block(block)
-        if block is not None and prune not in criteria.ELEMENTWISE:
-            raise ValueError(f"block needs an elementwise pruning criterion, got prune={prune!r}")
-        if isinstance(mest_gamma, bool) or not isinstance(mest_gamma, (int, float)):
-            raise TypeError(f"mest_gamma must be a float, got {type(mest_gamma).__name__}")
-        if not 0 <= mest_gamma < float("inf"):
-            raise ValueError(f"mest_gamma must be a finite number >= 0, got {mest_gamma}")
-        self.modules, self._groups = _trained_layers(model, optimizer)
-        device = self.modules[0][1].weight.device
-        for name, module in self.modules:
-            if module.weight.device != device:
-                raise ValueError(f"sparse modules must share one device: {name} is on "
-                                 f"{module.weight.device}, {self.modules[0][0]} on {device}")
-        stream = "the generator's state" if generator is not None else f"seed={seed!r}"
-        if generator is None:
-            if isinstance(seed, bool) or not isinstance(seed, int):
-                raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-            generator = torch.Generator(device=device).manual_seed(_stream_seed(seed))
-        elif not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        elif generator.device.type != device.type:
-            raise ValueError(f"generator is on {generator.device} but the weights are on {device}")
-        if block is not None:
-            _check_blocks(self.modules, block)
-        empty = [name for name, module in self.modules if not module.mask.any()]
-        _warn_if_idle(self.schedule, empty, scope)
-        # Collective, and last: every rank gets here or none has anything to undo.
-        distributed.check_same_on_every_rank(generator.get_state(), f"DST's random stream ({stream})")
-        distributed.check_masks_same_on_every_rank(model, "DST")
+        # Collective: a check that fails on one rank fails on every rank (one raising alone would leave the
+        # others waiting in the replica check), and nothing changes before the block ends.
+        with distributed.ReplicaCheck("DST") as replicas:
+            if not isinstance(model, nn.Module):
+                raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+            if not isinstance(optimizer, torch.optim.Optimizer):
+                raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+            check_optimizer(optimizer, "DST changes masks as it trains: use another optimizer")
+            self._prune = criteria.lookup(prune, criteria.PRUNE, "prune")
+            self._grow = criteria.lookup(grow, criteria.GROW, "grow")
+            self.schedule = schedules.make(schedule, total_steps, update_every=update_every, end_step=end_step,
+                                           end_fraction=end_fraction, drop_fraction=drop_fraction,
+                                           final_drop_fraction=final_drop_fraction)
+            if not isinstance(scope, str):
+                raise TypeError(f"scope must be a str, got {type(scope).__name__}")
+            if scope not in SCOPES:
+                raise ValueError(f"scope must be one of {list(SCOPES)}, got {scope!r}")
+            _checks.flag(reset_state, "reset_state")
+            _checks.flag(host_checks, "host_checks")
+            block = _check_block(block)
+            if block is not None and prune not in criteria.ELEMENTWISE:
+                raise ValueError(f"block needs an elementwise pruning criterion, got prune={prune!r}")
+            if isinstance(mest_gamma, bool) or not isinstance(mest_gamma, (int, float)):
+                raise TypeError(f"mest_gamma must be a float, got {type(mest_gamma).__name__}")
+            if not 0 <= mest_gamma < float("inf"):
+                raise ValueError(f"mest_gamma must be a finite number >= 0, got {mest_gamma}")
+            self.modules, self._groups = _trained_layers(model, optimizer)
+            device = self.modules[0][1].weight.device
+            for name, module in self.modules:
+                if module.weight.device != device:
+                    raise ValueError(f"sparse modules must share one device: {name} is on "
+                                     f"{module.weight.device}, {self.modules[0][0]} on {device}")
+            stream = "the generator's state" if generator is not None else f"seed={seed!r}"
+            if generator is None:
+                if isinstance(seed, bool) or not isinstance(seed, int):
+                    raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+                generator = torch.Generator(device=device).manual_seed(_stream_seed(seed))
+            elif not isinstance(generator, torch.Generator):
+                raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+            elif generator.device.type != device.type:
+                raise ValueError(f"generator is on {generator.device} but the weights are on {device}")
+            if block is not None:
+                _check_blocks(self.modules, block)
+            empty = [name for name, module in self.modules if not module.mask.any()]
+            _warn_if_idle(self.schedule, empty, scope)
+            replicas.compare(model, generator.get_state(), f"DST's random stream ({stream})")
 
         self.optimizer = optimizer
         self.prune, self.grow, self.scope = prune, grow, scope
@@ -288,8 +290,9 @@ class DST:
     def load_state_dict(self, state: dict) -> None:
         """Restores a `state_dict()`: step count, masks (weights, and the optimizer's per-weight state,
         are zeroed off them), schedule, generator and, after finish(), finished (a state without
-        "finished", saved by earlier versions, loads unfinished). Checked completely before anything changes: a bad state raises TypeError or
-        ValueError naming the entry, and the model and this DST are as before. A step count past the
+        "finished", saved by earlier versions, loads unfinished). Checked completely before anything
+        changes: a bad state raises TypeError or ValueError naming the entry, and the model and this
+        DST are as before. A step count past the
         schedule's total_steps (a run that called step() too often, which step() allows) loads with
         a warning, as does a saved schedule that differs from the one this DST was built with (which
         it replaces)."""

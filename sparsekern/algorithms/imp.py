@@ -49,20 +49,23 @@ class IMP:
 
     Under an initialised torch.distributed process group of several ranks (DistributedDataParallel)
     the construction is collective and refuses (ValueError on every rank) masks, or weights under
-    them, that differ across ranks.
+    them, that differ across ranks; an argument refused on one rank only is refused on every rank
+    (the others' error names that rank), so that none waits for it.
     """
 
     def __init__(self, model: nn.Module, optimizer_factory: OptimizerFactory, prune_fraction: float = 0.2,
                  rewind_step: int = 0, scope: str = "global", rewind: str = "weights"):
-        self._groups = _tickets.sparse_layers(model, "IMP")
-        self.layers = _tickets.primaries(self._groups)
-        _tickets.check_callable(optimizer_factory, "optimizer_factory")
-        self.prune_fraction = _tickets.check_fraction(prune_fraction)
-        self.rewind_step = _tickets.check_count(rewind_step, "rewind_step")
-        self.scope = _tickets.check_choice(scope, "scope", _tickets.SCOPES)
-        self.rewind = _tickets.check_choice(rewind, "rewind", REWINDS)
-        # Collective, after every argument check: masks that start apart across ranks stay apart.
-        distributed.check_masks_same_on_every_rank(model, "IMP")
+        # Collective: a check that fails on one rank fails on every rank (one raising alone would leave the
+        # others waiting in the replica check), and masks that start apart across ranks are refused.
+        with distributed.ReplicaCheck("IMP") as replicas:
+            self._groups = _tickets.sparse_layers(model, "IMP")
+            self.layers = _tickets.primaries(self._groups)
+            _tickets.check_callable(optimizer_factory, "optimizer_factory")
+            self.prune_fraction = _tickets.check_fraction(prune_fraction)
+            self.rewind_step = _tickets.check_count(rewind_step, "rewind_step")
+            self.scope = _tickets.check_choice(scope, "scope", _tickets.SCOPES)
+            self.rewind = _tickets.check_choice(rewind, "rewind", REWINDS)
+            replicas.compare(model)
         self.model = model
         self.optimizer_factory = optimizer_factory
         self.cycle = 0

@@ -83,7 +83,39 @@ def finish_is_carried(rank):
     return masked and not updated and algorithm.step_count == 4 and identical
 
 
-SCENARIOS = (refused_load_changes_nothing, finish_is_carried)
+def constructors_fail_together(rank):
+    """DST, IMP and OptG given an argument that fails on rank 1 only: ValueError on both ranks (rank 0 waited
+    in the replica check's collective, and rank 1's next collective paired with it)."""
+    model, ddp = ddp_model()
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    factory = lambda parameters: torch.optim.SGD(parameters, lr=0.1)
+    calls = {"DST": lambda: sparsekern.SET(ddp, optimizer, update_every=2 - 2 * rank, total_steps=20),
+             "IMP": lambda: sparsekern.IMP(ddp, factory, prune_fraction=0.2 + rank),
+             "OptG": lambda: sparsekern.OptG(ddp, sparsity=0.5 + rank, epochs=2)}
+    refused = {who: raised(call, ValueError, "failed on rank 1" if rank == 0 else "must be")
+               for who, call in calls.items()}
+    return all(refused.values())
+
+
+def dst_checks_replicas_by_one_gather(rank):
+    """DST's construction compares its random stream and the masks by one all_gather_object."""
+    model, ddp = ddp_model()
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    gather, calls = dist.all_gather_object, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return gather(*args, **kwargs)
+    dist.all_gather_object = counted
+    try:
+        sparsekern.SET(ddp, optimizer, update_every=2, total_steps=20)
+    finally:
+        dist.all_gather_object = gather
+    return len(calls) == 1
+
+
+SCENARIOS = (refused_load_changes_nothing, finish_is_carried, constructors_fail_together,
+             dst_checks_replicas_by_one_gather)
 
 
 def main(out):
