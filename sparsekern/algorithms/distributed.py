@@ -136,6 +136,19 @@ def masks_identical(model: nn.Module, group=None, weights: bool = True) -> bool:
     return bool(verdict.item())
 
 
+def check_group(group):
+    """`group` (None: the default group, or a torch.distributed ProcessGroup holding this rank) as
+    given; TypeError or ValueError otherwise. Checked on this rank alone, before any collective: a
+    group that is not one cannot carry the agreement of the others."""
+    if group is None:
+        return None
+    if not dist.is_available() or not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
+    if dist.get_rank(group) < 0:
+        raise ValueError("group does not hold this rank: pass each rank a group it belongs to")
+    return group
+
+
 class _Agreement:
     """A block of checks that fails on every rank of `group` when it fails on any: a rank that raised
     alone would leave the others waiting in the next collective (a hang), or pairing it with another.
@@ -189,6 +202,9 @@ class ReplicaCheck(_Agreement):
     any rank, or ValueError if the streams, or the masks or weights under them, differ across ranks.
     Ranks holding different sparse layers (pipeline stages) are no replicas and are not compared. A
     no-op without an initialised process group of two or more ranks."""
+
+    def __init__(self, who: str, group=None):
+        super().__init__(who, check_group(group))
 
     def compare(self, model: nn.Module, stream: Tensor | None = None, what: str = "") -> None:
         """Shares what the replicas must agree on: `model`'s sparse layers, their masks and weights

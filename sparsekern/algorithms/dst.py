@@ -91,7 +91,11 @@ class DST:
             a seed or generator state that differs across ranks, which would let replicas diverge,
             and masks (or weights under them) that already differ across ranks (see
             `sparsekern.distributed.broadcast_masks`); an argument refused on one rank only is
-            refused on every rank (the others' error names that rank), so that none waits for it. A model sharded across ranks (FSDP,
+            refused on every rank (the others' error names that rank), so that none waits for it.
+        group: the torch.distributed process group whose ranks hold replicas of `model` (None: the
+            default group): the ranks the checks above compare. Independent runs on each rank of one
+            job (no DDP, seeds or masks differing on purpose) give each rank a group of its own,
+            `torch.distributed.new_subgroups(1)[0]`, which compares nothing. A model sharded across ranks (FSDP,
             fully_shard) raises ValueError: use DistributedDataParallel.
         host_checks: the two checks of an update step that read the device: skip the update when
             the gradients are not all finite (as torch.amp.GradScaler skips its step), and warn
@@ -135,10 +139,10 @@ class DST:
                  total_steps: int,
                  scope: str = "layer", reset_state: bool = True, block: tuple[int, int] | None = None,
                  mest_gamma: float = 1.0, seed: int = 0, generator: torch.Generator | None = None,
-                 host_checks: bool = True):
+                 host_checks: bool = True, group=None):
         # Collective: a check that fails on one rank fails on every rank (one raising alone would leave the
         # others waiting in the replica check), and nothing changes before the block ends.
-        with distributed.ReplicaCheck("DST") as replicas:
+        with distributed.ReplicaCheck("DST", group) as replicas:
             if not isinstance(model, nn.Module):
                 raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
             if not isinstance(optimizer, torch.optim.Optimizer):

@@ -50,14 +50,17 @@ class IMP:
     Under an initialised torch.distributed process group of several ranks (DistributedDataParallel)
     the construction is collective and refuses (ValueError on every rank) masks, or weights under
     them, that differ across ranks; an argument refused on one rank only is refused on every rank
-    (the others' error names that rank), so that none waits for it.
+    (the others' error names that rank), so that none waits for it. `group` (a torch.distributed
+    process group, None: the default one) names the ranks holding replicas, those the check compares:
+    independent runs on each rank of one job (masks differing on purpose) give each rank a group of its
+    own, `torch.distributed.new_subgroups(1)[0]`, which compares nothing.
     """
 
     def __init__(self, model: nn.Module, optimizer_factory: OptimizerFactory, prune_fraction: float = 0.2,
-                 rewind_step: int = 0, scope: str = "global", rewind: str = "weights"):
+                 rewind_step: int = 0, scope: str = "global", rewind: str = "weights", group=None):
         # Collective: a check that fails on one rank fails on every rank (one raising alone would leave the
         # others waiting in the replica check), and masks that start apart across ranks are refused.
-        with distributed.ReplicaCheck("IMP") as replicas:
+        with distributed.ReplicaCheck("IMP", group) as replicas:
             self._groups = _tickets.sparse_layers(model, "IMP")
             self.layers = _tickets.primaries(self._groups)
             _tickets.check_callable(optimizer_factory, "optimizer_factory")

@@ -121,16 +121,20 @@ class OptG:
     Under an initialised torch.distributed process group of several ranks (DistributedDataParallel)
     the construction is collective and refuses (ValueError on every rank) masks, or weights under
     them, that differ across ranks; an argument refused on one rank only is refused on every rank
-    (the others' error names that rank), so that none waits for it.
+    (the others' error names that rank), so that none waits for it. `group` (a torch.distributed
+    process group, None: the default one) names the ranks holding replicas, those the check compares:
+    independent runs on each rank of one job (masks differing on purpose) give each rank a group of its
+    own, `torch.distributed.new_subgroups(1)[0]`, which compares nothing.
     """
 
     def __init__(self, model: nn.Module, sparsity: float, epochs: int, lr: float = 0.1, beta: float = 1.0,
                  momentum: float = 0.9, nesterov: bool = False,
                  lr_schedule: Callable[[int], float] | None = None, dense_while_scores_tie: bool = True,
-                 reach_target: bool = True, criterion: str = "learned", host_checks: bool = True):
+                 reach_target: bool = True, criterion: str = "learned", host_checks: bool = True,
+                 group=None):
         # Collective: a check that fails on one rank fails on every rank (one raising alone would leave the
         # others waiting in the replica check), and masks that start apart across ranks are refused.
-        with distributed.ReplicaCheck("OptG") as replicas:
+        with distributed.ReplicaCheck("OptG", group) as replicas:
             self._groups = _tickets.sparse_layers(model, "OptG")
             frozen = _frozen_layers(self._groups) if criterion == "learned" else []
             self._groups = [group for group in self._groups if group[0][0] not in frozen]

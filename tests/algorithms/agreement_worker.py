@@ -114,8 +114,25 @@ def dst_checks_replicas_by_one_gather(rank):
     return len(calls) == 1
 
 
+def per_rank_runs_with_a_group_of_one(rank):
+    """Independent per-rank experiments (no DDP, a seed and masks of each rank's own) build DST, IMP and OptG
+    when each is given a group of one rank, by which the replica checks compare nothing; over the default
+    group they are refused."""
+    group, _ = dist.new_subgroups(1)
+    torch.manual_seed(rank)
+    model = sparsekern.sparsify(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)), 0.3,
+                                generator=torch.Generator().manual_seed(rank))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    factory = lambda parameters: torch.optim.SGD(parameters, lr=0.1)
+    sparsekern.SET(model, optimizer, update_every=2, total_steps=20, seed=rank, group=group)
+    sparsekern.IMP(model, factory, group=group)
+    sparsekern.OptG(model, sparsity=0.5, epochs=2, group=group)
+    return raised(lambda: sparsekern.SET(model, optimizer, update_every=2, total_steps=20, seed=rank), ValueError,
+                  "differs across ranks")
+
+
 SCENARIOS = (refused_load_changes_nothing, finish_is_carried, constructors_fail_together,
-             dst_checks_replicas_by_one_gather)
+             dst_checks_replicas_by_one_gather, per_rank_runs_with_a_group_of_one)
 
 
 def main(out):
