@@ -131,8 +131,40 @@ def per_rank_runs_with_a_group_of_one(rank):
                   "differs across ranks")
 
 
+def uneven_inputs_under_join(rank):
+    """Join([ddp, dst]) with 6 batches on rank 0 and 3 on rank 1: after the context, rank 1's DST has caught up
+    with rank 0's (step count, random stream, masks, momentum), and the replicas stay identical through two
+    more mask updates (under Join([ddp]) its step count stayed behind, and the replicas came apart).
+    Join([dst, ddp]) is refused on every rank at the first step()."""
+    from torch.distributed.algorithms import Join
+    model, ddp = ddp_model()
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    algorithm = sparsekern.SET(ddp, optimizer, update_every=2, total_steps=40)
+    data = torch.Generator().manual_seed(11 + rank)
+
+    def train_step():
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(ddp(torch.randn(8, 16, generator=data)),
+                                    torch.randint(0, 4, (8,), generator=data)).backward()
+        algorithm.step()
+        optimizer.step()
+    with Join([ddp, algorithm]):
+        for _ in range(6 if rank == 0 else 3):
+            train_step()
+    caught_up = algorithm.step_count == 6
+    for _ in range(4):
+        train_step()
+    identical = distributed.masks_identical(ddp)
+
+    def dst_first():   # the DST cannot tell Join, before DDP's collectives, that this rank has inputs
+        with Join([algorithm, ddp]):
+            train_step()
+    refused = raised(dst_first, RuntimeError, "list the DistributedDataParallel model first")
+    return caught_up and identical and refused
+
+
 SCENARIOS = (refused_load_changes_nothing, finish_is_carried, constructors_fail_together,
-             dst_checks_replicas_by_one_gather, per_rank_runs_with_a_group_of_one)
+             dst_checks_replicas_by_one_gather, per_rank_runs_with_a_group_of_one, uneven_inputs_under_join)
 
 
 def main(out):
