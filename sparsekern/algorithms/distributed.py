@@ -51,7 +51,7 @@ def broadcast_masks(model: nn.Module, src: int = 0, group=None, weights: bool = 
     leave the others waiting in a collective), before anything changes on any: the rank whose check
     failed raises its own, the others one of the same kind naming that rank."""
     from . import dst, imp, optg   # here: they import this module
-    with _Agreement("broadcast_masks", group) as agreement:
+    with Agreement("broadcast_masks", group) as agreement:
         check_optimizer(optimizer, "build a new LBFGS on every rank after broadcast_masks")
         if algorithm is not None and not isinstance(algorithm, (dst.DST, imp.IMP, optg.OptG)):
             raise TypeError(f"algorithm must be a DST, IMP or OptG or None (SWAMP's ranks train different "
@@ -68,7 +68,7 @@ def broadcast_masks(model: nn.Module, src: int = 0, group=None, weights: bool = 
         dist.broadcast_object_list(held, src=src, group=group)
         # Checked on every rank before any installs it: a state that fails on one rank (its algorithm
         # built with other settings) must leave every rank as it was, and none waiting for the others.
-        with _Agreement("broadcast_masks(algorithm=...)", group):
+        with Agreement("broadcast_masks(algorithm=...)", group):
             install = algorithm._prepare_load(held[0]) if dist.get_rank() != src else None
         if install is not None:
             install()
@@ -87,7 +87,8 @@ def broadcast_masks(model: nn.Module, src: int = 0, group=None, weights: bool = 
 def _check_same_setup(gathered: list[tuple]) -> None:
     """ValueError (on every rank: each reads the same `gathered`) unless every rank passed
     broadcast_masks the same sparse layers, optimizer state counts and algorithm presence: the
-    broadcasts that follow would otherwise pair different tensors, or hang."""
+    broadcasts that follow would otherwise pair tensors of different sizes or counts, which gloo
+    answers by aborting the process and NCCL by hanging."""
     layers, counts, has_algorithm = zip(*gathered)
     if any(other != layers[0] for other in layers):
         raise ValueError("broadcast_masks: the ranks hold different sparse layers (names or mask shapes), so no "
@@ -113,13 +114,16 @@ def masks_identical(model: nn.Module, group=None, weights: bool = True) -> bool:
 
     Exact: rank 0's masks and masked weights are broadcast and compared entry by entry (NaN
     equals NaN), and the verdicts combined with an all-reduce, so every rank returns the same
-    answer; False too when the ranks hold different sparse layers (names or shapes). Pass
+    answer; False too when the ranks hold different sparse layers (names or shapes). A check that
+    fails on one rank (a sharded model) raises on every rank. Pass
     weights=False where ranks train different weights on purpose (SWAMP's particles). Collective:
     call on every rank.
     """
-    refuse_sharded(model, "masks_identical")
-    if not _same_layers_on_every_rank(model, group):
-        return False
+    with Agreement("masks_identical", group) as agreement:
+        refuse_sharded(model, "masks_identical")
+        agreement.shared = _layers(model)
+    if any(layers != agreement.gathered[0] for layers in agreement.gathered):
+        return False   # no replicas, and their broadcasts below would not pair (see _check_same_setup)
     source = dist.get_global_rank(group, 0) if group is not None else 0
     same = True
     for _, module in sparse_modules(model):
@@ -149,7 +153,7 @@ def check_group(group):
     return group
 
 
-class _Agreement:
+class Agreement:
     """A block of checks that fails on every rank of `group` when it fails on any: a rank that raised
     alone would leave the others waiting in the next collective (a hang), or pairing it with another.
 
@@ -167,7 +171,7 @@ class _Agreement:
         self.shared = None
         self.gathered: list | None = None
 
-    def __enter__(self) -> "_Agreement":
+    def __enter__(self) -> "Agreement":
         return self
 
     def __exit__(self, kind, error, traceback) -> bool:
@@ -191,7 +195,7 @@ class _Agreement:
         return False
 
 
-class ReplicaCheck(_Agreement):
+class ReplicaCheck(Agreement):
     """The construction of an algorithm that keeps replicas identical by drawing the same numbers on
     every rank (DST, IMP, OptG): it cannot make masks equal that start apart, nor keep them equal when
     its random streams differ. Run the constructor's checks in the block, and last, before anything
@@ -256,17 +260,6 @@ def _crc32(tensor: Tensor, start: int = 0) -> int:
 def _layers(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
     """(name, mask shape) of every sparse module: what ranks holding replicas of one model share."""
     return [(name, tuple(module.mask.shape)) for name, module in sparse_modules(model)]
-
-
-def _same_layers_on_every_rank(model: nn.Module, group) -> bool:
-    """Whether every rank of `group` holds sparse modules of the same names and mask shapes, by one
-    all_gather_object. Ranks holding different layers (pipeline stages) are no replicas of each other,
-    and comparing their masks tensor by tensor would pair broadcasts of different sizes or counts,
-    which gloo answers by aborting the process and NCCL by hanging."""
-    layers = _layers(model)
-    gathered = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, layers, group=group)
-    return all(other == layers for other in gathered)
 
 
 def _several_ranks(group=None) -> bool:

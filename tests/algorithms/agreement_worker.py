@@ -163,8 +163,25 @@ def uneven_inputs_under_join(rank):
     return caught_up and identical and refused
 
 
+def masks_identical_fails_together(rank):
+    """masks_identical on a model that rank 1 alone refuses (as it refuses a sharded model): ValueError on
+    both ranks (rank 0 waited in the layers' gather, which rank 1 later paired with another collective)."""
+    model, ddp = ddp_model()
+    checked = distributed.refuse_sharded
+
+    def refused_on_rank_1(model, who):
+        if rank == 1:
+            raise ValueError(f"{who}: refused on rank 1")
+    distributed.refuse_sharded = refused_on_rank_1
+    try:
+        return raised(lambda: distributed.masks_identical(ddp), ValueError, "rank 1")
+    finally:
+        distributed.refuse_sharded = checked
+
+
 SCENARIOS = (refused_load_changes_nothing, finish_is_carried, constructors_fail_together,
-             dst_checks_replicas_by_one_gather, per_rank_runs_with_a_group_of_one, uneven_inputs_under_join)
+             dst_checks_replicas_by_one_gather, per_rank_runs_with_a_group_of_one, uneven_inputs_under_join,
+             masks_identical_fails_together)
 
 
 def main(out):
