@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..ops import _checks
-from . import _tickets
+from . import _tickets, distributed
 from .imp import OptimizerFactory
 
 
@@ -63,7 +63,9 @@ class SWAMP:
     Cycle 0 starts dense from the initialisation: the first particle trains from step 0 and θ_k
     (with the optimizer state at k) is kept at step k; the other particles of cycle 0 start from
     θ_k and that optimizer state at step k. Later cycles start every particle from θ_k ⊙ m with a
-    fresh optimizer, as IMP does. Under torch.distributed, rank 0's θ_k is broadcast at step k.
+    fresh optimizer, as IMP does. Under torch.distributed, rank 0's θ_k is broadcast at step k, and
+    the construction is collective: an argument refused on one rank only is refused on every rank (the
+    others' error names that rank), so that none waits for it in a broadcast.
     `state_dict()` holds everything but the model (checkpoint `model.state_dict()` beside it).
     """
 
@@ -71,28 +73,31 @@ class SWAMP:
                  prune_fraction: float = 0.2, rewind_step: int = 0, scope: str = "global",
                  swa_start: int | None = 0, swa_every: int = 1, bn_loader: Iterable | None = None,
                  seed: int = 0):
-        self._groups = _tickets.sparse_layers(model, "SWAMP")
-        self.layers = _tickets.primaries(self._groups)
-        _tickets.check_callable(optimizer_factory, "optimizer_factory")
-        self.particles = _tickets.check_count(particles, "particles", low=1)
-        self.prune_fraction = _tickets.check_fraction(prune_fraction)
-        self.rewind_step = _tickets.check_count(rewind_step, "rewind_step")
-        self.scope = _tickets.check_choice(scope, "scope", _tickets.SCOPES)
-        self.swa_start = None if swa_start is None else _tickets.check_count(swa_start, "swa_start")
-        if self.swa_start is not None and self.swa_start < self.rewind_step:
-            # Particles after the first start at step k: none can average weights from before it.
-            raise ValueError(f"swa_start must be >= rewind_step ({self.rewind_step}), got {swa_start}")
-        self.swa_every = _tickets.check_count(swa_every, "swa_every", low=1)
-        if bn_loader is not None and not hasattr(bn_loader, "__iter__"):
-            raise TypeError(f"bn_loader must be an iterable of batches or None, got {type(bn_loader).__name__}")
-        if _batch_norms(model) and bn_loader is None:
-            raise ValueError("bn_loader is None but the model has BatchNorm layers, whose statistics "
-                             "SWAMP must recompute for the averaged weights")
-        self.seed = _tickets.check_count(seed, "seed")
-        self.rank, self.world_size = ((dist.get_rank(), dist.get_world_size())
-                                      if dist.is_available() and dist.is_initialized() else (0, 1))
-        if self.particles < self.world_size:
-            raise ValueError(f"particles ({particles}) must be >= the number of ranks ({self.world_size})")
+        # Collective: a check that fails on one rank fails on every rank, which would otherwise wait for it
+        # in the broadcast of rank 0's ticket (at construction with rewind_step=0) or the cycle's all_reduce.
+        with distributed.Agreement("SWAMP"):
+            self._groups = _tickets.sparse_layers(model, "SWAMP")
+            self.layers = _tickets.primaries(self._groups)
+            _tickets.check_callable(optimizer_factory, "optimizer_factory")
+            self.particles = _tickets.check_count(particles, "particles", low=1)
+            self.prune_fraction = _tickets.check_fraction(prune_fraction)
+            self.rewind_step = _tickets.check_count(rewind_step, "rewind_step")
+            self.scope = _tickets.check_choice(scope, "scope", _tickets.SCOPES)
+            self.swa_start = None if swa_start is None else _tickets.check_count(swa_start, "swa_start")
+            if self.swa_start is not None and self.swa_start < self.rewind_step:
+                # Particles after the first start at step k: none can average weights from before it.
+                raise ValueError(f"swa_start must be >= rewind_step ({self.rewind_step}), got {swa_start}")
+            self.swa_every = _tickets.check_count(swa_every, "swa_every", low=1)
+            if bn_loader is not None and not hasattr(bn_loader, "__iter__"):
+                raise TypeError(f"bn_loader must be an iterable of batches or None, got {type(bn_loader).__name__}")
+            if _batch_norms(model) and bn_loader is None:
+                raise ValueError("bn_loader is None but the model has BatchNorm layers, whose statistics "
+                                 "SWAMP must recompute for the averaged weights")
+            self.seed = _tickets.check_count(seed, "seed")
+            self.rank, self.world_size = ((dist.get_rank(), dist.get_world_size())
+                                          if dist.is_available() and dist.is_initialized() else (0, 1))
+            if self.particles < self.world_size:
+                raise ValueError(f"particles ({particles}) must be >= the number of ranks ({self.world_size})")
         self.model = model
         self.optimizer_factory = optimizer_factory
         self.bn_loader = bn_loader

@@ -179,9 +179,18 @@ def masks_identical_fails_together(rank):
         distributed.refuse_sharded = checked
 
 
+def swamp_fails_together(rank):
+    """SWAMP given an argument that fails on rank 1 only: ValueError on both ranks (rank 0 waited in the
+    broadcast of its ticket, taken at construction with rewind_step=0)."""
+    model, _ = ddp_model()
+    return raised(lambda: sparsekern.SWAMP(model, lambda parameters: torch.optim.SGD(parameters, lr=0.1),
+                                           particles=2, prune_fraction=0.2 + rank),
+                  ValueError, "failed on rank 1" if rank == 0 else "prune_fraction")
+
+
 SCENARIOS = (refused_load_changes_nothing, finish_is_carried, constructors_fail_together,
              dst_checks_replicas_by_one_gather, per_rank_runs_with_a_group_of_one, uneven_inputs_under_join,
-             masks_identical_fails_together)
+             masks_identical_fails_together, swamp_fails_together)
 
 
 def main(out):
