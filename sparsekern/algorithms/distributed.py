@@ -9,6 +9,12 @@ its own mask. So `masks_identical` compares the masks and the weights under them
 `broadcast_masks` repairs both, the optimizer state of the sparse weights when given it, and the
 algorithm's own state (step count, random stream) when given it. They need an
 initialised `torch.distributed` process group; masks travel as uint8 (gloo has no bool all-reduce).
+
+Every rank enters each collective here, or none does: a rank raising alone would leave the others
+waiting in the next one. Checks run inside an `Agreement`, whose one object gather carries each
+rank's error; every rank raises when any failed, before anything changes. The algorithms'
+constructors run theirs inside a `ReplicaCheck`, which compares their masks and random streams in
+that same gather.
 """
 from __future__ import annotations
 
@@ -205,7 +211,7 @@ class ReplicaCheck(Agreement):
     them (one pass over the weights, read on the host). Every rank then raises if a check failed on
     any rank, or ValueError if the streams, or the masks or weights under them, differ across ranks.
     Ranks holding different sparse layers (pipeline stages) are no replicas and are not compared. A
-    no-op without an initialised process group of two or more ranks."""
+    no-op unless `group` (None: the default group) is initialised and holds two or more ranks."""
 
     def __init__(self, who: str, group=None):
         super().__init__(who, check_group(group))
