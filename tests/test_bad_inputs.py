@@ -549,7 +549,8 @@ for _factory in (DST, sparsekern.RigL, sparsekern.SET, sparsekern.MEST):
         error(f"{_factory.__name__}(schedule='annealed', {_argument}={_show(_value)})", model_world,
               _dst_call(_factory, {"schedule": "annealed", _argument: _value}), _error, _argument)
 for _name, _call in (("IMP", lambda w, g: IMP(w.model, _sgd, group=g)),
-                     ("OptG", lambda w, g: OptG(w.model, sparsity=0.5, epochs=2, group=g))):
+                     ("OptG", lambda w, g: OptG(w.model, sparsity=0.5, epochs=2, group=g)),
+                     ("SWAMP", lambda w, g: SWAMP(w.model, _sgd, group=g))):
     for _value in ("world", 0):
         error(f"{_name}(group={_show(_value)})", model_world, lambda w, c=_call, v=_value: c(w, v), TypeError,
               "group")

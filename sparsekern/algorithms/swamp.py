@@ -6,8 +6,8 @@ over the last phase of the cycle (SWA); the N averages are averaged into θ̄, B
 statistics are recomputed for θ̄, and the next mask is the global magnitude pruning of θ̄.
 
 Particles run one after another in one process, or spread over the ranks of an initialised
-`torch.distributed` process group (rank r trains particles r, r + W, ...; the averages are summed
-with `all_reduce`). Every rank then holds the same θ̄ and so prunes to the same mask.
+`torch.distributed` process group (`group`, default the default one: rank r trains particles r,
+r + W, ...; the averages are summed with `all_reduce`). Every rank then holds the same θ̄ and so prunes to the same mask.
 """
 from __future__ import annotations
 
@@ -45,6 +45,9 @@ class SWAMP:
             input) for recomputing BatchNorm statistics of θ̄ (`torch.optim.swa_utils.update_bn`);
             required when the model has BatchNorm layers.
         seed: base of `data_seed`, the data order the current particle must use.
+        group: the torch.distributed process group whose ranks share the particles (None: the default
+            group); a group of one rank, `torch.distributed.new_subgroups(1)[0]`, trains them all on this
+            rank, as for independent runs on each rank of one job.
 
     Loop (the data order of a particle must follow `swamp.data_seed`):
 
@@ -72,10 +75,10 @@ class SWAMP:
     def __init__(self, model: nn.Module, optimizer_factory: OptimizerFactory, particles: int = 4,
                  prune_fraction: float = 0.2, rewind_step: int = 0, scope: str = "global",
                  swa_start: int | None = 0, swa_every: int = 1, bn_loader: Iterable | None = None,
-                 seed: int = 0):
+                 seed: int = 0, group=None):
         # Collective: a check that fails on one rank fails on every rank, which would otherwise wait for it
         # in the broadcast of rank 0's ticket (at construction with rewind_step=0) or the cycle's all_reduce.
-        with distributed.Agreement("SWAMP"):
+        with distributed.Agreement("SWAMP", distributed.check_group(group)):
             self._groups = _tickets.sparse_layers(model, "SWAMP")
             self.layers = _tickets.primaries(self._groups)
             _tickets.check_callable(optimizer_factory, "optimizer_factory")
@@ -94,11 +97,11 @@ class SWAMP:
                 raise ValueError("bn_loader is None but the model has BatchNorm layers, whose statistics "
                                  "SWAMP must recompute for the averaged weights")
             self.seed = _tickets.check_count(seed, "seed")
-            self.rank, self.world_size = ((dist.get_rank(), dist.get_world_size())
+            self.rank, self.world_size = ((dist.get_rank(group), dist.get_world_size(group))
                                           if dist.is_available() and dist.is_initialized() else (0, 1))
             if self.particles < self.world_size:
                 raise ValueError(f"particles ({particles}) must be >= the number of ranks ({self.world_size})")
-        self.model = model
+        self.model, self.group = model, group
         self.optimizer_factory = optimizer_factory
         self.bn_loader = bn_loader
         self.averaged_parameters = [p for p in model.parameters()]
@@ -155,10 +158,14 @@ class SWAMP:
     def _adopt_rank0_state(self) -> None:
         # Every rank trained to step k on its own data; the ticket must be one, so take rank 0's.
         for value in self.model.state_dict(keep_vars=True).values():
-            dist.broadcast(value.data, src=0)
+            dist.broadcast(value.data, src=self._first_rank(), group=self.group)
         holder = [self.optimizer.state_dict()]
-        dist.broadcast_object_list(holder, src=0)
+        dist.broadcast_object_list(holder, src=self._first_rank(), group=self.group)
         self.optimizer.load_state_dict(holder[0])
+
+    def _first_rank(self) -> int:
+        """The global rank of `group`'s rank 0, whose ticket every rank of the group takes."""
+        return dist.get_global_rank(self.group, 0) if self.group is not None else 0
 
     @torch.no_grad()
     def next_particle(self) -> bool:
@@ -194,7 +201,7 @@ class SWAMP:
     def _average(self) -> None:
         if self.world_size > 1:
             for total in self.particle_sum:
-                dist.all_reduce(total, op=dist.ReduceOp.SUM)
+                dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.group)
         for p, total in zip(self.averaged_parameters, self.particle_sum):
             p.copy_(total / self.particles if self.particles > 1 else total)
         self.particle_sum = None

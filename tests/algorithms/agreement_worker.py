@@ -188,9 +188,20 @@ def swamp_fails_together(rank):
                   ValueError, "failed on rank 1" if rank == 0 else "prune_fraction")
 
 
+def swamp_per_rank_with_a_group_of_one(rank):
+    """SWAMP given a group of one rank trains all its particles on that rank (rank 0 of its group), as other
+    runs on the other ranks do; over the default group one particle on two ranks is refused."""
+    group, _ = dist.new_subgroups(1)
+    model, _ = ddp_model()
+    factory = lambda parameters: torch.optim.SGD(parameters, lr=0.1)
+    swamp = sparsekern.SWAMP(model, factory, particles=1, group=group)
+    return (swamp.rank, swamp.world_size) == (0, 1) and raised(lambda: sparsekern.SWAMP(model, factory, particles=1),
+                                                               ValueError, "number of ranks")
+
+
 SCENARIOS = (refused_load_changes_nothing, finish_is_carried, constructors_fail_together,
              dst_checks_replicas_by_one_gather, per_rank_runs_with_a_group_of_one, uneven_inputs_under_join,
-             masks_identical_fails_together, swamp_fails_together)
+             masks_identical_fails_together, swamp_fails_together, swamp_per_rank_with_a_group_of_one)
 
 
 def main(out):
