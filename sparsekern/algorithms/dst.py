@@ -94,11 +94,12 @@ class DST(Joinable):
             and masks (or weights under them) that already differ across ranks (see
             `sparsekern.distributed.broadcast_masks`); an argument refused on one rank only is
             refused on every rank (the others' error names that rank), so that none waits for it.
+            A model sharded across ranks (FSDP, fully_shard) raises ValueError: use
+            DistributedDataParallel. For uneven inputs, see `join_hook`.
         group: the torch.distributed process group whose ranks hold replicas of `model` (None: the
             default group): the ranks the checks above compare. Independent runs on each rank of one
             job (no DDP, seeds or masks differing on purpose) give each rank a group of its own,
-            `torch.distributed.new_subgroups(1)[0]`, which compares nothing. A model sharded across ranks (FSDP,
-            fully_shard) raises ValueError: use DistributedDataParallel.
+            `torch.distributed.new_subgroups(1)[0]`, which compares nothing.
         host_checks: the two checks of an update step that read the device: skip the update when
             the gradients are not all finite (as torch.amp.GradScaler skips its step), and warn
             when a global update empties a layer; one device-to-host read each. False trusts the

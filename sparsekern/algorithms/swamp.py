@@ -7,7 +7,8 @@ statistics are recomputed for θ̄, and the next mask is the global magnitude pr
 
 Particles run one after another in one process, or spread over the ranks of an initialised
 `torch.distributed` process group (`group`, default the default one: rank r trains particles r,
-r + W, ...; the averages are summed with `all_reduce`). Every rank then holds the same θ̄ and so prunes to the same mask.
+r + W, ...; the averages are summed with `all_reduce`). Every rank then holds the same θ̄ and so
+prunes to the same mask.
 """
 from __future__ import annotations
 
