@@ -529,6 +529,7 @@ DST_BAD = [
     ("mest_gamma", "1", TypeError), ("mest_gamma", None, TypeError),
     ("seed", 1.5, TypeError), ("seed", "0", TypeError), ("seed", None, TypeError), ("seed", True, TypeError),
     ("generator", 3, TypeError), ("generator", "generator", TypeError),
+    ("group", "world", TypeError), ("group", 0, TypeError),
 ]
 ANNEALED_BAD = [("final_drop_fraction", -0.1, ValueError), ("final_drop_fraction", 2.0, ValueError),
                 ("final_drop_fraction", NAN, ValueError), ("final_drop_fraction", "x", TypeError)]
@@ -547,6 +548,12 @@ for _factory in (DST, sparsekern.RigL, sparsekern.SET, sparsekern.MEST):
     for _argument, _value, _error in ANNEALED_BAD:
         error(f"{_factory.__name__}(schedule='annealed', {_argument}={_show(_value)})", model_world,
               _dst_call(_factory, {"schedule": "annealed", _argument: _value}), _error, _argument)
+for _name, _call in (("IMP", lambda w, g: IMP(w.model, _sgd, group=g)),
+                     ("OptG", lambda w, g: OptG(w.model, sparsity=0.5, epochs=2, group=g)),
+                     ("SWAMP", lambda w, g: SWAMP(w.model, _sgd, group=g))):
+    for _value in ("world", 0):
+        error(f"{_name}(group={_show(_value)})", model_world, lambda w, c=_call, v=_value: c(w, v), TypeError,
+              "group")
 error("DST(block=(2, 2), prune='set')", model_world, _dst_call(DST, {"block": (2, 2), "prune": "set"}),
       ValueError, "block")
 error("DST(model=None)", model_world, lambda w: DST(None, w.optimizer, total_steps=10), TypeError, "model")
@@ -733,6 +740,8 @@ DST_STATES = [
                           ("end_step", (0, "10")), ("drop_fraction", (2.0, NAN, -1.0, "0.3")),
                           ("final_drop_fraction", (5.0, NAN, None)), ("schedule", ("step", None, 3)))
       for v in values],
+    *[(f"finished={_show(v)}", lambda w, v=v: _replace(w.state, "finished", v), TypeError, "finished")
+      for v in (1, None, "yes")],
     ("generator=None", lambda w: _replace(w.state, "generator", None), TypeError, "generator"),
     ("generator=[]", lambda w: _replace(w.state, "generator", []), TypeError, "generator"),
     ("generator float tensor", lambda w: _replace(w.state, "generator", w.state["generator"].float()),

@@ -9,6 +9,12 @@ its own mask. So `masks_identical` compares the masks and the weights under them
 `broadcast_masks` repairs both, the optimizer state of the sparse weights when given it, and the
 algorithm's own state (step count, random stream) when given it. They need an
 initialised `torch.distributed` process group; masks travel as uint8 (gloo has no bool all-reduce).
+
+Every rank enters each collective here, or none does: a rank raising alone would leave the others
+waiting in the next one. Checks run inside an `Agreement`, whose one object gather carries each
+rank's error; every rank raises when any failed, before anything changes. The algorithms'
+constructors run theirs inside a `ReplicaCheck`, which compares their masks and random streams in
+that same gather.
 """
 from __future__ import annotations
 
@@ -35,10 +41,12 @@ def broadcast_masks(model: nn.Module, src: int = 0, group=None, weights: bool = 
     With `algorithm` (the DST, IMP or OptG driving `model` on this rank), rank `src`'s
     `algorithm.state_dict()` is loaded on every other rank first: masks alone do not make replicas
     agree when the algorithms' step counts or random streams differ (after a checkpoint was loaded on
-    one rank only, say), since their next mask updates then differ; a DST that `finish()` ended stays
-    ended. No other parameter (a bias, a dense layer) or its optimizer state is copied: loading the
+    one rank only, say), since their next mask updates then differ; DST's `finish()` is part of that
+    state. No other parameter (a bias, a dense layer) or its optimizer state is copied: loading the
     checkpoint on every rank (`sparsekern.checkpoint.load` is safe to call from all ranks at once)
-    needs no repair.
+    needs no repair. The state is checked on every rank before any rank installs it: one that does not
+    load on some rank (its algorithm was built with other settings, or on another wrapping of the
+    model) raises on every rank.
 
     With `optimizer` (the one training `model` on this rank), rank `src`'s per-weight state of each
     sparse weight (momentum, Adam moments) is copied too, and is 0 off the mask where the weights
@@ -49,31 +57,32 @@ def broadcast_masks(model: nn.Module, src: int = 0, group=None, weights: bool = 
     A ZeroRedundancyOptimizer keeps each weight's state on one rank only, which no other rank can have
     moved: each rank zeroes its own share off the masks, and nothing is copied.
     Not an LBFGS (ValueError): no mask change can follow its flattened history. Ranks holding
-    different sparse layers (names or shapes) raise ValueError on every rank, before anything changes."""
-    check_optimizer(optimizer, "build a new LBFGS on every rank after broadcast_masks")
+    different sparse layers (names or shapes), or given an optimizer or algorithm on some ranks only,
+    raise ValueError on every rank. Every error is raised on every rank (a rank raising alone would
+    leave the others waiting in a collective), before anything changes on any: the rank whose check
+    failed raises its own, the others one of the same kind naming that rank."""
     from . import dst, imp, optg   # here: they import this module
-    if algorithm is not None and not isinstance(algorithm, (dst.DST, imp.IMP, optg.OptG)):
-        raise TypeError(f"algorithm must be a DST, IMP or OptG or None (SWAMP's ranks train different particles on "
-                        f"purpose), got {type(algorithm).__name__}")
-    refuse_sharded(model, "broadcast_masks")
-    if not _same_layers_on_every_rank(model, group):
-        raise ValueError("broadcast_masks: the ranks hold different sparse layers (names or mask shapes), so no "
-                         "rank's masks fit the others' (pipeline stages are no replicas)")
-    modules = [module for _, module in sparse_modules(model)]
-    states = [[] if optimizer is None else optimizer_state(optimizer, module.weight) for module in modules]
-    copy_state = optimizer is not None and not state_is_sharded(optimizer)
-    if copy_state:
-        _check_same_state_counts(states, group, _device(model))
+    with Agreement("broadcast_masks", group) as agreement:
+        check_optimizer(optimizer, "build a new LBFGS on every rank after broadcast_masks")
+        if algorithm is not None and not isinstance(algorithm, (dst.DST, imp.IMP, optg.OptG)):
+            raise TypeError(f"algorithm must be a DST, IMP or OptG or None (SWAMP's ranks train different "
+                            f"particles on purpose), got {type(algorithm).__name__}")
+        refuse_sharded(model, "broadcast_masks")
+        modules = [module for _, module in sparse_modules(model)]
+        states = [[] if optimizer is None else optimizer_state(optimizer, module.weight) for module in modules]
+        copy_state = optimizer is not None and not state_is_sharded(optimizer)
+        agreement.shared = (_layers(model), [len(state) for state in states] if copy_state else None,
+                            algorithm is not None)
+    _check_same_setup(agreement.gathered)
     if algorithm is not None:
         held = [algorithm.state_dict() if dist.get_rank() == src else None]
         dist.broadcast_object_list(held, src=src, group=group)
-        if dist.get_rank() != src:
-            # finish() is no part of a state, and loading one forgets it: a finished rank whose next
-            # backward became dense again would move inactive weights off 0 through DDP's averaged gradient.
-            finished = isinstance(algorithm, dst.DST) and algorithm._finished
-            algorithm.load_state_dict(held[0])
-            if finished:
-                algorithm.finish()
+        # Checked on every rank before any installs it: a state that fails on one rank (its algorithm
+        # built with other settings) must leave every rank as it was, and none waiting for the others.
+        with Agreement("broadcast_masks(algorithm=...)", group):
+            install = algorithm._prepare_load(held[0]) if dist.get_rank() != src else None
+        if install is not None:
+            install()
     for module, state in zip(modules, states):
         mask = module.mask.to(torch.uint8)
         dist.broadcast(mask, src=src, group=group)
@@ -94,17 +103,27 @@ def broadcast_masks(model: nn.Module, src: int = 0, group=None, weights: bool = 
                 tensor.masked_fill_(~module.mask, 0)
 
 
-def _check_same_state_counts(states: list[list[Tensor]], group, device: torch.device) -> None:
-    """ValueError on every rank unless each rank holds as many optimizer state tensors per sparse
-    weight as the others: the broadcasts of that state would otherwise pair different tensors, or hang."""
-    counts = torch.tensor([len(state) for state in states], dtype=torch.int64, device=device)
-    low, high = counts.clone(), counts.clone()
-    dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
-    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
-    if not torch.equal(low, high):
+def _check_same_setup(gathered: list[tuple]) -> None:
+    """ValueError (on every rank: each reads the same `gathered`) unless every rank passed
+    broadcast_masks the same sparse layers, optimizer state counts and algorithm presence: the
+    broadcasts that follow would otherwise pair tensors of different sizes or counts, which gloo
+    answers by aborting the process and NCCL by hanging."""
+    layers, counts, has_algorithm = zip(*gathered)
+    if any(other != layers[0] for other in layers):
+        raise ValueError("broadcast_masks: the ranks hold different sparse layers (names or mask shapes), so no "
+                         "rank's masks fit the others' (pipeline stages are no replicas)")
+    if None in counts and any(count is not None for count in counts):
+        raise ValueError("broadcast_masks: optimizer is given on some ranks only (or is a ZeroRedundancyOptimizer "
+                         "on some ranks only); pass each rank's own optimizer on every rank, or none")
+    if any(count != counts[0] for count in counts):
+        low = [min(per_weight) for per_weight in zip(*counts)]
+        high = [max(per_weight) for per_weight in zip(*counts)]
         raise ValueError("optimizer holds state for other sparse weights on some ranks than on others "
-                         f"(state tensors per weight: between {low.tolist()} and {high.tolist()}); step "
-                         "every rank's optimizer, or none, before broadcast_masks")
+                         f"(state tensors per weight: between {low} and {high}); step every rank's optimizer, "
+                         "or none, before broadcast_masks")
+    if any(given != has_algorithm[0] for given in has_algorithm):
+        raise ValueError("broadcast_masks: algorithm is given on some ranks only; pass each rank's own on every "
+                         "rank, or none")
 
 
 @torch.no_grad()
@@ -114,13 +133,16 @@ def masks_identical(model: nn.Module, group=None, weights: bool = True) -> bool:
 
     Exact: rank 0's masks and masked weights are broadcast and compared entry by entry (NaN
     equals NaN), and the verdicts combined with an all-reduce, so every rank returns the same
-    answer; False too when the ranks hold different sparse layers (names or shapes). Pass
+    answer; False too when the ranks hold different sparse layers (names or shapes). A check that
+    fails on one rank (a sharded model) raises on every rank. Pass
     weights=False where ranks train different weights on purpose (SWAMP's particles). Collective:
     call on every rank.
     """
-    refuse_sharded(model, "masks_identical")
-    if not _same_layers_on_every_rank(model, group):
-        return False
+    with Agreement("masks_identical", group) as agreement:
+        refuse_sharded(model, "masks_identical")
+        agreement.shared = _layers(model)
+    if any(layers != agreement.gathered[0] for layers in agreement.gathered):
+        return False   # no replicas, and their broadcasts below would not pair (see _check_same_setup)
     source = dist.get_global_rank(group, 0) if group is not None else 0
     same = True
     for _, module in sparse_modules(model):
@@ -137,48 +159,104 @@ def masks_identical(model: nn.Module, group=None, weights: bool = True) -> bool:
     return bool(verdict.item())
 
 
-def check_same_on_every_rank(state: Tensor, what: str) -> None:
-    """ValueError on every rank unless `state` (a tensor) is the same on all ranks.
-
-    A no-op without an initialised process group of two or more ranks; otherwise collective
-    (one all_gather_object of a checksum) over the default group: call on every rank.
-    """
-    if not _several_ranks():
-        return
-    checksum = _crc32(state.detach())
-    checksums = [None] * dist.get_world_size()
-    dist.all_gather_object(checksums, checksum)
-    if len(set(checksums)) > 1:
-        differing = [rank for rank, value in enumerate(checksums) if value != checksums[0]]
-        raise ValueError(f"{what} differs across ranks (ranks {differing} differ from rank 0): random "
-                         f"criteria would draw different masks on each rank and the replicas would "
-                         f"diverge; use the same seed (or generator state) on every rank")
+def check_group(group):
+    """`group` (None: the default group, or a torch.distributed ProcessGroup holding this rank) as
+    given; TypeError or ValueError otherwise. Checked on this rank alone, before any collective: a
+    group that is not one cannot carry the agreement of the others."""
+    if group is None:
+        return None
+    if not dist.is_available() or not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
+    if dist.get_rank(group) < 0:
+        raise ValueError("group does not hold this rank: pass each rank a group it belongs to")
+    return group
 
 
-def check_masks_same_on_every_rank(model: nn.Module, who: str) -> None:
-    """ValueError on every rank unless every rank holds the same masks and weights under them: an
-    algorithm that keeps masks equal by drawing the same numbers everywhere cannot make masks equal
-    that start apart. A no-op without an initialised process group of two or more ranks; otherwise
-    collective over the default group. Ranks holding different sparse layers (pipeline stages) are no
-    replicas and are not compared.
+class Agreement:
+    """A block of checks that fails on every rank of `group` when it fails on any: a rank that raised
+    alone would leave the others waiting in the next collective (a hang), or pairing it with another.
 
-    One all_gather_object of the layers and a checksum of their masks and masked weights, read on the
-    host: a constructor's check must work on any backend and device, a CPU model under NCCL (whose
-    collectives take CUDA tensors only) included, and costs one pass over the weights."""
-    if not _several_ranks():
-        return
-    layers = _layers(model)
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, (layers, _masks_checksum(model)))
-    if any(other != layers for other, _ in gathered):
-        return
-    differing = [rank for rank, (_, checksum) in enumerate(gathered) if checksum != gathered[0][1]]
-    if differing:
-        raise ValueError(f"{who}: the masks of model, or the weights under them, differ across ranks (ranks "
-                         f"{differing} from rank 0's), and the replicas would train apart (sparsify drew them "
-                         f"from a generator seeded differently per rank, or ran after DistributedDataParallel "
-                         f"had copied rank 0's weights); sparsify with the same generator on every rank, or "
-                         f"call sparsekern.distributed.broadcast_masks(model) first")
+    Before anything changes, each rank runs the block and sets `shared` to what the others must see;
+    at its end one all_gather_object carries `shared` and this rank's error, if it raised. The rank
+    that raised raises its own error; every other rank raises one of the same kind (TypeError,
+    ValueError, else RuntimeError) naming that rank. Otherwise `gathered` holds every rank's `shared`,
+    in rank order. Without a process group of several ranks nothing is gathered: an error is this
+    rank's alone, and `gathered` holds its own `shared`."""
+
+    _KINDS = {"TypeError": TypeError, "ValueError": ValueError}
+
+    def __init__(self, who: str, group=None):
+        self.who, self.group = who, group
+        self.shared = None
+        self.gathered: list | None = None
+
+    def __enter__(self) -> "Agreement":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if kind is not None and not issubclass(kind, Exception):
+            return False   # KeyboardInterrupt, SystemExit: this process is going down, not failing a check
+        if not _several_ranks(self.group):
+            self.gathered = [self.shared]
+            return False
+        verdicts = [None] * dist.get_world_size(self.group)
+        failure = None if error is None else (type(error).__name__, str(error))
+        dist.all_gather_object(verdicts, (failure, self.shared), group=self.group)
+        if error is not None:
+            return False   # raises this rank's own error
+        for rank, (failed, _) in enumerate(verdicts):
+            if failed is not None:
+                name, message = failed
+                raise self._KINDS.get(name, RuntimeError)(
+                    f"{self.who} failed on rank {rank} ({name}: {message}); it fails on every rank, and "
+                    f"changed nothing on any")
+        self.gathered = [shared for _, shared in verdicts]
+        return False
+
+
+class ReplicaCheck(Agreement):
+    """The construction of an algorithm that keeps replicas identical by drawing the same numbers on
+    every rank (DST, IMP, OptG): it cannot make masks equal that start apart, nor keep them equal when
+    its random streams differ. Run the constructor's checks in the block, and last, before anything
+    changes, `compare(model, stream)`. At the block's end, one all_gather_object (whatever the backend
+    and device: a CPU model under NCCL, whose collectives take CUDA tensors only, included) carries
+    this rank's error, if it raised, and checksums of the stream and of the masks and weights under
+    them (one pass over the weights, read on the host). Every rank then raises if a check failed on
+    any rank, or ValueError if the streams, or the masks or weights under them, differ across ranks.
+    Ranks holding different sparse layers (pipeline stages) are no replicas and are not compared. A
+    no-op unless `group` (None: the default group) is initialised and holds two or more ranks."""
+
+    def __init__(self, who: str, group=None):
+        super().__init__(who, check_group(group))
+
+    def compare(self, model: nn.Module, stream: Tensor | None = None, what: str = "") -> None:
+        """Shares what the replicas must agree on: `model`'s sparse layers, their masks and weights
+        under them, and `stream` (a random generator's state, described by `what`), if any."""
+        if _several_ranks(self.group):
+            self.what = what
+            self.shared = (_layers(model), _masks_checksum(model), None if stream is None else _crc32(stream))
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        super().__exit__(kind, error, traceback)
+        if kind is not None or not _several_ranks(self.group):
+            return False
+        layers, masks, streams = zip(*self.gathered)
+        differing = [rank for rank, stream in enumerate(streams) if stream != streams[0]]
+        if differing:
+            raise ValueError(f"{self.what} differs across ranks (ranks {differing} differ from rank 0): random "
+                             f"criteria would draw different masks on each rank and the replicas would "
+                             f"diverge; use the same seed (or generator state) on every rank")
+        if any(other != layers[0] for other in layers):
+            return False
+        differing = [rank for rank, checksum in enumerate(masks) if checksum != masks[0]]
+        if differing:
+            raise ValueError(f"{self.who}: the masks of model, or the weights under them, differ across ranks "
+                             f"(ranks {differing} from rank 0's), and the replicas would train apart (sparsify "
+                             f"drew them from a generator seeded differently per rank, or ran after "
+                             f"DistributedDataParallel had copied rank 0's weights); sparsify with the same "
+                             f"generator on every rank, or call sparsekern.distributed.broadcast_masks(model) "
+                             f"first")
+        return False
 
 
 @torch.no_grad()
@@ -203,19 +281,8 @@ def _layers(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
     return [(name, tuple(module.mask.shape)) for name, module in sparse_modules(model)]
 
 
-def _same_layers_on_every_rank(model: nn.Module, group) -> bool:
-    """Whether every rank of `group` holds sparse modules of the same names and mask shapes, by one
-    all_gather_object. Ranks holding different layers (pipeline stages) are no replicas of each other,
-    and comparing their masks tensor by tensor would pair broadcasts of different sizes or counts,
-    which gloo answers by aborting the process and NCCL by hanging."""
-    layers = _layers(model)
-    gathered = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, layers, group=group)
-    return all(other == layers for other in gathered)
-
-
-def _several_ranks() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+def _several_ranks(group=None) -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
 def _equal_or_both_nan(a: Tensor, b: Tensor) -> bool:

@@ -25,7 +25,9 @@ import warnings
 import zlib
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.algorithms.join import Joinable, JoinHook
 
 from .. import ops
 from ..ops import _checks, _transforms, reference
@@ -43,7 +45,7 @@ def _stream_seed(seed: int) -> int:
     """DST's own seed for `seed`: deterministic, and not `seed` itself (see DST's `seed`)."""
     return zlib.crc32(f"sparsekern.DST/{seed}".encode())
 
-class DST:
+class DST(Joinable):
     """Drop-and-grow mask updates on the sparse modules of `model`.
 
     Args:
@@ -90,8 +92,14 @@ class DST:
             process group the construction is collective and refuses (ValueError on every rank)
             a seed or generator state that differs across ranks, which would let replicas diverge,
             and masks (or weights under them) that already differ across ranks (see
-            `sparsekern.distributed.broadcast_masks`). A model sharded across ranks (FSDP,
-            fully_shard) raises ValueError: use DistributedDataParallel.
+            `sparsekern.distributed.broadcast_masks`); an argument refused on one rank only is
+            refused on every rank (the others' error names that rank), so that none waits for it.
+            A model sharded across ranks (FSDP, fully_shard) raises ValueError: use
+            DistributedDataParallel. For uneven inputs, see `join_hook`.
+        group: the torch.distributed process group whose ranks hold replicas of `model` (None: the
+            default group): the ranks the checks above compare. Independent runs on each rank of one
+            job (no DDP, seeds or masks differing on purpose) give each rank a group of its own,
+            `torch.distributed.new_subgroups(1)[0]`, which compares nothing.
         host_checks: the two checks of an update step that read the device: skip the update when
             the gradients are not all finite (as torch.amp.GradScaler skips its step), and warn
             when a global update empties a layer; one device-to-host read each. False trusts the
@@ -134,53 +142,56 @@ class DST:
                  total_steps: int,
                  scope: str = "layer", reset_state: bool = True, block: tuple[int, int] | None = None,
                  mest_gamma: float = 1.0, seed: int = 0, generator: torch.Generator | None = None,
-                 host_checks: bool = True):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        check_optimizer(optimizer, "DST changes masks as it trains: use another optimizer")
-        self._prune = criteria.lookup(prune, criteria.PRUNE, "prune")
-        self._grow = criteria.lookup(grow, criteria.GROW, "grow")
-        self.schedule = schedules.make(schedule, total_steps, update_every=update_every, end_step=end_step,
-                                       end_fraction=end_fraction, drop_fraction=drop_fraction,
-                                       final_drop_fraction=final_drop_fraction)
-        if not isinstance(scope, str):
-            raise TypeError(f"scope must be a str, got {type(scope).__name__}")
-        if scope not in SCOPES:
-            raise ValueError(f"scope must be one of {list(SCOPES)}, got {scope!r}")
-        _checks.flag(reset_state, "reset_state")
-        _checks.flag(host_checks, "host_checks")
-        block = _check_block(block)
-        if block is not None and prune not in criteria.ELEMENTWISE:
-            raise ValueError(f"block needs an elementwise pruning criterion, got prune={prune!r}")
-        if isinstance(mest_gamma, bool) or not isinstance(mest_gamma, (int, float)):
-            raise TypeError(f"mest_gamma must be a float, got {type(mest_gamma).__name__}")
-        if not 0 <= mest_gamma < float("inf"):
-            raise ValueError(f"mest_gamma must be a finite number >= 0, got {mest_gamma}")
-        self.modules, self._groups = _trained_layers(model, optimizer)
-        device = self.modules[0][1].weight.device
-        for name, module in self.modules:
-            if module.weight.device != device:
-                raise ValueError(f"sparse modules must share one device: {name} is on "
-                                 f"{module.weight.device}, {self.modules[0][0]} on {device}")
-        stream = "the generator's state" if generator is not None else f"seed={seed!r}"
-        if generator is None:
-            if isinstance(seed, bool) or not isinstance(seed, int):
-                raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-            generator = torch.Generator(device=device).manual_seed(_stream_seed(seed))
-        elif not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        elif generator.device.type != device.type:
-            raise ValueError(f"generator is on {generator.device} but the weights are on {device}")
-        if block is not None:
-            _check_blocks(self.modules, block)
-        empty = [name for name, module in self.modules if not module.mask.any()]
-        _warn_if_idle(self.schedule, empty, scope)
-        # Collective, and last: every rank gets here or none has anything to undo.
-        distributed.check_same_on_every_rank(generator.get_state(), f"DST's random stream ({stream})")
-        distributed.check_masks_same_on_every_rank(model, "DST")
+                 host_checks: bool = True, group=None):
+        # Collective: a check that fails on one rank fails on every rank (one raising alone would leave the
+        # others waiting in the replica check), and nothing changes before the block ends.
+        with distributed.ReplicaCheck("DST", group) as replicas:
+            if not isinstance(model, nn.Module):
+                raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+            if not isinstance(optimizer, torch.optim.Optimizer):
+                raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+            check_optimizer(optimizer, "DST changes masks as it trains: use another optimizer")
+            self._prune = criteria.lookup(prune, criteria.PRUNE, "prune")
+            self._grow = criteria.lookup(grow, criteria.GROW, "grow")
+            self.schedule = schedules.make(schedule, total_steps, update_every=update_every, end_step=end_step,
+                                           end_fraction=end_fraction, drop_fraction=drop_fraction,
+                                           final_drop_fraction=final_drop_fraction)
+            if not isinstance(scope, str):
+                raise TypeError(f"scope must be a str, got {type(scope).__name__}")
+            if scope not in SCOPES:
+                raise ValueError(f"scope must be one of {list(SCOPES)}, got {scope!r}")
+            _checks.flag(reset_state, "reset_state")
+            _checks.flag(host_checks, "host_checks")
+            block = _check_block(block)
+            if block is not None and prune not in criteria.ELEMENTWISE:
+                raise ValueError(f"block needs an elementwise pruning criterion, got prune={prune!r}")
+            if isinstance(mest_gamma, bool) or not isinstance(mest_gamma, (int, float)):
+                raise TypeError(f"mest_gamma must be a float, got {type(mest_gamma).__name__}")
+            if not 0 <= mest_gamma < float("inf"):
+                raise ValueError(f"mest_gamma must be a finite number >= 0, got {mest_gamma}")
+            self.modules, self._groups = _trained_layers(model, optimizer)
+            device = self.modules[0][1].weight.device
+            for name, module in self.modules:
+                if module.weight.device != device:
+                    raise ValueError(f"sparse modules must share one device: {name} is on "
+                                     f"{module.weight.device}, {self.modules[0][0]} on {device}")
+            stream = "the generator's state" if generator is not None else f"seed={seed!r}"
+            if generator is None:
+                if isinstance(seed, bool) or not isinstance(seed, int):
+                    raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+                generator = torch.Generator(device=device).manual_seed(_stream_seed(seed))
+            elif not isinstance(generator, torch.Generator):
+                raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+            elif generator.device.type != device.type:
+                raise ValueError(f"generator is on {generator.device} but the weights are on {device}")
+            if block is not None:
+                _check_blocks(self.modules, block)
+            empty = [name for name, module in self.modules if not module.mask.any()]
+            _warn_if_idle(self.schedule, empty, scope)
+            replicas.compare(model, generator.get_state(), f"DST's random stream ({stream})")
 
+        super().__init__()
+        self._model, self.group = model, replicas.group   # for Join's catching up (join_hook)
         self.optimizer = optimizer
         self.prune, self.grow, self.scope = prune, grow, scope
         self.reset_state, self.block, self.mest_gamma = reset_state, block, float(mest_gamma)
@@ -220,6 +231,10 @@ class DST:
         """
         _transforms.refuse_vmap(f"{type(self).__name__}.step()", "a mask update selects over the whole model",
                                 "call it outside vmap, once per training step")
+        if self._join_config.enable and self._join_config.is_first_joinable:
+            # The first joinable must tell Join, before the model's collectives, that this rank has inputs.
+            raise RuntimeError("DST is the first joinable of a torch.distributed.algorithms.Join: list the "
+                               "DistributedDataParallel model first, Join([ddp, dst])")
         due = self.schedule.is_update(self.step_count + 1)
         if due and not self._finished:   # after finish() no update can come of them
             self._check_gradients(self.step_count + 1)
@@ -248,14 +263,41 @@ class DST:
         hold now are masked, and so are those of their next backwards. Without it, the backward before
         an update step leaves gradients dense for the update, and an optimizer step on them, with no
         step() to mask them, moves inactive weights off 0. A later step() carries on with the schedule
-        (its own step cannot update: its gradients were masked). Not part of `state_dict()`: after
-        `load_state_dict`, call it again to train on without step().
+        (its own step cannot update: its gradients were masked). Part of `state_dict()` until that
+        step(): a DST loading a state saved after finish(), or given it by
+        `sparsekern.distributed.broadcast_masks(algorithm=)`, is finished too, as the replicas of a
+        DDP run must all be for their next mask updates to agree.
         """
         for _, module in self.modules:
             module.dense_grad = False
         tying.sync(self._groups)   # a tied module left dense_grad set would add a dense gradient
         self._mask_gradients()
         self._finished = True
+
+    def join_hook(self, **kwargs) -> JoinHook:
+        """For training on uneven inputs under `torch.distributed.algorithms.Join([ddp, dst])`, the
+        model first (its forward tells Join that this rank still has inputs). A rank that runs out of
+        inputs stops calling step() while the others go on: DST makes no collective of its own in
+        step(), so there is nothing to shadow meanwhile, but that rank's step count and random stream
+        fall behind. When every rank has joined, every rank takes the DST state, masks, weights and
+        optimizer state of the sparse weights of the last rank to join (the highest, as DDP picks),
+        by `sparsekern.distributed.broadcast_masks`."""
+        return _CatchUp(self)
+
+    @property
+    def join_device(self) -> torch.device:
+        return self.modules[0][1].weight.device
+
+    @property
+    def join_process_group(self):
+        return self.group if self.group is not None else dist.group.WORLD
+
+    def _catch_up(self, is_last_joiner: bool) -> None:
+        """Join's post-hook, on every rank: adopts the state of the highest rank among the last to join."""
+        candidate = torch.tensor([dist.get_rank() if is_last_joiner else -1], device=self.join_device)
+        dist.all_reduce(candidate, op=dist.ReduceOp.MAX, group=self.join_process_group)
+        distributed.broadcast_masks(self._model, src=int(candidate.item()), group=self.group,
+                                    optimizer=self.optimizer, algorithm=self)
 
     @torch.no_grad()
     def _mask_gradients(self) -> None:
@@ -272,7 +314,8 @@ class DST:
                            if parameter.grad is not None])
 
     def state_dict(self) -> dict:
-        """Step count, masks (by module name), schedule and random-generator state.
+        """Step count, masks (by module name), schedule, random-generator state, and whether finish()
+        was called since the last step() ("finished").
 
         The names are those of the model DST was built on, wrapper prefixes included ("module." under
         DistributedDataParallel, "_orig_mod." under torch.compile): load the state into a DST built on the
@@ -280,15 +323,22 @@ class DST:
         return {"step_count": self.step_count,
                 "masks": {name: module.mask.clone() for name, module in self.modules},
                 "schedule": dataclasses.asdict(self.schedule),
-                "generator": self.generator.get_state()}
+                "generator": self.generator.get_state(), "finished": self._finished}
 
     def load_state_dict(self, state: dict) -> None:
         """Restores a `state_dict()`: step count, masks (weights, and the optimizer's per-weight state,
-        are zeroed off them), schedule and generator. Checked completely before anything changes: a bad state raises TypeError or
-        ValueError naming the entry, and the model and this DST are as before. A step count past the
+        are zeroed off them), schedule, generator and, after finish(), finished (a state without
+        "finished", saved by earlier versions, loads unfinished). Checked completely before anything
+        changes: a bad state raises TypeError or ValueError naming the entry, and the model and this
+        DST are as before. A step count past the
         schedule's total_steps (a run that called step() too often, which step() allows) loads with
         a warning, as does a saved schedule that differs from the one this DST was built with (which
         it replaces)."""
+        self._prepare_load(state)()
+
+    def _prepare_load(self, state: dict):
+        """Checks `state` completely, warnings included, and returns the function that installs it
+        (load_state_dict runs both; broadcast_masks checks on every rank before any rank installs)."""
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict, got {type(state).__name__}")
         missing = {"step_count", "masks", "schedule", "generator"} - set(state)
@@ -322,6 +372,9 @@ class DST:
         except (RuntimeError, TypeError, ValueError) as error:
             raise ValueError(f"state['generator'] is not a state of a {self.generator.device.type} "
                              f"generator: {error}") from None
+        finished = state.get("finished", False)
+        if not isinstance(finished, bool):
+            raise TypeError(f"state['finished'] must be a bool, got {type(finished).__name__}")
         if schedule != self.schedule:
             # The saved schedule is the run's own (its cosine was laid over its total_steps); built
             # with other arguments (a longer run, a new end_step), this DST would silently follow it.
@@ -338,18 +391,23 @@ class DST:
             warnings.warn(f"state['step_count']={step_count} is beyond the schedule's total_steps="
                           f"{schedule.total_steps}: the run that saved it went past the end of training the "
                           f"schedule (end_step={schedule.end_step}) was made for", stacklevel=2)
-        for module, mask in staged:
-            module.set_mask(mask)
-            # As at construction: state left off the mask (an optimizer not rolled back with the masks)
-            # would move inactive weights off 0. A state saved with these masks is 0 there already.
-            for tensor in self._state(module.weight):
-                tensor.masked_fill_(~mask, 0)
-        self.schedule = schedule
-        self.step_count = step_count
-        self.generator.set_state(generator_state)
-        self._finished = False   # the loaded run's next backward is dense again where an update is due
-        self._sync_modules()
-        self._remember_gradients()
+
+        def install() -> None:
+            for module, mask in staged:
+                module.set_mask(mask)
+                # As at construction: state left off the mask (an optimizer not rolled back with the masks)
+                # would move inactive weights off 0. A state saved with these masks is 0 there already.
+                for tensor in self._state(module.weight):
+                    tensor.masked_fill_(~mask, 0)
+            self.schedule = schedule
+            self.step_count = step_count
+            self.generator.set_state(generator_state)
+            self._finished = False   # the loaded run's next backward is dense again where an update is due
+            self._sync_modules()
+            self._remember_gradients()
+            if finished:
+                self.finish()
+        return install
 
     # -- internals ------------------------------------------------------------------------
 
@@ -500,6 +558,16 @@ class DST:
             blocks = _Blocks(module.weight.shape, self.block)
             per_block = blocks.sum(module.mask.to(torch.float32))
             module.set_mask(blocks.expand(ops.topk_mask([per_block], [blocks.keep(module.mask)])[0]))
+
+
+class _CatchUp(JoinHook):
+    """DST's part in torch.distributed.algorithms.Join (DST.join_hook)."""
+
+    def __init__(self, dst: DST):
+        self.dst = dst
+
+    def post_hook(self, is_last_joiner: bool) -> None:
+        self.dst._catch_up(is_last_joiner)
 
 
 def _trained_layers(model: nn.Module, optimizer: torch.optim.Optimizer):

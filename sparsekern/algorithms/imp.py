@@ -49,20 +49,26 @@ class IMP:
 
     Under an initialised torch.distributed process group of several ranks (DistributedDataParallel)
     the construction is collective and refuses (ValueError on every rank) masks, or weights under
-    them, that differ across ranks.
+    them, that differ across ranks; an argument refused on one rank only is refused on every rank
+    (the others' error names that rank), so that none waits for it. `group` (a torch.distributed
+    process group, None: the default one) names the ranks holding replicas, those the check compares:
+    independent runs on each rank of one job (masks differing on purpose) give each rank a group of its
+    own, `torch.distributed.new_subgroups(1)[0]`, which compares nothing.
     """
 
     def __init__(self, model: nn.Module, optimizer_factory: OptimizerFactory, prune_fraction: float = 0.2,
-                 rewind_step: int = 0, scope: str = "global", rewind: str = "weights"):
-        self._groups = _tickets.sparse_layers(model, "IMP")
-        self.layers = _tickets.primaries(self._groups)
-        _tickets.check_callable(optimizer_factory, "optimizer_factory")
-        self.prune_fraction = _tickets.check_fraction(prune_fraction)
-        self.rewind_step = _tickets.check_count(rewind_step, "rewind_step")
-        self.scope = _tickets.check_choice(scope, "scope", _tickets.SCOPES)
-        self.rewind = _tickets.check_choice(rewind, "rewind", REWINDS)
-        # Collective, after every argument check: masks that start apart across ranks stay apart.
-        distributed.check_masks_same_on_every_rank(model, "IMP")
+                 rewind_step: int = 0, scope: str = "global", rewind: str = "weights", group=None):
+        # Collective: a check that fails on one rank fails on every rank (one raising alone would leave the
+        # others waiting in the replica check), and masks that start apart across ranks are refused.
+        with distributed.ReplicaCheck("IMP", group) as replicas:
+            self._groups = _tickets.sparse_layers(model, "IMP")
+            self.layers = _tickets.primaries(self._groups)
+            _tickets.check_callable(optimizer_factory, "optimizer_factory")
+            self.prune_fraction = _tickets.check_fraction(prune_fraction)
+            self.rewind_step = _tickets.check_count(rewind_step, "rewind_step")
+            self.scope = _tickets.check_choice(scope, "scope", _tickets.SCOPES)
+            self.rewind = _tickets.check_choice(rewind, "rewind", REWINDS)
+            replicas.compare(model)
         self.model = model
         self.optimizer_factory = optimizer_factory
         self.cycle = 0
@@ -145,6 +151,11 @@ class IMP:
         saved with, the optimizer state against a fresh optimizer): a bad state raises TypeError or
         ValueError and changes nothing.
         """
+        self._prepare_load(state)()
+
+    def _prepare_load(self, state: dict):
+        """Checks `state` completely and returns the function that installs it (load_state_dict runs
+        both; broadcast_masks checks on every rank before any rank installs)."""
         _tickets.check_state_keys(state, ("cycle", "step_in_cycle", "rewind_state", "optimizer"))
         cycle = _tickets.state_count(state, "cycle")
         step_in_cycle = _tickets.state_count(state, "step_in_cycle")
@@ -157,6 +168,9 @@ class IMP:
             rewind_state = _tickets.check_snapshot(rewind_state, self.model, "state['rewind_state']")
         optimizer = _tickets.loaded_optimizer(self.optimizer_factory, self.model, state["optimizer"],
                                               "state['optimizer']")
-        self.cycle, self.step_in_cycle = cycle, step_in_cycle
-        self.rewind_state = rewind_state
-        self.optimizer = optimizer
+
+        def install() -> None:
+            self.cycle, self.step_in_cycle = cycle, step_in_cycle
+            self.rewind_state = rewind_state
+            self.optimizer = optimizer
+        return install

@@ -120,43 +120,51 @@ class OptG:
 
     Under an initialised torch.distributed process group of several ranks (DistributedDataParallel)
     the construction is collective and refuses (ValueError on every rank) masks, or weights under
-    them, that differ across ranks.
+    them, that differ across ranks; an argument refused on one rank only is refused on every rank
+    (the others' error names that rank), so that none waits for it. `group` (a torch.distributed
+    process group, None: the default one) names the ranks holding replicas, those the check compares:
+    independent runs on each rank of one job (masks differing on purpose) give each rank a group of its
+    own, `torch.distributed.new_subgroups(1)[0]`, which compares nothing.
     """
 
     def __init__(self, model: nn.Module, sparsity: float, epochs: int, lr: float = 0.1, beta: float = 1.0,
                  momentum: float = 0.9, nesterov: bool = False,
                  lr_schedule: Callable[[int], float] | None = None, dense_while_scores_tie: bool = True,
-                 reach_target: bool = True, criterion: str = "learned", host_checks: bool = True):
-        self._groups = _tickets.sparse_layers(model, "OptG")
-        frozen = _frozen_layers(self._groups) if criterion == "learned" else []
-        self._groups = [group for group in self._groups if group[0][0] not in frozen]
-        self.layers = _tickets.primaries(self._groups)
-        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
-            raise TypeError(f"sparsity must be a float, got {type(sparsity).__name__}")
-        if not 0 <= sparsity < 1:  # also refuses NaN
-            raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-        self.epochs = _tickets.check_count(epochs, "epochs", low=1)
-        lr = _tickets.check_number(lr, "lr", lambda v: v >= 0, ">= 0")
-        beta = _tickets.check_number(beta, "beta", lambda v: v > 0, "> 0")
-        momentum = _tickets.check_number(momentum, "momentum", lambda v: 0 <= v < 1, "in [0, 1)")
-        _checks.flag(nesterov, "nesterov")
-        _checks.flag(dense_while_scores_tie, "dense_while_scores_tie")
-        _checks.flag(host_checks, "host_checks")
-        if nesterov and momentum == 0:
-            raise ValueError("nesterov=True needs momentum > 0")
-        if lr_schedule is not None:
-            _tickets.check_callable(lr_schedule, "lr_schedule")
-        total = sum(layer.weight.numel() for layer in self.layers)
-        if total - round(sparsity * total) == 0:
-            raise ValueError(f"sparsity={sparsity} would prune all {total} prunable weights")
-        if criterion not in CRITERIA:
-            raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
-        if epochs == 1 and sparsity > 0 and criterion == "learned" and dense_while_scores_tie:
-            # The mask is a top-k of scores trained in earlier epochs; the only epoch has none (all tie at 0).
-            raise ValueError(f"epochs=1 would end dense, not at sparsity={sparsity}: OptG's only epoch starts with "
-                             f"every score tied at 0, which dense_while_scores_tie keeps dense; use epochs >= 2")
-        # Collective, after every argument check: masks that start apart across ranks stay apart.
-        distributed.check_masks_same_on_every_rank(model, "OptG")
+                 reach_target: bool = True, criterion: str = "learned", host_checks: bool = True,
+                 group=None):
+        # Collective: a check that fails on one rank fails on every rank (one raising alone would leave the
+        # others waiting in the replica check), and masks that start apart across ranks are refused.
+        with distributed.ReplicaCheck("OptG", group) as replicas:
+            self._groups = _tickets.sparse_layers(model, "OptG")
+            frozen = _frozen_layers(self._groups) if criterion == "learned" else []
+            self._groups = [group for group in self._groups if group[0][0] not in frozen]
+            self.layers = _tickets.primaries(self._groups)
+            if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+                raise TypeError(f"sparsity must be a float, got {type(sparsity).__name__}")
+            if not 0 <= sparsity < 1:  # also refuses NaN
+                raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+            self.epochs = _tickets.check_count(epochs, "epochs", low=1)
+            lr = _tickets.check_number(lr, "lr", lambda v: v >= 0, ">= 0")
+            beta = _tickets.check_number(beta, "beta", lambda v: v > 0, "> 0")
+            momentum = _tickets.check_number(momentum, "momentum", lambda v: 0 <= v < 1, "in [0, 1)")
+            _checks.flag(nesterov, "nesterov")
+            _checks.flag(dense_while_scores_tie, "dense_while_scores_tie")
+            _checks.flag(host_checks, "host_checks")
+            if nesterov and momentum == 0:
+                raise ValueError("nesterov=True needs momentum > 0")
+            if lr_schedule is not None:
+                _tickets.check_callable(lr_schedule, "lr_schedule")
+            total = sum(layer.weight.numel() for layer in self.layers)
+            if total - round(sparsity * total) == 0:
+                raise ValueError(f"sparsity={sparsity} would prune all {total} prunable weights")
+            if criterion not in CRITERIA:
+                raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
+            if epochs == 1 and sparsity > 0 and criterion == "learned" and dense_while_scores_tie:
+                # The mask is a top-k of scores trained in earlier epochs; the only epoch has none (all tie at 0).
+                raise ValueError(f"epochs=1 would end dense, not at sparsity={sparsity}: OptG's only epoch starts "
+                                 f"with every score tied at 0, which dense_while_scores_tie keeps dense; use "
+                                 f"epochs >= 2")
+            replicas.compare(model)
         if frozen:  # warned once every argument has passed
             warnings.warn(f"OptG leaves the masks of {frozen} alone: their weights do not require grad, so their "
                           f"scores would stay 0 and the global top-k would prune them by position", stacklevel=2)
@@ -276,13 +284,17 @@ class OptG:
         return {"epoch": self.epoch, "scores": [score.clone() for score in self.scores],
                 "score_optimizer": self.score_optimizer.state_dict(), "masks": self.masks}
 
-    @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
         """Restores a `state_dict()`, the current epoch's masks included (they came from the scores at
         the epoch's start, not those saved mid-epoch), so it does not matter whether the model's state
         dict was loaded before this OptG was built (which sets epoch-0 masks) or after. A state without
         "masks" (older versions) keeps the model's own. Checked completely first: a bad state raises
         TypeError or ValueError and changes nothing."""
+        self._prepare_load(state)()
+
+    def _prepare_load(self, state: dict):
+        """Checks `state` completely and returns the function that installs it (load_state_dict runs
+        both; broadcast_masks checks on every rank before any rank installs)."""
         _tickets.check_state_keys(state, ("epoch", "scores", "score_optimizer"))
         masks = None if "masks" not in state else _tickets.check_masks(state["masks"], self._groups,
                                                                         "state['masks']")
@@ -301,14 +313,18 @@ class OptG:
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
             raise ValueError(f"state['score_optimizer'] does not fit the scores' optimizer: "
                              f"{type(error).__name__}: {error}") from None
-        self.epoch = epoch
-        for score, saved in zip(self.scores, scores):
-            score.copy_(saved)
-        self.score_optimizer = score_optimizer
-        for layer, mask in zip(self.layers, masks or ()):
-            layer.mask.copy_(mask)       # not set_mask: pruned weights keep their values
-        for layer in self.layers:
-            layer.zero_off_mask = False
-            layer.dense_grad = self._learns
-        tying.sync(self._groups)
-        self._gradients.remember([layer.weight for layer in self.layers])
+
+        @torch.no_grad()
+        def install() -> None:
+            self.epoch = epoch
+            for score, saved in zip(self.scores, scores):
+                score.copy_(saved)
+            self.score_optimizer = score_optimizer
+            for layer, mask in zip(self.layers, masks or ()):
+                layer.mask.copy_(mask)       # not set_mask: pruned weights keep their values
+            for layer in self.layers:
+                layer.zero_off_mask = False
+                layer.dense_grad = self._learns
+            tying.sync(self._groups)
+            self._gradients.remember([layer.weight for layer in self.layers])
+        return install

@@ -6,8 +6,9 @@ over the last phase of the cycle (SWA); the N averages are averaged into θ̄, B
 statistics are recomputed for θ̄, and the next mask is the global magnitude pruning of θ̄.
 
 Particles run one after another in one process, or spread over the ranks of an initialised
-`torch.distributed` process group (rank r trains particles r, r + W, ...; the averages are summed
-with `all_reduce`). Every rank then holds the same θ̄ and so prunes to the same mask.
+`torch.distributed` process group (`group`, default the default one: rank r trains particles r,
+r + W, ...; the averages are summed with `all_reduce`). Every rank then holds the same θ̄ and so
+prunes to the same mask.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..ops import _checks
-from . import _tickets
+from . import _tickets, distributed
 from .imp import OptimizerFactory
 
 
@@ -45,6 +46,9 @@ class SWAMP:
             input) for recomputing BatchNorm statistics of θ̄ (`torch.optim.swa_utils.update_bn`);
             required when the model has BatchNorm layers.
         seed: base of `data_seed`, the data order the current particle must use.
+        group: the torch.distributed process group whose ranks share the particles (None: the default
+            group); a group of one rank, `torch.distributed.new_subgroups(1)[0]`, trains them all on this
+            rank, as for independent runs on each rank of one job.
 
     Loop (the data order of a particle must follow `swamp.data_seed`):
 
@@ -63,37 +67,42 @@ class SWAMP:
     Cycle 0 starts dense from the initialisation: the first particle trains from step 0 and θ_k
     (with the optimizer state at k) is kept at step k; the other particles of cycle 0 start from
     θ_k and that optimizer state at step k. Later cycles start every particle from θ_k ⊙ m with a
-    fresh optimizer, as IMP does. Under torch.distributed, rank 0's θ_k is broadcast at step k.
+    fresh optimizer, as IMP does. Under torch.distributed, rank 0's θ_k is broadcast at step k, and
+    the construction is collective: an argument refused on one rank only is refused on every rank (the
+    others' error names that rank), so that none waits for it in a broadcast.
     `state_dict()` holds everything but the model (checkpoint `model.state_dict()` beside it).
     """
 
     def __init__(self, model: nn.Module, optimizer_factory: OptimizerFactory, particles: int = 4,
                  prune_fraction: float = 0.2, rewind_step: int = 0, scope: str = "global",
                  swa_start: int | None = 0, swa_every: int = 1, bn_loader: Iterable | None = None,
-                 seed: int = 0):
-        self._groups = _tickets.sparse_layers(model, "SWAMP")
-        self.layers = _tickets.primaries(self._groups)
-        _tickets.check_callable(optimizer_factory, "optimizer_factory")
-        self.particles = _tickets.check_count(particles, "particles", low=1)
-        self.prune_fraction = _tickets.check_fraction(prune_fraction)
-        self.rewind_step = _tickets.check_count(rewind_step, "rewind_step")
-        self.scope = _tickets.check_choice(scope, "scope", _tickets.SCOPES)
-        self.swa_start = None if swa_start is None else _tickets.check_count(swa_start, "swa_start")
-        if self.swa_start is not None and self.swa_start < self.rewind_step:
-            # Particles after the first start at step k: none can average weights from before it.
-            raise ValueError(f"swa_start must be >= rewind_step ({self.rewind_step}), got {swa_start}")
-        self.swa_every = _tickets.check_count(swa_every, "swa_every", low=1)
-        if bn_loader is not None and not hasattr(bn_loader, "__iter__"):
-            raise TypeError(f"bn_loader must be an iterable of batches or None, got {type(bn_loader).__name__}")
-        if _batch_norms(model) and bn_loader is None:
-            raise ValueError("bn_loader is None but the model has BatchNorm layers, whose statistics "
-                             "SWAMP must recompute for the averaged weights")
-        self.seed = _tickets.check_count(seed, "seed")
-        self.rank, self.world_size = ((dist.get_rank(), dist.get_world_size())
-                                      if dist.is_available() and dist.is_initialized() else (0, 1))
-        if self.particles < self.world_size:
-            raise ValueError(f"particles ({particles}) must be >= the number of ranks ({self.world_size})")
-        self.model = model
+                 seed: int = 0, group=None):
+        # Collective: a check that fails on one rank fails on every rank, which would otherwise wait for it
+        # in the broadcast of rank 0's ticket (at construction with rewind_step=0) or the cycle's all_reduce.
+        with distributed.Agreement("SWAMP", distributed.check_group(group)):
+            self._groups = _tickets.sparse_layers(model, "SWAMP")
+            self.layers = _tickets.primaries(self._groups)
+            _tickets.check_callable(optimizer_factory, "optimizer_factory")
+            self.particles = _tickets.check_count(particles, "particles", low=1)
+            self.prune_fraction = _tickets.check_fraction(prune_fraction)
+            self.rewind_step = _tickets.check_count(rewind_step, "rewind_step")
+            self.scope = _tickets.check_choice(scope, "scope", _tickets.SCOPES)
+            self.swa_start = None if swa_start is None else _tickets.check_count(swa_start, "swa_start")
+            if self.swa_start is not None and self.swa_start < self.rewind_step:
+                # Particles after the first start at step k: none can average weights from before it.
+                raise ValueError(f"swa_start must be >= rewind_step ({self.rewind_step}), got {swa_start}")
+            self.swa_every = _tickets.check_count(swa_every, "swa_every", low=1)
+            if bn_loader is not None and not hasattr(bn_loader, "__iter__"):
+                raise TypeError(f"bn_loader must be an iterable of batches or None, got {type(bn_loader).__name__}")
+            if _batch_norms(model) and bn_loader is None:
+                raise ValueError("bn_loader is None but the model has BatchNorm layers, whose statistics "
+                                 "SWAMP must recompute for the averaged weights")
+            self.seed = _tickets.check_count(seed, "seed")
+            self.rank, self.world_size = ((dist.get_rank(group), dist.get_world_size(group))
+                                          if dist.is_available() and dist.is_initialized() else (0, 1))
+            if self.particles < self.world_size:
+                raise ValueError(f"particles ({particles}) must be >= the number of ranks ({self.world_size})")
+        self.model, self.group = model, group
         self.optimizer_factory = optimizer_factory
         self.bn_loader = bn_loader
         self.averaged_parameters = [p for p in model.parameters()]
@@ -150,10 +159,14 @@ class SWAMP:
     def _adopt_rank0_state(self) -> None:
         # Every rank trained to step k on its own data; the ticket must be one, so take rank 0's.
         for value in self.model.state_dict(keep_vars=True).values():
-            dist.broadcast(value.data, src=0)
+            dist.broadcast(value.data, src=self._first_rank(), group=self.group)
         holder = [self.optimizer.state_dict()]
-        dist.broadcast_object_list(holder, src=0)
+        dist.broadcast_object_list(holder, src=self._first_rank(), group=self.group)
         self.optimizer.load_state_dict(holder[0])
+
+    def _first_rank(self) -> int:
+        """The global rank of `group`'s rank 0, whose ticket every rank of the group takes."""
+        return dist.get_global_rank(self.group, 0) if self.group is not None else 0
 
     @torch.no_grad()
     def next_particle(self) -> bool:
@@ -189,7 +202,7 @@ class SWAMP:
     def _average(self) -> None:
         if self.world_size > 1:
             for total in self.particle_sum:
-                dist.all_reduce(total, op=dist.ReduceOp.SUM)
+                dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.group)
         for p, total in zip(self.averaged_parameters, self.particle_sum):
             p.copy_(total / self.particles if self.particles > 1 else total)
         self.particle_sum = None

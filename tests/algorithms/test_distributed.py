@@ -92,3 +92,10 @@ def test_broadcast_masks_leaves_the_pruned_weights_optg_keeps_and_their_momentum
         assert torch.equal(after[0][name], value), name
     for index, state in before[1]["state"].items():
         assert torch.equal(after[1]["state"][index]["momentum_buffer"], state["momentum_buffer"]), index
+
+
+@gloo
+def test_a_call_that_fails_on_one_rank_fails_on_every_rank_and_changes_nothing(tmp_path):
+    # Where one rank raised and the other went on into the next collective, the run hung (the timeout).
+    for rank, result in enumerate(rank_results("agreement_worker", tmp_path)):
+        assert all(result.values()), (rank, result)

@@ -269,6 +269,28 @@ def test_load_state_dict_after_finish_lets_the_due_update_happen():
     assert train_step(model, optimizer, set_, 4)
 
 
+def test_a_state_saved_after_finish_loads_finished():
+    # finish() was no part of the state: loaded into a fresh DST, the next backward was dense and the due
+    # step() updated the masks from it, where the saving DST would not have.
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    set_ = sparsekern.SET(model, optimizer, update_every=5, total_steps=50)
+    for step in range(4):
+        train_step(model, optimizer, set_, step)
+    set_.finish()
+    state = set_.state_dict()
+    fresh = sparsekern.SET(model, optimizer, update_every=5, total_steps=50)
+    fresh.load_state_dict(state)
+    assert state["finished"] and not any(module.dense_grad for _, module in sparse_modules(model))
+    before = masks(model)
+    assert not train_step(model, optimizer, fresh, 4) and fresh.step_count == 5
+    assert all(torch.equal(a, b) for a, b in zip(before, masks(model)))
+    assert not fresh.state_dict()["finished"]   # step() ended it
+    state.pop("finished")   # as saved before it was part of the state: not finished
+    fresh.load_state_dict(state)
+    assert train_step(model, optimizer, fresh, 4)
+
+
 def test_a_due_step_after_finish_asks_for_no_gradient():
     # It cannot update (its backward was masked), so RigL's "no gradient" refusal has nothing to protect.
     model = small_model()

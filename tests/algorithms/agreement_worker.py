@@ -1,0 +1,216 @@
+"""One rank of test_distributed.py's agreement tests (torch.distributed.run, gloo, CPU): a call that fails on
+one rank fails on every rank, with nothing changed on any, rather than leave the others waiting in a collective.
+
+Each scenario returns a bool (True: as it should be); they run in order, and a hang in one shows as the
+test's timeout. Writes {scenario: bool} to <out>/rank<r>.pt.
+"""
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import sparsekern
+from sparsekern.algorithms import distributed
+from sparsekern.nn import sparse_modules
+
+from ..helpers import end_rank
+
+
+def ddp_model():
+    torch.manual_seed(0)
+    model = sparsekern.sparsify(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)), 0.3,
+                                generator=torch.Generator().manual_seed(0))
+    return model, DistributedDataParallel(model, broadcast_buffers=False)
+
+
+def masks_of(model):
+    return [module.mask.clone() for _, module in sparse_modules(model)]
+
+
+def raised(call, kind, words):
+    """Whether call() raised `kind` with `words` in its message."""
+    try:
+        call()
+    except kind as error:
+        return words in str(error)
+    return False
+
+
+def refused_load_changes_nothing(rank):
+    """broadcast_masks(algorithm=) whose state does not load on rank 1 (its DST was built on the unwrapped
+    model, so its layer names lack DDP's "module."): ValueError on both ranks, masks and step counts as before."""
+    model, ddp = ddp_model()
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    algorithm = sparsekern.SET(ddp if rank == 0 else model, optimizer, update_every=2, total_steps=20)
+    algorithm.step_count = 3 + rank
+    first = sparse_modules(model)[0][1]
+    if rank == 1:
+        first.set_mask(first.mask.roll(1, 0))
+    before = masks_of(model)
+    refused = raised(lambda: distributed.broadcast_masks(ddp, algorithm=algorithm), ValueError,
+                     "state['masks']" if rank == 1 else "failed on rank 1")
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, masks_of(model))) and algorithm.step_count == 3 + rank
+    identical = distributed.masks_identical(ddp)   # on every rank: no `and` may skip the collective
+    return refused and unchanged and not identical
+
+
+def finish_is_carried(rank):
+    """Rank 0 called finish() on the step before an update; broadcast_masks(algorithm=) makes rank 1's DST
+    finished too: on both, the next backward is masked and the due step() makes no update, so the replicas
+    stay identical (rank 1 updated alone, from masked gradients, when finish() was not carried)."""
+    model, ddp = ddp_model()
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    algorithm = sparsekern.SET(ddp, optimizer, update_every=4, total_steps=20)
+    data = torch.Generator().manual_seed(5)
+    def train_step():
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(ddp(torch.randn(8, 16, generator=data)),
+                                    torch.randint(0, 4, (8,), generator=data)).backward()
+        updated = algorithm.step()
+        optimizer.step()
+        return updated
+    for _ in range(3):
+        train_step()
+    if rank == 0:
+        algorithm.finish()
+    distributed.broadcast_masks(ddp, optimizer=optimizer, algorithm=algorithm)
+    masked = not any(module.dense_grad for _, module in sparse_modules(model))
+    updated = train_step()   # every rank runs each collective: no `and` may skip one
+    identical = distributed.masks_identical(ddp)
+    return masked and not updated and algorithm.step_count == 4 and identical
+
+
+def constructors_fail_together(rank):
+    """DST, IMP and OptG given an argument that fails on rank 1 only: ValueError on both ranks (rank 0 waited
+    in the replica check's collective, and rank 1's next collective paired with it)."""
+    model, ddp = ddp_model()
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    factory = lambda parameters: torch.optim.SGD(parameters, lr=0.1)
+    calls = {"DST": lambda: sparsekern.SET(ddp, optimizer, update_every=2 - 2 * rank, total_steps=20),
+             "IMP": lambda: sparsekern.IMP(ddp, factory, prune_fraction=0.2 + rank),
+             "OptG": lambda: sparsekern.OptG(ddp, sparsity=0.5 + rank, epochs=2)}
+    refused = {who: raised(call, ValueError, "failed on rank 1" if rank == 0 else "must be")
+               for who, call in calls.items()}
+    return all(refused.values())
+
+
+def dst_checks_replicas_by_one_gather(rank):
+    """DST's construction compares its random stream and the masks by one all_gather_object."""
+    model, ddp = ddp_model()
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    gather, calls = dist.all_gather_object, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return gather(*args, **kwargs)
+    dist.all_gather_object = counted
+    try:
+        sparsekern.SET(ddp, optimizer, update_every=2, total_steps=20)
+    finally:
+        dist.all_gather_object = gather
+    return len(calls) == 1
+
+
+def per_rank_runs_with_a_group_of_one(rank):
+    """Independent per-rank experiments (no DDP, a seed and masks of each rank's own) build DST, IMP and OptG
+    when each is given a group of one rank, by which the replica checks compare nothing; over the default
+    group they are refused."""
+    group, _ = dist.new_subgroups(1)
+    torch.manual_seed(rank)
+    model = sparsekern.sparsify(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)), 0.3,
+                                generator=torch.Generator().manual_seed(rank))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    factory = lambda parameters: torch.optim.SGD(parameters, lr=0.1)
+    sparsekern.SET(model, optimizer, update_every=2, total_steps=20, seed=rank, group=group)
+    sparsekern.IMP(model, factory, group=group)
+    sparsekern.OptG(model, sparsity=0.5, epochs=2, group=group)
+    return raised(lambda: sparsekern.SET(model, optimizer, update_every=2, total_steps=20, seed=rank), ValueError,
+                  "differs across ranks")
+
+
+def uneven_inputs_under_join(rank):
+    """Join([ddp, dst]) with 6 batches on rank 0 and 3 on rank 1: after the context, rank 1's DST has caught up
+    with rank 0's (step count, random stream, masks, momentum), and the replicas stay identical through two
+    more mask updates (under Join([ddp]) its step count stayed behind, and the replicas came apart).
+    Join([dst, ddp]) is refused on every rank at the first step()."""
+    from torch.distributed.algorithms import Join
+    model, ddp = ddp_model()
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    algorithm = sparsekern.SET(ddp, optimizer, update_every=2, total_steps=40)
+    data = torch.Generator().manual_seed(11 + rank)
+
+    def train_step():
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(ddp(torch.randn(8, 16, generator=data)),
+                                    torch.randint(0, 4, (8,), generator=data)).backward()
+        algorithm.step()
+        optimizer.step()
+    with Join([ddp, algorithm]):
+        for _ in range(6 if rank == 0 else 3):
+            train_step()
+    caught_up = algorithm.step_count == 6
+    for _ in range(4):
+        train_step()
+    identical = distributed.masks_identical(ddp)
+
+    def dst_first():   # the DST cannot tell Join, before DDP's collectives, that this rank has inputs
+        with Join([algorithm, ddp]):
+            train_step()
+    refused = raised(dst_first, RuntimeError, "list the DistributedDataParallel model first")
+    return caught_up and identical and refused
+
+
+def masks_identical_fails_together(rank):
+    """masks_identical on a model that rank 1 alone refuses (as it refuses a sharded model): ValueError on
+    both ranks (rank 0 waited in the layers' gather, which rank 1 later paired with another collective)."""
+    model, ddp = ddp_model()
+    checked = distributed.refuse_sharded
+
+    def refused_on_rank_1(model, who):
+        if rank == 1:
+            raise ValueError(f"{who}: refused on rank 1")
+    distributed.refuse_sharded = refused_on_rank_1
+    try:
+        return raised(lambda: distributed.masks_identical(ddp), ValueError, "rank 1")
+    finally:
+        distributed.refuse_sharded = checked
+
+
+def swamp_fails_together(rank):
+    """SWAMP given an argument that fails on rank 1 only: ValueError on both ranks (rank 0 waited in the
+    broadcast of its ticket, taken at construction with rewind_step=0)."""
+    model, _ = ddp_model()
+    return raised(lambda: sparsekern.SWAMP(model, lambda parameters: torch.optim.SGD(parameters, lr=0.1),
+                                           particles=2, prune_fraction=0.2 + rank),
+                  ValueError, "failed on rank 1" if rank == 0 else "prune_fraction")
+
+
+def swamp_per_rank_with_a_group_of_one(rank):
+    """SWAMP given a group of one rank trains all its particles on that rank (rank 0 of its group), as other
+    runs on the other ranks do; over the default group one particle on two ranks is refused."""
+    group, _ = dist.new_subgroups(1)
+    model, _ = ddp_model()
+    factory = lambda parameters: torch.optim.SGD(parameters, lr=0.1)
+    swamp = sparsekern.SWAMP(model, factory, particles=1, group=group)
+    return (swamp.rank, swamp.world_size) == (0, 1) and raised(lambda: sparsekern.SWAMP(model, factory, particles=1),
+                                                               ValueError, "number of ranks")
+
+
+SCENARIOS = (refused_load_changes_nothing, finish_is_carried, constructors_fail_together,
+             dst_checks_replicas_by_one_gather, per_rank_runs_with_a_group_of_one, uneven_inputs_under_join,
+             masks_identical_fails_together, swamp_fails_together, swamp_per_rank_with_a_group_of_one)
+
+
+def main(out):
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    results = {scenario.__name__: scenario(rank) for scenario in SCENARIOS}
+    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    end_rank()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
