@@ -16,7 +16,7 @@ from torch import nn
 import sparsekern
 from sparsekern import checkpoint
 from sparsekern.algorithms import OptG
-from sparsekern.nn import SparseConv1d, SparseLinear, distributions, sparse_modules
+from sparsekern.nn import SparseConv1d, SparseConv2d, SparseLinear, distributions, sparse_modules
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -143,6 +143,16 @@ def test_sparse_linear_forward_on_the_meta_device_gives_the_shape():
     layer = SparseLinear(6, 4, device="meta")
     assert layer(torch.empty(3, 6, device="meta")).shape == (3, 4)
 
+
+
+@pytest.mark.parametrize("make", [lambda: SparseLinear(0, 4), lambda: SparseLinear(3, 0), lambda: SparseConv2d(2, 4, 0)],
+                         ids=["no inputs", "no outputs", "kernel size 0"])
+def test_an_empty_sparse_layer_has_density_1_and_a_repr(make):
+    """As its dense module, a layer with an empty weight can be made and printed: it keeps all of nothing."""
+    with pytest.warns(UserWarning, match="zero-element"):  # torch's init, on the dense module too
+        layer = make()
+    assert layer.nnz == 0 and layer.density == 1.0
+    assert repr(layer).endswith("density=1)")
 
 def test_checkpoint_save_through_a_symlink_replaces_its_target_and_keeps_the_link(tmp_path):
     target = tmp_path / "runs" / "epoch3.pt"

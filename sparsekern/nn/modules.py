@@ -157,8 +157,10 @@ class SparseModule(nn.Module):
 
     @property
     def density(self) -> float:
-        """Fraction of the weight that is active."""
-        return self.nnz / self.mask.numel()
+        """Fraction of the weight that is active (1.0 for an empty weight, as `summary` and
+        `PackedWeight.density` count it: a layer with nothing to keep keeps all of it)."""
+        entries = self.mask.numel()
+        return self.nnz / entries if entries else 1.0
 
     def masked_weight(self) -> Tensor:
         """weight where the mask is True, else 0 (a new tensor, not a view)."""
