@@ -154,6 +154,19 @@ def test_an_empty_sparse_layer_has_density_1_and_a_repr(make):
     assert layer.nnz == 0 and layer.density == 1.0
     assert repr(layer).endswith("density=1)")
 
+
+def test_a_weight_parameter_assigned_after_masking_is_masked_in_forward():
+    """A new weight Parameter holds values off the mask: the layer must not keep promising zero_off_mask
+    (its forward multiplied by the whole new weight), and promises it again for a weight that keeps it."""
+    layer = SparseLinear(6, 4)
+    layer.set_mask(torch.arange(24).reshape(4, 6) % 3 == 0)
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(0))
+    layer.weight = nn.Parameter(torch.ones(4, 6))
+    assert not layer.zero_off_mask
+    assert torch.allclose(layer(x), x @ layer.mask.T.float() + layer.bias)
+    layer.weight = nn.Parameter(layer.mask.float())
+    assert layer.zero_off_mask
+
 def test_checkpoint_save_through_a_symlink_replaces_its_target_and_keeps_the_link(tmp_path):
     target = tmp_path / "runs" / "epoch3.pt"
     checkpoint.save({"epoch": 3}, target)

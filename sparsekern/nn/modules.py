@@ -40,7 +40,8 @@ A plain nn.Linear / nn.Conv1d/2d/3d state dict loads into the matching sparse mo
 `mask` means all True), and `to_dense()` returns a plain module holding the masked weight. A saved
 mask that is not bool (torch.nn.utils.prune's are float) must hold only 0 and 1 (ValueError naming
 its key otherwise, the module unchanged).
-Loading a state dict sets `zero_off_mask` from the loaded values.
+Loading a state dict, or assigning a new `weight` Parameter, sets `zero_off_mask` from the weight's
+values.
 """
 from __future__ import annotations
 
@@ -75,6 +76,19 @@ class SparseModule(nn.Module):
             state["_zero_off_mask"] = state.pop("zero_off_mask")
         super().__setstate__(state)
         self.zero_off_mask = self._zero_off_mask  # its hook, as the setter keeps it
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name == "weight":
+            self._recheck_zero_off_mask()
+
+    def _recheck_zero_off_mask(self) -> None:
+        """Sets `zero_off_mask` from the weight's values. A weight Parameter assigned in place of the old
+        one carries values the module never masked: kept as a promise, they would reach the dense kernel."""
+        mask = self.__dict__["_buffers"].get("mask")   # None while nn.Linear's __init__ sets the first weight
+        weight = self.weight
+        if mask is not None and not (mask.is_meta or weight.is_meta) and weight.shape == mask.shape:
+            self.zero_off_mask = not self._off_mask_nonzero()
 
     @property
     def zero_off_mask(self) -> bool:
@@ -185,8 +199,7 @@ class SparseModule(nn.Module):
         # holds zeros off its mask, and OptG's deliberately kept values off the mask come back.
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-        if not self.weight.is_meta:
-            self.zero_off_mask = not self._off_mask_nonzero()
+        self._recheck_zero_off_mask()
 
     def extra_repr(self) -> str:
         if self.mask.is_meta:  # no values to count
