@@ -323,7 +323,8 @@ def test_refused_arguments_name_the_flag(argv, words, tmp_path, capsys, nothing_
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("argv", [["--bogus"], ["--device", "cuda"] if not torch.cuda.is_available() else ["--budget", "0"]],
+@pytest.mark.parametrize("argv", [["--bogus"], ["--device", "cuda"] if not torch.cuda.is_available() else ["--budget", "0"],
+                                  ["--budget", "inf"]],   # raised OverflowError, with a traceback
                          ids=" ".join)
 def test_bench_errors_are_one_line(argv, capsys):
     refused(["bench", *argv], capsys, "sparsekern bench: error:")
