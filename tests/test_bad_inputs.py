@@ -1202,6 +1202,10 @@ for _name, _call, _error, _match in [
         ("a float mask", lambda w: ops.pack(w.weight, w.mask.float()), TypeError, "mask"),
         ("an int weight", lambda w: ops.pack(w.weight.int(), w.mask), TypeError, "weight")]:
     error(f"ops.pack({_name})", _ops_world, _call, _error, _match)
+# PackedWeight.to cast its integer bitmap to a dtype and then refused "bitmap must be an int32 tensor".
+for _name, _device in [("torch.float16", torch.float16), ("None", None), ("True", True)]:
+    error(f"PackedWeight.to({_name})", _ops_world, lambda w, device=_device: ops.pack(w.weight, w.mask).to(device),
+          TypeError, "^device must be")
 
 
 def _with_backend(name, call):
