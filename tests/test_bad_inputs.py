@@ -661,6 +661,31 @@ error("RigL.step() on a layer frozen after construction", _frozen_later_world, l
       RuntimeError, "frozen", then=_unfreeze_and_update)
 
 
+def _replaced_weight_world(tmp_path=None):
+    """A layer's weight replaced by a new Parameter that the optimizer does not hold (DST updated its mask
+    and went on, the layer no longer trained)."""
+    world = _twice_world()
+    world.model[3].weight = nn.Parameter(world.model[3].weight.detach().clone())
+    world.optimizer.zero_grad()
+    backward(world.model, 1)
+    return world
+
+
+def _removed_from_optimizer_world(tmp_path=None):
+    world = _twice_world()
+    weight = world.model[3].weight
+    for group in world.optimizer.param_groups:
+        group["params"] = [parameter for parameter in group["params"] if parameter is not weight]
+    world.optimizer.state.pop(weight)
+    return world
+
+
+error("RigL.step() on a layer whose weight was replaced after construction", _replaced_weight_world,
+      lambda w: w.algo.step(), RuntimeError, "3.weight is no longer a parameter of the optimizer")
+error("RigL.step() on a layer removed from the optimizer after construction", _removed_from_optimizer_world,
+      lambda w: w.algo.step(), RuntimeError, "3.weight is no longer a parameter of the optimizer")
+
+
 def _zero_grad_world(tmp_path=None):
     world = _twice_world()
     world.optimizer.zero_grad(set_to_none=True)
