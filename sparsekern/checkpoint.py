@@ -154,6 +154,8 @@ def _sync_directory(directory: str) -> None:
 def check_writable_folder(path: str, argument: str) -> None:
     """Creates the folder `path` if needed and makes sure a file can be written in it; ValueError (one line,
     naming `argument`) if not. Run before the work whose results go there, so that none is lost to it."""
+    if "\0" in path:   # os.makedirs would raise its own ValueError, which names no argument
+        raise ValueError(f"{argument} {path!r} is not a writable folder (a path cannot hold a NUL byte)")
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{argument} {path!r} is a file, not a folder")
     try:
