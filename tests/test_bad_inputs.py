@@ -1182,7 +1182,8 @@ for _name, _error, _match in [("missing.pt", FileNotFoundError, "missing"), ("em
     error(f"checkpoint.load({_name})", file_world, lambda w, n=_name: checkpoint.load(w.directory / n), _error, _match)
 _NO_CUDA = (("cuda:0", ValueError),) if not torch.cuda.is_available() else ()
 for _location, _error in (("nonsense", ValueError), (5, TypeError), ({"cpu": "nowhere"}, ValueError),
-                          ({"cpu": 3}, TypeError), *_NO_CUDA):
+                          ({"cpu": 3}, TypeError), *_NO_CUDA,
+                          ("cpu:1", ValueError), ({"cpu": torch.device("cpu", 2)}, ValueError)):   # blamed the file
     error(f"checkpoint.load(map_location={_show(_location)})", file_world,
           lambda w, m=_location: checkpoint.load(w.directory / "good.pt", map_location=m), _error, "map_location")
 for _path, _error in ((5, TypeError), (None, TypeError), ("", ValueError)):

@@ -176,6 +176,13 @@ def test_checkpoint_save_through_a_symlink_replaces_its_target_and_keeps_the_lin
     assert link.is_symlink() and checkpoint.load(target) == {"epoch": 4}
 
 
+@pytest.mark.parametrize("location", ["cpu:0", torch.device("cpu", 0), {"cpu": "cpu:0"}], ids=str)
+def test_checkpoint_load_takes_the_cpu_by_its_index(location, tmp_path):
+    """torch.load knows the CPU only as "cpu": with "cpu:0" it raised as though the file were damaged."""
+    checkpoint.save({"w": torch.ones(2)}, tmp_path / "c.pt")
+    assert torch.equal(checkpoint.load(tmp_path / "c.pt", map_location=location)["w"], torch.ones(2))
+
+
 def test_checkpoint_load_takes_a_map_location_dict_of_devices(tmp_path):
     checkpoint.save({"w": torch.ones(2)}, tmp_path / "c.pt")
     loaded = checkpoint.load(tmp_path / "c.pt", map_location={"cpu": torch.device("cpu")})
