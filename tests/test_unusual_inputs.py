@@ -176,6 +176,16 @@ def test_checkpoint_save_through_a_symlink_replaces_its_target_and_keeps_the_lin
     assert link.is_symlink() and checkpoint.load(target) == {"epoch": 4}
 
 
+def test_a_mask_loaded_by_assignment_from_an_expanded_view_can_be_set_again():
+    layer = SparseLinear(6, 4)
+    state = layer.state_dict()
+    state["mask"] = torch.tensor([True, False, True, True, False, True]).expand(4, 6)
+    layer.load_state_dict(state, assign=True)
+    assert torch.equal(layer.mask, state["mask"])
+    layer.set_mask(torch.ones(4, 6, dtype=torch.bool))   # raised: the buffer's entries shared memory
+    assert layer.nnz == 24
+
+
 @pytest.mark.parametrize("location", ["cpu:0", torch.device("cpu", 0), {"cpu": "cpu:0"}], ids=str)
 def test_checkpoint_load_takes_the_cpu_by_its_index(location, tmp_path):
     """torch.load knows the CPU only as "cpu": with "cpu:0" it raised as though the file were damaged."""

@@ -191,10 +191,11 @@ class SparseModule(nn.Module):
             state_dict[prefix + "mask"] = torch.ones(self.mask.shape, dtype=torch.bool, device=device)
         mask = state_dict.get(prefix + "mask")
         _check_loaded_mask(mask, prefix + "mask")
-        if isinstance(mask, Tensor) and mask.dtype != torch.bool:
-            # As bool here, not in the copy into the buffer: load_state_dict(assign=True) puts the tensor
-            # itself in the module.
-            state_dict[prefix + "mask"] = mask.bool()
+        if isinstance(mask, Tensor) and (mask.dtype != torch.bool or not _checks.non_overlapping(mask)):
+            # As a bool tensor of its own here, not in the copy into the buffer: load_state_dict(assign=True)
+            # puts the tensor itself in the module, where an expanded view (which torch.save keeps as
+            # one) would refuse every later write of the mask (set_mask, DST).
+            state_dict[prefix + "mask"] = mask.bool().contiguous()
         # Weight values load as saved: a checkpoint of a module that kept the invariant already
         # holds zeros off its mask, and OptG's deliberately kept values off the mask come back.
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
