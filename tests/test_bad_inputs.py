@@ -680,6 +680,18 @@ def _removed_from_optimizer_world(tmp_path=None):
     return world
 
 
+def _replaced_layer_world(tmp_path=None):
+    """The model's layer replaced by another (DST holds the old one, which gets no gradient): the error
+    said only "call DST.step() after backward", which the caller did."""
+    world = _twice_world()
+    world.model[3] = SparseLinear.from_dense(nn.Linear(64, 16))
+    world.optimizer.zero_grad()
+    backward(world.model, 1)
+    return world
+
+
+error("RigL.step() on a model whose layer was replaced after construction", _replaced_layer_world,
+      lambda w: w.algo.step(), RuntimeError, "3.weight has no gradient .* a layer replaced in the model")
 error("RigL.step() on a layer whose weight was replaced after construction", _replaced_weight_world,
       lambda w: w.algo.step(), RuntimeError, "3.weight is no longer a parameter of the optimizer")
 error("RigL.step() on a layer removed from the optimizer after construction", _removed_from_optimizer_world,

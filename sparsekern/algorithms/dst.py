@@ -399,7 +399,8 @@ class DST:
                                    f"again")
             if self._reads_gradient and module.weight.grad is None:
                 raise RuntimeError(f"{name}.weight has no gradient at update step {step}: call DST.step() "
-                                   f"after backward (prune={self.prune!r}, grow={self.grow!r} read it)")
+                                   f"after backward (prune={self.prune!r}, grow={self.grow!r} read it); a layer "
+                                   f"replaced in the model after DST was built gets none: build DST again")
         stale = self._gradients.unchanged([module.weight for _, module in self.modules])
         if stale is not None:
             raise RuntimeError(
