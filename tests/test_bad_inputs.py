@@ -351,6 +351,15 @@ error("sparsify(optimizer='sgd')", dense_world, lambda w: sparsekern.sparsify(w.
 error("sparsify(optimizer=LBFGS)", lambda tmp_path=None: _lbfgs_world(model=dense_model()),
       lambda w: sparsekern.sparsify(w.model, 0.5, mask="magnitude", optimizer=w.optimizer), ValueError,
       "^optimizer is a torch.optim.LBFGS")
+def _other_models_optimizer_world(tmp_path=None):
+    world = trained(dense_model(1))   # accepted, and nothing zeroed: the state is another model's
+    world.model = dense_model()
+    return world
+
+
+error("sparsify(the optimizer of another model)", _other_models_optimizer_world,
+      lambda w: sparsekern.sparsify(w.model, 0.5, mask="magnitude", optimizer=w.optimizer), ValueError,
+      "^optimizer trains none of the weights")
 error("sparsify(model=5)", dense_world, lambda w: sparsekern.sparsify(5, 0.5), TypeError, "model")
 error("sparsify(model=None)", dense_world, lambda w: sparsekern.sparsify(None, 0.5), TypeError, "model")
 def _nan_weight_dense_world(tmp_path=None):
