@@ -122,31 +122,38 @@ def _check_checksums(path: str, file) -> None:
 
 
 def _check_map_location(map_location):
-    """`map_location` checked, a dict's torch.device entries as names (torch.load takes only names there)."""
+    """`map_location` checked, its devices as names (torch.load takes only names in a dict)."""
     if map_location is None or callable(map_location):
         return map_location
     if isinstance(map_location, dict):
         for key in map_location:
             if not isinstance(key, (str, torch.device)):
                 raise TypeError(f"map_location's keys must be device names, got {type(key).__name__}")
-    devices = list(map_location.values()) if isinstance(map_location, dict) else [map_location]
-    for device in devices:
-        if not isinstance(device, (str, torch.device)):
-            raise TypeError(f"map_location must be a device, a device name, a dict of them or a callable, "
-                            f"got {type(device).__name__}")
-        try:
-            device = torch.device(device)
-        except RuntimeError as error:
-            raise ValueError(f"map_location names no device: {error}") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"map_location={str(device)!r} but CUDA is not available")
-        backend = getattr(torch, device.type, None) if device.type not in ("cpu", "meta", "cuda") else None
-        if device.type not in ("cpu", "meta", "cuda") and not (backend is not None and hasattr(backend, "is_available")
-                                                              and backend.is_available()):
-            raise ValueError(f"map_location={str(device)!r} but this machine has no {device.type} device")
-    if isinstance(map_location, dict):
-        return {str(key): str(value) for key, value in map_location.items()}
-    return map_location
+        return {str(key): _device_name(value) for key, value in map_location.items()}
+    return _device_name(map_location)
+
+
+def _device_name(device) -> str:
+    """The name torch.load knows a map_location device by; ValueError for a device this machine lacks."""
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"map_location must be a device, a device name, a dict of them or a callable, "
+                        f"got {type(device).__name__}")
+    try:
+        device = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"map_location names no device: {error}") from None
+    if device.type == "cpu":
+        # torch.load knows the CPU only as "cpu": "cpu:0" failed as though the file were damaged.
+        if device.index not in (None, 0):
+            raise ValueError(f"map_location={str(device)!r} names no device: there is one CPU, 'cpu'")
+        return "cpu"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"map_location={str(device)!r} but CUDA is not available")
+    backend = getattr(torch, device.type, None) if device.type not in ("meta", "cuda") else None
+    if device.type not in ("meta", "cuda") and not (backend is not None and hasattr(backend, "is_available")
+                                                    and backend.is_available()):
+        raise ValueError(f"map_location={str(device)!r} but this machine has no {device.type} device")
+    return str(device)
 
 
 def _sync_directory(directory: str) -> None:
@@ -162,6 +169,8 @@ def _sync_directory(directory: str) -> None:
 def check_writable_folder(path: str, argument: str) -> None:
     """Creates the folder `path` if needed and makes sure a file can be written in it; ValueError (one line,
     naming `argument`) if not. Run before the work whose results go there, so that none is lost to it."""
+    if "\0" in path:   # os.makedirs would raise its own ValueError, which names no argument
+        raise ValueError(f"{argument} {path!r} is not a writable folder (a path cannot hold a NUL byte)")
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{argument} {path!r} is a file, not a folder")
     try:

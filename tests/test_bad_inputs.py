@@ -351,6 +351,15 @@ error("sparsify(optimizer='sgd')", dense_world, lambda w: sparsekern.sparsify(w.
 error("sparsify(optimizer=LBFGS)", lambda tmp_path=None: _lbfgs_world(model=dense_model()),
       lambda w: sparsekern.sparsify(w.model, 0.5, mask="magnitude", optimizer=w.optimizer), ValueError,
       "^optimizer is a torch.optim.LBFGS")
+def _other_models_optimizer_world(tmp_path=None):
+    world = trained(dense_model(1))   # accepted, and nothing zeroed: the state is another model's
+    world.model = dense_model()
+    return world
+
+
+error("sparsify(the optimizer of another model)", _other_models_optimizer_world,
+      lambda w: sparsekern.sparsify(w.model, 0.5, mask="magnitude", optimizer=w.optimizer), ValueError,
+      "^optimizer trains none of the weights")
 error("sparsify(model=5)", dense_world, lambda w: sparsekern.sparsify(5, 0.5), TypeError, "model")
 error("sparsify(model=None)", dense_world, lambda w: sparsekern.sparsify(None, 0.5), TypeError, "model")
 def _nan_weight_dense_world(tmp_path=None):
@@ -666,6 +675,43 @@ def _unfreeze_and_update(world):
 
 error("RigL.step() on a layer frozen after construction", _frozen_later_world, lambda w: w.algo.step(),
       RuntimeError, "frozen", then=_unfreeze_and_update)
+
+
+def _replaced_weight_world(tmp_path=None):
+    """A layer's weight replaced by a new Parameter that the optimizer does not hold (DST updated its mask
+    and went on, the layer no longer trained)."""
+    world = _twice_world()
+    world.model[3].weight = nn.Parameter(world.model[3].weight.detach().clone())
+    world.optimizer.zero_grad()
+    backward(world.model, 1)
+    return world
+
+
+def _removed_from_optimizer_world(tmp_path=None):
+    world = _twice_world()
+    weight = world.model[3].weight
+    for group in world.optimizer.param_groups:
+        group["params"] = [parameter for parameter in group["params"] if parameter is not weight]
+    world.optimizer.state.pop(weight)
+    return world
+
+
+def _replaced_layer_world(tmp_path=None):
+    """The model's layer replaced by another (DST holds the old one, which gets no gradient): the error
+    said only "call DST.step() after backward", which the caller did."""
+    world = _twice_world()
+    world.model[3] = SparseLinear.from_dense(nn.Linear(64, 16))
+    world.optimizer.zero_grad()
+    backward(world.model, 1)
+    return world
+
+
+error("RigL.step() on a model whose layer was replaced after construction", _replaced_layer_world,
+      lambda w: w.algo.step(), RuntimeError, "3.weight has no gradient .* a layer replaced in the model")
+error("RigL.step() on a layer whose weight was replaced after construction", _replaced_weight_world,
+      lambda w: w.algo.step(), RuntimeError, "3.weight is no longer a parameter of the optimizer")
+error("RigL.step() on a layer removed from the optimizer after construction", _removed_from_optimizer_world,
+      lambda w: w.algo.step(), RuntimeError, "3.weight is no longer a parameter of the optimizer")
 
 
 def _zero_grad_world(tmp_path=None):
@@ -1166,7 +1212,8 @@ for _name, _error, _match in [("missing.pt", FileNotFoundError, "missing"), ("em
     error(f"checkpoint.load({_name})", file_world, lambda w, n=_name: checkpoint.load(w.directory / n), _error, _match)
 _NO_CUDA = (("cuda:0", ValueError),) if not torch.cuda.is_available() else ()
 for _location, _error in (("nonsense", ValueError), (5, TypeError), ({"cpu": "nowhere"}, ValueError),
-                          ({"cpu": 3}, TypeError), *_NO_CUDA):
+                          ({"cpu": 3}, TypeError), *_NO_CUDA,
+                          ("cpu:1", ValueError), ({"cpu": torch.device("cpu", 2)}, ValueError)):   # blamed the file
     error(f"checkpoint.load(map_location={_show(_location)})", file_world,
           lambda w, m=_location: checkpoint.load(w.directory / "good.pt", map_location=m), _error, "map_location")
 for _path, _error in ((5, TypeError), (None, TypeError), ("", ValueError)):
@@ -1211,6 +1258,10 @@ for _name, _call, _error, _match in [
         ("a float mask", lambda w: ops.pack(w.weight, w.mask.float()), TypeError, "mask"),
         ("an int weight", lambda w: ops.pack(w.weight.int(), w.mask), TypeError, "weight")]:
     error(f"ops.pack({_name})", _ops_world, _call, _error, _match)
+# PackedWeight.to cast its integer bitmap to a dtype and then refused "bitmap must be an int32 tensor".
+for _name, _device in [("torch.float16", torch.float16), ("None", None), ("True", True)]:
+    error(f"PackedWeight.to({_name})", _ops_world, lambda w, device=_device: ops.pack(w.weight, w.mask).to(device),
+          TypeError, "^device must be")
 
 
 def _with_backend(name, call):

@@ -16,7 +16,7 @@ from torch import nn
 import sparsekern
 from sparsekern import checkpoint
 from sparsekern.algorithms import OptG
-from sparsekern.nn import SparseConv1d, SparseLinear, distributions, sparse_modules
+from sparsekern.nn import SparseConv1d, SparseConv2d, SparseLinear, distributions, sparse_modules
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -144,6 +144,29 @@ def test_sparse_linear_forward_on_the_meta_device_gives_the_shape():
     assert layer(torch.empty(3, 6, device="meta")).shape == (3, 4)
 
 
+
+@pytest.mark.parametrize("make", [lambda: SparseLinear(0, 4), lambda: SparseLinear(3, 0), lambda: SparseConv2d(2, 4, 0)],
+                         ids=["no inputs", "no outputs", "kernel size 0"])
+def test_an_empty_sparse_layer_has_density_1_and_a_repr(make):
+    """As its dense module, a layer with an empty weight can be made and printed: it keeps all of nothing."""
+    with pytest.warns(UserWarning, match="zero-element"):  # torch's init, on the dense module too
+        layer = make()
+    assert layer.nnz == 0 and layer.density == 1.0
+    assert repr(layer).endswith("density=1)")
+
+
+def test_a_weight_parameter_assigned_after_masking_is_masked_in_forward():
+    """A new weight Parameter holds values off the mask: the layer must not keep promising zero_off_mask
+    (its forward multiplied by the whole new weight), and promises it again for a weight that keeps it."""
+    layer = SparseLinear(6, 4)
+    layer.set_mask(torch.arange(24).reshape(4, 6) % 3 == 0)
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(0))
+    layer.weight = nn.Parameter(torch.ones(4, 6))
+    assert not layer.zero_off_mask
+    assert torch.allclose(layer(x), x @ layer.mask.T.float() + layer.bias)
+    layer.weight = nn.Parameter(layer.mask.float())
+    assert layer.zero_off_mask
+
 def test_checkpoint_save_through_a_symlink_replaces_its_target_and_keeps_the_link(tmp_path):
     target = tmp_path / "runs" / "epoch3.pt"
     checkpoint.save({"epoch": 3}, target)
@@ -151,6 +174,23 @@ def test_checkpoint_save_through_a_symlink_replaces_its_target_and_keeps_the_lin
     link.symlink_to(target)
     checkpoint.save({"epoch": 4}, link)
     assert link.is_symlink() and checkpoint.load(target) == {"epoch": 4}
+
+
+def test_a_mask_loaded_by_assignment_from_an_expanded_view_can_be_set_again():
+    layer = SparseLinear(6, 4)
+    state = layer.state_dict()
+    state["mask"] = torch.tensor([True, False, True, True, False, True]).expand(4, 6)
+    layer.load_state_dict(state, assign=True)
+    assert torch.equal(layer.mask, state["mask"])
+    layer.set_mask(torch.ones(4, 6, dtype=torch.bool))   # raised: the buffer's entries shared memory
+    assert layer.nnz == 24
+
+
+@pytest.mark.parametrize("location", ["cpu:0", torch.device("cpu", 0), {"cpu": "cpu:0"}], ids=str)
+def test_checkpoint_load_takes_the_cpu_by_its_index(location, tmp_path):
+    """torch.load knows the CPU only as "cpu": with "cpu:0" it raised as though the file were damaged."""
+    checkpoint.save({"w": torch.ones(2)}, tmp_path / "c.pt")
+    assert torch.equal(checkpoint.load(tmp_path / "c.pt", map_location=location)["w"], torch.ones(2))
 
 
 def test_checkpoint_load_takes_a_map_location_dict_of_devices(tmp_path):

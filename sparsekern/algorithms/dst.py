@@ -445,13 +445,20 @@ class DST(Joinable):
     def _check_gradients(self, step: int) -> None:
         """RuntimeError, before anything changes, unless every weight's gradient is fresh (and,
         where a criterion reads it, there)."""
+        trained = {id(parameter) for group in self.optimizer.param_groups for parameter in group["params"]}
         for name, module in self.modules:
             if not module.weight.requires_grad:
                 raise RuntimeError(f"{name}.weight was frozen (requires_grad=False) after DST was built; "
                                    f"build DST again, which leaves frozen layers alone")
+            if id(module.weight) not in trained:
+                # A weight Parameter replaced, or taken out of the optimizer: its grown weights would never train.
+                raise RuntimeError(f"{name}.weight is no longer a parameter of the optimizer (replaced by another "
+                                   f"Parameter, or removed from it, after DST was built); build the optimizer and DST "
+                                   f"again")
             if self._reads_gradient and module.weight.grad is None:
                 raise RuntimeError(f"{name}.weight has no gradient at update step {step}: call DST.step() "
-                                   f"after backward (prune={self.prune!r}, grow={self.grow!r} read it)")
+                                   f"after backward (prune={self.prune!r}, grow={self.grow!r} read it); a layer "
+                                   f"replaced in the model after DST was built gets none: build DST again")
         stale = self._gradients.unchanged([module.weight for _, module in self.modules])
         if stale is not None:
             raise RuntimeError(

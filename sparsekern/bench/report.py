@@ -119,8 +119,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m benchmarks",
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
-    if args.budget is not None and not args.budget > 0:
-        parser.error(f"--budget must be > 0, got {args.budget}")
+    if args.budget is not None and not 0 < args.budget < math.inf:   # inf: no count of timed rounds fits in it
+        parser.error(f"--budget must be a finite number > 0, got {args.budget}")
     if args.threads is not None:
         try:
             _checks.thread_count(args.threads, "--threads")

@@ -40,7 +40,8 @@ A plain nn.Linear / nn.Conv1d/2d/3d state dict loads into the matching sparse mo
 `mask` means all True), and `to_dense()` returns a plain module holding the masked weight. A saved
 mask that is not bool (torch.nn.utils.prune's are float) must hold only 0 and 1 (ValueError naming
 its key otherwise, the module unchanged).
-Loading a state dict sets `zero_off_mask` from the loaded values.
+Loading a state dict, or assigning a new `weight` Parameter, sets `zero_off_mask` from the weight's
+values.
 """
 from __future__ import annotations
 
@@ -75,6 +76,19 @@ class SparseModule(nn.Module):
             state["_zero_off_mask"] = state.pop("zero_off_mask")
         super().__setstate__(state)
         self.zero_off_mask = self._zero_off_mask  # its hook, as the setter keeps it
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name == "weight":
+            self._recheck_zero_off_mask()
+
+    def _recheck_zero_off_mask(self) -> None:
+        """Sets `zero_off_mask` from the weight's values. A weight Parameter assigned in place of the old
+        one carries values the module never masked: kept as a promise, they would reach the dense kernel."""
+        mask = self.__dict__["_buffers"].get("mask")   # None while nn.Linear's __init__ sets the first weight
+        weight = self.weight
+        if mask is not None and not (mask.is_meta or weight.is_meta) and weight.shape == mask.shape:
+            self.zero_off_mask = not self._off_mask_nonzero()
 
     @property
     def zero_off_mask(self) -> bool:
@@ -157,8 +171,10 @@ class SparseModule(nn.Module):
 
     @property
     def density(self) -> float:
-        """Fraction of the weight that is active."""
-        return self.nnz / self.mask.numel()
+        """Fraction of the weight that is active (1.0 for an empty weight, as `summary` and
+        `PackedWeight.density` count it: a layer with nothing to keep keeps all of it)."""
+        entries = self.mask.numel()
+        return self.nnz / entries if entries else 1.0
 
     def masked_weight(self) -> Tensor:
         """weight where the mask is True, else 0 (a new tensor, not a view)."""
@@ -179,16 +195,16 @@ class SparseModule(nn.Module):
             state_dict[prefix + "mask"] = torch.ones(self.mask.shape, dtype=torch.bool, device=device)
         mask = state_dict.get(prefix + "mask")
         _check_loaded_mask(mask, prefix + "mask")
-        if isinstance(mask, Tensor) and mask.dtype != torch.bool:
-            # As bool here, not in the copy into the buffer: load_state_dict(assign=True) puts the tensor
-            # itself in the module.
-            state_dict[prefix + "mask"] = mask.bool()
+        if isinstance(mask, Tensor) and (mask.dtype != torch.bool or not _checks.non_overlapping(mask)):
+            # As a bool tensor of its own here, not in the copy into the buffer: load_state_dict(assign=True)
+            # puts the tensor itself in the module, where an expanded view (which torch.save keeps as
+            # one) would refuse every later write of the mask (set_mask, DST).
+            state_dict[prefix + "mask"] = mask.bool().contiguous()
         # Weight values load as saved: a checkpoint of a module that kept the invariant already
         # holds zeros off its mask, and OptG's deliberately kept values off the mask come back.
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-        if not self.weight.is_meta:
-            self.zero_off_mask = not self._off_mask_nonzero()
+        self._recheck_zero_off_mask()
 
     def extra_repr(self) -> str:
         if self.mask.is_meta:  # no values to count

@@ -79,7 +79,8 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
             tensor shaped like a sparsified weight) is zeroed off the new masks. Left there, it
             would move pruned weights off 0 at the next step, and the layers, which then still
             promise `zero_off_mask`, would compute with them. Not an LBFGS (ValueError): its
-            history is flattened over all parameters; build it after sparsify.
+            history is flattened over all parameters; build it after sparsify. Nor one that trains
+            none of the weights sparsify masks (ValueError: another model's, say).
     Returns:
         `model`, or its replacement if `model` itself is a Linear/Conv1d/Conv2d/Conv3d.
 
@@ -119,6 +120,12 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
     check_optimizer(optimizer, "build the LBFGS after sparsify")
 
     groups = _layers(model, include, exclude)
+    if optimizer is not None and groups:
+        trained = {id(parameter) for group in optimizer.param_groups for parameter in group["params"]}
+        if not any(id(group[0][1].weight) in trained for group in groups):
+            # Its state could be zeroed off no mask: another model's optimizer, passed by mistake.
+            raise ValueError("optimizer trains none of the weights sparsify masks: pass the optimizer that trains "
+                             "this model, or None")
     if mask == "magnitude":
         _check_finite(groups)
     shapes = [tuple(group[0][1].weight.shape) for group in groups]

@@ -341,6 +341,12 @@ def _check_memory(weights, masks, prune_scores, grow_scores, state, masked, name
         tensors += [(names(kind, layer, i), t) for kind, per_layer in (("state", state), ("masked", masked))
                     for i, t in enumerate(per_layer[layer])]
         for name, t in tensors:
+            if t.is_inference() and not torch.is_inference_mode_enabled():
+                # torch refuses such writes (the reference raised its RuntimeError); the compiled and Triton
+                # kernels write through raw pointers and would have done it.
+                raise ValueError(f"{name} is an inference tensor (made under torch.inference_mode), which cannot "
+                                 f"be written in place outside inference mode; pass a tensor made outside it, or "
+                                 f"call prune_grow under torch.inference_mode()")
             if not non_overlapping(t):
                 raise ValueError(f"{name} has entries that share memory (an expanded or stride-0 view), so it "
                                  f"cannot be written in place; pass a tensor of its own (e.g. .clone())")

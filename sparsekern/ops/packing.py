@@ -74,7 +74,12 @@ class PackedWeight:
         entries = self.out_features * self.in_features
         return self.values.numel() / entries if entries else 1.0
 
-    def to(self, device: torch.device | str) -> "PackedWeight":
+    def to(self, device: torch.device | str | int) -> "PackedWeight":
+        """The same packed weight on `device` (a device, its name or a CUDA index). Only the device
+        changes: the bitmap and offsets must stay integers, and `pack` a weight of another dtype."""
+        if isinstance(device, bool) or not isinstance(device, (torch.device, str, int)):
+            raise TypeError(f"device must be a torch.device, a device name or an index, got {type(device).__name__}"
+                            f"{' (to change the dtype, pack the weight in that dtype)' if isinstance(device, torch.dtype) else ''}")
         return PackedWeight(self.bitmap.to(device), self.values.to(device), self.chunk_offsets.to(device),
                             self.in_features)
 

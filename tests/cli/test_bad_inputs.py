@@ -207,6 +207,8 @@ BAD_OUTPUTS = [
     ("under a file", out_under_file, "is not a writable folder"),
     ("in /proc", lambda tmp_path: "/proc/sparsekern-out", "is not a writable folder"),
     ("a read-only folder", out_read_only, "is not a writable folder"),
+    # said only "embedded null byte", naming no argument
+    ("a path with a NUL byte", lambda tmp_path: str(tmp_path / "a\0b"), "--out '"),
 ]
 
 # Triton on CPU tensors needs its interpreter, which these tests otherwise switch on. (A backend that does
@@ -325,7 +327,8 @@ def test_refused_arguments_name_the_flag(argv, words, tmp_path, capsys, nothing_
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("argv", [["--bogus"], ["--device", "cuda"] if not torch.cuda.is_available() else ["--budget", "0"]],
+@pytest.mark.parametrize("argv", [["--bogus"], ["--device", "cuda"] if not torch.cuda.is_available() else ["--budget", "0"],
+                                  ["--budget", "inf"]],   # raised OverflowError, with a traceback
                          ids=" ".join)
 def test_bench_errors_are_one_line(argv, capsys):
     refused(["bench", *argv], capsys, "sparsekern bench: error:")

@@ -167,6 +167,11 @@ def n_above_the_active_count_given():
     return args
 
 
+def made_in_inference_mode(t):
+    with torch.inference_mode():
+        return t.clone()
+
+
 LIST_CASES = {
     "weights not a list": (list_case(weights=lambda w: w[0]), TypeError, "weights"),
     "masks too short": (list_case(masks=lambda m: m[:2]), ValueError, "masks"),
@@ -197,6 +202,11 @@ LIST_CASES = {
     "active a tensor": (dict(layer_lists(), active=torch.tensor([1, 2, 3])), TypeError, "active"),
     "n above active given": (n_above_the_active_count_given(), ValueError, "n[2]"),
     "prune_abs not bool": (dict(layer_lists(), prune_abs=1), TypeError, "prune_abs"),
+    # torch forbids writing these outside inference mode; the compiled kernels wrote them all the same
+    "weight an inference tensor": (list_case(weights=lambda w: w[:2] + [made_in_inference_mode(w[2])]), ValueError,
+                                   "weights[2]"),
+    "state an inference tensor": (list_case(state=lambda s: s[:2] + [[made_in_inference_mode(s[2][0])]]), ValueError,
+                                  "state[2][0]"),
 }
 
 
