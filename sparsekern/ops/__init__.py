@@ -281,6 +281,11 @@ def sparse_linear(x: Tensor, packed: PackedWeight, bias: Tensor | None = None) -
     row count above SPARSE_LINEAR_LIMITS for the device), it calls F.linear on `packed.dense()`,
     the unpacked weight, which the PackedWeight makes on the first such call and keeps.
 
+    An inf or NaN in x may meet a dropped weight: the dense product (and the reference) multiplies
+    it by that 0 and gives NaN, the compressed kernels skip dropped weights and do not, so which
+    answer such an x gets depends on the path (batch size, density, device). Finite inputs get the
+    same answer, to rounding, on every path.
+
     Under torch.vmap it takes that dense product, which vmap batches natively. An x or bias that
     torch.func's grad, vjp, jvp, jacrev, jacfwd or hessian (or forward-mode AD) differentiates
     raises RuntimeError: there are no derivatives to give (torch.func.grad would give zeros).
