@@ -143,6 +143,8 @@ def masks_identical(model: nn.Module, group=None, weights: bool = True) -> bool:
         agreement.shared = _layers(model)
     if any(layers != agreement.gathered[0] for layers in agreement.gathered):
         return False   # no replicas, and their broadcasts below would not pair (see _check_same_setup)
+    if not agreement.gathered[0]:
+        return True    # no sparse layer on any rank: nothing to compare, nor a device for the verdict
     source = dist.get_global_rank(group, 0) if group is not None else 0
     same = True
     for _, module in sparse_modules(model):

@@ -301,9 +301,7 @@ class Run:
             recipe.end_epoch_after_evaluation(last_of_segment)
             if last_of_segment:
                 recipe.end_segment_after_evaluation(last_segment)
-            # (A model with no sparse module, dense with --init dense, has nothing to compare: its verdict would
-            # travel as a CPU tensor, which NCCL refuses.)
-            if world_size > 1 and sparse_modules(model) and not distributed.masks_identical(model):
+            if world_size > 1 and not distributed.masks_identical(model):
                 raise RuntimeError(f"after epoch {epoch + 1} the ranks hold different masks or weights under them, "
                                    f"which data-parallel training keeps identical: a bug, please report it")
             if bar is not None:

@@ -99,3 +99,17 @@ def test_a_call_that_fails_on_one_rank_fails_on_every_rank_and_changes_nothing(t
     # Where one rank raised and the other went on into the next collective, the run hung (the timeout).
     for rank, result in enumerate(rank_results("agreement_worker", tmp_path)):
         assert all(result.values()), (rank, result)
+
+
+@gloo
+def test_masks_identical_of_a_model_without_sparse_layers_makes_no_tensor_collective(one_rank, monkeypatch):
+    # Its verdict travelled as a CPU tensor (no sparse layer to take a device from), which NCCL refuses:
+    # a dense model on GPUs failed where there was nothing to compare.
+    from sparsekern.algorithms import distributed
+
+    def no_tensor_collective(*args, **kwargs):
+        raise AssertionError("a tensor collective with nothing to compare")
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", no_tensor_collective)
+    monkeypatch.setattr(torch.distributed, "broadcast", no_tensor_collective)
+    assert distributed.masks_identical(torch.nn.Sequential(torch.nn.Linear(3, 2)))
