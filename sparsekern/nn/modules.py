@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..ops import _checks, _masked_linear_op, _transforms, reference
 from ..ops.packing import PackedWeight
+from .sharding import is_dtensor
 
 
 class SparseModule(nn.Module):
@@ -84,10 +85,13 @@ class SparseModule(nn.Module):
 
     def _recheck_zero_off_mask(self) -> None:
         """Sets `zero_off_mask` from the weight's values. A weight Parameter assigned in place of the old
-        one carries values the module never masked: kept as a promise, they would reach the dense kernel."""
+        one carries values the module never masked: kept as a promise, they would reach the dense kernel.
+        A DTensor shard (fully_shard sets one) is left alone: no op here mixes it with the mask, and the
+        algorithms refuse such a model by name (`sharding.refuse_sharded`)."""
         mask = self.__dict__["_buffers"].get("mask")   # None while nn.Linear's __init__ sets the first weight
         weight = self.weight
-        if mask is not None and not (mask.is_meta or weight.is_meta) and weight.shape == mask.shape:
+        if (mask is not None and not (mask.is_meta or weight.is_meta) and weight.shape == mask.shape
+                and not is_dtensor(weight)):
             self.zero_off_mask = not self._off_mask_nonzero()
 
     @property

@@ -20,15 +20,19 @@ def refuse_sharded(model: nn.Module, who: str) -> None:
     costs one pass over the modules when neither FSDP nor DTensor was ever imported."""
     fsdp = sys.modules.get("torch.distributed.fsdp")
     wrapper = getattr(fsdp, "FullyShardedDataParallel", None)
-    tensor = sys.modules.get("torch.distributed.tensor")
-    dtensor = getattr(tensor, "DTensor", None)
     for name, module in model.named_modules():
         if wrapper is not None and isinstance(module, wrapper):
             found = f"module {name or '(root)'!r} is wrapped in FullyShardedDataParallel"
-        elif dtensor is not None and any(isinstance(p, dtensor) for p in module.parameters(recurse=False)):
+        elif any(is_dtensor(p) for p in module.parameters(recurse=False)):
             found = f"module {name or '(root)'!r} holds DTensor parameters (fully_shard or tensor parallelism)"
         else:
             continue
         raise ValueError(f"{who}: model is sharded across ranks ({found}); masks are chosen over whole "
                          f"weights, which a sharded rank does not hold: wrap the model in "
                          f"DistributedDataParallel instead (every rank keeps whole weights)")
+
+
+def is_dtensor(tensor) -> bool:
+    """Whether `tensor` is a DTensor (a shard of a tensor spread over ranks); imports nothing, as above."""
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    return dtensor is not None and isinstance(tensor, dtensor)
