@@ -167,6 +167,22 @@ def test_a_weight_parameter_assigned_after_masking_is_masked_in_forward():
     layer.weight = nn.Parameter(layer.mask.float())
     assert layer.zero_off_mask
 
+
+def test_a_weight_computed_by_a_forward_hook_is_not_read_at_every_forward(monkeypatch):
+    """weight_norm's pre-hook sets the computed weight as a plain attribute at every forward: only a new
+    Parameter is read for zero_off_mask, not each such tensor (a pass over the weight and a host sync per
+    forward, which made a weight_norm'd layer's forward many times slower)."""
+    layer = SparseLinear(6, 4)
+    layer.set_mask(torch.arange(24).reshape(4, 6) % 3 == 0)
+    with pytest.warns(FutureWarning):   # deprecated, and still in use
+        torch.nn.utils.weight_norm(layer)
+    reads = []
+    monkeypatch.setattr(SparseLinear, "_off_mask_nonzero", lambda self: reads.append(self) or False)
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(0))
+    weight = layer.weight_g * layer.weight_v / layer.weight_v.norm(dim=1, keepdim=True)
+    assert torch.allclose(layer(x), x @ torch.where(layer.mask, weight, 0).T + layer.bias)
+    assert reads == []
+
 def test_checkpoint_save_through_a_symlink_replaces_its_target_and_keeps_the_link(tmp_path):
     target = tmp_path / "runs" / "epoch3.pt"
     checkpoint.save({"epoch": 3}, target)

@@ -206,7 +206,8 @@ class Run:
             torch.set_rng_state(state["rng"])
         except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as error:
             raise ValueError(f"resume checkpoint {path!r} does not fit this run: {first_line(error)}") from None
-        self.history, self.flow, self.epoch = state["history"], state["gradient_flow"], epoch
+        self.history = [_with_world_size(row) for row in state["history"]]
+        self.flow, self.epoch = state["gradient_flow"], epoch
 
     def train(self, out_dir: str | None = None, stop_after: int | None = None, progress: bool = True) -> RunResult:
         """Trains to the end (or through epoch `stop_after`); with `out_dir`, writes metrics.json, metrics.csv,
@@ -401,6 +402,16 @@ def _data_parallel(model: nn.Module) -> nn.Module:
     renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
     return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
                                    **{"forward_sync_buffers" if renamed else "broadcast_buffers": False})
+
+
+def _with_world_size(row):
+    """An epoch's metrics from a checkpoint, with the world_size of one process where it was saved before runs
+    recorded it (all trained in one process), in the place a new row holds it: metrics.csv takes its columns
+    from the first row."""
+    if not isinstance(row, dict) or "world_size" in row or "seconds" not in row:
+        return row
+    return {**{key: value for key, value in row.items() if key != "seconds"}, "world_size": 1,
+            "seconds": row["seconds"]}
 
 
 def _summed_over_ranks(values: list[float], device: torch.device) -> list[float]:

@@ -80,7 +80,9 @@ class SparseModule(nn.Module):
 
     def __setattr__(self, name: str, value) -> None:
         super().__setattr__(name, value)
-        if name == "weight":
+        # A Parameter only: a forward pre-hook (weight_norm's, torch.nn.utils.prune's) sets the weight it
+        # computes as a plain tensor at every forward, where a read would cost a pass and a host sync.
+        if name == "weight" and isinstance(value, nn.Parameter):
             self._recheck_zero_off_mask()
 
     def _recheck_zero_off_mask(self) -> None:

@@ -302,6 +302,21 @@ def test_interrupted_train_resumes_to_the_uninterrupted_result(tmp_path, method,
     assert whole["epoch"] == split["epoch"] == epochs
 
 
+def test_a_run_resumed_from_a_checkpoint_without_world_size_records_it_in_every_row(tmp_path):
+    """Checkpoints written before train ran on several ranks hold epochs without world_size (all trained in
+    one process): metrics.csv took its columns from the first row and dropped world_size for the whole run."""
+    common = ["train", "--method", "rigl", "--density", "0.2", "--epochs", "2", "--quiet", "--out", str(tmp_path)]
+    main([*common, "--stop-after", "1"])
+    saved = checkpoint.load(tmp_path / "checkpoint.pt")
+    for epoch in saved["history"]:
+        del epoch["world_size"]
+    checkpoint.save(saved, tmp_path / "checkpoint.pt")
+    main([*common, "--resume", str(tmp_path / "checkpoint.pt")])
+    assert [row["world_size"] for row in _read_csv(tmp_path / "metrics.csv")] == ["1", "1"]
+    epochs = json.loads((tmp_path / "metrics.json").read_text())["epochs"]
+    assert [list(epoch) for epoch in epochs] == [list(epochs[1])] * 2
+
+
 def test_swamp_averages_at_a_constant_rate_while_imp_anneals_to_zero(tmp_path, monkeypatch):
     # SWAMP (Choi et al.): each particle's SWA mean is taken at a constant rate (0.05 after 0.1 in its setup).
     # A rate annealed to 0 over the averaged steps, as IMP's, makes the mean the particle's last point.
