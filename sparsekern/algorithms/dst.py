@@ -281,7 +281,9 @@ class DST(Joinable):
         step(), so there is nothing to shadow meanwhile, but that rank's step count and random stream
         fall behind. When every rank has joined, every rank takes the DST state, masks, weights and
         optimizer state of the sparse weights of the last rank to join (the highest, as DDP picks),
-        by `sparsekern.distributed.broadcast_masks`."""
+        by `sparsekern.distributed.broadcast_masks`. With a stateful optimizer every rank must have
+        stepped it at least once: broadcast_masks raises ValueError on every rank where some ranks'
+        optimizers hold state for the sparse weights and others none."""
         return _CatchUp(self)
 
     @property
