@@ -47,6 +47,16 @@ def train_step(model, optimizer, algo, step):
     return updated
 
 
+def one_step_before_an_update(algorithm):
+    """(model, optimizer, algorithm updating every 5 steps) after 4 training steps: the next step is due."""
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    algo = algorithm(model, optimizer, update_every=5, total_steps=50)
+    for step in range(4):
+        train_step(model, optimizer, algo, step)
+    return model, optimizer, algo
+
+
 def masks(model):
     return [m.mask.clone() for _, m in sparse_modules(model)]
 
@@ -258,11 +268,7 @@ def test_finish_masks_the_gradient_of_every_module_holding_a_tied_weight():
 def test_load_state_dict_after_finish_lets_the_due_update_happen():
     # The state was saved on the step before an update: loaded after finish(), its update was
     # skipped silently, its dense gradients computed for nothing.
-    model = small_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    set_ = sparsekern.SET(model, optimizer, update_every=5, total_steps=50)
-    for step in range(4):
-        train_step(model, optimizer, set_, step)
+    model, optimizer, set_ = one_step_before_an_update(sparsekern.SET)
     state = set_.state_dict()
     set_.finish()
     set_.load_state_dict(state)
@@ -272,11 +278,7 @@ def test_load_state_dict_after_finish_lets_the_due_update_happen():
 def test_a_state_saved_after_finish_loads_finished():
     # finish() was no part of the state: loaded into a fresh DST, the next backward was dense and the due
     # step() updated the masks from it, where the saving DST would not have.
-    model = small_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    set_ = sparsekern.SET(model, optimizer, update_every=5, total_steps=50)
-    for step in range(4):
-        train_step(model, optimizer, set_, step)
+    model, optimizer, set_ = one_step_before_an_update(sparsekern.SET)
     set_.finish()
     state = set_.state_dict()
     fresh = sparsekern.SET(model, optimizer, update_every=5, total_steps=50)
@@ -293,11 +295,7 @@ def test_a_state_saved_after_finish_loads_finished():
 
 def test_a_due_step_after_finish_asks_for_no_gradient():
     # It cannot update (its backward was masked), so RigL's "no gradient" refusal has nothing to protect.
-    model = small_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    rigl = sparsekern.RigL(model, optimizer, update_every=5, total_steps=50)
-    for step in range(4):
-        train_step(model, optimizer, rigl, step)
+    model, optimizer, rigl = one_step_before_an_update(sparsekern.RigL)
     rigl.finish()
     optimizer.zero_grad(set_to_none=True)
     before = masks(model)
