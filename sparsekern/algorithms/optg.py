@@ -137,7 +137,7 @@ class OptG:
         with distributed.ReplicaCheck("OptG", group) as replicas:
             self._groups = _tickets.sparse_layers(model, "OptG")
             frozen = _frozen_layers(self._groups) if criterion == "learned" else []
-            self._groups = [group for group in self._groups if group[0][0] not in frozen]
+            self._groups = [tied for tied in self._groups if tied[0][0] not in frozen]
             self.layers = _tickets.primaries(self._groups)
             if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
                 raise TypeError(f"sparsity must be a float, got {type(sparsity).__name__}")
