@@ -41,7 +41,8 @@ A plain nn.Linear / nn.Conv1d/2d/3d state dict loads into the matching sparse mo
 mask that is not bool (torch.nn.utils.prune's are float) must hold only 0 and 1 (ValueError naming
 its key otherwise, the module unchanged).
 Loading a state dict, or assigning a new `weight` Parameter, sets `zero_off_mask` from the weight's
-values.
+values. The promise is made for one weight tensor: a weight put in place otherwise (torch.func.functional_call,
+a parametrization) takes the masked path.
 """
 from __future__ import annotations
 
@@ -72,11 +73,11 @@ class SparseModule(nn.Module):
         self.zero_off_mask = True  # nothing is off an all-True mask
 
     def __setstate__(self, state: dict) -> None:
-        # A module pickled whole before zero_off_mask was a property holds it as a plain attribute.
-        if "zero_off_mask" in state:
-            state["_zero_off_mask"] = state.pop("zero_off_mask")
+        # A module pickled whole before the promise was tied to its weight holds it as a bool: a plain
+        # attribute `zero_off_mask` at first, then `_zero_off_mask`.
+        promised = state.pop("zero_off_mask", state.pop("_zero_off_mask", None))
         super().__setstate__(state)
-        self.zero_off_mask = self._zero_off_mask  # its hook, as the setter keeps it
+        self.zero_off_mask = self.zero_off_mask if promised is None else promised  # its hook, as the setter keeps it
 
     def __setattr__(self, name: str, value) -> None:
         super().__setattr__(name, value)
@@ -91,19 +92,29 @@ class SparseModule(nn.Module):
         A DTensor shard (fully_shard sets one) is left alone: no op here mixes it with the mask, and the
         algorithms refuse such a model by name (`sharding.refuse_sharded`)."""
         mask = self.__dict__["_buffers"].get("mask")   # None while nn.Linear's __init__ sets the first weight
+        if mask is None:
+            return
         weight = self.weight
-        if (mask is not None and not (mask.is_meta or weight.is_meta) and weight.shape == mask.shape
-                and not is_dtensor(weight)):
+        if mask.is_meta or weight.is_meta or weight.shape != mask.shape or is_dtensor(weight):
+            # No values to read: the promise made for the weight replaced passes to this one.
+            self.zero_off_mask = self._zero_off_mask_of is not None
+        else:
             self.zero_off_mask = not self._off_mask_nonzero()
 
     @property
     def zero_off_mask(self) -> bool:
-        """Whether the weight is exactly 0 wherever the mask is False (module docstring)."""
-        return self._zero_off_mask
+        """Whether the weight is exactly 0 wherever the mask is False (module docstring).
+
+        The promise holds for the weight tensor it was made for. Whatever puts another weight in place
+        without assigning it (torch.func.functional_call, a parametrization, nn.Module.register_parameter)
+        gets the masked path until the promise is made again: its values were never masked."""
+        promised = self._zero_off_mask_of
+        return promised is not None and promised is self.weight
 
     @zero_off_mask.setter
     def zero_off_mask(self, value: bool) -> None:
-        self._zero_off_mask = value
+        # In __dict__ itself: nn.Module.__setattr__ would register a Parameter as a second parameter.
+        self.__dict__["_zero_off_mask_of"] = self.weight if value else None
         # Fused inference kernels of torch read a child layer's weight directly: in eval mode,
         # nn.TransformerEncoderLayer hands linear1.weight and linear2.weight to one fused op, which
         # would multiply by the values off the mask. It keeps to its children's forwards while any
@@ -116,6 +127,15 @@ class SparseModule(nn.Module):
         elif value:
             for key in guards:
                 del hooks[key]
+
+    def _apply(self, fn, recurse=True):
+        # A conversion (.to, .double, ...) may put a new weight Parameter in place without assigning it
+        # (torch.__future__.set_overwrite_module_params_on_conversion): the promise passes to it, as
+        # every conversion takes 0 to 0.
+        promised = self.zero_off_mask
+        super()._apply(fn, recurse)
+        self.zero_off_mask = promised
+        return self
 
     @torch.no_grad()
     def set_mask(self, mask: Tensor) -> None:
@@ -164,11 +184,12 @@ class SparseModule(nn.Module):
         on values of a batched weight)."""
         parameters, buffers = self._parameters, self._buffers
         weight, mask, bias = parameters.get("weight"), buffers.get("mask"), parameters.get("bias")
-        zero_off_mask = self.zero_off_mask
+        if weight is None:
+            weight = self.weight
+        zero_off_mask = self._zero_off_mask_of is weight
         if zero_off_mask and self.check_zero_off_mask and not _transforms.active():
             self.verify_zero_off_mask()
-        return (self.weight if weight is None else weight, self.mask if mask is None else mask,
-                self.bias if bias is None else bias, zero_off_mask)
+        return (weight, self.mask if mask is None else mask, self.bias if bias is None else bias, zero_off_mask)
 
     @property
     def nnz(self) -> int:

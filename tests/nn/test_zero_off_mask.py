@@ -362,14 +362,90 @@ def test_a_transformer_layer_in_eval_mode_multiplies_by_the_masked_weights(gener
     torch.testing.assert_close(unpickled, want)
 
 
-def test_a_module_pickled_with_zero_off_mask_as_a_plain_attribute_loads():
+@pytest.mark.parametrize("name", ["zero_off_mask", "_zero_off_mask"])
+@pytest.mark.parametrize("promised", [True, False])
+def test_a_module_pickled_with_zero_off_mask_as_a_bool_loads(name, promised):
+    # Pickled by older releases: a plain attribute `zero_off_mask`, then a property over `_zero_off_mask`.
     layer = SparseLinear(4, 3)
     state = layer.__getstate__()
-    state = {**state, "zero_off_mask": False, "_forward_pre_hooks": type(state["_forward_pre_hooks"])()}
-    del state["_zero_off_mask"]
+    state = {**state, name: promised, "_forward_pre_hooks": type(state["_forward_pre_hooks"])()}
+    del state["_zero_off_mask_of"]
     restored = SparseLinear.__new__(SparseLinear)
     restored.__setstate__(state)
-    assert restored.zero_off_mask is False and len(restored._forward_pre_hooks) == 1
+    assert restored.zero_off_mask is promised and len(restored._forward_pre_hooks) == int(not promised)
+
+
+LAYERS = pytest.mark.parametrize("make, shape", [(lambda: SparseLinear(12, 6), (4, 12)),
+                                                 (lambda: SparseConv2d(4, 6, 3, padding=1), (2, 4, 5, 5))],
+                                 ids=["linear", "conv2d"])
+
+
+def masked_layer(make, generator):
+    layer = make()
+    layer.set_mask(torch.rand(layer.weight.shape, generator=generator) < 0.5)
+    return layer
+
+
+def dense_twin(layer, weight):
+    """A plain layer holding `weight` where the mask is True, else 0."""
+    dense = layer.to_dense()
+    with torch.no_grad():
+        dense.weight.copy_(torch.where(layer.mask, weight, 0))
+    return dense
+
+
+@LAYERS
+def test_functional_call_with_a_weight_off_the_mask_computes_with_the_masked_weight(make, shape, generator):
+    # The promise was made for the layer's own weight: the dense kernel ran on the one swapped in.
+    layer = masked_layer(make, generator)
+    x = torch.randn(shape, generator=generator)
+    weight = torch.randn(layer.weight.shape, generator=generator)
+    got = torch.func.functional_call(layer, {"weight": weight}, (x,))
+    torch.testing.assert_close(got, dense_twin(layer, weight)(x))
+    assert layer.zero_off_mask  # its own weight, back in place, keeps the promise
+    torch.testing.assert_close(layer(x), dense_twin(layer, layer.weight)(x))
+
+
+@LAYERS
+def test_a_parametrized_weight_is_masked(make, shape, generator):
+    class Shift(nn.Module):
+        def forward(self, weight):
+            return weight + 1
+
+    layer = masked_layer(make, generator)
+    x = torch.randn(shape, generator=generator)
+    want = dense_twin(layer, layer.weight.detach() + 1)(x)
+    torch.nn.utils.parametrize.register_parametrization(layer, "weight", Shift())
+    torch.testing.assert_close(layer(x), want)
+
+
+@LAYERS
+def test_a_weight_registered_in_place_of_the_old_is_masked(make, shape, generator):
+    layer = masked_layer(make, generator)
+    x = torch.randn(shape, generator=generator)
+    weight = torch.randn(layer.weight.shape, generator=generator)
+    layer.register_parameter("weight", nn.Parameter(weight))
+    assert not layer.zero_off_mask
+    torch.testing.assert_close(layer(x), dense_twin(layer, weight)(x))
+
+
+@pytest.mark.parametrize("future", ["set_overwrite_module_params_on_conversion",
+                                    "set_swap_module_params_on_conversion"])
+def test_a_conversion_that_replaces_the_weight_keeps_the_promise(future, generator):
+    layer = masked_layer(lambda: SparseLinear(12, 6), generator)
+    setting = getattr(torch.__future__, future)
+    setting(True)
+    try:
+        layer.double()
+    finally:
+        setting(False)
+    assert layer.zero_off_mask and layer.weight.dtype == torch.float64
+
+
+def test_copies_keep_the_promise_for_their_own_weight(generator):
+    layer = masked_layer(lambda: SparseLinear(12, 6), generator)
+    for copied in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert copied.zero_off_mask and copied.weight is not layer.weight
 
 
 @pytest.mark.skipif(sparsekern.ops._extension.kernel_missing("masked_weight", "cpu") is not None,
