@@ -23,6 +23,7 @@ import zlib
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.algorithms.join import Joinable, JoinHook
 
 from ..nn import sparse_modules
 from ..nn.sharding import refuse_sharded
@@ -259,6 +260,64 @@ class ReplicaCheck(Agreement):
                              f"generator on every rank, or call sparsekern.distributed.broadcast_masks(model) "
                              f"first")
         return False
+
+
+class CatchesUp(Joinable):
+    """The torch.distributed.algorithms.Joinable that DST, IMP and OptG are (see `join_hook`). A subclass sets
+    `_catch_up_optimizer` to the optimizer whose state of the sparse weights the catching up copies, where its
+    own state does not carry it (DST's; IMP's state holds its whole optimizer)."""
+
+    _catch_up_optimizer: torch.optim.Optimizer | None = None
+
+    def __init__(self, model: nn.Module, group):
+        super().__init__()
+        self._replicas, self.group = model, group
+
+    def join_hook(self, **kwargs) -> JoinHook:
+        """For training on uneven inputs under `torch.distributed.algorithms.Join([ddp, algorithm])`, the
+        model first (its forward tells Join that this rank still has inputs; step() refuses, with
+        RuntimeError, to be the first). A rank that runs out of inputs stops calling step() while the others
+        go on. The algorithm makes no collective of its own in step(), so there is nothing to shadow
+        meanwhile, but that rank's counts fall behind, and with them what they schedule: DST's mask updates
+        and random stream, IMP's rewind point and cycle, OptG's scores. When every rank has joined, every
+        rank takes the algorithm's state, and the masks and weights of the sparse layers, of the last rank to
+        join (the highest, as DDP picks), by `broadcast_masks`; DST's optimizer state of the sparse weights
+        too (IMP's state holds its optimizer's). OptG's weights are trained by an optimizer it does not
+        hold: its state, as that of every other parameter, stays this rank's (DDP's own hook copies no
+        optimizer state). With a stateful optimizer, DST needs every rank to have stepped it at least once:
+        broadcast_masks raises ValueError on every rank where some ranks' optimizers hold state for the sparse
+        weights and others none."""
+        return _CatchUpHook(self)
+
+    @property
+    def join_device(self) -> torch.device:
+        return _device(self._replicas)
+
+    @property
+    def join_process_group(self):
+        return self.group if self.group is not None else dist.group.WORLD
+
+    def _refuse_leading_join(self) -> None:
+        """RuntimeError, at step(), when this algorithm is the first joinable of a Join: the first one must
+        tell Join that this rank has inputs before the model's collectives, and step() comes after them."""
+        if self._join_config.enable and self._join_config.is_first_joinable:
+            raise RuntimeError(f"{type(self).__name__} is the first joinable of a torch.distributed.algorithms."
+                               f"Join: list the DistributedDataParallel model first, Join([ddp, algorithm])")
+
+    def _catch_up(self, is_last_joiner: bool) -> None:
+        """Join's post-hook, on every rank: adopts the state of the highest rank among the last to join."""
+        candidate = torch.tensor([dist.get_rank() if is_last_joiner else -1], device=self.join_device)
+        dist.all_reduce(candidate, op=dist.ReduceOp.MAX, group=self.join_process_group)
+        broadcast_masks(self._replicas, src=int(candidate.item()), group=self.group,
+                        optimizer=self._catch_up_optimizer, algorithm=self)
+
+
+class _CatchUpHook(JoinHook):
+    def __init__(self, algorithm: CatchesUp):
+        self.algorithm = algorithm
+
+    def post_hook(self, is_last_joiner: bool) -> None:
+        self.algorithm._catch_up(is_last_joiner)
 
 
 @torch.no_grad()
