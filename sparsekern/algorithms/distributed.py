@@ -52,9 +52,11 @@ def broadcast_masks(model: nn.Module, src: int = 0, group=None, weights: bool = 
     With `optimizer` (the one training `model` on this rank), rank `src`'s per-weight state of each
     sparse weight (momentum, Adam moments) is copied too, and is 0 off the mask where the weights
     are: a rank that trained under masks of its own holds momentum that would move its weights apart
-    from the others', and off the new mask, at its next step. Every rank's optimizer must hold state
-    for the same weights (each has stepped, or none has); ValueError on every rank, before anything
-    changes, otherwise.
+    from the others', and off the new mask, at its next step. A rank whose optimizer holds no state for
+    a sparse weight yet (it has not stepped: under Join, a rank that had no inputs at all) takes src's
+    whole state of that weight (Adam's step included), in the object broadcast that carries the
+    algorithm's state. Other differences (src's optimizer has not stepped where another has, or is of
+    another kind) raise ValueError on every rank, before anything changes.
     A ZeroRedundancyOptimizer keeps each weight's state on one rank only, which no other rank can have
     moved: each rank zeroes its own share off the masks, and nothing is copied.
     Not an LBFGS (ValueError): no mask change can follow its flattened history. Ranks holding
@@ -74,16 +76,27 @@ def broadcast_masks(model: nn.Module, src: int = 0, group=None, weights: bool = 
         copy_state = optimizer is not None and not state_is_sharded(optimizer)
         agreement.shared = (_layers(model), [len(state) for state in states] if copy_state else None,
                             algorithm is not None)
-    _check_same_setup(agreement.gathered)
-    if algorithm is not None:
-        held = [algorithm.state_dict() if dist.get_rank() == src else None]
+    source = dist.get_group_rank(group, src) if group is not None else src
+    stateless = _check_same_setup(agreement.gathered, source)
+    if algorithm is not None or stateless:
+        # One object broadcast carries both: src's algorithm state, and its optimizer's state entries of the
+        # sparse weights that some rank's optimizer holds none for (it has not stepped: under Join, a rank
+        # that had no inputs at all).
+        held = [(None if algorithm is None else algorithm.state_dict(), _state_entries(optimizer, modules, stateless))
+                if dist.get_rank() == src else None]
         dist.broadcast_object_list(held, src=src, group=group)
+        algorithm_state, entries = held[0]
         # Checked on every rank before any installs it: a state that fails on one rank (its algorithm
         # built with other settings) must leave every rank as it was, and none waiting for the others.
         with Agreement("broadcast_masks(algorithm=...)", group):
-            install = algorithm._prepare_load(held[0]) if dist.get_rank() != src else None
+            install = (algorithm._prepare_load(algorithm_state)
+                       if algorithm is not None and dist.get_rank() != src else None)
         if install is not None:
             install()
+        for index, entry in entries.items():
+            if not states[index]:
+                _install_entry(optimizer, modules[index].weight, entry)
+                states[index] = optimizer_state(optimizer, modules[index].weight)
     for module, state in zip(modules, states):
         mask = module.mask.to(torch.uint8)
         dist.broadcast(mask, src=src, group=group)
@@ -104,11 +117,13 @@ def broadcast_masks(model: nn.Module, src: int = 0, group=None, weights: bool = 
                 tensor.masked_fill_(~module.mask, 0)
 
 
-def _check_same_setup(gathered: list[tuple]) -> None:
+def _check_same_setup(gathered: list[tuple], source: int) -> list[int]:
     """ValueError (on every rank: each reads the same `gathered`) unless every rank passed
-    broadcast_masks the same sparse layers, optimizer state counts and algorithm presence: the
-    broadcasts that follow would otherwise pair tensors of different sizes or counts, which gloo
-    answers by aborting the process and NCCL by hanging."""
+    broadcast_masks the same sparse layers, optimizer state counts (or none, where rank `source`'s
+    optimizer has state: it is copied) and algorithm presence: the broadcasts that follow would
+    otherwise pair tensors of different sizes or counts, which gloo answers by aborting the process
+    and NCCL by hanging. Returns the sparse layers whose weight some rank's optimizer holds no state
+    for, and `source`'s does."""
     layers, counts, has_algorithm = zip(*gathered)
     if any(other != layers[0] for other in layers):
         raise ValueError("broadcast_masks: the ranks hold different sparse layers (names or mask shapes), so no "
@@ -116,15 +131,41 @@ def _check_same_setup(gathered: list[tuple]) -> None:
     if None in counts and any(count is not None for count in counts):
         raise ValueError("broadcast_masks: optimizer is given on some ranks only (or is a ZeroRedundancyOptimizer "
                          "on some ranks only); pass each rank's own optimizer on every rank, or none")
-    if any(count != counts[0] for count in counts):
-        low = [min(per_weight) for per_weight in zip(*counts)]
-        high = [max(per_weight) for per_weight in zip(*counts)]
-        raise ValueError("optimizer holds state for other sparse weights on some ranks than on others "
-                         f"(state tensors per weight: between {low} and {high}); step every rank's optimizer, "
-                         "or none, before broadcast_masks")
     if any(given != has_algorithm[0] for given in has_algorithm):
         raise ValueError("broadcast_masks: algorithm is given on some ranks only; pass each rank's own on every "
                          "rank, or none")
+    if counts[0] is None:
+        return []
+    if any(count not in (0, held) for per_rank in counts for count, held in zip(per_rank, counts[source])):
+        low = [min(per_weight) for per_weight in zip(*counts)]
+        high = [max(per_weight) for per_weight in zip(*counts)]
+        raise ValueError(f"optimizer holds other state for the sparse weights on some ranks than on src (state "
+                         f"tensors per weight: between {low} and {high}, src's {list(counts[source])}); a rank "
+                         f"whose optimizer has not stepped takes src's state, but src's optimizer must be of the "
+                         f"same kind, and have stepped where any rank's has")
+    return [index for index, held in enumerate(counts[source]) if held and any(not c[index] for c in counts)]
+
+
+def _state_entries(optimizer, modules: list[nn.Module], indices: list[int]) -> dict[int, tuple[dict, set]]:
+    """Per index of `indices`, the optimizer's whole state entry of that sparse module's weight (Adam's step
+    included) on the CPU, and the names of the tensors in it that sat on the weight's device, for
+    `_install_entry` to put on this rank's."""
+    entries = {}
+    for index in indices:
+        weight = modules[index].weight
+        entry = optimizer.state[weight]
+        entries[index] = ({name: value.cpu() if isinstance(value, Tensor) else value for name, value in entry.items()},
+                          {name for name, value in entry.items()
+                           if isinstance(value, Tensor) and value.device == weight.device})
+    return entries
+
+
+def _install_entry(optimizer, weight: Tensor, entry: tuple[dict, set]) -> None:
+    """Makes a `_state_entries` entry `weight`'s optimizer state on this rank: each tensor where its
+    optimizer keeps it (on the weight's device, or the CPU as Adam's step unless capturable)."""
+    values, on_weight_device = entry
+    optimizer.state[weight] = {name: value.to(weight.device) if name in on_weight_device else value
+                               for name, value in values.items()}
 
 
 @torch.no_grad()
@@ -284,9 +325,8 @@ class CatchesUp(Joinable):
         join (the highest, as DDP picks), by `broadcast_masks`; DST's optimizer state of the sparse weights
         too (IMP's state holds its optimizer's). OptG's weights are trained by an optimizer it does not
         hold: its state, as that of every other parameter, stays this rank's (DDP's own hook copies no
-        optimizer state). With a stateful optimizer, DST needs every rank to have stepped it at least once:
-        broadcast_masks raises ValueError on every rank where some ranks' optimizers hold state for the sparse
-        weights and others none."""
+        optimizer state). A rank that had no inputs at all, whose optimizer holds no state yet, takes the
+        last joiner's (broadcast_masks)."""
         return _CatchUpHook(self)
 
     @property

@@ -148,6 +148,21 @@ def uneven_inputs_under_join(rank):
     return caught_up and identical and refused_when_first(algorithm, ddp, train_step)
 
 
+def join_with_a_rank_without_inputs(rank):
+    """Join([ddp, dst]) with 4 batches on rank 0 and none on rank 1, SGD with momentum: rank 1's optimizer
+    never stepped, and takes rank 0's momentum of the sparse weights with its DST state (every rank raised
+    ValueError at the block's end, rank 1's optimizer holding no state); the replicas stay identical after."""
+    model, ddp = ddp_model()
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    algorithm = sparsekern.SET(ddp, optimizer, update_every=2, total_steps=40)
+    train_step = uneven_training(rank, ddp, algorithm, lambda: optimizer, (4, 0))
+    momentum = [optimizer.state[module.weight].get("momentum_buffer") for _, module in sparse_modules(model)]
+    caught_up = algorithm.step_count == 4 and same_on_every_rank((algorithm.state_dict(), momentum))
+    for _ in range(4):
+        train_step()
+    return caught_up and distributed.masks_identical(ddp)
+
+
 def same_on_every_rank(value) -> bool:
     """Whether `value` (tensors in nested dicts, lists and tuples) is equal on every rank."""
     gathered = [None] * dist.get_world_size()
@@ -267,7 +282,7 @@ def swamp_per_rank_with_a_group_of_one(rank):
 
 SCENARIOS = (refused_load_changes_nothing, finish_is_carried, constructors_fail_together,
              dst_checks_replicas_by_one_gather, per_rank_runs_with_a_group_of_one, uneven_inputs_under_join,
-             imp_under_join, optg_under_join,
+             imp_under_join, optg_under_join, join_with_a_rank_without_inputs,
              masks_identical_fails_together, swamp_fails_together, swamp_per_rank_with_a_group_of_one)
 
 
