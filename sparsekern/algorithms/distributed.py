@@ -8,7 +8,8 @@ buffers, masks included, to every rank at each forward, but each rank zeroed its
 its own mask. So `masks_identical` compares the masks and the weights under them, and
 `broadcast_masks` repairs both, the optimizer state of the sparse weights when given it, and the
 algorithm's own state (step count, random stream) when given it. They need an
-initialised `torch.distributed` process group; masks travel as uint8 (gloo has no bool all-reduce).
+initialised `torch.distributed` process group; masks travel as uint8 (gloo has no bool all-reduce),
+and the tensors of a state through an object collective as CPU copies (`broadcast_object`).
 
 Every rank enters each collective here, or none does: a rank raising alone would leave the others
 waiting in the next one. Checks run inside an `Agreement`, whose one object gather carries each
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 from torch.distributed.algorithms.join import Joinable, JoinHook
 
 from ..nn import sparse_modules
+from ._tickets import map_tensors
 from ..nn.sharding import refuse_sharded
 from ..nn.sparsify import check_optimizer, optimizer_state, state_is_sharded
 
@@ -82,10 +84,9 @@ def broadcast_masks(model: nn.Module, src: int = 0, group=None, weights: bool = 
         # One object broadcast carries both: src's algorithm state, and its optimizer's state entries of the
         # sparse weights that some rank's optimizer holds none for (it has not stepped: under Join, a rank
         # that had no inputs at all).
-        held = [(None if algorithm is None else algorithm.state_dict(), _state_entries(optimizer, modules, stateless))
-                if dist.get_rank() == src else None]
-        dist.broadcast_object_list(held, src=src, group=group)
-        algorithm_state, entries = held[0]
+        algorithm_state, entries = broadcast_object(
+            (None if algorithm is None else algorithm.state_dict(), _state_entries(optimizer, modules, stateless))
+            if dist.get_rank() == src else None, src, group)
         # Checked on every rank before any installs it: a state that fails on one rank (its algorithm
         # built with other settings) must leave every rank as it was, and none waiting for the others.
         with Agreement("broadcast_masks(algorithm=...)", group):
@@ -115,6 +116,17 @@ def broadcast_masks(model: nn.Module, src: int = 0, group=None, weights: bool = 
                 dist.broadcast(tensor, src=src, group=group)
             if not keeps_pruned:
                 tensor.masked_fill_(~module.mask, 0)
+
+
+def broadcast_object(value, src: int, group=None):
+    """Rank `src`'s `value` (nested dicts, lists and tuples of tensors and picklable values, as a state
+    dict; ignored on the other ranks) on every rank of `group`. Collective: call on every rank. Its
+    tensors travel as CPU copies: pickled as they are, CUDA tensors would be rebuilt on each receiving
+    rank on the sender's GPU index (another rank's GPU, or one its machine lacks). Whoever loads them
+    moves them to its own device."""
+    held = [map_tensors(Tensor.cpu, value) if dist.get_rank() == src else None]
+    dist.broadcast_object_list(held, src=src, group=group)
+    return held[0]
 
 
 def _check_same_setup(gathered: list[tuple], source: int) -> list[int]:
@@ -148,15 +160,14 @@ def _check_same_setup(gathered: list[tuple], source: int) -> list[int]:
 
 def _state_entries(optimizer, modules: list[nn.Module], indices: list[int]) -> dict[int, tuple[dict, set]]:
     """Per index of `indices`, the optimizer's whole state entry of that sparse module's weight (Adam's step
-    included) on the CPU, and the names of the tensors in it that sat on the weight's device, for
-    `_install_entry` to put on this rank's."""
+    included), and the names of the tensors in it that sit on the weight's device, for `_install_entry` to
+    put on this rank's (broadcast_object moves every tensor to the CPU)."""
     entries = {}
     for index in indices:
         weight = modules[index].weight
         entry = optimizer.state[weight]
-        entries[index] = ({name: value.cpu() if isinstance(value, Tensor) else value for name, value in entry.items()},
-                          {name for name, value in entry.items()
-                           if isinstance(value, Tensor) and value.device == weight.device})
+        entries[index] = (dict(entry), {name for name, value in entry.items()
+                                        if isinstance(value, Tensor) and value.device == weight.device})
     return entries
 
 
