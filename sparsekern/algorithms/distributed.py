@@ -233,12 +233,15 @@ class Agreement:
 
     Before anything changes, each rank runs the block and sets `shared` to what the others must see;
     at its end one all_gather_object carries `shared` and this rank's error, if it raised. The rank
-    that raised raises its own error; every other rank raises one of the same kind (TypeError,
-    ValueError, else RuntimeError) naming that rank. Otherwise `gathered` holds every rank's `shared`,
+    that raised raises its own error; every other rank raises one of the same kind (TypeError or
+    ValueError, subclasses included, which the other ranks may not know; else RuntimeError) naming
+    that rank. Otherwise `gathered` holds every rank's `shared`,
     in rank order. Without a process group of several ranks nothing is gathered: an error is this
     rank's alone, and `gathered` holds its own `shared`."""
 
-    _KINDS = {"TypeError": TypeError, "ValueError": ValueError}
+    # The kinds the other ranks raise for an error of one of them or a subclass (torch's, a library's,
+    # which those ranks may not know), the most specific first; RuntimeError for any other error.
+    _KINDS = (TypeError, ValueError)
 
     def __init__(self, who: str, group=None):
         self.who, self.group = who, group
@@ -255,18 +258,23 @@ class Agreement:
             self.gathered = [self.shared]
             return False
         verdicts = [None] * dist.get_world_size(self.group)
-        failure = None if error is None else (type(error).__name__, str(error))
+        failure = None if error is None else (self._kind(error), type(error).__name__, str(error))
         dist.all_gather_object(verdicts, (failure, self.shared), group=self.group)
         if error is not None:
             return False   # raises this rank's own error
         for rank, (failed, _) in enumerate(verdicts):
             if failed is not None:
-                name, message = failed
-                raise self._KINDS.get(name, RuntimeError)(
+                kind, name, message = failed
+                raise kind(
                     f"{self.who} failed on rank {rank} ({name}: {message}); it fails on every rank, and "
                     f"changed nothing on any")
         self.gathered = [shared for _, shared in verdicts]
         return False
+
+    @classmethod
+    def _kind(cls, error: Exception) -> type[Exception]:
+        """The kind the other ranks raise for `error` (a builtin class: it pickles by name)."""
+        return next((kind for kind in cls._KINDS if isinstance(error, kind)), RuntimeError)
 
 
 class ReplicaCheck(Agreement):

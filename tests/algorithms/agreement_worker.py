@@ -244,6 +244,26 @@ def refused_when_first(algorithm, ddp, train_step) -> bool:
     return raised(first, RuntimeError, "list the DistributedDataParallel model first")
 
 
+class Refused(ValueError):
+    """A ValueError of a kind the other ranks cannot name (as torch's or a library's own subclasses)."""
+
+
+def error_kinds_follow_their_bases(rank):
+    """A ValueError subclass raised in an Agreement on rank 1 is a ValueError on rank 0 too (it became a
+    RuntimeError there, by its class name), and rank 1 raises its own."""
+    def fails_on_rank_1():
+        with distributed.Agreement("the check", None):
+            if rank == 1:
+                raise Refused("refused on rank 1")
+    if rank == 1:
+        return raised(fails_on_rank_1, Refused, "refused on rank 1")
+    try:
+        fails_on_rank_1()
+    except ValueError as error:
+        return type(error) is ValueError and "failed on rank 1 (Refused: refused on rank 1)" in str(error)
+    return False
+
+
 def masks_identical_fails_together(rank):
     """masks_identical on a model that rank 1 alone refuses (as it refuses a sharded model): ValueError on
     both ranks (rank 0 waited in the layers' gather, which rank 1 later paired with another collective)."""
@@ -282,7 +302,7 @@ def swamp_per_rank_with_a_group_of_one(rank):
 
 SCENARIOS = (refused_load_changes_nothing, finish_is_carried, constructors_fail_together,
              dst_checks_replicas_by_one_gather, per_rank_runs_with_a_group_of_one, uneven_inputs_under_join,
-             imp_under_join, optg_under_join, join_with_a_rank_without_inputs,
+             imp_under_join, optg_under_join, join_with_a_rank_without_inputs, error_kinds_follow_their_bases,
              masks_identical_fails_together, swamp_fails_together, swamp_per_rank_with_a_group_of_one)
 
 
