@@ -24,7 +24,7 @@ import zlib
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.algorithms.join import Joinable, JoinHook
+from torch.distributed.algorithms.join import Join, Joinable, JoinHook
 
 from ..nn import sparse_modules
 from ._tickets import map_tensors
@@ -358,8 +358,15 @@ class CatchesUp(Joinable):
 
     def _refuse_leading_join(self) -> None:
         """RuntimeError, at step(), when this algorithm is the first joinable of a Join: the first one must
-        tell Join that this rank has inputs before the model's collectives, and step() comes after them."""
-        if self._join_config.enable and self._join_config.is_first_joinable:
+        tell Join that this rank has inputs before the model's collectives, and step() comes after them.
+
+        Join.notify_join_context is torch's public word on it: it returns a work handle exactly for the first
+        joinable of an enabled Join (None otherwise, at no cost), after starting the all-reduce by which that
+        one tells Join. Every rank still training reaches it at the same step() and raises, so that all-reduce
+        pairs up across them, and it is waited for: no collective is left in flight."""
+        notified = Join.notify_join_context(self)
+        if notified is not None:
+            notified.wait()
             raise RuntimeError(f"{type(self).__name__} is the first joinable of a torch.distributed.algorithms."
                                f"Join: list the DistributedDataParallel model first, Join([ddp, algorithm])")
 
