@@ -27,9 +27,9 @@ from torch import Tensor, nn
 from torch.distributed.algorithms.join import Join, Joinable, JoinHook
 
 from ..nn import sparse_modules
-from ._tickets import map_tensors
 from ..nn.sharding import refuse_sharded
 from ..nn.sparsify import check_optimizer, optimizer_state, state_is_sharded
+from ._tickets import map_tensors
 
 
 @torch.no_grad()
@@ -235,9 +235,9 @@ class Agreement:
     at its end one all_gather_object carries `shared` and this rank's error, if it raised. The rank
     that raised raises its own error; every other rank raises one of the same kind (TypeError or
     ValueError, subclasses included, which the other ranks may not know; else RuntimeError) naming
-    that rank. Otherwise `gathered` holds every rank's `shared`,
-    in rank order. Without a process group of several ranks nothing is gathered: an error is this
-    rank's alone, and `gathered` holds its own `shared`."""
+    that rank. Otherwise `gathered` holds every rank's `shared`, in rank order. Without a process
+    group of several ranks nothing is gathered: an error is this rank's alone, and `gathered` holds
+    its own `shared`."""
 
     # The kinds the other ranks raise for an error of one of them or a subclass (torch's, a library's,
     # which those ranks may not know), the most specific first; RuntimeError for any other error.
@@ -342,7 +342,8 @@ class CatchesUp(Joinable):
         and random stream, IMP's rewind point and cycle, OptG's scores. When every rank has joined, every
         rank takes the algorithm's state, and the masks and weights of the sparse layers, of the last rank to
         join (the highest, as DDP picks), by `broadcast_masks`; DST's optimizer state of the sparse weights
-        too (IMP's state holds its optimizer's). OptG's weights are trained by an optimizer it does not
+        too. IMP's state holds its optimizer's: the catching up makes `imp.optimizer` a new one, as
+        next_cycle() does. OptG's weights are trained by an optimizer it does not
         hold: its state, as that of every other parameter, stays this rank's (DDP's own hook copies no
         optimizer state). A rank that had no inputs at all, whose optimizer holds no state yet, takes the
         last joiner's (broadcast_masks)."""

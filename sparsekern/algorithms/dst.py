@@ -25,7 +25,6 @@ import warnings
 import zlib
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from .. import ops
