@@ -51,13 +51,13 @@ def broadcast_masks(model: nn.Module, src: int = 0, group=None, weights: bool = 
     load on some rank (its algorithm was built with other settings, or on another wrapping of the
     model) raises on every rank.
 
-    With `optimizer` (the one training `model` on this rank), rank `src`'s per-weight state of each
-    sparse weight (momentum, Adam moments) is copied too, and is 0 off the mask where the weights
+    With `optimizer` (the one training `model` on this rank), rank `src`'s state of each sparse
+    weight (momentum, Adam moments and step) is copied too, and is 0 off the mask where the weights
     are: a rank that trained under masks of its own holds momentum that would move its weights apart
     from the others', and off the new mask, at its next step. A rank whose optimizer holds no state for
     a sparse weight yet (it has not stepped: under Join, a rank that had no inputs at all) takes src's
-    whole state of that weight (Adam's step included), in the object broadcast that carries the
-    algorithm's state. Other differences (src's optimizer has not stepped where another has, or is of
+    whole state of that weight, in the object broadcast that carries the algorithm's state and the
+    scalars (Adam's step). Other differences (src's optimizer has not stepped where another has, or is of
     another kind) raise ValueError on every rank, before anything changes.
     A ZeroRedundancyOptimizer keeps each weight's state on one rank only, which no other rank can have
     moved: each rank zeroes its own share off the masks, and nothing is copied.
@@ -80,12 +80,14 @@ def broadcast_masks(model: nn.Module, src: int = 0, group=None, weights: bool = 
                             algorithm is not None)
     source = dist.get_group_rank(group, src) if group is not None else src
     stateless = _check_same_setup(agreement.gathered, source)
-    if algorithm is not None or stateless:
-        # One object broadcast carries both: src's algorithm state, and its optimizer's state entries of the
-        # sparse weights that some rank's optimizer holds none for (it has not stepped: under Join, a rank
-        # that had no inputs at all).
+    if algorithm is not None or copy_state:
+        # One object broadcast carries src's algorithm state and what its optimizer holds for the sparse
+        # weights besides the tensors shaped like them, which tensor broadcasts copy below: scalars (Adam's
+        # step, which sets its bias correction), and the whole state of a weight that some rank's optimizer
+        # holds none for (it has not stepped: under Join, a rank that had no inputs at all).
         algorithm_state, entries = broadcast_object(
-            (None if algorithm is None else algorithm.state_dict(), _state_entries(optimizer, modules, stateless))
+            (None if algorithm is None else algorithm.state_dict(),
+             _state_entries(optimizer, modules, stateless) if copy_state else {})
             if dist.get_rank() == src else None, src, group)
         # Checked on every rank before any installs it: a state that fails on one rank (its algorithm
         # built with other settings) must leave every rank as it was, and none waiting for the others.
@@ -94,10 +96,9 @@ def broadcast_masks(model: nn.Module, src: int = 0, group=None, weights: bool = 
                        if algorithm is not None and dist.get_rank() != src else None)
         if install is not None:
             install()
-        for index, entry in entries.items():
-            if not states[index]:
-                _install_entry(optimizer, modules[index].weight, entry)
-                states[index] = optimizer_state(optimizer, modules[index].weight)
+        for index, entry in entries.items() if dist.get_rank() != src else ():
+            _install_entry(optimizer, modules[index].weight, entry)
+            states[index] = optimizer_state(optimizer, modules[index].weight)
     for module, state in zip(modules, states):
         mask = module.mask.to(torch.uint8)
         dist.broadcast(mask, src=src, group=group)
@@ -158,25 +159,28 @@ def _check_same_setup(gathered: list[tuple], source: int) -> list[int]:
     return [index for index, held in enumerate(counts[source]) if held and any(not c[index] for c in counts)]
 
 
-def _state_entries(optimizer, modules: list[nn.Module], indices: list[int]) -> dict[int, tuple[dict, set]]:
-    """Per index of `indices`, the optimizer's whole state entry of that sparse module's weight (Adam's step
-    included), and the names of the tensors in it that sit on the weight's device, for `_install_entry` to
-    put on this rank's (broadcast_object moves every tensor to the CPU)."""
+def _state_entries(optimizer, modules: list[nn.Module], whole: list[int]) -> dict[int, tuple[dict, set]]:
+    """Per sparse module (by index), the optimizer's state of its weight that the tensor broadcasts do not
+    copy: the values not shaped like the weight (Adam's step), or, for the indices in `whole`, all of it;
+    with the names of the tensors among them that sit on the weight's device, for `_install_entry` to put
+    on this rank's (broadcast_object moves every tensor to the CPU)."""
     entries = {}
-    for index in indices:
-        weight = modules[index].weight
-        entry = optimizer.state[weight]
-        entries[index] = (dict(entry), {name for name, value in entry.items()
-                                        if isinstance(value, Tensor) and value.device == weight.device})
+    for index, module in enumerate(modules):
+        weight = module.weight
+        broadcast = set() if index in whole else {id(tensor) for tensor in optimizer_state(optimizer, weight)}
+        values = {name: value for name, value in optimizer.state.get(weight, {}).items() if id(value) not in broadcast}
+        if values:
+            entries[index] = (values, {name for name, value in values.items()
+                                       if isinstance(value, Tensor) and value.device == weight.device})
     return entries
 
 
 def _install_entry(optimizer, weight: Tensor, entry: tuple[dict, set]) -> None:
-    """Makes a `_state_entries` entry `weight`'s optimizer state on this rank: each tensor where its
+    """Puts a `_state_entries` entry into `weight`'s optimizer state on this rank, each tensor where its
     optimizer keeps it (on the weight's device, or the CPU as Adam's step unless capturable)."""
     values, on_weight_device = entry
-    optimizer.state[weight] = {name: value.to(weight.device) if name in on_weight_device else value
-                               for name, value in values.items()}
+    optimizer.state[weight].update({name: value.to(weight.device) if name in on_weight_device else value
+                                    for name, value in values.items()})
 
 
 @torch.no_grad()

@@ -163,6 +163,21 @@ def join_with_a_rank_without_inputs(rank):
     return caught_up and distributed.masks_identical(ddp)
 
 
+def adam_catches_up_under_join(rank):
+    """Join([ddp, dst]) with Adam, 5 batches on rank 0 and 2 on rank 1: rank 1 takes rank 0's Adam step count of
+    the sparse weights with their moments (it kept its own, 2, whose bias correction then moved its weights
+    apart from rank 0's at the next optimizer step)."""
+    model, ddp = ddp_model()
+    optimizer = torch.optim.Adam(ddp.parameters(), lr=0.01)
+    algorithm = sparsekern.RigL(ddp, optimizer, update_every=2, total_steps=40)
+    train_step = uneven_training(rank, ddp, algorithm, lambda: optimizer, (5, 2))
+    state = [optimizer.state[module.weight] for _, module in sparse_modules(model)]
+    caught_up = same_on_every_rank(state)
+    for _ in range(3):
+        train_step()
+    return caught_up and distributed.masks_identical(ddp)
+
+
 def same_on_every_rank(value) -> bool:
     """Whether `value` (tensors in nested dicts, lists and tuples) is equal on every rank."""
     gathered = [None] * dist.get_world_size()
@@ -302,7 +317,8 @@ def swamp_per_rank_with_a_group_of_one(rank):
 
 SCENARIOS = (refused_load_changes_nothing, finish_is_carried, constructors_fail_together,
              dst_checks_replicas_by_one_gather, per_rank_runs_with_a_group_of_one, uneven_inputs_under_join,
-             imp_under_join, optg_under_join, join_with_a_rank_without_inputs, error_kinds_follow_their_bases,
+             imp_under_join, optg_under_join, join_with_a_rank_without_inputs, adam_catches_up_under_join,
+             error_kinds_follow_their_bases,
              masks_identical_fails_together, swamp_fails_together, swamp_per_rank_with_a_group_of_one)
 
 

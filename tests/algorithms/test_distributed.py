@@ -157,7 +157,7 @@ def carried(monkeypatch):
 
 
 @gloo
-def test_broadcast_masks_sends_the_algorithm_state_as_cpu_tensors(one_rank, carried, monkeypatch):
+def test_broadcast_masks_sends_the_algorithm_and_optimizer_state_as_cpu_tensors(one_rank, carried, monkeypatch):
     # Pickled as they were, the CUDA tensors of a model on GPUs (DST's masks) were rebuilt on each receiving rank
     # on the sender's GPU index: another rank's GPU, or one its machine lacks.
     import sparsekern
@@ -172,6 +172,13 @@ def test_broadcast_masks_sends_the_algorithm_state_as_cpu_tensors(one_rank, carr
         monkeypatch.setattr(algorithm, "state_dict", lambda: _reporting_a_gpu(state))
         distributed.broadcast_masks(model, algorithm=algorithm)
         assert _devices(carried[-1]) == {"cpu"}, type(algorithm).__name__
+    adam = torch.optim.Adam(model.parameters())   # its step, not shaped like the weight, goes by the object
+    model(torch.randn(3, 8)).sum().backward()
+    adam.step()
+    for _, module in sparsekern.nn.sparse_modules(model):
+        adam.state[module.weight]["step"] = adam.state[module.weight]["step"].as_subclass(_ReportsAGpu)
+    distributed.broadcast_masks(model, optimizer=adam)
+    assert _devices(carried[-1]) == {"cpu"}
 
 
 @gloo
