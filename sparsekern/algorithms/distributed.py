@@ -89,13 +89,13 @@ def broadcast_masks(model: nn.Module, src: int = 0, group=None, weights: bool = 
             (None if algorithm is None else algorithm.state_dict(),
              _state_entries(optimizer, modules, stateless) if copy_state else {})
             if dist.get_rank() == src else None, src, group)
-        # Checked on every rank before any installs it: a state that fails on one rank (its algorithm
-        # built with other settings) must leave every rank as it was, and none waiting for the others.
-        with Agreement("broadcast_masks(algorithm=...)", group):
-            install = (algorithm._prepare_load(algorithm_state)
-                       if algorithm is not None and dist.get_rank() != src else None)
-        if install is not None:
-            install()
+        if algorithm is not None:
+            # Checked on every rank before any installs it: a state that fails on one rank (its algorithm
+            # built with other settings) must leave every rank as it was, and none waiting for the others.
+            with Agreement("broadcast_masks(algorithm=...)", group):
+                install = algorithm._prepare_load(algorithm_state) if dist.get_rank() != src else None
+            if install is not None:
+                install()
         for index, entry in entries.items() if dist.get_rank() != src else ():
             _install_entry(optimizer, modules[index].weight, entry)
             states[index] = optimizer_state(optimizer, modules[index].weight)

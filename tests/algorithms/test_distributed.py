@@ -169,7 +169,7 @@ def test_broadcast_masks_sends_the_algorithm_and_optimizer_state_as_cpu_tensors(
                       sparsekern.IMP(model, lambda parameters: torch.optim.SGD(parameters, lr=0.1)),
                       sparsekern.OptG(model, sparsity=0.5, epochs=3)):
         state = algorithm.state_dict()
-        monkeypatch.setattr(algorithm, "state_dict", lambda: _reporting_a_gpu(state))
+        monkeypatch.setattr(algorithm, "state_dict", lambda state=state: _reporting_a_gpu(state))
         distributed.broadcast_masks(model, algorithm=algorithm)
         assert _devices(carried[-1]) == {"cpu"}, type(algorithm).__name__
     adam = torch.optim.Adam(model.parameters())   # its step, not shaped like the weight, goes by the object
