@@ -1,5 +1,6 @@
 """What IMP, SWAMP and OptG share: the layers they prune, global or layer-wise magnitude pruning,
-rewinding to a snapshot, and the checks of their arguments and saved states.
+rewinding to a snapshot, the checks of their arguments and saved states, and a map over the tensors
+of a saved state.
 
 A snapshot is the model's full state (parameters and buffers, BatchNorm statistics included)
 except the masks, cloned; restoring it and then setting a mask gives the ticket θ_k ⊙ m.
@@ -178,6 +179,18 @@ def dense_values(value) -> bool:
     loads it, after the entries before it, nor a nested one (torch.nested's older layout is strided,
     and its shape raises)."""
     return isinstance(value, Tensor) and value.layout == torch.strided and not value.is_nested and not value.is_meta
+
+
+def map_tensors(function: Callable[[Tensor], Tensor], value):
+    """`value` (nested dicts, lists and tuples of tensors and plain values, as a state dict) with
+    `function` applied to each tensor; containers are new, plain values the same."""
+    if isinstance(value, Tensor):
+        return function(value)
+    if isinstance(value, dict):
+        return {key: map_tensors(function, item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(map_tensors(function, item) for item in value)
+    return value
 
 
 def check_tensors(values, like: list[Tensor], name: str) -> list[Tensor] | None:

@@ -8,7 +8,8 @@ buffers, masks included, to every rank at each forward, but each rank zeroed its
 its own mask. So `masks_identical` compares the masks and the weights under them, and
 `broadcast_masks` repairs both, the optimizer state of the sparse weights when given it, and the
 algorithm's own state (step count, random stream) when given it. They need an
-initialised `torch.distributed` process group; masks travel as uint8 (gloo has no bool all-reduce).
+initialised `torch.distributed` process group; masks travel as uint8 (gloo has no bool all-reduce),
+and the tensors of a state through an object collective as CPU copies (`broadcast_object`).
 
 Every rank enters each collective here, or none does: a rank raising alone would leave the others
 waiting in the next one. Checks run inside an `Agreement`, whose one object gather carries each
@@ -23,10 +24,12 @@ import zlib
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.algorithms.join import Join, Joinable, JoinHook
 
 from ..nn import sparse_modules
 from ..nn.sharding import refuse_sharded
 from ..nn.sparsify import check_optimizer, optimizer_state, state_is_sharded
+from ._tickets import map_tensors
 
 
 @torch.no_grad()
@@ -48,12 +51,14 @@ def broadcast_masks(model: nn.Module, src: int = 0, group=None, weights: bool = 
     load on some rank (its algorithm was built with other settings, or on another wrapping of the
     model) raises on every rank.
 
-    With `optimizer` (the one training `model` on this rank), rank `src`'s per-weight state of each
-    sparse weight (momentum, Adam moments) is copied too, and is 0 off the mask where the weights
+    With `optimizer` (the one training `model` on this rank), rank `src`'s state of each sparse
+    weight (momentum, Adam moments and step) is copied too, and is 0 off the mask where the weights
     are: a rank that trained under masks of its own holds momentum that would move its weights apart
-    from the others', and off the new mask, at its next step. Every rank's optimizer must hold state
-    for the same weights (each has stepped, or none has); ValueError on every rank, before anything
-    changes, otherwise.
+    from the others', and off the new mask, at its next step. A rank whose optimizer holds no state for
+    a sparse weight yet (it has not stepped: under Join, a rank that had no inputs at all) takes src's
+    whole state of that weight, in the object broadcast that carries the algorithm's state and the
+    scalars (Adam's step). Other differences (src's optimizer has not stepped where another has, or is of
+    another kind) raise ValueError on every rank, before anything changes.
     A ZeroRedundancyOptimizer keeps each weight's state on one rank only, which no other rank can have
     moved: each rank zeroes its own share off the masks, and nothing is copied.
     Not an LBFGS (ValueError): no mask change can follow its flattened history. Ranks holding
@@ -73,16 +78,27 @@ def broadcast_masks(model: nn.Module, src: int = 0, group=None, weights: bool = 
         copy_state = optimizer is not None and not state_is_sharded(optimizer)
         agreement.shared = (_layers(model), [len(state) for state in states] if copy_state else None,
                             algorithm is not None)
-    _check_same_setup(agreement.gathered)
-    if algorithm is not None:
-        held = [algorithm.state_dict() if dist.get_rank() == src else None]
-        dist.broadcast_object_list(held, src=src, group=group)
-        # Checked on every rank before any installs it: a state that fails on one rank (its algorithm
-        # built with other settings) must leave every rank as it was, and none waiting for the others.
-        with Agreement("broadcast_masks(algorithm=...)", group):
-            install = algorithm._prepare_load(held[0]) if dist.get_rank() != src else None
-        if install is not None:
-            install()
+    source = dist.get_group_rank(group, src) if group is not None else src
+    stateless = _check_same_setup(agreement.gathered, source)
+    if algorithm is not None or copy_state:
+        # One object broadcast carries src's algorithm state and what its optimizer holds for the sparse
+        # weights besides the tensors shaped like them, which tensor broadcasts copy below: scalars (Adam's
+        # step, which sets its bias correction), and the whole state of a weight that some rank's optimizer
+        # holds none for (it has not stepped: under Join, a rank that had no inputs at all).
+        algorithm_state, entries = broadcast_object(
+            (None if algorithm is None else algorithm.state_dict(),
+             _state_entries(optimizer, modules, stateless) if copy_state else {})
+            if dist.get_rank() == src else None, src, group)
+        if algorithm is not None:
+            # Checked on every rank before any installs it: a state that fails on one rank (its algorithm
+            # built with other settings) must leave every rank as it was, and none waiting for the others.
+            with Agreement("broadcast_masks(algorithm=...)", group):
+                install = algorithm._prepare_load(algorithm_state) if dist.get_rank() != src else None
+            if install is not None:
+                install()
+        for index, entry in entries.items() if dist.get_rank() != src else ():
+            _install_entry(optimizer, modules[index].weight, entry)
+            states[index] = optimizer_state(optimizer, modules[index].weight)
     for module, state in zip(modules, states):
         mask = module.mask.to(torch.uint8)
         dist.broadcast(mask, src=src, group=group)
@@ -103,11 +119,24 @@ def broadcast_masks(model: nn.Module, src: int = 0, group=None, weights: bool = 
                 tensor.masked_fill_(~module.mask, 0)
 
 
-def _check_same_setup(gathered: list[tuple]) -> None:
+def broadcast_object(value, src: int, group=None):
+    """Rank `src`'s `value` (nested dicts, lists and tuples of tensors and picklable values, as a state
+    dict; ignored on the other ranks) on every rank of `group`. Collective: call on every rank. Its
+    tensors travel as CPU copies: pickled as they are, CUDA tensors would be rebuilt on each receiving
+    rank on the sender's GPU index (another rank's GPU, or one its machine lacks). Whoever loads them
+    moves them to its own device."""
+    held = [map_tensors(Tensor.cpu, value) if dist.get_rank() == src else None]
+    dist.broadcast_object_list(held, src=src, group=group)
+    return held[0]
+
+
+def _check_same_setup(gathered: list[tuple], source: int) -> list[int]:
     """ValueError (on every rank: each reads the same `gathered`) unless every rank passed
-    broadcast_masks the same sparse layers, optimizer state counts and algorithm presence: the
-    broadcasts that follow would otherwise pair tensors of different sizes or counts, which gloo
-    answers by aborting the process and NCCL by hanging."""
+    broadcast_masks the same sparse layers, optimizer state counts (or none, where rank `source`'s
+    optimizer has state: it is copied) and algorithm presence: the broadcasts that follow would
+    otherwise pair tensors of different sizes or counts, which gloo answers by aborting the process
+    and NCCL by hanging. Returns the sparse layers whose weight some rank's optimizer holds no state
+    for, and `source`'s does."""
     layers, counts, has_algorithm = zip(*gathered)
     if any(other != layers[0] for other in layers):
         raise ValueError("broadcast_masks: the ranks hold different sparse layers (names or mask shapes), so no "
@@ -115,15 +144,43 @@ def _check_same_setup(gathered: list[tuple]) -> None:
     if None in counts and any(count is not None for count in counts):
         raise ValueError("broadcast_masks: optimizer is given on some ranks only (or is a ZeroRedundancyOptimizer "
                          "on some ranks only); pass each rank's own optimizer on every rank, or none")
-    if any(count != counts[0] for count in counts):
-        low = [min(per_weight) for per_weight in zip(*counts)]
-        high = [max(per_weight) for per_weight in zip(*counts)]
-        raise ValueError("optimizer holds state for other sparse weights on some ranks than on others "
-                         f"(state tensors per weight: between {low} and {high}); step every rank's optimizer, "
-                         "or none, before broadcast_masks")
     if any(given != has_algorithm[0] for given in has_algorithm):
         raise ValueError("broadcast_masks: algorithm is given on some ranks only; pass each rank's own on every "
                          "rank, or none")
+    if counts[0] is None:
+        return []
+    if any(count not in (0, held) for per_rank in counts for count, held in zip(per_rank, counts[source])):
+        low = [min(per_weight) for per_weight in zip(*counts)]
+        high = [max(per_weight) for per_weight in zip(*counts)]
+        raise ValueError(f"optimizer holds other state for the sparse weights on some ranks than on src (state "
+                         f"tensors per weight: between {low} and {high}, src's {list(counts[source])}); a rank "
+                         f"whose optimizer has not stepped takes src's state, but src's optimizer must be of the "
+                         f"same kind, and have stepped where any rank's has")
+    return [index for index, held in enumerate(counts[source]) if held and any(not c[index] for c in counts)]
+
+
+def _state_entries(optimizer, modules: list[nn.Module], whole: list[int]) -> dict[int, tuple[dict, set]]:
+    """Per sparse module (by index), the optimizer's state of its weight that the tensor broadcasts do not
+    copy: the values not shaped like the weight (Adam's step), or, for the indices in `whole`, all of it;
+    with the names of the tensors among them that sit on the weight's device, for `_install_entry` to put
+    on this rank's (broadcast_object moves every tensor to the CPU)."""
+    entries = {}
+    for index, module in enumerate(modules):
+        weight = module.weight
+        broadcast = set() if index in whole else {id(tensor) for tensor in optimizer_state(optimizer, weight)}
+        values = {name: value for name, value in optimizer.state.get(weight, {}).items() if id(value) not in broadcast}
+        if values:
+            entries[index] = (values, {name for name, value in values.items()
+                                       if isinstance(value, Tensor) and value.device == weight.device})
+    return entries
+
+
+def _install_entry(optimizer, weight: Tensor, entry: tuple[dict, set]) -> None:
+    """Puts a `_state_entries` entry into `weight`'s optimizer state on this rank, each tensor where its
+    optimizer keeps it (on the weight's device, or the CPU as Adam's step unless capturable)."""
+    values, on_weight_device = entry
+    optimizer.state[weight].update({name: value.to(weight.device) if name in on_weight_device else value
+                                    for name, value in values.items()})
 
 
 @torch.no_grad()
@@ -180,12 +237,15 @@ class Agreement:
 
     Before anything changes, each rank runs the block and sets `shared` to what the others must see;
     at its end one all_gather_object carries `shared` and this rank's error, if it raised. The rank
-    that raised raises its own error; every other rank raises one of the same kind (TypeError,
-    ValueError, else RuntimeError) naming that rank. Otherwise `gathered` holds every rank's `shared`,
-    in rank order. Without a process group of several ranks nothing is gathered: an error is this
-    rank's alone, and `gathered` holds its own `shared`."""
+    that raised raises its own error; every other rank raises one of the same kind (TypeError or
+    ValueError, subclasses included, which the other ranks may not know; else RuntimeError) naming
+    that rank. Otherwise `gathered` holds every rank's `shared`, in rank order. Without a process
+    group of several ranks nothing is gathered: an error is this rank's alone, and `gathered` holds
+    its own `shared`."""
 
-    _KINDS = {"TypeError": TypeError, "ValueError": ValueError}
+    # The kinds the other ranks raise for an error of one of them or a subclass (torch's, a library's,
+    # which those ranks may not know), the most specific first; RuntimeError for any other error.
+    _KINDS = (TypeError, ValueError)
 
     def __init__(self, who: str, group=None):
         self.who, self.group = who, group
@@ -202,18 +262,23 @@ class Agreement:
             self.gathered = [self.shared]
             return False
         verdicts = [None] * dist.get_world_size(self.group)
-        failure = None if error is None else (type(error).__name__, str(error))
+        failure = None if error is None else (self._kind(error), type(error).__name__, str(error))
         dist.all_gather_object(verdicts, (failure, self.shared), group=self.group)
         if error is not None:
             return False   # raises this rank's own error
         for rank, (failed, _) in enumerate(verdicts):
             if failed is not None:
-                name, message = failed
-                raise self._KINDS.get(name, RuntimeError)(
+                kind, name, message = failed
+                raise kind(
                     f"{self.who} failed on rank {rank} ({name}: {message}); it fails on every rank, and "
                     f"changed nothing on any")
         self.gathered = [shared for _, shared in verdicts]
         return False
+
+    @classmethod
+    def _kind(cls, error: Exception) -> type[Exception]:
+        """The kind the other ranks raise for `error` (a builtin class: it pickles by name)."""
+        return next((kind for kind in cls._KINDS if isinstance(error, kind)), RuntimeError)
 
 
 class ReplicaCheck(Agreement):
@@ -259,6 +324,71 @@ class ReplicaCheck(Agreement):
                              f"generator on every rank, or call sparsekern.distributed.broadcast_masks(model) "
                              f"first")
         return False
+
+
+class CatchesUp(Joinable):
+    """The torch.distributed.algorithms.Joinable that DST, IMP and OptG are (see `join_hook`). A subclass sets
+    `_catch_up_optimizer` to the optimizer whose state of the sparse weights the catching up copies, where its
+    own state does not carry it (DST's; IMP's state holds its whole optimizer)."""
+
+    _catch_up_optimizer: torch.optim.Optimizer | None = None
+
+    def __init__(self, model: nn.Module, group):
+        super().__init__()
+        self._replicas, self.group = model, group
+
+    def join_hook(self, **kwargs) -> JoinHook:
+        """For training on uneven inputs under `torch.distributed.algorithms.Join([ddp, algorithm])`, the
+        model first (its forward tells Join that this rank still has inputs; step() refuses, with
+        RuntimeError, to be the first). A rank that runs out of inputs stops calling step() while the others
+        go on. The algorithm makes no collective of its own in step(), so there is nothing to shadow
+        meanwhile, but that rank's counts fall behind, and with them what they schedule: DST's mask updates
+        and random stream, IMP's rewind point and cycle, OptG's scores. When every rank has joined, every
+        rank takes the algorithm's state, and the masks and weights of the sparse layers, of the last rank to
+        join (the highest, as DDP picks), by `broadcast_masks`; DST's optimizer state of the sparse weights
+        too. IMP's state holds its optimizer's: the catching up makes `imp.optimizer` a new one, as
+        next_cycle() does. OptG's weights are trained by an optimizer it does not
+        hold: its state, as that of every other parameter, stays this rank's (DDP's own hook copies no
+        optimizer state). A rank that had no inputs at all, whose optimizer holds no state yet, takes the
+        last joiner's (broadcast_masks)."""
+        return _CatchUpHook(self)
+
+    @property
+    def join_device(self) -> torch.device:
+        return _device(self._replicas)
+
+    @property
+    def join_process_group(self):
+        return self.group if self.group is not None else dist.group.WORLD
+
+    def _refuse_leading_join(self) -> None:
+        """RuntimeError, at step(), when this algorithm is the first joinable of a Join: the first one must
+        tell Join that this rank has inputs before the model's collectives, and step() comes after them.
+
+        Join.notify_join_context is torch's public word on it: it returns a work handle exactly for the first
+        joinable of an enabled Join (None otherwise, at no cost), after starting the all-reduce by which that
+        one tells Join. Every rank still training reaches it at the same step() and raises, so that all-reduce
+        pairs up across them, and it is waited for: no collective is left in flight."""
+        notified = Join.notify_join_context(self)
+        if notified is not None:
+            notified.wait()
+            raise RuntimeError(f"{type(self).__name__} is the first joinable of a torch.distributed.algorithms."
+                               f"Join: list the DistributedDataParallel model first, Join([ddp, algorithm])")
+
+    def _catch_up(self, is_last_joiner: bool) -> None:
+        """Join's post-hook, on every rank: adopts the state of the highest rank among the last to join."""
+        candidate = torch.tensor([dist.get_rank() if is_last_joiner else -1], device=self.join_device)
+        dist.all_reduce(candidate, op=dist.ReduceOp.MAX, group=self.join_process_group)
+        broadcast_masks(self._replicas, src=int(candidate.item()), group=self.group,
+                        optimizer=self._catch_up_optimizer, algorithm=self)
+
+
+class _CatchUpHook(JoinHook):
+    def __init__(self, algorithm: CatchesUp):
+        self.algorithm = algorithm
+
+    def post_hook(self, is_last_joiner: bool) -> None:
+        self.algorithm._catch_up(is_last_joiner)
 
 
 @torch.no_grad()

@@ -25,9 +25,7 @@ import warnings
 import zlib
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.algorithms.join import Joinable, JoinHook
 
 from .. import ops
 from ..ops import _checks, _transforms, reference
@@ -45,7 +43,7 @@ def _stream_seed(seed: int) -> int:
     """DST's own seed for `seed`: deterministic, and not `seed` itself (see DST's `seed`)."""
     return zlib.crc32(f"sparsekern.DST/{seed}".encode())
 
-class DST(Joinable):
+class DST(distributed.CatchesUp):
     """Drop-and-grow mask updates on the sparse modules of `model`.
 
     Args:
@@ -190,8 +188,7 @@ class DST(Joinable):
             _warn_if_idle(self.schedule, empty, scope)
             replicas.compare(model, generator.get_state(), f"DST's random stream ({stream})")
 
-        super().__init__()
-        self._model, self.group = model, replicas.group   # for Join's catching up (join_hook)
+        super().__init__(model, replicas.group)   # for Join's catching up (join_hook)
         self.optimizer = optimizer
         self.prune, self.grow, self.scope = prune, grow, scope
         self.reset_state, self.block, self.mest_gamma = reset_state, block, float(mest_gamma)
@@ -231,10 +228,7 @@ class DST(Joinable):
         """
         _transforms.refuse_vmap(f"{type(self).__name__}.step()", "a mask update selects over the whole model",
                                 "call it outside vmap, once per training step")
-        if self._join_config.enable and self._join_config.is_first_joinable:
-            # The first joinable must tell Join, before the model's collectives, that this rank has inputs.
-            raise RuntimeError("DST is the first joinable of a torch.distributed.algorithms.Join: list the "
-                               "DistributedDataParallel model first, Join([ddp, dst])")
+        self._refuse_leading_join()
         due = self.schedule.is_update(self.step_count + 1)
         if due and not self._finished:   # after finish() no update can come of them
             self._check_gradients(self.step_count + 1)
@@ -274,32 +268,9 @@ class DST(Joinable):
         self._mask_gradients()
         self._finished = True
 
-    def join_hook(self, **kwargs) -> JoinHook:
-        """For training on uneven inputs under `torch.distributed.algorithms.Join([ddp, dst])`, the
-        model first (its forward tells Join that this rank still has inputs). A rank that runs out of
-        inputs stops calling step() while the others go on: DST makes no collective of its own in
-        step(), so there is nothing to shadow meanwhile, but that rank's step count and random stream
-        fall behind. When every rank has joined, every rank takes the DST state, masks, weights and
-        optimizer state of the sparse weights of the last rank to join (the highest, as DDP picks),
-        by `sparsekern.distributed.broadcast_masks`. With a stateful optimizer every rank must have
-        stepped it at least once: broadcast_masks raises ValueError on every rank where some ranks'
-        optimizers hold state for the sparse weights and others none."""
-        return _CatchUp(self)
-
     @property
-    def join_device(self) -> torch.device:
-        return self.modules[0][1].weight.device
-
-    @property
-    def join_process_group(self):
-        return self.group if self.group is not None else dist.group.WORLD
-
-    def _catch_up(self, is_last_joiner: bool) -> None:
-        """Join's post-hook, on every rank: adopts the state of the highest rank among the last to join."""
-        candidate = torch.tensor([dist.get_rank() if is_last_joiner else -1], device=self.join_device)
-        dist.all_reduce(candidate, op=dist.ReduceOp.MAX, group=self.join_process_group)
-        distributed.broadcast_masks(self._model, src=int(candidate.item()), group=self.group,
-                                    optimizer=self.optimizer, algorithm=self)
+    def _catch_up_optimizer(self) -> torch.optim.Optimizer:
+        return self.optimizer   # Join's catching up copies its state of the sparse weights (join_hook)
 
     @torch.no_grad()
     def _mask_gradients(self) -> None:
@@ -567,16 +538,6 @@ class DST(Joinable):
             blocks = _Blocks(module.weight.shape, self.block)
             per_block = blocks.sum(module.mask.to(torch.float32))
             module.set_mask(blocks.expand(ops.topk_mask([per_block], [blocks.keep(module.mask)])[0]))
-
-
-class _CatchUp(JoinHook):
-    """DST's part in torch.distributed.algorithms.Join (DST.join_hook)."""
-
-    def __init__(self, dst: DST):
-        self.dst = dst
-
-    def post_hook(self, is_last_joiner: bool) -> None:
-        self.dst._catch_up(is_last_joiner)
 
 
 def _trained_layers(model: nn.Module, optimizer: torch.optim.Optimizer):

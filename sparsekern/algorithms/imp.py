@@ -18,7 +18,7 @@ OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 REWINDS = ("weights", "learning_rate")
 
 
-class IMP:
+class IMP(distributed.CatchesUp):
     """Iterative magnitude pruning with weight (or learning-rate) rewinding, driven by your loop.
 
     Args:
@@ -53,7 +53,8 @@ class IMP:
     (the others' error names that rank), so that none waits for it. `group` (a torch.distributed
     process group, None: the default one) names the ranks holding replicas, those the check compares:
     independent runs on each rank of one job (masks differing on purpose) give each rank a group of its
-    own, `torch.distributed.new_subgroups(1)[0]`, which compares nothing.
+    own, `torch.distributed.new_subgroups(1)[0]`, which compares nothing. For uneven inputs, see
+    `join_hook`.
     """
 
     def __init__(self, model: nn.Module, optimizer_factory: OptimizerFactory, prune_fraction: float = 0.2,
@@ -69,6 +70,7 @@ class IMP:
             self.scope = _tickets.check_choice(scope, "scope", _tickets.SCOPES)
             self.rewind = _tickets.check_choice(rewind, "rewind", REWINDS)
             replicas.compare(model)
+        super().__init__(model, replicas.group)   # for Join's catching up (join_hook)
         self.model = model
         self.optimizer_factory = optimizer_factory
         self.cycle = 0
@@ -79,6 +81,7 @@ class IMP:
 
     def step(self) -> None:
         """Counts one optimizer step; keeps θ_k when the k-th step of the first cycle is done."""
+        self._refuse_leading_join()
         self.step_in_cycle += 1
         self._capture_if_due()
 

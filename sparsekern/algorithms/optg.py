@@ -74,7 +74,7 @@ def _frozen_layers(groups: list[tying.Group]) -> list[str]:
     return frozen
 
 
-class OptG:
+class OptG(distributed.CatchesUp):
     """Score-based sparse training with a sigmoid sparsity ramp, driven by your loop.
 
     Args:
@@ -124,7 +124,8 @@ class OptG:
     (the others' error names that rank), so that none waits for it. `group` (a torch.distributed
     process group, None: the default one) names the ranks holding replicas, those the check compares:
     independent runs on each rank of one job (masks differing on purpose) give each rank a group of its
-    own, `torch.distributed.new_subgroups(1)[0]`, which compares nothing.
+    own, `torch.distributed.new_subgroups(1)[0]`, which compares nothing. For uneven inputs, see
+    `join_hook`.
     """
 
     def __init__(self, model: nn.Module, sparsity: float, epochs: int, lr: float = 0.1, beta: float = 1.0,
@@ -165,6 +166,7 @@ class OptG:
                                  f"with every score tied at 0, which dense_while_scores_tie keeps dense; use "
                                  f"epochs >= 2")
             replicas.compare(model)
+        super().__init__(model, replicas.group)   # for Join's catching up (join_hook)
         if frozen:  # warned once every argument has passed
             warnings.warn(f"OptG leaves the masks of {frozen} alone: their weights do not require grad, so their "
                           f"scores would stay 0 and the global top-k would prune them by position", stacklevel=2)
@@ -234,6 +236,7 @@ class OptG:
         scaler.unscale_(optimizer) before step(), or the scores add up gradients times a scale that
         changes over training.
         """
+        self._refuse_leading_join()
         weights = [layer.weight for layer in self.layers]
         stale = self._gradients.unchanged(weights)
         if stale is not None:

@@ -153,16 +153,15 @@ class SWAMP:
         if self.world_size > 1:
             self._adopt_rank0_state()
         self.rewind_state = _tickets.snapshot(self.model)
-        self.rewind_optimizer_state = _clone_state(self.optimizer.state_dict())
+        self.rewind_optimizer_state = _tickets.map_tensors(Tensor.clone, self.optimizer.state_dict())
 
     @torch.no_grad()
     def _adopt_rank0_state(self) -> None:
         # Every rank trained to step k on its own data; the ticket must be one, so take rank 0's.
         for value in self.model.state_dict(keep_vars=True).values():
             dist.broadcast(value.data, src=self._first_rank(), group=self.group)
-        holder = [self.optimizer.state_dict()]
-        dist.broadcast_object_list(holder, src=self._first_rank(), group=self.group)
-        self.optimizer.load_state_dict(holder[0])
+        self.optimizer.load_state_dict(distributed.broadcast_object(self.optimizer.state_dict(), self._first_rank(),
+                                                                    self.group))
 
     def _first_rank(self) -> int:
         """The global rank of `group`'s rank 0, whose ticket every rank of the group takes."""
@@ -232,7 +231,7 @@ class SWAMP:
     def _start_particle(self) -> None:
         optimizer = _tickets.make_optimizer(self.optimizer_factory, self.model)
         if self.cycle == 0:
-            optimizer.load_state_dict(_clone_state(self.rewind_optimizer_state))
+            optimizer.load_state_dict(_tickets.map_tensors(Tensor.clone, self.rewind_optimizer_state))
         _tickets.restore(self.model, self.rewind_state)
         if self.cycle > 0:
             _tickets.set_masks(self._groups, self.masks)
@@ -321,21 +320,10 @@ class SWAMP:
             setattr(self, name, value)
         self.averaged = averaged
         self.rewind_state = rewind_state
-        self.rewind_optimizer_state = _clone_state(rewind_optimizer_state)
+        self.rewind_optimizer_state = _tickets.map_tensors(Tensor.clone, rewind_optimizer_state)
         self.particle_average = particle_average
         self.particle_sum = particle_sum
         self.optimizer = optimizer
-
-
-def _clone_state(value):
-    """A deep copy of nested dicts/lists of tensors and plain values."""
-    if isinstance(value, Tensor):
-        return value.clone()
-    if isinstance(value, dict):
-        return {key: _clone_state(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_clone_state(item) for item in value)
-    return value
 
 
 def _batch_norms(model: nn.Module) -> list[nn.Module]:

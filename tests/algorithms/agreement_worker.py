@@ -10,6 +10,7 @@ import sys
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms import Join
 from torch.nn.parallel import DistributedDataParallel
 
 import sparsekern
@@ -136,31 +137,146 @@ def uneven_inputs_under_join(rank):
     with rank 0's (step count, random stream, masks, momentum), and the replicas stay identical through two
     more mask updates (under Join([ddp]) its step count stayed behind, and the replicas came apart).
     Join([dst, ddp]) is refused on every rank at the first step()."""
-    from torch.distributed.algorithms import Join
     model, ddp = ddp_model()
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
     algorithm = sparsekern.SET(ddp, optimizer, update_every=2, total_steps=40)
-    data = torch.Generator().manual_seed(11 + rank)
-
-    def train_step():
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(ddp(torch.randn(8, 16, generator=data)),
-                                    torch.randint(0, 4, (8,), generator=data)).backward()
-        algorithm.step()
-        optimizer.step()
-    with Join([ddp, algorithm]):
-        for _ in range(6 if rank == 0 else 3):
-            train_step()
+    train_step = uneven_training(rank, ddp, algorithm, lambda: optimizer, (6, 3))
     caught_up = algorithm.step_count == 6
     for _ in range(4):
         train_step()
     identical = distributed.masks_identical(ddp)
+    return caught_up and identical and refused_when_first(algorithm, ddp, train_step)
 
-    def dst_first():   # the DST cannot tell Join, before DDP's collectives, that this rank has inputs
+
+def join_with_a_rank_without_inputs(rank):
+    """Join([ddp, dst]) with 4 batches on rank 0 and none on rank 1, SGD with momentum: rank 1's optimizer
+    never stepped, and takes rank 0's momentum of the sparse weights with its DST state (every rank raised
+    ValueError at the block's end, rank 1's optimizer holding no state); the replicas stay identical after."""
+    model, ddp = ddp_model()
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    algorithm = sparsekern.SET(ddp, optimizer, update_every=2, total_steps=40)
+    train_step = uneven_training(rank, ddp, algorithm, lambda: optimizer, (4, 0))
+    momentum = [optimizer.state[module.weight].get("momentum_buffer") for _, module in sparse_modules(model)]
+    caught_up = algorithm.step_count == 4 and same_on_every_rank((algorithm.state_dict(), momentum))
+    for _ in range(4):
+        train_step()
+    return caught_up and distributed.masks_identical(ddp)
+
+
+def adam_catches_up_under_join(rank):
+    """Join([ddp, dst]) with Adam, 5 batches on rank 0 and 2 on rank 1: rank 1 takes rank 0's Adam step count of
+    the sparse weights with their moments (it kept its own, 2, whose bias correction then moved its weights
+    apart from rank 0's at the next optimizer step)."""
+    model, ddp = ddp_model()
+    optimizer = torch.optim.Adam(ddp.parameters(), lr=0.01)
+    algorithm = sparsekern.RigL(ddp, optimizer, update_every=2, total_steps=40)
+    train_step = uneven_training(rank, ddp, algorithm, lambda: optimizer, (5, 2))
+    state = [optimizer.state[module.weight] for _, module in sparse_modules(model)]
+    caught_up = same_on_every_rank(state)
+    for _ in range(3):
+        train_step()
+    return caught_up and distributed.masks_identical(ddp)
+
+
+def same_on_every_rank(value) -> bool:
+    """Whether `value` (tensors in nested dicts, lists and tuples) is equal on every rank."""
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return all(equal(other, gathered[0]) for other in gathered)
+
+
+def equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(equal(a[key], b[key]) for key in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def uneven_training(rank, ddp, algorithm, optimizer, batches):
+    """Trains `ddp` under Join([ddp, algorithm]) on `batches[rank]` batches of this rank's own data, calling
+    `algorithm.step()` where its loop does (IMP after the optimizer's step, DST and OptG before), and returns
+    the training step, to go on with."""
+    data = torch.Generator().manual_seed(11 + rank)
+
+    def train_step():
+        optimizer().zero_grad()
+        nn.functional.cross_entropy(ddp(torch.randn(8, 16, generator=data)),
+                                    torch.randint(0, 4, (8,), generator=data)).backward()
+        if isinstance(algorithm, sparsekern.IMP):
+            optimizer().step()
+            algorithm.step()
+        else:
+            algorithm.step()
+            optimizer().step()
+    with Join([ddp, algorithm]):
+        for _ in range(batches[rank]):
+            train_step()
+    return train_step
+
+
+def imp_under_join(rank):
+    """Join([ddp, imp]) with 6 batches on rank 0 and 3 on rank 1, rewind step 4 (which rank 1 never reaches):
+    after the context rank 1 has caught up (step count, rewind point θ_k, optimizer momentum), so the next
+    cycle prunes the same weights and rewinds them to the same θ_k on both ranks; Join([imp, ddp]) is refused
+    on every rank at the first step()."""
+    model, ddp = ddp_model()
+    imp = sparsekern.IMP(ddp, lambda parameters: torch.optim.SGD(parameters, lr=0.1, momentum=0.9),
+                         rewind_step=4)
+    train_step = uneven_training(rank, ddp, imp, lambda: imp.optimizer, (6, 3))
+    caught_up = imp.step_in_cycle == 6 and same_on_every_rank(imp.state_dict())
+    imp.next_cycle()
+    for _ in range(2):
+        train_step()
+    identical = same_on_every_rank(imp.state_dict()) and distributed.masks_identical(ddp)
+    return caught_up and identical and refused_when_first(imp, ddp, train_step)
+
+
+def optg_under_join(rank):
+    """Join([ddp, optg]) with 6 batches on rank 0 and 3 on rank 1: after the context rank 1's scores and their
+    momentum have caught up with rank 0's, so the next epoch's top-k picks the same masks on both ranks;
+    Join([optg, ddp]) is refused on every rank at the first step()."""
+    model, ddp = ddp_model()
+    optg = sparsekern.OptG(ddp, sparsity=0.5, epochs=3, lr=0.5)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    train_step = uneven_training(rank, ddp, optg, lambda: optimizer, (6, 3))
+    caught_up = same_on_every_rank(optg.state_dict())
+    optg.next_epoch()
+    for _ in range(2):
+        train_step()
+    identical = same_on_every_rank(optg.state_dict()) and distributed.masks_identical(ddp)
+    return caught_up and identical and refused_when_first(optg, ddp, train_step)
+
+
+def refused_when_first(algorithm, ddp, train_step) -> bool:
+    """Whether Join([algorithm, ddp]) is refused at the first step(): the algorithm cannot tell Join, before
+    DDP's collectives, that this rank has inputs."""
+    def first():
         with Join([algorithm, ddp]):
             train_step()
-    refused = raised(dst_first, RuntimeError, "list the DistributedDataParallel model first")
-    return caught_up and identical and refused
+    return raised(first, RuntimeError, "list the DistributedDataParallel model first")
+
+
+class Refused(ValueError):
+    """A ValueError of a kind the other ranks cannot name (as torch's or a library's own subclasses)."""
+
+
+def error_kinds_follow_their_bases(rank):
+    """A ValueError subclass raised in an Agreement on rank 1 is a ValueError on rank 0 too (it became a
+    RuntimeError there, by its class name), and rank 1 raises its own."""
+    def fails_on_rank_1():
+        with distributed.Agreement("the check", None):
+            if rank == 1:
+                raise Refused("refused on rank 1")
+    if rank == 1:
+        return raised(fails_on_rank_1, Refused, "refused on rank 1")
+    try:
+        fails_on_rank_1()
+    except ValueError as error:
+        return type(error) is ValueError and "failed on rank 1 (Refused: refused on rank 1)" in str(error)
+    return False
 
 
 def masks_identical_fails_together(rank):
@@ -201,6 +317,8 @@ def swamp_per_rank_with_a_group_of_one(rank):
 
 SCENARIOS = (refused_load_changes_nothing, finish_is_carried, constructors_fail_together,
              dst_checks_replicas_by_one_gather, per_rank_runs_with_a_group_of_one, uneven_inputs_under_join,
+             imp_under_join, optg_under_join, join_with_a_rank_without_inputs, adam_catches_up_under_join,
+             error_kinds_follow_their_bases,
              masks_identical_fails_together, swamp_fails_together, swamp_per_rank_with_a_group_of_one)
 
 

@@ -5,7 +5,8 @@
    re-broadcasts rank 0's masks at every forward: masks_identical must see it.
 3. broadcast_masks repairs masks, weights and, given the optimizer, its momentum: the replicas stay
    identical, with weights 0 off the masks, through the next training step.
-   An optimizer that holds state on some ranks only is refused on every rank first.
+   An optimizer that holds no state on src (rank 0) where another rank's does is refused on every rank first
+   (the other way round, the rank without state takes src's).
 4. With a ZeroRedundancyOptimizer, whose ranks hold the state of different weights by design,
    broadcast_masks repairs the masks and each rank zeroes its own share of the state off them.
 Writes {"refused", "diverged_detected", "lopsided_refused", "repaired", "stays_repaired", "zero_repaired",
@@ -60,13 +61,14 @@ def main(out):
     with torch.no_grad():
         ddp(torch.randn(2, 16, generator=data))  # DDP copies rank 0's masks over every rank's
     diverged_detected = not distributed.masks_identical(ddp)
-    # An optimizer with state on one rank only (a fresh one on rank 1) is refused everywhere, changing nothing.
-    lopsided = optimizer if rank == 0 else torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    # An optimizer without state on src (a fresh one on rank 0) where rank 1's has some is refused everywhere,
+    # changing nothing: no rank's state can be taken for src's.
+    lopsided = optimizer if rank == 1 else torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
     try:
         distributed.broadcast_masks(ddp, optimizer=lopsided)
         lopsided_refused = False
     except ValueError as error:
-        lopsided_refused = "other sparse weights" in str(error) and not distributed.masks_identical(ddp)
+        lopsided_refused = "other state for the sparse weights" in str(error) and not distributed.masks_identical(ddp)
     distributed.broadcast_masks(ddp, optimizer=optimizer)
     repaired = distributed.masks_identical(ddp)
     train_step()   # step 5: no mask update; rank 1's own momentum would move its weights apart again

@@ -113,3 +113,83 @@ def test_masks_identical_of_a_model_without_sparse_layers_makes_no_tensor_collec
     monkeypatch.setattr(torch.distributed, "all_reduce", no_tensor_collective)
     monkeypatch.setattr(torch.distributed, "broadcast", no_tensor_collective)
     assert distributed.masks_identical(torch.nn.Sequential(torch.nn.Linear(3, 2)))
+
+
+class _ReportsAGpu(torch.Tensor):
+    """A CPU tensor that reports a GPU, as the state of a model on one holds; moved to the CPU (cpu(), to()), it
+    is a plain CPU tensor, as a CUDA tensor's copy is. Lets a machine without a GPU see what the object
+    collectives would carry."""
+
+    @property
+    def device(self):
+        return torch.device("cuda", 1)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        result = super().__torch_function__(func, types, args, kwargs)
+        return result.as_subclass(torch.Tensor) if func in (torch.Tensor.cpu, torch.Tensor.to) else result
+
+
+def _reporting_a_gpu(value):
+    """`value` (nested dicts, lists and tuples) with every tensor reporting a GPU."""
+    from sparsekern.algorithms._tickets import map_tensors
+    return map_tensors(lambda tensor: tensor.as_subclass(_ReportsAGpu), value)
+
+
+def _devices(value) -> set[str]:
+    """The device types of the tensors in `value` (nested dicts, lists and tuples)."""
+    from sparsekern.algorithms._tickets import map_tensors
+    found = set()
+    map_tensors(lambda tensor: found.add(tensor.device.type), value)
+    return found
+
+
+@pytest.fixture
+def carried(monkeypatch):
+    """What each broadcast_object_list call carried (rank src's list)."""
+    sent, broadcast = [], torch.distributed.broadcast_object_list
+
+    def recorded(objects, *args, **kwargs):
+        sent.append(list(objects))
+        return broadcast(objects, *args, **kwargs)
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", recorded)
+    return sent
+
+
+@gloo
+def test_broadcast_masks_sends_the_algorithm_and_optimizer_state_as_cpu_tensors(one_rank, carried, monkeypatch):
+    # Pickled as they were, the CUDA tensors of a model on GPUs (DST's masks) were rebuilt on each receiving rank
+    # on the sender's GPU index: another rank's GPU, or one its machine lacks.
+    import sparsekern
+    from sparsekern.algorithms import distributed
+    model = sparsekern.sparsify(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)), 0.5,
+                                generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for algorithm in (sparsekern.SET(model, optimizer, update_every=2, total_steps=10),
+                      sparsekern.IMP(model, lambda parameters: torch.optim.SGD(parameters, lr=0.1)),
+                      sparsekern.OptG(model, sparsity=0.5, epochs=3)):
+        state = algorithm.state_dict()
+        monkeypatch.setattr(algorithm, "state_dict", lambda state=state: _reporting_a_gpu(state))
+        distributed.broadcast_masks(model, algorithm=algorithm)
+        assert _devices(carried[-1]) == {"cpu"}, type(algorithm).__name__
+    adam = torch.optim.Adam(model.parameters())   # its step, not shaped like the weight, goes by the object
+    model(torch.randn(3, 8)).sum().backward()
+    adam.step()
+    for _, module in sparsekern.nn.sparse_modules(model):
+        adam.state[module.weight]["step"] = adam.state[module.weight]["step"].as_subclass(_ReportsAGpu)
+    distributed.broadcast_masks(model, optimizer=adam)
+    assert _devices(carried[-1]) == {"cpu"}
+
+
+@gloo
+def test_swamp_sends_its_ticket_optimizer_state_as_cpu_tensors(one_rank, carried, monkeypatch):
+    import sparsekern
+    model = sparsekern.sparsify(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)), 1.0)
+    swamp = sparsekern.SWAMP(model, lambda parameters: torch.optim.SGD(parameters, lr=0.1, momentum=0.9),
+                             particles=1)
+    model(torch.randn(3, 8)).sum().backward()
+    swamp.optimizer.step()
+    state = swamp.optimizer.state_dict()
+    monkeypatch.setattr(swamp.optimizer, "state_dict", lambda: _reporting_a_gpu(state))
+    swamp._adopt_rank0_state()   # at the rewind step, on two ranks or more
+    assert len(carried) == 1 and _devices(carried[0]) == {"cpu"}
