@@ -329,15 +329,17 @@ class ReplicaCheck(Agreement):
 class CatchesUp(Joinable):
     """The torch.distributed.algorithms.Joinable that DST, IMP and OptG are (see `join_hook`). A subclass sets
     `_catch_up_optimizer` to the optimizer whose state of the sparse weights the catching up copies, where its
-    own state does not carry it (DST's; IMP's state holds its whole optimizer)."""
+    own state does not carry it (DST's; IMP's state holds its whole optimizer), and `_holds_its_optimizer`
+    False where the optimizer training the model is not its own (OptG's: Join's keyword `optimizer` names it)."""
 
     _catch_up_optimizer: torch.optim.Optimizer | None = None
+    _holds_its_optimizer = True
 
     def __init__(self, model: nn.Module, group):
         super().__init__()
         self._replicas, self.group = model, group
 
-    def join_hook(self, **kwargs) -> JoinHook:
+    def join_hook(self, optimizer: torch.optim.Optimizer | None = None, **kwargs) -> JoinHook:
         """For training on uneven inputs under `torch.distributed.algorithms.Join([ddp, algorithm])`, the
         model first (its forward tells Join that this rank still has inputs; step() refuses, with
         RuntimeError, to be the first). A rank that runs out of inputs stops calling step() while the others
@@ -345,13 +347,23 @@ class CatchesUp(Joinable):
         meanwhile, but that rank's counts fall behind, and with them what they schedule: DST's mask updates
         and random stream, IMP's rewind point and cycle, OptG's scores. When every rank has joined, every
         rank takes the algorithm's state, and the masks and weights of the sparse layers, of the last rank to
-        join (the highest, as DDP picks), by `broadcast_masks`; DST's optimizer state of the sparse weights
-        too. IMP's state holds its optimizer's: the catching up makes `imp.optimizer` a new one, as
-        next_cycle() does. OptG's weights are trained by an optimizer it does not
-        hold: its state, as that of every other parameter, stays this rank's (DDP's own hook copies no
-        optimizer state). A rank that had no inputs at all, whose optimizer holds no state yet, takes the
-        last joiner's (broadcast_masks)."""
-        return _CatchUpHook(self)
+        join (the highest, as DDP picks), by `broadcast_masks`, and the whole state of DST's optimizer (every
+        parameter's: DDP's hook copies the parameters, but no optimizer state). IMP's state holds its optimizer's: the catching up makes `imp.optimizer` a new one, as
+        next_cycle() does. OptG's weights are trained by an optimizer it does not hold: name it with Join's
+        keyword `optimizer` (`Join([ddp, optg], optimizer=optimizer)`; Join hands its keywords to every
+        joinable, and DDP's hook ignores this one) and its whole state is copied too. Without
+        it that state stays each rank's own, as DDP leaves every parameter's, and momentum moves the weights of
+        a rank that joined early apart from the others'. DST and IMP hold their optimizers: one named to them
+        must be theirs (ValueError otherwise, on every rank, as Join starts). A rank that had no inputs at
+        all, whose optimizer holds no state yet, takes the last joiner's (broadcast_masks)."""
+        if self._holds_its_optimizer:
+            if optimizer is not None and optimizer is not self.optimizer:
+                raise ValueError(f"Join(optimizer=...) names another optimizer than the {type(self).__name__}'s own, "
+                                 f"whose state its catching up copies; leave it out, or name "
+                                 f"{type(self).__name__.lower()}.optimizer")
+            optimizer = None
+        check_optimizer(optimizer, "train the model with another optimizer")
+        return _CatchUpHook(self, optimizer)
 
     @property
     def join_device(self) -> torch.device:
@@ -375,20 +387,30 @@ class CatchesUp(Joinable):
             raise RuntimeError(f"{type(self).__name__} is the first joinable of a torch.distributed.algorithms."
                                f"Join: list the DistributedDataParallel model first, Join([ddp, algorithm])")
 
-    def _catch_up(self, is_last_joiner: bool) -> None:
-        """Join's post-hook, on every rank: adopts the state of the highest rank among the last to join."""
+    def _catch_up(self, is_last_joiner: bool, optimizer: torch.optim.Optimizer | None) -> None:
+        """Join's post-hook, on every rank: adopts what the highest rank among the last to join holds: the
+        algorithm's state, the masks and weights of the sparse layers, and the whole state of `optimizer`
+        (Join's keyword; else the algorithm's own, if any). Whole: DDP's own hook copies every parameter but
+        no optimizer state, and the momentum of a bias that a rank joining early kept would move that bias
+        apart from the others' for good (the averaged gradients that follow are the same on every rank)."""
         candidate = torch.tensor([dist.get_rank() if is_last_joiner else -1], device=self.join_device)
         dist.all_reduce(candidate, op=dist.ReduceOp.MAX, group=self.join_process_group)
-        broadcast_masks(self._replicas, src=int(candidate.item()), group=self.group,
-                        optimizer=self._catch_up_optimizer, algorithm=self)
+        src = int(candidate.item())
+        optimizer = self._catch_up_optimizer if optimizer is None else optimizer
+        # broadcast_masks checks that every rank holds a like optimizer (state where src's has some) first.
+        broadcast_masks(self._replicas, src=src, group=self.group, optimizer=optimizer, algorithm=self)
+        if optimizer is not None and not state_is_sharded(optimizer):   # ZeroRedundancyOptimizer: its own Joinable
+            state = broadcast_object(optimizer.state_dict() if dist.get_rank() == src else None, src, self.group)
+            if dist.get_rank() != src:
+                optimizer.load_state_dict(state)
 
 
 class _CatchUpHook(JoinHook):
-    def __init__(self, algorithm: CatchesUp):
-        self.algorithm = algorithm
+    def __init__(self, algorithm: CatchesUp, optimizer: torch.optim.Optimizer | None):
+        self.algorithm, self.optimizer = algorithm, optimizer
 
     def post_hook(self, is_last_joiner: bool) -> None:
-        self.algorithm._catch_up(is_last_joiner)
+        self.algorithm._catch_up(is_last_joiner, self.optimizer)
 
 
 @torch.no_grad()

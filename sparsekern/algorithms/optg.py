@@ -128,6 +128,8 @@ class OptG(distributed.CatchesUp):
     `join_hook`.
     """
 
+    _holds_its_optimizer = False   # the weights' optimizer is the caller's (join_hook)
+
     def __init__(self, model: nn.Module, sparsity: float, epochs: int, lr: float = 0.1, beta: float = 1.0,
                  momentum: float = 0.9, nesterov: bool = False,
                  lr_schedule: Callable[[int], float] | None = None, dense_while_scores_tie: bool = True,

@@ -135,7 +135,8 @@ def per_rank_runs_with_a_group_of_one(rank):
 def uneven_inputs_under_join(rank):
     """Join([ddp, dst]) with 6 batches on rank 0 and 3 on rank 1: after the context, rank 1's DST has caught up
     with rank 0's (step count, random stream, masks, momentum), and the replicas stay identical through two
-    more mask updates (under Join([ddp]) its step count stayed behind, and the replicas came apart).
+    more mask updates (under Join([ddp]) its step count stayed behind, and the replicas came apart), biases
+    and their momentum included (rank 1 kept its own momentum of the biases, which moved them apart).
     Join([dst, ddp]) is refused on every rank at the first step()."""
     model, ddp = ddp_model()
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
@@ -144,7 +145,7 @@ def uneven_inputs_under_join(rank):
     caught_up = algorithm.step_count == 6
     for _ in range(4):
         train_step()
-    identical = distributed.masks_identical(ddp)
+    identical = distributed.masks_identical(ddp) and same_on_every_rank((model.state_dict(), optimizer.state_dict()))
     return caught_up and identical and refused_when_first(algorithm, ddp, train_step)
 
 
@@ -195,23 +196,24 @@ def equal(a, b) -> bool:
     return a == b
 
 
-def uneven_training(rank, ddp, algorithm, optimizer, batches):
-    """Trains `ddp` under Join([ddp, algorithm]) on `batches[rank]` batches of this rank's own data, calling
-    `algorithm.step()` where its loop does (IMP after the optimizer's step, DST and OptG before), and returns
-    the training step, to go on with."""
+def uneven_training(rank, ddp, algorithm, current_optimizer, batches, **join):
+    """Trains `ddp` under Join([ddp, algorithm], **join) on `batches[rank]` batches of this rank's own data,
+    calling `algorithm.step()` where its loop does (IMP after the optimizer's step, DST and OptG before), and
+    returns the training step, to go on with. `current_optimizer()`: the optimizer training `ddp` (IMP makes
+    new ones)."""
     data = torch.Generator().manual_seed(11 + rank)
 
     def train_step():
-        optimizer().zero_grad()
+        current_optimizer().zero_grad()
         nn.functional.cross_entropy(ddp(torch.randn(8, 16, generator=data)),
                                     torch.randint(0, 4, (8,), generator=data)).backward()
         if isinstance(algorithm, sparsekern.IMP):
-            optimizer().step()
+            current_optimizer().step()
             algorithm.step()
         else:
             algorithm.step()
-            optimizer().step()
-    with Join([ddp, algorithm]):
+            current_optimizer().step()
+    with Join([ddp, algorithm], **join):
         for _ in range(batches[rank]):
             train_step()
     return train_step
@@ -235,18 +237,19 @@ def imp_under_join(rank):
 
 
 def optg_under_join(rank):
-    """Join([ddp, optg]) with 6 batches on rank 0 and 3 on rank 1: after the context rank 1's scores and their
-    momentum have caught up with rank 0's, so the next epoch's top-k picks the same masks on both ranks;
+    """Join([ddp, optg], optimizer=optimizer) with 6 batches on rank 0 and 3 on rank 1, the weights trained with
+    momentum: after the context rank 1's scores, their momentum and the weights' momentum have caught up with
+    rank 0's, so the next epoch's top-k picks the same masks on both ranks and the weights stay the same;
     Join([optg, ddp]) is refused on every rank at the first step()."""
     model, ddp = ddp_model()
     optg = sparsekern.OptG(ddp, sparsity=0.5, epochs=3, lr=0.5)
-    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
-    train_step = uneven_training(rank, ddp, optg, lambda: optimizer, (6, 3))
-    caught_up = same_on_every_rank(optg.state_dict())
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    train_step = uneven_training(rank, ddp, optg, lambda: optimizer, (6, 3), optimizer=optimizer)
+    caught_up = same_on_every_rank((optg.state_dict(), optimizer.state_dict()))
     optg.next_epoch()
     for _ in range(2):
         train_step()
-    identical = same_on_every_rank(optg.state_dict()) and distributed.masks_identical(ddp)
+    identical = same_on_every_rank((optg.state_dict(), model.state_dict())) and distributed.masks_identical(ddp)
     return caught_up and identical and refused_when_first(optg, ddp, train_step)
 
 

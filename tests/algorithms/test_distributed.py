@@ -98,7 +98,7 @@ def test_broadcast_masks_leaves_the_pruned_weights_optg_keeps_and_their_momentum
 def test_a_call_that_fails_on_one_rank_fails_on_every_rank_and_changes_nothing(tmp_path):
     # Where one rank raised and the other went on into the next collective, the run hung (the timeout).
     for rank, result in enumerate(rank_results("agreement_worker", tmp_path)):
-        assert all(result.values()), (rank, result)
+        assert all(result.values()), (rank, [name for name, ok in result.items() if not ok])
 
 
 @gloo
@@ -193,3 +193,25 @@ def test_swamp_sends_its_ticket_optimizer_state_as_cpu_tensors(one_rank, carried
     monkeypatch.setattr(swamp.optimizer, "state_dict", lambda: _reporting_a_gpu(state))
     swamp._adopt_rank0_state()   # at the rewind step, on two ranks or more
     assert len(carried) == 1 and _devices(carried[0]) == {"cpu"}
+
+
+def test_join_names_the_optimizer_training_optgs_weights_and_dst_and_imp_their_own():
+    # Join hands its keywords to every joinable's join_hook, before any collective: checked there, on every rank.
+    import sparsekern
+    model = sparsekern.sparsify(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)), 0.5,
+                                generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    other = torch.optim.SGD(model.parameters(), lr=0.1)
+    dst = sparsekern.SET(model, optimizer, update_every=2, total_steps=10)
+    imp = sparsekern.IMP(model, lambda parameters: torch.optim.SGD(parameters, lr=0.1))
+    optg = sparsekern.OptG(model, sparsity=0.5, epochs=3)
+    assert dst.join_hook(optimizer=optimizer).optimizer is None   # its own, which it copies anyway
+    assert imp.join_hook(optimizer=imp.optimizer).optimizer is None   # in its state
+    assert optg.join_hook(optimizer=optimizer).optimizer is optimizer
+    for algorithm in (dst, imp):
+        with pytest.raises(ValueError, match=r"names another optimizer than the (DST|IMP)'s own"):
+            algorithm.join_hook(optimizer=other)
+    with pytest.raises(ValueError, match="LBFGS"):
+        optg.join_hook(optimizer=torch.optim.LBFGS(model.parameters()))
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
+        optg.join_hook(optimizer="sgd")
