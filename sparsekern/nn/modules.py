@@ -89,15 +89,19 @@ class SparseModule(nn.Module):
     def _recheck_zero_off_mask(self) -> None:
         """Sets `zero_off_mask` from the weight's values. A weight Parameter assigned in place of the old
         one carries values the module never masked: kept as a promise, they would reach the dense kernel.
-        A DTensor shard (fully_shard sets one) is left alone: no op here mixes it with the mask, and the
-        algorithms refuse such a model by name (`sharding.refuse_sharded`)."""
+        A DTensor shard that fully_shard sets, and the whole weight it gathers from the shards, are left
+        alone: no op here mixes a shard with the mask, and the algorithms refuse such a model by name
+        (`sharding.refuse_sharded`)."""
         mask = self.__dict__["_buffers"].get("mask")   # None while nn.Linear's __init__ sets the first weight
         if mask is None:
             return
-        weight = self.weight
-        if mask.is_meta or weight.is_meta or weight.shape != mask.shape or is_dtensor(weight):
-            # No values to read: the promise made for the weight replaced passes to this one.
-            self.zero_off_mask = self._zero_off_mask_of is not None
+        weight, promised_for = self.weight, self._zero_off_mask_of
+        if (mask.is_meta or weight.is_meta or weight.shape != mask.shape
+                or is_dtensor(weight) or is_dtensor(promised_for)):
+            # No values to read, or fully_shard putting a weight's shard in place of the whole weight or the
+            # whole in place of the shard (before and after each forward and backward), the same values:
+            # the promise made for the weight replaced passes to this one.
+            self.zero_off_mask = promised_for is not None
         else:
             self.zero_off_mask = not self._off_mask_nonzero()
 

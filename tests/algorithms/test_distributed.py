@@ -215,3 +215,28 @@ def test_join_names_the_optimizer_training_optgs_weights_and_dst_and_imp_their_o
         optg.join_hook(optimizer=torch.optim.LBFGS(model.parameters()))
     with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
         optg.join_hook(optimizer="sgd")
+
+
+@gloo
+def test_fully_shard_swapping_shards_and_whole_weights_reads_no_weight(one_rank, monkeypatch):
+    # fully_shard assigns each layer's unsharded weight Parameter before its forward and backward, and its
+    # shard after: the promise of zeros off the mask passes between them, where a check of the values cost a
+    # pass over the weight and a host sync per layer, twice a step.
+    import sparsekern
+    from torch.distributed.fsdp import fully_shard
+    from sparsekern.nn.modules import SparseModule
+    model = sparsekern.sparsify(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)),
+                                0.5, generator=torch.Generator().manual_seed(0))
+    unsharded = copy.deepcopy(model)
+    for layer in (model[0], model[2]):
+        fully_shard(layer)
+    fully_shard(model)
+    reads = []
+    off_mask_nonzero = SparseModule._off_mask_nonzero
+    monkeypatch.setattr(SparseModule, "_off_mask_nonzero", lambda self: reads.append(self) or off_mask_nonzero(self))
+    x = torch.randn(3, 8)
+    for _ in range(2):
+        y = model(x)
+        y.sum().backward()
+    torch.testing.assert_close(y, unsharded(x))
+    assert not reads and model[0].zero_off_mask
