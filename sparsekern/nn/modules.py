@@ -19,6 +19,10 @@ nothing. How it is computed is explicit in `zero_off_mask`:
   than keep it from forward to backward, so that a step's peak memory stays a dense step's; the
   convolutions keep it (their weights are small next to their activations).
 
+A weight computed at every forward from other parameters (torch.nn.utils.parametrize,
+parametrizations.weight_norm/spectral_norm, or their older hooks, applied to the sparse module) always
+takes the masked path: the module holds no promise about values it does not own.
+
 Writing into `weight` off the mask, or writing `mask` other than through `set_mask`, breaks the
 promise: set `zero_off_mask = False`, or call `zero_weights_off_mask()` to keep it. `verify_zero_off_mask()` checks it
 (one pass over the weight); `SparseModule.check_zero_off_mask = True` (on the class, or on one
@@ -161,10 +165,15 @@ class SparseModule(nn.Module):
 
         zero_off_mask is verified first when `check_zero_off_mask` asks for it. Not under torch.func
         transforms, where the layers select on the mask whatever they promise (and vmap cannot branch
-        on values of a batched weight)."""
+        on values of a batched weight).
+
+        A weight computed at every forward from other parameters (a parametrization, a weight_norm or
+        spectral_norm hook) is taken through the mask whatever `zero_off_mask` says: the module never
+        wrote those values, and the computation may move them off 0 (spectral_norm's σ reads every
+        entry, so its backward reaches the original weight off the mask)."""
         parameters, buffers = self._parameters, self._buffers
         weight, mask, bias = parameters.get("weight"), buffers.get("mask"), parameters.get("bias")
-        zero_off_mask = self.zero_off_mask
+        zero_off_mask = self.zero_off_mask and weight is not None
         if zero_off_mask and self.check_zero_off_mask and not _transforms.active():
             self.verify_zero_off_mask()
         return (self.weight if weight is None else weight, self.mask if mask is None else mask,
