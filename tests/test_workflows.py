@@ -40,3 +40,46 @@ def test_a_sparse_layer_under_a_norm_reparametrization_computes_with_the_masked_
     with torch.no_grad():
         output = layer(x)   # the hooks set the weight as forward computes it
         torch.testing.assert_close(output, F.linear(x, torch.where(layer.mask, layer.weight, 0), layer.bias))
+
+
+def _mlp(density: float = 0.3) -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 5))
+    return sparsekern.sparsify(model, density, generator=torch.Generator().manual_seed(1))
+
+
+def _labels(rows: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 5, (rows,), generator=torch.Generator().manual_seed(seed))
+
+
+def _masked_reference(model: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """model's output computed with plain F.linear on where(mask, weight, 0)."""
+    for layer in model:
+        x = F.linear(x, torch.where(layer.mask, layer.weight, 0), layer.bias) if isinstance(layer, SparseLinear) \
+            else layer(x)
+    return x
+
+
+@pytest.mark.parametrize("use_buffers", [False, True])
+def test_an_ema_of_a_rigl_model_computes_with_its_averaged_weights_under_its_masks(use_buffers):
+    """AveragedModel (EMA) across RigL's mask updates: its weights average over every mask the run had, so
+    they are non-zero off the current one, and its buffer sync copies the live masks in place. Its layers
+    kept promising zero_off_mask and computed with the whole averaged weight (the union of all masks).
+    With use_buffers=True torch averages the bool masks too, into the union of all masks (README)."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    model = _mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    algo = sparsekern.RigL(model, optimizer, update_every=2, total_steps=40, drop_fraction=0.5)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=use_buffers)
+    x, y = _batch(), _labels()
+    for step in range(6):
+        F.cross_entropy(model(x), y).backward()
+        algo.step()
+        optimizer.step()
+        optimizer.zero_grad()
+        ema.update_parameters(model)
+        with torch.no_grad():
+            torch.testing.assert_close(ema(x), _masked_reference(ema.module, x))
+    for live, averaged in zip(model, ema.module):
+        if isinstance(live, SparseLinear):
+            assert torch.equal(averaged.mask, live.mask) is not use_buffers

@@ -24,7 +24,12 @@ parametrizations.weight_norm/spectral_norm, or their older hooks, applied to the
 takes the masked path: the module holds no promise about values it does not own.
 
 Writing into `weight` off the mask, or writing `mask` other than through `set_mask`, breaks the
-promise: set `zero_off_mask = False`, or call `zero_weights_off_mask()` to keep it. `verify_zero_off_mask()` checks it
+promise: set `zero_off_mask = False`, or call `zero_weights_off_mask()` to keep it. A mask written in
+place is noticed (by its version counter) at the next forward outside torch.compile, which reads the
+weight once to check the promise again: an EMA of a DST run (torch.optim.swa_utils.AveragedModel,
+whose buffer sync copies the live masks into a model whose averaged weights are non-zero off them)
+computes with its averaged weights under the live masks. A write into the weight alone is not noticed
+(an optimizer step writes it too). `verify_zero_off_mask()` checks it
 (one pass over the weight); `SparseModule.check_zero_off_mask = True` (on the class, or on one
 module) runs that check at every forward that relies on it, a debugging aid.
 
@@ -108,6 +113,11 @@ class SparseModule(nn.Module):
     @zero_off_mask.setter
     def zero_off_mask(self, value: bool) -> None:
         self._zero_off_mask = value
+        # The mask the promise was made for: one written in place since, other than by set_mask or an
+        # algorithm (AveragedModel's buffer sync, which copies the live masks into an EMA whose averaged
+        # weights are non-zero off them), makes forward check the promise again (_forward_arguments).
+        mask = self.__dict__["_buffers"].get("mask")
+        self._promised_mask_version = None if mask is None else mask._version
         # Fused inference kernels of torch read a child layer's weight directly: in eval mode,
         # nn.TransformerEncoderLayer hands linear1.weight and linear2.weight to one fused op, which
         # would multiply by the values off the mask. It keeps to its children's forwards while any
@@ -174,6 +184,11 @@ class SparseModule(nn.Module):
         parameters, buffers = self._parameters, self._buffers
         weight, mask, bias = parameters.get("weight"), buffers.get("mask"), parameters.get("bias")
         zero_off_mask = self.zero_off_mask and weight is not None
+        # Not while torch.compile traces, where a version is no value to branch on.
+        if (zero_off_mask and mask is not None and not torch.compiler.is_compiling()
+                and mask._version != self._promised_mask_version and not _transforms.active()):
+            self._recheck_zero_off_mask()   # the mask was written in place since the promise (setter)
+            zero_off_mask = self.zero_off_mask
         if zero_off_mask and self.check_zero_off_mask and not _transforms.active():
             self.verify_zero_off_mask()
         return (self.weight if weight is None else weight, self.mask if mask is None else mask,
