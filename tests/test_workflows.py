@@ -1,6 +1,8 @@
 """sparsekern inside the training workflows written around it with standard PyTorch practice: each test
 runs a small loop as a researcher would and checks it against what a correct library must do (masks at
 their density, weights 0 off the mask where promised, results equal to an equivalent reference)."""
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -83,3 +85,19 @@ def test_an_ema_of_a_rigl_model_computes_with_its_averaged_weights_under_its_mas
     for live, averaged in zip(model, ema.module):
         if isinstance(live, SparseLinear):
             assert torch.equal(averaged.mask, live.mask) is not use_buffers
+
+
+def test_loading_a_dense_checkpoint_into_a_sparsified_model_warns_that_it_densifies():
+    """Transfer: a plain (dense) state dict, a pretrained model's, loaded into a sparsified one. Its missing
+    masks load as all True (a plain state dict loads into a sparse module as a dense layer), which silently
+    turned a model at density 0.3 dense; now it warns, naming the layers. A model that is dense already
+    (IMP's start, sparsify at density 1) loads one silently."""
+    pretrained = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 5))
+    model = _mlp(0.3)
+    with pytest.warns(UserWarning, match=r"no '0\.mask'.*replacing its mask of density 0\.29"):
+        model.load_state_dict(pretrained.state_dict())
+    assert all(layer.mask.all() for layer in model if isinstance(layer, SparseLinear))
+    dense_start = sparsekern.sparsify(nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 5)), 1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dense_start.load_state_dict(nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 5)).state_dict())

@@ -46,13 +46,15 @@ whatever `zero_off_mask` says (see `sparsekern.ops.masked_linear`); inference mo
 runs under vmap and refuses to be differentiated.
 
 A plain nn.Linear / nn.Conv1d/2d/3d state dict loads into the matching sparse module (its missing
-`mask` means all True), and `to_dense()` returns a plain module holding the masked weight. A saved
+`mask` means all True: a module whose mask was not all True warns that it becomes dense), and `to_dense()` returns a plain module holding the masked weight. A saved
 mask that is not bool (torch.nn.utils.prune's are float) must hold only 0 and 1 (ValueError naming
 its key otherwise, the module unchanged).
 Loading a state dict, or assigning a new `weight` Parameter, sets `zero_off_mask` from the weight's
 values.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -222,6 +224,12 @@ class SparseModule(nn.Module):
             # The module's shape: a weight of another shape is refused on its own (a Conv2d's into a
             # SparseConv3d), with no mismatch reported for a mask the checkpoint does not hold.
             device = state_dict[prefix + "weight"].device
+            if not self.mask.is_meta and not bool(self.mask.all()):
+                # A pretrained dense checkpoint loaded into a sparsified model: it would train dense, silently.
+                warnings.warn(f"state dict has no {prefix + 'mask'!r}: {type(self).__name__} loads it as a dense "
+                              f"layer (mask all True), replacing its mask of density {self.density:.3g}; to start "
+                              f"sparse from dense weights, load them into the dense model and sparsify it then "
+                              f"(mask='magnitude' keeps the largest)", stacklevel=2)
             state_dict[prefix + "mask"] = torch.ones(self.mask.shape, dtype=torch.bool, device=device)
         mask = state_dict.get(prefix + "mask")
         _check_loaded_mask(mask, prefix + "mask")
