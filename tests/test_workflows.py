@@ -101,3 +101,35 @@ def test_loading_a_dense_checkpoint_into_a_sparsified_model_warns_that_it_densif
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         dense_start.load_state_dict(nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 5)).state_dict())
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_rigls_dense_gradient_of_a_gradient_penalty_loss_is_the_dense_layers(backend, monkeypatch):
+    """A loss with an input-gradient penalty (WGAN-GP, input-gradient regularisation) differentiates the
+    layers' dx again. On the step before a RigL update (dense_grad) the weight's gradient through dx was
+    masked while its gradient through y was not, so growth read a gradient without the penalty's part at
+    the inactive positions; the convolutions and torch.func already passed both through."""
+    monkeypatch.setenv("SPARSEKERN_BACKEND", backend)
+    model = _mlp()
+    for layer in model:
+        if isinstance(layer, SparseLinear):
+            layer.dense_grad = True
+    x, y = _batch().requires_grad_(), _labels()
+
+    def loss_with_penalty(forward):
+        loss = F.cross_entropy(forward(x), y)
+        (grad_x,) = torch.autograd.grad(loss, x, create_graph=True)
+        return loss + 10 * grad_x.square().sum()
+
+    def dense_layers(inputs):   # the dense layers at the masked weights, which the weights are
+        for layer in model:
+            inputs = F.linear(inputs, layer.weight, layer.bias) if isinstance(layer, SparseLinear) else layer(inputs)
+        return inputs
+
+    gradients = []
+    for forward in (model, dense_layers):
+        loss_with_penalty(forward).backward()
+        gradients.append([parameter.grad.clone() for parameter in model.parameters()])
+        model.zero_grad()
+    for got, want in zip(*gradients):
+        torch.testing.assert_close(got, want)
