@@ -19,8 +19,19 @@ nothing. How it is computed is explicit in `zero_off_mask`:
   than keep it from forward to backward, so that a step's peak memory stays a dense step's; the
   convolutions keep it (their weights are small next to their activations).
 
+The promise is made for one weight tensor, the module's own Parameter: a weight put in its place other than
+by assignment takes the masked path. So does one computed at every forward from other parameters
+(torch.nn.utils.parametrize, parametrizations.weight_norm/spectral_norm, or their older hooks, applied to
+the sparse module), and one handed to torch.func.functional_call: the module holds no promise about values
+it does not own.
+
 Writing into `weight` off the mask, or writing `mask` other than through `set_mask`, breaks the
-promise: set `zero_off_mask = False`, or call `zero_weights_off_mask()` to keep it. `verify_zero_off_mask()` checks it
+promise: set `zero_off_mask = False`, or call `zero_weights_off_mask()` to keep it. A mask written in
+place is noticed (by its version counter) at the next forward outside torch.compile, which reads the
+weight once to check the promise again: an EMA of a DST run (torch.optim.swa_utils.AveragedModel,
+whose buffer sync copies the live masks into a model whose averaged weights are non-zero off them)
+computes with its averaged weights under the live masks. A write into the weight alone is not noticed
+(an optimizer step writes it too). `verify_zero_off_mask()` checks it
 (one pass over the weight); `SparseModule.check_zero_off_mask = True` (on the class, or on one
 module) runs that check at every forward that relies on it, a debugging aid.
 
@@ -37,14 +48,15 @@ whatever `zero_off_mask` says (see `sparsekern.ops.masked_linear`); inference mo
 runs under vmap and refuses to be differentiated.
 
 A plain nn.Linear / nn.Conv1d/2d/3d state dict loads into the matching sparse module (its missing
-`mask` means all True), and `to_dense()` returns a plain module holding the masked weight. A saved
+`mask` means all True: a module whose mask was not all True warns that it becomes dense), and `to_dense()` returns a plain module holding the masked weight. A saved
 mask that is not bool (torch.nn.utils.prune's are float) must hold only 0 and 1 (ValueError naming
 its key otherwise, the module unchanged).
 Loading a state dict, or assigning a new `weight` Parameter, sets `zero_off_mask` from the weight's
-values. The promise is made for one weight tensor: a weight put in place otherwise (torch.func.functional_call,
-a parametrization) takes the masked path.
+values.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -119,6 +131,11 @@ class SparseModule(nn.Module):
     def zero_off_mask(self, value: bool) -> None:
         # In __dict__ itself: nn.Module.__setattr__ would register a Parameter as a second parameter.
         self.__dict__["_zero_off_mask_of"] = self.weight if value else None
+        # The mask the promise was made for: one written in place since, other than by set_mask or an
+        # algorithm (AveragedModel's buffer sync, which copies the live masks into an EMA whose averaged
+        # weights are non-zero off them), makes forward check the promise again (_forward_arguments).
+        mask = self.__dict__["_buffers"].get("mask")
+        self._promised_mask_version = None if mask is None else mask._version
         # Fused inference kernels of torch read a child layer's weight directly: in eval mode,
         # nn.TransformerEncoderLayer hands linear1.weight and linear2.weight to one fused op, which
         # would multiply by the values off the mask. It keeps to its children's forwards while any
@@ -171,6 +188,7 @@ class SparseModule(nn.Module):
             raise RuntimeError(f"{type(self).__name__} promises zero_off_mask but holds non-zero weights off "
                                "its mask: call zero_weights_off_mask() or set zero_off_mask = False after writing them")
 
+    @torch.no_grad()
     def _off_mask_nonzero(self) -> bool:
         return bool(torch.where(self.mask, 0, self.weight).ne(0).any())
 
@@ -185,12 +203,22 @@ class SparseModule(nn.Module):
 
         zero_off_mask is verified first when `check_zero_off_mask` asks for it. Not under torch.func
         transforms, where the layers select on the mask whatever they promise (and vmap cannot branch
-        on values of a batched weight)."""
+        on values of a batched weight).
+
+        A weight computed at every forward from other parameters (a parametrization, a weight_norm or
+        spectral_norm hook) is taken through the mask whatever `zero_off_mask` says: the module never
+        wrote those values, and the computation may move them off 0 (spectral_norm's σ reads every
+        entry, so its backward reaches the original weight off the mask)."""
         parameters, buffers = self._parameters, self._buffers
         weight, mask, bias = parameters.get("weight"), buffers.get("mask"), parameters.get("bias")
         if weight is None:
             weight = self.weight
         zero_off_mask = self._zero_off_mask_of is weight
+        # Not while torch.compile traces, where a version is no value to branch on.
+        if (zero_off_mask and mask is not None and not torch.compiler.is_compiling()
+                and mask._version != self._promised_mask_version and not _transforms.active()):
+            self._recheck_zero_off_mask()   # the mask was written in place since the promise (setter)
+            zero_off_mask = self._zero_off_mask_of is weight
         if zero_off_mask and self.check_zero_off_mask and not _transforms.active():
             self.verify_zero_off_mask()
         return (weight, self.mask if mask is None else mask, self.bias if bias is None else bias, zero_off_mask)
@@ -223,6 +251,12 @@ class SparseModule(nn.Module):
             # The module's shape: a weight of another shape is refused on its own (a Conv2d's into a
             # SparseConv3d), with no mismatch reported for a mask the checkpoint does not hold.
             device = state_dict[prefix + "weight"].device
+            if not self.mask.is_meta and not bool(self.mask.all()):
+                # A pretrained dense checkpoint loaded into a sparsified model: it would train dense, silently.
+                warnings.warn(f"state dict has no {prefix + 'mask'!r}: {type(self).__name__} loads it as a dense "
+                              f"layer (mask all True), replacing its mask of density {self.density:.3g}; to start "
+                              f"sparse from dense weights, load them into the dense model and sparsify it then "
+                              f"(mask='magnitude' keeps the largest)", stacklevel=2)
             state_dict[prefix + "mask"] = torch.ones(self.mask.shape, dtype=torch.bool, device=device)
         mask = state_dict.get(prefix + "mask")
         _check_loaded_mask(mask, prefix + "mask")

@@ -145,7 +145,9 @@ def masked_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None =
     a select (exactly 0 off the mask, even where dy.T @ x is inf or NaN), or the dense dy.T @ x
     when `dense_grad=True` (RigL's growth criterion reads the gradient at inactive positions, and
     needs it only on mask-update steps); dbias = dy summed over batch rows. Every backward is
-    differentiable again (double backward).
+    differentiable again (double backward); with `dense_grad` the weight's gradient through dx is
+    dense too (the mask passes the weight's derivatives straight through on every path), so that the
+    dense gradient of a loss holding dx, a gradient penalty's, is the dense layer's.
 
     zero_off_mask=True promises that weight is exactly 0 wherever mask is False (sparsekern's
     modules keep it so), so that weight * mask == weight: forward and dx then run the dense kernel
@@ -165,7 +167,10 @@ def masked_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None =
     (weight tangents and gradients masked); with dense_grad the mask passes derivatives straight
     through (those of the dense layer at the masked weight, so jvp stays the adjoint of vjp).
     """
-    if (isinstance(x, Tensor) and x.is_cpu and type(dense_grad) is bool and type(zero_off_mask) is bool
+    # Not with dense_grad (a step before a mask update, one in update_every): the dense-kernel op's
+    # double backward masks the weight's gradient through dx whatever dense_grad says, where the
+    # contract passes it straight through (a gradient penalty's term of the dense gradient).
+    if (isinstance(x, Tensor) and x.is_cpu and dense_grad is False and type(zero_off_mask) is bool
             and not torch.is_autocast_enabled("cpu") and not _transforms.active()
             and _masked_linear_op.runs_compiled_dense_kernel()):
         # An eager CPU call (a sparse layer's, at every call) in fewer steps than the path below takes
@@ -195,7 +200,7 @@ def masked_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None =
     if name == "reference" and request != name:  # chosen automatically, not forced
         # No kernel can skip work on this mask: the dense kernel is the fastest, on the weight itself
         # where it is 0 off the mask, else on the masked weight.
-        if _masked_linear_op.runs_compiled_dense_kernel():
+        if _masked_linear_op.runs_compiled_dense_kernel() and not dense_grad:   # (as above)
             return _masked_linear_op.masked_linear_dense_kernel(x, weight, mask, bias, dense_grad, zero_off_mask)
         # Under torch.compile both states take F.linear on the Python Function, whose products
         # Inductor sees (its selects: `_masked_linear_op._traced_select_is_opaque`); the compiled

@@ -39,12 +39,14 @@ def define(backend: str, forward: Callable, grad_input: Callable, grad_weight: C
     def _(x, weight, mask, bias, dense_grad, zero_off_mask):
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
+    # dense_grad: that of the masked_linear call whose dx this is, for the weight's gradient through dx.
     @torch.library.custom_op(f"sparsekern::masked_linear_grad_input_{backend}", mutates_args=())
-    def masked_linear_grad_input(grad_out: Tensor, weight: Tensor, mask: Tensor, zero_off_mask: bool) -> Tensor:
+    def masked_linear_grad_input(grad_out: Tensor, weight: Tensor, mask: Tensor, zero_off_mask: bool,
+                                 dense_grad: bool) -> Tensor:
         return grad_input(grad_out, weight, mask, zero_off_mask)
 
     @masked_linear_grad_input.register_fake
-    def _(grad_out, weight, mask, zero_off_mask):
+    def _(grad_out, weight, mask, zero_off_mask, dense_grad):
         return grad_out.new_empty((*grad_out.shape[:-1], weight.shape[1]))
 
     @torch.library.custom_op(f"sparsekern::masked_linear_grad_weight_{backend}", mutates_args=())
@@ -69,22 +71,25 @@ def define(backend: str, forward: Callable, grad_input: Callable, grad_weight: C
 
     def backward(ctx, grad_out):
         x, weight, mask = ctx.saved_tensors
-        grad_x = masked_linear_grad_input(grad_out, weight, mask, ctx.zero_off_mask) if needs(ctx, 0) else None
+        grad_x = (masked_linear_grad_input(grad_out, weight, mask, ctx.zero_off_mask, ctx.dense_grad)
+                  if needs(ctx, 0) else None)
         grad_weight_ = masked_linear_grad_weight(grad_out, x, mask, ctx.dense_grad) if needs(ctx, 1) else None
         grad_bias = reference.rows(grad_out).sum(0) if needs(ctx, 3) else None
         return grad_x, grad_weight_, None, grad_bias, None, None
 
-    # dx = dy @ Wm: d/d(dy) = g @ Wm^T (the forward without bias), d/dW = (dy^T @ g) masked.
+    # dx = dy @ Wm: d/d(dy) = g @ Wm^T (the forward without bias), d/dW = (dy^T @ g) masked, or whole
+    # with dense_grad: the mask passes the weight's derivatives straight through on every path, so
+    # that the dense gradient of a loss that holds dx (a gradient penalty) is the dense layer's.
     def setup_grad_input(ctx, inputs, output):
-        grad_out, weight, mask, zero_off_mask = inputs
-        ctx.zero_off_mask = zero_off_mask
+        grad_out, weight, mask, zero_off_mask, dense_grad = inputs
+        ctx.zero_off_mask, ctx.dense_grad = zero_off_mask, dense_grad
         ctx.save_for_backward(grad_out if needs(ctx, 1) else None, weight if needs(ctx, 0) else None, mask)
 
     def backward_grad_input(ctx, g):
         grad_out, weight, mask = ctx.saved_tensors
         d_grad_out = masked_linear(g, weight, mask, None, False, ctx.zero_off_mask) if needs(ctx, 0) else None
-        d_weight = masked_linear_grad_weight(grad_out, g, mask, False) if needs(ctx, 1) else None
-        return d_grad_out, d_weight, None, None
+        d_weight = masked_linear_grad_weight(grad_out, g, mask, ctx.dense_grad) if needs(ctx, 1) else None
+        return d_grad_out, d_weight, None, None, None
 
     # dW = dy^T @ x over all rows, masked unless dense: d/d(dy) = x @ Gm^T, d/dx = dy @ Gm, where
     # Gm is the incoming gradient masked like dW (the whole of it when dense).
@@ -100,7 +105,7 @@ def define(backend: str, forward: Callable, grad_input: Callable, grad_weight: C
             d_x = grad_out @ g if needs(ctx, 1) else None
         else:
             d_grad_out = masked_linear(x, g, mask, None, False, False) if needs(ctx, 0) else None
-            d_x = masked_linear_grad_input(grad_out, g, mask, False) if needs(ctx, 1) else None
+            d_x = masked_linear_grad_input(grad_out, g, mask, False, False) if needs(ctx, 1) else None
         return d_grad_out, d_x, None, None
 
     masked_linear.register_autograd(backward, setup_context=setup_context)

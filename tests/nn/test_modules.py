@@ -196,9 +196,10 @@ def test_dense_round_trip_and_state_dicts(generator, make, shape):
     torch.testing.assert_close(back(x), sparse(x))
     assert torch.equal(back.weight, masked(sparse.weight, mask))
 
-    # A plain state dict loads strictly into a sparse module: mask all True.
+    # A plain state dict loads strictly into a sparse module: mask all True (which it warns about).
     fresh = copy.deepcopy(sparse)
-    fresh.load_state_dict(back.state_dict())
+    with pytest.warns(UserWarning, match="loads it as a dense layer"):
+        fresh.load_state_dict(back.state_dict())
     assert fresh.mask.all()
     torch.testing.assert_close(fresh(x), back(x))
     # The sparse state dict carries the mask.

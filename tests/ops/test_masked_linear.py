@@ -184,9 +184,22 @@ def test_double_backward(path, zero_off_mask, dense_grad, use_path, generator):
     function, leaves = double_backward_case(generator, zero_off_mask)
     dense_grad = dense_grad and not zero_off_mask
     function = functools.partial(function, dense_grad=dense_grad)
-    if not dense_grad:  # the dense gradient is not the function's derivative off the mask
+    if not dense_grad:
         assert torch.autograd.gradcheck(function, leaves)
-    assert torch.autograd.gradgradcheck(function, leaves)
+        assert torch.autograd.gradgradcheck(function, leaves)
+        return
+    # The dense gradient is not the function's derivative off the mask: the mask passes the weight's
+    # derivatives straight through, through dx as through y (a gradient penalty's part of the dense
+    # gradient), as the straight-through reference differentiates.
+    x, weight, mask, b = make_inputs(generator, (2, 2), 4, 3, torch.float64, density=0.6)
+    leaves = [x.requires_grad_(), weight.requires_grad_(), b.requires_grad_()]
+
+    def first_and_second_order(forward):
+        y = forward(x, weight, mask, b, True)
+        first = torch.autograd.grad(y, leaves, torch.ones_like(y), create_graph=True)
+        return (*first, *torch.autograd.grad(sum((g * g).sum() for g in first), leaves, materialize_grads=True))
+    for got, want in zip(first_and_second_order(sparsekern_function), first_and_second_order(reference_function)):
+        torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("backend", PATHS)
@@ -279,7 +292,7 @@ def test_opcheck_masked_linear_reference(bias, dense_grad, generator):
         t.requires_grad_()
     ops = torch.ops.sparsekern
     torch.library.opcheck(ops.masked_linear_reference.default, (x, weight, mask, b, dense_grad, False))
-    torch.library.opcheck(ops.masked_linear_grad_input_reference.default, (grad_out, weight, mask, False))
+    torch.library.opcheck(ops.masked_linear_grad_input_reference.default, (grad_out, weight, mask, False, dense_grad))
     torch.library.opcheck(ops.masked_linear_grad_weight_reference.default, (grad_out, x, mask, dense_grad))
 
 
@@ -299,7 +312,7 @@ def test_opcheck_masked_linear_reference_on_odd_inputs(case, zero_off_mask, gene
         t.requires_grad_()
     ops = torch.ops.sparsekern
     torch.library.opcheck(ops.masked_linear_reference.default, (x, weight, mask, b, False, zero_off_mask))
-    torch.library.opcheck(ops.masked_linear_grad_input_reference.default, (grad_out, weight, mask, zero_off_mask))
+    torch.library.opcheck(ops.masked_linear_grad_input_reference.default, (grad_out, weight, mask, zero_off_mask, False))
     torch.library.opcheck(ops.masked_linear_grad_weight_reference.default, (grad_out, x, mask, False))
 
 @pytest.mark.parametrize("zero_off_mask", [False, True])

@@ -377,7 +377,7 @@ def test_opcheck_every_triton_masked_linear_op(masked_linear_kernels, generator)
     x, weight, mask, bias, dy = _masked_linear_case((20, 40), 30, 0.5, torch.float32, generator)
     weight = torch.randn_like(weight)
     torch.library.opcheck(torch.ops.sparsekern.masked_linear_triton, (x, weight, mask, bias, False, False))
-    torch.library.opcheck(torch.ops.sparsekern.masked_linear_grad_input_triton, (dy, weight, mask, False))
+    torch.library.opcheck(torch.ops.sparsekern.masked_linear_grad_input_triton, (dy, weight, mask, False, False))
     torch.library.opcheck(torch.ops.sparsekern.masked_linear_grad_weight_triton, (dy, x, mask, True))
 
 
@@ -402,7 +402,7 @@ def test_opcheck_triton_ops_on_non_contiguous_and_empty_inputs(masked_linear_ker
     torch.library.opcheck(torch.ops.sparsekern.masked_linear_triton, (x[:, ::2], weight[:, ::2], mask[:, ::2],
                                                                        bias, False, False))
     dy = reversed_dims(dy.t().contiguous())
-    torch.library.opcheck(torch.ops.sparsekern.masked_linear_grad_input_triton, (dy, weight, mask, False))
+    torch.library.opcheck(torch.ops.sparsekern.masked_linear_grad_input_triton, (dy, weight, mask, False, False))
     torch.library.opcheck(torch.ops.sparsekern.masked_linear_grad_weight_triton, (dy[:0], x[:0], mask, False))
     (weight, mask, prune_score, grow_score), state = _prune_grow_case((6, 5), torch.float32, generator)
     weight = reversed_dims(weight.t().contiguous())

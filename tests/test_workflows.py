@@ -1,0 +1,135 @@
+"""sparsekern inside the training workflows written around it with standard PyTorch practice: each test
+runs a small loop as a researcher would and checks it against what a correct library must do (masks at
+their density, weights 0 off the mask where promised, results equal to an equivalent reference)."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparsekern
+from sparsekern.nn import SparseConv2d, SparseLinear
+
+
+def _sparse_linear(density: float = 0.3) -> SparseLinear:
+    return sparsekern.sparsify(nn.Linear(20, 16), density, generator=torch.Generator().manual_seed(0))
+
+
+def _batch(rows: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randn(rows, 20, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("apply", [
+    lambda layer: torch.nn.utils.parametrizations.spectral_norm(layer),
+    lambda layer: torch.nn.utils.spectral_norm(layer),
+    lambda layer: torch.nn.utils.parametrizations.weight_norm(layer),
+    lambda layer: torch.nn.utils.weight_norm(layer),
+], ids=["spectral_norm", "spectral_norm (hook)", "weight_norm", "weight_norm (hook)"])
+@pytest.mark.filterwarnings("ignore:.*is deprecated:FutureWarning")
+def test_a_sparse_layer_under_a_norm_reparametrization_computes_with_the_masked_weight(apply):
+    """spectral_norm's σ reads every entry, so its backward reaches the original weight off the mask: after a
+    step the computed weight is no longer 0 there, and a layer that went on promising zero_off_mask
+    multiplied by those entries."""
+    layer = apply(_sparse_linear())
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.5)
+    x = _batch()
+    for _ in range(3):
+        layer(x).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    layer.eval()   # no power iteration: the weight read below is the one forward used
+    with torch.no_grad():
+        output = layer(x)   # the hooks set the weight as forward computes it
+        torch.testing.assert_close(output, F.linear(x, torch.where(layer.mask, layer.weight, 0), layer.bias))
+
+
+def _mlp(density: float = 0.3) -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 5))
+    return sparsekern.sparsify(model, density, generator=torch.Generator().manual_seed(1))
+
+
+def _labels(rows: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 5, (rows,), generator=torch.Generator().manual_seed(seed))
+
+
+def _masked_reference(model: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """model's output computed with plain F.linear on where(mask, weight, 0)."""
+    for layer in model:
+        x = F.linear(x, torch.where(layer.mask, layer.weight, 0), layer.bias) if isinstance(layer, SparseLinear) \
+            else layer(x)
+    return x
+
+
+@pytest.mark.parametrize("use_buffers", [False, True])
+def test_an_ema_of_a_rigl_model_computes_with_its_averaged_weights_under_its_masks(use_buffers):
+    """AveragedModel (EMA) across RigL's mask updates: its weights average over every mask the run had, so
+    they are non-zero off the current one, and its buffer sync copies the live masks in place. Its layers
+    kept promising zero_off_mask and computed with the whole averaged weight (the union of all masks).
+    With use_buffers=True torch averages the bool masks too, into the union of all masks (README)."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    model = _mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    algo = sparsekern.RigL(model, optimizer, update_every=2, total_steps=40, drop_fraction=0.5)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=use_buffers)
+    x, y = _batch(), _labels()
+    for step in range(6):
+        F.cross_entropy(model(x), y).backward()
+        algo.step()
+        optimizer.step()
+        optimizer.zero_grad()
+        ema.update_parameters(model)
+        with torch.no_grad():
+            torch.testing.assert_close(ema(x), _masked_reference(ema.module, x))
+    for live, averaged in zip(model, ema.module):
+        if isinstance(live, SparseLinear):
+            assert torch.equal(averaged.mask, live.mask) is not use_buffers
+
+
+def test_loading_a_dense_checkpoint_into_a_sparsified_model_warns_that_it_densifies():
+    """Transfer: a plain (dense) state dict, a pretrained model's, loaded into a sparsified one. Its missing
+    masks load as all True (a plain state dict loads into a sparse module as a dense layer), which silently
+    turned a model at density 0.3 dense; now it warns, naming the layers. A model that is dense already
+    (IMP's start, sparsify at density 1) loads one silently."""
+    pretrained = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 5))
+    model = _mlp(0.3)
+    with pytest.warns(UserWarning, match=r"no '0\.mask'.*replacing its mask of density 0\.29"):
+        model.load_state_dict(pretrained.state_dict())
+    assert all(layer.mask.all() for layer in model if isinstance(layer, SparseLinear))
+    dense_start = sparsekern.sparsify(nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 5)), 1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dense_start.load_state_dict(nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 5)).state_dict())
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_rigls_dense_gradient_of_a_gradient_penalty_loss_is_the_dense_layers(backend, monkeypatch):
+    """A loss with an input-gradient penalty (WGAN-GP, input-gradient regularisation) differentiates the
+    layers' dx again. On the step before a RigL update (dense_grad) the weight's gradient through dx was
+    masked while its gradient through y was not, so growth read a gradient without the penalty's part at
+    the inactive positions; the convolutions and torch.func already passed both through."""
+    monkeypatch.setenv("SPARSEKERN_BACKEND", backend)
+    model = _mlp()
+    for layer in model:
+        if isinstance(layer, SparseLinear):
+            layer.dense_grad = True
+    x, y = _batch().requires_grad_(), _labels()
+
+    def loss_with_penalty(forward):
+        loss = F.cross_entropy(forward(x), y)
+        (grad_x,) = torch.autograd.grad(loss, x, create_graph=True)
+        return loss + 10 * grad_x.square().sum()
+
+    def dense_layers(inputs):   # the dense layers at the masked weights, which the weights are
+        for layer in model:
+            inputs = F.linear(inputs, layer.weight, layer.bias) if isinstance(layer, SparseLinear) else layer(inputs)
+        return inputs
+
+    gradients = []
+    for forward in (model, dense_layers):
+        loss_with_penalty(forward).backward()
+        gradients.append([parameter.grad.clone() for parameter in model.parameters()])
+        model.zero_grad()
+    for got, want in zip(*gradients):
+        torch.testing.assert_close(got, want)
