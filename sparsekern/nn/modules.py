@@ -47,7 +47,8 @@ stack_module_state ensembles) and forward-mode AD see the plain-torch layer on w
 whatever `zero_off_mask` says (see `sparsekern.ops.masked_linear`); inference mode (`to_inference`)
 runs under vmap and refuses to be differentiated.
 
-A plain nn.Linear / nn.Conv1d/2d/3d state dict loads into the matching sparse module (its missing
+A plain nn.Linear / nn.Conv1d/2d/3d state dict loads into the matching sparse module (one pruned by
+torch.nn.utils.prune, its `weight_orig` and `weight_mask`, as that mask and the pruned weight; a missing
 `mask` means all True: a module whose mask was not all True warns that it becomes dense), and `to_dense()` returns a plain module holding the masked weight. A saved
 mask that is not bool (torch.nn.utils.prune's are float) must hold only 0 and 1 (ValueError naming
 its key otherwise, the module unchanged).
@@ -241,6 +242,7 @@ class SparseModule(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        _translate_pruned(state_dict, prefix)
         # Every entry of this module before any loads: torch copies each entry it can and raises for the
         # others only at the end, which would leave the module half loaded.
         for name in (*self._parameters, *self._buffers):
@@ -296,6 +298,34 @@ def _check_loaded_mask(mask, key: str) -> None:
         bad = mask[(mask != 0) & (mask != 1)].flatten()[:3].tolist()
         raise ValueError(f"state dict entry {key!r} ({mask.dtype}) must hold only 0 and 1 (or be a bool "
                          f"tensor), got values such as {bad}")
+
+
+def _translate_pruned(state_dict: dict, prefix: str) -> None:
+    """Turns torch.nn.utils.prune's entries of a layer in `state_dict` into a sparse module's, in place: a
+    pruned weight is saved as `weight_orig` (the values before pruning) and `weight_mask` (its float 0/1
+    mask), which load as `weight` (the pruned values, 0 off the mask, as prune's forward computes them) and
+    `mask`; a pruned bias (`bias_orig`, `bias_mask`) as its pruned values. So a model pruned by torch (a
+    lottery-ticket code base's checkpoint) loads into its sparse twin. ValueError naming the key for a mask
+    that is not 0/1 or not shaped like its values, before anything loads."""
+    for name in ("weight", "bias"):
+        original, pruned = f"{prefix}{name}_orig", f"{prefix}{name}_mask"
+        if prefix + name in state_dict or not (isinstance(state_dict.get(original), Tensor)
+                                               and isinstance(state_dict.get(pruned), Tensor)):
+            continue
+        if name == "weight" and prefix + "mask" in state_dict:
+            continue   # the module's own mask beside prune's: nothing says which one holds
+        for key in (original, pruned):
+            _check_loaded_layout(state_dict[key], key)
+        _check_loaded_mask(state_dict[pruned], pruned)
+        values, mask = state_dict[original], state_dict[pruned]
+        if mask.shape != values.shape:
+            raise ValueError(f"state dict entry {pruned!r} must have the shape of {original!r} "
+                             f"{tuple(values.shape)}, got {tuple(mask.shape)}")
+        keep = mask.bool()
+        del state_dict[original], state_dict[pruned]
+        state_dict[prefix + name] = reference.masked_weight(values, keep)
+        if name == "weight":
+            state_dict[prefix + "mask"] = keep
 
 
 def _check_loaded_layout(value, key: str) -> None:

@@ -264,6 +264,38 @@ def test_a_float_prune_mask_loads_and_other_values_are_refused_naming_the_key():
         assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
 
 
+def test_a_model_pruned_by_torch_loads_into_its_sparse_twin(generator):
+    # torch.nn.utils.prune saves weight_orig and a float weight_mask (bias_orig, bias_mask for a pruned bias):
+    # load_state_dict refused them as unexpected keys, with weight and mask missing.
+    import torch.nn.utils.prune as prune
+    torch.manual_seed(0)
+    dense = small_model()
+    convs_and_linears = [(m, "weight") for m in dense.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    prune.global_unstructured(convs_and_linears, pruning_method=prune.L1Unstructured, amount=0.7)
+    prune.random_unstructured(dense[7], "bias", amount=0.5)
+    sparse = sparsekern.sparsify(small_model(), 0.5, generator=generator)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # no "loads it as a dense layer" warning: the masks are there
+        sparse.load_state_dict(dense.state_dict())
+    x = torch.randn(2, 3, 6, 6, generator=generator)
+    torch.testing.assert_close(sparse.eval()(x), dense.eval()(x))
+    for (_, layer), (module, _) in zip(sparse_modules(sparse), convs_and_linears):
+        assert torch.equal(layer.mask, module.weight_mask.bool()) and layer.zero_off_mask
+    assert torch.equal(sparse[7].bias, dense[7].bias)
+
+
+def test_a_bad_prune_mask_is_refused_naming_its_key_before_the_module_changes():
+    layer = SparseLinear(6, 5)
+    before = copy.deepcopy(layer.state_dict())
+    good = {"weight_orig": torch.ones(5, 6), "weight_mask": (torch.rand(5, 6) < 0.5).float(), "bias": torch.ones(5)}
+    for key, value, words in (("weight_mask", torch.full((5, 6), 0.5), "only 0 and 1"),
+                              ("weight_mask", torch.ones(6, 5), r"shape of 'weight_orig' \(5, 6\)"),
+                              ("weight_orig", torch.ones(5, 6).to_sparse(), r"dense \(strided\)")):
+        with pytest.raises(ValueError, match=rf"'{key}'.*{words}"):
+            layer.load_state_dict({**good, key: value})
+        assert all(torch.equal(before[name], value) for name, value in layer.state_dict().items())
+
+
 @pytest.mark.parametrize("key", ["weight", "bias"])
 def test_a_torch_sparse_or_nested_weight_or_bias_is_refused_naming_the_key_before_the_module_changes(key):
     # As the mask is: torch's load_state_dict copied the other entries in and then raised RuntimeError
