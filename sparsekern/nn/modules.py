@@ -313,7 +313,9 @@ def _translate_pruned(state_dict: dict, prefix: str) -> None:
                                                and isinstance(state_dict.get(pruned), Tensor)):
             continue
         if name == "weight" and prefix + "mask" in state_dict:
-            continue   # the module's own mask beside prune's: nothing says which one holds
+            # A sparse module's own mask beside prune's: one that torch pruned itself (its weight_orig and
+            # weight_mask are its own entries), or nothing says which mask holds.
+            continue
         for key in (original, pruned):
             _check_loaded_layout(state_dict[key], key)
         _check_loaded_mask(state_dict[pruned], pruned)

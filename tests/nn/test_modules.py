@@ -284,6 +284,15 @@ def test_a_model_pruned_by_torch_loads_into_its_sparse_twin(generator):
     assert torch.equal(sparse[7].bias, dense[7].bias)
 
 
+def test_a_sparse_layer_pruned_by_torch_loads_its_own_state_dict():
+    import torch.nn.utils.prune as prune
+    saved, loaded = SparseLinear(6, 5), SparseLinear(6, 5)
+    for layer in (saved, loaded):
+        prune.l1_unstructured(layer, "weight", amount=0.4)
+    loaded.load_state_dict(saved.state_dict())
+    assert torch.equal(loaded.weight_orig, saved.weight_orig) and torch.equal(loaded.weight_mask, saved.weight_mask)
+
+
 def test_a_bad_prune_mask_is_refused_naming_its_key_before_the_module_changes():
     layer = SparseLinear(6, 5)
     before = copy.deepcopy(layer.state_dict())
