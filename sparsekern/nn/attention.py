@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..ops import _masked_linear_op
-from .modules import SparseLinear, SparseModule
+from .modules import SparseLinear, SparseModule, _copy_masked_into
 
 # nn.MultiheadAttention's keys of the input-projection weights -> this module's.
 _DENSE_WEIGHT_KEYS = {"in_proj_weight": "in_proj.weight", "q_proj_weight": "q_proj.weight",
@@ -197,7 +197,7 @@ class SparseMultiheadAttention(nn.Module):
                 if parameter is not None:
                     setattr(dense, name, nn.Parameter(parameter.detach().clone(),
                                                       requires_grad=parameter.requires_grad))
-        dense.out_proj = self.out_proj.to_dense()
+        _copy_masked_into(dense.out_proj, self.out_proj)   # keeps nn.MultiheadAttention's own out_proj class
         dense.train(self.training)
         return dense
 

@@ -326,7 +326,7 @@ def _left_dense(selected: list[tuple[str, nn.Module]], out_projs: set[int]) -> s
         if id(module) in out_projs:
             reasons.setdefault(_OUT_PROJ, []).append(f"{name or '(root)'} ({type(module).__name__})")
             continue
-        if (isinstance(module, SparseModule) or type(module) in _SPARSE_OF or type(module) is nn.MultiheadAttention
+        if (isinstance(module, SparseModule) or type(module) in _SPARSE_OF or _exact_attention(module)
                 or _reparametrized(module)):
             continue  # sparsified, or stays dense with a warning of its own
         if isinstance(module, SPARSIFIABLE):
@@ -367,7 +367,7 @@ def _maskable_attentions(selected: list[tuple[str, nn.Module]]) -> list[tuple[st
     attention for a weight dtype sparse layers do not take, before anything changes."""
     kept = []
     for name, module in selected:
-        if type(module) is not nn.MultiheadAttention:
+        if not _exact_attention(module):
             continue
         weights = [module.in_proj_weight, module.q_proj_weight, module.k_proj_weight, module.v_proj_weight,
                    module.out_proj.weight]
@@ -382,6 +382,13 @@ def _maskable_attentions(selected: list[tuple[str, nn.Module]]) -> list[tuple[st
                 _check_weight_type(name, weight)
         kept.append((name, module))
     return kept
+
+
+def _exact_attention(module: nn.Module) -> bool:
+    """An nn.MultiheadAttention of exactly that type, or of the class torch.nn.utils.parametrize derives from it
+    (which `_maskable_attentions` leaves dense with a warning of its own)."""
+    kind = type(module)
+    return kind is nn.MultiheadAttention or (parametrize.is_parametrized(module) and kind.__mro__[1] is nn.MultiheadAttention)
 
 
 def _maskable(targets: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
