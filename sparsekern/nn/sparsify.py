@@ -214,10 +214,10 @@ def _matches(names: list[str], patterns: list[str]) -> bool:
 
 
 def _layers(model: nn.Module, include: list[str] | None,
-            exclude: list[str]) -> tuple[list[tying.Group], dict[int, SparseMultiheadAttention]]:
-    """The modules to sparsify, grouped by weight Parameter (one group per mask), in model order, and the
-    SparseMultiheadAttention (not yet in the model) that will replace each converted nn.MultiheadAttention,
-    by the id of the attention it replaces; its projections are among the modules.
+            exclude: list[str]) -> tuple[list[tying.Group], list[tuple[nn.Module, SparseMultiheadAttention]]]:
+    """The modules to sparsify, grouped by weight Parameter (one group per mask), in model order, and each
+    nn.MultiheadAttention to convert with the SparseMultiheadAttention (not yet in the model) that will replace
+    it, whose projections are among the modules.
 
     Warns about patterns that match no module name and about weights tied to a dense module.
     """
@@ -245,13 +245,13 @@ def _layers(model: nn.Module, include: list[str] | None,
     folded = {id(module.out_proj) for module in attentions
               if id(module) in selected_ids or _matches(names[id(module)], exclude)}
     left_dense = _left_dense([(name, module) for name, module in selected if id(module) not in folded], out_projs)
-    converted = {id(module): SparseMultiheadAttention.from_dense(module)
-                 for name, module in _maskable_attentions(selected)}
+    converted = {id(module): (module, SparseMultiheadAttention.from_dense(module))
+                 for _, module in _maskable_attentions(selected)}
     targets = []
     for name, module in selected:
         if id(module) in converted:
             targets += [(f"{name}.{child}" if name else child, projection)
-                        for child, projection in converted[id(module)].named_children()]
+                        for child, projection in converted[id(module)][1].named_children()]
         elif id(module) not in out_projs and (type(module) in _SPARSE_OF or isinstance(module, SparseModule)
                                               or _reparametrized(module)):
             targets.append((name, module))
@@ -276,10 +276,13 @@ def _layers(model: nn.Module, include: list[str] | None,
     # An attention is converted only with all its projections: one left out (tied to a dense module) would
     # sit in it as a sparse layer of density 1, which the algorithms would then prune.
     kept = {id(module) for group in groups for _, module in group}
-    whole = {key: attention for key, attention in converted.items()
-             if all(id(projection) in kept for projection in attention.children())}
-    parts = {id(projection) for key, attention in converted.items() if key not in whole
-             for projection in attention.children()}
+    whole, parts = [], set()
+    for original, attention in converted.values():
+        projections = {id(projection) for projection in attention.children()}
+        if projections <= kept:
+            whole.append((original, attention))
+        else:
+            parts |= projections
     groups = [group for group in groups if not any(id(module) in parts for _, module in group)]
     if not groups:
         raise ValueError("model has no nn.Linear, nn.Conv1d/2d/3d or nn.MultiheadAttention module to sparsify"
@@ -388,7 +391,8 @@ def _exact_attention(module: nn.Module) -> bool:
     """An nn.MultiheadAttention of exactly that type, or of the class torch.nn.utils.parametrize derives from it
     (which `_maskable_attentions` leaves dense with a warning of its own)."""
     kind = type(module)
-    return kind is nn.MultiheadAttention or (parametrize.is_parametrized(module) and kind.__mro__[1] is nn.MultiheadAttention)
+    return kind is nn.MultiheadAttention or (parametrize.is_parametrized(module)
+                                              and kind.__mro__[1] is nn.MultiheadAttention)
 
 
 def _maskable(targets: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
@@ -528,12 +532,11 @@ def _checked_output(trial: SparseModule, attribute: str, original: Tensor, mask:
 
 @torch.no_grad()
 def _commit(model: nn.Module, staged, optimizer: torch.optim.Optimizer | None,
-            attentions: dict[int, SparseMultiheadAttention]) -> nn.Module:
+            attentions: list[tuple[nn.Module, SparseMultiheadAttention]]) -> nn.Module:
     replacements = {}
-    for key, attention in attentions.items():
-        original = next(module for module in model.modules() if id(module) == key)
+    for original, attention in attentions:
         _carry_hooks(original, attention)
-        replacements[key] = attention
+        replacements[id(original)] = attention
     for originals, modules, mask, new_weight, new_bias in staged:
         primary = modules[0]
         primary.weight.copy_(new_weight)

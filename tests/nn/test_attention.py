@@ -148,8 +148,9 @@ def test_weight_gradients_are_zero_off_the_masks_and_dense_with_dense_grad(name,
         reference.zero_grad()
         sparse(*inputs)[0].square().sum().backward()
         reference(*inputs)[0].square().sum().backward()
-        wanted = ([reference.in_proj_weight] if sparse._qkv_same_embed_dim else
-                  [reference.q_proj_weight, reference.k_proj_weight, reference.v_proj_weight]) + [reference.out_proj.weight]
+        wanted = [reference.in_proj_weight] if sparse._qkv_same_embed_dim else [
+            reference.q_proj_weight, reference.k_proj_weight, reference.v_proj_weight]
+        wanted.append(reference.out_proj.weight)
         for projection, dense_weight in zip(projections, wanted):
             grad = projection.weight.grad
             if dense_grad:   # the gradient at every position, as a growth criterion reads it
@@ -190,8 +191,8 @@ def test_sparsify_of_a_transformer_encoder_sparsifies_the_attention_projections(
     with _no_warning():
         sparsekern.sparsify(model, 0.2, distribution, generator=generator)
     layers = sparse_modules(model)
-    assert [name for name, _ in layers] == [f"layers.{i}.{name}" for i in range(2)
-                                             for name in ("self_attn.in_proj", "self_attn.out_proj", "linear1", "linear2")]
+    names = ("self_attn.in_proj", "self_attn.out_proj", "linear1", "linear2")
+    assert [name for name, _ in layers] == [f"layers.{i}.{name}" for i in range(2) for name in names]
     assert all(isinstance(model.layers[i].self_attn, SparseMultiheadAttention) for i in range(2))
     # the Parameters are the dense model's (an optimizer built before keeps training them)
     assert model.layers[0].self_attn.in_proj.weight is weights["layers.0.self_attn.in_proj_weight"]
@@ -243,6 +244,17 @@ def test_sparsify_converts_an_attention_at_the_root_and_with_kdim_vdim(generator
     q, k, v = torch.randn(4, 2, 8), torch.randn(5, 2, 3), torch.randn(5, 2, 5)
     torch.testing.assert_close(sparse(q, k, v)[0], sparse.to_dense()(q, k, v)[0])
     assert hook_calls == [1]   # the hook moved to the sparse attention (to_dense makes one without it)
+
+
+def test_sparsify_leaves_an_attention_dense_whose_projection_is_tied_to_a_dense_layer(generator):
+    # Converted without its out_proj, the attention would hold a SparseLinear of density 1 there, which the
+    # algorithms would then prune.
+    model = nn.ModuleDict({"attention": nn.MultiheadAttention(4, 2), "tied": nn.Linear(4, 4), "head": nn.Linear(4, 2)})
+    model["tied"].weight = model["attention"].out_proj.weight
+    with pytest.warns(UserWarning, match=r"attention\.out_proj \(SparseLinear\) stays dense: its weight is tied to tied"):
+        sparsekern.sparsify(model, 0.5, exclude="tied", generator=generator)
+    assert type(model["attention"]) is nn.MultiheadAttention
+    assert [name for name, _ in sparse_modules(model)] == ["head"]
 
 
 class _Counting:
@@ -365,9 +377,9 @@ def test_from_dense_to_dense_and_state_dict_round_trips(name, generator):
         assert torch.equal(loaded.mask, saved.mask) and torch.equal(loaded.weight, saved.weight)
         assert loaded.zero_off_mask
     torch.testing.assert_close(again(*inputs), sparse(*inputs))
+    other_bias = {**config, "bias": not config.get("bias", True)}
     with pytest.raises(RuntimeError, match="in_proj_bias|bias_k|Missing key"):
-        SparseMultiheadAttention(E, HEADS, dtype=torch.float64, bias=not config.get("bias", True),
-                                 **{k: v for k, v in config.items() if k != "bias"}).load_state_dict(sparse.state_dict())
+        SparseMultiheadAttention(E, HEADS, dtype=torch.float64, **other_bias).load_state_dict(sparse.state_dict())
 
 
 def test_a_sparsified_transformer_round_trips_through_a_checkpoint(tmp_path, generator):
