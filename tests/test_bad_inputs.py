@@ -373,8 +373,17 @@ def _nan_weight_dense_world(tmp_path=None):
 error("sparsify(init='dense') of a model with NaN weights", _nan_weight_dense_world,
       lambda w: sparsekern.sparsify(w.model, 0.5, init="dense", generator=w.generator), ValueError, "non-finite")
 
+class _LinearSubclass(nn.Linear):
+    pass
+
+
+class _AttentionSubclass(nn.MultiheadAttention):
+    pass
+
+
 for _name, _make in (("without Linear/Conv", lambda: nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3))),
-                     ("of a Linear subclass only", lambda: nn.MultiheadAttention(4, 2))):
+                     ("of a Linear subclass only", lambda: nn.Sequential(_LinearSubclass(4, 2))),
+                     ("of an attention subclass only", lambda: _AttentionSubclass(4, 2))):
     error(f"sparsify(model {_name})", lambda tmp_path=None, m=_make: SimpleNamespace(model=m()),
           lambda w: sparsekern.sparsify(w.model, 0.5), ValueError, "model has no")
 

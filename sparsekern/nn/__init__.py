@@ -1,11 +1,13 @@
-"""Floor 2, the modules: sparse layers, `sparsify(model)`, sparsity-aware init, layer densities and metrics.
+"""Floor 2, the modules: sparse layers (linear, convolutions, multi-head attention), `sparsify(model)`,
+sparsity-aware init, layer densities and metrics.
 
 Imports only `sparsekern.ops` below it; the algorithms above drive these modules' masks.
 """
 from . import distributions, init
+from .attention import SparseMultiheadAttention
 from .metrics import gradient_flow, summary
 from .modules import SparseConv1d, SparseConv2d, SparseConv3d, SparseConvNd, SparseLinear, SparseModule, sparse_modules
 from .sparsify import sparsify
 
 __all__ = ["SparseModule", "SparseLinear", "SparseConvNd", "SparseConv1d", "SparseConv2d", "SparseConv3d",
-           "sparse_modules", "sparsify", "distributions", "init", "gradient_flow", "summary"]
+           "SparseMultiheadAttention", "sparse_modules", "sparsify", "distributions", "init", "gradient_flow", "summary"]

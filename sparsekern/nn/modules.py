@@ -138,8 +138,8 @@ class SparseModule(nn.Module):
         mask = self.__dict__["_buffers"].get("mask")
         self._promised_mask_version = None if mask is None else mask._version
         # Fused inference kernels of torch read a child layer's weight directly: in eval mode,
-        # nn.TransformerEncoderLayer hands linear1.weight and linear2.weight to one fused op, which
-        # would multiply by the values off the mask. It keeps to its children's forwards while any
+        # nn.TransformerEncoderLayer hands linear1.weight, linear2.weight and its SparseMultiheadAttention's
+        # in_proj.weight and out_proj.weight to one fused op, which would multiply by the values off the mask. It keeps to its children's forwards while any
         # of them has a forward hook, so a module that holds values off its mask carries a no-op one
         # (its only cost: nn.Module's hook path, a few microseconds per call).
         hooks = self._forward_pre_hooks

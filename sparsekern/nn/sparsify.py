@@ -1,4 +1,5 @@
-"""`sparsify(model, density, ...)`: turn a model's Linear and Conv1d/2d/3d layers into sparse ones, in place."""
+"""`sparsify(model, density, ...)`: turn a model's Linear, Conv1d/2d/3d and MultiheadAttention layers into sparse
+ones, in place."""
 from __future__ import annotations
 
 import fnmatch
@@ -16,6 +17,7 @@ from torch.nn.utils import parametrize
 from .. import ops
 from ..ops import _checks
 from . import distributions, init as sparse_init, tying
+from .attention import SparseMultiheadAttention
 from .sharding import refuse_sharded
 from .modules import SparseConv1d, SparseConv2d, SparseConv3d, SparseLinear, SparseModule, weight_type_problem
 
@@ -32,16 +34,19 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
              init: str | Callable | None = None, power: float = 1.0, dense_first_layer: bool = False,
              generator: torch.Generator | None = None, mask: str = "random",
              optimizer: torch.optim.Optimizer | None = None) -> nn.Module:
-    """Replaces the nn.Linear and nn.Conv1d/2d/3d modules of `model` by sparse ones, with random masks
-    or masks that keep each layer's largest weights.
+    """Replaces the nn.Linear, nn.Conv1d/2d/3d and nn.MultiheadAttention modules of `model` by sparse ones,
+    with random masks or masks that keep each layer's largest weights.
 
     Args:
         model: modified in place. Modules of exactly nn.Linear, nn.Conv1d, nn.Conv2d or nn.Conv3d
-            and sparse modules already present (their masks are drawn again) are sparsified. Other
-            weight-bearing layers stay dense, named in one warning unless include/exclude leave them
-            out: subclasses of those types, transposed convolutions, nn.Bilinear, the projections of
-            nn.MultiheadAttention (named once, by the attention module, its out_proj of any type with it),
-            recurrent layers (norms and embeddings stay dense silently).
+            and sparse modules already present (their masks are drawn again) are sparsified. An
+            nn.MultiheadAttention (exactly; those inside nn.TransformerEncoderLayer/DecoderLayer too)
+            becomes a `SparseMultiheadAttention` whose projections are sparse layers of their own, each
+            one layer of the distribution: "<attention>.in_proj" (the (3*embed_dim, embed_dim) input
+            projection; "<attention>.q_proj", ".k_proj", ".v_proj" when kdim/vdim differ from embed_dim) and
+            "<attention>.out_proj". Other weight-bearing layers stay dense, named in one warning unless
+            include/exclude leave them out: subclasses of those types, transposed convolutions,
+            nn.Bilinear, recurrent layers (norms and embeddings stay dense silently).
             One whose weight is computed from other parameters (torch.nn.utils.parametrize,
             weight_norm, spectral_norm, prune) stays dense, with a warning; a Lazy one that has not
             made its weight yet raises ValueError; a weight of a dtype other than float16, bfloat16,
@@ -60,7 +65,10 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
         include, exclude: fnmatch patterns on qualified module names ("features.*", "fc"); a
             module is sparsified if one of its names matches some `include` pattern (all do when
             None) and none matches an `exclude` pattern. A pattern that matches no module's name
-            at all warns (a typo would otherwise change nothing).
+            at all warns (a typo would otherwise change nothing). An nn.MultiheadAttention is
+            matched by its own name and sparsified as a whole, its out_proj with it (its forward
+            reads the out_proj's weight directly): exclude="*.self_attn" keeps the attentions dense,
+            and include="*.self_attn.out_proj" alone sparsifies nothing there (named in the warning).
         init: "sparse" (sparsity-aware, Evci et al. 2022), "layer-scaled", "dense" (keep the
             module's current weights, masked: on an already sparse module the newly active
             positions start at 0), or a callable init(module, generator=...) (`sparsekern.nn.init`),
@@ -119,7 +127,7 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
     sparse_init.check_generator(generator)
     check_optimizer(optimizer, "build the LBFGS after sparsify")
 
-    groups = _layers(model, include, exclude)
+    groups, attentions = _layers(model, include, exclude)
     if optimizer is not None and groups:
         trained = {id(parameter) for group in optimizer.param_groups for parameter in group["params"]}
         if not any(id(group[0][1].weight) in trained for group in groups):
@@ -150,7 +158,7 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
         if generator is not None:
             generator.set_state(generator_state)
         raise
-    return _commit(model, staged, optimizer)
+    return _commit(model, staged, optimizer, attentions)
 
 
 def check_optimizer(optimizer, instead: str) -> None:
@@ -205,8 +213,11 @@ def _matches(names: list[str], patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for name in names for pattern in patterns)
 
 
-def _layers(model: nn.Module, include: list[str] | None, exclude: list[str]) -> list[tying.Group]:
-    """The modules to sparsify, grouped by weight Parameter (one group per mask), in model order.
+def _layers(model: nn.Module, include: list[str] | None,
+            exclude: list[str]) -> tuple[list[tying.Group], list[tuple[nn.Module, SparseMultiheadAttention]]]:
+    """The modules to sparsify, grouped by weight Parameter (one group per mask), in model order, and each
+    nn.MultiheadAttention to convert with the SparseMultiheadAttention (not yet in the model) that will replace
+    it, whose projections are among the modules.
 
     Warns about patterns that match no module name and about weights tied to a dense module.
     """
@@ -222,23 +233,37 @@ def _layers(model: nn.Module, include: list[str] | None, exclude: list[str]) -> 
     selected = [(name, module) for name, module in model.named_modules()
                 if (include is None or _matches(names[id(module)], include))
                 and not _matches(names[id(module)], exclude)]
-    # An MHA's out_proj is left dense as part of its MHA, whatever its type (F.multi_head_attention_forward
-    # reads its weight directly: a user's plain nn.Linear there, made sparse, would train off its mask):
-    # named with it, and silent when the MHA is excluded (patterns match exact names, so exclude="attention"
-    # leaves "attention.out_proj" selected); named on its own only when include picks it without its MHA.
+    # An exact nn.MultiheadAttention is sparsified as a whole, by its own name: SparseMultiheadAttention.from_dense
+    # makes its projections SparseLinear layers (sharing its Parameters), which join the targets under the names
+    # they will have ("attention.in_proj", "attention.out_proj"). Its dense out_proj goes with it whatever its
+    # type (F.multi_head_attention_forward reads that weight directly, so it cannot be sparsified alone): silent
+    # when the attention is selected or excluded (patterns match exact names, so exclude="attention" leaves
+    # "attention.out_proj" selected); named as left dense only when include picks it without its attention.
     selected_ids = {id(module) for _, module in selected}
     attentions = [module for module in model.modules() if isinstance(module, nn.MultiheadAttention)]
     out_projs = {id(module.out_proj) for module in attentions}
     folded = {id(module.out_proj) for module in attentions
               if id(module) in selected_ids or _matches(names[id(module)], exclude)}
     left_dense = _left_dense([(name, module) for name, module in selected if id(module) not in folded], out_projs)
-    targets = _maskable([(name, module) for name, module in selected if id(module) not in out_projs and (
-        type(module) in _SPARSE_OF or isinstance(module, SparseModule) or _reparametrized(module))])
+    converted = {id(module): (module, SparseMultiheadAttention.from_dense(module))
+                 for _, module in _maskable_attentions(selected)}
+    targets = []
+    for name, module in selected:
+        if id(module) in converted:
+            targets += [(f"{name}.{child}" if name else child, projection)
+                        for child, projection in converted[id(module)][1].named_children()]
+        elif id(module) not in out_projs and (type(module) in _SPARSE_OF or isinstance(module, SparseModule)
+                                              or _reparametrized(module)):
+            targets.append((name, module))
+    targets = _maskable(targets)
     target_ids = {id(module) for _, module in targets}
     held = tying.holders(model)
     tied_to_dense = {}
+    # The attentions being converted, and their dense out_projs, hold the weights their sparse projections share.
+    replaced = {*converted, *(id(module.out_proj) for module in attentions if id(module) in converted)}
     for name, module in targets:
-        dense = [(other_name, other) for other_name, other in held[id(module.weight)] if id(other) not in target_ids]
+        dense = [(other_name, other) for other_name, other in held[id(module.weight)]
+                 if id(other) not in target_ids and id(other) not in replaced]
         if dense:
             tied_to_dense[id(module)] = dense
             other_name, other = dense[0]
@@ -248,8 +273,19 @@ def _layers(model: nn.Module, include: list[str] | None, exclude: list[str]) -> 
     # A group is left dense as a whole when any of its members is tied to a dense module.
     groups = [group for group in tying.group_by_weight(targets)
               if not any(id(module) in tied_to_dense for _, module in group)]
+    # An attention is converted only with all its projections: one left out (tied to a dense module) would
+    # sit in it as a sparse layer of density 1, which the algorithms would then prune.
+    kept = {id(module) for group in groups for _, module in group}
+    whole, parts = [], set()
+    for original, attention in converted.values():
+        projections = {id(projection) for projection in attention.children()}
+        if projections <= kept:
+            whole.append((original, attention))
+        else:
+            parts |= projections
+    groups = [group for group in groups if not any(id(module) in parts for _, module in group)]
     if not groups:
-        raise ValueError("model has no nn.Linear or nn.Conv1d/2d/3d module to sparsify"
+        raise ValueError("model has no nn.Linear, nn.Conv1d/2d/3d or nn.MultiheadAttention module to sparsify"
                          + ("" if include is None and not exclude else " matching include/exclude")
                          + (" whose weight is not tied to a dense module" if tied_to_dense else "")
                          + (f"; {left_dense}" if left_dense else ""))
@@ -257,14 +293,14 @@ def _layers(model: nn.Module, include: list[str] | None, exclude: list[str]) -> 
         warnings.warn(f"{left_dense}; exclude them to silence this warning", stacklevel=3)
     for group in groups:
         name, module = group[0]
-        _check_weight_type(name, module)
+        _check_weight_type(name, module.weight)
         if module.weight.numel() == 0:
             raise ValueError(f"layer {name or '(root)'!r} has an empty weight of shape "
                              f"{tuple(module.weight.shape)}: exclude it")
         if module.weight.is_meta:
             raise ValueError(f"layer {name or '(root)'!r} is on the meta device, whose tensors hold no values: "
                              f"materialise the model first (e.g. model.to_empty(device=...) and an init)")
-    return groups
+    return groups, whole
 
 
 # Weight-bearing layers a user may expect sparsify to mask, which it leaves dense. Norms, embeddings
@@ -274,13 +310,15 @@ def _layers(model: nn.Module, include: list[str] | None, exclude: list[str]) -> 
 _LEFT_DENSE = (
     ((nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), "transposed convolutions have no sparse module"),
     ((nn.Bilinear,), "nn.Bilinear has no sparse module"),
-    ((nn.MultiheadAttention,), "F.multi_head_attention_forward reads its input projection weights (its own "
-                               "Parameters) and its out_proj's weight (a Linear subclass) directly"),
+    # An exact nn.MultiheadAttention becomes a SparseMultiheadAttention; only a subclass gets here.
+    ((nn.MultiheadAttention,), "a subclass of nn.MultiheadAttention may read its weights outside forward, where a "
+                               "mask would not apply (only the exact type is sparsified)"),
     ((nn.RNNBase, nn.RNNCellBase), "recurrent layers have no sparse module"),
 )
 
 
-_OUT_PROJ = "F.multi_head_attention_forward reads the weight of nn.MultiheadAttention's out_proj directly"
+_OUT_PROJ = ("F.multi_head_attention_forward reads the weight of nn.MultiheadAttention's out_proj directly: it is "
+             "sparsified with its attention module, which include must name")
 
 
 def _left_dense(selected: list[tuple[str, nn.Module]], out_projs: set[int]) -> str:
@@ -291,7 +329,8 @@ def _left_dense(selected: list[tuple[str, nn.Module]], out_projs: set[int]) -> s
         if id(module) in out_projs:
             reasons.setdefault(_OUT_PROJ, []).append(f"{name or '(root)'} ({type(module).__name__})")
             continue
-        if isinstance(module, SparseModule) or type(module) in _SPARSE_OF or _reparametrized(module):
+        if (isinstance(module, SparseModule) or type(module) in _SPARSE_OF or _exact_attention(module)
+                or _reparametrized(module)):
             continue  # sparsified, or stays dense with a warning of its own
         if isinstance(module, SPARSIFIABLE):
             base = next(kind for kind in _SPARSE_OF if isinstance(module, kind))
@@ -325,6 +364,37 @@ def _unmade(module: nn.Module) -> bool:
     return isinstance(module, LazyModuleMixin) and module.has_uninitialized_params()
 
 
+def _maskable_attentions(selected: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.MultiheadAttention]]:
+    """The exact nn.MultiheadAttention modules of `selected` whose projection weights a mask can hold; one
+    whose weight is computed (torch.nn.utils.parametrize) stays dense, with a warning. TypeError naming the
+    attention for a weight dtype sparse layers do not take, before anything changes."""
+    kept = []
+    for name, module in selected:
+        if not _exact_attention(module):
+            continue
+        weights = [module.in_proj_weight, module.q_proj_weight, module.k_proj_weight, module.v_proj_weight,
+                   module.out_proj.weight]
+        if parametrize.is_parametrized(module) or _reparametrized(module.out_proj) or not all(
+                isinstance(weight, nn.Parameter) for weight in weights if weight is not None):
+            warnings.warn(f"{name or '(root)'} (MultiheadAttention) stays dense: a projection weight is computed "
+                          f"from other parameters (a parametrization, weight_norm, spectral_norm or "
+                          f"torch.nn.utils.prune), not a Parameter that a mask can hold", stacklevel=4)
+            continue
+        for weight in weights:
+            if weight is not None:
+                _check_weight_type(name, weight)
+        kept.append((name, module))
+    return kept
+
+
+def _exact_attention(module: nn.Module) -> bool:
+    """An nn.MultiheadAttention of exactly that type, or of the class torch.nn.utils.parametrize derives from it
+    (which `_maskable_attentions` leaves dense with a warning of its own)."""
+    kind = type(module)
+    return kind is nn.MultiheadAttention or (parametrize.is_parametrized(module)
+                                              and kind.__mro__[1] is nn.MultiheadAttention)
+
+
 def _maskable(targets: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
     """`targets` without the reparametrized layers, which stay dense with a warning; ValueError (before
     anything changes) for a Lazy layer not yet materialised, which would silently stay dense."""
@@ -345,8 +415,8 @@ def _maskable(targets: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module
     return kept
 
 
-def _check_weight_type(name: str, module: nn.Module) -> None:
-    problem = weight_type_problem(module.weight)
+def _check_weight_type(name: str, weight: Tensor) -> None:
+    problem = weight_type_problem(weight)
     if problem is not None:
         raise TypeError(f"layer {name or '(root)'!r} has {problem}; exclude it")
 
@@ -461,8 +531,12 @@ def _checked_output(trial: SparseModule, attribute: str, original: Tensor, mask:
 
 
 @torch.no_grad()
-def _commit(model: nn.Module, staged, optimizer: torch.optim.Optimizer | None) -> nn.Module:
+def _commit(model: nn.Module, staged, optimizer: torch.optim.Optimizer | None,
+            attentions: list[tuple[nn.Module, SparseMultiheadAttention]]) -> nn.Module:
     replacements = {}
+    for original, attention in attentions:
+        _carry_hooks(original, attention)
+        replacements[id(original)] = attention
     for originals, modules, mask, new_weight, new_bias in staged:
         primary = modules[0]
         primary.weight.copy_(new_weight)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsekern
-from sparsekern.nn import SparseConv1d, SparseConv2d, SparseConv3d, SparseLinear, sparse_modules
+from sparsekern.nn import SparseConv1d, SparseConv2d, SparseConv3d, SparseLinear, SparseMultiheadAttention, sparse_modules
 
 
 def random_mask(shape, density, generator):
@@ -488,10 +488,14 @@ class ChannelConv3d(nn.Conv3d):
     pass
 
 
+class GatedAttention(nn.MultiheadAttention):
+    pass
+
+
 def layers_left_dense():
     return nn.ModuleDict({"conv": nn.Conv1d(2, 4, 3), "up": nn.ConvTranspose3d(4, 2, 2),
-                          "attention": nn.MultiheadAttention(4, 2), "rnn": nn.GRU(4, 4), "pair": nn.Bilinear(3, 3, 2),
-                          "scaled": ScaledLinear(4, 4), "channels": ChannelConv3d(2, 2, 1),
+                          "attention": nn.MultiheadAttention(4, 2), "gated": GatedAttention(4, 2), "rnn": nn.GRU(4, 4),
+                          "pair": nn.Bilinear(3, 3, 2), "scaled": ScaledLinear(4, 4), "channels": ChannelConv3d(2, 2, 1),
                           "norm": nn.LayerNorm(4), "batch_norm": nn.BatchNorm1d(4), "embedding": nn.Embedding(9, 4)})
 
 
@@ -500,46 +504,53 @@ def test_sparsify_names_the_weight_layers_it_leaves_dense_in_one_warning(generat
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         sparsekern.sparsify(model, 0.5, generator=generator)
-    assert isinstance(model["conv"], SparseConv1d)
+    assert isinstance(model["conv"], SparseConv1d) and isinstance(model["attention"], SparseMultiheadAttention)
     assert len(caught) == 1 and caught[0].category is UserWarning and caught[0].filename == __file__
     message = str(caught[0].message)
-    for named in ("up (ConvTranspose3d)", "attention (MultiheadAttention)", "rnn (GRU)", "pair (Bilinear)",
+    for named in ("up (ConvTranspose3d)", "gated (GatedAttention)", "rnn (GRU)", "pair (Bilinear)",
                   "scaled (ScaledLinear)", "channels (ChannelConv3d)", "subclass of nn.Linear", "subclass of nn.Conv3d",
-                  "its out_proj's weight"):
+                  "subclass of nn.MultiheadAttention"):
         assert named in message, named
-    # the attention module once, its out_proj (a NonDynamicallyQuantizableLinear) folded in, not a 7th layer
-    assert "6 weight-bearing layer(s)" in message and "attention.out_proj" not in message
+    # the subclassed attention once, its out_proj (a NonDynamicallyQuantizableLinear) folded in; the exact one
+    # is sparsified, not named
+    assert "6 weight-bearing layer(s)" in message and "out_proj" not in message
+    assert "attention (MultiheadAttention)" not in message
     assert not any(name in message for name in ("norm", "embedding", "(Conv1d)"))  # dense by convention
     with warnings.catch_warnings():
         warnings.simplefilter("error")   # excluded or not included: the user chose, nothing to say
-        for attention in ("attention", "attention*"):   # out_proj goes with its attention module
+        for attention in ("gated", "gated*"):   # out_proj goes with its attention module
             sparsekern.sparsify(layers_left_dense(), 0.5, exclude=["up", attention, "rnn", "pair", "scaled", "channels"])
         sparsekern.sparsify(layers_left_dense(), 0.5, include="conv")
-    with pytest.raises(ValueError, match=r"model has no .* module to sparsify; .*0 \(MultiheadAttention\)"):
-        sparsekern.sparsify(nn.Sequential(nn.MultiheadAttention(4, 2)), 0.5)
-    with pytest.raises(ValueError, match=r"matching include/exclude; .*attention\.out_proj \(NonDynamically"):
+    with pytest.raises(ValueError, match=r"model has no .* module to sparsify; .*0 \(GatedAttention\)"):
+        sparsekern.sparsify(nn.Sequential(GatedAttention(4, 2)), 0.5)
+    with pytest.raises(ValueError, match=r"matching include/exclude; .*attention\.out_proj \(NonDynamically.*"
+                                         r"include must name"):
         sparsekern.sparsify(layers_left_dense(), 0.5, include="attention.out_proj")   # picked without its MHA
 
 
-def test_sparsify_leaves_an_attention_modules_plain_linear_out_proj_dense(generator):
+def test_sparsify_sparsifies_an_attention_modules_plain_linear_out_proj_with_it(generator):
     # F.multi_head_attention_forward reads out_proj.weight directly, whatever its type: a user's plain
-    # nn.Linear there made sparse would see its gradient unmasked, and a step would move the weights
-    # off its mask (its forward would no longer be masked either).
+    # nn.Linear there becomes the SparseMultiheadAttention's out_proj, whose weight it masks, and is never
+    # sparsified on its own.
     def model():
         attention = nn.MultiheadAttention(4, 2)
         attention.out_proj = nn.Linear(4, 4)
         return nn.ModuleDict({"attention": attention, "head": nn.Linear(4, 2)})
     sparsified = model()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    out_weight = sparsified["attention"].out_proj.weight
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         sparsekern.sparsify(sparsified, 0.5, generator=generator)
-    assert type(sparsified["attention"].out_proj) is nn.Linear and isinstance(sparsified["head"], SparseLinear)
-    message = " ".join(str(warning.message) for warning in caught)
-    assert "attention (MultiheadAttention)" in message and "1 weight-bearing layer(s)" in message
+    attention = sparsified["attention"]
+    assert isinstance(attention, SparseMultiheadAttention) and isinstance(attention.out_proj, SparseLinear)
+    assert attention.out_proj.weight is out_weight and attention.out_proj.density < 1
+    dense = attention.to_dense()
+    x = torch.randn(3, 2, 4, generator=generator)
+    torch.testing.assert_close(attention(x, x, x)[0], dense(x, x, x)[0])
     with warnings.catch_warnings():
         warnings.simplefilter("error")   # the attention module excluded: its out_proj goes with it, silently
         excluded = sparsekern.sparsify(model(), 0.5, exclude="attention", generator=generator)
-    assert type(excluded["attention"].out_proj) is nn.Linear
+    assert type(excluded["attention"]) is nn.MultiheadAttention and type(excluded["attention"].out_proj) is nn.Linear
     with pytest.raises(ValueError, match=r"matching include/exclude; .*attention\.out_proj \(Linear\): .*directly"):
         sparsekern.sparsify(model(), 0.5, include="attention.out_proj")   # picked without its MHA
 

@@ -339,12 +339,13 @@ def test_without_a_weight_gradient_no_autograd_node_is_built(make, shape, zero_o
 
 
 def test_a_transformer_layer_in_eval_mode_multiplies_by_the_masked_weights(generator):
-    # In eval mode nn.TransformerEncoderLayer hands linear1.weight and linear2.weight to one fused
-    # kernel, unless a child has a forward hook: a sparse layer holding values off its mask (OptG's) must
-    # keep it to the layers' own forwards, and one that promises zero_off_mask may let it run.
+    # In eval mode nn.TransformerEncoderLayer hands linear1.weight, linear2.weight and its attention's
+    # projection weights to one fused kernel, unless a child has a forward hook: a sparse layer holding values
+    # off its mask (OptG's) must keep it to the layers' own forwards, and one that promises zero_off_mask may
+    # let it run.
     layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True)
-    with pytest.warns(UserWarning, match="self_attn"):
-        sparsekern.sparsify(layer, 0.3, generator=generator)
+    sparsekern.sparsify(layer, 0.3, generator=generator)
+    assert len(sparse_modules(layer)) == 4   # the attention's in_proj and out_proj, linear1, linear2
     with torch.no_grad():
         for _, module in sparse_modules(layer):
             module.zero_off_mask = False

@@ -1,0 +1,229 @@
+"""SparseMultiheadAttention: nn.MultiheadAttention whose projections are SparseLinear layers.
+
+F.multi_head_attention_forward multiplies by the projection weights itself, so nn.MultiheadAttention
+cannot hold a sparse layer in place of its weights. Here each projection is a SparseLinear of its own
+(`in_proj`, or `q_proj`/`k_proj`/`v_proj` when kdim or vdim differ from embed_dim, and `out_proj`), and
+forward hands F.multi_head_attention_forward the weight each of them would multiply by
+(`weight_for_dense_kernel`): the output is the dense attention's on the masked weights, and the weight
+gradients are masked (whole with a projection's `dense_grad`). The algorithms, sparsify's densities,
+the sparsity-aware init and checkpoints therefore see ordinary sparse layers.
+
+The input-projection bias (`in_proj_bias`), `bias_k` and `bias_v` are Parameters of the attention
+module itself, as in nn.MultiheadAttention (the projections have no bias but out_proj's), so that a
+plain nn.MultiheadAttention state dict loads with only its projection weights renamed.
+"""
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from ..ops import _masked_linear_op
+from .modules import SparseLinear, SparseModule, _copy_masked_into
+
+# nn.MultiheadAttention's keys of the input-projection weights -> this module's.
+_DENSE_WEIGHT_KEYS = {"in_proj_weight": "in_proj.weight", "q_proj_weight": "q_proj.weight",
+                      "k_proj_weight": "k_proj.weight", "v_proj_weight": "v_proj.weight"}
+
+
+class SparseMultiheadAttention(nn.Module):
+    """A drop-in for nn.MultiheadAttention (same arguments, forward and outputs) with sparse projections.
+
+    Submodules: `in_proj` (SparseLinear(embed_dim, 3 * embed_dim), no bias) when kdim and vdim equal
+    embed_dim, else `q_proj`, `k_proj`, `v_proj` (SparseLinear from embed_dim, kdim, vdim to embed_dim);
+    and `out_proj` (SparseLinear(embed_dim, embed_dim)). `in_proj_weight`, `q_proj_weight`,
+    `k_proj_weight` and `v_proj_weight` read the projections' weights (None where nn.MultiheadAttention
+    has none), for code that reads them from an nn.MultiheadAttention: nn.TransformerEncoderLayer's fused
+    eval-mode kernel does, and multiplies by them directly. That is exact while each projection keeps
+    `zero_off_mask`; a projection that holds values off its mask carries a forward pre-hook, which keeps
+    the layer off that kernel (see `SparseModule.zero_off_mask`).
+    """
+
+    # nn.MultiheadAttention's, which reads num_heads only: nn.TransformerEncoderLayer's fused path calls it.
+    merge_masks = nn.MultiheadAttention.merge_masks
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
+                 add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: int | None = None,
+                 vdim: int | None = None, batch_first: bool = False, device=None, dtype=None):
+        embed_dim = _positive_int(embed_dim, "embed_dim")
+        num_heads = _positive_int(num_heads, "num_heads")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        kdim = embed_dim if kdim is None else _positive_int(kdim, "kdim")
+        vdim = embed_dim if vdim is None else _positive_int(vdim, "vdim")
+        if (isinstance(dropout, bool) or not isinstance(dropout, numbers.Real)
+                or not 0.0 <= float(dropout) <= 1.0):
+            raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
+        for value, name in ((bias, "bias"), (add_bias_kv, "add_bias_kv"), (add_zero_attn, "add_zero_attn"),
+                            (batch_first, "batch_first")):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.embed_dim, self.kdim, self.vdim = embed_dim, kdim, vdim
+        self._qkv_same_embed_dim = kdim == embed_dim and vdim == embed_dim
+        self.num_heads, self.head_dim = num_heads, embed_dim // num_heads
+        self.dropout = float(dropout)
+        self.batch_first = batch_first
+        self.add_zero_attn = add_zero_attn
+        if self._qkv_same_embed_dim:
+            self.in_proj = SparseLinear(embed_dim, 3 * embed_dim, bias=False, **factory)
+        else:
+            self.q_proj = SparseLinear(embed_dim, embed_dim, bias=False, **factory)
+            self.k_proj = SparseLinear(kdim, embed_dim, bias=False, **factory)
+            self.v_proj = SparseLinear(vdim, embed_dim, bias=False, **factory)
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **factory)) if bias else None
+        self.out_proj = SparseLinear(embed_dim, embed_dim, bias=bias, **factory)
+        if add_bias_kv:
+            self.bias_k = nn.Parameter(torch.empty((1, 1, embed_dim), **factory))
+            self.bias_v = nn.Parameter(torch.empty((1, 1, embed_dim), **factory))
+        else:
+            self.bias_k = self.bias_v = None
+        self._reset_parameters()
+
+    @torch.no_grad()
+    def _reset_parameters(self) -> None:
+        """nn.MultiheadAttention's initialisation (its _reset_parameters, on this module's tensors)."""
+        if any(parameter.is_meta for parameter in self.parameters()):
+            return   # from_dense builds on the meta device and adopts the dense module's Parameters
+        for projection in self.input_projections():
+            nn.init.xavier_uniform_(projection.weight)
+        if self.in_proj_bias is not None:
+            nn.init.zeros_(self.in_proj_bias)
+            nn.init.zeros_(self.out_proj.bias)
+        if self.bias_k is not None:
+            nn.init.xavier_normal_(self.bias_k)
+            nn.init.xavier_normal_(self.bias_v)
+
+    def input_projections(self) -> list[SparseLinear]:
+        """[in_proj] or [q_proj, k_proj, v_proj]."""
+        return [self.in_proj] if self._qkv_same_embed_dim else [self.q_proj, self.k_proj, self.v_proj]
+
+    @property
+    def in_proj_weight(self) -> Tensor | None:
+        return self.in_proj.weight if self._qkv_same_embed_dim else None
+
+    @property
+    def q_proj_weight(self) -> Tensor | None:
+        return None if self._qkv_same_embed_dim else self.q_proj.weight
+
+    @property
+    def k_proj_weight(self) -> Tensor | None:
+        return None if self._qkv_same_embed_dim else self.k_proj.weight
+
+    @property
+    def v_proj_weight(self) -> Tensor | None:
+        return None if self._qkv_same_embed_dim else self.v_proj.weight
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
+                need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
+        """nn.MultiheadAttention's forward (its general path) on the masked projection weights."""
+        is_batched = query.dim() == 3
+        key_padding_mask = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask",
+                                             other_type=F._none_or_dtype(attn_mask), other_name="attn_mask",
+                                             target_type=query.dtype)
+        attn_mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
+                                      target_type=query.dtype, check_other=False)
+        if self.batch_first and is_batched:
+            # Transposed together where they are one tensor: F.multi_head_attention_forward takes the
+            # self-attention path (one projection) only when query is key is value.
+            if key is value:
+                if query is key:
+                    query = key = value = query.transpose(1, 0)
+                else:
+                    query, key = (x.transpose(1, 0) for x in (query, key))
+                    value = key
+            else:
+                query, key, value = (x.transpose(1, 0) for x in (query, key, value))
+        projections = [_weight_for_dense_kernel(projection) for projection in self.input_projections()]
+        separate = {} if self._qkv_same_embed_dim else dict(
+            use_separate_proj_weight=True, q_proj_weight=projections[0], k_proj_weight=projections[1],
+            v_proj_weight=projections[2])
+        attn_output, attn_output_weights = F.multi_head_attention_forward(
+            query, key, value, self.embed_dim, self.num_heads,
+            projections[0] if self._qkv_same_embed_dim else None, self.in_proj_bias,
+            self.bias_k, self.bias_v, self.add_zero_attn, self.dropout,
+            _weight_for_dense_kernel(self.out_proj), self.out_proj.bias, training=self.training,
+            key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
+            average_attn_weights=average_attn_weights, is_causal=is_causal, **separate)
+        if self.batch_first and is_batched:
+            return attn_output.transpose(1, 0), attn_output_weights
+        return attn_output, attn_output_weights
+
+    @classmethod
+    def from_dense(cls, attention: nn.MultiheadAttention) -> "SparseMultiheadAttention":
+        """A SparseMultiheadAttention (masks all True) sharing `attention`'s Parameters (see
+        SparseLinear.from_dense): the input-projection weights become its projections' weights, and
+        out_proj's weight and bias its out_proj's."""
+        if not isinstance(attention, nn.MultiheadAttention):
+            raise TypeError(f"{cls.__name__}.from_dense takes an nn.MultiheadAttention, "
+                            f"got {type(attention).__name__}")
+        weights = [attention.in_proj_weight] if attention._qkv_same_embed_dim else [
+            attention.q_proj_weight, attention.k_proj_weight, attention.v_proj_weight]
+        for weight in [*weights, attention.out_proj.weight]:
+            if not isinstance(weight, nn.Parameter):
+                raise TypeError(f"{cls.__name__}.from_dense takes an nn.MultiheadAttention whose projection "
+                                f"weights are Parameters, got a {type(weight).__name__} (a parametrization or "
+                                f"a weight hook computes it)")
+        sparse = cls(attention.embed_dim, attention.num_heads, dropout=attention.dropout,
+                     bias=attention.in_proj_bias is not None, add_bias_kv=attention.bias_k is not None,
+                     add_zero_attn=attention.add_zero_attn, kdim=attention.kdim, vdim=attention.vdim,
+                     batch_first=attention.batch_first, device="meta", dtype=weights[0].dtype)
+        for projection, weight in zip(sparse.input_projections(), weights):
+            projection.weight = weight
+            projection.mask = torch.ones_like(weight, dtype=torch.bool)
+        sparse.out_proj = SparseLinear.from_dense(attention.out_proj)
+        sparse.in_proj_bias, sparse.bias_k, sparse.bias_v = attention.in_proj_bias, attention.bias_k, attention.bias_v
+        sparse.train(attention.training)
+        return sparse
+
+    def to_dense(self) -> nn.MultiheadAttention:
+        """A plain nn.MultiheadAttention with copies of the masked projection weights and the biases."""
+        weight = (self.in_proj if self._qkv_same_embed_dim else self.q_proj).weight
+        dense = nn.MultiheadAttention(self.embed_dim, self.num_heads, dropout=self.dropout,
+                                      bias=self.in_proj_bias is not None, add_bias_kv=self.bias_k is not None,
+                                      add_zero_attn=self.add_zero_attn, kdim=self.kdim, vdim=self.vdim,
+                                      batch_first=self.batch_first, device="meta", dtype=weight.dtype)
+        with torch.no_grad():
+            for name, projection in zip(("in_proj",) if self._qkv_same_embed_dim else ("q_proj", "k_proj", "v_proj"),
+                                        self.input_projections()):
+                setattr(dense, f"{name}_weight", nn.Parameter(projection.masked_weight(),
+                                                              requires_grad=projection.weight.requires_grad))
+            for name in ("in_proj_bias", "bias_k", "bias_v"):
+                parameter = getattr(self, name)
+                if parameter is not None:
+                    setattr(dense, name, nn.Parameter(parameter.detach().clone(),
+                                                      requires_grad=parameter.requires_grad))
+        _copy_masked_into(dense.out_proj, self.out_proj)   # keeps nn.MultiheadAttention's own out_proj class
+        dense.train(self.training)
+        return dense
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # A plain nn.MultiheadAttention's state dict: its input-projection weights are this module's
+        # projections' weights (their missing masks load as all True, SparseModule's rule). Renamed here,
+        # before load_state_dict hands the children their entries.
+        for dense_key, sparse_key in _DENSE_WEIGHT_KEYS.items():
+            if prefix + dense_key in state_dict and prefix + sparse_key not in state_dict:
+                state_dict[prefix + sparse_key] = state_dict.pop(prefix + dense_key)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, kdim={self.kdim}, vdim={self.vdim}, "
+                f"dropout={self.dropout}, batch_first={self.batch_first}")
+
+
+def _weight_for_dense_kernel(layer: SparseModule) -> Tensor:
+    """The weight `layer` would multiply by (SparseConvNd.forward's), for a kernel that multiplies by it."""
+    weight, mask, _, zero_off_mask = layer._forward_arguments()
+    return _masked_linear_op.weight_for_dense_kernel(weight, mask, zero_off_mask, layer.dense_grad)
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
