@@ -156,9 +156,12 @@ def check_snapshot(state, model: nn.Module, name: str) -> dict[str, Tensor]:
     for key, value in current.items():
         saved = state[key]
         if not dense_values(saved) or saved.shape != value.shape or saved.dtype != value.dtype:
-            got = ("a nested tensor" if isinstance(saved, Tensor) and saved.is_nested
-                   else f"{saved.dtype} {tuple(saved.shape)} ({saved.layout}, {saved.device})" if isinstance(saved, Tensor)
-                   else type(saved).__name__)
+            if not isinstance(saved, Tensor):
+                got = type(saved).__name__
+            elif saved.is_nested:
+                got = "a nested tensor"
+            else:
+                got = f"{saved.dtype} {tuple(saved.shape)} ({saved.layout}, {saved.device})"
             raise ValueError(f"{name}[{key!r}] must be a dense {value.dtype} tensor of shape {tuple(value.shape)}, "
                              f"got {got}")
         checked[key] = saved.detach().to(value.device, copy=True)

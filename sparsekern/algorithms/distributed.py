@@ -340,22 +340,22 @@ class CatchesUp(Joinable):
         self._replicas, self.group = model, group
 
     def join_hook(self, optimizer: torch.optim.Optimizer | None = None, **kwargs) -> JoinHook:
-        """For training on uneven inputs under `torch.distributed.algorithms.Join([ddp, algorithm])`, the
-        model first (its forward tells Join that this rank still has inputs; step() refuses, with
-        RuntimeError, to be the first). A rank that runs out of inputs stops calling step() while the others
-        go on. The algorithm makes no collective of its own in step(), so there is nothing to shadow
-        meanwhile, but that rank's counts fall behind, and with them what they schedule: DST's mask updates
-        and random stream, IMP's rewind point and cycle, OptG's scores. When every rank has joined, every
-        rank takes the algorithm's state, and the masks and weights of the sparse layers, of the last rank to
-        join (the highest, as DDP picks), by `broadcast_masks`, and the whole state of DST's optimizer (every
-        parameter's: DDP's hook copies the parameters, but no optimizer state). IMP's state holds its optimizer's: the catching up makes `imp.optimizer` a new one, as
-        next_cycle() does. OptG's weights are trained by an optimizer it does not hold: name it with Join's
-        keyword `optimizer` (`Join([ddp, optg], optimizer=optimizer)`; Join hands its keywords to every
-        joinable, and DDP's hook ignores this one) and its whole state is copied too. Without
-        it that state stays each rank's own, as DDP leaves every parameter's, and momentum moves the weights of
-        a rank that joined early apart from the others'. DST and IMP hold their optimizers: one named to them
-        must be theirs (ValueError otherwise, on every rank, as Join starts). A rank that had no inputs at
-        all, whose optimizer holds no state yet, takes the last joiner's (broadcast_masks)."""
+        """For training on uneven inputs under `torch.distributed.algorithms.Join([ddp, algorithm])`, the model
+        first (its forward tells Join that this rank still has inputs; step() refuses, with RuntimeError, to be
+        the first). A rank that runs out of inputs stops calling step() while the others go on. The algorithm
+        makes no collective of its own in step(), so there is nothing to shadow meanwhile, but that rank's counts
+        fall behind, and with them what they schedule: DST's mask updates and random stream, IMP's rewind point
+        and cycle, OptG's scores. When every rank has joined, every rank takes the algorithm's state, and the
+        masks and weights of the sparse layers, of the last rank to join (the highest, as DDP picks), by
+        `broadcast_masks`, and the whole state of DST's optimizer (every parameter's: DDP's hook copies the
+        parameters, but no optimizer state). IMP's state holds its optimizer's: the catching up makes
+        `imp.optimizer` a new one, as next_cycle() does. OptG's weights are trained by an optimizer it does not
+        hold: name it with Join's keyword `optimizer` (`Join([ddp, optg], optimizer=optimizer)`; Join hands its
+        keywords to every joinable, and DDP's hook ignores this one) and its whole state is copied too. Without
+        it that state stays each rank's own, as DDP leaves every parameter's, and momentum moves the weights of a
+        rank that joined early apart from the others'. DST and IMP hold their optimizers: one named to them must
+        be theirs (ValueError otherwise, on every rank, as Join starts). A rank that had no inputs at all, whose
+        optimizer holds no state yet, takes the last joiner's (broadcast_masks)."""
         if self._holds_its_optimizer:
             if optimizer is not None and optimizer is not self.optimizer:
                 raise ValueError(f"Join(optimizer=...) names another optimizer than the {type(self).__name__}'s own, "

@@ -124,13 +124,13 @@ class DST(distributed.CatchesUp):
     dense gradient of an update step and may move inactive weights, and the update that follows
     zeroes them again (and their optimizer state) off the new mask.
 
-    n = round(r · active) (Python's round) is not capped by the inactive count: a layer denser
-    than 1/(1 + r) drops more than it has inactive entries and grows some just-dropped ones back,
-    as RigL does; an update never changes the active count. Step t counts `step()` calls from 1; updates happen at multiples of
-    update_every below end_step. Newly grown weights start at 0; a just-dropped weight may be
-    grown again and then keeps its value. After an update the gradients are masked by the new
-    masks, so the optimizer step that follows sees masked gradients (grown weights get theirs,
-    under every growth criterion: the backward before an update step is dense).
+    n = round(r · active) (Python's round) is not capped by the inactive count: a layer denser than
+    1/(1 + r) drops more than it has inactive entries and grows some just-dropped ones back, as RigL
+    does; an update never changes the active count. Step t counts `step()` calls from 1; updates happen
+    at multiples of update_every below end_step. Newly grown weights start at 0; a just-dropped weight
+    may be grown again and then keeps its value. After an update the gradients are masked by the new
+    masks, so the optimizer step that follows sees masked gradients (grown weights get theirs, under
+    every growth criterion: the backward before an update step is dense).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, prune: str = "magnitude",

@@ -10,4 +10,5 @@ from .modules import SparseConv1d, SparseConv2d, SparseConv3d, SparseConvNd, Spa
 from .sparsify import sparsify
 
 __all__ = ["SparseModule", "SparseLinear", "SparseConvNd", "SparseConv1d", "SparseConv2d", "SparseConv3d",
-           "SparseMultiheadAttention", "sparse_modules", "sparsify", "distributions", "init", "gradient_flow", "summary"]
+           "SparseMultiheadAttention", "sparse_modules", "sparsify", "distributions", "init", "gradient_flow",
+           "summary"]

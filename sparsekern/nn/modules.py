@@ -49,9 +49,10 @@ runs under vmap and refuses to be differentiated.
 
 A plain nn.Linear / nn.Conv1d/2d/3d state dict loads into the matching sparse module (one pruned by
 torch.nn.utils.prune, its `weight_orig` and `weight_mask`, as that mask and the pruned weight; a missing
-`mask` means all True: a module whose mask was not all True warns that it becomes dense), and `to_dense()` returns a plain module holding the masked weight. A saved
-mask that is not bool (torch.nn.utils.prune's are float) must hold only 0 and 1 (ValueError naming
-its key otherwise, the module unchanged).
+`mask` means all True: a module whose mask was not all True warns that it becomes dense), and
+`to_dense()` returns a plain module holding the masked weight. A saved mask that is not bool
+(torch.nn.utils.prune's are float) must hold only 0 and 1 (ValueError naming its key otherwise, the
+module unchanged).
 Loading a state dict, or assigning a new `weight` Parameter, sets `zero_off_mask` from the weight's
 values.
 """
@@ -139,9 +140,10 @@ class SparseModule(nn.Module):
         self._promised_mask_version = None if mask is None else mask._version
         # Fused inference kernels of torch read a child layer's weight directly: in eval mode,
         # nn.TransformerEncoderLayer hands linear1.weight, linear2.weight and its SparseMultiheadAttention's
-        # in_proj.weight and out_proj.weight to one fused op, which would multiply by the values off the mask. It keeps to its children's forwards while any
-        # of them has a forward hook, so a module that holds values off its mask carries a no-op one
-        # (its only cost: nn.Module's hook path, a few microseconds per call).
+        # in_proj.weight and out_proj.weight to one fused op, which would multiply by the values off the
+        # mask. It keeps to its children's forwards while any of them has a forward hook, so a module that
+        # holds values off its mask carries a no-op one (its only cost: nn.Module's hook path, a few
+        # microseconds per call).
         hooks = self._forward_pre_hooks
         guards = [key for key, hook in hooks.items() if hook is _forward_through_the_mask]
         if not value and not guards:

@@ -94,8 +94,9 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
 
     Layer l holds exactly round(d_l * N_l) active weights: the top entries, through
     `sparsekern.ops.topk_mask`, of uniform random scores or of |weight| (ties to the lower flat
-    position); a density so low that some layer would keep no weight raises ValueError. Parameters are shared with the replaced
-    modules, so an optimizer built before keeps training them; pass it as `optimizer` once it has state.
+    position); a density so low that some layer would keep no weight raises ValueError. Parameters are
+    shared with the replaced modules, so an optimizer built before keeps training them; pass it as
+    `optimizer` once it has state.
     Biases, norms and embeddings stay dense.
 
     Shared modules and tied weights: every reference to a replaced module (a module used twice
