@@ -205,10 +205,14 @@ class SparseMultiheadAttention(nn.Module):
                               unexpected_keys, error_msgs):
         # A plain nn.MultiheadAttention's state dict: its input-projection weights are this module's
         # projections' weights (their missing masks load as all True, SparseModule's rule). Renamed here,
-        # before load_state_dict hands the children their entries.
+        # before load_state_dict hands the children their entries; so are torch.nn.utils.prune's
+        # `<weight>_orig` and `<weight>_mask` of a pruned one, which the projection then loads as its mask
+        # and pruned values (SparseModule's rule too).
         for dense_key, sparse_key in _DENSE_WEIGHT_KEYS.items():
-            if prefix + dense_key in state_dict and prefix + sparse_key not in state_dict:
-                state_dict[prefix + sparse_key] = state_dict.pop(prefix + dense_key)
+            for suffix in ("", "_orig", "_mask"):
+                dense_entry, sparse_entry = prefix + dense_key + suffix, prefix + sparse_key + suffix
+                if dense_entry in state_dict and sparse_entry not in state_dict:
+                    state_dict[sparse_entry] = state_dict.pop(dense_entry)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 

@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import prune
 
 import sparsekern
 from sparsekern.nn import SparseLinear, SparseMultiheadAttention, sparse_modules
@@ -426,3 +427,22 @@ def test_from_dense_refuses_what_it_cannot_hold():
     with pytest.warns(UserWarning, match=r"0 \(MultiheadAttention\) stays dense: a projection weight is computed"):
         sparsekern.sparsify(model, 0.5)
     assert model[0] is attention and isinstance(model[1], SparseLinear)
+
+
+@pytest.mark.parametrize("name", ["default", "kdim_vdim"])
+def test_an_attention_pruned_by_torch_loads_its_masks_and_pruned_weights(name, generator):
+    # torch.nn.utils.prune saves a pruned in_proj_weight as in_proj_weight_orig and in_proj_weight_mask
+    config, _ = CONFIGS[name]
+    dense = _dense(config, generator)
+    own = ["in_proj_weight"] if dense._qkv_same_embed_dim else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
+    for attribute in own:
+        prune.random_unstructured(dense, attribute, 0.5)
+    prune.random_unstructured(dense.out_proj, "weight", 0.5)
+    sparse = SparseMultiheadAttention(E, HEADS, dtype=torch.float64, **config)
+    sparse.load_state_dict(dense.state_dict())
+    for attribute, projection in zip(own, sparse.input_projections()):
+        assert torch.equal(projection.mask, getattr(dense, f"{attribute}_mask").bool())
+        assert torch.equal(projection.weight, getattr(dense, attribute)) and projection.zero_off_mask
+    assert torch.equal(sparse.out_proj.mask, dense.out_proj.weight_mask.bool())
+    inputs = [x.detach() for x in _inputs(sparse, {}, generator)]
+    torch.testing.assert_close(sparse(*inputs), dense(*inputs))
