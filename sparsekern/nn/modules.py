@@ -129,12 +129,18 @@ class SparseModule(nn.Module):
         without assigning it (torch.func.functional_call, a parametrization, nn.Module.register_parameter)
         gets the masked path until the promise is made again: its values were never masked."""
         promised = self._zero_off_mask_of
-        return promised is not None and promised is self.weight
+        # The Parameter itself, as forward reads it: `self.weight` would compute a parametrized weight (and
+        # spectral_norm's, in training mode, run a power iteration) at every read.
+        return promised is not None and promised is self._parameters.get("weight")
 
     @zero_off_mask.setter
     def zero_off_mask(self, value: bool) -> None:
-        # In __dict__ itself: nn.Module.__setattr__ would register a Parameter as a second parameter.
-        self.__dict__["_zero_off_mask_of"] = self.weight if value else None
+        # No promise for a weight that a parametrization or hook computes (not among the Parameters), which
+        # is not read here (see the getter). In __dict__ itself: nn.Module.__setattr__ would register a
+        # Parameter as a second parameter.
+        weight = self._parameters.get("weight")
+        value = bool(value) and weight is not None
+        self.__dict__["_zero_off_mask_of"] = weight if value else None
         # The mask the promise was made for: one written in place since, other than by set_mask or an
         # algorithm (AveragedModel's buffer sync, which copies the live masks into an EMA whose averaged
         # weights are non-zero off them), makes forward check the promise again (_forward_arguments).

@@ -420,6 +420,16 @@ def test_a_parametrized_weight_is_masked(make, shape, generator):
     torch.testing.assert_close(layer(x), want)
 
 
+def test_a_conversion_computes_no_parametrized_weight(generator):
+    # Reading a spectral-normed weight in training mode runs a power iteration (it moves u and v), which
+    # nn.Linear's conversions do not: the promise is about the module's own Parameter, read without one.
+    layer = masked_layer(lambda: SparseLinear(12, 6), generator)
+    torch.nn.utils.parametrizations.spectral_norm(layer)
+    u = layer.parametrizations.weight[0]._u.clone()
+    layer.to(torch.float32)
+    assert torch.equal(layer.parametrizations.weight[0]._u, u) and not layer.zero_off_mask
+
+
 @LAYERS
 def test_a_weight_registered_in_place_of_the_old_is_masked(make, shape, generator):
     layer = masked_layer(make, generator)
