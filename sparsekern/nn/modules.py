@@ -364,6 +364,12 @@ class SparseLinear(SparseModule, nn.Linear):
         if "packed_values" in self._buffers:  # inference mode (`packed`)
             return ops.sparse_linear(input, self.packed, self.bias)
         weight, mask, bias, zero_off_mask = self._forward_arguments()
+        if isinstance(input, Tensor) and input.is_nested:
+            # nn.TransformerEncoder hands its layers a NestedTensor in eval mode when given a src_key_padding_mask,
+            # and a layer kept off its fused kernel (a sparse layer off its mask carries a forward hook) passes it
+            # to its linear layers: F.linear takes one, the masked-linear kernels do not.
+            return nn.functional.linear(input, _masked_linear_op.weight_for_dense_kernel(
+                weight, mask, zero_off_mask, self.dense_grad), bias)
         return ops.masked_linear(input, weight, mask, bias, dense_grad=self.dense_grad, zero_off_mask=zero_off_mask)
 
     @torch.no_grad()

@@ -446,3 +446,29 @@ def test_an_attention_pruned_by_torch_loads_its_masks_and_pruned_weights(name, g
     assert torch.equal(sparse.out_proj.mask, dense.out_proj.weight_mask.bool())
     inputs = [x.detach() for x in _inputs(sparse, {}, generator)]
     torch.testing.assert_close(sparse(*inputs), dense(*inputs))
+
+
+def test_an_encoder_given_a_padding_mask_in_eval_mode_runs_layers_kept_off_their_fused_kernel(generator):
+    # nn.TransformerEncoder (enable_nested_tensor) hands its layers a nested tensor in eval mode with a
+    # src_key_padding_mask; a layer whose sparse layers hold values off their masks keeps off its fused kernel
+    # and calls its attention with that nested tensor, which nn.MultiheadAttention takes (its fast path).
+    torch.manual_seed(0)
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True), 2)
+    sparsekern.sparsify(model, 0.3, generator=generator)
+    model.eval()
+    with torch.no_grad():
+        for _, module in sparse_modules(model):
+            module.weight.masked_fill_(~module.mask, 5.0)
+            module.zero_off_mask = False
+        x = torch.randn(2, 5, 16, generator=generator)
+        padding = torch.zeros(2, 5, dtype=torch.bool)
+        padding[0, 3:] = True
+        expected = _densified(model)(x, src_key_padding_mask=padding)
+        torch.testing.assert_close(model(x, src_key_padding_mask=padding), expected)
+
+
+def test_a_nested_input_is_refused_where_nn_multihead_attention_refuses_it():
+    attention = SparseMultiheadAttention(8, 2, batch_first=True)
+    query = torch.nested.nested_tensor([torch.randn(3, 8), torch.randn(2, 8)])
+    with pytest.raises(ValueError, match="query is a NestedTensor"):
+        attention(query, query, query)   # in training mode
