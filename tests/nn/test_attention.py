@@ -234,6 +234,19 @@ def test_sparsify_converts_decoder_layers_and_patterns_name_the_attention(genera
     assert type(included.multihead_attn) is nn.MultiheadAttention and type(included.linear1) is nn.Linear
 
 
+def test_sparsify_again_matches_a_converted_attention_by_its_own_name(generator):
+    torch.manual_seed(0)
+    model = nn.TransformerDecoderLayer(8, 2, 16, dropout=0.0)
+    sparsekern.sparsify(model, 0.5, generator=generator)
+    masks = {name: module.mask.clone() for name, module in sparse_modules(model)}
+    sparsekern.sparsify(model, 0.3, exclude="*attn", generator=generator)   # the attentions' masks stay
+    for name, module in sparse_modules(model):
+        assert torch.equal(module.mask, masks[name]) == ("attn" in name), name
+    sparsekern.sparsify(model, 0.3, include="self_attn", generator=generator)
+    assert torch.equal(model.multihead_attn.in_proj.mask, masks["multihead_attn.in_proj"])
+    assert not torch.equal(model.self_attn.in_proj.mask, masks["self_attn.in_proj"])
+
+
 def test_sparsify_converts_an_attention_at_the_root_and_with_kdim_vdim(generator):
     torch.manual_seed(0)
     attention = nn.MultiheadAttention(8, 2, kdim=3, vdim=5)
