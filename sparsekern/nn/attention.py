@@ -120,13 +120,17 @@ class SparseMultiheadAttention(nn.Module):
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
                 need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
-        """nn.MultiheadAttention's forward (its general path) on the masked projection weights."""
+        """nn.MultiheadAttention's forward (its general path; its fast path for a NestedTensor) on the masked
+        projection weights."""
         is_batched = query.dim() == 3
         key_padding_mask = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask",
                                              other_type=F._none_or_dtype(attn_mask), other_name="attn_mask",
                                              target_type=query.dtype)
         attn_mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
                                       target_type=query.dtype, check_other=False)
+        if query.is_nested or key.is_nested or value.is_nested:
+            return self._nested_forward(query, key, value, key_padding_mask, need_weights, attn_mask,
+                                        average_attn_weights)
         if self.batch_first and is_batched:
             # Transposed together where they are one tensor: F.multi_head_attention_forward takes the
             # self-attention path (one projection) only when query is key is value.
@@ -152,6 +156,29 @@ class SparseMultiheadAttention(nn.Module):
         if self.batch_first and is_batched:
             return attn_output.transpose(1, 0), attn_output_weights
         return attn_output, attn_output_weights
+
+    def _nested_forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None,
+                        need_weights: bool, attn_mask: Tensor | None,
+                        average_attn_weights: bool) -> tuple[Tensor, Tensor | None]:
+        """nn.MultiheadAttention's fast path, torch's fused attention, on the weights the projections multiply
+        by: the only one that takes a NestedTensor. nn.TransformerEncoder hands its layers one in eval mode
+        when given a src_key_padding_mask, and a layer kept off its own fused kernel (by a forward hook: a sparse
+        layer holding values off its mask carries one) passes it to its attention. ValueError where
+        nn.MultiheadAttention's fast path does not run (it raises AssertionError)."""
+        tensors = (query, *self.parameters())
+        if not (query is key is value and self._qkv_same_embed_dim and self.batch_first and not self.training
+                and self.in_proj_bias is not None and self.bias_k is None and not self.add_zero_attn
+                and attn_mask is None and key_padding_mask is None and not torch.is_autocast_enabled()
+                and not (torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors))):
+            raise ValueError("query is a NestedTensor, which SparseMultiheadAttention takes only where "
+                             "nn.MultiheadAttention's fast path does: self-attention (query is key is value), "
+                             "batch_first, eval mode, in_proj_bias, no bias_k/bias_v, add_zero_attn, masks or "
+                             "autocast, and no gradient")
+        merged_mask, mask_type = self.merge_masks(attn_mask, key_padding_mask, query)
+        return torch._native_multi_head_attention(
+            query, key, value, self.embed_dim, self.num_heads, _weight_for_dense_kernel(self.in_proj),
+            self.in_proj_bias, _weight_for_dense_kernel(self.out_proj), self.out_proj.bias, merged_mask,
+            need_weights, average_attn_weights, mask_type)
 
     @classmethod
     def from_dense(cls, attention: nn.MultiheadAttention) -> "SparseMultiheadAttention":
@@ -205,10 +232,14 @@ class SparseMultiheadAttention(nn.Module):
                               unexpected_keys, error_msgs):
         # A plain nn.MultiheadAttention's state dict: its input-projection weights are this module's
         # projections' weights (their missing masks load as all True, SparseModule's rule). Renamed here,
-        # before load_state_dict hands the children their entries.
+        # before load_state_dict hands the children their entries; so are torch.nn.utils.prune's
+        # `<weight>_orig` and `<weight>_mask` of a pruned one, which the projection then loads as its mask
+        # and pruned values (SparseModule's rule too).
         for dense_key, sparse_key in _DENSE_WEIGHT_KEYS.items():
-            if prefix + dense_key in state_dict and prefix + sparse_key not in state_dict:
-                state_dict[prefix + sparse_key] = state_dict.pop(prefix + dense_key)
+            for suffix in ("", "_orig", "_mask"):
+                dense_entry, sparse_entry = prefix + dense_key + suffix, prefix + sparse_key + suffix
+                if dense_entry in state_dict and sparse_entry not in state_dict:
+                    state_dict[sparse_entry] = state_dict.pop(dense_entry)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 

@@ -27,13 +27,16 @@ it does not own.
 
 Writing into `weight` off the mask, or writing `mask` other than through `set_mask`, breaks the
 promise: set `zero_off_mask = False`, or call `zero_weights_off_mask()` to keep it. A mask written in
-place is noticed (by its version counter) at the next forward outside torch.compile, which reads the
-weight once to check the promise again: an EMA of a DST run (torch.optim.swa_utils.AveragedModel,
-whose buffer sync copies the live masks into a model whose averaged weights are non-zero off them)
-computes with its averaged weights under the live masks. A write into the weight alone is not noticed
-(an optimizer step writes it too). `verify_zero_off_mask()` checks it
-(one pass over the weight); `SparseModule.check_zero_off_mask = True` (on the class, or on one
-module) runs that check at every forward that relies on it, a debugging aid.
+place is noticed (by its version counter, which a mask made under torch.inference_mode lacks) at the
+next forward outside torch.compile, which reads the weight once to check the promise again: an EMA of
+a DST run (torch.optim.swa_utils.AveragedModel, whose buffer sync copies the live masks into a model
+whose averaged weights are non-zero off them) computes with its averaged weights under the live masks.
+Only the module's own forward notices it: nn.TransformerEncoderLayer's fused eval-mode kernel
+multiplies by its layers' weights without running them (set such an EMA's `zero_off_mask = False`,
+whose forward pre-hook keeps the layer off that kernel). A write into the weight alone is not noticed
+(an optimizer step writes it too). `verify_zero_off_mask()` checks it (one pass over the weight);
+`SparseModule.check_zero_off_mask = True` (on the class, or on one module) runs that check at every
+forward that relies on it, a debugging aid.
 
 With `dense_grad = True` the next backward also gives the gradient at inactive positions (dy.T @ x
 for a linear layer), which growth criteria such as RigL's read on mask-update steps. That gradient
@@ -127,17 +130,24 @@ class SparseModule(nn.Module):
         without assigning it (torch.func.functional_call, a parametrization, nn.Module.register_parameter)
         gets the masked path until the promise is made again: its values were never masked."""
         promised = self._zero_off_mask_of
-        return promised is not None and promised is self.weight
+        # The Parameter itself, as forward reads it: `self.weight` would compute a parametrized weight (and
+        # spectral_norm's, in training mode, run a power iteration) at every read.
+        return promised is not None and promised is self._parameters.get("weight")
 
     @zero_off_mask.setter
     def zero_off_mask(self, value: bool) -> None:
-        # In __dict__ itself: nn.Module.__setattr__ would register a Parameter as a second parameter.
-        self.__dict__["_zero_off_mask_of"] = self.weight if value else None
+        # No promise for a weight that a parametrization or hook computes (not among the Parameters), which
+        # is not read here (see the getter). In __dict__ itself: nn.Module.__setattr__ would register a
+        # Parameter as a second parameter.
+        weight = self._parameters.get("weight")
+        value = bool(value) and weight is not None
+        self.__dict__["_zero_off_mask_of"] = weight if value else None
         # The mask the promise was made for: one written in place since, other than by set_mask or an
         # algorithm (AveragedModel's buffer sync, which copies the live masks into an EMA whose averaged
         # weights are non-zero off them), makes forward check the promise again (_forward_arguments).
+        # An inference tensor (made under torch.inference_mode) has no version counter: writes into it go unnoticed.
         mask = self.__dict__["_buffers"].get("mask")
-        self._promised_mask_version = None if mask is None else mask._version
+        self._promised_mask_version = None if mask is None or mask.is_inference() else mask._version
         # Fused inference kernels of torch read a child layer's weight directly: in eval mode,
         # nn.TransformerEncoderLayer hands linear1.weight, linear2.weight and its SparseMultiheadAttention's
         # in_proj.weight and out_proj.weight to one fused op, which would multiply by the values off the
@@ -218,7 +228,7 @@ class SparseModule(nn.Module):
             weight = self.weight
         zero_off_mask = self._zero_off_mask_of is weight
         # Not while torch.compile traces, where a version is no value to branch on.
-        if (zero_off_mask and mask is not None and not torch.compiler.is_compiling()
+        if (zero_off_mask and mask is not None and not torch.compiler.is_compiling() and not mask.is_inference()
                 and mask._version != self._promised_mask_version and not _transforms.active()):
             self._recheck_zero_off_mask()   # the mask was written in place since the promise (setter)
             zero_off_mask = self._zero_off_mask_of is weight
@@ -356,6 +366,12 @@ class SparseLinear(SparseModule, nn.Linear):
         if "packed_values" in self._buffers:  # inference mode (`packed`)
             return ops.sparse_linear(input, self.packed, self.bias)
         weight, mask, bias, zero_off_mask = self._forward_arguments()
+        if isinstance(input, Tensor) and input.is_nested:
+            # nn.TransformerEncoder hands its layers a NestedTensor in eval mode when given a src_key_padding_mask,
+            # and a layer kept off its fused kernel (a sparse layer off its mask carries a forward hook) passes it
+            # to its linear layers: F.linear takes one, the masked-linear kernels do not.
+            return nn.functional.linear(input, _masked_linear_op.weight_for_dense_kernel(
+                weight, mask, zero_off_mask, self.dense_grad), bias)
         return ops.masked_linear(input, weight, mask, bias, dense_grad=self.dense_grad, zero_off_mask=zero_off_mask)
 
     @torch.no_grad()

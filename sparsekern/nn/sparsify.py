@@ -65,10 +65,12 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
         include, exclude: fnmatch patterns on qualified module names ("features.*", "fc"); a
             module is sparsified if one of its names matches some `include` pattern (all do when
             None) and none matches an `exclude` pattern. A pattern that matches no module's name
-            at all warns (a typo would otherwise change nothing). An nn.MultiheadAttention is
-            matched by its own name and sparsified as a whole, its out_proj with it (its forward
-            reads the out_proj's weight directly): exclude="*.self_attn" keeps the attentions dense,
-            and include="*.self_attn.out_proj" alone sparsifies nothing there (named in the warning).
+            at all warns (a typo would otherwise change nothing). An nn.MultiheadAttention is matched
+            by its own name and sparsified as a whole, its out_proj with it (its forward reads the
+            out_proj's weight directly): exclude="*.self_attn" keeps the attentions dense, and
+            include="*.self_attn.out_proj" alone sparsifies nothing there (named in the warning).
+            The SparseMultiheadAttention it becomes is matched by its own name too, when sparsify
+            runs again (exclude="*.self_attn" then leaves its masks as they are).
         init: "sparse" (sparsity-aware, Evci et al. 2022), "layer-scaled", "dense" (keep the
             module's current weights, masked: on an already sparse module the newly active
             positions start at 0), or a callable init(module, generator=...) (`sparsekern.nn.init`),
@@ -231,6 +233,12 @@ def _layers(model: nn.Module, include: list[str] | None,
             if not any(fnmatch.fnmatchcase(name, pattern) for name in every_name):
                 warnings.warn(f"{label} pattern {pattern!r} matches no module of the model", stacklevel=3)
 
+    # A converted attention (sparsify called again) is matched by its own name too, as the nn.MultiheadAttention
+    # it was: exclude="*.self_attn" leaves its projections as they are, include="*.self_attn" selects them.
+    for module in model.modules():
+        if isinstance(module, SparseMultiheadAttention):
+            for projection in module.children():
+                names[id(projection)] = [*names[id(projection)], *names[id(module)]]
     selected = [(name, module) for name, module in model.named_modules()
                 if (include is None or _matches(names[id(module)], include))
                 and not _matches(names[id(module)], exclude)]

@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import prune
 
 import sparsekern
 from sparsekern.nn import SparseLinear, SparseMultiheadAttention, sparse_modules
@@ -233,6 +234,19 @@ def test_sparsify_converts_decoder_layers_and_patterns_name_the_attention(genera
     assert type(included.multihead_attn) is nn.MultiheadAttention and type(included.linear1) is nn.Linear
 
 
+def test_sparsify_again_matches_a_converted_attention_by_its_own_name(generator):
+    torch.manual_seed(0)
+    model = nn.TransformerDecoderLayer(8, 2, 16, dropout=0.0)
+    sparsekern.sparsify(model, 0.5, generator=generator)
+    masks = {name: module.mask.clone() for name, module in sparse_modules(model)}
+    sparsekern.sparsify(model, 0.3, exclude="*attn", generator=generator)   # the attentions' masks stay
+    for name, module in sparse_modules(model):
+        assert torch.equal(module.mask, masks[name]) == ("attn" in name), name
+    sparsekern.sparsify(model, 0.3, include="self_attn", generator=generator)
+    assert torch.equal(model.multihead_attn.in_proj.mask, masks["multihead_attn.in_proj"])
+    assert not torch.equal(model.self_attn.in_proj.mask, masks["self_attn.in_proj"])
+
+
 def test_sparsify_converts_an_attention_at_the_root_and_with_kdim_vdim(generator):
     torch.manual_seed(0)
     attention = nn.MultiheadAttention(8, 2, kdim=3, vdim=5)
@@ -426,3 +440,48 @@ def test_from_dense_refuses_what_it_cannot_hold():
     with pytest.warns(UserWarning, match=r"0 \(MultiheadAttention\) stays dense: a projection weight is computed"):
         sparsekern.sparsify(model, 0.5)
     assert model[0] is attention and isinstance(model[1], SparseLinear)
+
+
+@pytest.mark.parametrize("name", ["default", "kdim_vdim"])
+def test_an_attention_pruned_by_torch_loads_its_masks_and_pruned_weights(name, generator):
+    # torch.nn.utils.prune saves a pruned in_proj_weight as in_proj_weight_orig and in_proj_weight_mask
+    config, _ = CONFIGS[name]
+    dense = _dense(config, generator)
+    own = ["in_proj_weight"] if dense._qkv_same_embed_dim else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
+    for attribute in own:
+        prune.random_unstructured(dense, attribute, 0.5)
+    prune.random_unstructured(dense.out_proj, "weight", 0.5)
+    sparse = SparseMultiheadAttention(E, HEADS, dtype=torch.float64, **config)
+    sparse.load_state_dict(dense.state_dict())
+    for attribute, projection in zip(own, sparse.input_projections()):
+        assert torch.equal(projection.mask, getattr(dense, f"{attribute}_mask").bool())
+        assert torch.equal(projection.weight, getattr(dense, attribute)) and projection.zero_off_mask
+    assert torch.equal(sparse.out_proj.mask, dense.out_proj.weight_mask.bool())
+    inputs = [x.detach() for x in _inputs(sparse, {}, generator)]
+    torch.testing.assert_close(sparse(*inputs), dense(*inputs))
+
+
+def test_an_encoder_given_a_padding_mask_in_eval_mode_runs_layers_kept_off_their_fused_kernel(generator):
+    # nn.TransformerEncoder (enable_nested_tensor) hands its layers a nested tensor in eval mode with a
+    # src_key_padding_mask; a layer whose sparse layers hold values off their masks keeps off its fused kernel
+    # and calls its attention with that nested tensor, which nn.MultiheadAttention takes (its fast path).
+    torch.manual_seed(0)
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True), 2)
+    sparsekern.sparsify(model, 0.3, generator=generator)
+    model.eval()
+    with torch.no_grad():
+        for _, module in sparse_modules(model):
+            module.weight.masked_fill_(~module.mask, 5.0)
+            module.zero_off_mask = False
+        x = torch.randn(2, 5, 16, generator=generator)
+        padding = torch.zeros(2, 5, dtype=torch.bool)
+        padding[0, 3:] = True
+        expected = _densified(model)(x, src_key_padding_mask=padding)
+        torch.testing.assert_close(model(x, src_key_padding_mask=padding), expected)
+
+
+def test_a_nested_input_is_refused_where_nn_multihead_attention_refuses_it():
+    attention = SparseMultiheadAttention(8, 2, batch_first=True)
+    query = torch.nested.nested_tensor([torch.randn(3, 8), torch.randn(2, 8)])
+    with pytest.raises(ValueError, match="query is a NestedTensor"):
+        attention(query, query, query)   # in training mode
