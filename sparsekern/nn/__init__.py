@@ -1,14 +1,17 @@
-"""Floor 2, the modules: sparse layers (linear, convolutions, multi-head attention), `sparsify(model)`,
-sparsity-aware init, layer densities and metrics.
+"""Floor 2, the modules: sparse layers (linear, convolutions and transposed convolutions, multi-head
+attention), `sparsify(model)`, sparsity-aware init, layer densities and metrics.
 
 Imports only `sparsekern.ops` below it; the algorithms above drive these modules' masks.
 """
 from . import distributions, init
 from .attention import SparseMultiheadAttention
 from .metrics import gradient_flow, summary
-from .modules import SparseConv1d, SparseConv2d, SparseConv3d, SparseConvNd, SparseLinear, SparseModule, sparse_modules
+from .modules import (SparseConv1d, SparseConv2d, SparseConv3d, SparseConvNd, SparseConvTranspose1d,
+                      SparseConvTranspose2d, SparseConvTranspose3d, SparseConvTransposeNd, SparseLinear, SparseModule,
+                      sparse_modules)
 from .sparsify import sparsify
 
 __all__ = ["SparseModule", "SparseLinear", "SparseConvNd", "SparseConv1d", "SparseConv2d", "SparseConv3d",
+           "SparseConvTransposeNd", "SparseConvTranspose1d", "SparseConvTranspose2d", "SparseConvTranspose3d",
            "SparseMultiheadAttention", "sparse_modules", "sparsify", "distributions", "init", "gradient_flow",
            "summary"]

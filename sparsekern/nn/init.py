@@ -12,7 +12,10 @@
 Weights are drawn normal (std sqrt(Var)) or uniform (on +-sqrt(3 Var)) on the CPU from
 `generator` (the global generator if None), so one seed gives the same weights on any device.
 Weights off the mask end at exactly 0; biases are left alone. Fans count connections inside a
-convolution's group (an output unit of a grouped conv sees in_channels / groups input channels).
+convolution's group (an output unit of a grouped conv sees in_channels / groups input channels). A
+transposed convolution's weight is laid out (in, out / groups, *kernel): its output units are along dim 1
+(nn.init's fans, and so torch's default init of nn.ConvTranspose, read dim 1 as the inputs). Kernel
+positions count in full, also where a stride > 1 lets only some of them reach each output position.
 """
 from __future__ import annotations
 
@@ -31,11 +34,12 @@ MODES = ("fan_in", "fan_out", "fan_avg")
 DISTRIBUTIONS = ("normal", "uniform")
 
 
-def fans(mask: Tensor, mode: str = "fan_in", groups: int = 1) -> Tensor:
+def fans(mask: Tensor, mode: str = "fan_in", groups: int = 1, transposed: bool = False) -> Tensor:
     """Per-weight fan (float, shaped like `mask`) counted over the active entries of `mask`.
 
-    mask: bool, (out, in / groups, *kernel). fan_in: active weights into the weight's output unit;
-    fan_out: active weights out of its input unit (within its group); fan_avg: their mean.
+    mask: bool, (out, in / groups, *kernel), or with `transposed` a transposed convolution's
+    (in, out / groups, *kernel). fan_in: active weights into the weight's output unit; fan_out: active
+    weights out of its input unit (within its group); fan_avg: their mean.
     """
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.dim() < 2:
         got = f"{mask.dtype} of shape {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
@@ -44,16 +48,24 @@ def fans(mask: Tensor, mode: str = "fan_in", groups: int = 1) -> Tensor:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
+    if not isinstance(transposed, bool):
+        raise TypeError(f"transposed must be a bool, got {type(transposed).__name__}")
     active = mask.to(torch.float32)
-    out_units = mask.shape[0]
-    if out_units % groups:
-        raise ValueError(f"groups={groups} does not divide the weight's {out_units} output units")
-    fan_in = active.reshape(out_units, -1).sum(1).view(-1, *[1] * (mask.dim() - 1)).expand(mask.shape)
-    if mode == "fan_in":
-        return fan_in
-    grouped = active.reshape(groups, out_units // groups, mask.shape[1], -1)
-    fan_out = grouped.sum((1, 3), keepdim=True).expand(grouped.shape).reshape(mask.shape)
-    return fan_out if mode == "fan_out" else (fan_in + fan_out) / 2
+    rows = mask.shape[0]   # output units, or a transposed convolution's input units
+    if rows % groups:
+        raise ValueError(f"groups={groups} does not divide the weight's {rows} "
+                         f"{'input' if transposed else 'output'} units")
+    per_row = active.reshape(rows, -1).sum(1).view(-1, *[1] * (mask.dim() - 1)).expand(mask.shape)
+    grouped = active.reshape(groups, rows // groups, mask.shape[1], -1)
+    per_column = grouped.sum((1, 3), keepdim=True).expand(grouped.shape).reshape(mask.shape)
+    fan_in, fan_out = (per_column, per_row) if transposed else (per_row, per_column)
+    if mode == "fan_avg":
+        return (fan_in + fan_out) / 2
+    return fan_in if mode == "fan_in" else fan_out
+
+
+def _fans(module: SparseModule, mask: Tensor, mode: str) -> Tensor:
+    return fans(mask, mode, getattr(module, "groups", 1), getattr(module, "transposed", False))
 
 
 @torch.no_grad()
@@ -61,7 +73,7 @@ def sparse_(module: SparseModule, *, distribution: str = "normal", mode: str = "
             scale: float = 1.0, generator: torch.Generator | None = None) -> None:
     """Sparsity-aware init of `module.weight` in place: Var = scale / max(1, fan) per weight."""
     _check(module, distribution, scale, generator)
-    variance = scale / fans(module.mask, mode, getattr(module, "groups", 1)).clamp(min=1)
+    variance = scale / _fans(module, module.mask, mode).clamp(min=1)
     _draw_(module, variance, distribution, generator)
 
 
@@ -70,7 +82,7 @@ def layer_scaled_(module: SparseModule, *, distribution: str = "normal", mode: s
                   scale: float = 1.0, generator: torch.Generator | None = None) -> None:
     """Dense init variance over density: Var = scale / (density * dense fan), in place."""
     _check(module, distribution, scale, generator)
-    dense_fan = fans(torch.ones_like(module.mask), mode, getattr(module, "groups", 1))
+    dense_fan = _fans(module, torch.ones_like(module.mask), mode)
     variance = scale / (max(module.density, 1 / module.mask.numel()) * dense_fan)
     _draw_(module, variance, distribution, generator)
 

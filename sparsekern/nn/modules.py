@@ -1,4 +1,5 @@
-"""Sparse layers: nn.Linear and nn.Conv1d/2d/3d whose weight is multiplied by a fixed bool mask.
+"""Sparse layers: nn.Linear, nn.Conv1d/2d/3d and nn.ConvTranspose1d/2d/3d whose weight is multiplied by
+a fixed bool mask.
 
 Each sparse module holds `weight` (Parameter), `bias` (Parameter or None), a bool buffer `mask`
 shaped like the weight (all True at construction) and two plain attributes, `dense_grad` and
@@ -65,6 +66,7 @@ import warnings
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from .. import ops
 from ..ops import _checks, _masked_linear_op, _transforms, reference
@@ -499,16 +501,73 @@ class SparseConv3d(SparseConvNd, nn.Conv3d):
     dense_class = nn.Conv3d
 
 
+class SparseConvTransposeNd(SparseConvNd):
+    """What SparseConvTranspose1d, SparseConvTranspose2d and SparseConvTranspose3d share (the decoders of
+    U-Nets, GAN generators, autoencoders): a transposed convolution multiplying by weight * mask, with the
+    arguments, forward (`output_size` included) and weight layout of the dense module it sparsifies.
+
+    The weight, and so the mask, is laid out (in_channels, out_channels / groups, *kernel_size), as in
+    nn.ConvTranspose: a weight's output unit is its channel along dim 1 (within its group), which the
+    sparsity-aware init counts fans by (`sparsekern.nn.init.fans`). Forward runs the dense transposed
+    convolution, on the weight itself or the masked weight, as SparseConvNd's forward runs the convolution.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, output_padding=0,
+                 groups: int = 1, bias: bool = True, dilation=1, padding_mode: str = "zeros", device=None,
+                 dtype=None):
+        # nn.Module's chain, past SparseConvNd's __init__, which takes no output_padding.
+        super(SparseConvNd, self).__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                                           output_padding=output_padding, groups=groups, bias=bias,
+                                           dilation=dilation, padding_mode=padding_mode, device=device,
+                                           dtype=dtype)
+        self._init_mask()
+
+    def forward(self, input: Tensor, output_size: list[int] | None = None) -> Tensor:
+        if self.padding_mode != "zeros":   # as nn.ConvTranspose's forward checks it: it may be set after __init__
+            raise ValueError(f"Only 'zeros' padding mode is supported for {type(self).__name__}")
+        weight, mask, bias, zero_off_mask = self._forward_arguments()
+        weight = _masked_linear_op.weight_for_dense_kernel(weight, mask, zero_off_mask, self.dense_grad)
+        dims = len(self.kernel_size)
+        output_padding = self._output_padding(input, output_size, self.stride, self.padding, self.kernel_size,
+                                              dims, self.dilation)
+        return _CONV_TRANSPOSE[dims](input, weight, bias, self.stride, self.padding, output_padding, self.groups,
+                                     self.dilation)
+
+
+_CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+class SparseConvTranspose1d(SparseConvTransposeNd, nn.ConvTranspose1d):
+    """nn.ConvTranspose1d with a weight mask (see SparseConvTransposeNd)."""
+
+    dense_class = nn.ConvTranspose1d
+
+
+class SparseConvTranspose2d(SparseConvTransposeNd, nn.ConvTranspose2d):
+    """nn.ConvTranspose2d with a weight mask (see SparseConvTransposeNd)."""
+
+    dense_class = nn.ConvTranspose2d
+
+
+class SparseConvTranspose3d(SparseConvTransposeNd, nn.ConvTranspose3d):
+    """nn.ConvTranspose3d with a weight mask (see SparseConvTransposeNd)."""
+
+    dense_class = nn.ConvTranspose3d
+
+
 def sparse_modules(model: nn.Module) -> list[tuple[str, SparseModule]]:
     """(qualified name, module) of every sparse module in `model`, in `named_modules()` order."""
     return [(name, module) for name, module in model.named_modules() if isinstance(module, SparseModule)]
 
 
 def _conv_arguments(conv: nn.Module) -> dict:
-    return dict(in_channels=conv.in_channels, out_channels=conv.out_channels,
-                kernel_size=conv.kernel_size, stride=conv.stride, padding=conv.padding,
-                dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
-                padding_mode=conv.padding_mode)
+    arguments = dict(in_channels=conv.in_channels, out_channels=conv.out_channels,
+                     kernel_size=conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                     dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
+                     padding_mode=conv.padding_mode)
+    if conv.transposed:
+        arguments["output_padding"] = conv.output_padding
+    return arguments
 
 
 def weight_type_problem(weight: Tensor) -> str | None:

@@ -1,5 +1,5 @@
-"""`sparsify(model, density, ...)`: turn a model's Linear, Conv1d/2d/3d and MultiheadAttention layers into sparse
-ones, in place."""
+"""`sparsify(model, density, ...)`: turn a model's Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d and
+MultiheadAttention layers into sparse ones, in place."""
 from __future__ import annotations
 
 import fnmatch
@@ -19,11 +19,14 @@ from ..ops import _checks
 from . import distributions, init as sparse_init, tying
 from .attention import SparseMultiheadAttention
 from .sharding import refuse_sharded
-from .modules import SparseConv1d, SparseConv2d, SparseConv3d, SparseLinear, SparseModule, weight_type_problem
+from .modules import (SparseConv1d, SparseConv2d, SparseConv3d, SparseConvTranspose1d, SparseConvTranspose2d,
+                      SparseConvTranspose3d, SparseLinear, SparseModule, weight_type_problem)
 
 # Exact types: a subclass of nn.Linear may read its weight outside forward (MultiheadAttention's
 # out_proj does), where a mask would not apply.
-_SPARSE_OF = {nn.Linear: SparseLinear, nn.Conv1d: SparseConv1d, nn.Conv2d: SparseConv2d, nn.Conv3d: SparseConv3d}
+_SPARSE_OF = {nn.Linear: SparseLinear, nn.Conv1d: SparseConv1d, nn.Conv2d: SparseConv2d, nn.Conv3d: SparseConv3d,
+              nn.ConvTranspose1d: SparseConvTranspose1d, nn.ConvTranspose2d: SparseConvTranspose2d,
+              nn.ConvTranspose3d: SparseConvTranspose3d}
 # The dense layer types sparsify replaces (each sparse module is an instance of its own).
 SPARSIFIABLE = tuple(_SPARSE_OF)
 MASKS = ("random", "magnitude")
@@ -34,18 +37,18 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
              init: str | Callable | None = None, power: float = 1.0, dense_first_layer: bool = False,
              generator: torch.Generator | None = None, mask: str = "random",
              optimizer: torch.optim.Optimizer | None = None) -> nn.Module:
-    """Replaces the nn.Linear, nn.Conv1d/2d/3d and nn.MultiheadAttention modules of `model` by sparse ones,
-    with random masks or masks that keep each layer's largest weights.
+    """Replaces the nn.Linear, nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d and nn.MultiheadAttention modules of
+    `model` by sparse ones, with random masks or masks that keep each layer's largest weights.
 
     Args:
-        model: modified in place. Modules of exactly nn.Linear, nn.Conv1d, nn.Conv2d or nn.Conv3d
-            and sparse modules already present (their masks are drawn again) are sparsified. An
+        model: modified in place. Modules of exactly nn.Linear, nn.Conv1d/2d/3d or
+            nn.ConvTranspose1d/2d/3d and sparse modules already present (their masks are drawn again) are sparsified. An
             nn.MultiheadAttention (exactly; those inside nn.TransformerEncoderLayer/DecoderLayer too)
             becomes a `SparseMultiheadAttention` whose projections are sparse layers of their own, each
             one layer of the distribution: "<attention>.in_proj" (the (3*embed_dim, embed_dim) input
             projection; "<attention>.q_proj", ".k_proj", ".v_proj" when kdim/vdim differ from embed_dim) and
             "<attention>.out_proj". Other weight-bearing layers stay dense, named in one warning unless
-            include/exclude leave them out: subclasses of those types, transposed convolutions,
+            include/exclude leave them out: subclasses of those types,
             nn.Bilinear, recurrent layers (norms and embeddings stay dense silently).
             One whose weight is computed from other parameters (torch.nn.utils.parametrize,
             weight_norm, spectral_norm, prune) stays dense, with a warning; a Lazy one that has not
@@ -92,7 +95,7 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
             history is flattened over all parameters; build it after sparsify. Nor one that trains
             none of the weights sparsify masks (ValueError: another model's, say).
     Returns:
-        `model`, or its replacement if `model` itself is a Linear/Conv1d/Conv2d/Conv3d.
+        `model`, or its replacement if `model` itself is one of those layers.
 
     Layer l holds exactly round(d_l * N_l) active weights: the top entries, through
     `sparsekern.ops.topk_mask`, of uniform random scores or of |weight| (ties to the lower flat
@@ -294,7 +297,8 @@ def _layers(model: nn.Module, include: list[str] | None,
             parts |= projections
     groups = [group for group in groups if not any(id(module) in parts for _, module in group)]
     if not groups:
-        raise ValueError("model has no nn.Linear, nn.Conv1d/2d/3d or nn.MultiheadAttention module to sparsify"
+        raise ValueError("model has no nn.Linear, nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d or "
+                         "nn.MultiheadAttention module to sparsify"
                          + ("" if include is None and not exclude else " matching include/exclude")
                          + (" whose weight is not tied to a dense module" if tied_to_dense else "")
                          + (f"; {left_dense}" if left_dense else ""))
@@ -317,7 +321,6 @@ def _layers(model: nn.Module, include: list[str] | None,
 # convention (RigL, SET, the lottery-ticket papers), as they hold few of the weights and an
 # embedding's rows are looked up, not multiplied.
 _LEFT_DENSE = (
-    ((nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), "transposed convolutions have no sparse module"),
     ((nn.Bilinear,), "nn.Bilinear has no sparse module"),
     # An exact nn.MultiheadAttention becomes a SparseMultiheadAttention; only a subclass gets here.
     ((nn.MultiheadAttention,), "a subclass of nn.MultiheadAttention may read its weights outside forward, where a "

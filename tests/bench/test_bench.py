@@ -214,10 +214,10 @@ def test_im2col_conv_baseline_matches_the_convolution(shape, generator):
 
 
 def test_sparse_convolution_is_timed_in_every_dimension(quick_rows):
-    from sparsekern.nn import SparseConv1d, SparseConv2d, SparseConv3d
+    from sparsekern.nn import SparseConv1d, SparseConv2d, SparseConv3d, SparseConvTranspose2d
 
     timed = {row.implementation for row in quick_rows if row.op.startswith("sparse conv")}
-    for sparse in (SparseConv1d, SparseConv2d, SparseConv3d):
+    for sparse in (SparseConv1d, SparseConv2d, SparseConv3d, SparseConvTranspose2d):
         assert any(label.startswith(f"{sparse.__name__} (") for label in timed), sorted(timed)
 
 

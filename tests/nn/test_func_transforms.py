@@ -14,11 +14,11 @@ from torch import nn
 from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, stack_module_state, vjp, vmap
 
 import sparsekern
-from sparsekern.nn import SparseConv1d, SparseConv2d, SparseConv3d, SparseLinear, SparseModule
+from sparsekern.nn import SparseConv1d, SparseConv2d, SparseConv3d, SparseConvTranspose2d, SparseLinear, SparseModule
 from sparsekern.ops import _masked_linear_op
 
 D = torch.float64
-KINDS = ("linear", "conv1d", "conv2d", "conv3d")
+KINDS = ("linear", "conv1d", "conv2d", "conv3d", "conv_transpose2d")
 # zero_off_mask: the promise kept (the dense-kernel path); masked: values off the mask
 # (zero_off_mask=False, the masked path); dense_grad: either, with dense weight gradients.
 STATES = ("zero_off_mask", "masked", "dense_grad", "masked_dense_grad")
@@ -34,9 +34,12 @@ def make_layer(kind, state, generator, batch=3):
     elif kind == "conv2d":
         layer = SparseConv2d(4, 6, (3, 2), stride=(2, 1), groups=2, dtype=D)
         x = torch.randn(batch, 4, 5, 4, dtype=D, generator=generator)
-    else:
+    elif kind == "conv3d":
         layer = SparseConv3d(2, 3, 2, bias=False, dtype=D)
         x = torch.randn(batch, 2, 3, 4, 3, dtype=D, generator=generator)
+    else:
+        layer = SparseConvTranspose2d(4, 6, (3, 2), stride=(2, 1), output_padding=(1, 0), groups=2, dtype=D)
+        x = torch.randn(batch, 4, 3, 4, dtype=D, generator=generator)
     with torch.no_grad():
         layer.weight.copy_(torch.randn(layer.weight.shape, dtype=D, generator=generator))
     layer.set_mask(torch.rand(layer.weight.shape, generator=generator) < 0.5)
@@ -59,7 +62,12 @@ def truth(layer):
 
     def dense(params, x):
         weight, bias = params["weight"], params.get("bias")
-        return F.linear(x, weight, bias) if isinstance(layer, nn.Linear) else layer._conv_forward(x, weight, bias)
+        if isinstance(layer, nn.Linear):
+            return F.linear(x, weight, bias)
+        if layer.transposed:
+            return F.conv_transpose2d(x, weight, bias, layer.stride, layer.padding, layer.output_padding, layer.groups,
+                                      layer.dilation)
+        return layer._conv_forward(x, weight, bias)
 
     if layer.dense_grad:
         return dense, lambda params: {**params, "weight": params["weight"] * mask}

@@ -1,4 +1,4 @@
-"""Sparse layers under torch.autocast give what nn.Linear / nn.Conv1d/2d/3d give, and a DST loop under
+"""Sparse layers under torch.autocast give what nn.Linear / nn.Conv1d/2d/3d / nn.ConvTranspose2d give, and a DST loop under
 torch.amp.GradScaler leaves the masks alone on the steps the scaler skips."""
 import copy
 
@@ -8,15 +8,17 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsekern
-from sparsekern.nn import SparseConv1d, SparseConv2d, SparseConv3d, SparseLinear, sparse_modules
+from sparsekern.nn import SparseConv1d, SparseConv2d, SparseConv3d, SparseConvTranspose2d, SparseLinear, sparse_modules
 
 LAYERS = {
     "linear": (lambda: nn.Linear(24, 16), (2, 5, 24)),
     "conv1d": (lambda: nn.Conv1d(4, 8, 3, padding=1), (2, 4, 7)),
     "conv2d": (lambda: nn.Conv2d(4, 8, 3, padding=1), (2, 4, 7, 7)),
     "conv3d": (lambda: nn.Conv3d(4, 8, 3, padding=1), (2, 4, 5, 4, 3)),
+    "conv_transpose2d": (lambda: nn.ConvTranspose2d(4, 8, 3, stride=2, padding=1), (2, 4, 5, 6)),
 }
-SPARSE_OF = {nn.Linear: SparseLinear, nn.Conv1d: SparseConv1d, nn.Conv2d: SparseConv2d, nn.Conv3d: SparseConv3d}
+SPARSE_OF = {nn.Linear: SparseLinear, nn.Conv1d: SparseConv1d, nn.Conv2d: SparseConv2d, nn.Conv3d: SparseConv3d,
+             nn.ConvTranspose2d: SparseConvTranspose2d}
 CUDA_DTYPES = [torch.float16, torch.bfloat16]
 
 

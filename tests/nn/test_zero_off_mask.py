@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsekern
-from sparsekern.nn import SparseConv1d, SparseConv2d, SparseConv3d, SparseLinear, sparse_modules
+from sparsekern.nn import (SparseConv1d, SparseConv2d, SparseConv3d, SparseConvTranspose1d, SparseConvTranspose2d,
+                           SparseConvTranspose3d, SparseLinear, sparse_modules)
 
 OPTIMIZERS = {
     "sgd": lambda p: torch.optim.SGD(p, lr=0.1),
@@ -107,8 +108,10 @@ def test_optg_runs_the_masked_path_and_keeps_its_pruned_values(generator):
 @pytest.mark.parametrize("make, shape", [(lambda: SparseLinear(12, 6), (4, 12)),
                                          (lambda: SparseConv1d(4, 6, 3, padding=1), (2, 4, 5)),
                                          (lambda: SparseConv2d(4, 6, 3, padding=1), (2, 4, 5, 5)),
-                                         (lambda: SparseConv3d(4, 6, 3, padding=1), (2, 4, 3, 5, 4))],
-                         ids=["linear", "conv1d", "conv2d", "conv3d"])
+                                         (lambda: SparseConv3d(4, 6, 3, padding=1), (2, 4, 3, 5, 4)),
+                                         (lambda: SparseConvTranspose2d(4, 6, 3, stride=2, output_padding=1),
+                                          (2, 4, 5, 5))],
+                         ids=["linear", "conv1d", "conv2d", "conv3d", "conv_transpose2d"])
 def test_which_path_runs_follows_the_modules_state(make, shape, generator):
     layer = make()
     layer.set_mask(torch.rand(layer.weight.shape, generator=generator) < 0.5)
@@ -198,7 +201,9 @@ def test_either_path_masks_the_weight_gradient_as_the_reference_does(generator, 
                                          (lambda: SparseConv2d(2, 2, 2, padding=1, dtype=torch.float64),
                                           (1, 2, 2, 2)),
                                          (lambda: SparseConv3d(2, 2, 2, padding=1, dtype=torch.float64),
-                                          (1, 2, 2, 1, 2))], ids=["linear", "conv1d", "conv2d", "conv3d"])
+                                          (1, 2, 2, 1, 2)),
+                                         (lambda: SparseConvTranspose1d(2, 2, 2, stride=2, dtype=torch.float64),
+                                          (1, 2, 3))], ids=["linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d"])
 @pytest.mark.parametrize("zero_off_mask", [True, False])
 def test_double_backward_through_the_layers(make, shape, zero_off_mask, generator):
     # SparseLinear had no autograd formula for its backward ("no autograd formula").
@@ -220,8 +225,10 @@ def test_double_backward_through_the_layers(make, shape, zero_off_mask, generato
 @pytest.mark.parametrize("make, shape", [(lambda: SparseLinear(16, 8), (4, 16)),
                                          (lambda: SparseConv1d(4, 8, 3, padding=1, groups=2), (2, 4, 6)),
                                          (lambda: SparseConv2d(4, 8, 3, padding=1, groups=2), (2, 4, 6, 6)),
-                                         (lambda: SparseConv3d(4, 8, 3, padding=1, groups=2), (2, 4, 3, 4, 5))],
-                         ids=["linear", "conv1d", "conv2d", "conv3d"])
+                                         (lambda: SparseConv3d(4, 8, 3, padding=1, groups=2), (2, 4, 3, 4, 5)),
+                                         (lambda: SparseConvTranspose3d(4, 8, 3, padding=1, groups=2),
+                                          (2, 4, 3, 4, 5))],
+                         ids=["linear", "conv1d", "conv2d", "conv3d", "conv_transpose3d"])
 @pytest.mark.parametrize("zero_off_mask", [True, False])
 def test_compiles_as_one_graph_on_either_path(make, shape, zero_off_mask, generator, fresh_compiler):
     layer = make()

@@ -1,12 +1,13 @@
-"""SparseConv1d/2d/3d forward+backward: the convolution on the weight itself, its gradient masked
-(what a sparse convolution does while its weights are 0 off the mask), the convolution on the masked
-weight (its masked path, for weights that are not), and, in 1-d and 2-d, lowering to
-`ops.masked_linear` through im2col (the alternative it was chosen over), with the dense convolution
-as the baseline.
+"""SparseConv1d/2d/3d and SparseConvTranspose2d forward+backward: the convolution on the weight itself,
+its gradient masked (what a sparse convolution does while its weights are 0 off the mask), the
+convolution on the masked weight (its masked path, for weights that are not), and, in 1-d and 2-d,
+lowering to `ops.masked_linear` through im2col (the alternative it was chosen over), with the dense
+convolution as the baseline.
 
 Sizes: 1-d, a speech model's convolution blocks over 5 s of 10 ms frames (Jasper-like, kernel 11 and
 3); 2-d, ResNet-like stages; 3-d, the first stages of a video network (C3D / R3D-like) on an 8-frame
-(16 on CUDA) clip. Every convolution has stride 1 and "same" padding.
+(16 on CUDA) clip. Every convolution has stride 1 and "same" padding. The transposed convolution is a
+DCGAN-like generator's upsampling stage (kernel 4, stride 2, padding 1: twice the spatial size).
 
 Forward+backward takes the gradients of x and weight with `torch.autograd.grad` (no `.grad`
 accumulation timed).
@@ -19,10 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from ... import ops
-from ...nn import SparseConv1d, SparseConv2d, SparseConv3d
+from ...nn import SparseConv1d, SparseConv2d, SparseConv3d, SparseConvTranspose2d
 from ..core import Case
 
-OPS = ("sparse conv1d forward+backward", "sparse conv2d forward+backward", "sparse conv3d forward+backward")
+OPS = ("sparse conv1d forward+backward", "sparse conv2d forward+backward", "sparse conv3d forward+backward",
+       "sparse conv_transpose2d forward+backward")
 
 DENSITY = 0.1
 SPARSE = {1: SparseConv1d, 2: SparseConv2d, 3: SparseConv3d}
@@ -35,6 +37,10 @@ SIZES = {"cpu": [(8, 256, 256, (500,), 11), (8, 512, 512, (500,), 3),
                   (64, 64, 64, (56, 56), 3), (64, 256, 256, (14, 14), 3), (64, 256, 1024, (14, 14), 1),
                   (8, 64, 64, (16, 56, 56), 3), (8, 128, 128, (8, 28, 28), 3)]}
 QUICK_SIZES = [(2, 8, 8, (12,), 3), (2, 8, 8, (6, 6), 3), (2, 4, 4, (4, 4, 4), 3)]
+# (batch, in_channels, out_channels, input size) of a transposed convolution, kernel 4, stride 2, padding 1.
+TRANSPOSED_SIZES = {"cpu": [(16, 256, 128, (8, 8)), (16, 128, 64, (16, 16))],
+                    "cuda": [(64, 512, 256, (16, 16)), (64, 256, 128, (32, 32))]}
+QUICK_TRANSPOSED_SIZES = [(2, 8, 4, (4, 4))]
 
 
 def im2col_masked_linear(x, weight, mask, padding):
@@ -85,7 +91,28 @@ def _case(device, generator, batch, in_channels, out_channels, spatial, kernel) 
                 baseline=f"torch dense conv{n}d")
 
 
+def _transposed_case(device, generator, batch, in_channels, out_channels, spatial) -> Case:
+    options = dict(stride=2, padding=1)
+    layer = SparseConvTranspose2d(in_channels, out_channels, 4, bias=False, device=device, **options)
+    layer.set_mask(torch.rand(layer.weight.shape, generator=generator, device=device) < DENSITY)
+    masked_path = copy.deepcopy(layer)
+    masked_path.zero_off_mask = False
+    x = torch.randn(batch, in_channels, *spatial, generator=generator, device=device, requires_grad=True)
+    grad_out = torch.randn(batch, out_channels, *[2 * size for size in spatial], generator=generator, device=device)
+    runs = {
+        "SparseConvTranspose2d (on the weight, gradient masked)": (lambda x, w: layer(x), layer.weight),
+        "SparseConvTranspose2d, masked path (on the masked weight)": (lambda x, w: masked_path(x), masked_path.weight),
+        "torch dense conv_transpose2d": (lambda x, w: F.conv_transpose2d(x, w, **options), layer.weight),
+    }
+    return Case("sparse conv_transpose2d forward+backward",
+                f"{batch}x{in_channels}x{'x'.join(map(str, spatial))} -> {out_channels}, k=4, s=2, d={DENSITY}",
+                {label: _forward_backward(function, x, weight, grad_out) for label, (function, weight) in runs.items()},
+                baseline="torch dense conv_transpose2d")
+
+
 def cases(device: torch.device, quick: bool) -> list[Case]:
     generator = torch.Generator(device=device).manual_seed(0)
     sizes = QUICK_SIZES if quick else SIZES.get(device.type, SIZES["cpu"])
-    return [_case(device, generator, *size) for size in sizes]
+    transposed = QUICK_TRANSPOSED_SIZES if quick else TRANSPOSED_SIZES.get(device.type, TRANSPOSED_SIZES["cpu"])
+    return ([_case(device, generator, *size) for size in sizes]
+            + [_transposed_case(device, generator, *size) for size in transposed])
