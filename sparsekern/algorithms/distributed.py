@@ -66,6 +66,17 @@ def broadcast_masks(model: nn.Module, src: int = 0, group=None, weights: bool = 
     raise ValueError on every rank. Every error is raised on every rank (a rank raising alone would
     leave the others waiting in a collective), before anything changes on any: the rank whose check
     failed raises its own, the others one of the same kind naming that rank."""
+    _broadcast_replica(model, src, group, weights, optimizer, algorithm, whole_optimizer=False)
+
+
+@torch.no_grad()
+def _broadcast_replica(model: nn.Module, src: int, group, weights: bool, optimizer: torch.optim.Optimizer | None,
+                       algorithm, whole_optimizer: bool) -> None:
+    """broadcast_masks; with `whole_optimizer` (Join's catching up), rank `src`'s state of every parameter
+    `optimizer` trains is copied as well, and its param_groups' settings (a learning rate that a scheduler
+    set, say), the state tensors shaped like their parameter by tensor broadcasts in place, as the sparse
+    weights' are, the rest in the one object broadcast (of CPU copies, which a model's worth of optimizer
+    state would make slow)."""
     from . import dst, imp, optg   # here: they import this module
     with Agreement("broadcast_masks", group) as agreement:
         check_optimizer(optimizer, "build a new LBFGS on every rank after broadcast_masks")
@@ -74,20 +85,29 @@ def broadcast_masks(model: nn.Module, src: int = 0, group=None, weights: bool = 
                             f"particles on purpose), got {type(algorithm).__name__}")
         refuse_sharded(model, "broadcast_masks")
         modules = [module for _, module in sparse_modules(model)]
-        states = [[] if optimizer is None else optimizer_state(optimizer, module.weight) for module in modules]
         copy_state = optimizer is not None and not state_is_sharded(optimizer)
+        whole_optimizer = whole_optimizer and copy_state
+        # The sparse weights first, as `modules`, then (whole_optimizer) every other parameter optimizer trains.
+        parameters = [module.weight for module in modules]
+        if whole_optimizer:
+            sparse = {id(weight) for weight in parameters}
+            parameters += [p for entry in optimizer.param_groups for p in entry["params"] if id(p) not in sparse]
+        states = [[] if optimizer is None else optimizer_state(optimizer, p) for p in parameters]
         agreement.shared = (_layers(model), [len(state) for state in states] if copy_state else None,
-                            algorithm is not None)
+                            algorithm is not None,
+                            [len(entry["params"]) for entry in optimizer.param_groups] if whole_optimizer else None)
     source = dist.get_group_rank(group, src) if group is not None else src
-    stateless = _check_same_setup(agreement.gathered, source)
+    stateless = _check_same_setup(agreement.gathered, source, "parameters" if whole_optimizer else "sparse weights")
     if algorithm is not None or copy_state:
-        # One object broadcast carries src's algorithm state and what its optimizer holds for the sparse
-        # weights besides the tensors shaped like them, which tensor broadcasts copy below: scalars (Adam's
-        # step, which sets its bias correction), and the whole state of a weight that some rank's optimizer
-        # holds none for (it has not stepped: under Join, a rank that had no inputs at all).
-        algorithm_state, entries = broadcast_object(
+        # One object broadcast carries src's algorithm state and what its optimizer holds for the parameters
+        # besides the tensors shaped like them, which tensor broadcasts copy below: scalars (Adam's step, which
+        # sets its bias correction), and the whole state of a parameter that some rank's optimizer holds none
+        # for (it has not stepped: under Join, a rank that had no inputs at all).
+        algorithm_state, entries, settings = broadcast_object(
             (None if algorithm is None else algorithm.state_dict(),
-             _state_entries(optimizer, modules, stateless) if copy_state else {})
+             _state_entries(optimizer, parameters, stateless) if copy_state else {},
+             [{key: value for key, value in entry.items() if key != "params"} for entry in optimizer.param_groups]
+             if whole_optimizer else None)
             if dist.get_rank() == src else None, src, group)
         if algorithm is not None:
             # Checked on every rank before any installs it: a state that fails on one rank (its algorithm
@@ -96,9 +116,15 @@ def broadcast_masks(model: nn.Module, src: int = 0, group=None, weights: bool = 
                 install = algorithm._prepare_load(algorithm_state) if dist.get_rank() != src else None
             if install is not None:
                 install()
-        for index, entry in entries.items() if dist.get_rank() != src else ():
-            _install_entry(optimizer, modules[index].weight, entry)
-            states[index] = optimizer_state(optimizer, modules[index].weight)
+        if dist.get_rank() != src:
+            for index, entry in entries.items():
+                _install_entry(optimizer, parameters[index], entry)
+                states[index] = optimizer_state(optimizer, parameters[index])
+            for entry, setting in zip(optimizer.param_groups, settings) if whole_optimizer else ():
+                _install_settings(entry, setting)
+    for state in states[len(modules):]:   # the parameters that are not sparse weights (whole_optimizer)
+        for tensor in state:
+            dist.broadcast(tensor, src=src, group=group)
     for module, state in zip(modules, states):
         mask = module.mask.to(torch.uint8)
         dist.broadcast(mask, src=src, group=group)
@@ -130,14 +156,17 @@ def broadcast_object(value, src: int, group=None):
     return held[0]
 
 
-def _check_same_setup(gathered: list[tuple], source: int) -> list[int]:
+def _check_same_setup(gathered: list[tuple], source: int, what: str) -> list[int]:
     """ValueError (on every rank: each reads the same `gathered`) unless every rank passed
-    broadcast_masks the same sparse layers, optimizer state counts (or none, where rank `source`'s
-    optimizer has state: it is copied) and algorithm presence: the broadcasts that follow would
-    otherwise pair tensors of different sizes or counts, which gloo answers by aborting the process
-    and NCCL by hanging. Returns the sparse layers whose weight some rank's optimizer holds no state
-    for, and `source`'s does."""
-    layers, counts, has_algorithm = zip(*gathered)
+    broadcast_masks the same sparse layers, optimizer state counts of the parameters it copies (`what`
+    they are; none, where rank `source`'s optimizer has state: it is copied), parameter group sizes and
+    algorithm presence: the broadcasts that follow would otherwise pair tensors of different sizes or
+    counts, which gloo answers by aborting the process and NCCL by hanging. Returns the indices of the
+    parameters that some rank's optimizer holds no state for, and `source`'s does."""
+    layers, counts, has_algorithm, group_sizes = zip(*gathered)
+    if any(sizes != group_sizes[0] for sizes in group_sizes):
+        raise ValueError(f"broadcast_masks: the ranks' optimizers hold other parameter groups (parameters per "
+                         f"group: {sorted(set(map(tuple, group_sizes)))}), so no rank's state fits the others'")
     if any(other != layers[0] for other in layers):
         raise ValueError("broadcast_masks: the ranks hold different sparse layers (names or mask shapes), so no "
                          "rank's masks fit the others' (pipeline stages are no replicas)")
@@ -152,21 +181,20 @@ def _check_same_setup(gathered: list[tuple], source: int) -> list[int]:
     if any(count not in (0, held) for per_rank in counts for count, held in zip(per_rank, counts[source])):
         low = [min(per_weight) for per_weight in zip(*counts)]
         high = [max(per_weight) for per_weight in zip(*counts)]
-        raise ValueError(f"optimizer holds other state for the sparse weights on some ranks than on src (state "
-                         f"tensors per weight: between {low} and {high}, src's {list(counts[source])}); a rank "
+        raise ValueError(f"optimizer holds other state for the {what} on some ranks than on src (state "
+                         f"tensors per parameter: between {low} and {high}, src's {list(counts[source])}); a rank "
                          f"whose optimizer has not stepped takes src's state, but src's optimizer must be of the "
                          f"same kind, and have stepped where any rank's has")
     return [index for index, held in enumerate(counts[source]) if held and any(not c[index] for c in counts)]
 
 
-def _state_entries(optimizer, modules: list[nn.Module], whole: list[int]) -> dict[int, tuple[dict, set]]:
-    """Per sparse module (by index), the optimizer's state of its weight that the tensor broadcasts do not
-    copy: the values not shaped like the weight (Adam's step), or, for the indices in `whole`, all of it;
-    with the names of the tensors among them that sit on the weight's device, for `_install_entry` to put
-    on this rank's (broadcast_object moves every tensor to the CPU)."""
+def _state_entries(optimizer, parameters: list[Tensor], whole: list[int]) -> dict[int, tuple[dict, set]]:
+    """Per parameter (by index), the optimizer's state of it that the tensor broadcasts do not copy: the
+    values not shaped like it (Adam's step), or, for the indices in `whole`, all of it; with the names of
+    the tensors among them that sit on the parameter's device, for `_install_entry` to put on this rank's
+    (broadcast_object moves every tensor to the CPU)."""
     entries = {}
-    for index, module in enumerate(modules):
-        weight = module.weight
+    for index, weight in enumerate(parameters):
         broadcast = set() if index in whole else {id(tensor) for tensor in optimizer_state(optimizer, weight)}
         values = {name: value for name, value in optimizer.state.get(weight, {}).items() if id(value) not in broadcast}
         if values:
@@ -181,6 +209,18 @@ def _install_entry(optimizer, weight: Tensor, entry: tuple[dict, set]) -> None:
     values, on_weight_device = entry
     optimizer.state[weight].update({name: value.to(weight.device) if name in on_weight_device else value
                                     for name, value in values.items()})
+
+
+def _install_settings(param_group: dict, settings: dict) -> None:
+    """Puts src's settings of a parameter group (broadcast_object's CPU copies) in `param_group`; a tensor setting
+    (a fused or capturable optimizer's tensor learning rate) is copied into the tensor this rank holds, on its
+    device."""
+    for key, value in settings.items():
+        held = param_group.get(key)
+        if isinstance(held, Tensor) and isinstance(value, Tensor) and held.shape == value.shape:
+            held.copy_(value)
+        else:
+            param_group[key] = value
 
 
 @torch.no_grad()
@@ -346,14 +386,15 @@ class CatchesUp(Joinable):
         makes no collective of its own in step(), so there is nothing to shadow meanwhile, but that rank's counts
         fall behind, and with them what they schedule: DST's mask updates and random stream, IMP's rewind point
         and cycle, OptG's scores. When every rank has joined, every rank takes the algorithm's state, and the
-        masks and weights of the sparse layers, of the last rank to join (the highest, as DDP picks), by
-        `broadcast_masks`, and the whole state of DST's optimizer (every parameter's: DDP's hook copies the
-        parameters, but no optimizer state). IMP's state holds its optimizer's: the catching up makes
-        `imp.optimizer` a new one, as next_cycle() does. OptG's weights are trained by an optimizer it does not
-        hold: name it with Join's keyword `optimizer` (`Join([ddp, optg], optimizer=optimizer)`; Join hands its
-        keywords to every joinable, and DDP's hook ignores this one) and its whole state is copied too. Without
-        it that state stays each rank's own, as DDP leaves every parameter's, and momentum moves the weights of a
-        rank that joined early apart from the others'. DST and IMP hold their optimizers: one named to them must
+        masks and weights of the sparse layers, of the last rank to join (the highest, as DDP picks), as
+        `broadcast_masks` copies them, and the whole state of DST's optimizer (every parameter's, and its
+        parameter groups' settings: DDP's hook copies the parameters, but no optimizer state). IMP's state holds
+        its optimizer's: the catching up makes `imp.optimizer` a new one, as next_cycle() does. OptG's weights
+        are trained by an optimizer it does not hold: name it with Join's keyword `optimizer`
+        (`Join([ddp, optg], optimizer=optimizer)`; Join hands its keywords to every joinable, and DDP's hook
+        ignores this one) and its whole state is copied too. Without it that state stays each rank's own, as DDP
+        leaves every parameter's, and momentum moves the weights of a rank that joined early apart from the
+        others'. DST and IMP hold their optimizers: one named to them must
         be theirs (ValueError otherwise, on every rank, as Join starts). A rank that had no inputs at all, whose
         optimizer holds no state yet, takes the last joiner's (broadcast_masks)."""
         if self._holds_its_optimizer:
@@ -397,12 +438,9 @@ class CatchesUp(Joinable):
         dist.all_reduce(candidate, op=dist.ReduceOp.MAX, group=self.join_process_group)
         src = int(candidate.item())
         optimizer = self._catch_up_optimizer if optimizer is None else optimizer
-        # broadcast_masks checks that every rank holds a like optimizer (state where src's has some) first.
-        broadcast_masks(self._replicas, src=src, group=self.group, optimizer=optimizer, algorithm=self)
-        if optimizer is not None and not state_is_sharded(optimizer):   # ZeroRedundancyOptimizer: its own Joinable
-            state = broadcast_object(optimizer.state_dict() if dist.get_rank() == src else None, src, self.group)
-            if dist.get_rank() != src:
-                optimizer.load_state_dict(state)
+        # It checks first that every rank holds a like optimizer (state where src's has some). A
+        # ZeroRedundancyOptimizer, a Joinable of its own, is left to itself.
+        _broadcast_replica(self._replicas, src, self.group, True, optimizer, self, whole_optimizer=True)
 
 
 class _CatchUpHook(JoinHook):

@@ -167,13 +167,13 @@ def join_with_a_rank_without_inputs(rank):
 def adam_catches_up_under_join(rank):
     """Join([ddp, dst]) with Adam, 5 batches on rank 0 and 2 on rank 1: rank 1 takes rank 0's Adam step count of
     the sparse weights with their moments (it kept its own, 2, whose bias correction then moved its weights
-    apart from rank 0's at the next optimizer step)."""
+    apart from rank 0's at the next optimizer step), the state of every other parameter, and the learning rate
+    (as a scheduler stepped per batch would have left it: lower on the rank that trained longer)."""
     model, ddp = ddp_model()
-    optimizer = torch.optim.Adam(ddp.parameters(), lr=0.01)
+    optimizer = torch.optim.Adam(ddp.parameters(), lr=0.01 / (1 + rank))
     algorithm = sparsekern.RigL(ddp, optimizer, update_every=2, total_steps=40)
     train_step = uneven_training(rank, ddp, algorithm, lambda: optimizer, (5, 2))
-    state = [optimizer.state[module.weight] for _, module in sparse_modules(model)]
-    caught_up = same_on_every_rank(state)
+    caught_up = same_on_every_rank(optimizer.state_dict()) and optimizer.param_groups[0]["lr"] == 0.01
     for _ in range(3):
         train_step()
     return caught_up and distributed.masks_identical(ddp)

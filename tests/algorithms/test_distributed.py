@@ -182,6 +182,39 @@ def test_broadcast_masks_sends_the_algorithm_and_optimizer_state_as_cpu_tensors(
 
 
 @gloo
+def test_join_catch_up_sends_the_optimizer_state_tensors_by_tensor_broadcasts(one_rank, carried, monkeypatch):
+    # The catching up copied the optimizer's whole state a second time, pickled: a state_dict of CPU copies in one
+    # object broadcast, besides the tensor broadcasts of the sparse weights' state. Now every state tensor shaped
+    # like its parameter travels once, by a tensor broadcast in place; the object carries Adam's step counts and
+    # the parameter groups' settings.
+    import sparsekern
+    model = sparsekern.sparsify(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)), 0.5,
+                                generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    algorithm = sparsekern.RigL(model, optimizer, update_every=2, total_steps=10)
+    model(torch.randn(3, 8)).sum().backward()
+    optimizer.step()
+    broadcast, tensors = torch.distributed.broadcast, []
+
+    def recorded(tensor, *args, **kwargs):
+        tensors.append(tensor)
+        return broadcast(tensor, *args, **kwargs)
+    monkeypatch.setattr(torch.distributed, "broadcast", recorded)
+    before = copy.deepcopy(optimizer.state_dict())
+    algorithm._catch_up(True, None)
+    (_, entries, settings), = carried[-1]   # the algorithm's state, then the optimizer's
+    pickled = []
+    from sparsekern.algorithms._tickets import map_tensors
+    map_tensors(pickled.append, (entries, settings))
+    assert len(pickled) == 4 and all(tensor.dim() == 0 for tensor in pickled), [tuple(t.shape) for t in pickled]
+    moments = [optimizer.state[p][name] for p in model.parameters() for name in ("exp_avg", "exp_avg_sq")]
+    assert all(any(moment is sent for sent in tensors) for moment in moments)
+    assert len(tensors) == len(moments) + 2 * len(sparsekern.nn.sparse_modules(model))   # + masks and weights
+    assert settings == [{key: value for key, value in group.items() if key != "params"}
+                        for group in before["param_groups"]]
+
+
+@gloo
 def test_swamp_sends_its_ticket_optimizer_state_as_cpu_tensors(one_rank, carried, monkeypatch):
     import sparsekern
     model = sparsekern.sparsify(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)), 1.0)
