@@ -44,6 +44,32 @@ def test_a_sparse_layer_under_a_norm_reparametrization_computes_with_the_masked_
         torch.testing.assert_close(output, F.linear(x, torch.where(layer.mask, layer.weight, 0), layer.bias))
 
 
+@pytest.mark.parametrize("apply", [
+    lambda layer: torch.nn.utils.parametrizations.spectral_norm(layer),
+    lambda layer: torch.nn.utils.parametrizations.weight_norm(layer),
+], ids=["spectral_norm", "weight_norm"])
+def test_a_reparametrized_sparse_layer_keeps_its_encoder_layer_off_the_fused_kernel(apply):
+    """nn.TransformerEncoderLayer's fused eval-mode kernel reads linear1.weight itself, which a parametrization
+    computes from its original weight, off the mask too (spectral_norm's σ moves it off 0 there in training).
+    Such a layer computes with the masked weight in its own forward, but nothing kept the encoder layer off
+    the fused kernel: it multiplied by the values off the mask."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+    sparsekern.sparsify(layer, 0.3, generator=torch.Generator().manual_seed(1))
+    apply(layer.linear1)
+    with torch.no_grad():
+        parametrized = layer.linear1.parametrizations.weight
+        # spectral_norm's original weight, weight_norm's direction (original1): moved off 0 off the mask too
+        (parametrized.original if hasattr(parametrized, "original") else parametrized.original1).add_(1.0)
+    layer.eval()
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        weight = torch.where(layer.linear1.mask, layer.linear1.weight, 0)
+        attended = layer.norm1(x + layer._sa_block(x, None, None))   # the layer's own steps, unfused
+        reference = layer.norm2(attended + layer.linear2(F.linear(attended, weight, layer.linear1.bias).relu()))
+        torch.testing.assert_close(layer(x), reference)
+
+
 def _mlp(density: float = 0.3) -> nn.Sequential:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 5))

@@ -23,8 +23,9 @@ nothing. How it is computed is explicit in `zero_off_mask`:
 The promise is made for one weight tensor, the module's own Parameter: a weight put in its place other than
 by assignment takes the masked path. So does one computed at every forward from other parameters
 (torch.nn.utils.parametrize, parametrizations.weight_norm/spectral_norm, or their older hooks, applied to
-the sparse module), and one handed to torch.func.functional_call: the module holds no promise about values
-it does not own.
+the sparse module; such a module also keeps fused kernels that would read its weight off it, as one that
+breaks its promise does), and one handed to torch.func.functional_call: the module holds no promise about
+values it does not own.
 
 Writing into `weight` off the mask, or writing `mask` other than through `set_mask`, breaks the
 promise: set `zero_off_mask = False`, or call `zero_weights_off_mask()` to keep it. A mask written in
@@ -104,6 +105,15 @@ class SparseModule(nn.Module):
         # computes as a plain tensor at every forward, where a read would cost a pass and a host sync.
         if name == "weight" and isinstance(value, nn.Parameter):
             self._recheck_zero_off_mask()
+
+    def __delattr__(self, name: str) -> None:
+        super().__delattr__(name)
+        # torch.nn.utils.parametrize (spectral_norm, weight_norm) and the older weight_norm/spectral_norm hooks
+        # delete the weight Parameter before they compute one at every forward, from an original weight that may
+        # move off 0 off the mask. The module's forward masks such a weight (_forward_arguments); the guard hook
+        # that a broken promise brings keeps fused kernels that read the weight directly off the module too.
+        if name == "weight":
+            self.zero_off_mask = False
 
     def _recheck_zero_off_mask(self) -> None:
         """Sets `zero_off_mask` from the weight's values. A weight Parameter assigned in place of the old
