@@ -1,10 +1,12 @@
 """Floor 2, the modules: sparse layers (linear, convolutions and transposed convolutions, multi-head
-attention), `sparsify(model)`, sparsity-aware init, layer densities and metrics.
+attention), `sparsify(model)`, sparsity-aware init, layer densities, metrics and `SparseAveragedModel`
+(EMA, SWA).
 
 Imports only `sparsekern.ops` below it; the algorithms above drive these modules' masks.
 """
 from . import distributions, init
 from .attention import SparseMultiheadAttention
+from .averaging import SparseAveragedModel
 from .metrics import gradient_flow, summary
 from .modules import (SparseConv1d, SparseConv2d, SparseConv3d, SparseConvNd, SparseConvTranspose1d,
                       SparseConvTranspose2d, SparseConvTranspose3d, SparseConvTransposeNd, SparseLinear, SparseModule,
@@ -13,5 +15,5 @@ from .sparsify import sparsify
 
 __all__ = ["SparseModule", "SparseLinear", "SparseConvNd", "SparseConv1d", "SparseConv2d", "SparseConv3d",
            "SparseConvTransposeNd", "SparseConvTranspose1d", "SparseConvTranspose2d", "SparseConvTranspose3d",
-           "SparseMultiheadAttention", "sparse_modules", "sparsify", "distributions", "init", "gradient_flow",
-           "summary"]
+           "SparseMultiheadAttention", "SparseAveragedModel", "sparse_modules", "sparsify", "distributions", "init",
+           "gradient_flow", "summary"]

@@ -34,8 +34,8 @@ next forward outside torch.compile, which reads the weight once to check the pro
 a DST run (torch.optim.swa_utils.AveragedModel, whose buffer sync copies the live masks into a model
 whose averaged weights are non-zero off them) computes with its averaged weights under the live masks.
 Only the module's own forward notices it: nn.TransformerEncoderLayer's fused eval-mode kernel
-multiplies by its layers' weights without running them (set such an EMA's `zero_off_mask = False`,
-whose forward pre-hook keeps the layer off that kernel). A write into the weight alone is not noticed
+multiplies by its layers' weights without running them (`sparsekern.nn.SparseAveragedModel` sets its
+layers' `zero_off_mask = False`, whose forward pre-hook keeps the layer off that kernel). A write into the weight alone is not noticed
 (an optimizer step writes it too). `verify_zero_off_mask()` checks it (one pass over the weight);
 `SparseModule.check_zero_off_mask = True` (on the class, or on one module) runs that check at every
 forward that relies on it, a debugging aid.

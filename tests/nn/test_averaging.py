@@ -1,0 +1,118 @@
+"""SparseAveragedModel: an EMA of a DST run computes with its averaged weights under the live masks, in eager
+mode, compiled, and in nn.TransformerEncoderLayer's eval mode; use_buffers=True averages BatchNorm statistics
+but copies the masks."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+import sparsekern
+from sparsekern.nn import SparseAveragedModel, SparseLinear, sparse_modules
+
+
+def mlp():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 5))
+    return sparsekern.sparsify(model, 0.3, generator=torch.Generator().manual_seed(1))
+
+
+def masked_reference(model, x):
+    """`model` (eval mode) with every sparse layer computing F.linear on where(mask, weight, 0)."""
+    plain = copy.deepcopy(model)
+    for name, layer in sparse_modules(plain):
+        plain.get_submodule(name).forward = (
+            lambda x, layer=layer: F.linear(x, torch.where(layer.mask, layer.weight, 0), layer.bias))
+    return plain(x)
+
+
+def rigl_with_ema(model, average, steps=6, **kwargs):
+    """Trains `model` with RigL (a mask update every 2 steps) and yields its EMA `average(model, ...)` after each
+    step's update_parameters."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    rigl = sparsekern.RigL(model, optimizer, update_every=2, total_steps=40, drop_fraction=0.5)
+    ema = average(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), **kwargs)
+    data = torch.Generator().manual_seed(2)
+    for _ in range(steps):
+        x, y = torch.randn(32, 20, generator=data), torch.randint(0, 5, (32,), generator=data)
+        F.cross_entropy(model(x), y).backward()
+        rigl.step()
+        optimizer.step()
+        optimizer.zero_grad()
+        ema.update_parameters(model)
+        yield ema
+
+
+@pytest.mark.parametrize("use_buffers", [False, True])
+def test_the_average_computes_under_the_live_masks_and_averages_the_other_buffers(use_buffers):
+    model = mlp()
+    x = torch.randn(16, 20, generator=torch.Generator().manual_seed(3))
+    for ema in rigl_with_ema(model, SparseAveragedModel, use_buffers=use_buffers):
+        ema.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(ema(x), masked_reference(ema.module, x))
+        for (_, averaged), (_, live) in zip(sparse_modules(ema.module), sparse_modules(model)):
+            assert torch.equal(averaged.mask, live.mask) and averaged.nnz == live.nnz
+            assert not averaged.zero_off_mask
+    # the averaged weights hold values off the live masks (they span every mask of the run)
+    assert any(layer.weight[~layer.mask].any() for _, layer in sparse_modules(ema.module))
+    averaged_statistics = not torch.equal(ema.module[1].running_mean, model[1].running_mean)
+    assert averaged_statistics == use_buffers
+
+
+def test_a_compiled_average_computes_under_the_live_masks(fresh_compiler):
+    # torch's AveragedModel copies the live masks in place, which a compiled layer never notices: it went on
+    # multiplying by the averaged weights off the masks.
+    model = mlp()
+    x = torch.randn(16, 20, generator=torch.Generator().manual_seed(3))
+    for ema in rigl_with_ema(model, SparseAveragedModel):
+        ema.eval()
+        compiled = torch.compile(ema, backend="aot_eager")
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), masked_reference(ema.module, x))
+
+
+def test_an_averaged_transformer_keeps_its_layers_off_the_fused_eval_kernel():
+    # nn.TransformerEncoderLayer's fused eval-mode kernel multiplies by its layers' weights without running
+    # their forwards; under torch's AveragedModel it read the averaged weights off the live masks.
+    torch.manual_seed(0)
+    model = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+    sparsekern.sparsify(model, 0.3, generator=torch.Generator().manual_seed(1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    rigl = sparsekern.RigL(model, optimizer, update_every=2, total_steps=40, drop_fraction=0.5)
+    ema = SparseAveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(3))
+    for _ in range(6):
+        model(x).square().mean().backward()
+        rigl.step()
+        optimizer.step()
+        optimizer.zero_grad()
+        ema.update_parameters(model)
+    layer = ema.module.eval()
+    with torch.no_grad():
+        got = ema(x)   # first: the layers' own forwards, run below, would notice their masks written in place
+        unfused = layer.norm1(x + layer._sa_block(x, None, None))   # the layer's own steps, through its layers
+        torch.testing.assert_close(got, layer.norm2(unfused + layer._ff_block(unfused)))
+
+
+def test_another_model_is_refused_before_anything_changes():
+    model = mlp()
+    ema = SparseAveragedModel(model)
+    ema.update_parameters(model)
+    before = copy.deepcopy(ema.state_dict())
+    other = sparsekern.sparsify(nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 6)), 0.3)
+    with pytest.raises(ValueError, match=r"model holds other sparse layers than the averaged model"):
+        ema.update_parameters(other)
+    after = ema.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[key], after[key]) for key in before)
+
+
+def test_torchs_own_average_of_the_masks_is_their_union():
+    # What SparseAveragedModel(use_buffers=True) avoids, as the README says of torch's AveragedModel.
+    model = mlp()
+    for ema in rigl_with_ema(model, AveragedModel, use_buffers=True):
+        pass
+    averaged, live = sparse_modules(ema.module)[0][1], sparse_modules(model)[0][1]
+    assert averaged.mask.sum() > live.mask.sum() and isinstance(averaged, SparseLinear)
