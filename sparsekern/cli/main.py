@@ -4,7 +4,7 @@
 With no subcommand it runs `compare` with its defaults on scikit-learn's bundled digits.
 Every bad input (an argument, the dataset's content, a resume checkpoint, the output folder, SPARSEKERN_BACKEND)
 fails with a one-line error and exit code 2 before any training. `train` also runs data-parallel on the ranks
-torchrun starts (`data_parallel`), where a bad input on any rank stops every rank with that error.
+torchrun starts (README.md, `sparsekern train`), where a bad input on any rank stops every rank with that error.
 """
 from __future__ import annotations
 

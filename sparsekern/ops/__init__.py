@@ -20,6 +20,10 @@ from . import _backend, _checks, _masked_linear_op, _transforms, reference
 from ._backend import Implementation
 from .packing import PackedWeight
 
+# The user's API (README.md, "The ops underneath"); the other module-level names are the backends' glue.
+__all__ = ["topk_mask", "prune_grow", "masked_linear", "weight_for_dense_kernel", "pack", "PackedWeight",
+           "sparse_linear", "SPARSE_LINEAR_LIMITS", "reference"]
+
 # Ops that have a Triton implementation, as functions of the same name in sparsekern.ops._triton_ops.
 TRITON_OPS: tuple[str, ...] = ("topk_mask", "topk_mask_per_tensor", "prune_grow", "masked_linear")
 # Ops that the compiled extension defines (schemas in csrc/ops.cpp).

@@ -422,6 +422,20 @@ def test_every_option_of_train_compare_and_reproduce_says_what_it_does_and_its_d
             assert "default" in expanded and shown in expanded.split("default", 1)[1], (option, expanded)
 
 
+def test_help_points_users_at_the_readme_not_at_internal_modules(capsys):
+    from pathlib import Path
+
+    import sparsekern.cli
+
+    commands = {"train", "compare", "reproduce", "bench"}   # named alike by a module and by a command
+    internal = {path.stem for path in Path(sparsekern.cli.__file__).parent.glob("*.py")} - commands
+    for command in ([], ["train"], ["compare"], ["reproduce"]):
+        with pytest.raises(SystemExit):
+            main([*command, "--help"])
+        text = capsys.readouterr().out
+        assert not [name for name in internal if f"`{name}`" in text], (command, text)
+
+
 @pytest.mark.parametrize("densities", [[0.1], [0.2, 0.05, 0.01]])
 def test_the_plot_keeps_room_around_its_densities_so_nudged_lines_stay_beside_them(monkeypatch, densities):
     figures = []
