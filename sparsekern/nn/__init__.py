@@ -1,5 +1,5 @@
 """Floor 2, the modules: sparse layers (linear, convolutions and transposed convolutions, multi-head
-attention), `sparsify(model)`, sparsity-aware init, layer densities and metrics.
+attention, RNN/LSTM/GRU), `sparsify(model)`, sparsity-aware init, layer densities and metrics.
 
 Imports only `sparsekern.ops` below it; the algorithms above drive these modules' masks.
 """
@@ -9,9 +9,10 @@ from .metrics import gradient_flow, summary
 from .modules import (SparseConv1d, SparseConv2d, SparseConv3d, SparseConvNd, SparseConvTranspose1d,
                       SparseConvTranspose2d, SparseConvTranspose3d, SparseConvTransposeNd, SparseLinear, SparseModule,
                       sparse_modules)
+from .recurrent import SparseGRU, SparseLSTM, SparseRNN, SparseRNNBase
 from .sparsify import sparsify
 
 __all__ = ["SparseModule", "SparseLinear", "SparseConvNd", "SparseConv1d", "SparseConv2d", "SparseConv3d",
            "SparseConvTransposeNd", "SparseConvTranspose1d", "SparseConvTranspose2d", "SparseConvTranspose3d",
-           "SparseMultiheadAttention", "sparse_modules", "sparsify", "distributions", "init", "gradient_flow",
-           "summary"]
+           "SparseMultiheadAttention", "SparseRNNBase", "SparseLSTM", "SparseGRU", "SparseRNN", "sparse_modules",
+           "sparsify", "distributions", "init", "gradient_flow", "summary"]
