@@ -85,8 +85,10 @@ class SparseRNNBase(nn.Module):
         super().__init__()
         for name in (*_CONFIGURATION, *self._own_arguments):
             setattr(self, name, getattr(layout, name))
-        # The dense module's weight names, in the order of its flat weights (those the fused op takes).
+        # The dense module's weight names, in the order of its flat weights (those the fused op takes), and per
+        # layer and direction (`all_weights`).
         self._flat_weights_names = list(layout._flat_weights_names)
+        self._all_weights = [list(names) for names in layout._all_weights]
         factory = {"device": device, "dtype": dtype}
         for name in self._flat_weights_names:
             layer, kind = _layer_and_kind(name)
@@ -141,6 +143,8 @@ class SparseRNNBase(nn.Module):
         calling it on an nn.LSTM (after DataParallel's replication, say) runs unchanged."""
 
     extra_repr = nn.RNNBase.extra_repr
+    # nn.RNNBase's: the weights and biases of each layer and direction, by their dense names (__getattr__).
+    all_weights = nn.RNNBase.all_weights
 
     @classmethod
     def _arguments(cls, module: nn.Module) -> dict:

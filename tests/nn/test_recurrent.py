@@ -171,6 +171,9 @@ def test_a_new_module_is_the_dense_one_of_the_same_seed_and_reads_its_weights_by
     for name in dense._flat_weights_names:
         assert torch.equal(getattr(sparse, name), getattr(dense, name)), name
     assert sparse.weight_hh_l1_reverse is sparse.hh_l1_reverse.weight and sparse.bias_ih_l0 is sparse.ih_l0.bias
+    assert [[tuple(weight.shape) for weight in weights] for weights in sparse.all_weights] == [
+        [tuple(weight.shape) for weight in weights] for weights in dense.all_weights]
+    assert sparse.all_weights[3][4] is sparse.hr_l1_reverse.weight
     assert repr(sparse).startswith(f"SparseLSTM(\n  {INPUT}, {HIDDEN}, proj_size=3, num_layers=2, bidirectional=True")
     torch.manual_seed(3)
     assert torch.equal(SparseRNN(INPUT, HIDDEN, 1, "relu").hh_l0.weight,
@@ -336,8 +339,7 @@ def test_rigl_on_a_character_level_lstm_keeps_exact_counts_and_zeros_off_the_mas
     for step in range(6):
         rows = torch.randint(32, (8,), generator=generator)
         optimizer.zero_grad()
-        logits = _logits(model, text[rows, :-1])
-        nn.functional.cross_entropy(logits.reshape(-1, vocabulary), text[rows, 1:].reshape(-1)).backward()
+        _next_token_loss(model, text[rows], vocabulary).backward()
         algorithm.step()
         optimizer.step()
         assert [module.nnz for _, module in layers] == counts
@@ -346,6 +348,45 @@ def test_rigl_on_a_character_level_lstm_keeps_exact_counts_and_zeros_off_the_mas
             assert not module.weight.grad[~module.mask].any(), name
     moved = [not torch.equal(module.mask, first) for (_, module), first in zip(layers, first_masks)]
     assert all(moved[:4])   # every weight matrix of the LSTM was updated
+
+
+def _next_token_loss(model, text, vocabulary=11):
+    logits = _logits(model, text[:, :-1])
+    return nn.functional.cross_entropy(logits.reshape(-1, vocabulary), text[:, 1:].reshape(-1))
+
+
+def test_imp_and_optg_prune_a_character_level_lstm_like_any_other_layers(generator, one_thread):
+    text = torch.randint(11, (16, 9), generator=generator)
+    model = sparsekern.sparsify(_char_model(), 1.0, generator=generator)
+    imp = sparsekern.IMP(model, lambda parameters: torch.optim.SGD(parameters, lr=0.1), prune_fraction=0.5)
+    for _ in range(2):
+        _next_token_loss(model, text).backward()
+        imp.optimizer.step()
+        imp.optimizer.zero_grad()
+        imp.step()
+    imp.next_cycle()
+    layers = sparse_modules(model)
+    total = sum(module.mask.numel() for _, module in layers)
+    assert sum(module.nnz for _, module in layers) == total - math.ceil(0.5 * total)   # pruned globally
+    assert all(not module.weight[~module.mask].any() for _, module in layers)
+
+    # OptG keeps the pruned weights off its masks (zero_off_mask False): forward still computes with the masked ones
+    model = sparsekern.sparsify(_char_model(), 1.0, generator=generator)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    optg = sparsekern.OptG(model, sparsity=0.5, epochs=2)
+    for _ in range(2):
+        for _ in range(2):
+            _next_token_loss(model, text).backward()
+            optg.step()
+            optimizer.step()
+            optimizer.zero_grad()
+        optg.next_epoch()
+    layers = sparse_modules(model)
+    assert sum(module.nnz for _, module in layers) == total - round(0.5 * total)
+    assert any(module.weight[~module.mask].any() for _, module in layers)
+    dense = copy.deepcopy(model)
+    dense["rnn"], dense["head"] = model["rnn"].to_dense(), model["head"].to_dense()
+    torch.testing.assert_close(_logits(model, text), _logits(dense, text))
 
 
 def test_a_sparsified_lstm_round_trips_through_a_checkpoint(tmp_path, generator):
@@ -380,6 +421,29 @@ def test_torch_compile_runs_the_fused_op_eagerly_with_the_masked_weights(generat
     logits.square().sum().backward()
     for name, module in sparse_modules(model):
         assert module.weight.grad.abs().sum() > 0 and not module.weight.grad[~module.mask].any(), name
+
+
+def test_torch_func_grad_of_functional_call_is_the_masked_gradient(generator):
+    # Weights handed to functional_call hold values off the masks: the children take their masked path.
+    cls, arguments, call = CONFIGS["gru_bidirectional_2_layers"]
+    dense = _dense(cls, arguments, generator)
+    sparse = _sparse(dense, generator)
+    parameters = {key: torch.randn(value.shape, dtype=value.dtype, generator=generator)
+                  for key, value in sparse.named_parameters()}
+    x, _ = _inputs(sparse, {}, generator)
+    grads = torch.func.grad(lambda p: torch.func.functional_call(sparse, p, (x,))[0].square().sum())(parameters)
+    reference = copy.deepcopy(dense)
+    with torch.no_grad():
+        for key, value in parameters.items():
+            layer, kind = key.split(".")
+            mask = getattr(sparse, layer).mask
+            getattr(reference, f"{kind}_{layer}").copy_(torch.where(mask, value, 0.0) if kind == "weight" else value)
+    reference(x)[0].square().sum().backward()
+    for key, grad in grads.items():
+        layer, kind = key.split(".")
+        expected = getattr(reference, f"{kind}_{layer}").grad
+        torch.testing.assert_close(grad, torch.where(getattr(sparse, layer).mask, expected, 0.0)
+                                   if kind == "weight" else expected, msg=key)
 
 
 @pytest.mark.parametrize("name", ["lstm_proj_size", "gru_bidirectional_2_layers", "lstm"])
