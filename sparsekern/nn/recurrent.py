@@ -158,8 +158,9 @@ class SparseRNNBase(nn.Module):
         if not isinstance(dense, cls.dense_class):
             raise TypeError(f"{cls.__name__}.from_dense takes an nn.{cls.dense_class.__name__}, "
                             f"got {type(dense).__name__}")
+        parameters = dense._parameters
         for name in dense._flat_weights_names:
-            parameter = dense._parameters.get(name)
+            parameter = parameters.get(name)
             if not isinstance(parameter, nn.Parameter):
                 raise TypeError(f"{cls.__name__}.from_dense takes an nn.{cls.dense_class.__name__} whose weights are "
                                 f"Parameters, got {name} computed (by a parametrization or a weight hook)")
@@ -169,12 +170,10 @@ class SparseRNNBase(nn.Module):
                                 f"got {name} with {problem}")
         with warnings.catch_warnings():   # the dense module warned already (dropout with one layer)
             warnings.simplefilter("ignore")
-            sparse = cls(**cls._arguments(dense), device="meta", dtype=dense._parameters[dense._flat_weights_names[0]].dtype)
-        parameters = dense._parameters
+            sparse = cls(**cls._arguments(dense), device="meta", dtype=parameters[dense._flat_weights_names[0]].dtype)
         for name, layer in sparse.named_children():
-            bias = f"bias_{name}"
-            _adopt_parameters(layer, SimpleNamespace(weight=parameters[f"weight_{name}"], bias=parameters.get(bias),
-                                                     training=dense.training))
+            _adopt_parameters(layer, SimpleNamespace(weight=parameters[f"weight_{name}"],
+                                                     bias=parameters.get(f"bias_{name}"), training=dense.training))
         sparse.train(dense.training)
         return sparse
 

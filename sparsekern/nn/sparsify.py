@@ -41,7 +41,8 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
              generator: torch.Generator | None = None, mask: str = "random",
              optimizer: torch.optim.Optimizer | None = None) -> nn.Module:
     """Replaces the nn.Linear, nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d, nn.MultiheadAttention and
-    nn.RNN/LSTM/GRU modules of `model` by sparse ones, with random masks or masks that keep each layer's largest weights.
+    nn.RNN/LSTM/GRU modules of `model` by sparse ones, with random masks or masks that keep each layer's largest
+    weights.
 
     Args:
         model: modified in place. Modules of exactly nn.Linear, nn.Conv1d/2d/3d or

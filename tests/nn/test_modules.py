@@ -495,8 +495,8 @@ class GatedAttention(nn.MultiheadAttention):
 
 def layers_left_dense():
     return nn.ModuleDict({"conv": nn.Conv1d(2, 4, 3), "up": nn.ConvTranspose3d(4, 2, 2),
-                          "attention": nn.MultiheadAttention(4, 2), "gated": GatedAttention(4, 2), "rnn": nn.GRUCell(4, 4),
-                          "gru": nn.GRU(4, 4),
+                          "attention": nn.MultiheadAttention(4, 2), "gated": GatedAttention(4, 2),
+                          "rnn": nn.GRUCell(4, 4), "gru": nn.GRU(4, 4),
                           "pair": nn.Bilinear(3, 3, 2), "scaled": ScaledLinear(4, 4), "channels": ChannelConv3d(2, 2, 1),
                           "norm": nn.LayerNorm(4), "batch_norm": nn.BatchNorm1d(4), "embedding": nn.Embedding(9, 4)})
 
