@@ -159,6 +159,21 @@ def test_weight_gradients_are_zero_off_the_masks_and_dense_with_dense_grad(name,
                 torch.testing.assert_close(grad, torch.where(layer.mask, wanted, 0.0))
 
 
+def test_dropout_between_layers_draws_as_the_dense_module_in_training_only(generator):
+    dense = _dense(SparseLSTM, dict(num_layers=3, dropout=0.5), generator)
+    sparse = _sparse(dense, generator)
+    reference = _masked_dense(dense, sparse)
+    x, _ = _inputs(sparse, {}, generator)
+    outputs = []
+    for module in (sparse, reference):
+        torch.manual_seed(7)
+        outputs.append(module(x)[0])
+    torch.testing.assert_close(outputs[0], outputs[1])
+    sparse.eval()
+    torch.testing.assert_close(sparse(x)[0], reference.eval()(x)[0])
+    assert not torch.allclose(outputs[0], sparse(x)[0])
+
+
 def test_a_new_module_is_the_dense_one_of_the_same_seed_and_reads_its_weights_by_their_dense_names():
     torch.manual_seed(3)
     dense = nn.LSTM(INPUT, HIDDEN, 2, bidirectional=True, proj_size=3)
