@@ -1,6 +1,6 @@
 """Floor 2, the modules: sparse layers (linear, convolutions and transposed convolutions, multi-head
-attention), `sparsify(model)`, sparsity-aware init, layer densities, metrics and `SparseAveragedModel`
-(EMA, SWA).
+attention, RNN/LSTM/GRU), `sparsify(model)`, sparsity-aware init, layer densities, metrics and
+`SparseAveragedModel` (EMA, SWA).
 
 Imports only `sparsekern.ops` below it; the algorithms above drive these modules' masks.
 """
@@ -11,9 +11,10 @@ from .metrics import gradient_flow, summary
 from .modules import (SparseConv1d, SparseConv2d, SparseConv3d, SparseConvNd, SparseConvTranspose1d,
                       SparseConvTranspose2d, SparseConvTranspose3d, SparseConvTransposeNd, SparseLinear, SparseModule,
                       sparse_modules)
+from .recurrent import SparseGRU, SparseLSTM, SparseRNN, SparseRNNBase
 from .sparsify import sparsify
 
 __all__ = ["SparseModule", "SparseLinear", "SparseConvNd", "SparseConv1d", "SparseConv2d", "SparseConv3d",
            "SparseConvTransposeNd", "SparseConvTranspose1d", "SparseConvTranspose2d", "SparseConvTranspose3d",
-           "SparseMultiheadAttention", "SparseAveragedModel", "sparse_modules", "sparsify", "distributions", "init",
-           "gradient_flow", "summary"]
+           "SparseMultiheadAttention", "SparseRNNBase", "SparseLSTM", "SparseGRU", "SparseRNN",
+           "SparseAveragedModel", "sparse_modules", "sparsify", "distributions", "init", "gradient_flow", "summary"]

@@ -1,5 +1,5 @@
-"""`sparsify(model, density, ...)`: turn a model's Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d and
-MultiheadAttention layers into sparse ones, in place."""
+"""`sparsify(model, density, ...)`: turn a model's Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d,
+MultiheadAttention and RNN/LSTM/GRU layers into sparse ones, in place."""
 from __future__ import annotations
 
 import fnmatch
@@ -18,6 +18,7 @@ from .. import ops
 from ..ops import _checks
 from . import distributions, init as sparse_init, tying
 from .attention import SparseMultiheadAttention
+from .recurrent import SparseGRU, SparseLSTM, SparseRNN, SparseRNNBase
 from .sharding import refuse_sharded
 from .modules import (SparseConv1d, SparseConv2d, SparseConv3d, SparseConvTranspose1d, SparseConvTranspose2d,
                       SparseConvTranspose3d, SparseLinear, SparseModule, weight_type_problem)
@@ -30,6 +31,8 @@ _SPARSE_OF = {nn.Linear: SparseLinear, nn.Conv1d: SparseConv1d, nn.Conv2d: Spars
 # The dense layer types sparsify replaces (each sparse module is an instance of its own).
 SPARSIFIABLE = tuple(_SPARSE_OF)
 MASKS = ("random", "magnitude")
+# Exact types, as above: each becomes a sparse module whose weight matrices are sparse layers of their own.
+_SPARSE_RECURRENT_OF = {nn.RNN: SparseRNN, nn.LSTM: SparseLSTM, nn.GRU: SparseGRU}
 
 
 def sparsify(model: nn.Module, density: float, distribution: str = "erk",
@@ -37,8 +40,9 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
              init: str | Callable | None = None, power: float = 1.0, dense_first_layer: bool = False,
              generator: torch.Generator | None = None, mask: str = "random",
              optimizer: torch.optim.Optimizer | None = None) -> nn.Module:
-    """Replaces the nn.Linear, nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d and nn.MultiheadAttention modules of
-    `model` by sparse ones, with random masks or masks that keep each layer's largest weights.
+    """Replaces the nn.Linear, nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d, nn.MultiheadAttention and
+    nn.RNN/LSTM/GRU modules of `model` by sparse ones, with random masks or masks that keep each layer's largest
+    weights.
 
     Args:
         model: modified in place. Modules of exactly nn.Linear, nn.Conv1d/2d/3d or
@@ -47,9 +51,13 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
             becomes a `SparseMultiheadAttention` whose projections are sparse layers of their own, each
             one layer of the distribution: "<attention>.in_proj" (the (3*embed_dim, embed_dim) input
             projection; "<attention>.q_proj", ".k_proj", ".v_proj" when kdim/vdim differ from embed_dim) and
-            "<attention>.out_proj". Other weight-bearing layers stay dense, named in one warning unless
+            "<attention>.out_proj". An nn.RNN, nn.LSTM or nn.GRU (exactly) becomes a `SparseRNN`,
+            `SparseLSTM` or `SparseGRU` whose weight matrices are sparse layers of their own, each one layer
+            of the distribution: "<rnn>.ih_l0" (weight_ih_l0 and bias_ih_l0), "<rnn>.hh_l0", LSTM's
+            "<rnn>.hr_l0" (proj_size), "<rnn>.ih_l0_reverse", ...; it is matched by its own name, as an
+            attention is (exclude="*.rnn"). Other weight-bearing layers stay dense, named in one warning unless
             include/exclude leave them out: subclasses of those types,
-            nn.Bilinear, recurrent layers (norms and embeddings stay dense silently).
+            nn.Bilinear, recurrent cells (norms and embeddings stay dense silently).
             One whose weight is computed from other parameters (torch.nn.utils.parametrize,
             weight_norm, spectral_norm, prune) stays dense, with a warning; a Lazy one that has not
             made its weight yet raises ValueError; a weight of a dtype other than float16, bfloat16,
@@ -237,9 +245,10 @@ def _layers(model: nn.Module, include: list[str] | None,
                 warnings.warn(f"{label} pattern {pattern!r} matches no module of the model", stacklevel=3)
 
     # A converted attention (sparsify called again) is matched by its own name too, as the nn.MultiheadAttention
-    # it was: exclude="*.self_attn" leaves its projections as they are, include="*.self_attn" selects them.
+    # it was: exclude="*.self_attn" leaves its projections as they are, include="*.self_attn" selects them. So is
+    # a converted recurrent module, by the name of the nn.LSTM it was.
     for module in model.modules():
-        if isinstance(module, SparseMultiheadAttention):
+        if isinstance(module, (SparseMultiheadAttention, SparseRNNBase)):
             for projection in module.children():
                 names[id(projection)] = [*names[id(projection)], *names[id(module)]]
     selected = [(name, module) for name, module in model.named_modules()
@@ -259,6 +268,9 @@ def _layers(model: nn.Module, include: list[str] | None,
     left_dense = _left_dense([(name, module) for name, module in selected if id(module) not in folded], out_projs)
     converted = {id(module): (module, SparseMultiheadAttention.from_dense(module))
                  for _, module in _maskable_attentions(selected)}
+    # An exact nn.RNN/LSTM/GRU likewise, by its own name: its weight matrices become SparseLinear children.
+    converted.update({id(module): (module, _SPARSE_RECURRENT_OF[type(module)].from_dense(module))
+                      for _, module in _maskable_recurrent(selected)})
     targets = []
     for name, module in selected:
         if id(module) in converted:
@@ -297,8 +309,8 @@ def _layers(model: nn.Module, include: list[str] | None,
             parts |= projections
     groups = [group for group in groups if not any(id(module) in parts for _, module in group)]
     if not groups:
-        raise ValueError("model has no nn.Linear, nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d or "
-                         "nn.MultiheadAttention module to sparsify"
+        raise ValueError("model has no nn.Linear, nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d, "
+                         "nn.MultiheadAttention or nn.RNN/LSTM/GRU module to sparsify"
                          + ("" if include is None and not exclude else " matching include/exclude")
                          + (" whose weight is not tied to a dense module" if tied_to_dense else "")
                          + (f"; {left_dense}" if left_dense else ""))
@@ -325,7 +337,10 @@ _LEFT_DENSE = (
     # An exact nn.MultiheadAttention becomes a SparseMultiheadAttention; only a subclass gets here.
     ((nn.MultiheadAttention,), "a subclass of nn.MultiheadAttention may read its weights outside forward, where a "
                                "mask would not apply (only the exact type is sparsified)"),
-    ((nn.RNNBase, nn.RNNCellBase), "recurrent layers have no sparse module"),
+    # An exact nn.RNN/LSTM/GRU becomes a SparseRNN/SparseLSTM/SparseGRU; only a subclass (or nn.RNNBase) gets here.
+    ((nn.RNNBase,), "a subclass of nn.RNN, nn.LSTM or nn.GRU may read its weights outside forward, where a mask would "
+                    "not apply (only the exact types are sparsified)"),
+    ((nn.RNNCellBase,), "recurrent cells have no sparse module"),
 )
 
 
@@ -342,7 +357,7 @@ def _left_dense(selected: list[tuple[str, nn.Module]], out_projs: set[int]) -> s
             reasons.setdefault(_OUT_PROJ, []).append(f"{name or '(root)'} ({type(module).__name__})")
             continue
         if (isinstance(module, SparseModule) or type(module) in _SPARSE_OF or _exact_attention(module)
-                or _reparametrized(module)):
+                or _exact_recurrent(module) or _reparametrized(module)):
             continue  # sparsified, or stays dense with a warning of its own
         if isinstance(module, SPARSIFIABLE):
             base = next(kind for kind in _SPARSE_OF if isinstance(module, kind))
@@ -405,6 +420,36 @@ def _exact_attention(module: nn.Module) -> bool:
     kind = type(module)
     return kind is nn.MultiheadAttention or (parametrize.is_parametrized(module)
                                               and kind.__mro__[1] is nn.MultiheadAttention)
+
+
+def _maskable_recurrent(selected: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.RNNBase]]:
+    """The exact nn.RNN/LSTM/GRU modules of `selected` whose weights a mask can hold; one whose weight or bias is
+    computed (torch.nn.utils.parametrize, weight_norm, prune) stays dense, with a warning. TypeError naming the
+    module for a dtype sparse layers do not take, before anything changes."""
+    kept = []
+    for name, module in selected:
+        if not _exact_recurrent(module):
+            continue
+        parameters = [module._parameters.get(parameter) for parameter in module._flat_weights_names]
+        if parametrize.is_parametrized(module) or not all(isinstance(parameter, nn.Parameter)
+                                                          for parameter in parameters):
+            kind = type(module).__mro__[1] if parametrize.is_parametrized(module) else type(module)
+            warnings.warn(f"{name or '(root)'} ({kind.__name__}) stays dense: a weight or bias is computed from "
+                          f"other parameters (a parametrization, weight_norm or torch.nn.utils.prune), not a Parameter "
+                          f"that a mask can hold", stacklevel=4)
+            continue
+        for parameter in parameters:
+            _check_weight_type(name, parameter)
+        kept.append((name, module))
+    return kept
+
+
+def _exact_recurrent(module: nn.Module) -> bool:
+    """An nn.RNN/LSTM/GRU of exactly that type, or of the class torch.nn.utils.parametrize derives from one (which
+    `_maskable_recurrent` leaves dense with a warning of its own)."""
+    kind = type(module)
+    return kind in _SPARSE_RECURRENT_OF or (parametrize.is_parametrized(module)
+                                            and kind.__mro__[1] in _SPARSE_RECURRENT_OF)
 
 
 def _maskable(targets: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:

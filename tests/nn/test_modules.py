@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsekern
-from sparsekern.nn import (SparseConv1d, SparseConv2d, SparseConv3d, SparseConvTranspose3d, SparseLinear,
+from sparsekern.nn import (SparseConv1d, SparseConv2d, SparseConv3d, SparseConvTranspose3d, SparseGRU, SparseLinear,
                            SparseMultiheadAttention, sparse_modules)
 
 
@@ -495,7 +495,8 @@ class GatedAttention(nn.MultiheadAttention):
 
 def layers_left_dense():
     return nn.ModuleDict({"conv": nn.Conv1d(2, 4, 3), "up": nn.ConvTranspose3d(4, 2, 2),
-                          "attention": nn.MultiheadAttention(4, 2), "gated": GatedAttention(4, 2), "rnn": nn.GRU(4, 4),
+                          "attention": nn.MultiheadAttention(4, 2), "gated": GatedAttention(4, 2),
+                          "rnn": nn.GRUCell(4, 4), "gru": nn.GRU(4, 4),
                           "pair": nn.Bilinear(3, 3, 2), "scaled": ScaledLinear(4, 4), "channels": ChannelConv3d(2, 2, 1),
                           "norm": nn.LayerNorm(4), "batch_norm": nn.BatchNorm1d(4), "embedding": nn.Embedding(9, 4)})
 
@@ -506,17 +507,17 @@ def test_sparsify_names_the_weight_layers_it_leaves_dense_in_one_warning(generat
         warnings.simplefilter("always")
         sparsekern.sparsify(model, 0.5, generator=generator)
     assert isinstance(model["conv"], SparseConv1d) and isinstance(model["attention"], SparseMultiheadAttention)
-    assert isinstance(model["up"], SparseConvTranspose3d)
+    assert isinstance(model["up"], SparseConvTranspose3d) and isinstance(model["gru"], SparseGRU)
     assert len(caught) == 1 and caught[0].category is UserWarning and caught[0].filename == __file__
     message = str(caught[0].message)
-    for named in ("gated (GatedAttention)", "rnn (GRU)", "pair (Bilinear)",
+    for named in ("gated (GatedAttention)", "rnn (GRUCell)", "pair (Bilinear)",
                   "scaled (ScaledLinear)", "channels (ChannelConv3d)", "subclass of nn.Linear", "subclass of nn.Conv3d",
                   "subclass of nn.MultiheadAttention"):
         assert named in message, named
     # the subclassed attention once, its out_proj (a NonDynamicallyQuantizableLinear) folded in; the exact one
     # is sparsified, not named
     assert "5 weight-bearing layer(s)" in message and "out_proj" not in message
-    assert "attention (MultiheadAttention)" not in message
+    assert "attention (MultiheadAttention)" not in message and "gru (GRU)" not in message
     assert not any(name in message for name in ("norm", "embedding", "(Conv1d)", "ConvTranspose"))  # dense by convention
     with warnings.catch_warnings():
         warnings.simplefilter("error")   # excluded or not included: the user chose, nothing to say
