@@ -27,10 +27,12 @@ it does not own.
 
 Writing into `weight` off the mask, or writing `mask` other than through `set_mask`, breaks the
 promise: set `zero_off_mask = False`, or call `zero_weights_off_mask()` to keep it. A mask written in
-place is noticed (by its version counter, which a mask made under torch.inference_mode lacks) at the
-next forward outside torch.compile, which reads the weight once to check the promise again: an EMA of
-a DST run (torch.optim.swa_utils.AveragedModel, whose buffer sync copies the live masks into a model
-whose averaged weights are non-zero off them) computes with its averaged weights under the live masks.
+place (noticed by its version counter, which a mask made under torch.inference_mode lacks and a write
+through `mask.data` does not move) or put in place of the old one (assigned, or registered as a buffer)
+is noticed at the next forward outside torch.compile, which reads the weight once to check the promise
+again: an EMA of a DST run (torch.optim.swa_utils.AveragedModel, whose buffer sync copies the live masks
+into a model whose averaged weights are non-zero off them) computes with its averaged weights under the
+live masks.
 Only the module's own forward notices it: nn.TransformerEncoderLayer's fused eval-mode kernel
 multiplies by its layers' weights without running them (set such an EMA's `zero_off_mask = False`,
 whose forward pre-hook keeps the layer off that kernel). A write into the weight alone is not noticed
@@ -56,8 +58,9 @@ torch.nn.utils.prune, its `weight_orig` and `weight_mask`, as that mask and the 
 `to_dense()` returns a plain module holding the masked weight. A saved mask that is not bool
 (torch.nn.utils.prune's are float) must hold only 0 and 1 (ValueError naming its key otherwise, the
 module unchanged).
-Loading a state dict, or assigning a new `weight` Parameter, sets `zero_off_mask` from the weight's
-values.
+Loading a state dict, or assigning or registering a `weight` Parameter (torch.nn.utils.parametrize's
+remove_parametrizations(leave_parametrized=True) registers the original one again, holding the computed
+values), sets `zero_off_mask` from the weight's values.
 """
 from __future__ import annotations
 
@@ -96,11 +99,14 @@ class SparseModule(nn.Module):
         super().__setstate__(state)
         self.zero_off_mask = self.zero_off_mask if promised is None else promised  # its hook, as the setter keeps it
 
-    def __setattr__(self, name: str, value) -> None:
-        super().__setattr__(name, value)
-        # A Parameter only: a forward pre-hook (weight_norm's, torch.nn.utils.prune's) sets the weight it
-        # computes as a plain tensor at every forward, where a read would cost a pass and a host sync.
-        if name == "weight" and isinstance(value, nn.Parameter):
+    def register_parameter(self, name: str, param) -> None:
+        super().register_parameter(name, param)
+        # Assignment (`layer.weight = ...`) comes here too. A Parameter only: a forward pre-hook (weight_norm's,
+        # torch.nn.utils.prune's) sets the weight it computes as a plain tensor at every forward, where a read
+        # would cost a pass and a host sync. The one the promise was made for is read again as well:
+        # torch.nn.utils.parametrize.remove_parametrizations(leave_parametrized=True) writes the computed
+        # values into it (set_) and registers it again.
+        if name == "weight" and isinstance(param, nn.Parameter):
             self._recheck_zero_off_mask()
 
     def _recheck_zero_off_mask(self) -> None:
@@ -146,7 +152,10 @@ class SparseModule(nn.Module):
         # algorithm (AveragedModel's buffer sync, which copies the live masks into an EMA whose averaged
         # weights are non-zero off them), makes forward check the promise again (_forward_arguments).
         # An inference tensor (made under torch.inference_mode) has no version counter: writes into it go unnoticed.
+        # The tensor itself too: a mask put in place of the old one (assigned, registered) has a version
+        # counter of its own, which may well read the same.
         mask = self.__dict__["_buffers"].get("mask")
+        self.__dict__["_promised_mask"] = mask
         self._promised_mask_version = None if mask is None or mask.is_inference() else mask._version
         # Fused inference kernels of torch read a child layer's weight directly: in eval mode,
         # nn.TransformerEncoderLayer hands linear1.weight, linear2.weight and its SparseMultiheadAttention's
@@ -228,9 +237,11 @@ class SparseModule(nn.Module):
             weight = self.weight
         zero_off_mask = self._zero_off_mask_of is weight
         # Not while torch.compile traces, where a version is no value to branch on.
-        if (zero_off_mask and mask is not None and not torch.compiler.is_compiling() and not mask.is_inference()
-                and mask._version != self._promised_mask_version and not _transforms.active()):
-            self._recheck_zero_off_mask()   # the mask was written in place since the promise (setter)
+        if (zero_off_mask and mask is not None and not torch.compiler.is_compiling()
+                and (mask is not self._promised_mask
+                     or not mask.is_inference() and mask._version != self._promised_mask_version)
+                and not _transforms.active()):
+            self._recheck_zero_off_mask()   # another mask, or one written in place, since the promise (setter)
             zero_off_mask = self._zero_off_mask_of is weight
         if zero_off_mask and self.check_zero_off_mask and not _transforms.active():
             self.verify_zero_off_mask()

@@ -492,3 +492,38 @@ def test_a_layer_made_under_inference_mode_runs(make, shape, generator):
     with torch.inference_mode():
         layer.mask.fill_(True)    # not noticed: the weight holds 0 off the old mask, so the promise stays true
         torch.testing.assert_close(layer(x), dense_twin(layer, layer.weight)(x))
+
+
+@LAYERS
+@pytest.mark.parametrize("how", ["assign", "register_buffer", "buffers"])
+def test_a_mask_put_in_place_of_the_old_is_noticed(make, shape, how, generator):
+    # A new mask tensor is not the one the promise was made for, whatever its version counter says (a fresh
+    # tensor's is 0, that of a new module's mask too): the weight, dense under the old mask, is masked.
+    layer = make()
+    x = torch.randn(shape, generator=generator)
+    mask = torch.rand(layer.weight.shape, generator=generator) < 0.5
+    if how == "assign":
+        layer.mask = mask
+    elif how == "register_buffer":
+        layer.register_buffer("mask", mask)
+    else:
+        layer._buffers["mask"] = mask
+    torch.testing.assert_close(layer(x), dense_twin(layer, layer.weight)(x))
+    assert not layer.zero_off_mask
+
+
+@LAYERS
+def test_a_parametrization_removed_leaving_its_values_is_masked(make, shape, generator):
+    # remove_parametrizations(leave_parametrized=True) writes the computed values into the original Parameter
+    # (set_, so that an optimizer holding it keeps training it) and registers it again: the same tensor the
+    # promise was made for, with values the module never masked.
+    class Shift(nn.Module):
+        def forward(self, weight):
+            return weight + 1
+
+    layer = masked_layer(make, generator)
+    x = torch.randn(shape, generator=generator)
+    torch.nn.utils.parametrize.register_parametrization(layer, "weight", Shift())
+    torch.nn.utils.parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+    torch.testing.assert_close(layer(x), dense_twin(layer, layer.weight)(x))
+    assert not layer.zero_off_mask
