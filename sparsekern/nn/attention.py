@@ -21,11 +21,13 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..ops import _masked_linear_op
-from .modules import SparseLinear, SparseModule, _copy_masked_into
+from .modules import SparseLinear, SparseModule, _copy_masked_into, _translate_pruned
 
 # nn.MultiheadAttention's keys of the input-projection weights -> this module's.
 _DENSE_WEIGHT_KEYS = {"in_proj_weight": "in_proj.weight", "q_proj_weight": "q_proj.weight",
                       "k_proj_weight": "k_proj.weight", "v_proj_weight": "v_proj.weight"}
+# The attention module's own Parameters (the projections hold the weights, out_proj its bias).
+_OWN_BIASES = ("in_proj_bias", "bias_k", "bias_v")
 
 
 class SparseMultiheadAttention(nn.Module):
@@ -234,7 +236,9 @@ class SparseMultiheadAttention(nn.Module):
         # projections' weights (their missing masks load as all True, SparseModule's rule). Renamed here,
         # before load_state_dict hands the children their entries; so are torch.nn.utils.prune's
         # `<weight>_orig` and `<weight>_mask` of a pruned one, which the projection then loads as its mask
-        # and pruned values (SparseModule's rule too).
+        # and pruned values (SparseModule's rule too). A pruned bias of the attention's own loads as its
+        # pruned values, as a sparse layer's pruned bias does.
+        _translate_pruned(state_dict, prefix, _OWN_BIASES)
         for dense_key, sparse_key in _DENSE_WEIGHT_KEYS.items():
             for suffix in ("", "_orig", "_mask"):
                 dense_entry, sparse_entry = prefix + dense_key + suffix, prefix + sparse_key + suffix

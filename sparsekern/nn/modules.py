@@ -323,14 +323,15 @@ def _check_loaded_mask(mask, key: str) -> None:
                          f"tensor), got values such as {bad}")
 
 
-def _translate_pruned(state_dict: dict, prefix: str) -> None:
+def _translate_pruned(state_dict: dict, prefix: str, names: tuple[str, ...] = ("weight", "bias")) -> None:
     """Turns torch.nn.utils.prune's entries of a layer in `state_dict` into a sparse module's, in place: a
     pruned weight is saved as `weight_orig` (the values before pruning) and `weight_mask` (its float 0/1
     mask), which load as `weight` (the pruned values, 0 off the mask, as prune's forward computes them) and
-    `mask`; a pruned bias (`bias_orig`, `bias_mask`) as its pruned values. So a model pruned by torch (a
-    lottery-ticket code base's checkpoint) loads into its sparse twin. ValueError naming the key for a mask
-    that is not 0/1 or not shaped like its values, before anything loads."""
-    for name in ("weight", "bias"):
+    `mask`; a pruned bias (`bias_orig`, `bias_mask`), or any other of `names` (an attention's
+    `in_proj_bias`, `bias_k`, `bias_v`), as its pruned values. So a model pruned by torch (a lottery-ticket
+    code base's checkpoint) loads into its sparse twin. ValueError naming the key for a mask that is not
+    0/1 or not shaped like its values, before anything loads."""
+    for name in names:
         original, pruned = f"{prefix}{name}_orig", f"{prefix}{name}_mask"
         if prefix + name in state_dict or not (isinstance(state_dict.get(original), Tensor)
                                                and isinstance(state_dict.get(pruned), Tensor)):

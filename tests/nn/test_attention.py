@@ -461,6 +461,34 @@ def test_an_attention_pruned_by_torch_loads_its_masks_and_pruned_weights(name, g
     torch.testing.assert_close(sparse(*inputs), dense(*inputs))
 
 
+def test_an_attention_whose_biases_torch_pruned_loads_the_pruned_values(generator):
+    # prune saves a pruned in_proj_bias, bias_k or bias_v of the attention itself as <name>_orig and <name>_mask
+    dense = _dense(dict(add_bias_kv=True), generator)
+    for name in ("in_proj_bias", "bias_k", "bias_v"):
+        prune.random_unstructured(dense, name, 0.5)
+    prune.random_unstructured(dense.out_proj, "bias", 0.5)
+    sparse = SparseMultiheadAttention(E, HEADS, dtype=torch.float64, add_bias_kv=True)
+    sparse.load_state_dict(dense.state_dict())
+    for name in ("in_proj_bias", "bias_k", "bias_v"):
+        assert isinstance(getattr(sparse, name), nn.Parameter)
+        assert torch.equal(getattr(sparse, name), getattr(dense, name))
+    assert torch.equal(sparse.out_proj.bias, dense.out_proj.bias)
+    inputs = [x.detach() for x in _inputs(sparse, {}, generator)]
+    torch.testing.assert_close(sparse(*inputs), dense(*inputs))
+
+
+def test_a_pruned_bias_whose_mask_is_not_0_or_1_changes_nothing(generator):
+    dense = _dense({}, generator)
+    prune.random_unstructured(dense, "in_proj_bias", 0.5)
+    state = dense.state_dict()
+    state["in_proj_bias_mask"] = torch.full_like(state["in_proj_bias_mask"], 0.5)
+    sparse = SparseMultiheadAttention(E, HEADS, dtype=torch.float64)
+    before = copy.deepcopy(sparse.state_dict())
+    with pytest.raises(ValueError, match="'in_proj_bias_mask'"):
+        sparse.load_state_dict(state)
+    assert all(torch.equal(value, sparse.state_dict()[key]) for key, value in before.items())
+
+
 def test_an_encoder_given_a_padding_mask_in_eval_mode_runs_layers_kept_off_their_fused_kernel(generator):
     # nn.TransformerEncoder (enable_nested_tensor) hands its layers a nested tensor in eval mode with a
     # src_key_padding_mask; a layer whose sparse layers hold values off their masks keeps off its fused kernel
