@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..ops import _masked_linear_op
-from .modules import SparseLinear, SparseModule, _copy_masked_into, _translate_pruned
+from .modules import SparseLinear, SparseModule, _copy_masked_into, _translate_pruned, is_computed
 
 # nn.MultiheadAttention's keys of the input-projection weights -> this module's.
 _DENSE_WEIGHT_KEYS = {"in_proj_weight": "in_proj.weight", "q_proj_weight": "q_proj.weight",
@@ -197,6 +197,10 @@ class SparseMultiheadAttention(nn.Module):
                 raise TypeError(f"{cls.__name__}.from_dense takes an nn.MultiheadAttention whose projection "
                                 f"weights are Parameters, got a {type(weight).__name__} (a parametrization or "
                                 f"a weight hook computes it)")
+        for name in computed_biases(attention):
+            raise TypeError(f"{cls.__name__}.from_dense takes an nn.MultiheadAttention whose {name} is a Parameter "
+                            f"(or None), got one computed from other parameters (a parametrization or "
+                            f"torch.nn.utils.prune)")
         sparse = cls(attention.embed_dim, attention.num_heads, dropout=attention.dropout,
                      bias=attention.in_proj_bias is not None, add_bias_kv=attention.bias_k is not None,
                      add_zero_attn=attention.add_zero_attn, kdim=attention.kdim, vdim=attention.vdim,
@@ -250,6 +254,13 @@ class SparseMultiheadAttention(nn.Module):
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, kdim={self.kdim}, vdim={self.vdim}, "
                 f"dropout={self.dropout}, batch_first={self.batch_first}")
+
+
+def computed_biases(attention: nn.MultiheadAttention) -> list[str]:
+    """The names of `attention`'s biases ("in_proj_bias", "bias_k", "bias_v", "out_proj.bias") that are computed
+    from other parameters (`modules.is_computed`), which the sparse attention cannot share."""
+    owners = {**{name: (attention, name) for name in _OWN_BIASES}, "out_proj.bias": (attention.out_proj, "bias")}
+    return [label for label, (owner, name) in owners.items() if is_computed(owner, name)]
 
 
 def _weight_for_dense_kernel(layer: SparseModule) -> Tensor:

@@ -68,6 +68,7 @@ import warnings
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from .. import ops
 from ..ops import _checks, _masked_linear_op, _transforms, reference
@@ -537,7 +538,24 @@ def weight_type_problem(weight: Tensor) -> str | None:
     return None
 
 
+def is_computed(module: nn.Module, name: str) -> bool:
+    """Whether `module`'s tensor `name` is computed from other parameters (by torch.nn.utils.parametrize, or set as
+    a plain attribute by a forward pre-hook: weight_norm, spectral_norm, torch.nn.utils.prune) or held as a buffer,
+    rather than a Parameter of its own (or None), which a sparse module can share. Reads no computed value."""
+    if parametrize.is_parametrized(module, name):
+        return True
+    return not isinstance(module._parameters.get(name), nn.Parameter) and (
+        name in module._buffers or vars(module).get(name) is not None)
+
+
 def _check_adoptable_weight(cls: type, dense: nn.Module) -> None:
+    for name in ("weight", "bias"):
+        if is_computed(dense, name):
+            # Assigning it to the sparse module would fail in nn.Module ("cannot assign 'torch.FloatTensor' as
+            # parameter"), naming neither the layer nor why.
+            raise TypeError(f"{cls.__name__}.from_dense takes a layer whose {name} is a Parameter, got one computed "
+                            f"from other parameters (a parametrization, weight_norm, spectral_norm or "
+                            f"torch.nn.utils.prune)")
     problem = weight_type_problem(dense.weight)
     if problem is not None:
         raise TypeError(f"{cls.__name__}.from_dense takes a layer whose weight a sparse module can hold, got {problem}")

@@ -17,9 +17,10 @@ from torch.nn.utils import parametrize
 from .. import ops
 from ..ops import _checks
 from . import distributions, init as sparse_init, tying
-from .attention import SparseMultiheadAttention
+from .attention import SparseMultiheadAttention, computed_biases
 from .sharding import refuse_sharded
-from .modules import SparseConv1d, SparseConv2d, SparseConv3d, SparseLinear, SparseModule, weight_type_problem
+from .modules import (SparseConv1d, SparseConv2d, SparseConv3d, SparseLinear, SparseModule, is_computed,
+                      weight_type_problem)
 
 # Exact types: a subclass of nn.Linear may read its weight outside forward (MultiheadAttention's
 # out_proj does), where a mask would not apply.
@@ -47,7 +48,7 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
             "<attention>.out_proj". Other weight-bearing layers stay dense, named in one warning unless
             include/exclude leave them out: subclasses of those types, transposed convolutions,
             nn.Bilinear, recurrent layers (norms and embeddings stay dense silently).
-            One whose weight is computed from other parameters (torch.nn.utils.parametrize,
+            One whose weight or bias is computed from other parameters (torch.nn.utils.parametrize,
             weight_norm, spectral_norm, prune) stays dense, with a warning; a Lazy one that has not
             made its weight yet raises ValueError; a weight of a dtype other than float16, bfloat16,
             float32 or float64 raises TypeError. Hooks registered on a replaced module move to its
@@ -357,15 +358,12 @@ def _left_dense(selected: list[tuple[str, nn.Module]], out_projs: set[int]) -> s
 
 
 def _reparametrized(module: nn.Module) -> bool:
-    """A Linear/Conv whose weight a mask cannot hold: computed by torch.nn.utils.parametrize, or by a
-    forward hook from other parameters (torch.nn.utils.weight_norm, spectral_norm, prune), or not made yet
-    (a Lazy module before its first forward)."""
+    """A Linear/Conv whose weight a mask cannot hold, or whose weight or bias a sparse module cannot share: computed
+    by torch.nn.utils.parametrize, or by a forward hook from other parameters (torch.nn.utils.weight_norm,
+    spectral_norm, prune), or not made yet (a Lazy module before its first forward)."""
     if not isinstance(module, SPARSIFIABLE) or isinstance(module, SparseModule):
         return False
-    if _unmade(module):
-        return True
-    return parametrize.is_parametrized(module, "weight") or not isinstance(module._parameters.get("weight"),
-                                                                             nn.Parameter)
+    return _unmade(module) or is_computed(module, "weight") or is_computed(module, "bias")
 
 
 def _unmade(module: nn.Module) -> bool:
@@ -375,7 +373,7 @@ def _unmade(module: nn.Module) -> bool:
 
 def _maskable_attentions(selected: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.MultiheadAttention]]:
     """The exact nn.MultiheadAttention modules of `selected` whose projection weights a mask can hold; one
-    whose weight is computed (torch.nn.utils.parametrize) stays dense, with a warning. TypeError naming the
+    whose weight or bias is computed (torch.nn.utils.parametrize, prune) stays dense, with a warning. TypeError naming the
     attention for a weight dtype sparse layers do not take, before anything changes."""
     kept = []
     for name, module in selected:
@@ -383,11 +381,13 @@ def _maskable_attentions(selected: list[tuple[str, nn.Module]]) -> list[tuple[st
             continue
         weights = [module.in_proj_weight, module.q_proj_weight, module.k_proj_weight, module.v_proj_weight,
                    module.out_proj.weight]
-        if parametrize.is_parametrized(module) or _reparametrized(module.out_proj) or not all(
+        biases = computed_biases(module)
+        if biases or parametrize.is_parametrized(module) or is_computed(module.out_proj, "weight") or not all(
                 isinstance(weight, nn.Parameter) for weight in weights if weight is not None):
-            warnings.warn(f"{name or '(root)'} (MultiheadAttention) stays dense: a projection weight is computed "
-                          f"from other parameters (a parametrization, weight_norm, spectral_norm or "
-                          f"torch.nn.utils.prune), not a Parameter that a mask can hold", stacklevel=4)
+            what = f"{biases[0]} is" if biases else "a projection weight is"
+            warnings.warn(f"{name or '(root)'} (MultiheadAttention) stays dense: {what} computed from other "
+                          f"parameters (a parametrization, weight_norm, spectral_norm or torch.nn.utils.prune), "
+                          f"not a Parameter that a sparse module can share", stacklevel=4)
             continue
         for weight in weights:
             if weight is not None:
@@ -418,9 +418,10 @@ def _maskable(targets: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module
             type_name = type(module).__name__
             if type_name.startswith("Parametrized"):  # parametrize's generated class: name the layer kind
                 type_name = type(module).__mro__[1].__name__
-            warnings.warn(f"{name or '(root)'} ({type_name}) stays dense: its weight is computed from other "
+            what = "weight" if is_computed(module, "weight") else "bias"
+            warnings.warn(f"{name or '(root)'} ({type_name}) stays dense: its {what} is computed from other "
                           f"parameters (a parametrization, weight_norm, spectral_norm or torch.nn.utils.prune), "
-                          f"not a Parameter that a mask can hold", stacklevel=4)
+                          f"not a Parameter that a sparse module can share", stacklevel=4)
     return kept
 
 

@@ -442,6 +442,19 @@ def test_from_dense_refuses_what_it_cannot_hold():
     assert model[0] is attention and isinstance(model[1], SparseLinear)
 
 
+@pytest.mark.parametrize("owner, name", [("", "in_proj_bias"), ("", "bias_k"), ("out_proj.", "bias")])
+def test_an_attention_with_a_computed_bias_is_refused_by_from_dense_and_left_dense_by_sparsify(owner, name):
+    # from_dense checked only the projection weights, and failed on assigning prune's plain tensor in_proj_bias
+    attention = nn.MultiheadAttention(4, 2, add_bias_kv=True)
+    prune.random_unstructured(attention.get_submodule(owner.rstrip(".")), name, 0.5)
+    with pytest.raises(TypeError, match=f"from_dense takes an nn.MultiheadAttention whose {owner}{name} is a Parameter"):
+        SparseMultiheadAttention.from_dense(attention)
+    model = nn.Sequential(attention, nn.Linear(4, 4))
+    with pytest.warns(UserWarning, match=fr"^0 \(MultiheadAttention\) stays dense: {owner}{name} is computed"):
+        sparsekern.sparsify(model, 0.5)
+    assert model[0] is attention and isinstance(model[1], SparseLinear)
+
+
 @pytest.mark.parametrize("name", ["default", "kdim_vdim"])
 def test_an_attention_pruned_by_torch_loads_its_masks_and_pruned_weights(name, generator):
     # torch.nn.utils.prune saves a pruned in_proj_weight as in_proj_weight_orig and in_proj_weight_mask

@@ -217,6 +217,24 @@ def test_from_dense_takes_only_its_own_kind_of_layer():
         SparseLinear.from_dense(nn.Bilinear(2, 2, 3))
 
 
+@pytest.mark.parametrize("name", ["weight", "bias"])
+@pytest.mark.parametrize("dense", [lambda: nn.Linear(6, 4), lambda: nn.Conv2d(2, 3, 3)], ids=["linear", "conv2d"])
+def test_a_computed_weight_or_bias_is_refused_by_from_dense_and_left_dense_by_sparsify(dense, name):
+    # torch.nn.utils.prune computes the pruned tensor at every forward, a plain attribute: from_dense failed on
+    # assigning it ("cannot assign 'torch.FloatTensor' as parameter"), and sparsify with it, before checking.
+    layer = dense()
+    torch.nn.utils.prune.random_unstructured(layer, name, 0.5)
+    kind = SparseLinear if isinstance(layer, nn.Linear) else SparseConv2d
+    with pytest.raises(TypeError, match=f"^{kind.__name__}.from_dense takes a layer whose {name} is a Parameter"):
+        kind.from_dense(layer)
+    model = nn.Sequential(layer, nn.Flatten(), nn.LazyLinear(2)) if kind is SparseConv2d else nn.Sequential(
+        layer, nn.Linear(4, 2))
+    model(torch.randn(1, 2, 5, 5) if kind is SparseConv2d else torch.randn(1, 6))
+    with pytest.warns(UserWarning, match=fr"^0 \({type(layer).__name__}\) stays dense: its {name} is computed"):
+        sparsekern.sparsify(model, 0.5)
+    assert model[0] is layer and isinstance(model[2 if kind is SparseConv2d else 1], SparseLinear)
+
+
 def test_a_nested_weight_is_refused_by_from_dense_and_sparsify_as_a_torch_sparse_one_is():
     # torch.nested's older layout is strided: from_dense built a module around the nested weight, and
     # sparsify failed with PyTorch's 'Internal error: NestedTensorImpl doesn't support sizes'.
