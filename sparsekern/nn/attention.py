@@ -28,6 +28,8 @@ _DENSE_WEIGHT_KEYS = {"in_proj_weight": "in_proj.weight", "q_proj_weight": "q_pr
                       "k_proj_weight": "k_proj.weight", "v_proj_weight": "v_proj.weight"}
 # The attention module's own Parameters (the projections hold the weights, out_proj its bias).
 _OWN_BIASES = ("in_proj_bias", "bias_k", "bias_v")
+# What nn.MultiheadAttention holds of its own (None where unused): anything else is a user's.
+DENSE_ENTRIES = (*_DENSE_WEIGHT_KEYS, *_OWN_BIASES, "out_proj")
 
 
 class SparseMultiheadAttention(nn.Module):
@@ -102,6 +104,12 @@ class SparseMultiheadAttention(nn.Module):
     def input_projections(self) -> list[SparseLinear]:
         """[in_proj] or [q_proj, k_proj, v_proj]."""
         return [self.in_proj] if self._qkv_same_embed_dim else [self.q_proj, self.k_proj, self.v_proj]
+
+    def named_projections(self) -> list[tuple[str, SparseLinear]]:
+        """(name, layer) of every projection: "in_proj" (or "q_proj", "k_proj", "v_proj") and "out_proj"; not the
+        other submodules a user may have attached."""
+        names = ("in_proj",) if self._qkv_same_embed_dim else ("q_proj", "k_proj", "v_proj")
+        return [(name, getattr(self, name)) for name in (*names, "out_proj")]
 
     @property
     def in_proj_weight(self) -> Tensor | None:

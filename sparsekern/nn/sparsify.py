@@ -17,7 +17,7 @@ from torch.nn.utils import parametrize
 from .. import ops
 from ..ops import _checks
 from . import distributions, init as sparse_init, tying
-from .attention import SparseMultiheadAttention, computed_biases
+from .attention import DENSE_ENTRIES, SparseMultiheadAttention, computed_biases
 from .sharding import refuse_sharded
 from .modules import (SparseConv1d, SparseConv2d, SparseConv3d, SparseLinear, SparseModule, is_computed,
                       weight_type_problem)
@@ -51,9 +51,11 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
             One whose weight or bias is computed from other parameters (torch.nn.utils.parametrize,
             weight_norm, spectral_norm, prune) stays dense, with a warning; a Lazy one that has not
             made its weight yet raises ValueError; a weight of a dtype other than float16, bfloat16,
-            float32 or float64 raises TypeError. Hooks registered on a replaced module move to its
-            sparse replacement, and so do the parameters, buffers, submodules and plain attributes a
-            user added to it (ValueError for one named like an attribute of the sparse module).
+            float32 or float64 raises TypeError. Hooks registered on a replaced module (an attention
+            included) move to its sparse replacement, and so do the parameters, buffers, submodules and
+            plain attributes a user added to it (ValueError for one named like an attribute of the sparse
+            module); a submodule added to an attention is no projection of it, and is sparsified (or
+            not) by its own name.
             A model sharded across ranks (FSDP, fully_shard, tensor parallelism) raises ValueError:
             sparsify, then wrap in DistributedDataParallel.
         density: overall fraction of active weights over the sparsified layers, in (0, 1] (up to
@@ -238,7 +240,7 @@ def _layers(model: nn.Module, include: list[str] | None,
     # it was: exclude="*.self_attn" leaves its projections as they are, include="*.self_attn" selects them.
     for module in model.modules():
         if isinstance(module, SparseMultiheadAttention):
-            for projection in module.children():
+            for _, projection in module.named_projections():
                 names[id(projection)] = [*names[id(projection)], *names[id(module)]]
     selected = [(name, module) for name, module in model.named_modules()
                 if (include is None or _matches(names[id(module)], include))
@@ -255,13 +257,14 @@ def _layers(model: nn.Module, include: list[str] | None,
     folded = {id(module.out_proj) for module in attentions
               if id(module) in selected_ids or _matches(names[id(module)], exclude)}
     left_dense = _left_dense([(name, module) for name, module in selected if id(module) not in folded], out_projs)
-    converted = {id(module): (module, SparseMultiheadAttention.from_dense(module))
-                 for _, module in _maskable_attentions(selected)}
+    converted = {id(module): (module, _carry_extras(name, module, SparseMultiheadAttention.from_dense(module),
+                                                    DENSE_ENTRIES))
+                 for name, module in _maskable_attentions(selected)}
     targets = []
     for name, module in selected:
         if id(module) in converted:
             targets += [(f"{name}.{child}" if name else child, projection)
-                        for child, projection in converted[id(module)][1].named_children()]
+                        for child, projection in converted[id(module)][1].named_projections()]
         elif id(module) not in out_projs and (type(module) in _SPARSE_OF or isinstance(module, SparseModule)
                                               or _reparametrized(module)):
             targets.append((name, module))
@@ -288,7 +291,7 @@ def _layers(model: nn.Module, include: list[str] | None,
     kept = {id(module) for group in groups for _, module in group}
     whole, parts = [], set()
     for original, attention in converted.values():
-        projections = {id(projection) for projection in attention.children()}
+        projections = {id(projection) for _, projection in attention.named_projections()}
         if projections <= kept:
             whole.append((original, attention))
         else:
@@ -441,17 +444,19 @@ def _carry_hooks(original: nn.Module, sparse: nn.Module) -> None:
         sparse.__dict__["_is_full_backward_hook"] = original._is_full_backward_hook
 
 
-def _carry_extras(name: str, original: nn.Module, sparse: SparseModule) -> SparseModule:
+def _carry_extras(name: str, original: nn.Module, sparse: nn.Module, own: Sequence[str] = ("weight", "bias")):
     """Gives `sparse`, not yet in the model, what a user attached to the module it replaces: extra
     parameters, buffers (persistence kept) and submodules, the same objects, so that the state dict
     keeps their keys and an optimizer holding them still trains them (a child that sparsify converts
     itself is then replaced there by `_replace`); and plain attributes
-    (`layer.scale = 2`), so that code reading them keeps working. ValueError, before anything
-    changes, for a name the sparse module uses itself (a buffer "mask", an attribute "density",
-    "dense_grad", "zero_off_mask" or "forward"): either meaning would be lost."""
-    # weight and bias are shared already (from_dense); a dense Linear or convolution has no other entries.
+    (`layer.scale = 2`), so that code reading them keeps working. Not the hooks (`_carry_hooks`, at
+    commit), nor torch's own attributes, which `sparse` holds itself (training, a compiled forward of
+    `original`'s from nn.Module.compile). ValueError, before anything changes, for a name the sparse
+    module uses itself (a buffer "mask", an attribute "density", "dense_grad", "zero_off_mask" or
+    "forward"; an attention's "in_proj", "input_projections"): either meaning would be lost. `own`: the
+    entries of `original` that `sparse` shares already (from_dense) or replaces. Returns `sparse`."""
     extras = [(slot, key, value) for slot in ("_parameters", "_buffers", "_modules")
-              for key, value in getattr(original, slot).items() if key not in ("weight", "bias")]
+              for key, value in getattr(original, slot).items() if key not in own]
     # A plain attribute the sparse module also holds is nn.Module's or the dense layer's own (training,
     # in_features), except the ones SparseModule declares (dense_grad, zero_off_mask): set on a dense layer,
     # those are the user's, and dropping them would be as silent as overwriting them.

@@ -247,6 +247,39 @@ def test_sparsify_again_matches_a_converted_attention_by_its_own_name(generator)
     assert not torch.equal(model.self_attn.in_proj.mask, masks["self_attn.in_proj"])
 
 
+def test_sparsify_carries_what_a_user_attached_to_an_attention(generator):
+    # Only the hooks moved: a parameter, buffer, submodule or plain attribute attached to the attention was lost
+    # (and with it its state dict entries, and the optimizer's hold on the parameter).
+    torch.manual_seed(0)
+    model = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)
+    attention = model.self_attn
+    attention.temperature = nn.Parameter(torch.ones(()))
+    attention.register_buffer("calls", torch.zeros(()), persistent=False)
+    attention.register_buffer("scale", torch.full((), 2.0))
+    attention.gate = nn.Linear(8, 8)
+    attention.note = "rotary"
+    sparsekern.sparsify(model, 0.5, exclude="self_attn.gate", generator=generator)
+    sparse = model.self_attn
+    assert isinstance(sparse, SparseMultiheadAttention)
+    assert sparse.temperature is attention.temperature and sparse.calls is attention.calls
+    assert sparse.scale is attention.scale and sparse.gate is attention.gate and sparse.note == "rotary"
+    assert "self_attn.scale" in model.state_dict() and "self_attn.calls" not in model.state_dict()
+    assert [name for name, _ in sparse_modules(sparse)] == ["in_proj", "out_proj"]   # the gate excluded
+    sparsekern.sparsify(model, 0.5, exclude="self_attn", generator=generator)    # the gate is no projection
+    assert isinstance(model.self_attn.gate, SparseLinear)
+
+
+@pytest.mark.parametrize("attach, name", [(lambda m: setattr(m, "in_proj", nn.Linear(2, 2)), "in_proj"),
+                                          (lambda m: setattr(m, "input_projections", 1), "input_projections")])
+def test_sparsify_refuses_an_attention_holding_a_name_its_sparse_twin_uses(attach, name):
+    model = nn.Sequential(nn.MultiheadAttention(8, 2), nn.Linear(8, 8))
+    attach(model[0])
+    with pytest.raises(ValueError, match=f"'0' \\(MultiheadAttention\\) holds '{name}', a name its "
+                                         "SparseMultiheadAttention uses itself"):
+        sparsekern.sparsify(model, 0.5)
+    assert type(model[0]) is nn.MultiheadAttention and type(model[1]) is nn.Linear
+
+
 def test_sparsify_converts_an_attention_at_the_root_and_with_kdim_vdim(generator):
     torch.manual_seed(0)
     attention = nn.MultiheadAttention(8, 2, kdim=3, vdim=5)
