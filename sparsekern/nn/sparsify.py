@@ -450,11 +450,16 @@ def _carry_extras(name: str, original: nn.Module, sparse: nn.Module, own: Sequen
     keeps their keys and an optimizer holding them still trains them (a child that sparsify converts
     itself is then replaced there by `_replace`); and plain attributes
     (`layer.scale = 2`), so that code reading them keeps working. Not the hooks (`_carry_hooks`, at
-    commit), nor torch's own attributes, which `sparse` holds itself (training, a compiled forward of
-    `original`'s from nn.Module.compile). ValueError, before anything changes, for a name the sparse
-    module uses itself (a buffer "mask", an attribute "density", "dense_grad", "zero_off_mask" or
-    "forward"; an attention's "in_proj", "input_projections"): either meaning would be lost. `own`: the
-    entries of `original` that `sparse` shares already (from_dense) or replaces. Returns `sparse`."""
+    commit), nor torch's own attributes, which `sparse` holds itself (training). ValueError, before
+    anything changes, for a name the sparse module uses itself (a buffer "mask", an attribute "density",
+    "dense_grad", "zero_off_mask" or "forward"; an attention's "in_proj", "input_projections"): either
+    meaning would be lost; and for a layer compiled in place (nn.Module.compile), whose compiled forward
+    is the dense one's. `own`: the entries of `original` that `sparse` shares already (from_dense) or
+    replaces. Returns `sparse`."""
+    if vars(original).get("_compiled_call_impl") is not None:
+        # nn.Module.compile's forward of the dense layer, bound to it: the sparse one cannot run it.
+        raise ValueError(f"layer {name or '(root)'!r} ({type(original).__name__}) was compiled in place "
+                         f"(nn.Module.compile): sparsify the model first, then compile")
     extras = [(slot, key, value) for slot in ("_parameters", "_buffers", "_modules")
               for key, value in getattr(original, slot).items() if key not in own]
     # A plain attribute the sparse module also holds is nn.Module's or the dense layer's own (training,
