@@ -14,13 +14,11 @@ plain nn.MultiheadAttention state dict loads with only its projection weights re
 """
 from __future__ import annotations
 
-import numbers
-
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..ops import _masked_linear_op
+from ..ops import _checks, _masked_linear_op
 from .modules import SparseLinear, SparseModule, _copy_masked_into, _translate_pruned, is_computed
 
 # nn.MultiheadAttention's keys of the input-projection weights -> this module's.
@@ -51,25 +49,22 @@ class SparseMultiheadAttention(nn.Module):
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
                  add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: int | None = None,
                  vdim: int | None = None, batch_first: bool = False, device=None, dtype=None):
-        embed_dim = _positive_int(embed_dim, "embed_dim")
-        num_heads = _positive_int(num_heads, "num_heads")
+        embed_dim = _checks.count(embed_dim, "embed_dim", 1)
+        num_heads = _checks.count(num_heads, "num_heads", 1)
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
-        kdim = embed_dim if kdim is None else _positive_int(kdim, "kdim")
-        vdim = embed_dim if vdim is None else _positive_int(vdim, "vdim")
-        if (isinstance(dropout, bool) or not isinstance(dropout, numbers.Real)
-                or not 0.0 <= float(dropout) <= 1.0):
-            raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
+        kdim = embed_dim if kdim is None else _checks.count(kdim, "kdim", 1)
+        vdim = embed_dim if vdim is None else _checks.count(vdim, "vdim", 1)
+        dropout = _checks.number(dropout, "dropout", lambda value: 0 <= value <= 1, "in [0, 1]")
         for value, name in ((bias, "bias"), (add_bias_kv, "add_bias_kv"), (add_zero_attn, "add_zero_attn"),
                             (batch_first, "batch_first")):
-            if not isinstance(value, bool):
-                raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+            _checks.flag(value, name)
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.embed_dim, self.kdim, self.vdim = embed_dim, kdim, vdim
         self._qkv_same_embed_dim = kdim == embed_dim and vdim == embed_dim
         self.num_heads, self.head_dim = num_heads, embed_dim // num_heads
-        self.dropout = float(dropout)
+        self.dropout = dropout
         self.batch_first = batch_first
         self.add_zero_attn = add_zero_attn
         if self._qkv_same_embed_dim:
@@ -275,9 +270,3 @@ def _weight_for_dense_kernel(layer: SparseModule) -> Tensor:
     """The weight `layer` would multiply by (SparseConvNd.forward's), for a kernel that multiplies by it."""
     weight, mask, _, zero_off_mask = layer._forward_arguments()
     return _masked_linear_op.weight_for_dense_kernel(weight, mask, zero_off_mask, layer.dense_grad)
-
-
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)

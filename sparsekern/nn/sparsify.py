@@ -3,8 +3,6 @@ ones, in place."""
 from __future__ import annotations
 
 import fnmatch
-import math
-import numbers
 import sys
 import warnings
 from typing import Callable, Sequence
@@ -127,8 +125,7 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
     init_function = sparse_init.resolve(init)
     include = _patterns(include, "include")
     exclude = _patterns(exclude, "exclude")
-    if isinstance(power, bool) or not isinstance(power, numbers.Real) or not math.isfinite(power):
-        raise ValueError(f"power must be a finite number, got {power!r}")
+    _checks.number(power, "power")
     _checks.flag(dense_first_layer, "dense_first_layer")
     sparse_init.check_generator(generator)
     check_optimizer(optimizer, "build the LBFGS after sparsify")

@@ -442,14 +442,15 @@ def test_a_sparsified_transformer_round_trips_through_a_checkpoint(tmp_path, gen
 
 
 @pytest.mark.parametrize("arguments, error, message", [
-    (dict(embed_dim=0, num_heads=2), ValueError, "embed_dim must be a positive int"),
-    (dict(embed_dim=8.0, num_heads=2), ValueError, "embed_dim must be a positive int"),
-    (dict(embed_dim=8, num_heads=0), ValueError, "num_heads must be a positive int"),
+    (dict(embed_dim=0, num_heads=2), ValueError, "embed_dim must be >= 1, got 0"),
+    (dict(embed_dim=8.0, num_heads=2), TypeError, "embed_dim must be an integer, got float"),
+    (dict(embed_dim=8, num_heads=0), ValueError, "num_heads must be >= 1"),
     (dict(embed_dim=8, num_heads=3), ValueError, r"embed_dim \(8\) must be divisible by num_heads \(3\)"),
-    (dict(embed_dim=8, num_heads=2, kdim=-1), ValueError, "kdim must be a positive int"),
-    (dict(embed_dim=8, num_heads=2, vdim=True), ValueError, "vdim must be a positive int"),
-    (dict(embed_dim=8, num_heads=2, dropout=1.5), ValueError, "dropout must be a number in"),
-    (dict(embed_dim=8, num_heads=2, dropout="0.1"), ValueError, "dropout must be a number in"),
+    (dict(embed_dim=8, num_heads=2, kdim=-1), ValueError, "kdim must be >= 1"),
+    (dict(embed_dim=8, num_heads=2, vdim=True), TypeError, "vdim must be an integer, got bool"),
+    (dict(embed_dim=8, num_heads=2, dropout=1.5), ValueError, r"dropout must be a finite number in \[0, 1\]"),
+    (dict(embed_dim=8, num_heads=2, dropout=float("nan")), ValueError, "dropout must be a finite number in"),
+    (dict(embed_dim=8, num_heads=2, dropout="0.1"), TypeError, "dropout must be a number, got str"),
     (dict(embed_dim=8, num_heads=2, bias="yes"), TypeError, "bias must be a bool"),
     (dict(embed_dim=8, num_heads=2, batch_first=1), TypeError, "batch_first must be a bool"),
 ])
