@@ -60,7 +60,9 @@ torch.nn.utils.prune, its `weight_orig` and `weight_mask`, as that mask and the 
 module unchanged).
 Loading a state dict, or assigning or registering a `weight` Parameter (torch.nn.utils.parametrize's
 remove_parametrizations(leave_parametrized=True) registers the original one again, holding the computed
-values), sets `zero_off_mask` from the weight's values.
+values), sets `zero_off_mask` from the weight's values. A module moved off the meta device by `to_empty`
+promises nothing (its weight holds whatever memory held) until one of these, `set_mask` or
+`zero_weights_off_mask`.
 """
 from __future__ import annotations
 
@@ -175,10 +177,11 @@ class SparseModule(nn.Module):
     def _apply(self, fn, recurse=True):
         # A conversion (.to, .double, ...) may put a new weight Parameter in place without assigning it
         # (torch.__future__.set_overwrite_module_params_on_conversion): the promise passes to it, as
-        # every conversion takes 0 to 0.
-        promised = self.zero_off_mask
+        # every conversion takes 0 to 0. Not from the meta device (to_empty), where there were no values:
+        # the weight then holds whatever memory held, until set_mask, zero_weights_off_mask or a state dict.
+        promised, was_meta = self.zero_off_mask, _is_meta(self._parameters.get("weight"))
         super()._apply(fn, recurse)
-        self.zero_off_mask = promised
+        self.zero_off_mask = promised and not (was_meta and not _is_meta(self._parameters.get("weight")))
         return self
 
     @torch.no_grad()
@@ -301,6 +304,10 @@ class SparseModule(nn.Module):
         if self.mask.is_meta:  # no values to count
             return super().extra_repr()
         return f"{super().extra_repr()}, density={self.density:.4g}"
+
+
+def _is_meta(tensor: Tensor | None) -> bool:
+    return tensor is not None and tensor.is_meta
 
 
 def _forward_through_the_mask(module: nn.Module, args) -> None:

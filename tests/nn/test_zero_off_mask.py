@@ -527,3 +527,19 @@ def test_a_parametrization_removed_leaving_its_values_is_masked(make, shape, gen
     torch.nn.utils.parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
     torch.testing.assert_close(layer(x), dense_twin(layer, layer.weight)(x))
     assert not layer.zero_off_mask
+
+
+@LAYERS
+def test_a_layer_moved_off_the_meta_device_by_to_empty_makes_no_promise(make, shape, generator):
+    # to_empty leaves the weight and mask holding whatever memory held: the promise made on the meta device, where
+    # there were no values, passed to them, and forward multiplied by weights off the mask.
+    with torch.device("meta"):
+        layer = make()
+    layer.to_empty(device="cpu")
+    assert not layer.zero_off_mask
+    with torch.no_grad():
+        layer.weight.normal_(generator=generator)   # an init that writes the weight only (reset_parameters)
+    x = torch.randn(shape, generator=generator)
+    torch.testing.assert_close(layer(x), dense_twin(layer, layer.weight)(x))
+    layer.zero_weights_off_mask()   # the promise, made again for values
+    assert layer.zero_off_mask
