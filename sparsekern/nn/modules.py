@@ -28,9 +28,9 @@ it does not own.
 Writing into `weight` off the mask, or writing `mask` other than through `set_mask`, breaks the
 promise: set `zero_off_mask = False`, or call `zero_weights_off_mask()` to keep it. A mask written in
 place (noticed by its version counter, which a mask made under torch.inference_mode lacks and a write
-through `mask.data` does not move) or put in place of the old one (assigned, or registered as a buffer)
-is noticed at the next forward outside torch.compile, which reads the weight once to check the promise
-again: an EMA of a DST run (torch.optim.swa_utils.AveragedModel, whose buffer sync copies the live masks
+through `mask.data` does not move) or put in place of the old one (registered as a buffer) is noticed at
+the next forward outside torch.compile, which reads the weight once to check the promise again (a mask
+assigned, `layer.mask = ...`, is checked at once): an EMA of a DST run (torch.optim.swa_utils.AveragedModel, whose buffer sync copies the live masks
 into a model whose averaged weights are non-zero off them) computes with its averaged weights under the
 live masks.
 Only the module's own forward notices it: nn.TransformerEncoderLayer's fused eval-mode kernel
@@ -101,6 +101,14 @@ class SparseModule(nn.Module):
         promised = state.pop("zero_off_mask", state.pop("_zero_off_mask", None))
         super().__setstate__(state)
         self.zero_off_mask = self.zero_off_mask if promised is None else promised  # its hook, as the setter keeps it
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        # A mask assigned in place of the old one is checked at once, not at the next forward (see
+        # `_forward_arguments`): nn.TransformerEncoderLayer's fused eval-mode kernel, and a compiled graph, read
+        # the weight without this module's forward.
+        if name == "mask" and isinstance(value, Tensor):
+            self._recheck_zero_off_mask()
 
     def register_parameter(self, name: str, param) -> None:
         super().register_parameter(name, param)

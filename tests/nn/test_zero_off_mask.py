@@ -543,3 +543,19 @@ def test_a_layer_moved_off_the_meta_device_by_to_empty_makes_no_promise(make, sh
     torch.testing.assert_close(layer(x), dense_twin(layer, layer.weight)(x))
     layer.zero_weights_off_mask()   # the promise, made again for values
     assert layer.zero_off_mask
+
+
+def test_a_mask_assigned_to_a_layer_of_a_fused_transformer_kernel_is_checked_at_once(generator):
+    # nn.TransformerEncoderLayer's fused eval-mode kernel multiplies by linear1.weight without running linear1's
+    # forward, which is where a mask put in place of the old one was noticed: assignment checks it at once.
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True)
+    sparsekern.sparsify(layer, 0.3, generator=generator).eval()
+    x = torch.randn(3, 5, 16, generator=generator)
+    for _, module in sparse_modules(layer):
+        module.mask = torch.rand(module.mask.shape, generator=generator) < 0.5   # the weights are dense there
+    assert not any(module.zero_off_mask for _, module in sparse_modules(layer))
+    masked = copy.deepcopy(layer)
+    for _, module in sparse_modules(masked):
+        module.zero_weights_off_mask()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), masked(x))
