@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..ops import _checks, _masked_linear_op
-from .modules import SparseLinear, SparseModule, _copy_masked_into, _translate_pruned, is_computed
+from .modules import SparseLinear, SparseModule, _check_dtype, _copy_masked_into, _translate_pruned, is_computed
 
 # nn.MultiheadAttention's keys of the input-projection weights -> this module's.
 _DENSE_WEIGHT_KEYS = {"in_proj_weight": "in_proj.weight", "q_proj_weight": "q_proj.weight",
@@ -59,6 +59,7 @@ class SparseMultiheadAttention(nn.Module):
         for value, name in ((bias, "bias"), (add_bias_kv, "add_bias_kv"), (add_zero_attn, "add_zero_attn"),
                             (batch_first, "batch_first")):
             _checks.flag(value, name)
+        _check_dtype(dtype)
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.embed_dim, self.kdim, self.vdim = embed_dim, kdim, vdim

@@ -387,6 +387,7 @@ class SparseLinear(SparseModule, nn.Linear):
     """nn.Linear with a weight mask; forward through `sparsekern.ops.masked_linear`."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
+        _check_dtype(dtype)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._init_mask()
 
@@ -481,6 +482,7 @@ class SparseConvNd(SparseModule):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
                  device=None, dtype=None):
+        _check_dtype(dtype)
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
                          dilation=dilation, groups=groups, bias=bias, padding_mode=padding_mode,
                          device=device, dtype=dtype)
@@ -561,6 +563,13 @@ def is_computed(module: nn.Module, name: str) -> bool:
         return True
     return not isinstance(module._parameters.get(name), nn.Parameter) and (
         name in module._buffers or vars(module).get(name) is not None)
+
+
+def _check_dtype(dtype) -> None:
+    """TypeError naming `dtype` (a sparse layer's constructor argument) unless it is None or one that the sparse
+    kernels take: torch would build a complex layer whose forward then refused its input."""
+    if dtype is not None and dtype not in _checks.SCORE_DTYPES:
+        raise TypeError(f"dtype must be float16, bfloat16, float32 or float64 (or None), got {dtype!r}")
 
 
 def _check_adoptable_weight(cls: type, dense: nn.Module) -> None:

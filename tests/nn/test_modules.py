@@ -235,6 +235,18 @@ def test_a_computed_weight_or_bias_is_refused_by_from_dense_and_left_dense_by_sp
     assert model[0] is layer and isinstance(model[2 if kind is SparseConv2d else 1], SparseLinear)
 
 
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.int32, "float32"])
+@pytest.mark.parametrize("make", [lambda dtype: SparseLinear(4, 3, dtype=dtype),
+                                  lambda dtype: SparseConv2d(2, 3, 3, dtype=dtype),
+                                  lambda dtype: SparseMultiheadAttention(8, 2, dtype=dtype)],
+                         ids=["linear", "conv2d", "attention"])
+def test_a_dtype_sparse_layers_do_not_take_is_refused_by_name(make, dtype):
+    # complex64 was taken, and the layer's forward then refused its input ("x must be float16, ..."); int32 failed
+    # in torch ("Only Tensors of floating point and complex dtype can require gradients")
+    with pytest.raises(TypeError, match="^dtype must be float16, bfloat16, float32 or float64"):
+        make(dtype)
+
+
 def test_a_nested_weight_is_refused_by_from_dense_and_sparsify_as_a_torch_sparse_one_is():
     # torch.nested's older layout is strided: from_dense built a module around the nested weight, and
     # sparsify failed with PyTorch's 'Internal error: NestedTensorImpl doesn't support sizes'.
