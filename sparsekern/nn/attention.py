@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.nn.utils import parametrize
 
 from ..ops import _checks, _masked_linear_op
 from .modules import SparseLinear, SparseModule, _check_dtype, _copy_masked_into, _translate_pruned, is_computed
@@ -41,6 +42,11 @@ class SparseMultiheadAttention(nn.Module):
     eval-mode kernel does, and multiplies by them directly. That is exact while each projection keeps
     `zero_off_mask`; a projection that holds values off its mask carries a forward pre-hook, which keeps
     the layer off that kernel (see `SparseModule.zero_off_mask`).
+
+    Forward multiplies by the projections' weights without running the projections' forwards, as
+    nn.MultiheadAttention's does with its out_proj: their hooks do not fire, and a projection weight that a
+    forward pre-hook computes (torch.nn.utils.prune, the older weight_norm and spectral_norm) raises ValueError
+    naming the projection; a parametrization (torch.nn.utils.parametrize) is computed as forward reads it.
     """
 
     # nn.MultiheadAttention's, which reads num_heads only: nn.TransformerEncoderLayer's fused path calls it.
@@ -148,7 +154,8 @@ class SparseMultiheadAttention(nn.Module):
                     value = key
             else:
                 query, key, value = (x.transpose(1, 0) for x in (query, key, value))
-        projections = [_weight_for_dense_kernel(projection) for projection in self.input_projections()]
+        *projections, out_proj_weight = [_weight_for_dense_kernel(name, layer)
+                                         for name, layer in self.named_projections()]
         separate = {} if self._qkv_same_embed_dim else dict(
             use_separate_proj_weight=True, q_proj_weight=projections[0], k_proj_weight=projections[1],
             v_proj_weight=projections[2])
@@ -156,7 +163,7 @@ class SparseMultiheadAttention(nn.Module):
             query, key, value, self.embed_dim, self.num_heads,
             projections[0] if self._qkv_same_embed_dim else None, self.in_proj_bias,
             self.bias_k, self.bias_v, self.add_zero_attn, self.dropout,
-            _weight_for_dense_kernel(self.out_proj), self.out_proj.bias, training=self.training,
+            out_proj_weight, self.out_proj.bias, training=self.training,
             key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
             average_attn_weights=average_attn_weights, is_causal=is_causal, **separate)
         if self.batch_first and is_batched:
@@ -182,8 +189,8 @@ class SparseMultiheadAttention(nn.Module):
                              "autocast, and no gradient")
         merged_mask, mask_type = self.merge_masks(attn_mask, key_padding_mask, query)
         return torch._native_multi_head_attention(
-            query, key, value, self.embed_dim, self.num_heads, _weight_for_dense_kernel(self.in_proj),
-            self.in_proj_bias, _weight_for_dense_kernel(self.out_proj), self.out_proj.bias, merged_mask,
+            query, key, value, self.embed_dim, self.num_heads, _weight_for_dense_kernel("in_proj", self.in_proj),
+            self.in_proj_bias, _weight_for_dense_kernel("out_proj", self.out_proj), self.out_proj.bias, merged_mask,
             need_weights, average_attn_weights, mask_type)
 
     @classmethod
@@ -267,7 +274,15 @@ def computed_biases(attention: nn.MultiheadAttention) -> list[str]:
     return [label for label, (owner, name) in owners.items() if is_computed(owner, name)]
 
 
-def _weight_for_dense_kernel(layer: SparseModule) -> Tensor:
-    """The weight `layer` would multiply by (SparseConvNd.forward's), for a kernel that multiplies by it."""
+def _weight_for_dense_kernel(name: str, layer: SparseModule) -> Tensor:
+    """The weight the projection `name` would multiply by (SparseConvNd.forward's), for a kernel that multiplies by
+    it. ValueError for a weight that a forward pre-hook computes (torch.nn.utils.prune, the older weight_norm and
+    spectral_norm): the projection's forward, and its hooks, do not run here (nor do those of nn.MultiheadAttention's
+    out_proj), so the hook would never compute it again. A parametrization computes it as it is read."""
+    if "weight" not in layer._parameters and not parametrize.is_parametrized(layer, "weight"):
+        raise ValueError(f"{name}'s weight is computed by a forward pre-hook (torch.nn.utils.prune, weight_norm or "
+                         f"spectral_norm), which SparseMultiheadAttention does not run: it multiplies by the "
+                         f"weight, as nn.MultiheadAttention does by its out_proj's; use torch.nn.utils.parametrize "
+                         f"(torch.nn.utils.parametrizations), or prune the dense attention and load its state dict")
     weight, mask, _, zero_off_mask = layer._forward_arguments()
     return _masked_linear_op.weight_for_dense_kernel(weight, mask, zero_off_mask, layer.dense_grad)

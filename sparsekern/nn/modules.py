@@ -30,9 +30,9 @@ promise: set `zero_off_mask = False`, or call `zero_weights_off_mask()` to keep 
 place (noticed by its version counter, which a mask made under torch.inference_mode lacks and a write
 through `mask.data` does not move) or put in place of the old one (registered as a buffer) is noticed at
 the next forward outside torch.compile, which reads the weight once to check the promise again (a mask
-assigned, `layer.mask = ...`, is checked at once): an EMA of a DST run (torch.optim.swa_utils.AveragedModel, whose buffer sync copies the live masks
-into a model whose averaged weights are non-zero off them) computes with its averaged weights under the
-live masks.
+assigned, `layer.mask = ...`, is checked at once): an EMA of a DST run
+(torch.optim.swa_utils.AveragedModel, whose buffer sync copies the live masks into a model whose
+averaged weights are non-zero off them) computes with its averaged weights under the live masks.
 Only the module's own forward notices it: nn.TransformerEncoderLayer's fused eval-mode kernel
 multiplies by its layers' weights without running them (set such an EMA's `zero_off_mask = False`,
 whose forward pre-hook keeps the layer off that kernel). A write into the weight alone is not noticed

@@ -373,8 +373,8 @@ def _unmade(module: nn.Module) -> bool:
 
 def _maskable_attentions(selected: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.MultiheadAttention]]:
     """The exact nn.MultiheadAttention modules of `selected` whose projection weights a mask can hold; one
-    whose weight or bias is computed (torch.nn.utils.parametrize, prune) stays dense, with a warning. TypeError naming the
-    attention for a weight dtype sparse layers do not take, before anything changes."""
+    whose weight or bias is computed (torch.nn.utils.parametrize, prune) stays dense, with a warning.
+    TypeError naming the attention for a weight dtype sparse layers do not take, before anything changes."""
     kept = []
     for name, module in selected:
         if not _exact_attention(module):

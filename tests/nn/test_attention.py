@@ -481,7 +481,7 @@ def test_an_attention_with_a_computed_bias_is_refused_by_from_dense_and_left_den
     # from_dense checked only the projection weights, and failed on assigning prune's plain tensor in_proj_bias
     attention = nn.MultiheadAttention(4, 2, add_bias_kv=True)
     prune.random_unstructured(attention.get_submodule(owner.rstrip(".")), name, 0.5)
-    with pytest.raises(TypeError, match=f"from_dense takes an nn.MultiheadAttention whose {owner}{name} is a Parameter"):
+    with pytest.raises(TypeError, match=f"from_dense takes an nn.MultiheadAttention whose {owner}{name} is a "):
         SparseMultiheadAttention.from_dense(attention)
     model = nn.Sequential(attention, nn.Linear(4, 4))
     with pytest.warns(UserWarning, match=fr"^0 \(MultiheadAttention\) stays dense: {owner}{name} is computed"):
@@ -534,6 +534,34 @@ def test_a_pruned_bias_whose_mask_is_not_0_or_1_changes_nothing(generator):
     with pytest.raises(ValueError, match="'in_proj_bias_mask'"):
         sparse.load_state_dict(state)
     assert all(torch.equal(value, sparse.state_dict()[key]) for key, value in before.items())
+
+
+@pytest.mark.filterwarnings("ignore:.*is deprecated:FutureWarning")
+@pytest.mark.parametrize("apply", [lambda layer: prune.l1_unstructured(layer, "weight", 0.5),
+                                   lambda layer: torch.nn.utils.weight_norm(layer)], ids=["prune", "weight_norm"])
+def test_a_projection_weight_computed_by_a_forward_pre_hook_is_refused_by_name(apply):
+    # The attention multiplies by its projections' weights without running their forwards, so the hook never
+    # recomputed the weight: the second training step failed in autograd ("Trying to backward through the graph a
+    # second time"), and evaluation multiplied by the weight of the hook's registration.
+    attention = SparseMultiheadAttention(8, 2)
+    apply(attention.out_proj)
+    x = torch.randn(3, 2, 8)
+    with pytest.raises(ValueError, match="^out_proj's weight is computed by a forward pre-hook"):
+        attention(x, x, x)
+
+
+def test_a_parametrized_projection_weight_is_computed_at_every_forward(generator):
+    class Doubled(nn.Module):
+        def forward(self, weight):
+            return 2 * weight
+
+    attention = _sparse(_dense({}, generator), generator)
+    x = torch.randn(3, 2, E, dtype=torch.float64, generator=generator)
+    want = attention(x, x, x)[0]
+    torch.nn.utils.parametrize.register_parametrization(attention.in_proj, "weight", Doubled())
+    with torch.no_grad():
+        attention.in_proj.parametrizations.weight.original.mul_(0.5)
+    torch.testing.assert_close(attention(x, x, x)[0], want)
 
 
 def test_an_encoder_given_a_padding_mask_in_eval_mode_runs_layers_kept_off_their_fused_kernel(generator):
