@@ -1,6 +1,7 @@
 """Argument checks shared by every backend, run before any work so bad input changes nothing.
 
 Type and dtype errors raise TypeError, shape and range errors ValueError; each names the argument.
+`count`, `number` and `flag` check the plain arguments of every floor above (modules, algorithms), in one place.
 """
 from __future__ import annotations
 
