@@ -47,9 +47,9 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
             include/exclude leave them out: subclasses of those types, transposed convolutions,
             nn.Bilinear, recurrent layers (norms and embeddings stay dense silently).
             One whose weight or bias is computed from other parameters (torch.nn.utils.parametrize,
-            weight_norm, spectral_norm, prune) stays dense, with a warning; a Lazy one that has not
-            made its weight yet raises ValueError; a weight of a dtype other than float16, bfloat16,
-            float32 or float64 raises TypeError. Hooks registered on a replaced module (an attention
+            weight_norm, spectral_norm, prune) stays dense (a sparse layer keeps its mask), with a
+            warning; a Lazy one that has not made its weight yet raises ValueError; a weight of a dtype
+            other than float16, bfloat16, float32 or float64 raises TypeError. Hooks registered on a replaced module (an attention
             included) move to its sparse replacement, and so do the parameters, buffers, submodules and
             plain attributes a user added to it (ValueError for one named like an attribute of the sparse
             module); a submodule added to an attention is no projection of it, and is sparsified (or
@@ -360,8 +360,9 @@ def _left_dense(selected: list[tuple[str, nn.Module]], out_projs: set[int]) -> s
 def _reparametrized(module: nn.Module) -> bool:
     """A Linear/Conv whose weight a mask cannot hold, or whose weight or bias a sparse module cannot share: computed
     by torch.nn.utils.parametrize, or by a forward hook from other parameters (torch.nn.utils.weight_norm,
-    spectral_norm, prune), or not made yet (a Lazy module before its first forward)."""
-    if not isinstance(module, SPARSIFIABLE) or isinstance(module, SparseModule):
+    spectral_norm, prune), or not made yet (a Lazy module before its first forward). A sparse layer too (sparsify
+    again), whose mask cannot be written into a computed weight."""
+    if not isinstance(module, SPARSIFIABLE):
         return False
     return _unmade(module) or is_computed(module, "weight") or is_computed(module, "bias")
 
@@ -405,8 +406,8 @@ def _exact_attention(module: nn.Module) -> bool:
 
 
 def _maskable(targets: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
-    """`targets` without the reparametrized layers, which stay dense with a warning; ValueError (before
-    anything changes) for a Lazy layer not yet materialised, which would silently stay dense."""
+    """`targets` without the reparametrized layers, which stay dense (a sparse one keeps its mask) with a warning;
+    ValueError (before anything changes) for a Lazy layer not yet materialised, which would silently stay dense."""
     kept = []
     for name, module in targets:
         if not _reparametrized(module):
@@ -419,7 +420,8 @@ def _maskable(targets: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module
             if type_name.startswith("Parametrized"):  # parametrize's generated class: name the layer kind
                 type_name = type(module).__mro__[1].__name__
             what = "weight" if is_computed(module, "weight") else "bias"
-            warnings.warn(f"{name or '(root)'} ({type_name}) stays dense: its {what} is computed from other "
+            outcome = "keeps its mask" if isinstance(module, SparseModule) else "stays dense"
+            warnings.warn(f"{name or '(root)'} ({type_name}) {outcome}: its {what} is computed from other "
                           f"parameters (a parametrization, weight_norm, spectral_norm or torch.nn.utils.prune), "
                           f"not a Parameter that a sparse module can share", stacklevel=4)
     return kept

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import prune
 
 import sparsekern
 from sparsekern.nn import SparseConv1d, SparseConv2d, SparseConv3d, SparseLinear, SparseMultiheadAttention, sparse_modules
@@ -223,7 +224,7 @@ def test_a_computed_weight_or_bias_is_refused_by_from_dense_and_left_dense_by_sp
     # torch.nn.utils.prune computes the pruned tensor at every forward, a plain attribute: from_dense failed on
     # assigning it ("cannot assign 'torch.FloatTensor' as parameter"), and sparsify with it, before checking.
     layer = dense()
-    torch.nn.utils.prune.random_unstructured(layer, name, 0.5)
+    prune.random_unstructured(layer, name, 0.5)
     kind = SparseLinear if isinstance(layer, nn.Linear) else SparseConv2d
     with pytest.raises(TypeError, match=f"^{kind.__name__}.from_dense takes a layer whose {name} is a Parameter"):
         kind.from_dense(layer)
@@ -245,6 +246,21 @@ def test_a_dtype_sparse_layers_do_not_take_is_refused_by_name(make, dtype):
     # in torch ("Only Tensors of floating point and complex dtype can require gradients")
     with pytest.raises(TypeError, match="^dtype must be float16, bfloat16, float32 or float64"):
         make(dtype)
+
+
+@pytest.mark.filterwarnings("ignore:.*is deprecated:FutureWarning")
+@pytest.mark.parametrize("apply", [lambda layer: prune.l1_unstructured(layer, "weight", 0.5),
+                                   lambda layer: prune.l1_unstructured(layer, "bias", 0.5),
+                                   lambda layer: torch.nn.utils.parametrizations.weight_norm(layer)],
+                         ids=["pruned weight", "pruned bias", "weight_norm"])
+def test_sparsify_again_keeps_the_mask_of_a_sparse_layer_whose_weight_or_bias_is_computed(apply, generator):
+    # It failed with a KeyError (the computed weight is no Parameter of the model's)
+    model = sparsekern.sparsify(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)), 0.5, generator=generator)
+    apply(model[0])
+    mask = model[0].mask.clone()
+    with pytest.warns(UserWarning, match=r"^0 \(SparseLinear\) keeps its mask: its (weight|bias) is computed"):
+        sparsekern.sparsify(model, 0.3, generator=generator)
+    assert torch.equal(model[0].mask, mask) and model[1].density == pytest.approx(0.3, abs=0.1)
 
 
 def test_a_nested_weight_is_refused_by_from_dense_and_sparsify_as_a_torch_sparse_one_is():
