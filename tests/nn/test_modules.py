@@ -280,7 +280,6 @@ def test_a_nested_weight_is_refused_by_from_dense_and_sparsify_as_a_torch_sparse
 
 
 def test_a_float_prune_mask_loads_and_other_values_are_refused_naming_the_key():
-    import torch.nn.utils.prune as prune
     dense = nn.Linear(6, 5)
     prune.l1_unstructured(dense, "weight", amount=0.4)  # float 0/1 weight_mask, as saved by torch users
     saved = {"weight": dense.weight_orig.detach() * dense.weight_mask, "bias": dense.bias.detach(),
@@ -313,7 +312,6 @@ def test_a_float_prune_mask_loads_and_other_values_are_refused_naming_the_key():
 def test_a_model_pruned_by_torch_loads_into_its_sparse_twin(generator):
     # torch.nn.utils.prune saves weight_orig and a float weight_mask (bias_orig, bias_mask for a pruned bias):
     # load_state_dict refused them as unexpected keys, with weight and mask missing.
-    import torch.nn.utils.prune as prune
     torch.manual_seed(0)
     dense = small_model()
     convs_and_linears = [(m, "weight") for m in dense.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -331,7 +329,6 @@ def test_a_model_pruned_by_torch_loads_into_its_sparse_twin(generator):
 
 
 def test_a_sparse_layer_pruned_by_torch_loads_its_own_state_dict():
-    import torch.nn.utils.prune as prune
     saved, loaded = SparseLinear(6, 5), SparseLinear(6, 5)
     for layer in (saved, loaded):
         prune.l1_unstructured(layer, "weight", amount=0.4)
