@@ -324,8 +324,8 @@ SPARSIFY_BAD = [
     ("init", _init_without_generator, TypeError), ("init", _init_raises, RuntimeError),
     ("init", _init_writes_nan, ValueError), ("init", _init_replaces_weight, TypeError),
     ("init", _init_writes_everywhere, RuntimeError), ("init", lambda: None, TypeError),
-    ("power", NAN, ValueError), ("power", INF, ValueError), ("power", "1", ValueError),
-    ("power", None, ValueError), ("power", True, ValueError),
+    ("power", NAN, ValueError), ("power", INF, ValueError), ("power", "1", TypeError),
+    ("power", None, TypeError), ("power", True, TypeError),
     ("dense_first_layer", 1, TypeError), ("dense_first_layer", "yes", TypeError),
     ("dense_first_layer", None, TypeError),
     ("generator", 5, TypeError), ("generator", "seed", TypeError), ("generator", torch.manual_seed, TypeError),
@@ -446,7 +446,7 @@ INIT_BAD = [
     ("distribution", "gaussian", ValueError), ("distribution", None, ValueError), ("distribution", 1, ValueError),
     ("mode", "fan", ValueError), ("mode", None, ValueError), ("mode", "FAN_IN", ValueError),
     ("scale", 0, ValueError), ("scale", -1.0, ValueError), ("scale", NAN, ValueError), ("scale", INF, ValueError),
-    ("scale", "1", ValueError), ("scale", True, ValueError), ("scale", None, ValueError),
+    ("scale", "1", TypeError), ("scale", True, TypeError), ("scale", None, TypeError),
     ("generator", 5, TypeError), ("generator", "g", TypeError),
 ]
 for _function in (init.sparse_, init.layer_scaled_):
@@ -464,7 +464,7 @@ for _arguments, _error, _match in [
         (dict(mask=torch.ones(6, dtype=torch.bool)), TypeError, "mask"),
         (dict(mask=None), TypeError, "mask"), (dict(mode="x"), ValueError, "mode"),
         (dict(groups=0), ValueError, "groups"), (dict(groups=-2), ValueError, "groups"),
-        (dict(groups=3), ValueError, "groups"), (dict(groups=1.5), ValueError, "groups")]:
+        (dict(groups=3), ValueError, "groups"), (dict(groups=1.5), TypeError, "groups")]:
     error(f"init.fans({_show(_arguments)})", layer_world,
           lambda w, a=_arguments: init.fans(**{"mask": w.layer.mask, **a}), _error, _match)
 for _value, _error in (("xavier", ValueError), (5, ValueError), (None, ValueError), (lambda: 0, TypeError),
@@ -482,7 +482,7 @@ for _arguments, _error, _match in [
         (dict(shapes=[(True, 2)]), ValueError, "shapes"), (dict(shapes="34"), TypeError, "shapes"),
         (dict(distribution="normal"), ValueError, "distribution"),
         (dict(distribution=None), ValueError, "distribution"),
-        (dict(power=NAN), ValueError, "power"), (dict(power="2"), ValueError, "power"),
+        (dict(power=NAN), ValueError, "power"), (dict(power="2"), TypeError, "power"),
         (dict(dense_first_layer=1), TypeError, "dense_first_layer"),
         (dict(density=0.01, dense_first_layer=True), ValueError, "density"),
         (dict(density=2.0), ValueError, "density")]:

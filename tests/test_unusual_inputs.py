@@ -82,6 +82,18 @@ def test_sparsify_converts_a_layer_attached_to_a_replaced_layer():
                                                 for key in ("weight", "bias", "mask"))
 
 
+@pytest.mark.parametrize("layer", [lambda: nn.Linear(8, 8), lambda: nn.MultiheadAttention(8, 2)],
+                         ids=["linear", "attention"])
+def test_sparsify_refuses_a_layer_compiled_in_place_by_name(layer):
+    """nn.Module.compile() keeps the compiled forward of the dense layer on it, which the sparse one cannot run:
+    sparsify said the layer 'holds _compiled_call_impl, a name its SparseLinear uses itself: rename it'."""
+    model = nn.Sequential(layer(), nn.Linear(8, 8))
+    model[0].compile()
+    with pytest.raises(ValueError, match=r"^layer '0' \(\w+\) was compiled in place \(nn.Module.compile\)"):
+        sparsekern.sparsify(model, 0.5, generator=_generator())
+    assert type(model[0]) is not SparseLinear and type(model[1]) is nn.Linear
+
+
 @pytest.mark.parametrize("power", [400.0, 1e6])
 def test_erk_with_an_extreme_power_gives_its_limit(power):
     """(sum/size)**power underflowed to 0 (ZeroDivisionError): the layer of largest sum/size fills first."""

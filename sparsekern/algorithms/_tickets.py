@@ -12,7 +12,6 @@ one weight are one layer, pruned once, and every mask change is copied to the ot
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from typing import Callable
 
@@ -20,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..ops import _checks
 from ..nn import SparseModule, sparse_modules, tying
 from ..nn.sharding import refuse_sharded
 
@@ -66,24 +66,12 @@ def check_callable(value, name: str) -> None:
 
 
 def check_fraction(prune_fraction) -> float:
-    if isinstance(prune_fraction, bool) or not isinstance(prune_fraction, (int, float)):
-        raise TypeError(f"prune_fraction must be a float, got {type(prune_fraction).__name__}")
-    if not 0 < prune_fraction < 1:
-        raise ValueError(f"prune_fraction must be in (0, 1), got {prune_fraction}")
-    return float(prune_fraction)
+    return _checks.number(prune_fraction, "prune_fraction", lambda value: 0 < value < 1, "in (0, 1)")
 
 
 def check_choice(value, name: str, choices: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-    return value
-
-
-def check_count(value, name: str, low: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
     return value
 
 
@@ -244,7 +232,7 @@ def check_state_keys(state, keys: tuple[str, ...]) -> None:
 
 
 def state_count(state: dict, key: str, low: int = 0) -> int:
-    return check_count(state[key], f"state[{key!r}]", low)
+    return _checks.count(state[key], f"state[{key!r}]", low)
 
 
 def check_saved_setting(state: dict, key: str, value) -> None:
@@ -288,14 +276,3 @@ def loaded_optimizer(optimizer_factory: Callable, model: nn.Module, saved, name:
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
         raise ValueError(f"{name} does not fit the optimizer: {type(error).__name__}: {error}") from None
     return optimizer
-
-
-def check_number(value, name: str, valid: Callable[[float], bool], requirement: str) -> float:
-    """`value` as a float, or TypeError/ValueError naming it unless it is a finite number for which
-    `valid` holds (`requirement` says which, as in "in [0, 1)")."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or not valid(value):
-        raise ValueError(f"{name} must be a finite number {requirement}, got {value!r}")
-    return value

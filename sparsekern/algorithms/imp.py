@@ -12,6 +12,7 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from ..ops import _checks
 from . import _tickets, distributed
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -66,7 +67,7 @@ class IMP(distributed.CatchesUp):
             self.layers = _tickets.primaries(self._groups)
             _tickets.check_callable(optimizer_factory, "optimizer_factory")
             self.prune_fraction = _tickets.check_fraction(prune_fraction)
-            self.rewind_step = _tickets.check_count(rewind_step, "rewind_step")
+            self.rewind_step = _checks.count(rewind_step, "rewind_step")
             self.scope = _tickets.check_choice(scope, "scope", _tickets.SCOPES)
             self.rewind = _tickets.check_choice(rewind, "rewind", REWINDS)
             replicas.compare(model)
@@ -132,7 +133,7 @@ class IMP(distributed.CatchesUp):
         at the last cycle's masks (cycles - 1 prunings).
         """
         _tickets.check_callable(train_fn, "train_fn")
-        cycles = _tickets.check_count(cycles, "cycles", low=1)
+        cycles = _checks.count(cycles, "cycles", 1)
         while self.cycle < cycles:
             train_fn(self)
             if self.cycle == cycles - 1:

@@ -142,14 +142,11 @@ class OptG(distributed.CatchesUp):
             frozen = _frozen_layers(self._groups) if criterion == "learned" else []
             self._groups = [tied for tied in self._groups if tied[0][0] not in frozen]
             self.layers = _tickets.primaries(self._groups)
-            if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
-                raise TypeError(f"sparsity must be a float, got {type(sparsity).__name__}")
-            if not 0 <= sparsity < 1:  # also refuses NaN
-                raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-            self.epochs = _tickets.check_count(epochs, "epochs", low=1)
-            lr = _tickets.check_number(lr, "lr", lambda v: v >= 0, ">= 0")
-            beta = _tickets.check_number(beta, "beta", lambda v: v > 0, "> 0")
-            momentum = _tickets.check_number(momentum, "momentum", lambda v: 0 <= v < 1, "in [0, 1)")
+            sparsity = _checks.number(sparsity, "sparsity", lambda value: 0 <= value < 1, "in [0, 1)")
+            self.epochs = _checks.count(epochs, "epochs", 1)
+            lr = _checks.number(lr, "lr", lambda v: v >= 0, ">= 0")
+            beta = _checks.number(beta, "beta", lambda v: v > 0, "> 0")
+            momentum = _checks.number(momentum, "momentum", lambda v: 0 <= v < 1, "in [0, 1)")
             _checks.flag(nesterov, "nesterov")
             _checks.flag(dense_while_scores_tie, "dense_while_scores_tie")
             _checks.flag(host_checks, "host_checks")

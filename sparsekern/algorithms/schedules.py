@@ -17,6 +17,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..ops import _checks
+
 DEFAULT_DROP_FRACTION = {"cosine": 0.3, "constant": 0.3, "annealed": 0.5}
 DEFAULT_FINAL_DROP_FRACTION = 0.005
 # The fraction of training after which each schedule stops updating masks, by default.
@@ -85,8 +87,8 @@ def make(name, total_steps, *, update_every=100, end_step=None, end_fraction=Non
         raise TypeError(f"schedule must be a str, got {type(name).__name__}")
     if name not in DEFAULT_DROP_FRACTION:
         raise ValueError(f"schedule must be one of {sorted(DEFAULT_DROP_FRACTION)}, got {name!r}")
-    total_steps = _positive_int(total_steps, "total_steps")
-    update_every = _positive_int(update_every, "update_every")
+    total_steps = _checks.count(total_steps, "total_steps", 1)
+    update_every = _checks.count(update_every, "update_every", 1)
     if end_step is not None and end_fraction is not None:
         raise ValueError(f"give end_step or end_fraction, not both (got {end_step} and {end_fraction})")
     if end_step is None:
@@ -96,7 +98,7 @@ def make(name, total_steps, *, update_every=100, end_step=None, end_fraction=Non
             raise ValueError("end_fraction must be in (0, 1], got 0")
         end_step = max(1, round(end_fraction * total_steps))
     else:
-        end_step = _positive_int(end_step, "end_step")
+        end_step = _checks.count(end_step, "end_step", 1)
     drop_fraction = _fraction(DEFAULT_DROP_FRACTION[name] if drop_fraction is None else drop_fraction,
                               "drop_fraction")
     if final_drop_fraction is not None and name != "annealed":
@@ -106,18 +108,5 @@ def make(name, total_steps, *, update_every=100, end_step=None, end_fraction=Non
     return Schedule(name, update_every, end_step, total_steps, drop_fraction, final_drop_fraction)
 
 
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not hasattr(value, "__index__"):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    value = value.__index__()
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value}")
-    return value
-
-
 def _fraction(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    if not 0 <= value <= 1:
-        raise ValueError(f"{name} must be in [0, 1], got {value}")
-    return float(value)
+    return _checks.number(value, name, lambda value: 0 <= value <= 1, "in [0, 1]")

@@ -83,21 +83,21 @@ class SWAMP:
             self._groups = _tickets.sparse_layers(model, "SWAMP")
             self.layers = _tickets.primaries(self._groups)
             _tickets.check_callable(optimizer_factory, "optimizer_factory")
-            self.particles = _tickets.check_count(particles, "particles", low=1)
+            self.particles = _checks.count(particles, "particles", 1)
             self.prune_fraction = _tickets.check_fraction(prune_fraction)
-            self.rewind_step = _tickets.check_count(rewind_step, "rewind_step")
+            self.rewind_step = _checks.count(rewind_step, "rewind_step")
             self.scope = _tickets.check_choice(scope, "scope", _tickets.SCOPES)
-            self.swa_start = None if swa_start is None else _tickets.check_count(swa_start, "swa_start")
+            self.swa_start = None if swa_start is None else _checks.count(swa_start, "swa_start")
             if self.swa_start is not None and self.swa_start < self.rewind_step:
                 # Particles after the first start at step k: none can average weights from before it.
                 raise ValueError(f"swa_start must be >= rewind_step ({self.rewind_step}), got {swa_start}")
-            self.swa_every = _tickets.check_count(swa_every, "swa_every", low=1)
+            self.swa_every = _checks.count(swa_every, "swa_every", 1)
             if bn_loader is not None and not hasattr(bn_loader, "__iter__"):
                 raise TypeError(f"bn_loader must be an iterable of batches or None, got {type(bn_loader).__name__}")
             if _batch_norms(model) and bn_loader is None:
                 raise ValueError("bn_loader is None but the model has BatchNorm layers, whose statistics "
                                  "SWAMP must recompute for the averaged weights")
-            self.seed = _tickets.check_count(seed, "seed")
+            self.seed = _checks.count(seed, "seed")
             self.rank, self.world_size = ((dist.get_rank(group), dist.get_world_size(group))
                                           if dist.is_available() and dist.is_initialized() else (0, 1))
             if self.particles < self.world_size:
@@ -257,7 +257,7 @@ class SWAMP:
     def run(self, train_fn: Callable[["SWAMP"], None], cycles: int) -> None:
         """Runs (or resumes) `cycles` cycles; the model ends holding the last cycle's θ̄."""
         _tickets.check_callable(train_fn, "train_fn")
-        cycles = _tickets.check_count(cycles, "cycles", low=1)
+        cycles = _checks.count(cycles, "cycles", 1)
         while self.cycle < cycles:
             if not self.averaged:
                 train_fn(self)

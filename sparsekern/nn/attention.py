@@ -14,18 +14,21 @@ plain nn.MultiheadAttention state dict loads with only its projection weights re
 """
 from __future__ import annotations
 
-import numbers
-
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.nn.utils import parametrize
 
-from ..ops import _masked_linear_op
-from .modules import SparseLinear, SparseModule, _copy_masked_into
+from ..ops import _checks, _masked_linear_op
+from .modules import SparseLinear, SparseModule, _check_dtype, _copy_masked_into, _translate_pruned, is_computed
 
 # nn.MultiheadAttention's keys of the input-projection weights -> this module's.
 _DENSE_WEIGHT_KEYS = {"in_proj_weight": "in_proj.weight", "q_proj_weight": "q_proj.weight",
                       "k_proj_weight": "k_proj.weight", "v_proj_weight": "v_proj.weight"}
+# The attention module's own Parameters (the projections hold the weights, out_proj its bias).
+_OWN_BIASES = ("in_proj_bias", "bias_k", "bias_v")
+# What nn.MultiheadAttention holds of its own (None where unused): anything else is a user's.
+DENSE_ENTRIES = (*_DENSE_WEIGHT_KEYS, *_OWN_BIASES, "out_proj")
 
 
 class SparseMultiheadAttention(nn.Module):
@@ -39,6 +42,11 @@ class SparseMultiheadAttention(nn.Module):
     eval-mode kernel does, and multiplies by them directly. That is exact while each projection keeps
     `zero_off_mask`; a projection that holds values off its mask carries a forward pre-hook, which keeps
     the layer off that kernel (see `SparseModule.zero_off_mask`).
+
+    Forward multiplies by the projections' weights without running the projections' forwards, as
+    nn.MultiheadAttention's does with its out_proj: their hooks do not fire, and a projection weight that a
+    forward pre-hook computes (torch.nn.utils.prune, the older weight_norm and spectral_norm) raises ValueError
+    naming the projection; a parametrization (torch.nn.utils.parametrize) is computed as forward reads it.
     """
 
     # nn.MultiheadAttention's, which reads num_heads only: nn.TransformerEncoderLayer's fused path calls it.
@@ -47,25 +55,23 @@ class SparseMultiheadAttention(nn.Module):
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
                  add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: int | None = None,
                  vdim: int | None = None, batch_first: bool = False, device=None, dtype=None):
-        embed_dim = _positive_int(embed_dim, "embed_dim")
-        num_heads = _positive_int(num_heads, "num_heads")
+        embed_dim = _checks.count(embed_dim, "embed_dim", 1)
+        num_heads = _checks.count(num_heads, "num_heads", 1)
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
-        kdim = embed_dim if kdim is None else _positive_int(kdim, "kdim")
-        vdim = embed_dim if vdim is None else _positive_int(vdim, "vdim")
-        if (isinstance(dropout, bool) or not isinstance(dropout, numbers.Real)
-                or not 0.0 <= float(dropout) <= 1.0):
-            raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
+        kdim = embed_dim if kdim is None else _checks.count(kdim, "kdim", 1)
+        vdim = embed_dim if vdim is None else _checks.count(vdim, "vdim", 1)
+        dropout = _checks.number(dropout, "dropout", lambda value: 0 <= value <= 1, "in [0, 1]")
         for value, name in ((bias, "bias"), (add_bias_kv, "add_bias_kv"), (add_zero_attn, "add_zero_attn"),
                             (batch_first, "batch_first")):
-            if not isinstance(value, bool):
-                raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+            _checks.flag(value, name)
+        _check_dtype(dtype)
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.embed_dim, self.kdim, self.vdim = embed_dim, kdim, vdim
         self._qkv_same_embed_dim = kdim == embed_dim and vdim == embed_dim
         self.num_heads, self.head_dim = num_heads, embed_dim // num_heads
-        self.dropout = float(dropout)
+        self.dropout = dropout
         self.batch_first = batch_first
         self.add_zero_attn = add_zero_attn
         if self._qkv_same_embed_dim:
@@ -100,6 +106,12 @@ class SparseMultiheadAttention(nn.Module):
     def input_projections(self) -> list[SparseLinear]:
         """[in_proj] or [q_proj, k_proj, v_proj]."""
         return [self.in_proj] if self._qkv_same_embed_dim else [self.q_proj, self.k_proj, self.v_proj]
+
+    def named_projections(self) -> list[tuple[str, SparseLinear]]:
+        """(name, layer) of every projection: "in_proj" (or "q_proj", "k_proj", "v_proj") and "out_proj"; not the
+        other submodules a user may have attached."""
+        names = ("in_proj",) if self._qkv_same_embed_dim else ("q_proj", "k_proj", "v_proj")
+        return [(name, getattr(self, name)) for name in (*names, "out_proj")]
 
     @property
     def in_proj_weight(self) -> Tensor | None:
@@ -142,7 +154,8 @@ class SparseMultiheadAttention(nn.Module):
                     value = key
             else:
                 query, key, value = (x.transpose(1, 0) for x in (query, key, value))
-        projections = [_weight_for_dense_kernel(projection) for projection in self.input_projections()]
+        *projections, out_proj_weight = [_weight_for_dense_kernel(name, layer)
+                                         for name, layer in self.named_projections()]
         separate = {} if self._qkv_same_embed_dim else dict(
             use_separate_proj_weight=True, q_proj_weight=projections[0], k_proj_weight=projections[1],
             v_proj_weight=projections[2])
@@ -150,7 +163,7 @@ class SparseMultiheadAttention(nn.Module):
             query, key, value, self.embed_dim, self.num_heads,
             projections[0] if self._qkv_same_embed_dim else None, self.in_proj_bias,
             self.bias_k, self.bias_v, self.add_zero_attn, self.dropout,
-            _weight_for_dense_kernel(self.out_proj), self.out_proj.bias, training=self.training,
+            out_proj_weight, self.out_proj.bias, training=self.training,
             key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
             average_attn_weights=average_attn_weights, is_causal=is_causal, **separate)
         if self.batch_first and is_batched:
@@ -176,8 +189,8 @@ class SparseMultiheadAttention(nn.Module):
                              "autocast, and no gradient")
         merged_mask, mask_type = self.merge_masks(attn_mask, key_padding_mask, query)
         return torch._native_multi_head_attention(
-            query, key, value, self.embed_dim, self.num_heads, _weight_for_dense_kernel(self.in_proj),
-            self.in_proj_bias, _weight_for_dense_kernel(self.out_proj), self.out_proj.bias, merged_mask,
+            query, key, value, self.embed_dim, self.num_heads, _weight_for_dense_kernel("in_proj", self.in_proj),
+            self.in_proj_bias, _weight_for_dense_kernel("out_proj", self.out_proj), self.out_proj.bias, merged_mask,
             need_weights, average_attn_weights, mask_type)
 
     @classmethod
@@ -195,6 +208,10 @@ class SparseMultiheadAttention(nn.Module):
                 raise TypeError(f"{cls.__name__}.from_dense takes an nn.MultiheadAttention whose projection "
                                 f"weights are Parameters, got a {type(weight).__name__} (a parametrization or "
                                 f"a weight hook computes it)")
+        for name in computed_biases(attention):
+            raise TypeError(f"{cls.__name__}.from_dense takes an nn.MultiheadAttention whose {name} is a Parameter "
+                            f"(or None), got one computed from other parameters (a parametrization or "
+                            f"torch.nn.utils.prune)")
         sparse = cls(attention.embed_dim, attention.num_heads, dropout=attention.dropout,
                      bias=attention.in_proj_bias is not None, add_bias_kv=attention.bias_k is not None,
                      add_zero_attn=attention.add_zero_attn, kdim=attention.kdim, vdim=attention.vdim,
@@ -234,7 +251,9 @@ class SparseMultiheadAttention(nn.Module):
         # projections' weights (their missing masks load as all True, SparseModule's rule). Renamed here,
         # before load_state_dict hands the children their entries; so are torch.nn.utils.prune's
         # `<weight>_orig` and `<weight>_mask` of a pruned one, which the projection then loads as its mask
-        # and pruned values (SparseModule's rule too).
+        # and pruned values (SparseModule's rule too). A pruned bias of the attention's own loads as its
+        # pruned values, as a sparse layer's pruned bias does.
+        _translate_pruned(state_dict, prefix, _OWN_BIASES)
         for dense_key, sparse_key in _DENSE_WEIGHT_KEYS.items():
             for suffix in ("", "_orig", "_mask"):
                 dense_entry, sparse_entry = prefix + dense_key + suffix, prefix + sparse_key + suffix
@@ -248,13 +267,22 @@ class SparseMultiheadAttention(nn.Module):
                 f"dropout={self.dropout}, batch_first={self.batch_first}")
 
 
-def _weight_for_dense_kernel(layer: SparseModule) -> Tensor:
-    """The weight `layer` would multiply by (SparseConvNd.forward's), for a kernel that multiplies by it."""
+def computed_biases(attention: nn.MultiheadAttention) -> list[str]:
+    """The names of `attention`'s biases ("in_proj_bias", "bias_k", "bias_v", "out_proj.bias") that are computed
+    from other parameters (`modules.is_computed`), which the sparse attention cannot share."""
+    owners = {**{name: (attention, name) for name in _OWN_BIASES}, "out_proj.bias": (attention.out_proj, "bias")}
+    return [label for label, (owner, name) in owners.items() if is_computed(owner, name)]
+
+
+def _weight_for_dense_kernel(name: str, layer: SparseModule) -> Tensor:
+    """The weight the projection `name` would multiply by (SparseConvNd.forward's), for a kernel that multiplies by
+    it. ValueError for a weight that a forward pre-hook computes (torch.nn.utils.prune, the older weight_norm and
+    spectral_norm): the projection's forward, and its hooks, do not run here (nor do those of nn.MultiheadAttention's
+    out_proj), so the hook would never compute it again. A parametrization computes it as it is read."""
+    if "weight" not in layer._parameters and not parametrize.is_parametrized(layer, "weight"):
+        raise ValueError(f"{name}'s weight is computed by a forward pre-hook (torch.nn.utils.prune, weight_norm or "
+                         f"spectral_norm), which SparseMultiheadAttention does not run: it multiplies by the "
+                         f"weight, as nn.MultiheadAttention does by its out_proj's; use torch.nn.utils.parametrize "
+                         f"(torch.nn.utils.parametrizations), or prune the dense attention and load its state dict")
     weight, mask, _, zero_off_mask = layer._forward_arguments()
     return _masked_linear_op.weight_for_dense_kernel(weight, mask, zero_off_mask, layer.dense_grad)
-
-
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)

@@ -27,11 +27,7 @@ DISTRIBUTIONS = ("erk", "uniform")
 
 def check_density(density) -> float:
     """`density` as a float, or ValueError/TypeError naming it unless it is a number in (0, 1]."""
-    if isinstance(density, bool) or not isinstance(density, numbers.Real):
-        raise TypeError(f"density must be a number in (0, 1], got {type(density).__name__}")
-    if not 0 < density <= 1:  # also rejects NaN
-        raise ValueError(f"density must be in (0, 1], got {density}")
-    return float(density)
+    return _checks.number(density, "density", lambda value: 0 < value <= 1, "in (0, 1]")
 
 
 def layer_densities(shapes: Sequence[Sequence[int]], density: float, distribution: str = "erk", *,
@@ -62,9 +58,7 @@ def erk(shapes: Sequence[Sequence[int]], density: float, *, power: float = 1.0,
     shapes = _shapes(shapes)
     sizes = [math.prod(shape) for shape in shapes]
     density = check_density(density)
-    if isinstance(power, bool) or not isinstance(power, numbers.Real) or not math.isfinite(power):
-        raise ValueError(f"power must be a finite number, got {power!r}")
-    power = float(power)
+    power = _checks.number(power, "power")
     # log of (sum(shape) / size) ** power: a large |power| would overflow or underflow the power itself.
     log_raw = [power * math.log(sum(shape) / size) for shape, size in zip(shapes, sizes)]
     budget = density * sum(sizes)

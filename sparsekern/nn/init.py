@@ -20,14 +20,12 @@ positions count in full, also where a stride > 1 lets only some of them reach ea
 from __future__ import annotations
 
 import inspect
-import math
-import numbers
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-from ..ops import reference
+from ..ops import _checks, reference
 from .modules import SparseModule
 
 MODES = ("fan_in", "fan_out", "fan_avg")
@@ -46,8 +44,7 @@ def fans(mask: Tensor, mode: str = "fan_in", groups: int = 1, transposed: bool =
         raise TypeError(f"mask must be a bool tensor of 2 or more dimensions, got {got}")
     if not isinstance(mode, str) or mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    groups = _checks.count(groups, "groups", 1)
     if not isinstance(transposed, bool):
         raise TypeError(f"transposed must be a bool, got {type(transposed).__name__}")
     active = mask.to(torch.float32)
@@ -132,9 +129,7 @@ def _check(module, distribution: str, scale: float, generator) -> None:
     _check_module(module)
     if not isinstance(distribution, str) or distribution not in DISTRIBUTIONS:
         raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
-    if (isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not scale > 0
-            or not math.isfinite(scale)):
-        raise ValueError(f"scale must be a finite positive number, got {scale!r}")
+    _checks.number(scale, "scale", lambda value: value > 0, "> 0")
     check_generator(generator)
 
 

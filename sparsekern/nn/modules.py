@@ -29,16 +29,18 @@ values it does not own.
 
 Writing into `weight` off the mask, or writing `mask` other than through `set_mask`, breaks the
 promise: set `zero_off_mask = False`, or call `zero_weights_off_mask()` to keep it. A mask written in
-place is noticed (by its version counter, which a mask made under torch.inference_mode lacks) at the
-next forward outside torch.compile, which reads the weight once to check the promise again: an EMA of
-a DST run (torch.optim.swa_utils.AveragedModel, whose buffer sync copies the live masks into a model
-whose averaged weights are non-zero off them) computes with its averaged weights under the live masks.
+place (noticed by its version counter, which a mask made under torch.inference_mode lacks and a write
+through `mask.data` does not move) or put in place of the old one (registered as a buffer) is noticed at
+the next forward outside torch.compile, which reads the weight once to check the promise again (a mask
+assigned, `layer.mask = ...`, is checked at once): an EMA of a DST run
+(torch.optim.swa_utils.AveragedModel, whose buffer sync copies the live masks into a model whose
+averaged weights are non-zero off them) computes with its averaged weights under the live masks.
 Only the module's own forward notices it: nn.TransformerEncoderLayer's fused eval-mode kernel
 multiplies by its layers' weights without running them (`sparsekern.nn.SparseAveragedModel` sets its
-layers' `zero_off_mask = False`, whose forward pre-hook keeps the layer off that kernel). A write into the weight alone is not noticed
-(an optimizer step writes it too). `verify_zero_off_mask()` checks it (one pass over the weight);
-`SparseModule.check_zero_off_mask = True` (on the class, or on one module) runs that check at every
-forward that relies on it, a debugging aid.
+layers' `zero_off_mask = False`, whose forward pre-hook keeps the layer off that kernel). A write into
+the weight alone is not noticed (an optimizer step writes it too). `verify_zero_off_mask()` checks it
+(one pass over the weight); `SparseModule.check_zero_off_mask = True` (on the class, or on one module)
+runs that check at every forward that relies on it, a debugging aid.
 
 With `dense_grad = True` the next backward also gives the gradient at inactive positions (dy.T @ x
 for a linear layer), which growth criteria such as RigL's read on mask-update steps. That gradient
@@ -58,8 +60,11 @@ torch.nn.utils.prune, its `weight_orig` and `weight_mask`, as that mask and the 
 `to_dense()` returns a plain module holding the masked weight. A saved mask that is not bool
 (torch.nn.utils.prune's are float) must hold only 0 and 1 (ValueError naming its key otherwise, the
 module unchanged).
-Loading a state dict, or assigning a new `weight` Parameter, sets `zero_off_mask` from the weight's
-values.
+Loading a state dict, or assigning or registering a `weight` Parameter (torch.nn.utils.parametrize's
+remove_parametrizations(leave_parametrized=True) registers the original one again, holding the computed
+values), sets `zero_off_mask` from the weight's values. A module moved off the meta device by `to_empty`
+promises nothing (its weight holds whatever memory held) until one of these, `set_mask` or
+`zero_weights_off_mask`.
 """
 from __future__ import annotations
 
@@ -68,6 +73,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.nn.utils import parametrize
 
 from .. import ops
 from ..ops import _checks, _masked_linear_op, _transforms, reference
@@ -101,9 +107,20 @@ class SparseModule(nn.Module):
 
     def __setattr__(self, name: str, value) -> None:
         super().__setattr__(name, value)
-        # A Parameter only: a forward pre-hook (weight_norm's, torch.nn.utils.prune's) sets the weight it
-        # computes as a plain tensor at every forward, where a read would cost a pass and a host sync.
-        if name == "weight" and isinstance(value, nn.Parameter):
+        # A mask assigned in place of the old one is checked at once, not at the next forward (see
+        # `_forward_arguments`): nn.TransformerEncoderLayer's fused eval-mode kernel, and a compiled graph, read
+        # the weight without this module's forward.
+        if name == "mask" and isinstance(value, Tensor):
+            self._recheck_zero_off_mask()
+
+    def register_parameter(self, name: str, param) -> None:
+        super().register_parameter(name, param)
+        # Assignment (`layer.weight = ...`) comes here too. A Parameter only: a forward pre-hook (weight_norm's,
+        # torch.nn.utils.prune's) sets the weight it computes as a plain tensor at every forward, where a read
+        # would cost a pass and a host sync. The one the promise was made for is read again as well:
+        # torch.nn.utils.parametrize.remove_parametrizations(leave_parametrized=True) writes the computed
+        # values into it (set_) and registers it again.
+        if name == "weight" and isinstance(param, nn.Parameter):
             self._recheck_zero_off_mask()
 
     def __delattr__(self, name: str) -> None:
@@ -158,7 +175,10 @@ class SparseModule(nn.Module):
         # algorithm (AveragedModel's buffer sync, which copies the live masks into an EMA whose averaged
         # weights are non-zero off them), makes forward check the promise again (_forward_arguments).
         # An inference tensor (made under torch.inference_mode) has no version counter: writes into it go unnoticed.
+        # The tensor itself too: a mask put in place of the old one (assigned, registered) has a version
+        # counter of its own, which may well read the same.
         mask = self.__dict__["_buffers"].get("mask")
+        self.__dict__["_promised_mask"] = mask
         self._promised_mask_version = None if mask is None or mask.is_inference() else mask._version
         # Fused inference kernels of torch read a child layer's weight directly: in eval mode,
         # nn.TransformerEncoderLayer hands linear1.weight, linear2.weight and its SparseMultiheadAttention's
@@ -177,10 +197,11 @@ class SparseModule(nn.Module):
     def _apply(self, fn, recurse=True):
         # A conversion (.to, .double, ...) may put a new weight Parameter in place without assigning it
         # (torch.__future__.set_overwrite_module_params_on_conversion): the promise passes to it, as
-        # every conversion takes 0 to 0.
-        promised = self.zero_off_mask
+        # every conversion takes 0 to 0. Not from the meta device (to_empty), where there were no values:
+        # the weight then holds whatever memory held, until set_mask, zero_weights_off_mask or a state dict.
+        promised, was_meta = self.zero_off_mask, _is_meta(self._parameters.get("weight"))
         super()._apply(fn, recurse)
-        self.zero_off_mask = promised
+        self.zero_off_mask = promised and not (was_meta and not _is_meta(self._parameters.get("weight")))
         return self
 
     @torch.no_grad()
@@ -240,9 +261,11 @@ class SparseModule(nn.Module):
             weight = self.weight
         zero_off_mask = self._zero_off_mask_of is weight
         # Not while torch.compile traces, where a version is no value to branch on.
-        if (zero_off_mask and mask is not None and not torch.compiler.is_compiling() and not mask.is_inference()
-                and mask._version != self._promised_mask_version and not _transforms.active()):
-            self._recheck_zero_off_mask()   # the mask was written in place since the promise (setter)
+        if (zero_off_mask and mask is not None and not torch.compiler.is_compiling()
+                and (mask is not self._promised_mask
+                     or not mask.is_inference() and mask._version != self._promised_mask_version)
+                and not _transforms.active()):
+            self._recheck_zero_off_mask()   # another mask, or one written in place, since the promise (setter)
             zero_off_mask = self._zero_off_mask_of is weight
         if zero_off_mask and self.check_zero_off_mask and not _transforms.active():
             self.verify_zero_off_mask()
@@ -303,6 +326,10 @@ class SparseModule(nn.Module):
         return f"{super().extra_repr()}, density={self.density:.4g}"
 
 
+def _is_meta(tensor: Tensor | None) -> bool:
+    return tensor is not None and tensor.is_meta
+
+
 def _forward_through_the_mask(module: nn.Module, args) -> None:
     """The forward pre-hook a sparse module holds while its weight is non-zero off the mask
     (`SparseModule.zero_off_mask` False): it does nothing, but its presence keeps fused kernels that
@@ -324,14 +351,15 @@ def _check_loaded_mask(mask, key: str) -> None:
                          f"tensor), got values such as {bad}")
 
 
-def _translate_pruned(state_dict: dict, prefix: str) -> None:
+def _translate_pruned(state_dict: dict, prefix: str, names: tuple[str, ...] = ("weight", "bias")) -> None:
     """Turns torch.nn.utils.prune's entries of a layer in `state_dict` into a sparse module's, in place: a
     pruned weight is saved as `weight_orig` (the values before pruning) and `weight_mask` (its float 0/1
     mask), which load as `weight` (the pruned values, 0 off the mask, as prune's forward computes them) and
-    `mask`; a pruned bias (`bias_orig`, `bias_mask`) as its pruned values. So a model pruned by torch (a
-    lottery-ticket code base's checkpoint) loads into its sparse twin. ValueError naming the key for a mask
-    that is not 0/1 or not shaped like its values, before anything loads."""
-    for name in ("weight", "bias"):
+    `mask`; a pruned bias (`bias_orig`, `bias_mask`), or any other of `names` (an attention's
+    `in_proj_bias`, `bias_k`, `bias_v`), as its pruned values. So a model pruned by torch (a lottery-ticket
+    code base's checkpoint) loads into its sparse twin. ValueError naming the key for a mask that is not
+    0/1 or not shaped like its values, before anything loads."""
+    for name in names:
         original, pruned = f"{prefix}{name}_orig", f"{prefix}{name}_mask"
         if prefix + name in state_dict or not (isinstance(state_dict.get(original), Tensor)
                                                and isinstance(state_dict.get(pruned), Tensor)):
@@ -371,6 +399,7 @@ class SparseLinear(SparseModule, nn.Linear):
     """nn.Linear with a weight mask; forward through `sparsekern.ops.masked_linear`."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
+        _check_dtype(dtype)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._init_mask()
 
@@ -465,6 +494,7 @@ class SparseConvNd(SparseModule):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
                  device=None, dtype=None):
+        _check_dtype(dtype)
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
                          dilation=dilation, groups=groups, bias=bias, padding_mode=padding_mode,
                          device=device, dtype=dtype)
@@ -594,7 +624,31 @@ def weight_type_problem(weight: Tensor) -> str | None:
     return None
 
 
+def is_computed(module: nn.Module, name: str) -> bool:
+    """Whether `module`'s tensor `name` is computed from other parameters (by torch.nn.utils.parametrize, or set as
+    a plain attribute by a forward pre-hook: weight_norm, spectral_norm, torch.nn.utils.prune) or held as a buffer,
+    rather than a Parameter of its own (or None), which a sparse module can share. Reads no computed value."""
+    if parametrize.is_parametrized(module, name):
+        return True
+    return not isinstance(module._parameters.get(name), nn.Parameter) and (
+        name in module._buffers or vars(module).get(name) is not None)
+
+
+def _check_dtype(dtype) -> None:
+    """TypeError naming `dtype` (a sparse layer's constructor argument) unless it is None or one that the sparse
+    kernels take: torch would build a complex layer whose forward then refused its input."""
+    if dtype is not None and dtype not in _checks.SCORE_DTYPES:
+        raise TypeError(f"dtype must be float16, bfloat16, float32 or float64 (or None), got {dtype!r}")
+
+
 def _check_adoptable_weight(cls: type, dense: nn.Module) -> None:
+    for name in ("weight", "bias"):
+        if is_computed(dense, name):
+            # Assigning it to the sparse module would fail in nn.Module ("cannot assign 'torch.FloatTensor' as
+            # parameter"), naming neither the layer nor why.
+            raise TypeError(f"{cls.__name__}.from_dense takes a layer whose {name} is a Parameter, got one computed "
+                            f"from other parameters (a parametrization, weight_norm, spectral_norm or "
+                            f"torch.nn.utils.prune)")
     problem = weight_type_problem(dense.weight)
     if problem is not None:
         raise TypeError(f"{cls.__name__}.from_dense takes a layer whose weight a sparse module can hold, got {problem}")

@@ -131,12 +131,17 @@ class SparseRNNBase(nn.Module):
         flat = []
         for name in self._flat_weights_names:
             layer, kind = _layer_and_kind(name)
-            flat.append(_weight_for_dense_kernel(layers[layer]) if kind == "weight" else layers[layer].bias)
+            flat.append(_weight_for_dense_kernel(layer, layers[layer]) if kind == "weight" else layers[layer].bias)
         return flat
 
     def forward(self, input, hx=None):
         """The dense class's forward (same arguments and outputs, PackedSequence included) on the masked weights."""
         return _run(self._call_class(self, self._flat_weights()), input, hx)
+
+    def named_projections(self) -> list[tuple[str, SparseLinear]]:
+        """(child name, layer) of the SparseLinear layers that hold the weight matrices: every child (as
+        SparseMultiheadAttention's, for sparsify)."""
+        return list(self.named_children())
 
     def flatten_parameters(self) -> None:
         """Does nothing: the weights cannot be kept in cuDNN's flat buffer (module docstring). Here so that code

@@ -3,8 +3,6 @@ MultiheadAttention and RNN/LSTM/GRU layers into sparse ones, in place."""
 from __future__ import annotations
 
 import fnmatch
-import math
-import numbers
 import sys
 import warnings
 from typing import Callable, Sequence
@@ -17,11 +15,11 @@ from torch.nn.utils import parametrize
 from .. import ops
 from ..ops import _checks
 from . import distributions, init as sparse_init, tying
-from .attention import SparseMultiheadAttention
+from .attention import DENSE_ENTRIES, SparseMultiheadAttention, computed_biases
 from .recurrent import SparseGRU, SparseLSTM, SparseRNN, SparseRNNBase
 from .sharding import refuse_sharded
 from .modules import (SparseConv1d, SparseConv2d, SparseConv3d, SparseConvTranspose1d, SparseConvTranspose2d,
-                      SparseConvTranspose3d, SparseLinear, SparseModule, weight_type_problem)
+                      SparseConvTranspose3d, SparseLinear, SparseModule, is_computed, weight_type_problem)
 
 # Exact types: a subclass of nn.Linear may read its weight outside forward (MultiheadAttention's
 # out_proj does), where a mask would not apply.
@@ -56,14 +54,17 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
             of the distribution: "<rnn>.ih_l0" (weight_ih_l0 and bias_ih_l0), "<rnn>.hh_l0", LSTM's
             "<rnn>.hr_l0" (proj_size), "<rnn>.ih_l0_reverse", ...; it is matched by its own name, as an
             attention is (exclude="*.rnn"). Other weight-bearing layers stay dense, named in one warning unless
-            include/exclude leave them out: subclasses of those types,
-            nn.Bilinear, recurrent cells (norms and embeddings stay dense silently).
-            One whose weight is computed from other parameters (torch.nn.utils.parametrize,
-            weight_norm, spectral_norm, prune) stays dense, with a warning; a Lazy one that has not
-            made its weight yet raises ValueError; a weight of a dtype other than float16, bfloat16,
-            float32 or float64 raises TypeError. Hooks registered on a replaced module move to its
-            sparse replacement, and so do the parameters, buffers, submodules and plain attributes a
-            user added to it (ValueError for one named like an attribute of the sparse module).
+            include/exclude leave them out: subclasses of those types, nn.Bilinear, recurrent cells (norms and
+            embeddings stay dense silently).
+            One whose weight or bias is computed from other parameters (torch.nn.utils.parametrize,
+            weight_norm, spectral_norm, prune) stays dense (a sparse layer keeps its mask), with a
+            warning; a Lazy one that has not made its weight yet raises ValueError; a weight of a dtype
+            other than float16, bfloat16, float32 or float64 raises TypeError. Hooks registered on a
+            replaced module (an attention or a recurrent module included) move to its sparse replacement,
+            and so do the parameters, buffers, submodules and plain attributes a user added to a Linear,
+            a convolution or an attention (ValueError for one named like an attribute of the sparse
+            module); a submodule added to an attention is no projection of it, and is sparsified (or
+            not) by its own name.
             A model sharded across ranks (FSDP, fully_shard, tensor parallelism) raises ValueError:
             sparsify, then wrap in DistributedDataParallel.
         density: overall fraction of active weights over the sparsified layers, in (0, 1] (up to
@@ -135,8 +136,7 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
     init_function = sparse_init.resolve(init)
     include = _patterns(include, "include")
     exclude = _patterns(exclude, "exclude")
-    if isinstance(power, bool) or not isinstance(power, numbers.Real) or not math.isfinite(power):
-        raise ValueError(f"power must be a finite number, got {power!r}")
+    _checks.number(power, "power")
     _checks.flag(dense_first_layer, "dense_first_layer")
     sparse_init.check_generator(generator)
     check_optimizer(optimizer, "build the LBFGS after sparsify")
@@ -249,7 +249,7 @@ def _layers(model: nn.Module, include: list[str] | None,
     # a converted recurrent module, by the name of the nn.LSTM it was.
     for module in model.modules():
         if isinstance(module, (SparseMultiheadAttention, SparseRNNBase)):
-            for projection in module.children():
+            for _, projection in module.named_projections():
                 names[id(projection)] = [*names[id(projection)], *names[id(module)]]
     selected = [(name, module) for name, module in model.named_modules()
                 if (include is None or _matches(names[id(module)], include))
@@ -266,8 +266,9 @@ def _layers(model: nn.Module, include: list[str] | None,
     folded = {id(module.out_proj) for module in attentions
               if id(module) in selected_ids or _matches(names[id(module)], exclude)}
     left_dense = _left_dense([(name, module) for name, module in selected if id(module) not in folded], out_projs)
-    converted = {id(module): (module, SparseMultiheadAttention.from_dense(module))
-                 for _, module in _maskable_attentions(selected)}
+    converted = {id(module): (module, _carry_extras(name, module, SparseMultiheadAttention.from_dense(module),
+                                                    DENSE_ENTRIES))
+                 for name, module in _maskable_attentions(selected)}
     # An exact nn.RNN/LSTM/GRU likewise, by its own name: its weight matrices become SparseLinear children.
     converted.update({id(module): (module, _SPARSE_RECURRENT_OF[type(module)].from_dense(module))
                       for _, module in _maskable_recurrent(selected)})
@@ -275,7 +276,7 @@ def _layers(model: nn.Module, include: list[str] | None,
     for name, module in selected:
         if id(module) in converted:
             targets += [(f"{name}.{child}" if name else child, projection)
-                        for child, projection in converted[id(module)][1].named_children()]
+                        for child, projection in converted[id(module)][1].named_projections()]
         elif id(module) not in out_projs and (type(module) in _SPARSE_OF or isinstance(module, SparseModule)
                                               or _reparametrized(module)):
             targets.append((name, module))
@@ -302,7 +303,7 @@ def _layers(model: nn.Module, include: list[str] | None,
     kept = {id(module) for group in groups for _, module in group}
     whole, parts = [], set()
     for original, attention in converted.values():
-        projections = {id(projection) for projection in attention.children()}
+        projections = {id(projection) for _, projection in attention.named_projections()}
         if projections <= kept:
             whole.append((original, attention))
         else:
@@ -375,15 +376,13 @@ def _left_dense(selected: list[tuple[str, nn.Module]], out_projs: set[int]) -> s
 
 
 def _reparametrized(module: nn.Module) -> bool:
-    """A Linear/Conv whose weight a mask cannot hold: computed by torch.nn.utils.parametrize, or by a
-    forward hook from other parameters (torch.nn.utils.weight_norm, spectral_norm, prune), or not made yet
-    (a Lazy module before its first forward)."""
-    if not isinstance(module, SPARSIFIABLE) or isinstance(module, SparseModule):
+    """A Linear/Conv whose weight a mask cannot hold, or whose weight or bias a sparse module cannot share: computed
+    by torch.nn.utils.parametrize, or by a forward hook from other parameters (torch.nn.utils.weight_norm,
+    spectral_norm, prune), or not made yet (a Lazy module before its first forward). A sparse layer too (sparsify
+    again), whose mask cannot be written into a computed weight."""
+    if not isinstance(module, SPARSIFIABLE):
         return False
-    if _unmade(module):
-        return True
-    return parametrize.is_parametrized(module, "weight") or not isinstance(module._parameters.get("weight"),
-                                                                             nn.Parameter)
+    return _unmade(module) or is_computed(module, "weight") or is_computed(module, "bias")
 
 
 def _unmade(module: nn.Module) -> bool:
@@ -393,19 +392,21 @@ def _unmade(module: nn.Module) -> bool:
 
 def _maskable_attentions(selected: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.MultiheadAttention]]:
     """The exact nn.MultiheadAttention modules of `selected` whose projection weights a mask can hold; one
-    whose weight is computed (torch.nn.utils.parametrize) stays dense, with a warning. TypeError naming the
-    attention for a weight dtype sparse layers do not take, before anything changes."""
+    whose weight or bias is computed (torch.nn.utils.parametrize, prune) stays dense, with a warning.
+    TypeError naming the attention for a weight dtype sparse layers do not take, before anything changes."""
     kept = []
     for name, module in selected:
         if not _exact_attention(module):
             continue
         weights = [module.in_proj_weight, module.q_proj_weight, module.k_proj_weight, module.v_proj_weight,
                    module.out_proj.weight]
-        if parametrize.is_parametrized(module) or _reparametrized(module.out_proj) or not all(
+        biases = computed_biases(module)
+        if biases or parametrize.is_parametrized(module) or is_computed(module.out_proj, "weight") or not all(
                 isinstance(weight, nn.Parameter) for weight in weights if weight is not None):
-            warnings.warn(f"{name or '(root)'} (MultiheadAttention) stays dense: a projection weight is computed "
-                          f"from other parameters (a parametrization, weight_norm, spectral_norm or "
-                          f"torch.nn.utils.prune), not a Parameter that a mask can hold", stacklevel=4)
+            what = f"{biases[0]} is" if biases else "a projection weight is"
+            warnings.warn(f"{name or '(root)'} (MultiheadAttention) stays dense: {what} computed from other "
+                          f"parameters (a parametrization, weight_norm, spectral_norm or torch.nn.utils.prune), "
+                          f"not a Parameter that a sparse module can share", stacklevel=4)
             continue
         for weight in weights:
             if weight is not None:
@@ -453,8 +454,8 @@ def _exact_recurrent(module: nn.Module) -> bool:
 
 
 def _maskable(targets: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
-    """`targets` without the reparametrized layers, which stay dense with a warning; ValueError (before
-    anything changes) for a Lazy layer not yet materialised, which would silently stay dense."""
+    """`targets` without the reparametrized layers, which stay dense (a sparse one keeps its mask) with a warning;
+    ValueError (before anything changes) for a Lazy layer not yet materialised, which would silently stay dense."""
     kept = []
     for name, module in targets:
         if not _reparametrized(module):
@@ -466,9 +467,11 @@ def _maskable(targets: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module
             type_name = type(module).__name__
             if type_name.startswith("Parametrized"):  # parametrize's generated class: name the layer kind
                 type_name = type(module).__mro__[1].__name__
-            warnings.warn(f"{name or '(root)'} ({type_name}) stays dense: its weight is computed from other "
+            what = "weight" if is_computed(module, "weight") else "bias"
+            outcome = "keeps its mask" if isinstance(module, SparseModule) else "stays dense"
+            warnings.warn(f"{name or '(root)'} ({type_name}) {outcome}: its {what} is computed from other "
                           f"parameters (a parametrization, weight_norm, spectral_norm or torch.nn.utils.prune), "
-                          f"not a Parameter that a mask can hold", stacklevel=4)
+                          f"not a Parameter that a sparse module can share", stacklevel=4)
     return kept
 
 
@@ -488,17 +491,24 @@ def _carry_hooks(original: nn.Module, sparse: nn.Module) -> None:
         sparse.__dict__["_is_full_backward_hook"] = original._is_full_backward_hook
 
 
-def _carry_extras(name: str, original: nn.Module, sparse: SparseModule) -> SparseModule:
+def _carry_extras(name: str, original: nn.Module, sparse: nn.Module, own: Sequence[str] = ("weight", "bias")):
     """Gives `sparse`, not yet in the model, what a user attached to the module it replaces: extra
     parameters, buffers (persistence kept) and submodules, the same objects, so that the state dict
     keeps their keys and an optimizer holding them still trains them (a child that sparsify converts
     itself is then replaced there by `_replace`); and plain attributes
-    (`layer.scale = 2`), so that code reading them keeps working. ValueError, before anything
-    changes, for a name the sparse module uses itself (a buffer "mask", an attribute "density",
-    "dense_grad", "zero_off_mask" or "forward"): either meaning would be lost."""
-    # weight and bias are shared already (from_dense); a dense Linear or convolution has no other entries.
+    (`layer.scale = 2`), so that code reading them keeps working. Not the hooks (`_carry_hooks`, at
+    commit), nor torch's own attributes, which `sparse` holds itself (training). ValueError, before
+    anything changes, for a name the sparse module uses itself (a buffer "mask", an attribute "density",
+    "dense_grad", "zero_off_mask" or "forward"; an attention's "in_proj", "input_projections"): either
+    meaning would be lost; and for a layer compiled in place (nn.Module.compile), whose compiled forward
+    is the dense one's. `own`: the entries of `original` that `sparse` shares already (from_dense) or
+    replaces. Returns `sparse`."""
+    if vars(original).get("_compiled_call_impl") is not None:
+        # nn.Module.compile's forward of the dense layer, bound to it: the sparse one cannot run it.
+        raise ValueError(f"layer {name or '(root)'!r} ({type(original).__name__}) was compiled in place "
+                         f"(nn.Module.compile): sparsify the model first, then compile")
     extras = [(slot, key, value) for slot in ("_parameters", "_buffers", "_modules")
-              for key, value in getattr(original, slot).items() if key not in ("weight", "bias")]
+              for key, value in getattr(original, slot).items() if key not in own]
     # A plain attribute the sparse module also holds is nn.Module's or the dense layer's own (training,
     # in_features), except the ones SparseModule declares (dense_grad, zero_off_mask): set on a dense layer,
     # those are the user's, and dropping them would be as silent as overwriting them.

@@ -1,11 +1,14 @@
 """Argument checks shared by every backend, run before any work so bad input changes nothing.
 
 Type and dtype errors raise TypeError, shape and range errors ValueError; each names the argument.
+`count`, `number` and `flag` check the plain arguments of every floor above (modules, algorithms), in one place.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -63,6 +66,26 @@ def integer(value, name: str) -> int:
         return value.__index__()
     except (TypeError, RuntimeError, NotImplementedError) as error:  # a float or meta tensor
         raise TypeError(f"{name} must be an integer, got {_describe(value)}") from error
+
+
+def count(value, name: str, low: int = 0) -> int:
+    """`value` as an int, or TypeError naming `name` unless it is an integer (as `integer` takes it), ValueError
+    unless it is at least `low`."""
+    value = integer(value, name)
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return value
+
+
+def number(value, name: str, valid: Callable[[float], bool] = lambda value: True, requirement: str = "") -> float:
+    """`value` as a float, or TypeError naming `name` unless it is a real number (not a bool), ValueError unless
+    it is finite and `valid` holds (`requirement` says which, as in "in [0, 1)")."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or not valid(value):
+        raise ValueError(f"{name} must be a finite number{' ' + requirement if requirement else ''}, got {value!r}")
+    return value
 
 
 def _describe(value) -> str:

@@ -167,7 +167,7 @@ def test_batch_norm_without_a_loader_is_refused():
     (dict(particles=0), ValueError, "particles must be >= 1, got 0"),
     (dict(swa_every=0), ValueError, "swa_every must be >= 1, got 0"),
     (dict(swa_start=-2), ValueError, "swa_start must be >= 0, got -2"),
-    (dict(prune_fraction=0), ValueError, "prune_fraction must be in"),
+    (dict(prune_fraction=0), ValueError, "prune_fraction must be a finite number in"),
     (dict(rewind_step=5, swa_start=4), ValueError, "swa_start must be >= rewind_step \\(5\\), got 4"),
 ])
 def test_bad_arguments_raise_naming_them(kwargs, error, match):

@@ -247,6 +247,39 @@ def test_sparsify_again_matches_a_converted_attention_by_its_own_name(generator)
     assert not torch.equal(model.self_attn.in_proj.mask, masks["self_attn.in_proj"])
 
 
+def test_sparsify_carries_what_a_user_attached_to_an_attention(generator):
+    # Only the hooks moved: a parameter, buffer, submodule or plain attribute attached to the attention was lost
+    # (and with it its state dict entries, and the optimizer's hold on the parameter).
+    torch.manual_seed(0)
+    model = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)
+    attention = model.self_attn
+    attention.temperature = nn.Parameter(torch.ones(()))
+    attention.register_buffer("calls", torch.zeros(()), persistent=False)
+    attention.register_buffer("scale", torch.full((), 2.0))
+    attention.gate = nn.Linear(8, 8)
+    attention.note = "rotary"
+    sparsekern.sparsify(model, 0.5, exclude="self_attn.gate", generator=generator)
+    sparse = model.self_attn
+    assert isinstance(sparse, SparseMultiheadAttention)
+    assert sparse.temperature is attention.temperature and sparse.calls is attention.calls
+    assert sparse.scale is attention.scale and sparse.gate is attention.gate and sparse.note == "rotary"
+    assert "self_attn.scale" in model.state_dict() and "self_attn.calls" not in model.state_dict()
+    assert [name for name, _ in sparse_modules(sparse)] == ["in_proj", "out_proj"]   # the gate excluded
+    sparsekern.sparsify(model, 0.5, exclude="self_attn", generator=generator)    # the gate is no projection
+    assert isinstance(model.self_attn.gate, SparseLinear)
+
+
+@pytest.mark.parametrize("attach, name", [(lambda m: setattr(m, "in_proj", nn.Linear(2, 2)), "in_proj"),
+                                          (lambda m: setattr(m, "input_projections", 1), "input_projections")])
+def test_sparsify_refuses_an_attention_holding_a_name_its_sparse_twin_uses(attach, name):
+    model = nn.Sequential(nn.MultiheadAttention(8, 2), nn.Linear(8, 8))
+    attach(model[0])
+    with pytest.raises(ValueError, match=f"'0' \\(MultiheadAttention\\) holds '{name}', a name its "
+                                         "SparseMultiheadAttention uses itself"):
+        sparsekern.sparsify(model, 0.5)
+    assert type(model[0]) is nn.MultiheadAttention and type(model[1]) is nn.Linear
+
+
 def test_sparsify_converts_an_attention_at_the_root_and_with_kdim_vdim(generator):
     torch.manual_seed(0)
     attention = nn.MultiheadAttention(8, 2, kdim=3, vdim=5)
@@ -409,14 +442,15 @@ def test_a_sparsified_transformer_round_trips_through_a_checkpoint(tmp_path, gen
 
 
 @pytest.mark.parametrize("arguments, error, message", [
-    (dict(embed_dim=0, num_heads=2), ValueError, "embed_dim must be a positive int"),
-    (dict(embed_dim=8.0, num_heads=2), ValueError, "embed_dim must be a positive int"),
-    (dict(embed_dim=8, num_heads=0), ValueError, "num_heads must be a positive int"),
+    (dict(embed_dim=0, num_heads=2), ValueError, "embed_dim must be >= 1, got 0"),
+    (dict(embed_dim=8.0, num_heads=2), TypeError, "embed_dim must be an integer, got float"),
+    (dict(embed_dim=8, num_heads=0), ValueError, "num_heads must be >= 1"),
     (dict(embed_dim=8, num_heads=3), ValueError, r"embed_dim \(8\) must be divisible by num_heads \(3\)"),
-    (dict(embed_dim=8, num_heads=2, kdim=-1), ValueError, "kdim must be a positive int"),
-    (dict(embed_dim=8, num_heads=2, vdim=True), ValueError, "vdim must be a positive int"),
-    (dict(embed_dim=8, num_heads=2, dropout=1.5), ValueError, "dropout must be a number in"),
-    (dict(embed_dim=8, num_heads=2, dropout="0.1"), ValueError, "dropout must be a number in"),
+    (dict(embed_dim=8, num_heads=2, kdim=-1), ValueError, "kdim must be >= 1"),
+    (dict(embed_dim=8, num_heads=2, vdim=True), TypeError, "vdim must be an integer, got bool"),
+    (dict(embed_dim=8, num_heads=2, dropout=1.5), ValueError, r"dropout must be a finite number in \[0, 1\]"),
+    (dict(embed_dim=8, num_heads=2, dropout=float("nan")), ValueError, "dropout must be a finite number in"),
+    (dict(embed_dim=8, num_heads=2, dropout="0.1"), TypeError, "dropout must be a number, got str"),
     (dict(embed_dim=8, num_heads=2, bias="yes"), TypeError, "bias must be a bool"),
     (dict(embed_dim=8, num_heads=2, batch_first=1), TypeError, "batch_first must be a bool"),
 ])
@@ -442,6 +476,19 @@ def test_from_dense_refuses_what_it_cannot_hold():
     assert model[0] is attention and isinstance(model[1], SparseLinear)
 
 
+@pytest.mark.parametrize("owner, name", [("", "in_proj_bias"), ("", "bias_k"), ("out_proj.", "bias")])
+def test_an_attention_with_a_computed_bias_is_refused_by_from_dense_and_left_dense_by_sparsify(owner, name):
+    # from_dense checked only the projection weights, and failed on assigning prune's plain tensor in_proj_bias
+    attention = nn.MultiheadAttention(4, 2, add_bias_kv=True)
+    prune.random_unstructured(attention.get_submodule(owner.rstrip(".")), name, 0.5)
+    with pytest.raises(TypeError, match=f"from_dense takes an nn.MultiheadAttention whose {owner}{name} is a "):
+        SparseMultiheadAttention.from_dense(attention)
+    model = nn.Sequential(attention, nn.Linear(4, 4))
+    with pytest.warns(UserWarning, match=fr"^0 \(MultiheadAttention\) stays dense: {owner}{name} is computed"):
+        sparsekern.sparsify(model, 0.5)
+    assert model[0] is attention and isinstance(model[1], SparseLinear)
+
+
 @pytest.mark.parametrize("name", ["default", "kdim_vdim"])
 def test_an_attention_pruned_by_torch_loads_its_masks_and_pruned_weights(name, generator):
     # torch.nn.utils.prune saves a pruned in_proj_weight as in_proj_weight_orig and in_proj_weight_mask
@@ -459,6 +506,62 @@ def test_an_attention_pruned_by_torch_loads_its_masks_and_pruned_weights(name, g
     assert torch.equal(sparse.out_proj.mask, dense.out_proj.weight_mask.bool())
     inputs = [x.detach() for x in _inputs(sparse, {}, generator)]
     torch.testing.assert_close(sparse(*inputs), dense(*inputs))
+
+
+def test_an_attention_whose_biases_torch_pruned_loads_the_pruned_values(generator):
+    # prune saves a pruned in_proj_bias, bias_k or bias_v of the attention itself as <name>_orig and <name>_mask
+    dense = _dense(dict(add_bias_kv=True), generator)
+    for name in ("in_proj_bias", "bias_k", "bias_v"):
+        prune.random_unstructured(dense, name, 0.5)
+    prune.random_unstructured(dense.out_proj, "bias", 0.5)
+    sparse = SparseMultiheadAttention(E, HEADS, dtype=torch.float64, add_bias_kv=True)
+    sparse.load_state_dict(dense.state_dict())
+    for name in ("in_proj_bias", "bias_k", "bias_v"):
+        assert isinstance(getattr(sparse, name), nn.Parameter)
+        assert torch.equal(getattr(sparse, name), getattr(dense, name))
+    assert torch.equal(sparse.out_proj.bias, dense.out_proj.bias)
+    inputs = [x.detach() for x in _inputs(sparse, {}, generator)]
+    torch.testing.assert_close(sparse(*inputs), dense(*inputs))
+
+
+def test_a_pruned_bias_whose_mask_is_not_0_or_1_changes_nothing(generator):
+    dense = _dense({}, generator)
+    prune.random_unstructured(dense, "in_proj_bias", 0.5)
+    state = dense.state_dict()
+    state["in_proj_bias_mask"] = torch.full_like(state["in_proj_bias_mask"], 0.5)
+    sparse = SparseMultiheadAttention(E, HEADS, dtype=torch.float64)
+    before = copy.deepcopy(sparse.state_dict())
+    with pytest.raises(ValueError, match="'in_proj_bias_mask'"):
+        sparse.load_state_dict(state)
+    assert all(torch.equal(value, sparse.state_dict()[key]) for key, value in before.items())
+
+
+@pytest.mark.filterwarnings("ignore:.*is deprecated:FutureWarning")
+@pytest.mark.parametrize("apply", [lambda layer: prune.l1_unstructured(layer, "weight", 0.5),
+                                   lambda layer: torch.nn.utils.weight_norm(layer)], ids=["prune", "weight_norm"])
+def test_a_projection_weight_computed_by_a_forward_pre_hook_is_refused_by_name(apply):
+    # The attention multiplies by its projections' weights without running their forwards, so the hook never
+    # recomputed the weight: the second training step failed in autograd ("Trying to backward through the graph a
+    # second time"), and evaluation multiplied by the weight of the hook's registration.
+    attention = SparseMultiheadAttention(8, 2)
+    apply(attention.out_proj)
+    x = torch.randn(3, 2, 8)
+    with pytest.raises(ValueError, match="^out_proj's weight is computed by a forward pre-hook"):
+        attention(x, x, x)
+
+
+def test_a_parametrized_projection_weight_is_computed_at_every_forward(generator):
+    class Doubled(nn.Module):
+        def forward(self, weight):
+            return 2 * weight
+
+    attention = _sparse(_dense({}, generator), generator)
+    x = torch.randn(3, 2, E, dtype=torch.float64, generator=generator)
+    want = attention(x, x, x)[0]
+    torch.nn.utils.parametrize.register_parametrization(attention.in_proj, "weight", Doubled())
+    with torch.no_grad():
+        attention.in_proj.parametrizations.weight.original.mul_(0.5)
+    torch.testing.assert_close(attention(x, x, x)[0], want)
 
 
 def test_an_encoder_given_a_padding_mask_in_eval_mode_runs_layers_kept_off_their_fused_kernel(generator):

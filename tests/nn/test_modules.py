@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import prune
 
 import sparsekern
 from sparsekern.nn import (SparseConv1d, SparseConv2d, SparseConv3d, SparseConvTranspose3d, SparseGRU, SparseLinear,
@@ -218,6 +219,51 @@ def test_from_dense_takes_only_its_own_kind_of_layer():
         SparseLinear.from_dense(nn.Bilinear(2, 2, 3))
 
 
+@pytest.mark.parametrize("name", ["weight", "bias"])
+@pytest.mark.parametrize("dense", [lambda: nn.Linear(6, 4), lambda: nn.Conv2d(2, 3, 3)], ids=["linear", "conv2d"])
+def test_a_computed_weight_or_bias_is_refused_by_from_dense_and_left_dense_by_sparsify(dense, name):
+    # torch.nn.utils.prune computes the pruned tensor at every forward, a plain attribute: from_dense failed on
+    # assigning it ("cannot assign 'torch.FloatTensor' as parameter"), and sparsify with it, before checking.
+    layer = dense()
+    prune.random_unstructured(layer, name, 0.5)
+    kind = SparseLinear if isinstance(layer, nn.Linear) else SparseConv2d
+    with pytest.raises(TypeError, match=f"^{kind.__name__}.from_dense takes a layer whose {name} is a Parameter"):
+        kind.from_dense(layer)
+    model = nn.Sequential(layer, nn.Flatten(), nn.LazyLinear(2)) if kind is SparseConv2d else nn.Sequential(
+        layer, nn.Linear(4, 2))
+    model(torch.randn(1, 2, 5, 5) if kind is SparseConv2d else torch.randn(1, 6))
+    with pytest.warns(UserWarning, match=fr"^0 \({type(layer).__name__}\) stays dense: its {name} is computed"):
+        sparsekern.sparsify(model, 0.5)
+    assert model[0] is layer and isinstance(model[2 if kind is SparseConv2d else 1], SparseLinear)
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.int32, "float32"])
+@pytest.mark.parametrize("make", [lambda dtype: SparseLinear(4, 3, dtype=dtype),
+                                  lambda dtype: SparseConv2d(2, 3, 3, dtype=dtype),
+                                  lambda dtype: SparseMultiheadAttention(8, 2, dtype=dtype)],
+                         ids=["linear", "conv2d", "attention"])
+def test_a_dtype_sparse_layers_do_not_take_is_refused_by_name(make, dtype):
+    # complex64 was taken, and the layer's forward then refused its input ("x must be float16, ..."); int32 failed
+    # in torch ("Only Tensors of floating point and complex dtype can require gradients")
+    with pytest.raises(TypeError, match="^dtype must be float16, bfloat16, float32 or float64"):
+        make(dtype)
+
+
+@pytest.mark.filterwarnings("ignore:.*is deprecated:FutureWarning")
+@pytest.mark.parametrize("apply", [lambda layer: prune.l1_unstructured(layer, "weight", 0.5),
+                                   lambda layer: prune.l1_unstructured(layer, "bias", 0.5),
+                                   lambda layer: torch.nn.utils.parametrizations.weight_norm(layer)],
+                         ids=["pruned weight", "pruned bias", "weight_norm"])
+def test_sparsify_again_keeps_the_mask_of_a_sparse_layer_whose_weight_or_bias_is_computed(apply, generator):
+    # It failed with a KeyError (the computed weight is no Parameter of the model's)
+    model = sparsekern.sparsify(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)), 0.5, generator=generator)
+    apply(model[0])
+    mask = model[0].mask.clone()
+    with pytest.warns(UserWarning, match=r"^0 \(SparseLinear\) keeps its mask: its (weight|bias) is computed"):
+        sparsekern.sparsify(model, 0.3, generator=generator)
+    assert torch.equal(model[0].mask, mask) and model[1].density == pytest.approx(0.3, abs=0.1)
+
+
 def test_a_nested_weight_is_refused_by_from_dense_and_sparsify_as_a_torch_sparse_one_is():
     # torch.nested's older layout is strided: from_dense built a module around the nested weight, and
     # sparsify failed with PyTorch's 'Internal error: NestedTensorImpl doesn't support sizes'.
@@ -235,7 +281,6 @@ def test_a_nested_weight_is_refused_by_from_dense_and_sparsify_as_a_torch_sparse
 
 
 def test_a_float_prune_mask_loads_and_other_values_are_refused_naming_the_key():
-    import torch.nn.utils.prune as prune
     dense = nn.Linear(6, 5)
     prune.l1_unstructured(dense, "weight", amount=0.4)  # float 0/1 weight_mask, as saved by torch users
     saved = {"weight": dense.weight_orig.detach() * dense.weight_mask, "bias": dense.bias.detach(),
@@ -268,7 +313,6 @@ def test_a_float_prune_mask_loads_and_other_values_are_refused_naming_the_key():
 def test_a_model_pruned_by_torch_loads_into_its_sparse_twin(generator):
     # torch.nn.utils.prune saves weight_orig and a float weight_mask (bias_orig, bias_mask for a pruned bias):
     # load_state_dict refused them as unexpected keys, with weight and mask missing.
-    import torch.nn.utils.prune as prune
     torch.manual_seed(0)
     dense = small_model()
     convs_and_linears = [(m, "weight") for m in dense.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -286,7 +330,6 @@ def test_a_model_pruned_by_torch_loads_into_its_sparse_twin(generator):
 
 
 def test_a_sparse_layer_pruned_by_torch_loads_its_own_state_dict():
-    import torch.nn.utils.prune as prune
     saved, loaded = SparseLinear(6, 5), SparseLinear(6, 5)
     for layer in (saved, loaded):
         prune.l1_unstructured(layer, "weight", amount=0.4)

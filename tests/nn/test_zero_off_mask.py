@@ -499,3 +499,70 @@ def test_a_layer_made_under_inference_mode_runs(make, shape, generator):
     with torch.inference_mode():
         layer.mask.fill_(True)    # not noticed: the weight holds 0 off the old mask, so the promise stays true
         torch.testing.assert_close(layer(x), dense_twin(layer, layer.weight)(x))
+
+
+@LAYERS
+@pytest.mark.parametrize("how", ["assign", "register_buffer", "buffers"])
+def test_a_mask_put_in_place_of_the_old_is_noticed(make, shape, how, generator):
+    # A new mask tensor is not the one the promise was made for, whatever its version counter says (a fresh
+    # tensor's is 0, that of a new module's mask too): the weight, dense under the old mask, is masked.
+    layer = make()
+    x = torch.randn(shape, generator=generator)
+    mask = torch.rand(layer.weight.shape, generator=generator) < 0.5
+    if how == "assign":
+        layer.mask = mask
+    elif how == "register_buffer":
+        layer.register_buffer("mask", mask)
+    else:
+        layer._buffers["mask"] = mask
+    torch.testing.assert_close(layer(x), dense_twin(layer, layer.weight)(x))
+    assert not layer.zero_off_mask
+
+
+@LAYERS
+def test_a_parametrization_removed_leaving_its_values_is_masked(make, shape, generator):
+    # remove_parametrizations(leave_parametrized=True) writes the computed values into the original Parameter
+    # (set_, so that an optimizer holding it keeps training it) and registers it again: the same tensor the
+    # promise was made for, with values the module never masked.
+    class Shift(nn.Module):
+        def forward(self, weight):
+            return weight + 1
+
+    layer = masked_layer(make, generator)
+    x = torch.randn(shape, generator=generator)
+    torch.nn.utils.parametrize.register_parametrization(layer, "weight", Shift())
+    torch.nn.utils.parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+    torch.testing.assert_close(layer(x), dense_twin(layer, layer.weight)(x))
+    assert not layer.zero_off_mask
+
+
+@LAYERS
+def test_a_layer_moved_off_the_meta_device_by_to_empty_makes_no_promise(make, shape, generator):
+    # to_empty leaves the weight and mask holding whatever memory held: the promise made on the meta device, where
+    # there were no values, passed to them, and forward multiplied by weights off the mask.
+    with torch.device("meta"):
+        layer = make()
+    layer.to_empty(device="cpu")
+    assert not layer.zero_off_mask
+    with torch.no_grad():
+        layer.weight.normal_(generator=generator)   # an init that writes the weight only (reset_parameters)
+    x = torch.randn(shape, generator=generator)
+    torch.testing.assert_close(layer(x), dense_twin(layer, layer.weight)(x))
+    layer.zero_weights_off_mask()   # the promise, made again for values
+    assert layer.zero_off_mask
+
+
+def test_a_mask_assigned_to_a_layer_of_a_fused_transformer_kernel_is_checked_at_once(generator):
+    # nn.TransformerEncoderLayer's fused eval-mode kernel multiplies by linear1.weight without running linear1's
+    # forward, which is where a mask put in place of the old one was noticed: assignment checks it at once.
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True)
+    sparsekern.sparsify(layer, 0.3, generator=generator).eval()
+    x = torch.randn(3, 5, 16, generator=generator)
+    for _, module in sparse_modules(layer):
+        module.mask = torch.rand(module.mask.shape, generator=generator) < 0.5   # the weights are dense there
+    assert not any(module.zero_off_mask for _, module in sparse_modules(layer))
+    masked = copy.deepcopy(layer)
+    for _, module in sparse_modules(masked):
+        module.zero_weights_off_mask()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), masked(x))
