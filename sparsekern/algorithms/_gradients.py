@@ -1,6 +1,7 @@
 """Checks of the gradients an algorithm reads: whether a weight's gradient changed since it last
 looked (a second `step()` in one iteration, or one without a fresh backward, would otherwise reuse a
-stale gradient), and whether they are all finite (a step that torch.amp.GradScaler skips is not)."""
+stale gradient), whether they are all finite (a step that torch.amp.GradScaler skips is not), and
+which are 0 everywhere (a layer no backward reached)."""
 from __future__ import annotations
 
 import weakref
@@ -26,6 +27,13 @@ def all_finite(grads: Sequence[Tensor]) -> bool:
         if not bool(sums.isfinite().all()) and not bool(torch.stack([g.isfinite().all() for g in group]).all()):
             return False
     return True
+
+
+def zero_everywhere(grads: Sequence[Tensor]) -> list[Tensor]:
+    """Per gradient, a bool scalar on its device: whether it is 0 everywhere (its 2-norm is 0). One
+    batched reduction and no host read. A gradient whose entries are all below about 4e-23 (float32,
+    bfloat16), whose squares round to 0, counts as 0 too."""
+    return [norm == 0 for norm in torch._foreach_norm(list(grads), 2)] if grads else []
 
 
 def _stored_values(grad: Tensor) -> Tensor:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..ops import _checks, _transforms, reference
 from . import _tickets, criteria, distributed, schedules
-from ._gradients import GradientWatch, all_finite
+from ._gradients import GradientWatch, all_finite, zero_everywhere
 from ..nn import sparse_modules, tying
 from ..nn.sharding import refuse_sharded
 from ..nn.sparsify import check_optimizer, optimizer_state
@@ -416,10 +416,15 @@ class DST(distributed.CatchesUp):
         self._gradients.remember([module.weight for _, module in self.modules])
 
     def _check_gradients(self, step: int) -> None:
-        """RuntimeError, before anything changes, unless every weight's gradient is fresh (and,
-        where a criterion reads it, there)."""
+        """RuntimeError, before anything changes, unless every weight's gradient is fresh (and, where
+        a criterion reads gradients, some parameter has one)."""
         trained = {id(parameter) for group in self.optimizer.param_groups for parameter in group["params"]}
+        present = {id(module) for module in self._replicas.modules()}
         for name, module in self.modules:
+            if id(module) not in present:
+                # Its gradient never comes, and a layer without one would silently keep its mask for good.
+                raise RuntimeError(f"{name} is no longer a module of the model (a layer replaced in the model "
+                                   f"after DST was built gets no gradient): build DST again")
             if not module.weight.requires_grad:
                 raise RuntimeError(f"{name}.weight was frozen (requires_grad=False) after DST was built; "
                                    f"build DST again, which leaves frozen layers alone")
@@ -428,10 +433,12 @@ class DST(distributed.CatchesUp):
                 raise RuntimeError(f"{name}.weight is no longer a parameter of the optimizer (replaced by another "
                                    f"Parameter, or removed from it, after DST was built); build the optimizer and DST "
                                    f"again")
-            if self._reads_gradient and module.weight.grad is None:
-                raise RuntimeError(f"{name}.weight has no gradient at update step {step}: call DST.step() "
-                                   f"after backward (prune={self.prune!r}, grow={self.grow!r} read it); a layer "
-                                   f"replaced in the model after DST was built gets none: build DST again")
+        # A layer without a gradient keeps its mask (_keep_ungraded); no parameter with one is a step()
+        # called before backward.
+        if self._reads_gradient and all(parameter.grad is None for group in self.optimizer.param_groups
+                                        for parameter in group["params"]):
+            raise RuntimeError(f"no parameter has a gradient at update step {step}: call DST.step() after "
+                               f"backward (prune={self.prune!r}, grow={self.grow!r} read it)")
         stale = self._gradients.unchanged([module.weight for _, module in self.modules])
         if stale is not None:
             raise RuntimeError(
@@ -447,7 +454,15 @@ class DST(distributed.CatchesUp):
         weights = [module.weight for module in modules]
         grads = [w.grad for w in weights]
         masks = [module.mask for module in modules]
-        prune, prune_abs, grow, grow_abs = self._scores(weights, grads, masks)
+        if self._reads_gradient:
+            # A weight without a gradient (zero_grad(set_to_none=True), then no backward reached it) is
+            # scored as the zero gradient it has under set_to_none=False: both settings give one update.
+            scored_grads = [torch.zeros_like(w) if g is None else g for w, g in zip(weights, grads)]
+        else:
+            scored_grads = grads
+        prune, prune_abs, grow, grow_abs = self._scores(weights, scored_grads, masks)
+        marked = (_keep_masks_without_gradient(scored_grads, masks, grow, read=self.host_checks)
+                  if self._reads_gradient else [])
         state = [self._state(w) for w in weights]
         # Optimizer state follows the weight (0 off the new mask and at grown entries) when reset,
         # else only the mask; gradients follow the mask, so the optimizer step cannot revive a
@@ -462,6 +477,9 @@ class DST(distributed.CatchesUp):
         else:
             new = self._update_blocks(fraction, masks, prune, prune_abs, grow, grow_abs)
             reference.apply_masks(weights, masks, new, zeroed_like_weight, masked)
+        for grad, score, entries in marked:
+            if score is grad:   # the gradient itself ranked the growth: its marked entries go back to 0
+                grad.masked_fill_(entries, 0)
         # The weights are 0 off the new masks already (prune_grow wrote them), so the masks are copied
         # in directly rather than through set_mask, which would read every weight again; the modules
         # promise zero_off_mask, as set_mask would have them.
@@ -560,6 +578,28 @@ def _trained_layers(model: nn.Module, optimizer: torch.optim.Optimizer):
                       f"not in the optimizer, so grown weights could never train", stacklevel=4)
         groups = [group for group in groups if group[0][0] not in frozen]
     return [group[0] for group in groups], groups
+
+
+def _keep_masks_without_gradient(grads: list[Tensor], masks: list[Tensor], grow: list[Tensor], read: bool):
+    """Makes each layer whose gradient is 0 everywhere keep its mask in the prune_grow call that follows,
+    whatever its prune scores: its active entries get the top grow score (+inf, in place), so that what
+    the selection drops from it grows straight back, keeping its value and optimizer state (prune_grow
+    resets only entries inactive before). The decision reads the gradients' values, which DDP has
+    averaged, so it is the same on every rank. With `read`, one device-to-host read names those layers
+    and only they are touched; without, every layer is marked through its on-device flag, and the
+    update reads nothing back. Returns (gradient, grow score, marked entries) per marked layer, to undo
+    the marks where the grow score is the gradient itself."""
+    without = zero_everywhere(grads)
+    if read:
+        chosen = torch.stack(without).tolist() if without else []
+        marked = [(grad, score, mask) for grad, mask, score, no_gradient in zip(grads, masks, grow, chosen)
+                  if no_gradient]
+    else:
+        marked = [(grad, score, mask & no_gradient)
+                  for grad, mask, score, no_gradient in zip(grads, masks, grow, without)]
+    for _, score, entries in marked:
+        score.masked_fill_(entries, float("inf"))
+    return marked
 
 
 def _check_blocks(modules, block: tuple[int, int]) -> None:
