@@ -100,9 +100,11 @@ class DST(distributed.CatchesUp):
             `torch.distributed.new_subgroups(1)[0]`, which compares nothing.
         host_checks: the two checks of an update step that read the device: skip the update when
             the gradients are not all finite (as torch.amp.GradScaler skips its step), and warn
-            when a global update empties a layer; one device-to-host read each. False trusts the
-            gradients and leaves the warning out, so that an update on a GPU never waits for the
-            device and can be captured in a CUDA graph. A captured update replays the swap counts
+            when a global update empties a layer; one device-to-host read each, and one more, under
+            a criterion that reads the gradient, to name the layers without one (below). False trusts
+            the gradients, leaves the warning out and finds those layers on the device (the same
+            masks, at the cost of a pass over every layer's scores), so that an update on a GPU never
+            waits for the device and can be captured in a CUDA graph. A captured update replays the swap counts
             it was captured with (they are kernel parameters): capture again when they change, at
             every update of a schedule whose drop fraction moves (cosine, annealed).
 
@@ -114,11 +116,31 @@ class DST(distributed.CatchesUp):
     (a block that does not tile a layer, so that its count can drift; a schedule under which no
     update ever happens; a layer without active weights).
 
-    `step()` refuses (RuntimeError, nothing changed) an update step when a weight's gradient is
-    the very tensor, unwritten since, that the previous `step()` saw: a second `step()` in one
-    iteration, or one without a fresh backward, would update by a stale, masked gradient (and,
-    growing by gradient, regrow exactly what it dropped). It warns once when called more than
-    `total_steps` times, and when a global update leaves a layer without active weights.
+    Layers without a gradient: where a criterion reads the gradient (grow="gradient"; prune "mest",
+    "snip", "sensitivity", "rsensitivity"), a layer whose weight has none at an update step keeps its
+    mask at that update (nothing dropped, nothing grown; its weights and optimizer state as they were),
+    while the others update as usual. No backward of the step reached it: an expert no token was routed
+    to, a block that stochastic depth dropped, a branch not taken. Its gradient is then None after
+    `zero_grad(set_to_none=True)` and 0 everywhere after `zero_grad(set_to_none=False)`; both count as
+    none, so the two settings give the same masks (so does a gradient whose norm is 0: every entry below
+    about 4e-23 in float32). The criterion has nothing to rank such a layer by: gradient growth would
+    grow by position, SNIP's and Sensitivity's scores would all tie, MEST's and RSensitivity's fall back
+    to magnitude. The gradient-free criteria (prune "magnitude", "set" or "random" with grow="random":
+    SET) need no gradient and update it as usual. In global scope its entries still take part in the
+    drop selection and whatever it loses grows straight back, so the other layers swap up to that many
+    fewer weights at that update; the total stays exact. Under DDP the averaged gradient decides, the
+    same on every rank: a layer used on some ranks only (find_unused_parameters=True) has a gradient on
+    all of them. `step()` returns True for the update as a whole, whether or not some layers kept their
+    masks.
+
+    `step()` refuses (RuntimeError, nothing changed) an update step at which, under a criterion that
+    reads gradients, no parameter of the optimizer has a gradient (step() called before backward); one
+    at which a layer is no longer a module of the model (replaced after DST was built, it would never
+    get a gradient); and one when a weight's gradient is the very tensor, unwritten since, that the
+    previous `step()` saw: a second `step()` in one iteration, or one without a fresh backward, would
+    update by a stale, masked gradient (and, growing by gradient, regrow exactly what it dropped). It
+    warns once when called more than `total_steps` times, and when a global update leaves a layer
+    without active weights.
 
     Calling `step()` after `optimizer.step()` instead also works: the optimizer step then sees the
     dense gradient of an update step and may move inactive weights, and the update that follows
@@ -218,7 +240,8 @@ class DST(distributed.CatchesUp):
         Call after backward and before optimizer.step(). On steps that neither update nor precede
         an update it only counts. An update step whose gradients (of any parameter the optimizer
         holds) are not all finite is skipped, as torch.amp.GradScaler skips its optimizer step:
-        the masks wait for the next update step. With a GradScaler, call scaler.unscale_(optimizer)
+        the masks wait for the next update step. A layer without a gradient keeps its mask under a
+        criterion that reads the gradient (see the class). With a GradScaler, call scaler.unscale_(optimizer)
         before step() (as for gradient clipping): the gradients are scaled until then, which
         changes no ranking by |g| but makes MEST's |θ| + γ|g| rank by the scaled gradient.
         Clip gradients after step(), not before: on an update step they are dense (where a criterion
