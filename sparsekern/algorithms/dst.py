@@ -484,8 +484,8 @@ class DST(distributed.CatchesUp):
         else:
             scored_grads = grads
         prune, prune_abs, grow, grow_abs = self._scores(weights, scored_grads, masks)
-        marked = (_keep_masks_without_gradient(scored_grads, masks, grow, read=self.host_checks)
-                  if self._reads_gradient else [])
+        if self._reads_gradient:
+            grow = _keep_masks_without_gradient(scored_grads, masks, grow, read=self.host_checks)
         state = [self._state(w) for w in weights]
         # Optimizer state follows the weight (0 off the new mask and at grown entries) when reset,
         # else only the mask; gradients follow the mask, so the optimizer step cannot revive a
@@ -500,9 +500,6 @@ class DST(distributed.CatchesUp):
         else:
             new = self._update_blocks(fraction, masks, prune, prune_abs, grow, grow_abs)
             reference.apply_masks(weights, masks, new, zeroed_like_weight, masked)
-        for grad, score, entries in marked:
-            if score is grad:   # the gradient itself ranked the growth: its marked entries go back to 0
-                grad.masked_fill_(entries, 0)
         # The weights are 0 off the new masks already (prune_grow wrote them), so the masks are copied
         # in directly rather than through set_mask, which would read every weight again; the modules
         # promise zero_off_mask, as set_mask would have them.
@@ -603,26 +600,23 @@ def _trained_layers(model: nn.Module, optimizer: torch.optim.Optimizer):
     return [group[0] for group in groups], groups
 
 
-def _keep_masks_without_gradient(grads: list[Tensor], masks: list[Tensor], grow: list[Tensor], read: bool):
-    """Makes each layer whose gradient is 0 everywhere keep its mask in the prune_grow call that follows,
-    whatever its prune scores: its active entries get the top grow score (+inf, in place), so that what
-    the selection drops from it grows straight back, keeping its value and optimizer state (prune_grow
-    resets only entries inactive before). The decision reads the gradients' values, which DDP has
-    averaged, so it is the same on every rank. With `read`, one device-to-host read names those layers
-    and only they are touched; without, every layer is marked through its on-device flag, and the
-    update reads nothing back. Returns (gradient, grow score, marked entries) per marked layer, to undo
-    the marks where the grow score is the gradient itself."""
+def _keep_masks_without_gradient(grads: list[Tensor], masks: list[Tensor], grow: list[Tensor],
+                                  read: bool) -> list[Tensor]:
+    """`grow`, with new scores for each layer whose gradient is 0 everywhere that make it keep its mask
+    in the prune_grow call that follows, whatever its prune scores: +inf at its active entries, so that
+    what the selection drops from it grows straight back, keeping its value and optimizer state
+    (prune_grow resets only entries inactive before), and NaN, which ranks below every number, at the
+    others: in global scope no other layer's tie grows one of them. The decision reads the gradients' values, which DDP has averaged, so it is the same on every
+    rank. With `read`, one device-to-host read names those layers, and only their scores are made anew;
+    without, every layer's is, score + mask · (inf or 0) by its on-device flag, and nothing is read back.
+    The gradients and scores passed in are not written."""
     without = zero_everywhere(grads)
     if read:
         chosen = torch.stack(without).tolist() if without else []
-        marked = [(grad, score, mask) for grad, mask, score, no_gradient in zip(grads, masks, grow, chosen)
-                  if no_gradient]
-    else:
-        marked = [(grad, score, mask & no_gradient)
-                  for grad, mask, score, no_gradient in zip(grads, masks, grow, without)]
-    for _, score, entries in marked:
-        score.masked_fill_(entries, float("inf"))
-    return marked
+        return [torch.full_like(score, float("nan")).masked_fill_(mask, float("inf")) if no_gradient else score
+                for mask, score, no_gradient in zip(masks, grow, chosen)]
+    return [torch.addcmul(score, mask, torch.where(no_gradient, float("inf"), 0.0))
+            for mask, score, no_gradient in zip(masks, grow, without)]
 
 
 def _check_blocks(modules, block: tuple[int, int]) -> None:

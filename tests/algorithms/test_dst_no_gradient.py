@@ -158,6 +158,25 @@ def test_a_block_dropped_by_stochastic_depth_keeps_its_mask(scope, block, set_to
     assert len(history) == 4 and any(map(any, moved))
 
 
+@pytest.mark.parametrize("host_checks", [True, False])
+def test_a_global_update_grows_no_inactive_entry_of_a_layer_without_gradient_on_ties(host_checks):
+    """The other layer's gradient is 0 at all but one inactive entry, so most of the growth is decided
+    among ties at 0, which would go to the earlier layer's entries by position."""
+    torch.manual_seed(0)
+    model = sparsekern.sparsify(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)), 0.5,
+                                generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    algo = sparsekern.RigL(model, optimizer, update_every=1, total_steps=10, scope="global", drop_fraction=0.5,
+                           host_checks=host_checks)
+    first, second = model[0], model[1]
+    before = first.mask.clone()
+    first.weight.grad = torch.zeros_like(first.weight)
+    second.weight.grad = torch.zeros_like(second.weight)
+    second.weight.grad.view(-1)[(~second.mask).view(-1).nonzero()[0]] = 1.0
+    assert algo.step()
+    assert torch.equal(first.mask, before)
+
+
 def test_a_step_with_no_gradient_on_any_sparse_layer_keeps_every_mask():
     """The sparse layers all dropped, the dense head alone trained: no mask moves, and no error (a
     step() before backward, where no parameter has a gradient, is refused: test_dst)."""
@@ -223,3 +242,34 @@ def test_ddp_masks_stay_identical_with_experts_unrouted_on_some_ranks(tmp_path):
     results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
     for key, masks in results[0].items():
         assert all(torch.equal(a, b) for a, b in zip(masks, results[1][key])), key
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("set_to_none", [True, False])
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_a_cuda_update_keeps_an_unrouted_experts_mask_without_waiting_for_the_device(scope, set_to_none):
+    """host_checks=False finds the expert without a gradient on the device: no read, the masks of
+    host_checks=True, which reads which layers have none."""
+    masks = {}
+    for host_checks in (True, False):
+        torch.manual_seed(0)
+        model = sparsekern.sparsify(MoE(), 0.3, generator=torch.Generator().manual_seed(0)).cuda()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        algo = sparsekern.RigL(model, optimizer, update_every=1, total_steps=100, scope=scope,
+                               host_checks=host_checks)
+        x = torch.randn(16, 8, generator=torch.Generator().manual_seed(1)).cuda()
+        model(x).square().mean().backward()
+        optimizer.step()  # momentum buffers exist
+        algo.step()       # the first update counts the masks (one read), later ones do not
+        optimizer.zero_grad(set_to_none=set_to_none)
+        model(x, absent={1}).square().mean().backward()
+        before = model.experts[1].mask.clone()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("default" if host_checks else "error")
+        try:
+            assert algo.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert torch.equal(model.experts[1].mask, before)
+        masks[host_checks] = [m.mask.cpu() for _, m in sparse_modules(model)]
+    assert same_masks([masks[True]], [masks[False]])
