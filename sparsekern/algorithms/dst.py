@@ -109,7 +109,9 @@ class DST(distributed.CatchesUp):
             every update of a schedule whose drop fraction moves (cosine, annealed).
 
     Which layers: every sparse module whose weight requires grad and is trained by `optimizer`;
-    frozen ones are left alone, with a warning. Modules that share one weight (tied weights) are
+    frozen ones are left alone, with a warning. One frozen after construction is left alone while it
+    stays frozen, under every criterion (warned once; its gradient is masked at the updates it sits out),
+    and updated again once unfrozen. Modules that share one weight (tied weights) are
     one layer: the first in model order is updated and the others get its mask. Misconfigurations
     that would silently do nothing or damage the model raise ValueError before anything changes
     (a block holding more weights than a layer keeps, tied modules with different masks) or warn
@@ -218,11 +220,12 @@ class DST(distributed.CatchesUp):
         self.host_checks = host_checks
         self.step_count = 0
         self._finished = False   # finish() was called: the next step() follows a masked backward
-        # (mask versions, active counts per layer) as of the last update or count (_active_counts).
-        self._counts: tuple[tuple[int, ...], list[int]] | None = None
+        # ((mask, version) pairs, active counts per layer) as of the last update or count (_active_counts).
+        self._counts: tuple[tuple[tuple[int, int], ...], list[int]] | None = None
         self._reads_gradient = prune in criteria.READS_GRADIENT or grow in criteria.READS_GRADIENT
         self._gradients = GradientWatch()
         self._empty = set(empty)   # warned about
+        self._frozen_warned: set[str] = set()   # layers frozen after construction, warned about
         if block is not None:
             self._make_block_structured()
         # State left at inactive positions (say, from dense training before sparsify) would move
@@ -448,9 +451,6 @@ class DST(distributed.CatchesUp):
                 # Its gradient never comes, and a layer without one would silently keep its mask for good.
                 raise RuntimeError(f"{name} is no longer a module of the model (a layer replaced in the model "
                                    f"after DST was built gets no gradient): build DST again")
-            if not module.weight.requires_grad:
-                raise RuntimeError(f"{name}.weight was frozen (requires_grad=False) after DST was built; "
-                                   f"build DST again, which leaves frozen layers alone")
             if id(module.weight) not in trained:
                 # A weight Parameter replaced, or taken out of the optimizer: its grown weights would never train.
                 raise RuntimeError(f"{name}.weight is no longer a parameter of the optimizer (replaced by another "
@@ -473,7 +473,9 @@ class DST(distributed.CatchesUp):
     @torch.no_grad()
     def _update(self, fraction: float) -> None:
         """One mask update of every layer: one sparsekern.ops.prune_grow call, scores included."""
-        modules = [module for _, module in self.modules]
+        modules = self._unfrozen_modules()
+        if not modules:
+            return
         weights = [module.weight for module in modules]
         grads = [w.grad for w in weights]
         masks = [module.mask for module in modules]
@@ -508,6 +510,22 @@ class DST(distributed.CatchesUp):
             module.zero_off_mask = True
         self._remember_counts(masks)
 
+    def _unfrozen_modules(self) -> list[nn.Module]:
+        """The modules whose weight requires grad. Those frozen since DST was built are left alone, as
+        at construction (warned once each): grown weights would never train, under any criterion. Their
+        gradients, dense for the update they sit out, are masked, so that a stale one cannot move an
+        inactive weight at the optimizer step."""
+        frozen = [(name, module) for name, module in self.modules if not module.weight.requires_grad]
+        unwarned = [name for name, _ in frozen if name not in self._frozen_warned]
+        if unwarned:
+            warnings.warn(f"DST leaves the masks of {unwarned} alone while their weights do not require grad "
+                          f"(frozen after DST was built)", stacklevel=4)
+            self._frozen_warned.update(unwarned)
+        for _, module in frozen:
+            if module.weight.grad is not None:
+                module.weight.grad.masked_fill_(~module.mask, 0)
+        return [module for _, module in self.modules if module.weight.requires_grad]
+
     def _update_blocks(self, fraction: float, masks, prune, prune_abs: bool, grow, grow_abs: bool) -> list[Tensor]:
         """The new entry masks of a block-structured update: whole blocks dropped and grown by their
         summed scores, in one prune_grow call over the block grids."""
@@ -534,7 +552,7 @@ class DST(distributed.CatchesUp):
         mask changed since the last update. An update keeps each layer's count (layer scope) or the
         total (global scope), so DST counts on the device, a host read on a GPU, only after masks are
         set some other way (load_state_dict, set_mask)."""
-        versions = tuple(m._version for m in masks)
+        versions = tuple((id(m), m._version) for m in masks)   # the layers updated change as they are frozen
         if self._counts is None or self._counts[0] != versions:
             self._counts = (versions, reference.active_counts(units))
         return self._counts[1]
@@ -543,7 +561,8 @@ class DST(distributed.CatchesUp):
         """Marks the counts as current for the masks just installed. In global scope only their total
         is still right, and it is all that scope reads."""
         counts = self._counts[1]
-        self._counts = (tuple(m._version for m in masks), counts if self.scope == "layer" else [sum(counts)])
+        self._counts = (tuple((id(m), m._version) for m in masks),
+                        counts if self.scope == "layer" else [sum(counts)])
 
     def _scores(self, weights, grads, masks) -> tuple[list[Tensor], bool, list[Tensor], bool]:
         """(prune scores, rank them by |score|, grow scores, rank them by |score|), of one dtype.
@@ -606,10 +625,11 @@ def _keep_masks_without_gradient(grads: list[Tensor], masks: list[Tensor], grow:
     in the prune_grow call that follows, whatever its prune scores: +inf at its active entries, so that
     what the selection drops from it grows straight back, keeping its value and optimizer state
     (prune_grow resets only entries inactive before), and NaN, which ranks below every number, at the
-    others: in global scope no other layer's tie grows one of them. The decision reads the gradients' values, which DDP has averaged, so it is the same on every
-    rank. With `read`, one device-to-host read names those layers, and only their scores are made anew;
-    without, every layer's is, score + mask · (inf or 0) by its on-device flag, and nothing is read back.
-    The gradients and scores passed in are not written."""
+    others, so that in global scope no tie of another layer's grows one of them. The decision reads the
+    gradients' values, which DDP has averaged, so it is the same on every rank. With `read`, one
+    device-to-host read names those layers, and only their scores are made anew; without, every layer's
+    is, score + mask · (inf or 0) by its on-device flag, and nothing is read back. The gradients and
+    scores passed in are not written."""
     without = zero_everywhere(grads)
     if read:
         chosen = torch.stack(without).tolist() if without else []

@@ -2,6 +2,7 @@
 stochastic depth), under zero_grad(set_to_none=True) and (set_to_none=False); and the masks of
 ordinary runs, which the rule for such layers leaves as they were."""
 import hashlib
+import warnings
 
 import pytest
 import torch
@@ -191,6 +192,33 @@ def test_a_step_with_no_gradient_on_any_sparse_layer_keeps_every_mask():
     model["head"](torch.randn(4, 16)).sum().backward()
     assert algo.step()
     assert all(torch.equal(a, m.mask) for a, (_, m) in zip(before, sparse_modules(model)))
+
+
+@pytest.mark.parametrize("prune, grow", [("magnitude", "gradient"), ("set", "random")])
+def test_a_layer_frozen_after_construction_is_left_alone_until_unfrozen(prune, grow):
+    """Under every criterion (grown weights would never train), warned once; the dense gradient it got
+    before it was frozen is masked. Unfrozen, it updates again."""
+    model, optimizer, algo = build(StochasticDepth, prune=prune, grow=grow)
+    train(model, optimizer, algo, set_to_none=True, absent=(), steps=1)   # the next step updates
+    frozen = model.blocks[1]
+    optimizer.zero_grad()
+    model(torch.randn(16, 8)).square().mean().backward()   # dense gradients: an update is due
+    frozen.weight.requires_grad_(False)
+    before = snapshot(model, optimizer)
+    with pytest.warns(UserWarning, match=r"leaves the masks of \['blocks.1'\] alone"):
+        assert algo.step()
+    assert all(torch.equal(was, now) for was, now in zip(before["blocks.1"], snapshot(model, optimizer)["blocks.1"]))
+    assert torch.count_nonzero(frozen.weight.grad[~frozen.mask]) == 0 and frozen.weight.grad.any()
+    assert changed(before, model, "blocks.0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # warned once
+        train(model, optimizer, algo, set_to_none=True, absent=(), steps=2,
+              check=lambda before: assert_left_as_it_was(before, model, optimizer, "blocks.1", set_to_none=True))
+    frozen.weight.requires_grad_(True)
+    moved = []
+    train(model, optimizer, algo, set_to_none=True, absent=(), steps=2,
+          check=lambda before: moved.append(changed(before, model, "blocks.1")))
+    assert moved == [True]
 
 
 def test_same_seed_same_masks_with_layers_left_out():
