@@ -2,8 +2,8 @@
 
 RigL under DDP on a mixture of three experts: on update steps expert 1 gets tokens on rank 0 only and
 expert 2 on no rank. Checks after every step that masks agree across ranks, that expert 2 keeps its mask
-at every update and expert 1 does not, under zero_grad(set_to_none=True) and (False), and saves this
-rank's masks after every update to <out>/rank<r>.pt.
+at every update and expert 1 does not, under zero_grad(set_to_none=True) and (False), with host_checks
+True and False, and saves this rank's masks after every update to <out>/rank<r>.pt.
 """
 import os
 import sys
@@ -29,14 +29,14 @@ class Experts(nn.Module):
         return self.head(torch.relu(sum(self.experts[e](x) for e in route)))
 
 
-def train(set_to_none, rank, steps=8):
+def train(set_to_none, host_checks, rank, steps=8):
     torch.manual_seed(0)
     model = sparsekern.sparsify(Experts(), 0.3, generator=torch.Generator().manual_seed(0))
     # broadcast_buffers=False: DDP would otherwise copy rank 0's masks (buffers) at every forward and
     # hide a disagreement; find_unused_parameters: the experts left out of a step.
     ddp = DistributedDataParallel(model, broadcast_buffers=False, find_unused_parameters=True)
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
-    algo = sparsekern.RigL(ddp, optimizer, update_every=2, total_steps=2 * steps)
+    algo = sparsekern.RigL(ddp, optimizer, update_every=2, total_steps=2 * steps, host_checks=host_checks)
     data = torch.Generator().manual_seed(100 + rank)  # each rank sees its own batches
     history = []
     for _ in range(steps):
@@ -59,7 +59,8 @@ def train(set_to_none, rank, steps=8):
 def main(out):
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    results = {f"set_to_none={setting}": train(setting, rank) for setting in (True, False)}
+    results = {f"set_to_none={setting}, host_checks={checks}": train(setting, checks, rank)
+               for setting in (True, False) for checks in (True, False)}
     torch.save({key: [mask for masks in history for mask in masks] for key, history in results.items()},
                os.path.join(out, f"rank{rank}.pt"))
     end_rank()
