@@ -104,15 +104,15 @@ class DST(distributed.CatchesUp):
             a criterion that reads the gradient, to name the layers without one (below). False trusts
             the gradients, leaves the warning out and finds those layers on the device (the same
             masks, at the cost of a pass over every layer's scores), so that an update on a GPU never
-            waits for the device and can be captured in a CUDA graph. A captured update replays the swap counts
-            it was captured with (they are kernel parameters): capture again when they change, at
-            every update of a schedule whose drop fraction moves (cosine, annealed).
+            waits for the device and can be captured in a CUDA graph. A captured update replays the
+            swap counts it was captured with (they are kernel parameters): capture again when they
+            change, at every update of a schedule whose drop fraction moves (cosine, annealed).
 
     Which layers: every sparse module whose weight requires grad and is trained by `optimizer`;
     frozen ones are left alone, with a warning. One frozen after construction is left alone while it
-    stays frozen, under every criterion (warned once; its gradient is masked at the updates it sits out),
-    and updated again once unfrozen. Modules that share one weight (tied weights) are
-    one layer: the first in model order is updated and the others get its mask. Misconfigurations
+    stays frozen, under every criterion (warned once; its gradient is masked at the updates it sits
+    out), and updated again once unfrozen. Modules that share one weight (tied weights) are one layer:
+    the first in model order is updated and the others get its mask. Misconfigurations
     that would silently do nothing or damage the model raise ValueError before anything changes
     (a block holding more weights than a layer keeps, tied modules with different masks) or warn
     (a block that does not tile a layer, so that its count can drift; a schedule under which no
@@ -244,9 +244,10 @@ class DST(distributed.CatchesUp):
         an update it only counts. An update step whose gradients (of any parameter the optimizer
         holds) are not all finite is skipped, as torch.amp.GradScaler skips its optimizer step:
         the masks wait for the next update step. A layer without a gradient keeps its mask under a
-        criterion that reads the gradient (see the class). With a GradScaler, call scaler.unscale_(optimizer)
-        before step() (as for gradient clipping): the gradients are scaled until then, which
-        changes no ranking by |g| but makes MEST's |θ| + γ|g| rank by the scaled gradient.
+        criterion that reads the gradient (see the class). With a GradScaler, call
+        scaler.unscale_(optimizer) before step() (as for gradient clipping): the gradients are scaled
+        until then, which changes no ranking by |g| but makes MEST's |θ| + γ|g| rank by the scaled
+        gradient.
         Clip gradients after step(), not before: on an update step they are dense (where a criterion
         reads them) until step() masks them, so a norm taken earlier counts the inactive entries too,
         and clipping by it shrinks the active weights' update on update steps only (by 20-25% in a
@@ -442,8 +443,9 @@ class DST(distributed.CatchesUp):
         self._gradients.remember([module.weight for _, module in self.modules])
 
     def _check_gradients(self, step: int) -> None:
-        """RuntimeError, before anything changes, unless every weight's gradient is fresh (and, where
-        a criterion reads gradients, some parameter has one)."""
+        """RuntimeError, before anything changes, unless every layer is still a module of the model whose
+        weight the optimizer trains, every weight's gradient is fresh, and, where a criterion reads
+        gradients, some parameter has one."""
         trained = {id(parameter) for group in self.optimizer.param_groups for parameter in group["params"]}
         present = {id(module) for module in self._replicas.modules()}
         for name, module in self.modules:
@@ -456,8 +458,8 @@ class DST(distributed.CatchesUp):
                 raise RuntimeError(f"{name}.weight is no longer a parameter of the optimizer (replaced by another "
                                    f"Parameter, or removed from it, after DST was built); build the optimizer and DST "
                                    f"again")
-        # A layer without a gradient keeps its mask (_keep_ungraded); no parameter with one is a step()
-        # called before backward.
+        # A layer without a gradient keeps its mask (_keep_masks_without_gradient); no parameter with one
+        # is a step() called before backward.
         if self._reads_gradient and all(parameter.grad is None for group in self.optimizer.param_groups
                                         for parameter in group["params"]):
             raise RuntimeError(f"no parameter has a gradient at update step {step}: call DST.step() after "

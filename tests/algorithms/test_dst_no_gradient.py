@@ -1,6 +1,7 @@
 """DST on layers that get no gradient in an update step (an unrouted expert, a block dropped by
-stochastic depth), under zero_grad(set_to_none=True) and (set_to_none=False); and the masks of
-ordinary runs, which the rule for such layers leaves as they were."""
+stochastic depth, a layer frozen after construction), under zero_grad(set_to_none=True) and
+(set_to_none=False), on one process and under DDP; and the masks of ordinary runs, which the rule for
+such layers leaves as they were."""
 import hashlib
 import warnings
 
