@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..ops import _checks, _transforms, reference
 from . import _tickets, criteria, distributed, schedules
-from ._gradients import GradientWatch, all_finite, zero_everywhere
+from ._gradients import GradientWatch, finite_sums, zero_everywhere
 from ..nn import sparse_modules, tying
 from ..nn.sharding import refuse_sharded
 from ..nn.sparsify import check_optimizer, optimizer_state
@@ -100,13 +100,14 @@ class DST(distributed.CatchesUp):
             `torch.distributed.new_subgroups(1)[0]`, which compares nothing.
         host_checks: the two checks of an update step that read the device: skip the update when
             the gradients are not all finite (as torch.amp.GradScaler skips its step), and warn
-            when a global update empties a layer; one device-to-host read each, and one more, under
-            a criterion that reads the gradient, to name the layers without one (below). False trusts
-            the gradients, leaves the warning out and finds those layers on the device (the same
-            masks, at the cost of a pass over every layer's scores), so that an update on a GPU never
-            waits for the device and can be captured in a CUDA graph. A captured update replays the
-            swap counts it was captured with (they are kernel parameters): capture again when they
-            change, at every update of a schedule whose drop fraction moves (cosine, annealed).
+            when a global update empties a layer; one device-to-host read each (and, under a criterion
+            that reads the gradient, one more where a layer's gradient sums to 0, to tell whether it
+            has none: below). False trusts the gradients, leaves the warning out and finds the layers
+            without a gradient on the device (the same masks, at the cost of a pass over every layer's
+            gradient and scores), so that an update on a GPU never waits for the device and can be
+            captured in a CUDA graph. A captured update replays the swap counts it was captured with
+            (they are kernel parameters): capture again when they change, at every update of a
+            schedule whose drop fraction moves (cosine, annealed).
 
     Which layers: every sparse module whose weight requires grad and is trained by `optimizer`;
     frozen ones are left alone, with a warning. One frozen after construction is left alone while it
@@ -124,16 +125,15 @@ class DST(distributed.CatchesUp):
     while the others update as usual. No backward of the step reached it: an expert no token was routed
     to, a block that stochastic depth dropped, a branch not taken. Its gradient is then None after
     `zero_grad(set_to_none=True)` and 0 everywhere after `zero_grad(set_to_none=False)`; both count as
-    none, so the two settings give the same masks (so does a gradient whose norm is 0: every entry below
-    about 4e-23 in float32). The criterion has nothing to rank such a layer by: gradient growth would
-    grow by position, SNIP's and Sensitivity's scores would all tie, MEST's and RSensitivity's fall back
-    to magnitude. The gradient-free criteria (prune "magnitude", "set" or "random" with grow="random":
-    SET) need no gradient and update it as usual. In global scope its entries still take part in the
-    drop selection and whatever it loses grows straight back, so the other layers swap up to that many
-    fewer weights at that update; the total stays exact. Under DDP the averaged gradient decides, the
-    same on every rank: a layer used on some ranks only (find_unused_parameters=True) has a gradient on
-    all of them. `step()` returns True for the update as a whole, whether or not some layers kept their
-    masks.
+    none, so the two settings give the same masks. The criterion has nothing to rank such a layer by:
+    gradient growth would grow by position, SNIP's and Sensitivity's scores would all tie, MEST's and
+    RSensitivity's fall back to magnitude. The gradient-free criteria (prune "magnitude", "set" or
+    "random" with grow="random": SET) need no gradient and update it as usual. In global scope its
+    entries still take part in the drop selection and whatever it loses grows straight back, so the
+    other layers swap up to that many fewer weights at that update; the total stays exact. Under DDP
+    the averaged gradient decides, the same on every rank: a layer used on some ranks only
+    (find_unused_parameters=True) has a gradient on all of them. `step()` returns True for the update
+    as a whole, whether or not some layers kept their masks.
 
     `step()` refuses (RuntimeError, nothing changed) an update step at which, under a criterion that
     reads gradients, no parameter of the optimizer has a gradient (step() called before backward); one
@@ -265,10 +265,11 @@ class DST(distributed.CatchesUp):
                           f"schedule (and end_step={self.schedule.end_step}) assumed training ends there",
                           stacklevel=2)
         # After finish(), the backward ran with masked gradients, from which no update can be made.
-        updated = due and not self._finished and (not self.host_checks or self._gradients_finite())
+        sums = self._gradient_sums() if due and not self._finished and self.host_checks else None
+        updated = due and not self._finished and (not self.host_checks or sums is not None)
         self._finished = False
         if updated:
-            self._update(self.schedule.fraction(self.step_count))
+            self._update(self.schedule.fraction(self.step_count), sums)
             if self.scope == "global" and self.host_checks:
                 self._warn_if_emptied()
         elif due:
@@ -308,10 +309,13 @@ class DST(distributed.CatchesUp):
             if module.weight.grad is not None:
                 module.weight.grad.masked_fill_(~module.mask, 0)
 
-    def _gradients_finite(self) -> bool:
-        """Whether every gradient the optimizer holds is finite (one host read per device)."""
-        return all_finite([parameter.grad for group in self.optimizer.param_groups for parameter in group["params"]
-                           if parameter.grad is not None])
+    def _gradient_sums(self) -> dict[int, float] | None:
+        """The sum of every gradient the optimizer holds, by id of its parameter, or None when one is not
+        finite (one host read per device)."""
+        held = [parameter for group in self.optimizer.param_groups for parameter in group["params"]
+                if parameter.grad is not None]
+        sums = finite_sums([parameter.grad for parameter in held])
+        return None if sums is None else {id(parameter): total for parameter, total in zip(held, sums)}
 
     def state_dict(self) -> dict:
         """Step count, masks (by module name), schedule, random-generator state, and whether finish()
@@ -473,8 +477,9 @@ class DST(distributed.CatchesUp):
                 f"regrows exactly what it drops). Call step() once per iteration, after loss.backward()")
 
     @torch.no_grad()
-    def _update(self, fraction: float) -> None:
-        """One mask update of every layer: one sparsekern.ops.prune_grow call, scores included."""
+    def _update(self, fraction: float, sums: dict[int, float] | None) -> None:
+        """One mask update of every layer: one sparsekern.ops.prune_grow call, scores included. `sums`:
+        those of `_gradient_sums`, or None without host checks."""
         modules = self._unfrozen_modules()
         if not modules:
             return
@@ -489,7 +494,9 @@ class DST(distributed.CatchesUp):
             scored_grads = grads
         prune, prune_abs, grow, grow_abs = self._scores(weights, scored_grads, masks)
         if self._reads_gradient:
-            grow = _keep_masks_without_gradient(scored_grads, masks, grow, read=self.host_checks)
+            # A weight without a gradient sums to 0 (none is not in sums).
+            layer_sums = None if sums is None else [sums.get(id(w), 0.0) for w in weights]
+            grow = _keep_masks_without_gradient(scored_grads, masks, grow, layer_sums)
         state = [self._state(w) for w in weights]
         # Optimizer state follows the weight (0 off the new mask and at grown entries) when reset,
         # else only the mask; gradients follow the mask, so the optimizer step cannot revive a
@@ -622,23 +629,27 @@ def _trained_layers(model: nn.Module, optimizer: torch.optim.Optimizer):
 
 
 def _keep_masks_without_gradient(grads: list[Tensor], masks: list[Tensor], grow: list[Tensor],
-                                  read: bool) -> list[Tensor]:
+                                  sums: list[float] | None) -> list[Tensor]:
     """`grow`, with new scores for each layer whose gradient is 0 everywhere that make it keep its mask
     in the prune_grow call that follows, whatever its prune scores: +inf at its active entries, so that
     what the selection drops from it grows straight back, keeping its value and optimizer state
     (prune_grow resets only entries inactive before), and NaN, which ranks below every number, at the
     others, so that in global scope no tie of another layer's grows one of them. The decision reads the
-    gradients' values, which DDP has averaged, so it is the same on every rank. With `read`, one
-    device-to-host read names those layers, and only their scores are made anew; without, every layer's
-    is, score + mask · (inf or 0) by its on-device flag, and nothing is read back. The gradients and
-    scores passed in are not written."""
-    without = zero_everywhere(grads)
-    if read:
-        chosen = torch.stack(without).tolist() if without else []
-        return [torch.full_like(score, float("nan")).masked_fill_(mask, float("inf")) if no_gradient else score
-                for mask, score, no_gradient in zip(masks, grow, chosen)]
-    return [torch.addcmul(score, mask, torch.where(no_gradient, float("inf"), 0.0))
-            for mask, score, no_gradient in zip(masks, grow, without)]
+    gradients' values, which DDP has averaged, so it is the same on every rank.
+
+    With `sums` (each gradient's sum, read by the finite check), only the gradients that sum to 0 can
+    be 0 everywhere: they alone are checked, with one more read, and only the scores of the layers
+    without a gradient are made anew. Without (no host checks), every layer's score is, score +
+    mask · (inf or 0) by its on-device flag, and nothing is read back. The gradients and scores passed
+    in are not written."""
+    if sums is None:
+        return [torch.addcmul(score, mask, torch.where(no_gradient, float("inf"), 0.0))
+                for mask, score, no_gradient in zip(masks, grow, zero_everywhere(grads))]
+    unsure = [index for index, total in enumerate(sums) if total == 0]
+    zero = torch.stack(zero_everywhere([grads[index] for index in unsure])).tolist() if unsure else []
+    without = {index for index, is_zero in zip(unsure, zero) if is_zero}
+    return [torch.full_like(score, float("nan")).masked_fill_(mask, float("inf")) if index in without else score
+            for index, (mask, score) in enumerate(zip(masks, grow))]
 
 
 def _check_blocks(modules, block: tuple[int, int]) -> None:

@@ -179,6 +179,25 @@ def test_a_global_update_grows_no_inactive_entry_of_a_layer_without_gradient_on_
     assert torch.equal(first.mask, before)
 
 
+@pytest.mark.parametrize("host_checks", [True, False])
+def test_a_gradient_that_sums_to_0_or_holds_tiny_entries_is_a_gradient(host_checks):
+    """Only a gradient 0 everywhere counts as none: one whose entries cancel in its sum (the host checks
+    read sums first), or whose squares would round to 0, updates its layer."""
+    torch.manual_seed(0)
+    model = sparsekern.sparsify(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)), 0.5,
+                                generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    algo = sparsekern.RigL(model, optimizer, update_every=1, total_steps=10, host_checks=host_checks)
+    before = [m.mask.clone() for m in model]
+    cancelling = torch.zeros(64)
+    cancelling[(~model[0].mask).view(-1).nonzero()[:2, 0]] = torch.tensor([1.0, -1.0])
+    model[0].weight.grad = cancelling.view(8, 8)
+    model[1].weight.grad = torch.full((8, 8), 1e-30) * torch.arange(64.0).view(8, 8)
+    model[2].weight.grad = torch.zeros(8, 8)
+    assert algo.step()
+    assert [torch.equal(a, m.mask) for a, m in zip(before, model)] == [False, False, True]
+
+
 def test_a_step_with_no_gradient_on_any_sparse_layer_keeps_every_mask():
     """The sparse layers all dropped, the dense head alone trained: no mask moves, and no error (a
     step() before backward, where no parameter has a gradient, is refused: test_dst)."""
