@@ -1,8 +1,10 @@
 """Checks of the gradients an algorithm reads: whether a weight's gradient changed since it last
 looked (a second `step()` in one iteration, or one without a fresh backward, would otherwise reuse a
-stale gradient), and whether they are all finite (a step that torch.amp.GradScaler skips is not)."""
+stale gradient), whether they are all finite (a step that torch.amp.GradScaler skips is not), and
+which are 0 everywhere (a layer no backward reached)."""
 from __future__ import annotations
 
+import math
 import weakref
 from typing import Sequence
 
@@ -11,21 +13,38 @@ from torch import Tensor
 
 
 def all_finite(grads: Sequence[Tensor]) -> bool:
-    """Whether every entry of `grads` is finite (one host read per device).
+    """Whether every entry of `grads` is finite (one host read per device)."""
+    return finite_sums(grads) is not None
+
+
+def finite_sums(grads: Sequence[Tensor]) -> list[float] | None:
+    """The sum of each of `grads` (in float64), read with one host read per device, or None when some
+    entry is not finite.
 
     A sum is finite whenever all its terms are (NaN and inf propagate through it), and one
     reduction pass costs a fifth of torch.isfinite's on CPU; only a sum that overflowed, or a
     gradient that really is not finite, pays the exact check as well. A torch.sparse gradient (an
     nn.Embedding(sparse=True) the optimizer holds) is read by its stored values: isfinite has no
-    sparse kernel."""
-    by_device: dict[torch.device, list[Tensor]] = {}
-    for grad in grads:
-        by_device.setdefault(grad.device, []).append(_stored_values(grad))
-    for group in by_device.values():
-        sums = torch.stack([g.sum().to(torch.float64) for g in group])
-        if not bool(sums.isfinite().all()) and not bool(torch.stack([g.isfinite().all() for g in group]).all()):
-            return False
-    return True
+    sparse kernel. The sums come along with the verdict at no cost: a gradient whose sum is not 0 is
+    not 0 everywhere, so only the others need `zero_everywhere`."""
+    by_device: dict[torch.device, list[int]] = {}
+    for index, grad in enumerate(grads):
+        by_device.setdefault(grad.device, []).append(index)
+    sums = [0.0] * len(grads)
+    for indices in by_device.values():
+        group = [_stored_values(grads[index]) for index in indices]
+        read = torch.stack([g.sum().to(torch.float64) for g in group]).tolist()
+        if not all(map(math.isfinite, read)) and not bool(torch.stack([g.isfinite().all() for g in group]).all()):
+            return None
+        for index, value in zip(indices, read):
+            sums[index] = value
+    return sums
+
+
+def zero_everywhere(grads: Sequence[Tensor]) -> list[Tensor]:
+    """Per gradient, a bool scalar on its device: whether it is 0 everywhere (its largest |entry| is 0,
+    exactly: a 2-norm would square tiny entries to 0). One batched reduction and no host read."""
+    return [norm == 0 for norm in torch._foreach_norm(list(grads), float("inf"))] if grads else []
 
 
 def _stored_values(grad: Tensor) -> Tensor:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..ops import _checks, _transforms, reference
 from . import _tickets, criteria, distributed, schedules
-from ._gradients import GradientWatch, all_finite
+from ._gradients import GradientWatch, finite_sums, zero_everywhere
 from ..nn import sparse_modules, tying
 from ..nn.sharding import refuse_sharded
 from ..nn.sparsify import check_optimizer, optimizer_state
@@ -100,25 +100,49 @@ class DST(distributed.CatchesUp):
             `torch.distributed.new_subgroups(1)[0]`, which compares nothing.
         host_checks: the two checks of an update step that read the device: skip the update when
             the gradients are not all finite (as torch.amp.GradScaler skips its step), and warn
-            when a global update empties a layer; one device-to-host read each. False trusts the
-            gradients and leaves the warning out, so that an update on a GPU never waits for the
-            device and can be captured in a CUDA graph. A captured update replays the swap counts
-            it was captured with (they are kernel parameters): capture again when they change, at
-            every update of a schedule whose drop fraction moves (cosine, annealed).
+            when a global update empties a layer; one device-to-host read each (and, under a criterion
+            that reads the gradient, one more where a layer's gradient sums to 0, to tell whether it
+            has none: below). False trusts the gradients, leaves the warning out and finds the layers
+            without a gradient on the device (the same masks, at the cost of a pass over every layer's
+            gradient and scores), so that an update on a GPU never waits for the device and can be
+            captured in a CUDA graph. A captured update replays the swap counts it was captured with
+            (they are kernel parameters): capture again when they change, at every update of a
+            schedule whose drop fraction moves (cosine, annealed).
 
     Which layers: every sparse module whose weight requires grad and is trained by `optimizer`;
-    frozen ones are left alone, with a warning. Modules that share one weight (tied weights) are
-    one layer: the first in model order is updated and the others get its mask. Misconfigurations
+    frozen ones are left alone, with a warning. One frozen after construction is left alone while it
+    stays frozen, under every criterion (warned once; its gradient is masked at the updates it sits
+    out), and updated again once unfrozen. Modules that share one weight (tied weights) are one layer:
+    the first in model order is updated and the others get its mask. Misconfigurations
     that would silently do nothing or damage the model raise ValueError before anything changes
     (a block holding more weights than a layer keeps, tied modules with different masks) or warn
     (a block that does not tile a layer, so that its count can drift; a schedule under which no
     update ever happens; a layer without active weights).
 
-    `step()` refuses (RuntimeError, nothing changed) an update step when a weight's gradient is
-    the very tensor, unwritten since, that the previous `step()` saw: a second `step()` in one
-    iteration, or one without a fresh backward, would update by a stale, masked gradient (and,
-    growing by gradient, regrow exactly what it dropped). It warns once when called more than
-    `total_steps` times, and when a global update leaves a layer without active weights.
+    Layers without a gradient: where a criterion reads the gradient (grow="gradient"; prune "mest",
+    "snip", "sensitivity", "rsensitivity"), a layer whose weight has none at an update step keeps its
+    mask at that update (nothing dropped, nothing grown; its weights and optimizer state as they were),
+    while the others update as usual. No backward of the step reached it: an expert no token was routed
+    to, a block that stochastic depth dropped, a branch not taken. Its gradient is then None after
+    `zero_grad(set_to_none=True)` and 0 everywhere after `zero_grad(set_to_none=False)`; both count as
+    none, so the two settings give the same masks. The criterion has nothing to rank such a layer by:
+    gradient growth would grow by position, SNIP's and Sensitivity's scores would all tie, MEST's and
+    RSensitivity's fall back to magnitude. The gradient-free criteria (prune "magnitude", "set" or
+    "random" with grow="random": SET) need no gradient and update it as usual. In global scope its
+    entries still take part in the drop selection and whatever it loses grows straight back, so the
+    other layers swap up to that many fewer weights at that update; the total stays exact. Under DDP
+    the averaged gradient decides, the same on every rank: a layer used on some ranks only
+    (find_unused_parameters=True) has a gradient on all of them. `step()` returns True for the update
+    as a whole, whether or not some layers kept their masks.
+
+    `step()` refuses (RuntimeError, nothing changed) an update step at which, under a criterion that
+    reads gradients, no parameter of the optimizer has a gradient (step() called before backward); one
+    at which a layer is no longer a module of the model (replaced after DST was built, it would never
+    get a gradient); and one when a weight's gradient is the very tensor, unwritten since, that the
+    previous `step()` saw: a second `step()` in one iteration, or one without a fresh backward, would
+    update by a stale, masked gradient (and, growing by gradient, regrow exactly what it dropped). It
+    warns once when called more than `total_steps` times, and when a global update leaves a layer
+    without active weights.
 
     Calling `step()` after `optimizer.step()` instead also works: the optimizer step then sees the
     dense gradient of an update step and may move inactive weights, and the update that follows
@@ -196,11 +220,12 @@ class DST(distributed.CatchesUp):
         self.host_checks = host_checks
         self.step_count = 0
         self._finished = False   # finish() was called: the next step() follows a masked backward
-        # (mask versions, active counts per layer) as of the last update or count (_active_counts).
-        self._counts: tuple[tuple[int, ...], list[int]] | None = None
+        # ((mask, version) pairs, active counts per layer) as of the last update or count (_active_counts).
+        self._counts: tuple[tuple[tuple[int, int], ...], list[int]] | None = None
         self._reads_gradient = prune in criteria.READS_GRADIENT or grow in criteria.READS_GRADIENT
         self._gradients = GradientWatch()
         self._empty = set(empty)   # warned about
+        self._frozen_warned: set[str] = set()   # layers frozen after construction, warned about
         if block is not None:
             self._make_block_structured()
         # State left at inactive positions (say, from dense training before sparsify) would move
@@ -218,9 +243,11 @@ class DST(distributed.CatchesUp):
         Call after backward and before optimizer.step(). On steps that neither update nor precede
         an update it only counts. An update step whose gradients (of any parameter the optimizer
         holds) are not all finite is skipped, as torch.amp.GradScaler skips its optimizer step:
-        the masks wait for the next update step. With a GradScaler, call scaler.unscale_(optimizer)
-        before step() (as for gradient clipping): the gradients are scaled until then, which
-        changes no ranking by |g| but makes MEST's |θ| + γ|g| rank by the scaled gradient.
+        the masks wait for the next update step. A layer without a gradient keeps its mask under a
+        criterion that reads the gradient (see the class). With a GradScaler, call
+        scaler.unscale_(optimizer) before step() (as for gradient clipping): the gradients are scaled
+        until then, which changes no ranking by |g| but makes MEST's |θ| + γ|g| rank by the scaled
+        gradient.
         Clip gradients after step(), not before: on an update step they are dense (where a criterion
         reads them) until step() masks them, so a norm taken earlier counts the inactive entries too,
         and clipping by it shrinks the active weights' update on update steps only (by 20-25% in a
@@ -238,10 +265,11 @@ class DST(distributed.CatchesUp):
                           f"schedule (and end_step={self.schedule.end_step}) assumed training ends there",
                           stacklevel=2)
         # After finish(), the backward ran with masked gradients, from which no update can be made.
-        updated = due and not self._finished and (not self.host_checks or self._gradients_finite())
+        sums = self._gradient_sums() if due and not self._finished and self.host_checks else None
+        updated = due and not self._finished and (not self.host_checks or sums is not None)
         self._finished = False
         if updated:
-            self._update(self.schedule.fraction(self.step_count))
+            self._update(self.schedule.fraction(self.step_count), sums)
             if self.scope == "global" and self.host_checks:
                 self._warn_if_emptied()
         elif due:
@@ -281,10 +309,13 @@ class DST(distributed.CatchesUp):
             if module.weight.grad is not None:
                 module.weight.grad.masked_fill_(~module.mask, 0)
 
-    def _gradients_finite(self) -> bool:
-        """Whether every gradient the optimizer holds is finite (one host read per device)."""
-        return all_finite([parameter.grad for group in self.optimizer.param_groups for parameter in group["params"]
-                           if parameter.grad is not None])
+    def _gradient_sums(self) -> dict[int, float] | None:
+        """The sum of every gradient the optimizer holds, by id of its parameter, or None when one is not
+        finite (one host read per device)."""
+        held = [parameter for group in self.optimizer.param_groups for parameter in group["params"]
+                if parameter.grad is not None]
+        sums = finite_sums([parameter.grad for parameter in held])
+        return None if sums is None else {id(parameter): total for parameter, total in zip(held, sums)}
 
     def state_dict(self) -> dict:
         """Step count, masks (by module name), schedule, random-generator state, and whether finish()
@@ -416,22 +447,27 @@ class DST(distributed.CatchesUp):
         self._gradients.remember([module.weight for _, module in self.modules])
 
     def _check_gradients(self, step: int) -> None:
-        """RuntimeError, before anything changes, unless every weight's gradient is fresh (and,
-        where a criterion reads it, there)."""
+        """RuntimeError, before anything changes, unless every layer is still a module of the model whose
+        weight the optimizer trains, every weight's gradient is fresh, and, where a criterion reads
+        gradients, some parameter has one."""
         trained = {id(parameter) for group in self.optimizer.param_groups for parameter in group["params"]}
+        present = {id(module) for module in self._replicas.modules()}
         for name, module in self.modules:
-            if not module.weight.requires_grad:
-                raise RuntimeError(f"{name}.weight was frozen (requires_grad=False) after DST was built; "
-                                   f"build DST again, which leaves frozen layers alone")
+            if id(module) not in present:
+                # Its gradient never comes, and a layer without one would silently keep its mask for good.
+                raise RuntimeError(f"{name} is no longer a module of the model (a layer replaced in the model "
+                                   f"after DST was built gets no gradient): build DST again")
             if id(module.weight) not in trained:
                 # A weight Parameter replaced, or taken out of the optimizer: its grown weights would never train.
                 raise RuntimeError(f"{name}.weight is no longer a parameter of the optimizer (replaced by another "
                                    f"Parameter, or removed from it, after DST was built); build the optimizer and DST "
                                    f"again")
-            if self._reads_gradient and module.weight.grad is None:
-                raise RuntimeError(f"{name}.weight has no gradient at update step {step}: call DST.step() "
-                                   f"after backward (prune={self.prune!r}, grow={self.grow!r} read it); a layer "
-                                   f"replaced in the model after DST was built gets none: build DST again")
+        # A layer without a gradient keeps its mask (_keep_masks_without_gradient); no parameter with one
+        # is a step() called before backward.
+        if self._reads_gradient and all(parameter.grad is None for group in self.optimizer.param_groups
+                                        for parameter in group["params"]):
+            raise RuntimeError(f"no parameter has a gradient at update step {step}: call DST.step() after "
+                               f"backward (prune={self.prune!r}, grow={self.grow!r} read it)")
         stale = self._gradients.unchanged([module.weight for _, module in self.modules])
         if stale is not None:
             raise RuntimeError(
@@ -441,13 +477,26 @@ class DST(distributed.CatchesUp):
                 f"regrows exactly what it drops). Call step() once per iteration, after loss.backward()")
 
     @torch.no_grad()
-    def _update(self, fraction: float) -> None:
-        """One mask update of every layer: one sparsekern.ops.prune_grow call, scores included."""
-        modules = [module for _, module in self.modules]
+    def _update(self, fraction: float, sums: dict[int, float] | None) -> None:
+        """One mask update of every layer: one sparsekern.ops.prune_grow call, scores included. `sums`:
+        those of `_gradient_sums`, or None without host checks."""
+        modules = self._unfrozen_modules()
+        if not modules:
+            return
         weights = [module.weight for module in modules]
         grads = [w.grad for w in weights]
         masks = [module.mask for module in modules]
-        prune, prune_abs, grow, grow_abs = self._scores(weights, grads, masks)
+        if self._reads_gradient:
+            # A weight without a gradient (zero_grad(set_to_none=True), then no backward reached it) is
+            # scored as the zero gradient it has under set_to_none=False: both settings give one update.
+            scored_grads = [torch.zeros_like(w) if g is None else g for w, g in zip(weights, grads)]
+        else:
+            scored_grads = grads
+        prune, prune_abs, grow, grow_abs = self._scores(weights, scored_grads, masks)
+        if self._reads_gradient:
+            # A weight without a gradient sums to 0 (none is not in sums).
+            layer_sums = None if sums is None else [sums.get(id(w), 0.0) for w in weights]
+            grow = _keep_masks_without_gradient(scored_grads, masks, grow, layer_sums)
         state = [self._state(w) for w in weights]
         # Optimizer state follows the weight (0 off the new mask and at grown entries) when reset,
         # else only the mask; gradients follow the mask, so the optimizer step cannot revive a
@@ -469,6 +518,22 @@ class DST(distributed.CatchesUp):
         for module in modules:
             module.zero_off_mask = True
         self._remember_counts(masks)
+
+    def _unfrozen_modules(self) -> list[nn.Module]:
+        """The modules whose weight requires grad. Those frozen since DST was built are left alone, as
+        at construction (warned once each): grown weights would never train, under any criterion. Their
+        gradients, dense for the update they sit out, are masked, so that a stale one cannot move an
+        inactive weight at the optimizer step."""
+        frozen = [(name, module) for name, module in self.modules if not module.weight.requires_grad]
+        unwarned = [name for name, _ in frozen if name not in self._frozen_warned]
+        if unwarned:
+            warnings.warn(f"DST leaves the masks of {unwarned} alone while their weights do not require grad "
+                          f"(frozen after DST was built)", stacklevel=4)
+            self._frozen_warned.update(unwarned)
+        for _, module in frozen:
+            if module.weight.grad is not None:
+                module.weight.grad.masked_fill_(~module.mask, 0)
+        return [module for _, module in self.modules if module.weight.requires_grad]
 
     def _update_blocks(self, fraction: float, masks, prune, prune_abs: bool, grow, grow_abs: bool) -> list[Tensor]:
         """The new entry masks of a block-structured update: whole blocks dropped and grown by their
@@ -496,7 +561,7 @@ class DST(distributed.CatchesUp):
         mask changed since the last update. An update keeps each layer's count (layer scope) or the
         total (global scope), so DST counts on the device, a host read on a GPU, only after masks are
         set some other way (load_state_dict, set_mask)."""
-        versions = tuple(m._version for m in masks)
+        versions = tuple((id(m), m._version) for m in masks)   # the layers updated change as they are frozen
         if self._counts is None or self._counts[0] != versions:
             self._counts = (versions, reference.active_counts(units))
         return self._counts[1]
@@ -505,7 +570,8 @@ class DST(distributed.CatchesUp):
         """Marks the counts as current for the masks just installed. In global scope only their total
         is still right, and it is all that scope reads."""
         counts = self._counts[1]
-        self._counts = (tuple(m._version for m in masks), counts if self.scope == "layer" else [sum(counts)])
+        self._counts = (tuple((id(m), m._version) for m in masks),
+                        counts if self.scope == "layer" else [sum(counts)])
 
     def _scores(self, weights, grads, masks) -> tuple[list[Tensor], bool, list[Tensor], bool]:
         """(prune scores, rank them by |score|, grow scores, rank them by |score|), of one dtype.
@@ -560,6 +626,30 @@ def _trained_layers(model: nn.Module, optimizer: torch.optim.Optimizer):
                       f"not in the optimizer, so grown weights could never train", stacklevel=4)
         groups = [group for group in groups if group[0][0] not in frozen]
     return [group[0] for group in groups], groups
+
+
+def _keep_masks_without_gradient(grads: list[Tensor], masks: list[Tensor], grow: list[Tensor],
+                                  sums: list[float] | None) -> list[Tensor]:
+    """`grow`, with new scores for each layer whose gradient is 0 everywhere that make it keep its mask
+    in the prune_grow call that follows, whatever its prune scores: +inf at its active entries, so that
+    what the selection drops from it grows straight back, keeping its value and optimizer state
+    (prune_grow resets only entries inactive before), and NaN, which ranks below every number, at the
+    others, so that in global scope no tie of another layer's grows one of them. The decision reads the
+    gradients' values, which DDP has averaged, so it is the same on every rank.
+
+    With `sums` (each gradient's sum, read by the finite check), only the gradients that sum to 0 can
+    be 0 everywhere: they alone are checked, with one more read, and only the scores of the layers
+    without a gradient are made anew. Without (no host checks), every layer's score is, score +
+    mask · (inf or 0) by its on-device flag, and nothing is read back. The gradients and scores passed
+    in are not written."""
+    if sums is None:
+        return [torch.addcmul(score, mask, torch.where(no_gradient, float("inf"), 0.0))
+                for mask, score, no_gradient in zip(masks, grow, zero_everywhere(grads))]
+    unsure = [index for index, total in enumerate(sums) if total == 0]
+    zero = torch.stack(zero_everywhere([grads[index] for index in unsure])).tolist() if unsure else []
+    without = {index for index, is_zero in zip(unsure, zero) if is_zero}
+    return [torch.full_like(score, float("nan")).masked_fill_(mask, float("inf")) if index in without else score
+            for index, (mask, score) in enumerate(zip(masks, grow))]
 
 
 def _check_blocks(modules, block: tuple[int, int]) -> None:
