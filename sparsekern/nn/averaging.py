@@ -6,11 +6,13 @@ masks, which each `update_parameters` copies in: its sparse layers hold values o
 (`zero_off_mask = False`). Torch's own AveragedModel copies the masks in place behind the layers' backs;
 a layer notices at its next forward in eager mode, but neither a compiled model nor
 nn.TransformerEncoderLayer's fused eval-mode kernel (which reads the weights without running the layers)
-does. With `use_buffers=True` torch also averages the bool masks, into the union of every mask seen: here
-the other buffers (BatchNorm statistics) are averaged and the masks copied.
+does. With `use_buffers=True` torch also averages the bool masks: an EMA into the union of every mask seen,
+SWA (its default average) not at all, raising at the second update (it subtracts bools). Here the other
+buffers (BatchNorm statistics) are averaged and the bool ones, the masks, copied.
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.optim import swa_utils
 
@@ -22,24 +24,25 @@ class SparseAveragedModel(swa_utils.AveragedModel):
     layers compute with the averaged weights under the source model's current masks (module docstring).
 
     `update_parameters(model)` refuses (ValueError, nothing changed) a model whose sparse layers differ in
-    number or shape from the averaged model's: torch pairs parameters by position and would average
+    number, shape, order or name (up to a wrapper's prefix on every name: DDP's "module.", torch.compile's
+    "_orig_mod.") from the averaged model's: torch pairs parameters by position and would average
     mismatched ones silently, or stop half-way."""
 
-    def __init__(self, model: nn.Module, *args, **kwargs):
-        super().__init__(model, *args, **kwargs)
+    def __init__(self, model: nn.Module, device=None, avg_fn=None, multi_avg_fn=None, use_buffers: bool = False):
+        # SWA by default, through its one-tensor form on every device: torch's multi-tensor form, which it picks
+        # on CUDA, raises on an integer buffer (BatchNorm's num_batches_tracked) under use_buffers=True.
+        multi = multi_avg_fn is not None
+        average = _MasksCopied(multi_avg_fn if multi else avg_fn, multi)
+        super().__init__(model, device, avg_fn=None if multi else average, multi_avg_fn=average if multi else None,
+                         use_buffers=use_buffers)
         self._hold_values_off_the_masks()
 
     def update_parameters(self, model: nn.Module) -> None:
-        averaged, live = sparse_modules(self.module), sparse_modules(model)
-        shapes = [tuple(module.mask.shape) for _, module in averaged]
-        if [tuple(module.mask.shape) for _, module in live] != shapes:
-            raise ValueError(f"model holds other sparse layers than the averaged model (mask shapes "
-                             f"{[tuple(module.mask.shape) for _, module in live]}, averaged {shapes}): "
-                             f"pass the model this SparseAveragedModel was made from")
+        averaged, live = _layers(self.module), _layers(model)
+        if not _same_layers(averaged, live):
+            raise ValueError(f"model holds other sparse layers than the averaged model (names and mask shapes "
+                             f"{live}, averaged {averaged}): pass the model this SparseAveragedModel was made from")
         super().update_parameters(model)
-        if self.use_buffers:   # torch averaged the bool masks with the other buffers: the live ones instead
-            for (_, mine), (_, theirs) in zip(averaged, live):
-                mine.mask.copy_(theirs.mask)
         self._hold_values_off_the_masks()
 
     def _hold_values_off_the_masks(self) -> None:
@@ -48,3 +51,43 @@ class SparseAveragedModel(swa_utils.AveragedModel):
         for _, module in sparse_modules(self.module):
             module.zero_off_mask = False
 
+
+class _MasksCopied:
+    """An AveragedModel averaging function (`multi`: a multi_avg_fn, over lists of one device and dtype, as
+    torch groups them; else an avg_fn, SWA's if None) under which a bool tensor, a mask, takes the live
+    model's values: averaged, masks would become their union (an EMA) or raise (SWA subtracts them). A class,
+    not a closure, so that an averaged model with the default average pickles as torch's does."""
+
+    def __init__(self, function, multi: bool):
+        self.function, self.multi = function, multi
+
+    def __call__(self, averaged, current, num_averaged):
+        if self.multi:
+            if averaged[0].dtype == torch.bool:
+                torch._foreach_copy_(averaged, current)
+                return None
+            return self.function(averaged, current, num_averaged)
+        if averaged.dtype == torch.bool:
+            return current
+        return (self.function or swa_utils.get_swa_avg_fn())(averaged, current, num_averaged)
+
+
+def _layers(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    return [(name, tuple(module.mask.shape)) for name, module in sparse_modules(model)]
+
+
+def _same_layers(mine: list[tuple[str, tuple]], theirs: list[tuple[str, tuple]]) -> bool:
+    """Whether both lists hold the same mask shapes in order, under the same names up to one prefix on every
+    name of one of them (a wrapper's: the averaged model is often made from the unwrapped model)."""
+    if [shape for _, shape in mine] != [shape for _, shape in theirs]:
+        return False
+    if not mine:
+        return True
+    for short, long in (([n for n, _ in mine], [n for n, _ in theirs]), ([n for n, _ in theirs], [n for n, _ in mine])):
+        first, first_long = short[0], long[0]
+        if first and first_long != first and not first_long.endswith("." + first):
+            continue
+        prefix = first_long[:len(first_long) - len(first)].rstrip(".")
+        if [".".join(filter(None, (prefix, name))) for name in short] == long:
+            return True
+    return False
