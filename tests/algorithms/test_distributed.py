@@ -215,6 +215,33 @@ def test_join_catch_up_sends_the_optimizer_state_tensors_by_tensor_broadcasts(on
 
 
 @gloo
+def test_join_catch_up_sends_a_scalar_parameters_step_in_the_object(one_rank, carried, monkeypatch):
+    # A 0-d parameter (a learned temperature, CLIP's logit_scale) is shaped like Adam's step, which sits on the CPU
+    # whatever the parameter's device: the catching up sent that step by a tensor broadcast, which NCCL refuses for
+    # a CPU tensor (on every rank, after the object broadcast's settings were installed). A 0-d parameter's state,
+    # scalars only, travels in the object, as Adam's step of every other parameter does.
+    import sparsekern
+    model = sparsekern.sparsify(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)), 0.5,
+                                generator=torch.Generator().manual_seed(0))
+    temperature = torch.nn.Parameter(torch.tensor(1.0))
+    optimizer = torch.optim.Adam([*model.parameters(), temperature], lr=0.01)
+    algorithm = sparsekern.RigL(model, optimizer, update_every=2, total_steps=10)
+    (model(torch.randn(3, 8)) * temperature).sum().backward()
+    optimizer.step()
+    broadcast, tensors = torch.distributed.broadcast, []
+
+    def recorded(tensor, *args, **kwargs):
+        tensors.append(tensor)
+        return broadcast(tensor, *args, **kwargs)
+    monkeypatch.setattr(torch.distributed, "broadcast", recorded)
+    algorithm._catch_up(True, None)
+    (_, entries, _), = carried[-1]
+    steps = [state["step"] for state in optimizer.state.values()]
+    assert not any(sent is step for sent in tensors for step in steps)
+    assert sorted(len(values) for values, _ in entries.values()) == [1] * 4 + [3]   # the steps; the temperature's all
+
+
+@gloo
 def test_swamp_sends_its_ticket_optimizer_state_as_cpu_tensors(one_rank, carried, monkeypatch):
     import sparsekern
     model = sparsekern.sparsify(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)), 1.0)
