@@ -396,7 +396,10 @@ class CatchesUp(Joinable):
         leaves every parameter's, and momentum moves the weights of a rank that joined early apart from the
         others'. DST and IMP hold their optimizers: one named to them must
         be theirs (ValueError otherwise, on every rank, as Join starts). A rank that had no inputs at all, whose
-        optimizer holds no state yet, takes the last joiner's (broadcast_masks)."""
+        optimizer holds no state yet, takes the last joiner's (broadcast_masks). A learning-rate scheduler is not
+        caught up: the learning rates copied, one stepped per batch still counts this rank's own batches, and
+        sets other rates than the last joiner's from its next step (step it per epoch, or load the last joiner's
+        state_dict on every rank after the block)."""
         if self._holds_its_optimizer:
             if optimizer is not None and optimizer is not self.optimizer:
                 raise ValueError(f"Join(optimizer=...) names another optimizer than the {type(self).__name__}'s own, "

@@ -168,7 +168,7 @@ def adam_catches_up_under_join(rank):
     """Join([ddp, dst]) with Adam, 5 batches on rank 0 and 2 on rank 1: rank 1 takes rank 0's Adam step count of
     the sparse weights with their moments (it kept its own, 2, whose bias correction then moved its weights
     apart from rank 0's at the next optimizer step), the state of every other parameter, and the learning rate
-    (as a scheduler stepped per batch would have left it: lower on the rank that trained longer)."""
+    (as set on each rank here, the rank that trained longer lower)."""
     model, ddp = ddp_model()
     optimizer = torch.optim.Adam(ddp.parameters(), lr=0.01 / (1 + rank))
     algorithm = sparsekern.RigL(ddp, optimizer, update_every=2, total_steps=40)
