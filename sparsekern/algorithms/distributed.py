@@ -95,7 +95,8 @@ def _broadcast_replica(model: nn.Module, src: int, group, weights: bool, optimiz
         states = [[] if optimizer is None else optimizer_state(optimizer, p) for p in parameters]
         agreement.shared = (_layers(model), [len(state) for state in states] if copy_state else None,
                             algorithm is not None,
-                            [len(entry["params"]) for entry in optimizer.param_groups] if whole_optimizer else None)
+                            [[tuple(p.shape) for p in entry["params"]] for entry in optimizer.param_groups]
+                            if whole_optimizer else None)
     source = dist.get_group_rank(group, src) if group is not None else src
     stateless = _check_same_setup(agreement.gathered, source, "parameters" if whole_optimizer else "sparse weights")
     if algorithm is not None or copy_state:
@@ -159,14 +160,16 @@ def broadcast_object(value, src: int, group=None):
 def _check_same_setup(gathered: list[tuple], source: int, what: str) -> list[int]:
     """ValueError (on every rank: each reads the same `gathered`) unless every rank passed
     broadcast_masks the same sparse layers, optimizer state counts of the parameters it copies (`what`
-    they are; none, where rank `source`'s optimizer has state: it is copied), parameter group sizes and
-    algorithm presence: the broadcasts that follow would otherwise pair tensors of different sizes or
+    they are; none, where rank `source`'s optimizer has state: it is copied), parameter groups (the shapes of
+    their parameters, in order) and algorithm presence: the broadcasts that follow would otherwise pair tensors of different sizes or
     counts, which gloo answers by aborting the process and NCCL by hanging. Returns the indices of the
     parameters that some rank's optimizer holds no state for, and `source`'s does."""
-    layers, counts, has_algorithm, group_sizes = zip(*gathered)
-    if any(sizes != group_sizes[0] for sizes in group_sizes):
-        raise ValueError(f"broadcast_masks: the ranks' optimizers hold other parameter groups (parameters per "
-                         f"group: {sorted(set(map(tuple, group_sizes)))}), so no rank's state fits the others'")
+    layers, counts, has_algorithm, groups = zip(*gathered)
+    if any(shapes != groups[0] for shapes in groups):
+        sizes = sorted({tuple(map(len, shapes)) for shapes in groups})
+        raise ValueError(f"broadcast_masks: the ranks' optimizers hold other parameter groups (parameters per group: "
+                         f"{sizes}{'' if len(sizes) > 1 else ', of other shapes or in another order'}), so no rank's "
+                         f"state fits the others'")
     if any(other != layers[0] for other in layers):
         raise ValueError("broadcast_masks: the ranks hold different sparse layers (names or mask shapes), so no "
                          "rank's masks fit the others' (pipeline stages are no replicas)")

@@ -4,6 +4,7 @@ one rank fails on every rank, with nothing changed on any, rather than leave the
 Each scenario returns a bool (True: as it should be); they run in order, and a hang in one shows as the
 test's timeout. Writes {scenario: bool} to <out>/rank<r>.pt.
 """
+import copy
 import os
 import sys
 
@@ -179,6 +180,29 @@ def adam_catches_up_under_join(rank):
     return caught_up and distributed.masks_identical(ddp)
 
 
+
+def other_parameter_order_is_refused_under_join(rank):
+    """Join([ddp, dst]) where rank 1's optimizer holds the parameters in the other order (as many per group, the
+    same state counts): ValueError on both ranks as the block ends, step counts and optimizer state as they were
+    (the tensor broadcasts paired a weight's momentum with a bias's, and gloo aborted the process)."""
+    model, ddp = ddp_model()
+    parameters = list(ddp.parameters())
+    optimizer = torch.optim.SGD(parameters[::-1] if rank else parameters, lr=0.1, momentum=0.9)
+    algorithm = sparsekern.SET(ddp, optimizer, update_every=2, total_steps=40)
+    data, seen = torch.Generator().manual_seed(11 + rank), {}
+
+    def train():
+        with Join([ddp, algorithm]):
+            for _ in range((3, 2)[rank]):
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(ddp(torch.randn(8, 16, generator=data)),
+                                            torch.randint(0, 4, (8,), generator=data)).backward()
+                algorithm.step()
+                optimizer.step()
+            seen["state"] = copy.deepcopy(optimizer.state_dict())
+    refused = raised(train, ValueError, "other parameter groups")
+    return refused and equal(seen["state"], optimizer.state_dict()) and algorithm.step_count == (3, 2)[rank]
+
 def same_on_every_rank(value) -> bool:
     """Whether `value` (tensors in nested dicts, lists and tuples) is equal on every rank."""
     gathered = [None] * dist.get_world_size()
@@ -321,7 +345,7 @@ def swamp_per_rank_with_a_group_of_one(rank):
 SCENARIOS = (refused_load_changes_nothing, finish_is_carried, constructors_fail_together,
              dst_checks_replicas_by_one_gather, per_rank_runs_with_a_group_of_one, uneven_inputs_under_join,
              imp_under_join, optg_under_join, join_with_a_rank_without_inputs, adam_catches_up_under_join,
-             error_kinds_follow_their_bases,
+             other_parameter_order_is_refused_under_join, error_kinds_follow_their_bases,
              masks_identical_fails_together, swamp_fails_together, swamp_per_rank_with_a_group_of_one)
 
 
