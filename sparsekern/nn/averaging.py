@@ -24,8 +24,8 @@ class SparseAveragedModel(swa_utils.AveragedModel):
     layers compute with the averaged weights under the source model's current masks (module docstring).
 
     `update_parameters(model)` refuses (ValueError, nothing changed) a model whose sparse layers differ in
-    number, shape, order or name (up to a wrapper's prefix on every name: DDP's "module.", torch.compile's
-    "_orig_mod.") from the averaged model's: torch pairs parameters by position and would average
+    number, shape, order or name (wrappers aside: DDP's "module.", torch.compile's "_orig_mod.", around the
+    model or a submodule) from the averaged model's: torch pairs parameters by position and would average
     mismatched ones silently, or stop half-way."""
 
     def __init__(self, model: nn.Module, device=None, avg_fn=None, multi_avg_fn=None, use_buffers: bool = False):
@@ -39,7 +39,7 @@ class SparseAveragedModel(swa_utils.AveragedModel):
 
     def update_parameters(self, model: nn.Module) -> None:
         averaged, live = _layers(self.module), _layers(model)
-        if not _same_layers(averaged, live):
+        if live != averaged:
             raise ValueError(f"model holds other sparse layers than the averaged model (names and mask shapes "
                              f"{live}, averaged {averaged}): pass the model this SparseAveragedModel was made from")
         super().update_parameters(model)
@@ -72,22 +72,12 @@ class _MasksCopied:
         return (self.function or swa_utils.get_swa_avg_fn())(averaged, current, num_averaged)
 
 
+# The attributes under which DDP and torch.compile hold the model they wrap (at the root or on a submodule): the
+# averaged model is often made from the unwrapped model, or the other way round.
+_WRAPPERS = ("module", "_orig_mod")
+
+
 def _layers(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
-    return [(name, tuple(module.mask.shape)) for name, module in sparse_modules(model)]
-
-
-def _same_layers(mine: list[tuple[str, tuple]], theirs: list[tuple[str, tuple]]) -> bool:
-    """Whether both lists hold the same mask shapes in order, under the same names up to one prefix on every
-    name of one of them (a wrapper's: the averaged model is often made from the unwrapped model)."""
-    if [shape for _, shape in mine] != [shape for _, shape in theirs]:
-        return False
-    if not mine:
-        return True
-    for short, long in (([n for n, _ in mine], [n for n, _ in theirs]), ([n for n, _ in theirs], [n for n, _ in mine])):
-        first, first_long = short[0], long[0]
-        if first and first_long != first and not first_long.endswith("." + first):
-            continue
-        prefix = first_long[:len(first_long) - len(first)].rstrip(".")
-        if [".".join(filter(None, (prefix, name))) for name in short] == long:
-            return True
-    return False
+    """(name without wrappers, mask shape) of each sparse layer, in the order torch pairs their parameters."""
+    return [(".".join(part for part in name.split(".") if part not in _WRAPPERS), tuple(module.mask.shape))
+            for name, module in sparse_modules(model)]

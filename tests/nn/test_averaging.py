@@ -158,7 +158,10 @@ def test_a_wrapped_model_is_accepted_and_layers_in_another_order_are_refused():
     swa = SparseAveragedModel(model)
     swa.update_parameters(torch.compile(model))   # its layers named "_orig_mod.0", ...: the same layers
     swa.update_parameters(model)
-    assert swa.n_averaged == 2
+    wrapped = copy.copy(model)
+    wrapped._modules = dict(model._modules, **{"3": torch.compile(model[3])})   # "3._orig_mod"
+    swa.update_parameters(wrapped)
+    assert swa.n_averaged == 3
     # Two layers of one shape, registered in the other order: torch paired them by position, averaging each
     # layer's weights with the other's.
     torch.manual_seed(0)
