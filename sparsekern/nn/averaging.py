@@ -31,6 +31,7 @@ class SparseAveragedModel(swa_utils.AveragedModel):
     def __init__(self, model: nn.Module, device=None, avg_fn=None, multi_avg_fn=None, use_buffers: bool = False):
         # SWA by default, through its one-tensor form on every device: torch's multi-tensor form, which it picks
         # on CUDA, raises on an integer buffer (BatchNorm's num_batches_tracked) under use_buffers=True.
+        _check_model(model)
         multi = multi_avg_fn is not None
         average = _MasksCopied(multi_avg_fn if multi else avg_fn, multi)
         super().__init__(model, device, avg_fn=None if multi else average, multi_avg_fn=average if multi else None,
@@ -38,6 +39,7 @@ class SparseAveragedModel(swa_utils.AveragedModel):
         self._hold_values_off_the_masks()
 
     def update_parameters(self, model: nn.Module) -> None:
+        _check_model(model)
         averaged, live = _layers(self.module), _layers(model)
         if live != averaged:
             raise ValueError(f"model holds other sparse layers than the averaged model (names and mask shapes "
@@ -70,6 +72,11 @@ class _MasksCopied:
         if averaged.dtype == torch.bool:
             return current
         return (self.function or swa_utils.get_swa_avg_fn())(averaged, current, num_averaged)
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
 
 # The attributes under which DDP and torch.compile hold the model they wrap (at the root or on a submodule): the

@@ -176,3 +176,13 @@ def test_a_wrapped_model_is_accepted_and_layers_in_another_order_are_refused():
         swa.update_parameters(swapped)
     after = swa.state_dict()
     assert all(torch.equal(before[key], after[key]) for key in before)
+
+
+def test_a_model_that_is_no_module_is_refused_by_name():
+    # It raised AttributeError ('str' object has no attribute 'named_modules'), from sparse_modules.
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got str"):
+        SparseAveragedModel("model")
+    swa = SparseAveragedModel(mlp())
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got OrderedDict"):
+        swa.update_parameters(mlp().state_dict())
+    assert swa.n_averaged == 0
