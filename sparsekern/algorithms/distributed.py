@@ -160,10 +160,10 @@ def broadcast_object(value, src: int, group=None):
 def _check_same_setup(gathered: list[tuple], source: int, what: str) -> list[int]:
     """ValueError (on every rank: each reads the same `gathered`) unless every rank passed
     broadcast_masks the same sparse layers, optimizer state counts of the parameters it copies (`what`
-    they are; none, where rank `source`'s optimizer has state: it is copied), parameter groups (the shapes of
-    their parameters, in order) and algorithm presence: the broadcasts that follow would otherwise pair tensors of different sizes or
-    counts, which gloo answers by aborting the process and NCCL by hanging. Returns the indices of the
-    parameters that some rank's optimizer holds no state for, and `source`'s does."""
+    they are; none, where rank `source`'s optimizer has state: it is copied), parameter groups (the shapes
+    of their parameters, in order) and algorithm presence: the broadcasts that follow would otherwise pair
+    tensors of different sizes or counts, which gloo answers by aborting the process and NCCL by hanging.
+    Returns the indices of the parameters that some rank's optimizer holds no state for, and `source`'s does."""
     layers, counts, has_algorithm, groups = zip(*gathered)
     if any(shapes != groups[0] for shapes in groups):
         sizes = sorted({tuple(map(len, shapes)) for shapes in groups})

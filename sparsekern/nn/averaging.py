@@ -29,9 +29,9 @@ class SparseAveragedModel(swa_utils.AveragedModel):
     mismatched ones silently, or stop half-way."""
 
     def __init__(self, model: nn.Module, device=None, avg_fn=None, multi_avg_fn=None, use_buffers: bool = False):
+        _check_model(model)
         # SWA by default, through its one-tensor form on every device: torch's multi-tensor form, which it picks
         # on CUDA, raises on an integer buffer (BatchNorm's num_batches_tracked) under use_buffers=True.
-        _check_model(model)
         multi = multi_avg_fn is not None
         average = _MasksCopied(multi_avg_fn if multi else avg_fn, multi)
         super().__init__(model, device, avg_fn=None if multi else average, multi_avg_fn=average if multi else None,
