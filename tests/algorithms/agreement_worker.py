@@ -181,6 +181,35 @@ def adam_catches_up_under_join(rank):
 
 
 
+def a_scheduler_catches_up_under_join(rank):
+    """Join([ddp, dst], lr_scheduler=scheduler) with a LambdaLR stepped per batch, 5 batches on rank 0 and 2 on
+    rank 1: rank 1's scheduler takes rank 0's step count with its learning rate, and the replicas stay identical
+    through 3 more steps (the learning rate alone was copied: rank 1's scheduler, 3 steps behind, set a higher
+    one at its next step, and the weights came apart). A scheduler named on rank 1 only: ValueError on both
+    ranks."""
+    model, ddp = ddp_model()
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (1 + step))
+    algorithm = sparsekern.SET(ddp, optimizer, update_every=2, total_steps=40)
+    data = torch.Generator().manual_seed(11 + rank)
+
+    def train(batches, **join):
+        with Join([ddp, algorithm], **join):
+            for _ in range(batches[rank]):
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(ddp(torch.randn(8, 16, generator=data)),
+                                            torch.randint(0, 4, (8,), generator=data)).backward()
+                algorithm.step()
+                optimizer.step()
+                scheduler.step()
+    train((5, 2), lr_scheduler=scheduler)
+    caught_up = scheduler.last_epoch == 5
+    train((3, 3), lr_scheduler=scheduler)
+    identical = same_on_every_rank((model.state_dict(), optimizer.state_dict())) and distributed.masks_identical(ddp)
+    refused = raised(lambda: train((1, 1), **({"lr_scheduler": scheduler} if rank else {})), ValueError,
+                     "some ranks only")
+    return caught_up and identical and refused
+
 def other_parameter_order_is_refused_under_join(rank):
     """Join([ddp, dst]) where rank 1's optimizer holds the parameters in the other order (as many per group, the
     same state counts): ValueError on both ranks as the block ends, step counts and optimizer state as they were
@@ -345,7 +374,8 @@ def swamp_per_rank_with_a_group_of_one(rank):
 SCENARIOS = (refused_load_changes_nothing, finish_is_carried, constructors_fail_together,
              dst_checks_replicas_by_one_gather, per_rank_runs_with_a_group_of_one, uneven_inputs_under_join,
              imp_under_join, optg_under_join, join_with_a_rank_without_inputs, adam_catches_up_under_join,
-             other_parameter_order_is_refused_under_join, error_kinds_follow_their_bases,
+             other_parameter_order_is_refused_under_join, a_scheduler_catches_up_under_join,
+             error_kinds_follow_their_bases,
              masks_identical_fails_together, swamp_fails_together, swamp_per_rank_with_a_group_of_one)
 
 
