@@ -35,8 +35,8 @@ def sparse_layers(model: nn.Module, who: str) -> list[tying.Group]:
     refuse_sharded(model, who)
     named = sparse_modules(model)
     if not named:
-        raise ValueError("model has no sparse modules: convert it with sparsekern.sparsify(model, 1.0) "
-                         "or build it from sparsekern.nn.SparseLinear / SparseConv1d/2d/3d")
+        raise ValueError("model has no sparse modules: convert it with sparsekern.sparsify(model, 1.0) or build "
+                         "it from sparsekern.nn.SparseLinear / SparseConv1d/2d/3d / SparseConvTranspose1d/2d/3d")
     groups = tying.group_by_weight(named)
     tying.check_groups(groups)
     return groups

@@ -71,12 +71,12 @@ def broadcast_masks(model: nn.Module, src: int = 0, group=None, weights: bool = 
 
 @torch.no_grad()
 def _broadcast_replica(model: nn.Module, src: int, group, weights: bool, optimizer: torch.optim.Optimizer | None,
-                       algorithm, whole_optimizer: bool) -> None:
+                       algorithm, whole_optimizer: bool, lr_scheduler=None) -> None:
     """broadcast_masks; with `whole_optimizer` (Join's catching up), rank `src`'s state of every parameter
     `optimizer` trains is copied as well, and its param_groups' settings (a learning rate that a scheduler
     set, say), the state tensors shaped like their parameter by tensor broadcasts in place, as the sparse
     weights' are, the rest in the one object broadcast (of CPU copies, which a model's worth of optimizer
-    state would make slow)."""
+    state would make slow), which also carries `lr_scheduler`'s state (its step count) where given."""
     from . import dst, imp, optg   # here: they import this module
     with Agreement("broadcast_masks", group) as agreement:
         check_optimizer(optimizer, "build a new LBFGS on every rank after broadcast_masks")
@@ -95,7 +95,8 @@ def _broadcast_replica(model: nn.Module, src: int, group, weights: bool, optimiz
         states = [[] if optimizer is None else optimizer_state(optimizer, p) for p in parameters]
         agreement.shared = (_layers(model), [len(state) for state in states] if copy_state else None,
                             algorithm is not None,
-                            [len(entry["params"]) for entry in optimizer.param_groups] if whole_optimizer else None)
+                            [[tuple(p.shape) for p in entry["params"]] for entry in optimizer.param_groups]
+                            if whole_optimizer else None, lr_scheduler is not None)
     source = dist.get_group_rank(group, src) if group is not None else src
     stateless = _check_same_setup(agreement.gathered, source, "parameters" if whole_optimizer else "sparse weights")
     if algorithm is not None or copy_state:
@@ -103,11 +104,11 @@ def _broadcast_replica(model: nn.Module, src: int, group, weights: bool, optimiz
         # besides the tensors shaped like them, which tensor broadcasts copy below: scalars (Adam's step, which
         # sets its bias correction), and the whole state of a parameter that some rank's optimizer holds none
         # for (it has not stepped: under Join, a rank that had no inputs at all).
-        algorithm_state, entries, settings = broadcast_object(
+        algorithm_state, entries, settings, schedule = broadcast_object(
             (None if algorithm is None else algorithm.state_dict(),
              _state_entries(optimizer, parameters, stateless) if copy_state else {},
              [{key: value for key, value in entry.items() if key != "params"} for entry in optimizer.param_groups]
-             if whole_optimizer else None)
+             if whole_optimizer else None, None if lr_scheduler is None else lr_scheduler.state_dict())
             if dist.get_rank() == src else None, src, group)
         if algorithm is not None:
             # Checked on every rank before any installs it: a state that fails on one rank (its algorithm
@@ -122,6 +123,8 @@ def _broadcast_replica(model: nn.Module, src: int, group, weights: bool, optimiz
                 states[index] = optimizer_state(optimizer, parameters[index])
             for entry, setting in zip(optimizer.param_groups, settings) if whole_optimizer else ():
                 _install_settings(entry, setting)
+            if lr_scheduler is not None:
+                lr_scheduler.load_state_dict(schedule)
     for state in states[len(modules):]:   # the parameters that are not sparse weights (whole_optimizer)
         for tensor in state:
             dist.broadcast(tensor, src=src, group=group)
@@ -159,14 +162,16 @@ def broadcast_object(value, src: int, group=None):
 def _check_same_setup(gathered: list[tuple], source: int, what: str) -> list[int]:
     """ValueError (on every rank: each reads the same `gathered`) unless every rank passed
     broadcast_masks the same sparse layers, optimizer state counts of the parameters it copies (`what`
-    they are; none, where rank `source`'s optimizer has state: it is copied), parameter group sizes and
-    algorithm presence: the broadcasts that follow would otherwise pair tensors of different sizes or
-    counts, which gloo answers by aborting the process and NCCL by hanging. Returns the indices of the
-    parameters that some rank's optimizer holds no state for, and `source`'s does."""
-    layers, counts, has_algorithm, group_sizes = zip(*gathered)
-    if any(sizes != group_sizes[0] for sizes in group_sizes):
-        raise ValueError(f"broadcast_masks: the ranks' optimizers hold other parameter groups (parameters per "
-                         f"group: {sorted(set(map(tuple, group_sizes)))}), so no rank's state fits the others'")
+    they are; none, where rank `source`'s optimizer has state: it is copied), parameter groups (the shapes
+    of their parameters, in order) and algorithm presence: the broadcasts that follow would otherwise pair
+    tensors of different sizes or counts, which gloo answers by aborting the process and NCCL by hanging.
+    Returns the indices of the parameters that some rank's optimizer holds no state for, and `source`'s does."""
+    layers, counts, has_algorithm, groups, has_scheduler = zip(*gathered)
+    if any(shapes != groups[0] for shapes in groups):
+        sizes = sorted({tuple(map(len, shapes)) for shapes in groups})
+        raise ValueError(f"broadcast_masks: the ranks' optimizers hold other parameter groups (parameters per group: "
+                         f"{sizes}{'' if len(sizes) > 1 else ', of other shapes or in another order'}), so no rank's "
+                         f"state fits the others'")
     if any(other != layers[0] for other in layers):
         raise ValueError("broadcast_masks: the ranks hold different sparse layers (names or mask shapes), so no "
                          "rank's masks fit the others' (pipeline stages are no replicas)")
@@ -176,6 +181,9 @@ def _check_same_setup(gathered: list[tuple], source: int, what: str) -> list[int
     if any(given != has_algorithm[0] for given in has_algorithm):
         raise ValueError("broadcast_masks: algorithm is given on some ranks only; pass each rank's own on every "
                          "rank, or none")
+    if any(given != has_scheduler[0] for given in has_scheduler):
+        raise ValueError("Join(lr_scheduler=...) is given on some ranks only; pass each rank's own on every rank, "
+                         "or none")
     if counts[0] is None:
         return []
     if any(count not in (0, held) for per_rank in counts for count, held in zip(per_rank, counts[source])):
@@ -379,7 +387,7 @@ class CatchesUp(Joinable):
         super().__init__()
         self._replicas, self.group = model, group
 
-    def join_hook(self, optimizer: torch.optim.Optimizer | None = None, **kwargs) -> JoinHook:
+    def join_hook(self, optimizer: torch.optim.Optimizer | None = None, lr_scheduler=None, **kwargs) -> JoinHook:
         """For training on uneven inputs under `torch.distributed.algorithms.Join([ddp, algorithm])`, the model
         first (its forward tells Join that this rank still has inputs; step() refuses, with RuntimeError, to be
         the first). A rank that runs out of inputs stops calling step() while the others go on. The algorithm
@@ -396,7 +404,13 @@ class CatchesUp(Joinable):
         leaves every parameter's, and momentum moves the weights of a rank that joined early apart from the
         others'. DST and IMP hold their optimizers: one named to them must
         be theirs (ValueError otherwise, on every rank, as Join starts). A rank that had no inputs at all, whose
-        optimizer holds no state yet, takes the last joiner's (broadcast_masks)."""
+        optimizer holds no state yet, takes the last joiner's (broadcast_masks). A learning-rate scheduler of that
+        optimizer stepped per batch counts this rank's own batches, and would set other rates than the last
+        joiner's from its next step: name it with Join's keyword `lr_scheduler` (`Join([ddp, dst],
+        lr_scheduler=scheduler)`), and its state is copied too (TypeError for one that is no
+        torch.optim.lr_scheduler.LRScheduler, ValueError for one of another optimizer, or under IMP, whose
+        catching up makes a new optimizer, as Join starts; ValueError on every rank, with nothing changed, when
+        some ranks name one and others not)."""
         if self._holds_its_optimizer:
             if optimizer is not None and optimizer is not self.optimizer:
                 raise ValueError(f"Join(optimizer=...) names another optimizer than the {type(self).__name__}'s own, "
@@ -404,7 +418,24 @@ class CatchesUp(Joinable):
                                  f"{type(self).__name__.lower()}.optimizer")
             optimizer = None
         check_optimizer(optimizer, "train the model with another optimizer")
-        return _CatchUpHook(self, optimizer)
+        self._check_scheduler(lr_scheduler, self._catch_up_optimizer if optimizer is None else optimizer)
+        return _CatchUpHook(self, optimizer, lr_scheduler)
+
+    def _check_scheduler(self, lr_scheduler, optimizer: torch.optim.Optimizer | None) -> None:
+        """TypeError/ValueError naming `lr_scheduler` unless it is None or schedules `optimizer`, whose state the
+        catching up copies."""
+        if lr_scheduler is None:
+            return
+        if not isinstance(lr_scheduler, torch.optim.lr_scheduler.LRScheduler):
+            raise TypeError(f"lr_scheduler must be a torch.optim.lr_scheduler.LRScheduler or None, got "
+                            f"{type(lr_scheduler).__name__}")
+        if optimizer is None:
+            raise ValueError(f"lr_scheduler: the {type(self).__name__}'s catching up makes a new optimizer, which no "
+                             f"scheduler built before can follow" if self._holds_its_optimizer else
+                             f"lr_scheduler needs Join's keyword optimizer, the one it schedules")
+        if lr_scheduler.optimizer is not optimizer:
+            raise ValueError(f"lr_scheduler schedules another optimizer than the one whose state the catching up "
+                             f"copies (the {type(self).__name__}'s own, or Join's keyword optimizer)")
 
     @property
     def join_device(self) -> torch.device:
@@ -428,7 +459,7 @@ class CatchesUp(Joinable):
             raise RuntimeError(f"{type(self).__name__} is the first joinable of a torch.distributed.algorithms."
                                f"Join: list the DistributedDataParallel model first, Join([ddp, algorithm])")
 
-    def _catch_up(self, is_last_joiner: bool, optimizer: torch.optim.Optimizer | None) -> None:
+    def _catch_up(self, is_last_joiner: bool, optimizer: torch.optim.Optimizer | None, lr_scheduler=None) -> None:
         """Join's post-hook, on every rank: adopts what the highest rank among the last to join holds: the
         algorithm's state, the masks and weights of the sparse layers, and the whole state of `optimizer`
         (Join's keyword; else the algorithm's own, if any). Whole: DDP's own hook copies every parameter but
@@ -440,15 +471,16 @@ class CatchesUp(Joinable):
         optimizer = self._catch_up_optimizer if optimizer is None else optimizer
         # It checks first that every rank holds a like optimizer (state where src's has some). A
         # ZeroRedundancyOptimizer, a Joinable of its own, is left to itself.
-        _broadcast_replica(self._replicas, src, self.group, True, optimizer, self, whole_optimizer=True)
+        _broadcast_replica(self._replicas, src, self.group, True, optimizer, self, whole_optimizer=True,
+                           lr_scheduler=lr_scheduler)
 
 
 class _CatchUpHook(JoinHook):
-    def __init__(self, algorithm: CatchesUp, optimizer: torch.optim.Optimizer | None):
-        self.algorithm, self.optimizer = algorithm, optimizer
+    def __init__(self, algorithm: CatchesUp, optimizer: torch.optim.Optimizer | None, lr_scheduler):
+        self.algorithm, self.optimizer, self.lr_scheduler = algorithm, optimizer, lr_scheduler
 
     def post_hook(self, is_last_joiner: bool) -> None:
-        self.algorithm._catch_up(is_last_joiner, self.optimizer)
+        self.algorithm._catch_up(is_last_joiner, self.optimizer, self.lr_scheduler)
 
 
 @torch.no_grad()

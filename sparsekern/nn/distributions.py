@@ -1,7 +1,8 @@
 """Per-layer densities: how a global density d is spread over the sparsified layers.
 
-Layers are given by their weight shapes, e.g. (out, in) for a linear layer and
-(out, in / groups, *kernel) for a 1-d, 2-d or 3-d convolution; N_l is the number of weights of layer l.
+Layers are given by their weight shapes, e.g. (out, in) for a linear layer,
+(out, in / groups, *kernel) for a 1-d, 2-d or 3-d convolution and (in, out / groups, *kernel) for a
+transposed one; N_l is the number of weights of layer l.
 
 - `uniform`: every layer at density d; optionally the first layer dense (RigL's uniform setting),
   which puts the total above d * sum N_l.

@@ -121,8 +121,8 @@ def resolve(init: str | Callable) -> Callable[..., None]:
 
 def _check_module(module) -> None:
     if not isinstance(module, SparseModule):
-        raise TypeError(f"module must be a sparse module (sparsekern.nn.SparseLinear, SparseConv1d/2d/3d), "
-                        f"got {type(module).__name__}")
+        raise TypeError(f"module must be a sparse module (sparsekern.nn.SparseLinear, SparseConv1d/2d/3d, "
+                        f"SparseConvTranspose1d/2d/3d), got {type(module).__name__}")
 
 
 def _check(module, distribution: str, scale: float, generator) -> None:

@@ -188,11 +188,12 @@ def check_optimizer(optimizer, instead: str) -> None:
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer, weight: Tensor) -> list[Tensor]:
-    """The optimizer's per-entry state tensors of `weight` (not scalars such as Adam's step). A
-    ZeroRedundancyOptimizer keeps this rank's shard of its state in its local optimizer, not in its
+    """The optimizer's per-entry state tensors of `weight` (not scalars such as Adam's step; none of a 0-d
+    weight, whose every state is shaped like that step, which Adam keeps on the CPU, not on the weight's
+    device). A ZeroRedundancyOptimizer keeps this rank's shard of its state in its local optimizer, not in its
     own `state` (empty): that shard is read, and every rank, which runs the same code, masks its own."""
     return [value for value in _state(optimizer).get(weight, {}).values()
-            if isinstance(value, Tensor) and value.shape == weight.shape]
+            if isinstance(value, Tensor) and weight.dim() and value.shape == weight.shape]
 
 
 def state_is_sharded(optimizer: torch.optim.Optimizer) -> bool:

@@ -4,6 +4,7 @@ one rank fails on every rank, with nothing changed on any, rather than leave the
 Each scenario returns a bool (True: as it should be); they run in order, and a hang in one shows as the
 test's timeout. Writes {scenario: bool} to <out>/rank<r>.pt.
 """
+import copy
 import os
 import sys
 
@@ -168,7 +169,7 @@ def adam_catches_up_under_join(rank):
     """Join([ddp, dst]) with Adam, 5 batches on rank 0 and 2 on rank 1: rank 1 takes rank 0's Adam step count of
     the sparse weights with their moments (it kept its own, 2, whose bias correction then moved its weights
     apart from rank 0's at the next optimizer step), the state of every other parameter, and the learning rate
-    (as a scheduler stepped per batch would have left it: lower on the rank that trained longer)."""
+    (as set on each rank here, the rank that trained longer lower)."""
     model, ddp = ddp_model()
     optimizer = torch.optim.Adam(ddp.parameters(), lr=0.01 / (1 + rank))
     algorithm = sparsekern.RigL(ddp, optimizer, update_every=2, total_steps=40)
@@ -178,6 +179,58 @@ def adam_catches_up_under_join(rank):
         train_step()
     return caught_up and distributed.masks_identical(ddp)
 
+
+
+def a_scheduler_catches_up_under_join(rank):
+    """Join([ddp, dst], lr_scheduler=scheduler) with a LambdaLR stepped per batch, 5 batches on rank 0 and 2 on
+    rank 1: rank 1's scheduler takes rank 0's step count with its learning rate, and the replicas stay identical
+    through 3 more steps (the learning rate alone was copied: rank 1's scheduler, 3 steps behind, set a higher
+    one at its next step, and the weights came apart). A scheduler named on rank 1 only: ValueError on both
+    ranks."""
+    model, ddp = ddp_model()
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (1 + step))
+    algorithm = sparsekern.SET(ddp, optimizer, update_every=2, total_steps=40)
+    data = torch.Generator().manual_seed(11 + rank)
+
+    def train(batches, **join):
+        with Join([ddp, algorithm], **join):
+            for _ in range(batches[rank]):
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(ddp(torch.randn(8, 16, generator=data)),
+                                            torch.randint(0, 4, (8,), generator=data)).backward()
+                algorithm.step()
+                optimizer.step()
+                scheduler.step()
+    train((5, 2), lr_scheduler=scheduler)
+    caught_up = scheduler.last_epoch == 5
+    train((3, 3), lr_scheduler=scheduler)
+    identical = same_on_every_rank((model.state_dict(), optimizer.state_dict())) and distributed.masks_identical(ddp)
+    refused = raised(lambda: train((1, 1), **({"lr_scheduler": scheduler} if rank else {})), ValueError,
+                     "some ranks only")
+    return caught_up and identical and refused
+
+def other_parameter_order_is_refused_under_join(rank):
+    """Join([ddp, dst]) where rank 1's optimizer holds the parameters in the other order (as many per group, the
+    same state counts): ValueError on both ranks as the block ends, step counts and optimizer state as they were
+    (the tensor broadcasts paired a weight's momentum with a bias's, and gloo aborted the process)."""
+    model, ddp = ddp_model()
+    parameters = list(ddp.parameters())
+    optimizer = torch.optim.SGD(parameters[::-1] if rank else parameters, lr=0.1, momentum=0.9)
+    algorithm = sparsekern.SET(ddp, optimizer, update_every=2, total_steps=40)
+    data, seen = torch.Generator().manual_seed(11 + rank), {}
+
+    def train():
+        with Join([ddp, algorithm]):
+            for _ in range((3, 2)[rank]):
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(ddp(torch.randn(8, 16, generator=data)),
+                                            torch.randint(0, 4, (8,), generator=data)).backward()
+                algorithm.step()
+                optimizer.step()
+            seen["state"] = copy.deepcopy(optimizer.state_dict())
+    refused = raised(train, ValueError, "other parameter groups")
+    return refused and equal(seen["state"], optimizer.state_dict()) and algorithm.step_count == (3, 2)[rank]
 
 def same_on_every_rank(value) -> bool:
     """Whether `value` (tensors in nested dicts, lists and tuples) is equal on every rank."""
@@ -321,6 +374,7 @@ def swamp_per_rank_with_a_group_of_one(rank):
 SCENARIOS = (refused_load_changes_nothing, finish_is_carried, constructors_fail_together,
              dst_checks_replicas_by_one_gather, per_rank_runs_with_a_group_of_one, uneven_inputs_under_join,
              imp_under_join, optg_under_join, join_with_a_rank_without_inputs, adam_catches_up_under_join,
+             other_parameter_order_is_refused_under_join, a_scheduler_catches_up_under_join,
              error_kinds_follow_their_bases,
              masks_identical_fails_together, swamp_fails_together, swamp_per_rank_with_a_group_of_one)
 

@@ -202,7 +202,7 @@ def test_join_catch_up_sends_the_optimizer_state_tensors_by_tensor_broadcasts(on
     monkeypatch.setattr(torch.distributed, "broadcast", recorded)
     before = copy.deepcopy(optimizer.state_dict())
     algorithm._catch_up(True, None)
-    (_, entries, settings), = carried[-1]   # the algorithm's state, then the optimizer's
+    (_, entries, settings, _), = carried[-1]   # the algorithm's state, the optimizer's, no scheduler's
     pickled = []
     from sparsekern.algorithms._tickets import map_tensors
     map_tensors(pickled.append, (entries, settings))
@@ -212,6 +212,33 @@ def test_join_catch_up_sends_the_optimizer_state_tensors_by_tensor_broadcasts(on
     assert len(tensors) == len(moments) + 2 * len(sparsekern.nn.sparse_modules(model))   # + masks and weights
     assert settings == [{key: value for key, value in group.items() if key != "params"}
                         for group in before["param_groups"]]
+
+
+@gloo
+def test_join_catch_up_sends_a_scalar_parameters_step_in_the_object(one_rank, carried, monkeypatch):
+    # A 0-d parameter (a learned temperature, CLIP's logit_scale) is shaped like Adam's step, which sits on the CPU
+    # whatever the parameter's device: the catching up sent that step by a tensor broadcast, which NCCL refuses for
+    # a CPU tensor (on every rank, after the object broadcast's settings were installed). A 0-d parameter's state,
+    # scalars only, travels in the object, as Adam's step of every other parameter does.
+    import sparsekern
+    model = sparsekern.sparsify(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)), 0.5,
+                                generator=torch.Generator().manual_seed(0))
+    temperature = torch.nn.Parameter(torch.tensor(1.0))
+    optimizer = torch.optim.Adam([*model.parameters(), temperature], lr=0.01)
+    algorithm = sparsekern.RigL(model, optimizer, update_every=2, total_steps=10)
+    (model(torch.randn(3, 8)) * temperature).sum().backward()
+    optimizer.step()
+    broadcast, tensors = torch.distributed.broadcast, []
+
+    def recorded(tensor, *args, **kwargs):
+        tensors.append(tensor)
+        return broadcast(tensor, *args, **kwargs)
+    monkeypatch.setattr(torch.distributed, "broadcast", recorded)
+    algorithm._catch_up(True, None)
+    (_, entries, _, _), = carried[-1]
+    steps = [state["step"] for state in optimizer.state.values()]
+    assert not any(sent is step for sent in tensors for step in steps)
+    assert sorted(len(values) for values, _ in entries.values()) == [1] * 4 + [3]   # the steps; the temperature's all
 
 
 @gloo
@@ -248,6 +275,28 @@ def test_join_names_the_optimizer_training_optgs_weights_and_dst_and_imp_their_o
         optg.join_hook(optimizer=torch.optim.LBFGS(model.parameters()))
     with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
         optg.join_hook(optimizer="sgd")
+
+
+def test_join_names_a_scheduler_of_the_optimizer_whose_state_is_copied():
+    import sparsekern
+    model = sparsekern.sparsify(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)), 0.5,
+                                generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (1 + step))
+    other = torch.optim.lr_scheduler.StepLR(torch.optim.SGD(model.parameters(), lr=0.1), 2)
+    dst = sparsekern.SET(model, optimizer, update_every=2, total_steps=10)
+    imp = sparsekern.IMP(model, lambda parameters: torch.optim.SGD(parameters, lr=0.1))
+    optg = sparsekern.OptG(model, sparsity=0.5, epochs=3)
+    assert dst.join_hook(lr_scheduler=scheduler).lr_scheduler is scheduler
+    assert optg.join_hook(optimizer=optimizer, lr_scheduler=scheduler).lr_scheduler is scheduler
+    with pytest.raises(TypeError, match="lr_scheduler must be a torch.optim.lr_scheduler.LRScheduler"):
+        dst.join_hook(lr_scheduler=lambda step: 0.1)
+    with pytest.raises(ValueError, match="lr_scheduler schedules another optimizer"):
+        dst.join_hook(lr_scheduler=other)
+    with pytest.raises(ValueError, match="lr_scheduler needs Join's keyword optimizer"):
+        optg.join_hook(lr_scheduler=scheduler)
+    with pytest.raises(ValueError, match="the IMP's catching up makes a new optimizer"):
+        imp.join_hook(lr_scheduler=torch.optim.lr_scheduler.StepLR(imp.optimizer, 2))
 
 
 @gloo

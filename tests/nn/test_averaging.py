@@ -2,6 +2,7 @@
 mode, compiled, and in nn.TransformerEncoderLayer's eval mode; use_buffers=True averages BatchNorm statistics
 but copies the masks."""
 import copy
+import pickle
 
 import pytest
 import torch
@@ -116,3 +117,72 @@ def test_torchs_own_average_of_the_masks_is_their_union():
         pass
     averaged, live = sparse_modules(ema.module)[0][1], sparse_modules(model)[0][1]
     assert averaged.mask.sum() > live.mask.sum() and isinstance(averaged, SparseLinear)
+
+
+@pytest.mark.parametrize("use_buffers", [False, True])
+def test_swa_averages_the_weights_and_statistics_and_copies_the_masks(use_buffers):
+    # SWA, torch's default average: with use_buffers=True it subtracted the bool masks at the second
+    # update_parameters ("Subtraction ... with two bool tensors is not supported"), after averaging some tensors.
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    rigl = sparsekern.RigL(model, optimizer, update_every=2, total_steps=40, drop_fraction=0.5)
+    swa = SparseAveragedModel(model, use_buffers=use_buffers)
+    data = torch.Generator().manual_seed(2)
+    snapshots = []
+    for _ in range(5):
+        x, y = torch.randn(32, 20, generator=data), torch.randint(0, 5, (32,), generator=data)
+        F.cross_entropy(model(x), y).backward()
+        rigl.step()
+        optimizer.step()
+        optimizer.zero_grad()
+        swa.update_parameters(model)
+        snapshots.append(copy.deepcopy(model.state_dict()))
+    averaged = swa.module.state_dict()
+    for key, value in averaged.items():
+        if value.is_floating_point() and (use_buffers or not key.startswith("1.running")):
+            mean = torch.stack([snapshot[key] for snapshot in snapshots]).mean(0)
+            torch.testing.assert_close(value, mean, msg=key)
+        elif value.dtype == torch.bool or not use_buffers:   # the masks, and unaveraged buffers: the live ones
+            assert torch.equal(value, snapshots[-1][key]), key
+    swa.eval()
+    x = torch.randn(16, 20, generator=data)
+    with torch.no_grad():
+        torch.testing.assert_close(swa(x), masked_reference(swa.module, x))
+    restored = pickle.loads(pickle.dumps(swa))   # the default average pickles, as torch's AveragedModel does
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x), swa(x))
+
+
+def test_a_wrapped_model_is_accepted_and_layers_in_another_order_are_refused():
+    model = mlp()
+    swa = SparseAveragedModel(model)
+    swa.update_parameters(torch.compile(model))   # its layers named "_orig_mod.0", ...: the same layers
+    swa.update_parameters(model)
+    wrapped = copy.copy(model)
+    wrapped._modules = dict(model._modules, **{"3": torch.compile(model[3])})   # "3._orig_mod"
+    swa.update_parameters(wrapped)
+    assert swa.n_averaged == 3
+    # Two layers of one shape, registered in the other order: torch paired them by position, averaging each
+    # layer's weights with the other's.
+    torch.manual_seed(0)
+    first = sparsekern.sparsify(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)), 0.5)
+    swapped = nn.Sequential()
+    swapped.add_module("2", first[2])
+    swapped.add_module("1", first[1])
+    swapped.add_module("0", first[0])
+    swa = SparseAveragedModel(first)
+    before = copy.deepcopy(swa.state_dict())
+    with pytest.raises(ValueError, match=r"model holds other sparse layers than the averaged model"):
+        swa.update_parameters(swapped)
+    after = swa.state_dict()
+    assert all(torch.equal(before[key], after[key]) for key in before)
+
+
+def test_a_model_that_is_no_module_is_refused_by_name():
+    # It raised AttributeError ('str' object has no attribute 'named_modules'), from sparse_modules.
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got str"):
+        SparseAveragedModel("model")
+    swa = SparseAveragedModel(mlp())
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got OrderedDict"):
+        swa.update_parameters(mlp().state_dict())
+    assert swa.n_averaged == 0
