@@ -75,7 +75,8 @@ class DST(distributed.CatchesUp):
             Fantastic Weights code) changes nothing, and it matters only for optimizers that keep
             non-zero state at zero-gradient entries.
         block: None, or (bh, bw): masks are all-or-nothing per bh×bw block of the weight viewed
-            as (out, rest) (edge blocks may be smaller). Scores are summed per block and whole
+            as (dim 0, rest): (out, rest), or a transposed convolution's (in, rest) (edge blocks may
+            be smaller). Scores are summed per block and whole
             blocks are dropped and grown, n = round(r · active blocks). Masks that are not block
             structured are made so at construction: each layer keeps round(active / (bh·bw))
             blocks, those holding the most active weights (ties to the lower block). Not with
@@ -702,7 +703,7 @@ def _schedule_from_state(saved) -> schedules.Schedule:
 
 
 class _Blocks:
-    """A weight seen as a grid of bh×bw blocks of its (out, rest) matrix, edge blocks smaller."""
+    """A weight seen as a grid of bh×bw blocks of its (dim 0, rest) matrix, edge blocks smaller."""
 
     def __init__(self, shape: torch.Size, block: tuple[int, int]):
         self.shape = shape
