@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..ops import _checks
 from ..nn import SparseModule, sparse_modules, tying
+from ..nn.modules import computed_weight_refusal
 from ..nn.sharding import refuse_sharded
 
 SCOPES = ("global", "layer")
@@ -28,18 +29,30 @@ SCOPES = ("global", "layer")
 
 def sparse_layers(model: nn.Module, who: str) -> list[tying.Group]:
     """The model's sparse modules grouped by weight; ValueError when there are none (nothing to
-    prune), when modules sharing a weight carry different masks, or when the model is sharded
-    across ranks (`who`, the algorithm, names the refusal)."""
+    prune), when modules sharing a weight carry different masks, when the model is sharded across
+    ranks, or when a layer's weight is computed at every forward (a parametrization registered
+    after sparsify: `computed_weight_refusal`); `who`, the algorithm, names the refusal."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     refuse_sharded(model, who)
     named = sparse_modules(model)
+    refusal = computed_weight_refusal(named, who)   # before anything reads a computed weight
+    if refusal is not None:
+        raise ValueError(refusal)
     if not named:
         raise ValueError("model has no sparse modules: convert it with sparsekern.sparsify(model, 1.0) or build "
                          "it from sparsekern.nn.SparseLinear / SparseConv1d/2d/3d / SparseConvTranspose1d/2d/3d")
     groups = tying.group_by_weight(named)
     tying.check_groups(groups)
     return groups
+
+
+def check_own_weights(groups: list[tying.Group], who: str) -> None:
+    """RuntimeError, before anything changes, when a layer's weight became computed at every forward (a
+    parametrization registered) after `who` was built (`computed_weight_refusal`)."""
+    refusal = computed_weight_refusal([pair for group in groups for pair in group], who, built=True)
+    if refusal is not None:
+        raise RuntimeError(refusal)
 
 
 def primaries(groups: list[tying.Group]) -> list[SparseModule]:

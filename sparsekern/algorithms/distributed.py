@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.distributed.algorithms.join import Join, Joinable, JoinHook
 
 from ..nn import sparse_modules
+from ..nn.modules import computed_weight_refusal
 from ..nn.sharding import refuse_sharded
 from ..nn.sparsify import check_optimizer, optimizer_state, state_is_sharded
 from ._tickets import map_tensors
@@ -61,7 +62,9 @@ def broadcast_masks(model: nn.Module, src: int = 0, group=None, weights: bool = 
     another kind) raise ValueError on every rank, before anything changes.
     A ZeroRedundancyOptimizer keeps each weight's state on one rank only, which no other rank can have
     moved: each rank zeroes its own share off the masks, and nothing is copied.
-    Not an LBFGS (ValueError): no mask change can follow its flattened history. Ranks holding
+    Not an LBFGS (ValueError): no mask change can follow its flattened history. Not a sparse layer whose
+    weight is computed at every forward (ValueError naming it: a parametrization registered after sparsify),
+    whose computed weight a broadcast could not write into. Ranks holding
     different sparse layers (names or shapes), or given an optimizer or algorithm on some ranks only,
     raise ValueError on every rank. Every error is raised on every rank (a rank raising alone would
     leave the others waiting in a collective), before anything changes on any: the rank whose check
@@ -84,7 +87,11 @@ def _broadcast_replica(model: nn.Module, src: int, group, weights: bool, optimiz
             raise TypeError(f"algorithm must be a DST, IMP or OptG or None (SWAMP's ranks train different "
                             f"particles on purpose), got {type(algorithm).__name__}")
         refuse_sharded(model, "broadcast_masks")
-        modules = [module for _, module in sparse_modules(model)]
+        named = sparse_modules(model)
+        refusal = computed_weight_refusal(named, "broadcast_masks")   # a computed weight is not there to write
+        if refusal is not None:
+            raise ValueError(refusal)
+        modules = [module for _, module in named]
         copy_state = optimizer is not None and not state_is_sharded(optimizer)
         whole_optimizer = whole_optimizer and copy_state
         # The sparse weights first, as `modules`, then (whole_optimizer) every other parameter optimizer trains.
@@ -239,12 +246,17 @@ def masks_identical(model: nn.Module, group=None, weights: bool = True) -> bool:
     Exact: rank 0's masks and masked weights are broadcast and compared entry by entry (NaN
     equals NaN), and the verdicts combined with an all-reduce, so every rank returns the same
     answer; False too when the ranks hold different sparse layers (names or shapes). A check that
-    fails on one rank (a sharded model) raises on every rank. Pass
+    fails on one rank (a sharded model; with `weights`, a layer whose weight is computed at every forward)
+    raises on every rank. Pass
     weights=False where ranks train different weights on purpose (SWAMP's particles). Collective:
     call on every rank.
     """
     with Agreement("masks_identical", group) as agreement:
         refuse_sharded(model, "masks_identical")
+        # A computed weight would be computed here (spectral_norm's power iteration, in training mode).
+        refusal = computed_weight_refusal(sparse_modules(model), "masks_identical") if weights else None
+        if refusal is not None:
+            raise ValueError(refusal)
         agreement.shared = _layers(model)
     if any(layers != agreement.gathered[0] for layers in agreement.gathered):
         return False   # no replicas, and their broadcasts below would not pair (see _check_same_setup)

@@ -32,6 +32,7 @@ from ..ops import _checks, _transforms, reference
 from . import _tickets, criteria, distributed, schedules
 from ._gradients import GradientWatch, finite_sums, zero_everywhere
 from ..nn import sparse_modules, tying
+from ..nn.modules import computed_weight_refusal
 from ..nn.sharding import refuse_sharded
 from ..nn.sparsify import check_optimizer, optimizer_state
 
@@ -257,6 +258,8 @@ class DST(distributed.CatchesUp):
         _transforms.refuse_vmap(f"{type(self).__name__}.step()", "a mask update selects over the whole model",
                                 "call it outside vmap, once per training step")
         self._refuse_leading_join()
+        # Every step: a weight computed since (a parametrization registered) would not have its gradient masked.
+        _tickets.check_own_weights(self._groups, "DST")
         due = self.schedule.is_update(self.step_count + 1)
         if due and not self._finished:   # after finish() no update can come of them
             self._check_gradients(self.step_count + 1)
@@ -344,6 +347,7 @@ class DST(distributed.CatchesUp):
     def _prepare_load(self, state: dict):
         """Checks `state` completely, warnings included, and returns the function that installs it
         (load_state_dict runs both; broadcast_masks checks on every rank before any rank installs)."""
+        _tickets.check_own_weights(self._groups, "DST")
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict, got {type(state).__name__}")
         missing = {"step_count", "masks", "schedule", "generator"} - set(state)
@@ -614,6 +618,9 @@ def _trained_layers(model: nn.Module, optimizer: torch.optim.Optimizer):
     named = sparse_modules(model)
     if not named:
         raise ValueError("model has no sparse modules; sparsify it first (sparsekern.sparsify)")
+    refusal = computed_weight_refusal(named, "DST")   # before anything reads a computed weight
+    if refusal is not None:
+        raise ValueError(refusal)
     groups = tying.group_by_weight(named)
     tying.check_groups(groups)
     optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}

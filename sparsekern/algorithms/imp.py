@@ -93,6 +93,7 @@ class IMP(distributed.CatchesUp):
 
     def prune_masks(self) -> list[Tensor]:
         """The next masks from the current weights (nothing is changed)."""
+        _tickets.check_own_weights(self._groups, "IMP")
         return _tickets.magnitude_masks(self._groups, self.prune_fraction, self.scope)
 
     def next_cycle(self) -> list[Tensor]:
@@ -113,6 +114,7 @@ class IMP(distributed.CatchesUp):
 
         `masks` (one bool tensor per layer, as `masks` returns) are checked first, and weight
         rewinding before step k is refused, with nothing changed."""
+        _tickets.check_own_weights(self._groups, "IMP")
         masks = _tickets.check_masks(masks, self._groups)
         if self.rewind == "weights" and self.rewind_state is None:
             raise RuntimeError(f"reset() before the rewind step: rewind_step={self.rewind_step} "
@@ -160,6 +162,7 @@ class IMP(distributed.CatchesUp):
     def _prepare_load(self, state: dict):
         """Checks `state` completely and returns the function that installs it (load_state_dict runs
         both; broadcast_masks checks on every rank before any rank installs)."""
+        _tickets.check_own_weights(self._groups, "IMP")
         _tickets.check_state_keys(state, ("cycle", "step_in_cycle", "rewind_state", "optimizer"))
         cycle = _tickets.state_count(state, "cycle")
         step_in_cycle = _tickets.state_count(state, "step_in_cycle")

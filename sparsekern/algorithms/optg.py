@@ -236,6 +236,7 @@ class OptG(distributed.CatchesUp):
         changes over training.
         """
         self._refuse_leading_join()
+        _tickets.check_own_weights(self._groups, "OptG")
         weights = [layer.weight for layer in self.layers]
         stale = self._gradients.unchanged(weights)
         if stale is not None:
@@ -266,6 +267,7 @@ class OptG(distributed.CatchesUp):
         model keeps the mask it trained with, not a top-k of scores that moved during that epoch,
         which would bring back weights that did not train in it. RuntimeError, with nothing changed,
         once all `epochs` have ended."""
+        _tickets.check_own_weights(self._groups, "OptG")
         if self.epoch >= self.epochs:
             raise RuntimeError(f"next_epoch() after the last of the {self.epochs} epochs")
         if self.epoch == self.epochs - 1:
@@ -297,6 +299,7 @@ class OptG(distributed.CatchesUp):
     def _prepare_load(self, state: dict):
         """Checks `state` completely and returns the function that installs it (load_state_dict runs
         both; broadcast_masks checks on every rank before any rank installs)."""
+        _tickets.check_own_weights(self._groups, "OptG")
         _tickets.check_state_keys(state, ("epoch", "scores", "score_optimizer"))
         masks = None if "masks" not in state else _tickets.check_masks(state["masks"], self._groups,
                                                                         "state['masks']")

@@ -240,10 +240,12 @@ class SWAMP:
 
     def prune_masks(self) -> list[Tensor]:
         """The next masks from the current weights (θ̄ once the cycle is averaged)."""
+        _tickets.check_own_weights(self._groups, "SWAMP")
         return _tickets.magnitude_masks(self._groups, self.prune_fraction, self.scope)
 
     def next_cycle(self) -> list[Tensor]:
         """Prunes θ̄ by magnitude and starts the next cycle's first particle from θ_k ⊙ m."""
+        _tickets.check_own_weights(self._groups, "SWAMP")
         if not self.averaged:
             raise RuntimeError("next_cycle() before the cycle's particles were averaged (next_particle())")
         masks = self.prune_masks()
@@ -284,6 +286,7 @@ class SWAMP:
 
         Checked completely first: a bad state raises TypeError or ValueError and changes nothing.
         """
+        _tickets.check_own_weights(self._groups, "SWAMP")
         _tickets.check_state_keys(state, ("cycle", "particle", "step_in_cycle", "averaged", "rewind_state",
                                           "rewind_optimizer_state", "particle_average", "average_count",
                                           "particle_sum", "optimizer"))

@@ -25,7 +25,8 @@ by assignment takes the masked path. So does one computed at every forward from 
 (torch.nn.utils.parametrize, parametrizations.weight_norm/spectral_norm, or their older hooks, applied to
 the sparse module; such a module also keeps fused kernels that would read its weight off it, as one that
 breaks its promise does), and one handed to torch.func.functional_call: the module holds no promise about
-values it does not own.
+values it does not own. Into a computed weight, `set_mask` copies the mask alone and `zero_weights_off_mask`
+raises; the algorithms and broadcast_masks refuse such a layer by name (`computed_weight_refusal`).
 
 Writing into `weight` off the mask, or writing `mask` other than through `set_mask`, breaks the
 promise: set `zero_off_mask = False`, or call `zero_weights_off_mask()` to keep it. A mask written in
@@ -207,22 +208,41 @@ class SparseModule(nn.Module):
     @torch.no_grad()
     def set_mask(self, mask: Tensor) -> None:
         """Copies `mask` (bool, shaped like the weight) in and sets the weight to 0 off it, so the
-        module again promises `zero_off_mask`."""
+        module again promises `zero_off_mask`.
+
+        A weight computed at every forward (a parametrization, weight_norm or spectral_norm registered
+        on this module) is not the module's to write, nor is it read: the mask alone is copied, and
+        forward masks the computed weight (`zero_off_mask` stays False). Its original keeps its values
+        off the mask, and spectral_norm's σ is that of the whole original."""
         _checks.tensor(mask, "mask")
         if mask.dtype != torch.bool:
             raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
-        if mask.shape != self.weight.shape:
-            raise ValueError(f"mask must have the weight's shape {tuple(self.weight.shape)}, "
+        # The mask's shape, which is the weight's: reading a computed weight would run its parametrization
+        # (spectral_norm's power iteration, in training mode).
+        if mask.shape != self.mask.shape:
+            raise ValueError(f"mask must have the weight's shape {tuple(self.mask.shape)}, "
                              f"got {tuple(mask.shape)}")
         if mask.is_meta and not self.mask.is_meta:
             raise ValueError("mask is on the meta device, which holds no values")
         self.mask.copy_(mask)
-        self.zero_weights_off_mask()
+        if weight_is_computed(self):
+            self.zero_off_mask = False   # a new mask: the promise is not made for it (nor can be)
+        else:
+            self.zero_weights_off_mask()
 
     @torch.no_grad()
     def zero_weights_off_mask(self) -> None:
         """Sets every weight off the mask to exactly 0, so the module promises `zero_off_mask` again
-        (after anything wrote into the weight)."""
+        (after anything wrote into the weight).
+
+        ValueError for a weight computed at every forward (a parametrization, weight_norm or spectral_norm
+        registered on this module): a write into it would be lost at the next forward, and no promise can
+        be made for values the module does not own; its forward masks it anyway."""
+        if weight_is_computed(self):
+            raise ValueError(f"{type(self).__name__}'s weight is computed from other parameters at every forward "
+                             f"(a parametrization, weight_norm, spectral_norm or torch.nn.utils.prune), not a "
+                             f"Parameter of its own to zero off the mask; forward masks it anyway (set_mask "
+                             f"copies a mask alone into such a module)")
         self.weight.masked_fill_(~self.mask, 0)
         self.zero_off_mask = True
 
@@ -632,6 +652,35 @@ def is_computed(module: nn.Module, name: str) -> bool:
         return True
     return not isinstance(module._parameters.get(name), nn.Parameter) and (
         name in module._buffers or vars(module).get(name) is not None)
+
+
+def weight_is_computed(module: SparseModule) -> bool:
+    """Whether sparse `module`'s weight is not a Parameter of its own: computed at every forward from other
+    parameters (torch.nn.utils.parametrize, parametrizations.weight_norm/spectral_norm, the older weight_norm and
+    spectral_norm hooks, torch.nn.utils.prune, registered after sparsify), or deleted. Reads no computed value."""
+    return (parametrize.is_parametrized(module, "weight")
+            or not isinstance(module._parameters.get("weight"), nn.Parameter))
+
+
+def computed_weight_refusal(named: list[tuple[str, SparseModule]], who: str, built: bool = False) -> str | None:
+    """Why `who` (an algorithm, broadcast_masks) cannot act on `named`, the first layer whose weight is computed
+    (`weight_is_computed`) named, or None. `built`: `who` was built before the weight became computed.
+
+    The algorithms refuse such a layer rather than act on the parametrization's original: they zero weights off
+    the mask, regrow them at 0, rank them by magnitude and gradient, rewind them and zero their optimizer state,
+    all of which hold for the weight forward multiplies by, not for an original it is computed from (spectral_norm
+    divides by σ of the whole original; weight_norm's magnitude has another shape; a user's parametrization may
+    move a 0 anywhere). Written into the computed tensor, a change would be lost at the next forward."""
+    for name, module in named:
+        if weight_is_computed(module):
+            when = f", registered after {who} was built" if built else ""
+            return (f"{who}: layer {name!r}'s weight is computed from other parameters at every forward (a "
+                    f"parametrization, weight_norm, spectral_norm or torch.nn.utils.prune{when}), not a Parameter "
+                    f"of its own whose values {who} could mask, regrow or rewind: register the parametrization "
+                    f"before sparsify (the layer then stays dense), remove it "
+                    f"(torch.nn.utils.parametrize.remove_parametrizations, torch.nn.utils.remove_weight_norm / "
+                    f"remove_spectral_norm), or leave the layer out of sparsify (exclude=)")
+    return None
 
 
 def _check_dtype(dtype) -> None:
