@@ -156,6 +156,18 @@ def carried(monkeypatch):
     return sent
 
 
+@pytest.fixture
+def tensors(monkeypatch):
+    """The tensors each torch.distributed.broadcast call sent or received."""
+    sent, broadcast = [], torch.distributed.broadcast
+
+    def recorded(tensor, *args, **kwargs):
+        sent.append(tensor)
+        return broadcast(tensor, *args, **kwargs)
+    monkeypatch.setattr(torch.distributed, "broadcast", recorded)
+    return sent
+
+
 @gloo
 def test_broadcast_masks_sends_the_algorithm_and_optimizer_state_as_cpu_tensors(one_rank, carried, monkeypatch):
     # Pickled as they were, the CUDA tensors of a model on GPUs (DST's masks) were rebuilt on each receiving rank
@@ -182,7 +194,7 @@ def test_broadcast_masks_sends_the_algorithm_and_optimizer_state_as_cpu_tensors(
 
 
 @gloo
-def test_join_catch_up_sends_the_optimizer_state_tensors_by_tensor_broadcasts(one_rank, carried, monkeypatch):
+def test_join_catch_up_sends_the_optimizer_state_tensors_by_tensor_broadcasts(one_rank, carried, tensors):
     # The catching up copied the optimizer's whole state a second time, pickled: a state_dict of CPU copies in one
     # object broadcast, besides the tensor broadcasts of the sparse weights' state. Now every state tensor shaped
     # like its parameter travels once, by a tensor broadcast in place; the object carries Adam's step counts and
@@ -194,12 +206,6 @@ def test_join_catch_up_sends_the_optimizer_state_tensors_by_tensor_broadcasts(on
     algorithm = sparsekern.RigL(model, optimizer, update_every=2, total_steps=10)
     model(torch.randn(3, 8)).sum().backward()
     optimizer.step()
-    broadcast, tensors = torch.distributed.broadcast, []
-
-    def recorded(tensor, *args, **kwargs):
-        tensors.append(tensor)
-        return broadcast(tensor, *args, **kwargs)
-    monkeypatch.setattr(torch.distributed, "broadcast", recorded)
     before = copy.deepcopy(optimizer.state_dict())
     algorithm._catch_up(True, None)
     (_, entries, settings, _), = carried[-1]   # the algorithm's state, the optimizer's, no scheduler's
@@ -215,7 +221,7 @@ def test_join_catch_up_sends_the_optimizer_state_tensors_by_tensor_broadcasts(on
 
 
 @gloo
-def test_join_catch_up_sends_a_scalar_parameters_step_in_the_object(one_rank, carried, monkeypatch):
+def test_join_catch_up_sends_a_scalar_parameters_step_in_the_object(one_rank, carried, tensors):
     # A 0-d parameter (a learned temperature, CLIP's logit_scale) is shaped like Adam's step, which sits on the CPU
     # whatever the parameter's device: the catching up sent that step by a tensor broadcast, which NCCL refuses for
     # a CPU tensor (on every rank, after the object broadcast's settings were installed). A 0-d parameter's state,
@@ -228,12 +234,6 @@ def test_join_catch_up_sends_a_scalar_parameters_step_in_the_object(one_rank, ca
     algorithm = sparsekern.RigL(model, optimizer, update_every=2, total_steps=10)
     (model(torch.randn(3, 8)) * temperature).sum().backward()
     optimizer.step()
-    broadcast, tensors = torch.distributed.broadcast, []
-
-    def recorded(tensor, *args, **kwargs):
-        tensors.append(tensor)
-        return broadcast(tensor, *args, **kwargs)
-    monkeypatch.setattr(torch.distributed, "broadcast", recorded)
     algorithm._catch_up(True, None)
     (_, entries, _, _), = carried[-1]
     steps = [state["step"] for state in optimizer.state.values()]

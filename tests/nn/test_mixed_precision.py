@@ -1,5 +1,5 @@
-"""Sparse layers under torch.autocast give what nn.Linear / nn.Conv1d/2d/3d / nn.ConvTranspose2d give, and a DST loop under
-torch.amp.GradScaler leaves the masks alone on the steps the scaler skips."""
+"""Sparse layers under torch.autocast give what nn.Linear / nn.Conv1d/2d/3d / nn.ConvTranspose2d give, and a
+DST loop under torch.amp.GradScaler leaves the masks alone on the steps the scaler skips."""
 import copy
 
 import pytest

@@ -561,7 +561,8 @@ def test_sparsify_names_the_weight_layers_it_leaves_dense_in_one_warning(generat
     # is sparsified, not named
     assert "5 weight-bearing layer(s)" in message and "out_proj" not in message
     assert "attention (MultiheadAttention)" not in message and "gru (GRU)" not in message
-    assert not any(name in message for name in ("norm", "embedding", "(Conv1d)", "ConvTranspose"))  # dense by convention
+    # norms and embeddings: dense by convention
+    assert not any(name in message for name in ("norm", "embedding", "(Conv1d)", "ConvTranspose"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")   # excluded or not included: the user chose, nothing to say
         for attention in ("gated", "gated*"):   # out_proj goes with its attention module
