@@ -125,18 +125,45 @@ class SparseRNNBase(nn.Module):
             return getattr(self._modules[layer], kind)
         return super().__getattr__(name)
 
+    def __setattr__(self, name: str, value) -> None:
+        # ...and assign and delete them on the child: a Parameter (or None) by nn.Module's rules, the child reading
+        # its promise again from the new weight's values. A plain tensor takes the Parameter's place, as
+        # torch.func.functional_call swaps one into an nn.LSTM by these names (and back); the child holds no
+        # promise for it, so forward masks it. Kept on this module instead, the tensor would be ignored by forward
+        # and would hide the child's.
+        if name in self.__dict__.get("_flat_weights_names", ()):
+            layer, kind = _layer_and_kind(name)
+            child = self._modules[layer]
+            if isinstance(value, Tensor) and not isinstance(value, nn.Parameter) and kind in child._parameters:
+                child._parameters[kind] = value
+            else:
+                setattr(child, kind, value)
+        else:
+            super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        if name in self.__dict__.get("_flat_weights_names", ()):
+            layer, kind = _layer_and_kind(name)
+            delattr(self._modules[layer], kind)
+        else:
+            super().__delattr__(name)
+
+    @property
     def _flat_weights(self) -> list[Tensor]:
-        """The tensors the fused op multiplies by and adds, in the dense module's order."""
+        """The tensors the fused op multiplies by and adds, in the dense module's order: the masked weights (what
+        the children multiply by) and the biases. nn.RNNBase's attribute of that name holds its Parameters, which
+        code outside torch.nn reads (torch.ao.ns, by index); here each read computes them."""
         layers = self._modules
         flat = []
         for name in self._flat_weights_names:
             layer, kind = _layer_and_kind(name)
-            flat.append(_weight_for_dense_kernel(layer, layers[layer]) if kind == "weight" else layers[layer].bias)
+            flat.append(_weight_for_dense_kernel(layer, layers[layer], self) if kind == "weight"
+                        else layers[layer].bias)
         return flat
 
     def forward(self, input, hx=None):
         """The dense class's forward (same arguments and outputs, PackedSequence included) on the masked weights."""
-        return _run(self._call_class(self, self._flat_weights()), input, hx)
+        return _run(self._call_class(self, self._flat_weights), input, hx)
 
     def named_projections(self) -> list[tuple[str, SparseLinear]]:
         """(child name, layer) of the SparseLinear layers that hold the weight matrices: every child (as

@@ -197,6 +197,59 @@ def test_a_new_module_is_the_dense_one_of_the_same_seed_and_reads_its_weights_by
         sparse.weight_hh_l2   # noqa: B018  (only the module's own names)
 
 
+
+def test_the_dense_names_assign_and_delete_the_childrens_parameters(generator):
+    sparse = _sparse(_dense(SparseLSTM, dict(num_layers=2), generator), generator)
+    weight = nn.Parameter(torch.randn(4 * HIDDEN, HIDDEN, dtype=torch.float64, generator=generator))
+    sparse.weight_hh_l1 = weight   # as into an nn.LSTM: the child holds it, its promise read from its values
+    assert sparse.hh_l1.weight is weight and sparse.weight_hh_l1 is weight and "weight_hh_l1" not in vars(sparse)
+    assert not sparse.hh_l1.zero_off_mask
+    assert [name for name, _ in sparse.named_parameters()].count("hh_l1.weight") == 1
+    del sparse.bias_ih_l0   # as from an nn.LSTM: gone
+    assert not hasattr(sparse.ih_l0, "bias") and not hasattr(sparse, "bias_ih_l0")
+    assert "ih_l0.bias" not in dict(sparse.named_parameters())
+
+
+@pytest.mark.parametrize("name", ["lstm_proj_size", "gru_bidirectional_2_layers"])
+def test_functional_call_by_the_dense_names_computes_with_the_masked_weights(name, generator):
+    # Code written for an nn.LSTM swaps weights in by its names: each goes through its child's mask, and back.
+    cls, arguments, call = CONFIGS[name]
+    dense = _dense(cls, arguments, generator)
+    sparse = _sparse(dense, generator)
+    reference = _masked_dense(dense, sparse)
+    weights = {key: torch.randn(value.shape, dtype=value.dtype, generator=generator)
+               for key, value in dense.named_parameters() if key.startswith("weight_hh")}
+    x, _ = _inputs(sparse, {}, generator)
+    output = torch.func.functional_call(sparse, weights, (x,))[0]
+    with torch.no_grad():
+        for key, value in weights.items():
+            getattr(reference, key).copy_(torch.where(getattr(sparse, key[len("weight_"):]).mask, value, 0.0))
+    torch.testing.assert_close(output, reference(x)[0])
+    # the module's own weights are back, with their promise
+    torch.testing.assert_close(sparse(x)[0], _masked_dense(dense, sparse)(x)[0])
+    assert all(isinstance(layer.weight, nn.Parameter) and layer.zero_off_mask for layer in sparse.children())
+    assert not any(key in vars(sparse) for key in weights)
+
+
+def test_flat_weights_are_the_masked_weights_and_biases_in_the_dense_order(generator):
+    # nn.RNNBase's `_flat_weights` is a list that code outside torch.nn reads by index (torch.ao.ns).
+    cls, arguments, call = CONFIGS["lstm_proj_size"]
+    dense = _dense(cls, arguments, generator)
+    sparse = _sparse(dense, generator, zero_off_mask=False)
+    reference = _masked_dense(dense, sparse)
+    flat = sparse._flat_weights
+    assert len(flat) == len(reference._flat_weights)
+    for tensor, expected in zip(flat, reference._flat_weights):
+        assert torch.equal(tensor, expected)
+
+
+def test_a_weight_computed_by_a_pre_hook_is_refused_naming_the_recurrent_module():
+    sparse = SparseLSTM(INPUT, HIDDEN)
+    prune.l1_unstructured(sparse.hh_l0, "weight", 0.5)
+    with pytest.raises(ValueError, match=r"^hh_l0's weight is computed by a forward pre-hook .*which SparseLSTM does "
+                                         r"not run: .*prune the dense nn.LSTM"):
+        sparse(torch.randn(T, N, INPUT))
+
 def test_reset_parameters_keeps_the_masks(generator):
     sparse = _sparse(_dense(SparseGRU, dict(num_layers=2), generator), generator)
     masks = [layer.mask.clone() for layer in sparse.children()]
