@@ -126,7 +126,7 @@ class SparseRNNBase(nn.Module):
         return super().__getattr__(name)
 
     def __setattr__(self, name: str, value) -> None:
-        # ...and assign and delete them on the child: a Parameter (or None) by nn.Module's rules, the child reading
+        # ...and assign them on the child: a Parameter (or None) by nn.Module's rules, the child reading
         # its promise again from the new weight's values. A plain tensor takes the Parameter's place, as
         # torch.func.functional_call swaps one into an nn.LSTM by these names (and back); the child holds no
         # promise for it, so forward masks it. Kept on this module instead, the tensor would be ignored by forward
@@ -142,11 +142,14 @@ class SparseRNNBase(nn.Module):
             super().__setattr__(name, value)
 
     def __delattr__(self, name: str) -> None:
+        # Refused: forward hands the fused op every weight and bias (nn.LSTM, whose flat weights keep the deleted
+        # Parameter, goes on computing with it).
         if name in self.__dict__.get("_flat_weights_names", ()):
             layer, kind = _layer_and_kind(name)
-            delattr(self._modules[layer], kind)
-        else:
-            super().__delattr__(name)
+            raise AttributeError(f"{type(self).__name__} cannot delete {name}, its child {layer}'s {kind}: the fused "
+                                 f"op takes every weight and bias (to compute one, parametrize the child with "
+                                 f"torch.nn.utils.parametrize)")
+        super().__delattr__(name)
 
     @property
     def _flat_weights(self) -> list[Tensor]:

@@ -198,16 +198,17 @@ def test_a_new_module_is_the_dense_one_of_the_same_seed_and_reads_its_weights_by
 
 
 
-def test_the_dense_names_assign_and_delete_the_childrens_parameters(generator):
+def test_the_dense_names_assign_the_childrens_parameters_and_refuse_deletion(generator):
     sparse = _sparse(_dense(SparseLSTM, dict(num_layers=2), generator), generator)
     weight = nn.Parameter(torch.randn(4 * HIDDEN, HIDDEN, dtype=torch.float64, generator=generator))
     sparse.weight_hh_l1 = weight   # as into an nn.LSTM: the child holds it, its promise read from its values
     assert sparse.hh_l1.weight is weight and sparse.weight_hh_l1 is weight and "weight_hh_l1" not in vars(sparse)
     assert not sparse.hh_l1.zero_off_mask
     assert [name for name, _ in sparse.named_parameters()].count("hh_l1.weight") == 1
-    del sparse.bias_ih_l0   # as from an nn.LSTM: gone
-    assert not hasattr(sparse.ih_l0, "bias") and not hasattr(sparse, "bias_ih_l0")
-    assert "ih_l0.bias" not in dict(sparse.named_parameters())
+    with pytest.raises(AttributeError, match="cannot delete bias_ih_l0, its child ih_l0's bias: the fused op takes "
+                                             "every weight and bias"):
+        del sparse.bias_ih_l0
+    assert isinstance(sparse.ih_l0.bias, nn.Parameter)
 
 
 @pytest.mark.parametrize("name", ["lstm_proj_size", "gru_bidirectional_2_layers"])
