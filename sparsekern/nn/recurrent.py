@@ -151,11 +151,9 @@ class SparseRNNBase(nn.Module):
                                  f"torch.nn.utils.parametrize)")
         super().__delattr__(name)
 
-    @property
-    def _flat_weights(self) -> list[Tensor]:
+    def _fused_op_weights(self) -> list[Tensor]:
         """The tensors the fused op multiplies by and adds, in the dense module's order: the masked weights (what
-        the children multiply by) and the biases. nn.RNNBase's attribute of that name holds its Parameters, which
-        code outside torch.nn reads (torch.ao.ns, by index); here each read computes them."""
+        the children multiply by) and the biases."""
         layers = self._modules
         flat = []
         for name in self._flat_weights_names:
@@ -164,9 +162,14 @@ class SparseRNNBase(nn.Module):
                         else layers[layer].bias)
         return flat
 
+    # nn.RNNBase's list of that name holds its Parameters, which code outside torch.nn reads (torch.ao.ns, by index);
+    # here each read computes them. Forward calls the method: an AttributeError raised in a property would be
+    # reported as the property missing (nn.Module.__getattr__).
+    _flat_weights = property(_fused_op_weights)
+
     def forward(self, input, hx=None):
         """The dense class's forward (same arguments and outputs, PackedSequence included) on the masked weights."""
-        return _run(self._call_class(self, self._flat_weights), input, hx)
+        return _run(self._call_class(self, self._fused_op_weights()), input, hx)
 
     def named_projections(self) -> list[tuple[str, SparseLinear]]:
         """(child name, layer) of the SparseLinear layers that hold the weight matrices: every child (as
