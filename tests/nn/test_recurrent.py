@@ -395,6 +395,17 @@ def test_sparsify_leaves_subclasses_cells_and_computed_weights_dense_with_a_warn
         SparseGRU.from_dense(nn.LSTM(4, 4))
 
 
+
+def test_sparsify_leaves_a_recurrent_module_dense_whose_weight_is_tied_to_a_dense_layer(generator):
+    # The warning names the module, which stays dense with all its weight matrices, not one of them.
+    model = nn.ModuleDict({"rnn": nn.GRU(INPUT, HIDDEN), "tied": nn.Linear(INPUT, 3 * HIDDEN),
+                           "head": nn.Linear(HIDDEN, 2)})
+    model["tied"].weight = model["rnn"].weight_ih_l0
+    with pytest.warns(UserWarning, match=r"^rnn \(GRU\) stays dense as a whole: its ih_l0 weight is tied to tied "
+                                         r"\(Linear\), which is not sparsified"):
+        sparsekern.sparsify(model, 0.5, exclude="tied", generator=generator)
+    assert type(model["rnn"]) is nn.GRU and [name for name, _ in sparse_modules(model)] == ["head"]
+
 def test_rigl_on_a_character_level_lstm_keeps_exact_counts_and_zeros_off_the_masks(generator, one_thread):
     vocabulary = 11
     model = _char_model(vocabulary)
