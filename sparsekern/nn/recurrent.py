@@ -134,6 +134,11 @@ class SparseRNNBase(nn.Module):
         if name in self.__dict__.get("_flat_weights_names", ()):
             layer, kind = _layer_and_kind(name)
             child = self._modules[layer]
+            # The fused op on CPU does not check the weights' shapes: it computed with a 3x3 weight_hh_l0 in
+            # place of a 28x7 one (as nn.LSTM does), and the mask would not fit.
+            expected = child.mask.shape if kind == "weight" else (child.out_features,)
+            if isinstance(value, Tensor) and value.shape != expected:
+                raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(value.shape)}")
             if isinstance(value, Tensor) and not isinstance(value, nn.Parameter) and kind in child._parameters:
                 child._parameters[kind] = value
             else:

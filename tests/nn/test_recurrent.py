@@ -204,6 +204,9 @@ def test_the_dense_names_assign_the_childrens_parameters_and_refuse_deletion(gen
     sparse.weight_hh_l1 = weight   # as into an nn.LSTM: the child holds it, its promise read from its values
     assert sparse.hh_l1.weight is weight and sparse.weight_hh_l1 is weight and "weight_hh_l1" not in vars(sparse)
     assert not sparse.hh_l1.zero_off_mask
+    with pytest.raises(ValueError, match=r"^bias_hh_l0 must have shape \(28,\), got \(3,\)"):
+        sparse.bias_hh_l0 = nn.Parameter(torch.zeros(3, dtype=torch.float64))   # nn.LSTM's fused op would take it
+    assert sparse.hh_l0.bias.shape == (4 * HIDDEN,)
     assert [name for name, _ in sparse.named_parameters()].count("hh_l1.weight") == 1
     with pytest.raises(AttributeError, match="cannot delete bias_ih_l0, its child ih_l0's bias: the fused op takes "
                                              "every weight and bias"):
