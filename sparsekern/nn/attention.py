@@ -49,6 +49,7 @@ class SparseMultiheadAttention(nn.Module):
     naming the projection; a parametrization (torch.nn.utils.parametrize) is computed as forward reads it.
     """
 
+    dense_class = nn.MultiheadAttention
     # nn.MultiheadAttention's, which reads num_heads only: nn.TransformerEncoderLayer's fused path calls it.
     merge_masks = nn.MultiheadAttention.merge_masks
 
@@ -154,7 +155,7 @@ class SparseMultiheadAttention(nn.Module):
                     value = key
             else:
                 query, key, value = (x.transpose(1, 0) for x in (query, key, value))
-        *projections, out_proj_weight = [_weight_for_dense_kernel(name, layer)
+        *projections, out_proj_weight = [_weight_for_dense_kernel(name, layer, self)
                                          for name, layer in self.named_projections()]
         separate = {} if self._qkv_same_embed_dim else dict(
             use_separate_proj_weight=True, q_proj_weight=projections[0], k_proj_weight=projections[1],
@@ -189,9 +190,10 @@ class SparseMultiheadAttention(nn.Module):
                              "autocast, and no gradient")
         merged_mask, mask_type = self.merge_masks(attn_mask, key_padding_mask, query)
         return torch._native_multi_head_attention(
-            query, key, value, self.embed_dim, self.num_heads, _weight_for_dense_kernel("in_proj", self.in_proj),
-            self.in_proj_bias, _weight_for_dense_kernel("out_proj", self.out_proj), self.out_proj.bias, merged_mask,
-            need_weights, average_attn_weights, mask_type)
+            query, key, value, self.embed_dim, self.num_heads,
+            _weight_for_dense_kernel("in_proj", self.in_proj, self), self.in_proj_bias,
+            _weight_for_dense_kernel("out_proj", self.out_proj, self), self.out_proj.bias, merged_mask, need_weights,
+            average_attn_weights, mask_type)
 
     @classmethod
     def from_dense(cls, attention: nn.MultiheadAttention) -> "SparseMultiheadAttention":
@@ -274,15 +276,17 @@ def computed_biases(attention: nn.MultiheadAttention) -> list[str]:
     return [label for label, (owner, name) in owners.items() if is_computed(owner, name)]
 
 
-def _weight_for_dense_kernel(name: str, layer: SparseModule) -> Tensor:
-    """The weight the projection `name` would multiply by (SparseConvNd.forward's), for a kernel that multiplies by
-    it. ValueError for a weight that a forward pre-hook computes (torch.nn.utils.prune, the older weight_norm and
-    spectral_norm): the projection's forward, and its hooks, do not run here (nor do those of nn.MultiheadAttention's
-    out_proj), so the hook would never compute it again. A parametrization computes it as it is read."""
+def _weight_for_dense_kernel(name: str, layer: SparseModule, owner: nn.Module) -> Tensor:
+    """The weight the child `name` of `owner` would multiply by (SparseConvNd.forward's), for a kernel that
+    multiplies by it. ValueError for a weight that a forward pre-hook computes (torch.nn.utils.prune, the older
+    weight_norm and spectral_norm): the child's forward, and its hooks, do not run here (nor do those of
+    nn.MultiheadAttention's out_proj), so the hook would never compute it again. A parametrization computes it as it
+    is read."""
     if "weight" not in layer._parameters and not parametrize.is_parametrized(layer, "weight"):
+        dense = owner.dense_class.__name__
         raise ValueError(f"{name}'s weight is computed by a forward pre-hook (torch.nn.utils.prune, weight_norm or "
-                         f"spectral_norm), which SparseMultiheadAttention does not run: it multiplies by the "
-                         f"weight, as nn.MultiheadAttention does by its out_proj's; use torch.nn.utils.parametrize "
-                         f"(torch.nn.utils.parametrizations), or prune the dense attention and load its state dict")
+                         f"spectral_norm), which {type(owner).__name__} does not run: it hands the weight to a "
+                         f"fused op of torch, as nn.{dense} does its own; use torch.nn.utils.parametrize "
+                         f"(torch.nn.utils.parametrizations), or prune the dense nn.{dense} and load its state dict")
     weight, mask, _, zero_off_mask = layer._forward_arguments()
     return _masked_linear_op.weight_for_dense_kernel(weight, mask, zero_off_mask, layer.dense_grad)

@@ -125,18 +125,56 @@ class SparseRNNBase(nn.Module):
             return getattr(self._modules[layer], kind)
         return super().__getattr__(name)
 
-    def _flat_weights(self) -> list[Tensor]:
-        """The tensors the fused op multiplies by and adds, in the dense module's order."""
+    def __setattr__(self, name: str, value) -> None:
+        # ...and assign them on the child: a Parameter (or None) by nn.Module's rules, the child reading
+        # its promise again from the new weight's values. A plain tensor takes the Parameter's place, as
+        # torch.func.functional_call swaps one into an nn.LSTM by these names (and back); the child holds no
+        # promise for it, so forward masks it. Kept on this module instead, the tensor would be ignored by forward
+        # and would hide the child's.
+        if name in self.__dict__.get("_flat_weights_names", ()):
+            layer, kind = _layer_and_kind(name)
+            child = self._modules[layer]
+            # The fused op on CPU does not check the weights' shapes: it computed with a 3x3 weight_hh_l0 in
+            # place of a 28x7 one (as nn.LSTM does), and the mask would not fit.
+            expected = child.mask.shape if kind == "weight" else (child.out_features,)
+            if isinstance(value, Tensor) and value.shape != expected:
+                raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(value.shape)}")
+            if isinstance(value, Tensor) and not isinstance(value, nn.Parameter) and kind in child._parameters:
+                child._parameters[kind] = value
+            else:
+                setattr(child, kind, value)
+        else:
+            super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        # Refused: forward hands the fused op every weight and bias (nn.LSTM, whose flat weights keep the deleted
+        # Parameter, goes on computing with it).
+        if name in self.__dict__.get("_flat_weights_names", ()):
+            layer, kind = _layer_and_kind(name)
+            raise AttributeError(f"{type(self).__name__} cannot delete {name}, its child {layer}'s {kind}: the fused "
+                                 f"op takes every weight and bias (to compute one, parametrize the child with "
+                                 f"torch.nn.utils.parametrize)")
+        super().__delattr__(name)
+
+    def _fused_op_weights(self) -> list[Tensor]:
+        """The tensors the fused op multiplies by and adds, in the dense module's order: the masked weights (what
+        the children multiply by) and the biases."""
         layers = self._modules
         flat = []
         for name in self._flat_weights_names:
             layer, kind = _layer_and_kind(name)
-            flat.append(_weight_for_dense_kernel(layer, layers[layer]) if kind == "weight" else layers[layer].bias)
+            flat.append(_weight_for_dense_kernel(layer, layers[layer], self) if kind == "weight"
+                        else layers[layer].bias)
         return flat
+
+    # nn.RNNBase's list of that name holds its Parameters, which code outside torch.nn reads (torch.ao.ns, by index);
+    # here each read computes them. Forward calls the method: an AttributeError raised in a property would be
+    # reported as the property missing (nn.Module.__getattr__).
+    _flat_weights = property(_fused_op_weights)
 
     def forward(self, input, hx=None):
         """The dense class's forward (same arguments and outputs, PackedSequence included) on the masked weights."""
-        return _run(self._call_class(self, self._flat_weights()), input, hx)
+        return _run(self._call_class(self, self._fused_op_weights()), input, hx)
 
     def named_projections(self) -> list[tuple[str, SparseLinear]]:
         """(child name, layer) of the SparseLinear layers that hold the weight matrices: every child (as

@@ -117,7 +117,8 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
     in a Sequential, say) becomes the sparse one. Modules that share one weight Parameter form
     one layer with one mask. A weight that a module staying dense also holds (an Embedding tied
     to an output Linear, an excluded layer) is left dense, with a warning: masking it would
-    prune the dense module too.
+    prune the dense module too. An attention or recurrent module holding such a weight stays dense
+    as a whole (converted, it would hold a sparse layer of density 1 there), and the warning names it.
 
     Nothing changes unless everything succeeds: the arguments are checked, and masks and initial
     weights computed on copies, before the model is touched; on any error the model and the
@@ -274,10 +275,13 @@ def _layers(model: nn.Module, include: list[str] | None,
     converted.update({id(module): (module, _SPARSE_RECURRENT_OF[type(module)].from_dense(module))
                       for _, module in _maskable_recurrent(selected)})
     targets = []
+    # A converted module's projections by id: (the module's name, the module, the projection's name in it).
+    owners = {}
     for name, module in selected:
         if id(module) in converted:
-            targets += [(f"{name}.{child}" if name else child, projection)
-                        for child, projection in converted[id(module)][1].named_projections()]
+            for child, projection in converted[id(module)][1].named_projections():
+                targets.append((f"{name}.{child}" if name else child, projection))
+                owners[id(projection)] = (name, module, child)
         elif id(module) not in out_projs and (type(module) in _SPARSE_OF or isinstance(module, SparseModule)
                                               or _reparametrized(module)):
             targets.append((name, module))
@@ -293,9 +297,12 @@ def _layers(model: nn.Module, include: list[str] | None,
         if dense:
             tied_to_dense[id(module)] = dense
             other_name, other = dense[0]
-            warnings.warn(f"{name or '(root)'} ({type(module).__name__}) stays dense: its weight is tied to "
-                          f"{other_name or '(root)'} ({type(other).__name__}), which is not sparsified, "
-                          f"and a mask would prune that module too", stacklevel=3)
+            # A projection of a module converted whole names that module, which stays dense with all its weights.
+            owner_name, owner, weight = owners.get(id(module), (name, module, None))
+            layer = f"{owner_name or '(root)'} ({type(owner).__name__}) stays dense"
+            layer += ": its weight" if weight is None else f" as a whole: its {weight} weight"
+            warnings.warn(f"{layer} is tied to {other_name or '(root)'} ({type(other).__name__}), which is not "
+                          f"sparsified, and a mask would prune that module too", stacklevel=3)
     # A group is left dense as a whole when any of its members is tied to a dense module.
     groups = [group for group in tying.group_by_weight(targets)
               if not any(id(module) in tied_to_dense for _, module in group)]

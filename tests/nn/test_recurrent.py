@@ -197,6 +197,63 @@ def test_a_new_module_is_the_dense_one_of_the_same_seed_and_reads_its_weights_by
         sparse.weight_hh_l2   # noqa: B018  (only the module's own names)
 
 
+
+def test_the_dense_names_assign_the_childrens_parameters_and_refuse_deletion(generator):
+    sparse = _sparse(_dense(SparseLSTM, dict(num_layers=2), generator), generator)
+    weight = nn.Parameter(torch.randn(4 * HIDDEN, HIDDEN, dtype=torch.float64, generator=generator))
+    sparse.weight_hh_l1 = weight   # as into an nn.LSTM: the child holds it, its promise read from its values
+    assert sparse.hh_l1.weight is weight and sparse.weight_hh_l1 is weight and "weight_hh_l1" not in vars(sparse)
+    assert not sparse.hh_l1.zero_off_mask
+    with pytest.raises(ValueError, match=r"^bias_hh_l0 must have shape \(28,\), got \(3,\)"):
+        sparse.bias_hh_l0 = nn.Parameter(torch.zeros(3, dtype=torch.float64))   # nn.LSTM's fused op would take it
+    assert sparse.hh_l0.bias.shape == (4 * HIDDEN,)
+    assert [name for name, _ in sparse.named_parameters()].count("hh_l1.weight") == 1
+    with pytest.raises(AttributeError, match="cannot delete bias_ih_l0, its child ih_l0's bias: the fused op takes "
+                                             "every weight and bias"):
+        del sparse.bias_ih_l0
+    assert isinstance(sparse.ih_l0.bias, nn.Parameter)
+
+
+@pytest.mark.parametrize("name", ["lstm_proj_size", "gru_bidirectional_2_layers"])
+def test_functional_call_by_the_dense_names_computes_with_the_masked_weights(name, generator):
+    # Code written for an nn.LSTM swaps weights in by its names: each goes through its child's mask, and back.
+    cls, arguments, call = CONFIGS[name]
+    dense = _dense(cls, arguments, generator)
+    sparse = _sparse(dense, generator)
+    reference = _masked_dense(dense, sparse)
+    weights = {key: torch.randn(value.shape, dtype=value.dtype, generator=generator)
+               for key, value in dense.named_parameters() if key.startswith("weight_hh")}
+    x, _ = _inputs(sparse, {}, generator)
+    output = torch.func.functional_call(sparse, weights, (x,))[0]
+    with torch.no_grad():
+        for key, value in weights.items():
+            getattr(reference, key).copy_(torch.where(getattr(sparse, key[len("weight_"):]).mask, value, 0.0))
+    torch.testing.assert_close(output, reference(x)[0])
+    # the module's own weights are back, with their promise
+    torch.testing.assert_close(sparse(x)[0], _masked_dense(dense, sparse)(x)[0])
+    assert all(isinstance(layer.weight, nn.Parameter) and layer.zero_off_mask for layer in sparse.children())
+    assert not any(key in vars(sparse) for key in weights)
+
+
+def test_flat_weights_are_the_masked_weights_and_biases_in_the_dense_order(generator):
+    # nn.RNNBase's `_flat_weights` is a list that code outside torch.nn reads by index (torch.ao.ns).
+    cls, arguments, call = CONFIGS["lstm_proj_size"]
+    dense = _dense(cls, arguments, generator)
+    sparse = _sparse(dense, generator, zero_off_mask=False)
+    reference = _masked_dense(dense, sparse)
+    flat = sparse._flat_weights
+    assert len(flat) == len(reference._flat_weights)
+    for tensor, expected in zip(flat, reference._flat_weights):
+        assert torch.equal(tensor, expected)
+
+
+def test_a_weight_computed_by_a_pre_hook_is_refused_naming_the_recurrent_module():
+    sparse = SparseLSTM(INPUT, HIDDEN)
+    prune.l1_unstructured(sparse.hh_l0, "weight", 0.5)
+    with pytest.raises(ValueError, match=r"^hh_l0's weight is computed by a forward pre-hook .*which SparseLSTM does "
+                                         r"not run: .*prune the dense nn.LSTM"):
+        sparse(torch.randn(T, N, INPUT))
+
 def test_reset_parameters_keeps_the_masks(generator):
     sparse = _sparse(_dense(SparseGRU, dict(num_layers=2), generator), generator)
     masks = [layer.mask.clone() for layer in sparse.children()]
@@ -340,6 +397,17 @@ def test_sparsify_leaves_subclasses_cells_and_computed_weights_dense_with_a_warn
     with pytest.raises(TypeError, match="from_dense takes an nn.GRU, got LSTM"):
         SparseGRU.from_dense(nn.LSTM(4, 4))
 
+
+
+def test_sparsify_leaves_a_recurrent_module_dense_whose_weight_is_tied_to_a_dense_layer(generator):
+    # The warning names the module, which stays dense with all its weight matrices, not one of them.
+    model = nn.ModuleDict({"rnn": nn.GRU(INPUT, HIDDEN), "tied": nn.Linear(INPUT, 3 * HIDDEN),
+                           "head": nn.Linear(HIDDEN, 2)})
+    model["tied"].weight = model["rnn"].weight_ih_l0
+    with pytest.warns(UserWarning, match=r"^rnn \(GRU\) stays dense as a whole: its ih_l0 weight is tied to tied "
+                                         r"\(Linear\), which is not sparsified"):
+        sparsekern.sparsify(model, 0.5, exclude="tied", generator=generator)
+    assert type(model["rnn"]) is nn.GRU and [name for name, _ in sparse_modules(model)] == ["head"]
 
 def test_rigl_on_a_character_level_lstm_keeps_exact_counts_and_zeros_off_the_masks(generator, one_thread):
     vocabulary = 11
