@@ -64,8 +64,9 @@ module unchanged).
 Loading a state dict, or assigning or registering a `weight` Parameter (torch.nn.utils.parametrize's
 remove_parametrizations(leave_parametrized=True) registers the original one again, holding the computed
 values), sets `zero_off_mask` from the weight's values. A module moved off the meta device by `to_empty`
-promises nothing (its weight holds whatever memory held) until one of these, `set_mask` or
-`zero_weights_off_mask`.
+gets a new module's all-True mask (its weight holds whatever memory held, all of it active, until an init
+or a state dict), the deferred-initialisation recipe; a mask for it comes from `set_mask`, a state dict or
+`sparsify`.
 """
 from __future__ import annotations
 
@@ -198,11 +199,19 @@ class SparseModule(nn.Module):
     def _apply(self, fn, recurse=True):
         # A conversion (.to, .double, ...) may put a new weight Parameter in place without assigning it
         # (torch.__future__.set_overwrite_module_params_on_conversion): the promise passes to it, as
-        # every conversion takes 0 to 0. Not from the meta device (to_empty), where there were no values:
-        # the weight then holds whatever memory held, until set_mask, zero_weights_off_mask or a state dict.
+        # every conversion takes 0 to 0. Not from the meta device (to_empty), where there were no values.
         promised, was_meta = self.zero_off_mask, _is_meta(self._parameters.get("weight"))
+        mask_was_meta = _is_meta(self._buffers.get("mask"))
         super()._apply(fn, recurse)
-        self.zero_off_mask = promised and not (was_meta and not _is_meta(self._parameters.get("weight")))
+        mask = self._buffers.get("mask")
+        if mask_was_meta and not _is_meta(mask):
+            # to_empty: a mask made where there were no values holds whatever memory held (all False, a fully
+            # pruned layer, after the deferred-init recipe's reset_parameters), where a new module's is all True.
+            with torch.no_grad():
+                mask.fill_(True)
+            self.zero_off_mask = True   # nothing is off an all-True mask
+        else:
+            self.zero_off_mask = promised and not (was_meta and not _is_meta(self._parameters.get("weight")))
         return self
 
     @torch.no_grad()

@@ -537,19 +537,19 @@ def test_a_parametrization_removed_leaving_its_values_is_masked(make, shape, gen
 
 
 @LAYERS
-def test_a_layer_moved_off_the_meta_device_by_to_empty_makes_no_promise(make, shape, generator):
-    # to_empty leaves the weight and mask holding whatever memory held: the promise made on the meta device, where
-    # there were no values, passed to them, and forward multiplied by weights off the mask.
+def test_a_layer_moved_off_the_meta_device_by_to_empty_holds_a_new_modules_all_true_mask(make, shape, generator):
+    # to_empty leaves the weight and the mask holding whatever memory held: the mask came out all False (a fully
+    # pruned layer after the deferred-init recipe, to_empty then reset_parameters) or any pattern, and the
+    # promise made on the meta device, where there were no values, passed to them.
     with torch.device("meta"):
-        layer = make()
-    layer.to_empty(device="cpu")
-    assert not layer.zero_off_mask
+        model = nn.Sequential(make())   # to_empty reaches a child through _apply
+    model.to_empty(device="cpu")
+    layer = model[0]
+    assert layer.mask.all() and layer.zero_off_mask   # nothing off an all-True mask
     with torch.no_grad():
         layer.weight.normal_(generator=generator)   # an init that writes the weight only (reset_parameters)
     x = torch.randn(shape, generator=generator)
     torch.testing.assert_close(layer(x), dense_twin(layer, layer.weight)(x))
-    layer.zero_weights_off_mask()   # the promise, made again for values
-    assert layer.zero_off_mask
 
 
 def test_a_mask_assigned_to_a_layer_of_a_fused_transformer_kernel_is_checked_at_once(generator):
