@@ -8,9 +8,9 @@ from . import distributions, init
 from .attention import SparseMultiheadAttention
 from .averaging import SparseAveragedModel
 from .metrics import gradient_flow, summary
-from .modules import (SparseConv1d, SparseConv2d, SparseConv3d, SparseConvNd, SparseConvTranspose1d,
-                      SparseConvTranspose2d, SparseConvTranspose3d, SparseConvTransposeNd, SparseLinear, SparseModule,
-                      sparse_modules)
+from .convolutions import (SparseConv1d, SparseConv2d, SparseConv3d, SparseConvNd, SparseConvTranspose1d,
+                           SparseConvTranspose2d, SparseConvTranspose3d, SparseConvTransposeNd)
+from .modules import SparseLinear, SparseModule, sparse_modules
 from .recurrent import SparseGRU, SparseLSTM, SparseRNN, SparseRNNBase
 from .sparsify import sparsify
 

@@ -16,10 +16,11 @@ from .. import ops
 from ..ops import _checks
 from . import distributions, init as sparse_init, tying
 from .attention import DENSE_ENTRIES, SparseMultiheadAttention, computed_biases
+from .convolutions import (SparseConv1d, SparseConv2d, SparseConv3d, SparseConvTranspose1d, SparseConvTranspose2d,
+                           SparseConvTranspose3d)
+from .modules import SparseLinear, SparseModule, is_computed, weight_type_problem
 from .recurrent import SparseGRU, SparseLSTM, SparseRNN, SparseRNNBase
 from .sharding import refuse_sharded
-from .modules import (SparseConv1d, SparseConv2d, SparseConv3d, SparseConvTranspose1d, SparseConvTranspose2d,
-                      SparseConvTranspose3d, SparseLinear, SparseModule, is_computed, weight_type_problem)
 
 # Exact types: a subclass of nn.Linear may read its weight outside forward (MultiheadAttention's
 # out_proj does), where a mask would not apply.
