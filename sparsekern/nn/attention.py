@@ -20,7 +20,8 @@ from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
 from ..ops import _checks, _masked_linear_op
-from .modules import SparseLinear, SparseModule, _check_dtype, _copy_masked_into, _translate_pruned, is_computed
+from .modules import (SparseLinear, SparseModule, _check_dtype, _copy_masked_into, _rename_dense_entries,
+                      _translate_pruned, is_computed)
 
 # nn.MultiheadAttention's keys of the input-projection weights -> this module's.
 _DENSE_WEIGHT_KEYS = {"in_proj_weight": "in_proj.weight", "q_proj_weight": "q_proj.weight",
@@ -256,11 +257,7 @@ class SparseMultiheadAttention(nn.Module):
         # and pruned values (SparseModule's rule too). A pruned bias of the attention's own loads as its
         # pruned values, as a sparse layer's pruned bias does.
         _translate_pruned(state_dict, prefix, _OWN_BIASES)
-        for dense_key, sparse_key in _DENSE_WEIGHT_KEYS.items():
-            for suffix in ("", "_orig", "_mask"):
-                dense_entry, sparse_entry = prefix + dense_key + suffix, prefix + sparse_key + suffix
-                if dense_entry in state_dict and sparse_entry not in state_dict:
-                    state_dict[sparse_entry] = state_dict.pop(dense_entry)
+        _rename_dense_entries(state_dict, prefix, _DENSE_WEIGHT_KEYS)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 

@@ -56,10 +56,10 @@ stack_module_state ensembles) and forward-mode AD see the plain-torch layer on w
 whatever `zero_off_mask` says (see `sparsekern.ops.masked_linear`); inference mode (`to_inference`)
 runs under vmap and refuses to be differentiated.
 
-A plain nn.Linear / nn.Conv1d/2d/3d / nn.ConvTranspose1d/2d/3d state dict loads into the matching sparse module (one pruned by
-torch.nn.utils.prune, its `weight_orig` and `weight_mask`, as that mask and the pruned weight; a missing
-`mask` means all True: a module whose mask was not all True warns that it becomes dense), and
-`to_dense()` returns a plain module holding the masked weight. A saved mask that is not bool
+A plain nn.Linear / nn.Conv1d/2d/3d / nn.ConvTranspose1d/2d/3d state dict loads into the matching sparse
+module (one pruned by torch.nn.utils.prune, its `weight_orig` and `weight_mask`, as that mask and the
+pruned weight; a missing `mask` means all True: a module whose mask was not all True warns that it
+becomes dense), and `to_dense()` returns a plain module holding the masked weight. A saved mask that is not bool
 (torch.nn.utils.prune's are float) must hold only 0 and 1 (ValueError naming its key otherwise, the
 module unchanged).
 Loading a state dict, or assigning or registering a `weight` Parameter (torch.nn.utils.parametrize's
@@ -378,6 +378,18 @@ def _check_loaded_mask(mask, key: str) -> None:
         bad = mask[(mask != 0) & (mask != 1)].flatten()[:3].tolist()
         raise ValueError(f"state dict entry {key!r} ({mask.dtype}) must hold only 0 and 1 (or be a bool "
                          f"tensor), got values such as {bad}")
+
+
+def _rename_dense_entries(state_dict: dict, prefix: str, renames: dict[str, str]) -> None:
+    """Moves a dense module's entries in `state_dict` to the keys of the sparse module that holds its weights in
+    child layers (`renames`: dense key -> sparse key, both without `prefix`), in place, with torch.nn.utils.prune's
+    `<key>_orig` and `<key>_mask` of a pruned one (which the child then loads as its mask and pruned values,
+    `_translate_pruned`). An entry the sparse module's own key already holds is left alone."""
+    for dense_key, sparse_key in renames.items():
+        for suffix in ("", "_orig", "_mask"):
+            dense_entry, sparse_entry = prefix + dense_key + suffix, prefix + sparse_key + suffix
+            if dense_entry in state_dict and sparse_entry not in state_dict:
+                state_dict[sparse_entry] = state_dict.pop(dense_entry)
 
 
 def _translate_pruned(state_dict: dict, prefix: str, names: tuple[str, ...] = ("weight", "bias")) -> None:

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import _weight_for_dense_kernel
-from .modules import SparseLinear, _adopt_parameters, weight_type_problem
+from .modules import SparseLinear, _adopt_parameters, _rename_dense_entries, weight_type_problem
 
 # nn.RNNBase's constructor arguments, which a subclass extends (`_own_arguments`).
 _ARGUMENTS = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional")
@@ -242,12 +242,8 @@ class SparseRNNBase(nn.Module):
         # missing masks load as all True, SparseModule's rule). Renamed here, before load_state_dict hands the
         # children their entries; so are torch.nn.utils.prune's `<name>_orig` and `<name>_mask` of a pruned one,
         # which the child then loads as its mask and pruned values (SparseModule's rule too).
-        for name in self._flat_weights_names:
-            layer, kind = _layer_and_kind(name)
-            for suffix in ("", "_orig", "_mask"):
-                dense_entry, sparse_entry = f"{prefix}{name}{suffix}", f"{prefix}{layer}.{kind}{suffix}"
-                if dense_entry in state_dict and sparse_entry not in state_dict:
-                    state_dict[sparse_entry] = state_dict.pop(dense_entry)
+        _rename_dense_entries(state_dict, prefix, {name: ".".join(_layer_and_kind(name))
+                                                   for name in self._flat_weights_names})
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 

@@ -366,8 +366,8 @@ def _left_dense(selected: list[tuple[str, nn.Module]], out_projs: set[int]) -> s
         if id(module) in out_projs:
             reasons.setdefault(_OUT_PROJ, []).append(f"{name or '(root)'} ({type(module).__name__})")
             continue
-        if (isinstance(module, SparseModule) or type(module) in _SPARSE_OF or _exact_attention(module)
-                or _exact_recurrent(module) or _reparametrized(module)):
+        if (isinstance(module, SparseModule) or type(module) in _SPARSE_OF
+                or _exactly(module, (nn.MultiheadAttention, *_SPARSE_RECURRENT_OF)) or _reparametrized(module)):
             continue  # sparsified, or stays dense with a warning of its own
         if isinstance(module, SPARSIFIABLE):
             base = next(kind for kind in _SPARSE_OF if isinstance(module, kind))
@@ -405,7 +405,7 @@ def _maskable_attentions(selected: list[tuple[str, nn.Module]]) -> list[tuple[st
     TypeError naming the attention for a weight dtype sparse layers do not take, before anything changes."""
     kept = []
     for name, module in selected:
-        if not _exact_attention(module):
+        if not _exactly(module, (nn.MultiheadAttention,)):
             continue
         weights = [module.in_proj_weight, module.q_proj_weight, module.k_proj_weight, module.v_proj_weight,
                    module.out_proj.weight]
@@ -424,12 +424,11 @@ def _maskable_attentions(selected: list[tuple[str, nn.Module]]) -> list[tuple[st
     return kept
 
 
-def _exact_attention(module: nn.Module) -> bool:
-    """An nn.MultiheadAttention of exactly that type, or of the class torch.nn.utils.parametrize derives from it
-    (which `_maskable_attentions` leaves dense with a warning of its own)."""
+def _exactly(module: nn.Module, kinds) -> bool:
+    """Whether `module` is of one of `kinds` exactly, or of the class torch.nn.utils.parametrize derives from one
+    (which `_maskable_attentions` and `_maskable_recurrent` leave dense with a warning of their own)."""
     kind = type(module)
-    return kind is nn.MultiheadAttention or (parametrize.is_parametrized(module)
-                                              and kind.__mro__[1] is nn.MultiheadAttention)
+    return kind in kinds or (parametrize.is_parametrized(module) and kind.__mro__[1] in kinds)
 
 
 def _maskable_recurrent(selected: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.RNNBase]]:
@@ -438,7 +437,7 @@ def _maskable_recurrent(selected: list[tuple[str, nn.Module]]) -> list[tuple[str
     module for a dtype sparse layers do not take, before anything changes."""
     kept = []
     for name, module in selected:
-        if not _exact_recurrent(module):
+        if not _exactly(module, _SPARSE_RECURRENT_OF):
             continue
         parameters = [module._parameters.get(parameter) for parameter in module._flat_weights_names]
         if parametrize.is_parametrized(module) or not all(isinstance(parameter, nn.Parameter)
@@ -452,14 +451,6 @@ def _maskable_recurrent(selected: list[tuple[str, nn.Module]]) -> list[tuple[str
             _check_weight_type(name, parameter)
         kept.append((name, module))
     return kept
-
-
-def _exact_recurrent(module: nn.Module) -> bool:
-    """An nn.RNN/LSTM/GRU of exactly that type, or of the class torch.nn.utils.parametrize derives from one (which
-    `_maskable_recurrent` leaves dense with a warning of its own)."""
-    kind = type(module)
-    return kind in _SPARSE_RECURRENT_OF or (parametrize.is_parametrized(module)
-                                            and kind.__mro__[1] in _SPARSE_RECURRENT_OF)
 
 
 def _maskable(targets: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
