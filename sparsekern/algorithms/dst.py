@@ -648,8 +648,9 @@ def _keep_masks_without_gradient(grads: list[Tensor], masks: list[Tensor], grow:
     With `sums` (each gradient's sum, read by the finite check), only the gradients that sum to 0 can
     be 0 everywhere: they alone are checked, with one more read, and only the scores of the layers
     without a gradient are made anew. Without (no host checks), every layer's score is, score +
-    mask · (inf or 0) by its on-device flag, and nothing is read back. The gradients and scores passed
-    in are not written."""
+    mask · (inf or 0) by its on-device flag, and nothing is read back: for a layer without a gradient
+    that is inf at its active entries and, since 0 · inf is NaN, NaN at the others, the scores the host
+    path gives it. The gradients and scores passed in are not written."""
     if sums is None:
         return [torch.addcmul(score, mask, torch.where(no_gradient, float("inf"), 0.0))
                 for mask, score, no_gradient in zip(masks, grow, zero_everywhere(grads))]
