@@ -189,20 +189,17 @@ class DST(distributed.CatchesUp):
             block = _check_block(block)
             if block is not None and prune not in criteria.ELEMENTWISE:
                 raise ValueError(f"block needs an elementwise pruning criterion, got prune={prune!r}")
-            if isinstance(mest_gamma, bool) or not isinstance(mest_gamma, (int, float)):
-                raise TypeError(f"mest_gamma must be a float, got {type(mest_gamma).__name__}")
-            if not 0 <= mest_gamma < float("inf"):
-                raise ValueError(f"mest_gamma must be a finite number >= 0, got {mest_gamma}")
+            mest_gamma = _checks.number(mest_gamma, "mest_gamma", lambda value: value >= 0, ">= 0")
             self.modules, self._groups = _trained_layers(model, optimizer)
             device = self.modules[0][1].weight.device
             for name, module in self.modules:
                 if module.weight.device != device:
                     raise ValueError(f"sparse modules must share one device: {name} is on "
                                      f"{module.weight.device}, {self.modules[0][0]} on {device}")
+            if generator is None:  # else the seed is not used
+                seed = _checks.integer(seed, "seed")
             stream = "the generator's state" if generator is not None else f"seed={seed!r}"
             if generator is None:
-                if isinstance(seed, bool) or not isinstance(seed, int):
-                    raise TypeError(f"seed must be an int, got {type(seed).__name__}")
                 generator = torch.Generator(device=device).manual_seed(_stream_seed(seed))
             elif not isinstance(generator, torch.Generator):
                 raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
@@ -217,7 +214,7 @@ class DST(distributed.CatchesUp):
         super().__init__(model, replicas.group)   # for Join's catching up (join_hook)
         self.optimizer = optimizer
         self.prune, self.grow, self.scope = prune, grow, scope
-        self.reset_state, self.block, self.mest_gamma = reset_state, block, float(mest_gamma)
+        self.reset_state, self.block, self.mest_gamma = reset_state, block, mest_gamma
         self.generator = generator
         self.host_checks = host_checks
         self.step_count = 0

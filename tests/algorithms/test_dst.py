@@ -501,6 +501,8 @@ def test_keeps_no_tensors_between_steps():
     (dict(mest_gamma=-1.0), ValueError, "mest_gamma"),
     (dict(mest_gamma="1"), TypeError, "mest_gamma"),
     (dict(seed=1.5), TypeError, "seed"),
+    (dict(seed=True), TypeError, "seed"),
+    (dict(mest_gamma=float("inf")), ValueError, "mest_gamma"),
     (dict(generator=3), TypeError, "generator"),
 ])
 def test_bad_arguments_name_themselves_and_change_nothing(arguments, error, word):
@@ -611,6 +613,20 @@ def test_random_growth_with_the_seed_that_drew_the_masks_still_moves_them(algori
     before = masks(model)
     train_step(model, optimizer, algo, step=1)
     assert any(not torch.equal(b, a) for b, a in zip(before, masks(model)))
+
+
+def test_a_numpy_integer_seed_draws_what_the_equal_int_draws():
+    """Seeds often come from NumPy (np.random.randint, a sweep's array); any integer scalar is a seed."""
+    import numpy as np
+
+    drawn = []
+    for seed in (7, np.int64(7), torch.tensor(7)):
+        model = small_model(seed=0)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        algo = sparsekern.SET(model, optimizer, total_steps=4, update_every=1, seed=seed)
+        train_step(model, optimizer, algo, step=1)
+        drawn.append(masks(model))
+    assert all(torch.equal(a, b) for other in drawn[1:] for a, b in zip(drawn[0], other))
 
 
 # -- the update path: one op call, counts kept on the host, swap counts above the inactive count --
