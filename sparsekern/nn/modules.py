@@ -181,7 +181,7 @@ class SparseModule(nn.Module):
         # counter of its own, which may well read the same.
         mask = self.__dict__["_buffers"].get("mask")
         self.__dict__["_promised_mask"] = mask
-        self._promised_mask_version = None if mask is None or mask.is_inference() else mask._version
+        self.__dict__["_promised_mask_version"] = None if mask is None or mask.is_inference() else mask._version
         # Fused inference kernels of torch read a child layer's weight directly: in eval mode,
         # nn.TransformerEncoderLayer hands linear1.weight, linear2.weight and its SparseMultiheadAttention's
         # in_proj.weight and out_proj.weight to one fused op, which would multiply by the values off the
@@ -289,10 +289,12 @@ class SparseModule(nn.Module):
         if weight is None:
             weight = self.weight
         zero_off_mask = self._zero_off_mask_of is weight
-        # Not while torch.compile traces, where a version is no value to branch on.
+        # Not while torch.compile traces, where a version is no value to branch on. The promised mask's version is
+        # None only for an inference tensor (no version counter), which this one then is.
+        promised_version = self._promised_mask_version
         if (zero_off_mask and mask is not None and not torch.compiler.is_compiling()
                 and (mask is not self._promised_mask
-                     or not mask.is_inference() and mask._version != self._promised_mask_version)
+                     or promised_version is not None and mask._version != promised_version)
                 and not _transforms.active()):
             self._recheck_zero_off_mask()   # another mask, or one written in place, since the promise (setter)
             zero_off_mask = self._zero_off_mask_of is weight
