@@ -107,6 +107,27 @@ def test_dst_refuses_a_layer_parametrized_after_it_was_built_changing_nothing():
     assert _unchanged(model, before) and dst.step_count == 0
 
 
+def test_the_check_at_every_dst_step_raises_and_drops_no_attribute_error(monkeypatch):
+    # DST.step() asks every layer whether a parametrization computes its weight now; asked through getattr of the
+    # missing `parametrizations`, nn.Module built, formatted and dropped an AttributeError per layer and step.
+    model = _sparse_model()
+    dst = RigL(model, _sgd(model.parameters()), total_steps=10, update_every=5)
+    raised = []
+    module_getattr = nn.Module.__getattr__
+
+    def counting_getattr(module, name):
+        try:
+            return module_getattr(module, name)
+        except AttributeError:
+            raised.append(name)
+            raise
+
+    monkeypatch.setattr(nn.Module, "__getattr__", counting_getattr)
+    _train_step(model, 0)
+    dst.step()
+    assert raised == [] and dst.step_count == 1
+
+
 def test_imp_and_swamp_refuse_a_layer_parametrized_after_they_were_built_changing_nothing():
     for build in (BUILD["IMP"], BUILD["SWAMP"]):
         model = _sparse_model()
