@@ -118,7 +118,8 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
     in a Sequential, say) becomes the sparse one. Modules that share one weight Parameter form
     one layer with one mask. A weight that a module staying dense also holds (an Embedding tied
     to an output Linear, an excluded layer) is left dense, with a warning: masking it would
-    prune the dense module too. An attention or recurrent module holding such a weight stays dense
+    prune the dense module too. Sparsified again with one of two tied sparse layers left out, both
+    keep their one mask, with a warning. An attention or recurrent module holding such a weight stays dense
     as a whole (converted, it would hold a sparse layer of density 1 there), and the warning names it.
 
     Nothing changes unless everything succeeds: the arguments are checked, and masks and initial
@@ -300,10 +301,15 @@ def _layers(model: nn.Module, include: list[str] | None,
             other_name, other = dense[0]
             # A projection of a module converted whole names that module, which stays dense with all its weights.
             owner_name, owner, weight = owners.get(id(module), (name, module, None))
-            layer = f"{owner_name or '(root)'} ({type(owner).__name__}) stays dense"
+            # Sparsified again with one of a tied pair of sparse layers left out: both keep their one mask.
+            outcome = "keeps its mask" if isinstance(owner, SparseModule) else "stays dense"
+            layer = f"{owner_name or '(root)'} ({type(owner).__name__}) {outcome}"
             layer += ": its weight" if weight is None else f" as a whole: its {weight} weight"
-            warnings.warn(f"{layer} is tied to {other_name or '(root)'} ({type(other).__name__}), which is not "
-                          f"sparsified, and a mask would prune that module too", stacklevel=3)
+            other_outcome = ("which is left out and keeps its mask, and a new mask would change that module's too"
+                             if isinstance(other, SparseModule)
+                             else "which is not sparsified, and a mask would prune that module too")
+            warnings.warn(f"{layer} is tied to {other_name or '(root)'} ({type(other).__name__}), {other_outcome}",
+                          stacklevel=3)
     # A group is left dense as a whole when any of its members is tied to a dense module.
     groups = [group for group in tying.group_by_weight(targets)
               if not any(id(module) in tied_to_dense for _, module in group)]

@@ -83,3 +83,19 @@ def test_sparsify_a_model_whose_modules_already_share_a_sparse_weight(generator)
     model = sparsekern.sparsify(nn.Sequential(first, second), 0.5, generator=generator)
     assert torch.equal(model[0].mask, model[1].mask) and model[0].nnz == 18
     assert len(sparse_modules(model)) == 2
+
+
+def test_sparsify_again_excluding_one_of_two_tied_sparse_layers_says_both_keep_their_mask(generator):
+    """Sparsified again with one of two sparse layers sharing a weight excluded, the pair keeps its one mask,
+    as an excluded sparse layer does; the warning said the other 'stays dense' and that the excluded one 'is not
+    sparsified', both false of layers at density 0.3, and so not what a user could act on."""
+    first, second = nn.Linear(8, 8), nn.Linear(8, 8)
+    second.weight = first.weight
+    model = sparsekern.sparsify(nn.Sequential(first, nn.Tanh(), second, nn.Linear(8, 2)), 0.3, generator=generator)
+    mask = model[0].mask.clone()
+    with pytest.warns(UserWarning) as caught:
+        sparsekern.sparsify(model, 0.1, exclude="2", generator=generator)
+    assert [str(w.message) for w in caught] == [
+        "0 (SparseLinear) keeps its mask: its weight is tied to 2 (SparseLinear), which is left out and keeps its "
+        "mask, and a new mask would change that module's too"]
+    assert torch.equal(model[0].mask, mask) and torch.equal(model[2].mask, mask)
