@@ -12,6 +12,7 @@ under the masks."""
 from __future__ import annotations
 
 import copy
+import io
 import math
 import warnings
 
@@ -244,16 +245,16 @@ def _cross_entropy(output, target):
                            target.flatten() if output.dim() == 3 else target)
 
 
-# name: (build, data, layers that sparsify converts (by the docs), in model order)
+# name: (build, data(seed) -> (input, target))
 ZOO = {
-    "resnet": (ResNet, _images(), None),
-    "mobilenetv2": (MobileNetV2, _images(), None),
-    "vit-post-norm": (lambda: ViT(norm_first=False), _images(), None),
-    "vit-pre-norm": (lambda: ViT(norm_first=True), _images(), None),
-    "unet": (UNet, _segmentation, None),
-    "lstm-lm": (LanguageModel, _tokens, None),
-    "moe": (MixtureOfExperts, _features, None),
-    "shared": (SharedBlocks, _features, None),
+    "resnet": (ResNet, _images()),
+    "mobilenetv2": (MobileNetV2, _images()),
+    "vit-post-norm": (lambda: ViT(norm_first=False), _images()),
+    "vit-pre-norm": (lambda: ViT(norm_first=True), _images()),
+    "unet": (UNet, _segmentation),
+    "lstm-lm": (LanguageModel, _tokens),
+    "moe": (MixtureOfExperts, _features),
+    "shared": (SharedBlocks, _features),
 }
 MODELS = list(ZOO)
 
@@ -715,3 +716,119 @@ def test_the_tied_decoder_and_its_embedding_stay_dense_and_whole_through_trainin
     model = _trained("lstm-lm")
     assert type(model.decoder) is nn.Linear and model.decoder.weight is model.embedding.weight
     assert bool((model.embedding.weight != 0).all())
+
+
+# ---------------------------------------------------------------------------------------------- practice
+
+def _state_round_trip(state):
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_a_dst_run_resumed_into_a_freshly_sparsified_model_ends_where_the_uninterrupted_one_does(name):
+    def start(seed):
+        model = sparsified(name, seed=seed)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        return model, optimizer, sparsekern.RigL(model, optimizer, total_steps=7, update_every=2, end_fraction=1.0)
+
+    def train(model, optimizer, rigl, steps):
+        for step in steps:
+            torch.manual_seed(step)   # dropout's
+            loss_of(model, name, step).backward()
+            rigl.step()
+            optimizer.step()
+            optimizer.zero_grad()
+
+    whole = start(1)
+    train(*whole, range(6))
+    first = start(1)
+    train(*first, range(3))
+    state = _state_round_trip({"model": first[0].state_dict(), "optimizer": first[1].state_dict(),
+                               "algorithm": first[2].state_dict()})
+    resumed = start(2)   # other masks and weights: the state replaces them
+    resumed[0].load_state_dict(state["model"])
+    resumed[1].load_state_dict(state["optimizer"])
+    resumed[2].load_state_dict(state["algorithm"])
+    train(*resumed, range(3, 6))
+    for (key, value), (_, expected) in zip(resumed[0].state_dict().items(), whole[0].state_dict().items()):
+        assert torch.equal(value, expected), key
+    assert_ties_hold(resumed[0])
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_pruning_a_trained_sparse_model_by_magnitude_keeps_a_subset_and_its_optimizer_off_it(name):
+    model = _trained(name)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    loss_of(model, name, 0).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    before = masks(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # the tied decoder's, again
+        sparsekern.sparsify(model, DENSITY / 2, mask="magnitude", optimizer=optimizer)
+    for mask, (layer, module) in zip(before, sparse_modules(model)):
+        assert not (module.mask & ~mask).any(), layer
+    loss_of(model, name, 1).backward()
+    optimizer.step()
+    assert_zero_off_mask(model, "the step after pruning")
+    assert_ties_hold(model)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_vit_under_activation_checkpointing_gets_the_masks_of_the_plain_one(reentrant):
+    class CheckpointedViT(ViT):
+        def forward(self, x):
+            tokens = self.patch(x).flatten(2).transpose(1, 2)
+            tokens = torch.cat([self.cls_token.expand(len(x), -1, -1), tokens], 1) + self.position
+            for layer in self.encoder.layers:
+                tokens = torch.utils.checkpoint.checkpoint(layer, tokens, use_reentrant=reentrant)
+            tokens = self.encoder.norm(tokens)
+            pooled, _ = self.pool(self.pool_query.expand(len(x), -1, -1), tokens, tokens, need_weights=False)
+            return self.head(tokens[:, 0] + pooled[:, 0])
+
+    plain = sparsified("vit-pre-norm")
+    for module in plain.modules():   # checkpointing draws dropout again in backward
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(module, sparsekern.nn.SparseMultiheadAttention):
+            module.dropout = 0.0
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.__class__ = CheckpointedViT
+    for model in (plain, checkpointed):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        mest = sparsekern.MEST(model, optimizer, total_steps=5, update_every=2, end_fraction=1.0)
+        for step in range(4):
+            loss_of(model, "vit-pre-norm", step).backward()
+            mest.step()
+            optimizer.step()
+            optimizer.zero_grad()
+            assert_zero_off_mask(model, f"step {step}")
+    assert all(torch.equal(a, b) for a, b in zip(masks(plain), masks(checkpointed)))
+
+
+@pytest.mark.parametrize("prune, grow, scope", [("magnitude", "gradient", "layer"), ("mest", "gradient", "global"),
+                                               ("rsensitivity", "random", "layer"), ("snip", "random", "global")])
+def test_experts_without_tokens_give_the_same_masks_with_and_without_host_checks(prune, grow, scope):
+    """Three tokens for four experts: at least one gets none, and keeps its mask under a criterion that reads
+    the gradient, found on the device without host checks; with zero_grad(set_to_none=False) too (plain SGD:
+    momentum would move such an expert's weights by its old gradients when its gradient is 0, not None)."""
+    def train(host_checks, set_to_none):
+        model = sparsified("moe")
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        algorithm = sparsekern.DST(model, optimizer, prune=prune, grow=grow, scope=scope, total_steps=7,
+                                   update_every=2, end_fraction=1.0, host_checks=host_checks)
+        for step in range(6):
+            x, y = data("moe", step)
+            _cross_entropy(model(x[:3]), y[:3]).backward()
+            algorithm.step()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=set_to_none)
+            assert_zero_off_mask(model, f"step {step}")
+        return masks(model)
+
+    expected = train(True, True)
+    for host_checks, set_to_none in ((False, True), (True, False), (False, False)):
+        assert all(torch.equal(a, b) for a, b in zip(train(host_checks, set_to_none), expected))
