@@ -308,8 +308,9 @@ def _layers(model: nn.Module, include: list[str] | None,
             other_outcome = ("which is left out and keeps its mask, and a new mask would change that module's too"
                              if isinstance(other, SparseModule)
                              else "which is not sparsified, and a mask would prune that module too")
-            warnings.warn(f"{layer} is tied to {other_name or '(root)'} ({type(other).__name__}), {other_outcome}",
-                          stacklevel=3)
+            # Leaving a tied decoder dense is the usual intent (a language model's): say what silences the warning.
+            warnings.warn(f"{layer} is tied to {other_name or '(root)'} ({type(other).__name__}), {other_outcome}; "
+                          f"exclude {owner_name or '(root)'} to silence this warning", stacklevel=3)
     # A group is left dense as a whole when any of its members is tied to a dense module.
     groups = [group for group in tying.group_by_weight(targets)
               if not any(id(module) in tied_to_dense for _, module in group)]
