@@ -115,12 +115,13 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
     Biases, norms and embeddings stay dense.
 
     Shared modules and tied weights: every reference to a replaced module (a module used twice
-    in a Sequential, say) becomes the sparse one. Modules that share one weight Parameter form
-    one layer with one mask. A weight that a module staying dense also holds (an Embedding tied
-    to an output Linear, an excluded layer) is left dense, with a warning: masking it would
-    prune the dense module too. Sparsified again with one of two tied sparse layers left out, both
-    keep their one mask, with a warning. An attention or recurrent module holding such a weight stays dense
-    as a whole (converted, it would hold a sparse layer of density 1 there), and the warning names it.
+    in a Sequential, say; a converted attention's out_proj registered elsewhere too) becomes the
+    sparse one. Modules that share one weight Parameter form one layer with one mask. A weight
+    that a module staying dense also holds (an Embedding tied to an output Linear, an excluded
+    layer) is left dense, with a warning: masking it would prune the dense module too. Sparsified
+    again with one of two tied sparse layers left out, both keep their one mask, with a warning.
+    An attention or recurrent module holding such a weight stays dense as a whole (converted, it
+    would hold a sparse layer of density 1 there), and the warning names it.
 
     Nothing changes unless everything succeeds: the arguments are checked, and masks and initial
     weights computed on copies, before the model is touched; on any error the model and the
@@ -144,7 +145,7 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
     sparse_init.check_generator(generator)
     check_optimizer(optimizer, "build the LBFGS after sparsify")
 
-    groups, attentions = _layers(model, include, exclude)
+    groups, wholes = _layers(model, include, exclude)
     if optimizer is not None and groups:
         trained = {id(parameter) for group in optimizer.param_groups for parameter in group["params"]}
         if not any(id(group[0][1].weight) in trained for group in groups):
@@ -175,7 +176,7 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
         if generator is not None:
             generator.set_state(generator_state)
         raise
-    return _commit(model, staged, optimizer, attentions)
+    return _commit(model, staged, optimizer, wholes)
 
 
 def check_optimizer(optimizer, instead: str) -> None:
@@ -232,10 +233,10 @@ def _matches(names: list[str], patterns: list[str]) -> bool:
 
 
 def _layers(model: nn.Module, include: list[str] | None,
-            exclude: list[str]) -> tuple[list[tying.Group], list[tuple[nn.Module, SparseMultiheadAttention]]]:
+            exclude: list[str]) -> tuple[list[tying.Group], list[tuple[nn.Module, nn.Module]]]:
     """The modules to sparsify, grouped by weight Parameter (one group per mask), in model order, and each
-    nn.MultiheadAttention to convert with the SparseMultiheadAttention (not yet in the model) that will replace
-    it, whose projections are among the modules.
+    nn.MultiheadAttention and nn.RNN/LSTM/GRU to convert as a whole with the SparseMultiheadAttention or
+    SparseRNNBase (not yet in the model) that will replace it, whose projections are among the modules.
 
     Warns about patterns that match no module name and about weights tied to a dense module.
     """
@@ -606,11 +607,18 @@ def _checked_output(trial: SparseModule, attribute: str, original: Tensor, mask:
 
 @torch.no_grad()
 def _commit(model: nn.Module, staged, optimizer: torch.optim.Optimizer | None,
-            attentions: list[tuple[nn.Module, SparseMultiheadAttention]]) -> nn.Module:
+            wholes: list[tuple[nn.Module, nn.Module]]) -> nn.Module:
+    """Writes what `_stage` computed and puts the sparse modules in place of the dense ones; `wholes`: the
+    attentions and recurrent modules converted as a whole, each with its sparse replacement."""
     replacements = {}
-    for original, attention in attentions:
-        _carry_hooks(original, attention)
-        replacements[id(original)] = attention
+    for original, sparse in wholes:
+        _carry_hooks(original, sparse)
+        replacements[id(original)] = sparse
+        if isinstance(original, nn.MultiheadAttention):
+            # Its dense out_proj may be registered elsewhere too (model.projection = attention.out_proj): left
+            # there, its forward would give the shared weight a dense gradient.
+            _carry_hooks(original.out_proj, sparse.out_proj)
+            replacements[id(original.out_proj)] = sparse.out_proj
     for originals, modules, mask, new_weight, new_bias in staged:
         primary = modules[0]
         primary.weight.copy_(new_weight)
@@ -632,6 +640,8 @@ def _replace(model: nn.Module, replacements: dict[int, nn.Module]) -> None:
     # modules are parents too: a child carried from a replaced layer (a Linear attached to a Linear) may be
     # replaced itself.
     for parent in [*model.modules(), *replacements.values()]:
+        if replacements.get(id(parent), parent) is not parent:
+            continue   # it leaves the model, holding what it held (a converted attention its dense out_proj)
         for child_name, child in list(parent._modules.items()):
             if child is not None and id(child) in replacements:
                 parent._modules[child_name] = replacements[id(child)]
