@@ -164,3 +164,11 @@ def test_an_attention_sparsified_on_its_own_is_left_holding_its_dense_out_proj(g
     out_proj = attention.out_proj
     sparse = sparsekern.sparsify(attention, 0.3, generator=generator)
     assert isinstance(sparse, sparsekern.nn.SparseMultiheadAttention) and attention.out_proj is out_proj
+
+
+def test_a_linear_registered_first_and_made_an_attentions_out_proj_becomes_its_sparse_out_proj(generator):
+    """The same module reached first under its own name (model.output, then attention.out_proj = model.output)."""
+    model = nn.ModuleDict({"output": nn.Linear(8, 8), "attention": nn.MultiheadAttention(8, 2)})
+    model["attention"].out_proj = model["output"]
+    sparsekern.sparsify(model, 0.3, generator=generator)
+    assert model["output"] is model["attention"].out_proj and isinstance(model["output"], SparseLinear)
