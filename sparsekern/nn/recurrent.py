@@ -41,6 +41,9 @@ _CONFIGURATION = ("mode", "input_size", "hidden_size", "num_layers", "bias", "ba
 # as the dense ones do.
 _BORROWED = ("forward", "check_input", "check_hidden_size", "get_expected_hidden_size", "get_expected_cell_size",
              "check_forward_args", "permute_hidden")
+# What nn.RNNBase keeps of its own besides its weights (its flat weights' list and weak references), which the
+# sparse module computes or does not need: anything else a user attached (`dense_entries`).
+_DENSE_INTERNALS = ("_flat_weights", "_flat_weight_refs")
 # cuDNN's warning for weights outside one flat buffer (module docstring).
 _NOT_FLAT = "RNN module weights are not part of single contiguous chunk of memory"
 
@@ -113,7 +116,7 @@ class SparseRNNBase(nn.Module):
         bound = 1.0 / math.sqrt(self.hidden_size)
         for name in self._flat_weights_names:
             nn.init.uniform_(getattr(self, name), -bound, bound)
-        for layer in self.children():
+        for _, layer in self.named_projections():
             layer.zero_weights_off_mask()
 
     def __getattr__(self, name: str):
@@ -177,9 +180,11 @@ class SparseRNNBase(nn.Module):
         return _run(self._call_class(self, self._fused_op_weights()), input, hx)
 
     def named_projections(self) -> list[tuple[str, SparseLinear]]:
-        """(child name, layer) of the SparseLinear layers that hold the weight matrices: every child (as
-        SparseMultiheadAttention's, for sparsify)."""
-        return list(self.named_children())
+        """(child name, layer) of the SparseLinear layers that hold the weight matrices (as
+        SparseMultiheadAttention's, for sparsify), in the dense module's order; not a submodule a user
+        attached."""
+        names = [_layer_and_kind(name) for name in self._flat_weights_names]
+        return [(layer, self._modules[layer]) for layer, kind in names if kind == "weight"]
 
     def flatten_parameters(self) -> None:
         """Does nothing: the weights cannot be kept in cuDNN's flat buffer (module docstring). Here so that code
@@ -281,6 +286,13 @@ def _run(call: _FusedCall, input, hx):
             warnings.filterwarnings("ignore", message=_NOT_FLAT)
             return call.forward(input, hx)
     return call.forward(input, hx)
+
+
+def dense_entries(dense: nn.RNNBase) -> tuple[str, ...]:
+    """What `dense` (an nn.RNN/LSTM/GRU) holds of its own that its sparse module replaces: its weights and biases
+    and the internals listing them. Anything else on it (a learned initial state, a submodule, an attribute) a
+    user attached, which sparsify carries over."""
+    return (*dense._flat_weights_names, *_DENSE_INTERNALS)
 
 
 def _layer_and_kind(name: str) -> tuple[str, str]:

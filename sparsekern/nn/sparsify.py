@@ -19,7 +19,7 @@ from .attention import DENSE_ENTRIES, SparseMultiheadAttention, computed_biases
 from .convolutions import (SparseConv1d, SparseConv2d, SparseConv3d, SparseConvTranspose1d, SparseConvTranspose2d,
                            SparseConvTranspose3d)
 from .modules import SparseLinear, SparseModule, is_computed, weight_type_problem
-from .recurrent import SparseGRU, SparseLSTM, SparseRNN, SparseRNNBase
+from .recurrent import SparseGRU, SparseLSTM, SparseRNN, SparseRNNBase, dense_entries
 from .sharding import refuse_sharded
 
 # Exact types: a subclass of nn.Linear may read its weight outside forward (MultiheadAttention's
@@ -63,9 +63,9 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
             other than float16, bfloat16, float32 or float64 raises TypeError. Hooks registered on a
             replaced module (an attention or a recurrent module included) move to its sparse replacement,
             and so do the parameters, buffers, submodules and plain attributes a user added to a Linear,
-            a convolution or an attention (ValueError for one named like an attribute of the sparse
-            module); a submodule added to an attention is no projection of it, and is sparsified (or
-            not) by its own name.
+            a convolution, an attention or a recurrent module (a learned initial state; ValueError for
+            one named like an attribute of the sparse module); a submodule added to an attention or a
+            recurrent module is no projection of it, and is sparsified (or not) by its own name.
             A model sharded across ranks (FSDP, fully_shard, tensor parallelism) raises ValueError:
             sparsify, then wrap in DistributedDataParallel.
         density: overall fraction of active weights over the sparsified layers, in (0, 1] (up to
@@ -275,8 +275,9 @@ def _layers(model: nn.Module, include: list[str] | None,
                                                     DENSE_ENTRIES))
                  for name, module in _maskable_attentions(selected)}
     # An exact nn.RNN/LSTM/GRU likewise, by its own name: its weight matrices become SparseLinear children.
-    converted.update({id(module): (module, _SPARSE_RECURRENT_OF[type(module)].from_dense(module))
-                      for _, module in _maskable_recurrent(selected)})
+    for name, module in _maskable_recurrent(selected):
+        sparse = _SPARSE_RECURRENT_OF[type(module)].from_dense(module)
+        converted[id(module)] = (module, _carry_extras(name, module, sparse, dense_entries(module)))
     targets = []
     # A converted module's projections by id: (the module's name, the module, the projection's name in it).
     owners = {}
@@ -509,8 +510,8 @@ def _carry_extras(name: str, original: nn.Module, sparse: nn.Module, own: Sequen
     anything changes, for a name the sparse module uses itself (a buffer "mask", an attribute "density",
     "dense_grad", "zero_off_mask" or "forward"; an attention's "in_proj", "input_projections"): either
     meaning would be lost; and for a layer compiled in place (nn.Module.compile), whose compiled forward
-    is the dense one's. `own`: the entries of `original` that `sparse` shares already (from_dense) or
-    replaces. Returns `sparse`."""
+    is the dense one's. `own`: the entries and attributes of `original` that `sparse` shares already
+    (from_dense) or replaces. Returns `sparse`."""
     if vars(original).get("_compiled_call_impl") is not None:
         # nn.Module.compile's forward of the dense layer, bound to it: the sparse one cannot run it.
         raise ValueError(f"layer {name or '(root)'!r} ({type(original).__name__}) was compiled in place "
@@ -521,7 +522,7 @@ def _carry_extras(name: str, original: nn.Module, sparse: nn.Module, own: Sequen
     # in_features), except the ones SparseModule declares (dense_grad, zero_off_mask): set on a dense layer,
     # those are the user's, and dropping them would be as silent as overwriting them.
     extras += [("__dict__", key, value) for key, value in vars(original).items()
-               if key not in vars(sparse) or key in SparseModule.__annotations__]
+               if key not in own and (key not in vars(sparse) or key in SparseModule.__annotations__)]
     for _, key, _ in extras:
         if key in vars(sparse) or hasattr(type(sparse), key) or any(key in getattr(sparse, slot) for slot in
                                                                      ("_parameters", "_buffers", "_modules")):
