@@ -41,9 +41,6 @@ _CONFIGURATION = ("mode", "input_size", "hidden_size", "num_layers", "bias", "ba
 # as the dense ones do.
 _BORROWED = ("forward", "check_input", "check_hidden_size", "get_expected_hidden_size", "get_expected_cell_size",
              "check_forward_args", "permute_hidden")
-# What nn.RNNBase keeps of its own besides its weights (its flat weights' list and weak references), which the
-# sparse module computes or does not need: anything else a user attached (`dense_entries`).
-_DENSE_INTERNALS = ("_flat_weights", "_flat_weight_refs")
 # cuDNN's warning for weights outside one flat buffer (module docstring).
 _NOT_FLAT = "RNN module weights are not part of single contiguous chunk of memory"
 
@@ -225,6 +222,17 @@ class SparseRNNBase(nn.Module):
         sparse.train(dense.training)
         return sparse
 
+    @classmethod
+    def dense_entries(cls, dense: nn.RNNBase) -> tuple[str, ...]:
+        """What `dense` (a `dense_class` module) holds of its own, which its sparse module shares, computes or does
+        not need: its weights and biases, and the attributes torch gives every such module (its flat weights'
+        list and weak references, whatever the torch version). Anything else on it (a learned initial state, a
+        submodule, an attribute) a user attached, which sparsify carries over."""
+        with warnings.catch_warnings():   # the dense module warned already (dropout with one layer)
+            warnings.simplefilter("ignore")
+            fresh = cls.dense_class(**cls._arguments(dense), device="meta")
+        return (*dense._flat_weights_names, *vars(fresh))
+
     def to_dense(self) -> nn.RNNBase:
         """A plain module of `dense_class` with copies of the masked weights and the biases."""
         first = self._modules[_layer_and_kind(self._flat_weights_names[0])[0]]
@@ -286,13 +294,6 @@ def _run(call: _FusedCall, input, hx):
             warnings.filterwarnings("ignore", message=_NOT_FLAT)
             return call.forward(input, hx)
     return call.forward(input, hx)
-
-
-def dense_entries(dense: nn.RNNBase) -> tuple[str, ...]:
-    """What `dense` (an nn.RNN/LSTM/GRU) holds of its own that its sparse module replaces: its weights and biases
-    and the internals listing them. Anything else on it (a learned initial state, a submodule, an attribute) a
-    user attached, which sparsify carries over."""
-    return (*dense._flat_weights_names, *_DENSE_INTERNALS)
 
 
 def _layer_and_kind(name: str) -> tuple[str, str]:

@@ -19,7 +19,7 @@ from .attention import DENSE_ENTRIES, SparseMultiheadAttention, computed_biases
 from .convolutions import (SparseConv1d, SparseConv2d, SparseConv3d, SparseConvTranspose1d, SparseConvTranspose2d,
                            SparseConvTranspose3d)
 from .modules import SparseLinear, SparseModule, is_computed, weight_type_problem
-from .recurrent import SparseGRU, SparseLSTM, SparseRNN, SparseRNNBase, dense_entries
+from .recurrent import SparseGRU, SparseLSTM, SparseRNN, SparseRNNBase
 from .sharding import refuse_sharded
 
 # Exact types: a subclass of nn.Linear may read its weight outside forward (MultiheadAttention's
@@ -276,8 +276,9 @@ def _layers(model: nn.Module, include: list[str] | None,
                  for name, module in _maskable_attentions(selected)}
     # An exact nn.RNN/LSTM/GRU likewise, by its own name: its weight matrices become SparseLinear children.
     for name, module in _maskable_recurrent(selected):
-        sparse = _SPARSE_RECURRENT_OF[type(module)].from_dense(module)
-        converted[id(module)] = (module, _carry_extras(name, module, sparse, dense_entries(module)))
+        kind = _SPARSE_RECURRENT_OF[type(module)]
+        sparse = _carry_extras(name, module, kind.from_dense(module), kind.dense_entries(module))
+        converted[id(module)] = (module, sparse)
     targets = []
     # A converted module's projections by id: (the module's name, the module, the projection's name in it).
     owners = {}
