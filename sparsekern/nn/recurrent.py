@@ -113,7 +113,7 @@ class SparseRNNBase(nn.Module):
         bound = 1.0 / math.sqrt(self.hidden_size)
         for name in self._flat_weights_names:
             nn.init.uniform_(getattr(self, name), -bound, bound)
-        for layer in self.children():
+        for _, layer in self.named_projections():
             layer.zero_weights_off_mask()
 
     def __getattr__(self, name: str):
@@ -177,9 +177,11 @@ class SparseRNNBase(nn.Module):
         return _run(self._call_class(self, self._fused_op_weights()), input, hx)
 
     def named_projections(self) -> list[tuple[str, SparseLinear]]:
-        """(child name, layer) of the SparseLinear layers that hold the weight matrices: every child (as
-        SparseMultiheadAttention's, for sparsify)."""
-        return list(self.named_children())
+        """(child name, layer) of the SparseLinear layers that hold the weight matrices (as
+        SparseMultiheadAttention's, for sparsify), in the dense module's order; not a submodule a user
+        attached."""
+        names = [_layer_and_kind(name) for name in self._flat_weights_names]
+        return [(layer, self._modules[layer]) for layer, kind in names if kind == "weight"]
 
     def flatten_parameters(self) -> None:
         """Does nothing: the weights cannot be kept in cuDNN's flat buffer (module docstring). Here so that code
@@ -219,6 +221,17 @@ class SparseRNNBase(nn.Module):
                                                      bias=parameters.get(f"bias_{name}"), training=dense.training))
         sparse.train(dense.training)
         return sparse
+
+    @classmethod
+    def dense_entries(cls, dense: nn.RNNBase) -> tuple[str, ...]:
+        """What `dense` (a `dense_class` module) holds of its own, which its sparse module shares, computes or does
+        not need: its weights and biases, and the attributes torch gives every such module (its flat weights'
+        list and weak references, whatever the torch version). Anything else on it (a learned initial state, a
+        submodule, an attribute) a user attached, which sparsify carries over."""
+        with warnings.catch_warnings():   # the dense module warned already (dropout with one layer)
+            warnings.simplefilter("ignore")
+            fresh = cls.dense_class(**cls._arguments(dense), device="meta")
+        return (*dense._flat_weights_names, *vars(fresh))
 
     def to_dense(self) -> nn.RNNBase:
         """A plain module of `dense_class` with copies of the masked weights and the biases."""

@@ -63,9 +63,9 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
             other than float16, bfloat16, float32 or float64 raises TypeError. Hooks registered on a
             replaced module (an attention or a recurrent module included) move to its sparse replacement,
             and so do the parameters, buffers, submodules and plain attributes a user added to a Linear,
-            a convolution or an attention (ValueError for one named like an attribute of the sparse
-            module); a submodule added to an attention is no projection of it, and is sparsified (or
-            not) by its own name.
+            a convolution, an attention or a recurrent module (a learned initial state; ValueError for
+            one named like an attribute of the sparse module); a submodule added to an attention or a
+            recurrent module is no projection of it, and is sparsified (or not) by its own name.
             A model sharded across ranks (FSDP, fully_shard, tensor parallelism) raises ValueError:
             sparsify, then wrap in DistributedDataParallel.
         density: overall fraction of active weights over the sparsified layers, in (0, 1] (up to
@@ -115,11 +115,13 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
     Biases, norms and embeddings stay dense.
 
     Shared modules and tied weights: every reference to a replaced module (a module used twice
-    in a Sequential, say) becomes the sparse one. Modules that share one weight Parameter form
-    one layer with one mask. A weight that a module staying dense also holds (an Embedding tied
-    to an output Linear, an excluded layer) is left dense, with a warning: masking it would
-    prune the dense module too. An attention or recurrent module holding such a weight stays dense
-    as a whole (converted, it would hold a sparse layer of density 1 there), and the warning names it.
+    in a Sequential, say; a converted attention's out_proj registered elsewhere too) becomes the
+    sparse one. Modules that share one weight Parameter form one layer with one mask. A weight
+    that a module staying dense also holds (an Embedding tied to an output Linear, an excluded
+    layer) is left dense, with a warning: masking it would prune the dense module too. Sparsified
+    again with one of two tied sparse layers left out, both keep their one mask, with a warning.
+    An attention or recurrent module holding such a weight stays dense as a whole (converted, it
+    would hold a sparse layer of density 1 there), and the warning names it.
 
     Nothing changes unless everything succeeds: the arguments are checked, and masks and initial
     weights computed on copies, before the model is touched; on any error the model and the
@@ -143,7 +145,7 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
     sparse_init.check_generator(generator)
     check_optimizer(optimizer, "build the LBFGS after sparsify")
 
-    groups, attentions = _layers(model, include, exclude)
+    groups, wholes = _layers(model, include, exclude)
     if optimizer is not None and groups:
         trained = {id(parameter) for group in optimizer.param_groups for parameter in group["params"]}
         if not any(id(group[0][1].weight) in trained for group in groups):
@@ -174,7 +176,7 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
         if generator is not None:
             generator.set_state(generator_state)
         raise
-    return _commit(model, staged, optimizer, attentions)
+    return _commit(model, staged, optimizer, wholes)
 
 
 def check_optimizer(optimizer, instead: str) -> None:
@@ -231,10 +233,10 @@ def _matches(names: list[str], patterns: list[str]) -> bool:
 
 
 def _layers(model: nn.Module, include: list[str] | None,
-            exclude: list[str]) -> tuple[list[tying.Group], list[tuple[nn.Module, SparseMultiheadAttention]]]:
+            exclude: list[str]) -> tuple[list[tying.Group], list[tuple[nn.Module, nn.Module]]]:
     """The modules to sparsify, grouped by weight Parameter (one group per mask), in model order, and each
-    nn.MultiheadAttention to convert with the SparseMultiheadAttention (not yet in the model) that will replace
-    it, whose projections are among the modules.
+    nn.MultiheadAttention and nn.RNN/LSTM/GRU to convert as a whole with the SparseMultiheadAttention or
+    SparseRNNBase (not yet in the model) that will replace it, whose projections are among the modules.
 
     Warns about patterns that match no module name and about weights tied to a dense module.
     """
@@ -273,8 +275,10 @@ def _layers(model: nn.Module, include: list[str] | None,
                                                     DENSE_ENTRIES))
                  for name, module in _maskable_attentions(selected)}
     # An exact nn.RNN/LSTM/GRU likewise, by its own name: its weight matrices become SparseLinear children.
-    converted.update({id(module): (module, _SPARSE_RECURRENT_OF[type(module)].from_dense(module))
-                      for _, module in _maskable_recurrent(selected)})
+    for name, module in _maskable_recurrent(selected):
+        kind = _SPARSE_RECURRENT_OF[type(module)]
+        sparse = _carry_extras(name, module, kind.from_dense(module), kind.dense_entries(module))
+        converted[id(module)] = (module, sparse)
     targets = []
     # A converted module's projections by id: (the module's name, the module, the projection's name in it).
     owners = {}
@@ -300,10 +304,16 @@ def _layers(model: nn.Module, include: list[str] | None,
             other_name, other = dense[0]
             # A projection of a module converted whole names that module, which stays dense with all its weights.
             owner_name, owner, weight = owners.get(id(module), (name, module, None))
-            layer = f"{owner_name or '(root)'} ({type(owner).__name__}) stays dense"
+            # Sparsified again with one of a tied pair of sparse layers left out: both keep their one mask.
+            outcome = "keeps its mask" if isinstance(owner, SparseModule) else "stays dense"
+            layer = f"{owner_name or '(root)'} ({type(owner).__name__}) {outcome}"
             layer += ": its weight" if weight is None else f" as a whole: its {weight} weight"
-            warnings.warn(f"{layer} is tied to {other_name or '(root)'} ({type(other).__name__}), which is not "
-                          f"sparsified, and a mask would prune that module too", stacklevel=3)
+            other_outcome = ("which is left out and keeps its mask, and a new mask would change that module's too"
+                             if isinstance(other, SparseModule)
+                             else "which is not sparsified, and a mask would prune that module too")
+            # Leaving a tied decoder dense is the usual intent (a language model's): say what silences the warning.
+            warnings.warn(f"{layer} is tied to {other_name or '(root)'} ({type(other).__name__}), {other_outcome}; "
+                          f"exclude {owner_name or '(root)'} to silence this warning", stacklevel=3)
     # A group is left dense as a whole when any of its members is tied to a dense module.
     groups = [group for group in tying.group_by_weight(targets)
               if not any(id(module) in tied_to_dense for _, module in group)]
@@ -501,8 +511,8 @@ def _carry_extras(name: str, original: nn.Module, sparse: nn.Module, own: Sequen
     anything changes, for a name the sparse module uses itself (a buffer "mask", an attribute "density",
     "dense_grad", "zero_off_mask" or "forward"; an attention's "in_proj", "input_projections"): either
     meaning would be lost; and for a layer compiled in place (nn.Module.compile), whose compiled forward
-    is the dense one's. `own`: the entries of `original` that `sparse` shares already (from_dense) or
-    replaces. Returns `sparse`."""
+    is the dense one's. `own`: the entries and attributes of `original` that `sparse` shares already
+    (from_dense) or replaces. Returns `sparse`."""
     if vars(original).get("_compiled_call_impl") is not None:
         # nn.Module.compile's forward of the dense layer, bound to it: the sparse one cannot run it.
         raise ValueError(f"layer {name or '(root)'!r} ({type(original).__name__}) was compiled in place "
@@ -513,7 +523,7 @@ def _carry_extras(name: str, original: nn.Module, sparse: nn.Module, own: Sequen
     # in_features), except the ones SparseModule declares (dense_grad, zero_off_mask): set on a dense layer,
     # those are the user's, and dropping them would be as silent as overwriting them.
     extras += [("__dict__", key, value) for key, value in vars(original).items()
-               if key not in vars(sparse) or key in SparseModule.__annotations__]
+               if key not in own and (key not in vars(sparse) or key in SparseModule.__annotations__)]
     for _, key, _ in extras:
         if key in vars(sparse) or hasattr(type(sparse), key) or any(key in getattr(sparse, slot) for slot in
                                                                      ("_parameters", "_buffers", "_modules")):
@@ -599,11 +609,18 @@ def _checked_output(trial: SparseModule, attribute: str, original: Tensor, mask:
 
 @torch.no_grad()
 def _commit(model: nn.Module, staged, optimizer: torch.optim.Optimizer | None,
-            attentions: list[tuple[nn.Module, SparseMultiheadAttention]]) -> nn.Module:
+            wholes: list[tuple[nn.Module, nn.Module]]) -> nn.Module:
+    """Writes what `_stage` computed and puts the sparse modules in place of the dense ones; `wholes`: the
+    attentions and recurrent modules converted as a whole, each with its sparse replacement."""
     replacements = {}
-    for original, attention in attentions:
-        _carry_hooks(original, attention)
-        replacements[id(original)] = attention
+    for original, sparse in wholes:
+        _carry_hooks(original, sparse)
+        replacements[id(original)] = sparse
+        if isinstance(original, nn.MultiheadAttention):
+            # Its dense out_proj may be registered elsewhere too (model.projection = attention.out_proj): left
+            # there, its forward would give the shared weight a dense gradient.
+            _carry_hooks(original.out_proj, sparse.out_proj)
+            replacements[id(original.out_proj)] = sparse.out_proj
     for originals, modules, mask, new_weight, new_bias in staged:
         primary = modules[0]
         primary.weight.copy_(new_weight)
@@ -625,6 +642,8 @@ def _replace(model: nn.Module, replacements: dict[int, nn.Module]) -> None:
     # modules are parents too: a child carried from a replaced layer (a Linear attached to a Linear) may be
     # replaced itself.
     for parent in [*model.modules(), *replacements.values()]:
+        if replacements.get(id(parent), parent) is not parent:
+            continue   # it leaves the model, holding what it held (a converted attention its dense out_proj)
         for child_name, child in list(parent._modules.items()):
             if child is not None and id(child) in replacements:
                 parent._modules[child_name] = replacements[id(child)]

@@ -616,3 +616,27 @@ def test_on_cuda_the_unflattened_weights_do_not_warn(generator):
     for layer_name, layer in sparse.named_children():
         torch.testing.assert_close(layer.weight.grad, torch.where(
             layer.mask, getattr(reference, f"weight_{layer_name}").grad, 0.0))
+
+
+def test_sparsify_carries_what_a_user_attached_to_a_recurrent_module_to_its_sparse_replacement(generator):
+    """A learned initial state kept on the LSTM (a Parameter h0, a buffer c0), an attribute and a submodule, as
+    sparsify carries them for a Linear, a convolution or an attention: they were dropped, silently (the
+    parameters left model.parameters(), so an optimizer built after sparsify no longer trained them), and
+    forward then failed on the missing h0. A carried submodule is no weight matrix of the LSTM; it is sparsified
+    by its own name."""
+    rnn = nn.LSTM(INPUT, HIDDEN, batch_first=True)
+    rnn.h0 = nn.Parameter(torch.zeros(1, 1, HIDDEN))
+    rnn.register_buffer("c0", torch.zeros(1, 1, HIDDEN), persistent=False)
+    rnn.tag = "encoder"
+    rnn.adapter = nn.Linear(HIDDEN, HIDDEN)
+    h0, c0 = rnn.h0, rnn.c0
+    model = sparsekern.sparsify(nn.ModuleDict({"rnn": rnn}), 0.5, generator=generator)
+    sparse = model["rnn"]
+    assert isinstance(sparse, SparseLSTM) and sparse.h0 is h0 and sparse.c0 is c0 and sparse.tag == "encoder"
+    assert "rnn.c0" not in model.state_dict() and "rnn.h0" in dict(model.named_parameters())
+    assert isinstance(sparse.adapter, sparsekern.nn.SparseLinear)
+    assert [name for name, _ in sparse.named_projections()] == ["ih_l0", "hh_l0"]
+    x = torch.randn(2, 3, INPUT, generator=generator)
+    output, _ = sparse(x, (sparse.h0.expand(1, 2, HIDDEN).contiguous(), sparse.c0.expand(1, 2, HIDDEN).contiguous()))
+    assert sparse.adapter(output).shape == (2, 3, HIDDEN)
+    sparse.reset_parameters()   # over its weight matrices, not the adapter

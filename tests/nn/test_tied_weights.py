@@ -83,3 +83,92 @@ def test_sparsify_a_model_whose_modules_already_share_a_sparse_weight(generator)
     model = sparsekern.sparsify(nn.Sequential(first, second), 0.5, generator=generator)
     assert torch.equal(model[0].mask, model[1].mask) and model[0].nnz == 18
     assert len(sparse_modules(model)) == 2
+
+
+def test_sparsify_again_excluding_one_of_two_tied_sparse_layers_says_both_keep_their_mask(generator):
+    """Sparsified again with one of two sparse layers sharing a weight excluded, the pair keeps its one mask,
+    as an excluded sparse layer does; the warning said the other 'stays dense' and that the excluded one 'is not
+    sparsified', both false of layers at density 0.3, and so not what a user could act on."""
+    first, second = nn.Linear(8, 8), nn.Linear(8, 8)
+    second.weight = first.weight
+    model = sparsekern.sparsify(nn.Sequential(first, nn.Tanh(), second, nn.Linear(8, 2)), 0.3, generator=generator)
+    mask = model[0].mask.clone()
+    with pytest.warns(UserWarning) as caught:
+        sparsekern.sparsify(model, 0.1, exclude="2", generator=generator)
+    assert [str(w.message) for w in caught] == [
+        "0 (SparseLinear) keeps its mask: its weight is tied to 2 (SparseLinear), which is left out and keeps its "
+        "mask, and a new mask would change that module's too; exclude 0 to silence this warning"]
+    assert torch.equal(model[0].mask, mask) and torch.equal(model[2].mask, mask)
+
+
+class AttentionWithItsOutProjection(nn.Module):
+    """An attention's out_proj registered a second time, as the model's own projection (a code base that
+    reaches it by a shorter name, or reuses it after the attention)."""
+
+    def __init__(self):
+        super().__init__()
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.projection = self.attention.out_proj
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.projection(self.attention(x, x, x, need_weights=False)[0]))
+
+
+def test_every_reference_to_a_converted_attentions_out_proj_becomes_its_sparse_out_proj(generator):
+    """The second reference kept the dense out_proj: called there, it gave the shared weight a dense gradient,
+    and the optimizer step moved 41 of its 45 pruned weights off 0, silently densifying the attention too."""
+    model = AttentionWithItsOutProjection()
+    calls = []
+    model.projection.register_forward_hook(lambda *_: calls.append(1))   # moves with the module, as any hook does
+    sparsekern.sparsify(model, 0.3, generator=generator)
+    assert model.projection is model.attention.out_proj and isinstance(model.projection, SparseLinear)
+    sgd_step(model, torch.randn(4, 5, 8, generator=generator))
+    assert calls == [1]
+    layer = model.attention.out_proj
+    assert torch.all(layer.weight[~layer.mask] == 0)
+
+
+class Siamese(nn.Module):
+    """One LSTM encoder and one attention, each registered under two names (a Siamese network's two towers)."""
+
+    def __init__(self):
+        super().__init__()
+        self.left = nn.LSTM(8, 8, batch_first=True)
+        self.right = self.left
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.cross = self.attention
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, a, b):
+        a, b = self.left(a)[0], self.right(b)[0]
+        return self.head(torch.cat([self.attention(a, b, b)[0].mean(1), self.cross(b, a, a)[0].mean(1)], -1))
+
+
+def test_every_reference_to_a_shared_recurrent_module_and_attention_becomes_the_sparse_one(generator):
+    model = sparsekern.sparsify(Siamese(), 0.3, generator=generator)   # raised AttributeError (no out_proj)
+    assert model.left is model.right and isinstance(model.left, sparsekern.nn.SparseLSTM)
+    assert model.attention is model.cross and isinstance(model.attention, sparsekern.nn.SparseMultiheadAttention)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    a, b = torch.randn(2, 5, 8, generator=generator), torch.randn(2, 4, 8, generator=generator)
+    model(a, b).square().sum().backward()
+    optimizer.step()
+    for _, layer in sparse_modules(model):
+        assert torch.all(layer.weight[~layer.mask] == 0)
+
+
+def test_an_attention_sparsified_on_its_own_is_left_holding_its_dense_out_proj(generator):
+    """sparsify returns the replacement of a model that is itself an attention; the attention passed in leaves
+    the model as it was built, its out_proj the dense module (it came to hold the sparse one)."""
+    attention = nn.MultiheadAttention(8, 2)
+    out_proj = attention.out_proj
+    sparse = sparsekern.sparsify(attention, 0.3, generator=generator)
+    assert isinstance(sparse, sparsekern.nn.SparseMultiheadAttention) and attention.out_proj is out_proj
+
+
+def test_a_linear_registered_first_and_made_an_attentions_out_proj_becomes_its_sparse_out_proj(generator):
+    """The same module reached first under its own name (model.output, then attention.out_proj = model.output)."""
+    model = nn.ModuleDict({"output": nn.Linear(8, 8), "attention": nn.MultiheadAttention(8, 2)})
+    model["attention"].out_proj = model["output"]
+    sparsekern.sparsify(model, 0.3, generator=generator)
+    assert model["output"] is model["attention"].out_proj and isinstance(model["output"], SparseLinear)
