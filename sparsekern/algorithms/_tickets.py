@@ -248,11 +248,21 @@ def state_count(state: dict, key: str, low: int = 0) -> int:
     return _checks.count(state[key], f"state[{key!r}]", low)
 
 
+def check_saved_by(state, algorithm: str) -> None:
+    """TypeError unless `state` is a dict; ValueError when it was saved by another algorithm (its "algorithm"
+    entry): the entries of one algorithm's state can be a subset of another's (SWAMP's hold IMP's), and
+    loaded they would be taken for its own. A state without the entry (saved before it was kept) is not
+    checked."""
+    if not isinstance(state, dict):
+        raise TypeError(f"state must be a dict, got {type(state).__name__}")
+    check_saved_setting(state, "algorithm", algorithm)
+
+
 def check_saved_setting(state: dict, key: str, value) -> None:
-    """ValueError unless `state` was saved under the setting `key` = `value`. The counters alone cannot tell
-    (check_rewind_point): a state at step 3 of cycle 1 holding θ_2 fits rewind_step 0 as well, and resuming it
-    there would rewind to θ_2 and restart at step 0. A state without the entry (saved before it was kept) is
-    not checked."""
+    """ValueError unless `state` was saved under the setting `key` = `value`: resumed under another, a run would
+    go on as a run of neither, or misread its counters, which alone cannot tell (check_rewind_point): a state at
+    step 3 of cycle 1 holding θ_2 fits rewind_step 0 as well, and resuming it there would rewind to θ_2 and
+    restart at step 0. A state without the entry (saved before it was kept) is not checked."""
     if key in state and state[key] != value:
         raise ValueError(f"state[{key!r}]={state[key]!r}: the state was saved with {key}={state[key]!r}, "
                          f"not {value!r}")
