@@ -162,6 +162,24 @@ def test_interrupted_compare_keeps_finished_runs_and_a_rerun_trains_only_the_res
     assert [run["test_accuracy"] for run in rerun] == [run["test_accuracy"] for run in whole]
 
 
+def test_a_damaged_stored_ticket_is_trained_again_by_a_rerun(tmp_path):
+    # A run whose masks another starts from (reproduce's lottery tickets) keeps them in <key>.masks.pt. A damaged
+    # one, cut short, counted as stored: the rerun did not train its run again and stopped on loading it.
+    from sparsekern.cli.runs import Job, RunStore, execute, key
+
+    dataset = load_dataset("digits")
+    ticket = TrainConfig(method="imp", density=0.3, epochs=1, cycles=2, batch_size=256)
+    jobs = [Job(ticket), Job(TrainConfig(method="static", density=0.3, epochs=1, batch_size=256), ticket)]
+    first = execute(jobs, RunStore(str(tmp_path)), dataset)
+    masks = tmp_path / f"{key(ticket)}.masks.pt"
+    masks.write_bytes(masks.read_bytes()[:len(masks.read_bytes()) // 2])
+    (tmp_path / f"{key(jobs[1].config, ticket)}.json").unlink()
+    trained = []
+    again = execute(jobs, RunStore(str(tmp_path)), dataset, on_done=lambda job, record, new: trained.append(new))
+    assert trained == [True, True]
+    assert [again[name]["test_accuracy"] for name in first] == [record["test_accuracy"] for record in first.values()]
+
+
 def test_warnings_of_the_runs_are_kept_with_them_and_shown_once_each(tmp_path, capsys, monkeypatch):
     from sparsekern.cli import runs as runs_module
 
