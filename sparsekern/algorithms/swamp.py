@@ -310,10 +310,10 @@ class SWAMP:
         if "world_size" in state:   # not in a state saved before it was kept
             saved_world = _tickets.state_count(state, "world_size", 1)
             if saved_world != self.world_size:
+                ranks = f"{saved_world} rank{'s' if saved_world > 1 else ''}"
                 raise ValueError(f"state['world_size']={saved_world}: the state was saved by rank "
-                                 f"{particle % saved_world} of {saved_world} ranks, not {self.world_size} (each "
-                                 f"rank's state holds only the particles it trained): resume on {saved_world} "
-                                 f"ranks, each loading its own")
+                                 f"{particle % saved_world} of {ranks}, not {self.world_size} (each rank's state "
+                                 f"holds only the particles it trained): resume on {ranks}, each loading its own")
         if particle >= self.particles or particle % self.world_size != self.rank:
             raise ValueError(f"state['particle']={particle} is not a particle of rank {self.rank} of "
                              f"{self.world_size} with particles={self.particles}")
