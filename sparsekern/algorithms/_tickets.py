@@ -295,7 +295,9 @@ def loaded_optimizer(optimizer_factory: Callable, model: nn.Module, saved, name:
     if not isinstance(saved, dict):
         raise TypeError(f"{name} must be an optimizer state dict, got {type(saved).__name__}")
     try:
-        optimizer.load_state_dict(saved)
+        # A copy: torch's optimizer keeps the caller's tensors as its own (where device and dtype fit) and would
+        # train them in place, so that a state loaded twice (a retry, a rollback) would not resume alike.
+        optimizer.load_state_dict(map_tensors(Tensor.clone, saved))
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
         raise ValueError(f"{name} does not fit the optimizer: {type(error).__name__}: {error}") from None
     return optimizer

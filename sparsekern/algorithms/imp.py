@@ -147,8 +147,10 @@ class IMP(distributed.CatchesUp):
         return _tickets.masks_of(self._groups)
 
     def state_dict(self) -> dict:
-        return {"algorithm": "IMP", "cycle": self.cycle, "step_in_cycle": self.step_in_cycle,
-                "rewind_state": self.rewind_state, "optimizer": self.optimizer.state_dict(), **self._settings()}
+        """Counters, θ_k and the optimizer's state, as copies: training on leaves a state kept in memory as it was."""
+        return _tickets.map_tensors(Tensor.clone, {
+            "algorithm": "IMP", "cycle": self.cycle, "step_in_cycle": self.step_in_cycle,
+            "rewind_state": self.rewind_state, "optimizer": self.optimizer.state_dict(), **self._settings()})
 
     def _settings(self) -> dict:
         """The arguments a state is saved with and must be loaded under (`load_state_dict`)."""

@@ -285,8 +285,11 @@ class OptG(distributed.CatchesUp):
         return _tickets.masks_of(self._groups)
 
     def state_dict(self) -> dict:
-        return {"algorithm": "OptG", "epoch": self.epoch, "scores": [score.clone() for score in self.scores],
-                "score_optimizer": self.score_optimizer.state_dict(), "masks": self.masks, **self._settings()}
+        """Epoch, scores, their optimizer's state and the masks, as copies: training on leaves a state kept in
+        memory as it was."""
+        return _tickets.map_tensors(Tensor.clone, {
+            "algorithm": "OptG", "epoch": self.epoch, "scores": self.scores,
+            "score_optimizer": self.score_optimizer.state_dict(), "masks": self.masks, **self._settings()})
 
     def _settings(self) -> dict:
         """The arguments a state is saved with and must be loaded under (`load_state_dict`)."""
@@ -324,7 +327,8 @@ class OptG(distributed.CatchesUp):
                             f"{type(state['score_optimizer']).__name__}")
         score_optimizer = torch.optim.SGD(self.scores, **self.score_optimizer.defaults)
         try:  # into a fresh optimizer, so that a state that does not fit leaves the current one alone
-            score_optimizer.load_state_dict(state["score_optimizer"])
+            # A copy: torch's optimizer would keep the caller's tensors as its own and train them in place.
+            score_optimizer.load_state_dict(_tickets.map_tensors(Tensor.clone, state["score_optimizer"]))
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
             raise ValueError(f"state['score_optimizer'] does not fit the scores' optimizer: "
                              f"{type(error).__name__}: {error}") from None

@@ -198,3 +198,57 @@ def test_an_optg_state_saved_with_another_ramp_or_criterion_is_refused(saved, lo
     state = _through_a_file(OptG(mlp(0, hidden=8), **{**options, **saved}).state_dict())
     model = mlp(0, hidden=8)
     _refused_with_nothing_changed(OptG(model, **{**options, **loaded}), model, state, f"saved with {words}")
+
+
+# -- a state kept in memory -----------------------------------------------------------------------------------
+
+def _ticket_steps(model, algorithm, steps):
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(96, 64, generator=g), torch.randint(0, 10, (96,), generator=g)
+    for t in range(algorithm.step_in_cycle, steps):
+        inputs, targets = batch(x, y, 0, t, 16)
+        nn.functional.cross_entropy(model(inputs), targets).backward()
+        algorithm.optimizer.step()
+        algorithm.optimizer.zero_grad()
+        algorithm.step()
+
+
+def _optg_steps(model, optg, steps):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for t in range(steps):
+        inputs, targets = batch(torch.ones(96, 64), torch.zeros(96, dtype=torch.long), 0, t, 16)
+        nn.functional.cross_entropy(model(inputs * (t + 1)), targets + t % 10).backward()
+        optg.step()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+IN_MEMORY = {
+    "IMP": (lambda model: IMP(model, _sgd, prune_fraction=0.3), _ticket_steps),
+    "SWAMP": (lambda model: SWAMP(model, _sgd, particles=2, prune_fraction=0.3, swa_start=2), _ticket_steps),
+    "OptG": (lambda model: OptG(model, sparsity=0.5, epochs=3), _optg_steps),
+}
+
+
+@pytest.mark.parametrize("name", sorted(IN_MEMORY))
+def test_a_state_kept_in_memory_stays_as_saved_through_training_and_loading(name):
+    # A rollback (to the last good state, on a NaN loss) or a retry loads one state dict more than once. Its
+    # optimizer state (momentum), SWAMP's running means, were the live tensors: training on after state_dict(),
+    # or after load_state_dict(), which left the loaded optimizer holding the caller's tensors, wrote into them.
+    build, train = IN_MEMORY[name]
+    model = mlp(0, hidden=16)
+    algorithm = build(model)
+    train(model, algorithm, 4)
+    state = algorithm.state_dict()
+    kept = copy.deepcopy(state)
+    train(model, algorithm, 6)
+    assert _same(kept, state) is None
+    runs = []
+    for _ in range(2):
+        model = mlp(1, hidden=16)
+        algorithm = build(model)
+        algorithm.load_state_dict(state)
+        train(model, algorithm, 8)
+        runs.append(algorithm.state_dict())
+    assert _same(kept, state) is None
+    assert _same(*runs) is None
