@@ -202,9 +202,14 @@ def test_an_optg_state_saved_with_another_ramp_or_criterion_is_refused(saved, lo
 
 # -- a state kept in memory -----------------------------------------------------------------------------------
 
-def _ticket_steps(model, algorithm, steps):
+def _data():
     g = torch.Generator().manual_seed(3)
-    x, y = torch.randn(96, 64, generator=g), torch.randint(0, 10, (96,), generator=g)
+    return torch.randn(96, 64, generator=g), torch.randint(0, 10, (96,), generator=g)
+
+
+def _ticket_steps(model, algorithm, steps):
+    """Trains IMP or SWAMP from its step_in_cycle to `steps` with its own optimizer."""
+    x, y = _data()
     for t in range(algorithm.step_in_cycle, steps):
         inputs, targets = batch(x, y, 0, t, 16)
         nn.functional.cross_entropy(model(inputs), targets).backward()
@@ -214,10 +219,12 @@ def _ticket_steps(model, algorithm, steps):
 
 
 def _optg_steps(model, optg, steps):
+    """`steps` steps of OptG under plain SGD (no optimizer state for a checkpoint to carry)."""
+    x, y = _data()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     for t in range(steps):
-        inputs, targets = batch(torch.ones(96, 64), torch.zeros(96, dtype=torch.long), 0, t, 16)
-        nn.functional.cross_entropy(model(inputs * (t + 1)), targets + t % 10).backward()
+        inputs, targets = batch(x, y, optg.epoch, t, 16)
+        nn.functional.cross_entropy(model(inputs), targets).backward()
         optg.step()
         optimizer.step()
         optimizer.zero_grad()
@@ -252,3 +259,69 @@ def test_a_state_kept_in_memory_stays_as_saved_through_training_and_loading(name
         runs.append(algorithm.state_dict())
     assert _same(kept, state) is None
     assert _same(*runs) is None
+
+
+# -- IMP and OptG at their boundaries -------------------------------------------------------------------------
+
+def _adam(parameters):
+    return torch.optim.Adam(parameters, lr=0.01)
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+@pytest.mark.parametrize("rewind", ["weights", "learning_rate"])
+def test_imp_resumed_at_its_rewind_step_and_around_a_pruning_ends_where_the_uninterrupted_run_ends(rewind, scope):
+    steps, cycles, k = 6, 3, 2
+
+    def build(seed):
+        model = mlp(seed, hidden=16, batch_norm=True)
+        return model, IMP(model, _adam, prune_fraction=0.3, rewind_step=k, scope=scope, rewind=rewind)
+
+    def finish(model, imp):
+        imp.run(lambda algorithm: _ticket_steps(model, algorithm, steps), cycles)
+        return model.state_dict(), imp.state_dict()
+
+    uninterrupted = finish(*build(6))
+    # (cycles trained, steps of the next): at the rewind step; at a cycle's end, before its pruning; right after
+    # a pruning and rewind; one step after it
+    for trained, step in ((0, k), (0, steps), (1, None), (1, k + 1)):
+        model, imp = build(6)
+        for _ in range(trained):
+            _ticket_steps(model, imp, steps)
+            imp.next_cycle()
+        if step is not None:
+            _ticket_steps(model, imp, step)
+        saved = _through_a_file({"model": model.state_dict(), "imp": imp.state_dict()})
+        model, imp = build(99)
+        model.load_state_dict(saved["model"])
+        imp.load_state_dict(saved["imp"])
+        assert _same(uninterrupted, finish(model, imp)) is None, (trained, step)
+
+
+@pytest.mark.parametrize("after_next_epoch", [False, True])
+@pytest.mark.parametrize("criterion", ["learned", "magnitude"])
+def test_optg_resumed_at_the_end_of_its_last_epoch_ends_as_the_uninterrupted_run(criterion, after_next_epoch):
+    # Its last next_epoch() only counts the epoch (the model keeps the mask it trained with): resumed before it or
+    # after it, the run ends with the uninterrupted run's model and state, and no further epoch.
+    epochs = 3
+
+    def build(seed):
+        model = mlp(seed, hidden=16)
+        return model, OptG(model, sparsity=0.6, epochs=epochs, criterion=criterion)
+
+    model, optg = build(5)
+    for epoch in range(epochs):
+        _optg_steps(model, optg, 3)
+        if epoch < epochs - 1 or after_next_epoch:
+            optg.next_epoch()
+    saved = _through_a_file({"model": model.state_dict(), "optg": optg.state_dict()})
+    if not after_next_epoch:
+        optg.next_epoch()
+    uninterrupted = model.state_dict(), optg.state_dict()
+    model, optg = build(6)
+    model.load_state_dict(saved["model"])
+    optg.load_state_dict(saved["optg"])
+    if not after_next_epoch:
+        optg.next_epoch()
+    assert _same(uninterrupted, (model.state_dict(), optg.state_dict())) is None
+    with pytest.raises(RuntimeError, match="after the last of the 3 epochs"):
+        optg.next_epoch()
