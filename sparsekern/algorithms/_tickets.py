@@ -263,7 +263,8 @@ def check_saved_setting(state: dict, key: str, value) -> None:
     go on as a run of neither, or misread its counters, which alone cannot tell (check_rewind_point): a state at
     step 3 of cycle 1 holding θ_2 fits rewind_step 0 as well, and resuming it there would rewind to θ_2 and
     restart at step 0. A state without the entry (saved before it was kept) is not checked."""
-    if key in state and state[key] != value:
+    # A tensor is never a setting (and comparing one gives a tensor, whose truth value may raise).
+    if key in state and (isinstance(state[key], Tensor) or state[key] != value):
         raise ValueError(f"state[{key!r}]={state[key]!r}: the state was saved with {key}={state[key]!r}, "
                          f"not {value!r}")
 

@@ -153,6 +153,15 @@ def test_an_imp_state_saved_with_another_pruning_is_refused(saved, loaded, words
     _refused_with_nothing_changed(IMP(model, _sgd, **loaded), model, state, f"saved with {words}")
 
 
+@pytest.mark.parametrize("setting", ["rewind_step", "rewind", "algorithm"])
+def test_a_setting_tampered_into_a_tensor_is_refused_as_a_value_error(setting):
+    # Compared with !=, a tensor of several values raised RuntimeError ('Boolean value of Tensor ... is ambiguous').
+    state = _through_a_file(IMP(mlp(0, hidden=8), _sgd).state_dict())
+    state[setting] = torch.zeros(3)
+    model = mlp(0, hidden=8)
+    _refused_with_nothing_changed(IMP(model, _sgd), model, state, f"state\\['{setting}'\\]=tensor")
+
+
 @pytest.mark.parametrize("saved, loaded, words", [
     (dict(particles=4), dict(particles=2), "particles=4, not 2"),
     (dict(prune_fraction=0.3), dict(prune_fraction=0.5), "prune_fraction=0.3, not 0.5"),
