@@ -334,3 +334,24 @@ def test_optg_resumed_at_the_end_of_its_last_epoch_ends_as_the_uninterrupted_run
     assert _same(uninterrupted, (model.state_dict(), optg.state_dict())) is None
     with pytest.raises(RuntimeError, match="after the last of the 3 epochs"):
         optg.next_epoch()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_dst_saved_by_two_ddp_ranks_resumes_on_two_alike_and_is_refused_by_a_dst_of_the_bare_model(tmp_path):
+    # Rank 0's checkpoint, loaded on both ranks, resumes both to the uninterrupted run's masks and state (SET's
+    # random stream included). Its names carry DDP's "module.": a DST built on the model itself, as one process
+    # without DDP builds it, refuses them, and says why (the error named both lists, and not the prefix).
+    result = torchrun("tests.algorithms.dst_resume_worker", str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    for method in ("set", "rigl"):
+        assert _same(ranks[0][method]["uninterrupted"], ranks[1][method]["uninterrupted"]) is None
+        for rank in ranks:
+            assert _same(rank[method]["uninterrupted"], rank[method]["resumed"]) is None, method
+    saved = torch.load(tmp_path / "set.pt", weights_only=True)
+    torch.manual_seed(0)
+    model = sparsekern.sparsify(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)), 0.3,
+                                generator=torch.Generator().manual_seed(0))
+    dst = sparsekern.SET(model, torch.optim.Adam(model.parameters(), lr=0.01), update_every=2, total_steps=14, seed=3)
+    _refused_with_nothing_changed(dst, model, saved["algorithm"], r"\['module\.0', 'module\.2'\] \(the saved "
+                                                                  r"names carry the prefix 'module\.' of a wrapper")
