@@ -278,12 +278,12 @@ class SWAMP:
         """This rank's state, as copies (training on leaves a state kept in memory as it was): under
         torch.distributed, each rank's holds the particles it trained, so each rank saves its own, and it
         resumes on the same rank of as many ranks."""
-        return _tickets.map_tensors(Tensor.clone, {"algorithm": "SWAMP", "cycle": self.cycle, "particle": self.particle,
-                "step_in_cycle": self.step_in_cycle, "averaged": self.averaged, "rewind_state": self.rewind_state,
-                "rewind_optimizer_state": self.rewind_optimizer_state,
-                "particle_average": self.particle_average, "average_count": self.average_count,
-                "particle_sum": self.particle_sum, "optimizer": self.optimizer.state_dict(),
-                "world_size": self.world_size, **self._settings()})
+        return _tickets.map_tensors(Tensor.clone, {
+            "algorithm": "SWAMP", "cycle": self.cycle, "particle": self.particle, "step_in_cycle": self.step_in_cycle,
+            "averaged": self.averaged, "rewind_state": self.rewind_state,
+            "rewind_optimizer_state": self.rewind_optimizer_state, "particle_average": self.particle_average,
+            "average_count": self.average_count, "particle_sum": self.particle_sum,
+            "optimizer": self.optimizer.state_dict(), "world_size": self.world_size, **self._settings()})
 
     def _settings(self) -> dict:
         """The arguments a state is saved with and must be loaded under (`load_state_dict`)."""
