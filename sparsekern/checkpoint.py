@@ -39,8 +39,8 @@ def load(path: str | os.PathLike, map_location=None):
     A file that cannot be loaded (truncated, corrupt, holding objects other than tensors and
     containers, which are never unpickled, or tensors of a device this machine lacks) raises
     ValueError naming the file; so does one whose stored checksums (CRC-32 of every record of
-    torch's zip format) do not match its contents, or whose record headers are damaged, both of
-    which torch.load alone would load silently,
+    torch's zip format) do not match its contents, or whose record headers or zip directory are
+    damaged, all of which torch.load alone would load silently,
     and a path that is not a regular file (a FIFO, which would block forever, a device); a
     missing one raises FileNotFoundError. `map_location` (None, a device or its name, a dict
     of them, or a callable, as for torch.load) is checked first. The checksums and torch.load
@@ -99,14 +99,25 @@ def _check_regular(path: str, missing_ok: bool) -> None:
         raise ValueError(f"path {path!r} is not a regular file (a FIFO, socket or device), not a checkpoint file")
 
 
+_ZIP_START = b"PK\x03\x04"   # a zip's first local header, which torch.load takes for its zip format
+
+
 def _check_checksums(path: str, file) -> None:
     """ValueError naming the file (`path`, open as `file`) and the record when a record of a zip
     checkpoint fails its CRC-32, or cannot be read back at all (a damaged record header). Leaves
     `file` open (ZipFile closes only files it opened)."""
     try:
         archive = zipfile.ZipFile(file)
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError):
-        return  # not a zip (torch's legacy format, or garbage): torch.load judges it
+    except OSError:
+        return  # the storage failing, or a seek the file cannot take: torch.load meets it too
+    except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError) as error:
+        file.seek(0)
+        if file.read(len(_ZIP_START)) != _ZIP_START:
+            return  # not a zip (torch's legacy format, or garbage): torch.load judges it
+        # torch.load reads it as a zip, with a reader that skips what zipfile checks (a damaged version field in
+        # the directory): loaded, its records would go untested.
+        raise ValueError(f"{path}: cannot load this checkpoint: it is damaged (its zip directory cannot be read: "
+                         f"{type(error).__name__}: {error})") from None
     with archive:
         try:
             damaged = archive.testzip()

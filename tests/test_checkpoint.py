@@ -106,3 +106,19 @@ def test_a_bit_flipped_in_a_record_header_raises_value_error_or_loads_the_saved_
                     continue
                 assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved), \
                     (position, bit)
+
+
+def test_a_zip_directory_that_cannot_be_read_is_refused_not_loaded_unchecked(tmp_path):
+    # One bit flipped in the central directory's 'version needed to extract' made zipfile refuse the archive
+    # (NotImplementedError), which was taken for 'not a zip': the checksums went untested and torch's reader, which
+    # ignores that field, loaded a damaged tensor silently.
+    weight = torch.arange(1000.0)
+    path = tmp_path / "ckpt.pt"
+    checkpoint.save({"weight": weight}, path)
+    damaged = bytearray(path.read_bytes())
+    damaged[damaged.find(weight.numpy().tobytes()) + 2001] ^= 0x40   # a byte of weight[500]
+    directory = damaged.find(b"PK\x01\x02")
+    damaged[directory + 6] ^= 0x40   # version needed: 2.0 -> 6.4, beyond zipfile's
+    path.write_bytes(damaged)
+    with pytest.raises(ValueError, match="ckpt.pt: cannot load this checkpoint: it is damaged"):
+        checkpoint.load(path)

@@ -248,12 +248,23 @@ def state_count(state: dict, key: str, low: int = 0) -> int:
     return _checks.count(state[key], f"state[{key!r}]", low)
 
 
+def check_saved_by(state, algorithm: str) -> None:
+    """TypeError unless `state` is a dict; ValueError when it was saved by another algorithm (its "algorithm"
+    entry): the entries of one algorithm's state can be a subset of another's (SWAMP's hold IMP's), and
+    loaded they would be taken for its own. A state without the entry (saved before it was kept) is not
+    checked."""
+    if not isinstance(state, dict):
+        raise TypeError(f"state must be a dict, got {type(state).__name__}")
+    check_saved_setting(state, "algorithm", algorithm)
+
+
 def check_saved_setting(state: dict, key: str, value) -> None:
-    """ValueError unless `state` was saved under the setting `key` = `value`. The counters alone cannot tell
-    (check_rewind_point): a state at step 3 of cycle 1 holding θ_2 fits rewind_step 0 as well, and resuming it
-    there would rewind to θ_2 and restart at step 0. A state without the entry (saved before it was kept) is
-    not checked."""
-    if key in state and state[key] != value:
+    """ValueError unless `state` was saved under the setting `key` = `value`: resumed under another, a run would
+    go on as a run of neither, or misread its counters, which alone cannot tell (check_rewind_point): a state at
+    step 3 of cycle 1 holding θ_2 fits rewind_step 0 as well, and resuming it there would rewind to θ_2 and
+    restart at step 0. A state without the entry (saved before it was kept) is not checked."""
+    # A tensor is never a setting (and comparing one gives a tensor, whose truth value may raise).
+    if key in state and (isinstance(state[key], Tensor) or state[key] != value):
         raise ValueError(f"state[{key!r}]={state[key]!r}: the state was saved with {key}={state[key]!r}, "
                          f"not {value!r}")
 
@@ -285,7 +296,9 @@ def loaded_optimizer(optimizer_factory: Callable, model: nn.Module, saved, name:
     if not isinstance(saved, dict):
         raise TypeError(f"{name} must be an optimizer state dict, got {type(saved).__name__}")
     try:
-        optimizer.load_state_dict(saved)
+        # A copy: torch's optimizer keeps the caller's tensors as its own (where device and dtype fit) and would
+        # train them in place, so that a state loaded twice (a retry, a rollback) would not resume alike.
+        optimizer.load_state_dict(map_tensors(Tensor.clone, saved))
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
         raise ValueError(f"{name} does not fit the optimizer: {type(error).__name__}: {error}") from None
     return optimizer

@@ -319,37 +319,43 @@ class DST(distributed.CatchesUp):
         return None if sums is None else {id(parameter): total for parameter, total in zip(held, sums)}
 
     def state_dict(self) -> dict:
-        """Step count, masks (by module name), schedule, random-generator state, and whether finish()
-        was called since the last step() ("finished").
+        """Step count, masks (by module name), schedule, random-generator state, whether finish()
+        was called since the last step() ("finished"), and the criteria, scope and block it updates by.
 
         The names are those of the model DST was built on, wrapper prefixes included ("module." under
         DistributedDataParallel, "_orig_mod." under torch.compile): load the state into a DST built on the
         same wrapping, as for the model's own state dict."""
-        return {"step_count": self.step_count,
+        return {"algorithm": "DST", "step_count": self.step_count,
                 "masks": {name: module.mask.clone() for name, module in self.modules},
                 "schedule": dataclasses.asdict(self.schedule),
-                "generator": self.generator.get_state(), "finished": self._finished}
+                "generator": self.generator.get_state(), "finished": self._finished, **self._settings()}
+
+    def _settings(self) -> dict:
+        """The arguments a state is saved with and must be loaded under (`load_state_dict`)."""
+        return {"prune": self.prune, "grow": self.grow, "scope": self.scope, "block": self.block}
 
     def load_state_dict(self, state: dict) -> None:
         """Restores a `state_dict()`: step count, masks (weights, and the optimizer's per-weight state,
         are zeroed off them), schedule, generator and, after finish(), finished (a state without
         "finished", saved by earlier versions, loads unfinished). Checked completely before anything
         changes: a bad state raises TypeError or ValueError naming the entry, and the model and this
-        DST are as before. A step count past the
-        schedule's total_steps (a run that called step() too often, which step() allows) loads with
-        a warning, as does a saved schedule that differs from the one this DST was built with (which
-        it replaces)."""
+        DST are as before; so does the state of another algorithm, or of a DST of other criteria
+        (prune, grow), scope or block, which this one would go on from as though they were its own. A
+        step count past the schedule's total_steps (a run that called step() too often, which step()
+        allows) loads with a warning, as does a saved schedule that differs from the one this DST was
+        built with (which it replaces)."""
         self._prepare_load(state)()
 
     def _prepare_load(self, state: dict):
         """Checks `state` completely, warnings included, and returns the function that installs it
         (load_state_dict runs both; broadcast_masks checks on every rank before any rank installs)."""
         _tickets.check_own_weights(self._groups, "DST")
-        if not isinstance(state, dict):
-            raise TypeError(f"state must be a dict, got {type(state).__name__}")
+        _tickets.check_saved_by(state, "DST")
         missing = {"step_count", "masks", "schedule", "generator"} - set(state)
         if missing:
             raise ValueError(f"state lacks {sorted(missing)}")
+        for key, value in self._settings().items():
+            _tickets.check_saved_setting(state, key, value)
         step_count = state["step_count"]
         if isinstance(step_count, bool) or not isinstance(step_count, int) or step_count < 0:
             raise ValueError(f"state['step_count'] must be an int >= 0, got {step_count!r}")
@@ -357,7 +363,8 @@ class DST(distributed.CatchesUp):
         names = [name for name, _ in self.modules]
         if not isinstance(masks, dict) or sorted(masks, key=str) != sorted(names):
             raise ValueError(f"state['masks'] must hold the masks of {names}, got "
-                             f"{sorted(masks, key=str) if isinstance(masks, dict) else type(masks).__name__}")
+                             f"{sorted(masks, key=str) if isinstance(masks, dict) else type(masks).__name__}"
+                             f"{_wrapping_hint(list(masks), names) if isinstance(masks, dict) else ''}")
         staged = []
         for name, module in self.modules:
             mask = masks[name]
@@ -684,6 +691,20 @@ def _warn_if_idle(schedule: schedules.Schedule, empty: list[str], scope: str) ->
         warnings.warn("drop_fraction is 0: every mask update swaps no weight", stacklevel=4)
     if scope == "layer" and empty:
         warnings.warn(f"{empty} have no active weight: with scope='layer' they stay empty", stacklevel=4)
+
+
+def _wrapping_hint(saved: list, names: list[str]) -> str:
+    """Why a state's layer names may be this DST's with one prefix more or less: a wrapper's (module. of
+    DistributedDataParallel, _orig_mod. of torch.compile) on one side only; "" when they differ otherwise."""
+    if not saved or len(saved) != len(names) or not all(isinstance(name, str) for name in saved):
+        return ""
+    for longer, shorter, side in ((sorted(saved), sorted(names), "the saved names carry"),
+                                  (sorted(names), sorted(saved), "this DST's names carry")):
+        prefix = longer[0][:len(longer[0]) - len(shorter[0])]
+        if prefix.endswith(".") and all(long == prefix + short for long, short in zip(longer, shorter)):
+            return (f" ({side} the prefix {prefix!r} of a wrapper, DistributedDataParallel's or torch.compile's: "
+                    f"build DST on the model wrapped as it was when saved, as the model's own state dict needs)")
+    return ""
 
 
 def _schedule_from_state(saved) -> schedules.Schedule:

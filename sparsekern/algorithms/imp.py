@@ -147,15 +147,22 @@ class IMP(distributed.CatchesUp):
         return _tickets.masks_of(self._groups)
 
     def state_dict(self) -> dict:
-        return {"cycle": self.cycle, "step_in_cycle": self.step_in_cycle, "rewind_state": self.rewind_state,
-                "optimizer": self.optimizer.state_dict(), "rewind_step": self.rewind_step, "rewind": self.rewind}
+        """Counters, θ_k and the optimizer's state, as copies: training on leaves a state kept in memory as it was."""
+        return _tickets.map_tensors(Tensor.clone, {
+            "algorithm": "IMP", "cycle": self.cycle, "step_in_cycle": self.step_in_cycle,
+            "rewind_state": self.rewind_state, "optimizer": self.optimizer.state_dict(), **self._settings()})
+
+    def _settings(self) -> dict:
+        """The arguments a state is saved with and must be loaded under (`load_state_dict`)."""
+        return {"rewind_step": self.rewind_step, "rewind": self.rewind, "prune_fraction": self.prune_fraction,
+                "scope": self.scope}
 
     def load_state_dict(self, state: dict) -> None:
         """Restores a `state_dict()`; load the model's own state first (its masks live there).
 
-        Checked completely first (entries, counts, θ_k against the model, the rewind settings it was
-        saved with, the optimizer state against a fresh optimizer): a bad state raises TypeError or
-        ValueError and changes nothing.
+        Checked completely first (entries, counts, θ_k against the model, the optimizer state against a
+        fresh optimizer, and that it is an IMP state saved with this IMP's rewind, rewind_step,
+        prune_fraction and scope): a bad state raises TypeError or ValueError and changes nothing.
         """
         self._prepare_load(state)()
 
@@ -163,14 +170,15 @@ class IMP(distributed.CatchesUp):
         """Checks `state` completely and returns the function that installs it (load_state_dict runs
         both; broadcast_masks checks on every rank before any rank installs)."""
         _tickets.check_own_weights(self._groups, "IMP")
+        _tickets.check_saved_by(state, "IMP")
         _tickets.check_state_keys(state, ("cycle", "step_in_cycle", "rewind_state", "optimizer"))
         cycle = _tickets.state_count(state, "cycle")
         step_in_cycle = _tickets.state_count(state, "step_in_cycle")
         rewind_state = state["rewind_state"]
         _tickets.check_rewind_point(cycle, step_in_cycle, rewind_state is not None, self.rewind_step,
                                     self.rewind == "weights")
-        _tickets.check_saved_setting(state, "rewind", self.rewind)
-        _tickets.check_saved_setting(state, "rewind_step", self.rewind_step)
+        for key, value in self._settings().items():
+            _tickets.check_saved_setting(state, key, value)
         if rewind_state is not None:
             rewind_state = _tickets.check_snapshot(rewind_state, self.model, "state['rewind_state']")
         optimizer = _tickets.loaded_optimizer(self.optimizer_factory, self.model, state["optimizer"],

@@ -285,22 +285,35 @@ class OptG(distributed.CatchesUp):
         return _tickets.masks_of(self._groups)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "scores": [score.clone() for score in self.scores],
-                "score_optimizer": self.score_optimizer.state_dict(), "masks": self.masks}
+        """Epoch, scores, their optimizer's state and the masks, as copies: training on leaves a state kept in
+        memory as it was."""
+        return _tickets.map_tensors(Tensor.clone, {
+            "algorithm": "OptG", "epoch": self.epoch, "scores": self.scores,
+            "score_optimizer": self.score_optimizer.state_dict(), "masks": self.masks, **self._settings()})
+
+    def _settings(self) -> dict:
+        """The arguments a state is saved with and must be loaded under (`load_state_dict`)."""
+        return {"sparsity": self.sparsity, "epochs": self.epochs, "beta": self.beta, "criterion": self.criterion,
+                "reach_target": self.reach_target, "dense_while_scores_tie": self.dense_while_scores_tie}
 
     def load_state_dict(self, state: dict) -> None:
         """Restores a `state_dict()`, the current epoch's masks included (they came from the scores at
         the epoch's start, not those saved mid-epoch), so it does not matter whether the model's state
         dict was loaded before this OptG was built (which sets epoch-0 masks) or after. A state without
-        "masks" (older versions) keeps the model's own. Checked completely first: a bad state raises
-        TypeError or ValueError and changes nothing."""
+        "masks" (older versions) keeps the model's own. Checked completely first (entries, tensors against the
+        layers, and that it is an OptG state saved with this OptG's sparsity, epochs, beta, criterion,
+        reach_target and dense_while_scores_tie): a bad state raises TypeError or ValueError and changes
+        nothing."""
         self._prepare_load(state)()
 
     def _prepare_load(self, state: dict):
         """Checks `state` completely and returns the function that installs it (load_state_dict runs
         both; broadcast_masks checks on every rank before any rank installs)."""
         _tickets.check_own_weights(self._groups, "OptG")
+        _tickets.check_saved_by(state, "OptG")
         _tickets.check_state_keys(state, ("epoch", "scores", "score_optimizer"))
+        for key, value in self._settings().items():
+            _tickets.check_saved_setting(state, key, value)
         masks = None if "masks" not in state else _tickets.check_masks(state["masks"], self._groups,
                                                                         "state['masks']")
         epoch = _tickets.state_count(state, "epoch")
@@ -314,7 +327,8 @@ class OptG(distributed.CatchesUp):
                             f"{type(state['score_optimizer']).__name__}")
         score_optimizer = torch.optim.SGD(self.scores, **self.score_optimizer.defaults)
         try:  # into a fresh optimizer, so that a state that does not fit leaves the current one alone
-            score_optimizer.load_state_dict(state["score_optimizer"])
+            # A copy: torch's optimizer would keep the caller's tensors as its own and train them in place.
+            score_optimizer.load_state_dict(_tickets.map_tensors(Tensor.clone, state["score_optimizer"]))
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
             raise ValueError(f"state['score_optimizer'] does not fit the scores' optimizer: "
                              f"{type(error).__name__}: {error}") from None

@@ -70,7 +70,8 @@ class SWAMP:
     fresh optimizer, as IMP does. Under torch.distributed, rank 0's θ_k is broadcast at step k, and
     the construction is collective: an argument refused on one rank only is refused on every rank (the
     others' error names that rank), so that none waits for it in a broadcast.
-    `state_dict()` holds everything but the model (checkpoint `model.state_dict()` beside it).
+    `state_dict()` holds everything but the model (checkpoint `model.state_dict()` beside it); under
+    torch.distributed, each rank's holds its own particles, so each rank saves and loads its own.
     """
 
     def __init__(self, model: nn.Module, optimizer_factory: OptimizerFactory, particles: int = 4,
@@ -274,25 +275,46 @@ class SWAMP:
         return _tickets.masks_of(self._groups)
 
     def state_dict(self) -> dict:
-        return {"cycle": self.cycle, "particle": self.particle, "step_in_cycle": self.step_in_cycle,
-                "averaged": self.averaged, "rewind_state": self.rewind_state,
-                "rewind_optimizer_state": self.rewind_optimizer_state,
-                "particle_average": self.particle_average, "average_count": self.average_count,
-                "particle_sum": self.particle_sum, "optimizer": self.optimizer.state_dict(),
-                "rewind_step": self.rewind_step}
+        """This rank's state, as copies (training on leaves a state kept in memory as it was): under
+        torch.distributed, each rank's holds the particles it trained, so each rank saves its own, and it
+        resumes on the same rank of as many ranks."""
+        return _tickets.map_tensors(Tensor.clone, {
+            "algorithm": "SWAMP", "cycle": self.cycle, "particle": self.particle, "step_in_cycle": self.step_in_cycle,
+            "averaged": self.averaged, "rewind_state": self.rewind_state,
+            "rewind_optimizer_state": self.rewind_optimizer_state, "particle_average": self.particle_average,
+            "average_count": self.average_count, "particle_sum": self.particle_sum,
+            "optimizer": self.optimizer.state_dict(), "world_size": self.world_size, **self._settings()})
+
+    def _settings(self) -> dict:
+        """The arguments a state is saved with and must be loaded under (`load_state_dict`)."""
+        return {"rewind_step": self.rewind_step, "particles": self.particles, "prune_fraction": self.prune_fraction,
+                "scope": self.scope, "swa_start": self.swa_start, "swa_every": self.swa_every, "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restores a `state_dict()` (of the same rank); load the model's own state first.
+        """Restores a `state_dict()` saved by this rank of as many ranks (each rank's holds only the particles
+        it trained); load the model's own state first.
 
-        Checked completely first: a bad state raises TypeError or ValueError and changes nothing.
+        Checked completely first (entries, counts, tensors against the model, and that it is a SWAMP state
+        saved on as many ranks with this SWAMP's rewind_step, particles, prune_fraction, scope, swa_start,
+        swa_every and seed): a bad state raises TypeError or ValueError and changes nothing.
         """
         _tickets.check_own_weights(self._groups, "SWAMP")
+        _tickets.check_saved_by(state, "SWAMP")
         _tickets.check_state_keys(state, ("cycle", "particle", "step_in_cycle", "averaged", "rewind_state",
                                           "rewind_optimizer_state", "particle_average", "average_count",
                                           "particle_sum", "optimizer"))
+        for key, value in self._settings().items():
+            _tickets.check_saved_setting(state, key, value)
         counts = {name: _tickets.state_count(state, name)
                   for name in ("cycle", "particle", "step_in_cycle", "average_count")}
         particle = counts["particle"]
+        if "world_size" in state:   # not in a state saved before it was kept
+            saved_world = _tickets.state_count(state, "world_size", 1)
+            if saved_world != self.world_size:
+                ranks = f"{saved_world} rank{'s' if saved_world > 1 else ''}"
+                raise ValueError(f"state['world_size']={saved_world}: the state was saved by rank "
+                                 f"{particle % saved_world} of {ranks}, not {self.world_size} (each rank's state "
+                                 f"holds only the particles it trained): resume on {ranks}, each loading its own")
         if particle >= self.particles or particle % self.world_size != self.rank:
             raise ValueError(f"state['particle']={particle} is not a particle of rank {self.rank} of "
                              f"{self.world_size} with particles={self.particles}")
@@ -301,7 +323,6 @@ class SWAMP:
         rewind_state = state["rewind_state"]
         _tickets.check_rewind_point(counts["cycle"], counts["step_in_cycle"], rewind_state is not None,
                                     self.rewind_step, keeps_weights=True)
-        _tickets.check_saved_setting(state, "rewind_step", self.rewind_step)
         if rewind_state is not None:
             rewind_state = _tickets.check_snapshot(rewind_state, self.model, "state['rewind_state']")
         rewind_optimizer_state = state["rewind_optimizer_state"]

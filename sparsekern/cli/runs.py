@@ -57,7 +57,7 @@ class RunStore:
 
     def get(self, job: Job, needs_masks: bool = False) -> dict | None:
         """The stored record of `job` (None if there is none, it is unreadable, or its masks are needed and
-        missing, or the store is fresh)."""
+        missing or unreadable, or the store is fresh)."""
         if self.fresh:
             return None
         name = key(job.config, job.masks_from)
@@ -69,8 +69,8 @@ class RunStore:
         if not isinstance(record, dict) or record.get("config") != asdict(job.config) or \
                 not all(name in record for name in RECORD_KEYS):  # damaged or cut down: trained again
             return None
-        if needs_masks and not os.path.isfile(self._path(name, ".masks.pt")):
-            return None
+        if needs_masks and not _readable_masks(self._path(name, ".masks.pt")):
+            return None   # the run is trained again, rather than the run starting from its masks failing
         return record
 
     def train(self, job: Job, dataset: Dataset, keep_masks: bool = False) -> dict:
@@ -92,6 +92,16 @@ class RunStore:
 
     def _path(self, name: str, suffix: str) -> str:
         return os.path.join(self.directory, name + suffix)
+
+
+def _readable_masks(path: str) -> bool:
+    """Whether `path` holds masks as `RunStore.train` keeps them: a dict of bool tensors by layer name."""
+    try:
+        masks = checkpoint.load(path)
+    except (OSError, ValueError):
+        return False
+    return isinstance(masks, dict) and all(isinstance(mask, torch.Tensor) and mask.dtype == torch.bool
+                                           for mask in masks.values())
 
 
 def execute(jobs: list[Job], store: RunStore, dataset: Dataset, workers: int = 1, on_done=None) -> dict[str, dict]:

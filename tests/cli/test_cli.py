@@ -162,6 +162,24 @@ def test_interrupted_compare_keeps_finished_runs_and_a_rerun_trains_only_the_res
     assert [run["test_accuracy"] for run in rerun] == [run["test_accuracy"] for run in whole]
 
 
+def test_a_damaged_stored_ticket_is_trained_again_by_a_rerun(tmp_path):
+    # A run whose masks another starts from (reproduce's lottery tickets) keeps them in <key>.masks.pt. A damaged
+    # one, cut short, counted as stored: the rerun did not train its run again and stopped on loading it.
+    from sparsekern.cli.runs import Job, RunStore, execute, key
+
+    dataset = load_dataset("digits")
+    ticket = TrainConfig(method="imp", density=0.3, epochs=1, cycles=2, batch_size=256)
+    jobs = [Job(ticket), Job(TrainConfig(method="static", density=0.3, epochs=1, batch_size=256), ticket)]
+    first = execute(jobs, RunStore(str(tmp_path)), dataset)
+    masks = tmp_path / f"{key(ticket)}.masks.pt"
+    masks.write_bytes(masks.read_bytes()[:len(masks.read_bytes()) // 2])
+    (tmp_path / f"{key(jobs[1].config, ticket)}.json").unlink()
+    trained = []
+    again = execute(jobs, RunStore(str(tmp_path)), dataset, on_done=lambda job, record, new: trained.append(new))
+    assert trained == [True, True]
+    assert [again[name]["test_accuracy"] for name in first] == [record["test_accuracy"] for record in first.values()]
+
+
 def test_warnings_of_the_runs_are_kept_with_them_and_shown_once_each(tmp_path, capsys, monkeypatch):
     from sparsekern.cli import runs as runs_module
 
@@ -300,6 +318,51 @@ def test_interrupted_train_resumes_to_the_uninterrupted_result(tmp_path, method,
     for name, tensor in whole["model"].items():
         assert torch.equal(tensor, split["model"][name]), name
     assert whole["epoch"] == split["epoch"] == epochs
+
+
+@pytest.mark.parametrize("method, options", [
+    ("set", ["--epochs", "3", "--update-every", "7", "--end-fraction", "1", "--scope", "global"]),  # random growth
+    ("swamp", ["--epochs", "1", "--cycles", "2", "--particles", "2"]),
+])
+def test_a_run_killed_mid_epoch_resumes_from_its_last_checkpoint_to_the_uninterrupted_result(tmp_path, monkeypatch,
+                                                                                           method, options):
+    # Killed in the middle of epoch 2 (between two mask updates of SET, in SWAMP's second particle): the folder
+    # holds epoch 1's files, complete, and nothing else; resumed from them, the run ends as one never killed.
+    from sparsekern.cli import recipes
+
+    common = ["train", "--method", method, "--density", "0.2", "--seed", "4", "--batch-size", "128", *options,
+              "--quiet"]
+    main([*common, "--out", str(tmp_path / "whole")])
+
+    class Killed(BaseException):
+        pass
+
+    steps = []
+    recipe = recipes.SWAMPRecipe if method == "swamp" else recipes.Recipe
+    step = recipe.after_optimizer_step
+
+    def killed_in_epoch_2(self):
+        steps.append(None)
+        if len(steps) == 17:   # 12 steps an epoch
+            raise Killed
+        step(self)
+
+    monkeypatch.setattr(recipe, "after_optimizer_step", killed_in_epoch_2)
+    with pytest.raises(Killed):
+        main([*common, "--out", str(tmp_path / "killed")])
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path / "killed")) == ["checkpoint.pt", "gradient_flow.csv", "metrics.csv",
+                                                       "metrics.json"]
+    assert checkpoint.load(tmp_path / "killed" / "checkpoint.pt")["epoch"] == 1
+    main([*common, "--out", str(tmp_path / "killed"), "--resume", str(tmp_path / "killed" / "checkpoint.pt")])
+    runs = [json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("whole", "killed")]
+    for run in runs:
+        for epoch in run["epochs"]:
+            del epoch["seconds"]
+    assert runs[0] == runs[1]
+    saved = [checkpoint.load(tmp_path / run / "checkpoint.pt") for run in ("whole", "killed")]
+    for name, tensor in saved[0]["model"].items():
+        assert torch.equal(tensor, saved[1]["model"][name]), name
 
 
 def test_a_run_resumed_from_a_checkpoint_without_world_size_records_it_in_every_row(tmp_path):

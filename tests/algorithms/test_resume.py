@@ -1,0 +1,357 @@
+"""Interrupting and resuming: a run stopped anywhere and resumed from a checkpoint (written with torch.save,
+read back with weights_only=True) ends bit for bit where the uninterrupted run ends, and a state that does not
+belong to the algorithm it is loaded into (another algorithm, other settings, another number of ranks) is
+refused with nothing changed."""
+import copy
+import io
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+import sparsekern
+from sparsekern.algorithms import IMP, SWAMP, OptG, criteria
+from sparsekern.nn import sparse_modules
+
+from ..helpers import batch, mlp, torchrun
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _through_a_file(state):
+    """`state` saved with torch.save and loaded back as users are told to, with weights_only=True."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def _same(a, b, where="state"):
+    """The first difference between two nested states (tensors compared bit for bit), or None."""
+    if isinstance(a, torch.Tensor):
+        same = isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+        return None if same else where
+    if isinstance(a, dict):
+        if not isinstance(b, dict) or a.keys() != b.keys():
+            return f"{where} keys"
+        return next((d for k in a if (d := _same(a[k], b[k], f"{where}[{k!r}]")) is not None), None)
+    if isinstance(a, (list, tuple)):
+        if not isinstance(b, (list, tuple)) or len(a) != len(b):
+            return f"{where} length"
+        return next((d for i, (x, y) in enumerate(zip(a, b)) if (d := _same(x, y, f"{where}[{i}]")) is not None),
+                    None)
+    return None if a == b else f"{where}: {a!r} != {b!r}"
+
+
+# -- DST: every pruning criterion, both growths and scopes, at the awkward points of its schedule -----------
+
+DST_STEPS, DST_EVERY = 14, 3   # cosine, ending at 75%: updates at steps 3, 6 and 9
+
+
+def _dst_run(dst, stop=None):
+    """(model, optimizer, lr scheduler, DST) state after DST_STEPS steps under momentum SGD and a StepLR; with
+    `stop`, the run is checkpointed after `stop` steps and resumed on a newly built model from the file."""
+
+    def build(seed):
+        torch.manual_seed(seed)
+        model = sparsekern.sparsify(nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 24),
+                                                  nn.ReLU(), nn.Linear(24, 5)),
+                                    0.3, distribution="uniform", generator=torch.Generator().manual_seed(seed))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+        return (model, optimizer, torch.optim.lr_scheduler.StepLR(optimizer, 3, gamma=0.7),
+                sparsekern.DST(model, optimizer, update_every=DST_EVERY, total_steps=DST_STEPS, seed=5, **dst))
+
+    parts = build(0)
+    for step in range(DST_STEPS):
+        if step == stop:
+            saved = _through_a_file([part.state_dict() for part in parts])
+            parts = build(1)   # another initialisation and mask, all replaced by the checkpoint
+            for part, state in zip(parts, saved):
+                part.load_state_dict(state)
+        model, optimizer, scheduler, algorithm = parts
+        generator = torch.Generator().manual_seed(1000 + step)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(torch.randn(8, 2, 6, 6, generator=generator)),
+                                    torch.randint(0, 5, (8,), generator=generator)).backward()
+        algorithm.step()
+        optimizer.step()
+        scheduler.step()
+    return ([part.state_dict() for part in parts], [module.dense_grad for _, module in sparse_modules(parts[0])])
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+@pytest.mark.parametrize("grow", sorted(criteria.GROW))
+@pytest.mark.parametrize("prune", sorted(criteria.PRUNE))
+def test_dst_resumed_around_its_mask_updates_ends_where_the_uninterrupted_run_ends(prune, grow, scope):
+    # Stopped before an update step (its backward is dense), just after one, after the last one, and after the
+    # schedule's end; random growth and pruning must resume their random stream too.
+    dst = dict(prune=prune, grow=grow, scope=scope)
+    uninterrupted = _dst_run(dst)
+    for stop in (2, 3, 9, 12):
+        assert _same(uninterrupted, _dst_run(dst, stop)) is None, stop
+
+
+# -- a state that does not belong to the algorithm it is loaded into ---------------------------------------
+
+def _sgd(parameters):
+    return torch.optim.SGD(parameters, lr=0.05, momentum=0.9)
+
+
+ALGORITHMS = {
+    "DST": lambda model: sparsekern.RigL(model, torch.optim.SGD(model.parameters(), lr=0.1), update_every=2,
+                                         total_steps=20),
+    "IMP": lambda model: IMP(model, _sgd, prune_fraction=0.3),
+    "SWAMP": lambda model: SWAMP(model, _sgd, particles=2, prune_fraction=0.3),
+    "OptG": lambda model: OptG(model, sparsity=0.5, epochs=3),
+}
+
+
+def _refused_with_nothing_changed(algorithm, model, state, match):
+    before = copy.deepcopy((algorithm.state_dict(), model.state_dict()))
+    with pytest.raises(ValueError, match=match):
+        algorithm.load_state_dict(state)
+    assert _same(before, (algorithm.state_dict(), model.state_dict())) is None
+
+
+@pytest.mark.parametrize("saved, loaded", itertools.permutations(sorted(ALGORITHMS), 2))
+def test_a_state_of_another_algorithm_is_refused(saved, loaded):
+    # A SWAMP state holds every entry of an IMP state: IMP loaded it, took its counters and θ_k for its own, and
+    # trained on as though it were an IMP run.
+    state = _through_a_file(ALGORITHMS[saved](mlp(0, hidden=8)).state_dict())
+    model = mlp(1, hidden=8)
+    _refused_with_nothing_changed(ALGORITHMS[loaded](model), model, state, "state")
+
+
+@pytest.mark.parametrize("saved, loaded, words", [
+    (dict(prune="set", grow="random"), dict(prune="mest", grow="random"), "prune='set', not 'mest'"),
+    (dict(grow="gradient"), dict(grow="random"), "grow='gradient', not 'random'"),
+    (dict(scope="layer"), dict(scope="global"), "scope='layer', not 'global'"),
+    (dict(block=(2, 2)), dict(block=None), r"block=\(2, 2\), not None"),
+    (dict(block=(2, 2)), dict(block=(2, 4)), r"block=\(2, 2\), not \(2, 4\)"),
+])
+def test_a_dst_state_saved_with_other_criteria_scope_or_blocks_is_refused(saved, loaded, words):
+    # The state held no criteria: a SET run resumed as MEST, or a layer-scope run as a global one, went on under
+    # the other rule without a word.
+    def dst(model, options):
+        return sparsekern.DST(model, torch.optim.SGD(model.parameters(), lr=0.1), update_every=2, total_steps=20,
+                              schedule="constant", **options)
+
+    state = _through_a_file(dst(mlp(0, hidden=8), saved).state_dict())
+    model = mlp(0, hidden=8)
+    _refused_with_nothing_changed(dst(model, loaded), model, state, f"saved with {words}")
+    dst(mlp(0, hidden=8), saved).load_state_dict(state)   # the same settings load
+
+
+@pytest.mark.parametrize("saved, loaded, words", [
+    (dict(prune_fraction=0.3), dict(prune_fraction=0.5), "prune_fraction=0.3, not 0.5"),
+    (dict(scope="global"), dict(scope="layer"), "scope='global', not 'layer'"),
+])
+def test_an_imp_state_saved_with_another_pruning_is_refused(saved, loaded, words):
+    state = _through_a_file(IMP(mlp(0, hidden=8), _sgd, **saved).state_dict())
+    model = mlp(0, hidden=8)
+    _refused_with_nothing_changed(IMP(model, _sgd, **loaded), model, state, f"saved with {words}")
+
+
+@pytest.mark.parametrize("setting", ["rewind_step", "rewind", "algorithm"])
+def test_a_setting_tampered_into_a_tensor_is_refused_as_a_value_error(setting):
+    # Compared with !=, a tensor of several values raised RuntimeError ('Boolean value of Tensor ... is ambiguous').
+    state = _through_a_file(IMP(mlp(0, hidden=8), _sgd).state_dict())
+    state[setting] = torch.zeros(3)
+    model = mlp(0, hidden=8)
+    _refused_with_nothing_changed(IMP(model, _sgd), model, state, f"state\\['{setting}'\\]=tensor")
+
+
+@pytest.mark.parametrize("saved, loaded, words", [
+    (dict(particles=4), dict(particles=2), "particles=4, not 2"),
+    (dict(prune_fraction=0.3), dict(prune_fraction=0.5), "prune_fraction=0.3, not 0.5"),
+    (dict(scope="global"), dict(scope="layer"), "scope='global', not 'layer'"),
+    (dict(swa_start=0), dict(swa_start=4), "swa_start=0, not 4"),
+    (dict(swa_start=0), dict(swa_start=None), "swa_start=0, not None"),
+    (dict(swa_every=1), dict(swa_every=2), "swa_every=1, not 2"),
+    (dict(seed=0), dict(seed=1), "seed=0, not 1"),
+])
+def test_a_swamp_state_saved_with_other_particles_or_averaging_is_refused(saved, loaded, words):
+    # Particle 1 of 4 holding particle 0's average, resumed with particles=2, averaged the two and divided by 2:
+    # a run of neither setting, without a word.
+    state = _through_a_file(SWAMP(mlp(0, hidden=8), _sgd, **{"particles": 2, **saved}).state_dict())
+    model = mlp(0, hidden=8)
+    swamp = SWAMP(model, _sgd, **{"particles": 2, **loaded})
+    _refused_with_nothing_changed(swamp, model, state, f"saved with {words}")
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_swamp_resumes_on_as_many_ranks_and_refuses_another_number(tmp_path):
+    # Each rank's state holds the sum of its own particles only: rank 0's of 2, resumed in one process, trained
+    # particles 2 and 3 but never 1, and divided the sum of three by 4.
+    result = torchrun("tests.algorithms.swamp_resume_worker", str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    for rank in ranks:   # on 2 ranks: the uninterrupted run's model and state, on each rank
+        assert _same(rank["uninterrupted"], rank["resumed"]) is None
+    saved = torch.load(tmp_path / "checkpoint0.pt", weights_only=True)
+    model = mlp(0, hidden=16)
+    model.load_state_dict(saved["model"])
+    swamp = SWAMP(model, _sgd, particles=4, prune_fraction=0.3, rewind_step=2, swa_start=4, seed=3)
+    _refused_with_nothing_changed(swamp, model, saved["swamp"], "saved by rank 0 of 2 ranks, not 1")
+
+
+@pytest.mark.parametrize("saved, loaded, words", [
+    (dict(sparsity=0.7), dict(sparsity=0.5), "sparsity=0.7, not 0.5"),
+    (dict(epochs=4), dict(epochs=5), "epochs=4, not 5"),
+    (dict(criterion="learned"), dict(criterion="magnitude"), "criterion='learned', not 'magnitude'"),
+])
+def test_an_optg_state_saved_with_another_ramp_or_criterion_is_refused(saved, loaded, words):
+    # Scores trained towards one sparsity (or a magnitude run's) went on towards another's ramp without a word.
+    options = dict(sparsity=0.7, epochs=4)
+    state = _through_a_file(OptG(mlp(0, hidden=8), **{**options, **saved}).state_dict())
+    model = mlp(0, hidden=8)
+    _refused_with_nothing_changed(OptG(model, **{**options, **loaded}), model, state, f"saved with {words}")
+
+
+# -- a state kept in memory -----------------------------------------------------------------------------------
+
+def _data():
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(96, 64, generator=g), torch.randint(0, 10, (96,), generator=g)
+
+
+def _ticket_steps(model, algorithm, steps):
+    """Trains IMP or SWAMP from its step_in_cycle to `steps` with its own optimizer."""
+    x, y = _data()
+    for t in range(algorithm.step_in_cycle, steps):
+        inputs, targets = batch(x, y, 0, t, 16)
+        nn.functional.cross_entropy(model(inputs), targets).backward()
+        algorithm.optimizer.step()
+        algorithm.optimizer.zero_grad()
+        algorithm.step()
+
+
+def _optg_steps(model, optg, steps):
+    """`steps` steps of OptG under plain SGD (no optimizer state for a checkpoint to carry)."""
+    x, y = _data()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for t in range(steps):
+        inputs, targets = batch(x, y, optg.epoch, t, 16)
+        nn.functional.cross_entropy(model(inputs), targets).backward()
+        optg.step()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+IN_MEMORY = {
+    "IMP": (lambda model: IMP(model, _sgd, prune_fraction=0.3), _ticket_steps),
+    "SWAMP": (lambda model: SWAMP(model, _sgd, particles=2, prune_fraction=0.3, swa_start=2), _ticket_steps),
+    "OptG": (lambda model: OptG(model, sparsity=0.5, epochs=3), _optg_steps),
+}
+
+
+@pytest.mark.parametrize("name", sorted(IN_MEMORY))
+def test_a_state_kept_in_memory_stays_as_saved_through_training_and_loading(name):
+    # A rollback (to the last good state, on a NaN loss) or a retry loads one state dict more than once. Its
+    # optimizer state (momentum), SWAMP's running means, were the live tensors: training on after state_dict(),
+    # or after load_state_dict(), which left the loaded optimizer holding the caller's tensors, wrote into them.
+    build, train = IN_MEMORY[name]
+    model = mlp(0, hidden=16)
+    algorithm = build(model)
+    train(model, algorithm, 4)
+    state = algorithm.state_dict()
+    kept = copy.deepcopy(state)
+    train(model, algorithm, 6)
+    assert _same(kept, state) is None
+    runs = []
+    for _ in range(2):
+        model = mlp(1, hidden=16)
+        algorithm = build(model)
+        algorithm.load_state_dict(state)
+        train(model, algorithm, 8)
+        runs.append(algorithm.state_dict())
+    assert _same(kept, state) is None
+    assert _same(*runs) is None
+
+
+# -- IMP and OptG at their boundaries -------------------------------------------------------------------------
+
+def _adam(parameters):
+    return torch.optim.Adam(parameters, lr=0.01)
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+@pytest.mark.parametrize("rewind", ["weights", "learning_rate"])
+def test_imp_resumed_at_its_rewind_step_and_around_a_pruning_ends_where_the_uninterrupted_run_ends(rewind, scope):
+    steps, cycles, k = 6, 3, 2
+
+    def build(seed):
+        model = mlp(seed, hidden=16, batch_norm=True)
+        return model, IMP(model, _adam, prune_fraction=0.3, rewind_step=k, scope=scope, rewind=rewind)
+
+    def finish(model, imp):
+        imp.run(lambda algorithm: _ticket_steps(model, algorithm, steps), cycles)
+        return model.state_dict(), imp.state_dict()
+
+    uninterrupted = finish(*build(6))
+    # (cycles trained, steps of the next): at the rewind step; at a cycle's end, before its pruning; right after
+    # a pruning and rewind; one step after it
+    for trained, step in ((0, k), (0, steps), (1, None), (1, k + 1)):
+        model, imp = build(6)
+        for _ in range(trained):
+            _ticket_steps(model, imp, steps)
+            imp.next_cycle()
+        if step is not None:
+            _ticket_steps(model, imp, step)
+        saved = _through_a_file({"model": model.state_dict(), "imp": imp.state_dict()})
+        model, imp = build(99)
+        model.load_state_dict(saved["model"])
+        imp.load_state_dict(saved["imp"])
+        assert _same(uninterrupted, finish(model, imp)) is None, (trained, step)
+
+
+@pytest.mark.parametrize("after_next_epoch", [False, True])
+@pytest.mark.parametrize("criterion", ["learned", "magnitude"])
+def test_optg_resumed_at_the_end_of_its_last_epoch_ends_as_the_uninterrupted_run(criterion, after_next_epoch):
+    # Its last next_epoch() only counts the epoch (the model keeps the mask it trained with): resumed before it or
+    # after it, the run ends with the uninterrupted run's model and state, and no further epoch.
+    epochs = 3
+
+    def build(seed):
+        model = mlp(seed, hidden=16)
+        return model, OptG(model, sparsity=0.6, epochs=epochs, criterion=criterion)
+
+    model, optg = build(5)
+    for epoch in range(epochs):
+        _optg_steps(model, optg, 3)
+        if epoch < epochs - 1 or after_next_epoch:
+            optg.next_epoch()
+    saved = _through_a_file({"model": model.state_dict(), "optg": optg.state_dict()})
+    if not after_next_epoch:
+        optg.next_epoch()
+    uninterrupted = model.state_dict(), optg.state_dict()
+    model, optg = build(6)
+    model.load_state_dict(saved["model"])
+    optg.load_state_dict(saved["optg"])
+    if not after_next_epoch:
+        optg.next_epoch()
+    assert _same(uninterrupted, (model.state_dict(), optg.state_dict())) is None
+    with pytest.raises(RuntimeError, match="after the last of the 3 epochs"):
+        optg.next_epoch()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_dst_saved_by_two_ddp_ranks_resumes_on_two_alike_and_is_refused_by_a_dst_of_the_bare_model(tmp_path):
+    # Rank 0's checkpoint, loaded on both ranks, resumes both to the uninterrupted run's masks and state (SET's
+    # random stream included). Its names carry DDP's "module.": a DST built on the model itself, as one process
+    # without DDP builds it, refuses them, and says why (the error named both lists, and not the prefix).
+    result = torchrun("tests.algorithms.dst_resume_worker", str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    for method in ("set", "rigl"):
+        assert _same(ranks[0][method]["uninterrupted"], ranks[1][method]["uninterrupted"]) is None
+        for rank in ranks:
+            assert _same(rank[method]["uninterrupted"], rank[method]["resumed"]) is None, method
+    saved = torch.load(tmp_path / "set.pt", weights_only=True)
+    torch.manual_seed(0)
+    model = sparsekern.sparsify(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)), 0.3,
+                                generator=torch.Generator().manual_seed(0))
+    dst = sparsekern.SET(model, torch.optim.Adam(model.parameters(), lr=0.01), update_every=2, total_steps=14, seed=3)
+    _refused_with_nothing_changed(dst, model, saved["algorithm"], r"\['module\.0', 'module\.2'\] \(the saved "
+                                                                  r"names carry the prefix 'module\.' of a wrapper")
