@@ -62,7 +62,8 @@ class DST(distributed.CatchesUp):
             constant, 0.5 annealed).
         final_drop_fraction: the annealed schedule's final fraction (default 0.005).
         schedule: "cosine" (RigL), "constant" (SET) or "annealed" (Fantastic Weights).
-        update_every: ΔT, steps between mask updates.
+        update_every: ΔT, steps between mask updates (default per schedule: 100 cosine and constant,
+            as RigL; 800 annealed, as the Fantastic Weights code).
         end_step, end_fraction: the end point T_end, no updates from it on: a step, or a
             fraction of total_steps (at most one of them; default 0.75 for cosine and constant,
             as RigL's paper runs RigL and SET, 1.0 for annealed).
@@ -162,7 +163,7 @@ class DST(distributed.CatchesUp):
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, prune: str = "magnitude",
                  grow: str = "gradient", drop_fraction: float | None = None,
                  final_drop_fraction: float | None = None, schedule: str = "cosine",
-                 update_every: int = 100, end_step: int | None = None, end_fraction: float | None = None,
+                 update_every: int | None = None, end_step: int | None = None, end_fraction: float | None = None,
                  total_steps: int,
                  scope: str = "layer", reset_state: bool = True, block: tuple[int, int] | None = None,
                  mest_gamma: float = 1.0, seed: int = 0, generator: torch.Generator | None = None,

@@ -173,4 +173,15 @@ def test_default_schedule_constants_by_hand():
     assert (rigl.update_every, rigl.end_step, rigl.drop_fraction) == (100, 750, 0.3)
     fantastic = schedules.make("annealed", 1000)
     assert (fantastic.end_step, fantastic.drop_fraction, fantastic.final_drop_fraction) == (1000, 0.5, 0.005)
-    assert schedules.make("constant", 1000).end_step == 750
+    constant = schedules.make("constant", 1000)
+    assert (constant.update_every, constant.end_step) == (100, 750)
+
+
+def test_annealed_updates_every_800_steps_by_default_as_the_fantastic_weights_code():
+    assert schedules.make("annealed", 10000).update_every == 800
+    assert schedules.make("annealed", 10000, update_every=50).update_every == 50
+    model = sparsekern.sparsify(torch.nn.Sequential(torch.nn.Linear(8, 4)), 0.5,
+                                generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert sparsekern.DST(model, optimizer, schedule="annealed", total_steps=10000).schedule.update_every == 800
+    assert sparsekern.RigL(model, optimizer, total_steps=10000).schedule.update_every == 100
