@@ -150,6 +150,9 @@ class DST(distributed.CatchesUp):
     Calling `step()` after `optimizer.step()` instead also works: the optimizer step then sees the
     dense gradient of an update step and may move inactive weights, and the update that follows
     zeroes them again (and their optimizer state) off the new mask.
+    RigL's code applies a mask update *instead of* the optimizer step: for that order, skip
+    `optimizer.step()` when `step()` returns True (the weights then stay as the update left them, grown
+    ones at 0, until the next step).
 
     n = round(r · active) (Python's round) is not capped by the inactive count: a layer denser than
     1/(1 + r) drops more than it has inactive entries and grows some just-dropped ones back, as RigL
