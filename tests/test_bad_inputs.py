@@ -528,7 +528,7 @@ DST_BAD = [
     ("grow", "gradients", ValueError), ("grow", 0, TypeError), ("grow", None, TypeError),
     ("schedule", "step", ValueError), ("schedule", None, TypeError), ("schedule", 3, TypeError),
     ("update_every", 0, ValueError), ("update_every", -1, ValueError), ("update_every", 1.5, TypeError),
-    ("update_every", "100", TypeError), ("update_every", None, TypeError), ("update_every", True, TypeError),
+    ("update_every", "100", TypeError), ("update_every", True, TypeError),
     ("total_steps", 0, ValueError), ("total_steps", -5, ValueError), ("total_steps", 2.5, TypeError),
     ("total_steps", "10", TypeError), ("total_steps", None, TypeError), ("total_steps", INF, TypeError),
     ("end_step", 0, ValueError), ("end_step", -1, ValueError), ("end_step", 1.5, TypeError),

@@ -697,6 +697,8 @@ def _schedule_from_state(saved) -> schedules.Schedule:
         raise ValueError(f"state['schedule'] must be a dict of {fields}, got "
                          f"{sorted(saved, key=str) if isinstance(saved, dict) else type(saved).__name__}")
     try:
+        # A saved schedule holds its own ΔT: None, which make() reads as the schedule's default, is not one.
+        _checks.count(saved["update_every"], "update_every", 1)
         schedule = schedules.make(saved["name"], saved["total_steps"], update_every=saved["update_every"],
                                   end_step=saved["end_step"], drop_fraction=saved["drop_fraction"],
                                   final_drop_fraction=saved["final_drop_fraction"]
