@@ -545,6 +545,8 @@ DST_BAD = [
     ("block", (32, 32), ValueError),             # larger than a layer: it would keep no block
     ("mest_gamma", -1.0, ValueError), ("mest_gamma", NAN, ValueError), ("mest_gamma", INF, ValueError),
     ("mest_gamma", "1", TypeError), ("mest_gamma", None, TypeError),
+    ("sensitivity_offset", 0.0, ValueError), ("sensitivity_offset", NAN, ValueError),
+    ("sensitivity_offset", INF, ValueError), ("sensitivity_offset", "1", TypeError),
     ("seed", 1.5, TypeError), ("seed", "0", TypeError), ("seed", None, TypeError), ("seed", True, TypeError),
     ("generator", 3, TypeError), ("generator", "generator", TypeError),
     ("group", "world", TypeError), ("group", 0, TypeError),

@@ -84,6 +84,9 @@ class DST(distributed.CatchesUp):
             blocks, those holding the most active weights (ties to the lower block). Not with
             prune="set", whose score is a rank, not a per-weight quantity.
         mest_gamma: γ of the MEST criterion |θ| + γ|g|.
+        sensitivity_offset: what prune="sensitivity" and "rsensitivity" add to their denominators,
+            |g| / (|θ| + offset) and |θ| / (|g| + offset): 1e-8 (a guard), or 1.0 as the Fantastic
+            Weights code, which ranks differently.
         seed, generator: random criteria draw from `generator` (a torch.Generator on the
             weights' device), or from a new one whose stream is derived from `seed` (default 0)
             and differs from `torch.Generator().manual_seed(seed)`'s, the generator a user most
@@ -169,7 +172,8 @@ class DST(distributed.CatchesUp):
                  update_every: int | None = None, end_step: int | None = None, end_fraction: float | None = None,
                  total_steps: int,
                  scope: str = "layer", reset_state: bool = True, block: tuple[int, int] | None = None,
-                 mest_gamma: float = 1.0, seed: int = 0, generator: torch.Generator | None = None,
+                 mest_gamma: float = 1.0, sensitivity_offset: float = criteria.EPSILON, seed: int = 0,
+                 generator: torch.Generator | None = None,
                  host_checks: bool = True, group=None):
         # Collective: a check that fails on one rank fails on every rank (one raising alone would leave the
         # others waiting in the replica check), and nothing changes before the block ends.
@@ -194,6 +198,8 @@ class DST(distributed.CatchesUp):
             if block is not None and prune not in criteria.ELEMENTWISE:
                 raise ValueError(f"block needs an elementwise pruning criterion, got prune={prune!r}")
             mest_gamma = _checks.number(mest_gamma, "mest_gamma", lambda value: value >= 0, ">= 0")
+            sensitivity_offset = _checks.number(sensitivity_offset, "sensitivity_offset",
+                                                lambda value: value > 0, "> 0")
             self.modules, self._groups = _trained_layers(model, optimizer)
             device = self.modules[0][1].weight.device
             for name, module in self.modules:
@@ -219,6 +225,7 @@ class DST(distributed.CatchesUp):
         self.optimizer = optimizer
         self.prune, self.grow, self.scope = prune, grow, scope
         self.reset_state, self.block, self.mest_gamma = reset_state, block, mest_gamma
+        self.sensitivity_offset = sensitivity_offset
         self.generator = generator
         self.host_checks = host_checks
         self.step_count = 0
@@ -585,7 +592,7 @@ class DST(distributed.CatchesUp):
         Magnitude criteria hand over the weights or gradients themselves, ranked by magnitude, so no
         score tensor is made for them (criteria.MAGNITUDE_OF); the others are computed in one
         batched pass each."""
-        options = dict(generator=self.generator, gamma=self.mest_gamma)
+        options = dict(generator=self.generator, gamma=self.mest_gamma, offset=self.sensitivity_offset)
         scored = []
         for name, criterion in ((self.prune, self._prune), (self.grow, self._grow)):
             if name in criteria.MAGNITUDE_OF:

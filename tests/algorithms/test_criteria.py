@@ -238,6 +238,10 @@ def _hand_update(prune, grow="gradient", **options):
     ("sensitivity", {}, {2, 4, 5}),
     # |θ| / |g| = .025 .002 .67 .086 32 5e6 (0.05 / 1e-8)
     ("rsensitivity", {}, {0, 1, 3}),
+    # the Fantastic Weights code's denominators, offset 1: |g| / (|θ| + 1) = 3.6 9.8 .43 .34 .019 0
+    ("sensitivity", {"sensitivity_offset": 1.0}, {3, 4, 5}),
+    # |θ| / (|g| + 1) = .02 .0018 .25 .022 1.5 .05
+    ("rsensitivity", {"sensitivity_offset": 1.0}, {0, 1, 3}),
     # A₊ = 4 (.1 .4 1.6 .05), A₋ = 2: n₊ = round(3·4/6) = 2 smallest positive (.05, .1), n₋ = 1 negative
     # closest to zero (-.02)
     ("set", {}, {0, 1, 5}),
