@@ -528,7 +528,7 @@ DST_BAD = [
     ("grow", "gradients", ValueError), ("grow", 0, TypeError), ("grow", None, TypeError),
     ("schedule", "step", ValueError), ("schedule", None, TypeError), ("schedule", 3, TypeError),
     ("update_every", 0, ValueError), ("update_every", -1, ValueError), ("update_every", 1.5, TypeError),
-    ("update_every", "100", TypeError), ("update_every", None, TypeError), ("update_every", True, TypeError),
+    ("update_every", "100", TypeError), ("update_every", True, TypeError),
     ("total_steps", 0, ValueError), ("total_steps", -5, ValueError), ("total_steps", 2.5, TypeError),
     ("total_steps", "10", TypeError), ("total_steps", None, TypeError), ("total_steps", INF, TypeError),
     ("end_step", 0, ValueError), ("end_step", -1, ValueError), ("end_step", 1.5, TypeError),
@@ -545,6 +545,8 @@ DST_BAD = [
     ("block", (32, 32), ValueError),             # larger than a layer: it would keep no block
     ("mest_gamma", -1.0, ValueError), ("mest_gamma", NAN, ValueError), ("mest_gamma", INF, ValueError),
     ("mest_gamma", "1", TypeError), ("mest_gamma", None, TypeError),
+    ("sensitivity_offset", 0.0, ValueError), ("sensitivity_offset", NAN, ValueError),
+    ("sensitivity_offset", INF, ValueError), ("sensitivity_offset", "1", TypeError),
     ("seed", 1.5, TypeError), ("seed", "0", TypeError), ("seed", None, TypeError), ("seed", True, TypeError),
     ("generator", 3, TypeError), ("generator", "generator", TypeError),
     ("group", "world", TypeError), ("group", 0, TypeError),

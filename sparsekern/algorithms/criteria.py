@@ -7,13 +7,16 @@ scores entries for growth; the update grows the highest-scoring entries not kept
 inactive positions are ignored by pruning and scores at kept positions by growth.
 
 Every criterion has the signature
-    criterion(weights, grads, masks, *, generator, gamma) -> list[Tensor]
+    criterion(weights, grads, masks, *, generator, gamma, offset) -> list[Tensor]
 over lists of one length: `weights` float tensors, `grads` the current batch's dense gradients
 shaped like them (None entries allowed for criteria that do not read gradients), `masks` the
 current bool masks; `generator` a torch.Generator on the weights' device (random criteria draw
-from it, in list order), `gamma` MEST's gradient coefficient. Every criterion but `set` is
-elementwise; `set` ranks weights over the whole list, so a per-layer update passes one layer.
-Divisions are guarded by EPSILON = 1e-8. Definitions: Nowak et al. 2023 ("Fantastic Weights and
+from it, in list order), `gamma` MEST's gradient coefficient, `offset` what Sensitivity and
+RSensitivity add to their denominators. Every criterion but `set` is elementwise; `set` ranks weights
+over the whole list, so a per-layer update passes one layer. The divisions are guarded by offset =
+EPSILON = 1e-8 by default; the Fantastic Weights code adds 1 instead (offset=1.0), which changes the
+ranking. (That code also adds 1e-5 to SNIP's score, which changes no ranking, so it is no option.)
+Definitions: Nowak et al. 2023 ("Fantastic Weights and
 How to Find Them"), RigL (Evci et al. 2020), SET (Mocanu et al. 2018), MEST (Yuan et al. 2021).
 """
 from __future__ import annotations
@@ -37,41 +40,41 @@ def _each(function, tensors: list[Tensor], *others) -> list[Tensor]:
     return list(function(tensors, *others)) if tensors else []
 
 
-def magnitude(weights, grads, masks, *, generator=None, gamma=1.0) -> list[Tensor]:
+def magnitude(weights, grads, masks, *, generator=None, gamma=1.0, offset=EPSILON) -> list[Tensor]:
     """|θ|: drops the active weights closest to zero (RigL)."""
     return _each(torch._foreach_abs, list(weights))
 
 
-def mest(weights, grads, masks, *, generator=None, gamma=1.0) -> list[Tensor]:
+def mest(weights, grads, masks, *, generator=None, gamma=1.0, offset=EPSILON) -> list[Tensor]:
     """|θ| + γ|g| (MEST, γ = 1 by default)."""
     return _each(torch._foreach_add, magnitude(weights, grads, masks), _each(torch._foreach_mul, gradient(
         weights, grads, masks), gamma))
 
 
-def snip(weights, grads, masks, *, generator=None, gamma=1.0) -> list[Tensor]:
+def snip(weights, grads, masks, *, generator=None, gamma=1.0, offset=EPSILON) -> list[Tensor]:
     """|θ·g| (SNIP's saliency)."""
     return _each(torch._foreach_abs, _each(torch._foreach_mul, list(weights), list(grads)))
 
 
-def sensitivity(weights, grads, masks, *, generator=None, gamma=1.0) -> list[Tensor]:
-    """|g| / (|θ| + ε)."""
+def sensitivity(weights, grads, masks, *, generator=None, gamma=1.0, offset=EPSILON) -> list[Tensor]:
+    """|g| / (|θ| + offset)."""
     return _each(torch._foreach_div, gradient(weights, grads, masks),
-                 _each(torch._foreach_add, magnitude(weights, grads, masks), EPSILON))
+                 _each(torch._foreach_add, magnitude(weights, grads, masks), offset))
 
 
-def rsensitivity(weights, grads, masks, *, generator=None, gamma=1.0) -> list[Tensor]:
-    """|θ| / (|g| + ε), the reciprocal of sensitivity."""
+def rsensitivity(weights, grads, masks, *, generator=None, gamma=1.0, offset=EPSILON) -> list[Tensor]:
+    """|θ| / (|g| + offset), the reciprocal of sensitivity."""
     return _each(torch._foreach_div, magnitude(weights, grads, masks),
-                 _each(torch._foreach_add, gradient(weights, grads, masks), EPSILON))
+                 _each(torch._foreach_add, gradient(weights, grads, masks), offset))
 
 
-def random(weights, grads, masks, *, generator=None, gamma=1.0) -> list[Tensor]:
+def random(weights, grads, masks, *, generator=None, gamma=1.0, offset=EPSILON) -> list[Tensor]:
     """Uniform random scores: drops (or grows) a uniformly random set of exactly n entries."""
     return [torch.rand(w.shape, generator=generator, device=w.device, dtype=torch.float32)
             for w in weights]
 
 
-def set_rule(weights, grads, masks, *, generator=None, gamma=1.0) -> list[Tensor]:
+def set_rule(weights, grads, masks, *, generator=None, gamma=1.0, offset=EPSILON) -> list[Tensor]:
     """SET (Mocanu et al. 2018): drop the smallest positive weights and the negative weights
     closest to zero, in proportion to their numbers, expressed as one score.
 
@@ -124,7 +127,7 @@ def _sorted_positions(values: Tensor, selected: Tensor, descending: bool) -> Ten
     return positions[torch.sort(values[positions], descending=descending, stable=True).indices]
 
 
-def gradient(weights, grads, masks, *, generator=None, gamma=1.0) -> list[Tensor]:
+def gradient(weights, grads, masks, *, generator=None, gamma=1.0, offset=EPSILON) -> list[Tensor]:
     """|g| (RigL's growth: the largest dense gradients among inactive entries)."""
     return _each(torch._foreach_abs, list(grads))
 

@@ -62,7 +62,8 @@ class DST(distributed.CatchesUp):
             constant, 0.5 annealed).
         final_drop_fraction: the annealed schedule's final fraction (default 0.005).
         schedule: "cosine" (RigL), "constant" (SET) or "annealed" (Fantastic Weights).
-        update_every: ΔT, steps between mask updates.
+        update_every: ΔT, steps between mask updates (default per schedule: 100 cosine and constant,
+            as RigL; 800 annealed, as the Fantastic Weights code).
         end_step, end_fraction: the end point T_end, no updates from it on: a step, or a
             fraction of total_steps (at most one of them; default 0.75 for cosine and constant,
             as RigL's paper runs RigL and SET, 1.0 for annealed).
@@ -83,6 +84,9 @@ class DST(distributed.CatchesUp):
             blocks, those holding the most active weights (ties to the lower block). Not with
             prune="set", whose score is a rank, not a per-weight quantity.
         mest_gamma: γ of the MEST criterion |θ| + γ|g|.
+        sensitivity_offset: what prune="sensitivity" and "rsensitivity" add to their denominators,
+            |g| / (|θ| + offset) and |θ| / (|g| + offset): 1e-8 (a guard), or 1.0 as the Fantastic
+            Weights code, which ranks differently.
         seed, generator: random criteria draw from `generator` (a torch.Generator on the
             weights' device), or from a new one whose stream is derived from `seed` (default 0)
             and differs from `torch.Generator().manual_seed(seed)`'s, the generator a user most
@@ -149,6 +153,9 @@ class DST(distributed.CatchesUp):
     Calling `step()` after `optimizer.step()` instead also works: the optimizer step then sees the
     dense gradient of an update step and may move inactive weights, and the update that follows
     zeroes them again (and their optimizer state) off the new mask.
+    RigL's code applies a mask update *instead of* the optimizer step: for that order, skip
+    `optimizer.step()` when `step()` returns True (the weights then stay as the update left them, grown
+    ones at 0, until the next step).
 
     n = round(r · active) (Python's round) is not capped by the inactive count: a layer denser than
     1/(1 + r) drops more than it has inactive entries and grows some just-dropped ones back, as RigL
@@ -162,10 +169,11 @@ class DST(distributed.CatchesUp):
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, prune: str = "magnitude",
                  grow: str = "gradient", drop_fraction: float | None = None,
                  final_drop_fraction: float | None = None, schedule: str = "cosine",
-                 update_every: int = 100, end_step: int | None = None, end_fraction: float | None = None,
+                 update_every: int | None = None, end_step: int | None = None, end_fraction: float | None = None,
                  total_steps: int,
                  scope: str = "layer", reset_state: bool = True, block: tuple[int, int] | None = None,
-                 mest_gamma: float = 1.0, seed: int = 0, generator: torch.Generator | None = None,
+                 mest_gamma: float = 1.0, sensitivity_offset: float = criteria.EPSILON, seed: int = 0,
+                 generator: torch.Generator | None = None,
                  host_checks: bool = True, group=None):
         # Collective: a check that fails on one rank fails on every rank (one raising alone would leave the
         # others waiting in the replica check), and nothing changes before the block ends.
@@ -190,6 +198,8 @@ class DST(distributed.CatchesUp):
             if block is not None and prune not in criteria.ELEMENTWISE:
                 raise ValueError(f"block needs an elementwise pruning criterion, got prune={prune!r}")
             mest_gamma = _checks.number(mest_gamma, "mest_gamma", lambda value: value >= 0, ">= 0")
+            sensitivity_offset = _checks.number(sensitivity_offset, "sensitivity_offset",
+                                                lambda value: value > 0, "> 0")
             self.modules, self._groups = _trained_layers(model, optimizer)
             device = self.modules[0][1].weight.device
             for name, module in self.modules:
@@ -215,6 +225,7 @@ class DST(distributed.CatchesUp):
         self.optimizer = optimizer
         self.prune, self.grow, self.scope = prune, grow, scope
         self.reset_state, self.block, self.mest_gamma = reset_state, block, mest_gamma
+        self.sensitivity_offset = sensitivity_offset
         self.generator = generator
         self.host_checks = host_checks
         self.step_count = 0
@@ -588,7 +599,7 @@ class DST(distributed.CatchesUp):
         Magnitude criteria hand over the weights or gradients themselves, ranked by magnitude, so no
         score tensor is made for them (criteria.MAGNITUDE_OF); the others are computed in one
         batched pass each."""
-        options = dict(generator=self.generator, gamma=self.mest_gamma)
+        options = dict(generator=self.generator, gamma=self.mest_gamma, offset=self.sensitivity_offset)
         scored = []
         for name, criterion in ((self.prune, self._prune), (self.grow, self._grow)):
             if name in criteria.MAGNITUDE_OF:
@@ -714,6 +725,8 @@ def _schedule_from_state(saved) -> schedules.Schedule:
         raise ValueError(f"state['schedule'] must be a dict of {fields}, got "
                          f"{sorted(saved, key=str) if isinstance(saved, dict) else type(saved).__name__}")
     try:
+        # A saved schedule holds its own ΔT: None, which make() reads as the schedule's default, is not one.
+        _checks.count(saved["update_every"], "update_every", 1)
         schedule = schedules.make(saved["name"], saved["total_steps"], update_every=saved["update_every"],
                                   end_step=saved["end_step"], drop_fraction=saved["drop_fraction"],
                                   final_drop_fraction=saved["final_drop_fraction"]

@@ -1,9 +1,9 @@
 """Drop-fraction schedules r(t) of dynamic sparse training: pure functions of the step t.
 
-    cosine    RigL: r(t) = α/2 (1 + cos(π t / T_end)), α = 0.3.
-    constant  SET, MEST: r(t) = α, α = 0.3.
+    cosine    RigL: r(t) = α/2 (1 + cos(π t / T_end)), α = 0.3, ΔT = 100.
+    constant  SET, MEST: r(t) = α, α = 0.3, ΔT = 100.
     annealed  Fantastic Weights: α = 0.5 cosine-annealed to α_final = 0.005 by T_end,
-              r(t) = α_final + (α - α_final)/2 (1 + cos(π t / T_end)).
+              r(t) = α_final + (α - α_final)/2 (1 + cos(π t / T_end)), ΔT = 800.
 
 Every schedule has an end point T_end: no mask update from T_end on. It defaults to 75% of
 training for cosine (RigL's paper) and constant (the protocol under which RigL's paper compares
@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from ..ops import _checks
 
 DEFAULT_DROP_FRACTION = {"cosine": 0.3, "constant": 0.3, "annealed": 0.5}
+# ΔT, steps between mask updates, by default: RigL's 100, and the Fantastic Weights code's 800.
+DEFAULT_UPDATE_EVERY = {"cosine": 100, "constant": 100, "annealed": 800}
 DEFAULT_FINAL_DROP_FRACTION = 0.005
 # The fraction of training after which each schedule stops updating masks, by default.
 DEFAULT_END_FRACTION = {"cosine": 0.75, "constant": 0.75, "annealed": 1.0}
@@ -74,12 +76,13 @@ class Schedule:
                         final_drop_fraction=self.final_drop_fraction, end_step=self.end_step)
 
 
-def make(name, total_steps, *, update_every=100, end_step=None, end_fraction=None, drop_fraction=None,
+def make(name, total_steps, *, update_every=None, end_step=None, end_fraction=None, drop_fraction=None,
          final_drop_fraction=None) -> Schedule:
     """A validated Schedule.
 
     The end point is end_step, or round(end_fraction · total_steps) (at least 1), at most one of
     them; by default the schedule's DEFAULT_END_FRACTION (0.75 cosine and constant, 1 annealed).
+    update_every defaults per schedule (DEFAULT_UPDATE_EVERY: 100 cosine and constant, 800 annealed).
     drop_fraction defaults per schedule (0.3 cosine and constant, 0.5 annealed);
     final_drop_fraction (annealed only) defaults to 0.005.
     """
@@ -88,7 +91,8 @@ def make(name, total_steps, *, update_every=100, end_step=None, end_fraction=Non
     if name not in DEFAULT_DROP_FRACTION:
         raise ValueError(f"schedule must be one of {sorted(DEFAULT_DROP_FRACTION)}, got {name!r}")
     total_steps = _checks.count(total_steps, "total_steps", 1)
-    update_every = _checks.count(update_every, "update_every", 1)
+    update_every = _checks.count(DEFAULT_UPDATE_EVERY[name] if update_every is None else update_every,
+                                 "update_every", 1)
     if end_step is not None and end_fraction is not None:
         raise ValueError(f"give end_step or end_fraction, not both (got {end_step} and {end_fraction})")
     if end_step is None:

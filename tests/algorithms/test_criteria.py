@@ -198,3 +198,66 @@ def test_lookup_names_the_argument(table, argument):
         criteria.lookup("nope", table, argument)
     with pytest.raises(TypeError, match=argument):
         criteria.lookup(None, table, argument)
+
+
+# -- the criteria's formulas, against drop sets worked out by hand --
+# One 3×4 layer: flat entries 0..5 active, 6..11 inactive. n = round(0.5 · 6) = 3 dropped; the inactive
+# entries' gradients (1006..1011) dwarf the active ones', so gradient growth takes 9, 10 and 11.
+HAND_WEIGHT = [0.1, -0.02, 0.4, -0.03, 1.6, 0.05]
+HAND_GRAD = [4.0, 10.0, -0.6, 0.35, 0.05, 0.0]
+
+
+def _hand_update(prune, grow="gradient", **options):
+    """(dropped, grown) flat positions of one update of the layer above."""
+    layer = SparseLinear(4, 3, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor(HAND_WEIGHT + [0.0] * 6).view(3, 4))
+    old = torch.arange(12).view(3, 4) < 6
+    layer.set_mask(old)
+    model = torch.nn.Sequential(layer)
+    algo = sparsekern.DST(model, torch.optim.SGD(model.parameters(), lr=0.1), prune=prune, grow=grow,
+                          schedule="constant", drop_fraction=0.5, update_every=1, total_steps=10, **options)
+    layer.weight.grad = torch.tensor(HAND_GRAD + [1006.0, 1007, 1008, 1009, 1010, 1011]).view(3, 4)
+    assert algo.step()
+    new = layer.mask.flatten()
+    dropped = set((old.flatten() & ~new).nonzero().flatten().tolist())
+    grown = set((new & ~old.flatten()).nonzero().flatten().tolist())
+    assert int(new.sum()) == 6 and torch.all(layer.weight.detach().flatten()[~new] == 0)
+    return dropped, grown
+
+
+@pytest.mark.parametrize("prune, options, expected", [
+    # |θ| = .1 .02 .4 .03 1.6 .05
+    ("magnitude", {}, {1, 3, 5}),
+    # |θ| + γ|g|, γ = 1: 4.1 10.02 1.0 .38 1.65 .05; γ = 0.01: .14 .12 .406 .0335 1.6005 .05
+    ("mest", {}, {2, 3, 5}),
+    ("mest", {"mest_gamma": 0.01}, {1, 3, 5}),
+    # |θ·g| = .4 .2 .24 .0105 .08 0
+    ("snip", {}, {3, 4, 5}),
+    # |g| / |θ| = 40 500 1.5 11.7 .031 0
+    ("sensitivity", {}, {2, 4, 5}),
+    # |θ| / |g| = .025 .002 .67 .086 32 5e6 (0.05 / 1e-8)
+    ("rsensitivity", {}, {0, 1, 3}),
+    # the Fantastic Weights code's denominators, offset 1: |g| / (|θ| + 1) = 3.6 9.8 .43 .34 .019 0
+    ("sensitivity", {"sensitivity_offset": 1.0}, {3, 4, 5}),
+    # |θ| / (|g| + 1) = .02 .0018 .25 .022 1.5 .05
+    ("rsensitivity", {"sensitivity_offset": 1.0}, {0, 1, 3}),
+    # A₊ = 4 (.1 .4 1.6 .05), A₋ = 2: n₊ = round(3·4/6) = 2 smallest positive (.05, .1), n₋ = 1 negative
+    # closest to zero (-.02)
+    ("set", {}, {0, 1, 5}),
+])
+def test_each_criterion_drops_the_set_worked_out_by_hand(prune, options, expected):
+    dropped, grown = _hand_update(prune, **options)
+    assert dropped == expected
+    assert grown == {9, 10, 11}      # top-3 |g| among the entries not kept
+
+
+def test_random_growth_grows_exactly_n_among_the_entries_not_kept():
+    # Magnitude keeps {0, 2, 4}; random growth then picks exactly 3 of the 9 others, just-dropped ones included.
+    picked = set()
+    for seed in range(20):
+        dropped, grown = _hand_update("magnitude", grow="random", seed=seed)
+        new = (set(range(6)) - dropped) | grown
+        assert {0, 2, 4} <= new and len(new - {0, 2, 4}) == 3
+        picked |= new - {0, 2, 4}
+    assert picked & {1, 3, 5} and picked & set(range(6, 12))

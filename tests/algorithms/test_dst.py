@@ -603,6 +603,30 @@ def test_update_after_the_optimizer_step_and_without_state_reset(reset_state):
     assert [int(m.sum()) for m in masks(model)] == counts
 
 
+def test_rigl_code_order_an_update_instead_of_the_optimizer_step():
+    """RigL's code order (the documented option): the optimizer step is skipped on update steps, so the
+    weights are those the update left (kept ones unchanged, grown ones at 0); other steps train as usual."""
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    algo = sparsekern.RigL(model, optimizer, update_every=3, total_steps=40)
+    updates = 0
+    for step in range(9):
+        x, y = batch(step)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        before = [(m.weight.detach().clone(), m.mask.clone()) for _, m in sparse_modules(model)]
+        if algo.step():
+            updates += 1
+            for (_, module), (weight, old) in zip(sparse_modules(model), before):
+                kept = module.mask & old
+                assert torch.equal(module.weight.detach()[kept], weight[kept])
+                assert torch.all(module.weight.detach()[module.mask & ~old] == 0)
+        else:
+            optimizer.step()
+        assert_inactive_zero(model)
+    assert updates == 3
+
+
 @pytest.mark.parametrize("algorithm", ["SET", "MEST"])
 def test_random_growth_with_the_seed_that_drew_the_masks_still_moves_them(algorithm):
     # sparsify's generator and DST share seed 0 here: DST must not replay the stream that chose the

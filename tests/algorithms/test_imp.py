@@ -245,3 +245,58 @@ def test_conv1d_and_conv3d_layers_are_pruned_at_exact_counts_and_rewound(scope):
             assert int(new.sum()) < int(old.sum()) and not (new & ~old).any()
         for weight, theta_0, mask in zip(_weights(model), rewound, new_masks):
             assert torch.equal(weight, torch.where(mask, theta_0, 0))
+
+
+# -- the lottery-ticket rule, against counts and tickets worked out by hand --
+# The "training" writes chosen weights (under the mask) between step() calls, so which weights survive each
+# cycle, and what they are reset to, can be read off by hand.
+
+
+def _hand_layer(*shape):
+    return sparsekern.nn.SparseLinear(shape[1], shape[0], bias=False)
+
+
+def _write(layer, values):
+    with torch.no_grad():
+        layer.weight.copy_(torch.where(layer.mask, values.view_as(layer.weight), 0.0))
+
+
+def test_removed_counts_and_rewind_target_by_hand():
+    layer = _hand_layer(4, 6)
+    model = torch.nn.Sequential(layer)
+    imp = IMP(model, _sgd, prune_fraction=0.2, rewind_step=2)
+    positions = torch.arange(24, dtype=torch.float32)
+    theta_k = 100 + positions
+    _write(layer, -positions)
+    imp.step()
+    _write(layer, theta_k)
+    imp.step()                                   # θ_2 kept here
+    rising, falling = positions + 1, 24 - positions   # |w| rising or falling with the flat position
+    expected_active = []
+    # ⌈0.2·24⌉ = 5 -> 19; ⌈0.2·19⌉ = ⌈3.8⌉ = 4 -> 15; ⌈0.2·15⌉ = 3 (0.2·15 is 3.0000000000000004 in
+    # floating point) -> 12; ⌈0.2·12⌉ = ⌈2.4⌉ = 3 -> 9.
+    for trained, survivors in [(rising, range(5, 24)), (falling, range(5, 20)), (rising, range(8, 20)),
+                               (-falling, range(8, 17))]:
+        _write(layer, trained)
+        imp.step()
+        mask = imp.next_cycle()[0].flatten()
+        assert mask.nonzero().flatten().tolist() == list(survivors)
+        # survivors rewound to θ_2, the others 0
+        assert torch.equal(layer.weight.detach().flatten(), torch.where(mask, theta_k, 0.0))
+        assert imp.step_in_cycle == 2
+        expected_active.append(len(survivors))
+    assert expected_active == [19, 15, 12, 9]
+
+
+def test_global_and_layer_scope_by_hand():
+    # Layer a holds |w| = 1..10, layer b |w| = 0.1..0.7 (17 weights), p = 0.25.
+    def pruned(scope):
+        a, b = _hand_layer(2, 5), _hand_layer(1, 7)
+        _write(a, torch.arange(1, 11, dtype=torch.float32))
+        _write(b, -torch.arange(1, 8, dtype=torch.float32) / 10)
+        imp = IMP(torch.nn.Sequential(a, b), _sgd, prune_fraction=0.25, scope=scope)
+        return [m.flatten().nonzero().flatten().tolist() for m in imp.next_cycle()]
+    # global: ⌈0.25·17⌉ = ⌈4.25⌉ = 5 smallest over both layers, all five from b.
+    assert pruned("global") == [list(range(10)), [5, 6]]
+    # layer: ⌈0.25·10⌉ = 3 from a, ⌈0.25·7⌉ = ⌈1.75⌉ = 2 from b.
+    assert pruned("layer") == [list(range(3, 10)), [2, 3, 4, 5, 6]]

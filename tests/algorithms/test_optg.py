@@ -350,3 +350,47 @@ def test_conv1d_and_conv3d_masks_follow_the_ramp_at_exact_global_counts():
     for history, layer in zip(seen, convolutions):
         assert any(not torch.equal(a, b) for a, b in zip(history, history[1:]))
         assert (layer.weight[~layer.mask] != 0).any()   # kept, not zeroed
+
+
+# -- the ramp, the score rate and the straight-through update, against values worked out by hand --
+# E = 4, p = 0.5, β = 1: σ(−2) = 0.1192029, σ(−1) = 0.2689414, σ(0) = 0.5, σ(1) = 0.7310586.
+
+
+def test_ramp_by_hand():
+    # p_e = p·σ(e − 2)/σ(1): 0.5·0.1630552 = 0.0815276, 0.5·e⁻¹ = 0.1839397, 0.5·0.6839397 = 0.3419699, 0.5
+    expected = [0.0815276, 0.1839397, 0.3419699, 0.5]
+    assert [sparsity_at(e, 0.5, 4) for e in range(4)] == pytest.approx(expected, abs=1e-7)
+    # the reference code's p·σ(e − 2) ends at 0.5·σ(1) = 0.3655293
+    assert sparsity_at(3, 0.5, 4, reach_target=False) == pytest.approx(0.3655293, abs=1e-7)
+    # β = 2 over E = 4: p_1 = 0.5·σ(−2)/σ(2) = 0.5·0.1192029/0.8807971 = 0.0676676
+    assert sparsity_at(1, 0.5, 4, beta=2.0) == pytest.approx(0.0676676, abs=1e-7)
+
+
+def test_scores_and_masks_by_hand():
+    layer = sparsekern.nn.SparseLinear(4, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[2.0, -1.0, 0.5, -3.0]]))
+    optg = OptG(torch.nn.Sequential(layer), sparsity=0.5, epochs=4, lr=0.1, momentum=0.0)
+    x = torch.tensor([[1.0, 3.0, -2.0, 0.25]])    # L = θ·x, so g = ∂L/∂(θ ⊙ m) = x at every position
+    direction = torch.tensor([[-2.0, 3.0, 1.0, 0.75]])   # −g ⊙ θ
+
+    # epoch 0: dense (all scores tie at 0); score lr = lr_0·σ(−2) = 0.1·0.1192029
+    assert layer.mask.all()
+    layer(x).sum().backward()
+    optg.step()
+    layer.weight.grad = None
+    torch.testing.assert_close(optg.scores[0], 0.01192029 * direction, rtol=1e-6, atol=0)
+    # epoch 1: round(0.1839397·4) = round(0.7358) = 1 pruned, the lowest score (entry 0)
+    optg.next_epoch()
+    assert layer.mask.flatten().tolist() == [False, True, True, True]
+    # the pruned entry's score moves too; score lr = lr_1·σ(−1) = 0.05·(1 + cos(π/4))·0.2689414 = 0.0229557
+    layer(x).sum().backward()
+    optg.step()
+    assert layer.weight.grad.flatten().tolist() == [0.0, 3.0, -2.0, 0.25]    # the weights' gradient is masked
+    torch.testing.assert_close(optg.scores[0], (0.01192029 + 0.0229557) * direction, rtol=1e-5, atol=0)
+    assert layer.weight[0, 0] == 2.0                                          # the pruned weight keeps its value
+    # epoch 2: round(0.3419699·4) = round(1.368) = 1; epoch 3: round(0.5·4) = 2 (entries 0 and 3)
+    optg.next_epoch()
+    assert layer.mask.flatten().tolist() == [False, True, True, True]
+    optg.next_epoch()
+    assert layer.mask.flatten().tolist() == [False, True, True, False]

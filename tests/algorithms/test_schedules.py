@@ -119,3 +119,69 @@ def test_dst_takes_an_end_fraction_or_an_end_step():
     assert updated == list(range(5, 42, 5))
     with pytest.raises(ValueError, match="end_step or end_fraction"):
         _dst_update_steps("RigL", 100, end_step=10, end_fraction=0.5)
+
+
+# -- the specification's schedules, as swap counts worked out by hand --
+# One 10×8 layer with 40 active weights of distinct magnitudes; at every step the inactive entries get far
+# larger gradients than the active ones, so growth takes only entries inactive before the update and the
+# entries an update drops are exactly old & ~new: n = round(r(t) · 40).
+
+
+def _drop_counts(total_steps, update_every, **options):
+    """{step: entries dropped} over every step() of a DST on the layer above."""
+    layer = sparsekern.nn.SparseLinear(8, 10, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.arange(1, 81, dtype=torch.float32).view(10, 8) / 80)
+    layer.set_mask(torch.arange(80).view(10, 8) % 2 == 0)
+    model = torch.nn.Sequential(layer)
+    algo = sparsekern.DST(model, torch.optim.SGD(model.parameters(), lr=0.1), prune="magnitude",
+                          grow="gradient", total_steps=total_steps, update_every=update_every, **options)
+    dropped = {}
+    for step in range(1, total_steps + 1):
+        old = layer.mask.clone()
+        layer.weight.grad = torch.where(old, 0.01, 1000.0) + torch.arange(80.0).view(10, 8) / 1000
+        updated = algo.step()
+        assert int(layer.mask.sum()) == 40
+        if updated:
+            dropped[step] = int((old & ~layer.mask).sum())
+        else:
+            assert torch.equal(layer.mask, old)
+    return dropped
+
+
+def test_cosine_drop_counts_by_hand():
+    # T = 12, T_end = 0.75·12 = 9, ΔT = 3: updates at 3 and 6 (none at 9 or after).
+    # r(3) = 0.15·(1 + cos(π/3)) = 0.225 -> 9 of 40; r(6) = 0.15·(1 + cos(2π/3)) = 0.075 -> 3.
+    assert _drop_counts(12, 3, schedule="cosine") == {3: 9, 6: 3}
+
+
+def test_annealed_drop_counts_by_hand():
+    # T = T_end = 8, ΔT = 2: updates at 2, 4, 6. r(t) = 0.005 + 0.2475·(1 + cos(π t/8)):
+    # r(2) = 0.42751 -> 17.1 -> 17; r(4) = 0.2525 -> 10.1 -> 10; r(6) = 0.077491 -> 3.0996 -> 3.
+    assert _drop_counts(8, 2, schedule="annealed") == {2: 17, 4: 10, 6: 3}
+
+
+def test_constant_drop_counts_by_hand_stop_at_75_percent():
+    # T = 8, T_end = 6, ΔT = 2: updates at 2 and 4, each round(0.3·40) = 12.
+    assert _drop_counts(8, 2, schedule="constant") == {2: 12, 4: 12}
+    # With the end point moved to the end (Mocanu's SET): 2, 4 and 6.
+    assert _drop_counts(8, 2, schedule="constant", end_fraction=1.0) == {2: 12, 4: 12, 6: 12}
+
+
+def test_default_schedule_constants_by_hand():
+    rigl = schedules.make("cosine", 1000)
+    assert (rigl.update_every, rigl.end_step, rigl.drop_fraction) == (100, 750, 0.3)
+    fantastic = schedules.make("annealed", 1000)
+    assert (fantastic.end_step, fantastic.drop_fraction, fantastic.final_drop_fraction) == (1000, 0.5, 0.005)
+    constant = schedules.make("constant", 1000)
+    assert (constant.update_every, constant.end_step) == (100, 750)
+
+
+def test_annealed_updates_every_800_steps_by_default_as_the_fantastic_weights_code():
+    assert schedules.make("annealed", 10000).update_every == 800
+    assert schedules.make("annealed", 10000, update_every=50).update_every == 50
+    model = sparsekern.sparsify(torch.nn.Sequential(torch.nn.Linear(8, 4)), 0.5,
+                                generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert sparsekern.DST(model, optimizer, schedule="annealed", total_steps=10000).schedule.update_every == 800
+    assert sparsekern.RigL(model, optimizer, total_steps=10000).schedule.update_every == 100

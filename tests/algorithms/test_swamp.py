@@ -277,3 +277,36 @@ def test_conv1d_and_conv3d_layers_are_pruned_at_exact_counts_with_zeros_off_the_
             assert int(after.sum()) < int(before.sum()) and not (after & ~before).any()
         for layer in layers:
             assert not layer.weight[~layer.mask].any()
+
+
+# -- the averaging rule, against a θ̄ worked out by hand --
+# The "training" writes chosen weights between step() calls, so each particle's SWA mean, θ̄ and the mask
+# pruned from it can be read off by hand.
+
+
+def test_average_and_mask_by_hand():
+    layer = sparsekern.nn.SparseLinear(3, 2)       # weight (2, 3), bias (2,)
+    model = torch.nn.Sequential(layer)
+    theta_0 = layer.weight.detach().clone()
+    swamp = SWAMP(model, _sgd, particles=2, prune_fraction=0.5, rewind_step=0, swa_start=2, swa_every=1)
+    # Samples after steps 3 and 4 (past swa_start = 2); steps 1 and 2 are not averaged.
+    written = [
+        [[100.0] * 6, [100.0] * 6, [-6.0, 0, 2, 0, 2, 0], [-4.0, 0, 4, 0, 0, 0]],   # mean -5 0 3 0 1 0
+        [[100.0] * 6, [100.0] * 6, [0.0, 4, 0, 6, 0, 0], [0.0, 0, 0, 6, 0, 8]],     # mean  0 2 0 6 0 4
+    ]
+    biases = [[[9.0, 9], [9.0, 9], [1.0, 2], [3.0, 4]], [[9.0, 9], [9.0, 9], [5.0, 6], [7.0, 8]]]
+    for particle, (weights, bias) in enumerate(zip(written, biases)):
+        assert swamp.particle == particle and swamp.step_in_cycle == 0
+        for values, b in zip(weights, bias):
+            with torch.no_grad():
+                layer.weight.copy_(torch.tensor(values).view(2, 3))
+                layer.bias.copy_(torch.tensor(b))
+            swamp.step()
+        assert swamp.next_particle() == (particle == 0)
+    # θ̄ = the mean of the two means; the bias is averaged alike: ((2, 3) + (6, 7)) / 2.
+    torch.testing.assert_close(layer.weight.detach(), torch.tensor([[-2.5, 1, 1.5], [3, 0.5, 2]]), rtol=0, atol=0)
+    torch.testing.assert_close(layer.bias.detach(), torch.tensor([4.0, 5.0]), rtol=0, atol=0)
+    # ⌈0.5·6⌉ = 3 removed from θ̄ by magnitude: 0.5, 1 and 1.5; the ticket is θ_0 on the survivors.
+    mask = swamp.next_cycle()[0]
+    assert mask.flatten().tolist() == [True, False, False, True, False, True]
+    assert torch.equal(layer.weight.detach(), torch.where(mask, theta_0, 0.0))

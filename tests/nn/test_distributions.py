@@ -121,3 +121,57 @@ def test_bad_arguments():
         distributions.erk([(3, 0)], 0.5)
     with pytest.raises(ValueError, match="density"):  # the dense first layer alone is over budget
         distributions.erk([(100, 100), (2, 2)], 0.5, dense_first_layer=True)
+
+
+# -- the specification's rules, against values worked out by hand --
+# ERK's raw density of a layer is (sum of dims) / (product of dims): 20/100 = 0.2 for a (10, 10) linear
+# weight, 25/100 = 0.25 for (20, 5), 12/72 = 1/6 for a (4, 2, 3, 3) conv, 4/4 = 1 for (2, 2).
+
+
+def test_erk_by_hand_two_linear_layers():
+    # eps·(0.2·100 + 0.25·100) = 0.45·200 = 90 gives eps = 2: densities 0.4 and 0.5 (40 + 50 = 90 weights).
+    assert distributions.erk([(10, 10), (20, 5)], 0.45) == pytest.approx([0.4, 0.5], abs=1e-12)
+    assert distributions.layer_counts([(10, 10), (20, 5)], [0.4, 0.5]) == [40, 50]
+
+
+def test_erk_by_hand_counts_kernel_dims_in_the_sum_and_the_product():
+    # eps·(72/6 + 0.2·100) = eps·32 = d·172; d = 96/172 gives eps = 3: 3/6 = 0.5 and 3·0.2 = 0.6.
+    assert distributions.erk([(4, 2, 3, 3), (10, 10)], 96 / 172) == pytest.approx([0.5, 0.6], abs=1e-12)
+
+
+def test_erk_by_hand_power_raises_the_raw_density():
+    # power 2: raw 0.04 and 0.0625; eps·(4 + 6.25) = 0.41·200 = 82 gives eps = 8: 0.32 and 0.5.
+    assert distributions.erk([(10, 10), (20, 5)], 0.41, power=2.0) == pytest.approx([0.32, 0.5], abs=1e-12)
+
+
+def test_erk_by_hand_a_saturated_layer_is_made_dense_and_eps_solved_again():
+    # d = 94/204 (94 of 204 weights): first eps = 94 / (4 + 20 + 25) = 1.92 puts the (2, 2) layer at 1.92;
+    # made dense, eps = (94 - 4) / (20 + 25) = 2: densities 1, 0.4, 0.5.
+    shapes = [(2, 2), (10, 10), (20, 5)]
+    assert distributions.erk(shapes, 94 / 204) == pytest.approx([1.0, 0.4, 0.5], abs=1e-12)
+
+
+def test_erk_by_hand_dense_first_layer_spreads_the_rest_of_the_budget():
+    # First layer (10, 10) dense: 100 of the 0.45·300 = 135 weights; eps·(0.25·100 + 0.25·100) = 35 gives
+    # eps = 0.7: both (20, 5) layers at 0.175.
+    shapes = [(10, 10), (20, 5), (5, 20)]
+    assert distributions.erk(shapes, 0.45, dense_first_layer=True) == pytest.approx([1.0, 0.175, 0.175], abs=1e-12)
+
+
+def test_uniform_by_hand_dense_first_layer_puts_the_total_above_d():
+    assert distributions.uniform([(10, 10), (20, 5)], 0.1, dense_first_layer=True) == [1.0, 0.1]
+    assert distributions.layer_counts([(10, 10), (20, 5)], [1.0, 0.1]) == [100, 10]   # 110 > 0.1 · 200
+
+
+def test_counts_by_hand_round_halves_to_even():
+    # 0.5·5 = 2.5 -> 2, 0.5·7 = 3.5 -> 4, 0.5·3 = 1.5 -> 2, 0.3·10 = 3.0000000000000004 -> 3.
+    assert distributions.layer_counts([(1, 5), (1, 7), (3, 1), (2, 5)], [0.5, 0.5, 0.5, 0.3]) == [2, 4, 2, 3]
+
+
+def test_sparsify_by_hand_erk_counts_and_dense_biases():
+    model = nn.Sequential(nn.Linear(10, 10), nn.Linear(10, 20), nn.Linear(20, 5))
+    sparsekern.sparsify(model, 0.45, "erk", generator=torch.Generator().manual_seed(0))
+    modules = [m for _, m in sparsekern.nn.sparse_modules(model)]
+    # weights (10, 10), (20, 10), (5, 20): raw 0.2, 0.15, 0.25; eps·(20 + 30 + 25) = 0.45·400 = 180, eps = 2.4.
+    assert [m.nnz for m in modules] == [48, 72, 60]
+    assert all(bool((m.bias != 0).all()) for m in modules)

@@ -135,3 +135,42 @@ def test_bad_arguments_raise_and_change_nothing(kwargs, argument):
     assert torch.equal(layer.weight, before)
     with pytest.raises(ValueError, match="init"):
         init.resolve("orthogonal")
+
+
+# -- fans and variances worked out by hand --
+
+
+def test_fans_by_hand():
+    # linear (2, 3): fan_in per output row 2, 1; fan_out per input column 2, 1, 0
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    assert init.fans(mask, "fan_in").tolist() == [[2, 2, 2], [1, 1, 1]]
+    assert init.fans(mask, "fan_out").tolist() == [[2, 1, 0], [2, 1, 0]]
+    assert init.fans(mask, "fan_avg").tolist() == [[2, 1.5, 1], [1.5, 1, 0.5]]
+    # grouped conv (4 out, 1 in per group, kernel 2), groups = 2: kernel positions count; input channel 0
+    # feeds units 0-1 (3 active weights), channel 1 feeds units 2-3 (2 active weights)
+    conv = torch.tensor([[1, 1], [1, 0], [0, 0], [1, 1]], dtype=torch.bool).view(4, 1, 2)
+    assert init.fans(conv, "fan_in", groups=2).flatten().tolist() == [2, 2, 1, 1, 0, 0, 2, 2]
+    assert init.fans(conv, "fan_out", groups=2).flatten().tolist() == [3, 3, 3, 3, 2, 2, 2, 2]
+    # transposed conv weight (in 2, out 3, kernel 1): output unit j's fan-in is column j's count
+    transposed = torch.tensor([[1, 0, 1], [1, 1, 0]], dtype=torch.bool).view(2, 3, 1)
+    assert init.fans(transposed, "fan_in", transposed=True).flatten().tolist() == [2, 1, 1, 2, 1, 1]
+    assert init.fans(transposed, "fan_out", transposed=True).flatten().tolist() == [2, 2, 2, 2, 2, 2]
+
+
+def _std_per_entry(initialise, mask):
+    """The std each entry was drawn with: normal draws are randn · std, so with the same seed std = w / randn."""
+    layer = SparseLinear(mask.shape[1], mask.shape[0], bias=False)
+    layer.set_mask(mask)
+    initialise(layer, generator=torch.Generator().manual_seed(3))
+    return layer.weight.detach() / torch.randn(mask.shape, generator=torch.Generator().manual_seed(3))
+
+
+def test_sparse_and_layer_scaled_variances_by_hand():
+    mask = torch.tensor([[True, True, False], [True, False, False], [False, False, False]])
+    std = _std_per_entry(functools.partial(init.sparse_, scale=2.0), mask)
+    # Var = 2 / fan_in: 1 in row 0 (fan-in 2), 2 in row 1 (fan-in 1); 0 off the mask
+    expected = torch.tensor([[1.0, 1.0, 0.0], [2 ** 0.5, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    torch.testing.assert_close(std, expected, rtol=1e-6, atol=0)
+    # layer-scaled: Var = 2 / (density · dense fan-in) = 2 / (3/9 · 3) = 2 at every active entry
+    std = _std_per_entry(functools.partial(init.layer_scaled_, scale=2.0), mask)
+    torch.testing.assert_close(std, torch.where(mask, 2 ** 0.5, 0.0), rtol=1e-6, atol=0)
