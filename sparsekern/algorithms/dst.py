@@ -331,7 +331,8 @@ class DST(distributed.CatchesUp):
 
     def state_dict(self) -> dict:
         """Step count, masks (by module name), schedule, random-generator state, whether finish()
-        was called since the last step() ("finished"), and the criteria, scope and block it updates by.
+        was called since the last step() ("finished"), and the settings it updates by: criteria (with
+        mest_gamma or sensitivity_offset where the criterion reads it), scope, block and reset_state.
 
         The names are those of the model DST was built on, wrapper prefixes included ("module." under
         DistributedDataParallel, "_orig_mod." under torch.compile): load the state into a DST built on the
@@ -342,16 +343,24 @@ class DST(distributed.CatchesUp):
                 "generator": self.generator.get_state(), "finished": self._finished, **self._settings()}
 
     def _settings(self) -> dict:
-        """The arguments a state is saved with and must be loaded under (`load_state_dict`)."""
-        return {"prune": self.prune, "grow": self.grow, "scope": self.scope, "block": self.block}
+        """The arguments a state is saved with and must be loaded under (`load_state_dict`): those that decide
+        what an update does, a criterion's parameter only where the criterion reads it."""
+        settings = {"prune": self.prune, "grow": self.grow, "scope": self.scope, "block": self.block,
+                    "reset_state": self.reset_state}
+        if self.prune == "mest":
+            settings["mest_gamma"] = self.mest_gamma
+        if self.prune in ("sensitivity", "rsensitivity"):
+            settings["sensitivity_offset"] = self.sensitivity_offset
+        return settings
 
     def load_state_dict(self, state: dict) -> None:
         """Restores a `state_dict()`: step count, masks (weights, and the optimizer's per-weight state,
         are zeroed off them), schedule, generator and, after finish(), finished (a state without
         "finished", saved by earlier versions, loads unfinished). Checked completely before anything
         changes: a bad state raises TypeError or ValueError naming the entry, and the model and this
-        DST are as before; so does the state of another algorithm, or of a DST of other criteria
-        (prune, grow), scope or block, which this one would go on from as though they were its own. A
+        DST are as before; so does the state of another algorithm, or of a DST of other settings (criteria
+        and their parameter, scope, block, reset_state), which this one would go on from as though they were
+        its own. A
         step count past the schedule's total_steps (a run that called step() too often, which step()
         allows) loads with a warning, as does a saved schedule that differs from the one this DST was
         built with (which it replaces)."""

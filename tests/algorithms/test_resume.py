@@ -129,6 +129,9 @@ def test_a_state_of_another_algorithm_is_refused(saved, loaded):
     (dict(scope="layer"), dict(scope="global"), "scope='layer', not 'global'"),
     (dict(block=(2, 2)), dict(block=None), r"block=\(2, 2\), not None"),
     (dict(block=(2, 2)), dict(block=(2, 4)), r"block=\(2, 2\), not \(2, 4\)"),
+    (dict(reset_state=False), dict(reset_state=True), "reset_state=False, not True"),
+    (dict(prune="mest", mest_gamma=0.5), dict(prune="mest"), "mest_gamma=0.5, not 1.0"),
+    (dict(prune="sensitivity", sensitivity_offset=1.0), dict(prune="sensitivity"), "sensitivity_offset=1.0, not 1e-08"),
 ])
 def test_a_dst_state_saved_with_other_criteria_scope_or_blocks_is_refused(saved, loaded, words):
     # The state held no criteria: a SET run resumed as MEST, or a layer-scope run as a global one, went on under
@@ -141,6 +144,15 @@ def test_a_dst_state_saved_with_other_criteria_scope_or_blocks_is_refused(saved,
     model = mlp(0, hidden=8)
     _refused_with_nothing_changed(dst(model, loaded), model, state, f"saved with {words}")
     dst(mlp(0, hidden=8), saved).load_state_dict(state)   # the same settings load
+
+
+def test_a_criterion_parameter_the_criterion_does_not_read_is_not_a_setting_of_the_state():
+    def rigl(model, **options):
+        return sparsekern.RigL(model, torch.optim.SGD(model.parameters(), lr=0.1), update_every=2, total_steps=20,
+                               **options)
+
+    state = _through_a_file(rigl(mlp(0, hidden=8), mest_gamma=0.5, sensitivity_offset=1.0).state_dict())
+    rigl(mlp(0, hidden=8)).load_state_dict(state)
 
 
 @pytest.mark.parametrize("saved, loaded, words", [
