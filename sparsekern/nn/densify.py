@@ -34,8 +34,9 @@ def densify(model: nn.Module) -> nn.Module:
     several names becomes one dense module under all of them; an attention's out_proj registered elsewhere too
     becomes the dense attention's out_proj there. Hooks, and the parameters, buffers, submodules and attributes a
     user attached to a sparse module (an attention's out_proj included), move to its dense twin, as sparsify
-    moves them the other way; attachments of an attention's input projections or of a recurrent module's weight
-    layers have no module to go to in the dense twin and are dropped. The sparse modules' masks and flags are
+    moves them the other way. An attention's input projections and a recurrent module's weight layers are
+    Parameters of the dense twin, not modules: what a user attached to one raises ValueError naming it (their
+    hooks, which the sparse module's forward never runs either, are dropped). The sparse modules' masks and flags are
     not carried: the outputs, in eval and in train mode, are the sparse model's, and the state dict loads into
     the dense architecture the model had before sparsify.
 
@@ -89,12 +90,30 @@ def _stage(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module]]:
                                     and (id(module) not in projections or id(module) in registered_outside)):
             if id(module) in projections and module is getattr(projections[id(module)], "out_proj", None):
                 continue   # the dense attention's out_proj (below)
+            if id(module) in wholes:
+                _refuse_stranded_attachments(name, module, registered_outside)
             dense = module.to_dense()
             if isinstance(module, SparseMultiheadAttention):
                 _carry_extras(f"{name}.out_proj" if name else "out_proj", module.out_proj, dense.out_proj,
                               _own_entries(dense.out_proj))
             staged.append((name, module, _carry_extras(name, module, dense, _own_entries(dense, type(module)))))
     return staged
+
+
+def _refuse_stranded_attachments(name: str, whole: nn.Module, registered_outside: set[int]) -> None:
+    """ValueError naming what a user attached to a projection of `whole` that its dense twin holds as Parameters,
+    not as a module (an attention's in_proj, an LSTM's hh_l0): it would leave the model, and its state dict
+    entries with it. Its hooks are not refused: the sparse module's forward never runs them either."""
+    for child, projection in whole.named_projections():
+        if child == "out_proj" or id(projection) in registered_outside:
+            continue   # carried to the dense attention's out_proj, or to the projection's own twin
+        own = _own_entries(nn.Linear(1, 1, bias=projection.bias is not None, device="meta"))
+        stranded = [key for slot in ("_parameters", "_buffers", "_modules", "__dict__")
+                    for key in getattr(projection, slot) if key not in own]
+        if stranded:
+            raise ValueError(f"densify: {f'{name}.{child}' if name else child!r} holds {stranded[0]!r}, which a "
+                             f"user attached; its dense {whole.dense_class.__name__} holds that projection as "
+                             f"Parameters, with no module to carry it: move it to {name or '(root)'!r} or remove it")
 
 
 def _own_entries(dense: nn.Module, kind: type = SparseLinear) -> tuple[str, ...]:

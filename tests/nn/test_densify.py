@@ -247,3 +247,26 @@ def test_a_recurrent_weight_layer_registered_outside_shares_its_weight():
     model.alias = model.lstm.ih_l0
     sk.nn.densify(model)
     assert type(model.alias) is nn.Linear and model.alias.weight is model.lstm.weight_ih_l0
+
+
+def test_an_attachment_of_a_projection_without_a_dense_module_is_refused_unchanged():
+    model = Recurrent()
+    sk.sparsify(model, 0.5, generator=_generator())
+    model.lstm.hh_l1.scale = nn.Parameter(torch.ones(1))
+    with pytest.raises(ValueError, match=r"'lstm\.hh_l1' holds 'scale'.*LSTM"):
+        sk.nn.densify(model)
+    assert isinstance(model.lstm, sk.nn.SparseLSTM) and isinstance(model.head, SparseModule)
+    attention = nn.Sequential(nn.MultiheadAttention(8, 2))
+    sk.sparsify(attention, 0.5, generator=_generator())
+    attention[0].in_proj.register_buffer("note", torch.ones(1))
+    with pytest.raises(ValueError, match=r"'0\.in_proj' holds 'note'"):
+        sk.nn.densify(attention)
+
+
+def test_a_densified_model_exports_with_torch_export():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 5))
+    sk.sparsify(model, 0.3, generator=_generator())
+    inputs = torch.randn(2, 3, 6, 6)
+    expected = model(inputs)
+    program = torch.export.export(sk.nn.densify(model), (inputs,))
+    torch.testing.assert_close(program.module()(inputs), expected)
