@@ -23,29 +23,30 @@ _SPARSE_ONLY = (*(f"packed_{name}" for name in _PACKED_FIELDS), "_packed_weight"
 def densify(model: nn.Module) -> nn.Module:
     """Replaces, in place, every sparse module of `model` (SparseLinear, the sparse convolutions and transposed
     convolutions, SparseMultiheadAttention, SparseRNN/LSTM/GRU) by the plain torch module its `to_dense()` gives:
-    the model `sparsify` started from, holding the masked weights. For export: deployment, torch.export, a code
-    base without sparsekern.
+    the model `sparsify` started from, holding the masked weights. For export: deployment, torch.export, a code base
+    without sparsekern.
 
     The dense modules share the sparse modules' Parameters (as sparsify shares the dense ones): each weight is
-    zeroed off its mask in place (a sparse layer that keeps values off its mask, OptG's, loses them) and becomes
-    the dense module's weight, the same Parameter object. So weights tied to anything else (an embedding, another
-    layer) stay tied, and an optimizer built on the sparse model keeps training them, now densely (its state at
-    pruned entries is whatever the optimizer holds there, 0 after sparse training). A module registered under
-    several names becomes one dense module under all of them; an attention's out_proj registered elsewhere too
-    becomes the dense attention's out_proj there. Hooks, and the parameters, buffers, submodules and attributes a
-    user attached to a sparse module (an attention's out_proj included), move to its dense twin, as sparsify
-    moves them the other way. An attention's input projections and a recurrent module's weight layers are
-    Parameters of the dense twin, not modules: what a user attached to one raises ValueError naming it (their
-    hooks, which the sparse module's forward never runs either, are dropped). The sparse modules' masks and flags are
-    not carried: the outputs, in eval and in train mode, are the sparse model's, and the state dict loads into
-    the dense architecture the model had before sparsify.
+    zeroed off its mask in place (a sparse layer that keeps values off its mask, OptG's, loses them) and becomes the
+    dense module's weight, the same Parameter object. So weights tied to anything else (an embedding, another layer)
+    stay tied, and an optimizer built on the sparse model keeps training them, now densely (its state at pruned
+    entries is whatever the optimizer holds there, 0 after sparse training). A module registered under several names
+    becomes one dense module under all of them; an attention's out_proj registered elsewhere too becomes the dense
+    attention's out_proj there. Hooks, and the parameters, buffers, submodules and attributes a user attached to a
+    sparse module (an attention's out_proj included), move to its dense twin, as sparsify moves them the other way.
+    An attention's input projections and a recurrent module's weight layers are Parameters of the dense twin, not
+    modules: what a user attached to one raises ValueError naming it (their hooks, which the sparse module's forward
+    never runs either, are dropped). The sparse modules' masks and flags are not carried: the outputs, in eval and
+    in train mode, are the sparse model's, and the state dict loads into the dense architecture the model had before
+    sparsify.
 
     Returns `model`, or its dense twin if `model` is itself a sparse module; a model without sparse modules is
-    returned unchanged. ValueError, with the model unchanged, for a model wrapped in DataParallel,
-    DistributedDataParallel or torch.compile (densify the module inside, then wrap it again), one compiled in
-    place (nn.Module.compile), a sharded one (FSDP, fully_shard), and a sparse layer whose weight is computed
-    from other parameters (a parametrization, weight_norm, spectral_norm, torch.nn.utils.prune): remove that
-    first (torch.nn.utils.parametrize.remove_parametrizations).
+    returned unchanged. The dense twins are built on copies of the masked weights before the model changes, so
+    densify holds one copy of the sparse weights while it runs. ValueError, with the model unchanged, for a model
+    wrapped in DataParallel, DistributedDataParallel or torch.compile (densify the module inside, then wrap it
+    again), one compiled in place (nn.Module.compile), a sharded one (FSDP, fully_shard), and a sparse layer whose
+    weight is computed from other parameters (a parametrization, weight_norm, spectral_norm, torch.nn.utils.prune):
+    remove that first (torch.nn.utils.parametrize.remove_parametrizations).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
