@@ -1,5 +1,5 @@
 """Floor 2, the modules: sparse layers (linear, convolutions and transposed convolutions, multi-head
-attention, RNN/LSTM/GRU), `sparsify(model)`, sparsity-aware init, layer densities, metrics and
+attention, RNN/LSTM/GRU), `sparsify(model)` and its inverse `densify(model)`, sparsity-aware init, layer densities, metrics and
 `SparseAveragedModel` (EMA, SWA).
 
 Imports only `sparsekern.ops` below it; the algorithms above drive these modules' masks.
@@ -12,9 +12,10 @@ from .convolutions import (SparseConv1d, SparseConv2d, SparseConv3d, SparseConvN
                            SparseConvTranspose2d, SparseConvTranspose3d, SparseConvTransposeNd)
 from .modules import SparseLinear, SparseModule, sparse_modules
 from .recurrent import SparseGRU, SparseLSTM, SparseRNN, SparseRNNBase
+from .densify import densify
 from .sparsify import sparsify
 
 __all__ = ["SparseModule", "SparseLinear", "SparseConvNd", "SparseConv1d", "SparseConv2d", "SparseConv3d",
            "SparseConvTransposeNd", "SparseConvTranspose1d", "SparseConvTranspose2d", "SparseConvTranspose3d",
            "SparseMultiheadAttention", "SparseRNNBase", "SparseLSTM", "SparseGRU", "SparseRNN",
-           "SparseAveragedModel", "sparse_modules", "sparsify", "distributions", "init", "gradient_flow", "summary"]
+           "SparseAveragedModel", "sparse_modules", "sparsify", "densify", "distributions", "init", "gradient_flow", "summary"]

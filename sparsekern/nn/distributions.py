@@ -32,11 +32,13 @@ def check_density(density) -> float:
 
 
 def layer_densities(shapes: Sequence[Sequence[int]], density: float, distribution: str = "erk", *,
-                    power: float = 1.0, dense_first_layer: bool = False) -> list[float]:
-    """Densities for layers of weight shapes `shapes` under `distribution` ("erk" or "uniform")."""
+                    power: float = 1.0, dense_first_layer: bool = False,
+                    names: Sequence[str] | None = None) -> list[float]:
+    """Densities for layers of weight shapes `shapes` under `distribution` ("erk" or "uniform"); `names`: the
+    layers' names, for errors (see `erk`)."""
     _checks.flag(dense_first_layer, "dense_first_layer")
     if distribution == "erk":
-        return erk(shapes, density, power=power, dense_first_layer=dense_first_layer)
+        return erk(shapes, density, power=power, dense_first_layer=dense_first_layer, names=names)
     if distribution == "uniform":
         return uniform(shapes, density, dense_first_layer=dense_first_layer)
     raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
@@ -50,11 +52,12 @@ def uniform(shapes: Sequence[Sequence[int]], density: float, *, dense_first_laye
 
 
 def erk(shapes: Sequence[Sequence[int]], density: float, *, power: float = 1.0,
-        dense_first_layer: bool = False) -> list[float]:
+        dense_first_layer: bool = False, names: Sequence[str] | None = None) -> list[float]:
     """Erdos-Renyi-Kernel densities (module docstring), total non-zeros d * sum N_l.
 
     `dense_first_layer` keeps the first layer dense and spreads the rest of the same total over
-    the others (ValueError if the first layer alone holds more than d * sum N_l).
+    the others (ValueError if the first layer alone holds more than d * sum N_l, naming it by
+    `names[0]` when the layers' names are given).
     """
     shapes = _shapes(shapes)
     sizes = [math.prod(shape) for shape in shapes]
@@ -65,8 +68,10 @@ def erk(shapes: Sequence[Sequence[int]], density: float, *, power: float = 1.0,
     budget = density * sum(sizes)
     dense = {0} if dense_first_layer and sizes else set()
     if dense_first_layer and sizes and sizes[0] > budget:
-        raise ValueError(f"density={density} is below what the dense first layer alone holds "
-                         f"({sizes[0] / sum(sizes):.6g} of all weights)")
+        first = f" {names[0]!r}" if names else ""
+        raise ValueError(f"density={density} is below what the dense first layer{first} alone holds "
+                         f"({sizes[0] / sum(sizes):.6g} of all weights): raise density, or drop "
+                         f"dense_first_layer")
     while True:
         sparse = [i for i in range(len(sizes)) if i not in dense]
         if not sparse:

@@ -156,7 +156,8 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
         _check_finite(groups)
     shapes = [tuple(group[0][1].weight.shape) for group in groups]
     densities = distributions.layer_densities(shapes, density, distribution, power=power,
-                                              dense_first_layer=dense_first_layer)
+                                              dense_first_layer=dense_first_layer,
+                                              names=[group[0][0] or "(root)" for group in groups])
     counts = distributions.layer_counts(shapes, densities)
     empty = [group[0][0] or "(root)" for group, count in zip(groups, counts) if count == 0]
     if empty:

@@ -123,6 +123,20 @@ def test_bad_arguments():
         distributions.erk([(100, 100), (2, 2)], 0.5, dense_first_layer=True)
 
 
+
+def test_sparsify_names_the_dense_first_layer_that_alone_exceeds_the_density():
+    # The error said the density was below what "the dense first layer" holds, naming no layer of the model.
+    model = nn.Sequential()
+    model.add_module("stem", nn.Linear(100, 100))
+    model.add_module("head", nn.Linear(100, 2))
+    before = [parameter.detach().clone() for parameter in model.parameters()]
+    with pytest.raises(ValueError, match=r"density=0\.5 .*dense first layer 'stem' alone.*dense_first_layer"):
+        sparsekern.sparsify(model, 0.5, dense_first_layer=True)
+    assert type(model.stem) is nn.Linear
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    with pytest.raises(ValueError, match=r"dense first layer 'layer 0' alone"):
+        distributions.erk([(100, 100), (2, 2)], 0.5, dense_first_layer=True, names=["layer 0", "layer 1"])
+
 # -- the specification's rules, against values worked out by hand --
 # ERK's raw density of a layer is (sum of dims) / (product of dims): 20/100 = 0.2 for a (10, 10) linear
 # weight, 25/100 = 0.25 for (20, 5), 12/72 = 1/6 for a (4, 2, 3, 3) conv, 4/4 = 1 for (2, 2).

@@ -1,0 +1,272 @@
+"""sparsekern.nn.densify: a sparsified model back to plain torch modules, in place."""
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import sparsekern as sk
+from sparsekern.nn import SparseModule
+
+
+def _generator(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _no_sparse_module(model):
+    return not any(isinstance(module, SparseModule) for module in model.modules())
+
+
+def _same_outputs(model, inputs):
+    """Outputs of `model` before and after densify, in eval and train mode (dropout-free models)."""
+    expected = {}
+    for training in (False, True):
+        model.train(training)
+        with torch.no_grad():
+            expected[training] = model(*inputs)
+    sk.nn.densify(model)
+    assert _no_sparse_module(model)
+    for training in (False, True):
+        model.train(training)
+        with torch.no_grad():
+            got = model(*inputs)
+        for a, b in zip(torch.utils._pytree.tree_leaves(expected[training]), torch.utils._pytree.tree_leaves(got)):
+            torch.testing.assert_close(b, a)
+
+
+class TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(50, 16)
+        self.hidden = nn.Linear(16, 16)
+        self.decoder = nn.Linear(16, 50)
+        self.decoder.weight = self.embedding.weight
+
+    def forward(self, tokens):
+        return self.decoder(torch.relu(self.hidden(self.embedding(tokens))))
+
+
+def test_tied_language_model_keeps_its_tie_and_outputs():
+    model = TiedLM()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # the tied decoder stays dense, with a warning
+        sk.sparsify(model, 0.5, exclude="decoder", generator=_generator())
+    _same_outputs(model, (torch.randint(0, 50, (4, 7)),))
+    assert model.decoder.weight is model.embedding.weight
+    assert type(model.hidden) is nn.Linear
+
+
+def test_two_sparse_layers_sharing_one_weight_share_it_dense():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    model[2].weight = model[0].weight
+    sk.sparsify(model, 0.5, generator=_generator())
+    weight = model[0].weight
+    _same_outputs(model, (torch.randn(3, 8),))
+    assert model[0].weight is weight and model[2].weight is weight
+    assert model[0] is not model[2]
+
+
+def test_a_module_registered_twice_becomes_one_dense_module():
+    layer = nn.Linear(8, 8)
+    model = nn.Sequential(layer, nn.ReLU(), layer)
+    model.alias = layer
+    sk.sparsify(model, 0.5, generator=_generator())
+    _same_outputs(model, (torch.randn(3, 8),))
+    assert type(model[0]) is nn.Linear and model[0] is model[2] is model.alias
+
+
+def test_parameters_are_shared_and_an_optimizer_keeps_training_them():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    sk.sparsify(model, 0.5, generator=_generator())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    weight, mask = model[0].weight, model[0].mask.clone()
+    sk.nn.densify(model)
+    assert model[0].weight is weight
+    assert not weight[~mask].any()   # the masked values
+    model(torch.randn(5, 8)).sum().backward()
+    optimizer.step()
+    assert weight[~mask].any()       # trained dense now
+
+
+def test_weights_held_off_the_mask_are_zeroed():
+    model = nn.Sequential(nn.Linear(8, 8))
+    sk.sparsify(model, 0.5, generator=_generator())
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    model[0].zero_off_mask = False   # OptG's state: values kept off the mask, forward masks them
+    _same_outputs(model, (torch.randn(3, 8),))
+    assert not model[0]._forward_pre_hooks   # the sparse module's guard hook does not come along
+
+
+def test_round_trip_gives_the_masked_dense_model_and_its_state_dict():
+    dense = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.ConvTranspose2d(8, 4, 3), nn.Flatten(),
+                          nn.Linear(4 * 6 * 6, 5))
+    model = copy.deepcopy(dense)
+    sk.sparsify(model, 0.3, init="dense", generator=_generator())
+    masks = {name: module.mask.clone() for name, module in sk.nn.sparse_modules(model)}
+    sk.nn.densify(model)
+    assert [type(module) for module in model] == [type(module) for module in dense]
+    with torch.no_grad():
+        for name, mask in masks.items():
+            dense.get_submodule(name).weight.mul_(mask)
+    dense.load_state_dict(model.state_dict())   # strict: the same keys
+    inputs = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(model(inputs), dense(inputs))
+
+
+def test_attention_and_its_out_proj_attachments():
+    model = nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, dropout=0.0, batch_first=True)
+    reference = copy.deepcopy(model)
+    sk.sparsify(model, 0.5, generator=_generator())
+    calls = []
+    model.self_attn.out_proj.register_forward_hook(lambda *_: calls.append("out_proj"))
+    model.self_attn.out_proj.scale = 2.0
+    model.self_attn.register_buffer("note", torch.ones(2))
+    model.projection = model.self_attn.out_proj
+    inputs = torch.randn(2, 5, 16)
+    _same_outputs(model, (inputs,))
+    attention = model.self_attn
+    assert type(attention) is nn.MultiheadAttention
+    assert model.projection is attention.out_proj and attention.out_proj.scale == 2.0
+    assert torch.equal(attention.note, torch.ones(2))
+    model.projection(torch.randn(1, 16))
+    assert calls and calls[-1] == "out_proj"
+    reference.self_attn.register_buffer("note", torch.ones(2))   # the dense layout plus what the user attached
+    reference.projection = reference.self_attn.out_proj
+    reference.load_state_dict(model.state_dict())
+
+
+class CrossAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attention = nn.MultiheadAttention(16, 2, kdim=8, vdim=12, batch_first=True)
+
+    def forward(self, query, key, value):
+        return self.attention(query, key, value)
+
+
+def test_attention_with_other_key_dims_shares_its_weights():
+    model = CrossAttention()
+    sk.sparsify(model, 0.5, generator=_generator())
+    sparse = model.attention
+    weights = [sparse.q_proj.weight, sparse.k_proj.weight, sparse.v_proj.weight, sparse.out_proj.weight]
+    _same_outputs(model, (torch.randn(2, 3, 16), torch.randn(2, 4, 8), torch.randn(2, 4, 12)))
+    attention = model.attention
+    assert type(attention) is nn.MultiheadAttention
+    assert all(a is b for a, b in zip([attention.q_proj_weight, attention.k_proj_weight, attention.v_proj_weight,
+                                       attention.out_proj.weight], weights))
+
+
+class Recurrent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(6, 8, num_layers=2, proj_size=4, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, inputs):
+        return self.head(self.lstm(inputs)[0])
+
+
+def test_lstm_with_a_learned_initial_state_and_a_hook():
+    model = Recurrent()
+    model.lstm.h0 = nn.Parameter(torch.zeros(2, 4))
+    sk.sparsify(model, 0.5, generator=_generator())
+    weight = model.lstm.weight_hh_l1
+    calls = []
+    model.lstm.register_forward_hook(lambda *_: calls.append(1))
+    _same_outputs(model, (torch.randn(2, 5, 6),))
+    assert type(model.lstm) is nn.LSTM and model.lstm.weight_hh_l1 is weight
+    assert isinstance(model.lstm.h0, nn.Parameter) and calls
+    dense = Recurrent()
+    dense.lstm.h0 = nn.Parameter(torch.zeros(2, 4))
+    dense.load_state_dict(model.state_dict())
+
+
+def test_hooks_and_attachments_of_a_linear_layer_move_over():
+    model = nn.Sequential(nn.Linear(8, 8))
+    sk.sparsify(model, 0.5, generator=_generator())
+    layer = model[0]
+    layer.extra = nn.Parameter(torch.ones(3))
+    layer.register_buffer("scratch", torch.zeros(2), persistent=False)
+    layer.tag = "encoder"
+    calls = []
+    handle = layer.register_forward_pre_hook(lambda *_: calls.append(1))
+    sk.nn.densify(model)
+    dense = model[0]
+    assert type(dense) is nn.Linear and dense.extra is layer.extra and dense.tag == "encoder"
+    assert "scratch" in dense._buffers and "scratch" not in dense.state_dict()
+    assert not hasattr(dense, "mask") and not hasattr(dense, "dense_grad")
+    dense(torch.randn(1, 8))
+    assert calls == [1]
+    handle.remove()
+    dense(torch.randn(1, 8))
+    assert calls == [1]
+
+
+def test_a_sparse_module_as_the_model_is_returned_dense():
+    layer = sk.nn.SparseLinear(4, 4)
+    dense = sk.nn.densify(layer)
+    assert type(dense) is nn.Linear and dense.weight is layer.weight
+
+
+def test_a_model_without_sparse_modules_is_unchanged():
+    model = nn.Sequential(nn.Linear(4, 4))
+    first = model[0]
+    assert sk.nn.densify(model) is model and model[0] is first
+
+
+def test_wrapped_or_computed_models_are_refused_unchanged():
+    model = nn.Sequential(nn.Linear(4, 4))
+    sk.sparsify(model, 0.5, generator=_generator())
+    with pytest.raises(ValueError, match="DataParallel"):
+        sk.nn.densify(nn.DataParallel(model))
+    with pytest.raises(ValueError, match="torch.compile"):
+        sk.nn.densify(torch.compile(model))
+    torch.nn.utils.parametrizations.weight_norm(model[0])
+    with pytest.raises(ValueError, match="computed"):
+        sk.nn.densify(model)
+    assert isinstance(model[0], SparseModule)
+    with pytest.raises(TypeError, match="model"):
+        sk.nn.densify("model")
+
+
+def test_inference_mode_and_a_sparse_layer_attached_to_one():
+    model = nn.Sequential(nn.Linear(8, 8))
+    model[0].inner = nn.Linear(8, 8)
+    sk.sparsify(model, 0.5, generator=_generator())
+    model[0].to_inference()
+    _same_outputs(model, (torch.randn(2, 8),))
+    assert type(model[0]) is nn.Linear and type(model[0].inner) is nn.Linear
+    assert not model[0]._buffers and "_packed_weight" not in vars(model[0])
+
+
+def test_a_recurrent_weight_layer_registered_outside_shares_its_weight():
+    model = Recurrent()
+    sk.sparsify(model, 0.5, generator=_generator())
+    model.alias = model.lstm.ih_l0
+    sk.nn.densify(model)
+    assert type(model.alias) is nn.Linear and model.alias.weight is model.lstm.weight_ih_l0
+
+
+def test_an_attachment_of_a_projection_without_a_dense_module_is_refused_unchanged():
+    model = Recurrent()
+    sk.sparsify(model, 0.5, generator=_generator())
+    model.lstm.hh_l1.scale = nn.Parameter(torch.ones(1))
+    with pytest.raises(ValueError, match=r"'lstm\.hh_l1' holds 'scale'.*LSTM"):
+        sk.nn.densify(model)
+    assert isinstance(model.lstm, sk.nn.SparseLSTM) and isinstance(model.head, SparseModule)
+    attention = nn.Sequential(nn.MultiheadAttention(8, 2))
+    sk.sparsify(attention, 0.5, generator=_generator())
+    attention[0].in_proj.register_buffer("note", torch.ones(1))
+    with pytest.raises(ValueError, match=r"'0\.in_proj' holds 'note'"):
+        sk.nn.densify(attention)
+
+
+def test_a_densified_model_exports_with_torch_export():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 5))
+    sk.sparsify(model, 0.3, generator=_generator())
+    inputs = torch.randn(2, 3, 6, 6)
+    expected = model(inputs)
+    program = torch.export.export(sk.nn.densify(model), (inputs,))
+    torch.testing.assert_close(program.module()(inputs), expected)
