@@ -59,8 +59,8 @@ runs under vmap and refuses to be differentiated.
 A plain nn.Linear / nn.Conv1d/2d/3d / nn.ConvTranspose1d/2d/3d state dict loads into the matching sparse
 module (one pruned by torch.nn.utils.prune, its `weight_orig` and `weight_mask`, as that mask and the
 pruned weight; a missing `mask` means all True: a module whose mask was not all True warns that it
-becomes dense, in one warning per load_state_dict naming every such layer), and `to_dense()` returns a plain
-module holding the masked weight (`sparsekern.nn.densify` turns a whole model back). A saved mask that is not bool
+becomes dense), and `to_dense()` returns a plain module holding the masked weight (`sparsekern.nn.densify`
+turns a whole model back). A saved mask that is not bool
 (torch.nn.utils.prune's are float) must hold only 0 and 1 (ValueError naming its key otherwise, the
 module unchanged).
 Loading a state dict, or assigning or registering a `weight` Parameter (torch.nn.utils.parametrize's
@@ -72,7 +72,6 @@ or a state dict), the deferred-initialisation recipe; a mask for it comes from `
 """
 from __future__ import annotations
 
-import sys
 import warnings
 
 import torch
@@ -335,7 +334,10 @@ class SparseModule(nn.Module):
             device = state_dict[prefix + "weight"].device
             if not self.mask.is_meta and not bool(self.mask.all()):
                 # A pretrained dense checkpoint loaded into a sparsified model: it would train dense, silently.
-                _DenseLoadWarning.note(self, prefix, missing_keys)
+                warnings.warn(f"state dict has no {prefix + 'mask'!r}: {type(self).__name__} loads it as a dense "
+                              f"layer (mask all True), replacing its mask of density {self.density:.3g}; to start "
+                              f"sparse from dense weights, load them into the dense model and sparsify it then "
+                              f"(mask='magnitude' keeps the largest)", stacklevel=2)
             state_dict[prefix + "mask"] = torch.ones(self.mask.shape, dtype=torch.bool, device=device)
         mask = state_dict.get(prefix + "mask")
         _check_loaded_mask(mask, prefix + "mask")
@@ -422,71 +424,6 @@ def _translate_pruned(state_dict: dict, prefix: str, names: tuple[str, ...] = ("
         state_dict[prefix + name] = reference.masked_weight(values, keep)
         if name == "weight":
             state_dict[prefix + "mask"] = keep
-
-
-class _DenseLoadWarning:
-    """One warning per load_state_dict naming every sparse layer that a dense checkpoint (no `mask` entries) turns
-    dense, not one per layer (13 and more on a small ResNet). nn.Module.load_state_dict calls each module's
-    _load_from_state_dict, then the load post-hooks of each module after its children's: the layers are noted
-    on a post-hook of the module that load_state_dict was called on, which runs last and warns. `missing_keys`,
-    the list that load_state_dict hands every module, tells one load from another: a hook left behind by a load
-    that raised part way (before the post-hooks run) removes itself unheard at the next. Code that calls
-    _load_from_state_dict other than from load_state_dict gets a warning per layer."""
-
-    def __init__(self, missing_keys: list):
-        self.missing_keys = missing_keys
-        self.layers: list[tuple[str, str, float]] = []   # (key of the missing mask, module type, density)
-
-    @classmethod
-    def note(cls, layer: SparseModule, prefix: str, missing_keys: list) -> None:
-        entry = (prefix + "mask", type(layer).__name__, layer.density)
-        loading, level = _load_state_dict_call()
-        if loading is None:
-            warnings.warn(cls.message([entry]), stacklevel=3)
-            return
-        hooks = loading._load_state_dict_post_hooks
-        for key, hook in list(hooks.items()):
-            if isinstance(hook, cls) and hook.missing_keys is missing_keys:
-                hook.layers.append(entry)
-                return
-            if isinstance(hook, cls):
-                del hooks[key]   # left behind by a load that raised
-        hook = cls(missing_keys)
-        hook.layers.append(entry)
-        loading.register_load_state_dict_post_hook(hook)
-
-    def __call__(self, module: nn.Module, incompatible_keys) -> None:
-        hooks = module._load_state_dict_post_hooks
-        for key in [key for key, hook in hooks.items() if hook is self]:
-            del hooks[key]
-        if incompatible_keys.missing_keys is self.missing_keys:
-            _, level = _load_state_dict_call()
-            warnings.warn(self.message(self.layers), stacklevel=level + 1)
-
-    @staticmethod
-    def message(layers: list[tuple[str, str, float]]) -> str:
-        advice = ("to start sparse from dense weights, load them into the dense model and sparsify it then "
-                  "(mask='magnitude' keeps the largest)")
-        if len(layers) == 1:
-            (key, kind, density), = layers
-            return (f"state dict has no {key!r}: {kind} loads it as a dense layer (mask all True), replacing its "
-                    f"mask of density {density:.3g}; {advice}")
-        named = ", ".join(f"{key.removesuffix('mask').removesuffix('.') or '(root)'!r} ({kind}, density "
-                          f"{density:.3g})" for key, kind, density in layers[:10])
-        return (f"state dict has no masks for {len(layers)} sparse layers, which load as dense layers (mask all "
-                f"True), replacing their masks: {named}{', ...' if len(layers) > 10 else ''}; {advice}")
-
-
-def _load_state_dict_call() -> tuple[nn.Module | None, int]:
-    """The module whose nn.Module.load_state_dict is running, and the stacklevel of that call's frame for a warning
-    issued by the caller of this function; (None, 0) outside one."""
-    code = nn.Module.load_state_dict.__code__
-    frame, level = sys._getframe(1), 1
-    while frame is not None:
-        if frame.f_code is code:
-            return frame.f_locals.get("self"), level
-        frame, level = frame.f_back, level + 1
-    return None, 0
 
 
 def _check_loaded_layout(value, key: str) -> None:

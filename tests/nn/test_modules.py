@@ -399,34 +399,6 @@ def test_loading_dense_checkpoint_into_sparsified_model_keeps_callers_dict():
     torch.testing.assert_close(sparse(x), model(x))
 
 
-def test_a_dense_checkpoint_warns_once_per_load_naming_its_layers(generator):
-    # It warned once per layer: 13 and more warnings on a small ResNet, one per conv and per attention projection.
-    dense = nn.Sequential(small_model(), nn.Linear(4, 8), nn.LSTM(8, 4))
-    sparse = sparsekern.sparsify(copy.deepcopy(dense), 0.5, "uniform", generator=generator)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        sparse.load_state_dict(dense.state_dict())
-    messages = [str(warning.message) for warning in caught if "mask all True" in str(warning.message)]
-    assert len(messages) == 1, messages
-    for name in ("0.0", "0.3", "0.7", "0.9", "1", "2.ih_l0", "2.hh_l0"):
-        assert f"{name!r}" in messages[0]
-    assert "7 sparse layers" in messages[0]
-    assert caught[0].filename == __file__   # at the load_state_dict call
-    assert all(module.mask.all() for _, module in sparse_modules(sparse))
-    # The next load warns again, and a load that fails part way leaves nothing behind (the model still copies).
-    sparse = sparsekern.sparsify(sparse, 0.5, "uniform", generator=generator)
-    broken = dense.state_dict()
-    broken["1.mask"] = torch.full((8, 4), 0.5)   # refused as layer 1 loads, after the conv layers loaded dense
-    with warnings.catch_warnings(record=True) as caught, pytest.raises(ValueError, match="'1.mask'"):
-        warnings.simplefilter("always")
-        sparse.load_state_dict(broken)
-    copy.deepcopy(sparse)
-    sparse = sparsekern.sparsify(sparse, 0.5, "uniform", generator=generator)
-    with pytest.warns(UserWarning, match="7 sparse layers") as caught:
-        sparse.load_state_dict(dense.state_dict())
-    assert len([warning for warning in caught if "mask all True" in str(warning.message)]) == 1
-
-
 def small_model():
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                          nn.Conv2d(8, 8, 3, groups=2, bias=False), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
