@@ -66,11 +66,12 @@ def grid_lines(methods: list[str], criteria: list[str], grow: str, schedule: str
 
 def line_config(base: TrainConfig, line: Line, density: float, seed: int) -> TrainConfig:
     """The run of `line` at `density` (dense: 1) and `seed`; ValueError if the line cannot run so. The base's
-    end_fraction applies to DST lines only."""
+    end_fraction and swap_rounding apply to DST lines only."""
     dst = line.method in ("set", "rigl", "mest", CRITERION_METHOD)
     return replace(base, method=line.method, prune=line.prune, grow=line.grow, schedule=line.schedule, seed=seed,
                    density=1.0 if line.method == "dense" else density,
-                   end_fraction=base.end_fraction if dst else None)
+                   end_fraction=base.end_fraction if dst else None,
+                   swap_rounding=base.swap_rounding if dst else None)
 
 
 def grid(lines: list[Line], densities: list[float], seeds: int, base: TrainConfig) -> list[tuple[Line, TrainConfig]]:

@@ -22,7 +22,7 @@ from . import compare as compare_module
 from . import data_parallel
 from . import reproduce as reproduce_module
 from ..algorithms.criteria import GROW, PRUNE
-from ..algorithms.dst import SCOPES
+from ..algorithms.dst import SCOPES, SWAP_ROUNDINGS
 from ..algorithms.optg import MIN_EPOCHS_DIGITS
 from ..bench import report
 from ..checkpoint import check_writable_folder
@@ -167,6 +167,9 @@ def _add_run_options(parser: argparse.ArgumentParser, defaults: TrainConfig) -> 
     parser.add_argument("--end-fraction", type=_fraction("end fraction"),
                         help="DST: no mask update after this fraction of training (default: the schedule's, 0.75 "
                              "for cosine and constant, as RigL's paper runs RigL and SET; 1 for annealed)")
+    parser.add_argument("--swap-rounding", choices=SWAP_ROUNDINGS,
+                        help="DST: the swap count r x active weights made whole by round (halves to even) or floor, "
+                             "as RigL's code (default: round)")
     parser.add_argument("--cycles", type=_positive,
                         help=f"IMP, SWAMP: pruning cycles of --epochs epochs each (default: {defaults.cycles})")
     parser.add_argument("--particles", type=_positive,
@@ -354,6 +357,7 @@ def _warn_short_optg(method: str, epochs: int) -> None:
 
 # Options that only some methods read (with None defaults, so that one given explicitly is known): the methods.
 _METHOD_OPTIONS = {"scope": tuple(DST_PRESETS), "update_every": tuple(DST_PRESETS), "end_fraction": tuple(DST_PRESETS),
+                   "swap_rounding": tuple(DST_PRESETS),
                    "cycles": TICKET_METHODS, "particles": ("swamp",)}
 _CRITERIA_OPTIONS = ("criteria", "grow", "schedule")   # compare: of the criteria lines only
 
@@ -510,4 +514,4 @@ def _config(args, **run) -> TrainConfig:
              if getattr(args, name) is not None}
     return TrainConfig(distribution=args.distribution, init=args.init, model=args.model, dataset=args.dataset,
                        epochs=args.epochs, device=args.device, batch_size=args.batch_size, lr=args.lr,
-                       end_fraction=args.end_fraction, **given, **run)
+                       end_fraction=args.end_fraction, swap_rounding=args.swap_rounding, **given, **run)

@@ -115,7 +115,7 @@ class DSTRecipe(Recipe):
         super().__init__(config, model, steps_per_epoch)
         options = {"total_steps": self.steps_per_segment, "update_every": config.update_every,
                    "scope": config.scope, "seed": config.seed}
-        for name in ("prune", "grow", "schedule", "drop_fraction", "end_fraction"):
+        for name in ("prune", "grow", "schedule", "drop_fraction", "end_fraction", "swap_rounding"):
             if getattr(config, name) is not None:
                 options[name] = getattr(config, name)
         self.algorithm = DST_PRESETS[config.method](model, self.optimizer, **options)

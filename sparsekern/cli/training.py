@@ -23,7 +23,7 @@ from torch import nn
 
 from .. import checkpoint
 from ..algorithms import criteria, distributed, schedules
-from ..algorithms.dst import SCOPES
+from ..algorithms.dst import SCOPES, SWAP_ROUNDINGS
 from ..nn import gradient_flow, sparse_modules, sparsify
 from ..nn import init as sparse_init
 from ..nn.sparsify import SPARSIFIABLE
@@ -46,8 +46,8 @@ class TrainConfig:
     """Everything that decides a run's result (the output directory and progress display do not).
 
     density is the target: where training starts (static, DST) or ends (IMP, SWAMP, OptG, GMP). prune, grow,
-    schedule, drop_fraction, end_fraction: None keeps the DST method's own (RigL: magnitude, gradient, cosine 0.3
-    ending at 75%). init: how sparse weights start (`sparsekern.nn.init`: "sparse" draws Var = 1/fan_in over the
+    schedule, drop_fraction, end_fraction, swap_rounding: None keeps the DST method's own (RigL: magnitude,
+    gradient, cosine 0.3 ending at 75%, swap counts rounded). init: how sparse weights start (`sparsekern.nn.init`: "sparse" draws Var = 1/fan_in over the
     active inputs, "layer-scaled" the dense variance over the density, "dense" keeps torch's default init, masked);
     the dense method and the methods that start dense use it at density 1, where "sparse" and "layer-scaled" are
     both Var = 1/fan_in. epochs counts one segment: IMP trains `cycles` of them, SWAMP `cycles` x `particles`.
@@ -60,6 +60,7 @@ class TrainConfig:
     schedule: str | None = None
     drop_fraction: float | None = None
     end_fraction: float | None = None
+    swap_rounding: str | None = None
     scope: str = "layer"
     update_every: int = 25
     distribution: str = "erk"
@@ -86,10 +87,12 @@ class TrainConfig:
         _check_choice("grow", self.grow, criteria.GROW)
         _check_choice("schedule", self.schedule, SCHEDULES)
         _check_choice("scope", self.scope, SCOPES)
+        _check_choice("swap_rounding", self.swap_rounding, SWAP_ROUNDINGS)
         _check_choice("distribution", self.distribution, DISTRIBUTIONS)
         _check_choice("init", self.init, INITS)
         _check_choice("device", self.device, ("cpu", "cuda"))
-        dst_only = [name for name in ("prune", "grow", "schedule", "drop_fraction", "end_fraction")
+        dst_only = [name for name in ("prune", "grow", "schedule", "drop_fraction", "end_fraction",
+                                         "swap_rounding")
                     if getattr(self, name) is not None]
         if dst_only and self.method not in DST_PRESETS:
             raise ValueError(f"{dst_only[0]} applies to the methods {', '.join(DST_PRESETS)}, not {self.method!r}")

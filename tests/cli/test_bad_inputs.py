@@ -267,6 +267,10 @@ BAD_ARGUMENTS = [
     ["compare", "--methods", "static,rigl", "--cycles", "3"],
     ["compare", "--methods", "imp", "--particles", "3"],
     ["compare", "--methods", "static", "--end-fraction", "0.5"],
+    ["train", "--swap-rounding", "ceil"],
+    ["train", "--method", "static", "--swap-rounding", "floor"],  # a rounding only DST methods take
+    ["compare", "--swap-rounding", "Floor"],
+    ["compare", "--methods", "static,imp", "--swap-rounding", "floor"],
 ]
 
 # (argv, words the one-line error must hold): inputs whose refusal used to say too little.
@@ -275,6 +279,8 @@ WORDED_ARGUMENTS = [
     (["train", "--threads", "5000"], "argument --threads: threads must be at most 1024"),
     (["train", "--method", "static", "--scope", "global"], "--scope applies to the methods set, rigl, mest, dst"),
     (["compare", "--methods", "rigl", "--criteria", "snip"], "--criteria applies to the criteria lines"),
+    (["train", "--swap-rounding", "ceil"], "argument --swap-rounding: invalid choice: 'ceil'"),
+    (["train", "--method", "imp", "--swap-rounding", "floor"], "--swap-rounding applies to the methods set, rigl"),
     # One epoch of OptG ended dense whatever --density asked (its only epoch's scores all tie at 0).
     (["train", "--method", "optg", "--density", "0.1", "--epochs", "1"], "epochs must be >= 2 for optg, got 1"),
     (["compare", "--methods", "optg,static", "--densities", "0.1", "--epochs", "1"], "epochs must be >= 2 for optg"),

@@ -17,6 +17,8 @@ from sparsekern.algorithms.optg import MIN_EPOCHS_DIGITS
 from sparsekern.cli import compare as compare_module
 from sparsekern.cli import main
 from sparsekern.cli.data import load_dataset
+from sparsekern.cli.main import _config, build_parser
+from sparsekern.cli.runs import key
 from sparsekern.cli import training
 from sparsekern.cli.training import TrainConfig, prepare
 from sparsekern.nn import SparseConv1d
@@ -510,3 +512,29 @@ def test_the_plot_keeps_room_around_its_densities_so_nudged_lines_stay_beside_th
     left, right = axes.get_xlim()
     assert left > right                                   # sparser to the right
     assert left >= 1.2 * max(densities) and right <= min(densities) / 1.2   # not the nudges' ±2.5% alone
+
+
+@pytest.mark.parametrize("argv, expected", [([], "round"), (["--swap-rounding", "round"], "round"),
+                                            (["--swap-rounding", "floor"], "floor")])
+def test_train_hands_the_swap_rounding_to_dst(argv, expected):
+    args = build_parser().parse_args(["train", "--method", "rigl", *argv])
+    config = _config(args, method=args.method)
+    assert config.swap_rounding == (None if not argv else expected)
+    assert prepare(config).recipe.algorithm.swap_rounding == expected
+
+
+def test_compare_hands_the_swap_rounding_to_its_dst_lines_only():
+    args = build_parser().parse_args(["compare", "--methods", "static,rigl,dst", "--swap-rounding", "floor"])
+    base = _config(args)
+    lines = compare_module.grid_lines(args.methods, ["snip"], "gradient", "cosine")
+    configs = {line.method: compare_module.line_config(base, line, 0.1, seed=0) for line in lines}
+    assert {method: config.swap_rounding for method, config in configs.items()} == {
+        "static": None, "rigl": "floor", "dst": "floor"}
+
+
+def test_a_run_at_the_default_swap_rounding_keeps_the_key_it_had_before_the_option():
+    # Finished runs stored in a compare or reproduce folder are found by this key: an option added later must not
+    # make them all train again.
+    assert key(TrainConfig()) == "b8b67aca5b27ded4c05e"
+    assert key(TrainConfig(method="static")) == "3033dd5ff0330a70aef6"
+    assert key(TrainConfig(swap_rounding="floor")) != key(TrainConfig())
