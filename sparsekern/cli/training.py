@@ -228,8 +228,9 @@ class Run:
         The train/test split is the same for every seed, so seeds vary only the training (init, mask, data
         order, random criteria). Epochs are counted over all segments (IMP cycles, SWAMP particles):
         `total_epochs(config)` in all. Gradient flow (`sparsekern.nn.gradient_flow`, on the first
-        GRADIENT_FLOW_BATCH training samples in eval mode) is recorded at step 0, after every epoch, and just
-        before and just after every mask update of a DST method.
+        GRADIENT_FLOW_BATCH training samples in eval mode) is recorded, in total and per layer ("layers": {module
+        name: norm}), at step 0, after every epoch, and just before and just after every mask update of a DST
+        method.
         """
         config, recipe, model = self.config, self.recipe, self.model
         device = torch.device(config.device)
@@ -244,9 +245,10 @@ class Run:
         summed_loss = nn.CrossEntropyLoss(reduction="sum")
 
         def record_flow(step: int, epoch: int, when: str) -> float:
-            value = float(gradient_flow(model, loss_fn, flow_batch)["total"])
-            self.flow.append({"step": step, "epoch": epoch, "when": when, "gradient_flow": value})
-            return value
+            flow = gradient_flow(model, loss_fn, flow_batch)
+            self.flow.append({"step": step, "epoch": epoch, "when": when, "gradient_flow": flow["total"],
+                              "layers": flow["layers"]})
+            return flow["total"]
 
         model.eval()
         if self.epoch == 0 and not self.flow:
@@ -369,11 +371,16 @@ def density(model: nn.Module) -> float:
 
 def write_metrics(config: TrainConfig, history: list[dict], flow: list[dict], out_dir: str) -> None:
     """metrics.json (config, per-epoch metrics, gradient-flow records), metrics.csv (one row per epoch) and
-    gradient_flow.csv (one row per record) in `out_dir`, each written atomically."""
+    gradient_flow.csv (one row per record, each layer's gradient flow in a column "gradient_flow[<layer>]") in
+    `out_dir`, each written atomically."""
     write_text(os.path.join(out_dir, "metrics.json"),
                json.dumps({"config": asdict(config), "epochs": history, "gradient_flow": flow}, indent=2))
     write_text(os.path.join(out_dir, "metrics.csv"), csv_text(list(history[0]), history))
-    write_text(os.path.join(out_dir, "gradient_flow.csv"), csv_text(list(flow[0]), flow))
+    rows = [{**{name: value for name, value in record.items() if name != "layers"},
+             **{f"gradient_flow[{layer}]": value for layer, value in record.get("layers", {}).items()}}
+            for record in flow]   # a run resumed from a checkpoint of earlier versions has records without layers
+    columns = list(dict.fromkeys(name for row in rows for name in row))
+    write_text(os.path.join(out_dir, "gradient_flow.csv"), csv_text(columns, rows))
 
 
 def _start_from_masks(model: nn.Module, config: TrainConfig, masks: dict, generator: torch.Generator) -> None:

@@ -21,7 +21,7 @@ from sparsekern.cli.main import _config, build_parser
 from sparsekern.cli.runs import key
 from sparsekern.cli import training
 from sparsekern.cli.training import TrainConfig, prepare
-from sparsekern.nn import SparseConv1d
+from sparsekern.nn import SparseConv1d, sparse_modules
 
 
 def _read_csv(path):
@@ -252,8 +252,9 @@ def test_gradient_flow_is_recorded_at_init_per_epoch_and_around_every_mask_updat
           str(tmp_path), "--quiet"])
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     flow = metrics["gradient_flow"]
-    assert flow == [{**row, "step": int(row["step"]), "epoch": int(row["epoch"]),
-                     "gradient_flow": float(row["gradient_flow"])} for row in _read_csv(tmp_path / "gradient_flow.csv")]
+    assert [{name: row[name] for name in ("step", "epoch", "when", "gradient_flow")} for row in flow] == \
+        [{"step": int(row["step"]), "epoch": int(row["epoch"]), "when": row["when"],
+          "gradient_flow": float(row["gradient_flow"])} for row in _read_csv(tmp_path / "gradient_flow.csv")]
     assert flow[0]["when"] == "init" and flow[0]["step"] == 0
     assert [row["gradient_flow"] for row in flow if row["when"] == "epoch"] == \
         [epoch["gradient_flow"] for epoch in metrics["epochs"]]
@@ -538,3 +539,25 @@ def test_a_run_at_the_default_swap_rounding_keeps_the_key_it_had_before_the_opti
     assert key(TrainConfig()) == "b8b67aca5b27ded4c05e"
     assert key(TrainConfig(method="static")) == "3033dd5ff0330a70aef6"
     assert key(TrainConfig(swap_rounding="floor")) != key(TrainConfig())
+
+
+def test_gradient_flow_is_recorded_per_layer_and_in_total_around_every_mask_update(tmp_path):
+    # The metric is the norm per layer and in total; only the total was logged, so a layer whose gradient flow an
+    # update raised could not be told from one it lowered.
+    main(["train", "--method", "rigl", "--density", "0.1", "--epochs", "1", "--update-every", "10", "--out",
+          str(tmp_path), "--quiet"])
+    flow = json.loads((tmp_path / "metrics.json").read_text())["gradient_flow"]
+    layers = [name for name, module in prepare(TrainConfig(method="rigl", density=0.1)).model.named_modules()
+              if any(parameter.requires_grad for parameter in module.parameters(recurse=False))]
+    assert {row["when"] for row in flow} == {"init", "before update", "after update", "epoch"}
+    for row in flow:
+        assert list(row["layers"]) == layers
+        assert row["gradient_flow"] == pytest.approx(math.sqrt(sum(v * v for v in row["layers"].values())), rel=1e-9)
+    rows = _read_csv(tmp_path / "gradient_flow.csv")
+    assert list(rows[0]) == ["step", "epoch", "when", "gradient_flow", *(f"gradient_flow[{name}]" for name in layers)]
+    assert [[float(row[f"gradient_flow[{name}]"]) for name in layers] for row in rows] == \
+        [list(row["layers"].values()) for row in flow]
+    before = [row for row in flow if row["when"] == "before update"]
+    after = [row for row in flow if row["when"] == "after update"]
+    sparse = [name for name, _ in sparse_modules(prepare(TrainConfig(method="rigl")).model)]
+    assert before and all(b["layers"][name] != a["layers"][name] for b, a in zip(before, after) for name in sparse)
