@@ -36,7 +36,7 @@ class Job:
     masks_from: TrainConfig | None = None
 
 
-LATER_OPTIONS = ("swap_rounding",)
+LATER_OPTIONS = ("swap_rounding", "mest_gamma", "sensitivity_offset")
 
 
 def key(config: TrainConfig, masks_from: TrainConfig | None = None) -> str:

@@ -539,6 +539,7 @@ def test_a_run_at_the_default_swap_rounding_keeps_the_key_it_had_before_the_opti
     assert key(TrainConfig()) == "b8b67aca5b27ded4c05e"
     assert key(TrainConfig(method="static")) == "3033dd5ff0330a70aef6"
     assert key(TrainConfig(swap_rounding="floor")) != key(TrainConfig())
+    assert key(TrainConfig(method="mest", mest_gamma=0.5)) != key(TrainConfig(method="mest"))
 
 
 def test_gradient_flow_is_recorded_per_layer_and_in_total_around_every_mask_update(tmp_path):
@@ -561,3 +562,26 @@ def test_gradient_flow_is_recorded_per_layer_and_in_total_around_every_mask_upda
     after = [row for row in flow if row["when"] == "after update"]
     sparse = [name for name, _ in sparse_modules(prepare(TrainConfig(method="rigl")).model)]
     assert before and all(b["layers"][name] != a["layers"][name] for b, a in zip(before, after) for name in sparse)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--method", "mest"], (1.0, 1e-8)),
+    (["--method", "mest", "--mest-gamma", "0.5"], (0.5, 1e-8)),
+    (["--method", "dst", "--prune", "mest", "--mest-gamma", "0"], (0.0, 1e-8)),
+    (["--method", "dst", "--prune", "rsensitivity", "--sensitivity-offset", "1"], (1.0, 1.0)),
+])
+def test_train_hands_the_criterion_parameters_to_dst(argv, expected):
+    args = build_parser().parse_args(["train", *argv])
+    config = _config(args, method=args.method, prune=args.prune)
+    algorithm = prepare(config).recipe.algorithm
+    assert (algorithm.mest_gamma, algorithm.sensitivity_offset) == expected
+
+
+def test_compare_hands_the_criterion_parameters_to_the_lines_whose_criterion_reads_them():
+    args = build_parser().parse_args(["compare", "--methods", "rigl,mest,dst", "--criteria", "mest,sensitivity,snip",
+                                      "--mest-gamma", "0.25", "--sensitivity-offset", "1"])
+    lines = compare_module.grid_lines(args.methods, args.criteria, "gradient", "cosine")
+    configs = [compare_module.line_config(_config(args), line, 0.1, seed=0) for line in lines]
+    assert [(config.method, config.prune, config.mest_gamma, config.sensitivity_offset) for config in configs] == [
+        ("rigl", None, None, None), ("mest", None, 0.25, None), ("dst", "mest", 0.25, None),
+        ("dst", "sensitivity", None, 1.0), ("dst", "snip", None, None)]
