@@ -1,8 +1,8 @@
 """Dynamic sparse training: SET, RigL, MEST and the pruning criteria of "Fantastic Weights".
 
 Every `update_every` steps until `end_step`, each sparse layer (or, with scope="global", all of
-them together) drops n = round(r(t) · active) active weights by a pruning criterion and grows n
-by a growth criterion (`sparsekern.algorithms.criteria`, `sparsekern.algorithms.schedules`); the active count is
+them together) drops n = round(r(t) · active) active weights (floor(r(t) · active) with
+swap_rounding="floor") by a pruning criterion and grows n by a growth criterion (`sparsekern.algorithms.criteria`, `sparsekern.algorithms.schedules`); the active count is
 unchanged. Usage, once per training step:
 
     loss.backward()
@@ -21,6 +21,7 @@ step). No gradient buffer is kept between steps.
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 import zlib
 
@@ -37,6 +38,8 @@ from ..nn.sharding import refuse_sharded
 from ..nn.sparsify import check_optimizer, optimizer_state
 
 SCOPES = ("layer", "global")
+# How n = r · active becomes a whole count: Python's round (halves to even), or floor as RigL's code.
+SWAP_ROUNDINGS = ("round", "floor")
 _HEAD = 4096   # entries of a mask that _warn_if_emptied reads first
 
 
@@ -79,10 +82,13 @@ class DST(distributed.CatchesUp):
         block: None, or (bh, bw): masks are all-or-nothing per bh×bw block of the weight viewed
             as (dim 0, rest): (out, rest), or a transposed convolution's (in, rest) (edge blocks may
             be smaller). Scores are summed per block and whole
-            blocks are dropped and grown, n = round(r · active blocks). Masks that are not block
+            blocks are dropped and grown, n = round(r · active blocks) (or its floor). Masks that are not block
             structured are made so at construction: each layer keeps round(active / (bh·bw))
             blocks, those holding the most active weights (ties to the lower block). Not with
             prune="set", whose score is a rank, not a per-weight quantity.
+        swap_rounding: how the swap count n = r · active is made whole: "round" (Python's round,
+            halves to even: 2.5 -> 2, 3.5 -> 4) or "floor", as RigL's code (3.7 -> 3). Applies to every
+            count: each layer's (scope="layer"), the total (scope="global"), and blocks (block=).
         mest_gamma: γ of the MEST criterion |θ| + γ|g|.
         sensitivity_offset: what prune="sensitivity" and "rsensitivity" add to their denominators,
             |g| / (|θ| + offset) and |θ| / (|g| + offset): 1e-8 (a guard), or 1.0 as the Fantastic
@@ -157,7 +163,7 @@ class DST(distributed.CatchesUp):
     `optimizer.step()` when `step()` returns True (the weights then stay as the update left them, grown
     ones at 0, until the next step).
 
-    n = round(r · active) (Python's round) is not capped by the inactive count: a layer denser than
+    n = round(r · active) (Python's round; floor with swap_rounding="floor") is not capped by the inactive count: a layer denser than
     1/(1 + r) drops more than it has inactive entries and grows some just-dropped ones back, as RigL
     does; an update never changes the active count. Step t counts `step()` calls from 1; updates happen
     at multiples of update_every below end_step. Newly grown weights start at 0; a just-dropped weight
@@ -172,7 +178,7 @@ class DST(distributed.CatchesUp):
                  update_every: int | None = None, end_step: int | None = None, end_fraction: float | None = None,
                  total_steps: int,
                  scope: str = "layer", reset_state: bool = True, block: tuple[int, int] | None = None,
-                 mest_gamma: float = 1.0, sensitivity_offset: float = criteria.EPSILON, seed: int = 0,
+                 swap_rounding: str = "round", mest_gamma: float = 1.0, sensitivity_offset: float = criteria.EPSILON, seed: int = 0,
                  generator: torch.Generator | None = None,
                  host_checks: bool = True, group=None):
         # Collective: a check that fails on one rank fails on every rank (one raising alone would leave the
@@ -192,6 +198,10 @@ class DST(distributed.CatchesUp):
                 raise TypeError(f"scope must be a str, got {type(scope).__name__}")
             if scope not in SCOPES:
                 raise ValueError(f"scope must be one of {list(SCOPES)}, got {scope!r}")
+            if not isinstance(swap_rounding, str):
+                raise TypeError(f"swap_rounding must be a str, got {type(swap_rounding).__name__}")
+            if swap_rounding not in SWAP_ROUNDINGS:
+                raise ValueError(f"swap_rounding must be one of {list(SWAP_ROUNDINGS)}, got {swap_rounding!r}")
             _checks.flag(reset_state, "reset_state")
             _checks.flag(host_checks, "host_checks")
             block = _check_block(block)
@@ -225,7 +235,7 @@ class DST(distributed.CatchesUp):
         self.optimizer = optimizer
         self.prune, self.grow, self.scope = prune, grow, scope
         self.reset_state, self.block, self.mest_gamma = reset_state, block, mest_gamma
-        self.sensitivity_offset = sensitivity_offset
+        self.sensitivity_offset, self.swap_rounding = sensitivity_offset, swap_rounding
         self.generator = generator
         self.host_checks = host_checks
         self.step_count = 0
@@ -332,7 +342,8 @@ class DST(distributed.CatchesUp):
     def state_dict(self) -> dict:
         """Step count, masks (by module name), schedule, random-generator state, whether finish()
         was called since the last step() ("finished"), and the settings it updates by: criteria (with
-        mest_gamma or sensitivity_offset where the criterion reads it), scope, block and reset_state.
+        mest_gamma or sensitivity_offset where the criterion reads it), scope, block, reset_state and
+        swap_rounding.
 
         The names are those of the model DST was built on, wrapper prefixes included ("module." under
         DistributedDataParallel, "_orig_mod." under torch.compile): load the state into a DST built on the
@@ -346,7 +357,7 @@ class DST(distributed.CatchesUp):
         """The arguments a state is saved with and must be loaded under (`load_state_dict`): those that decide
         what an update does, a criterion's parameter only where the criterion reads it."""
         settings = {"prune": self.prune, "grow": self.grow, "scope": self.scope, "block": self.block,
-                    "reset_state": self.reset_state}
+                    "reset_state": self.reset_state, "swap_rounding": self.swap_rounding}
         if self.prune == "mest":
             settings["mest_gamma"] = self.mest_gamma
         if self.prune in ("sensitivity", "rsensitivity"):
@@ -359,7 +370,7 @@ class DST(distributed.CatchesUp):
         "finished", saved by earlier versions, loads unfinished). Checked completely before anything
         changes: a bad state raises TypeError or ValueError naming the entry, and the model and this
         DST are as before; so does the state of another algorithm, or of a DST of other settings (criteria
-        and their parameter, scope, block, reset_state), which this one would go on from as though they were
+        and their parameter, scope, block, reset_state, swap_rounding), which this one would go on from as though they were
         its own. A
         step count past the schedule's total_steps (a run that called step() too often, which step()
         allows) loads with a warning, as does a saved schedule that differs from the one this DST was
@@ -579,8 +590,8 @@ class DST(distributed.CatchesUp):
     def _swap_counts(self, fraction: float, counts: list[int]):
         """n per layer (layer scope) or over the list (global scope) for active counts `counts`."""
         if self.scope == "layer":
-            return [_swap_count(fraction, active) for active in counts]
-        return _swap_count(fraction, sum(counts))
+            return [_swap_count(fraction, active, self.swap_rounding) for active in counts]
+        return _swap_count(fraction, sum(counts), self.swap_rounding)
 
     def _per_scope(self, counts: list[int]):
         return counts if self.scope == "layer" else sum(counts)
@@ -785,11 +796,13 @@ class _Blocks:
         return entries[:self.rows, :self.cols].reshape(self.shape)
 
 
-def _swap_count(fraction: float, active: int) -> int:
-    """n = round(fraction · active), Python's round (halves to even), in [0, active] for fractions in
-    [0, 1]. Not capped by the inactive count: n may exceed it, and just-dropped entries then grow
-    back (RigL's code floors instead, a difference of at most one entry)."""
-    return round(fraction * active)
+def _swap_count(fraction: float, active: int, rounding: str) -> int:
+    """n = round(fraction · active), Python's round (halves to even), or its floor (rounding="floor",
+    RigL's code, a difference of at most one entry), in [0, active] for fractions in [0, 1]. The floor is
+    of the float product, as RigL's code takes it. Not capped by the inactive count: n may exceed it, and
+    just-dropped entries then grow back."""
+    n = fraction * active
+    return math.floor(n) if rounding == "floor" else round(n)
 
 
 def _check_block(block):

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, replace
 
 from .data import Dataset, load_dataset
 from .output import counted, csv_text, density_axis, save_figure, write_text
-from .recipes import criteria_of
+from .recipes import CRITERION_PARAMETERS, criteria_of
 from .runs import Job, RunStore, execute, key, warn_once, warnings_cell
 from .training import TrainConfig
 
@@ -66,11 +66,18 @@ def grid_lines(methods: list[str], criteria: list[str], grow: str, schedule: str
 
 def line_config(base: TrainConfig, line: Line, density: float, seed: int) -> TrainConfig:
     """The run of `line` at `density` (dense: 1) and `seed`; ValueError if the line cannot run so. The base's
-    end_fraction applies to DST lines only."""
+    end_fraction and swap_rounding apply to DST lines only, mest_gamma and sensitivity_offset to those whose pruning
+    criterion reads them (the other lines keep their run keys)."""
     dst = line.method in ("set", "rigl", "mest", CRITERION_METHOD)
-    return replace(base, method=line.method, prune=line.prune, grow=line.grow, schedule=line.schedule, seed=seed,
-                   density=1.0 if line.method == "dense" else density,
-                   end_fraction=base.end_fraction if dst else None)
+    config = replace(base, method=line.method, prune=line.prune, grow=line.grow, schedule=line.schedule, seed=seed,
+                     density=1.0 if line.method == "dense" else density,
+                     end_fraction=base.end_fraction if dst else None,
+                     swap_rounding=base.swap_rounding if dst else None,
+                     **{name: None for name in CRITERION_PARAMETERS})
+    if not dst:
+        return config
+    return replace(config, **{name: getattr(base, name) for name, readers in CRITERION_PARAMETERS.items()
+                              if criteria_of(config)[0] in readers})
 
 
 def grid(lines: list[Line], densities: list[float], seeds: int, base: TrainConfig) -> list[tuple[Line, TrainConfig]]:

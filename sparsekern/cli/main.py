@@ -22,7 +22,7 @@ from . import compare as compare_module
 from . import data_parallel
 from . import reproduce as reproduce_module
 from ..algorithms.criteria import GROW, PRUNE
-from ..algorithms.dst import SCOPES
+from ..algorithms.dst import SCOPES, SWAP_ROUNDINGS
 from ..algorithms.optg import MIN_EPOCHS_DIGITS
 from ..bench import report
 from ..checkpoint import check_writable_folder
@@ -31,7 +31,7 @@ from ..ops._checks import thread_count
 from .data import check_dataset, load_dataset
 from .models import MODELS, build_model
 from .output import counted
-from .recipes import DST_PRESETS, TICKET_METHODS
+from .recipes import CRITERION_PARAMETERS, DST_PRESETS, TICKET_METHODS, criteria_of
 from .training import (DISTRIBUTIONS, INITS, METHODS, SCHEDULES, TrainConfig, prepare, read_checkpoint,
                        total_epochs)
 
@@ -78,6 +78,22 @@ def _density(text: str) -> float:
 
 def _fraction(name: str):
     return lambda text: _number(text, name, 0, 1)
+
+
+def _finite_above(what: str, low: float, low_open: bool):
+    """A finite number above `low` (or at it, unless `low_open`)."""
+    bounds = f"{'(' if low_open else '['}{low:g}, inf)"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be a number in {bounds}, got {text!r}") from None
+        if not (math.isfinite(value) and (value > low if low_open else value >= low)):
+            raise argparse.ArgumentTypeError(f"{what} must be in {bounds}, got {text}")
+        return value
+
+    return parse
 
 
 def _learning_rate(text: str) -> float:
@@ -167,6 +183,14 @@ def _add_run_options(parser: argparse.ArgumentParser, defaults: TrainConfig) -> 
     parser.add_argument("--end-fraction", type=_fraction("end fraction"),
                         help="DST: no mask update after this fraction of training (default: the schedule's, 0.75 "
                              "for cosine and constant, as RigL's paper runs RigL and SET; 1 for annealed)")
+    parser.add_argument("--swap-rounding", choices=SWAP_ROUNDINGS,
+                        help="DST: the swap count r x active weights made whole by round (halves to even) or floor, "
+                             "as RigL's code (default: round)")
+    parser.add_argument("--mest-gamma", type=_finite_above("mest gamma", 0, low_open=False),
+                        help="DST: γ of the mest pruning criterion |θ| + γ|g| (default: 1)")
+    parser.add_argument("--sensitivity-offset", type=_finite_above("sensitivity offset", 0, low_open=True),
+                        help="DST: what the sensitivity and rsensitivity pruning criteria add to their denominators "
+                             "(default: 1e-8, a guard; the Fantastic Weights code adds 1)")
     parser.add_argument("--cycles", type=_positive,
                         help=f"IMP, SWAMP: pruning cycles of --epochs epochs each (default: {defaults.cycles})")
     parser.add_argument("--particles", type=_positive,
@@ -354,6 +378,8 @@ def _warn_short_optg(method: str, epochs: int) -> None:
 
 # Options that only some methods read (with None defaults, so that one given explicitly is known): the methods.
 _METHOD_OPTIONS = {"scope": tuple(DST_PRESETS), "update_every": tuple(DST_PRESETS), "end_fraction": tuple(DST_PRESETS),
+                   "swap_rounding": tuple(DST_PRESETS), "mest_gamma": tuple(DST_PRESETS),
+                   "sensitivity_offset": tuple(DST_PRESETS),
                    "cycles": TICKET_METHODS, "particles": ("swamp",)}
 _CRITERIA_OPTIONS = ("criteria", "grow", "schedule")   # compare: of the criteria lines only
 
@@ -369,6 +395,16 @@ def _check_options_apply(args, methods: list[str]) -> None:
             if getattr(args, name) is not None:
                 raise ValueError(f"--{name} applies to the criteria lines of --methods "
                                  f"{compare_module.CRITERION_METHOD}, which --methods {','.join(methods)} lacks")
+
+
+def _check_criterion_parameters(args, configs: list[TrainConfig]) -> None:
+    """ValueError for --mest-gamma or --sensitivity-offset given where no DST run prunes by a criterion reading it
+    (DST would silently ignore it)."""
+    prunes = {criteria_of(config)[0] for config in configs if config.method in DST_PRESETS}
+    for name, readers in CRITERION_PARAMETERS.items():
+        if getattr(args, name) is not None and not prunes & set(readers):
+            raise ValueError(f"--{name.replace('_', '-')} applies to runs pruning by {', '.join(readers)}, not "
+                             f"{', '.join(sorted(prunes)) or 'none'}")
 
 
 def _prepare_train(args):
@@ -414,6 +450,7 @@ def _check_train(args, ranks: data_parallel.Ranks):
     _check_options_apply(args, [args.method])
     config = _config(args, method=args.method, density=args.density, seed=args.seed, prune=args.prune,
                      grow=args.grow, schedule=args.schedule, drop_fraction=args.drop_fraction)
+    _check_criterion_parameters(args, [config])
     data_parallel.check_config(config, ranks)
     check_dataset(config.dataset)
     check_backend(config.device)
@@ -446,9 +483,9 @@ def _prepare_compare(args):
     if runs > MAX_RUNS:
         raise ValueError(f"the grid has {runs} runs ({len(lines)} lines x {len(args.densities)} densities x "
                          f"{counted(args.seeds, 'seed')}), more than {MAX_RUNS}: lower --seeds or --densities")
-    for line in lines:  # each line's settings are checked before the first run starts
-        for density in args.densities:
-            compare_module.line_config(base, line, density, seed=0)
+    # each line's settings are checked before the first run starts
+    configs = [compare_module.line_config(base, line, density, seed=0) for line in lines for density in args.densities]
+    _check_criterion_parameters(args, configs)
     check_dataset(base.dataset)
     check_backend(base.device)
     dataset = load_dataset(base.dataset)
@@ -510,4 +547,5 @@ def _config(args, **run) -> TrainConfig:
              if getattr(args, name) is not None}
     return TrainConfig(distribution=args.distribution, init=args.init, model=args.model, dataset=args.dataset,
                        epochs=args.epochs, device=args.device, batch_size=args.batch_size, lr=args.lr,
-                       end_fraction=args.end_fraction, **given, **run)
+                       end_fraction=args.end_fraction, swap_rounding=args.swap_rounding,
+                       mest_gamma=args.mest_gamma, sensitivity_offset=args.sensitivity_offset, **given, **run)

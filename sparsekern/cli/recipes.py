@@ -21,6 +21,8 @@ DST_PRESETS = {"set": SET, "rigl": RigL, "mest": MEST, "dst": DST}
 # builds each method's algorithm and checks them).
 DST_CRITERIA = {"set": ("set", "random"), "rigl": ("magnitude", "gradient"), "mest": ("mest", "random"),
                 "dst": ("magnitude", "gradient")}
+# The parameters of a pruning criterion a run may set, and the criteria that read them (DST ignores them otherwise).
+CRITERION_PARAMETERS = {"mest_gamma": ("mest",), "sensitivity_offset": ("sensitivity", "rsensitivity")}
 TICKET_METHODS = ("imp", "swamp")
 RAMP_METHODS = {"optg": "learned", "gmp": "magnitude"}  # OptG's sigmoid ramp, and the OptG criterion it uses
 METHODS = ("dense", "static", *DST_PRESETS, *TICKET_METHODS, *RAMP_METHODS)
@@ -115,7 +117,8 @@ class DSTRecipe(Recipe):
         super().__init__(config, model, steps_per_epoch)
         options = {"total_steps": self.steps_per_segment, "update_every": config.update_every,
                    "scope": config.scope, "seed": config.seed}
-        for name in ("prune", "grow", "schedule", "drop_fraction", "end_fraction"):
+        for name in ("prune", "grow", "schedule", "drop_fraction", "end_fraction", "swap_rounding",
+                     *CRITERION_PARAMETERS):
             if getattr(config, name) is not None:
                 options[name] = getattr(config, name)
         self.algorithm = DST_PRESETS[config.method](model, self.optimizer, **options)

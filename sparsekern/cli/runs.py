@@ -36,9 +36,15 @@ class Job:
     masks_from: TrainConfig | None = None
 
 
+LATER_OPTIONS = ("swap_rounding", "mest_gamma", "sensitivity_offset")
+
+
 def key(config: TrainConfig, masks_from: TrainConfig | None = None) -> str:
-    """The name of a run's record: a hash of what decides its result."""
-    text = json.dumps({"config": asdict(config), "masks_from": None if masks_from is None else key(masks_from)},
+    """The name of a run's record: a hash of what decides its result. Options added to TrainConfig after runs
+    were stored (LATER_OPTIONS) leave the hash out at their default, None, so that those runs are still found."""
+    settings = {name: value for name, value in asdict(config).items()
+                if not (name in LATER_OPTIONS and value is None)}
+    text = json.dumps({"config": settings, "masks_from": None if masks_from is None else key(masks_from)},
                       sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from .. import checkpoint
 from ..algorithms import criteria, distributed, schedules
-from ..algorithms.dst import SCOPES
+from ..algorithms.dst import SCOPES, SWAP_ROUNDINGS
 from ..nn import gradient_flow, sparse_modules, sparsify
 from ..nn import init as sparse_init
 from ..nn.sparsify import SPARSIFIABLE
@@ -46,8 +46,9 @@ class TrainConfig:
     """Everything that decides a run's result (the output directory and progress display do not).
 
     density is the target: where training starts (static, DST) or ends (IMP, SWAMP, OptG, GMP). prune, grow,
-    schedule, drop_fraction, end_fraction: None keeps the DST method's own (RigL: magnitude, gradient, cosine 0.3
-    ending at 75%). init: how sparse weights start (`sparsekern.nn.init`: "sparse" draws Var = 1/fan_in over the
+    schedule, drop_fraction, end_fraction, swap_rounding: None keeps the DST method's own (RigL: magnitude,
+    gradient, cosine 0.3 ending at 75%, swap counts rounded); mest_gamma and sensitivity_offset: None keeps DST's
+    (1 and 1e-8), read only by the criteria that use them. init: how sparse weights start (`sparsekern.nn.init`: "sparse" draws Var = 1/fan_in over the
     active inputs, "layer-scaled" the dense variance over the density, "dense" keeps torch's default init, masked);
     the dense method and the methods that start dense use it at density 1, where "sparse" and "layer-scaled" are
     both Var = 1/fan_in. epochs counts one segment: IMP trains `cycles` of them, SWAMP `cycles` x `particles`.
@@ -60,6 +61,9 @@ class TrainConfig:
     schedule: str | None = None
     drop_fraction: float | None = None
     end_fraction: float | None = None
+    swap_rounding: str | None = None
+    mest_gamma: float | None = None
+    sensitivity_offset: float | None = None
     scope: str = "layer"
     update_every: int = 25
     distribution: str = "erk"
@@ -86,10 +90,12 @@ class TrainConfig:
         _check_choice("grow", self.grow, criteria.GROW)
         _check_choice("schedule", self.schedule, SCHEDULES)
         _check_choice("scope", self.scope, SCOPES)
+        _check_choice("swap_rounding", self.swap_rounding, SWAP_ROUNDINGS)
         _check_choice("distribution", self.distribution, DISTRIBUTIONS)
         _check_choice("init", self.init, INITS)
         _check_choice("device", self.device, ("cpu", "cuda"))
-        dst_only = [name for name in ("prune", "grow", "schedule", "drop_fraction", "end_fraction")
+        dst_only = [name for name in ("prune", "grow", "schedule", "drop_fraction", "end_fraction",
+                                         "swap_rounding", "mest_gamma", "sensitivity_offset")
                     if getattr(self, name) is not None]
         if dst_only and self.method not in DST_PRESETS:
             raise ValueError(f"{dst_only[0]} applies to the methods {', '.join(DST_PRESETS)}, not {self.method!r}")
@@ -111,6 +117,10 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not 0 < value <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {value}")
+        for name, low in (("mest_gamma", 0.0), ("sensitivity_offset", None)):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and (value >= low if low is not None else value > 0)):
+                raise ValueError(f"{name} must be a finite number {'>= 0' if low is not None else '> 0'}, got {value}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' was asked for, but torch sees no CUDA device")
 
@@ -225,8 +235,9 @@ class Run:
         The train/test split is the same for every seed, so seeds vary only the training (init, mask, data
         order, random criteria). Epochs are counted over all segments (IMP cycles, SWAMP particles):
         `total_epochs(config)` in all. Gradient flow (`sparsekern.nn.gradient_flow`, on the first
-        GRADIENT_FLOW_BATCH training samples in eval mode) is recorded at step 0, after every epoch, and just
-        before and just after every mask update of a DST method.
+        GRADIENT_FLOW_BATCH training samples in eval mode) is recorded, in total and per layer ("layers": {module
+        name: norm}), at step 0, after every epoch, and just before and just after every mask update of a DST
+        method.
         """
         config, recipe, model = self.config, self.recipe, self.model
         device = torch.device(config.device)
@@ -241,9 +252,10 @@ class Run:
         summed_loss = nn.CrossEntropyLoss(reduction="sum")
 
         def record_flow(step: int, epoch: int, when: str) -> float:
-            value = float(gradient_flow(model, loss_fn, flow_batch)["total"])
-            self.flow.append({"step": step, "epoch": epoch, "when": when, "gradient_flow": value})
-            return value
+            flow = gradient_flow(model, loss_fn, flow_batch)
+            self.flow.append({"step": step, "epoch": epoch, "when": when, "gradient_flow": flow["total"],
+                              "layers": flow["layers"]})
+            return flow["total"]
 
         model.eval()
         if self.epoch == 0 and not self.flow:
@@ -366,11 +378,16 @@ def density(model: nn.Module) -> float:
 
 def write_metrics(config: TrainConfig, history: list[dict], flow: list[dict], out_dir: str) -> None:
     """metrics.json (config, per-epoch metrics, gradient-flow records), metrics.csv (one row per epoch) and
-    gradient_flow.csv (one row per record) in `out_dir`, each written atomically."""
+    gradient_flow.csv (one row per record, each layer's gradient flow in a column "gradient_flow[<layer>]") in
+    `out_dir`, each written atomically."""
     write_text(os.path.join(out_dir, "metrics.json"),
                json.dumps({"config": asdict(config), "epochs": history, "gradient_flow": flow}, indent=2))
     write_text(os.path.join(out_dir, "metrics.csv"), csv_text(list(history[0]), history))
-    write_text(os.path.join(out_dir, "gradient_flow.csv"), csv_text(list(flow[0]), flow))
+    rows = [{**{name: value for name, value in record.items() if name != "layers"},
+             **{f"gradient_flow[{layer}]": value for layer, value in record.get("layers", {}).items()}}
+            for record in flow]   # a run resumed from a checkpoint of earlier versions has records without layers
+    columns = list(dict.fromkeys(name for row in rows for name in row))
+    write_text(os.path.join(out_dir, "gradient_flow.csv"), csv_text(columns, rows))
 
 
 def _start_from_masks(model: nn.Module, config: TrainConfig, masks: dict, generator: torch.Generator) -> None:

@@ -12,6 +12,10 @@ from .modules import SparseModule, sparse_modules
 def gradient_flow(model: nn.Module, loss_fn: Callable[..., Tensor], batch) -> dict:
     """Gradient flow (Evci et al. 2022): ||g * m||_2 over the trainable parameters, on one batch.
 
+    Every parameter that requires grad counts, sparse or not: biases, normalisation layers' scales and shifts,
+    dense layers; a frozen one does not, and one shared by several modules counts once, in its first holder's
+    layer.
+
     batch: (inputs, targets), giving loss = loss_fn(model(inputs), targets), or a single input
     tensor, giving loss = loss_fn(model(batch)). g is the gradient of that loss alone (no weight
     decay), m the mask of a sparse module's weight and all ones for every other parameter.

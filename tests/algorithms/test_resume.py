@@ -132,6 +132,8 @@ def test_a_state_of_another_algorithm_is_refused(saved, loaded):
     (dict(reset_state=False), dict(reset_state=True), "reset_state=False, not True"),
     (dict(prune="mest", mest_gamma=0.5), dict(prune="mest"), "mest_gamma=0.5, not 1.0"),
     (dict(prune="sensitivity", sensitivity_offset=1.0), dict(prune="sensitivity"), "sensitivity_offset=1.0, not 1e-08"),
+    (dict(swap_rounding="floor"), dict(), "swap_rounding='floor', not 'round'"),
+    (dict(swap_rounding="round"), dict(swap_rounding="floor"), "swap_rounding='round', not 'floor'"),
 ])
 def test_a_dst_state_saved_with_other_criteria_scope_or_blocks_is_refused(saved, loaded, words):
     # The state held no criteria: a SET run resumed as MEST, or a layer-scope run as a global one, went on under

@@ -127,15 +127,17 @@ def test_dst_takes_an_end_fraction_or_an_end_step():
 # entries an update drops are exactly old & ~new: n = round(r(t) · 40).
 
 
-def _drop_counts(total_steps, update_every, **options):
-    """{step: entries dropped} over every step() of a DST on the layer above."""
+def _drop_counts(total_steps, update_every, algorithm=sparsekern.DST, **options):
+    """{step: entries dropped} over every step() of `algorithm` (magnitude pruning, gradient growth) on the
+    layer above."""
     layer = sparsekern.nn.SparseLinear(8, 10, bias=False)
     with torch.no_grad():
         layer.weight.copy_(torch.arange(1, 81, dtype=torch.float32).view(10, 8) / 80)
     layer.set_mask(torch.arange(80).view(10, 8) % 2 == 0)
     model = torch.nn.Sequential(layer)
-    algo = sparsekern.DST(model, torch.optim.SGD(model.parameters(), lr=0.1), prune="magnitude",
-                          grow="gradient", total_steps=total_steps, update_every=update_every, **options)
+    options = {"prune": "magnitude", "grow": "gradient", **options}
+    algo = algorithm(model, torch.optim.SGD(model.parameters(), lr=0.1), total_steps=total_steps,
+                     update_every=update_every, **options)
     dropped = {}
     for step in range(1, total_steps + 1):
         old = layer.mask.clone()
@@ -185,3 +187,68 @@ def test_annealed_updates_every_800_steps_by_default_as_the_fantastic_weights_co
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     assert sparsekern.DST(model, optimizer, schedule="annealed", total_steps=10000).schedule.update_every == 800
     assert sparsekern.RigL(model, optimizer, total_steps=10000).schedule.update_every == 100
+
+
+# -- the swap count's rounding: n = round(r·A) (halves to even) by default, floor(r·A) as RigL's code --
+
+@pytest.mark.parametrize("fraction, rounded, floored", [
+    (0.0625, 2, 2),    # r·A = 2.5: round halves to even, 2; floor 2
+    (0.0875, 4, 3),    # r·A = 3.5: round 4 (even); floor 3
+    (0.0925, 4, 3),    # r·A = 3.7: round 4; floor 3
+])
+def test_swap_rounding_drop_counts_by_hand(fraction, rounded, floored):
+    # A = 40 active; constant schedule, T = 4, ΔT = 2, end point at the end: one update, at step 2.
+    options = dict(schedule="constant", drop_fraction=fraction, end_fraction=1.0)
+    assert _drop_counts(4, 2, **options) == {2: rounded}
+    assert _drop_counts(4, 2, swap_rounding="round", **options) == {2: rounded}
+    assert _drop_counts(4, 2, swap_rounding="floor", **options) == {2: floored}
+
+
+def test_rigl_with_floor_rounding_drop_counts_by_hand():
+    # As test_cosine_drop_counts_by_hand: r(3)·40 = 9 -> 9; r(6)·40 = 3 (3.000000000000001 in floats) -> 3.
+    assert _drop_counts(12, 3, algorithm=sparsekern.RigL, swap_rounding="floor") == {3: 9, 6: 3}
+    # Annealed over T = 8: r(2)·40 = 17.1 -> 17, r(4)·40 = 10.1 -> 10, r(6)·40 = 3.0996 -> 3, as round gives; at
+    # α = 0.4 instead: r(2)·40 = 0.005 + 0.1975·(1 + cos(π/4)) = 0.34215 -> 13.686: round 14, floor 13;
+    # r(4) = 0.2025 -> 8.1: 8 both; r(6) = 0.062846 -> 2.5139: round 3, floor 2.
+    options = dict(schedule="annealed", drop_fraction=0.4)
+    assert _drop_counts(8, 2, algorithm=sparsekern.RigL, **options) == {2: 14, 4: 8, 6: 3}
+    assert _drop_counts(8, 2, algorithm=sparsekern.RigL, swap_rounding="floor", **options) == {2: 13, 4: 8, 6: 2}
+
+
+def _swap_counts_passed(monkeypatch, swap_rounding, **options):
+    """The swap counts DST hands to ops.prune_grow at its one update, on two layers holding 20 and 17 active
+    weights (block (1, 1) blocks: the same counts), at r = 0.1."""
+    passed = []
+    original = sparsekern.ops.prune_grow
+    monkeypatch.setattr(sparsekern.ops, "prune_grow", lambda *a, **k: (passed.append(a[4]), original(*a, **k))[1])
+    layers = [sparsekern.nn.SparseLinear(8, 5, bias=False), sparsekern.nn.SparseLinear(5, 6, bias=False)]
+    for layer, active in zip(layers, (20, 17)):
+        layer.set_mask(torch.arange(layer.weight.numel()).view_as(layer.weight) < active)
+    model = torch.nn.Sequential(*layers)
+    algo = sparsekern.DST(model, torch.optim.SGD(model.parameters(), lr=0.1), schedule="constant",
+                          drop_fraction=0.1, update_every=1, total_steps=4, swap_rounding=swap_rounding, **options)
+    for layer in layers:
+        layer.weight.grad = torch.rand(layer.weight.shape, generator=torch.Generator().manual_seed(0))
+    assert algo.step()
+    return passed
+
+
+@pytest.mark.parametrize("options", [{}, dict(block=(1, 1)), dict(host_checks=False)])
+def test_swap_rounding_in_layer_and_global_scope_by_hand(monkeypatch, options):
+    # Layer scope: r·A = 2.0 and 1.7, round 2 and 2, floor 2 and 1. Global: r·37 = 3.7, round 4, floor 3.
+    assert _swap_counts_passed(monkeypatch, "round", **options) == [[2, 2]]
+    monkeypatch.undo()
+    assert _swap_counts_passed(monkeypatch, "floor", **options) == [[2, 1]]
+    monkeypatch.undo()
+    assert _swap_counts_passed(monkeypatch, "round", scope="global", **options) == [4]
+    monkeypatch.undo()
+    assert _swap_counts_passed(monkeypatch, "floor", scope="global", **options) == [3]
+
+
+@pytest.mark.parametrize("value, error", [("ceil", ValueError), ("Floor", ValueError), (None, TypeError),
+                                          (1, TypeError)])
+def test_swap_rounding_is_validated_naming_the_argument(value, error):
+    model = sparsekern.sparsify(torch.nn.Sequential(torch.nn.Linear(8, 4)), 0.5,
+                                generator=torch.Generator().manual_seed(0))
+    with pytest.raises(error, match="swap_rounding"):
+        sparsekern.DST(model, torch.optim.SGD(model.parameters(), lr=0.1), total_steps=10, swap_rounding=value)

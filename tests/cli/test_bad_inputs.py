@@ -267,6 +267,20 @@ BAD_ARGUMENTS = [
     ["compare", "--methods", "static,rigl", "--cycles", "3"],
     ["compare", "--methods", "imp", "--particles", "3"],
     ["compare", "--methods", "static", "--end-fraction", "0.5"],
+    ["train", "--swap-rounding", "ceil"],
+    ["train", "--method", "static", "--swap-rounding", "floor"],  # a rounding only DST methods take
+    ["compare", "--swap-rounding", "Floor"],
+    ["compare", "--methods", "static,imp", "--swap-rounding", "floor"],
+    ["train", "--method", "mest", "--mest-gamma", "-1"],
+    ["train", "--method", "mest", "--mest-gamma", "nan"],
+    ["train", "--method", "mest", "--mest-gamma", "inf"],
+    ["train", "--method", "rigl", "--mest-gamma", "0.5"],  # RigL prunes by magnitude: γ would be ignored
+    ["train", "--method", "dst", "--prune", "sensitivity", "--sensitivity-offset", "0"],
+    ["train", "--method", "dst", "--prune", "sensitivity", "--sensitivity-offset", "inf"],
+    ["train", "--method", "dst", "--prune", "snip", "--sensitivity-offset", "1"],
+    ["train", "--method", "static", "--mest-gamma", "1"],
+    ["compare", "--methods", "rigl,mest", "--sensitivity-offset", "1"],
+    ["compare", "--methods", "dst", "--criteria", "magnitude,snip", "--mest-gamma", "0.5"],
 ]
 
 # (argv, words the one-line error must hold): inputs whose refusal used to say too little.
@@ -275,6 +289,12 @@ WORDED_ARGUMENTS = [
     (["train", "--threads", "5000"], "argument --threads: threads must be at most 1024"),
     (["train", "--method", "static", "--scope", "global"], "--scope applies to the methods set, rigl, mest, dst"),
     (["compare", "--methods", "rigl", "--criteria", "snip"], "--criteria applies to the criteria lines"),
+    (["train", "--swap-rounding", "ceil"], "argument --swap-rounding: invalid choice: 'ceil'"),
+    (["train", "--method", "imp", "--swap-rounding", "floor"], "--swap-rounding applies to the methods set, rigl"),
+    (["train", "--method", "rigl", "--mest-gamma", "0.5"], "--mest-gamma applies to runs pruning by mest"),
+    (["compare", "--methods", "rigl,mest", "--sensitivity-offset", "1"],
+     "--sensitivity-offset applies to runs pruning by sensitivity, rsensitivity"),
+    (["train", "--method", "mest", "--mest-gamma", "-1"], "argument --mest-gamma: mest gamma must be in [0, inf)"),
     # One epoch of OptG ended dense whatever --density asked (its only epoch's scores all tie at 0).
     (["train", "--method", "optg", "--density", "0.1", "--epochs", "1"], "epochs must be >= 2 for optg, got 1"),
     (["compare", "--methods", "optg,static", "--densities", "0.1", "--epochs", "1"], "epochs must be >= 2 for optg"),

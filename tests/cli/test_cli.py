@@ -17,9 +17,11 @@ from sparsekern.algorithms.optg import MIN_EPOCHS_DIGITS
 from sparsekern.cli import compare as compare_module
 from sparsekern.cli import main
 from sparsekern.cli.data import load_dataset
+from sparsekern.cli.main import _config, build_parser
+from sparsekern.cli.runs import key
 from sparsekern.cli import training
 from sparsekern.cli.training import TrainConfig, prepare
-from sparsekern.nn import SparseConv1d
+from sparsekern.nn import SparseConv1d, sparse_modules
 
 
 def _read_csv(path):
@@ -250,8 +252,9 @@ def test_gradient_flow_is_recorded_at_init_per_epoch_and_around_every_mask_updat
           str(tmp_path), "--quiet"])
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     flow = metrics["gradient_flow"]
-    assert flow == [{**row, "step": int(row["step"]), "epoch": int(row["epoch"]),
-                     "gradient_flow": float(row["gradient_flow"])} for row in _read_csv(tmp_path / "gradient_flow.csv")]
+    assert [{name: row[name] for name in ("step", "epoch", "when", "gradient_flow")} for row in flow] == \
+        [{"step": int(row["step"]), "epoch": int(row["epoch"]), "when": row["when"],
+          "gradient_flow": float(row["gradient_flow"])} for row in _read_csv(tmp_path / "gradient_flow.csv")]
     assert flow[0]["when"] == "init" and flow[0]["step"] == 0
     assert [row["gradient_flow"] for row in flow if row["when"] == "epoch"] == \
         [epoch["gradient_flow"] for epoch in metrics["epochs"]]
@@ -510,3 +513,75 @@ def test_the_plot_keeps_room_around_its_densities_so_nudged_lines_stay_beside_th
     left, right = axes.get_xlim()
     assert left > right                                   # sparser to the right
     assert left >= 1.2 * max(densities) and right <= min(densities) / 1.2   # not the nudges' ±2.5% alone
+
+
+@pytest.mark.parametrize("argv, expected", [([], "round"), (["--swap-rounding", "round"], "round"),
+                                            (["--swap-rounding", "floor"], "floor")])
+def test_train_hands_the_swap_rounding_to_dst(argv, expected):
+    args = build_parser().parse_args(["train", "--method", "rigl", *argv])
+    config = _config(args, method=args.method)
+    assert config.swap_rounding == (None if not argv else expected)
+    assert prepare(config).recipe.algorithm.swap_rounding == expected
+
+
+def test_compare_hands_the_swap_rounding_to_its_dst_lines_only():
+    args = build_parser().parse_args(["compare", "--methods", "static,rigl,dst", "--swap-rounding", "floor"])
+    base = _config(args)
+    lines = compare_module.grid_lines(args.methods, ["snip"], "gradient", "cosine")
+    configs = {line.method: compare_module.line_config(base, line, 0.1, seed=0) for line in lines}
+    assert {method: config.swap_rounding for method, config in configs.items()} == {
+        "static": None, "rigl": "floor", "dst": "floor"}
+
+
+def test_a_run_at_the_default_swap_rounding_keeps_the_key_it_had_before_the_option():
+    # Finished runs stored in a compare or reproduce folder are found by this key: an option added later must not
+    # make them all train again.
+    assert key(TrainConfig()) == "b8b67aca5b27ded4c05e"
+    assert key(TrainConfig(method="static")) == "3033dd5ff0330a70aef6"
+    assert key(TrainConfig(swap_rounding="floor")) != key(TrainConfig())
+    assert key(TrainConfig(method="mest", mest_gamma=0.5)) != key(TrainConfig(method="mest"))
+
+
+def test_gradient_flow_is_recorded_per_layer_and_in_total_around_every_mask_update(tmp_path):
+    # The metric is the norm per layer and in total; only the total was logged, so a layer whose gradient flow an
+    # update raised could not be told from one it lowered.
+    main(["train", "--method", "rigl", "--density", "0.1", "--epochs", "1", "--update-every", "10", "--out",
+          str(tmp_path), "--quiet"])
+    flow = json.loads((tmp_path / "metrics.json").read_text())["gradient_flow"]
+    layers = [name for name, module in prepare(TrainConfig(method="rigl", density=0.1)).model.named_modules()
+              if any(parameter.requires_grad for parameter in module.parameters(recurse=False))]
+    assert {row["when"] for row in flow} == {"init", "before update", "after update", "epoch"}
+    for row in flow:
+        assert list(row["layers"]) == layers
+        assert row["gradient_flow"] == pytest.approx(math.sqrt(sum(v * v for v in row["layers"].values())), rel=1e-9)
+    rows = _read_csv(tmp_path / "gradient_flow.csv")
+    assert list(rows[0]) == ["step", "epoch", "when", "gradient_flow", *(f"gradient_flow[{name}]" for name in layers)]
+    assert [[float(row[f"gradient_flow[{name}]"]) for name in layers] for row in rows] == \
+        [list(row["layers"].values()) for row in flow]
+    before = [row for row in flow if row["when"] == "before update"]
+    after = [row for row in flow if row["when"] == "after update"]
+    sparse = [name for name, _ in sparse_modules(prepare(TrainConfig(method="rigl")).model)]
+    assert before and all(b["layers"][name] != a["layers"][name] for b, a in zip(before, after) for name in sparse)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--method", "mest"], (1.0, 1e-8)),
+    (["--method", "mest", "--mest-gamma", "0.5"], (0.5, 1e-8)),
+    (["--method", "dst", "--prune", "mest", "--mest-gamma", "0"], (0.0, 1e-8)),
+    (["--method", "dst", "--prune", "rsensitivity", "--sensitivity-offset", "1"], (1.0, 1.0)),
+])
+def test_train_hands_the_criterion_parameters_to_dst(argv, expected):
+    args = build_parser().parse_args(["train", *argv])
+    config = _config(args, method=args.method, prune=args.prune)
+    algorithm = prepare(config).recipe.algorithm
+    assert (algorithm.mest_gamma, algorithm.sensitivity_offset) == expected
+
+
+def test_compare_hands_the_criterion_parameters_to_the_lines_whose_criterion_reads_them():
+    args = build_parser().parse_args(["compare", "--methods", "rigl,mest,dst", "--criteria", "mest,sensitivity,snip",
+                                      "--mest-gamma", "0.25", "--sensitivity-offset", "1"])
+    lines = compare_module.grid_lines(args.methods, args.criteria, "gradient", "cosine")
+    configs = [compare_module.line_config(_config(args), line, 0.1, seed=0) for line in lines]
+    assert [(config.method, config.prune, config.mest_gamma, config.sensitivity_offset) for config in configs] == [
+        ("rigl", None, None, None), ("mest", None, 0.25, None), ("dst", "mest", 0.25, None),
+        ("dst", "sensitivity", None, 1.0), ("dst", "snip", None, None)]
