@@ -1,6 +1,6 @@
 """Floor 2, the modules: sparse layers (linear, convolutions and transposed convolutions, multi-head
-attention, RNN/LSTM/GRU), `sparsify(model)` and its inverse `densify(model)`, sparsity-aware init, layer densities, metrics and
-`SparseAveragedModel` (EMA, SWA).
+attention, RNN/LSTM/GRU), `sparsify(model)` and its inverse `densify(model)`, sparsity-aware init, layer
+densities, metrics and `SparseAveragedModel` (EMA, SWA).
 
 Imports only `sparsekern.ops` below it; the algorithms above drive these modules' masks.
 """
@@ -18,4 +18,5 @@ from .sparsify import sparsify
 __all__ = ["SparseModule", "SparseLinear", "SparseConvNd", "SparseConv1d", "SparseConv2d", "SparseConv3d",
            "SparseConvTransposeNd", "SparseConvTranspose1d", "SparseConvTranspose2d", "SparseConvTranspose3d",
            "SparseMultiheadAttention", "SparseRNNBase", "SparseLSTM", "SparseGRU", "SparseRNN",
-           "SparseAveragedModel", "sparse_modules", "sparsify", "densify", "distributions", "init", "gradient_flow", "summary"]
+           "SparseAveragedModel", "sparse_modules", "sparsify", "densify", "distributions", "init", "gradient_flow",
+           "summary"]
