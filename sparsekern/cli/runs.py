@@ -24,7 +24,7 @@ from .. import checkpoint
 from ..nn import sparse_modules
 from .data import Dataset
 from .output import write_text
-from .training import TrainConfig, train
+from .training import TrainConfig, settings, train
 
 
 @dataclass(frozen=True)
@@ -36,15 +36,10 @@ class Job:
     masks_from: TrainConfig | None = None
 
 
-LATER_OPTIONS = ("swap_rounding", "mest_gamma", "sensitivity_offset")
-
-
 def key(config: TrainConfig, masks_from: TrainConfig | None = None) -> str:
-    """The name of a run's record: a hash of what decides its result. Options added to TrainConfig after runs
-    were stored (LATER_OPTIONS) leave the hash out at their default, None, so that those runs are still found."""
-    settings = {name: value for name, value in asdict(config).items()
-                if not (name in LATER_OPTIONS and value is None)}
-    text = json.dumps({"config": settings, "masks_from": None if masks_from is None else key(masks_from)},
+    """The name of a run's record: a hash of what decides its result (`training.settings`: options added to
+    TrainConfig later leave it unchanged at their default, so that runs stored before them are still found)."""
+    text = json.dumps({"config": settings(config), "masks_from": None if masks_from is None else key(masks_from)},
                       sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
@@ -72,7 +67,8 @@ class RunStore:
                 record = json.load(file)
         except (OSError, ValueError):
             return None
-        if not isinstance(record, dict) or record.get("config") != asdict(job.config) or \
+        if not isinstance(record, dict) or not isinstance(record.get("config"), dict) or \
+                settings(record["config"]) != settings(job.config) or \
                 not all(name in record for name in RECORD_KEYS):  # damaged or cut down: trained again
             return None
         if needs_masks and not _readable_masks(self._path(name, ".masks.pt")):

@@ -125,6 +125,18 @@ class TrainConfig:
             raise ValueError("device 'cuda' was asked for, but torch sees no CUDA device")
 
 
+# Options added to TrainConfig after runs and checkpoints were stored: a config's settings leave them out at
+# their default, None, so that those runs are still found (runs.key) and those checkpoints still resume.
+LATER_OPTIONS = ("swap_rounding", "mest_gamma", "sensitivity_offset")
+
+
+def settings(config: TrainConfig | dict) -> dict:
+    """What decides a run's result, as stored: `config`'s fields (or a stored config's entries), without the
+    LATER_OPTIONS at None, which a config stored before them lacks."""
+    values = asdict(config) if isinstance(config, TrainConfig) else config
+    return {name: value for name, value in values.items() if not (name in LATER_OPTIONS and value is None)}
+
+
 def _check_choice(name: str, value, allowed) -> None:
     if value is not None and value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
@@ -203,7 +215,7 @@ class Run:
         """Continues the run saved in the checkpoint at `path` (written by `train` for the same config, on any
         number of ranks)."""
         state = read_checkpoint(path, map_location=_onto(self.model))
-        if state["config"] != asdict(self.config):
+        if settings(state["config"]) != settings(self.config):
             raise ValueError(f"resume checkpoint {path!r} was written by a different configuration")
         epoch = state["epoch"]
         if not isinstance(epoch, int) or not 0 < epoch <= total_epochs(self.config) or \

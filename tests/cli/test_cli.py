@@ -542,6 +542,33 @@ def test_a_run_at_the_default_swap_rounding_keeps_the_key_it_had_before_the_opti
     assert key(TrainConfig(method="mest", mest_gamma=0.5)) != key(TrainConfig(method="mest"))
 
 
+def test_runs_and_checkpoints_stored_before_the_later_options_are_still_found_and_resume(tmp_path):
+    # Their stored configs lack swap_rounding, mest_gamma and sensitivity_offset: the key matched, but the record's
+    # config was compared whole, so every stored run of a compare folder trained again, and a checkpoint was
+    # refused as "written by a different configuration".
+    from sparsekern.cli.runs import Job, RunStore, execute, key
+    from sparsekern.cli.training import LATER_OPTIONS
+
+    config = TrainConfig(method="rigl", density=0.3, epochs=2, batch_size=256)
+    store = RunStore(str(tmp_path / "runs"))
+    execute([Job(config)], store, load_dataset("digits"))
+    path = tmp_path / "runs" / f"{key(config)}.json"
+    record = json.loads(path.read_text())
+    record["config"] = {name: value for name, value in record["config"].items() if name not in LATER_OPTIONS}
+    path.write_text(json.dumps(record))
+    trained = []
+    execute([Job(config)], store, load_dataset("digits"), on_done=lambda job, record, new: trained.append(new))
+    assert trained == [False]
+
+    common = ["train", "--method", "rigl", "--density", "0.2", "--epochs", "2", "--quiet", "--out", str(tmp_path)]
+    main([*common, "--stop-after", "1"])
+    saved = checkpoint.load(tmp_path / "checkpoint.pt")
+    saved["config"] = {name: value for name, value in saved["config"].items() if name not in LATER_OPTIONS}
+    checkpoint.save(saved, tmp_path / "checkpoint.pt")
+    main([*common, "--resume", str(tmp_path / "checkpoint.pt")])
+    assert len(json.loads((tmp_path / "metrics.json").read_text())["epochs"]) == 2
+
+
 def test_gradient_flow_is_recorded_per_layer_and_in_total_around_every_mask_update(tmp_path):
     # The metric is the norm per layer and in total; only the total was logged, so a layer whose gradient flow an
     # update raised could not be told from one it lowered.
