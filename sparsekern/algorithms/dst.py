@@ -3,7 +3,8 @@
 Every `update_every` steps until `end_step`, each sparse layer (or, with scope="global", all of
 them together) drops n = round(r(t) · active) active weights (floor(r(t) · active) with
 swap_rounding="floor") by a pruning criterion and grows n by a growth criterion
-(`sparsekern.algorithms.criteria`, `sparsekern.algorithms.schedules`); the active count is unchanged. Usage, once per training step:
+(`sparsekern.algorithms.criteria`, `sparsekern.algorithms.schedules`); the active count is unchanged.
+Usage, once per training step:
 
     loss.backward()
     algo.step()          # after backward, before the optimizer step
@@ -163,13 +164,13 @@ class DST(distributed.CatchesUp):
     `optimizer.step()` when `step()` returns True (the weights then stay as the update left them, grown
     ones at 0, until the next step).
 
-    n = round(r · active) (Python's round; floor with swap_rounding="floor") is not capped by the
-    inactive count: a layer denser than 1/(1 + r) drops more than it has inactive entries and grows some just-dropped ones back, as RigL
-    does; an update never changes the active count. Step t counts `step()` calls from 1; updates happen
-    at multiples of update_every below end_step. Newly grown weights start at 0; a just-dropped weight
-    may be grown again and then keeps its value. After an update the gradients are masked by the new
-    masks, so the optimizer step that follows sees masked gradients (grown weights get theirs, under
-    every growth criterion: the backward before an update step is dense).
+    n = round(r · active) (Python's round; floor with swap_rounding="floor") is not capped by the inactive count: a
+    layer denser than 1/(1 + r) drops more than it has inactive entries and grows some just-dropped ones back, as
+    RigL does; an update never changes the active count. Step t counts `step()` calls from 1; updates happen at
+    multiples of update_every below end_step. Newly grown weights start at 0; a just-dropped weight may be grown
+    again and then keeps its value. After an update the gradients are masked by the new masks, so the optimizer step
+    that follows sees masked gradients (grown weights get theirs, under every growth criterion: the backward before
+    an update step is dense).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, prune: str = "magnitude",
@@ -370,11 +371,11 @@ class DST(distributed.CatchesUp):
         are zeroed off them), schedule, generator and, after finish(), finished (a state without
         "finished", saved by earlier versions, loads unfinished). Checked completely before anything
         changes: a bad state raises TypeError or ValueError naming the entry, and the model and this
-        DST are as before; so does the state of another algorithm, or of a DST of other settings (criteria
-        and their parameter, scope, block, reset_state, swap_rounding), which this one would go on from
-        as though they were its own. A step count past the schedule's total_steps (a run that called step() too often, which step()
-        allows) loads with a warning, as does a saved schedule that differs from the one this DST was
-        built with (which it replaces)."""
+        DST are as before; so does the state of another algorithm, or of a DST of other settings (criteria and their
+        parameter, scope, block, reset_state, swap_rounding), which this one would go on from as though they were
+        its own. A step count past the schedule's total_steps (a run that called step() too often, which step()
+        allows) loads with a warning, as does a saved schedule that differs from the one this DST was built with
+        (which it replaces)."""
         self._prepare_load(state)()
 
     def _prepare_load(self, state: dict):
