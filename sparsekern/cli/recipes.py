@@ -70,6 +70,11 @@ class Recipe:
         """Whether the coming `after_backward` updates the masks (a DST update step)."""
         return False
 
+    def updates_masks_after_epoch(self, last_of_segment: bool, last_segment: bool) -> bool:
+        """Whether the masks change at the end of this epoch, after its evaluation (OptG's next epoch, a ticket's
+        next cycle)."""
+        return False
+
     def after_backward(self) -> bool:
         """Returns whether masks changed."""
         return False
@@ -154,8 +159,11 @@ class OptGRecipe(Recipe):
         self.algorithm.step()
         return False
 
+    def updates_masks_after_epoch(self, last_of_segment: bool, last_segment: bool) -> bool:
+        return not last_of_segment  # the mask for the next epoch; none follows the last
+
     def end_epoch_after_evaluation(self, last_of_segment: bool) -> None:
-        if not last_of_segment:  # the mask for the next epoch; none follows the last
+        if self.updates_masks_after_epoch(last_of_segment, True):
             self.algorithm.next_epoch()
 
 
@@ -185,6 +193,9 @@ class TicketRecipe(Recipe):
 
     def after_optimizer_step(self) -> None:
         self.algorithm.step()
+
+    def updates_masks_after_epoch(self, last_of_segment: bool, last_segment: bool) -> bool:
+        return last_of_segment and not last_segment   # pruned, then rewound, for the next cycle
 
     def end_segment_after_evaluation(self, last: bool) -> None:
         if not last:
@@ -241,6 +252,10 @@ class SWAMPRecipe(TicketRecipe):
     def end_segment_before_evaluation(self, last: bool) -> None:
         if self.algorithm.particle == self.particles - 1:
             self.algorithm.next_particle()  # the model now holds the average of the cycle's particles
+
+    def updates_masks_after_epoch(self, last_of_segment: bool, last_segment: bool) -> bool:
+        # A cycle's particles share its mask: it changes only after the last, once they are averaged.
+        return last_of_segment and self.algorithm.averaged and not last_segment
 
     def end_segment_after_evaluation(self, last: bool) -> None:
         if not self.algorithm.averaged:

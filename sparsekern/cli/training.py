@@ -249,8 +249,9 @@ class Run:
         order, random criteria). Epochs are counted over all segments (IMP cycles, SWAMP particles):
         `total_epochs(config)` in all. Gradient flow (`sparsekern.nn.gradient_flow`, on the first
         GRADIENT_FLOW_BATCH training samples in eval mode) is recorded, in total and per layer ("layers": {module
-        name: norm}), at step 0, after every epoch, and just before and just after every mask update of a DST
-        method.
+        name: norm}), at step 0, after every epoch, and just before and just after every mask update: a DST
+        method's, and those between epochs (OptG's and GMP's next epoch, IMP's and SWAMP's next cycle, whose "after
+        update" record is at the rewound ticket).
         """
         config, recipe, model = self.config, self.recipe, self.model
         device = torch.device(config.device)
@@ -324,9 +325,15 @@ class Run:
                        "mask_updates": updates, "world_size": world_size, "seconds": time.perf_counter() - started}
             self.history.append(metrics)
             self.epoch = epoch + 1
+            # Masks that change between epochs (OptG, IMP, SWAMP) get the records of a DST update around the change.
+            updates_masks = recipe.updates_masks_after_epoch(last_of_segment, last_segment)
+            if updates_masks:
+                record_flow((epoch + 1) * self.steps_per_epoch, epoch + 1, "before update")
             recipe.end_epoch_after_evaluation(last_of_segment)
             if last_of_segment:
                 recipe.end_segment_after_evaluation(last_segment)
+            if updates_masks:
+                record_flow((epoch + 1) * self.steps_per_epoch, epoch + 1, "after update")
             if world_size > 1 and not distributed.masks_identical(model):
                 raise RuntimeError(f"after epoch {epoch + 1} the ranks hold different masks or weights under them, "
                                    f"which data-parallel training keeps identical: a bug, please report it")

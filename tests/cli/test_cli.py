@@ -591,6 +591,28 @@ def test_gradient_flow_is_recorded_per_layer_and_in_total_around_every_mask_upda
     assert before and all(b["layers"][name] != a["layers"][name] for b, a in zip(before, after) for name in sparse)
 
 
+@pytest.mark.parametrize("method, options, updates", [
+    ("imp", ["--epochs", "1", "--cycles", "3"], [1, 2]),
+    ("swamp", ["--epochs", "1", "--cycles", "2", "--particles", "2"], [2]),
+    ("optg", ["--epochs", "3"], [1, 2]),
+    ("gmp", ["--epochs", "3"], [1, 2]),
+])
+def test_masks_changed_between_epochs_get_gradient_flow_just_before_and_after_the_change(tmp_path, method, options,
+                                                                                         updates):
+    # OptG's next epoch and a ticket's next cycle change the masks at an epoch's end: only the epoch's record was
+    # kept, so the flow a pruning left (on a rewound ticket, say) was never measured.
+    main(["train", "--method", method, "--density", "0.2", "--batch-size", "256", *options, "--out", str(tmp_path),
+          "--quiet"])
+    flow = json.loads((tmp_path / "metrics.json").read_text())["gradient_flow"]
+    before = [row for row in flow if row["when"] == "before update"]
+    after = [row for row in flow if row["when"] == "after update"]
+    assert [row["epoch"] for row in before] == [row["epoch"] for row in after] == updates
+    epochs = {row["epoch"]: row for row in flow if row["when"] == "epoch"}
+    for b, a in zip(before, after):
+        assert b["gradient_flow"] == epochs[b["epoch"]]["gradient_flow"] != a["gradient_flow"]
+        assert b["step"] == a["step"] == epochs[b["epoch"]]["step"]
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["--method", "mest"], (1.0, 1e-8)),
     (["--method", "mest", "--mest-gamma", "0.5"], (0.5, 1e-8)),
