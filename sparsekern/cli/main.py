@@ -61,14 +61,14 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def _number(text: str, what: str, low: float, high: float, low_open: bool = True) -> float:
+    """A finite number in (low, high] (or [low, high] unless `low_open`); high may be math.inf, then open."""
+    bounds = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if math.isinf(high) else ']'}"
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{what} must be a number in {'(' if low_open else '['}{low:g}, "
-                                         f"{high:g}], got {text!r}") from None
-    if not (low < value <= high if low_open else low <= value <= high):
-        raise argparse.ArgumentTypeError(f"{what} must be in {'(' if low_open else '['}{low:g}, {high:g}], "
-                                         f"got {text}")
+        raise argparse.ArgumentTypeError(f"{what} must be a number in {bounds}, got {text!r}") from None
+    if not (math.isfinite(value) and (low < value if low_open else low <= value) and value <= high):
+        raise argparse.ArgumentTypeError(f"{what} must be in {bounds}, got {text}")
     return value
 
 
@@ -78,22 +78,6 @@ def _density(text: str) -> float:
 
 def _fraction(name: str):
     return lambda text: _number(text, name, 0, 1)
-
-
-def _finite_above(what: str, low: float, low_open: bool):
-    """A finite number above `low` (or at it, unless `low_open`)."""
-    bounds = f"{'(' if low_open else '['}{low:g}, inf)"
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{what} must be a number in {bounds}, got {text!r}") from None
-        if not (math.isfinite(value) and (value > low if low_open else value >= low)):
-            raise argparse.ArgumentTypeError(f"{what} must be in {bounds}, got {text}")
-        return value
-
-    return parse
 
 
 def _learning_rate(text: str) -> float:
@@ -186,9 +170,9 @@ def _add_run_options(parser: argparse.ArgumentParser, defaults: TrainConfig) -> 
     parser.add_argument("--swap-rounding", choices=SWAP_ROUNDINGS,
                         help="DST: the swap count r x active weights made whole by round (halves to even) or floor, "
                              "as RigL's code (default: round)")
-    parser.add_argument("--mest-gamma", type=_finite_above("mest gamma", 0, low_open=False),
+    parser.add_argument("--mest-gamma", type=lambda text: _number(text, "mest gamma", 0, math.inf, low_open=False),
                         help="DST: γ of the mest pruning criterion |θ| + γ|g| (default: 1)")
-    parser.add_argument("--sensitivity-offset", type=_finite_above("sensitivity offset", 0, low_open=True),
+    parser.add_argument("--sensitivity-offset", type=lambda text: _number(text, "sensitivity offset", 0, math.inf),
                         help="DST: what the sensitivity and rsensitivity pruning criteria add to their denominators "
                              "(default: 1e-8, a guard; the Fantastic Weights code adds 1)")
     parser.add_argument("--cycles", type=_positive,
