@@ -63,8 +63,8 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
             other than float16, bfloat16, float32 or float64 raises TypeError. Hooks registered on a
             replaced module (an attention or a recurrent module included) move to its sparse replacement,
             and so do the parameters, buffers, submodules and plain attributes a user added to a Linear,
-            a convolution, an attention or a recurrent module (a learned initial state; ValueError for
-            one named like an attribute of the sparse module); a submodule added to an attention or a
+            a convolution, an attention (its out_proj too) or a recurrent module (a learned initial state;
+            ValueError for one named like an attribute of the sparse module); a submodule added to an attention or a
             recurrent module is no projection of it, and is sparsified (or not) by its own name.
             A model sharded across ranks (FSDP, fully_shard, tensor parallelism) raises ValueError:
             sparsify, then wrap in DistributedDataParallel.
@@ -272,8 +272,7 @@ def _layers(model: nn.Module, include: list[str] | None,
     folded = {id(module.out_proj) for module in attentions
               if id(module) in selected_ids or _matches(names[id(module)], exclude)}
     left_dense = _left_dense([(name, module) for name, module in selected if id(module) not in folded], out_projs)
-    converted = {id(module): (module, _carry_extras(name, module, SparseMultiheadAttention.from_dense(module),
-                                                    DENSE_ENTRIES))
+    converted = {id(module): (module, _sparse_attention(name, module))
                  for name, module in _maskable_attentions(selected)}
     # An exact nn.RNN/LSTM/GRU likewise, by its own name: its weight matrices become SparseLinear children.
     for name, module in _maskable_recurrent(selected):
@@ -433,6 +432,14 @@ def _maskable_attentions(selected: list[tuple[str, nn.Module]]) -> list[tuple[st
                 _check_weight_type(name, weight)
         kept.append((name, module))
     return kept
+
+
+def _sparse_attention(name: str, attention: nn.MultiheadAttention) -> SparseMultiheadAttention:
+    """The SparseMultiheadAttention (not yet in the model) that replaces `attention`, its out_proj with it, given
+    what a user attached to either (`_carry_extras`)."""
+    sparse = SparseMultiheadAttention.from_dense(attention)
+    _carry_extras(f"{name}.out_proj" if name else "out_proj", attention.out_proj, sparse.out_proj)
+    return _carry_extras(name, attention, sparse, DENSE_ENTRIES)
 
 
 def _exactly(module: nn.Module, kinds) -> bool:
