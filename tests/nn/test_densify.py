@@ -57,6 +57,58 @@ def test_tied_language_model_keeps_its_tie_and_outputs():
     assert type(model.hidden) is nn.Linear
 
 
+class LateTiedLM(nn.Module):
+    """A decoder tied to its embedding after sparsify, which keeps the decoder dense if tied before."""
+
+    def __init__(self, decoders=1):
+        super().__init__()
+        self.embedding = nn.Embedding(50, 16)
+        self.decoders = nn.ModuleList(nn.Linear(16, 50) for _ in range(decoders))
+
+    def tie(self):
+        self.embedding.weight = self.decoders[0].weight
+        for decoder in self.decoders[1:]:
+            decoder.weight = self.decoders[0].weight
+
+    def forward(self, tokens):
+        return sum(decoder(self.embedding(tokens)) for decoder in self.decoders)
+
+
+@pytest.mark.parametrize("decoders", [1, 2])
+def test_a_weight_tied_to_a_dense_module_and_held_off_the_mask_is_copied(decoders):
+    # Zeroed in place, the weight changed the embedding, which computed with its values off the mask.
+    model = LateTiedLM(decoders)
+    sk.sparsify(model, 0.5, generator=_generator())
+    model.tie()
+    for decoder in model.decoders:
+        decoder.set_mask(model.decoders[0].mask)
+    with torch.no_grad():
+        model.embedding.weight.add_(1.0)
+    for decoder in model.decoders:
+        decoder.zero_off_mask = False   # OptG's state: values kept off the mask, forward masks them
+    embedding = model.embedding.weight.detach().clone()
+    tokens = torch.randint(0, 50, (4, 7))
+    expected = model(tokens)
+    with pytest.warns(UserWarning, match=r"'decoders\.0' holds values off its mask in a weight it shares with "
+                                         r"'embedding' \(Embedding\).*the tie is broken"):
+        sk.nn.densify(model)
+    assert _no_sparse_module(model) and torch.equal(model.embedding.weight, embedding)
+    torch.testing.assert_close(model(tokens), expected)
+    assert model.decoders[0].weight is not model.embedding.weight
+    assert model.decoders[-1].weight is model.decoders[0].weight   # the sparse layers' own tie is kept
+    assert not model.decoders[0]._forward_pre_hooks   # the sparse module's guard hook does not come along
+
+
+def test_a_weight_tied_to_a_dense_module_and_zero_off_the_mask_keeps_its_tie():
+    model = LateTiedLM()
+    sk.sparsify(model, 0.5, generator=_generator())
+    model.tie()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # nothing to warn about: zeroing changes nothing
+        sk.nn.densify(model)
+    assert model.decoders[0].weight is model.embedding.weight
+
+
 def test_two_sparse_layers_sharing_one_weight_share_it_dense():
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
     model[2].weight = model[0].weight
@@ -261,6 +313,34 @@ def test_an_attachment_of_a_projection_without_a_dense_module_is_refused_unchang
     attention[0].in_proj.register_buffer("note", torch.ones(1))
     with pytest.raises(ValueError, match=r"'0\.in_proj' holds 'note'"):
         sk.nn.densify(attention)
+    del attention[0].in_proj.note
+    # A state dict hook runs on the projection's entries, in the sparse model; the dense one has no module to run it.
+    attention[0].in_proj._register_state_dict_hook(lambda *args: None)
+    with pytest.raises(ValueError, match=r"'0\.in_proj' holds a state dict hook"):
+        sk.nn.densify(attention)
+    assert isinstance(attention[0], sk.nn.SparseMultiheadAttention)
+
+
+def test_hooks_of_a_projection_without_a_dense_module_are_dropped_with_a_warning():
+    # The sparse module's forward never runs them (nor their dense module's, which has none); the hooks of the
+    # weight Parameter itself go with it.
+    model = nn.ModuleDict({"attention": nn.MultiheadAttention(8, 2, batch_first=True), "rnn": nn.GRU(8, 8)})
+    sk.sparsify(model, 0.5, generator=_generator())
+    model["attention"].in_proj.register_forward_hook(lambda *args: None)
+    model["rnn"].hh_l0.register_forward_pre_hook(lambda *args: None)
+    model["rnn"].hh_l0.register_full_backward_hook(lambda *args: None)
+    gradients = []
+    model["rnn"].hh_l0.weight.register_hook(gradients.append)
+    model["rnn"].hh_l0.zero_off_mask = False   # its no-op guard hook, sparsekern's own, is not named
+    model["attention"].in_proj.zero_off_mask = False
+    with pytest.warns(UserWarning) as caught:
+        sk.nn.densify(model)
+    messages = [str(warning.message) for warning in caught]
+    assert len(messages) == 2
+    assert "drops the 1 forward or backward hook(s) of 'attention.in_proj'" in messages[0]
+    assert "drops the 2 forward or backward hook(s) of 'rnn.hh_l0'" in messages[1]
+    model["rnn"](torch.randn(3, 2, 8))[0].sum().backward()
+    assert type(model["rnn"]) is nn.GRU and len(gradients) == 1
 
 
 def test_a_densified_model_exports_with_torch_export():
