@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import warnings
 
-from torch import nn
+from torch import Tensor, nn
 
 from .attention import SparseMultiheadAttention
 from .modules import (_PACKED_FIELDS, SparseLinear, SparseModule, _forward_through_the_mask, computed_weight_refusal,
@@ -172,20 +172,19 @@ def _weights_to_copy(model: nn.Module, staged: list[tuple[str, nn.Module, nn.Mod
     the masked weight instead, and every output stays as it was, at the cost of the tie."""
     layers = [pair for name, sparse, _ in staged for pair in _masked_layers(name, sparse)]
     masks = {id(layer): layer.mask for _, layer in layers}
-    by_storage: dict[tuple, list[tuple[str, nn.Module, object]]] = {}
-    for name, module in model.named_modules():
+    held = {}   # storage -> (module name, module, tensor) of every tensor in it
+    for module_name, module in model.named_modules():
         for tensor in (*module._parameters.values(), *module._buffers.values()):
             if tensor is not None and not tensor.is_meta and tensor.numel():
-                key = (tensor.device, tensor.untyped_storage().data_ptr())
-                by_storage.setdefault(key, []).append((name, module, tensor))
+                held.setdefault(_storage(tensor), []).append((module_name, module, tensor))
     copied = {}
     for name, layer in layers:
         weight = layer.weight
-        if id(weight) in copied or weight.is_meta or not weight.numel() or not layer._off_mask_nonzero():
+        if id(weight) in copied or weight.is_meta or not layer._off_mask_nonzero():
             continue
-        sharers = [(other_name, other) for other_name, other, tensor in
-                   by_storage.get((weight.device, weight.untyped_storage().data_ptr()), [])
-                   if not (tensor is weight and id(other) in masks and masks[id(other)].equal(layer.mask))]
+        sharers = [(other_name, other) for other_name, other, tensor in held.get(_storage(weight), [])
+                   if _overlap(tensor, weight)
+                   and not (tensor is weight and id(other) in masks and masks[id(other)].equal(layer.mask))]
         if sharers:
             other_name, other = sharers[0]
             copied[id(weight)] = (
@@ -195,6 +194,24 @@ def _weights_to_copy(model: nn.Module, staged: list[tuple[str, nn.Module, nn.Mod
                 f"built before trains the shared weight, not the copy); to keep the tie, with the masked values in "
                 f"both, call {name}.zero_weights_off_mask() before densify")
     return copied
+
+
+def _storage(tensor: Tensor) -> tuple:
+    return tensor.device, tensor.untyped_storage().data_ptr()
+
+
+def _overlap(a: Tensor, b: Tensor) -> bool:
+    """Whether `a` and `b`, in one storage, may share memory: their byte ranges in it overlap. Not every two
+    tensors of a storage do: an nn.LSTM flattened for cuDNN holds all its weights in one, which its sparse twin
+    adopts, and zeroing one of them changes no other."""
+    (a_start, a_end), (b_start, b_end) = _byte_range(a), _byte_range(b)
+    return a_start < b_end and b_start < a_end
+
+
+def _byte_range(tensor: Tensor) -> tuple[int, int]:
+    """The first byte of `tensor`'s elements in its storage and the byte past the last."""
+    last = tensor.storage_offset() + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+    return tensor.storage_offset() * tensor.element_size(), (last + 1) * tensor.element_size()
 
 
 def _commit(model: nn.Module, staged: list[tuple[str, nn.Module, nn.Module]], copied: dict[int, str]) -> nn.Module:

@@ -109,6 +109,39 @@ def test_a_weight_tied_to_a_dense_module_and_zero_off_the_mask_keeps_its_tie():
     assert model.decoders[0].weight is model.embedding.weight
 
 
+def test_memory_shared_through_another_parameter_is_copied_and_a_flat_buffers_other_weights_are_not():
+    model = LateTiedLM()
+    sk.sparsify(model, 0.5, generator=_generator())
+    decoder = model.decoders[0]
+    model.embedding.weight = nn.Parameter(decoder.weight.data)   # another Parameter, the same memory
+    decoder.zero_off_mask = False
+    with torch.no_grad():
+        decoder.weight.add_(1.0)
+    embedding = model.embedding.weight.detach().clone()
+    with pytest.warns(UserWarning, match="'decoders.0' holds values off its mask"):
+        sk.nn.densify(model)
+    assert torch.equal(model.embedding.weight, embedding)
+    # An nn.LSTM flattened for cuDNN holds its weights in one buffer, which its sparse twin adopts: each weight is
+    # its own range there, zeroed in place.
+    lstm = nn.LSTM(4, 4, num_layers=2)
+    flat = torch.cat([parameter.detach().flatten() for parameter in lstm.parameters()])
+    offset = 0
+    for name in lstm._flat_weights_names:
+        size = getattr(lstm, name).numel()
+        setattr(lstm, name, nn.Parameter(flat[offset:offset + size].view_as(getattr(lstm, name))))
+        offset += size
+    model = nn.Sequential(lstm)
+    sk.sparsify(model, 0.5, generator=_generator())
+    for _, layer in model[0].named_projections():
+        layer.zero_off_mask = False
+        with torch.no_grad():
+            layer.weight.add_(1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _same_outputs(model, (torch.randn(3, 2, 4),))
+    assert model[0].weight_hh_l1.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+
+
 def test_two_sparse_layers_sharing_one_weight_share_it_dense():
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
     model[2].weight = model[0].weight
