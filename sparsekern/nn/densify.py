@@ -57,9 +57,10 @@ def densify(model: nn.Module) -> nn.Module:
     returned unchanged. The dense twins are built on copies of the masked weights before the model changes, so
     densify holds one copy of the sparse weights while it runs. ValueError, with the model unchanged, for a model
     wrapped in DataParallel, DistributedDataParallel or torch.compile (densify the module inside, then wrap it
-    again), one compiled in place (nn.Module.compile), a sharded one (FSDP, fully_shard), and a sparse layer whose
-    weight is computed from other parameters (a parametrization, weight_norm, spectral_norm, torch.nn.utils.prune):
-    remove that first (torch.nn.utils.parametrize.remove_parametrizations).
+    again), one compiled in place (nn.Module.compile), a sharded one (FSDP, fully_shard), and a sparse module whose
+    weight or bias (an attention's in_proj_bias, bias_k, bias_v too) is computed from other parameters (a
+    parametrization, weight_norm, spectral_norm, torch.nn.utils.prune): remove that first
+    (torch.nn.utils.parametrize.remove_parametrizations).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -108,14 +109,31 @@ def _stage(model: nn.Module) -> tuple[list[tuple[str, nn.Module, nn.Module]], li
                                     and (id(module) not in projections or id(module) in registered_outside)):
             if id(module) in projections and module is getattr(projections[id(module)], "out_proj", None):
                 continue   # the dense attention's out_proj (below)
+            dense = module.to_dense()
+            _refuse_computed_parameters(name, module, dense)
             if id(module) in wholes:
                 dropped_hooks += _refuse_stranded_attachments(name, module, registered_outside)
-            dense = module.to_dense()
             if isinstance(module, SparseMultiheadAttention):
                 _carry_extras(f"{name}.out_proj" if name else "out_proj", module.out_proj, dense.out_proj,
                               _own_entries(dense.out_proj))
             staged.append((name, module, _carry_extras(name, module, dense, _own_entries(dense, type(module)))))
     return staged, dropped_hooks
+
+
+def _refuse_computed_parameters(name: str, sparse: nn.Module, dense: nn.Module) -> None:
+    """ValueError naming a Parameter of `dense` (`sparse`'s twin) that `sparse` computes from other parameters
+    (a bias parametrized or pruned: `densify` has refused computed weights), where `_share_parameters` would put
+    it in place of the Parameter; the parametrization would otherwise be carried, as a submodule a user attached,
+    to a module that no longer runs it."""
+    for path, layer in dense.named_modules():
+        source = sparse.get_submodule(path)
+        for key, parameter in layer._parameters.items():
+            if parameter is not None and not isinstance(getattr(source, key), nn.Parameter):
+                where = ".".join(part for part in (name, path, key) if part)
+                raise ValueError(f"densify: {where!r} is computed from other parameters (a parametrization or "
+                                 f"torch.nn.utils.prune), not a Parameter its dense {type(layer).__name__} can "
+                                 f"hold: remove that first (torch.nn.utils.parametrize.remove_parametrizations, "
+                                 f"torch.nn.utils.prune.remove)")
 
 
 def _refuse_stranded_attachments(name: str, whole: nn.Module, registered_outside: set[int]) -> list[str]:

@@ -1,10 +1,12 @@
 """sparsekern.nn.densify: a sparsified model back to plain torch modules, in place."""
 import copy
+import re
 import warnings
 
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize, prune
 
 import sparsekern as sk
 from sparsekern.nn import SparseModule
@@ -314,6 +316,38 @@ def test_wrapped_or_computed_models_are_refused_unchanged():
     assert isinstance(model[0], SparseModule)
     with pytest.raises(TypeError, match="model"):
         sk.nn.densify("model")
+
+
+class _Doubled(nn.Module):
+    def forward(self, value):
+        return 2 * value
+
+
+@pytest.mark.parametrize("dense, owner, name, key", [
+    (lambda: nn.Linear(8, 8), "", "bias", "0.bias"),
+    (lambda: nn.MultiheadAttention(8, 2), "", "in_proj_bias", "0.in_proj_bias"),
+    (lambda: nn.MultiheadAttention(8, 2), "out_proj", "bias", "0.out_proj.bias"),
+    (lambda: nn.GRU(8, 8), "hh_l0", "bias", "0.bias_hh_l0"),
+    (lambda: nn.Linear(8, 8), "", "prune", "0.bias"),
+], ids=["linear", "attention", "out_proj", "gru", "pruned"])
+def test_a_computed_bias_is_refused_by_name_unchanged(dense, owner, name, key):
+    # It failed half-way with torch's TypeError (after weights were zeroed), or carried the parametrization to
+    # a module that no longer ran it, or was refused as an attachment of the projection.
+    model = nn.Sequential(dense(), nn.Linear(8, 8))
+    sk.sparsify(model, 0.5, generator=_generator())
+    for _, layer in sk.nn.sparse_modules(model):
+        layer.zero_off_mask = False
+        with torch.no_grad():
+            layer.weight.add_(1.0)
+    module = model[0].get_submodule(owner)
+    if name == "prune":
+        prune.random_unstructured(module, "bias", 0.5)
+    else:
+        parametrize.register_parametrization(module, name, _Doubled())
+    with pytest.raises(ValueError, match=rf"^densify: '{re.escape(key)}' is computed from other parameters"):
+        sk.nn.densify(model)
+    assert [type(module) for module in model] == [type(model[0]), sk.nn.SparseLinear]
+    assert all(layer._off_mask_nonzero() for _, layer in sk.nn.sparse_modules(model))   # not zeroed
 
 
 def test_inference_mode_and_a_sparse_layer_attached_to_one():
