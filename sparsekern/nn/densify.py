@@ -39,19 +39,20 @@ def densify(model: nn.Module) -> nn.Module:
     dense module's weight, the same Parameter object. So weights tied to anything else (an embedding, another layer)
     stay tied, and an optimizer built on the sparse model keeps training them, now densely (its state at pruned
     entries is whatever the optimizer holds there, 0 after sparse training). Except a weight holding values off its
-    mask that another module of the model computes with (an Embedding tied to a decoder after sparsify): zeroed in
-    place, it would change that module, so the dense twin keeps a copy of the masked weight (layers tied to each
-    other with one mask share one copy), every output stays as it was and the tie is broken, with a warning naming
-    both; call the layer's zero_weights_off_mask() first to keep the tie, with the masked values in both. A module
-    registered under several names becomes one dense module under all of them; an attention's out_proj registered
-    elsewhere too becomes the dense attention's out_proj there. Hooks, and the parameters, buffers, submodules and
-    attributes a user attached to a sparse module (an attention's out_proj included), move to its dense twin, as
-    sparsify moves them the other way. An attention's input projections and a recurrent module's weight layers are
-    Parameters of the dense twin, not modules: what a user attached to one (a parameter, buffer, submodule,
-    attribute, state dict hook) raises ValueError naming it; its forward and backward hooks, which the sparse
-    module's forward never runs either, are dropped with a warning naming it (the hooks of its weight, the same
-    Parameter, stay). The sparse modules' masks and flags are not carried: the outputs, in eval and in train mode,
-    are the sparse model's, and the state dict loads into the dense architecture the model had before sparsify.
+    mask (kept there by OptG, or written there by the other module's training) that another module of the model
+    computes with (an Embedding tied to a decoder after sparsify): zeroed in place, it would change that module, so
+    the dense twin keeps a copy of the masked weight (layers tied to each other with one mask share one copy), that
+    module keeps its values and the tie is broken, with a warning naming both; call the layer's
+    zero_weights_off_mask() first to keep the tie, with the masked values in both. A module registered under several
+    names becomes one dense module under all of them; an attention's out_proj registered elsewhere too becomes the
+    dense attention's out_proj there. Hooks, and the parameters, buffers, submodules and attributes a user attached
+    to a sparse module (an attention's out_proj included), move to its dense twin, as sparsify moves them the other
+    way. An attention's input projections and a recurrent module's weight layers are Parameters of the dense twin,
+    not modules: what a user attached to one (a parameter, buffer, submodule, attribute, state dict hook) raises
+    ValueError naming it; its forward and backward hooks, which the sparse module's forward never runs either, are
+    dropped with a warning naming it (the hooks of its weight, the same Parameter, stay). The sparse modules' masks
+    and flags are not carried: the outputs, in eval and in train mode, are the sparse model's, and the state dict
+    loads into the dense architecture the model had before sparsify.
 
     Returns `model`, or its dense twin if `model` is itself a sparse module; a model without sparse modules is
     returned unchanged. The dense twins are built on copies of the masked weights before the model changes, so
@@ -198,6 +199,7 @@ def _weights_to_copy(model: nn.Module, staged: list[tuple[str, nn.Module, nn.Mod
     copied = {}
     for name, layer in layers:
         weight = layer.weight
+        # Read whatever zero_off_mask says: a dense module's training writes into the weight behind the layer's back.
         if id(weight) in copied or weight.is_meta or not layer._off_mask_nonzero():
             continue
         sharers = [(other_name, other) for other_name, other, tensor in held.get(_storage(weight), [])
