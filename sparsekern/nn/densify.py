@@ -188,7 +188,7 @@ def _weights_to_copy(model: nn.Module, staged: list[tuple[str, nn.Module, nn.Mod
     those holding values off the mask (a layer with `zero_off_mask` False: OptG's) in memory that another tensor
     of `model` shares (a dense Embedding tied to the layer after sparsify), other than the same weight in a layer
     with the same mask. Zeroed in place, that module's outputs would change: the layer's twin keeps its copy of
-    the masked weight instead, and every output stays as it was, at the cost of the tie."""
+    the masked weight instead, and that module keeps its values, at the cost of the tie."""
     layers = [pair for name, sparse, _ in staged for pair in _masked_layers(name, sparse)]
     masks = {id(layer): layer.mask for _, layer in layers}
     held = {}   # storage -> (module name, module, tensor) of every tensor in it
