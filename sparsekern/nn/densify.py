@@ -185,7 +185,7 @@ def _masked_layers(name: str, module: nn.Module) -> list[tuple[str, SparseModule
 
 def _weights_to_copy(model: nn.Module, staged: list[tuple[str, nn.Module, nn.Module]]) -> dict[int, str]:
     """The weights densify must not zero off the mask in place, by id, each with a warning naming its layer:
-    those holding values off the mask (a layer with `zero_off_mask` False: OptG's) in memory that another tensor
+    those holding values off the mask (OptG's, or a tied module's updates) in memory that another tensor
     of `model` shares (a dense Embedding tied to the layer after sparsify), other than the same weight in a layer
     with the same mask. Zeroed in place, that module's outputs would change: the layer's twin keeps its copy of
     the masked weight instead, and that module keeps its values, at the cost of the tie."""
