@@ -20,6 +20,8 @@ _WHOLES = (SparseMultiheadAttention, SparseRNNBase)
 # and the flags a user may set on one module.
 _SPARSE_ONLY = (*(f"packed_{name}" for name in _PACKED_FIELDS), "_packed_weight",
                 *SparseModule.__annotations__, "check_zero_off_mask")
+# What to do with an attachment named like an attribute of the dense module (`_carry_extras`).
+_RENAME = "rename it or remove it"
 # A module's hooks that its forward runs: a projection's never run (the module converted whole multiplies by its
 # weight itself), in the sparse model as in the dense one, which has no module to run them.
 _FORWARD_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
@@ -116,8 +118,9 @@ def _stage(model: nn.Module) -> tuple[list[tuple[str, nn.Module, nn.Module]], li
                 dropped_hooks += _refuse_stranded_attachments(name, module, registered_outside)
             if isinstance(module, SparseMultiheadAttention):
                 _carry_extras(f"{name}.out_proj" if name else "out_proj", module.out_proj, dense.out_proj,
-                              _own_entries(dense.out_proj))
-            staged.append((name, module, _carry_extras(name, module, dense, _own_entries(dense, type(module)))))
+                              _own_entries(dense.out_proj), _RENAME)
+            staged.append((name, module, _carry_extras(name, module, dense, _own_entries(dense, type(module)),
+                                                       _RENAME)))
     return staged, dropped_hooks
 
 

@@ -509,7 +509,8 @@ def _carry_hooks(original: nn.Module, sparse: nn.Module) -> None:
         sparse.__dict__["_is_full_backward_hook"] = original._is_full_backward_hook
 
 
-def _carry_extras(name: str, original: nn.Module, sparse: nn.Module, own: Sequence[str] = ("weight", "bias")):
+def _carry_extras(name: str, original: nn.Module, sparse: nn.Module, own: Sequence[str] = ("weight", "bias"),
+                  remedy: str = "rename it or exclude the layer"):
     """Gives `sparse`, not yet in the model, what a user attached to the module it replaces: extra
     parameters, buffers (persistence kept) and submodules, the same objects, so that the state dict
     keeps their keys and an optimizer holding them still trains them (a child that sparsify converts
@@ -520,7 +521,8 @@ def _carry_extras(name: str, original: nn.Module, sparse: nn.Module, own: Sequen
     "dense_grad", "zero_off_mask" or "forward"; an attention's "in_proj", "input_projections"): either
     meaning would be lost; and for a layer compiled in place (nn.Module.compile), whose compiled forward
     is the dense one's. `own`: the entries and attributes of `original` that `sparse` shares already
-    (from_dense) or replaces. Returns `sparse`."""
+    (from_dense) or replaces; `remedy`: the way out the error names (densify has no layer to exclude).
+    Returns `sparse`."""
     if vars(original).get("_compiled_call_impl") is not None:
         # nn.Module.compile's forward of the dense layer, bound to it: the sparse one cannot run it.
         raise ValueError(f"layer {name or '(root)'!r} ({type(original).__name__}) was compiled in place "
@@ -536,7 +538,7 @@ def _carry_extras(name: str, original: nn.Module, sparse: nn.Module, own: Sequen
         if key in vars(sparse) or hasattr(type(sparse), key) or any(key in getattr(sparse, slot) for slot in
                                                                      ("_parameters", "_buffers", "_modules")):
             raise ValueError(f"layer {name or '(root)'!r} ({type(original).__name__}) holds {key!r}, a name "
-                             f"its {type(sparse).__name__} uses itself: rename it or exclude the layer")
+                             f"its {type(sparse).__name__} uses itself: {remedy}")
     for slot, key, value in extras:
         getattr(sparse, slot)[key] = value
         if slot == "_buffers" and key in original._non_persistent_buffers_set:

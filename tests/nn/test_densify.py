@@ -295,6 +295,16 @@ def test_hooks_and_attachments_of_a_linear_layer_move_over():
     assert calls == [1]
 
 
+def test_an_attachment_named_like_an_attribute_of_the_dense_module_is_refused_unchanged():
+    model = nn.Sequential(nn.Linear(8, 8))
+    sk.sparsify(model, 0.5, generator=_generator())
+    model[0].forward = lambda inputs: inputs
+    with pytest.raises(ValueError, match=r"layer '0' \(SparseLinear\) holds 'forward', a name its Linear uses "
+                                         r"itself: rename it or remove it$"):
+        sk.nn.densify(model)
+    assert isinstance(model[0], SparseModule)
+
+
 def test_a_sparse_module_as_the_model_is_returned_dense():
     layer = sk.nn.SparseLinear(4, 4)
     dense = sk.nn.densify(layer)
