@@ -64,8 +64,9 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
             replaced module (an attention or a recurrent module included) move to its sparse replacement,
             and so do the parameters, buffers, submodules and plain attributes a user added to a Linear,
             a convolution, an attention (its out_proj too) or a recurrent module (a learned initial state;
-            ValueError for one named like an attribute of the sparse module); a submodule added to an attention or a
-            recurrent module is no projection of it, and is sparsified (or not) by its own name.
+            ValueError for one named like an attribute of the sparse module); a submodule added to an
+            attention or a recurrent module is no projection of it, and is sparsified (or not) by its own
+            name.
             A model sharded across ranks (FSDP, fully_shard, tensor parallelism) raises ValueError:
             sparsify, then wrap in DistributedDataParallel.
         density: overall fraction of active weights over the sparsified layers, in (0, 1] (up to
