@@ -63,9 +63,10 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
             other than float16, bfloat16, float32 or float64 raises TypeError. Hooks registered on a
             replaced module (an attention or a recurrent module included) move to its sparse replacement,
             and so do the parameters, buffers, submodules and plain attributes a user added to a Linear,
-            a convolution, an attention or a recurrent module (a learned initial state; ValueError for
-            one named like an attribute of the sparse module); a submodule added to an attention or a
-            recurrent module is no projection of it, and is sparsified (or not) by its own name.
+            a convolution, an attention (its out_proj too) or a recurrent module (a learned initial state;
+            ValueError for one named like an attribute of the sparse module); a submodule added to an
+            attention or a recurrent module is no projection of it, and is sparsified (or not) by its own
+            name.
             A model sharded across ranks (FSDP, fully_shard, tensor parallelism) raises ValueError:
             sparsify, then wrap in DistributedDataParallel.
         density: overall fraction of active weights over the sparsified layers, in (0, 1] (up to
@@ -272,8 +273,7 @@ def _layers(model: nn.Module, include: list[str] | None,
     folded = {id(module.out_proj) for module in attentions
               if id(module) in selected_ids or _matches(names[id(module)], exclude)}
     left_dense = _left_dense([(name, module) for name, module in selected if id(module) not in folded], out_projs)
-    converted = {id(module): (module, _carry_extras(name, module, SparseMultiheadAttention.from_dense(module),
-                                                    DENSE_ENTRIES))
+    converted = {id(module): (module, _sparse_attention(name, module))
                  for name, module in _maskable_attentions(selected)}
     # An exact nn.RNN/LSTM/GRU likewise, by its own name: its weight matrices become SparseLinear children.
     for name, module in _maskable_recurrent(selected):
@@ -435,6 +435,14 @@ def _maskable_attentions(selected: list[tuple[str, nn.Module]]) -> list[tuple[st
     return kept
 
 
+def _sparse_attention(name: str, attention: nn.MultiheadAttention) -> SparseMultiheadAttention:
+    """The SparseMultiheadAttention (not yet in the model) that replaces `attention`, its out_proj with it, given
+    what a user attached to either (`_carry_extras`)."""
+    sparse = SparseMultiheadAttention.from_dense(attention)
+    _carry_extras(f"{name}.out_proj" if name else "out_proj", attention.out_proj, sparse.out_proj)
+    return _carry_extras(name, attention, sparse, DENSE_ENTRIES)
+
+
 def _exactly(module: nn.Module, kinds) -> bool:
     """Whether `module` is of one of `kinds` exactly, or of the class torch.nn.utils.parametrize derives from one
     (which `_maskable_attentions` and `_maskable_recurrent` leave dense with a warning of their own)."""
@@ -502,7 +510,8 @@ def _carry_hooks(original: nn.Module, sparse: nn.Module) -> None:
         sparse.__dict__["_is_full_backward_hook"] = original._is_full_backward_hook
 
 
-def _carry_extras(name: str, original: nn.Module, sparse: nn.Module, own: Sequence[str] = ("weight", "bias")):
+def _carry_extras(name: str, original: nn.Module, sparse: nn.Module, own: Sequence[str] = ("weight", "bias"),
+                  remedy: str = "rename it or exclude the layer"):
     """Gives `sparse`, not yet in the model, what a user attached to the module it replaces: extra
     parameters, buffers (persistence kept) and submodules, the same objects, so that the state dict
     keeps their keys and an optimizer holding them still trains them (a child that sparsify converts
@@ -513,7 +522,8 @@ def _carry_extras(name: str, original: nn.Module, sparse: nn.Module, own: Sequen
     "dense_grad", "zero_off_mask" or "forward"; an attention's "in_proj", "input_projections"): either
     meaning would be lost; and for a layer compiled in place (nn.Module.compile), whose compiled forward
     is the dense one's. `own`: the entries and attributes of `original` that `sparse` shares already
-    (from_dense) or replaces. Returns `sparse`."""
+    (from_dense) or replaces; `remedy`: the way out the error names (densify has no layer to exclude).
+    Returns `sparse`."""
     if vars(original).get("_compiled_call_impl") is not None:
         # nn.Module.compile's forward of the dense layer, bound to it: the sparse one cannot run it.
         raise ValueError(f"layer {name or '(root)'!r} ({type(original).__name__}) was compiled in place "
@@ -529,7 +539,7 @@ def _carry_extras(name: str, original: nn.Module, sparse: nn.Module, own: Sequen
         if key in vars(sparse) or hasattr(type(sparse), key) or any(key in getattr(sparse, slot) for slot in
                                                                      ("_parameters", "_buffers", "_modules")):
             raise ValueError(f"layer {name or '(root)'!r} ({type(original).__name__}) holds {key!r}, a name "
-                             f"its {type(sparse).__name__} uses itself: rename it or exclude the layer")
+                             f"its {type(sparse).__name__} uses itself: {remedy}")
     for slot, key, value in extras:
         getattr(sparse, slot)[key] = value
         if slot == "_buffers" and key in original._non_persistent_buffers_set:

@@ -280,6 +280,29 @@ def test_sparsify_refuses_an_attention_holding_a_name_its_sparse_twin_uses(attac
     assert type(model[0]) is nn.MultiheadAttention and type(model[1]) is nn.Linear
 
 
+def test_sparsify_carries_what_a_user_attached_to_an_attentions_out_proj(generator):
+    # Only its hooks moved: an attribute, buffer or submodule attached to the dense out_proj was lost with it.
+    model = nn.Sequential(nn.MultiheadAttention(8, 2))
+    out_proj = model[0].out_proj
+    out_proj.scale = 2.0
+    out_proj.register_buffer("calibration", torch.ones(8))
+    out_proj.adapter = nn.Linear(8, 8)
+    calls = []
+    out_proj.register_forward_hook(lambda *args: calls.append(1))
+    sparsekern.sparsify(model, 0.5, generator=generator)
+    sparse = model[0].out_proj
+    assert isinstance(sparse, SparseLinear) and sparse.scale == 2.0 and sparse.calibration is out_proj.calibration
+    assert isinstance(sparse.adapter, SparseLinear)   # sparsified by its own name, "0.out_proj.adapter"
+    assert "0.out_proj.calibration" in model.state_dict()
+    sparse(torch.randn(1, 8))
+    assert calls == [1]
+    clashing = nn.Sequential(nn.MultiheadAttention(8, 2))
+    clashing[0].out_proj.register_buffer("mask", torch.ones(8, 8))
+    with pytest.raises(ValueError, match=r"'0\.out_proj' \(NonDynamicallyQuantizableLinear\) holds 'mask'"):
+        sparsekern.sparsify(clashing, 0.5)
+    assert type(clashing[0]) is nn.MultiheadAttention
+
+
 def test_sparsify_converts_an_attention_at_the_root_and_with_kdim_vdim(generator):
     torch.manual_seed(0)
     attention = nn.MultiheadAttention(8, 2, kdim=3, vdim=5)

@@ -1,10 +1,13 @@
 """sparsekern.nn.densify: a sparsified model back to plain torch modules, in place."""
 import copy
+import pickle
+import re
 import warnings
 
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize, prune
 
 import sparsekern as sk
 from sparsekern.nn import SparseModule
@@ -55,6 +58,94 @@ def test_tied_language_model_keeps_its_tie_and_outputs():
     _same_outputs(model, (torch.randint(0, 50, (4, 7)),))
     assert model.decoder.weight is model.embedding.weight
     assert type(model.hidden) is nn.Linear
+
+
+class LateTiedLM(nn.Module):
+    """A decoder tied to its embedding after sparsify, which keeps the decoder dense if tied before."""
+
+    def __init__(self, decoders=1):
+        super().__init__()
+        self.embedding = nn.Embedding(50, 16)
+        self.decoders = nn.ModuleList(nn.Linear(16, 50) for _ in range(decoders))
+
+    def tie(self):
+        self.embedding.weight = self.decoders[0].weight
+        for decoder in self.decoders[1:]:
+            decoder.weight = self.decoders[0].weight
+
+    def forward(self, tokens):
+        return sum(decoder(self.embedding(tokens)) for decoder in self.decoders)
+
+
+@pytest.mark.parametrize("decoders", [1, 2])
+@pytest.mark.parametrize("promised", [False, True], ids=["values-kept-off-the-mask", "embedding-trained"])
+def test_a_weight_tied_to_a_dense_module_and_held_off_the_mask_is_copied(decoders, promised):
+    # Zeroed in place, the weight changed the embedding, which computed with its values off the mask: kept there
+    # by OptG (zero_off_mask False), or written there by the embedding's training (the decoders' promise broken).
+    model = LateTiedLM(decoders)
+    sk.sparsify(model, 0.5, generator=_generator())
+    model.tie()
+    for decoder in model.decoders:
+        decoder.set_mask(model.decoders[0].mask)
+    with torch.no_grad():
+        model.embedding.weight.add_(1.0)
+    for decoder in model.decoders:
+        decoder.zero_off_mask = promised
+    embedding = model.embedding.weight.detach().clone()
+    tokens = torch.randint(0, 50, (4, 7))
+    expected = model(tokens)
+    with pytest.warns(UserWarning, match=r"'decoders\.0' holds values off its mask in a weight it shares with "
+                                         r"'embedding' \(Embedding\).*the tie is broken"):
+        sk.nn.densify(model)
+    assert _no_sparse_module(model) and torch.equal(model.embedding.weight, embedding)
+    if not promised:   # a broken promise had the decoders compute with the values off the mask
+        torch.testing.assert_close(model(tokens), expected)
+    assert model.decoders[0].weight is not model.embedding.weight
+    assert model.decoders[-1].weight is model.decoders[0].weight   # the sparse layers' own tie is kept
+    assert b"sparsekern" not in pickle.dumps(model)   # the sparse module's guard hook does not come along
+
+
+def test_a_weight_tied_to_a_dense_module_and_zero_off_the_mask_keeps_its_tie():
+    model = LateTiedLM()
+    sk.sparsify(model, 0.5, generator=_generator())
+    model.tie()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # nothing to warn about: zeroing changes nothing
+        sk.nn.densify(model)
+    assert model.decoders[0].weight is model.embedding.weight
+
+
+def test_memory_shared_through_another_parameter_is_copied_and_a_flat_buffers_other_weights_are_not():
+    model = LateTiedLM()
+    sk.sparsify(model, 0.5, generator=_generator())
+    decoder = model.decoders[0]
+    model.embedding.weight = nn.Parameter(decoder.weight.data)   # another Parameter, the same memory
+    decoder.zero_off_mask = False
+    with torch.no_grad():
+        decoder.weight.add_(1.0)
+    embedding = model.embedding.weight.detach().clone()
+    with pytest.warns(UserWarning, match="'decoders.0' holds values off its mask"):
+        sk.nn.densify(model)
+    assert torch.equal(model.embedding.weight, embedding)
+    # An nn.LSTM flattened for cuDNN holds its weights in one buffer, which its sparse twin adopts: each weight is
+    # its own range there, zeroed in place.
+    lstm = nn.LSTM(4, 4, num_layers=2)
+    flat = torch.cat([parameter.detach().flatten() for parameter in lstm.parameters()])
+    offset = 0
+    for name in lstm._flat_weights_names:
+        size = getattr(lstm, name).numel()
+        setattr(lstm, name, nn.Parameter(flat[offset:offset + size].view_as(getattr(lstm, name))))
+        offset += size
+    model = nn.Sequential(lstm)
+    sk.sparsify(model, 0.5, generator=_generator())
+    for _, layer in model[0].named_projections():
+        layer.zero_off_mask = False
+        with torch.no_grad():
+            layer.weight.add_(1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _same_outputs(model, (torch.randn(3, 2, 4),))
+    assert model[0].weight_hh_l1.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
 
 
 def test_two_sparse_layers_sharing_one_weight_share_it_dense():
@@ -204,6 +295,16 @@ def test_hooks_and_attachments_of_a_linear_layer_move_over():
     assert calls == [1]
 
 
+def test_an_attachment_named_like_an_attribute_of_the_dense_module_is_refused_unchanged():
+    model = nn.Sequential(nn.Linear(8, 8))
+    sk.sparsify(model, 0.5, generator=_generator())
+    model[0].forward = lambda inputs: inputs
+    with pytest.raises(ValueError, match=r"layer '0' \(SparseLinear\) holds 'forward', a name its Linear uses "
+                                         r"itself: rename it or remove it$"):
+        sk.nn.densify(model)
+    assert isinstance(model[0], SparseModule)
+
+
 def test_a_sparse_module_as_the_model_is_returned_dense():
     layer = sk.nn.SparseLinear(4, 4)
     dense = sk.nn.densify(layer)
@@ -229,6 +330,38 @@ def test_wrapped_or_computed_models_are_refused_unchanged():
     assert isinstance(model[0], SparseModule)
     with pytest.raises(TypeError, match="model"):
         sk.nn.densify("model")
+
+
+class _Doubled(nn.Module):
+    def forward(self, value):
+        return 2 * value
+
+
+@pytest.mark.parametrize("dense, owner, name, key", [
+    (lambda: nn.Linear(8, 8), "", "bias", "0.bias"),
+    (lambda: nn.MultiheadAttention(8, 2), "", "in_proj_bias", "0.in_proj_bias"),
+    (lambda: nn.MultiheadAttention(8, 2), "out_proj", "bias", "0.out_proj.bias"),
+    (lambda: nn.GRU(8, 8), "hh_l0", "bias", "0.bias_hh_l0"),
+    (lambda: nn.Linear(8, 8), "", "prune", "0.bias"),
+], ids=["linear", "attention", "out_proj", "gru", "pruned"])
+def test_a_computed_bias_is_refused_by_name_unchanged(dense, owner, name, key):
+    # It failed half-way with torch's TypeError (after weights were zeroed), or carried the parametrization to
+    # a module that no longer ran it, or was refused as an attachment of the projection.
+    model = nn.Sequential(dense(), nn.Linear(8, 8))
+    sk.sparsify(model, 0.5, generator=_generator())
+    for _, layer in sk.nn.sparse_modules(model):
+        layer.zero_off_mask = False
+        with torch.no_grad():
+            layer.weight.add_(1.0)
+    module = model[0].get_submodule(owner)
+    if name == "prune":
+        prune.random_unstructured(module, "bias", 0.5)
+    else:
+        parametrize.register_parametrization(module, name, _Doubled())
+    with pytest.raises(ValueError, match=rf"^densify: '{re.escape(key)}' is computed from other parameters"):
+        sk.nn.densify(model)
+    assert [type(module) for module in model] == [type(model[0]), sk.nn.SparseLinear]
+    assert all(layer._off_mask_nonzero() for _, layer in sk.nn.sparse_modules(model))   # not zeroed
 
 
 def test_inference_mode_and_a_sparse_layer_attached_to_one():
@@ -261,6 +394,34 @@ def test_an_attachment_of_a_projection_without_a_dense_module_is_refused_unchang
     attention[0].in_proj.register_buffer("note", torch.ones(1))
     with pytest.raises(ValueError, match=r"'0\.in_proj' holds 'note'"):
         sk.nn.densify(attention)
+    del attention[0].in_proj.note
+    # A state dict hook runs on the projection's entries, in the sparse model; the dense one has no module to run it.
+    attention[0].in_proj._register_state_dict_hook(lambda *args: None)
+    with pytest.raises(ValueError, match=r"'0\.in_proj' holds a state dict hook"):
+        sk.nn.densify(attention)
+    assert isinstance(attention[0], sk.nn.SparseMultiheadAttention)
+
+
+def test_hooks_of_a_projection_without_a_dense_module_are_dropped_with_a_warning():
+    # The sparse module's forward never runs them (nor their dense module's, which has none); the hooks of the
+    # weight Parameter itself go with it.
+    model = nn.ModuleDict({"attention": nn.MultiheadAttention(8, 2, batch_first=True), "rnn": nn.GRU(8, 8)})
+    sk.sparsify(model, 0.5, generator=_generator())
+    model["attention"].in_proj.register_forward_hook(lambda *args: None)
+    model["rnn"].hh_l0.register_forward_pre_hook(lambda *args: None)
+    model["rnn"].hh_l0.register_full_backward_hook(lambda *args: None)
+    gradients = []
+    model["rnn"].hh_l0.weight.register_hook(gradients.append)
+    model["rnn"].hh_l0.zero_off_mask = False   # its no-op guard hook, sparsekern's own, is not named
+    model["attention"].in_proj.zero_off_mask = False
+    with pytest.warns(UserWarning) as caught:
+        sk.nn.densify(model)
+    messages = [str(warning.message) for warning in caught]
+    assert len(messages) == 2
+    assert "drops the 1 forward or backward hook(s) of 'attention.in_proj'" in messages[0]
+    assert "drops the 2 forward or backward hook(s) of 'rnn.hh_l0'" in messages[1]
+    model["rnn"](torch.randn(3, 2, 8))[0].sum().backward()
+    assert type(model["rnn"]) is nn.GRU and len(gradients) == 1
 
 
 def test_a_densified_model_exports_with_torch_export():
