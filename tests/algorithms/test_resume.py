@@ -207,7 +207,14 @@ def test_swamp_resumes_on_as_many_ranks_and_refuses_another_number(tmp_path):
     model = mlp(0, hidden=16)
     model.load_state_dict(saved["model"])
     swamp = SWAMP(model, _sgd, particles=4, prune_fraction=0.3, rewind_step=2, swa_start=4, seed=3)
-    _refused_with_nothing_changed(swamp, model, saved["swamp"], "saved by rank 0 of 2 ranks, not 1")
+    _refused_with_nothing_changed(swamp, model, saved["swamp"], "saved by rank 0 of 2 ranks, and this SWAMP runs in "
+                                                                "a single process; .* so resume on 2 ranks, each "
+                                                                "rank loading its own")
+    # A state saved by one process, loaded on 2 ranks, was said to be "saved by rank 0 of 1 rank, not 2".
+    for rank in ranks:
+        assert rank["single_process_refusal"] == (
+            "state['world_size']=1: the state was saved by a single process, and this SWAMP runs on 2 ranks; each "
+            "rank's state holds only the particles it trained, so resume in a single process")
 
 
 @pytest.mark.parametrize("saved, loaded, words", [
