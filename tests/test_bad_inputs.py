@@ -919,6 +919,13 @@ TICKET_STATES = [
      ValueError, "optimizer"),
     ("optimizer without param_groups", lambda w: _replace(w.state, "optimizer", {"state": {}}), ValueError,
      "optimizer"),
+    # torch's load_state_dict took them, and the next optimizer step failed on them part-way.
+    ("optimizer with lr='0.1'", lambda w: _replace(w.state, "optimizer", _with_group_entry(w.state["optimizer"], "lr",
+                                                                                           "0.1")),
+     ValueError, r"state\['optimizer'\]\['param_groups'\]\[0\]\['lr'\] must be of the kind"),
+    ("optimizer with nesterov=1", lambda w: _replace(w.state, "optimizer", _with_group_entry(w.state["optimizer"],
+                                                                                             "nesterov", 1)),
+     ValueError, "nesterov"),
 ]
 IMP_STATES = TICKET_STATES + [
     *[(f"without {key}", lambda w, k=key: _replace(w.state, k, _DELETE), ValueError, key)
@@ -1121,6 +1128,20 @@ def _positional_optg_state(world):
                                                  for group in optimizer["param_groups"]]}}
 
 
+def _with_group_entry(optimizer_state: dict, key, value) -> dict:
+    """An optimizer state dict with `key` of its first param group set to `value`."""
+    return {**optimizer_state, "param_groups": [{**optimizer_state["param_groups"][0], key: value},
+                                                *optimizer_state["param_groups"][1:]]}
+
+
+def _momentum_of_first_layer(world, value):
+    """world's OptG state with the momentum buffer of its first layer's scores replaced by `value`."""
+    optimizer = world.state["score_optimizer"]
+    first = next(iter(world.state["scores"]))
+    return _replace(world.state, "score_optimizer", {**optimizer, "state": {**optimizer["state"],
+                                                                            first: {"momentum_buffer": value}}})
+
+
 def _nth(entries: dict, index: int):
     return list(entries.values())[index]
 
@@ -1164,6 +1185,18 @@ OPTG_STATES = [
     ("score_optimizer by position beside scores by name",
      lambda w: _replace(w.state, "score_optimizer", _positional_optg_state(w)["score_optimizer"]), ValueError,
      r"unexpected \[0, 1, 2\]"),
+    ("score_optimizer with lr='x'", lambda w: _replace(w.state, "score_optimizer", _with_group_entry(
+        w.state["score_optimizer"], "lr", "x")), ValueError, r"\['lr'\] must be of the kind"),
+    ("score_optimizer with a momentum buffer of another shape", lambda w: _momentum_of_first_layer(w, torch.zeros(3)),
+     ValueError, r"for layer '0' a finite momentum buffer of torch.float32 and shape \(4, 2, 3, 3\), got a "
+                 r"torch.float32 tensor of shape \(3,\)"),
+    ("score_optimizer with a momentum buffer of another layer",
+     lambda w: _momentum_of_first_layer(w, torch.zeros_like(_nth(w.state["scores"], 1))), ValueError, "layer '0'"),
+    ("score_optimizer with a string for a momentum buffer", lambda w: _momentum_of_first_layer(w, "x"), ValueError,
+     "momentum buffer .* got str"),
+    ("score_optimizer with a NaN momentum buffer",
+     lambda w: _momentum_of_first_layer(w, torch.full_like(_nth(w.state["scores"], 0), NAN)), ValueError,
+     "one holding inf or NaN"),
     ("scores by position one short",
      lambda w: _replace(_positional_optg_state(w), "scores", _positional_optg_state(w)["scores"][1:]), ValueError,
      "scores"),

@@ -344,4 +344,32 @@ def loaded_optimizer(optimizer_factory: Callable, model: nn.Module, saved, name:
         optimizer.load_state_dict(map_tensors(Tensor.clone, saved))
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
         raise ValueError(f"{name} does not fit the optimizer: {type(error).__name__}: {error}") from None
+    check_hyperparameters(optimizer, name)
     return optimizer
+
+
+def check_hyperparameters(optimizer: torch.optim.Optimizer, name: str) -> None:
+    """ValueError naming `name` when a hyperparameter just loaded into `optimizer` (a fresh one, so that the one
+    in use stays as it was) is of another kind than the optimizer's own default (lr as a string): torch's
+    load_state_dict takes it, and the next step fails on it part-way, some parameters updated and others not."""
+    for index, group in enumerate(optimizer.param_groups):
+        for key, default in optimizer.defaults.items():
+            if key in group and not _same_kind(group[key], default):
+                raise ValueError(f"{name}['param_groups'][{index}][{key!r}] must be of the kind of the optimizer's "
+                                 f"own {default!r}, got {group[key]!r}")
+
+
+def _same_kind(value, default) -> bool:
+    """Whether an optimizer's hyperparameter `value` is of the kind of its default: a bool, a number (a tensor of
+    one element, which torch takes for lr and betas, included) or a tuple of them; None defaults take anything."""
+    if default is None:
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, (int, float)):
+        return (isinstance(value, (int, float)) and not isinstance(value, bool)) or \
+            (isinstance(value, Tensor) and value.numel() == 1)
+    if isinstance(default, tuple):
+        return isinstance(value, (tuple, list)) and len(value) == len(default) and \
+            all(_same_kind(item, item_default) for item, item_default in zip(value, default))
+    return True

@@ -299,16 +299,20 @@ class OptG(distributed.CatchesUp):
     def _settings(self) -> dict:
         """The arguments a state is saved with and must be loaded under (`load_state_dict`)."""
         return {"sparsity": self.sparsity, "epochs": self.epochs, "beta": self.beta, "criterion": self.criterion,
-                "reach_target": self.reach_target, "dense_while_scores_tie": self.dense_while_scores_tie}
+                "reach_target": self.reach_target, "dense_while_scores_tie": self.dense_while_scores_tie,
+                # The saved score optimizer's would replace this OptG's own without a word.
+                "momentum": self.score_optimizer.defaults["momentum"],
+                "nesterov": self.score_optimizer.defaults["nesterov"]}
 
     def load_state_dict(self, state: dict) -> None:
         """Restores a `state_dict()`, the current epoch's masks included (they came from the scores at
         the epoch's start, not those saved mid-epoch), so it does not matter whether the model's state
         dict was loaded before this OptG was built (which sets epoch-0 masks) or after. A state without
         "masks" (older versions) keeps the model's own. Checked completely first (entries, the layer names,
-        tensors against the layers, and that it is an OptG state saved with this OptG's sparsity, epochs, beta,
-        criterion, reach_target and dense_while_scores_tie): a bad state raises TypeError or ValueError and
-        changes nothing; a layer missing from it, or one this model lacks, is named. A state of older versions,
+        tensors against the layers, the score optimizer's hyperparameters and momentum buffers, and that it is an
+        OptG state saved with this OptG's sparsity, epochs, beta, criterion, reach_target,
+        dense_while_scores_tie, momentum and nesterov): a bad state raises TypeError or ValueError and changes
+        nothing; a layer missing from it, or one this model lacks, is named. A state of older versions,
         which hold scores, masks and the optimizer's state by position (lists), loads by position, as it did."""
         self._prepare_load(state)()
 
@@ -353,6 +357,18 @@ class OptG(distributed.CatchesUp):
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
             raise ValueError(f"state['score_optimizer'] does not fit the scores' optimizer: "
                              f"{type(error).__name__}: {error}") from None
+        _tickets.check_hyperparameters(score_optimizer, "state['score_optimizer']")
+        for name, score in zip(_tickets.layer_names(self._groups), self.scores):
+            # torch takes any value for it: the next step would fail on it part-way, some scores updated, or make
+            # the scores inf or NaN for good.
+            buffer = score_optimizer.state.get(score, {}).get("momentum_buffer")
+            if buffer is not None and (not _tickets.dense_values(buffer) or buffer.shape != score.shape
+                                       or buffer.dtype != score.dtype or not bool(torch.isfinite(buffer).all())):
+                got = (type(buffer).__name__ if not isinstance(buffer, Tensor) else "one holding inf or NaN"
+                       if _tickets.dense_values(buffer) and buffer.shape == score.shape
+                       else f"a {buffer.dtype} tensor of shape {tuple(buffer.shape)}")
+                raise ValueError(f"state['score_optimizer'] must hold for layer {name!r} a finite momentum buffer of "
+                                 f"{score.dtype} and shape {tuple(score.shape)}, got {got}")
 
         @torch.no_grad()
         def install() -> None:

@@ -221,6 +221,9 @@ def test_swamp_resumes_on_as_many_ranks_and_refuses_another_number(tmp_path):
     (dict(sparsity=0.7), dict(sparsity=0.5), "sparsity=0.7, not 0.5"),
     (dict(epochs=4), dict(epochs=5), "epochs=4, not 5"),
     (dict(criterion="learned"), dict(criterion="magnitude"), "criterion='learned', not 'magnitude'"),
+    # The saved score optimizer's momentum replaced the one OptG was built with, without a word.
+    (dict(momentum=0.5), dict(momentum=0.9), "momentum=0.5, not 0.9"),
+    (dict(nesterov=True), dict(nesterov=False), "nesterov=True, not False"),
 ])
 def test_an_optg_state_saved_with_another_ramp_or_criterion_is_refused(saved, loaded, words):
     # Scores trained towards one sparsity (or a magnitude run's) went on towards another's ramp without a word.
