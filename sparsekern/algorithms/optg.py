@@ -358,17 +358,7 @@ class OptG(distributed.CatchesUp):
             raise ValueError(f"state['score_optimizer'] does not fit the scores' optimizer: "
                              f"{type(error).__name__}: {error}") from None
         _tickets.check_hyperparameters(score_optimizer, "state['score_optimizer']")
-        for name, score in zip(_tickets.layer_names(self._groups), self.scores):
-            # torch takes any value for it: the next step would fail on it part-way, some scores updated, or make
-            # the scores inf or NaN for good.
-            buffer = score_optimizer.state.get(score, {}).get("momentum_buffer")
-            if buffer is not None and (not _tickets.dense_values(buffer) or buffer.shape != score.shape
-                                       or buffer.dtype != score.dtype or not bool(torch.isfinite(buffer).all())):
-                got = (type(buffer).__name__ if not isinstance(buffer, Tensor) else "one holding inf or NaN"
-                       if _tickets.dense_values(buffer) and buffer.shape == score.shape
-                       else f"a {buffer.dtype} tensor of shape {tuple(buffer.shape)}")
-                raise ValueError(f"state['score_optimizer'] must hold for layer {name!r} a finite momentum buffer of "
-                                 f"{score.dtype} and shape {tuple(score.shape)}, got {got}")
+        _check_momentum_buffers(score_optimizer, _tickets.layer_names(self._groups), self.scores)
 
         @torch.no_grad()
         def install() -> None:
@@ -384,6 +374,25 @@ class OptG(distributed.CatchesUp):
             tying.sync(self._groups)
             self._gradients.remember([layer.weight for layer in self.layers])
         return install
+
+
+def _check_momentum_buffers(optimizer: torch.optim.Optimizer, names: list[str], scores: list[Tensor]) -> None:
+    """ValueError naming the layer whose scores' momentum buffer, just loaded into `optimizer`, does not fit them:
+    torch's load_state_dict takes any value (and casts a tensor to the scores' dtype), and the next step would fail
+    on it part-way, some scores updated, or turn the scores inf or NaN for good."""
+    for name, score in zip(names, scores):
+        buffer = optimizer.state.get(score, {}).get("momentum_buffer")
+        if buffer is None:
+            continue
+        if not _tickets.dense_values(buffer) or buffer.shape != score.shape:
+            got = (f"a {buffer.dtype} tensor of shape {tuple(buffer.shape)}" if isinstance(buffer, Tensor)
+                   else type(buffer).__name__)
+        elif not bool(torch.isfinite(buffer).all()):
+            got = "one holding inf or NaN"
+        else:
+            continue
+        raise ValueError(f"state['score_optimizer'] must hold for layer {name!r} a finite momentum buffer of "
+                         f"{score.dtype} and shape {tuple(score.shape)}, got {got}")
 
 
 def _optimizer_by_name(state: dict, names: list[str]) -> dict:
