@@ -328,6 +328,25 @@ def test_an_optg_state_of_a_tied_layer_loads_under_the_name_of_either_module_hol
     assert torch.equal(swapped.first.mask, saved["optg"]["masks"]["first"])
 
 
+class _Wrapper(nn.Module):
+    """Holds the model as `module`, as DistributedDataParallel does."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.module = model
+
+    def forward(self, x):
+        return self.module(x)
+
+
+def test_an_optg_state_saved_under_a_wrapper_is_refused_by_the_bare_model_saying_why():
+    state = _through_a_file(OptG(_Wrapper(mlp(0, hidden=8)), sparsity=0.5, epochs=3).state_dict())
+    model = mlp(1, hidden=8)
+    _refused_with_nothing_changed(OptG(model, sparsity=0.5, epochs=3), model, state,
+                                  r"missing \['0', '2'\], unexpected \['module\.0', 'module\.2'\] \(the saved names "
+                                  r"carry the prefix 'module\.' of a wrapper")
+
+
 def _positional(optg):
     """`optg`'s state as versions that kept it by position saved it."""
     return _tickets.map_tensors(torch.Tensor.clone, {
