@@ -40,11 +40,13 @@ def load(path: str | os.PathLike, map_location=None):
     containers, which are never unpickled, or tensors of a device this machine lacks) raises
     ValueError naming the file; so does one whose stored checksums (CRC-32 of every record of
     torch's zip format) do not match its contents, or whose record headers or zip directory are
-    damaged, all of which torch.load alone would load silently,
-    and a path that is not a regular file (a FIFO, which would block forever, a device); a
-    missing one raises FileNotFoundError. `map_location` (None, a device or its name, a dict
-    of them, or a callable, as for torch.load) is checked first. The checksums and torch.load
-    read one open file, so both see the same contents.
+    damaged, all of which torch.load alone would load silently; so does a file in torch's legacy
+    format (`torch.save(..., _use_new_zipfile_serialization=False)`, or torch before 1.6), which
+    stores no checksum at all, so that damage to its tensors could not be told from their values
+    (`save` always writes the zip format); and a path that is not a regular file (a FIFO, which
+    would block forever, a device); a missing one raises FileNotFoundError. `map_location` (None,
+    a device or its name, a dict of them, or a callable, as for torch.load) is checked first. The
+    checksums and torch.load read one open file, so both see the same contents.
     """
     path = _checked_path(path)
     map_location = _check_map_location(map_location)
@@ -54,6 +56,8 @@ def load(path: str | os.PathLike, map_location=None):
     # handle, rather than loading the whole file into memory first, keeps peak memory at one copy of
     # the loaded tensors.
     with open(path, "rb") as file:
+        _refuse_legacy(path, file)
+        file.seek(0)
         _check_checksums(path, file)
         file.seek(0)
         try:
@@ -100,6 +104,20 @@ def _check_regular(path: str, missing_ok: bool) -> None:
 
 
 _ZIP_START = b"PK\x03\x04"   # a zip's first local header, which torch.load takes for its zip format
+# torch's legacy format starts with its magic number, pickled alone under the protocol it was saved with.
+_LEGACY_STARTS = tuple(pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=protocol)
+                       for protocol in range(2, pickle.HIGHEST_PROTOCOL + 1))
+
+
+def _refuse_legacy(path: str, file) -> None:
+    """ValueError naming the file (`path`, open as `file`) when it is in torch's legacy format: torch.load reads
+    it, but it holds no checksum, so a damaged tensor would load as a valid one. (torch's older tar format is
+    refused by torch.load itself under weights_only.)"""
+    if file.read(max(map(len, _LEGACY_STARTS))).startswith(_LEGACY_STARTS):
+        raise ValueError(f"{path}: cannot load this checkpoint: it is in torch's legacy format "
+                         f"(torch.save(..., _use_new_zipfile_serialization=False), or torch before 1.6), which "
+                         f"stores no checksums, so damage to it would load unnoticed; if you trust the file, load it "
+                         f"with torch.load(path, weights_only=True) and save it again with sparsekern.checkpoint.save")
 
 
 def _check_checksums(path: str, file) -> None:
@@ -113,7 +131,7 @@ def _check_checksums(path: str, file) -> None:
     except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError) as error:
         file.seek(0)
         if file.read(len(_ZIP_START)) != _ZIP_START:
-            return  # not a zip (torch's legacy format, or garbage): torch.load judges it
+            return  # not a zip (garbage, or torch's tar format, which weights_only refuses): torch.load judges it
         # torch.load reads it as a zip, with a reader that skips what zipfile checks (a damaged version field in
         # the directory): loaded, its records would go untested.
         raise ValueError(f"{path}: cannot load this checkpoint: it is damaged (its zip directory cannot be read: "

@@ -919,6 +919,13 @@ TICKET_STATES = [
      ValueError, "optimizer"),
     ("optimizer without param_groups", lambda w: _replace(w.state, "optimizer", {"state": {}}), ValueError,
      "optimizer"),
+    # torch's load_state_dict took them, and the next optimizer step failed on them part-way.
+    ("optimizer with lr='0.1'", lambda w: _replace(w.state, "optimizer", _with_group_entry(w.state["optimizer"], "lr",
+                                                                                           "0.1")),
+     ValueError, r"state\['optimizer'\]\['param_groups'\]\[0\]\['lr'\] must be of the kind"),
+    ("optimizer with nesterov=1", lambda w: _replace(w.state, "optimizer", _with_group_entry(w.state["optimizer"],
+                                                                                             "nesterov", 1)),
+     ValueError, "nesterov"),
 ]
 IMP_STATES = TICKET_STATES + [
     *[(f"without {key}", lambda w, k=key: _replace(w.state, k, _DELETE), ValueError, key)
@@ -1103,21 +1110,53 @@ error("OptG(model=None)", model_world, lambda w: OptG(None, sparsity=0.5, epochs
 
 
 def _scores_with(world, index, value):
-    scores = list(world.state["scores"])
-    scores[index] = value
-    return _replace(world.state, "scores", scores)
+    """world's state with the score of its `index`-th layer replaced (the scores are keyed by layer name)."""
+    return _replace(world.state, "scores", _replace(world.state["scores"], list(world.state["scores"])[index], value))
 
 
 def _optg_masks_with(world, index, value):
-    masks = list(world.state["masks"])
-    masks[index] = value
-    return _replace(world.state, "masks", masks)
+    return _replace(world.state, "masks", _replace(world.state["masks"], list(world.state["masks"])[index], value))
+
+
+def _positional_optg_state(world):
+    """world's OptG state in the format of older versions: scores, masks and the optimizer's state by position."""
+    names = list(world.state["scores"])
+    optimizer = world.state["score_optimizer"]
+    return {**world.state, "scores": list(world.state["scores"].values()), "masks": list(world.state["masks"].values()),
+            "score_optimizer": {"state": {names.index(k): v for k, v in optimizer["state"].items()},
+                                "param_groups": [{**group, "params": [names.index(k) for k in group["params"]]}
+                                                 for group in optimizer["param_groups"]]}}
+
+
+def _with_group_entry(optimizer_state: dict, key, value) -> dict:
+    """An optimizer state dict with `key` of its first param group set to `value`."""
+    return {**optimizer_state, "param_groups": [{**optimizer_state["param_groups"][0], key: value},
+                                                *optimizer_state["param_groups"][1:]]}
+
+
+def _momentum_of_first_layer(world, value):
+    """world's OptG state with the momentum buffer of its first layer's scores replaced by `value`."""
+    optimizer = world.state["score_optimizer"]
+    first = next(iter(world.state["scores"]))
+    return _replace(world.state, "score_optimizer", {**optimizer, "state": {**optimizer["state"],
+                                                                            first: {"momentum_buffer": value}}})
+
+
+def _nth(entries: dict, index: int):
+    return list(entries.values())[index]
+
+
+def _renamed_first_layer(world, key):
+    """world's state with the first layer's entry of `key` (scores, masks) under the name "other"."""
+    entries = dict(world.state[key])
+    first = next(iter(entries))
+    return _replace(world.state, key, {"other" if name == first else name: value for name, value in entries.items()})
 
 
 def _bumped_optg_state(world):
     """world with a state whose epoch, first score and first mask differ from the OptG's own."""
-    bumped = _scores_with(world, 0, world.state["scores"][0] + 1)
-    bumped = _optg_masks_with(SimpleNamespace(state=bumped), 0, ~world.state["masks"][0])
+    bumped = _scores_with(world, 0, _nth(world.state["scores"], 0) + 1)
+    bumped = _optg_masks_with(SimpleNamespace(state=bumped), 0, ~_nth(world.state["masks"], 0))
     return SimpleNamespace(state=_replace(bumped, "epoch", 0))
 
 
@@ -1127,21 +1166,58 @@ OPTG_STATES = [
       for key in ("epoch", "scores", "score_optimizer")],
     *[(f"epoch={_show(v)}", lambda w, v=v: _replace(w.state, "epoch", v), (TypeError, ValueError), "epoch")
       for v in (-1, 99, "1", 1.5, None)],
-    ("scores=None", lambda w: _replace(w.state, "scores", None), ValueError, "scores"),
-    ("scores one short", lambda w: _replace(w.state, "scores", w.state["scores"][1:]), ValueError, "scores"),
+    ("scores=None", lambda w: _replace(w.state, "scores", None), TypeError, "scores"),
+    ("scores one short", lambda w: _replace(w.state, "scores", _replace(w.state["scores"], "0", _DELETE)), ValueError,
+     r"state\['scores'\] holds the layers \['3', '5'\], not those of this model: missing \['0'\], unexpected \[\]"),
+    ("scores of another layer", lambda w: _renamed_first_layer(w, "scores"), ValueError,
+     r"missing \['0'\], unexpected \['other'\]"),
+    ("masks of another layer", lambda w: _renamed_first_layer(w, "masks"), ValueError,
+     r"state\['masks'\] .*missing \['0'\], unexpected \['other'\]"),
+    ("masks as a list beside scores by name",
+     lambda w: _replace(w.state, "masks", list(w.state["masks"].values())), TypeError, "masks"),
+    ("score_optimizer of another layer", lambda w: _replace(w.state, "score_optimizer", {
+        **w.state["score_optimizer"], "param_groups": [{**w.state["score_optimizer"]["param_groups"][0],
+                                                        "params": ["other", "3", "5"]}]}), ValueError,
+     r"state\['score_optimizer'\] .*missing \['0'\], unexpected \['other'\]"),
+    ("score_optimizer with the state of another layer", lambda w: _replace(w.state, "score_optimizer", {
+        **w.state["score_optimizer"], "state": {"other": w.state["score_optimizer"]["state"]["0"]}}), ValueError,
+     r"state of \['other'\]"),
+    ("score_optimizer by position beside scores by name",
+     lambda w: _replace(w.state, "score_optimizer", _positional_optg_state(w)["score_optimizer"]), ValueError,
+     r"unexpected \[0, 1, 2\]"),
+    ("score_optimizer with lr='x'", lambda w: _replace(w.state, "score_optimizer", _with_group_entry(
+        w.state["score_optimizer"], "lr", "x")), ValueError, r"\['lr'\] must be of the kind"),
+    ("score_optimizer with a momentum buffer of another shape", lambda w: _momentum_of_first_layer(w, torch.zeros(3)),
+     ValueError, r"for layer '0' a finite momentum buffer of torch.float32 and shape \(4, 2, 3, 3\), got a "
+                 r"torch.float32 tensor of shape \(3,\)"),
+    ("score_optimizer with a momentum buffer of another layer",
+     lambda w: _momentum_of_first_layer(w, torch.zeros_like(_nth(w.state["scores"], 1))), ValueError, "layer '0'"),
+    ("score_optimizer with a string for a momentum buffer", lambda w: _momentum_of_first_layer(w, "x"), ValueError,
+     "momentum buffer .* got str"),
+    ("score_optimizer with a NaN momentum buffer",
+     lambda w: _momentum_of_first_layer(w, torch.full_like(_nth(w.state["scores"], 0), NAN)), ValueError,
+     "one holding inf or NaN"),
+    ("scores by position one short",
+     lambda w: _replace(_positional_optg_state(w), "scores", _positional_optg_state(w)["scores"][1:]), ValueError,
+     "scores"),
+    ("scores by position with a wrong shape", lambda w: _replace(_positional_optg_state(w), "scores", [
+        torch.zeros(3), *_positional_optg_state(w)["scores"][1:]]), ValueError, r"scores'\]\[0\]"),
     ("scores with a wrong shape", lambda w: _scores_with(w, 1, torch.zeros(3)), ValueError, "scores"),
-    ("scores with a wrong dtype", lambda w: _scores_with(w, 1, w.state["scores"][1].double()), ValueError, "scores"),
-    ("scores with a meta tensor", lambda w: _scores_with(w, 1, w.state["scores"][1].to("meta")), ValueError,
+    ("scores with a wrong dtype", lambda w: _scores_with(w, 1, _nth(w.state["scores"], 1).double()), ValueError,
+     "scores"),
+    ("scores with a meta tensor", lambda w: _scores_with(w, 1, _nth(w.state["scores"], 1).to("meta")), ValueError,
      "scores"),
     # torch.sparse tensors after entries that differ: nothing may be loaded before the refusal.
-    ("scores with a sparse tensor", lambda w: _scores_with(_bumped_optg_state(w), 1, w.state["scores"][1].to_sparse()),
-     ValueError, "scores"),
-    ("masks with a sparse mask", lambda w: _optg_masks_with(_bumped_optg_state(w), 1, w.state["masks"][1].to_sparse()),
+    ("scores with a sparse tensor",
+     lambda w: _scores_with(_bumped_optg_state(w), 1, _nth(w.state["scores"], 1).to_sparse()), ValueError, "scores"),
+    ("masks with a sparse mask",
+     lambda w: _optg_masks_with(_bumped_optg_state(w), 1, _nth(w.state["masks"], 1).to_sparse()),
      ValueError, "masks"),
-    ("masks with a nested mask", lambda w: _optg_masks_with(w, 1, _nested(w.state["masks"][1])), ValueError, "masks"),
-    ("scores with NaN", lambda w: _scores_with(w, 1, torch.full_like(w.state["scores"][1], NAN)), ValueError,
+    ("masks with a nested mask", lambda w: _optg_masks_with(w, 1, _nested(_nth(w.state["masks"], 1))), ValueError,
+     "masks"),
+    ("scores with NaN", lambda w: _scores_with(w, 1, torch.full_like(_nth(w.state["scores"], 1), NAN)), ValueError,
      "scores"),
-    ("scores with inf", lambda w: _scores_with(w, 0, torch.full_like(w.state["scores"][0], INF)), ValueError,
+    ("scores with inf", lambda w: _scores_with(w, 0, torch.full_like(_nth(w.state["scores"], 0), INF)), ValueError,
      "scores"),
     ("score_optimizer=None", lambda w: _replace(w.state, "score_optimizer", None), TypeError, "score_optimizer"),
     ("score_optimizer={}", lambda w: _replace(w.state, "score_optimizer", {}), ValueError, "score_optimizer"),

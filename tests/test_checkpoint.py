@@ -122,3 +122,19 @@ def test_a_zip_directory_that_cannot_be_read_is_refused_not_loaded_unchecked(tmp
     path.write_bytes(damaged)
     with pytest.raises(ValueError, match="ckpt.pt: cannot load this checkpoint: it is damaged"):
         checkpoint.load(path)
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_a_checkpoint_in_torchs_legacy_format_is_refused_as_it_stores_no_checksums(tmp_path, protocol):
+    # torch.save(..., _use_new_zipfile_serialization=False) writes no checksum: a byte flipped in a tensor loaded as
+    # a valid value. sparsekern writes the zip format only, and refuses the other.
+    weight = torch.arange(1000.0)
+    path = tmp_path / "legacy.pt"
+    torch.save({"weight": weight}, path, _use_new_zipfile_serialization=False, pickle_protocol=protocol)
+    damaged = bytearray(path.read_bytes())
+    damaged[damaged.find(weight.numpy().tobytes()) + 2001] ^= 0x40   # a byte of weight[500]
+    for raw in (path.read_bytes(), damaged):
+        path.write_bytes(raw)
+        with pytest.raises(ValueError, match=r"legacy.pt: cannot load this checkpoint: it is in torch's legacy format "
+                                             r"\(torch.save\(..., _use_new_zipfile_serialization=False\)"):
+            checkpoint.load(path)

@@ -1,6 +1,7 @@
 """sparsekern inside the training workflows written around it with standard PyTorch practice: each test
 runs a small loop as a researcher would and checks it against what a correct library must do (masks at
 their density, weights 0 off the mask where promised, results equal to an equivalent reference)."""
+import copy
 import warnings
 
 import pytest
@@ -127,6 +128,38 @@ def test_loading_a_dense_checkpoint_into_a_sparsified_model_warns_that_it_densif
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         dense_start.load_state_dict(nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 5)).state_dict())
+
+
+def _dense_load_warnings(module: nn.Module, state: dict) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module.load_state_dict(state)
+    return [str(warning.message) for warning in caught if "loads it as a dense layer" in str(warning.message)]
+
+
+def test_a_dense_checkpoint_warns_once_per_load_state_dict_call_however_many_layers_it_densifies():
+    # A small ResNet's dense checkpoint printed a dozen warnings, one per layer, all saying the same.
+    pretrained = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Sequential(nn.Linear(32, 32), nn.ReLU(),
+                                                                           nn.Linear(32, 32)), nn.Linear(32, 5))
+    state = pretrained.state_dict()
+
+    def sparse_model():
+        torch.manual_seed(0)
+        return sparsekern.sparsify(copy.deepcopy(pretrained), 0.3, generator=torch.Generator().manual_seed(1))
+
+    model = sparse_model()
+    [message] = _dense_load_warnings(model, state)
+    assert "no '0.mask'" in message and "every later sparse layer of this load_state_dict" in message
+    model = sparse_model()
+    model.load_state_dict(model.state_dict())   # the masks are there: no warning, and the next call warns again
+    assert len(_dense_load_warnings(model, state)) == 1
+    model = sparse_model()
+    assert len(_dense_load_warnings(model, state)) == 1   # each call warns, the same state dict again too
+    model = sparse_model()
+    [message] = _dense_load_warnings(model[2], pretrained[2].state_dict())   # a submodule's own call
+    assert "no '0.mask'" in message
+    assert len(_dense_load_warnings(model[3], pretrained[3].state_dict())) == 1   # one layer alone
+    assert all(layer.mask.all() for _, layer in sparsekern.nn.sparse_modules(model[2:]))
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])

@@ -197,31 +197,74 @@ def map_tensors(function: Callable[[Tensor], Tensor], value):
     return value
 
 
-def check_tensors(values, like: list[Tensor], name: str) -> list[Tensor] | None:
-    """None, or a validated copy of `values`: tensors of the shapes and dtypes of `like`, on their devices."""
+def check_tensors(values, like: list[Tensor], name: str, keys: list | None = None) -> list[Tensor] | None:
+    """None, or a validated copy of `values`: tensors of the shapes and dtypes of `like`, on their devices. An
+    error names a tensor by its position, or by its key in `keys` (of values taken out of a dict)."""
     if values is None:
         return None
     if not isinstance(values, (list, tuple)) or len(values) != len(like):
         raise ValueError(f"{name} must be None or a list of {len(like)} tensors, got "
                          f"{len(values) if isinstance(values, (list, tuple)) else type(values).__name__}")
     checked = []
-    for i, (value, reference) in enumerate(zip(values, like)):
+    for key, value, reference in zip(keys or range(len(like)), values, like):
         if not dense_values(value) or value.shape != reference.shape or value.dtype != reference.dtype:
-            raise ValueError(f"{name}[{i}] must be a dense {reference.dtype} tensor of shape {tuple(reference.shape)}")
+            raise ValueError(f"{name}[{key!r}] must be a dense {reference.dtype} tensor of shape "
+                             f"{tuple(reference.shape)}")
         checked.append(value.detach().to(reference.device, copy=True))
     return checked
 
 
-def check_masks(masks, groups: list[tying.Group], name: str = "masks") -> list[Tensor]:
-    """`masks`, one bool tensor shaped like each layer's weight, on its device; or TypeError/ValueError."""
+def layer_names(groups: list[tying.Group]) -> list[str]:
+    """The name a saved state keys each layer by: its primary module's."""
+    return [group[0][0] for group in groups]
+
+
+def in_layer_order(saved_names, groups: list[tying.Group], name: str, who: str) -> list:
+    """`saved_names` (the layer names a state keys its entries by) in the order of `groups`, so that a model
+    listing its layers in another order loads each layer's own entry; a tied layer is found under the name of any
+    module holding its weight (which of them comes first may differ). ValueError naming `name` and the layers
+    missing or unexpected when they are not this model's layers, each once (`who` names the algorithm)."""
+    saved_names = list(saved_names)
+    position = {module_name: i for i, group in enumerate(groups) for module_name, _ in group}
+    found, unexpected = {}, []
+    for saved in saved_names:
+        i = position.get(saved) if isinstance(saved, str) else None
+        if i is None or i in found:
+            unexpected.append(saved)
+        else:
+            found[i] = saved
+    missing = [group[0][0] for i, group in enumerate(groups) if i not in found]
+    if missing or unexpected:
+        raise ValueError(f"{name} holds the layers {saved_names}, not those of this model: missing {missing}, "
+                         f"unexpected {unexpected}{wrapping_hint(saved_names, layer_names(groups), who)}")
+    return [found[i] for i in range(len(groups))]
+
+
+def wrapping_hint(saved: list, names: list[str], who: str) -> str:
+    """Why a state's layer names may be `who`'s with one prefix more or less: a wrapper's (module. of
+    DistributedDataParallel, _orig_mod. of torch.compile) on one side only; "" when they differ otherwise."""
+    if not saved or len(saved) != len(names) or not all(isinstance(name, str) for name in saved):
+        return ""
+    for longer, shorter, side in ((sorted(saved), sorted(names), "the saved names carry"),
+                                  (sorted(names), sorted(saved), f"this {who}'s names carry")):
+        prefix = longer[0][:len(longer[0]) - len(shorter[0])]
+        if prefix.endswith(".") and all(long == prefix + short for long, short in zip(longer, shorter)):
+            return (f" ({side} the prefix {prefix!r} of a wrapper, DistributedDataParallel's or torch.compile's: "
+                    f"build {who} on the model wrapped as it was when saved, as the model's own state dict needs)")
+    return ""
+
+
+def check_masks(masks, groups: list[tying.Group], name: str = "masks", keys: list | None = None) -> list[Tensor]:
+    """`masks`, one bool tensor shaped like each layer's weight, on its device; or TypeError/ValueError naming a
+    mask by its position, or by its key in `keys` (of masks taken out of a dict)."""
     layers = primaries(groups)
     if not isinstance(masks, (list, tuple)) or len(masks) != len(layers):
         raise ValueError(f"{name} must be a list of {len(layers)} bool tensors (one per sparse layer), got "
                          f"{len(masks) if isinstance(masks, (list, tuple)) else type(masks).__name__}")
     checked = []
-    for i, (mask, layer) in enumerate(zip(masks, layers)):
+    for key, mask, layer in zip(keys or range(len(layers)), masks, layers):
         if not dense_values(mask) or mask.dtype != torch.bool or mask.shape != layer.weight.shape:
-            raise ValueError(f"{name}[{i}] must be a dense bool tensor of shape {tuple(layer.weight.shape)}")
+            raise ValueError(f"{name}[{key!r}] must be a dense bool tensor of shape {tuple(layer.weight.shape)}")
         checked.append(mask.to(layer.mask.device))
     return checked
 
@@ -301,4 +344,32 @@ def loaded_optimizer(optimizer_factory: Callable, model: nn.Module, saved, name:
         optimizer.load_state_dict(map_tensors(Tensor.clone, saved))
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
         raise ValueError(f"{name} does not fit the optimizer: {type(error).__name__}: {error}") from None
+    check_hyperparameters(optimizer, name)
     return optimizer
+
+
+def check_hyperparameters(optimizer: torch.optim.Optimizer, name: str) -> None:
+    """ValueError naming `name` when a hyperparameter just loaded into `optimizer` (a fresh one, so that the one
+    in use stays as it was) is of another kind than the optimizer's own default (lr as a string): torch's
+    load_state_dict takes it, and the next step fails on it part-way, some parameters updated and others not."""
+    for index, group in enumerate(optimizer.param_groups):
+        for key, default in optimizer.defaults.items():
+            if key in group and not _same_kind(group[key], default):
+                raise ValueError(f"{name}['param_groups'][{index}][{key!r}] must be of the kind of the optimizer's "
+                                 f"own {default!r}, got {group[key]!r}")
+
+
+def _same_kind(value, default) -> bool:
+    """Whether an optimizer's hyperparameter `value` is of the kind of its default: a bool, a number (a tensor of
+    one element, which torch takes for lr and betas, included) or a tuple of them; None defaults take anything."""
+    if default is None:
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, (int, float)):
+        return (isinstance(value, (int, float)) and not isinstance(value, bool)) or \
+            (isinstance(value, Tensor) and value.numel() == 1)
+    if isinstance(default, tuple):
+        return isinstance(value, (tuple, list)) and len(value) == len(default) and \
+            all(_same_kind(item, item_default) for item, item_default in zip(value, default))
+    return True

@@ -394,9 +394,9 @@ class DST(distributed.CatchesUp):
         masks = state["masks"]
         names = [name for name, _ in self.modules]
         if not isinstance(masks, dict) or sorted(masks, key=str) != sorted(names):
+            hint = _tickets.wrapping_hint(list(masks), names, "DST") if isinstance(masks, dict) else ""
             raise ValueError(f"state['masks'] must hold the masks of {names}, got "
-                             f"{sorted(masks, key=str) if isinstance(masks, dict) else type(masks).__name__}"
-                             f"{_wrapping_hint(list(masks), names) if isinstance(masks, dict) else ''}")
+                             f"{sorted(masks, key=str) if isinstance(masks, dict) else type(masks).__name__}{hint}")
         staged = []
         for name, module in self.modules:
             mask = masks[name]
@@ -723,20 +723,6 @@ def _warn_if_idle(schedule: schedules.Schedule, empty: list[str], scope: str) ->
         warnings.warn("drop_fraction is 0: every mask update swaps no weight", stacklevel=4)
     if scope == "layer" and empty:
         warnings.warn(f"{empty} have no active weight: with scope='layer' they stay empty", stacklevel=4)
-
-
-def _wrapping_hint(saved: list, names: list[str]) -> str:
-    """Why a state's layer names may be this DST's with one prefix more or less: a wrapper's (module. of
-    DistributedDataParallel, _orig_mod. of torch.compile) on one side only; "" when they differ otherwise."""
-    if not saved or len(saved) != len(names) or not all(isinstance(name, str) for name in saved):
-        return ""
-    for longer, shorter, side in ((sorted(saved), sorted(names), "the saved names carry"),
-                                  (sorted(names), sorted(saved), "this DST's names carry")):
-        prefix = longer[0][:len(longer[0]) - len(shorter[0])]
-        if prefix.endswith(".") and all(long == prefix + short for long, short in zip(longer, shorter)):
-            return (f" ({side} the prefix {prefix!r} of a wrapper, DistributedDataParallel's or torch.compile's: "
-                    f"build DST on the model wrapped as it was when saved, as the model's own state dict needs)")
-    return ""
 
 
 def _schedule_from_state(saved) -> schedules.Schedule:

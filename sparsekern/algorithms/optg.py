@@ -286,24 +286,34 @@ class OptG(distributed.CatchesUp):
 
     def state_dict(self) -> dict:
         """Epoch, scores, their optimizer's state and the masks, as copies: training on leaves a state kept in
-        memory as it was."""
+        memory as it was. Scores and masks are keyed by layer name, as is the optimizer's state (its
+        parameters are the names in place of torch's positions), so that the state loads into a model that lists
+        its layers in another order, and is refused by one with other layers; the names are those of the model
+        OptG was built on, wrapper prefixes included ("module." under DistributedDataParallel)."""
+        names = _tickets.layer_names(self._groups)
         return _tickets.map_tensors(Tensor.clone, {
-            "algorithm": "OptG", "epoch": self.epoch, "scores": self.scores,
-            "score_optimizer": self.score_optimizer.state_dict(), "masks": self.masks, **self._settings()})
+            "algorithm": "OptG", "epoch": self.epoch, "scores": dict(zip(names, self.scores)),
+            "score_optimizer": _optimizer_by_name(self.score_optimizer.state_dict(), names),
+            "masks": dict(zip(names, self.masks)), **self._settings()})
 
     def _settings(self) -> dict:
         """The arguments a state is saved with and must be loaded under (`load_state_dict`)."""
         return {"sparsity": self.sparsity, "epochs": self.epochs, "beta": self.beta, "criterion": self.criterion,
-                "reach_target": self.reach_target, "dense_while_scores_tie": self.dense_while_scores_tie}
+                "reach_target": self.reach_target, "dense_while_scores_tie": self.dense_while_scores_tie,
+                # The saved score optimizer's would replace this OptG's own without a word.
+                "momentum": self.score_optimizer.defaults["momentum"],
+                "nesterov": self.score_optimizer.defaults["nesterov"]}
 
     def load_state_dict(self, state: dict) -> None:
         """Restores a `state_dict()`, the current epoch's masks included (they came from the scores at
         the epoch's start, not those saved mid-epoch), so it does not matter whether the model's state
         dict was loaded before this OptG was built (which sets epoch-0 masks) or after. A state without
-        "masks" (older versions) keeps the model's own. Checked completely first (entries, tensors against the
-        layers, and that it is an OptG state saved with this OptG's sparsity, epochs, beta, criterion,
-        reach_target and dense_while_scores_tie): a bad state raises TypeError or ValueError and changes
-        nothing."""
+        "masks" (older versions) keeps the model's own. Checked completely first (entries, the layer names,
+        tensors against the layers, the score optimizer's hyperparameters and momentum buffers, and that it is an
+        OptG state saved with this OptG's sparsity, epochs, beta, criterion, reach_target,
+        dense_while_scores_tie, momentum and nesterov): a bad state raises TypeError or ValueError and changes
+        nothing; a layer missing from it, or one this model lacks, is named. A state of older versions,
+        which hold scores, masks and the optimizer's state by position (lists), loads by position, as it did."""
         self._prepare_load(state)()
 
     def _prepare_load(self, state: dict):
@@ -314,24 +324,41 @@ class OptG(distributed.CatchesUp):
         _tickets.check_state_keys(state, ("epoch", "scores", "score_optimizer"))
         for key, value in self._settings().items():
             _tickets.check_saved_setting(state, key, value)
-        masks = None if "masks" not in state else _tickets.check_masks(state["masks"], self._groups,
-                                                                        "state['masks']")
+        saved_scores, saved_masks, saved_optimizer = state["scores"], state.get("masks"), state["score_optimizer"]
+        if not isinstance(saved_optimizer, dict):
+            raise TypeError(f"state['score_optimizer'] must be an optimizer state dict, got "
+                            f"{type(saved_optimizer).__name__}")
+        keys = None   # the layers' positions, in a state of older versions
+        if isinstance(saved_scores, dict):
+            keys = _tickets.in_layer_order(saved_scores, self._groups, "state['scores']", "OptG")
+            saved_scores = [saved_scores[key] for key in keys]
+            if "masks" in state:
+                if not isinstance(saved_masks, dict):
+                    raise TypeError(f"state['masks'] must be a dict of masks by layer name, as state['scores'] "
+                                    f"is, got {type(saved_masks).__name__}")
+                saved_masks = [saved_masks[key] for key in _tickets.in_layer_order(
+                    saved_masks, self._groups, "state['masks']", "OptG")]
+            saved_optimizer = _optimizer_in_layer_order(saved_optimizer, self._groups)
+        elif not isinstance(saved_scores, (list, tuple)):
+            raise TypeError(f"state['scores'] must be a dict of score tensors by layer name, got "
+                            f"{type(saved_scores).__name__}")
+        masks = None if "masks" not in state else _tickets.check_masks(saved_masks, self._groups,
+                                                                        "state['masks']", keys)
         epoch = _tickets.state_count(state, "epoch")
         if epoch > self.epochs:
             raise ValueError(f"state['epoch'] must be at most epochs={self.epochs}, got {epoch}")
-        scores = _tickets.check_tensors(state["scores"], self.scores, "state['scores']")
+        scores = _tickets.check_tensors(saved_scores, self.scores, "state['scores']", keys)
         if scores is None or not all(torch.isfinite(score).all() for score in scores):
-            raise ValueError("state['scores'] must be a list of finite score tensors, one per sparse layer")
-        if not isinstance(state["score_optimizer"], dict):
-            raise TypeError(f"state['score_optimizer'] must be an optimizer state dict, got "
-                            f"{type(state['score_optimizer']).__name__}")
+            raise ValueError("state['scores'] must hold finite score tensors, one per sparse layer")
         score_optimizer = torch.optim.SGD(self.scores, **self.score_optimizer.defaults)
         try:  # into a fresh optimizer, so that a state that does not fit leaves the current one alone
             # A copy: torch's optimizer would keep the caller's tensors as its own and train them in place.
-            score_optimizer.load_state_dict(_tickets.map_tensors(Tensor.clone, state["score_optimizer"]))
+            score_optimizer.load_state_dict(_tickets.map_tensors(Tensor.clone, saved_optimizer))
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
             raise ValueError(f"state['score_optimizer'] does not fit the scores' optimizer: "
                              f"{type(error).__name__}: {error}") from None
+        _tickets.check_hyperparameters(score_optimizer, "state['score_optimizer']")
+        _check_momentum_buffers(score_optimizer, _tickets.layer_names(self._groups), self.scores)
 
         @torch.no_grad()
         def install() -> None:
@@ -347,3 +374,47 @@ class OptG(distributed.CatchesUp):
             tying.sync(self._groups)
             self._gradients.remember([layer.weight for layer in self.layers])
         return install
+
+
+def _check_momentum_buffers(optimizer: torch.optim.Optimizer, names: list[str], scores: list[Tensor]) -> None:
+    """ValueError naming the layer whose scores' momentum buffer, just loaded into `optimizer`, does not fit them:
+    torch's load_state_dict takes any value (and casts a tensor to the scores' dtype), and the next step would fail
+    on it part-way, some scores updated, or turn the scores inf or NaN for good."""
+    for name, score in zip(names, scores):
+        buffer = optimizer.state.get(score, {}).get("momentum_buffer")
+        if buffer is None:
+            continue
+        if not _tickets.dense_values(buffer) or buffer.shape != score.shape:
+            got = (f"a {buffer.dtype} tensor of shape {tuple(buffer.shape)}" if isinstance(buffer, Tensor)
+                   else type(buffer).__name__)
+        elif not bool(torch.isfinite(buffer).all()):
+            got = "one holding inf or NaN"
+        else:
+            continue
+        raise ValueError(f"state['score_optimizer'] must hold for layer {name!r} a finite momentum buffer of "
+                         f"{score.dtype} and shape {tuple(score.shape)}, got {got}")
+
+
+def _optimizer_by_name(state: dict, names: list[str]) -> dict:
+    """The scores' optimizer state dict with each score's position replaced by its layer's name."""
+    return {"state": {names[i]: values for i, values in state["state"].items()},
+            "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
+                             for group in state["param_groups"]]}
+
+
+def _optimizer_in_layer_order(saved: dict, groups: list[tying.Group]) -> dict:
+    """A state of `_optimizer_by_name`, its parameters' names listed in the order of `groups`: torch's
+    load_state_dict pairs the saved parameters with the optimizer's own by their position in that list, and
+    moves the state of each to its pair. ValueError naming the layers when they are not this model's."""
+    groups_saved = saved.get("param_groups")
+    if (not isinstance(groups_saved, list) or len(groups_saved) != 1 or not isinstance(groups_saved[0], dict)
+            or not isinstance(groups_saved[0].get("params"), list) or not isinstance(saved.get("state"), dict)):
+        raise ValueError("state['score_optimizer'] must be the state dict of the scores' optimizer: a dict of "
+                         "'state' and one of 'param_groups', its 'params' the layer names")
+    order = _tickets.in_layer_order(groups_saved[0]["params"], groups, "state['score_optimizer']", "OptG")
+    known = set(order)
+    unexpected = [key for key in saved["state"] if key not in known]
+    if unexpected:
+        raise ValueError(f"state['score_optimizer'] holds the state of {unexpected}, which are not its parameters "
+                         f"{order}")
+    return {**saved, "param_groups": [{**groups_saved[0], "params": order}]}

@@ -311,10 +311,12 @@ class SWAMP:
         if "world_size" in state:   # not in a state saved before it was kept
             saved_world = _tickets.state_count(state, "world_size", 1)
             if saved_world != self.world_size:
-                ranks = f"{saved_world} rank{'s' if saved_world > 1 else ''}"
-                raise ValueError(f"state['world_size']={saved_world}: the state was saved by rank "
-                                 f"{particle % saved_world} of {ranks}, not {self.world_size} (each rank's state "
-                                 f"holds only the particles it trained): resume on {ranks}, each loading its own")
+                saved_by = (f"rank {particle % saved_world} of {saved_world} ranks" if saved_world > 1
+                            else "a single process")
+                raise ValueError(f"state['world_size']={saved_world}: the state was saved by {saved_by}, and this "
+                                 f"SWAMP runs {_on_ranks(self.world_size)}; each rank's state holds only the "
+                                 f"particles it trained, so resume {_on_ranks(saved_world)}"
+                                 f"{', each rank loading its own' if saved_world > 1 else ''}")
         if particle >= self.particles or particle % self.world_size != self.rank:
             raise ValueError(f"state['particle']={particle} is not a particle of rank {self.rank} of "
                              f"{self.world_size} with particles={self.particles}")
@@ -348,6 +350,10 @@ class SWAMP:
         self.particle_average = particle_average
         self.particle_sum = particle_sum
         self.optimizer = optimizer
+
+
+def _on_ranks(world_size: int) -> str:
+    return f"on {world_size} ranks" if world_size > 1 else "in a single process"
 
 
 def _batch_norms(model: nn.Module) -> list[nn.Module]:

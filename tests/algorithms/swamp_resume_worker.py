@@ -2,7 +2,7 @@
 each. Trains 2 cycles uninterrupted; then again to particle 2 + rank of cycle 1 (each rank's second particle,
 its state holding the sum of its first), where each rank saves its checkpoint to <out>/checkpoint<rank>.pt;
 then resumes a new model and SWAMP from it. Writes {"uninterrupted", "resumed"} (model and SWAMP states at the
-end) to <out>/rank<rank>.pt."""
+end) and "single_process_refusal" (the error a state saved by one process raises) to <out>/rank<rank>.pt."""
 import os
 import sys
 
@@ -64,5 +64,11 @@ if __name__ == "__main__":
     model.load_state_dict(saved["model"])
     swamp.load_state_dict(saved["swamp"])
     train(model, swamp, x, y)
-    torch.save({"uninterrupted": uninterrupted, "resumed": states(model, swamp)}, os.path.join(out, f"rank{rank}.pt"))
+    try:   # a state as one process saves it, loaded on 2 ranks
+        swamp.load_state_dict({**saved["swamp"], "world_size": 1, "particle": 0})
+        single_process_refusal = None
+    except ValueError as error:
+        single_process_refusal = str(error)
+    torch.save({"uninterrupted": uninterrupted, "resumed": states(model, swamp),
+                "single_process_refusal": single_process_refusal}, os.path.join(out, f"rank{rank}.pt"))
     end_rank()

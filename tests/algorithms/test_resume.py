@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import sparsekern
-from sparsekern.algorithms import IMP, SWAMP, OptG, criteria
+from sparsekern.algorithms import IMP, SWAMP, OptG, _tickets, criteria
 from sparsekern.nn import sparse_modules
 
 from ..helpers import batch, mlp, torchrun
@@ -207,13 +207,23 @@ def test_swamp_resumes_on_as_many_ranks_and_refuses_another_number(tmp_path):
     model = mlp(0, hidden=16)
     model.load_state_dict(saved["model"])
     swamp = SWAMP(model, _sgd, particles=4, prune_fraction=0.3, rewind_step=2, swa_start=4, seed=3)
-    _refused_with_nothing_changed(swamp, model, saved["swamp"], "saved by rank 0 of 2 ranks, not 1")
+    _refused_with_nothing_changed(swamp, model, saved["swamp"], "saved by rank 0 of 2 ranks, and this SWAMP runs in "
+                                                                "a single process; .* so resume on 2 ranks, each "
+                                                                "rank loading its own")
+    # A state saved by one process, loaded on 2 ranks, was said to be "saved by rank 0 of 1 rank, not 2".
+    for rank in ranks:
+        assert rank["single_process_refusal"] == (
+            "state['world_size']=1: the state was saved by a single process, and this SWAMP runs on 2 ranks; each "
+            "rank's state holds only the particles it trained, so resume in a single process")
 
 
 @pytest.mark.parametrize("saved, loaded, words", [
     (dict(sparsity=0.7), dict(sparsity=0.5), "sparsity=0.7, not 0.5"),
     (dict(epochs=4), dict(epochs=5), "epochs=4, not 5"),
     (dict(criterion="learned"), dict(criterion="magnitude"), "criterion='learned', not 'magnitude'"),
+    # The saved score optimizer's momentum replaced the one OptG was built with, without a word.
+    (dict(momentum=0.5), dict(momentum=0.9), "momentum=0.5, not 0.9"),
+    (dict(nesterov=True), dict(nesterov=False), "nesterov=True, not False"),
 ])
 def test_an_optg_state_saved_with_another_ramp_or_criterion_is_refused(saved, loaded, words):
     # Scores trained towards one sparsity (or a magnitude run's) went on towards another's ramp without a word.
@@ -221,6 +231,140 @@ def test_an_optg_state_saved_with_another_ramp_or_criterion_is_refused(saved, lo
     state = _through_a_file(OptG(mlp(0, hidden=8), **{**options, **saved}).state_dict())
     model = mlp(0, hidden=8)
     _refused_with_nothing_changed(OptG(model, **{**options, **loaded}), model, state, f"saved with {words}")
+
+
+class _TwoLayers(nn.Module):
+    """Sparse layers of 8 to 8 features registered under `names`, in that order; the forward runs "first" and then
+    "second" whatever the order (a third name is a layer the forward does not use)."""
+
+    def __init__(self, names, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        for name in names:
+            setattr(self, name, sparsekern.nn.SparseLinear(8, 8))
+
+    def forward(self, x):
+        return self.second(torch.relu(self.first(x)))
+
+
+def _two_layer_steps(model, optg, epochs):
+    """`epochs` epochs of 2 steps of OptG under momentum SGD, the optimizer returned for a checkpoint."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for epoch in range(epochs):
+        for step in range(2):
+            generator = torch.Generator().manual_seed(10 * epoch + step)
+            model(torch.randn(16, 8, generator=generator)).square().mean().backward()
+            optg.step()
+            optimizer.step()
+            optimizer.zero_grad()
+        optg.next_epoch()
+    return optimizer
+
+
+def _optg_of_two_layers(names, seed=0):
+    model = _TwoLayers(names, seed)
+    return model, OptG(model, sparsity=0.5, epochs=4)
+
+
+def test_an_optg_state_loads_by_layer_name_into_a_model_listing_its_layers_in_another_order():
+    # Scores, masks and their momentum were kept by position: the model's own state dict (by name) loaded each
+    # layer's weights, and OptG gave each layer the other's scores and masks, without a word.
+    model, optg = _optg_of_two_layers(["first", "second"])
+    _two_layer_steps(model, optg, 2)
+    saved = _through_a_file({"model": model.state_dict(), "optg": optg.state_dict()})
+    swapped, swapped_optg = _optg_of_two_layers(["second", "first"], seed=1)
+    swapped.load_state_dict(saved["model"])
+    swapped_optg.load_state_dict(saved["optg"])
+    for name, mask in saved["optg"]["masks"].items():
+        assert torch.equal(getattr(swapped, name).mask, mask), name
+    assert _same(saved["optg"]["scores"], swapped_optg.state_dict()["scores"]) is None
+    # The scores' momentum went with them: both train on alike (the weights' optimizer starts afresh on both).
+    _two_layer_steps(model, optg, 1)
+    _two_layer_steps(swapped, swapped_optg, 1)
+    assert _same(model.state_dict(), swapped.state_dict()) is None
+    assert _same(optg.state_dict()["scores"], swapped_optg.state_dict()["scores"]) is None
+
+
+@pytest.mark.parametrize("names, words", [
+    (["first", "third"], r"missing \['third'\], unexpected \['second'\]"),            # a layer renamed
+    (["first", "second", "third"], r"missing \['third'\], unexpected \[\]"),           # one added
+    (["second", "first", "third"], r"missing \['third'\], unexpected \[\]"),
+])
+def test_an_optg_state_of_other_layers_is_refused_naming_them(names, words):
+    # A renamed layer of the same shape took the other's scores silently; a layer more or less was refused as
+    # "a list of 3 tensors" without saying which.
+    model, optg = _optg_of_two_layers(["first", "second"])
+    _two_layer_steps(model, optg, 1)
+    state = _through_a_file(optg.state_dict())
+    other, other_optg = _optg_of_two_layers(names, seed=1)
+    _refused_with_nothing_changed(other_optg, other, state, r"state\['scores'\] holds the layers \['first', "
+                                                             r"'second'\], not those of this model: " + words)
+
+
+def test_an_optg_state_missing_a_layer_is_refused_naming_it():
+    model, optg = _optg_of_two_layers(["first", "second", "third"])
+    optg.next_epoch()
+    state = _through_a_file(optg.state_dict())
+    fewer, fewer_optg = _optg_of_two_layers(["first", "second"], seed=1)
+    _refused_with_nothing_changed(fewer_optg, fewer, state, r"missing \[\], unexpected \['third'\]")
+
+
+def test_an_optg_state_of_a_tied_layer_loads_under_the_name_of_either_module_holding_its_weight():
+    # A layer of two modules sharing one weight is keyed by the first of them, which a model listing them in the
+    # other order names differently.
+    def tied(names, seed):
+        model = _TwoLayers(names, seed)
+        model.second.weight = model.first.weight
+        return model, OptG(model, sparsity=0.5, epochs=4)
+
+    model, optg = tied(["first", "second"], 0)
+    _two_layer_steps(model, optg, 2)
+    saved = _through_a_file({"model": model.state_dict(), "optg": optg.state_dict()})
+    swapped, swapped_optg = tied(["second", "first"], 1)
+    swapped.load_state_dict(saved["model"])
+    swapped_optg.load_state_dict(saved["optg"])
+    assert list(saved["optg"]["scores"]) == ["first"] and list(swapped_optg.state_dict()["scores"]) == ["second"]
+    assert torch.equal(saved["optg"]["scores"]["first"], swapped_optg.state_dict()["scores"]["second"])
+    assert torch.equal(swapped.first.mask, saved["optg"]["masks"]["first"])
+
+
+class _Wrapper(nn.Module):
+    """Holds the model as `module`, as DistributedDataParallel does."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.module = model
+
+    def forward(self, x):
+        return self.module(x)
+
+
+def test_an_optg_state_saved_under_a_wrapper_is_refused_by_the_bare_model_saying_why():
+    state = _through_a_file(OptG(_Wrapper(mlp(0, hidden=8)), sparsity=0.5, epochs=3).state_dict())
+    model = mlp(1, hidden=8)
+    _refused_with_nothing_changed(OptG(model, sparsity=0.5, epochs=3), model, state,
+                                  r"missing \['0', '2'\], unexpected \['module\.0', 'module\.2'\] \(the saved names "
+                                  r"carry the prefix 'module\.' of a wrapper")
+
+
+def _positional(optg):
+    """`optg`'s state as versions that kept it by position saved it."""
+    return _tickets.map_tensors(torch.Tensor.clone, {
+        "algorithm": "OptG", "epoch": optg.epoch, "scores": optg.scores,
+        "score_optimizer": optg.score_optimizer.state_dict(), "masks": optg.masks, **optg._settings()})
+
+
+def test_an_optg_state_saved_by_position_by_older_versions_loads_as_before():
+    model, optg = _optg_of_two_layers(["first", "second"])
+    _two_layer_steps(model, optg, 2)
+    saved = _through_a_file({"model": model.state_dict(), "optg": _positional(optg)})
+    resumed, resumed_optg = _optg_of_two_layers(["first", "second"], seed=1)
+    resumed.load_state_dict(saved["model"])
+    resumed_optg.load_state_dict(saved["optg"])
+    assert _same(optg.state_dict(), resumed_optg.state_dict()) is None
+    _two_layer_steps(model, optg, 1)
+    _two_layer_steps(resumed, resumed_optg, 1)
+    assert _same((model.state_dict(), optg.state_dict()), (resumed.state_dict(), resumed_optg.state_dict())) is None
 
 
 # -- a state kept in memory -----------------------------------------------------------------------------------
