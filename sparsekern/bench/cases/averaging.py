@@ -52,6 +52,7 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
         average.update_parameters(model)   # the first update copies; every later one averages
     runs = {label: (lambda average=average, model=model: average.update_parameters(model))
             for label, (average, model) in averages.items()}
-    size = (f"{'resnet50/16' if quick else 'resnet50'} conv+BN, {sum(p.numel() for p in dense.parameters()) / 1e6:.3g}M "
-            f"parameters in {len(list(dense.parameters()))} tensors, d={DENSITY}")
+    parameters = list(dense.parameters())
+    size = (f"{'resnet50/16' if quick else 'resnet50'} conv+BN, {sum(p.numel() for p in parameters) / 1e6:.3g}M "
+            f"parameters in {len(parameters)} tensors, d={DENSITY}")
     return [Case("SWA update_parameters", size, runs, baseline=next(iter(runs)))]
