@@ -13,7 +13,7 @@ buffers (BatchNorm statistics) are averaged and the bool ones, the masks, copied
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.optim import swa_utils
 
 from .modules import sparse_modules
@@ -30,10 +30,11 @@ class SparseAveragedModel(swa_utils.AveragedModel):
 
     def __init__(self, model: nn.Module, device=None, avg_fn=None, multi_avg_fn=None, use_buffers: bool = False):
         _check_model(model)
-        # SWA by default, through its one-tensor form on every device: torch's multi-tensor form, which it picks
-        # on CUDA, raises on an integer buffer (BatchNorm's num_batches_tracked) under use_buffers=True.
-        multi = multi_avg_fn is not None
-        average = _MasksCopied(multi_avg_fn if multi else avg_fn, multi)
+        # SWA by default, in a multi-tensor form of its own (`_swa`): torch's, which it picks on CUDA, raises on an
+        # integer buffer (BatchNorm's num_batches_tracked) under use_buffers=True, and its one-tensor form, which
+        # it picks on CPU, costs a few Python-side ops per tensor.
+        multi = multi_avg_fn is not None or avg_fn is None
+        average = _MasksCopied(multi_avg_fn if multi_avg_fn is not None else avg_fn, multi)
         super().__init__(model, device, avg_fn=None if multi else average, multi_avg_fn=average if multi else None,
                          use_buffers=use_buffers)
         self._hold_values_off_the_masks()
@@ -56,9 +57,9 @@ class SparseAveragedModel(swa_utils.AveragedModel):
 
 class _MasksCopied:
     """An AveragedModel averaging function (`multi`: a multi_avg_fn, over lists of one device and dtype, as
-    torch groups them; else an avg_fn, SWA's if None) under which a bool tensor, a mask, takes the live
-    model's values: averaged, masks would become their union (an EMA) or raise (SWA subtracts them). A class,
-    not a closure, so that an averaged model with the default average pickles as torch's does."""
+    torch groups them; else an avg_fn; SWA's, `_swa`, if None) under which a bool tensor, a mask, takes the
+    live model's values: averaged, masks would become their union (an EMA) or raise (SWA subtracts them). A
+    class, not a closure, so that an averaged model with the default average pickles as torch's does."""
 
     def __init__(self, function, multi: bool):
         self.function, self.multi = function, multi
@@ -68,10 +69,45 @@ class _MasksCopied:
             if averaged[0].dtype == torch.bool:
                 torch._foreach_copy_(averaged, current)
                 return None
-            return self.function(averaged, current, num_averaged)
+            return (self.function or _swa)(averaged, current, num_averaged)
         if averaged.dtype == torch.bool:
             return current
+        # SWA's one-tensor form: the default of an averaged model pickled before the default was `_swa`.
         return (self.function or swa_utils.get_swa_avg_fn())(averaged, current, num_averaged)
+
+
+# Entries per multi-tensor call of `_swa`: its temporaries (current - averaged) stay in cache between its three
+# calls. Measured on one CPU thread, an update of ResNet-50's 161 weight and BatchNorm tensors (25.6M entries):
+# 42-56 ms in batches of 64K-256K entries, 48-62 ms of 1M, 112-135 ms all in one call, 106-135 ms one tensor at
+# a time (torch's one-tensor form); ResNet-50/16 (0.1M): 0.7-0.8 ms in batches or in one call, 2.7-3.0 ms one
+# tensor at a time.
+_SWA_BATCH = 1 << 17
+
+
+@torch.no_grad()
+def _swa(averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
+    """SWA's running mean in place, over lists of one device and dtype: the ops of torch's one-tensor form
+    (get_swa_avg_fn: averaged + (current - averaged) / (num_averaged + 1)), in that order and so with the same
+    results bit for bit, as three multi-tensor calls per batch of tensors (`_SWA_BATCH`) rather than four calls
+    per tensor and an allocation for each. Torch's own multi-tensor form interpolates (lerp), which rounds
+    otherwise. An integer buffer (BatchNorm's num_batches_tracked) takes the one-tensor form: true division,
+    then the copy back truncates, as torch's one-tensor path does."""
+    if not averaged[0].is_floating_point():
+        average = swa_utils.get_swa_avg_fn()
+        for averaged_tensor, current_tensor in zip(averaged, current):
+            averaged_tensor.copy_(average(averaged_tensor, current_tensor, num_averaged))
+        return
+    divisor = num_averaged + 1
+    start = 0
+    while start < len(averaged):
+        end, entries = start + 1, averaged[start].numel()
+        while end < len(averaged) and entries + averaged[end].numel() <= _SWA_BATCH:
+            entries += averaged[end].numel()
+            end += 1
+        steps = torch._foreach_sub(current[start:end], averaged[start:end])
+        torch._foreach_div_(steps, divisor)
+        torch._foreach_add_(averaged[start:end], steps)
+        start = end
 
 
 def _check_model(model) -> None:

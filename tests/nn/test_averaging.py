@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, get_swa_avg_fn
 
 import sparsekern
 from sparsekern.nn import SparseAveragedModel, SparseLinear, sparse_modules
@@ -151,6 +151,28 @@ def test_swa_averages_the_weights_and_statistics_and_copies_the_masks(use_buffer
     restored = pickle.loads(pickle.dumps(swa))   # the default average pickles, as torch's AveragedModel does
     with torch.no_grad():
         torch.testing.assert_close(restored(x), swa(x))
+
+
+@pytest.mark.parametrize("use_buffers", [False, True])
+def test_the_default_swa_gives_torchs_one_tensor_swa_bit_for_bit(use_buffers):
+    # The default average runs in a multi-tensor form of its own (faster: benchmark averaging); its results are
+    # those of torch's one-tensor SWA (get_swa_avg_fn) exactly, BatchNorm's integer num_batches_tracked included.
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    rigl = sparsekern.RigL(model, optimizer, update_every=2, total_steps=40, drop_fraction=0.5)
+    default = SparseAveragedModel(model, use_buffers=use_buffers)
+    one_tensor = SparseAveragedModel(model, avg_fn=get_swa_avg_fn(), use_buffers=use_buffers)
+    data = torch.Generator().manual_seed(2)
+    for _ in range(5):
+        x, y = torch.randn(32, 20, generator=data), torch.randint(0, 5, (32,), generator=data)
+        F.cross_entropy(model(x), y).backward()
+        rigl.step()
+        optimizer.step()
+        optimizer.zero_grad()
+        default.update_parameters(model)
+        one_tensor.update_parameters(model)
+        got, want = default.state_dict(), one_tensor.state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[key], want[key]) for key in got)
 
 
 def test_a_wrapped_model_is_accepted_and_layers_in_another_order_are_refused():

@@ -1,16 +1,19 @@
 """A training step of a sparse model against the dense one, in time and in peak memory.
 
 Models, at density 0.1 (ERK): the MLP 1024-2048-2048-10 at batch 256, the CLI's digits MLP 64-256-256-10 at
-batch 64 (small enough that a sparse layer's fixed per-call cost, not its products, decides the ratio), and a
-small conv net (four 3x3 convolutions 3-32-64-128-256, batch norm, a linear head) at batch 32 on 32x32 images. A step is
-zero_grad, forward, cross-entropy, backward, [DST.step()], SGD with momentum. Runs:
+batch 64 (small enough that a sparse layer's fixed per-call cost, not its products, decides the ratio), a small
+conv net (four 3x3 convolutions 3-32-64-128-256, batch norm, a linear head) at batch 32 on 32x32 images, and a
+small Transformer (two encoder layers of width 64, 16 tokens, batch 16: many small layers, where fixed per-call
+costs show). A step is zero_grad, forward, cross-entropy, backward, [DST.step()], SGD with momentum. Runs:
 
 - "dense" (the baseline): the nn.Linear / nn.Conv2d model;
 - "sparse, static": sparsified, weights 0 off the masks, so every layer runs the dense kernel on its
   weight and masks only the weight gradient (`SparseModule.zero_off_mask`);
 - "sparse + RigL (no update)": the same under a DST whose next update never comes;
 - "sparse, masked path": the static model told its weights may be non-zero off the masks (OptG's
-  path), which selects where(mask, W, 0) every step.
+  path), which selects where(mask, W, 0) every step;
+- "sparse + OptG" (eager only): OptG's steps, on the masked path with the dense weight gradient its scores
+  read (`dense_grad` at every step), and OptG.step() before the optimizer's.
 
 Peak memory (in each run's label, and its ratio to dense): the most memory a step allocates after
 zero_grad above what it holds then (parameters, buffers, optimizer state, and the sparse models' masks,
@@ -28,7 +31,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ...algorithms import RigL
+from ...algorithms import OptG, RigL
 from ...nn import sparse_modules, sparsify
 from ..core import Case
 
@@ -54,6 +57,21 @@ def conv_net(channels: int) -> nn.Module:
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(inputs, 10))
 
 
+class Transformer(nn.Module):
+    """A sequence classifier: nn.TransformerEncoder (batch first, ReLU, no dropout) over `features`-dimensional
+    inputs embedded to `width`, its outputs averaged over the sequence into a linear head to 10 classes."""
+
+    def __init__(self, features: int, width: int, heads: int, layers: int):
+        super().__init__()
+        self.embed = nn.Linear(features, width)
+        layer = nn.TransformerEncoderLayer(width, heads, 2 * width, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.embed(x)).mean(1))
+
+
 # (description, model builder, input shape) per device and size.
 MODELS = {
     False: [("MLP 1024-2048-2048-10, batch 256", lambda: mlp(1024), (256, 1024)),
@@ -61,6 +79,12 @@ MODELS = {
             ("conv net 3-32-64-128-256, batch 32, 32x32", lambda: conv_net(32), (32, 3, 32, 32))],
     True: [("MLP 64-128-128-10, batch 32", lambda: mlp(64), (32, 64)),
            ("conv net 3-4-8-16-32, batch 4, 8x8", lambda: conv_net(4), (4, 3, 8, 8))],
+}
+# Timed eager only (compiled_training_step takes MODELS).
+TRANSFORMERS = {
+    False: ("transformer 2 layers, width 64, 4 heads, batch 16 x 16 tokens", lambda: Transformer(16, 64, 4, 2),
+            (16, 16, 16)),
+    True: ("transformer 1 layer, width 16, 2 heads, batch 2 x 4 tokens", lambda: Transformer(8, 16, 2, 1), (2, 4, 8)),
 }
 
 
@@ -152,14 +176,15 @@ def step_peak_bytes(learn: Callable[[], None], device: torch.device) -> int:
 
 
 STATIC, RIGL, MASKED = "sparse, static", "sparse + RigL (no update)", "sparse, masked path"
+OPTG = "sparse + OptG"
 
 
 def training_runs(build: Callable[[], nn.Module], input_shape, device: torch.device,
                   compiled: bool = False) -> dict[str, Callable[[], None]]:
-    """One training-step callable per run (dense, static, RigL on a non-update step, masked path) of
-    the model `build` makes, on a fixed random batch of `input_shape`, each with its own model copy.
-    compiled: each step calls torch.compile(model) (compiled on its first call); the optimizer and
-    RigL hold the model itself, whose parameters the compiled one shares."""
+    """One training-step callable per run (dense, static, RigL on a non-update step, masked path, and
+    in eager mode OptG) of the model `build` makes, on a fixed random batch of `input_shape`, each with
+    its own model copy. compiled: each step calls torch.compile(model) (compiled on its first call); the
+    optimizer and RigL hold the model itself, whose parameters the compiled one shares."""
     generator = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(input_shape, generator=generator, device=device)
     y = torch.randint(0, 10, (input_shape[0],), generator=generator, device=device)
@@ -170,13 +195,18 @@ def training_runs(build: Callable[[], nn.Module], input_shape, device: torch.dev
         return sparsify(built, DENSITY, generator=torch.Generator().manual_seed(0)) if sparse else built
 
     models = {DENSE: model(False), STATIC: model(True), RIGL: model(True), MASKED: model(True)}
+    if not compiled:
+        models[OPTG] = model(True)
     for _, module in sparse_modules(models[MASKED]):
         module.zero_off_mask = False
     optimizers = {name: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for name, m in models.items()}
     # A step count no update ever reaches: every step() is an ordinary, non-update step.
-    rigl = RigL(models[RIGL], optimizers[RIGL], update_every=10 ** 9, total_steps=10 ** 10)
-    return {name: training_step(torch.compile(m) if compiled else m, optimizers[name], x, y,
-                                rigl if name == RIGL else None)
+    algorithms = {RIGL: RigL(models[RIGL], optimizers[RIGL], update_every=10 ** 9, total_steps=10 ** 10)}
+    if not compiled:
+        # Its first epoch's masks (its sparsity ramp's start, not DENSITY: the speed of its steps does not depend
+        # on the masks); with scores tied at 0, dense_while_scores_tie would keep them all True.
+        algorithms[OPTG] = OptG(models[OPTG], 1 - DENSITY, epochs=10, dense_while_scores_tie=False)
+    return {name: training_step(torch.compile(m) if compiled else m, optimizers[name], x, y, algorithms.get(name))
             for name, m in models.items()}
 
 
@@ -206,4 +236,5 @@ def _case(description: str, build: Callable[[], nn.Module], input_shape, device:
 
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
-    return [_case(description, build, shape, device) for description, build, shape in MODELS[quick]]
+    models = (*MODELS[quick], TRANSFORMERS[quick])
+    return [_case(description, build, shape, device) for description, build, shape in models]
