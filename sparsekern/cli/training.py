@@ -48,7 +48,7 @@ class TrainConfig:
     density is the target: where training starts (static, DST) or ends (IMP, SWAMP, OptG, GMP). prune, grow,
     schedule, drop_fraction, end_fraction, swap_rounding: None keeps the DST method's own (RigL: magnitude,
     gradient, cosine 0.3 ending at 75%, swap counts rounded); mest_gamma and sensitivity_offset: None keeps DST's (1
-    and 1e-8), read only by the criteria that use them. init: how sparse weights start (`sparsekern.nn.init`:
+    and 1e-8), read only by the criteria that use them; block: None, or DST's (bh, bw) blocks. init: how sparse weights start (`sparsekern.nn.init`:
     "sparse" draws Var = 1/fan_in over the active inputs, "layer-scaled" the dense variance over the density,
     "dense" keeps torch's default init, masked); the dense method and the methods that start dense use it at density
     1, where "sparse" and "layer-scaled" are both Var = 1/fan_in. epochs counts one segment: IMP trains `cycles` of
@@ -65,6 +65,7 @@ class TrainConfig:
     swap_rounding: str | None = None
     mest_gamma: float | None = None
     sensitivity_offset: float | None = None
+    block: tuple[int, int] | None = None
     scope: str = "layer"
     update_every: int = 25
     distribution: str = "erk"
@@ -96,7 +97,7 @@ class TrainConfig:
         _check_choice("init", self.init, INITS)
         _check_choice("device", self.device, ("cpu", "cuda"))
         dst_only = [name for name in ("prune", "grow", "schedule", "drop_fraction", "end_fraction",
-                                         "swap_rounding", "mest_gamma", "sensitivity_offset")
+                                         "swap_rounding", "mest_gamma", "sensitivity_offset", "block")
                     if getattr(self, name) is not None]
         if dst_only and self.method not in DST_PRESETS:
             raise ValueError(f"{dst_only[0]} applies to the methods {', '.join(DST_PRESETS)}, not {self.method!r}")
@@ -122,20 +123,25 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and (value >= low if low is not None else value > 0)):
                 raise ValueError(f"{name} must be a finite number {'>= 0' if low is not None else '> 0'}, got {value}")
+        if self.block is not None and not (isinstance(self.block, tuple) and len(self.block) == 2 and all(
+                isinstance(size, int) and not isinstance(size, bool) and size >= 1 for size in self.block)):
+            raise ValueError(f"block must be None or a tuple of two positive ints (bh, bw), got {self.block!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' was asked for, but torch sees no CUDA device")
 
 
 # Options added to TrainConfig after runs and checkpoints were stored: a config's settings leave them out at
 # their default, None, so that those runs are still found (runs.key) and those checkpoints still resume.
-LATER_OPTIONS = ("swap_rounding", "mest_gamma", "sensitivity_offset")
+LATER_OPTIONS = ("swap_rounding", "mest_gamma", "sensitivity_offset", "block")
 
 
 def settings(config: TrainConfig | dict) -> dict:
     """What decides a run's result, as stored: `config`'s fields (or a stored config's entries), without the
-    LATER_OPTIONS at None, which a config stored before them lacks."""
+    LATER_OPTIONS at None, which a config stored before them lacks, and with tuples as lists (block), as a record's
+    JSON holds them."""
     values = asdict(config) if isinstance(config, TrainConfig) else config
-    return {name: value for name, value in values.items() if not (name in LATER_OPTIONS and value is None)}
+    return {name: list(value) if isinstance(value, tuple) else value for name, value in values.items()
+            if not (name in LATER_OPTIONS and value is None)}
 
 
 def _check_choice(name: str, value, allowed) -> None:

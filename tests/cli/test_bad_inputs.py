@@ -281,6 +281,19 @@ BAD_ARGUMENTS = [
     ["train", "--method", "static", "--mest-gamma", "1"],
     ["compare", "--methods", "rigl,mest", "--sensitivity-offset", "1"],
     ["compare", "--methods", "dst", "--criteria", "magnitude,snip", "--mest-gamma", "0.5"],
+    ["train", "--block", "0x2"],
+    ["train", "--block", "2x"],
+    ["train", "--block", "2x2x2"],
+    ["train", "--block", "2,2"],
+    ["train", "--block", "-1x2"],
+    ["train", "--block", "2.5x2"],
+    ["train", "--block", ""],
+    ["train", "--method", "set", "--block", "2x2"],  # SET's score is a rank, not a per-weight quantity
+    ["train", "--method", "imp", "--block", "2x2"],
+    ["train", "--method", "rigl", "--block", "100x100"],  # a block larger than a layer keeps
+    ["compare", "--methods", "static,set,rigl", "--block", "2x2"],
+    ["compare", "--methods", "static", "--block", "2x2"],
+    ["compare", "--methods", "rigl", "--densities", "0.5,0.01", "--block", "24x24"],  # too large at 0.01 only
 ]
 
 # (argv, words the one-line error must hold): inputs whose refusal used to say too little.
@@ -295,6 +308,10 @@ WORDED_ARGUMENTS = [
     (["compare", "--methods", "rigl,mest", "--sensitivity-offset", "1"],
      "--sensitivity-offset applies to runs pruning by sensitivity, rsensitivity"),
     (["train", "--method", "mest", "--mest-gamma", "-1"], "argument --mest-gamma: mest gamma must be in [0, inf)"),
+    (["train", "--block", "4x0"], "argument --block: block must be two positive integers BHxBW, such as 4x4"),
+    (["compare", "--methods", "set,rigl", "--block", "2x2"],
+     "--block applies to runs pruning by a criterion that scores each weight, not set"),
+    (["train", "--method", "rigl", "--block", "100x100"], "block=(100, 100) is too large for layer"),
     # One epoch of OptG ended dense whatever --density asked (its only epoch's scores all tie at 0).
     (["train", "--method", "optg", "--density", "0.1", "--epochs", "1"], "epochs must be >= 2 for optg, got 1"),
     (["compare", "--methods", "optg,static", "--densities", "0.1", "--epochs", "1"], "epochs must be >= 2 for optg"),
