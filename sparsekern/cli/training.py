@@ -39,6 +39,12 @@ SCHEDULES = tuple(schedules.DEFAULT_DROP_FRACTION)
 CHECKPOINT_NAME = "checkpoint.pt"
 GRADIENT_FLOW_BATCH = 256
 CHECKPOINT_KEYS = ("config", "epoch", "model", "recipe", "rng", "history", "gradient_flow")
+# What every epoch's metrics and every gradient-flow record of a checkpoint hold, in every version that wrote one
+# (records hold "layers" too since the per-layer flow), and the moments a record is taken at.
+HISTORY_KEYS = ("epoch", "train_loss", "test_loss", "test_accuracy", "density", "gradient_flow", "mask_updates",
+                "seconds")
+FLOW_KEYS = ("step", "epoch", "when", "gradient_flow")
+FLOW_MOMENTS = ("init", "before update", "after update", "epoch")
 
 
 @dataclass(frozen=True)
@@ -225,10 +231,13 @@ class Run:
         if settings(state["config"]) != settings(self.config):
             raise ValueError(f"resume checkpoint {path!r} was written by a different configuration")
         epoch = state["epoch"]
-        if not isinstance(epoch, int) or not 0 < epoch <= total_epochs(self.config) or \
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 < epoch <= total_epochs(self.config) or \
                 not isinstance(state["history"], list) or len(state["history"]) != epoch:
             raise ValueError(f"resume checkpoint {path!r} is inconsistent (epoch {epoch!r}, "
                              f"{len(state['history']) if isinstance(state['history'], list) else '?'} epochs of history)")
+        damaged = damaged_records(state["history"], state["gradient_flow"], epoch)
+        if damaged:   # else the metrics files written after the next epoch fail, or carry the damage on
+            raise ValueError(f"resume checkpoint {path!r} is inconsistent: {damaged}")
         try:
             self.model.load_state_dict(state["model"])
             self.recipe.load_state_dict(state["recipe"])
@@ -380,6 +389,30 @@ def read_checkpoint(path: str, map_location=None) -> dict:
         raise ValueError(f"resume checkpoint {path!r} is not a checkpoint of sparsekern train "
                          f"(lacks {', '.join(missing) or 'a config'})")
     return state
+
+
+def damaged_records(history: list, flow, epochs: int) -> str:
+    """What is wrong with a checkpoint's metrics of its `epochs` epochs and its gradient-flow records (from step 0,
+    one per epoch and around each mask update), "" if nothing."""
+    for index, row in enumerate(history):
+        if not isinstance(row, dict) or any(name not in row for name in HISTORY_KEYS) or row["epoch"] != index + 1:
+            return f"history[{index}] is not the metrics of epoch {index + 1}"
+    if not isinstance(flow, list):
+        return f"its gradient-flow records are a {type(flow).__name__}, not a list"
+    for index, record in enumerate(flow):
+        if not isinstance(record, dict) or any(name not in record for name in FLOW_KEYS) or \
+                record["when"] not in FLOW_MOMENTS or not _is_number(record["gradient_flow"]) or \
+                not isinstance(record.get("layers", {}), dict) or \
+                not all(_is_number(value) for value in record.get("layers", {}).values()):
+            return f"gradient-flow record {index} is damaged ({record!r:.100})"
+    if not flow or flow[0]["when"] != "init" or \
+            [record["epoch"] for record in flow if record["when"] == "epoch"] != list(range(1, epochs + 1)):
+        return f"its gradient-flow records are not those of step 0 and epochs 1 to {epochs}"
+    return ""
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def total_epochs(config: TrainConfig) -> int:

@@ -176,6 +176,28 @@ BAD_CHECKPOINTS = [
     ("epoch beyond the run", edited_checkpoint(lambda state: state.update(epoch=99)), "inconsistent"),
     ("history of another length", edited_checkpoint(lambda state: state.update(history=[])), "inconsistent"),
     ("bad rng state", edited_checkpoint(lambda state: state.update(rng=torch.zeros(3))), "does not fit this run"),
+    # Campaign 14: the metrics and gradient-flow records were taken as they came, and the first epoch trained on
+    # them ended in a traceback (AttributeError, KeyError) when the metrics files were written, or wrote the damage
+    # into gradient_flow.csv.
+    ("epoch as a bool", edited_checkpoint(lambda state: state.update(epoch=True)), "inconsistent"),
+    ("history row not a dict", edited_checkpoint(lambda state: state.update(history=["x"])), "history[0] is not"),
+    ("history row without its metrics", edited_checkpoint(lambda state: state.update(history=[{}])), "history[0]"),
+    ("gradient flow records None", edited_checkpoint(lambda state: state.update(gradient_flow=None)), "not a list"),
+    ("gradient flow records a dict", edited_checkpoint(lambda state: state.update(gradient_flow={})), "not a list"),
+    ("gradient flow records of numbers", edited_checkpoint(lambda state: state.update(gradient_flow=[1, 2])),
+     "gradient-flow record 0 is damaged"),
+    ("gradient flow records lost", edited_checkpoint(lambda state: state.update(gradient_flow=[])),
+     "not those of step 0 and epochs 1 to 1"),
+    ("gradient flow record without its moment", edited_checkpoint(lambda state: state["gradient_flow"][0].pop("when")),
+     "gradient-flow record 0 is damaged"),
+    ("gradient flow record of another moment",
+     edited_checkpoint(lambda state: state["gradient_flow"][0].update(when="later")), "record 0 is damaged"),
+    ("gradient flow record's layers not a dict",
+     edited_checkpoint(lambda state: state["gradient_flow"][-1].update(layers="x")), "is damaged"),
+    ("gradient flow record's value a string",
+     edited_checkpoint(lambda state: state["gradient_flow"][-1].update(gradient_flow="x")), "is damaged"),
+    ("gradient flow record of an epoch dropped", edited_checkpoint(lambda state: state["gradient_flow"].pop()),
+     "not those of step 0 and epochs 1 to 1"),
 ]
 
 

@@ -677,3 +677,19 @@ def test_a_config_refuses_a_block_that_is_not_two_positive_ints(block):
     # A list would make the frozen config unhashable, and would come back from a checkpoint as it went in.
     with pytest.raises(ValueError, match="block must be None or a tuple of two positive ints"):
         TrainConfig(block=block)
+
+
+def test_a_stored_run_with_damaged_gradient_flow_records_is_trained_again(tmp_path):
+    # reproduce reads a record's flow (claim f: the record at init): a damaged one ended it in a KeyError.
+    from sparsekern.cli.runs import Job, RunStore, execute, key
+    config = TrainConfig(method="static", density=0.3, epochs=1, batch_size=256)
+    store = RunStore(str(tmp_path / "runs"))
+    execute([Job(config)], store, load_dataset("digits"))
+    path = tmp_path / "runs" / f"{key(config)}.json"
+    record = json.loads(path.read_text())
+    record["flow"][0].pop("when")
+    path.write_text(json.dumps(record))
+    trained = []
+    records = execute([Job(config)], store, load_dataset("digits"),
+                      on_done=lambda job, record, new: trained.append(new))
+    assert trained == [True] and records[key(config)]["flow"][0]["when"] == "init"
