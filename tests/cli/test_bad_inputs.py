@@ -393,6 +393,12 @@ def test_bench_errors_are_one_line(argv, capsys):
     refused(["bench", *argv], capsys, "sparsekern bench: error:")
 
 
+@pytest.mark.parametrize("option, path", [("--json", ""), ("--csv", " ")])
+def test_bench_refuses_an_empty_result_path(option, path, capsys):
+    # An unset shell variable (--json "$OUT") ran every case and wrote no file, without a word.
+    refused(["bench", "--quick", "--only", "topk_mask", option, path], capsys, f"{option} needs a file path")
+
+
 @pytest.mark.parametrize("argv", [["train", "--threads", "1000000", "--epochs", "1"],
                                   ["compare", "--seeds", str(10 ** 12), "--methods", "static", "--epochs", "1"]],
                          ids=["threads 10**6 (segfaulted)", "seeds 10**12 (hung)"])
