@@ -374,9 +374,9 @@ class DST(distributed.CatchesUp):
         DST are as before; so does the state of another algorithm, or of a DST of other settings (criteria and their
         parameter, scope, block, reset_state, swap_rounding), which this one would go on from as though they were
         its own (a state saved before it kept one of them is not checked for it, except one without swap_rounding,
-        saved before the option existed, which rounded). A step count past the schedule's total_steps (a run that called step() too often, which step()
-        allows) loads with a warning, as does a saved schedule that differs from the one this DST was built with
-        (which it replaces)."""
+        saved before the option existed, which rounded). A step count past the schedule's total_steps (a run that
+        called step() too often, which step() allows) loads with a warning, as does a saved schedule that differs
+        from the one this DST was built with (which it replaces)."""
         self._prepare_load(state)()
 
     def _prepare_load(self, state: dict):

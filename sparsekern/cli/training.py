@@ -54,11 +54,11 @@ class TrainConfig:
     density is the target: where training starts (static, DST) or ends (IMP, SWAMP, OptG, GMP). prune, grow,
     schedule, drop_fraction, end_fraction, swap_rounding: None keeps the DST method's own (RigL: magnitude,
     gradient, cosine 0.3 ending at 75%, swap counts rounded); mest_gamma and sensitivity_offset: None keeps DST's (1
-    and 1e-8), read only by the criteria that use them; block: None, or DST's (bh, bw) blocks. init: how sparse weights start (`sparsekern.nn.init`:
-    "sparse" draws Var = 1/fan_in over the active inputs, "layer-scaled" the dense variance over the density,
-    "dense" keeps torch's default init, masked); the dense method and the methods that start dense use it at density
-    1, where "sparse" and "layer-scaled" are both Var = 1/fan_in. epochs counts one segment: IMP trains `cycles` of
-    them, SWAMP `cycles` x `particles`.
+    and 1e-8), read only by the criteria that use them; block: DST's (bh, bw) blocks, or None, single weights. init:
+    how sparse weights start (`sparsekern.nn.init`: "sparse" draws Var = 1/fan_in over the active inputs,
+    "layer-scaled" the dense variance over the density, "dense" keeps torch's default init, masked); the dense
+    method and the methods that start dense use it at density 1, where "sparse" and "layer-scaled" are both Var =
+    1/fan_in. epochs counts one segment: IMP trains `cycles` of them, SWAMP `cycles` x `particles`.
     """
 
     method: str = "rigl"
