@@ -421,16 +421,25 @@ class CatchesUp(Joinable):
         joiner's from its next step: name it with Join's keyword `lr_scheduler` (`Join([ddp, dst],
         lr_scheduler=scheduler)`), and its state is copied too (TypeError for one that is no
         torch.optim.lr_scheduler.LRScheduler, ValueError for one of another optimizer, or under IMP, whose
-        catching up makes a new optimizer, as Join starts; ValueError on every rank, with nothing changed, when
-        some ranks name one and others not)."""
-        if self._holds_its_optimizer:
-            if optimizer is not None and optimizer is not self.optimizer:
-                raise ValueError(f"Join(optimizer=...) names another optimizer than the {type(self).__name__}'s own, "
-                                 f"whose state its catching up copies; leave it out, or name "
-                                 f"{type(self).__name__.lower()}.optimizer")
-            optimizer = None
-        check_optimizer(optimizer, "train the model with another optimizer")
-        self._check_scheduler(lr_scheduler, self._catch_up_optimizer if optimizer is None else optimizer)
+        catching up makes a new optimizer). Join calls this as it starts, on every rank, and the ranks check
+        these keywords together before any collective: one refused on some ranks, or an optimizer or
+        lr_scheduler named on some ranks only, raises on every rank (TypeError or ValueError), rather than leave
+        the others waiting in the model's first collective."""
+        with Agreement(f"Join([..., {type(self).__name__}])", self.group) as agreement:
+            if self._holds_its_optimizer:
+                if optimizer is not None and optimizer is not self.optimizer:
+                    raise ValueError(f"Join(optimizer=...) names another optimizer than the {type(self).__name__}'s "
+                                     f"own, whose state its catching up copies; leave it out, or name "
+                                     f"{type(self).__name__.lower()}.optimizer")
+                optimizer = None
+            check_optimizer(optimizer, "train the model with another optimizer")
+            self._check_scheduler(lr_scheduler, self._catch_up_optimizer if optimizer is None else optimizer)
+            agreement.shared = (optimizer is not None, lr_scheduler is not None)
+        if len(set(agreement.gathered)) > 1:
+            given = [name for name, index in (("optimizer", 0), ("lr_scheduler", 1))
+                     if len({named[index] for named in agreement.gathered}) > 1]
+            raise ValueError(f"Join({'=..., '.join(given)}=...) is given on some ranks only; pass each rank's own on "
+                             f"every rank, or none")
         return _CatchUpHook(self, optimizer, lr_scheduler)
 
     def _check_scheduler(self, lr_scheduler, optimizer: torch.optim.Optimizer | None) -> None:

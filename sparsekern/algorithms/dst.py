@@ -373,9 +373,10 @@ class DST(distributed.CatchesUp):
         changes: a bad state raises TypeError or ValueError naming the entry, and the model and this
         DST are as before; so does the state of another algorithm, or of a DST of other settings (criteria and their
         parameter, scope, block, reset_state, swap_rounding), which this one would go on from as though they were
-        its own. A step count past the schedule's total_steps (a run that called step() too often, which step()
-        allows) loads with a warning, as does a saved schedule that differs from the one this DST was built with
-        (which it replaces)."""
+        its own (a state saved before it kept one of them is not checked for it, except one without swap_rounding,
+        saved before the option existed, which rounded). A step count past the schedule's total_steps (a run that
+        called step() too often, which step() allows) loads with a warning, as does a saved schedule that differs
+        from the one this DST was built with (which it replaces)."""
         self._prepare_load(state)()
 
     def _prepare_load(self, state: dict):
@@ -386,8 +387,10 @@ class DST(distributed.CatchesUp):
         missing = {"step_count", "masks", "schedule", "generator"} - set(state)
         if missing:
             raise ValueError(f"state lacks {sorted(missing)}")
+        # swap_rounding entered the state with the option: a state without it was saved rounding. (The other
+        # settings were options before the state kept them: a state without one may have been saved under any.)
         for key, value in self._settings().items():
-            _tickets.check_saved_setting(state, key, value)
+            _tickets.check_saved_setting({"swap_rounding": "round", **state}, key, value)
         step_count = state["step_count"]
         if isinstance(step_count, bool) or not isinstance(step_count, int) or step_count < 0:
             raise ValueError(f"state['step_count'] must be an int >= 0, got {step_count!r}")

@@ -66,13 +66,13 @@ def grid_lines(methods: list[str], criteria: list[str], grow: str, schedule: str
 
 def line_config(base: TrainConfig, line: Line, density: float, seed: int) -> TrainConfig:
     """The run of `line` at `density` (dense: 1) and `seed`; ValueError if the line cannot run so. The base's
-    end_fraction and swap_rounding apply to DST lines only, mest_gamma and sensitivity_offset to those whose pruning
-    criterion reads them (the other lines keep their run keys)."""
+    end_fraction, swap_rounding and block apply to DST lines only, mest_gamma and sensitivity_offset to those whose
+    pruning criterion reads them (the other lines keep their run keys)."""
     dst = line.method in ("set", "rigl", "mest", CRITERION_METHOD)
     config = replace(base, method=line.method, prune=line.prune, grow=line.grow, schedule=line.schedule, seed=seed,
                      density=1.0 if line.method == "dense" else density,
                      end_fraction=base.end_fraction if dst else None,
-                     swap_rounding=base.swap_rounding if dst else None,
+                     swap_rounding=base.swap_rounding if dst else None, block=base.block if dst else None,
                      **{name: None for name in CRITERION_PARAMETERS})
     if not dst:
         return config

@@ -21,7 +21,7 @@ import torch
 from . import compare as compare_module
 from . import data_parallel
 from . import reproduce as reproduce_module
-from ..algorithms.criteria import GROW, PRUNE
+from ..algorithms.criteria import ELEMENTWISE, GROW, PRUNE
 from ..algorithms.dst import SCOPES, SWAP_ROUNDINGS
 from ..algorithms.optg import MIN_EPOCHS_DIGITS
 from ..bench import report
@@ -112,6 +112,17 @@ def _seed(text: str) -> int:
     return value
 
 
+def _block(text: str) -> tuple[int, int]:
+    """DST's (bh, bw) from "BHxBW"."""
+    sizes = text.lower().split("x")
+    try:
+        if len(sizes) == 2:
+            return _positive(sizes[0]), _positive(sizes[1])
+    except argparse.ArgumentTypeError:
+        pass
+    raise argparse.ArgumentTypeError(f"block must be two positive integers BHxBW, such as 4x4, got {text!r}")
+
+
 def _threads(text: str) -> int:
     try:
         return thread_count(_positive(text), "threads")
@@ -175,6 +186,10 @@ def _add_run_options(parser: argparse.ArgumentParser, defaults: TrainConfig) -> 
     parser.add_argument("--sensitivity-offset", type=lambda text: _number(text, "sensitivity offset", 0, math.inf),
                         help="DST: what the sensitivity and rsensitivity pruning criteria add to their denominators "
                              "(default: 1e-8, a guard; the Fantastic Weights code adds 1)")
+    parser.add_argument("--block", type=_block, metavar="BHxBW",
+                        help="DST: masks made of whole BHxBW blocks of each weight (as a matrix: its first dimension "
+                             "by the rest), dropped and grown whole by their summed scores; not with the set "
+                             "criterion (default: none, single weights)")
     parser.add_argument("--cycles", type=_positive,
                         help=f"IMP, SWAMP: pruning cycles of --epochs epochs each (default: {defaults.cycles})")
     parser.add_argument("--particles", type=_positive,
@@ -363,7 +378,7 @@ def _warn_short_optg(method: str, epochs: int) -> None:
 # Options that only some methods read (with None defaults, so that one given explicitly is known): the methods.
 _METHOD_OPTIONS = {"scope": tuple(DST_PRESETS), "update_every": tuple(DST_PRESETS), "end_fraction": tuple(DST_PRESETS),
                    "swap_rounding": tuple(DST_PRESETS), "mest_gamma": tuple(DST_PRESETS),
-                   "sensitivity_offset": tuple(DST_PRESETS),
+                   "sensitivity_offset": tuple(DST_PRESETS), "block": tuple(DST_PRESETS),
                    "cycles": TICKET_METHODS, "particles": ("swamp",)}
 _CRITERIA_OPTIONS = ("criteria", "grow", "schedule")   # compare: of the criteria lines only
 
@@ -389,6 +404,14 @@ def _check_criterion_parameters(args, configs: list[TrainConfig]) -> None:
         if getattr(args, name) is not None and not prunes & set(readers):
             raise ValueError(f"--{name.replace('_', '-')} applies to runs pruning by {', '.join(readers)}, not "
                              f"{', '.join(sorted(prunes)) or 'none'}")
+
+
+def _check_block_criterion(args, configs: list[TrainConfig]) -> None:
+    """ValueError for --block given where a DST run prunes by a criterion that scores no single weight (set)."""
+    ranked = sorted({criteria_of(config)[0] for config in configs if config.method in DST_PRESETS} - ELEMENTWISE)
+    if args.block is not None and ranked:
+        raise ValueError(f"--block applies to runs pruning by a criterion that scores each weight, not "
+                         f"{', '.join(ranked)} (a rank over the layer)")
 
 
 def _prepare_train(args):
@@ -435,6 +458,7 @@ def _check_train(args, ranks: data_parallel.Ranks):
     config = _config(args, method=args.method, density=args.density, seed=args.seed, prune=args.prune,
                      grow=args.grow, schedule=args.schedule, drop_fraction=args.drop_fraction)
     _check_criterion_parameters(args, [config])
+    _check_block_criterion(args, [config])
     data_parallel.check_config(config, ranks)
     check_dataset(config.dataset)
     check_backend(config.device)
@@ -470,10 +494,15 @@ def _prepare_compare(args):
     # each line's settings are checked before the first run starts
     configs = [compare_module.line_config(base, line, density, seed=0) for line in lines for density in args.densities]
     _check_criterion_parameters(args, configs)
+    _check_block_criterion(args, configs)
     check_dataset(base.dataset)
     check_backend(base.device)
     dataset = load_dataset(base.dataset)
     build_model(base.model, dataset.input_shape, dataset.num_classes, base.width)
+    if base.block is not None:   # too large for a layer at some density: each DST line's run built as it will be
+        for config in configs:
+            if config.method in DST_PRESETS:
+                prepare(config, dataset)
     check_writable_folder(args.out, "--out")
     check_writable_folder(os.path.join(args.out, "runs"), "--out's runs folder")
     if "optg" in args.methods:
@@ -532,4 +561,5 @@ def _config(args, **run) -> TrainConfig:
     return TrainConfig(distribution=args.distribution, init=args.init, model=args.model, dataset=args.dataset,
                        epochs=args.epochs, device=args.device, batch_size=args.batch_size, lr=args.lr,
                        end_fraction=args.end_fraction, swap_rounding=args.swap_rounding,
-                       mest_gamma=args.mest_gamma, sensitivity_offset=args.sensitivity_offset, **given, **run)
+                       mest_gamma=args.mest_gamma, sensitivity_offset=args.sensitivity_offset, block=args.block,
+                       **given, **run)

@@ -122,7 +122,7 @@ class DSTRecipe(Recipe):
         super().__init__(config, model, steps_per_epoch)
         options = {"total_steps": self.steps_per_segment, "update_every": config.update_every,
                    "scope": config.scope, "seed": config.seed}
-        for name in ("prune", "grow", "schedule", "drop_fraction", "end_fraction", "swap_rounding",
+        for name in ("prune", "grow", "schedule", "drop_fraction", "end_fraction", "swap_rounding", "block",
                      *CRITERION_PARAMETERS):
             if getattr(config, name) is not None:
                 options[name] = getattr(config, name)

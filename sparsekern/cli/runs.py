@@ -24,7 +24,7 @@ from .. import checkpoint
 from ..nn import sparse_modules
 from .data import Dataset
 from .output import write_text
-from .training import TrainConfig, settings, train
+from .training import TrainConfig, damaged_records, settings, train
 
 
 @dataclass(frozen=True)
@@ -69,8 +69,9 @@ class RunStore:
             return None
         if not isinstance(record, dict) or not isinstance(record.get("config"), dict) or \
                 settings(record["config"]) != settings(job.config) or \
-                not all(name in record for name in RECORD_KEYS):  # damaged or cut down: trained again
-            return None
+                not all(name in record for name in RECORD_KEYS) or not isinstance(record["history"], list) or \
+                damaged_records(record["history"], record["flow"], len(record["history"])):
+            return None   # damaged or cut down: trained again (reproduce reads the flow records)
         if needs_masks and not _readable_masks(self._path(name, ".masks.pt")):
             return None   # the run is trained again, rather than the run starting from its masks failing
         return record

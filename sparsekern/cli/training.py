@@ -39,6 +39,12 @@ SCHEDULES = tuple(schedules.DEFAULT_DROP_FRACTION)
 CHECKPOINT_NAME = "checkpoint.pt"
 GRADIENT_FLOW_BATCH = 256
 CHECKPOINT_KEYS = ("config", "epoch", "model", "recipe", "rng", "history", "gradient_flow")
+# What every epoch's metrics and every gradient-flow record of a checkpoint hold, in every version that wrote one
+# (records hold "layers" too since the per-layer flow), and the moments a record is taken at.
+HISTORY_KEYS = ("epoch", "train_loss", "test_loss", "test_accuracy", "density", "gradient_flow", "mask_updates",
+                "seconds")
+FLOW_KEYS = ("step", "epoch", "when", "gradient_flow")
+FLOW_MOMENTS = ("init", "before update", "after update", "epoch")
 
 
 @dataclass(frozen=True)
@@ -48,11 +54,11 @@ class TrainConfig:
     density is the target: where training starts (static, DST) or ends (IMP, SWAMP, OptG, GMP). prune, grow,
     schedule, drop_fraction, end_fraction, swap_rounding: None keeps the DST method's own (RigL: magnitude,
     gradient, cosine 0.3 ending at 75%, swap counts rounded); mest_gamma and sensitivity_offset: None keeps DST's (1
-    and 1e-8), read only by the criteria that use them. init: how sparse weights start (`sparsekern.nn.init`:
-    "sparse" draws Var = 1/fan_in over the active inputs, "layer-scaled" the dense variance over the density,
-    "dense" keeps torch's default init, masked); the dense method and the methods that start dense use it at density
-    1, where "sparse" and "layer-scaled" are both Var = 1/fan_in. epochs counts one segment: IMP trains `cycles` of
-    them, SWAMP `cycles` x `particles`.
+    and 1e-8), read only by the criteria that use them; block: DST's (bh, bw) blocks, or None, single weights. init:
+    how sparse weights start (`sparsekern.nn.init`: "sparse" draws Var = 1/fan_in over the active inputs,
+    "layer-scaled" the dense variance over the density, "dense" keeps torch's default init, masked); the dense
+    method and the methods that start dense use it at density 1, where "sparse" and "layer-scaled" are both Var =
+    1/fan_in. epochs counts one segment: IMP trains `cycles` of them, SWAMP `cycles` x `particles`.
     """
 
     method: str = "rigl"
@@ -65,6 +71,7 @@ class TrainConfig:
     swap_rounding: str | None = None
     mest_gamma: float | None = None
     sensitivity_offset: float | None = None
+    block: tuple[int, int] | None = None
     scope: str = "layer"
     update_every: int = 25
     distribution: str = "erk"
@@ -96,7 +103,7 @@ class TrainConfig:
         _check_choice("init", self.init, INITS)
         _check_choice("device", self.device, ("cpu", "cuda"))
         dst_only = [name for name in ("prune", "grow", "schedule", "drop_fraction", "end_fraction",
-                                         "swap_rounding", "mest_gamma", "sensitivity_offset")
+                                         "swap_rounding", "mest_gamma", "sensitivity_offset", "block")
                     if getattr(self, name) is not None]
         if dst_only and self.method not in DST_PRESETS:
             raise ValueError(f"{dst_only[0]} applies to the methods {', '.join(DST_PRESETS)}, not {self.method!r}")
@@ -122,20 +129,25 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and (value >= low if low is not None else value > 0)):
                 raise ValueError(f"{name} must be a finite number {'>= 0' if low is not None else '> 0'}, got {value}")
+        if self.block is not None and not (isinstance(self.block, tuple) and len(self.block) == 2 and all(
+                isinstance(size, int) and not isinstance(size, bool) and size >= 1 for size in self.block)):
+            raise ValueError(f"block must be None or a tuple of two positive ints (bh, bw), got {self.block!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' was asked for, but torch sees no CUDA device")
 
 
 # Options added to TrainConfig after runs and checkpoints were stored: a config's settings leave them out at
 # their default, None, so that those runs are still found (runs.key) and those checkpoints still resume.
-LATER_OPTIONS = ("swap_rounding", "mest_gamma", "sensitivity_offset")
+LATER_OPTIONS = ("swap_rounding", "mest_gamma", "sensitivity_offset", "block")
 
 
 def settings(config: TrainConfig | dict) -> dict:
     """What decides a run's result, as stored: `config`'s fields (or a stored config's entries), without the
-    LATER_OPTIONS at None, which a config stored before them lacks."""
+    LATER_OPTIONS at None, which a config stored before them lacks, and with tuples as lists (block), as a record's
+    JSON holds them."""
     values = asdict(config) if isinstance(config, TrainConfig) else config
-    return {name: value for name, value in values.items() if not (name in LATER_OPTIONS and value is None)}
+    return {name: list(value) if isinstance(value, tuple) else value for name, value in values.items()
+            if not (name in LATER_OPTIONS and value is None)}
 
 
 def _check_choice(name: str, value, allowed) -> None:
@@ -219,10 +231,13 @@ class Run:
         if settings(state["config"]) != settings(self.config):
             raise ValueError(f"resume checkpoint {path!r} was written by a different configuration")
         epoch = state["epoch"]
-        if not isinstance(epoch, int) or not 0 < epoch <= total_epochs(self.config) or \
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 < epoch <= total_epochs(self.config) or \
                 not isinstance(state["history"], list) or len(state["history"]) != epoch:
             raise ValueError(f"resume checkpoint {path!r} is inconsistent (epoch {epoch!r}, "
                              f"{len(state['history']) if isinstance(state['history'], list) else '?'} epochs of history)")
+        damaged = damaged_records(state["history"], state["gradient_flow"], epoch)
+        if damaged:   # else the metrics files written after the next epoch fail, or carry the damage on
+            raise ValueError(f"resume checkpoint {path!r} is inconsistent: {damaged}")
         try:
             self.model.load_state_dict(state["model"])
             self.recipe.load_state_dict(state["recipe"])
@@ -374,6 +389,30 @@ def read_checkpoint(path: str, map_location=None) -> dict:
         raise ValueError(f"resume checkpoint {path!r} is not a checkpoint of sparsekern train "
                          f"(lacks {', '.join(missing) or 'a config'})")
     return state
+
+
+def damaged_records(history: list, flow, epochs: int) -> str:
+    """What is wrong with a checkpoint's metrics of its `epochs` epochs and its gradient-flow records (from step 0,
+    one per epoch and around each mask update), "" if nothing."""
+    for index, row in enumerate(history):
+        if not isinstance(row, dict) or any(name not in row for name in HISTORY_KEYS) or row["epoch"] != index + 1:
+            return f"history[{index}] is not the metrics of epoch {index + 1}"
+    if not isinstance(flow, list):
+        return f"its gradient-flow records are a {type(flow).__name__}, not a list"
+    for index, record in enumerate(flow):
+        if not isinstance(record, dict) or any(name not in record for name in FLOW_KEYS) or \
+                record["when"] not in FLOW_MOMENTS or not _is_number(record["gradient_flow"]) or \
+                not isinstance(record.get("layers", {}), dict) or \
+                not all(_is_number(value) for value in record.get("layers", {}).values()):
+            return f"gradient-flow record {index} is damaged ({record!r:.100})"
+    if not flow or flow[0]["when"] != "init" or \
+            [record["epoch"] for record in flow if record["when"] == "epoch"] != list(range(1, epochs + 1)):
+        return f"its gradient-flow records are not those of step 0 and epochs 1 to {epochs}"
+    return ""
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def total_epochs(config: TrainConfig) -> int:

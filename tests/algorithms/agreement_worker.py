@@ -210,6 +210,27 @@ def a_scheduler_catches_up_under_join(rank):
                      "some ranks only")
     return caught_up and identical and refused
 
+def join_keywords_are_checked_on_every_rank(rank):
+    """Join's keywords refused, or given, on rank 1 only: Join([ddp, dst], optimizer=another) and the OptG's
+    Join(optimizer=) of a keyword optimizer on rank 1 only raise ValueError on both ranks as Join starts, with no
+    step taken (rank 1 raised alone and rank 0 waited in DDP's first all-reduce for good); a collective after
+    each works on both."""
+    model, ddp = ddp_model()
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    dst = sparsekern.SET(ddp, optimizer, update_every=2, total_steps=40)
+    optg = sparsekern.OptG(ddp, sparsity=0.5, epochs=3)
+    wrong = {"optimizer": torch.optim.SGD(ddp.parameters(), lr=0.1)} if rank else {}
+    given = {"optimizer": optimizer} if rank else {}
+    before, outcomes = copy.deepcopy(model.state_dict()), []
+    for algorithm, join, words in ((dst, wrong, "names another optimizer" if rank else "failed on rank 1"),
+                                   (optg, given, "Join(optimizer=...) is given on some ranks only")):
+        outcomes.append(raised(lambda: uneven_training(rank, ddp, algorithm, lambda: optimizer, (2, 2), **join),
+                               ValueError, words))
+        outcomes.append(equal(before, model.state_dict()) and not optimizer.state)
+        outcomes.append(distributed.masks_identical(ddp))
+    return all(outcomes)
+
+
 def other_parameter_order_is_refused_under_join(rank):
     """Join([ddp, dst]) where rank 1's optimizer holds the parameters in the other order (as many per group, the
     same state counts): ValueError on both ranks as the block ends, step counts and optimizer state as they were
@@ -375,6 +396,7 @@ SCENARIOS = (refused_load_changes_nothing, finish_is_carried, constructors_fail_
              dst_checks_replicas_by_one_gather, per_rank_runs_with_a_group_of_one, uneven_inputs_under_join,
              imp_under_join, optg_under_join, join_with_a_rank_without_inputs, adam_catches_up_under_join,
              other_parameter_order_is_refused_under_join, a_scheduler_catches_up_under_join,
+             join_keywords_are_checked_on_every_rank,
              error_kinds_follow_their_bases,
              masks_identical_fails_together, swamp_fails_together, swamp_per_rank_with_a_group_of_one)
 

@@ -148,6 +148,21 @@ def test_a_dst_state_saved_with_other_criteria_scope_or_blocks_is_refused(saved,
     dst(mlp(0, hidden=8), saved).load_state_dict(state)   # the same settings load
 
 
+def test_a_dst_state_saved_before_swap_rounding_existed_loads_only_where_it_rounds():
+    # Such a state was saved rounding: loaded under swap_rounding="floor" it went on under the other rule without a
+    # word (the settings a state lacks are not checked, and this one's value is known).
+    def dst(model, **options):
+        return sparsekern.DST(model, torch.optim.SGD(model.parameters(), lr=0.1), update_every=2, total_steps=20,
+                              **options)
+
+    state = _through_a_file(dst(mlp(0, hidden=8)).state_dict())
+    del state["swap_rounding"]
+    model = mlp(0, hidden=8)
+    _refused_with_nothing_changed(dst(model, swap_rounding="floor"), model, state,
+                                  "saved with swap_rounding='round', not 'floor'")
+    dst(mlp(0, hidden=8)).load_state_dict(state)
+
+
 def test_a_criterion_parameter_the_criterion_does_not_read_is_not_a_setting_of_the_state():
     def rigl(model, **options):
         return sparsekern.RigL(model, torch.optim.SGD(model.parameters(), lr=0.1), update_every=2, total_steps=20,

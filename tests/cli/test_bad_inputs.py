@@ -176,6 +176,28 @@ BAD_CHECKPOINTS = [
     ("epoch beyond the run", edited_checkpoint(lambda state: state.update(epoch=99)), "inconsistent"),
     ("history of another length", edited_checkpoint(lambda state: state.update(history=[])), "inconsistent"),
     ("bad rng state", edited_checkpoint(lambda state: state.update(rng=torch.zeros(3))), "does not fit this run"),
+    # Campaign 14: the metrics and gradient-flow records were taken as they came, and the first epoch trained on
+    # them ended in a traceback (AttributeError, KeyError) when the metrics files were written, or wrote the damage
+    # into gradient_flow.csv.
+    ("epoch as a bool", edited_checkpoint(lambda state: state.update(epoch=True)), "inconsistent"),
+    ("history row not a dict", edited_checkpoint(lambda state: state.update(history=["x"])), "history[0] is not"),
+    ("history row without its metrics", edited_checkpoint(lambda state: state.update(history=[{}])), "history[0]"),
+    ("gradient flow records None", edited_checkpoint(lambda state: state.update(gradient_flow=None)), "not a list"),
+    ("gradient flow records a dict", edited_checkpoint(lambda state: state.update(gradient_flow={})), "not a list"),
+    ("gradient flow records of numbers", edited_checkpoint(lambda state: state.update(gradient_flow=[1, 2])),
+     "gradient-flow record 0 is damaged"),
+    ("gradient flow records lost", edited_checkpoint(lambda state: state.update(gradient_flow=[])),
+     "not those of step 0 and epochs 1 to 1"),
+    ("gradient flow record without its moment", edited_checkpoint(lambda state: state["gradient_flow"][0].pop("when")),
+     "gradient-flow record 0 is damaged"),
+    ("gradient flow record of another moment",
+     edited_checkpoint(lambda state: state["gradient_flow"][0].update(when="later")), "record 0 is damaged"),
+    ("gradient flow record's layers not a dict",
+     edited_checkpoint(lambda state: state["gradient_flow"][-1].update(layers="x")), "is damaged"),
+    ("gradient flow record's value a string",
+     edited_checkpoint(lambda state: state["gradient_flow"][-1].update(gradient_flow="x")), "is damaged"),
+    ("gradient flow record of an epoch dropped", edited_checkpoint(lambda state: state["gradient_flow"].pop()),
+     "not those of step 0 and epochs 1 to 1"),
 ]
 
 
@@ -281,6 +303,19 @@ BAD_ARGUMENTS = [
     ["train", "--method", "static", "--mest-gamma", "1"],
     ["compare", "--methods", "rigl,mest", "--sensitivity-offset", "1"],
     ["compare", "--methods", "dst", "--criteria", "magnitude,snip", "--mest-gamma", "0.5"],
+    ["train", "--block", "0x2"],
+    ["train", "--block", "2x"],
+    ["train", "--block", "2x2x2"],
+    ["train", "--block", "2,2"],
+    ["train", "--block", "-1x2"],
+    ["train", "--block", "2.5x2"],
+    ["train", "--block", ""],
+    ["train", "--method", "set", "--block", "2x2"],  # SET's score is a rank, not a per-weight quantity
+    ["train", "--method", "imp", "--block", "2x2"],
+    ["train", "--method", "rigl", "--block", "100x100"],  # a block larger than a layer keeps
+    ["compare", "--methods", "static,set,rigl", "--block", "2x2"],
+    ["compare", "--methods", "static", "--block", "2x2"],
+    ["compare", "--methods", "rigl", "--densities", "0.5,0.01", "--block", "24x24"],  # too large at 0.01 only
 ]
 
 # (argv, words the one-line error must hold): inputs whose refusal used to say too little.
@@ -295,6 +330,10 @@ WORDED_ARGUMENTS = [
     (["compare", "--methods", "rigl,mest", "--sensitivity-offset", "1"],
      "--sensitivity-offset applies to runs pruning by sensitivity, rsensitivity"),
     (["train", "--method", "mest", "--mest-gamma", "-1"], "argument --mest-gamma: mest gamma must be in [0, inf)"),
+    (["train", "--block", "4x0"], "argument --block: block must be two positive integers BHxBW, such as 4x4"),
+    (["compare", "--methods", "set,rigl", "--block", "2x2"],
+     "--block applies to runs pruning by a criterion that scores each weight, not set"),
+    (["train", "--method", "rigl", "--block", "100x100"], "block=(100, 100) is too large for layer"),
     # One epoch of OptG ended dense whatever --density asked (its only epoch's scores all tie at 0).
     (["train", "--method", "optg", "--density", "0.1", "--epochs", "1"], "epochs must be >= 2 for optg, got 1"),
     (["compare", "--methods", "optg,static", "--densities", "0.1", "--epochs", "1"], "epochs must be >= 2 for optg"),
@@ -352,6 +391,12 @@ def test_refused_arguments_name_the_flag(argv, words, tmp_path, capsys, nothing_
                          ids=" ".join)
 def test_bench_errors_are_one_line(argv, capsys):
     refused(["bench", *argv], capsys, "sparsekern bench: error:")
+
+
+@pytest.mark.parametrize("option, path", [("--json", ""), ("--csv", " ")])
+def test_bench_refuses_an_empty_result_path(option, path, capsys):
+    # An unset shell variable (--json "$OUT") ran every case and wrote no file, without a word.
+    refused(["bench", "--quick", "--only", "topk_mask", option, path], capsys, f"{option} needs a file path")
 
 
 @pytest.mark.parametrize("argv", [["train", "--threads", "1000000", "--epochs", "1"],

@@ -634,3 +634,62 @@ def test_compare_hands_the_criterion_parameters_to_the_lines_whose_criterion_rea
     assert [(config.method, config.prune, config.mest_gamma, config.sensitivity_offset) for config in configs] == [
         ("rigl", None, None, None), ("mest", None, 0.25, None), ("dst", "mest", 0.25, None),
         ("dst", "sensitivity", None, 1.0), ("dst", "snip", None, None)]
+
+
+@pytest.mark.parametrize("argv, expected", [([], None), (["--block", "2x4"], (2, 4)), (["--block", "1X1"], (1, 1))])
+def test_train_hands_the_block_to_dst(argv, expected):
+    args = build_parser().parse_args(["train", "--method", "rigl", *argv])
+    config = _config(args, method=args.method)
+    assert config.block == expected
+    assert prepare(config).recipe.algorithm.block == expected
+
+
+def test_compare_hands_the_block_to_its_dst_lines_only():
+    args = build_parser().parse_args(["compare", "--methods", "static,rigl,dst", "--block", "2x2"])
+    lines = compare_module.grid_lines(args.methods, ["snip"], "gradient", "cosine")
+    configs = {line.method: compare_module.line_config(_config(args), line, 0.1, seed=0) for line in lines}
+    assert {method: config.block for method, config in configs.items()} == {"static": None, "rigl": (2, 2),
+                                                                             "dst": (2, 2)}
+    assert key(configs["static"]) == key(TrainConfig(method="static", density=0.1, epochs=configs["static"].epochs))
+
+
+def test_a_run_with_blocks_is_found_again_and_its_checkpoint_resumes(tmp_path):
+    # A record's config comes back from JSON with the block as a list, the config holds a tuple: compared as they
+    # were, every stored run with --block trained again.
+    from sparsekern.cli.runs import Job, RunStore, execute
+    config = TrainConfig(method="rigl", density=0.3, epochs=1, batch_size=256, block=(2, 2))
+    assert key(config) != key(TrainConfig(method="rigl", density=0.3, epochs=1, batch_size=256))
+    store = RunStore(str(tmp_path / "runs"))
+    execute([Job(config)], store, load_dataset("digits"))
+    trained = []
+    execute([Job(config)], store, load_dataset("digits"), on_done=lambda job, record, new: trained.append(new))
+    assert trained == [False]
+
+    common = ["train", "--method", "rigl", "--density", "0.2", "--epochs", "2", "--batch-size", "256", "--block",
+              "2x2", "--quiet", "--out", str(tmp_path)]
+    main([*common, "--stop-after", "1"])
+    main([*common, "--resume", str(tmp_path / "checkpoint.pt")])
+    assert len(json.loads((tmp_path / "metrics.json").read_text())["epochs"]) == 2
+
+
+@pytest.mark.parametrize("block", [[2, 2], (2,), (2, 2, 2), (0, 2), (True, 2), (2.0, 2), "2x2"])
+def test_a_config_refuses_a_block_that_is_not_two_positive_ints(block):
+    # A list would make the frozen config unhashable, and would come back from a checkpoint as it went in.
+    with pytest.raises(ValueError, match="block must be None or a tuple of two positive ints"):
+        TrainConfig(block=block)
+
+
+def test_a_stored_run_with_damaged_gradient_flow_records_is_trained_again(tmp_path):
+    # reproduce reads a record's flow (claim f: the record at init): a damaged one ended it in a KeyError.
+    from sparsekern.cli.runs import Job, RunStore, execute, key
+    config = TrainConfig(method="static", density=0.3, epochs=1, batch_size=256)
+    store = RunStore(str(tmp_path / "runs"))
+    execute([Job(config)], store, load_dataset("digits"))
+    path = tmp_path / "runs" / f"{key(config)}.json"
+    record = json.loads(path.read_text())
+    record["flow"][0].pop("when")
+    path.write_text(json.dumps(record))
+    trained = []
+    records = execute([Job(config)], store, load_dataset("digits"),
+                      on_done=lambda job, record, new: trained.append(new))
+    assert trained == [True] and records[key(config)]["flow"][0]["when"] == "init"
