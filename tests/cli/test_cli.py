@@ -542,23 +542,33 @@ def test_a_run_at_the_default_swap_rounding_keeps_the_key_it_had_before_the_opti
     assert key(TrainConfig(method="mest", mest_gamma=0.5)) != key(TrainConfig(method="mest"))
 
 
-def test_runs_and_checkpoints_stored_before_the_later_options_are_still_found_and_resume(tmp_path):
-    # Their stored configs lack swap_rounding, mest_gamma and sensitivity_offset: the key matched, but the record's
-    # config was compared whole, so every stored run of a compare folder trained again, and a checkpoint was
-    # refused as "written by a different configuration".
-    from sparsekern.cli.runs import Job, RunStore, execute, key
-    from sparsekern.cli.training import LATER_OPTIONS
-
-    config = TrainConfig(method="rigl", density=0.3, epochs=2, batch_size=256)
+def stored_and_run_again(tmp_path, config, damage=lambda record: None):
+    """Stores `config`'s run in a compare folder under `tmp_path`, lets `damage` change its JSON record in place,
+    then executes the job again: (whether it trained again, the records execute returned)."""
+    from sparsekern.cli.runs import Job, RunStore, execute
     store = RunStore(str(tmp_path / "runs"))
     execute([Job(config)], store, load_dataset("digits"))
     path = tmp_path / "runs" / f"{key(config)}.json"
     record = json.loads(path.read_text())
-    record["config"] = {name: value for name, value in record["config"].items() if name not in LATER_OPTIONS}
+    damage(record)
     path.write_text(json.dumps(record))
     trained = []
-    execute([Job(config)], store, load_dataset("digits"), on_done=lambda job, record, new: trained.append(new))
-    assert trained == [False]
+    records = execute([Job(config)], store, load_dataset("digits"),
+                      on_done=lambda job, record, new: trained.append(new))
+    return trained, records
+
+
+def test_runs_and_checkpoints_stored_before_the_later_options_are_still_found_and_resume(tmp_path):
+    # Their stored configs lack swap_rounding, mest_gamma and sensitivity_offset: the key matched, but the record's
+    # config was compared whole, so every stored run of a compare folder trained again, and a checkpoint was
+    # refused as "written by a different configuration".
+    from sparsekern.cli.training import LATER_OPTIONS
+
+    def drop_later_options(record):
+        record["config"] = {name: value for name, value in record["config"].items() if name not in LATER_OPTIONS}
+
+    config = TrainConfig(method="rigl", density=0.3, epochs=2, batch_size=256)
+    assert stored_and_run_again(tmp_path, config, drop_later_options)[0] == [False]
 
     common = ["train", "--method", "rigl", "--density", "0.2", "--epochs", "2", "--quiet", "--out", str(tmp_path)]
     main([*common, "--stop-after", "1"])
@@ -656,14 +666,9 @@ def test_compare_hands_the_block_to_its_dst_lines_only():
 def test_a_run_with_blocks_is_found_again_and_its_checkpoint_resumes(tmp_path):
     # A record's config comes back from JSON with the block as a list, the config holds a tuple: compared as they
     # were, every stored run with --block trained again.
-    from sparsekern.cli.runs import Job, RunStore, execute
     config = TrainConfig(method="rigl", density=0.3, epochs=1, batch_size=256, block=(2, 2))
     assert key(config) != key(TrainConfig(method="rigl", density=0.3, epochs=1, batch_size=256))
-    store = RunStore(str(tmp_path / "runs"))
-    execute([Job(config)], store, load_dataset("digits"))
-    trained = []
-    execute([Job(config)], store, load_dataset("digits"), on_done=lambda job, record, new: trained.append(new))
-    assert trained == [False]
+    assert stored_and_run_again(tmp_path, config)[0] == [False]
 
     common = ["train", "--method", "rigl", "--density", "0.2", "--epochs", "2", "--batch-size", "256", "--block",
               "2x2", "--quiet", "--out", str(tmp_path)]
@@ -681,15 +686,6 @@ def test_a_config_refuses_a_block_that_is_not_two_positive_ints(block):
 
 def test_a_stored_run_with_damaged_gradient_flow_records_is_trained_again(tmp_path):
     # reproduce reads a record's flow (claim f: the record at init): a damaged one ended it in a KeyError.
-    from sparsekern.cli.runs import Job, RunStore, execute, key
     config = TrainConfig(method="static", density=0.3, epochs=1, batch_size=256)
-    store = RunStore(str(tmp_path / "runs"))
-    execute([Job(config)], store, load_dataset("digits"))
-    path = tmp_path / "runs" / f"{key(config)}.json"
-    record = json.loads(path.read_text())
-    record["flow"][0].pop("when")
-    path.write_text(json.dumps(record))
-    trained = []
-    records = execute([Job(config)], store, load_dataset("digits"),
-                      on_done=lambda job, record, new: trained.append(new))
+    trained, records = stored_and_run_again(tmp_path, config, lambda record: record["flow"][0].pop("when"))
     assert trained == [True] and records[key(config)]["flow"][0]["when"] == "init"

@@ -29,19 +29,30 @@ def masked_reference(model, x):
     return plain(x)
 
 
-def rigl_with_ema(model, average, steps=6, **kwargs):
-    """Trains `model` with RigL (a mask update every 2 steps) and yields its EMA `average(model, ...)` after each
-    step's update_parameters."""
+def rigl_steps(model, steps):
+    """Builds RigL (a mask update every 2 steps) on `model` now, and returns an iterator that trains one step per
+    item."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     rigl = sparsekern.RigL(model, optimizer, update_every=2, total_steps=40, drop_fraction=0.5)
-    ema = average(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), **kwargs)
     data = torch.Generator().manual_seed(2)
-    for _ in range(steps):
-        x, y = torch.randn(32, 20, generator=data), torch.randint(0, 5, (32,), generator=data)
-        F.cross_entropy(model(x), y).backward()
-        rigl.step()
-        optimizer.step()
-        optimizer.zero_grad()
+
+    def train():
+        for _ in range(steps):
+            x, y = torch.randn(32, 20, generator=data), torch.randint(0, 5, (32,), generator=data)
+            F.cross_entropy(model(x), y).backward()
+            rigl.step()
+            optimizer.step()
+            optimizer.zero_grad()
+            yield
+    return train()
+
+
+def rigl_with_ema(model, average, steps=6, **kwargs):
+    """Trains `model` with RigL (`rigl_steps`) and yields its EMA `average(model, ...)` after each step's
+    update_parameters."""
+    training = rigl_steps(model, steps)
+    ema = average(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), **kwargs)
+    for _ in training:
         ema.update_parameters(model)
         yield ema
 
@@ -124,17 +135,10 @@ def test_swa_averages_the_weights_and_statistics_and_copies_the_masks(use_buffer
     # SWA, torch's default average: with use_buffers=True it subtracted the bool masks at the second
     # update_parameters ("Subtraction ... with two bool tensors is not supported"), after averaging some tensors.
     model = mlp()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    rigl = sparsekern.RigL(model, optimizer, update_every=2, total_steps=40, drop_fraction=0.5)
+    training = rigl_steps(model, 5)
     swa = SparseAveragedModel(model, use_buffers=use_buffers)
-    data = torch.Generator().manual_seed(2)
     snapshots = []
-    for _ in range(5):
-        x, y = torch.randn(32, 20, generator=data), torch.randint(0, 5, (32,), generator=data)
-        F.cross_entropy(model(x), y).backward()
-        rigl.step()
-        optimizer.step()
-        optimizer.zero_grad()
+    for _ in training:
         swa.update_parameters(model)
         snapshots.append(copy.deepcopy(model.state_dict()))
     averaged = swa.module.state_dict()
@@ -145,7 +149,7 @@ def test_swa_averages_the_weights_and_statistics_and_copies_the_masks(use_buffer
         elif value.dtype == torch.bool or not use_buffers:   # the masks, and unaveraged buffers: the live ones
             assert torch.equal(value, snapshots[-1][key]), key
     swa.eval()
-    x = torch.randn(16, 20, generator=data)
+    x = torch.randn(16, 20, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(swa(x), masked_reference(swa.module, x))
     restored = pickle.loads(pickle.dumps(swa))   # the default average pickles, as torch's AveragedModel does
@@ -158,17 +162,10 @@ def test_the_default_swa_gives_torchs_one_tensor_swa_bit_for_bit(use_buffers):
     # The default average runs in a multi-tensor form of its own (faster: benchmark averaging); its results are
     # those of torch's one-tensor SWA (get_swa_avg_fn) exactly, BatchNorm's integer num_batches_tracked included.
     model = mlp()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    rigl = sparsekern.RigL(model, optimizer, update_every=2, total_steps=40, drop_fraction=0.5)
+    training = rigl_steps(model, 5)
     default = SparseAveragedModel(model, use_buffers=use_buffers)
     one_tensor = SparseAveragedModel(model, avg_fn=get_swa_avg_fn(), use_buffers=use_buffers)
-    data = torch.Generator().manual_seed(2)
-    for _ in range(5):
-        x, y = torch.randn(32, 20, generator=data), torch.randint(0, 5, (32,), generator=data)
-        F.cross_entropy(model(x), y).backward()
-        rigl.step()
-        optimizer.step()
-        optimizer.zero_grad()
+    for _ in training:
         default.update_parameters(model)
         one_tensor.update_parameters(model)
         got, want = default.state_dict(), one_tensor.state_dict()
