@@ -349,6 +349,8 @@ def nothing_trains(monkeypatch):
 
     monkeypatch.setattr(training.Run, "train", refuse)
     monkeypatch.setattr(runs_module, "train", refuse)
+    # compare --jobs > 1 trains in spawned workers, which the patches above do not reach.
+    monkeypatch.setattr(runs_module, "ProcessPoolExecutor", refuse)
 
 
 def refused(argv, capsys, words=""):
