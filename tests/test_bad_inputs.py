@@ -896,7 +896,8 @@ def _optimizer_renamed(world, old: str, key: str = "optimizer") -> dict:
 def _split_groups(state: dict) -> dict:
     """An optimizer state of one group split in two (the first parameter alone)."""
     group = state["param_groups"][0]
-    return {**state, "param_groups": [{**group, "params": group["params"][:1]}, {**group, "params": group["params"][1:]}]}
+    return {**state, "param_groups": [{**group, "params": group["params"][:1]},
+                                      {**group, "params": group["params"][1:]}]}
 
 
 def _rewind_with(world, key, value):
@@ -1001,19 +1002,23 @@ SWAMP_STATES = TICKET_STATES + [
      "rewind_optimizer_state"),
     ("particle_average=[]", lambda w: _replace(w.state, "particle_average", []), ValueError, "particle_average"),
     ("particle_average with a wrong shape",
-     lambda w: _replace(w.state, "particle_average", _replace(w.state["particle_average"], "3.weight", torch.ones(1))),
-     ValueError, r"state\['particle_average'\]\['3.weight'\] must be a dense torch.float32 tensor of shape \(16, 64\)"),
+     lambda w: _replace(w.state, "particle_average", _replace(w.state["particle_average"], "3.weight",
+                                                              torch.ones(1))),
+     ValueError, r"state\['particle_average'\]\['3.weight'\] must be a dense torch.float32 tensor of shape "
+                 r"\(16, 64\)"),
     ("particle_average by position with a wrong shape",
      lambda w: _replace(w.state, "particle_average", [torch.ones(1)] * len(w.state["particle_average"])),
      ValueError, r"state\['particle_average'\]\[0\] must be"),
     ("particle_average of another parameter",
      lambda w: _replace(w.state, "particle_average", _renamed(w.state["particle_average"], "3.bias", "3.offset")),
-     ValueError, r"state\['particle_average'\] holds the parameters .* missing \['3.bias'\], unexpected \['3.offset'\]"),
+     ValueError,
+     r"state\['particle_average'\] holds the parameters .* missing \['3.bias'\], unexpected \['3.offset'\]"),
     ("particle_average without a parameter",
      lambda w: _replace(w.state, "particle_average", _replace(w.state["particle_average"], "0.weight", _DELETE)),
      ValueError, r"state\['particle_average'\] holds the parameters .* missing \['0.weight'\], unexpected \[\]"),
     ("rewind_optimizer_state of another parameter",
-     lambda w: _replace(w.state, "rewind_optimizer_state", _optimizer_renamed(w, "3.bias", "rewind_optimizer_state")),
+     lambda w: _replace(w.state, "rewind_optimizer_state",
+                        _optimizer_renamed(w, "3.bias", "rewind_optimizer_state")),
      ValueError, r"state\['rewind_optimizer_state'\] holds the parameters .* missing \['3.bias'\]"),
     ("particle_average=None with samples", lambda w: _replace(w.state, "particle_average", None), ValueError,
      "particle_average"),
@@ -1023,7 +1028,8 @@ SWAMP_STATES = TICKET_STATES + [
     ("particle_sum of one tensor", lambda w: _replace(w.state, "particle_sum", [torch.ones(3)]), ValueError,
      "particle_sum"),
     ("particle_average with a sparse tensor",
-     lambda w: _replace(w.state, "particle_average", {k: t.to_sparse() for k, t in w.state["particle_average"].items()}),
+     lambda w: _replace(w.state, "particle_average",
+                        {k: t.to_sparse() for k, t in w.state["particle_average"].items()}),
      ValueError, "particle_average"),
 ]
 

@@ -143,16 +143,18 @@ def snapshot(model: nn.Module) -> dict[str, Tensor]:
             if name not in masks}
 
 
-def check_snapshot(state, model: nn.Module, name: str) -> dict[str, Tensor]:
+def check_snapshot(state, model: nn.Module, name: str, who: str) -> dict[str, Tensor]:
     """A validated copy of a saved `snapshot` of `model` (the same entries, shapes and dtypes),
-    moved to the model's devices; TypeError/ValueError naming `name` otherwise."""
+    moved to the model's devices; TypeError/ValueError naming `name` otherwise (and the wrapper a state saved
+    under it carries, `who` naming the algorithm)."""
     if not isinstance(state, dict):
         raise TypeError(f"{name} must be a dict of tensors, got {type(state).__name__}")
     masks = _mask_names(model)
     current = {key: value for key, value in model.state_dict(keep_vars=True).items() if key not in masks}
     if sorted(state, key=str) != sorted(current):
         missing, unexpected = sorted(set(current) - set(state)), sorted(set(state) - set(current), key=str)
-        raise ValueError(f"{name} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(f"{name} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+                         f"{wrapping_hint(list(state), list(current), who)}")
     checked = {}
     for key, value in current.items():
         saved = state[key]

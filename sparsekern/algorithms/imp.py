@@ -190,7 +190,7 @@ class IMP(distributed.CatchesUp):
         for key, value in self._settings().items():
             _tickets.check_saved_setting(state, key, value)
         if rewind_state is not None:
-            rewind_state = _tickets.check_snapshot(rewind_state, self.model, "state['rewind_state']")
+            rewind_state = _tickets.check_snapshot(rewind_state, self.model, "state['rewind_state']", "IMP")
         optimizer = _tickets.loaded_optimizer(self.optimizer_factory, self.model, state["optimizer"],
                                               "state['optimizer']", "IMP")
 

@@ -294,8 +294,8 @@ class SWAMP:
             "particle_average": _tickets.tensors_by_name(self.particle_average, names, self.averaged_parameters),
             "average_count": self.average_count,
             "particle_sum": _tickets.tensors_by_name(self.particle_sum, names, self.averaged_parameters),
-            "optimizer": _tickets.optimizer_by_name(self.optimizer.state_dict(), self.optimizer, names), "world_size": self.world_size,
-            **self._settings()})
+            "optimizer": _tickets.optimizer_by_name(self.optimizer.state_dict(), self.optimizer, names),
+            "world_size": self.world_size, **self._settings()})
 
     def _settings(self) -> dict:
         """The arguments a state is saved with and must be loaded under (`load_state_dict`)."""
@@ -340,7 +340,7 @@ class SWAMP:
         _tickets.check_rewind_point(counts["cycle"], counts["step_in_cycle"], rewind_state is not None,
                                     self.rewind_step, keeps_weights=True)
         if rewind_state is not None:
-            rewind_state = _tickets.check_snapshot(rewind_state, self.model, "state['rewind_state']")
+            rewind_state = _tickets.check_snapshot(rewind_state, self.model, "state['rewind_state']", "SWAMP")
         rewind_optimizer_state = state["rewind_optimizer_state"]
         if (rewind_optimizer_state is None) != (rewind_state is None):
             raise ValueError("state['rewind_optimizer_state'] must be given exactly when state['rewind_state'] is")
