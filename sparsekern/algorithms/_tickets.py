@@ -1,6 +1,7 @@
 """What IMP, SWAMP and OptG share: the layers they prune, global or layer-wise magnitude pruning,
-rewinding to a snapshot, the checks of their arguments and saved states, and a map over the tensors
-of a saved state.
+rewinding to a snapshot, the checks of their arguments and saved states, a map over the tensors
+of a saved state, and the keying of a state's entries (optimizer states included) by layer or
+parameter name, so that a model listing them in another order loads each one's own.
 
 A snapshot is the model's full state (parameters and buffers, BatchNorm statistics included)
 except the masks, cloned; restoring it and then setting a mask gives the ticket θ_k ⊙ m.

@@ -345,7 +345,7 @@ class SWAMP:
         if (rewind_optimizer_state is None) != (rewind_state is None):
             raise ValueError("state['rewind_optimizer_state'] must be given exactly when state['rewind_state'] is")
         if rewind_optimizer_state is not None:  # it must load into this optimizer when a particle starts
-            # Kept as the fresh optimizer holds it, by position in this model's order.
+            # Kept as the fresh optimizer (of no other use) holds it: by position, in this model's order.
             rewind_optimizer_state = _tickets.loaded_optimizer(
                 self.optimizer_factory, self.model, rewind_optimizer_state, "state['rewind_optimizer_state']",
                 "SWAMP").state_dict()
@@ -363,7 +363,7 @@ class SWAMP:
             setattr(self, name, value)
         self.averaged = averaged
         self.rewind_state = rewind_state
-        self.rewind_optimizer_state = _tickets.map_tensors(Tensor.clone, rewind_optimizer_state)
+        self.rewind_optimizer_state = rewind_optimizer_state
         self.particle_average = particle_average
         self.particle_sum = particle_sum
         self.optimizer = optimizer
