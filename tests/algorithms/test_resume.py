@@ -399,10 +399,12 @@ def _finish_ticket(model, algorithm):
 
 
 def _params_sorted(state):
-    """`state` with the parameter names of its optimizers' groups sorted: models listing their parameters in other
-    orders list them in other orders."""
+    """`state` with its optimizers' groups, and the parameter names in each, sorted: models listing their
+    parameters in other orders list them (and a group per parameter) in other orders."""
     if isinstance(state, dict):
-        return {key: sorted(value) if key == "params" else _params_sorted(value) for key, value in state.items()}
+        return {key: sorted(value) if key == "params" else
+                sorted(_params_sorted(value), key=lambda group: group["params"]) if key == "param_groups" else
+                _params_sorted(value) for key, value in state.items()}
     return [_params_sorted(value) for value in state] if isinstance(state, list) else state
 
 
@@ -433,6 +435,25 @@ def test_an_imp_or_swamp_state_loads_by_parameter_name_into_a_model_listing_its_
     swapped_algorithm.load_state_dict(saved["state"])
     assert _same(_params_sorted(saved["state"]), _params_sorted(swapped_algorithm.state_dict())) is None
     assert _same(_finish_ticket(model, algorithm), _finish_ticket(swapped, swapped_algorithm)) is None
+
+
+def test_an_imp_optimizer_state_of_a_group_per_parameter_pairs_each_group_by_its_parameters_name():
+    # torch pairs the saved groups with the optimizer's own by position: in a model listing its layers in another
+    # order, each group would take the other layer's hyperparameters (a learning rate a scheduler changed).
+    def build(names, seed):
+        model = _TwoLayers(names, seed)
+        return model, IMP(model, lambda params: torch.optim.SGD([{"params": [p]} for p in params], lr=0.05,
+                                                                momentum=0.9), prune_fraction=0.3, rewind_step=1)
+
+    model, imp = build(["first", "second"], 0)
+    _ticket_steps_of_two_layers(model, imp, 2)
+    imp.optimizer.param_groups[0]["lr"] = 0.02   # first.weight's, as a per-layer schedule would set it
+    saved = _through_a_file({"model": model.state_dict(), "state": imp.state_dict()})
+    swapped, swapped_imp = build(["second", "first"], 1)
+    swapped.load_state_dict(saved["model"])
+    swapped_imp.load_state_dict(saved["state"])
+    assert [group["lr"] for group in swapped_imp.optimizer.param_groups] == [0.05, 0.05, 0.02, 0.05]
+    assert _same(_finish_ticket(model, imp), _finish_ticket(swapped, swapped_imp)) is None
 
 
 @pytest.mark.parametrize("name", sorted(TICKETS))
