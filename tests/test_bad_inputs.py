@@ -881,6 +881,25 @@ def _other_optimizer_state(world, drop=1):
     return optimizer.state_dict()
 
 
+def _renamed(entries: dict, old: str, new: str) -> dict:
+    return {new if key == old else key: value for key, value in entries.items()}
+
+
+def _optimizer_renamed(world, old: str, key: str = "optimizer") -> dict:
+    """world's optimizer state (`key`) with the parameter `old` named "other", in its group and its state."""
+    state = world.state[key]
+    return {"state": _renamed(state["state"], old, "other"),
+            "param_groups": [{**group, "params": ["other" if name == old else name for name in group["params"]]}
+                             for group in state["param_groups"]]}
+
+
+def _split_groups(state: dict) -> dict:
+    """An optimizer state of one group split in two (the first parameter alone)."""
+    group = state["param_groups"][0]
+    return {**state, "param_groups": [{**group, "params": group["params"][:1]},
+                                      {**group, "params": group["params"][1:]}]}
+
+
 def _rewind_with(world, key, value):
     return _replace(world.state, "rewind_state", _replace(world.state["rewind_state"], key, value))
 
@@ -926,6 +945,14 @@ TICKET_STATES = [
     ("optimizer with nesterov=1", lambda w: _replace(w.state, "optimizer", _with_group_entry(w.state["optimizer"],
                                                                                              "nesterov", 1)),
      ValueError, "nesterov"),
+    ("optimizer of another parameter", lambda w: _replace(w.state, "optimizer", _optimizer_renamed(w, "3.bias")),
+     ValueError, r"state\['optimizer'\] holds the parameters .* missing \['3.bias'\], unexpected \['other'\]"),
+    ("optimizer with the state of another parameter", lambda w: _replace(w.state, "optimizer", {
+        **w.state["optimizer"], "state": _renamed(w.state["optimizer"]["state"], "3.bias", "other")}), ValueError,
+     r"state\['optimizer'\] holds the state of \['other'\]"),
+    ("optimizer grouping its parameters otherwise",
+     lambda w: _replace(w.state, "optimizer", _split_groups(w.state["optimizer"])), ValueError,
+     r"state\['optimizer'\] holds 2 parameter groups, the optimizer 1"),
 ]
 IMP_STATES = TICKET_STATES + [
     *[(f"without {key}", lambda w, k=key: _replace(w.state, k, _DELETE), ValueError, key)
@@ -959,10 +986,6 @@ _SWAMP_KEYS = ("cycle", "particle", "step_in_cycle", "averaged", "rewind_state",
                "particle_average", "average_count", "particle_sum", "optimizer")
 
 
-def _average_with(world, key, value):
-    return _replace(world.state, key, value)
-
-
 SWAMP_STATES = TICKET_STATES + [
     *[(f"without {key}", lambda w, k=key: _replace(w.state, k, _DELETE), ValueError, key) for key in _SWAMP_KEYS],
     *[(f"{key}={_show(v)}", lambda w, k=key, v=v: _replace(w.state, k, v), (TypeError, ValueError), key)
@@ -979,8 +1002,24 @@ SWAMP_STATES = TICKET_STATES + [
      "rewind_optimizer_state"),
     ("particle_average=[]", lambda w: _replace(w.state, "particle_average", []), ValueError, "particle_average"),
     ("particle_average with a wrong shape",
+     lambda w: _replace(w.state, "particle_average", _replace(w.state["particle_average"], "3.weight",
+                                                              torch.ones(1))),
+     ValueError, r"state\['particle_average'\]\['3.weight'\] must be a dense torch.float32 tensor of shape "
+                 r"\(16, 64\)"),
+    ("particle_average by position with a wrong shape",
      lambda w: _replace(w.state, "particle_average", [torch.ones(1)] * len(w.state["particle_average"])),
-     ValueError, "particle_average"),
+     ValueError, r"state\['particle_average'\]\[0\] must be"),
+    ("particle_average of another parameter",
+     lambda w: _replace(w.state, "particle_average", _renamed(w.state["particle_average"], "3.bias", "3.offset")),
+     ValueError,
+     r"state\['particle_average'\] holds the parameters .* missing \['3.bias'\], unexpected \['3.offset'\]"),
+    ("particle_average without a parameter",
+     lambda w: _replace(w.state, "particle_average", _replace(w.state["particle_average"], "0.weight", _DELETE)),
+     ValueError, r"state\['particle_average'\] holds the parameters .* missing \['0.weight'\], unexpected \[\]"),
+    ("rewind_optimizer_state of another parameter",
+     lambda w: _replace(w.state, "rewind_optimizer_state",
+                        _optimizer_renamed(w, "3.bias", "rewind_optimizer_state")),
+     ValueError, r"state\['rewind_optimizer_state'\] holds the parameters .* missing \['3.bias'\]"),
     ("particle_average=None with samples", lambda w: _replace(w.state, "particle_average", None), ValueError,
      "particle_average"),
     ("particle_average with samples and average_count=0", lambda w: _replace(w.state, "average_count", 0),
@@ -989,7 +1028,8 @@ SWAMP_STATES = TICKET_STATES + [
     ("particle_sum of one tensor", lambda w: _replace(w.state, "particle_sum", [torch.ones(3)]), ValueError,
      "particle_sum"),
     ("particle_average with a sparse tensor",
-     lambda w: _replace(w.state, "particle_average", [t.to_sparse() for t in w.state["particle_average"]]),
+     lambda w: _replace(w.state, "particle_average",
+                        {k: t.to_sparse() for k, t in w.state["particle_average"].items()}),
      ValueError, "particle_average"),
 ]
 

@@ -1,6 +1,7 @@
 """What IMP, SWAMP and OptG share: the layers they prune, global or layer-wise magnitude pruning,
-rewinding to a snapshot, the checks of their arguments and saved states, and a map over the tensors
-of a saved state.
+rewinding to a snapshot, the checks of their arguments and saved states, a map over the tensors
+of a saved state, and the keying of a state's entries (optimizer states included) by layer or
+parameter name, so that a model listing them in another order loads each one's own.
 
 A snapshot is the model's full state (parameters and buffers, BatchNorm statistics included)
 except the masks, cloned; restoring it and then setting a mask gives the ticket θ_k ⊙ m.
@@ -143,16 +144,18 @@ def snapshot(model: nn.Module) -> dict[str, Tensor]:
             if name not in masks}
 
 
-def check_snapshot(state, model: nn.Module, name: str) -> dict[str, Tensor]:
+def check_snapshot(state, model: nn.Module, name: str, who: str) -> dict[str, Tensor]:
     """A validated copy of a saved `snapshot` of `model` (the same entries, shapes and dtypes),
-    moved to the model's devices; TypeError/ValueError naming `name` otherwise."""
+    moved to the model's devices; TypeError/ValueError naming `name` otherwise (and the wrapper a state saved
+    under it carries, `who` naming the algorithm)."""
     if not isinstance(state, dict):
         raise TypeError(f"{name} must be a dict of tensors, got {type(state).__name__}")
     masks = _mask_names(model)
     current = {key: value for key, value in model.state_dict(keep_vars=True).items() if key not in masks}
     if sorted(state, key=str) != sorted(current):
         missing, unexpected = sorted(set(current) - set(state)), sorted(set(state) - set(current), key=str)
-        raise ValueError(f"{name} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(f"{name} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+                         f"{wrapping_hint(list(state), list(current), who)}")
     checked = {}
     for key, value in current.items():
         saved = state[key]
@@ -220,12 +223,19 @@ def layer_names(groups: list[tying.Group]) -> list[str]:
 
 
 def in_layer_order(saved_names, groups: list[tying.Group], name: str, who: str) -> list:
-    """`saved_names` (the layer names a state keys its entries by) in the order of `groups`, so that a model
-    listing its layers in another order loads each layer's own entry; a tied layer is found under the name of any
-    module holding its weight (which of them comes first may differ). ValueError naming `name` and the layers
-    missing or unexpected when they are not this model's layers, each once (`who` names the algorithm)."""
+    """`saved_names` (the layer names a state keys its entries by) in the order of `groups` (`in_order_of`); a tied
+    layer is found under the name of any module holding its weight (which of them comes first may differ)."""
+    return in_order_of(saved_names, [[module_name for module_name, _ in group] for group in groups], name, who,
+                       "layers")
+
+
+def in_order_of(saved_names, aliases: list[list[str]], name: str, who: str, what: str) -> list:
+    """`saved_names` (the names a state keys its entries by) in the order of the entries `aliases` lists the names
+    of (the first the one saved, any of them found), so that a model listing its layers or parameters in another
+    order loads each one's own entry. ValueError naming `name` and the entries missing or unexpected when they are
+    not this model's, each once (`who` names the algorithm, `what` the entries: "layers", "parameters")."""
     saved_names = list(saved_names)
-    position = {module_name: i for i, group in enumerate(groups) for module_name, _ in group}
+    position = {alias: i for i, names in enumerate(aliases) for alias in names}
     found, unexpected = {}, []
     for saved in saved_names:
         i = position.get(saved) if isinstance(saved, str) else None
@@ -233,11 +243,95 @@ def in_layer_order(saved_names, groups: list[tying.Group], name: str, who: str) 
             unexpected.append(saved)
         else:
             found[i] = saved
-    missing = [group[0][0] for i, group in enumerate(groups) if i not in found]
+    primary = [names[0] for names in aliases]
+    missing = [primary[i] for i in range(len(aliases)) if i not in found]
     if missing or unexpected:
-        raise ValueError(f"{name} holds the layers {saved_names}, not those of this model: missing {missing}, "
-                         f"unexpected {unexpected}{wrapping_hint(saved_names, layer_names(groups), who)}")
-    return [found[i] for i in range(len(groups))]
+        raise ValueError(f"{name} holds the {what} {saved_names}, not those of this model: missing {missing}, "
+                         f"unexpected {unexpected}{wrapping_hint(saved_names, primary, who)}")
+    return [found[i] for i in range(len(aliases))]
+
+
+def parameter_names(model: nn.Module) -> dict[int, list[str]]:
+    """Every name of each parameter of `model`, by the parameter's id, the one `named_parameters()` gives first: a
+    weight tied to two modules has two, and which comes first depends on the order the model lists them in."""
+    names: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    return names
+
+
+def tensors_by_name(tensors: list[Tensor] | None, names: dict[int, list[str]], like: list[Tensor]):
+    """`tensors` (one for each parameter in `like`) keyed by the parameters' names; None stays None."""
+    return None if tensors is None else {names[id(p)][0]: tensor for p, tensor in zip(like, tensors)}
+
+
+def check_tensors_by_name(saved, names: dict[int, list[str]], like: list[Tensor], name: str,
+                          who: str) -> list[Tensor] | None:
+    """`check_tensors` of a state's `tensors_by_name`, found under any name of each parameter of `like`, in
+    their order; a list (by position, as older versions saved it) is checked as it is."""
+    if not isinstance(saved, dict):
+        return check_tensors(saved, like, name)
+    keys = in_order_of(saved, [names[id(p)] for p in like], name, who, "parameters")
+    return check_tensors([saved[key] for key in keys], like, name, keys)
+
+
+def optimizer_by_name(state: dict, optimizer: torch.optim.Optimizer, names: dict[int, list[str]]) -> dict:
+    """`state`, a state dict of `optimizer` (torch's, keyed by the parameters' positions in its groups), with each
+    position replaced by the parameter's first name in `names` (by the parameter's id), so that it loads into a
+    model listing its parameters in another order (`optimizer_in_order`); as it is, by position, when a parameter
+    has no name (is not one of the model's)."""
+    parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
+    if not all(id(parameter) in names for parameter in parameters):
+        return state
+    named = {position: names[id(parameter)][0] for position, parameter in enumerate(parameters)}
+    return {**state, "state": {named[position]: values for position, values in state["state"].items()},
+            "param_groups": [{**group, "params": [named[position] for position in group["params"]]}
+                             for group in state["param_groups"]]}
+
+
+def optimizer_in_order(saved: dict, optimizer: torch.optim.Optimizer, names: dict[int, list[str]], name: str,
+                       who: str, by_position: bool = True) -> dict:
+    """A state of `optimizer_by_name`, its groups and their parameters' names listed in the order of `optimizer`'s
+    own (a parameter found under any of its `names`): torch's load_state_dict pairs the saved groups, and the
+    parameters in them, with the optimizer's own by position, and moves each one's hyperparameters and state to
+    its pair. A state by position (torch's own, as older versions saved it) is returned as it is, where
+    `by_position` allows it (not beside other entries by name). ValueError naming `name` and the parameters when
+    they are not the optimizer's, or are grouped otherwise."""
+    groups_saved = saved.get("param_groups")
+    if (not isinstance(groups_saved, list) or not isinstance(saved.get("state"), dict)
+            or not all(isinstance(group, dict) and isinstance(group.get("params"), list) for group in groups_saved)):
+        raise ValueError(f"{name} must be an optimizer state dict: a dict of 'state' and 'param_groups', each "
+                         f"group's 'params' the parameters' names")
+    saved_names = [key for group in groups_saved for key in group["params"]]
+    if by_position and not any(isinstance(key, str) for key in saved_names):
+        return saved
+    parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
+    strangers = [i for i, parameter in enumerate(parameters) if id(parameter) not in names]
+    if strangers:
+        raise ValueError(f"{name} holds the parameters by name, but the optimizer's parameters {strangers} (by "
+                         f"position) are not the model's")
+    order = dict(zip(map(id, parameters), in_order_of(saved_names, [names[id(p)] for p in parameters], name, who,
+                                                      "parameters")))
+    unexpected = [key for key in saved["state"] if key not in saved_names]
+    if unexpected:
+        raise ValueError(f"{name} holds the state of {unexpected}, which are not its parameters {saved_names}")
+    if len(groups_saved) != len(optimizer.param_groups):
+        raise ValueError(f"{name} holds {len(groups_saved)} parameter groups, the optimizer "
+                         f"{len(optimizer.param_groups)}")
+    home = {key: i for i, group in enumerate(groups_saved) for key in group["params"]}
+    empty = [i for i, group in enumerate(groups_saved) if not group["params"]]
+    paired = []
+    for group in optimizer.param_groups:
+        keys = [order[id(parameter)] for parameter in group["params"]]
+        # An empty group has no parameter to find its pair by: the empty saved groups pair up in their order.
+        homes = {home[key] for key in keys} if keys else set(empty[:1])
+        empty = empty if keys else empty[1:]
+        if len(homes) != 1 or len(groups_saved[min(homes)]["params"]) != len(keys):
+            grouped = [[order[id(parameter)] for parameter in group["params"]] for group in optimizer.param_groups]
+            raise ValueError(f"{name} groups the parameters as {[group['params'] for group in groups_saved]}, "
+                             f"the optimizer as {grouped}")
+        paired.append({**groups_saved[homes.pop()], "params": keys})
+    return {**saved, "param_groups": paired}
 
 
 def wrapping_hint(saved: list, names: list[str], who: str) -> str:
@@ -333,11 +427,15 @@ def check_rewind_point(cycle: int, step_in_cycle: int, has_rewind_state: bool, r
                          f"(cycle {cycle}, step {step_in_cycle}, rewind_step={rewind_step})")
 
 
-def loaded_optimizer(optimizer_factory: Callable, model: nn.Module, saved, name: str) -> torch.optim.Optimizer:
-    """A fresh optimizer from the factory with `saved` loaded; ValueError naming `name` if it does not fit."""
+def loaded_optimizer(optimizer_factory: Callable, model: nn.Module, saved, name: str,
+                     who: str) -> torch.optim.Optimizer:
+    """A fresh optimizer from the factory with `saved` loaded, a state of `optimizer_by_name` by the names of
+    `model`'s parameters (in any order) or torch's own by position; ValueError naming `name` (and the parameters
+    missing or unexpected, `who` naming the algorithm) if it does not fit."""
     optimizer = make_optimizer(optimizer_factory, model)
     if not isinstance(saved, dict):
         raise TypeError(f"{name} must be an optimizer state dict, got {type(saved).__name__}")
+    saved = optimizer_in_order(saved, optimizer, parameter_names(model), name, who)
     try:
         # A copy: torch's optimizer keeps the caller's tensors as its own (where device and dtype fit) and would
         # train them in place, so that a state loaded twice (a retry, a rollback) would not resume alike.

@@ -147,10 +147,18 @@ class IMP(distributed.CatchesUp):
         return _tickets.masks_of(self._groups)
 
     def state_dict(self) -> dict:
-        """Counters, θ_k and the optimizer's state, as copies: training on leaves a state kept in memory as it was."""
+        """Counters, θ_k and the optimizer's state, as copies: training on leaves a state kept in memory as it was.
+        θ_k is keyed by parameter and buffer name, as the model's state dict is, and so is the optimizer's state
+        (its parameters are the names in place of torch's positions; an optimizer training a parameter that is not
+        the model's is saved by position), so that the state loads into a model that lists its layers in another
+        order, and is refused by one with other layers; the names are those of the model IMP was built on,
+        wrapper prefixes included ("module." under DistributedDataParallel)."""
         return _tickets.map_tensors(Tensor.clone, {
             "algorithm": "IMP", "cycle": self.cycle, "step_in_cycle": self.step_in_cycle,
-            "rewind_state": self.rewind_state, "optimizer": self.optimizer.state_dict(), **self._settings()})
+            "rewind_state": self.rewind_state,
+            "optimizer": _tickets.optimizer_by_name(self.optimizer.state_dict(), self.optimizer,
+                                                    _tickets.parameter_names(self.model)),
+            **self._settings()})
 
     def _settings(self) -> dict:
         """The arguments a state is saved with and must be loaded under (`load_state_dict`)."""
@@ -162,7 +170,9 @@ class IMP(distributed.CatchesUp):
 
         Checked completely first (entries, counts, θ_k against the model, the optimizer state against a
         fresh optimizer, and that it is an IMP state saved with this IMP's rewind, rewind_step,
-        prune_fraction and scope): a bad state raises TypeError or ValueError and changes nothing.
+        prune_fraction and scope): a bad state raises TypeError or ValueError and changes nothing; a parameter
+        missing from the optimizer's state, or one this model lacks, is named. An optimizer state of older
+        versions, by position (torch's own), loads by position, as it did.
         """
         self._prepare_load(state)()
 
@@ -180,9 +190,9 @@ class IMP(distributed.CatchesUp):
         for key, value in self._settings().items():
             _tickets.check_saved_setting(state, key, value)
         if rewind_state is not None:
-            rewind_state = _tickets.check_snapshot(rewind_state, self.model, "state['rewind_state']")
+            rewind_state = _tickets.check_snapshot(rewind_state, self.model, "state['rewind_state']", "IMP")
         optimizer = _tickets.loaded_optimizer(self.optimizer_factory, self.model, state["optimizer"],
-                                              "state['optimizer']")
+                                              "state['optimizer']", "IMP")
 
         def install() -> None:
             self.cycle, self.step_in_cycle = cycle, step_in_cycle

@@ -293,8 +293,14 @@ class OptG(distributed.CatchesUp):
         names = _tickets.layer_names(self._groups)
         return _tickets.map_tensors(Tensor.clone, {
             "algorithm": "OptG", "epoch": self.epoch, "scores": dict(zip(names, self.scores)),
-            "score_optimizer": _optimizer_by_name(self.score_optimizer.state_dict(), names),
+            "score_optimizer": _tickets.optimizer_by_name(self.score_optimizer.state_dict(), self.score_optimizer,
+                                                          self._score_names()),
             "masks": dict(zip(names, self.masks)), **self._settings()})
+
+    def _score_names(self) -> dict[int, list[str]]:
+        """The names a layer's scores are saved under in the score optimizer's state, by the scores' id: those of
+        the modules holding the layer's weight, its primary module's first (`_tickets.in_layer_order`)."""
+        return {id(score): [name for name, _ in group] for score, group in zip(self.scores, self._groups)}
 
     def _settings(self) -> dict:
         """The arguments a state is saved with and must be loaded under (`load_state_dict`)."""
@@ -338,7 +344,6 @@ class OptG(distributed.CatchesUp):
                                     f"is, got {type(saved_masks).__name__}")
                 saved_masks = [saved_masks[key] for key in _tickets.in_layer_order(
                     saved_masks, self._groups, "state['masks']", "OptG")]
-            saved_optimizer = _optimizer_in_layer_order(saved_optimizer, self._groups)
         elif not isinstance(saved_scores, (list, tuple)):
             raise TypeError(f"state['scores'] must be a dict of score tensors by layer name, got "
                             f"{type(saved_scores).__name__}")
@@ -351,6 +356,9 @@ class OptG(distributed.CatchesUp):
         if scores is None or not all(torch.isfinite(score).all() for score in scores):
             raise ValueError("state['scores'] must hold finite score tensors, one per sparse layer")
         score_optimizer = torch.optim.SGD(self.scores, **self.score_optimizer.defaults)
+        saved_optimizer = _tickets.optimizer_in_order(saved_optimizer, score_optimizer, self._score_names(),
+                                                      "state['score_optimizer']", "OptG",
+                                                      by_position=keys is None)
         try:  # into a fresh optimizer, so that a state that does not fit leaves the current one alone
             # A copy: torch's optimizer would keep the caller's tensors as its own and train them in place.
             score_optimizer.load_state_dict(_tickets.map_tensors(Tensor.clone, saved_optimizer))
@@ -394,27 +402,3 @@ def _check_momentum_buffers(optimizer: torch.optim.Optimizer, names: list[str], 
         raise ValueError(f"state['score_optimizer'] must hold for layer {name!r} a finite momentum buffer of "
                          f"{score.dtype} and shape {tuple(score.shape)}, got {got}")
 
-
-def _optimizer_by_name(state: dict, names: list[str]) -> dict:
-    """The scores' optimizer state dict with each score's position replaced by its layer's name."""
-    return {"state": {names[i]: values for i, values in state["state"].items()},
-            "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
-                             for group in state["param_groups"]]}
-
-
-def _optimizer_in_layer_order(saved: dict, groups: list[tying.Group]) -> dict:
-    """A state of `_optimizer_by_name`, its parameters' names listed in the order of `groups`: torch's
-    load_state_dict pairs the saved parameters with the optimizer's own by their position in that list, and
-    moves the state of each to its pair. ValueError naming the layers when they are not this model's."""
-    groups_saved = saved.get("param_groups")
-    if (not isinstance(groups_saved, list) or len(groups_saved) != 1 or not isinstance(groups_saved[0], dict)
-            or not isinstance(groups_saved[0].get("params"), list) or not isinstance(saved.get("state"), dict)):
-        raise ValueError("state['score_optimizer'] must be the state dict of the scores' optimizer: a dict of "
-                         "'state' and one of 'param_groups', its 'params' the layer names")
-    order = _tickets.in_layer_order(groups_saved[0]["params"], groups, "state['score_optimizer']", "OptG")
-    known = set(order)
-    unexpected = [key for key in saved["state"] if key not in known]
-    if unexpected:
-        raise ValueError(f"state['score_optimizer'] holds the state of {unexpected}, which are not its parameters "
-                         f"{order}")
-    return {**saved, "param_groups": [{**groups_saved[0], "params": order}]}

@@ -277,13 +277,25 @@ class SWAMP:
     def state_dict(self) -> dict:
         """This rank's state, as copies (training on leaves a state kept in memory as it was): under
         torch.distributed, each rank's holds the particles it trained, so each rank saves its own, and it
-        resumes on the same rank of as many ranks."""
+        resumes on the same rank of as many ranks. Everything is keyed by parameter (and buffer) name: θ_k as the
+        model's state dict is, the particle's average and the particles' sum, and the optimizer's states (their
+        parameters are the names in place of torch's positions; an optimizer training a parameter that is not
+        the model's is saved by position), so that the state loads into a model that lists its layers in another
+        order, and is refused by one with other layers; the names are those of the model SWAMP was built on,
+        wrapper prefixes included ("module." under DistributedDataParallel)."""
+        names = _tickets.parameter_names(self.model)
+        rewind_optimizer_state = self.rewind_optimizer_state
+        if rewind_optimizer_state is not None:   # kept by position, for the optimizer of each particle to load
+            rewind_optimizer_state = _tickets.optimizer_by_name(rewind_optimizer_state, self.optimizer, names)
         return _tickets.map_tensors(Tensor.clone, {
             "algorithm": "SWAMP", "cycle": self.cycle, "particle": self.particle, "step_in_cycle": self.step_in_cycle,
             "averaged": self.averaged, "rewind_state": self.rewind_state,
-            "rewind_optimizer_state": self.rewind_optimizer_state, "particle_average": self.particle_average,
-            "average_count": self.average_count, "particle_sum": self.particle_sum,
-            "optimizer": self.optimizer.state_dict(), "world_size": self.world_size, **self._settings()})
+            "rewind_optimizer_state": rewind_optimizer_state,
+            "particle_average": _tickets.tensors_by_name(self.particle_average, names, self.averaged_parameters),
+            "average_count": self.average_count,
+            "particle_sum": _tickets.tensors_by_name(self.particle_sum, names, self.averaged_parameters),
+            "optimizer": _tickets.optimizer_by_name(self.optimizer.state_dict(), self.optimizer, names),
+            "world_size": self.world_size, **self._settings()})
 
     def _settings(self) -> dict:
         """The arguments a state is saved with and must be loaded under (`load_state_dict`)."""
@@ -296,7 +308,9 @@ class SWAMP:
 
         Checked completely first (entries, counts, tensors against the model, and that it is a SWAMP state
         saved on as many ranks with this SWAMP's rewind_step, particles, prune_fraction, scope, swa_start,
-        swa_every and seed): a bad state raises TypeError or ValueError and changes nothing.
+        swa_every and seed): a bad state raises TypeError or ValueError and changes nothing; a parameter missing
+        from it, or one this model lacks, is named. A state of older versions, which hold the particles' tensors
+        and the optimizers' states by position (lists, torch's own), loads by position, as it did.
         """
         _tickets.check_own_weights(self._groups, "SWAMP")
         _tickets.check_saved_by(state, "SWAMP")
@@ -326,27 +340,30 @@ class SWAMP:
         _tickets.check_rewind_point(counts["cycle"], counts["step_in_cycle"], rewind_state is not None,
                                     self.rewind_step, keeps_weights=True)
         if rewind_state is not None:
-            rewind_state = _tickets.check_snapshot(rewind_state, self.model, "state['rewind_state']")
+            rewind_state = _tickets.check_snapshot(rewind_state, self.model, "state['rewind_state']", "SWAMP")
         rewind_optimizer_state = state["rewind_optimizer_state"]
         if (rewind_optimizer_state is None) != (rewind_state is None):
             raise ValueError("state['rewind_optimizer_state'] must be given exactly when state['rewind_state'] is")
         if rewind_optimizer_state is not None:  # it must load into this optimizer when a particle starts
-            _tickets.loaded_optimizer(self.optimizer_factory, self.model, rewind_optimizer_state,
-                                      "state['rewind_optimizer_state']")
-        particle_average = _tickets.check_tensors(state["particle_average"], self.averaged_parameters,
-                                                  "state['particle_average']")
+            # Kept as the fresh optimizer (of no other use) holds it: by position, in this model's order.
+            rewind_optimizer_state = _tickets.loaded_optimizer(
+                self.optimizer_factory, self.model, rewind_optimizer_state, "state['rewind_optimizer_state']",
+                "SWAMP").state_dict()
+        names = _tickets.parameter_names(self.model)
+        particle_average = _tickets.check_tensors_by_name(state["particle_average"], names, self.averaged_parameters,
+                                                          "state['particle_average']", "SWAMP")
         if (particle_average is None) != (counts["average_count"] == 0):
             raise ValueError(f"state['particle_average'] and state['average_count']="
                              f"{counts['average_count']} disagree")
-        particle_sum = _tickets.check_tensors(state["particle_sum"], self.averaged_parameters,
-                                              "state['particle_sum']")
+        particle_sum = _tickets.check_tensors_by_name(state["particle_sum"], names, self.averaged_parameters,
+                                                      "state['particle_sum']", "SWAMP")
         optimizer = _tickets.loaded_optimizer(self.optimizer_factory, self.model, state["optimizer"],
-                                              "state['optimizer']")
+                                              "state['optimizer']", "SWAMP")
         for name, value in counts.items():
             setattr(self, name, value)
         self.averaged = averaged
         self.rewind_state = rewind_state
-        self.rewind_optimizer_state = _tickets.map_tensors(Tensor.clone, rewind_optimizer_state)
+        self.rewind_optimizer_state = rewind_optimizer_state
         self.particle_average = particle_average
         self.particle_sum = particle_sum
         self.optimizer = optimizer

@@ -382,6 +382,176 @@ def test_an_optg_state_saved_by_position_by_older_versions_loads_as_before():
     assert _same((model.state_dict(), optg.state_dict()), (resumed.state_dict(), resumed_optg.state_dict())) is None
 
 
+def _ticket_steps_of_two_layers(model, algorithm, steps):
+    """Trains IMP or SWAMP from its step_in_cycle to `steps` with its own optimizer (momentum SGD), on data drawn
+    by step and particle."""
+    for t in range(algorithm.step_in_cycle, steps):
+        generator = torch.Generator().manual_seed(100 * getattr(algorithm, "data_seed", 0) + t)
+        model(torch.randn(16, 8, generator=generator)).square().mean().backward()
+        algorithm.optimizer.step()
+        algorithm.optimizer.zero_grad()
+        algorithm.step()
+
+
+TICKETS = {
+    "IMP": lambda model, rewind_step: IMP(model, _sgd, prune_fraction=0.3, rewind_step=rewind_step),
+    "SWAMP": lambda model, rewind_step: SWAMP(model, _sgd, particles=2, prune_fraction=0.3, rewind_step=rewind_step,
+                                              swa_start=max(2, rewind_step)),
+}
+
+
+def _ticket_of_two_layers(name, names, seed=0, rewind_step=1, tied=False):
+    model = _TwoLayers(names, seed)
+    if tied:
+        model.second.weight = model.first.weight
+    return model, TICKETS[name](model, rewind_step)
+
+
+def _finish_ticket(model, algorithm):
+    """Runs IMP or SWAMP on to the end of its second cycle (steps of 4); its model's and its own state."""
+    algorithm.run(lambda run: _ticket_steps_of_two_layers(model, run, 4), 2)
+    return model.state_dict(), _params_sorted(algorithm.state_dict())
+
+
+def _params_sorted(state):
+    """`state` with its optimizers' groups, and the parameter names in each, sorted: models listing their
+    parameters in other orders list them (and a group per parameter) in other orders."""
+    if isinstance(state, dict):
+        return {key: sorted(value) if key == "params" else
+                sorted(_params_sorted(value), key=lambda group: group["params"]) if key == "param_groups" else
+                _params_sorted(value) for key, value in state.items()}
+    return [_params_sorted(value) for value in state] if isinstance(state, list) else state
+
+
+def _stopped(model, algorithm, particle, step):
+    """`model` and `algorithm` trained in cycle 0 to `step` of SWAMP's `particle` (IMP's 0: its only one)."""
+    while getattr(algorithm, "particle", 0) < particle:
+        _ticket_steps_of_two_layers(model, algorithm, 4)
+        algorithm.next_particle()
+    _ticket_steps_of_two_layers(model, algorithm, step)
+
+
+# (algorithm, particle, step): SWAMP in its first particle holds the rewind optimizer state and the particle's
+# average, in its second the sum of the first
+TICKET_STOPS = [("IMP", 0, 3), ("SWAMP", 0, 3), ("SWAMP", 1, 3)]
+
+
+@pytest.mark.parametrize("name, particle, step", TICKET_STOPS)
+def test_an_imp_or_swamp_state_loads_by_parameter_name_into_a_model_listing_its_layers_in_another_order(
+        name, particle, step):
+    # Their optimizers' states (momentum) and SWAMP's particle average and sum were kept by position: the model's
+    # own state dict (by name) loaded each layer's weights, and each layer took the other's momentum and average,
+    # without a word.
+    model, algorithm = _ticket_of_two_layers(name, ["first", "second"])
+    _stopped(model, algorithm, particle, step)
+    saved = _through_a_file({"model": model.state_dict(), "state": algorithm.state_dict()})
+    swapped, swapped_algorithm = _ticket_of_two_layers(name, ["second", "first"], seed=1)
+    swapped.load_state_dict(saved["model"])
+    swapped_algorithm.load_state_dict(saved["state"])
+    assert _same(_params_sorted(saved["state"]), _params_sorted(swapped_algorithm.state_dict())) is None
+    assert _same(_finish_ticket(model, algorithm), _finish_ticket(swapped, swapped_algorithm)) is None
+
+
+def test_an_imp_optimizer_state_of_a_group_per_parameter_pairs_each_group_by_its_parameters_name():
+    # torch pairs the saved groups with the optimizer's own by position: in a model listing its layers in another
+    # order, each group would take the other layer's hyperparameters (a learning rate a scheduler changed).
+    def build(names, seed):
+        model = _TwoLayers(names, seed)
+        return model, IMP(model, lambda params: torch.optim.SGD([{"params": [p]} for p in params], lr=0.05,
+                                                                momentum=0.9), prune_fraction=0.3, rewind_step=1)
+
+    model, imp = build(["first", "second"], 0)
+    _ticket_steps_of_two_layers(model, imp, 2)
+    imp.optimizer.param_groups[0]["lr"] = 0.02   # first.weight's, as a per-layer schedule would set it
+    saved = _through_a_file({"model": model.state_dict(), "state": imp.state_dict()})
+    swapped, swapped_imp = build(["second", "first"], 1)
+    swapped.load_state_dict(saved["model"])
+    swapped_imp.load_state_dict(saved["state"])
+    assert [group["lr"] for group in swapped_imp.optimizer.param_groups] == [0.05, 0.05, 0.02, 0.05]
+    assert _same(_finish_ticket(model, imp), _finish_ticket(swapped, swapped_imp)) is None
+
+
+@pytest.mark.parametrize("name", sorted(TICKETS))
+@pytest.mark.parametrize("names, words", [
+    (["first", "third"], r"missing \['third.weight', 'third.bias'\], unexpected \['second.weight', 'second.bias'\]"),
+    (["first", "second", "third"], r"missing \['third.weight', 'third.bias'\], unexpected \[\]"),
+    (["second", "first", "third"], r"missing \['third.weight', 'third.bias'\], unexpected \[\]"),
+])
+def test_an_imp_or_swamp_optimizer_state_of_other_layers_is_refused_naming_them(name, names, words):
+    # A renamed layer of the same shape took the other's momentum silently; a layer more or less was refused by
+    # torch as "a different number of parameters" without saying which.
+    model, algorithm = _ticket_of_two_layers(name, ["first", "second"], rewind_step=2)
+    _ticket_steps_of_two_layers(model, algorithm, 1)   # before the rewind step: the optimizer's state is checked
+    state = _through_a_file(algorithm.state_dict())
+    other, other_algorithm = _ticket_of_two_layers(name, names, seed=1, rewind_step=2)
+    _refused_with_nothing_changed(other_algorithm, other, state,
+                                  r"state\['optimizer'\] holds the parameters \['first.weight', 'first.bias', "
+                                  r"'second.weight', 'second.bias'\], not those of this model: " + words)
+
+
+@pytest.mark.parametrize("name", sorted(TICKETS))
+def test_an_imp_or_swamp_optimizer_state_missing_a_layer_is_refused_naming_it(name):
+    model, algorithm = _ticket_of_two_layers(name, ["first", "second", "third"], rewind_step=2)
+    _ticket_steps_of_two_layers(model, algorithm, 1)
+    state = _through_a_file(algorithm.state_dict())
+    fewer, fewer_algorithm = _ticket_of_two_layers(name, ["first", "second"], seed=1, rewind_step=2)
+    _refused_with_nothing_changed(fewer_algorithm, fewer, state,
+                                  r"missing \[\], unexpected \['third.weight', 'third.bias'\]")
+
+
+@pytest.mark.parametrize("name, particle, step", TICKET_STOPS)
+def test_an_imp_or_swamp_state_of_a_tied_weight_loads_under_either_name_of_the_weight(name, particle, step):
+    # A weight two modules share is one parameter, named after the first of them, which a model listing them in
+    # the other order names differently.
+    model, algorithm = _ticket_of_two_layers(name, ["first", "second"], tied=True)
+    _stopped(model, algorithm, particle, step)
+    saved = _through_a_file({"model": model.state_dict(), "state": algorithm.state_dict()})
+    swapped, swapped_algorithm = _ticket_of_two_layers(name, ["second", "first"], seed=1, tied=True)
+    swapped.load_state_dict(saved["model"])
+    swapped_algorithm.load_state_dict(saved["state"])
+    assert "first.weight" in saved["state"]["optimizer"]["state"]
+    assert torch.equal(saved["state"]["optimizer"]["state"]["first.weight"]["momentum_buffer"],
+                       swapped_algorithm.state_dict()["optimizer"]["state"]["second.weight"]["momentum_buffer"])
+    finished, swapped_finished = _finish_ticket(model, algorithm), _finish_ticket(swapped, swapped_algorithm)
+    assert _same(finished[0], swapped_finished[0]) is None
+    assert torch.equal(finished[1]["optimizer"]["state"]["first.weight"]["momentum_buffer"],
+                       swapped_finished[1]["optimizer"]["state"]["second.weight"]["momentum_buffer"])
+
+
+@pytest.mark.parametrize("rewind_step", [0, 1])   # 0: θ_k is checked first; 1: the optimizer's state is
+@pytest.mark.parametrize("name", sorted(TICKETS))
+def test_an_imp_or_swamp_state_saved_under_a_wrapper_is_refused_by_the_bare_model_saying_why(name, rewind_step):
+    state = _through_a_file(TICKETS[name](_Wrapper(mlp(0, hidden=8)), rewind_step).state_dict())
+    model = mlp(1, hidden=8)
+    _refused_with_nothing_changed(TICKETS[name](model, rewind_step), model, state,
+                                  r"unexpected \['module\.0\.[a-z]+', .* \(the saved names carry the prefix "
+                                  r"'module\.' of a wrapper, DistributedDataParallel's or torch.compile's: build "
+                                  + name)
+
+
+def _positional_ticket_state(algorithm):
+    """IMP's or SWAMP's state as versions that kept its optimizers' states and SWAMP's particle average and sum by
+    position saved it."""
+    positional = {"optimizer": algorithm.optimizer.state_dict()}
+    if isinstance(algorithm, SWAMP):
+        positional.update(rewind_optimizer_state=algorithm.rewind_optimizer_state,
+                          particle_average=algorithm.particle_average, particle_sum=algorithm.particle_sum)
+    return _tickets.map_tensors(torch.Tensor.clone, {**algorithm.state_dict(), **positional})
+
+
+@pytest.mark.parametrize("name, particle, step", TICKET_STOPS)
+def test_an_imp_or_swamp_state_saved_by_position_by_older_versions_loads_as_before(name, particle, step):
+    model, algorithm = _ticket_of_two_layers(name, ["first", "second"])
+    _stopped(model, algorithm, particle, step)
+    saved = _through_a_file({"model": model.state_dict(), "state": _positional_ticket_state(algorithm)})
+    assert all(isinstance(key, int) for key in saved["state"]["optimizer"]["state"])
+    resumed, resumed_algorithm = _ticket_of_two_layers(name, ["first", "second"], seed=1)
+    resumed.load_state_dict(saved["model"])
+    resumed_algorithm.load_state_dict(saved["state"])
+    assert _same(algorithm.state_dict(), resumed_algorithm.state_dict()) is None
+    assert _same(_finish_ticket(model, algorithm), _finish_ticket(resumed, resumed_algorithm)) is None
+
+
 # -- a state kept in memory -----------------------------------------------------------------------------------
 
 def _data():
