@@ -1,5 +1,6 @@
-"""README.md's Python blocks run as written, so that they cannot rot: each gets only the tensors its
-placeholders stand for (`x, y = ...`, the ops' `weight`, `mask`, ...)."""
+"""README.md stays runnable: its Python blocks run as written, each given only the tensors its
+placeholders stand for (`x, y = ...`, the ops' `weight`, `mask`, ...), and every command-line option it names is
+one of a sparsekern command's."""
 import re
 from pathlib import Path
 
@@ -54,3 +55,20 @@ def test_the_ops_block_runs():
     assert sum(int(mask.sum()) for mask in namespace["masks"]) == 20   # topk_mask's k
     assert isinstance(namespace["packed"], sk.ops.PackedWeight)
     assert namespace["y"].shape == (3, 6)
+
+
+# Options of other tools in README's commands: pip's, torchrun's and pytest's.
+OTHER_TOOLS_OPTIONS = {"--no-build-isolation", "--no-deps", "--no-index", "--standalone", "--nproc-per-node",
+                       "--benchmark-enable"}
+
+
+def test_every_option_the_readme_names_is_one_of_a_sparsekern_command(capsys):
+    from sparsekern.cli.main import main
+
+    known = set()
+    for command in ("train", "compare", "reproduce", "bench"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        known |= set(re.findall(r"--[a-z][a-z-]*", capsys.readouterr().out))
+    named = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", README.read_text())) - OTHER_TOOLS_OPTIONS
+    assert named <= known, f"README.md names options no sparsekern command has: {sorted(named - known)}"
