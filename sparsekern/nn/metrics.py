@@ -68,7 +68,9 @@ def summary(model: nn.Module, print_fn: Callable[[str], object] | None = print) 
     """Per-layer shape, parameter count, non-zeros and density of `model`, printed and returned.
 
     One row per module that owns parameters directly, in model order: non-zeros counts the
-    active entries of a sparse module's weight (its mask) plus its other parameters in full.
+    active entries of a sparse module's weight (its mask) plus its other parameters in full, and
+    density is non-zeros / parameters, so a layer's counts its bias too (its weight's own density is
+    the mask's mean).
     A parameter shared by several modules (tied weights) is counted once, in the row of its first
     holder; a later holder's row counts only its own other parameters and names the first holder
     in "tied_to" (None when nothing is shared).
