@@ -138,12 +138,12 @@ class WeightForDenseKernel : public torch::autograd::Function<WeightForDenseKern
   }
 };
 
+}  // namespace
+
 at::Tensor weight_for_dense_kernel(const at::Tensor& weight, const at::Tensor& mask, bool zero_off_mask,
                                    bool dense_grad) {
   return WeightForDenseKernel::apply(weight, mask, zero_off_mask, dense_grad);
 }
-
-}  // namespace
 
 at::Tensor masked(const at::Tensor& t, const at::Tensor& mask) {
   // masked_weight has no autograd formula: a select to be differentiated (double backward) is at::where.

@@ -64,10 +64,18 @@ class MaskedLinear : public torch::autograd::Function<MaskedLinear> {
     // dx before dweight: a masked weight is freed before the weight gradient is allocated, so the
     // step never holds both (a dense step holds the weight gradient alone).
     if (ctx->needs_input_grad(kX)) {
-      // Recorded for double backward, the select even on a weight that is 0 off the mask: the weight's
-      // gradient through dx must be masked too.
-      const bool weight_itself = (flags & kZeroOffMask) && !at::GradMode::is_enabled();
-      const at::Tensor& product_weight = weight_itself ? weight : masked(weight, mask);
+      at::Tensor product_weight;
+      if (!at::GradMode::is_enabled()) {
+        product_weight = (flags & kZeroOffMask) ? weight : masked(weight, mask);
+      } else if (flags & kDenseGrad) {
+        // Recorded for double backward with dense_grad: the masked weight's values, its gradient passed
+        // straight through, as through y (a gradient penalty's part of the dense gradient).
+        product_weight = weight_for_dense_kernel(weight, mask, (flags & kZeroOffMask) != 0, /*dense_grad=*/true);
+      } else {
+        // Recorded for double backward, the select even on a weight that is 0 off the mask: the
+        // weight's gradient through dx must be masked too.
+        product_weight = masked(weight, mask);
+      }
       // mm for rows (matmul would dispatch to it through a layer of its own).
       grad_x = grad_out.dim() == 2 ? at::mm(grad_out, product_weight) : at::matmul(grad_out, product_weight);
     }

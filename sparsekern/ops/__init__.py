@@ -160,10 +160,10 @@ def masked_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None =
     does); a weight that breaks it gives wrong results. Without the promise, eager calls (with the
     compiled extension) run the dense kernel on where(mask, weight, 0), made in one pass for the
     forward and again for dx rather than kept in memory between them, and mask dweight in place
-    as above (with dense_grad, on CPU, made once and kept from forward to backward: OptG's every
-    step, RigL's before each update); torch.compile traces F.linear on the masked weight, its select
-    and the gradient's mask the extension's kernels on CPU
-    (`_masked_linear_op._traced_select_is_opaque`), torch.where that Inductor fuses elsewhere. Masks
+    as above (on a GPU a dense_grad call takes the reference backend's custom ops instead);
+    torch.compile traces F.linear on the masked weight, its select and the gradient's mask the
+    extension's kernels on CPU (`_masked_linear_op._traced_select_is_opaque`), torch.where that
+    Inductor fuses elsewhere. Masks
     whose blocks let the Triton kernel skip work still run it (it then skips the select as well); a
     backend named in SPARSEKERN_BACKEND runs every call.
 
@@ -172,11 +172,7 @@ def masked_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None =
     (weight tangents and gradients masked); with dense_grad the mask passes derivatives straight
     through (those of the dense layer at the masked weight, so jvp stays the adjoint of vjp).
     """
-    # Not with dense_grad (RigL's step before a mask update, OptG's every step: the dense kernel on
-    # weight_for_dense_kernel's Function, below): the dense-kernel op's double backward masks the weight's
-    # gradient through dx whatever dense_grad says, where the contract passes it straight through (a
-    # gradient penalty's term of the dense gradient).
-    if (isinstance(x, Tensor) and x.is_cpu and dense_grad is False and type(zero_off_mask) is bool
+    if (isinstance(x, Tensor) and x.is_cpu and type(dense_grad) is bool and type(zero_off_mask) is bool
             and not torch.is_autocast_enabled("cpu") and not _transforms.active()
             and _masked_linear_op.runs_compiled_dense_kernel()):
         # An eager CPU call (a sparse layer's, at every call) in fewer steps than the path below takes
@@ -206,7 +202,9 @@ def masked_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None =
     if name == "reference" and request != name:  # chosen automatically, not forced
         # No kernel can skip work on this mask: the dense kernel is the fastest, on the weight itself
         # where it is 0 off the mask, else on the masked weight.
-        if _masked_linear_op.runs_compiled_dense_kernel() and not dense_grad:   # (as above)
+        # On a GPU not with dense_grad (the reference's custom ops, below): that route has not been
+        # measured or compared there.
+        if _masked_linear_op.runs_compiled_dense_kernel() and (device_type == "cpu" or not dense_grad):
             return _masked_linear_op.masked_linear_dense_kernel(x, weight, mask, bias, dense_grad, zero_off_mask)
         # Under torch.compile both states take F.linear on the Python Function, whose products
         # Inductor sees (its selects: `_masked_linear_op._traced_select_is_opaque`); the compiled
@@ -218,17 +216,8 @@ def masked_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None =
         # 0.82-0.88x (0.71-0.73x) and 1.0x, and 0.91-0.93x (0.93-0.95x) once its selects were the
         # extension's.
         # Eager without the extension, the masked path keeps the custom ops, which remake the
-        # masked weight for dx: the Function would keep it from forward to backward. With it, on CPU, a
-        # dense_grad call (OptG's at every step, RigL's before each update) takes the C++ Function all the
-        # same, keeping one masked weight per layer from forward to backward: the custom ops' Python
-        # autograd and torch.where selects made the masked path's step with dense_grad 0.53x the dense
-        # step's speed on the digits MLP 64-256-256-10 (batch 64, one thread), which the Function takes to
-        # 0.87x (a small Transformer's: 0.66x to 0.89x), at 1.56x the dense step's peak memory where the
-        # custom ops held 1.0x (1.14x, was 1.08x); OptG's whole step (training_step's "sparse + OptG", two
-        # interleaved runs) went from 0.48-0.52x to 0.64-0.77x (0.61-0.67x to 0.79-0.85x), its peak memory
-        # 1.56x before and after (1.08x to 1.14x). Results are the same bit for bit.
-        if (zero_off_mask or torch.compiler.is_compiling()
-                or (dense_grad and device_type == "cpu" and _masked_linear_op.runs_compiled_dense_kernel())):
+        # masked weight for dx: the Function would keep it from forward to backward.
+        if zero_off_mask or torch.compiler.is_compiling():
             return torch.nn.functional.linear(x, weight_for_dense_kernel(weight, mask, zero_off_mask=zero_off_mask,
                                                                          dense_grad=dense_grad), bias)
     return implementation.run(x, weight, mask, bias, dense_grad, zero_off_mask)

@@ -107,22 +107,36 @@ def ops_run(function) -> list[str]:
 SELECTS = ("sparsekern::masked_weight", "aten::where")
 
 
+@pytest.mark.parametrize("dense_grad", [False, True])
 @pytest.mark.parametrize("zero_off_mask", [True, False])
-def test_the_automatic_path_makes_a_masked_weight_only_where_the_weight_needs_one(zero_off_mask, monkeypatch,
-                                                                                  generator):
+def test_the_automatic_path_makes_a_masked_weight_only_where_the_weight_needs_one(zero_off_mask, dense_grad,
+                                                                                  monkeypatch, generator):
     # Automatic choice on CPU: the dense kernel, on the weight itself where it is 0 off the mask (no
-    # select, no custom op), else on the masked weight, made for the forward and again for dx.
+    # select, no custom op), else on the masked weight, made for the forward and again for dx, and
+    # kept for neither: the graph saves nothing weight-sized but the weight and the mask, so that a
+    # step's peak memory stays a dense step's, with dense_grad too (OptG's every step: F.linear on
+    # weight_for_dense_kernel's Function kept the masked weight from forward to backward).
     if not zero_off_mask and _masked_linear_op._COMPILED_MASKED_LINEAR_DENSE_KERNEL is None:
         pytest.skip("without the extension the masked path runs the reference's custom ops")
     monkeypatch.delenv(_backend.ENV_VAR, raising=False)
     x, weight, mask, b = make_inputs(generator, (4,), 8, 6, torch.float32)
     weight = zero_off(weight, mask).requires_grad_()
     x.requires_grad_()
-    names = ops_run(lambda: sparsekern.ops.masked_linear(x, weight, mask, b, zero_off_mask=zero_off_mask).sum()
-                    .backward())
+    saved = []
+
+    def save(t):
+        saved.append(t)
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(save, lambda t: t):
+        names = ops_run(lambda: sparsekern.ops.masked_linear(x, weight, mask, b, dense_grad=dense_grad,
+                                                             zero_off_mask=zero_off_mask).sum().backward())
+    # (F.linear saves the masked weight transposed.)
+    kept = [t for t in saved if t.numel() == weight.numel()
+            and t.untyped_storage().data_ptr() not in (weight.data_ptr(), mask.data_ptr())]
+    assert kept == [], "a masked weight kept from forward to backward"
     assert [name for name in names if name in SELECTS] == ([] if zero_off_mask else ["sparsekern::masked_weight"] * 2)
     assert not [name for name in names if "reference" in name], names
-    assert not weight.grad[~mask].any() and weight.grad[mask].ne(0).all()
+    assert weight.grad[mask].ne(0).all() and weight.grad[~mask].ne(0).any() == dense_grad
 
 
 @pytest.mark.parametrize("batch", [(5,), (2, 3)])
@@ -130,7 +144,8 @@ def test_a_dense_gradient_on_the_masked_path_runs_the_dense_kernel_with_the_refe
                                                                                               generator):
     # OptG asks every step for the dense weight gradient on the masked path: it ran the reference's custom ops
     # (Python autograd, torch.where selects), its step 0.45x the dense step's speed on the digits MLP. Now the
-    # dense kernel on the C++ Function's masked weight, with the reference's results bit for bit.
+    # dense kernel in the one-node C++ Function (sparsekern::masked_linear_dense_kernel), with the reference's
+    # results bit for bit.
     if _masked_linear_op._COMPILED_MASKED_LINEAR_DENSE_KERNEL is None:
         pytest.skip("without the extension the masked path runs the reference's custom ops")
     x, weight, mask, b = make_inputs(generator, batch, 8, 6, torch.float32)
@@ -143,6 +158,7 @@ def test_a_dense_gradient_on_the_masked_path_runs_the_dense_kernel_with_the_refe
             leaves[0], leaves[1], mask, leaves[2], dense_grad=True, zero_off_mask=False)])[0].backward(grad_out))
         results[request] += [leaf.grad for leaf in leaves]
         assert any("reference" in name for name in names) == (request == "reference"), names
+        assert ("sparsekern::masked_linear_dense_kernel" in names) == (request == "auto"), names
     assert all(torch.equal(auto, forced) for auto, forced in zip(results["auto"], results["reference"]))
     assert results["auto"][2][~mask].ne(0).any()   # the dense gradient, off the mask too
 
@@ -222,6 +238,29 @@ def test_double_backward(path, zero_off_mask, dense_grad, use_path, generator):
         return (*first, *torch.autograd.grad(sum((g * g).sum() for g in first), leaves, materialize_grads=True))
     for got, want in zip(first_and_second_order(sparsekern_function), first_and_second_order(reference_function)):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.skipif(_masked_linear_op._COMPILED_MASKED_LINEAR_DENSE_KERNEL is None,
+                    reason="the extension has no masked_linear_dense_kernel")
+@pytest.mark.parametrize("zero_off_mask", [False, True])
+def test_the_dense_kernel_op_passes_the_weight_gradient_through_dx_with_dense_grad(zero_off_mask, generator):
+    # sparsekern::masked_linear_dense_kernel's double backward masked the weight's gradient through dx
+    # whatever dense_grad said (a gradient penalty's part of the dense gradient lost off the mask), so
+    # dense_grad calls could not take it. First and second order against the straight-through reference,
+    # at a weight 0 off the mask (which either promise holds).
+    x, weight, mask, b = make_inputs(generator, (2, 3), 9, 7, torch.float64, density=0.5)
+    weight = zero_off(weight, mask)
+    leaves = [x.requires_grad_(), weight.requires_grad_(), b.requires_grad_()]
+
+    def first_and_second_order(forward):
+        y = forward(x, weight, mask, b, True)
+        first = torch.autograd.grad(y.square().sum(), leaves, create_graph=True)
+        return (*first, *torch.autograd.grad(sum((g * g).sum() for g in first), leaves))
+    got = first_and_second_order(lambda *args: torch.ops.sparsekern.masked_linear_dense_kernel(*args, zero_off_mask))
+    want = first_and_second_order(reference_function)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    assert got[4][~mask].ne(0).any()   # the second-order weight gradient, dense
 
 
 @pytest.mark.parametrize("backend", PATHS)
