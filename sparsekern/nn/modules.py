@@ -18,8 +18,7 @@ nothing. How it is computed is explicit in `zero_off_mask`:
   `mask` was written directly, which then must set False itself), and every forward selects
   where(mask, weight, 0) first (`sparsekern.ops.masked_linear`'s masked path), then runs the same
   dense kernel on it. SparseLinear makes that masked weight again for its input gradient rather
-  than keep it from forward to backward, so that a step's peak memory stays a dense step's (but for
-  a CPU step with `dense_grad`, OptG's every step: see `sparsekern.ops.masked_linear`); the
+  than keep it from forward to backward, so that a step's peak memory stays a dense step's; the
   convolutions keep it (their weights are small next to their activations).
 
 The promise is made for one weight tensor, the module's own Parameter: a weight put in its place other than
