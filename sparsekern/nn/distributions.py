@@ -85,7 +85,8 @@ def given(shapes: Sequence[Sequence[int]], densities: Mapping, names: Sequence[s
     if names is None or len(names) != len(shapes):
         raise ValueError("a mapping of per-layer densities needs names, one per shape")
     missing = [name for name in names if name not in densities]
-    unexpected = [name for name in densities if name not in set(names)]
+    layers = set(names)
+    unexpected = [name for name in densities if name not in layers]
     if missing or unexpected:
         raise ValueError("distribution must give a density to exactly the layers sparsified"
                          + (f"; missing: {', '.join(map(repr, missing))}" if missing else "")

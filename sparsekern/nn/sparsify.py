@@ -157,17 +157,17 @@ def sparsify(model: nn.Module, density: float | None, distribution: str | Mappin
     if mask == "magnitude":
         _check_finite(groups)
     shapes = [tuple(group[0][1].weight.shape) for group in groups]
-    densities = distributions.layer_densities(shapes, density, distribution, power=power,
+    per_layer = distributions.layer_densities(shapes, density, distribution, power=power,
                                               dense_first_layer=dense_first_layer,
                                               names=[group[0][0] for group in groups])
-    counts = distributions.layer_counts(shapes, densities)
+    counts = distributions.layer_counts(shapes, per_layer)
     empty = [group[0][0] or "(root)" for group, count in zip(groups, counts) if count == 0]
     if empty:
         given = isinstance(distribution, dict)
-        raise ValueError(f"{'the densities given' if given else f'density={density}'} leave{'' if given else 's'} "
-                         f"{len(empty)} layer(s) with no active weight "
-                         f"({', '.join(map(repr, empty[:5]))}{', ...' if len(empty) > 5 else ''})"
-                         f"{'' if given else f' under distribution={distribution!r}'}: raise "
+        cause = "the densities given leave" if given else f"density={density} leaves"
+        under = "" if given else f" under distribution={distribution!r}"
+        raise ValueError(f"{cause} {len(empty)} layer(s) with no active weight "
+                         f"({', '.join(map(repr, empty[:5]))}{', ...' if len(empty) > 5 else ''}){under}: raise "
                          f"{'their densities' if given else 'density'} or exclude those layers")
 
     # An init callable may draw from the global generator even when `generator` is given.
@@ -188,9 +188,9 @@ def sparsify(model: nn.Module, density: float | None, distribution: str | Mappin
 def densities(model: nn.Module) -> dict[str, float]:
     """{layer name: density of its weight's mask} of `model`'s sparse layers, in model order, named as `sparsify`
     names its layers: a weight shared by several (tied) layers once, by its first name; an attention's projections
-    "<attention>.in_proj", ...; a recurrent module's "<rnn>.ih_l0", .... A profile to save and pass back as
-    `sparsify(fresh_model, None, distribution=profile)`, which gives every layer the same number of active
-    weights."""
+    "<attention>.in_proj", ...; a recurrent module's "<rnn>.ih_l0", ...; a model that is itself a layer "". A
+    profile to save and pass back as `sparsify(fresh_model, None, distribution=profile)`, which gives every layer
+    the same number of active weights."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     profile, seen = {}, set()
