@@ -13,10 +13,10 @@ from .convolutions import (SparseConv1d, SparseConv2d, SparseConv3d, SparseConvN
 from .modules import SparseLinear, SparseModule, sparse_modules
 from .recurrent import SparseGRU, SparseLSTM, SparseRNN, SparseRNNBase
 from .densify import densify
-from .sparsify import sparsify
+from .sparsify import densities, sparsify
 
 __all__ = ["SparseModule", "SparseLinear", "SparseConvNd", "SparseConv1d", "SparseConv2d", "SparseConv3d",
            "SparseConvTransposeNd", "SparseConvTranspose1d", "SparseConvTranspose2d", "SparseConvTranspose3d",
            "SparseMultiheadAttention", "SparseRNNBase", "SparseLSTM", "SparseGRU", "SparseRNN",
            "SparseAveragedModel", "sparse_modules", "sparsify", "densify", "distributions", "init", "gradient_flow",
-           "summary"]
+           "summary", "densities"]

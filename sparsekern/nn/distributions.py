@@ -12,6 +12,10 @@ transposed one; N_l is the number of weights of layer l.
   kernel dims). A layer whose d_l would exceed 1 is made dense and eps is solved again over the
   others, until none exceeds 1.
 
+- a mapping {layer name: d_l}: the densities given (a paper's per-layer table, a profile read off a sparsified
+  model with `sparsekern.nn.densities`), one per layer, each in (0, 1]; the total is what they make, so the
+  global d is None.
+
 `layer_counts` turns densities into exact non-zero counts: round(d_l * N_l), rounding half to even
 (Python's `round`).
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 from typing import Sequence
 
 from ..ops import _checks
@@ -31,17 +36,65 @@ def check_density(density) -> float:
     return _checks.number(density, "density", lambda value: 0 < value <= 1, "in (0, 1]")
 
 
-def layer_densities(shapes: Sequence[Sequence[int]], density: float, distribution: str = "erk", *,
+def check_distribution(distribution, density, *, power: float = 1.0, dense_first_layer: bool = False):
+    """(`distribution`, `density`) checked, before any layer is looked at: a name of DISTRIBUTIONS with a density in
+    (0, 1], or a mapping {layer name: density in (0, 1]} (returned as a dict of floats) with density None, power 1
+    and dense_first_layer False, which only shape a computed distribution. TypeError or ValueError naming the
+    argument (a mapping's entry by its layer) otherwise."""
+    power = _checks.number(power, "power")
+    _checks.flag(dense_first_layer, "dense_first_layer")
+    if not isinstance(distribution, Mapping):
+        if not isinstance(distribution, str) or distribution not in DISTRIBUTIONS:
+            raise ValueError(f"distribution must be one of {DISTRIBUTIONS} or a mapping from layer name to density, "
+                             f"got {distribution!r}")
+        return distribution, check_density(density)
+    if density is not None:
+        # The mapping fixes every layer, hence the total: a second figure could only disagree with it.
+        raise ValueError(f"density must be None when distribution is a mapping of per-layer densities (they "
+                         f"set the total), got {density!r}")
+    if power != 1.0:
+        raise ValueError(f"power is ERK's exponent and must stay 1.0 with a mapping of per-layer densities, "
+                         f"got {power!r}")
+    if dense_first_layer:
+        raise ValueError("dense_first_layer must be False with a mapping of per-layer densities: give the first "
+                         "layer density 1.0 in it instead")
+    return {name: _checks.number(value, f"distribution[{name!r}]", lambda d: 0 < d <= 1, "in (0, 1]")
+            for name, value in distribution.items()}, None
+
+
+def layer_densities(shapes: Sequence[Sequence[int]], density: float | None, distribution: str | Mapping = "erk", *,
                     power: float = 1.0, dense_first_layer: bool = False,
                     names: Sequence[str] | None = None) -> list[float]:
-    """Densities for layers of weight shapes `shapes` under `distribution` ("erk" or "uniform"); `names`: the
-    layers' names, for errors (see `erk`)."""
-    _checks.flag(dense_first_layer, "dense_first_layer")
+    """Densities for layers of weight shapes `shapes` under `distribution` ("erk", "uniform", or a mapping {layer
+    name: density}, with density None, which needs `names`: ValueError naming the layers it misses and those it
+    names that are not among `names`); `names`: the layers' names, for errors (see `erk`)."""
+    distribution, density = check_distribution(distribution, density, power=power,
+                                               dense_first_layer=dense_first_layer)
+    if isinstance(distribution, dict):
+        return given(shapes, distribution, names)
     if distribution == "erk":
         return erk(shapes, density, power=power, dense_first_layer=dense_first_layer, names=names)
     if distribution == "uniform":
         return uniform(shapes, density, dense_first_layer=dense_first_layer)
-    raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+
+
+def given(shapes: Sequence[Sequence[int]], densities: Mapping, names: Sequence[str] | None) -> list[float]:
+    """The densities of `densities` (checked by `check_distribution`) in the order of `names`, the layers' names;
+    ValueError naming the layers it misses and the names it holds that are no layer's."""
+    shapes = _shapes(shapes)
+    if names is None or len(names) != len(shapes):
+        raise ValueError("a mapping of per-layer densities needs names, one per shape")
+    missing = [name for name in names if name not in densities]
+    layers = set(names)
+    unexpected = [name for name in densities if name not in layers]
+    if missing or unexpected:
+        raise ValueError("distribution must give a density to exactly the layers sparsified"
+                         + (f"; missing: {', '.join(map(repr, missing))}" if missing else "")
+                         + (f"; not among them: {', '.join(map(repr, unexpected))}" if unexpected else "")
+                         + " (layers are named as sparsekern.nn.densities names them: tied layers by their first "
+                           "name, an attention's projections '<attention>.in_proj', ..., a recurrent module's "
+                           "'<rnn>.ih_l0', ...; include/exclude leave layers out)")
+    return [densities[name] for name in names]
 
 
 def uniform(shapes: Sequence[Sequence[int]], density: float, *, dense_first_layer: bool = False) -> list[float]:
@@ -68,7 +121,7 @@ def erk(shapes: Sequence[Sequence[int]], density: float, *, power: float = 1.0,
     budget = density * sum(sizes)
     dense = {0} if dense_first_layer and sizes else set()
     if dense_first_layer and sizes and sizes[0] > budget:
-        first = f" {names[0]!r}" if names else ""
+        first = f" {names[0] or '(root)'!r}" if names else ""
         raise ValueError(f"density={density} is below what the dense first layer{first} alone holds "
                          f"({sizes[0] / sum(sizes):.6g} of all weights): raise density, or drop "
                          f"dense_first_layer")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 import sys
 import warnings
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -13,12 +13,11 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 
 from .. import ops
-from ..ops import _checks
 from . import distributions, init as sparse_init, tying
 from .attention import DENSE_ENTRIES, SparseMultiheadAttention, computed_biases
 from .convolutions import (SparseConv1d, SparseConv2d, SparseConv3d, SparseConvTranspose1d, SparseConvTranspose2d,
                            SparseConvTranspose3d)
-from .modules import SparseLinear, SparseModule, is_computed, weight_type_problem
+from .modules import SparseLinear, SparseModule, is_computed, sparse_modules, weight_type_problem
 from .recurrent import SparseGRU, SparseLSTM, SparseRNN, SparseRNNBase
 from .sharding import refuse_sharded
 
@@ -34,7 +33,7 @@ MASKS = ("random", "magnitude")
 _SPARSE_RECURRENT_OF = {nn.RNN: SparseRNN, nn.LSTM: SparseLSTM, nn.GRU: SparseGRU}
 
 
-def sparsify(model: nn.Module, density: float, distribution: str = "erk",
+def sparsify(model: nn.Module, density: float | None, distribution: str | Mapping[str, float] = "erk",
              include: Sequence[str] | str | None = None, exclude: Sequence[str] | str | None = None,
              init: str | Callable | None = None, power: float = 1.0, dense_first_layer: bool = False,
              generator: torch.Generator | None = None, mask: str = "random",
@@ -72,10 +71,15 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
         density: overall fraction of active weights over the sparsified layers, in (0, 1] (up to
             each layer's rounding), except with distribution="uniform" and dense_first_layer, where
             every layer but the first holds `density` (RigL's uniform setting) and the total is higher.
+            None with a mapping as `distribution`, whose densities set the total.
         distribution: "erk" or "uniform", how density is spread over layers (see
             `sparsekern.nn.distributions`); `power` is ERK's exponent and `dense_first_layer` keeps
             the first sparsified layer (in model order) dense (with "erk" the others share the rest
-            of the same total).
+            of the same total). Or a mapping {layer name: density in (0, 1]} (a paper's per-layer table,
+            a profile that `densities(model)` read off a sparsified model), naming exactly the layers
+            selected (after include/exclude; tied layers by their first name, an attention's projections
+            and a recurrent module's weight matrices as above), else ValueError naming the missing and
+            unexpected ones; `power` and `dense_first_layer` must then keep their defaults.
         include, exclude: fnmatch patterns on qualified module names ("features.*", "fc"); a
             module is sparsified if one of its names matches some `include` pattern (all do when
             None) and none matches an `exclude` pattern. A pattern that matches no module's name
@@ -131,9 +135,8 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     refuse_sharded(model, "sparsify")
-    density = distributions.check_density(density)
-    if not isinstance(distribution, str) or distribution not in distributions.DISTRIBUTIONS:
-        raise ValueError(f"distribution must be one of {distributions.DISTRIBUTIONS}, got {distribution!r}")
+    distribution, density = distributions.check_distribution(distribution, density, power=power,
+                                                             dense_first_layer=dense_first_layer)
     if not isinstance(mask, str) or mask not in MASKS:
         raise ValueError(f"mask must be one of {MASKS}, got {mask!r}")
     if init is None:
@@ -141,8 +144,6 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
     init_function = sparse_init.resolve(init)
     include = _patterns(include, "include")
     exclude = _patterns(exclude, "exclude")
-    _checks.number(power, "power")
-    _checks.flag(dense_first_layer, "dense_first_layer")
     sparse_init.check_generator(generator)
     check_optimizer(optimizer, "build the LBFGS after sparsify")
 
@@ -156,15 +157,18 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
     if mask == "magnitude":
         _check_finite(groups)
     shapes = [tuple(group[0][1].weight.shape) for group in groups]
-    densities = distributions.layer_densities(shapes, density, distribution, power=power,
+    per_layer = distributions.layer_densities(shapes, density, distribution, power=power,
                                               dense_first_layer=dense_first_layer,
-                                              names=[group[0][0] or "(root)" for group in groups])
-    counts = distributions.layer_counts(shapes, densities)
+                                              names=[group[0][0] for group in groups])
+    counts = distributions.layer_counts(shapes, per_layer)
     empty = [group[0][0] or "(root)" for group, count in zip(groups, counts) if count == 0]
     if empty:
-        raise ValueError(f"density={density} leaves {len(empty)} layer(s) with no active weight "
-                         f"({', '.join(map(repr, empty[:5]))}{', ...' if len(empty) > 5 else ''}) under "
-                         f"distribution={distribution!r}: raise density or exclude those layers")
+        given = isinstance(distribution, dict)
+        cause = "the densities given leave" if given else f"density={density} leaves"
+        under = "" if given else f" under distribution={distribution!r}"
+        raise ValueError(f"{cause} {len(empty)} layer(s) with no active weight "
+                         f"({', '.join(map(repr, empty[:5]))}{', ...' if len(empty) > 5 else ''}){under}: raise "
+                         f"{'their densities' if given else 'density'} or exclude those layers")
 
     # An init callable may draw from the global generator even when `generator` is given.
     global_state = torch.get_rng_state()
@@ -179,6 +183,22 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk",
             generator.set_state(generator_state)
         raise
     return _commit(model, staged, optimizer, wholes)
+
+
+def densities(model: nn.Module) -> dict[str, float]:
+    """{layer name: density of its weight's mask} of `model`'s sparse layers, in model order, named as `sparsify`
+    names its layers: a weight shared by several (tied) layers once, by its first name; an attention's projections
+    "<attention>.in_proj", ...; a recurrent module's "<rnn>.ih_l0", ...; a model that is itself a layer "". A
+    profile to save and pass back as `sparsify(fresh_model, None, distribution=profile)`, which gives every layer
+    the same number of active weights."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    profile, seen = {}, set()
+    for name, module in sparse_modules(model):
+        if id(module.weight) not in seen:
+            seen.add(id(module.weight))
+            profile[name] = module.density
+    return profile
 
 
 def check_optimizer(optimizer, instead: str) -> None:
