@@ -10,7 +10,7 @@ from .nn import densify, densities, distributions, gradient_flow, init, sparsify
 from .ops import reference
 from .ops._backend import backends
 
-__all__ = ["ops", "reference", "backends", "nn", "distributions", "init", "sparsify", "densify", "densities", "summary",
-           "gradient_flow", "algorithms", "DST", "SET", "RigL", "MEST", "IMP", "SWAMP", "OptG", "distributed",
-           "checkpoint"]
+__all__ = ["ops", "reference", "backends", "nn", "distributions", "init", "sparsify", "densify", "densities",
+           "summary", "gradient_flow", "algorithms", "DST", "SET", "RigL", "MEST", "IMP", "SWAMP", "OptG",
+           "distributed", "checkpoint"]
 __version__ = "0.1.0"
