@@ -47,6 +47,9 @@ def check_distribution(distribution, density, *, power: float = 1.0, dense_first
         if not isinstance(distribution, str) or distribution not in DISTRIBUTIONS:
             raise ValueError(f"distribution must be one of {DISTRIBUTIONS} or a mapping from layer name to density, "
                              f"got {distribution!r}")
+        if density is None:
+            raise TypeError(f"density must be a number with distribution={distribution!r}, got None (None goes "
+                            f"with a mapping of per-layer densities as the distribution)")
         return distribution, check_density(density)
     if density is not None:
         # The mapping fixes every layer, hence the total: a second figure could only disagree with it.

@@ -148,6 +148,12 @@ def test_bad_companions_and_names_are_refused_with_nothing_changed(density, opti
     _refused_unchanged(convnet(), ValueError, match, density, **{"distribution": GOOD, **options})
 
 
+@pytest.mark.parametrize("distribution", ["erk", "uniform"])
+def test_no_density_with_a_named_distribution_points_to_the_mapping(distribution):
+    _refused_unchanged(convnet(), TypeError, rf"density must be a number with distribution='{distribution}', got "
+                       r"None \(None goes with a mapping", distribution=distribution)
+
+
 def test_a_missing_layer_of_an_attention_model_is_refused_unchanged():
     _refused_unchanged(mixed(), ValueError, r"missing: '2\.hh_l0'",
                        distribution={"0": 0.5, "1.self_attn.in_proj": 0.5, "1.self_attn.out_proj": 0.5,
