@@ -251,10 +251,10 @@ class OptG(distributed.CatchesUp):
                 score.grad = None
                 continue
             if learn:
-                score.grad = grad * layer.weight
+                _score_gradient(score, grad, layer.weight)
             # A select, as every sparse layer masks its weight gradient: +0.0 off the mask even where
             # the dense gradient is inf or NaN (a multiply would leave NaN on the pruned values OptG keeps).
-            grad.masked_fill_(~layer.mask, 0)
+            ops.mask_in_place(grad, layer.mask)
         if learn:
             self.score_optimizer.step()
         tying.sync(self._groups)
@@ -382,6 +382,18 @@ class OptG(distributed.CatchesUp):
             tying.sync(self._groups)
             self._gradients.remember([layer.weight for layer in self.layers])
         return install
+
+
+def _score_gradient(score: Tensor, grad: Tensor, weight: Tensor) -> None:
+    """score.grad = grad ⊙ weight, written into the buffer the previous step left there: a fresh product
+    would be allocated while that buffer is still held, one more weight-sized tensor per layer at the
+    step's peak. A buffer that is None (the first step, a layer without gradient last step, or the score
+    optimizer's zero_grad(set_to_none=True)) is allocated anew, as is one that no longer fits."""
+    held = score.grad
+    if held is None or held.shape != grad.shape or held.dtype != score.dtype or held.device != score.device:
+        score.grad = grad * weight
+    else:
+        torch.mul(grad, weight, out=held)
 
 
 def _check_momentum_buffers(optimizer: torch.optim.Optimizer, names: list[str], scores: list[Tensor]) -> None:

@@ -21,8 +21,8 @@ from ._backend import Implementation
 from .packing import PackedWeight
 
 # The user's API (README.md, "The ops underneath"); the other module-level names are the backends' glue.
-__all__ = ["topk_mask", "prune_grow", "masked_linear", "weight_for_dense_kernel", "pack", "PackedWeight",
-           "sparse_linear", "SPARSE_LINEAR_LIMITS", "reference"]
+__all__ = ["topk_mask", "prune_grow", "masked_linear", "weight_for_dense_kernel", "mask_in_place", "pack",
+           "PackedWeight", "sparse_linear", "SPARSE_LINEAR_LIMITS", "reference"]
 
 # Ops that have a Triton implementation, as functions of the same name in sparsekern.ops._triton_ops.
 TRITON_OPS: tuple[str, ...] = ("topk_mask", "topk_mask_per_tensor", "prune_grow", "masked_linear")
@@ -233,6 +233,21 @@ def weight_for_dense_kernel(weight: Tensor, mask: Tensor, *, zero_off_mask: bool
     Under torch.autocast the kernel casts it as it casts any weight.
     """
     return _masked_linear_op.weight_for_dense_kernel(weight, mask, zero_off_mask, dense_grad)
+
+
+def mask_in_place(tensor: Tensor, mask: Tensor) -> Tensor:
+    """tensor = where(mask, tensor, 0) in place, returned: +0.0 off the mask whatever `tensor` held there
+    (inf and NaN included), the select every sparse layer masks its weight gradient with, whose
+    reference is `reference.masked_weight` (out of place). Unlike tensor.masked_fill_(~mask, 0) it
+    allocates no mask-sized temporary, and on CPU with the extension it is one vectorized pass.
+
+    TypeError or ValueError naming the argument, with `tensor` unchanged, unless `tensor` is a dense
+    float16, bfloat16, float32 or float64 tensor and `mask` a bool tensor of its shape on its device.
+    """
+    _checks.floating(tensor, "tensor")
+    _checks.bool_mask(mask, "mask", tensor, "tensor")
+    _checks.same_device([("tensor", tensor), ("mask", mask)])
+    return _masked_linear_op.mask_in_place(tensor, mask)
 
 
 # torch.autocast casts these dtypes (not float64) to its own for the ops it runs in lower precision.

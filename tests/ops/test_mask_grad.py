@@ -365,3 +365,58 @@ def test_opcheck_masked_linear_dense_kernel_odd_inputs(case, zero_off_mask, gene
     b = torch.randn(out_features, generator=generator).requires_grad_()
     torch.library.opcheck(torch.ops.sparsekern.masked_linear_dense_kernel.default,
                           (x.requires_grad_(), weight.requires_grad_(), mask, b, False, zero_off_mask))
+
+
+@pytest.mark.parametrize("path", ["auto", "torch fallback"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_mask_in_place_is_the_references_select_in_place(path, dtype, shape, generator, monkeypatch):
+    # ops.mask_in_place, OptG's masking of the dense weight gradient: the reference's select, +0.0 off the
+    # mask whatever was there, inf and NaN included, with the extension's kernel and without it.
+    if path == "torch fallback":
+        monkeypatch.setattr(_masked_linear_op, "_COMPILED_MASK_GRAD", None)
+    grad, mask = random_case(generator, shape, dtype)
+    mask = mask.view(torch.uint8) != 0
+    want = ops.reference.masked_weight(grad, mask)
+    assert ops.mask_in_place(grad, mask) is grad
+    torch.testing.assert_close(grad, want, rtol=0, atol=0, equal_nan=True)
+    assert not grad[~mask].signbit().any()
+
+
+@pytest.mark.parametrize("layout", ["transposed", "channels_last"])
+def test_mask_in_place_masks_a_strided_tensor_in_place(layout, generator):
+    shape = (6, 5) if layout == "transposed" else (4, 3, 5, 5)
+    grad, mask = random_case(generator, shape, torch.float32)
+    mask = mask.view(torch.uint8) != 0
+    if layout == "transposed":
+        grad, mask = grad.t().contiguous().t(), mask.t().contiguous().t()
+    else:
+        grad = grad.contiguous(memory_format=torch.channels_last)
+    want = ops.reference.masked_weight(grad, mask)
+    strides = grad.stride()
+    assert ops.mask_in_place(grad, mask) is grad and grad.stride() == strides
+    torch.testing.assert_close(grad, want, rtol=0, atol=0, equal_nan=True)
+
+
+def test_mask_in_place_allocates_nothing_mask_sized(generator):
+    # masked_fill_(~mask, 0), which OptG took, allocates ~mask.
+    from sparsekern.bench.cases.training_step import step_peak_bytes
+
+    grad, mask = random_case(generator, (256, 256), torch.float32)
+    mask = mask.view(torch.uint8) != 0
+    ops.mask_in_place(grad, mask)   # the fallback's scratch chunk, allocated once per thread
+    assert step_peak_bytes(lambda: ops.mask_in_place(grad, mask), torch.device("cpu")) < mask.numel()
+
+
+@pytest.mark.parametrize("tensor, mask, error, match", [
+    (torch.ones(2, 3, dtype=torch.int32), torch.ones(2, 3, dtype=torch.bool), TypeError, "tensor must be float"),
+    (torch.ones(2, 3), torch.ones(2, 3), TypeError, "mask must be a bool tensor"),
+    (torch.ones(2, 3), torch.ones(3, 2, dtype=torch.bool), ValueError, "mask must have the shape of tensor"),
+    ([1.0], torch.ones(1, dtype=torch.bool), TypeError, "tensor must be a Tensor"),
+])
+def test_mask_in_place_refuses_bad_arguments_and_changes_nothing(tensor, mask, error, match):
+    before = tensor.clone() if isinstance(tensor, torch.Tensor) else None
+    with pytest.raises(error, match=match):
+        ops.mask_in_place(tensor, mask)
+    if before is not None:
+        assert torch.equal(tensor, before)
