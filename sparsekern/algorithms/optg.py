@@ -413,4 +413,3 @@ def _check_momentum_buffers(optimizer: torch.optim.Optimizer, names: list[str], 
             continue
         raise ValueError(f"state['score_optimizer'] must hold for layer {name!r} a finite momentum buffer of "
                          f"{score.dtype} and shape {tuple(score.shape)}, got {got}")
-

@@ -244,4 +244,3 @@ def plot(rows: list[dict], path: str, base: TrainConfig) -> None:
     axes.legend(fontsize=8, frameon=False)
     figure.tight_layout()
     save_figure(figure, path, {"Description": json.dumps(series)})
-

@@ -71,4 +71,3 @@ def test_gradient_flow_is_of_the_loss_alone_whatever_the_optimizer_and_gradients
     assert flow["total"] == pytest.approx(math.sqrt(126 + 108 + 333), rel=1e-12)
     assert all(torch.equal(parameter.grad, grad) for parameter, grad in zip(model.parameters(), held))
     assert optimizer.param_groups[0]["weight_decay"] == 0.5
-
