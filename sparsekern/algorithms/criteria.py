@@ -6,7 +6,7 @@ entries with the highest scores and drops the others (`sparsekern.ops.prune_grow
 scores entries for growth; the update grows the highest-scoring entries not kept. Scores at
 inactive positions are ignored by pruning and scores at kept positions by growth.
 
-Every criterion has the signature
+Every built-in criterion has the signature
     criterion(weights, grads, masks, *, generator, gamma, offset) -> list[Tensor]
 over lists of one length: `weights` float tensors, `grads` the current batch's dense gradients
 shaped like them (None entries allowed for criteria that do not read gradients), `masks` the
@@ -18,6 +18,10 @@ EPSILON = 1e-8 by default; the Fantastic Weights code adds 1 instead (offset=1.0
 ranking. (That code also adds 1e-5 to SNIP's score, which changes no ranking, so it is no option.)
 Definitions: Nowak et al. 2023 ("Fantastic Weights and
 How to Find Them"), RigL (Evci et al. 2020), SET (Mocanu et al. 2018), MEST (Yuan et al. 2021).
+
+A criterion of a user's own is a `Criterion` (`sparsekern.Criterion`): its score function, without gamma and
+offset, and whether it reads the gradient and is elementwise, which DST needs to know. DST takes one wherever it
+takes a built-in criterion's name, and handles the built-in ones as Criterion objects too (`lookup`).
 """
 from __future__ import annotations
 
@@ -180,8 +184,9 @@ class Criterion:
 
     DST checks every list `score` returns before any mask changes: its length, and each entry's type, shape,
     dtype and device (TypeError or ValueError naming the criterion and the layer) and, unless DST was built with
-    host_checks=False (a read of the device), that it holds no NaN (ValueError). A step() refused so changes
-    nothing: not its count, not the random stream. One that wrote into its arguments raises RuntimeError.
+    host_checks=False (a read of the device), that it holds no NaN (ValueError). A step() refused so (or one
+    whose `score` raised) changes nothing: not its count, nor the random stream (except under a CUDA graph capture,
+    where the stream's state cannot be read). A `score` that wrote into its arguments raises RuntimeError.
 
     Under DistributedDataParallel every rank calls `score` with the same weights, masks and random stream and
     gradients that DDP has averaged, so a score computed from its arguments alone, deterministically, is the same
@@ -202,8 +207,8 @@ class Criterion:
             raise ValueError("Criterion name must not be empty")
         if not callable(self.score):
             raise TypeError(f"Criterion {self.name!r}: score must be callable, got {type(self.score).__name__}")
-        _checks.flag(self.reads_gradient, "reads_gradient")
-        _checks.flag(self.elementwise, "elementwise")
+        _checks.flag(self.reads_gradient, f"Criterion {self.name!r}: reads_gradient")
+        _checks.flag(self.elementwise, f"Criterion {self.name!r}: elementwise")
 
     def checked_scores(self, weights: list[Tensor], grads: list, masks: list[Tensor], *,
                        generator: torch.Generator, layers: list[str]) -> list[Tensor]:
@@ -241,7 +246,7 @@ class Criterion:
 # The built-in criteria as Criterion objects: DST handles every criterion through one. Their scores are trusted
 # (SET's scores NaN weights NaN on purpose), and they take two parameters of DST's (gamma, offset).
 _BUILT_IN = {name: Criterion(name, score, reads_gradient=name in READS_GRADIENT,
-                                   elementwise=name in ELEMENTWISE or name in GROW)
+                             elementwise=name in ELEMENTWISE or name in GROW)
              for name, score in {**PRUNE, **GROW}.items()}
 
 
@@ -254,10 +259,12 @@ def lookup(criterion, table: dict[str, ScoreFunction], argument: str) -> Criteri
     """The Criterion of the built-in criterion named `criterion` in `table`, or `criterion` itself (a user's
     Criterion, under a name no built-in criterion has); else a TypeError/ValueError naming `argument`."""
     if isinstance(criterion, Criterion):
-        if criterion.name in _BUILT_IN and not is_built_in(criterion):
+        if criterion.name not in _BUILT_IN:
+            return criterion
+        if not is_built_in(criterion):
             raise ValueError(f"{argument}: Criterion name {criterion.name!r} is a built-in criterion's; give yours "
                              f"another (it identifies the criterion in DST.state_dict())")
-        return criterion
+        criterion = criterion.name   # a built-in one, looked up in `table` as its name is
     if not isinstance(criterion, str):
         raise TypeError(f"{argument} must be a str or a sparsekern.Criterion, got {type(criterion).__name__}")
     if criterion not in table:

@@ -634,9 +634,12 @@ class DST(distributed.CatchesUp):
         Magnitude criteria hand over the weights or gradients themselves, ranked by magnitude, so no
         score tensor is made for them (criteria.MAGNITUDE_OF); the others are computed in one
         batched pass each. A user's criterion's scores are checked here, before anything changes; if they are
-        refused (or it raised), the random stream is as it was before."""
-        stream = None if criteria.is_built_in(self._prune) and criteria.is_built_in(self._grow) else \
-            self.generator.get_state()
+        refused (or it raised), the random stream is put back as it was."""
+        # A CUDA generator's state cannot be read while a CUDA graph is captured (an update under host_checks=False
+        # may be): a criterion refused there leaves the stream advanced.
+        restorable = not (criteria.is_built_in(self._prune) and criteria.is_built_in(self._grow)) and not (
+            self.generator.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+        stream = self.generator.get_state() if restorable else None
         try:
             scored = []
             for criterion in (self._prune, self._grow):

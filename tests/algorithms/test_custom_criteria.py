@@ -131,12 +131,15 @@ def test_a_criterion_of_ones_own_may_not_take_a_built_in_name_and_is_checked_whe
         sparsekern.Criterion("", criteria.magnitude, reads_gradient=False, elementwise=True)
     with pytest.raises(TypeError, match="'x': score must be callable"):
         sparsekern.Criterion("x", "magnitude", reads_gradient=False, elementwise=True)
-    with pytest.raises(TypeError, match="reads_gradient"):
+    with pytest.raises(TypeError, match="Criterion 'x': reads_gradient must be a bool, got NoneType"):
         sparsekern.Criterion("x", criteria.magnitude, reads_gradient=None, elementwise=True)
-    with pytest.raises(TypeError, match="elementwise"):
+    with pytest.raises(TypeError, match="Criterion 'x': elementwise"):
         sparsekern.Criterion("x", criteria.magnitude, reads_gradient=False, elementwise=1)
     with pytest.raises(TypeError, match="prune must be a str or a sparsekern.Criterion, got function"):
         run(criteria.magnitude, "random")
+    with pytest.raises(ValueError, match=r"grow must be one of \['gradient', 'random'\] or a sparsekern.Criterion, "
+                                         r"got 'set'"):   # a built-in Criterion object, in the wrong role
+        run("magnitude", criteria.lookup("set", criteria.PRUNE, "prune"))
 
 
 def _bad(kind):
