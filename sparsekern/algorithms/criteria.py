@@ -252,7 +252,8 @@ _BUILT_IN = {name: Criterion(name, score, reads_gradient=name in READS_GRADIENT,
 
 def is_built_in(criterion: Criterion) -> bool:
     """Whether `criterion` is one of the built-in criteria (`PRUNE`, `GROW`), not a user's."""
-    return _BUILT_IN.get(criterion.name) is criterion
+    # Equal, not identical: a DST deep-copied or unpickled holds copies of them.
+    return _BUILT_IN.get(criterion.name) == criterion
 
 
 def lookup(criterion, table: dict[str, ScoreFunction], argument: str) -> Criterion:

@@ -1,6 +1,9 @@
 """DST with a criterion of the user's own (sparsekern.Criterion): a built-in one re-expressed through it gives the
 built-in's masks bit for bit on every path (scopes, blocks, gradient reading); its declarations decide how it is
 called; what it returns is checked, naming it, before anything changes; and it is seeded like the built-in ones."""
+import copy
+import io
+
 import pytest
 import torch
 
@@ -200,3 +203,32 @@ def test_what_a_criterion_returns_is_checked_naming_it_before_anything_changes(r
 def test_nan_scores_are_not_looked_for_without_host_checks():
     # The check reads the device, which host_checks=False promises never to do; NaN ranks below every number.
     run(_bad("NaN"), "random", steps=2, host_checks=False)
+
+
+def _jittered_magnitude(weights, grads, masks, *, generator):
+    return [w.abs() * torch.rand(w.shape, generator=generator) for w in weights]
+
+
+JITTERED = sparsekern.Criterion("jittered_magnitude", _jittered_magnitude, reads_gradient=False, elementwise=True)
+
+
+@pytest.mark.parametrize("prune", ["mest", JITTERED])
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_dst_updates_as_the_original(prune, how):
+    """A copy holds copies of its Criterion objects: the built-in ones must still be known as built-in (MEST's
+    gamma would be lost otherwise), and a user's must still be called and checked."""
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    algo = sparsekern.DST(model, optimizer, prune=prune, grow="random", mest_gamma=0.25, update_every=2,
+                          total_steps=20, schedule="constant", drop_fraction=0.5)
+    if how == "deepcopy":
+        copied = copy.deepcopy((model, optimizer, algo))
+    else:
+        buffer = io.BytesIO()
+        torch.save((model, optimizer, algo), buffer)
+        buffer.seek(0)
+        copied = torch.load(buffer, weights_only=False)
+    for step in range(6):
+        train_step(model, optimizer, algo, step)
+        train_step(*copied, step)
+    assert same([masks(model)], [masks(copied[0])])
