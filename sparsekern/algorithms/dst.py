@@ -135,7 +135,7 @@ class DST(distributed.CatchesUp):
     update ever happens; a layer without active weights).
 
     Layers without a gradient: where a criterion reads the gradient (grow="gradient"; prune "mest",
-    "snip", "sensitivity", "rsensitivity"), a layer whose weight has none at an update step keeps its
+    "snip", "sensitivity", "rsensitivity"; a Criterion with reads_gradient=True), a layer whose weight has none at an update step keeps its
     mask at that update (nothing dropped, nothing grown; its weights and optimizer state as they were),
     while the others update as usual. No backward of the step reached it: an expert no token was routed
     to, a block that stochastic depth dropped, a branch not taken. Its gradient is then None after
@@ -352,9 +352,9 @@ class DST(distributed.CatchesUp):
 
     def state_dict(self) -> dict:
         """Step count, masks (by module name), schedule, random-generator state, whether finish()
-        was called since the last step() ("finished"), and the settings it updates by: criteria (with
-        mest_gamma or sensitivity_offset where the criterion reads it), scope, block, reset_state and
-        swap_rounding.
+        was called since the last step() ("finished"), and the settings it updates by: criteria by name (a
+        `sparsekern.Criterion`'s too: resume under one of that name; with mest_gamma or sensitivity_offset where
+        the criterion reads it), scope, block, reset_state and swap_rounding.
 
         The names are those of the model DST was built on, wrapper prefixes included ("module." under
         DistributedDataParallel, "_orig_mod." under torch.compile): load the state into a DST built on the
