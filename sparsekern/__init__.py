@@ -5,12 +5,12 @@ The package is built in floors, each importing only the floors below it (docs/ar
 `algorithms` (DST, IMP, SWAMP, OptG) -> `cli` and `bench` (tools). `checkpoint` serves every floor.
 """
 from . import algorithms, checkpoint, nn, ops
-from .algorithms import DST, IMP, MEST, SET, SWAMP, OptG, RigL, distributed
+from .algorithms import DST, IMP, MEST, SET, SWAMP, Criterion, OptG, RigL, distributed
 from .nn import densify, densities, distributions, gradient_flow, init, sparsify, summary
 from .ops import reference
 from .ops._backend import backends
 
 __all__ = ["ops", "reference", "backends", "nn", "distributions", "init", "sparsify", "densify", "densities",
-           "summary", "gradient_flow", "algorithms", "DST", "SET", "RigL", "MEST", "IMP", "SWAMP", "OptG",
+           "summary", "gradient_flow", "algorithms", "DST", "SET", "RigL", "MEST", "Criterion", "IMP", "SWAMP", "OptG",
            "distributed", "checkpoint"]
 __version__ = "0.1.0"

@@ -57,6 +57,16 @@ def test_the_ops_block_runs():
     assert namespace["y"].shape == (3, 6)
 
 
+def test_the_criterion_block_runs(one_thread):
+    namespace = {}
+    exec(compile(_block("import sparsekern as sk"), f"{README}:criterion", "exec"), namespace)
+    algo, model = namespace["algo"], namespace["model"]
+    assert namespace["state"]["prune"] == "jittered_snip(0.2)" and algo.step_count == 300
+    for layer in (model[0], model[2]):   # whole 1x4 blocks
+        blocks = layer.mask.view(layer.mask.shape[0], -1, 4)
+        assert torch.equal(blocks.all(-1), blocks.any(-1))
+
+
 # Options of other tools in README's commands: pip's, torchrun's and pytest's.
 OTHER_TOOLS_OPTIONS = {"--no-build-isolation", "--no-deps", "--no-index", "--standalone", "--nproc-per-node",
                        "--benchmark-enable"}

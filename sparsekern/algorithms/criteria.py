@@ -6,7 +6,7 @@ entries with the highest scores and drops the others (`sparsekern.ops.prune_grow
 scores entries for growth; the update grows the highest-scoring entries not kept. Scores at
 inactive positions are ignored by pruning and scores at kept positions by growth.
 
-Every criterion has the signature
+Every built-in criterion has the signature
     criterion(weights, grads, masks, *, generator, gamma, offset) -> list[Tensor]
 over lists of one length: `weights` float tensors, `grads` the current batch's dense gradients
 shaped like them (None entries allowed for criteria that do not read gradients), `masks` the
@@ -18,17 +18,24 @@ EPSILON = 1e-8 by default; the Fantastic Weights code adds 1 instead (offset=1.0
 ranking. (That code also adds 1e-5 to SNIP's score, which changes no ranking, so it is no option.)
 Definitions: Nowak et al. 2023 ("Fantastic Weights and
 How to Find Them"), RigL (Evci et al. 2020), SET (Mocanu et al. 2018), MEST (Yuan et al. 2021).
+
+A criterion of a user's own is a `Criterion` (`sparsekern.Criterion`): its score function, without gamma and
+offset, and whether it reads the gradient and is elementwise, which DST needs to know. DST takes one wherever it
+takes a built-in criterion's name, and handles the built-in ones as Criterion objects too (`lookup`).
 """
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from ..ops import _checks
+
 EPSILON = 1e-8
 
-Criterion = Callable[..., list[Tensor]]
+ScoreFunction = Callable[..., Sequence[Tensor]]
 
 
 # The elementwise criteria are computed for the whole list in one batched pass each
@@ -132,11 +139,11 @@ def gradient(weights, grads, masks, *, generator=None, gamma=1.0, offset=EPSILON
     return _each(torch._foreach_abs, list(grads))
 
 
-PRUNE: dict[str, Criterion] = {
+PRUNE: dict[str, ScoreFunction] = {
     "magnitude": magnitude, "set": set_rule, "mest": mest, "snip": snip,
     "sensitivity": sensitivity, "rsensitivity": rsensitivity, "random": random,
 }
-GROW: dict[str, Criterion] = {"gradient": gradient, "random": random}
+GROW: dict[str, ScoreFunction] = {"gradient": gradient, "random": random}
 # Criteria whose score is |x| of an input x, by what x is among (weights, grads): the mask ops can
 # rank x by magnitude themselves (prune_grow's prune_abs / grow_abs), so no score tensor is made.
 MAGNITUDE_OF: dict[str, Callable[[list[Tensor], list[Tensor]], list[Tensor]]] = {
@@ -147,11 +154,120 @@ READS_GRADIENT = frozenset({"mest", "snip", "sensitivity", "rsensitivity", "grad
 ELEMENTWISE = frozenset(PRUNE) - {"set"}
 
 
-def lookup(name, table: dict[str, Criterion], argument: str) -> Criterion:
-    """The criterion called `name` in `table`, or a TypeError/ValueError naming `argument`."""
-    if not isinstance(name, str):
-        raise TypeError(f"{argument} must be a str, got {type(name).__name__}")
-    if name not in table:
-        raise ValueError(f"{argument} must be one of {sorted(table)}, got {name!r}")
-    return table[name]
+@dataclasses.dataclass(frozen=True)
+class Criterion:
+    """A pruning or growth criterion of your own, for `sparsekern.DST(prune=...)` or `DST(grow=...)` (in place
+    of a built-in's name); one object may serve as both.
 
+    Args:
+        name: what identifies the criterion: `DST.state_dict()` saves it, and `load_state_dict()` refuses a state
+            saved under another (build the resuming DST with the same criterion). Give a score with other
+            parameters another name ("taylor(beta=0.5)"). Not the name of a built-in criterion (`PRUNE`, `GROW`:
+            ValueError when DST is built).
+        score: score(weights, grads, masks, *, generator) -> a list of tensors, one per weight, shaped like it, of
+            a float dtype (float16, bfloat16, float32 or float64), on its device. Higher is kept: pruning drops
+            the active entries with the lowest scores, growth grows the highest-scoring entries not kept; scores
+            at inactive entries are ignored by pruning and at kept ones by growth; ±inf rank as numbers, NaN is
+            refused. Called under torch.no_grad on each update step, with lists of one length: `weights` the
+            layers' weights, `grads` their gradients (dense on an update step; a layer without one gets zeros
+            where `reads_gradient`, else its entry may be None), `masks` their bool masks, `generator` DST's
+            random stream (a torch.Generator on the weights' device), from which every random number must be
+            drawn, in list order: equal seeds then give equal masks. It must not write into its arguments.
+        reads_gradient: whether `score` reads `grads`. Then, as for RigL's growth, step() refuses an update step
+            at which no parameter has a gradient (called before backward), and a layer without a gradient keeps
+            its mask at that update. Dense gradients reach every update step whatever the criteria.
+        elementwise: whether each entry's score is a quantity of that entry alone (|θ|, |θ·g|), so that scoring
+            the whole list at once is scoring each layer, and a block's score (DST's `block=`) is the sum of its
+            entries'. Then `score` is called once over every layer. False for a score that ranks entries against
+            each other (as "set"): it is called once per layer under scope="layer", once over every layer under
+            scope="global", and `block=` is refused.
+
+    DST checks every list `score` returns before any mask changes: its length, and each entry's type, shape,
+    dtype and device (TypeError or ValueError naming the criterion and the layer) and, unless DST was built with
+    host_checks=False (a read of the device), that it holds no NaN (ValueError). A step() refused so (or one
+    whose `score` raised) changes nothing: not its count, nor the random stream (except under a CUDA graph capture,
+    where the stream's state cannot be read). A `score` that wrote into its arguments raises RuntimeError.
+
+    Under DistributedDataParallel every rank calls `score` with the same weights, masks and random stream and
+    gradients that DDP has averaged, so a score computed from its arguments alone, deterministically, is the same
+    on every rank, and so are the masks, as with the built-in criteria. `DST.step()` itself makes no collective
+    (training on uneven inputs under Join relies on that): a score that reads data of its rank's own must
+    agree across ranks by itself.
+    """
+
+    name: str
+    score: ScoreFunction
+    reads_gradient: bool
+    elementwise: bool
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            raise TypeError(f"Criterion name must be a str, got {type(self.name).__name__}")
+        if not self.name:
+            raise ValueError("Criterion name must not be empty")
+        if not callable(self.score):
+            raise TypeError(f"Criterion {self.name!r}: score must be callable, got {type(self.score).__name__}")
+        _checks.flag(self.reads_gradient, f"Criterion {self.name!r}: reads_gradient")
+        _checks.flag(self.elementwise, f"Criterion {self.name!r}: elementwise")
+
+    def checked_scores(self, weights: list[Tensor], grads: list, masks: list[Tensor], *,
+                       generator: torch.Generator, layers: list[str]) -> list[Tensor]:
+        """`score`'s scores of the layers named `layers`, checked as the class says (but for NaN: `refuse_nan`)."""
+        inputs = [t for t in (*weights, *grads, *masks) if t is not None]
+        versions = [t._version for t in inputs]
+        scores = self.score(weights, grads, masks, generator=generator)
+        if any(t._version != version for t, version in zip(inputs, versions)):
+            raise RuntimeError(f"criterion {self.name!r} wrote into its arguments (weights, gradients or masks) in "
+                               f"place: its score must make new tensors")
+        if isinstance(scores, Tensor) or not isinstance(scores, Sequence):
+            raise TypeError(f"criterion {self.name!r} must return a list of tensors, got {type(scores).__name__}")
+        if len(scores) != len(weights):
+            raise ValueError(f"criterion {self.name!r} returned {len(scores)} scores for {len(weights)} layers "
+                             f"{layers}: one per weight")
+        for score, weight, layer in zip(scores, weights, layers):
+            where = f"criterion {self.name!r}'s score of layer {layer!r}"
+            _checks.floating(score, where)
+            _checks.same_shape(score, where, weight, "its weight")
+            if score.device != weight.device:
+                raise ValueError(f"{where} is on {score.device} but its weight is on {weight.device}")
+        return list(scores)
+
+    def refuse_nan(self, scores: list[Tensor], layers: list[str]) -> None:
+        """ValueError naming the layers whose score (of this criterion) holds a NaN (one read of the device)."""
+        if not scores:
+            return
+        with_nan = [layer for layer, has_nan in zip(layers, torch.stack([s.isnan().any() for s in scores]).tolist())
+                    if has_nan]
+        if with_nan:
+            raise ValueError(f"criterion {self.name!r} scored NaN in layers {with_nan}: a NaN ranks below every "
+                             f"number, so the update would depend on where the NaNs fall")
+
+
+# The built-in criteria as Criterion objects: DST handles every criterion through one. Their scores are trusted
+# (SET's scores NaN weights NaN on purpose), and they take two parameters of DST's (gamma, offset).
+_BUILT_IN = {name: Criterion(name, score, reads_gradient=name in READS_GRADIENT,
+                             elementwise=name in ELEMENTWISE or name in GROW)
+             for name, score in {**PRUNE, **GROW}.items()}
+
+
+def is_built_in(criterion: Criterion) -> bool:
+    """Whether `criterion` is one of the built-in criteria (`PRUNE`, `GROW`), not a user's."""
+    # Equal, not identical: a DST deep-copied or unpickled holds copies of them.
+    return _BUILT_IN.get(criterion.name) == criterion
+
+
+def lookup(criterion, table: dict[str, ScoreFunction], argument: str) -> Criterion:
+    """The Criterion of the built-in criterion named `criterion` in `table`, or `criterion` itself (a user's
+    Criterion, under a name no built-in criterion has); else a TypeError/ValueError naming `argument`."""
+    if isinstance(criterion, Criterion):
+        if criterion.name not in _BUILT_IN:
+            return criterion
+        if not is_built_in(criterion):
+            raise ValueError(f"{argument}: Criterion name {criterion.name!r} is a built-in criterion's; give yours "
+                             f"another (it identifies the criterion in DST.state_dict())")
+        criterion = criterion.name   # a built-in one, looked up in `table` as its name is
+    if not isinstance(criterion, str):
+        raise TypeError(f"{argument} must be a str or a sparsekern.Criterion, got {type(criterion).__name__}")
+    if criterion not in table:
+        raise ValueError(f"{argument} must be one of {sorted(table)} or a sparsekern.Criterion, got {criterion!r}")
+    return _BUILT_IN[criterion]

@@ -60,8 +60,10 @@ class DST(distributed.CatchesUp):
             over all parameters, cannot follow a mask update, and its closure's backward would
             recompute the gradients step() masked (dense before an update step).
         prune: pruning criterion, one of `sparsekern.algorithms.criteria.PRUNE` (drop the lowest score):
-            "magnitude", "set", "mest", "snip", "sensitivity", "rsensitivity", "random".
-        grow: growth criterion, "gradient" (largest |g| among inactive) or "random".
+            "magnitude", "set", "mest", "snip", "sensitivity", "rsensitivity", "random"; or a
+            `sparsekern.Criterion` of your own, which every option below works with as with the built-in ones
+            (`block=` where it is elementwise). DST's `prune` attribute, and its state, hold the name.
+        grow: growth criterion, "gradient" (largest |g| among inactive) or "random"; or a `sparsekern.Criterion`.
         drop_fraction: α, the schedule's initial fraction (default per schedule: 0.3 cosine and
             constant, 0.5 annealed).
         final_drop_fraction: the annealed schedule's final fraction (default 0.005).
@@ -133,7 +135,7 @@ class DST(distributed.CatchesUp):
     update ever happens; a layer without active weights).
 
     Layers without a gradient: where a criterion reads the gradient (grow="gradient"; prune "mest",
-    "snip", "sensitivity", "rsensitivity"), a layer whose weight has none at an update step keeps its
+    "snip", "sensitivity", "rsensitivity"; a Criterion with reads_gradient=True), a layer whose weight has none at an update step keeps its
     mask at that update (nothing dropped, nothing grown; its weights and optimizer state as they were),
     while the others update as usual. No backward of the step reached it: an expert no token was routed
     to, a block that stochastic depth dropped, a branch not taken. Its gradient is then None after
@@ -191,7 +193,7 @@ class DST(distributed.CatchesUp):
             if not isinstance(optimizer, torch.optim.Optimizer):
                 raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
             check_optimizer(optimizer, "DST changes masks as it trains: use another optimizer")
-            self._prune = criteria.lookup(prune, criteria.PRUNE, "prune")
+            self._prune = criteria.lookup(prune, criteria.PRUNE, "prune")   # criteria.Criterion objects
             self._grow = criteria.lookup(grow, criteria.GROW, "grow")
             self.schedule = schedules.make(schedule, total_steps, update_every=update_every, end_step=end_step,
                                            end_fraction=end_fraction, drop_fraction=drop_fraction,
@@ -207,8 +209,9 @@ class DST(distributed.CatchesUp):
             _checks.flag(reset_state, "reset_state")
             _checks.flag(host_checks, "host_checks")
             block = _check_block(block)
-            if block is not None and prune not in criteria.ELEMENTWISE:
-                raise ValueError(f"block needs an elementwise pruning criterion, got prune={prune!r}")
+            for argument, criterion in (("prune", self._prune), ("grow", self._grow)):
+                if block is not None and not criterion.elementwise:
+                    raise ValueError(f"block needs elementwise criteria, got {argument}={criterion.name!r}")
             mest_gamma = _checks.number(mest_gamma, "mest_gamma", lambda value: value >= 0, ">= 0")
             sensitivity_offset = _checks.number(sensitivity_offset, "sensitivity_offset",
                                                 lambda value: value > 0, "> 0")
@@ -235,7 +238,7 @@ class DST(distributed.CatchesUp):
 
         super().__init__(model, replicas.group)   # for Join's catching up (join_hook)
         self.optimizer = optimizer
-        self.prune, self.grow, self.scope = prune, grow, scope
+        self.prune, self.grow, self.scope = self._prune.name, self._grow.name, scope
         self.reset_state, self.block, self.mest_gamma = reset_state, block, mest_gamma
         self.sensitivity_offset, self.swap_rounding = sensitivity_offset, swap_rounding
         self.generator = generator
@@ -244,7 +247,7 @@ class DST(distributed.CatchesUp):
         self._finished = False   # finish() was called: the next step() follows a masked backward
         # ((mask, version) pairs, active counts per layer) as of the last update or count (_active_counts).
         self._counts: tuple[tuple[tuple[int, int], ...], list[int]] | None = None
-        self._reads_gradient = prune in criteria.READS_GRADIENT or grow in criteria.READS_GRADIENT
+        self._reads_gradient = self._prune.reads_gradient or self._grow.reads_gradient
         self._gradients = GradientWatch()
         self._empty = set(empty)   # warned about
         self._frozen_warned: set[str] = set()   # layers frozen after construction, warned about
@@ -293,7 +296,13 @@ class DST(distributed.CatchesUp):
         updated = due and not self._finished and (not self.host_checks or sums is not None)
         self._finished = False
         if updated:
-            self._update(self.schedule.fraction(self.step_count), sums)
+            try:
+                self._update(self.schedule.fraction(self.step_count), sums)
+            except Exception:
+                # An update that raised changed nothing (a user's criterion's scores, like prune_grow's arguments,
+                # are checked before anything is written): the step does not count, and step() may be called again.
+                self.step_count -= 1
+                raise
             if self.scope == "global" and self.host_checks:
                 self._warn_if_emptied()
         elif due:
@@ -343,9 +352,9 @@ class DST(distributed.CatchesUp):
 
     def state_dict(self) -> dict:
         """Step count, masks (by module name), schedule, random-generator state, whether finish()
-        was called since the last step() ("finished"), and the settings it updates by: criteria (with
-        mest_gamma or sensitivity_offset where the criterion reads it), scope, block, reset_state and
-        swap_rounding.
+        was called since the last step() ("finished"), and the settings it updates by: criteria by name (a
+        `sparsekern.Criterion`'s too: resume under one of that name; with mest_gamma or sensitivity_offset where
+        the criterion reads it), scope, block, reset_state and swap_rounding.
 
         The names are those of the model DST was built on, wrapper prefixes included ("module." under
         DistributedDataParallel, "_orig_mod." under torch.compile): load the state into a DST built on the
@@ -524,9 +533,10 @@ class DST(distributed.CatchesUp):
     def _update(self, fraction: float, sums: dict[int, float] | None) -> None:
         """One mask update of every layer: one sparsekern.ops.prune_grow call, scores included. `sums`:
         those of `_gradient_sums`, or None without host checks."""
-        modules = self._unfrozen_modules()
-        if not modules:
+        named = self._unfrozen_modules()
+        if not named:
             return
+        modules = [module for _, module in named]
         weights = [module.weight for module in modules]
         grads = [w.grad for w in weights]
         masks = [module.mask for module in modules]
@@ -536,7 +546,7 @@ class DST(distributed.CatchesUp):
             scored_grads = [torch.zeros_like(w) if g is None else g for w, g in zip(weights, grads)]
         else:
             scored_grads = grads
-        prune, prune_abs, grow, grow_abs = self._scores(weights, scored_grads, masks)
+        prune, prune_abs, grow, grow_abs = self._scores(weights, scored_grads, masks, [name for name, _ in named])
         if self._reads_gradient:
             # A weight without a gradient sums to 0 (none is not in sums).
             layer_sums = None if sums is None else [sums.get(id(w), 0.0) for w in weights]
@@ -563,8 +573,8 @@ class DST(distributed.CatchesUp):
             module.zero_off_mask = True
         self._remember_counts(masks)
 
-    def _unfrozen_modules(self) -> list[nn.Module]:
-        """The modules whose weight requires grad. Those frozen since DST was built are left alone, as
+    def _unfrozen_modules(self) -> list[tuple[str, nn.Module]]:
+        """The (name, module) pairs whose weight requires grad. Those frozen since DST was built are left alone, as
         at construction (warned once each): grown weights would never train, under any criterion. Their
         gradients, dense for the update they sit out, are masked, so that a stale one cannot move an
         inactive weight at the optimizer step."""
@@ -577,7 +587,7 @@ class DST(distributed.CatchesUp):
         for _, module in frozen:
             if module.weight.grad is not None:
                 module.weight.grad.masked_fill_(~module.mask, 0)
-        return [module for _, module in self.modules if module.weight.requires_grad]
+        return [(name, module) for name, module in self.modules if module.weight.requires_grad]
 
     def _update_blocks(self, fraction: float, masks, prune, prune_abs: bool, grow, grow_abs: bool) -> list[Tensor]:
         """The new entry masks of a block-structured update: whole blocks dropped and grown by their
@@ -617,27 +627,48 @@ class DST(distributed.CatchesUp):
         self._counts = (tuple((id(m), m._version) for m in masks),
                         counts if self.scope == "layer" else [sum(counts)])
 
-    def _scores(self, weights, grads, masks) -> tuple[list[Tensor], bool, list[Tensor], bool]:
-        """(prune scores, rank them by |score|, grow scores, rank them by |score|), of one dtype.
+    def _scores(self, weights, grads, masks, layers: list[str]) -> tuple[list[Tensor], bool, list[Tensor], bool]:
+        """(prune scores, rank them by |score|, grow scores, rank them by |score|), of one dtype, of the layers
+        named `layers`.
 
         Magnitude criteria hand over the weights or gradients themselves, ranked by magnitude, so no
         score tensor is made for them (criteria.MAGNITUDE_OF); the others are computed in one
-        batched pass each."""
-        options = dict(generator=self.generator, gamma=self.mest_gamma, offset=self.sensitivity_offset)
-        scored = []
-        for name, criterion in ((self.prune, self._prune), (self.grow, self._grow)):
-            if name in criteria.MAGNITUDE_OF:
-                scored.append((criteria.MAGNITUDE_OF[name](weights, grads), True))
-            elif name in criteria.ELEMENTWISE or self.scope == "global":
-                scored.append((criterion(weights, grads, masks, **options), False))
-            else:  # a rank over the list (SET): in layer scope, each layer's own
-                scored.append(([criterion([w], [g], [m], **options)[0] for w, g, m in zip(weights, grads, masks)],
-                               False))
+        batched pass each. A user's criterion's scores are checked here, before anything changes; if they are
+        refused (or it raised), the random stream is put back as it was."""
+        # A CUDA generator's state cannot be read while a CUDA graph is captured (an update under host_checks=False
+        # may be): a criterion refused there leaves the stream advanced.
+        restorable = not (criteria.is_built_in(self._prune) and criteria.is_built_in(self._grow)) and not (
+            self.generator.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+        stream = self.generator.get_state() if restorable else None
+        try:
+            scored = []
+            for criterion in (self._prune, self._grow):
+                if criterion.name in criteria.MAGNITUDE_OF:
+                    scored.append((criteria.MAGNITUDE_OF[criterion.name](weights, grads), True))
+                elif criterion.elementwise or self.scope == "global":
+                    scored.append((self._score(criterion, weights, grads, masks, layers), False))
+                else:  # a rank over the list (SET): in layer scope, each layer's own
+                    scored.append(([self._score(criterion, [w], [g], [m], [layer])[0]
+                                    for w, g, m, layer in zip(weights, grads, masks, layers)], False))
+                if self.host_checks and not criteria.is_built_in(criterion):
+                    criterion.refuse_nan(scored[-1][0], layers)
+        except Exception:
+            if stream is not None:
+                self.generator.set_state(stream)
+            raise
         (prune, prune_abs), (grow, grow_abs) = scored
         dtype = prune[0].dtype
         for score in prune + grow:
             dtype = torch.promote_types(dtype, score.dtype)
         return [s.to(dtype) for s in prune], prune_abs, [s.to(dtype) for s in grow], grow_abs
+
+    def _score(self, criterion: criteria.Criterion, weights, grads, masks, layers: list[str]) -> list[Tensor]:
+        """`criterion`'s scores of the layers named `layers`: a built-in's, given DST's parameters of the
+        criteria, or a user's, checked."""
+        if criteria.is_built_in(criterion):
+            return criterion.score(weights, grads, masks, generator=self.generator, gamma=self.mest_gamma,
+                                   offset=self.sensitivity_offset)
+        return criterion.checked_scores(weights, grads, masks, generator=self.generator, layers=layers)
 
     def _state(self, weight: Tensor) -> list[Tensor]:
         """The optimizer's per-entry state tensors of `weight` (not scalars such as Adam's step)."""

@@ -1,8 +1,9 @@
 """One rank of tests/algorithms/test_distributed.py (launched by torch.distributed.run, gloo, CPU).
 
 Trains a small sparse MLP under DDP with every rank on different data, with RigL (gradient
-growth) and then SET (random growth), checks after every step that masks agree across ranks,
-and saves this rank's final masks and weights to <out>/rank<r>.pt.
+growth), SET (random growth) and DST with criteria of a user's own (sparsekern.Criterion, reading
+the gradient and drawing from DST's random stream), checks after every step that masks agree across
+ranks, and saves this rank's final masks and weights to <out>/rank<r>.pt.
 """
 import os
 import sys
@@ -19,6 +20,26 @@ from sparsekern.nn import sparse_modules
 from ..helpers import end_rank
 
 
+def _noisy_saliency(weights, grads, masks, *, generator):
+    return [(w * g).abs() * torch.rand(w.shape, generator=generator) for w, g in zip(weights, grads)]
+
+
+def _gradient_rank(weights, grads, masks, *, generator):
+    """|g|'s rank over the whole list: a score that is no elementwise quantity."""
+    flat = torch.cat([g.abs().reshape(-1) for g in grads])
+    ranks = torch.empty_like(flat).scatter_(0, flat.argsort(stable=True), torch.arange(flat.numel()).to(flat))
+    return [part.view(g.shape) for part, g in zip(ranks.split([g.numel() for g in grads]), grads)]
+
+
+ALGORITHMS = {
+    "RigL": sparsekern.RigL, "SET": sparsekern.SET,
+    "custom": lambda *args, **options: sparsekern.DST(
+        *args, prune=sparsekern.Criterion("noisy_saliency", _noisy_saliency, reads_gradient=True, elementwise=True),
+        grow=sparsekern.Criterion("gradient_rank", _gradient_rank, reads_gradient=True, elementwise=False),
+        scope="global", **options),
+}
+
+
 def train(algorithm, rank, steps=12):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
@@ -27,7 +48,7 @@ def train(algorithm, rank, steps=12):
     # and hide a disagreement.
     ddp = DistributedDataParallel(model, broadcast_buffers=False)
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
-    algo = getattr(sparsekern, algorithm)(ddp, optimizer, update_every=2, total_steps=2 * steps)
+    algo = ALGORITHMS[algorithm](ddp, optimizer, update_every=2, total_steps=2 * steps)
     data = torch.Generator().manual_seed(100 + rank)  # each rank sees its own batches
     initial = [m.mask.clone() for _, m in sparse_modules(model)]
     updates = 0
@@ -47,7 +68,7 @@ def train(algorithm, rank, steps=12):
 def main(out):
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    results = {algorithm: train(algorithm, rank) for algorithm in ("RigL", "SET")}
+    results = {algorithm: train(algorithm, rank) for algorithm in ALGORITHMS}
     # broadcast_masks makes disagreeing masks agree: perturb rank 1's, then repair from rank 0.
     model = sparsekern.sparsify(nn.Linear(8, 8), 0.5, generator=torch.Generator().manual_seed(rank))
     disagreed = not distributed.masks_identical(model)

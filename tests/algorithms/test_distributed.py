@@ -19,9 +19,9 @@ def rank_results(worker: str, tmp_path) -> list[dict]:
 
 
 @gloo
-def test_ddp_rigl_and_set_keep_masks_identical_on_two_ranks(tmp_path):
+def test_ddp_rigl_set_and_criteria_of_a_users_own_keep_masks_identical_on_two_ranks(tmp_path):
     ranks = rank_results("distributed_worker", tmp_path)
-    for algorithm in ("RigL", "SET"):
+    for algorithm in ("RigL", "SET", "custom"):
         first, second = ranks[0]["results"][algorithm], ranks[1]["results"][algorithm]
         assert first.keys() == second.keys()
         for name in first:

@@ -92,6 +92,29 @@ def test_dst_resumed_around_its_mask_updates_ends_where_the_uninterrupted_run_en
         assert _same(uninterrupted, _dst_run(dst, stop)) is None, stop
 
 
+def _noisy_magnitude(weights, grads, masks, *, generator):
+    return [w.abs() * torch.rand(w.shape, generator=generator) for w in weights]
+
+
+def _noisy_gradient(weights, grads, masks, *, generator):
+    return [g.abs() + torch.rand(g.shape, generator=generator) for g in grads]
+
+
+# Criteria of a user's own, both drawing from DST's random stream, which a resumed run must go on with.
+NOISY = sparsekern.Criterion("noisy_magnitude", _noisy_magnitude, reads_gradient=False, elementwise=True)
+NOISY_RANK = sparsekern.Criterion("noisy_rank", _noisy_magnitude, reads_gradient=False, elementwise=False)
+NOISY_GROWTH = sparsekern.Criterion("noisy_gradient", _noisy_gradient, reads_gradient=True, elementwise=True)
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+@pytest.mark.parametrize("prune, grow", [(NOISY, NOISY_GROWTH), (NOISY_RANK, "random"), ("snip", NOISY_GROWTH)])
+def test_dst_with_criteria_of_a_users_own_resumes_where_the_uninterrupted_run_ends(prune, grow, scope):
+    dst = dict(prune=prune, grow=grow, scope=scope)
+    uninterrupted = _dst_run(dst)
+    for stop in (2, 3, 9):
+        assert _same(uninterrupted, _dst_run(dst, stop)) is None, stop
+
+
 # -- a state that does not belong to the algorithm it is loaded into ---------------------------------------
 
 def _sgd(parameters):
@@ -134,6 +157,10 @@ def test_a_state_of_another_algorithm_is_refused(saved, loaded):
     (dict(prune="sensitivity", sensitivity_offset=1.0), dict(prune="sensitivity"), "sensitivity_offset=1.0, not 1e-08"),
     (dict(swap_rounding="floor"), dict(), "swap_rounding='floor', not 'round'"),
     (dict(swap_rounding="round"), dict(swap_rounding="floor"), "swap_rounding='round', not 'floor'"),
+    (dict(prune=NOISY), dict(prune="magnitude"), "prune='noisy_magnitude', not 'magnitude'"),
+    (dict(prune="magnitude"), dict(prune=NOISY), "prune='magnitude', not 'noisy_magnitude'"),
+    (dict(prune=NOISY), dict(prune=NOISY_RANK), "prune='noisy_magnitude', not 'noisy_rank'"),
+    (dict(grow=NOISY_GROWTH), dict(grow="gradient"), "grow='noisy_gradient', not 'gradient'"),
 ])
 def test_a_dst_state_saved_with_other_criteria_scope_or_blocks_is_refused(saved, loaded, words):
     # The state held no criteria: a SET run resumed as MEST, or a layer-scope run as a global one, went on under
