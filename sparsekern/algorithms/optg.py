@@ -367,7 +367,7 @@ class OptG(distributed.CatchesUp):
         if epoch > self.epochs:
             raise ValueError(f"state['epoch'] must be at most epochs={self.epochs}, got {epoch}")
         scores = _tickets.check_tensors(saved_scores, self.scores, "state['scores']", keys)
-        if scores is None or not all(torch.isfinite(score).all() for score in scores):
+        if scores is None:   # (check_tensors refuses inf and NaN)
             raise ValueError("state['scores'] must hold finite score tensors, one per sparse layer")
         score_optimizer = torch.optim.SGD(self.scores, **self.score_optimizer.defaults)
         saved_optimizer = _tickets.optimizer_in_order(saved_optimizer, score_optimizer, self._score_names(),
