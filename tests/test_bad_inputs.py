@@ -1754,6 +1754,364 @@ for _kind in ("weight_norm", "old weight_norm", "spectral_norm"):
             then=_second_layer_sparsified)
 
 
+# -- campaign 15: per-layer densities, states loaded by name, mask_in_place, odd files and models -------------
+
+# sparsify(model, None, distribution={layer name: density}) and sparsekern.densities.
+_GIVEN = {"0": 0.5, "3": 0.5, "5": 0.5}
+for _name, _arguments, _error, _match in [
+        ("int keys", dict(distribution={0: 0.5, 3: 0.5, 5: 0.5}), ValueError, r"missing: '0', '3', '5'; not among "
+                                                                             r"them: 0, 3, 5"),
+        ("an empty mapping", dict(distribution={}), ValueError, r"distribution must give .* missing: '0', '3', '5'"),
+        ("a wrapper's names (module.)", dict(distribution={f"module.{k}": v for k, v in _GIVEN.items()}), ValueError,
+         "not among them: 'module.0'"),
+        ("one layer too few", dict(distribution={"0": 0.5, "3": 0.5}), ValueError, "missing: '5'"),
+        ("one layer too many", dict(distribution={**_GIVEN, "1": 0.5}), ValueError, "not among them: '1'"),
+        ("a tensor density", dict(distribution={**_GIVEN, "3": torch.tensor(0.5)}), TypeError,
+         r"distribution\['3'\] must be a number, got Tensor"),
+        ("a numpy bool density", dict(distribution={**_GIVEN, "3": np.bool_(True)}), TypeError,
+         r"distribution\['3'\] must be a number"),
+        ("a numpy NaN density", dict(distribution={**_GIVEN, "3": np.float64(NAN)}), ValueError,
+         r"distribution\['3'\] must be a finite number"),
+        ("an inf density", dict(distribution={**_GIVEN, "3": INF}), ValueError, r"distribution\['3'\]"),
+        ("a complex density", dict(distribution={**_GIVEN, "5": 0.5 + 0j}), TypeError, r"distribution\['5'\]"),
+        ("a Decimal density", dict(distribution={**_GIVEN, "5": __import__("decimal").Decimal("0.5")}), TypeError,
+         r"distribution\['5'\]"),
+        ("a list density", dict(distribution={**_GIVEN, "5": [0.5]}), TypeError, r"distribution\['5'\]"),
+        ("a density just above 1", dict(distribution={**_GIVEN, "5": 1.0000000001}), ValueError,
+         r"distribution\['5'\]"),
+        ("a density that keeps no weight", dict(distribution={**_GIVEN, "5": 1e-300}), ValueError,
+         r"leave 1 layer\(s\) with no active weight \('5'\)"),
+        ("the smallest subnormal density", dict(distribution={**_GIVEN, "5": 5e-324}), ValueError,
+         "no active weight"),
+        ("pairs instead of a mapping", dict(distribution=[("0", 0.5), ("3", 0.5), ("5", 0.5)]), ValueError,
+         "distribution must be one of"),
+        ("density 0.5 beside it", dict(density=0.5, distribution=_GIVEN), ValueError, "density must be None"),
+        ("density NaN beside it", dict(density=NAN, distribution=_GIVEN), ValueError, "density must be None"),
+        ("power 2 beside it", dict(distribution=_GIVEN, power=2.0), ValueError, "power"),
+        ("dense_first_layer beside it", dict(distribution=_GIVEN, dense_first_layer=True), ValueError,
+         "dense_first_layer"),
+        ("names outside include", dict(distribution=_GIVEN, include=["3"]), ValueError, "not among them: '0', '5'"),
+        ("names of excluded layers", dict(distribution=_GIVEN, exclude=["3"]), ValueError, "not among them: '3'"),
+        ("density None with 'erk'", dict(distribution="erk"), TypeError, "density must be a number")]:
+    for _world_name, _world in (("dense", dense_world), ("sparse", resparsify_world)):
+        error(f"sparsify[{_world_name}](None, {_name})", _world,
+              lambda w, a=_arguments: sparsekern.sparsify(w.model, **{"density": None, "generator": w.generator,
+                                                                       **a}),
+              _error, _match)
+for _value in (5, "model", nn.Sequential, None):
+    error(f"densities({_show(_value)})", model_world, lambda w, v=_value: sparsekern.densities(v), TypeError,
+          "model must be an nn.Module")
+
+
+def _wrapped_profile_world(tmp_path=None):
+    """A dense model and the profile of a sparsified one read through a wrapper (names start with module.)."""
+    world = dense_world()
+    world.profile = sparsekern.densities(nn.ModuleDict({"module": sparse_model()}))
+    return world
+
+
+error("sparsify(None, distribution=densities of a wrapped model)", _wrapped_profile_world,
+      lambda w: sparsekern.sparsify(w.model, None, distribution=w.profile), ValueError, "not among them: 'module.0'")
+
+
+# Algorithm states: damaged tensors, wrapped names, other algorithms' states, other settings.
+def _prefixed(entries: dict, prefix: str = "module.") -> dict:
+    return {f"{prefix}{key}": value for key, value in entries.items()}
+
+
+def _optimizer_entries_with(optimizer_state: dict, make) -> dict:
+    """An optimizer state dict with every parameter's momentum buffer replaced by make(buffer)."""
+    return {**optimizer_state, "state": {key: {**entry, "momentum_buffer": make(entry["momentum_buffer"])}
+                                         for key, entry in optimizer_state["state"].items()}}
+
+
+def _nan_like(t: Tensor) -> Tensor:
+    return torch.full_like(t, NAN)
+
+
+for _name, _make, _error, _match in [
+        ("masks under a wrapper's names", lambda w: _replace(w.state, "masks", _prefixed(w.state["masks"])), ValueError,
+         "prefix 'module.' of a wrapper"),
+        ("masks by position", lambda w: _replace(w.state, "masks", list(w.state["masks"].values())), ValueError,
+         _MASKS),
+        ("masks under int keys", lambda w: _replace(w.state, "masks", dict(enumerate(w.state["masks"].values()))),
+         ValueError, _MASKS),
+        ("an IMP state", lambda w: imp_world().state, ValueError, "saved with algorithm='IMP'"),
+        ("an OptG state", lambda w: optg_world().state, ValueError, "saved with algorithm='OptG'"),
+        ("a SWAMP state", lambda w: swamp_world().state, ValueError, "saved with algorithm='SWAMP'"),
+        ("algorithm=None", lambda w: _replace(w.state, "algorithm", None), ValueError, "algorithm"),
+        ("another prune criterion", lambda w: _replace(w.state, "prune", "set"), ValueError, "saved with prune='set'"),
+        ("another grow criterion", lambda w: _replace(w.state, "grow", "random"), ValueError, "grow"),
+        ("another scope", lambda w: _replace(w.state, "scope", "global"), ValueError, "scope"),
+        ("block as a list", lambda w: _replace(w.state, "block", [2, 2]), ValueError, "block"),
+        ("reset_state flipped", lambda w: _replace(w.state, "reset_state", not w.state["reset_state"]), ValueError,
+         "reset_state"),
+        ("another swap_rounding", lambda w: _replace(w.state, "swap_rounding", "floor"), ValueError, "swap_rounding"),
+        ("step_count as a numpy int", lambda w: _replace(w.state, "step_count", np.int64(3)), ValueError,
+         "step_count"),
+        ("step_count as a tensor", lambda w: _replace(w.state, "step_count", torch.tensor(3)), ValueError,
+         "step_count"),
+        ("generator of int64", lambda w: _replace(w.state, "generator", w.state["generator"].long()), ValueError,
+         "generator"),
+        ("schedule as a list", lambda w: _replace(w.state, "schedule", [2, 40]), ValueError, _SCHEDULE)]:
+    error(f"RigL.load_state_dict(campaign 15: {_name})", dst_world, lambda w, m=_make: w.algo.load_state_dict(m(w)),
+          _error, _match, then=_still_updates)
+
+_FINITE = "must hold finite values, got one holding inf or NaN"
+TICKET_DAMAGE = [
+    ("rewind_state with NaN weights",
+     lambda w: _rewind_with(w, "3.weight", _nan_like(w.state["rewind_state"]["3.weight"])),
+     ValueError, r"state\['rewind_state'\]\['3.weight'\] " + _FINITE),
+    ("rewind_state with an inf bias",
+     lambda w: _rewind_with(w, "5.bias", torch.full_like(w.state["rewind_state"]["5.bias"], -INF)),
+     ValueError, r"state\['rewind_state'\]\['5.bias'\] " + _FINITE),
+    ("rewind_state under a wrapper's names", lambda w: _replace(w.state, "rewind_state",
+                                                                _prefixed(w.state["rewind_state"])),
+     ValueError, "module."),
+    ("optimizer under a wrapper's names", lambda w: _replace(w.state, "optimizer", {
+        "state": _prefixed(w.state["optimizer"]["state"]),
+        "param_groups": [{**group, "params": [f"module.{p}" for p in group["params"]]}
+                         for group in w.state["optimizer"]["param_groups"]]}), ValueError, "module."),
+    ("optimizer with NaN momentum buffers", lambda w: _replace(w.state, "optimizer", _optimizer_entries_with(
+        w.state["optimizer"], _nan_like)), ValueError,
+     r"state\['optimizer'\] must hold for parameter '0.weight' a finite momentum buffer .* got one holding inf or NaN"),
+    ("optimizer with momentum buffers of another shape",
+     lambda w: _replace(w.state, "optimizer", _optimizer_entries_with(w.state["optimizer"], lambda b: torch.zeros(3))),
+     ValueError,
+     r"for parameter '0.weight' a finite momentum buffer of torch.float32 and shape \(4, 2, 3, 3\), got a "
+     r"torch.float32 tensor of shape \(3,\)"),
+    ("optimizer with string momentum buffers", lambda w: _replace(w.state, "optimizer", _optimizer_entries_with(
+        w.state["optimizer"], lambda b: "x")), ValueError, "momentum buffer .* got str"),
+    ("optimizer with lr=NaN", lambda w: _replace(w.state, "optimizer", _with_group_entry(w.state["optimizer"], "lr",
+                                                                                         NAN)),
+     ValueError, r"state\['optimizer'\]\['param_groups'\]\[0\]\['lr'\] must be finite, got nan"),
+    ("optimizer with lr=inf", lambda w: _replace(w.state, "optimizer", _with_group_entry(w.state["optimizer"], "lr",
+                                                                                         INF)),
+     ValueError, r"\['lr'\] must be finite"),
+    ("optimizer with lr=-1", lambda w: _replace(w.state, "optimizer", _with_group_entry(w.state["optimizer"], "lr",
+                                                                                        -1.0)),
+     ValueError, r"\['lr'\] must be >= 0, got -1.0"),
+    ("optimizer with momentum=NaN", lambda w: _replace(w.state, "optimizer", _with_group_entry(
+        w.state["optimizer"], "momentum", NAN)), ValueError, r"\['momentum'\] must be finite"),
+    ("another prune_fraction", lambda w: _replace(w.state, "prune_fraction", 0.5), ValueError,
+     "saved with prune_fraction=0.5"),
+    ("another rewind_step", lambda w: _replace(w.state, "rewind_step", 3), ValueError, "rewind_step"),
+    ("a DST state", lambda w: dst_world().state, ValueError, "saved with algorithm='DST'"),
+    ("an OptG state", lambda w: optg_world().state, ValueError, "saved with algorithm='OptG'"),
+]
+for _name, _make, _error, _match in TICKET_DAMAGE + [
+        ("a SWAMP state", lambda w: swamp_world().state, ValueError, "saved with algorithm='SWAMP'")]:
+    error(f"IMP.load_state_dict(campaign 15: {_name})", imp_world, lambda w, m=_make: w.algo.load_state_dict(m(w)),
+          _error, _match, then=_imp_continues)
+for _name, _make, _error, _match in TICKET_DAMAGE + [
+        ("an IMP state", lambda w: imp_world().state, ValueError, "saved with algorithm='IMP'"),
+        ("particle_average with NaN", lambda w: _replace(w.state, "particle_average", {
+            k: _nan_like(t) for k, t in w.state["particle_average"].items()}), ValueError,
+         r"state\['particle_average'\]\['0.weight'\] " + _FINITE),
+        ("particle_average by position with inf", lambda w: _replace(w.state, "particle_average", [
+            torch.full_like(t, INF) for t in w.state["particle_average"].values()]), ValueError,
+         r"state\['particle_average'\]\[0\] " + _FINITE),
+        ("rewind_optimizer_state with NaN momentum buffers", lambda w: _replace(
+            w.state, "rewind_optimizer_state", _optimizer_entries_with(w.state["rewind_optimizer_state"], _nan_like)),
+         ValueError, r"state\['rewind_optimizer_state'\] must hold for parameter '0.weight' a finite momentum buffer"),
+        ("rewind_optimizer_state with lr=-1", lambda w: _replace(w.state, "rewind_optimizer_state", _with_group_entry(
+            w.state["rewind_optimizer_state"], "lr", -1.0)), ValueError, r"rewind_optimizer_state.*\['lr'\] must be"),
+        ("another seed", lambda w: _replace(w.state, "seed", 5), ValueError, "saved with seed=5"),
+        ("another particles", lambda w: _replace(w.state, "particles", 3), ValueError, "particles"),
+        ("world_size=2", lambda w: _replace(w.state, "world_size", 2), ValueError, "saved by rank 0 of 2 ranks"),
+        ("world_size=0", lambda w: _replace(w.state, "world_size", 0), ValueError, "world_size")]:
+    error(f"SWAMP.load_state_dict(campaign 15: {_name})", swamp_world, lambda w, m=_make: w.algo.load_state_dict(m(w)),
+          _error, _match, then=_swamp_continues)
+
+
+def _score_optimizer_with(world, make):
+    return _replace(world.state, "score_optimizer", _optimizer_entries_with(world.state["score_optimizer"], make))
+
+
+for _name, _make, _error, _match in [
+        ("NaN scores", lambda w: _scores_with(w, 1, _nan_like(_nth(w.state["scores"], 1))), ValueError,
+         r"state\['scores'\]\['3'\] " + _FINITE),
+        ("inf scores by position", lambda w: _replace(_positional_optg_state(w), "scores", [
+            torch.full_like(s, INF) for s in w.state["scores"].values()]), ValueError,
+         r"state\['scores'\]\[0\] " + _FINITE),
+        ("scores and masks under a wrapper's names", lambda w: {
+            **w.state, "scores": _prefixed(w.state["scores"]), "masks": _prefixed(w.state["masks"])}, ValueError,
+         "module."),
+        ("int masks", lambda w: _optg_masks_with(w, 1, _nth(w.state["masks"], 1).int()), ValueError, "masks"),
+        ("masks by name beside positional scores", lambda w: _replace(_positional_optg_state(w), "masks",
+                                                                      w.state["masks"]), ValueError, "masks"),
+        ("inf momentum buffers", lambda w: _score_optimizer_with(w, lambda b: torch.full_like(b, INF)), ValueError,
+         "one holding inf or NaN"),
+        ("score_optimizer with lr=NaN", lambda w: _replace(w.state, "score_optimizer", _with_group_entry(
+            w.state["score_optimizer"], "lr", NAN)), ValueError, r"\['lr'\] must be finite"),
+        ("score_optimizer with lr=-1", lambda w: _replace(w.state, "score_optimizer", _with_group_entry(
+            w.state["score_optimizer"], "lr", -1.0)), ValueError, r"\['lr'\] must be >= 0"),
+        ("score_optimizer with another score lr", lambda w: _replace(w.state, "score_optimizer", _with_group_entry(
+            w.state["score_optimizer"], "lr", 0.5)), ValueError, "holds the score lr 0.5 for epoch 1"),
+        ("a DST state", lambda w: dst_world().state, ValueError, "saved with algorithm='DST'"),
+        ("an IMP state", lambda w: imp_world().state, ValueError, "saved with algorithm='IMP'"),
+        ("another beta", lambda w: _replace(w.state, "beta", 2.0), ValueError, "beta"),
+        ("another criterion", lambda w: _replace(w.state, "criterion", "magnitude"), ValueError, "criterion")]:
+    error(f"OptG.load_state_dict(campaign 15: {_name})", optg_world, lambda w, m=_make: w.algo.load_state_dict(m(w)),
+          _error, _match, then=_optg_continues)
+
+
+def _other_optg_world(tmp_path=None, **options):
+    """optg_world's state, and an OptG of other settings on a model of the same layers to load it into."""
+    world = optg_world()
+    model = sparse_model(density=1.0)
+    world.other = SimpleNamespace(model=model, algo=OptG(model, **{"sparsity": 0.5, "epochs": 3, "lr": 0.5,
+                                                                   **options}))
+    return world
+
+
+def _finished_other_optg_world(tmp_path=None, **options):
+    world = _other_optg_world(**options)
+    for _ in range(world.algo.epoch, 3):
+        world.algo.next_epoch()
+    world.state = world.algo.state_dict()
+    return world
+
+
+# The score lr was not part of a state's settings: an OptG of another lr loaded it and went on at the saved lr to
+# the epoch's end, at its own from the next.
+for _name, _world, _match in [
+        ("lr=0.05", functools.partial(_other_optg_world, lr=0.05), "holds the score lr .* for epoch 1"),
+        ("lr=0", functools.partial(_other_optg_world, lr=0.0), "another lr or lr_schedule"),
+        ("a constant lr_schedule", functools.partial(_other_optg_world, lr_schedule=lambda epoch: 0.5),
+         "another lr or lr_schedule"),
+        ("lr=0.05, the state finished", functools.partial(_finished_other_optg_world, lr=0.05), "for epoch 3")]:
+    error(f"OptG({_name}).load_state_dict(a state saved with lr=0.5)", _world,
+          lambda w: w.other.algo.load_state_dict(w.state), ValueError, _match)
+
+
+# sparsekern.ops.mask_in_place: views, autograd, inference and meta tensors, odd dtypes.
+def _mask_in_place_world(tmp_path=None):
+    generator = torch.Generator().manual_seed(0)
+    world = SimpleNamespace(tensor=torch.randn(4, 6, generator=generator),
+                            mask=torch.rand(4, 6, generator=generator) < 0.5,
+                            leaf=torch.randn(4, 6, generator=generator, requires_grad=True))
+    world.base = torch.randn(12, generator=generator)
+    with torch.inference_mode():
+        world.inference = torch.randn(4, 6, generator=generator)
+    return world
+
+
+for _name, _call, _error, _match in [
+        ("an expanded tensor", lambda w: ops.mask_in_place(w.base[:6].expand(4, 6), w.mask), ValueError,
+         "^tensor has entries that share memory"),
+        ("an overlapping view", lambda w: ops.mask_in_place(w.base.as_strided((4, 6), (1, 1)), w.mask), ValueError,
+         "^tensor has entries that share memory"),
+        ("a tensor sharing memory with its mask", lambda w: ops.mask_in_place(
+            w.tensor, w.tensor.view(torch.uint8)[:, :6].view(torch.bool)), ValueError,
+         "^tensor and mask share memory"),
+        ("a leaf that requires grad", lambda w: ops.mask_in_place(w.leaf, w.mask), ValueError,
+         "^tensor requires grad"),
+        ("a Parameter", lambda w: ops.mask_in_place(nn.Parameter(w.tensor), w.mask), ValueError,
+         "^tensor requires grad"),
+        ("a result autograd records", lambda w: ops.mask_in_place(w.leaf * 2, w.mask), ValueError,
+         "^tensor requires grad"),
+        ("an inference tensor", lambda w: ops.mask_in_place(w.inference, w.mask), ValueError,
+         "^tensor is an inference tensor"),
+        ("a meta tensor", lambda w: ops.mask_in_place(w.tensor.to("meta"), w.mask.to("meta")), ValueError,
+         "^tensor is on the meta device"),
+        ("a meta mask", lambda w: ops.mask_in_place(w.tensor, w.mask.to("meta")), ValueError, "^mask is on meta"),
+        ("an int64 tensor", lambda w: ops.mask_in_place(w.tensor.long(), w.mask), TypeError, "^tensor must be float16"),
+        ("a bool tensor", lambda w: ops.mask_in_place(w.mask.clone(), w.mask), TypeError, "^tensor must be float16"),
+        ("a complex tensor", lambda w: ops.mask_in_place(w.tensor.to(torch.complex64), w.mask), TypeError,
+         "^tensor must be"),
+        ("a float8 tensor", lambda w: ops.mask_in_place(w.tensor.to(torch.float8_e4m3fn), w.mask), TypeError,
+         "^tensor must be"),
+        ("a uint8 mask", lambda w: ops.mask_in_place(w.tensor, w.mask.to(torch.uint8)), TypeError,
+         "^mask must be a bool tensor"),
+        ("a float mask", lambda w: ops.mask_in_place(w.tensor, w.mask.float()), TypeError, "^mask must be a bool"),
+        ("a mask that would broadcast", lambda w: ops.mask_in_place(w.tensor, w.mask[0]), ValueError,
+         r"^mask must have the shape of tensor \(4, 6\)"),
+        ("a transposed mask", lambda w: ops.mask_in_place(w.tensor, w.mask.T), ValueError, "^mask must have the shape"),
+        ("an empty mask", lambda w: ops.mask_in_place(w.tensor, w.mask[:0]), ValueError, "^mask must have the shape"),
+        ("tensor=None", lambda w: ops.mask_in_place(None, w.mask), TypeError, "^tensor must be a Tensor"),
+        ("mask=None", lambda w: ops.mask_in_place(w.tensor, None), TypeError, "^mask must be a Tensor"),
+        ("a list mask", lambda w: ops.mask_in_place(w.tensor, w.mask.tolist()), TypeError, "^mask must be a Tensor"),
+        ("a numpy tensor", lambda w: ops.mask_in_place(w.tensor.numpy(), w.mask), TypeError,
+         "^tensor must be a Tensor"),
+        ("a sparse tensor", lambda w: ops.mask_in_place(w.tensor.to_sparse(), w.mask), TypeError,
+         "^tensor must be a dense"),
+        ("a sparse mask", lambda w: ops.mask_in_place(w.tensor, w.mask.to_sparse()), TypeError,
+         "^mask must be a dense")]:
+    error(f"ops.mask_in_place({_name})", _mask_in_place_world, _call, _error, _match)
+
+
+# sparsekern.checkpoint.load: truncated, tampered and foreign files.
+def _rewritten(directory: pathlib.Path, name: str, change) -> None:
+    """good.pt rewritten as `name`, its zip records passed through `change` (with valid checksums)."""
+    with zipfile.ZipFile(directory / "good.pt") as archive:
+        records = [(info.filename, archive.read(info.filename)) for info in archive.infolist()]
+    with zipfile.ZipFile(directory / name, "w", zipfile.ZIP_STORED) as archive:
+        for filename, data in change(records):
+            archive.writestr(filename, data)
+
+
+def _foreign_files_world(tmp_path):
+    world = file_world(tmp_path)
+    directory = world.directory
+    _rewritten(directory, "short_record.pt", lambda rs: [(f, d[:8] if f.endswith("data/0") else d) for f, d in rs])
+    _rewritten(directory, "no_record.pt", lambda rs: [(f, d) for f, d in rs if not f.endswith("data/0")])
+    _rewritten(directory, "no_pickle.pt", lambda rs: [(f, d) for f, d in rs if not f.endswith("data.pkl")])
+    _rewritten(directory, "code_pickle.pt", lambda rs: [(f, pickle.dumps(os.getcwd) if f.endswith("data.pkl") else d)
+                                                        for f, d in rs])
+    _rewritten(directory, "bad_byteorder.pt", lambda rs: [(f, b"middle" if f.endswith("byteorder") else d)
+                                                          for f, d in rs])
+    _rewritten(directory, "stray_record.pt", lambda rs: rs + [("elsewhere/data/9", b"x" * 16)])
+    # The tensor's shape in the pickle grown from (6,) to (600,): more than its record holds.
+    _rewritten(directory, "grown_shape.pt", lambda rs: [(f, d.replace(b"K\x06\x85", b"M\x58\x02\x85")
+                                                         if f.endswith("data.pkl") else d) for f, d in rs])
+    with zipfile.ZipFile(directory / "foreign.zip", "w") as archive:
+        archive.writestr("readme.txt", "not a checkpoint")
+    with open(directory / "array.npy", "wb") as file:
+        np.save(file, np.arange(3))
+    (directory / "text.json").write_text('{"step": 1}')
+    (directory / "gzipped.pt").write_bytes(__import__("gzip").compress((directory / "good.pt").read_bytes()))
+    (directory / "safetensors.pt").write_bytes((8).to_bytes(8, "little") + b'{"a":1} ')
+    torch.save({"layer": nn.Linear(2, 2)}, directory / "module.pt")   # a pickled module: code, never run
+    os.symlink(directory / "loop_b", directory / "loop_a")
+    os.symlink(directory / "loop_a", directory / "loop_b")
+    return world
+
+
+for _file in ("short_record.pt", "no_record.pt", "no_pickle.pt", "code_pickle.pt", "bad_byteorder.pt",
+              "stray_record.pt", "grown_shape.pt", "foreign.zip", "array.npy", "text.json", "gzipped.pt",
+              "safetensors.pt", "module.pt", "loop_a"):
+    error(f"checkpoint.load({_file})", _foreign_files_world,
+          lambda w, f=_file: checkpoint.load(w.directory / f), ValueError, f"{_file}: cannot load this checkpoint")
+
+
+# sparsekern.nn.densify of models whose masks were damaged by hand, or built under inference mode.
+def _damaged_mask_world(damage):
+    def make(tmp_path=None):
+        model = sparse_model()
+        damage(model[3])
+        return SimpleNamespace(model=model)
+    return make
+
+
+for _name, _damage, _match in [
+        ("of another shape", lambda layer: layer._buffers.__setitem__("mask", torch.ones(3, dtype=torch.bool)),
+         r"\(16, 64\), got a torch.bool tensor of shape \(3,\)"),
+        ("of floats", lambda layer: layer._buffers.__setitem__("mask", layer.mask.float()), ".*got a torch.float32"),
+        ("removed", lambda layer: layer._buffers.__setitem__("mask", None), ".*got NoneType")]:
+    error(f"densify(a layer's mask {_name})", _damaged_mask_world(_damage), lambda w: sparsekern.nn.densify(w.model),
+          ValueError, "^densify: layer '3' must hold a bool mask of its weight's shape " + _match)
+
+
+def _inference_model_world(tmp_path=None):
+    with torch.inference_mode():
+        return SimpleNamespace(model=sparse_model())
+
+
+error("densify(a model built under inference mode)", _inference_model_world,
+      lambda w: sparsekern.nn.densify(w.model), RuntimeError, "^densify: layer '0''s weight is an inference tensor")
+
+
 # -- the tests -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("case", ERRORS, ids=[case.name for case in ERRORS])

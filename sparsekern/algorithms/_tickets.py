@@ -168,6 +168,9 @@ def check_snapshot(state, model: nn.Module, name: str, who: str) -> dict[str, Te
                 got = f"{saved.dtype} {tuple(saved.shape)} ({saved.layout}, {saved.device})"
             raise ValueError(f"{name}[{key!r}] must be a dense {value.dtype} tensor of shape {tuple(value.shape)}, "
                              f"got {got}")
+        if not finite(saved):
+            # Rewound into the weights, it would turn the whole run inf or NaN from the next step on.
+            raise ValueError(f"{name}[{key!r}] must hold finite values, got one holding inf or NaN")
         checked[key] = saved.detach().to(value.device, copy=True)
     return checked
 
@@ -186,6 +189,11 @@ def dense_values(value) -> bool:
     loads it, after the entries before it, nor a nested one (torch.nested's older layout is strided,
     and its shape raises)."""
     return isinstance(value, Tensor) and value.layout == torch.strided and not value.is_nested and not value.is_meta
+
+
+def finite(tensor: Tensor) -> bool:
+    """Whether `tensor` holds no inf or NaN (an integer or bool one always)."""
+    return not tensor.is_floating_point() or bool(torch.isfinite(tensor).all())
 
 
 def map_tensors(function: Callable[[Tensor], Tensor], value):
@@ -213,6 +221,8 @@ def check_tensors(values, like: list[Tensor], name: str, keys: list | None = Non
         if not dense_values(value) or value.shape != reference.shape or value.dtype != reference.dtype:
             raise ValueError(f"{name}[{key!r}] must be a dense {reference.dtype} tensor of shape "
                              f"{tuple(reference.shape)}")
+        if not finite(value):
+            raise ValueError(f"{name}[{key!r}] must hold finite values, got one holding inf or NaN")
         checked.append(value.detach().to(reference.device, copy=True))
     return checked
 
@@ -443,6 +453,11 @@ def loaded_optimizer(optimizer_factory: Callable, model: nn.Module, saved, name:
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
         raise ValueError(f"{name} does not fit the optimizer: {type(error).__name__}: {error}") from None
     check_hyperparameters(optimizer, name)
+    names = parameter_names(model)
+    check_optimizer_state(optimizer, [(names[id(parameter)][0] if id(parameter) in names else str(position), parameter)
+                                      for position, parameter in enumerate(
+                                          p for group in optimizer.param_groups for p in group["params"])],
+                          name, "parameter")
     return optimizer
 
 
@@ -455,6 +470,49 @@ def check_hyperparameters(optimizer: torch.optim.Optimizer, name: str) -> None:
             if key in group and not _same_kind(group[key], default):
                 raise ValueError(f"{name}['param_groups'][{index}][{key!r}] must be of the kind of the optimizer's "
                                  f"own {default!r}, got {group[key]!r}")
+            # torch's constructors refuse these (lr < 0, NaN); its load_state_dict takes them, and the next step
+            # writes NaN into every weight, or climbs the loss.
+            if key in group and not _finite_number(group[key]):
+                raise ValueError(f"{name}['param_groups'][{index}][{key!r}] must be finite, got {group[key]!r}")
+        if "lr" in group and _finite_number(group["lr"]) and _same_kind(group["lr"], 0.0) and group["lr"] < 0:
+            raise ValueError(f"{name}['param_groups'][{index}]['lr'] must be >= 0, got {group['lr']!r}")
+
+
+# Per-parameter state entries torch's optimizers hold in the parameter's shape (SGD's, Adam's, RMSprop's,
+# Adagrad's, Adadelta's, Adamax's, Rprop's, ASGD's).
+PARAMETER_SHAPED_STATE = frozenset({"momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "square_avg",
+                                    "grad_avg", "acc_delta", "sum", "exp_inf", "prev", "step_size", "ax"})
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer, parameters: list[tuple[str, Tensor]], name: str,
+                          what: str) -> None:
+    """ValueError naming `name` and the `what` (layer, parameter) whose per-parameter state, just loaded into
+    `optimizer` (a fresh one), does not fit it: an entry held in the parameter's shape (PARAMETER_SHAPED_STATE)
+    of another shape or not a tensor, or any tensor holding inf or NaN. torch's load_state_dict takes any value
+    (and casts a tensor to the parameter's dtype), and the next step would fail on it part-way, some parameters
+    updated, or turn them inf or NaN for good."""
+    for parameter_name, parameter in parameters:
+        for key, value in optimizer.state.get(parameter, {}).items():
+            if value is None:   # SGD's momentum buffer without momentum
+                continue
+            if key in PARAMETER_SHAPED_STATE and (not dense_values(value) or value.shape != parameter.shape):
+                got = (f"a {value.dtype} tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor)
+                       else type(value).__name__)
+            elif isinstance(value, Tensor) and dense_values(value) and not finite(value):
+                got = "one holding inf or NaN"
+            else:
+                continue
+            raise ValueError(f"{name} must hold for {what} {parameter_name!r} a finite {key.replace('_', ' ')} of "
+                             f"{parameter.dtype} and shape {tuple(parameter.shape)}, got {got}")
+
+
+def _finite_number(value) -> bool:
+    """False only for a number (or a one-element tensor, or a tuple holding one) that is inf or NaN."""
+    if isinstance(value, (tuple, list)):
+        return all(map(_finite_number, value))
+    if isinstance(value, Tensor):
+        return value.numel() != 1 or not value.is_floating_point() or bool(torch.isfinite(value).all())
+    return not isinstance(value, float) or math.isfinite(value)
 
 
 def _same_kind(value, default) -> bool:

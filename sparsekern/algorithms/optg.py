@@ -317,10 +317,24 @@ class OptG(distributed.CatchesUp):
         "masks" (older versions) keeps the model's own. Checked completely first (entries, the layer names,
         tensors against the layers, the score optimizer's hyperparameters and momentum buffers, and that it is an
         OptG state saved with this OptG's sparsity, epochs, beta, criterion, reach_target,
-        dense_while_scores_tie, momentum and nesterov): a bad state raises TypeError or ValueError and changes
+        dense_while_scores_tie, momentum and nesterov, and with its lr or lr_schedule, which the score optimizer's
+        saved score lr gives away): a bad state raises TypeError or ValueError and changes
         nothing; a layer missing from it, or one this model lacks, is named. A state of older versions,
         which hold scores, masks and the optimizer's state by position (lists), loads by position, as it did."""
         self._prepare_load(state)()
+
+    def _check_saved_score_lr(self, loaded: torch.optim.SGD, epoch: int) -> None:
+        """ValueError unless the score lr of the state `loaded` holds is the one this OptG's lr (or lr_schedule),
+        beta and epochs give its epoch: a state saved under another lr went on at the saved lr to the epoch's end
+        and at this OptG's from the next, a run of neither, with nothing said. The state keeps no lr of its own
+        (lr_schedule, a callable, cannot be saved), but its score optimizer's is that run's score lr of the epoch
+        (the last epoch's once all have ended)."""
+        expected = self.score_lr(min(epoch, self.epochs - 1))
+        saved = float(loaded.param_groups[0]["lr"])
+        if not math.isclose(saved, expected, rel_tol=1e-9, abs_tol=0.0):
+            raise ValueError(f"state['score_optimizer'] holds the score lr {saved!r} for epoch {epoch}, but this "
+                             f"OptG's lr (or lr_schedule) and beta give {expected!r}: the state was saved with "
+                             f"another lr or lr_schedule; build the OptG with the saving run's")
 
     def _prepare_load(self, state: dict):
         """Checks `state` completely and returns the function that installs it (load_state_dict runs
@@ -353,7 +367,7 @@ class OptG(distributed.CatchesUp):
         if epoch > self.epochs:
             raise ValueError(f"state['epoch'] must be at most epochs={self.epochs}, got {epoch}")
         scores = _tickets.check_tensors(saved_scores, self.scores, "state['scores']", keys)
-        if scores is None or not all(torch.isfinite(score).all() for score in scores):
+        if scores is None:   # (check_tensors refuses inf and NaN)
             raise ValueError("state['scores'] must hold finite score tensors, one per sparse layer")
         score_optimizer = torch.optim.SGD(self.scores, **self.score_optimizer.defaults)
         saved_optimizer = _tickets.optimizer_in_order(saved_optimizer, score_optimizer, self._score_names(),
@@ -366,7 +380,9 @@ class OptG(distributed.CatchesUp):
             raise ValueError(f"state['score_optimizer'] does not fit the scores' optimizer: "
                              f"{type(error).__name__}: {error}") from None
         _tickets.check_hyperparameters(score_optimizer, "state['score_optimizer']")
-        _check_momentum_buffers(score_optimizer, _tickets.layer_names(self._groups), self.scores)
+        _tickets.check_optimizer_state(score_optimizer, list(zip(_tickets.layer_names(self._groups), self.scores)),
+                                       "state['score_optimizer']", "layer")
+        self._check_saved_score_lr(score_optimizer, epoch)
 
         @torch.no_grad()
         def install() -> None:
@@ -395,21 +411,3 @@ def _score_gradient(score: Tensor, grad: Tensor, weight: Tensor) -> None:
     else:
         torch.mul(grad, weight, out=held)
 
-
-def _check_momentum_buffers(optimizer: torch.optim.Optimizer, names: list[str], scores: list[Tensor]) -> None:
-    """ValueError naming the layer whose scores' momentum buffer, just loaded into `optimizer`, does not fit them:
-    torch's load_state_dict takes any value (and casts a tensor to the scores' dtype), and the next step would fail
-    on it part-way, some scores updated, or turn the scores inf or NaN for good."""
-    for name, score in zip(names, scores):
-        buffer = optimizer.state.get(score, {}).get("momentum_buffer")
-        if buffer is None:
-            continue
-        if not _tickets.dense_values(buffer) or buffer.shape != score.shape:
-            got = (f"a {buffer.dtype} tensor of shape {tuple(buffer.shape)}" if isinstance(buffer, Tensor)
-                   else type(buffer).__name__)
-        elif not bool(torch.isfinite(buffer).all()):
-            got = "one holding inf or NaN"
-        else:
-            continue
-        raise ValueError(f"state['score_optimizer'] must hold for layer {name!r} a finite momentum buffer of "
-                         f"{score.dtype} and shape {tuple(score.shape)}, got {got}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import warnings
 
+import torch
 from torch import Tensor, nn
 
 from .attention import SparseMultiheadAttention
@@ -63,7 +64,9 @@ def densify(model: nn.Module) -> nn.Module:
     again), one compiled in place (nn.Module.compile), a sharded one (FSDP, fully_shard), and a sparse module whose
     weight or bias (an attention's in_proj_bias, bias_k, bias_v too) is computed from other parameters (a
     parametrization, weight_norm, spectral_norm, torch.nn.utils.prune): remove that first
-    (torch.nn.utils.parametrize.remove_parametrizations).
+    (torch.nn.utils.parametrize.remove_parametrizations); also for a layer whose mask was replaced by something
+    other than a bool tensor of its weight's shape. RuntimeError, with the model unchanged, for a model built under
+    torch.inference_mode() densified outside it (its weights cannot be zeroed in place there).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -72,11 +75,30 @@ def densify(model: nn.Module) -> nn.Module:
     problem = computed_weight_refusal(sparse_modules(model), "densify")
     if problem is not None:
         raise ValueError(problem)
+    _refuse_unmaskable(model)
     staged, dropped_hooks = _stage(model)
     copied = _weights_to_copy(model, staged)
     for warning in (*dropped_hooks, *copied.values()):
         warnings.warn(warning, stacklevel=2)
     return _commit(model, staged, copied)
+
+
+def _refuse_unmaskable(model: nn.Module) -> None:
+    """ValueError naming the layer whose weight densify cannot mask in place, before anything changes: a mask that
+    is missing, not a bool tensor or not of the weight's shape (a buffer replaced by hand), where the twin's masked
+    copy failed with torch's error naming no layer; RuntimeError for an inference tensor (a model built under
+    torch.inference_mode()) outside inference mode, which torch refuses to change in place."""
+    for name, layer in sparse_modules(model):
+        mask = layer._buffers.get("mask")
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != layer.weight.shape:
+            got = (f"a {mask.dtype} tensor of shape {tuple(mask.shape)}" if isinstance(mask, Tensor)
+                   else type(mask).__name__)
+            raise ValueError(f"densify: layer {name or '(root)'!r} must hold a bool mask of its weight's shape "
+                             f"{tuple(layer.weight.shape)}, got {got}")
+        if layer.weight.is_inference() and not torch.is_inference_mode_enabled():
+            raise RuntimeError(f"densify: layer {name or '(root)'!r}'s weight is an inference tensor (the model was "
+                               f"built under torch.inference_mode()), which cannot be masked in place outside it: "
+                               f"call densify under torch.inference_mode()")
 
 
 def _refuse_wrapped(model: nn.Module) -> None:

@@ -242,12 +242,22 @@ def mask_in_place(tensor: Tensor, mask: Tensor) -> Tensor:
     allocates no mask-sized temporary, and on CPU with the extension it is one vectorized pass.
 
     TypeError or ValueError naming the argument, with `tensor` unchanged, unless `tensor` is a dense
-    float16, bfloat16, float32 or float64 tensor and `mask` a bool tensor of its shape on its device.
+    float16, bfloat16, float32 or float64 tensor holding values (not on the meta device) whose entries each
+    have memory of their own (not an expanded or overlapping view, none shared with `mask`), and `mask` a
+    bool tensor of its shape on its device; also (as torch's own in-place ops refuse them) for a `tensor` that
+    autograd records (it requires grad with grad mode on: the change would not be in its graph; call it under
+    torch.no_grad()) and for an inference tensor outside torch.inference_mode(). The tensor's version
+    counter counts the change, so a backward that saved it refuses to run on the new values.
     """
     _checks.floating(tensor, "tensor")
+    _checks.holds_values(tensor, "tensor")
     _checks.bool_mask(mask, "mask", tensor, "tensor")
     _checks.same_device([("tensor", tensor), ("mask", mask)])
-    return _masked_linear_op.mask_in_place(tensor, mask)
+    _checks.writable_in_place(tensor, "tensor", mask, "mask")
+    _masked_linear_op.mask_in_place(tensor, mask)
+    if not tensor.is_inference():   # an inference tensor has no version counter
+        torch.autograd.graph.increment_version(tensor)
+    return tensor
 
 
 # torch.autocast casts these dtypes (not float64) to its own for the ops it runs in lower precision.

@@ -420,3 +420,27 @@ def test_mask_in_place_refuses_bad_arguments_and_changes_nothing(tensor, mask, e
         ops.mask_in_place(tensor, mask)
     if before is not None:
         assert torch.equal(tensor, before)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_mask_in_place_counts_its_change_so_a_backward_that_saved_the_tensor_refuses(layout):
+    # The C++ select wrote behind the version counter: a backward that had saved the tensor ran on the masked
+    # values and gave a wrong gradient without a word (torch's own in-place ops make it refuse).
+    x = torch.ones(3, 4, requires_grad=True)
+    y = x * 1 if layout == "contiguous" else (x * 1).T.contiguous().T
+    z = y * y   # saves y for its backward
+    with torch.no_grad():
+        ops.mask_in_place(y, torch.eye(3, 4, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        z.sum().backward()
+
+
+def test_mask_in_place_works_under_no_grad_and_in_inference_mode():
+    mask = torch.eye(3, 4, dtype=torch.bool)
+    weight = torch.nn.Parameter(torch.ones(3, 4))
+    with torch.no_grad():
+        ops.mask_in_place(weight, mask)
+    with torch.inference_mode():
+        inference = torch.ones(3, 4)
+        ops.mask_in_place(inference, mask)
+    assert torch.equal(weight.detach(), mask.float()) and torch.equal(inference, mask.float())
