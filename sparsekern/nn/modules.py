@@ -578,6 +578,14 @@ def _is_parametrized(module: nn.Module, name: str) -> bool:
     return "parametrizations" in module._modules and parametrize.is_parametrized(module, name)
 
 
+def _computed_by_torch(module: SparseModule) -> bool:
+    """Whether sparse `module`'s weight, not a Parameter of its own, is computed by one of torch's mechanisms (a
+    parametrization, or the hooks of weight_norm, spectral_norm and torch.nn.utils.prune, which keep the weight's
+    source under `weight_orig` or `weight_g`/`weight_v`), rather than deleted or replaced by hand."""
+    return _is_parametrized(module, "weight") or any(
+        source in module._parameters for source in ("weight_orig", "weight_g", "weight_v"))
+
+
 def computed_weight_refusal(named: list[tuple[str, SparseModule]], who: str, built: bool = False) -> str | None:
     """Why `who` (an algorithm, broadcast_masks) cannot act on `named`, the first layer whose weight is computed
     (`weight_is_computed`) named, or None. `built`: `who` was built before the weight became computed.
@@ -588,6 +596,12 @@ def computed_weight_refusal(named: list[tuple[str, SparseModule]], who: str, bui
     divides by σ of the whole original; weight_norm's magnitude has another shape; a user's parametrization may
     move a 0 anywhere). Written into the computed tensor, a change would be lost at the next forward."""
     for name, module in named:
+        if weight_is_computed(module) and not _computed_by_torch(module):
+            when = f" after {who} was built" if built else ""
+            return (f"{who}: layer {name!r}'s weight is not a Parameter: it was deleted or replaced by a plain "
+                    f"tensor{when}, and {who} masks, regrows and rewinds Parameters; give the layer its weight back "
+                    f"as an nn.Parameter (del layer.weight; layer.weight = nn.Parameter(...)), or leave the layer out "
+                    f"of sparsify (exclude=)")
         if weight_is_computed(module):
             when = f", registered after {who} was built" if built else ""
             return (f"{who}: layer {name!r}'s weight is computed from other parameters at every forward (a "

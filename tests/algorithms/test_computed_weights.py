@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils import parametrizations, parametrize
+from torch.nn.utils import parametrizations, parametrize, prune
 
 import sparsekern
 from sparsekern.algorithms import DST, IMP, OptG, SWAMP, RigL
@@ -75,6 +75,40 @@ def test_an_algorithm_refuses_a_layer_whose_weight_is_computed_by_name_changing_
     with pytest.raises(ValueError, match=rf"{who}: layer '0'.*computed.*before sparsify.*remove"):
         BUILD[who](model)
     assert _unchanged(model, before)
+
+
+def _replace_weight_by_a_plain_tensor(layer):
+    weight = layer.weight.detach().clone()
+    del layer.weight
+    layer.weight = weight
+
+
+@pytest.mark.parametrize("who", BUILD)
+def test_a_weight_replaced_by_a_plain_tensor_is_refused_as_such_not_as_computed(who):
+    model = _sparse_model()
+    _replace_weight_by_a_plain_tensor(model[0])
+    before = _everything(model)
+    with pytest.raises(ValueError, match=rf"{who}: layer '0'.s weight is not a Parameter: it was deleted or "
+                                         rf"replaced by a plain tensor, .*nn.Parameter"):
+        BUILD[who](model)
+    assert _unchanged(model, before)
+
+
+def test_a_weight_replaced_after_dst_was_built_is_refused_as_such():
+    model = _sparse_model()
+    dst = BUILD["DST"](model)
+    _train_step(model, 0)
+    _replace_weight_by_a_plain_tensor(model[0])
+    with pytest.raises(RuntimeError, match=r"DST: layer '0'.s weight is not a Parameter: .* after DST was built"):
+        dst.step()
+    assert dst.step_count == 0
+
+
+def test_torch_prune_on_a_sparse_layer_is_still_refused_as_computed():
+    model = _sparse_model()
+    prune.l1_unstructured(model[0], "weight", amount=0.3)
+    with pytest.raises(ValueError, match=r"DST: layer '0'.s weight is computed .*torch.nn.utils.prune"):
+        BUILD["DST"](model)
 
 
 @computed
