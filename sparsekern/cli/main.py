@@ -3,7 +3,8 @@
 
 With no subcommand it runs `compare` with its defaults on scikit-learn's bundled digits.
 Every bad input (an argument, the dataset's content, a resume checkpoint, the output folder, SPARSEKERN_BACKEND)
-fails with a one-line error and exit code 2 before any training. `train` also runs data-parallel on the ranks
+fails with a one-line error and exit code 2 before any training, which starts with the subcommand as argparse's
+own errors do (`sparsekern train: error: ...`), as do warnings. `train` also runs data-parallel on the ranks
 torchrun starts (README.md, `sparsekern train`), where a bad input on any rank stops every rank with that error.
 """
 from __future__ import annotations
@@ -45,6 +46,17 @@ class _Parser(report.OneLineParser):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
+        self._commands: dict[str, argparse.ArgumentParser] = {}
+
+    def add_subparsers(self, **kwargs):
+        action = super().add_subparsers(**kwargs)
+        self._commands = action.choices
+        return action
+
+    def command(self, name: str) -> argparse.ArgumentParser:
+        """The parser of subcommand `name` (this one for a name that is none): every error and warning of a
+        command starts with its parser's prog, `sparsekern train: error: ...`, as argparse's own errors do."""
+        return self._commands.get(name, self)
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -287,20 +299,26 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["compare", *argv]
-    if not {"-h", "--help"} & set(argv):   # help answers anywhere, a launched rank included
-        _refuse_launcher(parser, argv[0])
+    command = parser.command(argv[0])
+    if command is not parser and not {"-h", "--help"} & set(argv):   # help answers anywhere, a launched rank too
+        _refuse_launcher(command, argv[0])
     if argv[0] == "bench":  # its arguments belong to the report's own parser
         sys.exit(_bench(argv[1:]))
-    args = parser.parse_args(argv)
+    # argparse reports a subcommand's unknown arguments under the top prog ("sparsekern: error:"); under the
+    # subcommand's, they read as its other errors do
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
-        _run(parser, args)
+        _run(command, args)
     finally:  # the process group train started on several ranks, also after an error
         data_parallel.end()
 
 
 def _run(parser: argparse.ArgumentParser, args) -> None:
-    # Warnings raised while checking the inputs are held back: a refused input gets its one error line only,
-    # an accepted one each warning on one line.
+    """Checks the inputs, then runs the command of `parser` (its subcommand's, whose prog starts every line).
+    Warnings raised while checking the inputs are held back: a refused input gets its one error line only, an
+    accepted one each warning on one line."""
     with warnings.catch_warnings(record=True) as held:
         warnings.simplefilter("always")
         try:
@@ -310,18 +328,18 @@ def _run(parser: argparse.ArgumentParser, args) -> None:
             start = job(args)
         except ValueError as error:
             parser.error(str(error))
-    _warn_each(held)
+    _warn_each(parser.prog, held)
     with warnings.catch_warnings(record=True) as held:  # shown after the results, one line each
         warnings.simplefilter("always")
         try:
             start()
         except KeyboardInterrupt:
             if _leads():
-                print(f"sparsekern: interrupted; finished work is kept in {args.out} (rerun the same command to go "
-                      f"on)", file=sys.stderr)
+                print(f"{parser.prog}: interrupted; finished work is kept in {args.out} (rerun the same command to "
+                      f"go on)", file=sys.stderr)
             sys.exit(130)
         finally:
-            _warn_each(held)
+            _warn_each(parser.prog, held)
 
 
 def _refuse_launcher(parser: argparse.ArgumentParser, command: str) -> None:
@@ -349,14 +367,11 @@ def _leads() -> bool:
         return True
 
 
-def _warn_each(held: list) -> None:
-    for message in dict.fromkeys(str(warning.message) for warning in held):
-        _warn(message)
-
-
-def _warn(message: str) -> None:
+def _warn_each(prog: str, held: list) -> None:
+    """Each distinct warning of `held` on one line, `sparsekern train: warning: ...` (rank 0 only)."""
     if _leads():
-        print(f"sparsekern: warning: {' '.join(message.split())}", file=sys.stderr)
+        for message in dict.fromkeys(str(warning.message) for warning in held):
+            print(f"{prog}: warning: {' '.join(message.split())}", file=sys.stderr)
 
 
 def check_backend(device: str) -> None:
@@ -370,9 +385,9 @@ def check_backend(device: str) -> None:
 
 def _warn_short_optg(method: str, epochs: int) -> None:
     if method == "optg" and epochs < MIN_EPOCHS_DIGITS:
-        _warn(f"OptG needs about {MIN_EPOCHS_DIGITS} epochs for its scores to settle (measured on digits: at 10 it "
-              f"collapses to about 36% at densities 0.05 and 0.02); with --epochs {epochs} its mask may collapse far "
-              f"below magnitude pruning on the same ramp (--method gmp)")
+        warnings.warn(f"OptG needs about {MIN_EPOCHS_DIGITS} epochs for its scores to settle (measured on digits: at "
+                      f"10 it collapses to about 36% at densities 0.05 and 0.02); with --epochs {epochs} its mask may "
+                      f"collapse far below magnitude pruning on the same ramp (--method gmp)")
 
 
 # Options that only some methods read (with None defaults, so that one given explicitly is known): the methods.

@@ -197,8 +197,8 @@ def test_warnings_of_the_runs_are_kept_with_them_and_shown_once_each(tmp_path, c
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # none may escape: the command line prints them itself
         main(argv)
-    expected = ["sparsekern: warning: 2 runs: odd thing at density 0.3",
-                "sparsekern: warning: 2 runs: odd thing at density 0.1"]
+    expected = ["sparsekern compare: warning: 2 runs: odd thing at density 0.3",
+                "sparsekern compare: warning: 2 runs: odd thing at density 0.1"]
     assert capsys.readouterr().err.splitlines() == expected
     main(argv)  # reused runs keep their warnings
     assert capsys.readouterr().err.splitlines() == expected
