@@ -689,3 +689,30 @@ def test_a_stored_run_with_damaged_gradient_flow_records_is_trained_again(tmp_pa
     config = TrainConfig(method="static", density=0.3, epochs=1, batch_size=256)
     trained, records = stored_and_run_again(tmp_path, config, lambda record: record["flow"][0].pop("when"))
     assert trained == [True] and records[key(config)]["flow"][0]["when"] == "init"
+
+
+def test_compare_marks_the_best_line_and_gives_gradient_flow_a_spread(tmp_path, capsys):
+    # A researcher had to scan every column for the best line, and the gradient-flow grid gave means over seeds
+    # with no spread; the progress bar named a criteria line by its method (dst) alone.
+    out = tmp_path / "out"
+    main(["compare", "--methods", "dense,static,dst", "--criteria", "snip,random", "--densities", "0.3,0.1",
+          "--seeds", "2", "--epochs", "1", "--update-every", "5", "--jobs", "1", "--out", str(out)])
+    rows = _read_csv(out / "results.csv")
+    runs = _read_csv(out / "runs.csv")
+    table = (out / "results.md").read_text()
+    assert "In bold: the best sparse line at each density" in table
+    accuracy_table, flow_table = table.split("Gradient flow")
+    cells = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[4:-1]]
+             for line in accuracy_table.strip().splitlines()[-4:]}
+    for column, density in enumerate(("0.3", "0.1")):
+        sparse = [row for row in rows if row["method"] != "dense" and row["density"] == density]
+        top = max(float(row["accuracy_mean"]) for row in sparse)
+        best = {row["label"] for row in sparse if float(row["accuracy_mean"]) == top}
+        assert {label for label, row in cells.items() if row[column].startswith("**")} == best
+    for row in rows:
+        flows = [float(run["gradient_flow_mean"]) for run in runs
+                 if run["label"] == row["label"] and float(run["density"]) == float(row["density"])]
+        assert float(row["gradient_flow_training_std"]) == pytest.approx(statistics.stdev(flows))
+        assert (f"| {float(row['gradient_flow_training_mean']):.3g} ± "
+                f"{float(row['gradient_flow_training_std']):.2g} |") in flow_table
+    assert "snip (+random) at density 0.1, seed 1: test accuracy " in capsys.readouterr().err
