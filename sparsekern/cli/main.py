@@ -36,6 +36,7 @@ from .recipes import CRITERION_PARAMETERS, DST_PRESETS, TICKET_METHODS, criteria
 from .training import (DISTRIBUTIONS, INITS, METHODS, SCHEDULES, TrainConfig, prepare, read_checkpoint,
                        total_epochs)
 
+TRAIN_OUT = "runs/train"   # train's --out unless told, or resuming
 # The ops a training run calls: a SPARSEKERN_BACKEND that cannot run one of them is refused before training.
 TRAINING_OPS = ("masked_linear", "topk_mask", "topk_mask_per_tensor", "prune_grow")
 
@@ -246,8 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument("--seed", type=_seed, default=TrainConfig.seed,
                               help="initial weights, masks, data order and random criteria (the test split is fixed)")
     _add_run_options(train_parser, TrainConfig())
-    train_parser.add_argument("--out", default="runs/train", help="directory for metrics and the checkpoint")
-    train_parser.add_argument("--resume", metavar="CKPT", help="continue the run saved in this checkpoint")
+    train_parser.add_argument("--out", help="directory for the metrics (metrics.json, metrics.csv, "
+                                            "gradient_flow.csv) and checkpoint.pt, rewritten after every epoch "
+                                            f"(default: {TRAIN_OUT}; with --resume, the checkpoint's folder)")
+    train_parser.add_argument("--resume", metavar="CKPT", help="continue the run saved in this checkpoint (given "
+                                                                "the arguments it was started with)")
     train_parser.add_argument("--stop-after", type=_positive, metavar="EPOCH",
                               help="stop after this epoch (resume later with --resume)")
 
@@ -430,6 +434,8 @@ def _check_block_criterion(args, configs: list[TrainConfig]) -> None:
 
 
 def _prepare_train(args):
+    if args.out is None:   # a resumed run goes on writing where it was written, not into the default folder
+        args.out = TRAIN_OUT if args.resume is None else os.path.dirname(args.resume) or "."
     ranks = data_parallel.from_environment()
     if ranks.several:
         data_parallel.start(ranks, args.device)

@@ -716,3 +716,15 @@ def test_compare_marks_the_best_line_and_gives_gradient_flow_a_spread(tmp_path, 
         assert (f"| {float(row['gradient_flow_training_mean']):.3g} ± "
                 f"{float(row['gradient_flow_training_std']):.2g} |") in flow_table
     assert "snip (+random) at density 0.1, seed 1: test accuracy " in capsys.readouterr().err
+
+
+def test_a_resumed_train_goes_on_writing_into_the_checkpoint_s_folder(tmp_path, monkeypatch):
+    # Without --out, a resumed run wrote its metrics and checkpoints into runs/train, leaving the run's own folder
+    # at the epoch it stopped.
+    monkeypatch.chdir(tmp_path)
+    arguments = ["train", "--method", "static", "--density", "0.3", "--epochs", "2", "--quiet"]
+    main([*arguments, "--stop-after", "1", "--out", "run"])
+    main([*arguments, "--resume", os.path.join("run", "checkpoint.pt")])
+    assert not (tmp_path / "runs").exists()
+    assert [row["epoch"] for row in _read_csv(tmp_path / "run" / "metrics.csv")] == ["1", "2"]
+    assert training.read_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))["epoch"] == 2
