@@ -507,7 +507,7 @@ def test_the_plot_keeps_room_around_its_densities_so_nudged_lines_stay_beside_th
     figures = []
     monkeypatch.setattr(compare_module, "save_figure", lambda figure, path, metadata=None: figures.append(figure))
     rows = [{"label": label, "method": label, "density": density, "accuracy_mean": 0.9, "accuracy_std": 0.01,
-             "epochs": 1} for label in ("static", "set", "rigl") for density in densities]
+             "epochs": 1, "seeds": 2} for label in ("static", "set", "rigl") for density in densities]
     compare_module.plot(rows, "unused.png", TrainConfig(epochs=1))
     axes = figures[0].axes[0]
     left, right = axes.get_xlim()
