@@ -158,6 +158,7 @@ def _train_all(jobs: list[Job], store: RunStore, dataset: Dataset, workers: int,
             yield job, store.train(job, dataset, keep_masks=key(job.config) in sources)
         return
     context = multiprocessing.get_context("spawn")  # torch and fork do not mix
+    others = set(multiprocessing.active_children())
     with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context, initializer=_start_worker,
                              initargs=(store.directory, dataset, torch.get_num_threads())) as pool:
         with _interrupts_ignored():   # the workers start ignoring Ctrl-C, which the caller answers for them
@@ -167,8 +168,8 @@ def _train_all(jobs: list[Job], store: RunStore, dataset: Dataset, workers: int,
                 yield futures[future], future.result()
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
-            for worker in multiprocessing.active_children():   # the runs in progress: lost, not waited for
-                worker.terminate()
+            for worker in set(multiprocessing.active_children()) - others:   # the pool's: their runs are lost,
+                worker.terminate()                                             # not waited for
             raise
 
 
