@@ -13,6 +13,7 @@ import argparse
 import math
 import os
 import sys
+import textwrap
 import time
 import warnings
 from dataclasses import asdict
@@ -228,12 +229,26 @@ def _usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def _paragraph(text: str) -> str:
+    """A subcommand's description, wrapped (the raw formatter, which keeps the top help's lines, wraps nothing)."""
+    return textwrap.fill(text, width=100)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sparsekern", description=__doc__)
     commands = parser.add_subparsers(dest="command", parser_class=_Parser)
 
-    train_parser = commands.add_parser("train", help="train one model and write metrics and a checkpoint (data-parallel "
-                                                      "on the ranks torchrun starts)")
+    train_parser = commands.add_parser(
+        "train", help="train one model and write metrics and a checkpoint (data-parallel on the ranks torchrun "
+                      "starts)",
+        description=_paragraph(
+            "Trains one model, writing its metrics and checkpoint to --out after every epoch, and prints "
+            "its final test accuracy (in percent), loss, density and gradient flow. Methods: dense; static "
+            "(a fixed random mask); set, rigl and mest (DST presets) and dst (DST with any --prune, --grow "
+            "and --schedule); imp (iterative magnitude pruning, rewinding); swamp (IMP whose mask averages "
+            "SWA particles); optg (pruning scores trained with the weights); gmp (gradual magnitude "
+            "pruning). Densities are fractions of the weights kept. README.md, `sparsekern train`, says "
+            "more."))
     train_parser.add_argument("--method", choices=METHODS, default=TrainConfig.method,
                               help="how the mask is found (README.md, `sparsekern train`)")
     train_parser.add_argument("--density", type=_density, default=TrainConfig.density,
@@ -256,7 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
                               help="stop after this epoch (resume later with --resume)")
 
     compare_defaults = TrainConfig(epochs=compare_module.DEFAULT_EPOCHS)
-    compare_parser = commands.add_parser("compare", help="train a grid of methods, criteria and densities")
+    compare_parser = commands.add_parser(
+        "compare", help="train a grid of methods, criteria and densities",
+        description=_paragraph(
+            "Trains every method (and, for dst, every pruning criterion) at every density for every seed, "
+            "then prints test accuracy in percent, mean ± sd over seeds, the best sparse line of each "
+            "density in bold, and writes results.md, results.csv, runs.csv, accuracy_vs_density.png and "
+            "grid.json to --out (README.md, `The command line`, describes them)."))
     compare_parser.add_argument("--methods", type=_choices(METHODS, "method"),
                                 default=list(compare_module.DEFAULT_METHODS),
                                 help=f"comma-separated methods, one line each, from {', '.join(METHODS)}")
@@ -282,8 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                                      "runs in --out (after a change to the code)")
     _add_jobs_option(compare_parser)
 
-    reproduce_parser = commands.add_parser("reproduce", help="one small experiment per claim of the seed papers, "
-                                                             "reported with verdicts, plots and CSVs")
+    reproduce_parser = commands.add_parser(
+        "reproduce", help="one small experiment per claim of the seed papers, reported with verdicts, plots and "
+                          "CSVs",
+        description=_paragraph(
+            "Runs one small experiment on digits per claim of the seed papers (DST vs static, pruning "
+            "criteria, lottery tickets, SWAMP, OptG, gradient flow) and writes report.md (each claim's "
+            "numbers, mean ± sd over seeds, and its verdict), a plot and a CSV per claim and runs.csv to "
+            "--out."))
     reproduce_parser.add_argument("--quick", action="store_true",
                                   help="a smoke test of every claim in well under a minute (fewer seeds, epochs "
                                        "and densities)")
