@@ -679,3 +679,16 @@ def test_ctrl_c_on_compare_while_its_workers_start_prints_one_line(tmp_path):
     assert process.returncode == 130 and stdout == "", stderr
     assert stderr.splitlines() == [f"sparsekern compare: interrupted; finished work is kept in {out} (rerun the "
                                    f"same command to go on)"]
+
+
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_an_output_that_fails_mid_run_exits_2_with_one_line(command, tmp_path, capsys, monkeypatch):
+    # A full disk (or --out removed) while training ended in a traceback.
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(training, "write_metrics", disk_full)
+    monkeypatch.setattr(runs_module, "write_text", disk_full)
+    extra = ["--method", "static", "--epochs", "1"] if command == "train" else QUICK_COMPARE
+    refused([command, *extra, "--out", str(tmp_path / "out"), "--quiet"], capsys, "No space left on device; "
+            f"finished work is kept in {tmp_path / 'out'}")
