@@ -475,9 +475,12 @@ def _prepare_train(args):
     _warn_short_optg(config.method, config.epochs)
 
     def start():
+        resumed_at = run.epoch
         result = run.train(args.out, args.stop_after, progress=not args.quiet)
         final = result.final
         done = "finished" if final["epoch"] == total_epochs(config) else f"stopped after epoch {final['epoch']}"
+        if final["epoch"] == resumed_at:   # a resumed run already there: say so rather than seem to have trained
+            done = f"{done} (nothing trained: the checkpoint was already at epoch {resumed_at})"
         on = f" on {ranks.world_size} ranks" if ranks.several else ""
         if _leads():
             print(f"{config.method} {done}{on}: test accuracy {100 * final['test_accuracy']:.2f}%, test loss "

@@ -728,3 +728,13 @@ def test_a_resumed_train_goes_on_writing_into_the_checkpoint_s_folder(tmp_path, 
     assert not (tmp_path / "runs").exists()
     assert [row["epoch"] for row in _read_csv(tmp_path / "run" / "metrics.csv")] == ["1", "2"]
     assert training.read_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))["epoch"] == 2
+
+
+def test_resuming_a_finished_run_says_nothing_was_trained(tmp_path, capsys):
+    # It printed "finished" as if it had trained the run again.
+    arguments = ["train", "--method", "static", "--density", "0.3", "--epochs", "1", "--quiet", "--out",
+                 str(tmp_path / "run")]
+    main(arguments)
+    assert "nothing trained" not in capsys.readouterr().out
+    main([*arguments, "--resume", str(tmp_path / "run" / "checkpoint.pt")])
+    assert "static finished (nothing trained: the checkpoint was already at epoch 1)" in capsys.readouterr().out
