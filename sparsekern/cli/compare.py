@@ -38,7 +38,7 @@ RUN_FIELDS = ("label", "method", "prune", "grow", "schedule", "init", "density",
               "epochs_trained", "test_accuracy", "gradient_flow", "gradient_flow_mean", "seconds", "key", "warnings")
 SUMMARY_FIELDS = ("label", "method", "prune", "grow", "schedule", "init", "epochs", "density", "target_density",
                   "final_density_mean", "accuracy_mean", "accuracy_std", "seeds", "gradient_flow_final_mean",
-                  "gradient_flow_training_mean")
+                  "gradient_flow_training_mean", "gradient_flow_training_std")
 
 
 @dataclass(frozen=True)
@@ -101,11 +101,13 @@ def run_compare(lines: list[Line], densities: list[float], seeds: int, base: Tra
 
         bar = tqdm(total=len(planned), desc="compare", unit="run", dynamic_ncols=True)
 
+    labels = {key(config): line.label for line, config in planned}   # the criteria lines share their method
+
     def done(job: Job, record: dict, trained: bool) -> None:
         if bar is not None:
             bar.update()
-            bar.set_postfix(method=job.config.method, density=job.config.density,
-                            acc=f"{record['test_accuracy']:.3f}")
+            bar.set_postfix_str(f"{labels[key(job.config)]} at density {job.config.density:g}, seed "
+                                f"{job.config.seed}: test accuracy {100 * record['test_accuracy']:.1f}%")
 
     started = time.perf_counter()
     try:
@@ -147,7 +149,8 @@ def filed_density(target: float, final: float) -> float:
 def summarise(lines: list[Line], runs: list[dict]) -> list[dict]:
     """Per line and filed density: mean and sample standard deviation of test accuracy (None for one seed, which
     measures no spread: an empty CSV cell), the mean final density, and gradient flow (final, and the mean over
-    training's epochs), averaged over seeds."""
+    training's epochs), averaged over seeds, with the sample standard deviation of the latter (None for one
+    seed)."""
     rows = []
     for line in lines:
         mine = [run for run in runs if run["label"] == line.label]
@@ -157,6 +160,7 @@ def summarise(lines: list[Line], runs: list[dict]) -> list[dict]:
         for density in sorted(groups, reverse=True):
             at = groups[density]
             accuracies = [run["test_accuracy"] for run in at]
+            flows = [run["gradient_flow_mean"] for run in at]
             rows.append({"label": line.label, "method": line.method, "prune": at[0]["prune"],
                          "grow": at[0]["grow"], "schedule": at[0]["schedule"], "init": at[0]["init"],
                          "epochs": at[0]["epochs_trained"], "density": density, "target_density": at[0]["density"],
@@ -165,7 +169,8 @@ def summarise(lines: list[Line], runs: list[dict]) -> list[dict]:
                          "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else None,
                          "seeds": len(accuracies),
                          "gradient_flow_final_mean": statistics.fmean(run["gradient_flow"] for run in at),
-                         "gradient_flow_training_mean": statistics.fmean(run["gradient_flow_mean"] for run in at)})
+                         "gradient_flow_training_mean": statistics.fmean(flows),
+                         "gradient_flow_training_std": statistics.stdev(flows) if len(flows) > 1 else None})
     return rows
 
 
@@ -176,10 +181,22 @@ def caption(base: TrainConfig, seeds: int) -> str:
             f"{counted(seeds, 'seed')}")
 
 
+def best_rows(rows: list[dict]) -> list[dict]:
+    """The sparse rows with the highest mean accuracy at their density, where two sparse lines or more ran there
+    (all of them on a tie): the cells a table marks as the best."""
+    best = []
+    for density in {row["density"] for row in rows if row["method"] != "dense"}:
+        at = [row for row in rows if row["method"] != "dense" and row["density"] == density]
+        top = max(row["accuracy_mean"] for row in at)
+        best += [row for row in at if row["accuracy_mean"] == top] if len(at) > 1 else []
+    return best
+
+
 def markdown_table(rows: list[dict], base: TrainConfig, seeds: int) -> str:
     """A caption, then test accuracy in percent, mean ± std over seeds (the value alone for one seed): one row per
-    line with its mask schedule and total epochs, one column per density (dense: the same value in every column);
-    then the same grid of gradient flow averaged over training."""
+    line with its mask schedule and total epochs, one column per density (dense: the same value in every column),
+    the best sparse line's cell of each density in bold (`best_rows`); then the same grid of gradient flow averaged
+    over training."""
     columns = sorted({row["density"] for row in rows if row["method"] != "dense"}, reverse=True) or [1.0]
     header = ("| line | schedule | epochs | " + " | ".join(f"density {density:g}" for density in columns) + " |\n"
               + "| --- | --- | --- |" + " --- |" * len(columns) + "\n")
@@ -194,12 +211,23 @@ def markdown_table(rows: list[dict], base: TrainConfig, seeds: int) -> str:
                      + " | ".join("–" if row is None else cell(row) for row in cells) + " |\n")
         return text
 
-    accuracy = body(lambda row: f"{100 * row['accuracy_mean']:.1f}" + (
-        "" if row["accuracy_std"] is None else f" ± {100 * row['accuracy_std']:.1f}"))
-    flow = body(lambda row: f"{row['gradient_flow_training_mean']:.3g}")
-    spread = ", mean ± sd over seeds" if seeds > 1 else ""
-    return (f"Test accuracy (%){spread}. {caption(base, seeds)}.\n\n{header}{accuracy}\n"
-            f"Gradient flow ‖g⊙m‖₂ on a fixed batch, mean over the epochs of training and over seeds.\n\n"
+    def spread(mean: float, std: float | None, digits: str, std_digits: str) -> str:
+        return f"{mean:{digits}}" + ("" if std is None else f" ± {std:{std_digits}}")
+
+    best = [id(row) for row in best_rows(rows)]
+
+    def accuracy_cell(row) -> str:
+        text = spread(100 * row["accuracy_mean"], None if row["accuracy_std"] is None else 100 * row["accuracy_std"],
+                      ".1f", ".1f")
+        return f"**{text}**" if id(row) in best else text
+
+    accuracy = body(accuracy_cell)
+    flow = body(lambda row: spread(row["gradient_flow_training_mean"], row["gradient_flow_training_std"], ".3g",
+                                    ".2g"))
+    over_seeds = ", mean ± sd over seeds" if seeds > 1 else ""
+    marked = " In bold: the best sparse line at each density (highest mean)." if best else ""
+    return (f"Test accuracy (%){over_seeds}. {caption(base, seeds)}.{marked}\n\n{header}{accuracy}\n"
+            f"Gradient flow ‖g⊙m‖₂ on a fixed batch, each run's mean over the epochs of training{over_seeds}.\n\n"
             f"{header}{flow}")
 
 
@@ -238,8 +266,10 @@ def plot(rows: list[dict], path: str, base: TrainConfig) -> None:
     else:
         axes.set_xlabel("density (fraction of weights kept)")
     axes.set_ylabel("test accuracy (%)")
-    axes.set_title(f"{base.model} on {base.dataset}, {base.epochs} epochs, {base.distribution}, init {base.init}",
-                   fontsize=10)
+    seeds = max(row["seeds"] for row in rows)
+    bars = f"; mean ± sd over {seeds} seeds" if seeds > 1 else "; 1 seed"
+    axes.set_title(f"{base.model} on {base.dataset}, {base.epochs} epochs, {base.distribution}, init {base.init}"
+                   f"{bars}", fontsize=10)
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize=8, frameon=False)
     figure.tight_layout()

@@ -53,8 +53,9 @@ def _variable(name: str, low: int, default: int | None = None) -> int:
     except ValueError:
         value = None
     if value is None or value < low:
-        raise ValueError(f"{name}={text!r} must be an integer >= {low} (torchrun sets it on every rank it starts; "
-                         f"WORLD_SIZE={os.environ.get('WORLD_SIZE')!r})")
+        context = "" if name == "WORLD_SIZE" else f"; WORLD_SIZE={os.environ.get('WORLD_SIZE')!r}"
+        raise ValueError(f"{name}={text!r} must be an integer >= {low} (torchrun sets it on every rank it starts"
+                         f"{context})")
     return value
 
 

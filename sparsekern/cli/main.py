@@ -3,7 +3,8 @@
 
 With no subcommand it runs `compare` with its defaults on scikit-learn's bundled digits.
 Every bad input (an argument, the dataset's content, a resume checkpoint, the output folder, SPARSEKERN_BACKEND)
-fails with a one-line error and exit code 2 before any training. `train` also runs data-parallel on the ranks
+fails with a one-line error and exit code 2 before any training, which starts with the subcommand as argparse's
+own errors do (`sparsekern train: error: ...`), as do warnings. `train` also runs data-parallel on the ranks
 torchrun starts (README.md, `sparsekern train`), where a bad input on any rank stops every rank with that error.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import math
 import os
 import sys
+import textwrap
 import time
 import warnings
 from dataclasses import asdict
@@ -30,11 +32,12 @@ from ..ops._backend import backends
 from ..ops._checks import thread_count
 from .data import check_dataset, load_dataset
 from .models import MODELS, build_model
-from .output import counted
+from .output import counted, first_line
 from .recipes import CRITERION_PARAMETERS, DST_PRESETS, TICKET_METHODS, criteria_of
 from .training import (DISTRIBUTIONS, INITS, METHODS, SCHEDULES, TrainConfig, prepare, read_checkpoint,
                        total_epochs)
 
+TRAIN_OUT = "runs/train"   # train's --out unless told, or resuming
 # The ops a training run calls: a SPARSEKERN_BACKEND that cannot run one of them is refused before training.
 TRAINING_OPS = ("masked_linear", "topk_mask", "topk_mask_per_tensor", "prune_grow")
 
@@ -45,6 +48,17 @@ class _Parser(report.OneLineParser):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
+        self._commands: dict[str, argparse.ArgumentParser] = {}
+
+    def add_subparsers(self, **kwargs):
+        action = super().add_subparsers(**kwargs)
+        self._commands = action.choices
+        return action
+
+    def command(self, name: str) -> argparse.ArgumentParser:
+        """The parser of subcommand `name` (this one for a name that is none): every error and warning of a
+        command starts with its parser's prog, `sparsekern train: error: ...`, as argparse's own errors do."""
+        return self._commands.get(name, self)
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -215,12 +229,26 @@ def _usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def _paragraph(text: str) -> str:
+    """A subcommand's description, wrapped (the raw formatter, which keeps the top help's lines, wraps nothing)."""
+    return textwrap.fill(text, width=100)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sparsekern", description=__doc__)
     commands = parser.add_subparsers(dest="command", parser_class=_Parser)
 
-    train_parser = commands.add_parser("train", help="train one model and write metrics and a checkpoint (data-parallel "
-                                                      "on the ranks torchrun starts)")
+    train_parser = commands.add_parser(
+        "train", help="train one model and write metrics and a checkpoint (data-parallel on the ranks torchrun "
+                      "starts)",
+        description=_paragraph(
+            "Trains one model, writing its metrics and checkpoint to --out after every epoch, and prints "
+            "its final test accuracy (in percent), loss, density and gradient flow. Methods: dense; static "
+            "(a fixed random mask); set, rigl and mest (DST presets) and dst (DST with any --prune, --grow "
+            "and --schedule); imp (iterative magnitude pruning, rewinding); swamp (IMP whose mask averages "
+            "SWA particles); optg (pruning scores trained with the weights); gmp (gradual magnitude "
+            "pruning). Densities are fractions of the weights kept. README.md, `sparsekern train`, says "
+            "more."))
     train_parser.add_argument("--method", choices=METHODS, default=TrainConfig.method,
                               help="how the mask is found (README.md, `sparsekern train`)")
     train_parser.add_argument("--density", type=_density, default=TrainConfig.density,
@@ -234,13 +262,22 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument("--seed", type=_seed, default=TrainConfig.seed,
                               help="initial weights, masks, data order and random criteria (the test split is fixed)")
     _add_run_options(train_parser, TrainConfig())
-    train_parser.add_argument("--out", default="runs/train", help="directory for metrics and the checkpoint")
-    train_parser.add_argument("--resume", metavar="CKPT", help="continue the run saved in this checkpoint")
+    train_parser.add_argument("--out", help="directory for the metrics (metrics.json, metrics.csv, "
+                                            "gradient_flow.csv) and checkpoint.pt, rewritten after every epoch "
+                                            f"(default: {TRAIN_OUT}; with --resume, the checkpoint's folder)")
+    train_parser.add_argument("--resume", metavar="CKPT", help="continue the run saved in this checkpoint (given "
+                                                                "the arguments it was started with)")
     train_parser.add_argument("--stop-after", type=_positive, metavar="EPOCH",
                               help="stop after this epoch (resume later with --resume)")
 
     compare_defaults = TrainConfig(epochs=compare_module.DEFAULT_EPOCHS)
-    compare_parser = commands.add_parser("compare", help="train a grid of methods, criteria and densities")
+    compare_parser = commands.add_parser(
+        "compare", help="train a grid of methods, criteria and densities",
+        description=_paragraph(
+            "Trains every method (and, for dst, every pruning criterion) at every density for every seed, "
+            "then prints test accuracy in percent, mean ± sd over seeds, the best sparse line of each "
+            "density in bold, and writes results.md, results.csv, runs.csv, accuracy_vs_density.png and "
+            "grid.json to --out (README.md, `The command line`, describes them)."))
     compare_parser.add_argument("--methods", type=_choices(METHODS, "method"),
                                 default=list(compare_module.DEFAULT_METHODS),
                                 help=f"comma-separated methods, one line each, from {', '.join(METHODS)}")
@@ -266,8 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                                      "runs in --out (after a change to the code)")
     _add_jobs_option(compare_parser)
 
-    reproduce_parser = commands.add_parser("reproduce", help="one small experiment per claim of the seed papers, "
-                                                             "reported with verdicts, plots and CSVs")
+    reproduce_parser = commands.add_parser(
+        "reproduce", help="one small experiment per claim of the seed papers, reported with verdicts, plots and "
+                          "CSVs",
+        description=_paragraph(
+            "Runs one small experiment on digits per claim of the seed papers (DST vs static, pruning "
+            "criteria, lottery tickets, SWAMP, OptG, gradient flow) and writes report.md (each claim's "
+            "numbers, mean ± sd over seeds, and its verdict), a plot and a CSV per claim and runs.csv to "
+            "--out."))
     reproduce_parser.add_argument("--quick", action="store_true",
                                   help="a smoke test of every claim in well under a minute (fewer seeds, epochs "
                                        "and densities)")
@@ -287,20 +330,26 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["compare", *argv]
-    if not {"-h", "--help"} & set(argv):   # help answers anywhere, a launched rank included
-        _refuse_launcher(parser, argv[0])
+    command = parser.command(argv[0])
+    if command is not parser and not {"-h", "--help"} & set(argv):   # help answers anywhere, a launched rank too
+        _refuse_launcher(command, argv[0])
     if argv[0] == "bench":  # its arguments belong to the report's own parser
         sys.exit(_bench(argv[1:]))
-    args = parser.parse_args(argv)
+    # argparse reports a subcommand's unknown arguments under the top prog ("sparsekern: error:"); under the
+    # subcommand's, they read as its other errors do
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
-        _run(parser, args)
+        _run(command, args)
     finally:  # the process group train started on several ranks, also after an error
         data_parallel.end()
 
 
 def _run(parser: argparse.ArgumentParser, args) -> None:
-    # Warnings raised while checking the inputs are held back: a refused input gets its one error line only,
-    # an accepted one each warning on one line.
+    """Checks the inputs, then runs the command of `parser` (its subcommand's, whose prog starts every line).
+    Warnings raised while checking the inputs are held back: a refused input gets its one error line only, an
+    accepted one each warning on one line."""
     with warnings.catch_warnings(record=True) as held:
         warnings.simplefilter("always")
         try:
@@ -310,18 +359,21 @@ def _run(parser: argparse.ArgumentParser, args) -> None:
             start = job(args)
         except ValueError as error:
             parser.error(str(error))
-    _warn_each(held)
+    _warn_each(parser.prog, held)
     with warnings.catch_warnings(record=True) as held:  # shown after the results, one line each
         warnings.simplefilter("always")
         try:
             start()
         except KeyboardInterrupt:
             if _leads():
-                print(f"sparsekern: interrupted; finished work is kept in {args.out} (rerun the same command to go "
-                      f"on)", file=sys.stderr)
+                print(f"{parser.prog}: interrupted; finished work is kept in {args.out} (rerun the same command to "
+                      f"go on)", file=sys.stderr)
             sys.exit(130)
+        except OSError as error:   # --out checked writable before, but a disk fills up or a folder goes away
+            parser.error(f"{first_line(error)}; finished work is kept in {args.out} (rerun the same command to go "
+                         f"on once it can be written)")
         finally:
-            _warn_each(held)
+            _warn_each(parser.prog, held)
 
 
 def _refuse_launcher(parser: argparse.ArgumentParser, command: str) -> None:
@@ -349,14 +401,11 @@ def _leads() -> bool:
         return True
 
 
-def _warn_each(held: list) -> None:
-    for message in dict.fromkeys(str(warning.message) for warning in held):
-        _warn(message)
-
-
-def _warn(message: str) -> None:
+def _warn_each(prog: str, held: list) -> None:
+    """Each distinct warning of `held` on one line, `sparsekern train: warning: ...` (rank 0 only)."""
     if _leads():
-        print(f"sparsekern: warning: {' '.join(message.split())}", file=sys.stderr)
+        for message in dict.fromkeys(str(warning.message) for warning in held):
+            print(f"{prog}: warning: {' '.join(message.split())}", file=sys.stderr)
 
 
 def check_backend(device: str) -> None:
@@ -370,9 +419,9 @@ def check_backend(device: str) -> None:
 
 def _warn_short_optg(method: str, epochs: int) -> None:
     if method == "optg" and epochs < MIN_EPOCHS_DIGITS:
-        _warn(f"OptG needs about {MIN_EPOCHS_DIGITS} epochs for its scores to settle (measured on digits: at 10 it "
-              f"collapses to about 36% at densities 0.05 and 0.02); with --epochs {epochs} its mask may collapse far "
-              f"below magnitude pruning on the same ramp (--method gmp)")
+        warnings.warn(f"OptG needs about {MIN_EPOCHS_DIGITS} epochs for its scores to settle (measured on digits: at "
+                      f"10 it collapses to about 36% at densities 0.05 and 0.02); with --epochs {epochs} its mask may "
+                      f"collapse far below magnitude pruning on the same ramp (--method gmp)")
 
 
 # Options that only some methods read (with None defaults, so that one given explicitly is known): the methods.
@@ -415,6 +464,8 @@ def _check_block_criterion(args, configs: list[TrainConfig]) -> None:
 
 
 def _prepare_train(args):
+    if args.out is None:   # a resumed run goes on writing where it was written, not into the default folder
+        args.out = TRAIN_OUT if args.resume is None else os.path.dirname(args.resume) or "."
     ranks = data_parallel.from_environment()
     if ranks.several:
         data_parallel.start(ranks, args.device)
@@ -424,9 +475,12 @@ def _prepare_train(args):
     _warn_short_optg(config.method, config.epochs)
 
     def start():
+        resumed_at = run.epoch
         result = run.train(args.out, args.stop_after, progress=not args.quiet)
         final = result.final
         done = "finished" if final["epoch"] == total_epochs(config) else f"stopped after epoch {final['epoch']}"
+        if final["epoch"] == resumed_at:   # a resumed run already there: say so rather than seem to have trained
+            done = f"{done} (nothing trained: the checkpoint was already at epoch {resumed_at})"
         on = f" on {ranks.world_size} ranks" if ranks.several else ""
         if _leads():
             print(f"{config.method} {done}{on}: test accuracy {100 * final['test_accuracy']:.2f}%, test loss "

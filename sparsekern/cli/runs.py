@@ -10,10 +10,13 @@ not depend on how many workers share the work.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing
 import os
+import signal
+import threading
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
@@ -155,16 +158,34 @@ def _train_all(jobs: list[Job], store: RunStore, dataset: Dataset, workers: int,
             yield job, store.train(job, dataset, keep_masks=key(job.config) in sources)
         return
     context = multiprocessing.get_context("spawn")  # torch and fork do not mix
+    others = set(multiprocessing.active_children())
     with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context, initializer=_start_worker,
                              initargs=(store.directory, dataset, torch.get_num_threads())) as pool:
-        futures = {pool.submit(_train_in_worker, job, key(job.config) in sources): job for job in jobs}
+        with _interrupts_ignored():   # the workers start ignoring Ctrl-C, which the caller answers for them
+            futures = {pool.submit(_train_in_worker, job, key(job.config) in sources): job for job in jobs}
         try:
             for future in as_completed(futures):
                 yield futures[future], future.result()
         except BaseException:
-            for future in futures:
-                future.cancel()
+            pool.shutdown(wait=False, cancel_futures=True)
+            for worker in set(multiprocessing.active_children()) - others:   # the pool's: their runs are lost,
+                worker.terminate()                                             # not waited for
             raise
+
+
+@contextlib.contextmanager
+def _interrupts_ignored():
+    """SIGINT ignored meanwhile, in this process and in the processes it starts (an ignored signal stays ignored
+    across exec, and Python then installs no handler of its own): a Ctrl-C in a terminal reaches every process of
+    its group, and workers that got it died with a traceback each, mid-import or mid-run."""
+    if threading.current_thread() is not threading.main_thread():   # where signals cannot be set (nor arrive)
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 _WORKER: dict = {}

@@ -354,7 +354,7 @@ class Run:
                                    f"which data-parallel training keeps identical: a bug, please report it")
             if bar is not None:
                 bar.set_postfix(epoch=epoch + 1, loss=f"{metrics['train_loss']:.3f}",
-                                acc=f"{metrics['test_accuracy']:.3f}")
+                                test_accuracy=f"{100 * metrics['test_accuracy']:.1f}%")
             if out_dir is not None and rank == 0:
                 self.save(out_dir)
         if bar is not None:

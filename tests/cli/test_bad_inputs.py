@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 import warnings
 
 import numpy as np
@@ -353,9 +354,19 @@ def nothing_trains(monkeypatch):
     monkeypatch.setattr(runs_module, "ProcessPoolExecutor", refuse)
 
 
+COMMANDS = ("train", "compare", "reproduce", "bench")
+
+
+def error_prefix(argv) -> str:
+    """How the error line of `argv` starts: with the subcommand, as argparse's own errors do (no subcommand is
+    compare's)."""
+    command = argv[0] if argv and argv[0] in COMMANDS else "compare"
+    return f"sparsekern {command}: error: "
+
+
 def refused(argv, capsys, words=""):
-    """Runs the command line; asserts exit code 2 with one error line holding `words`, and nothing on stdout;
-    returns that line."""
+    """Runs the command line; asserts exit code 2 with one error line, `sparsekern <command>: error: ...` holding
+    `words`, and nothing on stdout; returns that line."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")  # a warning would be more lines on stderr
@@ -365,7 +376,7 @@ def refused(argv, capsys, words=""):
     assert exit_info.value.code == 2, captured.err
     assert captured.out == ""
     lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and "error" in lines[0], captured.err
+    assert len(lines) == 1 and lines[0].startswith(error_prefix(argv)), captured.err
     assert words in lines[0]
     return lines[0]
 
@@ -532,7 +543,7 @@ def test_library_warnings_wait_until_the_inputs_are_accepted(tmp_path, capsys, m
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # none may escape: the command line prints them itself
         main(["train", "--method", "static", "--epochs", "1", "--out", str(tmp_path / "run"), "--quiet"])
-    assert capsys.readouterr().err.splitlines() == ["sparsekern: warning: a warning from below on two lines"]
+    assert capsys.readouterr().err.splitlines() == ["sparsekern train: warning: a warning from below on two lines"]
 
 
 def test_installed_command_reports_bad_density_on_one_line():
@@ -604,3 +615,80 @@ def test_a_good_run_of_the_installed_command_prints_nothing_on_stderr(tmp_path):
     done = subprocess.run([sys.executable, "-m", "sparsekern.cli", "train", "--method", "static", "--epochs", "1",
                            "--quiet", "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
+# Per subcommand, an error of argparse's own and one of the checks after parsing: the checks' errors (and an
+# unknown option, which argparse reports under the top prog) said "sparsekern: error:" where argparse's said
+# "sparsekern train: error:". `refused` asserts the subcommand's prefix.
+PREFIX_CASES = [
+    ["train", "--density", "2"], ["train", "--bogus"], ["train", "--method", "static", "--cycles", "3"],
+    ["compare", "--seeds", "0"], ["compare", "--bogus"], ["compare", "--methods", "static", "--criteria", "snip"],
+    ["--bogus"], ["--methods", "static", "--grow", "random"],   # no subcommand: compare
+    ["reproduce", "--jobs", "0"], ["reproduce", "--bogus"], ["reproduce", "--quick", "--out", "FILE"],
+    ["bench", "--bogus"], ["bench", "--budget", "0"],
+]
+
+
+@pytest.mark.parametrize("argv", PREFIX_CASES, ids=" ".join)
+def test_every_error_of_a_subcommand_starts_with_its_name(argv, tmp_path, capsys, nothing_trains):
+    argv = [out_is_file(tmp_path) if item == "FILE" else item for item in argv]
+    assert refused(argv, capsys).startswith(error_prefix(argv))
+
+
+def test_an_error_after_parsing_reads_as_argparse_s_own_in_the_installed_command(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "sparsekern.cli", "train", "--method", "static", "--epochs", "1",
+                           "--out", out_is_file(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.startswith("sparsekern train: error: --out ") and len(done.stderr.splitlines()) == 1
+
+
+def test_an_interrupted_command_says_so_under_its_name(tmp_path, capsys, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.Run, "train", interrupt)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--method", "static", "--epochs", "1", "--out", str(tmp_path / "run"), "--quiet"])
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.startswith("sparsekern train: interrupted; finished work is kept in ")
+
+
+def test_ctrl_c_on_compare_while_its_workers_start_prints_one_line(tmp_path):
+    # A Ctrl-C reaches every process of the terminal's group: each spawned worker still importing died with its
+    # own traceback, and the pool's thread added one more (InvalidStateError on a cancelled future).
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-m", "sparsekern.cli", "compare", "--methods", "static,rigl",
+                                "--densities", "0.3,0.1", "--seeds", "2", "--epochs", "2", "--jobs", "2",
+                                "--out", str(out), "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        for _ in range(3000):  # the inputs are checked (--out's runs folder made): the workers are starting
+            if (out / "runs").is_dir():
+                break
+            try:
+                process.wait(0.1)
+            except subprocess.TimeoutExpired:
+                pass
+        time.sleep(0.5)
+        os.killpg(process.pid, signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 130 and stdout == "", stderr
+    assert stderr.splitlines() == [f"sparsekern compare: interrupted; finished work is kept in {out} (rerun the "
+                                   f"same command to go on)"]
+
+
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_an_output_that_fails_mid_run_exits_2_with_one_line(command, tmp_path, capsys, monkeypatch):
+    # A full disk (or --out removed) while training ended in a traceback.
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(training, "write_metrics", disk_full)
+    monkeypatch.setattr(runs_module, "write_text", disk_full)
+    extra = ["--method", "static", "--epochs", "1"] if command == "train" else QUICK_COMPARE
+    refused([command, *extra, "--out", str(tmp_path / "out"), "--quiet"], capsys, "No space left on device; "
+            f"finished work is kept in {tmp_path / 'out'}")

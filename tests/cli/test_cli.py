@@ -197,8 +197,8 @@ def test_warnings_of_the_runs_are_kept_with_them_and_shown_once_each(tmp_path, c
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # none may escape: the command line prints them itself
         main(argv)
-    expected = ["sparsekern: warning: 2 runs: odd thing at density 0.3",
-                "sparsekern: warning: 2 runs: odd thing at density 0.1"]
+    expected = ["sparsekern compare: warning: 2 runs: odd thing at density 0.3",
+                "sparsekern compare: warning: 2 runs: odd thing at density 0.1"]
     assert capsys.readouterr().err.splitlines() == expected
     main(argv)  # reused runs keep their warnings
     assert capsys.readouterr().err.splitlines() == expected
@@ -507,7 +507,7 @@ def test_the_plot_keeps_room_around_its_densities_so_nudged_lines_stay_beside_th
     figures = []
     monkeypatch.setattr(compare_module, "save_figure", lambda figure, path, metadata=None: figures.append(figure))
     rows = [{"label": label, "method": label, "density": density, "accuracy_mean": 0.9, "accuracy_std": 0.01,
-             "epochs": 1} for label in ("static", "set", "rigl") for density in densities]
+             "epochs": 1, "seeds": 2} for label in ("static", "set", "rigl") for density in densities]
     compare_module.plot(rows, "unused.png", TrainConfig(epochs=1))
     axes = figures[0].axes[0]
     left, right = axes.get_xlim()
@@ -689,3 +689,52 @@ def test_a_stored_run_with_damaged_gradient_flow_records_is_trained_again(tmp_pa
     config = TrainConfig(method="static", density=0.3, epochs=1, batch_size=256)
     trained, records = stored_and_run_again(tmp_path, config, lambda record: record["flow"][0].pop("when"))
     assert trained == [True] and records[key(config)]["flow"][0]["when"] == "init"
+
+
+def test_compare_marks_the_best_line_and_gives_gradient_flow_a_spread(tmp_path, capsys):
+    # A researcher had to scan every column for the best line, and the gradient-flow grid gave means over seeds
+    # with no spread; the progress bar named a criteria line by its method (dst) alone.
+    out = tmp_path / "out"
+    main(["compare", "--methods", "dense,static,dst", "--criteria", "snip,random", "--densities", "0.3,0.1",
+          "--seeds", "2", "--epochs", "1", "--update-every", "5", "--jobs", "1", "--out", str(out)])
+    rows = _read_csv(out / "results.csv")
+    runs = _read_csv(out / "runs.csv")
+    table = (out / "results.md").read_text()
+    assert "In bold: the best sparse line at each density" in table
+    accuracy_table, flow_table = table.split("Gradient flow")
+    cells = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[4:-1]]
+             for line in accuracy_table.strip().splitlines()[-4:]}
+    for column, density in enumerate(("0.3", "0.1")):
+        sparse = [row for row in rows if row["method"] != "dense" and row["density"] == density]
+        top = max(float(row["accuracy_mean"]) for row in sparse)
+        best = {row["label"] for row in sparse if float(row["accuracy_mean"]) == top}
+        assert {label for label, row in cells.items() if row[column].startswith("**")} == best
+    for row in rows:
+        flows = [float(run["gradient_flow_mean"]) for run in runs
+                 if run["label"] == row["label"] and float(run["density"]) == float(row["density"])]
+        assert float(row["gradient_flow_training_std"]) == pytest.approx(statistics.stdev(flows))
+        assert (f"| {float(row['gradient_flow_training_mean']):.3g} ± "
+                f"{float(row['gradient_flow_training_std']):.2g} |") in flow_table
+    assert "snip (+random) at density 0.1, seed 1: test accuracy " in capsys.readouterr().err
+
+
+def test_a_resumed_train_goes_on_writing_into_the_checkpoint_s_folder(tmp_path, monkeypatch):
+    # Without --out, a resumed run wrote its metrics and checkpoints into runs/train, leaving the run's own folder
+    # at the epoch it stopped.
+    monkeypatch.chdir(tmp_path)
+    arguments = ["train", "--method", "static", "--density", "0.3", "--epochs", "2", "--quiet"]
+    main([*arguments, "--stop-after", "1", "--out", "run"])
+    main([*arguments, "--resume", os.path.join("run", "checkpoint.pt")])
+    assert not (tmp_path / "runs").exists()
+    assert [row["epoch"] for row in _read_csv(tmp_path / "run" / "metrics.csv")] == ["1", "2"]
+    assert training.read_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))["epoch"] == 2
+
+
+def test_resuming_a_finished_run_says_nothing_was_trained(tmp_path, capsys):
+    # It printed "finished" as if it had trained the run again.
+    arguments = ["train", "--method", "static", "--density", "0.3", "--epochs", "1", "--quiet", "--out",
+                 str(tmp_path / "run")]
+    main(arguments)
+    assert "nothing trained" not in capsys.readouterr().out
+    main([*arguments, "--resume", str(tmp_path / "run" / "checkpoint.pt")])
+    assert "static finished (nothing trained: the checkpoint was already at epoch 1)" in capsys.readouterr().out

@@ -140,7 +140,7 @@ def test_a_bad_input_on_one_rank_stops_every_rank_with_exit_2_and_one_line(tmp_p
     # one fails, which would hide their exit codes and a rank left waiting.
     afile = tmp_path / "afile"
     afile.write_text("")
-    error = f"sparsekern: error: rank 0 of 2: --out {str(afile)!r} is a file, not a folder"
+    error = f"sparsekern train: error: rank 0 of 2: --out {str(afile)!r} is a file, not a folder"
     environment = dict(os.environ, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                        OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "sparsekern.cli", "train", "--epochs", "1", "--out", str(afile)]
