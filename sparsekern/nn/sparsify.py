@@ -224,10 +224,10 @@ def optimizer_state(optimizer: torch.optim.Optimizer, weight: Tensor) -> list[Te
 
 
 def mask_state_in_place(tensor: Tensor, mask: Tensor) -> None:
-    """Zeroes one of `optimizer_state`'s tensors off `mask` (bool, on its device), in place: by `ops.mask_in_place`
-    (one pass, no `~mask` temporary, the same +0.0 off the mask as masked_fill_) where it takes the tensor, a plain
-    floating one; by masked_fill_ for any other state an optimizer may keep (integer, or a tensor subclass of a
-    quantized optimizer, which the extension's kernel cannot read)."""
+    """Zeroes one of `optimizer_state`'s tensors off `mask` (bool, its shape), in place: by `ops.mask_in_place` (one
+    pass, no `~mask` temporary, the same +0.0 off the mask as masked_fill_) where it takes the tensor, a plain floating
+    one on the mask's device; by masked_fill_(~mask, 0) otherwise, as before, for any other state an optimizer may
+    keep (integer, or a quantized optimizer's tensor subclass, which the extension's kernel cannot read)."""
     if (type(tensor) is Tensor and tensor.dtype in _checks.SCORE_DTYPES and tensor.layout == torch.strided
             and tensor.device == mask.device):
         ops.mask_in_place(tensor, mask)
