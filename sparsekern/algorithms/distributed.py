@@ -29,7 +29,7 @@ from torch.distributed.algorithms.join import Join, Joinable, JoinHook
 from ..nn import sparse_modules
 from ..nn.modules import computed_weight_refusal
 from ..nn.sharding import refuse_sharded
-from ..nn.sparsify import check_optimizer, optimizer_state, state_is_sharded
+from ..nn.sparsify import check_optimizer, mask_state_in_place, optimizer_state, state_is_sharded
 from ._tickets import map_tensors
 
 
@@ -152,7 +152,7 @@ def _broadcast_replica(model: nn.Module, src: int, group, weights: bool, optimiz
             if copy_state:
                 dist.broadcast(tensor, src=src, group=group)
             if not keeps_pruned:
-                tensor.masked_fill_(~module.mask, 0)
+                mask_state_in_place(tensor, module.mask)
 
 
 def broadcast_object(value, src: int, group=None):

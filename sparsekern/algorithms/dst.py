@@ -36,7 +36,7 @@ from ._gradients import GradientWatch, finite_sums, zero_everywhere
 from ..nn import sparse_modules, tying
 from ..nn.modules import computed_weight_refusal
 from ..nn.sharding import refuse_sharded
-from ..nn.sparsify import check_optimizer, optimizer_state
+from ..nn.sparsify import check_optimizer, mask_state_in_place, optimizer_state
 
 SCOPES = ("layer", "global")
 # How n = r · active becomes a whole count: Python's round (halves to even), or floor as RigL's code.
@@ -258,7 +258,7 @@ class DST(distributed.CatchesUp):
         with torch.no_grad():
             for _, module in self.modules:
                 for tensor in self._state(module.weight):
-                    tensor.masked_fill_(~module.mask, 0)
+                    mask_state_in_place(tensor, module.mask)
         self._sync_modules()
         self._remember_gradients()
 
@@ -340,7 +340,7 @@ class DST(distributed.CatchesUp):
         optimizer step (one without a GradScaler, which would skip it) would move inactive weights."""
         for _, module in self.modules:
             if module.weight.grad is not None:
-                module.weight.grad.masked_fill_(~module.mask, 0)
+                ops.mask_in_place(module.weight.grad, module.mask)
 
     def _gradient_sums(self) -> dict[int, float] | None:
         """The sum of every gradient the optimizer holds, by id of its parameter, or None when one is not
@@ -455,7 +455,7 @@ class DST(distributed.CatchesUp):
                 # As at construction: state left off the mask (an optimizer not rolled back with the masks)
                 # would move inactive weights off 0. A state saved with these masks is 0 there already.
                 for tensor in self._state(module.weight):
-                    tensor.masked_fill_(~mask, 0)
+                    mask_state_in_place(tensor, mask)
             self.schedule = schedule
             self.step_count = step_count
             self.generator.set_state(generator_state)
@@ -586,7 +586,7 @@ class DST(distributed.CatchesUp):
             self._frozen_warned.update(unwarned)
         for _, module in frozen:
             if module.weight.grad is not None:
-                module.weight.grad.masked_fill_(~module.mask, 0)
+                ops.mask_in_place(module.weight.grad, module.mask)
         return [(name, module) for name, module in self.modules if module.weight.requires_grad]
 
     def _update_blocks(self, fraction: float, masks, prune, prune_abs: bool, grow, grow_abs: bool) -> list[Tensor]:

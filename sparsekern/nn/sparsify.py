@@ -13,6 +13,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 
 from .. import ops
+from ..ops import _checks
 from . import distributions, init as sparse_init, tying
 from .attention import DENSE_ENTRIES, SparseMultiheadAttention, computed_biases
 from .convolutions import (SparseConv1d, SparseConv2d, SparseConv3d, SparseConvTranspose1d, SparseConvTranspose2d,
@@ -220,6 +221,18 @@ def optimizer_state(optimizer: torch.optim.Optimizer, weight: Tensor) -> list[Te
     own `state` (empty): that shard is read, and every rank, which runs the same code, masks its own."""
     return [value for value in _state(optimizer).get(weight, {}).values()
             if isinstance(value, Tensor) and weight.dim() and value.shape == weight.shape]
+
+
+def mask_state_in_place(tensor: Tensor, mask: Tensor) -> None:
+    """Zeroes one of `optimizer_state`'s tensors off `mask` (bool, its shape), in place: by `ops.mask_in_place` (one
+    pass, no `~mask` temporary, the same +0.0 off the mask as masked_fill_) where it takes the tensor, a plain floating
+    one on the mask's device; by masked_fill_(~mask, 0) otherwise, as before, for any other state an optimizer may
+    keep (integer, or a quantized optimizer's tensor subclass, which the extension's kernel cannot read)."""
+    if (type(tensor) is Tensor and tensor.dtype in _checks.SCORE_DTYPES and tensor.layout == torch.strided
+            and tensor.device == mask.device):
+        ops.mask_in_place(tensor, mask)
+    else:
+        tensor.masked_fill_(~mask, 0)
 
 
 def state_is_sharded(optimizer: torch.optim.Optimizer) -> bool:

@@ -929,3 +929,38 @@ def test_a_compiled_model_under_rigl_compiles_twice_whatever_the_steps(generator
         masks.append(model[0].mask.clone())
     assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
     assert not all(torch.equal(mask, masks[0]) for mask in masks)  # the masks did change
+
+
+def test_masking_gradients_makes_no_inverted_mask():
+    # finish() (as a skipped update step) masks every layer's gradient with ops.mask_in_place: the
+    # masked_fill_(~mask, 0) it replaced allocated a mask-sized `~mask` per layer.
+    from sparsekern.bench.cases.training_step import step_peak_bytes
+
+    torch.manual_seed(0)
+    model = sparsekern.sparsify(nn.Sequential(nn.Linear(512, 512, bias=False)), 0.1,
+                                generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    algo = sparsekern.RigL(model, optimizer, update_every=5, total_steps=50)
+    model[0].dense_grad = True   # a dense gradient, as the backward before an update leaves it
+    model(torch.randn(2, 512)).sum().backward()
+    expected = torch.where(model[0].mask, model[0].weight.grad, 0.0)
+    assert step_peak_bytes(algo.finish, torch.device("cpu")) < model[0].mask.numel()
+    assert torch.equal(model[0].weight.grad.view(torch.int32), expected.view(torch.int32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int32])
+def test_construction_zeroes_optimizer_state_off_the_masks_bit_for_bit(dtype):
+    # Through ops.mask_in_place for a floating state (+0.0 off the mask whatever it held, -0.0, inf and NaN
+    # included, as masked_fill_ gave), through masked_fill_ for one it does not take (an integer state).
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    weight, mask = model[3].weight, model[3].mask
+    values = torch.tensor([float("nan"), float("inf"), -0.0, 1.5, -2.0]) if dtype.is_floating_point else \
+        torch.arange(-2, 3)
+    state = values[torch.randint(0, 5, weight.shape, generator=torch.Generator().manual_seed(0))].to(dtype)
+    optimizer.state[weight]["buffer"] = state
+    expected = state.clone().masked_fill_(~mask, 0)
+    sparsekern.RigL(model, optimizer, update_every=5, total_steps=50)
+    assert optimizer.state[weight]["buffer"] is state
+    assert torch.equal(state.view(torch.int16 if dtype == torch.float16 else torch.int32),
+                       expected.view(torch.int16 if dtype == torch.float16 else torch.int32))

@@ -202,6 +202,22 @@ def test_masked_linear_baseline_matches_the_op(generator):
                                ops.masked_linear(x, weight, mask, bias))
 
 
+def test_mask_in_place_case_times_the_op_against_both_torch_baselines_which_mask_as_it_does(generator):
+    from sparsekern.bench.cases import mask_in_place as cases
+
+    rows = [row for case in core.load_cases("mask_in_place", CPU, quick=True) for row in core.measure(case, CPU, 0.01)]
+    assert {row.implementation for row in rows} == set(cases.IMPLEMENTATIONS)
+    assert all(row.error is None and math.isfinite(row.ratio) for row in rows), rows
+    # On finite values (the case's) the baselines do the op's work.
+    tensor = torch.randn(7, 5, generator=generator)
+    mask = torch.rand(7, 5, generator=generator) < 0.3
+    expected = torch.where(mask, tensor, 0.0)
+    for mask_them in cases.IMPLEMENTATIONS.values():
+        masked = [tensor.clone()]
+        mask_them(masked, [mask])
+        assert torch.equal(masked[0], expected)
+
+
 @pytest.mark.parametrize("shape", [(2, 6, 11), (2, 6, 7, 9)], ids=["1d", "2d"])
 def test_im2col_conv_baseline_matches_the_convolution(shape, generator):
     from sparsekern.bench.cases import sparse_conv as cases
