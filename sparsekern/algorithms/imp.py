@@ -51,13 +51,13 @@ class IMP(distributed.CatchesUp):
     Under an initialised torch.distributed process group of several ranks (DistributedDataParallel)
     the construction is collective and refuses (ValueError on every rank) masks, or weights under
     them, that differ across ranks, and settings that differ across ranks (prune_fraction, rewind_step,
-    scope, rewind: the masks would diverge at the first pruning), naming each and the ranks holding each
-    value; an argument refused on one rank only is refused on every rank (the others' error names that
-    rank), so that none waits for it. `group` (a torch.distributed
-    process group, None: the default one) names the ranks holding replicas, those the check compares:
-    independent runs on each rank of one job (masks differing on purpose) give each rank a group of its
-    own, `torch.distributed.new_subgroups(1)[0]`, which compares nothing. For uneven inputs, see
-    `join_hook`.
+    scope, rewind: the masks, or the weights rewound under them, would diverge at the first pruning),
+    naming each and the ranks holding each value; an argument refused on one rank only is refused on
+    every rank (the others' error names that rank), so that none waits for it. `group` (a
+    torch.distributed process group, None: the default one) names the ranks holding replicas, those the
+    check compares: independent runs on each rank of one job (masks differing on purpose) give each rank
+    a group of its own, `torch.distributed.new_subgroups(1)[0]`, which compares nothing. For uneven
+    inputs, see `join_hook`.
     """
 
     def __init__(self, model: nn.Module, optimizer_factory: OptimizerFactory, prune_fraction: float = 0.2,
