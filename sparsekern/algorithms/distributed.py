@@ -14,8 +14,8 @@ and the tensors of a state through an object collective as CPU copies (`broadcas
 Every rank enters each collective here, or none does: a rank raising alone would leave the others
 waiting in the next one. Checks run inside an `Agreement`, whose one object gather carries each
 rank's error; every rank raises when any failed, before anything changes. The algorithms'
-constructors run theirs inside a `ReplicaCheck`, which compares their masks and random streams in
-that same gather.
+constructors run theirs inside a `ReplicaCheck`, which compares their masks, random streams and
+settings in that same gather (SWAMP's, whose ranks train different particles, its settings alone).
 """
 from __future__ import annotations
 
@@ -344,30 +344,33 @@ class Agreement:
 class ReplicaCheck(Agreement):
     """The construction of an algorithm that keeps replicas identical by drawing the same numbers on
     every rank (DST, IMP, OptG): it cannot make masks equal that start apart, nor keep them equal when
-    its random streams differ. Run the constructor's checks in the block, and last, before anything
-    changes, `compare(model, stream)`. At the block's end, one all_gather_object (whatever the backend
-    and device: a CPU model under NCCL, whose collectives take CUDA tensors only, included) carries
-    this rank's error, if it raised, and checksums of the stream and of the masks and weights under
-    them (one pass over the weights, read on the host). Every rank then raises if a check failed on
-    any rank, or ValueError if the streams, or the masks or weights under them, differ across ranks.
-    Ranks holding different sparse layers (pipeline stages) are no replicas and are not compared. A
-    no-op unless `group` (None: the default group) is initialised and holds two or more ranks."""
+    its random streams or its settings differ. Run the constructor's checks in the block, and last,
+    before anything changes, `compare(model, settings, stream)`. At the block's end, one all_gather_object
+    (whatever the backend and device: a CPU model under NCCL, whose collectives take CUDA tensors only,
+    included) carries this rank's error, if it raised, its settings, and checksums of the stream and of
+    the masks and weights under them (one pass over the weights, read on the host). Every rank then
+    raises if a check failed on any rank, or ValueError if the streams, the settings (`check_same_settings`),
+    or the masks or weights under them, differ across ranks. Ranks holding different sparse layers
+    (pipeline stages) are no replicas, and neither their settings nor their masks are compared. A no-op
+    unless `group` (None: the default group) is initialised and holds two or more ranks."""
 
     def __init__(self, who: str, group=None):
         super().__init__(who, check_group(group))
 
-    def compare(self, model: nn.Module, stream: Tensor | None = None, what: str = "") -> None:
+    def compare(self, model: nn.Module, settings: dict, stream: Tensor | None = None, what: str = "") -> None:
         """Shares what the replicas must agree on: `model`'s sparse layers, their masks and weights
-        under them, and `stream` (a random generator's state, described by `what`), if any."""
+        under them, the algorithm's `settings` (picklable values by name), and `stream` (a random
+        generator's state, described by `what`), if any."""
         if _several_ranks(self.group):
             self.what = what
-            self.shared = (_layers(model), _masks_checksum(model), None if stream is None else _crc32(stream))
+            self.shared = (_layers(model), _masks_checksum(model), None if stream is None else _crc32(stream),
+                           settings)
 
     def __exit__(self, kind, error, traceback) -> bool:
         super().__exit__(kind, error, traceback)
         if kind is not None or not _several_ranks(self.group):
             return False
-        layers, masks, streams = zip(*self.gathered)
+        layers, masks, streams, settings = zip(*self.gathered)
         differing = [rank for rank, stream in enumerate(streams) if stream != streams[0]]
         if differing:
             raise ValueError(f"{self.what} differs across ranks (ranks {differing} differ from rank 0): random "
@@ -375,6 +378,7 @@ class ReplicaCheck(Agreement):
                              f"diverge; use the same seed (or generator state) on every rank")
         if any(other != layers[0] for other in layers):
             return False
+        check_same_settings(self.who, settings)
         differing = [rank for rank, checksum in enumerate(masks) if checksum != masks[0]]
         if differing:
             raise ValueError(f"{self.who}: the masks of model, or the weights under them, differ across ranks "
@@ -384,6 +388,48 @@ class ReplicaCheck(Agreement):
                              f"generator on every rank, or call sparsekern.distributed.broadcast_masks(model) "
                              f"first")
         return False
+
+
+def check_same_settings(who: str, settings: list[dict]) -> None:
+    """ValueError naming every setting whose value differs across the ranks' `settings` (gathered, in rank
+    order), with the ranks holding each value; a setting some ranks lack (one that only their criterion
+    reads, say) shows as "unset" there. Every rank reads the same gathered settings and raises the same error.
+    Ranks built with other settings would train on silently with masks that diverge at the first update,
+    or enter their collectives at other steps, where they pair wrongly or hang."""
+    names = list(dict.fromkeys(name for held in settings for name in held))
+    differing = []
+    for name in names:
+        values = [held.get(name, _UNSET) for held in settings]
+        if any(value != values[0] for value in values):
+            differing.append(f"{name}: {_ranks_by_value(values)}")
+    if differing:
+        raise ValueError(f"{who} was built with other settings on some ranks ({'; '.join(differing)}), under which "
+                         f"the ranks would not train one run (masks that diverge at the first update, or "
+                         f"collectives that pair wrongly); build it with the same arguments on every rank")
+
+
+class _Unset:
+    """A setting that a rank's algorithm does not hold (its repr names it so in check_same_settings' error)."""
+
+    def __repr__(self) -> str:
+        return "unset"
+
+
+_UNSET = _Unset()
+
+
+def _ranks_by_value(values: list) -> str:
+    """"'a' on ranks [0, 2], 'b' on rank 1": the ranks holding each of `values` (one per rank), in order of the first
+    rank holding it."""
+    distinct: list = []
+    for value in values:
+        if all(value != seen for seen in distinct):
+            distinct.append(value)
+    parts = []
+    for value in distinct:
+        ranks = [rank for rank, held in enumerate(values) if held == value]
+        parts.append(f"{value!r} on rank{'s' if len(ranks) > 1 else ''} {ranks if len(ranks) > 1 else ranks[0]}")
+    return ", ".join(parts)
 
 
 class CatchesUp(Joinable):

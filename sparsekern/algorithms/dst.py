@@ -104,8 +104,13 @@ class DST(distributed.CatchesUp):
             masks, on every rank of a distributed run too; under an initialised torch.distributed
             process group the construction is collective and refuses (ValueError on every rank)
             a seed or generator state that differs across ranks, which would let replicas diverge,
-            and masks (or weights under them) that already differ across ranks (see
-            `sparsekern.distributed.broadcast_masks`); an argument refused on one rank only is
+            masks (or weights under them) that already differ across ranks (see
+            `sparsekern.distributed.broadcast_masks`), and settings that differ across ranks, under which
+            the masks would diverge at the first update: prune, grow (a `sparsekern.Criterion` by its
+            name), scope, block, reset_state, swap_rounding, mest_gamma and sensitivity_offset (where the
+            criterion reads them), schedule, drop_fraction, final_drop_fraction, update_every, end_step
+            and host_checks (total_steps, which only times a warning, may differ), with one ValueError
+            naming each and the ranks holding each value; an argument refused on one rank only is
             refused on every rank (the others' error names that rank), so that none waits for it.
             A model sharded across ranks (FSDP, fully_shard) raises ValueError: use
             DistributedDataParallel. For uneven inputs, see `join_hook`.
@@ -234,15 +239,15 @@ class DST(distributed.CatchesUp):
                 _check_blocks(self.modules, block)
             empty = [name for name, module in self.modules if not module.mask.any()]
             _warn_if_idle(self.schedule, empty, scope)
-            replicas.compare(model, generator.get_state(), f"DST's random stream ({stream})")
+            self.prune, self.grow, self.scope = self._prune.name, self._grow.name, scope
+            self.reset_state, self.block, self.mest_gamma = reset_state, block, mest_gamma
+            self.sensitivity_offset, self.swap_rounding = sensitivity_offset, swap_rounding
+            self.host_checks = host_checks
+            replicas.compare(model, self._replica_settings(), generator.get_state(), f"DST's random stream ({stream})")
 
         super().__init__(model, replicas.group)   # for Join's catching up (join_hook)
         self.optimizer = optimizer
-        self.prune, self.grow, self.scope = self._prune.name, self._grow.name, scope
-        self.reset_state, self.block, self.mest_gamma = reset_state, block, mest_gamma
-        self.sensitivity_offset, self.swap_rounding = sensitivity_offset, swap_rounding
         self.generator = generator
-        self.host_checks = host_checks
         self.step_count = 0
         self._finished = False   # finish() was called: the next step() follows a masked backward
         # ((mask, version) pairs, active counts per layer) as of the last update or count (_active_counts).
@@ -374,6 +379,16 @@ class DST(distributed.CatchesUp):
         if self.prune in ("sensitivity", "rsensitivity"):
             settings["sensitivity_offset"] = self.sensitivity_offset
         return settings
+
+    def _replica_settings(self) -> dict:
+        """The settings the ranks of a DDP run must all build DST with (`distributed.ReplicaCheck`), each deciding
+        which weights an update swaps, or whether it happens: those a state is saved with, the schedule's but
+        total_steps (which only times a warning), and host_checks (which skips an update whose gradients are not
+        all finite)."""
+        schedule = dataclasses.asdict(self.schedule)
+        del schedule["total_steps"]
+        schedule["schedule"] = schedule.pop("name")
+        return {**self._settings(), **schedule, "host_checks": self.host_checks}
 
     def load_state_dict(self, state: dict) -> None:
         """Restores a `state_dict()`: step count, masks (weights, and the optimizer's per-weight state,

@@ -50,12 +50,14 @@ class IMP(distributed.CatchesUp):
 
     Under an initialised torch.distributed process group of several ranks (DistributedDataParallel)
     the construction is collective and refuses (ValueError on every rank) masks, or weights under
-    them, that differ across ranks; an argument refused on one rank only is refused on every rank
-    (the others' error names that rank), so that none waits for it. `group` (a torch.distributed
-    process group, None: the default one) names the ranks holding replicas, those the check compares:
-    independent runs on each rank of one job (masks differing on purpose) give each rank a group of its
-    own, `torch.distributed.new_subgroups(1)[0]`, which compares nothing. For uneven inputs, see
-    `join_hook`.
+    them, that differ across ranks, and settings that differ across ranks (prune_fraction, rewind_step,
+    scope, rewind: the masks, or the weights rewound under them, would diverge at the first pruning),
+    naming each and the ranks holding each value; an argument refused on one rank only is refused on
+    every rank (the others' error names that rank), so that none waits for it. `group` (a
+    torch.distributed process group, None: the default one) names the ranks holding replicas, those the
+    check compares: independent runs on each rank of one job (masks differing on purpose) give each rank
+    a group of its own, `torch.distributed.new_subgroups(1)[0]`, which compares nothing. For uneven
+    inputs, see `join_hook`.
     """
 
     def __init__(self, model: nn.Module, optimizer_factory: OptimizerFactory, prune_fraction: float = 0.2,
@@ -70,7 +72,7 @@ class IMP(distributed.CatchesUp):
             self.rewind_step = _checks.count(rewind_step, "rewind_step")
             self.scope = _tickets.check_choice(scope, "scope", _tickets.SCOPES)
             self.rewind = _tickets.check_choice(rewind, "rewind", REWINDS)
-            replicas.compare(model)
+            replicas.compare(model, self._settings())
         super().__init__(model, replicas.group)   # for Join's catching up (join_hook)
         self.model = model
         self.optimizer_factory = optimizer_factory

@@ -120,8 +120,11 @@ class OptG(distributed.CatchesUp):
 
     Under an initialised torch.distributed process group of several ranks (DistributedDataParallel)
     the construction is collective and refuses (ValueError on every rank) masks, or weights under
-    them, that differ across ranks; an argument refused on one rank only is refused on every rank
-    (the others' error names that rank), so that none waits for it. `group` (a torch.distributed
+    them, that differ across ranks, and settings that differ across ranks (sparsity, epochs, beta,
+    criterion, reach_target, dense_while_scores_tie, momentum, nesterov, host_checks, and lr unless
+    `lr_schedule` is given: a function, which the ranks cannot compare; the masks would diverge at the
+    next epoch), naming each and the ranks holding each value; an argument refused on one rank only is
+    refused on every rank (the others' error names that rank), so that none waits for it. `group` (a torch.distributed
     process group, None: the default one) names the ranks holding replicas, those the check compares:
     independent runs on each rank of one job (masks differing on purpose) give each rank a group of its
     own, `torch.distributed.new_subgroups(1)[0]`, which compares nothing. For uneven inputs, see
@@ -164,7 +167,21 @@ class OptG(distributed.CatchesUp):
                 raise ValueError(f"epochs=1 would end dense, not at sparsity={sparsity}: OptG's only epoch starts "
                                  f"with every score tied at 0, which dense_while_scores_tie keeps dense; use "
                                  f"epochs >= 2")
-            replicas.compare(model)
+            self.sparsity = float(sparsity)
+            self.beta = beta
+            self.lr_schedule = lr_schedule if lr_schedule is not None else cosine_lr(lr, epochs)
+            self.dense_while_scores_tie = dense_while_scores_tie
+            self.reach_target = bool(reach_target)
+            self.criterion = criterion
+            self.host_checks = host_checks
+            self.scores = [torch.zeros_like(layer.weight) for layer in self.layers]
+            self.score_optimizer = torch.optim.SGD(self.scores, lr=0.0, momentum=momentum, nesterov=nesterov,
+                                                   weight_decay=0.0)
+            # The settings that decide the masks, host_checks among them (it skips a score update whose gradients
+            # are not all finite), and the scores' learning rate: lr, unless lr_schedule (a callable, which the
+            # ranks cannot compare) replaces it.
+            replicas.compare(model, {**self._settings(), "host_checks": host_checks,
+                                     **({"lr": lr} if lr_schedule is None else {"lr_schedule": "given"})})
         super().__init__(model, replicas.group)   # for Join's catching up (join_hook)
         if frozen:  # warned once every argument has passed
             warnings.warn(f"OptG leaves the masks of {frozen} alone: their weights do not require grad, so their "
@@ -172,16 +189,6 @@ class OptG(distributed.CatchesUp):
         if lr == 0 and lr_schedule is None:
             warnings.warn("lr=0: the scores never move, so the mask only follows the sparsity ramp over "
                           "all-equal scores", stacklevel=2)
-        self.sparsity = float(sparsity)
-        self.beta = beta
-        self.lr_schedule = lr_schedule if lr_schedule is not None else cosine_lr(lr, epochs)
-        self.dense_while_scores_tie = dense_while_scores_tie
-        self.reach_target = bool(reach_target)
-        self.criterion = criterion
-        self.host_checks = host_checks
-        self.scores = [torch.zeros_like(layer.weight) for layer in self.layers]
-        self.score_optimizer = torch.optim.SGD(self.scores, lr=0.0, momentum=momentum, nesterov=nesterov,
-                                               weight_decay=0.0)
         self._gradients = GradientWatch()
         self.epoch = 0
         self._start_epoch()

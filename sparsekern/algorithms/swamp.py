@@ -69,7 +69,11 @@ class SWAMP:
     θ_k and that optimizer state at step k. Later cycles start every particle from θ_k ⊙ m with a
     fresh optimizer, as IMP does. Under torch.distributed, rank 0's θ_k is broadcast at step k, and
     the construction is collective: an argument refused on one rank only is refused on every rank (the
-    others' error names that rank), so that none waits for it in a broadcast.
+    others' error names that rank), so that none waits for it in a broadcast, and so are settings that
+    differ across ranks (ValueError naming each and the ranks holding each value): particles and
+    rewind_step, which would have the ranks enter the cycle's all_reduce or the ticket's broadcast at other
+    steps, prune_fraction and scope, which would prune θ̄ to other masks, and swa_start, swa_every and
+    seed, under which the ranks would train the particles of no one run.
     `state_dict()` holds everything but the model (checkpoint `model.state_dict()` beside it); under
     torch.distributed, each rank's holds its own particles, so each rank saves and loads its own.
     """
@@ -80,7 +84,7 @@ class SWAMP:
                  seed: int = 0, group=None):
         # Collective: a check that fails on one rank fails on every rank, which would otherwise wait for it
         # in the broadcast of rank 0's ticket (at construction with rewind_step=0) or the cycle's all_reduce.
-        with distributed.Agreement("SWAMP", distributed.check_group(group)):
+        with distributed.Agreement("SWAMP", distributed.check_group(group)) as agreement:
             self._groups = _tickets.sparse_layers(model, "SWAMP")
             self.layers = _tickets.primaries(self._groups)
             _tickets.check_callable(optimizer_factory, "optimizer_factory")
@@ -103,6 +107,11 @@ class SWAMP:
                                           if dist.is_available() and dist.is_initialized() else (0, 1))
             if self.particles < self.world_size:
                 raise ValueError(f"particles ({particles}) must be >= the number of ranks ({self.world_size})")
+            agreement.shared = self._settings()
+        # Settings that differ across ranks would have them enter the ticket's broadcast (rewind_step) or the cycle's
+        # all_reduce (particles) at other steps, prune θ̄ to other masks (prune_fraction, scope), or train particles
+        # of different runs (swa_start, swa_every, seed).
+        distributed.check_same_settings("SWAMP", agreement.gathered)
         self.model, self.group = model, group
         self.optimizer_factory = optimizer_factory
         self.bn_loader = bn_loader

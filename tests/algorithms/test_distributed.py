@@ -51,6 +51,40 @@ def test_masks_drawn_per_rank_and_sharded_models_are_refused_and_a_load_on_one_r
         assert result["finish_kept_through_a_broadcast"], rank
 
 
+@gloo
+def test_settings_that_differ_across_ranks_are_refused_on_every_rank_and_equal_ones_train_as_before(tmp_path):
+    # The construction compared masks and random streams, not settings: ranks built with other criteria, schedules,
+    # scopes... trained on with masks that diverged at the first update, or (SWAMP) collectives paired wrongly.
+    ranks = rank_results("settings_worker", tmp_path)
+    for scenario, message in ranks[0]["refused"].items():
+        setting = scenario.split()[1]
+        assert message is not None and ranks[1]["refused"][scenario] == message, (scenario, ranks[1]["refused"])
+        assert f"{scenario.split()[0]} was built with other settings on some ranks ({setting}: " in message, message
+        assert all(rank["unchanged"][scenario] for rank in ranks), scenario
+    for scenario, shown in (("DST prune", "prune: 'magnitude' on rank 0, 'set' on rank 1)"),
+                            ("DST grow", "grow: 'gradient' on rank 0, 'mine' on rank 1)"),
+                            ("DST block", "block: None on rank 0, (2, 2) on rank 1)"),
+                            ("DST end_step", "end_step: 10 on rank 0, 12 on rank 1)"),
+                            ("OptG lr", "lr: 0.1 on rank 0, 0.2 on rank 1)"),
+                            ("SWAMP particles", "particles: 2 on rank 0, 4 on rank 1)")):
+        assert shown in ranks[0]["refused"][scenario], ranks[0]["refused"][scenario]
+    for rank in ranks:
+        assert all(rank["accepted"].values()), rank["accepted"]
+        assert rank["gathers"] == 1   # the settings travel in the replica check's one all_gather_object
+        assert rank["trains_as_unchecked"]
+
+
+def test_differing_settings_are_named_with_the_ranks_holding_each_value():
+    from sparsekern.algorithms import distributed
+    distributed.check_same_settings("DST", [{"prune": "set", "scope": "layer"}] * 3)   # equal: nothing raised
+    with pytest.raises(ValueError) as refused:
+        distributed.check_same_settings("DST", [{"prune": "mest", "mest_gamma": 1.0, "scope": "layer"},
+                                                {"prune": "set", "scope": "layer"},
+                                                {"prune": "mest", "mest_gamma": 1.0, "scope": "layer"}])
+    assert ("DST was built with other settings on some ranks (prune: 'mest' on ranks [0, 2], 'set' on rank 1; "
+            "mest_gamma: 1.0 on ranks [0, 2], unset on rank 1)") in str(refused.value)
+
+
 def test_broadcast_masks_refuses_an_algorithm_whose_state_is_per_rank_before_any_collective():
     # No process group here: the refusal must come before the first collective. SWAMP's ranks hold
     # different particles, so loading rank 0's state everywhere would train particle 0 on every rank.

@@ -1,0 +1,162 @@
+"""One rank of test_distributed.py's settings tests (torch.distributed.run, gloo, 2 ranks, CPU).
+
+1. DST, IMP, OptG and SWAMP built with a setting that differs across the ranks (rank 0's value, rank 1's) are
+   refused, on both ranks, by one ValueError naming the setting and each rank's value, with the model's masks
+   as they were. Runs in order: a construction let through on one rank only would pair its collectives with
+   the next scenario's (SWAMP broadcasting its ticket at rewind_step 0), and show as an error or the timeout.
+2. Equal settings build (a sparsekern.Criterion of one name on both ranks, total_steps that time no update),
+   in one all_gather_object, and DST trains under DDP to the same masks and weights as a DST whose group of one
+   rank compares nothing.
+Writes {"refused": {scenario: error message or None}, "unchanged": {scenario: masks as before},
+"accepted": {scenario: bool}, "gathers": int, "trains_as_unchecked": bool} to <out>/rank<r>.pt.
+"""
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import sparsekern
+from sparsekern.nn import sparse_modules
+
+from ..helpers import end_rank
+
+
+def _magnitude(weights, grads, masks, *, generator):
+    return [w.abs() for w in weights]
+
+
+def mine():
+    return sparsekern.Criterion("mine", _magnitude, reads_gradient=False, elementwise=True)
+
+
+def sparse_model(density=0.3):
+    torch.manual_seed(0)
+    return sparsekern.sparsify(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)), density,
+                               generator=torch.Generator().manual_seed(0))
+
+
+def dst(model, **options):
+    options = {"update_every": 2, "total_steps": 20, **options}
+    return sparsekern.DST(model, torch.optim.SGD(model.parameters(), lr=0.1), **options)
+
+
+def imp(model, **options):
+    return sparsekern.IMP(model, lambda parameters: torch.optim.SGD(parameters, lr=0.1), **options)
+
+
+def optg(model, **options):
+    return sparsekern.OptG(model, **{"sparsity": 0.5, "epochs": 3, **options})
+
+
+def swamp(model, **options):
+    return sparsekern.SWAMP(model, lambda parameters: torch.optim.SGD(parameters, lr=0.1),
+                            **{"particles": 2, **options})
+
+
+# scenario: (algorithm, density, rank 0's options, rank 1's options)
+DIFFERING = {
+    "DST prune": (dst, 0.3, {"prune": "magnitude"}, {"prune": "set"}),
+    "DST grow": (dst, 0.3, {"grow": "gradient"}, {"grow": mine()}),
+    "DST scope": (dst, 0.3, {}, {"scope": "global"}),
+    "DST block": (dst, 0.3, {}, {"block": (2, 2)}),
+    "DST drop_fraction": (dst, 0.3, {}, {"drop_fraction": 0.5}),
+    "DST update_every": (dst, 0.3, {}, {"update_every": 4}),
+    "DST end_step": (dst, 0.3, {"end_step": 10}, {"end_step": 12}),
+    "DST schedule": (dst, 0.3, {}, {"schedule": "constant"}),
+    "DST final_drop_fraction": (dst, 0.3, {"schedule": "annealed"},
+                                {"schedule": "annealed", "final_drop_fraction": 0.01}),
+    "DST reset_state": (dst, 0.3, {}, {"reset_state": False}),
+    "DST swap_rounding": (dst, 0.3, {}, {"swap_rounding": "floor"}),
+    "DST mest_gamma": (dst, 0.3, {"prune": "mest"}, {"prune": "mest", "mest_gamma": 0.5}),
+    "DST host_checks": (dst, 0.3, {}, {"host_checks": False}),
+    "IMP prune_fraction": (imp, 1.0, {}, {"prune_fraction": 0.5}),
+    "IMP rewind_step": (imp, 1.0, {}, {"rewind_step": 2}),
+    "IMP scope": (imp, 1.0, {}, {"scope": "layer"}),
+    "IMP rewind": (imp, 1.0, {}, {"rewind": "learning_rate"}),
+    "OptG sparsity": (optg, 1.0, {}, {"sparsity": 0.8}),
+    "OptG epochs": (optg, 1.0, {}, {"epochs": 4}),
+    "OptG beta": (optg, 1.0, {}, {"beta": 2.0}),
+    "OptG criterion": (optg, 1.0, {}, {"criterion": "magnitude"}),
+    "OptG momentum": (optg, 1.0, {}, {"momentum": 0.5}),
+    "OptG nesterov": (optg, 1.0, {}, {"nesterov": True}),
+    "OptG lr": (optg, 1.0, {}, {"lr": 0.2}),
+    "OptG reach_target": (optg, 1.0, {}, {"reach_target": False}),
+    "OptG dense_while_scores_tie": (optg, 1.0, {}, {"dense_while_scores_tie": False}),
+    "OptG host_checks": (optg, 1.0, {}, {"host_checks": False}),
+    "SWAMP particles": (swamp, 1.0, {}, {"particles": 4}),
+    "SWAMP rewind_step": (swamp, 1.0, {}, {"rewind_step": 2, "swa_start": 2}),
+    "SWAMP prune_fraction": (swamp, 1.0, {}, {"prune_fraction": 0.5}),
+    "SWAMP scope": (swamp, 1.0, {}, {"scope": "layer"}),
+    "SWAMP swa_start": (swamp, 1.0, {}, {"swa_start": 3}),
+    "SWAMP swa_every": (swamp, 1.0, {}, {"swa_every": 2}),
+    "SWAMP seed": (swamp, 1.0, {}, {"seed": 1}),
+}
+
+EQUAL = {
+    "DST with a Criterion of one name": (dst, 0.3, {"prune": mine()}, {"prune": mine()}),
+    "DST total_steps past end_step": (dst, 0.3, {"end_step": 10}, {"end_step": 10, "total_steps": 40}),
+    "OptG with an lr_schedule": (optg, 1.0, {"lr_schedule": lambda epoch: 0.1}, {"lr_schedule": lambda epoch: 0.1}),
+}
+
+
+def masks_of(model):
+    return [module.mask.clone() for _, module in sparse_modules(model)]
+
+
+def refusal(build, density, options):
+    """The message of the ValueError that building raised, or None; and whether the masks stayed as they were."""
+    model = sparse_model(density)
+    before = masks_of(model)
+    try:
+        build(model, **options)
+        message = None
+    except ValueError as error:
+        message = str(error)
+    return message, all(torch.equal(a, b) for a, b in zip(before, masks_of(model)))
+
+
+def train(model, ddp, group):
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    algorithm = sparsekern.RigL(ddp, optimizer, update_every=2, total_steps=12, group=group)
+    data = torch.Generator().manual_seed(100 + dist.get_rank())
+    for _ in range(6):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(ddp(torch.randn(8, 16, generator=data)),
+                                    torch.randint(0, 4, (8,), generator=data)).backward()
+        algorithm.step()
+        optimizer.step()
+    return [(module.mask.clone(), module.weight.detach().clone()) for _, module in sparse_modules(model)]
+
+
+def trains_as_unchecked():
+    """RigL under DDP, built by the checked construction and by one whose group of one rank compares nothing."""
+    own, _ = dist.new_subgroups(1)
+    runs = []
+    for group in (None, own):
+        model = sparse_model()
+        runs.append(train(model, DistributedDataParallel(model, broadcast_buffers=False), group))
+    return all(torch.equal(a, b) for checked, unchecked in zip(*runs) for a, b in zip(checked, unchecked))
+
+
+def main(out):
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    refused, unchanged = {}, {}
+    for scenario, (build, density, *options) in DIFFERING.items():
+        refused[scenario], unchanged[scenario] = refusal(build, density, options[rank])
+    accepted = {scenario: refusal(build, density, options[rank]) == (None, True)
+                for scenario, (build, density, *options) in EQUAL.items()}
+    gathers, all_gather_object = [], dist.all_gather_object
+    dist.all_gather_object = lambda *args, **kwargs: gathers.append(args) or all_gather_object(*args, **kwargs)
+    dst(sparse_model())
+    dist.all_gather_object = all_gather_object
+    torch.save({"refused": refused, "unchanged": unchanged, "accepted": accepted, "gathers": len(gathers),
+                "trains_as_unchecked": trains_as_unchecked()}, os.path.join(out, f"rank{rank}.pt"))
+    end_rank()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
