@@ -89,17 +89,19 @@ def test_measure_adapts_rounds_to_budget_and_interleaves_the_implementations():
     assert all(math.isfinite(row.time_ms) for row in rows) and rows[0].ratio == 1.0
 
 
-def test_a_ratio_pairs_calls_of_one_round():
+def test_a_ratio_pairs_calls_of_one_round(monkeypatch):
     # Calls cost 4 ms while the machine is loaded (the first 8 calls: warm-ups and 3 rounds) and 1 ms
     # after, and "fast" takes half of it. Paired per round the ratio is 2; timed one implementation after
     # the other, the baseline would run loaded and "fast" mostly not, and the ratio would come out near 8.
-    calls = []
+    # The calls advance a fake clock rather than sleep: real sleeps overshoot on a loaded machine.
+    calls, now = [], [0.0]
+    monkeypatch.setattr(core.time, "perf_counter", lambda: now[0])
 
     def costing(share):
         def run():
             loaded = len(calls) < 8
             calls.append(1)
-            time.sleep((0.004 if loaded else 0.001) * share)
+            now[0] += (0.004 if loaded else 0.001) * share
         return run
 
     rows = core.measure(core.Case("op", "size", {"base": costing(1), "fast": costing(0.5)}, baseline="base"),
