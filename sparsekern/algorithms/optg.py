@@ -141,7 +141,11 @@ class OptG(distributed.CatchesUp):
     them, that differ across ranks, and settings that differ across ranks (sparsity, epochs, beta,
     criterion, reach_target, dense_while_scores_tie, momentum, nesterov, host_checks, and lr unless
     `lr_schedule` is given: a function, which the ranks cannot compare; the masks would diverge at the
-    next epoch), naming each and the ranks holding each value; an argument refused on one rank only is
+    next epoch), naming each and the ranks holding each value, and ranks that rank other layers (a layer
+    frozen on some ranks only, with criterion="learned"); a layer frozen on some ranks only after
+    construction is refused by `broadcast_masks(algorithm=)`, not by `step()` or `next_epoch()`, which
+    make no collective (the masks diverge from the next epoch: freeze the same layers on every rank,
+    at the same step); an argument refused on one rank only is
     refused on every rank (the others' error names that rank), so that none waits for it. `group` (a torch.distributed
     process group, None: the default one) names the ranks holding replicas, those the check compares:
     independent runs on each rank of one job (masks differing on purpose) give each rank a group of its
@@ -199,7 +203,8 @@ class OptG(distributed.CatchesUp):
             # are not all finite), and the scores' learning rate: lr, unless lr_schedule (a callable, which the
             # ranks cannot compare) replaces it.
             replicas.compare(model, {**self._settings(), "host_checks": host_checks,
-                                     **({"lr": lr} if lr_schedule is None else {"lr_schedule": "given"})})
+                                     **({"lr": lr} if lr_schedule is None else {"lr_schedule": "given"})},
+                             updated=self._layers_updated())
         super().__init__(model, replicas.group)   # for Join's catching up (join_hook)
         if frozen:  # warned once every argument has passed
             warnings.warn(f"OptG leaves the masks of {frozen} alone: their weights do not require grad, so their "
@@ -269,6 +274,12 @@ class OptG(distributed.CatchesUp):
         if not self._learns:
             return []
         return [index for index, layer in enumerate(self.layers) if not layer.weight.requires_grad]
+
+    def _layers_updated(self) -> list[str]:
+        """The names of the layers the next epoch's top-k ranks: those not frozen (construction and
+        `broadcast_masks` compare them across ranks)."""
+        frozen = self._frozen()
+        return [name for index, name in enumerate(_tickets.layer_names(self._groups)) if index not in frozen]
 
     def _warn_frozen(self, frozen: list[int], stacklevel: int) -> None:
         """Warns once about each layer at `frozen` that no warning named yet."""
@@ -391,7 +402,8 @@ class OptG(distributed.CatchesUp):
         OptG state saved with this OptG's sparsity, epochs, beta, criterion, reach_target,
         dense_while_scores_tie, momentum and nesterov, and with its lr or lr_schedule, which the score optimizer's
         saved score lr gives away): a bad state raises TypeError or ValueError and changes
-        nothing; a layer missing from it, or one this model lacks, is named. A state of older versions,
+        nothing; a layer missing from it, or one this model lacks, is named (a layer frozen after the
+        saving OptG was built is in its state: build this one before freezing it, "Frozen layers"). A state of older versions,
         which hold scores, masks and the optimizer's state by position (lists), loads by position, as it did."""
         self._prepare_load(state)()
 
