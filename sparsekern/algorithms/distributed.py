@@ -14,8 +14,8 @@ and the tensors of a state through an object collective as CPU copies (`broadcas
 Every rank enters each collective here, or none does: a rank raising alone would leave the others
 waiting in the next one. Checks run inside an `Agreement`, whose one object gather carries each
 rank's error; every rank raises when any failed, before anything changes. The algorithms'
-constructors run theirs inside a `ReplicaCheck`, which compares their masks, random streams and
-settings in that same gather (SWAMP's, whose ranks train different particles, its settings alone).
+constructors run theirs inside a `ReplicaCheck`, which compares their masks, random streams,
+settings and the layers they update (frozen ones left alone) in that same gather (SWAMP's, whose ranks train different particles, its settings alone).
 """
 from __future__ import annotations
 
@@ -352,10 +352,11 @@ class ReplicaCheck(Agreement):
     its random streams or its settings differ. Run the constructor's checks in the block, and last,
     before anything changes, `compare(model, settings, stream)`. At the block's end, one all_gather_object
     (whatever the backend and device: a CPU model under NCCL, whose collectives take CUDA tensors only,
-    included) carries this rank's error, if it raised, its settings, and checksums of the stream and of
-    the masks and weights under them (one pass over the weights, read on the host). Every rank then
-    raises if a check failed on any rank, or ValueError if the streams, the settings (`check_same_settings`),
-    or the masks or weights under them, differ across ranks. Ranks holding different sparse layers
+    included) carries this rank's error, if it raised, its settings, the names of the layers it updates,
+    and checksums of the stream and of the masks and weights under them (one pass over the weights, read
+    on the host). Every rank then raises if a check failed on any rank, or ValueError if the streams, the
+    settings (`check_same_settings`), the layers updated (`check_same_layers_updated`: some frozen on some
+    ranks only), or the masks or weights under them, differ across ranks. Ranks holding different sparse layers
     (pipeline stages) are no replicas, and neither their settings nor their masks are compared. A no-op
     unless `group` (None: the default group) is initialised and holds two or more ranks."""
 
@@ -425,9 +426,9 @@ def check_same_layers_updated(who: str, updated: list[list[str] | None]) -> None
         return
     differing = []
     for name in dict.fromkeys(name for names in updated for name in names or ()):
-        held = [name in names for names in updated]
+        held = [names is None or name in names for names in updated]
         if not all(held):
-                differing.append(f"{name!r} updated on {_rank_list([r for r, h in enumerate(held) if h])}, left alone "
+            differing.append(f"{name!r} updated on {_rank_list([r for r, h in enumerate(held) if h])}, left alone "
                              f"on {_rank_list([r for r, h in enumerate(held) if not h])}")
     raise ValueError(f"{who} updates other sparse layers on some ranks ({'; '.join(differing)}): a layer frozen on "
                      f"some ranks only (its weight does not require grad there, or is not in DST's optimizer) would "

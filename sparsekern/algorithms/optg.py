@@ -249,17 +249,17 @@ class OptG(distributed.CatchesUp):
         self._warn_frozen(frozen, stacklevel=3)
         masks = ops.topk_mask([self.scores[index] for index in ranked], keep) if ranked else []
         for index, mask in zip(ranked, masks):
-            self.layers[index].mask.copy_(mask)   # not set_mask: pruned weights keep their values,
-        for layer in self.layers:
-            layer.zero_off_mask = False  # so the forward must select
+            self.layers[index].mask.copy_(mask)   # not set_mask: pruned weights keep their values, so the
+        for layer in self.layers:                 # forward must select
+            layer.zero_off_mask = False
             layer.dense_grad = self._learns
         tying.sync(self._groups)
         for group in self.score_optimizer.param_groups:
             group["lr"] = score_lr
 
     def _refuse_budget(self, frozen: list[int], held: int, keep: int, capacity: int) -> None:
-        """RuntimeError: the layers at `frozen`, holding `held` active weights, leave the others no count in
-        [1, capacity] (what they can hold) that makes the model keep `keep`, epoch's budget."""
+        """RuntimeError: the layers at `frozen`, holding `held` active weights, leave the others (which hold
+        `capacity`) no count of at least 1 that makes the model keep `keep`, the epoch's budget."""
         names = [_tickets.layer_names(self._groups)[index] for index in frozen]
         raise RuntimeError(
             f"OptG.next_epoch(): the layers frozen after OptG was built, {names}, keep their masks, with {held} "
@@ -403,8 +403,9 @@ class OptG(distributed.CatchesUp):
         dense_while_scores_tie, momentum and nesterov, and with its lr or lr_schedule, which the score optimizer's
         saved score lr gives away): a bad state raises TypeError or ValueError and changes
         nothing; a layer missing from it, or one this model lacks, is named (a layer frozen after the
-        saving OptG was built is in its state: build this one before freezing it, "Frozen layers"). A state of older versions,
-        which hold scores, masks and the optimizer's state by position (lists), loads by position, as it did."""
+        saving OptG was built is in its state: build this one before freezing it, "Frozen layers"). A state
+        of older versions, which hold scores, masks and the optimizer's state by position (lists), loads by
+        position, as it did."""
         self._prepare_load(state)()
 
     def _check_saved_score_lr(self, loaded: torch.optim.SGD, epoch: int) -> None:
