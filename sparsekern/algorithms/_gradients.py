@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Sequence
+from typing import Container, Sequence
 
 import torch
 from torch import Tensor
@@ -75,10 +75,12 @@ class GradientWatch:
     def remember(self, weights: Sequence[Tensor]) -> None:
         self._seen = [None if w.grad is None else (weakref.ref(w.grad), w.grad._version) for w in weights]
 
-    def unchanged(self, weights: Sequence[Tensor]) -> int | None:
-        """Index of the first weight whose gradient is unchanged since `remember()`, or None."""
+    def unchanged(self, weights: Sequence[Tensor], skip: Container[int] = ()) -> int | None:
+        """Index of the first weight whose gradient is unchanged since `remember()`, or None; the indices in
+        `skip` (weights whose gradient is not read: frozen ones) are not checked."""
         for i, (weight, seen) in enumerate(zip(weights, self._seen)):
             grad = weight.grad
-            if seen is not None and grad is not None and seen[0]() is grad and seen[1] == grad._version:
+            if (i not in skip and seen is not None and grad is not None and seen[0]() is grad
+                    and seen[1] == grad._version):
                 return i
         return None

@@ -14,8 +14,8 @@ and the tensors of a state through an object collective as CPU copies (`broadcas
 Every rank enters each collective here, or none does: a rank raising alone would leave the others
 waiting in the next one. Checks run inside an `Agreement`, whose one object gather carries each
 rank's error; every rank raises when any failed, before anything changes. The algorithms'
-constructors run theirs inside a `ReplicaCheck`, which compares their masks, random streams and
-settings in that same gather (SWAMP's, whose ranks train different particles, its settings alone).
+constructors run theirs inside a `ReplicaCheck`, which compares their masks, random streams,
+settings and the layers they update (frozen ones left alone) in that same gather (SWAMP's, whose ranks train different particles, its settings alone).
 """
 from __future__ import annotations
 
@@ -50,7 +50,8 @@ def broadcast_masks(model: nn.Module, src: int = 0, group=None, weights: bool = 
     checkpoint on every rank (`sparsekern.checkpoint.load` is safe to call from all ranks at once)
     needs no repair. The state is checked on every rank before any rank installs it: one that does not
     load on some rank (its algorithm was built with other settings, or on another wrapping of the
-    model) raises on every rank.
+    model) raises on every rank, and so do ranks whose DST or OptG leaves other layers alone (a layer
+    frozen on some ranks only since it was built), whose masks would diverge again at the next update.
 
     With `optimizer` (the one training `model` on this rank), rank `src`'s state of each sparse
     weight (momentum, Adam moments and step) is copied too, and is 0 off the mask where the weights
@@ -103,7 +104,8 @@ def _broadcast_replica(model: nn.Module, src: int, group, weights: bool, optimiz
         agreement.shared = (_layers(model), [len(state) for state in states] if copy_state else None,
                             algorithm is not None,
                             [[tuple(p.shape) for p in entry["params"]] for entry in optimizer.param_groups]
-                            if whole_optimizer else None, lr_scheduler is not None)
+                            if whole_optimizer else None, lr_scheduler is not None,
+                            None if algorithm is None else algorithm._layers_updated())
     source = dist.get_group_rank(group, src) if group is not None else src
     stateless = _check_same_setup(agreement.gathered, source, "parameters" if whole_optimizer else "sparse weights")
     if algorithm is not None or copy_state:
@@ -122,6 +124,9 @@ def _broadcast_replica(model: nn.Module, src: int, group, weights: bool, optimiz
             # built with other settings) must leave every rank as it was, and none waiting for the others.
             with Agreement("broadcast_masks(algorithm=...)", group):
                 install = algorithm._prepare_load(algorithm_state) if dist.get_rank() != src else None
+            # The states load (their layer names are alike), so the names compare: every rank raises alike, before
+            # any installs, where masks copied now would diverge again at the next update (layers frozen apart).
+            check_same_layers_updated(type(algorithm).__name__, [shared[-1] for shared in agreement.gathered])
             if install is not None:
                 install()
         if dist.get_rank() != src:
@@ -173,7 +178,7 @@ def _check_same_setup(gathered: list[tuple], source: int, what: str) -> list[int
     of their parameters, in order) and algorithm presence: the broadcasts that follow would otherwise pair
     tensors of different sizes or counts, which gloo answers by aborting the process and NCCL by hanging.
     Returns the indices of the parameters that some rank's optimizer holds no state for, and `source`'s does."""
-    layers, counts, has_algorithm, groups, has_scheduler = zip(*gathered)
+    layers, counts, has_algorithm, groups, has_scheduler, _ = zip(*gathered)
     if any(shapes != groups[0] for shapes in groups):
         sizes = sorted({tuple(map(len, shapes)) for shapes in groups})
         raise ValueError(f"broadcast_masks: the ranks' optimizers hold other parameter groups (parameters per group: "
@@ -347,30 +352,33 @@ class ReplicaCheck(Agreement):
     its random streams or its settings differ. Run the constructor's checks in the block, and last,
     before anything changes, `compare(model, settings, stream)`. At the block's end, one all_gather_object
     (whatever the backend and device: a CPU model under NCCL, whose collectives take CUDA tensors only,
-    included) carries this rank's error, if it raised, its settings, and checksums of the stream and of
-    the masks and weights under them (one pass over the weights, read on the host). Every rank then
-    raises if a check failed on any rank, or ValueError if the streams, the settings (`check_same_settings`),
-    or the masks or weights under them, differ across ranks. Ranks holding different sparse layers
+    included) carries this rank's error, if it raised, its settings, the names of the layers it updates,
+    and checksums of the stream and of the masks and weights under them (one pass over the weights, read
+    on the host). Every rank then raises if a check failed on any rank, or ValueError if the streams, the
+    settings (`check_same_settings`), the layers updated (`check_same_layers_updated`: some frozen on some
+    ranks only), or the masks or weights under them, differ across ranks. Ranks holding different sparse layers
     (pipeline stages) are no replicas, and neither their settings nor their masks are compared. A no-op
     unless `group` (None: the default group) is initialised and holds two or more ranks."""
 
     def __init__(self, who: str, group=None):
         super().__init__(who, check_group(group))
 
-    def compare(self, model: nn.Module, settings: dict, stream: Tensor | None = None, what: str = "") -> None:
+    def compare(self, model: nn.Module, settings: dict, stream: Tensor | None = None, what: str = "",
+                updated: list[str] | None = None) -> None:
         """Shares what the replicas must agree on: `model`'s sparse layers, their masks and weights
-        under them, the algorithm's `settings` (picklable values by name), and `stream` (a random
-        generator's state, described by `what`), if any."""
+        under them, the algorithm's `settings` (picklable values by name), `stream` (a random
+        generator's state, described by `what`), if any, and the names of the layers it `updated`
+        (None: every sparse layer), which frozen layers set apart."""
         if _several_ranks(self.group):
             self.what = what
             self.shared = (_layers(model), _masks_checksum(model), None if stream is None else _crc32(stream),
-                           settings)
+                           settings, updated)
 
     def __exit__(self, kind, error, traceback) -> bool:
         super().__exit__(kind, error, traceback)
         if kind is not None or not _several_ranks(self.group):
             return False
-        layers, masks, streams, settings = zip(*self.gathered)
+        layers, masks, streams, settings, updated = zip(*self.gathered)
         differing = [rank for rank, stream in enumerate(streams) if stream != streams[0]]
         if differing:
             raise ValueError(f"{self.what} differs across ranks (ranks {differing} differ from rank 0): random "
@@ -379,6 +387,7 @@ class ReplicaCheck(Agreement):
         if any(other != layers[0] for other in layers):
             return False
         check_same_settings(self.who, settings)
+        check_same_layers_updated(self.who, updated)
         differing = [rank for rank, checksum in enumerate(masks) if checksum != masks[0]]
         if differing:
             raise ValueError(f"{self.who}: the masks of model, or the weights under them, differ across ranks "
@@ -408,6 +417,24 @@ def check_same_settings(who: str, settings: list[dict]) -> None:
                          f"collectives that pair wrongly); build it with the same arguments on every rank")
 
 
+def check_same_layers_updated(who: str, updated: list[list[str] | None]) -> None:
+    """ValueError naming each layer that the algorithm updates on some ranks and leaves alone on others (frozen:
+    its weight does not require grad, or, under DST, is not in the optimizer), by the names of the layers each rank
+    updates (gathered, in rank order; None: every layer, alike on every rank). The masks of such a layer would
+    diverge at its first update, and every rank reads the same gathered names and raises the same error."""
+    if all(names == updated[0] for names in updated):
+        return
+    differing = []
+    for name in dict.fromkeys(name for names in updated for name in names or ()):
+        held = [names is None or name in names for names in updated]
+        if not all(held):
+            differing.append(f"{name!r} updated on {_rank_list([r for r, h in enumerate(held) if h])}, left alone "
+                             f"on {_rank_list([r for r, h in enumerate(held) if not h])}")
+    raise ValueError(f"{who} updates other sparse layers on some ranks ({'; '.join(differing)}): a layer frozen on "
+                     f"some ranks only (its weight does not require grad there, or is not in DST's optimizer) would "
+                     f"have masks that diverge at its first update; freeze the same layers on every rank")
+
+
 class _Unset:
     """A setting that a rank's algorithm does not hold (its repr names it so in check_same_settings' error)."""
 
@@ -425,11 +452,13 @@ def _ranks_by_value(values: list) -> str:
     for value in values:
         if all(value != seen for seen in distinct):
             distinct.append(value)
-    parts = []
-    for value in distinct:
-        ranks = [rank for rank, held in enumerate(values) if held == value]
-        parts.append(f"{value!r} on rank{'s' if len(ranks) > 1 else ''} {ranks if len(ranks) > 1 else ranks[0]}")
-    return ", ".join(parts)
+    return ", ".join(f"{value!r} on {_rank_list([rank for rank, held in enumerate(values) if held == value])}"
+                     for value in distinct)
+
+
+def _rank_list(ranks: list[int]) -> str:
+    """"rank 1" or "ranks [0, 2]"."""
+    return f"ranks {ranks}" if len(ranks) > 1 else f"rank {ranks[0]}"
 
 
 class CatchesUp(Joinable):

@@ -110,7 +110,8 @@ class DST(distributed.CatchesUp):
             name), scope, block, reset_state, swap_rounding, mest_gamma and sensitivity_offset (where the
             criterion reads them), schedule, drop_fraction, final_drop_fraction, update_every, end_step
             and host_checks (total_steps, which only times a warning, may differ), with one ValueError
-            naming each and the ranks holding each value; an argument refused on one rank only is
+            naming each and the ranks holding each value, and ranks that update other layers (a layer
+            frozen on some ranks only: "Which layers"); an argument refused on one rank only is
             refused on every rank (the others' error names that rank), so that none waits for it.
             A model sharded across ranks (FSDP, fully_shard) raises ValueError: use
             DistributedDataParallel. For uneven inputs, see `join_hook`.
@@ -132,7 +133,11 @@ class DST(distributed.CatchesUp):
     Which layers: every sparse module whose weight requires grad and is trained by `optimizer`;
     frozen ones are left alone, with a warning. One frozen after construction is left alone while it
     stays frozen, under every criterion (warned once; its gradient is masked at the updates it sits
-    out), and updated again once unfrozen. Modules that share one weight (tied weights) are one layer:
+    out), and updated again once unfrozen. Under torch.distributed every rank must freeze the same
+    layers: the construction refuses ranks that do not, and `broadcast_masks(algorithm=)` ranks that
+    froze other layers since; `step()` cannot tell (it makes no collective, and one per step to
+    compare would cost every step), so masks diverge from the next update of a layer frozen on some
+    ranks only (`masks_identical` finds it). Modules that share one weight (tied weights) are one layer:
     the first in model order is updated and the others get its mask. Misconfigurations
     that would silently do nothing or damage the model raise ValueError before anything changes
     (a block holding more weights than a layer keeps, tied modules with different masks) or warn
@@ -243,7 +248,8 @@ class DST(distributed.CatchesUp):
             self.reset_state, self.block, self.mest_gamma = reset_state, block, mest_gamma
             self.sensitivity_offset, self.swap_rounding = sensitivity_offset, swap_rounding
             self.host_checks = host_checks
-            replicas.compare(model, self._replica_settings(), generator.get_state(), f"DST's random stream ({stream})")
+            replicas.compare(model, self._replica_settings(), generator.get_state(), f"DST's random stream ({stream})",
+                             updated=self._layers_updated())
 
         super().__init__(model, replicas.group)   # for Join's catching up (join_hook)
         self.optimizer = optimizer
@@ -587,6 +593,11 @@ class DST(distributed.CatchesUp):
         for module in modules:
             module.zero_off_mask = True
         self._remember_counts(masks)
+
+    def _layers_updated(self) -> list[str]:
+        """The names of the layers the next update sets the masks of: those not frozen (construction and
+        `broadcast_masks` compare them across ranks)."""
+        return [name for name, module in self.modules if module.weight.requires_grad]
 
     def _unfrozen_modules(self) -> list[tuple[str, nn.Module]]:
         """The (name, module) pairs whose weight requires grad. Those frozen since DST was built are left alone, as

@@ -24,7 +24,13 @@ class IMP(distributed.CatchesUp):
 
     Args:
         model: a model whose prunable layers are `sparsekern.nn` sparse modules (start dense:
-            `sparsekern.sparsify(model, 1.0)`); its weights are pruned and reset in place.
+            `sparsekern.sparsify(model, 1.0)`); its weights are pruned and reset in place. Frozen
+            layers (weight not requiring grad, before or after IMP was built) are pruned with the
+            rest: magnitude pruning reads only the weights, which a frozen (typically pretrained) layer
+            has, and lottery-ticket practice prunes every prunable layer; its surviving weights stay
+            as they are, and the trained layers learn to make up for the rest. Weight rewinding
+            restores the whole model to step k, a layer frozen after k included. To keep a layer as
+            it is, leave it out of `sparsify` (`exclude=`).
         optimizer_factory: called with `model.parameters()` at construction and after every
             pruning; IMP starts each cycle with a fresh optimizer, `imp.optimizer`. Use that one.
         prune_fraction: p, the fraction of the remaining weights removed per cycle (⌈p·remaining⌉).
@@ -92,6 +98,11 @@ class IMP(distributed.CatchesUp):
         if (self.rewind == "weights" and self.cycle == 0 and self.step_in_cycle == self.rewind_step
                 and self.rewind_state is None):
             self.rewind_state = _tickets.snapshot(self.model)
+
+    def _layers_updated(self) -> list[str]:
+        """The names of the layers pruned: all of them, frozen or not (`broadcast_masks` compares them across
+        ranks)."""
+        return _tickets.layer_names(self._groups)
 
     def prune_masks(self) -> list[Tensor]:
         """The next masks from the current weights (nothing is changed)."""

@@ -81,7 +81,9 @@ class OptG(distributed.CatchesUp):
         model: a model of `sparsekern.nn` sparse modules (any masks; OptG sets them). With
             criterion="learned", a layer whose weight does not require grad is left alone, with a
             warning: it gets no gradient, so its scores would stay 0 and the global top-k would
-            prune it by position.
+            prune it by position; `sparsity` then counts the other layers' weights only. One frozen
+            after OptG was built is left alone while it stays frozen (warned once): see "Frozen layers".
+            criterion="magnitude" prunes frozen layers with the rest: |θ| needs no gradient.
         sparsity: p, the final fraction of prunable weights removed (globally), in [0, 1).
         epochs: E, the number of training epochs.
         lr: the weights' base learning rate; lr_e follows `cosine_lr(lr, epochs)` unless
@@ -118,12 +120,32 @@ class OptG(distributed.CatchesUp):
     `state_dict()` holds the epoch, the scores, their optimizer and the current masks; the weights
     (pruned values included) are in the model's state dict, checkpointed beside it.
 
+    Frozen layers (criterion="learned"): a layer whose weight stops requiring grad after OptG was
+    built keeps its mask while it stays frozen, and is warned about once. Its scores cannot move (no
+    gradient), so ranking them would keep or prune it by where they stopped, regardless of what the
+    others learn since; its weights cannot move either, so weights grown in it would stay at their
+    old values. `step()` leaves its scores and their momentum as they are (it still masks a gradient
+    the layer holds); each `next_epoch()` keeps its mask and takes its active count out of the
+    epoch's global budget, so that the top-k over the other layers' scores keeps exactly the rest:
+    the model stays on the ramp, and ends on `sparsity`, as without freezing. Where that cannot be
+    (the frozen layers hold more weights than the epoch keeps, or so few that the others would have
+    to keep more than they have), `next_epoch()` raises RuntimeError naming them, with nothing
+    changed: unfreeze them, or build OptG after freezing them, which leaves them out of `sparsity`.
+    Unfrozen, a layer takes part in the next epoch's top-k with the scores it kept, which move again
+    from its next `step()`. A layer frozen at construction is not OptG's (above), so a state saved by
+    an OptG that trained it is refused, naming it: to resume a run that froze a layer later, build
+    OptG before freezing it. Freezing is the model's, not part of `state_dict()`.
+
     Under an initialised torch.distributed process group of several ranks (DistributedDataParallel)
     the construction is collective and refuses (ValueError on every rank) masks, or weights under
     them, that differ across ranks, and settings that differ across ranks (sparsity, epochs, beta,
     criterion, reach_target, dense_while_scores_tie, momentum, nesterov, host_checks, and lr unless
     `lr_schedule` is given: a function, which the ranks cannot compare; the masks would diverge at the
-    next epoch), naming each and the ranks holding each value; an argument refused on one rank only is
+    next epoch), naming each and the ranks holding each value, and ranks that rank other layers (a layer
+    frozen on some ranks only, with criterion="learned"); a layer frozen on some ranks only after
+    construction is refused by `broadcast_masks(algorithm=)`, not by `step()` or `next_epoch()`, which
+    make no collective (the masks diverge from the next epoch: freeze the same layers on every rank,
+    at the same step); an argument refused on one rank only is
     refused on every rank (the others' error names that rank), so that none waits for it. `group` (a torch.distributed
     process group, None: the default one) names the ranks holding replicas, those the check compares:
     independent runs on each rank of one job (masks differing on purpose) give each rank a group of its
@@ -181,7 +203,8 @@ class OptG(distributed.CatchesUp):
             # are not all finite), and the scores' learning rate: lr, unless lr_schedule (a callable, which the
             # ranks cannot compare) replaces it.
             replicas.compare(model, {**self._settings(), "host_checks": host_checks,
-                                     **({"lr": lr} if lr_schedule is None else {"lr_schedule": "given"})})
+                                     **({"lr": lr} if lr_schedule is None else {"lr_schedule": "given"})},
+                             updated=self._layers_updated())
         super().__init__(model, replicas.group)   # for Join's catching up (join_hook)
         if frozen:  # warned once every argument has passed
             warnings.warn(f"OptG leaves the masks of {frozen} alone: their weights do not require grad, so their "
@@ -190,6 +213,7 @@ class OptG(distributed.CatchesUp):
             warnings.warn("lr=0: the scores never move, so the mask only follows the sparsity ramp over "
                           "all-equal scores", stacklevel=2)
         self._gradients = GradientWatch()
+        self._frozen_warned: set[str] = set()   # layers frozen after construction, warned about
         self.epoch = 0
         self._start_epoch()
 
@@ -206,24 +230,73 @@ class OptG(distributed.CatchesUp):
     @torch.no_grad()
     def _start_epoch(self) -> None:
         score_lr = self.score_lr(self.epoch)
+        frozen = self._frozen()   # none under "magnitude", whose scores are written here
         if self.criterion == "magnitude":
             for layer, score in zip(self.layers, self.scores):
                 torch.abs(layer.weight, out=score)
+        ranked = [index for index in range(len(self.layers)) if index not in frozen]
         total = sum(score.numel() for score in self.scores)
         keep = total - round(self.sparsity_at(self.epoch) * total)
-        if self.dense_while_scores_tie and self._scores_all_equal():
-            keep = total
-        for layer, mask in zip(self.layers, ops.topk_mask(self.scores, keep)):
-            layer.mask.copy_(mask)      # not set_mask: pruned weights keep their values,
-            layer.zero_off_mask = False  # so the forward must select
+        capacity = sum(self.scores[index].numel() for index in ranked)
+        if self.dense_while_scores_tie and self._all_equal([self.scores[index] for index in ranked]):
+            keep = capacity   # every ranked weight: the frozen layers keep their masks as ever
+        elif frozen:
+            # The frozen layers' active weights count against the epoch's budget: the others keep the rest.
+            held = sum(int(self.layers[index].mask.sum()) for index in frozen)
+            keep -= held
+            if not (1 if ranked else 0) <= keep <= capacity:
+                self._refuse_budget(frozen, held, keep + held, capacity)
+        self._warn_frozen(frozen, stacklevel=3)
+        masks = ops.topk_mask([self.scores[index] for index in ranked], keep) if ranked else []
+        for index, mask in zip(ranked, masks):
+            self.layers[index].mask.copy_(mask)   # not set_mask: pruned weights keep their values, so the
+        for layer in self.layers:                 # forward must select
+            layer.zero_off_mask = False
             layer.dense_grad = self._learns
         tying.sync(self._groups)
         for group in self.score_optimizer.param_groups:
             group["lr"] = score_lr
 
-    def _scores_all_equal(self) -> bool:
-        first = self.scores[0].flatten()[:1]
-        return all(bool((score == first).all()) for score in self.scores)
+    def _refuse_budget(self, frozen: list[int], held: int, keep: int, capacity: int) -> None:
+        """RuntimeError: the layers at `frozen`, holding `held` active weights, leave the others (which hold
+        `capacity`) no count of at least 1 that makes the model keep `keep`, the epoch's budget."""
+        names = [_tickets.layer_names(self._groups)[index] for index in frozen]
+        raise RuntimeError(
+            f"OptG.next_epoch(): the layers frozen after OptG was built, {names}, keep their masks, with {held} "
+            f"active weights, and epoch {self.epoch} keeps {keep} of all {sum(s.numel() for s in self.scores)} "
+            f"at sparsity {self.sparsity_at(self.epoch):.6g}, so the other layers (which hold {capacity}) would "
+            f"have to keep {keep - held}: unfreeze them before next_epoch(), or build OptG after freezing them, "
+            f"which leaves them out of `sparsity`")
+
+    def _frozen(self) -> list[int]:
+        """The positions of the layers frozen since OptG was built (weight not requiring grad), which learned
+        scores leave alone (see the class); none with criterion="magnitude", which prunes them with the rest."""
+        if not self._learns:
+            return []
+        return [index for index, layer in enumerate(self.layers) if not layer.weight.requires_grad]
+
+    def _layers_updated(self) -> list[str]:
+        """The names of the layers the next epoch's top-k ranks: those not frozen (construction and
+        `broadcast_masks` compare them across ranks)."""
+        frozen = self._frozen()
+        return [name for index, name in enumerate(_tickets.layer_names(self._groups)) if index not in frozen]
+
+    def _warn_frozen(self, frozen: list[int], stacklevel: int) -> None:
+        """Warns once about each layer at `frozen` that no warning named yet."""
+        names = _tickets.layer_names(self._groups)
+        unwarned = [names[index] for index in frozen if names[index] not in self._frozen_warned]
+        if unwarned:
+            warnings.warn(f"OptG leaves the masks and scores of {unwarned} alone while their weights do not "
+                          f"require grad (frozen after OptG was built); the other layers keep what remains of "
+                          f"each epoch's budget", stacklevel=stacklevel + 1)
+            self._frozen_warned.update(unwarned)
+
+    @staticmethod
+    def _all_equal(scores: list[Tensor]) -> bool:
+        if not scores:
+            return False
+        first = scores[0].flatten()[:1]
+        return all(bool((score == first).all()) for score in scores)
 
     @property
     def _learns(self) -> bool:
@@ -245,23 +318,26 @@ class OptG(distributed.CatchesUp):
         self._refuse_leading_join()
         _tickets.check_own_weights(self._groups, "OptG")
         weights = [layer.weight for layer in self.layers]
-        stale = self._gradients.unchanged(weights)
+        frozen = self._frozen()   # a frozen layer's gradient is not read: it may be left over from before freezing
+        stale = self._gradients.unchanged(weights, skip=frozen)
         if stale is not None:
             raise RuntimeError(f"OptG.step(): the gradient of sparse layer {stale} has not changed since the "
                                f"previous step() (step() called twice, or without a backward in between)")
+        self._warn_frozen(frozen, stacklevel=2)
         grads = [weight.grad for weight in weights]
-        learn = self._learns and (not self.host_checks or all_finite([g for g in grads if g is not None]))
-        for layer, score, grad in zip(self.layers, self.scores, grads):
+        learn = self._learns and (not self.host_checks or all_finite(
+            [grad for index, grad in enumerate(grads) if grad is not None and index not in frozen]))
+        for index, (layer, score, grad) in enumerate(zip(self.layers, self.scores, grads)):
             if self._learns:
                 layer.dense_grad = True     # the next backward must be dense again
-            if grad is None:
-                score.grad = None
-                continue
-            if learn:
+            if grad is None or index in frozen:
+                score.grad = None   # the score optimizer skips it, momentum included: the score stays
+            elif learn:
                 _score_gradient(score, grad, layer.weight)
-            # A select, as every sparse layer masks its weight gradient: +0.0 off the mask even where
-            # the dense gradient is inf or NaN (a multiply would leave NaN on the pruned values OptG keeps).
-            ops.mask_in_place(grad, layer.mask)
+            if grad is not None:
+                # A select, as every sparse layer masks its weight gradient: +0.0 off the mask even where
+                # the dense gradient is inf or NaN (a multiply would leave NaN on the pruned values OptG keeps).
+                ops.mask_in_place(grad, layer.mask)
         if learn:
             self.score_optimizer.step()
         tying.sync(self._groups)
@@ -326,8 +402,10 @@ class OptG(distributed.CatchesUp):
         OptG state saved with this OptG's sparsity, epochs, beta, criterion, reach_target,
         dense_while_scores_tie, momentum and nesterov, and with its lr or lr_schedule, which the score optimizer's
         saved score lr gives away): a bad state raises TypeError or ValueError and changes
-        nothing; a layer missing from it, or one this model lacks, is named. A state of older versions,
-        which hold scores, masks and the optimizer's state by position (lists), loads by position, as it did."""
+        nothing; a layer missing from it, or one this model lacks, is named (a layer frozen after the
+        saving OptG was built is in its state: build this one before freezing it, "Frozen layers"). A state
+        of older versions, which hold scores, masks and the optimizer's state by position (lists), loads by
+        position, as it did."""
         self._prepare_load(state)()
 
     def _check_saved_score_lr(self, loaded: torch.optim.SGD, epoch: int) -> None:

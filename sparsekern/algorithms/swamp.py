@@ -33,6 +33,8 @@ class SWAMP:
 
     Args:
         model: as for `IMP` (sparse modules, start dense); trained, averaged and pruned in place.
+            Frozen layers are pruned with the rest by the magnitude of their θ̄, as IMP prunes them
+            (frozen from the start, every particle holds their weights as they are, so θ̄ does too).
         optimizer_factory: called with `model.parameters()` for every particle; use `swamp.optimizer`.
         particles: N, the number of particles per cycle (default 4).
         prune_fraction, rewind_step, scope: as for `IMP` (weight rewinding only).

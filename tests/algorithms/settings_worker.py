@@ -4,14 +4,21 @@
    refused, on both ranks, by one ValueError naming the setting and each rank's value, with the model's masks
    as they were. Runs in order: a construction let through on one rank only would pair its collectives with
    the next scenario's (SWAMP broadcasting its ticket at rewind_step 0), and show as an error or the timeout.
-2. Equal settings build (a sparsekern.Criterion of one name on both ranks, total_steps that time no update),
+2. DST and OptG built on ranks that freeze different sparse layers (which they leave alone) are refused, on
+   both ranks, by one ValueError naming each such layer and the ranks updating it; a layer frozen on every rank,
+   or frozen on some under an algorithm that prunes frozen layers with the rest (IMP, OptG's magnitude), builds.
+   A layer frozen on one rank after construction is refused likewise by broadcast_masks(algorithm=...), whose
+   copy would diverge again at the next update.
+3. Equal settings build (a sparsekern.Criterion of one name on both ranks, total_steps that time no update),
    in one all_gather_object, and DST trains under DDP to the same masks and weights as a DST whose group of one
    rank compares nothing.
 Writes {"refused": {scenario: error message or None}, "unchanged": {scenario: masks as before},
-"accepted": {scenario: bool}, "gathers": int, "trains_as_unchecked": bool} to <out>/rank<r>.pt.
+"accepted": {scenario: bool}, "frozen_apart": {scenario: (error message or None, masks as before)},
+"gathers": int, "trains_as_unchecked": bool} to <out>/rank<r>.pt.
 """
 import os
 import sys
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -95,6 +102,21 @@ DIFFERING = {
     "SWAMP seed": (swamp, 1.0, {}, {"seed": 1}),
 }
 
+# scenario: (algorithm, density, options, the layers rank 0 freezes, those rank 1 freezes)
+FROZEN_APART = {
+    "DST": (dst, 0.3, {}, [], ["0"]),
+    "DST, each rank its own layer": (dst, 0.3, {}, ["0"], ["2"]),
+    "OptG": (optg, 1.0, {}, ["2"], []),
+}
+# scenario: (algorithm, density, options), built alike, and then given to broadcast_masks after rank 1 froze a layer
+FROZEN_LATER = {"DST": (dst, 0.3, {}), "OptG": (optg, 1.0, {})}
+# Built on both ranks: a layer that every rank freezes, or one that the algorithm prunes frozen or not.
+FROZEN_ALIKE = {
+    "DST frozen on every rank": (dst, 0.3, {}, ["0"], ["0"]),
+    "OptG magnitude": (optg, 1.0, {"criterion": "magnitude"}, [], ["0"]),
+    "IMP": (imp, 1.0, {}, ["0"], []),
+}
+
 EQUAL = {
     "DST with a Criterion of one name": (dst, 0.3, {"prune": mine()}, {"prune": mine()}),
     "DST total_steps past end_step": (dst, 0.3, {"end_step": 10}, {"end_step": 10, "total_steps": 40}),
@@ -106,12 +128,33 @@ def masks_of(model):
     return [module.mask.clone() for _, module in sparse_modules(model)]
 
 
-def refusal(build, density, options):
-    """The message of the ValueError that building raised, or None; and whether the masks stayed as they were."""
+def refusal(build, density, options, frozen=()):
+    """The message of the ValueError that building raised, or None; and whether the masks stayed as they were. The
+    sparse layers named in `frozen` are frozen first (DST and OptG warn that they leave them alone)."""
     model = sparse_model(density)
+    for name, module in sparse_modules(model):
+        module.weight.requires_grad_(name not in frozen)
     before = masks_of(model)
     try:
-        build(model, **options)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "(DST|OptG) leaves the masks")
+            build(model, **options)
+        message = None
+    except ValueError as error:
+        message = str(error)
+    return message, all(torch.equal(a, b) for a, b in zip(before, masks_of(model)))
+
+
+def frozen_later(build, density, options):
+    """Built alike on both ranks, then layer '0' frozen on rank 1 only: the message of the ValueError that
+    broadcast_masks(algorithm=) raised, or None; and whether the masks stayed as they were."""
+    model = sparse_model(density)
+    algorithm = build(model, **options)
+    if dist.get_rank() == 1:
+        sparse_modules(model)[0][1].weight.requires_grad_(False)
+    before = masks_of(model)
+    try:
+        sparsekern.distributed.broadcast_masks(model, algorithm=algorithm)
         message = None
     except ValueError as error:
         message = str(error)
@@ -149,11 +192,18 @@ def main(out):
         refused[scenario], unchanged[scenario] = refusal(build, density, options[rank])
     accepted = {scenario: refusal(build, density, options[rank]) == (None, True)
                 for scenario, (build, density, *options) in EQUAL.items()}
+    frozen_apart = {scenario: refusal(build, density, options, frozen[rank])
+                    for scenario, (build, density, options, *frozen) in FROZEN_APART.items()}
+    frozen_apart.update({f"{scenario} frozen later": frozen_later(build, density, options)
+                         for scenario, (build, density, options) in FROZEN_LATER.items()})
+    accepted.update({scenario: refusal(build, density, options, frozen[rank])[0] is None   # (OptG sets masks)
+                     for scenario, (build, density, options, *frozen) in FROZEN_ALIKE.items()})
     gathers, all_gather_object = [], dist.all_gather_object
     dist.all_gather_object = lambda *args, **kwargs: gathers.append(args) or all_gather_object(*args, **kwargs)
     dst(sparse_model())
     dist.all_gather_object = all_gather_object
-    torch.save({"refused": refused, "unchanged": unchanged, "accepted": accepted, "gathers": len(gathers),
+    torch.save({"refused": refused, "unchanged": unchanged, "accepted": accepted, "frozen_apart": frozen_apart,
+                "gathers": len(gathers),
                 "trains_as_unchecked": trains_as_unchecked()}, os.path.join(out, f"rank{rank}.pt"))
     end_rank()
 

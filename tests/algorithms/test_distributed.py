@@ -68,6 +68,22 @@ def test_settings_that_differ_across_ranks_are_refused_on_every_rank_and_equal_o
                             ("OptG lr", "lr: 0.1 on rank 0, 0.2 on rank 1)"),
                             ("SWAMP particles", "particles: 2 on rank 0, 4 on rank 1)")):
         assert shown in ranks[0]["refused"][scenario], ranks[0]["refused"][scenario]
+    # Nor the layers they update: ranks freezing different layers built, and DST's and OptG's masks diverged.
+    for scenario, shown in (("DST", "DST updates other sparse layers on some ranks ('0' updated on rank 0, left "
+                                    "alone on rank 1)"),
+                            ("DST, each rank its own layer", "('2' updated on rank 0, left alone on rank 1; '0' "
+                                                             "updated on rank 1, left alone on rank 0)"),
+                            ("OptG", "OptG updates other sparse layers on some ranks ('2' updated on rank 1, left "
+                                     "alone on rank 0)"),
+                            # Frozen on one rank after construction: the copy would diverge again at the next update.
+                            ("DST frozen later", "DST updates other sparse layers on some ranks ('0' updated on "
+                                                 "rank 0, left alone on rank 1)"),
+                            ("OptG frozen later", "OptG updates other sparse layers on some ranks ('0' updated on "
+                                                  "rank 0, left alone on rank 1)")):
+        message, unchanged = ranks[0]["frozen_apart"][scenario]
+        assert message is not None and shown in message, (scenario, message)
+        assert "freeze the same layers on every rank" in message and unchanged, message
+        assert ranks[1]["frozen_apart"][scenario] == (message, True), scenario
     for rank in ranks:
         assert all(rank["accepted"].values()), rank["accepted"]
         assert rank["gathers"] == 1   # the settings travel in the replica check's one all_gather_object
@@ -83,6 +99,16 @@ def test_differing_settings_are_named_with_the_ranks_holding_each_value():
                                                 {"prune": "mest", "mest_gamma": 1.0, "scope": "layer"}])
     assert ("DST was built with other settings on some ranks (prune: 'mest' on ranks [0, 2], 'set' on rank 1; "
             "mest_gamma: 1.0 on ranks [0, 2], unset on rank 1)") in str(refused.value)
+
+
+def test_layers_updated_on_some_ranks_only_are_named_with_the_ranks_updating_each():
+    from sparsekern.algorithms import distributed
+    distributed.check_same_layers_updated("DST", [["a", "b"]] * 3)   # alike: nothing raised
+    distributed.check_same_layers_updated("IMP", [None] * 2)         # every layer on every rank
+    with pytest.raises(ValueError) as refused:
+        distributed.check_same_layers_updated("OptG", [["a", "b"], ["b"], ["a"]])
+    assert ("OptG updates other sparse layers on some ranks ('a' updated on ranks [0, 2], left alone on rank 1; "
+            "'b' updated on ranks [0, 1], left alone on rank 2)") in str(refused.value)
 
 
 def test_broadcast_masks_refuses_an_algorithm_whose_state_is_per_rank_before_any_collective():

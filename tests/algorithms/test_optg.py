@@ -275,6 +275,130 @@ def test_a_frozen_layer_keeps_its_mask_and_the_others_reach_the_target():
         with pytest.raises(ValueError, match="epochs must be"):
             OptG(model, sparsity=0.5, epochs=0)
 
+def _train_freezing(model, optg, x, y, epochs, steps, layer, since, until, start=(0, 0), stop=None, on_epoch=None):
+    """Trains epochs optg.epoch..epochs-1 from (epoch, step) `start` with plain SGD over the weights requiring grad
+    (stateless: rebuilt at every step), `layer` frozen from step `since`, right after its backward (its gradient
+    stays on it, as the optimizer no longer clears it), until step `until`, before its backward; returns early at
+    step `stop`. `on_epoch()` runs after each next_epoch()."""
+    for epoch in range(optg.epoch, epochs):
+        for t in range(start[1] if epoch == start[0] else 0, steps):
+            if (epoch, t) == stop:
+                return
+            if (epoch, t) == until:
+                layer.weight.requires_grad_(True)
+                layer.weight.grad = None
+            inputs, targets = batch(x, y, epoch, t, 16)
+            torch.nn.functional.cross_entropy(model(inputs), targets).backward()
+            if (epoch, t) == since:
+                layer.weight.requires_grad_(False)
+            optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+            optg.step()
+            optimizer.step()
+            optimizer.zero_grad()
+        optg.next_epoch()
+        if on_epoch is not None:
+            on_epoch()
+
+
+def _kept(optg):
+    return sum(int(mask.sum()) for mask in optg.masks)
+
+
+def test_a_layer_frozen_after_construction_keeps_its_mask_and_scores_and_the_model_stays_on_the_ramp():
+    # Before: its stale scores were still ranked in each epoch's global top-k (its mask moved, without a warning),
+    # and the gradient it kept from before freezing was refused as stale at the next step().
+    x, y = _data(3)
+    model = mlp(2, hidden=16)
+    first, second = _layers(model)
+    epochs, steps = 5, 4
+    optg = OptG(model, sparsity=0.6, epochs=epochs, lr=0.5, momentum=0.9)
+    total = sum(mask.numel() for mask in optg.masks)
+    held = {}
+
+    def on_epoch():
+        epoch = min(optg.epoch, epochs - 1)
+        assert _kept(optg) == total - round(optg.sparsity_at(epoch) * total)   # on the ramp, exactly
+        if optg.epoch == 1:   # the mask it is frozen with, at step (1, 2)
+            held.update(mask=second.mask.clone())
+        elif second.weight.requires_grad and optg.epoch < epochs:   # ranked with the others again
+            assert all(torch.equal(mask, want) for mask, want in zip(
+                optg.masks, sparsekern.ops.topk_mask(optg.scores, _kept(optg))))
+        elif not second.weight.requires_grad:
+            if "score" not in held:   # at the end of the first whole epoch it sat out
+                held.update(score=optg.scores[1].clone(),
+                            momentum=optg.score_optimizer.state[optg.scores[1]]["momentum_buffer"].clone())
+            assert torch.equal(optg.scores[1], held["score"])
+            assert torch.equal(optg.score_optimizer.state[optg.scores[1]]["momentum_buffer"], held["momentum"])
+            assert torch.equal(second.mask, held["mask"])
+            assert torch.equal(first.mask, sparsekern.ops.topk_mask([optg.scores[0]],
+                                                                    _kept(optg) - int(held["mask"].sum()))[0])
+
+    with pytest.warns(UserWarning, match=r"OptG leaves the masks and scores of \['2'\] alone") as warned:
+        _train_freezing(model, optg, x, y, epochs, steps, second, since=(1, 2), until=(3, 1), on_epoch=on_epoch)
+    assert len([w for w in warned if "OptG leaves" in str(w.message)]) == 1   # once
+    assert held and 0 < int(held["mask"].sum()) < held["mask"].numel()
+    assert not torch.equal(optg.scores[1], held["score"])   # unfrozen, its scores moved again
+    assert _kept(optg) == total - round(0.6 * total)
+
+
+def test_frozen_layers_that_leave_the_others_no_count_meeting_the_budget_are_refused_with_nothing_changed():
+    model = mlp(2, hidden=16)   # 1024 + 160 weights
+    first, second = _layers(model)
+    optg = OptG(model, sparsity=0.6, epochs=3, criterion="learned")
+    x, y = _data(1)
+    _epoch_loop(model, optg, torch.optim.SGD(model.parameters(), lr=0.1), x, y, 3, 4, stop=(0, 2))
+    first.weight.requires_grad_(False)   # dense (epoch 0): 1024 active, more than epoch 1 keeps
+    masks, scores = [m.clone() for m in optg.masks], [s.clone() for s in optg.scores]
+    with pytest.raises(RuntimeError, match=r"the layers frozen after OptG was built, \['0'\], keep their masks, "
+                                           r"with 1024 active weights, and epoch 1 keeps 753 of all 1184"):
+        optg.next_epoch()
+    with torch.no_grad():   # so sparse that the others cannot make up for it
+        first.mask.zero_()
+        first.mask[0, 0] = True
+    masks[0] = first.mask.clone()
+    with pytest.raises(RuntimeError, match=r"with 1 active weights.* \(which hold 160\) would have to keep 752"):
+        optg.next_epoch()
+    assert optg.epoch == 0
+    assert all(torch.equal(a, b) for a, b in zip(masks + scores, optg.masks + optg.scores))
+    first.weight.requires_grad_(True)
+    optg.next_epoch()
+    assert _kept(optg) == 753
+
+
+def test_a_state_saved_with_a_layer_frozen_resumes_bit_identically(tmp_path):
+    x, y = _data(5)
+    epochs, steps = 4, 4
+
+    def fresh():
+        model = mlp(9, hidden=16)
+        return model, OptG(model, sparsity=0.7, epochs=epochs, lr=0.5)
+
+    def train(model, optg, **options):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _train_freezing(model, optg, x, y, epochs, steps, _layers(model)[1], since=(0, 3), until=(3, 2),
+                            **options)
+
+    reference, optg = fresh()
+    train(reference, optg)
+    model, optg = fresh()
+    train(model, optg, stop=(2, 1))
+    sparsekern.checkpoint.save({"model": model.state_dict(), "optg": optg.state_dict()}, tmp_path / "optg.pt")
+    checkpoint = sparsekern.checkpoint.load(tmp_path / "optg.pt")
+    model, optg = fresh()   # built before freezing: the layer is OptG's, as in the run that saved the state
+    _layers(model)[1].weight.requires_grad_(False)
+    model.load_state_dict(checkpoint["model"])
+    optg.load_state_dict(checkpoint["optg"])
+    train(model, optg, start=(2, 1))
+    assert all(torch.equal(a, b) for a, b in zip(reference.state_dict().values(), model.state_dict().values()))
+    built_frozen = mlp(9, hidden=16)
+    _layers(built_frozen)[1].weight.requires_grad_(False)
+    with pytest.warns(UserWarning, match="OptG leaves the masks of"):
+        optg = OptG(built_frozen, sparsity=0.7, epochs=epochs, lr=0.5)
+    with pytest.raises(ValueError, match=r"unexpected \['2'\]"):
+        optg.load_state_dict(checkpoint["optg"])
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(sparsity=1.0), ValueError, "sparsity must be a finite number in"),
     (dict(sparsity="0.9"), TypeError, "sparsity must be a number"),
