@@ -15,7 +15,8 @@ Every rank enters each collective here, or none does: a rank raising alone would
 waiting in the next one. Checks run inside an `Agreement`, whose one object gather carries each
 rank's error; every rank raises when any failed, before anything changes. The algorithms'
 constructors run theirs inside a `ReplicaCheck`, which compares their masks, random streams,
-settings and the layers they update (frozen ones left alone) in that same gather (SWAMP's, whose ranks train different particles, its settings alone).
+settings and the layers they update (frozen ones left alone) in that same gather (SWAMP's, whose
+ranks train different particles, its settings alone).
 """
 from __future__ import annotations
 
