@@ -147,8 +147,8 @@ class DST(distributed.CatchesUp):
     Layers without a gradient: where a criterion reads the gradient (grow="gradient"; prune "mest",
     "snip", "sensitivity", "rsensitivity"; a Criterion with reads_gradient=True), a layer whose weight has none
     at an update step keeps its mask at that update (nothing dropped, nothing grown; its weights and optimizer
-    state as they were), while the others update as usual. No backward of the step reached it: an expert no token was routed
-    to, a block that stochastic depth dropped, a branch not taken. Its gradient is then None after
+    state as they were), while the others update as usual. No backward of the step reached it: an expert no
+    token was routed to, a block that stochastic depth dropped, a branch not taken. Its gradient is then None after
     `zero_grad(set_to_none=True)` and 0 everywhere after `zero_grad(set_to_none=False)`; both count as
     none, so the two settings give the same masks. The criterion has nothing to rank such a layer by:
     gradient growth would grow by position, SNIP's and Sensitivity's scores would all tie, MEST's and
