@@ -144,8 +144,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m benchmarks",
         reasons = core.unavailable(modules, torch.device(args.device))
         if len(reasons) == len(modules):  # nothing it selects can run here: say why, before building anything
             parser.error(f"--only {args.only!r}: {'; '.join(reasons)}")
-        for reason in reasons:  # the rest runs; a table without the modules asked for must say why
-            print(f"skipped {reason}", file=sys.stderr)
+        for reason in reasons:  # the rest runs; a table without the modules asked for must say why, as a warning
+            print(f"{parser.prog}: warning: skipped {reason}", file=sys.stderr)   # under the command's name
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -18,7 +18,8 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 from .data import Dataset, load_dataset
-from .output import counted, csv_text, density_axis, save_figure, write_text
+from .output import DENSITY_LABEL, counted, csv_text, density_axis, save_figure, write_text
+from .progress import RunsBar
 from .recipes import CRITERION_PARAMETERS, criteria_of
 from .runs import Job, RunStore, execute, key, warn_once, warnings_cell
 from .training import TrainConfig
@@ -95,26 +96,15 @@ def run_compare(lines: list[Line], densities: list[float], seeds: int, base: Tra
     planned = grid(lines, densities, seeds, base)
     dataset = dataset if dataset is not None else load_dataset(base.dataset)
     store = RunStore(os.path.join(out_dir, "runs"), fresh)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(planned), desc="compare", unit="run", dynamic_ncols=True)
-
+    jobs = [Job(config) for _, config in planned]
     labels = {key(config): line.label for line, config in planned}   # the criteria lines share their method
-
-    def done(job: Job, record: dict, trained: bool) -> None:
-        if bar is not None:
-            bar.update()
-            bar.set_postfix_str(f"{labels[key(job.config)]} at density {job.config.density:g}, seed "
-                                f"{job.config.seed}: test accuracy {100 * record['test_accuracy']:.1f}%")
-
+    bar = RunsBar(jobs, "compare", lambda job: f"{labels[key(job.config)]} at density {job.config.density:g}, "
+                                               f"seed {job.config.seed}", enabled=progress)
     started = time.perf_counter()
     try:
-        records = execute([Job(config) for _, config in planned], store, dataset, workers, done)
+        records = execute(jobs, store, dataset, workers, bar.done, bar.progress)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     warn_once(records.values())
     runs = [run_row(line, config, records[key(config)]) for line, config in planned]
     rows = summarise(lines, runs)
@@ -262,9 +252,9 @@ def plot(rows: list[dict], path: str, base: TrainConfig) -> None:
                       marker="o", markersize=4, capsize=3, linewidth=1.5, label=legend)
         series[label] = {"density": xs, "mean": means, "std": stds}
     if sparse_densities:
-        density_axis(axes, sparse_densities, "density (fraction of weights kept)")
+        density_axis(axes, sparse_densities)
     else:
-        axes.set_xlabel("density (fraction of weights kept)")
+        axes.set_xlabel(DENSITY_LABEL)
     axes.set_ylabel("test accuracy (%)")
     seeds = max(row["seeds"] for row in rows)
     bars = f"; mean ± sd over {seeds} seeds" if seeds > 1 else "; 1 seed"
@@ -272,5 +262,4 @@ def plot(rows: list[dict], path: str, base: TrainConfig) -> None:
                    f"{bars}", fontsize=10)
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize=8, frameon=False)
-    figure.tight_layout()
     save_figure(figure, path, {"Description": json.dumps(series)})

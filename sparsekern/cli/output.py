@@ -18,16 +18,22 @@ def write_bytes(path: str, data: bytes) -> None:
 
 
 def save_figure(figure, path: str, metadata: dict | None = None) -> None:
-    """A matplotlib figure as a PNG at `path`, written atomically; closes the figure."""
+    """A matplotlib figure as a PNG at `path`, written atomically; closes the figure. Laid out tight, and cropped to
+    what it draws (a legend beside the axes included): at matplotlib's default margins the axes' labels were cut
+    off."""
     from matplotlib import pyplot
 
+    figure.tight_layout()
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", metadata=metadata)
+    figure.savefig(buffer, format="png", metadata=metadata, bbox_inches="tight")
     pyplot.close(figure)
     write_bytes(path, buffer.getvalue())
 
 
-def density_axis(axes, densities, label: str) -> None:
+DENSITY_LABEL = "density (fraction of weights kept)"   # every plot's density axis, so that none lacks the unit
+
+
+def density_axis(axes, densities, label: str = DENSITY_LABEL) -> None:
     """A log density axis, sparser to the right, ticked at `densities`, with room on both sides: the limits
     matplotlib picks hug the points, so at a single density the lines' small sideways nudges filled the axis
     and drew them far apart."""

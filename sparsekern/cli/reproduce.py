@@ -23,7 +23,8 @@ import time
 from dataclasses import dataclass, field, replace
 
 from .data import Dataset, load_dataset
-from .output import counted, csv_text, density_axis, save_figure, write_text
+from .output import DENSITY_LABEL, counted, csv_text, density_axis, save_figure, write_text
+from .progress import RunsBar
 from .recipes import criteria_of
 from .runs import Job, RunStore, execute, key, warn_once, warnings_cell
 from .training import TrainConfig, total_epochs
@@ -34,6 +35,8 @@ HOLDS, FAILS, TIE = "holds", "does not hold at this scale", "tie"
 FLOOR = 0.002
 CRITERIA = ("magnitude", "set", "mest", "snip", "sensitivity", "rsensitivity", "random")
 REINIT_SEED_OFFSET = 1000  # a reinitialised ticket draws other weights (and data order) than its IMP run
+# (f)'s axes: the norm of the masked gradient of the batch's mean cross-entropy, which is in nats.
+FLOW_LABEL = "gradient flow ‖g⊙m‖₂ (nats)"
 
 
 @dataclass(frozen=True)
@@ -149,25 +152,18 @@ def run(plan: Plan, out_dir: str, dataset: Dataset | None = None, progress: bool
     store = RunStore(os.path.join(out_dir, "runs"), fresh)
     planned = jobs(plan)
     count = len({key(job.config, job.masks_from) for job in planned})
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=count, desc="reproduce", unit="run", dynamic_ncols=True)
+    bar = RunsBar(planned, "reproduce", describe, enabled=progress)
     trained = []
 
     def done(job: Job, record: dict, was_trained: bool) -> None:
         trained.append(was_trained)
-        if bar is not None:
-            bar.update()
-            bar.set_postfix(method=job.config.method, density=job.config.density)
+        bar.done(job, record, was_trained)
 
     started = time.perf_counter()
     try:
-        records = execute(planned, store, dataset, workers, done)
+        records = execute(planned, store, dataset, workers, done, bar.progress)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     seconds = time.perf_counter() - started
     warn_once(records.values())
 
@@ -184,6 +180,15 @@ def run(plan: Plan, out_dir: str, dataset: Dataset | None = None, progress: bool
     write_text(os.path.join(out_dir, "runs.csv"), csv_text(_fields(runs), runs))
     write_text(os.path.join(out_dir, "report.md"), report.markdown())
     return report
+
+
+def describe(job: Job) -> str:
+    """A run as the progress bar names it: method, init unless the plan's, density and seed, and whether it starts
+    from another run's mask (a reinitialised ticket)."""
+    config = job.config
+    init = "" if config.init == TrainConfig.init else f", {config.init} init"
+    ticket = "" if job.masks_from is None else ", on an IMP run's mask"
+    return f"{config.method}{init} at density {config.density:g}, seed {config.seed}{ticket}"
 
 
 def run_row(record: dict, config: TrainConfig) -> dict:
@@ -246,10 +251,13 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def _row(claim: str, line: str, config: TrainConfig, records: list[dict], **extra) -> dict:
     """One CSV row: a line at one density, over seeds."""
     mean, sd, n = stats(_accuracies(records))
+    spread = sd if n > 1 else None   # empty in the CSV: one seed measures no spread
     return {"claim": claim, "line": line, "method": config.method, "init": config.init,
             "density": config.density, "final_density": statistics.fmean(r["final_density"] for r in records),
             "epochs_trained": total_epochs(config), "seeds": n, "accuracy_mean": mean,
-            "accuracy_sd": sd if n > 1 else None,   # empty in the CSV: one seed measures no spread
+            # accuracy_sd: accuracy_std's name here before it took compare's (results.csv), kept for the readers of
+            # earlier CSVs (deprecated)
+            "accuracy_std": spread, "accuracy_sd": spread,
             "gradient_flow_mean": statistics.fmean(r["gradient_flow_mean"] for r in records), **extra}
 
 
@@ -257,13 +265,14 @@ def _fields(rows: list[dict]) -> list[str]:
     return list(dict.fromkeys(name for row in rows for name in row))
 
 
-def _figure(columns: int = 1):
+def _figure(columns: int = 1, width: float = 5.2):
+    """A figure of `columns` panels side by side, each `width` inches wide."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
-    return pyplot.subplots(1, columns, figsize=(5.2 * columns, 3.8), dpi=110, squeeze=False)
+    return pyplot.subplots(1, columns, figsize=(width * columns, 3.8), dpi=110, squeeze=False)
 
 
 def _errorbar_lines(axes, series: dict[str, tuple[list[float], list[list[float]]]], percent: bool = True) -> None:
@@ -276,22 +285,27 @@ def _errorbar_lines(axes, series: dict[str, tuple[list[float], list[list[float]]
                       yerr=[_error(v, unit) for v in values], marker="o", markersize=4, capsize=3, label=label)
 
 
-def _label(axes, title: str, ylabel: str = "test accuracy (%)", xlabel: str | None = None, legend: int = 8) -> None:
+def _label(axes, title: str, ylabel: str = "test accuracy (%)", xlabel: str | None = None, legend: int = 8,
+           beside: bool = False) -> None:
+    """Title, axis labels, grid, and the legend in `legend`-point type: inside the axes, or `beside` them (where
+    bars fill the axes, so that it hides none)."""
     axes.set_title(title, fontsize=10)
     axes.set_ylabel(ylabel)
     if xlabel is not None:
         axes.set_xlabel(xlabel)
     axes.grid(True, alpha=0.3)
-    axes.legend(fontsize=legend, frameon=False)
+    axes.legend(fontsize=legend, frameon=False, **({"loc": "upper left", "bbox_to_anchor": (1, 1)} if beside else {}))
 
 
-def _bars(axes, groups: list[str], series: dict[str, list[list[float]]]) -> None:
+def _bars(axes, groups: list[str], series: dict[str, list[list[float]]], xlabel: str) -> None:
+    """Accuracy bars (percent, ± one sd), one group per x tick, one bar per series in each."""
     width = 0.8 / len(series)
     for index, (label, values) in enumerate(series.items()):
         positions = [g + (index - (len(series) - 1) / 2) * width for g in range(len(groups))]
         axes.bar(positions, [100 * stats(v)[0] for v in values], width, yerr=[_error(v, 100) for v in values],
                  capsize=3, label=label)
     axes.set_xticks(range(len(groups)), groups)
+    axes.set_xlabel(xlabel)
 
 
 # -- the experiments -----------------------------------------------------------------------------------------
@@ -343,7 +357,7 @@ class DSTvsStatic:
         _errorbar_lines(axes, {method: (list(plan.dst_densities), [_accuracies(results(method, d))
                                                                    for d in plan.dst_densities])
                                for method in cls.METHODS})
-        density_axis(axes, plan.dst_densities, "density")
+        density_axis(axes, plan.dst_densities)
         _label(axes, "(a) DST vs static sparse training")
         save_figure(figure, os.path.join(out_dir, "a.png"))
         schedules = "; ".join(f"{m}: {results(m, sparsest)[0]['schedule']}" for m in ("set", "rigl"))
@@ -408,7 +422,7 @@ class CriteriaGrid:
         axes = axes[0][0]
         _errorbar_lines(axes, {c: (list(plan.criteria_densities), [accuracy[c, d] for d in plan.criteria_densities])
                                for c in plan.criteria})
-        density_axis(axes, plan.criteria_densities, "density")
+        density_axis(axes, plan.criteria_densities)
         _label(axes, "(b) pruning criteria, random growth, annealed schedule", legend=7)
         save_figure(figure, os.path.join(out_dir, "b.png"))
         schedule = lookup(cls.configs(plan, plan.criteria[0], sparsest)[0])["schedule"]
@@ -479,13 +493,14 @@ class Tickets:
         ]
         swamp = [_compare(f"(d) SWAMP vs IMP-WR, d = {sparsest:g}", "SWAMP beats IMP-WR at the same sparsity",
                           "SWAMP", at["SWAMP"], "IMP-WR", at["IMP-WR"])]
-        figure, axes = _figure()
+        figure, axes = _figure(width=7)   # the legend beside the bars
         axes = axes[0][0]
-        _bars(axes, [f"d = {d:g}" for d in plan.ticket_densities],
-              {line: [_accuracies(results[d][line][1]) for d in plan.ticket_densities] for line in at})
+        _bars(axes, [f"{d:g}" for d in plan.ticket_densities],
+              {line: [_accuracies(results[d][line][1]) for d in plan.ticket_densities] for line in at},
+              DENSITY_LABEL)
         low = min(100 * stats(_accuracies(r))[0] for d in results for _, r in results[d].values())
         axes.set_ylim(max(0, low - 10), 100)
-        _label(axes, "(c, d) lottery tickets: IMP-WR, reinitialised masks, SWAMP", legend=7)
+        _label(axes, "(c, d) lottery tickets: IMP-WR, reinitialised masks, SWAMP", legend=7, beside=True)
         save_figure(figure, os.path.join(out_dir, "c_d.png"))
         imp_config = cls.imp(plan, sparsest)[0]
         setup = (f"IMP with weight rewinding to 10% of a cycle, {imp_config.cycles} cycles of {plan.base.epochs} "
@@ -549,6 +564,8 @@ class OptGvsMagnitude:
                                     for m in cls.METHODS})
             _label(panel, f"(e) final density {density:g}", xlabel="epochs")
             panel.set_xticks(plan.ramp_epochs)   # matplotlib's ticks at one length (--quick) ran 2.97 to 3.03
+            room = 0.25 * max(plan.ramp_epochs)   # else at one length the lines' sideways nudges fill the axis
+            panel.set_xlim(min(plan.ramp_epochs) - room, max(plan.ramp_epochs) + room)
         save_figure(figure, os.path.join(out_dir, "e.png"))
         return [Claim("e", "OptG vs magnitude pruning at equal final density", "Zhang et al. 2022",
                      "training the pruning scores with the straight-through gradient beats magnitude-based pruning "
@@ -625,9 +642,14 @@ class GradientFlow:
         left, right = axes[0]
         _errorbar_lines(left, {line: (list(plan.dst_densities), [at_init(results[line, d]) for d in plan.dst_densities])
                                for line in lines if lines[line][0] == "static"}, percent=False)  # RigL starts alike
-        density_axis(left, plan.dst_densities, "density")
-        left.set_yscale("log")
-        _label(left, "(f) at initialisation", "gradient flow at init ‖g⊙m‖₂", legend=7)
+        density_axis(left, plan.dst_densities)
+        plotted = [value for line in lines if lines[line][0] == "static" for d in plan.dst_densities
+                   for value in at_init(results[line, d])]
+        if max(plotted) > 10 * min(plotted):   # a log axis ticks only powers of ten: readable over decades only
+            left.set_yscale("log")
+        else:
+            left.set_ylim(bottom=0)   # the flows and their error bars as drawn, from 0 so that heights compare
+        _label(left, "(f) at initialisation", FLOW_LABEL, legend=7)
         for line, records in (("static, sparse init", sparse), ("RigL, sparse init", rigl)):
             points = records[0]["flow"]
             steps = sorted({r["step"] for r in points if r["when"] in ("init", "epoch")})
@@ -642,8 +664,8 @@ class GradientFlow:
                           color=colour, label=f"RigL seed 0, {when}")
         for step in {r["step"] for r in seed0 if r["when"] == "after update"}:
             right.axvline(step, color="grey", alpha=0.15, linewidth=1)
-        _label(right, f"(f) during training, d = {sparsest:g}", "gradient flow ‖g⊙m‖₂",
-               "step (grey: RigL mask updates)", legend=6)
+        _label(right, f"(f) during training, d = {sparsest:g}", FLOW_LABEL,
+               "training step (grey: RigL mask updates)", legend=6)
         save_figure(figure, os.path.join(out_dir, "f.png"))
         return [Claim("f", "Gradient flow at init and during training", "Evci et al. 2022",
                      "sparse networks start with poor gradient flow, which an init scaled to each unit's active "

@@ -6,7 +6,8 @@ finished run and a rerun into the same folder trains only what is missing. After
 `fresh=True` (`--fresh`): records do not know which code produced them.
 
 Runs are independent and seeded, and every worker process trains on the parent's thread count, so a result does
-not depend on how many workers share the work.
+not depend on how many workers share the work. Each run reports its progress (`Progress`: started, then every epoch)
+to the caller as it trains, from a worker through a queue that the parent reads while it waits for the runs.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import os
 import signal
 import threading
 import warnings
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 
 import torch
@@ -27,7 +28,11 @@ from .. import checkpoint
 from ..nn import sparse_modules
 from .data import Dataset
 from .output import write_text
-from .training import TrainConfig, damaged_records, settings, train
+from .training import TrainConfig, damaged_records, settings, total_epochs, train
+
+# How often the parent looks for progress from its workers while none of their runs finishes: a bar moves this
+# much after the epoch it shows, at most.
+PROGRESS_POLL_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,19 @@ class Job:
 
     config: TrainConfig
     masks_from: TrainConfig | None = None
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a run being trained is: `epoch` of its `epochs` (all segments: `training.total_epochs`) done, 0 when it
+    has just started, and its test accuracy after that epoch (None at 0); `worker`, the id of the process training
+    it (a worker that starts a run has finished its previous one)."""
+
+    job: Job
+    epoch: int
+    epochs: int
+    test_accuracy: float | None
+    worker: int
 
 
 def key(config: TrainConfig, masks_from: TrainConfig | None = None) -> str:
@@ -79,15 +97,15 @@ class RunStore:
             return None   # the run is trained again, rather than the run starting from its masks failing
         return record
 
-    def train(self, job: Job, dataset: Dataset, keep_masks: bool = False) -> dict:
+    def train(self, job: Job, dataset: Dataset, keep_masks: bool = False, on_epoch=None) -> dict:
         """Trains `job` and stores its record: `RunResult.summary()` plus "key", "config", "history" (per epoch),
         "flow" (every gradient-flow record) and "warnings" (what training warned, once each); with `keep_masks`,
-        its final masks too."""
+        its final masks too. `on_epoch(metrics)`: called after each epoch (`training.Run.train`)."""
         name = key(job.config, job.masks_from)
         masks = None if job.masks_from is None else checkpoint.load(self._path(key(job.masks_from), ".masks.pt"))
         with warnings.catch_warnings(record=True) as caught:  # kept with the run, shown once by the caller
             warnings.simplefilter("always")
-            result = train(job.config, progress=False, dataset=dataset, masks=masks)
+            result = train(job.config, progress=False, dataset=dataset, masks=masks, on_epoch=on_epoch)
         record = {"key": name, "config": asdict(job.config), **result.summary(), "history": result.history,
                   "flow": result.flow, "warnings": list(dict.fromkeys(str(w.message) for w in caught))}
         if keep_masks:
@@ -110,11 +128,21 @@ def _readable_masks(path: str) -> bool:
                                            for mask in masks.values())
 
 
-def execute(jobs: list[Job], store: RunStore, dataset: Dataset, workers: int = 1, on_done=None) -> dict[str, dict]:
+def execute(jobs: list[Job], store: RunStore, dataset: Dataset, workers: int = 1, on_done=None,
+            on_progress=None) -> dict[str, dict]:
     """Runs every job not already in `store` (those that start from another run's masks after it), on `workers`
     processes (1: in this one), and returns every job's record by `key`. `on_done(job, record, trained)` is called
-    as each job is done (stored ones first, with trained False)."""
-    unique = list({key(job.config, job.masks_from): job for job in jobs}.values())
+    as each job is done (stored ones first, with trained False); `on_progress(Progress)` as each job being trained
+    starts and ends an epoch, in this process whatever `workers` is (a job's updates in order, each before its
+    on_done)."""
+    by_key = {key(job.config, job.masks_from): job for job in jobs}
+    unique = list(by_key.values())
+
+    def report(message: tuple) -> None:   # (key, epoch, test accuracy, process id), as `_train_one` sends it
+        if on_progress is not None:
+            name, epoch, accuracy, worker = message
+            on_progress(Progress(by_key[name], epoch, total_epochs(by_key[name].config), accuracy, worker))
+
     sources = {key(job.masks_from) for job in unique if job.masks_from is not None}
     records: dict[str, dict] = {}
     for phase in ([job for job in unique if job.masks_from is None], [job for job in unique if job.masks_from]):
@@ -128,7 +156,7 @@ def execute(jobs: list[Job], store: RunStore, dataset: Dataset, workers: int = 1
                 records[name] = record
                 if on_done is not None:
                     on_done(job, record, False)
-        for job, record in _train_all(pending, store, dataset, workers, sources):
+        for job, record in _train_all(pending, store, dataset, workers, sources, report):
             records[key(job.config, job.masks_from)] = record
             if on_done is not None:
                 on_done(job, record, True)
@@ -151,21 +179,30 @@ def warnings_cell(record: dict) -> str:
     return " | ".join(" ".join(message.split()) for message in record.get("warnings", []))
 
 
-def _train_all(jobs: list[Job], store: RunStore, dataset: Dataset, workers: int, sources: set[str]):
-    """(job, record) for each job, as each finishes."""
+def _train_all(jobs: list[Job], store: RunStore, dataset: Dataset, workers: int, sources: set[str], report):
+    """(job, record) for each job, as each finishes; `report(message)` gets `_train_one`'s progress messages here,
+    those of each job before it is yielded."""
     if workers <= 1 or len(jobs) <= 1:
         for job in jobs:
-            yield job, store.train(job, dataset, keep_masks=key(job.config) in sources)
+            yield job, _train_one(store, job, dataset, key(job.config) in sources, report)
         return
     context = multiprocessing.get_context("spawn")  # torch and fork do not mix
     others = set(multiprocessing.active_children())
+    # A SimpleQueue writes each message into its pipe before put returns, so a worker's messages are there before
+    # the result of its run (a Queue's feeder thread could still hold the last epoch's).
+    messages = context.SimpleQueue()
     with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context, initializer=_start_worker,
-                             initargs=(store.directory, dataset, torch.get_num_threads())) as pool:
+                             initargs=(store.directory, dataset, torch.get_num_threads(), messages)) as pool:
         with _interrupts_ignored():   # the workers start ignoring Ctrl-C, which the caller answers for them
             futures = {pool.submit(_train_in_worker, job, key(job.config) in sources): job for job in jobs}
         try:
-            for future in as_completed(futures):
-                yield futures[future], future.result()
+            pending = set(futures)
+            while pending:
+                finished, pending = wait(pending, timeout=PROGRESS_POLL_S, return_when=FIRST_COMPLETED)
+                while not messages.empty():
+                    report(messages.get())
+                for future in finished:
+                    yield futures[future], future.result()
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             for worker in set(multiprocessing.active_children()) - others:   # the pool's: their runs are lost,
@@ -188,14 +225,24 @@ def _interrupts_ignored():
         signal.signal(signal.SIGINT, previous)
 
 
+def _train_one(store: RunStore, job: Job, dataset: Dataset, keep_masks: bool, report) -> dict:
+    """`store.train(job, ...)`, sending `report` (key, 0, None, process id) as it starts and (key, epoch, test
+    accuracy, process id) after each epoch: plain tuples, which pass between processes."""
+    name, worker = key(job.config, job.masks_from), os.getpid()
+    report((name, 0, None, worker))
+    return store.train(job, dataset, keep_masks, on_epoch=lambda metrics: report(
+        (name, metrics["epoch"], metrics["test_accuracy"], worker)))
+
+
 _WORKER: dict = {}
 
 
-def _start_worker(directory: str, dataset: Dataset, threads: int) -> None:
+def _start_worker(directory: str, dataset: Dataset, threads: int, messages) -> None:
     torch.set_num_threads(threads)
     _WORKER["store"] = RunStore(directory, fresh=True)
     _WORKER["dataset"] = dataset
+    _WORKER["messages"] = messages
 
 
 def _train_in_worker(job: Job, keep_masks: bool) -> dict:
-    return _WORKER["store"].train(job, _WORKER["dataset"], keep_masks)
+    return _train_one(_WORKER["store"], job, _WORKER["dataset"], keep_masks, _WORKER["messages"].put)

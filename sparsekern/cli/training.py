@@ -208,9 +208,9 @@ def prepare(config: TrainConfig, dataset: Dataset | None = None, resume: str | N
 
 def train(config: TrainConfig, out_dir: str | None = None, resume: str | None = None,
           stop_after: int | None = None, progress: bool = True, dataset: Dataset | None = None,
-          masks: dict[str, torch.Tensor] | None = None) -> RunResult:
-    """`prepare(config, dataset, resume, masks).train(out_dir, stop_after, progress)`."""
-    return prepare(config, dataset, resume, masks).train(out_dir, stop_after, progress)
+          masks: dict[str, torch.Tensor] | None = None, on_epoch=None) -> RunResult:
+    """`prepare(config, dataset, resume, masks).train(out_dir, stop_after, progress, on_epoch)`."""
+    return prepare(config, dataset, resume, masks).train(out_dir, stop_after, progress, on_epoch)
 
 
 class Run:
@@ -247,9 +247,12 @@ class Run:
         self.history = [_with_world_size(row) for row in state["history"]]
         self.flow, self.epoch = state["gradient_flow"], epoch
 
-    def train(self, out_dir: str | None = None, stop_after: int | None = None, progress: bool = True) -> RunResult:
+    def train(self, out_dir: str | None = None, stop_after: int | None = None, progress: bool = True,
+              on_epoch=None) -> RunResult:
         """Trains to the end (or through epoch `stop_after`); with `out_dir`, writes metrics.json, metrics.csv,
-        gradient_flow.csv and checkpoint.pt there after every epoch, each atomically.
+        gradient_flow.csv and checkpoint.pt there after every epoch, each atomically. `on_epoch(metrics)` is called
+        with each epoch's metrics (its row of the history) once the epoch is done and saved (`compare` and
+        `reproduce` show their runs' progress by it); it must not change the run.
 
         Under an initialised torch.distributed process group of several ranks (`sparsekern train` under
         torchrun, `data_parallel`), every rank trains the same run data-parallel: the model is wrapped in
@@ -357,6 +360,8 @@ class Run:
                                 test_accuracy=f"{100 * metrics['test_accuracy']:.1f}%")
             if out_dir is not None and rank == 0:
                 self.save(out_dir)
+            if on_epoch is not None:
+                on_epoch(dict(metrics))
         if bar is not None:
             bar.close()
         return RunResult(config, self.history, model, self.flow, recipe.describe())

@@ -5,6 +5,7 @@ import csv
 import json
 import math
 import os
+import re
 import statistics
 import warnings
 
@@ -214,6 +215,21 @@ def test_compare_results_do_not_depend_on_the_number_of_worker_processes(tmp_pat
                 for run in _read_csv(tmp_path / name / "runs.csv")]
 
     assert results("one") == results("two")
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_compare_progress_moves_with_every_epoch_of_every_run_and_names_it(tmp_path, capsys, jobs):
+    # With --jobs 2 the bar sat at 0 while the workers started, then moved once per finished run: minutes without
+    # a sign on a long run. It counts epochs now, each run's reported as it ends, from the workers too.
+    main(["compare", "--methods", "static", "--densities", "0.3,0.1", "--seeds", "1", "--epochs", "2", "--jobs",
+          jobs, "--out", str(tmp_path)])
+    shown = [line.strip() for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.strip()]
+    for density in ("0.3", "0.1"):
+        news = [found for line in shown for found in re.findall(
+            f"static at density {density}, seed 0: (started|epoch \\d+/\\d+)", line)]
+        assert list(dict.fromkeys(news)) == ["started", "epoch 1/2", "epoch 2/2"], shown   # a redraw repeats one
+        assert any(f"static at density {density}, seed 0 finished: test accuracy" in line for line in shown)
+    assert "4/4 [" in shown[-1] and "2/2 runs done" in shown[-1], shown
 
 
 @pytest.mark.parametrize("target, final, filed", [(0.05, 0.0502, 0.05), (0.05, 0.0671, 0.0671), (0.2, 1.0, 1.0),
@@ -715,7 +731,7 @@ def test_compare_marks_the_best_line_and_gives_gradient_flow_a_spread(tmp_path, 
         assert float(row["gradient_flow_training_std"]) == pytest.approx(statistics.stdev(flows))
         assert (f"| {float(row['gradient_flow_training_mean']):.3g} ± "
                 f"{float(row['gradient_flow_training_std']):.2g} |") in flow_table
-    assert "snip (+random) at density 0.1, seed 1: test accuracy " in capsys.readouterr().err
+    assert "snip (+random) at density 0.1, seed 1 finished: test accuracy " in capsys.readouterr().err
 
 
 def test_a_resumed_train_goes_on_writing_into_the_checkpoint_s_folder(tmp_path, monkeypatch):

@@ -10,10 +10,24 @@ from sparsekern.cli import reproduce
 CLAIMS = ("a", "b", "c", "d", "e", "f")
 
 
-def test_quick_reproduce_writes_a_report_of_every_claim(tmp_path, capsys):
+def test_quick_reproduce_writes_a_report_of_every_claim(tmp_path, capsys, monkeypatch):
     out = tmp_path / "reproduce"
-    main(["reproduce", "--quick", "--jobs", "1", "--quiet", "--out", str(out)])
-    printed = capsys.readouterr().out
+    axes_drawn = {}
+    save_figure = reproduce.save_figure
+
+    def keep_axes(figure, path, *args):
+        axes_drawn[os.path.basename(path)] = [(axes.get_xlabel(), axes.get_ylabel(), axes.get_yscale(),
+                                               [tick.get_text() for tick in axes.get_xticklabels()])
+                                              for axes in figure.axes]
+        save_figure(figure, path, *args)
+
+    monkeypatch.setattr(reproduce, "save_figure", keep_axes)
+    main(["reproduce", "--quick", "--jobs", "1", "--out", str(out)])
+    printed, progress = capsys.readouterr()
+    # the bar counts epochs, and names each run as its epochs end (it moved once per finished run)
+    assert "imp, dense init at density 0.2, seed 0: epoch 6/6, test accuracy" in progress
+    assert "static, dense init at density 0.2, seed 1000, on an IMP run's mask: epoch 3/3" in progress
+    assert "runs done; " in progress and "epoch/s" in progress
     report = (out / "report.md").read_text()
     assert printed.startswith("| claim | the paper says | ours (mean ± sd over seeds) | verdict |")
     table = "\n".join(line for line in printed.splitlines() if line.startswith("|"))
@@ -22,12 +36,22 @@ def test_quick_reproduce_writes_a_report_of_every_claim(tmp_path, capsys):
         assert f"## ({claim}) " in report and f"| ({claim}) " in report
         with open(out / f"{claim}.csv", newline="") as file:
             rows = list(csv.DictReader(file))
-        assert rows and all(float(row["accuracy_sd"]) >= 0 for row in rows)
+        # compare's results.csv names it accuracy_std; accuracy_sd, its earlier name here, stays (deprecated)
+        assert rows and all(float(row["accuracy_std"]) >= 0 and row["accuracy_sd"] == row["accuracy_std"]
+                            for row in rows)
     verdicts = [line.rsplit("|", 2)[1].strip() for line in printed.splitlines()[2:] if line.startswith("| (")]
     assert len(verdicts) >= 10
     assert set(verdicts[:3]) <= {reproduce.HOLDS, reproduce.FAILS, reproduce.TIE}
     for figure in ("a.png", "b.png", "c_d.png", "e.png", "f.png"):
         assert (out / figure).stat().st_size > 5_000 and f"({figure})" in report
+    # every axis says what it shows, the y axes their unit; density ticks are numbers (c_d.png's read "d = 0.2", under
+    # no label); f.png's gradient flow at one density was on a log axis with no tick but 10^-1
+    for figure, panels in axes_drawn.items():
+        for xlabel, ylabel, _, ticks in panels:
+            assert xlabel and ylabel.endswith(")"), (figure, xlabel, ylabel)
+            assert not xlabel.startswith("density") or xlabel == "density (fraction of weights kept)" and \
+                all(float(tick) > 0 for tick in ticks), (figure, xlabel, ticks)
+    assert axes_drawn["f.png"][0][2] == "linear"
     with open(out / "runs.csv", newline="") as file:
         criteria = {(row["method"], row["prune"], row["grow"]) for row in csv.DictReader(file)}
     assert {("rigl", "magnitude", "gradient"), ("set", "set", "random"), ("static", "", "")} <= criteria
@@ -56,7 +80,8 @@ def test_one_value_is_shown_alone_not_with_a_zero_spread():
     assert reproduce._cell([0.97, 0.95]) == "96.0 ± 1.4"
     config = reproduce.TrainConfig()
     record = {"test_accuracy": 0.971, "final_density": 0.1, "gradient_flow_mean": 1.0}
-    assert reproduce._row("a", "line", config, [record])["accuracy_sd"] is None
+    row = reproduce._row("a", "line", config, [record])
+    assert row["accuracy_std"] is None and row["accuracy_sd"] is None
 
 
 def test_runs_csv_names_the_criteria_of_the_dst_presets_as_compare_does():
