@@ -588,6 +588,26 @@ def test_a_parametrized_projection_weight_is_computed_at_every_forward(generator
     torch.testing.assert_close(attention(x, x, x)[0], want)
 
 
+@pytest.mark.parametrize("kdim", [None, 3], ids=["in_proj", "q_k_v_proj"])
+def test_a_projection_assigned_or_deleted_is_what_the_next_forward_reads(kdim, generator):
+    # Forward reads its projections from nn.Module's dict of children at every call, keeping nothing between
+    # calls: one assigned in place of another is multiplied by at once, and one deleted raises as an attribute
+    # read of it would.
+    attention = SparseMultiheadAttention(E, HEADS, kdim=kdim, vdim=kdim, dtype=torch.float64)
+    x = torch.randn(3, 2, E, dtype=torch.float64, generator=generator)
+    kv = torch.randn(4, 2, kdim or E, dtype=torch.float64, generator=generator)
+    attention(x, kv, kv)
+    out_proj = SparseLinear(E, E, dtype=torch.float64)
+    attention.out_proj = out_proj
+    assert attention.named_projections()[-1] == ("out_proj", out_proj)
+    dense = attention.to_dense()
+    torch.testing.assert_close(attention(x, kv, kv)[0], dense(x, kv, kv)[0])
+    name = "in_proj" if kdim is None else "k_proj"
+    delattr(attention, name)
+    with pytest.raises(AttributeError, match=name):
+        attention(x, kv, kv)
+
+
 def test_an_encoder_given_a_padding_mask_in_eval_mode_runs_layers_kept_off_their_fused_kernel(generator):
     # nn.TransformerEncoder (enable_nested_tensor) hands its layers a nested tensor in eval mode with a
     # src_key_padding_mask; a layer whose sparse layers hold values off their masks keeps off its fused kernel
