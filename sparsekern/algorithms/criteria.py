@@ -15,9 +15,11 @@ from it, in list order), `gamma` MEST's gradient coefficient, `offset` what Sens
 RSensitivity add to their denominators. Every criterion but `set` is elementwise; `set` ranks weights
 over the whole list, so a per-layer update passes one layer. The divisions are guarded by offset =
 EPSILON = 1e-8 by default; the Fantastic Weights code adds 1 instead (offset=1.0), which changes the
-ranking. (That code also adds 1e-5 to SNIP's score, which changes no ranking, so it is no option.)
-Definitions: Nowak et al. 2023 ("Fantastic Weights and
-How to Find Them"), RigL (Evci et al. 2020), SET (Mocanu et al. 2018), MEST (Yuan et al. 2021).
+ranking. That code also adds 1e-5 to SNIP's score |θ·g|, which is no option here: the shift orders no
+two scores differently, but in float32 it can merge scores less than 9e-13 apart (1e-5's spacing there:
+1e-13 and 3e-13 both become 1e-5), which then rank by position instead of by value. For that code's
+ranking, give DST a `Criterion` whose score adds it. Definitions: Nowak et al. 2023 ("Fantastic Weights
+and How to Find Them"), RigL (Evci et al. 2020), SET (Mocanu et al. 2018), MEST (Yuan et al. 2021).
 
 A criterion of a user's own is a `Criterion` (`sparsekern.Criterion`): its score function, without gamma and
 offset, and whether it reads the gradient and is elementwise, which DST needs to know. DST takes one wherever it
