@@ -157,3 +157,52 @@ def test_snip_ranks_by_the_product_itself_where_the_fantastic_weights_offset_wou
         (w * g).abs() + 1e-5 for w, g in zip(weights, grads)], reads_gradient=True, elementwise=True)
     assert kept("snip") == [1, 2, 3, 4]
     assert kept(offset) == [0, 2, 3, 4]
+
+
+def resnet50_weight_shapes():
+    """(name, weight shape) of every convolution and the classifier of torchvision's ResNet-50."""
+    shapes, channels = [("conv1", (64, 3, 7, 7))], 64
+    for stage, (blocks, width) in enumerate(zip([3, 4, 6, 3], [64, 128, 256, 512]), 1):
+        for block in range(blocks):
+            name = f"layer{stage}.{block}"
+            shapes += [(f"{name}.conv1", (width, channels, 1, 1)), (f"{name}.conv2", (width, width, 3, 3)),
+                       (f"{name}.conv3", (4 * width, width, 1, 1))]
+            if block == 0:
+                shapes.append((f"{name}.downsample", (4 * width, channels, 1, 1)))
+            channels = 4 * width
+    return shapes + [("fc", (1000, 2048))]
+
+
+def test_resnet50_erk_at_density_0_1_swaps_4712_of_a_1x1_conv_with_675_inactive_as_rigl_does():
+    # RigL's published case: ERK at d = 0.1 puts the six 1x1 convolutions of layer1 that are not 64 -> 64 at
+    # density 0.96 (15,709 of 16,384) and the 64 -> 64 one dense; RigL's code swaps floor(0.3 · 15,709) = 4,712
+    # per update, where a cap at the 675 inactive entries would swap 675.
+    shapes = resnet50_weight_shapes()
+    counts = dict(zip([name for name, _ in shapes], sparsekern.distributions.layer_counts(
+        [shape for _, shape in shapes], sparsekern.distributions.erk([shape for _, shape in shapes], 0.1))))
+    one_by_one = {name: counts[name] for name, shape in shapes if name.startswith("layer1") and shape[2:] == (1, 1)}
+    assert one_by_one.pop("layer1.0.conv1") == 64 * 64
+    assert list(one_by_one.values()) == [15709] * 6
+    # One such convolution: active entries a_0..a_15708 (flat order) with |θ| rising and |g| falling in k, the
+    # 675 inactive with far larger |g|. n = 4,712 drops a_0..a_4711; growth takes the 675 inactive entries and
+    # the 4,037 just-dropped ones of largest |g|, a_0..a_4036, which keep their weights. So a_4037..a_4711 (675)
+    # leave the mask. A swap capped at 675 would drop a_0..a_674 and grow the 675 inactive ones instead.
+    conv = sparsekern.nn.SparseConv2d(64, 256, 1, bias=False)
+    active = torch.ones(16384, dtype=torch.bool)
+    active[torch.arange(675) * 24] = False
+    conv.set_mask(active.view(256, 64, 1, 1))
+    where = active.nonzero().flatten()
+    k = torch.arange(15709, dtype=torch.float64)
+    with torch.no_grad():
+        conv.weight.view(-1)[where] = ((k + 1) / 15709).float()
+    grad = torch.full((16384,), 1e6)
+    grad[where] = (15709 - k).float()
+    model = nn.Sequential(conv)
+    algo = constant_dst(model, torch.optim.SGD(model.parameters(), lr=0.1), 0.3, swap_rounding="floor")
+    conv.weight.grad = grad.view(256, 64, 1, 1).clone()
+    weight = conv.weight.detach().clone()
+    assert algo.step()
+    new = conv.mask.flatten()
+    assert int(new.sum()) == 15709 and bool(new[~active].all())
+    assert torch.equal((active & ~new).nonzero().flatten(), where[4037:4712])
+    assert torch.equal(conv.weight.detach().flatten()[where[:4037]], weight.flatten()[where[:4037]])
