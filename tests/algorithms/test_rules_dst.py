@@ -206,3 +206,32 @@ def test_resnet50_erk_at_density_0_1_swaps_4712_of_a_1x1_conv_with_675_inactive_
     assert int(new.sum()) == 15709 and bool(new[~active].all())
     assert torch.equal((active & ~new).nonzero().flatten(), where[4037:4712])
     assert torch.equal(conv.weight.detach().flatten()[where[:4037]], weight.flatten()[where[:4037]])
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("prune, weights, grads, drop_fraction", [
+    # RSensitivity |θ| / (|g| + 1e-8) at the active flat 0..3: 1e8, 2e8 (g = 0 there), 5, 5. r = 0.75: n = 3
+    # keeps flat 1 alone. In float16 the 1e-8 guard underflows to 0: flat 0 and 1 both score inf, and the tie
+    # keeps flat 0.
+    ("rsensitivity", [1.0, 2, 5, 5, 0], [0.0, 0, 1, 1, 100], 0.75),
+    # Sensitivity |g| / (|θ| + 1e-8): θ = 0 at flat 0 and 1 (g = 1, 2): 1e8, 2e8, 1, 1, as above.
+    ("sensitivity", [0.0, 0, 1, 1, 0], [1.0, 2, 5, 5, 100], 0.75),
+    # SNIP |θ·g|: 1e-8, 2e-8, 5, 5. r = 0.25: n = 1 drops flat 0. In float16 both products underflow to 0 (below
+    # its 6e-8) and the tie drops flat 1.
+    ("snip", [1e-4, 2e-4, 5, 5, 0], [1e-4, 1e-4, 1, 1, 100], 0.25),
+    # MEST |θ| + |g|: 1 + 2^-10, 1 + 2^-9, 6, 6: n = 1 drops flat 0. In bfloat16 (spacing 2^-7 at 1) both sums
+    # round to 1 and the tie drops flat 1.
+    ("mest", [1.0, 1, 5, 5, 0], [2 ** -10, 2 ** -9, 1, 1, 100], 0.25),
+])
+def test_scores_combining_weight_and_gradient_rank_as_in_float32_whatever_the_weights_dtype(prune, weights, grads,
+                                                                                             drop_fraction, dtype):
+    # Every case keeps flat 1 and grows flat 4 (|g| 100), the 4 - 1 entries grown (or 1 dropped and grown) being
+    # the largest |g| not kept: the drop set of the criterion's formula, in float32,
+    # whose products, 1e-8 guard and sums do not underflow or round together as a half-precision dtype's do.
+    layer = hand_layer(weights, range(4)).to(dtype)
+    model = nn.Sequential(layer)
+    algo = constant_dst(model, torch.optim.SGD(model.parameters(), lr=0.1), drop_fraction, prune=prune)
+    layer.weight.grad = torch.tensor([grads], dtype=dtype)
+    assert algo.step()
+    assert positions(layer.mask) == [1, 2, 3, 4]
