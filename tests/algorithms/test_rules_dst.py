@@ -1,6 +1,7 @@
 """DST's drop-and-grow rules, each on a layer small enough to work out by hand: the gradient a criterion reads (the
 dense one of the batch, through backward), ties, what a regrown just-dropped entry keeps (its value and its optimizer
-state) against a newly grown one (0 both), and one global selection against per-layer ones."""
+state) against a newly grown one (0 both), one global selection against per-layer ones, swap counts above the
+inactive count (RigL's ResNet-50 case), and the criteria's formulas at every weight dtype."""
 import pytest
 import torch
 from torch import nn
