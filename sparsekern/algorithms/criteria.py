@@ -12,12 +12,16 @@ over lists of one length: `weights` float tensors, `grads` the current batch's d
 shaped like them (None entries allowed for criteria that do not read gradients), `masks` the
 current bool masks; `generator` a torch.Generator on the weights' device (random criteria draw
 from it, in list order), `gamma` MEST's gradient coefficient, `offset` what Sensitivity and
-RSensitivity add to their denominators. Every criterion but `set` is elementwise; `set` ranks weights
-over the whole list, so a per-layer update passes one layer. The divisions are guarded by offset =
+RSensitivity add to their denominators. MEST, SNIP, Sensitivity and RSensitivity compute in float32 at least
+(`_wide`), so that a half-precision model is ranked by their formulas. Every criterion but `set` is
+elementwise; `set` ranks weights over the whole list, so a per-layer update passes one layer. The divisions
+are guarded by offset =
 EPSILON = 1e-8 by default; the Fantastic Weights code adds 1 instead (offset=1.0), which changes the
-ranking. (That code also adds 1e-5 to SNIP's score, which changes no ranking, so it is no option.)
-Definitions: Nowak et al. 2023 ("Fantastic Weights and
-How to Find Them"), RigL (Evci et al. 2020), SET (Mocanu et al. 2018), MEST (Yuan et al. 2021).
+ranking. That code also adds 1e-5 to SNIP's score |θ·g|, which is no option here: the shift orders no
+two scores differently, but in float32 it can merge scores less than 9e-13 apart (1e-5's spacing there:
+1e-13 and 3e-13 both become 1e-5), which then rank by position instead of by value. For that code's
+ranking, give DST a `Criterion` whose score adds it. Definitions: Nowak et al. 2023 ("Fantastic Weights
+and How to Find Them"), RigL (Evci et al. 2020), SET (Mocanu et al. 2018), MEST (Yuan et al. 2021).
 
 A criterion of a user's own is a `Criterion` (`sparsekern.Criterion`): its score function, without gamma and
 offset, and whether it reads the gradient and is elementwise, which DST needs to know. DST takes one wherever it
@@ -47,30 +51,41 @@ def _each(function, tensors: list[Tensor], *others) -> list[Tensor]:
     return list(function(tensors, *others)) if tensors else []
 
 
+def _wide(tensors) -> list[Tensor]:
+    """`tensors` in float32 at least. The criteria that combine θ and g compute in it: in float16 the 1e-8 guard
+    and products below 6e-8 (SNIP's |θ·g| of 1e-4 and 1e-4) are 0, and in bfloat16 sums 2^-9 apart round
+    together near 1, so that scores the formula tells apart would tie and rank by position."""
+    return [t.to(torch.promote_types(t.dtype, torch.float32)) for t in tensors]
+
+
 def magnitude(weights, grads, masks, *, generator=None, gamma=1.0, offset=EPSILON) -> list[Tensor]:
     """|θ|: drops the active weights closest to zero (RigL)."""
     return _each(torch._foreach_abs, list(weights))
 
 
 def mest(weights, grads, masks, *, generator=None, gamma=1.0, offset=EPSILON) -> list[Tensor]:
-    """|θ| + γ|g| (MEST, γ = 1 by default)."""
+    """|θ| + γ|g| (MEST, γ = 1 by default), in float32 at least."""
+    weights, grads = _wide(weights), _wide(grads)
     return _each(torch._foreach_add, magnitude(weights, grads, masks), _each(torch._foreach_mul, gradient(
         weights, grads, masks), gamma))
 
 
 def snip(weights, grads, masks, *, generator=None, gamma=1.0, offset=EPSILON) -> list[Tensor]:
-    """|θ·g| (SNIP's saliency)."""
+    """|θ·g| (SNIP's saliency), in float32 at least."""
+    weights, grads = _wide(weights), _wide(grads)
     return _each(torch._foreach_abs, _each(torch._foreach_mul, list(weights), list(grads)))
 
 
 def sensitivity(weights, grads, masks, *, generator=None, gamma=1.0, offset=EPSILON) -> list[Tensor]:
-    """|g| / (|θ| + offset)."""
+    """|g| / (|θ| + offset), in float32 at least."""
+    weights, grads = _wide(weights), _wide(grads)
     return _each(torch._foreach_div, gradient(weights, grads, masks),
                  _each(torch._foreach_add, magnitude(weights, grads, masks), offset))
 
 
 def rsensitivity(weights, grads, masks, *, generator=None, gamma=1.0, offset=EPSILON) -> list[Tensor]:
-    """|θ| / (|g| + offset), the reciprocal of sensitivity."""
+    """|θ| / (|g| + offset), the reciprocal of sensitivity, in float32 at least."""
+    weights, grads = _wide(weights), _wide(grads)
     return _each(torch._foreach_div, magnitude(weights, grads, masks),
                  _each(torch._foreach_add, gradient(weights, grads, masks), offset))
 

@@ -179,10 +179,11 @@ class DST(distributed.CatchesUp):
     n = round(r · active) (Python's round; floor with swap_rounding="floor") is not capped by the inactive count: a
     layer denser than 1/(1 + r) drops more than it has inactive entries and grows some just-dropped ones back, as
     RigL does; an update never changes the active count. Step t counts `step()` calls from 1; updates happen at
-    multiples of update_every below end_step. Newly grown weights start at 0; a just-dropped weight may be grown
-    again and then keeps its value. After an update the gradients are masked by the new masks, so the optimizer step
-    that follows sees masked gradients (grown weights get theirs, under every growth criterion: the backward before
-    an update step is dense).
+    multiples of update_every below end_step. Newly grown weights start at 0 (their optimizer state too, with
+    reset_state); a just-dropped weight may be grown again and then keeps its value and optimizer state, as in RigL's
+    code. Ties keep, and grow, the lower flat position (row-major, in layer order under scope="global"). After an
+    update the gradients are masked by the new masks, so the optimizer step that follows sees masked gradients
+    (grown weights get theirs, under every growth criterion: the backward before an update step is dense).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, prune: str = "magnitude",
