@@ -89,7 +89,8 @@ class OptG(distributed.CatchesUp):
         lr: the weights' base learning rate; lr_e follows `cosine_lr(lr, epochs)` unless
             `lr_schedule` (epoch -> lr_e) is given. The score lr is lr_e·σ(β(e − E/2)).
         beta: β of the sigmoid.
-        momentum, nesterov: of the scores' SGD (the paper uses the weights' momentum).
+        momentum, nesterov: of the scores' SGD (the paper uses the weights' momentum). The scores are
+            kept in float32 at least (a half-precision layer's too), so that small steps add up.
         dense_while_scores_tie: keep every weight while all scores are equal (epoch 0, where they
             are all 0). The paper's code keeps every entry tied with the threshold, so its epoch 0
             is dense; an exact top-k over equal scores would instead prune the tail of the last
@@ -196,7 +197,9 @@ class OptG(distributed.CatchesUp):
             self.reach_target = bool(reach_target)
             self.criterion = criterion
             self.host_checks = host_checks
-            self.scores = [torch.zeros_like(layer.weight) for layer in self.layers]
+            # In float32 at least: a half-precision score would round each step's small increment away.
+            self.scores = [torch.zeros_like(layer.weight, dtype=_score_dtype(layer.weight))
+                           for layer in self.layers]
             self.score_optimizer = torch.optim.SGD(self.scores, lr=0.0, momentum=momentum, nesterov=nesterov,
                                                    weight_decay=0.0)
             # The settings that decide the masks, host_checks among them (it skips a score update whose gradients
@@ -233,7 +236,7 @@ class OptG(distributed.CatchesUp):
         frozen = self._frozen()   # none under "magnitude", whose scores are written here
         if self.criterion == "magnitude":
             for layer, score in zip(self.layers, self.scores):
-                torch.abs(layer.weight, out=score)
+                score.copy_(layer.weight).abs_()
         ranked = [index for index in range(len(self.layers)) if index not in frozen]
         total = sum(score.numel() for score in self.scores)
         keep = total - round(self.sparsity_at(self.epoch) * total)
@@ -451,6 +454,9 @@ class OptG(distributed.CatchesUp):
         epoch = _tickets.state_count(state, "epoch")
         if epoch > self.epochs:
             raise ValueError(f"state['epoch'] must be at most epochs={self.epochs}, got {epoch}")
+        if isinstance(saved_scores, (list, tuple)):   # older versions kept a half-precision layer's in its dtype
+            saved_scores = [_widened(saved, score) for saved, score in zip(saved_scores, self.scores)] + list(
+                saved_scores[len(self.scores):])
         scores = _tickets.check_tensors(saved_scores, self.scores, "state['scores']", keys)
         if scores is None:   # (check_tensors refuses inf and NaN)
             raise ValueError("state['scores'] must hold finite score tensors, one per sparse layer")
@@ -492,7 +498,22 @@ def _score_gradient(score: Tensor, grad: Tensor, weight: Tensor) -> None:
     optimizer's zero_grad(set_to_none=True)) is allocated anew, as is one that no longer fits."""
     held = score.grad
     if held is None or held.shape != grad.shape or held.dtype != score.dtype or held.device != score.device:
-        score.grad = grad * weight
-    else:
+        score.grad = grad.to(score.dtype) * weight
+    elif grad.dtype == held.dtype:
         torch.mul(grad, weight, out=held)
+    else:   # a half-precision layer: the product in the scores' float32, where it does not underflow
+        held.copy_(grad).mul_(weight)
+
+
+def _score_dtype(weight: Tensor) -> torch.dtype:
+    """The dtype of a layer's scores: its weight's, or float32 where that is narrower."""
+    return torch.promote_types(weight.dtype, torch.float32)
+
+
+def _widened(saved, score: Tensor):
+    """`saved` in `score`'s dtype where it is a half-precision score saved by an older version, which kept the
+    scores in the weights' dtype; anything else as it is, for the checks to judge."""
+    if isinstance(saved, Tensor) and saved.dtype in (torch.float16, torch.bfloat16) and score.dtype == torch.float32:
+        return saved.to(score.dtype)
+    return saved
 

@@ -560,3 +560,34 @@ def test_step_allocates_nothing_weight_or_mask_sized():
         torch.nn.functional.cross_entropy(model(x), y).backward()
         peak = step_peak_bytes(optg.step, torch.device("cpu"))
     assert peak < min(layer.mask.numel() for layer in _layers(model)), peak
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_scores_accumulate_as_in_float32(dtype):
+    """Scores add up -lr·g⊙θ in float32 whatever the weights' dtype: in the weights' half precision an
+    increment of 1e-4 next to a score of 1 rounds away, and the scores would never move."""
+    moved = {}
+    for kind in (torch.float32, dtype):
+        layer = sparsekern.nn.SparseLinear(4, 1, bias=False).to(kind)
+        with torch.no_grad():
+            layer.weight.fill_(1.0)
+        optg = OptG(torch.nn.Sequential(layer), sparsity=0.5, epochs=4, lr=0.1, momentum=0.0)
+        assert optg.scores[0].dtype == torch.float32
+        optg.scores[0].fill_(1.0)
+        for _ in range(100):
+            layer.weight.grad = torch.full_like(layer.weight, 1e-3)
+            optg.step()
+        moved[kind] = optg.scores[0]
+    torch.testing.assert_close(moved[dtype], moved[torch.float32])
+    assert bool((moved[dtype] < 1.0).all())
+
+
+def test_a_half_precision_state_of_older_versions_loads_into_float32_scores():
+    """Older versions kept a half-precision layer's scores in its dtype; their states still load."""
+    model = torch.nn.Sequential(sparsekern.nn.SparseLinear(4, 3).to(torch.float16))
+    optg = OptG(model, sparsity=0.5, epochs=4, lr=0.1)
+    state = optg.state_dict()
+    state["scores"] = {name: torch.full_like(score, 0.25, dtype=torch.float16)
+                       for name, score in state["scores"].items()}
+    optg.load_state_dict(state)
+    assert optg.scores[0].dtype == torch.float32 and bool((optg.scores[0] == 0.25).all())
