@@ -56,7 +56,7 @@ def sparsify(model: nn.Module, density: float | None, distribution: str | Mappin
             "<rnn>.hr_l0" (proj_size), "<rnn>.ih_l0_reverse", ...; it is matched by its own name, as an
             attention is (exclude="*.rnn"). Other weight-bearing layers stay dense, named in one warning unless
             include/exclude leave them out: subclasses of those types, nn.Bilinear, recurrent cells (norms and
-            embeddings stay dense silently).
+            embeddings stay dense silently, unless include names them exactly).
             One whose weight or bias is computed from other parameters (torch.nn.utils.parametrize,
             weight_norm, spectral_norm, prune) stays dense (a sparse layer keeps its mask), with a
             warning; a Lazy one that has not made its weight yet raises ValueError; a weight of a dtype
@@ -305,7 +305,10 @@ def _layers(model: nn.Module, include: list[str] | None,
     out_projs = {id(module.out_proj) for module in attentions}
     folded = {id(module.out_proj) for module in attentions
               if id(module) in selected_ids or _matches(names[id(module)], exclude)}
-    left_dense = _left_dense([(name, module) for name, module in selected if id(module) not in folded], out_projs)
+    # A module include names exactly (no pattern) was asked for: one sparsify cannot make sparse is named too.
+    named = {id(module) for _, module in selected if include is not None and set(names[id(module)]) & set(include)}
+    left_dense = _left_dense([(name, module) for name, module in selected if id(module) not in folded], out_projs,
+                             named)
     converted = {id(module): (module, _sparse_attention(name, module))
                  for name, module in _maskable_attentions(selected)}
     # An exact nn.RNN/LSTM/GRU likewise, by its own name: its weight matrices become SparseLinear children.
@@ -398,13 +401,18 @@ _LEFT_DENSE = (
 )
 
 
+_NO_SPARSE_MODULE = ("named by include, but sparsify has no sparse module of its type (embeddings, norms and other "
+                     "layers but Linear, convolutions, attention and recurrent modules stay dense)")
+
 _OUT_PROJ = ("F.multi_head_attention_forward reads the weight of nn.MultiheadAttention's out_proj directly: it is "
              "sparsified with its attention module, which include must name")
 
 
-def _left_dense(selected: list[tuple[str, nn.Module]], out_projs: set[int]) -> str:
+def _left_dense(selected: list[tuple[str, nn.Module]], out_projs: set[int], named: set[int]) -> str:
     """One sentence naming the modules of `selected` that stay dense although a user may expect them
-    sparsified, grouped by why ("" if none). `out_projs`: ids of the MultiheadAttention out_proj modules."""
+    sparsified, grouped by why ("" if none). `out_projs`: ids of the MultiheadAttention out_proj modules;
+    `named`: ids of the modules include names exactly, whose parameters (an embedding's, a norm's, a custom
+    module's own) are named too where no sparse module takes them."""
     reasons: dict[str, list[str]] = {}
     for name, module in selected:
         if id(module) in out_projs:
@@ -419,6 +427,8 @@ def _left_dense(selected: list[tuple[str, nn.Module]], out_projs: set[int]) -> s
                       f"would not apply (only the exact type is sparsified)")
         else:
             reason = next((why for kinds, why in _LEFT_DENSE if isinstance(module, kinds)), None)
+            if reason is None and id(module) in named and next(module.parameters(recurse=False), None) is not None:
+                reason = _NO_SPARSE_MODULE
         if reason is not None:
             reasons.setdefault(reason, []).append(f"{name or '(root)'} ({type(module).__name__})")
     if not reasons:

@@ -575,6 +575,21 @@ def test_sparsify_names_the_weight_layers_it_leaves_dense_in_one_warning(generat
         sparsekern.sparsify(layers_left_dense(), 0.5, include="attention.out_proj")   # picked without its MHA
 
 
+def test_sparsify_names_the_embeddings_and_norms_include_names_exactly(generator):
+    """Left dense silently by default and under a pattern ("*"), but named when include asks for them by name."""
+    def model():
+        return nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 3), nn.LayerNorm(3), nn.ReLU())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sparsekern.sparsify(model(), 0.5, generator=generator)
+        sparsekern.sparsify(model(), 0.5, include="*", generator=generator)
+        sparsekern.sparsify(model(), 0.5, include=["1", "3"], generator=generator)   # a ReLU holds no weight
+    with pytest.warns(UserWarning, match=r"leaves 2 weight-bearing layer\(s\) dense: 0 \(Embedding\), "
+                                         r"2 \(LayerNorm\): named by include, but sparsify has no sparse module"):
+        sparsified = sparsekern.sparsify(model(), 0.5, include=["0", "1", "2"], generator=generator)
+    assert [name for name, _ in sparse_modules(sparsified)] == ["1"]
+
+
 def test_sparsify_sparsifies_an_attention_modules_plain_linear_out_proj_with_it(generator):
     # F.multi_head_attention_forward reads out_proj.weight directly, whatever its type: a user's plain
     # nn.Linear there becomes the SparseMultiheadAttention's out_proj, whose weight it masks, and is never
