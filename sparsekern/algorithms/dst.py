@@ -411,9 +411,6 @@ class DST(distributed.CatchesUp):
                 return f"{argument}={criterion.name!r} of {flag}"
         return key
 
-    def _described_criteria(self) -> str:
-        return f"prune={self.prune!r}, grow={self.grow!r}"
-
     def _replica_settings(self) -> dict:
         """The settings the ranks of a DDP run must all build DST with (`distributed.ReplicaCheck`), each deciding
         which weights an update swaps, or whether it happens: those a state is saved with, the schedule's but
@@ -455,7 +452,7 @@ class DST(distributed.CatchesUp):
         for key, value in self._settings().items():
             _tickets.check_saved_setting({"swap_rounding": "round", **state}, key, value, self._setting_name(key))
         _tickets.check_state_keys(state, _REQUIRED_ENTRIES, _OPTIONAL_ENTRIES + tuple(self._settings()),
-                                  f"a DST of {self._described_criteria()}")
+                                  f"a DST of prune={self.prune!r}, grow={self.grow!r}")
         step_count = state["step_count"]
         if isinstance(step_count, bool) or not isinstance(step_count, int) or step_count < 0:
             raise ValueError(f"state['step_count'] must be an int >= 0, got {step_count!r}")
