@@ -383,12 +383,22 @@ def masks_of(groups: list[tying.Group]) -> list[Tensor]:
     return [layer.mask.clone() for layer in primaries(groups)]
 
 
-def check_state_keys(state, keys: tuple[str, ...]) -> None:
+def check_state_keys(state, required: tuple[str, ...], optional: tuple[str, ...], who: str,
+                     legacy: tuple[str, ...] = ()) -> None:
+    """TypeError unless `state` is a dict; one ValueError naming the `required` entries it lacks and those it holds
+    that are neither required nor `optional` (the other entries a state of `who` holds: its settings, and those
+    that states of earlier versions lack) nor `legacy` (held by earlier versions and since dropped: accepted, and
+    ignored as the versions since have ignored them). An entry nobody reads, a misspelled setting or a tampered one,
+    would otherwise load as though it were not there, its setting unchecked."""
     if not isinstance(state, dict):
         raise TypeError(f"state must be a dict, got {type(state).__name__}")
-    missing = sorted(set(keys) - set(state))
-    if missing:
-        raise ValueError(f"state lacks {missing}")
+    missing = sorted(set(required) - set(state))
+    unknown = sorted(set(state) - {*required, *optional, *legacy}, key=str)
+    problems = [f"lacks {missing}"] if missing else []
+    if unknown:
+        problems.append(f"holds {unknown}, which a state of {who} does not hold (a misspelled or tampered entry?)")
+    if problems:
+        raise ValueError(f"state {' and '.join(problems)}")
 
 
 def state_count(state: dict, key: str, low: int = 0) -> int:
@@ -405,14 +415,15 @@ def check_saved_by(state, algorithm: str) -> None:
     check_saved_setting(state, "algorithm", algorithm)
 
 
-def check_saved_setting(state: dict, key: str, value) -> None:
-    """ValueError unless `state` was saved under the setting `key` = `value`: resumed under another, a run would
-    go on as a run of neither, or misread its counters, which alone cannot tell (check_rewind_point): a state at
-    step 3 of cycle 1 holding θ_2 fits rewind_step 0 as well, and resuming it there would rewind to θ_2 and
-    restart at step 0. A state without the entry (saved before it was kept) is not checked."""
+def check_saved_setting(state: dict, key: str, value, setting: str | None = None) -> None:
+    """ValueError unless `state` was saved under the setting `key` = `value` (`setting` names it in the error, where
+    `key` alone says too little): resumed under another, a run would go on as a run of neither, or misread its
+    counters, which alone cannot tell (check_rewind_point): a state at step 3 of cycle 1 holding θ_2 fits
+    rewind_step 0 as well, and resuming it there would rewind to θ_2 and restart at step 0. A state without the
+    entry (saved before it was kept) is not checked."""
     # A tensor is never a setting (and comparing one gives a tensor, whose truth value may raise).
     if key in state and (isinstance(state[key], Tensor) or state[key] != value):
-        raise ValueError(f"state[{key!r}]={state[key]!r}: the state was saved with {key}={state[key]!r}, "
+        raise ValueError(f"state[{key!r}]={state[key]!r}: the state was saved with {setting or key}={state[key]!r}, "
                          f"not {value!r}")
 
 

@@ -30,7 +30,8 @@ takes a built-in criterion's name, and handles the built-in ones as Criterion ob
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+import functools
+from typing import Callable, ClassVar, Sequence
 
 import torch
 from torch import Tensor
@@ -175,8 +176,9 @@ class Criterion:
     of a built-in's name); one object may serve as both.
 
     Args:
-        name: what identifies the criterion: `DST.state_dict()` saves it, and `load_state_dict()` refuses a state
-            saved under another (build the resuming DST with the same criterion). Give a score with other
+        name: what identifies the criterion: `DST.state_dict()` saves it with the two flags (`flags`), and
+            `load_state_dict()` refuses a state saved under another name or flags (build the resuming DST with the
+            same criterion; its score function is not saved: `score_name`). Give a score with other
             parameters another name ("taylor(beta=0.5)"). Not the name of a built-in criterion (`PRUNE`, `GROW`:
             ValueError when DST is built).
         score: score(weights, grads, masks, *, generator) -> a list of tensors, one per weight, shaped like it, of
@@ -215,6 +217,8 @@ class Criterion:
     reads_gradient: bool
     elementwise: bool
 
+    FLAGS: ClassVar[tuple[str, ...]] = ("reads_gradient", "elementwise")
+
     def __post_init__(self) -> None:
         if not isinstance(self.name, str):
             raise TypeError(f"Criterion name must be a str, got {type(self.name).__name__}")
@@ -224,6 +228,29 @@ class Criterion:
             raise TypeError(f"Criterion {self.name!r}: score must be callable, got {type(self.score).__name__}")
         _checks.flag(self.reads_gradient, f"Criterion {self.name!r}: reads_gradient")
         _checks.flag(self.elementwise, f"Criterion {self.name!r}: elementwise")
+
+    def flags(self) -> dict[str, bool]:
+        """reads_gradient and elementwise by name: what `DST.state_dict()` saves of a user's criterion with its name,
+        and `load_state_dict()` refuses a state saved under others (ValueError naming the criterion and the flag):
+        they decide how the update calls `score` and which layers it leaves alone."""
+        return {flag: getattr(self, flag) for flag in self.FLAGS}
+
+    def score_name(self) -> str:
+        """The qualified name of `score`'s function (`__qualname__`; a functools.partial's function's, a callable
+        object's class's): what DST's construction compares across the ranks of a DDP run, with the name and flags.
+
+        The ranks of one run run one program at once, so one function has one qualified name on all of them
+        (without its module, which is `__main__` in a process started as a script and `__mp_main__` in one that
+        torch.multiprocessing spawned from it). A state does not keep it: the function of a resumed run is looked
+        up in another process, perhaps another program, where it may sit in another module (`__main__` run as a
+        script, its package's name run with -m or imported by a launcher) or under a new name after a refactoring,
+        and refusing those would refuse sound resumes; while lambdas, closures and partials of one function, the
+        usual way to give a score parameters, share one name whatever they compute. The criterion's name is its
+        identity in a state: give a score with other parameters another name."""
+        function = self.score
+        while isinstance(function, functools.partial):
+            function = function.func
+        return getattr(function, "__qualname__", None) or type(function).__qualname__
 
     def checked_scores(self, weights: list[Tensor], grads: list, masks: list[Tensor], *,
                        generator: torch.Generator, layers: list[str]) -> list[Tensor]:

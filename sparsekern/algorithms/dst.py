@@ -42,6 +42,14 @@ SCOPES = ("layer", "global")
 # How n = r · active becomes a whole count: Python's round (halves to even), or floor as RigL's code.
 SWAP_ROUNDINGS = ("round", "floor")
 _HEAD = 4096   # entries of a mask that _warn_if_emptied reads first
+# The entries of a DST's state (`DST.state_dict`): those every state holds, those that earlier versions' lack
+# ("finished"; "algorithm" and the settings were added together), and the settings, of which a state holds those
+# of its criteria: mest_gamma under MEST's, sensitivity_offset under (R)Sensitivity's, and the flags of a user's
+# `sparsekern.Criterion` (`DST._settings`).
+_REQUIRED_ENTRIES = ("step_count", "masks", "schedule", "generator")
+_OPTIONAL_ENTRIES = ("algorithm", "finished")
+_SETTINGS = ("prune", "grow", "scope", "block", "reset_state", "swap_rounding", "mest_gamma", "sensitivity_offset",
+             *(f"{argument}_{flag}" for argument in ("prune", "grow") for flag in criteria.Criterion.FLAGS))
 
 
 def _stream_seed(seed: int) -> int:
@@ -365,8 +373,9 @@ class DST(distributed.CatchesUp):
     def state_dict(self) -> dict:
         """Step count, masks (by module name), schedule, random-generator state, whether finish()
         was called since the last step() ("finished"), and the settings it updates by: criteria by name (a
-        `sparsekern.Criterion`'s too: resume under one of that name; with mest_gamma or sensitivity_offset where
-        the criterion reads it), scope, block, reset_state and swap_rounding.
+        `sparsekern.Criterion`'s with its flags, as "prune_reads_gradient", "prune_elementwise", ...: resume under one
+        of that name and flags; with mest_gamma or sensitivity_offset where the criterion reads it), scope, block,
+        reset_state and swap_rounding.
 
         The names are those of the model DST was built on, wrapper prefixes included ("module." under
         DistributedDataParallel, "_orig_mod." under torch.compile): load the state into a DST built on the
@@ -378,14 +387,30 @@ class DST(distributed.CatchesUp):
 
     def _settings(self) -> dict:
         """The arguments a state is saved with and must be loaded under (`load_state_dict`): those that decide
-        what an update does, a criterion's parameter only where the criterion reads it."""
+        what an update does, a criterion's parameter only where the criterion reads it, and a `sparsekern.Criterion`
+        of a user's own by its name and flags (`_SETTINGS`)."""
         settings = {"prune": self.prune, "grow": self.grow, "scope": self.scope, "block": self.block,
                     "reset_state": self.reset_state, "swap_rounding": self.swap_rounding}
         if self.prune == "mest":
             settings["mest_gamma"] = self.mest_gamma
         if self.prune in ("sensitivity", "rsensitivity"):
             settings["sensitivity_offset"] = self.sensitivity_offset
+        for argument, criterion in self._users_criteria():
+            settings.update({f"{argument}_{flag}": value for flag, value in criterion.flags().items()})
         return settings
+
+    def _users_criteria(self) -> list[tuple[str, criteria.Criterion]]:
+        """("prune" or "grow", its criterion) for each criterion of a user's own."""
+        return [(argument, criterion) for argument, criterion in (("prune", self._prune), ("grow", self._grow))
+                if not criteria.is_built_in(criterion)]
+
+    def _setting_name(self, key: str) -> str:
+        """`key`, a setting, as an error names it: a criterion's flag with the criterion."""
+        for argument, criterion in self._users_criteria():
+            flag = key.removeprefix(f"{argument}_")
+            if flag in criterion.flags():
+                return f"{argument}={criterion.name!r} of {flag}"
+        return key
 
     def _replica_settings(self) -> dict:
         """The settings the ranks of a DDP run must all build DST with (`distributed.ReplicaCheck`), each deciding
@@ -395,7 +420,9 @@ class DST(distributed.CatchesUp):
         schedule = dataclasses.asdict(self.schedule)
         del schedule["total_steps"]
         schedule["schedule"] = schedule.pop("name")
-        return {**self._settings(), **schedule, "host_checks": self.host_checks}
+        # A user's criteria by their score function's name too, which a state cannot keep (`Criterion.score_name`).
+        scores = {f"{argument}_score": criterion.score_name() for argument, criterion in self._users_criteria()}
+        return {**self._settings(), **scores, **schedule, "host_checks": self.host_checks}
 
     def load_state_dict(self, state: dict) -> None:
         """Restores a `state_dict()`: step count, masks (weights, and the optimizer's per-weight state,
@@ -405,7 +432,9 @@ class DST(distributed.CatchesUp):
         DST are as before; so does the state of another algorithm, or of a DST of other settings (criteria and their
         parameter, scope, block, reset_state, swap_rounding), which this one would go on from as though they were
         its own (a state saved before it kept one of them is not checked for it, except one without swap_rounding,
-        saved before the option existed, which rounded). A step count past the schedule's total_steps (a run that
+        saved before the option existed, which rounded; nor, for a `sparsekern.Criterion`, one without its flags);
+        and so does a state holding an entry that a DST of these settings does not save (a misspelled or tampered
+        setting, which would go unchecked), naming it. A step count past the schedule's total_steps (a run that
         called step() too often, which step() allows) loads with a warning, as does a saved schedule that differs
         from the one this DST was built with (which it replaces)."""
         self._prepare_load(state)()
@@ -415,13 +444,16 @@ class DST(distributed.CatchesUp):
         (load_state_dict runs both; broadcast_masks checks on every rank before any rank installs)."""
         _tickets.check_own_weights(self._groups, "DST")
         _tickets.check_saved_by(state, "DST")
-        missing = {"step_count", "masks", "schedule", "generator"} - set(state)
-        if missing:
-            raise ValueError(f"state lacks {sorted(missing)}")
+        # Entries that no DST's state holds first (a misspelled swap_rounding would be taken for one saved before
+        # the option existed); then, its settings being this DST's, those that it does not (another criterion's
+        # parameter). Every entry that earlier versions saved is saved still: none is accepted as legacy.
+        _tickets.check_state_keys(state, _REQUIRED_ENTRIES, _OPTIONAL_ENTRIES + _SETTINGS, "DST")
         # swap_rounding entered the state with the option: a state without it was saved rounding. (The other
         # settings were options before the state kept them: a state without one may have been saved under any.)
         for key, value in self._settings().items():
-            _tickets.check_saved_setting({"swap_rounding": "round", **state}, key, value)
+            _tickets.check_saved_setting({"swap_rounding": "round", **state}, key, value, self._setting_name(key))
+        _tickets.check_state_keys(state, _REQUIRED_ENTRIES, _OPTIONAL_ENTRIES + tuple(self._settings()),
+                                  f"a DST of prune={self.prune!r}, grow={self.grow!r}")
         step_count = state["step_count"]
         if isinstance(step_count, bool) or not isinstance(step_count, int) or step_count < 0:
             raise ValueError(f"state['step_count'] must be an int >= 0, got {step_count!r}")

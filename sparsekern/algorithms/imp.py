@@ -183,9 +183,10 @@ class IMP(distributed.CatchesUp):
 
         Checked completely first (entries, counts, θ_k against the model, the optimizer state against a
         fresh optimizer, and that it is an IMP state saved with this IMP's rewind, rewind_step,
-        prune_fraction and scope): a bad state raises TypeError or ValueError and changes nothing; a parameter
-        missing from the optimizer's state, or one this model lacks, is named. An optimizer state of older
-        versions, by position (torch's own), loads by position, as it did.
+        prune_fraction and scope, holding no entry that IMP does not save): a bad state raises TypeError or
+        ValueError and changes nothing; a parameter missing from the optimizer's state, or one this model lacks, is
+        named, and so is an entry IMP does not save (a misspelled or tampered setting, which would go unchecked).
+        An optimizer state of older versions, by position (torch's own), loads by position, as it did.
         """
         self._prepare_load(state)()
 
@@ -194,7 +195,8 @@ class IMP(distributed.CatchesUp):
         both; broadcast_masks checks on every rank before any rank installs)."""
         _tickets.check_own_weights(self._groups, "IMP")
         _tickets.check_saved_by(state, "IMP")
-        _tickets.check_state_keys(state, ("cycle", "step_in_cycle", "rewind_state", "optimizer"))
+        _tickets.check_state_keys(state, ("cycle", "step_in_cycle", "rewind_state", "optimizer"),
+                                  ("algorithm", *self._settings()), "IMP")
         cycle = _tickets.state_count(state, "cycle")
         step_in_cycle = _tickets.state_count(state, "step_in_cycle")
         rewind_state = state["rewind_state"]

@@ -404,11 +404,12 @@ class OptG(distributed.CatchesUp):
         tensors against the layers, the score optimizer's hyperparameters and momentum buffers, and that it is an
         OptG state saved with this OptG's sparsity, epochs, beta, criterion, reach_target,
         dense_while_scores_tie, momentum and nesterov, and with its lr or lr_schedule, which the score optimizer's
-        saved score lr gives away): a bad state raises TypeError or ValueError and changes
-        nothing; a layer missing from it, or one this model lacks, is named (a layer frozen after the
-        saving OptG was built is in its state: build this one before freezing it, "Frozen layers"). A state
-        of older versions, which hold scores, masks and the optimizer's state by position (lists), loads by
-        position, as it did."""
+        saved score lr gives away, holding no entry that OptG does not save but the first versions' "pruned_weights",
+        which loads ignored, as it did): a bad state raises TypeError or ValueError and changes nothing; a layer
+        missing from it, or one this model lacks, is named (a layer frozen after the saving OptG was built is in its
+        state: build this one before freezing it, "Frozen layers"), and so is an entry OptG does not save (a
+        misspelled or tampered setting, which would go unchecked). A state of older versions, which hold scores,
+        masks and the optimizer's state by position (lists), loads by position, as it did."""
         self._prepare_load(state)()
 
     def _check_saved_score_lr(self, loaded: torch.optim.SGD, epoch: int) -> None:
@@ -429,7 +430,10 @@ class OptG(distributed.CatchesUp):
         both; broadcast_masks checks on every rank before any rank installs)."""
         _tickets.check_own_weights(self._groups, "OptG")
         _tickets.check_saved_by(state, "OptG")
-        _tickets.check_state_keys(state, ("epoch", "scores", "score_optimizer"))
+        # "pruned_weights" (the values off the masks) was saved by the first versions, and ignored since the model's
+        # own state dict holds them: a state holding it loads as it did.
+        _tickets.check_state_keys(state, ("epoch", "scores", "score_optimizer"),
+                                  ("algorithm", "masks", *self._settings()), "OptG", legacy=("pruned_weights",))
         for key, value in self._settings().items():
             _tickets.check_saved_setting(state, key, value)
         saved_scores, saved_masks, saved_optimizer = state["scores"], state.get("masks"), state["score_optimizer"]

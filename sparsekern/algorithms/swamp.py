@@ -319,15 +319,18 @@ class SWAMP:
 
         Checked completely first (entries, counts, tensors against the model, and that it is a SWAMP state
         saved on as many ranks with this SWAMP's rewind_step, particles, prune_fraction, scope, swa_start,
-        swa_every and seed): a bad state raises TypeError or ValueError and changes nothing; a parameter missing
-        from it, or one this model lacks, is named. A state of older versions, which hold the particles' tensors
-        and the optimizers' states by position (lists, torch's own), loads by position, as it did.
+        swa_every and seed, holding no entry that SWAMP does not save): a bad state raises TypeError or ValueError
+        and changes nothing; a parameter missing from it, or one this model lacks, is named, and so is an entry SWAMP
+        does not save (a misspelled or tampered setting, which would go unchecked). A state of older versions, which
+        hold the particles' tensors and the optimizers' states by position (lists, torch's own), loads by position,
+        as it did.
         """
         _tickets.check_own_weights(self._groups, "SWAMP")
         _tickets.check_saved_by(state, "SWAMP")
         _tickets.check_state_keys(state, ("cycle", "particle", "step_in_cycle", "averaged", "rewind_state",
                                           "rewind_optimizer_state", "particle_average", "average_count",
-                                          "particle_sum", "optimizer"))
+                                          "particle_sum", "optimizer"),
+                                  ("algorithm", "world_size", *self._settings()), "SWAMP")
         for key, value in self._settings().items():
             _tickets.check_saved_setting(state, key, value)
         counts = {name: _tickets.state_count(state, name)

@@ -9,9 +9,9 @@
    or frozen on some under an algorithm that prunes frozen layers with the rest (IMP, OptG's magnitude), builds.
    A layer frozen on one rank after construction is refused likewise by broadcast_masks(algorithm=...), whose
    copy would diverge again at the next update.
-3. Equal settings build (a sparsekern.Criterion of one name on both ranks, total_steps that time no update),
-   in one all_gather_object, and DST trains under DDP to the same masks and weights as a DST whose group of one
-   rank compares nothing.
+3. Equal settings build (a sparsekern.Criterion of one name, flags and score function on both ranks, total_steps
+   that time no update), in one all_gather_object, and DST trains under DDP to the same masks and weights as a DST
+   whose group of one rank compares nothing.
 Writes {"refused": {scenario: error message or None}, "unchanged": {scenario: masks as before},
 "accepted": {scenario: bool}, "frozen_apart": {scenario: (error message or None, masks as before)},
 "gathers": int, "trains_as_unchecked": bool} to <out>/rank<r>.pt.
@@ -35,8 +35,12 @@ def _magnitude(weights, grads, masks, *, generator):
     return [w.abs() for w in weights]
 
 
-def mine():
-    return sparsekern.Criterion("mine", _magnitude, reads_gradient=False, elementwise=True)
+def _square(weights, grads, masks, *, generator):
+    return [w.square() for w in weights]
+
+
+def mine(score=_magnitude, **flags):
+    return sparsekern.Criterion("mine", score, **{"reads_gradient": False, "elementwise": True, **flags})
 
 
 def sparse_model(density=0.3):
@@ -67,6 +71,10 @@ def swamp(model, **options):
 DIFFERING = {
     "DST prune": (dst, 0.3, {"prune": "magnitude"}, {"prune": "set"}),
     "DST grow": (dst, 0.3, {"grow": "gradient"}, {"grow": mine()}),
+    # A sparsekern.Criterion of one name with other flags, or another score function (compared by its name).
+    "DST prune_elementwise": (dst, 0.3, {"prune": mine()}, {"prune": mine(elementwise=False)}),
+    "DST grow_reads_gradient": (dst, 0.3, {"grow": mine()}, {"grow": mine(reads_gradient=True)}),
+    "DST prune_score": (dst, 0.3, {"prune": mine()}, {"prune": mine(_square)}),
     "DST scope": (dst, 0.3, {}, {"scope": "global"}),
     "DST block": (dst, 0.3, {}, {"block": (2, 2)}),
     "DST drop_fraction": (dst, 0.3, {}, {"drop_fraction": 0.5}),

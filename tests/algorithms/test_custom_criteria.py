@@ -2,6 +2,7 @@
 built-in's masks bit for bit on every path (scopes, blocks, gradient reading); its declarations decide how it is
 called; what it returns is checked, naming it, before anything changes; and it is seeded like the built-in ones."""
 import copy
+import functools
 import io
 
 import pytest
@@ -232,3 +233,29 @@ def test_a_copied_dst_updates_as_the_original(prune, how):
         train_step(model, optimizer, algo, step)
         train_step(*copied, step)
     assert same([masks(model)], [masks(copied[0])])
+
+
+def _scaled(weights, grads, masks, *, generator, factor=2.0):
+    return [factor * w.abs() for w in weights]
+
+
+class _Scorer:
+    def __call__(self, weights, grads, masks, *, generator):
+        return [w.abs() for w in weights]
+
+    def score(self, weights, grads, masks, *, generator):
+        return [w.abs() for w in weights]
+
+
+@pytest.mark.parametrize("score, name", [
+    (_scaled, "_scaled"), (functools.partial(_scaled, factor=3.0), "_scaled"),
+    (functools.partial(functools.partial(_scaled), factor=3.0), "_scaled"),
+    (_Scorer(), "_Scorer"), (_Scorer().score, "_Scorer.score"), (lambda *args, **kwargs: [], "<lambda>"),
+])
+def test_a_criterions_score_name_is_its_functions_qualified_name_the_same_in_copies(score, name):
+    # What the ranks of a DDP run compare (no module: a script's functions are __main__'s in it, __mp_main__'s in
+    # the workers torch.multiprocessing spawns from it).
+    criterion = sparsekern.Criterion("mine", score, reads_gradient=False, elementwise=True)
+    assert criterion.score_name() == name
+    assert copy.deepcopy(criterion).score_name() == name
+    assert criterion.flags() == {"reads_gradient": False, "elementwise": True}

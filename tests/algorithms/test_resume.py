@@ -3,6 +3,7 @@ read back with weights_only=True) ends bit for bit where the uninterrupted run e
 belong to the algorithm it is loaded into (another algorithm, other settings, another number of ranks) is
 refused with nothing changed."""
 import copy
+import dataclasses
 import io
 import itertools
 
@@ -197,6 +198,76 @@ def test_a_criterion_parameter_the_criterion_does_not_read_is_not_a_setting_of_t
 
     state = _through_a_file(rigl(mlp(0, hidden=8), mest_gamma=0.5, sensitivity_offset=1.0).state_dict())
     rigl(mlp(0, hidden=8)).load_state_dict(state)
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_a_state_holding_an_entry_its_algorithm_does_not_save_is_refused_naming_it(name):
+    # Entries beside the real ones were ignored: a misspelled setting (or a tampered one) was never checked, and
+    # the run went on under whatever setting the loading algorithm had.
+    state = _through_a_file(ALGORITHMS[name](mlp(0, hidden=8)).state_dict())
+    model = mlp(1, hidden=8)
+    _refused_with_nothing_changed(ALGORITHMS[name](model), model, {**state, "bogus": 1, 3: None},
+                                  rf"state holds \[3, 'bogus'\], which a state of {name} does not hold \(a "
+                                  rf"misspelled or tampered entry\?\)")
+    ALGORITHMS[name](mlp(1, hidden=8)).load_state_dict(state)   # the state itself loads
+    # A required entry misspelled: what is missing and what is unknown, in one error.
+    required = {"DST": "step_count", "OptG": "epoch"}.get(name, "cycle")
+    misspelled = {f"{key}_" if key == required else key: value for key, value in state.items()}
+    _refused_with_nothing_changed(ALGORITHMS[name](model), model, misspelled,
+                                  rf"state lacks \['{required}'\] and holds \['{required}_'\], which a state of")
+
+
+@pytest.mark.parametrize("misspelled, options", [
+    # Taken for a state saved before the option existed, which rounded: refused as one saved rounding.
+    ("swap_roundng", dict(swap_rounding="floor")),
+    ("mest_gama", dict(prune="mest", mest_gamma=0.5)),
+    ("scop", dict(scope="global")),
+])
+def test_a_dst_state_with_a_misspelled_setting_is_refused_naming_it_not_the_setting(misspelled, options):
+    def dst(model):
+        return sparsekern.DST(model, torch.optim.SGD(model.parameters(), lr=0.1), update_every=2, total_steps=20,
+                              **options)
+
+    state = _through_a_file(dst(mlp(0, hidden=8)).state_dict())
+    right = misspelled.replace("roundng", "rounding").replace("gama", "gamma").replace("scop", "scope")
+    state[misspelled] = state.pop(right)
+    model = mlp(0, hidden=8)
+    _refused_with_nothing_changed(dst(model), model, state, rf"state holds \['{misspelled}'\], which a state of DST")
+
+
+def test_a_dst_state_holding_a_parameter_of_a_criterion_it_does_not_use_is_refused():
+    # mest_gamma is a setting of MEST's states only: in a RigL state it was tampered in, and meant nothing.
+    def rigl(model):
+        return sparsekern.RigL(model, torch.optim.SGD(model.parameters(), lr=0.1), update_every=2, total_steps=20)
+
+    state = {**_through_a_file(rigl(mlp(0, hidden=8)).state_dict()), "mest_gamma": 0.5}
+    model = mlp(0, hidden=8)
+    _refused_with_nothing_changed(rigl(model), model, state, r"state holds \['mest_gamma'\], which a state of a DST "
+                                                             r"of prune='magnitude', grow='gradient' does not hold")
+
+
+@pytest.mark.parametrize("argument", ["prune", "grow"])
+@pytest.mark.parametrize("flag", criteria.Criterion.FLAGS)
+def test_a_dst_state_of_a_users_criterion_is_refused_by_one_of_that_name_with_other_flags(argument, flag):
+    # Only the name was saved: a state of an elementwise criterion resumed under a per-layer one of the same name
+    # (or one that reads no gradient under one that does) went on under the other rule without a word.
+    def dst(model, criterion):
+        return sparsekern.DST(model, torch.optim.SGD(model.parameters(), lr=0.1), update_every=2, total_steps=20,
+                              **{argument: criterion})
+
+    saved = NOISY if argument == "prune" else NOISY_GROWTH
+    other = dataclasses.replace(saved, **{flag: not getattr(saved, flag)})
+    state = _through_a_file(dst(mlp(0, hidden=8), saved).state_dict())
+    assert state[f"{argument}_{flag}"] is getattr(saved, flag)
+    model = mlp(0, hidden=8)
+    _refused_with_nothing_changed(dst(model, other), model, state,
+                                  rf"state\['{argument}_{flag}'\]={getattr(saved, flag)}: the state was saved with "
+                                  rf"{argument}='{saved.name}' of {flag}={getattr(saved, flag)}, not "
+                                  rf"{getattr(other, flag)}")
+    dst(mlp(0, hidden=8), copy.deepcopy(saved)).load_state_dict(state)   # the same criterion (a copy) loads
+    # A state saved before the flags were kept loads under either (as one saved before the settings were).
+    older = {key: value for key, value in state.items() if not key.startswith(f"{argument}_")}
+    dst(mlp(0, hidden=8), other).load_state_dict(older)
 
 
 @pytest.mark.parametrize("saved, loaded, words", [
@@ -407,6 +478,21 @@ def test_an_optg_state_saved_by_position_by_older_versions_loads_as_before():
     _two_layer_steps(model, optg, 1)
     _two_layer_steps(resumed, resumed_optg, 1)
     assert _same((model.state_dict(), optg.state_dict()), (resumed.state_dict(), resumed_optg.state_dict())) is None
+
+
+def test_an_optg_state_of_the_first_versions_holding_pruned_weights_loads_as_before():
+    # The first versions saved the values off the masks as "pruned_weights" (the model's state dict keeps them
+    # since), and no settings: their states must load as they did, the entry ignored.
+    model, optg = _optg_of_two_layers(["first", "second"])
+    _two_layer_steps(model, optg, 2)
+    first = {key: value for key, value in _positional(optg).items() if key in ("epoch", "scores", "score_optimizer",
+                                                                             "masks")}
+    first["pruned_weights"] = [torch.where(layer.mask, 0, layer.weight.detach()) for layer in optg.layers]
+    saved = _through_a_file({"model": model.state_dict(), "optg": first})
+    resumed, resumed_optg = _optg_of_two_layers(["first", "second"], seed=1)
+    resumed.load_state_dict(saved["model"])
+    resumed_optg.load_state_dict(saved["optg"])
+    assert _same(optg.state_dict(), resumed_optg.state_dict()) is None
 
 
 def _ticket_steps_of_two_layers(model, algorithm, steps):
