@@ -121,9 +121,7 @@ def test_loading_a_dense_checkpoint_into_a_sparsified_model_warns_that_it_densif
     (IMP's start, sparsify at density 1) loads one silently."""
     pretrained = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 5))
     model = _mlp(0.3)
-    with pytest.warns(UserWarning, match=r"no mask for 3 sparse layers: '0\.mask' \(density 0\.291\), '2\.mask' "
-                                         r"\(density 0\.224\), '4\.mask' \(density 0\.825\); load_state_dict loaded "
-                                         r"them as dense layers \(mask all True\)"):
+    with pytest.warns(UserWarning, match=r"no '0\.mask'.*replacing its mask of density 0\.29"):
         model.load_state_dict(pretrained.state_dict())
     assert all(layer.mask.all() for layer in model if isinstance(layer, SparseLinear))
     dense_start = sparsekern.sparsify(nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 5)), 1.0)
@@ -136,7 +134,7 @@ def _dense_load_warnings(module: nn.Module, state: dict) -> list[str]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         module.load_state_dict(state)
-    return [str(warning.message) for warning in caught if "state dict has no mask for" in str(warning.message)]
+    return [str(warning.message) for warning in caught if "loads it as a dense layer" in str(warning.message)]
 
 
 def test_a_dense_checkpoint_warns_once_per_load_state_dict_call_however_many_layers_it_densifies():
@@ -151,9 +149,7 @@ def test_a_dense_checkpoint_warns_once_per_load_state_dict_call_however_many_lay
 
     model = sparse_model()
     [message] = _dense_load_warnings(model, state)
-    # It named the first layer alone ("and so does every later sparse layer"): every one is named.
-    assert "no mask for 4 sparse layers: '0.mask' (density " in message, message
-    assert all(f"'{name}.mask' (density" in message for name in ("2.0", "2.2", "3")), message
+    assert "no '0.mask'" in message and "every later sparse layer of this load_state_dict" in message
     model = sparse_model()
     model.load_state_dict(model.state_dict())   # the masks are there: no warning, and the next call warns again
     assert len(_dense_load_warnings(model, state)) == 1
@@ -161,55 +157,9 @@ def test_a_dense_checkpoint_warns_once_per_load_state_dict_call_however_many_lay
     assert len(_dense_load_warnings(model, state)) == 1   # each call warns, the same state dict again too
     model = sparse_model()
     [message] = _dense_load_warnings(model[2], pretrained[2].state_dict())   # a submodule's own call
-    assert "no mask for 2 sparse layers: '0.mask' (density" in message and "'2.mask' (density" in message, message
-    [message] = _dense_load_warnings(model[3], pretrained[3].state_dict())   # one layer alone
-    assert "no mask for 1 sparse layer: 'mask' (density" in message and "loaded it as a dense layer" in message
+    assert "no '0.mask'" in message
+    assert len(_dense_load_warnings(model[3], pretrained[3].state_dict())) == 1   # one layer alone
     assert all(layer.mask.all() for _, layer in sparsekern.nn.sparse_modules(model[2:]))
-
-
-def test_a_dense_checkpoint_warning_names_every_layer_it_densifies_and_counts_those_past_the_first_eight():
-    # The warning named the first layer alone; the others were "every later sparse layer".
-    def layers(count):
-        torch.manual_seed(0)
-        return nn.Sequential(*[nn.Linear(4, 4) for _ in range(count)])
-
-    model = sparsekern.sparsify(layers(12), 0.5, generator=torch.Generator().manual_seed(1))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model.load_state_dict(layers(12).state_dict())
-    [warning] = [warning for warning in caught if "state dict has no mask for" in str(warning.message)]
-    named = ", ".join(f"'{i}.mask' (density 0.5)" for i in range(8))
-    assert f"no mask for 12 sparse layers: {named} and 4 more; load_state_dict loaded them" in str(warning.message)
-    assert warning.filename == __file__   # the line calling load_state_dict, not torch's
-
-    # An attention's and an LSTM's projections, renamed by their parents before they load, and a layer registered
-    # under two names (loaded twice: its second load finds the mask of the first, all True, and says nothing).
-    dense = nn.Sequential(nn.Linear(8, 8), nn.LSTM(8, 8), nn.MultiheadAttention(8, 2))
-    model = sparsekern.sparsify(copy.deepcopy(dense), 0.5, generator=torch.Generator().manual_seed(1))
-    model.add_module("again", model[0])
-    state = {**dense.state_dict(), **{f"again.{key}": value for key, value in dense[0].state_dict().items()}}
-    [message] = _dense_load_warnings(model, state)
-    assert all(f"'{entry}' (density" in message for entry in ("0.mask", "1.ih_l0.mask", "1.hh_l0.mask",
-                                                               "2.in_proj.mask", "2.out_proj.mask")), message
-    assert "no mask for 5 sparse layers" in message, message
-
-
-def test_a_dense_checkpoint_load_that_raised_leaves_the_next_call_its_own_warning():
-    # A call that raised part-way never reached its last sparse layer: its layers must not join the next call's.
-    model = _mlp(0.3)
-    pretrained = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 5))
-    broken = {**pretrained.state_dict(), "2.weight": torch.zeros(32, 32).to_sparse()}   # refused as layer 2 loads
-    with pytest.raises(ValueError), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model.load_state_dict(broken)
-    model = _mlp(0.3)
-    [message] = _dense_load_warnings(model, pretrained.state_dict())
-    assert "no mask for 3 sparse layers: '0.mask'" in message, message
-    # A layer loaded other than by torch's load_state_dict warns alone.
-    layer = _mlp(0.3)[0]
-    with pytest.warns(UserWarning, match=r"no mask for 1 sparse layer: 'x\.mask' \(density 0\.291\)"):
-        layer._load_from_state_dict({"x.weight": torch.zeros(32, 20), "x.bias": torch.zeros(32)}, "x.", {}, True,
-                                    [], [], [])
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])

@@ -58,9 +58,9 @@ runs under vmap and refuses to be differentiated.
 
 A plain nn.Linear / nn.Conv1d/2d/3d / nn.ConvTranspose1d/2d/3d state dict loads into the matching sparse
 module (one pruned by torch.nn.utils.prune, its `weight_orig` and `weight_mask`, as that mask and the
-pruned weight; a missing `mask` means all True: a load_state_dict call that makes modules dense whose
-masks were not all True names them all in one warning), and `to_dense()` returns a plain module holding
-the masked weight (`sparsekern.nn.densify` turns a whole model back). A saved mask that is not bool
+pruned weight; a missing `mask` means all True: a module whose mask was not all True warns that it
+becomes dense), and `to_dense()` returns a plain module holding the masked weight (`sparsekern.nn.densify`
+turns a whole model back). A saved mask that is not bool
 (torch.nn.utils.prune's are float) must hold only 0 and 1 (ValueError naming its key otherwise, the
 module unchanged).
 Loading a state dict, or assigning or registering a `weight` Parameter (torch.nn.utils.parametrize's
@@ -72,8 +72,6 @@ or a state dict), the deferred-initialisation recipe; a mask for it comes from `
 """
 from __future__ import annotations
 
-import dataclasses
-import sys
 import threading
 import warnings
 
@@ -331,14 +329,17 @@ class SparseModule(nn.Module):
             _check_loaded_layout(state_dict.get(prefix + name), prefix + name)
         # load_state_dict hands each module its own copy of the dict, so filling in the mask of a
         # dense checkpoint here does not touch the caller's dict.
-        densified = None   # (the mask's entry, the density it replaces) when a dense checkpoint loads here
         if prefix + "mask" not in state_dict and prefix + "weight" in state_dict:
             # The module's shape: a weight of another shape is refused on its own (a Conv2d's into a
             # SparseConv3d), with no mismatch reported for a mask the checkpoint does not hold.
             device = state_dict[prefix + "weight"].device
-            if not self.mask.is_meta and not bool(self.mask.all()):
+            if not self.mask.is_meta and not bool(self.mask.all()) and _first_dense_load_of_call(missing_keys):
                 # A pretrained dense checkpoint loaded into a sparsified model: it would train dense, silently.
-                densified = (prefix + "mask", self.density)
+                warnings.warn(f"state dict has no {prefix + 'mask'!r}: {type(self).__name__} loads it as a dense "
+                              f"layer (mask all True), replacing its mask of density {self.density:.3g}, and so "
+                              f"does every later sparse layer of this load_state_dict whose mask it lacks (not "
+                              f"warned one by one); to start sparse from dense weights, load them into the dense "
+                              f"model and sparsify it then (mask='magnitude' keeps the largest)", stacklevel=2)
             state_dict[prefix + "mask"] = torch.ones(self.mask.shape, dtype=torch.bool, device=device)
         mask = state_dict.get(prefix + "mask")
         _check_loaded_mask(mask, prefix + "mask")
@@ -352,7 +353,6 @@ class SparseModule(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         self._recheck_zero_off_mask()
-        _dense_loads_of_call(missing_keys, densified)
 
     def extra_repr(self) -> str:
         if self.mask.is_meta:  # no values to count
@@ -360,82 +360,19 @@ class SparseModule(nn.Module):
         return f"{super().extra_repr()}, density={self.density:.4g}"
 
 
-# torch's load_state_dict hands one missing-keys list to every module of a call: by it, the sparse layers of a
-# call that loaded dense (a dense checkpoint's) are gathered, in one warning once the call's last sparse layer
-# has loaded. Per thread: {id(missing keys): _DenseLoads}.
-_dense_loads = threading.local()
-_LOAD_STATE_DICT = nn.Module.load_state_dict.__code__
-_NAMED_DENSE_LOADS = 8   # layers a dense-checkpoint warning names; it counts the others
+# torch's load_state_dict hands one missing-keys list to every module of a call: the list of the call that last
+# warned of a dense checkpoint tells its later layers from a new call's. Held (per thread), its identity cannot
+# pass to a later call's list.
+_dense_load_warned = threading.local()
 
 
-@dataclasses.dataclass
-class _DenseLoads:
-    missing_keys: list   # held, so that its id stays this call's
-    remaining: int       # sparse modules of the call still to load
-    densified: list[tuple[str, float]]   # (mask entry, density replaced) of those that loaded dense
-
-
-def _dense_loads_of_call(missing_keys: list, densified: tuple[str, float] | None) -> None:
-    """Counts a sparse module loaded by the load_state_dict call owning `missing_keys`, `densified` (its mask's
-    entry and the density that loading it dense replaced) or not; after the call's last sparse module, warns once
-    of every layer of the call that loaded dense (a ResNet's dense checkpoint densifies a dozen; one warning per
-    layer said a dozen times the same). The call is found on this thread's stack, and its model tells how many
-    sparse modules it loads: a layer loaded otherwise (not by torch's load_state_dict) warns alone."""
-    calls = _dense_loads.__dict__.setdefault("calls", {})   # this thread's
-    call = calls.get(id(missing_keys))
-    if call is None:
-        running = _running_loads()
-        for key in [key for key in calls if key not in running]:   # calls that raised before their end
-            del calls[key]
-        model = running.get(id(missing_keys))
-        if model is None:
-            if densified is not None:
-                _warn_dense_loads([densified], stacklevel=3)
-            return
-        count = sum(isinstance(module, SparseModule) for _, module in model.named_modules(remove_duplicate=False))
-        call = calls[id(missing_keys)] = _DenseLoads(missing_keys, count, [])
-    if densified is not None:
-        call.densified.append(densified)
-    call.remaining -= 1
-    if call.remaining <= 0:
-        del calls[id(missing_keys)]
-        if call.densified:
-            _warn_dense_loads(call.densified, stacklevel=_frames_to_caller_of(missing_keys))
-
-
-def _running_loads() -> dict[int, nn.Module]:
-    """The modules whose torch load_state_dict is running on this thread, by id of the call's missing-keys list."""
-    running, frame = {}, sys._getframe(1)
-    while frame is not None:
-        if frame.f_code is _LOAD_STATE_DICT:
-            local = frame.f_locals
-            running[id(local.get("missing_keys"))] = local.get("self")
-        frame = frame.f_back
-    return running
-
-
-def _frames_to_caller_of(missing_keys: list) -> int:
-    """The stacklevel, for a warning issued by `_warn_dense_loads` called from the function calling this one, of
-    the code that called the load_state_dict owning `missing_keys` (3, the caller of the function calling that one,
-    if not found)."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None:
-        if frame.f_code is _LOAD_STATE_DICT and frame.f_locals.get("missing_keys") is missing_keys:
-            return level + 1
-        frame, level = frame.f_back, level + 1
-    return 3
-
-
-def _warn_dense_loads(densified: list[tuple[str, float]], stacklevel: int) -> None:
-    """One warning naming the layers (mask entry, density replaced) that a state dict without masks loaded dense."""
-    count = len(densified)
-    named = ", ".join(f"{entry!r} (density {density:.3g})" for entry, density in densified[:_NAMED_DENSE_LOADS])
-    more = f" and {count - _NAMED_DENSE_LOADS} more" if count > _NAMED_DENSE_LOADS else ""
-    warnings.warn(f"state dict has no mask for {count} sparse layer{'s' if count > 1 else ''}: {named}{more}; "
-                  f"load_state_dict loaded {'it as a dense layer' if count == 1 else 'them as dense layers'} (mask "
-                  f"all True), replacing the mask{'s' if count > 1 else ''} of that density; to start sparse from "
-                  f"dense weights, load them into the dense model and sparsify it then (mask='magnitude' keeps the "
-                  f"largest)", stacklevel=stacklevel + 1)
+def _first_dense_load_of_call(missing_keys: list) -> bool:
+    """Whether no layer of the load_state_dict call owning `missing_keys` has warned of a dense checkpoint yet
+    (one warning per call, not one per layer: a ResNet's would be a dozen); the call counts as warned from now."""
+    if getattr(_dense_load_warned, "missing_keys", None) is missing_keys:
+        return False
+    _dense_load_warned.missing_keys = missing_keys
+    return True
 
 
 def _is_meta(tensor: Tensor | None) -> bool:

@@ -200,7 +200,7 @@ def test_dense_round_trip_and_state_dicts(generator, make, shape):
 
     # A plain state dict loads strictly into a sparse module: mask all True (which it warns about).
     fresh = copy.deepcopy(sparse)
-    with pytest.warns(UserWarning, match="loaded it as a dense layer"):
+    with pytest.warns(UserWarning, match="loads it as a dense layer"):
         fresh.load_state_dict(back.state_dict())
     assert fresh.mask.all()
     torch.testing.assert_close(fresh(x), back(x))
