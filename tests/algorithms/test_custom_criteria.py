@@ -232,3 +232,26 @@ def test_a_copied_dst_updates_as_the_original(prune, how):
         train_step(model, optimizer, algo, step)
         train_step(*copied, step)
     assert same([masks(model)], [masks(copied[0])])
+
+
+@pytest.mark.parametrize("returns", [
+    lambda weights: list(weights),                                  # the weight Parameters themselves
+    lambda weights: [w.detach() for w in weights],                  # views of them, which the update then writes
+    lambda weights: tuple(w.detach().clone() for w in weights),     # a tuple, not a list
+    lambda weights: [w.detach().double() for w in weights],         # float64 (the update ranks in the widest dtype)
+    lambda weights: [w.detach().clone().requires_grad_() for w in weights],
+    lambda weights: [torch.nn.Parameter(w.detach().clone(), requires_grad=False) for w in weights],
+], ids=["the weights", "views of the weights", "a tuple", "float64", "requiring grad", "Parameters"])
+@pytest.mark.parametrize("role", ["prune", "grow"])
+def test_scores_that_alias_the_weights_or_come_in_other_forms_update_as_copies_would(role, returns):
+    """Campaign 16: a score of these legal forms gives the masks and weights of one returning plain float32 copies,
+    even a view of the weights that the update writes while it ranks by it."""
+    def criterion(name, make):
+        return sparsekern.Criterion(name, lambda weights, grads, masks, *, generator: make(weights),
+                                    reads_gradient=False, elementwise=True)
+
+    def masks_and_weights(make):
+        other = {"prune": "magnitude", "grow": "random"}
+        return run(**{**other, role: criterion("signed", make)}, drop_fraction=0.5)[0]
+
+    assert same(masks_and_weights(lambda weights: [w.detach().clone() for w in weights]), masks_and_weights(returns))
