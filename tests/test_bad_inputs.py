@@ -2108,6 +2108,9 @@ def _inference_model_world(tmp_path=None):
         return SimpleNamespace(model=sparse_model())
 
 
+error("sparsify(a model built under inference mode)", _inference_model_world,
+      lambda w: sparsekern.sparsify(w.model, 0.5, generator=torch.Generator().manual_seed(1)), RuntimeError,
+      "^sparsify: layer '0''s weight is an inference tensor")
 error("densify(a model built under inference mode)", _inference_model_world,
       lambda w: sparsekern.nn.densify(w.model), RuntimeError, "^densify: layer '0''s weight is an inference tensor")
 
@@ -2228,6 +2231,26 @@ for _role in ("prune", "grow"):
         error(f"DST.step({_role}=a Criterion returning {_name})", _turns_bad_world(_bad, _role),
               lambda w: w.algo.step(), _error, _match)
 
+
+# A DST of a Criterion saved, copied and loaded among DSTs of other criteria.
+def _lambda_criterion_world(tmp_path=None):
+    return dst_world(prune=_criterion(name="lambda_magnitude", score=lambda weights, grads, masks, *, generator: [
+        weight.abs() for weight in weights]))
+
+
+error("pickle.dumps(a DST whose Criterion's score is a lambda)", _lambda_criterion_world,
+      lambda w: pickle.dumps(w.algo), Exception, "lambda")
+error("RigL.load_state_dict(a state saved with prune=a Criterion)", dst_world,
+      lambda w: w.algo.load_state_dict(_lambda_criterion_world().state), ValueError,
+      "the state was saved with prune='lambda_magnitude', not 'magnitude'")
+error("DST(prune=a Criterion).load_state_dict(a RigL state)", _lambda_criterion_world,
+      lambda w: w.algo.load_state_dict(dst_world().state), ValueError,
+      "the state was saved with prune='magnitude', not 'lambda_magnitude'")
+error("DST(grow=a Criterion).load_state_dict(a RigL state)",
+      lambda tmp_path=None: dst_world(grow=_criterion(name="my_gradient", reads_gradient=True, score=lambda weights,
+                                                      grads, masks, *, generator: [g.abs() for g in grads])),
+      lambda w: w.algo.load_state_dict(dst_world().state), ValueError,
+      "the state was saved with grow='gradient', not 'my_gradient'")
 
 # Optimizer state and gradients that the mask ops cannot write in place: refused naming them before any layer is
 # written (found while writing, they left the layers before zeroed and, with block=, the masks set).

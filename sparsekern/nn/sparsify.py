@@ -130,6 +130,10 @@ def sparsify(model: nn.Module, density: float | None, distribution: str | Mappin
     An attention or recurrent module holding such a weight stays dense as a whole (converted, it
     would hold a sparse layer of density 1 there), and the warning names it.
 
+    Under torch.inference_mode the masks are made as normal tensors (the model can be trained afterwards), unless
+    the model's weights are inference tensors (built under it); such a model is refused (RuntimeError) outside it,
+    which cannot write them in place.
+
     Nothing changes unless everything succeeds: the arguments are checked, and masks and initial
     weights computed on copies, before the model is touched; on any error the model and the
     random generator (`generator`, or the global one) are as before.
@@ -150,6 +154,11 @@ def sparsify(model: nn.Module, density: float | None, distribution: str | Mappin
     check_optimizer(optimizer, "build the LBFGS after sparsify")
 
     groups, wholes = _layers(model, include, exclude)
+    inference = [group[0][0] or "(root)" for group in groups if group[0][1].weight.is_inference()]
+    if inference and not torch.is_inference_mode_enabled():
+        raise RuntimeError(f"sparsify: layer {inference[0]!r}'s weight is an inference tensor (the model was built "
+                           f"under torch.inference_mode()), which cannot be masked in place outside it: call sparsify "
+                           f"under torch.inference_mode()")
     if optimizer is not None and groups:
         trained = {id(parameter) for group in optimizer.param_groups for parameter in group["params"]}
         if not any(id(group[0][1].weight) in trained for group in groups):
@@ -177,16 +186,19 @@ def sparsify(model: nn.Module, density: float | None, distribution: str | Mappin
     # An init callable may draw from the global generator even when `generator` is given.
     global_state = torch.get_rng_state()
     generator_state = generator.get_state() if generator is not None else None
-    try:
-        scores = ([torch.rand(shape, generator=generator) for shape in shapes] if mask == "random"
-                  else [_magnitudes(group) for group in groups])
-        staged = _stage(groups, scores, counts, init_function, init, generator)
-    except BaseException:
-        torch.set_rng_state(global_state)
-        if generator is not None:
-            generator.set_state(generator_state)
-        raise
-    return _commit(model, staged, optimizer, wholes)
+    # Made under torch.inference_mode, the masks would be inference tensors, which training cannot save for backward
+    # nor set_mask write: they are made as the weights were, normal unless the model was built under it.
+    with torch.inference_mode(bool(inference)):
+        try:
+            scores = ([torch.rand(shape, generator=generator) for shape in shapes] if mask == "random"
+                      else [_magnitudes(group) for group in groups])
+            staged = _stage(groups, scores, counts, init_function, init, generator)
+        except BaseException:
+            torch.set_rng_state(global_state)
+            if generator is not None:
+                generator.set_state(generator_state)
+            raise
+        return _commit(model, staged, optimizer, wholes)
 
 
 def densities(model: nn.Module) -> dict[str, float]:
