@@ -2173,8 +2173,7 @@ for _name, _arguments, _error, _match in [
          "^prune must be a str or a sparsekern.Criterion, got function"),
         ("grow=the Criterion class", {"grow": sparsekern.Criterion}, TypeError,
          "^grow must be a str or a sparsekern.Criterion, got type"),
-        ("prune='Magnitude'", {"prune": "Magnitude"}, ValueError, "^prune must be one of .* got 'Magnitude'"),
-        ("grow=None", {"grow": None}, TypeError, "^grow must be a str or a sparsekern.Criterion, got NoneType")]:
+        ("prune='Magnitude'", {"prune": "Magnitude"}, ValueError, "^prune must be one of .* got 'Magnitude'")]:
     error(f"DST({_name})", model_world, _dst_call(DST, {"total_steps": 40, **_arguments}), _error, _match)
 
 
