@@ -2108,8 +2108,365 @@ def _inference_model_world(tmp_path=None):
         return SimpleNamespace(model=sparse_model())
 
 
+error("sparsify(a model built under inference mode)", _inference_model_world,
+      lambda w: sparsekern.sparsify(w.model, 0.5, generator=torch.Generator().manual_seed(1)), RuntimeError,
+      "^sparsify: layer '0''s weight is an inference tensor")
 error("densify(a model built under inference mode)", _inference_model_world,
       lambda w: sparsekern.nn.densify(w.model), RuntimeError, "^densify: layer '0''s weight is an inference tensor")
+
+
+
+# -- campaign 16: the newest surfaces ---------------------------------------------------------------
+
+# sparsekern.Criterion: what it is built from.
+def _magnitude_score(weights, grads, masks, *, generator):
+    return [weight.abs() for weight in weights]
+
+
+def _criterion(name="mine", score=_magnitude_score, reads_gradient=False, elementwise=True):
+    return sparsekern.Criterion(name, score, reads_gradient=reads_gradient, elementwise=elementwise)
+
+
+for _name, _make, _error, _match in [
+        ("name=b'mine'", lambda: _criterion(name=b"mine"), TypeError, "^Criterion name must be a str, got bytes"),
+        ("name=None", lambda: _criterion(name=None), TypeError, "^Criterion name must be a str"),
+        ("name=''", lambda: _criterion(name=""), ValueError, "^Criterion name must not be empty"),
+        ("score='magnitude'", lambda: _criterion(score="magnitude"), TypeError, "score must be callable, got str"),
+        ("score=None", lambda: _criterion(score=None), TypeError, "score must be callable, got NoneType"),
+        ("a score without the generator keyword", lambda: _criterion(
+            score=lambda weights, grads, masks: weights), TypeError,
+         r"^Criterion 'mine': score must take \(weights, grads, masks, \*, generator\): .*'generator'"),
+        ("a score of two arguments", lambda: _criterion(score=lambda weights, grads, *, generator: weights),
+         TypeError, "score must take .*too many positional arguments"),
+        ("a score with another required keyword", lambda: _criterion(
+            score=lambda weights, grads, masks, *, generator, beta: weights), TypeError,
+         "score must take .*'beta'"),
+        ("score=print", lambda: _criterion(score=print), TypeError, "score must take"),
+        ("reads_gradient=numpy.bool_", lambda: _criterion(reads_gradient=np.bool_(True)), TypeError,
+         "^Criterion 'mine': reads_gradient must be a bool, got numpy.bool"),
+        ("reads_gradient=tensor(True)", lambda: _criterion(reads_gradient=torch.tensor(True)), TypeError,
+         "reads_gradient must be a bool, got torch.Tensor"),
+        ("reads_gradient=None", lambda: _criterion(reads_gradient=None), TypeError, "reads_gradient must be a bool"),
+        ("elementwise=1", lambda: _criterion(elementwise=1), TypeError, "elementwise must be a bool, got int"),
+        ("elementwise='yes'", lambda: _criterion(elementwise="yes"), TypeError, "elementwise must be a bool"),
+        ("without elementwise", lambda: sparsekern.Criterion("mine", _magnitude_score, reads_gradient=False),
+         TypeError, "elementwise"),
+        ("its name assigned afterwards", lambda: setattr(_criterion(), "name", "magnitude"), AttributeError,
+         "cannot assign to field 'name'")]:
+    error(f"Criterion({_name})", model_world, lambda w, m=_make: m(), _error, _match)
+
+
+# DST given a Criterion (or something else) as a criterion.
+for _name, _arguments, _error, _match in [
+        ("prune=a Criterion named 'gradient'", {"prune": _criterion(name="gradient")}, ValueError,
+         "^prune: Criterion name 'gradient' is a built-in criterion's"),
+        ("grow=a Criterion named 'magnitude'", {"grow": _criterion(name="magnitude")}, ValueError,
+         "^grow: Criterion name 'magnitude' is a built-in criterion's"),
+        ("grow=a Criterion named 'set'", {"grow": _criterion(name="set")}, ValueError, "^grow: Criterion name 'set'"),
+        ("block with a prune Criterion that is not elementwise", {
+            "block": (2, 2), "prune": _criterion(name="rank", elementwise=False)}, ValueError,
+         "^block needs elementwise criteria, got prune='rank'"),
+        ("block with a grow Criterion that is not elementwise", {
+            "block": (2, 2), "grow": _criterion(name="rank", elementwise=False)}, ValueError,
+         "^block needs elementwise criteria, got grow='rank'"),
+        ("prune=a bare score function", {"prune": _magnitude_score}, TypeError,
+         "^prune must be a str or a sparsekern.Criterion, got function"),
+        ("grow=the Criterion class", {"grow": sparsekern.Criterion}, TypeError,
+         "^grow must be a str or a sparsekern.Criterion, got type"),
+        ("prune='Magnitude'", {"prune": "Magnitude"}, ValueError, "^prune must be one of .* got 'Magnitude'")]:
+    error(f"DST({_name})", model_world, _dst_call(DST, {"total_steps": 40, **_arguments}), _error, _match)
+
+
+class _TurnsBad:
+    """A score that gives |θ| at the first update (the world's own) and then what `bad` makes of it."""
+
+    def __init__(self, bad):
+        self.bad, self.calls = bad, 0
+
+    def __call__(self, weights, grads, masks, *, generator):
+        self.calls += 1
+        scores = [weight.detach().abs() for weight in weights]
+        return scores if self.calls == 1 else self.bad(weights, masks, scores)
+
+
+def _turns_bad_world(bad, role="prune"):
+    def make(tmp_path=None):
+        return dst_world(**{role: _criterion(score=_TurnsBad(bad))})
+    return make
+
+
+def _raise_key_error(weights, masks, scores):
+    raise KeyError("this score cannot")
+
+
+for _role in ("prune", "grow"):
+    for _name, _bad, _error, _match in [
+            ("a Tensor", lambda w, m, s: s[0], TypeError, "^criterion 'mine' must return a list of tensors, got Tensor"),
+            ("None", lambda w, m, s: None, TypeError, "must return a list of tensors, got NoneType"),
+            ("a generator", lambda w, m, s: (t for t in s), TypeError, "must return a list of tensors, got generator"),
+            ("a dict", lambda w, m, s: dict(enumerate(s)), TypeError, "must return a list of tensors, got dict"),
+            ("a str", lambda w, m, s: "abc", TypeError, "score of layer '0' must be a Tensor, got str"),
+            ("None for a layer", lambda w, m, s: [None, *s[1:]], TypeError,
+             "^criterion 'mine''s score of layer '0' must be a Tensor, got NoneType"),
+            ("one score too many", lambda w, m, s: [*s, s[0]], ValueError,
+             r"^criterion 'mine' returned 4 scores for 3 layers \['0', '3', '5'\]"),
+            ("numpy arrays", lambda w, m, s: [t.numpy() for t in s], TypeError, "must be a Tensor, got ndarray"),
+            ("torch.sparse scores", lambda w, m, s: [t.to_sparse() for t in s], TypeError,
+             "score of layer '0' must be a dense"),
+            ("complex scores", lambda w, m, s: [t.to(torch.complex64) for t in s], TypeError,
+             "score of layer '0' must be float16, .*got torch.complex64"),
+            ("the masks", lambda w, m, s: list(m), TypeError, "score of layer '0' must be float16, .*got torch.bool"),
+            ("flattened scores", lambda w, m, s: [t.reshape(-1) for t in s], ValueError,
+             r"score of layer '0' must have the shape of its weight \(4, 2, 3, 3\), got \(72,\)"),
+            ("one 0-d score per layer", lambda w, m, s: [torch.tensor(1.0) for _ in s], ValueError,
+             r"must have the shape of its weight .*got \(\)"),
+            ("the first layer's score for every layer", lambda w, m, s: [s[0]] * len(s), ValueError,
+             "score of layer '3' must have the shape"),
+            ("meta scores", lambda w, m, s: [t.to("meta") for t in s], ValueError,
+             "score of layer '0' is on meta but its weight is on cpu"),
+            ("NaN in the last layer", lambda w, m, s: [*s[:2], torch.full_like(s[2], NAN)], ValueError,
+             r"^criterion 'mine' scored NaN in layers \['5'\]"),
+            ("a KeyError", _raise_key_error, KeyError, "this score cannot")]:
+        error(f"DST.step({_role}=a Criterion returning {_name})", _turns_bad_world(_bad, _role),
+              lambda w: w.algo.step(), _error, _match)
+
+
+# A DST of a Criterion saved, copied and loaded among DSTs of other criteria.
+def _lambda_criterion_world(tmp_path=None):
+    return dst_world(prune=_criterion(name="lambda_magnitude", score=lambda weights, grads, masks, *, generator: [
+        weight.abs() for weight in weights]))
+
+
+error("pickle.dumps(a DST whose Criterion's score is a lambda)", _lambda_criterion_world,
+      lambda w: pickle.dumps(w.algo), Exception, "lambda")
+error("RigL.load_state_dict(a state saved with prune=a Criterion)", dst_world,
+      lambda w: w.algo.load_state_dict(_lambda_criterion_world().state), ValueError,
+      "the state was saved with prune='lambda_magnitude', not 'magnitude'")
+error("DST(prune=a Criterion).load_state_dict(a RigL state)", _lambda_criterion_world,
+      lambda w: w.algo.load_state_dict(dst_world().state), ValueError,
+      "the state was saved with prune='magnitude', not 'lambda_magnitude'")
+error("DST(grow=a Criterion).load_state_dict(a RigL state)",
+      lambda tmp_path=None: dst_world(grow=_criterion(name="my_gradient", reads_gradient=True, score=lambda weights,
+                                                      grads, masks, *, generator: [g.abs() for g in grads])),
+      lambda w: w.algo.load_state_dict(dst_world().state), ValueError,
+      "the state was saved with grow='gradient', not 'my_gradient'")
+
+# Optimizer state and gradients that the mask ops cannot write in place: refused naming them before any layer is
+# written (found while writing, they left the layers before zeroed and, with block=, the masks set).
+def _momentum_of(world, layer: int) -> Tensor:
+    return world.optimizer.state[world.model[layer].weight]["momentum_buffer"]
+
+
+def _with_momentum(world, layer: int, make):
+    world.optimizer.state[world.model[layer].weight]["momentum_buffer"] = make(_momentum_of(world, layer))
+    return world
+
+
+def _expanded(t: Tensor) -> Tensor:
+    return t.new_ones(1).expand_as(t)
+
+
+def _inference(t: Tensor) -> Tensor:
+    with torch.inference_mode():
+        return t.clone()
+
+
+def _off_mask_momentum_world(make, density=0.4):
+    """A trained sparse model whose first layer's momentum is non-zero off its mask (so a zeroing shows) and whose
+    layer '3' holds a momentum buffer that `make` makes of its own."""
+    def world(tmp_path=None):
+        result = trained(sparse_model(density))
+        _with_momentum(result, 0, torch.ones_like)
+        return _with_momentum(result, 3, make)
+    return world
+
+
+for _kind, _make, _match in [("an expanded", _expanded, "has entries that share memory"),
+                             ("an inference", _inference, "is an inference tensor")]:
+    _named = r"^optimizer.state\[3.weight\]\['momentum_buffer'\] " + _match
+    error(f"DST(optimizer holding {_kind} momentum buffer)", _off_mask_momentum_world(_make),
+          _dst_call(DST, {"total_steps": 40}), ValueError, _named)
+    error(f"DST(block=(2, 2), optimizer holding {_kind} momentum buffer)", _off_mask_momentum_world(_make),
+          _dst_call(DST, {"total_steps": 40, "block": (2, 2)}), ValueError, _named)
+    error(f"sparsify(optimizer holding {_kind} momentum buffer)", _off_mask_momentum_world(_make, density=1.0),
+          lambda w: sparsekern.sparsify(w.model, 0.5, optimizer=w.optimizer), ValueError, _named)
+    error(f"RigL.load_state_dict(its own state, the optimizer now holding {_kind} momentum buffer)",
+          lambda tmp_path=None, m=_make: _with_momentum(_with_momentum(dst_world(), 0, torch.ones_like), 3, m),
+          lambda w: w.algo.load_state_dict(w.state), ValueError, _named)
+
+
+def _with_gradient(world, layer: int, make):
+    weight = world.model[layer].weight
+    weight.grad = make(weight.grad)
+    return world
+
+
+def _non_finite_dst_world(make):
+    """dst_world at an update step that its non-finite gradients skip (the gradients are masked instead), layer
+    '5' holding a gradient that `make` makes of its own."""
+    def world(tmp_path=None):
+        result = dst_world()
+        result.model[0].weight.grad.view(-1)[0] = NAN
+        return _with_gradient(result, 5, make)
+    return world
+
+
+def _optg_gradient_world(make):
+    return lambda tmp_path=None: _with_gradient(optg_world(), 5, make)
+
+
+for _kind, _make, _match in [("an expanded", _expanded, "has entries that share memory"),
+                             ("an inference", _inference, "is an inference tensor")]:
+    _named = "^5.weight.grad " + _match
+    error(f"RigL.step(update step, {_kind} gradient)", lambda tmp_path=None, m=_make: _with_gradient(dst_world(), 5, m),
+          lambda w: w.algo.step(), ValueError, _named)
+    error(f"RigL.step(update step skipped for NaN, {_kind} gradient)", _non_finite_dst_world(_make),
+          lambda w: w.algo.step(), ValueError, _named)
+    error(f"OptG.step({_kind} gradient)", _optg_gradient_world(_make), lambda w: w.algo.step(), ValueError, _named)
+
+
+# sparsekern.ops.mask_in_place: more odd tensors (views made under no_grad, autograd's multi-output views).
+def _no_grad_view_world(tmp_path=None):
+    world = _mask_in_place_world()
+    world.parameter = nn.Parameter(torch.randn(8, 6, generator=torch.Generator().manual_seed(1)))
+    with torch.no_grad():
+        world.view = world.parameter[:4]   # requires grad: torch itself refuses it in place with grad mode on
+    world.parts = (world.leaf * 1).unbind(0)
+    return world
+
+
+for _name, _call, _error, _match in [
+        ("a Parameter's view made under no_grad", lambda w: ops.mask_in_place(w.view, w.mask), ValueError,
+         "^tensor requires grad"),
+        ("a row unbound from an autograd result", lambda w: ops.mask_in_place(w.parts[0], w.mask[0]), ValueError,
+         "^tensor requires grad"),
+        ("a 1-element tensor and a 0-d mask", lambda w: ops.mask_in_place(w.tensor[0, :1], w.mask[0, 0]), ValueError,
+         r"^mask must have the shape of tensor \(1,\), got \(\)"),
+        ("the mask and the tensor swapped", lambda w: ops.mask_in_place(w.mask, w.tensor), TypeError,
+         "^tensor must be float16, .*got torch.bool"),
+        ("a 0-d tensor and a (1,) mask", lambda w: ops.mask_in_place(w.tensor[0, 0], w.mask[0, :1]), ValueError,
+         r"^mask must have the shape of tensor \(\), got \(1,\)")]:
+    error(f"ops.mask_in_place({_name})", _no_grad_view_world, _call, _error, _match)
+
+
+# Frozen layers, every one of them, at construction or after.
+def _all_frozen(world):
+    for layer in (0, 3, 5):
+        world.model[layer].weight.requires_grad_(False)
+    return world
+
+
+def _frozen_dense_world(tmp_path=None):
+    return _all_frozen(SimpleNamespace(model=sparse_model(density=1.0)))
+
+
+error("OptG(every layer frozen)", _frozen_dense_world, lambda w: OptG(w.model, sparsity=0.5, epochs=3),
+      ValueError, r"^no sparse layer of the model is trained: the weights of \['0', '3', '5'\] do not require grad")
+error("OptG.next_epoch(every layer frozen after construction)", lambda tmp_path=None: _all_frozen(optg_world()),
+      lambda w: w.algo.next_epoch(), RuntimeError,
+      r"^OptG.next_epoch\(\): the layers frozen after OptG was built, \['0', '3', '5'\], keep their masks")
+error("RigL.load_state_dict(a state saved with layer 3 frozen)", dst_world,
+      lambda w: w.algo.load_state_dict(_frozen_layer_state()), ValueError,
+      r"^state\['masks'\] must hold the masks of \['0', '3', '5'\], got \['0', '5'\]")
+error("OptG.load_state_dict(a state saved with layer 3 frozen)", optg_world,
+      lambda w: w.algo.load_state_dict(_frozen_layer_state(OptG)), ValueError,
+      r"state\['scores'\] holds the layers \['0', '5'\], not those of this model: missing \['3'\]")
+
+
+def _frozen_layer_state(algorithm=DST) -> dict:
+    """The state of an algorithm built on a model whose layer '3' was frozen: it leaves that layer alone."""
+    model = sparse_model(density=1.0 if algorithm is OptG else 0.4)
+    model[3].weight.requires_grad_(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if algorithm is OptG:
+            return OptG(model, sparsity=0.5, epochs=3, lr=0.5).state_dict()
+        return sparsekern.RigL(trained(model).model, trained(model).optimizer, update_every=2,
+                               total_steps=40).state_dict()
+
+
+warning("RigL.step(every layer frozen after construction)", lambda tmp_path=None: _all_frozen(dst_world()),
+        lambda w: w.algo.step(), r"DST leaves the masks of \['0', '3', '5'\] alone while their weights do not "
+        "require grad")
+warning("OptG.step(every layer frozen after construction)", lambda tmp_path=None: _all_frozen(optg_world()),
+        lambda w: w.algo.step(), r"OptG leaves the masks and scores of \['0', '3', '5'\] alone")
+
+
+# OptG's remaining flags; sparsify and densify on models without a layer to convert.
+for _value in ("no", 1, None):
+    error(f"OptG(reach_target={_show(_value)})", model_world,
+          lambda w, v=_value: OptG(w.model, sparsity=0.5, epochs=3, reach_target=v), TypeError,
+          "^reach_target must be a bool")
+
+
+class _BuffersOnly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("running", torch.ones(3))
+
+
+for _name, _make in [("an empty nn.Sequential", nn.Sequential), ("a model of buffers only", _BuffersOnly),
+                     ("nn.Identity", nn.Identity)]:
+    error(f"sparsify({_name})", lambda tmp_path=None, m=_make: SimpleNamespace(model=m()),
+          lambda w: sparsekern.sparsify(w.model, 0.5), ValueError, "^model has no nn.Linear")
+
+
+error("sparsify(a list of modules)", lambda tmp_path=None: SimpleNamespace(model=[nn.Linear(3, 3)]),
+      lambda w: sparsekern.sparsify(w.model, 0.5), TypeError, "^model must be an nn.Module, got list")
+error("densify(None)", dense_world, lambda w: sparsekern.nn.densify(None), TypeError, "model must be an nn.Module")
+
+
+# sparsekern.nn modules: their mask, weight, bias and flags assigned wrong things (a mask refused when assigned, before
+# it is in place; the others at the next forward, naming them).
+def _assign(attribute, make):
+    def call(world):
+        setattr(world.layer, attribute, make(world.layer))
+        world.layer(torch.ones(3, 6))
+    return call
+
+
+for _attribute, _name, _make, _error, _match in [
+        ("mask", "a float mask", lambda layer: layer.mask.float(), TypeError, "^mask must be a bool tensor, got "
+                                                                              "torch.float32"),
+        ("mask", "an int mask", lambda layer: layer.mask.int(), TypeError, "^mask must be a bool tensor, got torch.int32"),
+        ("mask", "a torch.sparse mask", lambda layer: layer.mask.to_sparse(), TypeError, "^mask must be a dense"),
+        ("mask", "a bool Parameter", lambda layer: nn.Parameter(layer.mask.clone(), requires_grad=False), TypeError,
+         "^mask must be a plain tensor .*got an nn.Parameter"),
+        ("mask", "a list", lambda layer: layer.mask.tolist(), TypeError, "'mask'"),
+        ("mask", "None", lambda layer: None, TypeError, "^mask must be a Tensor, got NoneType"),
+        ("mask", "a mask of another shape", lambda layer: torch.ones(3, 3, dtype=torch.bool), ValueError,
+         r"^mask must have the shape of weight \(4, 6\), got \(3, 3\)"),
+        ("mask", "a 0-d mask", lambda layer: torch.tensor(True), ValueError, "^mask must have the shape of weight"),
+        ("mask", "a meta mask", lambda layer: layer.mask.to("meta"), ValueError, "^mask is on meta"),
+        ("weight", "an int Parameter", lambda layer: nn.Parameter(torch.ones(4, 6, dtype=torch.int32),
+                                                                  requires_grad=False), TypeError,
+         "^weight must be float16"),
+        ("weight", "a plain tensor", lambda layer: torch.ones(4, 6), TypeError, "parameter 'weight'"),
+        ("weight", "a float64 Parameter", lambda layer: nn.Parameter(torch.ones(4, 6, dtype=torch.float64)),
+         TypeError, "^weight has dtype torch.float64"),
+        ("weight", "None", lambda layer: None, TypeError, "^weight must be a Tensor, got NoneType"),
+        ("bias", "a Parameter of another length", lambda layer: nn.Parameter(torch.ones(3)), ValueError,
+         r"^bias must have shape \(4,\), got \(3,\)"),
+        ("bias", "a 2-D Parameter", lambda layer: nn.Parameter(torch.ones(1, 4)), ValueError,
+         r"^bias must have shape \(4,\)"),
+        ("zero_off_mask", "'no'", lambda layer: "no", TypeError, "^zero_off_mask must be a bool, got str"),
+        ("zero_off_mask", "None", lambda layer: None, TypeError, "^zero_off_mask must be a bool, got NoneType"),
+        ("zero_off_mask", "tensor(True)", lambda layer: torch.tensor(True), TypeError,
+         "^zero_off_mask must be a bool, got torch.Tensor"),
+        ("dense_grad", "'no'", lambda layer: "no", TypeError, "^dense_grad must be a bool, got str")]:
+    # The cases refused at the forward change the layer (the assignment itself is legal): compared on a copy.
+    _refused_at_assignment = _attribute == "zero_off_mask" or _attribute == "mask" and _error is TypeError and (
+        _name != "None")
+    if _refused_at_assignment:
+        error(f"SparseLinear.{_attribute} = {_name}", layer_world, _assign(_attribute, _make), _error, _match)
+    else:
+        error(f"SparseLinear.{_attribute} = {_name}, then forward", lambda tmp_path=None: SimpleNamespace(),
+              lambda w, a=_attribute, m=_make: _assign(a, m)(_layer_world_of_its_own()), _error, _match)
+
+
+def _layer_world_of_its_own():
+    with torch.random.fork_rng(devices=[]):   # its initialisation draws from the global generator
+        return layer_world()
 
 
 # -- the tests -------------------------------------------------------------------------------------

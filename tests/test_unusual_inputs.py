@@ -239,3 +239,19 @@ def test_checkpoint_load_of_a_fifo_refuses_instead_of_blocking(tmp_path):
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert "is not a regular file" in done.stdout, done.stderr
+
+
+def test_a_model_sparsified_under_inference_mode_is_the_one_sparsified_outside_it_and_trains():
+    # Campaign 16: its masks were inference tensors, which the first backward refused to save (torch's error naming
+    # no layer) and set_mask could not write.
+    outside = _mlp(0.5)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        dense = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4))
+    with torch.inference_mode():
+        inside = sparsekern.sparsify(dense, 0.5, generator=_generator(0))
+    for (_, a), (_, b) in zip(sparse_modules(outside), sparse_modules(inside)):
+        assert not b.mask.is_inference() and torch.equal(a.mask, b.mask) and torch.equal(a.weight, b.weight)
+    x, y = _batch(0)
+    nn.functional.cross_entropy(inside(x), y).backward()
+    inside[0].set_mask(torch.ones_like(inside[0].mask))

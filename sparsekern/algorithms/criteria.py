@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from typing import Callable, ClassVar, Sequence
 
 import torch
@@ -189,7 +190,8 @@ class Criterion:
             layers' weights, `grads` their gradients (dense on an update step; a layer without one gets zeros
             where `reads_gradient`, else its entry may be None), `masks` their bool masks, `generator` DST's
             random stream (a torch.Generator on the weights' device), from which every random number must be
-            drawn, in list order: equal seeds then give equal masks. It must not write into its arguments.
+            drawn, in list order: equal seeds then give equal masks. It must not write into its arguments. A callable
+            whose signature cannot be called so raises TypeError here, not at the first update step.
         reads_gradient: whether `score` reads `grads`. Then, as for RigL's growth, step() refuses an update step
             at which no parameter has a gradient (called before backward), and a layer without a gradient keeps
             its mask at that update. Dense gradients reach every update step whatever the criteria.
@@ -226,6 +228,16 @@ class Criterion:
             raise ValueError("Criterion name must not be empty")
         if not callable(self.score):
             raise TypeError(f"Criterion {self.name!r}: score must be callable, got {type(self.score).__name__}")
+        try:
+            signature = inspect.signature(self.score)
+        except (TypeError, ValueError):   # a callable without one (some builtins): called as it is
+            signature = None
+        if signature is not None:
+            try:   # refused here, not at the first update step, deep inside DST.step()
+                signature.bind([], [], [], generator=None)
+            except TypeError as error:
+                raise TypeError(f"Criterion {self.name!r}: score must take (weights, grads, masks, *, generator): "
+                                f"{error}") from None
         _checks.flag(self.reads_gradient, f"Criterion {self.name!r}: reads_gradient")
         _checks.flag(self.elementwise, f"Criterion {self.name!r}: elementwise")
 

@@ -36,7 +36,7 @@ from ._gradients import GradientWatch, finite_sums, zero_everywhere
 from ..nn import sparse_modules, tying
 from ..nn.modules import computed_weight_refusal
 from ..nn.sharding import refuse_sharded
-from ..nn.sparsify import check_optimizer, mask_state_in_place, optimizer_state
+from ..nn.sparsify import check_optimizer, check_state_writable, mask_state_in_place, optimizer_state
 
 SCOPES = ("layer", "global")
 # How n = r · active becomes a whole count: Python's round (halves to even), or floor as RigL's code.
@@ -168,7 +168,10 @@ class DST(distributed.CatchesUp):
     (find_unused_parameters=True) has a gradient on all of them. `step()` returns True for the update
     as a whole, whether or not some layers kept their masks.
 
-    `step()` refuses (RuntimeError, nothing changed) an update step at which, under a criterion that
+    `step()` refuses (ValueError, nothing changed) an update step at which a layer's gradient cannot be masked in
+    place (an expanded view, an inference tensor: `sparsekern.ops.mask_in_place`), naming it; construction and
+    `load_state_dict` refuse so an optimizer state tensor of a layer's weight that they would zero off its mask.
+    It refuses (RuntimeError, nothing changed) an update step at which, under a criterion that
     reads gradients, no parameter of the optimizer has a gradient (step() called before backward); one
     at which a layer is no longer a module of the model (replaced after DST was built, it would never
     get a gradient); and one when a weight's gradient is the very tensor, unwritten since, that the
@@ -251,6 +254,8 @@ class DST(distributed.CatchesUp):
                 raise ValueError(f"generator is on {generator.device} but the weights are on {device}")
             if block is not None:
                 _check_blocks(self.modules, block)
+            for name, module in self.modules:   # zeroed off the masks below, after block= has set them
+                check_state_writable(optimizer, module.weight, module.mask, name)
             empty = [name for name, module in self.modules if not module.mask.any()]
             _warn_if_idle(self.schedule, empty, scope)
             self.prune, self.grow, self.scope = self._prune.name, self._grow.name, scope
@@ -306,6 +311,8 @@ class DST(distributed.CatchesUp):
         due = self.schedule.is_update(self.step_count + 1)
         if due and not self._finished:   # after finish() no update can come of them
             self._check_gradients(self.step_count + 1)
+        if due:   # an update, or a skipped one, masks them
+            self._check_gradients_writable()
         self.step_count += 1
         if self.step_count == self.schedule.total_steps + 1:
             warnings.warn(f"DST.step() called more than total_steps={self.schedule.total_steps} times: the "
@@ -471,6 +478,7 @@ class DST(distributed.CatchesUp):
                 raise ValueError(f"state['masks'][{name!r}] must be a dense bool tensor of shape "
                                  f"{tuple(module.mask.shape)} holding values")
             mask = mask.to(module.mask.device, copy=True)
+            check_state_writable(self.optimizer, module.weight, module.mask, name)   # zeroed off the mask at install
             if self.block is not None and not _Blocks(module.weight.shape, self.block).is_whole(mask):
                 raise ValueError(f"state['masks'][{name!r}] is not made of whole {self.block} blocks")
             staged.append((module, mask))
@@ -582,6 +590,14 @@ class DST(distributed.CatchesUp):
                 f"since the previous step() (no backward in between: step() called twice in one iteration, "
                 f"or without a fresh backward); an update from it would be wrong (with gradient growth it "
                 f"regrows exactly what it drops). Call step() once per iteration, after loss.backward()")
+
+    @torch.no_grad()   # a gradient that requires grad (create_graph=True) is masked under no_grad too
+    def _check_gradients_writable(self) -> None:
+        """ValueError naming the gradient, before anything changes, for one that the update (or `_mask_gradients`)
+        could not mask in place: an expanded view, an inference tensor (`ops._checks.writable_in_place`)."""
+        for name, module in self.modules:
+            if module.weight.grad is not None:
+                _checks.writable_in_place(module.weight.grad, f"{name}.weight.grad", module.mask, f"{name}.mask")
 
     @torch.no_grad()
     def _update(self, fraction: float, sums: dict[int, float] | None) -> None:

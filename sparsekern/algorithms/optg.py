@@ -176,6 +176,7 @@ class OptG(distributed.CatchesUp):
             _checks.flag(nesterov, "nesterov")
             _checks.flag(dense_while_scores_tie, "dense_while_scores_tie")
             _checks.flag(host_checks, "host_checks")
+            _checks.flag(reach_target, "reach_target")
             if nesterov and momentum == 0:
                 raise ValueError("nesterov=True needs momentum > 0")
             if lr_schedule is not None:
@@ -194,7 +195,7 @@ class OptG(distributed.CatchesUp):
             self.beta = beta
             self.lr_schedule = lr_schedule if lr_schedule is not None else cosine_lr(lr, epochs)
             self.dense_while_scores_tie = dense_while_scores_tie
-            self.reach_target = bool(reach_target)
+            self.reach_target = reach_target
             self.criterion = criterion
             self.host_checks = host_checks
             # In float32 at least: a half-precision score would round each step's small increment away.
@@ -313,7 +314,8 @@ class OptG(distributed.CatchesUp):
         whose weight received no gradient contributes none. With criterion="magnitude" it only
         masks the weights' gradient. A gradient unchanged since the previous `step()` (no backward in
         between) raises RuntimeError, with nothing changed: it would count the same gradient twice in
-        the scores. A step whose gradients are not all finite leaves the scores and their optimizer
+        the scores; so does (ValueError naming it) one that cannot be masked in place (an expanded view, an
+        inference tensor). A step whose gradients are not all finite leaves the scores and their optimizer
         alone (with host_checks), as torch.amp.GradScaler skips its step; with a GradScaler, call
         scaler.unscale_(optimizer) before step(), or the scores add up gradients times a scale that
         changes over training.
@@ -326,8 +328,11 @@ class OptG(distributed.CatchesUp):
         if stale is not None:
             raise RuntimeError(f"OptG.step(): the gradient of sparse layer {stale} has not changed since the "
                                f"previous step() (step() called twice, or without a backward in between)")
-        self._warn_frozen(frozen, stacklevel=2)
         grads = [weight.grad for weight in weights]
+        for name, layer, grad in zip(_tickets.layer_names(self._groups), self.layers, grads):
+            if grad is not None:   # masked below, after the layers before it: checked for all of them first
+                _checks.writable_in_place(grad, f"{name}.weight.grad", layer.mask, f"{name}.mask")
+        self._warn_frozen(frozen, stacklevel=2)
         learn = self._learns and (not self.host_checks or all_finite(
             [grad for index, grad in enumerate(grads) if grad is not None and index not in frozen]))
         for index, (layer, score, grad) in enumerate(zip(self.layers, self.scores, grads)):

@@ -34,7 +34,8 @@ promise: set `zero_off_mask = False`, or call `zero_weights_off_mask()` to keep 
 place (noticed by its version counter, which a mask made under torch.inference_mode lacks and a write
 through `mask.data` does not move) or put in place of the old one (registered as a buffer) is noticed at
 the next forward outside torch.compile, which reads the weight once to check the promise again (a mask
-assigned, `layer.mask = ...`, is checked at once): an EMA of a DST run
+assigned, `layer.mask = ...`, is checked at once; one that is not a dense bool tensor, or that is an
+nn.Parameter, is refused with TypeError before it is in place): an EMA of a DST run
 (torch.optim.swa_utils.AveragedModel, whose buffer sync copies the live masks into a model whose
 averaged weights are non-zero off them) computes with its averaged weights under the live masks.
 Only the module's own forward notices it: nn.TransformerEncoderLayer's fused eval-mode kernel
@@ -110,6 +111,13 @@ class SparseModule(nn.Module):
         self.zero_off_mask = self.zero_off_mask if promised is None else promised  # its hook, as the setter keeps it
 
     def __setattr__(self, name: str, value) -> None:
+        if name == "mask" and isinstance(value, Tensor):
+            # Refused before it is in place: its check below, and every op, reads it as a dense bool tensor.
+            _checks.tensor(value, "mask")
+            if value.dtype != torch.bool:
+                raise TypeError(f"mask must be a bool tensor, got {value.dtype}")
+            if isinstance(value, nn.Parameter):   # nn.Module would register it as one: no buffer, no promise kept
+                raise TypeError("mask must be a plain tensor (a buffer), got an nn.Parameter")
         super().__setattr__(name, value)
         # A mask assigned in place of the old one is checked at once, not at the next forward (see
         # `_forward_arguments`): nn.TransformerEncoderLayer's fused eval-mode kernel, and a compiled graph, read
@@ -157,7 +165,8 @@ class SparseModule(nn.Module):
 
     @property
     def zero_off_mask(self) -> bool:
-        """Whether the weight is exactly 0 wherever the mask is False (module docstring).
+        """Whether the weight is exactly 0 wherever the mask is False (module docstring). Set to a bool
+        (TypeError otherwise: a truthy "no" would be a promise).
 
         The promise holds for the weight tensor it was made for. Whatever puts another weight in place
         without assigning it (torch.func.functional_call, a parametrization, nn.Module.register_parameter)
@@ -172,8 +181,9 @@ class SparseModule(nn.Module):
         # No promise for a weight that a parametrization or hook computes (not among the Parameters), which
         # is not read here (see the getter). In __dict__ itself: nn.Module.__setattr__ would register a
         # Parameter as a second parameter.
+        _checks.flag(value, "zero_off_mask")   # a promise: "no" or a tensor is no answer
         weight = self._parameters.get("weight")
-        value = bool(value) and weight is not None
+        value = value and weight is not None
         self.__dict__["_zero_off_mask_of"] = weight if value else None
         # The mask the promise was made for: one written in place since, other than by set_mask or an
         # algorithm (AveragedModel's buffer sync, which copies the live masks into an EMA whose averaged

@@ -109,7 +109,8 @@ def sparsify(model: nn.Module, density: float | None, distribution: str | Mappin
             would move pruned weights off 0 at the next step, and the layers, which then still
             promise `zero_off_mask`, would compute with them. Not an LBFGS (ValueError): its
             history is flattened over all parameters; build it after sparsify. Nor one that trains
-            none of the weights sparsify masks (ValueError: another model's, say).
+            none of the weights sparsify masks (ValueError: another model's, say), nor one holding such a state
+            tensor that cannot be written in place (ValueError naming it: an expanded view, an inference tensor).
     Returns:
         `model`, or its replacement if `model` itself is one of those layers.
 
@@ -128,6 +129,10 @@ def sparsify(model: nn.Module, density: float | None, distribution: str | Mappin
     again with one of two tied sparse layers left out, both keep their one mask, with a warning.
     An attention or recurrent module holding such a weight stays dense as a whole (converted, it
     would hold a sparse layer of density 1 there), and the warning names it.
+
+    Under torch.inference_mode the masks are made as normal tensors (the model can be trained afterwards), unless
+    the model's weights are inference tensors (built under it); such a model is refused (RuntimeError) outside it,
+    which cannot write them in place.
 
     Nothing changes unless everything succeeds: the arguments are checked, and masks and initial
     weights computed on copies, before the model is touched; on any error the model and the
@@ -149,12 +154,19 @@ def sparsify(model: nn.Module, density: float | None, distribution: str | Mappin
     check_optimizer(optimizer, "build the LBFGS after sparsify")
 
     groups, wholes = _layers(model, include, exclude)
+    inference = [group[0][0] or "(root)" for group in groups if group[0][1].weight.is_inference()]
+    if inference and not torch.is_inference_mode_enabled():
+        raise RuntimeError(f"sparsify: layer {inference[0]!r}'s weight is an inference tensor (the model was built "
+                           f"under torch.inference_mode()), which cannot be masked in place outside it: call sparsify "
+                           f"under torch.inference_mode()")
     if optimizer is not None and groups:
         trained = {id(parameter) for group in optimizer.param_groups for parameter in group["params"]}
         if not any(id(group[0][1].weight) in trained for group in groups):
             # Its state could be zeroed off no mask: another model's optimizer, passed by mistake.
             raise ValueError("optimizer trains none of the weights sparsify masks: pass the optimizer that trains "
                              "this model, or None")
+        for group in groups:
+            check_state_writable(optimizer, group[0][1].weight, None, group[0][0] or "(root)")
     if mask == "magnitude":
         _check_finite(groups)
     shapes = [tuple(group[0][1].weight.shape) for group in groups]
@@ -174,16 +186,19 @@ def sparsify(model: nn.Module, density: float | None, distribution: str | Mappin
     # An init callable may draw from the global generator even when `generator` is given.
     global_state = torch.get_rng_state()
     generator_state = generator.get_state() if generator is not None else None
-    try:
-        scores = ([torch.rand(shape, generator=generator) for shape in shapes] if mask == "random"
-                  else [_magnitudes(group) for group in groups])
-        staged = _stage(groups, scores, counts, init_function, init, generator)
-    except BaseException:
-        torch.set_rng_state(global_state)
-        if generator is not None:
-            generator.set_state(generator_state)
-        raise
-    return _commit(model, staged, optimizer, wholes)
+    # Made under torch.inference_mode, the masks would be inference tensors, which training cannot save for backward
+    # nor set_mask write: they are made as the weights were, normal unless the model was built under it.
+    with torch.inference_mode(bool(inference)):
+        try:
+            scores = ([torch.rand(shape, generator=generator) for shape in shapes] if mask == "random"
+                      else [_magnitudes(group) for group in groups])
+            staged = _stage(groups, scores, counts, init_function, init, generator)
+        except BaseException:
+            torch.set_rng_state(global_state)
+            if generator is not None:
+                generator.set_state(generator_state)
+            raise
+        return _commit(model, staged, optimizer, wholes)
 
 
 def densities(model: nn.Module) -> dict[str, float]:
@@ -219,8 +234,24 @@ def optimizer_state(optimizer: torch.optim.Optimizer, weight: Tensor) -> list[Te
     weight, whose every state is shaped like that step, which Adam keeps on the CPU, not on the weight's
     device). A ZeroRedundancyOptimizer keeps this rank's shard of its state in its local optimizer, not in its
     own `state` (empty): that shard is read, and every rank, which runs the same code, masks its own."""
-    return [value for value in _state(optimizer).get(weight, {}).values()
-            if isinstance(value, Tensor) and weight.dim() and value.shape == weight.shape]
+    return list(_weight_shaped_state(optimizer, weight).values())
+
+
+def _weight_shaped_state(optimizer: torch.optim.Optimizer, weight: Tensor) -> dict[str, Tensor]:
+    """`optimizer_state(optimizer, weight)` by the optimizer's key ("momentum_buffer", "exp_avg", ...)."""
+    return {key: value for key, value in _state(optimizer).get(weight, {}).items()
+            if isinstance(value, Tensor) and weight.dim() and value.shape == weight.shape}
+
+
+@torch.no_grad()   # as mask_state_in_place writes: a state tensor that requires grad is no refusal
+def check_state_writable(optimizer: torch.optim.Optimizer, weight: Tensor, mask: Tensor | None, layer: str) -> None:
+    """ValueError naming the entry for an `optimizer_state` tensor of `weight` that `mask_state_in_place` could not
+    zero off `mask` (the layer's mask; None for one not made yet), checked before anything changes: an expanded or
+    overlapping view, one sharing memory with the mask, an inference tensor (`ops._checks.writable_in_place`).
+    Found only once written, it would leave the layers before it zeroed and the ones after not."""
+    mask = weight.new_empty(0, dtype=torch.bool) if mask is None else mask   # a new mask shares no memory
+    for key, tensor in _weight_shaped_state(optimizer, weight).items():
+        _checks.writable_in_place(tensor, f"optimizer.state[{layer}.weight][{key!r}]", mask, f"{layer}.mask")
 
 
 def mask_state_in_place(tensor: Tensor, mask: Tensor) -> None:

@@ -235,27 +235,6 @@ def test_a_copied_dst_updates_as_the_original(prune, how):
     assert same([masks(model)], [masks(copied[0])])
 
 
-def _scaled(weights, grads, masks, *, generator, factor=2.0):
-    return [factor * w.abs() for w in weights]
-
-
-class _Scorer:
-    def __call__(self, weights, grads, masks, *, generator):
-        return [w.abs() for w in weights]
-
-    def score(self, weights, grads, masks, *, generator):
-        return [w.abs() for w in weights]
-
-
-@pytest.mark.parametrize("score, name", [
-    (_scaled, "_scaled"), (functools.partial(_scaled, factor=3.0), "_scaled"),
-    (functools.partial(functools.partial(_scaled), factor=3.0), "_scaled"),
-    (_Scorer(), "_Scorer"), (_Scorer().score, "_Scorer.score"), (lambda *args, **kwargs: [], "<lambda>"),
-])
-def test_a_criterions_score_name_is_its_functions_qualified_name_the_same_in_copies(score, name):
-    # What the ranks of a DDP run compare (no module: a script's functions are __main__'s in it, __mp_main__'s in
-    # the workers torch.multiprocessing spawns from it).
-    criterion = sparsekern.Criterion("mine", score, reads_gradient=False, elementwise=True)
-    assert criterion.score_name() == name
-    assert copy.deepcopy(criterion).score_name() == name
-    assert criterion.flags() == {"reads_gradient": False, "elementwise": True}
+import functools
+import inspect
+from typing import Callable, ClassVar, Sequence

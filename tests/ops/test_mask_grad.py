@@ -398,6 +398,40 @@ def test_mask_in_place_masks_a_strided_tensor_in_place(layout, generator):
     torch.testing.assert_close(grad, want, rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("case", ["0-d", "empty", "every other column", "transposed mask", "expanded mask",
+                                  "every other column of a mask", "inference tensor in inference mode"])
+def test_mask_in_place_takes_every_legal_layout_and_writes_nothing_else(case, generator):
+    """Campaign 16: odd but legal tensors and masks give the reference's select, and a view leaves the rest of its
+    base as it was."""
+    base = torch.randn(4, 12, generator=generator)
+    mask = torch.rand(4, 6, generator=generator) < 0.5
+    tensor = base[:, :6]
+    if case == "0-d":
+        tensor, mask = base[0, 0], mask[0, 0]
+    elif case == "empty":
+        tensor, mask = base[:0, :6], mask[:0]
+    elif case == "every other column":
+        tensor = base[:, ::2]
+    elif case == "transposed mask":
+        mask = mask.T.contiguous().T
+    elif case == "expanded mask":
+        mask = mask[:1].expand(4, 6)
+    elif case == "every other column of a mask":
+        mask = torch.rand(4, 12, generator=generator)[:, ::2] < 0.5
+    want, untouched = ops.reference.masked_weight(tensor, mask), base.clone()
+    if case == "inference tensor in inference mode":
+        with torch.inference_mode():
+            base, tensor = base.clone(), base.clone()[:, :6]
+            ops.mask_in_place(tensor, mask)
+    else:
+        assert ops.mask_in_place(tensor, mask) is tensor
+    assert torch.equal(tensor, want)
+    written = torch.zeros_like(base, dtype=torch.bool)
+    if tensor.dim() and case != "inference tensor in inference mode":
+        written.as_strided(tensor.shape, tensor.stride(), tensor.storage_offset()).fill_(True)
+        assert torch.equal(base[~written], untouched[~written])
+
+
 def test_mask_in_place_allocates_nothing_mask_sized(generator):
     # masked_fill_(~mask, 0), which OptG took, allocates ~mask.
     from sparsekern.bench.cases.training_step import step_peak_bytes
