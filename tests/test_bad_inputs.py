@@ -548,6 +548,8 @@ DST_BAD = [
     ("mest_gamma", "1", TypeError), ("mest_gamma", None, TypeError),
     ("sensitivity_offset", 0.0, ValueError), ("sensitivity_offset", NAN, ValueError),
     ("sensitivity_offset", INF, ValueError), ("sensitivity_offset", "1", TypeError),
+    ("snip_shift", -1e-5, ValueError), ("snip_shift", NAN, ValueError), ("snip_shift", INF, ValueError),
+    ("snip_shift", "1e-5", TypeError), ("snip_shift", None, TypeError),
     ("seed", 1.5, TypeError), ("seed", "0", TypeError), ("seed", None, TypeError), ("seed", True, TypeError),
     ("generator", 3, TypeError), ("generator", "generator", TypeError),
     ("group", "world", TypeError), ("group", 0, TypeError),

@@ -7,24 +7,23 @@ scores entries for growth; the update grows the highest-scoring entries not kept
 inactive positions are ignored by pruning and scores at kept positions by growth.
 
 Every built-in criterion has the signature
-    criterion(weights, grads, masks, *, generator, gamma, offset) -> list[Tensor]
+    criterion(weights, grads, masks, *, generator, gamma, offset, shift) -> list[Tensor]
 over lists of one length: `weights` float tensors, `grads` the current batch's dense gradients
 shaped like them (None entries allowed for criteria that do not read gradients), `masks` the
 current bool masks; `generator` a torch.Generator on the weights' device (random criteria draw
 from it, in list order), `gamma` MEST's gradient coefficient, `offset` what Sensitivity and
-RSensitivity add to their denominators. MEST, SNIP, Sensitivity and RSensitivity compute in float32 at least
-(`_wide`), so that a half-precision model is ranked by their formulas. Every criterion but `set` is
-elementwise; `set` ranks weights over the whole list, so a per-layer update passes one layer. The divisions
-are guarded by offset =
-EPSILON = 1e-8 by default; the Fantastic Weights code adds 1 instead (offset=1.0), which changes the
-ranking. That code also adds 1e-5 to SNIP's score |θ·g|, which is no option here: the shift orders no
-two scores differently, but in float32 it can merge scores less than 9e-13 apart (1e-5's spacing there:
-1e-13 and 3e-13 both become 1e-5), which then rank by position instead of by value. For that code's
-ranking, give DST a `Criterion` whose score adds it. Definitions: Nowak et al. 2023 ("Fantastic Weights
-and How to Find Them"), RigL (Evci et al. 2020), SET (Mocanu et al. 2018), MEST (Yuan et al. 2021).
+RSensitivity add to their denominators, `shift` what SNIP adds to its score. MEST, SNIP, Sensitivity and
+RSensitivity compute in float32 at least (`_wide`), so that a half-precision model is ranked by their formulas.
+Every criterion but `set` is elementwise; `set` ranks weights over the whole list, so a per-layer update passes
+one layer. The divisions are guarded by offset = EPSILON = 1e-8 by default; the Fantastic Weights code adds 1
+instead (offset=1.0), which changes the ranking. That code also adds 1e-5 to SNIP's score |θ·g| (shift=1e-5;
+0 by default), which changes the ranking too: the shift orders no two scores differently, but in float32 it can
+merge scores less than 9e-13 apart (1e-5's spacing there: 1e-13 and 3e-13 both become 1e-5), which then rank by
+position instead of by value. Definitions: Nowak et al. 2023 ("Fantastic Weights and How to Find Them"), RigL
+(Evci et al. 2020), SET (Mocanu et al. 2018), MEST (Yuan et al. 2021).
 
-A criterion of a user's own is a `Criterion` (`sparsekern.Criterion`): its score function, without gamma and
-offset, and whether it reads the gradient and is elementwise, which DST needs to know. DST takes one wherever it
+A criterion of a user's own is a `Criterion` (`sparsekern.Criterion`): its score function, without gamma, offset
+and shift, and whether it reads the gradient and is elementwise, which DST needs to know. DST takes one wherever it
 takes a built-in criterion's name, and handles the built-in ones as Criterion objects too (`lookup`).
 """
 from __future__ import annotations
@@ -60,45 +59,48 @@ def _wide(tensors) -> list[Tensor]:
     return [t.to(torch.promote_types(t.dtype, torch.float32)) for t in tensors]
 
 
-def magnitude(weights, grads, masks, *, generator=None, gamma=1.0, offset=EPSILON) -> list[Tensor]:
+def magnitude(weights, grads, masks, *, generator=None, gamma=1.0, offset=EPSILON, shift=0.0) -> list[Tensor]:
     """|θ|: drops the active weights closest to zero (RigL)."""
     return _each(torch._foreach_abs, list(weights))
 
 
-def mest(weights, grads, masks, *, generator=None, gamma=1.0, offset=EPSILON) -> list[Tensor]:
+def mest(weights, grads, masks, *, generator=None, gamma=1.0, offset=EPSILON, shift=0.0) -> list[Tensor]:
     """|θ| + γ|g| (MEST, γ = 1 by default), in float32 at least."""
     weights, grads = _wide(weights), _wide(grads)
     return _each(torch._foreach_add, magnitude(weights, grads, masks), _each(torch._foreach_mul, gradient(
         weights, grads, masks), gamma))
 
 
-def snip(weights, grads, masks, *, generator=None, gamma=1.0, offset=EPSILON) -> list[Tensor]:
-    """|θ·g| (SNIP's saliency), in float32 at least."""
+def snip(weights, grads, masks, *, generator=None, gamma=1.0, offset=EPSILON, shift=0.0) -> list[Tensor]:
+    """|θ·g| + shift (SNIP's saliency, shifted as the Fantastic Weights code shifts it by 1e-5), in float32 at
+    least."""
     weights, grads = _wide(weights), _wide(grads)
-    return _each(torch._foreach_abs, _each(torch._foreach_mul, list(weights), list(grads)))
+    scores = _each(torch._foreach_abs, _each(torch._foreach_mul, list(weights), list(grads)))
+    # Unshifted, no pass over the scores: x + 0.0 is x (|θ·g| is never -0.0), so the ranking is the same.
+    return _each(torch._foreach_add, scores, shift) if shift else scores
 
 
-def sensitivity(weights, grads, masks, *, generator=None, gamma=1.0, offset=EPSILON) -> list[Tensor]:
+def sensitivity(weights, grads, masks, *, generator=None, gamma=1.0, offset=EPSILON, shift=0.0) -> list[Tensor]:
     """|g| / (|θ| + offset), in float32 at least."""
     weights, grads = _wide(weights), _wide(grads)
     return _each(torch._foreach_div, gradient(weights, grads, masks),
                  _each(torch._foreach_add, magnitude(weights, grads, masks), offset))
 
 
-def rsensitivity(weights, grads, masks, *, generator=None, gamma=1.0, offset=EPSILON) -> list[Tensor]:
+def rsensitivity(weights, grads, masks, *, generator=None, gamma=1.0, offset=EPSILON, shift=0.0) -> list[Tensor]:
     """|θ| / (|g| + offset), the reciprocal of sensitivity, in float32 at least."""
     weights, grads = _wide(weights), _wide(grads)
     return _each(torch._foreach_div, magnitude(weights, grads, masks),
                  _each(torch._foreach_add, gradient(weights, grads, masks), offset))
 
 
-def random(weights, grads, masks, *, generator=None, gamma=1.0, offset=EPSILON) -> list[Tensor]:
+def random(weights, grads, masks, *, generator=None, gamma=1.0, offset=EPSILON, shift=0.0) -> list[Tensor]:
     """Uniform random scores: drops (or grows) a uniformly random set of exactly n entries."""
     return [torch.rand(w.shape, generator=generator, device=w.device, dtype=torch.float32)
             for w in weights]
 
 
-def set_rule(weights, grads, masks, *, generator=None, gamma=1.0, offset=EPSILON) -> list[Tensor]:
+def set_rule(weights, grads, masks, *, generator=None, gamma=1.0, offset=EPSILON, shift=0.0) -> list[Tensor]:
     """SET (Mocanu et al. 2018): drop the smallest positive weights and the negative weights
     closest to zero, in proportion to their numbers, expressed as one score.
 
@@ -151,7 +153,7 @@ def _sorted_positions(values: Tensor, selected: Tensor, descending: bool) -> Ten
     return positions[torch.sort(values[positions], descending=descending, stable=True).indices]
 
 
-def gradient(weights, grads, masks, *, generator=None, gamma=1.0, offset=EPSILON) -> list[Tensor]:
+def gradient(weights, grads, masks, *, generator=None, gamma=1.0, offset=EPSILON, shift=0.0) -> list[Tensor]:
     """|g| (RigL's growth: the largest dense gradients among inactive entries)."""
     return _each(torch._foreach_abs, list(grads))
 
@@ -298,7 +300,7 @@ class Criterion:
 
 
 # The built-in criteria as Criterion objects: DST handles every criterion through one. Their scores are trusted
-# (SET's scores NaN weights NaN on purpose), and they take two parameters of DST's (gamma, offset).
+# (SET's scores NaN weights NaN on purpose), and they take three parameters of DST's (gamma, offset, shift).
 _BUILT_IN = {name: Criterion(name, score, reads_gradient=name in READS_GRADIENT,
                              elementwise=name in ELEMENTWISE or name in GROW)
              for name, score in {**PRUNE, **GROW}.items()}

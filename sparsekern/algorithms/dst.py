@@ -49,7 +49,8 @@ _HEAD = 4096   # entries of a mask that _warn_if_emptied reads first
 _REQUIRED_ENTRIES = ("step_count", "masks", "schedule", "generator")
 _OPTIONAL_ENTRIES = ("algorithm", "finished")
 _SETTINGS = ("prune", "grow", "scope", "block", "reset_state", "swap_rounding", "mest_gamma", "sensitivity_offset",
-             *(f"{argument}_{flag}" for argument in ("prune", "grow") for flag in criteria.Criterion.FLAGS))
+             "snip_shift", *(f"{argument}_{flag}" for argument in ("prune", "grow")
+                             for flag in criteria.Criterion.FLAGS))
 
 
 def _stream_seed(seed: int) -> int:
@@ -104,6 +105,9 @@ class DST(distributed.CatchesUp):
         sensitivity_offset: what prune="sensitivity" and "rsensitivity" add to their denominators,
             |g| / (|θ| + offset) and |θ| / (|g| + offset): 1e-8 (a guard), or 1.0 as the Fantastic
             Weights code, which ranks differently.
+        snip_shift: what prune="snip" adds to its score, |θ·g| + shift: 0, or 1e-5 as the Fantastic Weights
+            code, which ranks differently: in float32 it merges scores less than 9e-13 apart (1e-13 and 3e-13
+            both become 1e-5), which then rank by position.
         seed, generator: random criteria draw from `generator` (a torch.Generator on the
             weights' device), or from a new one whose stream is derived from `seed` (default 0)
             and differs from `torch.Generator().manual_seed(seed)`'s, the generator a user most
@@ -115,8 +119,8 @@ class DST(distributed.CatchesUp):
             masks (or weights under them) that already differ across ranks (see
             `sparsekern.distributed.broadcast_masks`), and settings that differ across ranks, under which
             the masks would diverge at the first update: prune, grow (a `sparsekern.Criterion` by its
-            name), scope, block, reset_state, swap_rounding, mest_gamma and sensitivity_offset (where the
-            criterion reads them), schedule, drop_fraction, final_drop_fraction, update_every, end_step
+            name), scope, block, reset_state, swap_rounding, mest_gamma, sensitivity_offset and snip_shift
+            (where the criterion reads them), schedule, drop_fraction, final_drop_fraction, update_every, end_step
             and host_checks (total_steps, which only times a warning, may differ), with one ValueError
             naming each and the ranks holding each value, and ranks that update other layers (a layer
             frozen on some ranks only: "Which layers"); an argument refused on one rank only is
@@ -204,7 +208,7 @@ class DST(distributed.CatchesUp):
                  total_steps: int,
                  scope: str = "layer", reset_state: bool = True, block: tuple[int, int] | None = None,
                  swap_rounding: str = "round", mest_gamma: float = 1.0,
-                 sensitivity_offset: float = criteria.EPSILON, seed: int = 0,
+                 sensitivity_offset: float = criteria.EPSILON, snip_shift: float = 0.0, seed: int = 0,
                  generator: torch.Generator | None = None,
                  host_checks: bool = True, group=None):
         # Collective: a check that fails on one rank fails on every rank (one raising alone would leave the
@@ -237,6 +241,7 @@ class DST(distributed.CatchesUp):
             mest_gamma = _checks.number(mest_gamma, "mest_gamma", lambda value: value >= 0, ">= 0")
             sensitivity_offset = _checks.number(sensitivity_offset, "sensitivity_offset",
                                                 lambda value: value > 0, "> 0")
+            snip_shift = _checks.number(snip_shift, "snip_shift", lambda value: value >= 0, ">= 0")
             self.modules, self._groups = _trained_layers(model, optimizer)
             device = self.modules[0][1].weight.device
             for name, module in self.modules:
@@ -260,7 +265,8 @@ class DST(distributed.CatchesUp):
             _warn_if_idle(self.schedule, empty, scope)
             self.prune, self.grow, self.scope = self._prune.name, self._grow.name, scope
             self.reset_state, self.block, self.mest_gamma = reset_state, block, mest_gamma
-            self.sensitivity_offset, self.swap_rounding = sensitivity_offset, swap_rounding
+            self.sensitivity_offset, self.snip_shift = sensitivity_offset, snip_shift
+            self.swap_rounding = swap_rounding
             self.host_checks = host_checks
             replicas.compare(model, self._replica_settings(), generator.get_state(), f"DST's random stream ({stream})",
                              updated=self._layers_updated())
@@ -381,8 +387,8 @@ class DST(distributed.CatchesUp):
         """Step count, masks (by module name), schedule, random-generator state, whether finish()
         was called since the last step() ("finished"), and the settings it updates by: criteria by name (a
         `sparsekern.Criterion`'s with its flags, as "prune_reads_gradient", "prune_elementwise", ...: resume under one
-        of that name and flags; with mest_gamma or sensitivity_offset where the criterion reads it), scope, block,
-        reset_state and swap_rounding.
+        of that name and flags; with mest_gamma, sensitivity_offset or snip_shift where the criterion reads it),
+        scope, block, reset_state and swap_rounding.
 
         The names are those of the model DST was built on, wrapper prefixes included ("module." under
         DistributedDataParallel, "_orig_mod." under torch.compile): load the state into a DST built on the
@@ -402,6 +408,8 @@ class DST(distributed.CatchesUp):
             settings["mest_gamma"] = self.mest_gamma
         if self.prune in ("sensitivity", "rsensitivity"):
             settings["sensitivity_offset"] = self.sensitivity_offset
+        if self.prune == "snip":
+            settings["snip_shift"] = self.snip_shift
         for argument, criterion in self._users_criteria():
             settings.update({f"{argument}_{flag}": value for flag, value in criterion.flags().items()})
         return settings
@@ -438,12 +446,12 @@ class DST(distributed.CatchesUp):
         changes: a bad state raises TypeError or ValueError naming the entry, and the model and this
         DST are as before; so does the state of another algorithm, or of a DST of other settings (criteria and their
         parameter, scope, block, reset_state, swap_rounding), which this one would go on from as though they were
-        its own (a state saved before it kept one of them is not checked for it, except one without swap_rounding,
-        saved before the option existed, which rounded; nor, for a `sparsekern.Criterion`, one without its flags);
-        and so does a state holding an entry that a DST of these settings does not save (a misspelled or tampered
-        setting, which would go unchecked), naming it. A step count past the schedule's total_steps (a run that
-        called step() too often, which step() allows) loads with a warning, as does a saved schedule that differs
-        from the one this DST was built with (which it replaces)."""
+        its own (a state saved before it kept one of them is not checked for it, except one without swap_rounding or
+        snip_shift, saved before the option existed, which rounded and did not shift; nor, for a
+        `sparsekern.Criterion`, one without its flags); and so does a state holding an entry that a DST of these
+        settings does not save (a misspelled or tampered setting, which would go unchecked), naming it. A step count
+        past the schedule's total_steps (a run that called step() too often, which step() allows) loads with a
+        warning, as does a saved schedule that differs from the one this DST was built with (which it replaces)."""
         self._prepare_load(state)()
 
     def _prepare_load(self, state: dict):
@@ -455,10 +463,12 @@ class DST(distributed.CatchesUp):
         # the option existed); then, its settings being this DST's, those that it does not (another criterion's
         # parameter). Every entry that earlier versions saved is saved still: none is accepted as legacy.
         _tickets.check_state_keys(state, _REQUIRED_ENTRIES, _OPTIONAL_ENTRIES + _SETTINGS, "DST")
-        # swap_rounding entered the state with the option: a state without it was saved rounding. (The other
-        # settings were options before the state kept them: a state without one may have been saved under any.)
+        # swap_rounding and snip_shift entered the state with their options: a state without them was saved rounding,
+        # unshifted. (The other settings were options before the state kept them: a state without one may have been
+        # saved under any.)
         for key, value in self._settings().items():
-            _tickets.check_saved_setting({"swap_rounding": "round", **state}, key, value, self._setting_name(key))
+            _tickets.check_saved_setting({"swap_rounding": "round", "snip_shift": 0.0, **state}, key, value,
+                                         self._setting_name(key))
         _tickets.check_state_keys(state, _REQUIRED_ENTRIES, _OPTIONAL_ENTRIES + tuple(self._settings()),
                                   f"a DST of prune={self.prune!r}, grow={self.grow!r}")
         step_count = state["step_count"]
@@ -742,7 +752,7 @@ class DST(distributed.CatchesUp):
         criteria, or a user's, checked."""
         if criteria.is_built_in(criterion):
             return criterion.score(weights, grads, masks, generator=self.generator, gamma=self.mest_gamma,
-                                   offset=self.sensitivity_offset)
+                                   offset=self.sensitivity_offset, shift=self.snip_shift)
         return criterion.checked_scores(weights, grads, masks, generator=self.generator, layers=layers)
 
     def _state(self, weight: Tensor) -> list[Tensor]:

@@ -67,8 +67,8 @@ def grid_lines(methods: list[str], criteria: list[str], grow: str, schedule: str
 
 def line_config(base: TrainConfig, line: Line, density: float, seed: int) -> TrainConfig:
     """The run of `line` at `density` (dense: 1) and `seed`; ValueError if the line cannot run so. The base's
-    end_fraction, swap_rounding and block apply to DST lines only, mest_gamma and sensitivity_offset to those whose
-    pruning criterion reads them (the other lines keep their run keys)."""
+    end_fraction, swap_rounding and block apply to DST lines only, mest_gamma, sensitivity_offset and snip_shift to
+    those whose pruning criterion reads them (the other lines keep their run keys)."""
     dst = line.method in ("set", "rigl", "mest", CRITERION_METHOD)
     config = replace(base, method=line.method, prune=line.prune, grow=line.grow, schedule=line.schedule, seed=seed,
                      density=1.0 if line.method == "dense" else density,

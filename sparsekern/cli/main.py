@@ -200,6 +200,9 @@ def _add_run_options(parser: argparse.ArgumentParser, defaults: TrainConfig) -> 
     parser.add_argument("--sensitivity-offset", type=lambda text: _number(text, "sensitivity offset", 0, math.inf),
                         help="DST: what the sensitivity and rsensitivity pruning criteria add to their denominators "
                              "(default: 1e-8, a guard; the Fantastic Weights code adds 1)")
+    parser.add_argument("--snip-shift", type=lambda text: _number(text, "snip shift", 0, math.inf, low_open=False),
+                        help="DST: what the snip pruning criterion adds to its score |θ·g| (default: 0; the "
+                             "Fantastic Weights code adds 1e-5)")
     parser.add_argument("--block", type=_block, metavar="BHxBW",
                         help="DST: masks made of whole BHxBW blocks of each weight (as a matrix: its first dimension "
                              "by the rest), dropped and grown whole by their summed scores; not with the set "
@@ -427,7 +430,8 @@ def _warn_short_optg(method: str, epochs: int) -> None:
 # Options that only some methods read (with None defaults, so that one given explicitly is known): the methods.
 _METHOD_OPTIONS = {"scope": tuple(DST_PRESETS), "update_every": tuple(DST_PRESETS), "end_fraction": tuple(DST_PRESETS),
                    "swap_rounding": tuple(DST_PRESETS), "mest_gamma": tuple(DST_PRESETS),
-                   "sensitivity_offset": tuple(DST_PRESETS), "block": tuple(DST_PRESETS),
+                   "sensitivity_offset": tuple(DST_PRESETS), "snip_shift": tuple(DST_PRESETS),
+                   "block": tuple(DST_PRESETS),
                    "cycles": TICKET_METHODS, "particles": ("swamp",)}
 _CRITERIA_OPTIONS = ("criteria", "grow", "schedule")   # compare: of the criteria lines only
 
@@ -446,8 +450,8 @@ def _check_options_apply(args, methods: list[str]) -> None:
 
 
 def _check_criterion_parameters(args, configs: list[TrainConfig]) -> None:
-    """ValueError for --mest-gamma or --sensitivity-offset given where no DST run prunes by a criterion reading it
-    (DST would silently ignore it)."""
+    """ValueError for --mest-gamma, --sensitivity-offset or --snip-shift given where no DST run prunes by a criterion
+    reading it (DST would silently ignore it)."""
     prunes = {criteria_of(config)[0] for config in configs if config.method in DST_PRESETS}
     for name, readers in CRITERION_PARAMETERS.items():
         if getattr(args, name) is not None and not prunes & set(readers):
@@ -615,5 +619,6 @@ def _config(args, **run) -> TrainConfig:
     return TrainConfig(distribution=args.distribution, init=args.init, model=args.model, dataset=args.dataset,
                        epochs=args.epochs, device=args.device, batch_size=args.batch_size, lr=args.lr,
                        end_fraction=args.end_fraction, swap_rounding=args.swap_rounding,
-                       mest_gamma=args.mest_gamma, sensitivity_offset=args.sensitivity_offset, block=args.block,
+                       mest_gamma=args.mest_gamma, sensitivity_offset=args.sensitivity_offset,
+                       snip_shift=args.snip_shift, block=args.block,
                        **given, **run)

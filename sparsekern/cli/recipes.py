@@ -22,7 +22,8 @@ DST_PRESETS = {"set": SET, "rigl": RigL, "mest": MEST, "dst": DST}
 DST_CRITERIA = {"set": ("set", "random"), "rigl": ("magnitude", "gradient"), "mest": ("mest", "random"),
                 "dst": ("magnitude", "gradient")}
 # The parameters of a pruning criterion a run may set, and the criteria that read them (DST ignores them otherwise).
-CRITERION_PARAMETERS = {"mest_gamma": ("mest",), "sensitivity_offset": ("sensitivity", "rsensitivity")}
+CRITERION_PARAMETERS = {"mest_gamma": ("mest",), "sensitivity_offset": ("sensitivity", "rsensitivity"),
+                        "snip_shift": ("snip",)}
 TICKET_METHODS = ("imp", "swamp")
 RAMP_METHODS = {"optg": "learned", "gmp": "magnitude"}  # OptG's sigmoid ramp, and the OptG criterion it uses
 METHODS = ("dense", "static", *DST_PRESETS, *TICKET_METHODS, *RAMP_METHODS)

@@ -53,8 +53,8 @@ class TrainConfig:
 
     density is the target: where training starts (static, DST) or ends (IMP, SWAMP, OptG, GMP). prune, grow,
     schedule, drop_fraction, end_fraction, swap_rounding: None keeps the DST method's own (RigL: magnitude,
-    gradient, cosine 0.3 ending at 75%, swap counts rounded); mest_gamma and sensitivity_offset: None keeps DST's (1
-    and 1e-8), read only by the criteria that use them; block: DST's (bh, bw) blocks, or None, single weights. init:
+    gradient, cosine 0.3 ending at 75%, swap counts rounded); mest_gamma, sensitivity_offset, snip_shift: None keeps
+    DST's (1, 1e-8, 0), read only by criteria using them; block: DST's (bh, bw) blocks or None, single weights. init:
     how sparse weights start (`sparsekern.nn.init`: "sparse" draws Var = 1/fan_in over the active inputs,
     "layer-scaled" the dense variance over the density, "dense" keeps torch's default init, masked); the dense
     method and the methods that start dense use it at density 1, where "sparse" and "layer-scaled" are both Var =
@@ -71,6 +71,7 @@ class TrainConfig:
     swap_rounding: str | None = None
     mest_gamma: float | None = None
     sensitivity_offset: float | None = None
+    snip_shift: float | None = None
     block: tuple[int, int] | None = None
     scope: str = "layer"
     update_every: int = 25
@@ -103,7 +104,8 @@ class TrainConfig:
         _check_choice("init", self.init, INITS)
         _check_choice("device", self.device, ("cpu", "cuda"))
         dst_only = [name for name in ("prune", "grow", "schedule", "drop_fraction", "end_fraction",
-                                         "swap_rounding", "mest_gamma", "sensitivity_offset", "block")
+                                         "swap_rounding", "mest_gamma", "sensitivity_offset", "snip_shift",
+                                         "block")
                     if getattr(self, name) is not None]
         if dst_only and self.method not in DST_PRESETS:
             raise ValueError(f"{dst_only[0]} applies to the methods {', '.join(DST_PRESETS)}, not {self.method!r}")
@@ -125,7 +127,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not 0 < value <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {value}")
-        for name, low in (("mest_gamma", 0.0), ("sensitivity_offset", None)):
+        for name, low in (("mest_gamma", 0.0), ("sensitivity_offset", None), ("snip_shift", 0.0)):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and (value >= low if low is not None else value > 0)):
                 raise ValueError(f"{name} must be a finite number {'>= 0' if low is not None else '> 0'}, got {value}")
@@ -138,7 +140,7 @@ class TrainConfig:
 
 # Options added to TrainConfig after runs and checkpoints were stored: a config's settings leave them out at
 # their default, None, so that those runs are still found (runs.key) and those checkpoints still resume.
-LATER_OPTIONS = ("swap_rounding", "mest_gamma", "sensitivity_offset", "block")
+LATER_OPTIONS = ("swap_rounding", "mest_gamma", "sensitivity_offset", "snip_shift", "block")
 
 
 def settings(config: TrainConfig | dict) -> dict:

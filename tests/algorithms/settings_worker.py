@@ -86,6 +86,7 @@ DIFFERING = {
     "DST reset_state": (dst, 0.3, {}, {"reset_state": False}),
     "DST swap_rounding": (dst, 0.3, {}, {"swap_rounding": "floor"}),
     "DST mest_gamma": (dst, 0.3, {"prune": "mest"}, {"prune": "mest", "mest_gamma": 0.5}),
+    "DST snip_shift": (dst, 0.3, {"prune": "snip"}, {"prune": "snip", "snip_shift": 1e-5}),
     "DST host_checks": (dst, 0.3, {}, {"host_checks": False}),
     "IMP prune_fraction": (imp, 1.0, {}, {"prune_fraction": 0.5}),
     "IMP rewind_step": (imp, 1.0, {}, {"rewind_step": 2}),

@@ -156,6 +156,8 @@ def test_a_state_of_another_algorithm_is_refused(saved, loaded):
     (dict(reset_state=False), dict(reset_state=True), "reset_state=False, not True"),
     (dict(prune="mest", mest_gamma=0.5), dict(prune="mest"), "mest_gamma=0.5, not 1.0"),
     (dict(prune="sensitivity", sensitivity_offset=1.0), dict(prune="sensitivity"), "sensitivity_offset=1.0, not 1e-08"),
+    (dict(prune="snip", snip_shift=1e-5), dict(prune="snip"), "snip_shift=1e-05, not 0.0"),
+    (dict(prune="snip"), dict(prune="snip", snip_shift=1e-5), "snip_shift=0.0, not 1e-05"),
     (dict(swap_rounding="floor"), dict(), "swap_rounding='floor', not 'round'"),
     (dict(swap_rounding="round"), dict(swap_rounding="floor"), "swap_rounding='round', not 'floor'"),
     (dict(prune=NOISY), dict(prune="magnitude"), "prune='noisy_magnitude', not 'magnitude'"),
@@ -191,12 +193,26 @@ def test_a_dst_state_saved_before_swap_rounding_existed_loads_only_where_it_roun
     dst(mlp(0, hidden=8)).load_state_dict(state)
 
 
+def test_a_snip_state_saved_before_snip_shift_existed_loads_only_unshifted():
+    # Such a state was saved unshifted: loaded under snip_shift=1e-5 it would go on under the other ranking.
+    def dst(model, **options):
+        return sparsekern.DST(model, torch.optim.SGD(model.parameters(), lr=0.1), prune="snip", update_every=2,
+                              total_steps=20, **options)
+
+    state = _through_a_file(dst(mlp(0, hidden=8)).state_dict())
+    del state["snip_shift"]
+    model = mlp(0, hidden=8)
+    _refused_with_nothing_changed(dst(model, snip_shift=1e-5), model, state, "saved with snip_shift=0.0, not 1e-05")
+    dst(mlp(0, hidden=8)).load_state_dict(state)
+
+
 def test_a_criterion_parameter_the_criterion_does_not_read_is_not_a_setting_of_the_state():
     def rigl(model, **options):
         return sparsekern.RigL(model, torch.optim.SGD(model.parameters(), lr=0.1), update_every=2, total_steps=20,
                                **options)
 
-    state = _through_a_file(rigl(mlp(0, hidden=8), mest_gamma=0.5, sensitivity_offset=1.0).state_dict())
+    state = _through_a_file(rigl(mlp(0, hidden=8), mest_gamma=0.5, sensitivity_offset=1.0,
+                                 snip_shift=1e-5).state_dict())
     rigl(mlp(0, hidden=8)).load_state_dict(state)
 
 

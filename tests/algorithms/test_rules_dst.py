@@ -145,19 +145,19 @@ def test_snip_ranks_by_the_product_itself_where_the_fantastic_weights_offset_wou
     # Active |θ·g| = 1e-13, 3e-13, 1, 1 (flat 0..3), flat 4 inactive with the largest gradient. n = round(0.25 · 4)
     # = 1 drops the smallest score, flat 0, and flat 4 grows. The Fantastic Weights code's |θ·g| + 1e-5 merges
     # the first two in float32 (both become 1e-5): the tie keeps the lower position, so a Criterion adding it
-    # drops flat 1 instead.
-    def kept(prune):
+    # drops flat 1 instead, and so does snip_shift=1e-5, the option that adds it.
+    def kept(prune, **options):
         layer = hand_layer([1e-6, 3e-6, 1.0, 1.0, 0.0], range(4))
         model = nn.Sequential(layer)
-        algo = constant_dst(model, torch.optim.SGD(model.parameters(), lr=0.1), 0.25, prune=prune)
+        algo = constant_dst(model, torch.optim.SGD(model.parameters(), lr=0.1), 0.25, prune=prune, **options)
         layer.weight.grad = torch.tensor([[1e-7, 1e-7, 1.0, 1.0, 100.0]])
         assert algo.step()
         return positions(layer.mask)
 
     offset = sparsekern.Criterion("snip+1e-5", lambda weights, grads, masks, *, generator: [
         (w * g).abs() + 1e-5 for w, g in zip(weights, grads)], reads_gradient=True, elementwise=True)
-    assert kept("snip") == [1, 2, 3, 4]
-    assert kept(offset) == [0, 2, 3, 4]
+    assert kept("snip") == kept("snip", snip_shift=0.0) == [1, 2, 3, 4]
+    assert kept(offset) == kept("snip", snip_shift=1e-5) == [0, 2, 3, 4]
 
 
 def resnet50_weight_shapes():

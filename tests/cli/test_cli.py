@@ -652,14 +652,22 @@ def test_train_hands_the_criterion_parameters_to_dst(argv, expected):
     assert (algorithm.mest_gamma, algorithm.sensitivity_offset) == expected
 
 
+@pytest.mark.parametrize("argv, expected", [([], 0.0), (["--snip-shift", "1e-5"], 1e-5)])
+def test_train_hands_the_snip_shift_to_dst(argv, expected):
+    args = build_parser().parse_args(["train", "--method", "dst", "--prune", "snip", *argv])
+    config = _config(args, method=args.method, prune=args.prune)
+    assert prepare(config).recipe.algorithm.snip_shift == expected
+
+
 def test_compare_hands_the_criterion_parameters_to_the_lines_whose_criterion_reads_them():
     args = build_parser().parse_args(["compare", "--methods", "rigl,mest,dst", "--criteria", "mest,sensitivity,snip",
-                                      "--mest-gamma", "0.25", "--sensitivity-offset", "1"])
+                                      "--mest-gamma", "0.25", "--sensitivity-offset", "1", "--snip-shift", "1e-5"])
     lines = compare_module.grid_lines(args.methods, args.criteria, "gradient", "cosine")
     configs = [compare_module.line_config(_config(args), line, 0.1, seed=0) for line in lines]
-    assert [(config.method, config.prune, config.mest_gamma, config.sensitivity_offset) for config in configs] == [
-        ("rigl", None, None, None), ("mest", None, 0.25, None), ("dst", "mest", 0.25, None),
-        ("dst", "sensitivity", None, 1.0), ("dst", "snip", None, None)]
+    assert [(config.method, config.prune, config.mest_gamma, config.sensitivity_offset, config.snip_shift)
+            for config in configs] == [
+        ("rigl", None, None, None, None), ("mest", None, 0.25, None, None), ("dst", "mest", 0.25, None, None),
+        ("dst", "sensitivity", None, 1.0, None), ("dst", "snip", None, None, 1e-5)]
 
 
 @pytest.mark.parametrize("argv, expected", [([], None), (["--block", "2x4"], (2, 4)), (["--block", "1X1"], (1, 1))])
