@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import difflib
 import io
 import json
 import math
@@ -85,12 +86,27 @@ def write(rows: list[core.Row], path: str, kind: str, environment_line: str = ""
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad argument on one line (no usage block), exit code 2. The CLI's parser
-    derives from it (and also shows defaults in --help), so that `python -m benchmarks` and
-    `sparsekern` report errors alike."""
+    """argparse that reports a bad argument on one line (no usage block), exit code 2, and names the closest
+    known option to a misspelled one. The CLI's parser derives from it (and also shows defaults in --help), so
+    that `python -m benchmarks` and `sparsekern` report errors alike."""
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            self.unrecognized(unknown)
+        return namespace
+
+    def unrecognized(self, unknown: list[str]):
+        """Exits with argparse's error for arguments that no option takes, adding the known option closest to
+        the first of them spelled as an option: Python 3.11's argparse suggests none."""
+        message = f"unrecognized arguments: {' '.join(unknown)}"
+        spelled = next((argument.split("=", 1)[0] for argument in unknown if argument.startswith("--")), None)
+        options = [option for action in self._actions for option in action.option_strings]
+        close = difflib.get_close_matches(spelled, options, n=1) if spelled else []
+        self.error(f"{message}; did you mean {close[0]}?" if close else message)
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m benchmarks",

@@ -10,6 +10,7 @@ torchrun starts (README.md, `sparsekern train`), where a bad input on any rank s
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import os
 import sys
@@ -56,9 +57,17 @@ class _Parser(report.OneLineParser):
         return action
 
     def command(self, name: str) -> argparse.ArgumentParser:
-        """The parser of subcommand `name` (this one for a name that is none): every error and warning of a
-        command starts with its parser's prog, `sparsekern train: error: ...`, as argparse's own errors do."""
-        return self._commands.get(name, self)
+        """The parser of subcommand `name` (this one for -h and --help): every error and warning of a command
+        starts with its parser's prog, `sparsekern train: error: ...`, as argparse's own errors do. A name that
+        is no subcommand exits with one error line naming the closest subcommand (argparse's own listed the
+        choices only)."""
+        if name in ("-h", "--help"):
+            return self
+        if name not in self._commands:
+            close = difflib.get_close_matches(name, self._commands, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            self.error(f"unknown command {name!r}{hint} (commands: {', '.join(self._commands)})")
+        return self._commands[name]
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -339,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
     # subcommand's, they read as its other errors do
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        command.error(f"unrecognized arguments: {' '.join(unknown)}")
+        command.unrecognized(unknown)
     try:
         _run(command, args)
     finally:  # the process group train started on several ranks, also after an error
