@@ -29,14 +29,15 @@ def run(device: torch.device, quick: bool = False, only: str | None = None, budg
     """Measures every discovered case on `device` and returns the rows of the report.
 
     budget_s: seconds of timed calls per implementation (default 2, or 0.05 when quick).
-    progress: a text stream for one line per case as it is timed, or None.
+    progress: called with one line per case as it starts being timed ("timing <op> [<size>]: <implementations>"),
+        or None.
     """
     if budget_s is None:
         budget_s = 0.05 if quick else 2.0
     rows = []
     for case in core.discover(device, quick, only):
         if progress is not None:
-            print(f"timing {case.op} [{case.size}]: {', '.join(case.runs)}", file=progress, flush=True)
+            progress(f"timing {case.op} [{case.size}]: {', '.join(case.runs)}")
         rows.extend(core.measure(case, device, budget_s))
     return rows
 
@@ -114,8 +115,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m benchmarks",
     """Command line: [--device cpu|cuda] [--quick] [--only OP] [--json PATH] [--csv PATH] [--threads N]
     [--budget SECONDS].
 
-    Prints the table on stdout (progress on stderr). Returns 0, or 1 when some implementation failed.
-    `prog` is the command name shown in help and errors (`sparsekern bench` from the CLI), and
+    Prints the table on stdout, and on stderr a line `<prog>: timing <case>` as each case starts. Returns 0, or 1
+    when some implementation failed. `prog` is the command name shown in help and errors (`sparsekern bench` from the CLI), and
     `parser_class` the argument parser (both the default and the CLI's report errors on one line, exit
     code 2). Arguments, --json and --csv paths and --only included, are checked before any case is built.
     Modules run on request only (compiled_training_step) run when --only names them or their ops.
@@ -165,7 +166,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m benchmarks",
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    rows = run(device, args.quick, args.only, args.budget, progress=sys.stderr)
+    # Messages, not a bar redrawn in place: a case can time for minutes (compiled_training_step compiles first), and
+    # in a log the last line names the one running. Under the command's name, as its warnings and errors are.
+    rows = run(device, args.quick, args.only, args.budget,
+               progress=lambda line: print(f"{parser.prog}: {line}", file=sys.stderr, flush=True))
     if not rows:  # its modules have no case at these sizes on this device (triton_masked_linear on CPU)
         parser.error(f"--only {args.only!r}: no case of it runs on {args.device}"
                      f"{'' if args.quick else ' without --quick'}")
