@@ -288,7 +288,7 @@ def _errorbar_lines(axes, series: dict[str, tuple[list[float], list[list[float]]
 def _label(axes, title: str, ylabel: str = "test accuracy (%)", xlabel: str | None = None, legend: int = 8,
            beside: bool = False) -> None:
     """Title, axis labels, grid, and the legend in `legend`-point type: inside the axes, or `beside` them (where
-    bars fill the axes, so that it hides none)."""
+    bars or markers fill the axes, so that it hides none)."""
     axes.set_title(title, fontsize=10)
     axes.set_ylabel(ylabel)
     if xlabel is not None:
@@ -664,8 +664,8 @@ class GradientFlow:
                           color=colour, label=f"RigL seed 0, {when}")
         for step in {r["step"] for r in seed0 if r["when"] == "after update"}:
             right.axvline(step, color="grey", alpha=0.15, linewidth=1)
-        _label(right, f"(f) during training, d = {sparsest:g}", FLOW_LABEL,
-               "training step (grey: RigL mask updates)", legend=6)
+        _label(right, f"(f) during training, d = {sparsest:g}", FLOW_LABEL,   # markers fill the panel: no room
+               "training step (grey: RigL mask updates)", legend=6, beside=True)   # inside it for a legend
         save_figure(figure, os.path.join(out_dir, "f.png"))
         return [Claim("f", "Gradient flow at init and during training", "Evci et al. 2022",
                      "sparse networks start with poor gradient flow, which an init scaled to each unit's active "
