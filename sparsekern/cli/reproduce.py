@@ -26,7 +26,7 @@ from .data import Dataset, load_dataset
 from .output import DENSITY_LABEL, counted, csv_text, density_axis, save_figure, write_text
 from .progress import RunsBar
 from .recipes import criteria_of
-from .runs import Job, RunStore, execute, key, warn_once, warnings_cell
+from .runs import Job, RunStore, execute, key, unique, warn_once, warnings_cell
 from .training import TrainConfig, total_epochs
 
 HOLDS, FAILS, TIE = "holds", "does not hold at this scale", "tie"
@@ -151,7 +151,6 @@ def run(plan: Plan, out_dir: str, dataset: Dataset | None = None, progress: bool
     dataset = dataset if dataset is not None else load_dataset(plan.dataset)
     store = RunStore(os.path.join(out_dir, "runs"), fresh)
     planned = jobs(plan)
-    count = len({key(job.config, job.masks_from) for job in planned})
     bar = RunsBar(planned, "reproduce", describe, enabled=progress)
     trained = []
 
@@ -171,11 +170,11 @@ def run(plan: Plan, out_dir: str, dataset: Dataset | None = None, progress: bool
         return records[key(config, masks_from)]
 
     claims = [claim for experiment in EXPERIMENTS for claim in experiment.analyse(plan, lookup, out_dir)]
-    report = Report(plan, claims, count, sum(trained), seconds,
+    report = Report(plan, claims, len(unique(planned)), sum(trained), seconds,
                     sum(record["seconds"] for record in records.values()), workers)
     for claim in claims:
         write_text(os.path.join(out_dir, f"{claim.key}.csv"), csv_text(_fields(claim.rows), claim.rows))
-    configs = {key(job.config, job.masks_from): job.config for job in planned}
+    configs = {job.key: job.config for job in unique(planned)}
     runs = [run_row(record, configs[name]) for name, record in records.items()]
     write_text(os.path.join(out_dir, "runs.csv"), csv_text(_fields(runs), runs))
     write_text(os.path.join(out_dir, "report.md"), report.markdown())

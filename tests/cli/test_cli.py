@@ -232,6 +232,31 @@ def test_compare_progress_moves_with_every_epoch_of_every_run_and_names_it(tmp_p
     assert "4/4 [" in shown[-1] and "2/2 runs done" in shown[-1], shown
 
 
+def test_a_repeated_run_is_trained_once_and_counted_once_by_the_bar(tmp_path, capsys):
+    # runs.execute and the bar each dropped repeated runs by their own rule; runs.unique is the one both follow
+    from sparsekern.cli.progress import RunsBar
+    from sparsekern.cli.runs import Job, RunStore, execute, unique
+
+    first, second = (Job(TrainConfig(method="static", density=0.3, epochs=epochs)) for epochs in (1, 2))
+    jobs = [first, second, Job(TrainConfig(method="static", density=0.3, epochs=1)), second]
+    assert unique(jobs) == [first, second] and unique(jobs)[0] is first
+    bar = RunsBar(jobs, "test", lambda job: f"{job.config.epochs} epochs")
+    done = []
+
+    def finished(job, record, trained):
+        done.append(job)
+        bar.done(job, record, trained)
+
+    try:
+        records = execute(jobs, RunStore(str(tmp_path)), load_dataset("digits"), on_done=finished,
+                          on_progress=bar.progress)
+    finally:
+        bar.close()
+    assert done == unique(jobs) and set(records) == {job.key for job in unique(jobs)}
+    shown = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    assert "3/3 [" in shown[-1] and "2/2 runs done" in shown[-1], shown   # 1 + 2 epochs, 2 runs
+
+
 @pytest.mark.parametrize("target, final, filed", [(0.05, 0.0502, 0.05), (0.05, 0.0671, 0.0671), (0.2, 1.0, 1.0),
                                                   (0.01, 0.0101, 0.01), (0.01, 0.0102, 0.0102)])
 def test_a_run_is_filed_under_the_density_it_ended_at(target, final, filed):
