@@ -116,10 +116,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m benchmarks",
     [--budget SECONDS].
 
     Prints the table on stdout, and on stderr a line `<prog>: timing <case>` as each case starts. Returns 0, or 1
-    when some implementation failed. `prog` is the command name shown in help and errors (`sparsekern bench` from the CLI), and
-    `parser_class` the argument parser (both the default and the CLI's report errors on one line, exit
-    code 2). Arguments, --json and --csv paths and --only included, are checked before any case is built.
-    Modules run on request only (compiled_training_step) run when --only names them or their ops.
+    when some implementation failed. `prog` is the command name shown in help, errors and those lines
+    (`sparsekern bench` from the CLI), and `parser_class` the argument parser (both the default and the CLI's report
+    errors on one line, exit code 2). Arguments, --json and --csv paths and --only included, are checked before any
+    case is built. Modules run on request only (compiled_training_step) run when --only names them or their ops.
     """
     parser = parser_class(prog=prog, description="Times sparsekern's ops against the torch code they replace.")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",

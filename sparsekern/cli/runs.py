@@ -145,10 +145,10 @@ def _readable_masks(path: str) -> bool:
 def execute(jobs: list[Job], store: RunStore, dataset: Dataset, workers: int = 1, on_done=None,
             on_progress=None) -> dict[str, dict]:
     """Runs each run of `jobs` once (`unique`) unless it is already in `store` (those that start from another run's
-    masks after it), on `workers` processes (1: in this one), and returns every job's record by `key`. `on_done(job, record, trained)` is called
-    as each job is done (stored ones first, with trained False); `on_progress(Progress)` as each job being trained
-    starts and ends an epoch, in this process whatever `workers` is (a job's updates in order, each before its
-    on_done)."""
+    masks after it), on `workers` processes (1: in this one), and returns every job's record by `key`.
+    `on_done(job, record, trained)` is called as each run is done (stored ones first, with trained False);
+    `on_progress(Progress)` as each run being trained starts and ends an epoch, in this process whatever `workers`
+    is (a run's updates in order, each before its on_done)."""
     runs = unique(jobs)
     by_key = {job.key: job for job in runs}
 

@@ -126,6 +126,20 @@ def test_one_seed_shows_no_spread_rather_than_a_measured_zero(tmp_path, capsys):
     assert "2 lines x 1 density x 1 seed in " in capsys.readouterr().out
 
 
+def test_compare_s_last_line_says_how_many_runs_it_trained_and_how_many_it_found(tmp_path, capsys):
+    # A rerun that found every run in --out said "... in 2.1 s", as if it had trained them that fast.
+    argv = ["compare", "--methods", "static,dense", "--densities", "0.3", "--seeds", "1", "--epochs", "1", "--jobs",
+            "1", "--out", str(tmp_path), "--quiet"]
+    main(argv)
+    first = capsys.readouterr().out.splitlines()[-1]
+    main(argv[:4] + ["0.3,0.2"] + argv[5:])   # one more density: one more static run, the dense one found
+    again = capsys.readouterr().out.splitlines()[-1]
+    assert first.startswith("2 lines x 1 density x 1 seed: 2 runs (2 trained now) in "), first
+    assert again.startswith(f"2 lines x 2 densities x 1 seed: 3 runs (1 trained now, 2 found in "
+                            f"{tmp_path / 'runs'}) in "), again
+    assert again.endswith(f"s; tables, CSVs and plot in {tmp_path}")
+
+
 def test_compare_says_how_long_each_line_trained(tmp_path, capsys):
     main(["compare", "--methods", "static,imp", "--densities", "0.3", "--seeds", "1", "--epochs", "1", "--cycles",
           "2", "--jobs", "1", "--out", str(tmp_path), "--quiet"])
