@@ -104,10 +104,12 @@ class OneLineParser(argparse.ArgumentParser):
         """Exits with argparse's error for arguments that no option takes, adding the known option closest to
         the first of them spelled as an option: Python 3.11's argparse suggests none."""
         message = f"unrecognized arguments: {' '.join(unknown)}"
-        spelled = next((argument.split("=", 1)[0] for argument in unknown if argument.startswith("--")), None)
-        options = [option for action in self._actions for option in action.option_strings]
-        close = difflib.get_close_matches(spelled, options, n=1) if spelled else []
-        self.error(f"{message}; did you mean {close[0]}?" if close else message)
+        # names compared without their dashes, which alone made --out look close to --budget
+        spelled = next((argument.split("=", 1)[0][2:] for argument in unknown if argument.startswith("--")), None)
+        names = {option[2:]: option for action in self._actions for option in action.option_strings
+                 if option.startswith("--")}
+        close = difflib.get_close_matches(spelled, names, n=1) if spelled else []
+        self.error(f"{message}; did you mean {names[close[0]]}?" if close else message)
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m benchmarks",

@@ -717,6 +717,7 @@ MISSPELLED_OPTIONS = [
     (["reproduce", "--quik"], "unrecognized arguments: --quik; did you mean --quick?"),
     (["bench", "--onyl", "topk_mask"], "unrecognized arguments: --onyl topk_mask; did you mean --only?"),
     (["train", "extra"], "unrecognized arguments: extra"),   # no option in sight: nothing to suggest
+    (["bench", "--out", "x"], "unrecognized arguments: --out x"),   # was "did you mean --budget?", for the dashes
 ]
 
 
