@@ -726,3 +726,14 @@ def test_a_misspelled_option_gets_the_closest_option_suggested(argv, words, tmp_
     # Python 3.11's argparse suggests nothing (3.14's suggest_on_error is not there to lean on)
     line = refused([*argv, "--out", str(tmp_path / "out")] if argv[0] != "bench" else argv, capsys)
     assert line.endswith(words), line
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["compare", "--seed", "5"], "unrecognized arguments: --seed 5; did you mean --seeds?"),
+    (["compare", "--method", "static"], "unrecognized arguments: --method static; did you mean --methods?"),
+    (["train", "--epoch", "1"], "unrecognized arguments: --epoch 1; did you mean --epochs?"),
+], ids=lambda case: " ".join(case) if isinstance(case, list) else "")
+def test_an_abbreviated_option_is_refused_with_the_full_name_suggested(argv, words, tmp_path, capsys, nothing_trains):
+    # argparse took a prefix as the option it starts: compare --seed 5 trained seeds 0..4, where train's --seed 5
+    # is seed 5
+    assert refused([*argv, "--out", str(tmp_path / "out")], capsys).endswith(words)
