@@ -123,7 +123,7 @@ def test_one_seed_shows_no_spread_rather_than_a_measured_zero(tmp_path, capsys):
     with Image.open(tmp_path / "accuracy_vs_density.png") as image:
         series = json.loads(image.text["Description"])
     assert all(line["std"] == [None] for line in series.values())
-    assert "2 lines x 1 density x 1 seed in " in capsys.readouterr().out
+    assert "2 lines x 1 density x 1 seed: 2 runs (2 trained now) in " in capsys.readouterr().out
 
 
 def test_compare_s_last_line_says_how_many_runs_it_trained_and_how_many_it_found(tmp_path, capsys):
