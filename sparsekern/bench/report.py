@@ -87,9 +87,15 @@ def write(rows: list[core.Row], path: str, kind: str, environment_line: str = ""
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad argument on one line (no usage block), exit code 2, and names the closest
-    known option to a misspelled one. The CLI's parser derives from it (and also shows defaults in --help), so
-    that `python -m benchmarks` and `sparsekern` report errors alike."""
+    """argparse that reports a bad argument on one line (no usage block), exit code 2, takes options as spelled
+    only (an abbreviation is refused, with the option it abbreviates suggested: `sparsekern compare --seed 5` read
+    as --seeds 5, five seeds from 0, where train's --seed 5 is seed 5), and names the closest known option to a
+    misspelled one. The CLI's parser derives from it (and also shows defaults in --help), so that
+    `python -m benchmarks` and `sparsekern` read arguments and report errors alike."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")

@@ -44,13 +44,11 @@ TRAINING_OPS = ("masked_linear", "topk_mask", "topk_mask_per_tensor", "prune_gro
 
 
 class _Parser(report.OneLineParser):
-    """argparse that reports a bad argument on one line (no usage block), exit code 2, and shows defaults. Options
-    are taken as spelled only, not abbreviated: `compare --seed 5` meant --seeds 5, five seeds from 0, where train's
-    --seed 5 is seed 5; refused now, with --seeds suggested."""
+    """argparse that reports a bad argument on one line (no usage block), exit code 2, takes options as spelled
+    only (`report.OneLineParser`), and shows defaults."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", _HelpFormatter)
-        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
         self._commands: dict[str, argparse.ArgumentParser] = {}
 

@@ -407,3 +407,12 @@ def test_every_line_on_stderr_starts_with_the_command_s_name(capsys, command):
         assert exit_info.value.code == 0
     lines = capsys.readouterr().err.splitlines()
     assert lines and all(line.startswith(f"{command}: timing topk_mask") for line in lines), lines
+
+
+def test_python_m_benchmarks_refuses_an_abbreviated_option_as_sparsekern_bench_does(capsys):
+    # argparse took --quic for --quick there, where sparsekern's commands refuse abbreviations
+    with pytest.raises(SystemExit) as exit_info:
+        report.main(["--quic", "--only", "topk_mask"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == ("python -m benchmarks: error: unrecognized arguments: --quic; did you mean "
+                                       "--quick?\n")
