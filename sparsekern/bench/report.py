@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import difflib
 import io
 import json
 import math
@@ -28,14 +29,15 @@ def run(device: torch.device, quick: bool = False, only: str | None = None, budg
     """Measures every discovered case on `device` and returns the rows of the report.
 
     budget_s: seconds of timed calls per implementation (default 2, or 0.05 when quick).
-    progress: a text stream for one line per case as it is timed, or None.
+    progress: called with one line per case as it starts being timed ("timing <op> [<size>]: <implementations>"),
+        or None.
     """
     if budget_s is None:
         budget_s = 0.05 if quick else 2.0
     rows = []
     for case in core.discover(device, quick, only):
         if progress is not None:
-            print(f"timing {case.op} [{case.size}]: {', '.join(case.runs)}", file=progress, flush=True)
+            progress(f"timing {case.op} [{case.size}]: {', '.join(case.runs)}")
         rows.extend(core.measure(case, device, budget_s))
     return rows
 
@@ -85,12 +87,35 @@ def write(rows: list[core.Row], path: str, kind: str, environment_line: str = ""
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad argument on one line (no usage block), exit code 2. The CLI's parser
-    derives from it (and also shows defaults in --help), so that `python -m benchmarks` and
-    `sparsekern` report errors alike."""
+    """argparse that reports a bad argument on one line (no usage block), exit code 2, takes options as spelled
+    only (an abbreviation is refused, with the option it abbreviates suggested: `sparsekern compare --seed 5` read
+    as --seeds 5, five seeds from 0, where train's --seed 5 is seed 5), and names the closest known option to a
+    misspelled one. The CLI's parser derives from it (and also shows defaults in --help), so that
+    `python -m benchmarks` and `sparsekern` read arguments and report errors alike."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            self.unrecognized(unknown)
+        return namespace
+
+    def unrecognized(self, unknown: list[str]):
+        """Exits with argparse's error for arguments that no option takes, adding the known option closest to
+        the first of them spelled as an option: Python 3.11's argparse suggests none."""
+        message = f"unrecognized arguments: {' '.join(unknown)}"
+        # names compared without their dashes, which alone made --out look close to --budget
+        spelled = next((argument.split("=", 1)[0][2:] for argument in unknown if argument.startswith("--")), None)
+        names = {option[2:]: option for action in self._actions for option in action.option_strings
+                 if option.startswith("--")}
+        close = difflib.get_close_matches(spelled, names, n=1) if spelled else []
+        self.error(f"{message}; did you mean {names[close[0]]}?" if close else message)
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m benchmarks",
@@ -98,11 +123,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m benchmarks",
     """Command line: [--device cpu|cuda] [--quick] [--only OP] [--json PATH] [--csv PATH] [--threads N]
     [--budget SECONDS].
 
-    Prints the table on stdout (progress on stderr). Returns 0, or 1 when some implementation failed.
-    `prog` is the command name shown in help and errors (`sparsekern bench` from the CLI), and
-    `parser_class` the argument parser (both the default and the CLI's report errors on one line, exit
-    code 2). Arguments, --json and --csv paths and --only included, are checked before any case is built.
-    Modules run on request only (compiled_training_step) run when --only names them or their ops.
+    Prints the table on stdout, and on stderr a line `<prog>: timing <case>` as each case starts. Returns 0, or 1
+    when some implementation failed. `prog` is the command name shown in help, errors and those lines
+    (`sparsekern bench` from the CLI), and `parser_class` the argument parser (both the default and the CLI's report
+    errors on one line, exit code 2). Arguments, --json and --csv paths and --only included, are checked before any
+    case is built. Modules run on request only (compiled_training_step) run when --only names them or their ops.
     """
     parser = parser_class(prog=prog, description="Times sparsekern's ops against the torch code they replace.")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
@@ -149,7 +174,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m benchmarks",
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    rows = run(device, args.quick, args.only, args.budget, progress=sys.stderr)
+    # Messages, not a bar redrawn in place: a case can time for minutes (compiled_training_step compiles first), and
+    # in a log the last line names the one running. Under the command's name, as its warnings and errors are.
+    rows = run(device, args.quick, args.only, args.budget,
+               progress=lambda line: print(f"{parser.prog}: {line}", file=sys.stderr, flush=True))
     if not rows:  # its modules have no case at these sizes on this device (triton_masked_linear on CPU)
         parser.error(f"--only {args.only!r}: no case of it runs on {args.device}"
                      f"{'' if args.quick else ' without --quick'}")

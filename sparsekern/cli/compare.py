@@ -21,7 +21,7 @@ from .data import Dataset, load_dataset
 from .output import DENSITY_LABEL, counted, csv_text, density_axis, save_figure, write_text
 from .progress import RunsBar
 from .recipes import CRITERION_PARAMETERS, criteria_of
-from .runs import Job, RunStore, execute, key, warn_once, warnings_cell
+from .runs import Job, RunStore, execute, key, unique, warn_once, warnings_cell
 from .training import TrainConfig
 
 DEFAULT_METHODS = ("dense", "static", "set", "rigl", "dst")
@@ -40,6 +40,16 @@ RUN_FIELDS = ("label", "method", "prune", "grow", "schedule", "init", "density",
 SUMMARY_FIELDS = ("label", "method", "prune", "grow", "schedule", "init", "epochs", "density", "target_density",
                   "final_density_mean", "accuracy_mean", "accuracy_std", "seeds", "gradient_flow_final_mean",
                   "gradient_flow_training_mean", "gradient_flow_training_std")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """What `run_compare` did: the summary `rows` of results.csv, and of its `runs` (each run once) how many it
+    `trained` (the others were already in its folder)."""
+
+    rows: list[dict]
+    runs: int
+    trained: int
 
 
 @dataclass(frozen=True)
@@ -89,10 +99,10 @@ def grid(lines: list[Line], densities: list[float], seeds: int, base: TrainConfi
 
 def run_compare(lines: list[Line], densities: list[float], seeds: int, base: TrainConfig, out_dir: str,
                 progress: bool = True, dataset: Dataset | None = None, fresh: bool = False,
-                workers: int = 1) -> list[dict]:
+                workers: int = 1) -> Comparison:
     """Trains the grid on `workers` processes, keeping each finished run in `out_dir`/runs (and reusing those
     already there unless `fresh`), then writes runs.csv, results.csv, results.md, accuracy_vs_density.png and
-    grid.json to `out_dir`. Returns the summary rows of results.csv."""
+    grid.json to `out_dir`."""
     planned = grid(lines, densities, seeds, base)
     dataset = dataset if dataset is not None else load_dataset(base.dataset)
     store = RunStore(os.path.join(out_dir, "runs"), fresh)
@@ -100,9 +110,15 @@ def run_compare(lines: list[Line], densities: list[float], seeds: int, base: Tra
     labels = {key(config): line.label for line, config in planned}   # the criteria lines share their method
     bar = RunsBar(jobs, "compare", lambda job: f"{labels[key(job.config)]} at density {job.config.density:g}, "
                                                f"seed {job.config.seed}", enabled=progress)
+    trained = []
+
+    def done(job: Job, record: dict, was_trained: bool) -> None:
+        trained.append(was_trained)
+        bar.done(job, record, was_trained)
+
     started = time.perf_counter()
     try:
-        records = execute(jobs, store, dataset, workers, bar.done, bar.progress)
+        records = execute(jobs, store, dataset, workers, done, bar.progress)
     finally:
         bar.close()
     warn_once(records.values())
@@ -115,7 +131,7 @@ def run_compare(lines: list[Line], densities: list[float], seeds: int, base: Tra
     write_text(os.path.join(out_dir, "grid.json"), json.dumps(
         {"base": asdict(base), "lines": [asdict(line) for line in lines], "densities": list(densities),
          "seeds": seeds, "workers": workers, "seconds": time.perf_counter() - started}, indent=2))
-    return rows
+    return Comparison(rows, len(unique(jobs)), sum(trained))
 
 
 def run_row(line: Line, config: TrainConfig, record: dict) -> dict:

@@ -10,6 +10,7 @@ torchrun starts (README.md, `sparsekern train`), where a bad input on any rank s
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import os
 import sys
@@ -43,7 +44,8 @@ TRAINING_OPS = ("masked_linear", "topk_mask", "topk_mask_per_tensor", "prune_gro
 
 
 class _Parser(report.OneLineParser):
-    """argparse that reports a bad argument on one line (no usage block), exit code 2, and shows defaults."""
+    """argparse that reports a bad argument on one line (no usage block), exit code 2, takes options as spelled
+    only (`report.OneLineParser`), and shows defaults."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", _HelpFormatter)
@@ -56,9 +58,17 @@ class _Parser(report.OneLineParser):
         return action
 
     def command(self, name: str) -> argparse.ArgumentParser:
-        """The parser of subcommand `name` (this one for a name that is none): every error and warning of a
-        command starts with its parser's prog, `sparsekern train: error: ...`, as argparse's own errors do."""
-        return self._commands.get(name, self)
+        """The parser of subcommand `name` (this one for -h and --help): every error and warning of a command
+        starts with its parser's prog, `sparsekern train: error: ...`, as argparse's own errors do. A name that
+        is no subcommand exits with one error line naming the closest subcommand (argparse's own listed the
+        choices only)."""
+        if name in ("-h", "--help"):
+            return self
+        if name not in self._commands:
+            close = difflib.get_close_matches(name, self._commands, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            self.error(f"unknown command {name!r}{hint} (commands: {', '.join(self._commands)})")
+        return self._commands[name]
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -300,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="N: seeds 0..N-1 per point")
     _add_run_options(compare_parser, compare_defaults)
     compare_parser.add_argument("--out", default="runs/compare",
-                                help="directory for the table, CSV and plot; finished runs are kept in its runs/ "
+                                help="directory for the tables, CSVs and plot; finished runs are kept in its runs/ "
                                      "folder, and a rerun into it trains only what is missing")
     compare_parser.add_argument("--fresh", action="store_true", help="train every run again, ignoring finished "
                                                                      "runs in --out (after a change to the code)")
@@ -317,7 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce_parser.add_argument("--quick", action="store_true",
                                   help="a smoke test of every claim in well under a minute (fewer seeds, epochs "
                                        "and densities)")
-    reproduce_parser.add_argument("--out", default="runs/reproduce", help="directory for report.md, plots and CSVs")
+    reproduce_parser.add_argument("--out", default="runs/reproduce",
+                                  help="directory for report.md, plots and CSVs; finished runs are kept in its runs/ "
+                                       "folder, and a rerun into it trains only what is missing")
     reproduce_parser.add_argument("--fresh", action="store_true",
                                   help="train every run again, ignoring finished runs in --out")
     _add_jobs_option(reproduce_parser)
@@ -342,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
     # subcommand's, they read as its other errors do
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        command.error(f"unrecognized arguments: {' '.join(unknown)}")
+        command.unrecognized(unknown)
     try:
         _run(command, args)
     finally:  # the process group train started on several ranks, also after an error
@@ -568,13 +580,14 @@ def _prepare_compare(args):
 
     def start():
         started = time.perf_counter()
-        rows = compare_module.run_compare(lines, args.densities, args.seeds, base, args.out,
-                                          progress=not args.quiet, dataset=dataset, fresh=args.fresh,
-                                          workers=args.jobs)
-        print(compare_module.markdown_table(rows, base, args.seeds), end="")
+        comparison = compare_module.run_compare(lines, args.densities, args.seeds, base, args.out,
+                                                progress=not args.quiet, dataset=dataset, fresh=args.fresh,
+                                                workers=args.jobs)
+        print(compare_module.markdown_table(comparison.rows, base, args.seeds), end="")
         grid = " x ".join((counted(len(lines), "line"), counted(len(args.densities), "density", "densities"),
                            counted(args.seeds, "seed")))
-        print(f"{grid} in {time.perf_counter() - started:.1f} s; table, CSV and plot in {args.out}")
+        print(f"{grid}: {_runs_trained(comparison.runs, comparison.trained, args.out)} in "
+              f"{time.perf_counter() - started:.1f} s; tables, CSVs and plot in {args.out}")
 
     return start
 
@@ -591,10 +604,16 @@ def _prepare_reproduce(args):
         report = reproduce_module.run(plan, args.out, dataset=dataset, progress=not args.quiet, fresh=args.fresh,
                                       workers=args.jobs)
         print(report.summary_table(), end="")
-        print(f"{len(report.claims)} claims from {report.runs} runs in {time.perf_counter() - started:.1f} s; "
-              f"report, plots and CSVs in {args.out}")
+        print(f"{len(report.claims)} claims from {_runs_trained(report.runs, report.trained, args.out)} in "
+              f"{time.perf_counter() - started:.1f} s; report, plots and CSVs in {args.out}")
 
     return start
+
+
+def _runs_trained(runs: int, trained: int, out: str) -> str:
+    """'12 runs (3 trained now, 9 found in OUT/runs)': a rerun that trained nothing read as a fast one."""
+    found = f", {runs - trained} found in {os.path.join(out, 'runs')}" if trained < runs else ""
+    return f"{counted(runs, 'run')} ({trained} trained now{found})"
 
 
 def _check_resume(path: str, config: TrainConfig) -> None:

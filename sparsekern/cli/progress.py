@@ -2,20 +2,20 @@
 training ends (in this process or a worker, `sparsekern.cli.runs.Progress`), and saying what runs."""
 from __future__ import annotations
 
-from .runs import Job, Progress, key
+from .runs import Job, Progress, unique
 from .training import total_epochs
 
 
 class RunsBar:
-    """A tqdm bar over the epochs of `jobs` (duplicates counted once), named `name`, each run named by
-    `describe(job)`; nothing is shown unless `enabled`. Its text: the runs done, then the latest news, "<run>:
-    epoch 3/20, test accuracy 81.2%", and how many other runs are training. `progress` and `done` take
-    `runs.execute`'s callbacks."""
+    """A tqdm bar over the epochs of `jobs`, each run once as `runs.execute` trains them (`runs.unique`), named
+    `name`, each run named by `describe(job)`; nothing is shown unless `enabled`. Its text: the runs done, then the
+    latest news, "<run>: epoch 3/20, test accuracy 81.2%", and how many other runs are training. `progress` and
+    `done` take `runs.execute`'s callbacks."""
 
     def __init__(self, jobs: list[Job], name: str, describe, enabled: bool = True):
-        unique = {key(job.config, job.masks_from): job for job in jobs}
+        runs = unique(jobs)
         self._describe = describe
-        self._runs = len(unique)
+        self._runs = len(runs)
         self._epochs: dict[str, int] = {}     # epochs shown of each run started or done
         self._running: dict[int, str] = {}    # the run each worker process trains
         self._done: set[str] = set()
@@ -23,12 +23,12 @@ class RunsBar:
         if enabled:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=sum(total_epochs(job.config) for job in unique.values()), desc=name,
+            self._bar = tqdm(total=sum(total_epochs(job.config) for job in runs), desc=name,
                              unit="epoch", dynamic_ncols=True)
             self._show("starting")
 
     def progress(self, update: Progress) -> None:
-        name = key(update.job.config, update.job.masks_from)   # `runs.execute` sends none after a run is done
+        name = update.job.key   # `runs.execute` sends none after a run is done
         self._running[update.worker] = name
         self._advance(name, update.epoch)
         news = ("started" if update.epoch == 0 else
@@ -36,7 +36,7 @@ class RunsBar:
         self._show(f"{self._describe(update.job)}: {news}", update.worker)
 
     def done(self, job: Job, record: dict, trained: bool) -> None:
-        name = key(job.config, job.masks_from)
+        name = job.key
         self._running = {worker: run for worker, run in self._running.items() if run != name}
         self._done.add(name)
         self._advance(name, total_epochs(job.config))

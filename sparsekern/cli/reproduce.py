@@ -26,7 +26,7 @@ from .data import Dataset, load_dataset
 from .output import DENSITY_LABEL, counted, csv_text, density_axis, save_figure, write_text
 from .progress import RunsBar
 from .recipes import criteria_of
-from .runs import Job, RunStore, execute, key, warn_once, warnings_cell
+from .runs import Job, RunStore, execute, key, unique, warn_once, warnings_cell
 from .training import TrainConfig, total_epochs
 
 HOLDS, FAILS, TIE = "holds", "does not hold at this scale", "tie"
@@ -151,7 +151,6 @@ def run(plan: Plan, out_dir: str, dataset: Dataset | None = None, progress: bool
     dataset = dataset if dataset is not None else load_dataset(plan.dataset)
     store = RunStore(os.path.join(out_dir, "runs"), fresh)
     planned = jobs(plan)
-    count = len({key(job.config, job.masks_from) for job in planned})
     bar = RunsBar(planned, "reproduce", describe, enabled=progress)
     trained = []
 
@@ -171,11 +170,11 @@ def run(plan: Plan, out_dir: str, dataset: Dataset | None = None, progress: bool
         return records[key(config, masks_from)]
 
     claims = [claim for experiment in EXPERIMENTS for claim in experiment.analyse(plan, lookup, out_dir)]
-    report = Report(plan, claims, count, sum(trained), seconds,
+    report = Report(plan, claims, len(unique(planned)), sum(trained), seconds,
                     sum(record["seconds"] for record in records.values()), workers)
     for claim in claims:
         write_text(os.path.join(out_dir, f"{claim.key}.csv"), csv_text(_fields(claim.rows), claim.rows))
-    configs = {key(job.config, job.masks_from): job.config for job in planned}
+    configs = {job.key: job.config for job in unique(planned)}
     runs = [run_row(record, configs[name]) for name, record in records.items()]
     write_text(os.path.join(out_dir, "runs.csv"), csv_text(_fields(runs), runs))
     write_text(os.path.join(out_dir, "report.md"), report.markdown())
@@ -288,7 +287,7 @@ def _errorbar_lines(axes, series: dict[str, tuple[list[float], list[list[float]]
 def _label(axes, title: str, ylabel: str = "test accuracy (%)", xlabel: str | None = None, legend: int = 8,
            beside: bool = False) -> None:
     """Title, axis labels, grid, and the legend in `legend`-point type: inside the axes, or `beside` them (where
-    bars fill the axes, so that it hides none)."""
+    bars or markers fill the axes, so that it hides none)."""
     axes.set_title(title, fontsize=10)
     axes.set_ylabel(ylabel)
     if xlabel is not None:
@@ -664,8 +663,8 @@ class GradientFlow:
                           color=colour, label=f"RigL seed 0, {when}")
         for step in {r["step"] for r in seed0 if r["when"] == "after update"}:
             right.axvline(step, color="grey", alpha=0.15, linewidth=1)
-        _label(right, f"(f) during training, d = {sparsest:g}", FLOW_LABEL,
-               "training step (grey: RigL mask updates)", legend=6)
+        _label(right, f"(f) during training, d = {sparsest:g}", FLOW_LABEL,   # markers fill the panel: no room
+               "training step (grey: RigL mask updates)", legend=6, beside=True)   # inside it for a legend
         save_figure(figure, os.path.join(out_dir, "f.png"))
         return [Claim("f", "Gradient flow at init and during training", "Evci et al. 2022",
                      "sparse networks start with poor gradient flow, which an init scaled to each unit's active "

@@ -43,6 +43,20 @@ class Job:
     config: TrainConfig
     masks_from: TrainConfig | None = None
 
+    @property
+    def key(self) -> str:
+        """The name of its record (`key`): two jobs of one key are one run."""
+        return key(self.config, self.masks_from)
+
+
+def unique(jobs: list[Job]) -> list[Job]:
+    """Each run of `jobs` once (the first job of each key), in order: what `execute` trains and a progress bar
+    counts, decided here only (plans repeat runs: reproduce's experiments share some)."""
+    runs: dict[str, Job] = {}
+    for job in jobs:
+        runs.setdefault(job.key, job)
+    return list(runs.values())
+
 
 @dataclass(frozen=True)
 class Progress:
@@ -82,7 +96,7 @@ class RunStore:
         missing or unreadable, or the store is fresh)."""
         if self.fresh:
             return None
-        name = key(job.config, job.masks_from)
+        name = job.key
         try:
             with open(self._path(name, ".json")) as file:
                 record = json.load(file)
@@ -101,7 +115,7 @@ class RunStore:
         """Trains `job` and stores its record: `RunResult.summary()` plus "key", "config", "history" (per epoch),
         "flow" (every gradient-flow record) and "warnings" (what training warned, once each); with `keep_masks`,
         its final masks too. `on_epoch(metrics)`: called after each epoch (`training.Run.train`)."""
-        name = key(job.config, job.masks_from)
+        name = job.key
         masks = None if job.masks_from is None else checkpoint.load(self._path(key(job.masks_from), ".masks.pt"))
         with warnings.catch_warnings(record=True) as caught:  # kept with the run, shown once by the caller
             warnings.simplefilter("always")
@@ -130,34 +144,33 @@ def _readable_masks(path: str) -> bool:
 
 def execute(jobs: list[Job], store: RunStore, dataset: Dataset, workers: int = 1, on_done=None,
             on_progress=None) -> dict[str, dict]:
-    """Runs every job not already in `store` (those that start from another run's masks after it), on `workers`
-    processes (1: in this one), and returns every job's record by `key`. `on_done(job, record, trained)` is called
-    as each job is done (stored ones first, with trained False); `on_progress(Progress)` as each job being trained
-    starts and ends an epoch, in this process whatever `workers` is (a job's updates in order, each before its
-    on_done)."""
-    by_key = {key(job.config, job.masks_from): job for job in jobs}
-    unique = list(by_key.values())
+    """Runs each run of `jobs` once (`unique`) unless it is already in `store` (those that start from another run's
+    masks after it), on `workers` processes (1: in this one), and returns every job's record by `key`.
+    `on_done(job, record, trained)` is called as each run is done (stored ones first, with trained False);
+    `on_progress(Progress)` as each run being trained starts and ends an epoch, in this process whatever `workers`
+    is (a run's updates in order, each before its on_done)."""
+    runs = unique(jobs)
+    by_key = {job.key: job for job in runs}
 
     def report(message: tuple) -> None:   # (key, epoch, test accuracy, process id), as `_train_one` sends it
         if on_progress is not None:
             name, epoch, accuracy, worker = message
             on_progress(Progress(by_key[name], epoch, total_epochs(by_key[name].config), accuracy, worker))
 
-    sources = {key(job.masks_from) for job in unique if job.masks_from is not None}
+    sources = {key(job.masks_from) for job in runs if job.masks_from is not None}
     records: dict[str, dict] = {}
-    for phase in ([job for job in unique if job.masks_from is None], [job for job in unique if job.masks_from]):
+    for phase in ([job for job in runs if job.masks_from is None], [job for job in runs if job.masks_from]):
         pending = []
         for job in phase:
-            name = key(job.config, job.masks_from)
-            record = store.get(job, needs_masks=name in sources)
+            record = store.get(job, needs_masks=job.key in sources)
             if record is None:
                 pending.append(job)
             else:
-                records[name] = record
+                records[job.key] = record
                 if on_done is not None:
                     on_done(job, record, False)
         for job, record in _train_all(pending, store, dataset, workers, sources, report):
-            records[key(job.config, job.masks_from)] = record
+            records[job.key] = record
             if on_done is not None:
                 on_done(job, record, True)
     return records
@@ -228,7 +241,7 @@ def _interrupts_ignored():
 def _train_one(store: RunStore, job: Job, dataset: Dataset, keep_masks: bool, report) -> dict:
     """`store.train(job, ...)`, sending `report` (key, 0, None, process id) as it starts and (key, epoch, test
     accuracy, process id) after each epoch: plain tuples, which pass between processes."""
-    name, worker = key(job.config, job.masks_from), os.getpid()
+    name, worker = job.key, os.getpid()
     report((name, 0, None, worker))
     return store.train(job, dataset, keep_masks, on_epoch=lambda metrics: report(
         (name, metrics["epoch"], metrics["test_accuracy"], worker)))

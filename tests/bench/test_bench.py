@@ -367,7 +367,7 @@ def test_an_only_that_also_selects_a_module_that_cannot_run_says_which_it_skippe
         assert exit_info.value.code == 0
     captured = capsys.readouterr()
     assert "| topk_mask (global) |" in captured.out
-    skipped = [line for line in captured.err.splitlines() if not line.startswith("timing ")]
+    skipped = [line for line in captured.err.splitlines() if not line.startswith(f"{command}: timing ")]
     assert len(skipped) == 1 and skipped[0].startswith(
         f"{command}: warning: skipped compiled_training_step: torch.compile's Inductor needs a C++ compiler"), \
         captured.err
@@ -391,3 +391,28 @@ def test_compiled_training_step_without_a_cpp_compiler_is_refused_on_one_line(mo
     assert exit_info.value.code == 2 and error.count("\n") == 1, error
     assert error.startswith(f"{command}: error: --only 'compiled_training_step': compiled_training_step: "
                             "torch.compile's Inductor needs a C++ compiler on CPU: No working C++ compiler"), error
+
+
+@pytest.mark.parametrize("command", ["python -m benchmarks", "sparsekern bench"])
+def test_every_line_on_stderr_starts_with_the_command_s_name(capsys, command):
+    # "timing <case>" lines, one per case as it starts, were the only ones without it
+    from sparsekern.cli import main as cli_main
+
+    argv = ["--quick", "--device", "cpu", "--budget", "0.001", "--only", "topk_mask"]
+    if command == "python -m benchmarks":
+        assert report.main(argv) == 0
+    else:
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(["bench", *argv])
+        assert exit_info.value.code == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert lines and all(line.startswith(f"{command}: timing topk_mask") for line in lines), lines
+
+
+def test_python_m_benchmarks_refuses_an_abbreviated_option_as_sparsekern_bench_does(capsys):
+    # argparse took --quic for --quick there, where sparsekern's commands refuse abbreviations
+    with pytest.raises(SystemExit) as exit_info:
+        report.main(["--quic", "--only", "topk_mask"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == ("python -m benchmarks: error: unrecognized arguments: --quic; did you mean "
+                                       "--quick?\n")

@@ -702,3 +702,48 @@ def test_an_output_that_fails_mid_run_exits_2_with_one_line(command, tmp_path, c
     extra = ["--method", "static", "--epochs", "1"] if command == "train" else QUICK_COMPARE
     refused([command, *extra, "--out", str(tmp_path / "out"), "--quiet"], capsys, "No space left on device; "
             f"finished work is kept in {tmp_path / 'out'}")
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["trian", "--epochs", "1"], "sparsekern: error: unknown command 'trian'; did you mean 'train'? (commands: train, "
+                                 "compare, reproduce, bench)"),
+    (["reproduec", "--help"], "sparsekern: error: unknown command 'reproduec'; did you mean 'reproduce'? (commands: "
+                              "train, compare, reproduce, bench)"),
+    (["digits"], "sparsekern: error: unknown command 'digits' (commands: train, compare, reproduce, bench)"),
+], ids=["trian", "reproduec --help", "digits"])
+def test_a_misspelled_command_gets_one_line_naming_the_closest(argv, line, capsys, nothing_trains):
+    # argparse's own said "argument command: invalid choice: 'trian' (choose from ...)", suggesting nothing
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2 and captured.out == ""
+    assert captured.err.splitlines() == [line]
+
+
+MISSPELLED_OPTIONS = [
+    (["train", "--desnity", "0.1"], "unrecognized arguments: --desnity 0.1; did you mean --density?"),
+    (["train", "--desnity=0.1"], "unrecognized arguments: --desnity=0.1; did you mean --density?"),
+    (["--sedes", "2"], "unrecognized arguments: --sedes 2; did you mean --seeds?"),   # no subcommand: compare
+    (["reproduce", "--quik"], "unrecognized arguments: --quik; did you mean --quick?"),
+    (["bench", "--onyl", "topk_mask"], "unrecognized arguments: --onyl topk_mask; did you mean --only?"),
+    (["train", "extra"], "unrecognized arguments: extra"),   # no option in sight: nothing to suggest
+    (["bench", "--out", "x"], "unrecognized arguments: --out x"),   # was "did you mean --budget?", for the dashes
+]
+
+
+@pytest.mark.parametrize("argv, words", MISSPELLED_OPTIONS, ids=[" ".join(case[0]) for case in MISSPELLED_OPTIONS])
+def test_a_misspelled_option_gets_the_closest_option_suggested(argv, words, tmp_path, capsys, nothing_trains):
+    # Python 3.11's argparse suggests nothing (3.14's suggest_on_error is not there to lean on)
+    line = refused([*argv, "--out", str(tmp_path / "out")] if argv[0] != "bench" else argv, capsys)
+    assert line.endswith(words), line
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["compare", "--seed", "5"], "unrecognized arguments: --seed 5; did you mean --seeds?"),
+    (["compare", "--method", "static"], "unrecognized arguments: --method static; did you mean --methods?"),
+    (["train", "--epoch", "1"], "unrecognized arguments: --epoch 1; did you mean --epochs?"),
+], ids=lambda case: " ".join(case) if isinstance(case, list) else "")
+def test_an_abbreviated_option_is_refused_with_the_full_name_suggested(argv, words, tmp_path, capsys, nothing_trains):
+    # argparse took a prefix as the option it starts: compare --seed 5 trained seeds 0..4, where train's --seed 5
+    # is seed 5
+    assert refused([*argv, "--out", str(tmp_path / "out")], capsys).endswith(words)

@@ -123,7 +123,21 @@ def test_one_seed_shows_no_spread_rather_than_a_measured_zero(tmp_path, capsys):
     with Image.open(tmp_path / "accuracy_vs_density.png") as image:
         series = json.loads(image.text["Description"])
     assert all(line["std"] == [None] for line in series.values())
-    assert "2 lines x 1 density x 1 seed in " in capsys.readouterr().out
+    assert "2 lines x 1 density x 1 seed: 2 runs (2 trained now) in " in capsys.readouterr().out
+
+
+def test_compare_s_last_line_says_how_many_runs_it_trained_and_how_many_it_found(tmp_path, capsys):
+    # A rerun that found every run in --out said "... in 2.1 s", as if it had trained them that fast.
+    argv = ["compare", "--methods", "static,dense", "--densities", "0.3", "--seeds", "1", "--epochs", "1", "--jobs",
+            "1", "--out", str(tmp_path), "--quiet"]
+    main(argv)
+    first = capsys.readouterr().out.splitlines()[-1]
+    main(argv[:4] + ["0.3,0.2"] + argv[5:])   # one more density: one more static run, the dense one found
+    again = capsys.readouterr().out.splitlines()[-1]
+    assert first.startswith("2 lines x 1 density x 1 seed: 2 runs (2 trained now) in "), first
+    assert again.startswith(f"2 lines x 2 densities x 1 seed: 3 runs (1 trained now, 2 found in "
+                            f"{tmp_path / 'runs'}) in "), again
+    assert again.endswith(f"s; tables, CSVs and plot in {tmp_path}")
 
 
 def test_compare_says_how_long_each_line_trained(tmp_path, capsys):
@@ -230,6 +244,31 @@ def test_compare_progress_moves_with_every_epoch_of_every_run_and_names_it(tmp_p
         assert list(dict.fromkeys(news)) == ["started", "epoch 1/2", "epoch 2/2"], shown   # a redraw repeats one
         assert any(f"static at density {density}, seed 0 finished: test accuracy" in line for line in shown)
     assert "4/4 [" in shown[-1] and "2/2 runs done" in shown[-1], shown
+
+
+def test_a_repeated_run_is_trained_once_and_counted_once_by_the_bar(tmp_path, capsys):
+    # runs.execute and the bar each dropped repeated runs by their own rule; runs.unique is the one both follow
+    from sparsekern.cli.progress import RunsBar
+    from sparsekern.cli.runs import Job, RunStore, execute, unique
+
+    first, second = (Job(TrainConfig(method="static", density=0.3, epochs=epochs)) for epochs in (1, 2))
+    jobs = [first, second, Job(TrainConfig(method="static", density=0.3, epochs=1)), second]
+    assert unique(jobs) == [first, second] and unique(jobs)[0] is first
+    bar = RunsBar(jobs, "test", lambda job: f"{job.config.epochs} epochs")
+    done = []
+
+    def finished(job, record, trained):
+        done.append(job)
+        bar.done(job, record, trained)
+
+    try:
+        records = execute(jobs, RunStore(str(tmp_path)), load_dataset("digits"), on_done=finished,
+                          on_progress=bar.progress)
+    finally:
+        bar.close()
+    assert done == unique(jobs) and set(records) == {job.key for job in unique(jobs)}
+    shown = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    assert "3/3 [" in shown[-1] and "2/2 runs done" in shown[-1], shown   # 1 + 2 epochs, 2 runs
 
 
 @pytest.mark.parametrize("target, final, filed", [(0.05, 0.0502, 0.05), (0.05, 0.0671, 0.0671), (0.2, 1.0, 1.0),

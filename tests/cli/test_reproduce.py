@@ -6,6 +6,7 @@ from dataclasses import asdict
 
 from sparsekern.cli import main
 from sparsekern.cli import reproduce
+from sparsekern.cli.runs import unique
 
 CLAIMS = ("a", "b", "c", "d", "e", "f")
 
@@ -55,12 +56,13 @@ def test_quick_reproduce_writes_a_report_of_every_claim(tmp_path, capsys, monkey
     with open(out / "runs.csv", newline="") as file:
         criteria = {(row["method"], row["prune"], row["grow"]) for row in csv.DictReader(file)}
     assert {("rigl", "magnitude", "gradient"), ("set", "set", "random"), ("static", "", "")} <= criteria
-    runs = len(reproduce.jobs(reproduce.plan(quick=True)))
-    assert len([name for name in os.listdir(out / "runs") if name.endswith(".json")]) <= runs
+    runs = len(unique(reproduce.jobs(reproduce.plan(quick=True))))
+    assert len([name for name in os.listdir(out / "runs") if name.endswith(".json")]) == runs
 
     main(["reproduce", "--quick", "--jobs", "1", "--quiet", "--out", str(out)])  # everything reused
     again = (out / "report.md").read_text()
     assert "(0 trained now" in again
+    assert f"claims from {runs} runs (0 trained now, {runs} found in {out / 'runs'}) in " in capsys.readouterr().out
     strip = lambda text: [line for line in text.splitlines() if "trained now" not in line]  # noqa: E731
     assert strip(again) == strip(report)
 
@@ -129,3 +131,45 @@ def test_criteria_tie_counts_only_the_criteria_other_than_the_best():
     assert reproduce.criteria_tying_the_best(accuracy, ["magnitude", "snip", "set", "random"], [0.2]) == (1, 3)
     accuracy["set", 0.2] = close
     assert reproduce.criteria_tying_the_best(accuracy, ["magnitude", "snip", "set", "random"], [0.2]) == (2, 3)
+
+
+def _flow_record(config, steps: int = 60) -> dict:
+    """A made-up record of `config` whose gradient flow zigzags over its whole range at every step, and whose RigL
+    updates do too: markers fill the panel corner to corner, so no place inside it is free for a legend."""
+    flow = [{"when": "init", "step": 0, "gradient_flow": 0.0}]
+    for step in range(1, steps + 1):
+        flow.append({"when": "epoch", "step": step, "gradient_flow": float(step % 2)})
+        if config.method == "rigl":
+            flow += [{"when": "before update", "step": step, "gradient_flow": (step % 7) / 6},
+                     {"when": "after update", "step": step, "gradient_flow": ((step + 3) % 7) / 6}]
+    return {"flow": flow, "gradient_flow_mean": 0.5, "test_accuracy": 0.5 + 0.01 * config.seed,
+            "final_density": config.density}
+
+
+def test_the_legend_of_f_s_training_panel_covers_none_of_its_markers(tmp_path, monkeypatch):
+    # The legend sat inside the panel wherever matplotlib found the fewest points ("best"), over markers when
+    # they filled it.
+    import numpy as np
+
+    checked = []
+    save_figure = reproduce.save_figure
+
+    def check_legend(figure, path, *args):
+        figure.tight_layout()   # as save_figure lays it out
+        figure.canvas.draw()
+        panel = figure.axes[1]
+        legend = panel.get_legend() or figure.legends[0]
+        box = legend.get_window_extent(figure.canvas.get_renderer()).padded(2)   # 2 px: a marker's half-size
+        points = [line.get_xydata() for line in panel.get_lines() if line.get_marker() not in ("None", None, "")]
+        points += [collection.get_offsets() for collection in panel.collections]
+        drawn = panel.transData.transform(np.concatenate(points))
+        inside = [point for point in drawn if box.contains(*point)]
+        checked.append((len(drawn), inside))
+        save_figure(figure, path, *args)
+
+    monkeypatch.setattr(reproduce, "save_figure", check_legend)
+    reproduce.GradientFlow.analyse(reproduce.plan(quick=True), lambda config, masks_from=None: _flow_record(config),
+                                   str(tmp_path))
+    [(count, inside)] = checked
+    assert count > 100 and not inside, f"{len(inside)} of {count} markers under the legend"
+    assert (tmp_path / "f.png").exists()
