@@ -105,7 +105,12 @@ def test_topk_mask_non_contiguous_and_empty_list(generator):
         memory_format=torch.channels_last))
     for g, w in zip(torch.ops.sparsekern.topk_mask(scores, 7000), reference.topk_mask(scores, 7000)):
         assert torch.equal(g, w)
-    assert torch.ops.sparsekern.topk_mask([], 0) == []
+    # An empty list cannot reach the CUDA kernel (the dispatcher picks it by a tensor's device; the entry point,
+    # sparsekern.ops.topk_mask, answers [] itself): a list of empty tensors does.
+    empty = [torch.empty(0, device="cuda"), torch.empty(3, 0, device="cuda")]
+    got = torch.ops.sparsekern.topk_mask(empty, 0)
+    assert [(g.shape, g.dtype, g.device.type) for g in got] == [((0,), torch.bool, "cuda"),
+                                                                 ((3, 0), torch.bool, "cuda")]
 
 
 def cuda_layers(generator, shapes, densities, score_dtype, kind, weight_dtype=torch.float32, state_dtype=torch.float32):
