@@ -356,15 +356,7 @@ def test_an_only_that_also_selects_a_module_that_cannot_run_says_which_it_skippe
     load_cases = core.load_cases
     monkeypatch.setattr(core, "load_cases",   # topk_mask's tiny cases stand for the modules that can run
                         lambda module, *args: load_cases(module, *args) if module == "topk_mask" else [])
-    from sparsekern.cli import main as cli_main
-
-    argv = ["--quick", "--device", "cpu", "--budget", "0.001", "--only", ""]
-    if command == "python -m benchmarks":
-        assert report.main(argv) == 0
-    else:
-        with pytest.raises(SystemExit) as exit_info:
-            cli_main(["bench", *argv])
-        assert exit_info.value.code == 0
+    _bench_succeeds(command, ["--quick", "--device", "cpu", "--budget", "0.001", "--only", ""])
     captured = capsys.readouterr()
     assert "| topk_mask (global) |" in captured.out
     skipped = [line for line in captured.err.splitlines() if not line.startswith(f"{command}: timing ")]
@@ -396,15 +388,7 @@ def test_compiled_training_step_without_a_cpp_compiler_is_refused_on_one_line(mo
 @pytest.mark.parametrize("command", ["python -m benchmarks", "sparsekern bench"])
 def test_every_line_on_stderr_starts_with_the_command_s_name(capsys, command):
     # "timing <case>" lines, one per case as it starts, were the only ones without it
-    from sparsekern.cli import main as cli_main
-
-    argv = ["--quick", "--device", "cpu", "--budget", "0.001", "--only", "topk_mask"]
-    if command == "python -m benchmarks":
-        assert report.main(argv) == 0
-    else:
-        with pytest.raises(SystemExit) as exit_info:
-            cli_main(["bench", *argv])
-        assert exit_info.value.code == 0
+    _bench_succeeds(command, ["--quick", "--device", "cpu", "--budget", "0.001", "--only", "topk_mask"])
     lines = capsys.readouterr().err.splitlines()
     assert lines and all(line.startswith(f"{command}: timing topk_mask") for line in lines), lines
 
@@ -416,3 +400,15 @@ def test_python_m_benchmarks_refuses_an_abbreviated_option_as_sparsekern_bench_d
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == ("python -m benchmarks: error: unrecognized arguments: --quic; did you mean "
                                        "--quick?\n")
+
+
+def _bench_succeeds(command: str, argv: list[str]) -> None:
+    """Runs the benchmark report as `command` ("python -m benchmarks" or "sparsekern bench") and checks it exits 0."""
+    from sparsekern.cli import main as cli_main
+
+    if command == "python -m benchmarks":
+        assert report.main(argv) == 0
+    else:
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(["bench", *argv])
+        assert exit_info.value.code == 0
