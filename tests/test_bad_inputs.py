@@ -2203,7 +2203,8 @@ def _raise_key_error(weights, masks, scores):
 
 for _role in ("prune", "grow"):
     for _name, _bad, _error, _match in [
-            ("a Tensor", lambda w, m, s: s[0], TypeError, "^criterion 'mine' must return a list of tensors, got Tensor"),
+            ("a Tensor", lambda w, m, s: s[0], TypeError,
+             "^criterion 'mine' must return a list of tensors, got Tensor"),
             ("None", lambda w, m, s: None, TypeError, "must return a list of tensors, got NoneType"),
             ("a generator", lambda w, m, s: (t for t in s), TypeError, "must return a list of tensors, got generator"),
             ("a dict", lambda w, m, s: dict(enumerate(s)), TypeError, "must return a list of tensors, got dict"),
@@ -2430,7 +2431,8 @@ def _assign(attribute, make):
 for _attribute, _name, _make, _error, _match in [
         ("mask", "a float mask", lambda layer: layer.mask.float(), TypeError, "^mask must be a bool tensor, got "
                                                                               "torch.float32"),
-        ("mask", "an int mask", lambda layer: layer.mask.int(), TypeError, "^mask must be a bool tensor, got torch.int32"),
+        ("mask", "an int mask", lambda layer: layer.mask.int(), TypeError,
+         "^mask must be a bool tensor, got torch.int32"),
         ("mask", "a torch.sparse mask", lambda layer: layer.mask.to_sparse(), TypeError, "^mask must be a dense"),
         ("mask", "a bool Parameter", lambda layer: nn.Parameter(layer.mask.clone(), requires_grad=False), TypeError,
          "^mask must be a plain tensor .*got an nn.Parameter"),
