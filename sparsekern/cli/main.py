@@ -444,7 +444,8 @@ def _warn_short_optg(method: str, epochs: int) -> None:
 
 # Options that only some methods read (with None defaults, so that one given explicitly is known): the methods.
 # Dense trains every weight: train's --density, and compare's --densities when dense is its only line.
-_METHOD_OPTIONS = {"density": _SPARSE_METHODS, "densities": _SPARSE_METHODS, "scope": tuple(DST_PRESETS), "update_every": tuple(DST_PRESETS), "end_fraction": tuple(DST_PRESETS),
+_METHOD_OPTIONS = {"density": _SPARSE_METHODS, "densities": _SPARSE_METHODS,
+                   "scope": tuple(DST_PRESETS), "update_every": tuple(DST_PRESETS), "end_fraction": tuple(DST_PRESETS),
                    "swap_rounding": tuple(DST_PRESETS), "mest_gamma": tuple(DST_PRESETS),
                    "sensitivity_offset": tuple(DST_PRESETS), "snip_shift": tuple(DST_PRESETS),
                    "block": tuple(DST_PRESETS),

@@ -136,22 +136,20 @@ class DSTRecipe(Recipe):
 
     def _warn_in_option_names(self, caught: list) -> None:
         """Re-raises DST's construction warnings in the words of the command line, whose user typed options
-        (--update-every, --scope layer, --block 4x4), never DST's argument names (update_every, scope='layer',
-        block=(4, 4)) nor its end_step, which the CLI derives from --end-fraction and --epochs."""
+        (--update-every, --block 4x4), never DST's argument names (update_every, block=(4, 4)) nor its end_step,
+        which the CLI derives from --end-fraction and --epochs. (DST's warning about layers left empty under
+        scope='layer' cannot come: sparsify refuses a density that empties a layer.)"""
         config, schedule = self.config, self.algorithm.schedule
         idle = not schedule.is_update(schedule.update_every)
-        spelled = {"scope='layer'": "--scope layer"}
-        if config.block is not None:
-            spelled[f"block={config.block}"] = f"--block {config.block[0]}x{config.block[1]}"
         for warning in caught:
             message = str(warning.message)
             if idle and message.startswith("no mask update will ever happen"):
                 continue   # said below, in the options that set it
-            for library, cli in spelled.items():
-                message = message.replace(library, cli)
+            if config.block is not None:
+                message = message.replace(f"block={config.block}", f"--block {config.block[0]}x{config.block[1]}")
             warnings.warn(message, warning.category, stacklevel=3)
         if idle:
-            end_fraction = config.end_fraction or DEFAULT_END_FRACTION[schedule.name]
+            end_fraction = DEFAULT_END_FRACTION[schedule.name] if config.end_fraction is None else config.end_fraction
             warnings.warn(f"no mask update will ever happen: --update-every {schedule.update_every} reaches no step "
                           f"before the updates end, at step {schedule.end_step} (--end-fraction {end_fraction:g} "
                           f"of the {schedule.total_steps} steps of --epochs {config.epochs}); raise --epochs or "
