@@ -35,9 +35,9 @@ HOLDS, FAILS, TIE = "holds", "does not hold at this scale", "tie"
 FLOOR = 0.002
 CRITERIA = ("magnitude", "set", "mest", "snip", "sensitivity", "rsensitivity", "random")
 REINIT_SEED_OFFSET = 1000  # a reinitialised ticket draws other weights (and data order) than its IMP run
-# (f)'s axes: the norm of the masked gradient of the batch's mean cross-entropy. Not in nats: the loss is, and so
-# its gradient is in nats per unit of weight, a unit that says nothing here, so the label gives none.
-FLOW_LABEL = "gradient flow ‖g⊙m‖₂"
+# (f)'s axes: the norm of the masked gradient ∂L/∂θ of the batch's mean cross-entropy L. L is in nats, the norm
+# not: it is in nats per unit of weight (the label said nats).
+FLOW_LABEL = "gradient flow ‖g⊙m‖₂ (nats/unit weight)"
 
 
 @dataclass(frozen=True)

@@ -172,6 +172,8 @@ def test_the_legends_of_f_s_panels_cover_none_of_their_markers(tmp_path, monkeyp
                        if len(collection.get_offsets())]   # the error bars' LineCollections have none
             drawn = panel.transData.transform(np.concatenate(points))
             checked.append((panel.get_title(), len(drawn), [point for point in drawn if box.contains(*point)]))
+            # the loss is in nats, its gradient's norm in nats per unit of weight (it said nats)
+            assert panel.get_ylabel().endswith("(nats/unit weight)"), panel.get_ylabel()
         save_figure(figure, path, *args)
 
     monkeypatch.setattr(reproduce, "save_figure", check_legends)
