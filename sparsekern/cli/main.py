@@ -41,6 +41,7 @@ from .training import (DISTRIBUTIONS, INITS, METHODS, SCHEDULES, TrainConfig, pr
 TRAIN_OUT = "runs/train"   # train's --out unless told, or resuming
 # The ops a training run calls: a SPARSEKERN_BACKEND that cannot run one of them is refused before training.
 TRAINING_OPS = ("masked_linear", "topk_mask", "topk_mask_per_tensor", "prune_grow")
+_SPARSE_METHODS = tuple(method for method in METHODS if method != "dense")
 
 
 class _Parser(report.OneLineParser):
@@ -264,8 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
             "more."))
     train_parser.add_argument("--method", choices=METHODS, default=TrainConfig.method,
                               help="how the mask is found (README.md, `sparsekern train`)")
-    train_parser.add_argument("--density", type=_density, default=TrainConfig.density,
-                              help="fraction of weights kept, in (0, 1]")
+    train_parser.add_argument("--density", type=_density,
+                              help=f"fraction of weights kept, in (0, 1]; not for dense, which keeps every weight "
+                                   f"(default: {TrainConfig.density})")
     train_parser.add_argument("--prune", choices=PRUNE, help="DST pruning criterion (default: the method's)")
     train_parser.add_argument("--grow", choices=GROW, help="DST growth criterion (default: the method's)")
     train_parser.add_argument("--schedule", choices=SCHEDULES, help="DST drop-fraction schedule (default: the "
@@ -304,8 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="drop-fraction schedule of the criteria lines: cosine (RigL's, 0.3 to 75%% of "
                                      "training), annealed (Fantastic Weights': 0.5 to 0.005 over all of it) or "
                                      f"constant (default: {compare_module.DEFAULT_SCHEDULE})")
-    compare_parser.add_argument("--densities", type=_densities, default=list(compare_module.DEFAULT_DENSITIES),
-                                help="comma-separated target densities, one column each")
+    compare_parser.add_argument("--densities", type=_densities,
+                                help=f"comma-separated target densities, one column each, of the lines other than "
+                                     f"dense (default: {','.join(map(str, compare_module.DEFAULT_DENSITIES))})")
     compare_parser.add_argument("--seeds", type=_positive, default=compare_module.DEFAULT_SEEDS,
                                 help="N: seeds 0..N-1 per point")
     _add_run_options(compare_parser, compare_defaults)
@@ -440,7 +443,9 @@ def _warn_short_optg(method: str, epochs: int) -> None:
 
 
 # Options that only some methods read (with None defaults, so that one given explicitly is known): the methods.
-_METHOD_OPTIONS = {"scope": tuple(DST_PRESETS), "update_every": tuple(DST_PRESETS), "end_fraction": tuple(DST_PRESETS),
+# Dense trains every weight: train's --density, and compare's --densities when dense is its only line.
+_METHOD_OPTIONS = {"density": _SPARSE_METHODS, "densities": _SPARSE_METHODS,
+                   "scope": tuple(DST_PRESETS), "update_every": tuple(DST_PRESETS), "end_fraction": tuple(DST_PRESETS),
                    "swap_rounding": tuple(DST_PRESETS), "mest_gamma": tuple(DST_PRESETS),
                    "sensitivity_offset": tuple(DST_PRESETS), "snip_shift": tuple(DST_PRESETS),
                    "block": tuple(DST_PRESETS),
@@ -449,9 +454,10 @@ _CRITERIA_OPTIONS = ("criteria", "grow", "schedule")   # compare: of the criteri
 
 
 def _check_options_apply(args, methods: list[str]) -> None:
-    """ValueError for an option given explicitly that none of `methods` reads (it would be silently ignored)."""
+    """ValueError for an option given explicitly that none of `methods` reads (it would be silently ignored); an
+    option of the other command (density, densities) is absent from `args`."""
     for name, readers in _METHOD_OPTIONS.items():
-        if getattr(args, name) is not None and not set(methods) & set(readers):
+        if getattr(args, name, None) is not None and not set(methods) & set(readers):
             raise ValueError(f"--{name.replace('_', '-')} applies to the methods {', '.join(readers)}, not "
                              f"{', '.join(map(repr, methods))}")
     if args.command == "compare" and compare_module.CRITERION_METHOD not in methods:
@@ -525,7 +531,8 @@ def _check_train(args, ranks: data_parallel.Ranks):
     """(config, dataset) of a train command, every input but --resume's state and --out checked (ValueError, one
     line)."""
     _check_options_apply(args, [args.method])
-    config = _config(args, method=args.method, density=args.density, seed=args.seed, prune=args.prune,
+    density = TrainConfig.density if args.density is None else args.density
+    config = _config(args, method=args.method, density=density, seed=args.seed, prune=args.prune,
                      grow=args.grow, schedule=args.schedule, drop_fraction=args.drop_fraction)
     _check_criterion_parameters(args, [config])
     _check_block_criterion(args, [config])
@@ -554,15 +561,16 @@ def _check_run(args, run, ranks: data_parallel.Ranks) -> None:
 def _prepare_compare(args):
     _check_options_apply(args, args.methods)
     base = _config(args)
+    densities = args.densities or list(compare_module.DEFAULT_DENSITIES)
     lines = compare_module.grid_lines(args.methods, args.criteria or list(compare_module.DEFAULT_CRITERIA),
                                       args.grow or compare_module.DEFAULT_GROW,
                                       args.schedule or compare_module.DEFAULT_SCHEDULE)
-    runs = len(lines) * len(args.densities) * args.seeds
+    runs = len(lines) * len(densities) * args.seeds
     if runs > MAX_RUNS:
-        raise ValueError(f"the grid has {runs} runs ({len(lines)} lines x {len(args.densities)} densities x "
+        raise ValueError(f"the grid has {runs} runs ({len(lines)} lines x {len(densities)} densities x "
                          f"{counted(args.seeds, 'seed')}), more than {MAX_RUNS}: lower --seeds or --densities")
     # each line's settings are checked before the first run starts
-    configs = [compare_module.line_config(base, line, density, seed=0) for line in lines for density in args.densities]
+    configs = [compare_module.line_config(base, line, density, seed=0) for line in lines for density in densities]
     _check_criterion_parameters(args, configs)
     _check_block_criterion(args, configs)
     check_dataset(base.dataset)
@@ -580,11 +588,11 @@ def _prepare_compare(args):
 
     def start():
         started = time.perf_counter()
-        comparison = compare_module.run_compare(lines, args.densities, args.seeds, base, args.out,
+        comparison = compare_module.run_compare(lines, densities, args.seeds, base, args.out,
                                                 progress=not args.quiet, dataset=dataset, fresh=args.fresh,
                                                 workers=args.jobs)
         print(compare_module.markdown_table(comparison.rows, base, args.seeds), end="")
-        grid = " x ".join((counted(len(lines), "line"), counted(len(args.densities), "density", "densities"),
+        grid = " x ".join((counted(len(lines), "line"), counted(len(densities), "density", "densities"),
                            counted(args.seeds, "seed")))
         print(f"{grid}: {_runs_trained(comparison.runs, comparison.trained, args.out)} in "
               f"{time.perf_counter() - started:.1f} s; tables, CSVs and plot in {args.out}")

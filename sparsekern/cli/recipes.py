@@ -10,11 +10,13 @@ the optimizer step and at a segment's end, and holds the state a checkpoint need
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
 
 from ..algorithms import DST, IMP, MEST, SET, SWAMP, OptG, RigL
+from ..algorithms.schedules import DEFAULT_END_FRACTION
 
 DST_PRESETS = {"set": SET, "rigl": RigL, "mest": MEST, "dst": DST}
 # (prune, grow) of each DST method when the config names neither: the presets' own and DST's defaults (a test
@@ -127,7 +129,31 @@ class DSTRecipe(Recipe):
                      *CRITERION_PARAMETERS):
             if getattr(config, name) is not None:
                 options[name] = getattr(config, name)
-        self.algorithm = DST_PRESETS[config.method](model, self.optimizer, **options)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            self.algorithm = DST_PRESETS[config.method](model, self.optimizer, **options)
+        self._warn_in_option_names(caught)
+
+    def _warn_in_option_names(self, caught: list) -> None:
+        """Re-raises DST's construction warnings in the words of the command line, whose user typed options
+        (--update-every, --block 4x4), never DST's argument names (update_every, block=(4, 4)) nor its end_step,
+        which the CLI derives from --end-fraction and --epochs. (DST's warning about layers left empty under
+        scope='layer' cannot come: sparsify refuses a density that empties a layer.)"""
+        config, schedule = self.config, self.algorithm.schedule
+        idle = not schedule.is_update(schedule.update_every)
+        for warning in caught:
+            message = str(warning.message)
+            if idle and message.startswith("no mask update will ever happen"):
+                continue   # said below, in the options that set it
+            if config.block is not None:
+                message = message.replace(f"block={config.block}", f"--block {config.block[0]}x{config.block[1]}")
+            warnings.warn(message, warning.category, stacklevel=3)
+        if idle:
+            end_fraction = DEFAULT_END_FRACTION[schedule.name] if config.end_fraction is None else config.end_fraction
+            warnings.warn(f"no mask update will ever happen: --update-every {schedule.update_every} reaches no step "
+                          f"before the updates end, at step {schedule.end_step} (--end-fraction {end_fraction:g} "
+                          f"of the {schedule.total_steps} steps of --epochs {config.epochs}); raise --epochs or "
+                          f"lower --update-every", stacklevel=3)
 
     def updates_masks_next(self) -> bool:
         return self.algorithm.schedule.is_update(self.algorithm.step_count + 1)

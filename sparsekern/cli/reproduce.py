@@ -35,8 +35,9 @@ HOLDS, FAILS, TIE = "holds", "does not hold at this scale", "tie"
 FLOOR = 0.002
 CRITERIA = ("magnitude", "set", "mest", "snip", "sensitivity", "rsensitivity", "random")
 REINIT_SEED_OFFSET = 1000  # a reinitialised ticket draws other weights (and data order) than its IMP run
-# (f)'s axes: the norm of the masked gradient of the batch's mean cross-entropy, which is in nats.
-FLOW_LABEL = "gradient flow ‖g⊙m‖₂ (nats)"
+# (f)'s axes: the norm of the masked gradient ∂L/∂θ of the batch's mean cross-entropy L. L is in nats, the norm
+# not: it is in nats per unit of weight (the label said nats).
+FLOW_LABEL = "gradient flow ‖g⊙m‖₂ (nats/unit weight)"
 
 
 @dataclass(frozen=True)
@@ -648,7 +649,8 @@ class GradientFlow:
             left.set_yscale("log")
         else:
             left.set_ylim(bottom=0)   # the flows and their error bars as drawn, from 0 so that heights compare
-        _label(left, "(f) at initialisation", FLOW_LABEL, legend=7)
+        # beside the panel, as the right one's: inside, matplotlib's "best" place can still cover markers
+        _label(left, "(f) at initialisation", FLOW_LABEL, legend=7, beside=True)
         for line, records in (("static, sparse init", sparse), ("RigL, sparse init", rigl)):
             points = records[0]["flow"]
             steps = sorted({r["step"] for r in points if r["when"] in ("init", "epoch")})

@@ -323,6 +323,8 @@ BAD_ARGUMENTS = [
     ["compare", "--methods", "static,set,rigl", "--block", "2x2"],
     ["compare", "--methods", "static", "--block", "2x2"],
     ["compare", "--methods", "rigl", "--densities", "0.5,0.01", "--block", "24x24"],  # too large at 0.01 only
+    ["train", "--method", "dense", "--density", "0.5"],  # dense trained at density 1, silently
+    ["compare", "--methods", "dense", "--densities", "0.5"],
 ]
 
 # (argv, words the one-line error must hold): inputs whose refusal used to say too little.
@@ -348,6 +350,9 @@ WORDED_ARGUMENTS = [
     # One epoch of OptG ended dense whatever --density asked (its only epoch's scores all tie at 0).
     (["train", "--method", "optg", "--density", "0.1", "--epochs", "1"], "epochs must be >= 2 for optg, got 1"),
     (["compare", "--methods", "optg,static", "--densities", "0.1", "--epochs", "1"], "epochs must be >= 2 for optg"),
+    (["train", "--method", "dense", "--density", "0.5"],
+     "--density applies to the methods static, set, rigl, mest, dst, imp, swamp, optg, gmp, not 'dense'"),
+    (["compare", "--methods", "dense", "--densities", "0.5"], "--densities applies to the methods static,"),
 ]
 
 

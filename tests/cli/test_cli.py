@@ -302,6 +302,31 @@ def test_optg_ends_at_the_target_density_and_warns_when_short(tmp_path, capsys):
     assert len(err) == 1 and "warning" in err[0] and f"about {MIN_EPOCHS_DIGITS} epochs" in err[0]
 
 
+def test_dst_warnings_name_the_options_the_user_typed(tmp_path, capsys):
+    # They named DST's arguments instead (update_every=25 ... end_step=17 (total_steps=23), block=(3, 3)).
+    main(["train", "--method", "rigl", "--epochs", "1", "--block", "3x3", "--out", str(tmp_path / "train"), "--quiet"])
+    idle = ("no mask update will ever happen: --update-every 25 reaches no step before the updates end, at step 17 "
+            "(--end-fraction 0.75 of the 23 steps of --epochs 1); raise --epochs or lower --update-every")
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == f"sparsekern train: warning: {idle}"
+    assert err[:-1] and all(line.startswith("sparsekern train: warning: --block 3x3 does not tile layer ")
+                            for line in err[:-1])
+    main(["compare", "--methods", "rigl", "--densities", "0.1", "--seeds", "1", "--epochs", "1", "--end-fraction",
+          "0.5", "--jobs", "1", "--out", str(tmp_path / "compare"), "--quiet"])
+    assert capsys.readouterr().err.splitlines() == [
+        "sparsekern compare: warning: 1 run: no mask update will ever happen: --update-every 25 reaches no step "
+        "before the updates end, at step 12 (--end-fraction 0.5 of the 23 steps of --epochs 1); raise --epochs or "
+        "lower --update-every"]
+
+
+def test_dense_trains_at_density_1_unless_told_a_density(tmp_path, capsys):
+    main(["train", "--method", "dense", "--epochs", "1", "--out", str(tmp_path), "--quiet"])   # --density's default
+    assert "density 1.0000" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exited:   # given, it would be ignored
+        main(["train", "--method", "dense", "--density", "0.5", "--epochs", "1", "--out", str(tmp_path), "--quiet"])
+    assert exited.value.code == 2 and "--density applies to the methods static" in capsys.readouterr().err
+
+
 def test_gradient_flow_is_recorded_at_init_per_epoch_and_around_every_mask_update(tmp_path):
     main(["train", "--method", "rigl", "--density", "0.1", "--epochs", "3", "--update-every", "10", "--out",
           str(tmp_path), "--quiet"])

@@ -133,10 +133,16 @@ def test_criteria_tie_counts_only_the_criteria_other_than_the_best():
     assert reproduce.criteria_tying_the_best(accuracy, ["magnitude", "snip", "set", "random"], [0.2]) == (2, 3)
 
 
+# (f)'s densities in the legend tests: enough for the initialisation panel's markers to fill it too.
+FLOW_DENSITIES = tuple(0.3 * 0.8 ** index for index in range(16))
+
+
 def _flow_record(config, steps: int = 60) -> dict:
     """A made-up record of `config` whose gradient flow zigzags over its whole range at every step, and whose RigL
-    updates do too: markers fill the panel corner to corner, so no place inside it is free for a legend."""
-    flow = [{"when": "init", "step": 0, "gradient_flow": 0.0}]
+    updates do too, and whose flow at init zigzags across FLOW_DENSITIES (within a factor 7: a linear axis): markers
+    fill both panels corner to corner, so no place inside either is free for a legend."""
+    init = (FLOW_DENSITIES.index(config.density) * 3 + config.seed * 2 + (config.init == "dense")) % 7 + 1
+    flow = [{"when": "init", "step": 0, "gradient_flow": init / 7}]
     for step in range(1, steps + 1):
         flow.append({"when": "epoch", "step": step, "gradient_flow": float(step % 2)})
         if config.method == "rigl":
@@ -146,30 +152,34 @@ def _flow_record(config, steps: int = 60) -> dict:
             "final_density": config.density}
 
 
-def test_the_legend_of_f_s_training_panel_covers_none_of_its_markers(tmp_path, monkeypatch):
-    # The legend sat inside the panel wherever matplotlib found the fewest points ("best"), over markers when
-    # they filled it.
+def test_the_legends_of_f_s_panels_cover_none_of_their_markers(tmp_path, monkeypatch):
+    # The legends sat inside the panels wherever matplotlib found the fewest points ("best"), over markers when
+    # they filled them: the training panel's first, then the initialisation panel's.
+    import dataclasses
+
     import numpy as np
 
     checked = []
     save_figure = reproduce.save_figure
 
-    def check_legend(figure, path, *args):
+    def check_legends(figure, path, *args):
         figure.tight_layout()   # as save_figure lays it out
         figure.canvas.draw()
-        panel = figure.axes[1]
-        legend = panel.get_legend() or figure.legends[0]
-        box = legend.get_window_extent(figure.canvas.get_renderer()).padded(2)   # 2 px: a marker's half-size
-        points = [line.get_xydata() for line in panel.get_lines() if line.get_marker() not in ("None", None, "")]
-        points += [collection.get_offsets() for collection in panel.collections]
-        drawn = panel.transData.transform(np.concatenate(points))
-        inside = [point for point in drawn if box.contains(*point)]
-        checked.append((len(drawn), inside))
+        for panel in figure.axes:
+            box = panel.get_legend().get_window_extent(figure.canvas.get_renderer()).padded(2)   # a marker's half
+            points = [line.get_xydata() for line in panel.get_lines() if line.get_marker() not in ("None", None, "")]
+            points += [collection.get_offsets() for collection in panel.collections
+                       if len(collection.get_offsets())]   # the error bars' LineCollections have none
+            drawn = panel.transData.transform(np.concatenate(points))
+            checked.append((panel.get_title(), len(drawn), [point for point in drawn if box.contains(*point)]))
+            # the loss is in nats, its gradient's norm in nats per unit of weight (it said nats)
+            assert panel.get_ylabel().endswith("(nats/unit weight)"), panel.get_ylabel()
         save_figure(figure, path, *args)
 
-    monkeypatch.setattr(reproduce, "save_figure", check_legend)
-    reproduce.GradientFlow.analyse(reproduce.plan(quick=True), lambda config, masks_from=None: _flow_record(config),
-                                   str(tmp_path))
-    [(count, inside)] = checked
-    assert count > 100 and not inside, f"{len(inside)} of {count} markers under the legend"
+    monkeypatch.setattr(reproduce, "save_figure", check_legends)
+    plan = dataclasses.replace(reproduce.plan(quick=True), dst_densities=FLOW_DENSITIES)
+    reproduce.GradientFlow.analyse(plan, lambda config, masks_from=None: _flow_record(config), str(tmp_path))
+    assert len(checked) == 2
+    for title, count, inside in checked:
+        assert count > 90 and not inside, f"{title}: {len(inside)} of {count} markers under the legend"
     assert (tmp_path / "f.png").exists()
