@@ -5,9 +5,11 @@
 //   2. grow: per segment, the n best entries outside the kept set by grow score; its mask pass also
 //      writes the final masks and zeroes weights, optimizer state and masked tensors in place.
 // Every table (tensors, segments, layers, targets, strides) is uploaded through kernel parameters.
-// Torch-free; the torch glue is prune_grow_cuda.cpp. Pass structure and cost: README.md here.
+// Torch-free; the torch glue is prune_grow_cuda.cpp. Pass structure and cost: README.md here. The
+// device passes are in prune_grow_body.cuh, compiled one float type per file (prune_grow_<type>.cu).
 #include <vector>
 
+#include "cuda/prune_grow_body.cuh"
 #include "cuda/radix_select.cuh"
 #include "cuda/radix_select.h"
 
@@ -17,69 +19,10 @@ namespace {
 using radix::HostTable;
 using radix::SegmentState;
 using radix::TensorEntry;
-
-// What the finishing pass needs of each layer: its old mask, its new mask and its targets.
-struct LayerOutputs {
-  TensorRef old_mask;
-  uint8_t* new_mask;
-  int first_target;
-  int num_targets;
-};
-
-__device__ __forceinline__ void write_zero(void* data, int bytes, int64_t offset) {
-  switch (bytes) {
-    case 2: static_cast<uint16_t*>(data)[offset] = 0; break;
-    case 4: static_cast<uint32_t*>(data)[offset] = 0; break;
-    default: static_cast<uint64_t*>(data)[offset] = 0; break;
-  }
-}
-
-struct WriteKept {
-  const LayerOutputs* layers;
-  __device__ __forceinline__ void operator()(int tensor, int64_t i, bool selected) const { layers[tensor].new_mask[i] = selected; }
-};
-
-// new = kept | grown; targets like the weight become 0 off new and where they were inactive
-// (newly grown entries, and entries off both masks); masked targets become 0 off new. The new mask
-// holds `kept` until the thread handling an entry overwrites it.
-struct Finish {
-  const LayerOutputs* layers;
-  const ZeroTarget* targets;
-  const Strides* strides;
-  __device__ __forceinline__ void operator()(int tensor, int64_t i, bool grown) const {
-    const LayerOutputs& layer = layers[tensor];
-    const bool now = layer.new_mask[i] != 0 || grown;
-    const bool was = __ldg(static_cast<const uint8_t*>(layer.old_mask.data) +
-                           radix::offset_of(layer.old_mask, strides, i)) != 0;
-    layer.new_mask[i] = now;
-    for (int t = layer.first_target; t < layer.first_target + layer.num_targets; ++t) {
-      const ZeroTarget target = targets[t];
-      if (!now || (target.like_weight && !was)) {
-        write_zero(target.ref.data, target.bytes, radix::offset_of(target.ref, strides, i));
-      }
-    }
-  }
-};
-
-struct PruneGrowBody {
-  radix::SelectTable keep;
-  radix::SelectTable grow;
-  int num_segments;
-  const radix::Workspace& workspace;
-  WriteKept write_kept;
-  Finish finish;
-  cudaStream_t stream;
-
-  template <typename Bits, Bits kInfBits>
-  cudaError_t operator()() const {
-    const int last = radix::num_passes<Bits>();
-    cudaError_t error = radix::run_passes<Bits, kInfBits>(keep, num_segments, 0, last, stream);
-    if (error == cudaSuccess) error = radix::run_mask<Bits, kInfBits>(keep, workspace, write_kept, stream);
-    if (error == cudaSuccess) error = radix::run_passes<Bits, kInfBits>(grow, num_segments, 0, last, stream);
-    if (error == cudaSuccess) error = radix::run_mask<Bits, kInfBits>(grow, workspace, finish, stream);
-    return error;
-  }
-};
+using prune_grow_detail::Finish;
+using prune_grow_detail::LayerOutputs;
+using prune_grow_detail::PruneGrowBody;
+using prune_grow_detail::WriteKept;
 
 // The uploaded tables of one call, and their offsets in the upload.
 struct Tables {

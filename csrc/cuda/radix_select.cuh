@@ -575,15 +575,21 @@ cudaError_t run_mask(const SelectTable& table, const Workspace& workspace, Epilo
   return cudaGetLastError();
 }
 
+// The bits of +inf of each float type: with the bits' width, the template arguments of the kernels
+// for that type (the files that instantiate one type each name them too).
+constexpr uint16_t kFloat16Inf = 0x7C00;
+constexpr uint16_t kBFloat16Inf = 0x7F80;
+constexpr uint32_t kFloat32Inf = 0x7F800000u;
+constexpr u64 kFloat64Inf = 0x7FF0000000000000ull;
+
 // Calls body.template operator()<Bits, kInfBits>() for the float type's bit layout.
 template <typename Body>
 cudaError_t dispatch_float(FloatType type, Body&& body) {
   switch (type) {
-    case FloatType::kFloat16: return body.template operator()<uint16_t, uint16_t(0x7C00)>();
-    case FloatType::kBFloat16: return body.template operator()<uint16_t, uint16_t(0x7F80)>();
-    case FloatType::kFloat32: return body.template operator()<uint32_t, uint32_t(0x7F800000u)>();
-    case FloatType::kFloat64:
-      return body.template operator()<u64, u64(0x7FF0000000000000ull)>();
+    case FloatType::kFloat16: return body.template operator()<uint16_t, kFloat16Inf>();
+    case FloatType::kBFloat16: return body.template operator()<uint16_t, kBFloat16Inf>();
+    case FloatType::kFloat32: return body.template operator()<uint32_t, kFloat32Inf>();
+    case FloatType::kFloat64: return body.template operator()<u64, kFloat64Inf>();
   }
   return cudaErrorInvalidValue;
 }

@@ -1,10 +1,12 @@
 // topk_mask on CUDA: one radix select per segment over a list of tensors, all segments in the
 // same launches (global selection: one segment; per-tensor variant: one segment per tensor).
-// Torch-free; the torch glue is topk_mask_cuda.cpp. Pass structure and cost: README.md here.
+// Torch-free; the torch glue is topk_mask_cuda.cpp. Pass structure and cost: README.md here. The
+// device passes are in topk_mask_body.cuh, compiled one float type per file (topk_mask_<type>.cu).
 #include <vector>
 
 #include "cuda/radix_select.cuh"
 #include "cuda/radix_select.h"
+#include "cuda/topk_mask_body.cuh"
 
 namespace sparsekern::cuda {
 namespace {
@@ -12,46 +14,7 @@ namespace {
 using radix::HostTable;
 using radix::SegmentState;
 using radix::TensorEntry;
-
-struct WriteMask {
-  bool* const* masks;  // device table, one contiguous output per tensor
-  __device__ __forceinline__ void operator()(int tensor, int64_t i, bool selected) const { masks[tensor][i] = selected; }
-};
-
-struct TopkBody {
-  const radix::SelectTable& table;
-  const radix::Workspace& workspace;
-  bool* const* device_masks;
-  int num_segments;
-  SegmentState* pinned_states;
-  int* short_segment;
-  int64_t* available;
-  const int64_t* numel_per_segment;
-  cudaStream_t stream;
-
-  template <typename Bits, Bits kInfBits>
-  cudaError_t operator()() const {
-    cudaError_t error = radix::run_passes<Bits, kInfBits>(table, num_segments, 0, 0, stream);
-    if (error != cudaSuccess) return error;
-    // NaN is never selected: a segment asking for more than its numbers must raise, before any
-    // mask is written. The one read back of the op, into pinned memory.
-    error = cudaMemcpyAsync(pinned_states, table.states, sizeof(SegmentState) * num_segments,
-                            cudaMemcpyDeviceToHost, stream);
-    if (error == cudaSuccess) error = cudaStreamSynchronize(stream);
-    if (error != cudaSuccess) return error;
-    for (int s = 0; s < num_segments; ++s) {
-      const int64_t numbers = numel_per_segment[s] - int64_t(pinned_states[s].nan_count);
-      if (pinned_states[s].k > numbers) {
-        *short_segment = s;
-        *available = numbers;
-        return cudaSuccess;
-      }
-    }
-    error = radix::run_passes<Bits, kInfBits>(table, num_segments, 1, radix::num_passes<Bits>(), stream);
-    if (error != cudaSuccess) return error;
-    return radix::run_mask<Bits, kInfBits>(table, workspace, WriteMask{device_masks}, stream);
-  }
-};
+using topk_mask_detail::TopkBody;
 
 struct Tables {
   HostTable host;

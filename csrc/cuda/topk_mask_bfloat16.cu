@@ -1,0 +1,8 @@
+// topk_mask's device passes for bfloat16 scores, a file of their own (see topk_mask_body.cuh).
+#include "cuda/topk_mask_body.cuh"
+
+namespace sparsekern::cuda::topk_mask_detail {
+
+template cudaError_t TopkBody::operator()<uint16_t, radix::kBFloat16Inf>() const;
+
+}  // namespace sparsekern::cuda::topk_mask_detail
