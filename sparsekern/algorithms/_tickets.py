@@ -31,8 +31,8 @@ SCOPES = ("global", "layer")
 def sparse_layers(model: nn.Module, who: str) -> list[tying.Group]:
     """The model's sparse modules grouped by weight; ValueError when there are none (nothing to
     prune), when modules sharing a weight carry different masks, when the model is sharded across
-    ranks, or when a layer's weight is computed at every forward (a parametrization registered
-    after sparsify: `computed_weight_refusal`); `who`, the algorithm, names the refusal."""
+    ranks, when a layer's weight is computed at every forward (a parametrization registered
+    after sparsify: `computed_weight_refusal`), or on the meta device; `who`, the algorithm, names the refusal."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     refuse_sharded(model, who)
@@ -45,6 +45,10 @@ def sparse_layers(model: nn.Module, who: str) -> list[tying.Group]:
                          "it from sparsekern.nn.SparseLinear / SparseConv1d/2d/3d / SparseConvTranspose1d/2d/3d")
     groups = tying.group_by_weight(named)
     tying.check_groups(groups)
+    meta = [group[0][0] for group in groups if group[0][1].weight.is_meta]
+    if meta:   # taken, IMP and SWAMP failed at the first pruning, OptG in a read of a score, naming no layer
+        raise ValueError(f"{who}: the weights of layers {meta} are on the meta device, which holds no values: "
+                         f"materialize the model first (to_empty, then initialise it or load its state dict)")
     return groups
 
 
