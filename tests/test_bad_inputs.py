@@ -550,6 +550,8 @@ DST_BAD = [
     ("sensitivity_offset", INF, ValueError), ("sensitivity_offset", "1", TypeError),
     ("snip_shift", -1e-5, ValueError), ("snip_shift", NAN, ValueError), ("snip_shift", INF, ValueError),
     ("snip_shift", "1e-5", TypeError), ("snip_shift", None, TypeError),
+    # Beyond float32, the scores' dtype: every score inf (NaN where γ multiplies a zero gradient), ranked by position.
+    ("mest_gamma", 1e39, ValueError), ("sensitivity_offset", 1e300, ValueError), ("snip_shift", 1e39, ValueError),
     ("seed", 1.5, TypeError), ("seed", "0", TypeError), ("seed", None, TypeError), ("seed", True, TypeError),
     ("generator", 3, TypeError), ("generator", "generator", TypeError),
     ("group", "world", TypeError), ("group", 0, TypeError),
@@ -2133,6 +2135,14 @@ for _name, _make, _error, _match in [
         ("name=b'mine'", lambda: _criterion(name=b"mine"), TypeError, "^Criterion name must be a str, got bytes"),
         ("name=None", lambda: _criterion(name=None), TypeError, "^Criterion name must be a str"),
         ("name=''", lambda: _criterion(name=""), ValueError, "^Criterion name must not be empty"),
+        ("name='  '", lambda: _criterion(name="  "), ValueError,
+         "^Criterion name must not be empty or blank, got '  '"),
+        ("name='\\t\\n'", lambda: _criterion(name="\t\n"), ValueError, "^Criterion name must not be empty or blank"),
+        ("name=' mine'", lambda: _criterion(name=" mine"), ValueError,
+         "^Criterion name must not begin or end with whitespace, got ' mine'"),
+        ("name='mine '", lambda: _criterion(name="mine "), ValueError, "^Criterion name must not begin or end with"),
+        ("name='magnitude ' (a built-in's, spaced)", lambda: _criterion(name="magnitude "), ValueError,
+         "^Criterion name must not begin or end with whitespace"),
         ("score='magnitude'", lambda: _criterion(score="magnitude"), TypeError, "score must be callable, got str"),
         ("score=None", lambda: _criterion(score=None), TypeError, "score must be callable, got NoneType"),
         ("a score without the generator keyword", lambda: _criterion(
@@ -2457,10 +2467,20 @@ for _attribute, _name, _make, _error, _match in [
         ("zero_off_mask", "None", lambda layer: None, TypeError, "^zero_off_mask must be a bool, got NoneType"),
         ("zero_off_mask", "tensor(True)", lambda layer: torch.tensor(True), TypeError,
          "^zero_off_mask must be a bool, got torch.Tensor"),
-        ("dense_grad", "'no'", lambda layer: "no", TypeError, "^dense_grad must be a bool, got str")]:
+        ("dense_grad", "'no'", lambda layer: "no", TypeError, "^dense_grad must be a bool, got str"),
+        # Any truthy value turned the check on ("no" included), any falsy one off.
+        *[("check_zero_off_mask", _show(value), lambda layer, v=value: v, TypeError,
+           f"^check_zero_off_mask must be a bool, got {kind}")
+          for value, kind in (("no", "str"), (1, "int"), (None, "NoneType"), (np.bool_(True), "numpy.bool"),
+                              (torch.tensor(True), "torch.Tensor"))],
+        # Taken, and refused by torch (naming no mask) only when set_mask or an algorithm wrote into it.
+        ("mask", "an expanded bool tensor", lambda layer: torch.ones(1, 1, dtype=torch.bool).expand(4, 6), ValueError,
+         "^mask has entries that share memory"),
+        ("mask", "an inference tensor", lambda layer: _inference(layer.mask), ValueError,
+         "^mask is an inference tensor")]:
     # The cases refused at the forward change the layer (the assignment itself is legal): compared on a copy.
-    _refused_at_assignment = _attribute == "zero_off_mask" or _attribute == "mask" and _error is TypeError and (
-        _name != "None")
+    _refused_at_assignment = _attribute in ("zero_off_mask", "check_zero_off_mask") or _attribute == "mask" and (
+        _error is TypeError and _name != "None" or _error is ValueError and _name.startswith("an "))
     if _refused_at_assignment:
         error(f"SparseLinear.{_attribute} = {_name}", layer_world, _assign(_attribute, _make), _error, _match)
     else:
@@ -2471,6 +2491,160 @@ for _attribute, _name, _make, _error, _match in [
 def _layer_world_of_its_own():
     with torch.random.fork_rng(devices=[]):   # its initialisation draws from the global generator
         return layer_world()
+
+
+# -- campaign 17: snip_shift and the criteria's parameters, tampered states, broadcast_masks ---------
+
+# The built-in criteria's parameters, given to the functions themselves: NaN, inf and bools were computed with
+# (NaN scores), a tensor of several values raised torch's "Boolean value of Tensor ... is ambiguous".
+def _scores_of(function, **parameters):
+    def call(world):
+        weights = [module.weight for _, module in sparse_modules(world.model)]
+        with torch.no_grad():
+            return function(weights, [w.grad for w in weights], [m.mask for _, m in sparse_modules(world.model)],
+                            **parameters)
+    return call
+
+
+_criteria = sparsekern.algorithms.criteria
+for _function, _parameter, _value, _error in [
+        (_criteria.snip, "shift", -1.0, ValueError), (_criteria.snip, "shift", NAN, ValueError),
+        (_criteria.snip, "shift", INF, ValueError), (_criteria.snip, "shift", 1e39, ValueError),
+        (_criteria.snip, "shift", True, TypeError), (_criteria.snip, "shift", torch.tensor([1e-5, 2e-5]), TypeError),
+        (_criteria.snip, "shift", "1e-5", TypeError), (_criteria.snip, "shift", None, TypeError),
+        (_criteria.mest, "gamma", NAN, ValueError), (_criteria.sensitivity, "offset", 0.0, ValueError),
+        (_criteria.rsensitivity, "offset", -1.0, ValueError)]:
+    error(f"criteria.{_function.__name__}({_parameter}={_show(_value)})", model_world,
+          _scores_of(_function, **{_parameter: _value}), _error, f"^{_parameter} must be")
+
+
+# Settings of a saved state tampered into arrays: comparing one raised NumPy's "truth value of an array ... is
+# ambiguous", naming no entry.
+def _with_setting(key, value):
+    return lambda world: world.algo.load_state_dict({**world.state, key: value})
+
+
+for _name, _world, _key, _value in [
+        ("DST(prune='snip')", lambda tmp_path=None: dst_world(prune="snip", snip_shift=1e-5), "snip_shift",
+         np.array([1e-5, 1e-5])),
+        ("RigL", dst_world, "scope", np.array(["layer", "global"])), ("RigL", dst_world, "block", np.array([2, 2])),
+        ("IMP", imp_world, "rewind_step", np.array([2, 2])), ("IMP", imp_world, "prune_fraction", np.array([0.2, 0.2])),
+        ("SWAMP", swamp_world, "seed", np.array([0, 0])), ("SWAMP", swamp_world, "particles", np.array([2, 2])),
+        ("OptG", optg_world, "sparsity", np.array([0.5, 0.5]))]:
+    error(f"{_name}.load_state_dict({_key}=an array)", _world, _with_setting(_key, _value), ValueError,
+          rf"^state\['{_key}'\]=array\(.*the state was saved with {_key}=array")
+error("RigL.load_state_dict(finished=numpy.bool_)", dst_world, _with_setting("finished", np.bool_(False)), TypeError,
+      r"^state\['finished'\] must be a bool, got numpy.bool")   # was "must be a bool, got bool"
+
+
+def _bool_momentum(state: dict, key: str) -> dict:
+    """`state` with its optimizer state's (under `key`) momentum buffers made bool tensors."""
+    return {**state, key: _optimizer_entries_with(state[key], lambda t: t != 0)}
+
+
+# torch's load_state_dict casts a bool momentum to the parameter's dtype: it loaded as 1.0 and 0.0.
+error("IMP.load_state_dict(a bool momentum)", imp_world,
+      lambda w: w.algo.load_state_dict(_bool_momentum(w.state, "optimizer")), ValueError,
+      r"^state\['optimizer'\]\['state'\]\['0.weight'\]\['momentum_buffer'\] must be a floating-point tensor, got "
+      r"torch.bool")
+error("OptG.load_state_dict(a bool score momentum)", optg_world,
+      lambda w: w.algo.load_state_dict(_bool_momentum(w.state, "score_optimizer")), ValueError,
+      r"^state\['score_optimizer'\]\['state'\]\['0'\]\['momentum_buffer'\] must be a floating-point tensor")
+
+
+# Optimizer state on the meta device: passed over silently (masked_fill_ of a meta tensor does nothing), then DST's
+# first update failed in prune_grow, naming its own arguments ("state[0][0] is on meta").
+def _meta_momentum(t: Tensor) -> Tensor:
+    return t.to("meta")
+
+
+_named = r"^optimizer.state\[3.weight\]\['momentum_buffer'\] is on meta, its weight on cpu"
+error("DST(optimizer holding a meta momentum buffer)", _off_mask_momentum_world(_meta_momentum),
+      _dst_call(DST, {"total_steps": 40}), ValueError, _named)
+error("sparsify(optimizer holding a meta momentum buffer)", _off_mask_momentum_world(_meta_momentum, density=1.0),
+      lambda w: sparsekern.sparsify(w.model, 0.5, optimizer=w.optimizer), ValueError, _named)
+error("RigL.load_state_dict(its own state, the optimizer now holding a meta momentum buffer)",
+      lambda tmp_path=None: _with_momentum(_with_momentum(dst_world(), 0, torch.ones_like), 3, _meta_momentum),
+      lambda w: w.algo.load_state_dict(w.state), ValueError, _named)
+
+
+def _meta_sparse_world(tmp_path=None):
+    with torch.random.fork_rng(devices=[]):
+        model = sparsekern.sparsify(nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 2)), 0.5,
+                                    generator=torch.Generator().manual_seed(0)).to("meta")
+    return SimpleNamespace(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+error("DST(a sparse model on the meta device)", _meta_sparse_world, _dst_call(DST, {}), ValueError,
+      r"^the weights of the sparse modules \(0, ...\) are on the meta device")   # was torch's "META device type ..."
+error("summary(a sparse model on the meta device)", _meta_sparse_world, lambda w: sparsekern.summary(w.model),
+      ValueError, r"^the masks of \['0', '1'\] are on the meta device")   # was torch's "Tensor.item() ... meta"
+# IMP and SWAMP took it (to fail at the first pruning); OptG raised torch's "Tensor.item() cannot be called on meta".
+for _name, _call in (("IMP", lambda w: IMP(w.model, _sgd)), ("SWAMP", lambda w: SWAMP(w.model, _sgd)),
+                     ("OptG", lambda w: OptG(w.model, sparsity=0.5, epochs=2))):
+    error(f"{_name}(a sparse model on the meta device)", _meta_sparse_world, _call, ValueError,
+          rf"^{_name}: the weights of layers \['0', '1'\] are on the meta device")
+
+
+def _class_check_zero_off_mask(value):
+    def call(world):
+        SparseLinear.check_zero_off_mask = value   # on the class, where no assignment is checked: at the forward
+        try:
+            world.layer(torch.ones(3, 6))
+        finally:
+            del SparseLinear.check_zero_off_mask
+    return call
+
+
+error("SparseLinear.check_zero_off_mask = 'no' (the class's), then forward", layer_world,
+      _class_check_zero_off_mask("no"), TypeError, "^check_zero_off_mask must be a bool, got str")
+
+
+# sparsekern.distributed in a gloo group of this process alone: the optimizer state was zeroed layer by layer, an
+# expanded, inference or meta momentum found (or passed over) only where it was written; src, weights and group were
+# not checked (gloo's "invalid root rank", an AttributeError, or any truthy weights taken).
+def _one_rank(call):
+    def in_group(world):
+        torch.distributed.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{world.rendezvous}")
+        try:
+            return call(world)
+        finally:
+            torch.distributed.destroy_process_group()
+    return in_group
+
+
+def _rendezvous(make):
+    def world(tmp_path):
+        result = make()
+        result.rendezvous = str(tmp_path / "rendezvous")   # a str: the snapshot would list a Path's directory
+        return result
+    return world
+
+
+for _kind, _make, _match in [("an expanded", _expanded, "has entries that share memory"),
+                             ("an inference", _inference, "is an inference tensor"),
+                             ("a meta", _meta_momentum, "is on meta, its weight on cpu")]:
+    _named = r"^optimizer.state\[3.weight\]\['momentum_buffer'\] " + _match
+    error(f"broadcast_masks(optimizer holding {_kind} momentum buffer)",
+          _rendezvous(_off_mask_momentum_world(_make)),
+          _one_rank(lambda w: distributed.broadcast_masks(w.model, optimizer=w.optimizer)), ValueError, _named)
+error("broadcast_masks(algorithm=RigL, optimizer holding an expanded momentum buffer)",
+      _rendezvous(lambda: _with_momentum(_with_momentum(dst_world(), 0, torch.ones_like), 3, _expanded)),
+      _one_rank(lambda w: distributed.broadcast_masks(w.model, optimizer=w.optimizer, algorithm=w.algo)), ValueError,
+      r"^optimizer.state\[3.weight\]\['momentum_buffer'\] has entries that share memory")
+for _arguments, _error, _match in [
+        (dict(src=1), ValueError, r"^src must be a rank of the group, one of \[0\], got 1"),
+        (dict(src=-1), ValueError, "^src must be a rank of the group"), (dict(src="0"), TypeError, "^src must be an"),
+        (dict(src=True), TypeError, "^src must be an integer, got bool"),
+        (dict(weights="no"), TypeError, "^weights must be a bool, got str"),
+        (dict(weights=None), TypeError, "^weights must be a bool"),
+        (dict(group="x"), TypeError, "^group must be a torch.distributed ProcessGroup or None, got str")]:
+    error(f"broadcast_masks({_show(_arguments)})", _rendezvous(model_world),
+          _one_rank(lambda w, a=_arguments: distributed.broadcast_masks(w.model, **a)), _error, _match)
+for _arguments, _error, _match in [(dict(weights="no"), TypeError, "^weights must be a bool, got str"),
+                                   (dict(group="x"), TypeError, "^group must be a torch.distributed ProcessGroup")]:
+    error(f"masks_identical({_show(_arguments)})", _rendezvous(model_world),
+          _one_rank(lambda w, a=_arguments: distributed.masks_identical(w.model, **a)), _error, _match)
 
 
 # -- the tests -------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -255,3 +256,17 @@ def test_a_model_sparsified_under_inference_mode_is_the_one_sparsified_outside_i
     x, y = _batch(0)
     nn.functional.cross_entropy(inside(x), y).backward()
     inside[0].set_mask(torch.ones_like(inside[0].mask))
+
+
+def test_a_dst_state_of_a_criterion_named_by_a_numpy_str_loads_back_through_checkpoint(tmp_path):
+    # Campaign 17: the name, a NumPy str_ kept as given, was saved as one, which checkpoint.load (weights only, plain
+    # types) refused as a damaged file.
+    def score(weights, grads, masks, *, generator):
+        return [weight.abs() for weight in weights]
+
+    model = _mlp(0.5)
+    criterion = sparsekern.Criterion(np.str_("noisy"), score, reads_gradient=False, elementwise=True)
+    assert type(criterion.name) is str and criterion.name == "noisy"
+    algo = sparsekern.DST(model, torch.optim.SGD(model.parameters(), lr=0.1), prune=criterion, total_steps=10)
+    checkpoint.save(algo.state_dict(), tmp_path / "dst.pt")
+    assert checkpoint.load(tmp_path / "dst.pt")["prune"] == "noisy"

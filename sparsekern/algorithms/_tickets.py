@@ -31,8 +31,8 @@ SCOPES = ("global", "layer")
 def sparse_layers(model: nn.Module, who: str) -> list[tying.Group]:
     """The model's sparse modules grouped by weight; ValueError when there are none (nothing to
     prune), when modules sharing a weight carry different masks, when the model is sharded across
-    ranks, or when a layer's weight is computed at every forward (a parametrization registered
-    after sparsify: `computed_weight_refusal`); `who`, the algorithm, names the refusal."""
+    ranks, when a layer's weight is computed at every forward (a parametrization registered
+    after sparsify: `computed_weight_refusal`), or on the meta device; `who`, the algorithm, names the refusal."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     refuse_sharded(model, who)
@@ -45,6 +45,10 @@ def sparse_layers(model: nn.Module, who: str) -> list[tying.Group]:
                          "it from sparsekern.nn.SparseLinear / SparseConv1d/2d/3d / SparseConvTranspose1d/2d/3d")
     groups = tying.group_by_weight(named)
     tying.check_groups(groups)
+    meta = [group[0][0] for group in groups if group[0][1].weight.is_meta]
+    if meta:   # taken, IMP and SWAMP failed at the first pruning, OptG in a read of a score, naming no layer
+        raise ValueError(f"{who}: the weights of layers {meta} are on the meta device, which holds no values: "
+                         f"materialize the model first (to_empty, then initialise it or load its state dict)")
     return groups
 
 
@@ -421,10 +425,21 @@ def check_saved_setting(state: dict, key: str, value, setting: str | None = None
     counters, which alone cannot tell (check_rewind_point): a state at step 3 of cycle 1 holding θ_2 fits
     rewind_step 0 as well, and resuming it there would rewind to θ_2 and restart at step 0. A state without the
     entry (saved before it was kept) is not checked."""
-    # A tensor is never a setting (and comparing one gives a tensor, whose truth value may raise).
-    if key in state and (isinstance(state[key], Tensor) or state[key] != value):
+    if key in state and _differs(state[key], value):
         raise ValueError(f"state[{key!r}]={state[key]!r}: the state was saved with {setting or key}={state[key]!r}, "
                          f"not {value!r}")
+
+
+def _differs(saved, value) -> bool:
+    """Whether a state's setting `saved` is not `value`. A tensor or an array of values is never a setting, and
+    comparing one gives a tensor or an array, whose truth value raises (a NumPy array's a ValueError of its own,
+    naming nothing); so does a comparison that raises."""
+    if isinstance(saved, Tensor) or getattr(saved, "ndim", 0):
+        return True
+    try:
+        return bool(saved != value)
+    except Exception:   # whatever a tampered object's comparison raises: it is no setting of these
+        return True
 
 
 def check_rewind_point(cycle: int, step_in_cycle: int, has_rewind_state: bool, rewind_step: int,
@@ -457,6 +472,7 @@ def loaded_optimizer(optimizer_factory: Callable, model: nn.Module, saved, name:
     if not isinstance(saved, dict):
         raise TypeError(f"{name} must be an optimizer state dict, got {type(saved).__name__}")
     saved = optimizer_in_order(saved, optimizer, parameter_names(model), name, who)
+    check_state_dtypes(saved, name)
     try:
         # A copy: torch's optimizer keeps the caller's tensors as its own (where device and dtype fit) and would
         # train them in place, so that a state loaded twice (a retry, a rollback) would not resume alike.
@@ -493,6 +509,19 @@ def check_hyperparameters(optimizer: torch.optim.Optimizer, name: str) -> None:
 # Adagrad's, Adadelta's, Adamax's, Rprop's, ASGD's).
 PARAMETER_SHAPED_STATE = frozenset({"momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "square_avg",
                                     "grad_avg", "acc_delta", "sum", "exp_inf", "prev", "step_size", "ax"})
+
+
+def check_state_dtypes(saved: dict, name: str) -> None:
+    """ValueError naming `name` and the entry for a per-parameter state entry of `saved` (an optimizer's state dict)
+    held in the parameter's shape (PARAMETER_SHAPED_STATE) that is a tensor of no floating dtype: torch's
+    load_state_dict casts a bool or integer momentum to the parameter's dtype, and it loaded as numbers."""
+    states = saved.get("state")
+    for key, entry in states.items() if isinstance(states, dict) else ():
+        for field, value in entry.items() if isinstance(entry, dict) else ():
+            if field in PARAMETER_SHAPED_STATE and isinstance(value, Tensor) and not (
+                    value.is_floating_point() or value.is_complex()):
+                raise ValueError(f"{name}['state'][{key!r}][{field!r}] must be a floating-point tensor, got "
+                                 f"{value.dtype}")
 
 
 def check_optimizer_state(optimizer: torch.optim.Optimizer, parameters: list[tuple[str, Tensor]], name: str,

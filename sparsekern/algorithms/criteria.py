@@ -12,7 +12,8 @@ over lists of one length: `weights` float tensors, `grads` the current batch's d
 shaped like them (None entries allowed for criteria that do not read gradients), `masks` the
 current bool masks; `generator` a torch.Generator on the weights' device (random criteria draw
 from it, in list order), `gamma` MEST's gradient coefficient, `offset` what Sensitivity and
-RSensitivity add to their denominators, `shift` what SNIP adds to its score. MEST, SNIP, Sensitivity and
+RSensitivity add to their denominators, `shift` what SNIP adds to its score (each refused, naming it,
+where DST would refuse it: `check_parameter`). MEST, SNIP, Sensitivity and
 RSensitivity compute in float32 at least (`_wide`), so that a half-precision model is ranked by their formulas.
 Every criterion but `set` is elementwise; `set` ranks weights over the whole list, so a per-layer update passes
 one layer. The divisions are guarded by offset = EPSILON = 1e-8 by default; the Fantastic Weights code adds 1
@@ -39,12 +40,24 @@ from torch import Tensor
 from ..ops import _checks
 
 EPSILON = 1e-8
+# The largest parameter a criterion takes: float32's largest number. The scores are float32 at least, where a larger
+# one is inf, and makes every score inf (or NaN, where it multiplies a 0: MEST's γ·|g| of a zero gradient), so that
+# they all tie and rank by position, or drop NaN first.
+PARAMETER_MAX = torch.finfo(torch.float32).max
 
 ScoreFunction = Callable[..., Sequence[Tensor]]
 
 
 # The elementwise criteria are computed for the whole list in one batched pass each
 # (torch._foreach_*), not one torch call per layer.
+
+
+def check_parameter(value, name: str, *, positive: bool = False) -> float:
+    """`value` as a float: a criterion's parameter (MEST's gamma, SNIP's shift: >= 0; Sensitivity's offset: > 0,
+    `positive`), at most PARAMETER_MAX; TypeError or ValueError naming `name` otherwise (a bool, NaN, a tensor)."""
+    low = "> 0" if positive else ">= 0"
+    return _checks.number(value, name, lambda number: (number > 0 if positive else number >= 0)
+                          and number <= PARAMETER_MAX, f"{low} and <= {PARAMETER_MAX:.4g} (float32's largest)")
 
 
 def _each(function, tensors: list[Tensor], *others) -> list[Tensor]:
@@ -66,6 +79,7 @@ def magnitude(weights, grads, masks, *, generator=None, gamma=1.0, offset=EPSILO
 
 def mest(weights, grads, masks, *, generator=None, gamma=1.0, offset=EPSILON, shift=0.0) -> list[Tensor]:
     """|θ| + γ|g| (MEST, γ = 1 by default), in float32 at least."""
+    gamma = check_parameter(gamma, "gamma")
     weights, grads = _wide(weights), _wide(grads)
     return _each(torch._foreach_add, magnitude(weights, grads, masks), _each(torch._foreach_mul, gradient(
         weights, grads, masks), gamma))
@@ -74,6 +88,7 @@ def mest(weights, grads, masks, *, generator=None, gamma=1.0, offset=EPSILON, sh
 def snip(weights, grads, masks, *, generator=None, gamma=1.0, offset=EPSILON, shift=0.0) -> list[Tensor]:
     """|θ·g| + shift (SNIP's saliency, shifted as the Fantastic Weights code shifts it by 1e-5), in float32 at
     least."""
+    shift = check_parameter(shift, "shift")
     weights, grads = _wide(weights), _wide(grads)
     scores = _each(torch._foreach_abs, _each(torch._foreach_mul, list(weights), list(grads)))
     # Unshifted, no pass over the scores: x + 0.0 is x (|θ·g| is never -0.0), so the ranking is the same.
@@ -82,6 +97,7 @@ def snip(weights, grads, masks, *, generator=None, gamma=1.0, offset=EPSILON, sh
 
 def sensitivity(weights, grads, masks, *, generator=None, gamma=1.0, offset=EPSILON, shift=0.0) -> list[Tensor]:
     """|g| / (|θ| + offset), in float32 at least."""
+    offset = check_parameter(offset, "offset", positive=True)
     weights, grads = _wide(weights), _wide(grads)
     return _each(torch._foreach_div, gradient(weights, grads, masks),
                  _each(torch._foreach_add, magnitude(weights, grads, masks), offset))
@@ -89,6 +105,7 @@ def sensitivity(weights, grads, masks, *, generator=None, gamma=1.0, offset=EPSI
 
 def rsensitivity(weights, grads, masks, *, generator=None, gamma=1.0, offset=EPSILON, shift=0.0) -> list[Tensor]:
     """|θ| / (|g| + offset), the reciprocal of sensitivity, in float32 at least."""
+    offset = check_parameter(offset, "offset", positive=True)
     weights, grads = _wide(weights), _wide(grads)
     return _each(torch._foreach_div, magnitude(weights, grads, masks),
                  _each(torch._foreach_add, gradient(weights, grads, masks), offset))
@@ -183,7 +200,7 @@ class Criterion:
             `load_state_dict()` refuses a state saved under another name or flags (build the resuming DST with the
             same criterion; its score function is not saved: `score_name`). Give a score with other
             parameters another name ("taylor(beta=0.5)"). Not the name of a built-in criterion (`PRUNE`, `GROW`:
-            ValueError when DST is built).
+            ValueError when DST is built), nor a blank one or one beginning or ending with whitespace (ValueError).
         score: score(weights, grads, masks, *, generator) -> a list of tensors, one per weight, shaped like it, of
             a float dtype (float16, bfloat16, float32 or float64), on its device. Higher is kept: pruning drops
             the active entries with the lowest scores, growth grows the highest-scoring entries not kept; scores
@@ -226,8 +243,14 @@ class Criterion:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str):
             raise TypeError(f"Criterion name must be a str, got {type(self.name).__name__}")
-        if not self.name:
-            raise ValueError("Criterion name must not be empty")
+        if not self.name.strip():
+            raise ValueError(f"Criterion name must not be empty or blank, got {self.name!r}")
+        if self.name != self.name.strip():
+            # It would read in messages as another criterion's name, a built-in's (" magnitude") included.
+            raise ValueError(f"Criterion name must not begin or end with whitespace, got {self.name!r}")
+        # A plain str: a state saving a subclass's (NumPy's str_) would not load back through sparsekern.checkpoint,
+        # which unpickles only plain types.
+        object.__setattr__(self, "name", str(self.name))
         if not callable(self.score):
             raise TypeError(f"Criterion {self.name!r}: score must be callable, got {type(self.score).__name__}")
         try:

@@ -30,7 +30,8 @@ from torch.distributed.algorithms.join import Join, Joinable, JoinHook
 from ..nn import sparse_modules
 from ..nn.modules import computed_weight_refusal
 from ..nn.sharding import refuse_sharded
-from ..nn.sparsify import check_optimizer, mask_state_in_place, optimizer_state, state_is_sharded
+from ..nn.sparsify import check_optimizer, check_state_writable, mask_state_in_place, optimizer_state, state_is_sharded
+from ..ops import _checks
 from ._tickets import map_tensors
 
 
@@ -84,6 +85,8 @@ def _broadcast_replica(model: nn.Module, src: int, group, weights: bool, optimiz
     state would make slow), which also carries `lr_scheduler`'s state (its step count) where given."""
     from . import dst, imp, optg   # here: they import this module
     with Agreement("broadcast_masks", group) as agreement:
+        _checks.flag(weights, "weights")
+        _check_source(src, group)
         check_optimizer(optimizer, "build a new LBFGS on every rank after broadcast_masks")
         if algorithm is not None and not isinstance(algorithm, (dst.DST, imp.IMP, optg.OptG)):
             raise TypeError(f"algorithm must be a DST, IMP or OptG or None (SWAMP's ranks train different "
@@ -101,6 +104,9 @@ def _broadcast_replica(model: nn.Module, src: int, group, weights: bool, optimiz
         if whole_optimizer:
             sparse = {id(weight) for weight in parameters}
             parameters += [p for entry in optimizer.param_groups for p in entry["params"] if id(p) not in sparse]
+        if optimizer is not None:   # the broadcasts below write them in place, and zero them off the masks
+            for name, module in named:
+                check_state_writable(optimizer, module.weight, module.mask, name)
         states = [[] if optimizer is None else optimizer_state(optimizer, p) for p in parameters]
         agreement.shared = (_layers(model), [len(state) for state in states] if copy_state else None,
                             algorithm is not None,
@@ -159,6 +165,17 @@ def _broadcast_replica(model: nn.Module, src: int, group, weights: bool, optimiz
                 dist.broadcast(tensor, src=src, group=group)
             if not keeps_pruned:
                 mask_state_in_place(tensor, module.mask)
+
+
+def _check_source(src, group) -> None:
+    """TypeError or ValueError naming `src` unless it is the (global) rank of a process in `group`: torch's
+    broadcasts would refuse it only inside the first one, naming a "root rank"."""
+    src = _checks.integer(src, "src")
+    if not (dist.is_available() and dist.is_initialized()):
+        return   # no ranks to name: the first collective says that no process group was initialised
+    ranks = dist.get_process_group_ranks(group) if group is not None else range(dist.get_world_size())
+    if src not in ranks:
+        raise ValueError(f"src must be a rank of the group, one of {list(ranks)}, got {src}")
 
 
 def broadcast_object(value, src: int, group=None):
@@ -258,6 +275,7 @@ def masks_identical(model: nn.Module, group=None, weights: bool = True) -> bool:
     call on every rank.
     """
     with Agreement("masks_identical", group) as agreement:
+        _checks.flag(weights, "weights")
         refuse_sharded(model, "masks_identical")
         # A computed weight would be computed here (spectral_norm's power iteration, in training mode).
         refusal = computed_weight_refusal(sparse_modules(model), "masks_identical") if weights else None
@@ -314,7 +332,7 @@ class Agreement:
     _KINDS = (TypeError, ValueError)
 
     def __init__(self, who: str, group=None):
-        self.who, self.group = who, group
+        self.who, self.group = who, check_group(group)   # on this rank alone: no other group can carry the verdict
         self.shared = None
         self.gathered: list | None = None
 
@@ -360,9 +378,6 @@ class ReplicaCheck(Agreement):
     ranks only), or the masks or weights under them, differ across ranks. Ranks holding different sparse layers
     (pipeline stages) are no replicas, and neither their settings nor their masks are compared. A no-op
     unless `group` (None: the default group) is initialised and holds two or more ranks."""
-
-    def __init__(self, who: str, group=None):
-        super().__init__(who, check_group(group))
 
     def compare(self, model: nn.Module, settings: dict, stream: Tensor | None = None, what: str = "",
                 updated: list[str] | None = None) -> None:

@@ -101,7 +101,9 @@ class DST(distributed.CatchesUp):
         swap_rounding: how the swap count n = r · active is made whole: "round" (Python's round,
             halves to even: 2.5 -> 2, 3.5 -> 4) or "floor", as RigL's code (3.7 -> 3). Applies to every
             count: each layer's (scope="layer"), the total (scope="global"), and blocks (block=).
-        mest_gamma: γ of the MEST criterion |θ| + γ|g|.
+        mest_gamma: γ of the MEST criterion |θ| + γ|g|. It, sensitivity_offset and snip_shift are at most
+            float32's largest number (`criteria.PARAMETER_MAX`), in which the scores are computed; each is read by
+            its criterion alone, and ignored (and not saved) under the others.
         sensitivity_offset: what prune="sensitivity" and "rsensitivity" add to their denominators,
             |g| / (|θ| + offset) and |θ| / (|g| + offset): 1e-8 (a guard), or 1.0 as the Fantastic
             Weights code, which ranks differently.
@@ -238,12 +240,15 @@ class DST(distributed.CatchesUp):
             for argument, criterion in (("prune", self._prune), ("grow", self._grow)):
                 if block is not None and not criterion.elementwise:
                     raise ValueError(f"block needs elementwise criteria, got {argument}={criterion.name!r}")
-            mest_gamma = _checks.number(mest_gamma, "mest_gamma", lambda value: value >= 0, ">= 0")
-            sensitivity_offset = _checks.number(sensitivity_offset, "sensitivity_offset",
-                                                lambda value: value > 0, "> 0")
-            snip_shift = _checks.number(snip_shift, "snip_shift", lambda value: value >= 0, ">= 0")
+            mest_gamma = criteria.check_parameter(mest_gamma, "mest_gamma")
+            sensitivity_offset = criteria.check_parameter(sensitivity_offset, "sensitivity_offset", positive=True)
+            snip_shift = criteria.check_parameter(snip_shift, "snip_shift")
             self.modules, self._groups = _trained_layers(model, optimizer)
             device = self.modules[0][1].weight.device
+            if device.type == "meta":   # no random stream can live there, nor any value be ranked
+                raise ValueError(f"the weights of the sparse modules ({self.modules[0][0]}, ...) are on the meta "
+                                 f"device, which holds no values: materialize the model first (to_empty, then "
+                                 f"initialise it or load its state dict)")
             for name, module in self.modules:
                 if module.weight.device != device:
                     raise ValueError(f"sparse modules must share one device: {name} is on "
@@ -501,9 +506,7 @@ class DST(distributed.CatchesUp):
         except (RuntimeError, TypeError, ValueError) as error:
             raise ValueError(f"state['generator'] is not a state of a {self.generator.device.type} "
                              f"generator: {error}") from None
-        finished = state.get("finished", False)
-        if not isinstance(finished, bool):
-            raise TypeError(f"state['finished'] must be a bool, got {type(finished).__name__}")
+        finished = _checks.flag(state.get("finished", False), "state['finished']")
         if schedule != self.schedule:
             # The saved schedule is the run's own (its cosine was laid over its total_steps); built
             # with other arguments (a longer run, a new end_step), this DST would silently follow it.

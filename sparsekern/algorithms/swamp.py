@@ -86,7 +86,7 @@ class SWAMP:
                  seed: int = 0, group=None):
         # Collective: a check that fails on one rank fails on every rank, which would otherwise wait for it
         # in the broadcast of rank 0's ticket (at construction with rewind_step=0) or the cycle's all_reduce.
-        with distributed.Agreement("SWAMP", distributed.check_group(group)) as agreement:
+        with distributed.Agreement("SWAMP", group) as agreement:
             self._groups = _tickets.sparse_layers(model, "SWAMP")
             self.layers = _tickets.primaries(self._groups)
             _tickets.check_callable(optimizer_factory, "optimizer_factory")

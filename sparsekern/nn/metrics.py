@@ -76,12 +76,17 @@ def summary(model: nn.Module, print_fn: Callable[[str], object] | None = print) 
     in "tied_to" (None when nothing is shared).
     Returns {"layers": [{"name", "type", "shape", "parameters", "nonzeros", "density", "tied_to"},
     ...], "sparse_weights": {...}, "total": {...}}: the totals over the sparse modules' weights
-    (the density that `sparsify` targets) and over all parameters. `print_fn=None` prints nothing.
+    (the density that `sparsify` targets) and over all parameters. `print_fn=None` prints nothing. ValueError for
+    a sparse module whose mask is on the meta device (no values to count).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if print_fn is not None and not callable(print_fn):
         raise TypeError(f"print_fn must be callable or None, got {type(print_fn).__name__}")
+    meta = [name for name, module in sparse_modules(model) if module.mask.is_meta]
+    if meta:   # torch's "Tensor.item() cannot be called on meta tensors" said neither which layer nor why
+        raise ValueError(f"the masks of {meta} are on the meta device, which holds no values to count: materialize "
+                         f"the model first (to_empty, then initialise it or load its state dict)")
     rows = []
     first_holder: dict[int, str] = {}
     for name, module in model.named_modules():

@@ -95,7 +95,8 @@ class SparseModule(nn.Module):
 
     mask: Tensor
     dense_grad: bool
-    # Opt-in debugging check: verify the zero-off-mask promise at every forward that relies on it.
+    # Opt-in debugging check: verify the zero-off-mask promise at every forward that relies on it. A bool (TypeError
+    # otherwise: when assigned to a module, else at the forward that would read it).
     check_zero_off_mask: bool = False
 
     def _init_mask(self) -> None:
@@ -111,6 +112,8 @@ class SparseModule(nn.Module):
         self.zero_off_mask = self.zero_off_mask if promised is None else promised  # its hook, as the setter keeps it
 
     def __setattr__(self, name: str, value) -> None:
+        if name == "check_zero_off_mask":
+            _checks.flag(value, "check_zero_off_mask")   # as zero_off_mask: "no" or None is no answer
         if name == "mask" and isinstance(value, Tensor):
             # Refused before it is in place: its check below, and every op, reads it as a dense bool tensor.
             _checks.tensor(value, "mask")
@@ -118,6 +121,10 @@ class SparseModule(nn.Module):
                 raise TypeError(f"mask must be a bool tensor, got {value.dtype}")
             if isinstance(value, nn.Parameter):   # nn.Module would register it as one: no buffer, no promise kept
                 raise TypeError("mask must be a plain tensor (a buffer), got an nn.Parameter")
+            if not _transforms.active():
+                # set_mask and the algorithms write the mask in place, which torch refuses for these only then,
+                # naming no mask: an expanded view, an inference tensor outside inference mode.
+                _checks.writable_in_place(value, "mask", value.new_empty(0), "")
         super().__setattr__(name, value)
         # A mask assigned in place of the old one is checked at once, not at the next forward (see
         # `_forward_arguments`): nn.TransformerEncoderLayer's fused eval-mode kernel, and a compiled graph, read
@@ -310,7 +317,9 @@ class SparseModule(nn.Module):
                 and not _transforms.active()):
             self._recheck_zero_off_mask()   # another mask, or one written in place, since the promise (setter)
             zero_off_mask = self._zero_off_mask_of is weight
-        if zero_off_mask and self.check_zero_off_mask and not _transforms.active():
+        if zero_off_mask and self.check_zero_off_mask is not False and not _transforms.active():
+            # Set on the class (where no assignment is checked), a truthy "no" would turn the check on: refused here.
+            _checks.flag(self.check_zero_off_mask, "check_zero_off_mask")
             self.verify_zero_off_mask()
         return (weight, self.mask if mask is None else mask, self.bias if bias is None else bias, zero_off_mask)
 

@@ -247,11 +247,16 @@ def _weight_shaped_state(optimizer: torch.optim.Optimizer, weight: Tensor) -> di
 def check_state_writable(optimizer: torch.optim.Optimizer, weight: Tensor, mask: Tensor | None, layer: str) -> None:
     """ValueError naming the entry for an `optimizer_state` tensor of `weight` that `mask_state_in_place` could not
     zero off `mask` (the layer's mask; None for one not made yet), checked before anything changes: an expanded or
-    overlapping view, one sharing memory with the mask, an inference tensor (`ops._checks.writable_in_place`).
+    overlapping view, one sharing memory with the mask, an inference tensor (`ops._checks.writable_in_place`), one on
+    another device than the weight (on the meta device, it has no values to zero, and was passed over silently).
     Found only once written, it would leave the layers before it zeroed and the ones after not."""
     mask = weight.new_empty(0, dtype=torch.bool) if mask is None else mask   # a new mask shares no memory
     for key, tensor in _weight_shaped_state(optimizer, weight).items():
-        _checks.writable_in_place(tensor, f"optimizer.state[{layer}.weight][{key!r}]", mask, f"{layer}.mask")
+        name = f"optimizer.state[{layer}.weight][{key!r}]"
+        if tensor.device != weight.device:
+            raise ValueError(f"{name} is on {tensor.device}, its weight on {weight.device}: it cannot be zeroed off "
+                             f"the mask{' (the meta device holds no values)' if tensor.is_meta else ''}")
+        _checks.writable_in_place(tensor, name, mask, f"{layer}.mask")
 
 
 def mask_state_in_place(tensor: Tensor, mask: Tensor) -> None:
