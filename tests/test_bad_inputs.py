@@ -2417,6 +2417,8 @@ for _name, _make in [("an empty nn.Sequential", nn.Sequential), ("a model of buf
 error("sparsify(a list of modules)", lambda tmp_path=None: SimpleNamespace(model=[nn.Linear(3, 3)]),
       lambda w: sparsekern.sparsify(w.model, 0.5), TypeError, "^model must be an nn.Module, got list")
 error("densify(None)", dense_world, lambda w: sparsekern.nn.densify(None), TypeError, "model must be an nn.Module")
+error("sparse_modules(a list of modules)", dense_world, lambda w: sparsekern.nn.sparse_modules([w.model]), TypeError,
+      "^model must be an nn.Module, got list")
 
 
 # sparsekern.nn modules: their mask, weight, bias and flags assigned wrong things (a mask refused when assigned, before

@@ -546,7 +546,10 @@ class SparseLinear(SparseModule, nn.Linear):
 
 
 def sparse_modules(model: nn.Module) -> list[tuple[str, SparseModule]]:
-    """(qualified name, module) of every sparse module in `model`, in `named_modules()` order."""
+    """(qualified name, module) of every sparse module in `model`, in `named_modules()` order; TypeError unless
+    `model` is an nn.Module."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     return [(name, module) for name, module in model.named_modules() if isinstance(module, SparseModule)]
 
 
