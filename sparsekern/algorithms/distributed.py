@@ -41,7 +41,9 @@ def broadcast_masks(model: nn.Module, src: int = 0, group=None, weights: bool = 
     on every rank (weights off the mask become 0, except in a module that does not promise
     `zero_off_mask`: OptG keeps its pruned weights, and their optimizer state, to bring them back,
     and its forward selects). `model` may be wrapped in DistributedDataParallel. Collective: call
-    on every rank.
+    on every rank of `group`, the process group whose ranks hold replicas (None: the default group);
+    `src` is a global rank, as in torch.distributed.broadcast, of one of them (else TypeError or
+    ValueError naming it).
 
     With `algorithm` (the DST, IMP or OptG driving `model` on this rank), rank `src`'s
     `algorithm.state_dict()` is loaded on every other rank first: masks alone do not make replicas
@@ -75,6 +77,17 @@ def broadcast_masks(model: nn.Module, src: int = 0, group=None, weights: bool = 
 
 
 @torch.no_grad()
+def _check_src(src, group) -> None:
+    """TypeError or ValueError naming `src` unless it is the global rank of one of `group`'s ranks (the default
+    group's when None): torch's broadcast would refuse it with a message that names neither."""
+    if isinstance(src, bool) or not isinstance(src, int):
+        raise TypeError(f"src must be a rank (an int), got {type(src).__name__}")
+    if dist.is_available() and dist.is_initialized():
+        ranks = dist.get_process_group_ranks(dist.group.WORLD if group is None else group)
+        if src not in ranks:
+            raise ValueError(f"src must be the global rank of one of the group's ranks {ranks}, got {src}")
+
+
 def _broadcast_replica(model: nn.Module, src: int, group, weights: bool, optimizer: torch.optim.Optimizer | None,
                        algorithm, whole_optimizer: bool, lr_scheduler=None) -> None:
     """broadcast_masks; with `whole_optimizer` (Join's catching up), rank `src`'s state of every parameter
@@ -84,6 +97,7 @@ def _broadcast_replica(model: nn.Module, src: int, group, weights: bool, optimiz
     state would make slow), which also carries `lr_scheduler`'s state (its step count) where given."""
     from . import dst, imp, optg   # here: they import this module
     with Agreement("broadcast_masks", group) as agreement:
+        _check_src(src, group)
         check_optimizer(optimizer, "build a new LBFGS on every rank after broadcast_masks")
         if algorithm is not None and not isinstance(algorithm, (dst.DST, imp.IMP, optg.OptG)):
             raise TypeError(f"algorithm must be a DST, IMP or OptG or None (SWAMP's ranks train different "
