@@ -44,9 +44,10 @@ def load(path: str | os.PathLike, map_location=None):
     format (`torch.save(..., _use_new_zipfile_serialization=False)`, or torch before 1.6), which
     stores no checksum at all, so that damage to its tensors could not be told from their values
     (`save` always writes the zip format); and a path that is not a regular file (a FIFO, which
-    would block forever, a device); a missing one raises FileNotFoundError. `map_location` (None,
-    a device or its name, a dict of them, or a callable, as for torch.load) is checked first. The
-    checksums and torch.load read one open file, so both see the same contents.
+    would block forever, a device); a missing one raises FileNotFoundError, and a directory
+    IsADirectoryError. `map_location` (None, a device or its name, a dict of them, or a callable, as
+    for torch.load) is checked first. The checksums and torch.load read one open file, so both see
+    the same contents.
     """
     path = _checked_path(path)
     map_location = _check_map_location(map_location)

@@ -2045,6 +2045,23 @@ for _name, _call, _error, _match in [
     error(f"ops.mask_in_place({_name})", _mask_in_place_world, _call, _error, _match)
 
 
+for _name, _call, _error, _match in [
+        ("a float mask", lambda w: ops.weight_for_dense_kernel(w.tensor, w.mask.float(), zero_off_mask=True),
+         TypeError, "^mask must be a bool tensor"),
+        ("a mask of another shape", lambda w: ops.weight_for_dense_kernel(w.leaf, w.mask.T, zero_off_mask=True),
+         ValueError, r"^mask must have the shape of weight \(4, 6\), got \(6, 4\)"),
+        ("a meta mask", lambda w: ops.weight_for_dense_kernel(w.tensor, w.mask.to("meta"), zero_off_mask=False),
+         ValueError, "^mask is on meta"),
+        ("an int64 weight", lambda w: ops.weight_for_dense_kernel(w.tensor.long(), w.mask, zero_off_mask=False),
+         TypeError, "^weight must be float16"),
+        ("zero_off_mask=1", lambda w: ops.weight_for_dense_kernel(w.tensor, w.mask, zero_off_mask=1), TypeError,
+         "^zero_off_mask must be a bool, got int"),
+        ("dense_grad='no'", lambda w: ops.weight_for_dense_kernel(w.leaf, w.mask, zero_off_mask=False,
+                                                                 dense_grad="no"), TypeError,
+         "^dense_grad must be a bool, got str")]:
+    error(f"ops.weight_for_dense_kernel({_name})", _mask_in_place_world, _call, _error, _match)
+
+
 # sparsekern.checkpoint.load: truncated, tampered and foreign files.
 def _rewritten(directory: pathlib.Path, name: str, change) -> None:
     """good.pt rewritten as `name`, its zip records passed through `change` (with valid checksums)."""
@@ -2427,6 +2444,8 @@ for _name, _make in [("an empty nn.Sequential", nn.Sequential), ("a model of buf
 error("sparsify(a list of modules)", lambda tmp_path=None: SimpleNamespace(model=[nn.Linear(3, 3)]),
       lambda w: sparsekern.sparsify(w.model, 0.5), TypeError, "^model must be an nn.Module, got list")
 error("densify(None)", dense_world, lambda w: sparsekern.nn.densify(None), TypeError, "model must be an nn.Module")
+error("sparse_modules(a list of modules)", dense_world, lambda w: sparsekern.nn.sparse_modules([w.model]), TypeError,
+      "^model must be an nn.Module, got list")
 
 
 # sparsekern.nn modules: their mask, weight, bias and flags assigned wrong things (a mask refused when assigned, before

@@ -1,14 +1,18 @@
 """README.md stays runnable: its Python blocks run as written, each given only the tensors its
-placeholders stand for (`x, y = ...`, the ops' `weight`, `mask`, ...), and every command-line option it names is
-one of a sparsekern command's."""
+placeholders stand for (`x, y = ...`, the ops' `weight`, `mask`, ...), its set-up commands are two and the tests'
+is the one CI runs, its command-line examples are accepted, and every command-line option it names is one of a
+sparsekern command's."""
 import re
+import shlex
 from pathlib import Path
 
 import pytest
 import torch
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+SHELL_BLOCKS = re.findall(r"```bash\n(.*?)```", README.read_text(), re.S)
 BATCH_PLACEHOLDER = "x, y = ..."
 
 
@@ -35,36 +39,98 @@ def _ops_placeholders() -> dict:
             "x": torch.randn(3, 8, generator=generator), "bias": torch.randn(6, generator=generator)}
 
 
-def test_the_python_api_block_runs(tmp_path, monkeypatch, one_thread, capsys):
-    code = _block("import torch")
-    assert code.count(BATCH_PLACEHOLDER) == 1
-    code = code.replace(BATCH_PLACEHOLDER, "x, y = torch.randn(8, 64), torch.randint(0, 10, (8,))")
-    monkeypatch.chdir(tmp_path)   # it writes ckpt.pt
-    namespace = {}
-    exec(compile(code, f"{README}:python-api", "exec"), namespace)
+def _check_python_api(namespace: dict, tmp_path: Path, printed: str) -> None:
     assert (tmp_path / "ckpt.pt").exists()
-    assert "sparse weights" in capsys.readouterr().out   # sk.summary's table
+    assert "sparse weights" in printed   # sk.summary's table
     assert all(type(layer) in (torch.nn.Linear, torch.nn.ReLU) for layer in namespace["model"])   # densified
 
 
-def test_the_ops_block_runs():
+def _check_ops(namespace: dict, tmp_path: Path, printed: str) -> None:
     import sparsekern as sk
 
-    namespace = {"sk": sk, **_ops_placeholders()}
-    exec(compile(_block("masks = sk.ops.topk_mask"), f"{README}:ops", "exec"), namespace)
     assert sum(int(mask.sum()) for mask in namespace["masks"]) == 20   # topk_mask's k
     assert isinstance(namespace["packed"], sk.ops.PackedWeight)
     assert namespace["y"].shape == (3, 6)
 
 
-def test_the_criterion_block_runs(one_thread):
-    namespace = {}
-    exec(compile(_block("import sparsekern as sk"), f"{README}:criterion", "exec"), namespace)
+def _check_criterion(namespace: dict, tmp_path: Path, printed: str) -> None:
     algo, model = namespace["algo"], namespace["model"]
     assert namespace["state"]["prune"] == "jittered_snip(0.2)" and algo.step_count == 300
     for layer in (model[0], model[2]):   # whole 1x4 blocks
         blocks = layer.mask.view(layer.mask.shape[0], -1, 4)
         assert torch.equal(blocks.all(-1), blocks.any(-1))
+
+
+# What each block's results must be, by the block's first line; every block runs whether or not it has an entry.
+CHECKS = {"import torch": _check_python_api, "masks = sk.ops.topk_mask": _check_ops,
+          "import sparsekern as sk": _check_criterion}
+
+
+def _namespace(code: str) -> dict:
+    """What a block needs that README.md gives only in prose: the ops block continues the Python API's (`sk`)
+    and names the tensors of its placeholders; a block that imports sparsekern itself gets nothing."""
+    if "import sparsekern" in code:
+        return {}
+    import sparsekern as sk
+
+    return {"sk": sk, **_ops_placeholders()}
+
+
+@pytest.mark.parametrize("code", BLOCKS, ids=lambda code: code.splitlines()[0][:40])
+def test_every_python_block_runs(code, tmp_path, monkeypatch, one_thread, capsys):
+    assert code.count(BATCH_PLACEHOLDER) <= 1
+    code = code.replace(BATCH_PLACEHOLDER, "x, y = torch.randn(8, 64), torch.randint(0, 10, (8,))")
+    monkeypatch.chdir(tmp_path)   # the Python API's block writes ckpt.pt
+    namespace = _namespace(code)
+    exec(compile(code, f"{README}:{code.splitlines()[0]}", "exec"), namespace)
+    check = next((check for first_line, check in CHECKS.items() if code.startswith(first_line)), None)
+    if check is not None:
+        check(namespace, tmp_path, capsys.readouterr().out)
+
+
+def test_each_block_check_has_its_block():
+    for first_line in CHECKS:
+        _block(first_line)
+
+
+def test_set_up_is_two_commands_and_the_tests_one_is_what_ci_runs():
+    section = README.read_text().split("\n## Set up\n", 1)[1].split("\n## ", 1)[0]
+    commands = [block.strip() for block in re.findall(r"```bash\n(.*?)```", section, re.S)]
+    assert len(commands) == 2 and not any("\n" in command for command in commands), commands
+    main_job, tests = commands
+    assert main_job.endswith("&& sparsekern") and tests.endswith("&& python -m pytest")
+    assert tests in (ROOT / ".ci" / "run").read_text().splitlines(), "README's test command is not .ci/run's"
+
+
+def _example_commands() -> list[list[str]]:
+    """The arguments of every sparsekern command in README.md's shell blocks (torchrun's launch of one rank
+    included), comments cut, in order."""
+    commands = []
+    for line in "\n".join(SHELL_BLOCKS).splitlines():
+        words = shlex.split(line, comments=True)
+        if words[:1] == ["sparsekern"]:
+            commands.append(words[1:])
+        elif words[:1] == ["torchrun"]:
+            commands.append(words[words.index("sparsekern.cli") + 1:])
+    return commands
+
+
+def test_the_example_commands_are_accepted(tmp_path, monkeypatch, one_thread):
+    """Each example's inputs pass every check a command makes before it trains; the one that stops after
+    epoch 5 trains, for the next to resume."""
+    from sparsekern.cli.main import _prepare_compare, _prepare_reproduce, _prepare_train, build_parser
+
+    prepare = {"train": _prepare_train, "compare": _prepare_compare, "reproduce": _prepare_reproduce}
+    monkeypatch.chdir(tmp_path)
+    commands = _example_commands()
+    assert len(commands) >= 9
+    for argv in commands:
+        args = build_parser().parse_args(argv)
+        if args.device == "cuda" and not torch.cuda.is_available():
+            continue
+        start = prepare[args.command](args)
+        if getattr(args, "stop_after", None) is not None:
+            start()
 
 
 # Options of other tools in README's commands: pip's, torchrun's and pytest's.

@@ -42,7 +42,9 @@ def broadcast_masks(model: nn.Module, src: int = 0, group=None, weights: bool = 
     on every rank (weights off the mask become 0, except in a module that does not promise
     `zero_off_mask`: OptG keeps its pruned weights, and their optimizer state, to bring them back,
     and its forward selects). `model` may be wrapped in DistributedDataParallel. Collective: call
-    on every rank.
+    on every rank of `group`, the process group whose ranks hold replicas (None: the default group);
+    `src` is a global rank, as in torch.distributed.broadcast, of one of them (else TypeError or
+    ValueError naming it).
 
     With `algorithm` (the DST, IMP or OptG driving `model` on this rank), rank `src`'s
     `algorithm.state_dict()` is loaded on every other rank first: masks alone do not make replicas

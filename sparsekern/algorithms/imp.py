@@ -157,6 +157,7 @@ class IMP(distributed.CatchesUp):
 
     @property
     def masks(self) -> list[Tensor]:
+        """Copies of the current masks of the layers IMP prunes, in model order (tied layers once)."""
         return _tickets.masks_of(self._groups)
 
     def state_dict(self) -> dict:

@@ -229,6 +229,8 @@ class OptG(distributed.CatchesUp):
         return lr * _sigmoid(self.beta * (epoch - self.epochs / 2))
 
     def sparsity_at(self, epoch: int) -> float:
+        """The fraction of the weights pruned while epoch `epoch` (from 0) trains, on OptG's ramp (module
+        function `sparsity_at`): `sparsity` from epoch `epochs` - 1 on, unless reach_target=False."""
         return sparsity_at(epoch, self.sparsity, self.epochs, self.beta, self.reach_target)
 
     @torch.no_grad()
@@ -373,6 +375,8 @@ class OptG(distributed.CatchesUp):
 
     @property
     def masks(self) -> list[Tensor]:
+        """Copies of the current masks of the layers OptG prunes (not those frozen when it was built), in model
+        order (tied layers once)."""
         return _tickets.masks_of(self._groups)
 
     def state_dict(self) -> dict:

@@ -283,6 +283,7 @@ class SWAMP:
 
     @property
     def masks(self) -> list[Tensor]:
+        """Copies of the current masks of the layers SWAMP prunes, in model order (tied layers once)."""
         return _tickets.masks_of(self._groups)
 
     def state_dict(self) -> dict:

@@ -40,6 +40,8 @@ class SparseAveragedModel(swa_utils.AveragedModel):
         self._hold_values_off_the_masks()
 
     def update_parameters(self, model: nn.Module) -> None:
+        """AveragedModel's update from `model`, the model this was made from, whose current masks the averaged
+        sparse layers then compute under; ValueError, nothing changed, for a model with other sparse layers."""
         _check_model(model)
         averaged, live = _layers(self.module), _layers(model)
         if live != averaged:

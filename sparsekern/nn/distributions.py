@@ -38,8 +38,9 @@ def check_density(density) -> float:
 
 def check_distribution(distribution, density, *, power: float = 1.0, dense_first_layer: bool = False):
     """(`distribution`, `density`) checked, before any layer is looked at: a name of DISTRIBUTIONS with a density in
-    (0, 1], or a mapping {layer name: density in (0, 1]} (returned as a dict of floats) with density None, power 1
-    and dense_first_layer False, which only shape a computed distribution. TypeError or ValueError naming the
+    (0, 1] (power 1 unless it is "erk", the only one that reads it), or a mapping {layer name: density in (0, 1]}
+    (returned as a dict of floats) with density None, power 1 and dense_first_layer False, which only shape a
+    computed distribution. TypeError or ValueError naming the
     argument (a mapping's entry by its layer) otherwise."""
     power = _checks.number(power, "power")
     _checks.flag(dense_first_layer, "dense_first_layer")
@@ -50,6 +51,10 @@ def check_distribution(distribution, density, *, power: float = 1.0, dense_first
         if density is None:
             raise TypeError(f"density must be a number with distribution={distribution!r}, got None (None goes "
                             f"with a mapping of per-layer densities as the distribution)")
+        if distribution != "erk" and power != 1.0:
+            # Only ERK reads it: another distribution would ignore it silently.
+            raise ValueError(f"power is ERK's exponent and must stay 1.0 with distribution={distribution!r}, "
+                             f"got {power!r}")
         return distribution, check_density(density)
     if density is not None:
         # The mapping fixes every layer, hence the total: a second figure could only disagree with it.

@@ -476,7 +476,12 @@ _PACKED_FIELDS = ("bitmap", "values", "chunk_offsets")
 
 
 class SparseLinear(SparseModule, nn.Linear):
-    """nn.Linear with a weight mask; forward through `sparsekern.ops.masked_linear`."""
+    """nn.Linear with a weight mask; forward through `sparsekern.ops.masked_linear`.
+
+    Takes nn.Linear's arguments and starts dense (its `mask` buffer all True): `sparsekern.sparsify` makes a
+    model's layers sparse (masks, densities, init), `set_mask` sets one layer's mask. `from_dense(linear)` shares
+    an nn.Linear's Parameters, `to_dense()` returns a plain one holding the masked weight, and `to_inference()`
+    packs the weight for `sparsekern.ops.sparse_linear`."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
         _check_dtype(dtype)
@@ -555,7 +560,10 @@ class SparseLinear(SparseModule, nn.Linear):
 
 
 def sparse_modules(model: nn.Module) -> list[tuple[str, SparseModule]]:
-    """(qualified name, module) of every sparse module in `model`, in `named_modules()` order."""
+    """(qualified name, module) of every sparse module in `model`, in `named_modules()` order; TypeError unless
+    `model` is an nn.Module."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     return [(name, module) for name, module in model.named_modules() if isinstance(module, SparseModule)]
 
 

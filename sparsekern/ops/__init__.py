@@ -195,8 +195,8 @@ def masked_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None =
     if _transforms.active():
         # No backend's custom ops have batching or forward-mode rules, nor autograd that torch.func
         # can run: the contract's formula in plain torch code, which every transform knows.
-        return torch.nn.functional.linear(x, weight_for_dense_kernel(weight, mask, zero_off_mask=zero_off_mask,
-                                                                     dense_grad=dense_grad), bias)
+        return torch.nn.functional.linear(
+            x, _masked_linear_op.weight_for_dense_kernel(weight, mask, zero_off_mask, dense_grad), bias)
     request = _backend.requested()
     name, implementation = _backend.choose("masked_linear", device_type, (x.dtype,), (x, weight, mask), request)
     if name == "reference" and request != name:  # chosen automatically, not forced
@@ -218,8 +218,8 @@ def masked_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None =
         # Eager without the extension, the masked path keeps the custom ops, which remake the
         # masked weight for dx: the Function would keep it from forward to backward.
         if zero_off_mask or torch.compiler.is_compiling():
-            return torch.nn.functional.linear(x, weight_for_dense_kernel(weight, mask, zero_off_mask=zero_off_mask,
-                                                                         dense_grad=dense_grad), bias)
+            return torch.nn.functional.linear(
+                x, _masked_linear_op.weight_for_dense_kernel(weight, mask, zero_off_mask, dense_grad), bias)
     return implementation.run(x, weight, mask, bias, dense_grad, zero_off_mask)
 
 
@@ -231,7 +231,15 @@ def weight_for_dense_kernel(weight: Tensor, mask: Tensor, *, zero_off_mask: bool
     place in one pass, or left whole if `dense_grad`. Pass the result straight to one dense kernel
     (its weight gradient must be a tensor of its own: the mask is applied to it in place).
     Under torch.autocast the kernel casts it as it casts any weight.
+
+    TypeError or ValueError naming the argument unless `weight` is a float16, bfloat16, float32 or float64
+    tensor, `mask` a bool tensor of its shape on its device, and `zero_off_mask` and `dense_grad` bools.
     """
+    _checks.floating(weight, "weight")
+    _checks.bool_mask(mask, "mask", weight, "weight")
+    _checks.same_device([("weight", weight), ("mask", mask)])
+    _checks.flag(zero_off_mask, "zero_off_mask")
+    _checks.flag(dense_grad, "dense_grad")
     return _masked_linear_op.weight_for_dense_kernel(weight, mask, zero_off_mask, dense_grad)
 
 

@@ -126,6 +126,21 @@ def test_broadcast_masks_refuses_an_algorithm_whose_state_is_per_rank_before_any
 
 
 @gloo
+@pytest.mark.parametrize("src, error, match", [(1, ValueError, r"^src must be a rank of the group, one of "
+                                                               r"\[0\], got 1$"),
+                                               ("0", TypeError, r"^src must be an integer, got str")])
+def test_broadcast_masks_refuses_a_src_outside_the_group_naming_it_with_nothing_changed(one_rank, src, error,
+                                                                                       match):
+    import sparsekern
+    from sparsekern.algorithms import distributed
+    model = sparsekern.sparsify(torch.nn.Linear(4, 4), 0.5, generator=torch.Generator().manual_seed(0))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(error, match=match):
+        distributed.broadcast_masks(model, src=src)
+    assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())
+
+
+@gloo
 def test_broadcast_masks_leaves_the_pruned_weights_optg_keeps_and_their_momentum(one_rank):
     # OptG keeps pruned weights' values (they come back with them when their scores rise) and the layers
     # do not promise zero_off_mask; set_mask zeroed them, and the momentum there, on every rank, src's

@@ -148,6 +148,12 @@ def test_bad_companions_and_names_are_refused_with_nothing_changed(density, opti
     _refused_unchanged(convnet(), ValueError, match, density, **{"distribution": GOOD, **options})
 
 
+def test_power_with_the_uniform_distribution_is_refused_with_nothing_changed():
+    # Only ERK reads its exponent: uniform would ignore it silently.
+    _refused_unchanged(convnet(), ValueError, r"power is ERK's exponent and must stay 1\.0 with "
+                       r"distribution='uniform', got 2\.0", 0.5, distribution="uniform", power=2.0)
+
+
 @pytest.mark.parametrize("distribution", ["erk", "uniform"])
 def test_no_density_with_a_named_distribution_points_to_the_mapping(distribution):
     _refused_unchanged(convnet(), TypeError, rf"density must be a number with distribution='{distribution}', got "
