@@ -3,10 +3,11 @@ mask in place, as DST, OptG and broadcast_masks mask them.
 
 Tensors: ResNet-50's 54 weight gradients (one call per tensor, as the algorithms mask them layer by layer), the
 three weight gradients of the CLI's digits MLP 64-256-256-10 (small enough that the op's fixed cost per call, its
-argument checks, is a visible share: OptG masks them at every step) and one 1M-entry tensor, at density 0.1. Runs: "torch masked_fill_(~mask, 0)" (the baseline, the code the op
-replaced, which makes a mask-sized `~mask` at every call), "torch mul_(mask)" (no temporary on a GPU, but a
-product: inf or NaN off the mask stays NaN, where the op's select gives +0.0) and the op. Every call masks the
-same tensors again: the passes cost the same whatever the tensors hold.
+argument checks, is a visible share: OptG masks them at every step) and one 1M-entry tensor, at density 0.1.
+Runs: "torch masked_fill_(~mask, 0)" (the baseline, the code the op replaced, which makes a mask-sized `~mask` at
+every call), "torch mul_(mask)" (no temporary on a GPU, but a product: inf or NaN off the mask stays NaN, where
+the op's select gives +0.0) and the op. Every call masks the same tensors again: the passes cost the same
+whatever the tensors hold.
 """
 from __future__ import annotations
 
