@@ -2355,6 +2355,19 @@ for _kind, _make, _match in [("an expanded", _expanded, "has entries that share 
     error(f"OptG.step({_kind} gradient)", _optg_gradient_world(_make), lambda w: w.algo.step(), ValueError, _named)
 
 
+def _optg_mask_of_another_shape_world(tmp_path=None):
+    """optg_world after its backward, layer '5' then given a mask of another shape (assigning one is legal; the
+    next forward would refuse it), which OptG.step() would mask that layer's gradient with."""
+    world = optg_world()
+    world.model[5].mask = torch.ones(5, 17, dtype=torch.bool)
+    return world
+
+
+# Checked with every layer's gradient before any is masked: the gradients of the layers before it stay as they were.
+error("OptG.step(a layer's mask of another shape since the backward)", _optg_mask_of_another_shape_world,
+      lambda w: w.algo.step(), ValueError, r"^5.mask must have the shape of 5.weight.grad \(5, 16\), got \(5, 17\)")
+
+
 # sparsekern.ops.mask_in_place: more odd tensors (views made under no_grad, autograd's multi-output views).
 def _no_grad_view_world(tmp_path=None):
     world = _mask_in_place_world()

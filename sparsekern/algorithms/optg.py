@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..nn import tying
-from ..ops import _checks
+from ..ops import _checks, _masked_linear_op
 from . import _tickets, distributed
 from ._gradients import GradientWatch, all_finite
 
@@ -333,7 +333,7 @@ class OptG(distributed.CatchesUp):
         grads = [weight.grad for weight in weights]
         for name, layer, grad in zip(_tickets.layer_names(self._groups), self.layers, grads):
             if grad is not None:   # masked below, after the layers before it: checked for all of them first
-                _checks.writable_in_place(grad, f"{name}.weight.grad", layer.mask, f"{name}.mask")
+                _checks.maskable_in_place(grad, f"{name}.weight.grad", layer.mask, f"{name}.mask")
         self._warn_frozen(frozen, stacklevel=2)
         learn = self._learns and (not self.host_checks or all_finite(
             [grad for index, grad in enumerate(grads) if grad is not None and index not in frozen]))
@@ -347,7 +347,8 @@ class OptG(distributed.CatchesUp):
             if grad is not None:
                 # A select, as every sparse layer masks its weight gradient: +0.0 off the mask even where
                 # the dense gradient is inf or NaN (a multiply would leave NaN on the pruned values OptG keeps).
-                ops.mask_in_place(grad, layer.mask)
+                # ops.mask_in_place without its checks, which ran above.
+                _masked_linear_op.mask_in_place(grad, layer.mask)
         if learn:
             self.score_optimizer.step()
         tying.sync(self._groups)

@@ -257,15 +257,8 @@ def mask_in_place(tensor: Tensor, mask: Tensor) -> Tensor:
     torch.no_grad()) and for an inference tensor outside torch.inference_mode(). The tensor's version
     counter counts the change, so a backward that saved it refuses to run on the new values.
     """
-    _checks.floating(tensor, "tensor")
-    _checks.holds_values(tensor, "tensor")
-    _checks.bool_mask(mask, "mask", tensor, "tensor")
-    _checks.same_device([("tensor", tensor), ("mask", mask)])
-    _checks.writable_in_place(tensor, "tensor", mask, "mask")
-    _masked_linear_op.mask_in_place(tensor, mask)
-    if not tensor.is_inference():   # an inference tensor has no version counter
-        torch.autograd.graph.increment_version(tensor)
-    return tensor
+    _checks.maskable_in_place(tensor, "tensor", mask, "mask")
+    return _masked_linear_op.mask_in_place(tensor, mask)
 
 
 # torch.autocast casts these dtypes (not float64) to its own for the ops it runs in lower precision.

@@ -267,16 +267,20 @@ def _mask_in_place(grad: Tensor, mask: Tensor) -> Tensor:
 
 
 def mask_in_place(tensor: Tensor, mask: Tensor) -> Tensor:
-    """`ops.mask_in_place` once its arguments have passed its checks: the C++ select on a contiguous
-    CPU tensor (eager, with the extension), `_mask_in_place` on another contiguous one, and
-    torch.where into the tensor itself otherwise (a strided one, e.g. a channels_last weight's
-    gradient), whose only temporary is its 0-dim zero."""
+    """`ops.mask_in_place` once its arguments have passed its checks (`_checks.maskable_in_place`): the
+    C++ select on a contiguous CPU tensor (eager, with the extension), `_mask_in_place` on another
+    contiguous one, and torch.where into the tensor itself otherwise (a strided one, e.g. a
+    channels_last weight's gradient), whose only temporary is its 0-dim zero; the tensor's version
+    counter counts the change."""
     if not tensor.is_contiguous():
-        return torch.where(mask, tensor, torch.zeros((), dtype=tensor.dtype, device=tensor.device), out=tensor)
-    if _COMPILED_MASK_GRAD is not None and tensor.device.type == "cpu" and not torch.compiler.is_compiling():
+        torch.where(mask, tensor, torch.zeros((), dtype=tensor.dtype, device=tensor.device), out=tensor)
+    elif _COMPILED_MASK_GRAD is not None and tensor.device.type == "cpu" and not torch.compiler.is_compiling():
         _COMPILED_MASK_GRAD(tensor, mask)
-        return tensor
-    return _mask_in_place(tensor, mask)
+    else:
+        _mask_in_place(tensor, mask)
+    if not tensor.is_inference():   # an inference tensor has no version counter
+        torch.autograd.graph.increment_version(tensor)
+    return tensor
 
 
 # masked_linear on the dense kernel as one C++ autograd Function (csrc/cpu/masked_linear.cpp), which
