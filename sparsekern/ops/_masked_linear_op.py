@@ -277,7 +277,11 @@ def mask_in_place(tensor: Tensor, mask: Tensor) -> Tensor:
     elif _COMPILED_MASK_GRAD is not None and tensor.device.type == "cpu" and not torch.compiler.is_compiling():
         _COMPILED_MASK_GRAD(tensor, mask)
     else:
-        _mask_in_place(tensor, mask)
+        masked = _mask_in_place(tensor, mask)
+        if masked is not tensor:
+            # Traced, it may select into a new tensor (which its autograd caller returns): written back here, where
+            # Inductor fuses the copy into the select's kernel.
+            tensor.copy_(masked)
     if not tensor.is_inference():   # an inference tensor has no version counter
         torch.autograd.graph.increment_version(tensor)
     return tensor

@@ -383,6 +383,18 @@ def test_mask_in_place_is_the_references_select_in_place(path, dtype, shape, gen
     assert not grad[~mask].signbit().any()
 
 
+@pytest.mark.parametrize("shape", [(3, 5, 7), (40,), (6, 4)], ids=["3-d", "1-d", "2-d"])
+def test_mask_in_place_masks_in_place_under_torch_compile(shape, generator):
+    # Traced, the select of a gradient that is not a 2-d weight's makes a new tensor: it must still land in the
+    # tensor (it used to be dropped, leaving the tensor unmasked).
+    grad, mask = random_case(generator, shape, torch.float32)
+    mask = mask.view(torch.uint8) != 0
+    want = ops.reference.masked_weight(grad, mask)
+    torch._dynamo.reset()
+    torch.compile(ops.mask_in_place)(grad, mask)
+    torch.testing.assert_close(grad, want, rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("layout", ["transposed", "channels_last"])
 def test_mask_in_place_masks_a_strided_tensor_in_place(layout, generator):
     shape = (6, 5) if layout == "transposed" else (4, 3, 5, 5)
