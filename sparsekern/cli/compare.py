@@ -19,9 +19,9 @@ from dataclasses import asdict, dataclass, replace
 
 from .data import Dataset, load_dataset
 from .output import DENSITY_LABEL, counted, csv_text, density_axis, save_figure, write_text
-from .progress import RunsBar
+from .progress import execute_shown
 from .recipes import CRITERION_PARAMETERS, criteria_of
-from .runs import Job, RunStore, execute, key, unique, warn_once, warnings_cell
+from .runs import Job, RunStore, key, unique, warnings_cell
 from .training import TrainConfig
 
 DEFAULT_METHODS = ("dense", "static", "set", "rigl", "dst")
@@ -108,20 +108,10 @@ def run_compare(lines: list[Line], densities: list[float], seeds: int, base: Tra
     store = RunStore(os.path.join(out_dir, "runs"), fresh)
     jobs = [Job(config) for _, config in planned]
     labels = {key(config): line.label for line, config in planned}   # the criteria lines share their method
-    bar = RunsBar(jobs, "compare", lambda job: f"{labels[key(job.config)]} at density {job.config.density:g}, "
-                                               f"seed {job.config.seed}", enabled=progress)
-    trained = []
-
-    def done(job: Job, record: dict, was_trained: bool) -> None:
-        trained.append(was_trained)
-        bar.done(job, record, was_trained)
-
     started = time.perf_counter()
-    try:
-        records = execute(jobs, store, dataset, workers, done, bar.progress)
-    finally:
-        bar.close()
-    warn_once(records.values())
+    records, trained = execute_shown(jobs, store, dataset, workers, "compare",
+                                     lambda job: f"{labels[key(job.config)]} at density {job.config.density:g}, "
+                                                 f"seed {job.config.seed}", progress)
     runs = [run_row(line, config, records[key(config)]) for line, config in planned]
     rows = summarise(lines, runs)
     write_text(os.path.join(out_dir, "runs.csv"), csv_text(list(RUN_FIELDS), runs))
@@ -131,7 +121,7 @@ def run_compare(lines: list[Line], densities: list[float], seeds: int, base: Tra
     write_text(os.path.join(out_dir, "grid.json"), json.dumps(
         {"base": asdict(base), "lines": [asdict(line) for line in lines], "densities": list(densities),
          "seeds": seeds, "workers": workers, "seconds": time.perf_counter() - started}, indent=2))
-    return Comparison(rows, len(unique(jobs)), sum(trained))
+    return Comparison(rows, len(unique(jobs)), trained)
 
 
 def run_row(line: Line, config: TrainConfig, record: dict) -> dict:
