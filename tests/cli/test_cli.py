@@ -463,6 +463,21 @@ def test_a_run_resumed_from_a_checkpoint_without_world_size_records_it_in_every_
     assert [list(epoch) for epoch in epochs] == [list(epochs[1])] * 2
 
 
+@pytest.mark.parametrize("method, options", [("imp", ["--cycles", "3"]),
+                                             ("swamp", ["--cycles", "2", "--particles", "1"])])
+def test_tickets_end_at_exactly_round_d_n_weights(method, options, tmp_path):
+    # The digits MLP holds 64·256 + 256·256 + 256·10 = 84,480 weights; d = 0.02 targets round(1689.6) = 1690. With
+    # p = 1 - 0.02^(1/(cycles-1)) and ⌈p·remaining⌉ removed each time, the last cycle kept 1689 (2 or 3 cycles:
+    # ⌈0.98·84480⌉ = 82,791 removed; ⌈0.8586·84480⌉ = 72,533 -> 11,947, then ⌈0.8586·11947⌉ = 10,258
+    # -> 1689).
+    out = tmp_path / method
+    main(["train", "--method", method, "--density", "0.02", "--epochs", "1", *options, "--out", str(out), "--quiet"])
+    model = checkpoint.load(out / "checkpoint.pt")["model"]
+    masks = [tensor for name, tensor in model.items() if name.endswith(".mask")]
+    assert sum(mask.numel() for mask in masks) == 84480
+    assert sum(int(mask.sum()) for mask in masks) == 1690
+
+
 def test_swamp_averages_at_a_constant_rate_while_imp_anneals_to_zero(tmp_path, monkeypatch):
     # SWAMP (Choi et al.): each particle's SWA mean is taken at a constant rate (0.05 after 0.1 in its setup).
     # A rate annealed to 0 over the averaged steps, as IMP's, makes the mean the particle's last point.
