@@ -31,6 +31,7 @@ from ..bench import report
 from ..checkpoint import check_writable_folder
 from ..ops._backend import backends
 from ..ops._checks import thread_count
+from .counts import check_counts, sparse_layers
 from .data import check_dataset, load_dataset
 from .models import MODELS, build_model
 from .output import counted, first_line
@@ -540,7 +541,8 @@ def _check_train(args, ranks: data_parallel.Ranks):
     check_dataset(config.dataset)
     check_backend(config.device)
     dataset = load_dataset(config.dataset)
-    build_model(config.model, dataset.input_shape, dataset.num_classes, config.width)
+    check_counts(config, sparse_layers(build_model(config.model, dataset.input_shape, dataset.num_classes,
+                                                   config.width)))
     if args.resume is not None:
         _check_resume(args.resume, config)
     return config, dataset
@@ -576,11 +578,9 @@ def _prepare_compare(args):
     check_dataset(base.dataset)
     check_backend(base.device)
     dataset = load_dataset(base.dataset)
-    build_model(base.model, dataset.input_shape, dataset.num_classes, base.width)
-    if base.block is not None:   # too large for a layer at some density: each DST line's run built as it will be
-        for config in configs:
-            if config.method in DST_PRESETS:
-                prepare(config, dataset)
+    layers = sparse_layers(build_model(base.model, dataset.input_shape, dataset.num_classes, base.width))
+    for config in configs:
+        check_counts(config, layers, "--densities")
     check_writable_folder(args.out, "--out")
     check_writable_folder(os.path.join(args.out, "runs"), "--out's runs folder")
     if "optg" in args.methods:

@@ -113,14 +113,14 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.method in TICKET_METHODS and self.cycles < 2:
-            raise ValueError(f"cycles must be >= 2 for {self.method} (one training before each pruning and one "
+            raise ValueError(f"--cycles must be >= 2 for {self.method} (one training before each pruning and one "
                              f"after the last), got {self.cycles}")
         if self.method in (*TICKET_METHODS, *RAMP_METHODS) and self.density == 1:
-            raise ValueError(f"density must be below 1 for {self.method}, which prunes to it, got 1")
+            raise ValueError(f"{self.method} prunes to its density, which must be below 1, got 1")
         if self.method == "optg" and self.epochs < 2:
-            raise ValueError(f"epochs must be >= 2 for optg, got {self.epochs}: its mask is a top-k of scores trained "
-                             f"in earlier epochs, so a 1-epoch run would end dense (gmp prunes by magnitude from the "
-                             f"start)")
+            raise ValueError(f"--epochs must be >= 2 for optg, got {self.epochs}: its mask is a top-k of scores "
+                             f"trained in earlier epochs, so a 1-epoch run would end dense (gmp prunes by magnitude "
+                             f"from the start)")
         if not 0 < self.lr < math.inf:
             raise ValueError(f"lr must be a positive finite number, got {self.lr}")
         for name in ("drop_fraction", "end_fraction"):
@@ -135,7 +135,7 @@ class TrainConfig:
                 isinstance(size, int) and not isinstance(size, bool) and size >= 1 for size in self.block)):
             raise ValueError(f"block must be None or a tuple of two positive ints (bh, bw), got {self.block!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device 'cuda' was asked for, but torch sees no CUDA device")
+            raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
 
 
 # Options added to TrainConfig after runs and checkpoints were stored: a config's settings leave them out at
