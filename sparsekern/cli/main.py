@@ -184,8 +184,10 @@ def _add_run_options(parser: argparse.ArgumentParser, defaults: TrainConfig) -> 
     parser.add_argument("--dataset", default=defaults.dataset,
                         help="'digits' (bundled with scikit-learn), a .npz with arrays x and y, or an image folder "
                              "with one subfolder per class")
-    parser.add_argument("--distribution", choices=DISTRIBUTIONS, default=defaults.distribution,
-                        help="per-layer densities")
+    parser.add_argument("--distribution", choices=DISTRIBUTIONS,
+                        help=f"how the density is spread over the layers of the runs that start sparse (static, "
+                             f"DST); imp, swamp, optg and gmp prune all layers together from dense "
+                             f"(default: {defaults.distribution})")
     parser.add_argument("--init", choices=INITS, default=defaults.init,
                         help="initial weights: 'sparse' (variance 1/fan-in over the active inputs), 'layer-scaled' "
                              "(dense variance / density) or 'dense' (torch's default, masked); dense runs and the "
@@ -446,6 +448,7 @@ def _warn_short_optg(method: str, epochs: int) -> None:
 # Options that only some methods read (with None defaults, so that one given explicitly is known): the methods.
 # Dense trains every weight: train's --density, and compare's --densities when dense is its only line.
 _METHOD_OPTIONS = {"density": _SPARSE_METHODS, "densities": _SPARSE_METHODS,
+                   "distribution": ("static", *DST_PRESETS),
                    "scope": tuple(DST_PRESETS), "update_every": tuple(DST_PRESETS), "end_fraction": tuple(DST_PRESETS),
                    "swap_rounding": tuple(DST_PRESETS), "mest_gamma": tuple(DST_PRESETS),
                    "sensitivity_offset": tuple(DST_PRESETS), "snip_shift": tuple(DST_PRESETS),
@@ -537,6 +540,10 @@ def _check_train(args, ranks: data_parallel.Ranks):
                      grow=args.grow, schedule=args.schedule, drop_fraction=args.drop_fraction)
     _check_criterion_parameters(args, [config])
     _check_block_criterion(args, [config])
+    if args.stop_after is not None and args.stop_after > total_epochs(config):
+        segments = {"imp": " (--epochs x --cycles)", "swamp": " (--epochs x --cycles x --particles)"}
+        raise ValueError(f"--stop-after {args.stop_after} is past the run's last epoch, {total_epochs(config)}"
+                         f"{segments.get(config.method, '')}: it would stop nothing")
     data_parallel.check_config(config, ranks)
     check_dataset(config.dataset)
     check_backend(config.device)
@@ -641,9 +648,9 @@ def _bench(bench_args: list[str]) -> int:
 
 
 def _config(args, **run) -> TrainConfig:
-    given = {name: getattr(args, name) for name in ("scope", "update_every", "cycles", "particles")
-             if getattr(args, name) is not None}
-    return TrainConfig(distribution=args.distribution, init=args.init, model=args.model, dataset=args.dataset,
+    given = {name: getattr(args, name) for name in ("distribution", "scope", "update_every", "cycles",
+                                                    "particles") if getattr(args, name) is not None}
+    return TrainConfig(init=args.init, model=args.model, dataset=args.dataset,
                        epochs=args.epochs, device=args.device, batch_size=args.batch_size, lr=args.lr,
                        end_fraction=args.end_fraction, swap_rounding=args.swap_rounding,
                        mest_gamma=args.mest_gamma, sensitivity_offset=args.sensitivity_offset,

@@ -368,6 +368,12 @@ WORDED_ARGUMENTS = [
     (["compare", "--methods", "gmp", "--densities", "0.000001"], "--densities 1e-06 keeps no weight"),
     (["train", "--method", "imp", "--density", "1"], "imp prunes to its density, which must be below 1"),
     (["train", "--method", "swamp", "--cycles", "1"], "--cycles must be >= 2 for swamp"),
+    # --stop-after beyond the run's end stopped nothing, silently (IMP trains --epochs x --cycles epochs)
+    (["train", "--method", "imp", "--epochs", "2", "--cycles", "2", "--stop-after", "5"],
+     "--stop-after 5 is past the run's last epoch, 4"),
+    # --distribution spreads the density of runs that start sparse; imp and the others ignored it silently
+    (["train", "--method", "imp", "--distribution", "uniform"], "--distribution applies to the methods static, set"),
+    (["compare", "--methods", "dense,optg", "--distribution", "uniform"], "--distribution applies to the methods"),
 ]
 
 # How the library names its arguments (and remedies the command line has no option for): no refusal says these.
