@@ -331,8 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
             "numbers, mean ± sd over seeds, and its verdict), a plot and a CSV per claim and runs.csv to "
             "--out."))
     reproduce_parser.add_argument("--quick", action="store_true",
-                                  help="a smoke test of every claim in well under a minute (fewer seeds, epochs "
-                                       "and densities)")
+                                  help="a smoke test of every claim (fewer seeds, epochs and densities): about a "
+                                       "minute of CPU time, so a minute or more of waiting on a busy machine")
     reproduce_parser.add_argument("--out", default="runs/reproduce",
                                   help="directory for report.md, plots and CSVs; finished runs are kept in its runs/ "
                                        "folder, and a rerun into it trains only what is missing")
