@@ -36,7 +36,7 @@ from .data import check_dataset, load_dataset
 from .models import MODELS, build_model
 from .output import counted, first_line
 from .recipes import CRITERION_PARAMETERS, DST_PRESETS, TICKET_METHODS, criteria_of
-from .training import (DISTRIBUTIONS, INITS, METHODS, SCHEDULES, TrainConfig, prepare, read_checkpoint,
+from .training import (DISTRIBUTIONS, INITS, METHODS, SCHEDULES, Diverged, TrainConfig, prepare, read_checkpoint,
                        total_epochs)
 
 TRAIN_OUT = "runs/train"   # train's --out unless told, or resuming
@@ -390,6 +390,8 @@ def _run(parser: argparse.ArgumentParser, args) -> None:
                 print(f"{parser.prog}: interrupted; finished work is kept in {args.out} (rerun the same command to "
                       f"go on)", file=sys.stderr)
             sys.exit(130)
+        except Diverged as error:   # an --lr too high for the run: its finished epochs stay in --out
+            parser.error(str(error))
         except OSError as error:   # --out checked writable before, but a disk fills up or a folder goes away
             parser.error(f"{first_line(error)}; finished work is kept in {args.out} (rerun the same command to go "
                          f"on once it can be written)")

@@ -348,6 +348,7 @@ class Run:
             # Masks that change between epochs (OptG, IMP, SWAMP) get the records of a DST update around the change.
             updates_masks = recipe.updates_masks_after_epoch(last_of_segment, last_segment)
             if updates_masks:
+                _check_finite(model, config, epoch + 1)
                 record_flow((epoch + 1) * self.steps_per_epoch, epoch + 1, "before update")
             recipe.end_epoch_after_evaluation(last_of_segment)
             if last_of_segment:
@@ -510,6 +511,19 @@ def _onto(model: nn.Module) -> dict | None:
     if device.type != "cuda":
         return None
     return {f"cuda:{index}": str(device) for index in range(torch.cuda.device_count())}
+
+
+class Diverged(ValueError):
+    """A run whose weights are no longer finite where its method would choose a mask from them (IMP's and SWAMP's
+    next cycle, OptG's and GMP's next epoch): the library refuses NaN weights there in its own words."""
+
+
+def _check_finite(model: nn.Module, config: TrainConfig, epoch: int) -> None:
+    diverged = [name for name, module in sparse_modules(model) if not torch.isfinite(module.weight).all()]
+    if diverged:
+        raise Diverged(f"{config.method} at density {config.density:g}, seed {config.seed}, diverged: after epoch "
+                       f"{epoch} the weights of layer {diverged[0]!r} are not finite, and its next mask is chosen "
+                       f"from them; lower --lr (it was {config.lr:g})")
 
 
 @torch.no_grad()

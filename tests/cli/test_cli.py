@@ -841,3 +841,19 @@ def test_resuming_a_finished_run_says_nothing_was_trained(tmp_path, capsys):
     assert "nothing trained" not in capsys.readouterr().out
     main([*arguments, "--resume", str(tmp_path / "run" / "checkpoint.pt")])
     assert "static finished (nothing trained: the checkpoint was already at epoch 1)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["train", "--method", "imp", "--cycles", "2", "--epochs", "1"],
+                                  ["train", "--method", "gmp", "--epochs", "2"],
+                                  ["compare", "--methods", "imp", "--densities", "0.1", "--seeds", "1", "--epochs", "1",
+                                   "--cycles", "2", "--jobs", "1"]], ids=" ".join)
+def test_a_run_diverged_by_a_high_lr_stops_with_one_line_naming_lr(argv, tmp_path, capsys):
+    # A mask chosen from NaN weights ended in the library's traceback: "layer '1' has NaN weights" (IMP), "k=8448 is
+    # more than the 0 non-NaN scores available" (GMP).
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--lr", "1e6", "--out", str(tmp_path / "out"), "--quiet"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1, lines
+    assert re.fullmatch(r"sparsekern \w+: error: \w+ at density 0.1, seed 0, diverged: after epoch \d the weights of "
+                        r"layer '1' are not finite, and its next mask is chosen from them; lower --lr \(it was 1e\+06\)",
+                        lines[0]), lines[0]
