@@ -855,5 +855,5 @@ def test_a_run_diverged_by_a_high_lr_stops_with_one_line_naming_lr(argv, tmp_pat
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(lines) == 1, lines
     assert re.fullmatch(r"sparsekern \w+: error: \w+ at density 0.1, seed 0, diverged: after epoch \d the weights of "
-                        r"layer '1' are not finite, and its next mask is chosen from them; lower --lr \(it was 1e\+06\)",
-                        lines[0]), lines[0]
+                        r"layer '1' are not finite, and its next mask is chosen from them; lower --lr "
+                        r"\(it was 1e\+06\)", lines[0]), lines[0]
