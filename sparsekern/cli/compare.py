@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, replace
 from .data import Dataset, load_dataset
 from .output import DENSITY_LABEL, counted, csv_text, density_axis, save_figure, write_text
 from .progress import execute_shown
-from .recipes import CRITERION_PARAMETERS, criteria_of
+from .recipes import CRITERION_PARAMETERS, criteria_of, start_density
 from .runs import Job, RunStore, key, unique, warnings_cell
 from .training import TrainConfig
 
@@ -170,11 +170,22 @@ def summarise(lines: list[Line], runs: list[dict]) -> list[dict]:
     return rows
 
 
-def caption(base: TrainConfig, seeds: int) -> str:
-    """What every line of a comparison shares."""
-    return (f"{base.model} (width {base.width}) on {base.dataset}, {base.distribution} layer densities, "
+def caption(base: TrainConfig, seeds: int, methods) -> str:
+    """What every line of a comparison of `methods` shares."""
+    return (f"{base.model} (width {base.width}) on {base.dataset}, {layer_densities(base, methods)}"
             f"init {base.init} (dense baseline too), SGD lr {base.lr:g} cosine, batch {base.batch_size}, "
             f"{counted(seeds, 'seed')}")
+
+
+def layer_densities(base: TrainConfig, methods) -> str:
+    """How the lines of `methods` spread their density over the layers, "" for dense alone: --distribution's
+    layer densities for those that start sparse; those that prune from dense rank all layers together."""
+    spread = [method for method in methods if start_density(method, 0.5) < 1]
+    pruned = [method for method in methods if method != "dense" and method not in spread]
+    together = f"{', '.join(pruned)} pruned over all layers together" if pruned else ""
+    if not spread:
+        return f"{together}, " if pruned else ""
+    return f"{base.distribution} layer densities{f' ({together})' if pruned else ''}, "
 
 
 def best_rows(rows: list[dict]) -> list[dict]:
@@ -222,7 +233,8 @@ def markdown_table(rows: list[dict], base: TrainConfig, seeds: int) -> str:
                                     ".2g"))
     over_seeds = ", mean ± sd over seeds" if seeds > 1 else ""
     marked = " In bold: the best sparse line at each density (highest mean)." if best else ""
-    return (f"Test accuracy (%){over_seeds}. {caption(base, seeds)}.{marked}\n\n{header}{accuracy}\n"
+    methods = list(dict.fromkeys(row["method"] for row in rows))
+    return (f"Test accuracy (%){over_seeds}. {caption(base, seeds, methods)}.{marked}\n\n{header}{accuracy}\n"
             f"Gradient flow ‖g⊙m‖₂ on a fixed batch, each run's mean over the epochs of training{over_seeds}.\n\n"
             f"{header}{flow}")
 

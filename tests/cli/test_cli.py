@@ -857,3 +857,14 @@ def test_a_run_diverged_by_a_high_lr_stops_with_one_line_naming_lr(argv, tmp_pat
     assert re.fullmatch(r"sparsekern \w+: error: \w+ at density 0.1, seed 0, diverged: after epoch \d the weights of "
                         r"layer '1' are not finite, and its next mask is chosen from them; lower --lr "
                         r"\(it was 1e\+06\)", lines[0]), lines[0]
+
+
+def test_the_caption_says_which_lines_spread_their_density_by_distribution():
+    # The caption said "erk layer densities" of every comparison, imp's and gmp's too, which prune all layers together.
+    base = TrainConfig(distribution="uniform")
+    assert "uniform layer densities (imp, gmp pruned over all layers together), init" in \
+        compare_module.caption(base, 1, ["dense", "static", "imp", "gmp"])
+    only_pruned = compare_module.caption(base, 1, ["dense", "imp"])
+    assert "uniform" not in only_pruned and "on digits, imp pruned over all layers together, init" in only_pruned
+    assert "digits, init sparse" in compare_module.caption(base, 1, ["dense"])
+    assert "digits, uniform layer densities, init" in compare_module.caption(base, 1, ["static", "rigl"])
