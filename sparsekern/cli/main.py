@@ -222,7 +222,8 @@ def _add_run_options(parser: argparse.ArgumentParser, defaults: TrainConfig) -> 
                              "by the rest), dropped and grown whole by their summed scores; not with the set "
                              "criterion (default: none, single weights)")
     parser.add_argument("--cycles", type=_positive,
-                        help=f"IMP, SWAMP: pruning cycles of --epochs epochs each (default: {defaults.cycles})")
+                        help=f"IMP, SWAMP: training cycles, a pruning between two, the last to --density (IMP: "
+                             f"--epochs epochs each; SWAMP: --particles x --epochs) (default: {defaults.cycles})")
     parser.add_argument("--particles", type=_positive,
                         help=f"SWAMP: particles per cycle (default: {defaults.particles})")
     _add_machine_options(parser, defaults)

@@ -597,6 +597,16 @@ def test_help_points_users_at_the_readme_not_at_internal_modules(capsys):
         assert not [name for name in internal if f"`{name}`" in text], (command, text)
 
 
+def test_help_counts_cycles_as_they_train(capsys):
+    # --cycles was "pruning cycles of --epochs epochs each": a SWAMP cycle trains --particles x --epochs epochs, and
+    # the last cycle is not followed by a pruning.
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert ("--cycles CYCLES IMP, SWAMP: training cycles, a pruning between two, the last to --density (IMP: "
+            "--epochs epochs each; SWAMP: --particles x --epochs)") in text
+
+
 @pytest.mark.parametrize("densities", [[0.1], [0.2, 0.05, 0.01]])
 def test_the_plot_keeps_room_around_its_densities_so_nudged_lines_stay_beside_them(monkeypatch, densities):
     figures = []
