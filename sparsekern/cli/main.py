@@ -36,8 +36,8 @@ from .data import check_dataset, load_dataset
 from .models import MODELS, build_model
 from .output import counted, first_line
 from .recipes import CRITERION_PARAMETERS, DST_PRESETS, TICKET_METHODS, criteria_of
-from .training import (DISTRIBUTIONS, INITS, METHODS, SCHEDULES, Diverged, TrainConfig, prepare, read_checkpoint,
-                       total_epochs)
+from .training import (DISTRIBUTIONS, INITS, METHODS, SCHEDULES, Diverged, TrainConfig, check_cycle_steps, prepare,
+                       read_checkpoint, total_epochs)
 
 TRAIN_OUT = "runs/train"   # train's --out unless told, or resuming
 # The ops a training run calls: a SPARSEKERN_BACKEND that cannot run one of them is refused before training.
@@ -551,6 +551,7 @@ def _check_train(args, ranks: data_parallel.Ranks):
     check_dataset(config.dataset)
     check_backend(config.device)
     dataset = load_dataset(config.dataset)
+    check_cycle_steps(config, dataset)
     check_counts(config, sparse_layers(build_model(config.model, dataset.input_shape, dataset.num_classes,
                                                    config.width)))
     if args.resume is not None:
@@ -590,6 +591,7 @@ def _prepare_compare(args):
     dataset = load_dataset(base.dataset)
     layers = sparse_layers(build_model(base.model, dataset.input_shape, dataset.num_classes, base.width))
     for config in configs:
+        check_cycle_steps(config, dataset)
         check_counts(config, layers, "--densities")
     check_writable_folder(args.out, "--out")
     check_writable_folder(os.path.join(args.out, "runs"), "--out's runs folder")

@@ -305,7 +305,12 @@ class SWAMPRecipe(TicketRecipe):
 
     def _make_algorithm(self, **options):
         return SWAMP(self.model, self._make_optimizer, particles=self.particles,
-                     swa_start=math.ceil(0.75 * self.steps_per_segment), seed=self.config.seed, **options)
+                     swa_start=self.swa_start(self.steps_per_segment), seed=self.config.seed, **options)
+
+    @staticmethod
+    def swa_start(steps_per_segment: int) -> int:
+        """The step of a cycle after which a particle's SWA mean starts: its last 25% are averaged."""
+        return math.ceil(0.75 * steps_per_segment)
 
 
 def make_recipe(config, model: nn.Module, steps_per_epoch: int) -> Recipe:

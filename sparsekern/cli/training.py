@@ -31,7 +31,7 @@ from . import data_parallel
 from .data import Dataset, load_dataset
 from .models import build_model
 from .output import csv_text, first_line, write_text
-from .recipes import DST_PRESETS, METHODS, RAMP_METHODS, TICKET_METHODS, make_recipe, start_density
+from .recipes import DST_PRESETS, METHODS, RAMP_METHODS, TICKET_METHODS, SWAMPRecipe, make_recipe, start_density
 
 DISTRIBUTIONS = ("erk", "uniform")
 INITS = tuple(sparse_init.INITS)
@@ -511,6 +511,20 @@ def _onto(model: nn.Module) -> dict | None:
     if device.type != "cuda":
         return None
     return {f"cuda:{index}": str(device) for index in range(torch.cuda.device_count())}
+
+
+def check_cycle_steps(config: TrainConfig, data: Dataset) -> None:
+    """ValueError, in the command line's options, for a SWAMP run whose cycles are too short for a particle to
+    average any step (SWAMP would refuse its first particle's end in its own words, swa_start=...)."""
+    if config.method != "swamp":
+        return
+    per_epoch = math.ceil(len(data.train_y) / config.batch_size)
+    steps = config.epochs * per_epoch
+    if steps <= SWAMPRecipe.swa_start(steps):
+        raise ValueError(f"swamp averages each particle over the steps after the first 75% of its cycle, and "
+                         f"--epochs {config.epochs} of {per_epoch} step{'s' if per_epoch > 1 else ''} (--batch-size "
+                         f"{config.batch_size} of {len(data.train_y)} training samples) leave none: raise --epochs "
+                         f"or lower --batch-size (4 steps a cycle at least)")
 
 
 class Diverged(ValueError):

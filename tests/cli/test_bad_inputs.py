@@ -374,6 +374,11 @@ WORDED_ARGUMENTS = [
     # --distribution spreads the density of runs that start sparse; imp and the others ignored it silently
     (["train", "--method", "imp", "--distribution", "uniform"], "--distribution applies to the methods static, set"),
     (["compare", "--methods", "dense,optg", "--distribution", "uniform"], "--distribution applies to the methods"),
+    # a SWAMP cycle of under 4 steps averages no step: SWAMP's RuntimeError (swa_start=1) ended in a traceback
+    (["train", "--method", "swamp", "--batch-size", "500", "--epochs", "1"],
+     "--epochs 1 of 3 steps (--batch-size 500 of 1438 training samples) leave none: raise --epochs or lower"),
+    (["compare", "--methods", "imp,swamp", "--densities", "0.1", "--batch-size", "5000", "--epochs", "1"],
+     "swamp averages each particle over the steps after the first 75% of its cycle"),
 ]
 
 # How the library names its arguments (and remedies the command line has no option for): no refusal says these.
