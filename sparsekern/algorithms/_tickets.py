@@ -98,8 +98,16 @@ def removal_count(remaining: int, prune_fraction: float) -> int:
     return min(remaining, math.ceil(round(prune_fraction * remaining, 9)))
 
 
+def check_target_density(density) -> float | None:
+    """None, or a density in (0, 1] for `magnitude_masks` to prune to."""
+    if density is None:
+        return None
+    return _checks.number(density, "density", lambda value: 0 < value <= 1, "in (0, 1]")
+
+
 @torch.no_grad()
-def magnitude_masks(groups: list[tying.Group], prune_fraction: float, scope: str) -> list[Tensor]:
+def magnitude_masks(groups: list[tying.Group], prune_fraction: float, scope: str,
+                    density: float | None = None) -> list[Tensor]:
     """Masks that keep all but ⌈p·remaining⌉ active weights, ranked by |weight|.
 
     `scope="global"` ranks every active weight of every layer together and removes
@@ -108,6 +116,11 @@ def magnitude_masks(groups: list[tying.Group], prune_fraction: float, scope: str
     Ties follow `topk_mask` (lower flat position kept). Pruning that would leave no weight at
     all (or, layer-wise, a layer with none) raises ValueError, as do NaN weights; a global
     pruning that empties some layer warns.
+
+    `density` (a checked `check_target_density`), for the last pruning of a run aimed at a density, replaces
+    ⌈p·remaining⌉: the masks keep round(density·N) weights, N every weight of the layers, active or not
+    (`"layer"`: round(density·N_l) of each layer, as `sparsify` counts), whatever earlier prunings' rounding
+    left; ValueError where that is more than remain active (the masks must nest).
     """
     layers = primaries(groups)
     names = [group[0][0] for group in groups]
@@ -117,21 +130,33 @@ def magnitude_masks(groups: list[tying.Group], prune_fraction: float, scope: str
                              f"cannot rank them")
     scores = [torch.where(layer.mask, layer.weight.abs(), torch.nan) for layer in layers]
     active = [int(layer.mask.sum()) for layer in layers]
+    sizes = [layer.weight.numel() for layer in layers]
+    # what the error lines below say prunes: p of the remaining weights, or to the density
+    pruning = f"pruning {prune_fraction} of" if density is None else f"pruning to density={density}"
     if scope == "global":
         total = sum(active)
-        keep = total - removal_count(total, prune_fraction)
+        keep = total - removal_count(total, prune_fraction) if density is None else round(density * sum(sizes))
+        if keep > total:
+            raise ValueError(f"density={density} keeps {keep} of the {sum(sizes)} weights, more than the {total} "
+                             f"that remain: pruning cannot add weights")
         if keep == 0:
-            raise ValueError(f"pruning {prune_fraction} of the {total} remaining weights would leave none")
+            raise ValueError(f"{pruning} the {total if density is None else sum(sizes)} "
+                             f"{'remaining ' if density is None else ''}weights would leave none")
         masks = ops.topk_mask(scores, keep)
         emptied = [name for name, n, mask in zip(names, active, masks) if n and not mask.any()]
         if emptied:
             warnings.warn(f"global magnitude pruning leaves layers {emptied} with no weight", stacklevel=3)
         return masks
-    keep = [n - removal_count(n, prune_fraction) for n in active]
+    keep = [n - removal_count(n, prune_fraction) if density is None else round(density * size)
+            for n, size in zip(active, sizes)]
+    grown = [name for name, n, k in zip(names, active, keep) if k > n]
+    if grown:
+        raise ValueError(f"density={density} keeps more weights than remain in layers {grown}: pruning cannot "
+                         f"add weights")
     emptied = [name for name, n, k in zip(names, active, keep) if n and not k]
     if emptied:
-        raise ValueError(f"pruning {prune_fraction} of each layer's remaining weights would leave layers "
-                         f"{emptied} with none")
+        raise ValueError(f"{pruning} each layer's {'remaining ' if density is None else ''}weights would leave "
+                         f"layers {emptied} with none")
     return ops.topk_mask(scores, keep)
 
 

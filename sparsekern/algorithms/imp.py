@@ -104,13 +104,20 @@ class IMP(distributed.CatchesUp):
         ranks)."""
         return _tickets.layer_names(self._groups)
 
-    def prune_masks(self) -> list[Tensor]:
-        """The next masks from the current weights (nothing is changed)."""
+    def prune_masks(self, density: float | None = None) -> list[Tensor]:
+        """The next masks from the current weights (nothing is changed); `density` as in `next_cycle`."""
         _tickets.check_own_weights(self._groups, "IMP")
-        return _tickets.magnitude_masks(self._groups, self.prune_fraction, self.scope)
+        density = _tickets.check_target_density(density)
+        return _tickets.magnitude_masks(self._groups, self.prune_fraction, self.scope, density)
 
-    def next_cycle(self) -> list[Tensor]:
+    def next_cycle(self, density: float | None = None) -> list[Tensor]:
         """Prunes ⌈p·remaining⌉ weights by magnitude, rewinds, and starts a fresh optimizer.
+
+        `density` (in (0, 1]), for the last pruning of a run aimed at a density: prune to exactly
+        round(density·N) weights instead, N every weight of the pruned layers (scope "layer":
+        round(density·N_l) of each layer), whatever ⌈p·remaining⌉'s rounding left before (with p =
+        1 - density^(1/prunings) the earlier prunings end a weight or two short of it); ValueError, nothing
+        changed, if that keeps more weights than remain.
 
         Returns the new masks (one bool tensor per sparse module, in `sparse_modules` order).
         RuntimeError if weight rewinding is asked before step k was reached.
@@ -118,7 +125,7 @@ class IMP(distributed.CatchesUp):
         if self.rewind == "weights" and self.rewind_state is None:
             raise RuntimeError(f"next_cycle() before the rewind step: rewind_step={self.rewind_step} "
                                f"but only {self.step_in_cycle} steps were counted")
-        masks = self.prune_masks()
+        masks = self.prune_masks(density)
         self.reset(masks)
         return masks
 

@@ -250,17 +250,20 @@ class SWAMP:
         self.step_in_cycle = self.rewind_step
         self.optimizer = optimizer
 
-    def prune_masks(self) -> list[Tensor]:
-        """The next masks from the current weights (θ̄ once the cycle is averaged)."""
+    def prune_masks(self, density: float | None = None) -> list[Tensor]:
+        """The next masks from the current weights (θ̄ once the cycle is averaged); `density` as in
+        `next_cycle`."""
         _tickets.check_own_weights(self._groups, "SWAMP")
-        return _tickets.magnitude_masks(self._groups, self.prune_fraction, self.scope)
+        density = _tickets.check_target_density(density)
+        return _tickets.magnitude_masks(self._groups, self.prune_fraction, self.scope, density)
 
-    def next_cycle(self) -> list[Tensor]:
-        """Prunes θ̄ by magnitude and starts the next cycle's first particle from θ_k ⊙ m."""
+    def next_cycle(self, density: float | None = None) -> list[Tensor]:
+        """Prunes θ̄ by magnitude and starts the next cycle's first particle from θ_k ⊙ m. `density`: prune to
+        exactly that density instead of by ⌈p·remaining⌉, as `IMP.next_cycle` does."""
         _tickets.check_own_weights(self._groups, "SWAMP")
         if not self.averaged:
             raise RuntimeError("next_cycle() before the cycle's particles were averaged (next_particle())")
-        masks = self.prune_masks()
+        masks = self.prune_masks(density)
         _tickets.set_masks(self._groups, masks)
         self.cycle += 1
         self.particle = self.rank

@@ -19,9 +19,9 @@ from dataclasses import asdict, dataclass, replace
 
 from .data import Dataset, load_dataset
 from .output import DENSITY_LABEL, counted, csv_text, density_axis, save_figure, write_text
-from .progress import RunsBar
-from .recipes import CRITERION_PARAMETERS, criteria_of
-from .runs import Job, RunStore, execute, key, unique, warn_once, warnings_cell
+from .progress import execute_shown
+from .recipes import CRITERION_PARAMETERS, criteria_of, start_density
+from .runs import Job, RunStore, key, unique, warnings_cell
 from .training import TrainConfig
 
 DEFAULT_METHODS = ("dense", "static", "set", "rigl", "dst")
@@ -108,20 +108,10 @@ def run_compare(lines: list[Line], densities: list[float], seeds: int, base: Tra
     store = RunStore(os.path.join(out_dir, "runs"), fresh)
     jobs = [Job(config) for _, config in planned]
     labels = {key(config): line.label for line, config in planned}   # the criteria lines share their method
-    bar = RunsBar(jobs, "compare", lambda job: f"{labels[key(job.config)]} at density {job.config.density:g}, "
-                                               f"seed {job.config.seed}", enabled=progress)
-    trained = []
-
-    def done(job: Job, record: dict, was_trained: bool) -> None:
-        trained.append(was_trained)
-        bar.done(job, record, was_trained)
-
     started = time.perf_counter()
-    try:
-        records = execute(jobs, store, dataset, workers, done, bar.progress)
-    finally:
-        bar.close()
-    warn_once(records.values())
+    records, trained = execute_shown(jobs, store, dataset, workers, "compare",
+                                     lambda job: f"{labels[key(job.config)]} at density {job.config.density:g}, "
+                                                 f"seed {job.config.seed}", progress)
     runs = [run_row(line, config, records[key(config)]) for line, config in planned]
     rows = summarise(lines, runs)
     write_text(os.path.join(out_dir, "runs.csv"), csv_text(list(RUN_FIELDS), runs))
@@ -131,7 +121,7 @@ def run_compare(lines: list[Line], densities: list[float], seeds: int, base: Tra
     write_text(os.path.join(out_dir, "grid.json"), json.dumps(
         {"base": asdict(base), "lines": [asdict(line) for line in lines], "densities": list(densities),
          "seeds": seeds, "workers": workers, "seconds": time.perf_counter() - started}, indent=2))
-    return Comparison(rows, len(unique(jobs)), sum(trained))
+    return Comparison(rows, len(unique(jobs)), trained)
 
 
 def run_row(line: Line, config: TrainConfig, record: dict) -> dict:
@@ -180,11 +170,22 @@ def summarise(lines: list[Line], runs: list[dict]) -> list[dict]:
     return rows
 
 
-def caption(base: TrainConfig, seeds: int) -> str:
-    """What every line of a comparison shares."""
-    return (f"{base.model} (width {base.width}) on {base.dataset}, {base.distribution} layer densities, "
+def caption(base: TrainConfig, seeds: int, methods) -> str:
+    """What every line of a comparison of `methods` shares."""
+    return (f"{base.model} (width {base.width}) on {base.dataset}, {layer_densities(base, methods)}"
             f"init {base.init} (dense baseline too), SGD lr {base.lr:g} cosine, batch {base.batch_size}, "
             f"{counted(seeds, 'seed')}")
+
+
+def layer_densities(base: TrainConfig, methods) -> str:
+    """How the lines of `methods` spread their density over the layers, "" for dense alone: --distribution's
+    layer densities for those that start sparse; those that prune from dense rank all layers together."""
+    spread = [method for method in methods if start_density(method, 0.5) < 1]
+    pruned = [method for method in methods if method != "dense" and method not in spread]
+    together = f"{', '.join(pruned)} pruned over all layers together" if pruned else ""
+    if not spread:
+        return f"{together}, " if pruned else ""
+    return f"{base.distribution} layer densities{f' ({together})' if pruned else ''}, "
 
 
 def best_rows(rows: list[dict]) -> list[dict]:
@@ -232,7 +233,8 @@ def markdown_table(rows: list[dict], base: TrainConfig, seeds: int) -> str:
                                     ".2g"))
     over_seeds = ", mean ± sd over seeds" if seeds > 1 else ""
     marked = " In bold: the best sparse line at each density (highest mean)." if best else ""
-    return (f"Test accuracy (%){over_seeds}. {caption(base, seeds)}.{marked}\n\n{header}{accuracy}\n"
+    methods = list(dict.fromkeys(row["method"] for row in rows))
+    return (f"Test accuracy (%){over_seeds}. {caption(base, seeds, methods)}.{marked}\n\n{header}{accuracy}\n"
             f"Gradient flow ‖g⊙m‖₂ on a fixed batch, each run's mean over the epochs of training{over_seeds}.\n\n"
             f"{header}{flow}")
 

@@ -31,12 +31,13 @@ from ..bench import report
 from ..checkpoint import check_writable_folder
 from ..ops._backend import backends
 from ..ops._checks import thread_count
+from .counts import check_counts, sparse_layers
 from .data import check_dataset, load_dataset
 from .models import MODELS, build_model
 from .output import counted, first_line
 from .recipes import CRITERION_PARAMETERS, DST_PRESETS, TICKET_METHODS, criteria_of
-from .training import (DISTRIBUTIONS, INITS, METHODS, SCHEDULES, TrainConfig, prepare, read_checkpoint,
-                       total_epochs)
+from .training import (DISTRIBUTIONS, INITS, METHODS, SCHEDULES, Diverged, TrainConfig, check_cycle_steps, prepare,
+                       read_checkpoint, total_epochs)
 
 TRAIN_OUT = "runs/train"   # train's --out unless told, or resuming
 # The ops a training run calls: a SPARSEKERN_BACKEND that cannot run one of them is refused before training.
@@ -183,8 +184,10 @@ def _add_run_options(parser: argparse.ArgumentParser, defaults: TrainConfig) -> 
     parser.add_argument("--dataset", default=defaults.dataset,
                         help="'digits' (bundled with scikit-learn), a .npz with arrays x and y, or an image folder "
                              "with one subfolder per class")
-    parser.add_argument("--distribution", choices=DISTRIBUTIONS, default=defaults.distribution,
-                        help="per-layer densities")
+    parser.add_argument("--distribution", choices=DISTRIBUTIONS,
+                        help=f"how the density is spread over the layers of the runs that start sparse (static, "
+                             f"DST); imp, swamp, optg and gmp prune all layers together from dense "
+                             f"(default: {defaults.distribution})")
     parser.add_argument("--init", choices=INITS, default=defaults.init,
                         help="initial weights: 'sparse' (variance 1/fan-in over the active inputs), 'layer-scaled' "
                              "(dense variance / density) or 'dense' (torch's default, masked); dense runs and the "
@@ -219,7 +222,8 @@ def _add_run_options(parser: argparse.ArgumentParser, defaults: TrainConfig) -> 
                              "by the rest), dropped and grown whole by their summed scores; not with the set "
                              "criterion (default: none, single weights)")
     parser.add_argument("--cycles", type=_positive,
-                        help=f"IMP, SWAMP: pruning cycles of --epochs epochs each (default: {defaults.cycles})")
+                        help=f"IMP, SWAMP: training cycles, a pruning between two, the last to --density (IMP: "
+                             f"--epochs epochs each; SWAMP: --particles x --epochs) (default: {defaults.cycles})")
     parser.add_argument("--particles", type=_positive,
                         help=f"SWAMP: particles per cycle (default: {defaults.particles})")
     _add_machine_options(parser, defaults)
@@ -328,8 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
             "numbers, mean ± sd over seeds, and its verdict), a plot and a CSV per claim and runs.csv to "
             "--out."))
     reproduce_parser.add_argument("--quick", action="store_true",
-                                  help="a smoke test of every claim in well under a minute (fewer seeds, epochs "
-                                       "and densities)")
+                                  help="a smoke test of every claim (fewer seeds, epochs and densities): about a "
+                                       "minute of CPU time, so a minute or more of waiting on a busy machine")
     reproduce_parser.add_argument("--out", default="runs/reproduce",
                                   help="directory for report.md, plots and CSVs; finished runs are kept in its runs/ "
                                        "folder, and a rerun into it trains only what is missing")
@@ -387,6 +391,8 @@ def _run(parser: argparse.ArgumentParser, args) -> None:
                 print(f"{parser.prog}: interrupted; finished work is kept in {args.out} (rerun the same command to "
                       f"go on)", file=sys.stderr)
             sys.exit(130)
+        except Diverged as error:   # an --lr too high for the run: its finished epochs stay in --out
+            parser.error(str(error))
         except OSError as error:   # --out checked writable before, but a disk fills up or a folder goes away
             parser.error(f"{first_line(error)}; finished work is kept in {args.out} (rerun the same command to go "
                          f"on once it can be written)")
@@ -445,6 +451,7 @@ def _warn_short_optg(method: str, epochs: int) -> None:
 # Options that only some methods read (with None defaults, so that one given explicitly is known): the methods.
 # Dense trains every weight: train's --density, and compare's --densities when dense is its only line.
 _METHOD_OPTIONS = {"density": _SPARSE_METHODS, "densities": _SPARSE_METHODS,
+                   "distribution": ("static", *DST_PRESETS),
                    "scope": tuple(DST_PRESETS), "update_every": tuple(DST_PRESETS), "end_fraction": tuple(DST_PRESETS),
                    "swap_rounding": tuple(DST_PRESETS), "mest_gamma": tuple(DST_PRESETS),
                    "sensitivity_offset": tuple(DST_PRESETS), "snip_shift": tuple(DST_PRESETS),
@@ -536,11 +543,17 @@ def _check_train(args, ranks: data_parallel.Ranks):
                      grow=args.grow, schedule=args.schedule, drop_fraction=args.drop_fraction)
     _check_criterion_parameters(args, [config])
     _check_block_criterion(args, [config])
+    if args.stop_after is not None and args.stop_after > total_epochs(config):
+        segments = {"imp": " (--epochs x --cycles)", "swamp": " (--epochs x --cycles x --particles)"}
+        raise ValueError(f"--stop-after {args.stop_after} is past the run's last epoch, {total_epochs(config)}"
+                         f"{segments.get(config.method, '')}: it would stop nothing")
     data_parallel.check_config(config, ranks)
     check_dataset(config.dataset)
     check_backend(config.device)
     dataset = load_dataset(config.dataset)
-    build_model(config.model, dataset.input_shape, dataset.num_classes, config.width)
+    check_cycle_steps(config, dataset)
+    check_counts(config, sparse_layers(build_model(config.model, dataset.input_shape, dataset.num_classes,
+                                                   config.width)))
     if args.resume is not None:
         _check_resume(args.resume, config)
     return config, dataset
@@ -576,11 +589,10 @@ def _prepare_compare(args):
     check_dataset(base.dataset)
     check_backend(base.device)
     dataset = load_dataset(base.dataset)
-    build_model(base.model, dataset.input_shape, dataset.num_classes, base.width)
-    if base.block is not None:   # too large for a layer at some density: each DST line's run built as it will be
-        for config in configs:
-            if config.method in DST_PRESETS:
-                prepare(config, dataset)
+    layers = sparse_layers(build_model(base.model, dataset.input_shape, dataset.num_classes, base.width))
+    for config in configs:
+        check_cycle_steps(config, dataset)
+        check_counts(config, layers, "--densities")
     check_writable_folder(args.out, "--out")
     check_writable_folder(os.path.join(args.out, "runs"), "--out's runs folder")
     if "optg" in args.methods:
@@ -641,9 +653,9 @@ def _bench(bench_args: list[str]) -> int:
 
 
 def _config(args, **run) -> TrainConfig:
-    given = {name: getattr(args, name) for name in ("scope", "update_every", "cycles", "particles")
-             if getattr(args, name) is not None}
-    return TrainConfig(distribution=args.distribution, init=args.init, model=args.model, dataset=args.dataset,
+    given = {name: getattr(args, name) for name in ("distribution", "scope", "update_every", "cycles",
+                                                    "particles") if getattr(args, name) is not None}
+    return TrainConfig(init=args.init, model=args.model, dataset=args.dataset,
                        epochs=args.epochs, device=args.device, batch_size=args.batch_size, lr=args.lr,
                        end_fraction=args.end_fraction, swap_rounding=args.swap_rounding,
                        mest_gamma=args.mest_gamma, sensitivity_offset=args.sensitivity_offset,

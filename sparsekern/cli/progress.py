@@ -2,7 +2,8 @@
 training ends (in this process or a worker, `sparsekern.cli.runs.Progress`), and saying what runs."""
 from __future__ import annotations
 
-from .runs import Job, Progress, unique
+from .data import Dataset
+from .runs import Job, Progress, RunStore, execute, unique, warn_once
 from .training import total_epochs
 
 
@@ -60,3 +61,23 @@ class RunsBar:
         also = f" (and {others} more training)" if others else ""
         # set_postfix_str redraws the bar whatever tqdm's mininterval: every epoch shows
         self._bar.set_postfix_str(f"{len(self._done)}/{self._runs} runs done; {news}{also}")
+
+
+def execute_shown(jobs: list[Job], store: RunStore, dataset: Dataset, workers: int, name: str, describe,
+                  enabled: bool = True) -> tuple[dict[str, dict], int]:
+    """`runs.execute` of `jobs` under a `RunsBar` (`name`, `describe`, `enabled` as there), closed however it
+    ends, then each distinct warning the runs kept once (`runs.warn_once`). Returns every job's record by key and
+    how many runs were trained now (the others were found in `store`)."""
+    bar = RunsBar(jobs, name, describe, enabled)
+    trained = []
+
+    def done(job: Job, record: dict, was_trained: bool) -> None:
+        trained.append(was_trained)
+        bar.done(job, record, was_trained)
+
+    try:
+        records = execute(jobs, store, dataset, workers, done, bar.progress)
+    finally:
+        bar.close()
+    warn_once(records.values())
+    return records, sum(trained)

@@ -195,9 +195,10 @@ class OptGRecipe(Recipe):
 
 
 class TicketRecipe(Recipe):
-    """IMP with weight rewinding (and SWAMP, below): `cycles` segments, each pruning ⌈p·remaining⌉ weights by
-    global magnitude with p chosen so that the last cycle trains at the target density; the ticket is rewound
-    to step k = 10% of a cycle."""
+    """IMP with weight rewinding (and SWAMP, below): `cycles` segments, each but the last followed by a pruning by
+    global magnitude: of ⌈p·remaining⌉ weights, p = 1 - d^(1/(cycles-1)), then, last, to exactly round(d·N)
+    (the earlier ones' rounding up would leave the last cycle a weight or two short of the target density d);
+    the ticket is rewound to step k = 10% of a cycle."""
 
     def __init__(self, config, model, steps_per_epoch):
         self.config, self.model = config, model
@@ -226,7 +227,12 @@ class TicketRecipe(Recipe):
 
     def end_segment_after_evaluation(self, last: bool) -> None:
         if not last:
-            self.algorithm.next_cycle()
+            self._next_cycle()
+
+    def _next_cycle(self) -> None:
+        """Prunes for the next cycle, the last to the target density."""
+        last = self.algorithm.cycle + 1 == self.cycles - 1
+        self.algorithm.next_cycle(density=self.config.density if last else None)
 
     def position(self) -> dict:
         return {"cycle": self.algorithm.cycle}
@@ -288,7 +294,7 @@ class SWAMPRecipe(TicketRecipe):
         if not self.algorithm.averaged:
             self.algorithm.next_particle()
         elif not last:
-            self.algorithm.next_cycle()
+            self._next_cycle()
 
     def position(self) -> dict:
         return {"cycle": self.algorithm.cycle, "particle": self.algorithm.particle}
@@ -299,7 +305,12 @@ class SWAMPRecipe(TicketRecipe):
 
     def _make_algorithm(self, **options):
         return SWAMP(self.model, self._make_optimizer, particles=self.particles,
-                     swa_start=math.ceil(0.75 * self.steps_per_segment), seed=self.config.seed, **options)
+                     swa_start=self.swa_start(self.steps_per_segment), seed=self.config.seed, **options)
+
+    @staticmethod
+    def swa_start(steps_per_segment: int) -> int:
+        """The step of a cycle after which a particle's SWA mean starts: its last 25% are averaged."""
+        return math.ceil(0.75 * steps_per_segment)
 
 
 def make_recipe(config, model: nn.Module, steps_per_epoch: int) -> Recipe:

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field, replace
 
 from .data import Dataset, load_dataset
 from .output import DENSITY_LABEL, counted, csv_text, density_axis, save_figure, write_text
-from .progress import RunsBar
+from .progress import execute_shown
 from .recipes import criteria_of
-from .runs import Job, RunStore, execute, key, unique, warn_once, warnings_cell
+from .runs import Job, RunStore, key, unique, warnings_cell
 from .training import TrainConfig, total_epochs
 
 HOLDS, FAILS, TIE = "holds", "does not hold at this scale", "tie"
@@ -65,7 +65,7 @@ class Plan:
 
 def plan(quick: bool = False, device: str = "cpu") -> Plan:
     """The full experiment (about 6,000 epochs of a small MLP: minutes on 2 cores) or, with `quick`, a smoke test
-    of every claim in well under a minute (too few seeds and epochs for its verdicts to mean much)."""
+    of every claim in about a minute of CPU time (too few seeds and epochs for its verdicts to mean much)."""
     if quick:
         return Plan(True, TrainConfig(epochs=3, device=device, cycles=2, particles=2), seeds=2, grid_seeds=2,
                     dst_densities=(0.02,), criteria=("magnitude", "snip", "random"), criteria_densities=(0.05,),
@@ -152,26 +152,15 @@ def run(plan: Plan, out_dir: str, dataset: Dataset | None = None, progress: bool
     dataset = dataset if dataset is not None else load_dataset(plan.dataset)
     store = RunStore(os.path.join(out_dir, "runs"), fresh)
     planned = jobs(plan)
-    bar = RunsBar(planned, "reproduce", describe, enabled=progress)
-    trained = []
-
-    def done(job: Job, record: dict, was_trained: bool) -> None:
-        trained.append(was_trained)
-        bar.done(job, record, was_trained)
-
     started = time.perf_counter()
-    try:
-        records = execute(planned, store, dataset, workers, done, bar.progress)
-    finally:
-        bar.close()
+    records, trained = execute_shown(planned, store, dataset, workers, "reproduce", describe, progress)
     seconds = time.perf_counter() - started
-    warn_once(records.values())
 
     def lookup(config: TrainConfig, masks_from: TrainConfig | None = None) -> dict:
         return records[key(config, masks_from)]
 
     claims = [claim for experiment in EXPERIMENTS for claim in experiment.analyse(plan, lookup, out_dir)]
-    report = Report(plan, claims, len(unique(planned)), sum(trained), seconds,
+    report = Report(plan, claims, len(unique(planned)), trained, seconds,
                     sum(record["seconds"] for record in records.values()), workers)
     for claim in claims:
         write_text(os.path.join(out_dir, f"{claim.key}.csv"), csv_text(_fields(claim.rows), claim.rows))
@@ -241,6 +230,11 @@ def _compare(claim: str, paper: str, name_a: str, a: list[float], name_b: str, b
     scale = 1.0 if percent else max(abs(statistics.fmean(a)), abs(statistics.fmean(b)), 1e-12)
     result, detail = verdict(a, b, scale)
     return Finding(claim, paper, f"{name_a} {_cell(a, percent)} vs {name_b} {_cell(b, percent)} ({detail})", result)
+
+
+def _listed(numbers) -> str:
+    """Densities (or any numbers) as a report's text lists them: "0.05, 0.02, 0.01"."""
+    return ", ".join(f"{number:g}" for number in numbers)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -365,7 +359,7 @@ class DSTvsStatic:
                      "RigL, Evci et al. 2020; SET, Mocanu et al. 2018",
                      "dynamic sparse training, which moves connections during training, reaches higher accuracy "
                      "than training a fixed random mask of the same density, the more so the sparser the network.",
-                     f"static, SET and RigL at densities {', '.join(f'{d:g}' for d in plan.dst_densities)}, "
+                     f"static, SET and RigL at densities {_listed(plan.dst_densities)}, "
                      f"{counted(plan.seeds, 'seed')}, init {plan.base.init}; {schedules}.",
                      _table(["line", *[f"d = {d:g}" for d in plan.dst_densities]], table_rows), rows, findings,
                      "a.png")]
@@ -408,7 +402,7 @@ class CriteriaGrid:
         sparsest = min(plan.criteria_densities)
         denser = [d for d in plan.criteria_densities if d != sparsest] or [sparsest]
         tied, total = criteria_tying_the_best(accuracy, plan.criteria, denser)
-        findings = [Finding(f"(b) criteria tie, d = {', '.join(f'{d:g}' for d in denser)}",
+        findings = [Finding(f"(b) criteria tie, d = {_listed(denser)}",
                             "most pruning criteria perform alike",
                             f"{tied} of {total} other criteria (per density) within 2 se of the best",
                             HOLDS if tied > total / 2 else FAILS)]
@@ -430,7 +424,7 @@ class CriteriaGrid:
                      "in dynamic sparse training the choice of pruning criterion matters little: most criteria "
                      "perform alike, and at low density plain magnitude pruning is best.",
                      f"DST with each pruning criterion and random growth, the paper's schedule ({schedule}), "
-                     f"densities {', '.join(f'{d:g}' for d in plan.criteria_densities)}, {counted(plan.grid_seeds, 'seed')}.",
+                     f"densities {_listed(plan.criteria_densities)}, {counted(plan.grid_seeds, 'seed')}.",
                      _table(["criterion", *[f"d = {d:g}" for d in plan.criteria_densities]], table_rows), rows,
                      findings, "b.png")]
 
@@ -505,7 +499,7 @@ class Tickets:
         imp_config = cls.imp(plan, sparsest)[0]
         setup = (f"IMP with weight rewinding to 10% of a cycle, {imp_config.cycles} cycles of {plan.base.epochs} "
                  f"epochs pruning globally by magnitude to densities "
-                 f"{', '.join(f'{d:g}' for d in plan.ticket_densities)}, torch's default init; SWAMP the same with "
+                 f"{_listed(plan.ticket_densities)}, torch's default init; SWAMP the same with "
                  f"{imp_config.particles} SWA particles per cycle; each IMP run's final mask trained {plan.base.epochs} "
                  f"epochs from new weights (other seeds) drawn from the same init, and from the sparsity-aware init; "
                  f"{counted(plan.seeds, 'seed')}.")
@@ -571,7 +565,7 @@ class OptGvsMagnitude:
                      "training the pruning scores with the straight-through gradient beats magnitude-based pruning "
                      "at the same final sparsity, most clearly at high sparsity.",
                      f"OptG and gradual magnitude pruning (the same sigmoid ramp, each epoch keeping the largest "
-                     f"weights) to final densities {', '.join(f'{d:g}' for d in plan.ramp_densities)} over "
+                     f"weights) to final densities {_listed(plan.ramp_densities)} over "
                      f"{', '.join(map(str, plan.ramp_epochs))} epochs, {counted(plan.grid_seeds, 'seed')}; the ramp ends at the "
                      f"target (final densities in the table).",
                      _table(["method", "density", "final density", *[f"{e} epochs" for e in plan.ramp_epochs]],
@@ -674,7 +668,7 @@ class GradientFlow:
                      f"gradient flow ‖g⊙m‖₂ on a fixed batch of 256 training images (no weight decay) at step 0, "
                      f"after every epoch and just before and after every RigL mask update; static training with the "
                      f"sparsity-aware and the dense-style (torch's default, masked) init, and RigL; densities "
-                     f"{', '.join(f'{d:g}' for d in plan.dst_densities)}, {counted(plan.seeds, 'seed')}.",
+                     f"{_listed(plan.dst_densities)}, {counted(plan.seeds, 'seed')}.",
                      _table(["line", "density", "gradient flow at init", "mean over training", "accuracy (%)"],
                             table_rows), rows, findings, "f.png")]
 

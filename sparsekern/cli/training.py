@@ -31,7 +31,7 @@ from . import data_parallel
 from .data import Dataset, load_dataset
 from .models import build_model
 from .output import csv_text, first_line, write_text
-from .recipes import DST_PRESETS, METHODS, RAMP_METHODS, TICKET_METHODS, make_recipe, start_density
+from .recipes import DST_PRESETS, METHODS, RAMP_METHODS, TICKET_METHODS, SWAMPRecipe, make_recipe, start_density
 
 DISTRIBUTIONS = ("erk", "uniform")
 INITS = tuple(sparse_init.INITS)
@@ -113,14 +113,14 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.method in TICKET_METHODS and self.cycles < 2:
-            raise ValueError(f"cycles must be >= 2 for {self.method} (one training before each pruning and one "
+            raise ValueError(f"--cycles must be >= 2 for {self.method} (one training before each pruning and one "
                              f"after the last), got {self.cycles}")
         if self.method in (*TICKET_METHODS, *RAMP_METHODS) and self.density == 1:
-            raise ValueError(f"density must be below 1 for {self.method}, which prunes to it, got 1")
+            raise ValueError(f"{self.method} prunes to its density, which must be below 1, got 1")
         if self.method == "optg" and self.epochs < 2:
-            raise ValueError(f"epochs must be >= 2 for optg, got {self.epochs}: its mask is a top-k of scores trained "
-                             f"in earlier epochs, so a 1-epoch run would end dense (gmp prunes by magnitude from the "
-                             f"start)")
+            raise ValueError(f"--epochs must be >= 2 for optg, got {self.epochs}: its mask is a top-k of scores "
+                             f"trained in earlier epochs, so a 1-epoch run would end dense (gmp prunes by magnitude "
+                             f"from the start)")
         if not 0 < self.lr < math.inf:
             raise ValueError(f"lr must be a positive finite number, got {self.lr}")
         for name in ("drop_fraction", "end_fraction"):
@@ -135,7 +135,7 @@ class TrainConfig:
                 isinstance(size, int) and not isinstance(size, bool) and size >= 1 for size in self.block)):
             raise ValueError(f"block must be None or a tuple of two positive ints (bh, bw), got {self.block!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device 'cuda' was asked for, but torch sees no CUDA device")
+            raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
 
 
 # Options added to TrainConfig after runs and checkpoints were stored: a config's settings leave them out at
@@ -348,6 +348,7 @@ class Run:
             # Masks that change between epochs (OptG, IMP, SWAMP) get the records of a DST update around the change.
             updates_masks = recipe.updates_masks_after_epoch(last_of_segment, last_segment)
             if updates_masks:
+                _check_finite(model, config, epoch + 1)
                 record_flow((epoch + 1) * self.steps_per_epoch, epoch + 1, "before update")
             recipe.end_epoch_after_evaluation(last_of_segment)
             if last_of_segment:
@@ -510,6 +511,33 @@ def _onto(model: nn.Module) -> dict | None:
     if device.type != "cuda":
         return None
     return {f"cuda:{index}": str(device) for index in range(torch.cuda.device_count())}
+
+
+def check_cycle_steps(config: TrainConfig, data: Dataset) -> None:
+    """ValueError, in the command line's options, for a SWAMP run whose cycles are too short for a particle to
+    average any step (SWAMP would refuse its first particle's end in its own words, swa_start=...)."""
+    if config.method != "swamp":
+        return
+    per_epoch = math.ceil(len(data.train_y) / config.batch_size)
+    steps = config.epochs * per_epoch
+    if steps <= SWAMPRecipe.swa_start(steps):
+        raise ValueError(f"swamp averages each particle over the steps after the first 75% of its cycle, and "
+                         f"--epochs {config.epochs} of {per_epoch} step{'s' if per_epoch > 1 else ''} (--batch-size "
+                         f"{config.batch_size} of {len(data.train_y)} training samples) leave none: raise --epochs "
+                         f"or lower --batch-size (4 steps a cycle at least)")
+
+
+class Diverged(ValueError):
+    """A run whose weights are no longer finite where its method would choose a mask from them (IMP's and SWAMP's
+    next cycle, OptG's and GMP's next epoch): the library refuses NaN weights there in its own words."""
+
+
+def _check_finite(model: nn.Module, config: TrainConfig, epoch: int) -> None:
+    diverged = [name for name, module in sparse_modules(model) if not torch.isfinite(module.weight).all()]
+    if diverged:
+        raise Diverged(f"{config.method} at density {config.density:g}, seed {config.seed}, diverged: after epoch "
+                       f"{epoch} the weights of layer {diverged[0]!r} are not finite, and its next mask is chosen "
+                       f"from them; lower --lr (it was {config.lr:g})")
 
 
 @torch.no_grad()

@@ -300,3 +300,37 @@ def test_global_and_layer_scope_by_hand():
     assert pruned("global") == [list(range(10)), [5, 6]]
     # layer: ⌈0.25·10⌉ = 3 from a, ⌈0.25·7⌉ = ⌈1.75⌉ = 2 from b.
     assert pruned("layer") == [list(range(3, 10)), [2, 3, 4, 5, 6]]
+
+
+def test_a_last_pruning_to_a_density_lands_on_round_d_n_whatever_the_earlier_rounding():
+    # 1,000 weights (|w| = 1..1000), target d = 0.02 in 2 prunings: p = 1 - sqrt(0.02) = 0.858578...
+    # ⌈p·1000⌉ = ⌈858.58⌉ = 859 -> 141; ⌈p·141⌉ = ⌈121.06⌉ = 122 -> 19, one short of
+    # round(0.02·1000) = 20: next_cycle(density=0.02) keeps the 20 largest instead.
+    layer = _hand_layer(20, 50)
+    _write(layer, torch.arange(1, 1001, dtype=torch.float32))
+    p = 1 - 0.02 ** 0.5
+    imp = IMP(torch.nn.Sequential(layer), _sgd, prune_fraction=p)
+    assert int(imp.next_cycle()[0].sum()) == 141
+    assert int(imp.prune_masks()[0].sum()) == 19           # by ⌈p·remaining⌉
+    mask = imp.next_cycle(density=0.02)[0].flatten()
+    assert mask.nonzero().flatten().tolist() == list(range(980, 1000))
+    with pytest.raises(ValueError, match="density=0.5 keeps 500 of the 1000 weights, more than the 20 that remain"):
+        imp.next_cycle(density=0.5)
+    assert int(imp.masks[0].sum()) == 20
+
+
+def test_a_pruning_to_a_density_per_layer_and_one_that_would_grow_by_hand():
+    # scope "layer": round(0.3·10) = 3 of a, round(0.3·7) = round(2.1) = 2 of b, the largest |w| of each.
+    a, b = _hand_layer(2, 5), _hand_layer(1, 7)
+    _write(a, torch.arange(1, 11, dtype=torch.float32))
+    _write(b, -torch.arange(1, 8, dtype=torch.float32) / 10)
+    imp = IMP(torch.nn.Sequential(a, b), _sgd, prune_fraction=0.5, scope="layer")
+    masks = imp.next_cycle(density=0.3)
+    assert [m.flatten().nonzero().flatten().tolist() for m in masks] == [[7, 8, 9], [5, 6]]
+    # density 0.5 would keep round(0.5·10) = 5 of a's 3 and round(3.5) = 4 of b's 2, which pruning cannot.
+    with pytest.raises(ValueError, match=r"density=0.5 keeps more weights than remain in layers \['0', '1'\]"):
+        imp.next_cycle(density=0.5)
+    assert [int(m.sum()) for m in imp.masks] == [3, 2]     # nothing changed
+    for bad in (0, 1.5, float("nan"), "0.1"):
+        with pytest.raises((TypeError, ValueError), match="density"):
+            imp.prune_masks(density=bad)

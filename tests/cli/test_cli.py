@@ -463,6 +463,21 @@ def test_a_run_resumed_from_a_checkpoint_without_world_size_records_it_in_every_
     assert [list(epoch) for epoch in epochs] == [list(epochs[1])] * 2
 
 
+@pytest.mark.parametrize("method, options", [("imp", ["--cycles", "3"]),
+                                             ("swamp", ["--cycles", "2", "--particles", "1"])])
+def test_tickets_end_at_exactly_round_d_n_weights(method, options, tmp_path):
+    # The digits MLP holds 64·256 + 256·256 + 256·10 = 84,480 weights; d = 0.02 targets round(1689.6) = 1690. With
+    # p = 1 - 0.02^(1/(cycles-1)) and ⌈p·remaining⌉ removed each time, the last cycle kept 1689 (2 or 3 cycles:
+    # ⌈0.98·84480⌉ = 82,791 removed; ⌈0.8586·84480⌉ = 72,533 -> 11,947, then ⌈0.8586·11947⌉ = 10,258
+    # -> 1689).
+    out = tmp_path / method
+    main(["train", "--method", method, "--density", "0.02", "--epochs", "1", *options, "--out", str(out), "--quiet"])
+    model = checkpoint.load(out / "checkpoint.pt")["model"]
+    masks = [tensor for name, tensor in model.items() if name.endswith(".mask")]
+    assert sum(mask.numel() for mask in masks) == 84480
+    assert sum(int(mask.sum()) for mask in masks) == 1690
+
+
 def test_swamp_averages_at_a_constant_rate_while_imp_anneals_to_zero(tmp_path, monkeypatch):
     # SWAMP (Choi et al.): each particle's SWA mean is taken at a constant rate (0.05 after 0.1 in its setup).
     # A rate annealed to 0 over the averaged steps, as IMP's, makes the mean the particle's last point.
@@ -580,6 +595,16 @@ def test_help_points_users_at_the_readme_not_at_internal_modules(capsys):
             main([*command, "--help"])
         text = capsys.readouterr().out
         assert not [name for name in internal if f"`{name}`" in text], (command, text)
+
+
+def test_help_counts_cycles_as_they_train(capsys):
+    # --cycles was "pruning cycles of --epochs epochs each": a SWAMP cycle trains --particles x --epochs epochs, and
+    # the last cycle is not followed by a pruning.
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert ("--cycles CYCLES IMP, SWAMP: training cycles, a pruning between two, the last to --density (IMP: "
+            "--epochs epochs each; SWAMP: --particles x --epochs)") in text
 
 
 @pytest.mark.parametrize("densities", [[0.1], [0.2, 0.05, 0.01]])
@@ -826,3 +851,30 @@ def test_resuming_a_finished_run_says_nothing_was_trained(tmp_path, capsys):
     assert "nothing trained" not in capsys.readouterr().out
     main([*arguments, "--resume", str(tmp_path / "run" / "checkpoint.pt")])
     assert "static finished (nothing trained: the checkpoint was already at epoch 1)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["train", "--method", "imp", "--cycles", "2", "--epochs", "1"],
+                                  ["train", "--method", "gmp", "--epochs", "2"],
+                                  ["compare", "--methods", "imp", "--densities", "0.1", "--seeds", "1", "--epochs", "1",
+                                   "--cycles", "2", "--jobs", "1"]], ids=" ".join)
+def test_a_run_diverged_by_a_high_lr_stops_with_one_line_naming_lr(argv, tmp_path, capsys):
+    # A mask chosen from NaN weights ended in the library's traceback: "layer '1' has NaN weights" (IMP), "k=8448 is
+    # more than the 0 non-NaN scores available" (GMP).
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--lr", "1e6", "--out", str(tmp_path / "out"), "--quiet"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1, lines
+    assert re.fullmatch(r"sparsekern \w+: error: \w+ at density 0.1, seed 0, diverged: after epoch \d the weights of "
+                        r"layer '1' are not finite, and its next mask is chosen from them; lower --lr "
+                        r"\(it was 1e\+06\)", lines[0]), lines[0]
+
+
+def test_the_caption_says_which_lines_spread_their_density_by_distribution():
+    # The caption said "erk layer densities" of every comparison, imp's and gmp's too, which prune all layers together.
+    base = TrainConfig(distribution="uniform")
+    assert "uniform layer densities (imp, gmp pruned over all layers together), init" in \
+        compare_module.caption(base, 1, ["dense", "static", "imp", "gmp"])
+    only_pruned = compare_module.caption(base, 1, ["dense", "imp"])
+    assert "uniform" not in only_pruned and "on digits, imp pruned over all layers together, init" in only_pruned
+    assert "digits, init sparse" in compare_module.caption(base, 1, ["dense"])
+    assert "digits, uniform layer densities, init" in compare_module.caption(base, 1, ["static", "rigl"])

@@ -183,3 +183,13 @@ def test_the_legends_of_f_s_panels_cover_none_of_their_markers(tmp_path, monkeyp
     for title, count, inside in checked:
         assert count > 90 and not inside, f"{title}: {len(inside)} of {count} markers under the legend"
     assert (tmp_path / "f.png").exists()
+
+
+def test_the_readme_counts_the_quick_runs_as_the_plan_has_them():
+    # The README sizes --quick by its runs and their CPU time (its wall time depends on the machine's load: "well
+    # under a minute" took 153 s on 2 shared cores); the count must follow the plan.
+    from pathlib import Path
+
+    readme = " ".join((Path(__file__).resolve().parents[2] / "README.md").read_text().split())
+    runs = len(unique(reproduce.jobs(reproduce.plan(quick=True))))
+    assert f"to mean much): {runs} short runs, about a minute of CPU time" in readme
