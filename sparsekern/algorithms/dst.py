@@ -268,6 +268,7 @@ class DST(distributed.CatchesUp):
                 check_state_writable(optimizer, module.weight, module.mask, name)
             empty = [name for name, module in self.modules if not module.mask.any()]
             _warn_if_idle(self.schedule, empty, scope)
+            _warn_if_nothing_swaps(self.schedule, self.modules, scope, block, swap_rounding)
             self.prune, self.grow, self.scope = self._prune.name, self._grow.name, scope
             self.reset_state, self.block, self.mest_gamma = reset_state, block, mest_gamma
             self.sensitivity_offset, self.snip_shift = sensitivity_offset, snip_shift
@@ -845,6 +846,33 @@ def _warn_if_idle(schedule: schedules.Schedule, empty: list[str], scope: str) ->
         warnings.warn("drop_fraction is 0: every mask update swaps no weight", stacklevel=4)
     if scope == "layer" and empty:
         warnings.warn(f"{empty} have no active weight: with scope='layer' they stay empty", stacklevel=4)
+
+
+def _warn_if_nothing_swaps(schedule: schedules.Schedule, modules, scope: str, block, rounding: str) -> None:
+    """Warns where the largest fraction any update drops makes a swap count of 0: of the total (scope="global")
+    or of every layer (no update swaps anything), or of some layers (scope="layer": they never change), counted
+    in `block`s where given. A drop fraction of 0 has its own warning (`_warn_if_idle`)."""
+    steps = range(schedule.update_every, schedule.end_step, schedule.update_every)
+    largest = max((schedule.fraction(step) for step in steps if schedule.is_update(step)), default=0.0)
+    if largest == 0:
+        return
+    unit = "weights" if block is None else f"blocks of {block[0]}x{block[1]}"
+    counts = [int(module.mask.sum()) if block is None else _Blocks(module.weight.shape, block).keep(module.mask)
+              for _, module in modules]
+    fraction = f"the largest fraction any update drops, {largest:.3g} (drop_fraction={schedule.drop_fraction:g}),"
+    rounds = f"rounds {'down ' if rounding == 'floor' else ''}to 0 (swap_rounding={rounding!r})"
+    if scope == "global":
+        if sum(counts) and _swap_count(largest, sum(counts), rounding) == 0:
+            warnings.warn(f"no mask update swaps a weight: {fraction} of the {sum(counts)} active {unit} {rounds}",
+                          stacklevel=4)
+        return
+    still = [name for (name, _), count in zip(modules, counts) if count and _swap_count(largest, count, rounding) == 0]
+    if still and len(still) == sum(1 for count in counts if count):
+        warnings.warn(f"no mask update swaps a weight: {fraction} of each layer's active {unit} {rounds}",
+                      stacklevel=4)
+    elif still:
+        warnings.warn(f"the masks of {still} never change: {fraction} of each one's active {unit} {rounds}",
+                      stacklevel=4)
 
 
 def _schedule_from_state(saved) -> schedules.Schedule:

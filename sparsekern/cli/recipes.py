@@ -147,6 +147,11 @@ class DSTRecipe(Recipe):
                 continue   # said below, in the options that set it
             if config.block is not None:
                 message = message.replace(f"block={config.block}", f"--block {config.block[0]}x{config.block[1]}")
+            rate = f"{schedule.drop_fraction:g}"   # the method's own unless --drop-fraction set it
+            message = message.replace(f"drop_fraction={rate}", f"--drop-fraction {rate}" if config.drop_fraction
+                                      is not None else f"the {config.method} schedule's drop fraction {rate}")
+            message = message.replace(f"swap_rounding={self.algorithm.swap_rounding!r}",
+                                      f"--swap-rounding {self.algorithm.swap_rounding}")
             warnings.warn(message, warning.category, stacklevel=3)
         if idle:
             end_fraction = DEFAULT_END_FRACTION[schedule.name] if config.end_fraction is None else config.end_fraction

@@ -964,3 +964,51 @@ def test_construction_zeroes_optimizer_state_off_the_masks_bit_for_bit(dtype):
     assert optimizer.state[weight]["buffer"] is state
     assert torch.equal(state.view(torch.int16 if dtype == torch.float16 else torch.int32),
                        expected.view(torch.int16 if dtype == torch.float16 else torch.int32))
+
+
+def _swap_warnings(model, **options) -> list[str]:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sparsekern.DST(model, optimizer, total_steps=1000, update_every=100, **options)
+    return [str(warning.message) for warning in caught]
+
+
+def _two_layers() -> nn.Module:
+    # 100 and 10 active weights: a drop fraction of 0.01 swaps 1 of the first's, 0 of the second's
+    model = nn.Sequential(SparseLinear(20, 10), SparseLinear(10, 2))
+    model[0].set_mask(torch.arange(200).reshape(10, 20) % 2 == 0)
+    model[1].set_mask(torch.arange(20).reshape(2, 10) % 2 == 0)
+    return model
+
+
+@pytest.mark.parametrize("options, want", [
+    # cosine's largest fraction is its first update's (0.0478 for 0.05 here): "constant" keeps these exact
+    (dict(drop_fraction=0.01, schedule="constant", scope="layer"),
+     "the masks of ['1'] never change: the largest fraction any update drops, 0.01 (drop_fraction=0.01), of each "
+     "one's active weights rounds to 0 (swap_rounding='round')"),
+    (dict(drop_fraction=0.004, schedule="constant", scope="layer"),
+     "no mask update swaps a weight: the largest fraction any update drops, 0.004 (drop_fraction=0.004), of each "
+     "layer's active weights rounds to 0 (swap_rounding='round')"),
+    (dict(drop_fraction=0.009, schedule="constant", scope="global", swap_rounding="floor"),
+     "no mask update swaps a weight: the largest fraction any update drops, 0.009 (drop_fraction=0.009), of the 110 "
+     "active weights rounds down to 0 (swap_rounding='floor')"),
+])
+def test_a_swap_count_that_rounds_to_0_at_every_update_is_warned(options, want):
+    # Only drop_fraction=0 was warned: a fraction too small for a layer's count swapped nothing, silently.
+    assert _swap_warnings(_two_layers(), **options) == [want]
+
+
+@pytest.mark.parametrize("options", [dict(drop_fraction=0.01, schedule="constant", scope="global"),
+                                     dict(drop_fraction=0.06, scope="layer"), dict()])
+def test_no_swap_count_warning_where_every_layer_swaps(options):
+    assert _swap_warnings(_two_layers(), **options) == []
+
+
+def test_the_swap_count_warning_counts_blocks():
+    # 100 active weights make 25 blocks of 2x2, of which 0.01 rounds to 0
+    model = nn.Sequential(SparseLinear(20, 10))
+    model[0].set_mask(torch.arange(10).reshape(10, 1).expand(10, 20) < 5)
+    assert _swap_warnings(model, drop_fraction=0.01, schedule="constant", block=(2, 2)) == [
+        "no mask update swaps a weight: the largest fraction any update drops, 0.01 (drop_fraction=0.01), of each "
+        "layer's active blocks of 2x2 rounds to 0 (swap_rounding='round')"]

@@ -319,6 +319,14 @@ def test_dst_warnings_name_the_options_the_user_typed(tmp_path, capsys):
         "lower --update-every"]
 
 
+def test_a_drop_fraction_that_swaps_nothing_is_warned_in_option_names(tmp_path, capsys):
+    main(["train", "--method", "set", "--epochs", "3", "--update-every", "5", "--drop-fraction", "0.00001",
+          "--swap-rounding", "floor", "--stop-after", "1", "--out", str(tmp_path), "--quiet"])
+    assert capsys.readouterr().err.splitlines() == [
+        "sparsekern train: warning: no mask update swaps a weight: the largest fraction any update drops, 1e-05 "
+        "(--drop-fraction 1e-05), of each layer's active weights rounds down to 0 (--swap-rounding floor)"]
+
+
 def test_dense_trains_at_density_1_unless_told_a_density(tmp_path, capsys):
     main(["train", "--method", "dense", "--epochs", "1", "--out", str(tmp_path), "--quiet"])   # --density's default
     assert "density 1.0000" in capsys.readouterr().out
