@@ -11,16 +11,18 @@ from sparsekern.nn import SparseLinear
 
 
 def _model():
-    """x ∈ R² -> SparseLinear(2, 2) -> BatchNorm1d (eval: running mean 0, variance 1, eps 0, so u = γh + β)
+    """x ∈ R² -> SparseLinear(2, 2) -> BatchNorm1d (eval: running mean 0, variance + eps = 1, so u = γh + β)
     -> Linear(2, 1)."""
     sparse = SparseLinear(2, 2)
-    norm = nn.BatchNorm1d(2, eps=0.0)
+    # eps 0.5 with running variance 0.5 divides by exactly 1: torch < 2.13 refuses eps 0 even in eval.
+    norm = nn.BatchNorm1d(2, eps=0.5)
     dense = nn.Linear(2, 1)
     with torch.no_grad():
         sparse.weight.copy_(torch.tensor([[2.0, 0.0], [1.0, -1.0]]))
         sparse.bias.copy_(torch.tensor([1.0, 0.0]))
         norm.weight.copy_(torch.tensor([2.0, 1.0]))
         norm.bias.copy_(torch.tensor([0.0, 1.0]))
+        norm.running_var.fill_(0.5)
         dense.weight.copy_(torch.tensor([[1.0, 1.0]]))
         dense.bias.copy_(torch.tensor([-1.0]))
     sparse.set_mask(torch.tensor([[True, False], [True, True]]))
