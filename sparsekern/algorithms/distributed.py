@@ -110,13 +110,18 @@ def _broadcast_replica(model: nn.Module, src: int, group, weights: bool, optimiz
             for name, module in named:
                 check_state_writable(optimizer, module.weight, module.mask, name)
         states = [[] if optimizer is None else optimizer_state(optimizer, p) for p in parameters]
-        agreement.shared = (_layers(model), [len(state) for state in states] if copy_state else None,
+        agreement.shared = (_layers(model), [module.zero_off_mask for module in modules],
+                            [len(state) for state in states] if copy_state else None,
                             algorithm is not None,
                             [[tuple(p.shape) for p in entry["params"]] for entry in optimizer.param_groups]
                             if whole_optimizer else None, lr_scheduler is not None,
                             None if algorithm is None else algorithm._layers_updated())
     source = dist.get_group_rank(group, src) if group is not None else src
     stateless = _check_same_setup(agreement.gathered, source, "parameters" if whole_optimizer else "sparse weights")
+    # src's promises, which every rank's modules take with its masks: a rank whose own promise had lapsed (seen
+    # under torch 2.11 after DDP copied rank 0's masks over a diverged replica's) kept its share of a
+    # ZeroRedundancyOptimizer's state non-zero off the masks, which the next step would grow back on every rank.
+    promised = agreement.gathered[source][1]
     if algorithm is not None or copy_state:
         # One object broadcast carries src's algorithm state and what its optimizer holds for the parameters
         # besides the tensors shaped like them, which tensor broadcasts copy below: scalars (Adam's step, which
@@ -149,15 +154,15 @@ def _broadcast_replica(model: nn.Module, src: int, group, weights: bool, optimiz
     for state in states[len(modules):]:   # the parameters that are not sparse weights (whole_optimizer)
         for tensor in state:
             dist.broadcast(tensor, src=src, group=group)
-    for module, state in zip(modules, states):
+    for module, state, promise in zip(modules, states, promised):
         mask = module.mask.to(torch.uint8)
         dist.broadcast(mask, src=src, group=group)
         if weights:
             dist.broadcast(module.weight.data, src=src, group=group)
-        # A module that does not promise zero_off_mask keeps values off its mask on purpose (OptG's
-        # pruned weights come back with them): zeroed, they and their momentum would be lost on every
+        # A module whose src replica does not promise zero_off_mask keeps values off its mask on purpose
+        # (OptG's pruned weights come back with them): zeroed, they and their momentum would be lost on every
         # rank, src's included. Its forward selects, so the mask alone is copied in.
-        keeps_pruned = not module.zero_off_mask
+        keeps_pruned = not promise
         if keeps_pruned:
             module.mask.copy_(mask.bool())
         else:
@@ -198,7 +203,7 @@ def _check_same_setup(gathered: list[tuple], source: int, what: str) -> list[int
     of their parameters, in order) and algorithm presence: the broadcasts that follow would otherwise pair
     tensors of different sizes or counts, which gloo answers by aborting the process and NCCL by hanging.
     Returns the indices of the parameters that some rank's optimizer holds no state for, and `source`'s does."""
-    layers, counts, has_algorithm, groups, has_scheduler, _ = zip(*gathered)
+    layers, _, counts, has_algorithm, groups, has_scheduler, _ = zip(*gathered)
     if any(shapes != groups[0] for shapes in groups):
         sizes = sorted({tuple(map(len, shapes)) for shapes in groups})
         raise ValueError(f"broadcast_masks: the ranks' optimizers hold other parameter groups (parameters per group: "

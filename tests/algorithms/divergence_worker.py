@@ -8,7 +8,8 @@
    An optimizer that holds no state on src (rank 0) where another rank's does is refused on every rank first
    (the other way round, the rank without state takes src's).
 4. With a ZeroRedundancyOptimizer, whose ranks hold the state of different weights by design,
-   broadcast_masks repairs the masks and each rank zeroes its own share of the state off them.
+   broadcast_masks repairs the masks and each rank zeroes its own share of the state off them, src's promise of
+   zeros off the masks taken by a rank whose own lapsed.
 Writes {"refused", "diverged_detected", "lopsided_refused", "repaired", "stays_repaired", "zero_repaired",
 "holds_a_share"} (bools) to
 <out>/rank<r>.pt.
@@ -81,13 +82,16 @@ def main(out):
                                 torch.randint(0, 4, (8,), generator=data)).backward()
     zero.step()   # each rank now holds momentum for its own share of the weights only
     first = sparsekern.nn.sparse_modules(model)[0][1]
-    if rank == 1:  # a replica whose masks came apart
+    if rank == 1:  # a replica whose masks came apart, and whose promises lapsed (as seen under torch 2.11)
         first.set_mask(first.mask.roll(1, 0))
+        for _, module in sparsekern.nn.sparse_modules(model):
+            module.zero_off_mask = False
     distributed.broadcast_masks(ddp, optimizer=zero)
     shares = [(module, state) for _, module in sparsekern.nn.sparse_modules(model)
               for state in zero.optim.state.get(module.weight, {}).values() if state.dim() > 0]
     zero_repaired = distributed.masks_identical(ddp) and all(bool((state[~module.mask] == 0).all())
-                                                             for module, state in shares)
+                                                             for module, state in shares) and all(
+        module.zero_off_mask for _, module in sparsekern.nn.sparse_modules(model))   # rank 0's promises taken
     torch.save({"refused": refused, "diverged_detected": diverged_detected, "lopsided_refused": lopsided_refused,
                 "repaired": repaired, "stays_repaired": stays_repaired,
                 "zero_repaired": zero_repaired, "holds_a_share": bool(shares)},
