@@ -852,8 +852,10 @@ def _warn_if_nothing_swaps(schedule: schedules.Schedule, modules, scope: str, bl
     """Warns where the largest fraction any update drops makes a swap count of 0: of the total (scope="global")
     or of every layer (no update swaps anything), or of some layers (scope="layer": they never change), counted
     in `block`s where given. A drop fraction of 0 has its own warning (`_warn_if_idle`)."""
-    steps = range(schedule.update_every, schedule.end_step, schedule.update_every)
-    largest = max((schedule.fraction(step) for step in steps if schedule.is_update(step)), default=0.0)
+    # Every schedule's fraction is monotone in the step: its largest is at the first update or at the last.
+    last = (schedule.end_step - 1) // schedule.update_every * schedule.update_every
+    largest = max((schedule.fraction(step) for step in {schedule.update_every, last} if schedule.is_update(step)),
+                  default=0.0)
     if largest == 0:
         return
     unit = "weights" if block is None else f"blocks of {block[0]}x{block[1]}"
