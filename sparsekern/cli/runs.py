@@ -11,13 +11,10 @@ to the caller as it trains, from a worker through a queue that the parent reads 
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import multiprocessing
 import os
-import signal
-import threading
 import warnings
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
@@ -27,6 +24,7 @@ import torch
 from .. import checkpoint
 from ..nn import sparse_modules
 from .data import Dataset
+from .interrupts import held_while_starting_workers, ignore_in_this_worker
 from .output import write_text
 from .training import TrainConfig, damaged_records, settings, total_epochs, train
 
@@ -204,11 +202,16 @@ def _train_all(jobs: list[Job], store: RunStore, dataset: Dataset, workers: int,
     # A SimpleQueue writes each message into its pipe before put returns, so a worker's messages are there before
     # the result of its run (a Queue's feeder thread could still hold the last epoch's).
     messages = context.SimpleQueue()
+    for tensor in (dataset.train_x, dataset.train_y, dataset.test_x, dataset.test_y):
+        # Moved now, not while Ctrl-C is held off (the workers' start), where pickling it for the first worker
+        # would: the workers map these pages rather than get a copy each (torch's pickling for processes).
+        tensor.share_memory_()
     with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context, initializer=_start_worker,
                              initargs=(store.directory, dataset, torch.get_num_threads(), messages)) as pool:
-        with _interrupts_ignored():   # the workers start ignoring Ctrl-C, which the caller answers for them
-            futures = {pool.submit(_train_in_worker, job, key(job.config) in sources): job for job in jobs}
         try:
+            # The workers start here (spawned by submit), holding off Ctrl-C, which this process answers for them
+            with held_while_starting_workers():
+                futures = {pool.submit(_train_in_worker, job, key(job.config) in sources): job for job in jobs}
             pending = set(futures)
             while pending:
                 finished, pending = wait(pending, timeout=PROGRESS_POLL_S, return_when=FIRST_COMPLETED)
@@ -221,21 +224,6 @@ def _train_all(jobs: list[Job], store: RunStore, dataset: Dataset, workers: int,
             for worker in set(multiprocessing.active_children()) - others:   # the pool's: their runs are lost,
                 worker.terminate()                                             # not waited for
             raise
-
-
-@contextlib.contextmanager
-def _interrupts_ignored():
-    """SIGINT ignored meanwhile, in this process and in the processes it starts (an ignored signal stays ignored
-    across exec, and Python then installs no handler of its own): a Ctrl-C in a terminal reaches every process of
-    its group, and workers that got it died with a traceback each, mid-import or mid-run."""
-    if threading.current_thread() is not threading.main_thread():   # where signals cannot be set (nor arrive)
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def _train_one(store: RunStore, job: Job, dataset: Dataset, keep_masks: bool, report) -> dict:
@@ -251,6 +239,7 @@ _WORKER: dict = {}
 
 
 def _start_worker(directory: str, dataset: Dataset, threads: int, messages) -> None:
+    ignore_in_this_worker()
     torch.set_num_threads(threads)
     _WORKER["store"] = RunStore(directory, fresh=True)
     _WORKER["dataset"] = dataset

@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 import warnings
 
 import numpy as np
@@ -698,34 +697,6 @@ def test_an_interrupted_command_says_so_under_its_name(tmp_path, capsys, monkeyp
         main(["train", "--method", "static", "--epochs", "1", "--out", str(tmp_path / "run"), "--quiet"])
     assert exit_info.value.code == 130
     assert capsys.readouterr().err.startswith("sparsekern train: interrupted; finished work is kept in ")
-
-
-def test_ctrl_c_on_compare_while_its_workers_start_prints_one_line(tmp_path):
-    # A Ctrl-C reaches every process of the terminal's group: each spawned worker still importing died with its
-    # own traceback, and the pool's thread added one more (InvalidStateError on a cancelled future).
-    out = tmp_path / "out"
-    process = subprocess.Popen([sys.executable, "-m", "sparsekern.cli", "compare", "--methods", "static,rigl",
-                                "--densities", "0.3,0.1", "--seeds", "2", "--epochs", "2", "--jobs", "2",
-                                "--out", str(out), "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
-    try:
-        for _ in range(3000):  # the inputs are checked (--out's runs folder made): the workers are starting
-            if (out / "runs").is_dir():
-                break
-            try:
-                process.wait(0.1)
-            except subprocess.TimeoutExpired:
-                pass
-        time.sleep(0.5)
-        os.killpg(process.pid, signal.SIGINT)
-        stdout, stderr = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    assert process.returncode == 130 and stdout == "", stderr
-    assert stderr.splitlines() == [f"sparsekern compare: interrupted; finished work is kept in {out} (rerun the "
-                                   f"same command to go on)"]
 
 
 @pytest.mark.parametrize("command", ["train", "compare"])
