@@ -79,9 +79,10 @@ class DST(distributed.CatchesUp):
         schedule: "cosine" (RigL), "constant" (SET) or "annealed" (Fantastic Weights).
         update_every: ΔT, steps between mask updates (default per schedule: 100 cosine and constant,
             as RigL; 800 annealed, as the Fantastic Weights code).
-        end_step, end_fraction: the end point T_end, no updates from it on: a step, or a
-            fraction of total_steps (at most one of them; default 0.75 for cosine and constant,
-            as RigL's paper runs RigL and SET, 1.0 for annealed).
+        end_step, end_fraction: the end point T_end, no updates from it on (none at T_end itself: RigL's
+            code has one there, which its cosine fraction, 0 at T_end, makes swap nothing; see
+            `sparsekern.algorithms.schedules`): a step, or a fraction of total_steps (at most one of them;
+            default 0.75 for cosine and constant, as RigL's paper runs RigL and SET, 1.0 for annealed).
         total_steps: length of training, in `step()` calls.
         scope: "layer" (each layer keeps its count) or "global" (one selection of the drop and one
             of the growth over all layers; layer counts may change, the total stays). Either way one

@@ -204,7 +204,7 @@ def _add_run_options(parser: argparse.ArgumentParser, defaults: TrainConfig) -> 
     parser.add_argument("--update-every", type=_positive,
                         help=f"DST: steps between mask updates (default: {defaults.update_every})")
     parser.add_argument("--end-fraction", type=_fraction("end fraction"),
-                        help="DST: no mask update after this fraction of training (default: the schedule's, 0.75 "
+                        help="DST: no mask update from this fraction of training on (default: the schedule's, 0.75 "
                              "for cosine and constant, as RigL's paper runs RigL and SET; 1 for annealed)")
     parser.add_argument("--swap-rounding", choices=SWAP_ROUNDINGS,
                         help="DST: the swap count r x active weights made whole by round (halves to even) or floor, "
