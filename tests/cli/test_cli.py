@@ -628,6 +628,23 @@ def test_the_plot_keeps_room_around_its_densities_so_nudged_lines_stay_beside_th
     assert left >= 1.2 * max(densities) and right <= min(densities) / 1.2   # not the nudges' ±2.5% alone
 
 
+@pytest.mark.parametrize("methods, densities", [
+    (["dense", "imp", "gmp"], "imp, gmp pruned over all layers together"),
+    (["static", "imp"], "uniform layer densities (imp pruned over all layers together)"),
+    (["static", "rigl"], "uniform layer densities"),
+    (["dense"], None)])
+def test_the_plot_title_names_the_layer_densities_its_lines_share(monkeypatch, methods, densities):
+    # The title named --distribution whatever the lines: "uniform" over imp and gmp, which prune all layers together.
+    figures = []
+    monkeypatch.setattr(compare_module, "save_figure", lambda figure, path, metadata=None: figures.append(figure))
+    rows = [{"label": method, "method": method, "density": 1.0 if method == "dense" else 0.1, "accuracy_mean": 0.9,
+             "accuracy_std": None, "epochs": 1, "seeds": 1} for method in methods]
+    compare_module.plot(rows, "unused.png", TrainConfig(epochs=1, distribution="uniform"))
+    title = figures[0].axes[0].get_title().split("\n")
+    assert title[0] == "mlp on digits, 1 epoch, init sparse; 1 seed"
+    assert title[1:] == ([densities] if densities else [])
+
+
 @pytest.mark.parametrize("argv, expected", [([], "round"), (["--swap-rounding", "round"], "round"),
                                             (["--swap-rounding", "floor"], "floor")])
 def test_train_hands_the_swap_rounding_to_dst(argv, expected):
