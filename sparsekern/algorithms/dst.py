@@ -116,7 +116,10 @@ class DST(distributed.CatchesUp):
             and differs from `torch.Generator().manual_seed(seed)`'s, the generator a user most
             likely gave `sparsify`: growing from the stream that drew the masks would score the
             active positions highest and regrow exactly what was dropped. Equal seeds give equal
-            masks, on every rank of a distributed run too; under an initialised torch.distributed
+            masks, on every backend (the random criteria draw one float32 score per entry of each updated layer,
+            whatever its dtype and mask, in model order, before the backend selects), on every rank of a
+            distributed run too, but not across device types (CPU and CUDA generators draw other streams); a
+            layer frozen, added or moved earlier changes the draws of the layers after it; under an initialised torch.distributed
             process group the construction is collective and refuses (ValueError on every rank)
             a seed or generator state that differs across ranks, which would let replicas diverge,
             masks (or weights under them) that already differ across ranks (see
