@@ -2,6 +2,8 @@
 runs a small loop as a researcher would and checks it against what a correct library must do (masks at
 their density, weights 0 off the mask where promised, results equal to an equivalent reference)."""
 import copy
+import pickle
+import re
 import warnings
 
 import pytest
@@ -121,7 +123,7 @@ def test_loading_a_dense_checkpoint_into_a_sparsified_model_warns_that_it_densif
     (IMP's start, sparsify at density 1) loads one silently."""
     pretrained = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 5))
     model = _mlp(0.3)
-    with pytest.warns(UserWarning, match=r"no '0\.mask'.*replacing its mask of density 0\.29"):
+    with pytest.warns(UserWarning, match=r"no mask for 3 sparse layers, '0\.mask' \(SparseLinear, density 0\.291\)"):
         model.load_state_dict(pretrained.state_dict())
     assert all(layer.mask.all() for layer in model if isinstance(layer, SparseLinear))
     dense_start = sparsekern.sparsify(nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 5)), 1.0)
@@ -134,7 +136,7 @@ def _dense_load_warnings(module: nn.Module, state: dict) -> list[str]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         module.load_state_dict(state)
-    return [str(warning.message) for warning in caught if "loads it as a dense layer" in str(warning.message)]
+    return [str(warning.message) for warning in caught if "as a dense layer (mask all True)" in str(warning.message)]
 
 
 def test_a_dense_checkpoint_warns_once_per_load_state_dict_call_however_many_layers_it_densifies():
@@ -149,7 +151,10 @@ def test_a_dense_checkpoint_warns_once_per_load_state_dict_call_however_many_lay
 
     model = sparse_model()
     [message] = _dense_load_warnings(model, state)
-    assert "no '0.mask'" in message and "every later sparse layer of this load_state_dict" in message
+    # It named the first layer only.
+    assert re.match(r"state dict has no mask for 4 sparse layers, '0.mask' \(SparseLinear, density 0.32\), "
+                    r"'2.0.mask' \(SparseLinear, density [\d.]+\), '2.2.mask' \(SparseLinear, density [\d.]+\), "
+                    r"'3.mask' \(SparseLinear, density [\d.]+\): ", message), message
     model = sparse_model()
     model.load_state_dict(model.state_dict())   # the masks are there: no warning, and the next call warns again
     assert len(_dense_load_warnings(model, state)) == 1
@@ -157,9 +162,34 @@ def test_a_dense_checkpoint_warns_once_per_load_state_dict_call_however_many_lay
     assert len(_dense_load_warnings(model, state)) == 1   # each call warns, the same state dict again too
     model = sparse_model()
     [message] = _dense_load_warnings(model[2], pretrained[2].state_dict())   # a submodule's own call
-    assert "no '0.mask'" in message
+    assert "no mask for 2 sparse layers, '0.mask' (SparseLinear, density 0.246), '2.mask' (SparseLinear" in message
     assert len(_dense_load_warnings(model[3], pretrained[3].state_dict())) == 1   # one layer alone
     assert all(layer.mask.all() for _, layer in sparsekern.nn.sparse_modules(model[2:]))
+
+
+def test_a_dense_checkpoint_of_many_layers_is_warned_with_a_count_at_the_callers_line():
+    pretrained = nn.Sequential(*(nn.Linear(8, 8) for _ in range(7)))
+    model = sparsekern.sparsify(copy.deepcopy(pretrained), 0.5, generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.load_state_dict(pretrained.state_dict())
+    [warning] = caught
+    assert str(warning.message).startswith("state dict has no mask for 7 sparse layers, '0.mask' (SparseLinear, "
+                                           "density 0.5), '1.mask' (SparseLinear, density 0.5), ")
+    assert "'4.mask' (SparseLinear, density 0.5) and 2 more: " in str(warning.message)
+    assert warning.filename == __file__
+
+
+def test_a_dense_load_that_raises_half_way_warns_nothing_later_and_leaves_the_model_picklable():
+    pretrained = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    model = sparsekern.sparsify(copy.deepcopy(pretrained), 0.5, generator=torch.Generator().manual_seed(1))
+    state = pretrained.state_dict()
+    state["1.weight"] = state["1.weight"].to_sparse()   # refused by layer 1, after layer 0 loaded dense
+    with pytest.raises(ValueError):
+        model.load_state_dict(state)
+    pickle.loads(pickle.dumps(model))
+    assert _dense_load_warnings(model, model.state_dict()) == []   # the masks are there: nothing to warn of
+    assert not model._load_state_dict_post_hooks
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])

@@ -79,9 +79,10 @@ class DST(distributed.CatchesUp):
         schedule: "cosine" (RigL), "constant" (SET) or "annealed" (Fantastic Weights).
         update_every: ΔT, steps between mask updates (default per schedule: 100 cosine and constant,
             as RigL; 800 annealed, as the Fantastic Weights code).
-        end_step, end_fraction: the end point T_end, no updates from it on: a step, or a
-            fraction of total_steps (at most one of them; default 0.75 for cosine and constant,
-            as RigL's paper runs RigL and SET, 1.0 for annealed).
+        end_step, end_fraction: the end point T_end, no updates from it on (none at T_end itself: RigL's
+            code has one there, which its cosine fraction, 0 at T_end, makes swap nothing; see
+            `sparsekern.algorithms.schedules`): a step, or a fraction of total_steps (at most one of them;
+            default 0.75 for cosine and constant, as RigL's paper runs RigL and SET, 1.0 for annealed).
         total_steps: length of training, in `step()` calls.
         scope: "layer" (each layer keeps its count) or "global" (one selection of the drop and one
             of the growth over all layers; layer counts may change, the total stays). Either way one
@@ -115,7 +116,10 @@ class DST(distributed.CatchesUp):
             and differs from `torch.Generator().manual_seed(seed)`'s, the generator a user most
             likely gave `sparsify`: growing from the stream that drew the masks would score the
             active positions highest and regrow exactly what was dropped. Equal seeds give equal
-            masks, on every rank of a distributed run too; under an initialised torch.distributed
+            masks, on every backend (the random criteria draw one float32 score per entry of each updated layer,
+            whatever its dtype and mask, in model order, before the backend selects), on every rank of a
+            distributed run too, but not across device types (CPU and CUDA generators draw other streams); a
+            layer frozen, added or moved earlier changes the draws of the layers after it; under an initialised torch.distributed
             process group the construction is collective and refuses (ValueError on every rank)
             a seed or generator state that differs across ranks, which would let replicas diverge,
             masks (or weights under them) that already differ across ranks (see

@@ -11,6 +11,13 @@ SET: a constant 30% swap a few steps before the end, at a learning rate near 0, 
 grown zero weights untrained), and to all of training for annealed (the Fantastic Weights code
 has no end point). `make(name, total_steps, ...)` turns a name and its options into a `Schedule`,
 which also says at which steps masks are updated.
+
+The end point is exclusive: an update step t = k·ΔT happens only while t < T_end. RigL's code
+(`sparse_optimizers.py`, `is_mask_update_iter`: `global_step <= end_step`) also updates at T_end,
+where its cosine fraction is 0: that update swaps nothing, so RigL's masks are the same either way
+(we skip its dense backward). Only constant and annealed differ, by one update where T_end is a
+multiple of ΔT; excluding it means end_fraction=1 never swaps at the last step of training, where
+grown weights (at 0) would get no step to train and the dropped ones would be lost.
 """
 from __future__ import annotations
 
@@ -53,7 +60,8 @@ class Schedule:
     """When masks are updated and by how much.
 
     Masks are updated at steps t = update_every, 2·update_every, ... with t < end_step (t counts
-    `DST.step()` calls from 1); the update at step t drops fraction(t) of the active weights.
+    `DST.step()` calls from 1; none at end_step itself, see the module docstring); the update at step t
+    drops fraction(t) of the active weights.
     `end_step` is the end point T_end; `total_steps` the length of training it was made for.
     """
 

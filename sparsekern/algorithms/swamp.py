@@ -42,11 +42,13 @@ class SWAMP:
             weights after every `swa_every`-th step past `swa_start` are averaged with equal weight.
             Set it to where the cycle's last phase begins (the default 0 averages the whole cycle);
             it must be >= rewind_step.
-            None: no SWA, a particle contributes its final weights (N = 1 is then IMP-WR exactly).
+            None: no SWA, a particle contributes its final weights (N = 1 is then IMP-WR exactly, BatchNorm
+            statistics included: θ̄ is then the trained model itself, whose statistics are not recomputed).
         swa_every: steps between two SWA samples.
         bn_loader: an iterable of batches (a tensor, or a tuple/list whose first element is the
             input) for recomputing BatchNorm statistics of θ̄ (`torch.optim.swa_utils.update_bn`);
-            required when the model has BatchNorm layers.
+            required when the model has BatchNorm layers and θ̄ is an average (particles > 1 or
+            swa_start given), unused otherwise.
         seed: base of `data_seed`, the data order the current particle must use.
         group: the torch.distributed process group whose ranks share the particles (None: the default
             group); a group of one rank, `torch.distributed.new_subgroups(1)[0]`, trains them all on this
@@ -101,7 +103,7 @@ class SWAMP:
             self.swa_every = _checks.count(swa_every, "swa_every", 1)
             if bn_loader is not None and not hasattr(bn_loader, "__iter__"):
                 raise TypeError(f"bn_loader must be an iterable of batches or None, got {type(bn_loader).__name__}")
-            if _batch_norms(model) and bn_loader is None:
+            if _batch_norms(model) and bn_loader is None and self._averages():
                 raise ValueError("bn_loader is None but the model has BatchNorm layers, whose statistics "
                                  "SWAMP must recompute for the averaged weights")
             self.seed = _checks.count(seed, "seed")
@@ -218,8 +220,13 @@ class SWAMP:
             p.copy_(total / self.particles if self.particles > 1 else total)
         self.particle_sum = None
         self.averaged = True
-        if self.bn_loader is not None:
+        if self.bn_loader is not None and self._averages():
             self._recompute_batch_norm()
+
+    def _averages(self) -> bool:
+        """Whether θ̄ is an average of weights, whose BatchNorm statistics no training step kept: not so for one
+        particle's final weights (particles=1, swa_start=None), whose statistics training kept, as IMP-WR's."""
+        return self.particles > 1 or self.swa_start is not None
 
     def _recompute_batch_norm(self) -> None:
         """update_bn on bn_loader; if a batch fails, every BatchNorm layer gets back its statistics,

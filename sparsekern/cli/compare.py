@@ -276,8 +276,10 @@ def plot(rows: list[dict], path: str, base: TrainConfig) -> None:
     axes.set_ylabel("test accuracy (%)")
     seeds = max(row["seeds"] for row in rows)
     bars = f"; mean ± sd over {seeds} seeds" if seeds > 1 else "; 1 seed"
-    axes.set_title(f"{base.model} on {base.dataset}, {base.epochs} epochs, {base.distribution}, init {base.init}"
-                   f"{bars}", fontsize=10)
+    # The layer densities as the caption says them: --distribution only where the lines start sparse by it.
+    spread = layer_densities(base, list(dict.fromkeys(row["method"] for row in rows))).removesuffix(", ")
+    axes.set_title(f"{base.model} on {base.dataset}, {counted(base.epochs, 'epoch')}, init {base.init}{bars}"
+                   f"{chr(10) + spread if spread else ''}", fontsize=10)
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize=8, frameon=False)
     save_figure(figure, path, {"Description": json.dumps(series)})

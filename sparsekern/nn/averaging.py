@@ -12,6 +12,8 @@ buffers (BatchNorm statistics) are averaged and the bool ones, the masks, copied
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 from torch.optim import swa_utils
@@ -26,10 +28,18 @@ class SparseAveragedModel(swa_utils.AveragedModel):
     `update_parameters(model)` refuses (ValueError, nothing changed) a model whose sparse layers differ in
     number, shape, order or name (wrappers aside: DDP's "module.", torch.compile's "_orig_mod.", around the
     model or a submodule) from the averaged model's: torch pairs parameters by position and would average
-    mismatched ones silently, or stop half-way."""
+    mismatched ones silently, or stop half-way.
+
+    A `model` with no sparse layer is averaged as torch's AveragedModel averages it, with a warning naming
+    `model`: the average is right (a dense baseline may share the code), but a model meant to be sparse was
+    not sparsified (`sparsekern.sparsify`), or the wrong model was passed."""
 
     def __init__(self, model: nn.Module, device=None, avg_fn=None, multi_avg_fn=None, use_buffers: bool = False):
         _check_model(model)
+        if not sparse_modules(model):
+            warnings.warn(f"model ({type(model).__name__}) holds no sparse layer: SparseAveragedModel averages it "
+                          f"as torch.optim.swa_utils.AveragedModel does; sparsify it first "
+                          f"(sparsekern.sparsify) if it is meant to be sparse", stacklevel=2)
         # SWA by default, in a multi-tensor form of its own (`_swa`): torch's, which it picks on CUDA, raises on an
         # integer buffer (BatchNorm's num_batches_tracked) under use_buffers=True, and its one-tensor form, which
         # it picks on CPU, costs a few Python-side ops per tensor.

@@ -59,8 +59,8 @@ runs under vmap and refuses to be differentiated.
 
 A plain nn.Linear / nn.Conv1d/2d/3d / nn.ConvTranspose1d/2d/3d state dict loads into the matching sparse
 module (one pruned by torch.nn.utils.prune, its `weight_orig` and `weight_mask`, as that mask and the
-pruned weight; a missing `mask` means all True: a module whose mask was not all True warns that it
-becomes dense), and `to_dense()` returns a plain module holding the masked weight (`sparsekern.nn.densify`
+pruned weight; a missing `mask` means all True: modules whose masks were not all True become dense, with
+one warning per load_state_dict call naming them), and `to_dense()` returns a plain module holding the masked weight (`sparsekern.nn.densify`
 turns a whole model back). A saved mask that is not bool
 (torch.nn.utils.prune's are float) must hold only 0 and 1 (ValueError naming its key otherwise, the
 module unchanged).
@@ -73,9 +73,6 @@ or a state dict), the deferred-initialisation recipe; a mask for it comes from `
 """
 from __future__ import annotations
 
-import threading
-import warnings
-
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
@@ -83,6 +80,7 @@ from torch.nn.utils import parametrize
 from .. import ops
 from ..ops import _checks, _masked_linear_op, _transforms, reference
 from ..ops.packing import PackedWeight
+from . import _dense_loads
 from .sharding import is_dtensor
 
 
@@ -352,13 +350,9 @@ class SparseModule(nn.Module):
             # The module's shape: a weight of another shape is refused on its own (a Conv2d's into a
             # SparseConv3d), with no mismatch reported for a mask the checkpoint does not hold.
             device = state_dict[prefix + "weight"].device
-            if not self.mask.is_meta and not bool(self.mask.all()) and _first_dense_load_of_call(missing_keys):
+            if not self.mask.is_meta and not bool(self.mask.all()):
                 # A pretrained dense checkpoint loaded into a sparsified model: it would train dense, silently.
-                warnings.warn(f"state dict has no {prefix + 'mask'!r}: {type(self).__name__} loads it as a dense "
-                              f"layer (mask all True), replacing its mask of density {self.density:.3g}, and so "
-                              f"does every later sparse layer of this load_state_dict whose mask it lacks (not "
-                              f"warned one by one); to start sparse from dense weights, load them into the dense "
-                              f"model and sparsify it then (mask='magnitude' keeps the largest)", stacklevel=2)
+                _dense_loads.note(missing_keys, prefix + "mask", self)
             state_dict[prefix + "mask"] = torch.ones(self.mask.shape, dtype=torch.bool, device=device)
         mask = state_dict.get(prefix + "mask")
         _check_loaded_mask(mask, prefix + "mask")
@@ -377,21 +371,6 @@ class SparseModule(nn.Module):
         if self.mask.is_meta:  # no values to count
             return super().extra_repr()
         return f"{super().extra_repr()}, density={self.density:.4g}"
-
-
-# torch's load_state_dict hands one missing-keys list to every module of a call: the list of the call that last
-# warned of a dense checkpoint tells its later layers from a new call's. Held (per thread), its identity cannot
-# pass to a later call's list.
-_dense_load_warned = threading.local()
-
-
-def _first_dense_load_of_call(missing_keys: list) -> bool:
-    """Whether no layer of the load_state_dict call owning `missing_keys` has warned of a dense checkpoint yet
-    (one warning per call, not one per layer: a ResNet's would be a dozen); the call counts as warned from now."""
-    if getattr(_dense_load_warned, "missing_keys", None) is missing_keys:
-        return False
-    _dense_load_warned.missing_keys = missing_keys
-    return True
 
 
 def _is_meta(tensor: Tensor | None) -> bool:

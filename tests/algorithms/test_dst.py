@@ -1012,3 +1012,31 @@ def test_the_swap_count_warning_counts_blocks():
     assert _swap_warnings(model, drop_fraction=0.01, schedule="constant", block=(2, 2)) == [
         "no mask update swaps a weight: the largest fraction any update drops, 0.01 (drop_fraction=0.01), of each "
         "layer's active blocks of 2x2 rounds to 0 (swap_rounding='round')"]
+
+
+def _random_criteria_masks(monkeypatch, backend, scope):
+    """The masks after three updates of SET-like random pruning and growth under `backend`."""
+    monkeypatch.setenv("SPARSEKERN_BACKEND", backend)
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    algo = sparsekern.DST(model, optimizer, prune="random", grow="random", schedule="constant", update_every=1,
+                          total_steps=10, scope=scope, seed=3)
+    planted = torch.Generator().manual_seed(7)
+    for _ in range(3):
+        for _, module in sparse_modules(model):
+            module.weight.grad = torch.randn(module.weight.shape, generator=planted)
+        algo.step()
+        optimizer.step()
+    return [module.mask.clone() for _, module in sparse_modules(model)]
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_random_criteria_give_the_same_masks_on_every_backend(monkeypatch, scope):
+    # The random scores are drawn by torch, per updated layer in model order, before the backend's prune_grow, whose
+    # selection of the top scores (ties to the lower position) every backend makes alike.
+    masks = {backend: _random_criteria_masks(monkeypatch, backend, scope)
+             for backend in ("reference", "compiled", "triton")}
+    assert all(torch.equal(a, b) for a, b in zip(masks["reference"], masks["compiled"]))
+    assert all(torch.equal(a, b) for a, b in zip(masks["reference"], masks["triton"]))
+    initial = [module.mask for _, module in sparse_modules(small_model())]
+    assert not any(torch.equal(a, b) for a, b in zip(masks["reference"], initial))   # the updates swapped

@@ -100,9 +100,9 @@ def test_particles_start_from_the_ticket_with_the_optimizer_state_of_step_k_in_c
         assert torch.equal(value, torch.where(mask, theta_k[name], 0))
 
 
-def _imp_wr(rewind_step, cycles):
+def _imp_wr(rewind_step, cycles, batch_norm=False):
     x, y = _data(1)
-    model = mlp(2, hidden=16)
+    model = mlp(2, hidden=16, batch_norm=batch_norm)
     imp = IMP(model, _sgd, prune_fraction=0.3, rewind_step=rewind_step)
     imp.run(lambda a: _train(model, a, x, y, data_seed(5, a.cycle, 0)), cycles)
     return model
@@ -112,16 +112,21 @@ def _swamp_run(model, swamp, x, y, cycles):
     swamp.run(lambda s: _train(model, s, x, y, s.data_seed), cycles)
 
 
+@pytest.mark.parametrize("batch_norm", [False, True])
 @pytest.mark.parametrize("rewind_step", [0, 3])
-def test_one_particle_without_swa_is_imp_with_rewinding_bit_for_bit(rewind_step):
-    reference = _imp_wr(rewind_step, cycles=3)
+def test_one_particle_without_swa_is_imp_with_rewinding_bit_for_bit(rewind_step, batch_norm):
+    # With BatchNorm, the statistics were recomputed on bn_loader for θ̄, one particle's trained weights, whose
+    # statistics IMP-WR keeps as training left them.
+    reference = _imp_wr(rewind_step, cycles=3, batch_norm=batch_norm)
     x, y = _data(1)
-    model = mlp(2, hidden=16)
+    model = mlp(2, hidden=16, batch_norm=batch_norm)
+    loader = [x[i:i + 32] for i in range(0, len(x), 32)] if batch_norm else None
     swamp = SWAMP(model, _sgd, particles=1, prune_fraction=0.3, rewind_step=rewind_step, swa_start=None,
-                  seed=5)
+                  seed=5, bn_loader=loader)
     _swamp_run(model, swamp, x, y, cycles=3)
-    for a, b in zip(reference.state_dict().values(), model.state_dict().values()):
-        assert torch.equal(a, b)
+    assert reference.state_dict().keys() == model.state_dict().keys()
+    for key, a in reference.state_dict().items():
+        assert torch.equal(a, model.state_dict()[key]), key
 
 
 def test_batch_norm_statistics_are_recomputed_for_the_average():
@@ -158,9 +163,12 @@ def test_a_failing_bn_loader_leaves_the_batch_norm_layers_as_they_were():
     assert swamp.averaged
 
 
-def test_batch_norm_without_a_loader_is_refused():
+def test_batch_norm_without_a_loader_is_refused_where_the_weights_are_averaged():
     with pytest.raises(ValueError, match="bn_loader is None"):
         SWAMP(mlp(0, hidden=4, batch_norm=True), _sgd)
+    with pytest.raises(ValueError, match="bn_loader is None"):
+        SWAMP(mlp(0, hidden=4, batch_norm=True), _sgd, particles=1)   # SWA averages
+    SWAMP(mlp(0, hidden=4, batch_norm=True), _sgd, particles=1, swa_start=None)   # IMP-WR: nothing averaged
 
 
 @pytest.mark.parametrize("kwargs, error, match", [

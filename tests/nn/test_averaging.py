@@ -205,3 +205,19 @@ def test_a_model_that_is_no_module_is_refused_by_name():
     with pytest.raises(TypeError, match="model must be a torch.nn.Module, got OrderedDict"):
         swa.update_parameters(mlp().state_dict())
     assert swa.n_averaged == 0
+
+
+def test_a_model_with_no_sparse_layer_is_averaged_as_torch_does_with_a_warning():
+    # It was accepted silently: a model meant to be sparse and never sparsified averaged as a dense one.
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 5))
+    with pytest.warns(UserWarning, match=r"model \(Sequential\) holds no sparse layer: .*sparsekern.sparsify"):
+        swa = SparseAveragedModel(dense)
+    reference = AveragedModel(dense)
+    for scale in (1.0, 3.0):
+        with torch.no_grad():
+            for parameter in dense.parameters():
+                parameter.mul_(scale)
+        swa.update_parameters(dense)
+        reference.update_parameters(dense)
+    assert all(torch.equal(mine, theirs) for mine, theirs in zip(swa.parameters(), reference.parameters()))
