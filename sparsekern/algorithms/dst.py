@@ -34,7 +34,7 @@ from ..ops import _checks, _transforms, reference
 from . import _tickets, criteria, distributed, schedules
 from ._gradients import GradientWatch, finite_sums, zero_everywhere
 from ..nn import sparse_modules, tying
-from ..nn.modules import computed_weight_refusal
+from ..nn.modules import computed_weight_refusal, refuse_meta
 from ..nn.sharding import refuse_sharded
 from ..nn.sparsify import check_optimizer, check_state_writable, mask_state_in_place, optimizer_state
 
@@ -244,11 +244,8 @@ class DST(distributed.CatchesUp):
             sensitivity_offset = criteria.check_parameter(sensitivity_offset, "sensitivity_offset", positive=True)
             snip_shift = criteria.check_parameter(snip_shift, "snip_shift")
             self.modules, self._groups = _trained_layers(model, optimizer)
+            refuse_meta(self.modules, "DST")   # no random stream can live there, nor any value be ranked
             device = self.modules[0][1].weight.device
-            if device.type == "meta":   # no random stream can live there, nor any value be ranked
-                raise ValueError(f"the weights of the sparse modules ({self.modules[0][0]}, ...) are on the meta "
-                                 f"device, which holds no values: materialize the model first (to_empty, then "
-                                 f"initialise it or load its state dict)")
             for name, module in self.modules:
                 if module.weight.device != device:
                     raise ValueError(f"sparse modules must share one device: {name} is on "
