@@ -124,7 +124,7 @@ class SparseModule(nn.Module):
             if not _transforms.active():
                 # set_mask and the algorithms write the mask in place, which torch refuses for these only then,
                 # naming no mask: an expanded view, an inference tensor outside inference mode.
-                _checks.writable_in_place(value, "mask", value.new_empty(0), "")
+                _checks.writable_in_place(value, "mask")   # the mask itself, not where a mask says
         super().__setattr__(name, value)
         # A mask assigned in place of the old one is checked at once, not at the next forward (see
         # `_forward_arguments`): nn.TransformerEncoderLayer's fused eval-mode kernel, and a compiled graph, read
