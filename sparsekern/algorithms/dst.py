@@ -259,13 +259,15 @@ class DST(distributed.CatchesUp):
                 raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
             elif generator.device.type != device.type:
                 raise ValueError(f"generator is on {generator.device} but the weights are on {device}")
+            # Every layer's active weights, for the checks and warnings below: one host read (a sync on a GPU).
+            active = reference.active_counts([module.mask for _, module in self.modules])
             if block is not None:
-                _check_blocks(self.modules, block)
+                _check_blocks(self.modules, active, block)
             for name, module in self.modules:   # zeroed off the masks below, after block= has set them
                 check_state_writable(optimizer, module.weight, module.mask, name)
-            empty = [name for name, module in self.modules if not module.mask.any()]
+            empty = [name for (name, _), count in zip(self.modules, active) if not count]
             _warn_if_idle(self.schedule, empty, scope)
-            _warn_if_nothing_swaps(self.schedule, self.modules, scope, block, swap_rounding)
+            _warn_if_nothing_swaps(self.schedule, self.modules, active, scope, block, swap_rounding)
             self.prune, self.grow, self.scope = self._prune.name, self._grow.name, scope
             self.reset_state, self.block, self.mest_gamma = reset_state, block, mest_gamma
             self.sensitivity_offset, self.snip_shift = sensitivity_offset, snip_shift
@@ -286,7 +288,7 @@ class DST(distributed.CatchesUp):
         self._empty = set(empty)   # warned about
         self._frozen_warned: set[str] = set()   # layers frozen after construction, warned about
         if block is not None:
-            self._make_block_structured()
+            self._make_block_structured(active)
         # State left at inactive positions (say, from dense training before sparsify) would move
         # inactive weights off 0.
         with torch.no_grad():
@@ -760,11 +762,12 @@ class DST(distributed.CatchesUp):
         """The optimizer's per-entry state tensors of `weight` (not scalars such as Adam's step)."""
         return optimizer_state(self.optimizer, weight)
 
-    def _make_block_structured(self) -> None:
-        for _, module in self.modules:
+    def _make_block_structured(self, active: list[int]) -> None:
+        """Makes every mask whole blocks; `active`: the layers' active counts."""
+        for (_, module), count in zip(self.modules, active):
             blocks = _Blocks(module.weight.shape, self.block)
             per_block = blocks.sum(module.mask.to(torch.float32))
-            module.set_mask(blocks.expand(ops.topk_mask([per_block], [blocks.keep(module.mask)])[0]))
+            module.set_mask(blocks.expand(ops.topk_mask([per_block], [blocks.keep(count)])[0]))
 
 
 def _trained_layers(model: nn.Module, optimizer: torch.optim.Optimizer):
@@ -817,12 +820,12 @@ def _keep_masks_without_gradient(grads: list[Tensor], masks: list[Tensor], grow:
             for index, (mask, score) in enumerate(zip(masks, grow))]
 
 
-def _check_blocks(modules, block: tuple[int, int]) -> None:
-    """ValueError for a layer that whole blocks would empty; a warning where blocks do not tile."""
-    for name, module in modules:
+def _check_blocks(modules, counts: list[int], block: tuple[int, int]) -> None:
+    """ValueError for a layer that whole blocks would empty; a warning where blocks do not tile. `counts`: the
+    layers' active weights."""
+    for (name, module), active in zip(modules, counts):
         blocks = _Blocks(module.weight.shape, block)
-        active = int(module.mask.sum())
-        if active and not blocks.keep(module.mask):
+        if active and not blocks.keep(active):
             raise ValueError(f"block={block} is too large for layer {name!r}: its {active} active weights make "
                              f"{active / (block[0] * block[1]):.3g} blocks of {block[0] * block[1]}, which "
                              f"rounds to 0 and would empty the layer")
@@ -845,10 +848,12 @@ def _warn_if_idle(schedule: schedules.Schedule, empty: list[str], scope: str) ->
         warnings.warn(f"{empty} have no active weight: with scope='layer' they stay empty", stacklevel=4)
 
 
-def _warn_if_nothing_swaps(schedule: schedules.Schedule, modules, scope: str, block, rounding: str) -> None:
-    """Warns where the largest fraction any update drops makes a swap count of 0: of the total (scope="global")
-    or of every layer (no update swaps anything), or of some layers (scope="layer": they never change), counted
-    in `block`s where given. A drop fraction of 0 has its own warning (`_warn_if_idle`)."""
+def _warn_if_nothing_swaps(schedule: schedules.Schedule, modules, active: list[int], scope: str, block,
+                           rounding: str) -> None:
+    """Warns where the largest fraction any update drops makes a swap count of 0 of the layers' `active` weights:
+    of the total (scope="global") or of every layer (no update swaps anything), or of some layers (scope="layer":
+    they never change), counted in `block`s where given. A drop fraction of 0 has its own warning
+    (`_warn_if_idle`)."""
     # Every schedule's fraction is monotone in the step: its largest is at the first update or at the last.
     last = (schedule.end_step - 1) // schedule.update_every * schedule.update_every
     largest = max((schedule.fraction(step) for step in {schedule.update_every, last} if schedule.is_update(step)),
@@ -856,8 +861,8 @@ def _warn_if_nothing_swaps(schedule: schedules.Schedule, modules, scope: str, bl
     if largest == 0:
         return
     unit = "weights" if block is None else f"blocks of {block[0]}x{block[1]}"
-    counts = [int(module.mask.sum()) if block is None else _Blocks(module.weight.shape, block).keep(module.mask)
-              for _, module in modules]
+    counts = active if block is None else [_Blocks(module.weight.shape, block).keep(count)
+                                           for (_, module), count in zip(modules, active)]
     fraction = f"the largest fraction any update drops, {largest:.3g} (drop_fraction={schedule.drop_fraction:g}),"
     rounds = f"rounds {'down ' if rounding == 'floor' else ''}to 0 (swap_rounding={rounding!r})"
     if scope == "global":
@@ -917,9 +922,9 @@ class _Blocks:
         """Bool grid: which blocks are active (any active entry)."""
         return self.sum(mask.to(torch.float32)) > 0
 
-    def keep(self, mask: Tensor) -> int:
-        """Blocks a layer of this shape keeps for `mask`: its active count in whole blocks, rounded."""
-        return min(round(int(mask.sum()) / (self.block[0] * self.block[1])), self.grid[0] * self.grid[1])
+    def keep(self, active: int) -> int:
+        """Blocks a layer of this shape keeps for a mask of `active` weights: that count in whole blocks, rounded."""
+        return min(round(active / (self.block[0] * self.block[1])), self.grid[0] * self.grid[1])
 
     def is_whole(self, mask: Tensor) -> bool:
         """Whether every block of `mask` is all active or all inactive."""

@@ -1012,3 +1012,36 @@ def test_the_swap_count_warning_counts_blocks():
     assert _swap_warnings(model, drop_fraction=0.01, schedule="constant", block=(2, 2)) == [
         "no mask update swaps a weight: the largest fraction any update drops, 0.01 (drop_fraction=0.01), of each "
         "layer's active blocks of 2x2 rounds to 0 (swap_rounding='round')"]
+
+
+_HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+
+
+def _host_reads_at_construction(layers: int, monkeypatch, **options) -> int:
+    """Tensor-to-Python conversions (each a device-to-host read, a sync on a GPU) while DST is built on a model of
+    `layers` sparse layers of which the last has no active weight (so both construction warnings read the counts)."""
+    model = sparsekern.sparsify(nn.Sequential(*(nn.Linear(8, 8) for _ in range(layers))), 0.5,
+                                generator=torch.Generator().manual_seed(0))
+    model[-1].set_mask(torch.zeros(8, 8, dtype=torch.bool))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    reads = []
+    with monkeypatch.context() as patch:
+        for name in _HOST_READS:
+            original = getattr(torch.Tensor, name)
+            patch.setattr(torch.Tensor, name,
+                          lambda self, *a, _f=original, **k: (reads.append(1), _f(self, *a, **k))[1])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sparsekern.DST(model, optimizer, total_steps=1000, update_every=100, drop_fraction=0.01,
+                           schedule="constant", **options)
+    assert any("have no active weight" in str(warning.message) for warning in caught)
+    return len(reads)
+
+
+@pytest.mark.parametrize("block", [None, (2, 2)])
+def test_construction_reads_the_layers_counts_once_for_all_layers(block, monkeypatch):
+    # _warn_if_idle read each layer's mask.any() and _warn_if_nothing_swaps each one's count (int(mask.sum())), and
+    # block= each one's count twice more: host reads that grew with the layers, each a sync on a GPU.
+    assert (_host_reads_at_construction(6, monkeypatch, block=block)
+            == _host_reads_at_construction(2, monkeypatch, block=block))
+
