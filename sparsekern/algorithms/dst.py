@@ -43,14 +43,16 @@ SCOPES = ("layer", "global")
 SWAP_ROUNDINGS = ("round", "floor")
 _HEAD = 4096   # entries of a mask that _warn_if_emptied reads first
 # The entries of a DST's state (`DST.state_dict`): those every state holds, those that earlier versions' lack
-# ("finished"; "algorithm" and the settings were added together), and the settings, of which a state holds those
-# of its criteria: mest_gamma under MEST's, sensitivity_offset under (R)Sensitivity's, and the flags of a user's
-# `sparsekern.Criterion` (`DST._settings`).
+# ("finished"; "algorithm" and the settings were added together), and the settings (`DST._settings`, which reads
+# the next two tables): those of every DST, a criterion parameter under the pruning criteria that read it alone,
+# and the flags of a user's `sparsekern.Criterion`; `_SETTINGS`, every one of them, is made of the same tables.
 _REQUIRED_ENTRIES = ("step_count", "masks", "schedule", "generator")
 _OPTIONAL_ENTRIES = ("algorithm", "finished")
-_SETTINGS = ("prune", "grow", "scope", "block", "reset_state", "swap_rounding", "mest_gamma", "sensitivity_offset",
-             "snip_shift", *(f"{argument}_{flag}" for argument in ("prune", "grow")
-                             for flag in criteria.Criterion.FLAGS))
+_COMMON_SETTINGS = ("prune", "grow", "scope", "block", "reset_state", "swap_rounding")
+_PARAMETER_READERS = {"mest_gamma": ("mest",), "sensitivity_offset": ("sensitivity", "rsensitivity"),
+                      "snip_shift": ("snip",)}
+_SETTINGS = (*_COMMON_SETTINGS, *_PARAMETER_READERS,
+             *(f"{argument}_{flag}" for argument in ("prune", "grow") for flag in criteria.Criterion.FLAGS))
 
 
 def _stream_seed(seed: int) -> int:
@@ -407,14 +409,9 @@ class DST(distributed.CatchesUp):
         """The arguments a state is saved with and must be loaded under (`load_state_dict`): those that decide
         what an update does, a criterion's parameter only where the criterion reads it, and a `sparsekern.Criterion`
         of a user's own by its name and flags (`_SETTINGS`)."""
-        settings = {"prune": self.prune, "grow": self.grow, "scope": self.scope, "block": self.block,
-                    "reset_state": self.reset_state, "swap_rounding": self.swap_rounding}
-        if self.prune == "mest":
-            settings["mest_gamma"] = self.mest_gamma
-        if self.prune in ("sensitivity", "rsensitivity"):
-            settings["sensitivity_offset"] = self.sensitivity_offset
-        if self.prune == "snip":
-            settings["snip_shift"] = self.snip_shift
+        settings = {key: getattr(self, key) for key in _COMMON_SETTINGS}
+        settings.update({key: getattr(self, key) for key, readers in _PARAMETER_READERS.items()
+                         if self.prune in readers})
         for argument, criterion in self._users_criteria():
             settings.update({f"{argument}_{flag}": value for flag, value in criterion.flags().items()})
         return settings

@@ -1045,3 +1045,18 @@ def test_construction_reads_the_layers_counts_once_for_all_layers(block, monkeyp
     assert (_host_reads_at_construction(6, monkeypatch, block=block)
             == _host_reads_at_construction(2, monkeypatch, block=block))
 
+
+def test_the_settings_table_holds_every_setting_a_state_saves_and_no_other():
+    """`_SETTINGS` (the entries a state may hold) and `DST._settings()` (those it holds) come from one table: a
+    setting added to the one only would be refused at load, or never checked."""
+    from sparsekern.algorithms.dst import _SETTINGS
+    mine = criteria.Criterion("mine", lambda weights, grads, masks, *, generator: weights, reads_gradient=False,
+                              elementwise=True)
+    saved = set()
+    for prune in (*criteria.PRUNE, mine):
+        for grow in (*criteria.GROW, mine):
+            model = small_model()
+            algo = sparsekern.DST(model, torch.optim.SGD(model.parameters(), lr=0.1), prune=prune, grow=grow,
+                                  total_steps=100)
+            saved |= set(algo._settings())
+    assert sorted(saved) == sorted(_SETTINGS)
