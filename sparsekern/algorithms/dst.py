@@ -55,6 +55,11 @@ _SETTINGS = (*_COMMON_SETTINGS, *_PARAMETER_READERS,
              *(f"{argument}_{flag}" for argument in ("prune", "grow") for flag in criteria.Criterion.FLAGS))
 
 
+class _NoUpdateWarning(UserWarning):
+    """The schedule reaches no update step: DST will never change a mask. A category of its own so that the CLI,
+    which says it in its option names, finds it by kind rather than by its words."""
+
+
 def _stream_seed(seed: int) -> int:
     """DST's own seed for `seed`: deterministic, and not `seed` itself (see DST's `seed`)."""
     return zlib.crc32(f"sparsekern.DST/{seed}".encode())
@@ -838,7 +843,7 @@ def _warn_if_idle(schedule: schedules.Schedule, empty: list[str], scope: str) ->
     if not schedule.is_update(schedule.update_every):
         warnings.warn(f"no mask update will ever happen: update_every={schedule.update_every} reaches no "
                       f"step before end_step={schedule.end_step} (total_steps={schedule.total_steps})",
-                      stacklevel=4)
+                      _NoUpdateWarning, stacklevel=4)
     elif schedule.drop_fraction == 0 and (schedule.name != "annealed" or schedule.final_drop_fraction == 0):
         warnings.warn("drop_fraction is 0: every mask update swaps no weight", stacklevel=4)
     if scope == "layer" and empty:
