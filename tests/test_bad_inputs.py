@@ -2608,9 +2608,9 @@ def _meta_sparse_world(tmp_path=None):
 
 
 error("DST(a sparse model on the meta device)", _meta_sparse_world, _dst_call(DST, {}), ValueError,
-      r"^the weights of the sparse modules \(0, ...\) are on the meta device")   # was torch's "META device type ..."
+      r"^DST: the weights of layers \['0', '1'\] are on the meta device")   # was torch's "META device type ..."
 error("summary(a sparse model on the meta device)", _meta_sparse_world, lambda w: sparsekern.summary(w.model),
-      ValueError, r"^the masks of \['0', '1'\] are on the meta device")   # was torch's "Tensor.item() ... meta"
+      ValueError, r"^the masks of layers \['0', '1'\] are on the meta device")   # was torch's "Tensor.item() ... meta"
 # IMP and SWAMP took it (to fail at the first pruning); OptG raised torch's "Tensor.item() cannot be called on meta".
 for _name, _call in (("IMP", lambda w: IMP(w.model, _sgd)), ("SWAMP", lambda w: SWAMP(w.model, _sgd)),
                      ("OptG", lambda w: OptG(w.model, sparsity=0.5, epochs=2))):

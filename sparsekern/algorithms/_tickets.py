@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..ops import _checks
 from ..nn import SparseModule, sparse_modules, tying
-from ..nn.modules import computed_weight_refusal
+from ..nn.modules import computed_weight_refusal, refuse_meta
 from ..nn.sharding import refuse_sharded
 
 SCOPES = ("global", "layer")
@@ -45,10 +45,8 @@ def sparse_layers(model: nn.Module, who: str) -> list[tying.Group]:
                          "it from sparsekern.nn.SparseLinear / SparseConv1d/2d/3d / SparseConvTranspose1d/2d/3d")
     groups = tying.group_by_weight(named)
     tying.check_groups(groups)
-    meta = [group[0][0] for group in groups if group[0][1].weight.is_meta]
-    if meta:   # taken, IMP and SWAMP failed at the first pruning, OptG in a read of a score, naming no layer
-        raise ValueError(f"{who}: the weights of layers {meta} are on the meta device, which holds no values: "
-                         f"materialize the model first (to_empty, then initialise it or load its state dict)")
+    # Once taken: IMP and SWAMP then failed at the first pruning, OptG at a read of a score, naming no layer.
+    refuse_meta([group[0] for group in groups], who)
     return groups
 
 

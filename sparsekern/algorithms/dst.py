@@ -34,7 +34,7 @@ from ..ops import _checks, _transforms, reference
 from . import _tickets, criteria, distributed, schedules
 from ._gradients import GradientWatch, finite_sums, zero_everywhere
 from ..nn import sparse_modules, tying
-from ..nn.modules import computed_weight_refusal
+from ..nn.modules import computed_weight_refusal, refuse_meta
 from ..nn.sharding import refuse_sharded
 from ..nn.sparsify import check_optimizer, check_state_writable, mask_state_in_place, optimizer_state
 
@@ -43,14 +43,21 @@ SCOPES = ("layer", "global")
 SWAP_ROUNDINGS = ("round", "floor")
 _HEAD = 4096   # entries of a mask that _warn_if_emptied reads first
 # The entries of a DST's state (`DST.state_dict`): those every state holds, those that earlier versions' lack
-# ("finished"; "algorithm" and the settings were added together), and the settings, of which a state holds those
-# of its criteria: mest_gamma under MEST's, sensitivity_offset under (R)Sensitivity's, and the flags of a user's
-# `sparsekern.Criterion` (`DST._settings`).
+# ("finished"; "algorithm" and the settings were added together), and the settings (`DST._settings`, which reads
+# the next two tables): those of every DST, a criterion parameter under the pruning criteria that read it alone,
+# and the flags of a user's `sparsekern.Criterion`; `_SETTINGS`, every one of them, is made of the same tables.
 _REQUIRED_ENTRIES = ("step_count", "masks", "schedule", "generator")
 _OPTIONAL_ENTRIES = ("algorithm", "finished")
-_SETTINGS = ("prune", "grow", "scope", "block", "reset_state", "swap_rounding", "mest_gamma", "sensitivity_offset",
-             "snip_shift", *(f"{argument}_{flag}" for argument in ("prune", "grow")
-                             for flag in criteria.Criterion.FLAGS))
+_COMMON_SETTINGS = ("prune", "grow", "scope", "block", "reset_state", "swap_rounding")
+_PARAMETER_READERS = {"mest_gamma": ("mest",), "sensitivity_offset": ("sensitivity", "rsensitivity"),
+                      "snip_shift": ("snip",)}
+_SETTINGS = (*_COMMON_SETTINGS, *_PARAMETER_READERS,
+             *(f"{argument}_{flag}" for argument in ("prune", "grow") for flag in criteria.Criterion.FLAGS))
+
+
+class _NoUpdateWarning(UserWarning):
+    """The schedule reaches no update step: DST will never change a mask. A category of its own so that the CLI,
+    which says it in its option names, finds it by kind rather than by its words."""
 
 
 def _stream_seed(seed: int) -> int:
@@ -248,11 +255,8 @@ class DST(distributed.CatchesUp):
             sensitivity_offset = criteria.check_parameter(sensitivity_offset, "sensitivity_offset", positive=True)
             snip_shift = criteria.check_parameter(snip_shift, "snip_shift")
             self.modules, self._groups = _trained_layers(model, optimizer)
+            refuse_meta(self.modules, "DST")   # no random stream can live there, nor any value be ranked
             device = self.modules[0][1].weight.device
-            if device.type == "meta":   # no random stream can live there, nor any value be ranked
-                raise ValueError(f"the weights of the sparse modules ({self.modules[0][0]}, ...) are on the meta "
-                                 f"device, which holds no values: materialize the model first (to_empty, then "
-                                 f"initialise it or load its state dict)")
             for name, module in self.modules:
                 if module.weight.device != device:
                     raise ValueError(f"sparse modules must share one device: {name} is on "
@@ -266,13 +270,15 @@ class DST(distributed.CatchesUp):
                 raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
             elif generator.device.type != device.type:
                 raise ValueError(f"generator is on {generator.device} but the weights are on {device}")
+            # Every layer's active weights, for the checks and warnings below: one host read (a sync on a GPU).
+            active = reference.active_counts([module.mask for _, module in self.modules])
             if block is not None:
-                _check_blocks(self.modules, block)
+                _check_blocks(self.modules, active, block)
             for name, module in self.modules:   # zeroed off the masks below, after block= has set them
                 check_state_writable(optimizer, module.weight, module.mask, name)
-            empty = [name for name, module in self.modules if not module.mask.any()]
+            empty = [name for (name, _), count in zip(self.modules, active) if not count]
             _warn_if_idle(self.schedule, empty, scope)
-            _warn_if_nothing_swaps(self.schedule, self.modules, scope, block, swap_rounding)
+            _warn_if_nothing_swaps(self.schedule, self.modules, active, scope, block, swap_rounding)
             self.prune, self.grow, self.scope = self._prune.name, self._grow.name, scope
             self.reset_state, self.block, self.mest_gamma = reset_state, block, mest_gamma
             self.sensitivity_offset, self.snip_shift = sensitivity_offset, snip_shift
@@ -293,7 +299,7 @@ class DST(distributed.CatchesUp):
         self._empty = set(empty)   # warned about
         self._frozen_warned: set[str] = set()   # layers frozen after construction, warned about
         if block is not None:
-            self._make_block_structured()
+            self._make_block_structured(active)
         # State left at inactive positions (say, from dense training before sparsify) would move
         # inactive weights off 0.
         with torch.no_grad():
@@ -412,14 +418,9 @@ class DST(distributed.CatchesUp):
         """The arguments a state is saved with and must be loaded under (`load_state_dict`): those that decide
         what an update does, a criterion's parameter only where the criterion reads it, and a `sparsekern.Criterion`
         of a user's own by its name and flags (`_SETTINGS`)."""
-        settings = {"prune": self.prune, "grow": self.grow, "scope": self.scope, "block": self.block,
-                    "reset_state": self.reset_state, "swap_rounding": self.swap_rounding}
-        if self.prune == "mest":
-            settings["mest_gamma"] = self.mest_gamma
-        if self.prune in ("sensitivity", "rsensitivity"):
-            settings["sensitivity_offset"] = self.sensitivity_offset
-        if self.prune == "snip":
-            settings["snip_shift"] = self.snip_shift
+        settings = {key: getattr(self, key) for key in _COMMON_SETTINGS}
+        settings.update({key: getattr(self, key) for key, readers in _PARAMETER_READERS.items()
+                         if self.prune in readers})
         for argument, criterion in self._users_criteria():
             settings.update({f"{argument}_{flag}": value for flag, value in criterion.flags().items()})
         return settings
@@ -767,11 +768,12 @@ class DST(distributed.CatchesUp):
         """The optimizer's per-entry state tensors of `weight` (not scalars such as Adam's step)."""
         return optimizer_state(self.optimizer, weight)
 
-    def _make_block_structured(self) -> None:
-        for _, module in self.modules:
+    def _make_block_structured(self, active: list[int]) -> None:
+        """Makes every mask whole blocks; `active`: the layers' active counts."""
+        for (_, module), count in zip(self.modules, active):
             blocks = _Blocks(module.weight.shape, self.block)
             per_block = blocks.sum(module.mask.to(torch.float32))
-            module.set_mask(blocks.expand(ops.topk_mask([per_block], [blocks.keep(module.mask)])[0]))
+            module.set_mask(blocks.expand(ops.topk_mask([per_block], [blocks.keep(count)])[0]))
 
 
 def _trained_layers(model: nn.Module, optimizer: torch.optim.Optimizer):
@@ -824,12 +826,12 @@ def _keep_masks_without_gradient(grads: list[Tensor], masks: list[Tensor], grow:
             for index, (mask, score) in enumerate(zip(masks, grow))]
 
 
-def _check_blocks(modules, block: tuple[int, int]) -> None:
-    """ValueError for a layer that whole blocks would empty; a warning where blocks do not tile."""
-    for name, module in modules:
+def _check_blocks(modules, counts: list[int], block: tuple[int, int]) -> None:
+    """ValueError for a layer that whole blocks would empty; a warning where blocks do not tile. `counts`: the
+    layers' active weights."""
+    for (name, module), active in zip(modules, counts):
         blocks = _Blocks(module.weight.shape, block)
-        active = int(module.mask.sum())
-        if active and not blocks.keep(module.mask):
+        if active and not blocks.keep(active):
             raise ValueError(f"block={block} is too large for layer {name!r}: its {active} active weights make "
                              f"{active / (block[0] * block[1]):.3g} blocks of {block[0] * block[1]}, which "
                              f"rounds to 0 and would empty the layer")
@@ -845,17 +847,19 @@ def _warn_if_idle(schedule: schedules.Schedule, empty: list[str], scope: str) ->
     if not schedule.is_update(schedule.update_every):
         warnings.warn(f"no mask update will ever happen: update_every={schedule.update_every} reaches no "
                       f"step before end_step={schedule.end_step} (total_steps={schedule.total_steps})",
-                      stacklevel=4)
+                      _NoUpdateWarning, stacklevel=4)
     elif schedule.drop_fraction == 0 and (schedule.name != "annealed" or schedule.final_drop_fraction == 0):
         warnings.warn("drop_fraction is 0: every mask update swaps no weight", stacklevel=4)
     if scope == "layer" and empty:
         warnings.warn(f"{empty} have no active weight: with scope='layer' they stay empty", stacklevel=4)
 
 
-def _warn_if_nothing_swaps(schedule: schedules.Schedule, modules, scope: str, block, rounding: str) -> None:
-    """Warns where the largest fraction any update drops makes a swap count of 0: of the total (scope="global")
-    or of every layer (no update swaps anything), or of some layers (scope="layer": they never change), counted
-    in `block`s where given. A drop fraction of 0 has its own warning (`_warn_if_idle`)."""
+def _warn_if_nothing_swaps(schedule: schedules.Schedule, modules, active: list[int], scope: str, block,
+                           rounding: str) -> None:
+    """Warns where the largest fraction any update drops makes a swap count of 0 of the layers' `active` weights:
+    of the total (scope="global") or of every layer (no update swaps anything), or of some layers (scope="layer":
+    they never change), counted in `block`s where given. A drop fraction of 0 has its own warning
+    (`_warn_if_idle`)."""
     # Every schedule's fraction is monotone in the step: its largest is at the first update or at the last.
     last = (schedule.end_step - 1) // schedule.update_every * schedule.update_every
     largest = max((schedule.fraction(step) for step in {schedule.update_every, last} if schedule.is_update(step)),
@@ -863,8 +867,8 @@ def _warn_if_nothing_swaps(schedule: schedules.Schedule, modules, scope: str, bl
     if largest == 0:
         return
     unit = "weights" if block is None else f"blocks of {block[0]}x{block[1]}"
-    counts = [int(module.mask.sum()) if block is None else _Blocks(module.weight.shape, block).keep(module.mask)
-              for _, module in modules]
+    counts = active if block is None else [_Blocks(module.weight.shape, block).keep(count)
+                                           for (_, module), count in zip(modules, active)]
     fraction = f"the largest fraction any update drops, {largest:.3g} (drop_fraction={schedule.drop_fraction:g}),"
     rounds = f"rounds {'down ' if rounding == 'floor' else ''}to 0 (swap_rounding={rounding!r})"
     if scope == "global":
@@ -924,9 +928,9 @@ class _Blocks:
         """Bool grid: which blocks are active (any active entry)."""
         return self.sum(mask.to(torch.float32)) > 0
 
-    def keep(self, mask: Tensor) -> int:
-        """Blocks a layer of this shape keeps for `mask`: its active count in whole blocks, rounded."""
-        return min(round(int(mask.sum()) / (self.block[0] * self.block[1])), self.grid[0] * self.grid[1])
+    def keep(self, active: int) -> int:
+        """Blocks a layer of this shape keeps for a mask of `active` weights: that count in whole blocks, rounded."""
+        return min(round(active / (self.block[0] * self.block[1])), self.grid[0] * self.grid[1])
 
     def is_whole(self, mask: Tensor) -> bool:
         """Whether every block of `mask` is all active or all inactive."""

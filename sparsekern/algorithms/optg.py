@@ -340,8 +340,10 @@ class OptG(distributed.CatchesUp):
         learn = self._learns and (not self.host_checks or all_finite(
             [grad for index, grad in enumerate(grads) if grad is not None and index not in frozen]))
         for index, (layer, score, grad) in enumerate(zip(self.layers, self.scores, grads)):
-            if self._learns:
-                layer.dense_grad = True     # the next backward must be dense again
+            # The next backward must be dense again. Assigned only where cleared: an assignment goes through
+            # nn.Module.__setattr__, some hundred times a read (8 layers: ~2% of a step).
+            if self._learns and not layer.dense_grad:
+                layer.dense_grad = True
             if grad is None or index in frozen:
                 score.grad = None   # the score optimizer skips it, momentum included: the score stays
             elif learn:

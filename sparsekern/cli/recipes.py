@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..algorithms import DST, IMP, MEST, SET, SWAMP, OptG, RigL
+from ..algorithms.dst import _NoUpdateWarning
 from ..algorithms.schedules import DEFAULT_END_FRACTION
 
 DST_PRESETS = {"set": SET, "rigl": RigL, "mest": MEST, "dst": DST}
@@ -140,11 +141,12 @@ class DSTRecipe(Recipe):
         which the CLI derives from --end-fraction and --epochs. (DST's warning about layers left empty under
         scope='layer' cannot come: sparsify refuses a density that empties a layer.)"""
         config, schedule = self.config, self.algorithm.schedule
-        idle = not schedule.is_update(schedule.update_every)
+        idle = False
         for warning in caught:
+            if issubclass(warning.category, _NoUpdateWarning):
+                idle = True   # said below, in the options that set it
+                continue
             message = str(warning.message)
-            if idle and message.startswith("no mask update will ever happen"):
-                continue   # said below, in the options that set it
             if config.block is not None:
                 message = message.replace(f"block={config.block}", f"--block {config.block[0]}x{config.block[1]}")
             rate = f"{schedule.drop_fraction:g}"   # the method's own unless --drop-fraction set it

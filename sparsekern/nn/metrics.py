@@ -6,7 +6,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .modules import SparseModule, sparse_modules
+from .modules import SparseModule, refuse_meta, sparse_modules
 
 
 def gradient_flow(model: nn.Module, loss_fn: Callable[..., Tensor], batch) -> dict:
@@ -83,10 +83,7 @@ def summary(model: nn.Module, print_fn: Callable[[str], object] | None = print) 
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if print_fn is not None and not callable(print_fn):
         raise TypeError(f"print_fn must be callable or None, got {type(print_fn).__name__}")
-    meta = [name for name, module in sparse_modules(model) if module.mask.is_meta]
-    if meta:   # torch's "Tensor.item() cannot be called on meta tensors" said neither which layer nor why
-        raise ValueError(f"the masks of {meta} are on the meta device, which holds no values to count: materialize "
-                         f"the model first (to_empty, then initialise it or load its state dict)")
+    refuse_meta(sparse_modules(model), tensor="mask")   # no values to count
     rows = []
     first_holder: dict[int, str] = {}
     for name, module in model.named_modules():

@@ -122,7 +122,7 @@ class SparseModule(nn.Module):
             if not _transforms.active():
                 # set_mask and the algorithms write the mask in place, which torch refuses for these only then,
                 # naming no mask: an expanded view, an inference tensor outside inference mode.
-                _checks.writable_in_place(value, "mask", value.new_empty(0), "")
+                _checks.writable_in_place(value, "mask")   # the mask itself, not where a mask says
         super().__setattr__(name, value)
         # A mask assigned in place of the old one is checked at once, not at the next forward (see
         # `_forward_arguments`): nn.TransformerEncoderLayer's fused eval-mode kernel, and a compiled graph, read
@@ -617,6 +617,18 @@ def computed_weight_refusal(named: list[tuple[str, SparseModule]], who: str, bui
                     f"(torch.nn.utils.parametrize.remove_parametrizations, torch.nn.utils.remove_weight_norm / "
                     f"remove_spectral_norm), or leave the layer out of sparsify (exclude=)")
     return None
+
+
+def refuse_meta(named: list[tuple[str, SparseModule]], who: str | None = None, tensor: str = "weight") -> None:
+    """ValueError naming every layer of `named` whose `tensor` ("weight" or "mask") is on the meta device, which
+    holds no values to rank, count or draw a random stream beside, and saying how to materialize it; `who`, the
+    algorithm, starts the message where given. torch's own errors ("Tensor.item() cannot be called on meta
+    tensors") named neither the layer nor the remedy."""
+    meta = [name for name, module in named if getattr(module, tensor).is_meta]
+    if meta:
+        raise ValueError(f"{f'{who}: ' if who else ''}the {tensor}s of layers {meta} are on the meta device, which "
+                         f"holds no values: materialize the model first (to_empty, then initialise it or load its "
+                         f"state dict)")
 
 
 def _check_dtype(dtype) -> None:

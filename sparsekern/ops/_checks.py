@@ -104,13 +104,13 @@ def holds_values(value: Tensor, name: str) -> Tensor:
     return value
 
 
-def writable_in_place(value: Tensor, name: str, mask: Tensor, mask_name: str) -> Tensor:
-    """`value`, which an op is about to write in place where `mask` (which it reads meanwhile) says, or ValueError
-    naming `name`, as prune_grow refuses its written tensors: a view whose entries share memory (expanded, or
-    as_strided onto itself: which write lands would depend on the kernel's order), one sharing memory with the
-    mask, an inference tensor outside inference mode (torch refuses to change one: it has no version counter to
-    tell a backward that saved it), and a tensor autograd records (it requires grad with grad mode on: the write
-    would be missing from its graph, and the gradient through it wrong)."""
+def writable_in_place(value: Tensor, name: str, mask: Tensor | None = None, mask_name: str = "") -> Tensor:
+    """`value`, which an op is about to write in place (where `mask`, which it reads meanwhile, says, if given), or
+    ValueError naming `name`, as prune_grow refuses its written tensors: a view whose entries share memory
+    (expanded, or as_strided onto itself: which write lands would depend on the kernel's order), one sharing memory
+    with the mask, an inference tensor outside inference mode (torch refuses to change one: it has no version
+    counter to tell a backward that saved it), and a tensor autograd records (it requires grad with grad mode on:
+    the write would be missing from its graph, and the gradient through it wrong)."""
     if value.is_inference() and not torch.is_inference_mode_enabled():
         raise ValueError(f"{name} is an inference tensor (made under torch.inference_mode), which cannot be written "
                          f"in place outside inference mode; pass a tensor made outside it, or call this under "
@@ -119,9 +119,7 @@ def writable_in_place(value: Tensor, name: str, mask: Tensor, mask_name: str) ->
     if not value.is_contiguous() and not non_overlapping(value):
         raise ValueError(f"{name} has entries that share memory (an expanded or stride-0 view), so it cannot be "
                          f"written in place; pass a tensor of its own (e.g. .clone())")
-    written = _byte_range(value) if _same_storage(value, mask) else None
-    read = _byte_range(mask) if written is not None else None
-    if written is not None and read is not None and written[1] < read[2] and read[1] < written[2]:
+    if mask is not None and _overlap(value, mask):
         raise ValueError(f"{name} and {mask_name} share memory, and a tensor written in place may share it with "
                          f"nothing else; pass tensors of their own (e.g. .clone())")
     if value.requires_grad and torch.is_grad_enabled():
@@ -392,16 +390,29 @@ def _byte_range(t: Tensor) -> tuple[int, int, int] | None:
         storage = t.untyped_storage().data_ptr()
     except (RuntimeError, NotImplementedError):  # fake tensors and others without real memory
         return None
+    return storage, *_span(t)
+
+
+def _span(t: Tensor) -> tuple[int, int]:
+    """(first byte, end byte) of the memory that t, a tensor holding values, may touch."""
     span = t.numel() if t.is_contiguous() else 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
-    return storage, t.data_ptr(), t.data_ptr() + span * t.element_size()
+    return t.data_ptr(), t.data_ptr() + span * t.element_size()
 
 
-def _same_storage(a: Tensor, b: Tensor) -> bool:
-    """Whether a and b are views of one storage (False where either has no real memory: meta, fake tensors)."""
+def _overlap(a: Tensor, b: Tensor) -> bool:
+    """Whether some byte is both in a's memory and in b's (False where either has none: empty, meta, fake tensors).
+    One storage is read, a's: b can share memory with a only if it starts inside a's storage (two allocations do
+    not overlap)."""
     try:
-        return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):
+        storage = a.untyped_storage()
+        if not 0 <= b.data_ptr() - storage.data_ptr() < storage.nbytes():
+            return False   # the usual case, first: OptG checks every layer's gradient against its mask at every step
+    except (RuntimeError, NotImplementedError):  # fake tensors and others without real memory
         return False
+    if a.numel() == 0 or b.numel() == 0 or a.is_meta or b.is_meta:
+        return False
+    (a_first, a_end), (b_first, b_end) = _span(a), _span(b)
+    return a_first < b_end and b_first < a_end
 
 
 def _same_view(a: Tensor, b: Tensor) -> bool:

@@ -1040,3 +1040,51 @@ def test_random_criteria_give_the_same_masks_on_every_backend(monkeypatch, scope
     assert all(torch.equal(a, b) for a, b in zip(masks["reference"], masks["triton"]))
     initial = [module.mask for _, module in sparse_modules(small_model())]
     assert not any(torch.equal(a, b) for a, b in zip(masks["reference"], initial))   # the updates swapped
+
+
+_HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+
+
+def _host_reads_at_construction(layers: int, monkeypatch, **options) -> int:
+    """Tensor-to-Python conversions (each a device-to-host read, a sync on a GPU) while DST is built on a model of
+    `layers` sparse layers of which the last has no active weight (so both construction warnings read the counts)."""
+    model = sparsekern.sparsify(nn.Sequential(*(nn.Linear(8, 8) for _ in range(layers))), 0.5,
+                                generator=torch.Generator().manual_seed(0))
+    model[-1].set_mask(torch.zeros(8, 8, dtype=torch.bool))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    reads = []
+    with monkeypatch.context() as patch:
+        for name in _HOST_READS:
+            original = getattr(torch.Tensor, name)
+            patch.setattr(torch.Tensor, name,
+                          lambda self, *a, _f=original, **k: (reads.append(1), _f(self, *a, **k))[1])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sparsekern.DST(model, optimizer, total_steps=1000, update_every=100, drop_fraction=0.01,
+                           schedule="constant", **options)
+    assert any("have no active weight" in str(warning.message) for warning in caught)
+    return len(reads)
+
+
+@pytest.mark.parametrize("block", [None, (2, 2)])
+def test_construction_reads_the_layers_counts_once_for_all_layers(block, monkeypatch):
+    # _warn_if_idle read each layer's mask.any() and _warn_if_nothing_swaps each one's count (int(mask.sum())), and
+    # block= each one's count twice more: host reads that grew with the layers, each a sync on a GPU.
+    assert (_host_reads_at_construction(6, monkeypatch, block=block)
+            == _host_reads_at_construction(2, monkeypatch, block=block))
+
+
+def test_the_settings_table_holds_every_setting_a_state_saves_and_no_other():
+    """`_SETTINGS` (the entries a state may hold) and `DST._settings()` (those it holds) come from one table: a
+    setting added to the one only would be refused at load, or never checked."""
+    from sparsekern.algorithms.dst import _SETTINGS
+    mine = criteria.Criterion("mine", lambda weights, grads, masks, *, generator: weights, reads_gradient=False,
+                              elementwise=True)
+    saved = set()
+    for prune in (*criteria.PRUNE, mine):
+        for grow in (*criteria.GROW, mine):
+            model = small_model()
+            algo = sparsekern.DST(model, torch.optim.SGD(model.parameters(), lr=0.1), prune=prune, grow=grow,
+                                  total_steps=100)
+            saved |= set(algo._settings())
+    assert sorted(saved) == sorted(_SETTINGS)

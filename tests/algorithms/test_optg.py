@@ -210,6 +210,28 @@ def test_scores_get_no_weight_decay_and_the_weights_gradient_is_masked():
         assert layer.dense_grad
 
 
+def test_step_sets_dense_grad_again_where_cleared_and_assigns_nothing_where_it_is_set(monkeypatch):
+    # It assigned dense_grad = True to every layer at every step, through the modules' __setattr__ (~1 us each).
+    x, y = _data(3)
+    model = mlp(4, hidden=8)
+    optg = OptG(model, sparsity=0.5, epochs=2, lr=0.1, dense_while_scores_tie=False)
+    layers = _layers(model)
+    assigned = []
+    setattr_of = type(layers[0]).__setattr__
+    monkeypatch.setattr(type(layers[0]), "__setattr__", lambda self, name, value: (
+        assigned.append(name) if name == "dense_grad" else None, setattr_of(self, name, value))[1])
+    for step, cleared in enumerate([False, True]):
+        inputs, targets = batch(x, y, 0, step, 16)
+        layers[1].dense_grad = not cleared
+        assigned.clear()
+        torch.nn.functional.cross_entropy(model(inputs), targets).backward()
+        optg.step()
+        assert all(layer.dense_grad for layer in layers)
+        assert assigned == (["dense_grad"] if cleared else [])
+        for layer in layers:
+            layer.weight.grad = None
+
+
 def test_the_weights_gradient_is_masked_by_a_select_as_the_layers_mask_it():
     # Before: a multiply by the mask, so an inf gradient at a pruned weight became NaN there, and OptG, which
     # keeps pruned values to bring them back, would have stepped that weight to NaN.

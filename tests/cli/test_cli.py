@@ -333,6 +333,27 @@ def test_dst_warnings_name_the_options_the_user_typed(tmp_path, capsys):
         "lower --update-every"]
 
 
+def test_dst_no_update_warning_is_found_by_its_kind_not_its_words(tmp_path, capsys, monkeypatch):
+    # The CLI found it by the start of its message: reworded in the library, it came out twice, once in DST's
+    # argument names (update_every=25 ... end_step=17).
+    from sparsekern.algorithms import dst
+    warn_if_idle = dst._warn_if_idle
+
+    def reworded(*args):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            warn_if_idle(*args)
+        for warning in caught:
+            warnings.warn(f"reworded: {warning.message}", warning.category)
+
+    monkeypatch.setattr(dst, "_warn_if_idle", reworded)
+    main(["train", "--method", "rigl", "--epochs", "1", "--out", str(tmp_path), "--quiet"])
+    assert capsys.readouterr().err.splitlines() == [
+        "sparsekern train: warning: no mask update will ever happen: --update-every 25 reaches no step before the "
+        "updates end, at step 17 (--end-fraction 0.75 of the 23 steps of --epochs 1); raise --epochs or lower "
+        "--update-every"]
+
+
 def test_a_drop_fraction_that_swaps_nothing_is_warned_in_option_names(tmp_path, capsys):
     main(["train", "--method", "set", "--epochs", "3", "--update-every", "5", "--drop-fraction", "0.00001",
           "--swap-rounding", "floor", "--stop-after", "1", "--out", str(tmp_path), "--quiet"])

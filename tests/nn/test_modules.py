@@ -12,6 +12,7 @@ from torch.nn.utils import prune
 import sparsekern
 from sparsekern.nn import (SparseConv1d, SparseConv2d, SparseConv3d, SparseConvTranspose3d, SparseGRU, SparseLinear,
                            SparseMultiheadAttention, sparse_modules)
+from sparsekern.nn.modules import refuse_meta
 
 
 def random_mask(shape, density, generator):
@@ -217,6 +218,28 @@ def test_from_dense_takes_only_its_own_kind_of_layer():
         SparseConv3d.from_dense(nn.Conv1d(2, 2, 3))
     with pytest.raises(TypeError, match="SparseLinear.from_dense takes an nn.Linear, got Bilinear"):
         SparseLinear.from_dense(nn.Bilinear(2, 2, 3))
+
+
+def test_refuse_meta_names_every_layer_on_the_meta_device_and_says_how_to_materialize_the_model():
+    """The one refusal that DST, IMP, SWAMP, OptG and summary give a model on the meta device (each had its own)."""
+    model = sparsekern.sparsify(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)), 0.5,
+                                generator=torch.Generator().manual_seed(0))
+    model[1].to("meta")
+    model[2].to("meta")
+    named = sparse_modules(model)
+    remedy = ("are on the meta device, which holds no values: materialize the model first (to_empty, then "
+              "initialise it or load its state dict)")
+    with pytest.raises(ValueError) as refused:
+        refuse_meta(named, "IMP")
+    assert str(refused.value) == f"IMP: the weights of layers ['1', '2'] {remedy}"
+    with pytest.raises(ValueError) as refused:
+        refuse_meta(named, tensor="mask")
+    assert str(refused.value) == f"the masks of layers ['1', '2'] {remedy}"
+    refuse_meta(named[:1], "IMP")   # layer '0' holds values
+    # DST names the meta layers too, not only the first layer when it is on the meta device (the others, as here,
+    # were refused as "sparse modules must share one device", which did not say what to do).
+    with pytest.raises(ValueError, match=r"^DST: the weights of layers \['1', '2'\] are on the meta device"):
+        sparsekern.algorithms.RigL(model, torch.optim.SGD(model.parameters(), lr=0.1), total_steps=10)
 
 
 @pytest.mark.parametrize("name", ["weight", "bias"])

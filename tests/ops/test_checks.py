@@ -389,3 +389,26 @@ def test_compiled_ops_check_their_own_arguments(name):
     # Direct callers of torch.ops.sparsekern.* skip sparsekern.ops' checks; the kernels repeat them.
     op, args, error, argument = COMPILED_CASES[name]
     assert_rejected(op(), args, error, argument)
+
+
+def test_writable_in_place_refuses_a_mask_in_its_memory_and_takes_one_beside_it():
+    """It reads one storage, the written tensor's, and compares the mask's address with it: a mask anywhere in that
+    storage is compared byte for byte, one elsewhere cannot share memory."""
+    base = torch.zeros(64)
+    value = base[8:32]
+    as_bytes = base.view(torch.uint8)
+    for mask, shares in [(as_bytes[:40].view(torch.bool), True),    # starts before value, ends inside it
+                         (as_bytes[100:110].view(torch.bool), True),   # inside value
+                         (as_bytes[:32].view(torch.bool), False),      # ends where value starts
+                         (as_bytes[128:152].view(torch.bool), False),  # starts where value ends
+                         (torch.zeros(24, dtype=torch.bool), False),   # another allocation
+                         (as_bytes[100:100].view(torch.bool), False)]:  # empty
+        if shares:
+            with pytest.raises(ValueError, match="^value and mask share memory"):
+                _checks.writable_in_place(value, "value", mask, "mask")
+        else:
+            assert _checks.writable_in_place(value, "value", mask, "mask") is value
+    _checks.writable_in_place(value.to("meta"), "value", torch.zeros(24, dtype=torch.bool, device="meta"), "mask")
+    # The mask's own checks, without one to compare: refused as a written tensor is.
+    with pytest.raises(ValueError, match="^mask has entries that share memory"):
+        _checks.writable_in_place(torch.ones(1, dtype=torch.bool).expand(4), "mask")
