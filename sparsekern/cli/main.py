@@ -24,7 +24,7 @@ import torch
 from . import compare as compare_module
 from . import data_parallel
 from . import reproduce as reproduce_module
-from ..algorithms.criteria import ELEMENTWISE, GROW, PRUNE
+from ..algorithms.criteria import ELEMENTWISE, GROW, PARAMETER_MAX, PRUNE
 from ..algorithms.dst import SCOPES, SWAP_ROUNDINGS
 from ..algorithms.optg import MIN_EPOCHS_DIGITS
 from ..bench import report
@@ -209,12 +209,16 @@ def _add_run_options(parser: argparse.ArgumentParser, defaults: TrainConfig) -> 
     parser.add_argument("--swap-rounding", choices=SWAP_ROUNDINGS,
                         help="DST: the swap count r x active weights made whole by round (halves to even) or floor, "
                              "as RigL's code (default: round)")
-    parser.add_argument("--mest-gamma", type=lambda text: _number(text, "mest gamma", 0, math.inf, low_open=False),
+    # The criteria's parameters end at float32's largest number (the library's limit, where their scores are
+    # computed): refused here in the options' names, not in the library's (mest_gamma=...) once the run is built.
+    parser.add_argument("--mest-gamma", type=lambda text: _number(text, "mest gamma", 0, PARAMETER_MAX,
+                                                                  low_open=False),
                         help="DST: γ of the mest pruning criterion |θ| + γ|g| (default: 1)")
-    parser.add_argument("--sensitivity-offset", type=lambda text: _number(text, "sensitivity offset", 0, math.inf),
+    parser.add_argument("--sensitivity-offset", type=lambda text: _number(text, "sensitivity offset", 0, PARAMETER_MAX),
                         help="DST: what the sensitivity and rsensitivity pruning criteria add to their denominators "
                              "(default: 1e-8, a guard; the Fantastic Weights code adds 1)")
-    parser.add_argument("--snip-shift", type=lambda text: _number(text, "snip shift", 0, math.inf, low_open=False),
+    parser.add_argument("--snip-shift", type=lambda text: _number(text, "snip shift", 0, PARAMETER_MAX,
+                                                                  low_open=False),
                         help="DST: what the snip pruning criterion adds to its score |θ·g| (default: 0; the "
                              "Fantastic Weights code adds 1e-5)")
     parser.add_argument("--block", type=_block, metavar="BHxBW",
