@@ -106,8 +106,13 @@ def _fraction(name: str):
     return lambda text: _number(text, name, 0, 1)
 
 
+# The optimizers step float32 weights by -lr x gradient, and torch refuses an lr that float32 cannot hold (a traceback:
+# "value cannot be converted to type float without overflow"): --lr ends at float32's largest number.
+LR_MAX = torch.finfo(torch.float32).max
+
+
 def _learning_rate(text: str) -> float:
-    return _number(text, "lr", 0, math.inf)
+    return _number(text, "lr", 0, LR_MAX)
 
 
 def _positive(text: str) -> int:

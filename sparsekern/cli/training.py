@@ -121,8 +121,8 @@ class TrainConfig:
             raise ValueError(f"--epochs must be >= 2 for optg, got {self.epochs}: its mask is a top-k of scores "
                              f"trained in earlier epochs, so a 1-epoch run would end dense (gmp prunes by magnitude "
                              f"from the start)")
-        if not 0 < self.lr < math.inf:
-            raise ValueError(f"lr must be a positive finite number, got {self.lr}")
+        if not 0 < self.lr <= torch.finfo(torch.float32).max:   # an optimizer steps float32 weights by it
+            raise ValueError(f"lr must be a positive number at most float32's largest, got {self.lr}")
         for name in ("drop_fraction", "end_fraction"):
             value = getattr(self, name)
             if value is not None and not 0 < value <= 1:

@@ -389,6 +389,9 @@ WORDED_ARGUMENTS = [
     (["train", "--method", "dst", "--prune", "sensitivity", "--sensitivity-offset", "1e39"],
      "argument --sensitivity-offset: sensitivity offset must be in (0, 3.40282e+38]"),
     (["compare", "--methods", "dst", "--criteria", "snip", "--snip-shift", "1e300"], "argument --snip-shift"),
+    # an lr beyond float32 ended in SGD's traceback, "value cannot be converted to type float without overflow"
+    (["train", "--lr", "1e308"], "argument --lr: lr must be in (0, 3.40282e+38], got 1e308"),
+    (["compare", "--lr", "1e39"], "argument --lr: lr must be in (0, 3.40282e+38]"),
 ]
 
 # How the library names its arguments (and remedies the command line has no option for): no refusal says these.
