@@ -218,7 +218,8 @@ class Criterion:
             where `reads_gradient`, else its entry may be None), `masks` their bool masks, `generator` DST's
             random stream (a torch.Generator on the weights' device), from which every random number must be
             drawn, in list order: equal seeds then give equal masks. It must not write into its arguments. A callable
-            whose signature cannot be called so raises TypeError here, not at the first update step.
+            whose signature cannot be called so raises TypeError here, not at the first update step (one without a
+            signature, such as a builtin, at its first call, naming the criterion).
         reads_gradient: whether `score` reads `grads`. Then, as for RigL's growth, step() refuses an update step
             at which no parameter has a gradient (called before backward), and a layer without a gradient keeps
             its mask at that update. Dense gradients reach every update step whatever the criteria.

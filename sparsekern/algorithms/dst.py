@@ -457,7 +457,8 @@ class DST(distributed.CatchesUp):
         `sparsekern.Criterion`, one without its flags); and so does a state holding an entry that a DST of these
         settings does not save (a misspelled or tampered setting, which would go unchecked), naming it. A step count
         past the schedule's total_steps (a run that called step() too often, which step() allows) loads with a
-        warning, as does a saved schedule that differs from the one this DST was built with (which it replaces)."""
+        warning, as does a saved schedule that differs from the one this DST was built with (which it replaces), and
+        a mask with no active weight under scope="layer" (the layer stays empty, as construction warns)."""
         self._prepare_load(state)()
 
     def _prepare_load(self, state: dict):
