@@ -179,6 +179,12 @@ def _densities(text: str) -> list[float]:
     densities = list(dict.fromkeys(_density(item) for item in text.split(",") if item.strip()))
     if not densities:
         raise argparse.ArgumentTypeError(f"expected comma-separated densities, got {text!r}")
+    # The tables, plots and run labels show a density as {:g}: two that read alike would be two columns of one name.
+    shown = [f"{density:g}" for density in densities]
+    alike = [density for density, label in zip(densities, shown) if shown.count(label) > 1]
+    if alike:
+        raise argparse.ArgumentTypeError(f"densities {', '.join(map(repr, alike))} read alike in the results "
+                                         f"({shown[densities.index(alike[0])]}): give distinct densities")
     return densities
 
 

@@ -392,6 +392,9 @@ WORDED_ARGUMENTS = [
     # an lr beyond float32 ended in SGD's traceback, "value cannot be converted to type float without overflow"
     (["train", "--lr", "1e308"], "argument --lr: lr must be in (0, 3.40282e+38], got 1e308"),
     (["compare", "--lr", "1e39"], "argument --lr: lr must be in (0, 3.40282e+38]"),
+    # two densities that the tables show alike (0.5) trained as two lines' columns of one name
+    (["compare", "--methods", "static", "--densities", "0.5,0.5000000001"],
+     "argument --densities: densities 0.5, 0.5000000001 read alike in the results (0.5): give distinct densities"),
 ]
 
 # How the library names its arguments (and remedies the command line has no option for): no refusal says these.
