@@ -95,9 +95,10 @@ def test_sparsify_refuses_a_layer_compiled_in_place_by_name(layer):
     assert type(model[0]) is not SparseLinear and type(model[1]) is nn.Linear
 
 
-@pytest.mark.parametrize("power", [400.0, 1e6])
+@pytest.mark.parametrize("power", [400.0, 1e6, 1e308])
 def test_erk_with_an_extreme_power_gives_its_limit(power):
-    """(sum/size)**power underflowed to 0 (ZeroDivisionError): the layer of largest sum/size fills first."""
+    """(sum/size)**power underflowed to 0 (ZeroDivisionError): the layer of largest sum/size fills first. At 1e308
+    even power * log(sum/size) overflowed, and the densities were NaN ("densities[1] must be a number in [0, 1])."""
     densities = distributions.erk([(800, 400), (400, 2)], 0.5, power=power)
     assert densities[1] == 1.0 and densities[0] == pytest.approx((0.5 * 320_800 - 800) / 320_000)
     model = sparsekern.sparsify(nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 2)), 0.5, power=power,
@@ -270,3 +271,34 @@ def test_a_dst_state_of_a_criterion_named_by_a_numpy_str_loads_back_through_chec
     algo = sparsekern.DST(model, torch.optim.SGD(model.parameters(), lr=0.1), prune=criterion, total_steps=10)
     checkpoint.save(algo.state_dict(), tmp_path / "dst.pt")
     assert checkpoint.load(tmp_path / "dst.pt")["prune"] == "noisy"
+
+
+def _rigl_state(**options):
+    """A RigL on a small MLP after one mask update, and its state."""
+    model = _mlp(0.5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    rigl = sparsekern.RigL(model, optimizer, total_steps=20, update_every=2, **options)
+    for step in range(3):
+        optimizer.zero_grad()
+        x, y = _batch(step)
+        nn.functional.cross_entropy(model(x), y).backward()
+        rigl.step()
+        optimizer.step()
+    return rigl, rigl.state_dict()
+
+
+@pytest.mark.parametrize("count", [np.int64(3), torch.tensor(3)], ids=["numpy int", "0-d tensor"])
+def test_a_dst_state_takes_its_step_count_as_any_integer_as_imp_takes_its_cycle(count):
+    """DST refused a NumPy or tensor step_count ("must be an int >= 0, got np.int64(3)") that IMP, SWAMP and OptG
+    take for their counters."""
+    rigl, state = _rigl_state()
+    rigl.load_state_dict({**state, "step_count": count})
+    assert rigl.step_count == 3 and type(rigl.step_count) is int
+
+
+def test_a_dst_state_saved_with_block_as_a_list_loads_into_the_dst_of_that_block():
+    """DST(block=[2, 2]) is DST(block=(2, 2)); a state holding block=[2, 2] was refused as 'saved with block=[2, 2],
+    not (2, 2)'."""
+    rigl, state = _rigl_state(block=[2, 2])
+    rigl.load_state_dict({**state, "block": [2, 2]})
+    assert rigl.block == (2, 2)

@@ -13,6 +13,7 @@ one weight are one layer, pruned once, and every mask change is copied to the ot
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from typing import Callable
 
@@ -454,10 +455,21 @@ def check_saved_setting(state: dict, key: str, value, setting: str | None = None
 
 
 def _differs(saved, value) -> bool:
-    """Whether a state's setting `saved` is not `value`. A tensor or an array of values is never a setting, and
-    comparing one gives a tensor or an array, whose truth value raises (a NumPy array's a ValueError of its own,
-    naming nothing); so does a comparison that raises."""
+    """Whether a state's setting `saved` is not `value`, as the algorithm's arguments tell settings apart: a flag is
+    a bool, a count an integer of any kind, a number any real but a bool (True is no snip_shift of 1.0, nor 1 a
+    reset_state of True), and a pair (block) a tuple or list of two (DST takes block=[2, 2] for (2, 2)). A tensor or
+    an array of values is never a setting, and comparing one gives a tensor or an array, whose truth value raises (a
+    NumPy array's a ValueError of its own, naming nothing); so does a comparison that raises."""
     if isinstance(saved, Tensor) or getattr(saved, "ndim", 0):
+        return True
+    if isinstance(value, tuple):
+        return (not isinstance(saved, (tuple, list)) or len(saved) != len(value)
+                or any(_differs(item, expected) for item, expected in zip(saved, value)))
+    if isinstance(value, bool) or isinstance(saved, bool):
+        return not (isinstance(saved, bool) and isinstance(value, bool) and saved == value)
+    if isinstance(value, numbers.Integral) and not isinstance(saved, numbers.Integral):
+        return True
+    if isinstance(value, numbers.Real) and not isinstance(saved, numbers.Real):
         return True
     try:
         return bool(saved != value)

@@ -60,6 +60,14 @@ def check_parameter(value, name: str, *, positive: bool = False) -> float:
                           and number <= PARAMETER_MAX, f"{low} and <= {PARAMETER_MAX:.4g} (float32's largest)")
 
 
+def _signature(function) -> inspect.Signature | None:
+    """`function`'s signature, or None for a callable without one (some builtins)."""
+    try:
+        return inspect.signature(function)
+    except (TypeError, ValueError):
+        return None
+
+
 def _each(function, tensors: list[Tensor], *others) -> list[Tensor]:
     """function (a torch._foreach_* op) over lists, which may be empty."""
     return list(function(tensors, *others)) if tensors else []
@@ -210,7 +218,8 @@ class Criterion:
             where `reads_gradient`, else its entry may be None), `masks` their bool masks, `generator` DST's
             random stream (a torch.Generator on the weights' device), from which every random number must be
             drawn, in list order: equal seeds then give equal masks. It must not write into its arguments. A callable
-            whose signature cannot be called so raises TypeError here, not at the first update step.
+            whose signature cannot be called so raises TypeError here, not at the first update step (one without a
+            signature, such as a builtin, at its first call, naming the criterion).
         reads_gradient: whether `score` reads `grads`. Then, as for RigL's growth, step() refuses an update step
             at which no parameter has a gradient (called before backward), and a layer without a gradient keeps
             its mask at that update. Dense gradients reach every update step whatever the criteria.
@@ -253,11 +262,8 @@ class Criterion:
         object.__setattr__(self, "name", str(self.name))
         if not callable(self.score):
             raise TypeError(f"Criterion {self.name!r}: score must be callable, got {type(self.score).__name__}")
-        try:
-            signature = inspect.signature(self.score)
-        except (TypeError, ValueError):   # a callable without one (some builtins): called as it is
-            signature = None
-        if signature is not None:
+        signature = _signature(self.score)
+        if signature is not None:   # without one (some builtins), called as it is: `checked_scores` names it
             try:   # refused here, not at the first update step, deep inside DST.step()
                 signature.bind([], [], [], generator=None)
             except TypeError as error:
@@ -294,7 +300,15 @@ class Criterion:
         """`score`'s scores of the layers named `layers`, checked as the class says (but for NaN: `refuse_nan`)."""
         inputs = [t for t in (*weights, *grads, *masks) if t is not None]
         versions = [t._version for t in inputs]
-        scores = self.score(weights, grads, masks, generator=generator)
+        try:
+            scores = self.score(weights, grads, masks, generator=generator)
+        except TypeError as error:
+            if _signature(self.score) is not None:   # checked when made: the error is the score's own
+                raise
+            # A callable without a signature (a builtin such as max) could not be checked when the Criterion was made:
+            # a call it refuses names the criterion here, at the first update (which it leaves undone).
+            raise TypeError(f"Criterion {self.name!r}: score must take (weights, grads, masks, *, generator), and "
+                            f"the call raised: {error}") from error
         if any(t._version != version for t, version in zip(inputs, versions)):
             raise RuntimeError(f"criterion {self.name!r} wrote into its arguments (weights, gradients or masks) in "
                                f"place: its score must make new tensors")

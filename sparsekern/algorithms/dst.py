@@ -462,7 +462,8 @@ class DST(distributed.CatchesUp):
         `sparsekern.Criterion`, one without its flags); and so does a state holding an entry that a DST of these
         settings does not save (a misspelled or tampered setting, which would go unchecked), naming it. A step count
         past the schedule's total_steps (a run that called step() too often, which step() allows) loads with a
-        warning, as does a saved schedule that differs from the one this DST was built with (which it replaces)."""
+        warning, as does a saved schedule that differs from the one this DST was built with (which it replaces), and
+        a mask with no active weight under scope="layer" (the layer stays empty, as construction warns)."""
         self._prepare_load(state)()
 
     def _prepare_load(self, state: dict):
@@ -482,9 +483,9 @@ class DST(distributed.CatchesUp):
                                          self._setting_name(key))
         _tickets.check_state_keys(state, _REQUIRED_ENTRIES, _OPTIONAL_ENTRIES + tuple(self._settings()),
                                   f"a DST of prune={self.prune!r}, grow={self.grow!r}")
-        step_count = state["step_count"]
-        if isinstance(step_count, bool) or not isinstance(step_count, int) or step_count < 0:
-            raise ValueError(f"state['step_count'] must be an int >= 0, got {step_count!r}")
+        # As IMP, SWAMP and OptG read their counters: an integer of any kind (a NumPy one, a 0-d integer tensor), not
+        # a bool or float.
+        step_count = _tickets.state_count(state, "step_count")
         masks = state["masks"]
         names = [name for name, _ in self.modules]
         if not isinstance(masks, dict) or sorted(masks, key=str) != sorted(names):
@@ -513,6 +514,9 @@ class DST(distributed.CatchesUp):
             raise ValueError(f"state['generator'] is not a state of a {self.generator.device.type} "
                              f"generator: {error}") from None
         finished = _checks.flag(state.get("finished", False), "state['finished']")
+        # As at construction: a loaded mask may have emptied a layer for good (a hand-made or tampered state).
+        _warn_if_empty([name for (name, _), (_, mask) in zip(self.modules, staged) if not mask.any()], self.scope,
+                       stacklevel=4)
         if schedule != self.schedule:
             # The saved schedule is the run's own (its cosine was laid over its total_steps); built
             # with other arguments (a longer run, a new end_step), this DST would silently follow it.
@@ -850,8 +854,14 @@ def _warn_if_idle(schedule: schedules.Schedule, empty: list[str], scope: str) ->
                       _NoUpdateWarning, stacklevel=4)
     elif schedule.drop_fraction == 0 and (schedule.name != "annealed" or schedule.final_drop_fraction == 0):
         warnings.warn("drop_fraction is 0: every mask update swaps no weight", stacklevel=4)
+    _warn_if_empty(empty, scope, stacklevel=5)
+
+
+def _warn_if_empty(empty: list[str], scope: str, stacklevel: int) -> None:
+    """Warns that the layers `empty`, which have no active weight, stay so under scope="layer" (an update grows
+    as many weights as it drops in each layer); `stacklevel` as warnings.warn's, from this function."""
     if scope == "layer" and empty:
-        warnings.warn(f"{empty} have no active weight: with scope='layer' they stay empty", stacklevel=4)
+        warnings.warn(f"{empty} have no active weight: with scope='layer' they stay empty", stacklevel=stacklevel)
 
 
 def _warn_if_nothing_swaps(schedule: schedules.Schedule, modules, active: list[int], scope: str, block,

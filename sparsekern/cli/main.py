@@ -24,7 +24,7 @@ import torch
 from . import compare as compare_module
 from . import data_parallel
 from . import reproduce as reproduce_module
-from ..algorithms.criteria import ELEMENTWISE, GROW, PRUNE
+from ..algorithms.criteria import ELEMENTWISE, GROW, PARAMETER_MAX, PRUNE
 from ..algorithms.dst import SCOPES, SWAP_ROUNDINGS
 from ..algorithms.optg import MIN_EPOCHS_DIGITS
 from ..bench import report
@@ -106,8 +106,13 @@ def _fraction(name: str):
     return lambda text: _number(text, name, 0, 1)
 
 
+# The optimizers step float32 weights by -lr x gradient, and torch refuses an lr that float32 cannot hold (a traceback:
+# "value cannot be converted to type float without overflow"): --lr ends at float32's largest number.
+LR_MAX = torch.finfo(torch.float32).max
+
+
 def _learning_rate(text: str) -> float:
-    return _number(text, "lr", 0, math.inf)
+    return _number(text, "lr", 0, LR_MAX)
 
 
 def _positive(text: str) -> int:
@@ -174,6 +179,12 @@ def _densities(text: str) -> list[float]:
     densities = list(dict.fromkeys(_density(item) for item in text.split(",") if item.strip()))
     if not densities:
         raise argparse.ArgumentTypeError(f"expected comma-separated densities, got {text!r}")
+    # The tables, plots and run labels show a density as {:g}: two that read alike would be two columns of one name.
+    shown = [f"{density:g}" for density in densities]
+    alike = [density for density, label in zip(densities, shown) if shown.count(label) > 1]
+    if alike:
+        raise argparse.ArgumentTypeError(f"densities {', '.join(map(repr, alike))} read alike in the results "
+                                         f"({shown[densities.index(alike[0])]}): give distinct densities")
     return densities
 
 
@@ -209,12 +220,16 @@ def _add_run_options(parser: argparse.ArgumentParser, defaults: TrainConfig) -> 
     parser.add_argument("--swap-rounding", choices=SWAP_ROUNDINGS,
                         help="DST: the swap count r x active weights made whole by round (halves to even) or floor, "
                              "as RigL's code (default: round)")
-    parser.add_argument("--mest-gamma", type=lambda text: _number(text, "mest gamma", 0, math.inf, low_open=False),
+    # The criteria's parameters end at float32's largest number (the library's limit, where their scores are
+    # computed): refused here in the options' names, not in the library's (mest_gamma=...) once the run is built.
+    parser.add_argument("--mest-gamma", type=lambda text: _number(text, "mest gamma", 0, PARAMETER_MAX,
+                                                                  low_open=False),
                         help="DST: γ of the mest pruning criterion |θ| + γ|g| (default: 1)")
-    parser.add_argument("--sensitivity-offset", type=lambda text: _number(text, "sensitivity offset", 0, math.inf),
+    parser.add_argument("--sensitivity-offset", type=lambda text: _number(text, "sensitivity offset", 0, PARAMETER_MAX),
                         help="DST: what the sensitivity and rsensitivity pruning criteria add to their denominators "
                              "(default: 1e-8, a guard; the Fantastic Weights code adds 1)")
-    parser.add_argument("--snip-shift", type=lambda text: _number(text, "snip shift", 0, math.inf, low_open=False),
+    parser.add_argument("--snip-shift", type=lambda text: _number(text, "snip shift", 0, PARAMETER_MAX,
+                                                                  low_open=False),
                         help="DST: what the snip pruning criterion adds to its score |θ·g| (default: 0; the "
                              "Fantastic Weights code adds 1e-5)")
     parser.add_argument("--block", type=_block, metavar="BHxBW",

@@ -121,8 +121,8 @@ class TrainConfig:
             raise ValueError(f"--epochs must be >= 2 for optg, got {self.epochs}: its mask is a top-k of scores "
                              f"trained in earlier epochs, so a 1-epoch run would end dense (gmp prunes by magnitude "
                              f"from the start)")
-        if not 0 < self.lr < math.inf:
-            raise ValueError(f"lr must be a positive finite number, got {self.lr}")
+        if not 0 < self.lr <= torch.finfo(torch.float32).max:   # an optimizer steps float32 weights by it
+            raise ValueError(f"lr must be a positive number at most float32's largest, got {self.lr}")
         for name in ("drop_fraction", "end_fraction"):
             value = getattr(self, name)
             if value is not None and not 0 < value <= 1:
@@ -347,8 +347,8 @@ class Run:
             self.epoch = epoch + 1
             # Masks that change between epochs (OptG, IMP, SWAMP) get the records of a DST update around the change.
             updates_masks = recipe.updates_masks_after_epoch(last_of_segment, last_segment)
+            _check_finite(model, config, epoch + 1, updates_masks)
             if updates_masks:
-                _check_finite(model, config, epoch + 1)
                 record_flow((epoch + 1) * self.steps_per_epoch, epoch + 1, "before update")
             recipe.end_epoch_after_evaluation(last_of_segment)
             if last_of_segment:
@@ -528,16 +528,22 @@ def check_cycle_steps(config: TrainConfig, data: Dataset) -> None:
 
 
 class Diverged(ValueError):
-    """A run whose weights are no longer finite where its method would choose a mask from them (IMP's and SWAMP's
-    next cycle, OptG's and GMP's next epoch): the library refuses NaN weights there in its own words."""
+    """A run whose weights are no longer finite after an epoch: where its method would choose a mask from them (IMP's
+    and SWAMP's next cycle, OptG's and GMP's next epoch) the library refuses NaN weights in its own words, and the
+    others (dense, static, DST, whose updates skip non-finite gradients) trained on to a test loss of NaN."""
 
 
-def _check_finite(model: nn.Module, config: TrainConfig, epoch: int) -> None:
-    diverged = [name for name, module in sparse_modules(model) if not torch.isfinite(module.weight).all()]
-    if diverged:
+def _check_finite(model: nn.Module, config: TrainConfig, epoch: int, chooses_mask: bool) -> None:
+    """Diverged, naming the first layer whose parameters are not all finite; `chooses_mask`: the method chooses its
+    next mask from them now."""
+    diverged = next((name for name, module in model.named_modules()
+                     if not all(torch.isfinite(parameter).all() for parameter in module.parameters(recurse=False))),
+                    None)
+    if diverged is not None:
+        chosen = ", and its next mask is chosen from them" if chooses_mask else ""
         raise Diverged(f"{config.method} at density {config.density:g}, seed {config.seed}, diverged: after epoch "
-                       f"{epoch} the weights of layer {diverged[0]!r} are not finite, and its next mask is chosen "
-                       f"from them; lower --lr (it was {config.lr:g})")
+                       f"{epoch} the weights of layer {diverged!r} are not finite{chosen}; lower --lr (it was "
+                       f"{config.lr:g})")
 
 
 @torch.no_grad()

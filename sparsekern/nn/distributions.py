@@ -124,8 +124,8 @@ def erk(shapes: Sequence[Sequence[int]], density: float, *, power: float = 1.0,
     sizes = [math.prod(shape) for shape in shapes]
     density = check_density(density)
     power = _checks.number(power, "power")
-    # log of (sum(shape) / size) ** power: a large |power| would overflow or underflow the power itself.
-    log_raw = [power * math.log(sum(shape) / size) for shape, size in zip(shapes, sizes)]
+    # logs of sum(shape) / size: (sum(shape) / size) ** power, for a large |power|, would overflow or underflow.
+    logs = [math.log(sum(shape) / size) for shape, size in zip(shapes, sizes)]
     budget = density * sum(sizes)
     dense = {0} if dense_first_layer and sizes else set()
     if dense_first_layer and sizes and sizes[0] > budget:
@@ -138,9 +138,10 @@ def erk(shapes: Sequence[Sequence[int]], density: float, *, power: float = 1.0,
         if not sparse:
             return [1.0] * len(sizes)
         # Scaled by the largest raw value among the sparse layers (eps absorbs the scale), so the largest
-        # is 1 and the sum below is at least one layer's size, whatever the power.
-        top = max(log_raw[i] for i in sparse)
-        raw = {i: math.exp(log_raw[i] - top) for i in sparse}
+        # is 1 and the sum below is at least one layer's size, whatever the power. Its exponent is a power times
+        # a difference of logs: power * log(...) itself may be infinite (power=1e308), and inf - inf NaN.
+        top = (max if power >= 0 else min)(logs[i] for i in sparse)
+        raw = {i: math.exp(power * (logs[i] - top)) for i in sparse}
         epsilon = (budget - sum(sizes[i] for i in dense)) / sum(raw[i] * sizes[i] for i in sparse)
         saturated = {i for i in sparse if epsilon * raw[i] > 1}
         if not saturated:

@@ -337,11 +337,12 @@ WORDED_ARGUMENTS = [
     (["train", "--method", "rigl", "--mest-gamma", "0.5"], "--mest-gamma applies to runs pruning by mest"),
     (["compare", "--methods", "rigl,mest", "--sensitivity-offset", "1"],
      "--sensitivity-offset applies to runs pruning by sensitivity, rsensitivity"),
-    (["train", "--method", "mest", "--mest-gamma", "-1"], "argument --mest-gamma: mest gamma must be in [0, inf)"),
+    (["train", "--method", "mest", "--mest-gamma", "-1"],
+     "argument --mest-gamma: mest gamma must be in [0, 3.40282e+38]"),
     (["train", "--method", "rigl", "--snip-shift", "1e-5"],
      "--snip-shift applies to runs pruning by snip, not magnitude"),
     (["train", "--method", "dst", "--prune", "snip", "--snip-shift", "-1"],
-     "argument --snip-shift: snip shift must be in [0, inf)"),
+     "argument --snip-shift: snip shift must be in [0, 3.40282e+38]"),
     (["train", "--block", "4x0"], "argument --block: block must be two positive integers BHxBW, such as 4x4"),
     (["compare", "--methods", "set,rigl", "--block", "2x2"],
      "--block applies to runs pruning by a criterion that scores each weight, not set"),
@@ -378,6 +379,21 @@ WORDED_ARGUMENTS = [
      "--epochs 1 of 3 steps (--batch-size 500 of 1438 training samples) leave none: raise --epochs or lower"),
     (["compare", "--methods", "imp,swamp", "--densities", "0.1", "--batch-size", "5000", "--epochs", "1"],
      "swamp averages each particle over the steps after the first 75% of its cycle"),
+    # Campaign 18: the criteria's parameters above float32's largest number were refused by the library, naming its
+    # argument (snip_shift must be a finite number >= 0 and <= 3.403e+38 ...).
+    (["train", "--method", "dst", "--prune", "snip", "--snip-shift", "1e39"],
+     "argument --snip-shift: snip shift must be in [0, 3.40282e+38], got 1e39"),
+    (["train", "--method", "mest", "--mest-gamma", "1e39"],
+     "argument --mest-gamma: mest gamma must be in [0, 3.40282e+38]"),
+    (["train", "--method", "dst", "--prune", "sensitivity", "--sensitivity-offset", "1e39"],
+     "argument --sensitivity-offset: sensitivity offset must be in (0, 3.40282e+38]"),
+    (["compare", "--methods", "dst", "--criteria", "snip", "--snip-shift", "1e300"], "argument --snip-shift"),
+    # an lr beyond float32 ended in SGD's traceback, "value cannot be converted to type float without overflow"
+    (["train", "--lr", "1e308"], "argument --lr: lr must be in (0, 3.40282e+38], got 1e308"),
+    (["compare", "--lr", "1e39"], "argument --lr: lr must be in (0, 3.40282e+38]"),
+    # two densities that the tables show alike (0.5) trained as two lines' columns of one name
+    (["compare", "--methods", "static", "--densities", "0.5,0.5000000001"],
+     "argument --densities: densities 0.5, 0.5000000001 read alike in the results (0.5): give distinct densities"),
 ]
 
 # How the library names its arguments (and remedies the command line has no option for): no refusal says these.
