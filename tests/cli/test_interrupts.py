@@ -23,6 +23,22 @@ INTERRUPTED = "sparsekern compare: interrupted; finished work is kept in {} (rer
 WAIT_S = 600   # for a worker to start or a run to finish, on a loaded machine
 
 
+@pytest.fixture(autouse=True)
+def ctrl_c_answered():
+    """Python's Ctrl-C handler in this process while a test runs, as in a terminal: a shell that starts a command in
+    the background (`cmd &`, as a CI script may) starts it with SIGINT ignored, which its processes inherit, and a
+    Ctrl-C then reaches nothing."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def default_ctrl_c() -> None:
+    """For a child process, before it runs its program (Popen's preexec_fn): SIGINT as a terminal starts it, not
+    ignored (see `ctrl_c_answered`); Python then installs its handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def is_worker(args) -> bool:
     """Whether multiprocessing.util.spawnv_passfds's `args` start a pool's worker (not the resource tracker)."""
     return "--multiprocessing-fork" in args
@@ -91,7 +107,7 @@ def interrupted(argv: list[str], ready, then=lambda: None) -> subprocess.Complet
     """Runs `argv` in a process group of its own, sends the group SIGINT, as a terminal's Ctrl-C does, once
     ready() is true, calls then(), and returns how it ended."""
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+                               start_new_session=True, preexec_fn=default_ctrl_c)
     try:
         deadline = time.monotonic() + WAIT_S
         while not ready():
