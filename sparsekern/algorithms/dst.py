@@ -514,9 +514,10 @@ class DST(distributed.CatchesUp):
             raise ValueError(f"state['generator'] is not a state of a {self.generator.device.type} "
                              f"generator: {error}") from None
         finished = _checks.flag(state.get("finished", False), "state['finished']")
-        # As at construction: a loaded mask may have emptied a layer for good (a hand-made or tampered state).
-        _warn_if_empty([name for (name, _), (_, mask) in zip(self.modules, staged) if not mask.any()], self.scope,
-                       stacklevel=4)
+        if self.scope == "layer":   # as at construction: a loaded mask may have emptied a layer for good
+            counts = reference.active_counts([mask for _, mask in staged])   # one host read for all layers
+            _warn_if_empty([name for (name, _), count in zip(self.modules, counts) if not count], self.scope,
+                           stacklevel=4)
         if schedule != self.schedule:
             # The saved schedule is the run's own (its cosine was laid over its total_steps); built
             # with other arguments (a longer run, a new end_step), this DST would silently follow it.
