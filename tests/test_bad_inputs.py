@@ -1576,7 +1576,8 @@ for _lazy, _conv in ((nn.LazyConv1d, nn.Conv1d), (nn.LazyConv3d, nn.Conv3d)):
           lambda w: sparsekern.sparsify(w.model, 0.5), TypeError, "layer '1' has a torch.complex64 weight")
     error(f"sparsify(an {_conv.__name__} on the meta device)",
           lambda tmp_path=None, conv=_conv: SimpleNamespace(model=nn.Sequential(conv(3, 2, 1, device="meta"))),
-          lambda w: sparsekern.sparsify(w.model, 0.5), ValueError, "layer '0' is on the meta device")
+          lambda w: sparsekern.sparsify(w.model, 0.5), ValueError,
+          r"the weights of layers \['0'\] are on the meta device")
     warning(f"sparsify(an {_conv.__name__} under weight_norm)",
             lambda tmp_path=None, conv=_conv: SimpleNamespace(model=nn.Sequential(
                 torch.nn.utils.parametrizations.weight_norm(conv(3, 2, 1)), nn.Linear(4, 2))),

@@ -619,12 +619,13 @@ def computed_weight_refusal(named: list[tuple[str, SparseModule]], who: str, bui
     return None
 
 
-def refuse_meta(named: list[tuple[str, SparseModule]], who: str | None = None, tensor: str = "weight") -> None:
+def refuse_meta(named: list[tuple[str, nn.Module]], who: str | None = None, tensor: str = "weight") -> None:
     """ValueError naming every layer of `named` whose `tensor` ("weight" or "mask") is on the meta device, which
     holds no values to rank, count or draw a random stream beside, and saying how to materialize it; `who`, the
-    algorithm, starts the message where given. torch's own errors ("Tensor.item() cannot be called on meta
-    tensors") named neither the layer nor the remedy."""
-    meta = [name for name, module in named if getattr(module, tensor).is_meta]
+    algorithm (or sparsify), starts the message where given. The layers are sparse ones, or for sparsify the dense
+    ones it is about to convert: any module with that tensor. torch's own errors ("Tensor.item() cannot be called
+    on meta tensors") named neither the layer nor the remedy."""
+    meta = [name or "(root)" for name, module in named if getattr(module, tensor).is_meta]
     if meta:
         raise ValueError(f"{f'{who}: ' if who else ''}the {tensor}s of layers {meta} are on the meta device, which "
                          f"holds no values: materialize the model first (to_empty, then initialise it or load its "

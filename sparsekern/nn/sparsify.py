@@ -18,7 +18,7 @@ from . import distributions, init as sparse_init, tying
 from .attention import DENSE_ENTRIES, SparseMultiheadAttention, computed_biases
 from .convolutions import (SparseConv1d, SparseConv2d, SparseConv3d, SparseConvTranspose1d, SparseConvTranspose2d,
                            SparseConvTranspose3d)
-from .modules import SparseLinear, SparseModule, is_computed, sparse_modules, weight_type_problem
+from .modules import SparseLinear, SparseModule, is_computed, refuse_meta, sparse_modules, weight_type_problem
 from .recurrent import SparseGRU, SparseLSTM, SparseRNN, SparseRNNBase
 from .sharding import refuse_sharded
 
@@ -416,9 +416,8 @@ def _layers(model: nn.Module, include: list[str] | None,
         if module.weight.numel() == 0:
             raise ValueError(f"layer {name or '(root)'!r} has an empty weight of shape "
                              f"{tuple(module.weight.shape)}: exclude it")
-        if module.weight.is_meta:
-            raise ValueError(f"layer {name or '(root)'!r} is on the meta device, whose tensors hold no values: "
-                             f"materialise the model first (e.g. model.to_empty(device=...) and an init)")
+    # Before any sparse layer exists: the dense layers to convert (a group's members share one weight).
+    refuse_meta([group[0] for group in groups], "sparsify")
     return groups, whole
 
 
@@ -640,10 +639,10 @@ def _magnitudes(group: tying.Group) -> Tensor:
 
 
 def _check_finite(groups: list[tying.Group]) -> None:
+    """ValueError naming the first layer whose weight holds NaN or inf, which mask='magnitude' cannot rank (a layer
+    on the meta device, with no values at all, `_layers` has refused already)."""
     for group in groups:
         name, module = group[0]
-        if module.weight.is_meta:
-            raise ValueError(f"mask='magnitude' ranks weights, but layer {name or '(root)'!r} is on the meta device")
         if not torch.isfinite(module.weight.detach()).all():
             raise ValueError(f"mask='magnitude' ranks weights, but layer {name or '(root)'!r} holds NaN or inf")
 

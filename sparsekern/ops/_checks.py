@@ -120,12 +120,18 @@ def writable_in_place(value: Tensor, name: str, mask: Tensor | None = None, mask
         raise ValueError(f"{name} has entries that share memory (an expanded or stride-0 view), so it cannot be "
                          f"written in place; pass a tensor of its own (e.g. .clone())")
     if mask is not None and _overlap(value, mask):
-        raise ValueError(f"{name} and {mask_name} share memory, and a tensor written in place may share it with "
-                         f"nothing else; pass tensors of their own (e.g. .clone())")
+        raise _shared_memory(name, mask_name)
     if value.requires_grad and torch.is_grad_enabled():
         raise ValueError(f"{name} requires grad, and autograd would not see it changed in place: call this under "
                          f"torch.no_grad(), or pass a tensor that does not require grad")
     return value
+
+
+def _shared_memory(name, other_name) -> ValueError:
+    """The refusal of a tensor `name` that an op writes in place and that shares memory with `other_name`, another
+    tensor it reads or writes meanwhile: what either holds would depend on the kernel's order."""
+    return ValueError(f"{name} and {other_name} share memory, and a tensor written in place may share it with "
+                      f"nothing else; pass tensors of their own (e.g. .clone())")
 
 
 def maskable_in_place(value, name: str, mask, mask_name: str) -> Tensor:
@@ -430,15 +436,11 @@ def _check_memory(weights, masks, prune_scores, grow_scores, state, masked, name
         tensors += [(names(kind, layer, i), t) for kind, per_layer in (("state", state), ("masked", masked))
                     for i, t in enumerate(per_layer[layer])]
         for name, t in tensors:
-            if t.is_inference() and not torch.is_inference_mode_enabled():
-                # torch refuses such writes (the reference raised its RuntimeError); the compiled and Triton
-                # kernels write through raw pointers and would have done it.
-                raise ValueError(f"{name} is an inference tensor (made under torch.inference_mode), which cannot "
-                                 f"be written in place outside inference mode; pass a tensor made outside it, or "
-                                 f"call prune_grow under torch.inference_mode()")
-            if not non_overlapping(t):
-                raise ValueError(f"{name} has entries that share memory (an expanded or stride-0 view), so it "
-                                 f"cannot be written in place; pass a tensor of its own (e.g. .clone())")
+            # An overlapping view, or an inference tensor: torch refuses such writes (the reference raised its
+            # RuntimeError), the compiled and Triton kernels write through raw pointers and would have done it.
+            # Its grad check never fires (prune_grow runs under torch.no_grad); memory shared with another tensor
+            # or a mask is found below, all pairs at once.
+            writable_in_place(t, name)
             where = _byte_range(t)
             if where is not None:
                 written_by_storage.setdefault(where[0], []).append((name, layer, t, where[1], where[2]))
@@ -454,8 +456,7 @@ def _check_memory(weights, masks, prune_scores, grow_scores, state, masked, name
             for other_name, _, other, begin, _ in items[i + 1:]:
                 if begin >= end:
                     break
-                raise ValueError(f"{name} and {other_name} share memory, and a tensor written in place may "
-                                 f"share it with nothing else; pass tensors of their own (e.g. .clone())")
+                raise _shared_memory(name, other_name)
 
     def own(score: Tensor, layer: int) -> Tensor:
         where = _byte_range(score)

@@ -242,6 +242,26 @@ def test_refuse_meta_names_every_layer_on_the_meta_device_and_says_how_to_materi
         sparsekern.algorithms.RigL(model, torch.optim.SGD(model.parameters(), lr=0.1), total_steps=10)
 
 
+@pytest.mark.parametrize("mask", ["random", "magnitude"])
+def test_sparsify_refuses_dense_layers_on_the_meta_device_by_refuse_meta_before_anything_changes(mask):
+    """sparsify's own refusal named only the first meta layer ("materialise": a second spelling), and its copy for
+    mask='magnitude' could not be reached; the root layer's empty name reads as (root)."""
+    remedy = ("are on the meta device, which holds no values: materialize the model first (to_empty, then "
+              "initialise it or load its state dict)")
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4, device="meta"), nn.Linear(4, 2, device="meta"))
+    before = copy.deepcopy(model.state_dict())
+    rng = torch.get_rng_state()
+    with pytest.raises(ValueError) as refused:
+        sparsekern.sparsify(model, 0.5, mask=mask)
+    assert str(refused.value) == f"sparsify: the weights of layers ['1', '2'] {remedy}"
+    assert all(type(layer) is nn.Linear for layer in model)
+    assert all(torch.equal(value, model.state_dict()[key]) for key, value in before.items() if not value.is_meta)
+    assert torch.equal(torch.get_rng_state(), rng)
+    with pytest.raises(ValueError) as refused:
+        sparsekern.sparsify(nn.Linear(4, 2, device="meta"), 0.5, mask=mask)
+    assert str(refused.value) == f"sparsify: the weights of layers ['(root)'] {remedy}"
+
+
 @pytest.mark.parametrize("name", ["weight", "bias"])
 @pytest.mark.parametrize("dense", [lambda: nn.Linear(6, 4), lambda: nn.Conv2d(2, 3, 3)], ids=["linear", "conv2d"])
 def test_a_computed_weight_or_bias_is_refused_by_from_dense_and_left_dense_by_sparsify(dense, name):

@@ -412,3 +412,20 @@ def test_writable_in_place_refuses_a_mask_in_its_memory_and_takes_one_beside_it(
     # The mask's own checks, without one to compare: refused as a written tensor is.
     with pytest.raises(ValueError, match="^mask has entries that share memory"):
         _checks.writable_in_place(torch.ones(1, dtype=torch.bool).expand(4), "mask")
+
+
+def test_prune_grow_refuses_the_tensors_it_writes_as_writable_in_place_does():
+    """One check, one message: prune_grow's own copy of writable_in_place's told an inference tensor to "call
+    prune_grow under torch.inference_mode()", every other op's (mask_in_place, OptG, sparsify) "call this"."""
+    inference, expanded, shared = made_in_inference_mode(torch.randn(6)), torch.randn(1).expand(6), torch.randn(6)
+    # (the argument refused, prune_grow's arguments, writable_in_place's beside the name)
+    cases = [("weights[2]", list_case(weights=replaced(2, inference)), (inference,)),
+             ("state[2][0]", list_case(state=replaced(2, [expanded])), (expanded,)),
+             ("state[2][0]", list_case(state=replaced(2, [shared]), masked=replaced(2, [shared])),
+              (shared, shared, "masked[2][0]"))]
+    for name, args, (written, *other) in cases:
+        with pytest.raises(ValueError) as refused:
+            call_list(args)
+        with pytest.raises(ValueError) as expected:
+            _checks.writable_in_place(written, name, *other)
+        assert str(refused.value) == str(expected.value)
