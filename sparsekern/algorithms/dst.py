@@ -126,8 +126,8 @@ class DST(distributed.CatchesUp):
             masks, on every backend (the random criteria draw one float32 score per entry of each updated layer,
             whatever its dtype and mask, in model order, before the backend selects), on every rank of a
             distributed run too, but not across device types (CPU and CUDA generators draw other streams); a
-            layer frozen, added or moved earlier changes the draws of the layers after it; under an initialised torch.distributed
-            process group the construction is collective and refuses (ValueError on every rank)
+            layer frozen, added or moved earlier changes the draws of the layers after it; under an initialised
+            torch.distributed process group the construction is collective and refuses (ValueError on every rank)
             a seed or generator state that differs across ranks, which would let replicas diverge,
             masks (or weights under them) that already differ across ranks (see
             `sparsekern.distributed.broadcast_masks`), and settings that differ across ranks, under which

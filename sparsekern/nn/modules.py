@@ -60,8 +60,8 @@ runs under vmap and refuses to be differentiated.
 A plain nn.Linear / nn.Conv1d/2d/3d / nn.ConvTranspose1d/2d/3d state dict loads into the matching sparse
 module (one pruned by torch.nn.utils.prune, its `weight_orig` and `weight_mask`, as that mask and the
 pruned weight; a missing `mask` means all True: modules whose masks were not all True become dense, with
-one warning per load_state_dict call naming them), and `to_dense()` returns a plain module holding the masked weight (`sparsekern.nn.densify`
-turns a whole model back). A saved mask that is not bool
+one warning per load_state_dict call naming them), and `to_dense()` returns a plain module holding the masked
+weight (`sparsekern.nn.densify` turns a whole model back). A saved mask that is not bool
 (torch.nn.utils.prune's are float) must hold only 0 and 1 (ValueError naming its key otherwise, the
 module unchanged).
 Loading a state dict, or assigning or registering a `weight` Parameter (torch.nn.utils.parametrize's

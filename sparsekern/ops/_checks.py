@@ -352,7 +352,8 @@ def _swap_counts(n, active, global_scope: bool, weights: list[Tensor], names) ->
         n = [in_range(integer(n, "n"), 0, sum(sizes), "n")]
         if active is not None:
             if is_count_list(active):
-                raise TypeError(f"active must be an integer with an integer n (global scope), got {type(active).__name__}")
+                raise TypeError(f"active must be an integer with an integer n (global scope), got "
+                                f"{type(active).__name__}")
             active = [in_range(integer(active, "active"), 0, sum(sizes), "active")]
             in_range(n[0], 0, active[0], "n")
         return n, active
