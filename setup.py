@@ -4,6 +4,7 @@ Switches (printed at build time):
   SPARSEKERN_CPP=0    build no extension at all (pure-Python install: reference and Triton backends only)
   SPARSEKERN_CUDA=1   force the CUDA sources in;  SPARSEKERN_CUDA=0  leave them out
   TORCH_CUDA_ARCH_LIST  architectures for the CUDA build, as torch reads it
+A switch set to another value stops the build with an error naming it.
 """
 import glob
 import os
@@ -25,8 +26,17 @@ def _sources(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
+def _switch(name):
+    """The value of the on/off switch `name`: "0", "1" or "" (unset). Another (`yes`, `on`) would pass for
+    the default without a word: refused, naming it, before anything is built."""
+    value = os.environ.get(name, "")
+    if value not in ("", "0", "1"):
+        sys.exit(f"[sparsekern build] error: {name} must be 0 or 1 (or unset), got {value!r}")
+    return value
+
+
 def _cuda_decision(torch, cuda_home):
-    flag = os.environ.get("SPARSEKERN_CUDA", "")
+    flag = _switch("SPARSEKERN_CUDA")
     if flag == "0":
         return False, "SPARSEKERN_CUDA=0"
     if flag == "1":
@@ -41,7 +51,7 @@ def _cuda_decision(torch, cuda_home):
 
 
 def _extensions():
-    if os.environ.get("SPARSEKERN_CPP", "1") == "0":
+    if _switch("SPARSEKERN_CPP") == "0":
         _say("SPARSEKERN_CPP=0: no compiled extension")
         return [], {}
     import torch

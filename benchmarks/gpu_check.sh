@@ -92,11 +92,13 @@ note "gpu_check: $( [ "$DRY" = 1 ] && echo 'DRY RUN on the CPU' || echo 'GPU run
 # ---------------------------------------------------------------------------------- 1. install
 # A pure-Python editable install first (seconds), so that the Triton warm-up can import sparsekern while
 # the CUDA extension builds; then the real install, which builds the C++/CUDA extension in place.
-INSTALL=("$PY" -m pip install --no-deps --no-index --no-build-isolation -e .)
+# -v: without it pip shows a build's output only when the build fails, and the summary quotes setup.py's
+# `[sparsekern build]` line (what it builds, and why) from a build that succeeded too.
+INSTALL=("$PY" -m pip install -v --no-deps --no-index --no-build-isolation -e .)
 if [ "$DRY" = 1 ]; then
   echo "dry run: would run SPARSEKERN_CPP=0 ${INSTALL[*]}, then SPARSEKERN_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=$JOBS ${INSTALL[*]}" \
     >> "$OUT/build.log"
-  step install 30 5 "$OUT/build.log" "$PY" -c "import sparsekern; print('sparsekern imports from', sparsekern.__file__)"
+  step install 60 5 "$OUT/build.log" "$PY" -c "import sparsekern; print('sparsekern imports from', sparsekern.__file__)"
 else
   step install_python 90 20 "$OUT/build.log" env SPARSEKERN_CPP=0 "${INSTALL[@]}"
 fi
@@ -124,12 +126,20 @@ if ! skipped warm && has_module triton; then
 fi
 
 # --------------------------------------------------------------------- 3. the CUDA extension build
-if [ "$DRY" != 1 ]; then
+if [ "$DRY" = 1 ]; then
+  # pip's own dry run: setup.py decides what it would build, and says so, as in the real build; nothing
+  # is built or installed. Without SPARSEKERN_CUDA=1, which a CPU build of torch cannot take.
+  step build 60 5 "$OUT/build.log" "${INSTALL[@]}" --dry-run
+else
   BUILD=("${INSTALL[@]}")
   (( EDITABLE == 0 )) && BUILD=("$PY" setup.py build_ext --inplace)
   step build 300 90 "$OUT/build.log" env SPARSEKERN_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$JOBS" "${BUILD[@]}"
-  grep -m3 -E "\[sparsekern build\]|error:" "$OUT/build.log" | cut -c1-250 | sed 's/^/    /' >> "$SUM"
 fi
+# What was built (setup.py's line, printed at metadata time and again at build time) and, for a build that
+# failed, why: its first error lines (a compiler's, setup.py's, pip's), from the build's own part of the log.
+BUILD_LOG=$(sed -n '/^===== build: /,$p' "$OUT/build.log")
+{ grep -F "[sparsekern build]" <<< "$BUILD_LOG" | sed 's/^ *//' | sort -u
+  grep -vF "[sparsekern build]" <<< "$BUILD_LOG" | grep -m3 -iE "error:"; } | cut -c1-250 | sed 's/^/    /' >> "$SUM"
 "${GOALS[@]}" env "$OUT" >> "$OUT/build.log" 2>&1
 note "env: $("$PY" -c "import json,sys; e=json.load(open(sys.argv[1])); print(e.get('gpu'), '| torch', e.get('torch'), '| triton', e.get('triton'), '| extension', e.get('extension'), '| CUDA kernels', e.get('cuda_kernels'))" "$OUT/env.json" 2>&1)"
 

@@ -37,8 +37,10 @@ def test_the_dry_run_runs_every_step(dry_run):
     out, result = dry_run
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = (out / "summary.txt").read_text()
-    for name in ("install", "sanitize_workload", "tests", "goals", "profile"):
+    for name in ("install", "build", "sanitize_workload", "tests", "goals", "profile"):
         assert f"{name}: rc=0" in summary, summary
+    # What the build would build (pip's own dry run, which shows it only with -v), once.
+    assert summary.count("[sparsekern build] C++ CPU kernels: yes; CUDA kernels: ") == 1, summary
     assert "SKIPPED" not in summary and "failed steps: 0" in summary
     assert result.stdout.rstrip().endswith(summary.rstrip())  # the summary is printed last
     assert "tests collected" in (out / "tests.log").read_text()  # the GPU test selection, with the plugin
@@ -61,6 +63,16 @@ def test_the_dry_run_measures_every_goal_and_writes_the_results_file(dry_run):
         assert heading in text
     assert text.count("| global topk_mask |") >= 1 and "| sparse_linear |" in text and "Routing" in text
     assert "| peak memory of a training step |" in text
+
+
+def test_a_build_that_fails_says_why_in_the_summary(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path), "GPU_CHECK_DRY_RUN": "1", "GPU_CHECK_PYTHON": sys.executable,
+           "GPU_CHECK_BUDGET": "900", "GPU_CHECK_SKIP": "install warm sanitize tests goals profile",
+           "SPARSEKERN_CUDA": "yes"}   # a switch setup.py refuses
+    result = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=600)
+    summary = (tmp_path / "summary.txt").read_text()
+    assert result.returncode == 1 and "build: rc=1" in summary, summary
+    assert "[sparsekern build] error: SPARSEKERN_CUDA must be 0 or 1 (or unset), got 'yes'" in summary, summary
 
 
 @pytest.mark.parametrize("name, label", [("NVIDIA H200", "h200"), ("NVIDIA H100 80GB HBM3", "h100"),
