@@ -15,9 +15,11 @@ from it, in list order), `gamma` MEST's gradient coefficient, `offset` what Sens
 RSensitivity add to their denominators, `shift` what SNIP adds to its score (each refused, naming it,
 where DST would refuse it: `check_parameter`). MEST, SNIP, Sensitivity and
 RSensitivity compute in float32 at least (`_wide`), so that a half-precision model is ranked by their formulas.
-Every criterion but `set` is elementwise; `set` ranks weights over the whole list, so a per-layer update passes
-one layer. The divisions are guarded by offset = EPSILON = 1e-8 by default; the Fantastic Weights code adds 1
-instead (offset=1.0), which changes the ranking. That code also adds 1e-5 to SNIP's score |θ·g| (shift=1e-5;
+Every criterion but `set`, `set_fw` and `set_fixed` is elementwise; those three rank weights over the whole list,
+so a per-layer update passes one layer. `set_fw` and `set_fixed`, the *Fantastic Weights* repository's two SET
+rules, also take `n=`, the swap count, and decide how many entries they drop (`OWN_COUNT`).
+The divisions are guarded by offset = EPSILON = 1e-8 by default; the Fantastic Weights code adds 1 instead
+(offset=1.0), which changes the ranking. That code also adds 1e-5 to SNIP's score |θ·g| (shift=1e-5;
 0 by default), which changes the ranking too: the shift orders no two scores differently, but in float32 it can
 merge scores less than 9e-13 apart (1e-5's spacing there: 1e-13 and 3e-13 both become 1e-5), which then rank by
 position instead of by value. Definitions: Nowak et al. 2023 ("Fantastic Weights and How to Find Them"), RigL
@@ -25,7 +27,8 @@ position instead of by value. Definitions: Nowak et al. 2023 ("Fantastic Weights
 
 A criterion of a user's own is a `Criterion` (`sparsekern.Criterion`): its score function, without gamma, offset
 and shift, and whether it reads the gradient and is elementwise, which DST needs to know. DST takes one wherever it
-takes a built-in criterion's name, and handles the built-in ones as Criterion objects too (`lookup`).
+takes a built-in criterion's name, and handles the built-in ones as Criterion objects too (`lookup`). A user's
+criterion drops the n entries DST counts: deciding the count itself is for set_fw and set_fixed alone.
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ from typing import Callable, ClassVar, Sequence
 import torch
 from torch import Tensor
 
-from ..ops import _checks
+from ..ops import _checks, reference
 
 EPSILON = 1e-8
 # The largest parameter a criterion takes: float32's largest number. The scores are float32 at least, where a larger
@@ -147,7 +150,8 @@ def set_rule(weights, grads, masks, *, generator=None, gamma=1.0, offset=EPSILON
     The *Fantastic Weights* repository differs: its `SET` option (`MagnitudeAndNegativityPruner`,
     used for the paper's SET runs) keeps the most negative weights and drops #negatives + 1
     weights whatever the drop rate, about half a layer per update; its `SET_fixed` option drops
-    2·⌈n/2⌉ weights split evenly between the signs. Neither is Mocanu's proportional rule.
+    2·⌈n/2⌉ weights split evenly between the signs. Neither is Mocanu's proportional rule; both are
+    offered, to reproduce that paper, as `set_fw` and `set_fixed`.
     """
     if not weights:
         return []
@@ -172,6 +176,80 @@ def set_rule(weights, grads, masks, *, generator=None, gamma=1.0, offset=EPSILON
     return [part.view(w.shape) for part, w in zip(score.split([w.numel() for w in weights]), weights)]
 
 
+def set_fw(weights, grads, masks, *, n=None, generator=None, gamma=1.0, offset=EPSILON, shift=0.0) -> list[Tensor]:
+    """SET as the *Fantastic Weights* repository prunes it under its `SET` option (`MagnitudeAndNegativityPruner`,
+    which the paper's SET runs used): with h = ⌈n/2⌉, drop the h smallest positive weights and keep only the
+    h − 1 most negative ones, dropping every other negative weight. It decides its own drop count (`OWN_COUNT`),
+    about half a layer whatever n: #negatives + 1 while both signs hold h weights.
+
+    Exactly: with kp = min(h, A₊) and kn = min(h, A₋) (A₊, A₋ the active positive and negative counts), the
+    active weights kept are the positive ones above the kp-th smallest positive weight and the negative ones below
+    the kn-th most negative weight; every other active entry is dropped: kp + A₋ − kn + 1 signed weights, more
+    where weights tie with a threshold (the code compares with the thresholds' values), and every zero and NaN
+    weight, which have no sign. A sign without active weights loses none (the repository's code raises IndexError
+    there). n = 0 drops nothing, as under every criterion (the repository's n = ⌈r·A⌉ is never 0 at a rate above
+    0; at 0 its code would drop every positive weight). Growth then grows as many as were dropped.
+
+    Returns scores, not ranks: DROPPED (0) at the entries dropped, KEPT (1) at the active entries kept, +inf at
+    inactive ones (`dropped_counts` counts the 0s). Over a list (scope="global") the thresholds are the whole
+    list's, as the repository's global pruners take them (its `SET` option, though, prunes by set_fixed's rule
+    when pruning globally: `SETGlobalPruner`).
+    """
+    return _by_sign_thresholds(weights, masks, n, negatives_closest_to_zero=False)
+
+
+def set_fixed(weights, grads, masks, *, n=None, generator=None, gamma=1.0, offset=EPSILON,
+              shift=0.0) -> list[Tensor]:
+    """SET as the *Fantastic Weights* repository's `SET_fixed` prunes it (and its `SET` option when pruning
+    globally, `SETGlobalPruner`): with h = ⌈n/2⌉, drop the h smallest positive weights and the h negative weights
+    closest to zero, 2h in all, split evenly between the signs whatever their counts. It decides its own drop
+    count (`OWN_COUNT`).
+
+    Exactly: with kp = min(h, A₊) and kn = min(h, A₋), the active weights kept are the positive ones above the
+    kp-th smallest positive weight and the negative ones below the kn-th negative weight closest to zero; every
+    other active entry is dropped: kp + kn signed weights (a sign short of h weights drops all it has, and the
+    other sign does not make up for it), more where weights tie with a threshold, and every zero and NaN weight.
+    n = 0 drops nothing. Scores as `set_fw`'s.
+    """
+    return _by_sign_thresholds(weights, masks, n, negatives_closest_to_zero=True)
+
+
+DROPPED, KEPT = 0.0, 1.0   # the scores of set_fw and set_fixed at the active entries they drop and keep
+
+
+def _by_sign_thresholds(weights, masks, n, *, negatives_closest_to_zero: bool) -> list[Tensor]:
+    """The scores of set_fw (negatives_closest_to_zero=False) and set_fixed (True) over the whole list."""
+    n = _checks.integer(n, "n")   # None too: no default count, the rule is n's
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if not weights:
+        return []
+    flat_weight = torch.cat([w.detach().reshape(-1) for w in weights])
+    flat_mask = torch.cat([m.reshape(-1).bool() for m in masks])
+    keep = flat_mask.clone() if n == 0 else torch.zeros_like(flat_mask)
+    if n:
+        half = -(-n // 2)   # ⌈n/2⌉
+        positive = flat_weight[flat_mask & (flat_weight > 0)]
+        negative = flat_weight[flat_mask & (flat_weight < 0)]
+        if positive.numel():
+            # kp-th smallest positive: keep those above it
+            threshold = torch.kthvalue(positive, min(half, positive.numel())).values
+            keep |= flat_mask & (flat_weight > threshold)
+        if negative.numel():
+            kn = min(half, negative.numel())
+            # kn-th closest to zero (set_fixed) or kn-th most negative (set_fw): keep those below it
+            threshold = torch.kthvalue(negative, negative.numel() - kn + 1 if negatives_closest_to_zero else kn).values
+            keep |= flat_mask & (flat_weight < threshold)
+    score = torch.where(keep, KEPT, DROPPED).masked_fill_(~flat_mask, float("inf"))
+    return [part.view(w.shape) for part, w in zip(score.split([w.numel() for w in weights]), weights)]
+
+
+def dropped_counts(scores: list[Tensor], masks: list[Tensor]) -> list[int]:
+    """Per layer, the active entries that the scores of a criterion deciding its own count (`OWN_COUNT`) drop:
+    those scored DROPPED (one read of the device)."""
+    return reference.active_counts([(score == DROPPED) & mask.bool() for score, mask in zip(scores, masks)])
+
+
 def _sorted_positions(values: Tensor, selected: Tensor, descending: bool) -> Tensor:
     """Flat positions of `selected` entries ordered by value (ties by lower position)."""
     positions = selected.nonzero().squeeze(1)
@@ -184,7 +262,7 @@ def gradient(weights, grads, masks, *, generator=None, gamma=1.0, offset=EPSILON
 
 
 PRUNE: dict[str, ScoreFunction] = {
-    "magnitude": magnitude, "set": set_rule, "mest": mest, "snip": snip,
+    "magnitude": magnitude, "set": set_rule, "set_fw": set_fw, "set_fixed": set_fixed, "mest": mest, "snip": snip,
     "sensitivity": sensitivity, "rsensitivity": rsensitivity, "random": random,
 }
 GROW: dict[str, ScoreFunction] = {"gradient": gradient, "random": random}
@@ -194,8 +272,11 @@ MAGNITUDE_OF: dict[str, Callable[[list[Tensor], list[Tensor]], list[Tensor]]] = 
     "magnitude": lambda weights, grads: list(weights), "gradient": lambda weights, grads: list(grads)}
 # Criteria whose score reads the gradient: the update step needs grads for them.
 READS_GRADIENT = frozenset({"mest", "snip", "sensitivity", "rsensitivity", "gradient"})
+# Pruning criteria that decide how many entries they drop, whatever the swap count n (which they take as `n=`, the
+# layer's or, in global scope, the list's): the update drops the entries they score DROPPED and grows as many.
+OWN_COUNT = frozenset({"set_fw", "set_fixed"})
 # Criteria that score entries one by one: summing their scores per block is meaningful.
-ELEMENTWISE = frozenset(PRUNE) - {"set"}
+ELEMENTWISE = frozenset(PRUNE) - {"set"} - OWN_COUNT
 
 
 @dataclasses.dataclass(frozen=True)

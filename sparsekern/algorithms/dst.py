@@ -76,7 +76,9 @@ class DST(distributed.CatchesUp):
             over all parameters, cannot follow a mask update, and its closure's backward would
             recompute the gradients step() masked (dense before an update step).
         prune: pruning criterion, one of `sparsekern.algorithms.criteria.PRUNE` (drop the lowest score):
-            "magnitude", "set", "mest", "snip", "sensitivity", "rsensitivity", "random"; or a
+            "magnitude", "set", "mest", "snip", "sensitivity", "rsensitivity", "random", or "set_fw" and
+            "set_fixed", the Fantastic Weights repository's two SET rules, which decide how many weights they drop
+            from the swap count n (set_fw about half a layer whatever n; growth grows as many); or a
             `sparsekern.Criterion` of your own, which every option below works with as with the built-in ones
             (`block=` where it is elementwise). DST's `prune` attribute, and its state, hold the name.
         grow: growth criterion, "gradient" (largest |g| among inactive) or "random"; or a `sparsekern.Criterion`.
@@ -105,7 +107,7 @@ class DST(distributed.CatchesUp):
             blocks are dropped and grown, n = round(r · active blocks) (or its floor). Masks that are not block
             structured are made so at construction: each layer keeps round(active / (bh·bw))
             blocks, those holding the most active weights (ties to the lower block). Not with
-            prune="set", whose score is a rank, not a per-weight quantity.
+            prune "set", "set_fw" or "set_fixed", whose scores rank weights against each other.
         swap_rounding: how the swap count n = r · active is made whole: "round" (Python's round,
             halves to even: 2.5 -> 2, 3.5 -> 4) or "floor", as RigL's code (3.7 -> 3). Applies to every
             count: each layer's (scope="layer"), the total (scope="global"), and blocks (block=).
@@ -151,9 +153,10 @@ class DST(distributed.CatchesUp):
             has none: below). False trusts the gradients, leaves the warning out and finds the layers
             without a gradient on the device (the same masks, at the cost of a pass over every layer's
             gradient and scores), so that an update on a GPU never waits for the device and can be
-            captured in a CUDA graph. A captured update replays the swap counts it was captured with
-            (they are kernel parameters): capture again when they change, at every update of a
-            schedule whose drop fraction moves (cosine, annealed).
+            captured in a CUDA graph (but under prune "set", "set_fw" or "set_fixed", whose selections by
+            sign read counts from the device whatever host_checks). A captured update replays the swap
+            counts it was captured with (they are kernel parameters): capture again when they change, at
+            every update of a schedule whose drop fraction moves (cosine, annealed).
 
     Which layers: every sparse module whose weight requires grad and is trained by `optimizer`;
     frozen ones are left alone, with a warning. One frozen after construction is left alone while it
@@ -206,7 +209,8 @@ class DST(distributed.CatchesUp):
 
     n = round(r · active) (Python's round; floor with swap_rounding="floor") is not capped by the inactive count: a
     layer denser than 1/(1 + r) drops more than it has inactive entries and grows some just-dropped ones back, as
-    RigL does; an update never changes the active count. Step t counts `step()` calls from 1; updates happen at
+    RigL does; an update never changes the active count (prune "set_fw" and "set_fixed" drop as many as their rule
+    decides from n, and as many grow). Step t counts `step()` calls from 1; updates happen at
     multiples of update_every below end_step. Newly grown weights start at 0 (their optimizer state too, with
     reset_state); a just-dropped weight may be grown again and then keeps its value and optimizer state, as in RigL's
     code. Ties keep, and grow, the lower flat position (row-major, in layer order under scope="global"). After an
@@ -640,7 +644,14 @@ class DST(distributed.CatchesUp):
             scored_grads = [torch.zeros_like(w) if g is None else g for w, g in zip(weights, grads)]
         else:
             scored_grads = grads
-        prune, prune_abs, grow, grow_abs = self._scores(weights, scored_grads, masks, [name for name, _ in named])
+        # Whole blocks count by their grids (_update_blocks); no criterion deciding its own count takes blocks.
+        counts = None if self.block is not None else self._active_counts(masks, masks)
+        swap = None if counts is None else self._swap_counts(fraction, counts)
+        prune, prune_abs, grow, grow_abs = self._scores(weights, scored_grads, masks, [name for name, _ in named],
+                                                        swap)
+        if self._prune.name in criteria.OWN_COUNT:   # it decided how many it drops: that many swap
+            dropped = criteria.dropped_counts(prune, masks)
+            swap = dropped if self.scope == "layer" else sum(dropped)
         if self._reads_gradient:
             # A weight without a gradient sums to 0 (none is not in sums).
             layer_sums = None if sums is None else [sums.get(id(w), 0.0) for w in weights]
@@ -652,8 +663,7 @@ class DST(distributed.CatchesUp):
         zeroed_like_weight = state if self.reset_state else [[] for _ in weights]
         masked = [([] if g is None else [g]) + ([] if self.reset_state else s) for g, s in zip(grads, state)]
         if self.block is None:
-            counts = self._active_counts(masks, masks)
-            new = ops.prune_grow(weights, masks, prune, grow, self._swap_counts(fraction, counts),
+            new = ops.prune_grow(weights, masks, prune, grow, swap,
                                  state=zeroed_like_weight, masked=masked, active=self._per_scope(counts),
                                  prune_abs=prune_abs, grow_abs=grow_abs)
         else:
@@ -726,9 +736,11 @@ class DST(distributed.CatchesUp):
         self._counts = (tuple((id(m), m._version) for m in masks),
                         counts if self.scope == "layer" else [sum(counts)])
 
-    def _scores(self, weights, grads, masks, layers: list[str]) -> tuple[list[Tensor], bool, list[Tensor], bool]:
+    def _scores(self, weights, grads, masks, layers: list[str],
+                swap) -> tuple[list[Tensor], bool, list[Tensor], bool]:
         """(prune scores, rank them by |score|, grow scores, rank them by |score|), of one dtype, of the layers
-        named `layers`.
+        named `layers`; `swap`: the swap counts (`_swap_counts`, None for blocks), which the criteria deciding
+        their own count read.
 
         Magnitude criteria hand over the weights or gradients themselves, ranked by magnitude, so no
         score tensor is made for them (criteria.MAGNITUDE_OF); the others are computed in one
@@ -745,10 +757,10 @@ class DST(distributed.CatchesUp):
                 if criterion.name in criteria.MAGNITUDE_OF:
                     scored.append((criteria.MAGNITUDE_OF[criterion.name](weights, grads), True))
                 elif criterion.elementwise or self.scope == "global":
-                    scored.append((self._score(criterion, weights, grads, masks, layers), False))
+                    scored.append((self._score(criterion, weights, grads, masks, layers, swap), False))
                 else:  # a rank over the list (SET): in layer scope, each layer's own
-                    scored.append(([self._score(criterion, [w], [g], [m], [layer])[0]
-                                    for w, g, m, layer in zip(weights, grads, masks, layers)], False))
+                    scored.append(([self._score(criterion, [w], [g], [m], [layer], n)[0]
+                                    for w, g, m, layer, n in zip(weights, grads, masks, layers, swap)], False))
                 if self.host_checks and not criteria.is_built_in(criterion):
                     criterion.refuse_nan(scored[-1][0], layers)
         except Exception:
@@ -761,12 +773,13 @@ class DST(distributed.CatchesUp):
             dtype = torch.promote_types(dtype, score.dtype)
         return [s.to(dtype) for s in prune], prune_abs, [s.to(dtype) for s in grow], grow_abs
 
-    def _score(self, criterion: criteria.Criterion, weights, grads, masks, layers: list[str]) -> list[Tensor]:
+    def _score(self, criterion: criteria.Criterion, weights, grads, masks, layers: list[str], n) -> list[Tensor]:
         """`criterion`'s scores of the layers named `layers`: a built-in's, given DST's parameters of the
-        criteria, or a user's, checked."""
+        criteria (and `n`, their swap count, where it decides its own count), or a user's, checked."""
         if criteria.is_built_in(criterion):
+            own_count = {"n": n} if criterion.name in criteria.OWN_COUNT else {}
             return criterion.score(weights, grads, masks, generator=self.generator, gamma=self.mest_gamma,
-                                   offset=self.sensitivity_offset, shift=self.snip_shift)
+                                   offset=self.sensitivity_offset, shift=self.snip_shift, **own_count)
         return criterion.checked_scores(weights, grads, masks, generator=self.generator, layers=layers)
 
     def _state(self, weight: Tensor) -> list[Tensor]:

@@ -123,10 +123,12 @@ def lowest(score, n):
     return np.sort(torch.sort(key, stable=True).indices[:n].numpy())
 
 
-@pytest.mark.parametrize("case", ["mixed", "no positives", "no negatives", "one positive", "one negative",
-                                  "many zeros", "only zeros", "ties"])
-def test_set_rule_drops_the_numpy_set_for_every_n(case, generator):
-    numel = 60
+SIGN_CASES = ["mixed", "no positives", "no negatives", "one positive", "one negative", "many zeros", "only zeros",
+              "ties"]
+
+
+def signed_layer(case, generator, numel=60):
+    """(weights, mask) of `numel` entries, about 70% active, whose signs (and zeros, ties or NaN) are `case`'s."""
     theta = torch.randn(numel, generator=generator)
     mask = torch.rand(numel, generator=generator) < 0.7
     if case == "no positives":
@@ -142,6 +144,14 @@ def test_set_rule_drops_the_numpy_set_for_every_n(case, generator):
         theta.zero_()
     elif case == "ties":
         theta = torch.randint(-2, 3, (numel,), generator=generator).float() / 2
+    elif case == "nan":
+        theta[torch.rand(numel, generator=generator) < 0.1] = float("nan")
+    return theta, mask
+
+
+@pytest.mark.parametrize("case", SIGN_CASES)
+def test_set_rule_drops_the_numpy_set_for_every_n(case, generator):
+    theta, mask = signed_layer(case, generator)
     score = criteria.set_rule([theta.view(6, 10)], [None], [mask.view(6, 10)])[0]
     assert torch.isinf(score.flatten()[~mask]).all()
     active = np.flatnonzero(mask.numpy())

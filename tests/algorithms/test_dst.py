@@ -1014,12 +1014,12 @@ def test_the_swap_count_warning_counts_blocks():
         "layer's active blocks of 2x2 rounds to 0 (swap_rounding='round')"]
 
 
-def _random_criteria_masks(monkeypatch, backend, scope):
-    """The masks after three updates of SET-like random pruning and growth under `backend`."""
+def _random_criteria_masks(monkeypatch, backend, scope, prune):
+    """The masks after three updates of pruning by `prune` and random growth under `backend`."""
     monkeypatch.setenv("SPARSEKERN_BACKEND", backend)
     model = small_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    algo = sparsekern.DST(model, optimizer, prune="random", grow="random", schedule="constant", update_every=1,
+    algo = sparsekern.DST(model, optimizer, prune=prune, grow="random", schedule="constant", update_every=1,
                           total_steps=10, scope=scope, seed=3)
     planted = torch.Generator().manual_seed(7)
     for _ in range(3):
@@ -1031,10 +1031,12 @@ def _random_criteria_masks(monkeypatch, backend, scope):
 
 
 @pytest.mark.parametrize("scope", ["layer", "global"])
-def test_random_criteria_give_the_same_masks_on_every_backend(monkeypatch, scope):
+@pytest.mark.parametrize("prune", ["random", "set_fw", "set_fixed"])
+def test_random_criteria_give_the_same_masks_on_every_backend(monkeypatch, scope, prune):
     # The random scores are drawn by torch, per updated layer in model order, before the backend's prune_grow, whose
-    # selection of the top scores (ties to the lower position) every backend makes alike.
-    masks = {backend: _random_criteria_masks(monkeypatch, backend, scope)
+    # selection of the top scores (ties to the lower position) every backend makes alike. The Fantastic Weights SET
+    # rules decide their counts in torch too, and score all they drop alike (0): every backend drops those.
+    masks = {backend: _random_criteria_masks(monkeypatch, backend, scope, prune)
              for backend in ("reference", "compiled", "triton")}
     assert all(torch.equal(a, b) for a, b in zip(masks["reference"], masks["compiled"]))
     assert all(torch.equal(a, b) for a, b in zip(masks["reference"], masks["triton"]))

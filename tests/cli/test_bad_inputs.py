@@ -318,6 +318,7 @@ BAD_ARGUMENTS = [
     ["train", "--block", "2.5x2"],
     ["train", "--block", ""],
     ["train", "--method", "set", "--block", "2x2"],  # SET's score is a rank, not a per-weight quantity
+    ["train", "--method", "dst", "--prune", "set_fw", "--block", "2x2"],   # nor are the Fantastic Weights SETs'
     ["train", "--method", "imp", "--block", "2x2"],
     ["train", "--method", "rigl", "--block", "100x100"],  # a block larger than a layer keeps
     ["compare", "--methods", "static,set,rigl", "--block", "2x2"],

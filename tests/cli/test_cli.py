@@ -801,6 +801,13 @@ def test_train_hands_the_criterion_parameters_to_dst(argv, expected):
     assert (algorithm.mest_gamma, algorithm.sensitivity_offset) == expected
 
 
+@pytest.mark.parametrize("rule", ["set_fw", "set_fixed"])
+def test_train_prunes_by_the_fantastic_weights_set_rules(rule):
+    args = build_parser().parse_args(["train", "--method", "dst", "--prune", rule, "--grow", "random"])
+    config = _config(args, method=args.method, prune=args.prune, grow=args.grow)
+    assert (prepare(config).recipe.algorithm.prune, prepare(config).recipe.algorithm.grow) == (rule, "random")
+
+
 @pytest.mark.parametrize("argv, expected", [([], 0.0), (["--snip-shift", "1e-5"], 1e-5)])
 def test_train_hands_the_snip_shift_to_dst(argv, expected):
     args = build_parser().parse_args(["train", "--method", "dst", "--prune", "snip", *argv])
