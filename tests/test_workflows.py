@@ -2,8 +2,10 @@
 runs a small loop as a researcher would and checks it against what a correct library must do (masks at
 their density, weights 0 off the mask where promised, results equal to an equivalent reference)."""
 import copy
+import functools
 import pickle
 import re
+import types
 import warnings
 
 import pytest
@@ -178,6 +180,49 @@ def test_a_dense_checkpoint_of_many_layers_is_warned_with_a_count_at_the_callers
                                            "density 0.5), '1.mask' (SparseLinear, density 0.5), ")
     assert "'4.mask' (SparseLinear, density 0.5) and 2 more: " in str(warning.message)
     assert warning.filename == __file__
+
+
+def _renamed_locals(load_state_dict):
+    """`load_state_dict` as a torch that names its module and missing-keys list otherwise would have it."""
+    code = load_state_dict.__code__
+    renamed = code.replace(co_varnames=tuple("module" if name == "self" else name for name in code.co_varnames),
+                           co_cellvars=tuple("missing" if name == "missing_keys" else name
+                                             for name in code.co_cellvars))
+    function = types.FunctionType(renamed, load_state_dict.__globals__, load_state_dict.__name__,
+                                  load_state_dict.__defaults__, load_state_dict.__closure__)
+    function.__kwdefaults__ = load_state_dict.__kwdefaults__
+    return function
+
+
+def _wrapped(load_state_dict):
+    """`load_state_dict` inside a wrapper of functools.wraps's (a decorator a torch may add)."""
+    @functools.wraps(load_state_dict)
+    def wrapper(*args, **kwargs):
+        return load_state_dict(*args, **kwargs)
+    return wrapper
+
+
+def _hidden(load_state_dict):
+    """`load_state_dict` called from a function of its own: its frame, which holds the list, is not found."""
+    def load_elsewhere(module, state_dict, strict=True, assign=False):
+        return load_state_dict(module, state_dict, strict, assign)
+    return load_elsewhere
+
+
+@pytest.mark.parametrize("torch_change, warnings_made", [(_renamed_locals, 1), (_wrapped, 1), (_hidden, 3)])
+def test_a_dense_checkpoint_is_warned_of_whatever_torch_names_its_locals(torch_change, warnings_made, monkeypatch):
+    """The call's module was found by the names of torch's locals ("self", "missing_keys"): renamed, each layer
+    warned for itself. Where the call's frame cannot be found at all, each layer still warns (none is silent) and
+    no hook is left behind."""
+    pretrained = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8))
+    model = sparsekern.sparsify(copy.deepcopy(pretrained), 0.5, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(nn.Module, "load_state_dict", torch_change(nn.Module.load_state_dict))
+    messages = _dense_load_warnings(model, pretrained.state_dict())
+    assert len(messages) == warnings_made, messages
+    assert {key for message in messages for key in ("'0.mask'", "'1.mask'", "'2.mask'") if key in message} == {
+        "'0.mask'", "'1.mask'", "'2.mask'"}
+    assert not model._load_state_dict_post_hooks
+    assert all(layer.mask.all() for layer in model)
 
 
 def test_a_dense_load_that_raises_half_way_warns_nothing_later_and_leaves_the_model_picklable():

@@ -296,14 +296,16 @@ class DST(distributed.CatchesUp):
         self.generator = generator
         self.step_count = 0
         self._finished = False   # finish() was called: the next step() follows a masked backward
-        # ((mask, version) pairs, active counts per layer) as of the last update or count (_active_counts).
-        self._counts: tuple[tuple[tuple[int, int], ...], list[int]] | None = None
         self._reads_gradient = self._prune.reads_gradient or self._grow.reads_gradient
         self._gradients = GradientWatch()
         self._empty = set(empty)   # warned about
         self._frozen_warned: set[str] = set()   # layers frozen after construction, warned about
-        if block is not None:
-            self._make_block_structured(active)
+        units = active if block is None else self._make_block_structured(active)
+        # ((mask, version) pairs, active counts per layer) as of the last update or count (_active_counts).
+        # Construction's count (of blocks, once they are whole) serves the first update if no mask changes
+        # before it: a count is a host read, a sync on a GPU.
+        self._counts: tuple[tuple[tuple[int, int], ...], list[int]] = (
+            _versions([module.mask for _, module in self.modules]), units)
         # State left at inactive positions (say, from dense training before sparsify) would move
         # inactive weights off 0.
         with torch.no_grad():
@@ -724,8 +726,8 @@ class DST(distributed.CatchesUp):
         mask changed since the last update. An update keeps each layer's count (layer scope) or the
         total (global scope), so DST counts on the device, a host read on a GPU, only after masks are
         set some other way (load_state_dict, set_mask)."""
-        versions = tuple((id(m), m._version) for m in masks)   # the layers updated change as they are frozen
-        if self._counts is None or self._counts[0] != versions:
+        versions = _versions(masks)   # the layers updated change as they are frozen
+        if self._counts[0] != versions:
             self._counts = (versions, reference.active_counts(units))
         return self._counts[1]
 
@@ -733,8 +735,7 @@ class DST(distributed.CatchesUp):
         """Marks the counts as current for the masks just installed. In global scope only their total
         is still right, and it is all that scope reads."""
         counts = self._counts[1]
-        self._counts = (tuple((id(m), m._version) for m in masks),
-                        counts if self.scope == "layer" else [sum(counts)])
+        self._counts = (_versions(masks), counts if self.scope == "layer" else [sum(counts)])
 
     def _scores(self, weights, grads, masks, layers: list[str],
                 swap) -> tuple[list[Tensor], bool, list[Tensor], bool]:
@@ -786,12 +787,20 @@ class DST(distributed.CatchesUp):
         """The optimizer's per-entry state tensors of `weight` (not scalars such as Adam's step)."""
         return optimizer_state(self.optimizer, weight)
 
-    def _make_block_structured(self, active: list[int]) -> None:
-        """Makes every mask whole blocks; `active`: the layers' active counts."""
-        for (_, module), count in zip(self.modules, active):
-            blocks = _Blocks(module.weight.shape, self.block)
-            per_block = blocks.sum(module.mask.to(torch.float32))
-            module.set_mask(blocks.expand(ops.topk_mask([per_block], [blocks.keep(count)])[0]))
+    def _make_block_structured(self, active: list[int]) -> list[int]:
+        """Makes every mask whole blocks; `active`: the layers' active counts. Returns the blocks each layer
+        keeps. One topk_mask call selects them all: each call reads its counts back (a sync on a GPU)."""
+        blocking = [_Blocks(module.weight.shape, self.block) for _, module in self.modules]
+        kept = [blocks.keep(count) for blocks, count in zip(blocking, active)]
+        per_block = [blocks.sum(module.mask.to(torch.float32)) for blocks, (_, module) in zip(blocking, self.modules)]
+        for blocks, (_, module), block_mask in zip(blocking, self.modules, ops.topk_mask(per_block, kept)):
+            module.set_mask(blocks.expand(block_mask))
+        return kept
+
+
+def _versions(masks: list[Tensor]) -> tuple[tuple[int, int], ...]:
+    """Which masks, and how often each was written: what DST's remembered counts are of (`DST._active_counts`)."""
+    return tuple((id(mask), mask._version) for mask in masks)
 
 
 def _trained_layers(model: nn.Module, optimizer: torch.optim.Optimizer):

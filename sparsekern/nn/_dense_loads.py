@@ -4,11 +4,12 @@ A pretrained dense checkpoint loaded into a sparsified model gives each sparse l
 a mask of all True: the model would train dense, silently. Each layer learns this in its own `_load_from_state_dict`,
 which sees neither the other layers nor the end of the call, and a warning per layer would print a dozen for a
 ResNet. So the first such layer of a call finds the module the call loads into (the frame of its
-`nn.Module.load_state_dict`) and registers a post-hook there, which torch runs once every module has loaded; each
-layer of the call adds itself to the hook's list, and the hook warns once, naming them.
+`nn.Module.load_state_dict`: `_loading_into`) and registers a post-hook there, which torch runs once every module has
+loaded; each layer of the call adds itself to the hook's list, and the hook warns once, naming them.
 """
 from __future__ import annotations
 
+import inspect
 import sys
 import threading
 import warnings
@@ -38,11 +39,21 @@ def note(missing_keys: list, key: str, layer: nn.Module) -> None:
 
 
 def _loading_into(missing_keys: list) -> nn.Module | None:
-    """The module whose load_state_dict call owns `missing_keys`, from that call's frame, or None."""
+    """The module whose load_state_dict call owns `missing_keys`, from that call's frame, or None.
+
+    torch offers no other way to it: no load hook of every module (its global hooks are of forward, backward and
+    registration), and a layer knows nothing of the modules holding it. So the frame is found by its code (through
+    any wrapper of functools.wraps's) and holding the list, and the module is its first argument: no local is read
+    by name, which torch is free to change. A torch whose call holds the list elsewhere finds None, and each layer
+    warns for itself."""
+    code = inspect.unwrap(nn.Module.load_state_dict).__code__
     frame = sys._getframe(2)
     while frame is not None:
-        if frame.f_code is nn.Module.load_state_dict.__code__ and frame.f_locals.get("missing_keys") is missing_keys:
-            return frame.f_locals["self"]
+        if frame.f_code is code:
+            values = frame.f_locals
+            root = values.get(code.co_varnames[0])
+            if isinstance(root, nn.Module) and any(value is missing_keys for value in values.values()):
+                return root
         frame = frame.f_back
     return None
 

@@ -792,13 +792,29 @@ def test_an_update_is_one_prune_grow_call_and_reads_no_count(scope, block, monke
         calls.__setitem__("count", calls["count"] + 1), counting(masks))[1])
     for step in range(3):
         train_step(model, optimizer, algo, step)
-    # Three updates: three calls; the masks are counted once (the first update), never again.
-    assert calls == {"prune_grow": 3, "topk_mask": 0, "count": 1}
+    # Three updates: three calls; the masks are counted by construction alone (the first update counted them
+    # again), never again.
+    assert calls == {"prune_grow": 3, "topk_mask": 0, "count": 0}
     # Masks set another way are counted again at the next update.
     module = algo.modules[0][1]
     module.set_mask(module.mask.clone())
     train_step(model, optimizer, algo, 3)
-    assert calls["count"] == 2
+    assert calls["count"] == 1
+
+
+@pytest.mark.parametrize("block", [None, (2, 2)])
+def test_a_mask_set_between_construction_and_the_first_update_is_counted_again(block):
+    # Construction's count serves the first update only while the masks are the ones it counted.
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    algo = sparsekern.RigL(model, optimizer, update_every=1, total_steps=100, block=block)
+    module = algo.modules[1][1]   # Linear(64, 24)
+    sparser = torch.zeros_like(module.mask)
+    sparser[:, :8] = True   # whole 2x2 blocks
+    assert int(sparser.sum()) != int(module.mask.sum())
+    module.set_mask(sparser)
+    train_step(model, optimizer, algo, 0)
+    assert int(module.mask.sum()) == int(sparser.sum()) and not torch.equal(module.mask, sparser)
 
 
 def test_counts_follow_masks_loaded_from_a_state_dict():
@@ -1068,12 +1084,25 @@ def _host_reads_at_construction(layers: int, monkeypatch, **options) -> int:
     return len(reads)
 
 
+@pytest.mark.parametrize("backend", ["auto", "triton"])
 @pytest.mark.parametrize("block", [None, (2, 2)])
-def test_construction_reads_the_layers_counts_once_for_all_layers(block, monkeypatch):
+def test_construction_reads_the_layers_counts_once_for_all_layers(block, backend, monkeypatch):
     # _warn_if_idle read each layer's mask.any() and _warn_if_nothing_swaps each one's count (int(mask.sum())), and
-    # block= each one's count twice more: host reads that grew with the layers, each a sync on a GPU.
+    # block= each one's count twice more: host reads that grew with the layers, each a sync on a GPU. Then block=
+    # made each layer whole blocks by a topk_mask call of its own, each reading its counts back (Triton's, as on a
+    # GPU; the compiled CPU kernels read nothing through Python).
+    monkeypatch.setenv("SPARSEKERN_BACKEND", backend)
     assert (_host_reads_at_construction(6, monkeypatch, block=block)
             == _host_reads_at_construction(2, monkeypatch, block=block))
+
+
+def test_block_structured_construction_selects_every_layers_blocks_in_one_call(monkeypatch):
+    model = small_model()
+    calls = []
+    original = sparsekern.ops.topk_mask
+    monkeypatch.setattr(sparsekern.ops, "topk_mask", lambda *a, **k: (calls.append(1), original(*a, **k))[1])
+    sparsekern.RigL(model, torch.optim.SGD(model.parameters(), lr=0.1), total_steps=100, block=(2, 2))
+    assert len(calls) == 1
 
 
 def test_the_settings_table_holds_every_setting_a_state_saves_and_no_other():
