@@ -362,6 +362,32 @@ def test_a_drop_fraction_that_swaps_nothing_is_warned_in_option_names(tmp_path, 
         "(--drop-fraction 1e-05), of each layer's active weights rounds down to 0 (--swap-rounding floor)"]
 
 
+def test_dst_warnings_are_worded_from_the_arguments_they_carry_not_from_their_text(tmp_path, capsys, monkeypatch):
+    # The CLI replaced the text "block=(3, 3)", "drop_fraction=1e-05" and "swap_rounding='floor'" in DST's messages:
+    # a library that said an argument otherwise (here "drop_fraction := 1e-05") left it in DST's words.
+    from sparsekern.algorithms import dst
+    monkeypatch.setattr(dst, "_as_argument", lambda name, value: f"{name} := {value}")
+    assert str(dst._ArgumentWarning("{block} x", {"block": (3, 3)}, {})) == "block := (3, 3) x"
+    main(["train", "--method", "set", "--epochs", "3", "--update-every", "5", "--drop-fraction", "0.00001",
+          "--swap-rounding", "floor", "--stop-after", "1", "--out", str(tmp_path / "swaps"), "--quiet"])
+    assert capsys.readouterr().err.splitlines() == [
+        "sparsekern train: warning: no mask update swaps a weight: the largest fraction any update drops, 1e-05 "
+        "(--drop-fraction 1e-05), of each layer's active weights rounds down to 0 (--swap-rounding floor)"]
+    main(["train", "--method", "rigl", "--epochs", "3", "--update-every", "5", "--block", "3x3", "--stop-after",
+          "1", "--out", str(tmp_path / "blocks"), "--quiet"])
+    err = capsys.readouterr().err.splitlines()
+    assert err and all(line.startswith("sparsekern train: warning: --block 3x3 does not tile layer ") for line in err)
+
+
+def test_a_drop_fraction_left_to_the_method_is_named_as_the_method_s_schedule_s(tmp_path, capsys):
+    # The last layer keeps 3 weights (round(0.001 x 2560)), of which SET's 0.3 swaps floor(0.9) = 0.
+    main(["train", "--method", "set", "--density", "0.001", "--distribution", "uniform", "--epochs", "3",
+          "--update-every", "5", "--swap-rounding", "floor", "--stop-after", "1", "--out", str(tmp_path), "--quiet"])
+    assert capsys.readouterr().err.splitlines() == [
+        "sparsekern train: warning: the masks of ['5'] never change: the largest fraction any update drops, 0.3 (the "
+        "set schedule's drop fraction 0.3), of each one's active weights rounds down to 0 (--swap-rounding floor)"]
+
+
 def test_dense_trains_at_density_1_unless_told_a_density(tmp_path, capsys):
     main(["train", "--method", "dense", "--epochs", "1", "--out", str(tmp_path), "--quiet"])   # --density's default
     assert "density 1.0000" in capsys.readouterr().out
