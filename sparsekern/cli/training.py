@@ -535,10 +535,11 @@ class Diverged(ValueError):
 
 def _check_finite(model: nn.Module, config: TrainConfig, epoch: int, chooses_mask: bool) -> None:
     """Diverged, naming the first layer whose parameters are not all finite; `chooses_mask`: the method chooses its
-    next mask from them now."""
-    diverged = next((name for name, module in model.named_modules()
-                     if not all(torch.isfinite(parameter).all() for parameter in module.parameters(recurse=False))),
-                    None)
+    next mask from them now. One host read (a sync on a GPU) for all the parameters, every epoch."""
+    owners = [(name, parameter) for name, module in model.named_modules()
+              for parameter in module.parameters(recurse=False)]
+    finite = torch.stack([torch.isfinite(parameter).all() for _, parameter in owners]).tolist() if owners else []
+    diverged = next((name for (name, _), is_finite in zip(owners, finite) if not is_finite), None)
     if diverged is not None:
         chosen = ", and its next mask is chosen from them" if chooses_mask else ""
         raise Diverged(f"{config.method} at density {config.density:g}, seed {config.seed}, diverged: after epoch "

@@ -961,6 +961,36 @@ def test_a_run_diverged_by_a_high_lr_stops_with_one_line_naming_lr(argv, chosen,
                         rf"layer '1' are not finite{chosen}; lower --lr \(it was 1e\+06\)", lines[0]), lines[0]
 
 
+_HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+
+
+def _finite_check(model, monkeypatch) -> tuple[int, str | None]:
+    """(tensor-to-Python conversions, each a host read and a sync on a GPU, of training._check_finite on `model`;
+    the message of the Diverged it raised, or None)."""
+    reads = []
+    with monkeypatch.context() as patch:
+        for name in _HOST_READS:
+            original = getattr(torch.Tensor, name)
+            patch.setattr(torch.Tensor, name,
+                          lambda self, *a, _f=original, **k: (reads.append(1), _f(self, *a, **k))[1])
+        try:
+            training._check_finite(model, TrainConfig(method="static"), 1, False)
+        except training.Diverged as error:
+            return len(reads), str(error)
+    return len(reads), None
+
+
+def test_the_finite_check_reads_every_parameter_back_at_once_and_names_the_first_diverged_layer(monkeypatch):
+    # It read isfinite().all() of each parameter in turn: one host read per parameter, every epoch.
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    assert _finite_check(model, monkeypatch) == (1, None)
+    with torch.no_grad():
+        model[3].bias[1] = float("inf")
+        model[2].weight[0, 0] = float("nan")
+    reads, message = _finite_check(model, monkeypatch)
+    assert reads == 1 and "the weights of layer '2' are not finite" in message
+
+
 def test_the_caption_says_which_lines_spread_their_density_by_distribution():
     # The caption said "erk layer densities" of every comparison, imp's and gmp's too, which prune all layers together.
     base = TrainConfig(distribution="uniform")
