@@ -16,7 +16,7 @@ import warnings
 import torch
 from torch import nn
 
-from ..algorithms import DST, IMP, MEST, SET, SWAMP, OptG, RigL
+from ..algorithms import DST, IMP, MEST, SET, SWAMP, OptG, RigL, _tickets
 from ..algorithms.dst import _ArgumentWarning, _NoUpdateWarning, _as_argument
 from ..algorithms.schedules import DEFAULT_END_FRACTION
 
@@ -105,15 +105,23 @@ class Recipe:
         return ""
 
     def state_dict(self) -> dict:
-        state = {"optimizer": self.optimizer.state_dict()}
+        """The optimizer's state, its parameters by name (torch's own keys them by position, which a model listing
+        its parameters in another order would load into the wrong tensors), and the algorithm's."""
+        state = {"optimizer": _tickets.optimizer_by_name(self.optimizer.state_dict(), self.optimizer,
+                                                         _tickets.parameter_names(self.model))}
         if self.algorithm is not None:
             state["algorithm"] = self.algorithm.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Loads a `state_dict()`; ValueError, naming the parameters, for an optimizer state of other parameters
+        than this model's. The optimizer state is checked on a fresh optimizer first, which puts each parameter's
+        entry in this model's order (a checkpoint of earlier versions, by position, loads by position)."""
+        checked = _tickets.loaded_optimizer(self._make_optimizer, self.model, state["optimizer"],
+                                            "its optimizer state", "this run")
         if self.algorithm is not None:
             self.algorithm.load_state_dict(state["algorithm"])
+        self.optimizer.load_state_dict(checked.state_dict())
 
     def _make_optimizer(self, parameters):
         return torch.optim.SGD(parameters, lr=self.config.lr, momentum=self.config.momentum,

@@ -134,6 +134,21 @@ def edited_checkpoint(edit):
     return make
 
 
+def rename_a_parameter_of_the_optimizer(state):
+    """The optimizer state of a model whose first parameter had another name."""
+    optimizer = state["recipe"]["optimizer"]
+    params = optimizer["param_groups"][0]["params"]
+    old, params[0] = params[0], f"renamed.{params[0]}"
+    if old in optimizer["state"]:
+        optimizer["state"][params[0]] = optimizer["state"].pop(old)
+
+
+def drop_a_parameter_of_the_optimizer(state):
+    """The optimizer state of a parameter set without the last parameter (another method's, another model's)."""
+    optimizer = state["recipe"]["optimizer"]
+    optimizer["state"].pop(optimizer["param_groups"][0]["params"].pop(), None)
+
+
 def shrink_first_weight(state):
     name = next(iter(state["model"]))
     state["model"][name] = state["model"][name][:3]
@@ -177,6 +192,11 @@ BAD_CHECKPOINTS = [
     ("epoch beyond the run", edited_checkpoint(lambda state: state.update(epoch=99)), "inconsistent"),
     ("history of another length", edited_checkpoint(lambda state: state.update(history=[])), "inconsistent"),
     ("bad rng state", edited_checkpoint(lambda state: state.update(rng=torch.zeros(3))), "does not fit this run"),
+    # The optimizer state was saved by parameter position, and loaded into whichever parameters held those positions.
+    ("optimizer state of a parameter renamed", edited_checkpoint(rename_a_parameter_of_the_optimizer),
+     "does not fit this run: its optimizer state holds the parameters ['renamed.1.weight', "),
+    ("optimizer state without a parameter", edited_checkpoint(drop_a_parameter_of_the_optimizer),
+     "does not fit this run: its optimizer state holds the parameters ['1.weight', "),
     # Campaign 14: the metrics and gradient-flow records were taken as they came, and the first epoch trained on
     # them ended in a traceback (AttributeError, KeyError) when the metrics files were written, or wrote the damage
     # into gradient_flow.csv.

@@ -472,6 +472,38 @@ def test_interrupted_train_resumes_to_the_uninterrupted_result(tmp_path, method,
     assert whole["epoch"] == split["epoch"] == epochs
 
 
+def _optimizer_reversed(optimizer: dict, names: list[str]) -> None:
+    """As a model listing its parameters the other way round would have saved it."""
+    for group in optimizer["param_groups"]:
+        group["params"].reverse()
+    optimizer["state"] = dict(reversed(optimizer["state"].items()))
+
+
+def _optimizer_by_position(optimizer: dict, names: list[str]) -> None:
+    """As versions before the names saved it: torch's own state dict, by the parameters' positions."""
+    position = {name: index for index, name in enumerate(names)}
+    for group in optimizer["param_groups"]:
+        group["params"] = [position[name] for name in group["params"]]
+    optimizer["state"] = {position[name]: value for name, value in optimizer["state"].items()}
+
+
+@pytest.mark.parametrize("edit", [_optimizer_reversed, _optimizer_by_position])
+def test_a_checkpoint_s_optimizer_state_goes_to_the_parameters_it_was_saved_for(edit, tmp_path):
+    # It was saved by parameter position: a checkpoint listing the parameters in another order loaded each momentum
+    # into the tensor at its position, of another shape (a traceback at the first step) or of the same (trained on
+    # the wrong momentum without a word).
+    common = ["train", "--method", "rigl", "--density", "0.2", "--epochs", "2", "--update-every", "10", "--quiet"]
+    main([*common, "--out", str(tmp_path / "whole")])
+    main([*common, "--out", str(tmp_path / "split"), "--stop-after", "1"])
+    path = tmp_path / "split" / "checkpoint.pt"
+    saved = checkpoint.load(path)
+    edit(saved["recipe"]["optimizer"], [name for name in saved["model"] if not name.endswith(".mask")])
+    checkpoint.save(saved, path)
+    main([*common, "--out", str(tmp_path / "split"), "--resume", str(path)])
+    whole, split = (checkpoint.load(tmp_path / run / "checkpoint.pt") for run in ("whole", "split"))
+    assert all(torch.equal(tensor, split["model"][name]) for name, tensor in whole["model"].items())
+
+
 @pytest.mark.parametrize("method, options", [
     ("set", ["--epochs", "3", "--update-every", "7", "--end-fraction", "1", "--scope", "global"]),  # random growth
     ("swamp", ["--epochs", "1", "--cycles", "2", "--particles", "2"]),
