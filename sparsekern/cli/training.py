@@ -14,6 +14,7 @@ import inspect
 import json
 import math
 import os
+import pickle
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -387,7 +388,10 @@ def read_checkpoint(path: str, map_location=None) -> dict:
             warnings.simplefilter("ignore")
             state = checkpoint.load(path, map_location=map_location)
     except Exception as error:  # torch.load raises many types for a damaged file; all mean the same here
-        if "Weights only load failed" in str(error):  # torch refused to unpickle a foreign object
+        # torch.load(weights_only=True) raises UnpicklingError where its unpickler refuses what the file holds (an
+        # object other than tensors and containers), which checkpoint.load's ValueError has for its cause: told by
+        # that type, not by the words of either message.
+        if isinstance(error.__cause__, pickle.UnpicklingError):
             raise ValueError(f"resume checkpoint {path!r} cannot be read: it holds objects other than tensors and "
                              f"plain containers, which sparsekern never loads") from None
         raise ValueError(f"resume checkpoint {path!r} cannot be read ({type(error).__name__}: "

@@ -555,6 +555,23 @@ def test_bad_resume_checkpoints_exit_2(name, make, words, tmp_path, capsys):
     assert os.listdir(tmp_path) == before
 
 
+def test_a_checkpoint_of_foreign_objects_is_told_by_torch_s_error_not_by_the_library_s_words(tmp_path, capsys,
+                                                                                              monkeypatch):
+    # The CLI looked for torch's words ("Weights only load failed") in sparsekern.checkpoint.load's message, which
+    # quotes them: a library message that did not would have called a pickled program merely unreadable.
+    load = checkpoint.load
+
+    def reworded(*args, **kwargs):
+        try:
+            return load(*args, **kwargs)
+        except ValueError as error:
+            raise ValueError("this checkpoint cannot be loaded") from error.__cause__
+
+    monkeypatch.setattr(checkpoint, "load", reworded)
+    refused(["train", "--method", "static", "--epochs", "1", "--resume", pickled(Evil())(tmp_path), "--out",
+             str(tmp_path / "resumed")], capsys, "objects other than tensors")
+
+
 @pytest.mark.parametrize("command", ["train", "compare", "reproduce"])
 @pytest.mark.parametrize("name, make, words", BAD_OUTPUTS, ids=[case[0] for case in BAD_OUTPUTS])
 def test_unwritable_output_exits_2_before_training(command, name, make, words, tmp_path, capsys, nothing_trains):
