@@ -38,10 +38,12 @@ def load(path: str | os.PathLike, map_location=None):
 
     A file that cannot be loaded (truncated, corrupt, holding objects other than tensors and
     containers, which are never unpickled, or tensors of a device this machine lacks) raises
-    ValueError naming the file; so does one whose stored checksums (CRC-32 of every record of
-    torch's zip format) do not match its contents, or whose record headers or zip directory are
-    damaged, all of which torch.load alone would load silently; so does a file in torch's legacy
-    format (`torch.save(..., _use_new_zipfile_serialization=False)`, or torch before 1.6), which
+    ValueError naming the file, caused by (`__cause__`) the error torch.load raised: a
+    pickle.UnpicklingError where its weights-only unpickler refused what the file holds; so does
+    one whose stored checksums (CRC-32 of every record of torch's zip format) do not match its
+    contents, or whose record headers or zip directory are damaged, all of which torch.load alone
+    would load silently; so does a file in torch's legacy format
+    (`torch.save(..., _use_new_zipfile_serialization=False)`, or torch before 1.6), which
     stores no checksum at all, so that damage to its tensors could not be told from their values
     (`save` always writes the zip format); and a path that is not a regular file (a FIFO, which
     would block forever, a device); a missing one raises FileNotFoundError, and a directory

@@ -17,6 +17,7 @@ import numbers
 import warnings
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -457,11 +458,15 @@ def check_saved_setting(state: dict, key: str, value, setting: str | None = None
 def _differs(saved, value) -> bool:
     """Whether a state's setting `saved` is not `value`, as the algorithm's arguments tell settings apart: a flag is
     a bool, a count an integer of any kind, a number any real but a bool (True is no snip_shift of 1.0, nor 1 a
-    reset_state of True), and a pair (block) a tuple or list of two (DST takes block=[2, 2] for (2, 2)). A tensor or
-    an array of values is never a setting, and comparing one gives a tensor or an array, whose truth value raises (a
-    NumPy array's a ValueError of its own, naming nothing); so does a comparison that raises."""
+    reset_state of True), and a pair (block) a tuple or list of two (DST takes block=[2, 2] for (2, 2)). A NumPy
+    scalar is taken for the Python value of its kind (np.bool_ a bool, np.integer an int, np.floating a float), as
+    a state built from NumPy values holds them. A tensor or an array of values is never a setting, and comparing one
+    gives a tensor or an array, whose truth value raises (a NumPy array's a ValueError of its own, naming nothing);
+    so does a comparison that raises."""
     if isinstance(saved, Tensor) or getattr(saved, "ndim", 0):
         return True
+    if isinstance(saved, (np.bool_, np.integer, np.floating)):
+        saved = saved.item()
     if isinstance(value, tuple):
         return (not isinstance(saved, (tuple, list)) or len(saved) != len(value)
                 or any(_differs(item, expected) for item, expected in zip(saved, value)))

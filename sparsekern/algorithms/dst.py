@@ -60,6 +60,30 @@ class _NoUpdateWarning(UserWarning):
     which says it in its option names, finds it by kind rather than by its words."""
 
 
+class _ArgumentWarning(UserWarning):
+    """A warning that names some of DST's arguments. Its message is `template` formatted with `details` and, for
+    each entry of `arguments` (argument name: value), the argument as `_as_argument` says it (`block=(4, 4)`); a
+    caller that took the arguments under other names (the CLI's options: `--block 4x4`) words it in its own by
+    `worded`, rather than by replacing text of a message that may be reworded."""
+
+    def __init__(self, template: str, arguments: dict, details: dict):
+        super().__init__(template, arguments, details)   # in args, so that it pickles and copies whole
+        self.template, self.arguments, self.details = template, arguments, details
+
+    def __str__(self) -> str:
+        return self.worded(_as_argument)
+
+    def worded(self, phrase) -> str:
+        """The message with each argument as `phrase(name, value)` says it."""
+        return self.template.format(**self.details, **{name: phrase(name, value)
+                                                       for name, value in self.arguments.items()})
+
+
+def _as_argument(name: str, value) -> str:
+    """An argument as DST's messages give it: `name=value`, a float in its shortest form."""
+    return f"{name}={value:g}" if isinstance(value, float) else f"{name}={value!r}"
+
+
 def _stream_seed(seed: int) -> int:
     """DST's own seed for `seed`: deterministic, and not `seed` itself (see DST's `seed`)."""
     return zlib.crc32(f"sparsekern.DST/{seed}".encode())
@@ -863,9 +887,10 @@ def _check_blocks(modules, counts: list[int], block: tuple[int, int]) -> None:
                              f"{active / (block[0] * block[1]):.3g} blocks of {block[0] * block[1]}, which "
                              f"rounds to 0 and would empty the layer")
         if blocks.rows % block[0] or blocks.cols % block[1]:
-            warnings.warn(f"block={block} does not tile layer {name!r} ({blocks.rows}x{blocks.cols} weight "
-                          f"matrix): its edge blocks hold fewer weights, so its active weight count changes "
-                          f"when they are dropped or grown (its block count stays exact)", stacklevel=4)
+            warnings.warn(_ArgumentWarning(
+                "{block} does not tile layer {layer!r} ({rows}x{cols} weight matrix): its edge blocks hold fewer "
+                "weights, so its active weight count changes when they are dropped or grown (its block count stays "
+                "exact)", {"block": block}, {"layer": name, "rows": blocks.rows, "cols": blocks.cols}), stacklevel=4)
 
 
 def _warn_if_idle(schedule: schedules.Schedule, empty: list[str], scope: str) -> None:
@@ -902,20 +927,22 @@ def _warn_if_nothing_swaps(schedule: schedules.Schedule, modules, active: list[i
     unit = "weights" if block is None else f"blocks of {block[0]}x{block[1]}"
     counts = active if block is None else [_Blocks(module.weight.shape, block).keep(count)
                                            for (_, module), count in zip(modules, active)]
-    fraction = f"the largest fraction any update drops, {largest:.3g} (drop_fraction={schedule.drop_fraction:g}),"
-    rounds = f"rounds {'down ' if rounding == 'floor' else ''}to 0 (swap_rounding={rounding!r})"
-    if scope == "global":
-        if sum(counts) and _swap_count(largest, sum(counts), rounding) == 0:
-            warnings.warn(f"no mask update swaps a weight: {fraction} of the {sum(counts)} active {unit} {rounds}",
-                          stacklevel=4)
-        return
     still = [name for (name, _), count in zip(modules, counts) if count and _swap_count(largest, count, rounding) == 0]
-    if still and len(still) == sum(1 for count in counts if count):
-        warnings.warn(f"no mask update swaps a weight: {fraction} of each layer's active {unit} {rounds}",
-                      stacklevel=4)
+    if scope == "global":
+        if not sum(counts) or _swap_count(largest, sum(counts), rounding):
+            return
+        opening, of = "no mask update swaps a weight", "of the {total} active"
+    elif still and len(still) == sum(1 for count in counts if count):
+        opening, of = "no mask update swaps a weight", "of each layer's active"
     elif still:
-        warnings.warn(f"the masks of {still} never change: {fraction} of each one's active {unit} {rounds}",
-                      stacklevel=4)
+        opening, of = "the masks of {still} never change", "of each one's active"
+    else:
+        return
+    template = (opening + ": the largest fraction any update drops, {largest:.3g} ({drop_fraction}), " + of +
+                " {unit} rounds {down}to 0 ({swap_rounding})")
+    warnings.warn(_ArgumentWarning(template, {"drop_fraction": schedule.drop_fraction, "swap_rounding": rounding},
+                                   {"largest": largest, "total": sum(counts), "still": still, "unit": unit,
+                                    "down": "down " if rounding == "floor" else ""}), stacklevel=4)
 
 
 def _schedule_from_state(saved) -> schedules.Schedule:

@@ -9,14 +9,15 @@ the optimizer step and at a segment's end, and holds the state a checkpoint need
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
 import torch
 from torch import nn
 
-from ..algorithms import DST, IMP, MEST, SET, SWAMP, OptG, RigL
-from ..algorithms.dst import _NoUpdateWarning
+from ..algorithms import DST, IMP, MEST, SET, SWAMP, OptG, RigL, _tickets
+from ..algorithms.dst import _ArgumentWarning, _NoUpdateWarning, _as_argument
 from ..algorithms.schedules import DEFAULT_END_FRACTION
 
 DST_PRESETS = {"set": SET, "rigl": RigL, "mest": MEST, "dst": DST}
@@ -104,15 +105,23 @@ class Recipe:
         return ""
 
     def state_dict(self) -> dict:
-        state = {"optimizer": self.optimizer.state_dict()}
+        """The optimizer's state, its parameters by name (torch's own keys them by position, which a model listing
+        its parameters in another order would load into the wrong tensors), and the algorithm's."""
+        state = {"optimizer": _tickets.optimizer_by_name(self.optimizer.state_dict(), self.optimizer,
+                                                         _tickets.parameter_names(self.model))}
         if self.algorithm is not None:
             state["algorithm"] = self.algorithm.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Loads a `state_dict()`; ValueError, naming the parameters, for an optimizer state of other parameters
+        than this model's. The optimizer state is checked on a fresh optimizer first, which puts each parameter's
+        entry in this model's order (a checkpoint of earlier versions, by position, loads by position)."""
+        checked = _tickets.loaded_optimizer(self._make_optimizer, self.model, state["optimizer"],
+                                            "its optimizer state", "this run")
         if self.algorithm is not None:
             self.algorithm.load_state_dict(state["algorithm"])
+        self.optimizer.load_state_dict(checked.state_dict())
 
     def _make_optimizer(self, parameters):
         return torch.optim.SGD(parameters, lr=self.config.lr, momentum=self.config.momentum,
@@ -138,29 +147,36 @@ class DSTRecipe(Recipe):
     def _warn_in_option_names(self, caught: list) -> None:
         """Re-raises DST's construction warnings in the words of the command line, whose user typed options
         (--update-every, --block 4x4), never DST's argument names (update_every, block=(4, 4)) nor its end_step,
-        which the CLI derives from --end-fraction and --epochs. (DST's warning about layers left empty under
-        scope='layer' cannot come: sparsify refuses a density that empties a layer.)"""
+        which the CLI derives from --end-fraction and --epochs. DST's warnings carry the arguments they name
+        (`_ArgumentWarning`) and are worded anew from them; the one saying no update comes is found by its
+        category and said in full here. (DST's warning about layers left empty under scope='layer' cannot come:
+        sparsify refuses a density that empties a layer.)"""
         config, schedule = self.config, self.algorithm.schedule
         idle = False
         for warning in caught:
             if issubclass(warning.category, _NoUpdateWarning):
                 idle = True   # said below, in the options that set it
-                continue
-            message = str(warning.message)
-            if config.block is not None:
-                message = message.replace(f"block={config.block}", f"--block {config.block[0]}x{config.block[1]}")
-            rate = f"{schedule.drop_fraction:g}"   # the method's own unless --drop-fraction set it
-            message = message.replace(f"drop_fraction={rate}", f"--drop-fraction {rate}" if config.drop_fraction
-                                      is not None else f"the {config.method} schedule's drop fraction {rate}")
-            message = message.replace(f"swap_rounding={self.algorithm.swap_rounding!r}",
-                                      f"--swap-rounding {self.algorithm.swap_rounding}")
-            warnings.warn(message, warning.category, stacklevel=3)
+            elif isinstance(warning.message, _ArgumentWarning):
+                warnings.warn(warning.message.worded(self._as_option), stacklevel=3)
+            else:
+                warnings.warn(warning.message, stacklevel=3)
         if idle:
             end_fraction = DEFAULT_END_FRACTION[schedule.name] if config.end_fraction is None else config.end_fraction
             warnings.warn(f"no mask update will ever happen: --update-every {schedule.update_every} reaches no step "
                           f"before the updates end, at step {schedule.end_step} (--end-fraction {end_fraction:g} "
                           f"of the {schedule.total_steps} steps of --epochs {config.epochs}); raise --epochs or "
                           f"lower --update-every", stacklevel=3)
+
+    def _as_option(self, name: str, value) -> str:
+        """DST's argument `name` of `value` as the command line sets it: by its option (--block 4x4,
+        --swap-rounding floor), or, for a drop fraction --drop-fraction left to the method, in words. An argument
+        without an option of the same name (none of DST's warnings names one now) keeps DST's wording."""
+        if name not in {field.name for field in dataclasses.fields(self.config)}:
+            return _as_argument(name, value)
+        if name == "drop_fraction" and self.config.drop_fraction is None:
+            return f"the {self.config.method} schedule's drop fraction {value:g}"
+        shown = f"{value[0]}x{value[1]}" if name == "block" else f"{value:g}" if isinstance(value, float) else value
+        return f"--{name.replace('_', '-')} {shown}"
 
     def updates_masks_next(self) -> bool:
         return self.algorithm.schedule.is_update(self.algorithm.step_count + 1)

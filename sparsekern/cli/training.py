@@ -14,6 +14,7 @@ import inspect
 import json
 import math
 import os
+import pickle
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -387,7 +388,10 @@ def read_checkpoint(path: str, map_location=None) -> dict:
             warnings.simplefilter("ignore")
             state = checkpoint.load(path, map_location=map_location)
     except Exception as error:  # torch.load raises many types for a damaged file; all mean the same here
-        if "Weights only load failed" in str(error):  # torch refused to unpickle a foreign object
+        # torch.load(weights_only=True) raises UnpicklingError where its unpickler refuses what the file holds (an
+        # object other than tensors and containers), which checkpoint.load's ValueError has for its cause: told by
+        # that type, not by the words of either message.
+        if isinstance(error.__cause__, pickle.UnpicklingError):
             raise ValueError(f"resume checkpoint {path!r} cannot be read: it holds objects other than tensors and "
                              f"plain containers, which sparsekern never loads") from None
         raise ValueError(f"resume checkpoint {path!r} cannot be read ({type(error).__name__}: "
@@ -535,10 +539,11 @@ class Diverged(ValueError):
 
 def _check_finite(model: nn.Module, config: TrainConfig, epoch: int, chooses_mask: bool) -> None:
     """Diverged, naming the first layer whose parameters are not all finite; `chooses_mask`: the method chooses its
-    next mask from them now."""
-    diverged = next((name for name, module in model.named_modules()
-                     if not all(torch.isfinite(parameter).all() for parameter in module.parameters(recurse=False))),
-                    None)
+    next mask from them now. One host read (a sync on a GPU) for all the parameters, every epoch."""
+    owners = [(name, parameter) for name, module in model.named_modules()
+              for parameter in module.parameters(recurse=False)]
+    finite = torch.stack([torch.isfinite(parameter).all() for _, parameter in owners]).tolist() if owners else []
+    diverged = next((name for (name, _), is_finite in zip(owners, finite) if not is_finite), None)
     if diverged is not None:
         chosen = ", and its next mask is chosen from them" if chooses_mask else ""
         raise Diverged(f"{config.method} at density {config.density:g}, seed {config.seed}, diverged: after epoch "

@@ -7,6 +7,7 @@ import dataclasses
 import io
 import itertools
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -176,6 +177,34 @@ def test_a_dst_state_saved_with_other_criteria_scope_or_blocks_is_refused(saved,
     model = mlp(0, hidden=8)
     _refused_with_nothing_changed(dst(model, loaded), model, state, f"saved with {words}")
     dst(mlp(0, hidden=8), saved).load_state_dict(state)   # the same settings load
+
+
+@pytest.mark.parametrize("saved, value, differs", [
+    (np.True_, True, False), (np.False_, False, False), (np.True_, False, True),   # a flag: np.bool_ as a bool
+    (np.int64(3), 3, False), (np.uint8(3), 3, False), (np.int64(4), 3, True),      # a count: np.integer as an int
+    (np.float32(0.5), 0.5, False), (np.float64(1e-5), 1e-5, False), (np.int32(1), 1.0, False),
+    ((np.int64(2), np.int32(2)), (2, 2), False),                                   # block's pair
+    # Other kinds stay refused, as their Python values are: no bool is a number, no number a flag, no float a count.
+    (np.True_, 1, True), (np.True_, 1.0, True), (np.int64(1), True, True), (np.float32(1.0), True, True),
+    (np.float64(2.0), 2, True), (np.complex64(1), 1.0, True), (np.array([True]), True, True),
+])
+def test_a_numpy_scalar_is_a_setting_of_its_kind(saved, value, differs):
+    # A state built from NumPy values (a setting read back from an .npz, or computed) held np.True_ for
+    # reset_state=True: refused as "saved with reset_state=True, not True".
+    assert _tickets._differs(saved, value) is differs
+
+
+def test_a_dst_state_with_numpy_settings_loads():
+    def dst(model):
+        return sparsekern.DST(model, torch.optim.SGD(model.parameters(), lr=0.1), update_every=2, total_steps=20,
+                              block=(2, 2), reset_state=True)
+
+    state = _through_a_file(dst(mlp(0, hidden=8)).state_dict())
+    state.update(reset_state=np.True_, block=(np.int64(2), np.int64(2)))
+    dst(mlp(0, hidden=8)).load_state_dict(state)
+    state.update(reset_state=np.False_)
+    model = mlp(0, hidden=8)
+    _refused_with_nothing_changed(dst(model), model, state, "saved with reset_state=.*False.*, not True")
 
 
 def test_a_dst_state_saved_before_swap_rounding_existed_loads_only_where_it_rounds():

@@ -134,6 +134,21 @@ def edited_checkpoint(edit):
     return make
 
 
+def rename_a_parameter_of_the_optimizer(state):
+    """The optimizer state of a model whose first parameter had another name."""
+    optimizer = state["recipe"]["optimizer"]
+    params = optimizer["param_groups"][0]["params"]
+    old, params[0] = params[0], f"renamed.{params[0]}"
+    if old in optimizer["state"]:
+        optimizer["state"][params[0]] = optimizer["state"].pop(old)
+
+
+def drop_a_parameter_of_the_optimizer(state):
+    """The optimizer state of a parameter set without the last parameter (another method's, another model's)."""
+    optimizer = state["recipe"]["optimizer"]
+    optimizer["state"].pop(optimizer["param_groups"][0]["params"].pop(), None)
+
+
 def shrink_first_weight(state):
     name = next(iter(state["model"]))
     state["model"][name] = state["model"][name][:3]
@@ -177,6 +192,11 @@ BAD_CHECKPOINTS = [
     ("epoch beyond the run", edited_checkpoint(lambda state: state.update(epoch=99)), "inconsistent"),
     ("history of another length", edited_checkpoint(lambda state: state.update(history=[])), "inconsistent"),
     ("bad rng state", edited_checkpoint(lambda state: state.update(rng=torch.zeros(3))), "does not fit this run"),
+    # The optimizer state was saved by parameter position, and loaded into whichever parameters held those positions.
+    ("optimizer state of a parameter renamed", edited_checkpoint(rename_a_parameter_of_the_optimizer),
+     "does not fit this run: its optimizer state holds the parameters ['renamed.1.weight', "),
+    ("optimizer state without a parameter", edited_checkpoint(drop_a_parameter_of_the_optimizer),
+     "does not fit this run: its optimizer state holds the parameters ['1.weight', "),
     # Campaign 14: the metrics and gradient-flow records were taken as they came, and the first epoch trained on
     # them ended in a traceback (AttributeError, KeyError) when the metrics files were written, or wrote the damage
     # into gradient_flow.csv.
@@ -534,6 +554,23 @@ def test_bad_resume_checkpoints_exit_2(name, make, words, tmp_path, capsys):
         refused(["train", "--method", "static", "--epochs", "1", "--density", "0.3", "--resume", path,
                  "--out", str(tmp_path / "resumed")], capsys, words)
     assert os.listdir(tmp_path) == before
+
+
+def test_a_checkpoint_of_foreign_objects_is_told_by_torch_s_error_not_by_the_library_s_words(tmp_path, capsys,
+                                                                                              monkeypatch):
+    # The CLI looked for torch's words ("Weights only load failed") in sparsekern.checkpoint.load's message, which
+    # quotes them: a library message that did not would have called a pickled program merely unreadable.
+    load = checkpoint.load
+
+    def reworded(*args, **kwargs):
+        try:
+            return load(*args, **kwargs)
+        except ValueError as error:
+            raise ValueError("this checkpoint cannot be loaded") from error.__cause__
+
+    monkeypatch.setattr(checkpoint, "load", reworded)
+    refused(["train", "--method", "static", "--epochs", "1", "--resume", pickled(Evil())(tmp_path), "--out",
+             str(tmp_path / "resumed")], capsys, "objects other than tensors")
 
 
 @pytest.mark.parametrize("command", ["train", "compare", "reproduce"])

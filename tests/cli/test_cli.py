@@ -362,6 +362,32 @@ def test_a_drop_fraction_that_swaps_nothing_is_warned_in_option_names(tmp_path, 
         "(--drop-fraction 1e-05), of each layer's active weights rounds down to 0 (--swap-rounding floor)"]
 
 
+def test_dst_warnings_are_worded_from_the_arguments_they_carry_not_from_their_text(tmp_path, capsys, monkeypatch):
+    # The CLI replaced the text "block=(3, 3)", "drop_fraction=1e-05" and "swap_rounding='floor'" in DST's messages:
+    # a library that said an argument otherwise (here "drop_fraction := 1e-05") left it in DST's words.
+    from sparsekern.algorithms import dst
+    monkeypatch.setattr(dst, "_as_argument", lambda name, value: f"{name} := {value}")
+    assert str(dst._ArgumentWarning("{block} x", {"block": (3, 3)}, {})) == "block := (3, 3) x"
+    main(["train", "--method", "set", "--epochs", "3", "--update-every", "5", "--drop-fraction", "0.00001",
+          "--swap-rounding", "floor", "--stop-after", "1", "--out", str(tmp_path / "swaps"), "--quiet"])
+    assert capsys.readouterr().err.splitlines() == [
+        "sparsekern train: warning: no mask update swaps a weight: the largest fraction any update drops, 1e-05 "
+        "(--drop-fraction 1e-05), of each layer's active weights rounds down to 0 (--swap-rounding floor)"]
+    main(["train", "--method", "rigl", "--epochs", "3", "--update-every", "5", "--block", "3x3", "--stop-after",
+          "1", "--out", str(tmp_path / "blocks"), "--quiet"])
+    err = capsys.readouterr().err.splitlines()
+    assert err and all(line.startswith("sparsekern train: warning: --block 3x3 does not tile layer ") for line in err)
+
+
+def test_a_drop_fraction_left_to_the_method_is_named_as_the_method_s_schedule_s(tmp_path, capsys):
+    # The last layer keeps 3 weights (round(0.001 x 2560)), of which SET's 0.3 swaps floor(0.9) = 0.
+    main(["train", "--method", "set", "--density", "0.001", "--distribution", "uniform", "--epochs", "3",
+          "--update-every", "5", "--swap-rounding", "floor", "--stop-after", "1", "--out", str(tmp_path), "--quiet"])
+    assert capsys.readouterr().err.splitlines() == [
+        "sparsekern train: warning: the masks of ['5'] never change: the largest fraction any update drops, 0.3 (the "
+        "set schedule's drop fraction 0.3), of each one's active weights rounds down to 0 (--swap-rounding floor)"]
+
+
 def test_dense_trains_at_density_1_unless_told_a_density(tmp_path, capsys):
     main(["train", "--method", "dense", "--epochs", "1", "--out", str(tmp_path), "--quiet"])   # --density's default
     assert "density 1.0000" in capsys.readouterr().out
@@ -444,6 +470,38 @@ def test_interrupted_train_resumes_to_the_uninterrupted_result(tmp_path, method,
     for name, tensor in whole["model"].items():
         assert torch.equal(tensor, split["model"][name]), name
     assert whole["epoch"] == split["epoch"] == epochs
+
+
+def _optimizer_reversed(optimizer: dict, names: list[str]) -> None:
+    """As a model listing its parameters the other way round would have saved it."""
+    for group in optimizer["param_groups"]:
+        group["params"].reverse()
+    optimizer["state"] = dict(reversed(optimizer["state"].items()))
+
+
+def _optimizer_by_position(optimizer: dict, names: list[str]) -> None:
+    """As versions before the names saved it: torch's own state dict, by the parameters' positions."""
+    position = {name: index for index, name in enumerate(names)}
+    for group in optimizer["param_groups"]:
+        group["params"] = [position[name] for name in group["params"]]
+    optimizer["state"] = {position[name]: value for name, value in optimizer["state"].items()}
+
+
+@pytest.mark.parametrize("edit", [_optimizer_reversed, _optimizer_by_position])
+def test_a_checkpoint_s_optimizer_state_goes_to_the_parameters_it_was_saved_for(edit, tmp_path):
+    # It was saved by parameter position: a checkpoint listing the parameters in another order loaded each momentum
+    # into the tensor at its position, of another shape (a traceback at the first step) or of the same (trained on
+    # the wrong momentum without a word).
+    common = ["train", "--method", "rigl", "--density", "0.2", "--epochs", "2", "--update-every", "10", "--quiet"]
+    main([*common, "--out", str(tmp_path / "whole")])
+    main([*common, "--out", str(tmp_path / "split"), "--stop-after", "1"])
+    path = tmp_path / "split" / "checkpoint.pt"
+    saved = checkpoint.load(path)
+    edit(saved["recipe"]["optimizer"], [name for name in saved["model"] if not name.endswith(".mask")])
+    checkpoint.save(saved, path)
+    main([*common, "--out", str(tmp_path / "split"), "--resume", str(path)])
+    whole, split = (checkpoint.load(tmp_path / run / "checkpoint.pt") for run in ("whole", "split"))
+    assert all(torch.equal(tensor, split["model"][name]) for name, tensor in whole["model"].items())
 
 
 @pytest.mark.parametrize("method, options", [
@@ -940,6 +998,36 @@ def test_a_run_diverged_by_a_high_lr_stops_with_one_line_naming_lr(argv, chosen,
     assert exit_info.value.code == 2 and len(lines) == 1, lines
     assert re.fullmatch(r"sparsekern \w+: error: \w+ at density 0.1, seed 0, diverged: after epoch \d the weights of "
                         rf"layer '1' are not finite{chosen}; lower --lr \(it was 1e\+06\)", lines[0]), lines[0]
+
+
+_HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+
+
+def _finite_check(model, monkeypatch) -> tuple[int, str | None]:
+    """(tensor-to-Python conversions, each a host read and a sync on a GPU, of training._check_finite on `model`;
+    the message of the Diverged it raised, or None)."""
+    reads = []
+    with monkeypatch.context() as patch:
+        for name in _HOST_READS:
+            original = getattr(torch.Tensor, name)
+            patch.setattr(torch.Tensor, name,
+                          lambda self, *a, _f=original, **k: (reads.append(1), _f(self, *a, **k))[1])
+        try:
+            training._check_finite(model, TrainConfig(method="static"), 1, False)
+        except training.Diverged as error:
+            return len(reads), str(error)
+    return len(reads), None
+
+
+def test_the_finite_check_reads_every_parameter_back_at_once_and_names_the_first_diverged_layer(monkeypatch):
+    # It read isfinite().all() of each parameter in turn: one host read per parameter, every epoch.
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    assert _finite_check(model, monkeypatch) == (1, None)
+    with torch.no_grad():
+        model[3].bias[1] = float("inf")
+        model[2].weight[0, 0] = float("nan")
+    reads, message = _finite_check(model, monkeypatch)
+    assert reads == 1 and "the weights of layer '2' are not finite" in message
 
 
 def test_the_caption_says_which_lines_spread_their_density_by_distribution():
