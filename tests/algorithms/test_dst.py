@@ -13,7 +13,7 @@ from sparsekern.algorithms.dst import _Blocks
 from sparsekern.nn import SparseConv1d, SparseConv3d, SparseLinear, sparse_modules
 
 from ..helpers import batch as stateless_batch
-from ..helpers import conv1d_conv3d_model, conv_data
+from ..helpers import conv1d_conv3d_model, conv_data, counting_host_reads
 
 
 @pytest.fixture(autouse=True)
@@ -1042,22 +1042,14 @@ def test_random_criteria_give_the_same_masks_on_every_backend(monkeypatch, scope
     assert not any(torch.equal(a, b) for a, b in zip(masks["reference"], initial))   # the updates swapped
 
 
-_HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
-
-
-def _host_reads_at_construction(layers: int, monkeypatch, **options) -> int:
+def _host_reads_at_construction(layers: int, **options) -> int:
     """Tensor-to-Python conversions (each a device-to-host read, a sync on a GPU) while DST is built on a model of
     `layers` sparse layers of which the last has no active weight (so both construction warnings read the counts)."""
     model = sparsekern.sparsify(nn.Sequential(*(nn.Linear(8, 8) for _ in range(layers))), 0.5,
                                 generator=torch.Generator().manual_seed(0))
     model[-1].set_mask(torch.zeros(8, 8, dtype=torch.bool))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    reads = []
-    with monkeypatch.context() as patch:
-        for name in _HOST_READS:
-            original = getattr(torch.Tensor, name)
-            patch.setattr(torch.Tensor, name,
-                          lambda self, *a, _f=original, **k: (reads.append(1), _f(self, *a, **k))[1])
+    with counting_host_reads() as reads:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             sparsekern.DST(model, optimizer, total_steps=1000, update_every=100, drop_fraction=0.01,
@@ -1067,11 +1059,10 @@ def _host_reads_at_construction(layers: int, monkeypatch, **options) -> int:
 
 
 @pytest.mark.parametrize("block", [None, (2, 2)])
-def test_construction_reads_the_layers_counts_once_for_all_layers(block, monkeypatch):
+def test_construction_reads_the_layers_counts_once_for_all_layers(block):
     # _warn_if_idle read each layer's mask.any() and _warn_if_nothing_swaps each one's count (int(mask.sum())), and
     # block= each one's count twice more: host reads that grew with the layers, each a sync on a GPU.
-    assert (_host_reads_at_construction(6, monkeypatch, block=block)
-            == _host_reads_at_construction(2, monkeypatch, block=block))
+    assert _host_reads_at_construction(6, block=block) == _host_reads_at_construction(2, block=block)
 
 
 def test_the_settings_table_holds_every_setting_a_state_saves_and_no_other():
