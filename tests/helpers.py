@@ -7,6 +7,7 @@ Conv3d+Conv1d model, scikit-learn's digits, and a stateless batch order (batch t
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import pathlib
@@ -211,3 +212,19 @@ def end_rank() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+@contextlib.contextmanager
+def counting_host_reads():
+    """Counts the Tensor-to-Python conversions (device-to-host reads, each a sync on a GPU) made inside: yields a
+    list that holds one entry per read."""
+    reads = []
+    originals = {name: getattr(torch.Tensor, name)
+                 for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")}
+    for name, original in originals.items():
+        setattr(torch.Tensor, name, lambda self, *a, _f=original, **k: (reads.append(1), _f(self, *a, **k))[1])
+    try:
+        yield reads
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)

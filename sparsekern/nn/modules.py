@@ -33,9 +33,12 @@ Writing into `weight` off the mask, or writing `mask` other than through `set_ma
 promise: set `zero_off_mask = False`, or call `zero_weights_off_mask()` to keep it. A mask written in
 place (noticed by its version counter, which a mask made under torch.inference_mode lacks and a write
 through `mask.data` does not move) or put in place of the old one (registered as a buffer) is noticed at
-the next forward outside torch.compile, which reads the weight once to check the promise again (a mask
-assigned, `layer.mask = ...`, is checked at once; one that is not a dense bool tensor, or that is an
-nn.Parameter, is refused with TypeError before it is in place): an EMA of a DST run
+the next forward outside torch.compile, which reads the weight once to check the promise again (a host
+sync on a GPU); a mask that moves again before the promise is made anew (set_mask, zero_weights_off_mask,
+an algorithm's update, a load) drops it unread instead, and the module takes the masked path until then, so
+that a copy into the masks at every forward (DistributedDataParallel's buffer sync under torch 2.11) costs
+no read per step (a mask assigned, `layer.mask = ...`, is checked at once; one that is not a dense bool
+tensor, or that is an nn.Parameter, is refused with TypeError before it is in place): an EMA of a DST run
 (torch.optim.swa_utils.AveragedModel, whose buffer sync copies the live masks into a model whose
 averaged weights are non-zero off them) computes with its averaged weights under the live masks.
 Only the module's own forward notices it: nn.TransformerEncoderLayer's fused eval-mode kernel
@@ -199,6 +202,9 @@ class SparseModule(nn.Module):
         mask = self.__dict__["_buffers"].get("mask")
         self.__dict__["_promised_mask"] = mask
         self.__dict__["_promised_mask_version"] = None if mask is None or mask.is_inference() else mask._version
+        # A promise made anew: a mask moving since is read once (_forward_arguments, whose read makes the promise
+        # again and then sets this True, so that the next move drops it unread).
+        self.__dict__["_promise_rechecked"] = False
         # Fused inference kernels of torch read a child layer's weight directly: in eval mode,
         # nn.TransformerEncoderLayer hands linear1.weight, linear2.weight and its SparseMultiheadAttention's
         # in_proj.weight and out_proj.weight to one fused op, which would multiply by the values off the
@@ -313,7 +319,15 @@ class SparseModule(nn.Module):
                 and (mask is not self._promised_mask
                      or promised_version is not None and mask._version != promised_version)
                 and not _transforms.active()):
-            self._recheck_zero_off_mask()   # another mask, or one written in place, since the promise (setter)
+            # Another mask, or one written in place, since the promise (setter). Checked once, a read of the weight
+            # (a host sync on a GPU); a mask that moves again before the promise is made anew drops it unread, for
+            # the masked path: one copied in at every forward (DDP's buffer sync under torch 2.11) would cost a
+            # sync per layer per step.
+            if self._promise_rechecked:
+                self.zero_off_mask = False
+            else:
+                self._recheck_zero_off_mask()
+                self.__dict__["_promise_rechecked"] = True
             zero_off_mask = self._zero_off_mask_of is weight
         if zero_off_mask and self.check_zero_off_mask is not False and not _transforms.active():
             # Set on the class (where no assignment is checked), a truthy "no" would turn the check on: refused here.

@@ -13,7 +13,7 @@ from sparsekern.algorithms.dst import _Blocks
 from sparsekern.nn import SparseConv1d, SparseConv3d, SparseLinear, sparse_modules
 
 from ..helpers import batch as stateless_batch
-from ..helpers import conv1d_conv3d_model, conv_data
+from ..helpers import conv1d_conv3d_model, conv_data, counting_host_reads
 
 
 @pytest.fixture(autouse=True)
@@ -1060,22 +1060,14 @@ def test_random_criteria_give_the_same_masks_on_every_backend(monkeypatch, scope
     assert not any(torch.equal(a, b) for a, b in zip(masks["reference"], initial))   # the updates swapped
 
 
-_HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
-
-
-def _host_reads_at_construction(layers: int, monkeypatch, **options) -> int:
+def _host_reads_at_construction(layers: int, **options) -> int:
     """Tensor-to-Python conversions (each a device-to-host read, a sync on a GPU) while DST is built on a model of
     `layers` sparse layers of which the last has no active weight (so both construction warnings read the counts)."""
     model = sparsekern.sparsify(nn.Sequential(*(nn.Linear(8, 8) for _ in range(layers))), 0.5,
                                 generator=torch.Generator().manual_seed(0))
     model[-1].set_mask(torch.zeros(8, 8, dtype=torch.bool))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    reads = []
-    with monkeypatch.context() as patch:
-        for name in _HOST_READS:
-            original = getattr(torch.Tensor, name)
-            patch.setattr(torch.Tensor, name,
-                          lambda self, *a, _f=original, **k: (reads.append(1), _f(self, *a, **k))[1])
+    with counting_host_reads() as reads:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             sparsekern.DST(model, optimizer, total_steps=1000, update_every=100, drop_fraction=0.01,
@@ -1092,8 +1084,7 @@ def test_construction_reads_the_layers_counts_once_for_all_layers(block, backend
     # made each layer whole blocks by a topk_mask call of its own, each reading its counts back (Triton's, as on a
     # GPU; the compiled CPU kernels read nothing through Python).
     monkeypatch.setenv("SPARSEKERN_BACKEND", backend)
-    assert (_host_reads_at_construction(6, monkeypatch, block=block)
-            == _host_reads_at_construction(2, monkeypatch, block=block))
+    assert _host_reads_at_construction(6, block=block) == _host_reads_at_construction(2, block=block)
 
 
 def test_block_structured_construction_selects_every_layers_blocks_in_one_call(monkeypatch):

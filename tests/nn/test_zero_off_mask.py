@@ -13,6 +13,8 @@ import sparsekern
 from sparsekern.nn import (SparseConv1d, SparseConv2d, SparseConv3d, SparseConvTranspose1d, SparseConvTranspose2d,
                            SparseConvTranspose3d, SparseLinear, sparse_modules)
 
+from ..helpers import counting_host_reads
+
 OPTIMIZERS = {
     "sgd": lambda p: torch.optim.SGD(p, lr=0.1),
     "sgd-nesterov": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True),
@@ -517,6 +519,33 @@ def test_a_mask_put_in_place_of_the_old_is_noticed(make, shape, how, generator):
         layer._buffers["mask"] = mask
     torch.testing.assert_close(layer(x), dense_twin(layer, layer.weight)(x))
     assert not layer.zero_off_mask
+
+
+@LAYERS
+def test_a_mask_copied_in_at_every_forward_is_read_once_per_promise(make, shape, generator):
+    # What DDP's buffer sync does under torch 2.11 (its copy of rank 0's masks moves their version counters): each
+    # forward read the weight again to check the promise, a host sync per layer per step on a GPU. Now a mask that
+    # moves again before the promise is made anew takes the masked path, unread.
+    layer = masked_layer(make, generator)
+    x = torch.randn(shape, generator=generator)
+    reads = []
+    for step in range(6):
+        if step == 3:   # a promise made anew, for another mask (as an algorithm's update does): read once more
+            layer.set_mask(layer.mask.roll(1, 0))
+        with torch.no_grad():
+            layer.mask.copy_(layer.mask.clone())   # the same values; the version counter moves
+        with counting_host_reads() as made:
+            output = layer(x)
+        reads.append(len(made))
+        torch.testing.assert_close(output, dense_twin(layer, layer.weight)(x))
+    assert reads == [1, 0, 0, 1, 0, 0]
+    # A mask that then really changes (the active weights now off it) is masked all the same, unread.
+    with torch.no_grad():
+        layer.mask.logical_not_()
+    with counting_host_reads() as made:
+        output = layer(x)
+    torch.testing.assert_close(output, dense_twin(layer, layer.weight)(x))
+    assert not made and not layer.zero_off_mask
 
 
 @LAYERS
