@@ -48,6 +48,9 @@ def sparse_layers(model: nn.Module, who: str) -> list[tying.Group]:
     tying.check_groups(groups)
     # Once taken: IMP and SWAMP then failed at the first pruning, OptG at a read of a score, naming no layer.
     refuse_meta([group[0] for group in groups], who)
+    # A real weight assigned to a layer built on the meta device leaves its mask there: pruned, counted or applied
+    # only later (OptG's scores, the forward), naming neither.
+    refuse_meta([group[0] for group in groups], who, tensor="mask")
     return groups
 
 
