@@ -4,7 +4,8 @@ Switches (printed at build time):
   SPARSEKERN_CPP=0    build no extension at all (pure-Python install: reference and Triton backends only)
   SPARSEKERN_CUDA=1   force the CUDA sources in;  SPARSEKERN_CUDA=0  leave them out
   TORCH_CUDA_ARCH_LIST  architectures for the CUDA build, as torch reads it
-A switch set to another value stops the build with an error naming it.
+A switch set to another value stops the build with an error naming it (both are checked, whichever decides), and
+so does SPARSEKERN_CUDA=1 where no CUDA toolkit is found.
 """
 import glob
 import os
@@ -35,11 +36,13 @@ def _switch(name):
     return value
 
 
-def _cuda_decision(torch, cuda_home):
-    flag = _switch("SPARSEKERN_CUDA")
+def _cuda_decision(torch, cuda_home, flag):
     if flag == "0":
         return False, "SPARSEKERN_CUDA=0"
     if flag == "1":
+        if not cuda_home:   # torch's CUDAExtension raised its own OSError, a traceback naming no switch
+            sys.exit("[sparsekern build] error: SPARSEKERN_CUDA=1 forces the CUDA kernels in, but no CUDA toolkit "
+                     "was found: set CUDA_HOME to one, or unset SPARSEKERN_CUDA")
         return True, "SPARSEKERN_CUDA=1"
     # Gate on a CUDA build of torch plus nvcc, never on torch.cuda.is_available():
     # a build host without a GPU must still produce the CUDA kernels.
@@ -51,7 +54,9 @@ def _cuda_decision(torch, cuda_home):
 
 
 def _extensions():
-    if _switch("SPARSEKERN_CPP") == "0":
+    # Both switches first: SPARSEKERN_CPP=0 decides alone, but a bad SPARSEKERN_CUDA beside it is still a mistake.
+    cpp, cuda = _switch("SPARSEKERN_CPP"), _switch("SPARSEKERN_CUDA")
+    if cpp == "0":
         _say("SPARSEKERN_CPP=0: no compiled extension")
         return [], {}
     import torch
@@ -62,7 +67,7 @@ def _extensions():
     if sys.platform.startswith("linux"):
         cxx_flags.append("-fopenmp")  # at::parallel_for is OpenMP-backed in torch's Linux wheels
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
-    use_cuda, why = _cuda_decision(torch, CUDA_HOME)
+    use_cuda, why = _cuda_decision(torch, CUDA_HOME, cuda)
     _say(f"C++ CPU kernels: yes; CUDA kernels: {'yes' if use_cuda else 'no'} ({why})")
     if use_cuda:
         sources += _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*_cuda.cpp")

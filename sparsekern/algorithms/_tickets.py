@@ -49,6 +49,9 @@ def sparse_layers(model: nn.Module, who: str) -> list[tying.Group]:
     tying.check_groups(groups)
     # Once taken: IMP and SWAMP then failed at the first pruning, OptG at a read of a score, naming no layer.
     refuse_meta([group[0] for group in groups], who)
+    # A real weight assigned to a layer built on the meta device leaves its mask there: pruned, counted or applied
+    # only later (OptG's scores, the forward), naming neither.
+    refuse_meta([group[0] for group in groups], who, tensor="mask")
     return groups
 
 
@@ -430,8 +433,17 @@ def check_state_keys(state, required: tuple[str, ...], optional: tuple[str, ...]
         raise ValueError(f"state {' and '.join(problems)}")
 
 
+# Above any count a run reaches (torch keeps its own step counts in int64): a larger one is a tampered state, whose
+# digits, past 4300, an error or warning line could not even print (Python's int-to-str limit raises ValueError).
+MAX_COUNT = 2 ** 63 - 1
+
+
 def state_count(state: dict, key: str, low: int = 0) -> int:
-    return _checks.count(state[key], f"state[{key!r}]", low)
+    """state[key], a counter, as an int in [low, MAX_COUNT]; TypeError or ValueError naming the entry otherwise."""
+    count = _checks.count(state[key], f"state[{key!r}]", low)
+    if count > MAX_COUNT:
+        raise ValueError(f"state[{key!r}] must be at most 2**63 - 1, got an integer of {count.bit_length()} bits")
+    return count
 
 
 def check_saved_by(state, algorithm: str) -> None:
@@ -451,8 +463,19 @@ def check_saved_setting(state: dict, key: str, value, setting: str | None = None
     rewind_step 0 as well, and resuming it there would rewind to θ_2 and restart at step 0. A state without the
     entry (saved before it was kept) is not checked."""
     if key in state and _differs(state[key], value):
-        raise ValueError(f"state[{key!r}]={state[key]!r}: the state was saved with {setting or key}={state[key]!r}, "
-                         f"not {value!r}")
+        saved = _shown(state[key])
+        raise ValueError(f"state[{key!r}]={saved}: the state was saved with {setting or key}={saved}, not {value!r}")
+
+
+def _shown(value) -> str:
+    """repr(value) for an error line, or what `value` is where its repr raises: an int of more than 4300 digits
+    (Python's int-to-str limit), a tampered object's __repr__."""
+    try:
+        return repr(value)
+    except Exception:   # whatever it raises, the error must still name the entry
+        if isinstance(value, int):
+            return f"<an int of {value.bit_length()} bits>"
+        return f"<a {type(value).__name__} whose repr fails>"
 
 
 def _differs(saved, value) -> bool:

@@ -284,6 +284,7 @@ class DST(distributed.CatchesUp):
             snip_shift = criteria.check_parameter(snip_shift, "snip_shift")
             self.modules, self._groups = _trained_layers(model, optimizer)
             refuse_meta(self.modules, "DST")   # no random stream can live there, nor any value be ranked
+            refuse_meta(self.modules, "DST", tensor="mask")   # a real weight assigned to a layer built there
             device = self.modules[0][1].weight.device
             for name, module in self.modules:
                 if module.weight.device != device:

@@ -46,7 +46,9 @@ class SWAMP:
             statistics included: θ̄ is then the trained model itself, whose statistics are not recomputed).
         swa_every: steps between two SWA samples.
         bn_loader: an iterable of batches (a tensor, or a tuple/list whose first element is the
-            input) for recomputing BatchNorm statistics of θ̄ (`torch.optim.swa_utils.update_bn`);
+            input) for recomputing BatchNorm statistics of θ̄ (`torch.optim.swa_utils.update_bn`), read again
+            at every cycle (a DataLoader or a list: an iterator used up by one cycle, or an empty loader, is refused
+            where it yields no batch, the statistics left as they were);
             required when the model has BatchNorm layers and θ̄ is an average (particles > 1 or
             swa_start given), unused otherwise.
         seed: base of `data_seed`, the data order the current particle must use.
@@ -101,11 +103,16 @@ class SWAMP:
                 # Particles after the first start at step k: none can average weights from before it.
                 raise ValueError(f"swa_start must be >= rewind_step ({self.rewind_step}), got {swa_start}")
             self.swa_every = _checks.count(swa_every, "swa_every", 1)
-            if bn_loader is not None and not hasattr(bn_loader, "__iter__"):
+            # A str iterates, by characters: no batch, refused only at the first average.
+            if bn_loader is not None and (isinstance(bn_loader, (str, bytes)) or not hasattr(bn_loader, "__iter__")):
                 raise TypeError(f"bn_loader must be an iterable of batches or None, got {type(bn_loader).__name__}")
-            if _batch_norms(model) and bn_loader is None and self._averages():
-                raise ValueError("bn_loader is None but the model has BatchNorm layers, whose statistics "
-                                 "SWAMP must recompute for the averaged weights")
+            if _batch_norms(model) and self._averages():
+                if bn_loader is None:
+                    raise ValueError("bn_loader is None but the model has BatchNorm layers, whose statistics "
+                                     "SWAMP must recompute for the averaged weights")
+                if hasattr(bn_loader, "__len__") and len(bn_loader) == 0:
+                    raise ValueError(f"bn_loader is empty ({type(bn_loader).__name__} of length 0): SWAMP must "
+                                     f"recompute the BatchNorm statistics of the averaged weights from its batches")
             self.seed = _checks.count(seed, "seed")
             self.rank, self.world_size = ((dist.get_rank(group), dist.get_world_size(group))
                                           if dist.is_available() and dist.is_initialized() else (0, 1))
@@ -229,13 +236,24 @@ class SWAMP:
         return self.particles > 1 or self.swa_start is not None
 
     def _recompute_batch_norm(self) -> None:
-        """update_bn on bn_loader; if a batch fails, every BatchNorm layer gets back its statistics,
-        momentum and mode (update_bn would leave them half recomputed, momentum None)."""
+        """update_bn on bn_loader; if a batch fails, or the loader yields none, every BatchNorm layer gets back its
+        statistics, momentum and mode (update_bn would leave them half recomputed, momentum None; over no batch, reset
+        to mean 0 and variance 1)."""
         norms = _batch_norms(self.model)
         saved = [({k: v.clone() for k, v in m.state_dict().items()}, m.momentum, m.training) for m in norms]
         training = self.model.training
+        batches = 0
+
+        def counted():
+            nonlocal batches
+            for batch in self.bn_loader:
+                batches += 1
+                yield batch
         try:
-            torch.optim.swa_utils.update_bn(self.bn_loader, self.model)
+            torch.optim.swa_utils.update_bn(counted(), self.model)
+            if norms and not batches:
+                raise ValueError("bn_loader yielded no batch (empty, or an iterator used up by an earlier cycle: "
+                                 "pass one that can be iterated again, a DataLoader or a list)")
         except Exception as error:
             self.model.train(training)   # first: it sets every submodule's mode, the layers' own come after
             for module, (state, momentum, mode) in zip(norms, saved):

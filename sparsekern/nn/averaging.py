@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import swa_utils
 
+from ..ops import _checks
 from .modules import sparse_modules
 
 
@@ -28,7 +29,12 @@ class SparseAveragedModel(swa_utils.AveragedModel):
     `update_parameters(model)` refuses (ValueError, nothing changed) a model whose sparse layers differ in
     number, shape, order or name (wrappers aside: DDP's "module.", torch.compile's "_orig_mod.", around the
     model or a submodule) from the averaged model's: torch pairs parameters by position and would average
-    mismatched ones silently, or stop half-way.
+    mismatched ones silently, or stop half-way; so is a model sharing parameters with the average (this
+    SparseAveragedModel itself, or its `.module`), which would be averaged with itself.
+
+    A non-callable `avg_fn` or `multi_avg_fn`, both given, or a `use_buffers` that is no bool are refused here
+    (TypeError/ValueError naming the argument): torch's AveragedModel takes them, and fails, or ignores avg_fn,
+    only at the second update (the first copies the weights).
 
     A `model` with no sparse layer is averaged as torch's AveragedModel averages it, with a warning naming
     `model`: the average is right (a dense baseline may share the code), but a model meant to be sparse was
@@ -36,6 +42,14 @@ class SparseAveragedModel(swa_utils.AveragedModel):
 
     def __init__(self, model: nn.Module, device=None, avg_fn=None, multi_avg_fn=None, use_buffers: bool = False):
         _check_model(model)
+        # torch takes any of these and fails, or ignores avg_fn, only at the second update: the first copies.
+        for name, function in (("avg_fn", avg_fn), ("multi_avg_fn", multi_avg_fn)):
+            if function is not None and not callable(function):
+                raise TypeError(f"{name} must be callable or None, got {type(function).__name__}")
+        if avg_fn is not None and multi_avg_fn is not None:
+            raise ValueError("avg_fn and multi_avg_fn were both given, and torch's AveragedModel would use "
+                             "multi_avg_fn alone: give one of them")
+        _checks.flag(use_buffers, "use_buffers")
         if not sparse_modules(model):
             warnings.warn(f"model ({type(model).__name__}) holds no sparse layer: SparseAveragedModel averages it "
                           f"as torch.optim.swa_utils.AveragedModel does; sparsify it first "
@@ -53,6 +67,11 @@ class SparseAveragedModel(swa_utils.AveragedModel):
         """AveragedModel's update from `model`, the model this was made from, whose current masks the averaged
         sparse layers then compute under; ValueError, nothing changed, for a model with other sparse layers."""
         _check_model(model)
+        averaged_parameters = {id(parameter) for parameter in self.module.parameters()}
+        if any(id(parameter) in averaged_parameters for parameter in model.parameters()):
+            # torch would average the tensors with themselves, or stop half-way on a mismatch of its own pairing.
+            raise ValueError("model shares parameters with the averaged model (this SparseAveragedModel or its "
+                             ".module was passed): pass the trained model this SparseAveragedModel was made from")
         averaged, live = _layers(self.module), _layers(model)
         if live != averaged:
             raise ValueError(f"model holds other sparse layers than the averaged model (names and mask shapes "

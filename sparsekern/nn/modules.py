@@ -256,8 +256,11 @@ class SparseModule(nn.Module):
                              f"got {tuple(mask.shape)}")
         if mask.is_meta and not self.mask.is_meta:
             raise ValueError("mask is on the meta device, which holds no values")
+        computed = weight_is_computed(self)
+        if not computed:
+            self._check_weight_writable()   # before the mask changes: torch would refuse the weight's write only
         self.mask.copy_(mask)
-        if weight_is_computed(self):
+        if computed:
             self.zero_off_mask = False   # a new mask: the promise is not made for it (nor can be)
         else:
             self.zero_weights_off_mask()
@@ -275,8 +278,18 @@ class SparseModule(nn.Module):
                              f"(a parametrization, weight_norm, spectral_norm or torch.nn.utils.prune), not a "
                              f"Parameter of its own to zero off the mask; forward masks it anyway (set_mask "
                              f"copies a mask alone into such a module)")
+        self._check_weight_writable()
         self.weight.masked_fill_(~self.mask, 0)
         self.zero_off_mask = True
+
+    def _check_weight_writable(self) -> None:
+        """ValueError for a weight made under torch.inference_mode (the layer was built there) written outside it:
+        torch refuses, naming no layer, and set_mask would have changed the mask already (torch lets a write into
+        an inference tensor that requires no grad pass)."""
+        if self.weight.is_inference() and not torch.is_inference_mode_enabled():
+            raise ValueError(f"{type(self).__name__}'s weight is an inference tensor (the layer was built under "
+                             f"torch.inference_mode), which cannot be written outside inference mode: set its mask "
+                             f"under torch.inference_mode(), or build the layer outside it")
 
     @torch.no_grad()
     def verify_zero_off_mask(self) -> None:

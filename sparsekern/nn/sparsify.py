@@ -207,11 +207,14 @@ def densities(model: nn.Module) -> dict[str, float]:
     names its layers: a weight shared by several (tied) layers once, by its first name; an attention's projections
     "<attention>.in_proj", ...; a recurrent module's "<rnn>.ih_l0", ...; a model that is itself a layer "". A
     profile to save and pass back as `sparsify(fresh_model, None, distribution=profile)`, which gives every layer
-    the same number of active weights."""
+    the same number of active weights. ValueError naming the layers whose masks are on the meta device
+    (`refuse_meta`)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    layers = sparse_modules(model)
+    refuse_meta(layers, tensor="mask")   # no values to count (torch's .item() error named no layer)
     profile, seen = {}, set()
-    for name, module in sparse_modules(model):
+    for name, module in layers:
         if id(module.weight) not in seen:
             seen.add(id(module.weight))
             profile[name] = module.density

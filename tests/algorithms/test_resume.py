@@ -856,3 +856,34 @@ def test_dst_saved_by_two_ddp_ranks_resumes_on_two_alike_and_is_refused_by_a_dst
     dst = sparsekern.SET(model, torch.optim.Adam(model.parameters(), lr=0.01), update_every=2, total_steps=14, seed=3)
     _refused_with_nothing_changed(dst, model, saved["algorithm"], r"\['module\.0', 'module\.2'\] \(the saved "
                                                                   r"names carry the prefix 'module\.' of a wrapper")
+
+
+class _BrokenRepr:
+    def __repr__(self):
+        raise RuntimeError("no repr")
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_a_counter_beyond_int64_is_refused_naming_it(name):
+    # 10**5000 passed as a count; the first line to print it raised Python's own ValueError ("Exceeds the limit
+    # (4300 digits) for integer string conversion"), naming nothing, or loaded without a word (IMP's cycle).
+    model = mlp(0, hidden=8)
+    algorithm = ALGORITHMS[name](model)
+    counter = {"DST": "step_count", "IMP": "cycle", "SWAMP": "particle", "OptG": "epoch"}[name]
+    for value in (10 ** 5000, 2 ** 63):
+        state = _through_a_file(algorithm.state_dict())
+        state[counter] = value
+        _refused_with_nothing_changed(algorithm, model, state,
+                                      f"state\\['{counter}'\\] must be at most 2\\*\\*63 - 1, got an integer of")
+
+
+@pytest.mark.parametrize("value, shown", [(10 ** 5000, "<an int of 16610 bits>"),
+                                          (_BrokenRepr(), "<a _BrokenRepr whose repr fails>")],
+                         ids=["10**5000", "broken-repr"])
+def test_a_setting_whose_repr_fails_is_still_refused_naming_it(value, shown):
+    # The error line's repr raised instead: Python's int-to-str ValueError, or the object's own error.
+    model = mlp(0, hidden=8)
+    imp = IMP(model, _sgd)
+    state = _through_a_file(imp.state_dict())
+    state["rewind_step"] = value
+    _refused_with_nothing_changed(imp, model, state, f"state\\['rewind_step'\\]={shown}: the state was saved with")

@@ -163,6 +163,35 @@ def test_a_failing_bn_loader_leaves_the_batch_norm_layers_as_they_were():
     assert swamp.averaged
 
 
+def test_a_bn_loader_that_yields_no_batch_leaves_the_batch_norm_layers_as_they_were():
+    # update_bn over no batch resets the statistics to mean 0 and variance 1: an iterator used up by the first
+    # cycle gave the second cycle's θ̄ those, silently.
+    x, y = _data(2)
+    model = mlp(3, hidden=12, batch_norm=True)
+    swamp = SWAMP(model, _sgd, particles=1, swa_start=4, bn_loader=iter([x[:32], x[32:64]]))
+    _train(model, swamp, x, y, swamp.data_seed)
+    assert not swamp.next_particle()
+    swamp.next_cycle()
+    _train(model, swamp, x, y, swamp.data_seed)
+    norm = model[1]
+    before = {k: v.clone() for k, v in norm.named_buffers()}
+    with pytest.raises(RuntimeError, match="bn_loader yielded no batch"):
+        swamp.next_particle()
+    for key, value in before.items():
+        assert torch.equal(dict(norm.named_buffers())[key], value), key
+    assert norm.momentum == 0.1
+
+
+@pytest.mark.parametrize("loader, error, match", [
+    ([], ValueError, "bn_loader is empty \\(list of length 0\\)"),
+    ("batches", TypeError, "bn_loader must be an iterable of batches or None, got str"),
+])
+def test_an_empty_or_string_bn_loader_is_refused_at_construction(loader, error, match):
+    # Both were taken: the empty list reset the statistics at the first average, the str failed there.
+    with pytest.raises(error, match=match):
+        SWAMP(mlp(0, hidden=4, batch_norm=True), _sgd, bn_loader=loader)
+
+
 def test_batch_norm_without_a_loader_is_refused_where_the_weights_are_averaged():
     with pytest.raises(ValueError, match="bn_loader is None"):
         SWAMP(mlp(0, hidden=4, batch_norm=True), _sgd)

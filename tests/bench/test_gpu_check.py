@@ -65,6 +65,23 @@ def test_the_dry_run_measures_every_goal_and_writes_the_results_file(dry_run):
     assert "| peak memory of a training step |" in text
 
 
+@pytest.mark.parametrize("switches, error", [
+    ({"SPARSEKERN_CPP": "0", "SPARSEKERN_CUDA": "bad"}, "SPARSEKERN_CUDA must be 0 or 1 (or unset), got 'bad'"),
+    ({"SPARSEKERN_CUDA": "1"}, "SPARSEKERN_CUDA=1 forces the CUDA kernels in, but no CUDA toolkit was found"),
+])
+def test_setup_refuses_a_bad_build_switch_in_one_line(switches, error):
+    # SPARSEKERN_CPP=0 passed a bad SPARSEKERN_CUDA without a word; SPARSEKERN_CUDA=1 without a toolkit ended in
+    # torch's OSError traceback ("CUDA_HOME environment variable is not set").
+    from torch.utils.cpp_extension import CUDA_HOME
+    if "SPARSEKERN_CPP" not in switches and CUDA_HOME:
+        pytest.skip("a CUDA toolkit is installed: SPARSEKERN_CUDA=1 is valid here")
+    env = {key: value for key, value in os.environ.items() if key not in ("SPARSEKERN_CPP", "SPARSEKERN_CUDA")}
+    result = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, env={**env, **switches},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"[sparsekern build] error: {error}"), result.stderr
+
+
 def test_a_build_that_fails_says_why_in_the_summary(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "GPU_CHECK_DRY_RUN": "1", "GPU_CHECK_PYTHON": sys.executable,
            "GPU_CHECK_BUDGET": "900", "GPU_CHECK_SKIP": "install warm sanitize tests goals profile",

@@ -221,3 +221,30 @@ def test_a_model_with_no_sparse_layer_is_averaged_as_torch_does_with_a_warning()
         swa.update_parameters(dense)
         reference.update_parameters(dense)
     assert all(torch.equal(mine, theirs) for mine, theirs in zip(swa.parameters(), reference.parameters()))
+
+
+def test_bad_average_functions_and_use_buffers_are_refused_at_construction():
+    # torch's AveragedModel took them: a non-callable failed only at the second update (the first copies), after
+    # n_averaged had moved; avg_fn given with multi_avg_fn was ignored; use_buffers="yes" read as True.
+    model = mlp()
+    with pytest.raises(TypeError, match="avg_fn must be callable or None, got int"):
+        SparseAveragedModel(model, avg_fn=5)
+    with pytest.raises(TypeError, match="multi_avg_fn must be callable or None, got str"):
+        SparseAveragedModel(model, multi_avg_fn="swa")
+    with pytest.raises(ValueError, match="avg_fn and multi_avg_fn were both given"):
+        SparseAveragedModel(model, avg_fn=get_swa_avg_fn(), multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    with pytest.raises(TypeError, match="use_buffers must be a bool, got str"):
+        SparseAveragedModel(model, use_buffers="yes")
+
+
+@pytest.mark.parametrize("passed", ["itself", "its module"])
+def test_the_averaged_model_itself_is_refused_before_anything_changes(passed):
+    # Itself: torch's own pairing raised a size mismatch part-way; its module: averaged with itself, silently.
+    model = mlp()
+    swa = SparseAveragedModel(model)
+    swa.update_parameters(model)
+    before = copy.deepcopy(swa.state_dict())
+    with pytest.raises(ValueError, match="model shares parameters with the averaged model"):
+        swa.update_parameters(swa if passed == "itself" else swa.module)
+    after = swa.state_dict()
+    assert all(torch.equal(before[key], after[key]) for key in before)

@@ -242,6 +242,25 @@ def test_refuse_meta_names_every_layer_on_the_meta_device_and_says_how_to_materi
         sparsekern.algorithms.RigL(model, torch.optim.SGD(model.parameters(), lr=0.1), total_steps=10)
 
 
+def test_a_mask_left_on_the_meta_device_under_a_real_weight_is_refused_by_name():
+    """A real weight assigned to a layer built on the meta device leaves its mask there: IMP and OptG took the
+    model (failing later, at a pruning or a forward), DST raised torch's "Tensor on device meta is not on the
+    expected device cpu!", densities torch's "Tensor.item() cannot be called on meta tensors"."""
+    layer = SparseLinear(4, 4, device="meta")
+    layer.weight = nn.Parameter(torch.randn(4, 4))
+    layer.bias = nn.Parameter(torch.randn(4))
+    model = nn.Sequential(SparseLinear(4, 4), layer)
+    refusal = r"the masks of layers \['1'\] are on the meta device, which holds no values: materialize"
+    for who, build in [("IMP", lambda: sparsekern.IMP(model, lambda p: torch.optim.SGD(p, lr=0.1))),
+                       ("OptG", lambda: sparsekern.OptG(model, 0.5, epochs=2)),
+                       ("DST", lambda: sparsekern.algorithms.RigL(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                                                  total_steps=10))]:
+        with pytest.raises(ValueError, match=f"^{who}: {refusal}"):
+            build()
+    with pytest.raises(ValueError, match=f"^{refusal}"):
+        sparsekern.densities(model)
+
+
 @pytest.mark.parametrize("mask", ["random", "magnitude"])
 def test_sparsify_refuses_dense_layers_on_the_meta_device_by_refuse_meta_before_anything_changes(mask):
     """sparsify's own refusal named only the first meta layer ("materialise": a second spelling), and its copy for

@@ -504,6 +504,24 @@ def test_a_layer_made_under_inference_mode_runs(make, shape, generator):
 
 
 @LAYERS
+def test_a_layer_made_under_inference_mode_refuses_a_new_mask_outside_it_before_anything_changes(make, shape,
+                                                                                                  generator):
+    # set_mask copied the mask in, then torch refused to zero the weight ("Inplace update to inference tensor
+    # outside InferenceMode is not allowed"): a new mask over the old mask's weights.
+    with torch.inference_mode():
+        layer = masked_layer(make, generator)
+    before = (layer.weight.clone(), layer.mask.clone())
+    with pytest.raises(ValueError, match="weight is an inference tensor .* set its mask under torch.inference_mode"):
+        layer.set_mask(torch.zeros_like(layer.mask))
+    with pytest.raises(ValueError, match="weight is an inference tensor"):
+        layer.zero_weights_off_mask()
+    assert torch.equal(layer.weight, before[0]) and torch.equal(layer.mask, before[1])
+    with torch.inference_mode():
+        layer.set_mask(torch.zeros_like(layer.mask))
+    assert not layer.weight.any()
+
+
+@LAYERS
 @pytest.mark.parametrize("how", ["assign", "register_buffer", "buffers"])
 def test_a_mask_put_in_place_of_the_old_is_noticed(make, shape, how, generator):
     # A new mask tensor is not the one the promise was made for, whatever its version counter says (a fresh
