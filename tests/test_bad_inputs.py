@@ -539,7 +539,7 @@ DST_BAD = [
     ("scope", "row", ValueError), ("scope", None, TypeError), ("scope", 1, TypeError), ("scope", "Layer", ValueError),
     ("reset_state", 1, TypeError), ("reset_state", "yes", TypeError), ("reset_state", None, TypeError),
     ("host_checks", 1, TypeError), ("host_checks", None, TypeError),
-    ("swap_rounding", "ceil", ValueError), ("swap_rounding", "Floor", ValueError), ("swap_rounding", None, TypeError),
+    ("swap_rounding", "up", ValueError), ("swap_rounding", "Floor", ValueError), ("swap_rounding", None, TypeError),
     ("block", (0, 4), ValueError), ("block", 4, TypeError), ("block", (2,), TypeError), ("block", (2, 2, 2), TypeError),
     ("block", (2.0, 2), TypeError), ("block", (-1, 2), ValueError), ("block", "22", TypeError),
     ("block", (True, 2), TypeError),

@@ -187,8 +187,9 @@ def set_fw(weights, grads, masks, *, n=None, generator=None, gamma=1.0, offset=E
     the kn-th most negative weight; every other active entry is dropped: kp + A₋ − kn + 1 signed weights, more
     where weights tie with a threshold (the code compares with the thresholds' values), and every zero and NaN
     weight, which have no sign. A sign without active weights loses none (the repository's code raises IndexError
-    there). n = 0 drops nothing, as under every criterion (the repository's n = ⌈r·A⌉ is never 0 at a rate above
-    0; at 0 its code would drop every positive weight). Growth then grows as many as were dropped.
+    there). n = 0 drops nothing, as under every criterion (the repository's n = ⌈r·A⌉, DST's swap_rounding="ceil",
+    is never 0 at a rate above 0; at 0 its code would drop every positive weight). Growth then grows as many as
+    were dropped.
 
     Returns scores, not ranks: DROPPED (0) at the entries dropped, KEPT (1) at the active entries kept, +inf at
     inactive ones (`dropped_counts` counts the 0s). Over a list (scope="global") the thresholds are the whole

@@ -40,7 +40,7 @@ from ..nn.sparsify import check_optimizer, check_state_writable, mask_state_in_p
 
 SCOPES = ("layer", "global")
 # How n = r · active becomes a whole count: Python's round (halves to even), or floor as RigL's code.
-SWAP_ROUNDINGS = ("round", "floor")
+SWAP_ROUNDINGS = ("round", "floor", "ceil")
 _HEAD = 4096   # entries of a mask that _warn_if_emptied reads first
 # The entries of a DST's state (`DST.state_dict`): those every state holds, those that earlier versions' lack
 # ("finished"; "algorithm" and the settings were added together), and the settings (`DST._settings`, which reads
@@ -133,7 +133,8 @@ class DST(distributed.CatchesUp):
             blocks, those holding the most active weights (ties to the lower block). Not with
             prune "set", "set_fw" or "set_fixed", whose scores rank weights against each other.
         swap_rounding: how the swap count n = r · active is made whole: "round" (Python's round,
-            halves to even: 2.5 -> 2, 3.5 -> 4) or "floor", as RigL's code (3.7 -> 3). Applies to every
+            halves to even: 2.5 -> 2, 3.5 -> 4), "floor", as RigL's code (3.7 -> 3), or "ceil", as the
+            Fantastic Weights code (3.2 -> 4; a layer swaps at least one weight at any rate above 0). Applies to every
             count: each layer's (scope="layer"), the total (scope="global"), and blocks (block=).
         mest_gamma: γ of the MEST criterion |θ| + γ|g|. It, sensitivity_offset and snip_shift are at most
             float32's largest number (`criteria.PARAMETER_MAX`), in which the scores are computed; each is read by
@@ -231,7 +232,7 @@ class DST(distributed.CatchesUp):
     `optimizer.step()` when `step()` returns True (the weights then stay as the update left them, grown
     ones at 0, until the next step).
 
-    n = round(r · active) (Python's round; floor with swap_rounding="floor") is not capped by the inactive count: a
+    n = round(r · active) (Python's round; floor or ceil with swap_rounding) is not capped by the inactive count: a
     layer denser than 1/(1 + r) drops more than it has inactive entries and grows some just-dropped ones back, as
     RigL does; an update never changes the active count (prune "set_fw" and "set_fixed" drop as many as their rule
     decides from n, and as many grow). Step t counts `step()` calls from 1; updates happen at
@@ -1005,12 +1006,15 @@ class _Blocks:
 
 
 def _swap_count(fraction: float, active: int, rounding: str) -> int:
-    """n = round(fraction · active), Python's round (halves to even), or its floor (rounding="floor",
-    RigL's code, a difference of at most one entry), in [0, active] for fractions in [0, 1]. The floor is
-    of the float product, as RigL's code takes it. Not capped by the inactive count: n may exceed it, and
-    just-dropped entries then grow back."""
+    """n = round(fraction · active), Python's round (halves to even), its floor (rounding="floor", RigL's code)
+    or its ceiling (rounding="ceil", the Fantastic Weights code), a difference of at most one entry, in
+    [0, active] for fractions in [0, 1] (a product with a factor at most 1 rounds to at most `active`). Floor
+    and ceiling are of the float product, as those codes take them: 0.07 · 100 is 7.000000000000001, whose
+    ceiling is 8."""
     n = fraction * active
-    return math.floor(n) if rounding == "floor" else round(n)
+    if rounding == "floor":
+        return math.floor(n)
+    return math.ceil(n) if rounding == "ceil" else round(n)
 
 
 def _check_block(block):

@@ -218,8 +218,8 @@ def _add_run_options(parser: argparse.ArgumentParser, defaults: TrainConfig) -> 
                         help="DST: no mask update from this fraction of training on (default: the schedule's, 0.75 "
                              "for cosine and constant, as RigL's paper runs RigL and SET; 1 for annealed)")
     parser.add_argument("--swap-rounding", choices=SWAP_ROUNDINGS,
-                        help="DST: the swap count r x active weights made whole by round (halves to even) or floor, "
-                             "as RigL's code (default: round)")
+                        help="DST: the swap count r x active weights made whole by round (halves to even), floor, "
+                             "as RigL's code, or ceil, as the Fantastic Weights code (default: round)")
     # The criteria's parameters end at float32's largest number (the library's limit, where their scores are
     # computed): refused here in the options' names, not in the library's (mest_gamma=...) once the run is built.
     parser.add_argument("--mest-gamma", type=lambda text: _number(text, "mest gamma", 0, PARAMETER_MAX,

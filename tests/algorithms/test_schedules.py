@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pytest
 import torch
@@ -189,19 +190,33 @@ def test_annealed_updates_every_800_steps_by_default_as_the_fantastic_weights_co
     assert sparsekern.RigL(model, optimizer, total_steps=10000).schedule.update_every == 100
 
 
-# -- the swap count's rounding: n = round(r·A) (halves to even) by default, floor(r·A) as RigL's code --
+# -- the swap count's rounding: n = round(r·A) (halves to even) by default, floor(r·A) as RigL's code, ceil(r·A) as
+# the Fantastic Weights code --
 
-@pytest.mark.parametrize("fraction, rounded, floored", [
-    (0.0625, 2, 2),    # r·A = 2.5: round halves to even, 2; floor 2
-    (0.0875, 4, 3),    # r·A = 3.5: round 4 (even); floor 3
-    (0.0925, 4, 3),    # r·A = 3.7: round 4; floor 3
+@pytest.mark.parametrize("fraction, rounded, floored, ceiled", [
+    (0.0625, 2, 2, 3),    # r·A = 2.5: round halves to even, 2; floor 2; ceil 3
+    (0.0875, 4, 3, 4),    # r·A = 3.5: round 4 (even); floor 3; ceil 4
+    (0.0925, 4, 3, 4),    # r·A = 3.7: round 4; floor 3; ceil 4
+    (0.0025, 0, 0, 1),    # r·A = 0.1: only ceil swaps a weight
+    (0.075, 3, 3, 3),     # r·A = 3.0 (in floats too): all 3
 ])
-def test_swap_rounding_drop_counts_by_hand(fraction, rounded, floored):
+def test_swap_rounding_drop_counts_by_hand(fraction, rounded, floored, ceiled):
     # A = 40 active; constant schedule, T = 4, ΔT = 2, end point at the end: one update, at step 2.
     options = dict(schedule="constant", drop_fraction=fraction, end_fraction=1.0)
-    assert _drop_counts(4, 2, **options) == {2: rounded}
-    assert _drop_counts(4, 2, swap_rounding="round", **options) == {2: rounded}
-    assert _drop_counts(4, 2, swap_rounding="floor", **options) == {2: floored}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # r·A = 0.1 rounds to 0 under round and floor, as DST warns
+        assert _drop_counts(4, 2, **options) == {2: rounded}
+        assert _drop_counts(4, 2, swap_rounding="round", **options) == {2: rounded}
+        assert _drop_counts(4, 2, swap_rounding="floor", **options) == {2: floored}
+    assert _drop_counts(4, 2, swap_rounding="ceil", **options) == {2: ceiled}
+
+
+def test_floor_and_ceil_are_of_the_float_product_as_the_codes_take_them():
+    # 0.07 · 100 is 7.000000000000001 in floats: RigL's code floors it to 7, the Fantastic Weights code's math.ceil
+    # gives 8. A factor at most 1 keeps the product at most the count: no ceiling beyond it.
+    from sparsekern.algorithms.dst import _swap_count
+    assert [_swap_count(0.07, 100, rounding) for rounding in ("round", "floor", "ceil")] == [7, 7, 8]
+    assert _swap_count(1.0, 37, "ceil") == 37 and _swap_count(0.0, 37, "ceil") == 0
 
 
 def test_rigl_with_floor_rounding_drop_counts_by_hand():
@@ -235,7 +250,8 @@ def _swap_counts_passed(monkeypatch, swap_rounding, **options):
 
 @pytest.mark.parametrize("options", [{}, dict(block=(1, 1)), dict(host_checks=False)])
 def test_swap_rounding_in_layer_and_global_scope_by_hand(monkeypatch, options):
-    # Layer scope: r·A = 2.0 and 1.7, round 2 and 2, floor 2 and 1. Global: r·37 = 3.7, round 4, floor 3.
+    # Layer scope: r·A = 2.0 and 1.7, round 2 and 2, floor 2 and 1, ceil 2 and 2. Global: r·37 = 3.7, round 4,
+    # floor 3, ceil 4.
     assert _swap_counts_passed(monkeypatch, "round", **options) == [[2, 2]]
     monkeypatch.undo()
     assert _swap_counts_passed(monkeypatch, "floor", **options) == [[2, 1]]
@@ -243,9 +259,13 @@ def test_swap_rounding_in_layer_and_global_scope_by_hand(monkeypatch, options):
     assert _swap_counts_passed(monkeypatch, "round", scope="global", **options) == [4]
     monkeypatch.undo()
     assert _swap_counts_passed(monkeypatch, "floor", scope="global", **options) == [3]
+    monkeypatch.undo()
+    assert _swap_counts_passed(monkeypatch, "ceil", **options) == [[2, 2]]
+    monkeypatch.undo()
+    assert _swap_counts_passed(monkeypatch, "ceil", scope="global", **options) == [4]
 
 
-@pytest.mark.parametrize("value, error", [("ceil", ValueError), ("Floor", ValueError), (None, TypeError),
+@pytest.mark.parametrize("value, error", [("up", ValueError), ("Floor", ValueError), (None, TypeError),
                                           (1, TypeError)])
 def test_swap_rounding_is_validated_naming_the_argument(value, error):
     model = sparsekern.sparsify(torch.nn.Sequential(torch.nn.Linear(8, 4)), 0.5,

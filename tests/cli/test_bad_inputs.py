@@ -310,7 +310,7 @@ BAD_ARGUMENTS = [
     ["compare", "--methods", "static,rigl", "--cycles", "3"],
     ["compare", "--methods", "imp", "--particles", "3"],
     ["compare", "--methods", "static", "--end-fraction", "0.5"],
-    ["train", "--swap-rounding", "ceil"],
+    ["train", "--swap-rounding", "up"],
     ["train", "--method", "static", "--swap-rounding", "floor"],  # a rounding only DST methods take
     ["compare", "--swap-rounding", "Floor"],
     ["compare", "--methods", "static,imp", "--swap-rounding", "floor"],
@@ -354,7 +354,7 @@ WORDED_ARGUMENTS = [
     (["train", "--threads", "5000"], "argument --threads: threads must be at most 1024"),
     (["train", "--method", "static", "--scope", "global"], "--scope applies to the methods set, rigl, mest, dst"),
     (["compare", "--methods", "rigl", "--criteria", "snip"], "--criteria applies to the criteria lines"),
-    (["train", "--swap-rounding", "ceil"], "argument --swap-rounding: invalid choice: 'ceil'"),
+    (["train", "--swap-rounding", "up"], "argument --swap-rounding: invalid choice: 'up'"),
     (["train", "--method", "imp", "--swap-rounding", "floor"], "--swap-rounding applies to the methods set, rigl"),
     (["train", "--method", "rigl", "--mest-gamma", "0.5"], "--mest-gamma applies to runs pruning by mest"),
     (["compare", "--methods", "rigl,mest", "--sensitivity-offset", "1"],

@@ -739,7 +739,8 @@ def test_the_plot_title_names_the_layer_densities_its_lines_share(monkeypatch, m
 
 
 @pytest.mark.parametrize("argv, expected", [([], "round"), (["--swap-rounding", "round"], "round"),
-                                            (["--swap-rounding", "floor"], "floor")])
+                                            (["--swap-rounding", "floor"], "floor"),
+                                            (["--swap-rounding", "ceil"], "ceil")])
 def test_train_hands_the_swap_rounding_to_dst(argv, expected):
     args = build_parser().parse_args(["train", "--method", "rigl", *argv])
     config = _config(args, method=args.method)
