@@ -419,7 +419,51 @@ def _overlap(a: Tensor, b: Tensor) -> bool:
     if a.numel() == 0 or b.numel() == 0 or a.is_meta or b.is_meta:
         return False
     (a_first, a_end), (b_first, b_end) = _span(a), _span(b)
-    return a_first < b_end and b_first < a_end
+    return a_first < b_end and b_first < a_end and _may_share_an_entry(a, b)
+
+
+def _may_share_an_entry(a: Tensor, b: Tensor) -> bool:
+    """Whether a and b, on one storage with overlapping byte ranges, may hold a common byte: exact for slices of one
+    layout (column slices w[:, :4] and w[:, 4:], or w[:, ::2] and w[:, 1::2], interleave their ranges but share no
+    entry), True where it cannot tell (other element sizes, strides not dividing one another, stride 0).
+
+    Taken in elements from the storage's start, with the strides of both (and 1) sorted, each a multiple of the next
+    smaller, every address has one set of digits in that mixed radix. A view whose dimensions each cover a run of
+    one digit, or whole lower digits and a run of the next (w[:, :4] over strides 1, 2, 10), holds exactly a box of
+    digits; two boxes meet only where every side does."""
+    size = a.element_size()
+    if b.element_size() != size:
+        return True
+    strides = sorted({1} | {stride for t in (a, b) for extent, stride in zip(t.shape, t.stride()) if extent > 1})
+    if strides[0] == 0 or any(larger % smaller for smaller, larger in zip(strides, strides[1:])):
+        return True
+    radices = [larger // smaller for smaller, larger in zip(strides, strides[1:])] + [None]   # None: the top digit
+    start = a.untyped_storage().data_ptr()
+    boxes = []
+    for t in (a, b):
+        offset, misaligned = divmod(t.data_ptr() - start, size)
+        if misaligned:
+            return True
+        digits = [offset // stride if radix is None else offset // stride % radix
+                  for stride, radix in zip(strides, radices)]
+        sides = {}
+        for extent, stride in zip(t.shape, t.stride()):
+            digit = strides.index(stride) if extent > 1 else None
+            while digit is not None:
+                if digit in sides:
+                    return True   # two dimensions on one digit
+                radix = radices[digit]
+                if radix is None or digits[digit] + extent <= radix:
+                    sides[digit] = (digits[digit], digits[digit] + extent)
+                    digit = None
+                elif digits[digit] == 0 and extent % radix == 0:   # whole digits, and a run of the next
+                    sides[digit] = (0, radix)
+                    extent //= radix
+                    digit += 1
+                else:
+                    return True   # it carries into the next digit: no box
+        boxes.append([sides.get(k, (digits[k], digits[k] + 1)) for k in range(len(strides))])
+    return all(low < other_high and other_low < high for (low, high), (other_low, other_high) in zip(*boxes))
 
 
 def _same_view(a: Tensor, b: Tensor) -> bool:
@@ -453,11 +497,12 @@ def _check_memory(weights, masks, prune_scores, grow_scores, state, masked, name
     # those that start before it ends.
     for storage, written in written_by_storage.items():
         items = sorted(written + read_by_storage.get(storage, []), key=lambda item: item[3])
-        for i, (name, _, first, _, end) in enumerate(items):
+        for i, (name, _, tensor, _, end) in enumerate(items):
             for other_name, _, other, begin, _ in items[i + 1:]:
                 if begin >= end:
                     break
-                raise _shared_memory(name, other_name)
+                if _may_share_an_entry(tensor, other):   # interleaved slices of one tensor share no entry
+                    raise _shared_memory(name, other_name)
 
     def own(score: Tensor, layer: int) -> Tensor:
         where = _byte_range(score)

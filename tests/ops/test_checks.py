@@ -1,4 +1,5 @@
 """Bad input raises TypeError or ValueError naming the argument, and changes no input."""
+import itertools
 import re
 import warnings
 
@@ -429,3 +430,42 @@ def test_prune_grow_refuses_the_tensors_it_writes_as_writable_in_place_does():
         with pytest.raises(ValueError) as expected:
             _checks.writable_in_place(written, name, *other)
         assert str(refused.value) == str(expected.value)
+
+
+def test_memory_sharing_is_exact_for_slices_of_one_tensor_and_never_missed():
+    """Views of one storage share memory where their byte ranges overlap, unless they are slices of one layout that
+    share no entry (column slices interleave their ranges): those were refused too. Checked against the addresses
+    themselves, over random slices of 2-D and 3-D tensors and their transposes: never a share missed, and exact
+    where both are slices of one contiguous tensor."""
+    generator = torch.Generator().manual_seed(0)
+
+    def addresses(t):
+        return set((t.storage_offset() + sum(index * stride for index, stride in zip(indices, t.stride()))
+                    for indices in itertools.product(*(range(extent) for extent in t.shape))))
+
+    def random_slice(base):
+        parts = []
+        for extent in base.shape:
+            start = int(torch.randint(0, extent, (), generator=generator))
+            stop = int(torch.randint(start + 1, extent + 1, (), generator=generator))
+            parts.append(slice(start, stop, int(torch.randint(1, 4, (), generator=generator))))
+        return base[tuple(parts)]
+
+    exact = 0
+    for shape in [(6, 7), (4, 5, 6)]:
+        base = torch.zeros(shape)
+        for _ in range(300):
+            a, b = random_slice(base), random_slice(base)
+            transposed = bool(torch.randint(0, 2, (), generator=generator))
+            if transposed:
+                b = b.transpose(0, -1)
+            shares = bool(addresses(a) & addresses(b))
+            assert not shares or _checks._overlap(a, b), (a.stride(), b.stride(), a.storage_offset())
+            if not transposed and not shares and _checks._overlap(a, b) is False:
+                exact += 1
+    assert exact > 100   # the interleaved pairs the byte ranges alone refused
+    w = torch.zeros(8, 8)
+    for a, b, shares in [(w[:, :4], w[:, 4:], False), (w[:, :5], w[:, 4:], True), (w[:, ::2], w[:, 1::2], False),
+                         (w[:, ::2], w[:, 2::2], True), (w[1:3, 2:6], w[3:5, 2:6], False),
+                         (w.view(-1)[3:40], w[:, 5:], True)]:
+        assert _checks._overlap(a, b) is shares

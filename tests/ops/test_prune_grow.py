@@ -311,3 +311,27 @@ def test_compiled_kernel_every_selection_path(kind, scope, use_backend, generato
             n = sum(n)
         for flags in ({}, {"prune_abs": True, "grow_abs": True}):
             assert_same_update((weights, masks, prune, grow, [[] for _ in sizes], [[] for _ in sizes]), n, **flags)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_slices_of_one_tensor_sharing_no_entry_are_updated_as_tensors_of_their_own(backend, scope, use_backend,
+                                                                                   generator):
+    # Column slices of one weight (and every other column), with their state and gradients sliced alike, interleave
+    # their memory but share no entry: they were refused as sharing memory.
+    use_backend(backend, "prune_grow")
+    weight, state, grad = (torch.randn(9, 10, generator=generator) for _ in range(3))
+    cuts = [lambda t: t[:, :4], lambda t: t[:, 4::2], lambda t: t[:, 5::2]]
+    masks = [torch.rand(cut(weight).shape, generator=generator) < 0.5 for cut in cuts]
+    prune, grow = ([random_scores(generator, m.shape, torch.float32, "ties") for m in masks] for _ in range(2))
+    counts = [int(m.sum()) for m in masks]
+    n = [round(0.3 * c) for c in counts] if scope == "layer" else round(0.3 * sum(counts))
+    theirs = [[cut(t).clone() for cut in cuts] for t in (weight, state, grad)]
+    expected = reference.prune_grow(theirs[0], masks, [p.clone() for p in prune], [g.clone() for g in grow],
+                                    n if scope == "layer" else [n], scope == "global", [[s] for s in theirs[1]],
+                                    [[g] for g in theirs[2]], None, False, False)
+    new = sparsekern.ops.prune_grow([cut(weight) for cut in cuts], masks, prune, grow, n,
+                                    state=[[cut(state)] for cut in cuts], masked=[[cut(grad)] for cut in cuts])
+    assert all(torch.equal(a, b) for a, b in zip(new, expected))
+    for tensor, wanted in zip((weight, state, grad), theirs):
+        assert all(torch.equal(cut(tensor), part) for cut, part in zip(cuts, wanted))
