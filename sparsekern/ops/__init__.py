@@ -114,8 +114,9 @@ def prune_grow(weights, masks, prune_scores, grow_scores, n, state=(), masked=()
 
     Every argument is checked before anything is written: a bad one anywhere in the list raises
     TypeError or ValueError naming it and changes no layer. Tensors written in place may not
-    overlap themselves (expanded views), each other or a mask, nor be inference tensors outside
-    torch.inference_mode. A score may be the very tensor its
+    overlap themselves (expanded views), each other or a mask (slices of one tensor that share no
+    entry, such as its column blocks, do not overlap; a mask of another dtype in the same memory is
+    taken to), nor be inference tensors outside torch.inference_mode. A score may be the very tensor its
     own layer writes (magnitude pruning passes the weight); one sharing memory with a written tensor
     in any other way is copied first.
 
