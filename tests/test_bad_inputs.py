@@ -2144,8 +2144,13 @@ def _magnitude_score(weights, grads, masks, *, generator):
     return [weight.abs() for weight in weights]
 
 
-def _criterion(name="mine", score=_magnitude_score, reads_gradient=False, elementwise=True):
-    return sparsekern.Criterion(name, score, reads_gradient=reads_gradient, elementwise=elementwise)
+def _criterion(name="mine", score=_magnitude_score, reads_gradient=False, elementwise=True, **decides_count):
+    return sparsekern.Criterion(name, score, reads_gradient=reads_gradient, elementwise=elementwise, **decides_count)
+
+
+def _small_ones_dropped(weights, grads, masks, *, generator, n):
+    """A rule deciding its own count: the active weights below 0.01 are dropped."""
+    return [torch.where(mask & (weight.detach().abs() < 0.01), 0.0, 1.0) for weight, mask in zip(weights, masks)]
 
 
 for _name, _make, _error, _match in [
@@ -2181,7 +2186,15 @@ for _name, _make, _error, _match in [
         ("without elementwise", lambda: sparsekern.Criterion("mine", _magnitude_score, reads_gradient=False),
          TypeError, "elementwise"),
         ("its name assigned afterwards", lambda: setattr(_criterion(), "name", "magnitude"), AttributeError,
-         "cannot assign to field 'name'")]:
+         "cannot assign to field 'name'"),
+        ("decides_count=1", lambda: _criterion(elementwise=False, decides_count=1), TypeError,
+         "^Criterion 'mine': decides_count must be a bool, got int"),
+        ("decides_count=numpy.bool_", lambda: _criterion(elementwise=False, decides_count=np.bool_(True)), TypeError,
+         "decides_count must be a bool, got numpy.bool"),
+        ("decides_count of an elementwise criterion", lambda: _criterion(decides_count=True), ValueError,
+         "^Criterion 'mine': decides_count needs elementwise=False"),
+        ("decides_count with a score that takes no n", lambda: _criterion(elementwise=False, decides_count=True),
+         TypeError, r"^Criterion 'mine': score must take \(weights, grads, masks, \*, generator, n\): .*'n'")]:
     error(f"Criterion({_name})", model_world, lambda w, m=_make: m(), _error, _match)
 
 
@@ -2198,6 +2211,12 @@ for _name, _arguments, _error, _match in [
         ("block with a grow Criterion that is not elementwise", {
             "block": (2, 2), "grow": _criterion(name="rank", elementwise=False)}, ValueError,
          "^block needs elementwise criteria, got grow='rank'"),
+        ("grow=a Criterion deciding its own count", {"grow": _criterion(
+            score=_small_ones_dropped, elementwise=False, decides_count=True)}, ValueError,
+         r"^grow='mine' decides its own drop count \(decides_count=True\): only a pruning criterion can"),
+        ("block with a prune Criterion deciding its own count", {"block": (2, 2), "prune": _criterion(
+            score=_small_ones_dropped, elementwise=False, decides_count=True)}, ValueError,
+         "^block needs elementwise criteria, got prune='mine'"),
         ("prune=a bare score function", {"prune": _magnitude_score}, TypeError,
          "^prune must be a str or a sparsekern.Criterion, got function"),
         ("grow=the Criterion class", {"grow": sparsekern.Criterion}, TypeError,
@@ -2259,6 +2278,37 @@ for _role in ("prune", "grow"):
             ("a KeyError", _raise_key_error, KeyError, "this score cannot")]:
         error(f"DST.step({_role}=a Criterion returning {_name})", _turns_bad_world(_bad, _role),
               lambda w: w.algo.step(), _error, _match)
+
+
+class _CountingTurnsBad(_TurnsBad):
+    """As _TurnsBad, for a criterion deciding its own count (called over the list: scope="global"): it drops the
+    active weights below 0.01 at the first update, then returns what `bad` makes of that."""
+
+    def __call__(self, weights, grads, masks, *, generator, n):
+        self.calls += 1
+        scores = _small_ones_dropped(weights, grads, masks, generator=generator, n=n)
+        return scores if self.calls == 1 else self.bad(weights, masks, scores)
+
+
+def _counting_turns_bad_world(bad):
+    def make(tmp_path=None):
+        return dst_world(scope="global", prune=_criterion(score=_CountingTurnsBad(bad), elementwise=False,
+                                                          decides_count=True))
+    return make
+
+
+for _name, _bad, _error, _match in [
+        ("NaN in the last layer", lambda w, m, s: [*s[:2], torch.full_like(s[2], NAN)], ValueError,
+         r"^criterion 'mine' scored NaN in layers \['5'\]: a criterion deciding its own count"),
+        ("scores below 0", lambda w, m, s: [*s[:2], s[2] - 2], ValueError,
+         r"^criterion 'mine' scored below 0 in layers \['5'\]"),
+        ("0 at inactive entries (the masks ignored)", lambda w, m, s: [
+            torch.where(weight.detach().abs() < 0.01, 0.0, 1.0) for weight in w], ValueError,
+         r"^criterion 'mine' scored 0, a drop, at inactive entries in layers \['0', '3'\]"),
+        ("flattened scores", lambda w, m, s: [t.reshape(-1) for t in s], ValueError,
+         r"score of layer '0' must have the shape of its weight")]:
+    error(f"DST.step(prune=a Criterion deciding its own count returning {_name})", _counting_turns_bad_world(_bad),
+          lambda w: w.algo.step(), _error, _match)
 
 
 # A DST of a Criterion saved, copied and loaded among DSTs of other criteria.

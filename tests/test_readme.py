@@ -61,9 +61,16 @@ def _check_criterion(namespace: dict, tmp_path: Path, printed: str) -> None:
         assert torch.equal(blocks.all(-1), blocks.any(-1))
 
 
+def _check_threshold_rule(namespace: dict, tmp_path: Path, printed: str) -> None:
+    for layer, (old, small) in zip(namespace["layers"], namespace["before"]):
+        assert small.any() and not (old & ~small & ~layer.mask).any()   # it dropped some, and kept every other
+        assert int(layer.mask.sum()) == int(old.sum())   # and grew as many
+    assert namespace["algo"].state_dict()["prune_decides_count"] is True
+
+
 # What each block's results must be, by the block's first line; every block runs whether or not it has an entry.
 CHECKS = {"import torch": _check_python_api, "masks = sk.ops.topk_mask": _check_ops,
-          "import sparsekern as sk": _check_criterion}
+          "import sparsekern as sk": _check_criterion, "# A threshold rule": _check_threshold_rule}
 
 
 def _namespace(code: str) -> dict:

@@ -17,7 +17,8 @@ where DST would refuse it: `check_parameter`). MEST, SNIP, Sensitivity and
 RSensitivity compute in float32 at least (`_wide`), so that a half-precision model is ranked by their formulas.
 Every criterion but `set`, `set_fw` and `set_fixed` is elementwise; those three rank weights over the whole list,
 so a per-layer update passes one layer. `set_fw` and `set_fixed`, the *Fantastic Weights* repository's two SET
-rules, also take `n=`, the swap count, and decide how many entries they drop (`OWN_COUNT`).
+rules, also take `n=`, the swap count, and decide how many entries they drop (`OWN_COUNT`,
+`Criterion.decides_count`).
 The divisions are guarded by offset = EPSILON = 1e-8 by default; the Fantastic Weights code adds 1 instead
 (offset=1.0), which changes the ranking. That code also adds 1e-5 to SNIP's score |θ·g| (shift=1e-5;
 0 by default), which changes the ranking too: the shift orders no two scores differently, but in float32 it can
@@ -26,9 +27,11 @@ position instead of by value. Definitions: Nowak et al. 2023 ("Fantastic Weights
 (Evci et al. 2020), SET (Mocanu et al. 2018), MEST (Yuan et al. 2021).
 
 A criterion of a user's own is a `Criterion` (`sparsekern.Criterion`): its score function, without gamma, offset
-and shift, and whether it reads the gradient and is elementwise, which DST needs to know. DST takes one wherever it
-takes a built-in criterion's name, and handles the built-in ones as Criterion objects too (`lookup`). A user's
-criterion drops the n entries DST counts: deciding the count itself is for set_fw and set_fixed alone.
+and shift, and whether it reads the gradient, is elementwise and decides its own drop count, which DST needs to
+know. DST takes one wherever it takes a built-in criterion's name, and handles the built-in ones as Criterion objects
+too (`lookup`), reading those three properties, not names. A pruning criterion drops the n entries DST counts unless
+it decides its own count (`Criterion.decides_count`), as set_fw and set_fixed do: a threshold rule ("every active
+weight with |θ| < t") of a user's own can too.
 """
 from __future__ import annotations
 
@@ -246,8 +249,8 @@ def _by_sign_thresholds(weights, masks, n, *, negatives_closest_to_zero: bool) -
 
 
 def dropped_counts(scores: list[Tensor], masks: list[Tensor]) -> list[int]:
-    """Per layer, the active entries that the scores of a criterion deciding its own count (`OWN_COUNT`) drop:
-    those scored DROPPED (one read of the device)."""
+    """Per layer, the active entries that the scores of a criterion deciding its own count (`OWN_COUNT`,
+    `Criterion.decides_count`) drop: those scored DROPPED (one read of the device)."""
     return reference.active_counts([(score == DROPPED) & mask.bool() for score, mask in zip(scores, masks)])
 
 
@@ -274,7 +277,8 @@ MAGNITUDE_OF: dict[str, Callable[[list[Tensor], list[Tensor]], list[Tensor]]] = 
 # Criteria whose score reads the gradient: the update step needs grads for them.
 READS_GRADIENT = frozenset({"mest", "snip", "sensitivity", "rsensitivity", "gradient"})
 # Pruning criteria that decide how many entries they drop, whatever the swap count n (which they take as `n=`, the
-# layer's or, in global scope, the list's): the update drops the entries they score DROPPED and grows as many.
+# layer's or, in global scope, the list's): the update drops the entries they score DROPPED and grows as many. The
+# built-in ones' `Criterion.decides_count`, which DST reads.
 OWN_COUNT = frozenset({"set_fw", "set_fixed"})
 # Criteria that score entries one by one: summing their scores per block is meaningful.
 ELEMENTWISE = frozenset(PRUNE) - {"set"} - OWN_COUNT
@@ -286,7 +290,7 @@ class Criterion:
     of a built-in's name); one object may serve as both.
 
     Args:
-        name: what identifies the criterion: `DST.state_dict()` saves it with the two flags (`flags`), and
+        name: what identifies the criterion: `DST.state_dict()` saves it with the three flags (`flags`), and
             `load_state_dict()` refuses a state saved under another name or flags (build the resuming DST with the
             same criterion; its score function is not saved: `score_name`). Give a score with other
             parameters another name ("taylor(beta=0.5)"). Not the name of a built-in criterion (`PRUNE`, `GROW`:
@@ -310,12 +314,36 @@ class Criterion:
             entries'. Then `score` is called once over every layer. False for a score that ranks entries against
             each other (as "set"): it is called once per layer under scope="layer", once over every layer under
             scope="global", and `block=` is refused.
+        decides_count: whether `score` decides how many active entries it drops, as prune "set_fw" and
+            "set_fixed" do (default False: it drops the n active entries with the lowest scores, n the swap count
+            DST computes from the schedule's fraction and `swap_rounding`). For rules whose count depends on the
+            weights, such as a threshold ("every active weight with |θ| < t"). Then:
+            `score` also takes that swap count, `score(weights, grads, masks, *, generator, n)`: an int >= 0, the
+            layer's under scope="layer", where `score` is called once per layer, the total under scope="global",
+            where it is called once over every layer; it may follow n (set_fw drops the ⌈n/2⌉ smallest positive
+            weights) or ignore it (a threshold). n is 0 where the fraction rounds to nothing: set_fw and set_fixed
+            drop nothing then; a user's rule decides for itself.
+            Its scores mark what it drops rather than rank: DROPPED (0, `criteria.DROPPED`) at each active entry it
+            drops, above 0 at each active entry it keeps (KEPT, 1) and at every inactive one (+inf, as set_fw's).
+            DST drops exactly the active entries scored 0, however many (none, or a whole layer), and grows as many
+            by the growth criterion: each layer keeps its active count under scope="layer", and the layers their
+            total under scope="global" (where a layer's own may move).
+            It is a pruning criterion's property: DST refuses such a criterion as `grow=` (ValueError). It needs
+            elementwise=False (True raises ValueError: `score` is called per layer or over the list as the scope
+            says, to decide each count where it applies), so `block=` is refused with it, as with set_fw.
+            Each update reads the device once for it, whatever host_checks (as for set_fw and set_fixed): the
+            counts, which the selection needs on the host, and the checks below, in the same read; so such an update
+            cannot be captured in a CUDA graph.
 
     DST checks every list `score` returns before any mask changes: its length, and each entry's type, shape,
     dtype and device (TypeError or ValueError naming the criterion and the layer) and, unless DST was built with
-    host_checks=False (a read of the device), that it holds no NaN (ValueError). A step() refused so (or one
-    whose `score` raised) changes nothing: not its count, nor the random stream (except under a CUDA graph capture,
-    where the stream's state cannot be read). A `score` that wrote into its arguments raises RuntimeError.
+    host_checks=False (a read of the device), that it holds no NaN (ValueError). The scores of a criterion deciding
+    its own count are checked in its read, whatever host_checks (ValueError naming the criterion and the layers):
+    none may be NaN, none below 0 (such an entry would be dropped before those scored 0, in their stead), and none 0
+    at an inactive entry (a drop of an entry that is not active: a rule that ignored `masks`, whose drops, counted,
+    could outnumber the active entries). A step() refused so (or one whose `score` raised) changes nothing: not its
+    count, nor the random stream (except under a CUDA graph capture, where the stream's state cannot be read). A
+    `score` that wrote into its arguments raises RuntimeError.
 
     Under DistributedDataParallel every rank calls `score` with the same weights, masks and random stream and
     gradients that DDP has averaged, so a score computed from its arguments alone, deterministically, is the same
@@ -328,8 +356,9 @@ class Criterion:
     score: ScoreFunction
     reads_gradient: bool
     elementwise: bool
+    decides_count: bool = False
 
-    FLAGS: ClassVar[tuple[str, ...]] = ("reads_gradient", "elementwise")
+    FLAGS: ClassVar[tuple[str, ...]] = ("reads_gradient", "elementwise", "decides_count")
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str):
@@ -344,20 +373,33 @@ class Criterion:
         object.__setattr__(self, "name", str(self.name))
         if not callable(self.score):
             raise TypeError(f"Criterion {self.name!r}: score must be callable, got {type(self.score).__name__}")
+        _checks.flag(self.reads_gradient, f"Criterion {self.name!r}: reads_gradient")
+        _checks.flag(self.elementwise, f"Criterion {self.name!r}: elementwise")
+        _checks.flag(self.decides_count, f"Criterion {self.name!r}: decides_count")
+        if self.decides_count and self.elementwise:
+            raise ValueError(f"Criterion {self.name!r}: decides_count needs elementwise=False: a criterion deciding "
+                             f"its own count is called per layer or over the list as DST's scope says, with that "
+                             f"count (n=), and its scores cannot be summed per block")
         signature = _signature(self.score)
         if signature is not None:   # without one (some builtins), called as it is: `checked_scores` names it
             try:   # refused here, not at the first update step, deep inside DST.step()
-                signature.bind([], [], [], generator=None)
+                signature.bind([], [], [], generator=None, **self._count(0))
             except TypeError as error:
-                raise TypeError(f"Criterion {self.name!r}: score must take (weights, grads, masks, *, generator): "
-                                f"{error}") from None
-        _checks.flag(self.reads_gradient, f"Criterion {self.name!r}: reads_gradient")
-        _checks.flag(self.elementwise, f"Criterion {self.name!r}: elementwise")
+                raise TypeError(f"Criterion {self.name!r}: score must take {self._arguments()}: {error}") from None
+
+    def _count(self, n) -> dict:
+        """The keyword arguments that a criterion deciding its own count takes beyond the generator: {"n": n}."""
+        return {"n": n} if self.decides_count else {}
+
+    def _arguments(self) -> str:
+        """The arguments `score` must take, as messages say them."""
+        return f"(weights, grads, masks, *, generator{', n' if self.decides_count else ''})"
 
     def flags(self) -> dict[str, bool]:
-        """reads_gradient and elementwise by name: what `DST.state_dict()` saves of a user's criterion with its name,
-        and `load_state_dict()` refuses a state saved under others (ValueError naming the criterion and the flag):
-        they decide how the update calls `score` and which layers it leaves alone."""
+        """reads_gradient, elementwise and decides_count by name: what `DST.state_dict()` saves of a user's criterion
+        with its name, and `load_state_dict()` refuses a state saved under others (ValueError naming the criterion and
+        the flag): they decide how the update calls `score`, how many entries it drops and which layers it leaves
+        alone. (A state saved before decides_count existed lacks it, and loads under either.)"""
         return {flag: getattr(self, flag) for flag in self.FLAGS}
 
     def score_name(self) -> str:
@@ -378,19 +420,21 @@ class Criterion:
         return getattr(function, "__qualname__", None) or type(function).__qualname__
 
     def checked_scores(self, weights: list[Tensor], grads: list, masks: list[Tensor], *,
-                       generator: torch.Generator, layers: list[str]) -> list[Tensor]:
-        """`score`'s scores of the layers named `layers`, checked as the class says (but for NaN: `refuse_nan`)."""
+                       generator: torch.Generator, layers: list[str], n: int | None = None) -> list[Tensor]:
+        """`score`'s scores of the layers named `layers`, checked as the class says (but for NaN: `refuse_nan`, and
+        for what a criterion deciding its own count drops: `drop_counts`). `n`: the swap count, passed to such a
+        criterion."""
         inputs = [t for t in (*weights, *grads, *masks) if t is not None]
         versions = [t._version for t in inputs]
         try:
-            scores = self.score(weights, grads, masks, generator=generator)
+            scores = self.score(weights, grads, masks, generator=generator, **self._count(n))
         except TypeError as error:
             if _signature(self.score) is not None:   # checked when made: the error is the score's own
                 raise
             # A callable without a signature (a builtin such as max) could not be checked when the Criterion was made:
             # a call it refuses names the criterion here, at the first update (which it leaves undone).
-            raise TypeError(f"Criterion {self.name!r}: score must take (weights, grads, masks, *, generator), and "
-                            f"the call raised: {error}") from error
+            raise TypeError(f"Criterion {self.name!r}: score must take {self._arguments()}, and the call raised: "
+                            f"{error}") from error
         if any(t._version != version for t, version in zip(inputs, versions)):
             raise RuntimeError(f"criterion {self.name!r} wrote into its arguments (weights, gradients or masks) in "
                                f"place: its score must make new tensors")
@@ -417,11 +461,46 @@ class Criterion:
             raise ValueError(f"criterion {self.name!r} scored NaN in layers {with_nan}: a NaN ranks below every "
                              f"number, so the update would depend on where the NaNs fall")
 
+    def drop_counts(self, scores: list[Tensor], masks: list[Tensor], layers: list[str]) -> list[int]:
+        """Per layer, the active entries that this criterion, which decides its own count, drops: those its `scores`
+        (of the layers named `layers`) mark DROPPED. One read of the device, in which a user's scores are checked as
+        the class says (ValueError naming the criterion and the layers); the built-in ones' are trusted."""
+        if is_built_in(self) or not scores:
+            return dropped_counts(scores, masks)
+        per_layer = []
+        for score, mask in zip(scores, masks):
+            dropped = (score == DROPPED) & mask.bool()
+            # Entries neither dropped nor above DROPPED: NaN, below it, or it at an inactive entry (told apart only
+            # where there are some; counted rather than any()'d: count_nonzero is several times faster on a CPU).
+            wrong = (score > DROPPED).logical_or_(dropped).logical_not_()
+            per_layer.append(torch.stack([torch.count_nonzero(dropped), torch.count_nonzero(wrong)]))
+        counts, wrong = zip(*torch.stack(per_layer).tolist())
+        if any(wrong):
+            self._refuse_marks(*zip(*[(score, mask, layer) for score, mask, layer, count
+                                      in zip(scores, masks, layers, wrong) if count]))
+        return list(counts)
+
+    def _refuse_marks(self, scores, masks, layers) -> None:
+        """ValueError naming the criterion and those of `layers` whose scores hold what a criterion deciding its own
+        count may not score: NaN, a score below DROPPED, DROPPED at an inactive entry (one more read)."""
+        kinds = torch.stack([torch.stack([score.isnan().any(), (score < DROPPED).any(),
+                                          ((score == DROPPED) & ~mask.bool()).any()])
+                             for score, mask in zip(scores, masks)]).tolist()
+        for kind, (what, why) in enumerate((
+                ("NaN", "a NaN is neither"),
+                ("below 0", "such an entry would be dropped in the stead of one scored 0"),
+                ("0, a drop, at inactive entries", "only active entries can be dropped (does it read masks?)"))):
+            where = [layer for layer, found in zip(layers, kinds) if found[kind]]
+            if where:
+                raise ValueError(f"criterion {self.name!r} scored {what} in layers {where}: a criterion deciding its "
+                                 f"own count (decides_count=True) scores 0 (DROPPED) at the active entries it drops "
+                                 f"and above 0 everywhere else; {why}")
+
 
 # The built-in criteria as Criterion objects: DST handles every criterion through one. Their scores are trusted
 # (SET's scores NaN weights NaN on purpose), and they take three parameters of DST's (gamma, offset, shift).
 _BUILT_IN = {name: Criterion(name, score, reads_gradient=name in READS_GRADIENT,
-                             elementwise=name in ELEMENTWISE or name in GROW)
+                             elementwise=name in ELEMENTWISE or name in GROW, decides_count=name in OWN_COUNT)
              for name, score in {**PRUNE, **GROW}.items()}
 
 

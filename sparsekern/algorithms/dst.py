@@ -104,8 +104,10 @@ class DST(distributed.CatchesUp):
             "set_fixed", the Fantastic Weights repository's two SET rules, which decide how many weights they drop
             from the swap count n (set_fw about half a layer whatever n; growth grows as many); or a
             `sparsekern.Criterion` of your own, which every option below works with as with the built-in ones
-            (`block=` where it is elementwise). DST's `prune` attribute, and its state, hold the name.
-        grow: growth criterion, "gradient" (largest |g| among inactive) or "random"; or a `sparsekern.Criterion`.
+            (`block=` where it is elementwise), and which may decide its own count as those two do
+            (`decides_count`). DST's `prune` attribute, and its state, hold the name.
+        grow: growth criterion, "gradient" (largest |g| among inactive) or "random"; or a `sparsekern.Criterion` (not
+            one that decides its own count: ValueError).
         drop_fraction: α, the schedule's initial fraction (default per schedule: 0.3 cosine and
             constant, 0.5 annealed).
         final_drop_fraction: the annealed schedule's final fraction (default 0.005).
@@ -131,7 +133,8 @@ class DST(distributed.CatchesUp):
             blocks are dropped and grown, n = round(r · active blocks) (or its floor). Masks that are not block
             structured are made so at construction: each layer keeps round(active / (bh·bw))
             blocks, those holding the most active weights (ties to the lower block). Not with
-            prune "set", "set_fw" or "set_fixed", whose scores rank weights against each other.
+            prune "set", "set_fw" or "set_fixed", whose scores rank weights against each other, nor with a
+            `sparsekern.Criterion` that is not elementwise (one deciding its own count never is).
         swap_rounding: how the swap count n = r · active is made whole: "round" (Python's round,
             halves to even: 2.5 -> 2, 3.5 -> 4), "floor", as RigL's code (3.7 -> 3), or "ceil", as the
             Fantastic Weights code (3.2 -> 4; a layer swaps at least one weight at any rate above 0). Applies to every
@@ -179,8 +182,9 @@ class DST(distributed.CatchesUp):
             without a gradient on the device (the same masks, at the cost of a pass over every layer's
             gradient and scores), so that an update on a GPU never waits for the device and can be
             captured in a CUDA graph (but under prune "set", "set_fw" or "set_fixed", whose selections by
-            sign read counts from the device whatever host_checks). A captured update replays the swap
-            counts it was captured with (they are kernel parameters): capture again when they change, at
+            sign read counts from the device whatever host_checks, nor under a `sparsekern.Criterion` deciding its
+            own count, whose counts are read so, its scores checked in the same read). A captured update replays the
+            swap counts it was captured with (they are kernel parameters): capture again when they change, at
             every update of a schedule whose drop fraction moves (cosine, annealed).
 
     Which layers: every sparse module whose weight requires grad and is trained by `optimizer`;
@@ -234,13 +238,14 @@ class DST(distributed.CatchesUp):
 
     n = round(r · active) (Python's round; floor or ceil with swap_rounding) is not capped by the inactive count: a
     layer denser than 1/(1 + r) drops more than it has inactive entries and grows some just-dropped ones back, as
-    RigL does; an update never changes the active count (prune "set_fw" and "set_fixed" drop as many as their rule
-    decides from n, and as many grow). Step t counts `step()` calls from 1; updates happen at
-    multiples of update_every below end_step. Newly grown weights start at 0 (their optimizer state too, with
-    reset_state); a just-dropped weight may be grown again and then keeps its value and optimizer state, as in RigL's
-    code. Ties keep, and grow, the lower flat position (row-major, in layer order under scope="global"). After an
-    update the gradients are masked by the new masks, so the optimizer step that follows sees masked gradients
-    (grown weights get theirs, under every growth criterion: the backward before an update step is dense).
+    RigL does; an update never changes the active count (prune "set_fw" and "set_fixed", and a `sparsekern.Criterion`
+    with decides_count=True, drop as many as their rule decides, given n, and as many grow). Step t counts `step()`
+    calls from 1; updates happen at multiples of update_every below end_step. Newly grown weights start at 0 (their
+    optimizer state too, with reset_state); a just-dropped weight may be grown again and then keeps its value and
+    optimizer state, as in RigL's code. Ties keep, and grow, the lower flat position (row-major, in layer order under
+    scope="global"). After an update the gradients are masked by the new masks, so the optimizer step that follows
+    sees masked gradients (grown weights get theirs, under every growth criterion: the backward before an update step
+    is dense).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, prune: str = "magnitude",
@@ -277,6 +282,9 @@ class DST(distributed.CatchesUp):
             _checks.flag(reset_state, "reset_state")
             _checks.flag(host_checks, "host_checks")
             block = _check_block(block)
+            if self._grow.decides_count:   # what it drops is the pruning criterion's to say
+                raise ValueError(f"grow={self._grow.name!r} decides its own drop count (decides_count=True): only "
+                                 f"a pruning criterion can")
             for argument, criterion in (("prune", self._prune), ("grow", self._grow)):
                 if block is not None and not criterion.elementwise:
                     raise ValueError(f"block needs elementwise criteria, got {argument}={criterion.name!r}")
@@ -675,10 +683,9 @@ class DST(distributed.CatchesUp):
         # Whole blocks count by their grids (_update_blocks); no criterion deciding its own count takes blocks.
         counts = None if self.block is not None else self._active_counts(masks, masks)
         swap = None if counts is None else self._swap_counts(fraction, counts)
-        prune, prune_abs, grow, grow_abs = self._scores(weights, scored_grads, masks, [name for name, _ in named],
-                                                        swap)
-        if self._prune.name in criteria.OWN_COUNT:   # it decided how many it drops: that many swap
-            dropped = criteria.dropped_counts(prune, masks)
+        prune, prune_abs, grow, grow_abs, dropped = self._scores(weights, scored_grads, masks,
+                                                                 [name for name, _ in named], swap)
+        if dropped is not None:   # the pruning criterion decided how many it drops: that many swap
             swap = dropped if self.scope == "layer" else sum(dropped)
         if self._reads_gradient:
             # A weight without a gradient sums to 0 (none is not in sums).
@@ -764,22 +771,24 @@ class DST(distributed.CatchesUp):
         self._counts = (_versions(masks), counts if self.scope == "layer" else [sum(counts)])
 
     def _scores(self, weights, grads, masks, layers: list[str],
-                swap) -> tuple[list[Tensor], bool, list[Tensor], bool]:
-        """(prune scores, rank them by |score|, grow scores, rank them by |score|), of one dtype, of the layers
-        named `layers`; `swap`: the swap counts (`_swap_counts`, None for blocks), which the criteria deciding
-        their own count read.
+                swap) -> tuple[list[Tensor], bool, list[Tensor], bool, list[int] | None]:
+        """(prune scores, rank them by |score|, grow scores, rank them by |score|, the entries each layer drops where
+        the pruning criterion decides its own count, else None), the scores of one dtype, of the layers named
+        `layers`; `swap`: the swap counts (`_swap_counts`, None for blocks), which the criteria deciding their own
+        count read.
 
         Magnitude criteria hand over the weights or gradients themselves, ranked by magnitude, so no
         score tensor is made for them (criteria.MAGNITUDE_OF); the others are computed in one
-        batched pass each. A user's criterion's scores are checked here, before anything changes; if they are
-        refused (or it raised), the random stream is put back as it was."""
+        batched pass each. A user's criterion's scores are checked here, before anything changes (what one deciding
+        its own count drops, in the read of its counts); if they are refused (or it raised), the random stream is put
+        back as it was."""
         # A CUDA generator's state cannot be read while a CUDA graph is captured (an update under host_checks=False
         # may be): a criterion refused there leaves the stream advanced.
         restorable = not (criteria.is_built_in(self._prune) and criteria.is_built_in(self._grow)) and not (
             self.generator.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
         stream = self.generator.get_state() if restorable else None
         try:
-            scored = []
+            scored, dropped = [], None
             for criterion in (self._prune, self._grow):
                 if criterion.name in criteria.MAGNITUDE_OF:
                     scored.append((criteria.MAGNITUDE_OF[criterion.name](weights, grads), True))
@@ -788,7 +797,9 @@ class DST(distributed.CatchesUp):
                 else:  # a rank over the list (SET): in layer scope, each layer's own
                     scored.append(([self._score(criterion, [w], [g], [m], [layer], n)[0]
                                     for w, g, m, layer, n in zip(weights, grads, masks, layers, swap)], False))
-                if self.host_checks and not criteria.is_built_in(criterion):
+                if criterion.decides_count:   # one read: its counts, and NaN among the checks of a user's scores
+                    dropped = criterion.drop_counts(scored[-1][0], masks, layers)
+                elif self.host_checks and not criteria.is_built_in(criterion):
                     criterion.refuse_nan(scored[-1][0], layers)
         except Exception:
             if stream is not None:
@@ -798,16 +809,17 @@ class DST(distributed.CatchesUp):
         dtype = prune[0].dtype
         for score in prune + grow:
             dtype = torch.promote_types(dtype, score.dtype)
-        return [s.to(dtype) for s in prune], prune_abs, [s.to(dtype) for s in grow], grow_abs
+        return [s.to(dtype) for s in prune], prune_abs, [s.to(dtype) for s in grow], grow_abs, dropped
 
     def _score(self, criterion: criteria.Criterion, weights, grads, masks, layers: list[str], n) -> list[Tensor]:
         """`criterion`'s scores of the layers named `layers`: a built-in's, given DST's parameters of the
-        criteria (and `n`, their swap count, where it decides its own count), or a user's, checked."""
+        criteria (and `n`, their swap count, where it decides its own count), or a user's, checked (and given `n`
+        where it decides its own count)."""
         if criteria.is_built_in(criterion):
-            own_count = {"n": n} if criterion.name in criteria.OWN_COUNT else {}
+            own_count = {"n": n} if criterion.decides_count else {}
             return criterion.score(weights, grads, masks, generator=self.generator, gamma=self.mest_gamma,
                                    offset=self.sensitivity_offset, shift=self.snip_shift, **own_count)
-        return criterion.checked_scores(weights, grads, masks, generator=self.generator, layers=layers)
+        return criterion.checked_scores(weights, grads, masks, generator=self.generator, layers=layers, n=n)
 
     def _state(self, weight: Tensor) -> list[Tensor]:
         """The optimizer's per-entry state tensors of `weight` (not scalars such as Adam's step)."""

@@ -39,6 +39,11 @@ def _square(weights, grads, masks, *, generator):
     return [w.square() for w in weights]
 
 
+def _magnitude_given_any_count(weights, grads, masks, *, generator, n=None):
+    """|θ| + 1, which a criterion deciding its own count may return too (it drops nothing: no score is 0)."""
+    return [w.abs() + 1 for w in weights]
+
+
 def mine(score=_magnitude, **flags):
     return sparsekern.Criterion("mine", score, **{"reads_gradient": False, "elementwise": True, **flags})
 
@@ -74,6 +79,8 @@ DIFFERING = {
     # A sparsekern.Criterion of one name with other flags, or another score function (compared by its name).
     "DST prune_elementwise": (dst, 0.3, {"prune": mine()}, {"prune": mine(elementwise=False)}),
     "DST grow_reads_gradient": (dst, 0.3, {"grow": mine()}, {"grow": mine(reads_gradient=True)}),
+    "DST prune_decides_count": (dst, 0.3, {"prune": mine(_magnitude_given_any_count, elementwise=False)},
+                                {"prune": mine(_magnitude_given_any_count, elementwise=False, decides_count=True)}),
     "DST prune_score": (dst, 0.3, {"prune": mine()}, {"prune": mine(_square)}),
     "DST scope": (dst, 0.3, {}, {"scope": "global"}),
     "DST block": (dst, 0.3, {}, {"block": (2, 2)}),

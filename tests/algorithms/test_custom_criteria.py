@@ -19,11 +19,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def re_expressed(name):
-    """The built-in criterion `name` as a user would write it (DST's default gamma and offset)."""
-    def score(weights, grads, masks, *, generator):
-        return criteria._BUILT_IN[name].score(weights, grads, masks, generator=generator)
+    """The built-in criterion `name` as a user would write it (DST's default gamma and offset); set_fw and set_fixed
+    as criteria deciding their own count, which take DST's swap count."""
+    if name in criteria.OWN_COUNT:
+        def score(weights, grads, masks, *, generator, n):
+            return criteria._BUILT_IN[name].score(weights, grads, masks, generator=generator, n=n)
+    else:
+        def score(weights, grads, masks, *, generator):
+            return criteria._BUILT_IN[name].score(weights, grads, masks, generator=generator)
     return sparsekern.Criterion(f"my_{name}", score, reads_gradient=name in criteria.READS_GRADIENT,
-                                elementwise=name != "set")
+                                elementwise=name in criteria.ELEMENTWISE or name in criteria.GROW,
+                                decides_count=name in criteria.OWN_COUNT)
 
 
 def run(prune, grow, steps=8, **options):
@@ -45,8 +51,8 @@ def same(first, second):
 
 @pytest.mark.parametrize("scope", ["layer", "global"])
 @pytest.mark.parametrize("grow", sorted(criteria.GROW))
-# A criterion of a user's own drops DST's count: those deciding their own (set_fw, set_fixed) cannot be re-expressed.
-@pytest.mark.parametrize("prune", sorted(set(criteria.PRUNE) - criteria.OWN_COUNT))
+# Those deciding their own count (set_fw, set_fixed) too, as a user's Criterion with decides_count=True.
+@pytest.mark.parametrize("prune", sorted(criteria.PRUNE))
 def test_a_built_in_criterion_re_expressed_through_criterion_gives_its_masks_bit_for_bit(prune, grow, scope):
     built_in, _ = run(prune, grow, scope=scope)
     for custom in ((re_expressed(prune), grow), (prune, re_expressed(grow)), (re_expressed(prune), re_expressed(grow))):

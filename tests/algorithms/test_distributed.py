@@ -81,6 +81,7 @@ def test_settings_that_differ_across_ranks_are_refused_on_every_rank_and_equal_o
     for scenario, shown in (("DST prune", "prune: 'magnitude' on rank 0, 'set' on rank 1)"),
                             ("DST grow", "grow: 'gradient' on rank 0, 'mine' on rank 1;"),
                             ("DST prune_elementwise", "prune_elementwise: True on rank 0, False on rank 1)"),
+                            ("DST prune_decides_count", "prune_decides_count: False on rank 0, True on rank 1)"),
                             ("DST prune_score", "prune_score: '_magnitude' on rank 0, '_square' on rank 1)"),
                             ("DST block", "block: None on rank 0, (2, 2) on rank 1)"),
                             ("DST end_step", "end_step: 10 on rank 0, 12 on rank 1)"),

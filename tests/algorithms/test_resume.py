@@ -108,6 +108,16 @@ NOISY_RANK = sparsekern.Criterion("noisy_rank", _noisy_magnitude, reads_gradient
 NOISY_GROWTH = sparsekern.Criterion("noisy_gradient", _noisy_gradient, reads_gradient=True, elementwise=True)
 
 
+def _small_ones_dropped(weights, grads, masks, *, generator, n=None):
+    """Marks the active weights below 0.05 dropped (0), the others kept (1): a rule deciding its own count, whose
+    marks rank the same entries lowest when it does not."""
+    return [torch.where(m & (w.abs() < 0.05), 0.0, 1.0) for w, m in zip(weights, masks)]
+
+
+SMALL_ONES = sparsekern.Criterion("small_ones", _small_ones_dropped, reads_gradient=False, elementwise=False,
+                                  decides_count=True)
+
+
 @pytest.mark.parametrize("scope", ["layer", "global"])
 @pytest.mark.parametrize("prune, grow", [(NOISY, NOISY_GROWTH), (NOISY_RANK, "random"), ("snip", NOISY_GROWTH)])
 def test_dst_with_criteria_of_a_users_own_resumes_where_the_uninterrupted_run_ends(prune, grow, scope):
@@ -291,8 +301,10 @@ def test_a_dst_state_holding_a_parameter_of_a_criterion_it_does_not_use_is_refus
                                                              r"of prune='magnitude', grow='gradient' does not hold")
 
 
-@pytest.mark.parametrize("argument", ["prune", "grow"])
-@pytest.mark.parametrize("flag", criteria.Criterion.FLAGS)
+# A growth criterion never decides its own count (DST refuses one that does).
+@pytest.mark.parametrize("argument, flag", [(argument, flag) for argument in ("prune", "grow")
+                                            for flag in criteria.Criterion.FLAGS
+                                            if (argument, flag) != ("grow", "decides_count")])
 def test_a_dst_state_of_a_users_criterion_is_refused_by_one_of_that_name_with_other_flags(argument, flag):
     # Only the name was saved: a state of an elementwise criterion resumed under a per-layer one of the same name
     # (or one that reads no gradient under one that does) went on under the other rule without a word.
@@ -300,7 +312,7 @@ def test_a_dst_state_of_a_users_criterion_is_refused_by_one_of_that_name_with_ot
         return sparsekern.DST(model, torch.optim.SGD(model.parameters(), lr=0.1), update_every=2, total_steps=20,
                               **{argument: criterion})
 
-    saved = NOISY if argument == "prune" else NOISY_GROWTH
+    saved = {"prune": NOISY, "grow": NOISY_GROWTH}[argument] if flag != "decides_count" else SMALL_ONES
     other = dataclasses.replace(saved, **{flag: not getattr(saved, flag)})
     state = _through_a_file(dst(mlp(0, hidden=8), saved).state_dict())
     assert state[f"{argument}_{flag}"] is getattr(saved, flag)
