@@ -284,8 +284,9 @@ class DST(distributed.CatchesUp):
             sensitivity_offset = criteria.check_parameter(sensitivity_offset, "sensitivity_offset", positive=True)
             snip_shift = criteria.check_parameter(snip_shift, "snip_shift")
             self.modules, self._groups = _trained_layers(model, optimizer)
-            refuse_meta(self.modules, "DST")   # no random stream can live there, nor any value be ranked
-            refuse_meta(self.modules, "DST", tensor="mask")   # a real weight assigned to a layer built there
+            # No random stream can live there, nor any value be ranked; a real weight assigned to a layer built
+            # there leaves its mask behind.
+            refuse_meta(self.modules, "DST", tensors=("weight", "mask"))
             device = self.modules[0][1].weight.device
             for name, module in self.modules:
                 if module.weight.device != device:
