@@ -2657,15 +2657,16 @@ def _meta_sparse_world(tmp_path=None):
     return SimpleNamespace(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
 
 
+# DST raised torch's "META device type ...".
 error("DST(a sparse model on the meta device)", _meta_sparse_world, _dst_call(DST, {}), ValueError,
-      r"^DST: the weights of layers \['0', '1'\] are on the meta device")   # was torch's "META device type ..."
+      r"^DST: the weights and masks of layers \['0', '1'\] are on the meta device")
 error("summary(a sparse model on the meta device)", _meta_sparse_world, lambda w: sparsekern.summary(w.model),
       ValueError, r"^the masks of layers \['0', '1'\] are on the meta device")   # was torch's "Tensor.item() ... meta"
 # IMP and SWAMP took it (to fail at the first pruning); OptG raised torch's "Tensor.item() cannot be called on meta".
 for _name, _call in (("IMP", lambda w: IMP(w.model, _sgd)), ("SWAMP", lambda w: SWAMP(w.model, _sgd)),
                      ("OptG", lambda w: OptG(w.model, sparsity=0.5, epochs=2))):
     error(f"{_name}(a sparse model on the meta device)", _meta_sparse_world, _call, ValueError,
-          rf"^{_name}: the weights of layers \['0', '1'\] are on the meta device")
+          rf"^{_name}: the weights and masks of layers \['0', '1'\] are on the meta device")
 
 
 def _class_check_zero_off_mask(value):

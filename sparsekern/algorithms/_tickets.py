@@ -47,11 +47,10 @@ def sparse_layers(model: nn.Module, who: str) -> list[tying.Group]:
                          "it from sparsekern.nn.SparseLinear / SparseConv1d/2d/3d / SparseConvTranspose1d/2d/3d")
     groups = tying.group_by_weight(named)
     tying.check_groups(groups)
-    # Once taken: IMP and SWAMP then failed at the first pruning, OptG at a read of a score, naming no layer.
-    refuse_meta([group[0] for group in groups], who)
-    # A real weight assigned to a layer built on the meta device leaves its mask there: pruned, counted or applied
-    # only later (OptG's scores, the forward), naming neither.
-    refuse_meta([group[0] for group in groups], who, tensor="mask")
+    # Once taken: IMP and SWAMP then failed at the first pruning, OptG at a read of a score, naming no layer. A real
+    # weight assigned to a layer built on the meta device leaves its mask there: pruned, counted or applied only
+    # later (OptG's scores, the forward), naming neither.
+    refuse_meta([group[0] for group in groups], who, tensors=("weight", "mask"))
     return groups
 
 

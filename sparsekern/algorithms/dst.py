@@ -292,8 +292,9 @@ class DST(distributed.CatchesUp):
             sensitivity_offset = criteria.check_parameter(sensitivity_offset, "sensitivity_offset", positive=True)
             snip_shift = criteria.check_parameter(snip_shift, "snip_shift")
             self.modules, self._groups = _trained_layers(model, optimizer)
-            refuse_meta(self.modules, "DST")   # no random stream can live there, nor any value be ranked
-            refuse_meta(self.modules, "DST", tensor="mask")   # a real weight assigned to a layer built there
+            # No random stream can live there, nor any value be ranked; a real weight assigned to a layer built
+            # there leaves its mask behind.
+            refuse_meta(self.modules, "DST", tensors=("weight", "mask"))
             device = self.modules[0][1].weight.device
             for name, module in self.modules:
                 if module.weight.device != device:
@@ -554,6 +555,7 @@ class DST(distributed.CatchesUp):
             raise ValueError(f"state['generator'] is not a state of a {self.generator.device.type} "
                              f"generator: {error}") from None
         finished = _checks.flag(state.get("finished", False), "state['finished']")
+        counts = None
         if self.scope == "layer":   # as at construction: a loaded mask may have emptied a layer for good
             counts = reference.active_counts([mask for _, mask in staged])   # one host read for all layers
             _warn_if_empty([name for (name, _), count in zip(self.modules, counts) if not count], self.scope,
@@ -590,6 +592,10 @@ class DST(distributed.CatchesUp):
             self._remember_gradients()
             if finished:
                 self.finish()
+            if counts is not None and self.block is None:
+                # As construction's count: it serves the first update while the masks are the ones loaded. (With
+                # block=, updates count blocks, not the entries counted here.)
+                self._counts = (_versions([module.mask for _, module in self.modules]), counts)
         return install
 
     # -- internals ------------------------------------------------------------------------
@@ -758,7 +764,7 @@ class DST(distributed.CatchesUp):
         """Active entries of each of `units` (the masks, or their block grids), counted only when a
         mask changed since the last update. An update keeps each layer's count (layer scope) or the
         total (global scope), so DST counts on the device, a host read on a GPU, only after masks are
-        set some other way (load_state_dict, set_mask)."""
+        set some other way (set_mask; load_state_dict, whose own count serves in layer scope without block=)."""
         versions = _versions(masks)   # the layers updated change as they are frozen
         if self._counts[0] != versions:
             self._counts = (versions, reference.active_counts(units))

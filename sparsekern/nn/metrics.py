@@ -83,7 +83,7 @@ def summary(model: nn.Module, print_fn: Callable[[str], object] | None = print) 
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if print_fn is not None and not callable(print_fn):
         raise TypeError(f"print_fn must be callable or None, got {type(print_fn).__name__}")
-    refuse_meta(sparse_modules(model), tensor="mask")   # no values to count
+    refuse_meta(sparse_modules(model), tensors=("mask",))   # no values to count
     rows = []
     first_holder: dict[int, str] = {}
     for name, module in model.named_modules():

@@ -646,17 +646,24 @@ def computed_weight_refusal(named: list[tuple[str, SparseModule]], who: str, bui
     return None
 
 
-def refuse_meta(named: list[tuple[str, nn.Module]], who: str | None = None, tensor: str = "weight") -> None:
-    """ValueError naming every layer of `named` whose `tensor` ("weight" or "mask") is on the meta device, which
-    holds no values to rank, count or draw a random stream beside, and saying how to materialize it; `who`, the
-    algorithm (or sparsify), starts the message where given. The layers are sparse ones, or for sparsify the dense
-    ones it is about to convert: any module with that tensor. torch's own errors ("Tensor.item() cannot be called
-    on meta tensors") named neither the layer nor the remedy."""
-    meta = [name or "(root)" for name, module in named if getattr(module, tensor).is_meta]
-    if meta:
-        raise ValueError(f"{f'{who}: ' if who else ''}the {tensor}s of layers {meta} are on the meta device, which "
-                         f"holds no values: materialize the model first (to_empty, then initialise it or load its "
-                         f"state dict)")
+def refuse_meta(named: list[tuple[str, nn.Module]], who: str | None = None,
+                tensors: tuple[str, ...] = ("weight",)) -> None:
+    """ValueError naming every layer of `named` with one of its `tensors` ("weight", "mask") on the meta device,
+    which holds no values to rank, count or draw a random stream beside, and which of them each layer has there
+    ("the weights and masks of layers ['1'] and the masks of layers ['2'] are ..."), saying how to materialize the
+    model; `who`, the algorithm (or sparsify), starts the message where given. The layers are sparse ones, or for
+    sparsify the dense ones it is about to convert: any module with those tensors. torch's own errors
+    ("Tensor.item() cannot be called on meta tensors") named neither the layer nor the remedy."""
+    layers_by_kind: dict[tuple[str, ...], list[str]] = {}   # which tensors are on meta -> the layers, in order
+    for name, module in named:
+        kind = tuple(tensor for tensor in tensors if getattr(module, tensor).is_meta)
+        if kind:
+            layers_by_kind.setdefault(kind, []).append(name or "(root)")
+    if layers_by_kind:
+        which = " and ".join(f"the {' and '.join(f'{tensor}s' for tensor in kind)} of layers {layers}"
+                             for kind, layers in layers_by_kind.items())
+        raise ValueError(f"{f'{who}: ' if who else ''}{which} are on the meta device, which holds no values: "
+                         f"materialize the model first (to_empty, then initialise it or load its state dict)")
 
 
 def _check_dtype(dtype) -> None:

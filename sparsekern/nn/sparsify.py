@@ -212,7 +212,7 @@ def densities(model: nn.Module) -> dict[str, float]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     layers = sparse_modules(model)
-    refuse_meta(layers, tensor="mask")   # no values to count (torch's .item() error named no layer)
+    refuse_meta(layers, tensors=("mask",))   # no values to count (torch's .item() error named no layer)
     profile, seen = {}, set()
     for name, module in layers:
         if id(module.weight) not in seen:

@@ -117,8 +117,8 @@ def prune_grow(weights, masks, prune_scores, grow_scores, n, state=(), masked=()
     overlap themselves (expanded views), each other or a mask (slices of one tensor that share no
     entry, such as its column blocks, do not overlap; a mask of another dtype in the same memory is
     taken to), nor be inference tensors outside torch.inference_mode. A score may be the very tensor its
-    own layer writes (magnitude pruning passes the weight); one sharing memory with a written tensor
-    in any other way is copied first.
+    own layer writes (magnitude pruning passes the weight); one sharing an entry with a written tensor
+    in any other way is copied first (a slice sharing none, as above, is read in place).
 
     One-layer form: prune_grow(weight, mask, prune_score, grow_score, n, state=[...], masked=[...])
     with tensors, an int n (and an int active) returns the new mask.

@@ -473,7 +473,7 @@ def _same_view(a: Tensor, b: Tensor) -> bool:
 
 def _check_memory(weights, masks, prune_scores, grow_scores, state, masked, names):
     """Refuses written tensors that overlap themselves, each other or a mask; returns the scores,
-    with a copy of each one that shares memory with a written tensor it is not."""
+    with a copy of each one that may share an entry with a written tensor it is not."""
     written_by_storage: dict[int, list] = {}  # storage -> [(name, layer, tensor, first byte, end byte)]
     read_by_storage: dict[int, list] = {}
     for layer, weight in enumerate(weights):
@@ -508,7 +508,10 @@ def _check_memory(weights, masks, prune_scores, grow_scores, state, masked, name
         where = _byte_range(score)
         for _, written_layer, t, begin, end in written_by_storage.get(where[0], []) if where else ():
             if begin < where[2] and where[1] < end and not (written_layer == layer and _same_view(score, t)):
-                return score.clone()
+                # As for the refusal above: a score whose range interleaves a written tensor's without sharing an
+                # entry (column slices of one tensor) is not written under the kernel, and is read in place.
+                if _may_share_an_entry(score, t):
+                    return score.clone()
         return score
 
     if not written_by_storage:

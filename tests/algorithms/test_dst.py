@@ -832,6 +832,39 @@ def test_counts_follow_masks_loaded_from_a_state_dict():
     assert [int(m.sum()) for m in masks(denser)] == counts
 
 
+def _host_reads_of_the_first_update(algo: sparsekern.DST, model) -> int:
+    """Tensor-to-Python conversions (host reads, a sync each on a GPU) of the next step, an update (planted
+    gradients: the same for every model built by small_model)."""
+    planted = torch.Generator().manual_seed(11)
+    for _, module in sparse_modules(model):
+        module.weight.grad = torch.randn(module.weight.shape, generator=planted)
+    with counting_host_reads() as reads:
+        assert algo.step()
+    return len(reads)
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+@pytest.mark.parametrize("block", [None, (2, 2)])
+def test_the_first_update_after_a_load_reads_the_counts_only_where_the_load_did_not(scope, block):
+    """In layer scope load_state_dict counts the loaded masks (for its empty-layer warning), and the first update
+    counted them again: a second host read. Its count now serves that update, as construction's does; in global
+    scope the load counts nothing, and with block= the updates count blocks, so the update counts them."""
+    saving_model = small_model(seed=3, density=0.6)   # other masks than the loading model's: other counts
+    saving = sparsekern.RigL(saving_model, torch.optim.SGD(saving_model.parameters(), lr=0.1), update_every=1,
+                             total_steps=100, scope=scope, block=block)
+    model = small_model()
+    algo = sparsekern.RigL(model, torch.optim.SGD(model.parameters(), lr=0.1), update_every=1, total_steps=100,
+                           scope=scope, block=block)
+    with torch.no_grad():   # the same weights: the same update
+        for (_, module), (_, source) in zip(algo.modules, saving.modules):
+            module.weight.copy_(source.weight)
+    algo.load_state_dict(saving.state_dict())
+    after_construction = _host_reads_of_the_first_update(saving, saving_model)
+    after_load = _host_reads_of_the_first_update(algo, model)
+    assert after_load == after_construction + (scope == "global" or block is not None)
+    assert all(torch.equal(a, b) for a, b in zip(masks(model), masks(saving_model)))   # the counts served were right
+
+
 def cuda_rigl(scope):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))

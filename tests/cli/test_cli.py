@@ -564,6 +564,51 @@ def test_a_run_resumed_from_a_checkpoint_without_world_size_records_it_in_every_
     assert [list(epoch) for epoch in epochs] == [list(epochs[1])] * 2
 
 
+@pytest.mark.parametrize("broken", ["optimizer", "algorithm"])
+def test_a_refused_resume_state_leaves_the_recipes_optimizer_as_it_was(broken):
+    """A resume checks the optimizer state on an optimizer of its own, and the algorithm's state completely, before
+    the run's optimizer changes: a refusal of either leaves it as it was (and a state that fits loads whole)."""
+    import copy
+
+    from sparsekern import sparsify
+    from sparsekern.cli import recipes
+    from sparsekern.cli.models import build_model
+
+    torch.manual_seed(0)
+    model = sparsify(build_model("mlp", (1, 8, 8), 10, width=16), 0.3, generator=torch.Generator().manual_seed(0))
+    recipe = recipes.make_recipe(TrainConfig(method="rigl", density=0.3, epochs=1, width=16, update_every=2), model,
+                                 10)
+
+    def train_step():
+        recipe.optimizer.zero_grad()
+        model(torch.randn(4, 1, 8, 8)).square().mean().backward()
+        recipe.after_backward()
+        recipe.optimizer.step()
+
+    train_step()
+    saved = copy.deepcopy(recipe.state_dict())
+    train_step()   # an update: other masks, other momentum
+    before = copy.deepcopy(recipe.optimizer.state_dict())
+    assert not torch.equal(before["state"][2]["momentum_buffer"], saved["optimizer"]["state"]["3.weight"][
+        "momentum_buffer"])
+    state = copy.deepcopy(saved)
+    if broken == "optimizer":
+        state["optimizer"]["state"]["3.weight"]["momentum_buffer"][0, 0] = float("nan")
+    else:
+        state["algorithm"]["masks"]["5"] = state["algorithm"]["masks"]["5"][:, :-1]
+    with pytest.raises(ValueError):
+        recipe.load_state_dict(state)
+    after = recipe.optimizer.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    assert all(torch.equal(after["state"][key][entry], value) for key, entries in before["state"].items()
+               for entry, value in entries.items())
+    recipe.load_state_dict(saved)
+    loaded = recipe.optimizer.state_dict()
+    names = [name for name, _ in model.named_parameters()]
+    assert all(torch.equal(entry["momentum_buffer"], saved["optimizer"]["state"][names[index]]["momentum_buffer"])
+               for index, entry in loaded["state"].items())
+
+
 @pytest.mark.parametrize("method, options", [("imp", ["--cycles", "3"]),
                                              ("swamp", ["--cycles", "2", "--particles", "1"])])
 def test_tickets_end_at_exactly_round_d_n_weights(method, options, tmp_path):

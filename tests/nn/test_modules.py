@@ -233,13 +233,37 @@ def test_refuse_meta_names_every_layer_on_the_meta_device_and_says_how_to_materi
         refuse_meta(named, "IMP")
     assert str(refused.value) == f"IMP: the weights of layers ['1', '2'] {remedy}"
     with pytest.raises(ValueError) as refused:
-        refuse_meta(named, tensor="mask")
+        refuse_meta(named, tensors=("mask",))
     assert str(refused.value) == f"the masks of layers ['1', '2'] {remedy}"
     refuse_meta(named[:1], "IMP")   # layer '0' holds values
     # DST names the meta layers too, not only the first layer when it is on the meta device (the others, as here,
     # were refused as "sparse modules must share one device", which did not say what to do).
-    with pytest.raises(ValueError, match=r"^DST: the weights of layers \['1', '2'\] are on the meta device"):
+    with pytest.raises(ValueError, match=r"^DST: the weights and masks of layers \['1', '2'\] are on the meta dev"):
         sparsekern.algorithms.RigL(model, torch.optim.SGD(model.parameters(), lr=0.1), total_steps=10)
+
+
+def test_refuse_meta_checks_weights_and_masks_at_once_naming_which_tensor_each_layer_has_on_the_meta_device():
+    """DST and the ticket algorithms checked the weights, then the masks, in two calls: a model with a layer on the
+    meta device and another whose mask alone stayed there was refused for the first, and once that was fixed, for
+    the second. One call names both, and per layer which of its tensors is there."""
+    whole = SparseLinear(4, 4, device="meta")
+    mask_only = SparseLinear(4, 4, device="meta")
+    mask_only.weight = nn.Parameter(torch.randn(4, 4))
+    mask_only.bias = nn.Parameter(torch.randn(4))
+    model = nn.Sequential(SparseLinear(4, 4), mask_only, whole, copy.deepcopy(mask_only))
+    named = sparse_modules(model)
+    with pytest.raises(ValueError) as refused:
+        refuse_meta(named, "IMP", tensors=("weight", "mask"))
+    assert str(refused.value) == (
+        "IMP: the masks of layers ['1', '3'] and the weights and masks of layers ['2'] are on the meta device, which "
+        "holds no values: materialize the model first (to_empty, then initialise it or load its state dict)")
+    refusal = r"the masks of layers \['1', '3'\] and the weights and masks of layers \['2'\] are on the meta device"
+    for who, build in [("IMP", lambda: sparsekern.IMP(model, lambda p: torch.optim.SGD(p, lr=0.1))),
+                       ("OptG", lambda: sparsekern.OptG(model, 0.5, epochs=2)),
+                       ("DST", lambda: sparsekern.algorithms.RigL(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                                                  total_steps=10))]:
+        with pytest.raises(ValueError, match=f"^{who}: {refusal}"):
+            build()
 
 
 def test_a_mask_left_on_the_meta_device_under_a_real_weight_is_refused_by_name():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import sparsekern
-from sparsekern.ops import _extension, flat_layers, new_masks_like, reference
+from sparsekern.ops import _checks, _extension, flat_layers, new_masks_like, reference
 
 from ..helpers import BACKENDS, DTYPES, random_scores, skip_interpreter_limits, strided
 
@@ -334,4 +334,34 @@ def test_slices_of_one_tensor_sharing_no_entry_are_updated_as_tensors_of_their_o
                                     state=[[cut(state)] for cut in cuts], masked=[[cut(grad)] for cut in cuts])
     assert all(torch.equal(a, b) for a, b in zip(new, expected))
     for tensor, wanted in zip((weight, state, grad), theirs):
+        assert all(torch.equal(cut(tensor), part) for cut, part in zip(cuts, wanted))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_scores_sliced_from_a_written_tensor_without_sharing_an_entry_are_read_in_place(backend, scope, use_backend,
+                                                                                        monkeypatch, generator):
+    # RigL's magnitude criteria over column slices of one weight: each layer's prune score is its weight, its grow
+    # score its gradient slice, both written by prune_grow. Each score's byte range interleaves the other layers'
+    # written slices, with no entry in common: the scores were copied first, as though they shared memory.
+    use_backend(backend, "prune_grow")
+    weight, grad = (torch.randn(9, 10, generator=generator) for _ in range(2))
+    cuts = [lambda t: t[:, :4], lambda t: t[:, 4::2], lambda t: t[:, 5::2]]
+    masks = [torch.rand(cut(weight).shape, generator=generator) < 0.5 for cut in cuts]
+    counts = [int(m.sum()) for m in masks]
+    n = [round(0.3 * c) for c in counts] if scope == "layer" else round(0.3 * sum(counts))
+    theirs = [[cut(t).clone() for cut in cuts] for t in (weight, grad)]
+    expected = reference.prune_grow(theirs[0], masks, [w.clone() for w in theirs[0]], [g.clone() for g in theirs[1]],
+                                    n if scope == "layer" else [n], scope == "global", [[] for _ in cuts],
+                                    [[g] for g in theirs[1]], None, True, True)
+    checked = []
+    check = _checks.prune_grow_args
+    monkeypatch.setattr(_checks, "prune_grow_args", lambda *a: (checked.append(check(*a)), checked[-1])[1])
+    weights, grads = [cut(weight) for cut in cuts], [cut(grad) for cut in cuts]
+    new = sparsekern.ops.prune_grow(weights, masks, weights, grads, n, masked=[[g] for g in grads], prune_abs=True,
+                                    grow_abs=True)
+    assert all(read is given for read, given in zip(checked[0].prune_scores + checked[0].grow_scores,
+                                                    weights + grads))
+    assert all(torch.equal(a, b) for a, b in zip(new, expected))
+    for tensor, wanted in zip((weight, grad), theirs):
         assert all(torch.equal(cut(tensor), part) for cut, part in zip(cuts, wanted))
