@@ -302,3 +302,32 @@ def test_a_dst_state_saved_with_block_as_a_list_loads_into_the_dst_of_that_block
     rigl, state = _rigl_state(block=[2, 2])
     rigl.load_state_dict({**state, "block": [2, 2]})
     assert rigl.block == (2, 2)
+
+
+def _imp(**options):
+    return sparsekern.algorithms.IMP(_mlp(1.0), lambda parameters: torch.optim.SGD(parameters, lr=0.1), **options)
+
+
+def _swamp(**options):
+    return sparsekern.algorithms.SWAMP(_mlp(1.0), lambda parameters: torch.optim.SGD(parameters, lr=0.1), particles=2,
+                                       **options)
+
+
+def _dst(**options):
+    model = _mlp(0.5)
+    return sparsekern.DST(model, torch.optim.SGD(model.parameters(), lr=0.1), total_steps=10, update_every=2,
+                          **options)
+
+
+@pytest.mark.parametrize("build", [
+    lambda: _dst(swap_rounding=np.str_("ceil")), lambda: _dst(scope=np.str_("global")),
+    lambda: _dst(schedule=np.str_("constant")), lambda: _imp(scope=np.str_("layer")),
+    lambda: _imp(rewind=np.str_("learning_rate")), lambda: _swamp(scope=np.str_("layer"))],
+    ids=["DST swap_rounding", "DST scope", "DST schedule", "IMP scope", "IMP rewind", "SWAMP scope"])
+def test_a_state_of_settings_given_as_numpy_str_loads_back_through_checkpoint(build, tmp_path):
+    """Campaign 20: a setting given as NumPy's str_ was kept as one and saved in the state, which checkpoint.load
+    (plain types only) refused as holding foreign objects (as campaign 17 found for a Criterion's name)."""
+    algorithm = build()
+    checkpoint.save(algorithm.state_dict(), tmp_path / "state.pt")
+    algorithm.load_state_dict(checkpoint.load(tmp_path / "state.pt"))
+

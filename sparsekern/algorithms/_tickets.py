@@ -91,9 +91,10 @@ def check_fraction(prune_fraction) -> float:
 
 
 def check_choice(value, name: str, choices: tuple[str, ...]) -> str:
+    """`value` as a plain str (a state saves it: see `_checks.choice`); ValueError unless it is one of `choices`."""
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-    return value
+    return str(value)
 
 
 def removal_count(remaining: int, prune_fraction: float) -> int:

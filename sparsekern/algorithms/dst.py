@@ -266,14 +266,8 @@ class DST(distributed.CatchesUp):
             self.schedule = schedules.make(schedule, total_steps, update_every=update_every, end_step=end_step,
                                            end_fraction=end_fraction, drop_fraction=drop_fraction,
                                            final_drop_fraction=final_drop_fraction)
-            if not isinstance(scope, str):
-                raise TypeError(f"scope must be a str, got {type(scope).__name__}")
-            if scope not in SCOPES:
-                raise ValueError(f"scope must be one of {list(SCOPES)}, got {scope!r}")
-            if not isinstance(swap_rounding, str):
-                raise TypeError(f"swap_rounding must be a str, got {type(swap_rounding).__name__}")
-            if swap_rounding not in SWAP_ROUNDINGS:
-                raise ValueError(f"swap_rounding must be one of {list(SWAP_ROUNDINGS)}, got {swap_rounding!r}")
+            scope = _checks.choice(scope, "scope", SCOPES)
+            swap_rounding = _checks.choice(swap_rounding, "swap_rounding", SWAP_ROUNDINGS)
             _checks.flag(reset_state, "reset_state")
             _checks.flag(host_checks, "host_checks")
             block = _check_block(block)
