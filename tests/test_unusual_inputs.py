@@ -8,6 +8,7 @@ import pickle
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -331,3 +332,28 @@ def test_a_state_of_settings_given_as_numpy_str_loads_back_through_checkpoint(bu
     checkpoint.save(algorithm.state_dict(), tmp_path / "state.pt")
     algorithm.load_state_dict(checkpoint.load(tmp_path / "state.pt"))
 
+
+def _imp_stepped(count: int):
+    imp = _imp(rewind_step=0)
+    imp.load_state_dict({**imp.state_dict(), "step_in_cycle": count})
+    return imp
+
+
+@pytest.mark.parametrize("make, counter", [
+    (lambda: (lambda rigl, state: (rigl.load_state_dict({**state, "step_count": 2 ** 63 - 1}), rigl)[1])(
+        *_rigl_state()), "step_count"),
+    (lambda: _imp_stepped(2 ** 63 - 1), "step_in_cycle")], ids=["DST", "IMP"])
+def test_a_step_past_the_last_count_a_state_holds_is_refused_with_nothing_counted(make, counter, tmp_path):
+    """Campaign 20: a state doctored to a count just below 2**63 - 1 loaded (DST warned that it is past
+    total_steps), step() counted on past it, and the state saved then no longer loaded ("must be at most
+    2**63 - 1")."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # DST: the loaded count is past total_steps
+        algorithm = make()
+    with pytest.raises(RuntimeError, match=rf"step\(\): {counter} is at 2\*\*63 - 1, where the saved counters end"):
+        algorithm.step()
+    assert algorithm.state_dict()[counter] == 2 ** 63 - 1
+    checkpoint.save(algorithm.state_dict(), tmp_path / "state.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        algorithm.load_state_dict(checkpoint.load(tmp_path / "state.pt"))

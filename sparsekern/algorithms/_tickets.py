@@ -439,6 +439,14 @@ def check_state_keys(state, required: tuple[str, ...], optional: tuple[str, ...]
 MAX_COUNT = 2 ** 63 - 1
 
 
+def refuse_count_end(count: int, name: str, who: str) -> None:
+    """RuntimeError, before a step counts, where the counter `name` is at MAX_COUNT already (only a state doctored to
+    a count near it gets there): counted on, the state saved next would hold a count no state loads."""
+    if count >= MAX_COUNT:
+        raise RuntimeError(f"{who}.step(): {name} is at 2**63 - 1, where the saved counters end (a state loaded with a "
+                           f"count near it?); nothing was counted")
+
+
 def state_count(state: dict, key: str, low: int = 0) -> int:
     """state[key], a counter, as an int in [low, MAX_COUNT]; TypeError or ValueError naming the entry otherwise."""
     count = _checks.count(state[key], f"state[{key!r}]", low)

@@ -153,6 +153,7 @@ class SWAMP:
         """
         if self.averaged:
             raise RuntimeError("step() after the cycle's last particle: call next_cycle() first")
+        _tickets.refuse_count_end(self.step_in_cycle, "step_in_cycle", "SWAMP")
         self.step_in_cycle += 1
         self._capture_if_due()
         if self.swa_start is not None and self.step_in_cycle > self.swa_start \
