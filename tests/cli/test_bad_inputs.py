@@ -416,6 +416,22 @@ WORDED_ARGUMENTS = [
     # two densities that the tables show alike (0.5) trained as two lines' columns of one name
     (["compare", "--methods", "static", "--densities", "0.5,0.5000000001"],
      "argument --densities: densities 0.5, 0.5000000001 read alike in the results (0.5): give distinct densities"),
+    # Campaign 20: a run of absurdly many epochs started training, for ever (compare capped its grid's runs only).
+    (["train", "--epochs", "100000000000000000000"],
+     "rigl runs of 100000000000000000000 epochs are more than 100000: lower --epochs"),
+    (["compare", "--methods", "static,imp", "--epochs", "25001"],
+     "imp runs of 100004 epochs (--epochs x --cycles) are more than 100000"),
+    (["train", "--method", "imp", "--epochs", "2", "--cycles", "50001"],
+     "imp runs of 100002 epochs (--epochs x --cycles) are more than 100000: lower --epochs or --cycles"),
+    (["train", "--method", "swamp", "--particles", "100000000000"],
+     "swamp runs of 8000000000000 epochs (--epochs x --cycles x --particles) are more than 100000: lower --epochs, "
+     "--cycles or --particles"),
+    # and train's DST options given with another method were refused in the library's words ("prune applies to")
+    (["train", "--method", "imp", "--prune", "set_fw"],
+     "--prune applies to the methods set, rigl, mest, dst, not 'imp'"),
+    (["train", "--method", "static", "--grow", "random"], "--grow applies to the methods set, rigl, mest, dst"),
+    (["train", "--method", "swamp", "--schedule", "annealed"], "--schedule applies to the methods set, rigl, mest"),
+    (["train", "--method", "optg", "--drop-fraction", "0.3"], "--drop-fraction applies to the methods set, rigl"),
 ]
 
 # How the library names its arguments (and remedies the command line has no option for): no refusal says these.
