@@ -1584,8 +1584,13 @@ for _lazy, _conv in ((nn.LazyConv1d, nn.Conv1d), (nn.LazyConv3d, nn.Conv3d)):
             lambda w: sparsekern.sparsify(w.model, 0.5),
             f"0 \\({_conv.__name__}\\) stays dense: its weight is computed",
             then=_linear_after_it_sparsified)
-error("sparsify(power=-1e6): a layer's ERK density underflows to 0", dense_world,
-      lambda w: sparsekern.sparsify(w.model, 0.5, power=-1e6, generator=w.generator), ValueError, "no active weight")
+error("sparsify(power=1e6): a layer's ERK density underflows to 0", dense_world,
+      lambda w: sparsekern.sparsify(w.model, 0.05, power=1e6, generator=w.generator), ValueError, "no active weight")
+# Campaign 20: ERK's exponent at 0 made every layer uniform, below 0 it reversed ERK (the largest layers densest).
+for _power in (0.0, -0.0, -1.0, -1e6):
+    error(f"sparsify(power={_power})", dense_world,
+          lambda w, power=_power: sparsekern.sparsify(w.model, 0.5, power=power, generator=w.generator), ValueError,
+          r"power must be a finite number > 0 \(ERK's exponent; 0 is distribution='uniform'")
 error("SparseLinear.set_mask(a meta mask)", layer_world,
       lambda w: w.layer.set_mask(torch.ones(4, 6, dtype=torch.bool, device="meta")), ValueError, "mask is on the meta")
 

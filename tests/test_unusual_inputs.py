@@ -8,6 +8,7 @@ import pickle
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -302,3 +303,57 @@ def test_a_dst_state_saved_with_block_as_a_list_loads_into_the_dst_of_that_block
     rigl, state = _rigl_state(block=[2, 2])
     rigl.load_state_dict({**state, "block": [2, 2]})
     assert rigl.block == (2, 2)
+
+
+def _imp(**options):
+    return sparsekern.algorithms.IMP(_mlp(1.0), lambda parameters: torch.optim.SGD(parameters, lr=0.1), **options)
+
+
+def _swamp(**options):
+    return sparsekern.algorithms.SWAMP(_mlp(1.0), lambda parameters: torch.optim.SGD(parameters, lr=0.1), particles=2,
+                                       **options)
+
+
+def _dst(**options):
+    model = _mlp(0.5)
+    return sparsekern.DST(model, torch.optim.SGD(model.parameters(), lr=0.1), total_steps=10, update_every=2,
+                          **options)
+
+
+@pytest.mark.parametrize("build", [
+    lambda: _dst(swap_rounding=np.str_("ceil")), lambda: _dst(scope=np.str_("global")),
+    lambda: _dst(schedule=np.str_("constant")), lambda: _imp(scope=np.str_("layer")),
+    lambda: _imp(rewind=np.str_("learning_rate")), lambda: _swamp(scope=np.str_("layer"))],
+    ids=["DST swap_rounding", "DST scope", "DST schedule", "IMP scope", "IMP rewind", "SWAMP scope"])
+def test_a_state_of_settings_given_as_numpy_str_loads_back_through_checkpoint(build, tmp_path):
+    """Campaign 20: a setting given as NumPy's str_ was kept as one and saved in the state, which checkpoint.load
+    (plain types only) refused as holding foreign objects (as campaign 17 found for a Criterion's name)."""
+    algorithm = build()
+    checkpoint.save(algorithm.state_dict(), tmp_path / "state.pt")
+    algorithm.load_state_dict(checkpoint.load(tmp_path / "state.pt"))
+
+
+def _imp_stepped(count: int):
+    imp = _imp(rewind_step=0)
+    imp.load_state_dict({**imp.state_dict(), "step_in_cycle": count})
+    return imp
+
+
+@pytest.mark.parametrize("make, counter", [
+    (lambda: (lambda rigl, state: (rigl.load_state_dict({**state, "step_count": 2 ** 63 - 1}), rigl)[1])(
+        *_rigl_state()), "step_count"),
+    (lambda: _imp_stepped(2 ** 63 - 1), "step_in_cycle")], ids=["DST", "IMP"])
+def test_a_step_past_the_last_count_a_state_holds_is_refused_with_nothing_counted(make, counter, tmp_path):
+    """Campaign 20: a state doctored to a count just below 2**63 - 1 loaded (DST warned that it is past
+    total_steps), step() counted on past it, and the state saved then no longer loaded ("must be at most
+    2**63 - 1")."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # DST: the loaded count is past total_steps
+        algorithm = make()
+    with pytest.raises(RuntimeError, match=rf"step\(\): {counter} is at 2\*\*63 - 1, where the saved counters end"):
+        algorithm.step()
+    assert algorithm.state_dict()[counter] == 2 ** 63 - 1
+    checkpoint.save(algorithm.state_dict(), tmp_path / "state.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        algorithm.load_state_dict(checkpoint.load(tmp_path / "state.pt"))

@@ -90,9 +90,10 @@ def check_fraction(prune_fraction) -> float:
 
 
 def check_choice(value, name: str, choices: tuple[str, ...]) -> str:
+    """`value` as a plain str (a state saves it: see `_checks.choice`); ValueError unless it is one of `choices`."""
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-    return value
+    return str(value)
 
 
 def removal_count(remaining: int, prune_fraction: float) -> int:
@@ -345,6 +346,9 @@ def optimizer_in_order(saved: dict, optimizer: torch.optim.Optimizer, names: dic
                          f"group's 'params' the parameters' names")
     saved_names = [key for group in groups_saved for key in group["params"]]
     if by_position and not any(isinstance(key, str) for key in saved_names):
+        # torch's load_state_dict keeps the state of a position no group lists under that key, where the next save
+        # by name (optimizer_by_name) finds no parameter for it.
+        _refuse_strangers(saved, saved_names, name)
         return saved
     parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
     strangers = [i for i, parameter in enumerate(parameters) if id(parameter) not in names]
@@ -353,9 +357,7 @@ def optimizer_in_order(saved: dict, optimizer: torch.optim.Optimizer, names: dic
                          f"position) are not the model's")
     order = dict(zip(map(id, parameters), in_order_of(saved_names, [names[id(p)] for p in parameters], name, who,
                                                       "parameters")))
-    unexpected = [key for key in saved["state"] if key not in saved_names]
-    if unexpected:
-        raise ValueError(f"{name} holds the state of {unexpected}, which are not its parameters {saved_names}")
+    _refuse_strangers(saved, saved_names, name)
     if len(groups_saved) != len(optimizer.param_groups):
         raise ValueError(f"{name} holds {len(groups_saved)} parameter groups, the optimizer "
                          f"{len(optimizer.param_groups)}")
@@ -373,6 +375,18 @@ def optimizer_in_order(saved: dict, optimizer: torch.optim.Optimizer, names: dic
                              f"the optimizer as {grouped}")
         paired.append({**groups_saved[homes.pop()], "params": keys})
     return {**saved, "param_groups": paired}
+
+
+def _refuse_strangers(saved: dict, saved_names: list, name: str) -> None:
+    """ValueError naming `name` for a state entry of `saved` (an optimizer state) keyed by no parameter its groups
+    list, or one that is not a dict of that parameter's state."""
+    unexpected = [key for key in saved["state"] if key not in saved_names]
+    if unexpected:
+        raise ValueError(f"{name} holds the state of {unexpected}, which are not its parameters {saved_names}")
+    for key, entry in saved["state"].items():
+        if not isinstance(entry, dict):
+            raise ValueError(f"{name}['state'][{key!r}] must be a dict of the parameter's state, got "
+                             f"{type(entry).__name__}")
 
 
 def wrapping_hint(saved: list, names: list[str], who: str) -> str:
@@ -435,6 +449,14 @@ def check_state_keys(state, required: tuple[str, ...], optional: tuple[str, ...]
 # Above any count a run reaches (torch keeps its own step counts in int64): a larger one is a tampered state, whose
 # digits, past 4300, an error or warning line could not even print (Python's int-to-str limit raises ValueError).
 MAX_COUNT = 2 ** 63 - 1
+
+
+def refuse_count_end(count: int, name: str, who: str) -> None:
+    """RuntimeError, before a step counts, where the counter `name` is at MAX_COUNT already (only a state doctored to
+    a count near it gets there): counted on, the state saved next would hold a count no state loads."""
+    if count >= MAX_COUNT:
+        raise RuntimeError(f"{who}.step(): {name} is at 2**63 - 1, where the saved counters end (a state loaded with a "
+                           f"count near it?); nothing was counted")
 
 
 def state_count(state: dict, key: str, low: int = 0) -> int:
@@ -534,7 +556,7 @@ def loaded_optimizer(optimizer_factory: Callable, model: nn.Module, saved, name:
     if not isinstance(saved, dict):
         raise TypeError(f"{name} must be an optimizer state dict, got {type(saved).__name__}")
     saved = optimizer_in_order(saved, optimizer, parameter_names(model), name, who)
-    check_state_dtypes(saved, name)
+    check_state_dtypes(saved, name, optimizer)
     try:
         # A copy: torch's optimizer keeps the caller's tensors as its own (where device and dtype fit) and would
         # train them in place, so that a state loaded twice (a retry, a rollback) would not resume alike.
@@ -573,15 +595,24 @@ PARAMETER_SHAPED_STATE = frozenset({"momentum_buffer", "exp_avg", "exp_avg_sq", 
                                     "grad_avg", "acc_delta", "sum", "exp_inf", "prev", "step_size", "ax"})
 
 
-def check_state_dtypes(saved: dict, name: str) -> None:
-    """ValueError naming `name` and the entry for a per-parameter state entry of `saved` (an optimizer's state dict)
-    held in the parameter's shape (PARAMETER_SHAPED_STATE) that is a tensor of no floating dtype: torch's
-    load_state_dict casts a bool or integer momentum to the parameter's dtype, and it loaded as numbers."""
+def check_state_dtypes(saved: dict, name: str, optimizer: torch.optim.Optimizer) -> None:
+    """ValueError naming `name` and the entry for a per-parameter state entry of `saved` (an optimizer's state dict,
+    its groups in the order of `optimizer`'s, `optimizer_in_order`) held in the parameter's shape
+    (PARAMETER_SHAPED_STATE) that is a tensor of no floating dtype, or complex for a real parameter: torch's
+    load_state_dict casts it to the parameter's dtype, and a bool or integer momentum loaded as numbers, a complex
+    one without its imaginary part."""
     states = saved.get("state")
+    groups = saved.get("param_groups")
+    parameters = {key: parameter for group, own in zip(groups if isinstance(groups, list) else (),
+                                                       optimizer.param_groups)
+                  if isinstance(group, dict) and isinstance(group.get("params"), list)
+                  for key, parameter in zip(group["params"], own["params"])}
     for key, entry in states.items() if isinstance(states, dict) else ():
         for field, value in entry.items() if isinstance(entry, dict) else ():
-            if field in PARAMETER_SHAPED_STATE and isinstance(value, Tensor) and not (
-                    value.is_floating_point() or value.is_complex()):
+            if field not in PARAMETER_SHAPED_STATE or not isinstance(value, Tensor):
+                continue
+            real_parameter = key in parameters and not parameters[key].is_complex()
+            if not (value.is_floating_point() or value.is_complex()) or (value.is_complex() and real_parameter):
                 raise ValueError(f"{name}['state'][{key!r}][{field!r}] must be a floating-point tensor, got "
                                  f"{value.dtype}")
 

@@ -156,6 +156,7 @@ def set_rule(weights, grads, masks, *, generator=None, gamma=1.0, offset=EPSILON
     2·⌈n/2⌉ weights split evenly between the signs. Neither is Mocanu's proportional rule; both are
     offered, to reproduce that paper, as `set_fw` and `set_fixed`.
     """
+    weights, masks = _ranked_lists(weights, masks)
     if not weights:
         return []
     flat_weight = torch.cat([w.detach().reshape(-1) for w in weights])
@@ -226,10 +227,11 @@ def _by_sign_thresholds(weights, masks, n, *, negatives_closest_to_zero: bool) -
     n = _checks.integer(n, "n")   # None too: no default count, the rule is n's
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
+    weights, masks = _ranked_lists(weights, masks)
     if not weights:
         return []
     flat_weight = torch.cat([w.detach().reshape(-1) for w in weights])
-    flat_mask = torch.cat([m.reshape(-1).bool() for m in masks])
+    flat_mask = torch.cat([m.reshape(-1) for m in masks])
     keep = flat_mask.clone() if n == 0 else torch.zeros_like(flat_mask)
     if n:
         half = -(-n // 2)   # ⌈n/2⌉
@@ -246,6 +248,27 @@ def _by_sign_thresholds(weights, masks, n, *, negatives_closest_to_zero: bool) -
             keep |= flat_mask & (flat_weight < threshold)
     score = torch.where(keep, KEPT, DROPPED).masked_fill_(~flat_mask, float("inf"))
     return [part.view(w.shape) for part, w in zip(score.split([w.numel() for w in weights]), weights)]
+
+
+def _ranked_lists(weights, masks) -> tuple[list[Tensor], list[Tensor]]:
+    """(weights, masks) as lists, checked for the criteria that rank the weights over the whole list by the masks
+    (set, set_fw, set_fixed): one float weight holding values (not on the meta device) and one bool mask of its shape
+    per layer, all on one device; TypeError or ValueError naming the argument otherwise. Flattened and joined, a
+    mask of another shape but as many entries would silently mark other weights active, and lists of other lengths
+    or a tensor given for a list failed in torch naming nothing."""
+    for name, value in (("weights", weights), ("masks", masks)):
+        if isinstance(value, Tensor) or not isinstance(value, Sequence):
+            raise TypeError(f"{name} must be a list of Tensors, got {type(value).__name__}")
+    weights, masks = list(weights), list(masks)
+    if len(masks) != len(weights):
+        raise ValueError(f"masks has {len(masks)} entries but weights has {len(weights)}")
+    for layer, (weight, mask) in enumerate(zip(weights, masks)):
+        _checks.holds_values(_checks.floating(weight, f"weights[{layer}]"), f"weights[{layer}]")
+        _checks.bool_mask(mask, f"masks[{layer}]", weight, f"weights[{layer}]")
+    if weights:
+        _checks.same_device([(f"{kind}[{layer}]", t) for kind, tensors in (("weights", weights), ("masks", masks))
+                             for layer, t in enumerate(tensors)])
+    return weights, masks
 
 
 def dropped_counts(scores: list[Tensor], masks: list[Tensor]) -> list[int]:

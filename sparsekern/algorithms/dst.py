@@ -271,14 +271,8 @@ class DST(distributed.CatchesUp):
             self.schedule = schedules.make(schedule, total_steps, update_every=update_every, end_step=end_step,
                                            end_fraction=end_fraction, drop_fraction=drop_fraction,
                                            final_drop_fraction=final_drop_fraction)
-            if not isinstance(scope, str):
-                raise TypeError(f"scope must be a str, got {type(scope).__name__}")
-            if scope not in SCOPES:
-                raise ValueError(f"scope must be one of {list(SCOPES)}, got {scope!r}")
-            if not isinstance(swap_rounding, str):
-                raise TypeError(f"swap_rounding must be a str, got {type(swap_rounding).__name__}")
-            if swap_rounding not in SWAP_ROUNDINGS:
-                raise ValueError(f"swap_rounding must be one of {list(SWAP_ROUNDINGS)}, got {swap_rounding!r}")
+            scope = _checks.choice(scope, "scope", SCOPES)
+            swap_rounding = _checks.choice(swap_rounding, "swap_rounding", SWAP_ROUNDINGS)
             _checks.flag(reset_state, "reset_state")
             _checks.flag(host_checks, "host_checks")
             block = _check_block(block)
@@ -369,6 +363,7 @@ class DST(distributed.CatchesUp):
         _transforms.refuse_vmap(f"{type(self).__name__}.step()", "a mask update selects over the whole model",
                                 "call it outside vmap, once per training step")
         self._refuse_leading_join()
+        _tickets.refuse_count_end(self.step_count, "step_count", "DST")
         # Every step: a weight computed since (a parametrization registered) would not have its gradient masked.
         _tickets.check_own_weights(self._groups, "DST")
         due = self.schedule.is_update(self.step_count + 1)
@@ -503,8 +498,9 @@ class DST(distributed.CatchesUp):
         `sparsekern.Criterion`, one without its flags); and so does a state holding an entry that a DST of these
         settings does not save (a misspelled or tampered setting, which would go unchecked), naming it. A step count
         past the schedule's total_steps (a run that called step() too often, which step() allows) loads with a
-        warning, as does a saved schedule that differs from the one this DST was built with (which it replaces), and
-        a mask with no active weight under scope="layer" (the layer stays empty, as construction warns)."""
+        warning (step() refuses to count past 2**63 - 1, the largest count a state holds), as does a saved schedule
+        that differs from the one this DST was built with (which it replaces), and a mask with no active weight
+        under scope="layer" (the layer stays empty, as construction warns)."""
         self._prepare_load(state)()
 
     def _prepare_load(self, state: dict):

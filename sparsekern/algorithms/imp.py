@@ -91,6 +91,7 @@ class IMP(distributed.CatchesUp):
     def step(self) -> None:
         """Counts one optimizer step; keeps θ_k when the k-th step of the first cycle is done."""
         self._refuse_leading_join()
+        _tickets.refuse_count_end(self.step_in_cycle, "step_in_cycle", "IMP")
         self.step_in_cycle += 1
         self._capture_if_due()
 

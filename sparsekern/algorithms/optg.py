@@ -482,7 +482,7 @@ class OptG(distributed.CatchesUp):
         saved_optimizer = _tickets.optimizer_in_order(saved_optimizer, score_optimizer, self._score_names(),
                                                       "state['score_optimizer']", "OptG",
                                                       by_position=keys is None)
-        _tickets.check_state_dtypes(saved_optimizer, "state['score_optimizer']")
+        _tickets.check_state_dtypes(saved_optimizer, "state['score_optimizer']", score_optimizer)
         try:  # into a fresh optimizer, so that a state that does not fit leaves the current one alone
             # A copy: torch's optimizer would keep the caller's tensors as its own and train them in place.
             score_optimizer.load_state_dict(_tickets.map_tensors(Tensor.clone, saved_optimizer))

@@ -94,10 +94,7 @@ def make(name, total_steps, *, update_every=None, end_step=None, end_fraction=No
     drop_fraction defaults per schedule (0.3 cosine and constant, 0.5 annealed);
     final_drop_fraction (annealed only) defaults to 0.005.
     """
-    if not isinstance(name, str):
-        raise TypeError(f"schedule must be a str, got {type(name).__name__}")
-    if name not in DEFAULT_DROP_FRACTION:
-        raise ValueError(f"schedule must be one of {sorted(DEFAULT_DROP_FRACTION)}, got {name!r}")
+    name = _checks.choice(name, "schedule", sorted(DEFAULT_DROP_FRACTION))
     total_steps = _checks.count(total_steps, "total_steps", 1)
     update_every = _checks.count(DEFAULT_UPDATE_EVERY[name] if update_every is None else update_every,
                                  "update_every", 1)

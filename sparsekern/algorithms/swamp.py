@@ -12,6 +12,7 @@ prunes to the same mask.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Callable, Iterable
 
 import torch
@@ -48,7 +49,9 @@ class SWAMP:
         bn_loader: an iterable of batches (a tensor, or a tuple/list whose first element is the
             input) for recomputing BatchNorm statistics of θ̄ (`torch.optim.swa_utils.update_bn`), read again
             at every cycle (a DataLoader or a list: an iterator used up by one cycle, or an empty loader, is refused
-            where it yields no batch, the statistics left as they were);
+            where it yields no batch, and batches that make a statistic NaN or infinite where they do, the
+            statistics left as they were; a str, a mapping or a tensor, which iterate by characters, keys or rows, is
+            refused here);
             required when the model has BatchNorm layers and θ̄ is an average (particles > 1 or
             swa_start given), unused otherwise.
         seed: base of `data_seed`, the data order the current particle must use.
@@ -103,9 +106,13 @@ class SWAMP:
                 # Particles after the first start at step k: none can average weights from before it.
                 raise ValueError(f"swa_start must be >= rewind_step ({self.rewind_step}), got {swa_start}")
             self.swa_every = _checks.count(swa_every, "swa_every", 1)
-            # A str iterates, by characters: no batch, refused only at the first average.
-            if bn_loader is not None and (isinstance(bn_loader, (str, bytes)) or not hasattr(bn_loader, "__iter__")):
-                raise TypeError(f"bn_loader must be an iterable of batches or None, got {type(bn_loader).__name__}")
+            # A str iterates by characters, a mapping by keys, a tensor by rows (each row taken for a batch): none
+            # gives batches, and each would be refused only at the first average.
+            if bn_loader is not None and (isinstance(bn_loader, (str, bytes, Mapping, Tensor))
+                                          or not hasattr(bn_loader, "__iter__")):
+                kind = "a Tensor (it iterates by rows: pass [tensor])" if isinstance(bn_loader, Tensor) else \
+                    type(bn_loader).__name__
+                raise TypeError(f"bn_loader must be an iterable of batches or None, got {kind}")
             if _batch_norms(model) and self._averages():
                 if bn_loader is None:
                     raise ValueError("bn_loader is None but the model has BatchNorm layers, whose statistics "
@@ -153,6 +160,7 @@ class SWAMP:
         """
         if self.averaged:
             raise RuntimeError("step() after the cycle's last particle: call next_cycle() first")
+        _tickets.refuse_count_end(self.step_in_cycle, "step_in_cycle", "SWAMP")
         self.step_in_cycle += 1
         self._capture_if_due()
         if self.swa_start is not None and self.step_in_cycle > self.swa_start \
@@ -254,6 +262,7 @@ class SWAMP:
             if norms and not batches:
                 raise ValueError("bn_loader yielded no batch (empty, or an iterator used up by an earlier cycle: "
                                  "pass one that can be iterated again, a DataLoader or a list)")
+            _refuse_non_finite_statistics(self.model)
         except Exception as error:
             self.model.train(training)   # first: it sets every submodule's mode, the layers' own come after
             for module, (state, momentum, mode) in zip(norms, saved):
@@ -418,3 +427,18 @@ def _on_ranks(world_size: int) -> str:
 
 def _batch_norms(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def _refuse_non_finite_statistics(model: nn.Module) -> None:
+    """ValueError naming the BatchNorm layers whose recomputed running statistics hold NaN or infinity (a batch of
+    bn_loader did; one host read): the averaged model would compute NaN from them, silently."""
+    named = [(name, module) for name, module in model.named_modules()
+             if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None]
+    if not named:
+        return
+    finite = torch.stack([torch.isfinite(module.running_mean).all() & torch.isfinite(module.running_var).all()
+                          for _, module in named]).tolist()
+    bad = [name for (name, _), ok in zip(named, finite) if not ok]
+    if bad:
+        raise ValueError(f"the BatchNorm statistics recomputed on bn_loader's batches are not finite in layers {bad} "
+                         f"(a batch holds NaN or infinity)")

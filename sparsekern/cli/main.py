@@ -131,6 +131,11 @@ MAX_SEED = 2 ** 32 - 1
 # A compare grid holding more runs than this is a typo (say --seeds 1000000000000), not a plan: building it
 # would hang before the first run.
 MAX_RUNS = 100_000
+# So is a run of more epochs than this, all segments together (say --epochs 100000000000000000000): it would train
+# for ever.
+MAX_EPOCHS = 100_000
+_SEGMENTS = {"imp": " (--epochs x --cycles)", "swamp": " (--epochs x --cycles x --particles)"}
+_LOWER = {"imp": "--epochs or --cycles", "swamp": "--epochs, --cycles or --particles"}
 
 
 def _seed(text: str) -> int:
@@ -474,6 +479,7 @@ _METHOD_OPTIONS = {"density": _SPARSE_METHODS, "densities": _SPARSE_METHODS,
                    "block": tuple(DST_PRESETS),
                    "cycles": TICKET_METHODS, "particles": ("swamp",)}
 _CRITERIA_OPTIONS = ("criteria", "grow", "schedule")   # compare: of the criteria lines only
+_TRAIN_DST_OPTIONS = ("prune", "grow", "schedule", "drop_fraction")   # train's own (compare's grow, schedule: above)
 
 
 def _check_options_apply(args, methods: list[str]) -> None:
@@ -483,11 +489,23 @@ def _check_options_apply(args, methods: list[str]) -> None:
         if getattr(args, name, None) is not None and not set(methods) & set(readers):
             raise ValueError(f"--{name.replace('_', '-')} applies to the methods {', '.join(readers)}, not "
                              f"{', '.join(map(repr, methods))}")
+    for name in _TRAIN_DST_OPTIONS if args.command == "train" else ():
+        if getattr(args, name) is not None and not set(methods) & set(DST_PRESETS):
+            raise ValueError(f"--{name.replace('_', '-')} applies to the methods {', '.join(DST_PRESETS)}, not "
+                             f"{', '.join(map(repr, methods))}")
     if args.command == "compare" and compare_module.CRITERION_METHOD not in methods:
         for name in _CRITERIA_OPTIONS:
             if getattr(args, name) is not None:
                 raise ValueError(f"--{name} applies to the criteria lines of --methods "
                                  f"{compare_module.CRITERION_METHOD}, which --methods {','.join(methods)} lacks")
+
+
+def _check_epochs(configs: list[TrainConfig]) -> None:
+    """ValueError for a run of more than MAX_EPOCHS epochs in all, naming the options that multiply to them."""
+    longest = max(configs, key=total_epochs)
+    if total_epochs(longest) > MAX_EPOCHS:
+        raise ValueError(f"{longest.method} runs of {total_epochs(longest)} epochs{_SEGMENTS.get(longest.method, '')} "
+                         f"are more than {MAX_EPOCHS}: lower {_LOWER.get(longest.method, '--epochs')}")
 
 
 def _check_criterion_parameters(args, configs: list[TrainConfig]) -> None:
@@ -559,10 +577,10 @@ def _check_train(args, ranks: data_parallel.Ranks):
                      grow=args.grow, schedule=args.schedule, drop_fraction=args.drop_fraction)
     _check_criterion_parameters(args, [config])
     _check_block_criterion(args, [config])
+    _check_epochs([config])
     if args.stop_after is not None and args.stop_after > total_epochs(config):
-        segments = {"imp": " (--epochs x --cycles)", "swamp": " (--epochs x --cycles x --particles)"}
         raise ValueError(f"--stop-after {args.stop_after} is past the run's last epoch, {total_epochs(config)}"
-                         f"{segments.get(config.method, '')}: it would stop nothing")
+                         f"{_SEGMENTS.get(config.method, '')}: it would stop nothing")
     data_parallel.check_config(config, ranks)
     check_dataset(config.dataset)
     check_backend(config.device)
@@ -600,6 +618,7 @@ def _prepare_compare(args):
                          f"{counted(args.seeds, 'seed')}), more than {MAX_RUNS}: lower --seeds or --densities")
     # each line's settings are checked before the first run starts
     configs = [compare_module.line_config(base, line, density, seed=0) for line in lines for density in densities]
+    _check_epochs(configs)
     _check_criterion_parameters(args, configs)
     _check_block_criterion(args, configs)
     check_dataset(base.dataset)

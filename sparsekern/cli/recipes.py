@@ -19,6 +19,7 @@ from torch import nn
 from ..algorithms import DST, IMP, MEST, SET, SWAMP, OptG, RigL, _tickets
 from ..algorithms.dst import _ArgumentWarning, _NoUpdateWarning, _as_argument
 from ..algorithms.schedules import DEFAULT_END_FRACTION
+from ..ops import _checks
 
 DST_PRESETS = {"set": SET, "rigl": RigL, "mest": MEST, "dst": DST}
 # (prune, grow) of each DST method when the config names neither: the presets' own and DST's defaults (a test
@@ -113,19 +114,35 @@ class Recipe:
             state["algorithm"] = self.algorithm.state_dict()
         return state
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, steps: int | None = None) -> None:
         """Loads a `state_dict()`; ValueError, naming the parameters, for an optimizer state of other parameters
         than this model's. The optimizer state is checked on a fresh optimizer first, which puts each parameter's
-        entry in this model's order (a checkpoint of earlier versions, by position, loads by position)."""
+        entry in this model's order (a checkpoint of earlier versions, by position, loads by position). `steps`: the
+        training steps the run had taken when the state was saved, which an algorithm counting steps must have
+        counted."""
+        entries = ("optimizer",) if self.algorithm is None else ("optimizer", "algorithm")
+        _check_recipe_state(state, entries)
+        if steps is not None:
+            self._check_steps_counted(state, steps)
         checked = _tickets.loaded_optimizer(self._make_optimizer, self.model, state["optimizer"],
                                             "its optimizer state", "this run")
         if self.algorithm is not None:
             self.algorithm.load_state_dict(state["algorithm"])
         self.optimizer.load_state_dict(checked.state_dict())
 
+    def _check_steps_counted(self, state: dict, steps: int) -> None:
+        """ValueError where the algorithm's state counts other steps than `steps` (none to check here)."""
+
     def _make_optimizer(self, parameters):
         return torch.optim.SGD(parameters, lr=self.config.lr, momentum=self.config.momentum,
                                weight_decay=self.config.weight_decay)
+
+
+def _check_recipe_state(state, entries: tuple[str, ...]) -> None:
+    """ValueError unless `state` is a dict holding `entries` (a recipe's state: the optimizer's and the algorithm's)."""
+    if not isinstance(state, dict) or any(entry not in state for entry in entries):
+        got = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"its recipe state must be a dict holding {list(entries)}, got {got}")
 
 
 class DSTRecipe(Recipe):
@@ -166,6 +183,18 @@ class DSTRecipe(Recipe):
                           f"before the updates end, at step {schedule.end_step} (--end-fraction {end_fraction:g} "
                           f"of the {schedule.total_steps} steps of --epochs {config.epochs}); raise --epochs or "
                           f"lower --update-every", stacklevel=3)
+
+    def _check_steps_counted(self, state: dict, steps: int) -> None:
+        """ValueError where the DST state's step count is not `steps`, the run's: DST counts every training step, and a
+        count from elsewhere (a doctored state) would resume its schedule at another step, or past its end."""
+        saved = state["algorithm"].get("step_count") if isinstance(state["algorithm"], dict) else None
+        try:
+            saved = _checks.integer(saved, "step_count")
+        except TypeError:
+            return   # not a count at all: DST's load_state_dict names it
+        if saved != steps:
+            shown = saved if saved.bit_length() <= 64 else f"an integer of {saved.bit_length()} bits"
+            raise ValueError(f"its DST state's step_count is {shown}, but the run had trained {steps} steps")
 
     def _as_option(self, name: str, value) -> str:
         """DST's argument `name` of `value` as the command line sets it: by its option (--block 4x4,
@@ -266,7 +295,8 @@ class TicketRecipe(Recipe):
     def state_dict(self) -> dict:
         return {"algorithm": self.algorithm.state_dict()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, steps: int | None = None) -> None:
+        _check_recipe_state(state, ("algorithm",))
         self.algorithm.load_state_dict(state["algorithm"])
 
     def _make_algorithm(self, **options):

@@ -17,7 +17,7 @@ import multiprocessing
 import os
 import warnings
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -202,12 +202,11 @@ def _train_all(jobs: list[Job], store: RunStore, dataset: Dataset, workers: int,
     # A SimpleQueue writes each message into its pipe before put returns, so a worker's messages are there before
     # the result of its run (a Queue's feeder thread could still hold the last epoch's).
     messages = context.SimpleQueue()
-    for tensor in (dataset.train_x, dataset.train_y, dataset.test_x, dataset.test_y):
-        # Moved now, not while Ctrl-C is held off (the workers' start), where pickling it for the first worker
-        # would: the workers map these pages rather than get a copy each (torch's pickling for processes).
-        tensor.share_memory_()
+    # Shared now, not while Ctrl-C is held off (the workers' start), where pickling it for the first worker would: the
+    # workers map these pages rather than get a copy each (torch's pickling for processes).
+    shared = _in_shared_memory(dataset)
     with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context, initializer=_start_worker,
-                             initargs=(store.directory, dataset, torch.get_num_threads(), messages)) as pool:
+                             initargs=(store.directory, shared, torch.get_num_threads(), messages)) as pool:
         try:
             # The workers start here (spawned by submit), holding off Ctrl-C, which this process answers for them
             with held_while_starting_workers():
@@ -224,6 +223,14 @@ def _train_all(jobs: list[Job], store: RunStore, dataset: Dataset, workers: int,
             for worker in set(multiprocessing.active_children()) - others:   # the pool's: their runs are lost,
                 worker.terminate()                                             # not waited for
             raise
+
+
+def _in_shared_memory(dataset: Dataset) -> Dataset:
+    """`dataset` with its tensors in shared memory: copies of those that are not, the caller's own left as they are
+    (share_memory_ would move their storage, so that a NumPy array or pinned buffer made from one no longer sees it)."""
+    tensors = {name: getattr(dataset, name) for name in ("train_x", "train_y", "test_x", "test_y")}
+    return replace(dataset, **{name: tensor if tensor.is_shared() else tensor.clone().share_memory_()
+                                           for name, tensor in tensors.items()})
 
 
 def _train_one(store: RunStore, job: Job, dataset: Dataset, keep_masks: bool, report) -> dict:

@@ -241,12 +241,21 @@ class Run:
         damaged = damaged_records(state["history"], state["gradient_flow"], epoch)
         if damaged:   # else the metrics files written after the next epoch fail, or carry the damage on
             raise ValueError(f"resume checkpoint {path!r} is inconsistent: {damaged}")
+        # Everything is checked before anything is kept: the random state on a scratch generator (it is set last),
+        # the model's and the recipe's as they load, the model rolled back if either is refused (torch's
+        # load_state_dict copies the tensors that fit before it raises for the others; the recipe's loads last).
+        before = {name: tensor.clone() for name, tensor in self.model.state_dict().items()}
         try:
-            self.model.load_state_dict(state["model"])
-            self.recipe.load_state_dict(state["recipe"])
-            torch.set_rng_state(state["rng"])
+            torch.Generator().set_state(state["rng"])
+            try:
+                self.model.load_state_dict(state["model"])
+            except RuntimeError as error:   # torch's names the keys missing, unexpected or misshapen, a line each
+                raise ValueError(f"its model state: {' '.join(str(error).split())}") from None
+            self.recipe.load_state_dict(state["recipe"], steps=epoch * self.steps_per_epoch)
         except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as error:
+            self.model.load_state_dict(before)
             raise ValueError(f"resume checkpoint {path!r} does not fit this run: {first_line(error)}") from None
+        torch.set_rng_state(state["rng"])
         self.history = [_with_world_size(row) for row in state["history"]]
         self.flow, self.epoch = state["gradient_flow"], epoch
 

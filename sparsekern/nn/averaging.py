@@ -26,11 +26,12 @@ class SparseAveragedModel(swa_utils.AveragedModel):
     """torch.optim.swa_utils.AveragedModel (same arguments; `get_ema_multi_avg_fn` for an EMA) whose sparse
     layers compute with the averaged weights under the source model's current masks (module docstring).
 
-    `update_parameters(model)` refuses (ValueError, nothing changed) a model whose sparse layers differ in
-    number, shape, order or name (wrappers aside: DDP's "module.", torch.compile's "_orig_mod.", around the
-    model or a submodule) from the averaged model's: torch pairs parameters by position and would average
-    mismatched ones silently, or stop half-way; so is a model sharing parameters with the average (this
-    SparseAveragedModel itself, or its `.module`), which would be averaged with itself.
+    `update_parameters(model)` refuses (ValueError, nothing changed) a model whose sparse layers, or whose
+    parameters (and buffers, with `use_buffers`), differ in number, shape, order or name (wrappers aside: DDP's
+    "module.", torch.compile's "_orig_mod.", around the model or a submodule) from the averaged model's: torch
+    pairs them by position and would average mismatched ones silently, or stop half-way; so is a model sharing
+    parameters with the average (this SparseAveragedModel itself, or its `.module`), which would be averaged with
+    itself.
 
     A non-callable `avg_fn` or `multi_avg_fn`, both given, or a `use_buffers` that is no bool are refused here
     (TypeError/ValueError naming the argument): torch's AveragedModel takes them, and fails, or ignores avg_fn,
@@ -76,6 +77,12 @@ class SparseAveragedModel(swa_utils.AveragedModel):
         if live != averaged:
             raise ValueError(f"model holds other sparse layers than the averaged model (names and mask shapes "
                              f"{live}, averaged {averaged}): pass the model this SparseAveragedModel was made from")
+        mismatch = _first_mismatch(_paired(self.module, self.use_buffers), _paired(model, self.use_buffers))
+        if mismatch:
+            # torch pairs the tensors by position: it averaged the first ones and stopped at a shape mismatch, or
+            # averaged tensors of different layers of one shape, or left the extra ones out, silently.
+            raise ValueError(f"model holds other {'tensors' if self.use_buffers else 'parameters'} than the averaged "
+                             f"model ({mismatch}): pass the model this SparseAveragedModel was made from")
         super().update_parameters(model)
         self._hold_values_off_the_masks()
 
@@ -155,3 +162,22 @@ def _layers(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
     """(name without wrappers, mask shape) of each sparse layer, in the order torch pairs their parameters."""
     return [(".".join(part for part in name.split(".") if part not in _WRAPPERS), tuple(module.mask.shape))
             for name, module in sparse_modules(model)]
+
+
+def _paired(model: nn.Module, use_buffers: bool) -> list[tuple[str, tuple[int, ...]]]:
+    """(name without wrappers, shape) of each tensor AveragedModel.update_parameters pairs by position: the
+    parameters, then, with `use_buffers`, the buffers."""
+    tensors = [*model.named_parameters(), *(model.named_buffers() if use_buffers else ())]
+    return [(".".join(part for part in name.split(".") if part not in _WRAPPERS), tuple(tensor.shape))
+            for name, tensor in tensors]
+
+
+def _first_mismatch(averaged: list, live: list) -> str:
+    """Where two lists of `_paired` differ, in words ("" where they do not)."""
+    for position, (mine, theirs) in enumerate(zip(averaged, live)):
+        if mine != theirs:
+            return (f"at position {position}: {theirs[0]!r} of shape {theirs[1]}, averaged {mine[0]!r} of shape "
+                    f"{mine[1]}")
+    if len(averaged) != len(live):
+        return f"{len(live)} of them, the averaged model {len(averaged)}"
+    return ""

@@ -10,7 +10,7 @@ transposed one; N_l is the number of weights of layer l.
   prod(shape_l)) ** power, with eps solved so that sum d_l * N_l = d * sum N_l; for a convolution
   of any number of kernel dims that is (n_out + n_in + sum of kernel dims) / (n_out * n_in * prod of
   kernel dims). A layer whose d_l would exceed 1 is made dense and eps is solved again over the
-  others, until none exceeds 1.
+  others, until none exceeds 1. power > 0: below 1 it softens ERK towards uniform, which power 0 would be.
 
 - a mapping {layer name: d_l}: the densities given (a paper's per-layer table, a profile read off a sparsified
   model with `sparsekern.nn.densities`), one per layer, each in (0, 1]; the total is what they make, so the
@@ -36,13 +36,21 @@ def check_density(density) -> float:
     return _checks.number(density, "density", lambda value: 0 < value <= 1, "in (0, 1]")
 
 
+def check_power(power) -> float:
+    """ERK's exponent as a float, or TypeError/ValueError naming it unless it is a finite number > 0: at 0 every layer
+    gets the global density (distribution="uniform" says so), below 0 the larger layers get the higher densities,
+    the reverse of ERK."""
+    return _checks.number(power, "power", lambda value: value > 0,
+                          "> 0 (ERK's exponent; 0 is distribution='uniform', below 0 reverses ERK)")
+
+
 def check_distribution(distribution, density, *, power: float = 1.0, dense_first_layer: bool = False):
     """(`distribution`, `density`) checked, before any layer is looked at: a name of DISTRIBUTIONS with a density in
     (0, 1] (power 1 unless it is "erk", the only one that reads it), or a mapping {layer name: density in (0, 1]}
     (returned as a dict of floats) with density None, power 1 and dense_first_layer False, which only shape a
     computed distribution. TypeError or ValueError naming the
     argument (a mapping's entry by its layer) otherwise."""
-    power = _checks.number(power, "power")
+    power = check_power(power)
     _checks.flag(dense_first_layer, "dense_first_layer")
     if not isinstance(distribution, Mapping):
         if not isinstance(distribution, str) or distribution not in DISTRIBUTIONS:
@@ -123,7 +131,7 @@ def erk(shapes: Sequence[Sequence[int]], density: float, *, power: float = 1.0,
     shapes = _shapes(shapes)
     sizes = [math.prod(shape) for shape in shapes]
     density = check_density(density)
-    power = _checks.number(power, "power")
+    power = check_power(power)
     # logs of sum(shape) / size: (sum(shape) / size) ** power, for a large |power|, would overflow or underflow.
     logs = [math.log(sum(shape) / size) for shape, size in zip(shapes, sizes)]
     budget = density * sum(sizes)

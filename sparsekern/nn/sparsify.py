@@ -74,7 +74,7 @@ def sparsify(model: nn.Module, density: float | None, distribution: str | Mappin
             every layer but the first holds `density` (RigL's uniform setting) and the total is higher.
             None with a mapping as `distribution`, whose densities set the total.
         distribution: "erk" or "uniform", how density is spread over layers (see
-            `sparsekern.nn.distributions`); `power` is ERK's exponent (ValueError unless 1.0 with
+            `sparsekern.nn.distributions`); `power` is ERK's exponent, > 0 (ValueError unless 1.0 with
             "uniform") and `dense_first_layer` keeps the first sparsified layer (in model order)
             dense (with "erk" the others share the rest of the same total). Or a mapping {layer name:
             density in (0, 1]} (a paper's per-layer table, a profile that `densities(model)` read off a

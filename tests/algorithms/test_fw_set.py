@@ -214,3 +214,28 @@ def test_set_fw_drops_negatives_plus_one_whatever_the_rate(drop_fraction, fw, fi
         counts[rule] = int((old & ~model[0].mask).sum())
         assert int(model[0].mask.sum()) == 20
     assert counts == {"set_fw": fw, "set_fixed": fixed}
+
+
+W = torch.tensor([[0.5, -0.2, 0.1], [-0.7, 0.3, -0.05]])
+M = torch.tensor([[True, True, True], [True, True, False]])
+
+
+@pytest.mark.parametrize("rule", ["set", *FW_RULES])
+@pytest.mark.parametrize("weights, masks, error, match", [
+    (W, M, TypeError, "weights must be a list of Tensors, got Tensor"),
+    ([W, W], [M], ValueError, "masks has 1 entries but weights has 2"),
+    ([W], [M.reshape(3, 2)], ValueError, r"masks\[0\] must have the shape of weights\[0\] \(2, 3\), got \(3, 2\)"),
+    ([W], [M[:, :2]], ValueError, r"masks\[0\] must have the shape of weights\[0\]"),
+    ([W], [M.float()], TypeError, r"masks\[0\] must be a bool tensor, got torch.float32"),
+    ([W.long()], [M], TypeError, r"weights\[0\] must be float16, bfloat16, float32 or float64, got torch.int64"),
+    ([W.to("meta")], [M.to("meta")], ValueError, r"weights\[0\] is on the meta device"),
+], ids=["a tensor for the list", "lists of other lengths", "a mask of another shape", "a mask of another size",
+        "a float mask", "integer weights", "meta weights"])
+def test_the_criteria_ranking_the_whole_list_refuse_odd_lists_by_name(rule, weights, masks, error, match):
+    """Campaign 20: called directly, set, set_fw and set_fixed joined the lists flat: a mask of another shape but as
+    many entries marked other weights active, silently (a float mask was taken as its truth value, an integer
+    weight ranked), and the rest failed in torch naming nothing (a tensor for the list: "Boolean value of Tensor
+    with more than one value is ambiguous"; lists of other lengths: a size mismatch; meta: nonzero's)."""
+    options = {} if rule == "set" else {"n": 2}
+    with pytest.raises(error, match=match):
+        criteria.PRUNE[rule](weights, [None] * 2, masks, **options)

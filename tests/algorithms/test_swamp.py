@@ -182,9 +182,28 @@ def test_a_bn_loader_that_yields_no_batch_leaves_the_batch_norm_layers_as_they_w
     assert norm.momentum == 0.1
 
 
+def test_a_bn_loader_of_non_finite_batches_leaves_the_batch_norm_layers_as_they_were():
+    """Campaign 20: a batch holding NaN recomputed NaN statistics, silently: the averaged model computed NaN."""
+    x, y = _data(2)
+    model = mlp(3, hidden=12, batch_norm=True)
+    poisoned = x[32:64].clone()
+    poisoned[3, 1] = float("nan")
+    swamp = SWAMP(model, _sgd, particles=1, swa_start=4, bn_loader=[x[:32], poisoned])
+    _train(model, swamp, x, y, swamp.data_seed)
+    norm = model[1]
+    before = {k: v.clone() for k, v in norm.named_buffers()}
+    with pytest.raises(RuntimeError, match=r"not finite in layers \['1'\] \(a batch holds NaN or infinity\)"):
+        swamp.next_particle()
+    for key, value in before.items():
+        assert torch.equal(dict(norm.named_buffers())[key], value), key
+
+
 @pytest.mark.parametrize("loader, error, match", [
     ([], ValueError, "bn_loader is empty \\(list of length 0\\)"),
     ("batches", TypeError, "bn_loader must be an iterable of batches or None, got str"),
+    # Campaign 20: a tensor iterates by rows and a dict by keys, each refused only at the first average.
+    (torch.zeros(8, 4), TypeError, r"got a Tensor \(it iterates by rows: pass \[tensor\]\)"),
+    ({"x": torch.zeros(8, 4)}, TypeError, "bn_loader must be an iterable of batches or None, got dict"),
 ])
 def test_an_empty_or_string_bn_loader_is_refused_at_construction(loader, error, match):
     # Both were taken: the empty list reset the statistics at the first average, the str failed there.

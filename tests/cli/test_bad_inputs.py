@@ -4,6 +4,7 @@ checkpoint, an unwritable --out, a bad SPARSEKERN_BACKEND. And a killed write le
 
 BAD_INPUTS lists each input once; most are tried through more than one command (train, compare, reproduce).
 """
+import copy
 import importlib
 import json
 import os
@@ -154,6 +155,25 @@ def shrink_first_weight(state):
     state["model"][name] = state["model"][name][:3]
 
 
+def state_of_first_parameter(value):
+    def edit(state):
+        state["recipe"]["optimizer"]["state"]["1.weight"] = value
+    return edit
+
+
+def by_position_with_a_stranger(state):
+    """An earlier version's optimizer state (by position), holding the state of a position no group lists."""
+    optimizer = state["recipe"]["optimizer"]
+    names = optimizer["param_groups"][0]["params"]
+    optimizer["state"] = {len(names) + 5: entry for entry in optimizer["state"].values()}
+    optimizer["param_groups"][0]["params"] = list(range(len(names)))
+
+
+def complex_momentum(state):
+    entry = state["recipe"]["optimizer"]["state"]["1.weight"]
+    entry["momentum_buffer"] = entry["momentum_buffer"].to(torch.complex64)
+
+
 class Evil:
     def __reduce__(self):
         return (os.system, ("echo pwned",))
@@ -219,6 +239,24 @@ BAD_CHECKPOINTS = [
      edited_checkpoint(lambda state: state["gradient_flow"][-1].update(gradient_flow="x")), "is damaged"),
     ("gradient flow record of an epoch dropped", edited_checkpoint(lambda state: state["gradient_flow"].pop()),
      "not those of step 0 and epochs 1 to 1"),
+    # Campaign 20: a parameter's state that is no dict ended in a traceback (AttributeError); the state of a position
+    # no group lists (an earlier version's checkpoint, by position) loaded, and the next save ended in KeyError; a
+    # complex momentum loaded without its imaginary part; torch's error for a weight missing from the model's state
+    # reached the line as its first line, naming nothing; a recipe state without the optimizer's said "'optimizer'".
+    ("optimizer state of a parameter not a dict", edited_checkpoint(state_of_first_parameter([1, 2])),
+     "does not fit this run: its optimizer state['state']['1.weight'] must be a dict of the parameter's state"),
+    ("optimizer state by position holding a stranger", edited_checkpoint(by_position_with_a_stranger),
+     "does not fit this run: its optimizer state holds the state of [11], which are not its parameters"),
+    ("complex momentum", edited_checkpoint(complex_momentum),
+     "its optimizer state['state']['1.weight']['momentum_buffer'] must be a floating-point tensor, got "
+     "torch.complex64"),
+    ("model state without a weight", edited_checkpoint(lambda state: state["model"].pop("1.weight")),
+     'does not fit this run: its model state: Error(s) in loading state_dict for Sequential: Missing key(s) in '
+     'state_dict: "1.weight".'),
+    ("recipe state without the optimizer's", edited_checkpoint(lambda state: state["recipe"].pop("optimizer")),
+     "does not fit this run: its recipe state must be a dict holding ['optimizer'], got []"),
+    ("recipe state a list", edited_checkpoint(lambda state: state.update(recipe=[])),
+     "its recipe state must be a dict holding ['optimizer'], got list"),
 ]
 
 
@@ -416,6 +454,22 @@ WORDED_ARGUMENTS = [
     # two densities that the tables show alike (0.5) trained as two lines' columns of one name
     (["compare", "--methods", "static", "--densities", "0.5,0.5000000001"],
      "argument --densities: densities 0.5, 0.5000000001 read alike in the results (0.5): give distinct densities"),
+    # Campaign 20: a run of absurdly many epochs started training, for ever (compare capped its grid's runs only).
+    (["train", "--epochs", "100000000000000000000"],
+     "rigl runs of 100000000000000000000 epochs are more than 100000: lower --epochs"),
+    (["compare", "--methods", "static,imp", "--epochs", "25001"],
+     "imp runs of 100004 epochs (--epochs x --cycles) are more than 100000"),
+    (["train", "--method", "imp", "--epochs", "2", "--cycles", "50001"],
+     "imp runs of 100002 epochs (--epochs x --cycles) are more than 100000: lower --epochs or --cycles"),
+    (["train", "--method", "swamp", "--particles", "100000000000"],
+     "swamp runs of 8000000000000 epochs (--epochs x --cycles x --particles) are more than 100000: lower --epochs, "
+     "--cycles or --particles"),
+    # and train's DST options given with another method were refused in the library's words ("prune applies to")
+    (["train", "--method", "imp", "--prune", "set_fw"],
+     "--prune applies to the methods set, rigl, mest, dst, not 'imp'"),
+    (["train", "--method", "static", "--grow", "random"], "--grow applies to the methods set, rigl, mest, dst"),
+    (["train", "--method", "swamp", "--schedule", "annealed"], "--schedule applies to the methods set, rigl, mest"),
+    (["train", "--method", "optg", "--drop-fraction", "0.3"], "--drop-fraction applies to the methods set, rigl"),
 ]
 
 # How the library names its arguments (and remedies the command line has no option for): no refusal says these.
@@ -520,6 +574,67 @@ def test_stop_after_before_the_resumed_epoch_exits_2(tmp_path, capsys):
         patch.setattr(training.Run, "train", lambda *a, **k: pytest.fail("training started"))
         refused([*arguments, "--resume", str(tmp_path / "run" / "checkpoint.pt"), "--stop-after", "1",
                  "--out", str(tmp_path / "resumed")], capsys, "--stop-after 1 is before epoch 2")
+
+
+def test_a_dst_step_count_other_than_the_run_s_steps_exits_2(tmp_path, capsys):
+    """Campaign 20: a DST state counting other steps than the checkpoint's epochs took (a doctored count up to
+    2**63 - 1) resumed with a warning, its schedule past its end: the run trained on without a mask update."""
+    arguments = ["train", "--method", "rigl", "--epochs", "2", "--density", "0.3", "--quiet"]
+    main([*arguments, "--stop-after", "1", "--out", str(tmp_path / "run")])
+    path = tmp_path / "run" / "checkpoint.pt"
+    state = checkpoint.load(path)
+    trained = state["recipe"]["algorithm"]["step_count"]
+    state["recipe"]["algorithm"]["step_count"] = 2 ** 63 - 1
+    checkpoint.save(state, path)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training.Run, "train", lambda *a, **k: pytest.fail("training started"))
+        refused([*arguments, "--resume", str(path)], capsys,
+                f"its DST state's step_count is 9223372036854775807, but the run had trained {trained} steps")
+
+
+def _remove_first_weight_from_the_model_state(state):
+    state["model"].pop("1.weight")
+
+
+def _rename_a_parameter_of_the_optimizer_state(state):
+    rename_a_parameter_of_the_optimizer(state)
+
+
+@pytest.mark.parametrize("edit", [
+    _remove_first_weight_from_the_model_state, _rename_a_parameter_of_the_optimizer_state,
+    lambda state: state.update(rng=torch.zeros(3)),
+    lambda state: state["recipe"]["optimizer"]["param_groups"][0].update(lr=float("nan"))])
+def test_a_refused_resume_leaves_the_run_as_it_was(edit, tmp_path):
+    """Campaign 20: Run.restore loaded the model's state before it checked the recipe's (and set the global random
+    state before nothing), so that a refused checkpoint left the run holding the checkpoint's weights (its
+    optimizer's and the random state too, where the random state was refused)."""
+    arguments = ["train", "--method", "rigl", "--epochs", "2", "--density", "0.3", "--quiet"]
+    main([*arguments, "--stop-after", "1", "--out", str(tmp_path / "run")])
+    path = tmp_path / "run" / "checkpoint.pt"
+    state = checkpoint.load(path)
+    edit(state)
+    checkpoint.save(state, path)
+    run = training.prepare(training.TrainConfig(method="rigl", epochs=2, density=0.3))
+    model = {name: tensor.clone() for name, tensor in run.model.state_dict().items()}
+    optimizer = copy.deepcopy(run.recipe.optimizer.state_dict())
+    algorithm = copy.deepcopy(run.recipe.algorithm.state_dict())
+    random_state = torch.get_rng_state()
+    with pytest.raises(ValueError, match="does not fit this run"):
+        run.restore(str(path))
+    assert all(torch.equal(model[name], tensor) for name, tensor in run.model.state_dict().items())
+    assert _same(optimizer, run.recipe.optimizer.state_dict())
+    assert _same(algorithm, run.recipe.algorithm.state_dict())
+    assert torch.equal(random_state, torch.get_rng_state())
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[key], b[key]) for key in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(_same, a, b))
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    return a == b
 
 
 @pytest.mark.parametrize("damage", [lambda record: [1, 2],

@@ -231,6 +231,21 @@ def test_compare_results_do_not_depend_on_the_number_of_worker_processes(tmp_pat
     assert results("one") == results("two")
 
 
+def test_compare_on_worker_processes_leaves_the_caller_s_dataset_where_it_is(tmp_path):
+    """Campaign 20: run_compare moved the caller's dataset tensors into shared memory (share_memory_ in place), so
+    that a NumPy array made from one no longer saw the tensor's memory."""
+    dataset = load_dataset("digits")
+    view = dataset.train_x.numpy()
+    tensors = (dataset.train_x, dataset.train_y, dataset.test_x, dataset.test_y)
+    addresses = [tensor.data_ptr() for tensor in tensors]
+    lines = compare_module.grid_lines(["static"], ["magnitude"], ["gradient"], ["cosine"])
+    compare_module.run_compare(lines, [0.5, 0.3], 1, TrainConfig(epochs=1), str(tmp_path), progress=False,
+                               dataset=dataset, workers=2)
+    assert [tensor.data_ptr() for tensor in tensors] == addresses
+    assert not any(tensor.is_shared() for tensor in tensors)
+    assert view.__array_interface__["data"][0] == dataset.train_x.data_ptr()
+
+
 @pytest.mark.parametrize("jobs", ["1", "2"])
 def test_compare_progress_moves_with_every_epoch_of_every_run_and_names_it(tmp_path, capsys, jobs):
     # With --jobs 2 the bar sat at 0 while the workers started, then moved once per finished run: minutes without

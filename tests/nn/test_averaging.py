@@ -248,3 +248,40 @@ def test_the_averaged_model_itself_is_refused_before_anything_changes(passed):
         swa.update_parameters(swa if passed == "itself" else swa.module)
     after = swa.state_dict()
     assert all(torch.equal(before[key], after[key]) for key in before)
+
+
+def _with_a_second_head(model):
+    model.add_module("head", nn.Linear(5, 2))
+    return model
+
+
+def _with_another_batch_norm(model):
+    model[1] = nn.BatchNorm1d(32, affine=False)
+    return model
+
+
+def _without_a_bias(model):
+    model[0].bias = None
+    return model
+
+
+@pytest.mark.parametrize("change, use_buffers, match", [
+    (_with_a_second_head, False, r"other parameters than the averaged model \(8 of them, the averaged model 6\)"),
+    (_with_another_batch_norm, False, r"at position 2: '3.weight' of shape \(5, 32\), averaged '1.weight' of shape"),
+    (_without_a_bias, False, r"at position 1: '1.weight' of shape \(32,\), averaged '0.bias' of shape \(32,\)"),
+    (lambda model: model, True, None)], ids=["a layer more", "a BatchNorm without affine", "a bias fewer", "same"])
+def test_update_refuses_a_model_of_other_dense_tensors_with_nothing_changed(change, use_buffers, match):
+    """Campaign 20: only the sparse layers were compared; torch pairs every parameter (and buffer) by position, and
+    averaged those of a model with a dense layer more or a bias fewer into the wrong tensors (one of the same shape:
+    a bias fewer paired a BatchNorm weight with the bias before it), stopping half-way at a shape mismatch or not at
+    all, silently."""
+    average = SparseAveragedModel(mlp(), use_buffers=use_buffers)
+    average.update_parameters(mlp())
+    before = copy.deepcopy(average.state_dict())
+    other = change(mlp())
+    if match is None:
+        average.update_parameters(other)
+        return
+    with pytest.raises(ValueError, match=match):
+        average.update_parameters(other)
+    assert all(torch.equal(before[key], value) for key, value in average.state_dict().items())

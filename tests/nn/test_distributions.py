@@ -189,3 +189,14 @@ def test_sparsify_by_hand_erk_counts_and_dense_biases():
     # weights (10, 10), (20, 10), (5, 20): raw 0.2, 0.15, 0.25; eps·(20 + 30 + 25) = 0.45·400 = 180, eps = 2.4.
     assert [m.nnz for m in modules] == [48, 72, 60]
     assert all(bool((m.bias != 0).all()) for m in modules)
+
+
+@pytest.mark.parametrize("power", [0.0, -0.0, -0.5, -2.0])
+def test_erk_refuses_a_power_that_is_not_positive(power):
+    """Campaign 20: power 0 gave every layer the global density (distribution="uniform", under ERK's name), a negative
+    one the larger layers the higher densities, the reverse of ERK; both were taken silently."""
+    match = r"power must be a finite number > 0 \(ERK's exponent; 0 is distribution='uniform', below 0 reverses ERK\)"
+    with pytest.raises(ValueError, match=match):
+        distributions.erk([(4, 4), (8, 4)], 0.5, power=power)
+    with pytest.raises(ValueError, match=match):
+        distributions.layer_densities([(4, 4), (8, 4)], 0.5, power=power)
