@@ -464,8 +464,8 @@ def check_backend(device: str) -> None:
 def _warn_short_optg(method: str, epochs: int) -> None:
     if method == "optg" and epochs < MIN_EPOCHS_DIGITS:
         warnings.warn(f"OptG needs about {MIN_EPOCHS_DIGITS} epochs for its scores to settle (measured on digits, 3 "
-                      f"seeds, at 10 epochs: 33% at density 0.02 and 39% at 0.05, where magnitude pruning on the same "
-                      f"ramp reaches 48% and 78%); with --epochs {epochs} its mask may collapse far below magnitude "
+                      f"seeds, at 10 epochs: 35% at density 0.02 and 38% at 0.05, where magnitude pruning on the same "
+                      f"ramp reaches 51% and 78%); with --epochs {epochs} its mask may collapse far below magnitude "
                       f"pruning on the same ramp (--method gmp)")
 
 
