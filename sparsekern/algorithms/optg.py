@@ -39,11 +39,10 @@ from ._gradients import GradientWatch, all_finite
 
 
 CRITERIA = ("learned", "magnitude")
-# Measured with `sparsekern reproduce` (claim e, 3 seeds) on digits: at 10 epochs OptG collapses (33.1 ± 3.5% at
-# final density 0.02 and 39.5 ± 10.6% at 0.05, where magnitude pruning on the same ramp reaches 48.1 ± 8.4% and
-# 78.5 ± 3.1%: all but magnitude's 0.02 figure re-measured with `sparsekern train`, seeds 0-2, OptG's 0.02 one
-# equal to README's stored run); at 0.02 it trails magnitude within noise at 20
-# (90.2 ± 3.2 against 91.8 ± 1.9) and edges ahead at 30 (95.8 ± 1.1 against 94.9 ± 0.9), as README's reproduce
+# Measured with `sparsekern reproduce` (claim e, 3 seeds, a full run of 2026-12-02) on digits: at 10 epochs OptG
+# collapses (35.3 ± 5.4% at final density 0.02 and 38.0 ± 8.9% at 0.05, where magnitude pruning on the same ramp
+# reaches 51.3 ± 9.8% and 78.5 ± 3.1%); at 0.02 it trails magnitude within noise at 20 (82.7 ± 9.7 against
+# 92.3 ± 1.1, one seed of three lagging) and ties it at 30 (95.3 ± 0.5 against 95.0 ± 0.7), as README's reproduce
 # table says. The CLI warns below it.
 MIN_EPOCHS_DIGITS = 30
 
