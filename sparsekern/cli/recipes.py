@@ -54,7 +54,7 @@ class Recipe:
 
     def __init__(self, config, model: nn.Module, steps_per_epoch: int):
         self.config, self.model = config, model
-        self.steps_per_segment = config.epochs * steps_per_epoch
+        self.steps_per_epoch, self.steps_per_segment = steps_per_epoch, config.epochs * steps_per_epoch
         self.optimizer = self._make_optimizer(model.parameters())
 
     segments = 1
@@ -138,6 +138,30 @@ class Recipe:
                                weight_decay=self.config.weight_decay)
 
 
+def _check_counters(saved, algorithm: str, expected: dict, steps: int) -> None:
+    """ValueError where the algorithm's saved state `saved` holds a counter other than `expected` (name: value) gives
+    after the run's `steps` training steps: resumed, a doctored counter would go on at another point of the
+    algorithm's schedule than the run's (or past its end). A counter that is no int (a flag no bool) is left to the
+    algorithm's load_state_dict, which names it."""
+    if not isinstance(saved, dict):
+        return   # the algorithm's load_state_dict names it
+    for key, value in expected.items():
+        count = saved.get(key)
+        if isinstance(value, bool):
+            if not isinstance(count, bool):
+                continue
+        else:
+            try:
+                count = _checks.integer(count, key)
+            except TypeError:
+                continue
+        if count != value:
+            shown = count if isinstance(count, bool) or count.bit_length() <= 64 else \
+                f"an integer of {count.bit_length()} bits"
+            after = "" if key == "step_count" else f", after which it is {value}"   # DST's: the steps themselves
+            raise ValueError(f"its {algorithm} state's {key} is {shown}, but the run had trained {steps} steps{after}")
+
+
 def _check_recipe_state(state, entries: tuple[str, ...]) -> None:
     """ValueError unless `state` is a dict holding `entries` (a recipe's state: the optimizer's and the algorithm's)."""
     if not isinstance(state, dict) or any(entry not in state for entry in entries):
@@ -187,14 +211,7 @@ class DSTRecipe(Recipe):
     def _check_steps_counted(self, state: dict, steps: int) -> None:
         """ValueError where the DST state's step count is not `steps`, the run's: DST counts every training step, and a
         count from elsewhere (a doctored state) would resume its schedule at another step, or past its end."""
-        saved = state["algorithm"].get("step_count") if isinstance(state["algorithm"], dict) else None
-        try:
-            saved = _checks.integer(saved, "step_count")
-        except TypeError:
-            return   # not a count at all: DST's load_state_dict names it
-        if saved != steps:
-            shown = saved if saved.bit_length() <= 64 else f"an integer of {saved.bit_length()} bits"
-            raise ValueError(f"its DST state's step_count is {shown}, but the run had trained {steps} steps")
+        _check_counters(state["algorithm"], "DST", {"step_count": steps}, steps)
 
     def _as_option(self, name: str, value) -> str:
         """DST's argument `name` of `value` as the command line sets it: by its option (--block 4x4,
@@ -245,6 +262,12 @@ class OptGRecipe(Recipe):
         if self.updates_masks_after_epoch(last_of_segment, True):
             self.algorithm.next_epoch()
 
+    def _check_steps_counted(self, state: dict, steps: int) -> None:
+        """ValueError where the OptG state's epoch is not the one the run's `steps` reached: next_epoch() follows every
+        epoch but the last (after which OptG keeps counting the last, epochs - 1)."""
+        epochs = steps // self.steps_per_epoch
+        _check_counters(state["algorithm"], "OptG", {"epoch": min(epochs, self.config.epochs - 1)}, steps)
+
 
 class TicketRecipe(Recipe):
     """IMP with weight rewinding (and SWAMP, below): `cycles` segments, each but the last followed by a pruning by
@@ -254,7 +277,7 @@ class TicketRecipe(Recipe):
 
     def __init__(self, config, model, steps_per_epoch):
         self.config, self.model = config, model
-        self.steps_per_segment = config.epochs * steps_per_epoch
+        self.steps_per_epoch, self.steps_per_segment = steps_per_epoch, config.epochs * steps_per_epoch
         self.cycles = config.cycles
         self.algorithm = self._make_algorithm(prune_fraction=1 - config.density ** (1 / (config.cycles - 1)),
                                               rewind_step=self.steps_per_segment // 10)
@@ -297,7 +320,28 @@ class TicketRecipe(Recipe):
 
     def load_state_dict(self, state: dict, steps: int | None = None) -> None:
         _check_recipe_state(state, ("algorithm",))
+        if steps is not None:
+            self._check_steps_counted(state, steps)
         self.algorithm.load_state_dict(state["algorithm"])
+
+    def _check_steps_counted(self, state: dict, steps: int) -> None:
+        """ValueError where the state's cycle, step_in_cycle (or SWAMP's particle, averaged) are not those the run's
+        `steps` reached: resumed, the run would train a cycle or particle again, or skip one, without a word."""
+        _check_counters(state["algorithm"], type(self.algorithm).__name__, self._counters_after(steps), steps)
+
+    def _counters_after(self, steps: int) -> dict:
+        """The counters of the algorithm's state after the run's first `steps` steps (a whole number of epochs)."""
+        cycle, step_in_cycle, _ = self._segment_after(steps)
+        return {"cycle": cycle, "step_in_cycle": step_in_cycle}
+
+    def _segment_after(self, steps: int) -> tuple[int, int, bool]:
+        """(segment, its steps counted, whether the run has ended) after the run's first `steps` steps. step() counts
+        every step of a segment but those a later segment skips, before the rewind step, where it starts counting
+        (next_cycle, and SWAMP's next_particle); after the last segment nothing starts another."""
+        segment, counted = divmod(steps, self.steps_per_segment)
+        if segment == self.segments:
+            return segment - 1, self.steps_per_segment, True
+        return segment, max(counted, self.algorithm.rewind_step) if segment else counted, False
 
     def _make_algorithm(self, **options):
         return IMP(self.model, self._make_optimizer, **options)
@@ -351,6 +395,12 @@ class SWAMPRecipe(TicketRecipe):
 
     def position(self) -> dict:
         return {"cycle": self.algorithm.cycle, "particle": self.algorithm.particle}
+
+    def _counters_after(self, steps: int) -> dict:
+        """As IMP's, a segment being one particle of a cycle; once the run has ended, the last cycle is averaged."""
+        segment, step_in_cycle, ended = self._segment_after(steps)
+        cycle, particle = divmod(segment, self.particles)
+        return {"cycle": cycle, "particle": particle, "step_in_cycle": step_in_cycle, "averaged": ended}
 
     def describe(self) -> str:
         return (f"{self.cycles} cycles × {self.particles} particles, rewind to 10%, SWA at "

@@ -592,6 +592,66 @@ def test_a_dst_step_count_other_than_the_run_s_steps_exits_2(tmp_path, capsys):
                 f"its DST state's step_count is 9223372036854775807, but the run had trained {trained} steps")
 
 
+# A counter of IMP's, SWAMP's or OptG's state doctored to another point of its schedule: (method, options, epochs
+# trained, counter, doctored value, its true value). IMP's and SWAMP's resumed silently, training another run; OptG's
+# epoch was refused already, by the score lr its state holds for the epoch, in other words.
+DOCTORED_COUNTERS = [
+    ("imp", ["--epochs", "2", "--cycles", "2"], 3, "cycle", 0, 1),   # past the cycle boundary, back to cycle 0
+    ("imp", ["--epochs", "2", "--cycles", "2"], 1, "step_in_cycle", 30, 23),
+    ("swamp", ["--epochs", "2", "--cycles", "2", "--particles", "2"], 3, "particle", 0, 1),
+    ("swamp", ["--epochs", "2", "--cycles", "2", "--particles", "2"], 5, "cycle", 0, 1),
+    ("optg", ["--epochs", "3"], 1, "epoch", 2, 1),
+]
+ALGORITHMS = {"imp": "IMP", "swamp": "SWAMP", "optg": "OptG"}
+
+
+@pytest.mark.parametrize("method, options, epochs, counter, doctored, true", DOCTORED_COUNTERS,
+                         ids=[f"{case[0]} {case[3]}" for case in DOCTORED_COUNTERS])
+def test_a_doctored_ticket_or_optg_counter_exits_2_leaving_the_run_as_it_was(method, options, epochs, counter,
+                                                                              doctored, true, tmp_path, capsys):
+    """Follow-up of campaign 20: the CLI compared only DST's step count with the checkpoint's epochs. IMP's and
+    SWAMP's cycle, particle and step_in_cycle doctored to another point of their schedule resumed without a word,
+    training another run than the one saved (a cycle trained again, a particle skipped)."""
+    arguments = ["train", "--method", method, *options, "--density", "0.3", "--quiet", "--out", str(tmp_path / "run")]
+    main([*arguments, "--stop-after", str(epochs)])
+    path = tmp_path / "run" / "checkpoint.pt"
+    state = checkpoint.load(path)
+    assert state["recipe"]["algorithm"][counter] == true
+    state["recipe"]["algorithm"][counter] = doctored
+    checkpoint.save(state, path)
+    files = {file.name: file.read_bytes() for file in (tmp_path / "run").iterdir()}
+    steps = epochs * 23   # the digits' 1437 training images in batches of 64
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training.Run, "train", lambda *a, **k: pytest.fail("training started"))
+        refused([*arguments, "--resume", str(path)], capsys,
+                f"its {ALGORITHMS[method]} state's {counter} is "
+                f"{doctored}, but the run had trained {steps} steps, after which it is {true}")
+    assert {file.name: file.read_bytes() for file in (tmp_path / "run").iterdir()} == files
+    run = training.prepare(training.TrainConfig(method=method, density=0.3, **{
+        option[2:]: int(value) for option, value in zip(options[::2], options[1::2])}))
+    model = {name: tensor.clone() for name, tensor in run.model.state_dict().items()}
+    algorithm = copy.deepcopy(run.recipe.algorithm.state_dict())
+    with pytest.raises(ValueError, match="does not fit this run"):
+        run.restore(str(path))
+    assert all(torch.equal(model[name], tensor) for name, tensor in run.model.state_dict().items())
+    assert _same(algorithm, run.recipe.algorithm.state_dict())
+
+
+@pytest.mark.parametrize("options", [dict(method="imp", epochs=2, cycles=2), dict(method="swamp", epochs=1, cycles=2,
+                                                                                  particles=2),
+                                     dict(method="optg", epochs=3), dict(method="gmp", epochs=3)],
+                         ids=["imp", "swamp", "optg", "gmp"])
+def test_every_epoch_s_checkpoint_of_imp_swamp_and_optg_resumes(options, tmp_path):
+    """The counters the resume expects after each epoch are those the CLI's training leaves: across the cycle and
+    particle boundaries and at the run's end too."""
+    config = training.TrainConfig(density=0.3, **options)
+    path = tmp_path / "checkpoint.pt"
+    resumed = []
+    training.train(config, out_dir=str(tmp_path), progress=False,
+                   on_epoch=lambda metrics: resumed.append(training.prepare(config, resume=str(path)).epoch))
+    assert resumed == list(range(1, training.total_epochs(config) + 1))
+
+
 def _remove_first_weight_from_the_model_state(state):
     state["model"].pop("1.weight")
 
