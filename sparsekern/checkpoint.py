@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import os
 import pickle
 import secrets
@@ -42,8 +43,9 @@ def load(path: str | os.PathLike, map_location=None):
     pickle.UnpicklingError where its weights-only unpickler refused what the file holds; so does
     one whose stored checksums (CRC-32 of every record of torch's zip format) do not match its
     contents, or whose record headers or zip directory are damaged, all of which torch.load alone
-    would load silently; so does a file in torch's legacy format
-    (`torch.save(..., _use_new_zipfile_serialization=False)`, or torch before 1.6), which
+    would load silently; so does one with a tensor record of another size than its storage (which
+    torch 2.9 loads, a short record's missing end left uninitialised); so does a file in torch's
+    legacy format (`torch.save(..., _use_new_zipfile_serialization=False)`, or torch before 1.6), which
     stores no checksum at all, so that damage to its tensors could not be told from their values
     (`save` always writes the zip format); and a path that is not a regular file (a FIFO, which
     would block forever, a device); a missing one raises FileNotFoundError, and a directory
@@ -62,6 +64,8 @@ def load(path: str | os.PathLike, map_location=None):
         _refuse_legacy(path, file)
         file.seek(0)
         _check_checksums(path, file)
+        file.seek(0)
+        _check_record_sizes(path, file)
         file.seek(0)
         try:
             return torch.load(file, map_location=map_location, weights_only=True)
@@ -151,6 +155,94 @@ def _check_checksums(path: str, file) -> None:
     if damaged is not None:
         raise ValueError(f"{path}: cannot load this checkpoint: it is damaged (record {damaged!r} does not match "
                          f"its stored checksum)")
+
+
+def _check_record_sizes(path: str, file) -> None:
+    """ValueError naming the file (`path`, open as `file`) and the record when a tensor's record holds another
+    number of bytes than the storage its pickle declares for it: torch 2.9 loads a short record into a storage of
+    the declared size, its end left uninitialised, and a long one cut short, both as valid tensors (torch 2.13
+    refuses them; the check came with pytorch#165553, October 2025). A file this cannot read (not a zip, no
+    single data.pkl, a pickle it cannot walk) is left to torch.load, as is a storage type it does not know."""
+    try:
+        archive = zipfile.ZipFile(file)
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError, NotImplementedError):
+        return
+    with archive:
+        sizes = {info.filename: info.file_size for info in archive.infolist()}
+        pickles = [name for name in sizes if name.rpartition("/")[2] == "data.pkl"]
+        if len(pickles) != 1:
+            return
+        try:
+            declared = _declared_storages(archive.read(pickles[0]))
+        except Exception:  # noqa: BLE001 -- any pickle this walk cannot follow is torch.load's to judge
+            return
+    records = pickles[0][:-len("data.pkl")] + "data/"
+    for storage_type, key, numel in declared:
+        record = f"{records}{key}"
+        if record not in sizes:
+            continue  # torch.load refuses a missing record itself
+        try:
+            itemsize = 1 if storage_type == "UntypedStorage" else \
+                torch.serialization.StorageType(storage_type).dtype.itemsize
+        except KeyError:
+            continue
+        if sizes[record] != numel * itemsize:
+            raise ValueError(f"{path}: cannot load this checkpoint: it is damaged (record {record!r} holds "
+                             f"{sizes[record]} bytes where its tensors' storage needs {numel * itemsize})")
+
+
+class _Placeholder:
+    """Whatever a checkpoint's pickle builds while `_declared_storages` walks it: it takes any arguments, state,
+    items and calls, so that no class is imported and no code runs."""
+
+    def __new__(cls, *args, **kwargs):
+        return super().__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __call__(self, *args, **kwargs):
+        return _Placeholder()
+
+    def __setstate__(self, state):
+        pass
+
+    def __setitem__(self, key, value):
+        pass
+
+    def append(self, value):
+        pass
+
+    def extend(self, values):
+        pass
+
+    def add(self, value):
+        pass
+
+
+class _StorageDeclarations(pickle.Unpickler):
+    """Reads the storages a checkpoint's pickle declares, as (storage type name, record key, element count):
+    torch.save's persistent ids ("storage", type, key, location, count)."""
+
+    def __init__(self, data: bytes):
+        super().__init__(io.BytesIO(data))
+        self.declared: list[tuple[str, str, int]] = []
+
+    def find_class(self, module, name):
+        return type(name, (_Placeholder,), {})
+
+    def persistent_load(self, pid):
+        if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage":
+            _, storage_type, key, _, numel = pid
+            if isinstance(storage_type, type) and isinstance(key, str) and type(numel) is int:
+                self.declared.append((storage_type.__name__, key, numel))
+        return _Placeholder()
+
+
+def _declared_storages(data: bytes) -> list[tuple[str, str, int]]:
+    unpickler = _StorageDeclarations(data)
+    unpickler.load()
+    return unpickler.declared
 
 
 def _check_map_location(map_location):

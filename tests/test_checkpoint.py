@@ -138,3 +138,45 @@ def test_a_checkpoint_in_torchs_legacy_format_is_refused_as_it_stores_no_checksu
         with pytest.raises(ValueError, match=r"legacy.pt: cannot load this checkpoint: it is in torch's legacy format "
                                              r"\(torch.save\(..., _use_new_zipfile_serialization=False\)"):
             checkpoint.load(path)
+
+
+def _with_record(source, path, name, change):
+    """`source` (a zip checkpoint) rewritten as `path`, the record ending in `name` passed through `change`, every
+    checksum valid."""
+    with zipfile.ZipFile(source) as archive:
+        records = [(info.filename, archive.read(info.filename)) for info in archive.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        for filename, data in records:
+            archive.writestr(filename, change(data) if filename.endswith(name) else data)
+
+
+@pytest.mark.parametrize("change", [lambda data: data[:8], lambda data: data + bytes(8)], ids=["short", "long"])
+def test_a_tensor_record_of_another_size_than_its_storage_is_refused_under_every_torch(tmp_path, change):
+    # torch 2.9 loaded a short record into a storage of the size its pickle declares, the end uninitialised
+    # (values never saved), and a long one cut to that size, both as valid tensors; torch 2.13 refuses them.
+    good = tmp_path / "good.pt"
+    checkpoint.save({"step": 1, "weight": torch.arange(6.0), "flags": torch.ones(3, dtype=torch.bool)}, good)
+    _with_record(good, tmp_path / "resized.pt", "/data/0", change)
+    with pytest.raises(ValueError, match=r"resized.pt: cannot load this checkpoint: it is damaged \(record "
+                                         r"'archive/data/0' holds (8|32) bytes where its tensors' storage needs 24\)"):
+        checkpoint.load(tmp_path / "resized.pt")
+
+
+def test_record_sizes_are_checked_without_refusing_any_saved_tensor(tmp_path, generator):
+    # Each storage type (typed, untyped for dtypes without one), views sharing one storage, an empty tensor and a
+    # module's state dict (an OrderedDict with metadata) load as saved.
+    weight = torch.randn(4, 5, generator=generator)
+    state = {"views": [weight, weight[1:3], weight.t()], "empty": torch.empty(0, 3),
+             "model": torch.nn.Linear(3, 2).state_dict(),
+             **{str(dtype): torch.arange(6).to(dtype) for dtype in (
+                 torch.float16, torch.bfloat16, torch.float64, torch.complex64, torch.int8, torch.uint8,
+                 torch.int16, torch.int32, torch.int64, torch.bool, torch.float8_e4m3fn, torch.uint16)}}
+    checkpoint.save(state, tmp_path / "ckpt.pt")
+    loaded = checkpoint.load(tmp_path / "ckpt.pt")
+    for key in state:
+        if key not in ("views", "model"):
+            assert loaded[key].dtype == state[key].dtype and torch.equal(loaded[key].view(torch.uint8),
+                                                                          state[key].view(torch.uint8)), key
+    assert all(torch.equal(a, b) for a, b in zip(loaded["views"], state["views"]))
+    assert loaded["views"][1].untyped_storage().data_ptr() == loaded["views"][0].untyped_storage().data_ptr()
+    assert all(torch.equal(loaded["model"][k], v) for k, v in state["model"].items())

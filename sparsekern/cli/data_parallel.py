@@ -12,7 +12,9 @@ every rank raises the same error.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -83,8 +85,30 @@ def start(ranks: Ranks, device: str) -> None:
             raise ValueError(f"LOCAL_RANK={ranks.local_rank} has no CUDA device of its own (torch sees "
                              f"{torch.cuda.device_count()}): start at most that many ranks per machine")
         torch.cuda.set_device(ranks.local_rank)
-    dist.init_process_group("nccl" if cuda else "gloo", init_method="env://", rank=ranks.rank,
-                            world_size=ranks.world_size)
+    with contextlib.nullcontext() if cuda else _stdout_silenced():
+        dist.init_process_group("nccl" if cuda else "gloo", init_method="env://", rank=ranks.rank,
+                                world_size=ranks.world_size)
+
+
+@contextlib.contextmanager
+def _stdout_silenced():
+    """Sends file descriptor 1 to /dev/null: the Gloo of torch 2.9 (before pytorch/gloo#466, which made it a log
+    line off by default) writes "[Gloo] Rank r is connected to n peer ranks..." to stdout from C++ as each rank
+    joins, on every rank, where the ranks print nothing but rank 0's report. Exceptions still propagate."""
+    if sys.stdout is not None:
+        sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # descriptor 1 closed: nothing to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def end() -> None:

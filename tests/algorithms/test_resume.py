@@ -149,7 +149,7 @@ def _refused_with_nothing_changed(algorithm, model, state, match):
     assert _same(before, (algorithm.state_dict(), model.state_dict())) is None
 
 
-@pytest.mark.parametrize("saved, loaded", itertools.permutations(sorted(ALGORITHMS), 2))
+@pytest.mark.parametrize("saved, loaded", list(itertools.permutations(sorted(ALGORITHMS), 2)))
 def test_a_state_of_another_algorithm_is_refused(saved, loaded):
     # A SWAMP state holds every entry of an IMP state: IMP loaded it, took its counters and θ_k for its own, and
     # trained on as though it were an IMP run.

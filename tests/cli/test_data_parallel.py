@@ -18,6 +18,7 @@ import torch.distributed
 
 from sparsekern import checkpoint
 from sparsekern.cli import main
+from sparsekern.cli import data_parallel
 from sparsekern.cli.data_parallel import Ranks, batch_slice, check_config
 from sparsekern.cli.training import TrainConfig
 
@@ -131,6 +132,23 @@ def test_runs_that_cannot_train_data_parallel_are_refused():
         check_config(TrainConfig(batch_size=3), ranks)
     check_config(TrainConfig(batch_size=4), ranks)
     check_config(TrainConfig(method="swamp", batch_size=1), Ranks())
+
+
+@gloo
+def test_joining_a_gloo_group_writes_nothing_to_stdout(capfd, monkeypatch):
+    # torch 2.9's Gloo wrote "[Gloo] Rank 0 is connected to 0 peer ranks. ..." to descriptor 1 from C++ as the rank
+    # joined: on every rank of `sparsekern train` under torchrun, where only rank 0 prints its report.
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    try:
+        data_parallel.start(Ranks(), "cpu")
+        assert torch.distributed.get_backend() == "gloo"
+    finally:
+        data_parallel.end()
+    with data_parallel._stdout_silenced():   # as that Gloo wrote it, whichever torch runs here
+        os.write(1, b"[Gloo] Rank 0 is connected to 0 peer ranks\n")
+    print("after")
+    assert capfd.readouterr().out == "after\n"
 
 
 @gloo
