@@ -258,12 +258,17 @@ def test_refuse_meta_checks_weights_and_masks_at_once_naming_which_tensor_each_l
         "IMP: the masks of layers ['1', '3'] and the weights and masks of layers ['2'] are on the meta device, which "
         "holds no values: materialize the model first (to_empty, then initialise it or load its state dict)")
     refusal = r"the masks of layers \['1', '3'\] and the weights and masks of layers \['2'\] are on the meta device"
-    for who, build in [("IMP", lambda: sparsekern.IMP(model, lambda p: torch.optim.SGD(p, lr=0.1))),
-                       ("OptG", lambda: sparsekern.OptG(model, 0.5, epochs=2)),
-                       ("DST", lambda: sparsekern.algorithms.RigL(model, torch.optim.SGD(model.parameters(), lr=0.1),
-                                                                  total_steps=10))]:
+    for who, build in _algorithms_built_on(model):
         with pytest.raises(ValueError, match=f"^{who}: {refusal}"):
             build()
+
+
+def _algorithms_built_on(model):
+    """(name, a builder of it on `model`) for IMP, OptG and DST (RigL), each of which checks the model's layers."""
+    return [("IMP", lambda: sparsekern.IMP(model, lambda p: torch.optim.SGD(p, lr=0.1))),
+            ("OptG", lambda: sparsekern.OptG(model, 0.5, epochs=2)),
+            ("DST", lambda: sparsekern.algorithms.RigL(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                                       total_steps=10))]
 
 
 def test_a_mask_left_on_the_meta_device_under_a_real_weight_is_refused_by_name():
@@ -275,10 +280,7 @@ def test_a_mask_left_on_the_meta_device_under_a_real_weight_is_refused_by_name()
     layer.bias = nn.Parameter(torch.randn(4))
     model = nn.Sequential(SparseLinear(4, 4), layer)
     refusal = r"the masks of layers \['1'\] are on the meta device, which holds no values: materialize"
-    for who, build in [("IMP", lambda: sparsekern.IMP(model, lambda p: torch.optim.SGD(p, lr=0.1))),
-                       ("OptG", lambda: sparsekern.OptG(model, 0.5, epochs=2)),
-                       ("DST", lambda: sparsekern.algorithms.RigL(model, torch.optim.SGD(model.parameters(), lr=0.1),
-                                                                  total_steps=10))]:
+    for who, build in _algorithms_built_on(model):
         with pytest.raises(ValueError, match=f"^{who}: {refusal}"):
             build()
     with pytest.raises(ValueError, match=f"^{refusal}"):
