@@ -50,7 +50,8 @@ def sparse_layers(model: nn.Module, who: str) -> list[tying.Group]:
     # Once taken: IMP and SWAMP then failed at the first pruning, OptG at a read of a score, naming no layer. A real
     # weight assigned to a layer built on the meta device leaves its mask there: pruned, counted or applied only
     # later (OptG's scores, the forward), naming neither.
-    refuse_meta([group[0] for group in groups], who, tensors=("weight", "mask"))
+    # Every module of a group: a tied module's mask is its own buffer.
+    refuse_meta([pair for group in groups for pair in group], who, tensors=("weight", "mask"))
     return groups
 
 
