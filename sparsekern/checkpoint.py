@@ -161,8 +161,9 @@ def _check_record_sizes(path: str, file) -> None:
     """ValueError naming the file (`path`, open as `file`) and the record when a tensor's record holds another
     number of bytes than the storage its pickle declares for it: torch 2.9 loads a short record into a storage of
     the declared size, its end left uninitialised, and a long one cut short, both as valid tensors (torch 2.13
-    refuses them; the check came with pytorch#165553, October 2025). A file this cannot read (not a zip, no
-    single data.pkl, a pickle it cannot walk) is left to torch.load, as is a storage type it does not know."""
+    refuses them; the check came with pytorch#165553, October 2025); and when the pickle gives a record an element
+    count that is no int, or below 0 (torch.load raised a TypeError naming neither). A file this cannot read (not a
+    zip, no single data.pkl, a pickle it cannot walk) is left to torch.load, as is a storage type it does not know."""
     try:
         archive = zipfile.ZipFile(file)
     except (OSError, zipfile.BadZipFile, EOFError, ValueError, NotImplementedError):
@@ -181,6 +182,12 @@ def _check_record_sizes(path: str, file) -> None:
         record = f"{records}{key}"
         if record not in sizes:
             continue  # torch.load refuses a missing record itself
+        if type(numel) is not int or numel < 0:
+            # torch.load raised a TypeError of its own for a float or str count, naming neither file nor record
+            count = f"a storage of {_count_shown(numel)} elements" if type(numel) is int else \
+                f"an element count that is a {type(numel).__name__}, not an int"
+            raise ValueError(f"{path}: cannot load this checkpoint: it is damaged (its pickle gives record {record!r} "
+                             f"{count})")
         try:
             itemsize = 1 if storage_type == "UntypedStorage" else \
                 torch.serialization.StorageType(storage_type).dtype.itemsize
@@ -188,7 +195,13 @@ def _check_record_sizes(path: str, file) -> None:
             continue
         if sizes[record] != numel * itemsize:
             raise ValueError(f"{path}: cannot load this checkpoint: it is damaged (record {record!r} holds "
-                             f"{sizes[record]} bytes where its tensors' storage needs {numel * itemsize})")
+                             f"{sizes[record]} bytes where its tensors' storage needs "
+                             f"{_count_shown(numel * itemsize)})")
+
+
+def _count_shown(count: int) -> str:
+    """`count` as an error shows it: one of more digits than Python converts to str (4300) by its size."""
+    return str(count) if count.bit_length() <= 64 else f"an integer of {count.bit_length()} bits"
 
 
 class _Placeholder:
@@ -220,13 +233,17 @@ class _Placeholder:
         pass
 
 
-class _StorageDeclarations(pickle.Unpickler):
-    """Reads the storages a checkpoint's pickle declares, as (storage type name, record key, element count):
-    torch.save's persistent ids ("storage", type, key, location, count)."""
+class _StorageDeclarations(pickle._Unpickler):  # noqa: SLF001 -- the pure-Python unpickler, on purpose
+    """Reads the storages a checkpoint's pickle declares, as (storage type name, record key, element count as
+    declared, which may be no int): torch.save's persistent ids ("storage", type, key, location, count).
+
+    The pure-Python unpickler, as torch.load's weights-only one is: the C one (pickle.Unpickler) keeps its memo in
+    an array as long as the largest index a pickle stores at, filled on allocation, so that a data.pkl of ten bytes
+    (a LONG_BINPUT at index 2**29) cost 8 GiB of memory, and at 2**31 more than most machines have."""
 
     def __init__(self, data: bytes):
         super().__init__(io.BytesIO(data))
-        self.declared: list[tuple[str, str, int]] = []
+        self.declared: list[tuple[str, str | int, object]] = []
 
     def find_class(self, module, name):
         return type(name, (_Placeholder,), {})
@@ -234,12 +251,13 @@ class _StorageDeclarations(pickle.Unpickler):
     def persistent_load(self, pid):
         if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage":
             _, storage_type, key, _, numel = pid
-            if isinstance(storage_type, type) and isinstance(key, str) and type(numel) is int:
+            # torch.load reads record f"data/{key}", whatever the key (an int names one too)
+            if isinstance(storage_type, type) and isinstance(key, (str, int)) and not isinstance(key, bool):
                 self.declared.append((storage_type.__name__, key, numel))
         return _Placeholder()
 
 
-def _declared_storages(data: bytes) -> list[tuple[str, str, int]]:
+def _declared_storages(data: bytes) -> list[tuple[str, str | int, object]]:
     unpickler = _StorageDeclarations(data)
     unpickler.load()
     return unpickler.declared

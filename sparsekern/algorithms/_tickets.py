@@ -50,7 +50,8 @@ def sparse_layers(model: nn.Module, who: str) -> list[tying.Group]:
     # Once taken: IMP and SWAMP then failed at the first pruning, OptG at a read of a score, naming no layer. A real
     # weight assigned to a layer built on the meta device leaves its mask there: pruned, counted or applied only
     # later (OptG's scores, the forward), naming neither.
-    refuse_meta([group[0] for group in groups], who, tensors=("weight", "mask"))
+    # Every module of a group: a tied module's mask is its own buffer.
+    refuse_meta([pair for group in groups for pair in group], who, tensors=("weight", "mask"))
     return groups
 
 
@@ -482,7 +483,10 @@ def check_saved_setting(state: dict, key: str, value, setting: str | None = None
     `key` alone says too little): resumed under another, a run would go on as a run of neither, or misread its
     counters, which alone cannot tell (check_rewind_point): a state at step 3 of cycle 1 holding θ_2 fits
     rewind_step 0 as well, and resuming it there would rewind to θ_2 and restart at step 0. A state without the
-    entry (saved before it was kept) is not checked."""
+    entry (saved before it was kept) is not checked. A flag's entry that is no bool (NumPy's counts as one) raises
+    TypeError saying so: no run saves one, and "saved with decides_count=1, not True" told of a run that cannot be."""
+    if key in state and isinstance(value, bool) and not isinstance(state[key], (bool, np.bool_)):
+        raise TypeError(f"state[{key!r}] must be a bool, got {type(state[key]).__name__}")
     if key in state and _differs(state[key], value):
         saved = _shown(state[key])
         raise ValueError(f"state[{key!r}]={saved}: the state was saved with {setting or key}={saved}, not {value!r}")

@@ -287,8 +287,8 @@ class DST(distributed.CatchesUp):
             snip_shift = criteria.check_parameter(snip_shift, "snip_shift")
             self.modules, self._groups = _trained_layers(model, optimizer)
             # No random stream can live there, nor any value be ranked; a real weight assigned to a layer built
-            # there leaves its mask behind.
-            refuse_meta(self.modules, "DST", tensors=("weight", "mask"))
+            # there leaves its mask behind. Every module of a group: a tied module's mask is its own buffer.
+            refuse_meta([pair for group in self._groups for pair in group], "DST", tensors=("weight", "mask"))
             device = self.modules[0][1].weight.device
             for name, module in self.modules:
                 if module.weight.device != device:

@@ -24,10 +24,13 @@ def group_by_weight(named: list[tuple[str, SparseModule]]) -> list[Group]:
 
 
 def check_groups(groups: list[Group]) -> None:
-    """ValueError when modules sharing a weight carry different masks (the weight has one mask)."""
+    """ValueError when modules sharing a weight carry different masks (the weight has one mask). A mask on the meta
+    device holds no values to compare: the algorithms refuse it by name (`refuse_meta`) after this check."""
     for group in groups:
         (first, primary), others = group[0], group[1:]
         for name, module in others:
+            if primary.mask.is_meta or module.mask.is_meta:
+                continue
             if not primary.mask.equal(module.mask):
                 raise ValueError(f"modules {first!r} and {name!r} share one weight but have different "
                                  f"masks; give them one mask (sparsekern.sparsify does)")

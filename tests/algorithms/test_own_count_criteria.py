@@ -2,6 +2,7 @@
 set_fixed do: a threshold rule drops exactly the active weights below its threshold and grows as many, in both
 scopes, on every backend that runs here; it is given DST's swap count; what it returns is checked, naming it, before
 anything changes; its flag is saved; and it reads the device as often as set_fw does."""
+import numpy as np
 import pytest
 import torch
 
@@ -175,6 +176,26 @@ def test_its_flag_is_saved_and_a_state_of_another_flag_is_refused():
         other.load_state_dict(state)
     del state["prune_decides_count"]   # as saved before the flag existed
     other.load_state_dict(state)
+
+
+@pytest.mark.parametrize("saved", [1, 0, "yes", None, 1.0])
+def test_a_saved_flag_that_is_no_bool_is_refused_as_such(saved):
+    # Campaign 20b: refused as "the state was saved with prune='mine' of decides_count=1, not True", a run no
+    # Criterion can make (decides_count must be a bool).
+    def ranked(weights, grads, masks, *, generator, n=None):
+        return [w.abs() + 1 for w in weights]
+
+    model = small_model()
+    mine = sparsekern.Criterion("mine", ranked, reads_gradient=False, elementwise=False, decides_count=True)
+    dst = sparsekern.DST(model, torch.optim.SGD(model.parameters(), lr=0.1), prune=mine, update_every=2,
+                         total_steps=10)
+    state = {**dst.state_dict(), "prune_decides_count": saved}
+    masks = [module.mask.clone() for _, module in sparsekern.nn.sparse_modules(model)]
+    refusal = rf"^state\['prune_decides_count'\] must be a bool, got {type(saved).__name__}$"
+    with pytest.raises(TypeError, match=refusal):
+        dst.load_state_dict(state)
+    assert all(torch.equal(module.mask, mask) for (_, module), mask in zip(sparsekern.nn.sparse_modules(model), masks))
+    dst.load_state_dict({**state, "prune_decides_count": np.True_})   # NumPy's bool is one
 
 
 @pytest.mark.parametrize("host_checks", [True, False])

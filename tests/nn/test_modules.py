@@ -287,6 +287,34 @@ def test_a_mask_left_on_the_meta_device_under_a_real_weight_is_refused_by_name()
         sparsekern.densities(model)
 
 
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = SparseLinear(4, 4), SparseLinear(4, 4)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+def test_a_tied_layers_mask_left_on_the_meta_device_is_refused_by_name():
+    """Campaign 20b: the algorithms refused the meta tensors of the first layer holding a weight, while the check that
+    tied layers carry one mask compared the others' first: a tied layer whose own mask stayed on the meta device
+    failed in torch.equal ("aten::equal: attempted to run this operator with Meta tensors"), naming no layer."""
+    model = _Tied()
+    model.b.register_buffer("mask", torch.empty(4, 4, dtype=torch.bool, device="meta"))
+    refusal = r"the masks of layers \['b'\] are on the meta device, which holds no values: materialize"
+    for who, build in [("IMP", lambda: sparsekern.IMP(model, lambda p: torch.optim.SGD(p, lr=0.1))),
+                       ("SWAMP", lambda: sparsekern.SWAMP(model, lambda p: torch.optim.SGD(p, lr=0.1), particles=2)),
+                       ("OptG", lambda: sparsekern.OptG(model, 0.5, epochs=2)),
+                       ("DST", lambda: sparsekern.algorithms.RigL(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                                                  total_steps=10))]:
+        with pytest.raises(ValueError, match=f"^{who}: {refusal}"):
+            build()
+    with pytest.raises(ValueError, match=f"^{refusal}"):
+        sparsekern.densities(model)
+
+
 @pytest.mark.parametrize("mask", ["random", "magnitude"])
 def test_sparsify_refuses_dense_layers_on_the_meta_device_by_refuse_meta_before_anything_changes(mask):
     """sparsify's own refusal named only the first meta layer ("materialise": a second spelling), and its copy for
