@@ -479,19 +479,16 @@ _METHOD_OPTIONS = {"density": _SPARSE_METHODS, "densities": _SPARSE_METHODS,
                    "block": tuple(DST_PRESETS),
                    "cycles": TICKET_METHODS, "particles": ("swamp",)}
 _CRITERIA_OPTIONS = ("criteria", "grow", "schedule")   # compare: of the criteria lines only
-_TRAIN_DST_OPTIONS = ("prune", "grow", "schedule", "drop_fraction")   # train's own (compare's grow, schedule: above)
+# train's own: its DST criteria and schedule (compare's grow and schedule are of its criteria lines: above)
+_TRAIN_OPTIONS = {name: tuple(DST_PRESETS) for name in ("prune", "grow", "schedule", "drop_fraction")}
 
 
 def _check_options_apply(args, methods: list[str]) -> None:
     """ValueError for an option given explicitly that none of `methods` reads (it would be silently ignored); an
     option of the other command (density, densities) is absent from `args`."""
-    for name, readers in _METHOD_OPTIONS.items():
+    for name, readers in {**_METHOD_OPTIONS, **(_TRAIN_OPTIONS if args.command == "train" else {})}.items():
         if getattr(args, name, None) is not None and not set(methods) & set(readers):
             raise ValueError(f"--{name.replace('_', '-')} applies to the methods {', '.join(readers)}, not "
-                             f"{', '.join(map(repr, methods))}")
-    for name in _TRAIN_DST_OPTIONS if args.command == "train" else ():
-        if getattr(args, name) is not None and not set(methods) & set(DST_PRESETS):
-            raise ValueError(f"--{name.replace('_', '-')} applies to the methods {', '.join(DST_PRESETS)}, not "
                              f"{', '.join(map(repr, methods))}")
     if args.command == "compare" and compare_module.CRITERION_METHOD not in methods:
         for name in _CRITERIA_OPTIONS:
