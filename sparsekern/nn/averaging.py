@@ -160,16 +160,14 @@ _WRAPPERS = ("module", "_orig_mod")
 
 def _layers(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
     """(name without wrappers, mask shape) of each sparse layer, in the order torch pairs their parameters."""
-    return [(".".join(part for part in name.split(".") if part not in _WRAPPERS), tuple(module.mask.shape))
-            for name, module in sparse_modules(model)]
+    return [(_unwrapped(name), tuple(module.mask.shape)) for name, module in sparse_modules(model)]
 
 
 def _paired(model: nn.Module, use_buffers: bool) -> list[tuple[str, tuple[int, ...]]]:
     """(name without wrappers, shape) of each tensor AveragedModel.update_parameters pairs by position: the
     parameters, then, with `use_buffers`, the buffers."""
     tensors = [*model.named_parameters(), *(model.named_buffers() if use_buffers else ())]
-    return [(".".join(part for part in name.split(".") if part not in _WRAPPERS), tuple(tensor.shape))
-            for name, tensor in tensors]
+    return [(_unwrapped(name), tuple(tensor.shape)) for name, tensor in tensors]
 
 
 def _first_mismatch(averaged: list, live: list) -> str:
@@ -181,3 +179,8 @@ def _first_mismatch(averaged: list, live: list) -> str:
     if len(averaged) != len(live):
         return f"{len(live)} of them, the averaged model {len(averaged)}"
     return ""
+
+
+def _unwrapped(name: str) -> str:
+    """A parameter's or module's qualified name without the wrappers' parts (_WRAPPERS)."""
+    return ".".join(part for part in name.split(".") if part not in _WRAPPERS)
