@@ -186,6 +186,14 @@ class DST(distributed.CatchesUp):
             own count, whose counts are read so, its scores checked in the same read). A captured update replays the
             swap counts it was captured with (they are kernel parameters): capture again when they change, at
             every update of a schedule whose drop fraction moves (cosine, annealed).
+            Neither setting reads the masks' active counts at an update: DST keeps them from one update to the next,
+            and counts again where a mask was written (`set_mask`, `load_state_dict`, any in-place op on it: its
+            version counter tells; `mask.data = other`). A write through `mask.data` (`mask.data.copy_(...)`,
+            `mask.data[...] = ...`) or a NumPy view of the mask leaves the counter, and so the kept count, as it
+            was. The CPU kernels check the count they are given: the update is then made from a fresh count, with
+            a warning naming the layer. The GPU kernels (CUDA, Triton) trust it: the update swaps as many entries as
+            the stale count makes n (more than a layer holds leaves the counts unspecified). Change masks with
+            `set_mask`.
 
     Which layers: every sparse module whose weight requires grad and is trained by `optimizer`;
     frozen ones are left alone, with a warning. One frozen after construction is left alone while it
@@ -330,10 +338,10 @@ class DST(distributed.CatchesUp):
         self._empty = set(empty)   # warned about
         self._frozen_warned: set[str] = set()   # layers frozen after construction, warned about
         units = active if block is None else self._make_block_structured(active)
-        # ((mask, version) pairs, active counts per layer) as of the last update or count (_active_counts).
+        # (the masks' `_versions`, active counts per layer) as of the last update or count (_active_counts).
         # Construction's count (of blocks, once they are whole) serves the first update if no mask changes
         # before it: a count is a host read, a sync on a GPU.
-        self._counts: tuple[tuple[tuple[int, int], ...], list[int]] = (
+        self._counts: tuple[tuple[tuple[int, int, int], ...], list[int]] = (
             _versions([module.mask for _, module in self.modules]), units)
         # State left at inactive positions (say, from dense training before sparsify) would move
         # inactive weights off 0.
@@ -667,11 +675,34 @@ class DST(distributed.CatchesUp):
 
     @torch.no_grad()
     def _update(self, fraction: float, sums: dict[int, float] | None) -> None:
-        """One mask update of every layer: one sparsekern.ops.prune_grow call, scores included. `sums`:
-        those of `_gradient_sums`, or None without host checks."""
+        """One mask update of every layer (`_update_layers`). `sums`: those of `_gradient_sums`, or None without
+        host checks. One that raises changes nothing, the random stream included; one refused (ValueError) where
+        a mask was written without its version changing, so that the count kept of it is stale, is made again
+        from a fresh count (`_recount_if_stale`)."""
         named = self._unfrozen_modules()
         if not named:
             return
+        # A CUDA generator's state cannot be read while a CUDA graph is captured (an update under host_checks=False
+        # may be): an update refused there leaves the stream advanced.
+        capturing = self.generator.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        stream = None if capturing else self.generator.get_state()
+        try:
+            try:
+                self._update_layers(named, fraction, sums)
+            except ValueError:
+                if stream is None or not self._recount_if_stale(named):
+                    raise
+                self.generator.set_state(stream)   # the scores are drawn again, as the first try drew them
+                self._update_layers(named, fraction, sums)
+        except Exception:
+            if stream is not None:
+                self.generator.set_state(stream)
+            raise
+
+    def _update_layers(self, named: list[tuple[str, nn.Module]], fraction: float,
+                       sums: dict[int, float] | None) -> None:
+        """One mask update of the layers `named`: one sparsekern.ops.prune_grow call, scores included. Every
+        check runs before the first write (prune_grow's, of the counts `active` too, among them)."""
         modules = [module for _, module in named]
         weights = [module.weight for module in modules]
         grads = [w.grad for w in weights]
@@ -760,7 +791,9 @@ class DST(distributed.CatchesUp):
         """Active entries of each of `units` (the masks, or their block grids), counted only when a
         mask changed since the last update. An update keeps each layer's count (layer scope) or the
         total (global scope), so DST counts on the device, a host read on a GPU, only after masks are
-        set some other way (set_mask; load_state_dict, whose own count serves in layer scope without block=)."""
+        set some other way (set_mask; load_state_dict, whose own count serves in layer scope without block=),
+        as their `_versions` tell. A write those miss (through .data or a NumPy view) leaves the count stale:
+        the CPU kernels refuse it, and the update counts again (`_recount_if_stale`); the GPU kernels trust it."""
         versions = _versions(masks)   # the layers updated change as they are frozen
         if self._counts[0] != versions:
             self._counts = (versions, reference.active_counts(units))
@@ -772,6 +805,26 @@ class DST(distributed.CatchesUp):
         counts = self._counts[1]
         self._counts = (_versions(masks), counts if self.scope == "layer" else [sum(counts)])
 
+    def _recount_if_stale(self, named: list[tuple[str, nn.Module]]) -> bool:
+        """After an update of the layers `named` was refused (ValueError): whether the counts kept of their masks
+        were stale, a mask having been written without its version changing (through .data, a NumPy view), which
+        the kernels that check the count they are given refuse (the CPU kernels and the reference; not the GPU
+        kernels, which trust it). If so, keeps a fresh count for the next try and warns, naming the layers. One
+        host read, on this path only."""
+        masks = [module.mask for _, module in named]
+        if self._counts[0] != _versions(masks):   # refused before its count was taken: not for it
+            return False
+        units = masks if self.block is None else [_Blocks(m.shape, self.block).mask(m) for m in masks]
+        kept, counts = self._counts[1], reference.active_counts(units)
+        if (sum(kept) == sum(counts)) if self.scope == "global" else (kept == counts):
+            return False   # the counts given were right: refused for another reason
+        unit = "active entries" if self.block is None else f"active {self.block[0]}x{self.block[1]} blocks"
+        warnings.warn(f"DST.step(): {_stale_masks([name for name, _ in named], kept, counts, unit)} (a write "
+                      f"through .data or a NumPy view?), so DST counted the masks again; use module.set_mask(...) "
+                      f"to change a mask", stacklevel=4)
+        self._counts = (self._counts[0], counts)
+        return True
+
     def _scores(self, weights, grads, masks, layers: list[str],
                 swap) -> tuple[list[Tensor], bool, list[Tensor], bool, list[int] | None]:
         """(prune scores, rank them by |score|, grow scores, rank them by |score|, the entries each layer drops where
@@ -782,31 +835,21 @@ class DST(distributed.CatchesUp):
         Magnitude criteria hand over the weights or gradients themselves, ranked by magnitude, so no
         score tensor is made for them (criteria.MAGNITUDE_OF); the others are computed in one
         batched pass each. A user's criterion's scores are checked here, before anything changes (what one deciding
-        its own count drops, in the read of its counts); if they are refused (or it raised), the random stream is put
-        back as it was."""
-        # A CUDA generator's state cannot be read while a CUDA graph is captured (an update under host_checks=False
-        # may be): a criterion refused there leaves the stream advanced.
-        restorable = not (criteria.is_built_in(self._prune) and criteria.is_built_in(self._grow)) and not (
-            self.generator.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
-        stream = self.generator.get_state() if restorable else None
-        try:
-            scored, dropped = [], None
-            for criterion in (self._prune, self._grow):
-                if criterion.name in criteria.MAGNITUDE_OF:
-                    scored.append((criteria.MAGNITUDE_OF[criterion.name](weights, grads), True))
-                elif criterion.elementwise or self.scope == "global":
-                    scored.append((self._score(criterion, weights, grads, masks, layers, swap), False))
-                else:  # a rank over the list (SET): in layer scope, each layer's own
-                    scored.append(([self._score(criterion, [w], [g], [m], [layer], n)[0]
-                                    for w, g, m, layer, n in zip(weights, grads, masks, layers, swap)], False))
-                if criterion.decides_count:   # one read: its counts, and NaN among the checks of a user's scores
-                    dropped = criterion.drop_counts(scored[-1][0], masks, layers)
-                elif self.host_checks and not criteria.is_built_in(criterion):
-                    criterion.refuse_nan(scored[-1][0], layers)
-        except Exception:
-            if stream is not None:
-                self.generator.set_state(stream)
-            raise
+        its own count drops, in the read of its counts); if they are refused (or it raised), `_update` puts the random
+        stream back as it was."""
+        scored, dropped = [], None
+        for criterion in (self._prune, self._grow):
+            if criterion.name in criteria.MAGNITUDE_OF:
+                scored.append((criteria.MAGNITUDE_OF[criterion.name](weights, grads), True))
+            elif criterion.elementwise or self.scope == "global":
+                scored.append((self._score(criterion, weights, grads, masks, layers, swap), False))
+            else:  # a rank over the list (SET): in layer scope, each layer's own
+                scored.append(([self._score(criterion, [w], [g], [m], [layer], n)[0]
+                                for w, g, m, layer, n in zip(weights, grads, masks, layers, swap)], False))
+            if criterion.decides_count:   # one read: its counts, and NaN among the checks of a user's scores
+                dropped = criterion.drop_counts(scored[-1][0], masks, layers)
+            elif self.host_checks and not criteria.is_built_in(criterion):
+                criterion.refuse_nan(scored[-1][0], layers)
         (prune, prune_abs), (grow, grow_abs) = scored
         dtype = prune[0].dtype
         for score in prune + grow:
@@ -838,9 +881,25 @@ class DST(distributed.CatchesUp):
         return kept
 
 
-def _versions(masks: list[Tensor]) -> tuple[tuple[int, int], ...]:
-    """Which masks, and how often each was written: what DST's remembered counts are of (`DST._active_counts`)."""
-    return tuple((id(mask), mask._version) for mask in masks)
+def _versions(masks: list[Tensor]) -> tuple[tuple[int, int, int], ...]:
+    """Which masks, how often each was written, and where its values live: what DST's remembered counts are of
+    (`DST._active_counts`). A write that bumps no version (through .data or a NumPy view) goes unseen here, but
+    `mask.data = other` moves the values, which the address shows without reading the device."""
+    return tuple((id(mask), mask._version, mask.data_ptr()) for mask in masks)
+
+
+def _stale_masks(layers: list[str], kept: list[int], counts: list[int], unit: str) -> str:
+    """Which masks changed unseen, for `DST._recount_if_stale`'s warning: the layers whose count `kept` (per layer,
+    or only the total: global scope after an update) differs from `counts`, theirs now."""
+    if len(kept) != len(counts):
+        return (f"a mask of the layers {', '.join(map(repr, layers))} ({kept[0]} {unit} in all when DST counted "
+                f"them, {sum(counts)} now) was changed without its version counter changing")
+    changed = [f"{layer!r} ({old} {unit} when DST counted them, {new} now)"
+               for layer, old, new in zip(layers, kept, counts) if old != new]
+    if len(changed) == 1:
+        return f"the mask of layer {changed[0]} was changed without its version counter changing"
+    return (f"the masks of layers {', '.join(changed[:-1])} and {changed[-1]} were changed without their version "
+            f"counters changing")
 
 
 def _trained_layers(model: nn.Module, optimizer: torch.optim.Optimizer):

@@ -832,6 +832,110 @@ def test_counts_follow_masks_loaded_from_a_state_dict():
     assert [int(m.sum()) for m in masks(denser)] == counts
 
 
+# Writes into a mask that leave its version counter as it was: DST's count of it goes stale unseen.
+UNSEEN_WRITES = {
+    "mask.data.copy_": lambda module, mask: module.mask.data.copy_(mask),
+    "mask.data[...] =": lambda module, mask: module.mask.data.__setitem__(..., mask),
+    "mask.data =": lambda module, mask: setattr(module.mask, "data", mask.clone()),
+    "a NumPy view": lambda module, mask: module.mask.numpy().__setitem__(..., mask.numpy()),
+}
+
+
+def _update_after_writing_a_mask(write, scope, block=None, **options):
+    """(masks, weights, warnings) after the second update of a small model's DST whose layer '3' lost its first 8
+    rows (whole 2x2 blocks) by `write(module, mask)` between its backward and step(), after the first update (in
+    global scope DST then keeps only the total count)."""
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    algo = sparsekern.DST(model, optimizer, update_every=2, total_steps=100, scope=scope, block=block, **options)
+    for step in range(3):
+        train_step(model, optimizer, algo, step)
+    x, y = batch(3)
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    module = algo.modules[1][1]   # Linear(64, 24)
+    sparser = module.mask.clone()
+    sparser[:8] = False
+    write(module, sparser)
+    assert torch.equal(module.mask, sparser)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert algo.step()
+    return masks(model), [m.weight.detach().clone() for _, m in sparse_modules(model)], [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("write", UNSEEN_WRITES)
+@pytest.mark.parametrize("scope", ["layer", "global"])
+@pytest.mark.parametrize("block", [None, (2, 2)])
+def test_a_mask_written_without_its_version_changing_is_counted_again(write, scope, block):
+    """The count DST keeps of a mask goes stale when the mask is written without its version counter changing.
+    `mask.data = ...` moves its values, which DST sees; the other writes the CPU kernels find, checking the count
+    they are given (refusing the update before anything changes): DST counts again and warns, naming the layer,
+    and the update is that of a DST whose mask was set with set_mask."""
+    expected_masks, expected_weights, _ = _update_after_writing_a_mask(lambda m, mask: m.set_mask(mask), scope,
+                                                                       block, grow="gradient")
+    new_masks, weights, warned = _update_after_writing_a_mask(UNSEEN_WRITES[write], scope, block, grow="gradient")
+    assert all(torch.equal(a, b) for a, b in zip(new_masks, expected_masks))
+    assert all(torch.equal(a, b) for a, b in zip(weights, expected_weights))
+    if write == "mask.data =":
+        assert warned == []
+        return
+    # Layer '3' held 461 active entries (115 blocks) and lost 143 (36 blocks); the model held 519 (130 blocks) in all
+    # after the first global update.
+    changed = {("layer", None): "the mask of layer '3' (461 active entries when DST counted them, 318 now)",
+               ("layer", (2, 2)): "the mask of layer '3' (115 active 2x2 blocks when DST counted them, 79 now)",
+               ("global", None): "a mask of the layers '0', '3', '5' (519 active entries in all when DST counted "
+                                 "them, 386 now)",
+               ("global", (2, 2)): "a mask of the layers '0', '3', '5' (130 active 2x2 blocks in all when DST "
+                                   "counted them, 98 now)"}[scope, block]
+    assert warned == [f"DST.step(): {changed} was changed without its version counter changing (a write through "
+                      f".data or a NumPy view?), so DST counted the masks again; use module.set_mask(...) to change "
+                      f"a mask"]
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+@pytest.mark.parametrize("prune", ["set", "set_fw"])
+def test_an_update_made_again_from_a_fresh_count_draws_what_it_would_have_drawn(scope, prune):
+    # Random growth draws again from the stream as it was before the refused try; set_fw's scores, which take the
+    # swap count, are made again from the fresh count.
+    options = {"prune": prune, "grow": "random", "schedule": "constant"}
+    expected_masks, expected_weights, _ = _update_after_writing_a_mask(lambda m, mask: m.set_mask(mask), scope,
+                                                                       **options)
+    new_masks, weights, warned = _update_after_writing_a_mask(UNSEEN_WRITES["mask.data.copy_"], scope, **options)
+    assert len(warned) == 1 and "counted the masks again" in warned[0]
+    assert all(torch.equal(a, b) for a, b in zip(new_masks, expected_masks))
+    assert all(torch.equal(a, b) for a, b in zip(weights, expected_weights))
+
+
+def test_an_update_refused_for_another_reason_after_a_fresh_count_changes_nothing():
+    """A stale count is counted again, but an update refused again (here for a criterion's NaN scores) raises its
+    own error and changes nothing: masks, weights, optimizer state, the random stream, the step count."""
+    nan_growth = criteria.Criterion("nan_growth", lambda weights, grads, masks, *, generator: [
+        torch.rand(w.shape, generator=generator).masked_fill(m, float("nan")) for w, m in zip(weights, masks)],
+        reads_gradient=False, elementwise=True)
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    algo = sparsekern.DST(model, optimizer, prune="random", grow=nan_growth, update_every=2, total_steps=100)
+    train_step(model, optimizer, algo, 0)
+    module = algo.modules[1][1]
+    module.mask.data[:8] = False
+    before = (masks(model), [m.weight.detach().clone() for _, m in algo.modules],
+              [optimizer.state[m.weight]["momentum_buffer"].clone() for _, m in algo.modules],
+              algo.generator.get_state(), algo.step_count)
+    x, y = batch(1)
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    with pytest.warns(UserWarning, match="the mask of layer '3'"), \
+            pytest.raises(ValueError, match=r"^criterion 'nan_growth' scored NaN in layers \['0', '3', '5'\]"):
+        algo.step()
+    after = (masks(model), [m.weight.detach() for _, m in algo.modules],
+             [optimizer.state[m.weight]["momentum_buffer"] for _, m in algo.modules],
+             algo.generator.get_state(), algo.step_count)
+    for old, new in zip(before[:3], after[:3]):
+        assert all(torch.equal(a, b) for a, b in zip(old, new))
+    assert torch.equal(before[3], after[3]) and before[4] == after[4]
+
+
 def _host_reads_of_the_first_update(algo: sparsekern.DST, model) -> int:
     """Tensor-to-Python conversions (host reads, a sync each on a GPU) of the next step, an update (planted
     gradients: the same for every model built by small_model)."""
