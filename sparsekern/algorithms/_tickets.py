@@ -90,13 +90,6 @@ def check_fraction(prune_fraction) -> float:
     return _checks.number(prune_fraction, "prune_fraction", lambda value: 0 < value < 1, "in (0, 1)")
 
 
-def check_choice(value, name: str, choices: tuple[str, ...]) -> str:
-    """`value` as a plain str (a state saves it: see `_checks.choice`); ValueError unless it is one of `choices`."""
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-    return str(value)
-
-
 def removal_count(remaining: int, prune_fraction: float) -> int:
     """⌈p·remaining⌉, computed so that float error cannot push an exact product up by one."""
     return min(remaining, math.ceil(round(prune_fraction * remaining, 9)))
