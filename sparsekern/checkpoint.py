@@ -184,7 +184,7 @@ def _check_record_sizes(path: str, file) -> None:
             continue  # torch.load refuses a missing record itself
         if type(numel) is not int or numel < 0:
             # torch.load raised a TypeError of its own for a float or str count, naming neither file nor record
-            count = f"a storage of {_count_shown(numel)} elements" if type(numel) is int else \
+            count = f"a storage of {integer_shown(numel)} elements" if type(numel) is int else \
                 f"an element count that is a {type(numel).__name__}, not an int"
             raise ValueError(f"{path}: cannot load this checkpoint: it is damaged (its pickle gives record {record!r} "
                              f"{count})")
@@ -196,12 +196,15 @@ def _check_record_sizes(path: str, file) -> None:
         if sizes[record] != numel * itemsize:
             raise ValueError(f"{path}: cannot load this checkpoint: it is damaged (record {record!r} holds "
                              f"{sizes[record]} bytes where its tensors' storage needs "
-                             f"{_count_shown(numel * itemsize)})")
+                             f"{integer_shown(numel * itemsize)})")
 
 
-def _count_shown(count: int) -> str:
-    """`count` as an error shows it: one of more digits than Python converts to str (4300) by its size."""
-    return str(count) if count.bit_length() <= 64 else f"an integer of {count.bit_length()} bits"
+def integer_shown(value: int) -> str:
+    """An int as an error line shows it: its digits up to 64 bits, past them its size ('an integer of 16612 bits'),
+    as Python converts no int of more than 4300 digits to str (and thousands of digits would tell nothing). The digits
+    are int's own: a subclass's repr, which an error line may be reporting as broken, is not called."""
+    bits = int.bit_length(value)
+    return int.__repr__(value) if bits <= 64 else f"an integer of {bits} bits"
 
 
 class _Placeholder:
