@@ -63,9 +63,11 @@ def load(path: str | os.PathLike, map_location=None):
     with open(path, "rb") as file:
         _refuse_legacy(path, file)
         file.seek(0)
-        _check_checksums(path, file)
-        file.seek(0)
-        _check_record_sizes(path, file)
+        archive = _zip_archive(path, file)
+        if archive is not None:
+            with archive:   # closes the archive, not `file` (ZipFile closes only files it opened)
+                _check_checksums(path, archive)
+                _check_record_sizes(path, archive)
         file.seek(0)
         try:
             return torch.load(file, map_location=map_location, weights_only=True)
@@ -127,56 +129,55 @@ def _refuse_legacy(path: str, file) -> None:
                          f"with torch.load(path, weights_only=True) and save it again with sparsekern.checkpoint.save")
 
 
-def _check_checksums(path: str, file) -> None:
-    """ValueError naming the file (`path`, open as `file`) and the record when a record of a zip
-    checkpoint fails its CRC-32, or cannot be read back at all (a damaged record header). Leaves
-    `file` open (ZipFile closes only files it opened)."""
+def _zip_archive(path: str, file) -> zipfile.ZipFile | None:
+    """`file` (`path`, open) as a zip, its directory read once for both checks of its records; None where the
+    storage fails or it is no zip: torch.load judges those. ValueError naming the file when it starts as a zip
+    whose directory cannot be read."""
     try:
-        archive = zipfile.ZipFile(file)
+        return zipfile.ZipFile(file)
     except OSError:
-        return  # the storage failing, or a seek the file cannot take: torch.load meets it too
+        return None  # the storage failing, or a seek the file cannot take: torch.load meets it too
     except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError) as error:
         file.seek(0)
         if file.read(len(_ZIP_START)) != _ZIP_START:
-            return  # not a zip (garbage, or torch's tar format, which weights_only refuses): torch.load judges it
+            return None  # not a zip (garbage, or torch's tar format, which weights_only refuses)
         # torch.load reads it as a zip, with a reader that skips what zipfile checks (a damaged version field in
         # the directory): loaded, its records would go untested.
         raise ValueError(f"{path}: cannot load this checkpoint: it is damaged (its zip directory cannot be read: "
                          f"{type(error).__name__}: {error})") from None
-    with archive:
-        try:
-            damaged = archive.testzip()
-        except OSError:
-            return  # the storage failing, or a seek the file cannot take: torch.load meets it too
-        # A zip whose records cannot be read back: a damaged header (a name's length, its flags) makes
-        # zipfile raise where torch's reader, which skips those checks, reads the data at a wrong offset.
-        except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError, RuntimeError, zlib.error) as error:
-            damaged = f"? ({type(error).__name__}: {error})"
+
+
+def _check_checksums(path: str, archive: zipfile.ZipFile) -> None:
+    """ValueError naming the file (`path`, read as `archive`) and the record when a record of a zip
+    checkpoint fails its CRC-32, or cannot be read back at all (a damaged record header)."""
+    try:
+        damaged = archive.testzip()
+    except OSError:
+        return  # the storage failing, or a seek the file cannot take: torch.load meets it too
+    # A zip whose records cannot be read back: a damaged header (a name's length, its flags) makes
+    # zipfile raise where torch's reader, which skips those checks, reads the data at a wrong offset.
+    except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError, RuntimeError, zlib.error) as error:
+        damaged = f"? ({type(error).__name__}: {error})"
     if damaged is not None:
         raise ValueError(f"{path}: cannot load this checkpoint: it is damaged (record {damaged!r} does not match "
                          f"its stored checksum)")
 
 
-def _check_record_sizes(path: str, file) -> None:
-    """ValueError naming the file (`path`, open as `file`) and the record when a tensor's record holds another
+def _check_record_sizes(path: str, archive: zipfile.ZipFile) -> None:
+    """ValueError naming the file (`path`, read as `archive`) and the record when a tensor's record holds another
     number of bytes than the storage its pickle declares for it: torch 2.9 loads a short record into a storage of
     the declared size, its end left uninitialised, and a long one cut short, both as valid tensors (torch 2.13
     refuses them; the check came with pytorch#165553, October 2025); and when the pickle gives a record an element
-    count that is no int, or below 0 (torch.load raised a TypeError naming neither). A file this cannot read (not a
-    zip, no single data.pkl, a pickle it cannot walk) is left to torch.load, as is a storage type it does not know."""
-    try:
-        archive = zipfile.ZipFile(file)
-    except (OSError, zipfile.BadZipFile, EOFError, ValueError, NotImplementedError):
+    count that is no int, or below 0 (torch.load raised a TypeError naming neither). An archive this cannot read (no
+    single data.pkl, a pickle it cannot walk) is left to torch.load, as is a storage type it does not know."""
+    sizes = {info.filename: info.file_size for info in archive.infolist()}
+    pickles = [name for name in sizes if name.rpartition("/")[2] == "data.pkl"]
+    if len(pickles) != 1:
         return
-    with archive:
-        sizes = {info.filename: info.file_size for info in archive.infolist()}
-        pickles = [name for name in sizes if name.rpartition("/")[2] == "data.pkl"]
-        if len(pickles) != 1:
-            return
-        try:
-            declared = _declared_storages(archive.read(pickles[0]))
-        except Exception:  # noqa: BLE001 -- any pickle this walk cannot follow is torch.load's to judge
-            return
+    try:
+        declared = _declared_storages(archive.read(pickles[0]))
+    except Exception:  # noqa: BLE001 -- any pickle this walk cannot follow is torch.load's to judge
+        return
     records = pickles[0][:-len("data.pkl")] + "data/"
     for storage_type, key, numel in declared:
         record = f"{records}{key}"
@@ -184,7 +185,7 @@ def _check_record_sizes(path: str, file) -> None:
             continue  # torch.load refuses a missing record itself
         if type(numel) is not int or numel < 0:
             # torch.load raised a TypeError of its own for a float or str count, naming neither file nor record
-            count = f"a storage of {_count_shown(numel)} elements" if type(numel) is int else \
+            count = f"a storage of {integer_shown(numel)} elements" if type(numel) is int else \
                 f"an element count that is a {type(numel).__name__}, not an int"
             raise ValueError(f"{path}: cannot load this checkpoint: it is damaged (its pickle gives record {record!r} "
                              f"{count})")
@@ -196,12 +197,15 @@ def _check_record_sizes(path: str, file) -> None:
         if sizes[record] != numel * itemsize:
             raise ValueError(f"{path}: cannot load this checkpoint: it is damaged (record {record!r} holds "
                              f"{sizes[record]} bytes where its tensors' storage needs "
-                             f"{_count_shown(numel * itemsize)})")
+                             f"{integer_shown(numel * itemsize)})")
 
 
-def _count_shown(count: int) -> str:
-    """`count` as an error shows it: one of more digits than Python converts to str (4300) by its size."""
-    return str(count) if count.bit_length() <= 64 else f"an integer of {count.bit_length()} bits"
+def integer_shown(value: int) -> str:
+    """An int as an error line shows it: its digits up to 64 bits, past them its size ('an integer of 16612 bits'),
+    as Python converts no int of more than 4300 digits to str (and thousands of digits would tell nothing). The digits
+    are int's own: a subclass's repr, which an error line may be reporting as broken, is not called."""
+    bits = int.bit_length(value)
+    return int.__repr__(value) if bits <= 64 else f"an integer of {bits} bits"
 
 
 class _Placeholder:

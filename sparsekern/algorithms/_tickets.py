@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .. import ops
+from .. import checkpoint, ops
 from ..ops import _checks
 from ..nn import SparseModule, sparse_modules, tying
 from ..nn.modules import computed_weight_refusal, refuse_meta
@@ -88,13 +88,6 @@ def check_callable(value, name: str) -> None:
 
 def check_fraction(prune_fraction) -> float:
     return _checks.number(prune_fraction, "prune_fraction", lambda value: 0 < value < 1, "in (0, 1)")
-
-
-def check_choice(value, name: str, choices: tuple[str, ...]) -> str:
-    """`value` as a plain str (a state saves it: see `_checks.choice`); ValueError unless it is one of `choices`."""
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-    return str(value)
 
 
 def removal_count(remaining: int, prune_fraction: float) -> int:
@@ -464,7 +457,7 @@ def state_count(state: dict, key: str, low: int = 0) -> int:
     """state[key], a counter, as an int in [low, MAX_COUNT]; TypeError or ValueError naming the entry otherwise."""
     count = _checks.count(state[key], f"state[{key!r}]", low)
     if count > MAX_COUNT:
-        raise ValueError(f"state[{key!r}] must be at most 2**63 - 1, got an integer of {count.bit_length()} bits")
+        raise ValueError(f"state[{key!r}] must be at most 2**63 - 1, got {checkpoint.integer_shown(count)}")
     return count
 
 
@@ -499,7 +492,7 @@ def _shown(value) -> str:
         return repr(value)
     except Exception:   # whatever it raises, the error must still name the entry
         if isinstance(value, int):
-            return f"<an int of {value.bit_length()} bits>"
+            return f"<{checkpoint.integer_shown(value)}>"
         return f"<a {type(value).__name__} whose repr fails>"
 
 

@@ -341,8 +341,7 @@ class DST(distributed.CatchesUp):
         # (the masks' `_versions`, active counts per layer) as of the last update or count (_active_counts).
         # Construction's count (of blocks, once they are whole) serves the first update if no mask changes
         # before it: a count is a host read, a sync on a GPU.
-        self._counts: tuple[tuple[tuple[int, int, int], ...], list[int]] = (
-            _versions([module.mask for _, module in self.modules]), units)
+        self._remember_counts([module.mask for _, module in self.modules], units)
         # State left at inactive positions (say, from dense training before sparsify) would move
         # inactive weights off 0.
         with torch.no_grad():
@@ -599,7 +598,7 @@ class DST(distributed.CatchesUp):
             if counts is not None and self.block is None:
                 # As construction's count: it serves the first update while the masks are the ones loaded. (With
                 # block=, updates count blocks, not the entries counted here.)
-                self._counts = (_versions([module.mask for _, module in self.modules]), counts)
+                self._remember_counts([module.mask for _, module in self.modules], counts)
         return install
 
     # -- internals ------------------------------------------------------------------------
@@ -743,7 +742,7 @@ class DST(distributed.CatchesUp):
         torch._foreach_copy_(masks, new)
         for module in modules:
             module.zero_off_mask = True
-        self._remember_counts(masks)
+        self._remember_counts(masks, self._counts[1])
 
     def _layers_updated(self) -> list[str]:
         """The names of the layers the next update sets the masks of: those not frozen (construction and
@@ -799,11 +798,13 @@ class DST(distributed.CatchesUp):
             self._counts = (versions, reference.active_counts(units))
         return self._counts[1]
 
-    def _remember_counts(self, masks: list[Tensor]) -> None:
-        """Marks the counts as current for the masks just installed. In global scope only their total
-        is still right, and it is all that scope reads."""
-        counts = self._counts[1]
-        self._counts = (_versions(masks), counts if self.scope == "layer" else [sum(counts)])
+    def _remember_counts(self, masks: list[Tensor], counts: list[int]) -> None:
+        """Marks `counts` (active entries per layer of `masks`, or of their block grids) as current for `masks` as
+        they are now, for `_active_counts` to serve until a mask is written. In global scope only their total is
+        kept: an update moves entries between layers, after which only the total is still right, and it is all
+        that scope reads."""
+        self._counts: tuple[tuple[tuple[int, int, int], ...], list[int]] = (
+            _versions(masks), counts if self.scope == "layer" else [sum(counts)])
 
     def _recount_if_stale(self, named: list[tuple[str, nn.Module]]) -> bool:
         """After an update of the layers `named` was refused (ValueError): whether the counts kept of their masks

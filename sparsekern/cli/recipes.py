@@ -16,6 +16,7 @@ import warnings
 import torch
 from torch import nn
 
+from .. import checkpoint
 from ..algorithms import DST, IMP, MEST, SET, SWAMP, OptG, RigL, _tickets
 from ..algorithms.dst import _ArgumentWarning, _NoUpdateWarning, _as_argument
 from ..algorithms.schedules import DEFAULT_END_FRACTION
@@ -156,8 +157,7 @@ def _check_counters(saved, algorithm: str, expected: dict, steps: int) -> None:
             except TypeError:
                 continue
         if count != value:
-            shown = count if isinstance(count, bool) or count.bit_length() <= 64 else \
-                f"an integer of {count.bit_length()} bits"
+            shown = count if isinstance(count, bool) else checkpoint.integer_shown(count)
             after = "" if key == "step_count" else f", after which it is {value}"   # DST's: the steps themselves
             raise ValueError(f"its {algorithm} state's {key} is {shown}, but the run had trained {steps} steps{after}")
 

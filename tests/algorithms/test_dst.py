@@ -1024,7 +1024,7 @@ def test_a_cuda_update_is_captured_in_a_graph(scope):
     restore()
     algo.step()  # counts the restored masks outside the capture
     restore()
-    algo._remember_counts([m.mask for _, m in algo.modules])
+    algo._remember_counts([m.mask for _, m in algo.modules], algo._counts[1])
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     graph = torch.cuda.CUDAGraph()
