@@ -844,14 +844,14 @@ TICKET_BAD = [
     ("prune_fraction", None, TypeError), ("prune_fraction", True, TypeError),
     ("rewind_step", -1, ValueError), ("rewind_step", 1.5, TypeError), ("rewind_step", "1", TypeError),
     ("rewind_step", None, TypeError), ("rewind_step", True, TypeError),
-    ("scope", "all", ValueError), ("scope", None, ValueError), ("scope", 5, ValueError),
-    ("scope", ["global"], ValueError),
+    ("scope", "all", ValueError), ("scope", None, TypeError), ("scope", 5, TypeError),
+    ("scope", ["global"], TypeError),
     ("optimizer_factory", None, TypeError), ("optimizer_factory", 5, TypeError),
     ("optimizer_factory", lambda parameters: 5, TypeError),
     ("optimizer_factory", lambda parameters: list(parameters), TypeError),
     ("optimizer_factory", lambda parameters: _sgd([next(iter(parameters))]), ValueError),
 ]
-IMP_BAD = [("rewind", "w", ValueError), ("rewind", None, ValueError), ("rewind", 5, ValueError)]
+IMP_BAD = [("rewind", "w", ValueError), ("rewind", None, TypeError), ("rewind", 5, TypeError)]
 SWAMP_BAD = [
     ("particles", 0, ValueError), ("particles", -1, ValueError), ("particles", "2", TypeError),
     ("particles", 1.5, TypeError), ("particles", None, TypeError),

@@ -76,8 +76,8 @@ class IMP(distributed.CatchesUp):
             _tickets.check_callable(optimizer_factory, "optimizer_factory")
             self.prune_fraction = _tickets.check_fraction(prune_fraction)
             self.rewind_step = _checks.count(rewind_step, "rewind_step")
-            self.scope = _checks.choice(scope, "scope", _tickets.SCOPES, not_a_str=ValueError)
-            self.rewind = _checks.choice(rewind, "rewind", REWINDS, not_a_str=ValueError)
+            self.scope = _checks.choice(scope, "scope", _tickets.SCOPES)
+            self.rewind = _checks.choice(rewind, "rewind", REWINDS)
             replicas.compare(model, self._settings())
         super().__init__(model, replicas.group)   # for Join's catching up (join_hook)
         self.model = model

@@ -100,7 +100,7 @@ class SWAMP:
             self.particles = _checks.count(particles, "particles", 1)
             self.prune_fraction = _tickets.check_fraction(prune_fraction)
             self.rewind_step = _checks.count(rewind_step, "rewind_step")
-            self.scope = _checks.choice(scope, "scope", _tickets.SCOPES, not_a_str=ValueError)
+            self.scope = _checks.choice(scope, "scope", _tickets.SCOPES)
             self.swa_start = None if swa_start is None else _checks.count(swa_start, "swa_start")
             if self.swa_start is not None and self.swa_start < self.rewind_step:
                 # Particles after the first start at step k: none can average weights from before it.

@@ -89,13 +89,12 @@ def number(value, name: str, valid: Callable[[float], bool] = lambda value: True
     return value
 
 
-def choice(value, name: str, choices: Sequence[str], not_a_str: type[Exception] = TypeError) -> str:
-    """`value`, one of `choices`, as a plain str; `not_a_str` (TypeError unless the caller says otherwise: IMP and
-    SWAMP have always refused a non-str with ValueError) naming `name` unless it is a str, ValueError unless it is
-    one of them. A str subclass (NumPy's str_) is taken as its text: kept as it came, it would go into the states
+def choice(value, name: str, choices: Sequence[str]) -> str:
+    """`value`, one of `choices`, as a plain str; TypeError naming `name` unless it is a str, ValueError unless it
+    is one of them. A str subclass (NumPy's str_) is taken as its text: kept as it came, it would go into the states
     that save the setting, which sparsekern.checkpoint (plain types only) could then not load."""
     if not isinstance(value, str):
-        raise not_a_str(f"{name} must be a str, got {type(value).__name__}")
+        raise TypeError(f"{name} must be a str, got {type(value).__name__}")
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
     return str(value)
