@@ -83,7 +83,11 @@ def number(value, name: str, valid: Callable[[float], bool] = lambda value: True
     it is finite and `valid` holds (`requirement` says which, as in "in [0, 1)")."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:   # an int (or Fraction) past float's range: infinite as a float, so refused as one
+        raise ValueError(f"{name} must be a finite number{' ' + requirement if requirement else ''}, got a "
+                         f"{type(value).__name__} beyond float's range") from None
     if not math.isfinite(value) or not valid(value):
         raise ValueError(f"{name} must be a finite number{' ' + requirement if requirement else ''}, got {value!r}")
     return value
