@@ -92,9 +92,9 @@ def check_fraction(prune_fraction) -> float:
 
 def check_choice(value, name: str, choices: tuple[str, ...]) -> str:
     """`value` as a plain str (a state saves it: see `_checks.choice`); ValueError unless it is one of `choices`."""
-    if not isinstance(value, str) or value not in choices:
+    if not isinstance(value, str) or str.__str__(value) not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-    return str(value)
+    return str.__str__(value)
 
 
 def removal_count(remaining: int, prune_fraction: float) -> int:

@@ -99,9 +99,10 @@ def choice(value, name: str, choices: Sequence[str]) -> str:
     that save the setting, which sparsekern.checkpoint (plain types only) could then not load."""
     if not isinstance(value, str):
         raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+    value = str.__str__(value)   # its text: a subclass's own __str__ or __eq__ could say another
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
-    return str(value)
+    return value
 
 
 def _describe(value) -> str:
