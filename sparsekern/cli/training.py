@@ -416,12 +416,17 @@ def damaged_records(history: list, flow, epochs: int) -> str:
     """What is wrong with a checkpoint's metrics of its `epochs` epochs and its gradient-flow records (from step 0,
     one per epoch and around each mask update), "" if nothing."""
     for index, row in enumerate(history):
-        if not isinstance(row, dict) or any(name not in row for name in HISTORY_KEYS) or row["epoch"] != index + 1:
+        # Every metric a number (a tensor failed the comparison below or the metrics files' JSON, a str was written
+        # into them), the epoch an int
+        if not isinstance(row, dict) or any(name not in row for name in HISTORY_KEYS) or \
+                not all(_is_number(value) for value in row.values()) or not _is_int(row["epoch"]) or \
+                row["epoch"] != index + 1:
             return f"history[{index}] is not the metrics of epoch {index + 1}"
     if not isinstance(flow, list):
         return f"its gradient-flow records are a {type(flow).__name__}, not a list"
     for index, record in enumerate(flow):
         if not isinstance(record, dict) or any(name not in record for name in FLOW_KEYS) or \
+                not _is_int(record["step"]) or not _is_int(record["epoch"]) or \
                 record["when"] not in FLOW_MOMENTS or not _is_number(record["gradient_flow"]) or \
                 not isinstance(record.get("layers", {}), dict) or \
                 not all(_is_number(value) for value in record.get("layers", {}).values()):
@@ -434,6 +439,10 @@ def damaged_records(history: list, flow, epochs: int) -> str:
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def total_epochs(config: TrainConfig) -> int:

@@ -257,6 +257,22 @@ BAD_CHECKPOINTS = [
      "does not fit this run: its recipe state must be a dict holding ['optimizer'], got []"),
     ("recipe state a list", edited_checkpoint(lambda state: state.update(recipe=[])),
      "its recipe state must be a dict holding ['optimizer'], got list"),
+    # Campaign 21: a metric or counter of another type than a number passed the checks of the history and the
+    # gradient-flow records: a tensor of two entries failed their comparison (RuntimeError traceback), a 0-d one the
+    # metrics files' JSON after the next epoch (TypeError traceback), and a str was written into them.
+    ("history epoch a tensor of two entries", edited_checkpoint(lambda state: state["history"][0].update(
+        epoch=torch.tensor([1, 1]))), "history[0] is not the metrics of epoch 1"),
+    ("history epoch a 0-d tensor", edited_checkpoint(lambda state: state["history"][0].update(epoch=torch.tensor(1))),
+     "history[0] is not the metrics of epoch 1"),
+    ("history accuracy a tensor", edited_checkpoint(lambda state: state["history"][0].update(
+        test_accuracy=torch.tensor(0.5))), "history[0] is not the metrics of epoch 1"),
+    ("history loss a string", edited_checkpoint(lambda state: state["history"][0].update(train_loss="x")),
+     "history[0] is not the metrics of epoch 1"),
+    ("gradient flow record's epoch a tensor of two entries", edited_checkpoint(
+        lambda state: state["gradient_flow"][-1].update(epoch=torch.tensor([1, 1]))),
+     "gradient-flow record 1 is damaged"),
+    ("gradient flow record's step a string",
+     edited_checkpoint(lambda state: state["gradient_flow"][0].update(step="x")), "gradient-flow record 0 is damaged"),
 ]
 
 
