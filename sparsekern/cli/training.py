@@ -409,7 +409,20 @@ def read_checkpoint(path: str, map_location=None) -> dict:
     if missing or not isinstance(state["config"], dict):
         raise ValueError(f"resume checkpoint {path!r} is not a checkpoint of sparsekern train "
                          f"(lacks {', '.join(missing) or 'a config'})")
+    # Compared with the run's options next: a tensor of two entries there failed the comparison (RuntimeError)
+    odd = next((name for name, value in state["config"].items() if not _is_plain(value)), None)
+    if odd is not None:
+        kind = type(state["config"][odd]).__name__
+        raise ValueError(f"resume checkpoint {path!r} is damaged: its config holds a {kind} for {odd!r}, where "
+                         f"train's options are numbers, strings, None or lists of them")
     return state
+
+
+def _is_plain(value) -> bool:
+    """Whether `value` is of a kind a TrainConfig holds: None, a bool, number or str, or a tuple or list of those."""
+    if isinstance(value, (tuple, list)):
+        return all(_is_plain(item) for item in value)
+    return value is None or isinstance(value, (bool, int, float, str))
 
 
 def damaged_records(history: list, flow, epochs: int) -> str:

@@ -273,6 +273,12 @@ BAD_CHECKPOINTS = [
      "gradient-flow record 1 is damaged"),
     ("gradient flow record's step a string",
      edited_checkpoint(lambda state: state["gradient_flow"][0].update(step="x")), "gradient-flow record 0 is damaged"),
+    # Campaign 21: the config's values are compared with the run's options: a tensor of two entries failed the
+    # comparison (RuntimeError traceback), a 0-d one passed it.
+    ("config value a tensor of two entries", edited_checkpoint(lambda state: state["config"].update(
+        lr=torch.tensor([0.1, 0.1]))), "is damaged: its config holds a Tensor for 'lr', where train's options are"),
+    ("config value a 0-d tensor", edited_checkpoint(lambda state: state["config"].update(density=torch.tensor(0.3))),
+     "is damaged: its config holds a Tensor for 'density'"),
 ]
 
 
