@@ -26,7 +26,7 @@ from ..nn import sparse_modules
 from .data import Dataset
 from .interrupts import held_while_starting_workers, ignore_in_this_worker
 from .output import write_text
-from .training import TrainConfig, damaged_records, settings, total_epochs, train
+from .training import TrainConfig, damaged_records, damaged_summary, settings, total_epochs, train
 
 # How often the parent looks for progress from its workers while none of their runs finishes: a bar moves this
 # much after the epoch it shows, at most.
@@ -103,8 +103,11 @@ class RunStore:
         if not isinstance(record, dict) or not isinstance(record.get("config"), dict) or \
                 settings(record["config"]) != settings(job.config) or \
                 not all(name in record for name in RECORD_KEYS) or not isinstance(record["history"], list) or \
-                damaged_records(record["history"], record["flow"], len(record["history"])):
-            return None   # damaged or cut down: trained again (reproduce reads the flow records)
+                damaged_records(record["history"], record["flow"], len(record["history"])) or \
+                damaged_summary(record) or record["key"] != name or not isinstance(record["warnings"], list) or \
+                not all(isinstance(warning, str) for warning in record["warnings"]):
+            # damaged or cut down: trained again (reproduce reads the flow records, the tables its summary)
+            return None
         if needs_masks and not _readable_masks(self._path(name, ".masks.pt")):
             return None   # the run is trained again, rather than the run starting from its masks failing
         return record

@@ -176,11 +176,16 @@ class RunResult:
     def summary(self) -> dict:
         """What a comparison keeps of a finished run: final metrics, its gradient flow over training, its
         schedule and the epochs it trained."""
-        flows = [epoch["gradient_flow"] for epoch in self.history]
-        return {"test_accuracy": self.final["test_accuracy"], "test_loss": self.final["test_loss"],
-                "final_density": self.final["density"], "gradient_flow": self.final["gradient_flow"],
-                "gradient_flow_mean": sum(flows) / len(flows), "epochs_trained": len(self.history),
-                "schedule": self.schedule, "seconds": sum(epoch["seconds"] for epoch in self.history)}
+        return summary_of(self.history, self.schedule)
+
+
+def summary_of(history: list[dict], schedule: str) -> dict:
+    """`RunResult.summary()` of a run whose metrics per epoch are `history` (not empty)."""
+    flows = [epoch["gradient_flow"] for epoch in history]
+    return {"test_accuracy": history[-1]["test_accuracy"], "test_loss": history[-1]["test_loss"],
+            "final_density": history[-1]["density"], "gradient_flow": history[-1]["gradient_flow"],
+            "gradient_flow_mean": sum(flows) / len(flows), "epochs_trained": len(history), "schedule": schedule,
+            "seconds": sum(epoch["seconds"] for epoch in history)}
 
 
 def prepare(config: TrainConfig, dataset: Dataset | None = None, resume: str | None = None,
@@ -447,6 +452,20 @@ def damaged_records(history: list, flow, epochs: int) -> str:
     if not flow or flow[0]["when"] != "init" or \
             [record["epoch"] for record in flow if record["when"] == "epoch"] != list(range(1, epochs + 1)):
         return f"its gradient-flow records are not those of step 0 and epochs 1 to {epochs}"
+    return ""
+
+
+def damaged_summary(record: dict) -> str:
+    """What is wrong with the `RunResult.summary()` entries of a run record whose "history" `damaged_records` passed:
+    each must be what its history gives (a value of another type failed the tables' writing, or went into them, and
+    a number of another value, a final density say, filed the run elsewhere); "" if nothing."""
+    if not record["history"] or not isinstance(record["schedule"], str):
+        return "it holds no epoch" if not record["history"] else "its schedule is no str"
+    expected = summary_of(record["history"], record["schedule"])
+    for name, value in expected.items():
+        stored = record[name]
+        if type(stored) is not type(value) or not (stored == value or stored != stored and value != value):   # NaN
+            return f"its {name} is {stored!r:.40}, where its history gives {value!r}"
     return ""
 
 

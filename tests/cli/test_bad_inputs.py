@@ -732,6 +732,22 @@ def test_compare_trains_again_over_a_damaged_run_record(damage, tmp_path):
     assert "test_accuracy" in json.loads(records[0].read_text())
 
 
+@pytest.mark.parametrize("field, value", [("test_accuracy", "x"), ("gradient_flow_mean", None), ("final_density", 7.0),
+                                          ("epochs_trained", 99), ("warnings", [None]), ("warnings", "abc"),
+                                          ("key", 5)])
+def test_compare_trains_again_over_a_run_record_whose_summary_its_history_does_not_give(field, value, tmp_path):
+    """Campaign 21: the summary entries of a run record were taken as stored: a value of another type failed the
+    tables' writing (TypeError or AttributeError traceback), or went into them (a str of warnings shown a character
+    a line), and a number of another value filed the run under it (a final density of 7)."""
+    argv = ["compare", *QUICK_COMPARE, "--quiet", "--out", str(tmp_path / "out")]
+    main(argv)
+    record = next((tmp_path / "out" / "runs").glob("*.json"))
+    original = json.loads(record.read_text())
+    record.write_text(json.dumps({**original, field: value}))
+    main(argv)
+    assert json.loads(record.read_text())[field] == original[field]
+
+
 @pytest.mark.parametrize("command", ["train", "compare"])
 @pytest.mark.parametrize("name, make, words", BAD_DATASETS, ids=[case[0] for case in BAD_DATASETS])
 def test_dataset_content_errors_exit_2_naming_the_dataset(command, name, make, words, tmp_path, capsys,
