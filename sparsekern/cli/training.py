@@ -514,7 +514,7 @@ def write_metrics(config: TrainConfig, history: list[dict], flow: list[dict], ou
 def _start_from_masks(model: nn.Module, config: TrainConfig, masks: dict, generator: torch.Generator) -> None:
     if config.method not in ("static", *DST_PRESETS):
         raise ValueError(f"masks apply to static and DST runs, not {config.method!r}")
-    sparsify(model, 1.0, distribution=config.distribution, init="dense", generator=generator)
+    _all_active(model, config, generator)
     modules = sparse_modules(model)
     names = [name for name, _ in modules]
     if sorted(masks) != sorted(names):
@@ -526,6 +526,20 @@ def _start_from_masks(model: nn.Module, config: TrainConfig, masks: dict, genera
             raise ValueError(f"masks[{name!r}] must be a bool tensor of shape {tuple(module.mask.shape)}")
         module.set_mask(mask.to(module.mask.device))
         init(module, generator=generator)
+
+
+def _all_active(model: nn.Module, config: TrainConfig, generator: torch.Generator) -> None:
+    """Makes `model` sparse with every mask all True: the layers that given masks (or a run's own) are of."""
+    sparsify(model, 1.0, distribution=config.distribution, init="dense", generator=generator)
+
+
+def mask_layout(config: TrainConfig, dataset: Dataset) -> dict[str, tuple[int, ...]]:
+    """{sparse layer: mask shape} of the model of a run of `config` on `dataset`: what its final masks hold, and
+    what a run started from them needs. The global random state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(config.model, dataset.input_shape, dataset.num_classes, config.width)
+        _all_active(model, config, torch.Generator())
+    return {name: tuple(module.mask.shape) for name, module in sparse_modules(model)}
 
 
 def _data_parallel(model: nn.Module) -> nn.Module:
