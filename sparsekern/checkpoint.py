@@ -2,6 +2,7 @@
 while writing leaves no temporary file behind (where the file system supports unnamed files)."""
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import io
@@ -71,8 +72,11 @@ def load(path: str | os.PathLike, map_location=None):
         file.seek(0)
         try:
             return torch.load(file, map_location=map_location, weights_only=True)
+        # TypeError and AssertionError: torch's loader meets a pickle's odd arguments (a persistent id that is no
+        # tuple, a tensor rebuilt from too few arguments) in code of its own, which raises them naming no file.
         except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, RuntimeError, ValueError, OSError,
-                UnicodeDecodeError, AttributeError, ImportError, IndexError, KeyError) as error:
+                UnicodeDecodeError, AttributeError, ImportError, IndexError, KeyError, TypeError,
+                AssertionError) as error:
             # OSError: torch's zip reader raises EINVAL for a file cut after its data (no central
             # directory); any other is the storage failing (EIO, ESTALE), not the file, and stays one.
             if isinstance(error, OSError) and error.errno != errno.EINVAL:
@@ -168,9 +172,18 @@ def _check_record_sizes(path: str, archive: zipfile.ZipFile) -> None:
     number of bytes than the storage its pickle declares for it: torch 2.9 loads a short record into a storage of
     the declared size, its end left uninitialised, and a long one cut short, both as valid tensors (torch 2.13
     refuses them; the check came with pytorch#165553, October 2025); and when the pickle gives a record an element
-    count that is no int, or below 0 (torch.load raised a TypeError naming neither). An archive this cannot read (no
-    single data.pkl, a pickle it cannot walk) is left to torch.load, as is a storage type it does not know."""
+    count that is no int, or below 0 (torch.load raised a TypeError naming neither); and when the zip holds two
+    records of one name. An archive this cannot read (no single data.pkl, a pickle it cannot walk) is left to
+    torch.load, as is a storage type it does not know."""
     sizes = {info.filename: info.file_size for info in archive.infolist()}
+    names = collections.Counter(info.filename for info in archive.infolist())
+    twice = [name for name, count in names.items() if count > 1]
+    if twice:
+        # zipfile reads the last of them, torch's reader the one its search of the sorted directory meets
+        # first: what this check and its checksums read could be another record than torch.load loads
+        raise ValueError(f"{path}: cannot load this checkpoint: it is damaged (it holds {names[twice[0]]} records "
+                         f"named {twice[0]!r}, which torch.save never writes: which of them a reader takes "
+                         f"depends on the reader)")
     pickles = [name for name in sizes if name.rpartition("/")[2] == "data.pkl"]
     if len(pickles) != 1:
         return
@@ -180,9 +193,14 @@ def _check_record_sizes(path: str, archive: zipfile.ZipFile) -> None:
         return
     records = pickles[0][:-len("data.pkl")] + "data/"
     for storage_type, key, numel in declared:
-        record = f"{records}{key}"
-        if record not in sizes:
-            continue  # torch.load refuses a missing record itself
+        try:
+            record = f"{records}{key}"
+        except ValueError:   # an int key past Python's int-to-str limit: torch.load fails naming it so too
+            continue
+        if record not in sizes or isinstance(numel, _Placeholder) or isinstance(numel, type):
+            # torch.load refuses a missing record itself, and a count made by a class the pickle imports (its
+            # weights-only unpickler refuses the import: that file holds objects other than tensors)
+            continue
         if type(numel) is not int or numel < 0:
             # torch.load raised a TypeError of its own for a float or str count, naming neither file nor record
             count = f"a storage of {integer_shown(numel)} elements" if type(numel) is int else \
@@ -239,7 +257,8 @@ class _Placeholder:
 
 class _StorageDeclarations(pickle._Unpickler):  # noqa: SLF001 -- the pure-Python unpickler, on purpose
     """Reads the storages a checkpoint's pickle declares, as (storage type name, record key, element count as
-    declared, which may be no int): torch.save's persistent ids ("storage", type, key, location, count).
+    declared, which may be no int): torch.save's persistent ids ("storage", type, key, location, count), its tag
+    as str or bytes.
 
     The pure-Python unpickler, as torch.load's weights-only one is: the C one (pickle.Unpickler) keeps its memo in
     an array as long as the largest index a pickle stores at, filled on allocation, so that a data.pkl of ten bytes
@@ -247,21 +266,32 @@ class _StorageDeclarations(pickle._Unpickler):  # noqa: SLF001 -- the pure-Pytho
 
     def __init__(self, data: bytes):
         super().__init__(io.BytesIO(data))
-        self.declared: list[tuple[str, str | int, object]] = []
+        self.declared: list[tuple[str, object, object]] = []
 
     def find_class(self, module, name):
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_bytes
         return type(name, (_Placeholder,), {})
 
     def persistent_load(self, pid):
-        if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage":
+        # torch.load decodes a bytes tag as ASCII, and reads record f"data/{key}" whatever the key (an int, bytes or
+        # float names one too); a key this walk built (an object of a class the pickle imports) names none.
+        if isinstance(pid, tuple) and len(pid) == 5 and pid[0] in ("storage", b"storage"):
             _, storage_type, key, _, numel = pid
-            # torch.load reads record f"data/{key}", whatever the key (an int names one too)
-            if isinstance(storage_type, type) and isinstance(key, (str, int)) and not isinstance(key, bool):
+            if isinstance(storage_type, type) and not isinstance(key, _Placeholder):
                 self.declared.append((storage_type.__name__, key, numel))
         return _Placeholder()
 
 
-def _declared_storages(data: bytes) -> list[tuple[str, str | int, object]]:
+def _latin1_bytes(text, encoding="utf-8"):
+    """The bytes that protocol 2, which has no opcode for bytes, pickles as _codecs.encode(text, "latin1") (torch.load
+    builds them so; a persistent id's tag or key may be bytes); a placeholder for any other call."""
+    if isinstance(text, str) and encoding in ("latin1", "latin-1"):
+        return text.encode("latin1")
+    return _Placeholder()
+
+
+def _declared_storages(data: bytes) -> list[tuple[str, object, object]]:
     unpickler = _StorageDeclarations(data)
     unpickler.load()
     return unpickler.declared

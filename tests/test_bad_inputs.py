@@ -313,6 +313,8 @@ SPARSIFY_BAD = [
     ("density", [0.5], TypeError), ("density", torch.tensor(0.5), TypeError),
     ("density", 1e-9, ValueError),          # every layer would keep no weight
     ("density", 0.004, ValueError),         # the smallest layer (80 weights under ERK) keeps none
+    # Campaign 21: an int past float's range raised OverflowError from the check's float(), naming nothing
+    ("density", 10 ** 400, ValueError), ("power", 10 ** 400, ValueError), ("power", -10 ** 400, ValueError),
     ("distribution", "gaussian", ValueError), ("distribution", "ERK", ValueError),
     ("distribution", 5, ValueError), ("distribution", None, ValueError), ("distribution", ["erk"], ValueError),
     ("include", 5, TypeError), ("include", [5], TypeError), ("include", ["3", None], TypeError),
@@ -535,6 +537,7 @@ DST_BAD = [
     ("end_step", "5", TypeError),
     ("drop_fraction", -0.1, ValueError), ("drop_fraction", 1.5, ValueError), ("drop_fraction", NAN, ValueError),
     ("drop_fraction", INF, ValueError), ("drop_fraction", "0.3", TypeError), ("drop_fraction", True, TypeError),
+    ("drop_fraction", 10 ** 400, ValueError),   # campaign 21: OverflowError, as for sparsify's density
     ("final_drop_fraction", 0.01, ValueError),   # only the annealed schedule has one
     ("scope", "row", ValueError), ("scope", None, TypeError), ("scope", 1, TypeError), ("scope", "Layer", ValueError),
     ("reset_state", 1, TypeError), ("reset_state", "yes", TypeError), ("reset_state", None, TypeError),

@@ -145,14 +145,14 @@ def test_a_checkpoint_in_torchs_legacy_format_is_refused_as_it_stores_no_checksu
             checkpoint.load(path)
 
 
-def _with_record(source, path, name, change):
-    """`source` (a zip checkpoint) rewritten as `path`, the record ending in `name` passed through `change`, every
-    checksum valid."""
+def _with_record(source, path, name, change, rename=lambda filename: filename, extra=()):
+    """`source` (a zip checkpoint) rewritten as `path`, the record ending in `name` passed through `change`, each
+    record named `rename(its name)`, the records `extra` (name, data) added at the end, every checksum valid."""
     with zipfile.ZipFile(source) as archive:
         records = [(info.filename, archive.read(info.filename)) for info in archive.infolist()]
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
-        for filename, data in records:
-            archive.writestr(filename, change(data) if filename.endswith(name) else data)
+        for filename, data in [*records, *extra]:
+            archive.writestr(rename(filename), change(data) if filename.endswith(name) else data)
 
 
 @pytest.mark.parametrize("change", [lambda data: data[:8], lambda data: data + bytes(8)], ids=["short", "long"])
@@ -187,14 +187,15 @@ def test_record_sizes_are_checked_without_refusing_any_saved_tensor(tmp_path, ge
     assert all(torch.equal(loaded["model"][k], v) for k, v in state["model"].items())
 
 
-def _with_storage_count(source, path, count, key="0"):
-    """`source` (the checkpoint of {"w": torch.arange(6.0)}) rewritten as `path`, its pickle declaring the storage of
-    `w` under `key` with the element count `count`, every checksum valid."""
+def _with_storage_count(source, path, count, key="0", tag="storage", rebuilt_from=(0, (6,), (1,), False,
+                                                                                 collections.OrderedDict())):
+    """`source` (the checkpoint of {"w": torch.arange(6.0)}) rewritten as `path`, its pickle (of protocol 2) declaring
+    the storage of `w` under `key` with the element count `count` and the tag `tag` (or, where `tag` is None, as the
+    persistent id `count` itself), `w` rebuilt from it with the arguments `rebuilt_from`, every checksum valid."""
     class Declared:
         def __reduce__(self):
-            return (torch._utils._rebuild_tensor_v2,
-                    (_Storage(("storage", torch.FloatStorage, key, "cpu", count)), 0, (6,), (1,), False,
-                     collections.OrderedDict()))
+            pid = count if tag is None else (tag, torch.FloatStorage, key, "cpu", count)
+            return (torch._utils._rebuild_tensor_v2, (_Storage(pid), *rebuilt_from))
 
     class Pickler(pickle.Pickler):
         def persistent_id(self, obj):
@@ -251,3 +252,62 @@ def test_walking_a_pickle_costs_no_memory_for_the_memo_indices_it_names():
     finally:
         tracemalloc.stop()
     assert peak < 2 ** 20
+
+
+@pytest.mark.parametrize("key, record", [("0", "0"), (b"0", "b'0'"), (0.5, "0.5")], ids=["str key", "bytes key",
+                                                                                         "float key"])
+def test_record_sizes_are_checked_under_a_bytes_tag_and_any_key_torch_reads(tmp_path, key, record):
+    # Campaign 21: torch.load takes the persistent id's tag as bytes too (decoded), and reads record f"data/{key}"
+    # whatever the key; the check skipped both (a pickle of protocol 2 holds bytes as a _codecs.encode call, which
+    # the walk did not make), so that torch 2.9 would load such a short record, its end uninitialised.
+    checkpoint.save({"w": torch.arange(6.0)}, tmp_path / "good.pt")
+    _with_storage_count(tmp_path / "good.pt", tmp_path / "counted.pt", 6, key, tag=b"storage")
+    _with_record(tmp_path / "counted.pt", tmp_path / "short.pt", "/data/0", lambda data: data[:8],
+                 rename=lambda filename: filename.replace("/data/0", f"/data/{record}"))
+    with pytest.raises(ValueError, match=re.escape(f"short.pt: cannot load this checkpoint: it is damaged (record "
+                                                   f"{f'archive/data/{record}'!r} holds 8 bytes where its tensors' "
+                                                   f"storage needs 24)")):
+        checkpoint.load(tmp_path / "short.pt")
+
+
+def test_two_records_of_one_name_are_refused(tmp_path):
+    # Campaign 21: zipfile reads the last of them, torch's reader the one its search of the sorted directory meets:
+    # the short copy of a tensor's record below passed the check (which read the other), and which copy torch 2.9
+    # loads depends on the directory's order.
+    checkpoint.save({"w": torch.arange(6.0)}, tmp_path / "good.pt")
+    with zipfile.ZipFile(tmp_path / "good.pt") as archive:
+        record = archive.read("archive/data/0")
+    with pytest.warns(UserWarning, match="Duplicate name"):   # zipfile's, writing it
+        _with_record(tmp_path / "good.pt", tmp_path / "twice.pt", "/data/0", lambda data: data[:8],
+                     extra=[("archive/data/0", record)])
+    with pytest.raises(ValueError, match=re.escape("twice.pt: cannot load this checkpoint: it is damaged (it holds 2 "
+                                                   "records named 'archive/data/0', which torch.save never writes")):
+        checkpoint.load(tmp_path / "twice.pt")
+
+
+@pytest.mark.parametrize("pid, rebuilt_from, cause", [
+    (5, (0, (6,), (1,), False, collections.OrderedDict()), AssertionError),
+    (("storage", torch.FloatStorage, "0", "cpu", 6), (0, (6,)), TypeError)], ids=["an int pid", "too few arguments"])
+def test_torch_s_type_and_assertion_errors_on_a_pickle_name_the_file(tmp_path, pid, rebuilt_from, cause):
+    # Campaign 21: torch.load raised them from code of its own (its persistent_load asserts a tuple; _rebuild_tensor_v2
+    # was called with too few arguments), and checkpoint.load let them through, naming no file.
+    checkpoint.save({"w": torch.arange(6.0)}, tmp_path / "good.pt")
+    _with_storage_count(tmp_path / "good.pt", tmp_path / "odd.pt", pid, tag=None, rebuilt_from=rebuilt_from)
+    with pytest.raises(ValueError, match=f"odd.pt: cannot load this checkpoint: {cause.__name__}") as refusal:
+        checkpoint.load(tmp_path / "odd.pt")
+    assert isinstance(refusal.value.__cause__, cause)
+
+
+def test_a_count_made_by_an_imported_class_is_left_to_torch_s_unpickler(tmp_path):
+    # Campaign 21: the check refused it first, as "an element count that is a int, not an int" (the walk's
+    # placeholder for builtins.int), where torch's weights-only unpickler refuses the import: the CLI says of such a
+    # file that it holds objects other than tensors, by the UnpicklingError that checkpoint.load's error is caused by.
+    class Int:
+        def __reduce__(self):
+            return (int, ("6",))
+
+    checkpoint.save({"w": torch.arange(6.0)}, tmp_path / "good.pt")
+    _with_storage_count(tmp_path / "good.pt", tmp_path / "imported.pt", Int())
+    with pytest.raises(ValueError, match="imported.pt: cannot load this checkpoint: UnpicklingError") as refusal:
+        checkpoint.load(tmp_path / "imported.pt")
+    assert isinstance(refusal.value.__cause__, pickle.UnpicklingError)

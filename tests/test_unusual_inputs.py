@@ -333,6 +333,34 @@ def test_a_state_of_settings_given_as_numpy_str_loads_back_through_checkpoint(bu
     algorithm.load_state_dict(checkpoint.load(tmp_path / "state.pt"))
 
 
+class _Disguised(str):
+    """A str whose own __str__ and __eq__ say another text than it holds."""
+
+    def __str__(self):
+        return "global"
+
+    def __eq__(self, other):
+        return True
+
+    __hash__ = str.__hash__
+
+
+@pytest.mark.parametrize("build, read", [
+    (lambda: _dst(scope=_Disguised("layer")), lambda dst: dst.scope),
+    (lambda: _imp(scope=_Disguised("layer")), lambda imp: imp.scope),
+    (lambda: sparsekern.Criterion(_Disguised("noisy"), lambda w, g, m, *, generator: w, reads_gradient=False,
+                                  elementwise=True), lambda criterion: criterion.name)],
+    ids=["DST scope", "IMP scope", "Criterion name"])
+def test_a_str_subclass_is_taken_for_its_text_not_its_own_str(build, read):
+    """Campaign 21: a setting given as a str subclass was checked by its __eq__ and kept as its __str__ said:
+    'layer' whose __str__ says 'global' ran (and saved) scope='global', and 'nonsense' whose __eq__ says yes to
+    everything passed the check of the choices."""
+    kept = read(build())
+    assert type(kept) is str and kept == str.__str__(kept) and kept in ("layer", "noisy")
+    with pytest.raises(ValueError, match="scope must be one of"):
+        _dst(scope=_Disguised("nonsense"))
+
+
 def _imp_stepped(count: int):
     imp = _imp(rewind_step=0)
     imp.load_state_dict({**imp.state_dict(), "step_in_cycle": count})

@@ -386,14 +386,14 @@ class Criterion:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str):
             raise TypeError(f"Criterion name must be a str, got {type(self.name).__name__}")
+        # A plain str, its text (a subclass's own __str__ or strip could say another): a state saving a subclass's
+        # (NumPy's str_) would not load back through sparsekern.checkpoint, which unpickles only plain types.
+        object.__setattr__(self, "name", str.__str__(self.name))
         if not self.name.strip():
             raise ValueError(f"Criterion name must not be empty or blank, got {self.name!r}")
         if self.name != self.name.strip():
             # It would read in messages as another criterion's name, a built-in's (" magnitude") included.
             raise ValueError(f"Criterion name must not begin or end with whitespace, got {self.name!r}")
-        # A plain str: a state saving a subclass's (NumPy's str_) would not load back through sparsekern.checkpoint,
-        # which unpickles only plain types.
-        object.__setattr__(self, "name", str(self.name))
         if not callable(self.score):
             raise TypeError(f"Criterion {self.name!r}: score must be callable, got {type(self.score).__name__}")
         _checks.flag(self.reads_gradient, f"Criterion {self.name!r}: reads_gradient")

@@ -48,10 +48,10 @@ class SWAMP:
         swa_every: steps between two SWA samples.
         bn_loader: an iterable of batches (a tensor, or a tuple/list whose first element is the
             input) for recomputing BatchNorm statistics of θ̄ (`torch.optim.swa_utils.update_bn`), read again
-            at every cycle (a DataLoader or a list: an iterator used up by one cycle, or an empty loader, is refused
-            where it yields no batch, and batches that make a statistic NaN or infinite where they do, the
-            statistics left as they were; a str, a mapping or a tensor, which iterate by characters, keys or rows, is
-            refused here);
+            at every cycle (a DataLoader or a list: an iterator used up by one cycle, an empty loader, or one of
+            empty batches only, is refused where it yields no batch holding data, and batches that make a statistic
+            NaN or infinite where they do, the statistics and the global random streams left as they were; a str, a
+            mapping, a tensor or a NumPy array, which iterate by characters, keys or rows, is refused here);
             required when the model has BatchNorm layers and θ̄ is an average (particles > 1 or
             swa_start given), unused otherwise.
         seed: base of `data_seed`, the data order the current particle must use.
@@ -106,12 +106,14 @@ class SWAMP:
                 # Particles after the first start at step k: none can average weights from before it.
                 raise ValueError(f"swa_start must be >= rewind_step ({self.rewind_step}), got {swa_start}")
             self.swa_every = _checks.count(swa_every, "swa_every", 1)
-            # A str iterates by characters, a mapping by keys, a tensor by rows (each row taken for a batch): none
-            # gives batches, and each would be refused only at the first average.
-            if bn_loader is not None and (isinstance(bn_loader, (str, bytes, Mapping, Tensor))
-                                          or not hasattr(bn_loader, "__iter__")):
+            # A str iterates by characters, a mapping by keys, a tensor or a NumPy array (anything with __array__) by
+            # rows (each row taken for a batch): none gives batches, and each would be refused only at the first
+            # average.
+            if bn_loader is not None and (isinstance(bn_loader, (str, bytes, Mapping))
+                                          or hasattr(bn_loader, "__array__") or not hasattr(bn_loader, "__iter__")):
                 kind = "a Tensor (it iterates by rows: pass [tensor])" if isinstance(bn_loader, Tensor) else \
-                    type(bn_loader).__name__
+                    f"an array, {type(bn_loader).__name__} (it iterates by rows: pass [torch.as_tensor(array)])" \
+                    if hasattr(bn_loader, "__array__") else type(bn_loader).__name__
                 raise TypeError(f"bn_loader must be an iterable of batches or None, got {kind}")
             if _batch_norms(model) and self._averages():
                 if bn_loader is None:
@@ -250,20 +252,29 @@ class SWAMP:
         norms = _batch_norms(self.model)
         saved = [({k: v.clone() for k, v in m.state_dict().items()}, m.momentum, m.training) for m in norms]
         training = self.model.training
+        # The forward passes draw from the global random streams (dropout): put back with the statistics on failure
+        random_states = (torch.get_rng_state(), _cuda_rng_states())
         batches = 0
 
         def counted():
             nonlocal batches
             for batch in self.bn_loader:
-                batches += 1
+                # A batch of no rows updates no statistic: over those alone, update_bn's reset (mean 0, variance 1)
+                # would stay, as over no batch
+                data = batch[0] if isinstance(batch, (list, tuple)) and batch else batch
+                batches += not (isinstance(data, Tensor) and data.numel() == 0)
                 yield batch
         try:
             torch.optim.swa_utils.update_bn(counted(), self.model)
             if norms and not batches:
-                raise ValueError("bn_loader yielded no batch (empty, or an iterator used up by an earlier cycle: "
-                                 "pass one that can be iterated again, a DataLoader or a list)")
+                raise ValueError("bn_loader yielded no batch holding data (empty, only empty batches, or an iterator "
+                                 "used up by an earlier cycle: pass one that can be iterated again, a DataLoader or a "
+                                 "list)")
             _refuse_non_finite_statistics(self.model)
         except Exception as error:
+            torch.set_rng_state(random_states[0])
+            if random_states[1] is not None:
+                torch.cuda.set_rng_state_all(random_states[1])
             self.model.train(training)   # first: it sets every submodule's mode, the layers' own come after
             for module, (state, momentum, mode) in zip(norms, saved):
                 module.load_state_dict(state)
@@ -423,6 +434,11 @@ class SWAMP:
 
 def _on_ranks(world_size: int) -> str:
     return f"on {world_size} ranks" if world_size > 1 else "in a single process"
+
+
+def _cuda_rng_states() -> list[Tensor] | None:
+    """The random states of the CUDA devices, where CUDA has been initialised (reading them would initialise it)."""
+    return torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
 
 
 def _batch_norms(model: nn.Module) -> list[nn.Module]:

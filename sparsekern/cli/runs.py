@@ -26,7 +26,7 @@ from ..nn import sparse_modules
 from .data import Dataset
 from .interrupts import held_while_starting_workers, ignore_in_this_worker
 from .output import write_text
-from .training import TrainConfig, damaged_records, settings, total_epochs, train
+from .training import TrainConfig, damaged_records, damaged_summary, mask_layout, settings, total_epochs, train
 
 # How often the parent looks for progress from its workers while none of their runs finishes: a bar moves this
 # much after the epoch it shows, at most.
@@ -89,9 +89,10 @@ class RunStore:
     def __init__(self, directory: str, fresh: bool = False):
         self.directory, self.fresh = directory, fresh
 
-    def get(self, job: Job, needs_masks: bool = False) -> dict | None:
-        """The stored record of `job` (None if there is none, it is unreadable, or its masks are needed and
-        missing or unreadable, or the store is fresh)."""
+    def get(self, job: Job, masks: dict[str, tuple[int, ...]] | None = None) -> dict | None:
+        """The stored record of `job` (None if there is none, it is unreadable, or its masks are needed, `masks`
+        giving their layers and shapes (`mask_layout`), and missing, unreadable or of other layers, or the store is
+        fresh)."""
         if self.fresh:
             return None
         name = job.key
@@ -103,9 +104,12 @@ class RunStore:
         if not isinstance(record, dict) or not isinstance(record.get("config"), dict) or \
                 settings(record["config"]) != settings(job.config) or \
                 not all(name in record for name in RECORD_KEYS) or not isinstance(record["history"], list) or \
-                damaged_records(record["history"], record["flow"], len(record["history"])):
-            return None   # damaged or cut down: trained again (reproduce reads the flow records)
-        if needs_masks and not _readable_masks(self._path(name, ".masks.pt")):
+                damaged_records(record["history"], record["flow"], len(record["history"])) or \
+                damaged_summary(record) or record["key"] != name or not isinstance(record["warnings"], list) or \
+                not all(isinstance(warning, str) for warning in record["warnings"]):
+            # damaged or cut down: trained again (reproduce reads the flow records, the tables its summary)
+            return None
+        if masks is not None and not _readable_masks(self._path(name, ".masks.pt"), masks):
             return None   # the run is trained again, rather than the run starting from its masks failing
         return record
 
@@ -130,14 +134,16 @@ class RunStore:
         return os.path.join(self.directory, name + suffix)
 
 
-def _readable_masks(path: str) -> bool:
-    """Whether `path` holds masks as `RunStore.train` keeps them: a dict of bool tensors by layer name."""
+def _readable_masks(path: str, layout: dict[str, tuple[int, ...]]) -> bool:
+    """Whether `path` holds masks as `RunStore.train` keeps them: a dict of bool CPU tensors by layer name, of the
+    layers and shapes of `layout` (a run starting from masks of others failed with a traceback)."""
     try:
         masks = checkpoint.load(path)
     except (OSError, ValueError):
         return False
-    return isinstance(masks, dict) and all(isinstance(mask, torch.Tensor) and mask.dtype == torch.bool
-                                           for mask in masks.values())
+    return isinstance(masks, dict) and all(isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and
+                                           mask.device.type == "cpu" for mask in masks.values()) and \
+        {name: tuple(mask.shape) for name, mask in masks.items()} == layout
 
 
 def execute(jobs: list[Job], store: RunStore, dataset: Dataset, workers: int = 1, on_done=None,
@@ -160,7 +166,7 @@ def execute(jobs: list[Job], store: RunStore, dataset: Dataset, workers: int = 1
     for phase in ([job for job in runs if job.masks_from is None], [job for job in runs if job.masks_from]):
         pending = []
         for job in phase:
-            record = store.get(job, needs_masks=job.key in sources)
+            record = store.get(job, masks=mask_layout(job.config, dataset) if job.key in sources else None)
             if record is None:
                 pending.append(job)
             else:

@@ -176,11 +176,16 @@ class RunResult:
     def summary(self) -> dict:
         """What a comparison keeps of a finished run: final metrics, its gradient flow over training, its
         schedule and the epochs it trained."""
-        flows = [epoch["gradient_flow"] for epoch in self.history]
-        return {"test_accuracy": self.final["test_accuracy"], "test_loss": self.final["test_loss"],
-                "final_density": self.final["density"], "gradient_flow": self.final["gradient_flow"],
-                "gradient_flow_mean": sum(flows) / len(flows), "epochs_trained": len(self.history),
-                "schedule": self.schedule, "seconds": sum(epoch["seconds"] for epoch in self.history)}
+        return summary_of(self.history, self.schedule)
+
+
+def summary_of(history: list[dict], schedule: str) -> dict:
+    """`RunResult.summary()` of a run whose metrics per epoch are `history` (not empty)."""
+    flows = [epoch["gradient_flow"] for epoch in history]
+    return {"test_accuracy": history[-1]["test_accuracy"], "test_loss": history[-1]["test_loss"],
+            "final_density": history[-1]["density"], "gradient_flow": history[-1]["gradient_flow"],
+            "gradient_flow_mean": sum(flows) / len(flows), "epochs_trained": len(history), "schedule": schedule,
+            "seconds": sum(epoch["seconds"] for epoch in history)}
 
 
 def prepare(config: TrainConfig, dataset: Dataset | None = None, resume: str | None = None,
@@ -409,19 +414,37 @@ def read_checkpoint(path: str, map_location=None) -> dict:
     if missing or not isinstance(state["config"], dict):
         raise ValueError(f"resume checkpoint {path!r} is not a checkpoint of sparsekern train "
                          f"(lacks {', '.join(missing) or 'a config'})")
+    # Compared with the run's options next: a tensor of two entries there failed the comparison (RuntimeError)
+    odd = next((name for name, value in state["config"].items() if not _is_plain(value)), None)
+    if odd is not None:
+        kind = type(state["config"][odd]).__name__
+        raise ValueError(f"resume checkpoint {path!r} is damaged: its config holds a {kind} for {odd!r}, where "
+                         f"train's options are numbers, strings, None or lists of them")
     return state
+
+
+def _is_plain(value) -> bool:
+    """Whether `value` is of a kind a TrainConfig holds: None, a bool, number or str, or a tuple or list of those."""
+    if isinstance(value, (tuple, list)):
+        return all(_is_plain(item) for item in value)
+    return value is None or isinstance(value, (bool, int, float, str))
 
 
 def damaged_records(history: list, flow, epochs: int) -> str:
     """What is wrong with a checkpoint's metrics of its `epochs` epochs and its gradient-flow records (from step 0,
     one per epoch and around each mask update), "" if nothing."""
     for index, row in enumerate(history):
-        if not isinstance(row, dict) or any(name not in row for name in HISTORY_KEYS) or row["epoch"] != index + 1:
+        # Every metric a number (a tensor failed the comparison below or the metrics files' JSON, a str was written
+        # into them), the epoch an int
+        if not isinstance(row, dict) or any(name not in row for name in HISTORY_KEYS) or \
+                not all(_is_number(value) for value in row.values()) or not _is_int(row["epoch"]) or \
+                row["epoch"] != index + 1:
             return f"history[{index}] is not the metrics of epoch {index + 1}"
     if not isinstance(flow, list):
         return f"its gradient-flow records are a {type(flow).__name__}, not a list"
     for index, record in enumerate(flow):
         if not isinstance(record, dict) or any(name not in record for name in FLOW_KEYS) or \
+                not _is_int(record["step"]) or not _is_int(record["epoch"]) or \
                 record["when"] not in FLOW_MOMENTS or not _is_number(record["gradient_flow"]) or \
                 not isinstance(record.get("layers", {}), dict) or \
                 not all(_is_number(value) for value in record.get("layers", {}).values()):
@@ -432,8 +455,26 @@ def damaged_records(history: list, flow, epochs: int) -> str:
     return ""
 
 
+def damaged_summary(record: dict) -> str:
+    """What is wrong with the `RunResult.summary()` entries of a run record whose "history" `damaged_records` passed:
+    each must be what its history gives (a value of another type failed the tables' writing, or went into them, and
+    a number of another value, a final density say, filed the run elsewhere); "" if nothing."""
+    if not record["history"] or not isinstance(record["schedule"], str):
+        return "it holds no epoch" if not record["history"] else "its schedule is no str"
+    expected = summary_of(record["history"], record["schedule"])
+    for name, value in expected.items():
+        stored = record[name]
+        if type(stored) is not type(value) or not (stored == value or stored != stored and value != value):   # NaN
+            return f"its {name} is {stored!r:.40}, where its history gives {value!r}"
+    return ""
+
+
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def total_epochs(config: TrainConfig) -> int:
@@ -473,7 +514,7 @@ def write_metrics(config: TrainConfig, history: list[dict], flow: list[dict], ou
 def _start_from_masks(model: nn.Module, config: TrainConfig, masks: dict, generator: torch.Generator) -> None:
     if config.method not in ("static", *DST_PRESETS):
         raise ValueError(f"masks apply to static and DST runs, not {config.method!r}")
-    sparsify(model, 1.0, distribution=config.distribution, init="dense", generator=generator)
+    _all_active(model, config, generator)
     modules = sparse_modules(model)
     names = [name for name, _ in modules]
     if sorted(masks) != sorted(names):
@@ -485,6 +526,20 @@ def _start_from_masks(model: nn.Module, config: TrainConfig, masks: dict, genera
             raise ValueError(f"masks[{name!r}] must be a bool tensor of shape {tuple(module.mask.shape)}")
         module.set_mask(mask.to(module.mask.device))
         init(module, generator=generator)
+
+
+def _all_active(model: nn.Module, config: TrainConfig, generator: torch.Generator) -> None:
+    """Makes `model` sparse with every mask all True: the layers that given masks (or a run's own) are of."""
+    sparsify(model, 1.0, distribution=config.distribution, init="dense", generator=generator)
+
+
+def mask_layout(config: TrainConfig, dataset: Dataset) -> dict[str, tuple[int, ...]]:
+    """{sparse layer: mask shape} of the model of a run of `config` on `dataset`: what its final masks hold, and
+    what a run started from them needs. The global random state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(config.model, dataset.input_shape, dataset.num_classes, config.width)
+        _all_active(model, config, torch.Generator())
+    return {name: tuple(module.mask.shape) for name, module in sparse_modules(model)}
 
 
 def _data_parallel(model: nn.Module) -> nn.Module:

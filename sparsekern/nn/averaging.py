@@ -31,7 +31,7 @@ class SparseAveragedModel(swa_utils.AveragedModel):
     "module.", torch.compile's "_orig_mod.", around the model or a submodule) from the averaged model's: torch
     pairs them by position and would average mismatched ones silently, or stop half-way; so is a model sharing
     parameters with the average (this SparseAveragedModel itself, or its `.module`), which would be averaged with
-    itself.
+    itself; and so is a model holding a tensor on the meta device, or an averaged model made from one.
 
     A non-callable `avg_fn` or `multi_avg_fn`, both given, or a `use_buffers` that is no bool are refused here
     (TypeError/ValueError naming the argument): torch's AveragedModel takes them, and fails, or ignores avg_fn,
@@ -73,6 +73,12 @@ class SparseAveragedModel(swa_utils.AveragedModel):
             # torch would average the tensors with themselves, or stop half-way on a mismatch of its own pairing.
             raise ValueError("model shares parameters with the averaged model (this SparseAveragedModel or its "
                              ".module was passed): pass the trained model this SparseAveragedModel was made from")
+        for owner, checked in (("model", model), ("the averaged model", self.module)):
+            on_meta = _on_meta(checked)
+            if on_meta:   # torch raised NotImplementedError ("Cannot copy out of meta tensor"), naming no tensor
+                raise ValueError(f"{owner} holds tensors on the meta device, which holds no values to average: "
+                                 f"{on_meta}; materialize it first (to_empty, then initialise it or load its state "
+                                 f"dict)")
         averaged, live = _layers(self.module), _layers(model)
         if live != averaged:
             raise ValueError(f"model holds other sparse layers than the averaged model (names and mask shapes "
@@ -168,6 +174,12 @@ def _paired(model: nn.Module, use_buffers: bool) -> list[tuple[str, tuple[int, .
     parameters, then, with `use_buffers`, the buffers."""
     tensors = [*model.named_parameters(), *(model.named_buffers() if use_buffers else ())]
     return [(_unwrapped(name), tuple(tensor.shape)) for name, tensor in tensors]
+
+
+def _on_meta(model: nn.Module) -> list[str]:
+    """The names (without wrappers) of `model`'s parameters and buffers on the meta device: update_parameters copies
+    or averages them all (the buffers are copied where they are not averaged)."""
+    return [_unwrapped(name) for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta]
 
 
 def _first_mismatch(averaged: list, live: list) -> str:

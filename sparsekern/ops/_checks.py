@@ -83,7 +83,11 @@ def number(value, name: str, valid: Callable[[float], bool] = lambda value: True
     it is finite and `valid` holds (`requirement` says which, as in "in [0, 1)")."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:   # an int (or Fraction) past float's range: infinite as a float, so refused as one
+        raise ValueError(f"{name} must be a finite number{' ' + requirement if requirement else ''}, got a "
+                         f"{type(value).__name__} beyond float's range") from None
     if not math.isfinite(value) or not valid(value):
         raise ValueError(f"{name} must be a finite number{' ' + requirement if requirement else ''}, got {value!r}")
     return value
@@ -95,9 +99,10 @@ def choice(value, name: str, choices: Sequence[str]) -> str:
     that save the setting, which sparsekern.checkpoint (plain types only) could then not load."""
     if not isinstance(value, str):
         raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+    value = str.__str__(value)   # its text: a subclass's own __str__ or __eq__ could say another
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
-    return str(value)
+    return value
 
 
 def _describe(value) -> str:

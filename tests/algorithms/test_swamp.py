@@ -198,12 +198,45 @@ def test_a_bn_loader_of_non_finite_batches_leaves_the_batch_norm_layers_as_they_
         assert torch.equal(dict(norm.named_buffers())[key], value), key
 
 
+def test_a_bn_loader_of_empty_batches_leaves_the_batch_norm_layers_as_they_were():
+    """Campaign 21: batches of no rows update no statistic, so those update_bn had reset (mean 0, variance 1) were
+    kept, silently, as for a loader yielding no batch."""
+    x, y = _data(2)
+    model = mlp(3, hidden=12, batch_norm=True)
+    swamp = SWAMP(model, _sgd, particles=1, swa_start=4, bn_loader=[x[:0], (x[:0], y[:0])])
+    _train(model, swamp, x, y, swamp.data_seed)
+    norm = model[1]
+    before = {k: v.clone() for k, v in norm.named_buffers()}
+    with pytest.raises(RuntimeError, match="bn_loader yielded no batch holding data"):
+        swamp.next_particle()
+    for key, value in before.items():
+        assert torch.equal(dict(norm.named_buffers())[key], value), key
+
+
+def test_a_refused_recomputation_leaves_the_global_random_stream_as_it_was():
+    """Campaign 21: update_bn's forward passes drew from the global random stream (dropout), which a refused
+    recomputation left advanced, though it put the statistics back."""
+    x, y = _data(2)
+    model = mlp(3, hidden=12, batch_norm=True).append(torch.nn.Dropout(0.5))
+    poisoned = x[32:64].clone()
+    poisoned[3, 1] = float("inf")
+    swamp = SWAMP(model, _sgd, particles=1, swa_start=4, bn_loader=[x[:32], poisoned])
+    _train(model, swamp, x, y, swamp.data_seed)
+    random_state = torch.get_rng_state()
+    with pytest.raises(RuntimeError, match="not finite"):
+        swamp.next_particle()
+    assert torch.equal(torch.get_rng_state(), random_state)
+
+
 @pytest.mark.parametrize("loader, error, match", [
     ([], ValueError, "bn_loader is empty \\(list of length 0\\)"),
     ("batches", TypeError, "bn_loader must be an iterable of batches or None, got str"),
     # Campaign 20: a tensor iterates by rows and a dict by keys, each refused only at the first average.
     (torch.zeros(8, 4), TypeError, r"got a Tensor \(it iterates by rows: pass \[tensor\]\)"),
     ({"x": torch.zeros(8, 4)}, TypeError, "bn_loader must be an iterable of batches or None, got dict"),
+    # Campaign 21: a NumPy array iterates by rows too, each failing update_bn at the first average.
+    (np.zeros((8, 4), np.float32), TypeError, r"got an array, ndarray \(it iterates by rows: pass "
+                                              r"\[torch.as_tensor\(array\)\]\)"),
 ])
 def test_an_empty_or_string_bn_loader_is_refused_at_construction(loader, error, match):
     # Both were taken: the empty list reset the statistics at the first average, the str failed there.

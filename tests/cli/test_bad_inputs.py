@@ -257,6 +257,28 @@ BAD_CHECKPOINTS = [
      "does not fit this run: its recipe state must be a dict holding ['optimizer'], got []"),
     ("recipe state a list", edited_checkpoint(lambda state: state.update(recipe=[])),
      "its recipe state must be a dict holding ['optimizer'], got list"),
+    # Campaign 21: a metric or counter of another type than a number passed the checks of the history and the
+    # gradient-flow records: a tensor of two entries failed their comparison (RuntimeError traceback), a 0-d one the
+    # metrics files' JSON after the next epoch (TypeError traceback), and a str was written into them.
+    ("history epoch a tensor of two entries", edited_checkpoint(lambda state: state["history"][0].update(
+        epoch=torch.tensor([1, 1]))), "history[0] is not the metrics of epoch 1"),
+    ("history epoch a 0-d tensor", edited_checkpoint(lambda state: state["history"][0].update(epoch=torch.tensor(1))),
+     "history[0] is not the metrics of epoch 1"),
+    ("history accuracy a tensor", edited_checkpoint(lambda state: state["history"][0].update(
+        test_accuracy=torch.tensor(0.5))), "history[0] is not the metrics of epoch 1"),
+    ("history loss a string", edited_checkpoint(lambda state: state["history"][0].update(train_loss="x")),
+     "history[0] is not the metrics of epoch 1"),
+    ("gradient flow record's epoch a tensor of two entries", edited_checkpoint(
+        lambda state: state["gradient_flow"][-1].update(epoch=torch.tensor([1, 1]))),
+     "gradient-flow record 1 is damaged"),
+    ("gradient flow record's step a string",
+     edited_checkpoint(lambda state: state["gradient_flow"][0].update(step="x")), "gradient-flow record 0 is damaged"),
+    # Campaign 21: the config's values are compared with the run's options: a tensor of two entries failed the
+    # comparison (RuntimeError traceback), a 0-d one passed it.
+    ("config value a tensor of two entries", edited_checkpoint(lambda state: state["config"].update(
+        lr=torch.tensor([0.1, 0.1]))), "is damaged: its config holds a Tensor for 'lr', where train's options are"),
+    ("config value a 0-d tensor", edited_checkpoint(lambda state: state["config"].update(density=torch.tensor(0.3))),
+     "is damaged: its config holds a Tensor for 'density'"),
 ]
 
 
@@ -708,6 +730,22 @@ def test_compare_trains_again_over_a_damaged_run_record(damage, tmp_path):
     records[0].write_text(json.dumps(damage(json.loads(records[0].read_text()))))
     main(argv)
     assert "test_accuracy" in json.loads(records[0].read_text())
+
+
+@pytest.mark.parametrize("field, value", [("test_accuracy", "x"), ("gradient_flow_mean", None), ("final_density", 7.0),
+                                          ("epochs_trained", 99), ("warnings", [None]), ("warnings", "abc"),
+                                          ("key", 5)])
+def test_compare_trains_again_over_a_run_record_whose_summary_its_history_does_not_give(field, value, tmp_path):
+    """Campaign 21: the summary entries of a run record were taken as stored: a value of another type failed the
+    tables' writing (TypeError or AttributeError traceback), or went into them (a str of warnings shown a character
+    a line), and a number of another value filed the run under it (a final density of 7)."""
+    argv = ["compare", *QUICK_COMPARE, "--quiet", "--out", str(tmp_path / "out")]
+    main(argv)
+    record = next((tmp_path / "out" / "runs").glob("*.json"))
+    original = json.loads(record.read_text())
+    record.write_text(json.dumps({**original, field: value}))
+    main(argv)
+    assert json.loads(record.read_text())[field] == original[field]
 
 
 @pytest.mark.parametrize("command", ["train", "compare"])

@@ -179,17 +179,36 @@ def test_interrupted_compare_keeps_finished_runs_and_a_rerun_trains_only_the_res
     assert [run["test_accuracy"] for run in rerun] == [run["test_accuracy"] for run in whole]
 
 
-def test_a_damaged_stored_ticket_is_trained_again_by_a_rerun(tmp_path):
+def _cut_short(path):
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+
+
+def _edited_masks(edit):
+    def damage(path):
+        masks = checkpoint.load(path)
+        edit(masks)
+        checkpoint.save(masks, path)
+    return damage
+
+
+@pytest.mark.parametrize("damage", [
+    _cut_short, _edited_masks(lambda masks: masks.update({"1": masks["1"][:3]})),
+    _edited_masks(lambda masks: masks.update(renamed=masks.pop("1"))),
+    _edited_masks(lambda masks: masks.update({"1": torch.empty_like(masks["1"], device="meta")})),
+    _edited_masks(lambda masks: masks.clear())],
+    ids=["cut short", "a mask of another shape", "a layer renamed", "a mask on the meta device", "no masks"])
+def test_a_damaged_stored_ticket_is_trained_again_by_a_rerun(tmp_path, damage):
     # A run whose masks another starts from (reproduce's lottery tickets) keeps them in <key>.masks.pt. A damaged
-    # one, cut short, counted as stored: the rerun did not train its run again and stopped on loading it.
+    # one, cut short, counted as stored: the rerun did not train its run again and stopped on loading it. Campaign
+    # 21: so did masks of another layer or shape, or on the meta device (a ValueError or NotImplementedError
+    # traceback from the run starting from them).
     from sparsekern.cli.runs import Job, RunStore, execute, key
 
     dataset = load_dataset("digits")
     ticket = TrainConfig(method="imp", density=0.3, epochs=1, cycles=2, batch_size=256)
     jobs = [Job(ticket), Job(TrainConfig(method="static", density=0.3, epochs=1, batch_size=256), ticket)]
     first = execute(jobs, RunStore(str(tmp_path)), dataset)
-    masks = tmp_path / f"{key(ticket)}.masks.pt"
-    masks.write_bytes(masks.read_bytes()[:len(masks.read_bytes()) // 2])
+    damage(tmp_path / f"{key(ticket)}.masks.pt")
     (tmp_path / f"{key(jobs[1].config, ticket)}.json").unlink()
     trained = []
     again = execute(jobs, RunStore(str(tmp_path)), dataset, on_done=lambda job, record, new: trained.append(new))

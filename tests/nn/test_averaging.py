@@ -3,6 +3,7 @@ mode, compiled, and in nn.TransformerEncoderLayer's eval mode; use_buffers=True 
 but copies the masks."""
 import copy
 import pickle
+import re
 
 import pytest
 import torch
@@ -285,3 +286,30 @@ def test_update_refuses_a_model_of_other_dense_tensors_with_nothing_changed(chan
     with pytest.raises(ValueError, match=match):
         average.update_parameters(other)
     assert all(torch.equal(before[key], value) for key, value in average.state_dict().items())
+
+
+def _second_layer_on_meta(model):
+    model[3].to("meta")
+    return model
+
+
+def _first_mask_on_meta(model):
+    model[0].mask = torch.empty_like(model[0].mask, device="meta")
+    return model
+
+
+@pytest.mark.parametrize("change, meta", [
+    (_second_layer_on_meta, "['3.weight', '3.bias', '3.mask']"), (_first_mask_on_meta, "['0.mask']")],
+    ids=["a layer", "a mask"])
+@pytest.mark.parametrize("use_buffers", [False, True])
+@pytest.mark.parametrize("side", ["model", "the averaged model"])
+def test_a_tensor_on_the_meta_device_is_refused_by_name_with_nothing_changed(change, meta, use_buffers, side):
+    """Campaign 21: torch raised NotImplementedError ('Cannot copy out of meta tensor; no data!'), naming no tensor,
+    for a model (or an averaged model made from one) holding a tensor on the meta device."""
+    average = SparseAveragedModel(change(mlp()) if side == "the averaged model" else mlp(), use_buffers=use_buffers)
+    live = mlp() if side == "the averaged model" else change(mlp())
+    before = copy.deepcopy(average.state_dict())
+    with pytest.raises(ValueError, match=re.escape(f"{side} holds tensors on the meta device, which holds no values "
+                                                   f"to average: {meta}; materialize it first")):
+        average.update_parameters(live)
+    assert all(torch.equal(before[key], value) for key, value in average.state_dict().items() if not value.is_meta)
