@@ -87,8 +87,11 @@ class OptG(distributed.CatchesUp):
             criterion="magnitude" prunes frozen layers with the rest: |θ| needs no gradient.
         sparsity: p, the final fraction of prunable weights removed (globally), in [0, 1).
         epochs: E, the number of training epochs.
-        lr: the weights' base learning rate; lr_e follows `cosine_lr(lr, epochs)` unless
-            `lr_schedule` (epoch -> lr_e) is given. The score lr is lr_e·σ(β(e − E/2)).
+        lr: the weights' base learning rate, read for the scores' only: OptG holds no optimizer of the
+            weights and sets none of their learning rates. The score lr of epoch e is lr_e·σ(β(e − E/2)),
+            lr_e following `cosine_lr(lr, epochs)` unless `lr_schedule` (epoch -> lr_e) is given, as
+            `optg.lr_schedule`: give the weights' optimizer that schedule (the loop below does), or pass
+            the schedule it follows.
         beta: β of the sigmoid.
         momentum, nesterov: of the scores' SGD (the paper uses the weights' momentum). The scores are
             kept in float32 at least (a half-precision layer's too), so that small steps add up.
@@ -112,8 +115,11 @@ class OptG(distributed.CatchesUp):
     scores); call `next_epoch()` after each epoch (it recomputes the mask for the next epoch; after the
     last one the model keeps the mask it trained with).
 
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         optg = OptG(model, sparsity=0.9, epochs=E, lr=0.1)
         for epoch in range(optg.epoch, E):
+            for group in optimizer.param_groups:
+                group["lr"] = optg.lr_schedule(epoch)   # the weights' lr_e, which the scores' lr follows
             for x, y in loader:
                 loss_fn(model(x), y).backward()
                 optg.step(); optimizer.step(); optimizer.zero_grad()
