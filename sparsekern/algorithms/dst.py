@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import sys
 import warnings
 import zlib
 
@@ -561,8 +563,7 @@ class DST(distributed.CatchesUp):
         counts = None
         if self.scope == "layer":   # as at construction: a loaded mask may have emptied a layer for good
             counts = reference.active_counts([mask for _, mask in staged])   # one host read for all layers
-            _warn_if_empty([name for (name, _), count in zip(self.modules, counts) if not count], self.scope,
-                           stacklevel=4)
+            _warn_if_empty([name for (name, _), count in zip(self.modules, counts) if not count], self.scope)
         if schedule != self.schedule:
             # The saved schedule is the run's own (its cosine was laid over its total_steps); built
             # with other arguments (a longer run, a new end_step), this DST would silently follow it.
@@ -923,7 +924,7 @@ def _trained_layers(model: nn.Module, optimizer: torch.optim.Optimizer):
             raise ValueError(f"no sparse module of the model is trained: the weights of {frozen} do not "
                              f"require grad or are not in the optimizer")
         warnings.warn(f"DST leaves the masks of {frozen} alone: their weights do not require grad or are "
-                      f"not in the optimizer, so grown weights could never train", stacklevel=4)
+                      f"not in the optimizer, so grown weights could never train", stacklevel=_user_stacklevel())
         groups = [group for group in groups if group[0][0] not in frozen]
     return [group[0] for group in groups], groups
 
@@ -966,7 +967,8 @@ def _check_blocks(modules, counts: list[int], block: tuple[int, int]) -> None:
             warnings.warn(_ArgumentWarning(
                 "{block} does not tile layer {layer!r} ({rows}x{cols} weight matrix): its edge blocks hold fewer "
                 "weights, so its active weight count changes when they are dropped or grown (its block count stays "
-                "exact)", {"block": block}, {"layer": name, "rows": blocks.rows, "cols": blocks.cols}), stacklevel=4)
+                "exact)", {"block": block}, {"layer": name, "rows": blocks.rows, "cols": blocks.cols}),
+                stacklevel=_user_stacklevel())
 
 
 def _warn_if_idle(schedule: schedules.Schedule, empty: list[str], scope: str) -> None:
@@ -975,17 +977,31 @@ def _warn_if_idle(schedule: schedules.Schedule, empty: list[str], scope: str) ->
     if not schedule.is_update(schedule.update_every):
         warnings.warn(f"no mask update will ever happen: update_every={schedule.update_every} reaches no "
                       f"step before end_step={schedule.end_step} (total_steps={schedule.total_steps})",
-                      _NoUpdateWarning, stacklevel=4)
+                      _NoUpdateWarning, stacklevel=_user_stacklevel())
     elif schedule.drop_fraction == 0 and (schedule.name != "annealed" or schedule.final_drop_fraction == 0):
-        warnings.warn("drop_fraction is 0: every mask update swaps no weight", stacklevel=4)
-    _warn_if_empty(empty, scope, stacklevel=5)
+        warnings.warn("drop_fraction is 0: every mask update swaps no weight", stacklevel=_user_stacklevel())
+    _warn_if_empty(empty, scope)
 
 
-def _warn_if_empty(empty: list[str], scope: str, stacklevel: int) -> None:
+def _warn_if_empty(empty: list[str], scope: str) -> None:
     """Warns that the layers `empty`, which have no active weight, stay so under scope="layer" (an update grows
-    as many weights as it drops in each layer); `stacklevel` as warnings.warn's, from this function."""
+    as many weights as it drops in each layer)."""
     if scope == "layer" and empty:
-        warnings.warn(f"{empty} have no active weight: with scope='layer' they stay empty", stacklevel=stacklevel)
+        warnings.warn(f"{empty} have no active weight: with scope='layer' they stay empty",
+                      stacklevel=_user_stacklevel())
+
+
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def _user_stacklevel() -> int:
+    """warnings.warn's stacklevel, for the function calling this one, that names the first frame outside sparsekern:
+    the line that built (or loaded) the DST, whether it called DST or a preset (RigL, SET, MEST), which is one frame
+    more. A count fixed in the code fits one of the two only."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _warn_if_nothing_swaps(schedule: schedules.Schedule, modules, active: list[int], scope: str, block,
@@ -1018,7 +1034,7 @@ def _warn_if_nothing_swaps(schedule: schedules.Schedule, modules, active: list[i
                 " {unit} rounds {down}to 0 ({swap_rounding})")
     warnings.warn(_ArgumentWarning(template, {"drop_fraction": schedule.drop_fraction, "swap_rounding": rounding},
                                    {"largest": largest, "total": sum(counts), "still": still, "unit": unit,
-                                    "down": "down " if rounding == "floor" else ""}), stacklevel=4)
+                                    "down": "down " if rounding == "floor" else ""}), stacklevel=_user_stacklevel())
 
 
 def _schedule_from_state(saved) -> schedules.Schedule:
