@@ -1269,3 +1269,19 @@ def test_a_construction_warning_names_the_line_that_built_the_dst_or_its_preset(
         line = sys._getframe().f_lineno + 1
         build(model, optimizer, total_steps=20, **{"update_every": 5, **options})
     assert caught and [(w.filename, w.lineno) for w in caught] == [(__file__, line)] * len(caught)
+
+
+def test_a_step_warning_names_the_line_that_called_step():
+    # step() runs under torch.no_grad()'s decorator and warns from a helper: a fixed count named a line of dst.py.
+    model = _two_layers()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    algo = sparsekern.DST(model, optimizer, total_steps=10, update_every=1)
+    model[0].weight.requires_grad_(False)
+    model(torch.randn(3, 20)).sum().backward()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = sys._getframe().f_lineno + 1
+        algo.step()
+    assert [str(w.message) for w in caught] == ["DST leaves the masks of ['0'] alone while their weights do not "
+                                                "require grad (frozen after DST was built)"]
+    assert (caught[0].filename, caught[0].lineno) == (__file__, line)
