@@ -26,13 +26,32 @@ def save(obj, path: str | os.PathLike) -> None:
     separator) raises IsADirectoryError, and naming something other than a regular file (a FIFO,
     a device such as /dev/null, which the atomic rename would replace) ValueError, before anything
     is written. A symbolic link is followed: the file it points to is replaced, the link stays.
+    An object that `load` would refuse to unpickle (a NumPy value, a dataclass or another class of your
+    own, a slice, a range) raises TypeError naming its classes, with the file as before: saved, it would
+    be found unloadable only when the run is resumed. Save such values as Python numbers, strings,
+    tensors and containers (`.item()`, `torch.from_numpy`, `dataclasses.asdict`), or allow their
+    classes with `torch.serialization.add_safe_globals`, which `load` then accepts too.
     """
     path = _checked_path(path)
     if os.path.isdir(path) or path.endswith((os.sep, os.altsep or os.sep)):
         raise IsADirectoryError(f"path {path!r} is a directory, not a checkpoint file")
     path = os.path.realpath(path)
     _check_regular(path, missing_ok=True)
-    write_atomically(path, lambda file: torch.save(obj, file))
+    write_atomically(path, lambda file: _save_loadable(obj, file, path))
+
+
+def _save_loadable(obj, file: BinaryIO, path: str) -> None:
+    """torch.save(obj) into `file` (open for reading and writing), then TypeError naming the classes in what it
+    wrote that `load`'s weights-only unpickler refuses. The check reads back the pickle only, not the tensors."""
+    torch.save(obj, file)
+    file.flush()
+    file.seek(0)
+    refused = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(file))
+    if refused:
+        raise TypeError(f"{path}: cannot save {', '.join(refused)}: sparsekern.checkpoint.load (torch.load with "
+                        f"weights_only=True) would refuse to load them; save Python numbers, strings, tensors and "
+                        f"containers instead (a NumPy value as .item() or torch.from_numpy, a dataclass as "
+                        f"dataclasses.asdict), or allow them with torch.serialization.add_safe_globals")
 
 
 def load(path: str | os.PathLike, map_location=None):
@@ -358,7 +377,8 @@ def check_writable_folder(path: str, argument: str) -> None:
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
-    """Calls write(file) on a new file, flushes it to disk and only then puts it at `path`.
+    """Calls write(file) on a new file (open for reading and writing), flushes it to disk and only then puts it at
+    `path`.
 
     On Linux the data goes to an unnamed file (O_TMPFILE) that gets a name only once complete, so a
     kill (even SIGKILL) mid-write leaves nothing; the name it then gets is renamed over `path` at
@@ -376,7 +396,7 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], object
     if descriptor is None:
         descriptor, temporary = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=".tmp")
     try:
-        with os.fdopen(descriptor, "wb") as file:
+        with os.fdopen(descriptor, "w+b") as file:
             write(file)
             file.flush()
             os.fsync(file.fileno())
@@ -407,7 +427,7 @@ def _unnamed_file(directory: str) -> int | None:
     if not hasattr(os, "O_TMPFILE") or not os.path.isdir("/proc/self/fd"):
         return None
     try:
-        return os.open(directory, os.O_TMPFILE | os.O_WRONLY, 0o644)
+        return os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o644)
     except OSError as error:
         if error.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
             return None

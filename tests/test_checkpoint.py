@@ -7,6 +7,7 @@ import re
 import tracemalloc
 import zipfile
 
+import numpy as np
 import pytest
 import torch
 
@@ -35,6 +36,26 @@ def test_failed_save_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
         checkpoint.save({"step": 2, "bad": Unpicklable()}, path)
     assert checkpoint.load(path) == {"step": 1}
     assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+@pytest.mark.parametrize("value, refused", [
+    (np.float64(0.97), "multiarray.scalar"),   # a metric computed with NumPy (numpy._core or numpy.core)
+    (np.arange(3), "multiarray._reconstruct"),
+    (slice(0, 10), "builtins.slice"),
+])
+def test_a_save_that_load_would_refuse_raises_type_error_and_keeps_the_old_file(tmp_path, value, refused):
+    path = tmp_path / "ckpt.pt"
+    checkpoint.save({"step": 1}, path)
+    with pytest.raises(TypeError, match=re.escape(refused)):
+        checkpoint.save({"step": 2, "best_accuracy": value}, path)
+    assert checkpoint.load(path) == {"step": 1}
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_a_class_allowed_with_add_safe_globals_saves_and_loads(tmp_path):
+    with torch.serialization.safe_globals([slice]):
+        checkpoint.save({"rows": slice(0, 10)}, tmp_path / "ckpt.pt")
+        assert checkpoint.load(tmp_path / "ckpt.pt") == {"rows": slice(0, 10)}
 
 
 def test_load_loads_the_bytes_whose_checksums_it_tested(tmp_path, monkeypatch):

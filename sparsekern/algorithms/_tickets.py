@@ -26,6 +26,7 @@ from ..ops import _checks
 from ..nn import SparseModule, sparse_modules, tying
 from ..nn.modules import computed_weight_refusal, refuse_meta
 from ..nn.sharding import refuse_sharded
+from ._stack import user_stacklevel
 
 SCOPES = ("global", "layer")
 
@@ -142,7 +143,8 @@ def magnitude_masks(groups: list[tying.Group], prune_fraction: float, scope: str
         masks = ops.topk_mask(scores, keep)
         emptied = [name for name, n, mask in zip(names, active, masks) if n and not mask.any()]
         if emptied:
-            warnings.warn(f"global magnitude pruning leaves layers {emptied} with no weight", stacklevel=3)
+            warnings.warn(f"global magnitude pruning leaves layers {emptied} with no weight",
+                          stacklevel=user_stacklevel())
         return masks
     keep = [n - removal_count(n, prune_fraction) if density is None else round(density * size)
             for n, size in zip(active, sizes)]

@@ -33,6 +33,7 @@ from .. import ops
 from ..ops import _checks, _transforms, reference
 from . import _tickets, criteria, distributed, schedules
 from ._gradients import GradientWatch, finite_sums, zero_everywhere
+from ._stack import user_stacklevel
 from ..nn import sparse_modules, tying
 from ..nn.modules import computed_weight_refusal, refuse_meta
 from ..nn.sharding import refuse_sharded
@@ -382,7 +383,7 @@ class DST(distributed.CatchesUp):
         if self.step_count == self.schedule.total_steps + 1:
             warnings.warn(f"DST.step() called more than total_steps={self.schedule.total_steps} times: the "
                           f"schedule (and end_step={self.schedule.end_step}) assumed training ends there",
-                          stacklevel=2)
+                          stacklevel=user_stacklevel())
         # After finish(), the backward ran with masked gradients, from which no update can be made.
         sums = self._gradient_sums() if due and not self._finished and self.host_checks else None
         updated = due and not self._finished and (not self.host_checks or sums is not None)
@@ -561,8 +562,7 @@ class DST(distributed.CatchesUp):
         counts = None
         if self.scope == "layer":   # as at construction: a loaded mask may have emptied a layer for good
             counts = reference.active_counts([mask for _, mask in staged])   # one host read for all layers
-            _warn_if_empty([name for (name, _), count in zip(self.modules, counts) if not count], self.scope,
-                           stacklevel=4)
+            _warn_if_empty([name for (name, _), count in zip(self.modules, counts) if not count], self.scope)
         if schedule != self.schedule:
             # The saved schedule is the run's own (its cosine was laid over its total_steps); built
             # with other arguments (a longer run, a new end_step), this DST would silently follow it.
@@ -572,13 +572,13 @@ class DST(distributed.CatchesUp):
             warnings.warn("the loaded state's schedule replaces the one this DST was built with "
                           f"({', '.join(f'{k}: {old!r} -> {new!r}' for k, (old, new) in changed.items())}); "
                           "build it with the saving run's arguments, or set DST.schedule "
-                          "(sparsekern.algorithms.schedules.make) after loading", stacklevel=2)
+                          "(sparsekern.algorithms.schedules.make) after loading", stacklevel=user_stacklevel())
         if step_count > schedule.total_steps:
             # Not refused: step() lets a run go past total_steps (with this warning), and its state must
             # load back. Warned here, before anything changes, because step() will not warn again.
             warnings.warn(f"state['step_count']={step_count} is beyond the schedule's total_steps="
                           f"{schedule.total_steps}: the run that saved it went past the end of training the "
-                          f"schedule (end_step={schedule.end_step}) was made for", stacklevel=2)
+                          f"schedule (end_step={schedule.end_step}) was made for", stacklevel=user_stacklevel())
 
         def install() -> None:
             for module, mask in staged:
@@ -628,7 +628,7 @@ class DST(distributed.CatchesUp):
         emptied = [name for (name, _), is_empty in zip(self.modules, empty) if is_empty and name not in self._empty]
         if emptied:
             warnings.warn(f"the global update at step {self.step_count} left {emptied} with no active weight",
-                          stacklevel=3)
+                          stacklevel=user_stacklevel())
         self._empty = {name for (name, _), is_empty in zip(self.modules, empty) if is_empty}
 
     def _remember_gradients(self) -> None:
@@ -758,7 +758,7 @@ class DST(distributed.CatchesUp):
         unwarned = [name for name, _ in frozen if name not in self._frozen_warned]
         if unwarned:
             warnings.warn(f"DST leaves the masks of {unwarned} alone while their weights do not require grad "
-                          f"(frozen after DST was built)", stacklevel=4)
+                          f"(frozen after DST was built)", stacklevel=user_stacklevel())
             self._frozen_warned.update(unwarned)
         for _, module in frozen:
             if module.weight.grad is not None:
@@ -822,7 +822,7 @@ class DST(distributed.CatchesUp):
         unit = "active entries" if self.block is None else f"active {self.block[0]}x{self.block[1]} blocks"
         warnings.warn(f"DST.step(): {_stale_masks([name for name, _ in named], kept, counts, unit)} (a write "
                       f"through .data or a NumPy view?), so DST counted the masks again; use module.set_mask(...) "
-                      f"to change a mask", stacklevel=4)
+                      f"to change a mask", stacklevel=user_stacklevel())
         self._counts = (self._counts[0], counts)
         return True
 
@@ -923,7 +923,7 @@ def _trained_layers(model: nn.Module, optimizer: torch.optim.Optimizer):
             raise ValueError(f"no sparse module of the model is trained: the weights of {frozen} do not "
                              f"require grad or are not in the optimizer")
         warnings.warn(f"DST leaves the masks of {frozen} alone: their weights do not require grad or are "
-                      f"not in the optimizer, so grown weights could never train", stacklevel=4)
+                      f"not in the optimizer, so grown weights could never train", stacklevel=user_stacklevel())
         groups = [group for group in groups if group[0][0] not in frozen]
     return [group[0] for group in groups], groups
 
@@ -966,7 +966,8 @@ def _check_blocks(modules, counts: list[int], block: tuple[int, int]) -> None:
             warnings.warn(_ArgumentWarning(
                 "{block} does not tile layer {layer!r} ({rows}x{cols} weight matrix): its edge blocks hold fewer "
                 "weights, so its active weight count changes when they are dropped or grown (its block count stays "
-                "exact)", {"block": block}, {"layer": name, "rows": blocks.rows, "cols": blocks.cols}), stacklevel=4)
+                "exact)", {"block": block}, {"layer": name, "rows": blocks.rows, "cols": blocks.cols}),
+                stacklevel=user_stacklevel())
 
 
 def _warn_if_idle(schedule: schedules.Schedule, empty: list[str], scope: str) -> None:
@@ -975,17 +976,18 @@ def _warn_if_idle(schedule: schedules.Schedule, empty: list[str], scope: str) ->
     if not schedule.is_update(schedule.update_every):
         warnings.warn(f"no mask update will ever happen: update_every={schedule.update_every} reaches no "
                       f"step before end_step={schedule.end_step} (total_steps={schedule.total_steps})",
-                      _NoUpdateWarning, stacklevel=4)
+                      _NoUpdateWarning, stacklevel=user_stacklevel())
     elif schedule.drop_fraction == 0 and (schedule.name != "annealed" or schedule.final_drop_fraction == 0):
-        warnings.warn("drop_fraction is 0: every mask update swaps no weight", stacklevel=4)
-    _warn_if_empty(empty, scope, stacklevel=5)
+        warnings.warn("drop_fraction is 0: every mask update swaps no weight", stacklevel=user_stacklevel())
+    _warn_if_empty(empty, scope)
 
 
-def _warn_if_empty(empty: list[str], scope: str, stacklevel: int) -> None:
+def _warn_if_empty(empty: list[str], scope: str) -> None:
     """Warns that the layers `empty`, which have no active weight, stay so under scope="layer" (an update grows
-    as many weights as it drops in each layer); `stacklevel` as warnings.warn's, from this function."""
+    as many weights as it drops in each layer)."""
     if scope == "layer" and empty:
-        warnings.warn(f"{empty} have no active weight: with scope='layer' they stay empty", stacklevel=stacklevel)
+        warnings.warn(f"{empty} have no active weight: with scope='layer' they stay empty",
+                      stacklevel=user_stacklevel())
 
 
 def _warn_if_nothing_swaps(schedule: schedules.Schedule, modules, active: list[int], scope: str, block,
@@ -1018,7 +1020,7 @@ def _warn_if_nothing_swaps(schedule: schedules.Schedule, modules, active: list[i
                 " {unit} rounds {down}to 0 ({swap_rounding})")
     warnings.warn(_ArgumentWarning(template, {"drop_fraction": schedule.drop_fraction, "swap_rounding": rounding},
                                    {"largest": largest, "total": sum(counts), "still": still, "unit": unit,
-                                    "down": "down " if rounding == "floor" else ""}), stacklevel=4)
+                                    "down": "down " if rounding == "floor" else ""}), stacklevel=user_stacklevel())
 
 
 def _schedule_from_state(saved) -> schedules.Schedule:

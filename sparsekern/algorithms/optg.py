@@ -36,6 +36,7 @@ from ..nn import tying
 from ..ops import _checks, _masked_linear_op
 from . import _tickets, distributed
 from ._gradients import GradientWatch, all_finite
+from ._stack import user_stacklevel
 
 
 CRITERIA = ("learned", "magnitude")
@@ -87,8 +88,11 @@ class OptG(distributed.CatchesUp):
             criterion="magnitude" prunes frozen layers with the rest: |θ| needs no gradient.
         sparsity: p, the final fraction of prunable weights removed (globally), in [0, 1).
         epochs: E, the number of training epochs.
-        lr: the weights' base learning rate; lr_e follows `cosine_lr(lr, epochs)` unless
-            `lr_schedule` (epoch -> lr_e) is given. The score lr is lr_e·σ(β(e − E/2)).
+        lr: the weights' base learning rate, read for the scores' only: OptG holds no optimizer of the
+            weights and sets none of their learning rates. The score lr of epoch e is lr_e·σ(β(e − E/2)),
+            lr_e following `cosine_lr(lr, epochs)` unless `lr_schedule` (epoch -> lr_e) is given, as
+            `optg.lr_schedule`: give the weights' optimizer that schedule (the loop below does), or pass
+            the schedule it follows.
         beta: β of the sigmoid.
         momentum, nesterov: of the scores' SGD (the paper uses the weights' momentum). The scores are
             kept in float32 at least (a half-precision layer's too), so that small steps add up.
@@ -112,8 +116,11 @@ class OptG(distributed.CatchesUp):
     scores); call `next_epoch()` after each epoch (it recomputes the mask for the next epoch; after the
     last one the model keeps the mask it trained with).
 
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         optg = OptG(model, sparsity=0.9, epochs=E, lr=0.1)
         for epoch in range(optg.epoch, E):
+            for group in optimizer.param_groups:
+                group["lr"] = optg.lr_schedule(epoch)   # the weights' lr_e, which the scores' lr follows
             for x, y in loader:
                 loss_fn(model(x), y).backward()
                 optg.step(); optimizer.step(); optimizer.zero_grad()
@@ -213,10 +220,11 @@ class OptG(distributed.CatchesUp):
         super().__init__(model, replicas.group)   # for Join's catching up (join_hook)
         if frozen:  # warned once every argument has passed
             warnings.warn(f"OptG leaves the masks of {frozen} alone: their weights do not require grad, so their "
-                          f"scores would stay 0 and the global top-k would prune them by position", stacklevel=2)
+                          f"scores would stay 0 and the global top-k would prune them by position",
+                          stacklevel=user_stacklevel())
         if lr == 0 and lr_schedule is None:
             warnings.warn("lr=0: the scores never move, so the mask only follows the sparsity ramp over "
-                          "all-equal scores", stacklevel=2)
+                          "all-equal scores", stacklevel=user_stacklevel())
         self._gradients = GradientWatch()
         self._frozen_warned: set[str] = set()   # layers frozen after construction, warned about
         self.epoch = 0
@@ -253,7 +261,7 @@ class OptG(distributed.CatchesUp):
             keep -= held
             if not (1 if ranked else 0) <= keep <= capacity:
                 self._refuse_budget(frozen, held, keep + held, capacity)
-        self._warn_frozen(frozen, stacklevel=3)
+        self._warn_frozen(frozen)
         masks = ops.topk_mask([self.scores[index] for index in ranked], keep) if ranked else []
         for index, mask in zip(ranked, masks):
             self.layers[index].mask.copy_(mask)   # not set_mask: pruned weights keep their values, so the
@@ -288,14 +296,14 @@ class OptG(distributed.CatchesUp):
         frozen = self._frozen()
         return [name for index, name in enumerate(_tickets.layer_names(self._groups)) if index not in frozen]
 
-    def _warn_frozen(self, frozen: list[int], stacklevel: int) -> None:
+    def _warn_frozen(self, frozen: list[int]) -> None:
         """Warns once about each layer at `frozen` that no warning named yet."""
         names = _tickets.layer_names(self._groups)
         unwarned = [names[index] for index in frozen if names[index] not in self._frozen_warned]
         if unwarned:
             warnings.warn(f"OptG leaves the masks and scores of {unwarned} alone while their weights do not "
                           f"require grad (frozen after OptG was built); the other layers keep what remains of "
-                          f"each epoch's budget", stacklevel=stacklevel + 1)
+                          f"each epoch's budget", stacklevel=user_stacklevel())
             self._frozen_warned.update(unwarned)
 
     @staticmethod
@@ -335,7 +343,7 @@ class OptG(distributed.CatchesUp):
         for name, layer, grad in zip(_tickets.layer_names(self._groups), self.layers, grads):
             if grad is not None:   # masked below, after the layers before it: checked for all of them first
                 _checks.maskable_in_place(grad, f"{name}.weight.grad", layer.mask, f"{name}.mask")
-        self._warn_frozen(frozen, stacklevel=2)
+        self._warn_frozen(frozen)
         learn = self._learns and (not self.host_checks or all_finite(
             [grad for index, grad in enumerate(grads) if grad is not None and index not in frozen]))
         for index, (layer, score, grad) in enumerate(zip(self.layers, self.scores, grads)):

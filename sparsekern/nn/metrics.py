@@ -69,12 +69,13 @@ def summary(model: nn.Module, print_fn: Callable[[str], object] | None = print) 
 
     One row per module that owns parameters directly, in model order: non-zeros counts the
     active entries of a sparse module's weight (its mask) plus its other parameters in full, and
-    density is non-zeros / parameters, so a layer's counts its bias too (its weight's own density is
-    the mask's mean).
+    density is non-zeros / parameters, so a layer's counts its bias too; "weight_density" is the
+    weight's own, its mask's mean (what a paper's per-layer table reports, and `densities` returns),
+    None in the rows of other modules and of a tied weight's later holders.
     A parameter shared by several modules (tied weights) is counted once, in the row of its first
     holder; a later holder's row counts only its own other parameters and names the first holder
     in "tied_to" (None when nothing is shared).
-    Returns {"layers": [{"name", "type", "shape", "parameters", "nonzeros", "density", "tied_to"},
+    Returns {"layers": [{"name", "type", "shape", "parameters", "nonzeros", "density", "weight_density", "tied_to"},
     ...], "sparse_weights": {...}, "total": {...}}: the totals over the sparse modules' weights
     (the density that `sparsify` targets) and over all parameters. `print_fn=None` prints nothing. ValueError for
     a sparse module whose mask is on the meta device (no values to count).
@@ -96,12 +97,15 @@ def summary(model: nn.Module, print_fn: Callable[[str], object] | None = print) 
             first_holder[id(p)] = name
         parameters = sum(p.numel() for p in new)
         nonzeros = parameters
+        weight_density = None
         if isinstance(module, SparseModule) and any(p is module.weight for p in new):
             nonzeros += module.nnz - module.weight.numel()
+            weight_density = _ratio(module.nnz, module.weight.numel())
         weight = getattr(module, "weight", None)
         shape = tuple((weight if isinstance(weight, Tensor) else own[0]).shape)
         rows.append({"name": name, "type": type(module).__name__, "shape": shape, "parameters": parameters,
-                     "nonzeros": nonzeros, "density": _ratio(nonzeros, parameters), "tied_to": tied_to})
+                     "nonzeros": nonzeros, "density": _ratio(nonzeros, parameters),
+                     "weight_density": weight_density, "tied_to": tied_to})
     weights = {id(m.weight): m for _, m in sparse_modules(model)}.values()
     sparse_size = sum(m.weight.numel() for m in weights)
     sparse_nonzeros = sum(m.nnz for m in weights)
@@ -133,16 +137,18 @@ def _type_cell(row: dict) -> str:
 
 
 def _table(result: dict) -> str:
-    header = ("layer", "type", "shape", "parameters", "non-zeros", "density")
+    header = ("layer", "type", "shape", "parameters", "non-zeros", "density", "weight density")
     lines = [(row["name"] or "(root)", _type_cell(row), "x".join(map(str, row["shape"])), str(row["parameters"]),
-              str(row["nonzeros"]), f"{row['density']:.4f}") for row in result["layers"]]
+              str(row["nonzeros"]), f"{row['density']:.4f}",
+              "" if row["weight_density"] is None else f"{row['weight_density']:.4f}") for row in result["layers"]]
     for label in ("sparse_weights", "total"):
         t = result[label]
-        lines.append((label.replace("_", " "), "", "", str(t["parameters"]), str(t["nonzeros"]), f"{t['density']:.4f}"))
+        lines.append((label.replace("_", " "), "", "", str(t["parameters"]), str(t["nonzeros"]), f"{t['density']:.4f}",
+                      ""))
     widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
 
     def fmt(cells) -> str:  # text columns left-aligned, numbers right-aligned
-        return "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
 
     rule = "-" * len(fmt(header))
     return "\n".join([fmt(header), rule, *map(fmt, lines[:-2]), rule, *map(fmt, lines[-2:])])

@@ -530,6 +530,10 @@ class SparseLinear(SparseModule, nn.Linear):
         self.__dict__.pop("_packed_weight", None)
         return self
 
+    def extra_repr(self) -> str:
+        # Inference mode runs another kernel and refuses gradients: a printed model says which layers are in it.
+        return f"{super().extra_repr()}{', inference' if 'packed_values' in self._buffers else ''}"
+
     @property
     def packed(self) -> PackedWeight | None:
         """The packed weight of inference mode, or None in training mode."""

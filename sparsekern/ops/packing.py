@@ -28,7 +28,7 @@ from . import _checks, reference
 _FIELDS = ("bitmap", "values", "chunk_offsets", "in_features")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class PackedWeight:
     """A weight packed by `sparsekern.ops.pack`; survives torch.save / torch.load (weights_only too).
 
@@ -73,6 +73,11 @@ class PackedWeight:
         """Kept entries over all entries (1.0 for an empty weight, which costs nothing either way)."""
         entries = self.out_features * self.in_features
         return self.values.numel() / entries if entries else 1.0
+
+    def __repr__(self) -> str:
+        # The dataclass's repr would print every tensor: thousands of lines for one layer of a model.
+        return (f"PackedWeight(shape={self.shape}, kept={self.values.numel()}, density={self.density:.4g}, "
+                f"dtype={self.dtype}, device={self.device})")
 
     def to(self, device: torch.device | str | int) -> "PackedWeight":
         """The same packed weight on `device` (a device, its name or a CUDA index). Only the device

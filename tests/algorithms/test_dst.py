@@ -1,5 +1,6 @@
 """DST (SET, RigL, MEST): the papers' update rules and schedules, state, arguments."""
 import copy
+import sys
 import warnings
 
 import pytest
@@ -1247,3 +1248,40 @@ def test_the_settings_table_holds_every_setting_a_state_saves_and_no_other():
                                   total_steps=100)
             saved |= set(algo._settings())
     assert sorted(saved) == sorted(_SETTINGS)
+
+
+@pytest.mark.parametrize("build", [sparsekern.DST, sparsekern.RigL, sparsekern.SET, sparsekern.MEST])
+@pytest.mark.parametrize("options", [
+    dict(block=(1, 3)),                                     # a block that does not tile the 10x20 weight
+    dict(update_every=50),                                  # no update before the end
+    dict(drop_fraction=0.0),
+    dict(drop_fraction=0.004, schedule="constant"),         # every swap count rounds to 0
+])
+def test_a_construction_warning_names_the_line_that_built_the_dst_or_its_preset(build, options):
+    # The presets call DST, one frame more: a stacklevel counted for them named the caller's caller under DST
+    # itself (at a script's top level, "sys:1").
+    if "block" in options and build is sparsekern.SET:
+        pytest.skip("SET's pruning criterion takes no block")
+    model = _two_layers()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = sys._getframe().f_lineno + 1
+        build(model, optimizer, total_steps=20, **{"update_every": 5, **options})
+    assert caught and [(w.filename, w.lineno) for w in caught] == [(__file__, line)] * len(caught)
+
+
+def test_a_step_warning_names_the_line_that_called_step():
+    # step() runs under torch.no_grad()'s decorator and warns from a helper: a fixed count named a line of dst.py.
+    model = _two_layers()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    algo = sparsekern.DST(model, optimizer, total_steps=10, update_every=1)
+    model[0].weight.requires_grad_(False)
+    model(torch.randn(3, 20)).sum().backward()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = sys._getframe().f_lineno + 1
+        algo.step()
+    assert [str(w.message) for w in caught] == ["DST leaves the masks of ['0'] alone while their weights do not "
+                                                "require grad (frozen after DST was built)"]
+    assert (caught[0].filename, caught[0].lineno) == (__file__, line)

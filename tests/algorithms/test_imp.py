@@ -1,5 +1,7 @@
 """IMP with rewinding: the lottery-ticket rule, resumption, and the digits comparison."""
 import math
+import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -334,3 +336,19 @@ def test_a_pruning_to_a_density_per_layer_and_one_that_would_grow_by_hand():
     for bad in (0, 1.5, float("nan"), "0.1"):
         with pytest.raises((TypeError, ValueError), match="density"):
             imp.prune_masks(density=bad)
+
+
+def test_the_emptied_layer_warning_names_the_line_that_called_next_cycle():
+    # next_cycle() reaches the warning through prune_masks(), under torch.no_grad()'s decorator: a fixed count
+    # named a line of imp.py.
+    model = mlp(0)
+    imp = IMP(model, lambda params: torch.optim.SGD(params, lr=0.1), prune_fraction=0.9)
+    last = sparse_modules(model)[-1][1]
+    with torch.no_grad():
+        last.weight.mul_(1e-9)   # global pruning takes the whole last layer
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = sys._getframe().f_lineno + 1
+        imp.next_cycle()
+    assert [w.message.args[0].startswith("global magnitude pruning leaves layers") for w in caught] == [True]
+    assert (caught[0].filename, caught[0].lineno) == (__file__, line)

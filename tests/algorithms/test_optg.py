@@ -2,6 +2,7 @@
 come back, and resumption."""
 import copy
 import math
+import sys
 import warnings
 
 import numpy as np
@@ -613,3 +614,17 @@ def test_a_half_precision_state_of_older_versions_loads_into_float32_scores():
                        for name, score in state["scores"].items()}
     optg.load_state_dict(state)
     assert optg.scores[0].dtype == torch.float32 and bool((optg.scores[0] == 0.25).all())
+
+
+def test_the_frozen_layer_warning_of_step_names_the_line_that_called_step():
+    # step() runs under torch.no_grad()'s decorator: a fixed count named torch's _contextlib.py.
+    model = mlp(0)
+    optg = OptG(model, sparsity=0.5, epochs=4)
+    model[0].weight.requires_grad_(False)
+    torch.nn.functional.cross_entropy(model(torch.randn(3, 64)), torch.tensor([0, 1, 2])).backward()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = sys._getframe().f_lineno + 1
+        optg.step()
+    assert [str(w.message).startswith("OptG leaves the masks and scores of ['0'] alone") for w in caught] == [True]
+    assert (caught[0].filename, caught[0].lineno) == (__file__, line)

@@ -821,6 +821,19 @@ def test_summary_counts(generator, capsys):
     assert capsys.readouterr().out == ""
 
 
+def test_summary_reports_each_sparse_weights_own_density_beside_the_layers(generator, capsys):
+    model = sparsekern.sparsify(small_model(), 0.3, distribution="erk", generator=generator)
+    result = sparsekern.summary(model)
+    printed = capsys.readouterr().out
+    rows = {row["name"]: row for row in result["layers"]}
+    weight_densities = {name: row["weight_density"] for name, row in rows.items() if row["weight_density"] is not None}
+    assert weight_densities == sparsekern.densities(model)       # a paper's per-layer table: weights only
+    assert rows["1"]["weight_density"] is None                     # BatchNorm: no sparse weight
+    assert "weight density" in printed.splitlines()[0]
+    conv = [line for line in printed.splitlines() if line.startswith("0 ")][0]
+    assert conv.split()[-1] == f"{model[0].nnz / model[0].weight.numel():.4f}"
+
+
 def test_gradient_flow_is_masked_norm_and_changes_nothing(generator):
     model = sparsekern.sparsify(nn.Sequential(small_model(), nn.Dropout(0.5)), 0.3, generator=generator)
     model[0][3].dense_grad = True  # the metric masks the gradient whatever the module is set to

@@ -62,3 +62,10 @@ def test_replaced_inference_buffers_are_checked(generator):
     layer.packed_values = layer.packed_values[:2].clone()
     with pytest.raises(ValueError, match="values has 2 entries"):
         layer(torch.randn(1, 70, generator=generator))
+
+
+def test_a_layer_in_inference_mode_says_so_when_printed(generator):
+    layer = sparse_layer(generator, 40, 8, 0.25)
+    training = repr(layer)
+    assert repr(layer.to_inference()) == training[:-1] + ", inference)"
+    assert repr(layer.to_training()) == training

@@ -138,6 +138,14 @@ def test_opcheck(generator):
                               (x, packed.bitmap, packed.values, packed.chunk_offsets, bias))
 
 
+def test_packed_weight_repr_summarises_rather_than_prints_its_tensors(generator):
+    weight, mask = random_layer(generator, 64, 300, 0.1, torch.float32)
+    packed = ops.pack(weight, mask)
+    kept = int(mask.sum())
+    assert repr(packed) == (f"PackedWeight(shape=(64, 300), kept={kept}, density={kept / (64 * 300):.4g}, "
+                            "dtype=torch.float32, device=cpu)")
+
+
 def test_packed_weight_survives_save_and_load(generator, tmp_path):
     weight, mask = random_layer(generator, 7, 45, 0.5, torch.bfloat16)
     packed = ops.pack(weight, mask)
