@@ -173,13 +173,8 @@ def test_a_bn_loader_that_yields_no_batch_leaves_the_batch_norm_layers_as_they_w
     assert not swamp.next_particle()
     swamp.next_cycle()
     _train(model, swamp, x, y, swamp.data_seed)
-    norm = model[1]
-    before = {k: v.clone() for k, v in norm.named_buffers()}
-    with pytest.raises(RuntimeError, match="bn_loader yielded no batch"):
-        swamp.next_particle()
-    for key, value in before.items():
-        assert torch.equal(dict(norm.named_buffers())[key], value), key
-    assert norm.momentum == 0.1
+    _assert_refused_keeping_statistics(model[1], swamp, "bn_loader yielded no batch")
+    assert model[1].momentum == 0.1
 
 
 def test_a_bn_loader_of_non_finite_batches_leaves_the_batch_norm_layers_as_they_were():
@@ -190,12 +185,8 @@ def test_a_bn_loader_of_non_finite_batches_leaves_the_batch_norm_layers_as_they_
     poisoned[3, 1] = float("nan")
     swamp = SWAMP(model, _sgd, particles=1, swa_start=4, bn_loader=[x[:32], poisoned])
     _train(model, swamp, x, y, swamp.data_seed)
-    norm = model[1]
-    before = {k: v.clone() for k, v in norm.named_buffers()}
-    with pytest.raises(RuntimeError, match=r"not finite in layers \['1'\] \(a batch holds NaN or infinity\)"):
-        swamp.next_particle()
-    for key, value in before.items():
-        assert torch.equal(dict(norm.named_buffers())[key], value), key
+    _assert_refused_keeping_statistics(model[1], swamp,
+                                       r"not finite in layers \['1'\] \(a batch holds NaN or infinity\)")
 
 
 def test_a_bn_loader_of_empty_batches_leaves_the_batch_norm_layers_as_they_were():
@@ -205,9 +196,13 @@ def test_a_bn_loader_of_empty_batches_leaves_the_batch_norm_layers_as_they_were(
     model = mlp(3, hidden=12, batch_norm=True)
     swamp = SWAMP(model, _sgd, particles=1, swa_start=4, bn_loader=[x[:0], (x[:0], y[:0])])
     _train(model, swamp, x, y, swamp.data_seed)
-    norm = model[1]
+    _assert_refused_keeping_statistics(model[1], swamp, "bn_loader yielded no batch holding data")
+
+
+def _assert_refused_keeping_statistics(norm, swamp, match: str) -> None:
+    """swamp.next_particle() raises RuntimeError matching `match` and leaves the buffers of `norm` as they were."""
     before = {k: v.clone() for k, v in norm.named_buffers()}
-    with pytest.raises(RuntimeError, match="bn_loader yielded no batch holding data"):
+    with pytest.raises(RuntimeError, match=match):
         swamp.next_particle()
     for key, value in before.items():
         assert torch.equal(dict(norm.named_buffers())[key], value), key
