@@ -119,7 +119,8 @@ def sparsify(model: nn.Module, density: float | None, distribution: str | Mappin
     `sparsekern.ops.topk_mask`, of uniform random scores or of |weight| (ties to the lower flat
     position); a density so low that some layer would keep no weight raises ValueError. Parameters are
     shared with the replaced modules, so an optimizer built before keeps training them; pass it as
-    `optimizer` once it has state.
+    `optimizer` once it has state. A gradient still pending on a weight (sparsify called between
+    backward and the optimizer's step) is zeroed off the new mask too, as the layer's backward would.
     Biases, norms and embeddings stay dense.
 
     Shared modules and tied weights: every reference to a replaced module (a module used twice
@@ -168,6 +169,8 @@ def sparsify(model: nn.Module, density: float | None, distribution: str | Mappin
                              "this model, or None")
         for group in groups:
             check_state_writable(optimizer, group[0][1].weight, None, group[0][0] or "(root)")
+    for group in groups:
+        _check_grad_writable(group[0][1].weight, group[0][0] or "(root)")
     if mask == "magnitude":
         _check_finite(groups)
     shapes = [tuple(group[0][1].weight.shape) for group in groups]
@@ -261,6 +264,22 @@ def check_state_writable(optimizer: torch.optim.Optimizer, weight: Tensor, mask:
             raise ValueError(f"{name} is on {tensor.device}, its weight on {weight.device}: it cannot be zeroed off "
                              f"the mask{' (the meta device holds no values)' if tensor.is_meta else ''}")
         _checks.writable_in_place(tensor, name, mask, f"{layer}.mask")
+
+
+def _check_grad_writable(weight: Tensor, layer: str) -> None:
+    """ValueError naming it for a gradient of `weight` still pending (sparsify called between backward and the
+    optimizer's step) that sparsify could not zero off the new mask in place, checked before anything changes. Left
+    dense, that step would move pruned weights off 0, as optimizer state would."""
+    grad = weight.grad
+    if grad is None:
+        return
+    name = f"{layer}.weight.grad"
+    if grad.layout != torch.strided or grad.device != weight.device:
+        raise ValueError(f"{name} is a {grad.layout} tensor on {grad.device}, its weight a strided one on "
+                         f"{weight.device}: it cannot be zeroed off the mask; set it to None (optimizer.zero_grad()) "
+                         f"before sparsify")
+    with torch.no_grad():   # as the write is: a gradient made with create_graph=True is no refusal
+        _checks.writable_in_place(grad, name)
 
 
 def mask_state_in_place(tensor: Tensor, mask: Tensor) -> None:
@@ -719,6 +738,8 @@ def _commit(model: nn.Module, staged, optimizer: torch.optim.Optimizer | None,
         primary.weight.copy_(new_weight)
         for tensor in [] if optimizer is None else optimizer_state(optimizer, primary.weight):
             tensor.masked_fill_(~mask.to(tensor.device), 0)
+        if primary.weight.grad is not None:
+            primary.weight.grad.masked_fill_(~mask.to(primary.weight.grad.device), 0)
         if new_bias is not None:
             primary.bias.copy_(new_bias)
         for original, sparse in zip(originals, modules):

@@ -917,3 +917,27 @@ def test_values_off_the_mask_never_reach_the_output_and_load_as_saved(generator,
     assert layer.zero_off_mask is True
     layer.verify_zero_off_mask()
     torch.testing.assert_close(layer(x), expected)
+
+
+def test_a_gradient_pending_at_sparsify_is_zeroed_off_the_new_mask(generator):
+    # sparsify between backward and step: the dense gradient left on the weight moved pruned weights off 0 at the
+    # step, and the layers, promising zero_off_mask, computed with them.
+    model = small_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    F.cross_entropy(model(torch.randn(5, 3, 6, 6, generator=generator)),
+                    torch.randint(0, 4, (5,), generator=generator)).backward()
+    sparsekern.sparsify(model, 0.3, mask="magnitude")
+    opt.step()
+    for _, module in sparse_modules(model):
+        assert (module.weight.grad[~module.mask] == 0).all() and (module.weight.grad[module.mask] != 0).any()
+        assert (module.weight[~module.mask] == 0).all()
+
+
+def test_a_pending_gradient_that_cannot_be_written_is_refused_before_anything_changes():
+    model = small_model()
+    weight = model[0].weight
+    weight.grad = torch.zeros(1).expand_as(weight)
+    before = weight.detach().clone()
+    with pytest.raises(ValueError, match=r"0\.weight\.grad has entries that share memory"):
+        sparsekern.sparsify(model, 0.3)
+    assert torch.equal(weight, before) and not sparse_modules(model)
