@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .. import checkpoint, ops
 from ..ops import _checks
-from ..nn import SparseModule, sparse_modules, tying
+from ..nn import SparseModule, _wrappers, sparse_modules, tying
 from ..nn.modules import computed_weight_refusal, refuse_meta
 from ..nn.sharding import refuse_sharded
 from ._stack import user_stacklevel
@@ -388,15 +388,13 @@ def _refuse_strangers(saved: dict, saved_names: list, name: str) -> None:
 def wrapping_hint(saved: list, names: list[str], who: str) -> str:
     """Why a state's layer names may be `who`'s with one prefix more or less: a wrapper's (module. of
     DistributedDataParallel, _orig_mod. of torch.compile) on one side only; "" when they differ otherwise."""
-    if not saved or len(saved) != len(names) or not all(isinstance(name, str) for name in saved):
+    added = _wrappers.added_prefix(saved, names)
+    if added is None:
         return ""
-    for longer, shorter, side in ((sorted(saved), sorted(names), "the saved names carry"),
-                                  (sorted(names), sorted(saved), f"this {who}'s names carry")):
-        prefix = longer[0][:len(longer[0]) - len(shorter[0])]
-        if prefix.endswith(".") and all(long == prefix + short for long, short in zip(longer, shorter)):
-            return (f" ({side} the prefix {prefix!r} of a wrapper, DistributedDataParallel's or torch.compile's: "
-                    f"build {who} on the model wrapped as it was when saved, as the model's own state dict needs)")
-    return ""
+    prefix, in_saved = added
+    side = "the saved names carry" if in_saved else f"this {who}'s names carry"
+    return (f" ({side} the prefix {prefix!r} of a wrapper, DistributedDataParallel's or torch.compile's: "
+            f"build {who} on the model wrapped as it was when saved, as the model's own state dict needs)")
 
 
 def check_masks(masks, groups: list[tying.Group], name: str = "masks", keys: list | None = None) -> list[Tensor]:

@@ -20,6 +20,7 @@ from torch.optim import swa_utils
 
 from ..ops import _checks
 from .modules import sparse_modules
+from ._wrappers import unwrapped
 
 
 class SparseAveragedModel(swa_utils.AveragedModel):
@@ -159,27 +160,22 @@ def _check_model(model) -> None:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
 
-# The attributes under which DDP and torch.compile hold the model they wrap (at the root or on a submodule): the
-# averaged model is often made from the unwrapped model, or the other way round.
-_WRAPPERS = ("module", "_orig_mod")
-
-
 def _layers(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
     """(name without wrappers, mask shape) of each sparse layer, in the order torch pairs their parameters."""
-    return [(_unwrapped(name), tuple(module.mask.shape)) for name, module in sparse_modules(model)]
+    return [(unwrapped(name), tuple(module.mask.shape)) for name, module in sparse_modules(model)]
 
 
 def _paired(model: nn.Module, use_buffers: bool) -> list[tuple[str, tuple[int, ...]]]:
     """(name without wrappers, shape) of each tensor AveragedModel.update_parameters pairs by position: the
     parameters, then, with `use_buffers`, the buffers."""
     tensors = [*model.named_parameters(), *(model.named_buffers() if use_buffers else ())]
-    return [(_unwrapped(name), tuple(tensor.shape)) for name, tensor in tensors]
+    return [(unwrapped(name), tuple(tensor.shape)) for name, tensor in tensors]
 
 
 def _on_meta(model: nn.Module) -> list[str]:
     """The names (without wrappers) of `model`'s parameters and buffers on the meta device: update_parameters copies
     or averages them all (the buffers are copied where they are not averaged)."""
-    return [_unwrapped(name) for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta]
+    return [unwrapped(name) for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta]
 
 
 def _first_mismatch(averaged: list, live: list) -> str:
@@ -191,8 +187,3 @@ def _first_mismatch(averaged: list, live: list) -> str:
     if len(averaged) != len(live):
         return f"{len(live)} of them, the averaged model {len(averaged)}"
     return ""
-
-
-def _unwrapped(name: str) -> str:
-    """A parameter's or module's qualified name without the wrappers' parts (_WRAPPERS)."""
-    return ".".join(part for part in name.split(".") if part not in _WRAPPERS)

@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from typing import Sequence
 
 from ..ops import _checks
+from ._wrappers import added_prefix
 
 DISTRIBUTIONS = ("erk", "uniform")
 
@@ -109,8 +110,19 @@ def given(shapes: Sequence[Sequence[int]], densities: Mapping, names: Sequence[s
                          + (f"; not among them: {', '.join(map(repr, unexpected))}" if unexpected else "")
                          + " (layers are named as sparsekern.nn.densities names them: tied layers by their first "
                            "name, an attention's projections '<attention>.in_proj', ..., a recurrent module's "
-                           "'<rnn>.ih_l0', ...; include/exclude leave layers out)")
+                           "'<rnn>.ih_l0', ...; include/exclude leave layers out)" + _wrapping_hint(missing, unexpected))
     return [densities[name] for name in names]
+
+
+def _wrapping_hint(missing: list[str], unexpected: list) -> str:
+    """Why a profile's names may be the layers' with one prefix more or less: it was read (`densities`) on the other
+    side of a wrapper (DistributedDataParallel's module., torch.compile's _orig_mod.) than the model it is given to."""
+    added = added_prefix(unexpected, missing)
+    if added is None:
+        return ""
+    prefix, in_profile = added
+    return (f"; the {'profile' if in_profile else 'model'}'s names carry the prefix {prefix!r} of a wrapper, "
+            f"DistributedDataParallel's or torch.compile's: read the profile from the model as it is wrapped here")
 
 
 def uniform(shapes: Sequence[Sequence[int]], density: float, *, dense_first_layer: bool = False) -> list[float]:

@@ -69,6 +69,23 @@ def test_round_trip_through_densities():
     assert sparsekern.nn.densities is sparsekern.densities
 
 
+@pytest.mark.parametrize("compiled_side", ["profile", "model"])
+def test_a_profile_read_across_a_wrapper_is_refused_naming_its_prefix(compiled_side):
+    # densities() of a torch.compile'd model names its layers '_orig_mod.0', ...: the refusal listed every name
+    # as missing and unexpected, without saying why.
+    def fresh():
+        return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    source, target = fresh(), fresh()
+    sparsekern.sparsify(source, 0.5, generator=torch.Generator().manual_seed(0))
+    if compiled_side == "profile":
+        source = torch.compile(source)
+    else:
+        target = torch.compile(target)
+    with pytest.raises(ValueError, match=rf"the {compiled_side}'s names carry the prefix '_orig_mod\.' of a wrapper"):
+        sparsekern.sparsify(target, None, distribution=sparsekern.densities(source))
+    assert not sparsekern.nn.sparse_modules(target)
+
+
 def test_densities_of_a_model_that_is_itself_a_layer_names_it_as_the_root():
     layer = sparsekern.sparsify(nn.Linear(10, 10), 0.5)
     assert sparsekern.densities(layer) == {"": 0.5}
