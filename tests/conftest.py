@@ -11,6 +11,25 @@ if not torch.cuda.is_available():
 from sparsekern.ops import _backend  # noqa: E402  (after TRITON_INTERPRET)
 
 
+def _check_kernels_are_this_checkouts() -> None:
+    """Stops the run when sparsekern comes from a checkout (a git worktree on PYTHONPATH, say) whose triton_kernels/
+    is not the one loaded: an editable install maps sparsekern.triton_kernels to the installed checkout's folder by
+    name, so the tests would check another tree's kernels, silently."""
+    import pathlib
+
+    import sparsekern
+    import sparsekern.triton_kernels as kernels
+    beside = pathlib.Path(sparsekern.__file__).resolve().parent.parent / "triton_kernels"
+    loaded = pathlib.Path(kernels.__file__).resolve().parent
+    if beside.is_dir() and beside != loaded:
+        pytest.exit(f"sparsekern is imported from {beside.parent}, but sparsekern.triton_kernels from {loaded}: "
+                    f"install this checkout (pip install --no-build-isolation --no-deps -e .) instead of putting it "
+                    f"on PYTHONPATH", returncode=2)
+
+
+_check_kernels_are_this_checkouts()
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
