@@ -134,10 +134,11 @@ def flops(model: nn.Module, *example_inputs, print_fn: Callable[[str], object] |
 
     Runs `model(*example_inputs, **example_kwargs)` once under torch.no_grad(), in eval mode (every module's own
     training flag is set back afterwards, so a BatchNorm's running statistics are not updated and dropout draws no
-    random numbers) and with torch.backends.mha's fast path off (nn.TransformerEncoderLayer's eval-mode kernel
-    would skip its layers' forwards), counting at each call of a layer with a forward hook; the hooks are
-    removed, and the modes and the fast-path setting restored, also when the forward raises (torch's error,
-    unchanged). A module called twice (shared) is counted at each call, in one row.
+    random numbers) and with torch.backends.mha's fast path off (nn.TransformerEncoder's eval-mode kernel would
+    skip its layers' forwards and pack a padded batch into a NestedTensor), counting at each call of a layer with
+    a forward hook; padded positions count as they are computed. The hooks are removed, and the modes and the
+    fast-path setting restored, also when the forward raises (torch's error, unchanged). A module called twice
+    (shared) is counted at each call, in one row.
 
     Counted: the weight multiplications of these layers, bias adds excluded, each weight entry times the
     positions it is applied at. `dense_macs` counts every weight entry, `sparse_macs` a sparse module's active
@@ -172,9 +173,9 @@ def flops(model: nn.Module, *example_inputs, print_fn: Callable[[str], object] |
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if print_fn is not None and not callable(print_fn):
         raise TypeError(f"print_fn must be callable or None, got {type(print_fn).__name__}")
-    refuse_meta(sparse_modules(model), tensors=("weight", "mask"))
+    refuse_meta(sparse_modules(model), "flops", tensors=("weight", "mask"))
     refuse_meta([(name, m) for name, m in model.named_modules()
-                 if isinstance(m, (nn.Linear, *_CONVOLUTIONS)) and not isinstance(m, SparseModule)])
+                 if isinstance(m, (nn.Linear, *_CONVOLUTIONS)) and not isinstance(m, SparseModule)], "flops")
     counts: dict[str, list] = {}      # counted layer's name -> [calls, dense MACs, sparse MACs]
     batch_sizes: set[int] = set()
     not_counted: dict[str, str] = {}  # name -> type of a module owning parameters that ran uncounted
