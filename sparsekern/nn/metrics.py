@@ -182,23 +182,7 @@ def flops(model: nn.Module, *example_inputs, print_fn: Callable[[str], object] |
     refuse_meta(sparse_modules(model), "flops", tensors=("weight", "mask"))
     refuse_meta([(name, m) for name, m in model.named_modules()
                  if isinstance(m, (nn.Linear, *_CONVOLUTIONS)) and not isinstance(m, SparseModule)], "flops")
-    counts: dict[str, list] = {}      # counted layer's name -> [calls, dense MACs, sparse MACs]
-    batch_sizes: set[int] = set()
-    not_counted: dict[str, str] = {}  # name -> type of a module owning parameters that ran uncounted
-    handles = []
-    try:
-        for name, module in model.named_modules():
-            terms = _terms_function(module)
-            if terms is not None:
-                handles.append(module.register_forward_hook(_counting_hook(name, terms, counts, batch_sizes),
-                                                            with_kwargs=True))
-            elif any(p is not None for p in module._parameters.values()):
-                handles.append(module.register_forward_hook(_noting_hook(name, not_counted)))
-        with _inference(model), torch.no_grad():
-            model(*example_inputs, **example_kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    counts, batch_sizes, not_counted = _counted_forward(model, example_inputs, example_kwargs)
     if not counts:
         raise ValueError("flops: no layer it counts (Linear, Conv, ConvTranspose, MultiheadAttention, RNN/LSTM/GRU, "
                          f"dense or sparse) ran in the forward; modules with parameters that ran: {list(not_counted)}")
@@ -218,6 +202,30 @@ def flops(model: nn.Module, *example_inputs, print_fn: Callable[[str], object] |
 
 
 _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def _counted_forward(model: nn.Module, example_inputs: tuple, example_kwargs: dict) -> tuple[dict, set, dict]:
+    """One forward of `model` under hooks (removed afterwards, whatever happens): {counted layer's name: [calls,
+    dense MACs, sparse MACs]}, the batch sizes the counted layers saw, {name: type} of the modules owning
+    parameters that ran uncounted."""
+    counts: dict[str, list] = {}
+    batch_sizes: set[int] = set()
+    not_counted: dict[str, str] = {}
+    handles = []
+    try:
+        for name, module in model.named_modules():
+            terms = _terms_function(module)
+            if terms is not None:
+                handles.append(module.register_forward_hook(_counting_hook(name, terms, counts, batch_sizes),
+                                                            with_kwargs=True))
+            elif any(p is not None for p in module._parameters.values()):
+                handles.append(module.register_forward_hook(_noting_hook(name, not_counted)))
+        with _inference(model), torch.no_grad():
+            model(*example_inputs, **example_kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return counts, batch_sizes, not_counted
 
 
 @contextlib.contextmanager
