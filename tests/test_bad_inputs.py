@@ -514,6 +514,12 @@ for _arguments, _error, _match in [
 for _arguments, _match in ((dict(model=5), "model"), (dict(model=None), "model"), (dict(print_fn=5), "print_fn")):
     error(f"summary({_show(_arguments)})", model_world,
           lambda w, a=_arguments: sparsekern.summary(**{"model": w.model, **a}), TypeError, _match)
+    error(f"flops({_show(_arguments)})", model_world,
+          lambda w, a=_arguments: sparsekern.flops(a.get("model", w.model), batch()[0],
+                                                   print_fn=a.get("print_fn", print)), TypeError, _match)
+# The forward's own error, untouched, with the model's hooks removed and its modes restored (the snapshot).
+error("flops(an input the model refuses)", model_world,
+      lambda w: sparsekern.flops(w.model, torch.zeros(8, 3, 6, 6)), RuntimeError, "expected input")
 
 for _mask, _error in ((torch.ones(4, 6), TypeError), (torch.ones(6, 4, dtype=torch.bool), ValueError),
                       (None, TypeError), (torch.ones(4, 6, dtype=torch.uint8), TypeError),
@@ -2670,6 +2676,9 @@ error("DST(a sparse model on the meta device)", _meta_sparse_world, _dst_call(DS
       r"^DST: the weights and masks of layers \['0', '1'\] are on the meta device")
 error("summary(a sparse model on the meta device)", _meta_sparse_world, lambda w: sparsekern.summary(w.model),
       ValueError, r"^the masks of layers \['0', '1'\] are on the meta device")   # was torch's "Tensor.item() ... meta"
+error("flops(a sparse model on the meta device)", _meta_sparse_world,
+      lambda w: sparsekern.flops(w.model, torch.zeros(2, 6)), ValueError,
+      r"^flops: the weights and masks of layers \['0', '1'\] are on the meta device")
 # IMP and SWAMP took it (to fail at the first pruning); OptG raised torch's "Tensor.item() cannot be called on meta".
 for _name, _call in (("IMP", lambda w: IMP(w.model, _sgd)), ("SWAMP", lambda w: SWAMP(w.model, _sgd)),
                      ("OptG", lambda w: OptG(w.model, sparsity=0.5, epochs=2))):

@@ -1,13 +1,13 @@
 """Floor 2, the modules: sparse layers (linear, convolutions and transposed convolutions, multi-head
 attention, RNN/LSTM/GRU), `sparsify(model)` and its inverse `densify(model)`, sparsity-aware init, layer
-densities, metrics and `SparseAveragedModel` (EMA, SWA).
+densities, metrics (summary, flops, gradient_flow) and `SparseAveragedModel` (EMA, SWA).
 
 Imports only `sparsekern.ops` below it; the algorithms above drive these modules' masks.
 """
 from . import distributions, init
 from .attention import SparseMultiheadAttention
 from .averaging import SparseAveragedModel
-from .metrics import gradient_flow, summary
+from .metrics import flops, gradient_flow, summary
 from .convolutions import (SparseConv1d, SparseConv2d, SparseConv3d, SparseConvNd, SparseConvTranspose1d,
                            SparseConvTranspose2d, SparseConvTranspose3d, SparseConvTransposeNd)
 from .modules import SparseLinear, SparseModule, sparse_modules
@@ -19,4 +19,4 @@ __all__ = ["SparseModule", "SparseLinear", "SparseConvNd", "SparseConv1d", "Spar
            "SparseConvTransposeNd", "SparseConvTranspose1d", "SparseConvTranspose2d", "SparseConvTranspose3d",
            "SparseMultiheadAttention", "SparseRNNBase", "SparseLSTM", "SparseGRU", "SparseRNN",
            "SparseAveragedModel", "sparse_modules", "sparsify", "densify", "distributions", "init", "gradient_flow",
-           "summary", "densities"]
+           "summary", "flops", "densities"]
