@@ -667,8 +667,11 @@ class DST(distributed.CatchesUp):
     @torch.no_grad()   # a gradient that requires grad (create_graph=True) is masked under no_grad too
     def _check_gradients_writable(self) -> None:
         """ValueError naming the gradient, before anything changes, for one that the update (or `_mask_gradients`)
-        could not mask in place: an expanded view, an inference tensor (`ops._checks.writable_in_place`)."""
+        could not mask in place: an expanded view, an inference tensor (`ops._checks.writable_in_place`); and so for
+        a mask the update could not write, put in place through `mask.data = ...`, which the module's checks of an
+        assigned mask never see (torch refused it only after the weights and optimizer state were written)."""
         for name, module in self.modules:
+            _checks.writable_in_place(module.mask, f"{name}.mask")
             if module.weight.grad is not None:
                 _checks.writable_in_place(module.weight.grad, f"{name}.weight.grad", module.mask, f"{name}.mask")
 
