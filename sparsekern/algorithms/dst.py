@@ -667,8 +667,14 @@ class DST(distributed.CatchesUp):
     @torch.no_grad()   # a gradient that requires grad (create_graph=True) is masked under no_grad too
     def _check_gradients_writable(self) -> None:
         """ValueError naming the gradient, before anything changes, for one that the update (or `_mask_gradients`)
-        could not mask in place: an expanded view, an inference tensor (`ops._checks.writable_in_place`)."""
+        could not mask in place: an expanded view, an inference tensor (`ops._checks.writable_in_place`); and so for
+        a mask whose entries share memory, put in place through `mask.data = ...`, which the module's checks of an
+        assigned mask never see: torch refused to write it only after the weights and optimizer state were."""
         for name, module in self.modules:
+            if not module.mask.is_contiguous() and not _checks.non_overlapping(module.mask):
+                raise ValueError(f"{name}.mask has entries that share memory (an expanded or stride-0 view), so the "
+                                 f"update cannot write it; give the layer a mask of its own "
+                                 f"(module.mask = module.mask.clone())")
             if module.weight.grad is not None:
                 _checks.writable_in_place(module.weight.grad, f"{name}.weight.grad", module.mask, f"{name}.mask")
 

@@ -173,6 +173,9 @@ class OptG(distributed.CatchesUp):
         # others waiting in the replica check), and masks that start apart across ranks are refused.
         with distributed.ReplicaCheck("OptG", group) as replicas:
             self._groups = _tickets.sparse_layers(model, "OptG")
+            # Its text, as IMP's and DST's settings are: a NumPy str_ kept went into state_dict(), which
+            # sparsekern.checkpoint.save then refused; TypeError for a non-str, as every other wrong type.
+            criterion = _checks.choice(criterion, "criterion", CRITERIA)
             frozen = _frozen_layers(self._groups) if criterion == "learned" else []
             self._groups = [tied for tied in self._groups if tied[0][0] not in frozen]
             self.layers = _tickets.primaries(self._groups)
@@ -192,8 +195,6 @@ class OptG(distributed.CatchesUp):
             total = sum(layer.weight.numel() for layer in self.layers)
             if total - round(sparsity * total) == 0:
                 raise ValueError(f"sparsity={sparsity} would prune all {total} prunable weights")
-            if criterion not in CRITERIA:
-                raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
             if epochs == 1 and sparsity > 0 and criterion == "learned" and dense_while_scores_tie:
                 # The mask is a top-k of scores trained in earlier epochs; the only epoch has none (all tie at 0).
                 raise ValueError(f"epochs=1 would end dense, not at sparsity={sparsity}: OptG's only epoch starts "

@@ -269,15 +269,16 @@ def check_state_writable(optimizer: torch.optim.Optimizer, weight: Tensor, mask:
 def _check_grad_writable(weight: Tensor, layer: str) -> None:
     """ValueError naming it for a gradient of `weight` still pending (sparsify called between backward and the
     optimizer's step) that sparsify could not zero off the new mask in place, checked before anything changes. Left
-    dense, that step would move pruned weights off 0, as optimizer state would."""
+    dense, that step would move pruned weights off 0, as optimizer state would. Its shape is checked too: torch
+    checks it when `.grad` is set, not when its `.data` is."""
     grad = weight.grad
     if grad is None:
         return
     name = f"{layer}.weight.grad"
-    if grad.layout != torch.strided or grad.device != weight.device:
-        raise ValueError(f"{name} is a {grad.layout} tensor on {grad.device}, its weight a strided one on "
-                         f"{weight.device}: it cannot be zeroed off the mask; set it to None (optimizer.zero_grad()) "
-                         f"before sparsify")
+    if grad.layout != torch.strided or grad.device != weight.device or grad.shape != weight.shape:
+        raise ValueError(f"{name} is a {grad.layout} tensor of shape {tuple(grad.shape)} on {grad.device}, its weight "
+                         f"a strided one of shape {tuple(weight.shape)} on {weight.device}: it cannot be zeroed off "
+                         f"the mask; set it to None (optimizer.zero_grad()) before sparsify")
     with torch.no_grad():   # as the write is: a gradient made with create_graph=True is no refusal
         _checks.writable_in_place(grad, name)
 

@@ -937,6 +937,26 @@ def test_an_update_refused_for_another_reason_after_a_fresh_count_changes_nothin
     assert torch.equal(before[3], after[3]) and before[4] == after[4]
 
 
+def test_a_mask_replaced_through_data_by_an_expanded_view_is_refused_before_anything_changes():
+    # `mask.data = ...` passes none of the checks of an assigned mask: the update wrote the weights and optimizer
+    # state, then torch refused to copy the new masks into one whose entries share memory.
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    algo = sparsekern.DST(model, optimizer, update_every=2, total_steps=100)
+    train_step(model, optimizer, algo, 0)
+    module = algo.modules[1][1]
+    module.mask.data = torch.ones(1, dtype=torch.bool).expand(module.mask.shape)
+    x, y = batch(1)
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    state = lambda: [t.detach().clone() for _, m in algo.modules
+                     for t in (m.weight, optimizer.state[m.weight]["momentum_buffer"])]
+    before = state()
+    with pytest.raises(ValueError, match=r"^3\.mask has entries that share memory"):
+        algo.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, state())) and algo.step_count == 1
+
+
 def _host_reads_of_the_first_update(algo: sparsekern.DST, model) -> int:
     """Tensor-to-Python conversions (host reads, a sync each on a GPU) of the next step, an update (planted
     gradients: the same for every model built by small_model)."""

@@ -941,3 +941,16 @@ def test_a_pending_gradient_that_cannot_be_written_is_refused_before_anything_ch
     with pytest.raises(ValueError, match=r"0\.weight\.grad has entries that share memory"):
         sparsekern.sparsify(model, 0.3)
     assert torch.equal(weight, before) and not sparse_modules(model)
+
+
+def test_a_pending_gradient_of_another_shape_is_refused_before_anything_changes():
+    # torch checks a gradient's shape when .grad is set, not when its .data is: zeroing it off the mask failed with
+    # torch's error once the layers before it were replaced.
+    model = small_model()
+    model[-1].weight.grad = torch.zeros_like(model[-1].weight)
+    model[-1].weight.grad.data = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match=r"^9\.weight\.grad is a torch\.strided tensor of shape \(3, 3\) on cpu, its "
+                                         r"weight a strided one of shape \(4, 16\)"):
+        sparsekern.sparsify(model, 0.3)
+    assert not sparse_modules(model)
+
