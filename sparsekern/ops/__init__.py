@@ -103,8 +103,8 @@ def prune_grow(weights, masks, prune_scores, grow_scores, n, state=(), masked=()
             optimizer step reads; optimizer state that new connections keep), or () for none.
         active: the caller's count of active entries, shaped like n (a list per layer, or the
             total). It saves counting the masks, which costs a device-to-host read on a GPU; the
-            C++ CPU kernel and the reference check it; the CUDA and Triton kernels trust it (Triton
-            on CPU tensors, under the interpreter, too).
+            kernels on CPU tensors (C++, Triton's interpreter) and the reference check it, the GPU
+            kernels trust it.
         prune_abs, grow_abs: rank the prune (grow) scores by their absolute value, so that magnitude
             criteria (|w|, |grad|) pass the weights or gradients themselves and need no score copy.
     Returns:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _masked_linear_op, flat_layers, new_masks_like
+from . import _masked_linear_op, flat_layers, new_masks_like, reference
 from ..triton_kernels import masked_linear as _masked_linear
 from ..triton_kernels import prune_grow as _prune_grow
 from ..triton_kernels import topk_mask as _topk_mask
@@ -74,10 +74,21 @@ def topk_mask_per_tensor(scores: list[Tensor], k: list[int]) -> list[Tensor]:
 
 def prune_grow(weights, masks, prune_scores, grow_scores, n, global_scope, state, masked, active, prune_abs,
                grow_abs) -> list[Tensor]:
+    if active is not None and masks[0].device.type == "cpu":
+        _check_active_on_host(masks, n, global_scope, active)
     new = new_masks_like(masks)
     _prune_grow_op(list(weights), list(masks), list(prune_scores), list(grow_scores), list(n), global_scope,
                    *flat_layers(state), *flat_layers(masked), prune_abs, grow_abs, new)
     return new
+
+
+def _check_active_on_host(masks: list[Tensor], n: list[int], global_scope: bool, active: list[int]) -> None:
+    """The caller's counts checked as the C++ CPU kernel and the reference check them, where that costs no device
+    read (under the interpreter, on CPU tensors): a stale count (DST's, after a mask was written unseen) is then
+    refused on every CPU backend alike, before anything is written, rather than making n from it here alone."""
+    counts = reference.active_counts(masks)
+    for segment, (swap, claimed, count) in enumerate(zip(n, active, [sum(counts)] if global_scope else counts)):
+        reference.check_swap(swap, count, claimed, *reference.swap_names(segment, global_scope))
 
 
 masked_linear = _masked_linear_op.define(

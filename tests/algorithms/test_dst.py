@@ -14,7 +14,7 @@ from sparsekern.algorithms.dst import _Blocks
 from sparsekern.nn import SparseConv1d, SparseConv3d, SparseLinear, sparse_modules
 
 from ..helpers import batch as stateless_batch
-from ..helpers import conv1d_conv3d_model, conv_data, counting_host_reads
+from ..helpers import BACKENDS, conv1d_conv3d_model, conv_data, counting_host_reads
 
 
 @pytest.fixture(autouse=True)
@@ -892,6 +892,18 @@ def test_a_mask_written_without_its_version_changing_is_counted_again(write, sco
     assert warned == [f"DST.step(): {changed} was changed without its version counter changing (a write through "
                       f".data or a NumPy view?), so DST counted the masks again; use module.set_mask(...) to change "
                       f"a mask"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_every_cpu_backend_recovers_from_a_stale_count_alike(backend, scope, use_backend):
+    # The Triton backend (the interpreter, on CPU tensors) used the stale count unchecked: its masks differed from
+    # a set_mask run's, silently.
+    use_backend(backend, "prune_grow")
+    expected_masks, _, _ = _update_after_writing_a_mask(lambda m, mask: m.set_mask(mask), scope, grow="gradient")
+    new_masks, _, warned = _update_after_writing_a_mask(UNSEEN_WRITES["mask.data.copy_"], scope, grow="gradient")
+    assert all(torch.equal(a, b) for a, b in zip(new_masks, expected_masks))
+    assert len(warned) == 1 and "was changed without its version counter changing" in warned[0]
 
 
 @pytest.mark.parametrize("scope", ["layer", "global"])

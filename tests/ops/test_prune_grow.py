@@ -262,6 +262,24 @@ def test_empty_list(backend, use_backend):
     assert sparsekern.ops.prune_grow([], [], [], [], 0) == []
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_a_wrong_active_count_is_refused_on_cpu_by_every_backend_with_nothing_changed(backend, scope, use_backend,
+                                                                                         generator):
+    # DST passes the counts it remembers; a mask written without its version changing makes them stale, and DST
+    # recovers only from a refusal. The Triton backend (the interpreter, on CPU tensors) used the count unchecked.
+    use_backend(backend, "prune_grow")
+    weights, masks, prune, grow, state, masked = layer_list(generator, torch.float32, "ties", "contiguous")
+    counts = [int(m.sum()) for m in masks]
+    n = [c // 2 for c in counts] if scope == "layer" else sum(counts) // 2
+    active = [c + (i == 0) for i, c in enumerate(counts)] if scope == "layer" else sum(counts) + 1
+    before = [w.clone() for w in weights]
+    name = r"active\[0\] is \d+ but masks\[0\] has" if scope == "layer" else r"active is \d+ but the masks have"
+    with pytest.raises(ValueError, match=name):
+        sparsekern.ops.prune_grow(weights, masks, prune, grow, n, state, masked, active=active)
+    assert all(torch.equal(w, b) for w, b in zip(weights, before))
+
+
 compiled = pytest.mark.skipif(_extension.kernel_missing("prune_grow", "cpu") is not None,
                               reason=f"no compiled CPU kernels: {_extension.kernel_missing('prune_grow', 'cpu')}")
 
