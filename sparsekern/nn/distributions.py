@@ -110,7 +110,8 @@ def given(shapes: Sequence[Sequence[int]], densities: Mapping, names: Sequence[s
                          + (f"; not among them: {', '.join(map(repr, unexpected))}" if unexpected else "")
                          + " (layers are named as sparsekern.nn.densities names them: tied layers by their first "
                            "name, an attention's projections '<attention>.in_proj', ..., a recurrent module's "
-                           "'<rnn>.ih_l0', ...; include/exclude leave layers out)" + _wrapping_hint(missing, unexpected))
+                           "'<rnn>.ih_l0', ...; include/exclude leave layers out)"
+                         + _wrapping_hint(missing, unexpected))
     return [densities[name] for name in names]
 
 
