@@ -829,7 +829,7 @@ class DST(distributed.CatchesUp):
         warnings.warn(f"DST.step(): {_stale_masks([name for name, _ in named], kept, counts, unit)} (a write "
                       f"through .data or a NumPy view?), so DST counted the masks again; use module.set_mask(...) "
                       f"to change a mask", stacklevel=user_stacklevel())
-        self._counts = (self._counts[0], counts)
+        self._remember_counts(masks, counts)
         return True
 
     def _scores(self, weights, grads, masks, layers: list[str],
