@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
 import json
 import math
 import platform
@@ -468,11 +469,13 @@ def environment(out_dir: str, dry_run: bool) -> int:
             "cuda_kernels": _extension.kernel_missing("sparse_linear", "cuda") is None,
             "backends": {op: report["cuda" if not dry_run else "cpu"]["chosen"]
                          for op, report in sparsekern.backends()["ops"].items()}}
-    try:
-        import triton
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
+    # setuptools: pyproject's license table needs replacing by an SPDX string (setuptools >= 77) before setuptools
+    # drops the table (2027-02-18); the device installs with --no-build-isolation, so its own setuptools decides.
+    for package in ("triton", "numpy", "setuptools"):
+        try:
+            info[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            info[package] = None
     if not dry_run:
         properties = torch.cuda.get_device_properties(0)
         info.update(gpu=properties.name, capability=".".join(map(str, torch.cuda.get_device_capability(0))),
@@ -528,7 +531,8 @@ def results(out_dir: str) -> int:
              f"- GPU: {gpu} (compute capability {env.get('capability')}, {env.get('sms')} SMs, "
              f"{env.get('memory_gb')} GB); driver, max SM clock, power limit: {env.get('driver')}",
              f"- torch {env.get('torch')} (CUDA {env.get('torch_cuda')}), triton {env.get('triton')}, "
-             f"Python {env.get('python')}, {env.get('nvcc')}",
+             f"Python {env.get('python')}, numpy {env.get('numpy')}, setuptools {env.get('setuptools')}, "
+             f"{env.get('nvcc')}",
              f"- sparsekern commit {env.get('commit')}; extension {env.get('extension')}; CUDA kernels: "
              f"{env.get('cuda_kernels')}; backends chosen: {env.get('backends')}", "",
              "## GPU tests", "",
