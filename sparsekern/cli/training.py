@@ -528,7 +528,9 @@ def write_metrics(config: TrainConfig, history: list[dict], flow: list[dict], ou
     `out_dir`, each written atomically."""
     write_text(os.path.join(out_dir, "metrics.json"),
                json.dumps({"config": asdict(config), "epochs": history, "gradient_flow": flow}, indent=2))
-    write_text(os.path.join(out_dir, "metrics.csv"), csv_text(list(history[0]), history))
+    # Every row's columns: a run resumed from a checkpoint of earlier versions has older rows without the costs
+    write_text(os.path.join(out_dir, "metrics.csv"),
+               csv_text(list(dict.fromkeys(name for row in history for name in row)), history))
     rows = [{**{name: value for name, value in record.items() if name != "layers"},
              **{f"gradient_flow[{layer}]": value for layer, value in record.get("layers", {}).items()}}
             for record in flow]   # a run resumed from a checkpoint of earlier versions has records without layers
