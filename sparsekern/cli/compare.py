@@ -248,7 +248,8 @@ def markdown_table(rows: list[dict], base: TrainConfig, seeds: int) -> str:
     return (f"Test accuracy (%){over_seeds}. {caption(base, seeds, methods)}.{marked}\n\n{header}{accuracy}\n"
             f"Gradient flow ‖g⊙m‖₂ on a fixed batch, each run's mean over the epochs of training{over_seeds}.\n\n"
             f"{header}{flow}\n"
-            f"FLOPs as a fraction of the dense model's, inference / training{', mean over seeds' if seeds > 1 else ''}: "
+            f"FLOPs as a fraction of the dense model's, inference / training"
+            f"{', mean over seeds' if seeds > 1 else ''}: "
             f"inference, the final model's forward pass; training, every step's forward and backward as RigL's "
             f"paper counts them (a dense weight gradient where the method computed one), over a dense run of "
             f"{counted(base.epochs, 'epoch')}.\n\n{header}{costs}")

@@ -3,19 +3,21 @@
 Inference: `sk.flops` of the model on one example, its sparse MACs and their ratio to the dense model's (SET, RigL,
 MEST report this fraction).
 
-Training: the accounting of RigL's paper (Evci et al. 2020, Sec. 4 and Appendix H), applied step by step to what
-the run did. With f_S the sparse forward MACs of one example at the step's masks and f_D the dense ones, a step
-costs f_S for the forward and 2 f_S for the backward (the gradients of the activations and of the active weights),
-3 f_S in all; where a layer computes the dense weight gradient in that step (its `dense_grad` set: DST's update
-steps, which RigL's growth reads; OptG's every step, whose scores read it) its weight gradient costs its dense
-MACs instead of its sparse ones (RigL's update step: 2 f_S + f_D). Each step counts its examples (the epoch's last,
-shorter batch fewer); steps a rewound ticket skips count nothing; the masks are read at each step, so a method
-that trains denser first (IMP's dense first cycle, SWAMP, OptG's and GMP's ramps) counts the density it used.
-The fraction divides by a dense run of the same epochs and batches: 3 f_D per example of each of --epochs epochs
-(one segment: IMP's cycles and SWAMP's particles each cost a training of their own). Gradient-flow measurements
-and evaluation are not training and are not counted, nor are the mask updates' own selections (a few operations
-per weight, as the paper leaves them out). These are the papers' theoretical counts for kernels that skip the
-masked-out products, not what this package's kernels execute (a masked dense product costs dense compute).
+Training: the accounting of RigL's paper (Evci et al. 2020, Sec. 4 and Appendix H), applied step by step to what the
+run did. With f_S the sparse forward MACs of one example at the step's masks and f_D the dense ones, a step costs
+f_S for the forward and 2 f_S for the backward (the gradients of the activations and of the active weights), 3 f_S
+in all; where a layer computes the dense weight gradient in that step (its `dense_grad` set: DST's update steps,
+which RigL's growth reads; OptG's every step, whose scores read it) its weight gradient costs its dense MACs instead
+of its sparse ones (RigL's update step: 2 f_S + f_D). This DST computes the dense gradient on the update steps of
+every criterion, SET's and MEST's too (grown weights get their first gradient step at the update), so they count
+what RigL counts, where RigL's paper counts SET at 3 f_S throughout. Each step counts its examples (the epoch's
+last, shorter batch fewer); steps a rewound ticket skips count nothing; the masks are read at each step, so a method
+that trains denser first (IMP's dense first cycle, SWAMP, OptG's and GMP's ramps) counts the density it used. The
+fraction divides by a dense run of the same epochs and batches: 3 f_D per example of each of --epochs epochs (one
+segment: IMP's cycles and SWAMP's particles each cost a training of their own). Gradient-flow measurements and
+evaluation are not training and are not counted, nor are the mask updates' own selections (a few operations per
+weight, as the paper leaves them out). These are the papers' theoretical counts for kernels that skip the masked-out
+products, not what this package's kernels execute (a masked dense product costs dense compute).
 
 Counted layers are the CLI's models': Linear and Conv layers, sparse or dense, where each weight entry costs the
 same MACs per example (its positions), so that a layer's sparse MACs are its active entries times those.

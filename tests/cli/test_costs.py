@@ -136,7 +136,8 @@ def _stored(tmp_path, edit):
     edit(record)
     path.write_text(json.dumps(record))
     trained = []
-    records = execute([Job(config)], store, load_dataset("digits"), on_done=lambda job, record, new: trained.append(new))
+    records = execute([Job(config)], store, load_dataset("digits"),
+                      on_done=lambda job, record, new: trained.append(new))
     return trained, records[key(config)]
 
 
