@@ -206,3 +206,10 @@ def test_train_says_its_costs_and_a_run_resumed_from_an_older_checkpoint_counts_
     assert f"({fraction:.3g} of dense);" in line and "training FLOPs" not in line
     rows = _read_csv(tmp_path / "metrics.csv")   # the columns of every row, empty where an epoch has none
     assert [row["inference_flops_fraction"] for row in rows] == ["", str(fraction)]
+    # a finished run of earlier versions, resumed: nothing trained, and no cost to say (it raised a KeyError)
+    saved = checkpoint.load(tmp_path / "checkpoint.pt")
+    del saved["history"][-1]["inference_macs"], saved["history"][-1]["inference_flops_fraction"]
+    checkpoint.save(saved, tmp_path / "checkpoint.pt")
+    main([*common, "--resume", str(tmp_path / "checkpoint.pt")])
+    line = capsys.readouterr().out
+    assert "nothing trained" in line and "MACs" not in line and "FLOPs" not in line
