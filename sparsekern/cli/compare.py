@@ -22,7 +22,7 @@ from .output import DENSITY_LABEL, counted, csv_text, density_axis, save_figure,
 from .progress import execute_shown
 from .recipes import CRITERION_PARAMETERS, criteria_of, start_density
 from .runs import Job, RunStore, key, unique, warnings_cell
-from .training import TrainConfig
+from .training import COST_KEYS, TrainConfig
 
 DEFAULT_METHODS = ("dense", "static", "set", "rigl", "dst")
 DEFAULT_CRITERIA = ("magnitude", "snip", "random")
@@ -36,10 +36,11 @@ CRITERION_METHOD = "dst"  # the method whose lines the criteria axis makes; pres
 # counts round d_l·N_l, so the overall density of a small model misses the target by a fraction of a percent.
 FILING_TOLERANCE = 0.01
 RUN_FIELDS = ("label", "method", "prune", "grow", "schedule", "init", "density", "final_density", "seed",
-              "epochs_trained", "test_accuracy", "gradient_flow", "gradient_flow_mean", "seconds", "key", "warnings")
+              "epochs_trained", "test_accuracy", "gradient_flow", "gradient_flow_mean", *COST_KEYS, "seconds", "key",
+              "warnings")
 SUMMARY_FIELDS = ("label", "method", "prune", "grow", "schedule", "init", "epochs", "density", "target_density",
                   "final_density_mean", "accuracy_mean", "accuracy_std", "seeds", "gradient_flow_final_mean",
-                  "gradient_flow_training_mean", "gradient_flow_training_std")
+                  "gradient_flow_training_mean", "gradient_flow_training_std", *(f"{name}_mean" for name in COST_KEYS))
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,7 @@ def run_row(line: Line, config: TrainConfig, record: dict) -> dict:
             "density": config.density, "seed": config.seed,
             **{name: record[name] for name in ("schedule", "final_density", "epochs_trained", "test_accuracy",
                                                "gradient_flow", "gradient_flow_mean", "seconds", "key")},
+            **{name: record.get(name) for name in COST_KEYS},   # None (an empty cell) in a record stored before them
             "warnings": warnings_cell(record)}
 
 
@@ -146,7 +148,7 @@ def summarise(lines: list[Line], runs: list[dict]) -> list[dict]:
     """Per line and filed density: mean and sample standard deviation of test accuracy (None for one seed, which
     measures no spread: an empty CSV cell), the mean final density, and gradient flow (final, and the mean over
     training's epochs), averaged over seeds, with the sample standard deviation of the latter (None for one
-    seed)."""
+    seed), and the costs (COST_KEYS) averaged over seeds, None where a run's record has none."""
     rows = []
     for line in lines:
         mine = [run for run in runs if run["label"] == line.label]
@@ -166,8 +168,14 @@ def summarise(lines: list[Line], runs: list[dict]) -> list[dict]:
                          "seeds": len(accuracies),
                          "gradient_flow_final_mean": statistics.fmean(run["gradient_flow"] for run in at),
                          "gradient_flow_training_mean": statistics.fmean(flows),
-                         "gradient_flow_training_std": statistics.stdev(flows) if len(flows) > 1 else None})
+                         "gradient_flow_training_std": statistics.stdev(flows) if len(flows) > 1 else None,
+                         **{f"{name}_mean": _mean_of_all([run[name] for run in at]) for name in COST_KEYS}})
     return rows
+
+
+def _mean_of_all(values: list) -> float | None:
+    """The mean of `values`, None if any is None: the mean of some seeds' would pass for all of theirs."""
+    return None if any(value is None for value in values) else statistics.fmean(values)
 
 
 def caption(base: TrainConfig, seeds: int, methods) -> str:
@@ -203,7 +211,8 @@ def markdown_table(rows: list[dict], base: TrainConfig, seeds: int) -> str:
     """A caption, then test accuracy in percent, mean ± std over seeds (the value alone for one seed): one row per
     line with its mask schedule and total epochs, one column per density (dense: the same value in every column),
     the best sparse line's cell of each density in bold (`best_rows`); then the same grid of gradient flow averaged
-    over training."""
+    over training, and of inference and training FLOPs as fractions of the dense model's, "–" where a run's record
+    has none."""
     columns = sorted({row["density"] for row in rows if row["method"] != "dense"}, reverse=True) or [1.0]
     header = ("| line | schedule | epochs | " + " | ".join(f"density {density:g}" for density in columns) + " |\n"
               + "| --- | --- | --- |" + " --- |" * len(columns) + "\n")
@@ -231,12 +240,19 @@ def markdown_table(rows: list[dict], base: TrainConfig, seeds: int) -> str:
     accuracy = body(accuracy_cell)
     flow = body(lambda row: spread(row["gradient_flow_training_mean"], row["gradient_flow_training_std"], ".3g",
                                     ".2g"))
+    costs = body(lambda row: " / ".join("–" if row[f"{name}_mean"] is None else f"{row[f'{name}_mean']:.3g}"
+                                        for name in ("inference_flops_fraction", "training_flops_fraction")))
     over_seeds = ", mean ± sd over seeds" if seeds > 1 else ""
     marked = " In bold: the best sparse line at each density (highest mean)." if best else ""
     methods = list(dict.fromkeys(row["method"] for row in rows))
     return (f"Test accuracy (%){over_seeds}. {caption(base, seeds, methods)}.{marked}\n\n{header}{accuracy}\n"
             f"Gradient flow ‖g⊙m‖₂ on a fixed batch, each run's mean over the epochs of training{over_seeds}.\n\n"
-            f"{header}{flow}")
+            f"{header}{flow}\n"
+            f"FLOPs as a fraction of the dense model's, inference / training"
+            f"{', mean over seeds' if seeds > 1 else ''}: "
+            f"inference, the final model's forward pass; training, every step's forward and backward as RigL's "
+            f"paper counts them (a dense weight gradient where the method computed one), over a dense run of "
+            f"{counted(base.epochs, 'epoch')}.\n\n{header}{costs}")
 
 
 def plot(rows: list[dict], path: str, base: TrainConfig) -> None:

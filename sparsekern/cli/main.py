@@ -543,12 +543,26 @@ def _prepare_train(args):
             done = f"{done} (nothing trained: the checkpoint was already at epoch {resumed_at})"
         on = f" on {ranks.world_size} ranks" if ranks.several else ""
         if _leads():
+            summary = result.summary()
             print(f"{config.method} {done}{on}: test accuracy {100 * final['test_accuracy']:.2f}%, test loss "
                   f"{final['test_loss']:.4f}, density {final['density']:.4f}, gradient flow "
-                  f"{final['gradient_flow']:.4g} (mean over epochs {result.summary()['gradient_flow_mean']:.4g}); "
-                  f"metrics and checkpoint in {args.out}")
+                  f"{final['gradient_flow']:.4g} (mean over epochs {summary['gradient_flow_mean']:.4g})"
+                  f"{_costs_text(summary)}; metrics and checkpoint in {args.out}")
 
     return start
+
+
+def _costs_text(summary: dict) -> str:
+    """A run's costs as its end-of-run line says them, each after a comma, where its metrics counted them: a run
+    resumed from a checkpoint of earlier versions has no training FLOPs, and no inference MACs either where it had
+    no epoch left to train."""
+    text = ""
+    if "inference_macs" in summary:
+        text += (f", inference {summary['inference_macs']:,} MACs per example "
+                 f"({summary['inference_flops_fraction']:.3g} of dense)")
+    if "training_flops_fraction" in summary:
+        text += f", training FLOPs {summary['training_flops_fraction']:.3g} of dense"
+    return text
 
 
 def _agreed(ranks: data_parallel.Ranks, check):

@@ -28,7 +28,7 @@ from ..algorithms.dst import SCOPES, SWAP_ROUNDINGS
 from ..nn import gradient_flow, sparse_modules, sparsify
 from ..nn import init as sparse_init
 from ..nn.sparsify import SPARSIFIABLE
-from . import data_parallel
+from . import costs, data_parallel
 from .data import Dataset, load_dataset
 from .models import build_model
 from .output import csv_text, first_line, write_text
@@ -175,17 +175,31 @@ class RunResult:
 
     def summary(self) -> dict:
         """What a comparison keeps of a finished run: final metrics, its gradient flow over training, its
-        schedule and the epochs it trained."""
-        return summary_of(self.history, self.schedule)
+        schedule and the epochs it trained, and its costs in FLOPs where its history has them (COST_KEYS)."""
+        return summary_of(self.history, self.schedule, self.config.epochs)
 
 
-def summary_of(history: list[dict], schedule: str) -> dict:
-    """`RunResult.summary()` of a run whose metrics per epoch are `history` (not empty)."""
+# The entries of a summary that records stored before them lack: a record without them is whole (a table shows an
+# empty cell), one with them holds what its history gives, as for the others.
+COST_KEYS = ("inference_macs", "inference_flops_fraction", "training_flops_fraction")
+
+
+def summary_of(history: list[dict], schedule: str, epochs: int) -> dict:
+    """`RunResult.summary()` of a run whose metrics per epoch are `history` (not empty), of `epochs` epochs a
+    segment. Its costs (`sparsekern.cli.costs`): "inference_macs" and "inference_flops_fraction", the final model's
+    sparse MACs per example and their fraction of the dense model's, where the last epoch's metrics hold them;
+    "training_flops_fraction", the FLOPs of all its training steps as a fraction of a dense run's of `epochs` epochs,
+    where every epoch's hold its own (a run resumed from a checkpoint of earlier versions has none)."""
     flows = [epoch["gradient_flow"] for epoch in history]
-    return {"test_accuracy": history[-1]["test_accuracy"], "test_loss": history[-1]["test_loss"],
-            "final_density": history[-1]["density"], "gradient_flow": history[-1]["gradient_flow"],
-            "gradient_flow_mean": sum(flows) / len(flows), "epochs_trained": len(history), "schedule": schedule,
-            "seconds": sum(epoch["seconds"] for epoch in history)}
+    summary = {"test_accuracy": history[-1]["test_accuracy"], "test_loss": history[-1]["test_loss"],
+               "final_density": history[-1]["density"], "gradient_flow": history[-1]["gradient_flow"],
+               "gradient_flow_mean": sum(flows) / len(flows), "epochs_trained": len(history), "schedule": schedule,
+               "seconds": sum(epoch["seconds"] for epoch in history)}
+    summary |= {name: history[-1][name] for name in ("inference_macs", "inference_flops_fraction")
+                if name in history[-1]}
+    if all("training_flops_fraction" in epoch for epoch in history):
+        summary["training_flops_fraction"] = sum(epoch["training_flops_fraction"] for epoch in history) / epochs
+    return summary
 
 
 def prepare(config: TrainConfig, dataset: Dataset | None = None, resume: str | None = None,
@@ -297,6 +311,8 @@ class Run:
         train_x, train_y = self.data.train_x.to(device), self.data.train_y.to(device)
         test_x, test_y = self.data.test_x.to(device), self.data.test_y.to(device)
         flow_batch = (train_x[:GRADIENT_FLOW_BATCH], train_y[:GRADIENT_FLOW_BATCH])
+        example = train_x[:1]   # what the costs are measured on: one example of the dataset's shape
+        cost = costs.TrainingCost(model, example)
         loss_fn = nn.CrossEntropyLoss()
         summed_loss = nn.CrossEntropyLoss(reduction="sum")
 
@@ -319,7 +335,7 @@ class Run:
             model.train()
             order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(
                 recipe.data_seed(epoch_in_segment)))
-            loss_sum, samples, updates = 0.0, 0, 0
+            loss_sum, samples, updates, training_macs = 0.0, 0, 0, 0
             for batch_index, start in enumerate(range(0, len(order), config.batch_size)):
                 step = epoch_in_segment * self.steps_per_epoch + batch_index
                 global_step = epoch * self.steps_per_epoch + batch_index + 1
@@ -332,6 +348,7 @@ class Run:
                 batch = order[start:start + config.batch_size]
                 mine = data_parallel.batch_slice(batch, rank, world_size).to(device)
                 recipe.optimizer.zero_grad(set_to_none=True)
+                training_macs += cost.step(len(batch))   # the whole batch's, on every rank alike
                 loss = summed_loss(forward(train_x[mine]), train_y[mine])
                 (loss / (len(batch) / world_size)).backward()  # in one process: the batch's mean loss
                 around_update = recipe.updates_masks_next()
@@ -357,7 +374,9 @@ class Run:
             metrics = {"epoch": epoch + 1, **position, "train_loss": loss_sum / max(samples, 1), **evaluation,
                        "density": density(model),
                        "gradient_flow": record_flow((epoch + 1) * self.steps_per_epoch, epoch + 1, "epoch"),
-                       "mask_updates": updates, "world_size": world_size, "seconds": time.perf_counter() - started}
+                       "mask_updates": updates, **costs.inference(model, example),
+                       "training_flops_fraction": training_macs / cost.dense_step(len(train_y)),
+                       "world_size": world_size, "seconds": time.perf_counter() - started}
             self.history.append(metrics)
             self.epoch = epoch + 1
             # Masks that change between epochs (OptG, IMP, SWAMP) get the records of a DST update around the change.
@@ -456,13 +475,19 @@ def damaged_records(history: list, flow, epochs: int) -> str:
 
 
 def damaged_summary(record: dict) -> str:
-    """What is wrong with the `RunResult.summary()` entries of a run record whose "history" `damaged_records` passed:
-    each must be what its history gives (a value of another type failed the tables' writing, or went into them, and
-    a number of another value, a final density say, filed the run elsewhere); "" if nothing."""
+    """What is wrong with the `RunResult.summary()` entries of a run record whose "history" `damaged_records` passed
+    and whose "config" is its run's: each must be what its history gives (a value of another type failed the
+    tables' writing, or went into them, and a number of another value, a final density say, filed the run
+    elsewhere), the COST_KEYS too where the record has them; "" if nothing."""
     if not record["history"] or not isinstance(record["schedule"], str):
         return "it holds no epoch" if not record["history"] else "its schedule is no str"
-    expected = summary_of(record["history"], record["schedule"])
+    expected = summary_of(record["history"], record["schedule"], record["config"]["epochs"])
+    unexplained = next((name for name in COST_KEYS if name in record and name not in expected), None)
+    if unexplained is not None:
+        return f"its {unexplained} is {record[unexplained]!r:.40}, where its history gives none"
     for name, value in expected.items():
+        if name in COST_KEYS and name not in record:
+            continue
         stored = record[name]
         if type(stored) is not type(value) or not (stored == value or stored != stored and value != value):   # NaN
             return f"its {name} is {stored!r:.40}, where its history gives {value!r}"
@@ -503,7 +528,9 @@ def write_metrics(config: TrainConfig, history: list[dict], flow: list[dict], ou
     `out_dir`, each written atomically."""
     write_text(os.path.join(out_dir, "metrics.json"),
                json.dumps({"config": asdict(config), "epochs": history, "gradient_flow": flow}, indent=2))
-    write_text(os.path.join(out_dir, "metrics.csv"), csv_text(list(history[0]), history))
+    # Every row's columns: a run resumed from a checkpoint of earlier versions has older rows without the costs
+    write_text(os.path.join(out_dir, "metrics.csv"),
+               csv_text(list(dict.fromkeys(name for row in history for name in row)), history))
     rows = [{**{name: value for name, value in record.items() if name != "layers"},
              **{f"gradient_flow[{layer}]": value for layer, value in record.get("layers", {}).items()}}
             for record in flow]   # a run resumed from a checkpoint of earlier versions has records without layers
