@@ -388,9 +388,11 @@ class SparseModule(nn.Module):
             state_dict[prefix + "mask"] = torch.ones(self.mask.shape, dtype=torch.bool, device=device)
         mask = state_dict.get(prefix + "mask")
         _check_loaded_mask(mask, prefix + "mask")
-        if mask is not None and not local_metadata.get("assign_to_params_buffers", False):
-            # Copied into the module's own buffer (assign=True puts the loaded one in its place instead).
-            check_own_mask(self, f"load_state_dict: layer {prefix[:-1] or '(root)'!r}")
+        if mask is not None:
+            # Copied into the module's own buffer; assign=True puts the loaded one in its place instead, but reads the
+            # old one as the weight is put in place first (`_recheck_zero_off_mask`).
+            check_own_mask(self, f"load_state_dict: layer {prefix[:-1] or '(root)'!r}",
+                           written=not local_metadata.get("assign_to_params_buffers", False))
         if isinstance(mask, Tensor) and (mask.dtype != torch.bool or not _checks.non_overlapping(mask)):
             # As a bool tensor of its own here, not in the copy into the buffer: load_state_dict(assign=True)
             # puts the tensor itself in the module, where an expanded view (which torch.save keeps as
