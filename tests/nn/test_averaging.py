@@ -317,7 +317,8 @@ def test_a_tensor_on_the_meta_device_is_refused_by_name_with_nothing_changed(cha
     assert all(torch.equal(before[key], value) for key, value in average.state_dict().items() if not value.is_meta)
 
 
-@pytest.mark.parametrize("kind", BAD_OWN_MASKS)
+# (One on the meta device is refused before, with every meta tensor of the averaged model named.)
+@pytest.mark.parametrize("kind", [kind for kind in BAD_OWN_MASKS if kind != "on the meta device"])
 def test_an_averaged_layer_whose_mask_was_put_in_place_through_data_is_refused_naming_it(kind):
     # Under use_buffers the live masks are copied into the averaged ones: torch refused an expanded one after the
     # layers before it were averaged, and copied a live mask into a float one silently.
