@@ -376,10 +376,10 @@ class OptG(distributed.CatchesUp):
         _tickets.check_own_weights(self._groups, "OptG")
         if self.epoch >= self.epochs:
             raise RuntimeError(f"next_epoch() after the last of the {self.epochs} epochs")
-        _tickets.check_masks_writable(self._groups, "OptG")
         if self.epoch == self.epochs - 1:
             self.epoch += 1
             return
+        _tickets.check_masks_writable(self._groups, "OptG")
         self.epoch += 1
         try:
             self._start_epoch()

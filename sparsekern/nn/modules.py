@@ -46,7 +46,10 @@ multiplies by its layers' weights without running them (`sparsekern.nn.SparseAve
 layers' `zero_off_mask = False`, whose forward pre-hook keeps the layer off that kernel). A write into
 the weight alone is not noticed (an optimizer step writes it too). `verify_zero_off_mask()` checks it
 (one pass over the weight); `SparseModule.check_zero_off_mask = True` (on the class, or on one module)
-runs that check at every forward that relies on it, a debugging aid.
+runs that check at every forward that relies on it, a debugging aid. A mask put in place through `mask.data = ...`
+passes no check at all: every writer of masks (set_mask, load_state_dict, sparsify, the algorithms, broadcast_masks,
+SparseAveragedModel) refuses one that is not a bool tensor of the weight's shape on its device, or whose entries share
+memory, naming the layer, before it changes anything (`check_own_masks`).
 
 With `dense_grad = True` the next backward also gives the gradient at inactive positions (dy.T @ x
 for a linear layer), which growth criteria such as RigL's read on mask-update steps. That gradient
