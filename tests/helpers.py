@@ -228,3 +228,48 @@ def counting_host_reads():
     finally:
         for name, original in originals.items():
             setattr(torch.Tensor, name, original)
+
+
+# A sparse layer's own mask put in place behind the module's back (`mask.data = ...`, or the buffers dict for a meta
+# tensor, which set_data refuses), as a user or a library may: kind -> (damage, the error every mask writer raises
+# for it, the words after the layer's name). Every writer refuses it naming the layer, before it changes anything.
+BAD_OWN_MASKS = {
+    "expanded": (lambda layer: setattr(layer.mask, "data", torch.ones(1, layer.mask.shape[-1], dtype=torch.bool)
+                                       .expand(layer.mask.shape)), ValueError, "'s mask has entries that share memory"),
+    "float": (lambda layer: setattr(layer.mask, "data", layer.mask.float()), TypeError, "'s mask is not a bool tensor"),
+    "of another shape": (lambda layer: setattr(layer.mask, "data", torch.ones(3, 2, dtype=torch.bool)), ValueError,
+                         r"'s mask is not of its weight's shape"),
+    "on the meta device": (lambda layer: layer._buffers.__setitem__("mask", torch.ones_like(layer.mask, device="meta")),
+                           ValueError, r"'s mask is not on its weight's device \(cpu\)"),
+}
+
+
+def damage_mask(layer: nn.Module, kind: str) -> tuple[type, str]:
+    """Puts a mask of `kind` (BAD_OWN_MASKS) in place of `layer`'s; returns the error and message a writer refuses
+    it with."""
+    damage, error, match = BAD_OWN_MASKS[kind]
+    damage(layer)
+    return error, match
+
+
+def everything(model: nn.Module, optimizer=None, generator=None) -> list:
+    """Copies of all that a refused call must leave as it was: the model's parameters and buffers (a meta one by its
+    shape), the optimizer's state tensors, torch's random stream and `generator`'s."""
+    copies = [(key, value.shape if value.is_meta else value.clone()) for key, value in model.state_dict().items()]
+    if optimizer is not None:
+        copies += [(key, value.clone()) for state in optimizer.state.values() for key, value in state.items()
+                   if isinstance(value, torch.Tensor)]
+    copies.append(torch.get_rng_state())
+    if generator is not None:
+        copies.append(generator.get_state())
+    return copies
+
+
+def assert_unchanged(before: list, after: list) -> None:
+    assert len(before) == len(after)
+    for old, new in zip(before, after):
+        if isinstance(old, tuple):
+            assert old[0] == new[0] and type(old[1]) is type(new[1]), (old[0], new[0])
+            old, new = old[1], new[1]
+        assert (old == new if not isinstance(old, torch.Tensor) else
+                old.dtype == new.dtype and torch.equal(old, new)), "changed"

@@ -2129,13 +2129,15 @@ def _damaged_mask_world(damage):
     return make
 
 
-for _name, _damage, _match in [
+for _name, _damage, _error, _match in [
         ("of another shape", lambda layer: layer._buffers.__setitem__("mask", torch.ones(3, dtype=torch.bool)),
-         r"\(16, 64\), got a torch.bool tensor of shape \(3,\)"),
-        ("of floats", lambda layer: layer._buffers.__setitem__("mask", layer.mask.float()), ".*got a torch.float32"),
-        ("removed", lambda layer: layer._buffers.__setitem__("mask", None), ".*got NoneType")]:
+         ValueError, r"is not of its weight's shape \(16, 64\); got a torch.bool tensor of shape \(3,\)"),
+        ("of floats", lambda layer: layer._buffers.__setitem__("mask", layer.mask.float()), TypeError,
+         "is not a bool tensor; got a torch.float32"),
+        ("removed", lambda layer: layer._buffers.__setitem__("mask", None), TypeError,
+         "is not a bool tensor; got NoneType")]:
     error(f"densify(a layer's mask {_name})", _damaged_mask_world(_damage), lambda w: sparsekern.nn.densify(w.model),
-          ValueError, "^densify: layer '3' must hold a bool mask of its weight's shape " + _match)
+          _error, "^densify: layer '3''s mask " + _match)
 
 
 def _inference_model_world(tmp_path=None):

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from .. import checkpoint, ops
 from ..ops import _checks
 from ..nn import SparseModule, _wrappers, sparse_modules, tying
-from ..nn.modules import computed_weight_refusal, refuse_meta
+from ..nn.modules import check_own_masks, computed_weight_refusal, refuse_meta
 from ..nn.sharding import refuse_sharded
 from ._stack import user_stacklevel
 
@@ -62,6 +62,13 @@ def check_own_weights(groups: list[tying.Group], who: str) -> None:
     refusal = computed_weight_refusal([pair for group in groups for pair in group], who, built=True)
     if refusal is not None:
         raise RuntimeError(refusal)
+
+
+def check_masks_writable(groups: list[tying.Group], who: str) -> None:
+    """TypeError or ValueError naming the layer, before anything changes, for a mask buffer that `who` cannot write
+    in place (`check_own_masks`), of every module of a group: a tied module's mask is its own buffer,
+    which `tying.sync` writes."""
+    check_own_masks([pair for group in groups for pair in group], who)
 
 
 def primaries(groups: list[tying.Group]) -> list[SparseModule]:

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.distributed.algorithms.join import Join, Joinable, JoinHook
 
 from ..nn import sparse_modules
-from ..nn.modules import computed_weight_refusal
+from ..nn.modules import check_own_masks, computed_weight_refusal
 from ..nn.sharding import refuse_sharded
 from ..nn.sparsify import check_optimizer, check_state_writable, mask_state_in_place, optimizer_state, state_is_sharded
 from ..ops import _checks
@@ -98,6 +98,7 @@ def _broadcast_replica(model: nn.Module, src: int, group, weights: bool, optimiz
         refusal = computed_weight_refusal(named, "broadcast_masks")   # a computed weight is not there to write
         if refusal is not None:
             raise ValueError(refusal)
+        check_own_masks(named, "broadcast_masks")   # copied into (and src's read) after the weights are broadcast
         modules = [module for _, module in named]
         copy_state = optimizer is not None and not state_is_sharded(optimizer)
         whole_optimizer = whole_optimizer and copy_state

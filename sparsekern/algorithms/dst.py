@@ -515,6 +515,7 @@ class DST(distributed.CatchesUp):
         """Checks `state` completely, warnings included, and returns the function that installs it
         (load_state_dict runs both; broadcast_masks checks on every rank before any rank installs)."""
         _tickets.check_own_weights(self._groups, "DST")
+        _tickets.check_masks_writable(self._groups, "DST")   # set_mask writes them at install
         _tickets.check_saved_by(state, "DST")
         # Entries that no DST's state holds first (a misspelled swap_rounding would be taken for one saved before
         # the option existed); then, its settings being this DST's, those that it does not (another criterion's
@@ -667,14 +668,13 @@ class DST(distributed.CatchesUp):
     @torch.no_grad()   # a gradient that requires grad (create_graph=True) is masked under no_grad too
     def _check_gradients_writable(self) -> None:
         """ValueError naming the gradient, before anything changes, for one that the update (or `_mask_gradients`)
-        could not mask in place: an expanded view, an inference tensor (`ops._checks.writable_in_place`); and so for
-        a mask whose entries share memory, put in place through `mask.data = ...`, which the module's checks of an
-        assigned mask never see: torch refused to write it only after the weights and optimizer state were."""
+        could not mask in place: an expanded view, an inference tensor (`ops._checks.writable_in_place`); before it,
+        TypeError or ValueError naming the layer for a mask that the update cannot write (`check_masks_writable`),
+        put in place through `mask.data = ...`, which the module's checks of an assigned mask never see: torch refused
+        to write an expanded one only after the weights and optimizer state were, and the kernels refused another
+        dtype or shape naming their argument `masks[i]`, not the layer."""
+        _tickets.check_masks_writable(self._groups, "DST")
         for name, module in self.modules:
-            if not module.mask.is_contiguous() and not _checks.non_overlapping(module.mask):
-                raise ValueError(f"{name}.mask has entries that share memory (an expanded or stride-0 view), so the "
-                                 f"update cannot write it; give the layer a mask of its own "
-                                 f"(module.mask = module.mask.clone())")
             if module.weight.grad is not None:
                 _checks.writable_in_place(module.weight.grad, f"{name}.weight.grad", module.mask, f"{name}.mask")
 

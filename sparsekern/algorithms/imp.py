@@ -126,6 +126,7 @@ class IMP(distributed.CatchesUp):
         if self.rewind == "weights" and self.rewind_state is None:
             raise RuntimeError(f"next_cycle() before the rewind step: rewind_step={self.rewind_step} "
                                f"but only {self.step_in_cycle} steps were counted")
+        _tickets.check_masks_writable(self._groups, "IMP")   # before the pruning reads them (reset writes them)
         masks = self.prune_masks(density)
         self.reset(masks)
         return masks
@@ -136,6 +137,7 @@ class IMP(distributed.CatchesUp):
         `masks` (one bool tensor per layer, as `masks` returns) are checked first, and weight
         rewinding before step k is refused, with nothing changed."""
         _tickets.check_own_weights(self._groups, "IMP")
+        _tickets.check_masks_writable(self._groups, "IMP")
         masks = _tickets.check_masks(masks, self._groups)
         if self.rewind == "weights" and self.rewind_state is None:
             raise RuntimeError(f"reset() before the rewind step: rewind_step={self.rewind_step} "

@@ -379,6 +379,7 @@ class OptG(distributed.CatchesUp):
         if self.epoch == self.epochs - 1:
             self.epoch += 1
             return
+        _tickets.check_masks_writable(self._groups, "OptG")
         self.epoch += 1
         try:
             self._start_epoch()
@@ -451,6 +452,7 @@ class OptG(distributed.CatchesUp):
         """Checks `state` completely and returns the function that installs it (load_state_dict runs
         both; broadcast_masks checks on every rank before any rank installs)."""
         _tickets.check_own_weights(self._groups, "OptG")
+        _tickets.check_masks_writable(self._groups, "OptG")   # the install copies the saved masks in
         _tickets.check_saved_by(state, "OptG")
         # "pruned_weights" (the values off the masks) was saved by the first versions, and ignored since the model's
         # own state dict holds them: a state holding it loads as it did.

@@ -209,6 +209,7 @@ class SWAMP:
         """
         if self.averaged:
             raise RuntimeError("next_particle() after the cycle's last particle: call next_cycle() first")
+        _tickets.check_masks_writable(self._groups, "SWAMP")   # the next particle's start sets them
         if self.rewind_state is None:
             raise RuntimeError(f"particle ended before the rewind step {self.rewind_step} was reached")
         if self.particle_average is None:
@@ -308,6 +309,7 @@ class SWAMP:
         _tickets.check_own_weights(self._groups, "SWAMP")
         if not self.averaged:
             raise RuntimeError("next_cycle() before the cycle's particles were averaged (next_particle())")
+        _tickets.check_masks_writable(self._groups, "SWAMP")
         masks = self.prune_masks(density)
         _tickets.set_masks(self._groups, masks)
         self.cycle += 1

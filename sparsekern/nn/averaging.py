@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.optim import swa_utils
 
 from ..ops import _checks
-from .modules import sparse_modules
+from .modules import check_own_masks, sparse_modules
 from ._wrappers import unwrapped
 
 
@@ -80,6 +80,10 @@ class SparseAveragedModel(swa_utils.AveragedModel):
                 raise ValueError(f"{owner} holds tensors on the meta device, which holds no values to average: "
                                  f"{on_meta}; materialize it first (to_empty, then initialise it or load its state "
                                  f"dict)")
+        # Under use_buffers the live masks are copied into the averaged ones, torch's copy refusing an expanded one
+        # only after the layers before it were averaged.
+        check_own_masks(sparse_modules(model), "update_parameters: model", written=False)
+        check_own_masks(sparse_modules(self.module), "update_parameters: the averaged model", written=self.use_buffers)
         averaged, live = _layers(self.module), _layers(model)
         if live != averaged:
             raise ValueError(f"model holds other sparse layers than the averaged model (names and mask shapes "

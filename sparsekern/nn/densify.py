@@ -9,8 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from .attention import SparseMultiheadAttention
-from .modules import (_PACKED_FIELDS, SparseLinear, SparseModule, _forward_through_the_mask, computed_weight_refusal,
-                      sparse_modules)
+from .modules import (_PACKED_FIELDS, SparseLinear, SparseModule, _forward_through_the_mask, check_own_masks,
+                      computed_weight_refusal, sparse_modules)
 from .recurrent import SparseRNNBase
 from .sharding import refuse_sharded
 from .sparsify import _carry_extras, _carry_hooks, _replace
@@ -84,17 +84,14 @@ def densify(model: nn.Module) -> nn.Module:
 
 
 def _refuse_unmaskable(model: nn.Module) -> None:
-    """ValueError naming the layer whose weight densify cannot mask in place, before anything changes: a mask that
-    is missing, not a bool tensor or not of the weight's shape (a buffer replaced by hand), where the twin's masked
-    copy failed with torch's error naming no layer; RuntimeError for an inference tensor (a model built under
-    torch.inference_mode()) outside inference mode, which torch refuses to change in place."""
-    for name, layer in sparse_modules(model):
-        mask = layer._buffers.get("mask")
-        if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != layer.weight.shape:
-            got = (f"a {mask.dtype} tensor of shape {tuple(mask.shape)}" if isinstance(mask, Tensor)
-                   else type(mask).__name__)
-            raise ValueError(f"densify: layer {name or '(root)'!r} must hold a bool mask of its weight's shape "
-                             f"{tuple(layer.weight.shape)}, got {got}")
+    """TypeError or ValueError naming the layer whose weight densify cannot mask in place, before anything changes:
+    a mask that is missing, not a bool tensor, not of the weight's shape or on its device (a buffer replaced by hand,
+    `check_own_masks`), where the twin's masked copy failed with torch's error naming no layer; RuntimeError for an
+    inference tensor (a model built under torch.inference_mode()) outside inference mode, which torch refuses to
+    change in place."""
+    layers = sparse_modules(model)
+    check_own_masks(layers, "densify", written=False)   # read alone: an expanded one is masked by as well as any
+    for name, layer in layers:
         if layer.weight.is_inference() and not torch.is_inference_mode_enabled():
             raise RuntimeError(f"densify: layer {name or '(root)'!r}'s weight is an inference tensor (the model was "
                                f"built under torch.inference_mode()), which cannot be masked in place outside it: "

@@ -46,7 +46,10 @@ multiplies by its layers' weights without running them (`sparsekern.nn.SparseAve
 layers' `zero_off_mask = False`, whose forward pre-hook keeps the layer off that kernel). A write into
 the weight alone is not noticed (an optimizer step writes it too). `verify_zero_off_mask()` checks it
 (one pass over the weight); `SparseModule.check_zero_off_mask = True` (on the class, or on one module)
-runs that check at every forward that relies on it, a debugging aid.
+runs that check at every forward that relies on it, a debugging aid. A mask put in place through `mask.data = ...`
+passes no check at all: every writer of masks (set_mask, load_state_dict, sparsify, the algorithms, broadcast_masks,
+SparseAveragedModel) refuses one that is not a bool tensor of the weight's shape on its device, or whose entries share
+memory, naming the layer, before it changes anything (`check_own_masks`).
 
 With `dense_grad = True` the next backward also gives the gradient at inactive positions (dy.T @ x
 for a linear layer), which growth criteria such as RigL's read on mask-update steps. That gradient
@@ -249,6 +252,9 @@ class SparseModule(nn.Module):
         _checks.tensor(mask, "mask")
         if mask.dtype != torch.bool:
             raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
+        # Its own buffer, written below (`mask`, only read, may be an expanded view); then the mask's shape, which is
+        # the buffer's.
+        check_own_mask(self, f"set_mask: this {type(self).__name__}")
         # The mask's shape, which is the weight's: reading a computed weight would run its parametrization
         # (spectral_norm's power iteration, in training mode).
         if mask.shape != self.mask.shape:
@@ -278,6 +284,8 @@ class SparseModule(nn.Module):
                              f"(a parametrization, weight_norm, spectral_norm or torch.nn.utils.prune), not a "
                              f"Parameter of its own to zero off the mask; forward masks it anyway (set_mask "
                              f"copies a mask alone into such a module)")
+        # Read where the weight is written: ~ refused a float mask naming none, and a row of one broadcast.
+        check_own_mask(self, f"zero_weights_off_mask: this {type(self).__name__}", written=False)
         self._check_weight_writable()
         self.weight.masked_fill_(~self.mask, 0)
         self.zero_off_mask = True
@@ -383,6 +391,11 @@ class SparseModule(nn.Module):
             state_dict[prefix + "mask"] = torch.ones(self.mask.shape, dtype=torch.bool, device=device)
         mask = state_dict.get(prefix + "mask")
         _check_loaded_mask(mask, prefix + "mask")
+        if mask is not None:
+            # Copied into the module's own buffer; assign=True puts the loaded one in its place instead, but reads the
+            # old one as the weight is put in place first (`_recheck_zero_off_mask`).
+            check_own_mask(self, f"load_state_dict: layer {prefix[:-1] or '(root)'!r}",
+                           written=not local_metadata.get("assign_to_params_buffers", False))
         if isinstance(mask, Tensor) and (mask.dtype != torch.bool or not _checks.non_overlapping(mask)):
             # As a bool tensor of its own here, not in the copy into the buffer: load_state_dict(assign=True)
             # puts the tensor itself in the module, where an expanded view (which torch.save keeps as
@@ -668,6 +681,40 @@ def refuse_meta(named: list[tuple[str, nn.Module]], who: str | None = None,
                              for kind, layers in layers_by_kind.items())
         raise ValueError(f"{f'{who}: ' if who else ''}{which} are on the meta device, which holds no values: "
                          f"materialize the model first (to_empty, then initialise it or load its state dict)")
+
+
+def check_own_masks(named: list[tuple[str, SparseModule]], who: str, written: bool = True) -> None:
+    """TypeError or ValueError naming the first layer of `named` whose own mask buffer `who` (set_mask, an algorithm,
+    sparsify, ...) cannot take as its weight's mask, before `who` changes anything (`check_own_mask`). Metadata only:
+    no value is read, so no host sync on a GPU."""
+    for name, module in named:
+        check_own_mask(module, f"{who}: layer {name or '(root)'!r}", written)
+
+
+def check_own_mask(module: SparseModule, subject: str, written: bool = True) -> None:
+    """Refuses sparse `module`'s own mask buffer where it is not one to read as its weight's mask (`subject`,
+    "who: layer 'fc1'", starts the message): not a bool tensor (TypeError), not of its weight's shape or on its device
+    (ValueError); with `written` (the caller writes it in place), one whose entries share memory too (an expanded
+    view), which torch refused to write only after the layers before had changed. Assignment (`layer.mask = ...`)
+    checks all this, but a mask put in place through `mask.data = ...` (or the buffers dict) passes no check. A
+    weight computed at every forward is not read for its shape (a parametrization would run); a DTensor shard has
+    the shape of its share (fully_shard)."""
+    mask, weight = module._buffers.get("mask"), module._parameters.get("weight")
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        kind, problem = TypeError, "is not a bool tensor"
+    elif isinstance(weight, Tensor) and not is_dtensor(weight) and mask.shape != weight.shape:
+        kind, problem = ValueError, f"is not of its weight's shape {tuple(weight.shape)}"
+    elif isinstance(weight, Tensor) and mask.device != weight.device:
+        kind, problem = ValueError, f"is not on its weight's device ({weight.device})"
+    elif written and not mask.is_contiguous() and not _checks.non_overlapping(mask):
+        kind, problem = ValueError, "has entries that share memory (an expanded or stride-0 view): it cannot be written"
+    else:
+        return
+    got = (f"a {mask.dtype} tensor of shape {tuple(mask.shape)} on {mask.device}" if isinstance(mask, Tensor)
+           else type(mask).__name__)
+    raise kind(f"{subject}'s mask {problem}; got {got}. A mask put in place through mask.data escapes the checks of "
+               f"an assigned one: assign the layer a bool mask of its weight's shape (layer.mask = "
+               f"torch.ones_like(layer.weight, dtype=torch.bool)), then set its values with layer.set_mask(...)")
 
 
 def _check_dtype(dtype) -> None:

@@ -18,7 +18,8 @@ from . import distributions, init as sparse_init, tying
 from .attention import DENSE_ENTRIES, SparseMultiheadAttention, computed_biases
 from .convolutions import (SparseConv1d, SparseConv2d, SparseConv3d, SparseConvTranspose1d, SparseConvTranspose2d,
                            SparseConvTranspose3d)
-from .modules import SparseLinear, SparseModule, is_computed, refuse_meta, sparse_modules, weight_type_problem
+from .modules import (SparseLinear, SparseModule, check_own_masks, is_computed, refuse_meta, sparse_modules,
+                      weight_type_problem)
 from .recurrent import SparseGRU, SparseLSTM, SparseRNN, SparseRNNBase
 from .sharding import refuse_sharded
 
@@ -441,6 +442,8 @@ def _layers(model: nn.Module, include: list[str] | None,
                              f"{tuple(module.weight.shape)}: exclude it")
     # Before any sparse layer exists: the dense layers to convert (a group's members share one weight).
     refuse_meta([group[0] for group in groups], "sparsify")
+    # A sparse layer sparsified again gets its new mask written in place (set_mask), after the layers before it.
+    check_own_masks([pair for group in groups for pair in group if isinstance(pair[1], SparseModule)], "sparsify")
     return groups, whole
 
 

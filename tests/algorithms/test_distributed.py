@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.distributed
 
-from ..helpers import torchrun
+from ..helpers import BAD_OWN_MASKS, assert_unchanged, damage_mask, everything, torchrun
 
 gloo = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                           reason="needs torch.distributed with gloo")
@@ -417,3 +417,19 @@ def test_fully_shard_swapping_shards_and_whole_weights_reads_no_weight(one_rank,
         y.sum().backward()
     torch.testing.assert_close(y, unsharded(x))
     assert not reads and model[0].zero_off_mask
+
+
+@gloo
+@pytest.mark.parametrize("kind", BAD_OWN_MASKS)
+def test_broadcast_masks_refuses_a_layer_whose_mask_was_put_in_place_through_data_naming_it(one_rank, kind):
+    # torch refused an expanded one as the mask was copied in (the weights broadcast already), and ~ a float one.
+    import sparsekern
+    from sparsekern.algorithms import distributed
+    torch.manual_seed(0)
+    model = sparsekern.sparsify(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)),
+                                0.5, distribution="uniform")
+    error, match = damage_mask(model[2], kind)
+    before = everything(model)
+    with pytest.raises(error, match="^broadcast_masks: layer '2'" + match):
+        distributed.broadcast_masks(model)
+    assert_unchanged(before, everything(model))

@@ -14,7 +14,8 @@ from sparsekern.algorithms.dst import _Blocks
 from sparsekern.nn import SparseConv1d, SparseConv3d, SparseLinear, sparse_modules
 
 from ..helpers import batch as stateless_batch
-from ..helpers import BACKENDS, conv1d_conv3d_model, conv_data, counting_host_reads
+from ..helpers import (BACKENDS, BAD_OWN_MASKS, assert_unchanged, conv1d_conv3d_model, conv_data, counting_host_reads,
+                       damage_mask, everything)
 
 
 @pytest.fixture(autouse=True)
@@ -949,24 +950,40 @@ def test_an_update_refused_for_another_reason_after_a_fresh_count_changes_nothin
     assert torch.equal(before[3], after[3]) and before[4] == after[4]
 
 
-def test_a_mask_replaced_through_data_by_an_expanded_view_is_refused_before_anything_changes():
-    # `mask.data = ...` passes none of the checks of an assigned mask: the update wrote the weights and optimizer
-    # state, then torch refused to copy the new masks into one whose entries share memory.
+@pytest.mark.parametrize("kind", BAD_OWN_MASKS)
+def test_a_mask_replaced_through_data_is_refused_naming_the_layer_before_an_update_changes_anything(kind):
+    # `mask.data = ...` passes none of the checks of an assigned mask: with an expanded view the update wrote the
+    # weights and optimizer state, then torch refused to copy the new masks in; another dtype or shape was refused
+    # by prune_grow naming its argument, masks[1], not the layer.
     model = small_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     algo = sparsekern.DST(model, optimizer, update_every=2, total_steps=100)
     train_step(model, optimizer, algo, 0)
-    module = algo.modules[1][1]
-    module.mask.data = torch.ones(1, dtype=torch.bool).expand(module.mask.shape)
     x, y = batch(1)
     optimizer.zero_grad()
     nn.functional.cross_entropy(model(x), y).backward()
-    state = lambda: [t.detach().clone() for _, m in algo.modules
-                     for t in (m.weight, optimizer.state[m.weight]["momentum_buffer"])]
-    before = state()
-    with pytest.raises(ValueError, match=r"^3\.mask has entries that share memory"):
+    error, match = damage_mask(algo.modules[1][1], kind)
+    before = everything(model, optimizer, algo.generator)
+    with pytest.raises(error, match="^DST: layer '3'" + match):
         algo.step()
-    assert all(torch.equal(a, b) for a, b in zip(before, state())) and algo.step_count == 1
+    assert_unchanged(before, everything(model, optimizer, algo.generator))
+    assert algo.step_count == 1
+
+
+@pytest.mark.parametrize("kind", BAD_OWN_MASKS)
+def test_a_mask_replaced_through_data_is_refused_naming_the_layer_before_a_load_changes_anything(kind):
+    # set_mask refused the damaged layer's only after the layers before it were loaded (masks, weights, momentum).
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    algo = sparsekern.DST(model, optimizer, update_every=1, total_steps=100)
+    saved = copy.deepcopy(algo.state_dict())
+    train_step(model, optimizer, algo, 0)
+    error, match = damage_mask(algo.modules[1][1], kind)
+    before = everything(model, optimizer, algo.generator)
+    with pytest.raises(error, match="^DST: layer '3'" + match):
+        algo.load_state_dict(saved)
+    assert_unchanged(before, everything(model, optimizer, algo.generator))
+    assert algo.step_count == 1
 
 
 def _host_reads_of_the_first_update(algo: sparsekern.DST, model) -> int:

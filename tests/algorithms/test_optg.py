@@ -15,7 +15,8 @@ from sparsekern.algorithms import OptG
 from sparsekern.algorithms.optg import cosine_lr, sparsity_at
 from sparsekern.nn import sparse_modules
 
-from ..helpers import batch, conv1d_conv3d_model, conv_data, mlp
+from ..helpers import (BAD_OWN_MASKS, assert_unchanged, batch, conv1d_conv3d_model, conv_data, damage_mask, everything,
+                       mlp)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -637,3 +638,27 @@ def test_the_frozen_layer_warning_of_step_names_the_line_that_called_step():
         optg.step()
     assert [str(w.message).startswith("OptG leaves the masks and scores of ['0'] alone") for w in caught] == [True]
     assert (caught[0].filename, caught[0].lineno) == (__file__, line)
+
+
+@pytest.mark.parametrize("kind", BAD_OWN_MASKS)
+@pytest.mark.parametrize("call", ["next_epoch", "load_state_dict"])
+def test_a_layer_whose_mask_was_put_in_place_through_data_is_refused_before_optg_changes_anything(kind, call):
+    # next_epoch copied the new masks into the layers before the damaged one, then torch refused an expanded one or
+    # broadcast one of another shape; a float one took the masks silently. load_state_dict copies the saved ones.
+    x, y = _data()
+    model = mlp(0)
+    optg = OptG(model, sparsity=0.8, epochs=4, lr=0.1)
+    saved = copy.deepcopy(optg.state_dict())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for step in range(3):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[:16]), y[:16]).backward()
+        optg.step()
+        optimizer.step()
+    optg.next_epoch()
+    error, match = damage_mask(model[2], kind)
+    before = everything(model, optimizer) + [score.clone() for score in optg.scores]
+    with pytest.raises(error, match="^OptG: layer '2'" + match):
+        optg.next_epoch() if call == "next_epoch" else optg.load_state_dict(saved)
+    assert_unchanged(before, everything(model, optimizer) + [score.clone() for score in optg.scores])
+    assert optg.epoch == 1

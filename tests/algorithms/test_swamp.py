@@ -11,7 +11,8 @@ from sparsekern.algorithms import IMP, SWAMP
 from sparsekern.algorithms.swamp import data_seed
 from sparsekern.nn import sparse_modules
 
-from ..helpers import batch, conv1d_conv3d_model, conv_data, digits_run, mlp, torchrun
+from ..helpers import (BAD_OWN_MASKS, assert_unchanged, batch, conv1d_conv3d_model, conv_data, damage_mask, digits_run,
+                       everything, mlp, torchrun)
 from .swamp_distributed import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -394,3 +395,27 @@ def test_average_and_mask_by_hand():
     mask = swamp.next_cycle()[0]
     assert mask.flatten().tolist() == [True, False, False, True, False, True]
     assert torch.equal(layer.weight.detach(), torch.where(mask, theta_0, 0.0))
+
+
+@pytest.mark.parametrize("kind", BAD_OWN_MASKS)
+@pytest.mark.parametrize("call", ["next_cycle", "next_particle"])
+def test_a_layer_whose_mask_was_put_in_place_through_data_is_refused_before_swamp_changes_anything(kind, call):
+    # next_cycle writes the pruned masks, next_particle (from the second cycle on) the cycle's masks again, after
+    # the model was rewound.
+    x, y = _data()
+    model = mlp(0, hidden=16)
+    swamp = SWAMP(model, _sgd, particles=2, prune_fraction=0.3, rewind_step=1, swa_start=None)
+    _train(model, swamp, x, y, swamp.data_seed, stop=3)
+    assert swamp.next_particle()
+    _train(model, swamp, x, y, swamp.data_seed, stop=3)
+    assert not swamp.next_particle()
+    if call == "next_particle":
+        swamp.next_cycle()
+        _train(model, swamp, x, y, swamp.data_seed, stop=3)
+    error, match = damage_mask(model[2], kind)
+    optimizer, state = swamp.optimizer, (swamp.cycle, swamp.particle, swamp.averaged)
+    before = everything(model, optimizer)
+    with pytest.raises(error, match="^SWAMP: layer '2'" + match):
+        getattr(swamp, call)()
+    assert_unchanged(before, everything(model, optimizer))
+    assert swamp.optimizer is optimizer and (swamp.cycle, swamp.particle, swamp.averaged) == state

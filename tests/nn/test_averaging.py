@@ -14,6 +14,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, get_swa_a
 import sparsekern
 from sparsekern.nn import SparseAveragedModel, SparseLinear, sparse_modules
 
+from ..helpers import BAD_OWN_MASKS, assert_unchanged, damage_mask, everything
+
 
 def mlp():
     torch.manual_seed(0)
@@ -313,3 +315,17 @@ def test_a_tensor_on_the_meta_device_is_refused_by_name_with_nothing_changed(cha
                                                    f"to average: {meta}; materialize it first")):
         average.update_parameters(live)
     assert all(torch.equal(before[key], value) for key, value in average.state_dict().items() if not value.is_meta)
+
+
+# (One on the meta device is refused before, with every meta tensor of the averaged model named.)
+@pytest.mark.parametrize("kind", [kind for kind in BAD_OWN_MASKS if kind != "on the meta device"])
+def test_an_averaged_layer_whose_mask_was_put_in_place_through_data_is_refused_naming_it(kind):
+    # Under use_buffers the live masks are copied into the averaged ones: torch refused an expanded one after the
+    # layers before it were averaged, and copied a live mask into a float one silently.
+    model = nn.Sequential(SparseLinear(6, 8), nn.ReLU(), SparseLinear(8, 3))
+    averaged = SparseAveragedModel(model, use_buffers=True)
+    error, match = damage_mask(averaged.module[2], kind)
+    before = everything(averaged)
+    with pytest.raises(error, match="^update_parameters: the averaged model: layer '2'" + match):
+        averaged.update_parameters(model)
+    assert_unchanged(before, everything(averaged))

@@ -14,6 +14,8 @@ from sparsekern.nn import (SparseConv1d, SparseConv2d, SparseConv3d, SparseConvT
                            SparseMultiheadAttention, sparse_modules)
 from sparsekern.nn.modules import refuse_meta
 
+from ..helpers import BAD_OWN_MASKS, assert_unchanged, damage_mask, everything, mlp
+
 
 def random_mask(shape, density, generator):
     return torch.rand(shape, generator=generator) < density
@@ -954,3 +956,57 @@ def test_a_pending_gradient_of_another_shape_is_refused_before_anything_changes(
         sparsekern.sparsify(model, 0.3)
     assert not sparse_modules(model)
 
+
+
+@pytest.mark.parametrize("kind", BAD_OWN_MASKS)
+def test_set_mask_refuses_a_mask_of_its_own_put_in_place_through_data_naming_what_is_wrong(kind):
+    # torch refused an expanded one as it copied the new mask in ("more than one element of the written-to tensor
+    # refers to a single memory location"), ~ a float one, and the argument was compared with the wrong shape.
+    layer, new = SparseLinear(6, 4), torch.rand(4, 6) < 0.5
+    error, match = damage_mask(layer, kind)
+    before = everything(layer)
+    with pytest.raises(error, match="^set_mask: this SparseLinear" + match):
+        layer.set_mask(new)
+    assert_unchanged(before, everything(layer))
+
+
+def test_set_mask_reads_an_expanded_mask_it_is_given_into_a_mask_of_its_own():
+    layer = SparseLinear(6, 4)
+    layer.set_mask(torch.tensor([True, False, True, False, True, False]).expand(4, 6))
+    assert layer.mask.is_contiguous() and layer.nnz == 12 and layer.weight[:, 1::2].eq(0).all()
+
+
+def _other_mlp_state() -> dict:
+    return sparsekern.sparsify(mlp(1, inputs=6, hidden=8, outputs=3), 0.5, distribution="uniform",
+                               generator=torch.Generator().manual_seed(1)).state_dict()
+
+
+@pytest.mark.parametrize("kind", BAD_OWN_MASKS)
+def test_load_state_dict_refuses_a_layer_whose_mask_was_put_in_place_through_data_before_it_loads(kind):
+    # Its first layer: torch loads module by module, so the layers before a refused one are loaded, as they are
+    # before any other error torch's load_state_dict raises.
+    model, saved = mlp(0, inputs=6, hidden=8, outputs=3), _other_mlp_state()
+    error, match = damage_mask(model[0], kind)
+    before = everything(model)
+    with pytest.raises(error, match="^load_state_dict: layer '0'" + match):
+        model.load_state_dict(saved)
+    assert_unchanged(before, everything(model))
+
+
+def test_load_state_dict_with_assign_puts_the_loaded_mask_in_place_of_an_expanded_one_put_in_through_data():
+    model, saved = mlp(0, inputs=6, hidden=8, outputs=3), _other_mlp_state()
+    damage_mask(model[0], "expanded")
+    model.load_state_dict(saved, assign=True)
+    assert model[0].mask.is_contiguous() and torch.equal(model[0].mask, saved["0.mask"])
+
+
+@pytest.mark.parametrize("kind", BAD_OWN_MASKS)
+def test_sparsify_again_refuses_a_sparse_layer_whose_mask_was_put_in_place_through_data_with_nothing_changed(kind):
+    # The layers before it were sparsified (weights, masks) and torch's random stream drawn, then torch or set_mask
+    # refused the damaged one.
+    model = mlp(0, inputs=6, hidden=8, outputs=3)
+    error, match = damage_mask(model[2], kind)
+    before = everything(model)
+    with pytest.raises(error, match="^sparsify: layer '2'" + match):
+        sparsekern.sparsify(model, 0.5, distribution="uniform")
+    assert_unchanged(before, everything(model))
