@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..ops import _checks, reference
-from .modules import SparseModule
+from .modules import SparseModule, check_own_mask
 
 MODES = ("fan_in", "fan_out", "fan_avg")
 DISTRIBUTIONS = ("normal", "uniform")
@@ -69,7 +69,7 @@ def _fans(module: SparseModule, mask: Tensor, mode: str) -> Tensor:
 def sparse_(module: SparseModule, *, distribution: str = "normal", mode: str = "fan_in",
             scale: float = 1.0, generator: torch.Generator | None = None) -> None:
     """Sparsity-aware init of `module.weight` in place: Var = scale / max(1, fan) per weight."""
-    _check(module, distribution, scale, generator)
+    _check(module, distribution, scale, generator, "sparse_")
     variance = scale / _fans(module, module.mask, mode).clamp(min=1)
     _draw_(module, variance, distribution, generator)
 
@@ -78,7 +78,7 @@ def sparse_(module: SparseModule, *, distribution: str = "normal", mode: str = "
 def layer_scaled_(module: SparseModule, *, distribution: str = "normal", mode: str = "fan_in",
                   scale: float = 1.0, generator: torch.Generator | None = None) -> None:
     """Dense init variance over density: Var = scale / (density * dense fan), in place."""
-    _check(module, distribution, scale, generator)
+    _check(module, distribution, scale, generator, "layer_scaled_")
     dense_fan = _fans(module, torch.ones_like(module.mask), mode)
     variance = scale / (max(module.density, 1 / module.mask.numel()) * dense_fan)
     _draw_(module, variance, distribution, generator)
@@ -90,7 +90,7 @@ def dense_(module: SparseModule, *, generator: torch.Generator | None = None) ->
 
     `generator` is accepted for a uniform signature and not used.
     """
-    _check_module(module)
+    _check_module(module, "dense_")
     module.weight.masked_fill_(~module.mask, 0)
 
 
@@ -119,14 +119,17 @@ def resolve(init: str | Callable) -> Callable[..., None]:
     return INITS[init]
 
 
-def _check_module(module) -> None:
+def _check_module(module, who: str) -> None:
     if not isinstance(module, SparseModule):
         raise TypeError(f"module must be a sparse module (sparsekern.nn.SparseLinear, SparseConv1d/2d/3d, "
                         f"SparseConvTranspose1d/2d/3d), got {type(module).__name__}")
+    # A mask put in place through mask.data is read here unchecked: a float one failed in ~ or the fans naming no
+    # argument, and one row of it broadcast over the weight.
+    check_own_mask(module, f"{who}: module", written=False)
 
 
-def _check(module, distribution: str, scale: float, generator) -> None:
-    _check_module(module)
+def _check(module, distribution: str, scale: float, generator, who: str) -> None:
+    _check_module(module, who)
     if not isinstance(distribution, str) or distribution not in DISTRIBUTIONS:
         raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
     _checks.number(scale, "scale", lambda value: value > 0, "> 0")

@@ -9,6 +9,8 @@ from torch import nn
 import sparsekern
 from sparsekern.nn import SparseConv1d, SparseConv2d, SparseConv3d, SparseLinear, init
 
+from ..helpers import BAD_OWN_MASKS, assert_unchanged, damage_mask, everything
+
 
 def fans_numpy(mask, mode, groups):
     mask = mask.numpy()
@@ -135,6 +137,19 @@ def test_bad_arguments_raise_and_change_nothing(kwargs, argument):
     assert torch.equal(layer.weight, before)
     with pytest.raises(ValueError, match="init"):
         init.resolve("orthogonal")
+
+
+@pytest.mark.parametrize("kind", [kind for kind in BAD_OWN_MASKS if kind != "expanded"])  # read only: fine
+@pytest.mark.parametrize("function", [init.sparse_, init.layer_scaled_, init.dense_])
+def test_a_mask_put_in_place_through_data_is_refused_naming_the_function(function, kind):
+    # A float mask failed in ~ or the fans naming no argument; a row of one broadcast over the weight.
+    layer = SparseLinear(6, 4)
+    error, match = damage_mask(layer, kind)
+    generator = torch.Generator().manual_seed(0)
+    before = everything(layer, generator=generator)
+    with pytest.raises(error, match=f"{function.__name__}: module{match}"):
+        function(layer, generator=generator)
+    assert_unchanged(before, everything(layer, generator=generator))
 
 
 # -- fans and variances worked out by hand --
