@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from decimal import Decimal
 from typing import Callable
 
 import torch
@@ -62,6 +63,27 @@ def cosine_lr(lr: float, epochs: int) -> Callable[[int], float]:
     return lambda epoch: 0.5 * lr * (1 + math.cos(math.pi * epoch / epochs))
 
 
+def complement(fraction: float) -> float:
+    """1 - fraction, computed on the decimal that `fraction` prints as (its shortest repr): a density of 0.7 gives
+    the sparsity 0.3, where float subtraction gives 0.30000000000000004, a value that can round a count the other
+    way (round(0.30000000000000004 * 15) = 5, round(0.3 * 15) = 4), and back: the complement of 0.9 is 0.1, not
+    0.09999999999999998. A fraction that is no short decimal (1/3) gets float subtraction's result."""
+    return float(1 - Decimal(repr(float(fraction))))
+
+
+def _target_sparsity(sparsity, density) -> tuple[float, str]:
+    """The sparsity OptG prunes to, from exactly one of `sparsity` (in [0, 1)) and `density` (in (0, 1], the
+    fraction kept, as sparsify, IMP and DST take it), and the argument as the caller wrote it, for errors to name."""
+    if (sparsity is None) == (density is None):
+        raise TypeError(f"OptG takes exactly one of sparsity= (the fraction of the weights pruned) and density= "
+                        f"(the fraction kept, 1 - sparsity), got {'neither' if sparsity is None else 'both'}")
+    if density is None:
+        sparsity = _checks.number(sparsity, "sparsity", lambda value: 0 <= value < 1, "in [0, 1)")
+        return sparsity, f"sparsity={sparsity!r}"
+    density = _checks.number(density, "density", lambda value: 0 < value <= 1, "in (0, 1]")
+    return complement(density), f"density={density!r}"
+
+
 def _sigmoid(x: float) -> float:
     return 1 / (1 + math.exp(-x))
 
@@ -86,8 +108,13 @@ class OptG(distributed.CatchesUp):
             prune it by position; `sparsity` then counts the other layers' weights only. One frozen
             after OptG was built is left alone while it stays frozen (warned once): see "Frozen layers".
             criterion="magnitude" prunes frozen layers with the rest: |θ| needs no gradient.
-        sparsity: p, the final fraction of prunable weights removed (globally), in [0, 1).
-        epochs: E, the number of training epochs.
+        sparsity: p, the final fraction of prunable weights removed (globally), in [0, 1) (the paper's
+            notation; the second positional argument).
+        density: the final fraction kept instead, in (0, 1], keyword only, as `sparsify`, IMP, SWAMP and
+            DST take it: give exactly one of the two. density=d trains exactly as sparsity=1 - d written as
+            a decimal (density=0.7 as sparsity=0.3: `complement`), same masks and same `state_dict()`.
+            `optg.sparsity` and the read-only `optg.density` hold the target either way.
+        epochs: E, the number of training epochs (required).
         lr: the weights' base learning rate, read for the scores' only: OptG holds no optimizer of the
             weights and sets none of their learning rates. The score lr of epoch e is lr_e·σ(β(e − E/2)),
             lr_e following `cosine_lr(lr, epochs)` unless `lr_schedule` (epoch -> lr_e) is given, as
@@ -117,7 +144,7 @@ class OptG(distributed.CatchesUp):
     last one the model keeps the mask it trained with).
 
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        optg = OptG(model, sparsity=0.9, epochs=E, lr=0.1)
+        optg = OptG(model, density=0.1, epochs=E, lr=0.1)   # or sparsity=0.9
         for epoch in range(optg.epoch, E):
             for group in optimizer.param_groups:
                 group["lr"] = optg.lr_schedule(epoch)   # the weights' lr_e, which the scores' lr follows
@@ -164,11 +191,11 @@ class OptG(distributed.CatchesUp):
 
     _holds_its_optimizer = False   # the weights' optimizer is the caller's (join_hook)
 
-    def __init__(self, model: nn.Module, sparsity: float, epochs: int, lr: float = 0.1, beta: float = 1.0,
-                 momentum: float = 0.9, nesterov: bool = False,
+    def __init__(self, model: nn.Module, sparsity: float | None = None, epochs: int | None = None, lr: float = 0.1,
+                 beta: float = 1.0, momentum: float = 0.9, nesterov: bool = False,
                  lr_schedule: Callable[[int], float] | None = None, dense_while_scores_tie: bool = True,
                  reach_target: bool = True, criterion: str = "learned", host_checks: bool = True,
-                 group=None):
+                 group=None, *, density: float | None = None):
         # Collective: a check that fails on one rank fails on every rank (one raising alone would leave the
         # others waiting in the replica check), and masks that start apart across ranks are refused.
         with distributed.ReplicaCheck("OptG", group) as replicas:
@@ -179,7 +206,9 @@ class OptG(distributed.CatchesUp):
             frozen = _frozen_layers(self._groups) if criterion == "learned" else []
             self._groups = [tied for tied in self._groups if tied[0][0] not in frozen]
             self.layers = _tickets.primaries(self._groups)
-            sparsity = _checks.number(sparsity, "sparsity", lambda value: 0 <= value < 1, "in [0, 1)")
+            sparsity, target = _target_sparsity(sparsity, density)
+            if epochs is None:   # a default only so that density= can be given by keyword in sparsity's place
+                raise TypeError("OptG needs epochs, the number of training epochs")
             self.epochs = _checks.count(epochs, "epochs", 1)
             lr = _checks.number(lr, "lr", lambda v: v >= 0, ">= 0")
             beta = _checks.number(beta, "beta", lambda v: v > 0, "> 0")
@@ -194,10 +223,10 @@ class OptG(distributed.CatchesUp):
                 _tickets.check_callable(lr_schedule, "lr_schedule")
             total = sum(layer.weight.numel() for layer in self.layers)
             if total - round(sparsity * total) == 0:
-                raise ValueError(f"sparsity={sparsity} would prune all {total} prunable weights")
+                raise ValueError(f"{target} would prune all {total} prunable weights")
             if epochs == 1 and sparsity > 0 and criterion == "learned" and dense_while_scores_tie:
                 # The mask is a top-k of scores trained in earlier epochs; the only epoch has none (all tie at 0).
-                raise ValueError(f"epochs=1 would end dense, not at sparsity={sparsity}: OptG's only epoch starts "
+                raise ValueError(f"epochs=1 would end dense, not at {target}: OptG's only epoch starts "
                                  f"with every score tied at 0, which dense_while_scores_tie keeps dense; use "
                                  f"epochs >= 2")
             self.sparsity = float(sparsity)
@@ -230,6 +259,12 @@ class OptG(distributed.CatchesUp):
         self._frozen_warned: set[str] = set()   # layers frozen after construction, warned about
         self.epoch = 0
         self._start_epoch()
+
+    @property
+    def density(self) -> float:
+        """The final fraction of the prunable weights kept, `complement(sparsity)` (read-only: set by the
+        constructor's sparsity= or density=)."""
+        return complement(self.sparsity)
 
     def score_lr(self, epoch: int) -> float:
         """lr_e·σ(β(e − E/2)); ValueError naming lr_schedule unless lr_e is a finite number >= 0."""
@@ -425,7 +460,8 @@ class OptG(distributed.CatchesUp):
         dict was loaded before this OptG was built (which sets epoch-0 masks) or after. A state without
         "masks" (older versions) keeps the model's own. Checked completely first (entries, the layer names,
         tensors against the layers, the score optimizer's hyperparameters and momentum buffers, and that it is an
-        OptG state saved with this OptG's sparsity, epochs, beta, criterion, reach_target,
+        OptG state saved with this OptG's sparsity (saved as "sparsity" whether given as sparsity= or density=;
+        an older command line's `1 - density` in floats is taken as its density), epochs, beta, criterion, reach_target,
         dense_while_scores_tie, momentum and nesterov, and with its lr or lr_schedule, which the score optimizer's
         saved score lr gives away, holding no entry that OptG does not save but the first versions' "pruned_weights",
         which loads ignored, as it did): a bad state raises TypeError or ValueError and changes nothing; a layer
@@ -458,7 +494,13 @@ class OptG(distributed.CatchesUp):
         # own state dict holds them: a state holding it loads as it did.
         _tickets.check_state_keys(state, ("epoch", "scores", "score_optimizer"),
                                   ("algorithm", "masks", *self._settings()), "OptG", legacy=("pruned_weights",))
-        for key, value in self._settings().items():
+        settings = self._settings()
+        saved_sparsity = state.get("sparsity")
+        if type(saved_sparsity) is float and saved_sparsity == 1 - self.density:
+            # This target as `sparsity=1 - density` in floats, which the command line passed before OptG took
+            # density= (0.30000000000000004 for density 0.7, where this OptG holds 0.3): the same target.
+            del settings["sparsity"]
+        for key, value in settings.items():
             _tickets.check_saved_setting(state, key, value)
         saved_scores, saved_masks, saved_optimizer = state["scores"], state.get("masks"), state["score_optimizer"]
         if not isinstance(saved_optimizer, dict):

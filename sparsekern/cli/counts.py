@@ -12,6 +12,7 @@ import math
 import torch
 from torch import nn
 
+from ..algorithms.optg import complement
 from ..nn import distributions, sparse_modules, sparsify
 from .recipes import DST_PRESETS, start_density
 
@@ -41,7 +42,7 @@ def check_counts(config, layers: dict[str, tuple[int, ...]], option: str = "--de
             _check_blocks(counts, config.block, option, density)
     elif config.method != "dense":   # pruned as it trains, over the whole model to one count
         total = sum(sizes.values())
-        if round(density * total) == 0 or total - round((1 - density) * total) == 0:
+        if round(density * total) == 0 or total - round(complement(density) * total) == 0:
             raise ValueError(f"{option} {density:g} keeps no weight of the model's {total} (round({density:g} x "
                              f"{total}) = 0): {config.method} would prune them all; raise {option} above "
                              f"{0.5 / total:.2g}")

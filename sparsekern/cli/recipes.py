@@ -245,7 +245,7 @@ class OptGRecipe(Recipe):
 
     def __init__(self, config, model, steps_per_epoch):
         super().__init__(config, model, steps_per_epoch)
-        self.algorithm = OptG(model, sparsity=1 - config.density, epochs=config.epochs, lr=config.lr,
+        self.algorithm = OptG(model, density=config.density, epochs=config.epochs, lr=config.lr,
                               momentum=config.momentum, criterion=RAMP_METHODS[config.method])
 
     def describe(self) -> str:

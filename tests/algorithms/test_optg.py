@@ -662,3 +662,97 @@ def test_a_layer_whose_mask_was_put_in_place_through_data_is_refused_before_optg
         optg.next_epoch() if call == "next_epoch" else optg.load_state_dict(saved)
     assert_unchanged(before, everything(model, optimizer) + [score.clone() for score in optg.scores])
     assert optg.epoch == 1
+
+
+def _masks_through_the_ramp(model, optg):
+    """The masks of every epoch of `optg`, its scores drawn at random (they no longer tie)."""
+    generator = torch.Generator().manual_seed(7)
+    for score in optg.scores:
+        score.copy_(torch.randn(score.shape, generator=generator))
+    masks = [optg.masks]
+    while optg.epoch < optg.epochs - 1:
+        optg.next_epoch()
+        masks.append(optg.masks)
+    return masks
+
+
+# Totals (inputs·hidden + hidden·outputs) where the target times the total falls on a half (0.3·15 = 4.5,
+# 0.15·30 = 4.5, 0.3·35 = 10.5), where the float complement 1 - 0.7 = 0.30000000000000004 rounds the pruned count
+# the other way (round(4.500000000000001) = 5, round(4.5) = 4).
+@pytest.mark.parametrize("shape", [(1, 5, 2), (7, 3, 2), (5, 5, 1), (2, 7, 3), (64, 16, 10)])
+@pytest.mark.parametrize("density, sparsity", [(0.3, 0.7), (0.7, 0.3), (0.05, 0.95), (0.15, 0.85),
+                                               (1 / 3, 1 - 1 / 3), (1 / 3, 2 / 3)])
+def test_density_prunes_exactly_as_the_sparsity_it_complements(shape, density, sparsity):
+    inputs, hidden, outputs = shape
+    runs = {}
+    for target in ({"density": density}, {"sparsity": sparsity}):
+        model = mlp(0, inputs=inputs, hidden=hidden, outputs=outputs)
+        optg = OptG(model, epochs=4, **target)
+        runs[next(iter(target))] = _masks_through_the_ramp(model, optg)
+    for by_density, by_sparsity in zip(runs["density"], runs["sparsity"]):
+        for a, b in zip(by_density, by_sparsity):
+            assert torch.equal(a, b)
+    total = inputs * hidden + hidden * outputs
+    assert sum(int(mask.sum()) for mask in runs["density"][-1]) == total - round(sparsity * total)
+
+
+def test_density_and_sparsity_are_the_same_target_read_either_way():
+    model = mlp(0, hidden=4)
+    by_density, by_sparsity = OptG(model, density=0.7, epochs=3), OptG(model, sparsity=0.3, epochs=3)
+    assert by_density.sparsity == by_sparsity.sparsity == 0.3        # not 1 - 0.7 = 0.30000000000000004
+    assert by_density.density == by_sparsity.density == 0.7
+    positional = OptG(model, 0.9, 3)                                  # sparsity, then epochs, as before
+    assert positional.sparsity == 0.9 and positional.density == 0.1   # not 1 - 0.9 = 0.09999999999999998
+    assert OptG(model, density=1.0, epochs=3).sparsity == 0.0        # dense: kept as sparsity=0 keeps it
+    with pytest.raises(AttributeError):
+        by_density.density = 0.5
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(sparsity=0.9, density=0.1), TypeError, r"exactly one of sparsity= .* and density= .*, got both"),
+    (dict(), TypeError, r"exactly one of sparsity= .* and density= .*, got neither"),
+    (dict(density=0.0), ValueError, r"density must be a finite number in \(0, 1\], got 0.0"),
+    (dict(density=1.5), ValueError, r"density must be a finite number in \(0, 1\], got 1.5"),
+    (dict(density=math.nan), ValueError, r"density must be a finite number in \(0, 1\], got nan"),
+    (dict(density="0.1"), TypeError, "density must be a number, got str"),
+    (dict(density=True), TypeError, "density must be a number, got bool"),
+    (dict(density=1e-5), ValueError, "density=1e-05 would prune all 1628 prunable weights"),
+    (dict(density=0.5, epochs=1), ValueError, "epochs=1 would end dense, not at density=0.5"),
+    (dict(density=0.5, epochs=None), TypeError, "OptG needs epochs"),
+])
+def test_a_bad_density_or_target_raises_naming_what_was_passed(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        OptG(mlp(0, hidden=22), **{"epochs": 3, **kwargs})
+
+
+def test_a_state_loads_whichever_spelling_built_either_optg(tmp_path):
+    def built(seed, **target):
+        model = mlp(seed, hidden=8)
+        return model, OptG(model, epochs=3, lr=0.5, **target)
+
+    for saving, loading in (({"density": 0.3}, {"sparsity": 0.7}), ({"sparsity": 0.7}, {"density": 0.3})):
+        model, optg = built(0, **saving)
+        _masks_through_the_ramp(model, optg)
+        sparsekern.checkpoint.save(optg.state_dict(), tmp_path / "optg.pt")
+        state = sparsekern.checkpoint.load(tmp_path / "optg.pt")
+        assert state["sparsity"] == 0.7 and "density" not in state
+        _, resumed = built(1, **loading)
+        resumed.load_state_dict(state)
+        assert resumed.epoch == optg.epoch == 2
+        for a, b in zip(resumed.masks + resumed.scores, optg.masks + optg.scores):
+            assert torch.equal(a, b)
+        _, other = built(1, density=0.4)
+        with pytest.raises(ValueError, match=r"saved with sparsity=0.7, not 0.6"):
+            other.load_state_dict(state)
+
+
+def test_a_state_saved_with_the_float_complement_of_its_density_loads():
+    # The command line built OptG(sparsity=1 - density) before OptG took density=: 1 - 0.7 = 0.30000000000000004.
+    model = mlp(0, hidden=8)
+    state = {**OptG(model, sparsity=0.3, epochs=3).state_dict(), "sparsity": 1 - 0.7}
+    for target in ({"density": 0.7}, {"sparsity": 0.3}):
+        optg = OptG(model, epochs=3, **target)
+        optg.load_state_dict(state)
+        assert optg.sparsity == 0.3
+    with pytest.raises(ValueError, match=r"saved with sparsity=0.30000000000000004, not 0.31"):
+        OptG(model, density=0.69, epochs=3).load_state_dict(state)

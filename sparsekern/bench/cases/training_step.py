@@ -205,7 +205,7 @@ def training_runs(build: Callable[[], nn.Module], input_shape, device: torch.dev
     if not compiled:
         # Its first epoch's masks (its sparsity ramp's start, not DENSITY: the speed of its steps does not depend
         # on the masks); with scores tied at 0, dense_while_scores_tie would keep them all True.
-        algorithms[OPTG] = OptG(models[OPTG], 1 - DENSITY, epochs=10, dense_while_scores_tie=False)
+        algorithms[OPTG] = OptG(models[OPTG], density=DENSITY, epochs=10, dense_while_scores_tie=False)
     return {name: training_step(torch.compile(m) if compiled else m, optimizers[name], x, y, algorithms.get(name))
             for name, m in models.items()}
 
