@@ -694,8 +694,9 @@ def check_own_masks(named: list[tuple[str, SparseModule]], who: str, written: bo
 def check_own_mask(module: SparseModule, subject: str, written: bool = True) -> None:
     """Refuses sparse `module`'s own mask buffer where it is not one to read as its weight's mask (`subject`,
     "who: layer 'fc1'", starts the message): not a bool tensor (TypeError), not of its weight's shape or on its device
-    (ValueError); with `written` (the caller writes it in place), one whose entries share memory too (an expanded
-    view), which torch refused to write only after the layers before had changed. Assignment (`layer.mask = ...`)
+    (ValueError), or sharing memory with its weight (a bool view of its bytes, which a write into either changes);
+    with `written` (the caller writes it in place), one whose entries share memory too (an expanded view), which
+    torch refused to write only after the layers before had changed. Assignment (`layer.mask = ...`)
     checks all this, but a mask put in place through `mask.data = ...` (or the buffers dict) passes no check. A
     weight computed at every forward is not read for its shape (a parametrization would run); a DTensor shard has
     the shape of its share (fully_shard)."""
@@ -708,6 +709,10 @@ def check_own_mask(module: SparseModule, subject: str, written: bool = True) -> 
         kind, problem = ValueError, f"is not on its weight's device ({weight.device})"
     elif written and not mask.is_contiguous() and not _checks.non_overlapping(mask):
         kind, problem = ValueError, "has entries that share memory (an expanded or stride-0 view): it cannot be written"
+    elif isinstance(weight, Tensor) and not is_dtensor(weight) and _checks.overlap(mask, weight):
+        # A bool view of the weight's bytes: writing either would change the other (reading a storage's address
+        # reads no value).
+        kind, problem = ValueError, "shares memory with its weight (a view of the weight's storage)"
     else:
         return
     got = (f"a {mask.dtype} tensor of shape {tuple(mask.shape)} on {mask.device}" if isinstance(mask, Tensor)
