@@ -293,7 +293,14 @@ class SparseModule(nn.Module):
     def _check_weight_writable(self) -> None:
         """ValueError for a weight made under torch.inference_mode (the layer was built there) written outside it:
         torch refuses, naming no layer, and set_mask would have changed the mask already (torch lets a write into
-        an inference tensor that requires no grad pass)."""
+        an inference tensor that requires no grad pass); and for a shard of a weight (a DTensor: fully_shard or tensor
+        parallelism), where torch refused the write naming no layer ("got mixed torch.Tensor and DTensor") after
+        set_mask had changed the mask."""
+        if is_dtensor(self.weight):
+            raise ValueError(f"{type(self).__name__}'s weight is sharded across ranks (a DTensor: fully_shard or "
+                             f"tensor parallelism), which its whole mask cannot be applied to: set the mask before "
+                             f"sharding the model, or wrap it in DistributedDataParallel instead (every rank keeps "
+                             f"whole weights)")
         if self.weight.is_inference() and not torch.is_inference_mode_enabled():
             raise ValueError(f"{type(self).__name__}'s weight is an inference tensor (the layer was built under "
                              f"torch.inference_mode), which cannot be written outside inference mode: set its mask "
