@@ -304,7 +304,7 @@ class SparseModule(nn.Module):
         if self.weight.is_inference() and not torch.is_inference_mode_enabled():
             raise ValueError(f"{type(self).__name__}'s weight is an inference tensor (the layer was built under "
                              f"torch.inference_mode), which cannot be written outside inference mode: set its mask "
-                             f"under torch.inference_mode(), or build the layer outside it")
+                             f"under torch.inference_mode() (or initialise it there), or build the layer outside it")
 
     @torch.no_grad()
     def verify_zero_off_mask(self) -> None:
