@@ -179,6 +179,8 @@ class OptG(distributed.CatchesUp):
             frozen = _frozen_layers(self._groups) if criterion == "learned" else []
             self._groups = [tied for tied in self._groups if tied[0][0] not in frozen]
             self.layers = _tickets.primaries(self._groups)
+            # The first epoch's masks are written below, as at every next_epoch
+            _tickets.check_masks_writable(self._groups, "OptG")
             sparsity = _checks.number(sparsity, "sparsity", lambda value: 0 <= value < 1, "in [0, 1)")
             self.epochs = _checks.count(epochs, "epochs", 1)
             lr = _checks.number(lr, "lr", lambda v: v >= 0, ">= 0")
