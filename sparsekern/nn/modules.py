@@ -48,8 +48,8 @@ the weight alone is not noticed (an optimizer step writes it too). `verify_zero_
 (one pass over the weight); `SparseModule.check_zero_off_mask = True` (on the class, or on one module)
 runs that check at every forward that relies on it, a debugging aid. A mask put in place through `mask.data = ...`
 passes no check at all: every writer of masks (set_mask, load_state_dict, sparsify, the algorithms, broadcast_masks,
-SparseAveragedModel) refuses one that is not a bool tensor of the weight's shape on its device, or whose entries share
-memory, naming the layer, before it changes anything (`check_own_masks`).
+SparseAveragedModel) refuses one that is not a bool tensor of the weight's shape on its device, whose entries share
+memory, or that shares memory with the weight, naming the layer, before it changes anything (`check_own_masks`).
 
 With `dense_grad = True` the next backward also gives the gradient at inactive positions (dy.T @ x
 for a linear layer), which growth criteria such as RigL's read on mask-update steps. That gradient
