@@ -241,6 +241,10 @@ BAD_OWN_MASKS = {
                          r"'s mask is not of its weight's shape"),
     "on the meta device": (lambda layer: layer._buffers.__setitem__("mask", torch.ones_like(layer.mask, device="meta")),
                            ValueError, r"'s mask is not on its weight's device \(cpu\)"),
+    # A bool view of the weight's bytes, of the weight's shape: every write of either changed the other.
+    "a view of its weight": (lambda layer: setattr(layer.mask, "data", layer.weight.detach().view(torch.bool)
+                                                   [..., ::layer.weight.element_size()]),
+                             ValueError, "'s mask shares memory with its weight"),
 }
 
 

@@ -206,6 +206,8 @@ class OptG(distributed.CatchesUp):
             frozen = _frozen_layers(self._groups) if criterion == "learned" else []
             self._groups = [tied for tied in self._groups if tied[0][0] not in frozen]
             self.layers = _tickets.primaries(self._groups)
+            # The first epoch's masks are written below, as at every next_epoch
+            _tickets.check_masks_writable(self._groups, "OptG")
             sparsity, target = _target_sparsity(sparsity, density)
             if epochs is None:   # a default only so that density= can be given by keyword in sparsity's place
                 raise TypeError("OptG needs epochs, the number of training epochs")

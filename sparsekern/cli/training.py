@@ -459,6 +459,9 @@ def damaged_records(history: list, flow, epochs: int) -> str:
                 not all(_is_number(value) for value in row.values()) or not _is_int(row["epoch"]) or \
                 row["epoch"] != index + 1:
             return f"history[{index}] is not the metrics of epoch {index + 1}"
+        damaged = _damaged_costs(row)
+        if damaged:
+            return f"history[{index}]'s {damaged} is {row[damaged]!r:.40}, which no run counts"
     if not isinstance(flow, list):
         return f"its gradient-flow records are a {type(flow).__name__}, not a list"
     for index, record in enumerate(flow):
@@ -492,6 +495,17 @@ def damaged_summary(record: dict) -> str:
         if type(stored) is not type(value) or not (stored == value or stored != stored and value != value):   # NaN
             return f"its {name} is {stored!r:.40}, where its history gives {value!r}"
     return ""
+
+
+def _damaged_costs(row: dict) -> str | None:
+    """The first of an epoch's costs (those it holds: an epoch of earlier versions has none) that no run counts, or
+    None: the MACs an int >= 0, the fractions floats in [0, 1] (sparse MACs are at most dense, and a step's at most
+    a dense step's). A NaN, a negative or another type, written by hand with the summary to match, went into the
+    tables."""
+    if "inference_macs" in row and not (_is_int(row["inference_macs"]) and row["inference_macs"] >= 0):
+        return "inference_macs"
+    return next((name for name in ("inference_flops_fraction", "training_flops_fraction")
+                 if name in row and not (isinstance(row[name], float) and 0 <= row[name] <= 1)), None)
 
 
 def _is_number(value) -> bool:

@@ -126,6 +126,9 @@ def _check_module(module, who: str) -> None:
     # A mask put in place through mask.data is read here unchecked: a float one failed in ~ or the fans naming no
     # argument, and one row of it broadcast over the weight.
     check_own_mask(module, f"{who}: module", written=False)
+    # Before the draw: torch refused the write into an inference tensor naming no argument, after the random
+    # stream had moved on.
+    module._check_weight_writable()
 
 
 def _check(module, distribution: str, scale: float, generator, who: str) -> None:

@@ -48,8 +48,8 @@ the weight alone is not noticed (an optimizer step writes it too). `verify_zero_
 (one pass over the weight); `SparseModule.check_zero_off_mask = True` (on the class, or on one module)
 runs that check at every forward that relies on it, a debugging aid. A mask put in place through `mask.data = ...`
 passes no check at all: every writer of masks (set_mask, load_state_dict, sparsify, the algorithms, broadcast_masks,
-SparseAveragedModel) refuses one that is not a bool tensor of the weight's shape on its device, or whose entries share
-memory, naming the layer, before it changes anything (`check_own_masks`).
+SparseAveragedModel) refuses one that is not a bool tensor of the weight's shape on its device, whose entries share
+memory, or that shares memory with the weight, naming the layer, before it changes anything (`check_own_masks`).
 
 With `dense_grad = True` the next backward also gives the gradient at inactive positions (dy.T @ x
 for a linear layer), which growth criteria such as RigL's read on mask-update steps. That gradient
@@ -293,11 +293,18 @@ class SparseModule(nn.Module):
     def _check_weight_writable(self) -> None:
         """ValueError for a weight made under torch.inference_mode (the layer was built there) written outside it:
         torch refuses, naming no layer, and set_mask would have changed the mask already (torch lets a write into
-        an inference tensor that requires no grad pass)."""
+        an inference tensor that requires no grad pass); and for a shard of a weight (a DTensor: fully_shard or tensor
+        parallelism), where torch refused the write naming no layer ("got mixed torch.Tensor and DTensor") after
+        set_mask had changed the mask."""
+        if is_dtensor(self.weight):
+            raise ValueError(f"{type(self).__name__}'s weight is sharded across ranks (a DTensor: fully_shard or "
+                             f"tensor parallelism), which its whole mask cannot be applied to: set the mask before "
+                             f"sharding the model, or wrap it in DistributedDataParallel instead (every rank keeps "
+                             f"whole weights)")
         if self.weight.is_inference() and not torch.is_inference_mode_enabled():
             raise ValueError(f"{type(self).__name__}'s weight is an inference tensor (the layer was built under "
                              f"torch.inference_mode), which cannot be written outside inference mode: set its mask "
-                             f"under torch.inference_mode(), or build the layer outside it")
+                             f"under torch.inference_mode() (or initialise it there), or build the layer outside it")
 
     @torch.no_grad()
     def verify_zero_off_mask(self) -> None:
@@ -694,8 +701,9 @@ def check_own_masks(named: list[tuple[str, SparseModule]], who: str, written: bo
 def check_own_mask(module: SparseModule, subject: str, written: bool = True) -> None:
     """Refuses sparse `module`'s own mask buffer where it is not one to read as its weight's mask (`subject`,
     "who: layer 'fc1'", starts the message): not a bool tensor (TypeError), not of its weight's shape or on its device
-    (ValueError); with `written` (the caller writes it in place), one whose entries share memory too (an expanded
-    view), which torch refused to write only after the layers before had changed. Assignment (`layer.mask = ...`)
+    (ValueError), or sharing memory with its weight (a bool view of its bytes, which a write into either changes);
+    with `written` (the caller writes it in place), one whose entries share memory too (an expanded view), which
+    torch refused to write only after the layers before had changed. Assignment (`layer.mask = ...`)
     checks all this, but a mask put in place through `mask.data = ...` (or the buffers dict) passes no check. A
     weight computed at every forward is not read for its shape (a parametrization would run); a DTensor shard has
     the shape of its share (fully_shard)."""
@@ -708,6 +716,10 @@ def check_own_mask(module: SparseModule, subject: str, written: bool = True) -> 
         kind, problem = ValueError, f"is not on its weight's device ({weight.device})"
     elif written and not mask.is_contiguous() and not _checks.non_overlapping(mask):
         kind, problem = ValueError, "has entries that share memory (an expanded or stride-0 view): it cannot be written"
+    elif isinstance(weight, Tensor) and not is_dtensor(weight) and _checks.overlap(mask, weight):
+        # A bool view of the weight's bytes: writing either would change the other (reading a storage's address
+        # reads no value).
+        kind, problem = ValueError, "shares memory with its weight (a view of the weight's storage)"
     else:
         return
     got = (f"a {mask.dtype} tensor of shape {tuple(mask.shape)} on {mask.device}" if isinstance(mask, Tensor)

@@ -135,7 +135,7 @@ def writable_in_place(value: Tensor, name: str, mask: Tensor | None = None, mask
     if not value.is_contiguous() and not non_overlapping(value):
         raise ValueError(f"{name} has entries that share memory (an expanded or stride-0 view), so it cannot be "
                          f"written in place; pass a tensor of its own (e.g. .clone())")
-    if mask is not None and _overlap(value, mask):
+    if mask is not None and overlap(value, mask):
         raise _shared_memory(name, mask_name)
     if value.requires_grad and torch.is_grad_enabled():
         raise ValueError(f"{name} requires grad, and autograd would not see it changed in place: call this under "
@@ -422,7 +422,7 @@ def _span(t: Tensor) -> tuple[int, int]:
     return t.data_ptr(), t.data_ptr() + span * t.element_size()
 
 
-def _overlap(a: Tensor, b: Tensor) -> bool:
+def overlap(a: Tensor, b: Tensor) -> bool:
     """Whether some byte is both in a's memory and in b's (False where either has none: empty, meta, fake tensors).
     One storage is read, a's: b can share memory with a only if it starts inside a's storage (two allocations do
     not overlap)."""

@@ -420,6 +420,21 @@ def test_fully_shard_swapping_shards_and_whole_weights_reads_no_weight(one_rank,
 
 
 @gloo
+def test_set_mask_refuses_a_layer_sharded_by_fully_shard_before_the_mask_changes(one_rank):
+    # torch refused zeroing the DTensor weight off the mask ("got mixed torch.Tensor and DTensor") after the new
+    # mask was copied in: the layer promised zeros off a mask its weight did not follow.
+    import sparsekern
+    from torch.distributed.fsdp import fully_shard
+    model = sparsekern.sparsify(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)),
+                                0.5, generator=torch.Generator().manual_seed(0))
+    fully_shard(model[2])
+    mask = model[2].mask.clone()
+    with pytest.raises(ValueError, match="SparseLinear's weight is sharded across ranks"):
+        model[2].set_mask(torch.ones(4, 16, dtype=torch.bool))
+    assert torch.equal(model[2].mask, mask) and model[2].zero_off_mask
+
+
+@gloo
 @pytest.mark.parametrize("kind", BAD_OWN_MASKS)
 def test_broadcast_masks_refuses_a_layer_whose_mask_was_put_in_place_through_data_naming_it(one_rank, kind):
     # torch refused an expanded one as the mask was copied in (the weights broadcast already), and ~ a float one.

@@ -756,3 +756,16 @@ def test_a_state_saved_with_the_float_complement_of_its_density_loads():
         assert optg.sparsity == 0.3
     with pytest.raises(ValueError, match=r"saved with sparsity=0.30000000000000004, not 0.31"):
         OptG(model, density=0.69, epochs=3).load_state_dict(state)
+
+
+# (One on the meta device is refused before, with every meta mask of the model named.)
+@pytest.mark.parametrize("kind", [kind for kind in BAD_OWN_MASKS if kind != "on the meta device"])
+def test_the_constructor_refuses_a_layer_whose_mask_was_put_in_place_through_data_before_it_writes_the_masks(kind):
+    # It writes the first epoch's masks: torch refused an expanded one, or one of another shape, after the layers
+    # before it had taken theirs; a float one, or a view of the weight, took the masks silently.
+    model = mlp(0)
+    error, match = damage_mask(model[2], kind)
+    before = everything(model)
+    with pytest.raises(error, match="^OptG: layer '2'" + match):
+        OptG(model, sparsity=0.8, epochs=4, lr=0.1)
+    assert_unchanged(before, everything(model))

@@ -169,6 +169,16 @@ def test_a_record_stored_before_the_costs_is_reused_and_its_cells_are_empty(tmp_
     assert "| static | – | 1 | – / – |" in costs_table and "| dense | – | 1 | 1 / 1 |" in costs_table
 
 
+def _consistently(name, value):
+    """Sets every epoch's `name` to `value`, and the summary's to what that history gives (the run is of one epoch),
+    so that the value alone can tell the damage."""
+    def edit(record):
+        for epoch in record["history"]:
+            epoch[name] = value
+        record[name] = value
+    return edit
+
+
 @pytest.mark.parametrize("edit, trained", [
     (_without_costs, False),
     (lambda record: [record.pop(name) for name in COST_KEYS], False),   # the summary's are optional
@@ -178,8 +188,17 @@ def test_a_record_stored_before_the_costs_is_reused_and_its_cells_are_empty(tmp_
     (lambda record: record.update(training_flops_fraction=True), True),
     (lambda record: record["history"][0].pop("training_flops_fraction"), True),   # the record's, from no history
     (lambda record: record["history"][0].update(inference_macs="many"), True),
+    (_consistently("training_flops_fraction", float("nan")), True),
+    (_consistently("training_flops_fraction", 1e300), True),
+    (_consistently("inference_flops_fraction", -0.3), True),
+    (_consistently("inference_flops_fraction", 1.5), True),
+    (_consistently("inference_macs", 1234.0), True),
+    (_consistently("inference_macs", -5), True),
+    (_consistently("inference_macs", 0), False),   # every weight pruned: no MACs, but a count
 ], ids=["none anywhere", "none in the summary", "a str", "a float for an int", "another fraction", "a bool",
-        "one the history does not give", "a str in the history"])
+        "one the history does not give", "a str in the history", "NaN throughout", "huge throughout",
+        "negative throughout", "above 1 throughout", "a float for an int throughout", "negative MACs throughout",
+        "no MACs throughout"])
 def test_a_record_with_a_damaged_cost_is_trained_again(tmp_path, edit, trained):
     again, record = _stored(tmp_path, edit)
     assert again == [trained]
@@ -213,3 +232,18 @@ def test_train_says_its_costs_and_a_run_resumed_from_an_older_checkpoint_counts_
     main([*common, "--resume", str(tmp_path / "checkpoint.pt")])
     line = capsys.readouterr().out
     assert "nothing trained" in line and "MACs" not in line and "FLOPs" not in line
+
+
+def test_a_checkpoint_whose_epoch_holds_a_cost_no_run_counts_is_refused_on_resume(tmp_path, capsys):
+    # The run went on from it: the summary and train's last line said "training FLOPs nan of dense".
+    common = ["train", "--method", "static", "--density", "0.3", "--epochs", "2", "--batch-size", str(BATCH),
+              "--quiet", "--out", str(tmp_path)]
+    main([*common, "--stop-after", "1"])
+    saved = checkpoint.load(tmp_path / "checkpoint.pt")
+    saved["history"][0]["training_flops_fraction"] = float("nan")
+    checkpoint.save(saved, tmp_path / "checkpoint.pt")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main([*common, "--resume", str(tmp_path / "checkpoint.pt")])
+    assert exit_info.value.code == 2
+    assert "history[0]'s training_flops_fraction is nan, which no run counts" in capsys.readouterr().err

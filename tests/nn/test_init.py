@@ -189,3 +189,14 @@ def test_sparse_and_layer_scaled_variances_by_hand():
     # layer-scaled: Var = 2 / (density · dense fan-in) = 2 / (3/9 · 3) = 2 at every active entry
     std = _std_per_entry(functools.partial(init.layer_scaled_, scale=2.0), mask)
     torch.testing.assert_close(std, torch.where(mask, 2 ** 0.5, 0.0), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("function", [init.sparse_, init.layer_scaled_, init.dense_])
+def test_a_layer_built_under_inference_mode_is_refused_outside_it_before_the_draw(function):
+    # torch refused the write into the inference tensor naming nothing, after the random stream had moved on.
+    with torch.inference_mode():
+        layer = SparseLinear(6, 4)
+    before = everything(layer)
+    with pytest.raises(ValueError, match="weight is an inference tensor .*initialise it there"):
+        function(layer)
+    assert_unchanged(before, everything(layer))

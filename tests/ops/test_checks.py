@@ -460,12 +460,12 @@ def test_memory_sharing_is_exact_for_slices_of_one_tensor_and_never_missed():
             if transposed:
                 b = b.transpose(0, -1)
             shares = bool(addresses(a) & addresses(b))
-            assert not shares or _checks._overlap(a, b), (a.stride(), b.stride(), a.storage_offset())
-            if not transposed and not shares and _checks._overlap(a, b) is False:
+            assert not shares or _checks.overlap(a, b), (a.stride(), b.stride(), a.storage_offset())
+            if not transposed and not shares and _checks.overlap(a, b) is False:
                 exact += 1
     assert exact > 100   # the interleaved pairs the byte ranges alone refused
     w = torch.zeros(8, 8)
     for a, b, shares in [(w[:, :4], w[:, 4:], False), (w[:, :5], w[:, 4:], True), (w[:, ::2], w[:, 1::2], False),
                          (w[:, ::2], w[:, 2::2], True), (w[1:3, 2:6], w[3:5, 2:6], False),
                          (w.view(-1)[3:40], w[:, 5:], True)]:
-        assert _checks._overlap(a, b) is shares
+        assert _checks.overlap(a, b) is shares
