@@ -398,6 +398,31 @@ error("sparsify(a model on the meta device)", _meta_world, lambda w: sparsekern.
       ValueError, "meta")
 
 
+def _inference_world(tmp_path=None):
+    with torch.inference_mode():
+        model = sparse_model()
+    return SimpleNamespace(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05))
+
+
+def _inference_mask_world(tmp_path=None):
+    world = SimpleNamespace(model=sparse_model())
+    world.optimizer = torch.optim.SGD(world.model.parameters(), lr=0.05)
+    with torch.inference_mode():
+        mask = world.model[3].mask.clone()
+    world.model[3].mask.data = mask   # escapes the checks of an assigned mask
+    return world
+
+
+# torch refused them naming no layer ("Inference tensors do not track version counter", an in-place update)
+for _world, _match in ((_inference_world, r"layer '0''s weight and mask are inference tensors"),
+                       (_inference_mask_world, r"layer '3''s mask is an inference tensor")):
+    for _algorithm, _build in (("RigL", lambda w: sparsekern.RigL(w.model, w.optimizer, total_steps=40)),
+                               ("IMP", lambda w: IMP(w.model, _sgd)), ("SWAMP", lambda w: SWAMP(w.model, _sgd)),
+                               ("OptG", lambda w: OptG(w.model, sparsity=0.5, epochs=3))):
+        error(f"{_algorithm}({_world.__name__[1:-6].replace('_', ' ')})", _world, _build, ValueError,
+              f"^{'DST' if _algorithm == 'RigL' else _algorithm}: {_match}")
+
+
 def _empty_linear_world(tmp_path=None):
     return SimpleNamespace(model=nn.Sequential(nn.Linear(0, 3), nn.Linear(3, 2)))
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from .. import checkpoint, ops
 from ..ops import _checks
 from ..nn import SparseModule, _wrappers, sparse_modules, tying
-from ..nn.modules import check_own_masks, computed_weight_refusal, refuse_meta
+from ..nn.modules import check_own_masks, computed_weight_refusal, refuse_inference, refuse_meta
 from ..nn.sharding import refuse_sharded
 from ._stack import user_stacklevel
 
@@ -53,6 +53,7 @@ def sparse_layers(model: nn.Module, who: str) -> list[tying.Group]:
     # later (OptG's scores, the forward), naming neither.
     # Every module of a group: a tied module's mask is its own buffer.
     refuse_meta([pair for group in groups for pair in group], who, tensors=("weight", "mask"))
+    refuse_inference([pair for group in groups for pair in group], who)
     return groups
 
 

@@ -255,8 +255,9 @@ class Run:
         epoch = state["epoch"]
         if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 < epoch <= total_epochs(self.config) or \
                 not isinstance(state["history"], list) or len(state["history"]) != epoch:
-            raise ValueError(f"resume checkpoint {path!r} is inconsistent (epoch {epoch!r}, "
-                             f"{len(state['history']) if isinstance(state['history'], list) else '?'} epochs of history)")
+            history = len(state["history"]) if isinstance(state["history"], list) else "?"
+            raise ValueError(f"resume checkpoint {path!r} is inconsistent (epoch {epoch!r}, {history} epochs of "
+                             f"history)")
         damaged = damaged_records(state["history"], state["gradient_flow"], epoch)
         if damaged:   # else the metrics files written after the next epoch fail, or carry the damage on
             raise ValueError(f"resume checkpoint {path!r} is inconsistent: {damaged}")

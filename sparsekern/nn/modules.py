@@ -690,6 +690,20 @@ def refuse_meta(named: list[tuple[str, nn.Module]], who: str | None = None,
                          f"materialize the model first (to_empty, then initialise it or load its state dict)")
 
 
+def refuse_inference(named: list[tuple[str, nn.Module]], who: str) -> None:
+    """ValueError naming the first layer of `named` whose weight or mask is an inference tensor (made under
+    torch.inference_mode()): `who`, a training algorithm, could neither track the mask's version nor write either
+    tensor, and autograd cannot train such a weight; torch's own errors ("Inference tensors do not track version
+    counter") named no layer."""
+    for name, module in named:
+        made = [tensor for tensor in ("weight", "mask") if getattr(module, tensor).is_inference()]
+        if made:
+            raise ValueError(f"{who}: layer {name or '(root)'!r}'s {' and '.join(made)} "
+                             f"{'are inference tensors' if len(made) > 1 else 'is an inference tensor'} (made under "
+                             f"torch.inference_mode()), which training cannot use: build the model outside inference "
+                             f"mode, or load its state_dict into one built outside it")
+
+
 def check_own_masks(named: list[tuple[str, SparseModule]], who: str, written: bool = True) -> None:
     """TypeError or ValueError naming the first layer of `named` whose own mask buffer `who` (set_mask, an algorithm,
     sparsify, ...) cannot take as its weight's mask, before `who` changes anything (`check_own_mask`). Metadata only:
