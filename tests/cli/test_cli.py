@@ -22,6 +22,8 @@ from sparsekern.cli.main import _config, _warn_short_optg, build_parser
 from sparsekern.cli.runs import key
 from sparsekern.cli import training
 from sparsekern.cli.training import TrainConfig, prepare
+
+from .stored_runs import stored_and_run_again
 from sparsekern.nn import SparseConv1d, sparse_modules
 
 
@@ -843,22 +845,6 @@ def test_a_run_at_the_default_swap_rounding_keeps_the_key_it_had_before_the_opti
     assert key(TrainConfig(method="static")) == "3033dd5ff0330a70aef6"
     assert key(TrainConfig(swap_rounding="floor")) != key(TrainConfig())
     assert key(TrainConfig(method="mest", mest_gamma=0.5)) != key(TrainConfig(method="mest"))
-
-
-def stored_and_run_again(tmp_path, config, damage=lambda record: None):
-    """Stores `config`'s run in a compare folder under `tmp_path`, lets `damage` change its JSON record in place,
-    then executes the job again: (whether it trained again, the records execute returned)."""
-    from sparsekern.cli.runs import Job, RunStore, execute
-    store = RunStore(str(tmp_path / "runs"))
-    execute([Job(config)], store, load_dataset("digits"))
-    path = tmp_path / "runs" / f"{key(config)}.json"
-    record = json.loads(path.read_text())
-    damage(record)
-    path.write_text(json.dumps(record))
-    trained = []
-    records = execute([Job(config)], store, load_dataset("digits"),
-                      on_done=lambda job, record, new: trained.append(new))
-    return trained, records
 
 
 def test_runs_and_checkpoints_stored_before_the_later_options_are_still_found_and_resume(tmp_path):

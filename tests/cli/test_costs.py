@@ -13,9 +13,11 @@ from sparsekern.cli import main
 from sparsekern.cli.costs import TrainingCost
 from sparsekern.cli.data import load_dataset
 from sparsekern.cli.models import build_model
-from sparsekern.cli.runs import Job, RunStore, execute, key
+from sparsekern.cli.runs import key
 from sparsekern.cli.training import COST_KEYS, TrainConfig, train
 from sparsekern.nn import sparse_modules
+
+from .stored_runs import stored_and_run_again
 
 SAMPLES = 1438   # digits' training images
 BATCH = 256
@@ -125,22 +127,6 @@ def test_compare_tables_show_the_costs_of_each_line(tmp_path, capsys):
         assert f"| {row['label']} |" in costs_table and f"| {cell} |" in costs_table
 
 
-def _stored(tmp_path, edit):
-    """Stores a static run in a compare folder, lets `edit` change its JSON record, executes the job again:
-    (whether it trained again, its record now)."""
-    config = TrainConfig(method="static", density=0.3, epochs=1, batch_size=BATCH)
-    store = RunStore(str(tmp_path / "runs"))
-    execute([Job(config)], store, load_dataset("digits"))
-    path = tmp_path / "runs" / f"{key(config)}.json"
-    record = json.loads(path.read_text())
-    edit(record)
-    path.write_text(json.dumps(record))
-    trained = []
-    records = execute([Job(config)], store, load_dataset("digits"),
-                      on_done=lambda job, record, new: trained.append(new))
-    return trained, records[key(config)]
-
-
 def _without_costs(record):
     """As a record stored before the costs: none in its summary or in its epochs."""
     for name in COST_KEYS:
@@ -200,7 +186,9 @@ def _consistently(name, value):
         "negative throughout", "above 1 throughout", "a float for an int throughout", "negative MACs throughout",
         "no MACs throughout"])
 def test_a_record_with_a_damaged_cost_is_trained_again(tmp_path, edit, trained):
-    again, record = _stored(tmp_path, edit)
+    config = TrainConfig(method="static", density=0.3, epochs=1, batch_size=BATCH)
+    again, records = stored_and_run_again(tmp_path, config, edit)
+    record = records[key(config)]
     assert again == [trained]
     if trained:
         assert all(isinstance(record[name], float if "fraction" in name else int) for name in COST_KEYS)
