@@ -1,5 +1,5 @@
 """`sparsekern reproduce`: one small experiment per claim of the seed papers, on scikit-learn's digits, written up
-as report.md with a plot and a CSV per claim.
+as report.md with a plot and a CSV per claim, each compared line's cost in FLOPs beside its accuracy.
 
     (a) DST beats static sparse training at high sparsity (RigL, Evci et al. 2020; SET, Mocanu et al. 2018)
     (b) pruning criteria mostly tie; at low density magnitude is best (Fantastic Weights, Nowak et al. 2023)
@@ -43,8 +43,9 @@ FLOW_LABEL = "gradient flow ‖g⊙m‖₂ (nats/unit weight)"
 FLOPS_NOTE = ("**FLOPs inf./train.**: what each line cost, as fractions of the dense model's, mean over seeds: "
               "inference, the final model's forward pass; training, every step's forward and backward as RigL's paper "
               "counts them (a dense weight gradient where the method computed one), over a dense run of the same "
-              "epochs (IMP's cycles and SWAMP's particles each cost a training of their own, so theirs can exceed 1); "
-              "– where a run's record has none (stored before costs were counted).")
+              "epochs (IMP's cycles and SWAMP's particles each cost a training of their own, so theirs can exceed 1; "
+              "a reinitialised ticket counts its own training, not the IMP run that found its mask); – where a run's "
+              "record has none (stored before costs were counted).")
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ def test_quick_reproduce_writes_a_report_of_every_claim(tmp_path, capsys, monkey
         # each compared line's costs (runs trained now have them all), and the table's column for them
         assert claim == "f" or all(float(row["training_flops_fraction_mean"]) > 0 for row in rows)
         assert claim == "f" or "FLOPs inf./train." in report.split(f"## ({claim}) ")[1].split("## ")[0]
-    dense = next(row for row in csv.DictReader((out / "a.csv").open(newline="")) if row["line"] == "dense")
+    dense = next(row for row in csv.DictReader(io.StringIO((out / "a.csv").read_text())) if row["line"] == "dense")
     assert float(dense["inference_flops_fraction_mean"]) == float(dense["training_flops_fraction_mean"]) == 1.0
     verdicts = [line.rsplit("|", 2)[1].strip() for line in printed.splitlines()[2:] if line.startswith("| (")]
     assert len(verdicts) >= 10
