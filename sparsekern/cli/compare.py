@@ -18,11 +18,11 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 from .data import Dataset, load_dataset
-from .output import DENSITY_LABEL, counted, csv_text, density_axis, save_figure, write_text
+from .output import DENSITY_LABEL, counted, csv_text, density_axis, flops_cell, save_figure, write_text
 from .progress import execute_shown
 from .recipes import CRITERION_PARAMETERS, criteria_of, start_density
 from .runs import Job, RunStore, key, unique, warnings_cell
-from .training import COST_KEYS, TrainConfig
+from .training import COST_KEYS, TrainConfig, cost_means
 
 DEFAULT_METHODS = ("dense", "static", "set", "rigl", "dst")
 DEFAULT_CRITERIA = ("magnitude", "snip", "random")
@@ -148,7 +148,7 @@ def summarise(lines: list[Line], runs: list[dict]) -> list[dict]:
     """Per line and filed density: mean and sample standard deviation of test accuracy (None for one seed, which
     measures no spread: an empty CSV cell), the mean final density, and gradient flow (final, and the mean over
     training's epochs), averaged over seeds, with the sample standard deviation of the latter (None for one
-    seed), and the costs (COST_KEYS) averaged over seeds, None where a run's record has none."""
+    seed), and the costs averaged over seeds (`cost_means`: None where a run's record has none)."""
     rows = []
     for line in lines:
         mine = [run for run in runs if run["label"] == line.label]
@@ -169,13 +169,8 @@ def summarise(lines: list[Line], runs: list[dict]) -> list[dict]:
                          "gradient_flow_final_mean": statistics.fmean(run["gradient_flow"] for run in at),
                          "gradient_flow_training_mean": statistics.fmean(flows),
                          "gradient_flow_training_std": statistics.stdev(flows) if len(flows) > 1 else None,
-                         **{f"{name}_mean": _mean_of_all([run[name] for run in at]) for name in COST_KEYS}})
+                         **cost_means(at)})
     return rows
-
-
-def _mean_of_all(values: list) -> float | None:
-    """The mean of `values`, None if any is None: the mean of some seeds' would pass for all of theirs."""
-    return None if any(value is None for value in values) else statistics.fmean(values)
 
 
 def caption(base: TrainConfig, seeds: int, methods) -> str:
@@ -240,8 +235,7 @@ def markdown_table(rows: list[dict], base: TrainConfig, seeds: int) -> str:
     accuracy = body(accuracy_cell)
     flow = body(lambda row: spread(row["gradient_flow_training_mean"], row["gradient_flow_training_std"], ".3g",
                                     ".2g"))
-    costs = body(lambda row: " / ".join("–" if row[f"{name}_mean"] is None else f"{row[f'{name}_mean']:.3g}"
-                                        for name in ("inference_flops_fraction", "training_flops_fraction")))
+    costs = body(flops_cell)
     over_seeds = ", mean ± sd over seeds" if seeds > 1 else ""
     marked = " In bold: the best sparse line at each density (highest mean)." if best else ""
     methods = list(dict.fromkeys(row["method"] for row in rows))

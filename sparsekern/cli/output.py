@@ -63,3 +63,10 @@ def first_line(error: BaseException) -> str:
 def counted(number: int, noun: str, plural: str | None = None) -> str:
     """'1 seed', '3 seeds', '2 densities': a count with its noun, plural unless it is one."""
     return f"{number} {noun if number == 1 else plural or noun + 's'}"
+
+
+def flops_cell(row: dict) -> str:
+    """A table's cell of a line's FLOPs as fractions of the dense model's, "inference / training" (3 significant
+    digits), from a row of `sparsekern.cli.training.cost_means`; "–" for either where the row has none."""
+    return " / ".join("–" if row[name] is None else f"{row[name]:.3g}"
+                      for name in ("inference_flops_fraction_mean", "training_flops_fraction_mean"))

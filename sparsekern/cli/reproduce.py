@@ -1,5 +1,5 @@
 """`sparsekern reproduce`: one small experiment per claim of the seed papers, on scikit-learn's digits, written up
-as report.md with a plot and a CSV per claim.
+as report.md with a plot and a CSV per claim, each compared line's cost in FLOPs beside its accuracy.
 
     (a) DST beats static sparse training at high sparsity (RigL, Evci et al. 2020; SET, Mocanu et al. 2018)
     (b) pruning criteria mostly tie; at low density magnitude is best (Fantastic Weights, Nowak et al. 2023)
@@ -23,11 +23,11 @@ import time
 from dataclasses import dataclass, field, replace
 
 from .data import Dataset, load_dataset
-from .output import DENSITY_LABEL, counted, csv_text, density_axis, save_figure, write_text
+from .output import DENSITY_LABEL, counted, csv_text, density_axis, flops_cell, save_figure, write_text
 from .progress import execute_shown
 from .recipes import criteria_of
 from .runs import Job, RunStore, key, unique, warnings_cell
-from .training import TrainConfig, total_epochs
+from .training import TrainConfig, cost_means, total_epochs
 
 HOLDS, FAILS, TIE = "holds", "does not hold at this scale", "tie"
 # The smallest standard error a verdict uses, as a fraction of the metric's scale (accuracy: 0.2 points), so that
@@ -38,6 +38,14 @@ REINIT_SEED_OFFSET = 1000  # a reinitialised ticket draws other weights (and dat
 # (f)'s axes: the norm of the masked gradient ∂L/∂θ of the batch's mean cross-entropy L. L is in nats, the norm
 # not: it is in nats per unit of weight (the label said nats).
 FLOW_LABEL = "gradient flow ‖g⊙m‖₂ (nats/unit weight)"
+# What the FLOPs columns of (a) to (e) hold: the methods a claim compares pay very different training costs at the
+# same final density, which a verdict on accuracy alone hides.
+FLOPS_NOTE = ("**FLOPs inf./train.**: what each line cost, as fractions of the dense model's, mean over seeds: "
+              "inference, the final model's forward pass; training, every step's forward and backward as RigL's paper "
+              "counts them (a dense weight gradient where the method computed one), over a dense run of the same "
+              "epochs (IMP's cycles and SWAMP's particles each cost a training of their own, so theirs can exceed 1; "
+              "a reinitialised ticket counts its own training, not the IMP run that found its mask); – where a run's "
+              "record has none (stored before costs were counted).")
 
 
 @dataclass(frozen=True)
@@ -131,6 +139,7 @@ class Report:
                 f"(at least {FLOOR:g} of the metric's scale); **holds** if Δ > 2 se, **does not hold at this "
                 f"scale** if Δ < −2 se, **tie** otherwise. Small models and few seeds: a tie says the difference is "
                 f"within noise here, not that the paper is wrong.\n\n"
+                f"{FLOPS_NOTE}\n\n"
                 f"{self.summary_table()}\n")
         for claim in self.claims:
             text += (f"## ({claim.key}) {claim.title}\n\n**Paper** ({claim.source}): {claim.statement}\n\n"
@@ -252,7 +261,17 @@ def _row(claim: str, line: str, config: TrainConfig, records: list[dict], **extr
             # accuracy_sd: accuracy_std's name here before it took compare's (results.csv), kept for the readers of
             # earlier CSVs (deprecated)
             "accuracy_std": spread, "accuracy_sd": spread,
-            "gradient_flow_mean": statistics.fmean(r["gradient_flow_mean"] for r in records), **extra}
+            "gradient_flow_mean": statistics.fmean(r["gradient_flow_mean"] for r in records), **cost_means(records),
+            **extra}
+
+
+def _flops(records: list[dict]) -> str:
+    """A line's FLOPs cell over its seeds' records: "inference / training" fractions of dense (FLOPS_NOTE)."""
+    return flops_cell(cost_means(records))
+
+
+def _flops_header(at: str) -> str:
+    return f"FLOPs inf./train., {at}"
 
 
 def _fields(rows: list[dict]) -> list[str]:
@@ -328,15 +347,17 @@ class DSTvsStatic:
 
         dense = results("dense", 1.0)
         rows = [_row("a", "dense", cls.configs(plan, "dense", 1.0)[0], dense)]
-        table_rows = [["dense", *[_cell(_accuracies(dense))] * len(plan.dst_densities)]]
+        table_rows = [["dense", *[_cell(_accuracies(dense))] * len(plan.dst_densities),
+                       *[_flops(dense)] * len(plan.dst_densities)]]
         for method in cls.METHODS:
-            cells = []
+            cells, costs = [], []
             for density in plan.dst_densities:
                 records = results(method, density)
                 rows.append(_row("a", method, cls.configs(plan, method, density)[0], records,
                                  schedule=records[0]["schedule"]))
                 cells.append(_cell(_accuracies(records)))
-            table_rows.append([method, *cells])
+                costs.append(_flops(records))
+            table_rows.append([method, *cells, *costs])
         sparsest = min(plan.dst_densities)
         static = _accuracies(results("static", sparsest))
         findings = [
@@ -361,7 +382,8 @@ class DSTvsStatic:
                      "than training a fixed random mask of the same density, the more so the sparser the network.",
                      f"static, SET and RigL at densities {_listed(plan.dst_densities)}, "
                      f"{counted(plan.seeds, 'seed')}, init {plan.base.init}; {schedules}.",
-                     _table(["line", *[f"d = {d:g}" for d in plan.dst_densities]], table_rows), rows, findings,
+                     _table(["line", *[f"d = {d:g}" for d in plan.dst_densities],
+                             *[_flops_header(f"d = {d:g}") for d in plan.dst_densities]], table_rows), rows, findings,
                      "a.png")]
 
 
@@ -394,11 +416,13 @@ class CriteriaGrid:
 
     @classmethod
     def analyse(cls, plan: Plan, lookup, out_dir: str) -> list[Claim]:
-        accuracy = {(c, d): _accuracies([lookup(config) for config in cls.configs(plan, c, d)])
-                    for c in plan.criteria for d in plan.criteria_densities}
-        rows = [_row("b", c, cls.configs(plan, c, d)[0], [lookup(x) for x in cls.configs(plan, c, d)])
+        records = {(c, d): [lookup(config) for config in cls.configs(plan, c, d)]
+                   for c in plan.criteria for d in plan.criteria_densities}
+        accuracy = {at: _accuracies(of) for at, of in records.items()}
+        rows = [_row("b", c, cls.configs(plan, c, d)[0], records[c, d])
                 for c in plan.criteria for d in plan.criteria_densities]
-        table_rows = [[c, *[_cell(accuracy[c, d]) for d in plan.criteria_densities]] for c in plan.criteria]
+        table_rows = [[c, *[_cell(accuracy[c, d]) for d in plan.criteria_densities],
+                       *[_flops(records[c, d]) for d in plan.criteria_densities]] for c in plan.criteria]
         sparsest = min(plan.criteria_densities)
         denser = [d for d in plan.criteria_densities if d != sparsest] or [sparsest]
         tied, total = criteria_tying_the_best(accuracy, plan.criteria, denser)
@@ -425,7 +449,8 @@ class CriteriaGrid:
                      "perform alike, and at low density plain magnitude pruning is best.",
                      f"DST with each pruning criterion and random growth, the paper's schedule ({schedule}), "
                      f"densities {_listed(plan.criteria_densities)}, {counted(plan.grid_seeds, 'seed')}.",
-                     _table(["criterion", *[f"d = {d:g}" for d in plan.criteria_densities]], table_rows), rows,
+                     _table(["criterion", *[f"d = {d:g}" for d in plan.criteria_densities],
+                             *[_flops_header(f"d = {d:g}") for d in plan.criteria_densities]], table_rows), rows,
                      findings, "b.png")]
 
 
@@ -472,9 +497,11 @@ class Tickets:
         for line in results[plan.ticket_densities[0]]:
             config = results[plan.ticket_densities[0]][line][0]
             table_rows.append([line, str(total_epochs(config)),
-                               *[_cell(_accuracies(results[d][line][1])) for d in plan.ticket_densities]])
+                               *[_cell(_accuracies(results[d][line][1])) for d in plan.ticket_densities],
+                               *[_flops(results[d][line][1]) for d in plan.ticket_densities]])
             rows += [_row("c/d", line, results[d][line][0], results[d][line][1]) for d in plan.ticket_densities]
-        table = _table(["line", "epochs trained", *[f"d = {d:g}" for d in plan.ticket_densities]], table_rows)
+        table = _table(["line", "epochs trained", *[f"d = {d:g}" for d in plan.ticket_densities],
+                        *[_flops_header(f"d = {d:g}") for d in plan.ticket_densities]], table_rows)
         sparsest = min(plan.ticket_densities)
         at = {line: _accuracies(records) for line, (_, records) in results[sparsest].items()}
         tickets = [
@@ -535,8 +562,9 @@ class OptGvsMagnitude:
         sparsest, longest = min(plan.ramp_densities), max(plan.ramp_epochs)
         final = {(m, d): statistics.fmean(r["final_density"] for r in results[m, d, longest])
                  for m in cls.METHODS for d in plan.ramp_densities}
-        table_rows = [[names[m], f"{d:g}", f"{final[m, d]:.4f}", *[_cell(_accuracies(results[m, d, e]))
-                                                                   for e in plan.ramp_epochs]]
+        table_rows = [[names[m], f"{d:g}", f"{final[m, d]:.4f}",
+                       *[_cell(_accuracies(results[m, d, e])) for e in plan.ramp_epochs],
+                       *[_flops(results[m, d, e]) for e in plan.ramp_epochs]]
                       for m in cls.METHODS for d in plan.ramp_densities]
         findings = [_compare(f"(e) OptG vs magnitude pruning, d = {sparsest:g}, {longest} epochs",
                              "OptG beats magnitude pruning at equal final density", "OptG",
@@ -570,7 +598,8 @@ class OptGvsMagnitude:
                      f"{', '.join(map(str, plan.ramp_epochs))} epochs, {counted(plan.grid_seeds, 'seed')}; the ramp ends at the "
                      f"target (the table's final density: its {longest}-epoch runs', mean over seeds).",
                      _table(["method", "density", f"final density ({longest} epochs)",
-                             *[f"{e} epochs" for e in plan.ramp_epochs]],
+                             *[f"{e} epochs" for e in plan.ramp_epochs],
+                             *[_flops_header(f"{e} epochs") for e in plan.ramp_epochs]],
                             table_rows), rows, findings, "e.png")]
 
 

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import pickle
+import statistics
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -182,6 +183,17 @@ class RunResult:
 # The entries of a summary that records stored before them lack: a record without them is whole (a table shows an
 # empty cell), one with them holds what its history gives, as for the others.
 COST_KEYS = ("inference_macs", "inference_flops_fraction", "training_flops_fraction")
+
+
+def cost_means(records: list[dict]) -> dict:
+    """The costs of runs of one line over its seeds, as `compare`'s and `reproduce`'s tables show them: for each of
+    COST_KEYS, "<key>_mean", the mean over `records` (records or rows holding the key), or None (an empty cell) if
+    any lacks it or holds None (stored before the costs): the mean of some seeds' would pass for all of theirs."""
+    means = {}
+    for name in COST_KEYS:
+        values = [record.get(name) for record in records]
+        means[f"{name}_mean"] = None if any(value is None for value in values) else statistics.fmean(values)
+    return means
 
 
 def summary_of(history: list[dict], schedule: str, epochs: int) -> dict:

@@ -1,11 +1,15 @@
 """`sparsekern reproduce --quick` end to end: a report with every claim, its plots and CSVs, and a rerun that reuses
 the finished runs."""
 import csv
+import io
 import os
 from dataclasses import asdict
 
+import pytest
+
 from sparsekern.cli import main
 from sparsekern.cli import reproduce
+from sparsekern.cli.output import csv_text
 from sparsekern.cli.runs import unique
 
 CLAIMS = ("a", "b", "c", "d", "e", "f")
@@ -40,6 +44,11 @@ def test_quick_reproduce_writes_a_report_of_every_claim(tmp_path, capsys, monkey
         # compare's results.csv names it accuracy_std; accuracy_sd, its earlier name here, stays (deprecated)
         assert rows and all(float(row["accuracy_std"]) >= 0 and row["accuracy_sd"] == row["accuracy_std"]
                             for row in rows)
+        # each compared line's costs (runs trained now have them all), and the table's column for them
+        assert claim == "f" or all(float(row["training_flops_fraction_mean"]) > 0 for row in rows)
+        assert claim == "f" or "FLOPs inf./train." in report.split(f"## ({claim}) ")[1].split("## ")[0]
+    dense = next(row for row in csv.DictReader(io.StringIO((out / "a.csv").read_text())) if row["line"] == "dense")
+    assert float(dense["inference_flops_fraction_mean"]) == float(dense["training_flops_fraction_mean"]) == 1.0
     verdicts = [line.rsplit("|", 2)[1].strip() for line in printed.splitlines()[2:] if line.startswith("| (")]
     assert len(verdicts) >= 10
     assert set(verdicts[:3]) <= {reproduce.HOLDS, reproduce.FAILS, reproduce.TIE}
@@ -193,3 +202,111 @@ def test_the_readme_counts_the_quick_runs_as_the_plan_has_them():
     readme = " ".join((Path(__file__).resolve().parents[2] / "README.md").read_text().split())
     runs = len(unique(reproduce.jobs(reproduce.plan(quick=True))))
     assert f"to mean much): {runs} short runs, about a minute of CPU time" in readme
+
+
+def _costed_record(config, masks_from=None, costless=()) -> dict:
+    """A made-up record of `config` with costs that differ by line, density, epochs and seed (so that a cell shows
+    its own line's mean over seeds), none where (method, seed) is in `costless` (a record stored before them)."""
+    record = _made_up_record(config)
+    seed = config.seed % reproduce.REINIT_SEED_OFFSET
+    if (config.method, seed) not in costless:
+        inference = config.density * (1.1 if masks_from is None else 1.2)
+        training = inference + 0.001 * config.epochs + 0.01 * len(config.method) + 0.002 * seed
+        record |= {"inference_macs": round(1000 * inference), "inference_flops_fraction": inference,
+                   "training_flops_fraction": training}
+    return record
+
+
+def _made_up_record(config) -> dict:
+    """A record of `config` as `reproduce`'s analyses read it, without costs (stored before them)."""
+    seed = config.seed % reproduce.REINIT_SEED_OFFSET
+    flow = [{"when": "init", "step": 0, "gradient_flow": 0.1 + 0.01 * seed}]
+    for step in range(1, 4):
+        flow.append({"when": "epoch", "step": step, "gradient_flow": 0.2 * step})
+        if config.method == "rigl":
+            flow += [{"when": "before update", "step": step, "gradient_flow": 0.1},
+                     {"when": "after update", "step": step, "gradient_flow": 0.3}]
+    return {"flow": flow, "gradient_flow_mean": 0.4, "test_accuracy": 0.5 + 0.01 * seed + 0.02 * config.density,
+            "final_density": config.density, "schedule": "made up"}
+
+
+def _claims(tmp_path, plan, record) -> dict:
+    """Every claim of `plan` analysed on the made-up records `record(config, masks_from)`, by key."""
+    claims = [claim for experiment in reproduce.EXPERIMENTS
+              for claim in experiment.analyse(plan, record, str(tmp_path))]
+    return {claim.key: claim for claim in claims}
+
+
+def _table_cells(table: str) -> tuple[list[str], list[list[str]]]:
+    """A Markdown table's header and rows, as lists of cells."""
+    header, _, *rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in table.splitlines()]
+    return header, rows
+
+
+def test_each_compared_line_shows_its_flops_as_its_records_say_in_table_and_csv(tmp_path):
+    plan = reproduce.plan(quick=True)
+    claims = _claims(tmp_path, plan, _costed_record)
+    for key in "abcde":
+        claim = claims[key]
+        header = claim.table.splitlines()[0]
+        assert header.count("FLOPs inf./train.") >= 1, (key, header)
+        for row in claim.rows:
+            configs = _configs_of(plan, key, row)
+            records = [_costed_record(config, masks_from) for config, masks_from in configs]
+            for name in ("inference_macs", "inference_flops_fraction", "training_flops_fraction"):
+                assert row[f"{name}_mean"] == pytest.approx(sum(r[name] for r in records) / len(records)), (key, row)
+            shown = f"{row['inference_flops_fraction_mean']:.3g} / {row['training_flops_fraction_mean']:.3g}"
+            assert _shown_flops(key, claim.table, row) == [shown], (key, row)
+        # the CSV: the same values, columns named as compare's results.csv names them
+        text = csv_text(reproduce._fields(claim.rows), claim.rows)
+        for read, row in zip(csv.DictReader(io.StringIO(text, newline="")), claim.rows):
+            assert float(read["training_flops_fraction_mean"]) == row["training_flops_fraction_mean"]
+    assert "**FLOPs inf./train.**" in reproduce.Report(plan, list(claims.values()), 0, 0, 0, 0, 1).markdown()
+
+
+def _shown_flops(key: str, table: str, row: dict) -> list[str]:
+    """The FLOPs cells of a claim's table for the line of its CSV `row` (the dense line's repeat under every
+    density)."""
+    header, table_rows = _table_cells(table)
+    at = f"{row['epochs_trained']} epochs" if key == "e" else f"d = {row['density']:g}"
+    columns = [index for index, name in enumerate(header)
+               if name == f"FLOPs inf./train., {at}" or row["line"] == "dense" and name.startswith("FLOPs")]
+    name = {"optg": "OptG", "gmp": "magnitude (GMP)"}.get(row["line"], row["line"])
+    [shown] = [cells for cells in table_rows if cells[0] == name and (key != "e" or cells[1] == f"{row['density']:g}")]
+    return sorted({shown[column] for column in columns})
+
+
+def _configs_of(plan, key: str, row: dict) -> list[tuple]:
+    """The (config, masks_from) of each seed of a claim's CSV row."""
+    density = row["density"]
+    if key == "a":
+        return [(config, None) for config in reproduce.DSTvsStatic.configs(plan, row["method"], density)]
+    if key == "b":
+        return [(config, None) for config in reproduce.CriteriaGrid.configs(plan, row["line"], density)]
+    if key in "cd":
+        tickets = reproduce.Tickets
+        return {"IMP-WR": [(c, None) for c in tickets.imp(plan, density)],
+                "SWAMP": [(c, None) for c in tickets.swamp(plan, density)],
+                "reinit (same init)": tickets.reinit(plan, density, "dense"),
+                "reinit (sparsity-aware init)": tickets.reinit(plan, density, "sparse")}[row["line"]]
+    epochs = row["epochs_trained"]
+    return [(config, None) for config in reproduce.OptGvsMagnitude.configs(plan, row["method"], density, epochs)]
+
+
+def test_a_line_with_a_record_without_costs_gets_empty_cells_and_the_same_verdicts(tmp_path):
+    # a record stored before the costs: the line's cells are empty, not the mean of the other seeds' costs
+    plan = reproduce.plan(quick=True)
+    costless = {("rigl", 1), ("swamp", 0), ("optg", 1), ("dst", 0)}
+    claims = _claims(tmp_path, plan, lambda config, masks_from=None: _costed_record(config, masks_from, costless))
+    for key, line in (("a", "rigl"), ("b", "magnitude"), ("d", "SWAMP"), ("e", "optg")):
+        rows = [row for row in claims[key].rows if row["line"] == line]
+        assert rows and all(row[f"{name}_mean"] is None for row in rows
+                            for name in ("inference_macs", "inference_flops_fraction", "training_flops_fraction"))
+        read = list(csv.DictReader(io.StringIO(csv_text(reproduce._fields(claims[key].rows), claims[key].rows),
+                                               newline="")))
+        assert all(row["training_flops_fraction_mean"] == "" for row in read if row["line"] == line)
+        assert all(_shown_flops(key, claims[key].table, row) == ["– / –"] for row in rows), key
+    # the other lines keep theirs; the verdicts are those of records without any costs
+    assert all(row["training_flops_fraction_mean"] is not None for row in claims["a"].rows if row["line"] == "static")
+    bare = _claims(tmp_path, plan, lambda config, masks_from=None: _made_up_record(config))
+    assert all(claim.findings == bare[key].findings for key, claim in claims.items())
