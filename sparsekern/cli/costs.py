@@ -9,9 +9,10 @@ f_S for the forward and 2 f_S for the backward (the gradients of the activations
 in all; where a layer computes the dense weight gradient in that step (its `dense_grad` set: DST's update steps,
 which RigL's growth reads; OptG's every step, whose scores read it) its weight gradient costs its dense MACs instead
 of its sparse ones (RigL's update step: 2 f_S + f_D). This DST computes the dense gradient on the update steps of
-every criterion, SET's and MEST's too (grown weights get their first gradient step at the update), so they count
-what RigL counts, where RigL's paper counts SET at 3 f_S throughout. Each step counts its examples (the epoch's
-last, shorter batch fewer); steps a rewound ticket skips count nothing; the masks are read at each step, so a method
+every criterion, SET's and MEST's too (grown weights get their first gradient step at the update; without it MEST
+trained measurably worse: `DST._dense_grad_next`), so they count what RigL counts, where RigL's paper counts SET at
+3 f_S throughout. Each step counts its examples (the epoch's last, shorter batch fewer); steps a rewound ticket
+skips count nothing; the masks are read at each step, so a method
 that trains denser first (IMP's dense first cycle, SWAMP, OptG's and GMP's ramps) counts the density it used. The
 fraction divides by a dense run of the same epochs and batches: 3 f_D per example of each of --epochs epochs (one
 segment: IMP's cycles and SWAMP's particles each cost a training of their own). Gradient-flow measurements and

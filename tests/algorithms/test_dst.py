@@ -171,7 +171,7 @@ def test_updates_follow_the_schedule_and_stop_at_end_step():
     assert updated == [2, 4, 6, 8, 10, 12, 14]  # T_end = 15
 
 
-@pytest.mark.parametrize("method", [sparsekern.RigL, sparsekern.SET])
+@pytest.mark.parametrize("method", [sparsekern.RigL, sparsekern.SET, sparsekern.MEST])
 def test_dense_grad_only_before_update_steps(method):
     model = small_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -185,19 +185,20 @@ def test_dense_grad_only_before_update_steps(method):
             assert torch.all(module.weight.grad[~module.mask] == 0)
 
 
-def test_set_gives_its_grown_weights_their_first_gradient_step_at_the_update():
+@pytest.mark.parametrize("method", ["SET", "MEST"])
+def test_random_growth_gives_its_grown_weights_their_first_gradient_step_at_the_update(method):
     """The papers' default on an update step: the update and the optimizer step both, so grown
     weights (at 0) take one plain SGD step, -lr * g, whatever the growth criterion."""
     model = small_model()
     lr = 0.05
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    set_ = sparsekern.SET(model, optimizer, update_every=2, total_steps=20)
-    train_step(model, optimizer, set_, 0)
+    algo = getattr(sparsekern, method)(model, optimizer, update_every=2, total_steps=20)
+    train_step(model, optimizer, algo, 0)
     before = masks(model)
     x, y = batch(1)
     optimizer.zero_grad()
     nn.functional.cross_entropy(model(x), y).backward()
-    assert set_.step()
+    assert algo.step()
     optimizer.step()
     for (name, module), old in zip(sparse_modules(model), before):
         grown = module.mask & ~old
@@ -205,6 +206,39 @@ def test_set_gives_its_grown_weights_their_first_gradient_step_at_the_update():
         torch.testing.assert_close(module.weight.detach()[grown], -lr * module.weight.grad[grown],
                                    rtol=0, atol=0, msg=name)
         assert (module.weight.detach()[grown] != 0).any(), name   # (a unit behind a dead ReLU has g = 0)
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+@pytest.mark.parametrize("prune", sorted(criteria.PRUNE))
+def test_every_pruning_criterion_updates_from_the_masked_gradient_as_from_the_dense_one(prune, scope):
+    """The built-in pruning criteria read only the active entries' gradients (their scores at inactive ones are
+    ignored), which the masked gradient holds: under random growth an update from it swaps the weights that one
+    from the dense gradient swaps. What the dense gradient DST asks for gives them is their grown weights' first
+    step at the update (`DST._dense_grad_next`)."""
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    algo = sparsekern.DST(model, optimizer, prune=prune, grow="random", scope=scope, update_every=2, total_steps=20)
+    train_step(model, optimizer, algo, 0)   # momentum buffers, and step 2 is an update step
+    layers = [module for _, module in sparse_modules(model)]
+    assert all(layer.dense_grad for layer in layers)
+    x, y = batch(1)
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    assert all(layer.weight.grad[~layer.mask].ne(0).any() for layer in layers)   # dense indeed
+    updated = []
+    for masked in (True, False):
+        copied_model, copied_optimizer, copied_algo = copy.deepcopy((model, optimizer, algo))
+        copied = [module for _, module in sparse_modules(copied_model)]
+        for layer, original in zip(copied, layers):   # (a deep copy leaves gradients behind)
+            # masked: what the layers' backward gives without dense_grad
+            grad = original.weight.grad
+            layer.weight.grad = torch.where(layer.mask, grad, 0.0) if masked else grad.clone()
+        assert copied_algo.step()
+        updated.append([(layer.mask, layer.weight.detach(), copied_optimizer.state[layer.weight]["momentum_buffer"])
+                        for layer in copied])
+    for from_masked, from_dense in zip(*updated):
+        assert all(torch.equal(a, b) for a, b in zip(from_masked, from_dense))
+    assert any(not torch.equal(mask, layer.mask) for (mask, _, _), layer in zip(updated[0], layers))   # swapped
 
 
 @pytest.mark.parametrize("method", ["SET", "RigL"])

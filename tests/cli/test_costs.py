@@ -46,8 +46,11 @@ def test_a_run_s_inference_macs_are_sk_flops_of_its_final_model_and_its_active_w
     assert summary["inference_macs"] == active and summary["inference_flops_fraction"] == pytest.approx(active / total)
 
 
-def test_rigl_s_training_flops_count_a_dense_weight_gradient_on_its_update_steps_only(tmp_path):
-    main(["train", "--method", "rigl", "--density", "0.2", "--epochs", "2", "--update-every", "3", "--batch-size",
+# SET and MEST, whose random growth reads no inactive weight's gradient, compute the dense one too, as RigL does: for
+# their grown weights' first step at the update (`DST._dense_grad_next`).
+@pytest.mark.parametrize("method", ["rigl", "set", "mest"])
+def test_dst_s_training_flops_count_a_dense_weight_gradient_on_its_update_steps_only(tmp_path, method):
+    main(["train", "--method", method, "--density", "0.2", "--epochs", "2", "--update-every", "3", "--batch-size",
           str(BATCH), "--end-fraction", "1", "--out", str(tmp_path), "--quiet"])
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     model = build_model("mlp", (1, 8, 8), 10)
