@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from .. import checkpoint, ops
 from ..ops import _checks
@@ -178,6 +179,17 @@ def snapshot(model: nn.Module) -> dict[str, Tensor]:
     masks = _mask_names(model)
     return {name: value.detach().clone() for name, value in model.state_dict(keep_vars=True).items()
             if name not in masks}
+
+
+def refuse_unmaterialised(model: nn.Module, reading: str, remedy: str) -> None:
+    """ValueError naming the lazy modules of `model` (nn.LazyLinear, nn.LazyBatchNorm1d, ...) whose parameters or
+    buffers are not made yet (a lazy module makes them at its first forward, or as the model's state dict loads):
+    `reading` says what would read their values, `remedy` how to make them. torch's own error names no module."""
+    lazy = [f"{name!r} ({type(module).__name__})" for name, module in model.named_modules()
+            if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params()]
+    if lazy:
+        raise ValueError(f"{reading}, but the lazy modules {', '.join(lazy)} have not made their parameters yet (a "
+                         f"lazy module makes them at its first forward): {remedy}")
 
 
 def check_snapshot(state, model: nn.Module, name: str, who: str) -> dict[str, Tensor]:

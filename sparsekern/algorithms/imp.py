@@ -30,7 +30,9 @@ class IMP(distributed.CatchesUp):
             has, and lottery-ticket practice prunes every prunable layer; its surviving weights stay
             as they are, and the trained layers learn to make up for the rest. Weight rewinding
             restores the whole model to step k, a layer frozen after k included. To keep a layer as
-            it is, leave it out of `sparsify` (`exclude=`).
+            it is, leave it out of `sparsify` (`exclude=`). A lazy module (nn.LazyBatchNorm1d, ...) must have
+            made its parameters (a forward pass) before IMP keeps θ_0 as it is built (rewind_step=0, weight
+            rewinding: refused naming it otherwise); a later θ_k is kept after the first forward made them.
         optimizer_factory: called with `model.parameters()` at construction and after every
             pruning; IMP starts each cycle with a fresh optimizer, `imp.optimizer`. Use that one.
         prune_fraction: p, the fraction of the remaining weights removed per cycle (⌈p·remaining⌉).
@@ -78,6 +80,9 @@ class IMP(distributed.CatchesUp):
             self.rewind_step = _checks.count(rewind_step, "rewind_step")
             self.scope = _checks.choice(scope, "scope", _tickets.SCOPES)
             self.rewind = _checks.choice(rewind, "rewind", REWINDS)
+            if self.rewind == "weights" and self.rewind_step == 0:   # θ_0 is kept as IMP is built
+                _tickets.refuse_unmaterialised(model, "IMP keeps the model's state at rewind_step=0 as it is built",
+                                               "run the model on one batch before building IMP")
             replicas.compare(model, self._settings())
         super().__init__(model, replicas.group)   # for Join's catching up (join_hook)
         self.model = model
@@ -205,6 +210,8 @@ class IMP(distributed.CatchesUp):
         """Checks `state` completely and returns the function that installs it (load_state_dict runs
         both; broadcast_masks checks on every rank before any rank installs)."""
         _tickets.check_own_weights(self._groups, "IMP")
+        _tickets.refuse_unmaterialised(self.model, "IMP.load_state_dict() checks the state against the model's "
+                                       "tensors", "load the model's state dict first")
         _tickets.check_saved_by(state, "IMP")
         _tickets.check_state_keys(state, ("cycle", "step_in_cycle", "rewind_state", "optimizer"),
                                   ("algorithm", *self._settings()), "IMP")

@@ -463,7 +463,8 @@ class OptG(distributed.CatchesUp):
         "masks" (older versions) keeps the model's own. Checked completely first (entries, the layer names,
         tensors against the layers, the score optimizer's hyperparameters and momentum buffers, and that it is an
         OptG state saved with this OptG's sparsity (saved as "sparsity" whether given as sparsity= or density=;
-        an older command line's `1 - density` in floats is taken as its density), epochs, beta, criterion, reach_target,
+        an older command line's `1 - density` in floats is taken as its density, and so is a float a rounding away
+        that prunes the same counts: sparsity=2/3 for density=1/3), epochs, beta, criterion, reach_target,
         dense_while_scores_tie, momentum and nesterov, and with its lr or lr_schedule, which the score optimizer's
         saved score lr gives away, holding no entry that OptG does not save but the first versions' "pruned_weights",
         which loads ignored, as it did): a bad state raises TypeError or ValueError and changes nothing; a layer
@@ -486,6 +487,32 @@ class OptG(distributed.CatchesUp):
                              f"OptG's lr (or lr_schedule) and beta give {expected!r}: the state was saved with "
                              f"another lr or lr_schedule; build the OptG with the saving run's")
 
+    def _holds_target_as_another_float(self, saved) -> bool:
+        """Whether `saved`, a state's sparsity, is this OptG's target written as another float: `1 - density` in
+        floats, which the command line passed before OptG took density= (0.30000000000000004 for density 0.7, where
+        this OptG holds 0.3), or a float a rounding away (relative 1e-12) that prunes the same count as this OptG's
+        at every epoch on this model, so the same masks from the same scores (density=1/3 holds the sparsity
+        0.6666666666666667, sparsity=2/3 0.6666666666666666). ValueError where it is that close but prunes another
+        count at some epoch (a state of sparsity=1 - 0.7 under density=0.7, on 15 weights: 0.3 x 15 = 4.5 rounds
+        to 4, 4.500000000000001 to 5). False for this very float and for anything else, which
+        `_tickets.check_saved_setting` judges."""
+        if type(saved) is not float or saved == self.sparsity:
+            return False
+        if saved == 1 - self.density:
+            return True
+        if not math.isclose(saved, self.sparsity, rel_tol=1e-12, abs_tol=0.0):
+            return False
+        total = sum(layer.weight.numel() for layer in self.layers)
+        for epoch in range(self.epochs):
+            pruned = [round(sparsity_at(epoch, target, self.epochs, self.beta, self.reach_target) * total)
+                      for target in (saved, self.sparsity)]
+            if pruned[0] != pruned[1]:
+                raise ValueError(f"state['sparsity']={saved!r} is this OptG's {self.sparsity!r} but for float "
+                                 f"rounding, yet prunes {pruned[0]} of the {total} weights at epoch {epoch}, where "
+                                 f"this OptG prunes {pruned[1]}: the state was saved with sparsity={saved!r}; build "
+                                 f"the OptG with it")
+        return True
+
     def _prepare_load(self, state: dict):
         """Checks `state` completely and returns the function that installs it (load_state_dict runs
         both; broadcast_masks checks on every rank before any rank installs)."""
@@ -497,10 +524,7 @@ class OptG(distributed.CatchesUp):
         _tickets.check_state_keys(state, ("epoch", "scores", "score_optimizer"),
                                   ("algorithm", "masks", *self._settings()), "OptG", legacy=("pruned_weights",))
         settings = self._settings()
-        saved_sparsity = state.get("sparsity")
-        if type(saved_sparsity) is float and saved_sparsity == 1 - self.density:
-            # This target as `sparsity=1 - density` in floats, which the command line passed before OptG took
-            # density= (0.30000000000000004 for density 0.7, where this OptG holds 0.3): the same target.
+        if self._holds_target_as_another_float(state.get("sparsity")):
             del settings["sparsity"]
         for key, value in settings.items():
             _tickets.check_saved_setting(state, key, value)

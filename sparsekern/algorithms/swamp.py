@@ -35,7 +35,10 @@ class SWAMP:
     Args:
         model: as for `IMP` (sparse modules, start dense); trained, averaged and pruned in place.
             Frozen layers are pruned with the rest by the magnitude of their θ̄, as IMP prunes them
-            (frozen from the start, every particle holds their weights as they are, so θ̄ does too).
+            (frozen from the start, every particle holds their weights as they are, so θ̄ does too). A lazy
+            module (nn.LazyBatchNorm1d, ...) must have made its parameters (a forward pass) before SWAMP keeps θ_0
+            as it is built (rewind_step=0: refused naming it otherwise); a later θ_k is kept after the first
+            forward made them, and trains as the module it becomes.
         optimizer_factory: called with `model.parameters()` for every particle; use `swamp.optimizer`.
         particles: N, the number of particles per cycle (default 4).
         prune_fraction, rewind_step, scope: as for `IMP` (weight rewinding only).
@@ -101,6 +104,9 @@ class SWAMP:
             self.prune_fraction = _tickets.check_fraction(prune_fraction)
             self.rewind_step = _checks.count(rewind_step, "rewind_step")
             self.scope = _checks.choice(scope, "scope", _tickets.SCOPES)
+            if self.rewind_step == 0:   # θ_0 is kept as SWAMP is built
+                _tickets.refuse_unmaterialised(model, "SWAMP keeps the model's state at rewind_step=0 as it is built",
+                                               "run the model on one batch before building SWAMP")
             self.swa_start = None if swa_start is None else _checks.count(swa_start, "swa_start")
             if self.swa_start is not None and self.swa_start < self.rewind_step:
                 # Particles after the first start at step k: none can average weights from before it.
@@ -377,6 +383,8 @@ class SWAMP:
         as it did.
         """
         _tickets.check_own_weights(self._groups, "SWAMP")
+        _tickets.refuse_unmaterialised(self.model, "SWAMP.load_state_dict() checks the state against the model's "
+                                       "tensors", "load the model's state dict first")
         _tickets.check_saved_by(state, "SWAMP")
         _tickets.check_state_keys(state, ("cycle", "particle", "step_in_cycle", "averaged", "rewind_state",
                                           "rewind_optimizer_state", "particle_average", "average_count",

@@ -128,6 +128,8 @@ class Recipe:
         checked = _tickets.loaded_optimizer(self._make_optimizer, self.model, state["optimizer"],
                                             "its optimizer state", "this run")
         if self.algorithm is not None:
+            # Before the optimizer's: DST's load zeroes the optimizer's state off the loaded masks (for one not rolled
+            # back with them), and this run's holds none yet; the state loaded next was saved with those masks.
             self.algorithm.load_state_dict(state["algorithm"])
         self.optimizer.load_state_dict(checked.state_dict())
 

@@ -38,8 +38,8 @@ REINIT_SEED_OFFSET = 1000  # a reinitialised ticket draws other weights (and dat
 # (f)'s axes: the norm of the masked gradient ∂L/∂θ of the batch's mean cross-entropy L. L is in nats, the norm
 # not: it is in nats per unit of weight (the label said nats).
 FLOW_LABEL = "gradient flow ‖g⊙m‖₂ (nats/unit weight)"
-# What the FLOPs columns of (a) to (e) hold: the methods a claim compares pay very different training costs at the
-# same final density, which a verdict on accuracy alone hides.
+# What the FLOPs columns of every claim's table hold: the methods a claim compares pay very different training costs
+# at the same final density, which a verdict on accuracy alone hides.
 FLOPS_NOTE = ("**FLOPs inf./train.**: what each line cost, as fractions of the dense model's, mean over seeds: "
               "inference, the final model's forward pass; training, every step's forward and backward as RigL's paper "
               "counts them (a dense weight gradient where the method computed one), over a dense run of the same "
@@ -141,13 +141,27 @@ class Report:
                 f"within noise here, not that the paper is wrong.\n\n"
                 f"{FLOPS_NOTE}\n\n"
                 f"{self.summary_table()}\n")
+        sharing: dict[str, list[str]] = {}   # a table's text: the claims whose table it is ((c) and (d) share one)
+        for claim in self.claims:
+            sharing.setdefault(claim.table, []).append(claim.key)
         for claim in self.claims:
             text += (f"## ({claim.key}) {claim.title}\n\n**Paper** ({claim.source}): {claim.statement}\n\n"
-                     f"**Setup**: {claim.setup}\n\n{claim.table}\n"
+                     f"**Setup**: {claim.setup}\n\n{_shared_table(claim, sharing[claim.table])}\n"
                      + "".join(f"- {finding.claim}: {finding.ours} → **{finding.verdict}**\n"
                                for finding in claim.findings)
                      + f"\n![{claim.title}]({claim.figure})\n\nNumbers: `{claim.key}.csv`.\n\n")
         return text
+
+
+def _shared_table(claim: Claim, keys: list[str]) -> str:
+    """`claim`'s table as its section shows it: whole in the first claim of `keys`, those sharing it, which says so,
+    and in the others a line pointing at that one."""
+    if len(keys) == 1:
+        return claim.table
+    claims = " and ".join(f"({key})" for key in keys)
+    if claim.key == keys[0]:
+        return f"The lines of {claims}:\n\n{claim.table}"
+    return f"**Table**: the lines of {claims}, under ({keys[0]}) above.\n"
 
 
 def jobs(plan: Plan) -> list[Job]:
@@ -270,8 +284,9 @@ def _flops(records: list[dict]) -> str:
     return flops_cell(cost_means(records))
 
 
-def _flops_header(at: str) -> str:
-    return f"FLOPs inf./train., {at}"
+def _flops_header(at: str | None = None) -> str:
+    """The header of a FLOPs column (FLOPS_NOTE), of the runs `at` a density or a length where a row has several."""
+    return "FLOPs inf./train." if at is None else f"FLOPs inf./train., {at}"
 
 
 def _fields(rows: list[dict]) -> list[str]:
@@ -645,7 +660,8 @@ class GradientFlow:
                 rows.append(_row("f", line, cls.configs(plan, *lines[line], density)[0], records,
                                  gradient_flow_init=statistics.fmean(at_init(records))))
                 table_rows.append([line, f"{density:g}", _cell(at_init(records), False),
-                                   _cell(over_training(records), False), _cell(_accuracies(records))])
+                                   _cell(over_training(records), False), _cell(_accuracies(records)),
+                                   _flops(records)])
         sparsest = min(plan.dst_densities)
         sparse, dense, rigl = (results[line, sparsest] for line in lines)
         gains = update_gain(rigl)
@@ -700,8 +716,8 @@ class GradientFlow:
                      f"after every epoch and just before and after every RigL mask update; static training with the "
                      f"sparsity-aware and the dense-style (torch's default, masked) init, and RigL; densities "
                      f"{_listed(plan.dst_densities)}, {counted(plan.seeds, 'seed')}.",
-                     _table(["line", "density", "gradient flow at init", "mean over training", "accuracy (%)"],
-                            table_rows), rows, findings, "f.png")]
+                     _table(["line", "density", "gradient flow at init", "mean over training", "accuracy (%)",
+                             _flops_header()], table_rows), rows, findings, "f.png")]
 
 
 EXPERIMENTS = (DSTvsStatic, CriteriaGrid, Tickets, OptGvsMagnitude, GradientFlow)

@@ -161,6 +161,31 @@ def test_a_model_without_sparse_modules_is_refused():
         IMP(torch.nn.Linear(3, 3), _sgd)
 
 
+def test_a_lazy_module_not_made_yet_is_refused_by_name_where_imp_keeps_the_state_at_construction_or_loads():
+    # IMP keeps θ_0 as it is built (rewind_step=0, rewind="weights"), and its load checks θ_k against the model's
+    # tensors: torch refused the lazy parameter naming no module. Learning-rate rewinding keeps no state.
+    def lazy_model():
+        model = mlp(0, hidden=12, batch_norm=True)
+        model[1] = torch.nn.LazyBatchNorm1d()
+        return model
+
+    made = mlp(0, hidden=12, batch_norm=True)
+    states = {rewind: IMP(made, _sgd, rewind=rewind).state_dict() for rewind in ("weights", "learning_rate")}
+    lazy = r"the lazy modules '1' \(LazyBatchNorm1d\) have not made their parameters yet.*: "
+    model = lazy_model()
+    with pytest.raises(ValueError, match=r"^IMP keeps the model's state at rewind_step=0 as it is built, but "
+                                         + lazy + "run the model on one batch before building IMP$"):
+        IMP(model, _sgd)
+    imp = IMP(model, _sgd, rewind="learning_rate")
+    with pytest.raises(ValueError, match=r"^IMP.load_state_dict\(\) checks the state against the model's tensors, "
+                                         r"but " + lazy + "load the model's state dict first$"):
+        imp.load_state_dict(states["learning_rate"])
+    assert model[1].has_uninitialized_params()
+    model.load_state_dict(made.state_dict())
+    imp.load_state_dict(states["learning_rate"])
+    IMP(model, _sgd).load_state_dict(states["weights"])
+
+
 def _uninterrupted(steps, cycles, rewind_step):
     x, y = _data(3)
     model = mlp(6, hidden=16)

@@ -758,6 +758,45 @@ def test_a_state_saved_with_the_float_complement_of_its_density_loads():
         OptG(model, density=0.69, epochs=3).load_state_dict(state)
 
 
+@pytest.mark.parametrize("saving, loading", [({"density": 1 / 3}, {"sparsity": 2 / 3}),
+                                             ({"sparsity": 2 / 3}, {"density": 1 / 3})])
+def test_a_state_loads_under_a_target_a_float_rounding_away_that_prunes_the_same_counts(saving, loading):
+    # density=1/3 holds the sparsity 0.6666666666666667, sparsity=2/3 0.6666666666666666: the same masks at every
+    # epoch (test_density_prunes_exactly_as_the_sparsity_it_complements), so either's state loads under the other.
+    def built(seed, **target):
+        model = mlp(seed, hidden=8)
+        return model, OptG(model, epochs=4, lr=0.5, **target)
+
+    model, optg = built(0, **saving)
+    _masks_through_the_ramp(model, optg)
+    state = optg.state_dict()
+    _, resumed = built(1, **loading)
+    assert resumed.sparsity != state["sparsity"]
+    resumed.load_state_dict(state)
+    assert resumed.epoch == optg.epoch == 3
+    for a, b in zip(resumed.masks + resumed.scores, optg.masks + optg.scores):
+        assert torch.equal(a, b)
+    other_model, other = built(1, density=0.34)
+    before = everything(other_model) + [score.clone() for score in other.scores]
+    with pytest.raises(ValueError, match=rf"saved with sparsity={state['sparsity']!r}, not 0.66$"):
+        other.load_state_dict(state)
+    assert_unchanged(before, everything(other_model) + other.scores)
+
+
+def test_a_state_whose_target_is_a_float_rounding_away_but_prunes_another_count_is_refused():
+    # 15 weights: density=0.7 prunes round(0.3 x 15) = 4 at the last epoch, sparsity=1 - 0.7 round(4.500000000000001)
+    # = 5, a run of other masks.
+    state = OptG(mlp(0, inputs=1, hidden=5, outputs=2), density=0.7, epochs=4).state_dict()
+    model = mlp(1, inputs=1, hidden=5, outputs=2)
+    loading = OptG(model, sparsity=1 - 0.7, epochs=4)
+    before = everything(model) + [score.clone() for score in loading.scores]
+    with pytest.raises(ValueError, match=r"state\['sparsity'\]=0.3 is this OptG's 0.30000000000000004 but for "
+                                         r"float rounding, yet prunes 4 of the 15 weights at epoch 3, where this "
+                                         r"OptG prunes 5"):
+        loading.load_state_dict(state)
+    assert_unchanged(before, everything(model) + loading.scores)
+
+
 # (One on the meta device is refused before, with every meta mask of the model named.)
 @pytest.mark.parametrize("kind", [kind for kind in BAD_OWN_MASKS if kind != "on the meta device"])
 def test_the_constructor_refuses_a_layer_whose_mask_was_put_in_place_through_data_before_it_writes_the_masks(kind):

@@ -319,6 +319,69 @@ def test_a_state_saved_under_another_rewind_step_is_refused():
     assert other.particle == 0 and other.step_in_cycle == 0 and other.rewind_state is None
 
 
+def _lazy_norm_mlp(seed):
+    """mlp(seed, hidden=12, batch_norm=True) with an nn.LazyBatchNorm1d, which makes its parameters and statistics
+    at its first forward, in place of its BatchNorm1d."""
+    model = mlp(seed, hidden=12, batch_norm=True)
+    model[1] = torch.nn.LazyBatchNorm1d()
+    return model
+
+
+def _lazy_swamp(model, x):
+    return SWAMP(model, _sgd, particles=2, prune_fraction=0.3, rewind_step=2, swa_start=4, seed=3,
+                 bn_loader=[x[i:i + 32] for i in range(0, len(x), 32)])
+
+
+def test_a_lazy_batch_norm_made_by_the_first_forward_trains_as_a_batch_norm_bit_for_bit():
+    # rewind_step >= 1: the first particle's first forward makes its parameters (in place: the optimizer and the
+    # averages hold the same objects) before θ_k is kept, and every later average recomputes its statistics.
+    x, y = _data(2)
+    models = [mlp(3, hidden=12, batch_norm=True), _lazy_norm_mlp(3)]
+    for model in models:
+        _swamp_run(model, _lazy_swamp(model, x), x, y, cycles=2)
+    assert type(models[1][1]) is torch.nn.BatchNorm1d
+    assert models[0].state_dict().keys() == models[1].state_dict().keys()
+    for key, value in models[0].state_dict().items():
+        assert torch.equal(value, models[1].state_dict()[key]), key
+
+
+def test_a_lazy_module_not_made_yet_is_refused_by_name_where_swamp_keeps_the_state_at_construction():
+    # rewind_step=0 keeps θ_0 as SWAMP is built: torch refused the lazy parameter's clone naming no module.
+    x, _ = _data(2)
+    model = _lazy_norm_mlp(3)
+    with pytest.raises(ValueError, match=r"^SWAMP keeps the model's state at rewind_step=0 as it is built, but the "
+                                         r"lazy modules '1' \(LazyBatchNorm1d\) have not made their parameters yet"
+                                         r".*: run the model on one batch before building SWAMP$"):
+        SWAMP(model, _sgd, particles=2, bn_loader=[x])
+    assert model[1].has_uninitialized_params()
+    with torch.no_grad():
+        model(x[:4])
+    assert SWAMP(model, _sgd, particles=2, bn_loader=[x]).rewind_state["1.weight"].shape == (12,)
+
+
+def test_a_state_loaded_before_the_models_own_is_refused_naming_its_lazy_modules_and_loads_after_it():
+    x, y = _data(2)
+    model = _lazy_norm_mlp(3)
+    swamp = _lazy_swamp(model, x)
+    _train(model, swamp, x, y, swamp.data_seed)
+    swamp.next_particle()
+    _train(model, swamp, x, y, swamp.data_seed, stop=6)
+    checkpoint = {"model": model.state_dict(), "swamp": swamp.state_dict()}
+    resumed = _lazy_norm_mlp(0)
+    resumed_swamp = _lazy_swamp(resumed, x)
+    with pytest.raises(ValueError, match=r"^SWAMP.load_state_dict\(\) checks the state against the model's "
+                                         r"tensors, but the lazy modules '1' \(LazyBatchNorm1d\) have not made "
+                                         r"their parameters yet.*: load the model's state dict first$"):
+        resumed_swamp.load_state_dict(checkpoint["swamp"])
+    assert resumed_swamp.particle == 0 and resumed_swamp.rewind_state is None
+    resumed.load_state_dict(checkpoint["model"])
+    resumed_swamp.load_state_dict(checkpoint["swamp"])
+    for run, algorithm in ((model, swamp), (resumed, resumed_swamp)):
+        _swamp_run(run, algorithm, x, y, cycles=2)
+    for a, b in zip(model.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_particles_on_two_gloo_ranks_match_particles_in_sequence(tmp_path):
     result = torchrun("tests.algorithms.swamp_distributed", str(tmp_path / "rank{}.pt"))

@@ -45,8 +45,11 @@ def test_quick_reproduce_writes_a_report_of_every_claim(tmp_path, capsys, monkey
         assert rows and all(float(row["accuracy_std"]) >= 0 and row["accuracy_sd"] == row["accuracy_std"]
                             for row in rows)
         # each compared line's costs (runs trained now have them all), and the table's column for them
-        assert claim == "f" or all(float(row["training_flops_fraction_mean"]) > 0 for row in rows)
-        assert claim == "f" or "FLOPs inf./train." in report.split(f"## ({claim}) ")[1].split("## ")[0]
+        assert all(float(row["training_flops_fraction_mean"]) > 0 for row in rows)
+        section = report.split(f"## ({claim}) ")[1].split("## ")[0]
+        # (d)'s table is (c)'s, shown once, under (c), and its rows are c.csv's
+        assert "FLOPs inf./train." in section if claim != "d" else "under (c) above" in section
+    assert (out / "c.csv").read_text() == (out / "d.csv").read_text()
     dense = next(row for row in csv.DictReader(io.StringIO((out / "a.csv").read_text())) if row["line"] == "dense")
     assert float(dense["inference_flops_fraction_mean"]) == float(dense["training_flops_fraction_mean"]) == 1.0
     verdicts = [line.rsplit("|", 2)[1].strip() for line in printed.splitlines()[2:] if line.startswith("| (")]
@@ -246,7 +249,7 @@ def _table_cells(table: str) -> tuple[list[str], list[list[str]]]:
 def test_each_compared_line_shows_its_flops_as_its_records_say_in_table_and_csv(tmp_path):
     plan = reproduce.plan(quick=True)
     claims = _claims(tmp_path, plan, _costed_record)
-    for key in "abcde":
+    for key in "abcdef":
         claim = claims[key]
         header = claim.table.splitlines()[0]
         assert header.count("FLOPs inf./train.") >= 1, (key, header)
@@ -269,10 +272,12 @@ def _shown_flops(key: str, table: str, row: dict) -> list[str]:
     density)."""
     header, table_rows = _table_cells(table)
     at = f"{row['epochs_trained']} epochs" if key == "e" else f"d = {row['density']:g}"
-    columns = [index for index, name in enumerate(header)
-               if name == f"FLOPs inf./train., {at}" or row["line"] == "dense" and name.startswith("FLOPs")]
+    # (f)'s rows are a line at one density each, its one FLOPs column theirs
+    columns = [index for index, name in enumerate(header) if name in (f"FLOPs inf./train., {at}", "FLOPs inf./train.")
+               or row["line"] == "dense" and name.startswith("FLOPs")]
     name = {"optg": "OptG", "gmp": "magnitude (GMP)"}.get(row["line"], row["line"])
-    [shown] = [cells for cells in table_rows if cells[0] == name and (key != "e" or cells[1] == f"{row['density']:g}")]
+    [shown] = [cells for cells in table_rows
+               if cells[0] == name and (key not in "ef" or cells[1] == f"{row['density']:g}")]
     return sorted({shown[column] for column in columns})
 
 
@@ -289,8 +294,25 @@ def _configs_of(plan, key: str, row: dict) -> list[tuple]:
                 "SWAMP": [(c, None) for c in tickets.swamp(plan, density)],
                 "reinit (same init)": tickets.reinit(plan, density, "dense"),
                 "reinit (sparsity-aware init)": tickets.reinit(plan, density, "sparse")}[row["line"]]
+    if key == "f":
+        return [(config, None) for config in reproduce.GradientFlow.configs(plan, row["method"], row["init"], density)]
     epochs = row["epochs_trained"]
     return [(config, None) for config in reproduce.OptGvsMagnitude.configs(plan, row["method"], density, epochs)]
+
+
+def test_a_table_that_claims_share_is_shown_once_and_each_of_them_points_at_it(tmp_path):
+    # (c) and (d) compare lines of one experiment, one table: the report showed it twice, in full
+    plan = reproduce.plan(quick=True)
+    claims = _claims(tmp_path, plan, _costed_record)
+    assert claims["c"].table == claims["d"].table and claims["c"].rows == claims["d"].rows
+    report = reproduce.Report(plan, list(claims.values()), 0, 0, 0, 0, 1).markdown()
+    for key, claim in claims.items():
+        assert report.count(claim.table) == 1, key
+    sections = {key: report.split(f"## ({key}) ")[1].split("## ")[0] for key in claims}
+    assert f"The lines of (c) and (d):\n\n{claims['c'].table}" in sections["c"]
+    assert "**Table**: the lines of (c) and (d), under (c) above." in sections["d"]
+    assert claims["d"].table not in sections["d"] and "Numbers: `d.csv`" in sections["d"]
+    assert all("The lines of" not in sections[key] and "**Table**" not in sections[key] for key in "abef")
 
 
 def test_a_line_with_a_record_without_costs_gets_empty_cells_and_the_same_verdicts(tmp_path):
@@ -298,7 +320,7 @@ def test_a_line_with_a_record_without_costs_gets_empty_cells_and_the_same_verdic
     plan = reproduce.plan(quick=True)
     costless = {("rigl", 1), ("swamp", 0), ("optg", 1), ("dst", 0)}
     claims = _claims(tmp_path, plan, lambda config, masks_from=None: _costed_record(config, masks_from, costless))
-    for key, line in (("a", "rigl"), ("b", "magnitude"), ("d", "SWAMP"), ("e", "optg")):
+    for key, line in (("a", "rigl"), ("b", "magnitude"), ("d", "SWAMP"), ("e", "optg"), ("f", "RigL, sparse init")):
         rows = [row for row in claims[key].rows if row["line"] == line]
         assert rows and all(row[f"{name}_mean"] is None for row in rows
                             for name in ("inference_macs", "inference_flops_fraction", "training_flops_fraction"))
