@@ -108,6 +108,18 @@ class SparseModule(nn.Module):
         self.dense_grad = False
         self.zero_off_mask = True  # nothing is off an all-True mask
 
+    def reset_parameters(self) -> None:
+        """The dense module's initialisation (torch's default, over the whole weight), then the weight zeroed off the
+        mask, which stays as it was: torch's init alone would write values off the mask into a weight promised 0
+        there, and forward would multiply by them (a model re-initialised with
+        `model.apply(lambda m: m.reset_parameters())`). The dense module's __init__ calls it before the mask exists.
+        A weight computed from other parameters, or sharded (a DTensor), is left as torch's init leaves it: forward
+        masks the one, and the other's whole mask cannot meet its shard."""
+        super().reset_parameters()
+        weight = self._parameters.get("weight")
+        if "mask" in self._buffers and not weight_is_computed(self) and not is_dtensor(weight):
+            self.zero_weights_off_mask()
+
     def __setstate__(self, state: dict) -> None:
         # A module pickled whole before the promise was tied to its weight holds it as a bool: a plain
         # attribute `zero_off_mask` at first, then `_zero_off_mask`.
@@ -164,6 +176,11 @@ class SparseModule(nn.Module):
         mask = self.__dict__["_buffers"].get("mask")   # None while nn.Linear's __init__ sets the first weight
         if mask is None:
             return
+        if mask.dtype != torch.bool:
+            # Put in place unchecked (torch.func.functional_call swaps buffers in through the buffers dict): torch's
+            # select below refused it naming no mask, and a convolution would have multiplied by the weight alone.
+            raise TypeError(f"{type(self).__name__}'s mask must be a bool tensor, got {mask.dtype} (a mask handed to "
+                            f"torch.func.functional_call is put in place without the checks of an assigned one)")
         weight, promised_for = self.weight, self._zero_off_mask_of
         if (mask.is_meta or weight.is_meta or weight.shape != mask.shape
                 or is_dtensor(weight) or is_dtensor(promised_for)):

@@ -286,7 +286,8 @@ def pack(weight: Tensor, mask: Tensor) -> PackedWeight:
     weight: (out_features, in_features), float16, bfloat16, float32 or float64; mask: bool of the
     same shape, on the same device. Entries off the mask are dropped, whatever they hold (inf, NaN).
     Returns a PackedWeight on weight's device; `packed.unpack()` gives where(mask, weight, 0) back exactly.
-    A one-time conversion, done with torch ops on every device.
+    A one-time conversion, done with torch ops on every device. Its sizes depend on the mask's values: a meta or fake
+    (FakeTensorMode) weight or mask raises ValueError.
     """
     _checks.floating(weight, "weight")
     if weight.dim() != 2:
@@ -294,6 +295,8 @@ def pack(weight: Tensor, mask: Tensor) -> PackedWeight:
     _checks.bool_mask(mask, "mask", weight, "weight")
     _checks.same_device([("weight", weight), ("mask", mask)])
     _checks.holds_values(weight, "weight")
+    for value, name in ((weight, "weight"), (mask, "mask")):
+        _checks.not_fake(value, name, "the packed weight's sizes are its mask's count of kept entries")
     return PackedWeight(**reference.pack(weight.detach(), mask), in_features=weight.shape[1])
 
 

@@ -463,3 +463,12 @@ def test_cpu_kernel_with_no_columns_gives_the_bias(bias):
     b = torch.arange(6.0) if bias else None
     y = torch.ops.sparsekern.sparse_linear(torch.randn(2, 3, 0), bitmap, torch.zeros(0), offsets, b)
     assert y.shape == (2, 3, 6) and torch.equal(y, (b if bias else torch.zeros(6)).expand(2, 3, 6))
+
+
+@pytest.mark.parametrize("fake", ["weight", "mask"])
+def test_pack_refuses_fake_tensors_by_name(fake):
+    # The packed sizes are the mask's count of kept entries: torch raised DynamicOutputShapeException from inside.
+    tensors = {"weight": torch.randn(4, 40), "mask": torch.ones(4, 40, dtype=torch.bool)}
+    tensors[fake] = torch._subclasses.fake_tensor.FakeTensorMode().from_tensor(tensors[fake])
+    with pytest.raises(ValueError, match=rf"^{fake} is a fake tensor \(FakeTensorMode\), which holds no values"):
+        ops.pack(tensors["weight"], tensors["mask"])
