@@ -533,6 +533,12 @@ class SparseLinear(SparseModule, nn.Linear):
 
     def forward(self, input: Tensor) -> Tensor:
         if "packed_values" in self._buffers:  # inference mode (`packed`)
+            if torch.compiler.is_exporting():
+                # Its packed weight is checked, and its kernel chosen, by the values it holds: torch.export raised
+                # GuardOnDataDependentSymNode from inside those checks.
+                raise RuntimeError("a SparseLinear in inference mode (to_inference()) cannot be exported by "
+                                   "torch.export, whose tracing holds no values to check its packed weight by: export "
+                                   "it in training mode (to_training()), which computes the same outputs")
             return ops.sparse_linear(input, self.packed, self.bias)
         weight, mask, bias, zero_off_mask = self._forward_arguments()
         if isinstance(input, Tensor) and input.is_nested:
@@ -553,6 +559,9 @@ class SparseLinear(SparseModule, nn.Linear):
         `packed_chunk_offsets`): they follow `.to(device)` and `.half()`, and the state dict stays
         that of a training module. The pack is a snapshot: call again after changing weight or
         mask, or `to_training()` to go back. Returns self.
+
+        Forward computes in the packed weight's dtype, under torch.autocast too (`ops.sparse_linear`); torch.compile
+        runs it (with a graph break), torch.export refuses it (RuntimeError): export the training-mode layer.
         """
         packed = ops.pack(self.weight, self.mask)
         for name in _PACKED_FIELDS:
