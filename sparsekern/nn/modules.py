@@ -30,7 +30,8 @@ values it does not own. Into a computed weight, `set_mask` copies the mask alone
 raises; the algorithms and broadcast_masks refuse such a layer by name (`computed_weight_refusal`).
 
 Writing into `weight` off the mask, or writing `mask` other than through `set_mask`, breaks the
-promise: set `zero_off_mask = False`, or call `zero_weights_off_mask()` to keep it. A mask written in
+promise: set `zero_off_mask = False`, or call `zero_weights_off_mask()` to keep it (`reset_parameters()`, torch's
+init over the whole weight, calls it itself). A mask written in
 place (noticed by its version counter, which a mask made under torch.inference_mode lacks and a write
 through `mask.data` does not move) or put in place of the old one (registered as a buffer) is noticed at
 the next forward outside torch.compile, which reads the weight once to check the promise again (a host
