@@ -320,9 +320,10 @@ def sparse_linear(x: Tensor, packed: PackedWeight, bias: Tensor | None = None) -
 
     x: (..., in_features), of the packed weight's dtype and device; bias: (out_features,) or None,
     same dtype. Returns (..., out_features) in x's dtype, accumulated in float32 (float64 for
-    float64), under torch.autocast too (which it ignores). No autograd: this is for inference. Where the dense product is faster (density or
-    row count above SPARSE_LINEAR_LIMITS for the device), it calls F.linear on `packed.dense()`,
-    the unpacked weight, which the PackedWeight makes on the first such call and keeps.
+    float64), under torch.autocast too (which it ignores). No autograd: this is for inference.
+    Where the dense product is faster (density or row count above SPARSE_LINEAR_LIMITS for the
+    device), it calls F.linear on `packed.dense()`, the unpacked weight, which the PackedWeight
+    makes on the first such call and keeps.
 
     An inf or NaN in x may meet a dropped weight: the dense product (and the reference) multiplies
     it by that 0 and gives NaN, the compressed kernels skip dropped weights and do not, so which

@@ -88,7 +88,7 @@ def test_layers_in_inference_mode_chain_under_autocast(generator, rows):
 def test_torch_export_refuses_inference_mode_by_name_and_exports_training_mode(generator):
     layer = sparse_layer(generator, 70, 33, 0.03).to_inference()
     x = torch.randn(4, 70, generator=generator)
-    with pytest.raises(RuntimeError, match=r"^a SparseLinear in inference mode \(to_inference\(\)\) cannot be exported"):
+    with pytest.raises(RuntimeError, match=r"^a SparseLinear in inference mode \(to_inference\(\)\) cannot be "):
         torch.export.export(layer, (x,))
     expected = layer(x)
     torch.testing.assert_close(torch.export.export(layer.to_training(), (x,)).module()(x), expected)
