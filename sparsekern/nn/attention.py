@@ -21,7 +21,7 @@ from torch.nn.utils import parametrize
 
 from ..ops import _checks, _masked_linear_op
 from .modules import (SparseLinear, SparseModule, _check_dtype, _copy_masked_into, _rename_dense_entries,
-                      _translate_pruned, is_computed)
+                      _translate_pruned, is_computed, weight_is_computed)
 
 # nn.MultiheadAttention's keys of the input-projection weights -> this module's.
 _DENSE_WEIGHT_KEYS = {"in_proj_weight": "in_proj.weight", "q_proj_weight": "q_proj.weight",
@@ -93,11 +93,14 @@ class SparseMultiheadAttention(nn.Module):
 
     @torch.no_grad()
     def _reset_parameters(self) -> None:
-        """nn.MultiheadAttention's initialisation (its _reset_parameters, on this module's tensors)."""
+        """nn.MultiheadAttention's initialisation (its _reset_parameters, on this module's tensors), the input
+        projections' weights then zeroed off their masks (unchanged), as a sparse layer's reset_parameters does."""
         if any(parameter.is_meta for parameter in self.parameters()):
             return   # from_dense builds on the meta device and adopts the dense module's Parameters
         for projection in self.input_projections():
             nn.init.xavier_uniform_(projection.weight)
+            if not weight_is_computed(projection):   # a computed weight is masked by forward
+                projection.zero_weights_off_mask()
         if self.in_proj_bias is not None:
             nn.init.zeros_(self.in_proj_bias)
             nn.init.zeros_(self.out_proj.bias)

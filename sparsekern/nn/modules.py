@@ -30,7 +30,8 @@ values it does not own. Into a computed weight, `set_mask` copies the mask alone
 raises; the algorithms and broadcast_masks refuse such a layer by name (`computed_weight_refusal`).
 
 Writing into `weight` off the mask, or writing `mask` other than through `set_mask`, breaks the
-promise: set `zero_off_mask = False`, or call `zero_weights_off_mask()` to keep it. A mask written in
+promise: set `zero_off_mask = False`, or call `zero_weights_off_mask()` to keep it (`reset_parameters()`, torch's
+init over the whole weight, calls it itself). A mask written in
 place (noticed by its version counter, which a mask made under torch.inference_mode lacks and a write
 through `mask.data` does not move) or put in place of the old one (registered as a buffer) is noticed at
 the next forward outside torch.compile, which reads the weight once to check the promise again (a host
@@ -108,6 +109,18 @@ class SparseModule(nn.Module):
         self.dense_grad = False
         self.zero_off_mask = True  # nothing is off an all-True mask
 
+    def reset_parameters(self) -> None:
+        """The dense module's initialisation (torch's default, over the whole weight), then the weight zeroed off the
+        mask, which stays as it was: torch's init alone would write values off the mask into a weight promised 0
+        there, and forward would multiply by them (a model re-initialised with
+        `model.apply(lambda m: m.reset_parameters())`). The dense module's __init__ calls it before the mask exists.
+        A weight computed from other parameters, or sharded (a DTensor), is left as torch's init leaves it: forward
+        masks the one, and the other's whole mask cannot meet its shard."""
+        super().reset_parameters()
+        weight = self._parameters.get("weight")
+        if "mask" in self._buffers and not weight_is_computed(self) and not is_dtensor(weight):
+            self.zero_weights_off_mask()
+
     def __setstate__(self, state: dict) -> None:
         # A module pickled whole before the promise was tied to its weight holds it as a bool: a plain
         # attribute `zero_off_mask` at first, then `_zero_off_mask`.
@@ -164,6 +177,11 @@ class SparseModule(nn.Module):
         mask = self.__dict__["_buffers"].get("mask")   # None while nn.Linear's __init__ sets the first weight
         if mask is None:
             return
+        if mask.dtype != torch.bool:
+            # Put in place unchecked (torch.func.functional_call swaps buffers in through the buffers dict): torch's
+            # select below refused it naming no mask, and a convolution would have multiplied by the weight alone.
+            raise TypeError(f"{type(self).__name__}'s mask must be a bool tensor, got {mask.dtype} (a mask handed to "
+                            f"torch.func.functional_call is put in place without the checks of an assigned one)")
         weight, promised_for = self.weight, self._zero_off_mask_of
         if (mask.is_meta or weight.is_meta or weight.shape != mask.shape
                 or is_dtensor(weight) or is_dtensor(promised_for)):
@@ -516,6 +534,12 @@ class SparseLinear(SparseModule, nn.Linear):
 
     def forward(self, input: Tensor) -> Tensor:
         if "packed_values" in self._buffers:  # inference mode (`packed`)
+            if torch.compiler.is_exporting():
+                # Its packed weight is checked, and its kernel chosen, by the values it holds: torch.export raised
+                # GuardOnDataDependentSymNode from inside those checks.
+                raise RuntimeError("a SparseLinear in inference mode (to_inference()) cannot be exported by "
+                                   "torch.export, whose tracing holds no values to check its packed weight by: export "
+                                   "it in training mode (to_training()), which computes the same outputs")
             return ops.sparse_linear(input, self.packed, self.bias)
         weight, mask, bias, zero_off_mask = self._forward_arguments()
         if isinstance(input, Tensor) and input.is_nested:
@@ -536,6 +560,9 @@ class SparseLinear(SparseModule, nn.Linear):
         `packed_chunk_offsets`): they follow `.to(device)` and `.half()`, and the state dict stays
         that of a training module. The pack is a snapshot: call again after changing weight or
         mask, or `to_training()` to go back. Returns self.
+
+        Forward computes in the packed weight's dtype, under torch.autocast too (`ops.sparse_linear`); torch.compile
+        runs it (with a graph break), torch.export refuses it (RuntimeError): export the training-mode layer.
         """
         packed = ops.pack(self.weight, self.mask)
         for name in _PACKED_FIELDS:

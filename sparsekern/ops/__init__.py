@@ -270,14 +270,17 @@ _AUTOCAST_CASTS = (torch.float16, torch.bfloat16, torch.float32)
 def _autocast_cast(device_type: str, *tensors):
     """`tensors` as torch.autocast hands them to F.linear on `device_type`: eligible floats in the
     autocast dtype, everything else (None, float64, non-tensors the checks will reject) as is."""
-    try:
-        enabled = torch.is_autocast_enabled(device_type)
-    except RuntimeError:  # a device type without autocast, such as meta (shape inference)
-        enabled = False
-    if not enabled:
+    if not _autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if isinstance(t, Tensor) and t.dtype in _AUTOCAST_CASTS else t for t in tensors)
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type without autocast, such as meta (shape inference)
+        return False
 
 
 def pack(weight: Tensor, mask: Tensor) -> PackedWeight:
@@ -286,7 +289,8 @@ def pack(weight: Tensor, mask: Tensor) -> PackedWeight:
     weight: (out_features, in_features), float16, bfloat16, float32 or float64; mask: bool of the
     same shape, on the same device. Entries off the mask are dropped, whatever they hold (inf, NaN).
     Returns a PackedWeight on weight's device; `packed.unpack()` gives where(mask, weight, 0) back exactly.
-    A one-time conversion, done with torch ops on every device.
+    A one-time conversion, done with torch ops on every device. Its sizes depend on the mask's values: a meta or fake
+    (FakeTensorMode) weight or mask raises ValueError.
     """
     _checks.floating(weight, "weight")
     if weight.dim() != 2:
@@ -294,6 +298,8 @@ def pack(weight: Tensor, mask: Tensor) -> PackedWeight:
     _checks.bool_mask(mask, "mask", weight, "weight")
     _checks.same_device([("weight", weight), ("mask", mask)])
     _checks.holds_values(weight, "weight")
+    for value, name in ((weight, "weight"), (mask, "mask")):
+        _checks.not_fake(value, name, "the packed weight's sizes are its mask's count of kept entries")
     return PackedWeight(**reference.pack(weight.detach(), mask), in_features=weight.shape[1])
 
 
@@ -314,9 +320,10 @@ def sparse_linear(x: Tensor, packed: PackedWeight, bias: Tensor | None = None) -
 
     x: (..., in_features), of the packed weight's dtype and device; bias: (out_features,) or None,
     same dtype. Returns (..., out_features) in x's dtype, accumulated in float32 (float64 for
-    float64). No autograd: this is for inference. Where the dense product is faster (density or
-    row count above SPARSE_LINEAR_LIMITS for the device), it calls F.linear on `packed.dense()`,
-    the unpacked weight, which the PackedWeight makes on the first such call and keeps.
+    float64), under torch.autocast too (which it ignores). No autograd: this is for inference.
+    Where the dense product is faster (density or row count above SPARSE_LINEAR_LIMITS for the
+    device), it calls F.linear on `packed.dense()`, the unpacked weight, which the PackedWeight
+    makes on the first such call and keeps.
 
     An inf or NaN in x may meet a dropped weight: the dense product (and the reference) multiplies
     it by that 0 and gives NaN, the compressed kernels skip dropped weights and do not, so which
@@ -348,6 +355,11 @@ def sparse_linear(x: Tensor, packed: PackedWeight, bias: Tensor | None = None) -
     rows = x.numel() // packed.in_features if packed.in_features else 0
     # vmap: the sparse kernel has no batching rule, and its fallback runs it once per sample.
     if _transforms.active() or dense_is_faster(packed.density, rows, x.dtype, x.device.type):
+        if _autocast_enabled(x.device.type):
+            # In x's dtype, as the sparse kernels answer: autocast would run F.linear in its own dtype, the output's
+            # dtype depending on the path, and the next layer in inference mode refusing it.
+            with torch.autocast(x.device.type, enabled=False):
+                return torch.nn.functional.linear(x, packed.dense(), bias)
         return torch.nn.functional.linear(x, packed.dense(), bias)
     return _backend.choose("sparse_linear", x.device.type, (x.dtype,))[1].run(
         x, packed.bitmap, packed.values, packed.chunk_offsets, bias)

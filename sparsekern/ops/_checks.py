@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
 
 from . import reference
 from .reference import active_counts, check_swap, swap_names
@@ -117,6 +118,14 @@ def holds_values(value: Tensor, name: str) -> Tensor:
     """ValueError for a meta tensor: the mask ops read values, which it does not have."""
     if value.is_meta:
         raise ValueError(f"{name} is on the meta device, which holds no values")
+    return value
+
+
+def not_fake(value: Tensor, name: str, why: str) -> Tensor:
+    """ValueError for a fake tensor (made under FakeTensorMode) where an op's output shapes depend on values (`why`),
+    which it does not have: torch raised DynamicOutputShapeException from inside the op, naming no argument."""
+    if isinstance(value, FakeTensor):
+        raise ValueError(f"{name} is a fake tensor (FakeTensorMode), which holds no values: {why}")
     return value
 
 
@@ -407,11 +416,11 @@ def non_overlapping(t: Tensor) -> bool:
 
 def _byte_range(t: Tensor) -> tuple[int, int, int] | None:
     """(storage, first byte, end byte) of the memory t may touch, or None where it has none to compare."""
-    if t.numel() == 0 or t.device.type == "meta":
+    if t.numel() == 0 or t.device.type == "meta" or isinstance(t, FakeTensor):
         return None
     try:
         storage = t.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):  # fake tensors and others without real memory
+    except (RuntimeError, NotImplementedError):  # other tensor subclasses without real memory
         return None
     return storage, *_span(t)
 
@@ -426,6 +435,10 @@ def overlap(a: Tensor, b: Tensor) -> bool:
     """Whether some byte is both in a's memory and in b's (False where either has none: empty, meta, fake tensors).
     One storage is read, a's: b can share memory with a only if it starts inside a's storage (two allocations do
     not overlap)."""
+    if isinstance(a, FakeTensor) or isinstance(b, FakeTensor):
+        # (FakeTensorMode's) Their data pointers all read 0, with a deprecation warning, rather than raise: two
+        # of them would share memory.
+        return False
     try:
         storage = a.untyped_storage()
         if not 0 <= b.data_ptr() - storage.data_ptr() < storage.nbytes():

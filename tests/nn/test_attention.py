@@ -632,3 +632,15 @@ def test_a_nested_input_is_refused_where_nn_multihead_attention_refuses_it():
     query = torch.nested.nested_tensor([torch.randn(3, 8), torch.randn(2, 8)])
     with pytest.raises(ValueError, match="query is a NestedTensor"):
         attention(query, query, query)   # in training mode
+
+
+@pytest.mark.parametrize("kdim", [None, 6], ids=["in_proj", "q_k_v_proj"])
+def test_reset_parameters_keeps_the_projections_masks_and_promises(kdim, generator):
+    # nn.MultiheadAttention's _reset_parameters (which initialisation code calls) drew every input-projection weight
+    # anew, off the masks too, under the promise.
+    attention = sparsekern.sparsify(nn.MultiheadAttention(8, 2, kdim=kdim, vdim=kdim), 0.3, generator=generator)
+    masks = {name: layer.mask.clone() for name, layer in sparse_modules(attention)}
+    attention._reset_parameters()
+    for name, layer in sparse_modules(attention):
+        assert torch.equal(layer.mask, masks[name]) and layer.zero_off_mask, name
+        layer.verify_zero_off_mask()

@@ -330,3 +330,15 @@ def test_the_zero_off_mask_check_does_not_break_vmap(generator, monkeypatch):
     x = torch.randn(2, 3, 7, dtype=D, generator=generator)
     got = vmap(lambda p, b, xx: functional_call(models[0], (p, b), (xx,)))(params, buffers, x)
     assert_close(got, torch.stack([m(xi) for m, xi in zip(models, x)]))
+
+
+@pytest.mark.parametrize("kind", ("linear", "conv2d"))
+def test_functional_call_refuses_a_mask_that_is_not_bool_by_name(kind, generator):
+    # functional_call swaps buffers in without the checks of an assigned mask: torch's select refused a float one
+    # naming no mask (a linear layer), or a convolution on the dense-kernel path multiplied by the weight alone.
+    layer, x = make_layer(kind, "zero_off_mask", generator)
+    before = layer(x)
+    with pytest.raises(TypeError, match=r"mask must be a bool tensor, got torch.float64 .*functional_call"):
+        functional_call(layer, {"mask": layer.mask.to(D)}, (x,))
+    assert layer.zero_off_mask
+    assert_close(layer(x), before)

@@ -69,3 +69,26 @@ def test_a_layer_in_inference_mode_says_so_when_printed(generator):
     training = repr(layer)
     assert repr(layer.to_inference()) == training[:-1] + ", inference)"
     assert repr(layer.to_training()) == training
+
+
+@pytest.mark.parametrize("rows", [1, 4])   # the dense fallback (1 row), the sparse kernel where it runs (4)
+def test_layers_in_inference_mode_chain_under_autocast(generator, rows):
+    # The dense fallback ran F.linear in autocast's dtype: a bfloat16 output, which the next layer refused.
+    first, second = sparse_layer(generator, 70, 40, 0.03), sparse_layer(generator, 40, 5, 0.03)
+    x = torch.randn(rows, 70, generator=generator)
+    with torch.no_grad():
+        expected = second(torch.relu(first(x)))
+    first.to_inference(), second.to_inference()
+    with torch.autocast("cpu", torch.bfloat16):
+        got = second(torch.relu(first(x)))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected)
+
+
+def test_torch_export_refuses_inference_mode_by_name_and_exports_training_mode(generator):
+    layer = sparse_layer(generator, 70, 33, 0.03).to_inference()
+    x = torch.randn(4, 70, generator=generator)
+    with pytest.raises(RuntimeError, match=r"^a SparseLinear in inference mode \(to_inference\(\)\) cannot be "):
+        torch.export.export(layer, (x,))
+    expected = layer(x)
+    torch.testing.assert_close(torch.export.export(layer.to_training(), (x,)).module()(x), expected)

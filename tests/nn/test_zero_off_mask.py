@@ -613,3 +613,30 @@ def test_a_mask_assigned_to_a_layer_of_a_fused_transformer_kernel_is_checked_at_
         module.zero_weights_off_mask()
     with torch.no_grad():
         torch.testing.assert_close(layer(x), masked(x))
+
+
+@pytest.mark.parametrize("make", [lambda: SparseLinear(12, 6), lambda: SparseConv2d(4, 6, 3),
+                                  lambda: SparseConvTranspose2d(4, 6, 3)], ids=["linear", "conv2d", "conv_transpose2d"])
+def test_reset_parameters_draws_the_dense_init_and_keeps_the_mask_and_its_promise(make, generator):
+    # A model re-initialised with model.apply(lambda m: m.reset_parameters()): torch's init over the whole weight
+    # left values off the mask under the promise, and forward multiplied by them.
+    layer = masked_layer(make, generator)
+    mask = layer.mask.clone()
+    layer.reset_parameters()
+    assert torch.equal(layer.mask, mask) and layer.zero_off_mask
+    assert not layer.weight[~mask].any() and layer.weight[mask].any()
+    layer.verify_zero_off_mask()
+
+
+def test_reset_parameters_of_a_sparsified_model_keeps_every_layer_sparse(generator):
+    model = sparsekern.sparsify(small_model(), 0.3, generator=generator)
+    model.apply(lambda module: module.reset_parameters() if hasattr(module, "reset_parameters") else None)
+    assert_zero_off_mask(model)
+
+
+def test_reset_parameters_of_a_parametrized_layer_leaves_its_weight_to_the_forward(generator):
+    layer = masked_layer(lambda: SparseLinear(12, 6), generator)
+    torch.nn.utils.parametrizations.weight_norm(layer)
+    layer.reset_parameters()   # torch's init writes into the computed weight; nothing here to zero
+    x = torch.randn(4, 12, generator=generator)
+    torch.testing.assert_close(layer(x), dense_twin(layer, layer.weight)(x))

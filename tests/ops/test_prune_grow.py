@@ -383,3 +383,17 @@ def test_scores_sliced_from_a_written_tensor_without_sharing_an_entry_are_read_i
     assert all(torch.equal(a, b) for a, b in zip(new, expected))
     for tensor, wanted in zip((weight, grad), theirs):
         assert all(torch.equal(cut(tensor), part) for cut, part in zip(cuts, wanted))
+
+
+def test_fake_tensors_are_not_taken_to_share_memory(recwarn):
+    # FakeTensorMode's tensors all read a data pointer of 0 (warning that this is deprecated) rather than raise:
+    # weights, masks and state were refused as sharing memory.
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        weights, masks = [torch.empty(4, 5), torch.empty(3)], [torch.empty(4, 5, dtype=torch.bool),
+                                                               torch.empty(3, dtype=torch.bool)]
+        new = sparsekern.ops.prune_grow(weights, masks, [torch.empty(4, 5), torch.empty(3)],
+                                        [torch.empty(4, 5), torch.empty(3)], [1, 0],
+                                        state=[[torch.empty(4, 5)], []], masked=[[torch.empty(4, 5)], []],
+                                        active=[3, 1])
+        assert [mask.shape for mask in new] == [(4, 5), (3,)] and new[0].dtype == torch.bool
+    assert not [warning for warning in recwarn if "data pointer" in str(warning.message)]

@@ -463,3 +463,24 @@ def test_cpu_kernel_with_no_columns_gives_the_bias(bias):
     b = torch.arange(6.0) if bias else None
     y = torch.ops.sparsekern.sparse_linear(torch.randn(2, 3, 0), bitmap, torch.zeros(0), offsets, b)
     assert y.shape == (2, 3, 6) and torch.equal(y, (b if bias else torch.zeros(6)).expand(2, 3, 6))
+
+
+@pytest.mark.parametrize("fake", ["weight", "mask"])
+def test_pack_refuses_fake_tensors_by_name(fake):
+    # The packed sizes are the mask's count of kept entries: torch raised DynamicOutputShapeException from inside.
+    tensors = {"weight": torch.randn(4, 40), "mask": torch.ones(4, 40, dtype=torch.bool)}
+    tensors[fake] = torch._subclasses.fake_tensor.FakeTensorMode().from_tensor(tensors[fake])
+    with pytest.raises(ValueError, match=rf"^{fake} is a fake tensor \(FakeTensorMode\), which holds no values"):
+        ops.pack(tensors["weight"], tensors["mask"])
+
+
+def test_the_dense_fallback_answers_in_xs_dtype_under_autocast(generator):
+    # As the sparse kernels do: autocast's dtype made the output's depend on the path.
+    weight, mask = torch.randn(6, 40, generator=generator), torch.rand(6, 40, generator=generator) < 0.5
+    x = torch.randn(1, 40, generator=generator)
+    packed = ops.pack(weight, mask)
+    assert ops.dense_is_faster(packed.density, 1, x.dtype, "cpu")
+    with torch.autocast("cpu", torch.bfloat16):
+        got = ops.sparse_linear(x, packed)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, x @ torch.where(mask, weight, 0).T)
