@@ -1,7 +1,8 @@
-"""The floors of docs/architecture.md hold: no module imports from a floor above its own; and the project
-stands alone: no file cites the team's documents, which live outside the repository."""
+"""The floors of docs/architecture.md hold: no module imports from a floor above its own, and its table names every
+module; and the project stands alone: no file cites the team's documents, which live outside the repository."""
 import ast
 import pathlib
+import re
 
 import pytest
 
@@ -64,6 +65,33 @@ def test_the_check_sees_an_upward_import(tmp_path):
                                                                "sparsekern.nn"}
     with pytest.raises(AssertionError, match="imports sparsekern.(algorithms|nn)"):
         assert_imports_run_down(fake / "ops" / "bad.py", fake)
+
+
+ARCHITECTURE = PACKAGE.parent / "docs" / "architecture.md"
+
+
+def modules_the_map_lacks(package: pathlib.Path, map_text: str) -> list[str]:
+    """The modules (and sub-packages) of `package` that docs/architecture.md's table of modules does not name in its
+    row: a newcomer reading the map would not know they exist, nor what they are for."""
+    row = next((line for line in map_text.splitlines() if line.startswith(f"| `{package.name}` | ")), "")
+    named = set(re.findall(r"`([\w/]+)`", row))
+    present = [path.stem for path in package.glob("*.py") if path.stem not in ("__init__", "__main__")]
+    present += [f"{path.name}/" for path in package.iterdir() if (path / "__init__.py").exists()]
+    return sorted(name for name in present if name not in named)
+
+
+@pytest.mark.parametrize("package", ["ops", "nn", "algorithms", "cli", "bench"])
+def test_the_map_names_every_module(package):
+    lacking = modules_the_map_lacks(PACKAGE / package, ARCHITECTURE.read_text())
+    assert not lacking, f"docs/architecture.md's table of modules does not name {package}'s {lacking}"
+
+
+def test_the_map_check_sees_a_module_it_lacks(tmp_path):
+    (tmp_path / "cli").mkdir()
+    for name in ("__init__.py", "__main__.py", "main.py", "new.py"):
+        (tmp_path / "cli" / name).write_text("")
+    table = "| `cli` | `main` (parser), `newer` |\n| `bench` | `new` |"   # `new` is named, but in another row
+    assert modules_the_map_lacks(tmp_path / "cli", table) == ["new"]
 
 
 def test_at_most_four_modules_sit_loose_at_the_top():

@@ -41,11 +41,11 @@ from ._stack import user_stacklevel
 
 
 CRITERIA = ("learned", "magnitude")
-# Measured with `sparsekern reproduce` (claim e, 3 seeds, a full run of 2026-12-02) on digits: at 10 epochs OptG
-# collapses (35.3 ± 5.4% at final density 0.02 and 38.0 ± 8.9% at 0.05, where magnitude pruning on the same ramp
-# reaches 51.3 ± 9.8% and 78.5 ± 3.1%); at 0.02 it trails magnitude within noise at 20 (82.7 ± 9.7 against
-# 92.3 ± 1.1, one seed of three lagging) and ties it at 30 (95.3 ± 0.5 against 95.0 ± 0.7), as README's reproduce
-# table says. The CLI warns below it.
+# Measured with `sparsekern reproduce` (claim e, 3 seeds, a full run of 2026-12-02, 19:00 UTC) on digits: at 10
+# epochs OptG collapses (35.1 ± 3.4% at final density 0.02 and 38.0 ± 8.9% at 0.05, where magnitude pruning on the
+# same ramp reaches 48.1 ± 8.4% and 77.1 ± 5.5%); at 0.02 it trails magnitude within noise at 20 (82.7 ± 9.7
+# against 92.1 ± 2.1, one seed of three lagging) and ties it at 30 (96.3 ± 0.9 against 94.9 ± 0.9), as README's
+# reproduce table says. The CLI warns below it.
 MIN_EPOCHS_DIGITS = 30
 
 

@@ -66,7 +66,9 @@ class SWAMP:
 
         while True:                          # one cycle
             for t in range(swamp.step_in_cycle, steps):
-                ... loss.backward(); swamp.optimizer.step(); swamp.optimizer.zero_grad(); swamp.step()
+                x, y = batch(swamp.data_seed, t)   # step t of the order that data_seed draws
+                loss_fn(model(x), y).backward()
+                swamp.optimizer.step(); swamp.optimizer.zero_grad(); swamp.step()
             if swamp.next_particle():        # True: the model was reset for the next particle
                 continue
             evaluate(model)                  # the model holds θ̄ (BatchNorm recomputed)

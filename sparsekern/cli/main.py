@@ -352,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
             "numbers, mean ± sd over seeds, and its verdict), a plot and a CSV per claim and runs.csv to "
             "--out."))
     reproduce_parser.add_argument("--quick", action="store_true",
-                                  help="a smoke test of every claim (fewer seeds, epochs and densities): about a "
+                                  help="a smoke test of every claim (fewer seeds, epochs and densities): under a "
                                        "minute of CPU time, so a minute or more of waiting on a busy machine")
     reproduce_parser.add_argument("--out", default="runs/reproduce",
                                   help="directory for report.md, plots and CSVs; finished runs are kept in its runs/ "
@@ -465,7 +465,7 @@ def _warn_short_optg(method: str, epochs: int) -> None:
     if method == "optg" and epochs < MIN_EPOCHS_DIGITS:
         warnings.warn(f"OptG needs about {MIN_EPOCHS_DIGITS} epochs for its scores to settle (measured on digits, 3 "
                       f"seeds, at 10 epochs: 35% at density 0.02 and 38% at 0.05, where magnitude pruning on the same "
-                      f"ramp reaches 51% and 78%); with --epochs {epochs} its mask may collapse far below magnitude "
+                      f"ramp reaches 48% and 77%); with --epochs {epochs} its mask may collapse far below magnitude "
                       f"pruning on the same ramp (--method gmp)")
 
 

@@ -73,7 +73,7 @@ class Plan:
 
 def plan(quick: bool = False, device: str = "cpu") -> Plan:
     """The full experiment (about 6,000 epochs of a small MLP: minutes on 2 cores) or, with `quick`, a smoke test
-    of every claim in about a minute of CPU time (too few seeds and epochs for its verdicts to mean much)."""
+    of every claim in under a minute of CPU time (too few seeds and epochs for its verdicts to mean much)."""
     if quick:
         return Plan(True, TrainConfig(epochs=3, device=device, cycles=2, particles=2), seeds=2, grid_seeds=2,
                     dst_densities=(0.02,), criteria=("magnitude", "snip", "random"), criteria_densities=(0.05,),

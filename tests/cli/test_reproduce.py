@@ -204,7 +204,7 @@ def test_the_readme_counts_the_quick_runs_as_the_plan_has_them():
 
     readme = " ".join((Path(__file__).resolve().parents[2] / "README.md").read_text().split())
     runs = len(unique(reproduce.jobs(reproduce.plan(quick=True))))
-    assert f"to mean much): {runs} short runs, about a minute of CPU time" in readme
+    assert f"to mean much): {runs} short runs, under a minute of CPU time" in readme
 
 
 def _costed_record(config, masks_from=None, costless=()) -> dict:
