@@ -142,14 +142,16 @@ class Report:
                 f"{FLOPS_NOTE}\n\n"
                 f"{self.summary_table()}\n")
         sharing: dict[str, list[str]] = {}   # a table's text: the claims whose table it is ((c) and (d) share one)
+        showing: dict[str, str] = {}   # a figure's file: the claim whose section shows it, the first naming it
         for claim in self.claims:
             sharing.setdefault(claim.table, []).append(claim.key)
+            showing.setdefault(claim.figure, claim.key)
         for claim in self.claims:
             text += (f"## ({claim.key}) {claim.title}\n\n**Paper** ({claim.source}): {claim.statement}\n\n"
                      f"**Setup**: {claim.setup}\n\n{_shared_table(claim, sharing[claim.table])}\n"
                      + "".join(f"- {finding.claim}: {finding.ours} → **{finding.verdict}**\n"
                                for finding in claim.findings)
-                     + f"\n![{claim.title}]({claim.figure})\n\nNumbers: `{claim.key}.csv`.\n\n")
+                     + f"\n{_figure_shown(claim, showing[claim.figure])}\n\nNumbers: `{claim.key}.csv`.\n\n")
         return text
 
 
@@ -162,6 +164,14 @@ def _shared_table(claim: Claim, keys: list[str]) -> str:
     if claim.key == keys[0]:
         return f"The lines of {claims}:\n\n{claim.table}"
     return f"**Table**: the lines of {claims}, under ({keys[0]}) above.\n"
+
+
+def _figure_shown(claim: Claim, shown_by: str) -> str:
+    """`claim`'s figure as its section shows it: the image in the section of `shown_by`, the first claim naming it,
+    and in the others a line pointing at that one (c_d.png, (c)'s and (d)'s, was shown twice)."""
+    if claim.key == shown_by:
+        return f"![{claim.title}]({claim.figure})"
+    return f"**Figure**: `{claim.figure}`, under ({shown_by}) above."
 
 
 def jobs(plan: Plan) -> list[Job]:

@@ -313,6 +313,10 @@ def test_a_table_that_claims_share_is_shown_once_and_each_of_them_points_at_it(t
     assert "**Table**: the lines of (c) and (d), under (c) above." in sections["d"]
     assert claims["d"].table not in sections["d"] and "Numbers: `d.csv`" in sections["d"]
     assert all("The lines of" not in sections[key] and "**Table**" not in sections[key] for key in "abef")
+    # and so is their figure, c_d.png
+    assert report.count("(c_d.png)") == 1 and "](c_d.png)" in sections["c"]
+    assert "**Figure**: `c_d.png`, under (c) above." in sections["d"]
+    assert all(report.count(f"({key}.png)") == 1 and "**Figure**" not in sections[key] for key in "abef")
 
 
 def test_a_line_with_a_record_without_costs_gets_empty_cells_and_the_same_verdicts(tmp_path):
