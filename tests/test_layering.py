@@ -20,19 +20,28 @@ def module_name(path: pathlib.Path, package: pathlib.Path) -> str:
     return "sparsekern." + ".".join(path.relative_to(package).with_suffix("").parts)
 
 
-def imported_modules(path: pathlib.Path, package_root: pathlib.Path = PACKAGE) -> set[str]:
-    """Absolute names of the sparsekern modules or packages a file imports from (relative imports resolved)."""
+def package_of(path: pathlib.Path, package_root: pathlib.Path) -> str:
+    """'sparsekern.ops' for sparsekern/ops/reference.py and for sparsekern/ops/__init__.py."""
     module = module_name(path, package_root)
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    package = package.removesuffix(".__init__")
+    return package.removesuffix(".__init__")
+
+
+def import_source(node: ast.ImportFrom, package: str) -> str:
+    """The absolute name of the module a `from ... import` in `package` imports from (relative levels resolved)."""
+    if not node.level:
+        return node.module or ""
+    base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+    return f"{base}.{node.module}" if node.module else base
+
+
+def imported_modules(path: pathlib.Path, package_root: pathlib.Path = PACKAGE) -> set[str]:
+    """Absolute names of the sparsekern modules or packages a file imports from (relative imports resolved)."""
+    package = package_of(path, package_root)
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
-                target = f"{base}.{node.module}" if node.module else base
-            else:
-                target = node.module or ""
+            target = import_source(node, package)
             if target == "sparsekern":  # `from .. import ops`: each alias is a module
                 names.update(f"sparsekern.{alias.name}" for alias in node.names)
             elif target.startswith("sparsekern."):
@@ -65,6 +74,55 @@ def test_the_check_sees_an_upward_import(tmp_path):
                                                                "sparsekern.nn"}
     with pytest.raises(AssertionError, match="imports sparsekern.(algorithms|nn)"):
         assert_imports_run_down(fake / "ops" / "bad.py", fake)
+
+
+def is_module(name: str, package_root: pathlib.Path) -> bool:
+    """Whether `name` (sparsekern.ops._checks) is a module or package of the tree at `package_root`."""
+    path = package_root.joinpath(*name.split(".")[1:])
+    return path.with_suffix(".py").exists() or (path / "__init__.py").exists()
+
+
+def private_names_borrowed(path: pathlib.Path, package_root: pathlib.Path = PACKAGE) -> list[str]:
+    """The underscore names of other floors' modules that a file imports (`from ..algorithms.dst import _Warning`)
+    or reads off an imported module (`_tickets._refuse`): names their module may rename at will. An internal
+    module itself (`_tickets`, `_checks`) may be imported: the names it shares carry no underscore."""
+    own = part_of(module_name(path, package_root))
+    tree = ast.parse(path.read_text())
+    borrowed, modules = [], set()
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        source = import_source(node, package_of(path, package_root))
+        if not source.startswith("sparsekern") or (source.count(".") and part_of(source) == own):
+            continue
+        for alias in node.names:
+            if is_module(f"{source}.{alias.name}", package_root):
+                modules.add(alias.asname or alias.name)
+            elif alias.name.startswith("_"):
+                borrowed.append(f"{source}.{alias.name}")
+    borrowed += [f"{node.value.id}.{node.attr}" for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+                 and isinstance(node.value, ast.Name) and node.value.id in modules and node.attr.startswith("_")]
+    return borrowed
+
+
+@pytest.mark.parametrize("path", sorted((PACKAGE / "cli").rglob("*.py")), ids=lambda p: p.name)
+def test_the_cli_borrows_no_private_name_of_the_library(path):
+    assert not private_names_borrowed(path), f"{path.name} uses another floor's private names"
+
+
+def test_the_private_name_check_sees_a_borrowed_name(tmp_path):
+    fake = tmp_path / "sparsekern"
+    for part in ("cli", "algorithms", "ops"):
+        (fake / part).mkdir(parents=True)
+        (fake / part / "__init__.py").write_text("")
+    (fake / "algorithms" / "_tickets.py").write_text("")
+    (fake / "ops" / "_checks.py").write_text("")
+    (fake / "cli" / "mine.py").write_text("")
+    (fake / "cli" / "bad.py").write_text(
+        "from ..algorithms.dst import _Warning, Public\nfrom ..algorithms import _tickets\nfrom ..ops import _checks\n"
+        "from . import mine\nfrom .mine import _own\n_tickets._refuse()\n_tickets.shared()\nmine._helper()\n")
+    assert private_names_borrowed(fake / "cli" / "bad.py", fake) == ["sparsekern.algorithms.dst._Warning",
+                                                                     "_tickets._refuse"]
 
 
 ARCHITECTURE = PACKAGE.parent / "docs" / "architecture.md"

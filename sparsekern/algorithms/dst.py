@@ -56,14 +56,16 @@ _SETTINGS = (*_COMMON_SETTINGS, *_PARAMETER_READERS,
              *(f"{argument}_{flag}" for argument in ("prune", "grow") for flag in criteria.Criterion.FLAGS))
 
 
-class _NoUpdateWarning(UserWarning):
+# NoUpdateWarning, ArgumentWarning and as_argument carry no underscore: the CLI (cli/recipes.py) rewords DST's
+# warnings through them, so they are names other packages may use, not the module's own.
+class NoUpdateWarning(UserWarning):
     """The schedule reaches no update step: DST will never change a mask. A category of its own so that the CLI,
     which says it in its option names, finds it by kind rather than by its words."""
 
 
-class _ArgumentWarning(UserWarning):
+class ArgumentWarning(UserWarning):
     """A warning that names some of DST's arguments. Its message is `template` formatted with `details` and, for
-    each entry of `arguments` (argument name: value), the argument as `_as_argument` says it (`block=(4, 4)`); a
+    each entry of `arguments` (argument name: value), the argument as `as_argument` says it (`block=(4, 4)`); a
     caller that took the arguments under other names (the CLI's options: `--block 4x4`) words it in its own by
     `worded`, rather than by replacing text of a message that may be reworded."""
 
@@ -72,7 +74,7 @@ class _ArgumentWarning(UserWarning):
         self.template, self.arguments, self.details = template, arguments, details
 
     def __str__(self) -> str:
-        return self.worded(_as_argument)
+        return self.worded(as_argument)
 
     def worded(self, phrase) -> str:
         """The message with each argument as `phrase(name, value)` says it."""
@@ -80,7 +82,7 @@ class _ArgumentWarning(UserWarning):
                                                        for name, value in self.arguments.items()})
 
 
-def _as_argument(name: str, value) -> str:
+def as_argument(name: str, value) -> str:
     """An argument as DST's messages give it: `name=value`, a float in its shortest form."""
     return f"{name}={value:g}" if isinstance(value, float) else f"{name}={value!r}"
 
@@ -975,7 +977,7 @@ def _check_blocks(modules, counts: list[int], block: tuple[int, int]) -> None:
                              f"{active / (block[0] * block[1]):.3g} blocks of {block[0] * block[1]}, which "
                              f"rounds to 0 and would empty the layer")
         if blocks.rows % block[0] or blocks.cols % block[1]:
-            warnings.warn(_ArgumentWarning(
+            warnings.warn(ArgumentWarning(
                 "{block} does not tile layer {layer!r} ({rows}x{cols} weight matrix): its edge blocks hold fewer "
                 "weights, so its active weight count changes when they are dropped or grown (its block count stays "
                 "exact)", {"block": block}, {"layer": name, "rows": blocks.rows, "cols": blocks.cols}),
@@ -988,7 +990,7 @@ def _warn_if_idle(schedule: schedules.Schedule, empty: list[str], scope: str) ->
     if not schedule.is_update(schedule.update_every):
         warnings.warn(f"no mask update will ever happen: update_every={schedule.update_every} reaches no "
                       f"step before end_step={schedule.end_step} (total_steps={schedule.total_steps})",
-                      _NoUpdateWarning, stacklevel=user_stacklevel())
+                      NoUpdateWarning, stacklevel=user_stacklevel())
     elif schedule.drop_fraction == 0 and (schedule.name != "annealed" or schedule.final_drop_fraction == 0):
         warnings.warn("drop_fraction is 0: every mask update swaps no weight", stacklevel=user_stacklevel())
     _warn_if_empty(empty, scope)
@@ -1030,7 +1032,7 @@ def _warn_if_nothing_swaps(schedule: schedules.Schedule, modules, active: list[i
         return
     template = (opening + ": the largest fraction any update drops, {largest:.3g} ({drop_fraction}), " + of +
                 " {unit} rounds {down}to 0 ({swap_rounding})")
-    warnings.warn(_ArgumentWarning(template, {"drop_fraction": schedule.drop_fraction, "swap_rounding": rounding},
+    warnings.warn(ArgumentWarning(template, {"drop_fraction": schedule.drop_fraction, "swap_rounding": rounding},
                                    {"largest": largest, "total": sum(counts), "still": still, "unit": unit,
                                     "down": "down " if rounding == "floor" else ""}), stacklevel=user_stacklevel())
 

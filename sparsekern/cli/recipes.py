@@ -18,7 +18,7 @@ from torch import nn
 
 from .. import checkpoint
 from ..algorithms import DST, IMP, MEST, SET, SWAMP, OptG, RigL, _tickets
-from ..algorithms.dst import _ArgumentWarning, _NoUpdateWarning, _as_argument
+from ..algorithms.dst import ArgumentWarning, NoUpdateWarning, as_argument
 from ..algorithms.schedules import DEFAULT_END_FRACTION
 from ..ops import _checks
 
@@ -191,15 +191,15 @@ class DSTRecipe(Recipe):
         """Re-raises DST's construction warnings in the words of the command line, whose user typed options
         (--update-every, --block 4x4), never DST's argument names (update_every, block=(4, 4)) nor its end_step,
         which the CLI derives from --end-fraction and --epochs. DST's warnings carry the arguments they name
-        (`_ArgumentWarning`) and are worded anew from them; the one saying no update comes is found by its
+        (`ArgumentWarning`) and are worded anew from them; the one saying no update comes is found by its
         category and said in full here. (DST's warning about layers left empty under scope='layer' cannot come:
         sparsify refuses a density that empties a layer.)"""
         config, schedule = self.config, self.algorithm.schedule
         idle = False
         for warning in caught:
-            if issubclass(warning.category, _NoUpdateWarning):
+            if issubclass(warning.category, NoUpdateWarning):
                 idle = True   # said below, in the options that set it
-            elif isinstance(warning.message, _ArgumentWarning):
+            elif isinstance(warning.message, ArgumentWarning):
                 warnings.warn(warning.message.worded(self._as_option), stacklevel=3)
             else:
                 warnings.warn(warning.message, stacklevel=3)
@@ -220,7 +220,7 @@ class DSTRecipe(Recipe):
         --swap-rounding floor), or, for a drop fraction --drop-fraction left to the method, in words. An argument
         without an option of the same name (none of DST's warnings names one now) keeps DST's wording."""
         if name not in {field.name for field in dataclasses.fields(self.config)}:
-            return _as_argument(name, value)
+            return as_argument(name, value)
         if name == "drop_fraction" and self.config.drop_fraction is None:
             return f"the {self.config.method} schedule's drop fraction {value:g}"
         shown = f"{value[0]}x{value[1]}" if name == "block" else f"{value:g}" if isinstance(value, float) else value

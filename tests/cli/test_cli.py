@@ -403,8 +403,8 @@ def test_dst_warnings_are_worded_from_the_arguments_they_carry_not_from_their_te
     # The CLI replaced the text "block=(3, 3)", "drop_fraction=1e-05" and "swap_rounding='floor'" in DST's messages:
     # a library that said an argument otherwise (here "drop_fraction := 1e-05") left it in DST's words.
     from sparsekern.algorithms import dst
-    monkeypatch.setattr(dst, "_as_argument", lambda name, value: f"{name} := {value}")
-    assert str(dst._ArgumentWarning("{block} x", {"block": (3, 3)}, {})) == "block := (3, 3) x"
+    monkeypatch.setattr(dst, "as_argument", lambda name, value: f"{name} := {value}")
+    assert str(dst.ArgumentWarning("{block} x", {"block": (3, 3)}, {})) == "block := (3, 3) x"
     main(["train", "--method", "set", "--epochs", "3", "--update-every", "5", "--drop-fraction", "0.00001",
           "--swap-rounding", "floor", "--stop-after", "1", "--out", str(tmp_path / "swaps"), "--quiet"])
     assert capsys.readouterr().err.splitlines() == [
