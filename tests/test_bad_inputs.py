@@ -398,6 +398,27 @@ error("sparsify(a model on the meta device)", _meta_world, lambda w: sparsekern.
       ValueError, "meta")
 
 
+def _sparsify_under_fake_mode(world):
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        sparsekern.sparsify(world.model, 0.5)
+
+
+# torch raised DataDependentOutputException (an AssertionError for a real model) from inside, naming neither.
+error("sparsify(a model, under FakeTensorMode)", dense_world, _sparsify_under_fake_mode, ValueError,
+      r"sparsify\(model, ...\) was called under FakeTensorMode")
+
+
+def test_sparsify_refuses_a_model_of_fake_weights_naming_the_layer():
+    # Its own test: the campaign's snapshot compares values, which fake tensors lack.
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    weights = [layer.weight for layer in model]
+    with pytest.raises(ValueError, match=r"the weight of layer '0' is a fake tensor \(FakeTensorMode\)"):
+        sparsekern.sparsify(model, 0.5)
+    assert [type(layer) for layer in model] == [nn.Linear, nn.Linear]
+    assert all(layer.weight is weight for layer, weight in zip(model, weights))
+
+
 def _inference_world(tmp_path=None):
     with torch.inference_mode():
         model = sparse_model()

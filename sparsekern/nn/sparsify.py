@@ -9,6 +9,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 
@@ -133,6 +134,9 @@ def sparsify(model: nn.Module, density: float | None, distribution: str | Mappin
     An attention or recurrent module holding such a weight stays dense as a whole (converted, it
     would hold a sparse layer of density 1 there), and the warning names it.
 
+    Under FakeTensorMode, or given a model whose weights are fake tensors (made under it), sparsify raises
+    ValueError: the masks are made from values, which fake tensors do not hold.
+
     Under torch.inference_mode the masks are made as normal tensors (the model can be trained afterwards), unless
     the model's weights are inference tensors (built under it); such a model is refused (RuntimeError) outside it,
     which cannot write them in place.
@@ -143,6 +147,7 @@ def sparsify(model: nn.Module, density: float | None, distribution: str | Mappin
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    _refuse_fake_mode()
     refuse_sharded(model, "sparsify")
     distribution, density = distributions.check_distribution(distribution, density, power=power,
                                                              dense_first_layer=dense_first_layer)
@@ -204,6 +209,20 @@ def sparsify(model: nn.Module, density: float | None, distribution: str | Mappin
                 generator.set_state(generator_state)
             raise
         return _commit(model, staged, optimizer, wholes)
+
+
+# Why sparsify refuses fake tensors (FakeTensorMode), whose values it would read: torch raised
+# DataDependentOutputException (or an assertion on a real tensor) from inside it, naming neither the model nor the mode.
+_FAKE_REMEDY = ("sparsify ranks and counts values to make the masks; sparsify the real model, then fake it "
+                "(FakeTensorMode.from_tensor) or trace it")
+
+
+def _refuse_fake_mode() -> None:
+    """ValueError under an active FakeTensorMode, where every tensor sparsify makes (the scores of the masks, the
+    masks themselves) is a fake tensor (`_FAKE_REMEDY`)."""
+    if isinstance(torch.empty(()), FakeTensor):
+        raise ValueError(f"sparsify(model, ...) was called under FakeTensorMode, whose tensors hold no values: "
+                         f"{_FAKE_REMEDY}")
 
 
 def densities(model: nn.Module) -> dict[str, float]:
@@ -442,6 +461,8 @@ def _layers(model: nn.Module, include: list[str] | None,
                              f"{tuple(module.weight.shape)}: exclude it")
     # Before any sparse layer exists: the dense layers to convert (a group's members share one weight).
     refuse_meta([group[0] for group in groups], "sparsify")
+    for name, module in (group[0] for group in groups):
+        _checks.not_fake(module.weight, f"sparsify: the weight of layer {name or '(root)'!r}", _FAKE_REMEDY)
     # A sparse layer sparsified again gets its new mask written in place (set_mask), after the layers before it.
     check_own_masks([pair for group in groups for pair in group if isinstance(pair[1], SparseModule)], "sparsify")
     return groups, whole
