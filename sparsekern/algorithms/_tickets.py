@@ -181,6 +181,10 @@ def snapshot(model: nn.Module) -> dict[str, Tensor]:
             if name not in masks}
 
 
+# How to make the parameters of lazy modules that the forward has not used by the time IMP or SWAMP keeps θ_k.
+UNUSED_LAZY_REMEDY = "run each of them once (on a dummy batch) before, or take them out of the model"
+
+
 def refuse_unmaterialised(model: nn.Module, reading: str, remedy: str) -> None:
     """ValueError naming the lazy modules of `model` (nn.LazyLinear, nn.LazyBatchNorm1d, ...) whose parameters or
     buffers are not made yet (a lazy module makes them at its first forward, or as the model's state dict loads):

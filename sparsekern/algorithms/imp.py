@@ -32,7 +32,8 @@ class IMP(distributed.CatchesUp):
             restores the whole model to step k, a layer frozen after k included. To keep a layer as
             it is, leave it out of `sparsify` (`exclude=`). A lazy module (nn.LazyBatchNorm1d, ...) must have
             made its parameters (a forward pass) before IMP keeps θ_0 as it is built (rewind_step=0, weight
-            rewinding: refused naming it otherwise); a later θ_k is kept after the first forward made them.
+            rewinding: refused naming it otherwise); a later θ_k is kept after the first forward made them (one
+            the forward never runs is refused by name at step k, before anything changes).
         optimizer_factory: called with `model.parameters()` at construction and after every
             pruning; IMP starts each cycle with a fresh optimizer, `imp.optimizer`. Use that one.
         prune_fraction: p, the fraction of the remaining weights removed per cycle (⌈p·remaining⌉).
@@ -97,12 +98,19 @@ class IMP(distributed.CatchesUp):
         """Counts one optimizer step; keeps θ_k when the k-th step of the first cycle is done."""
         self._refuse_leading_join()
         _tickets.refuse_count_end(self.step_in_cycle, "step_in_cycle", "IMP")
+        if self._capture_due(self.step_in_cycle + 1):   # before the count moves on
+            _tickets.refuse_unmaterialised(self.model, f"IMP.step() keeps the model's state now (rewind_step="
+                                           f"{self.rewind_step})", _tickets.UNUSED_LAZY_REMEDY)
         self.step_in_cycle += 1
         self._capture_if_due()
 
+    def _capture_due(self, step_in_cycle: int) -> bool:
+        """Whether θ_k is kept once the first cycle has counted `step_in_cycle` steps."""
+        return (self.rewind == "weights" and self.cycle == 0 and step_in_cycle == self.rewind_step
+                and self.rewind_state is None)
+
     def _capture_if_due(self) -> None:
-        if (self.rewind == "weights" and self.cycle == 0 and self.step_in_cycle == self.rewind_step
-                and self.rewind_state is None):
+        if self._capture_due(self.step_in_cycle):
             self.rewind_state = _tickets.snapshot(self.model)
 
     def _layers_updated(self) -> list[str]:

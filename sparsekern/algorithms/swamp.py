@@ -38,7 +38,8 @@ class SWAMP:
             (frozen from the start, every particle holds their weights as they are, so θ̄ does too). A lazy
             module (nn.LazyBatchNorm1d, ...) must have made its parameters (a forward pass) before SWAMP keeps θ_0
             as it is built (rewind_step=0: refused naming it otherwise); a later θ_k is kept after the first
-            forward made them, and trains as the module it becomes.
+            forward made them, and trains as the module it becomes (one the forward never runs is refused by
+            name at step k, before anything changes).
         optimizer_factory: called with `model.parameters()` for every particle; use `swamp.optimizer`.
         particles: N, the number of particles per cycle (default 4).
         prune_fraction, rewind_step, scope: as for `IMP` (weight rewinding only).
@@ -171,6 +172,9 @@ class SWAMP:
         if self.averaged:
             raise RuntimeError("step() after the cycle's last particle: call next_cycle() first")
         _tickets.refuse_count_end(self.step_in_cycle, "step_in_cycle", "SWAMP")
+        if self._capture_due(self.step_in_cycle + 1):   # before the count moves on
+            _tickets.refuse_unmaterialised(self.model, f"SWAMP.step() keeps the model's state now (rewind_step="
+                                           f"{self.rewind_step})", _tickets.UNUSED_LAZY_REMEDY)
         self.step_in_cycle += 1
         self._capture_if_due()
         if self.swa_start is not None and self.step_in_cycle > self.swa_start \
@@ -186,8 +190,12 @@ class SWAMP:
         for average, p in zip(self.particle_average, self.averaged_parameters):
             average.add_(p.detach() - average, alpha=1 / self.average_count)
 
+    def _capture_due(self, step_in_cycle: int) -> bool:
+        """Whether θ_k is kept once the first cycle has counted `step_in_cycle` steps."""
+        return self.cycle == 0 and step_in_cycle == self.rewind_step and self.rewind_state is None
+
     def _capture_if_due(self) -> None:
-        if self.cycle != 0 or self.step_in_cycle != self.rewind_step or self.rewind_state is not None:
+        if not self._capture_due(self.step_in_cycle):
             return
         if self.world_size > 1:
             self._adopt_rank0_state()
