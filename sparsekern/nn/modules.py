@@ -42,6 +42,10 @@ no read per step (a mask assigned, `layer.mask = ...`, is checked at once; one t
 tensor, or that is an nn.Parameter, is refused with TypeError before it is in place): an EMA of a DST run
 (torch.optim.swa_utils.AveragedModel, whose buffer sync copies the live masks into a model whose
 averaged weights are non-zero off them) computes with its averaged weights under the live masks.
+A mask that torch.func.functional_call swaps in for one call is put in place of the old one too: the promise is
+dropped (or made for that mask), and the module's own, back after the call, runs the masked path (as right; on a
+CPU about as fast) until the promise is made anew (set_mask, an algorithm's update, a load). Keeping the promise
+across the swap was tried and left out: it held both tensors' versions in every forward, for a rare use.
 Only the module's own forward notices it: nn.TransformerEncoderLayer's fused eval-mode kernel
 multiplies by its layers' weights without running them (`sparsekern.nn.SparseAveragedModel` sets its
 layers' `zero_off_mask = False`, whose forward pre-hook keeps the layer off that kernel). A write into
