@@ -105,10 +105,14 @@ def private_names_borrowed(path: pathlib.Path, package_root: pathlib.Path = PACK
     return borrowed
 
 
-@pytest.mark.parametrize("path", sorted((PACKAGE / "cli").rglob("*.py")), ids=lambda p: p.name)
-def test_the_cli_borrows_no_private_name_of_the_library(path):
+# The tools on the top floor use the library as its users could: through names it shares.
+TOOLS = sorted(path for part in ("cli", "bench") for path in (PACKAGE / part).rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", TOOLS, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_the_tools_borrow_no_private_name_of_the_library(path):
     borrowed = private_names_borrowed(path)
-    assert not borrowed, f"{path.name} uses private names of other parts of sparsekern: {borrowed}"
+    assert not borrowed, f"{path.relative_to(PACKAGE)} uses private names of other parts of sparsekern: {borrowed}"
 
 
 def test_the_private_name_check_sees_a_borrowed_name(tmp_path):

@@ -181,11 +181,28 @@ def snapshot(model: nn.Module) -> dict[str, Tensor]:
             if name not in masks}
 
 
-# How to make the parameters of lazy modules that the forward has not used by the time IMP or SWAMP keeps θ_k.
-UNUSED_LAZY_REMEDY = "run each of them once (on a dummy batch) before, or take them out of the model"
+# IMP and SWAMP read the model's whole state at three moments, and refuse lazy modules without parameters at each
+# in one wording per moment, shared so that their messages cannot drift apart: `who` names the algorithm.
+def refuse_unmaterialised_when_built(model: nn.Module, who: str) -> None:
+    """At construction with rewind_step=0, which keeps θ_0."""
+    _refuse_unmaterialised(model, f"{who} keeps the model's state at rewind_step=0 as it is built",
+                           f"run the model on one batch before building {who}")
 
 
-def refuse_unmaterialised(model: nn.Module, reading: str, remedy: str) -> None:
+def refuse_unmaterialised_at_step(model: nn.Module, who: str, rewind_step: int) -> None:
+    """At the step() that keeps θ_k (rewind_step=k >= 1), before the count moves on: lazy modules still without
+    parameters there are ones the forward has not used."""
+    _refuse_unmaterialised(model, f"{who}.step() keeps the model's state now (rewind_step={rewind_step})",
+                           "run each of them once (on a dummy batch) before, or take them out of the model")
+
+
+def refuse_unmaterialised_when_loading(model: nn.Module, who: str) -> None:
+    """At load_state_dict(), before the state is checked against the model's tensors."""
+    _refuse_unmaterialised(model, f"{who}.load_state_dict() checks the state against the model's tensors",
+                           "load the model's state dict first")
+
+
+def _refuse_unmaterialised(model: nn.Module, reading: str, remedy: str) -> None:
     """ValueError naming the lazy modules of `model` (nn.LazyLinear, nn.LazyBatchNorm1d, ...) whose parameters or
     buffers are not made yet (a lazy module makes them at its first forward, or as the model's state dict loads):
     `reading` says what would read their values, `remedy` how to make them. torch's own error names no module."""

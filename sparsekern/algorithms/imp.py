@@ -82,8 +82,7 @@ class IMP(distributed.CatchesUp):
             self.scope = _checks.choice(scope, "scope", _tickets.SCOPES)
             self.rewind = _checks.choice(rewind, "rewind", REWINDS)
             if self.rewind == "weights" and self.rewind_step == 0:   # θ_0 is kept as IMP is built
-                _tickets.refuse_unmaterialised(model, "IMP keeps the model's state at rewind_step=0 as it is built",
-                                               "run the model on one batch before building IMP")
+                _tickets.refuse_unmaterialised_when_built(model, "IMP")
             replicas.compare(model, self._settings())
         super().__init__(model, replicas.group)   # for Join's catching up (join_hook)
         self.model = model
@@ -99,8 +98,7 @@ class IMP(distributed.CatchesUp):
         self._refuse_leading_join()
         _tickets.refuse_count_end(self.step_in_cycle, "step_in_cycle", "IMP")
         if self._capture_due(self.step_in_cycle + 1):   # before the count moves on
-            _tickets.refuse_unmaterialised(self.model, f"IMP.step() keeps the model's state now (rewind_step="
-                                           f"{self.rewind_step})", _tickets.UNUSED_LAZY_REMEDY)
+            _tickets.refuse_unmaterialised_at_step(self.model, "IMP", self.rewind_step)
         self.step_in_cycle += 1
         self._capture_if_due()
 
@@ -218,8 +216,7 @@ class IMP(distributed.CatchesUp):
         """Checks `state` completely and returns the function that installs it (load_state_dict runs
         both; broadcast_masks checks on every rank before any rank installs)."""
         _tickets.check_own_weights(self._groups, "IMP")
-        _tickets.refuse_unmaterialised(self.model, "IMP.load_state_dict() checks the state against the model's "
-                                       "tensors", "load the model's state dict first")
+        _tickets.refuse_unmaterialised_when_loading(self.model, "IMP")
         _tickets.check_saved_by(state, "IMP")
         _tickets.check_state_keys(state, ("cycle", "step_in_cycle", "rewind_state", "optimizer"),
                                   ("algorithm", *self._settings()), "IMP")

@@ -108,8 +108,7 @@ class SWAMP:
             self.rewind_step = _checks.count(rewind_step, "rewind_step")
             self.scope = _checks.choice(scope, "scope", _tickets.SCOPES)
             if self.rewind_step == 0:   # θ_0 is kept as SWAMP is built
-                _tickets.refuse_unmaterialised(model, "SWAMP keeps the model's state at rewind_step=0 as it is built",
-                                               "run the model on one batch before building SWAMP")
+                _tickets.refuse_unmaterialised_when_built(model, "SWAMP")
             self.swa_start = None if swa_start is None else _checks.count(swa_start, "swa_start")
             if self.swa_start is not None and self.swa_start < self.rewind_step:
                 # Particles after the first start at step k: none can average weights from before it.
@@ -173,8 +172,7 @@ class SWAMP:
             raise RuntimeError("step() after the cycle's last particle: call next_cycle() first")
         _tickets.refuse_count_end(self.step_in_cycle, "step_in_cycle", "SWAMP")
         if self._capture_due(self.step_in_cycle + 1):   # before the count moves on
-            _tickets.refuse_unmaterialised(self.model, f"SWAMP.step() keeps the model's state now (rewind_step="
-                                           f"{self.rewind_step})", _tickets.UNUSED_LAZY_REMEDY)
+            _tickets.refuse_unmaterialised_at_step(self.model, "SWAMP", self.rewind_step)
         self.step_in_cycle += 1
         self._capture_if_due()
         if self.swa_start is not None and self.step_in_cycle > self.swa_start \
@@ -393,8 +391,7 @@ class SWAMP:
         as it did.
         """
         _tickets.check_own_weights(self._groups, "SWAMP")
-        _tickets.refuse_unmaterialised(self.model, "SWAMP.load_state_dict() checks the state against the model's "
-                                       "tensors", "load the model's state dict first")
+        _tickets.refuse_unmaterialised_when_loading(self.model, "SWAMP")
         _tickets.check_saved_by(state, "SWAMP")
         _tickets.check_state_keys(state, ("cycle", "particle", "step_in_cycle", "averaged", "rewind_state",
                                           "rewind_optimizer_state", "particle_average", "average_count",

@@ -81,12 +81,10 @@ def _one_call_s(run: Callable[[], object], on_cuda: bool) -> float:
 def usable_backends(op: str, device: torch.device) -> list[str]:
     """sparsekern backends worth timing for `op` (a registry op name) on `device`.
 
-    Those that can run and that the automatic choice would take on this device type: Triton on
-    CPU runs only in the interpreter, which checks kernels but says nothing about their speed.
+    Those the automatic choice picks from on this device type (`sparsekern.ops._backend.automatic_backends`):
+    never Triton on CPU, whose interpreter checks kernels but says nothing about their speed.
     """
-    reasons = _backend._reasons(op, device.type)
-    return [name for name, why in reasons.items()
-            if why is None and _backend._REGISTRY[op][name].automatic(device.type)]
+    return _backend.automatic_backends(op, device.type)
 
 
 @contextlib.contextmanager

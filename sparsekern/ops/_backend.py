@@ -120,6 +120,17 @@ def _reasons(op: str, device_type: str, dtypes: tuple = ()) -> dict[str, str | N
     }
 
 
+def automatic_backends(op: str, device_type: str, dtypes: tuple = ()) -> list[str]:
+    """The backends the automatic choice picks `op`'s implementation from on `device_type` for tensors of
+    `dtypes`, in its order of preference: those that can run there and that it may take there (not Triton
+    on CPU, the interpreter, which checks kernels but says nothing of their speed). Per-call judgements
+    (`Implementation.takes`) are not asked. For tools that run each candidate in turn, such as the benchmarks.
+    """
+    implementations = _REGISTRY[op]
+    return [name for name, why in _reasons(op, device_type, dtypes).items()
+            if why is None and implementations[name].automatic(device_type)]
+
+
 def is_forced(op: str) -> bool:
     """Whether SPARSEKERN_BACKEND names a backend that implements `op`, which then runs every call."""
     return requested() in _REGISTRY[op]

@@ -186,25 +186,6 @@ def test_a_lazy_module_not_made_yet_is_refused_by_name_where_imp_keeps_the_state
     IMP(model, _sgd).load_state_dict(states["weights"])
 
 
-def test_a_lazy_module_the_forward_never_made_is_refused_by_name_before_imp_keeps_the_state_at_step_k():
-    # rewind_step >= 1: θ_k is kept after the forwards made the lazy modules they use; one left unused (here a
-    # submodule of a layer, which its forward does not call) made torch refuse the clone naming no module.
-    model = mlp(0, hidden=12)
-    model[0].unused = torch.nn.LazyLinear(2)
-    x, y = _data(1)
-    imp = IMP(model, _sgd, rewind_step=1)
-    torch.nn.functional.cross_entropy(model(x[:16]), y[:16]).backward()
-    imp.optimizer.step()
-    with pytest.raises(ValueError, match=r"^IMP.step\(\) keeps the model's state now \(rewind_step=1\), but the lazy "
-                                         r"modules '0.unused' \(LazyLinear\) have not made their parameters yet.*: "
-                                         r"run each of them once \(on a dummy batch\) before, or take them out"):
-        imp.step()
-    assert imp.step_in_cycle == 0 and imp.rewind_state is None
-    model[0].unused(torch.zeros(1, 3))
-    imp.step()
-    assert imp.step_in_cycle == 1 and imp.rewind_state["0.unused.weight"].shape == (2, 3)
-
-
 def _uninterrupted(steps, cycles, rewind_step):
     x, y = _data(3)
     model = mlp(6, hidden=16)

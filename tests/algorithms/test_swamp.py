@@ -359,25 +359,6 @@ def test_a_lazy_module_not_made_yet_is_refused_by_name_where_swamp_keeps_the_sta
     assert SWAMP(model, _sgd, particles=2, bn_loader=[x]).rewind_state["1.weight"].shape == (12,)
 
 
-def test_a_lazy_module_the_forward_never_made_is_refused_by_name_before_swamp_keeps_the_state_at_step_k():
-    # The first forward makes the lazy modules it uses; one it never calls (a submodule of a layer) made torch
-    # refuse the clone of θ_k naming no module.
-    x, y = _data(2)
-    model = mlp(3, hidden=12)
-    model[0].unused = torch.nn.LazyLinear(2)
-    swamp = SWAMP(model, _sgd, particles=2, rewind_step=1, swa_start=1, bn_loader=[x])
-    torch.nn.functional.cross_entropy(model(x[:16]), y[:16]).backward()
-    swamp.optimizer.step()
-    with pytest.raises(ValueError, match=r"^SWAMP.step\(\) keeps the model's state now \(rewind_step=1\), but the "
-                                         r"lazy modules '0.unused' \(LazyLinear\) have not made their parameters "
-                                         r"yet.*: run each of them once \(on a dummy batch\) before, or take them"):
-        swamp.step()
-    assert swamp.step_in_cycle == 0 and swamp.rewind_state is None
-    model[0].unused(torch.zeros(1, 3))
-    swamp.step()
-    assert swamp.step_in_cycle == 1 and swamp.rewind_state["0.unused.weight"].shape == (2, 3)
-
-
 def test_a_state_loaded_before_the_models_own_is_refused_naming_its_lazy_modules_and_loads_after_it():
     x, y = _data(2)
     model = _lazy_norm_mlp(3)

@@ -262,3 +262,17 @@ def test_a_compiled_call_recompiles_for_no_other_variable(monkeypatch, fresh_com
     monkeypatch.setenv("SPARSEKERN_TEST_UNRELATED_VARIABLE", "1")
     compiled(x, weight, mask)
     assert len(graphs) == 1
+
+
+@pytest.mark.parametrize("op", ["topk_mask", "prune_grow", "masked_linear", "sparse_linear"])
+def test_the_automatic_backends_start_with_the_automatic_choice_and_leave_out_triton_on_cpu(op, monkeypatch):
+    # What the benchmarks time: every backend the automatic choice may take, the one it takes first.
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    monkeypatch.setattr(_backend, "triton_missing", _backend.never_missing)  # Triton could run here,
+    monkeypatch.setattr(_backend, "_installed_interpreter_loop_bug", lambda: None)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    candidates = _backend.automatic_backends(op, "cpu")
+    # ...but only in the interpreter, which says nothing of speed.
+    compiled = op in COMPILED_OPS and _extension.kernel_missing(op, "cpu") is None
+    assert candidates == (["compiled"] if compiled else []) + ["reference"]
+    assert candidates[0] == _backend.choose(op, "cpu")[0]

@@ -1,0 +1,43 @@
+"""What IMP and SWAMP share (sparsekern.algorithms._tickets), tested once for both."""
+import pytest
+import torch
+
+from sparsekern.algorithms import IMP, SWAMP
+
+from ..helpers import mlp
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _sgd(parameters):
+    return torch.optim.SGD(parameters, lr=0.05, momentum=0.9, weight_decay=1e-3)
+
+
+# Each algorithm keeping θ_k after its first step (rewind_step=1), given the model and a batch.
+KEEPING_THE_STATE_AFTER_STEP_1 = {
+    "IMP": lambda model, x: IMP(model, _sgd, rewind_step=1),
+    "SWAMP": lambda model, x: SWAMP(model, _sgd, particles=2, rewind_step=1, swa_start=1, bn_loader=[x]),
+}
+
+
+@pytest.mark.parametrize("who", KEEPING_THE_STATE_AFTER_STEP_1)
+def test_a_lazy_module_the_forward_never_made_is_refused_by_name_before_the_state_is_kept_at_step_k(who):
+    # rewind_step >= 1: θ_k is kept after the forwards made the lazy modules they use; one left unused (here a
+    # submodule of a layer, which its forward does not call) made torch refuse the clone naming no module, after
+    # step_in_cycle had counted the step.
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 64, generator=generator), torch.randint(0, 10, (16,), generator=generator)
+    model = mlp(0, hidden=12)
+    model[0].unused = torch.nn.LazyLinear(2)
+    algorithm = KEEPING_THE_STATE_AFTER_STEP_1[who](model, x)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    algorithm.optimizer.step()
+    with pytest.raises(ValueError, match=rf"^{who}.step\(\) keeps the model's state now \(rewind_step=1\), but the "
+                                         r"lazy modules '0.unused' \(LazyLinear\) have not made their parameters "
+                                         r"yet.*: run each of them once \(on a dummy batch\) before, or take them "
+                                         r"out of the model$"):
+        algorithm.step()
+    assert algorithm.step_in_cycle == 0 and algorithm.rewind_state is None
+    model[0].unused(torch.zeros(1, 3))
+    algorithm.step()
+    assert algorithm.step_in_cycle == 1 and algorithm.rewind_state["0.unused.weight"].shape == (2, 3)
