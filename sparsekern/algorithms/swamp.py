@@ -400,8 +400,7 @@ class SWAMP:
                                           "rewind_optimizer_state", "particle_average", "average_count",
                                           "particle_sum", "optimizer"),
                                   ("algorithm", "world_size", *self._settings()), "SWAMP")
-        for key, value in self._settings().items():
-            _tickets.check_saved_setting(state, key, value)
+        _tickets.check_saved_settings(state, self._settings())
         counts = {name: _tickets.state_count(state, name)
                   for name in ("cycle", "particle", "step_in_cycle", "average_count")}
         particle = counts["particle"]
