@@ -99,6 +99,11 @@ class IMP(distributed.CatchesUp):
         self._refuse_leading_join()
         _tickets.refuse_count_end(self.step_in_cycle, "step_in_cycle", "IMP")
         if self._capture_due(self.step_in_cycle + 1):   # before the count moves on
+            # On this rank alone, unlike SWAMP's: step() makes no collective (under Join a rank out of inputs stops
+            # calling it while the others go on), so no other rank waits in one of IMP's. Under DDP a lazy module
+            # unmade on some ranks only is one of buffers alone, with broadcast_buffers=False (DDP refuses unmade
+            # parameters, and cannot broadcast unmade buffers), which a branch ran on the other ranks' batches; they
+            # wait in DDP's next all_reduce, as for any error of one rank's loop, until this rank's process ends.
             _tickets.refuse_unmaterialised(self.model, f"IMP.step() keeps the model's state now (rewind_step="
                                            f"{self.rewind_step})", _tickets.UNUSED_LAZY_REMEDY)
         self.step_in_cycle += 1
@@ -218,6 +223,8 @@ class IMP(distributed.CatchesUp):
         """Checks `state` completely and returns the function that installs it (load_state_dict runs
         both; broadcast_masks checks on every rank before any rank installs)."""
         _tickets.check_own_weights(self._groups, "IMP")
+        # On this rank alone, as every check here: IMP's state may be loaded on one rank alone (broadcast_masks(
+        # algorithm=) copies it to the others, running these checks on every rank in one Agreement).
         _tickets.refuse_unmaterialised(self.model, "IMP.load_state_dict() checks the state against the model's "
                                        "tensors", "load the model's state dict first")
         _tickets.check_saved_by(state, "IMP")

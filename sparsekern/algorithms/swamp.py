@@ -173,8 +173,12 @@ class SWAMP:
             raise RuntimeError("step() after the cycle's last particle: call next_cycle() first")
         _tickets.refuse_count_end(self.step_in_cycle, "step_in_cycle", "SWAMP")
         if self._capture_due(self.step_in_cycle + 1):   # before the count moves on
-            _tickets.refuse_unmaterialised(self.model, f"SWAMP.step() keeps the model's state now (rewind_step="
-                                           f"{self.rewind_step})", _tickets.UNUSED_LAZY_REMEDY)
+            # Collective, as the broadcast of rank 0's θ_k that follows: each rank trains its own particle's batches,
+            # and a lazy module that only some ranks' batches run (a data-dependent branch) is made on those ranks
+            # alone. Refused on one rank only, it left the others waiting in that broadcast.
+            with distributed.Agreement("SWAMP.step()", self.group):
+                _tickets.refuse_unmaterialised(self.model, f"SWAMP.step() keeps the model's state now (rewind_step="
+                                               f"{self.rewind_step})", _tickets.UNUSED_LAZY_REMEDY)
         self.step_in_cycle += 1
         self._capture_if_due()
         if self.swa_start is not None and self.step_in_cycle > self.swa_start \
@@ -390,8 +394,17 @@ class SWAMP:
         and changes nothing; a parameter missing from it, or one this model lacks, is named, and so is an entry SWAMP
         does not save (a misspelled or tampered setting, which would go unchecked). A state of older versions, which
         hold the particles' tensors and the optimizers' states by position (lists, torch's own), loads by position,
-        as it did.
+        as it did. Under torch.distributed, collective (every rank loads its own state): a state refused on one rank
+        is refused on every rank (the others' error names that rank), none of which changes.
         """
+        # A rank refused alone would leave the others waiting in the next broadcast of θ_k or all_reduce of the
+        # particles: its own state can be bad, or its model hold a lazy module that only its own batches left unmade.
+        with distributed.Agreement("SWAMP.load_state_dict()", self.group):
+            install = self._prepare_load(state)
+        install()
+
+    def _prepare_load(self, state: dict):
+        """Checks `state` completely and returns the function that installs it."""
         _tickets.check_own_weights(self._groups, "SWAMP")
         _tickets.refuse_unmaterialised(self.model, "SWAMP.load_state_dict() checks the state against the model's "
                                        "tensors", "load the model's state dict first")
@@ -441,14 +454,17 @@ class SWAMP:
                                                       "state['particle_sum']", "SWAMP")
         optimizer = _tickets.loaded_optimizer(self.optimizer_factory, self.model, state["optimizer"],
                                               "state['optimizer']", "SWAMP")
-        for name, value in counts.items():
-            setattr(self, name, value)
-        self.averaged = averaged
-        self.rewind_state = rewind_state
-        self.rewind_optimizer_state = rewind_optimizer_state
-        self.particle_average = particle_average
-        self.particle_sum = particle_sum
-        self.optimizer = optimizer
+
+        def install() -> None:
+            for name, value in counts.items():
+                setattr(self, name, value)
+            self.averaged = averaged
+            self.rewind_state = rewind_state
+            self.rewind_optimizer_state = rewind_optimizer_state
+            self.particle_average = particle_average
+            self.particle_sum = particle_sum
+            self.optimizer = optimizer
+        return install
 
 
 def _on_ranks(world_size: int) -> str:
