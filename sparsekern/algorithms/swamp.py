@@ -38,8 +38,8 @@ class SWAMP:
             (frozen from the start, every particle holds their weights as they are, so θ̄ does too). A lazy
             module (nn.LazyBatchNorm1d, ...) must have made its parameters (a forward pass) before SWAMP keeps θ_0
             as it is built (rewind_step=0: refused naming it otherwise); a later θ_k is kept after the first
-            forward made them, and trains as the module it becomes (one the forward never runs is refused by
-            name at step k, before anything changes).
+            forward made them, and trains as the module it becomes (one the forward never runs, on any rank, is
+            refused by name on every rank at step k, before anything changes).
         optimizer_factory: called with `model.parameters()` for every particle; use `swamp.optimizer`.
         particles: N, the number of particles per cycle (default 4).
         prune_fraction, rewind_step, scope: as for `IMP` (weight rewinding only).
