@@ -1039,8 +1039,11 @@ def _learning_rate_imp_world(tmp_path=None):
     return world
 
 
+# Its θ_k was refused first ("learning-rate rewinding keeps no θ_k (saved with rewind='weights'?)"), a guess at the
+# setting the state names.
 error("IMP[rewind='learning_rate'].load_state_dict(a weights-rewinding state)", _learning_rate_imp_world,
-      lambda w: w.algo.load_state_dict(w.weights_state), ValueError, "learning-rate rewinding", then=_imp_continues)
+      lambda w: w.algo.load_state_dict(w.weights_state), ValueError, "saved with rewind='weights', not "
+      "'learning_rate'$", then=_imp_continues)
 
 _SWAMP_KEYS = ("cycle", "particle", "step_in_cycle", "averaged", "rewind_state", "rewind_optimizer_state",
                "particle_average", "average_count", "particle_sum", "optimizer")

@@ -509,21 +509,29 @@ def check_saved_by(state, algorithm: str) -> None:
     checked."""
     if not isinstance(state, dict):
         raise TypeError(f"state must be a dict, got {type(state).__name__}")
-    check_saved_setting(state, "algorithm", algorithm)
+    check_saved_settings(state, {"algorithm": algorithm})
 
 
-def check_saved_setting(state: dict, key: str, value, setting: str | None = None) -> None:
-    """ValueError unless `state` was saved under the setting `key` = `value` (`setting` names it in the error, where
-    `key` alone says too little): resumed under another, a run would go on as a run of neither, or misread its
-    counters, which alone cannot tell (check_rewind_point): a state at step 3 of cycle 1 holding θ_2 fits
-    rewind_step 0 as well, and resuming it there would rewind to θ_2 and restart at step 0. A state without the
-    entry (saved before it was kept) is not checked. A flag's entry that is no bool (NumPy's counts as one) raises
-    TypeError saying so: no run saves one, and "saved with decides_count=1, not True" told of a run that cannot be."""
-    if key in state and isinstance(value, bool) and not isinstance(state[key], (bool, np.bool_)):
-        raise TypeError(f"state[{key!r}] must be a bool, got {type(state[key]).__name__}")
-    if key in state and _differs(state[key], value):
-        saved = _shown(state[key])
-        raise ValueError(f"state[{key!r}]={saved}: the state was saved with {setting or key}={saved}, not {value!r}")
+def check_saved_settings(state: dict, settings: dict, names: dict | None = None) -> None:
+    """ValueError unless `state` was saved under `settings` (each key an entry, each value this algorithm's), naming
+    in one error every setting it was saved under another value of (`names` maps a key to how the error names its
+    setting, where the key alone says too little): resumed under another, a run would go on as a run of neither, or
+    misread its counters, which alone cannot tell (check_rewind_point): a state at step 3 of cycle 1 holding θ_2 fits
+    rewind_step 0 as well, and resuming it there would rewind to θ_2 and restart at step 0. Refused at the first
+    difference, a state of several was refused again for the next once the first was put right. A state without an
+    entry (saved before it was kept) is not checked for it. A flag's entry that is no bool (NumPy's counts as one)
+    raises TypeError saying so, before any difference is named: no run saves one, and "saved with decides_count=1,
+    not True" told of a run that cannot be."""
+    for key, value in settings.items():
+        if key in state and isinstance(value, bool) and not isinstance(state[key], (bool, np.bool_)):
+            raise TypeError(f"state[{key!r}] must be a bool, got {type(state[key]).__name__}")
+    differing = [key for key, value in settings.items() if key in state and _differs(state[key], value)]
+    if differing:
+        saved = {key: _shown(state[key]) for key in differing}
+        names = names or {}
+        raise ValueError(", ".join(f"state[{key!r}]={saved[key]}" for key in differing)
+                         + ": the state was saved with "
+                         + "; ".join(f"{names.get(key, key)}={saved[key]}, not {settings[key]!r}" for key in differing))
 
 
 def _shown(value) -> str:

@@ -527,9 +527,9 @@ class DST(distributed.CatchesUp):
         # swap_rounding and snip_shift entered the state with their options: a state without them was saved rounding,
         # unshifted. (The other settings were options before the state kept them: a state without one may have been
         # saved under any.)
-        for key, value in self._settings().items():
-            _tickets.check_saved_setting({"swap_rounding": "round", "snip_shift": 0.0, **state}, key, value,
-                                         self._setting_name(key))
+        settings = self._settings()
+        _tickets.check_saved_settings({"swap_rounding": "round", "snip_shift": 0.0, **state}, settings,
+                                      {key: self._setting_name(key) for key in settings})
         _tickets.check_state_keys(state, _REQUIRED_ENTRIES, _OPTIONAL_ENTRIES + tuple(self._settings()),
                                   f"a DST of prune={self.prune!r}, grow={self.grow!r}")
         # As IMP, SWAMP and OptG read their counters: an integer of any kind (a NumPy one, a 0-d integer tensor), not

@@ -98,6 +98,11 @@ class IMP(distributed.CatchesUp):
         self._refuse_leading_join()
         _tickets.refuse_count_end(self.step_in_cycle, "step_in_cycle", "IMP")
         if self._capture_due(self.step_in_cycle + 1):   # before the count moves on
+            # On this rank alone, unlike SWAMP's: step() makes no collective (under Join a rank out of inputs stops
+            # calling it while the others go on), so no other rank waits in one of IMP's. Under DDP a lazy module
+            # unmade on some ranks only is one of buffers alone, with broadcast_buffers=False (DDP refuses unmade
+            # parameters, and cannot broadcast unmade buffers), which a branch ran on the other ranks' batches; they
+            # wait in DDP's next all_reduce, as for any error of one rank's loop, until this rank's process ends.
             _tickets.refuse_unmaterialised_at_step(self.model, "IMP", self.rewind_step)
         self.step_in_cycle += 1
         self._capture_if_due()
@@ -216,17 +221,20 @@ class IMP(distributed.CatchesUp):
         """Checks `state` completely and returns the function that installs it (load_state_dict runs
         both; broadcast_masks checks on every rank before any rank installs)."""
         _tickets.check_own_weights(self._groups, "IMP")
+        # On this rank alone, as every check here: IMP's state may be loaded on one rank alone (broadcast_masks(
+        # algorithm=) copies it to the others, running these checks on every rank in one Agreement).
         _tickets.refuse_unmaterialised_when_loading(self.model, "IMP")
         _tickets.check_saved_by(state, "IMP")
         _tickets.check_state_keys(state, ("cycle", "step_in_cycle", "rewind_state", "optimizer"),
                                   ("algorithm", *self._settings()), "IMP")
+        # The settings before the counters, which a state saved under another rewind_step or rewind fails with a
+        # guess at which (check_rewind_point), whatever else differs.
+        _tickets.check_saved_settings(state, self._settings())
         cycle = _tickets.state_count(state, "cycle")
         step_in_cycle = _tickets.state_count(state, "step_in_cycle")
         rewind_state = state["rewind_state"]
         _tickets.check_rewind_point(cycle, step_in_cycle, rewind_state is not None, self.rewind_step,
                                     self.rewind == "weights")
-        for key, value in self._settings().items():
-            _tickets.check_saved_setting(state, key, value)
         if rewind_state is not None:
             rewind_state = _tickets.check_snapshot(rewind_state, self.model, "state['rewind_state']", "IMP")
         optimizer = _tickets.loaded_optimizer(self.optimizer_factory, self.model, state["optimizer"],

@@ -490,18 +490,22 @@ class OptG(distributed.CatchesUp):
     def _holds_target_as_another_float(self, saved) -> bool:
         """Whether `saved`, a state's sparsity, is this OptG's target written as another float: `1 - density` in
         floats, which the command line passed before OptG took density= (0.30000000000000004 for density 0.7, where
-        this OptG holds 0.3), or a float a rounding away (relative 1e-12) that prunes the same count as this OptG's
-        at every epoch on this model, so the same masks from the same scores (density=1/3 holds the sparsity
-        0.6666666666666667, sparsity=2/3 0.6666666666666666). ValueError where it is that close but prunes another
-        count at some epoch (a state of sparsity=1 - 0.7 under density=0.7, on 15 weights: 0.3 x 15 = 4.5 rounds
-        to 4, 4.500000000000001 to 5). False for this very float and for anything else, which
-        `_tickets.check_saved_setting` judges."""
+        this OptG holds 0.3), or a float a rounding away (relative 1e-12), which loads where it prunes the same
+        counts (`_check_rounded_target`). False for this very float and for anything else, which
+        `_tickets.check_saved_settings` judges."""
         if type(saved) is not float or saved == self.sparsity:
             return False
+        return saved == 1 - self.density or math.isclose(saved, self.sparsity, rel_tol=1e-12, abs_tol=0.0)
+
+    def _check_rounded_target(self, saved: float) -> None:
+        """ValueError unless `saved`, a state's sparsity that `_holds_target_as_another_float`, prunes the same count
+        as this OptG's at every epoch on this model, so the same masks from the same scores (density=1/3 holds the
+        sparsity 0.6666666666666667, sparsity=2/3 0.6666666666666666): one a rounding away may prune another (a
+        state of sparsity=1 - 0.7 under density=0.7, on 15 weights: 0.3 x 15 = 4.5 rounds to 4, 4.500000000000001
+        to 5). `1 - density` is the command line's density and loads as it. Checked once the state's other settings
+        are this OptG's: its epochs, beta and reach_target decide the counts."""
         if saved == 1 - self.density:
-            return True
-        if not math.isclose(saved, self.sparsity, rel_tol=1e-12, abs_tol=0.0):
-            return False
+            return
         total = sum(layer.weight.numel() for layer in self.layers)
         for epoch in range(self.epochs):
             pruned = [round(sparsity_at(epoch, target, self.epochs, self.beta, self.reach_target) * total)
@@ -511,7 +515,6 @@ class OptG(distributed.CatchesUp):
                                  f"rounding, yet prunes {pruned[0]} of the {total} weights at epoch {epoch}, where "
                                  f"this OptG prunes {pruned[1]}: the state was saved with sparsity={saved!r}; build "
                                  f"the OptG with it")
-        return True
 
     def _prepare_load(self, state: dict):
         """Checks `state` completely and returns the function that installs it (load_state_dict runs
@@ -524,10 +527,12 @@ class OptG(distributed.CatchesUp):
         _tickets.check_state_keys(state, ("epoch", "scores", "score_optimizer"),
                                   ("algorithm", "masks", *self._settings()), "OptG", legacy=("pruned_weights",))
         settings = self._settings()
-        if self._holds_target_as_another_float(state.get("sparsity")):
+        another_float = self._holds_target_as_another_float(state.get("sparsity"))
+        if another_float:
             del settings["sparsity"]
-        for key, value in settings.items():
-            _tickets.check_saved_setting(state, key, value)
+        _tickets.check_saved_settings(state, settings)
+        if another_float:
+            self._check_rounded_target(state["sparsity"])
         saved_scores, saved_masks, saved_optimizer = state["scores"], state.get("masks"), state["score_optimizer"]
         if not isinstance(saved_optimizer, dict):
             raise TypeError(f"state['score_optimizer'] must be an optimizer state dict, got "

@@ -38,8 +38,8 @@ class SWAMP:
             (frozen from the start, every particle holds their weights as they are, so θ̄ does too). A lazy
             module (nn.LazyBatchNorm1d, ...) must have made its parameters (a forward pass) before SWAMP keeps θ_0
             as it is built (rewind_step=0: refused naming it otherwise); a later θ_k is kept after the first
-            forward made them, and trains as the module it becomes (one the forward never runs is refused by
-            name at step k, before anything changes).
+            forward made them, and trains as the module it becomes (one the forward never runs, on any rank, is
+            refused by name on every rank at step k, before anything changes).
         optimizer_factory: called with `model.parameters()` for every particle; use `swamp.optimizer`.
         particles: N, the number of particles per cycle (default 4).
         prune_fraction, rewind_step, scope: as for `IMP` (weight rewinding only).
@@ -172,7 +172,11 @@ class SWAMP:
             raise RuntimeError("step() after the cycle's last particle: call next_cycle() first")
         _tickets.refuse_count_end(self.step_in_cycle, "step_in_cycle", "SWAMP")
         if self._capture_due(self.step_in_cycle + 1):   # before the count moves on
-            _tickets.refuse_unmaterialised_at_step(self.model, "SWAMP", self.rewind_step)
+            # Collective, as the broadcast of rank 0's θ_k that follows: each rank trains its own particle's batches,
+            # and a lazy module that only some ranks' batches run (a data-dependent branch) is made on those ranks
+            # alone. Refused on one rank only, it left the others waiting in that broadcast.
+            with distributed.Agreement("SWAMP.step()", self.group):
+                _tickets.refuse_unmaterialised_at_step(self.model, "SWAMP", self.rewind_step)
         self.step_in_cycle += 1
         self._capture_if_due()
         if self.swa_start is not None and self.step_in_cycle > self.swa_start \
@@ -388,8 +392,17 @@ class SWAMP:
         and changes nothing; a parameter missing from it, or one this model lacks, is named, and so is an entry SWAMP
         does not save (a misspelled or tampered setting, which would go unchecked). A state of older versions, which
         hold the particles' tensors and the optimizers' states by position (lists, torch's own), loads by position,
-        as it did.
+        as it did. Under torch.distributed, collective (every rank loads its own state): a state refused on one rank
+        is refused on every rank (the others' error names that rank), none of which changes.
         """
+        # A rank refused alone would leave the others waiting in the next broadcast of θ_k or all_reduce of the
+        # particles: its own state can be bad, or its model hold a lazy module that only its own batches left unmade.
+        with distributed.Agreement("SWAMP.load_state_dict()", self.group):
+            install = self._prepare_load(state)
+        install()
+
+    def _prepare_load(self, state: dict):
+        """Checks `state` completely and returns the function that installs it."""
         _tickets.check_own_weights(self._groups, "SWAMP")
         _tickets.refuse_unmaterialised_when_loading(self.model, "SWAMP")
         _tickets.check_saved_by(state, "SWAMP")
@@ -397,8 +410,7 @@ class SWAMP:
                                           "rewind_optimizer_state", "particle_average", "average_count",
                                           "particle_sum", "optimizer"),
                                   ("algorithm", "world_size", *self._settings()), "SWAMP")
-        for key, value in self._settings().items():
-            _tickets.check_saved_setting(state, key, value)
+        _tickets.check_saved_settings(state, self._settings())
         counts = {name: _tickets.state_count(state, name)
                   for name in ("cycle", "particle", "step_in_cycle", "average_count")}
         particle = counts["particle"]
@@ -439,14 +451,17 @@ class SWAMP:
                                                       "state['particle_sum']", "SWAMP")
         optimizer = _tickets.loaded_optimizer(self.optimizer_factory, self.model, state["optimizer"],
                                               "state['optimizer']", "SWAMP")
-        for name, value in counts.items():
-            setattr(self, name, value)
-        self.averaged = averaged
-        self.rewind_state = rewind_state
-        self.rewind_optimizer_state = rewind_optimizer_state
-        self.particle_average = particle_average
-        self.particle_sum = particle_sum
-        self.optimizer = optimizer
+
+        def install() -> None:
+            for name, value in counts.items():
+                setattr(self, name, value)
+            self.averaged = averaged
+            self.rewind_state = rewind_state
+            self.rewind_optimizer_state = rewind_optimizer_state
+            self.particle_average = particle_average
+            self.particle_sum = particle_sum
+            self.optimizer = optimizer
+        return install
 
 
 def _on_ranks(world_size: int) -> str:

@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import io
 import itertools
+import re
 
 import numpy as np
 import pytest
@@ -401,6 +402,37 @@ def test_an_optg_state_saved_with_another_ramp_or_criterion_is_refused(saved, lo
     state = _through_a_file(OptG(mlp(0, hidden=8), **{**options, **saved}).state_dict())
     model = mlp(0, hidden=8)
     _refused_with_nothing_changed(OptG(model, **{**options, **loaded}), model, state, f"saved with {words}")
+
+
+def _dst_of(model, **options):
+    return sparsekern.DST(model, torch.optim.SGD(model.parameters(), lr=0.1), update_every=2, total_steps=20,
+                          **options)
+
+
+@pytest.mark.parametrize("build, saved, loaded, words", [
+    (_dst_of, dict(prune=NOISY, scope="layer", swap_rounding="floor"), dict(prune=NOISY_RANK, scope="global"),
+     "state['prune']='noisy_magnitude', state['scope']='layer', state['swap_rounding']='floor', "
+     "state['prune_elementwise']=True: the state was saved with prune='noisy_magnitude', not 'noisy_rank'; "
+     "scope='layer', not 'global'; swap_rounding='floor', not 'round'; prune='noisy_rank' of elementwise=True, "
+     "not False"),
+    # Its counters fit rewind_step 1 and not 0: refused for them, with a guess, before the settings were read.
+    (lambda model, **options: IMP(model, _sgd, **options), dict(rewind_step=1, prune_fraction=0.3, scope="layer"),
+     dict(rewind_step=0, prune_fraction=0.5, scope="global"),
+     "state['rewind_step']=1, state['prune_fraction']=0.3, state['scope']='layer': the state was saved with "
+     "rewind_step=1, not 0; prune_fraction=0.3, not 0.5; scope='layer', not 'global'"),
+    (lambda model, **options: SWAMP(model, _sgd, **options), dict(particles=4, swa_every=1, seed=0),
+     dict(particles=2, swa_every=2, seed=1),
+     "state['particles']=4, state['swa_every']=1, state['seed']=0: the state was saved with particles=4, not 2; "
+     "swa_every=1, not 2; seed=0, not 1"),
+    (OptG, dict(sparsity=0.7, epochs=4, beta=2.0, nesterov=True), dict(sparsity=0.6, epochs=5, beta=1.0),
+     "state['sparsity']=0.7, state['epochs']=4, state['beta']=2.0, state['nesterov']=True: the state was saved "
+     "with sparsity=0.7, not 0.6; epochs=4, not 5; beta=2.0, not 1.0; nesterov=True, not False"),
+])
+def test_a_state_saved_with_several_other_settings_is_refused_once_naming_each(build, saved, loaded, words):
+    # Refused at the first setting that differed: put right, the state was refused again for the next.
+    state = _through_a_file(build(mlp(0, hidden=8), **saved).state_dict())
+    model = mlp(0, hidden=8)
+    _refused_with_nothing_changed(build(model, **loaded), model, state, f"^{re.escape(words)}$")
 
 
 class _TwoLayers(nn.Module):

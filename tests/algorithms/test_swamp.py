@@ -482,3 +482,15 @@ def test_a_layer_whose_mask_was_put_in_place_through_data_is_refused_before_swam
         getattr(swamp, call)()
     assert_unchanged(before, everything(model, optimizer))
     assert swamp.optimizer is optimizer and (swamp.cycle, swamp.particle, swamp.averaged) == state
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_a_lazy_module_unmade_on_one_rank_only_is_refused_on_every_rank(tmp_path):
+    # Each rank trains its own particle's batches: a lazy module that only rank 0's run was refused on rank 1 alone,
+    # at the step that keeps θ_k (rank 0 went on into the broadcast of its θ_k, and waited there for rank 1) or at
+    # load_state_dict (rank 0 loaded, and would wait in the next collective).
+    result = torchrun("tests.algorithms.lazy_swamp_worker", str(tmp_path), timeout=90)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    for rank in (0, 1):
+        results = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert all(results.values()), (rank, [name for name, ok in results.items() if not ok])
