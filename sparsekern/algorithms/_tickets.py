@@ -112,6 +112,15 @@ def check_target_density(density) -> float | None:
     return _checks.number(density, "density", lambda value: 0 < value <= 1, "in (0, 1]")
 
 
+def check_run_density(density, cycles: int) -> float | None:
+    """`check_target_density` for `run(..., cycles, density=)`, whose last pruning, before the last cycle, prunes
+    to it: a run of one cycle prunes nothing, so a density there would never be reached."""
+    density = check_target_density(density)
+    if density is not None and cycles < 2:
+        raise ValueError(f"density={density:g} needs cycles >= 2 (the last pruning reaches it), got cycles={cycles}")
+    return density
+
+
 @torch.no_grad()
 def magnitude_masks(groups: list[tying.Group], prune_fraction: float, scope: str,
                     density: float | None = None) -> list[Tensor]:

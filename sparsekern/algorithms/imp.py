@@ -163,20 +163,24 @@ class IMP(distributed.CatchesUp):
         self.step_in_cycle = self.rewind_step
         self.optimizer = optimizer
 
-    def run(self, train_fn: Callable[["IMP"], None], cycles: int) -> None:
+    def run(self, train_fn: Callable[["IMP"], None], cycles: int, *, density: float | None = None) -> None:
         """Runs (or resumes) `cycles` training cycles with pruning between them.
 
         `train_fn(imp)` trains one cycle from step `imp.step_in_cycle` to its end with
         `imp.optimizer`, calling `imp.step()` after every optimizer step. The model ends trained
-        at the last cycle's masks (cycles - 1 prunings).
+        at the last cycle's masks (cycles - 1 prunings). `density` (in (0, 1]) makes the last pruning
+        `next_cycle(density)`, so that the last cycle trains at exactly that density (with
+        `prune_fraction` = 1 - density^(1/(cycles - 1)) the earlier ones prune evenly towards it); it needs
+        cycles >= 2 (ValueError otherwise: no pruning would reach it).
         """
         _tickets.check_callable(train_fn, "train_fn")
         cycles = _checks.count(cycles, "cycles", 1)
+        density = _tickets.check_run_density(density, cycles)
         while self.cycle < cycles:
             train_fn(self)
             if self.cycle == cycles - 1:
                 break
-            self.next_cycle()
+            self.next_cycle(density if self.cycle == cycles - 2 else None)
 
     @property
     def masks(self) -> list[Tensor]:

@@ -334,10 +334,12 @@ class SWAMP:
         self._start_particle()
         return masks
 
-    def run(self, train_fn: Callable[["SWAMP"], None], cycles: int) -> None:
-        """Runs (or resumes) `cycles` cycles; the model ends holding the last cycle's θ̄."""
+    def run(self, train_fn: Callable[["SWAMP"], None], cycles: int, *, density: float | None = None) -> None:
+        """Runs (or resumes) `cycles` cycles; the model ends holding the last cycle's θ̄. `density`: the last
+        pruning is `next_cycle(density)`, as in `IMP.run` (cycles >= 2)."""
         _tickets.check_callable(train_fn, "train_fn")
         cycles = _checks.count(cycles, "cycles", 1)
+        density = _tickets.check_run_density(density, cycles)
         while self.cycle < cycles:
             if not self.averaged:
                 train_fn(self)
@@ -345,7 +347,7 @@ class SWAMP:
                     continue
             if self.cycle == cycles - 1:
                 return
-            self.next_cycle()
+            self.next_cycle(density if self.cycle == cycles - 2 else None)
 
     @property
     def masks(self) -> list[Tensor]:
