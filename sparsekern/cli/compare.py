@@ -175,8 +175,9 @@ def summarise(lines: list[Line], runs: list[dict]) -> list[dict]:
 
 def caption(base: TrainConfig, seeds: int, methods) -> str:
     """What every line of a comparison of `methods` shares."""
+    dense_too = " (dense baseline too)" if "dense" in methods and len(methods) > 1 else ""
     return (f"{base.model} (width {base.width}) on {base.dataset}, {layer_densities(base, methods)}"
-            f"init {base.init} (dense baseline too), SGD lr {base.lr:g} cosine, batch {base.batch_size}, "
+            f"init {base.init}{dense_too}, SGD lr {base.lr:g} cosine, batch {base.batch_size}, "
             f"{counted(seeds, 'seed')}")
 
 

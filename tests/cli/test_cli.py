@@ -1106,3 +1106,11 @@ def test_the_caption_says_which_lines_spread_their_density_by_distribution():
     assert "uniform" not in only_pruned and "on digits, imp pruned over all layers together, init" in only_pruned
     assert "digits, init sparse" in compare_module.caption(base, 1, ["dense"])
     assert "digits, uniform layer densities, init" in compare_module.caption(base, 1, ["static", "rigl"])
+
+
+def test_the_caption_names_a_dense_baseline_only_beside_other_lines():
+    # "(dense baseline too)" said that the dense line shares the init: a comparison without a dense line claimed one.
+    base = TrainConfig()
+    assert "init sparse (dense baseline too), SGD" in compare_module.caption(base, 2, ["dense", "rigl"])
+    assert "init sparse, SGD" in compare_module.caption(base, 2, ["static", "rigl"])
+    assert "init sparse, SGD" in compare_module.caption(base, 2, ["dense"])
