@@ -12,6 +12,7 @@ one weight are one layer, pruned once, and every mask change is copied to the ot
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import warnings
@@ -89,6 +90,38 @@ def make_optimizer(optimizer_factory: Callable, model: nn.Module) -> torch.optim
     if untrained:
         raise ValueError(f"optimizer_factory's optimizer does not train the weights of {untrained[:5]}")
     return optimizer
+
+
+class FreshOptimizer:
+    """The `optimizer` attribute of IMP and SWAMP, which make a new optimizer for every cycle (SWAMP: every particle)
+    and on load_state_dict(): assigning one makes the optimizer it replaces refuse to step, before it changes
+    anything. A loop that kept the first (`opt = imp.optimizer` before it) went on stepping that one, whose momentum
+    from the cycle before moved pruned weights off 0 under layers promising zeros there: a ticket silently
+    computed with weights it had pruned."""
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.owner, self.attribute = owner.__name__, f"_{name}"
+
+    def __get__(self, algorithm, owner=None):
+        if algorithm is None:
+            return self
+        try:
+            return algorithm.__dict__[self.attribute]
+        except KeyError:
+            raise AttributeError(f"{self.owner} has no optimizer yet") from None
+
+    def __set__(self, algorithm, optimizer: torch.optim.Optimizer) -> None:
+        replaced = algorithm.__dict__.get(self.attribute)
+        if replaced is not None and replaced is not optimizer:
+            replaced.register_step_pre_hook(functools.partial(_refuse_replaced_step, self.owner))
+        algorithm.__dict__[self.attribute] = optimizer
+
+
+def _refuse_replaced_step(owner: str, optimizer, args, kwargs) -> None:
+    raise RuntimeError(f"step() of an optimizer that {owner} has replaced with a new one (it makes one for every "
+                       f"cycle{', and every particle' if owner == 'SWAMP' else ''}, and on load_state_dict()): its "
+                       f"state would move pruned weights off 0. Step {owner.lower()}.optimizer, read in the loop "
+                       f"as the {owner} docstring's loop reads it, not kept from before")
 
 
 def check_callable(value, name: str) -> None:

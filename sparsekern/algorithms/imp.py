@@ -35,7 +35,9 @@ class IMP(distributed.CatchesUp):
             rewinding: refused naming it otherwise); a later θ_k is kept after the first forward made them (one
             the forward never runs is refused by name at step k, before anything changes).
         optimizer_factory: called with `model.parameters()` at construction and after every
-            pruning; IMP starts each cycle with a fresh optimizer, `imp.optimizer`. Use that one.
+            pruning; IMP starts each cycle with a fresh optimizer, `imp.optimizer`. Use that one: one it
+            replaced (at next_cycle() or load_state_dict()) refuses to step (RuntimeError, nothing changed),
+            since its momentum would move pruned weights off 0.
         prune_fraction: p, the fraction of the remaining weights removed per cycle (⌈p·remaining⌉).
         rewind_step: k, the number of optimizer steps (calls of `step()`) after which θ_k is kept.
         scope: "global" ranks all sparse layers' weights together; "layer" prunes each layer by p.
@@ -68,6 +70,8 @@ class IMP(distributed.CatchesUp):
     a group of its own, `torch.distributed.new_subgroups(1)[0]`, which compares nothing. For uneven
     inputs, see `join_hook`.
     """
+
+    optimizer = _tickets.FreshOptimizer()   # a replaced one refuses to step
 
     def __init__(self, model: nn.Module, optimizer_factory: OptimizerFactory, prune_fraction: float = 0.2,
                  rewind_step: int = 0, scope: str = "global", rewind: str = "weights", group=None):

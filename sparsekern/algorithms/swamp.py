@@ -40,7 +40,8 @@ class SWAMP:
             as it is built (rewind_step=0: refused naming it otherwise); a later θ_k is kept after the first
             forward made them, and trains as the module it becomes (one the forward never runs is refused by
             name at step k, before anything changes).
-        optimizer_factory: called with `model.parameters()` for every particle; use `swamp.optimizer`.
+        optimizer_factory: called with `model.parameters()` for every particle; use `swamp.optimizer` (one it
+            replaced refuses to step, as IMP's do).
         particles: N, the number of particles per cycle (default 4).
         prune_fraction, rewind_step, scope: as for `IMP` (weight rewinding only).
         swa_start: the step within the cycle after which the particle's running mean starts: the
@@ -92,6 +93,8 @@ class SWAMP:
     `state_dict()` holds everything but the model (checkpoint `model.state_dict()` beside it); under
     torch.distributed, each rank's holds its own particles, so each rank saves and loads its own.
     """
+
+    optimizer = _tickets.FreshOptimizer()   # a replaced one refuses to step
 
     def __init__(self, model: nn.Module, optimizer_factory: OptimizerFactory, particles: int = 4,
                  prune_fraction: float = 0.2, rewind_step: int = 0, scope: str = "global",

@@ -366,6 +366,30 @@ def test_a_last_pruning_to_a_density_lands_on_round_d_n_whatever_the_earlier_rou
     assert int(imp.masks[0].sum()) == 20
 
 
+def test_an_optimizer_imp_replaced_refuses_to_step_before_it_moves_a_weight():
+    # A loop that kept `imp.optimizer` from before next_cycle() stepped it on: its momentum moved pruned
+    # weights off 0 under layers that promise zeros there, and the ticket computed with them.
+    x, y = _data(4)
+    model = mlp(4)
+    imp = IMP(model, _sgd, prune_fraction=0.5)
+    kept = imp.optimizer
+    _train(model, imp, x, y, 5)
+    imp.next_cycle()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    before = _weights(model)
+    with pytest.raises(RuntimeError, match=r"^step\(\) of an optimizer that IMP has replaced .* Step imp.optimizer"):
+        kept.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, _weights(model)))
+    imp.optimizer.step()
+    for _, layer in sparse_modules(model):
+        layer.verify_zero_off_mask()
+    loaded = IMP(model, _sgd, prune_fraction=0.5)
+    constructed = loaded.optimizer
+    loaded.load_state_dict(imp.state_dict())
+    with pytest.raises(RuntimeError, match="replaced"):
+        constructed.step()
+
+
 def test_run_prunes_to_its_density_at_the_last_pruning():
     # The weights of the test above, which training that does nothing keeps: by ⌈p·remaining⌉ alone three cycles
     # end at 19 weights; run(density=0.02) prunes the second time to round(0.02·1000) = 20, the 20 largest.

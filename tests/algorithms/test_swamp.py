@@ -113,6 +113,18 @@ def _swamp_run(model, swamp, x, y, cycles, density=None):
     swamp.run(lambda s: _train(model, s, x, y, s.data_seed), cycles, density=density)
 
 
+def test_an_optimizer_of_an_earlier_particle_refuses_to_step():
+    x, y = _data(1)
+    model = mlp(2, hidden=16)
+    swamp = SWAMP(model, _sgd, particles=2, swa_start=None)
+    first = swamp.optimizer
+    _train(model, swamp, x, y, swamp.data_seed)
+    assert swamp.next_particle()
+    with pytest.raises(RuntimeError, match=r"^step\(\) of an optimizer that SWAMP has replaced .*every particle"):
+        first.step()
+    swamp.optimizer.step()
+
+
 def test_run_to_a_density_is_imp_run_to_it_with_one_particle_without_swa():
     # 0.3 of the remaining weights twice leaves 0.49 of the 1184; the last pruning goes to round(0.45·1184) = 533.
     reference = _imp_wr(2, cycles=3, density=0.45)
