@@ -240,7 +240,10 @@ def markdown_table(rows: list[dict], base: TrainConfig, seeds: int) -> str:
     over_seeds = ", mean ± sd over seeds" if seeds > 1 else ""
     marked = " In bold: the best sparse line at each density (highest mean)." if best else ""
     methods = list(dict.fromkeys(row["method"] for row in rows))
-    return (f"Test accuracy (%){over_seeds}. {caption(base, seeds, methods)}.{marked}\n\n{header}{accuracy}\n"
+    named = (" A line \"c (+g)\" is DST pruning by criterion c (--criteria) and growing by g (--grow)."
+             if "dst" in methods else "")
+    return (f"Test accuracy (%){over_seeds}. {caption(base, seeds, methods)}.{marked}{named}\n\n"
+            f"{header}{accuracy}\n"
             f"Gradient flow ‖g⊙m‖₂ on a fixed batch, each run's mean over the epochs of training{over_seeds}.\n\n"
             f"{header}{flow}\n"
             f"FLOPs as a fraction of the dense model's, inference / training"

@@ -63,6 +63,7 @@ def test_compare_outputs_exist_and_agree(tmp_path, capsys):
     # numbers (percent, one decimal); dense fills every column
     caption, accuracy_table = table.split("\n\n")[:2]
     assert "init layer-scaled (dense baseline too)" in caption and "2 seeds" in caption
+    assert 'A line "c (+g)" is DST pruning by criterion c (--criteria) and growing by g (--grow).' in caption
     lines = accuracy_table.strip().splitlines()
     assert lines[0] == "| line | schedule | epochs | density 0.5 | density 0.1 |"
     cells = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]] for line in lines[2:]}
@@ -118,6 +119,7 @@ def test_one_seed_shows_no_spread_rather_than_a_measured_zero(tmp_path, capsys):
     assert rows and all(row["seeds"] == "1" and row["accuracy_std"] == "" for row in rows)
     table = (tmp_path / "results.md").read_text()
     assert "±" not in table and "mean ± sd" not in table
+    assert "(+g)" not in table   # no DST criteria line to name
     for row in rows:
         assert f"| {100 * float(row['accuracy_mean']):.1f} |" in table
     from PIL import Image
