@@ -44,7 +44,8 @@ class IMP(distributed.CatchesUp):
         rewind: "weights" resets survivors to θ_k ⊙ m (and every other parameter and buffer, BatchNorm
             statistics included, to its value at step k); "learning_rate" keeps the trained values.
 
-    Loop: after every optimizer step call `step()`; at the end of a cycle call `next_cycle()`.
+    Loop: after every optimizer step call `step()` (after it, where DST's and OptG's `step()` go before it: step
+    k's θ_k holds k optimizer steps); at the end of a cycle call `next_cycle()`.
     `step_in_cycle` counts steps within the cycle; after `next_cycle()` it restarts at k, so a
     learning-rate schedule indexed by it is rewound to step k as well (in both rewind modes).
 
