@@ -142,12 +142,16 @@ class IMP(distributed.CatchesUp):
         RuntimeError if weight rewinding is asked before step k was reached.
         """
         if self.rewind == "weights" and self.rewind_state is None:
-            raise RuntimeError(f"next_cycle() before the rewind step: rewind_step={self.rewind_step} "
-                               f"but only {self.step_in_cycle} steps were counted")
+            raise self._before_rewind("next_cycle()")
         _tickets.check_masks_writable(self._groups, "IMP")   # before the pruning reads them (reset writes them)
         masks = self.prune_masks(density)
         self.reset(masks)
         return masks
+
+    def _before_rewind(self, call: str) -> RuntimeError:
+        # No step counted at all is a loop that never calls step(): the count is the only clue it has.
+        return RuntimeError(f"{call} before the rewind step: rewind_step={self.rewind_step} but only "
+                            f"{self.step_in_cycle} steps were counted: call imp.step() after every optimizer step")
 
     def reset(self, masks: list[Tensor]) -> None:
         """Starts the next cycle on `masks`: rewinds (per `rewind`), sets them, fresh optimizer.
@@ -158,8 +162,7 @@ class IMP(distributed.CatchesUp):
         _tickets.check_masks_writable(self._groups, "IMP")
         masks = _tickets.check_masks(masks, self._groups)
         if self.rewind == "weights" and self.rewind_state is None:
-            raise RuntimeError(f"reset() before the rewind step: rewind_step={self.rewind_step} "
-                               f"but only {self.step_in_cycle} steps were counted")
+            raise self._before_rewind("reset()")
         optimizer = _tickets.make_optimizer(self.optimizer_factory, self.model)
         if self.rewind == "weights":
             _tickets.restore(self.model, self.rewind_state)

@@ -230,7 +230,9 @@ class SWAMP:
             raise RuntimeError("next_particle() after the cycle's last particle: call next_cycle() first")
         _tickets.check_masks_writable(self._groups, "SWAMP")   # the next particle's start sets them
         if self.rewind_state is None:
-            raise RuntimeError(f"particle ended before the rewind step {self.rewind_step} was reached")
+            raise RuntimeError(f"particle ended before the rewind step {self.rewind_step} was reached (only "
+                               f"{self.step_in_cycle} steps were counted): call swamp.step() after every optimizer "
+                               f"step")
         if self.particle_average is None:
             if self.swa_start is not None:
                 raise RuntimeError(f"particle ended with no SWA sample: swa_start={self.swa_start} "

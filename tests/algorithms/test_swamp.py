@@ -113,6 +113,13 @@ def _swamp_run(model, swamp, x, y, cycles, density=None):
     swamp.run(lambda s: _train(model, s, x, y, s.data_seed), cycles, density=density)
 
 
+def test_a_particle_ended_before_its_rewind_step_says_to_count_the_steps():
+    swamp = SWAMP(mlp(2, hidden=16), _sgd, particles=2, rewind_step=5, swa_start=None)
+    with pytest.raises(RuntimeError, match=r"^particle ended before the rewind step 5 was reached \(only 0 steps were "
+                                           r"counted\): call swamp.step\(\) after every optimizer step$"):
+        swamp.next_particle()
+
+
 def test_an_optimizer_of_an_earlier_particle_refuses_to_step():
     x, y = _data(1)
     model = mlp(2, hidden=16)
