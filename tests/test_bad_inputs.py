@@ -1131,9 +1131,10 @@ def _early_imp_world(tmp_path=None):
 
 
 error("IMP.next_cycle() before the rewind step", _early_imp_world, lambda w: w.algo.next_cycle(), RuntimeError,
-      "rewind")
+      r"^next_cycle\(\) before the rewind step: rewind_step=5 but only 0 steps were counted: call imp.step\(\) after "
+      r"every optimizer step$")
 error("IMP.reset() before the rewind step", _early_imp_world, lambda w: w.algo.reset(w.algo.masks), RuntimeError,
-      "rewind")
+      r"^reset\(\) before the rewind step: .*: call imp.step\(\) after every optimizer step$")
 
 
 def _nearly_empty_world(tmp_path=None, scope="layer"):

@@ -68,9 +68,23 @@ def _check_threshold_rule(namespace: dict, tmp_path: Path, printed: str) -> None
     assert namespace["algo"].state_dict()["prune_decides_count"] is True
 
 
+def _train_a_run(tmp_path: Path) -> None:
+    """The checkpoint the block that reads a command-line run loads: a CNN, as the block says."""
+    from sparsekern.cli.main import main
+
+    main(["train", "--model", "cnn", "--epochs", "1", "--threads", "1", "--quiet", "--out", "runs/rigl"])
+
+
+def _check_command_line_run(namespace: dict, tmp_path: Path, printed: str) -> None:
+    assert float(namespace["accuracy"]) == namespace["state"]["history"][-1]["test_accuracy"]
+
+
 # What each block's results must be, by the block's first line; every block runs whether or not it has an entry.
 CHECKS = {"import torch": _check_python_api, "masks = sk.ops.topk_mask": _check_ops,
-          "import sparsekern as sk": _check_criterion, "# A threshold rule": _check_threshold_rule}
+          "import sparsekern as sk": _check_criterion, "# A threshold rule": _check_threshold_rule,
+          "from sparsekern.cli.data": _check_command_line_run}
+# What a block needs made before it runs (in its working directory), by the block's first line.
+SETUPS = {"from sparsekern.cli.data": _train_a_run}
 
 
 def _namespace(code: str) -> dict:
@@ -88,6 +102,9 @@ def test_every_python_block_runs(code, tmp_path, monkeypatch, one_thread, capsys
     assert code.count(BATCH_PLACEHOLDER) <= 1
     code = code.replace(BATCH_PLACEHOLDER, "x, y = torch.randn(8, 64), torch.randint(0, 10, (8,))")
     monkeypatch.chdir(tmp_path)   # the Python API's block writes ckpt.pt
+    for first_line, setup in SETUPS.items():
+        if code.startswith(first_line):
+            setup(tmp_path)
     namespace = _namespace(code)
     exec(compile(code, f"{README}:{code.splitlines()[0]}", "exec"), namespace)
     check = next((check for first_line, check in CHECKS.items() if code.startswith(first_line)), None)
@@ -96,7 +113,7 @@ def test_every_python_block_runs(code, tmp_path, monkeypatch, one_thread, capsys
 
 
 def test_each_block_check_has_its_block():
-    for first_line in CHECKS:
+    for first_line in (*CHECKS, *SETUPS):
         _block(first_line)
 
 

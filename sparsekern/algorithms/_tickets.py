@@ -12,6 +12,7 @@ one weight are one layer, pruned once, and every mask change is copied to the ot
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import warnings
@@ -91,6 +92,38 @@ def make_optimizer(optimizer_factory: Callable, model: nn.Module) -> torch.optim
     return optimizer
 
 
+class FreshOptimizer:
+    """The `optimizer` attribute of IMP and SWAMP, which make a new optimizer for every cycle (SWAMP: every particle)
+    and on load_state_dict(): assigning one makes the optimizer it replaces refuse to step, before it changes
+    anything. A loop that kept the first (`opt = imp.optimizer` before it) went on stepping that one, whose momentum
+    from the cycle before moved pruned weights off 0 under layers promising zeros there: a ticket silently
+    computed with weights it had pruned."""
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.owner, self.attribute = owner.__name__, f"_{name}"
+
+    def __get__(self, algorithm, owner=None):
+        if algorithm is None:
+            return self
+        try:
+            return algorithm.__dict__[self.attribute]
+        except KeyError:
+            raise AttributeError(f"{self.owner} has no optimizer yet") from None
+
+    def __set__(self, algorithm, optimizer: torch.optim.Optimizer) -> None:
+        replaced = algorithm.__dict__.get(self.attribute)
+        if replaced is not None and replaced is not optimizer:
+            replaced.register_step_pre_hook(functools.partial(_refuse_replaced_step, self.owner))
+        algorithm.__dict__[self.attribute] = optimizer
+
+
+def _refuse_replaced_step(owner: str, optimizer, args, kwargs) -> None:
+    raise RuntimeError(f"step() of an optimizer that {owner} has replaced with a new one (it makes one for every "
+                       f"cycle{', and every particle' if owner == 'SWAMP' else ''}, and on load_state_dict()): its "
+                       f"state would move pruned weights off 0. Step {owner.lower()}.optimizer, read in the loop "
+                       f"as the {owner} docstring's loop reads it, not kept from before")
+
+
 def check_callable(value, name: str) -> None:
     if not callable(value):
         raise TypeError(f"{name} must be callable, got {type(value).__name__}")
@@ -110,6 +143,15 @@ def check_target_density(density) -> float | None:
     if density is None:
         return None
     return _checks.number(density, "density", lambda value: 0 < value <= 1, "in (0, 1]")
+
+
+def check_run_density(density, cycles: int) -> float | None:
+    """`check_target_density` for `run(..., cycles, density=)`, whose last pruning, before the last cycle, prunes
+    to it: a run of one cycle prunes nothing, so a density there would never be reached."""
+    density = check_target_density(density)
+    if density is not None and cycles < 2:
+        raise ValueError(f"density={density:g} needs cycles >= 2 (the last pruning reaches it), got cycles={cycles}")
+    return density
 
 
 @torch.no_grad()

@@ -36,6 +36,7 @@ weight with |θ| < t") of a user's own can too.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import inspect
 from typing import Callable, ClassVar, Sequence
@@ -544,7 +545,11 @@ def lookup(criterion, table: dict[str, ScoreFunction], argument: str) -> Criteri
                              f"another (it identifies the criterion in DST.state_dict())")
         criterion = criterion.name   # a built-in one, looked up in `table` as its name is
     if not isinstance(criterion, str):
-        raise TypeError(f"{argument} must be a str or a sparsekern.Criterion, got {type(criterion).__name__}")
+        wrap = (": wrap a score function as sparsekern.Criterion(name, score, reads_gradient=..., elementwise=...)"
+                if callable(criterion) and not isinstance(criterion, type) else "")
+        raise TypeError(f"{argument} must be a str or a sparsekern.Criterion, got {type(criterion).__name__}{wrap}")
     if criterion not in table:
-        raise ValueError(f"{argument} must be one of {sorted(table)} or a sparsekern.Criterion, got {criterion!r}")
+        close = difflib.get_close_matches(criterion.lower(), table, n=1)
+        raise ValueError(f"{argument} must be one of {sorted(table)} or a sparsekern.Criterion, got {criterion!r}"
+                         + (f": did you mean {close[0]!r}?" if close else ""))
     return _BUILT_IN[criterion]

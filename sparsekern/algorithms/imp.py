@@ -35,14 +35,17 @@ class IMP(distributed.CatchesUp):
             rewinding: refused naming it otherwise); a later θ_k is kept after the first forward made them (one
             the forward never runs is refused by name at step k, before anything changes).
         optimizer_factory: called with `model.parameters()` at construction and after every
-            pruning; IMP starts each cycle with a fresh optimizer, `imp.optimizer`. Use that one.
+            pruning; IMP starts each cycle with a fresh optimizer, `imp.optimizer`. Use that one: one it
+            replaced (at next_cycle() or load_state_dict()) refuses to step (RuntimeError, nothing changed),
+            since its momentum would move pruned weights off 0.
         prune_fraction: p, the fraction of the remaining weights removed per cycle (⌈p·remaining⌉).
         rewind_step: k, the number of optimizer steps (calls of `step()`) after which θ_k is kept.
         scope: "global" ranks all sparse layers' weights together; "layer" prunes each layer by p.
         rewind: "weights" resets survivors to θ_k ⊙ m (and every other parameter and buffer, BatchNorm
             statistics included, to its value at step k); "learning_rate" keeps the trained values.
 
-    Loop: after every optimizer step call `step()`; at the end of a cycle call `next_cycle()`.
+    Loop: after every optimizer step call `step()` (after it, where DST's and OptG's `step()` go before it: step
+    k's θ_k holds k optimizer steps); at the end of a cycle call `next_cycle()`.
     `step_in_cycle` counts steps within the cycle; after `next_cycle()` it restarts at k, so a
     learning-rate schedule indexed by it is rewound to step k as well (in both rewind modes).
 
@@ -68,6 +71,8 @@ class IMP(distributed.CatchesUp):
     a group of its own, `torch.distributed.new_subgroups(1)[0]`, which compares nothing. For uneven
     inputs, see `join_hook`.
     """
+
+    optimizer = _tickets.FreshOptimizer()   # a replaced one refuses to step
 
     def __init__(self, model: nn.Module, optimizer_factory: OptimizerFactory, prune_fraction: float = 0.2,
                  rewind_step: int = 0, scope: str = "global", rewind: str = "weights", group=None):
@@ -140,12 +145,16 @@ class IMP(distributed.CatchesUp):
         RuntimeError if weight rewinding is asked before step k was reached.
         """
         if self.rewind == "weights" and self.rewind_state is None:
-            raise RuntimeError(f"next_cycle() before the rewind step: rewind_step={self.rewind_step} "
-                               f"but only {self.step_in_cycle} steps were counted")
+            raise self._before_rewind("next_cycle()")
         _tickets.check_masks_writable(self._groups, "IMP")   # before the pruning reads them (reset writes them)
         masks = self.prune_masks(density)
         self.reset(masks)
         return masks
+
+    def _before_rewind(self, call: str) -> RuntimeError:
+        # No step counted at all is a loop that never calls step(): the count is the only clue it has.
+        return RuntimeError(f"{call} before the rewind step: rewind_step={self.rewind_step} but only "
+                            f"{self.step_in_cycle} steps were counted: call imp.step() after every optimizer step")
 
     def reset(self, masks: list[Tensor]) -> None:
         """Starts the next cycle on `masks`: rewinds (per `rewind`), sets them, fresh optimizer.
@@ -156,8 +165,7 @@ class IMP(distributed.CatchesUp):
         _tickets.check_masks_writable(self._groups, "IMP")
         masks = _tickets.check_masks(masks, self._groups)
         if self.rewind == "weights" and self.rewind_state is None:
-            raise RuntimeError(f"reset() before the rewind step: rewind_step={self.rewind_step} "
-                               f"but only {self.step_in_cycle} steps were counted")
+            raise self._before_rewind("reset()")
         optimizer = _tickets.make_optimizer(self.optimizer_factory, self.model)
         if self.rewind == "weights":
             _tickets.restore(self.model, self.rewind_state)
@@ -166,20 +174,24 @@ class IMP(distributed.CatchesUp):
         self.step_in_cycle = self.rewind_step
         self.optimizer = optimizer
 
-    def run(self, train_fn: Callable[["IMP"], None], cycles: int) -> None:
+    def run(self, train_fn: Callable[["IMP"], None], cycles: int, *, density: float | None = None) -> None:
         """Runs (or resumes) `cycles` training cycles with pruning between them.
 
         `train_fn(imp)` trains one cycle from step `imp.step_in_cycle` to its end with
         `imp.optimizer`, calling `imp.step()` after every optimizer step. The model ends trained
-        at the last cycle's masks (cycles - 1 prunings).
+        at the last cycle's masks (cycles - 1 prunings). `density` (in (0, 1]) makes the last pruning
+        `next_cycle(density)`, so that the last cycle trains at exactly that density (with
+        `prune_fraction` = 1 - density^(1/(cycles - 1)) the earlier ones prune evenly towards it); it needs
+        cycles >= 2 (ValueError otherwise: no pruning would reach it).
         """
         _tickets.check_callable(train_fn, "train_fn")
         cycles = _checks.count(cycles, "cycles", 1)
+        density = _tickets.check_run_density(density, cycles)
         while self.cycle < cycles:
             train_fn(self)
             if self.cycle == cycles - 1:
                 break
-            self.next_cycle()
+            self.next_cycle(density if self.cycle == cycles - 2 else None)
 
     @property
     def masks(self) -> list[Tensor]:

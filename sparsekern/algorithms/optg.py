@@ -73,7 +73,8 @@ def complement(fraction: float) -> float:
 
 def _target_sparsity(sparsity, density) -> tuple[float, str]:
     """The sparsity OptG prunes to, from exactly one of `sparsity` (in [0, 1)) and `density` (in (0, 1], the
-    fraction kept, as sparsify, IMP and DST take it), and the argument as the caller wrote it, for errors to name."""
+    fraction kept, as sparsify and IMP's and SWAMP's next_cycle and run take it), and the argument as the caller
+    wrote it, for errors to name."""
     if (sparsity is None) == (density is None):
         raise TypeError(f"OptG takes exactly one of sparsity= (the fraction of the weights pruned) and density= "
                         f"(the fraction kept, 1 - sparsity), got {'neither' if sparsity is None else 'both'}")
@@ -110,8 +111,9 @@ class OptG(distributed.CatchesUp):
             criterion="magnitude" prunes frozen layers with the rest: |θ| needs no gradient.
         sparsity: p, the final fraction of prunable weights removed (globally), in [0, 1) (the paper's
             notation; the second positional argument).
-        density: the final fraction kept instead, in (0, 1], keyword only, as `sparsify`, IMP, SWAMP and
-            DST take it: give exactly one of the two. density=d trains exactly as sparsity=1 - d written as
+        density: the final fraction kept instead, in (0, 1], keyword only, as `sparsify` and IMP's and SWAMP's
+            `next_cycle` and `run` take it (DST takes none: it keeps the density `sparsify` set): give exactly
+            one of the two. density=d trains exactly as sparsity=1 - d written as
             a decimal (density=0.7 as sparsity=0.3: `complement`), same masks and same `state_dict()`.
             `optg.sparsity` and the read-only `optg.density` hold the target either way.
         epochs: E, the number of training epochs (required).

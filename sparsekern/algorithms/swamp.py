@@ -40,7 +40,8 @@ class SWAMP:
             as it is built (rewind_step=0: refused naming it otherwise); a later θ_k is kept after the first
             forward made them, and trains as the module it becomes (one the forward never runs, on any rank, is
             refused by name on every rank at step k, before anything changes).
-        optimizer_factory: called with `model.parameters()` for every particle; use `swamp.optimizer`.
+        optimizer_factory: called with `model.parameters()` for every particle; use `swamp.optimizer` (one it
+            replaced refuses to step, as IMP's do).
         particles: N, the number of particles per cycle (default 4).
         prune_fraction, rewind_step, scope: as for `IMP` (weight rewinding only).
         swa_start: the step within the cycle after which the particle's running mean starts: the
@@ -92,6 +93,8 @@ class SWAMP:
     `state_dict()` holds everything but the model (checkpoint `model.state_dict()` beside it); under
     torch.distributed, each rank's holds its own particles, so each rank saves and loads its own.
     """
+
+    optimizer = _tickets.FreshOptimizer()   # a replaced one refuses to step
 
     def __init__(self, model: nn.Module, optimizer_factory: OptimizerFactory, particles: int = 4,
                  prune_fraction: float = 0.2, rewind_step: int = 0, scope: str = "global",
@@ -229,7 +232,9 @@ class SWAMP:
             raise RuntimeError("next_particle() after the cycle's last particle: call next_cycle() first")
         _tickets.check_masks_writable(self._groups, "SWAMP")   # the next particle's start sets them
         if self.rewind_state is None:
-            raise RuntimeError(f"particle ended before the rewind step {self.rewind_step} was reached")
+            raise RuntimeError(f"particle ended before the rewind step {self.rewind_step} was reached (only "
+                               f"{self.step_in_cycle} steps were counted): call swamp.step() after every optimizer "
+                               f"step")
         if self.particle_average is None:
             if self.swa_start is not None:
                 raise RuntimeError(f"particle ended with no SWA sample: swa_start={self.swa_start} "
@@ -336,10 +341,12 @@ class SWAMP:
         self._start_particle()
         return masks
 
-    def run(self, train_fn: Callable[["SWAMP"], None], cycles: int) -> None:
-        """Runs (or resumes) `cycles` cycles; the model ends holding the last cycle's θ̄."""
+    def run(self, train_fn: Callable[["SWAMP"], None], cycles: int, *, density: float | None = None) -> None:
+        """Runs (or resumes) `cycles` cycles; the model ends holding the last cycle's θ̄. `density`: the last
+        pruning is `next_cycle(density)`, as in `IMP.run` (cycles >= 2)."""
         _tickets.check_callable(train_fn, "train_fn")
         cycles = _checks.count(cycles, "cycles", 1)
+        density = _tickets.check_run_density(density, cycles)
         while self.cycle < cycles:
             if not self.averaged:
                 train_fn(self)
@@ -347,7 +354,7 @@ class SWAMP:
                     continue
             if self.cycle == cycles - 1:
                 return
-            self.next_cycle()
+            self.next_cycle(density if self.cycle == cycles - 2 else None)
 
     @property
     def masks(self) -> list[Tensor]:

@@ -175,8 +175,9 @@ def summarise(lines: list[Line], runs: list[dict]) -> list[dict]:
 
 def caption(base: TrainConfig, seeds: int, methods) -> str:
     """What every line of a comparison of `methods` shares."""
+    dense_too = " (dense baseline too)" if "dense" in methods and len(methods) > 1 else ""
     return (f"{base.model} (width {base.width}) on {base.dataset}, {layer_densities(base, methods)}"
-            f"init {base.init} (dense baseline too), SGD lr {base.lr:g} cosine, batch {base.batch_size}, "
+            f"init {base.init}{dense_too}, SGD lr {base.lr:g} cosine, batch {base.batch_size}, "
             f"{counted(seeds, 'seed')}")
 
 
@@ -239,7 +240,10 @@ def markdown_table(rows: list[dict], base: TrainConfig, seeds: int) -> str:
     over_seeds = ", mean ± sd over seeds" if seeds > 1 else ""
     marked = " In bold: the best sparse line at each density (highest mean)." if best else ""
     methods = list(dict.fromkeys(row["method"] for row in rows))
-    return (f"Test accuracy (%){over_seeds}. {caption(base, seeds, methods)}.{marked}\n\n{header}{accuracy}\n"
+    named = (" A line \"c (+g)\" is DST pruning by criterion c (--criteria) and growing by g (--grow)."
+             if "dst" in methods else "")
+    return (f"Test accuracy (%){over_seeds}. {caption(base, seeds, methods)}.{marked}{named}\n\n"
+            f"{header}{accuracy}\n"
             f"Gradient flow ‖g⊙m‖₂ on a fixed batch, each run's mean over the epochs of training{over_seeds}.\n\n"
             f"{header}{flow}\n"
             f"FLOPs as a fraction of the dense model's, inference / training"

@@ -124,6 +124,12 @@ class Report:
                 text += f"| {finding.claim} | {finding.paper} | {finding.ours} | {finding.verdict} |\n"
         return text
 
+    def _reused(self) -> str:
+        """', the other 3 reused ...', or nothing where every run trained now: the report said "the rest reused"
+        of a first run, which reused none."""
+        reused = self.runs - self.trained
+        return f", the other {reused} reused from earlier runs in this folder" if reused else ""
+
     def markdown(self) -> str:
         base = self.plan.base
         text = (f"# sparsekern reproduce{' --quick' if self.plan.quick else ''}: the seed papers' claims on "
@@ -131,8 +137,8 @@ class Report:
                 f"An MLP ({base.width}-{base.width}) on scikit-learn's 8x8 digits (1438 train, 359 test images), SGD "
                 f"(lr {base.lr:g} cosine, momentum {base.momentum:g}, weight decay {base.weight_decay:g}, batch "
                 f"{base.batch_size}), {base.distribution} layer densities, {base.epochs} epochs per run unless "
-                f"stated, DST updates every {base.update_every} steps. {self.runs} runs ({self.trained} trained now, "
-                f"the rest reused from earlier runs in this folder) in {self.seconds:.0f} s on {self.workers} "
+                f"stated, DST updates every {base.update_every} steps. {self.runs} runs ({self.trained} trained now"
+                f"{self._reused()}) in {self.seconds:.0f} s on {self.workers} "
                 f"process(es); the runs' training loops took {self.training_seconds:.0f} s of wall time, summed over "
                 f"runs.\n\n"
                 f"Verdicts: for \"A beats B\", Δ = mean(A) − mean(B) over seeds and se = √(s_A²/n_A + s_B²/n_B) "

@@ -146,8 +146,13 @@ def test_a_criterion_of_ones_own_may_not_take_a_built_in_name_and_is_checked_whe
         sparsekern.Criterion("x", criteria.magnitude, reads_gradient=None, elementwise=True)
     with pytest.raises(TypeError, match="Criterion 'x': elementwise"):
         sparsekern.Criterion("x", criteria.magnitude, reads_gradient=False, elementwise=1)
-    with pytest.raises(TypeError, match="prune must be a str or a sparsekern.Criterion, got function"):
+    with pytest.raises(TypeError, match=r"prune must be a str or a sparsekern.Criterion, got function: wrap a score "
+                                        r"function as sparsekern.Criterion\(name, score, reads_gradient=\.\.\., "):
         run(criteria.magnitude, "random")
+    with pytest.raises(ValueError, match=r"prune must be one of .* got 'magnitute': did you mean 'magnitude'\?$"):
+        run("magnitute", "random")
+    with pytest.raises(ValueError, match=r"grow must be one of .* got 'Gradient': did you mean 'gradient'\?$"):
+        run("magnitude", "Gradient")
     with pytest.raises(ValueError, match=r"grow must be one of \['gradient', 'random'\] or a sparsekern.Criterion, "
                                          r"got 'set'"):   # a built-in Criterion object, in the wrong role
         run("magnitude", criteria.lookup("set", criteria.PRUNE, "prune"))

@@ -347,6 +347,54 @@ def test_a_last_pruning_to_a_density_lands_on_round_d_n_whatever_the_earlier_rou
     assert int(imp.masks[0].sum()) == 20
 
 
+def test_an_optimizer_imp_replaced_refuses_to_step_before_it_moves_a_weight():
+    # A loop that kept `imp.optimizer` from before next_cycle() stepped it on: its momentum moved pruned
+    # weights off 0 under layers that promise zeros there, and the ticket computed with them.
+    x, y = _data(4)
+    model = mlp(4)
+    imp = IMP(model, _sgd, prune_fraction=0.5)
+    kept = imp.optimizer
+    _train(model, imp, x, y, 5)
+    imp.next_cycle()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    before = _weights(model)
+    with pytest.raises(RuntimeError, match=r"^step\(\) of an optimizer that IMP has replaced .* Step imp.optimizer"):
+        kept.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, _weights(model)))
+    imp.optimizer.step()
+    for _, layer in sparse_modules(model):
+        layer.verify_zero_off_mask()
+    loaded = IMP(model, _sgd, prune_fraction=0.5)
+    constructed = loaded.optimizer
+    loaded.load_state_dict(imp.state_dict())
+    with pytest.raises(RuntimeError, match="replaced"):
+        constructed.step()
+
+
+def test_run_prunes_to_its_density_at_the_last_pruning():
+    # The weights of the test above, which training that does nothing keeps: by ⌈p·remaining⌉ alone three cycles
+    # end at 19 weights; run(density=0.02) prunes the second time to round(0.02·1000) = 20, the 20 largest.
+    def run(**density):
+        layer = _hand_layer(20, 50)
+        _write(layer, torch.arange(1, 1001, dtype=torch.float32))
+        imp = IMP(torch.nn.Sequential(layer), _sgd, prune_fraction=1 - 0.02 ** 0.5)
+        imp.run(lambda imp: None, 3, **density)
+        return imp.masks[0].flatten()
+    assert int(run().sum()) == 19
+    assert run(density=0.02).nonzero().flatten().tolist() == list(range(980, 1000))
+
+
+@pytest.mark.parametrize("cycles, density, match", [(1, 0.5, r"density=0.5 needs cycles >= 2 .*got cycles=1"),
+                                                    (3, 1.5, r"density must be a finite number in \(0, 1\], got 1.5")])
+def test_run_refuses_a_density_it_cannot_reach_before_training(cycles, density, match):
+    model = mlp(0)
+    imp = IMP(model, _sgd)
+    trained = []
+    with pytest.raises(ValueError, match=match):
+        imp.run(trained.append, cycles, density=density)
+    assert trained == [] and imp.cycle == 0
+
+
 def test_a_pruning_to_a_density_per_layer_and_one_that_would_grow_by_hand():
     # scope "layer": round(0.3·10) = 3 of a, round(0.3·7) = round(2.1) = 2 of b, the largest |w| of each.
     a, b = _hand_layer(2, 5), _hand_layer(1, 7)

@@ -101,16 +101,51 @@ def test_particles_start_from_the_ticket_with_the_optimizer_state_of_step_k_in_c
         assert torch.equal(value, torch.where(mask, theta_k[name], 0))
 
 
-def _imp_wr(rewind_step, cycles, batch_norm=False):
+def _imp_wr(rewind_step, cycles, batch_norm=False, density=None):
     x, y = _data(1)
     model = mlp(2, hidden=16, batch_norm=batch_norm)
     imp = IMP(model, _sgd, prune_fraction=0.3, rewind_step=rewind_step)
-    imp.run(lambda a: _train(model, a, x, y, data_seed(5, a.cycle, 0)), cycles)
+    imp.run(lambda a: _train(model, a, x, y, data_seed(5, a.cycle, 0)), cycles, density=density)
     return model
 
 
-def _swamp_run(model, swamp, x, y, cycles):
-    swamp.run(lambda s: _train(model, s, x, y, s.data_seed), cycles)
+def _swamp_run(model, swamp, x, y, cycles, density=None):
+    swamp.run(lambda s: _train(model, s, x, y, s.data_seed), cycles, density=density)
+
+
+def test_a_particle_ended_before_its_rewind_step_says_to_count_the_steps():
+    swamp = SWAMP(mlp(2, hidden=16), _sgd, particles=2, rewind_step=5, swa_start=None)
+    with pytest.raises(RuntimeError, match=r"^particle ended before the rewind step 5 was reached \(only 0 steps were "
+                                           r"counted\): call swamp.step\(\) after every optimizer step$"):
+        swamp.next_particle()
+
+
+def test_an_optimizer_of_an_earlier_particle_refuses_to_step():
+    x, y = _data(1)
+    model = mlp(2, hidden=16)
+    swamp = SWAMP(model, _sgd, particles=2, swa_start=None)
+    first = swamp.optimizer
+    _train(model, swamp, x, y, swamp.data_seed)
+    assert swamp.next_particle()
+    with pytest.raises(RuntimeError, match=r"^step\(\) of an optimizer that SWAMP has replaced .*every particle"):
+        first.step()
+    swamp.optimizer.step()
+
+
+def test_run_to_a_density_is_imp_run_to_it_with_one_particle_without_swa():
+    # 0.3 of the remaining weights twice leaves 0.49 of the 1184; the last pruning goes to round(0.45·1184) = 533.
+    reference = _imp_wr(2, cycles=3, density=0.45)
+    x, y = _data(1)
+    model = mlp(2, hidden=16)
+    swamp = SWAMP(model, _sgd, particles=1, prune_fraction=0.3, rewind_step=2, swa_start=None, seed=5)
+    _swamp_run(model, swamp, x, y, cycles=3, density=0.45)
+    assert sum(int(mask.sum()) for mask in swamp.masks) == 533
+    for key, a in reference.state_dict().items():
+        assert torch.equal(a, model.state_dict()[key]), key
+    trained = []
+    with pytest.raises(ValueError, match=r"density=0.45 needs cycles >= 2 .*got cycles=1"):
+        SWAMP(mlp(2, hidden=16), _sgd, particles=1, swa_start=None).run(trained.append, 1, density=0.45)
+    assert trained == []
 
 
 @pytest.mark.parametrize("batch_norm", [False, True])

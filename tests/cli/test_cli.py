@@ -63,6 +63,7 @@ def test_compare_outputs_exist_and_agree(tmp_path, capsys):
     # numbers (percent, one decimal); dense fills every column
     caption, accuracy_table = table.split("\n\n")[:2]
     assert "init layer-scaled (dense baseline too)" in caption and "2 seeds" in caption
+    assert 'A line "c (+g)" is DST pruning by criterion c (--criteria) and growing by g (--grow).' in caption
     lines = accuracy_table.strip().splitlines()
     assert lines[0] == "| line | schedule | epochs | density 0.5 | density 0.1 |"
     cells = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]] for line in lines[2:]}
@@ -118,6 +119,7 @@ def test_one_seed_shows_no_spread_rather_than_a_measured_zero(tmp_path, capsys):
     assert rows and all(row["seeds"] == "1" and row["accuracy_std"] == "" for row in rows)
     table = (tmp_path / "results.md").read_text()
     assert "±" not in table and "mean ± sd" not in table
+    assert "(+g)" not in table   # no DST criteria line to name
     for row in rows:
         assert f"| {100 * float(row['accuracy_mean']):.1f} |" in table
     from PIL import Image
@@ -1106,3 +1108,11 @@ def test_the_caption_says_which_lines_spread_their_density_by_distribution():
     assert "uniform" not in only_pruned and "on digits, imp pruned over all layers together, init" in only_pruned
     assert "digits, init sparse" in compare_module.caption(base, 1, ["dense"])
     assert "digits, uniform layer densities, init" in compare_module.caption(base, 1, ["static", "rigl"])
+
+
+def test_the_caption_names_a_dense_baseline_only_beside_other_lines():
+    # "(dense baseline too)" said that the dense line shares the init: a comparison without a dense line claimed one.
+    base = TrainConfig()
+    assert "init sparse (dense baseline too), SGD" in compare_module.caption(base, 2, ["dense", "rigl"])
+    assert "init sparse, SGD" in compare_module.caption(base, 2, ["static", "rigl"])
+    assert "init sparse, SGD" in compare_module.caption(base, 2, ["dense"])

@@ -71,9 +71,11 @@ def test_quick_reproduce_writes_a_report_of_every_claim(tmp_path, capsys, monkey
     runs = len(unique(reproduce.jobs(reproduce.plan(quick=True))))
     assert len([name for name in os.listdir(out / "runs") if name.endswith(".json")]) == runs
 
+    assert f" {runs} runs ({runs} trained now) in " in report
+
     main(["reproduce", "--quick", "--jobs", "1", "--quiet", "--out", str(out)])  # everything reused
     again = (out / "report.md").read_text()
-    assert "(0 trained now" in again
+    assert f" {runs} runs (0 trained now, the other {runs} reused from earlier runs in this folder) in " in again
     assert f"claims from {runs} runs (0 trained now, {runs} found in {out / 'runs'}) in " in capsys.readouterr().out
     strip = lambda text: [line for line in text.splitlines() if "trained now" not in line]  # noqa: E731
     assert strip(again) == strip(report)
