@@ -201,7 +201,8 @@ def test_a_bad_mapping_is_refused_naming_the_argument_and_layer_with_nothing_cha
 
 @pytest.mark.parametrize("density, options, error, match", [
     (0.3, {}, ValueError, r"^density must be None when mask is a mapping of masks"),
-    (None, {"distribution": "uniform"}, ValueError, r"^distribution must keep its default 'erk' when mask is a mapping"),
+    (None, {"distribution": "uniform"}, ValueError, r"^distribution must keep its default 'erk' when mask is a "
+                                                     r"mapping"),
     (None, {"distribution": {"0": 0.5, "2": 0.5, "4": 0.5}}, ValueError, r"^distribution must keep its default .*got "
                                                                            r"a dict"),
     (None, {"power": 2.0}, ValueError, r"^power is ERK's exponent and must stay 1\.0 when mask is a mapping"),
