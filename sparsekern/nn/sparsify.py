@@ -83,8 +83,8 @@ def sparsify(model: nn.Module, density: float | None, distribution: str | Mappin
             sparsified model), naming exactly the layers
             selected (after include/exclude; tied layers by their first name, an attention's projections
             and a recurrent module's weight matrices as above), else ValueError naming the missing and
-            unexpected ones; `power` and `dense_first_layer` must then keep their defaults (all three
-            with a mapping as `mask`).
+            unexpected ones; `power` and `dense_first_layer` must then keep their defaults (and so
+            must `distribution` itself with a mapping as `mask`).
         include, exclude: fnmatch patterns on qualified module names ("features.*", "fc"); a
             module is sparsified if one of its names matches some `include` pattern (all do when
             None) and none matches an `exclude` pattern. A pattern that matches no module's name
