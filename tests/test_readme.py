@@ -80,9 +80,16 @@ def _check_command_line_run(namespace: dict, tmp_path: Path, printed: str) -> No
 
 
 # What each block's results must be, by the block's first line; every block runs whether or not it has an entry.
+def _check_reinitialised_ticket(namespace: dict, tmp_path: Path, printed: str) -> None:
+    ticket, reinit = namespace["ticket"], namespace["reinit"]
+    for layer in (0, 2):
+        assert torch.equal(reinit[layer].mask, ticket[layer].mask)
+        assert not torch.equal(reinit[layer].weight, ticket[layer].weight)
+
+
 CHECKS = {"import torch": _check_python_api, "masks = sk.ops.topk_mask": _check_ops,
           "import sparsekern as sk": _check_criterion, "# A threshold rule": _check_threshold_rule,
-          "from sparsekern.cli.data": _check_command_line_run}
+          "from sparsekern.cli.data": _check_command_line_run, "# A lottery ticket's": _check_reinitialised_ticket}
 # What a block needs made before it runs (in its working directory), by the block's first line.
 SETUPS = {"from sparsekern.cli.data": _train_a_run}
 

@@ -566,20 +566,11 @@ def write_metrics(config: TrainConfig, history: list[dict], flow: list[dict], ou
 
 
 def _start_from_masks(model: nn.Module, config: TrainConfig, masks: dict, generator: torch.Generator) -> None:
+    """Makes `model` sparse with `masks` (another run's final ones, by layer name), its weights drawn by
+    `config.init` from `generator` (a lottery ticket's random reinitialisation)."""
     if config.method not in ("static", *DST_PRESETS):
         raise ValueError(f"masks apply to static and DST runs, not {config.method!r}")
-    _all_active(model, config, generator)
-    modules = sparse_modules(model)
-    names = [name for name, _ in modules]
-    if sorted(masks) != sorted(names):
-        raise ValueError(f"masks must be given for the sparse modules {names}, got {sorted(masks)}")
-    init = sparse_init.resolve(config.init)
-    for name, module in modules:
-        mask = masks[name]
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != module.mask.shape:
-            raise ValueError(f"masks[{name!r}] must be a bool tensor of shape {tuple(module.mask.shape)}")
-        module.set_mask(mask.to(module.mask.device))
-        init(module, generator=generator)
+    sparsify(model, None, mask=masks, init=config.init, generator=generator)
 
 
 def _all_active(model: nn.Module, config: TrainConfig, generator: torch.Generator) -> None:

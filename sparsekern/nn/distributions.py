@@ -101,29 +101,38 @@ def given(shapes: Sequence[Sequence[int]], densities: Mapping, names: Sequence[s
     shapes = _shapes(shapes)
     if names is None or len(names) != len(shapes):
         raise ValueError("a mapping of per-layer densities needs names, one per shape")
-    missing = [name for name in names if name not in densities]
+    check_layer_names(densities, names, "distribution", "a density", "profile")
+    return [densities[name] for name in names]
+
+
+def check_layer_names(mapping: Mapping, names: Sequence[str], argument: str, entry: str, source: str) -> None:
+    """ValueError unless `mapping` (the argument named `argument`, giving `entry` per layer: "a density"; what it
+    holds is called `source` in the hint about a wrapper's prefix: "profile") has exactly the keys `names`, the layers
+    sparsified, naming the layers it misses and the names it holds that are no layer's."""
+    missing = [name for name in names if name not in mapping]
     layers = set(names)
-    unexpected = [name for name in densities if name not in layers]
+    unexpected = [name for name in mapping if name not in layers]
     if missing or unexpected:
-        raise ValueError("distribution must give a density to exactly the layers sparsified"
+        raise ValueError(f"{argument} must give {entry} to exactly the layers sparsified"
                          + (f"; missing: {', '.join(map(repr, missing))}" if missing else "")
                          + (f"; not among them: {', '.join(map(repr, unexpected))}" if unexpected else "")
                          + " (layers are named as sparsekern.nn.densities names them: tied layers by their first "
                            "name, an attention's projections '<attention>.in_proj', ..., a recurrent module's "
                            "'<rnn>.ih_l0', ...; include/exclude leave layers out)"
-                         + _wrapping_hint(missing, unexpected))
-    return [densities[name] for name in names]
+                         + _wrapping_hint(missing, unexpected, source))
 
 
-def _wrapping_hint(missing: list[str], unexpected: list) -> str:
-    """Why a profile's names may be the layers' with one prefix more or less: it was read (`densities`) on the other
-    side of a wrapper (DistributedDataParallel's module., torch.compile's _orig_mod.) than the model it is given to."""
+def _wrapping_hint(missing: list[str], unexpected: list, source: str) -> str:
+    """Why a `source`'s names ("profile", "masks") may be the layers' with one prefix more or less: it was read
+    (`densities`) on the other side of a wrapper (DistributedDataParallel's module., torch.compile's _orig_mod.) than
+    the model it is given to."""
     added = added_prefix(unexpected, missing)
     if added is None:
         return ""
-    prefix, in_profile = added
-    return (f"; the {'profile' if in_profile else 'model'}'s names carry the prefix {prefix!r} of a wrapper, "
-            f"DistributedDataParallel's or torch.compile's: read the profile from the model as it is wrapped here")
+    prefix, in_source = added
+    owner = (source + ("'" if source.endswith("s") else "'s")) if in_source else "model's"
+    return (f"; the {owner} names carry the prefix {prefix!r} of a wrapper, DistributedDataParallel's or "
+            f"torch.compile's: read the {source} from the model as it is wrapped here")
 
 
 def uniform(shapes: Sequence[Sequence[int]], density: float, *, dense_first_layer: bool = False) -> list[float]:

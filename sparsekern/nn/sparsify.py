@@ -39,11 +39,11 @@ _SPARSE_RECURRENT_OF = {nn.RNN: SparseRNN, nn.LSTM: SparseLSTM, nn.GRU: SparseGR
 def sparsify(model: nn.Module, density: float | None, distribution: str | Mapping[str, float] = "erk",
              include: Sequence[str] | str | None = None, exclude: Sequence[str] | str | None = None,
              init: str | Callable | None = None, power: float = 1.0, dense_first_layer: bool = False,
-             generator: torch.Generator | None = None, mask: str = "random",
+             generator: torch.Generator | None = None, mask: str | Mapping[str, Tensor] = "random",
              optimizer: torch.optim.Optimizer | None = None) -> nn.Module:
     """Replaces the nn.Linear, nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d, nn.MultiheadAttention and
-    nn.RNN/LSTM/GRU modules of `model` by sparse ones, with random masks or masks that keep each layer's largest
-    weights.
+    nn.RNN/LSTM/GRU modules of `model` by sparse ones, with random masks, masks that keep each layer's largest
+    weights, or masks given per layer.
 
     Args:
         model: modified in place. Modules of exactly nn.Linear, nn.Conv1d/2d/3d or
@@ -74,7 +74,7 @@ def sparsify(model: nn.Module, density: float | None, distribution: str | Mappin
         density: overall fraction of active weights over the sparsified layers, in (0, 1] (up to
             each layer's rounding), except with distribution="uniform" and dense_first_layer, where
             every layer but the first holds `density` (RigL's uniform setting) and the total is higher.
-            None with a mapping as `distribution`, whose densities set the total.
+            None with a mapping as `distribution`, whose densities set the total, or as `mask`.
         distribution: "erk" or "uniform", how density is spread over layers (see
             `sparsekern.nn.distributions`); `power` is ERK's exponent, > 0 (ValueError unless 1.0 with
             "uniform") and `dense_first_layer` keeps the first sparsified layer (in model order)
@@ -83,7 +83,8 @@ def sparsify(model: nn.Module, density: float | None, distribution: str | Mappin
             sparsified model), naming exactly the layers
             selected (after include/exclude; tied layers by their first name, an attention's projections
             and a recurrent module's weight matrices as above), else ValueError naming the missing and
-            unexpected ones; `power` and `dense_first_layer` must then keep their defaults.
+            unexpected ones; `power` and `dense_first_layer` must then keep their defaults (and so
+            must `distribution` itself with a mapping as `mask`).
         include, exclude: fnmatch patterns on qualified module names ("features.*", "fc"); a
             module is sparsified if one of its names matches some `include` pattern (all do when
             None) and none matches an `exclude` pattern. A pattern that matches no module's name
@@ -97,8 +98,8 @@ def sparsify(model: nn.Module, density: float | None, distribution: str | Mappin
             module's current weights, masked: on an already sparse module the newly active
             positions start at 0), or a callable init(module, generator=...) (`sparsekern.nn.init`),
             run under torch.no_grad(); whatever it writes off the mask is set to 0. None (the
-            default): "sparse" with random masks, "dense" with magnitude masks (the weights they
-            were chosen by are kept).
+            default): "sparse" with random or given masks, "dense" with magnitude masks (the weights
+            they were chosen by are kept).
         generator: CPU torch.Generator for the masks and the init (the global one if None); the
             same seed gives the same masks and weights.
         mask: "random" (uniformly random active positions) or "magnitude": the layer's largest
@@ -106,6 +107,14 @@ def sparsify(model: nn.Module, density: float | None, distribution: str | Mappin
             or fine-tuning (per layer, at the distribution's densities; `sparsekern.IMP` prunes
             globally over several cycles). Weights must be finite; an already sparse layer ranks
             its current, masked weights, so a lower density keeps a subset of its active entries.
+            Or a mapping {layer name: bool tensor of the layer's weight shape} (a lottery ticket's masks, a
+            mask read off another run or a paper's release), naming exactly the layers selected, as a
+            `distribution` mapping does (ValueError naming the missing and unexpected ones), with `density`
+            None and `distribution`, `power` and `dense_first_layer` at their defaults. Each mask must
+            hold an active entry (ValueError naming it); one on another device than its layer's weight is
+            copied there (masks saved on the CPU start a model on the GPU); the model never holds the
+            tensors given, only copies. The init runs on them as on random masks (init="sparse" reads
+            each layer's own density); an already sparse model gets them in place of its masks.
         optimizer: an optimizer that already trains the model and has stepped (pruning a trained
             model to fine-tune it): its per-weight state (momentum, Adam moments: every state
             tensor shaped like a sparsified weight) is zeroed off the new masks. Left there, it
@@ -124,6 +133,11 @@ def sparsify(model: nn.Module, density: float | None, distribution: str | Mappin
     `optimizer` once it has state. A gradient still pending on a weight (sparsify called between
     backward and the optimizer's step) is zeroed off the new mask too, as the layer's backward would.
     Biases, norms and embeddings stay dense.
+
+    Given masks: the random-reinitialisation control of a lottery ticket trains its mask from a fresh init:
+
+        tickets = {name: module.mask.clone() for name, module in sparsekern.nn.sparse_modules(model)}
+        sparsekern.sparsify(fresh_model, None, mask=tickets, generator=torch.Generator().manual_seed(1))
 
     Shared modules and tied weights: every reference to a replaced module (a module used twice
     in a Sequential, say; a converted attention's out_proj registered elsewhere too) becomes the
@@ -149,12 +163,19 @@ def sparsify(model: nn.Module, density: float | None, distribution: str | Mappin
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     _refuse_fake_mode()
     refuse_sharded(model, "sparsify")
-    distribution, density = distributions.check_distribution(distribution, density, power=power,
-                                                             dense_first_layer=dense_first_layer)
-    if not isinstance(mask, str) or mask not in MASKS:
-        raise ValueError(f"mask must be one of {MASKS}, got {mask!r}")
+    given = isinstance(mask, Mapping)
+    if given:
+        _check_given_mask_settings(density, distribution, power, dense_first_layer)
+        mask = _checked_mask_entries(mask)
+    else:
+        distribution, density = distributions.check_distribution(distribution, density, power=power,
+                                                                 dense_first_layer=dense_first_layer)
+        if not isinstance(mask, str) or mask not in MASKS:
+            shown = repr(mask) if isinstance(mask, str) else type(mask).__name__
+            raise ValueError(f"mask must be one of {MASKS} or a mapping {{layer name: bool tensor}}, got {shown}")
     if init is None:
-        init = "sparse" if mask == "random" else "dense"
+        # Magnitude masks keep the weights they were chosen by; random or given ones start from a fresh init.
+        init = "dense" if mask == "magnitude" else "sparse"
     init_function = sparse_init.resolve(init)
     include = _patterns(include, "include")
     exclude = _patterns(exclude, "exclude")
@@ -179,6 +200,36 @@ def sparsify(model: nn.Module, density: float | None, distribution: str | Mappin
         _check_grad_writable(group[0][1].weight, group[0][0] or "(root)")
     if mask == "magnitude":
         _check_finite(groups)
+    if given:
+        _check_given_masks(groups, mask)
+    else:
+        counts = _layer_counts(groups, density, distribution, power, dense_first_layer)
+
+    # An init callable may draw from the global generator even when `generator` is given.
+    global_state = torch.get_rng_state()
+    generator_state = generator.get_state() if generator is not None else None
+    # Made under torch.inference_mode, the masks would be inference tensors, which training cannot save for backward
+    # nor set_mask write: they are made as the weights were, normal unless the model was built under it.
+    with torch.inference_mode(bool(inference)):
+        try:
+            if given:
+                # Copies: the caller's tensors may be another layer's mask, which commit rewrites as it goes.
+                masks = [mask[group[0][0]].to(group[0][1].weight.device, copy=True) for group in groups]
+            else:
+                masks = ops.topk_mask([torch.rand(tuple(group[0][1].weight.shape), generator=generator)
+                                       for group in groups] if mask == "random"
+                                      else [_magnitudes(group) for group in groups], counts)
+            staged = _stage(groups, masks, init_function, init, generator)
+        except BaseException:
+            torch.set_rng_state(global_state)
+            if generator is not None:
+                generator.set_state(generator_state)
+            raise
+        return _commit(model, staged, optimizer, wholes)
+
+
+def _layer_counts(groups: list[tying.Group], density, distribution, power: float, dense_first_layer: bool) -> list[int]:
+    """Each group's number of active weights under the distribution; ValueError naming the layers it leaves none."""
     shapes = [tuple(group[0][1].weight.shape) for group in groups]
     per_layer = distributions.layer_densities(shapes, density, distribution, power=power,
                                               dense_first_layer=dense_first_layer,
@@ -192,23 +243,52 @@ def sparsify(model: nn.Module, density: float | None, distribution: str | Mappin
         raise ValueError(f"{cause} {len(empty)} layer(s) with no active weight "
                          f"({', '.join(map(repr, empty[:5]))}{', ...' if len(empty) > 5 else ''}){under}: raise "
                          f"{'their densities' if given else 'density'} or exclude those layers")
+    return counts
 
-    # An init callable may draw from the global generator even when `generator` is given.
-    global_state = torch.get_rng_state()
-    generator_state = generator.get_state() if generator is not None else None
-    # Made under torch.inference_mode, the masks would be inference tensors, which training cannot save for backward
-    # nor set_mask write: they are made as the weights were, normal unless the model was built under it.
-    with torch.inference_mode(bool(inference)):
-        try:
-            scores = ([torch.rand(shape, generator=generator) for shape in shapes] if mask == "random"
-                      else [_magnitudes(group) for group in groups])
-            staged = _stage(groups, scores, counts, init_function, init, generator)
-        except BaseException:
-            torch.set_rng_state(global_state)
-            if generator is not None:
-                generator.set_state(generator_state)
-            raise
-        return _commit(model, staged, optimizer, wholes)
+
+def _check_given_mask_settings(density, distribution, power, dense_first_layer) -> None:
+    """ValueError (TypeError for a flag or power of the wrong type) unless the settings that make masks keep their
+    defaults beside a mapping of masks, which fix every layer: a second figure could only disagree with them."""
+    distributions.check_power(power)
+    _checks.flag(dense_first_layer, "dense_first_layer")
+    if density is not None:
+        raise ValueError(f"density must be None when mask is a mapping of masks (they set every layer's density), "
+                         f"got {density!r}")
+    if not (isinstance(distribution, str) and distribution == "erk"):
+        shown = repr(distribution) if isinstance(distribution, str) else f"a {type(distribution).__name__}"
+        raise ValueError(f"distribution must keep its default 'erk' when mask is a mapping of masks (they set every "
+                         f"layer's density), got {shown}")
+    if power != 1.0:
+        raise ValueError(f"power is ERK's exponent and must stay 1.0 when mask is a mapping of masks, got {power!r}")
+    if dense_first_layer:
+        raise ValueError("dense_first_layer must be False when mask is a mapping of masks: give the first layer an "
+                         "all-True mask instead")
+
+
+def _checked_mask_entries(masks: Mapping) -> dict[str, Tensor]:
+    """`masks` as a dict, each entry checked before any layer is looked at: a dense bool tensor holding values (not
+    on the meta device, not a fake tensor). TypeError or ValueError naming the entry otherwise."""
+    masks = dict(masks)
+    for name, value in masks.items():
+        entry = f"mask[{name!r}]"
+        _checks.tensor(value, entry)
+        if value.dtype != torch.bool:
+            raise TypeError(f"{entry} must be a bool tensor, got {value.dtype}")
+        _checks.holds_values(value, entry)
+        _checks.not_fake(value, entry, "its active entries set the layer's mask")
+    return masks
+
+
+def _check_given_masks(groups: list[tying.Group], masks: dict[str, Tensor]) -> None:
+    """ValueError unless `masks` gives every group (by its first name) a mask of its weight's shape with an active
+    entry, and nothing else. A mask on another device than its weight is fine: a copy moves there."""
+    distributions.check_layer_names(masks, [group[0][0] for group in groups], "mask", "a mask", "masks")
+    for group in groups:
+        name, module = group[0]
+        entry = f"mask[{name!r}]"
+        _checks.same_shape(masks[name], entry, module.weight, f"layer {name or '(root)'!r}'s weight")
+        if not masks[name].any():
+            raise ValueError(f"{entry} has no active entry: the layer would keep no weight; exclude it instead")
 
 
 # Why sparsify refuses fake tensors (FakeTensorMode), whose values it would read: torch raised
@@ -694,11 +774,9 @@ def _check_finite(groups: list[tying.Group]) -> None:
             raise ValueError(f"mask='magnitude' ranks weights, but layer {name or '(root)'!r} holds NaN or inf")
 
 
-def _stage(groups: list[tying.Group], scores: list[Tensor], counts, init_function: Callable, init, generator):
+def _stage(groups: list[tying.Group], masks: list[Tensor], init_function: Callable, init, generator):
     """Everything sparsify will write, computed without touching the model: for each group its
-    sparse modules (sharing the original Parameters), its mask (the top `counts` of `scores`), and its
-    new weight and bias values."""
-    masks = ops.topk_mask(scores, counts)
+    sparse modules (sharing the original Parameters), its mask (of `masks`), and its new weight and bias values."""
     staged = []
     for group, mask in zip(groups, masks):
         name, module = group[0]

@@ -220,6 +220,46 @@ def test_a_damaged_stored_ticket_is_trained_again_by_a_rerun(tmp_path, damage):
     assert [again[name]["test_accuracy"] for name in first] == [record["test_accuracy"] for record in first.values()]
 
 
+@pytest.mark.parametrize("init", ["sparse", "dense"])
+def test_a_run_started_from_masks_is_the_model_sparsified_with_them(init):
+    # Reproduce's reinitialised tickets: the run's model is its fresh one given those masks by sparsify, the init
+    # drawn from the run's seed.
+    from sparsekern.cli.models import build_model
+    from sparsekern.nn import sparsify
+
+    dataset = load_dataset("digits")
+    config = TrainConfig(method="static", density=0.3, epochs=1, batch_size=256, init=init, seed=4)
+    draw = torch.Generator().manual_seed(3)
+    masks = {name: torch.rand(shape, generator=draw) < 0.2
+             for name, shape in training.mask_layout(config, dataset).items()}
+    run = prepare(config, dataset, masks=masks)
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, dataset.input_shape, dataset.num_classes, config.width)
+    sparsify(model, None, mask=masks, init=init, generator=torch.Generator().manual_seed(config.seed))
+    assert run.model.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(value, model.state_dict()[name]) for name, value in run.model.state_dict().items())
+    assert all(torch.equal(module.mask, masks[name]) for name, module in sparse_modules(run.model))
+
+
+def test_masks_that_do_not_fit_the_run_are_refused_on_one_line():
+    dataset = load_dataset("digits")
+    config = TrainConfig(method="static", density=0.3, epochs=1, batch_size=256)
+    masks = {name: torch.ones(shape, dtype=torch.bool) for name, shape in training.mask_layout(config, dataset).items()}
+    first = next(iter(masks))
+    renamed = {("renamed" if name == first else name): mask for name, mask in masks.items()}
+    refusals = [
+        (config, renamed, rf"^mask must give a mask to exactly the layers sparsified; missing: '{first}'; not among "
+                          rf"them: 'renamed'"),
+        (config, {**masks, first: torch.zeros(3, dtype=torch.bool)}, rf"^mask\['{first}'\] must have the shape of"),
+        (config, {**masks, first: torch.zeros_like(masks[first])}, rf"^mask\['{first}'\] has no active entry"),
+        (TrainConfig(method="imp", density=0.3, epochs=1, cycles=2), masks, r"^masks apply to static and DST runs"),
+    ]
+    for run_config, given, match in refusals:
+        with pytest.raises(ValueError, match=match) as refused:
+            prepare(run_config, dataset, masks=given)
+        assert "\n" not in str(refused.value)
+
+
 def test_warnings_of_the_runs_are_kept_with_them_and_shown_once_each(tmp_path, capsys, monkeypatch):
     from sparsekern.cli import runs as runs_module
 
