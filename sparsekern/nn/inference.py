@@ -29,7 +29,7 @@ def to_inference(model: nn.Module) -> list[str]:
     and none flows through it to its input. The packs are non-persistent buffers: the state dict is unchanged, and
     they follow `.to(device)`, `.half()` and `.to(dtype)`. Names carry a wrapper's prefix: a torch.compile'd model's
     layers are `_orig_mod.<name>` (it recompiles at its next call). A model wrapped in DistributedDataParallel,
-    which trains it, is refused (ValueError): switch `model.module`, an evaluation copy, not the one being trained.
+    which trains it, is refused (ValueError): switch an evaluation copy of `model.module`, or `model.module` itself.
 
     Every layer is packed before any switches: a layer that cannot be (weights on the meta device, sharded weights)
     raises naming it, the model unchanged. TypeError unless `model` is an nn.Module; a model with no layer to switch
@@ -37,8 +37,9 @@ def to_inference(model: nn.Module) -> list[str]:
     layers = _own_forward_linears(model, "to_inference")
     if isinstance(model, DistributedDataParallel):
         raise ValueError("to_inference: model is wrapped in DistributedDataParallel, which trains it, and a layer in "
-                         "inference mode gets no gradient (DDP's next backward would fail on its unused weight): "
-                         "switch model.module, or better an evaluation copy of it, and to_training before training")
+                         "inference mode gives its weight no gradient (DDP's next backward would fail on that unused "
+                         "weight): switch an evaluation copy (copy.deepcopy(model.module)), or switch model.module "
+                         "and to_training(model) before training again")
     refuse_sharded(model, "to_inference")
     refuse_meta(layers, "to_inference")
     if not layers:
