@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
 from ..ops import _checks, _masked_linear_op
-from .modules import (SparseLinear, SparseModule, _check_dtype, _copy_masked_into, _rename_dense_entries,
+from .modules import (DenseClass, SparseLinear, SparseModule, _check_dtype, _copy_masked_into, _rename_dense_entries,
                       _translate_pruned, is_computed, weight_is_computed)
 
 # nn.MultiheadAttention's keys of the input-projection weights -> this module's.
@@ -47,10 +47,18 @@ class SparseMultiheadAttention(nn.Module):
     Forward multiplies by the projections' weights without running the projections' forwards, as
     nn.MultiheadAttention's does with its out_proj: their hooks do not fire, and a projection weight that a
     forward pre-hook computes (torch.nn.utils.prune, the older weight_norm and spectral_norm) raises ValueError
-    naming the projection; a parametrization (torch.nn.utils.parametrize) is computed as forward reads it.
+    naming the projection; a parametrization (torch.nn.utils.parametrize) is computed as forward reads it. So does
+    one in inference mode (`SparseLinear.to_inference`), whose packed weight it would not read.
+
+    Each projection carries its own `mask` and `zero_off_mask` promise (see SparseLinear): `sparsekern.sparsify`
+    counts each as one layer of the distribution, and the algorithms update their masks like any other layer's.
+    `from_dense(mha)` shares an nn.MultiheadAttention's Parameters; `to_dense()` returns a plain one holding the
+    masked weights (`sparsekern.densify(model)` turns a whole model back). A plain or torch-pruned
+    nn.MultiheadAttention's state dict loads into it. More: the docstring of `sparsekern.nn.attention` and the
+    README's Python API section.
     """
 
-    dense_class = nn.MultiheadAttention
+    dense_class = DenseClass(nn.MultiheadAttention)
     # nn.MultiheadAttention's, which reads num_heads only: nn.TransformerEncoderLayer's fused path calls it.
     merge_masks = nn.MultiheadAttention.merge_masks
 
@@ -281,12 +289,19 @@ def _weight_for_dense_kernel(name: str, layer: SparseModule, owner: nn.Module) -
     multiplies by it. ValueError for a weight that a forward pre-hook computes (torch.nn.utils.prune, the older
     weight_norm and spectral_norm): the child's forward, and its hooks, do not run here (nor do those of
     nn.MultiheadAttention's out_proj), so the hook would never compute it again. A parametrization computes it as it
-    is read."""
+    is read. ValueError too for a child in inference mode (SparseLinear.to_inference), whose packed weight only its
+    own forward reads."""
     if "weight" not in layer._parameters and not parametrize.is_parametrized(layer, "weight"):
         dense = owner.dense_class.__name__
         raise ValueError(f"{name}'s weight is computed by a forward pre-hook (torch.nn.utils.prune, weight_norm or "
                          f"spectral_norm), which {type(owner).__name__} does not run: it hands the weight to a "
                          f"fused op of torch, as nn.{dense} does its own; use torch.nn.utils.parametrize "
                          f"(torch.nn.utils.parametrizations), or prune the dense nn.{dense} and load its state dict")
+    if "packed_values" in layer._buffers:
+        # Its packed weight would go unread, silently: the fused op multiplies by the weight.
+        raise ValueError(f"{name} is in inference mode (to_inference()), which {type(owner).__name__} does not run: "
+                         f"it hands {name}'s weight to a fused op of torch, as nn.{owner.dense_class.__name__} does "
+                         f"its own; call {name}.to_training() (sparsekern.nn.to_inference(model) leaves such "
+                         f"projections in training mode)")
     weight, mask, _, zero_off_mask = layer._forward_arguments()
     return _masked_linear_op.weight_for_dense_kernel(weight, mask, zero_off_mask, layer.dense_grad)

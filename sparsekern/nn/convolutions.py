@@ -7,7 +7,42 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..ops import _masked_linear_op
-from .modules import SparseModule, _adopt_parameters, _check_adoptable_weight, _check_dtype, _copy_masked_into
+from .modules import (DenseClass, SparseModule, _adopt_parameters, _check_adoptable_weight, _check_dtype,
+                      _copy_masked_into)
+
+
+def _layer_doc(dense: type[nn.Module], base: str) -> str:
+    """The docstring of the sparse convolution of `dense` on `base` (SparseConvNd or SparseConvTransposeNd), what
+    help() shows first: one text for the six classes rather than six copies of it."""
+    name, transposed = f"nn.{dense.__name__}", base == "SparseConvTransposeNd"
+    if transposed:
+        arguments, kernel = "forward's output_size included", "transposed convolution"
+        layout = "(in_channels, out_channels / groups, ...)"
+        more = "SparseConvTransposeNd (the weight's layout), SparseConvNd (its forward, measured against im2col)"
+    else:
+        arguments, kernel = "string padding and padding modes included", "convolution"
+        layout = "(out_channels, in_channels / groups, ...)"
+        more = "SparseConvNd (its forward, measured against im2col)"
+    return f"""{name} whose weight is multiplied by a fixed bool `mask`: its output is always weight * mask's.
+
+    Takes {name}'s arguments ({arguments}) and starts dense: its `mask` buffer,
+    shaped like the weight {layout}, is all True. `sparsekern.sparsify(model, density)`
+    makes a model's layers sparse (masks, per-layer densities, init); `set_mask(mask)` sets one layer's mask,
+    zeroing the weight off it.
+
+    * `zero_off_mask`: the layer's promise that every weight off the mask is exactly 0, so forward runs the dense
+      {kernel} (oneDNN, cuDNN) on the weight itself and masks only the weight gradient. True after
+      `set_mask` and sparsify; set it False (or call `zero_weights_off_mask()`) after writing into the weight off
+      the mask, and forward masks the weight first.
+    * `dense_grad = True`: the next backward also gives the gradient off the mask (RigL's growth reads it).
+    * `from_dense(conv)` shares an {name}'s Parameters; `to_dense()` returns a plain {name} holding
+      the masked weight (`sparsekern.densify(model)` turns a whole model back). A plain or torch-pruned
+      {name}'s state dict loads into it. `dense_class` is {name}.
+    * `nnz`, `density`, `masked_weight()`, `verify_zero_off_mask()`. No inference mode (SparseLinear's
+      `to_inference`): forward costs the dense {kernel}'s.
+
+    More: {more}, the docstring of `sparsekern.nn.modules` (the promise, autocast,
+    torch.func, loading) and the README's Python API section."""
 
 
 class SparseConvNd(SparseModule):
@@ -60,21 +95,18 @@ class SparseConvNd(SparseModule):
 
 
 class SparseConv1d(SparseConvNd, nn.Conv1d):
-    """nn.Conv1d with a weight mask (see SparseConvNd)."""
-
-    dense_class = nn.Conv1d
+    __doc__ = _layer_doc(nn.Conv1d, "SparseConvNd")
+    dense_class = DenseClass(nn.Conv1d)
 
 
 class SparseConv2d(SparseConvNd, nn.Conv2d):
-    """nn.Conv2d with a weight mask (see SparseConvNd)."""
-
-    dense_class = nn.Conv2d
+    __doc__ = _layer_doc(nn.Conv2d, "SparseConvNd")
+    dense_class = DenseClass(nn.Conv2d)
 
 
 class SparseConv3d(SparseConvNd, nn.Conv3d):
-    """nn.Conv3d with a weight mask (see SparseConvNd)."""
-
-    dense_class = nn.Conv3d
+    __doc__ = _layer_doc(nn.Conv3d, "SparseConvNd")
+    dense_class = DenseClass(nn.Conv3d)
 
 
 class SparseConvTransposeNd(SparseConvNd):
@@ -114,21 +146,18 @@ _CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_trans
 
 
 class SparseConvTranspose1d(SparseConvTransposeNd, nn.ConvTranspose1d):
-    """nn.ConvTranspose1d with a weight mask (see SparseConvTransposeNd)."""
-
-    dense_class = nn.ConvTranspose1d
+    __doc__ = _layer_doc(nn.ConvTranspose1d, "SparseConvTransposeNd")
+    dense_class = DenseClass(nn.ConvTranspose1d)
 
 
 class SparseConvTranspose2d(SparseConvTransposeNd, nn.ConvTranspose2d):
-    """nn.ConvTranspose2d with a weight mask (see SparseConvTransposeNd)."""
-
-    dense_class = nn.ConvTranspose2d
+    __doc__ = _layer_doc(nn.ConvTranspose2d, "SparseConvTransposeNd")
+    dense_class = DenseClass(nn.ConvTranspose2d)
 
 
 class SparseConvTranspose3d(SparseConvTransposeNd, nn.ConvTranspose3d):
-    """nn.ConvTranspose3d with a weight mask (see SparseConvTransposeNd)."""
-
-    dense_class = nn.ConvTranspose3d
+    __doc__ = _layer_doc(nn.ConvTranspose3d, "SparseConvTransposeNd")
+    dense_class = DenseClass(nn.ConvTranspose3d)
 
 
 def _conv_arguments(conv: nn.Module) -> dict:

@@ -95,6 +95,22 @@ from . import _dense_loads
 from .sharding import is_dtensor
 
 
+class DenseClass(property):
+    """The class attribute `dense_class` of a sparse module: the dense torch class it sparsifies, read as that class
+    itself (`SparseConv2d.dense_class is nn.Conv2d`, on an instance too). A property to pydoc alone, which lists it
+    with the line below rather than the dense class's whole docstring (help(SparseConv2d) was mostly nn.Conv2d's)."""
+
+    def __init__(self, dense: type[nn.Module]):
+        super().__init__()
+        # On the instance: property keeps a doc given to a subclass's __init__ only on some Python versions.
+        self.__doc__ = (f"nn.{dense.__name__}, the dense class this one sparsifies: from_dense takes one, "
+                        f"to_dense returns one.")
+        self.dense = dense
+
+    def __get__(self, instance, owner=None) -> type[nn.Module]:
+        return self.dense
+
+
 class SparseModule(nn.Module):
     """What every sparse module shares: the mask, its invariant and state-dict loading.
 
@@ -524,12 +540,25 @@ _PACKED_FIELDS = ("bitmap", "values", "chunk_offsets")
 
 
 class SparseLinear(SparseModule, nn.Linear):
-    """nn.Linear with a weight mask; forward through `sparsekern.ops.masked_linear`.
+    """nn.Linear whose weight is multiplied by a fixed bool `mask`: its output is always that of weight * mask.
 
-    Takes nn.Linear's arguments and starts dense (its `mask` buffer all True): `sparsekern.sparsify` makes a
-    model's layers sparse (masks, densities, init), `set_mask` sets one layer's mask. `from_dense(linear)` shares
-    an nn.Linear's Parameters, `to_dense()` returns a plain one holding the masked weight, and `to_inference()`
-    packs the weight for `sparsekern.ops.sparse_linear`."""
+    Takes nn.Linear's arguments and starts dense (its `mask` buffer, shaped like the weight, all True).
+    `sparsekern.sparsify(model, density)` makes a model's layers sparse (masks, per-layer densities, init), and
+    `set_mask(mask)` sets one layer's mask, zeroing the weight off it.
+
+    * `zero_off_mask`: the layer's promise that every weight off the mask is exactly 0, so forward runs the dense
+      kernel on the weight itself and masks only the weight gradient. True after `set_mask` and sparsify; set it
+      False (or call `zero_weights_off_mask()`) after writing into the weight off the mask.
+    * `dense_grad = True`: the next backward also gives the gradient off the mask (RigL's growth reads it).
+    * `from_dense(linear)` shares an nn.Linear's Parameters; `to_dense()` returns a plain nn.Linear holding the
+      masked weight (`sparsekern.densify(model)` turns a whole model back). A plain or torch-pruned nn.Linear's
+      state dict loads into it.
+    * `to_inference()` packs the masked weight for `sparsekern.ops.sparse_linear` (no gradients in that mode),
+      `to_training()` goes back; `sparsekern.nn.to_inference(model)` switches a whole model's.
+    * `nnz`, `density`, `masked_weight()`, `verify_zero_off_mask()`.
+
+    More: the docstring of `sparsekern.nn.modules` (the promise, autocast, torch.func, loading) and the README's
+    Python API section."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
         _check_dtype(dtype)
@@ -567,8 +596,16 @@ class SparseLinear(SparseModule, nn.Linear):
 
         Forward computes in the packed weight's dtype, under torch.autocast too (`ops.sparse_linear`); torch.compile
         runs it (with a graph break), torch.export refuses it (RuntimeError): export the training-mode layer.
+
+        A projection of a SparseMultiheadAttention or SparseRNN/LSTM/GRU does not run its own forward (its parent
+        hands its weight to torch's fused op): that parent's forward refuses one in inference mode, naming it.
+        `sparsekern.nn.to_inference(model)` switches the layers that run their own forward.
         """
-        packed = ops.pack(self.weight, self.mask)
+        return self._hold_packed(ops.pack(self.weight, self.mask))
+
+    def _hold_packed(self, packed: PackedWeight) -> "SparseLinear":
+        """Inference mode on `packed`, this layer's packed weight (`sparsekern.nn.to_inference` packs every layer
+        first, so that a layer it cannot pack leaves the model as it was)."""
         for name in _PACKED_FIELDS:
             self.register_buffer(f"packed_{name}", getattr(packed, name), persistent=False)
         return self

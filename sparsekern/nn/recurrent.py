@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import _weight_for_dense_kernel
-from .modules import SparseLinear, _adopt_parameters, _rename_dense_entries, weight_type_problem
+from .modules import DenseClass, SparseLinear, _adopt_parameters, _rename_dense_entries, weight_type_problem
 
 # nn.RNNBase's constructor arguments, which a subclass extends (`_own_arguments`).
 _ARGUMENTS = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional")
@@ -261,26 +261,37 @@ class SparseRNNBase(nn.Module):
                                       unexpected_keys, error_msgs)
 
 
-class SparseLSTM(SparseRNNBase):
-    """A drop-in for nn.LSTM (same arguments, proj_size included; same forward and outputs) with sparse weight
-    matrices: children `ih_l{k}`, `hh_l{k}` (and `hr_l{k}` with proj_size), `_reverse` for the second direction."""
+def _layer_doc(dense: type[nn.RNNBase], arguments: str, children: str) -> str:
+    """The docstring of the sparse module of `dense` (nn.LSTM, nn.GRU, nn.RNN), what help() shows first: one text for
+    the three classes rather than three copies of it."""
+    name = f"nn.{dense.__name__}"
+    return f"""A drop-in for {name} (same arguments, {arguments}; same forward and outputs, PackedSequence included)
+    whose weight matrices are sparse, each a SparseLinear child of its own with its own `mask` and `zero_off_mask`
+    promise (see SparseLinear): {children}, `_reverse` for the second direction.
 
-    dense_class = nn.LSTM
+    Forward runs {name}'s own fused op on the masked weights; the weight gradients are masked. `sparsekern.sparsify`
+    counts each child as one layer of the distribution, and the algorithms update their masks like any other
+    layer's. `weight_hh_l0` and the other dense names read and assign the children's Parameters. `from_dense(rnn)`
+    shares an {name}'s Parameters; `to_dense()` returns a plain {name} holding the masked weights
+    (`sparsekern.densify(model)` turns a whole model back). A plain or torch-pruned {name}'s state dict loads into
+    it. More: the docstring of `sparsekern.nn.recurrent` (cuDNN's flat buffer, torch.compile) and the README's
+    Python API section."""
+
+
+class SparseLSTM(SparseRNNBase):
+    __doc__ = _layer_doc(nn.LSTM, "proj_size included", "`ih_l{k}`, `hh_l{k}` (and `hr_l{k}` with proj_size)")
+    dense_class = DenseClass(nn.LSTM)
     _own_arguments = ("proj_size",)
 
 
 class SparseGRU(SparseRNNBase):
-    """A drop-in for nn.GRU (same arguments, forward and outputs) with sparse weight matrices: children `ih_l{k}`
-    and `hh_l{k}`, `_reverse` for the second direction."""
-
-    dense_class = nn.GRU
+    __doc__ = _layer_doc(nn.GRU, "num_layers, bidirectional, ...", "`ih_l{k}` and `hh_l{k}`")
+    dense_class = DenseClass(nn.GRU)
 
 
 class SparseRNN(SparseRNNBase):
-    """A drop-in for nn.RNN (same arguments, nonlinearity included; same forward and outputs) with sparse weight
-    matrices: children `ih_l{k}` and `hh_l{k}`, `_reverse` for the second direction."""
-
-    dense_class = nn.RNN
+    __doc__ = _layer_doc(nn.RNN, "nonlinearity included", "`ih_l{k}` and `hh_l{k}`")
+    dense_class = DenseClass(nn.RNN)
     _own_arguments = ("nonlinearity",)
 
 
