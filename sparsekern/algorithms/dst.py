@@ -36,8 +36,8 @@ from ._gradients import GradientWatch, finite_sums, zero_everywhere
 from ._stack import user_stacklevel
 from ..nn import sparse_modules, tying
 from ..nn.modules import computed_weight_refusal, refuse_inference, refuse_meta
+from ..nn.optimizer_state import check_optimizer, check_state_writable, mask_state_in_place, optimizer_state
 from ..nn.sharding import refuse_sharded
-from ..nn.sparsify import check_optimizer, check_state_writable, mask_state_in_place, optimizer_state
 
 SCOPES = ("layer", "global")
 # How n = r · active becomes a whole count: Python's round (halves to even), or floor as RigL's code.
