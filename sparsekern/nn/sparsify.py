@@ -151,8 +151,7 @@ def sparsify(model: nn.Module, density: float | None, distribution: str | Mappin
     refuse_sharded(model, "sparsify")
     distribution, density = distributions.check_distribution(distribution, density, power=power,
                                                              dense_first_layer=dense_first_layer)
-    if not isinstance(mask, str) or mask not in MASKS:
-        raise ValueError(f"mask must be one of {MASKS}, got {mask!r}")
+    mask = _mask_rule(mask)
     if init is None:
         init = "sparse" if mask == "random" else "dense"
     init_function = sparse_init.resolve(init)
@@ -215,6 +214,21 @@ def sparsify(model: nn.Module, density: float | None, distribution: str | Mappin
 # DataDependentOutputException (or an assertion on a real tensor) from inside it, naming neither the model nor the mode.
 _FAKE_REMEDY = ("sparsify ranks and counts values to make the masks; sparsify the real model, then fake it "
                 "(FakeTensorMode.from_tensor) or trace it")
+
+
+# Where `mask=` names no rule of sparsify's: masks of one's own (from a score of one's own) go in through set_mask.
+_OWN_MASKS = ("for masks of your own (from a score of your own), sparsify(model, 1.0, init='dense'), which keeps "
+              "the weights, then give each layer its mask with set_mask(mask, optimizer=optimizer)")
+
+
+def _mask_rule(mask) -> str:
+    """`mask`, one of MASKS: TypeError for what is no str (masks or scores themselves, which the repr of would flood
+    the message), ValueError for another name, each saying how to set masks of one's own."""
+    if not isinstance(mask, str):
+        raise TypeError(f"mask must be one of {MASKS}, got a {type(mask).__name__}: {_OWN_MASKS}")
+    if mask not in MASKS:
+        raise ValueError(f"mask must be one of {MASKS}, got {mask!r}: {_OWN_MASKS}")
+    return str.__str__(mask)
 
 
 def _refuse_fake_mode() -> None:

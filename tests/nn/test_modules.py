@@ -848,6 +848,29 @@ def test_sparsify_rejects_bad_arguments_before_touching_the_model(kwargs, argume
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("mask, error", [("taylor", ValueError), ({"7": torch.ones(4, 8, dtype=torch.bool)}, TypeError),
+                                         ([torch.ones(4, 8, dtype=torch.bool)], TypeError)])
+def test_sparsify_mask_not_a_rule_says_how_to_set_masks_of_ones_own(mask, error):
+    model = small_model()
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(error, match=r"mask must be one of .*set_mask\(mask, optimizer=optimizer\)") as raised:
+        sparsekern.sparsify(model, 0.5, mask=mask)
+    assert "tensor(" not in str(raised.value)   # a type, not the repr of every mask
+    assert not sparse_modules(model)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_the_recipe_for_masks_of_ones_own_keeps_the_trained_weights_under_them(generator):
+    model = small_model()
+    trained = {name: module.weight.detach().clone() for name, module in model.named_modules()
+               if isinstance(module, (nn.Linear, nn.Conv2d))}
+    sparsekern.sparsify(model, 1.0, init="dense")
+    for name, layer in sparse_modules(model):
+        mask = random_mask(layer.weight.shape, 0.3, generator)
+        layer.set_mask(mask)
+        assert torch.equal(layer.weight, torch.where(mask, trained[name], 0.0)), name
+
+
 def test_summary_counts(generator, capsys):
     model = sparsekern.sparsify(small_model(), 0.3, distribution="uniform", generator=generator)
     result = sparsekern.summary(model)
