@@ -36,7 +36,7 @@ MASKS = ("random", "magnitude")
 _SPARSE_RECURRENT_OF = {nn.RNN: SparseRNN, nn.LSTM: SparseLSTM, nn.GRU: SparseGRU}
 
 
-def sparsify(model: nn.Module, density: float | None, distribution: str | Mapping[str, float] = "erk",
+def sparsify(model: nn.Module, density: float | None, distribution: str | Mapping[str, float] | Callable = "erk",
              include: Sequence[str] | str | None = None, exclude: Sequence[str] | str | None = None,
              init: str | Callable | None = None, power: float = 1.0, dense_first_layer: bool = False,
              generator: torch.Generator | None = None, mask: str = "random",
@@ -83,7 +83,12 @@ def sparsify(model: nn.Module, density: float | None, distribution: str | Mappin
             sparsified model), naming exactly the layers
             selected (after include/exclude; tied layers by their first name, an attention's projections
             and a recurrent module's weight matrices as above), else ValueError naming the missing and
-            unexpected ones; `power` and `dense_first_layer` must then keep their defaults.
+            unexpected ones; `power` and `dense_first_layer` must then keep their defaults. Or a rule of your own,
+            a function `rule(shapes, density, *, names)` returning one density in (0, 1] per layer: it is called with
+            the weight shapes (tuples) and names (as the mapping names them) of the layers selected, in model order,
+            and `density`, which it may follow or not (the total is what its densities make); what it returns is
+            checked (TypeError or ValueError naming the rule and the layer), and `power` and `dense_first_layer`
+            must keep their defaults.
         include, exclude: fnmatch patterns on qualified module names ("features.*", "fc"); a
             module is sparsified if one of its names matches some `include` pattern (all do when
             None) and none matches an `exclude` pattern. A pattern that matches no module's name
