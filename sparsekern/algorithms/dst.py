@@ -262,8 +262,9 @@ class DST(distributed.CatchesUp):
     is dense).
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, prune: str = "magnitude",
-                 grow: str = "gradient", drop_fraction: float | None = None,
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
+                 prune: str | criteria.Criterion = "magnitude", grow: str | criteria.Criterion = "gradient",
+                 drop_fraction: float | None = None,
                  final_drop_fraction: float | None = None, schedule: str = "cosine",
                  update_every: int | None = None, end_step: int | None = None, end_fraction: float | None = None,
                  total_steps: int,
