@@ -331,7 +331,7 @@ SPARSIFY_BAD = [
     ("dense_first_layer", 1, TypeError), ("dense_first_layer", "yes", TypeError),
     ("dense_first_layer", None, TypeError),
     ("generator", 5, TypeError), ("generator", "seed", TypeError), ("generator", torch.manual_seed, TypeError),
-    ("mask", "largest", ValueError), ("mask", None, ValueError), ("mask", "Magnitude", ValueError),
+    ("mask", "largest", ValueError), ("mask", None, TypeError), ("mask", "Magnitude", ValueError),
 ]
 
 for _world_name, _world in (("dense", dense_world), ("sparse", resparsify_world)):

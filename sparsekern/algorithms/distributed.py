@@ -29,8 +29,9 @@ from torch.distributed.algorithms.join import Join, Joinable, JoinHook
 
 from ..nn import sparse_modules
 from ..nn.modules import check_own_masks, computed_weight_refusal
+from ..nn.optimizer_state import (check_optimizer, check_state_writable, mask_state_in_place, optimizer_state,
+                                  state_is_sharded)
 from ..nn.sharding import refuse_sharded
-from ..nn.sparsify import check_optimizer, check_state_writable, mask_state_in_place, optimizer_state, state_is_sharded
 from ..ops import _checks
 from ._tickets import map_tensors
 

@@ -25,9 +25,12 @@ import dataclasses
 import math
 import warnings
 import zlib
+from collections import OrderedDict
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from .. import ops
 from ..ops import _checks, _transforms, reference
@@ -36,8 +39,8 @@ from ._gradients import GradientWatch, finite_sums, zero_everywhere
 from ._stack import user_stacklevel
 from ..nn import sparse_modules, tying
 from ..nn.modules import computed_weight_refusal, refuse_inference, refuse_meta
+from ..nn.optimizer_state import check_optimizer, check_state_writable, mask_state_in_place, optimizer_state
 from ..nn.sharding import refuse_sharded
-from ..nn.sparsify import check_optimizer, check_state_writable, mask_state_in_place, optimizer_state
 
 SCOPES = ("layer", "global")
 # How n = r · active becomes a whole count: Python's round (halves to even), or floor as RigL's code.
@@ -259,8 +262,9 @@ class DST(distributed.CatchesUp):
     is dense).
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, prune: str = "magnitude",
-                 grow: str = "gradient", drop_fraction: float | None = None,
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
+                 prune: str | criteria.Criterion = "magnitude", grow: str | criteria.Criterion = "gradient",
+                 drop_fraction: float | None = None,
                  final_drop_fraction: float | None = None, schedule: str = "cosine",
                  update_every: int | None = None, end_step: int | None = None, end_fraction: float | None = None,
                  total_steps: int,
@@ -341,6 +345,8 @@ class DST(distributed.CatchesUp):
         self._gradients = GradientWatch()
         self._empty = set(empty)   # warned about
         self._frozen_warned: set[str] = set()   # layers frozen after construction, warned about
+        # register_update_hook's, by their handles' ids (an OrderedDict: a handle holds a weak reference to it)
+        self._update_hooks: OrderedDict[int, Callable] = OrderedDict()
         units = active if block is None else self._make_block_structured(active)
         # (the masks' `_versions`, active counts per layer) as of the last update or count (_active_counts).
         # Construction's count (of blocks, once they are whole) serves the first update if no mask changes
@@ -393,7 +399,7 @@ class DST(distributed.CatchesUp):
         self._finished = False
         if updated:
             try:
-                self._update(self.schedule.fraction(self.step_count), sums)
+                changes = self._update(self.schedule.fraction(self.step_count), sums)
             except Exception:
                 # An update that raised changed nothing (a user's criterion's scores, like prune_grow's arguments,
                 # are checked before anything is written): the step does not count, and step() may be called again.
@@ -406,6 +412,9 @@ class DST(distributed.CatchesUp):
         if due or self.schedule.is_update(self.step_count + 1):
             self._sync_modules()
             self._remember_gradients()
+        if updated:   # last: a hook that raises leaves the step complete
+            for hook in list(self._update_hooks.values()):
+                hook(self, changes)
         return updated
 
     def finish(self) -> None:
@@ -607,6 +616,24 @@ class DST(distributed.CatchesUp):
 
     # -- internals ------------------------------------------------------------------------
 
+    def register_update_hook(self, hook: Callable) -> RemovableHandle:
+        """Calls `hook(dst, changes)` after every mask update, to observe it (what a paper logs: per layer the
+        weights dropped and grown, the overlap of successive masks) without copying every mask before every step.
+        `changes` is {layer name: (before, after)}, the bool masks of each layer the update set (frozen ones left
+        out), as DST's state names them: `before` a copy of the mask the update replaced, `after` the layer's mask
+        itself (read it; write masks with `set_mask`), so `(before & ~after).sum()` counts the dropped weights,
+        `(after & ~before).sum()` the grown ones (a just-dropped weight grown back is neither). Called once the update
+        is complete, in registration order, after the warnings it raises; an error a hook raises propagates from
+        `step()`, with the update made and the step counted. Hooks are not part of `state_dict()`: register them
+        again on a resumed DST. The copies cost a mask's memory per layer at each update, only while a hook is
+        registered; a hook that reads values (`.sum()`) reads the device, which a CUDA graph capture refuses.
+        Returns a handle whose `remove()` unregisters the hook. TypeError for a hook that is not callable."""
+        if not callable(hook):
+            raise TypeError(f"hook must be callable, got {type(hook).__name__}")
+        handle = RemovableHandle(self._update_hooks)
+        self._update_hooks[handle.id] = hook
+        return handle
+
     def _dense_grad_next(self) -> bool:
         # Dense whatever the criteria: SET's randomly grown weights get their first gradient step at
         # the update as RigL's do. The dense-kernel path computes the dense weight gradient anyway
@@ -687,35 +714,37 @@ class DST(distributed.CatchesUp):
                 _checks.writable_in_place(module.weight.grad, f"{name}.weight.grad", module.mask, f"{name}.mask")
 
     @torch.no_grad()
-    def _update(self, fraction: float, sums: dict[int, float] | None) -> None:
-        """One mask update of every layer (`_update_layers`). `sums`: those of `_gradient_sums`, or None without
+    def _update(self, fraction: float, sums: dict[int, float] | None) -> dict[str, tuple[Tensor, Tensor]]:
+        """One mask update of every layer (`_update_layers`), returning its changes for the update hooks (empty
+        without any). `sums`: those of `_gradient_sums`, or None without
         host checks. One that raises changes nothing, the random stream included; one refused (ValueError) where
         a mask was written without its version changing, so that the count kept of it is stale, is made again
         from a fresh count (`_recount_if_stale`)."""
         named = self._unfrozen_modules()
         if not named:
-            return
+            return {}
         # A CUDA generator's state cannot be read while a CUDA graph is captured (an update under host_checks=False
         # may be): an update refused there leaves the stream advanced.
         capturing = self.generator.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         stream = None if capturing else self.generator.get_state()
         try:
             try:
-                self._update_layers(named, fraction, sums)
+                return self._update_layers(named, fraction, sums)
             except ValueError:
                 if stream is None or not self._recount_if_stale(named):
                     raise
                 self.generator.set_state(stream)   # the scores are drawn again, as the first try drew them
-                self._update_layers(named, fraction, sums)
+                return self._update_layers(named, fraction, sums)
         except Exception:
             if stream is not None:
                 self.generator.set_state(stream)
             raise
 
     def _update_layers(self, named: list[tuple[str, nn.Module]], fraction: float,
-                       sums: dict[int, float] | None) -> None:
+                       sums: dict[int, float] | None) -> dict[str, tuple[Tensor, Tensor]]:
         """One mask update of the layers `named`: one sparsekern.ops.prune_grow call, scores included. Every
-        check runs before the first write (prune_grow's, of the counts `active` too, among them)."""
+        check runs before the first write (prune_grow's, of the counts `active` too, among them). Returns
+        {name: (mask before, mask)} when an update hook is registered, else {}."""
         modules = [module for _, module in named]
         weights = [module.weight for module in modules]
         grads = [w.grad for w in weights]
@@ -753,10 +782,13 @@ class DST(distributed.CatchesUp):
         # The weights are 0 off the new masks already (prune_grow wrote them), so the masks are copied
         # in directly rather than through set_mask, which would read every weight again; the modules
         # promise zero_off_mask, as set_mask would have them.
+        # The replaced masks, for the update hooks: `new` would do, but the copy below makes them the layers' own.
+        before = [mask.clone() for mask in masks] if self._update_hooks else None
         torch._foreach_copy_(masks, new)
         for module in modules:
             module.zero_off_mask = True
         self._remember_counts(masks, self._counts[1])
+        return {} if before is None else {name: (old, mask) for (name, _), old, mask in zip(named, before, masks)}
 
     def _layers_updated(self) -> list[str]:
         """The names of the layers the next update sets the masks of: those not frozen (construction and

@@ -94,6 +94,14 @@ def make(name, total_steps, *, update_every=None, end_step=None, end_fraction=No
     drop_fraction defaults per schedule (0.3 cosine and constant, 0.5 annealed);
     final_drop_fraction (annealed only) defaults to 0.005.
     """
+    if not isinstance(name, str):
+        # A Schedule (what make returns) or a function of the step: what a researcher with a schedule of their own
+        # tries first.
+        raise TypeError(f"schedule must be the name of one of {sorted(DEFAULT_DROP_FRACTION)}, got a "
+                        f"{type(name).__name__}: its options are arguments of their own (drop_fraction, "
+                        f"final_drop_fraction, update_every, end_step, end_fraction), and no schedule of your own is "
+                        f"taken; to decide each update's count yourself, prune by a sparsekern.Criterion with "
+                        f"decides_count=True, or call sparsekern.ops.prune_grow in your own loop")
     name = _checks.choice(name, "schedule", sorted(DEFAULT_DROP_FRACTION))
     total_steps = _checks.count(total_steps, "total_steps", 1)
     update_every = _checks.count(DEFAULT_UPDATE_EVERY[name] if update_every is None else update_every,

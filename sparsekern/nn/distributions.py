@@ -12,6 +12,9 @@ transposed one; N_l is the number of weights of layer l.
   kernel dims). A layer whose d_l would exceed 1 is made dense and eps is solved again over the
   others, until none exceeds 1. power > 0: below 1 it softens ERK towards uniform, which power 0 would be.
 
+- a function of your own, `rule(shapes, density, *, names)` -> one d_l per layer, each in (0, 1] (a rule of a paper
+  the package does not offer): it sees the weight shapes and names of the layers sparsify selected, in model order,
+  and the global d, which it may follow or not; the total is what its densities make.
 - a mapping {layer name: d_l}: the densities given (a paper's per-layer table, a profile read off a sparsified
   model with `sparsekern.nn.densities`), one per layer, each in (0, 1]; the total is what they make, so the
   global d is None.
@@ -53,10 +56,15 @@ def check_distribution(distribution, density, *, power: float = 1.0, dense_first
     argument (a mapping's entry by its layer) otherwise."""
     power = check_power(power)
     _checks.flag(dense_first_layer, "dense_first_layer")
+    if callable(distribution) and not isinstance(distribution, Mapping):
+        if dense_first_layer or power != 1.0:
+            raise ValueError("power and dense_first_layer only shape ERK and uniform: leave them at their defaults "
+                             "with a distribution function of your own, which decides every layer's density itself")
+        return distribution, check_density(density)
     if not isinstance(distribution, Mapping):
         if not isinstance(distribution, str) or distribution not in DISTRIBUTIONS:
-            raise ValueError(f"distribution must be one of {DISTRIBUTIONS} or a mapping from layer name to density, "
-                             f"got {distribution!r}")
+            raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, a function rule(shapes, density, *, "
+                             f"names) or a mapping from layer name to density, got {distribution!r}")
         if density is None:
             raise TypeError(f"density must be a number with distribution={distribution!r}, got None (None goes "
                             f"with a mapping of per-layer densities as the distribution)")
@@ -89,10 +97,29 @@ def layer_densities(shapes: Sequence[Sequence[int]], density: float | None, dist
                                                dense_first_layer=dense_first_layer)
     if isinstance(distribution, dict):
         return given(shapes, distribution, names)
+    if callable(distribution):
+        return _ruled(distribution, shapes, density, names)
     if distribution == "erk":
         return erk(shapes, density, power=power, dense_first_layer=dense_first_layer, names=names)
     if distribution == "uniform":
         return uniform(shapes, density, dense_first_layer=dense_first_layer)
+
+
+def _ruled(rule, shapes: Sequence[Sequence[int]], density: float, names: Sequence[str] | None) -> list[float]:
+    """`rule(shapes, density, names=names)`'s densities, checked: a sequence of one number in (0, 1] per layer
+    (TypeError or ValueError naming the rule and the layer otherwise)."""
+    shapes = _shapes(shapes)
+    names = [str(index) for index in range(len(shapes))] if names is None else list(names)
+    rule_name = getattr(rule, "__qualname__", type(rule).__name__)
+    densities = rule([tuple(shape) for shape in shapes], density, names=list(names))
+    if isinstance(densities, (str, bytes, Mapping)) or not isinstance(densities, Sequence):
+        raise TypeError(f"distribution {rule_name} must return a list of densities, one per layer, got "
+                        f"{type(densities).__name__}")
+    if len(densities) != len(shapes):
+        raise ValueError(f"distribution {rule_name} returned {len(densities)} densities for {len(shapes)} layers "
+                         f"({', '.join(map(repr, names[:5]))}{', ...' if len(names) > 5 else ''})")
+    return [_checks.number(value, f"distribution {rule_name}'s density of layer {name!r}", lambda d: 0 < d <= 1,
+                           "in (0, 1]") for name, value in zip(names, densities)]
 
 
 def given(shapes: Sequence[Sequence[int]], densities: Mapping, names: Sequence[str] | None) -> list[float]:

@@ -92,6 +92,7 @@ from .. import ops
 from ..ops import _checks, _masked_linear_op, _transforms, reference
 from ..ops.packing import PackedWeight
 from . import _dense_loads
+from .optimizer_state import check_optimizer, check_state_writable, mask_state_in_place, optimizer_state
 from .sharding import is_dtensor
 
 
@@ -279,9 +280,17 @@ class SparseModule(nn.Module):
         return self
 
     @torch.no_grad()
-    def set_mask(self, mask: Tensor) -> None:
+    def set_mask(self, mask: Tensor, *, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Copies `mask` (bool, shaped like the weight) in and sets the weight to 0 off it, so the
         module again promises `zero_off_mask`.
+
+        `optimizer`: one that trains this weight and has stepped (a method of your own changing masks mid-training,
+        a one-shot pruning before fine-tuning): its per-weight state (momentum, Adam's moments: every state tensor
+        shaped like the weight) is zeroed off the new mask too, as `sparsify(optimizer=)` and DST zero it. Left
+        there, it would move the pruned weights off 0 at the next step while the module promises they are 0, and
+        forward would compute with them. Not an LBFGS (ValueError), nor one holding such a state tensor that
+        cannot be written in place (ValueError naming it), checked before anything changes. A gradient pending on
+        the weight is not masked: call it before backward, or after the optimizer step.
 
         A weight computed at every forward (a parametrization, weight_norm or spectral_norm registered
         on this module) is not the module's to write, nor is it read: the mask alone is copied, and
@@ -303,11 +312,22 @@ class SparseModule(nn.Module):
         computed = weight_is_computed(self)
         if not computed:
             self._check_weight_writable()   # before the mask changes: torch would refuse the weight's write only
+        state = self._optimizer_state(optimizer, mask)
         self.mask.copy_(mask)
+        for tensor in state:
+            mask_state_in_place(tensor, self.mask)
         if computed:
             self.zero_off_mask = False   # a new mask: the promise is not made for it (nor can be)
         else:
             self.zero_weights_off_mask()
+
+    def _optimizer_state(self, optimizer: torch.optim.Optimizer | None, mask: Tensor) -> list[Tensor]:
+        """`optimizer`'s per-weight state of this module's weight, each tensor checked writable (`set_mask`)."""
+        check_optimizer(optimizer, "build the LBFGS after the masks are set")
+        if optimizer is None or weight_is_computed(self):   # a computed weight holds no optimizer state of its own
+            return []
+        check_state_writable(optimizer, self.weight, self.mask, f"this {type(self).__name__}")
+        return optimizer_state(optimizer, self.weight)
 
     @torch.no_grad()
     def zero_weights_off_mask(self) -> None:

@@ -3,7 +3,6 @@ MultiheadAttention and RNN/LSTM/GRU layers into sparse ones, in place."""
 from __future__ import annotations
 
 import fnmatch
-import sys
 import warnings
 from typing import Callable, Mapping, Sequence
 
@@ -21,6 +20,7 @@ from .convolutions import (SparseConv1d, SparseConv2d, SparseConv3d, SparseConvT
                            SparseConvTranspose3d)
 from .modules import (SparseLinear, SparseModule, check_own_masks, is_computed, refuse_meta, sparse_modules,
                       weight_type_problem)
+from .optimizer_state import check_optimizer, check_state_writable, mask_state_in_place, optimizer_state
 from .recurrent import SparseGRU, SparseLSTM, SparseRNN, SparseRNNBase
 from .sharding import refuse_sharded
 
@@ -36,7 +36,7 @@ MASKS = ("random", "magnitude")
 _SPARSE_RECURRENT_OF = {nn.RNN: SparseRNN, nn.LSTM: SparseLSTM, nn.GRU: SparseGRU}
 
 
-def sparsify(model: nn.Module, density: float | None, distribution: str | Mapping[str, float] = "erk",
+def sparsify(model: nn.Module, density: float | None, distribution: str | Mapping[str, float] | Callable = "erk",
              include: Sequence[str] | str | None = None, exclude: Sequence[str] | str | None = None,
              init: str | Callable | None = None, power: float = 1.0, dense_first_layer: bool = False,
              generator: torch.Generator | None = None, mask: str | Mapping[str, Tensor] = "random",
@@ -84,7 +84,12 @@ def sparsify(model: nn.Module, density: float | None, distribution: str | Mappin
             selected (after include/exclude; tied layers by their first name, an attention's projections
             and a recurrent module's weight matrices as above), else ValueError naming the missing and
             unexpected ones; `power` and `dense_first_layer` must then keep their defaults (and so
-            must `distribution` itself with a mapping as `mask`).
+            must `distribution` itself with a mapping as `mask`). Or a rule of your own,
+            a function `rule(shapes, density, *, names)` returning one density in (0, 1] per layer: it is called with
+            the weight shapes (tuples) and names (as the mapping names them) of the layers selected, in model order,
+            and `density`, which it may follow or not (the total is what its densities make); what it returns is
+            checked (TypeError or ValueError naming the rule and the layer), and `power` and `dense_first_layer`
+            must keep their defaults.
         include, exclude: fnmatch patterns on qualified module names ("features.*", "fc"); a
             module is sparsified if one of its names matches some `include` pattern (all do when
             None) and none matches an `exclude` pattern. A pattern that matches no module's name
@@ -170,9 +175,7 @@ def sparsify(model: nn.Module, density: float | None, distribution: str | Mappin
     else:
         distribution, density = distributions.check_distribution(distribution, density, power=power,
                                                                  dense_first_layer=dense_first_layer)
-        if not isinstance(mask, str) or mask not in MASKS:
-            shown = repr(mask) if isinstance(mask, str) else type(mask).__name__
-            raise ValueError(f"mask must be one of {MASKS} or a mapping {{layer name: bool tensor}}, got {shown}")
+        mask = _mask_rule(mask)
     if init is None:
         # Magnitude masks keep the weights they were chosen by; random or given ones start from a fresh init.
         init = "dense" if mask == "magnitude" else "sparse"
@@ -297,6 +300,22 @@ _FAKE_REMEDY = ("sparsify ranks and counts values to make the masks; sparsify th
                 "(FakeTensorMode.from_tensor) or trace it")
 
 
+# Where `mask=` names no rule of sparsify's: how masks of one's own (from a score of one's own) go in.
+_OWN_MASKS = ("masks of your own go by layer name, mask={layer name: bool tensor} with density=None (init='dense' "
+              "keeps the trained weights), or layer by layer: set_mask(mask, optimizer=optimizer)")
+
+
+def _mask_rule(mask) -> str:
+    """`mask`, one of MASKS (a mapping of masks is taken before): TypeError for what is no str (a list of masks or
+    scores, which the repr of would flood the message), ValueError for another name, each saying how to give masks
+    of one's own."""
+    if not isinstance(mask, str):
+        raise TypeError(f"mask must be one of {MASKS} or a mapping, got a {type(mask).__name__}: {_OWN_MASKS}")
+    if mask not in MASKS:
+        raise ValueError(f"mask must be one of {MASKS} or a mapping, got {mask!r}: {_OWN_MASKS}")
+    return str.__str__(mask)
+
+
 def _refuse_fake_mode() -> None:
     """ValueError under an active FakeTensorMode, where every tensor sparsify makes (the scores of the masks, the
     masks themselves) is a fake tensor (`_FAKE_REMEDY`)."""
@@ -324,48 +343,6 @@ def densities(model: nn.Module) -> dict[str, float]:
     return profile
 
 
-def check_optimizer(optimizer, instead: str) -> None:
-    """TypeError unless `optimizer` is a torch.optim.Optimizer or None; ValueError for an LBFGS, whose
-    state (its last steps and gradient changes, each flattened over all its parameters) cannot be
-    zeroed off new masks: its next step would move the weights they prune off 0 (its closure's
-    backward also recomputes the gradients an algorithm has masked). `instead`: what to do."""
-    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
-    if isinstance(optimizer.optim if state_is_sharded(optimizer) else optimizer, torch.optim.LBFGS):
-        raise ValueError("optimizer is a torch.optim.LBFGS, whose history of flattened steps cannot be zeroed off "
-                         f"the masks: its next step would move pruned weights off 0; {instead}")
-
-
-def optimizer_state(optimizer: torch.optim.Optimizer, weight: Tensor) -> list[Tensor]:
-    """The optimizer's per-entry state tensors of `weight` (not scalars such as Adam's step; none of a 0-d
-    weight, whose every state is shaped like that step, which Adam keeps on the CPU, not on the weight's
-    device). A ZeroRedundancyOptimizer keeps this rank's shard of its state in its local optimizer, not in its
-    own `state` (empty): that shard is read, and every rank, which runs the same code, masks its own."""
-    return list(_weight_shaped_state(optimizer, weight).values())
-
-
-def _weight_shaped_state(optimizer: torch.optim.Optimizer, weight: Tensor) -> dict[str, Tensor]:
-    """`optimizer_state(optimizer, weight)` by the optimizer's key ("momentum_buffer", "exp_avg", ...)."""
-    return {key: value for key, value in _state(optimizer).get(weight, {}).items()
-            if isinstance(value, Tensor) and weight.dim() and value.shape == weight.shape}
-
-
-@torch.no_grad()   # as mask_state_in_place writes: a state tensor that requires grad is no refusal
-def check_state_writable(optimizer: torch.optim.Optimizer, weight: Tensor, mask: Tensor | None, layer: str) -> None:
-    """ValueError naming the entry for an `optimizer_state` tensor of `weight` that `mask_state_in_place` could not
-    zero off `mask` (the layer's mask; None for one not made yet), checked before anything changes: an expanded or
-    overlapping view, one sharing memory with the mask, an inference tensor (`ops._checks.writable_in_place`), one on
-    another device than the weight (on the meta device, it has no values to zero, and was passed over silently).
-    Found only once written, it would leave the layers before it zeroed and the ones after not."""
-    mask = weight.new_empty(0, dtype=torch.bool) if mask is None else mask   # a new mask shares no memory
-    for key, tensor in _weight_shaped_state(optimizer, weight).items():
-        name = f"optimizer.state[{layer}.weight][{key!r}]"
-        if tensor.device != weight.device:
-            raise ValueError(f"{name} is on {tensor.device}, its weight on {weight.device}: it cannot be zeroed off "
-                             f"the mask{' (the meta device holds no values)' if tensor.is_meta else ''}")
-        _checks.writable_in_place(tensor, name, mask, f"{layer}.mask")
-
-
 def _check_grad_writable(weight: Tensor, layer: str) -> None:
     """ValueError naming it for a gradient of `weight` still pending (sparsify called between backward and the
     optimizer's step) that sparsify could not zero off the new mask in place, checked before anything changes. Left
@@ -381,32 +358,6 @@ def _check_grad_writable(weight: Tensor, layer: str) -> None:
                          f"the mask; set it to None (optimizer.zero_grad()) before sparsify")
     with torch.no_grad():   # as the write is: a gradient made with create_graph=True is no refusal
         _checks.writable_in_place(grad, name)
-
-
-def mask_state_in_place(tensor: Tensor, mask: Tensor) -> None:
-    """Zeroes one of `optimizer_state`'s tensors off `mask` (bool, its shape), in place: by `ops.mask_in_place` (one
-    pass, no `~mask` temporary, the same +0.0 off the mask as masked_fill_) where it takes the tensor, a plain floating
-    one on the mask's device; by masked_fill_(~mask, 0) otherwise, as before, for any other state an optimizer may
-    keep (integer, or a quantized optimizer's tensor subclass, which the extension's kernel cannot read)."""
-    if (type(tensor) is Tensor and tensor.dtype in _checks.SCORE_DTYPES and tensor.layout == torch.strided
-            and tensor.device == mask.device):
-        ops.mask_in_place(tensor, mask)
-    else:
-        tensor.masked_fill_(~mask, 0)
-
-
-def state_is_sharded(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether each rank holds the state of its own share of the parameters only (ZeroRedundancyOptimizer).
-
-    Imports nothing: only a loaded module can have made the optimizer, and importing torch.distributed.optim
-    warns (its modules call the deprecated torch.jit.script), which the command line showed after every run."""
-    module = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
-    zero = getattr(module, "ZeroRedundancyOptimizer", None)
-    return zero is not None and isinstance(optimizer, zero)
-
-
-def _state(optimizer: torch.optim.Optimizer) -> dict:
-    return optimizer.optim.state if state_is_sharded(optimizer) else optimizer.state
 
 
 def _patterns(patterns, name: str) -> list[str] | None:

@@ -1368,3 +1368,48 @@ def test_a_step_warning_names_the_line_that_called_step():
     assert [str(w.message) for w in caught] == ["DST leaves the masks of ['0'] alone while their weights do not "
                                                 "require grad (frozen after DST was built)"]
     assert (caught[0].filename, caught[0].lineno) == (__file__, line)
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_an_update_hook_sees_each_update_s_masks_before_and_after_and_changes_no_mask(scope):
+    # What a researcher logs (weights dropped and grown per layer, the overlap of successive masks) without copying
+    # every mask before every step; the run's masks are those of a run without the hook.
+    runs = []
+    for hooked in (False, True):
+        model = small_model()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        algo = sparsekern.RigL(model, optimizer, update_every=5, total_steps=30, scope=scope)
+        seen = []
+        if hooked:
+            algo.register_update_hook(lambda dst, changes: seen.append(
+                (dst.step_count, {name: (before.clone(), after.clone()) for name, (before, after) in changes.items()})))
+        expected = []
+        for step in range(30):
+            previous = masks(model)
+            if train_step(model, optimizer, algo, step):
+                expected.append((algo.step_count, dict(zip([name for name, _ in algo.modules],
+                                                           zip(previous, masks(model))))))
+        runs.append(masks(model))
+    assert [step for step, _ in seen] == [step for step, _ in expected] == [5, 10, 15, 20]
+    for (_, changes), (_, wanted) in zip(seen, expected):
+        assert list(changes) == list(wanted)
+        for name, (before, after) in changes.items():
+            assert torch.equal(before, wanted[name][0]) and torch.equal(after, wanted[name][1]), name
+    assert any((before & ~after).any() for _, changes in seen for before, after in changes.values())
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_an_update_hook_removed_is_not_called_and_one_that_raises_leaves_the_step_complete():
+    model, optimizer, algo = one_step_before_an_update(sparsekern.RigL)
+    calls = []
+    algo.register_update_hook(lambda dst, changes: calls.append(dst.step_count)).remove()
+
+    def failing(dst, changes):
+        raise RuntimeError("logger down")
+    algo.register_update_hook(failing)
+    with pytest.raises(RuntimeError, match="logger down"):
+        train_step(model, optimizer, algo, 4)
+    assert calls == [] and algo.step_count == 5
+    assert all(not module.dense_grad for _, module in algo.modules)   # the step's own bookkeeping was done
+    with pytest.raises(TypeError, match="hook must be callable, got str"):
+        algo.register_update_hook("print")

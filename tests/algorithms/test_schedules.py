@@ -272,3 +272,15 @@ def test_swap_rounding_is_validated_naming_the_argument(value, error):
                                 generator=torch.Generator().manual_seed(0))
     with pytest.raises(error, match="swap_rounding"):
         sparsekern.DST(model, torch.optim.SGD(model.parameters(), lr=0.1), total_steps=10, swap_rounding=value)
+
+
+@pytest.mark.parametrize("schedule", [schedules.make("cosine", 100, update_every=10), lambda step: 0.3],
+                         ids=["Schedule", "function"])
+def test_dst_refuses_a_schedule_of_ones_own_saying_what_it_takes_instead(schedule):
+    # What a researcher with a drop fraction of their own tries first: say that the options are DST's arguments,
+    # and where a count of one's own can come from.
+    model = sparsekern.sparsify(torch.nn.Sequential(torch.nn.Linear(8, 8)), 0.5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match=r"schedule must be the name of one of \['annealed', 'constant', 'cosine'\], "
+                                        r"got a (Schedule|function): its options are .*update_every.*decides_count"):
+        sparsekern.DST(model, optimizer, schedule=schedule, total_steps=100)

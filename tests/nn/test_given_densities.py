@@ -195,3 +195,47 @@ def test_layer_densities_takes_a_mapping_with_names():
 def test_densities_refuses_a_non_module():
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         sparsekern.densities({"0": 0.5})
+
+
+def test_a_distribution_function_of_ones_own_sees_the_selected_layers_and_sets_their_densities():
+    # A per-layer rule the package does not offer: the first layer dense, the attention's projections at twice the
+    # rest. It sees the layers sparsify selected, named as a mapping names them, with their weight shapes.
+    seen = []
+
+    def rule(shapes, density, *, names):
+        seen.append((list(shapes), density, list(names)))
+        return [1.0 if index == 0 else min(1.0, density * (2 if ".self_attn." in name else 1))
+                for index, name in enumerate(names)]
+    model = sparsekern.sparsify(mixed(), 0.25, distribution=rule, generator=torch.Generator().manual_seed(0))
+    profile = sparsekern.densities(model)
+    layers = dict(sparsekern.nn.sparse_modules(model))
+    assert seen == [([tuple(layers[name].weight.shape) for name in profile], 0.25, list(profile))]
+    expected = rule(seen[0][0], 0.25, names=seen[0][2])
+    assert list(profile.values()) == pytest.approx(expected, abs=1 / 64)
+    # ... and gives the masks that the mapping of its densities gives.
+    given = sparsekern.sparsify(mixed(), None, distribution=dict(zip(seen[0][2], expected)),
+                                generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(masks(model)[name], mask) for name, mask in masks(given).items())
+
+
+@pytest.mark.parametrize("rule, error, match", [
+    (lambda shapes, density, *, names: [0.5], ValueError, r"returned 1 densities for 7 layers \('0'"),
+    (lambda shapes, density, *, names: {name: 0.5 for name in names}, TypeError, "must return a list of densities"),
+    (lambda shapes, density, *, names: [0.5] * 6 + [1.5], ValueError,
+     r"density of layer '2.hh_l0' must be .* \(0, 1\]"),
+    (lambda shapes, density, *, names: [0.5] * 6 + ["half"], TypeError, "density of layer '2.hh_l0' must be a number")])
+def test_a_distribution_function_s_densities_are_checked_before_the_model_changes(rule, error, match):
+    model = mixed()
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    with pytest.raises(error, match=match):
+        sparsekern.sparsify(model, 0.5, distribution=rule)
+    assert not sparsekern.nn.sparse_modules(model)
+    assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
+
+
+def test_a_distribution_function_refuses_erk_s_options():
+    def rule(shapes, density, *, names):
+        return [density] * len(shapes)
+    for options in (dict(power=0.5), dict(dense_first_layer=True)):
+        with pytest.raises(ValueError, match="leave them at their defaults with a distribution function"):
+            sparsekern.sparsify(mixed(), 0.5, distribution=rule, **options)

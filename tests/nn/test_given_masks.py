@@ -209,8 +209,8 @@ def test_a_bad_mapping_is_refused_naming_the_argument_and_layer_with_nothing_cha
     (None, {"power": "2"}, TypeError, r"^power must be a number"),
     (None, {"dense_first_layer": True}, ValueError, r"^dense_first_layer must be False when mask is a mapping"),
     (None, {"dense_first_layer": 1}, TypeError, r"^dense_first_layer must be a bool"),
-    (0.3, {"mask": ["0", "2", "4"]}, ValueError, r"^mask must be one of \('random', 'magnitude'\) or a mapping "
-                                                   r"\{layer name: bool tensor\}, got list"),
+    (0.3, {"mask": ["0", "2", "4"]}, TypeError, r"^mask must be one of \('random', 'magnitude'\) or a mapping, got "
+                                                  r"a list: masks of your own go by layer name"),
     (None, {"init": lambda module, generator: 1 / 0}, RuntimeError, r"^init=.* failed on layer '0'"),
 ], ids=["density", "uniform", "distribution mapping", "power", "power type", "dense_first_layer",
         "dense_first_layer type", "mask a list", "failing init"])

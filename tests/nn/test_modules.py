@@ -183,6 +183,48 @@ def test_set_mask_rejects_bad_masks_and_changes_nothing(bad, error):
     assert layer.mask.all() and torch.equal(layer.weight, before)
 
 
+def stepped(optimizer_class, generator, **options):
+    """A layer trained one step by `optimizer_class`, whose state is then non-zero at every entry."""
+    layer = SparseLinear(8, 4)
+    optimizer = optimizer_class(layer.parameters(), lr=0.1, **options)
+    layer(torch.randn(16, 8, generator=generator)).square().sum().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return layer, optimizer
+
+
+@pytest.mark.parametrize("optimizer_class, options", [(torch.optim.SGD, {"momentum": 0.9}), (torch.optim.Adam, {})])
+def test_set_mask_with_an_optimizer_zeroes_its_state_off_the_new_mask(generator, optimizer_class, options):
+    # A method of one's own changing masks mid-training: without the state zeroed, the next step moves pruned
+    # weights off 0 under the module's promise that they are 0, and forward computes with them.
+    layer, optimizer = stepped(optimizer_class, generator, **options)
+    mask = random_mask((4, 8), 0.5, generator)
+    kept = {key: value.clone() for key, value in optimizer.state[layer.weight].items()}
+    layer.set_mask(mask, optimizer=optimizer)
+    for key, value in optimizer.state[layer.weight].items():
+        if value.shape == layer.weight.shape:
+            assert (value[~mask] == 0).all() and torch.equal(value[mask], kept[key][mask]), key
+    layer(torch.randn(16, 8, generator=generator)).square().sum().backward()
+    optimizer.step()
+    layer.verify_zero_off_mask()
+    assert (layer.weight[~mask] == 0).all()
+
+
+def test_set_mask_refuses_an_lbfgs_and_a_state_it_cannot_zero_changing_nothing(generator):
+    layer = SparseLinear(8, 4)
+    with pytest.raises(ValueError, match="LBFGS"):
+        layer.set_mask(random_mask((4, 8), 0.5, generator), optimizer=torch.optim.LBFGS(layer.parameters()))
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
+        layer.set_mask(random_mask((4, 8), 0.5, generator), optimizer="sgd")
+    assert layer.mask.all()
+    layer, optimizer = stepped(torch.optim.SGD, generator, momentum=0.9)
+    optimizer.state[layer.weight]["momentum_buffer"] = torch.ones(8).expand(4, 8)
+    before = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="momentum_buffer"):
+        layer.set_mask(random_mask((4, 8), 0.5, generator), optimizer=optimizer)
+    assert layer.mask.all() and torch.equal(layer.weight, before)
+
+
 @pytest.mark.parametrize("make, shape", [
     (lambda: nn.Linear(10, 6), (2, 10)),
     *[(lambda dims=dims: DENSE_CONV[dims](4, 6, 3, stride=2, padding=1, groups=2, padding_mode="reflect"),
@@ -804,6 +846,28 @@ def test_sparsify_rejects_bad_arguments_before_touching_the_model(kwargs, argume
         sparsekern.sparsify(model, **kwargs)
     assert not sparse_modules(model)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("mask, error", [("taylor", ValueError), ([torch.ones(4, 8, dtype=torch.bool)], TypeError)])
+def test_sparsify_mask_not_a_rule_says_how_to_set_masks_of_ones_own(mask, error):
+    model = small_model()
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(error, match=r"mask must be one of .*set_mask\(mask, optimizer=optimizer\)") as raised:
+        sparsekern.sparsify(model, 0.5, mask=mask)
+    assert "tensor(" not in str(raised.value)   # a type, not the repr of every mask
+    assert not sparse_modules(model)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_the_recipe_for_masks_of_ones_own_keeps_the_trained_weights_under_them(generator):
+    model = small_model()
+    trained = {name: module.weight.detach().clone() for name, module in model.named_modules()
+               if isinstance(module, (nn.Linear, nn.Conv2d))}
+    sparsekern.sparsify(model, 1.0, init="dense")
+    for name, layer in sparse_modules(model):
+        mask = random_mask(layer.weight.shape, 0.3, generator)
+        layer.set_mask(mask)
+        assert torch.equal(layer.weight, torch.where(mask, trained[name], 0.0)), name
 
 
 def test_summary_counts(generator, capsys):

@@ -1,0 +1,81 @@
+"""The optimizer's per-weight state (momentum, Adam's moments) that a mask change must zero off the new mask: left
+there, the next step would move pruned weights off 0. Shared by every writer of masks that takes an optimizer
+(`sparsify`, `SparseModule.set_mask`, the algorithms, `broadcast_masks`)."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from ..ops import _checks
+
+
+def check_optimizer(optimizer, instead: str) -> None:
+    """TypeError unless `optimizer` is a torch.optim.Optimizer or None; ValueError for an LBFGS, whose
+    state (its last steps and gradient changes, each flattened over all its parameters) cannot be
+    zeroed off new masks: its next step would move the weights they prune off 0 (its closure's
+    backward also recomputes the gradients an algorithm has masked). `instead`: what to do."""
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+    if isinstance(optimizer.optim if state_is_sharded(optimizer) else optimizer, torch.optim.LBFGS):
+        raise ValueError("optimizer is a torch.optim.LBFGS, whose history of flattened steps cannot be zeroed off "
+                         f"the masks: its next step would move pruned weights off 0; {instead}")
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer, weight: Tensor) -> list[Tensor]:
+    """The optimizer's per-entry state tensors of `weight` (not scalars such as Adam's step; none of a 0-d
+    weight, whose every state is shaped like that step, which Adam keeps on the CPU, not on the weight's
+    device). A ZeroRedundancyOptimizer keeps this rank's shard of its state in its local optimizer, not in its
+    own `state` (empty): that shard is read, and every rank, which runs the same code, masks its own."""
+    return list(_weight_shaped_state(optimizer, weight).values())
+
+
+def _weight_shaped_state(optimizer: torch.optim.Optimizer, weight: Tensor) -> dict[str, Tensor]:
+    """`optimizer_state(optimizer, weight)` by the optimizer's key ("momentum_buffer", "exp_avg", ...)."""
+    return {key: value for key, value in _state(optimizer).get(weight, {}).items()
+            if isinstance(value, Tensor) and weight.dim() and value.shape == weight.shape}
+
+
+@torch.no_grad()   # as mask_state_in_place writes: a state tensor that requires grad is no refusal
+def check_state_writable(optimizer: torch.optim.Optimizer, weight: Tensor, mask: Tensor | None, layer: str) -> None:
+    """ValueError naming the entry for an `optimizer_state` tensor of `weight` that `mask_state_in_place` could not
+    zero off `mask` (the layer's mask; None for one not made yet), checked before anything changes: an expanded or
+    overlapping view, one sharing memory with the mask, an inference tensor (`ops._checks.writable_in_place`), one on
+    another device than the weight (on the meta device, it has no values to zero, and was passed over silently).
+    Found only once written, it would leave the layers before it zeroed and the ones after not."""
+    mask = weight.new_empty(0, dtype=torch.bool) if mask is None else mask   # a new mask shares no memory
+    for key, tensor in _weight_shaped_state(optimizer, weight).items():
+        name = f"optimizer.state[{layer}.weight][{key!r}]"
+        if tensor.device != weight.device:
+            raise ValueError(f"{name} is on {tensor.device}, its weight on {weight.device}: it cannot be zeroed off "
+                             f"the mask{' (the meta device holds no values)' if tensor.is_meta else ''}")
+        _checks.writable_in_place(tensor, name, mask, f"{layer}.mask")
+
+
+def mask_state_in_place(tensor: Tensor, mask: Tensor) -> None:
+    """Zeroes one of `optimizer_state`'s tensors off `mask` (bool, its shape), in place: by `ops.mask_in_place` (one
+    pass, no `~mask` temporary, the same +0.0 off the mask as masked_fill_) where it takes the tensor, a plain floating
+    one on the mask's device; by masked_fill_(~mask, 0) otherwise, as before, for any other state an optimizer may
+    keep (integer, or a quantized optimizer's tensor subclass, which the extension's kernel cannot read)."""
+    if (type(tensor) is Tensor and tensor.dtype in _checks.SCORE_DTYPES and tensor.layout == torch.strided
+            and tensor.device == mask.device):
+        ops.mask_in_place(tensor, mask)
+    else:
+        tensor.masked_fill_(~mask, 0)
+
+
+def state_is_sharded(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether each rank holds the state of its own share of the parameters only (ZeroRedundancyOptimizer).
+
+    Imports nothing: only a loaded module can have made the optimizer, and importing torch.distributed.optim
+    warns (its modules call the deprecated torch.jit.script), which the command line showed after every run."""
+    module = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
+    zero = getattr(module, "ZeroRedundancyOptimizer", None)
+    return zero is not None and isinstance(optimizer, zero)
+
+
+def _state(optimizer: torch.optim.Optimizer) -> dict:
+    return optimizer.optim.state if state_is_sharded(optimizer) else optimizer.state
