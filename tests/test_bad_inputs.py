@@ -1869,8 +1869,9 @@ for _name, _arguments, _error, _match in [
                                                                        **a}),
               _error, _match)
 for _value in (5, "model", nn.Sequential, None):
-    error(f"densities({_show(_value)})", model_world, lambda w, v=_value: sparsekern.densities(v), TypeError,
-          "model must be an nn.Module")
+    for _read in (sparsekern.densities, sparsekern.masks):
+        error(f"{_read.__name__}({_show(_value)})", model_world, lambda w, r=_read, v=_value: r(v), TypeError,
+              "model must be an nn.Module")
 
 
 def _wrapped_profile_world(tmp_path=None):

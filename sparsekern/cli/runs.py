@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from .. import checkpoint
-from ..nn import sparse_modules
+from ..nn import masks as model_masks   # `masks` names the masks a run starts from
 from .data import Dataset
 from .interrupts import held_while_starting_workers, ignore_in_this_worker
 from .output import write_text
@@ -125,7 +125,7 @@ class RunStore:
         record = {"key": name, "config": asdict(job.config), **result.summary(), "history": result.history,
                   "flow": result.flow, "warnings": list(dict.fromkeys(str(w.message) for w in caught))}
         if keep_masks:
-            checkpoint.save({layer: module.mask.cpu() for layer, module in sparse_modules(result.model)},
+            checkpoint.save({layer: mask.cpu() for layer, mask in model_masks(result.model).items()},
                             self._path(name, ".masks.pt"))
         write_text(self._path(name, ".json"), json.dumps(record))  # last: a record means all of it is there
         return record

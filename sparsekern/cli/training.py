@@ -26,7 +26,8 @@ from torch import nn
 from .. import checkpoint
 from ..algorithms import criteria, distributed, schedules
 from ..algorithms.dst import SCOPES, SWAP_ROUNDINGS
-from ..nn import gradient_flow, sparse_modules, sparsify
+from ..nn import gradient_flow, sparsify
+from ..nn import masks as model_masks   # `masks` names the masks given to a run
 from ..nn import init as sparse_init
 from ..nn.sparsify import SPARSIFIABLE
 from . import costs, data_parallel
@@ -584,7 +585,7 @@ def mask_layout(config: TrainConfig, dataset: Dataset) -> dict[str, tuple[int, .
     with torch.random.fork_rng(devices=[]):
         model = build_model(config.model, dataset.input_shape, dataset.num_classes, config.width)
         _all_active(model, config, torch.Generator())
-    return {name: tuple(module.mask.shape) for name, module in sparse_modules(model)}
+    return {name: tuple(mask.shape) for name, mask in model_masks(model).items()}
 
 
 def _data_parallel(model: nn.Module) -> nn.Module:

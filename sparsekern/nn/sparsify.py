@@ -141,7 +141,7 @@ def sparsify(model: nn.Module, density: float | None, distribution: str | Mappin
 
     Given masks: the random-reinitialisation control of a lottery ticket trains its mask from a fresh init:
 
-        tickets = {name: module.mask.clone() for name, module in sparsekern.nn.sparse_modules(model)}
+        tickets = sparsekern.masks(model)   # copies, named as sparsify names the layers (tied ones once)
         sparsekern.sparsify(fresh_model, None, mask=tickets, generator=torch.Generator().manual_seed(1))
 
     Shared modules and tied weights: every reference to a replaced module (a module used twice
@@ -326,21 +326,36 @@ def _refuse_fake_mode() -> None:
 
 def densities(model: nn.Module) -> dict[str, float]:
     """{layer name: density of its weight's mask} of `model`'s sparse layers, in model order, named as `sparsify`
-    names its layers: a weight shared by several (tied) layers once, by its first name; an attention's projections
-    "<attention>.in_proj", ...; a recurrent module's "<rnn>.ih_l0", ...; a model that is itself a layer "". A
-    profile to save and pass back as `sparsify(fresh_model, None, distribution=profile)`, which gives every layer
-    the same number of active weights. ValueError naming the layers whose masks are on the meta device
-    (`refuse_meta`)."""
+    names its layers (`_named_layers`). A profile to save and pass back as `sparsify(fresh_model, None,
+    distribution=profile)`, which gives every layer the same number of active weights. TypeError for a `model`
+    that is no nn.Module; ValueError naming the layers whose masks are on the meta device (`refuse_meta`)."""
+    return {name: module.density for name, module in _named_layers(model)}
+
+
+def masks(model: nn.Module) -> dict[str, Tensor]:
+    """{layer name: copy of its weight's mask} of `model`'s sparse layers, in model order, named as `sparsify`
+    names its layers (`_named_layers`): a lottery ticket's masks, to pass as `sparsify(fresh_model, None,
+    mask=masks(model))`, which gives every layer the same mask. The copies (clones, on the masks' device) are the
+    caller's: changing them changes no layer. TypeError for a `model` that is no nn.Module; ValueError naming the
+    layers whose masks are on the meta device (`refuse_meta`)."""
+    return {name: module.mask.clone() for name, module in _named_layers(model)}
+
+
+def _named_layers(model: nn.Module) -> list[tuple[str, SparseModule]]:
+    """`model`'s sparse layers, in model order, one per mask, named as `sparsify` names its layers (and as a
+    `distribution` or `mask` mapping names them): a weight shared by several (tied) layers once, by its first name;
+    an attention's projections "<attention>.in_proj", ...; a recurrent module's "<rnn>.ih_l0", ...; a model that
+    is itself a layer "". Checks `model` as `densities` and `masks` document."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     layers = sparse_modules(model)
-    refuse_meta(layers, tensors=("mask",))   # no values to count (torch's .item() error named no layer)
-    profile, seen = {}, set()
+    refuse_meta(layers, tensors=("mask",))   # no values to count or copy (torch's .item() error named no layer)
+    named, seen = [], set()
     for name, module in layers:
-        if id(module.weight) not in seen:
+        if id(module.weight) not in seen:   # a tied layer's mask is its first name's (sparsify makes one per weight)
             seen.add(id(module.weight))
-            profile[name] = module.density
-    return profile
+            named.append((name, module))
+    return named
 
 
 def _check_grad_writable(weight: Tensor, layer: str) -> None:

@@ -250,3 +250,42 @@ def test_masks_read_across_a_wrapper_are_refused_naming_its_prefix():
     wrapped = {f"_orig_mod.{name}": mask for name, mask in GOOD.items()}
     _refused_unchanged(convnet(), ValueError, r"the masks' names carry the prefix '_orig_mod\.' of a wrapper.*read "
                                               r"the masks from the model", mask=wrapped)
+
+
+def layer(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Linear(12, 12)
+
+
+# Each model's masks as sparsekern.masks names them: tied layers once (by their first name), the root as "".
+READ_NAMES = {convnet: ["0", "2", "4"], mixed: ["0", "1.self_attn.in_proj", "1.self_attn.out_proj", "1.linear1",
+                                                "1.linear2", "2.ih_l0", "2.hh_l0"],
+              tied: ["0"], layer: [""]}
+
+
+@pytest.mark.parametrize("build", READ_NAMES, ids=["convnet", "attention and LSTM", "tied", "itself a layer"])
+def test_masks_read_off_a_model_start_a_fresh_one_with_every_mask_exactly(build):
+    model = sparsekern.sparsify(build(7), 0.3, generator=torch.Generator().manual_seed(7))
+    read = sparsekern.masks(model)
+    assert list(read) == READ_NAMES[build] == list(sparsekern.densities(model))
+    fresh = sparsekern.sparsify(build(1), None, mask=read, generator=torch.Generator().manual_seed(5))
+    expected, got = masks_of(model), masks_of(fresh)   # every layer, the second name of a tied one too
+    assert list(got) == list(expected)
+    assert all(torch.equal(got[name], expected[name]) for name in expected)
+
+
+def test_masks_are_copies_on_the_masks_device():
+    model = sparsekern.sparsify(tied(), 0.3, generator=torch.Generator().manual_seed(7))
+    before = masks_of(model)
+    read = sparsekern.masks(model)
+    assert all(mask.device == model[0].mask.device and mask.dtype == torch.bool for mask in read.values())
+    for mask in read.values():
+        mask.logical_not_()
+    assert all(torch.equal(mask, before[name]) for name, mask in masks_of(model).items())
+    assert sparsekern.nn.masks is sparsekern.masks
+
+
+@pytest.mark.parametrize("value", [5, "model", nn.Sequential, None, {"0": torch.ones(2, dtype=torch.bool)}])
+def test_masks_refuses_a_non_module(value):
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        sparsekern.masks(value)
