@@ -7,23 +7,7 @@ from torch import nn
 import sparsekern
 from sparsekern.nn import init as sparse_init
 
-
-def convnet(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 32, 3), nn.Flatten(), nn.Linear(32, 10))
-
-
-def mixed(seed: int = 0) -> nn.Module:
-    """A linear layer, a transformer block (its attention and MLP) and an LSTM."""
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(8, 8), nn.TransformerEncoderLayer(8, 2, 16), nn.LSTM(8, 8))
-
-
-def tied(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(12, 12), nn.Linear(12, 12))
-    model[1].weight = model[0].weight
-    return model
+from .naming_models import convnet, mixed, tied
 
 
 def masks_of(model) -> dict:
