@@ -160,7 +160,8 @@ def check_run_reaches(groups: list[tying.Group], prune_fraction: float, scope: s
     """ValueError, before `run(train_fn, cycles, density=density)` trains from cycle `cycle`, where its last pruning
     (`magnitude_masks` to `density`) would keep more weights than the prunings of `prune_fraction` before it leave:
     found only at that pruning, it was refused after every cycle but the last had trained. Counts as
-    `magnitude_masks` does (⌈p·remaining⌉ of all layers together, or of each); passes a run past its last pruning."""
+    `magnitude_masks` does (⌈p·remaining⌉ of all layers together, or of each); passes a run past its last
+    pruning."""
     prunings = cycles - 2 - cycle   # by prune_fraction, at the end of each cycle before the one the last ends
     if prunings < 0:
         return
