@@ -155,6 +155,34 @@ def check_run_density(density, cycles: int) -> float | None:
 
 
 @torch.no_grad()
+def check_run_reaches(groups: list[tying.Group], prune_fraction: float, scope: str, density: float,
+                      cycle: int, cycles: int) -> None:
+    """ValueError, before `run(train_fn, cycles, density=density)` trains from cycle `cycle`, where its last pruning
+    (`magnitude_masks` to `density`) would keep more weights than the prunings of `prune_fraction` before it leave:
+    found only at that pruning, it was refused after every cycle but the last had trained. Counts as
+    `magnitude_masks` does (⌈p·remaining⌉ of all layers together, or of each); passes a run past its last
+    pruning."""
+    prunings = cycles - 2 - cycle   # by prune_fraction, at the end of each cycle before the one the last ends
+    if prunings < 0:
+        return
+    layers = primaries(groups)
+    active = [int(layer.mask.sum()) for layer in layers]
+    sizes = [layer.weight.numel() for layer in layers]
+    names = [group[0][0] for group in groups]
+    if scope == "global":
+        active, sizes, names = [sum(active)], [sum(sizes)], ["all layers"]
+    for _ in range(prunings):
+        active = [n - removal_count(n, prune_fraction) for n in active]
+    short = [(name, round(density * size), n) for name, size, n in zip(names, sizes, active)
+             if round(density * size) > n]
+    if short:
+        name, keep, n = short[0]
+        raise ValueError(f"density={density} keeps {keep} weights of {name if scope == 'global' else repr(name)}, "
+                         f"but the {prunings} prunings of prune_fraction={prune_fraction} before the last leave "
+                         f"{n}: pruning cannot add weights (prune_fraction = 1 - density ** (1 / (cycles - 1)) "
+                         f"prunes evenly towards it)")
+
+
 def magnitude_masks(groups: list[tying.Group], prune_fraction: float, scope: str,
                     density: float | None = None) -> list[Tensor]:
     """Masks that keep all but ⌈p·remaining⌉ active weights, ranked by |weight|.

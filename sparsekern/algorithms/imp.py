@@ -182,11 +182,14 @@ class IMP(distributed.CatchesUp):
         at the last cycle's masks (cycles - 1 prunings). `density` (in (0, 1]) makes the last pruning
         `next_cycle(density)`, so that the last cycle trains at exactly that density (with
         `prune_fraction` = 1 - density^(1/(cycles - 1)) the earlier ones prune evenly towards it); it needs
-        cycles >= 2 (ValueError otherwise: no pruning would reach it).
+        cycles >= 2 (ValueError otherwise: no pruning would reach it), and is refused before training (ValueError)
+        where the prunings before the last would leave fewer weights than it keeps.
         """
         _tickets.check_callable(train_fn, "train_fn")
         cycles = _checks.count(cycles, "cycles", 1)
         density = _tickets.check_run_density(density, cycles)
+        if density is not None:   # before any training: the last pruning would refuse it after the others
+            _tickets.check_run_reaches(self._groups, self.prune_fraction, self.scope, density, self.cycle, cycles)
         while self.cycle < cycles:
             train_fn(self)
             if self.cycle == cycles - 1:

@@ -240,8 +240,12 @@ def _layer_counts(groups: list[tying.Group], density, distribution, power: float
     counts = distributions.layer_counts(shapes, per_layer)
     empty = [group[0][0] or "(root)" for group, count in zip(groups, counts) if count == 0]
     if empty:
-        given = isinstance(distribution, dict)
-        cause = "the densities given leave" if given else f"density={density} leaves"
+        # A mapping's or a rule's densities are its own (a rule may ignore density): raising density fixes neither.
+        given = isinstance(distribution, dict) or callable(distribution)
+        if callable(distribution):
+            cause = f"the densities of distribution {getattr(distribution, '__qualname__', 'rule')} leave"
+        else:
+            cause = "the densities given leave" if given else f"density={density} leaves"
         under = "" if given else f" under distribution={distribution!r}"
         raise ValueError(f"{cause} {len(empty)} layer(s) with no active weight "
                          f"({', '.join(map(repr, empty[:5]))}{', ...' if len(empty) > 5 else ''}){under}: raise "

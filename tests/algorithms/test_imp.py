@@ -384,11 +384,16 @@ def test_run_prunes_to_its_density_at_the_last_pruning():
     assert run(density=0.02).nonzero().flatten().tolist() == list(range(980, 1000))
 
 
-@pytest.mark.parametrize("cycles, density, match", [(1, 0.5, r"density=0.5 needs cycles >= 2 .*got cycles=1"),
-                                                    (3, 1.5, r"density must be a finite number in \(0, 1\], got 1.5")])
-def test_run_refuses_a_density_it_cannot_reach_before_training(cycles, density, match):
+@pytest.mark.parametrize("cycles, density, scope, match", [
+    (1, 0.5, "global", r"density=0.5 needs cycles >= 2 .*got cycles=1"),
+    (3, 1.5, "global", r"density must be a finite number in \(0, 1\], got 1.5"),
+    # p = 0.2 once leaves 0.8 of the weights, fewer than the 0.9 the last pruning would keep (all layers, or each)
+    (3, 0.9, "global", r"density=0.9 keeps \d+ weights of all layers, but the 1 prunings of prune_fraction=0.2 "
+                       r"before the last leave \d+: pruning cannot add weights"),
+    (3, 0.9, "layer", r"density=0.9 keeps \d+ weights of '0', but the 1 prunings .* leave \d+")])
+def test_run_refuses_a_density_it_cannot_reach_before_training(cycles, density, scope, match):
     model = mlp(0)
-    imp = IMP(model, _sgd)
+    imp = IMP(model, _sgd, scope=scope)
     trained = []
     with pytest.raises(ValueError, match=match):
         imp.run(trained.append, cycles, density=density)

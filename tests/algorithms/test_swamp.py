@@ -145,6 +145,10 @@ def test_run_to_a_density_is_imp_run_to_it_with_one_particle_without_swa():
     trained = []
     with pytest.raises(ValueError, match=r"density=0.45 needs cycles >= 2 .*got cycles=1"):
         SWAMP(mlp(2, hidden=16), _sgd, particles=1, swa_start=None).run(trained.append, 1, density=0.45)
+    # 0.3 of the remaining weights once leaves 0.7, fewer than density=0.8 keeps: refused before any cycle trains.
+    with pytest.raises(ValueError, match=r"density=0.8 keeps \d+ weights of all layers, but the 1 prunings"):
+        SWAMP(mlp(2, hidden=16), _sgd, particles=1, prune_fraction=0.3, swa_start=None).run(trained.append, 3,
+                                                                                              density=0.8)
     assert trained == []
 
 

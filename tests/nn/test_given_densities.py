@@ -223,3 +223,14 @@ def test_a_distribution_function_refuses_erk_s_options():
     for options in (dict(power=0.5), dict(dense_first_layer=True)):
         with pytest.raises(ValueError, match="leave them at their defaults with a distribution function"):
             sparsekern.sparsify(mixed(), 0.5, distribution=rule, **options)
+
+
+def test_a_distribution_function_leaving_a_layer_empty_is_named_not_density():
+    # The rule's densities are its own (it may ignore density): raising density would not help.
+    def rule(shapes, density, *, names):
+        return [0.5] * (len(shapes) - 1) + [1e-9]
+    model = mixed()
+    with pytest.raises(ValueError, match=r"^the densities of distribution .*rule leave 1 layer\(s\) .*raise their "
+                                         r"densities or exclude"):
+        sparsekern.sparsify(model, 0.5, distribution=rule)
+    assert not sparsekern.nn.sparse_modules(model)
