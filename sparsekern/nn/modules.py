@@ -295,7 +295,8 @@ class SparseModule(nn.Module):
         A weight computed at every forward (a parametrization, weight_norm or spectral_norm registered
         on this module) is not the module's to write, nor is it read: the mask alone is copied, and
         forward masks the computed weight (`zero_off_mask` stays False). Its original keeps its values
-        off the mask, and spectral_norm's σ is that of the whole original."""
+        off the mask, and spectral_norm's σ is that of the whole original; so does the optimizer's state of
+        it (`optimizer` zeroes nothing there), which forward's mask makes harmless."""
         _checks.tensor(mask, "mask")
         if mask.dtype != torch.bool:
             raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
