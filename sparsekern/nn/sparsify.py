@@ -241,15 +241,15 @@ def _layer_counts(groups: list[tying.Group], density, distribution, power: float
     empty = [group[0][0] or "(root)" for group, count in zip(groups, counts) if count == 0]
     if empty:
         # A mapping's or a rule's densities are its own (a rule may ignore density): raising density fixes neither.
-        given = isinstance(distribution, dict) or callable(distribution)
-        if callable(distribution):
-            cause = f"the densities of distribution {getattr(distribution, '__qualname__', 'rule')} leave"
+        if isinstance(distribution, str):
+            cause, under, remedy = f"density={density} leaves", f" under distribution={distribution!r}", "density"
         else:
-            cause = "the densities given leave" if given else f"density={density} leaves"
-        under = "" if given else f" under distribution={distribution!r}"
+            source = ("given" if isinstance(distribution, Mapping)
+                      else f"of distribution {distributions.name_of_rule(distribution)}")
+            cause, under, remedy = f"the densities {source} leave", "", "their densities"
         raise ValueError(f"{cause} {len(empty)} layer(s) with no active weight "
                          f"({', '.join(map(repr, empty[:5]))}{', ...' if len(empty) > 5 else ''}){under}: raise "
-                         f"{'their densities' if given else 'density'} or exclude those layers")
+                         f"{remedy} or exclude those layers")
     return counts
 
 
