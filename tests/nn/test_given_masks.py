@@ -137,7 +137,7 @@ def test_masks_made_under_inference_mode_train_outside_it():
     assert model[0].weight.grad[~masks["0"]].eq(0).all()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.gpu
 def test_masks_on_the_cpu_are_copied_onto_the_weights_device():
     masks = ticket(convnet)
     model = sparsekern.sparsify(convnet().cuda(), None, mask=masks, generator=torch.Generator().manual_seed(0))
