@@ -2,6 +2,7 @@
 executes every step's logic on the CPU with tiny sizes, and the results file comes out of it."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -105,3 +106,15 @@ def test_routing_suggestion_from_the_crossover():
              (0.5, 4): 0.95, (0.3, 16): 0.5}  # a win above a loss does not count
     assert gpu_goals.suggest_limits(rows(sweep)).endswith("= ((1, 0.5), (4, 0.3))")
     assert gpu_goals.suggest_limits(rows({(0.1, 1): 1.2})).endswith("= ()")
+
+
+# A decorator skipping a test by its own check of CUDA, rather than by the gpu marker.
+CUDA_SKIPIF = re.compile(r"^\s*@pytest\.mark\.skipif\(\s*not\s+torch\.cuda\.is_available\(\)")
+
+
+def test_every_test_needing_cuda_is_marked_gpu():
+    # The script runs `pytest -m gpu`, which selects no test skipped by CUDA_SKIPIF (test_given_masks.py held one).
+    unmarked = [f"{path.relative_to(ROOT)}:{number}"
+                for path in sorted((ROOT / "tests").rglob("*.py"))
+                for number, line in enumerate(path.read_text().splitlines(), 1) if CUDA_SKIPIF.match(line)]
+    assert not unmarked, f"mark them @pytest.mark.gpu instead: {unmarked}"
