@@ -145,18 +145,24 @@ def check_target_density(density) -> float | None:
     return _checks.number(density, "density", lambda value: 0 < value <= 1, "in (0, 1]")
 
 
-def check_run_density(density, cycles: int) -> float | None:
-    """`check_target_density` for `run(..., cycles, density=)`, whose last pruning, before the last cycle, prunes
-    to it: a run of one cycle prunes nothing, so a density there would never be reached."""
+def check_run_density(density, cycles: int, groups: list[tying.Group], prune_fraction: float, scope: str,
+                      cycle: int) -> float | None:
+    """`check_target_density` for `run(..., cycles, density=)` of an IMP or SWAMP at `cycle` (its layer `groups`,
+    `prune_fraction` and `scope`), whose last pruning, before the last cycle, prunes to it: a run of one cycle
+    prunes nothing, so a density there would never be reached, nor one the prunings before leave too few weights
+    for (`_check_run_reaches`). Both refused before any training."""
     density = check_target_density(density)
-    if density is not None and cycles < 2:
+    if density is None:
+        return None
+    if cycles < 2:
         raise ValueError(f"density={density:g} needs cycles >= 2 (the last pruning reaches it), got cycles={cycles}")
+    _check_run_reaches(groups, prune_fraction, scope, density, cycle, cycles)
     return density
 
 
 @torch.no_grad()
-def check_run_reaches(groups: list[tying.Group], prune_fraction: float, scope: str, density: float,
-                      cycle: int, cycles: int) -> None:
+def _check_run_reaches(groups: list[tying.Group], prune_fraction: float, scope: str, density: float,
+                       cycle: int, cycles: int) -> None:
     """ValueError, before `run(train_fn, cycles, density=density)` trains from cycle `cycle`, where its last pruning
     (`magnitude_masks` to `density`) would keep more weights than the prunings of `prune_fraction` before it leave:
     found only at that pruning, it was refused after every cycle but the last had trained. Counts as

@@ -187,9 +187,8 @@ class IMP(distributed.CatchesUp):
         """
         _tickets.check_callable(train_fn, "train_fn")
         cycles = _checks.count(cycles, "cycles", 1)
-        density = _tickets.check_run_density(density, cycles)
-        if density is not None:   # before any training: the last pruning would refuse it after the others
-            _tickets.check_run_reaches(self._groups, self.prune_fraction, self.scope, density, self.cycle, cycles)
+        density = _tickets.check_run_density(density, cycles, self._groups, self.prune_fraction, self.scope,
+                                             self.cycle)
         while self.cycle < cycles:
             train_fn(self)
             if self.cycle == cycles - 1:
