@@ -297,7 +297,7 @@ def _weight_for_dense_kernel(name: str, layer: SparseModule, owner: nn.Module) -
                          f"spectral_norm), which {type(owner).__name__} does not run: it hands the weight to a "
                          f"fused op of torch, as nn.{dense} does its own; use torch.nn.utils.parametrize "
                          f"(torch.nn.utils.parametrizations), or prune the dense nn.{dense} and load its state dict")
-    if "packed_values" in layer._buffers:
+    if layer._in_inference_mode:
         # Its packed weight would go unread, silently: the fused op multiplies by the weight.
         raise ValueError(f"{name} is in inference mode (to_inference()), which {type(owner).__name__} does not run: "
                          f"it hands {name}'s weight to a fused op of torch, as nn.{owner.dense_class.__name__} does "

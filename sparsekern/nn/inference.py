@@ -58,7 +58,7 @@ def to_training(model: nn.Module) -> list[str]:
     projections of attention and recurrent modules included, and returns their names in `named_modules()` order:
     [] when none was (no warning: there is nothing to undo). TypeError unless `model` is an nn.Module."""
     switched = [(name, layer) for name, layer in _named_linears(model, "to_training")
-                if "packed_values" in layer._buffers]   # not `layer.packed`, which checks the pack's values
+                if layer._in_inference_mode]
     for _, layer in switched:
         layer.to_training()
     return [name for name, _ in switched]

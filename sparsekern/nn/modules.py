@@ -587,7 +587,7 @@ class SparseLinear(SparseModule, nn.Linear):
         self._init_mask()
 
     def forward(self, input: Tensor) -> Tensor:
-        if "packed_values" in self._buffers:  # inference mode (`packed`)
+        if "packed_values" in self._buffers:  # `_in_inference_mode`, inline: every forward passes here
             if torch.compiler.is_exporting():
                 # Its packed weight is checked, and its kernel chosen, by the values it holds: torch.export raised
                 # GuardOnDataDependentSymNode from inside those checks.
@@ -641,12 +641,17 @@ class SparseLinear(SparseModule, nn.Linear):
 
     def extra_repr(self) -> str:
         # Inference mode runs another kernel and refuses gradients: a printed model says which layers are in it.
-        return f"{super().extra_repr()}{', inference' if 'packed_values' in self._buffers else ''}"
+        return f"{super().extra_repr()}{', inference' if self._in_inference_mode else ''}"
+
+    @property
+    def _in_inference_mode(self) -> bool:
+        """Whether `to_inference()` holds a pack (`packed` also checks the pack's values)."""
+        return "packed_values" in self._buffers
 
     @property
     def packed(self) -> PackedWeight | None:
         """The packed weight of inference mode, or None in training mode."""
-        if "packed_values" not in self._buffers:
+        if not self._in_inference_mode:
             return None
         tensors = [self._buffers[f"packed_{name}"] for name in _PACKED_FIELDS]
         # One PackedWeight per set of buffers, so the dense weight it keeps for the dense fallback
