@@ -138,7 +138,10 @@ def set_rule(weights, grads, masks, *, generator=None, gamma=1.0, offset=EPSILON
 
     Of any n dropped, n₊ = round(n·A₊/A) are positive and n₋ = n − n₊ negative, where A₊ and A₋
     count the active positive and negative weights and A = A₊ + A₋ (rounded half up). Mocanu drops
-    the fraction ζ of each sign, which this equals up to rounding while keeping n exact. Since n₊
+    the fraction ζ of each sign, which this equals up to rounding while keeping n exact. Neither his paper nor
+    the package's specification says which way a share of exactly half rounds (n·A₊/A = m + ½: equal sign counts
+    and an odd n); half up, the schoolbook reading, drops the odd weight from the positive side (n = 1 of
+    {0.1, 0.2, −0.1, −0.2} drops 0.1), where Python's round, the swap count's, would alternate with m. Since n₊
     and n₋ never decrease as n grows, one ranking serves every n: the k-th lowest score (k = 1..A)
     goes to the next positive weight (smallest first) when n₊(k) > n₊(k − 1), else to the next
     negative weight (closest to zero first), ties by lower position (row-major, in list order).

@@ -1,8 +1,8 @@
 """Dynamic sparse training: SET, RigL, MEST and the pruning criteria of "Fantastic Weights".
 
 Every `update_every` steps until `end_step`, each sparse layer (or, with scope="global", all of
-them together) drops n = round(r(t) · active) active weights (floor(r(t) · active) with
-swap_rounding="floor") by a pruning criterion and grows n by a growth criterion
+them together) drops n = round(r(t) · active) active weights (its floor with swap_rounding="floor", its ceiling
+with "ceil") by a pruning criterion and grows n by a growth criterion
 (`sparsekern.algorithms.criteria`, `sparsekern.algorithms.schedules`); the active count is unchanged.
 Usage, once per training step:
 
@@ -136,7 +136,7 @@ class DST(distributed.CatchesUp):
         block: None, or (bh, bw): masks are all-or-nothing per bh×bw block of the weight viewed
             as (dim 0, rest): (out, rest), or a transposed convolution's (in, rest) (edge blocks may
             be smaller). Scores are summed per block and whole
-            blocks are dropped and grown, n = round(r · active blocks) (or its floor). Masks that are not block
+            blocks are dropped and grown, n = round(r · active blocks) (or its floor or ceiling, swap_rounding). Masks that are not block
             structured are made so at construction: each layer keeps round(active / (bh·bw))
             blocks, those holding the most active weights (ties to the lower block). Not with
             prune "set", "set_fw" or "set_fixed", whose scores rank weights against each other, nor with a

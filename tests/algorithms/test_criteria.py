@@ -168,6 +168,17 @@ def test_set_rule_splits_in_proportion_not_half_and_half():
     assert dropped == {0, 1, 2, 3, 8}
 
 
+def test_set_rule_rounds_a_half_share_up():
+    # A₊ = A₋ = 2: n₊ = n·2/4. n = 1: a share of exactly ½, rounded up: the smallest positive (0.1) goes, where
+    # Python's round (halves to even) would take the negative closest to 0 (-0.1). n = 3: 1.5 rounds to 2 either
+    # way: 0.1, 0.2 and -0.1.
+    weight = torch.tensor([0.2, -0.2, 0.1, -0.1])
+    score = criteria.set_rule([weight], [None], [torch.ones(4, dtype=torch.bool)])[0]
+    order = torch.argsort(score).tolist()
+    assert set(order[:1]) == {2}
+    assert set(order[:3]) == {0, 2, 3}
+
+
 def test_set_rule_ranks_zeros_first_then_interleaves_by_share():
     weight = torch.tensor([0.5, -0.1, 0.2, -0.3, 0.0, 9.0, -2.0])
     mask = torch.tensor([True, True, True, True, True, False, True])
