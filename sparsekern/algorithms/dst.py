@@ -366,8 +366,8 @@ class DST(distributed.CatchesUp):
 
         Call after backward and before optimizer.step(), once per optimizer step: under DDP, after the
         backward outside no_sync() (inside it, RuntimeError: the gradients are not averaged yet). On steps
-        that neither update nor precede an update it only counts. An update step whose gradients (of any parameter the optimizer
-        holds) are not all finite is skipped, as torch.amp.GradScaler skips its optimizer step:
+        that neither update nor precede an update it only counts. An update step whose gradients (of any
+        parameter the optimizer holds) are not all finite is skipped, as torch.amp.GradScaler skips its optimizer step:
         the masks wait for the next update step. A layer without a gradient keeps its mask under a
         criterion that reads the gradient (see the class). With a GradScaler, call
         scaler.unscale_(optimizer) before step() (as for gradient clipping): the gradients are scaled
