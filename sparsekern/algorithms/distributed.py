@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.algorithms.join import Join, Joinable, JoinHook
+from torch.nn.parallel import DistributedDataParallel
 
 from ..nn import sparse_modules
 from ..nn.modules import check_own_masks, computed_weight_refusal
@@ -579,6 +580,17 @@ class CatchesUp(Joinable):
             notified.wait()
             raise RuntimeError(f"{type(self).__name__} is the first joinable of a torch.distributed.algorithms."
                                f"Join: list the DistributedDataParallel model first, Join([ddp, algorithm])")
+
+    def _refuse_no_sync(self) -> None:
+        """RuntimeError, at step(), inside the DistributedDataParallel model's `no_sync()`: the gradients there are
+        this rank's own, not yet averaged, and DST's mask update or OptG's scores read from them would differ on
+        every rank, silently (masks_identical finds it later). Every rank is inside no_sync at the same step, so
+        every rank raises alike, with no collective; nothing has changed."""
+        if isinstance(self._replicas, DistributedDataParallel) and not self._replicas.require_backward_grad_sync:
+            raise RuntimeError(f"{type(self).__name__}.step() inside DistributedDataParallel.no_sync(): the "
+                               f"gradients are this rank's own, not averaged, and the replicas' masks would "
+                               f"diverge; accumulate under no_sync, then call step() once, after the backward "
+                               f"outside it")
 
     def _catch_up(self, is_last_joiner: bool, optimizer: torch.optim.Optimizer | None, lr_scheduler=None) -> None:
         """Join's post-hook, on every rank: adopts what the highest rank among the last to join holds: the

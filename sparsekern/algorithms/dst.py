@@ -364,9 +364,10 @@ class DST(distributed.CatchesUp):
     def step(self) -> bool:
         """Counts one training step; on update steps updates the masks. Returns whether it did.
 
-        Call after backward and before optimizer.step(). On steps that neither update nor precede
-        an update it only counts. An update step whose gradients (of any parameter the optimizer
-        holds) are not all finite is skipped, as torch.amp.GradScaler skips its optimizer step:
+        Call after backward and before optimizer.step(), once per optimizer step: under DDP, after the
+        backward outside no_sync() (inside it, RuntimeError: the gradients are not averaged yet). On steps
+        that neither update nor precede an update it only counts. An update step whose gradients (of any
+        parameter the optimizer holds) are not all finite is skipped, as torch.amp.GradScaler skips its optimizer step:
         the masks wait for the next update step. A layer without a gradient keeps its mask under a
         criterion that reads the gradient (see the class). With a GradScaler, call
         scaler.unscale_(optimizer) before step() (as for gradient clipping): the gradients are scaled
@@ -380,6 +381,7 @@ class DST(distributed.CatchesUp):
         _transforms.refuse_vmap(f"{type(self).__name__}.step()", "a mask update selects over the whole model",
                                 "call it outside vmap, once per training step")
         self._refuse_leading_join()
+        self._refuse_no_sync()
         _tickets.refuse_count_end(self.step_count, "step_count", "DST")
         # Every step: a weight computed since (a parametrization registered) would not have its gradient masked.
         _tickets.check_own_weights(self._groups, "DST")

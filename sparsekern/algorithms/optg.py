@@ -369,9 +369,11 @@ class OptG(distributed.CatchesUp):
         inference tensor). A step whose gradients are not all finite leaves the scores and their optimizer
         alone (with host_checks), as torch.amp.GradScaler skips its step; with a GradScaler, call
         scaler.unscale_(optimizer) before step(), or the scores add up gradients times a scale that
-        changes over training.
+        changes over training. Under DDP, call it after the backward outside no_sync() (inside it,
+        RuntimeError: the gradients are not averaged yet, and each rank's scores would move apart).
         """
         self._refuse_leading_join()
+        self._refuse_no_sync()
         _tickets.check_own_weights(self._groups, "OptG")
         weights = [layer.weight for layer in self.layers]
         frozen = self._frozen()   # a frozen layer's gradient is not read: it may be left over from before freezing

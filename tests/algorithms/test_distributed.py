@@ -110,6 +110,16 @@ def test_settings_that_differ_across_ranks_are_refused_on_every_rank_and_equal_o
         assert rank["trains_as_unchecked"]
 
 
+@gloo
+def test_a_step_inside_ddps_no_sync_is_refused_on_every_rank_and_accumulating_before_it_keeps_masks_identical(
+        tmp_path):
+    # Inside no_sync each rank's gradients are its own: RigL's and OptG's steps there drew masks (scores) apart on
+    # each rank, silently.
+    for rank, result in enumerate(rank_results("no_sync_worker", tmp_path)):
+        for name in ("RigL", "OptG"):
+            assert result[name] == {"refused": [True] * 3, "identical": True}, (rank, name, result[name])
+
+
 def test_differing_settings_are_named_with_the_ranks_holding_each_value():
     from sparsekern.algorithms import distributed
     distributed.check_same_settings("DST", [{"prune": "set", "scope": "layer"}] * 3)   # equal: nothing raised
