@@ -131,6 +131,7 @@ class SparseModule(nn.Module):
         self.register_buffer("mask", torch.ones_like(self.weight, dtype=torch.bool))
         self.dense_grad = False
         self.zero_off_mask = True  # nothing is off an all-True mask
+        self._record_tie(())       # tied to no other module until sparsify finds one (`tying.record`)
 
     def reset_parameters(self) -> None:
         """The dense module's initialisation (torch's default, over the whole weight), then the weight zeroed off the
