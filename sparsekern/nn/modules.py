@@ -325,8 +325,8 @@ class SparseModule(nn.Module):
         there, it would move the pruned weights off 0 at the next step while the module promises they are 0, and
         forward would compute with them (the state of a weight shared by tied layers is zeroed once). Not an LBFGS
         (ValueError), nor one holding such a state tensor that cannot be written in place (ValueError naming it),
-        checked before anything changes. A gradient pending on
-        the weight is not masked: call it before backward, or after the optimizer step.
+        checked before anything changes. A gradient pending on the weight is not masked: call it before backward, or
+        after the optimizer step.
 
         A weight computed at every forward (a parametrization, weight_norm or spectral_norm registered
         on this module) is not the module's to write, nor is it read: the mask alone is copied, and

@@ -19,8 +19,8 @@ _MASKS_NEED_WHOLE_WEIGHTS = ("masks are chosen over whole weights, which a shard
 
 
 def refuse_sharded(model: nn.Module, who: str, why: str = _MASKS_NEED_WHOLE_WEIGHTS) -> None:
-    """ValueError naming the first sharded piece of `model`, if any; nothing is read or changed. `why`: what `who`
-    needs whole weights for, and what to do instead (by default a writer of masks's).
+    """ValueError naming the first sharded piece of `model`, if any; nothing is read or changed. `why` ends the
+    message: what `who` needs whole weights for, and what to do instead (by default, the writers of masks' reason).
 
     Only wrappers whose modules are loaded can have sharded the model, so this imports nothing and
     costs one pass over the modules when neither FSDP nor DTensor was ever imported."""
