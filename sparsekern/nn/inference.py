@@ -26,10 +26,17 @@ def to_inference(model: nn.Module) -> list[str]:
     directly too: where it runs, they compute what they did, from their weights.
 
     Outputs are the training-mode forward's (to rounding); a switched layer refuses gradients: its weight gets none,
-    and none flows through it to its input. The packs are non-persistent buffers: the state dict is unchanged, and
-    they follow `.to(device)`, `.half()` and `.to(dtype)`. Names carry a wrapper's prefix: a torch.compile'd model's
-    layers are `_orig_mod.<name>` (it recompiles at its next call). A model wrapped in DistributedDataParallel,
-    which trains it, is refused (ValueError): switch an evaluation copy of `model.module`, or `model.module` itself.
+    and none flows through it to its input (a frozen part of a model under a part still training). So a loss reached
+    through switched layers alone (the whole model switched, or its output layer) has no graph, and its backward
+    raises torch's own "element 0 of tensors does not require grad and does not have a grad_fn", which names no
+    layer: call `to_training(model)` before training. Nothing of sparsekern runs at that backward to say more, and a
+    graph node of the switched layers' that raised when reached would also fail the frozen part's use.
+
+    The packs are non-persistent buffers: the state dict is unchanged, and they follow `.to(device)`, `.half()` and
+    `.to(dtype)`. Names carry a wrapper's prefix: a torch.compile'd model's layers are `_orig_mod.<name>` (it
+    recompiles at its next call). A model wrapped in DistributedDataParallel, which trains it, is refused
+    (ValueError): switch an evaluation copy of `model.module`, or `model.module` itself; a sharded one (FSDP,
+    fully_shard) too, whose ranks hold no whole weight to pack: switch an unsharded copy.
 
     Every layer is packed before any switches: a layer that cannot be (weights on the meta device, sharded weights)
     raises naming it, the model unchanged. TypeError unless `model` is an nn.Module; a model with no layer to switch
@@ -40,7 +47,9 @@ def to_inference(model: nn.Module) -> list[str]:
                          "inference mode gives its weight no gradient (DDP's next backward would fail on that unused "
                          "weight): switch an evaluation copy (copy.deepcopy(model.module)), or switch model.module "
                          "and to_training(model) before training again")
-    refuse_sharded(model, "to_inference")
+    refuse_sharded(model, "to_inference", "inference mode packs each layer's whole masked weight, which a sharded "
+                   "rank does not hold: switch an unsharded copy of the model (one built without sharding, its full "
+                   "state dict loaded)")
     refuse_meta(layers, "to_inference")
     if not layers:
         warnings.warn("to_inference: model has no SparseLinear that runs its own forward (no sparse layers, or only "

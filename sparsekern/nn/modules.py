@@ -84,6 +84,8 @@ or a state dict), the deferred-initialisation recipe; a mask for it comes from `
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
@@ -129,6 +131,7 @@ class SparseModule(nn.Module):
         self.register_buffer("mask", torch.ones_like(self.weight, dtype=torch.bool))
         self.dense_grad = False
         self.zero_off_mask = True  # nothing is off an all-True mask
+        self._record_tie(())       # tied to no other module until sparsify finds one (`tying.record`)
 
     def reset_parameters(self) -> None:
         """The dense module's initialisation (torch's default, over the whole weight), then the weight zeroed off the
@@ -142,12 +145,36 @@ class SparseModule(nn.Module):
         if "mask" in self._buffers and not weight_is_computed(self) and not is_dtensor(weight):
             self.zero_weights_off_mask()
 
+    def __getstate__(self) -> dict:
+        # The modules tied to this one by strong reference, which deepcopy maps to their copies (to the model's own
+        # copies when the model is copied whole) and pickle saves along; __setstate__ makes them weak again, so that a
+        # twin copied only for this (a layer copied alone) goes with the copy's last reference to it.
+        state = super().__getstate__()
+        state["_tied_to"] = tuple(self._tied_modules())
+        return state
+
     def __setstate__(self, state: dict) -> None:
         # A module pickled whole before the promise was tied to its weight holds it as a bool: a plain
         # attribute `zero_off_mask` at first, then `_zero_off_mask`.
         promised = state.pop("zero_off_mask", state.pop("_zero_off_mask", None))
+        tied = state.pop("_tied_to", ())
         super().__setstate__(state)
         self.zero_off_mask = self.zero_off_mask if promised is None else promised  # its hook, as the setter keeps it
+        self._record_tie(tied)
+
+    def _record_tie(self, others) -> None:
+        """Remembers `others`, the sparse modules holding this one's weight Parameter (`tying.record`), by weak
+        reference: a module that leaves the model is not kept alive by its twin."""
+        self.__dict__["_tied_to"] = tuple(weakref.ref(other) for other in others if other is not self)
+
+    def _tied_modules(self) -> list[SparseModule]:
+        """The modules recorded as tied to this one (`_record_tie`) that are alive and still hold its weight Parameter,
+        checked now: one given a weight of its own since (an assignment, a conversion under torch's
+        overwrite_module_params_on_conversion, a parametrization) is no twin any more."""
+        weight = self._parameters.get("weight")
+        alive = (ref() for ref in self.__dict__.get("_tied_to", ()))
+        return [other for other in alive
+                if other is not None and weight is not None and other._parameters.get("weight") is weight]
 
     def __setattr__(self, name: str, value) -> None:
         if name == "check_zero_off_mask":
@@ -284,13 +311,22 @@ class SparseModule(nn.Module):
         """Copies `mask` (bool, shaped like the weight) in and sets the weight to 0 off it, so the
         module again promises `zero_off_mask`.
 
+        Tied layers (sharing this weight Parameter, an LM's tied projections) that `sparsify` masked together get the
+        mask too, and promise `zero_off_mask` with this one: the weight has one set of active entries, and a twin left
+        on its old mask would compute, and give the weight a gradient, through entries this one promises are 0. The
+        tie is checked at this call (a layer given a weight of its own since is left alone); it holds after
+        `.to()`, deepcopy and pickling of the model (a copy's layers are tied to each other, not to the original's).
+        Layers tied by hand after `sparsify` are unknown to it: sparsify the model again, or set each one's mask.
+        Every layer's mask is checked before any changes; `dense_grad` stays each layer's own.
+
         `optimizer`: one that trains this weight and has stepped (a method of your own changing masks mid-training,
         a one-shot pruning before fine-tuning): its per-weight state (momentum, Adam's moments: every state tensor
         shaped like the weight) is zeroed off the new mask too, as `sparsify(optimizer=)` and DST zero it. Left
         there, it would move the pruned weights off 0 at the next step while the module promises they are 0, and
-        forward would compute with them. Not an LBFGS (ValueError), nor one holding such a state tensor that
-        cannot be written in place (ValueError naming it), checked before anything changes. A gradient pending on
-        the weight is not masked: call it before backward, or after the optimizer step.
+        forward would compute with them (the state of a weight shared by tied layers is zeroed once). Not an LBFGS
+        (ValueError), nor one holding such a state tensor that cannot be written in place (ValueError naming it),
+        checked before anything changes. A gradient pending on the weight is not masked: call it before backward, or
+        after the optimizer step.
 
         A weight computed at every forward (a parametrization, weight_norm or spectral_norm registered
         on this module) is not the module's to write, nor is it read: the mask alone is copied, and
@@ -300,9 +336,12 @@ class SparseModule(nn.Module):
         _checks.tensor(mask, "mask")
         if mask.dtype != torch.bool:
             raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
-        # Its own buffer, written below (`mask`, only read, may be an expanded view); then the mask's shape, which is
-        # the buffer's.
+        tied = self._tied_modules()
+        # Its own buffer and its twins', written below (`mask`, only read, may be an expanded view); then the mask's
+        # shape, which is the buffers' (their weight's).
         check_own_mask(self, f"set_mask: this {type(self).__name__}")
+        for twin in tied:
+            check_own_mask(twin, f"set_mask: the {type(twin).__name__} tied to this one (sharing its weight)")
         # The mask's shape, which is the weight's: reading a computed weight would run its parametrization
         # (spectral_norm's power iteration, in training mode).
         if mask.shape != self.mask.shape:
@@ -313,14 +352,17 @@ class SparseModule(nn.Module):
         computed = weight_is_computed(self)
         if not computed:
             self._check_weight_writable()   # before the mask changes: torch would refuse the weight's write only
-        state = self._optimizer_state(optimizer, mask)
-        self.mask.copy_(mask)
+        state = self._optimizer_state(optimizer, mask)   # the shared weight's, zeroed once
+        for module in (self, *tied):
+            module.mask.copy_(mask)
         for tensor in state:
             mask_state_in_place(tensor, self.mask)
         if computed:
             self.zero_off_mask = False   # a new mask: the promise is not made for it (nor can be)
         else:
             self.zero_weights_off_mask()
+            for twin in tied:
+                twin.zero_off_mask = True   # the weight they share was zeroed off this mask just now
 
     def _optimizer_state(self, optimizer: torch.optim.Optimizer | None, mask: Tensor) -> list[Tensor]:
         """`optimizer`'s per-weight state of this module's weight, each tensor checked writable (`set_mask`)."""

@@ -13,8 +13,14 @@ import sys
 from torch import nn
 
 
-def refuse_sharded(model: nn.Module, who: str) -> None:
-    """ValueError naming the first sharded piece of `model`, if any; nothing is read or changed.
+# Why the algorithms, sparsify and the other writers of masks refuse a sharded model, and what to do instead.
+_MASKS_NEED_WHOLE_WEIGHTS = ("masks are chosen over whole weights, which a sharded rank does not hold: wrap the model "
+                             "in DistributedDataParallel instead (every rank keeps whole weights)")
+
+
+def refuse_sharded(model: nn.Module, who: str, why: str = _MASKS_NEED_WHOLE_WEIGHTS) -> None:
+    """ValueError naming the first sharded piece of `model`, if any; nothing is read or changed. `why` ends the
+    message: what `who` needs whole weights for, and what to do instead (by default, the writers of masks' reason).
 
     Only wrappers whose modules are loaded can have sharded the model, so this imports nothing and
     costs one pass over the modules when neither FSDP nor DTensor was ever imported."""
@@ -27,9 +33,7 @@ def refuse_sharded(model: nn.Module, who: str) -> None:
             found = f"module {name or '(root)'!r} holds DTensor parameters (fully_shard or tensor parallelism)"
         else:
             continue
-        raise ValueError(f"{who}: model is sharded across ranks ({found}); masks are chosen over whole "
-                         f"weights, which a sharded rank does not hold: wrap the model in "
-                         f"DistributedDataParallel instead (every rank keeps whole weights)")
+        raise ValueError(f"{who}: model is sharded across ranks ({found}); {why}")
 
 
 def is_dtensor(tensor) -> bool:

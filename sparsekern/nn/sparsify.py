@@ -820,6 +820,7 @@ def _commit(model: nn.Module, staged, optimizer: torch.optim.Optimizer | None,
             if sparse is not original:
                 _carry_hooks(original, sparse)
             replacements[id(original)] = sparse
+        tying.record(modules)
     _replace(model, replacements)
     return replacements.get(id(model), model)
 

@@ -3,8 +3,10 @@
 Two distinct modules may hold the same weight Parameter (weight tying, `b.weight = a.weight`).
 A weight has one set of active entries, so every sparse module holding it must carry the same
 mask: `sparsify` gives them one, and the algorithms update the first module of each group (its
-*primary*, in `named_modules()` order) and copy the result to the others with `sync`. A module
-reachable under two names is one module and needs none of this.
+*primary*, in `named_modules()` order) and copy the result to the others with `sync`. `sparsify` also tells
+each member the others (`record`, weak references that `SparseModule.set_mask` checks again at each call: still
+alive, still holding the weight), so that `set_mask` on any member sets every member's mask; deepcopy and pickling
+carry the record over to the copies. A module reachable under two names is one module and needs none of this.
 """
 from __future__ import annotations
 
@@ -48,6 +50,13 @@ def sync(groups: list[Group]) -> None:
             module.mask.copy_(primary.mask)
             module.dense_grad = primary.dense_grad
             module.zero_off_mask = primary.zero_off_mask
+
+
+def record(modules: list[SparseModule]) -> None:
+    """Tells each of `modules`, the sparse modules holding one weight Parameter, the others (`sparsify` calls it for
+    every group it masks), so that `set_mask` on any of them sets all their masks."""
+    for module in modules:
+        module._record_tie(modules)
 
 
 def holders(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:

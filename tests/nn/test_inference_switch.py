@@ -142,3 +142,17 @@ def test_a_compiled_model_switches_under_its_wrapper_name(generator, fresh_compi
         assert sk.nn.to_inference(compiled) == ["_orig_mod.0", "_orig_mod.2"]
         torch.testing.assert_close(compiled(x), expected, atol=1e-5, rtol=1e-5)
     assert model[0].packed is not None   # the same layers, unwrapped
+
+
+def test_a_sharded_model_is_refused_for_what_packing_needs(generator, one_rank):
+    """The refusal spoke of masks ("masks are chosen over whole weights") and told to wrap the model in
+    DistributedDataParallel, which to_inference refuses too."""
+    fully_shard = pytest.importorskip("torch.distributed.fsdp").fully_shard
+    model = sk.sparsify(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)), 0.5, generator=generator)
+    fully_shard(model)
+    packing = r"inference mode packs each layer's whole masked weight, which a sharded rank does not hold"
+    with pytest.raises(ValueError, match=r"^to_inference: model is sharded across ranks \(module '0' holds DTensor "
+                                         rf"parameters .*\); {packing}: switch an unsharded copy") as err:
+        sk.nn.to_inference(model)
+    assert "DistributedDataParallel" not in str(err.value)
+    assert all(layer.packed is None for layer in (model[0], model[2]))

@@ -1,5 +1,8 @@
 """Shared modules and tied weights: every reference sparse, one mask per weight, a weight tied to a
 dense module left dense with a warning, and summary counting a shared parameter once."""
+import copy
+import pickle
+
 import pytest
 import torch
 from torch import nn
@@ -172,3 +175,90 @@ def test_a_linear_registered_first_and_made_an_attentions_out_proj_becomes_its_s
     model["attention"].out_proj = model["output"]
     sparsekern.sparsify(model, 0.3, generator=generator)
     assert model["output"] is model["attention"].out_proj and isinstance(model["output"], SparseLinear)
+
+
+def tied_pair(generator):
+    """A sparsified model whose layers 0 and 2 share one weight."""
+    first, second = nn.Linear(8, 8), nn.Linear(8, 8)
+    second.weight = first.weight
+    return sparsekern.sparsify(nn.Sequential(first, nn.Tanh(), second), 0.5, generator=generator)
+
+
+def state_dict_round_trip(model):
+    fresh = tied_pair(torch.Generator().manual_seed(7))
+    fresh.load_state_dict(model.state_dict())
+    return fresh
+
+
+COPIES = {"as built": lambda model: model, "to float64": lambda model: model.to(torch.float64),
+          "deepcopy": copy.deepcopy, "pickled": lambda model: pickle.loads(pickle.dumps(model)),
+          "state dict loaded": state_dict_round_trip}
+
+
+@pytest.mark.parametrize("copied", COPIES.values(), ids=COPIES.keys())
+@pytest.mark.parametrize("member", [0, 2])
+def test_set_mask_on_either_of_two_tied_layers_sets_both(generator, copied, member):
+    """set_mask on one of two layers sharing a weight left its twin's mask as it was: the shared weight was zeroed
+    off the new mask while the twin computed (and gave the weight a gradient) through its old one."""
+    original = tied_pair(generator)
+    before = original[0].mask.clone()
+    model = copied(original)
+    assert model[0].weight is model[2].weight
+    mask = torch.rand(8, 8, generator=generator) < 0.3
+    model[member].set_mask(mask)
+    for layer in (model[0], model[2]):
+        assert torch.equal(layer.mask, mask) and layer.zero_off_mask
+    model(torch.randn(4, 8, generator=generator, dtype=model[0].weight.dtype)).square().sum().backward()
+    assert torch.all(model[0].weight.grad[~mask] == 0)   # before: the twin's old mask let a gradient through
+    if model is not original and model[0].weight is not original[0].weight:
+        assert torch.equal(original[0].mask, before) and torch.equal(original[2].mask, before)   # a copy's own
+
+
+def test_set_mask_on_a_tied_layer_zeroes_the_shared_weights_optimizer_state_once(generator, monkeypatch):
+    model = tied_pair(generator)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.randn(4, 8, generator=generator)).square().sum().backward()
+    optimizer.step()
+    zeroed = []
+    masking = sparsekern.nn.modules.mask_state_in_place
+    monkeypatch.setattr(sparsekern.nn.modules, "mask_state_in_place",
+                        lambda tensor, mask: zeroed.append(tensor) or masking(tensor, mask))
+    mask = torch.rand(8, 8, generator=generator) < 0.3
+    model[2].set_mask(mask, optimizer=optimizer)
+    state = optimizer.state[model[0].weight]
+    assert len(zeroed) == 2 and all(torch.all(state[key][~mask] == 0) for key in ("exp_avg", "exp_avg_sq"))
+
+
+def test_set_mask_refuses_before_any_tied_layer_changes(generator):
+    """A twin whose mask cannot be written (put in place through .data as an expanded view) is refused by name
+    before the layer set_mask was called on changes."""
+    model = tied_pair(generator)
+    mask = model[0].mask.clone()
+    model[2].mask.data = mask[:1].expand(8, 8)
+    with pytest.raises(ValueError, match="tied to this one.*shares memory|tied to this one.*share memory"):
+        model[0].set_mask(torch.ones(8, 8, dtype=torch.bool))
+    assert torch.equal(model[0].mask, mask) and model[0].zero_off_mask
+
+
+def test_set_mask_on_a_layer_no_longer_sharing_the_weight_leaves_its_former_twin(generator):
+    """The tie is checked at use: a layer given a weight of its own since sparsify is no twin any more."""
+    model = tied_pair(generator)
+    model[2].weight = nn.Parameter(model[2].weight.detach().clone())
+    before = model[2].mask.clone()
+    model[0].set_mask(torch.ones(8, 8, dtype=torch.bool))
+    assert torch.equal(model[2].mask, before) and model[0].mask.all()
+
+
+def test_set_mask_on_a_tied_layer_of_a_wrapped_model_sets_both(generator, one_rank, fresh_compiler):
+    """Under DistributedDataParallel and torch.compile, which hold the same layers: the compiled forward computes
+    with the new mask, through both layers."""
+    model = tied_pair(generator)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    compiled = torch.compile(model, backend="eager")
+    x = torch.randn(4, 8, generator=generator)
+    compiled(x)
+    mask = torch.rand(8, 8, generator=generator) < 0.3
+    ddp.module[2].set_mask(mask)
+    assert torch.equal(model[0].mask, mask)
+    compiled(x).square().sum().backward()
+    assert torch.all(model[0].weight.grad[~mask] == 0)
