@@ -92,7 +92,8 @@ from .. import ops
 from ..ops import _checks, _masked_linear_op, _transforms, reference
 from ..ops.packing import PackedWeight
 from . import _dense_loads
-from .optimizer_state import check_optimizer, check_state_writable, mask_state_in_place, optimizer_state
+from .optimizer_state import (check_optimizer, check_state_writable, mask_state_in_place, optimizer_state,
+                              trained_parameters)
 from .sharding import is_dtensor
 
 
@@ -288,8 +289,9 @@ class SparseModule(nn.Module):
         a one-shot pruning before fine-tuning): its per-weight state (momentum, Adam's moments: every state tensor
         shaped like the weight) is zeroed off the new mask too, as `sparsify(optimizer=)` and DST zero it. Left
         there, it would move the pruned weights off 0 at the next step while the module promises they are 0, and
-        forward would compute with them. Not an LBFGS (ValueError), nor one holding such a state tensor that
-        cannot be written in place (ValueError naming it), checked before anything changes. A gradient pending on
+        forward would compute with them. Not an LBFGS (ValueError), nor one that does not train this weight (ValueError:
+        another layer's, say), nor one holding such a state tensor that cannot be written in place (ValueError naming
+        it), checked before anything changes. A gradient pending on
         the weight is not masked: call it before backward, or after the optimizer step.
 
         A weight computed at every forward (a parametrization, weight_norm or spectral_norm registered
@@ -327,6 +329,9 @@ class SparseModule(nn.Module):
         check_optimizer(optimizer, "build the LBFGS after the masks are set")
         if optimizer is None or weight_is_computed(self):   # a computed weight holds no optimizer state of its own
             return []
+        if id(self.weight) not in trained_parameters(optimizer):
+            raise ValueError(f"optimizer does not train this {type(self).__name__}'s weight, so it holds no state of "
+                             f"it to zero off the mask: pass the optimizer that trains it, or None")
         check_state_writable(optimizer, self.weight, self.mask, f"this {type(self).__name__}")
         return optimizer_state(optimizer, self.weight)
 
