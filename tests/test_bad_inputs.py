@@ -2843,6 +2843,53 @@ warning("RigL(scope='layer').load_state_dict(a state emptying layer 5)", dst_wor
         lambda w: w.algo.load_state_dict(_emptied_state(w)), r"\['5'\] have no active weight: with scope='layer'")
 
 
+# -- the newer API: given masks and distribution functions, set_mask(optimizer=), update hooks, run(density=) ------
+
+# A distribution function, an update hook that cannot take the call they get: the call's own TypeError came from
+# inside sparsify (naming the function's parameters, not distribution) or from DST.step() after the update.
+for _name, _rule in [("takes no names", lambda shapes, density: [0.5] * len(shapes)),
+                     ("takes nothing", lambda: [0.5]), ("is the type float", float)]:
+    error(f"sparsify(0.5, distribution=a rule that {_name})", dense_world,
+          lambda w, r=_rule: sparsekern.sparsify(w.model, 0.5, distribution=r, generator=w.generator), TypeError,
+          r"distribution must be callable as rule\(shapes, density, \*, names\)")
+for _name, _hook in [("takes nothing", lambda: None), ("takes one argument", lambda dst: None),
+                     ("takes a third argument", lambda dst, changes, step: None)]:
+    error(f"RigL.register_update_hook(a hook that {_name})", dst_world,
+          lambda w, h=_hook: w.algo.register_update_hook(h), TypeError,
+          r"hook must be callable as hook\(dst, changes\)")
+
+
+def _layer_and_optimizer_world(parameters):
+    """A stepped SGD with momentum, training what `parameters(layer, other)` picks of a sparse layer and another."""
+    def world(tmp_path=None):
+        result = layer_world()
+        result.other = nn.Linear(3, 2)
+        result.optimizer = torch.optim.SGD(parameters(result.layer, result.other), lr=0.1, momentum=0.9)
+        (result.layer(torch.ones(2, 6)).sum() + result.other(torch.ones(2, 3)).sum()).backward()
+        result.optimizer.step()
+        return result
+    return world
+
+
+# An optimizer not training the weight (another layer's, or the bias alone) was taken silently: the mask changed,
+# and no state was zeroed (sparsify refuses such an optimizer).
+for _name, _parameters in [("another layer's", lambda layer, other: other.parameters()),
+                           ("the bias alone", lambda layer, other: [layer.bias])]:
+    error(f"SparseLinear.set_mask(mask, optimizer training {_name})", _layer_and_optimizer_world(_parameters),
+          lambda w: w.layer.set_mask(~w.layer.mask, optimizer=w.optimizer), ValueError,
+          "optimizer does not train this SparseLinear's weight")
+
+# A density keeping no weight was refused at the last pruning, after every cycle before it had trained.
+for _cls, _world in (("IMP", imp_world), ("SWAMP", swamp_world),
+                     ("IMP[layer]", lambda tmp_path=None: imp_world(scope="layer"))):
+    # 0.005 keeps 6 of all 1176 weights, none of layer '0''s 72
+    for _density, _match in ((1e-9, "density=1e-09 keeps none of the 1176 weights of all layers"),
+                             (0.005, "density=0.005 keeps none of the 72 weights of '0'")):
+        if (_cls == "IMP[layer]") == (_density == 0.005):
+            error(f"{_cls}.run(cycles=3, density={_density})", _world,
+                  lambda w, d=_density: w.algo.run(lambda algo: _imp_train(w, 4), 3, density=d), ValueError, _match)
+
+
 # -- the tests -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("case", ERRORS, ids=[case.name for case in ERRORS])

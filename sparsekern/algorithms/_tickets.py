@@ -164,8 +164,9 @@ def check_run_density(density, cycles: int, groups: list[tying.Group], prune_fra
 def _check_run_reaches(groups: list[tying.Group], prune_fraction: float, scope: str, density: float,
                        cycle: int, cycles: int) -> None:
     """ValueError, before `run(train_fn, cycles, density=density)` trains from cycle `cycle`, where its last pruning
-    (`magnitude_masks` to `density`) would keep more weights than the prunings of `prune_fraction` before it leave:
-    found only at that pruning, it was refused after every cycle but the last had trained. Counts as
+    (`magnitude_masks` to `density`) would keep no weight (of all layers together, or of one), or more weights than the
+    prunings of `prune_fraction` before it leave: found only at that pruning, it was refused after every cycle but the
+    last had trained. Counts as
     `magnitude_masks` does (⌈p·remaining⌉ of all layers together, or of each); passes a run past its last
     pruning."""
     prunings = cycles - 2 - cycle   # by prune_fraction, at the end of each cycle before the one the last ends
@@ -174,16 +175,21 @@ def _check_run_reaches(groups: list[tying.Group], prune_fraction: float, scope: 
     layers = primaries(groups)
     active = [int(layer.mask.sum()) for layer in layers]
     sizes = [layer.weight.numel() for layer in layers]
-    names = [group[0][0] for group in groups]
+    names = [repr(group[0][0]) for group in groups]   # as the errors below show them
     if scope == "global":
         active, sizes, names = [sum(active)], [sum(sizes)], ["all layers"]
+    empty = [(name, size) for name, size in zip(names, sizes) if round(density * size) == 0]
+    if empty:
+        name, size = empty[0]
+        raise ValueError(f"density={density} keeps none of the {size} weights of {name}: the last pruning would leave "
+                         f"none; raise density")
     for _ in range(prunings):
         active = [n - removal_count(n, prune_fraction) for n in active]
     short = [(name, round(density * size), n) for name, size, n in zip(names, sizes, active)
              if round(density * size) > n]
     if short:
         name, keep, n = short[0]
-        raise ValueError(f"density={density} keeps {keep} weights of {name if scope == 'global' else repr(name)}, "
+        raise ValueError(f"density={density} keeps {keep} weights of {name}, "
                          f"but the {prunings} prunings of prune_fraction={prune_fraction} before the last leave "
                          f"{n}: pruning cannot add weights (prune_fraction = 1 - density ** (1 / (cycles - 1)) "
                          f"prunes evenly towards it)")

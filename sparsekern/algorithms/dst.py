@@ -629,9 +629,9 @@ class DST(distributed.CatchesUp):
         `step()`, with the update made and the step counted. Hooks are not part of `state_dict()`: register them
         again on a resumed DST. The copies cost a mask's memory per layer at each update, only while a hook is
         registered; a hook that reads values (`.sum()`) reads the device, which a CUDA graph capture refuses.
-        Returns a handle whose `remove()` unregisters the hook. TypeError for a hook that is not callable."""
-        if not callable(hook):
-            raise TypeError(f"hook must be callable, got {type(hook).__name__}")
+        Returns a handle whose `remove()` unregisters the hook. TypeError for a hook that is not callable as
+        `hook(dst, changes)`."""
+        _checks.callable_as(hook, "hook", "hook(dst, changes)", self, {})
         handle = RemovableHandle(self._update_hooks)
         self._update_hooks[handle.id] = hook
         return handle

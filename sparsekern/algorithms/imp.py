@@ -183,7 +183,8 @@ class IMP(distributed.CatchesUp):
         `next_cycle(density)`, so that the last cycle trains at exactly that density (with
         `prune_fraction` = 1 - density^(1/(cycles - 1)) the earlier ones prune evenly towards it); it needs
         cycles >= 2 (ValueError otherwise: no pruning would reach it), and is refused before training (ValueError)
-        where the prunings before the last would leave fewer weights than it keeps.
+        where it keeps no weight (of a layer, with scope="layer") or the prunings before the last would leave fewer
+        weights than it keeps.
         """
         _tickets.check_callable(train_fn, "train_fn")
         cycles = _checks.count(cycles, "cycles", 1)

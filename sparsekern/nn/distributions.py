@@ -60,6 +60,7 @@ def check_distribution(distribution, density, *, power: float = 1.0, dense_first
         if dense_first_layer or power != 1.0:
             raise ValueError("power and dense_first_layer only shape ERK and uniform: leave them at their defaults "
                              "with a distribution function of your own, which decides every layer's density itself")
+        _checks.callable_as(distribution, "distribution", "rule(shapes, density, *, names)", [], 0.5, names=[])
         return distribution, check_density(density)
     if not isinstance(distribution, Mapping):
         if not isinstance(distribution, str) or distribution not in DISTRIBUTIONS:

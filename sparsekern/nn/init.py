@@ -19,7 +19,6 @@ positions count in full, also where a stride > 1 lets only some of them reach ea
 """
 from __future__ import annotations
 
-import inspect
 from typing import Callable
 
 import torch
@@ -104,15 +103,7 @@ def resolve(init: str | Callable) -> Callable[..., None]:
     functools.partial for options, e.g. partial(sparse_, mode="fan_avg", scale=2.0).
     """
     if callable(init):
-        try:
-            signature = inspect.signature(init)
-        except (TypeError, ValueError):  # some builtins have none; trust them
-            return init
-        try:
-            signature.bind(None, generator=None)
-        except TypeError:
-            raise TypeError(f"init must be callable as init(module, generator=...), got {init!r} "
-                            f"with signature {signature}") from None
+        _checks.callable_as(init, "init", "init(module, generator=...)", None, generator=None)
         return init
     if not isinstance(init, str) or init not in INITS:
         raise ValueError(f"init must be one of {tuple(INITS)} or a callable, got {init!r}")

@@ -94,7 +94,8 @@ from .. import ops
 from ..ops import _checks, _masked_linear_op, _transforms, reference
 from ..ops.packing import PackedWeight
 from . import _dense_loads
-from .optimizer_state import check_optimizer, check_state_writable, mask_state_in_place, optimizer_state
+from .optimizer_state import (check_optimizer, check_state_writable, mask_state_in_place, optimizer_state,
+                              trained_parameters)
 from .sharding import is_dtensor
 
 
@@ -324,9 +325,9 @@ class SparseModule(nn.Module):
         shaped like the weight) is zeroed off the new mask too, as `sparsify(optimizer=)` and DST zero it. Left
         there, it would move the pruned weights off 0 at the next step while the module promises they are 0, and
         forward would compute with them (the state of a weight shared by tied layers is zeroed once). Not an LBFGS
-        (ValueError), nor one holding such a state tensor that cannot be written in place (ValueError naming it),
-        checked before anything changes. A gradient pending on the weight is not masked: call it before backward, or
-        after the optimizer step.
+        (ValueError), nor one that does not train this weight (ValueError: another layer's, say), nor one holding such
+        a state tensor that cannot be written in place (ValueError naming it), checked before anything changes. A
+        gradient pending on the weight is not masked: call it before backward, or after the optimizer step.
 
         A weight computed at every forward (a parametrization, weight_norm or spectral_norm registered
         on this module) is not the module's to write, nor is it read: the mask alone is copied, and
@@ -369,6 +370,9 @@ class SparseModule(nn.Module):
         check_optimizer(optimizer, "build the LBFGS after the masks are set")
         if optimizer is None or weight_is_computed(self):   # a computed weight holds no optimizer state of its own
             return []
+        if id(self.weight) not in trained_parameters(optimizer):
+            raise ValueError(f"optimizer does not train this {type(self).__name__}'s weight, so it holds no state of "
+                             f"it to zero off the mask: pass the optimizer that trains it, or None")
         check_state_writable(optimizer, self.weight, self.mask, f"this {type(self).__name__}")
         return optimizer_state(optimizer, self.weight)
 

@@ -25,6 +25,12 @@ def check_optimizer(optimizer, instead: str) -> None:
                          f"the masks: its next step would move pruned weights off 0; {instead}")
 
 
+def trained_parameters(optimizer: torch.optim.Optimizer) -> set[int]:
+    """The ids of the parameters `optimizer` trains (in any of its groups): an optimizer that trains none of the weights
+    a caller masks is another model's, passed by mistake, whose state could be zeroed off no mask."""
+    return {id(parameter) for group in optimizer.param_groups for parameter in group["params"]}
+
+
 def optimizer_state(optimizer: torch.optim.Optimizer, weight: Tensor) -> list[Tensor]:
     """The optimizer's per-entry state tensors of `weight` (not scalars such as Adam's step; none of a 0-d
     weight, whose every state is shaped like that step, which Adam keeps on the CPU, not on the weight's

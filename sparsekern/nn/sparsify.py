@@ -20,7 +20,8 @@ from .convolutions import (SparseConv1d, SparseConv2d, SparseConv3d, SparseConvT
                            SparseConvTranspose3d)
 from .modules import (SparseLinear, SparseModule, check_own_masks, is_computed, refuse_meta, sparse_modules,
                       weight_type_problem)
-from .optimizer_state import check_optimizer, check_state_writable, mask_state_in_place, optimizer_state
+from .optimizer_state import (check_optimizer, check_state_writable, mask_state_in_place, optimizer_state,
+                              trained_parameters)
 from .recurrent import SparseGRU, SparseLSTM, SparseRNN, SparseRNNBase
 from .sharding import refuse_sharded
 
@@ -87,9 +88,9 @@ def sparsify(model: nn.Module, density: float | None, distribution: str | Mappin
             must `distribution` itself with a mapping as `mask`). Or a rule of your own,
             a function `rule(shapes, density, *, names)` returning one density in (0, 1] per layer: it is called with
             the weight shapes (tuples) and names (as the mapping names them) of the layers selected, in model order,
-            and `density`, which it may follow or not (the total is what its densities make); what it returns is
-            checked (TypeError or ValueError naming the rule and the layer), and `power` and `dense_first_layer`
-            must keep their defaults.
+            and `density`, which it may follow or not (the total is what its densities make); a function that cannot
+            take that call raises TypeError naming `distribution`, what it returns is checked (TypeError or
+            ValueError naming the rule and the layer), and `power` and `dense_first_layer` must keep their defaults.
         include, exclude: fnmatch patterns on qualified module names ("features.*", "fc"); a
             module is sparsified if one of its names matches some `include` pattern (all do when
             None) and none matches an `exclude` pattern. A pattern that matches no module's name
@@ -192,7 +193,7 @@ def sparsify(model: nn.Module, density: float | None, distribution: str | Mappin
                            f"under torch.inference_mode()), which cannot be masked in place outside it: call sparsify "
                            f"under torch.inference_mode()")
     if optimizer is not None and groups:
-        trained = {id(parameter) for group in optimizer.param_groups for parameter in group["params"]}
+        trained = trained_parameters(optimizer)
         if not any(id(group[0][1].weight) in trained for group in groups):
             # Its state could be zeroed off no mask: another model's optimizer, passed by mistake.
             raise ValueError("optimizer trains none of the weights sparsify masks: pass the optimizer that trains "

@@ -5,6 +5,7 @@ Type and dtype errors raise TypeError, shape and range errors ValueError; each n
 """
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from dataclasses import dataclass
@@ -556,6 +557,22 @@ def flag(value, name: str) -> bool:
         owner = "" if kind.__module__ == "builtins" else f"{kind.__module__}."
         raise TypeError(f"{name} must be a bool, got {owner}{kind.__name__}")
     return value
+
+
+def callable_as(value, name: str, form: str, *args, **kwargs) -> None:
+    """TypeError naming `name` unless `value` is callable with `args` and `kwargs` (`form`: the call, as the message
+    says it), checked on its signature where the call comes later (at a training step, deep inside another call),
+    where the error would name no argument. A callable without a signature (some builtins) passes: called as it is."""
+    if not callable(value):
+        raise TypeError(f"{name} must be callable, got {type(value).__name__}")
+    try:
+        signature = inspect.signature(value)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError:
+        raise TypeError(f"{name} must be callable as {form}, got {value!r} with signature {signature}") from None
 
 
 
