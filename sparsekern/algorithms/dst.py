@@ -135,8 +135,8 @@ class DST(distributed.CatchesUp):
             non-zero state at zero-gradient entries.
         block: None, or (bh, bw): masks are all-or-nothing per bh×bw block of the weight viewed
             as (dim 0, rest): (out, rest), or a transposed convolution's (in, rest) (edge blocks may
-            be smaller). Scores are summed per block and whole
-            blocks are dropped and grown, n = round(r · active blocks) (or its floor or ceiling, swap_rounding). Masks that are not block
+            be smaller). Scores are summed per block and whole blocks are dropped and grown,
+            n = round(r · active blocks) (or its floor or ceiling, swap_rounding). Masks that are not block
             structured are made so at construction: each layer keeps round(active / (bh·bw))
             blocks, those holding the most active weights (ties to the lower block). Not with
             prune "set", "set_fw" or "set_fixed", whose scores rank weights against each other, nor with a
