@@ -80,7 +80,7 @@ remove_parametrizations(leave_parametrized=True) registers the original one agai
 values), sets `zero_off_mask` from the weight's values. A module moved off the meta device by `to_empty`
 gets a new module's all-True mask (its weight holds whatever memory held, all of it active, until an init
 or a state dict), the deferred-initialisation recipe; a mask for it comes from `set_mask`, a state dict or
-`sparsify`.
+`sparsify`. A SparseLinear in inference mode (`SparseLinear.to_inference`) is packed again from what it loaded.
 """
 from __future__ import annotations
 
@@ -327,7 +327,9 @@ class SparseModule(nn.Module):
         tie is checked at this call (a layer given a weight of its own since is left alone); it holds after
         `.to()`, deepcopy and pickling of the model (a copy's layers are tied to each other, not to the original's).
         Layers tied by hand after `sparsify` are unknown to it: sparsify the model again, or set each one's mask.
-        Every layer's mask is checked before any changes; `dense_grad` stays each layer's own.
+        Every layer's mask is checked before any changes; `dense_grad` stays each layer's own. A SparseLinear in
+        inference mode (`to_inference`), this one or a twin, stays in it, packed from the new mask: the pack is made
+        before anything changes, so a refused call leaves the old one.
 
         `optimizer`: one that trains this weight and has stepped (a method of your own changing masks mid-training,
         a one-shot pruning before fine-tuning): its per-weight state (momentum, Adam's moments: every state tensor
@@ -680,10 +682,12 @@ class SparseLinear(SparseModule, nn.Linear):
         The pack is a snapshot of weight and mask. What this library writes into a layer in inference mode is packed
         again, so that forward computes with it: `set_mask` (a tied twin's too), `load_state_dict` (of the layer or
         of a model holding it), `reset_parameters`, `sparsify` of a model holding it, and `SparseAveragedModel`'s
-        update of an averaged model holding it; the training algorithms (DST, IMP, SWAMP, OptG) and
-        `broadcast_masks` refuse a layer in inference mode (ValueError: `sparsekern.nn.to_training(model)` first).
-        A write of your own into the `weight` or `mask` tensor in place (`.data`, `copy_`, an optimizer step) is not
-        seen, as it cannot be without reading the tensors at every forward: call `to_inference()` again after one.
+        update of an averaged model holding it (`zero_weights_off_mask` changes nothing a pack holds); the training
+        algorithms (DST, IMP, SWAMP, OptG) and `broadcast_masks` refuse a layer in inference mode (ValueError:
+        `sparsekern.nn.to_training(model)` first).
+        A write of your own into the `weight` or `mask` tensor in place (`.data`, `copy_`, a `torch.nn.init`
+        function) is not seen, as it cannot be without reading the tensors at every forward: call `to_inference()`
+        again after one.
 
         Forward computes in the packed weight's dtype, under torch.autocast too (`ops.sparse_linear`); torch.compile
         runs it (with a graph break), torch.export refuses it (RuntimeError): export the training-mode layer.

@@ -8,24 +8,14 @@ import pytest
 import torch
 
 import sparsekern
-from sparsekern.algorithms import IMP, OptG, SWAMP, RigL
 from sparsekern.algorithms.distributed import broadcast_masks
 
-from ..helpers import mlp
+from ..helpers import assert_unchanged, everything
+from .test_computed_weights import BUILD, _sparse_model
 
 REFUSAL = r"layer '2' is in inference mode \(to_inference\(\)\).*call sparsekern.nn.to_training\(model\) before"
 
 
-def _sgd(parameters):
-    return torch.optim.SGD(parameters, lr=0.1, momentum=0.9)
-
-
-BUILD = {
-    "DST": lambda model: RigL(model, _sgd(model.parameters()), total_steps=10, update_every=1, drop_fraction=0.5),
-    "IMP": lambda model: IMP(model, _sgd, rewind_step=0),
-    "SWAMP": lambda model: SWAMP(model, _sgd, particles=2),
-    "OptG": lambda model: OptG(model, sparsity=0.5, epochs=2),
-}
 # The calls of each algorithm that write masks or weights (each refused once a layer is in inference mode).
 WRITES = {
     "DST": lambda dst, state: [dst.step, lambda: dst.load_state_dict(state)],
@@ -35,29 +25,15 @@ WRITES = {
 }
 
 
-def _sparse_model(seed=0):
-    model = mlp(seed, inputs=8, hidden=6, outputs=4)
-    sparsekern.sparsify(model, 0.5, generator=torch.Generator().manual_seed(seed))
-    return model
-
-
-def _everything(model):
-    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
-
-
-def _unchanged(model, before):
-    after = _everything(model)
-    return after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
-
-
 @pytest.mark.parametrize("who", BUILD)
 def test_an_algorithm_refuses_a_model_with_a_layer_in_inference_mode_by_name(who):
     model = _sparse_model()
     model[2].to_inference()
-    before = _everything(model)
+    before = everything(model)
     with pytest.raises(ValueError, match=f"^{who}: {REFUSAL}"):
         BUILD[who](model)
-    assert _unchanged(model, before) and model[2].packed is not None
+    assert_unchanged(before, everything(model))
+    assert model[2].packed is not None
     sparsekern.nn.to_training(model)
     BUILD[who](model)   # the remedy the message gives
 
@@ -70,17 +46,18 @@ def test_a_layer_put_in_inference_mode_after_the_algorithm_was_built_is_refused_
     model(torch.randn(5, 8)).sum().backward()   # gradients for DST's and OptG's steps
     sparsekern.nn.to_inference(model)
     packed = model[2].packed
-    before = _everything(model)
+    before = everything(model)
     for call in WRITES[who](algorithm, state):
         with pytest.raises(ValueError, match=f"^{who}: layer '0' is in inference mode"):
             call()
-    assert _unchanged(model, before) and model[2].packed is packed
+    assert_unchanged(before, everything(model))
+    assert model[2].packed is packed
 
 
 def test_broadcast_masks_refuses_a_layer_in_inference_mode_changing_nothing(one_rank):
     model = _sparse_model()
     model[2].to_inference()
-    before = _everything(model)
+    before = everything(model)
     with pytest.raises(ValueError, match=f"^broadcast_masks: {REFUSAL}"):
         broadcast_masks(model)
-    assert _unchanged(model, before)
+    assert_unchanged(before, everything(model))

@@ -132,7 +132,7 @@ def test_an_averaged_model_in_inference_mode_packs_each_new_average(generator):
 
 
 def test_a_write_of_ones_own_into_the_weight_is_seen_at_the_next_to_inference(generator):
-    # Documented: the pack is a snapshot, and an in-place write of the user's own (an optimizer step, .data, copy_)
+    # Documented: the pack is a snapshot, and an in-place write of the user's own (.data, copy_, torch.nn.init)
     # is not noticed (that would read the tensors at every forward); to_inference() packs it.
     layer = SparseLinear(10, 6).to_inference()
     packed = layer.packed
