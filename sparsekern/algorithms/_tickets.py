@@ -26,7 +26,8 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from .. import checkpoint, ops
 from ..ops import _checks
 from ..nn import SparseModule, _wrappers, sparse_modules, tying
-from ..nn.modules import check_own_masks, computed_weight_refusal, refuse_inference, refuse_meta
+from ..nn.modules import (check_own_masks, computed_weight_refusal, refuse_inference, refuse_inference_mode,
+                          refuse_meta)
 from ..nn.sharding import refuse_sharded
 from ._stack import user_stacklevel
 
@@ -56,22 +57,29 @@ def sparse_layers(model: nn.Module, who: str) -> list[tying.Group]:
     # Every module of a group: a tied module's mask is its own buffer.
     refuse_meta([pair for group in groups for pair in group], who, tensors=("weight", "mask"))
     refuse_inference([pair for group in groups for pair in group], who)
+    refuse_inference_mode([pair for group in groups for pair in group], who)
     return groups
 
 
 def check_own_weights(groups: list[tying.Group], who: str) -> None:
     """RuntimeError, before anything changes, when a layer's weight became computed at every forward (a
-    parametrization registered) after `who` was built (`computed_weight_refusal`)."""
-    refusal = computed_weight_refusal([pair for group in groups for pair in group], who, built=True)
+    parametrization registered) after `who` was built (`computed_weight_refusal`); ValueError for a layer put in
+    inference mode since (`refuse_inference_mode`)."""
+    named = [pair for group in groups for pair in group]
+    refusal = computed_weight_refusal(named, who, built=True)
     if refusal is not None:
         raise RuntimeError(refusal)
+    refuse_inference_mode(named, who)
 
 
 def check_masks_writable(groups: list[tying.Group], who: str) -> None:
     """TypeError or ValueError naming the layer, before anything changes, for a mask buffer that `who` cannot write
     in place (`check_own_masks`), of every module of a group: a tied module's mask is its own buffer,
-    which `tying.sync` writes."""
-    check_own_masks([pair for group in groups for pair in group], who)
+    which `tying.sync` writes; ValueError for a layer in inference mode, whose pack the write would leave stale
+    (`refuse_inference_mode`)."""
+    named = [pair for group in groups for pair in group]
+    check_own_masks(named, who)
+    refuse_inference_mode(named, who)
 
 
 def primaries(groups: list[tying.Group]) -> list[SparseModule]:

@@ -29,7 +29,7 @@ from torch.distributed.algorithms.join import Join, Joinable, JoinHook
 from torch.nn.parallel import DistributedDataParallel
 
 from ..nn import sparse_modules
-from ..nn.modules import check_own_masks, computed_weight_refusal
+from ..nn.modules import check_own_masks, computed_weight_refusal, refuse_inference_mode
 from ..nn.optimizer_state import (check_optimizer, check_state_writable, mask_state_in_place, optimizer_state,
                                   state_is_sharded)
 from ..nn.sharding import refuse_sharded
@@ -71,7 +71,8 @@ def broadcast_masks(model: nn.Module, src: int = 0, group=None, weights: bool = 
     moved: each rank zeroes its own share off the masks, and nothing is copied.
     Not an LBFGS (ValueError): no mask change can follow its flattened history. Not a sparse layer whose
     weight is computed at every forward (ValueError naming it: a parametrization registered after sparsify),
-    whose computed weight a broadcast could not write into. Ranks holding
+    whose computed weight a broadcast could not write into, nor a SparseLinear in inference mode (ValueError naming
+    it: `sparsekern.nn.to_training(model)` first), whose packed copy the broadcast would leave stale. Ranks holding
     different sparse layers (names or shapes), or given an optimizer or algorithm on some ranks only,
     raise ValueError on every rank. Every error is raised on every rank (a rank raising alone would
     leave the others waiting in a collective), before anything changes on any: the rank whose check
@@ -101,6 +102,7 @@ def _broadcast_replica(model: nn.Module, src: int, group, weights: bool, optimiz
         if refusal is not None:
             raise ValueError(refusal)
         check_own_masks(named, "broadcast_masks")   # copied into (and src's read) after the weights are broadcast
+        refuse_inference_mode(named, "broadcast_masks")
         modules = [module for _, module in named]
         copy_state = optimizer is not None and not state_is_sharded(optimizer)
         whole_optimizer = whole_optimizer and copy_state

@@ -67,7 +67,22 @@ class SparseAveragedModel(swa_utils.AveragedModel):
 
     def update_parameters(self, model: nn.Module) -> None:
         """AveragedModel's update from `model`, the model this was made from, whose current masks the averaged
-        sparse layers then compute under; ValueError, nothing changed, for a model with other sparse layers."""
+        sparse layers then compute under; ValueError, nothing changed, for a model with other sparse layers.
+
+        An averaged layer in inference mode (evaluated through `sparsekern.nn.to_inference(averaged.module)`)
+        stays in it, packed again from the new average and mask."""
+        # torch pairs the averaged model's buffers with the model's by position: the packs, which the model does not
+        # hold, are taken out for the update (torch copied a mask into a pack, and stopped there), then made anew.
+        serving = [module for _, module in sparse_modules(self.module) if module._in_inference_mode]
+        for module in serving:
+            module.to_training()
+        try:
+            self._update_parameters(model)
+        finally:
+            for module in serving:
+                module.to_inference()
+
+    def _update_parameters(self, model: nn.Module) -> None:
         _check_model(model)
         averaged_parameters = {id(parameter) for parameter in self.module.parameters()}
         if any(id(parameter) in averaged_parameters for parameter in model.parameters()):

@@ -71,7 +71,9 @@ def densify(model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     _refuse_wrapped(model)
-    refuse_sharded(model, "densify")
+    refuse_sharded(model, "densify", why="densify zeroes each layer's whole weight off its whole mask and hands the "
+                   "dense twin that whole weight, which a sharded rank does not hold: densify an unsharded copy of "
+                   "the model (one built without sharding, its full state dict loaded), then shard the dense model")
     problem = computed_weight_refusal(sparse_modules(model), "densify")
     if problem is not None:
         raise ValueError(problem)

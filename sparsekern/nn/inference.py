@@ -16,8 +16,10 @@ from .sharding import refuse_sharded
 
 def to_inference(model: nn.Module) -> list[str]:
     """Puts every SparseLinear of `model` that runs its own forward in inference mode (`SparseLinear.to_inference`)
-    and returns their names, in `named_modules()` order. A layer already there is packed again (the pack is a
-    snapshot of weight and mask: call again after changing them).
+    and returns their names, in `named_modules()` order. A layer already there is packed again: the pack is a
+    snapshot of weight and mask, which sparsekern's own writes (set_mask, load_state_dict, sparsify, ...) pack again
+    themselves, but a write of your own into either tensor in place (`.data`, `copy_`) goes unseen until this call
+    (`SparseLinear.to_inference`).
 
     Left in training mode: the projections of a SparseMultiheadAttention and the weight layers of a
     SparseRNN/LSTM/GRU, whose parent hands their weights to a fused op of torch without running them (and refuses

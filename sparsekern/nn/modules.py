@@ -80,7 +80,7 @@ remove_parametrizations(leave_parametrized=True) registers the original one agai
 values), sets `zero_off_mask` from the weight's values. A module moved off the meta device by `to_empty`
 gets a new module's all-True mask (its weight holds whatever memory held, all of it active, until an init
 or a state dict), the deferred-initialisation recipe; a mask for it comes from `set_mask`, a state dict or
-`sparsify`.
+`sparsify`. A SparseLinear in inference mode (`SparseLinear.to_inference`) is packed again from what it loaded.
 """
 from __future__ import annotations
 
@@ -128,6 +128,10 @@ class SparseModule(nn.Module):
     # otherwise: when assigned to a module, else at the forward that would read it).
     check_zero_off_mask: bool = False
 
+    # SparseLinear's inference mode (`to_inference`) holds a pack of weight and mask; the other sparse modules have
+    # none, and `_refresh_pack` does nothing for them.
+    _in_inference_mode = False
+
     def _init_mask(self) -> None:
         self.register_buffer("mask", torch.ones_like(self.weight, dtype=torch.bool))
         self.dense_grad = False
@@ -145,6 +149,11 @@ class SparseModule(nn.Module):
         weight = self._parameters.get("weight")
         if "mask" in self._buffers and not weight_is_computed(self) and not is_dtensor(weight):
             self.zero_weights_off_mask()
+        self._refresh_pack()
+
+    def _refresh_pack(self) -> None:
+        """Inference mode's pack made again from the weight and mask just written by this library (a load, an init),
+        so that forward computes with them; a module in training mode, or with no inference mode, has none."""
 
     def __getstate__(self) -> dict:
         # The modules tied to this one by strong reference, which deepcopy maps to their copies (to the model's own
@@ -318,7 +327,9 @@ class SparseModule(nn.Module):
         tie is checked at this call (a layer given a weight of its own since is left alone); it holds after
         `.to()`, deepcopy and pickling of the model (a copy's layers are tied to each other, not to the original's).
         Layers tied by hand after `sparsify` are unknown to it: sparsify the model again, or set each one's mask.
-        Every layer's mask is checked before any changes; `dense_grad` stays each layer's own.
+        Every layer's mask is checked before any changes; `dense_grad` stays each layer's own. A SparseLinear in
+        inference mode (`to_inference`), this one or a twin, stays in it, packed from the new mask: the pack is made
+        before anything changes, so a refused call leaves the old one.
 
         `optimizer`: one that trains this weight and has stepped (a method of your own changing masks mid-training,
         a one-shot pruning before fine-tuning): its per-weight state (momentum, Adam's moments: every state tensor
@@ -354,6 +365,11 @@ class SparseModule(nn.Module):
         if not computed:
             self._check_weight_writable()   # before the mask changes: torch would refuse the weight's write only
         state = self._optimizer_state(optimizer, mask)   # the shared weight's, zeroed once
+        # The layers in inference mode (this one, a twin) keep serving, from the new mask: their pack is made before
+        # anything changes, so that one that cannot be made leaves every layer as it was. Entries off the mask are
+        # dropped from a pack, so the weight's values there (zeroed below) do not matter.
+        serving = [module for module in (self, *tied) if module._in_inference_mode]
+        packed = ops.pack(self.weight, mask.to(self.mask.device)) if serving else None
         for module in (self, *tied):
             module.mask.copy_(mask)
         for tensor in state:
@@ -364,6 +380,8 @@ class SparseModule(nn.Module):
             self.zero_weights_off_mask()
             for twin in tied:
                 twin.zero_off_mask = True   # the weight they share was zeroed off this mask just now
+        for module in serving:
+            module._hold_packed(packed)
 
     def _optimizer_state(self, optimizer: torch.optim.Optimizer | None, mask: Tensor) -> list[Tensor]:
         """`optimizer`'s per-weight state of this module's weight, each tensor checked writable (`set_mask`)."""
@@ -518,6 +536,7 @@ class SparseModule(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         self._recheck_zero_off_mask()
+        self._refresh_pack()   # a layer in inference mode serves the loaded weight and mask
 
     def extra_repr(self) -> str:
         if self.mask.is_meta:  # no values to count
@@ -658,8 +677,17 @@ class SparseLinear(SparseModule, nn.Linear):
 
         The packed tensors are non-persistent buffers (`packed_bitmap`, `packed_values`,
         `packed_chunk_offsets`): they follow `.to(device)` and `.half()`, and the state dict stays
-        that of a training module. The pack is a snapshot: call again after changing weight or
-        mask, or `to_training()` to go back. Returns self.
+        that of a training module. `to_training()` goes back. Returns self.
+
+        The pack is a snapshot of weight and mask. What this library writes into a layer in inference mode is packed
+        again, so that forward computes with it: `set_mask` (a tied twin's too), `load_state_dict` (of the layer or
+        of a model holding it), `reset_parameters`, `sparsify` of a model holding it, and `SparseAveragedModel`'s
+        update of an averaged model holding it (`zero_weights_off_mask` changes nothing a pack holds); the training
+        algorithms (DST, IMP, SWAMP, OptG) and `broadcast_masks` refuse a layer in inference mode (ValueError:
+        `sparsekern.nn.to_training(model)` first).
+        A write of your own into the `weight` or `mask` tensor in place (`.data`, `copy_`, a `torch.nn.init`
+        function) is not seen, as it cannot be without reading the tensors at every forward: call `to_inference()`
+        again after one.
 
         Forward computes in the packed weight's dtype, under torch.autocast too (`ops.sparse_linear`); torch.compile
         runs it (with a graph break), torch.export refuses it (RuntimeError): export the training-mode layer.
@@ -676,6 +704,10 @@ class SparseLinear(SparseModule, nn.Linear):
         for name in _PACKED_FIELDS:
             self.register_buffer(f"packed_{name}", getattr(packed, name), persistent=False)
         return self
+
+    def _refresh_pack(self) -> None:
+        if self._in_inference_mode:
+            self.to_inference()
 
     def to_training(self) -> "SparseLinear":
         """Leaves inference mode: forward goes back to `ops.masked_linear`. Returns self."""
@@ -842,6 +874,17 @@ def refuse_inference(named: list[tuple[str, nn.Module]], who: str) -> None:
                              f"{'are inference tensors' if len(made) > 1 else 'is an inference tensor'} (made under "
                              f"torch.inference_mode()), which training cannot use: build the model outside inference "
                              f"mode, or load its state_dict into one built outside it")
+
+
+def refuse_inference_mode(named: list[tuple[str, SparseModule]], who: str) -> None:
+    """ValueError naming the first layer of `named` in inference mode (`SparseLinear.to_inference`), before `who`, a
+    training algorithm or broadcast_masks, changes anything: the layer computes with a packed snapshot of its weight
+    and mask, which `who`'s writes would leave stale, and gives its weight no gradient to train."""
+    for name, module in named:
+        if module._in_inference_mode:
+            raise ValueError(f"{who}: layer {name or '(root)'!r} is in inference mode (to_inference()): it computes "
+                             f"with a packed copy of its weight and mask, which {who}'s updates would not reach, and "
+                             f"gives its weight no gradient; call sparsekern.nn.to_training(model) before training")
 
 
 def check_own_masks(named: list[tuple[str, SparseModule]], who: str, written: bool = True) -> None:

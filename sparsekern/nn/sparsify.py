@@ -150,7 +150,8 @@ def sparsify(model: nn.Module, density: float | None, distribution: str | Mappin
     sparse one. Modules that share one weight Parameter form one layer with one mask. A weight
     that a module staying dense also holds (an Embedding tied to an output Linear, an excluded
     layer) is left dense, with a warning: masking it would prune the dense module too. Sparsified
-    again with one of two tied sparse layers left out, both keep their one mask, with a warning.
+    again with one of two tied sparse layers left out, both keep their one mask, with a warning. A SparseLinear
+    in inference mode (`to_inference`) sparsified again stays in it, packed from its new mask and weight.
     An attention or recurrent module holding such a weight stays dense as a whole (converted, it
     would hold a sparse layer of density 1 there), and the warning names it.
 

@@ -431,3 +431,17 @@ def test_a_densified_model_exports_with_torch_export():
     expected = model(inputs)
     program = torch.export.export(sk.nn.densify(model), (inputs,))
     torch.testing.assert_close(program.module()(inputs), expected)
+
+
+def test_a_sharded_model_is_refused_for_what_densify_needs(one_rank):
+    """The refusal gave the writers of masks' reason ("masks are chosen over whole weights") and told to wrap the
+    model in DistributedDataParallel, which densify has no use for."""
+    fully_shard = pytest.importorskip("torch.distributed.fsdp").fully_shard
+    model = sk.sparsify(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)), 0.5, generator=_generator())
+    fully_shard(model)
+    with pytest.raises(ValueError, match=r"^densify: model is sharded across ranks \(module '0' holds DTensor "
+                                         r"parameters .*\); densify zeroes each layer's whole weight off its whole "
+                                         r"mask .*: densify an unsharded copy of the model") as err:
+        sk.densify(model)
+    assert "DistributedDataParallel" not in str(err.value)
+    assert isinstance(model[0], SparseModule) and isinstance(model[2], SparseModule)

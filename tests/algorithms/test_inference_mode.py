@@ -1,0 +1,63 @@
+"""A SparseLinear in inference mode (`to_inference`) computes with a packed snapshot of its weight and mask and gives
+its weight no gradient: the algorithms and broadcast_masks refuse it by name, saying to call to_training(model), at
+construction and at every call that would write its weight or mask (their packed copy would go stale), before
+anything changes."""
+import copy
+
+import pytest
+import torch
+
+import sparsekern
+from sparsekern.algorithms.distributed import broadcast_masks
+
+from ..helpers import assert_unchanged, everything
+from .test_computed_weights import BUILD, _sparse_model
+
+REFUSAL = r"layer '2' is in inference mode \(to_inference\(\)\).*call sparsekern.nn.to_training\(model\) before"
+
+
+# The calls of each algorithm that write masks or weights (each refused once a layer is in inference mode).
+WRITES = {
+    "DST": lambda dst, state: [dst.step, lambda: dst.load_state_dict(state)],
+    "IMP": lambda imp, state: [imp.next_cycle, imp.prune_masks, lambda: imp.load_state_dict(state)],
+    "SWAMP": lambda swamp, state: [swamp.next_particle, swamp.next_cycle, lambda: swamp.load_state_dict(state)],
+    "OptG": lambda optg, state: [optg.step, optg.next_epoch, lambda: optg.load_state_dict(state)],
+}
+
+
+@pytest.mark.parametrize("who", BUILD)
+def test_an_algorithm_refuses_a_model_with_a_layer_in_inference_mode_by_name(who):
+    model = _sparse_model()
+    model[2].to_inference()
+    before = everything(model)
+    with pytest.raises(ValueError, match=f"^{who}: {REFUSAL}"):
+        BUILD[who](model)
+    assert_unchanged(before, everything(model))
+    assert model[2].packed is not None
+    sparsekern.nn.to_training(model)
+    BUILD[who](model)   # the remedy the message gives
+
+
+@pytest.mark.parametrize("who", BUILD)
+def test_a_layer_put_in_inference_mode_after_the_algorithm_was_built_is_refused_changing_nothing(who):
+    model = _sparse_model()
+    algorithm = BUILD[who](model)
+    state = copy.deepcopy(algorithm.state_dict())
+    model(torch.randn(5, 8)).sum().backward()   # gradients for DST's and OptG's steps
+    sparsekern.nn.to_inference(model)
+    packed = model[2].packed
+    before = everything(model)
+    for call in WRITES[who](algorithm, state):
+        with pytest.raises(ValueError, match=f"^{who}: layer '0' is in inference mode"):
+            call()
+    assert_unchanged(before, everything(model))
+    assert model[2].packed is packed
+
+
+def test_broadcast_masks_refuses_a_layer_in_inference_mode_changing_nothing(one_rank):
+    model = _sparse_model()
+    model[2].to_inference()
+    before = everything(model)
+    with pytest.raises(ValueError, match=f"^broadcast_masks: {REFUSAL}"):
+        broadcast_masks(model)
+    assert_unchanged(before, everything(model))
