@@ -2,10 +2,11 @@
 `bench` the kernels.
 
 With no subcommand it runs `compare` with its defaults on scikit-learn's bundled digits.
-Every bad input (an argument, the dataset's content, a resume checkpoint, the output folder, SPARSEKERN_BACKEND)
-fails with a one-line error and exit code 2 before any training, which starts with the subcommand as argparse's
-own errors do (`sparsekern train: error: ...`), as do warnings. `train` also runs data-parallel on the ranks
-torchrun starts (README.md, `sparsekern train`), where a bad input on any rank stops every rank with that error.
+Every bad input (an argument, the dataset's content, a resume checkpoint, the output folder or a file it is to hold,
+SPARSEKERN_BACKEND) fails with a one-line error and exit code 2 before any training, which starts with the
+subcommand as argparse's own errors do (`sparsekern train: error: ...`), as do warnings. `train` also runs
+data-parallel on the ranks torchrun starts (README.md, `sparsekern train`), where a bad input on any rank stops every
+rank with that error.
 """
 from __future__ import annotations
 
