@@ -36,6 +36,7 @@ from .data import check_dataset, load_dataset
 from .models import MODELS, build_model
 from .output import check_outputs, counted, first_line, make_output_folders
 from .recipes import CRITERION_PARAMETERS, DST_PRESETS, TICKET_METHODS, criteria_of
+from .runs import RUNS_FOLDER
 from .training import (DISTRIBUTIONS, INITS, METHODS, OUTPUT_FILES, SCHEDULES, Diverged, TrainConfig,
                        check_cycle_steps, prepare, read_checkpoint, total_epochs)
 
@@ -682,7 +683,7 @@ def _prepare_reproduce(args):
 
 def _runs_trained(runs: int, trained: int, out: str) -> str:
     """'12 runs (3 trained now, 9 found in OUT/runs)': a rerun that trained nothing read as a fast one."""
-    found = f", {runs - trained} found in {os.path.join(out, 'runs')}" if trained < runs else ""
+    found = f", {runs - trained} found in {os.path.join(out, RUNS_FOLDER)}" if trained < runs else ""
     return f"{counted(runs, 'run')} ({trained} trained now{found})"
 
 

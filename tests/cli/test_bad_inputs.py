@@ -642,8 +642,8 @@ def test_an_output_file_taken_by_a_fifo_exits_2_before_training(command, tmp_pat
     out.mkdir()
     name = {"train": "metrics.json", "compare": "results.md", "reproduce": "report.md"}[command]
     os.mkfifo(out / name)
-    refused([command, *QUICK[command], "--out", str(out)], capsys, f"--out's file {str(out / name)!r} is not a "
-                                                                    f"regular file")
+    refused([command, *QUICK[command], "--out", str(out)], capsys,
+            f"--out's file {str(out / name)!r} is not a regular file")
 
 
 @pytest.mark.parametrize("command", ["train", "compare"])
