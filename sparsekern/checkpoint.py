@@ -361,13 +361,40 @@ def _sync_directory(directory: str) -> None:
             os.close(descriptor)
 
 
+def check_destination(path: str, argument: str, folder: bool = False) -> None:
+    """ValueError (one line, naming `argument` and `path`) where nothing could be put at `path`, whatever the
+    permissions: a folder (`folder`) where `path` is a file, a file where it ends in a separator, is a folder or
+    is something other than a regular file (a FIFO, a device, which `write_atomically`'s rename would replace), and
+    either where a file stands where one of its parent folders would be. Creates and writes nothing: run it before
+    reading the inputs, and `check_writable_folder` (which creates the folder) after them."""
+    kind = "folder" if folder else "file"
+    if "\0" in path:   # os.stat and os.makedirs raise their own ValueError, which names no argument
+        raise ValueError(f"{argument} {path!r} is not a writable {kind} (a path cannot hold a NUL byte)")
+    if not folder and path.endswith((os.sep, os.altsep or os.sep)):
+        raise ValueError(f"{argument} {path!r} ends in a separator: a folder, not a file")
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:   # missing, or under a file (NotADirectoryError): its nearest existing parent says which
+        parent = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise ValueError(f"{argument} {path!r} is not a writable {kind} ({parent!r} is a file, not a folder)")
+        return
+    if folder and not stat.S_ISDIR(mode):
+        raise ValueError(f"{argument} {path!r} is a file, not a folder")
+    if not folder and stat.S_ISDIR(mode):
+        raise ValueError(f"{argument} {path!r} is a folder, not a file")
+    if not folder and not stat.S_ISREG(mode):
+        raise ValueError(f"{argument} {path!r} is not a regular file (a FIFO, socket or device), which writing "
+                         f"would replace")
+
+
 def check_writable_folder(path: str, argument: str) -> None:
     """Creates the folder `path` if needed and makes sure a file can be written in it; ValueError (one line,
-    naming `argument`) if not. Run before the work whose results go there, so that none is lost to it."""
-    if "\0" in path:   # os.makedirs would raise its own ValueError, which names no argument
-        raise ValueError(f"{argument} {path!r} is not a writable folder (a path cannot hold a NUL byte)")
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"{argument} {path!r} is a file, not a folder")
+    naming `argument`) if not (`check_destination` first). Run before the work whose results go there, so that
+    none is lost to it."""
+    check_destination(path, argument, folder=True)
     try:
         os.makedirs(path, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):

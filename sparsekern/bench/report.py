@@ -154,10 +154,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m benchmarks",
     for option, path in (("--json", args.json), ("--csv", args.csv)):
         if path is not None and not path.strip():   # an unset shell variable: no file would be written, silently
             parser.error(f"{option} needs a file path, got {path!r}")
-        if path and os.path.isdir(path):
-            parser.error(f"{option} {path!r} is a folder")
         if path:  # checked before the timings, which a failed write at the end would throw away
             try:
+                checkpoint.check_destination(path, option)   # a folder, a trailing separator, a device
                 checkpoint.check_writable_folder(os.path.dirname(os.path.abspath(path)), f"{option}'s folder")
             except ValueError as error:
                 parser.error(str(error))

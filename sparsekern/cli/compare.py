@@ -21,7 +21,7 @@ from .data import Dataset, load_dataset
 from .output import DENSITY_LABEL, counted, csv_text, density_axis, flops_cell, save_figure, write_text
 from .progress import execute_shown
 from .recipes import CRITERION_PARAMETERS, criteria_of, start_density
-from .runs import Job, RunStore, key, unique, warnings_cell
+from .runs import RUNS_FOLDER, Job, RunStore, key, record_files, unique, warnings_cell
 from .training import COST_KEYS, TrainConfig, cost_means
 
 DEFAULT_METHODS = ("dense", "static", "set", "rigl", "dst")
@@ -35,6 +35,8 @@ CRITERION_METHOD = "dst"  # the method whose lines the criteria axis makes; pres
 # A run that ends within this relative distance of its target density is filed under the target: exact per-layer
 # counts round d_l·N_l, so the overall density of a small model misses the target by a fraction of a percent.
 FILING_TOLERANCE = 0.01
+# What `run_compare` writes into its out_dir once the runs are done (their records go to RUNS_FOLDER as each finishes).
+RESULT_FILES = ("runs.csv", "results.csv", "results.md", "accuracy_vs_density.png", "grid.json")
 RUN_FIELDS = ("label", "method", "prune", "grow", "schedule", "init", "density", "final_density", "seed",
               "epochs_trained", "test_accuracy", "gradient_flow", "gradient_flow_mean", *COST_KEYS, "seconds", "key",
               "warnings")
@@ -98,6 +100,11 @@ def grid(lines: list[Line], densities: list[float], seeds: int, base: TrainConfi
             for density in ([1.0] if line.method == "dense" else densities) for seed in range(seeds)]
 
 
+def output_files(lines: list[Line], densities: list[float], seeds: int, base: TrainConfig) -> list[str]:
+    """Every file `run_compare` of these arguments may write, relative to its out_dir."""
+    return [*RESULT_FILES, *record_files([Job(config) for _, config in grid(lines, densities, seeds, base)])]
+
+
 def run_compare(lines: list[Line], densities: list[float], seeds: int, base: TrainConfig, out_dir: str,
                 progress: bool = True, dataset: Dataset | None = None, fresh: bool = False,
                 workers: int = 1) -> Comparison:
@@ -106,7 +113,7 @@ def run_compare(lines: list[Line], densities: list[float], seeds: int, base: Tra
     grid.json to `out_dir`."""
     planned = grid(lines, densities, seeds, base)
     dataset = dataset if dataset is not None else load_dataset(base.dataset)
-    store = RunStore(os.path.join(out_dir, "runs"), fresh)
+    store = RunStore(os.path.join(out_dir, RUNS_FOLDER), fresh)
     jobs = [Job(config) for _, config in planned]
     labels = {key(config): line.label for line, config in planned}   # the criteria lines share their method
     started = time.perf_counter()

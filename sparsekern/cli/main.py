@@ -2,10 +2,11 @@
 `bench` the kernels.
 
 With no subcommand it runs `compare` with its defaults on scikit-learn's bundled digits.
-Every bad input (an argument, the dataset's content, a resume checkpoint, the output folder, SPARSEKERN_BACKEND)
-fails with a one-line error and exit code 2 before any training, which starts with the subcommand as argparse's
-own errors do (`sparsekern train: error: ...`), as do warnings. `train` also runs data-parallel on the ranks
-torchrun starts (README.md, `sparsekern train`), where a bad input on any rank stops every rank with that error.
+Every bad input (an argument, the dataset's content, a resume checkpoint, the output folder or a file it is to hold,
+SPARSEKERN_BACKEND) fails with a one-line error and exit code 2 before any training, which starts with the
+subcommand as argparse's own errors do (`sparsekern train: error: ...`), as do warnings. `train` also runs
+data-parallel on the ranks torchrun starts (README.md, `sparsekern train`), where a bad input on any rank stops every
+rank with that error.
 """
 from __future__ import annotations
 
@@ -28,16 +29,16 @@ from ..algorithms.criteria import ELEMENTWISE, GROW, PARAMETER_MAX, PRUNE
 from ..algorithms.dst import SCOPES, SWAP_ROUNDINGS
 from ..algorithms.optg import MIN_EPOCHS_DIGITS
 from ..bench import report
-from ..checkpoint import check_writable_folder
 from ..ops._backend import backends
 from ..ops._checks import thread_count
 from .counts import check_counts, sparse_layers
 from .data import check_dataset, load_dataset
 from .models import MODELS, build_model
-from .output import counted, first_line
+from .output import check_outputs, counted, first_line, make_output_folders
 from .recipes import CRITERION_PARAMETERS, DST_PRESETS, TICKET_METHODS, criteria_of
-from .training import (DISTRIBUTIONS, INITS, METHODS, SCHEDULES, Diverged, TrainConfig, check_cycle_steps, prepare,
-                       read_checkpoint, total_epochs)
+from .runs import RUNS_FOLDER
+from .training import (DISTRIBUTIONS, INITS, METHODS, OUTPUT_FILES, SCHEDULES, Diverged, TrainConfig,
+                       check_cycle_steps, prepare, read_checkpoint, total_epochs)
 
 TRAIN_OUT = "runs/train"   # train's --out unless told, or resuming
 # The ops a training run calls: a SPARSEKERN_BACKEND that cannot run one of them is refused before training.
@@ -580,8 +581,8 @@ def _agreed(ranks: data_parallel.Ranks, check):
 
 
 def _check_train(args, ranks: data_parallel.Ranks):
-    """(config, dataset) of a train command, every input but --resume's state and --out checked (ValueError, one
-    line)."""
+    """(config, dataset) of a train command, every input but --resume's state and whether --out can be created and
+    written in checked (ValueError, one line)."""
     _check_options_apply(args, [args.method])
     density = TrainConfig.density if args.density is None else args.density
     config = _config(args, method=args.method, density=density, seed=args.seed, prune=args.prune,
@@ -595,6 +596,8 @@ def _check_train(args, ranks: data_parallel.Ranks):
     data_parallel.check_config(config, ranks)
     check_dataset(config.dataset)
     check_backend(config.device)
+    if ranks.rank == 0:   # the rank that writes
+        check_outputs(args.out, list(OUTPUT_FILES))
     dataset = load_dataset(config.dataset)
     check_cycle_steps(config, dataset)
     check_counts(config, sparse_layers(build_model(config.model, dataset.input_shape, dataset.num_classes,
@@ -613,7 +616,7 @@ def _check_run(args, run, ranks: data_parallel.Ranks) -> None:
             raise ValueError(f"--stop-after {args.stop_after} is before epoch {run.epoch}, where the resume "
                              f"checkpoint already is: nothing would be trained")
     if ranks.rank == 0:
-        check_writable_folder(args.out, "--out")
+        make_output_folders(args.out, list(OUTPUT_FILES))
 
 
 def _prepare_compare(args):
@@ -634,13 +637,14 @@ def _prepare_compare(args):
     _check_block_criterion(args, configs)
     check_dataset(base.dataset)
     check_backend(base.device)
+    outputs = compare_module.output_files(lines, densities, args.seeds, base)
+    check_outputs(args.out, outputs)
     dataset = load_dataset(base.dataset)
     layers = sparse_layers(build_model(base.model, dataset.input_shape, dataset.num_classes, base.width))
     for config in configs:
         check_cycle_steps(config, dataset)
         check_counts(config, layers, "--densities")
-    check_writable_folder(args.out, "--out")
-    check_writable_folder(os.path.join(args.out, "runs"), "--out's runs folder")
+    make_output_folders(args.out, outputs)
     if "optg" in args.methods:
         _warn_short_optg("optg", base.epochs)
 
@@ -661,9 +665,10 @@ def _prepare_compare(args):
 def _prepare_reproduce(args):
     check_backend(args.device)
     plan = reproduce_module.plan(quick=args.quick, device=args.device)
+    outputs = reproduce_module.output_files(plan)
+    check_outputs(args.out, outputs)
     dataset = load_dataset(plan.dataset)
-    check_writable_folder(args.out, "--out")
-    check_writable_folder(os.path.join(args.out, "runs"), "--out's runs folder")
+    make_output_folders(args.out, outputs)
 
     def start():
         started = time.perf_counter()
@@ -678,7 +683,7 @@ def _prepare_reproduce(args):
 
 def _runs_trained(runs: int, trained: int, out: str) -> str:
     """'12 runs (3 trained now, 9 found in OUT/runs)': a rerun that trained nothing read as a fast one."""
-    found = f", {runs - trained} found in {os.path.join(out, 'runs')}" if trained < runs else ""
+    found = f", {runs - trained} found in {os.path.join(out, RUNS_FOLDER)}" if trained < runs else ""
     return f"{counted(runs, 'run')} ({trained} trained now{found})"
 
 

@@ -1,11 +1,42 @@
-"""What the command line writes: files written atomically (output folders are checked before training with
-`sparsekern.checkpoint.check_writable_folder`), errors on one line."""
+"""What the command line writes: files written atomically (every destination checked before the data is loaded,
+`check_outputs`), errors on one line."""
 from __future__ import annotations
 
 import csv
 import io
+import os
 
 from .. import checkpoint
+
+
+def check_outputs(out: str, files: list[str]) -> None:
+    """ValueError (one line, naming the option and the path) unless a command could write each of `files` (paths
+    relative to its --out folder `out`) atomically, a regular file already there replaced: `out` and the folders of
+    `files` must be folders or missing, and each file missing or a regular file (`checkpoint.check_destination`).
+    Every command calls it before it loads its data, so that a name clash costs no training its results at the end.
+    Creates nothing: `make_output_folders` does, once every input is checked."""
+    for folder in _folders(out, files):
+        checkpoint.check_destination(folder, _folder_argument(out, folder), folder=True)
+    for name in files:
+        checkpoint.check_destination(os.path.join(out, name), "--out's file")
+
+
+def make_output_folders(out: str, files: list[str]) -> None:
+    """Creates `out` and the folders of `files` (as `check_outputs` takes them) and makes sure each can be written
+    in (`checkpoint.check_writable_folder`); ValueError (one line) if not. Last of a command's checks: a refused
+    input leaves no folder behind."""
+    for folder in _folders(out, files):
+        checkpoint.check_writable_folder(folder, _folder_argument(out, folder))
+
+
+def _folders(out: str, files: list[str]) -> list[str]:
+    """`out`, then every folder under it holding one of `files`, each once."""
+    return list(dict.fromkeys([out, *(os.path.join(out, os.path.dirname(name)) for name in files
+                                      if os.path.dirname(name))]))
+
+
+def _folder_argument(out: str, folder: str) -> str:
+    return "--out" if folder == out else f"--out's {os.path.relpath(folder, out)} folder"
 
 
 def write_text(path: str, text: str) -> None:

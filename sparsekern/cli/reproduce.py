@@ -26,7 +26,7 @@ from .data import Dataset, load_dataset
 from .output import DENSITY_LABEL, counted, csv_text, density_axis, flops_cell, save_figure, write_text
 from .progress import execute_shown
 from .recipes import criteria_of
-from .runs import Job, RunStore, key, unique, warnings_cell
+from .runs import RUNS_FOLDER, Job, RunStore, key, record_files, unique, warnings_cell
 from .training import TrainConfig, cost_means, total_epochs
 
 HOLDS, FAILS, TIE = "holds", "does not hold at this scale", "tie"
@@ -185,11 +185,17 @@ def jobs(plan: Plan) -> list[Job]:
     return [job for experiment in EXPERIMENTS for job in experiment.jobs(plan)]
 
 
+def output_files(plan: Plan) -> list[str]:
+    """Every file `run` of `plan` may write, relative to its out_dir."""
+    return ["report.md", "runs.csv", *(name for experiment in EXPERIMENTS for name in experiment.FILES),
+            *record_files(jobs(plan))]
+
+
 def run(plan: Plan, out_dir: str, dataset: Dataset | None = None, progress: bool = True, fresh: bool = False,
         workers: int = 1) -> Report:
     """Trains what is missing, then writes report.md, one PNG and one CSV per claim, and runs.csv to `out_dir`."""
     dataset = dataset if dataset is not None else load_dataset(plan.dataset)
-    store = RunStore(os.path.join(out_dir, "runs"), fresh)
+    store = RunStore(os.path.join(out_dir, RUNS_FOLDER), fresh)
     planned = jobs(plan)
     started = time.perf_counter()
     records, trained = execute_shown(planned, store, dataset, workers, "reproduce", describe, progress)
@@ -358,6 +364,8 @@ def _bars(axes, groups: list[str], series: dict[str, list[list[float]]], xlabel:
 class DSTvsStatic:
     """(a) static, SET and RigL against the dense baseline."""
 
+    FILES = ("a.csv", "a.png")   # its claims' CSVs and its figure, in the out_dir
+
     METHODS = ("static", "set", "rigl")
 
     @staticmethod
@@ -435,6 +443,8 @@ def criteria_tying_the_best(accuracy: dict, criteria, densities) -> tuple[int, i
 class CriteriaGrid:
     """(b) the pruning criteria of Fantastic Weights, with random growth and its annealed schedule."""
 
+    FILES = ("b.csv", "b.png")   # its claims' CSVs and its figure, in the out_dir
+
     @staticmethod
     def configs(plan: Plan, criterion: str, density: float) -> list[TrainConfig]:
         return [plan.config(method="dst", prune=criterion, grow="random", schedule="annealed", density=density,
@@ -487,6 +497,8 @@ class CriteriaGrid:
 
 class Tickets:
     """(c) IMP with weight rewinding against its mask reinitialised, and (d) SWAMP against IMP."""
+
+    FILES = ("c.csv", "d.csv", "c_d.png")   # its claims' CSVs and its figure, in the out_dir
 
     @staticmethod
     def imp(plan: Plan, density: float) -> list[TrainConfig]:
@@ -573,6 +585,8 @@ class Tickets:
 class OptGvsMagnitude:
     """(e) OptG against gradual magnitude pruning on the same sigmoid ramp, over several training lengths."""
 
+    FILES = ("e.csv", "e.png")   # its claims' CSVs and its figure, in the out_dir
+
     METHODS = ("optg", "gmp")
 
     @staticmethod
@@ -636,6 +650,8 @@ class OptGvsMagnitude:
 
 class GradientFlow:
     """(f) gradient flow at init (sparsity-aware vs dense-style init) and during training (RigL vs static)."""
+
+    FILES = ("f.csv", "f.png")   # its claims' CSVs and its figure, in the out_dir
 
     @staticmethod
     def configs(plan: Plan, method: str, init: str, density: float) -> list[TrainConfig]:

@@ -77,6 +77,25 @@ def key(config: TrainConfig, masks_from: TrainConfig | None = None) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
+# The folder under a compare's or reproduce's --out that holds its `RunStore`.
+RUNS_FOLDER = "runs"
+RECORD_SUFFIX, MASKS_SUFFIX = ".json", ".masks.pt"
+
+
+def record_files(jobs: list[Job]) -> list[str]:
+    """What `execute` may write for `jobs` into a store in RUNS_FOLDER, as paths relative to that folder's parent:
+    each run's record, and the final masks of each run that another run starts from (`RunStore.train`)."""
+    runs = unique(jobs)
+    sources = _mask_sources(runs)
+    return [os.path.join(RUNS_FOLDER, job.key + suffix) for job in runs
+            for suffix in (RECORD_SUFFIX, *([MASKS_SUFFIX] if job.key in sources else []))]
+
+
+def _mask_sources(runs: list[Job]) -> set[str]:
+    """The keys of the runs whose final masks another of `runs` starts from."""
+    return {key(job.masks_from) for job in runs if job.masks_from is not None}
+
+
 # What a record holds (RunStore.train) and its readers rely on.
 RECORD_KEYS = ("key", "config", "test_accuracy", "test_loss", "final_density", "gradient_flow", "gradient_flow_mean",
                "epochs_trained", "schedule", "seconds", "history", "flow", "warnings")
@@ -97,7 +116,7 @@ class RunStore:
             return None
         name = job.key
         try:
-            with open(self._path(name, ".json")) as file:
+            with open(self._path(name, RECORD_SUFFIX)) as file:
                 record = json.load(file)
         except (OSError, ValueError):
             return None
@@ -109,7 +128,7 @@ class RunStore:
                 not all(isinstance(warning, str) for warning in record["warnings"]):
             # damaged or cut down: trained again (reproduce reads the flow records, the tables its summary)
             return None
-        if masks is not None and not _readable_masks(self._path(name, ".masks.pt"), masks):
+        if masks is not None and not _readable_masks(self._path(name, MASKS_SUFFIX), masks):
             return None   # the run is trained again, rather than the run starting from its masks failing
         return record
 
@@ -118,7 +137,7 @@ class RunStore:
         "flow" (every gradient-flow record) and "warnings" (what training warned, once each); with `keep_masks`,
         its final masks too. `on_epoch(metrics)`: called after each epoch (`training.Run.train`)."""
         name = job.key
-        masks = None if job.masks_from is None else checkpoint.load(self._path(key(job.masks_from), ".masks.pt"))
+        masks = None if job.masks_from is None else checkpoint.load(self._path(key(job.masks_from), MASKS_SUFFIX))
         with warnings.catch_warnings(record=True) as caught:  # kept with the run, shown once by the caller
             warnings.simplefilter("always")
             result = train(job.config, progress=False, dataset=dataset, masks=masks, on_epoch=on_epoch)
@@ -126,8 +145,8 @@ class RunStore:
                   "flow": result.flow, "warnings": list(dict.fromkeys(str(w.message) for w in caught))}
         if keep_masks:
             checkpoint.save({layer: mask.cpu() for layer, mask in model_masks(result.model).items()},
-                            self._path(name, ".masks.pt"))
-        write_text(self._path(name, ".json"), json.dumps(record))  # last: a record means all of it is there
+                            self._path(name, MASKS_SUFFIX))
+        write_text(self._path(name, RECORD_SUFFIX), json.dumps(record))  # last: a record means all of it is there
         return record
 
     def _path(self, name: str, suffix: str) -> str:
@@ -161,7 +180,7 @@ def execute(jobs: list[Job], store: RunStore, dataset: Dataset, workers: int = 1
             name, epoch, accuracy, worker = message
             on_progress(Progress(by_key[name], epoch, total_epochs(by_key[name].config), accuracy, worker))
 
-    sources = {key(job.masks_from) for job in runs if job.masks_from is not None}
+    sources = _mask_sources(runs)
     records: dict[str, dict] = {}
     for phase in ([job for job in runs if job.masks_from is None], [job for job in runs if job.masks_from]):
         pending = []

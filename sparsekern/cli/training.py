@@ -40,6 +40,8 @@ DISTRIBUTIONS = ("erk", "uniform")
 INITS = tuple(sparse_init.INITS)
 SCHEDULES = tuple(schedules.DEFAULT_DROP_FRACTION)
 CHECKPOINT_NAME = "checkpoint.pt"
+# What a run given an out_dir writes there after every epoch (`Run.save`): the checkpoint, then `write_metrics`'s.
+OUTPUT_FILES = (CHECKPOINT_NAME, "metrics.json", "metrics.csv", "gradient_flow.csv")
 GRADIENT_FLOW_BATCH = 256
 CHECKPOINT_KEYS = ("config", "epoch", "model", "recipe", "rng", "history", "gradient_flow")
 # What every epoch's metrics and every gradient-flow record of a checkpoint hold, in every version that wrote one

@@ -5,6 +5,7 @@ No timing is asserted: speed claims live in the benchmark report, not in tests.
 import csv
 import json
 import math
+import os
 import pathlib
 import subprocess
 import sys
@@ -242,11 +243,15 @@ def test_sparse_convolution_is_timed_in_every_dimension(quick_rows):
 @pytest.mark.parametrize("option", ["--json", "--csv"])
 def test_main_refuses_an_unwritable_output_path_before_timing_anything(tmp_path, monkeypatch, capsys, option):
     (tmp_path / "a_file").write_text("")
+    os.mkfifo(tmp_path / "a_fifo")   # the atomic write's rename would replace it (as root, /dev/null too)
     monkeypatch.setattr(report, "run", lambda *args, **kwargs: pytest.fail("timed before checking the path"))
-    for path in (tmp_path / "a_file" / "rows.out", tmp_path):
+    # a path ending in a separator failed after the timings, with a traceback
+    for path in (tmp_path / "a_file" / "rows.out", tmp_path, f"{tmp_path / 'new'}{os.sep}", tmp_path / "a_fifo"):
         with pytest.raises(SystemExit) as exit_info:
             report.main(["--quick", option, str(path)])
-        assert exit_info.value.code == 2 and option in capsys.readouterr().err
+        error = capsys.readouterr().err
+        assert exit_info.value.code == 2 and f"error: {option}" in error and error.count("\n") == 1, error
+    assert not (tmp_path / "new").exists()
 
 
 def test_bench_caps_threads_as_train_does_before_timing_anything(monkeypatch, capsys):

@@ -589,6 +589,94 @@ def test_a_runs_file_in_out_exits_2_before_training(command, tmp_path, capsys, n
     refused([command, *extra, "--out", str(tmp_path / "out")], capsys, "runs folder")
 
 
+# Each file a command writes into --out, its name taken by a folder. RECORD and MASKS: a run's record and the final
+# masks another run starts from, under runs/. Found only when the file was written: after the training (compare's
+# and reproduce's results), or after its first epoch (train's).
+TAKEN_OUTPUTS = [*(("train", name) for name in ("checkpoint.pt", "metrics.json", "metrics.csv", "gradient_flow.csv")),
+                 *(("compare", name) for name in ("runs.csv", "results.csv", "results.md", "accuracy_vs_density.png",
+                                                  "grid.json", "RECORD")),
+                 *(("reproduce", name) for name in ("report.md", "runs.csv", "a.csv", "b.csv", "c.csv", "d.csv",
+                                                    "e.csv", "f.csv", "a.png", "b.png", "c_d.png", "e.png", "f.png",
+                                                    "RECORD", "MASKS"))]
+QUICK = {"train": ["--method", "static", "--epochs", "1"], "compare": QUICK_COMPARE,
+         "reproduce": ["--quick", "--jobs", "1"]}
+
+
+def record_name(command: str, kind: str, tmp_path) -> str:
+    """The path under --out of a run's record (`kind` RECORD) or kept masks (MASKS) that `command` writes: a compare's
+    as a first compare named it, a reproduce's by the key of a run of its plan."""
+    if command == "compare":
+        main(["compare", *QUICK_COMPARE, "--quiet", "--out", str(tmp_path / "first")])
+        [name] = os.listdir(tmp_path / "first" / "runs")
+        return os.path.join("runs", name)
+    from sparsekern.cli import reproduce
+
+    jobs = reproduce.jobs(reproduce.plan(quick=True))
+    if kind == "RECORD":
+        return os.path.join("runs", jobs[0].key + ".json")
+    return os.path.join("runs", next(runs_module.key(job.masks_from) for job in jobs if job.masks_from) + ".masks.pt")
+
+
+@pytest.mark.parametrize("command, name", TAKEN_OUTPUTS, ids=[" ".join(case) for case in TAKEN_OUTPUTS])
+def test_an_output_file_taken_by_a_folder_exits_2_before_the_data_loads(command, name, tmp_path, capsys, monkeypatch,
+                                                                         request):
+    # compare trained its whole grid, then failed on results.md with "[Errno 21] Is a directory" (the training
+    # lost); train on metrics.csv after its first epoch.
+    if name in ("RECORD", "MASKS"):
+        name = record_name(command, name, tmp_path)
+    out = tmp_path / "out"
+    (out / name).mkdir(parents=True)
+    request.getfixturevalue("nothing_trains")
+    monkeypatch.setattr(importlib.import_module("sparsekern.cli.main"), "load_dataset",
+                        lambda *args: pytest.fail("the data loaded before the outputs were checked"))
+    refused([command, *QUICK[command], "--out", str(out)], capsys,
+            f"--out's file {str(out / name)!r} is a folder, not a file")
+    assert [os.path.relpath(os.path.join(folder, entry), out) for folder, folders, files in os.walk(out)
+            for entry in folders + files] == [part for part in (os.path.dirname(name), name) if part]   # nothing new
+
+
+@pytest.mark.parametrize("command", ["train", "compare", "reproduce"])
+def test_an_output_file_taken_by_a_fifo_exits_2_before_training(command, tmp_path, capsys, nothing_trains):
+    # The atomic write's rename replaced it with a file (as root, a device such as /dev/null too).
+    out = tmp_path / "out"
+    out.mkdir()
+    name = {"train": "metrics.json", "compare": "results.md", "reproduce": "report.md"}[command]
+    os.mkfifo(out / name)
+    refused([command, *QUICK[command], "--out", str(out)], capsys,
+            f"--out's file {str(out / name)!r} is not a regular file")
+
+
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_an_out_with_a_trailing_separator_is_the_folder(command, tmp_path, capsys):
+    main([command, *QUICK[command], "--quiet", "--out", str(tmp_path / "out") + os.sep])
+    assert {"train": "metrics.json", "compare": "results.md"}[command] in os.listdir(tmp_path / "out")
+
+
+def test_a_record_taken_mid_compare_exits_2_keeping_the_finished_runs(tmp_path, capsys, monkeypatch):
+    # A destination that becomes unwritable while the grid trains (checked before, it was free): the runs finished
+    # before it are on disk, and a rerun trains only the rest.
+    out = tmp_path / "out"
+    train, trained = runs_module.train, []
+
+    def train_as_the_record_is_taken(config, **kwargs):
+        trained.append(config)
+        if len(trained) == 2:
+            (out / "runs" / f"{runs_module.key(config)}.json").mkdir()
+        return train(config, **kwargs)
+
+    monkeypatch.setattr(runs_module, "train", train_as_the_record_is_taken)
+    argv = ["compare", "--methods", "static", "--densities", "0.5,0.3", "--seeds", "1", "--epochs", "1", "--jobs",
+            "1", "--quiet", "--out", str(out)]
+    line = refused(argv, capsys, f"; finished work is kept in {out} (rerun the same command")
+    first, second = trained
+    assert "Is a directory" in line and f"{runs_module.key(second)}.json" in line
+    assert json.loads((out / "runs" / f"{runs_module.key(first)}.json").read_text())["key"] == runs_module.key(first)
+    (out / "runs" / f"{runs_module.key(second)}.json").rmdir()
+    trained.clear()
+    main(argv)
+    assert trained == [second]
+
+
 def test_stop_after_before_the_resumed_epoch_exits_2(tmp_path, capsys):
     arguments = ["train", "--method", "static", "--epochs", "2", "--density", "0.3", "--quiet"]
     main([*arguments, "--out", str(tmp_path / "run")])

@@ -75,6 +75,9 @@ def test_compare_outputs_exist_and_agree(tmp_path, capsys):
         columns = [2, 3] if row["method"] == "dense" else [2 + [0.5, 0.1].index(float(row["density"]))]
         assert all(cells[row["label"]][column] == expected for column in columns)
     assert "Gradient flow" in table  # and a second grid: gradient flow over training
+    # what compare wrote is what its --out was checked for before training (test_bad_inputs.py)
+    written = {os.path.relpath(os.path.join(folder, name), out) for folder, _, names in os.walk(out) for name in names}
+    assert written == {*compare_module.RESULT_FILES, *(os.path.join("runs", f"{run['key']}.json") for run in runs)}
 
     # the plot is a PNG whose plotted series (stored in its metadata) are the CSV's
     from PIL import Image
@@ -747,7 +750,8 @@ def test_npz_dataset_loads_and_trains(tmp_path, generator):
     assert torch.equal(again.train_x, data.train_x) and torch.equal(again.test_y, data.test_y)
     main(["train", "--method", "static", "--model", "cnn", "--dataset", str(path), "--epochs", "1",
           "--out", str(tmp_path / "run"), "--quiet"])
-    assert (tmp_path / "run" / "checkpoint.pt").exists()
+    # what train wrote is what its --out was checked for before training (test_bad_inputs.py)
+    assert sorted(os.listdir(tmp_path / "run")) == sorted(training.OUTPUT_FILES)
 
 
 def test_image_folder_dataset_loads(tmp_path, generator):

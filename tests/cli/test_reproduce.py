@@ -70,6 +70,9 @@ def test_quick_reproduce_writes_a_report_of_every_claim(tmp_path, capsys, monkey
     assert {("rigl", "magnitude", "gradient"), ("set", "set", "random"), ("static", "", "")} <= criteria
     runs = len(unique(reproduce.jobs(reproduce.plan(quick=True))))
     assert len([name for name in os.listdir(out / "runs") if name.endswith(".json")]) == runs
+    # what reproduce wrote is what its --out was checked for before training (test_bad_inputs.py)
+    written = {os.path.relpath(os.path.join(folder, name), out) for folder, _, names in os.walk(out) for name in names}
+    assert written == set(reproduce.output_files(reproduce.plan(quick=True)))
 
     assert f" {runs} runs ({runs} trained now) in " in report
 
