@@ -63,23 +63,22 @@ def sparse_layers(model: nn.Module, who: str) -> list[tying.Group]:
 
 def check_own_weights(groups: list[tying.Group], who: str) -> None:
     """RuntimeError, before anything changes, when a layer's weight became computed at every forward (a
-    parametrization registered) after `who` was built (`computed_weight_refusal`); ValueError for a layer put in
-    inference mode since (`refuse_inference_mode`)."""
-    named = [pair for group in groups for pair in group]
-    refusal = computed_weight_refusal(named, who, built=True)
+    parametrization registered) after `who` was built (`computed_weight_refusal`)."""
+    refusal = computed_weight_refusal([pair for group in groups for pair in group], who, built=True)
     if refusal is not None:
         raise RuntimeError(refusal)
-    refuse_inference_mode(named, who)
 
 
-def check_masks_writable(groups: list[tying.Group], who: str) -> None:
+def check_masks_writable(groups: list[tying.Group], who: str, frozen_kept: bool = False) -> None:
     """TypeError or ValueError naming the layer, before anything changes, for a mask buffer that `who` cannot write
     in place (`check_own_masks`), of every module of a group: a tied module's mask is its own buffer,
-    which `tying.sync` writes; ValueError for a layer in inference mode, whose pack the write would leave stale
-    (`refuse_inference_mode`)."""
+    which `tying.sync` writes; ValueError for a layer in inference mode, whose pack a new mask would leave stale
+    (`refuse_inference_mode`). With `frozen_kept`, `who` leaves the mask of a frozen layer (its weight not requiring
+    grad) as it is, so that layer may serve in inference mode (a frozen part of the model under one training)."""
     named = [pair for group in groups for pair in group]
     check_own_masks(named, who)
-    refuse_inference_mode(named, who)
+    refuse_inference_mode([(name, module) for name, module in named
+                           if not frozen_kept or module.weight.requires_grad], who)
 
 
 def primaries(groups: list[tying.Group]) -> list[SparseModule]:

@@ -588,7 +588,8 @@ class CatchesUp(Joinable):
         this rank's own, not yet averaged, and DST's mask update or OptG's scores read from them would differ on
         every rank, silently (masks_identical finds it later). Every rank is inside no_sync at the same step, so
         every rank raises alike, with no collective; nothing has changed."""
-        if isinstance(self._replicas, DistributedDataParallel) and not self._replicas.require_backward_grad_sync:
+        replicas = getattr(self._replicas, "_orig_mod", self._replicas)   # torch.compile(ddp) wraps the DDP model
+        if isinstance(replicas, DistributedDataParallel) and not replicas.require_backward_grad_sync:
             raise RuntimeError(f"{type(self).__name__}.step() inside DistributedDataParallel.no_sync(): the "
                                f"gradients are this rank's own, not averaged, and the replicas' masks would "
                                f"diverge; accumulate under no_sync, then call step() once, after the backward "

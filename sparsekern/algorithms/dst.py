@@ -711,7 +711,7 @@ class DST(distributed.CatchesUp):
         put in place through `mask.data = ...`, which the module's checks of an assigned mask never see: torch refused
         to write an expanded one only after the weights and optimizer state were, and the kernels refused another
         dtype or shape naming their argument `masks[i]`, not the layer."""
-        _tickets.check_masks_writable(self._groups, "DST")
+        _tickets.check_masks_writable(self._groups, "DST", frozen_kept=True)   # `_unfrozen_modules` are updated
         for name, module in self.modules:
             if module.weight.grad is not None:
                 _checks.writable_in_place(module.weight.grad, f"{name}.weight.grad", module.mask, f"{name}.mask")

@@ -420,7 +420,8 @@ class OptG(distributed.CatchesUp):
         if self.epoch == self.epochs - 1:
             self.epoch += 1
             return
-        _tickets.check_masks_writable(self._groups, "OptG")
+        # Under "learned", a layer frozen since OptG was built keeps its mask (`_frozen`).
+        _tickets.check_masks_writable(self._groups, "OptG", frozen_kept=self._learns)
         self.epoch += 1
         try:
             self._start_epoch()

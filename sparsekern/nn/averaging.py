@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.optim import swa_utils
 
 from ..ops import _checks
-from .modules import check_own_masks, sparse_modules
+from .modules import _PACKED_FIELDS, SparseModule, check_own_masks, sparse_modules
 from ._wrappers import unwrapped
 
 
@@ -69,20 +69,25 @@ class SparseAveragedModel(swa_utils.AveragedModel):
         """AveragedModel's update from `model`, the model this was made from, whose current masks the averaged
         sparse layers then compute under; ValueError, nothing changed, for a model with other sparse layers.
 
-        An averaged layer in inference mode (evaluated through `sparsekern.nn.to_inference(averaged.module)`)
-        stays in it, packed again from the new average and mask."""
-        # torch pairs the averaged model's buffers with the model's by position: the packs, which the model does not
-        # hold, are taken out for the update (torch copied a mask into a pack, and stopped there), then made anew.
-        serving = [module for _, module in sparse_modules(self.module) if module._in_inference_mode]
+        A layer in inference mode (`sparsekern.nn.to_inference`), of the averaged model or of `model`, stays in it,
+        the averaged one packed again from the new average and mask."""
+        self._check_update(model)
+        # torch pairs the two models' buffers by position (copying the model's into the averaged one's without
+        # use_buffers): the packs, which only a layer in inference mode holds, are taken out for the update, then
+        # made anew (torch copied a mask into a pack, or stopped at the model's extra one, after averaging weights).
+        serving = [module for source in (self.module, model) for module in _serving(source)]
         for module in serving:
             module.to_training()
         try:
-            self._update_parameters(model)
+            super().update_parameters(model)
         finally:
             for module in serving:
                 module.to_inference()
+        self._hold_values_off_the_masks()
 
-    def _update_parameters(self, model: nn.Module) -> None:
+    def _check_update(self, model: nn.Module) -> None:
+        """ValueError or TypeError for a `model` that `update_parameters` must refuse (see the class), before anything
+        changes."""
         _check_model(model)
         averaged_parameters = {id(parameter) for parameter in self.module.parameters()}
         if any(id(parameter) in averaged_parameters for parameter in model.parameters()):
@@ -109,8 +114,6 @@ class SparseAveragedModel(swa_utils.AveragedModel):
             # averaged tensors of different layers of one shape, or left the extra ones out, silently.
             raise ValueError(f"model holds other {'tensors' if self.use_buffers else 'parameters'} than the averaged "
                              f"model ({mismatch}): pass the model this SparseAveragedModel was made from")
-        super().update_parameters(model)
-        self._hold_values_off_the_masks()
 
     def _hold_values_off_the_masks(self) -> None:
         # No pass over the weights to check: after any mask update the average is non-zero off the new
@@ -187,8 +190,15 @@ def _layers(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
 def _paired(model: nn.Module, use_buffers: bool) -> list[tuple[str, tuple[int, ...]]]:
     """(name without wrappers, shape) of each tensor AveragedModel.update_parameters pairs by position: the
     parameters, then, with `use_buffers`, the buffers."""
-    tensors = [*model.named_parameters(), *(model.named_buffers() if use_buffers else ())]
+    packs = {id(module._buffers[f"packed_{field}"]) for module in _serving(model) for field in _PACKED_FIELDS}
+    buffers = [(name, buffer) for name, buffer in model.named_buffers() if id(buffer) not in packs]  # taken out
+    tensors = [*model.named_parameters(), *(buffers if use_buffers else ())]
     return [(unwrapped(name), tuple(tensor.shape)) for name, tensor in tensors]
+
+
+def _serving(model: nn.Module) -> list[SparseModule]:
+    """The sparse layers of `model` in inference mode (`SparseLinear.to_inference`), which hold packs."""
+    return [module for _, module in sparse_modules(model) if module._in_inference_mode]
 
 
 def _on_meta(model: nn.Module) -> list[str]:

@@ -151,3 +151,4 @@ def _draw_(module: SparseModule, variance: Tensor, distribution: str, generator)
         values = (torch.rand(shape, generator=generator) * 2 - 1) * (3 * variance).sqrt()
     values = values.to(device=module.weight.device, dtype=module.weight.dtype)
     module.weight.copy_(reference.masked_weight(values, module.mask))
+    module._refresh_pack()   # a layer in inference mode (and its tied twins) computes with the new weights

@@ -152,8 +152,12 @@ class SparseModule(nn.Module):
         self._refresh_pack()
 
     def _refresh_pack(self) -> None:
-        """Inference mode's pack made again from the weight and mask just written by this library (a load, an init),
-        so that forward computes with them; a module in training mode, or with no inference mode, has none."""
+        """Inference mode's pack made again, this module's and its tied twins' (`_tied_modules`, holding the same
+        weight), from the weight and mask just written by this library (a load, an init), so that forward computes
+        with them; a module in training mode, or with no inference mode (only SparseLinear has one), holds none."""
+        for module in (self, *self._tied_modules()):
+            if module._in_inference_mode:
+                module.to_inference()
 
     def __getstate__(self) -> dict:
         # The modules tied to this one by strong reference, which deepcopy maps to their copies (to the model's own
@@ -704,10 +708,6 @@ class SparseLinear(SparseModule, nn.Linear):
         for name in _PACKED_FIELDS:
             self.register_buffer(f"packed_{name}", getattr(packed, name), persistent=False)
         return self
-
-    def _refresh_pack(self) -> None:
-        if self._in_inference_mode:
-            self.to_inference()
 
     def to_training(self) -> "SparseLinear":
         """Leaves inference mode: forward goes back to `ops.masked_linear`. Returns self."""

@@ -5,6 +5,8 @@ import pytest
 import torch
 import torch.distributed
 
+import sparsekern
+
 from ..helpers import BAD_OWN_MASKS, assert_unchanged, damage_mask, everything, torchrun
 
 gloo = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -118,6 +120,22 @@ def test_a_step_inside_ddps_no_sync_is_refused_on_every_rank_and_accumulating_be
     for rank, result in enumerate(rank_results("no_sync_worker", tmp_path)):
         for name in ("RigL", "OptG"):
             assert result[name] == {"refused": [True] * 3, "identical": True}, (rank, name, result[name])
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["ddp", "compiled ddp"])
+@pytest.mark.parametrize("name", ["RigL", "OptG"])
+def test_a_step_inside_no_sync_is_refused_on_an_algorithm_built_on_the_compiled_ddp_model_too(one_rank, name,
+                                                                                             compiled):
+    from torch.nn.parallel import DistributedDataParallel
+    model = sparsekern.sparsify(torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3)),
+                                0.5, generator=torch.Generator().manual_seed(0))
+    ddp = DistributedDataParallel(model)
+    wrapped = torch.compile(ddp) if compiled else ddp   # the README allows building on either
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    algo = (sparsekern.RigL(wrapped, optimizer, update_every=1, total_steps=8) if name == "RigL"
+            else sparsekern.OptG(wrapped, density=0.3, epochs=4))
+    with ddp.no_sync(), pytest.raises(RuntimeError, match=r"step\(\) inside DistributedDataParallel.no_sync\(\)"):
+        algo.step()
 
 
 def test_differing_settings_are_named_with_the_ranks_holding_each_value():

@@ -10,18 +10,19 @@ import torch
 import sparsekern
 from sparsekern.algorithms.distributed import broadcast_masks
 
-from ..helpers import assert_unchanged, everything
+from ..helpers import assert_unchanged, everything, mlp
 from .test_computed_weights import BUILD, _sparse_model
 
 REFUSAL = r"layer '2' is in inference mode \(to_inference\(\)\).*call sparsekern.nn.to_training\(model\) before"
 
 
-# The calls of each algorithm that write masks or weights (each refused once a layer is in inference mode).
+# The calls of each algorithm that write masks (each refused once a layer is in inference mode; a step only counts, or
+# reads gradients, which a layer in inference mode gives none of, as a frozen one).
 WRITES = {
     "DST": lambda dst, state: [dst.step, lambda: dst.load_state_dict(state)],
-    "IMP": lambda imp, state: [imp.next_cycle, imp.prune_masks, lambda: imp.load_state_dict(state)],
-    "SWAMP": lambda swamp, state: [swamp.next_particle, swamp.next_cycle, lambda: swamp.load_state_dict(state)],
-    "OptG": lambda optg, state: [optg.step, optg.next_epoch, lambda: optg.load_state_dict(state)],
+    "IMP": lambda imp, state: [imp.next_cycle],   # its state holds no mask: a load writes none
+    "SWAMP": lambda swamp, state: [swamp.next_particle],   # next_cycle needs an averaged cycle; a load writes no mask
+    "OptG": lambda optg, state: [optg.next_epoch, lambda: optg.load_state_dict(state)],
 }
 
 
@@ -61,3 +62,22 @@ def test_broadcast_masks_refuses_a_layer_in_inference_mode_changing_nothing(one_
     with pytest.raises(ValueError, match=f"^broadcast_masks: {REFUSAL}"):
         broadcast_masks(model)
     assert_unchanged(before, everything(model))
+
+
+@pytest.mark.parametrize("who", ["DST", "OptG"])
+def test_a_frozen_layer_may_serve_in_inference_mode_under_an_algorithm_that_leaves_its_mask(who):
+    # DST, and OptG's learned scores, leave a layer frozen after construction alone: a frozen part of the model may
+    # be switched (to_inference's use: a frozen part under a part still training).
+    # The frozen layer the smaller: OptG's next epoch keeps its active weights within the epoch's budget.
+    model = sparsekern.sparsify(mlp(0, inputs=2, hidden=12, outputs=4), 0.5, generator=torch.Generator().manual_seed(0))
+    algorithm = BUILD[who](model)
+    model[0].weight.requires_grad_(False)
+    model[0].to_inference()
+    packed, mask = model[0].packed, model[0].mask.clone()
+    with pytest.warns(UserWarning, match="alone"):
+        for _ in range(2):
+            model(torch.randn(5, 2)).sum().backward()
+            algorithm.step()
+            if who == "OptG":
+                algorithm.next_epoch()
+    assert model[0].packed is packed and torch.equal(model[0].mask, mask)

@@ -141,3 +141,59 @@ def test_a_write_of_ones_own_into_the_weight_is_seen_at_the_next_to_inference(ge
     assert layer.packed is packed
     layer.to_inference()
     _assert_serves_its_weight(layer, torch.randn(3, 10, generator=generator))
+
+
+def _tied_in_inference_mode(generator):
+    """Two SparseLinear layers sparsify masked together (sharing one weight), both in inference mode."""
+    model = nn.Sequential(nn.Linear(10, 6), nn.Linear(10, 6))
+    model[1].weight = model[0].weight
+    sk.sparsify(model, 0.5, generator=generator)
+    return sk.nn.to_inference(model) and model
+
+
+WRITES_OF_ONE_TWIN = {
+    "reset_parameters": lambda model, generator: model[1].reset_parameters(),
+    "sparse_ init": lambda model, generator: sk.init.sparse_(model[1], generator=generator),
+    "load_state_dict of the layer": lambda model, generator: model[1].load_state_dict(
+        {"weight": torch.randn(6, 10, generator=generator), "bias": model[1].bias.detach().clone(),
+         "mask": model[1].mask.clone()}),
+    # A checkpoint leaving the tied duplicate out (as torch.save of a tied LM may): only the twin's key is there.
+    "load_state_dict of the model, the twin's key alone": lambda model, generator: model.load_state_dict(
+        {"1.weight": torch.randn(6, 10, generator=generator), "1.mask": model[1].mask.clone()}, strict=False),
+}
+
+
+@pytest.mark.parametrize("write", WRITES_OF_ONE_TWIN)
+def test_a_weight_written_through_one_tied_layer_is_packed_in_its_twin_too(generator, write):
+    model = _tied_in_inference_mode(generator)
+    WRITES_OF_ONE_TWIN[write](model, generator)
+    x = torch.randn(3, 10, generator=generator)
+    for layer in model:
+        _assert_serves_its_weight(layer, x)
+
+
+def test_sparsekerns_own_init_packs_the_drawn_weight(generator):
+    layer = SparseLinear(10, 6)
+    layer.set_mask(_random_mask(generator))
+    layer.to_inference()
+    sk.init.layer_scaled_(layer, generator=generator)
+    _assert_serves_its_weight(layer, torch.randn(3, 10, generator=generator))
+
+
+def test_an_average_of_a_model_in_inference_mode_is_taken_and_both_stay_in_it(generator):
+    # torch copies the model's buffers into the averaged model's by position: the model's packs, which the averaged
+    # model in training mode does not hold, made it stop after averaging the weights.
+    model = sk.sparsify(nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 4)), 0.5, generator=generator)
+    averaged = sk.nn.SparseAveragedModel(model)
+    averaged.update_parameters(model)   # the first update copies
+    sk.nn.to_inference(model)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1.0)
+    averaged.update_parameters(model)
+    assert averaged.n_averaged.item() == 2
+    x = torch.randn(3, 10, generator=generator)
+    torch.testing.assert_close(averaged.module[0].weight, model[0].weight - 0.5)
+    for layer in (model[0], model[2]):
+        _assert_serves_its_weight(layer, torch.randn(3, layer.in_features, generator=generator))
+    assert averaged.module[0].packed is None and averaged.module(x).shape == (3, 4)
