@@ -588,7 +588,9 @@ class CatchesUp(Joinable):
         this rank's own, not yet averaged, and DST's mask update or OptG's scores read from them would differ on
         every rank, silently (masks_identical finds it later). Every rank is inside no_sync at the same step, so
         every rank raises alike, with no collective; nothing has changed."""
-        replicas = getattr(self._replicas, "_orig_mod", self._replicas)   # torch.compile(ddp) wraps the DDP model
+        # torch.compile(ddp) wraps the DDP model as its submodule (looked up directly: step() runs this each time,
+        # and a getattr would build and drop nn.Module's AttributeError on every other model).
+        replicas = self._replicas._modules.get("_orig_mod", self._replicas)
         if isinstance(replicas, DistributedDataParallel) and not replicas.require_backward_grad_sync:
             raise RuntimeError(f"{type(self).__name__}.step() inside DistributedDataParallel.no_sync(): the "
                                f"gradients are this rank's own, not averaged, and the replicas' masks would "

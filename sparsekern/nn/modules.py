@@ -683,12 +683,13 @@ class SparseLinear(SparseModule, nn.Linear):
         `packed_chunk_offsets`): they follow `.to(device)` and `.half()`, and the state dict stays
         that of a training module. `to_training()` goes back. Returns self.
 
-        The pack is a snapshot of weight and mask. What this library writes into a layer in inference mode is packed
-        again, so that forward computes with it: `set_mask` (a tied twin's too), `load_state_dict` (of the layer or
-        of a model holding it), `reset_parameters`, `sparsify` of a model holding it, and `SparseAveragedModel`'s
-        update of an averaged model holding it (`zero_weights_off_mask` changes nothing a pack holds); the training
-        algorithms (DST, IMP, SWAMP, OptG) and `broadcast_masks` refuse a layer in inference mode (ValueError:
-        `sparsekern.nn.to_training(model)` first).
+        The pack is a snapshot of weight and mask. What this library writes into a layer in inference mode, or into
+        a tied twin sharing its weight, is packed again, so that forward computes with it: `set_mask`,
+        `load_state_dict` (of the layer or of a model holding it), `reset_parameters`, `sparsekern.nn.init`'s
+        functions, `sparsify` of a model holding it, and `SparseAveragedModel`'s update (`zero_weights_off_mask`
+        changes nothing a pack holds); the training algorithms (DST, IMP, SWAMP, OptG) and `broadcast_masks` refuse a
+        layer in inference mode whose mask they would set (ValueError: `sparsekern.nn.to_training(model)` first),
+        so a frozen layer that DST, or OptG's learned scores, leave alone may stay in it.
         A write of your own into the `weight` or `mask` tensor in place (`.data`, `copy_`, a `torch.nn.init`
         function) is not seen, as it cannot be without reading the tensors at every forward: call `to_inference()`
         again after one.
