@@ -1459,6 +1459,10 @@ for _name, _call, _error, _match in [
 for _name, _device in [("torch.float16", torch.float16), ("None", None), ("True", True)]:
     error(f"PackedWeight.to({_name})", _ops_world, lambda w, device=_device: ops.pack(w.weight, w.mask).to(device),
           TypeError, "^device must be")
+# A name or index that is no device raised torch's RuntimeError, naming no argument.
+for _name, _device in [("'nodevice'", "nodevice"), ("'cpu:-1'", "cpu:-1"), ("-1", -1)]:
+    error(f"PackedWeight.to({_name})", _ops_world, lambda w, device=_device: ops.pack(w.weight, w.mask).to(device),
+          ValueError, "^device=.* names no device")
 
 
 def _with_backend(name, call):
