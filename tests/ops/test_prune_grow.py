@@ -291,7 +291,8 @@ def test_a_swap_count_above_the_active_entries_is_refused_on_cpu_by_every_backen
     counts = [int(m.sum()) for m in masks]
     n = [c + (i == 0) for i, c in enumerate(counts)] if scope == "layer" else sum(counts) + 1
     before = [t.clone() for t in [*weights, *(t for ts in (*state, *masked) for t in ts)]]
-    name = r"n\[0\] must be in \[0, \d+\] \(masks\[0\] has" if scope == "layer" else r"n must be in \[0, \d+\] \(the masks"
+    name = (r"n\[0\] must be in \[0, \d+\] \(masks\[0\] has" if scope == "layer"
+            else r"n must be in \[0, \d+\] \(the masks")
     with pytest.raises(ValueError, match=name):
         sparsekern.ops.prune_grow(weights, masks, prune, grow, n, state, masked)
     after = [*weights, *(t for ts in (*state, *masked) for t in ts)]
