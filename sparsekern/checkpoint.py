@@ -25,7 +25,8 @@ def save(obj, path: str | os.PathLike) -> None:
     before and no temporary file is left behind, nor a folder on the way to it that it made. `path`
     naming a directory (or ending in a separator) raises IsADirectoryError, and naming something other
     than a regular file (a FIFO, a device such as /dev/null, which the atomic rename would replace)
-    ValueError, before anything is written. A symbolic link is followed: the file it points to is replaced, the link stays.
+    ValueError, before anything is written. A symbolic link is followed: the file it points to is
+    replaced, the link stays.
     An object that `load` would refuse to unpickle (a NumPy value, a dataclass or another class of your
     own, a slice, a range) raises TypeError naming its classes, with the file as before: saved, it would
     be found unloadable only when the run is resumed. Save such values as Python numbers, strings,
