@@ -492,13 +492,16 @@ class OptG(distributed.CatchesUp):
                              f"another lr or lr_schedule; build the OptG with the saving run's")
 
     def _check_saved_score_hyperparameters(self, loaded: torch.optim.SGD) -> None:
-        """ValueError unless the score optimizer's hyperparameters in the state `loaded` holds, but its lr
-        (`_check_saved_score_lr`), are this OptG's own: OptG makes its score optimizer itself (momentum and nesterov
-        its settings, the rest SGD's defaults), and a state's momentum of 2.5, or -1, replaced them without a word
-        (its "momentum" setting says only what the run was built with)."""
+        """ValueError unless the score optimizer's hyperparameters of the update in the state `loaded` holds, but
+        its lr (`_check_saved_score_lr`), are this OptG's own: OptG makes its score optimizer itself (momentum and
+        nesterov its settings, the rest SGD's defaults), and a state's momentum of 2.5, or -1, replaced them without
+        a word (its "momentum" setting says only what the run was built with). Those that choose only the
+        implementation (foreach, fused, differentiable), which a state of an older torch lacks and SGD fills in its
+        own way, are not compared."""
         for index, group in enumerate(loaded.param_groups):
-            for key, own in self.score_optimizer.defaults.items():
-                if key != "lr" and group[key] != own:
+            for key in ("momentum", "dampening", "weight_decay", "nesterov", "maximize"):
+                own = self.score_optimizer.defaults[key]
+                if group[key] != own:
                     raise ValueError(f"state['score_optimizer']['param_groups'][{index}][{key!r}] is {group[key]!r}, "
                                      f"but this OptG's score optimizer has {own!r}: OptG makes its score optimizer "
                                      f"itself, and a state holds its hyperparameters as saved")
