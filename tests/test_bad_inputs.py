@@ -1009,6 +1009,11 @@ TICKET_STATES = [
     *[(f"optimizer without {key}", lambda w, k=key: _replace(w.state, "optimizer", _with_group_entry(
         w.state["optimizer"], k, _DELETE)), ValueError, rf"state\['optimizer'\]\['param_groups'\]\[0\] lacks '{key}'")
       for key in ("lr", "momentum")],
+    # torch's constructors refuse these, its load_state_dict took them, and training went on with them.
+    *[(f"optimizer with {key}=-1", lambda w, k=key: _replace(w.state, "optimizer", _with_group_entry(
+        w.state["optimizer"], k, -1.0)), ValueError,
+       rf"state\['optimizer'\]\['param_groups'\]\[0\] holds hyperparameters that SGD refuses: Invalid {key} value")
+      for key in ("momentum", "weight_decay")],
     ("optimizer of another parameter", lambda w: _replace(w.state, "optimizer", _optimizer_renamed(w, "3.bias")),
      ValueError, r"state\['optimizer'\] holds the parameters .* missing \['3.bias'\], unexpected \['other'\]"),
     ("optimizer with the state of another parameter", lambda w: _replace(w.state, "optimizer", {
@@ -1303,7 +1308,7 @@ OPTG_STATES = [
     *[(f"score_optimizer with {key}={_show(value)}", lambda w, k=key, v=value: _replace(
         w.state, "score_optimizer", _with_group_entry(w.state["score_optimizer"], k, v)), ValueError,
        rf"state\['score_optimizer'\]\['param_groups'\]\[0\]\['{key}'\] is .* but this OptG's score optimizer has")
-      for key, value in (("momentum", 2.5), ("momentum", -1.0), ("weight_decay", 0.1), ("dampening", 0.5),
+      for key, value in (("momentum", 2.5), ("momentum", 0.5), ("weight_decay", 0.1), ("dampening", 0.5),
                          ("maximize", True))],
     ("score_optimizer with a momentum buffer of another shape", lambda w: _momentum_of_first_layer(w, torch.zeros(3)),
      ValueError, r"for layer '0' a finite momentum buffer of torch.float32 and shape \(4, 2, 3, 3\), got a "

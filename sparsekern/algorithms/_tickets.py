@@ -718,6 +718,26 @@ def check_hyperparameters(optimizer: torch.optim.Optimizer, name: str) -> None:
                 raise ValueError(f"{name}['param_groups'][{index}][{key!r}] must be finite, got {group[key]!r}")
         if "lr" in group and _finite_number(group["lr"]) and _same_kind(group["lr"], 0.0) and group["lr"] < 0:
             raise ValueError(f"{name}['param_groups'][{index}]['lr'] must be >= 0, got {group['lr']!r}")
+        refusal = _constructor_refusal(optimizer, group)
+        if refusal is not None:
+            raise ValueError(f"{name}['param_groups'][{index}] holds hyperparameters that {type(optimizer).__name__} "
+                             f"refuses: {refusal}")
+
+
+def _constructor_refusal(optimizer: torch.optim.Optimizer, group: dict) -> str | None:
+    """What the optimizer's class says of `group`'s hyperparameters, whose ranges its constructor checks (SGD's
+    momentum >= 0, nesterov with momentum and no dampening, Adam's betas in [0, 1)) and its load_state_dict does not
+    (a momentum of -1 loaded, and trained on); None where it takes them, or where it cannot be built from them alone
+    (a class of a user's own taking other arguments)."""
+    parameter = next(iter(group["params"]), None)
+    probe = torch.zeros(1) if parameter is None else torch.zeros(1, dtype=parameter.dtype, device=parameter.device)
+    try:
+        type(optimizer)([probe], **{key: group[key] for key in optimizer.defaults})
+    except ValueError as error:
+        return str(error)
+    except Exception:   # noqa: BLE001 -- any other failure says nothing about the values
+        return None
+    return None
 
 
 # Per-parameter state entries torch's optimizers hold in the parameter's shape (SGD's, Adam's, RMSprop's,
