@@ -1309,7 +1309,7 @@ OPTG_STATES = [
         w.state, "score_optimizer", _with_group_entry(w.state["score_optimizer"], k, v)), ValueError,
        rf"state\['score_optimizer'\]\['param_groups'\]\[0\]\['{key}'\] is .* but this OptG's score optimizer has")
       for key, value in (("momentum", 2.5), ("momentum", 0.5), ("weight_decay", 0.1), ("dampening", 0.5),
-                         ("maximize", True))],
+                         ("maximize", True), ("foreach", "x"), ("fused", True), ("differentiable", True))],
     ("score_optimizer with a momentum buffer of another shape", lambda w: _momentum_of_first_layer(w, torch.zeros(3)),
      ValueError, r"for layer '0' a finite momentum buffer of torch.float32 and shape \(4, 2, 3, 3\), got a "
                  r"torch.float32 tensor of shape \(3,\)"),

@@ -496,12 +496,18 @@ class OptG(distributed.CatchesUp):
         its lr (`_check_saved_score_lr`), are this OptG's own: OptG makes its score optimizer itself (momentum and
         nesterov its settings, the rest SGD's defaults), and a state's momentum of 2.5, or -1, replaced them without
         a word (its "momentum" setting says only what the run was built with). Those that choose only the
-        implementation (foreach, fused, differentiable), which a state of an older torch lacks and SGD fills in its
-        own way, are not compared."""
+        implementation (foreach, fused, differentiable), which a state of an older torch lacks and SGD fills as
+        False where OptG's own is None, must be off where OptG's are (None or False), or be OptG's own."""
+        def off(value) -> bool:
+            return value is None or value is False
+
         for index, group in enumerate(loaded.param_groups):
-            for key in ("momentum", "dampening", "weight_decay", "nesterov", "maximize"):
-                own = self.score_optimizer.defaults[key]
-                if group[key] != own:
+            for key, own in self.score_optimizer.defaults.items():
+                if key in ("foreach", "fused", "differentiable"):
+                    differs = not (group[key] is own or (off(group[key]) and off(own)))
+                else:
+                    differs = key != "lr" and group[key] != own
+                if differs:
                     raise ValueError(f"state['score_optimizer']['param_groups'][{index}][{key!r}] is {group[key]!r}, "
                                      f"but this OptG's score optimizer has {own!r}: OptG makes its score optimizer "
                                      f"itself, and a state holds its hyperparameters as saved")
