@@ -22,10 +22,11 @@ def save(obj, path: str | os.PathLike) -> None:
     """torch.save(obj) to `path`, atomically (`write_atomically`).
 
     On any error (an unpicklable object, a full disk, an interrupt) the file at `path` is as
-    before and no temporary file is left behind. `path` naming a directory (or ending in a
-    separator) raises IsADirectoryError, and naming something other than a regular file (a FIFO,
-    a device such as /dev/null, which the atomic rename would replace) ValueError, before anything
-    is written. A symbolic link is followed: the file it points to is replaced, the link stays.
+    before and no temporary file is left behind, nor a folder on the way to it that it made. `path`
+    naming a directory (or ending in a separator) raises IsADirectoryError, and naming something other
+    than a regular file (a FIFO, a device such as /dev/null, which the atomic rename would replace)
+    ValueError, before anything is written. A symbolic link is followed: the file it points to is
+    replaced, the link stays.
     An object that `load` would refuse to unpickle (a NumPy value, a dataclass or another class of your
     own, a slice, a range) raises TypeError naming its classes, with the file as before: saved, it would
     be found unloadable only when the run is resumed. Save such values as Python numbers, strings,
@@ -410,13 +411,35 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], object
     On Linux the data goes to an unnamed file (O_TMPFILE) that gets a name only once complete, so a
     kill (even SIGKILL) mid-write leaves nothing; the name it then gets is renamed over `path` at
     once. Elsewhere a named temporary file beside `path` is used and removed on any exception
-    (a SIGKILL can leave that one behind). Creates the parent directory if needed.
+    (a SIGKILL can leave that one behind). Creates the parent directory if needed, and removes the
+    folders it created when the write fails.
     """
     if not callable(write):
         raise TypeError(f"write must be a callable taking the open file, got {type(write).__name__}")
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
+    created = _missing_folders(directory)
     os.makedirs(directory, exist_ok=True)
+    try:
+        _write_into_place(path, directory, write)
+    except BaseException:
+        for folder in created:   # deepest first; one that something else wrote into meanwhile stays
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        raise
+
+
+def _missing_folders(directory: str) -> list[str]:
+    """The folders on the way to `directory` that do not exist yet, deepest first."""
+    missing = []
+    while not os.path.exists(directory) and directory not in missing:
+        missing.append(directory)
+        directory = os.path.dirname(directory)
+    return missing
+
+
+def _write_into_place(path: str, directory: str, write: Callable[[BinaryIO], object]) -> None:
+    """write_atomically's write, into `directory`, which exists."""
     prefix = f".{os.path.basename(path)}."
     temporary = None
     descriptor = _unnamed_file(directory)

@@ -860,7 +860,7 @@ DST_STATES = [
     *[(f"schedule.{key}={_show(v)}", lambda w, k=key, v=v: _schedule_with(w, "name" if k == "schedule" else k, v),
        ValueError, f"{_SCHEDULE}.*{key}")
       for key, values in (("update_every", (0, -1, "2", None, 2.5)), ("total_steps", (0, -3, None)),
-                          ("end_step", (0, "10")), ("drop_fraction", (2.0, NAN, -1.0, "0.3")),
+                          ("end_step", (0, "10", None)), ("drop_fraction", (2.0, NAN, -1.0, "0.3", None)),
                           ("final_drop_fraction", (5.0, NAN, None)), ("schedule", ("step", None, 3)))
       for v in values],
     *[(f"finished={_show(v)}", lambda w, v=v: _replace(w.state, "finished", v), TypeError, "finished")
@@ -1005,6 +1005,15 @@ TICKET_STATES = [
     ("optimizer with nesterov=1", lambda w: _replace(w.state, "optimizer", _with_group_entry(w.state["optimizer"],
                                                                                              "nesterov", 1)),
      ValueError, "nesterov"),
+    # torch's load_state_dict took a group without one, and the next optimizer step raised KeyError.
+    *[(f"optimizer without {key}", lambda w, k=key: _replace(w.state, "optimizer", _with_group_entry(
+        w.state["optimizer"], k, _DELETE)), ValueError, rf"state\['optimizer'\]\['param_groups'\]\[0\] lacks '{key}'")
+      for key in ("lr", "momentum")],
+    # torch's constructors refuse these, its load_state_dict took them, and training went on with them.
+    *[(f"optimizer with {key}=-1", lambda w, k=key: _replace(w.state, "optimizer", _with_group_entry(
+        w.state["optimizer"], k, -1.0)), ValueError,
+       rf"state\['optimizer'\]\['param_groups'\]\[0\] holds hyperparameters that SGD refuses: Invalid {key} value")
+      for key in ("momentum", "weight_decay")],
     ("optimizer of another parameter", lambda w: _replace(w.state, "optimizer", _optimizer_renamed(w, "3.bias")),
      ValueError, r"state\['optimizer'\] holds the parameters .* missing \['3.bias'\], unexpected \['other'\]"),
     ("optimizer with the state of another parameter", lambda w: _replace(w.state, "optimizer", {
@@ -1233,9 +1242,11 @@ def _positional_optg_state(world):
 
 
 def _with_group_entry(optimizer_state: dict, key, value) -> dict:
-    """An optimizer state dict with `key` of its first param group set to `value`."""
-    return {**optimizer_state, "param_groups": [{**optimizer_state["param_groups"][0], key: value},
-                                                *optimizer_state["param_groups"][1:]]}
+    """An optimizer state dict with `key` of its first param group set to `value` (removed for _DELETE)."""
+    group = {**optimizer_state["param_groups"][0], key: value}
+    if value is _DELETE:
+        del group[key]
+    return {**optimizer_state, "param_groups": [group, *optimizer_state["param_groups"][1:]]}
 
 
 def _momentum_of_first_layer(world, value):
@@ -1291,6 +1302,14 @@ OPTG_STATES = [
      r"unexpected \[0, 1, 2\]"),
     ("score_optimizer with lr='x'", lambda w: _replace(w.state, "score_optimizer", _with_group_entry(
         w.state["score_optimizer"], "lr", "x")), ValueError, r"\['lr'\] must be of the kind"),
+    # Without lr: KeyError. The others replaced the score optimizer's own without a word.
+    ("score_optimizer without lr", lambda w: _replace(w.state, "score_optimizer", _with_group_entry(
+        w.state["score_optimizer"], "lr", _DELETE)), ValueError, r"\['param_groups'\]\[0\] lacks 'lr'"),
+    *[(f"score_optimizer with {key}={_show(value)}", lambda w, k=key, v=value: _replace(
+        w.state, "score_optimizer", _with_group_entry(w.state["score_optimizer"], k, v)), ValueError,
+       rf"state\['score_optimizer'\]\['param_groups'\]\[0\]\['{key}'\] is .* but this OptG's score optimizer has")
+      for key, value in (("momentum", 2.5), ("momentum", 0.5), ("weight_decay", 0.1), ("dampening", 0.5),
+                         ("maximize", True), ("foreach", "x"), ("fused", True), ("differentiable", True))],
     ("score_optimizer with a momentum buffer of another shape", lambda w: _momentum_of_first_layer(w, torch.zeros(3)),
      ValueError, r"for layer '0' a finite momentum buffer of torch.float32 and shape \(4, 2, 3, 3\), got a "
                  r"torch.float32 tensor of shape \(3,\)"),
@@ -1459,6 +1478,10 @@ for _name, _call, _error, _match in [
 for _name, _device in [("torch.float16", torch.float16), ("None", None), ("True", True)]:
     error(f"PackedWeight.to({_name})", _ops_world, lambda w, device=_device: ops.pack(w.weight, w.mask).to(device),
           TypeError, "^device must be")
+# A name or index that is no device raised torch's RuntimeError, naming no argument.
+for _name, _device in [("'nodevice'", "nodevice"), ("'cpu:-1'", "cpu:-1"), ("-1", -1)]:
+    error(f"PackedWeight.to({_name})", _ops_world, lambda w, device=_device: ops.pack(w.weight, w.mask).to(device),
+          ValueError, "^device=.* names no device")
 
 
 def _with_backend(name, call):

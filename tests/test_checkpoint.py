@@ -38,6 +38,15 @@ def test_failed_save_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
     assert os.listdir(tmp_path) == ["ckpt.pt"]
 
 
+@pytest.mark.parametrize("value", [np.float64(0.97), lambda: 0])
+def test_a_failed_save_removes_the_folders_it_made_and_keeps_those_it_found(tmp_path, value):
+    # They were left behind, empty: the failed save changed the file system after all.
+    (tmp_path / "runs").mkdir()
+    with pytest.raises((TypeError, pickle.PicklingError, AttributeError)):
+        checkpoint.save({"step": 2, "value": value}, tmp_path / "runs" / "new" / "deeper" / "ckpt.pt")
+    assert os.listdir(tmp_path) == ["runs"] and os.listdir(tmp_path / "runs") == []
+
+
 @pytest.mark.parametrize("value, refused", [
     (np.float64(0.97), "multiarray.scalar"),   # a metric computed with NumPy (numpy._core or numpy.core)
     (np.arange(3), "multiarray._reconstruct"),

@@ -709,19 +709,42 @@ def loaded_optimizer(optimizer_factory: Callable, model: nn.Module, saved, name:
 
 def check_hyperparameters(optimizer: torch.optim.Optimizer, name: str) -> None:
     """ValueError naming `name` when a hyperparameter just loaded into `optimizer` (a fresh one, so that the one
-    in use stays as it was) is of another kind than the optimizer's own default (lr as a string): torch's
-    load_state_dict takes it, and the next step fails on it part-way, some parameters updated and others not."""
+    in use stays as it was) is of another kind than the optimizer's own default (lr as a string), or missing:
+    torch's load_state_dict takes it, and the next step fails on it (part-way, some parameters updated and others
+    not, or with a KeyError naming no state)."""
     for index, group in enumerate(optimizer.param_groups):
         for key, default in optimizer.defaults.items():
-            if key in group and not _same_kind(group[key], default):
+            if key not in group:   # the optimizer's __setstate__ filled those that torch added over versions
+                raise ValueError(f"{name}['param_groups'][{index}] lacks {key!r}, which the optimizer's step reads")
+            if not _same_kind(group[key], default):
                 raise ValueError(f"{name}['param_groups'][{index}][{key!r}] must be of the kind of the optimizer's "
                                  f"own {default!r}, got {group[key]!r}")
             # torch's constructors refuse these (lr < 0, NaN); its load_state_dict takes them, and the next step
             # writes NaN into every weight, or climbs the loss.
-            if key in group and not _finite_number(group[key]):
+            if not _finite_number(group[key]):
                 raise ValueError(f"{name}['param_groups'][{index}][{key!r}] must be finite, got {group[key]!r}")
         if "lr" in group and _finite_number(group["lr"]) and _same_kind(group["lr"], 0.0) and group["lr"] < 0:
             raise ValueError(f"{name}['param_groups'][{index}]['lr'] must be >= 0, got {group['lr']!r}")
+        refusal = _constructor_refusal(optimizer, group)
+        if refusal is not None:
+            raise ValueError(f"{name}['param_groups'][{index}] holds hyperparameters that {type(optimizer).__name__} "
+                             f"refuses: {refusal}")
+
+
+def _constructor_refusal(optimizer: torch.optim.Optimizer, group: dict) -> str | None:
+    """What the optimizer's class says of `group`'s hyperparameters, whose ranges its constructor checks (SGD's
+    momentum >= 0, nesterov with momentum and no dampening, Adam's betas in [0, 1)) and its load_state_dict does not
+    (a momentum of -1 loaded, and trained on); None where it takes them, or where it cannot be built from them alone
+    (a class of a user's own taking other arguments)."""
+    parameter = next(iter(group["params"]), None)
+    probe = torch.zeros(1) if parameter is None else torch.zeros(1, dtype=parameter.dtype, device=parameter.device)
+    try:
+        type(optimizer)([probe], **{key: group[key] for key in optimizer.defaults})
+    except ValueError as error:
+        return str(error)
+    except Exception:   # noqa: BLE001 -- any other failure says nothing about the values
+        return None
+    return None
 
 
 # Per-parameter state entries torch's optimizers hold in the parameter's shape (SGD's, Adam's, RMSprop's,

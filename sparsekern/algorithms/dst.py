@@ -1079,8 +1079,11 @@ def _schedule_from_state(saved) -> schedules.Schedule:
         raise ValueError(f"state['schedule'] must be a dict of {fields}, got "
                          f"{sorted(saved, key=str) if isinstance(saved, dict) else type(saved).__name__}")
     try:
-        # A saved schedule holds its own ΔT: None, which make() reads as the schedule's default, is not one.
+        # A saved schedule holds its own ΔT, end and drop fraction: None, which make() reads as the schedule's
+        # default, is none of them.
         _checks.count(saved["update_every"], "update_every", 1)
+        _checks.count(saved["end_step"], "end_step", 1)
+        _checks.number(saved["drop_fraction"], "drop_fraction")
         schedule = schedules.make(saved["name"], saved["total_steps"], update_every=saved["update_every"],
                                   end_step=saved["end_step"], drop_fraction=saved["drop_fraction"],
                                   final_drop_fraction=saved["final_drop_fraction"]

@@ -492,6 +492,27 @@ class OptG(distributed.CatchesUp):
                              f"OptG's lr (or lr_schedule) and beta give {expected!r}: the state was saved with "
                              f"another lr or lr_schedule; build the OptG with the saving run's")
 
+    def _check_saved_score_hyperparameters(self, loaded: torch.optim.SGD) -> None:
+        """ValueError unless the score optimizer's hyperparameters of the update in the state `loaded` holds, but
+        its lr (`_check_saved_score_lr`), are this OptG's own: OptG makes its score optimizer itself (momentum and
+        nesterov its settings, the rest SGD's defaults), and a state's momentum of 2.5, or -1, replaced them without
+        a word (its "momentum" setting says only what the run was built with). Those that choose only the
+        implementation (foreach, fused, differentiable), which a state of an older torch lacks and SGD fills as
+        False where OptG's own is None, must be off where OptG's are (None or False), or be OptG's own."""
+        def off(value) -> bool:
+            return value is None or value is False
+
+        for index, group in enumerate(loaded.param_groups):
+            for key, own in self.score_optimizer.defaults.items():
+                if key in ("foreach", "fused", "differentiable"):
+                    differs = not (group[key] is own or (off(group[key]) and off(own)))
+                else:
+                    differs = key != "lr" and group[key] != own
+                if differs:
+                    raise ValueError(f"state['score_optimizer']['param_groups'][{index}][{key!r}] is {group[key]!r}, "
+                                     f"but this OptG's score optimizer has {own!r}: OptG makes its score optimizer "
+                                     f"itself, and a state holds its hyperparameters as saved")
+
     def _holds_target_as_another_float(self, saved) -> bool:
         """Whether `saved`, a state's sparsity, is this OptG's target written as another float: `1 - density` in
         floats, which the command line passed before OptG took density= (0.30000000000000004 for density 0.7, where
@@ -578,6 +599,7 @@ class OptG(distributed.CatchesUp):
             raise ValueError(f"state['score_optimizer'] does not fit the scores' optimizer: "
                              f"{type(error).__name__}: {error}") from None
         _tickets.check_hyperparameters(score_optimizer, "state['score_optimizer']")
+        self._check_saved_score_hyperparameters(score_optimizer)
         _tickets.check_optimizer_state(score_optimizer, list(zip(_tickets.layer_names(self._groups), self.scores)),
                                        "state['score_optimizer']", "layer")
         self._check_saved_score_lr(score_optimizer, epoch)

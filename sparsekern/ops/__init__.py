@@ -418,6 +418,14 @@ _REFERENCE_MASKED_LINEAR_NOTE = ("automatic calls run the dense kernel instead: 
                                  "traced for the compiler to fuse)")
 
 
+def _reference_sparse_linear(x, bitmap, values, chunk_offsets, bias):
+    # The packed fields checked again, as the compiled kernels check them: sparse_linear's checks read only their
+    # shapes, and a field changed in place since packing would fail in the reference naming none, or be taken (one
+    # value spread over every kept entry).
+    _checks.packed_weight(bitmap, values, chunk_offsets, x.shape[-1])
+    return reference.sparse_linear(x, bitmap, values, chunk_offsets, bias)
+
+
 def _reference(function, note: str | None = None) -> Implementation:
     return Implementation(run=function, missing=_backend.never_missing, note=note)
 
@@ -433,7 +441,7 @@ for _op, _function in (("topk_mask", reference.topk_mask),
                        ("topk_mask_per_tensor", reference.topk_mask_per_tensor),
                        ("prune_grow", reference.prune_grow),
                        ("masked_linear", _masked_linear_reference),
-                       ("sparse_linear", reference.sparse_linear)):
+                       ("sparse_linear", _reference_sparse_linear)):
     _backend.register(_op, "reference", _reference(
         _function, _REFERENCE_MASKED_LINEAR_NOTE if _op == "masked_linear" else None))
     if _op in COMPILED_OPS:

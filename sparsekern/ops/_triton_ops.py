@@ -74,7 +74,7 @@ def topk_mask_per_tensor(scores: list[Tensor], k: list[int]) -> list[Tensor]:
 
 def prune_grow(weights, masks, prune_scores, grow_scores, n, global_scope, state, masked, active, prune_abs,
                grow_abs) -> list[Tensor]:
-    if active is not None and masks[0].device.type == "cpu":
+    if masks[0].device.type == "cpu":
         _check_active_on_host(masks, n, global_scope, active)
     new = new_masks_like(masks)
     _prune_grow_op(list(weights), list(masks), list(prune_scores), list(grow_scores), list(n), global_scope,
@@ -82,12 +82,15 @@ def prune_grow(weights, masks, prune_scores, grow_scores, n, global_scope, state
     return new
 
 
-def _check_active_on_host(masks: list[Tensor], n: list[int], global_scope: bool, active: list[int]) -> None:
-    """The caller's counts checked as the C++ CPU kernel and the reference check them, where that costs no device
-    read (under the interpreter, on CPU tensors): a stale count (DST's, after a mask was written unseen) is then
-    refused on every CPU backend alike, before anything is written, rather than making n from it here alone."""
+def _check_active_on_host(masks: list[Tensor], n: list[int], global_scope: bool, active: list[int] | None) -> None:
+    """n, and the caller's counts if given, checked against the masks as the C++ CPU kernel and the reference check
+    them, where that costs no device read (under the interpreter, on CPU tensors): an n above a segment's active
+    entries, or a stale count (DST's, after a mask was written unseen), is then refused on every CPU backend alike,
+    before anything is written (prune_grow's checks count only on a GPU: the CPU kernels count as they go), rather
+    than swapping entries that are not there here alone."""
     counts = reference.active_counts(masks)
-    for segment, (swap, claimed, count) in enumerate(zip(n, active, [sum(counts)] if global_scope else counts)):
+    claims = [None] * len(n) if active is None else active
+    for segment, (swap, claimed, count) in enumerate(zip(n, claims, [sum(counts)] if global_scope else counts)):
         reference.check_swap(swap, count, claimed, *reference.swap_names(segment, global_scope))
 
 

@@ -81,15 +81,24 @@ class PackedWeight:
 
     def to(self, device: torch.device | str | int) -> "PackedWeight":
         """The same packed weight on `device` (a device, its name or a CUDA index). Only the device
-        changes: the bitmap and offsets must stay integers, and `pack` a weight of another dtype."""
+        changes: the bitmap and offsets must stay integers, and `pack` a weight of another dtype. A name or index
+        that is no device raises ValueError naming `device`."""
         if isinstance(device, bool) or not isinstance(device, (torch.device, str, int)):
             raise TypeError(f"device must be a torch.device, a device name or an index, got {type(device).__name__}"
                             f"{' (to change the dtype, pack the weight in that dtype)' if isinstance(device, torch.dtype) else ''}")
+        try:
+            device = torch.device(device)
+        except RuntimeError as error:   # an unknown name, a negative index
+            raise ValueError(f"device={device!r} names no device: {error}") from None
         return PackedWeight(self.bitmap.to(device), self.values.to(device), self.chunk_offsets.to(device),
                             self.in_features)
 
     def unpack(self) -> Tensor:
-        """The dense weight, zero where nothing was kept (a new tensor each call)."""
+        """The dense weight, zero where nothing was kept (a new tensor each call). The fields are checked again
+        first, as the compiled kernels check them: one changed in place since packing (a value too few, a bit more)
+        raises TypeError or ValueError naming it, where unpacking would fail naming none, or spread one value over
+        every kept entry."""
+        _checks.packed_weight(self.bitmap, self.values, self.chunk_offsets, self.in_features)
         return reference.unpack(self.bitmap, self.values, self.in_features)
 
     def dense(self) -> Tensor:

@@ -626,6 +626,19 @@ def test_a_half_precision_state_of_older_versions_loads_into_float32_scores():
     assert optg.scores[0].dtype == torch.float32 and bool((optg.scores[0] == 0.25).all())
 
 
+def test_a_state_of_an_older_torch_without_the_implementation_choices_loads():
+    # OptG compares the score optimizer's update hyperparameters with its own; those choosing the implementation
+    # only, which torch added over versions and SGD fills on loading (fused as False, OptG's own None), are left.
+    model = torch.nn.Sequential(sparsekern.nn.SparseLinear(4, 3))
+    optg = OptG(model, sparsity=0.5, epochs=4, lr=0.1)
+    state = optg.state_dict()
+    for group in state["score_optimizer"]["param_groups"]:
+        for key in ("foreach", "fused", "differentiable", "maximize"):
+            del group[key]
+    optg.load_state_dict(state)
+    assert optg.score_optimizer.param_groups[0]["momentum"] == 0.9
+
+
 def test_the_frozen_layer_warning_of_step_names_the_line_that_called_step():
     # step() runs under torch.no_grad()'s decorator: a fixed count named torch's _contextlib.py.
     model = mlp(0)

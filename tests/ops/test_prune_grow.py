@@ -280,6 +280,25 @@ def test_a_wrong_active_count_is_refused_on_cpu_by_every_backend_with_nothing_ch
     assert all(torch.equal(w, b) for w, b in zip(weights, before))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_a_swap_count_above_the_active_entries_is_refused_on_cpu_by_every_backend_with_nothing_changed(
+        backend, scope, use_backend, generator):
+    # Without a caller's count, prune_grow's checks leave counting to the CPU kernels; the Triton backend (the
+    # interpreter, on CPU tensors) counted only a count it was given, and swapped entries that were not there.
+    use_backend(backend, "prune_grow")
+    weights, masks, prune, grow, state, masked = layer_list(generator, torch.float32, "ties", "contiguous")
+    counts = [int(m.sum()) for m in masks]
+    n = [c + (i == 0) for i, c in enumerate(counts)] if scope == "layer" else sum(counts) + 1
+    before = [t.clone() for t in [*weights, *(t for ts in (*state, *masked) for t in ts)]]
+    name = (r"n\[0\] must be in \[0, \d+\] \(masks\[0\] has" if scope == "layer"
+            else r"n must be in \[0, \d+\] \(the masks")
+    with pytest.raises(ValueError, match=name):
+        sparsekern.ops.prune_grow(weights, masks, prune, grow, n, state, masked)
+    after = [*weights, *(t for ts in (*state, *masked) for t in ts)]
+    assert all(torch.equal(t, b) for t, b in zip(after, before))
+
+
 compiled = pytest.mark.skipif(_extension.kernel_missing("prune_grow", "cpu") is not None,
                               reason=f"no compiled CPU kernels: {_extension.kernel_missing('prune_grow', 'cpu')}")
 

@@ -437,6 +437,50 @@ def test_the_entry_point_refuses_a_packed_weight_changed_in_place(generator, mon
         ops.sparse_linear(torch.randn(2, 1100, generator=generator), packed)
 
 
+def _set_padding_bit(packed):
+    packed.bitmap[1, -1] |= 1 << (packed.in_features % 32)
+
+
+# Changes made in place after packing, each with the field its refusal names: the compiled kernel checks again what
+# it indexes by; unpacking (the dense fallback's, on every backend) and the reference failed naming no field, or
+# took a value resized to one for every kept entry.
+CHANGED_IN_PLACE = {
+    "values resized to one": (lambda packed: packed.values.resize_(1), "values"),
+    "values resized to three": (lambda packed: packed.values.resize_(3), "values"),
+    "offsets shifted": (lambda packed: packed.chunk_offsets.add_(1000), "chunk_offsets"),
+    "offsets resized": (lambda packed: packed.chunk_offsets.resize_(0), "chunk_offsets"),
+    "padding bit set": (_set_padding_bit, "bitmap"),
+    "every bit set": (lambda packed: packed.bitmap.fill_(-1), "bitmap"),
+    "bitmap resized": (lambda packed: packed.bitmap.resize_(1, 1), "bitmap"),
+}
+
+
+@pytest.mark.parametrize("case", list(CHANGED_IN_PLACE))
+def test_unpacking_refuses_a_packed_weight_changed_in_place_naming_the_field(case):
+    change, field = CHANGED_IN_PLACE[case]
+    packed = PackedWeight(**valid_fields())
+    change(packed)
+    for unpack in (packed.unpack, packed.dense):
+        with pytest.raises(ValueError) as raised:
+            unpack()
+        assert_names(raised, field)
+
+
+@pytest.mark.parametrize("backend", ["reference", "compiled"])
+@pytest.mark.parametrize("path", ["sparse", "dense"])
+@pytest.mark.parametrize("case", list(CHANGED_IN_PLACE))
+def test_every_backend_and_path_refuses_a_packed_weight_changed_in_place(case, path, backend, use_backend,
+                                                                        monkeypatch, generator):
+    use_backend(backend, "sparse_linear")
+    monkeypatch.setitem(ops.SPARSE_LINEAR_LIMITS, "cpu", ALWAYS_SPARSE if path == "sparse" else NEVER_SPARSE)
+    change, field = CHANGED_IN_PLACE[case]
+    packed = PackedWeight(**valid_fields())
+    change(packed)
+    with pytest.raises(ValueError) as raised:
+        ops.sparse_linear(torch.randn(2, 1100, generator=generator), packed)
+    assert_names(raised, field)
+
+
 @needs_cpu_kernel
 def test_huge_offsets_are_refused_not_a_segfault():
     # The reported defect crashed the interpreter, so it runs in a child process.
