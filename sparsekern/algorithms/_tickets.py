@@ -63,10 +63,14 @@ def sparse_layers(model: nn.Module, who: str) -> list[tying.Group]:
 
 def check_own_weights(groups: list[tying.Group], who: str) -> None:
     """RuntimeError, before anything changes, when a layer's weight became computed at every forward (a
-    parametrization registered) after `who` was built (`computed_weight_refusal`)."""
-    refusal = computed_weight_refusal([pair for group in groups for pair in group], who, built=True)
+    parametrization registered) after `who` was built (`computed_weight_refusal`); ValueError for a layer training
+    (its weight requiring grad) in inference mode (`refuse_inference_mode`): it gives its weight no gradient, so a
+    `to_training` forgotten after an evaluation would stop it training, silently. A frozen layer may serve in it."""
+    named = [pair for group in groups for pair in group]
+    refusal = computed_weight_refusal(named, who, built=True)
     if refusal is not None:
         raise RuntimeError(refusal)
+    refuse_inference_mode([(name, module) for name, module in named if module.weight.requires_grad], who)
 
 
 def check_masks_writable(groups: list[tying.Group], who: str, frozen_kept: bool = False) -> None:
@@ -692,13 +696,14 @@ def loaded_optimizer(optimizer_factory: Callable, model: nn.Module, saved, name:
         raise TypeError(f"{name} must be an optimizer state dict, got {type(saved).__name__}")
     saved = optimizer_in_order(saved, optimizer, parameter_names(model), name, who)
     check_state_dtypes(saved, name, optimizer)
+    held = {key for group in optimizer.param_groups for key in group}   # what the fresh optimizer's step reads
     try:
         # A copy: torch's optimizer keeps the caller's tensors as its own (where device and dtype fit) and would
         # train them in place, so that a state loaded twice (a retry, a rollback) would not resume alike.
         optimizer.load_state_dict(map_tensors(Tensor.clone, saved))
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
         raise ValueError(f"{name} does not fit the optimizer: {type(error).__name__}: {error}") from None
-    check_hyperparameters(optimizer, name)
+    check_hyperparameters(optimizer, name, held)
     names = parameter_names(model)
     check_optimizer_state(optimizer, [(names[id(parameter)][0] if id(parameter) in names else str(position), parameter)
                                       for position, parameter in enumerate(
@@ -707,14 +712,19 @@ def loaded_optimizer(optimizer_factory: Callable, model: nn.Module, saved, name:
     return optimizer
 
 
-def check_hyperparameters(optimizer: torch.optim.Optimizer, name: str) -> None:
+def check_hyperparameters(optimizer: torch.optim.Optimizer, name: str, held: set[str] | None = None) -> None:
     """ValueError naming `name` when a hyperparameter just loaded into `optimizer` (a fresh one, so that the one
-    in use stays as it was) is of another kind than the optimizer's own default (lr as a string), or missing:
+    in use stays as it was) is of another kind than the optimizer's own default (lr as a string), or missing from a
+    group where the fresh optimizer's groups held it (`held`; None: every default, as torch's own classes hold them):
     torch's load_state_dict takes it, and the next step fails on it (part-way, some parameters updated and others
-    not, or with a KeyError naming no state)."""
+    not, or with a KeyError naming no state). Not every default is held: torch's Optimizer.__setstate__ adds
+    `differentiable` to the defaults of every class, and only some put it in their groups (Adafactor, Muon, a class
+    of one's own do not)."""
     for index, group in enumerate(optimizer.param_groups):
         for key, default in optimizer.defaults.items():
             if key not in group:   # the optimizer's __setstate__ filled those that torch added over versions
+                if held is not None and key not in held:
+                    continue
                 raise ValueError(f"{name}['param_groups'][{index}] lacks {key!r}, which the optimizer's step reads")
             if not _same_kind(group[key], default):
                 raise ValueError(f"{name}['param_groups'][{index}][{key!r}] must be of the kind of the optimizer's "
@@ -732,12 +742,17 @@ def check_hyperparameters(optimizer: torch.optim.Optimizer, name: str) -> None:
 
 
 def _constructor_refusal(optimizer: torch.optim.Optimizer, group: dict) -> str | None:
-    """What the optimizer's class says of `group`'s hyperparameters, whose ranges its constructor checks (SGD's
+    """What torch's optimizer class says of `group`'s hyperparameters, whose ranges its constructor checks (SGD's
     momentum >= 0, nesterov with momentum and no dampening, Adam's betas in [0, 1)) and its load_state_dict does not
-    (a momentum of -1 loaded, and trained on); None where it takes them, or where it cannot be built from them alone
-    (a class of a user's own taking other arguments)."""
+    (a momentum of -1 loaded, and trained on); None where it takes them, or where it cannot be built from them alone.
+    Only torch.optim's own classes are asked, on a meta tensor of the group's first parameter's shape (Muon takes
+    only matrices), which allocates nothing: a class of one's own may do anything when built (count, log, take
+    other arguments), and its ValueError need not be about the values."""
+    if not type(optimizer).__module__.startswith("torch.optim."):
+        return None
     parameter = next(iter(group["params"]), None)
-    probe = torch.zeros(1) if parameter is None else torch.zeros(1, dtype=parameter.dtype, device=parameter.device)
+    probe = torch.empty((1,) if parameter is None else parameter.shape, device="meta",
+                        dtype=torch.float32 if parameter is None else parameter.dtype)
     try:
         type(optimizer)([probe], **{key: group[key] for key in optimizer.defaults})
     except ValueError as error:

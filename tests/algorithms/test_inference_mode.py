@@ -16,13 +16,14 @@ from .test_computed_weights import BUILD, _sparse_model
 REFUSAL = r"layer '2' is in inference mode \(to_inference\(\)\).*call sparsekern.nn.to_training\(model\) before"
 
 
-# The calls of each algorithm that write masks (each refused once a layer is in inference mode; a step only counts, or
-# reads gradients, which a layer in inference mode gives none of, as a frozen one).
+# The calls of each algorithm refused once a training layer is in inference mode: those that write masks, and DST's
+# and OptG's steps, which read gradients (the layer gives its weight none: it would stop training, silently; IMP's and
+# SWAMP's steps only count and snapshot).
 WRITES = {
     "DST": lambda dst, state: [dst.step, lambda: dst.load_state_dict(state)],
-    "IMP": lambda imp, state: [imp.next_cycle],   # its state holds no mask: a load writes none
-    "SWAMP": lambda swamp, state: [swamp.next_particle],   # next_cycle needs an averaged cycle; a load writes no mask
-    "OptG": lambda optg, state: [optg.next_epoch, lambda: optg.load_state_dict(state)],
+    "IMP": lambda imp, state: [imp.next_cycle, imp.prune_masks, lambda: imp.load_state_dict(state)],
+    "SWAMP": lambda swamp, state: [swamp.next_particle, swamp.prune_masks, lambda: swamp.load_state_dict(state)],
+    "OptG": lambda optg, state: [optg.step, optg.next_epoch, lambda: optg.load_state_dict(state)],
 }
 
 
@@ -81,3 +82,14 @@ def test_a_frozen_layer_may_serve_in_inference_mode_under_an_algorithm_that_leav
             if who == "OptG":
                 algorithm.next_epoch()
     assert model[0].packed is packed and torch.equal(model[0].mask, mask)
+
+
+def test_dst_refuses_a_training_layer_left_in_inference_mode_at_a_step_that_updates_nothing():
+    # An evaluation through to_inference with to_training forgotten: the layer gives its weight no gradient, and
+    # would stop training silently until the next mask update (never, after end_step).
+    model = _sparse_model()
+    dst = sparsekern.RigL(model, torch.optim.SGD(model.parameters(), lr=0.1), total_steps=100, update_every=50)
+    model[0].to_inference()
+    with pytest.raises(ValueError, match="^DST: layer '0' is in inference mode"):
+        dst.step()
+    assert dst.step_count == 0

@@ -41,3 +41,16 @@ def test_a_lazy_module_the_forward_never_made_is_refused_by_name_before_the_stat
     model[0].unused(torch.zeros(1, 3))
     algorithm.step()
     assert algorithm.step_in_cycle == 1 and algorithm.rewind_state["0.unused.weight"].shape == (2, 3)
+
+
+def test_a_state_of_an_optimizer_whose_groups_lack_differentiable_loads():
+    # torch's Optimizer.__setstate__ adds `differentiable` to every class's defaults, and only some classes put it in
+    # their groups: Adafactor's do not, and its states (those of a class of one's own alike) were refused as lacking
+    # it.
+    model = mlp(0, inputs=8, hidden=6, outputs=3)
+    imp = IMP(model, lambda parameters: torch.optim.Adafactor(parameters, lr=0.01), rewind_step=0)
+    model(torch.randn(4, 8)).sum().backward()
+    imp.optimizer.step()
+    imp.step()
+    imp.load_state_dict(imp.state_dict())
+    assert imp.step_in_cycle == 1
