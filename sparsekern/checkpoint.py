@@ -22,11 +22,10 @@ def save(obj, path: str | os.PathLike) -> None:
     """torch.save(obj) to `path`, atomically (`write_atomically`).
 
     On any error (an unpicklable object, a full disk, an interrupt) the file at `path` is as
-    before and no temporary file is left behind, nor a folder on the way to it that it made. `path`
-    naming a directory (or ending in a separator) raises IsADirectoryError, and naming something other
-    than a regular file (a FIFO, a device such as /dev/null, which the atomic rename would replace)
-    ValueError, before anything is written. A symbolic link is followed: the file it points to is
-    replaced, the link stays.
+    before and no temporary file is left behind. `path` naming a directory (or ending in a
+    separator) raises IsADirectoryError, and naming something other than a regular file (a FIFO,
+    a device such as /dev/null, which the atomic rename would replace) ValueError, before anything
+    is written. A symbolic link is followed: the file it points to is replaced, the link stays.
     An object that `load` would refuse to unpickle (a NumPy value, a dataclass or another class of your
     own, a slice, a range) raises TypeError naming its classes, with the file as before: saved, it would
     be found unloadable only when the run is resumed. Save such values as Python numbers, strings,
@@ -376,9 +375,7 @@ def check_destination(path: str, argument: str, folder: bool = False) -> None:
     try:
         mode = os.stat(path).st_mode
     except OSError:   # missing, or under a file (NotADirectoryError): its nearest existing parent says which
-        parent = os.path.dirname(os.path.abspath(path))
-        while not os.path.exists(parent):
-            parent = os.path.dirname(parent)
+        parent = _nearest_existing_parent(os.path.realpath(path) if os.path.islink(path) else path)
         if not os.path.isdir(parent):
             raise ValueError(f"{argument} {path!r} is not a writable {kind} ({parent!r} is a file, not a folder)")
         return
@@ -389,6 +386,16 @@ def check_destination(path: str, argument: str, folder: bool = False) -> None:
     if not folder and not stat.S_ISREG(mode):
         raise ValueError(f"{argument} {path!r} is not a regular file (a FIFO, socket or device), which writing "
                          f"would replace")
+
+
+def _nearest_existing_parent(path: str) -> str:
+    """The nearest parent of `path` that exists, walked as the system walks the path (`afile/../new` lies under
+    the file `afile`, which os.path.abspath's textual '..' would skip)."""
+    while True:
+        parent = os.path.dirname(path) or os.curdir
+        if parent == path or os.path.exists(parent):
+            return parent
+        path = parent
 
 
 def check_writable_folder(path: str, argument: str) -> None:
@@ -411,35 +418,14 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], object
     On Linux the data goes to an unnamed file (O_TMPFILE) that gets a name only once complete, so a
     kill (even SIGKILL) mid-write leaves nothing; the name it then gets is renamed over `path` at
     once. Elsewhere a named temporary file beside `path` is used and removed on any exception
-    (a SIGKILL can leave that one behind). Creates the parent directory if needed, and removes the
-    folders it created when the write fails.
+    (a SIGKILL can leave that one behind). Creates the parent directory if needed, and leaves it on failure:
+    another writer's unnamed file in it is no entry yet, so removing it, empty as it looks, could fail that one.
     """
     if not callable(write):
         raise TypeError(f"write must be a callable taking the open file, got {type(write).__name__}")
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    created = _missing_folders(directory)
     os.makedirs(directory, exist_ok=True)
-    try:
-        _write_into_place(path, directory, write)
-    except BaseException:
-        for folder in created:   # deepest first; one that something else wrote into meanwhile stays
-            with contextlib.suppress(OSError):
-                os.rmdir(folder)
-        raise
-
-
-def _missing_folders(directory: str) -> list[str]:
-    """The folders on the way to `directory` that do not exist yet, deepest first."""
-    missing = []
-    while not os.path.exists(directory) and directory not in missing:
-        missing.append(directory)
-        directory = os.path.dirname(directory)
-    return missing
-
-
-def _write_into_place(path: str, directory: str, write: Callable[[BinaryIO], object]) -> None:
-    """write_atomically's write, into `directory`, which exists."""
     prefix = f".{os.path.basename(path)}."
     temporary = None
     descriptor = _unnamed_file(directory)

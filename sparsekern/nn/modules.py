@@ -688,8 +688,9 @@ class SparseLinear(SparseModule, nn.Linear):
         `load_state_dict` (of the layer or of a model holding it), `reset_parameters`, `sparsekern.nn.init`'s
         functions, `sparsify` of a model holding it, and `SparseAveragedModel`'s update (`zero_weights_off_mask`
         changes nothing a pack holds); the training algorithms (DST, IMP, SWAMP, OptG) and `broadcast_masks` refuse a
-        layer in inference mode whose mask they would set (ValueError: `sparsekern.nn.to_training(model)` first),
-        so a frozen layer that DST, or OptG's learned scores, leave alone may stay in it.
+        layer in inference mode whose mask they would set, and DST's and OptG's `step()` one still training, which
+        gets no gradient there (ValueError: `sparsekern.nn.to_training(model)` first); a frozen layer that DST, or
+        OptG's learned scores, leave alone may stay in it.
         A write of your own into the `weight` or `mask` tensor in place (`.data`, `copy_`, a `torch.nn.init`
         function) is not seen, as it cannot be without reading the tensors at every forward: call `to_inference()`
         again after one.

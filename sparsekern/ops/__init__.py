@@ -419,10 +419,11 @@ _REFERENCE_MASKED_LINEAR_NOTE = ("automatic calls run the dense kernel instead: 
 
 
 def _reference_sparse_linear(x, bitmap, values, chunk_offsets, bias):
-    # The packed fields checked again, as the compiled kernels check them: sparse_linear's checks read only their
-    # shapes, and a field changed in place since packing would fail in the reference naming none, or be taken (one
-    # value spread over every kept entry).
-    _checks.packed_weight(bitmap, values, chunk_offsets, x.shape[-1])
+    # The packed fields checked again on the CPU, as the compiled CPU kernel checks them: sparse_linear's checks read
+    # only their shapes, and a field changed in place since packing would fail in the reference naming none, or be
+    # taken (one value spread over every kept entry). On a GPU the contents would cost host syncs at every call.
+    if bitmap.device.type == "cpu":
+        _checks.packed_weight(bitmap, values, chunk_offsets, x.shape[-1])
     return reference.sparse_linear(x, bitmap, values, chunk_offsets, bias)
 
 

@@ -82,7 +82,8 @@ class PackedWeight:
     def to(self, device: torch.device | str | int) -> "PackedWeight":
         """The same packed weight on `device` (a device, its name or a CUDA index). Only the device
         changes: the bitmap and offsets must stay integers, and `pack` a weight of another dtype. A name or index
-        that is no device raises ValueError naming `device`."""
+        that torch reads as no device ('nodevice', -1) raises ValueError naming `device`; a device this machine
+        lacks fails as Tensor.to fails there."""
         if isinstance(device, bool) or not isinstance(device, (torch.device, str, int)):
             raise TypeError(f"device must be a torch.device, a device name or an index, got {type(device).__name__}"
                             f"{' (to change the dtype, pack the weight in that dtype)' if isinstance(device, torch.dtype) else ''}")
