@@ -1005,6 +1005,11 @@ TICKET_STATES = [
     ("optimizer with nesterov=1", lambda w: _replace(w.state, "optimizer", _with_group_entry(w.state["optimizer"],
                                                                                              "nesterov", 1)),
      ValueError, "nesterov"),
+    # torch's load_state_dict took any value where the default is None, and the next step read foreach='x' as True.
+    *[(f"optimizer with {key}={_show(value)}", lambda w, k=key, v=value: _replace(w.state, "optimizer", _with_group_entry(
+        w.state["optimizer"], k, v)), ValueError,
+       rf"state\['optimizer'\]\['param_groups'\]\[0\]\['{key}'\] must be None or a bool, got {value!r}")
+      for key, value in (("foreach", "x"), ("fused", 1))],
     # torch's load_state_dict took a group without one, and the next optimizer step raised KeyError.
     *[(f"optimizer without {key}", lambda w, k=key: _replace(w.state, "optimizer", _with_group_entry(
         w.state["optimizer"], k, _DELETE)), ValueError, rf"state\['optimizer'\]\['param_groups'\]\[0\] lacks '{key}'")
@@ -1309,7 +1314,10 @@ OPTG_STATES = [
         w.state, "score_optimizer", _with_group_entry(w.state["score_optimizer"], k, v)), ValueError,
        rf"state\['score_optimizer'\]\['param_groups'\]\[0\]\['{key}'\] is .* but this OptG's score optimizer has")
       for key, value in (("momentum", 2.5), ("momentum", 0.5), ("weight_decay", 0.1), ("dampening", 0.5),
-                         ("maximize", True), ("foreach", "x"), ("fused", True), ("differentiable", True))],
+                         ("maximize", True), ("foreach", True), ("fused", True), ("differentiable", True))],
+    ("score_optimizer with foreach='x'", lambda w: _replace(w.state, "score_optimizer", _with_group_entry(
+        w.state["score_optimizer"], "foreach", "x")), ValueError,
+     r"state\['score_optimizer'\]\['param_groups'\]\[0\]\['foreach'\] must be None or a bool, got 'x'"),
     ("score_optimizer with a momentum buffer of another shape", lambda w: _momentum_of_first_layer(w, torch.zeros(3)),
      ValueError, r"for layer '0' a finite momentum buffer of torch.float32 and shape \(4, 2, 3, 3\), got a "
                  r"torch.float32 tensor of shape \(3,\)"),

@@ -709,16 +709,17 @@ def loaded_optimizer(optimizer_factory: Callable, model: nn.Module, saved, name:
 
 def check_hyperparameters(optimizer: torch.optim.Optimizer, name: str) -> None:
     """ValueError naming `name` when a hyperparameter just loaded into `optimizer` (a fresh one, so that the one
-    in use stays as it was) is of another kind than the optimizer's own default (lr as a string), or missing:
+    in use stays as it was) is of another kind than the optimizer's own default (lr as a string, foreach
+    as anything but None or a bool: `_same_kind`), or missing:
     torch's load_state_dict takes it, and the next step fails on it (part-way, some parameters updated and others
     not, or with a KeyError naming no state)."""
     for index, group in enumerate(optimizer.param_groups):
         for key, default in optimizer.defaults.items():
             if key not in group:   # the optimizer's __setstate__ filled those that torch added over versions
                 raise ValueError(f"{name}['param_groups'][{index}] lacks {key!r}, which the optimizer's step reads")
-            if not _same_kind(group[key], default):
-                raise ValueError(f"{name}['param_groups'][{index}][{key!r}] must be of the kind of the optimizer's "
-                                 f"own {default!r}, got {group[key]!r}")
+            if not _same_kind(group[key], default, key):
+                kind = "None or a bool" if default is None else f"of the kind of the optimizer's own {default!r}"
+                raise ValueError(f"{name}['param_groups'][{index}][{key!r}] must be {kind}, got {group[key]!r}")
             # torch's constructors refuse these (lr < 0, NaN); its load_state_dict takes them, and the next step
             # writes NaN into every weight, or climbs the loss.
             if not _finite_number(group[key]):
@@ -806,11 +807,18 @@ def _finite_number(value) -> bool:
     return not isinstance(value, float) or math.isfinite(value)
 
 
-def _same_kind(value, default) -> bool:
-    """Whether an optimizer's hyperparameter `value` is of the kind of its default: a bool, a number (a tensor of
-    one element, which torch takes for lr and betas, included) or a tuple of them; None defaults take anything."""
+# Hyperparameters whose default is None that torch documents as bools (`foreach (bool, optional)`): None lets torch
+# choose. A state of older torch versions holds False for them (fused's default was False), which loads as it did.
+OPTIONAL_FLAGS = frozenset({"foreach", "fused"})
+
+
+def _same_kind(value, default, key: str | None = None) -> bool:
+    """Whether an optimizer's hyperparameter `value` (under `key`) is of the kind of its default: a bool, a number (a
+    tensor of one element, which torch takes for lr and betas, included) or a tuple of them; None or a bool for a
+    None default that torch documents as a bool (OPTIONAL_FLAGS: foreach='x' loaded, and the next step took it for
+    True), anything for other None defaults (LBFGS's line_search_fn, a str)."""
     if default is None:
-        return True
+        return key not in OPTIONAL_FLAGS or value is None or isinstance(value, bool)
     if isinstance(default, bool):
         return isinstance(value, bool)
     if isinstance(default, (int, float)):
