@@ -1108,6 +1108,14 @@ SWAMP_STATES = TICKET_STATES + [
      lambda w: _replace(w.state, "particle_average",
                         {k: t.to_sparse() for k, t in w.state["particle_average"].items()}),
      ValueError, "particle_average"),
+    # Points of a cycle SWAMP never reaches; loaded, the next cycle pruned one particle's weights as θ̄, or a θ̄
+    # missing the particles before.
+    ("averaged=True at the first of 2 particles", lambda w: _replace(w.state, "averaged", True), ValueError,
+     r"state\['averaged'\]=True, but state\['particle'\]=0 is not this rank's last of particles=2"),
+    ("particle=1 without the particles' sum", lambda w: _replace(w.state, "particle", 1), ValueError,
+     r"state\['particle_sum'\] is None, but state\['particle'\]=1 is not this rank's first particle"),
+    ("particle=0 with a particles' sum", lambda w: _replace(w.state, "particle_sum", w.state["particle_average"]),
+     ValueError, r"state\['particle_sum'\] is set, but state\['particle'\]=0 is this rank's first particle"),
 ]
 
 
@@ -1189,6 +1197,33 @@ def _averaged_swamp_world(tmp_path=None):
     world.algo.next_particle()
     return world
 
+
+def _averaged_swamp_state_world(tmp_path=None):
+    world = _averaged_swamp_world()
+    world.state = world.algo.state_dict()
+    return world
+
+
+def _by_parameter_name(world):
+    """Tensors keyed by the model's parameter names, as a state's particle_average and particle_sum are."""
+    return {name: p.detach().clone() for name, p in world.model.named_parameters()}
+
+
+AVERAGED_SWAMP_STATES = [   # of particle 1 of 2 (rewind_step=1, swa_start=2, swa_every=1), averaged at step 6
+    ("averaged before the first SWA sample", lambda w: _replace(w.state, "step_in_cycle", 2), ValueError,
+     r"state\['averaged'\]=True, but state\['step_in_cycle'\]=2 is before the first SWA sample \(step 3"),
+    ("averaged before θ_k was kept", lambda w: {**w.state, "step_in_cycle": 0, "rewind_state": None,
+                                               "rewind_optimizer_state": None}, ValueError,
+     r"state\['averaged'\]=True, but state\['rewind_state'\] is None"),
+    ("averaged holding a particle's average",
+     lambda w: {**w.state, "particle_average": _by_parameter_name(w), "average_count": 1}, ValueError,
+     r"state\['averaged'\]=True, but state\['particle_average'\] is set"),
+    ("averaged holding the particles' sum", lambda w: _replace(w.state, "particle_sum", _by_parameter_name(w)),
+     ValueError, r"state\['averaged'\]=True, but state\['particle_sum'\] is set"),
+]
+for _name, _make, _error, _match in AVERAGED_SWAMP_STATES:
+    error(f"SWAMP.load_state_dict({_name})", _averaged_swamp_state_world,
+          lambda w, m=_make: w.algo.load_state_dict(m(w)), _error, _match, then=lambda w: w.algo.next_cycle())
 
 error("SWAMP.step() after the cycle was averaged", _averaged_swamp_world, lambda w: w.algo.step(), RuntimeError,
       "next_cycle")
