@@ -1330,6 +1330,11 @@ OPTG_STATES = [
      r"state\['masks'\] .*missing \['0'\], unexpected \['other'\]"),
     ("masks as a list beside scores by name",
      lambda w: _replace(w.state, "masks", list(w.state["masks"].values())), TypeError, "masks"),
+    # Their error named state['masks'] alone ("must be a list of 3 bool tensors"), which is as saved.
+    *[(f"scores={label} beside masks by name", lambda w, m=make: _replace(w.state, "scores", m(w)), ValueError,
+       r"^state\['scores'\] is a list \(by position, as older versions saved it\) and state\['masks'\] a dict "
+       r"by layer name: they must be keyed alike")
+      for label, make in (("[]", lambda w: []), ("a list", lambda w: list(w.state["scores"].values())))],
     ("score_optimizer of another layer", lambda w: _replace(w.state, "score_optimizer", {
         **w.state["score_optimizer"], "param_groups": [{**w.state["score_optimizer"]["param_groups"][0],
                                                         "params": ["other", "3", "5"]}]}), ValueError,

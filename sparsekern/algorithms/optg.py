@@ -576,6 +576,12 @@ class OptG(distributed.CatchesUp):
         elif not isinstance(saved_scores, (list, tuple)):
             raise TypeError(f"state['scores'] must be a dict of score tensors by layer name, got "
                             f"{type(saved_scores).__name__}")
+        elif isinstance(saved_masks, dict):
+            # Named first: which of the two is amiss the state cannot tell (scores=[] in this version's state, or
+            # masks by name in an older one), and the masks' own check named them alone ("must be a list").
+            raise ValueError(f"state['scores'] is a {type(saved_scores).__name__} (by position, as older versions "
+                             f"saved it) and state['masks'] a dict by layer name: they must be keyed alike, both "
+                             f"dicts by layer name as this version saves them")
         masks = None if "masks" not in state else _tickets.check_masks(saved_masks, self._groups,
                                                                         "state['masks']", keys)
         epoch = _tickets.state_count(state, "epoch")
