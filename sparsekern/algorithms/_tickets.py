@@ -34,11 +34,14 @@ from ._stack import user_stacklevel
 SCOPES = ("global", "layer")
 
 
-def sparse_layers(model: nn.Module, who: str) -> list[tying.Group]:
+def sparse_layers(model: nn.Module, who: str, prunes_every_layer: bool = True) -> list[tying.Group]:
     """The model's sparse modules grouped by weight; ValueError when there are none (nothing to
     prune), when modules sharing a weight carry different masks, when the model is sharded across
     ranks, when a layer's weight is computed at every forward (a parametrization registered
-    after sparsify: `computed_weight_refusal`), or on the meta device; `who`, the algorithm, names the refusal."""
+    after sparsify: `computed_weight_refusal`), or on the meta device; `who`, the algorithm, names the refusal.
+    A layer in inference mode (`refuse_inference_mode`) is refused where `who` `prunes_every_layer` (IMP, SWAMP);
+    otherwise (OptG's learned scores leave frozen layers alone) `who` refuses it among the layers it sets
+    (`check_masks_writable`), as DST does among those it trains."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     refuse_sharded(model, who)
@@ -57,7 +60,8 @@ def sparse_layers(model: nn.Module, who: str) -> list[tying.Group]:
     # Every module of a group: a tied module's mask is its own buffer.
     refuse_meta([pair for group in groups for pair in group], who, tensors=("weight", "mask"))
     refuse_inference([pair for group in groups for pair in group], who)
-    refuse_inference_mode([pair for group in groups for pair in group], who)
+    if prunes_every_layer:
+        refuse_inference_mode([pair for group in groups for pair in group], who)
     return groups
 
 
