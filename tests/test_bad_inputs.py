@@ -1006,8 +1006,8 @@ TICKET_STATES = [
                                                                                              "nesterov", 1)),
      ValueError, "nesterov"),
     # torch's load_state_dict took any value where the default is None, and the next step read foreach='x' as True.
-    *[(f"optimizer with {key}={_show(value)}", lambda w, k=key, v=value: _replace(w.state, "optimizer", _with_group_entry(
-        w.state["optimizer"], k, v)), ValueError,
+    *[(f"optimizer with {key}={_show(value)}", lambda w, k=key, v=value: _replace(
+        w.state, "optimizer", _with_group_entry(w.state["optimizer"], k, v)), ValueError,
        rf"state\['optimizer'\]\['param_groups'\]\[0\]\['{key}'\] must be None or a bool, got {value!r}")
       for key, value in (("foreach", "x"), ("fused", 1))],
     # torch's load_state_dict took a group without one, and the next optimizer step raised KeyError.

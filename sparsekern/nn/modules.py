@@ -626,10 +626,10 @@ def _refuse_meta_into_pack(state_dict: dict, prefix: str) -> None:
     for name in ("weight", "mask"):
         value = state_dict.get(prefix + name)
         if isinstance(value, Tensor) and value.is_meta:
-            raise ValueError(f"load_state_dict(assign=True): state dict entry {prefix + name!r} is on the meta device, "
-                             f"and layer {prefix[:-1] or '(root)'!r} is in inference mode, which packs its weight and "
-                             f"mask: call to_training() on it first (sparsekern.nn.to_training(model)), or load tensors "
-                             f"holding values")
+            raise ValueError(f"load_state_dict(assign=True): state dict entry {prefix + name!r} is on the meta "
+                             f"device, and layer {prefix[:-1] or '(root)'!r} is in inference mode, which packs its "
+                             f"weight and mask: call to_training() on it first (sparsekern.nn.to_training(model)), or "
+                             f"load tensors holding values")
 
 
 def _check_loaded_layout(value, key: str) -> None:
