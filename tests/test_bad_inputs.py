@@ -1005,6 +1005,11 @@ TICKET_STATES = [
     ("optimizer with nesterov=1", lambda w: _replace(w.state, "optimizer", _with_group_entry(w.state["optimizer"],
                                                                                              "nesterov", 1)),
      ValueError, "nesterov"),
+    # torch's load_state_dict took any value where the default is None, and the next step read foreach='x' as True.
+    *[(f"optimizer with {key}={_show(value)}", lambda w, k=key, v=value: _replace(
+        w.state, "optimizer", _with_group_entry(w.state["optimizer"], k, v)), ValueError,
+       rf"state\['optimizer'\]\['param_groups'\]\[0\]\['{key}'\] must be None or a bool, got {value!r}")
+      for key, value in (("foreach", "x"), ("fused", 1))],
     # torch's load_state_dict took a group without one, and the next optimizer step raised KeyError.
     *[(f"optimizer without {key}", lambda w, k=key: _replace(w.state, "optimizer", _with_group_entry(
         w.state["optimizer"], k, _DELETE)), ValueError, rf"state\['optimizer'\]\['param_groups'\]\[0\] lacks '{key}'")
@@ -1103,6 +1108,14 @@ SWAMP_STATES = TICKET_STATES + [
      lambda w: _replace(w.state, "particle_average",
                         {k: t.to_sparse() for k, t in w.state["particle_average"].items()}),
      ValueError, "particle_average"),
+    # Points of a cycle SWAMP never reaches; loaded, the next cycle pruned one particle's weights as θ̄, or a θ̄
+    # missing the particles before.
+    ("averaged=True at the first of 2 particles", lambda w: _replace(w.state, "averaged", True), ValueError,
+     r"state\['averaged'\]=True, but state\['particle'\]=0 is not this rank's last of particles=2"),
+    ("particle=1 without the particles' sum", lambda w: _replace(w.state, "particle", 1), ValueError,
+     r"state\['particle_sum'\] is None, but state\['particle'\]=1 is not this rank's first particle"),
+    ("particle=0 with a particles' sum", lambda w: _replace(w.state, "particle_sum", w.state["particle_average"]),
+     ValueError, r"state\['particle_sum'\] is set, but state\['particle'\]=0 is this rank's first particle"),
 ]
 
 
@@ -1184,6 +1197,33 @@ def _averaged_swamp_world(tmp_path=None):
     world.algo.next_particle()
     return world
 
+
+def _averaged_swamp_state_world(tmp_path=None):
+    world = _averaged_swamp_world()
+    world.state = world.algo.state_dict()
+    return world
+
+
+def _by_parameter_name(world):
+    """Tensors keyed by the model's parameter names, as a state's particle_average and particle_sum are."""
+    return {name: p.detach().clone() for name, p in world.model.named_parameters()}
+
+
+AVERAGED_SWAMP_STATES = [   # of particle 1 of 2 (rewind_step=1, swa_start=2, swa_every=1), averaged at step 6
+    ("averaged before the first SWA sample", lambda w: _replace(w.state, "step_in_cycle", 2), ValueError,
+     r"state\['averaged'\]=True, but state\['step_in_cycle'\]=2 is before the first SWA sample \(step 3"),
+    ("averaged before θ_k was kept", lambda w: {**w.state, "step_in_cycle": 0, "rewind_state": None,
+                                               "rewind_optimizer_state": None}, ValueError,
+     r"state\['averaged'\]=True, but state\['rewind_state'\] is None"),
+    ("averaged holding a particle's average",
+     lambda w: {**w.state, "particle_average": _by_parameter_name(w), "average_count": 1}, ValueError,
+     r"state\['averaged'\]=True, but state\['particle_average'\] is set"),
+    ("averaged holding the particles' sum", lambda w: _replace(w.state, "particle_sum", _by_parameter_name(w)),
+     ValueError, r"state\['averaged'\]=True, but state\['particle_sum'\] is set"),
+]
+for _name, _make, _error, _match in AVERAGED_SWAMP_STATES:
+    error(f"SWAMP.load_state_dict({_name})", _averaged_swamp_state_world,
+          lambda w, m=_make: w.algo.load_state_dict(m(w)), _error, _match, then=lambda w: w.algo.next_cycle())
 
 error("SWAMP.step() after the cycle was averaged", _averaged_swamp_world, lambda w: w.algo.step(), RuntimeError,
       "next_cycle")
@@ -1290,6 +1330,11 @@ OPTG_STATES = [
      r"state\['masks'\] .*missing \['0'\], unexpected \['other'\]"),
     ("masks as a list beside scores by name",
      lambda w: _replace(w.state, "masks", list(w.state["masks"].values())), TypeError, "masks"),
+    # Their error named state['masks'] alone ("must be a list of 3 bool tensors"), which is as saved.
+    *[(f"scores={label} beside masks by name", lambda w, m=make: _replace(w.state, "scores", m(w)), ValueError,
+       r"^state\['scores'\] is a list \(by position, as older versions saved it\) and state\['masks'\] a dict "
+       r"by layer name: they must be keyed alike")
+      for label, make in (("[]", lambda w: []), ("a list", lambda w: list(w.state["scores"].values())))],
     ("score_optimizer of another layer", lambda w: _replace(w.state, "score_optimizer", {
         **w.state["score_optimizer"], "param_groups": [{**w.state["score_optimizer"]["param_groups"][0],
                                                         "params": ["other", "3", "5"]}]}), ValueError,
@@ -1309,7 +1354,10 @@ OPTG_STATES = [
         w.state, "score_optimizer", _with_group_entry(w.state["score_optimizer"], k, v)), ValueError,
        rf"state\['score_optimizer'\]\['param_groups'\]\[0\]\['{key}'\] is .* but this OptG's score optimizer has")
       for key, value in (("momentum", 2.5), ("momentum", 0.5), ("weight_decay", 0.1), ("dampening", 0.5),
-                         ("maximize", True), ("foreach", "x"), ("fused", True), ("differentiable", True))],
+                         ("maximize", True), ("foreach", True), ("fused", True), ("differentiable", True))],
+    ("score_optimizer with foreach='x'", lambda w: _replace(w.state, "score_optimizer", _with_group_entry(
+        w.state["score_optimizer"], "foreach", "x")), ValueError,
+     r"state\['score_optimizer'\]\['param_groups'\]\[0\]\['foreach'\] must be None or a bool, got 'x'"),
     ("score_optimizer with a momentum buffer of another shape", lambda w: _momentum_of_first_layer(w, torch.zeros(3)),
      ValueError, r"for layer '0' a finite momentum buffer of torch.float32 and shape \(4, 2, 3, 3\), got a "
                  r"torch.float32 tensor of shape \(3,\)"),

@@ -34,11 +34,14 @@ from ._stack import user_stacklevel
 SCOPES = ("global", "layer")
 
 
-def sparse_layers(model: nn.Module, who: str) -> list[tying.Group]:
+def sparse_layers(model: nn.Module, who: str, prunes_every_layer: bool = True) -> list[tying.Group]:
     """The model's sparse modules grouped by weight; ValueError when there are none (nothing to
     prune), when modules sharing a weight carry different masks, when the model is sharded across
     ranks, when a layer's weight is computed at every forward (a parametrization registered
-    after sparsify: `computed_weight_refusal`), or on the meta device; `who`, the algorithm, names the refusal."""
+    after sparsify: `computed_weight_refusal`), or on the meta device; `who`, the algorithm, names the refusal.
+    A layer in inference mode (`refuse_inference_mode`) is refused where `who` `prunes_every_layer` (IMP, SWAMP);
+    otherwise (OptG's learned scores leave frozen layers alone) `who` refuses it among the layers it sets
+    (`check_masks_writable`), as DST does among those it trains."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     refuse_sharded(model, who)
@@ -57,7 +60,8 @@ def sparse_layers(model: nn.Module, who: str) -> list[tying.Group]:
     # Every module of a group: a tied module's mask is its own buffer.
     refuse_meta([pair for group in groups for pair in group], who, tensors=("weight", "mask"))
     refuse_inference([pair for group in groups for pair in group], who)
-    refuse_inference_mode([pair for group in groups for pair in group], who)
+    if prunes_every_layer:
+        refuse_inference_mode([pair for group in groups for pair in group], who)
     return groups
 
 
@@ -714,8 +718,9 @@ def loaded_optimizer(optimizer_factory: Callable, model: nn.Module, saved, name:
 
 def check_hyperparameters(optimizer: torch.optim.Optimizer, name: str, held: set[str] | None = None) -> None:
     """ValueError naming `name` when a hyperparameter just loaded into `optimizer` (a fresh one, so that the one
-    in use stays as it was) is of another kind than the optimizer's own default (lr as a string), or missing from a
-    group where the fresh optimizer's groups held it (`held`; None: every default, as torch's own classes hold them):
+    in use stays as it was) is of another kind than the optimizer's own default (lr as a string, foreach as
+    anything but None or a bool: `_same_kind`), or missing from a group where the fresh optimizer's groups held it
+    (`held`; None: every default, as torch's own classes hold them):
     torch's load_state_dict takes it, and the next step fails on it (part-way, some parameters updated and others
     not, or with a KeyError naming no state). Not every default is held: torch's Optimizer.__setstate__ adds
     `differentiable` to the defaults of every class, and only some put it in their groups (Adafactor, Muon, a class
@@ -726,9 +731,9 @@ def check_hyperparameters(optimizer: torch.optim.Optimizer, name: str, held: set
                 if held is not None and key not in held:
                     continue
                 raise ValueError(f"{name}['param_groups'][{index}] lacks {key!r}, which the optimizer's step reads")
-            if not _same_kind(group[key], default):
-                raise ValueError(f"{name}['param_groups'][{index}][{key!r}] must be of the kind of the optimizer's "
-                                 f"own {default!r}, got {group[key]!r}")
+            if not _same_kind(group[key], default, key):
+                kind = "None or a bool" if default is None else f"of the kind of the optimizer's own {default!r}"
+                raise ValueError(f"{name}['param_groups'][{index}][{key!r}] must be {kind}, got {group[key]!r}")
             # torch's constructors refuse these (lr < 0, NaN); its load_state_dict takes them, and the next step
             # writes NaN into every weight, or climbs the loss.
             if not _finite_number(group[key]):
@@ -821,11 +826,18 @@ def _finite_number(value) -> bool:
     return not isinstance(value, float) or math.isfinite(value)
 
 
-def _same_kind(value, default) -> bool:
-    """Whether an optimizer's hyperparameter `value` is of the kind of its default: a bool, a number (a tensor of
-    one element, which torch takes for lr and betas, included) or a tuple of them; None defaults take anything."""
+# Hyperparameters whose default is None that torch documents as bools (`foreach (bool, optional)`): None lets torch
+# choose. A state of older torch versions holds False for them (fused's default was False), which loads as it did.
+OPTIONAL_FLAGS = frozenset({"foreach", "fused"})
+
+
+def _same_kind(value, default, key: str | None = None) -> bool:
+    """Whether an optimizer's hyperparameter `value` (under `key`) is of the kind of its default: a bool, a number (a
+    tensor of one element, which torch takes for lr and betas, included) or a tuple of them; None or a bool for a
+    None default that torch documents as a bool (OPTIONAL_FLAGS: foreach='x' loaded, and the next step took it for
+    True), anything for other None defaults (LBFGS's line_search_fn, a str)."""
     if default is None:
-        return True
+        return key not in OPTIONAL_FLAGS or value is None or isinstance(value, bool)
     if isinstance(default, bool):
         return isinstance(value, bool)
     if isinstance(default, (int, float)):

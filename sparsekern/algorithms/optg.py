@@ -106,9 +106,10 @@ class OptG(distributed.CatchesUp):
         model: a model of `sparsekern.nn` sparse modules (any masks; OptG sets them). With
             criterion="learned", a layer whose weight does not require grad is left alone, with a
             warning: it gets no gradient, so its scores would stay 0 and the global top-k would
-            prune it by position; `sparsity` then counts the other layers' weights only. One frozen
-            after OptG was built is left alone while it stays frozen (warned once): see "Frozen layers".
-            criterion="magnitude" prunes frozen layers with the rest: |θ| needs no gradient.
+            prune it by position; `sparsity` then counts the other layers' weights only, and it may stay in
+            inference mode (`to_inference()`), which the layers OptG sets are refused in (ValueError: to_training
+            first). One frozen after OptG was built is left alone while it stays frozen (warned once): see
+            "Frozen layers". criterion="magnitude" prunes frozen layers with the rest: |θ| needs no gradient.
         sparsity: p, the final fraction of prunable weights removed (globally), in [0, 1) (the paper's
             notation; the second positional argument).
         density: the final fraction kept instead, in (0, 1], keyword only, as `sparsify` and IMP's and SWAMP's
@@ -201,7 +202,9 @@ class OptG(distributed.CatchesUp):
         # Collective: a check that fails on one rank fails on every rank (one raising alone would leave the
         # others waiting in the replica check), and masks that start apart across ranks are refused.
         with distributed.ReplicaCheck("OptG", group) as replicas:
-            self._groups = _tickets.sparse_layers(model, "OptG")
+            # A frozen layer that learned scores leave out may stay in inference mode: those OptG keeps are refused
+            # in it below (check_masks_writable), as DST refuses only the layers it trains.
+            self._groups = _tickets.sparse_layers(model, "OptG", prunes_every_layer=False)
             # Its text, as IMP's and DST's settings are: a NumPy str_ kept went into state_dict(), which
             # sparsekern.checkpoint.save then refused; TypeError for a non-str, as every other wrong type.
             criterion = _checks.choice(criterion, "criterion", CRITERIA)
@@ -576,6 +579,12 @@ class OptG(distributed.CatchesUp):
         elif not isinstance(saved_scores, (list, tuple)):
             raise TypeError(f"state['scores'] must be a dict of score tensors by layer name, got "
                             f"{type(saved_scores).__name__}")
+        elif isinstance(saved_masks, dict):
+            # Named first: which of the two is amiss the state cannot tell (scores=[] in this version's state, or
+            # masks by name in an older one), and the masks' own check named them alone ("must be a list").
+            raise ValueError(f"state['scores'] is a {type(saved_scores).__name__} (by position, as older versions "
+                             f"saved it) and state['masks'] a dict by layer name: they must be keyed alike, both "
+                             f"dicts by layer name as this version saves them")
         masks = None if "masks" not in state else _tickets.check_masks(saved_masks, self._groups,
                                                                         "state['masks']", keys)
         epoch = _tickets.state_count(state, "epoch")

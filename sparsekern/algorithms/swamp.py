@@ -396,18 +396,48 @@ class SWAMP:
 
         Checked completely first (entries, counts, tensors against the model, and that it is a SWAMP state
         saved on as many ranks with this SWAMP's rewind_step, particles, prune_fraction, scope, swa_start,
-        swa_every and seed, holding no entry that SWAMP does not save): a bad state raises TypeError or ValueError
-        and changes nothing; a parameter missing from it, or one this model lacks, is named, and so is an entry SWAMP
-        does not save (a misspelled or tampered setting, which would go unchecked). A state of older versions, which
-        hold the particles' tensors and the optimizers' states by position (lists, torch's own), loads by position,
-        as it did. Under torch.distributed, collective (every rank loads its own state): a state refused on one rank
-        is refused on every rank (the others' error names that rank), none of which changes.
+        swa_every and seed, holding no entry that SWAMP does not save, at a point of a cycle that SWAMP reaches: an
+        averaged state is one of the cycle's last particle, past its first SWA sample): a bad state raises TypeError
+        or ValueError and changes nothing; a parameter missing from it, or one this model lacks, is named, and so is
+        an entry SWAMP does not save (a misspelled or tampered setting, which would go unchecked). A state of older
+        versions, which hold the particles' tensors and the optimizers' states by position (lists, torch's own),
+        loads by position, as it did. Under torch.distributed, collective (every rank loads its own state): a state
+        refused on one rank is refused on every rank (the others' error names that rank), none of which changes.
         """
         # A rank refused alone would leave the others waiting in the next broadcast of θ_k or all_reduce of the
         # particles: its own state can be bad, or its model hold a lazy module that only its own batches left unmade.
         with distributed.Agreement("SWAMP.load_state_dict()", self.group):
             install = self._prepare_load(state)
         install()
+
+    def _check_cycle_point(self, averaged: bool, particle: int, step_in_cycle: int, has_rewind_state: bool,
+                           has_average: bool, has_sum: bool) -> None:
+        """ValueError naming the entries of a state whose point in the cycle SWAMP never reaches. Averaged (by
+        `next_particle` at this rank's last particle): at that particle, θ_k kept, past the first SWA sample, every
+        average folded into θ̄ (no particle's average nor sum left); resumed from one saved mid-cycle, the next cycle
+        pruned a model holding one particle's weights as θ̄. Not averaged: the particles' sum held exactly from this
+        rank's second particle of the cycle on (without it, the particles before were lost from θ̄)."""
+        first, last = particle < self.world_size, particle + self.world_size >= self.particles
+        if not averaged:
+            if has_sum == first:
+                raise ValueError(f"state['particle_sum'] is {'set' if has_sum else 'None'}, but state['particle']="
+                                 f"{particle} is {'' if first else 'not '}this rank's first particle of the cycle, "
+                                 f"which {'starts no' if first else 'adds to the'} sum of the particles before it")
+            return
+        if not last:
+            raise ValueError(f"state['averaged']=True, but state['particle']={particle} is not this rank's last of "
+                             f"particles={self.particles}: a cycle is averaged once its last particle has ended")
+        if not has_rewind_state:
+            raise ValueError("state['averaged']=True, but state['rewind_state'] is None: a particle ends once θ_k is "
+                             "kept")
+        if self.swa_start is not None and step_in_cycle < self.swa_start + self.swa_every:
+            raise ValueError(f"state['averaged']=True, but state['step_in_cycle']={step_in_cycle} is before the first "
+                             f"SWA sample (step {self.swa_start + self.swa_every}: swa_start={self.swa_start}, "
+                             f"swa_every={self.swa_every}), which a particle ends after")
+        if has_average or has_sum:
+            held = "particle_average" if has_average else "particle_sum"
+            raise ValueError(f"state['averaged']=True, but state[{held!r}] is set: averaging folds every particle's "
+                             f"average into θ̄ and keeps neither")
 
     def _prepare_load(self, state: dict):
         """Checks `state` completely and returns the function that installs it."""
@@ -457,6 +487,8 @@ class SWAMP:
                              f"{counts['average_count']} disagree")
         particle_sum = _tickets.check_tensors_by_name(state["particle_sum"], names, self.averaged_parameters,
                                                       "state['particle_sum']", "SWAMP")
+        self._check_cycle_point(averaged, particle, counts["step_in_cycle"], rewind_state is not None,
+                                particle_average is not None, particle_sum is not None)
         optimizer = _tickets.loaded_optimizer(self.optimizer_factory, self.model, state["optimizer"],
                                               "state['optimizer']", "SWAMP")
 

@@ -513,6 +513,8 @@ class SparseModule(nn.Module):
         # others only at the end, which would leave the module half loaded.
         for name in (*self._parameters, *self._buffers):
             _check_loaded_layout(state_dict.get(prefix + name), prefix + name)
+        if self._in_inference_mode and local_metadata.get("assign_to_params_buffers", False):
+            _refuse_meta_into_pack(state_dict, prefix)
         # load_state_dict hands each module its own copy of the dict, so filling in the mask of a
         # dense checkpoint here does not touch the caller's dict.
         if prefix + "mask" not in state_dict and prefix + "weight" in state_dict:
@@ -616,6 +618,20 @@ def _translate_pruned(state_dict: dict, prefix: str, names: tuple[str, ...] = ("
             state_dict[prefix + "mask"] = keep
 
 
+def _refuse_meta_into_pack(state_dict: dict, prefix: str) -> None:
+    """ValueError naming the entry, before anything is assigned, for a meta weight or mask that load_state_dict(...,
+    assign=True) would put in a layer in inference mode: its pack, made again from them (`_refresh_pack`), holds no
+    values there, and failed after the assignment, naming no layer. Refused rather than leaving inference mode
+    unasked: the layer keeps serving as it did; one in training mode takes meta tensors (to materialize later)."""
+    for name in ("weight", "mask"):
+        value = state_dict.get(prefix + name)
+        if isinstance(value, Tensor) and value.is_meta:
+            raise ValueError(f"load_state_dict(assign=True): state dict entry {prefix + name!r} is on the meta "
+                             f"device, and layer {prefix[:-1] or '(root)'!r} is in inference mode, which packs its "
+                             f"weight and mask: call to_training() on it first (sparsekern.nn.to_training(model)), or "
+                             f"load tensors holding values")
+
+
 def _check_loaded_layout(value, key: str) -> None:
     """ValueError naming `key` for a torch.sparse, mkldnn or nested tensor: copy_ into a dense
     parameter or buffer refuses the first two only as it loads them, after the entries before, and a
@@ -687,10 +703,12 @@ class SparseLinear(SparseModule, nn.Linear):
         a tied twin sharing its weight, is packed again, so that forward computes with it: `set_mask`,
         `load_state_dict` (of the layer or of a model holding it), `reset_parameters`, `sparsekern.nn.init`'s
         functions, `sparsify` of a model holding it, and `SparseAveragedModel`'s update (`zero_weights_off_mask`
-        changes nothing a pack holds); the training algorithms (DST, IMP, SWAMP, OptG) and `broadcast_masks` refuse a
-        layer in inference mode whose mask they would set, and DST's and OptG's `step()` one still training, which
-        gets no gradient there (ValueError: `sparsekern.nn.to_training(model)` first); a frozen layer that DST, or
-        OptG's learned scores, leave alone may stay in it.
+        changes nothing a pack holds); `load_state_dict(..., assign=True)` of a meta weight or mask, which holds no
+        values to pack, is refused (ValueError naming the entry, the layer left as it was: `to_training()` first); the
+        training algorithms (DST, IMP, SWAMP, OptG) and `broadcast_masks` refuse a layer in inference mode whose mask
+        they would set, and DST's and OptG's `step()` one still training, which gets no gradient there (ValueError:
+        `sparsekern.nn.to_training(model)` first); a frozen layer that DST, or OptG's learned scores, leave alone may
+        stay in it.
         A write of your own into the `weight` or `mask` tensor in place (`.data`, `copy_`, a `torch.nn.init`
         function) is not seen, as it cannot be without reading the tensors at every forward: call `to_inference()`
         again after one.

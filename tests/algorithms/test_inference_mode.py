@@ -1,7 +1,7 @@
 """A SparseLinear in inference mode (`to_inference`) computes with a packed snapshot of its weight and mask and gives
 its weight no gradient: the algorithms and broadcast_masks refuse it by name, saying to call to_training(model), at
 construction and at every call that would write its weight or mask (their packed copy would go stale), before
-anything changes."""
+anything changes. A frozen layer that DST, or OptG's learned scores, leave out may stay in it."""
 import copy
 
 import pytest
@@ -93,3 +93,37 @@ def test_dst_refuses_a_training_layer_left_in_inference_mode_at_a_step_that_upda
     with pytest.raises(ValueError, match="^DST: layer '0' is in inference mode"):
         dst.step()
     assert dst.step_count == 0
+
+
+LEAVING_OUT_FROZEN_LAYERS = {"DST": BUILD["DST"], "OptG": BUILD["OptG"]}
+PRUNING_FROZEN_LAYERS = {"IMP": BUILD["IMP"], "SWAMP": BUILD["SWAMP"],
+                         "OptG": lambda model: sparsekern.OptG(model, sparsity=0.5, epochs=2, criterion="magnitude")}
+
+
+@pytest.mark.parametrize("who", LEAVING_OUT_FROZEN_LAYERS)
+def test_a_layer_frozen_at_construction_may_serve_in_inference_mode_where_the_algorithm_leaves_it_out(who):
+    # DST leaves out the layers it does not train, OptG's learned scores those frozen when it is built: OptG refused
+    # one in inference mode all the same (its check of the model's layers took in every layer), DST did not.
+    model = _sparse_model()
+    model[0].weight.requires_grad_(False)
+    model[0].to_inference()
+    packed, mask = model[0].packed, model[0].mask.clone()
+    with pytest.warns(UserWarning, match=rf"^{who} leaves the masks of \['0'\] alone"):
+        algorithm = LEAVING_OUT_FROZEN_LAYERS[who](model)
+    model(torch.randn(5, 8)).sum().backward()
+    algorithm.step()
+    if who == "OptG":
+        algorithm.next_epoch()
+    assert model[0].packed is packed and torch.equal(model[0].mask, mask)
+
+
+@pytest.mark.parametrize("who", PRUNING_FROZEN_LAYERS)
+def test_a_frozen_layer_in_inference_mode_is_refused_where_the_algorithm_prunes_it(who):
+    # IMP and SWAMP prune every layer (frozen ones by magnitude), as does OptG with criterion="magnitude".
+    model = _sparse_model()
+    model[0].weight.requires_grad_(False)
+    model[0].to_inference()
+    before = everything(model)
+    with pytest.raises(ValueError, match=f"^{who}: layer '0' is in inference mode"):
+        PRUNING_FROZEN_LAYERS[who](model)
+    assert_unchanged(before, everything(model))

@@ -533,3 +533,40 @@ def test_a_lazy_module_unmade_on_one_rank_only_is_refused_on_every_rank(tmp_path
     for rank in (0, 1):
         results = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert all(results.values()), (rank, [name for name, ok in results.items() if not ok])
+
+
+@pytest.mark.parametrize("particles, rewind_step, swa_start, swa_every", [(2, 1, None, 1), (3, 2, 3, 2), (1, 0, 2, 1)])
+def test_every_state_saved_after_every_call_of_a_run_loads_into_a_fresh_swamp(particles, rewind_step, swa_start,
+                                                                              swa_every):
+    # load_state_dict refuses the points of a cycle SWAMP never reaches (averaged mid-cycle, a particles' sum lost):
+    # none that it saves itself, after a step, next_particle or next_cycle.
+    x, y = _data()
+
+    def swamp_of(model):
+        return SWAMP(model, _sgd, particles=particles, prune_fraction=0.3, rewind_step=rewind_step,
+                     swa_start=swa_start, swa_every=swa_every)
+
+    model = mlp(1, hidden=12)
+    swamp = swamp_of(model)
+    saved = []
+
+    def save(algorithm):
+        saved.append((algorithm.state_dict(), {k: v.clone() for k, v in model.state_dict().items()}))
+    for cycle in range(2):
+        while True:
+            _train(model, swamp, x, y, swamp.data_seed, stop=5, on_step=save)
+            more = swamp.next_particle()
+            save(swamp)
+            if not more:
+                break
+        if cycle == 0:
+            swamp.next_cycle()
+            save(swamp)
+    assert [state["averaged"] for state, _ in saved].count(True) == 2
+    for state, model_state in saved:
+        fresh = mlp(1, hidden=12)
+        fresh.load_state_dict(model_state)
+        loaded = swamp_of(fresh)
+        loaded.load_state_dict(state)
+        assert (loaded.cycle, loaded.particle, loaded.step_in_cycle, loaded.averaged) == (
+            state["cycle"], state["particle"], state["step_in_cycle"], state["averaged"])

@@ -54,3 +54,26 @@ def test_a_state_of_an_optimizer_whose_groups_lack_differentiable_loads():
     imp.step()
     imp.load_state_dict(imp.state_dict())
     assert imp.step_in_cycle == 1
+
+
+@pytest.mark.parametrize("who", KEEPING_THE_STATE_AFTER_STEP_1)
+@pytest.mark.parametrize("choices", [{"foreach": False, "fused": False}, {"foreach": True, "fused": None},
+                                     {"foreach": None, "fused": None}])
+def test_a_state_holding_none_or_a_bool_for_the_optimizers_implementation_choices_loads_and_trains(who, choices):
+    # foreach and fused default to None (torch chooses); a state of an older torch holds False for them, and any
+    # state may hold a bool. Of another kind ('x', 1) they are refused (tests/test_bad_inputs.py).
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 64, generator=generator), torch.randint(0, 10, (16,), generator=generator)
+    model = mlp(0, hidden=12)
+    algorithm = KEEPING_THE_STATE_AFTER_STEP_1[who](model, x)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    algorithm.optimizer.step()
+    algorithm.step()
+    state = algorithm.state_dict()
+    for group in state["optimizer"]["param_groups"]:
+        group.update(choices)
+    algorithm.load_state_dict(state)
+    assert {key: algorithm.optimizer.param_groups[0][key] for key in choices} == choices
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    algorithm.optimizer.step()
+    algorithm.step()

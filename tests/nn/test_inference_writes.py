@@ -197,3 +197,31 @@ def test_an_average_of_a_model_in_inference_mode_is_taken_and_both_stay_in_it(ge
     for layer in (model[0], model[2]):
         _assert_serves_its_weight(layer, torch.randn(3, layer.in_features, generator=generator))
     assert averaged.module[0].packed is None and averaged.module(x).shape == (3, 4)
+
+
+@pytest.mark.parametrize("entries", [("weight",), ("mask",), ("weight", "bias", "mask")])
+@pytest.mark.parametrize("whole_model", [False, True])
+def test_meta_tensors_assigned_into_a_layer_in_inference_mode_are_refused_before_any_is_assigned(generator, entries,
+                                                                                                  whole_model):
+    # The weight was assigned, then packing it again raised "weight is on the meta device", naming no layer, the
+    # layer left in inference mode on a pack of what it no longer held.
+    model = nn.Sequential(SparseLinear(10, 6))
+    layer = model[0]
+    layer.set_mask(_random_mask(generator))
+    layer.to_inference()
+    held = {name: getattr(layer, name) for name in ("weight", "bias", "mask")}
+    packed = layer.packed
+    source = model if whole_model else layer
+    state = {key: value.to("meta") if key.rsplit(".", 1)[-1] in entries else value
+             for key, value in source.state_dict().items()}
+    first = ("0." if whole_model else "") + ("weight" if "weight" in entries else "mask")
+    named = "0" if whole_model else r"\(root\)"
+    with pytest.raises(ValueError, match=rf"^load_state_dict\(assign=True\): state dict entry '{first}' is on the "
+                                         rf"meta device, and layer '{named}' is in "
+                                         rf"inference mode.*: call to_training\(\) on it first"):
+        source.load_state_dict(state, assign=True)
+    assert all(getattr(layer, name) is tensor for name, tensor in held.items()) and layer.packed is packed
+    _assert_serves_its_weight(layer, torch.randn(3, 10, generator=generator))
+    layer.to_training()
+    source.load_state_dict(state, assign=True)   # a layer in training mode takes them, to materialize later
+    assert all(getattr(layer, name).is_meta for name in entries)
