@@ -341,6 +341,7 @@ def test_a_destination_under_a_file_is_refused_however_the_path_reaches_it(tmp_p
     monkeypatch.chdir(tmp_path)
     (tmp_path / "afile").touch()
     (tmp_path / "dangling").symlink_to(tmp_path / "afile" / "x" / "ckpt.pt")
-    with pytest.raises(ValueError, match=r"^--out's file .* is not a writable file \(.*afile' is a file, not a folder\)"):
+    refused = r"^--out's file .* is not a writable file \(.*afile' is a file, not a folder\)"
+    with pytest.raises(ValueError, match=refused):
         checkpoint.check_destination(destination, "--out's file")
     checkpoint.check_destination("new/deeper/ckpt.pt", "--out's file")   # missing folders are made later
