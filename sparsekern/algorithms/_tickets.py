@@ -57,12 +57,19 @@ def sparse_layers(model: nn.Module, who: str, prunes_every_layer: bool = True) -
     # Once taken: IMP and SWAMP then failed at the first pruning, OptG at a read of a score, naming no layer. A real
     # weight assigned to a layer built on the meta device leaves its mask there: pruned, counted or applied only
     # later (OptG's scores, the forward), naming neither.
-    # Every module of a group: a tied module's mask is its own buffer.
-    refuse_meta([pair for group in groups for pair in group], who, tensors=("weight", "mask"))
-    refuse_inference([pair for group in groups for pair in group], who)
-    if prunes_every_layer:
-        refuse_inference_mode([pair for group in groups for pair in group], who)
+    check_layers_usable(groups, who, inference_mode=prunes_every_layer)
     return groups
+
+
+def check_layers_usable(groups: list[tying.Group], who: str, inference_mode: bool = True) -> None:
+    """ValueError naming the first module of `groups` (every module: a tied module's mask is its own buffer) that
+    `who` cannot take at construction: its weight or mask on the meta device (`refuse_meta`), an inference tensor
+    (`refuse_inference`), or, with `inference_mode`, a SparseLinear in inference mode (`refuse_inference_mode`)."""
+    named = [pair for group in groups for pair in group]
+    refuse_meta(named, who, tensors=("weight", "mask"))
+    refuse_inference(named, who)
+    if inference_mode:
+        refuse_inference_mode(named, who)
 
 
 def check_own_weights(groups: list[tying.Group], who: str) -> None:

@@ -38,7 +38,7 @@ from . import _tickets, criteria, distributed, schedules
 from ._gradients import GradientWatch, finite_sums, zero_everywhere
 from ._stack import user_stacklevel
 from ..nn import sparse_modules, tying
-from ..nn.modules import computed_weight_refusal, refuse_inference, refuse_inference_mode, refuse_meta
+from ..nn.modules import computed_weight_refusal
 from ..nn.optimizer_state import check_optimizer, check_state_writable, mask_state_in_place, optimizer_state
 from ..nn.sharding import refuse_sharded
 
@@ -301,11 +301,9 @@ class DST(distributed.CatchesUp):
             sensitivity_offset = criteria.check_parameter(sensitivity_offset, "sensitivity_offset", positive=True)
             snip_shift = criteria.check_parameter(snip_shift, "snip_shift")
             self.modules, self._groups = _trained_layers(model, optimizer)
-            # No random stream can live there, nor any value be ranked; a real weight assigned to a layer built
-            # there leaves its mask behind. Every module of a group: a tied module's mask is its own buffer.
-            refuse_meta([pair for group in self._groups for pair in group], "DST", tensors=("weight", "mask"))
-            refuse_inference([pair for group in self._groups for pair in group], "DST")
-            refuse_inference_mode([pair for group in self._groups for pair in group], "DST")
+            # No random stream can live on the meta device, nor any value be ranked; a real weight assigned to a
+            # layer built there leaves its mask behind.
+            _tickets.check_layers_usable(self._groups, "DST")
             device = self.modules[0][1].weight.device
             for name, module in self.modules:
                 if module.weight.device != device:
