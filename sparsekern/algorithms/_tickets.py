@@ -839,7 +839,9 @@ def _finite_number(value) -> bool:
 
 
 # Hyperparameters whose default is None that torch documents as bools (`foreach (bool, optional)`): None lets torch
-# choose. A state of older torch versions holds False for them (fused's default was False), which loads as it did.
+# choose. A state of older torch versions holds False for them (fused's default was False), which loads as it did,
+# and OptG takes for its score optimizer's None. (differentiable, torch's other flag of the implementation, defaults
+# to False, a bool, and is checked as one.)
 OPTIONAL_FLAGS = frozenset({"foreach", "fused"})
 
 

@@ -200,7 +200,8 @@ class SWAMP:
 
     def _samples_by(self, step_in_cycle: int) -> int:
         """The SWA samples a particle has taken once its cycle has counted `step_in_cycle` steps (`step` takes one
-        after every `swa_every`-th step past `swa_start`; every particle starts at or before it, at 0 or rewind_step)."""
+        after every `swa_every`-th step past `swa_start`; every particle starts at or before it, at 0 or
+        rewind_step)."""
         return 0 if self.swa_start is None else max(0, (step_in_cycle - self.swa_start) // self.swa_every)
 
     def _capture_due(self, step_in_cycle: int) -> bool:
