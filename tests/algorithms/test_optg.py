@@ -641,7 +641,8 @@ def test_a_state_of_an_older_torch_without_the_implementation_choices_loads():
 
 def test_the_flags_a_state_may_hold_as_none_or_false_are_the_score_optimizers_that_default_to_none():
     # OptG takes None and False alike (both off) for exactly _tickets.OPTIONAL_FLAGS, the shared set that
-    # check_hyperparameters allows None for; a flag torch adds with a None default would be compared by value, its False refused.
+    # check_hyperparameters allows None for; a flag torch adds with a None default would be compared by value, its
+    # False (an older torch's state) refused.
     optg = OptG(torch.nn.Sequential(sparsekern.nn.SparseLinear(4, 3)), sparsity=0.5, epochs=4)
     assert {key for key, value in optg.score_optimizer.defaults.items() if value is None} == _tickets.OPTIONAL_FLAGS
     state = optg.state_dict()
