@@ -407,12 +407,12 @@ class SWAMP:
         saved on as many ranks with this SWAMP's rewind_step, particles, prune_fraction, scope, swa_start,
         swa_every and seed, holding no entry that SWAMP does not save, at a point of a cycle that SWAMP reaches: an
         averaged state is one of the cycle's last particle, past its first SWA sample, another one counts the SWA
-        samples its step_in_cycle took): a bad state raises TypeError or ValueError and changes nothing; a
-        parameter missing from it, or one this model lacks, is named, and so is
-        an entry SWAMP does not save (a misspelled or tampered setting, which would go unchecked). A state of older
-        versions, which hold the particles' tensors and the optimizers' states by position (lists, torch's own),
-        loads by position, as it did. Under torch.distributed, collective (every rank loads its own state): a state
-        refused on one rank is refused on every rank (the others' error names that rank), none of which changes.
+        samples its step_in_cycle took): a bad state raises TypeError or ValueError and changes nothing; a parameter
+        missing from it, or one this model lacks, is named, and so is an entry SWAMP does not save (a misspelled or
+        tampered setting, which would go unchecked). A state of older versions, which hold the particles' tensors and
+        the optimizers' states by position (lists, torch's own), loads by position, as it did. Under
+        torch.distributed, collective (every rank loads its own state): a state refused on one rank is refused on
+        every rank (the others' error names that rank), none of which changes.
         """
         # A rank refused alone would leave the others waiting in the next broadcast of θ_k or all_reduce of the
         # particles: its own state can be bad, or its model hold a lazy module that only its own batches left unmade.
