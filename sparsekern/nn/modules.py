@@ -95,7 +95,8 @@ from .. import ops
 from ..ops import _checks, _masked_linear_op, _transforms, reference
 from ..ops.packing import PackedWeight
 from . import _dense_loads
-from .optimizer_state import check_optimizer, check_state_writable, mask_state_in_place, optimizer_state, trains
+from .optimizer_state import (check_optimizer, check_state_writable, mask_state_in_place, optimizer_state,
+                              trained_parameters)
 from .sharding import is_dtensor
 
 
@@ -392,7 +393,7 @@ class SparseModule(nn.Module):
         check_optimizer(optimizer, "build the LBFGS after the masks are set")
         if optimizer is None or weight_is_computed(self):   # a computed weight holds no optimizer state of its own
             return []
-        if not trains(optimizer, self.weight):
+        if id(self.weight) not in trained_parameters(optimizer):
             raise ValueError(f"optimizer does not train this {type(self).__name__}'s weight, so it holds no state of "
                              f"it to zero off the mask: pass the optimizer that trains it, or None")
         check_state_writable(optimizer, self.weight, self.mask, f"this {type(self).__name__}")

@@ -5,7 +5,6 @@ there, the next step would move pruned weights off 0. Shared by every writer of 
 from __future__ import annotations
 
 import sys
-import weakref
 
 import torch
 from torch import Tensor
@@ -30,37 +29,6 @@ def trained_parameters(optimizer: torch.optim.Optimizer) -> set[int]:
     """The ids of the parameters `optimizer` trains (in any of its groups): an optimizer that trains none of the weights
     a caller masks is another model's, passed by mistake, whose state could be zeroed off no mask."""
     return {id(parameter) for group in optimizer.param_groups for parameter in group["params"]}
-
-
-# By optimizer, where it held each parameter it trains when `trains` last read its groups: id -> (group, position).
-_positions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def trains(optimizer: torch.optim.Optimizer, parameter: Tensor) -> bool:
-    """Whether `optimizer` trains `parameter`, as `trained_parameters` says, without reading every group at every call
-    (`set_mask(optimizer=)` is called for each layer in turn, which made that quadratic in the layers): the positions
-    read at the first call are kept, and a parameter found is checked to be at its position still (`is`); one not found
-    there has the groups read again, so that groups changed since (add_param_group, a list edited) answer alike."""
-    try:
-        where = _positions.get(optimizer, {}).get(id(parameter))
-    except TypeError:   # an optimizer class that cannot be hashed or weakly referenced: nothing kept
-        where = None
-    if where is not None and _held_at(optimizer, *where) is parameter:
-        return True
-    positions = {id(held): (group, position) for group, params in enumerate(g["params"] for g in optimizer.param_groups)
-                 for position, held in enumerate(params)}
-    try:
-        _positions[optimizer] = positions
-    except TypeError:
-        pass
-    return id(parameter) in positions
-
-
-def _held_at(optimizer: torch.optim.Optimizer, group: int, position: int):
-    """The parameter at `position` of `optimizer`'s group `group`, or None where there is none now."""
-    groups = optimizer.param_groups
-    params = groups[group]["params"] if group < len(groups) else ()
-    return params[position] if position < len(params) else None
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer, weight: Tensor) -> list[Tensor]:

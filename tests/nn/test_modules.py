@@ -225,42 +225,6 @@ def test_set_mask_refuses_an_lbfgs_and_a_state_it_cannot_zero_changing_nothing(g
     assert layer.mask.all() and torch.equal(layer.weight, before)
 
 
-class _CountedReads(list):
-    """A parameter group's list that counts the times it is read whole."""
-    reads = 0
-
-    def __iter__(self):
-        _CountedReads.reads += 1
-        return super().__iter__()
-
-
-def test_set_mask_with_an_optimizer_for_every_layer_reads_its_groups_once(generator):
-    # Each call collected the ids of every parameter the optimizer trains, to find the layer's weight among them:
-    # quadratic in the layers for the usual loop over them.
-    layers = [SparseLinear(8, 8) for _ in range(6)]
-    optimizer = torch.optim.SGD(nn.Sequential(*layers).parameters(), lr=0.1, momentum=0.9)
-    optimizer.param_groups[0]["params"] = _CountedReads(optimizer.param_groups[0]["params"])
-    _CountedReads.reads = 0
-    for layer in layers:
-        layer.set_mask(random_mask(layer.weight.shape, 0.5, generator), optimizer=optimizer)
-    assert len(layers) == 6 and _CountedReads.reads == 1
-
-
-def test_set_mask_with_an_optimizer_whose_groups_changed_since_the_last_call_reads_them_again(generator):
-    # Its weight taken out of the optimizer since it was found there: refused, as before any call; a layer's weight
-    # added to it since (add_param_group): taken.
-    first, second, third = [SparseLinear(8, 8) for _ in range(3)]
-    optimizer = torch.optim.SGD([first.weight, second.weight], lr=0.1)
-    first.set_mask(random_mask(first.weight.shape, 0.5, generator), optimizer=optimizer)
-    second.set_mask(random_mask(second.weight.shape, 0.5, generator), optimizer=optimizer)
-    optimizer.param_groups[0]["params"][1] = nn.Parameter(torch.zeros_like(second.weight))
-    with pytest.raises(ValueError, match="optimizer does not train this SparseLinear's weight"):
-        second.set_mask(random_mask(second.weight.shape, 0.5, generator), optimizer=optimizer)
-    optimizer.add_param_group({"params": [third.weight]})
-    third.set_mask(random_mask(third.weight.shape, 0.5, generator), optimizer=optimizer)
-    first.set_mask(random_mask(first.weight.shape, 0.5, generator), optimizer=optimizer)
-
-
 @pytest.mark.parametrize("make, shape", [
     (lambda: nn.Linear(10, 6), (2, 10)),
     *[(lambda dims=dims: DENSE_CONV[dims](4, 6, 3, stride=2, padding=1, groups=2, padding_mode="reflect"),
