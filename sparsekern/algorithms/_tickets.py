@@ -75,13 +75,19 @@ def check_layers_usable(groups: list[tying.Group], who: str, inference_mode: boo
 def check_own_weights(groups: list[tying.Group], who: str) -> None:
     """RuntimeError, before anything changes, when a layer's weight became computed at every forward (a
     parametrization registered) after `who` was built (`computed_weight_refusal`); ValueError for a layer training
-    (its weight requiring grad) in inference mode (`refuse_inference_mode`): it gives its weight no gradient, so a
-    `to_training` forgotten after an evaluation would stop it training, silently. A frozen layer may serve in it."""
-    named = [pair for group in groups for pair in group]
-    refusal = computed_weight_refusal(named, who, built=True)
+    in inference mode (`refuse_training_in_inference_mode`)."""
+    refusal = computed_weight_refusal([pair for group in groups for pair in group], who, built=True)
     if refusal is not None:
         raise RuntimeError(refusal)
-    refuse_inference_mode([(name, module) for name, module in named if module.weight.requires_grad], who)
+    refuse_training_in_inference_mode(groups, who)
+
+
+def refuse_training_in_inference_mode(groups: list[tying.Group], who: str) -> None:
+    """ValueError naming the first module of `groups` that is training (its weight requiring grad) in inference mode
+    (`refuse_inference_mode`), before `who` changes anything: it gives its weight no gradient, so a `to_training`
+    forgotten after an evaluation would stop it training, silently. A frozen layer may serve in it. The algorithms'
+    step() runs it at every step: one pass, which reads only whether each layer is in inference mode."""
+    refuse_inference_mode((pair for group in groups for pair in group), who, trained_only=True)
 
 
 def check_masks_writable(groups: list[tying.Group], who: str, frozen_kept: bool = False) -> None:
@@ -92,8 +98,7 @@ def check_masks_writable(groups: list[tying.Group], who: str, frozen_kept: bool 
     grad) as it is, so that layer may serve in inference mode (a frozen part of the model under one training)."""
     named = [pair for group in groups for pair in group]
     check_own_masks(named, who)
-    refuse_inference_mode([(name, module) for name, module in named
-                           if not frozen_kept or module.weight.requires_grad], who)
+    refuse_inference_mode(named, who, trained_only=frozen_kept)
 
 
 def primaries(groups: list[tying.Group]) -> list[SparseModule]:
@@ -834,7 +839,9 @@ def _finite_number(value) -> bool:
 
 
 # Hyperparameters whose default is None that torch documents as bools (`foreach (bool, optional)`): None lets torch
-# choose. A state of older torch versions holds False for them (fused's default was False), which loads as it did.
+# choose. A state of older torch versions holds False for them (fused's default was False), which loads as it did,
+# and OptG takes for its score optimizer's None. (differentiable, torch's other flag of the implementation, defaults
+# to False, a bool, and is checked as one.)
 OPTIONAL_FLAGS = frozenset({"foreach", "fused"})
 
 

@@ -99,9 +99,12 @@ class IMP(distributed.CatchesUp):
         self._capture_if_due()
 
     def step(self) -> None:
-        """Counts one optimizer step; keeps θ_k when the k-th step of the first cycle is done."""
+        """Counts one optimizer step; keeps θ_k when the k-th step of the first cycle is done. ValueError, nothing
+        counted, for a layer training in inference mode (`to_inference()` with `to_training()` forgotten after an
+        evaluation: it gives its weight no gradient, and would stop training silently), as DST's and OptG's step()."""
         self._refuse_leading_join()
         _tickets.refuse_count_end(self.step_in_cycle, "step_in_cycle", "IMP")
+        _tickets.refuse_training_in_inference_mode(self._groups, "IMP")
         if self._capture_due(self.step_in_cycle + 1):   # before the count moves on
             # On this rank alone, unlike SWAMP's: step() makes no collective (under Join a rank out of inputs stops
             # calling it while the others go on), so no other rank waits in one of IMP's. Under DDP a lazy module

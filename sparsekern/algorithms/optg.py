@@ -499,15 +499,17 @@ class OptG(distributed.CatchesUp):
         """ValueError unless the score optimizer's hyperparameters of the update in the state `loaded` holds, but
         its lr (`_check_saved_score_lr`), are this OptG's own: OptG makes its score optimizer itself (momentum and
         nesterov its settings, the rest SGD's defaults), and a state's momentum of 2.5, or -1, replaced them without
-        a word (its "momentum" setting says only what the run was built with). Those that choose only the
-        implementation (foreach, fused, differentiable), which a state of an older torch lacks and SGD fills as
-        False where OptG's own is None, must be off where OptG's are (None or False), or be OptG's own."""
+        a word (its "momentum" setting says only what the run was built with). The flags that default to None
+        (`_tickets.OPTIONAL_FLAGS`: foreach and fused), which a state of an older torch holds as False or lacks and
+        SGD fills as False, must be off where OptG's are (None or False), or be OptG's own; differentiable, a bool
+        by default (False, which SGD fills too) and so by `_tickets.check_hyperparameters` before, compares as the
+        rest do."""
         def off(value) -> bool:
             return value is None or value is False
 
         for index, group in enumerate(loaded.param_groups):
             for key, own in self.score_optimizer.defaults.items():
-                if key in ("foreach", "fused", "differentiable"):
+                if key in _tickets.OPTIONAL_FLAGS:
                     differs = not (group[key] is own or (off(group[key]) and off(own)))
                 else:
                     differs = key != "lr" and group[key] != own

@@ -170,10 +170,13 @@ class SWAMP:
         Call it after every batch, also one whose step a GradScaler skipped: steps count batches, so
         that every particle's cycle has the same length in data. A skipped step that falls on an SWA
         sample adds the unchanged weights once more, as `torch.optim.swa_utils.AveragedModel` would.
+        ValueError, nothing counted, for a layer training in inference mode, as `IMP.step` (on this rank alone, as
+        DST's and OptG's step(): a loop evaluating on one rank that forgot `to_training()` there fails there).
         """
         if self.averaged:
             raise RuntimeError("step() after the cycle's last particle: call next_cycle() first")
         _tickets.refuse_count_end(self.step_in_cycle, "step_in_cycle", "SWAMP")
+        _tickets.refuse_training_in_inference_mode(self._groups, "SWAMP")
         if self._capture_due(self.step_in_cycle + 1):   # before the count moves on
             # Collective, as the broadcast of rank 0's θ_k that follows: each rank trains its own particle's batches,
             # and a lazy module that only some ranks' batches run (a data-dependent branch) is made on those ranks
@@ -194,6 +197,12 @@ class SWAMP:
             return
         for average, p in zip(self.particle_average, self.averaged_parameters):
             average.add_(p.detach() - average, alpha=1 / self.average_count)
+
+    def _samples_by(self, step_in_cycle: int) -> int:
+        """The SWA samples a particle has taken once its cycle has counted `step_in_cycle` steps (`step` takes one
+        after every `swa_every`-th step past `swa_start`; every particle starts at or before it, at 0 or
+        rewind_step)."""
+        return 0 if self.swa_start is None else max(0, (step_in_cycle - self.swa_start) // self.swa_every)
 
     def _capture_due(self, step_in_cycle: int) -> bool:
         """Whether θ_k is kept once the first cycle has counted `step_in_cycle` steps."""
@@ -397,12 +406,13 @@ class SWAMP:
         Checked completely first (entries, counts, tensors against the model, and that it is a SWAMP state
         saved on as many ranks with this SWAMP's rewind_step, particles, prune_fraction, scope, swa_start,
         swa_every and seed, holding no entry that SWAMP does not save, at a point of a cycle that SWAMP reaches: an
-        averaged state is one of the cycle's last particle, past its first SWA sample): a bad state raises TypeError
-        or ValueError and changes nothing; a parameter missing from it, or one this model lacks, is named, and so is
-        an entry SWAMP does not save (a misspelled or tampered setting, which would go unchecked). A state of older
-        versions, which hold the particles' tensors and the optimizers' states by position (lists, torch's own),
-        loads by position, as it did. Under torch.distributed, collective (every rank loads its own state): a state
-        refused on one rank is refused on every rank (the others' error names that rank), none of which changes.
+        averaged state is one of the cycle's last particle, past its first SWA sample, another one counts the SWA
+        samples its step_in_cycle took): a bad state raises TypeError or ValueError and changes nothing; a parameter
+        missing from it, or one this model lacks, is named, and so is an entry SWAMP does not save (a misspelled or
+        tampered setting, which would go unchecked). A state of older versions, which hold the particles' tensors and
+        the optimizers' states by position (lists, torch's own), loads by position, as it did. Under
+        torch.distributed, collective (every rank loads its own state): a state refused on one rank is refused on
+        every rank (the others' error names that rank), none of which changes.
         """
         # A rank refused alone would leave the others waiting in the next broadcast of θ_k or all_reduce of the
         # particles: its own state can be bad, or its model hold a lazy module that only its own batches left unmade.
@@ -411,18 +421,24 @@ class SWAMP:
         install()
 
     def _check_cycle_point(self, averaged: bool, particle: int, step_in_cycle: int, has_rewind_state: bool,
-                           has_average: bool, has_sum: bool) -> None:
+                           has_average: bool, has_sum: bool, average_count: int) -> None:
         """ValueError naming the entries of a state whose point in the cycle SWAMP never reaches. Averaged (by
         `next_particle` at this rank's last particle): at that particle, θ_k kept, past the first SWA sample, every
         average folded into θ̄ (no particle's average nor sum left); resumed from one saved mid-cycle, the next cycle
         pruned a model holding one particle's weights as θ̄. Not averaged: the particles' sum held exactly from this
-        rank's second particle of the cycle on (without it, the particles before were lost from θ̄)."""
+        rank's second particle of the cycle on (without it, the particles before were lost from θ̄), and as many SWA
+        samples counted as `step` takes by step_in_cycle (`_samples_by`: another count weighs the samples to come
+        unequally in the particle's running mean)."""
         first, last = particle < self.world_size, particle + self.world_size >= self.particles
         if not averaged:
             if has_sum == first:
                 raise ValueError(f"state['particle_sum'] is {'set' if has_sum else 'None'}, but state['particle']="
                                  f"{particle} is {'' if first else 'not '}this rank's first particle of the cycle, "
                                  f"which {'starts no' if first else 'adds to the'} sum of the particles before it")
+            if average_count != self._samples_by(step_in_cycle):
+                raise ValueError(f"state['average_count']={average_count}, but state['step_in_cycle']="
+                                 f"{step_in_cycle} comes after {self._samples_by(step_in_cycle)} SWA samples of the "
+                                 f"particle (swa_start={self.swa_start}, swa_every={self.swa_every})")
             return
         if not last:
             raise ValueError(f"state['averaged']=True, but state['particle']={particle} is not this rank's last of "
@@ -488,7 +504,7 @@ class SWAMP:
         particle_sum = _tickets.check_tensors_by_name(state["particle_sum"], names, self.averaged_parameters,
                                                       "state['particle_sum']", "SWAMP")
         self._check_cycle_point(averaged, particle, counts["step_in_cycle"], rewind_state is not None,
-                                particle_average is not None, particle_sum is not None)
+                                particle_average is not None, particle_sum is not None, counts["average_count"])
         optimizer = _tickets.loaded_optimizer(self.optimizer_factory, self.model, state["optimizer"],
                                               "state['optimizer']", "SWAMP")
 

@@ -85,6 +85,7 @@ or a state dict), the deferred-initialisation recipe; a mask for it comes from `
 from __future__ import annotations
 
 import weakref
+from typing import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -706,7 +707,7 @@ class SparseLinear(SparseModule, nn.Linear):
         changes nothing a pack holds); `load_state_dict(..., assign=True)` of a meta weight or mask, which holds no
         values to pack, is refused (ValueError naming the entry, the layer left as it was: `to_training()` first); the
         training algorithms (DST, IMP, SWAMP, OptG) and `broadcast_masks` refuse a layer in inference mode whose mask
-        they would set, and DST's and OptG's `step()` one still training, which gets no gradient there (ValueError:
+        they would set, and at step() one still training, which gets no gradient there (ValueError:
         `sparsekern.nn.to_training(model)` first); a frozen layer that DST, or OptG's learned scores, leave alone may
         stay in it.
         A write of your own into the `weight` or `mask` tensor in place (`.data`, `copy_`, a `torch.nn.init`
@@ -896,15 +897,26 @@ def refuse_inference(named: list[tuple[str, nn.Module]], who: str) -> None:
                              f"mode, or load its state_dict into one built outside it")
 
 
-def refuse_inference_mode(named: list[tuple[str, SparseModule]], who: str) -> None:
+def refuse_inference_mode(named: Iterable[tuple[str, SparseModule]], who: str, trained_only: bool = False) -> None:
     """ValueError naming the first layer of `named` in inference mode (`SparseLinear.to_inference`), before `who`, a
     training algorithm or broadcast_masks, changes anything: the layer computes with a packed snapshot of its weight
-    and mask, which `who`'s writes would leave stale, and gives its weight no gradient to train."""
+    and mask, which `who`'s writes would leave stale, and gives its weight no gradient to train. With `trained_only`,
+    only a layer still training (`_trains`) is refused: a frozen one may serve in inference mode where `who` leaves
+    its mask alone. One pass, the weight looked at only for a layer in inference mode: the algorithms' step() runs it
+    over every layer at every step."""
     for name, module in named:
-        if module._in_inference_mode:
+        if module._in_inference_mode and (not trained_only or _trains(module)):
             raise ValueError(f"{who}: layer {name or '(root)'!r} is in inference mode (to_inference()): it computes "
                              f"with a packed copy of its weight and mask, which {who}'s updates would not reach, and "
                              f"gives its weight no gradient; call sparsekern.nn.to_training(model) before training")
+
+
+def _trains(module: SparseModule) -> bool:
+    """Whether sparse `module`'s weight requires grad, read without running a parametrization (spectral_norm's power
+    iteration writes its buffers); a weight that is not a Parameter of its own (`weight_is_computed`) counts as
+    training, its originals being the module's to train."""
+    weight = module._parameters.get("weight")
+    return not isinstance(weight, nn.Parameter) or weight.requires_grad
 
 
 def check_own_masks(named: list[tuple[str, SparseModule]], who: str, written: bool = True) -> None:

@@ -1,7 +1,8 @@
 """A SparseLinear in inference mode (`to_inference`) computes with a packed snapshot of its weight and mask and gives
 its weight no gradient: the algorithms and broadcast_masks refuse it by name, saying to call to_training(model), at
 construction and at every call that would write its weight or mask (their packed copy would go stale), before
-anything changes. A frozen layer that DST, or OptG's learned scores, leave out may stay in it."""
+anything changes, and every algorithm's step() refuses one still training. A frozen layer that DST, or OptG's learned
+scores, leave out may stay in it; IMP and SWAMP, which prune it, refuse it only where they would."""
 import copy
 
 import pytest
@@ -11,18 +12,18 @@ import sparsekern
 from sparsekern.algorithms.distributed import broadcast_masks
 
 from ..helpers import assert_unchanged, everything, mlp
-from .test_computed_weights import BUILD, _sparse_model
+from .test_computed_weights import BUILD, _sgd, _sparse_model
 
 REFUSAL = r"layer '2' is in inference mode \(to_inference\(\)\).*call sparsekern.nn.to_training\(model\) before"
 
 
-# The calls of each algorithm refused once a training layer is in inference mode: those that write masks, and DST's
-# and OptG's steps, which read gradients (the layer gives its weight none: it would stop training, silently; IMP's and
-# SWAMP's steps only count and snapshot).
+# The calls of each algorithm refused once a training layer is in inference mode: those that write masks, and every
+# step() (the layer gives its weight no gradient: it would stop training, silently).
 WRITES = {
     "DST": lambda dst, state: [dst.step, lambda: dst.load_state_dict(state)],
-    "IMP": lambda imp, state: [imp.next_cycle, imp.prune_masks, lambda: imp.load_state_dict(state)],
-    "SWAMP": lambda swamp, state: [swamp.next_particle, swamp.prune_masks, lambda: swamp.load_state_dict(state)],
+    "IMP": lambda imp, state: [imp.step, imp.next_cycle, imp.prune_masks, lambda: imp.load_state_dict(state)],
+    "SWAMP": lambda swamp, state: [swamp.step, swamp.next_particle, swamp.prune_masks,
+                                   lambda: swamp.load_state_dict(state)],
     "OptG": lambda optg, state: [optg.step, optg.next_epoch, lambda: optg.load_state_dict(state)],
 }
 
@@ -93,6 +94,41 @@ def test_dst_refuses_a_training_layer_left_in_inference_mode_at_a_step_that_upda
     with pytest.raises(ValueError, match="^DST: layer '0' is in inference mode"):
         dst.step()
     assert dst.step_count == 0
+
+
+@pytest.mark.parametrize("who", ["IMP", "SWAMP"])
+def test_imp_and_swamp_refuse_a_training_layer_left_in_inference_mode_at_step_counting_nothing(who):
+    # Their steps only counted and kept θ_k, and SWAMP's its average: a layer left in inference mode after an
+    # evaluation trained no more, with nothing said, until the cycle's end (SWAMP: the particle's) refused it.
+    model = _sparse_model()
+    algorithm = BUILD[who](model) if who == "IMP" else sparsekern.SWAMP(model, _sgd, particles=2, rewind_step=1,
+                                                                         swa_start=1)
+    model[0].to_inference()
+    before = everything(model)
+    for _ in range(2):   # step 1 would keep θ_1, step 2 take SWAMP's first SWA sample
+        with pytest.raises(ValueError, match=f"^{who}: layer '0' is in inference mode"):
+            algorithm.step()
+    assert algorithm.step_in_cycle == 0 and (who == "IMP" or algorithm.rewind_state is None)
+    assert getattr(algorithm, "average_count", 0) == 0
+    assert_unchanged(before, everything(model))
+    sparsekern.nn.to_training(model)   # the remedy the message gives
+    algorithm.step()
+    assert algorithm.step_in_cycle == 1
+
+
+@pytest.mark.parametrize("who", ["IMP", "SWAMP"])
+def test_a_frozen_layer_in_inference_mode_passes_imp_and_swamp_steps_and_is_refused_where_they_prune(who):
+    # As DST's and OptG's steps: a frozen layer gets no gradient anyway. IMP and SWAMP prune it with the rest, so the
+    # end of the cycle (the particle's) refuses it, before anything changes.
+    model = _sparse_model()
+    algorithm = BUILD[who](model)
+    model[0].weight.requires_grad_(False)
+    model[0].to_inference()
+    algorithm.step()
+    before = everything(model)
+    with pytest.raises(ValueError, match=f"^{who}: layer '0' is in inference mode"):
+        algorithm.next_cycle() if who == "IMP" else algorithm.next_particle()
+    assert_unchanged(before, everything(model))
 
 
 LEAVING_OUT_FROZEN_LAYERS = {"DST": BUILD["DST"], "OptG": BUILD["OptG"]}

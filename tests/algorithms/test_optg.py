@@ -11,7 +11,7 @@ import torch
 
 import sparsekern.checkpoint
 import sparsekern.ops
-from sparsekern.algorithms import OptG
+from sparsekern.algorithms import OptG, _tickets
 from sparsekern.algorithms.optg import cosine_lr, sparsity_at
 from sparsekern.nn import sparse_modules
 
@@ -637,6 +637,23 @@ def test_a_state_of_an_older_torch_without_the_implementation_choices_loads():
             del group[key]
     optg.load_state_dict(state)
     assert optg.score_optimizer.param_groups[0]["momentum"] == 0.9
+
+
+def test_the_flags_a_state_may_hold_as_none_or_false_are_the_score_optimizers_that_default_to_none():
+    # OptG takes None and False alike (both off) for exactly _tickets.OPTIONAL_FLAGS, the shared set that
+    # check_hyperparameters allows None for; a flag torch adds with a None default would be compared by value, its
+    # False (an older torch's state) refused.
+    optg = OptG(torch.nn.Sequential(sparsekern.nn.SparseLinear(4, 3)), sparsity=0.5, epochs=4)
+    assert {key for key, value in optg.score_optimizer.defaults.items() if value is None} == _tickets.OPTIONAL_FLAGS
+    state = optg.state_dict()
+    for group in state["score_optimizer"]["param_groups"]:
+        group.update(foreach=False, fused=False)   # as an older torch saved them
+    optg.load_state_dict(state)
+    for key, value in (("foreach", True), ("differentiable", None)):
+        tampered = copy.deepcopy(state)
+        tampered["score_optimizer"]["param_groups"][0][key] = value
+        with pytest.raises(ValueError, match=rf"state\['score_optimizer'\]\['param_groups'\]\[0\]\['{key}'\]"):
+            optg.load_state_dict(tampered)
 
 
 def test_the_frozen_layer_warning_of_step_names_the_line_that_called_step():

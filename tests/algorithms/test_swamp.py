@@ -535,11 +535,13 @@ def test_a_lazy_module_unmade_on_one_rank_only_is_refused_on_every_rank(tmp_path
         assert all(results.values()), (rank, [name for name, ok in results.items() if not ok])
 
 
-@pytest.mark.parametrize("particles, rewind_step, swa_start, swa_every", [(2, 1, None, 1), (3, 2, 3, 2), (1, 0, 2, 1)])
+@pytest.mark.parametrize("particles, rewind_step, swa_start, swa_every", [(2, 1, None, 1), (3, 2, 3, 2), (1, 0, 2, 1),
+                                                                     (2, 0, 0, 3), (2, 1, 1, 2)])
 def test_every_state_saved_after_every_call_of_a_run_loads_into_a_fresh_swamp(particles, rewind_step, swa_start,
                                                                               swa_every):
-    # load_state_dict refuses the points of a cycle SWAMP never reaches (averaged mid-cycle, a particles' sum lost):
-    # none that it saves itself, after a step, next_particle or next_cycle.
+    # load_state_dict refuses the points of a cycle SWAMP never reaches (averaged mid-cycle, a particles' sum lost,
+    # an SWA sample count its step does not take): none that it saves itself, after a step, next_particle or
+    # next_cycle.
     x, y = _data()
 
     def swamp_of(model):
@@ -570,3 +572,26 @@ def test_every_state_saved_after_every_call_of_a_run_loads_into_a_fresh_swamp(pa
         loaded.load_state_dict(state)
         assert (loaded.cycle, loaded.particle, loaded.step_in_cycle, loaded.averaged) == (
             state["cycle"], state["particle"], state["step_in_cycle"], state["averaged"])
+
+
+@pytest.mark.parametrize("swa_start, swa_every, count", [(2, 1, 2), (2, 1, 4), (0, 2, 1), (None, 1, 1)])
+def test_a_state_whose_swa_sample_count_its_step_does_not_take_is_refused_naming_it(swa_start, swa_every, count):
+    # The particle's running mean weighs the next sample by 1 / (count + 1): a tampered count loaded, and the mean
+    # went on weighing the samples unequally, silently. Step 5 takes 3 samples past swa_start=2, 2 past 0 every 2nd.
+    x, y = _data()
+    model = mlp(0, hidden=8)
+
+    def swamp_of(model):
+        return SWAMP(model, _sgd, particles=2, swa_start=swa_start, swa_every=swa_every)
+    swamp = swamp_of(model)
+    _train(model, swamp, x, y, swamp.data_seed, stop=5)
+    state = swamp.state_dict()
+    state["average_count"] = count
+    if state["particle_average"] is None:   # swa_start=None: the average and its count set alike
+        state["particle_average"] = {name: p.detach().clone() for name, p in model.named_parameters()}
+    loaded = swamp_of(mlp(0, hidden=8))
+    before = (loaded.step_in_cycle, loaded.average_count, loaded.particle_average, loaded.optimizer)
+    with pytest.raises(ValueError, match=rf"^state\['average_count'\]={count}, but state\['step_in_cycle'\]=5 "
+                                         rf"comes after {swamp.average_count} SWA samples"):
+        loaded.load_state_dict(state)
+    assert (loaded.step_in_cycle, loaded.average_count, loaded.particle_average, loaded.optimizer) == before
