@@ -585,7 +585,6 @@ def qualified_name(function) -> str:
     return getattr(function, "__qualname__", None) or type(function).__qualname__
 
 
-
 def masked_linear_args(x, weight, mask, bias, dense_grad=False, zero_off_mask=False) -> None:
     # Every sparse layer call runs this: valid arguments pass in one expression, each of whose terms
     # implies a check of `_masked_linear_errors`, which runs only when one fails, to say which

@@ -444,3 +444,14 @@ def test_an_update_step_refused_by_its_schedule_function_may_be_made_again():
         algo.step()
     assert algo.step() and algo.step_count == 1
     assert int((before & ~layer.mask).sum()) == 10   # round(0.25 · 40)
+
+
+def test_a_schedule_function_that_reaches_no_update_step_warns_as_a_named_one_and_is_never_called():
+    calls = []
+    model = sparsekern.sparsify(torch.nn.Sequential(torch.nn.Linear(8, 8)), 0.5,
+                                generator=torch.Generator().manual_seed(0))
+    with pytest.warns(sparsekern.algorithms.dst.NoUpdateWarning, match="update_every=200 reaches no step before "
+                                                                       "end_step=100"):
+        sparsekern.DST(model, torch.optim.SGD(model.parameters(), lr=0.1), schedule=lambda step: calls.append(step),
+                       update_every=200, total_steps=100)
+    assert calls == []
