@@ -576,11 +576,23 @@ for _mask, _error in ((torch.ones(4, 6), TypeError), (torch.ones(6, 4, dtype=tor
 
 # -- sparsekern.algorithms: DST (SET, RigL, MEST) ---------------------------------------------------
 
+def _no_step():
+    """A schedule function that takes no step."""
+    return 0.3
+
+
+def _linear_fraction(step):
+    """A schedule function of one's own."""
+    return 0.3 * (1 - step / 40)
+
+
 DST_BAD = [
     ("prune", "biggest", ValueError), ("prune", 1, TypeError), ("prune", None, TypeError),
     ("prune", "MAGNITUDE", ValueError), ("prune", ["magnitude"], TypeError),
     ("grow", "gradients", ValueError), ("grow", 0, TypeError), ("grow", None, TypeError),
     ("schedule", "step", ValueError), ("schedule", None, TypeError), ("schedule", 3, TypeError),
+    ("schedule", "function", ValueError), ("schedule", _no_step, TypeError),
+    ("schedule", sparsekern.algorithms.schedules.make("cosine", 40), TypeError),
     ("update_every", 0, ValueError), ("update_every", -1, ValueError), ("update_every", 1.5, TypeError),
     ("update_every", "100", TypeError), ("update_every", True, TypeError),
     ("total_steps", 0, ValueError), ("total_steps", -5, ValueError), ("total_steps", 2.5, TypeError),
@@ -634,6 +646,11 @@ for _name, _call in (("IMP", lambda w, g: IMP(w.model, _sgd, group=g)),
     for _value in ("world", 0):
         error(f"{_name}(group={_show(_value)})", model_world, lambda w, c=_call, v=_value: c(w, v), TypeError,
               "group")
+    # The named schedules' options: a function gives every fraction itself.
+    for _argument, _value in (("drop_fraction", 0.3), ("final_drop_fraction", 0.01)):
+        error(f"{_factory.__name__}(schedule=_linear_fraction, {_argument}={_value})", model_world,
+              _dst_call(_factory, {"schedule": _linear_fraction, _argument: _value}), ValueError,
+              f"{_argument} is an option of the named schedules, not of a function of one's own")
 error("DST(block=(2, 2), prune='set')", model_world, _dst_call(DST, {"block": (2, 2), "prune": "set"}),
       ValueError, "block")
 error("DST(model=None)", model_world, lambda w: DST(None, w.optimizer, total_steps=10), TypeError, "model")
@@ -731,6 +748,37 @@ def _stepped_world(tmp_path=None):
 
 error("RigL.step() without a fresh backward", _stepped_world, lambda w: w.algo.step(), RuntimeError,
       "fresh backward", then=_still_updates)
+
+
+def _schedule_function_world(function, grow):
+    """A DST whose schedule function is called next, at the update step 2, its backward done."""
+    def world(tmp_path=None):
+        world = trained(sparse_model())
+        world.algo = DST(world.model, world.optimizer, grow=grow, schedule=function, update_every=2, total_steps=40)
+        world.optimizer.zero_grad()
+        backward(world.model, 0)
+        world.algo.step()
+        world.optimizer.zero_grad()
+        backward(world.model, 1)
+        return world
+    return world
+
+
+def _divides_by_zero(step):
+    return 1 / (step - 2)
+
+
+# What a schedule function gives at an update step is checked before anything changes, the random stream included.
+for _value, _error, _match in ((1.5, ValueError, "in \\[0, 1\\], got 1.5"), (-0.1, ValueError, "got -0.1"),
+                               (NAN, ValueError, "got nan"), (INF, ValueError, "got inf"),
+                               ("0.3", TypeError, "a number, got str"), (None, TypeError, "got NoneType"),
+                               (True, TypeError, "got bool"), (torch.tensor(0.3), TypeError, "got Tensor")):
+    for _grow in ("gradient", "random"):
+        error(f"DST(schedule giving {_show(_value)}, grow={_grow!r}).step()",
+              _schedule_function_world(lambda step, v=_value: v, _grow), lambda w: w.algo.step(), _error,
+              f"the drop fraction schedule=<lambda> gave at step 2 must be .*{_match}")
+error("DST(schedule raising).step()", _schedule_function_world(_divides_by_zero, "random"),
+      lambda w: w.algo.step(), RuntimeError, "schedule=_divides_by_zero raised ZeroDivisionError at step 2")
 
 
 def _frozen_later_world(tmp_path=None):
@@ -878,6 +926,18 @@ for _scope in ("layer", "global"):
     for _name, _make, _error, _match in DST_STATES:
         error(f"RigL[{_scope}].load_state_dict({_name})", functools.partial(dst_world, scope=_scope),
               lambda w, m=_make: w.algo.load_state_dict(m(w)), _error, _match, then=_still_updates)
+
+
+# A state saved under a schedule function holds its timing alone: loaded into a named schedule's DST, or tampered.
+error("RigL.load_state_dict(a schedule function's state)", dst_world,
+      lambda w: w.algo.load_state_dict(_schedule_with(w, "name", "function")), ValueError,
+      f"{_SCHEDULE} was saved with a schedule function of one's own", then=_still_updates)
+for _key, _value in (("drop_fraction", 0.3), ("final_drop_fraction", 0.005), ("update_every", 0),
+                     ("end_step", None), ("total_steps", -1)):
+    error(f"DST(schedule=_linear_fraction).load_state_dict(schedule.{_key}={_show(_value)})",
+          functools.partial(dst_world, schedule=_linear_fraction),
+          lambda w, k=_key, v=_value: w.algo.load_state_dict(_schedule_with(w, k, v)), ValueError,
+          f"{_SCHEDULE} is not a valid schedule: {_key}", then=_still_updates)
 
 
 def _unblocked_mask(world):

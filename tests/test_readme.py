@@ -68,6 +68,14 @@ def _check_threshold_rule(namespace: dict, tmp_path: Path, printed: str) -> None
     assert namespace["algo"].state_dict()["prune_decides_count"] is True
 
 
+def _check_schedule_function(namespace: dict, tmp_path: Path, printed: str) -> None:
+    algo, step_decay = namespace["algo"], namespace["step_decay"]
+    assert algo.schedule.function is step_decay and algo.step_count == 300
+    assert [step for step in range(301) if algo.schedule.is_update(step)] == [50, 100, 150, 200, 250]
+    assert namespace["state"]["schedule"] == {"name": "function", "update_every": 50, "end_step": 270,
+                                              "total_steps": 300, "drop_fraction": None, "final_drop_fraction": None}
+
+
 def _train_a_run(tmp_path: Path) -> None:
     """The checkpoint the block that reads a command-line run loads: a CNN, as the block says."""
     from sparsekern.cli.main import main
@@ -89,7 +97,8 @@ def _check_reinitialised_ticket(namespace: dict, tmp_path: Path, printed: str) -
 
 CHECKS = {"import torch": _check_python_api, "masks = sk.ops.topk_mask": _check_ops,
           "import sparsekern as sk": _check_criterion, "# A threshold rule": _check_threshold_rule,
-          "from sparsekern.cli.data": _check_command_line_run, "# A lottery ticket's": _check_reinitialised_ticket}
+          "from sparsekern.cli.data": _check_command_line_run, "# A lottery ticket's": _check_reinitialised_ticket,
+          "# A drop-fraction schedule of one's own": _check_schedule_function}
 # What a block needs made before it runs (in its working directory), by the block's first line.
 SETUPS = {"from sparsekern.cli.data": _train_a_run}
 

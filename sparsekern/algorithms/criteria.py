@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
 import inspect
 from typing import Callable, ClassVar, Sequence
 
@@ -441,10 +440,7 @@ class Criterion:
         and refusing those would refuse sound resumes; while lambdas, closures and partials of one function, the
         usual way to give a score parameters, share one name whatever they compute. The criterion's name is its
         identity in a state: give a score with other parameters another name."""
-        function = self.score
-        while isinstance(function, functools.partial):
-            function = function.func
-        return getattr(function, "__qualname__", None) or type(function).__qualname__
+        return _checks.qualified_name(self.score)
 
     def checked_scores(self, weights: list[Tensor], grads: list, masks: list[Tensor], *,
                        generator: torch.Generator, layers: list[str], n: int | None = None) -> list[Tensor]:

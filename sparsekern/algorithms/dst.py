@@ -115,15 +115,23 @@ class DST(distributed.CatchesUp):
         grow: growth criterion, "gradient" (largest |g| among inactive) or "random"; or a `sparsekern.Criterion` (not
             one that decides its own count: ValueError).
         drop_fraction: α, the schedule's initial fraction (default per schedule: 0.3 cosine and
-            constant, 0.5 annealed).
+            constant, 0.5 annealed); a named schedule's option (with a function, ValueError).
         final_drop_fraction: the annealed schedule's final fraction (default 0.005).
-        schedule: "cosine" (RigL), "constant" (SET) or "annealed" (Fantastic Weights).
-        update_every: ΔT, steps between mask updates (default per schedule: 100 cosine and constant,
+        schedule: "cosine" (RigL), "constant" (SET) or "annealed" (Fantastic Weights), or a drop-fraction
+            schedule of your own: a function r(step) -> the fraction in [0, 1] of the active weights that the update
+            at that step swaps (linear decay, step decay, ...), `step` counting step() calls from 1. It is called at
+            each update step, and at no other, before anything changes: an error it raises (RuntimeError), or a
+            value that is no real number (TypeError) or not in [0, 1] (ValueError), is raised naming it and the step,
+            and the step is not counted. It must be a pure function of the step, the same on every rank of a
+            distributed run (the construction compares its qualified name across ranks). `DST.schedule.name` is
+            then "function" (`schedules.FUNCTION`); a state holds the timing, not the function (`load_state_dict`).
+        update_every: ΔT, steps between mask updates (default per schedule: 100 cosine, constant and a function,
             as RigL; 800 annealed, as the Fantastic Weights code).
         end_step, end_fraction: the end point T_end, no updates from it on (none at T_end itself: RigL's
             code has one there, which its cosine fraction, 0 at T_end, makes swap nothing; see
             `sparsekern.algorithms.schedules`): a step, or a fraction of total_steps (at most one of them;
-            default 0.75 for cosine and constant, as RigL's paper runs RigL and SET, 1.0 for annealed).
+            default 0.75 for cosine and constant, as RigL's paper runs RigL and SET, 1.0 for annealed and a
+            function, whose shape is the whole schedule).
         total_steps: length of training, in `step()` calls.
         scope: "layer" (each layer keeps its count) or "global" (one selection of the drop and one
             of the growth over all layers; layer counts may change, the total stays). Either way one
@@ -169,8 +177,9 @@ class DST(distributed.CatchesUp):
             `sparsekern.distributed.broadcast_masks`), and settings that differ across ranks, under which
             the masks would diverge at the first update: prune, grow (a `sparsekern.Criterion` by its
             name), scope, block, reset_state, swap_rounding, mest_gamma, sensitivity_offset and snip_shift
-            (where the criterion reads them), schedule, drop_fraction, final_drop_fraction, update_every, end_step
-            and host_checks (total_steps, which only times a warning, may differ), with one ValueError
+            (where the criterion reads them), schedule (a function by its qualified name: "schedule_function"),
+            drop_fraction, final_drop_fraction, update_every, end_step and host_checks (total_steps, which only
+            times a warning, may differ), with one ValueError
             naming each and the ranks holding each value, and ranks that update other layers (a layer
             frozen on some ranks only: "Which layers"); an argument refused on one rank only is
             refused on every rank (the others' error names that rank), so that none waits for it.
@@ -191,7 +200,7 @@ class DST(distributed.CatchesUp):
             sign read counts from the device whatever host_checks, nor under a `sparsekern.Criterion` deciding its
             own count, whose counts are read so, its scores checked in the same read). A captured update replays the
             swap counts it was captured with (they are kernel parameters): capture again when they change, at
-            every update of a schedule whose drop fraction moves (cosine, annealed).
+            every update of a schedule whose drop fraction moves (cosine, annealed, most functions).
             Neither setting reads the masks' active counts at an update: DST keeps them from one update to the next,
             and counts again where a mask was written (`set_mask`, `load_state_dict`, any in-place op on it: its
             version counter tells; `mask.data = other`). A write through `mask.data` (`mask.data.copy_(...)`,
@@ -265,7 +274,7 @@ class DST(distributed.CatchesUp):
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
                  prune: str | criteria.Criterion = "magnitude", grow: str | criteria.Criterion = "gradient",
                  drop_fraction: float | None = None,
-                 final_drop_fraction: float | None = None, schedule: str = "cosine",
+                 final_drop_fraction: float | None = None, schedule: str | Callable[[int], float] = "cosine",
                  update_every: int | None = None, end_step: int | None = None, end_fraction: float | None = None,
                  total_steps: int,
                  scope: str = "layer", reset_state: bool = True, block: tuple[int, int] | None = None,
@@ -367,7 +376,9 @@ class DST(distributed.CatchesUp):
         backward outside no_sync() (inside it, RuntimeError: the gradients are not averaged yet). On steps
         that neither update nor precede an update it only counts. An update step whose gradients (of any
         parameter the optimizer holds) are not all finite is skipped, as torch.amp.GradScaler skips its optimizer step:
-        the masks wait for the next update step. A layer without a gradient keeps its mask under a
+        the masks wait for the next update step. A schedule function of one's own is called at each update step made,
+        before anything changes: what it raises, or a fraction that it gives outside [0, 1], is raised naming it and
+        the step, which is not counted. A layer without a gradient keeps its mask under a
         criterion that reads the gradient (see the class). With a GradScaler, call
         scaler.unscale_(optimizer) before step() (as for gradient clipping): the gradients are scaled
         until then, which changes no ranking by |g| but makes MEST's |θ| + γ|g| rank by the scaled
@@ -389,18 +400,20 @@ class DST(distributed.CatchesUp):
             self._check_gradients(self.step_count + 1)
         if due:   # an update, or a skipped one, masks them
             self._check_gradients_writable()
+        # After finish(), the backward ran with masked gradients, from which no update can be made.
+        sums = self._gradient_sums() if due and not self._finished and self.host_checks else None
+        updated = due and not self._finished and (not self.host_checks or sums is not None)
+        # Before anything changes: a schedule function of the user's own may raise, or give no fraction in [0, 1].
+        fraction = self.schedule.fraction(self.step_count + 1) if updated else None
         self.step_count += 1
         if self.step_count == self.schedule.total_steps + 1:
             warnings.warn(f"DST.step() called more than total_steps={self.schedule.total_steps} times: the "
                           f"schedule (and end_step={self.schedule.end_step}) assumed training ends there",
                           stacklevel=user_stacklevel())
-        # After finish(), the backward ran with masked gradients, from which no update can be made.
-        sums = self._gradient_sums() if due and not self._finished and self.host_checks else None
-        updated = due and not self._finished and (not self.host_checks or sums is not None)
         self._finished = False
         if updated:
             try:
-                changes = self._update(self.schedule.fraction(self.step_count), sums)
+                changes = self._update(fraction, sums)
             except Exception:
                 # An update that raised changed nothing (a user's criterion's scores, like prune_grow's arguments,
                 # are checked before anything is written): the step does not count, and step() may be called again.
@@ -468,7 +481,7 @@ class DST(distributed.CatchesUp):
         same wrapping, as for the model's own state dict."""
         return {"algorithm": "DST", "step_count": self.step_count,
                 "masks": {name: module.mask.clone() for name, module in self.modules},
-                "schedule": dataclasses.asdict(self.schedule),
+                "schedule": self.schedule.state(),
                 "generator": self.generator.get_state(), "finished": self._finished, **self._settings()}
 
     def _settings(self) -> dict:
@@ -500,12 +513,15 @@ class DST(distributed.CatchesUp):
         which weights an update swaps, or whether it happens: those a state is saved with, the schedule's but
         total_steps (which only times a warning), and host_checks (which skips an update whose gradients are not
         all finite)."""
-        schedule = dataclasses.asdict(self.schedule)
+        schedule = self.schedule.state()
         del schedule["total_steps"]
         schedule["schedule"] = schedule.pop("name")
-        # A user's criteria by their score function's name too, which a state cannot keep (`Criterion.score_name`).
-        scores = {f"{argument}_score": criterion.score_name() for argument, criterion in self._users_criteria()}
-        return {**self._settings(), **scores, **schedule, "host_checks": self.host_checks}
+        # A user's criteria and schedule function by their function's name too, which a state cannot keep
+        # (`Criterion.score_name`).
+        functions = {f"{argument}_score": criterion.score_name() for argument, criterion in self._users_criteria()}
+        if self.schedule.function is not None:
+            functions["schedule_function"] = _checks.qualified_name(self.schedule.function)
+        return {**self._settings(), **functions, **schedule, "host_checks": self.host_checks}
 
     def load_state_dict(self, state: dict) -> None:
         """Restores a `state_dict()`: step count, masks (weights, and the optimizer's per-weight state,
@@ -521,7 +537,15 @@ class DST(distributed.CatchesUp):
         past the schedule's total_steps (a run that called step() too often, which step() allows) loads with a
         warning (step() refuses to count past 2**63 - 1, the largest count a state holds), as does a saved schedule
         that differs from the one this DST was built with (which it replaces), and a mask with no active weight
-        under scope="layer" (the layer stays empty, as construction warns)."""
+        under scope="layer" (the layer stays empty, as construction warns).
+
+        A schedule function of one's own is not saved (no state can hold a function, and no name of one tells it
+        apart: lambdas share theirs, and a script's functions move between modules): its state holds the timing
+        (update_every, end_step, total_steps) under the name "function". It loads into a DST built with a function,
+        which goes on with its own function (build it with the saving run's) and the saved timing (replacing its own,
+        with the warning above where they differ); a DST built with a named schedule refuses it (ValueError naming
+        state['schedule']), having no way to the saving run's fractions. A named schedule's state loaded into a DST
+        built with a function replaces it, as any saved schedule replaces the built one."""
         self._prepare_load(state)()
 
     def _prepare_load(self, state: dict):
@@ -563,7 +587,7 @@ class DST(distributed.CatchesUp):
             if self.block is not None and not _Blocks(module.weight.shape, self.block).is_whole(mask):
                 raise ValueError(f"state['masks'][{name!r}] is not made of whole {self.block} blocks")
             staged.append((module, mask))
-        schedule = _schedule_from_state(state["schedule"])
+        schedule = _schedule_from_state(state["schedule"], self.schedule)
         generator_state = state["generator"]
         if not isinstance(generator_state, Tensor):
             raise TypeError(f"state['generator'] must be a Tensor, got {type(generator_state).__name__}")
@@ -580,9 +604,8 @@ class DST(distributed.CatchesUp):
         if schedule != self.schedule:
             # The saved schedule is the run's own (its cosine was laid over its total_steps); built
             # with other arguments (a longer run, a new end_step), this DST would silently follow it.
-            changed = {field.name: (getattr(self.schedule, field.name), getattr(schedule, field.name))
-                       for field in dataclasses.fields(schedule)
-                       if getattr(self.schedule, field.name) != getattr(schedule, field.name)}
+            changed = {field: (old, new) for (field, old), new in zip(self.schedule.state().items(),
+                                                                      schedule.state().values()) if old != new}
             warnings.warn("the loaded state's schedule replaces the one this DST was built with "
                           f"({', '.join(f'{k}: {old!r} -> {new!r}' for k, (old, new) in changed.items())}); "
                           "build it with the saving run's arguments, or set DST.schedule "
@@ -1019,7 +1042,8 @@ def _check_blocks(modules, counts: list[int], block: tuple[int, int]) -> None:
 
 def _warn_if_idle(schedule: schedules.Schedule, empty: list[str], scope: str) -> None:
     """Warns about configurations under which DST silently does nothing (or nothing to a layer);
-    `empty` names the layers without an active weight."""
+    `empty` names the layers without an active weight. (A schedule function's drop_fraction is None, never 0: its
+    fractions are not known before its update steps.)"""
     if not schedule.is_update(schedule.update_every):
         warnings.warn(f"no mask update will ever happen: update_every={schedule.update_every} reaches no "
                       f"step before end_step={schedule.end_step} (total_steps={schedule.total_steps})",
@@ -1042,8 +1066,10 @@ def _warn_if_nothing_swaps(schedule: schedules.Schedule, modules, active: list[i
     """Warns where the largest fraction any update drops makes a swap count of 0 of the layers' `active` weights:
     of the total (scope="global") or of every layer (no update swaps anything), or of some layers (scope="layer":
     they never change), counted in `block`s where given. A drop fraction of 0 has its own warning
-    (`_warn_if_idle`)."""
-    # Every schedule's fraction is monotone in the step: its largest is at the first update or at the last.
+    (`_warn_if_idle`). Not for a schedule function of one's own, which is called at its update steps alone."""
+    if schedule.function is not None:
+        return
+    # Every named schedule's fraction is monotone in the step: its largest is at the first update or at the last.
     last = (schedule.end_step - 1) // schedule.update_every * schedule.update_every
     largest = max((schedule.fraction(step) for step in {schedule.update_every, last} if schedule.is_update(step)),
                   default=0.0)
@@ -1070,17 +1096,33 @@ def _warn_if_nothing_swaps(schedule: schedules.Schedule, modules, active: list[i
                                     "down": "down " if rounding == "floor" else ""}), stacklevel=user_stacklevel())
 
 
-def _schedule_from_state(saved) -> schedules.Schedule:
-    """The Schedule of a state dict's "schedule" entry, validated like DST's own arguments."""
-    fields = [field.name for field in dataclasses.fields(schedules.Schedule)]
+def _schedule_from_state(saved, built: schedules.Schedule) -> schedules.Schedule:
+    """The Schedule of a state dict's "schedule" entry, validated like DST's own arguments. One saved with a function
+    of one's own (name FUNCTION) holds no function: it takes `built`'s, that of the DST loading it, and is refused
+    (ValueError) where `built` is named, which could not go on with the saving run's fractions."""
+    fields = list(schedules.Schedule.SAVED)
     if not isinstance(saved, dict) or sorted(saved, key=str) != sorted(fields):
         raise ValueError(f"state['schedule'] must be a dict of {fields}, got "
                          f"{sorted(saved, key=str) if isinstance(saved, dict) else type(saved).__name__}")
+    own = isinstance(saved["name"], str) and saved["name"] == schedules.FUNCTION
+    if own and built.function is None:
+        raise ValueError(f"state['schedule'] was saved with a schedule function of one's own (name "
+                         f"{schedules.FUNCTION!r}), not schedule={built.name!r}: a state holds no function, so this "
+                         f"DST cannot go on with the saving run's fractions; build it with that run's function as "
+                         f"its schedule")
     try:
         # A saved schedule holds its own ΔT, end and drop fraction: None, which make() reads as the schedule's
         # default, is none of them.
         _checks.count(saved["update_every"], "update_every", 1)
         _checks.count(saved["end_step"], "end_step", 1)
+        if own:
+            for key in ("drop_fraction", "final_drop_fraction"):   # a function's own schedule has neither
+                if saved[key] is not None:
+                    raise ValueError(f"{key} must be None under a schedule function, got {saved[key]!r}")
+            return schedules.make(built.function, saved["total_steps"], update_every=saved["update_every"],
+                                  end_step=saved["end_step"])
+        if not isinstance(saved["name"], str):   # make() would take a callable for a function of one's own
+            raise TypeError(f"schedule must be a str, got {type(saved['name']).__name__}")
         _checks.number(saved["drop_fraction"], "drop_fraction")
         schedule = schedules.make(saved["name"], saved["total_steps"], update_every=saved["update_every"],
                                   end_step=saved["end_step"], drop_fraction=saved["drop_fraction"],

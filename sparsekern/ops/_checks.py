@@ -5,6 +5,7 @@ Type and dtype errors raise TypeError, shape and range errors ValueError; each n
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import numbers
@@ -574,6 +575,14 @@ def callable_as(value, name: str, form: str, *args, **kwargs) -> None:
     except TypeError:
         raise TypeError(f"{name} must be callable as {form}, got {value!r} with signature {signature}") from None
 
+
+def qualified_name(function) -> str:
+    """The qualified name of a callable of a user's own (`__qualname__`; a functools.partial's function's, a callable
+    object's class's), without its module: what messages call it, and what the ranks of a distributed run compare
+    (`sparsekern.Criterion.score_name`, a schedule of one's own), one program having one name for it on every rank."""
+    while isinstance(function, functools.partial):
+        function = function.func
+    return getattr(function, "__qualname__", None) or type(function).__qualname__
 
 
 def masked_linear_args(x, weight, mask, bias, dense_grad=False, zero_off_mask=False) -> None:

@@ -2,8 +2,9 @@
 
 Trains a small sparse MLP under DDP with every rank on different data, with RigL (gradient
 growth), SET (random growth) and DST with criteria of a user's own (sparsekern.Criterion, reading
-the gradient and drawing from DST's random stream), checks after every step that masks agree across
-ranks, and saves this rank's final masks and weights to <out>/rank<r>.pt.
+the gradient and drawing from DST's random stream) and a drop-fraction schedule of its own (a function of the
+step, the same on every rank), checks after every step that masks agree across ranks, and saves this rank's final
+masks and weights to <out>/rank<r>.pt.
 """
 import os
 import sys
@@ -31,12 +32,17 @@ def _gradient_rank(weights, grads, masks, *, generator):
     return [part.view(g.shape) for part, g in zip(ranks.split([g.numel() for g in grads]), grads)]
 
 
+def _decaying(step):
+    """A drop-fraction schedule of one's own: 0.4 decaying linearly to 0 over the 24 steps training is made for."""
+    return 0.4 * (1 - step / 24)
+
+
 ALGORITHMS = {
     "RigL": sparsekern.RigL, "SET": sparsekern.SET,
     "custom": lambda *args, **options: sparsekern.DST(
         *args, prune=sparsekern.Criterion("noisy_saliency", _noisy_saliency, reads_gradient=True, elementwise=True),
         grow=sparsekern.Criterion("gradient_rank", _gradient_rank, reads_gradient=True, elementwise=False),
-        scope="global", **options),
+        scope="global", schedule=_decaying, **options),
 }
 
 

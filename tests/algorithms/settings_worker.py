@@ -9,8 +9,8 @@
    or frozen on some under an algorithm that prunes frozen layers with the rest (IMP, OptG's magnitude), builds.
    A layer frozen on one rank after construction is refused likewise by broadcast_masks(algorithm=...), whose
    copy would diverge again at the next update.
-3. Equal settings build (a sparsekern.Criterion of one name, flags and score function on both ranks, total_steps
-   that time no update), in one all_gather_object, and DST trains under DDP to the same masks and weights as a DST
+3. Equal settings build (a sparsekern.Criterion of one name, flags and score function on both ranks, a schedule
+   function of one name, total_steps that time no update), in one all_gather_object, and DST trains under DDP to the same masks and weights as a DST
    whose group of one rank compares nothing.
 Writes {"refused": {scenario: error message or None}, "unchanged": {scenario: masks as before},
 "accepted": {scenario: bool}, "frozen_apart": {scenario: (error message or None, masks as before)},
@@ -42,6 +42,14 @@ def _square(weights, grads, masks, *, generator):
 def _magnitude_given_any_count(weights, grads, masks, *, generator, n=None):
     """|θ| + 1, which a criterion deciding its own count may return too (it drops nothing: no score is 0)."""
     return [w.abs() + 1 for w in weights]
+
+
+def _linear(step):
+    return 0.3 * (1 - step / 20)
+
+
+def _halving(step):
+    return 0.3 * 0.5 ** (step // 4)
 
 
 def mine(score=_magnitude, **flags):
@@ -88,6 +96,8 @@ DIFFERING = {
     "DST update_every": (dst, 0.3, {}, {"update_every": 4}),
     "DST end_step": (dst, 0.3, {"end_step": 10}, {"end_step": 12}),
     "DST schedule": (dst, 0.3, {}, {"schedule": "constant"}),
+    # Schedule functions of the same timing, compared by their qualified names.
+    "DST schedule_function": (dst, 0.3, {"schedule": _linear}, {"schedule": _halving}),
     "DST final_drop_fraction": (dst, 0.3, {"schedule": "annealed"},
                                 {"schedule": "annealed", "final_drop_fraction": 0.01}),
     "DST reset_state": (dst, 0.3, {}, {"reset_state": False}),
@@ -135,6 +145,7 @@ FROZEN_ALIKE = {
 
 EQUAL = {
     "DST with a Criterion of one name": (dst, 0.3, {"prune": mine()}, {"prune": mine()}),
+    "DST with a schedule function of one name": (dst, 0.3, {"schedule": _linear}, {"schedule": _linear}),
     "DST total_steps past end_step": (dst, 0.3, {"end_step": 10}, {"end_step": 10, "total_steps": 40}),
     "OptG with an lr_schedule": (optg, 1.0, {"lr_schedule": lambda epoch: 0.1}, {"lr_schedule": lambda epoch: 0.1}),
 }

@@ -21,7 +21,7 @@ def rank_results(worker: str, tmp_path) -> list[dict]:
 
 
 @gloo
-def test_ddp_rigl_set_and_criteria_of_a_users_own_keep_masks_identical_on_two_ranks(tmp_path):
+def test_ddp_rigl_set_and_criteria_and_a_schedule_of_a_users_own_keep_masks_identical_on_two_ranks(tmp_path):
     ranks = rank_results("distributed_worker", tmp_path)
     for algorithm in ("RigL", "SET", "custom"):
         first, second = ranks[0]["results"][algorithm], ranks[1]["results"][algorithm]
@@ -85,6 +85,7 @@ def test_settings_that_differ_across_ranks_are_refused_on_every_rank_and_equal_o
                             ("DST prune_elementwise", "prune_elementwise: True on rank 0, False on rank 1)"),
                             ("DST prune_decides_count", "prune_decides_count: False on rank 0, True on rank 1)"),
                             ("DST prune_score", "prune_score: '_magnitude' on rank 0, '_square' on rank 1)"),
+                            ("DST schedule_function", "schedule_function: '_linear' on rank 0, '_halving' on rank 1)"),
                             ("DST block", "block: None on rank 0, (2, 2) on rank 1)"),
                             ("DST end_step", "end_step: 10 on rank 0, 12 on rank 1)"),
                             ("OptG lr", "lr: 0.1 on rank 0, 0.2 on rank 1)"),

@@ -7,6 +7,7 @@ import dataclasses
 import io
 import itertools
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 import sparsekern
-from sparsekern.algorithms import IMP, SWAMP, OptG, _tickets, criteria
+from sparsekern.algorithms import IMP, SWAMP, OptG, _tickets, criteria, schedules
 from sparsekern.nn import sparse_modules
 
 from ..helpers import batch, mlp, torchrun
@@ -128,6 +129,23 @@ def test_dst_with_criteria_of_a_users_own_resumes_where_the_uninterrupted_run_en
         assert _same(uninterrupted, _dst_run(dst, stop)) is None, stop
 
 
+def _decaying(step):
+    """A drop-fraction schedule of one's own: 0.4 decaying linearly to 0.1 at DST_STEPS (updates at 3, 6, 9 and 12, to
+    the end of training by default)."""
+    return 0.4 - 0.3 * step / DST_STEPS
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+@pytest.mark.parametrize("prune, grow", [("magnitude", "gradient"), ("random", "random"), ("set", "random")])
+def test_dst_with_a_schedule_function_resumes_where_the_uninterrupted_run_ends(prune, grow, scope):
+    # The state holds no function: the resumed DST, built with the same one, goes on from the saved step.
+    dst = dict(prune=prune, grow=grow, scope=scope, schedule=_decaying)
+    uninterrupted = _dst_run(dst)
+    assert uninterrupted[0][3]["schedule"]["name"] == schedules.FUNCTION
+    for stop in (2, 3, 9, 12):
+        assert _same(uninterrupted, _dst_run(dst, stop)) is None, stop
+
+
 # -- a state that does not belong to the algorithm it is loaded into ---------------------------------------
 
 def _sgd(parameters):
@@ -188,6 +206,42 @@ def test_a_dst_state_saved_with_other_criteria_scope_or_blocks_is_refused(saved,
     model = mlp(0, hidden=8)
     _refused_with_nothing_changed(dst(model, loaded), model, state, f"saved with {words}")
     dst(mlp(0, hidden=8), saved).load_state_dict(state)   # the same settings load
+
+
+def _halving(step):
+    return 0.4 * 0.5 ** (step // 6)
+
+
+def test_a_state_saved_with_a_schedule_function_loads_into_a_dst_built_with_one_and_only_such():
+    state = _through_a_file(_dst_of(mlp(0, hidden=8), schedule=_decaying).state_dict())
+    assert state["schedule"] == {"name": "function", "update_every": 2, "end_step": 20, "total_steps": 20,
+                                 "drop_fraction": None, "final_drop_fraction": None}
+    # A named schedule cannot go on with the saving run's fractions, which no state holds.
+    model = mlp(0, hidden=8)
+    _refused_with_nothing_changed(_dst_of(model, schedule="cosine"), model, state,
+                                  r"state\['schedule'\] was saved with a schedule function of one's own \(name "
+                                  r"'function'\), not schedule='cosine'")
+    # A function is the resuming DST's own, whichever it is: no name of a function tells it apart in another process.
+    other = _dst_of(mlp(0, hidden=8), schedule=_halving)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        other.load_state_dict(state)
+    assert other.schedule == schedules.make(_halving, 20, update_every=2)
+    # Its timing is the saved one, which replaces the built one as for a named schedule, with the same warning.
+    longer = _dst_of(mlp(0, hidden=8), schedule=_decaying, total_steps=40, update_every=4)
+    with pytest.warns(UserWarning, match=r"replaces the one this DST was built with \(update_every: 4 -> 2, end_step: "
+                                         r"40 -> 20, total_steps: 40 -> 20\)"):
+        longer.load_state_dict(state)
+    assert longer.schedule == schedules.make(_decaying, 20, update_every=2)
+
+
+def test_a_named_schedules_state_replaces_a_schedule_function_as_any_saved_schedule_replaces_the_built_one():
+    state = _through_a_file(_dst_of(mlp(0, hidden=8), schedule="constant").state_dict())
+    own = _dst_of(mlp(0, hidden=8), schedule=_decaying)
+    with pytest.warns(UserWarning, match=r"\(name: 'function' -> 'constant', end_step: 20 -> 15, drop_fraction: None "
+                                         r"-> 0.3, final_drop_fraction: None -> 0.005\)"):
+        own.load_state_dict(state)
+    assert own.schedule == schedules.make("constant", 20, update_every=2) and own.schedule.function is None
 
 
 @pytest.mark.parametrize("saved, value, differs", [
@@ -405,8 +459,8 @@ def test_an_optg_state_saved_with_another_ramp_or_criterion_is_refused(saved, lo
 
 
 def _dst_of(model, **options):
-    return sparsekern.DST(model, torch.optim.SGD(model.parameters(), lr=0.1), update_every=2, total_steps=20,
-                          **options)
+    return sparsekern.DST(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                          **{"update_every": 2, "total_steps": 20, **options})
 
 
 @pytest.mark.parametrize("build, saved, loaded, words", [

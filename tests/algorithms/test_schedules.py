@@ -1,6 +1,9 @@
+import copy
+import functools
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -274,13 +277,181 @@ def test_swap_rounding_is_validated_naming_the_argument(value, error):
         sparsekern.DST(model, torch.optim.SGD(model.parameters(), lr=0.1), total_steps=10, swap_rounding=value)
 
 
-@pytest.mark.parametrize("schedule", [schedules.make("cosine", 100, update_every=10), lambda step: 0.3],
-                         ids=["Schedule", "function"])
-def test_dst_refuses_a_schedule_of_ones_own_saying_what_it_takes_instead(schedule):
-    # What a researcher with a drop fraction of their own tries first: say that the options are DST's arguments,
-    # and where a count of one's own can come from.
-    model = sparsekern.sparsify(torch.nn.Sequential(torch.nn.Linear(8, 8)), 0.5)
+# -- a schedule of one's own: a function r(t) of the step --
+
+def _linear(step):
+    """A linear decay from 0.5 at step 0 to 0 at step 12."""
+    return 0.5 * (1 - step / 12)
+
+
+def _steps_down(step):
+    """A step decay: 0.4, halved every 4 steps."""
+    return 0.4 * 0.5 ** (step // 4)
+
+
+@pytest.mark.parametrize("function", [_linear, _steps_down])
+@pytest.mark.parametrize("swap_rounding, whole", [("round", round), ("floor", math.floor), ("ceil", math.ceil)])
+def test_a_schedule_functions_fractions_make_each_updates_swap_count(function, swap_rounding, whole):
+    # 40 active weights (as the counts by hand above): each update drops whole(r(t) · 40), the fraction the function
+    # gives at that step. Called at the update steps alone (3, 6 and 9: to the end of training by default, the end
+    # point excluded), once each.
+    calls = []
+    def recorded(step):
+        calls.append(step)
+        return function(step)
+    dropped = _drop_counts(12, 3, schedule=recorded, swap_rounding=swap_rounding)
+    assert dropped == {step: whole(function(step) * 40) for step in (3, 6, 9)}
+    assert calls == [3, 6, 9]
+    assert len(set(dropped.values())) > 1   # the fractions move: no count is the constant's by chance
+
+
+@pytest.mark.parametrize("options, updates", [(dict(end_fraction=0.75), [3, 6]), (dict(end_step=9), [3, 6]),
+                                              (dict(end_step=10), [3, 6, 9]), (dict(update_every=4), [4, 8])])
+def test_a_schedule_functions_end_point_and_update_every_are_the_named_schedules(options, updates):
+    options = {"update_every": 3, **options}
+    schedule = schedules.make(_linear, 12, **options)
+    assert (schedule.name, schedule.function, schedule.drop_fraction, schedule.final_drop_fraction) == (
+        schedules.FUNCTION, _linear, None, None)
+    assert [step for step in range(30) if schedule.is_update(step)] == updates
+    assert _drop_counts(12, options.pop("update_every"), schedule=_linear, **options) == {
+        step: round(_linear(step) * 40) for step in updates}
+
+
+def test_a_schedule_functions_defaults():
+    # RigL's ΔT, and the end of training: the function states the whole schedule.
+    schedule = schedules.make(_linear, 1000)
+    assert (schedule.update_every, schedule.end_step, schedule.total_steps) == (100, 1000, 1000)
+
+
+@pytest.mark.parametrize("value", [0, 1, 0.25, np.float32(0.25), np.float64(0.75), np.int64(1)])
+def test_a_schedule_function_may_give_any_real_number_in_0_1(value):
+    fraction = schedules.make(lambda step: value, 10).fraction(3)
+    assert type(fraction) is float and fraction == float(value)
+
+
+def _run(schedule, prune, grow, **options):
+    """Masks and weights after every step of a short DST run (two layers, momentum SGD) under `schedule`."""
+    torch.manual_seed(0)
+    model = sparsekern.sparsify(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)),
+                                0.3, generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    algo = sparsekern.DST(model, optimizer, prune=prune, grow=grow, schedule=schedule, update_every=2, total_steps=20,
+                          seed=3, **options)
+    data = torch.Generator().manual_seed(1)
+    trace = []
+    for _ in range(20):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(torch.randn(6, 8, generator=data)),
+                                          torch.randint(0, 4, (6,), generator=data)).backward()
+        algo.step()
+        optimizer.step()
+        trace.append([(module.mask.clone(), module.weight.detach().clone())
+                      for _, module in sparsekern.nn.sparse_modules(model)])
+    return trace
+
+
+@pytest.mark.parametrize("name, function", [
+    ("cosine", functools.partial(schedules.cosine, drop_fraction=0.3, end_step=15)),
+    ("constant", functools.partial(schedules.constant, drop_fraction=0.3)),
+    ("annealed", functools.partial(schedules.annealed, drop_fraction=0.5, final_drop_fraction=0.005, end_step=15)),
+])
+@pytest.mark.parametrize("prune, grow", [("magnitude", "gradient"), ("random", "random")])
+def test_a_function_that_is_a_named_schedule_gives_its_masks_bit_for_bit(name, function, prune, grow):
+    # Its fractions, at its end point (15: updates at 2, 4, ..., 14), from the same seed.
+    named = _run(name, prune, grow, end_step=15)
+    own = _run(function, prune, grow, end_step=15)
+    assert all(torch.equal(a, b) for step_a, step_b in zip(named, own) for pair_a, pair_b in zip(step_a, step_b)
+               for a, b in zip(pair_a, pair_b))
+    assert not torch.equal(named[0][0][0], named[-1][0][0])   # the masks did move
+
+
+@pytest.mark.parametrize("schedule, options, error, words", [
+    (3, {}, TypeError, r"schedule must be the name of one of \['annealed', 'constant', 'cosine'\] or a function of "
+                       r"the step \(step -> drop fraction\), got a int"),
+    (None, {}, TypeError, "schedule must be the name of one of .* or a function of the step"),
+    # What make returns, which a researcher with a schedule of their own may try: its options are DST's arguments.
+    (schedules.make("cosine", 100, update_every=10), {}, TypeError,
+     "got a Schedule: the options of a schedule are arguments of their own .*update_every"),
+    (lambda: 0.3, {}, TypeError, r"schedule must be callable as schedule\(step\)"),
+    (lambda step, total: 0.3, {}, TypeError, r"schedule must be callable as schedule\(step\)"),
+    (_linear, dict(drop_fraction=0.3), ValueError,
+     "drop_fraction is an option of the named schedules, not of a function of one's own \\(schedule=_linear\\)"),
+    (_linear, dict(final_drop_fraction=0.01), ValueError, "final_drop_fraction is an option of the named schedules"),
+    (_linear, dict(end_fraction=0), ValueError, "end_fraction"),
+    (_linear, dict(update_every=0), ValueError, "update_every"),
+    (_linear, dict(end_step=5, end_fraction=0.5), ValueError, "end_step or end_fraction"),
+])
+def test_dst_refuses_a_bad_schedule_naming_the_argument_with_nothing_changed(schedule, options, error, words):
+    model = sparsekern.sparsify(torch.nn.Sequential(torch.nn.Linear(8, 8)), 0.5,
+                                generator=torch.Generator().manual_seed(0))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(TypeError, match=r"schedule must be the name of one of \['annealed', 'constant', 'cosine'\], "
-                                        r"got a (Schedule|function): its options are .*update_every.*decides_count"):
-        sparsekern.DST(model, optimizer, schedule=schedule, total_steps=100)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(error, match=words):
+        schedules.make(schedule, 100, **options)
+    with pytest.raises(error, match=words):
+        sparsekern.DST(model, optimizer, schedule=schedule, total_steps=100, **options)
+    assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
+
+
+def _raises(step):
+    return 1 / (step - 2)
+
+
+@pytest.mark.parametrize("function, error, words", [
+    (lambda step: 1.5, ValueError, r"the drop fraction schedule=<lambda> gave at step 2 must be a finite number in "
+                                   r"\[0, 1\], got 1.5"),
+    (lambda step: -0.1, ValueError, r"schedule=<lambda> gave at step 2 must be a finite number in \[0, 1\], got -0.1"),
+    (lambda step: float("nan"), ValueError, "at step 2 must be a finite number in .*, got nan"),
+    (lambda step: float("inf"), ValueError, "at step 2 must be a finite number in .*, got inf"),
+    (lambda step: "0.3", TypeError, "the drop fraction schedule=<lambda> gave at step 2 must be a number, got str"),
+    (lambda step: None, TypeError, "at step 2 must be a number, got NoneType"),
+    (lambda step: True, TypeError, "at step 2 must be a number, got bool"),
+    (lambda step: torch.tensor(0.3), TypeError, "at step 2 must be a number, got Tensor"),
+    (_raises, RuntimeError, "schedule=_raises raised ZeroDivisionError at step 2: division by zero"),
+])
+def test_a_bad_fraction_or_error_of_a_schedule_function_is_raised_naming_it_and_the_step_before_any_change(
+        function, error, words):
+    # The update step's checks come before any change: masks, weights, gradients, the step count and the random
+    # stream are as they were (tests/test_bad_inputs.py compares every piece of state).
+    layer = sparsekern.nn.SparseLinear(8, 10, bias=False)
+    layer.set_mask(torch.arange(80).view(10, 8) % 2 == 0)
+    model = torch.nn.Sequential(layer)
+    algo = sparsekern.DST(model, torch.optim.SGD(model.parameters(), lr=0.1), grow="random", schedule=function,
+                          update_every=2, total_steps=10)
+    layer.weight.grad = torch.ones(10, 8)
+    assert not algo.step()
+    layer.weight.grad = torch.rand(10, 8)
+    mask, grad, stream = layer.mask.clone(), layer.weight.grad.clone(), algo.generator.get_state()
+    with pytest.raises(error, match=words) as raised:
+        algo.step()
+    assert algo.step_count == 1 and torch.equal(layer.mask, mask) and torch.equal(layer.weight.grad, grad)
+    assert torch.equal(algo.generator.get_state(), stream) and layer.dense_grad
+    if error is RuntimeError:
+        assert isinstance(raised.value.__cause__, ZeroDivisionError)   # the function's own error, chained
+
+
+def test_an_update_step_refused_by_its_schedule_function_may_be_made_again():
+    # Not counted, the step is still due: a second call, the function giving a fraction now, makes the update.
+    answers = iter([float("nan"), 0.25])
+    layer = sparsekern.nn.SparseLinear(8, 10, bias=False)
+    layer.set_mask(torch.arange(80).view(10, 8) % 2 == 0)
+    model = torch.nn.Sequential(layer)
+    algo = sparsekern.DST(model, torch.optim.SGD(model.parameters(), lr=0.1), schedule=lambda step: next(answers),
+                          update_every=1, total_steps=10)
+    before = layer.mask.clone()
+    layer.weight.grad = torch.where(before, 0.01, 1000.0)   # growth takes none of the dropped weights back
+    with pytest.raises(ValueError, match="at step 1 must be a finite number"):
+        algo.step()
+    assert algo.step() and algo.step_count == 1
+    assert int((before & ~layer.mask).sum()) == 10   # round(0.25 · 40)
+
+
+def test_a_schedule_function_that_reaches_no_update_step_warns_as_a_named_one_and_is_never_called():
+    calls = []
+    model = sparsekern.sparsify(torch.nn.Sequential(torch.nn.Linear(8, 8)), 0.5,
+                                generator=torch.Generator().manual_seed(0))
+    with pytest.warns(sparsekern.algorithms.dst.NoUpdateWarning, match="update_every=200 reaches no step before "
+                                                                       "end_step=100"):
+        sparsekern.DST(model, torch.optim.SGD(model.parameters(), lr=0.1), schedule=lambda step: calls.append(step),
+                       update_every=200, total_steps=100)
+    assert calls == []
