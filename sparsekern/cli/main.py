@@ -37,8 +37,8 @@ from .models import MODELS, build_model
 from .output import check_outputs, counted, first_line, make_output_folders
 from .recipes import CRITERION_PARAMETERS, DST_PRESETS, TICKET_METHODS, criteria_of
 from .runs import RUNS_FOLDER
-from .training import (DISTRIBUTIONS, INITS, METHODS, OUTPUT_FILES, SCHEDULES, Diverged, TrainConfig,
-                       check_cycle_steps, prepare, read_checkpoint, total_epochs)
+from .training import (CHECKPOINT_NAME, DISTRIBUTIONS, INITS, METHODS, OUTPUT_FILES, SCHEDULES, Diverged,
+                       TrainConfig, check_cycle_steps, prepare, read_checkpoint, total_epochs)
 
 TRAIN_OUT = "runs/train"   # train's --out unless told, or resuming
 # The ops a training run calls: a SPARSEKERN_BACKEND that cannot run one of them is refused before training.
@@ -409,16 +409,25 @@ def _run(parser: argparse.ArgumentParser, args) -> None:
             start()
         except KeyboardInterrupt:
             if _leads():
-                print(f"{parser.prog}: interrupted; finished work is kept in {args.out} (rerun the same command to "
-                      f"go on)", file=sys.stderr)
+                print(f"{parser.prog}: interrupted; finished work is kept in {args.out} ({_rerun(args)} to go on)",
+                      file=sys.stderr)
             sys.exit(130)
         except Diverged as error:   # an --lr too high for the run: its finished epochs stay in --out
             parser.error(str(error))
         except OSError as error:   # --out checked writable before, but a disk fills up or a folder goes away
-            parser.error(f"{first_line(error)}; finished work is kept in {args.out} (rerun the same command to go "
-                         f"on once it can be written)")
+            parser.error(f"{first_line(error)}; finished work is kept in {args.out} ({_rerun(args)} to go on once "
+                         f"it can be written)")
         finally:
             _warn_each(parser.prog, held)
+
+
+def _rerun(args) -> str:
+    """How to go on after an interruption: compare and reproduce, run again, reuse the runs they finished, but train
+    starts over unless told to resume, and overwrites the checkpoint of its last finished epoch."""
+    checkpoint = os.path.join(args.out, CHECKPOINT_NAME)
+    if args.command == "train" and os.path.isfile(checkpoint):
+        return f"rerun the same command with --resume {checkpoint}"
+    return "rerun the same command"
 
 
 def _refuse_launcher(parser: argparse.ArgumentParser, command: str) -> None:

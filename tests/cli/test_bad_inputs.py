@@ -1055,6 +1055,29 @@ def test_an_interrupted_command_says_so_under_its_name(tmp_path, capsys, monkeyp
     assert capsys.readouterr().err.startswith("sparsekern train: interrupted; finished work is kept in ")
 
 
+def test_a_train_interrupted_after_an_epoch_says_to_resume_from_its_checkpoint(tmp_path, capsys, monkeypatch):
+    # It said "rerun the same command to go on", which starts train over and overwrites the epoch's checkpoint.
+    save = training.Run.save
+
+    def interrupt_after_saving(run, out_dir):
+        save(run, out_dir)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.Run, "save", interrupt_after_saving)
+    arguments = ["train", "--method", "static", "--epochs", "2", "--density", "0.3", "--quiet"]
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        main([*arguments, "--out", str(out)])
+    assert exit_info.value.code == 130
+    checkpoint = out / "checkpoint.pt"
+    assert capsys.readouterr().err.splitlines() == [
+        f"sparsekern train: interrupted; finished work is kept in {out} (rerun the same command with --resume "
+        f"{checkpoint} to go on)"]
+    monkeypatch.setattr(training.Run, "save", save)
+    main([*arguments, "--out", str(out), "--resume", str(checkpoint)])
+    assert training.read_checkpoint(str(checkpoint))["epoch"] == 2
+
+
 @pytest.mark.parametrize("command", ["train", "compare"])
 def test_an_output_that_fails_mid_run_exits_2_with_one_line(command, tmp_path, capsys, monkeypatch):
     # A full disk (or --out removed) while training ended in a traceback.
