@@ -25,7 +25,7 @@ import torch
 from . import compare as compare_module
 from . import data_parallel
 from . import reproduce as reproduce_module
-from ..algorithms.criteria import ELEMENTWISE, GROW, PARAMETER_MAX, PRUNE
+from ..algorithms.criteria import ELEMENTWISE, GROW, OWN_COUNT, PARAMETER_MAX, PRUNE
 from ..algorithms.dst import SCOPES, SWAP_ROUNDINGS
 from ..algorithms.optg import MIN_EPOCHS_DIGITS
 from ..bench import report
@@ -240,8 +240,8 @@ def _add_run_options(parser: argparse.ArgumentParser, defaults: TrainConfig) -> 
                              "Fantastic Weights code adds 1e-5)")
     parser.add_argument("--block", type=_block, metavar="BHxBW",
                         help="DST: masks made of whole BHxBW blocks of each weight (as a matrix: its first dimension "
-                             "by the rest), dropped and grown whole by their summed scores; not with the set "
-                             "criterion (default: none, single weights)")
+                             "by the rest), dropped and grown whole by their summed scores; not with the set, set_fw "
+                             "or set_fixed criteria (default: none, single weights)")
     parser.add_argument("--cycles", type=_positive,
                         help=f"IMP, SWAMP: training cycles, a pruning between two, the last to --density (IMP: "
                              f"--epochs epochs each; SWAMP: --particles x --epochs) (default: {defaults.cycles})")
@@ -526,11 +526,13 @@ def _check_criterion_parameters(args, configs: list[TrainConfig]) -> None:
 
 
 def _check_block_criterion(args, configs: list[TrainConfig]) -> None:
-    """ValueError for --block given where a DST run prunes by a criterion that scores no single weight (set)."""
+    """ValueError for --block given where a DST run prunes by a criterion that scores no single weight (the set ones)."""
     ranked = sorted({criteria_of(config)[0] for config in configs if config.method in DST_PRESETS} - ELEMENTWISE)
     if args.block is not None and ranked:
+        reasons = [f"{name} (a threshold rule: it decides how many it drops)" if name in OWN_COUNT
+                   else f"{name} (a rank over the layer)" for name in ranked]
         raise ValueError(f"--block applies to runs pruning by a criterion that scores each weight, not "
-                         f"{', '.join(ranked)} (a rank over the layer)")
+                         f"{', '.join(reasons)}")
 
 
 def _prepare_train(args):

@@ -428,6 +428,9 @@ WORDED_ARGUMENTS = [
     (["train", "--block", "4x0"], "argument --block: block must be two positive integers BHxBW, such as 4x4"),
     (["compare", "--methods", "set,rigl", "--block", "2x2"],
      "--block applies to runs pruning by a criterion that scores each weight, not set"),
+    # set_fw was refused as "a rank over the layer", which is set's reason, not a threshold rule's.
+    (["train", "--method", "dst", "--prune", "set_fw", "--block", "2x2"],
+     "not set_fw (a threshold rule: it decides how many it drops)"),
     (["train", "--method", "rigl", "--block", "100x100"], "--block 100x100 is too large at --density 0.1"),
     # One epoch of OptG ended dense whatever --density asked (its only epoch's scores all tie at 0).
     (["train", "--method", "optg", "--density", "0.1", "--epochs", "1"], "epochs must be >= 2 for optg, got 1"),
