@@ -25,7 +25,7 @@ import torch
 from . import compare as compare_module
 from . import data_parallel
 from . import reproduce as reproduce_module
-from ..algorithms.criteria import ELEMENTWISE, GROW, PARAMETER_MAX, PRUNE
+from ..algorithms.criteria import ELEMENTWISE, GROW, OWN_COUNT, PARAMETER_MAX, PRUNE
 from ..algorithms.dst import SCOPES, SWAP_ROUNDINGS
 from ..algorithms.optg import MIN_EPOCHS_DIGITS
 from ..bench import report
@@ -37,8 +37,8 @@ from .models import MODELS, build_model
 from .output import check_outputs, counted, first_line, make_output_folders
 from .recipes import CRITERION_PARAMETERS, DST_PRESETS, TICKET_METHODS, criteria_of
 from .runs import RUNS_FOLDER
-from .training import (DISTRIBUTIONS, INITS, METHODS, OUTPUT_FILES, SCHEDULES, Diverged, TrainConfig,
-                       check_cycle_steps, prepare, read_checkpoint, total_epochs)
+from .training import (CHECKPOINT_NAME, DISTRIBUTIONS, INITS, METHODS, OUTPUT_FILES, SCHEDULES, Diverged,
+                       TrainConfig, check_cycle_steps, prepare, read_checkpoint, total_epochs)
 
 TRAIN_OUT = "runs/train"   # train's --out unless told, or resuming
 # The ops a training run calls: a SPARSEKERN_BACKEND that cannot run one of them is refused before training.
@@ -240,8 +240,8 @@ def _add_run_options(parser: argparse.ArgumentParser, defaults: TrainConfig) -> 
                              "Fantastic Weights code adds 1e-5)")
     parser.add_argument("--block", type=_block, metavar="BHxBW",
                         help="DST: masks made of whole BHxBW blocks of each weight (as a matrix: its first dimension "
-                             "by the rest), dropped and grown whole by their summed scores; not with the set "
-                             "criterion (default: none, single weights)")
+                             "by the rest), dropped and grown whole by their summed scores; not with the set, set_fw "
+                             "or set_fixed criteria (default: none, single weights)")
     parser.add_argument("--cycles", type=_positive,
                         help=f"IMP, SWAMP: training cycles, a pruning between two, the last to --density (IMP: "
                              f"--epochs epochs each; SWAMP: --particles x --epochs) (default: {defaults.cycles})")
@@ -409,16 +409,25 @@ def _run(parser: argparse.ArgumentParser, args) -> None:
             start()
         except KeyboardInterrupt:
             if _leads():
-                print(f"{parser.prog}: interrupted; finished work is kept in {args.out} (rerun the same command to "
-                      f"go on)", file=sys.stderr)
+                print(f"{parser.prog}: interrupted; finished work is kept in {args.out} ({_rerun(args)} to go on)",
+                      file=sys.stderr)
             sys.exit(130)
         except Diverged as error:   # an --lr too high for the run: its finished epochs stay in --out
             parser.error(str(error))
         except OSError as error:   # --out checked writable before, but a disk fills up or a folder goes away
-            parser.error(f"{first_line(error)}; finished work is kept in {args.out} (rerun the same command to go "
-                         f"on once it can be written)")
+            parser.error(f"{first_line(error)}; finished work is kept in {args.out} ({_rerun(args)} to go on once "
+                         f"it can be written)")
         finally:
             _warn_each(parser.prog, held)
+
+
+def _rerun(args) -> str:
+    """How to go on after an interruption: compare and reproduce, run again, reuse the runs they finished, but train
+    starts over unless told to resume, and overwrites the checkpoint of its last finished epoch."""
+    checkpoint = os.path.join(args.out, CHECKPOINT_NAME)
+    if args.command == "train" and os.path.isfile(checkpoint):
+        return f"rerun the same command with --resume {checkpoint}"
+    return "rerun the same command"
 
 
 def _refuse_launcher(parser: argparse.ArgumentParser, command: str) -> None:
@@ -517,11 +526,13 @@ def _check_criterion_parameters(args, configs: list[TrainConfig]) -> None:
 
 
 def _check_block_criterion(args, configs: list[TrainConfig]) -> None:
-    """ValueError for --block given where a DST run prunes by a criterion that scores no single weight (set)."""
+    """ValueError for --block given where a DST run prunes by a criterion that scores no single weight (the set ones)."""
     ranked = sorted({criteria_of(config)[0] for config in configs if config.method in DST_PRESETS} - ELEMENTWISE)
     if args.block is not None and ranked:
+        reasons = [f"{name} (a threshold rule: it decides how many it drops)" if name in OWN_COUNT
+                   else f"{name} (a rank over the layer)" for name in ranked]
         raise ValueError(f"--block applies to runs pruning by a criterion that scores each weight, not "
-                         f"{', '.join(ranked)} (a rank over the layer)")
+                         f"{', '.join(reasons)}")
 
 
 def _prepare_train(args):

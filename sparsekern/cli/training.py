@@ -297,7 +297,8 @@ class Run:
     def train(self, out_dir: str | None = None, stop_after: int | None = None, progress: bool = True,
               on_epoch=None) -> RunResult:
         """Trains to the end (or through epoch `stop_after`); with `out_dir`, writes metrics.json, metrics.csv,
-        gradient_flow.csv and checkpoint.pt there after every epoch, each atomically. `on_epoch(metrics)` is called
+        gradient_flow.csv and checkpoint.pt there after every epoch, each atomically (once at the end where no epoch is
+        left to train). `on_epoch(metrics)` is called
         with each epoch's metrics (its row of the history) once the epoch is done and saved (`compare` and
         `reproduce` show their runs' progress by it); it must not change the run.
 
@@ -341,6 +342,7 @@ class Run:
         model.eval()
         if self.epoch == 0 and not self.flow:
             record_flow(0, 0, "init")
+        first_epoch = self.epoch
         bar = _progress_bar(progress and rank == 0, (last_epoch - self.epoch) * self.steps_per_epoch, config)
         for epoch in range(self.epoch, last_epoch):
             started = time.perf_counter()
@@ -417,6 +419,9 @@ class Run:
                 on_epoch(dict(metrics))
         if bar is not None:
             bar.close()
+        if self.epoch == first_epoch and out_dir is not None and rank == 0:
+            # Resumed where nothing is left to train: out_dir, another folder than the checkpoint's, stayed empty.
+            self.save(out_dir)
         return RunResult(config, self.history, model, self.flow, recipe.describe())
 
     def save(self, out_dir: str) -> None:

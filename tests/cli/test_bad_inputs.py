@@ -428,6 +428,9 @@ WORDED_ARGUMENTS = [
     (["train", "--block", "4x0"], "argument --block: block must be two positive integers BHxBW, such as 4x4"),
     (["compare", "--methods", "set,rigl", "--block", "2x2"],
      "--block applies to runs pruning by a criterion that scores each weight, not set"),
+    # set_fw was refused as "a rank over the layer", which is set's reason, not a threshold rule's.
+    (["train", "--method", "dst", "--prune", "set_fw", "--block", "2x2"],
+     "not set_fw (a threshold rule: it decides how many it drops)"),
     (["train", "--method", "rigl", "--block", "100x100"], "--block 100x100 is too large at --density 0.1"),
     # One epoch of OptG ended dense whatever --density asked (its only epoch's scores all tie at 0).
     (["train", "--method", "optg", "--density", "0.1", "--epochs", "1"], "epochs must be >= 2 for optg, got 1"),
@@ -1053,6 +1056,29 @@ def test_an_interrupted_command_says_so_under_its_name(tmp_path, capsys, monkeyp
         main(["train", "--method", "static", "--epochs", "1", "--out", str(tmp_path / "run"), "--quiet"])
     assert exit_info.value.code == 130
     assert capsys.readouterr().err.startswith("sparsekern train: interrupted; finished work is kept in ")
+
+
+def test_a_train_interrupted_after_an_epoch_says_to_resume_from_its_checkpoint(tmp_path, capsys, monkeypatch):
+    # It said "rerun the same command to go on", which starts train over and overwrites the epoch's checkpoint.
+    save = training.Run.save
+
+    def interrupt_after_saving(run, out_dir):
+        save(run, out_dir)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.Run, "save", interrupt_after_saving)
+    arguments = ["train", "--method", "static", "--epochs", "2", "--density", "0.3", "--quiet"]
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        main([*arguments, "--out", str(out)])
+    assert exit_info.value.code == 130
+    checkpoint = out / "checkpoint.pt"
+    assert capsys.readouterr().err.splitlines() == [
+        f"sparsekern train: interrupted; finished work is kept in {out} (rerun the same command with --resume "
+        f"{checkpoint} to go on)"]
+    monkeypatch.setattr(training.Run, "save", save)
+    main([*arguments, "--out", str(out), "--resume", str(checkpoint)])
+    assert training.read_checkpoint(str(checkpoint))["epoch"] == 2
 
 
 @pytest.mark.parametrize("command", ["train", "compare"])

@@ -1091,6 +1091,18 @@ def test_resuming_a_finished_run_says_nothing_was_trained(tmp_path, capsys):
     assert "static finished (nothing trained: the checkpoint was already at epoch 1)" in capsys.readouterr().out
 
 
+def test_resuming_a_finished_run_into_another_folder_writes_it_there(tmp_path, capsys):
+    # The line said "metrics and checkpoint in OUT" of a folder left empty: only a trained epoch wrote it.
+    arguments = ["train", "--method", "static", "--density", "0.3", "--epochs", "2", "--stop-after", "1", "--quiet"]
+    main([*arguments, "--out", str(tmp_path / "run")])
+    main([*arguments, "--resume", str(tmp_path / "run" / "checkpoint.pt"), "--out", str(tmp_path / "copy")])
+    assert f"metrics and checkpoint in {tmp_path / 'copy'}" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path / "copy")) == sorted(training.OUTPUT_FILES)
+    for name in ("metrics.csv", "gradient_flow.csv"):
+        assert (tmp_path / "copy" / name).read_text() == (tmp_path / "run" / name).read_text()
+    assert training.read_checkpoint(str(tmp_path / "copy" / "checkpoint.pt"))["epoch"] == 1
+
+
 _CHOSEN = ", and its next mask is chosen from them"
 
 
