@@ -20,6 +20,7 @@ from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
 from ..ops import _checks, _masked_linear_op
+from . import _load_calls
 from .modules import (DenseClass, SparseLinear, SparseModule, _check_dtype, _copy_masked_into, _rename_dense_entries,
                       _translate_pruned, is_computed, weight_is_computed)
 
@@ -267,7 +268,8 @@ class SparseMultiheadAttention(nn.Module):
         # `<weight>_orig` and `<weight>_mask` of a pruned one, which the projection then loads as its mask
         # and pruned values (SparseModule's rule too). A pruned bias of the attention's own loads as its
         # pruned values, as a sparse layer's pruned bias does.
-        _translate_pruned(state_dict, prefix, _OWN_BIASES)
+        with _load_calls.refusing(missing_keys):
+            _translate_pruned(state_dict, prefix, _OWN_BIASES)
         _rename_dense_entries(state_dict, prefix, _DENSE_WEIGHT_KEYS)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)

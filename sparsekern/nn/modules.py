@@ -80,7 +80,8 @@ remove_parametrizations(leave_parametrized=True) registers the original one agai
 values), sets `zero_off_mask` from the weight's values. A module moved off the meta device by `to_empty`
 gets a new module's all-True mask (its weight holds whatever memory held, all of it active, until an init
 or a state dict), the deferred-initialisation recipe; a mask for it comes from `set_mask`, a state dict or
-`sparsify`. A SparseLinear in inference mode (`SparseLinear.to_inference`) is packed again from what it loaded.
+`sparsify`. A SparseLinear in inference mode (`SparseLinear.to_inference`) is packed again from what it loaded, once
+at the end of the load_state_dict call, however many of its tied twins the call loads.
 """
 from __future__ import annotations
 
@@ -93,7 +94,7 @@ from torch.nn.utils import parametrize
 from .. import ops
 from ..ops import _checks, _masked_linear_op, _transforms, reference
 from ..ops.packing import PackedWeight
-from . import _dense_loads
+from . import _load_calls
 from .optimizer_state import (check_optimizer, check_state_writable, mask_state_in_place, optimizer_state,
                               trained_parameters)
 from .sharding import is_dtensor
@@ -508,6 +509,17 @@ class SparseModule(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        with _load_calls.refusing(missing_keys):
+            self._load_entries(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        # A layer in inference mode serves the loaded weight and mask, and so does a tied twin (the weight is one):
+        # packed at the call's end, once, however many twins the call loads.
+        stale = [module for module in (self, *self._tied_modules()) if module._in_inference_mode]
+        if stale:
+            _load_calls.pack_at_end(missing_keys, stale)
+
+    def _load_entries(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                      error_msgs) -> None:
+        """`_load_from_state_dict`'s loading: torch's, after this layer's checks and translations of its entries."""
         _translate_pruned(state_dict, prefix)
         # Every entry of this module before any loads: torch copies each entry it can and raises for the
         # others only at the end, which would leave the module half loaded.
@@ -523,7 +535,7 @@ class SparseModule(nn.Module):
             device = state_dict[prefix + "weight"].device
             if not self.mask.is_meta and not bool(self.mask.all()):
                 # A pretrained dense checkpoint loaded into a sparsified model: it would train dense, silently.
-                _dense_loads.note(missing_keys, prefix + "mask", self)
+                _load_calls.note_dense(missing_keys, prefix + "mask", self)
             state_dict[prefix + "mask"] = torch.ones(self.mask.shape, dtype=torch.bool, device=device)
         mask = state_dict.get(prefix + "mask")
         _check_loaded_mask(mask, prefix + "mask")
@@ -542,7 +554,6 @@ class SparseModule(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         self._recheck_zero_off_mask()
-        self._refresh_pack()   # a layer in inference mode serves the loaded weight and mask
 
     def extra_repr(self) -> str:
         if self.mask.is_meta:  # no values to count
