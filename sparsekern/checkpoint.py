@@ -427,9 +427,9 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], object
         raise TypeError(f"write must be a callable taking the open file, got {type(write).__name__}")
     path = os.path.realpath(os.fspath(path))
     directory = os.path.dirname(path)
-    staging = directory if os.path.isdir(directory) else _nearest_existing_parent(directory)
-    if not os.path.isdir(staging):
-        os.makedirs(directory, exist_ok=True)   # raises as the system does (a file where a folder would be)
+    staging = directory if os.path.lexists(directory) else _nearest_existing_parent(directory)
+    if not os.path.isdir(staging):   # a file where a folder would be: refused before the write, as the system does
+        os.makedirs(directory, exist_ok=True)
     prefix = f".{os.path.basename(path)}."
     temporary = None
     descriptor = _unnamed_file(staging)

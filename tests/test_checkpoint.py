@@ -55,6 +55,15 @@ def test_a_failed_save_makes_no_folder_and_a_good_one_makes_them(tmp_path, monke
     assert os.listdir(tmp_path / "runs" / "new" / "deeper") == ["ckpt.pt"]
 
 
+@pytest.mark.parametrize("destination", ["afile/ckpt.pt", "afile/new/ckpt.pt"])
+def test_a_file_where_a_folder_would_be_is_refused_before_the_write(tmp_path, destination):
+    (tmp_path / "afile").touch()
+    written = []
+    with pytest.raises((FileExistsError, NotADirectoryError)):
+        checkpoint.write_atomically(tmp_path / destination, written.append)
+    assert written == [] and os.listdir(tmp_path) == ["afile"]
+
+
 def test_every_atomic_writer_follows_a_link_at_its_destination(tmp_path):
     # write_text replaced the link by a file of its own, where checkpoint.save (and open, torch.save) write through it:
     # results linked into another disk stayed on this one.
