@@ -22,7 +22,7 @@ def save(obj, path: str | os.PathLike) -> None:
     """torch.save(obj) to `path`, atomically (`write_atomically`).
 
     On any error (an unpicklable object, a full disk, an interrupt) the file at `path` is as
-    before and no temporary file is left behind. `path` naming a directory (or ending in a
+    before and no temporary file is left behind, nor a folder on the way to it. `path` naming a directory (or ending in a
     separator) raises IsADirectoryError, and naming something other than a regular file (a FIFO,
     a device such as /dev/null, which the atomic rename would replace) ValueError, before anything
     is written. A symbolic link is followed: the file it points to is replaced, the link stays.
@@ -35,7 +35,6 @@ def save(obj, path: str | os.PathLike) -> None:
     path = _checked_path(path)
     if os.path.isdir(path) or path.endswith((os.sep, os.altsep or os.sep)):
         raise IsADirectoryError(f"path {path!r} is a directory, not a checkpoint file")
-    path = os.path.realpath(path)
     _check_regular(path, missing_ok=True)
     write_atomically(path, lambda file: _save_loadable(obj, file, path))
 
@@ -413,29 +412,35 @@ def check_writable_folder(path: str, argument: str) -> None:
 
 def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
     """Calls write(file) on a new file (open for reading and writing), flushes it to disk and only then puts it at
-    `path`.
+    `path`. A symbolic link at `path` is followed, as open() follows it: the file it points to is replaced (made, for
+    a dangling link), the link stays.
 
     On Linux the data goes to an unnamed file (O_TMPFILE) that gets a name only once complete, so a
     kill (even SIGKILL) mid-write leaves nothing; the name it then gets is renamed over `path` at
-    once. Elsewhere a named temporary file beside `path` is used and removed on any exception
-    (a SIGKILL can leave that one behind). Creates the parent directory if needed, and leaves it on failure:
-    another writer's unnamed file in it is no entry yet, so removing it, empty as it looks, could fail that one.
+    once. Elsewhere a named temporary file is used and removed on any exception (a SIGKILL can leave that one
+    behind). The folders on the way to `path` that do not exist are made only once the data is written (until then
+    it is written in the nearest folder that exists, on the file system the new folders will be on), so a write
+    that fails (an object that cannot be pickled, a full disk) leaves the file system as it was: removing a folder
+    made for it, empty as it looked, could pull it from under another writer's unnamed file.
     """
     if not callable(write):
         raise TypeError(f"write must be a callable taking the open file, got {type(write).__name__}")
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
+    path = os.path.realpath(os.fspath(path))
+    directory = os.path.dirname(path)
+    staging = directory if os.path.lexists(directory) else _nearest_existing_parent(directory)
+    if not os.path.isdir(staging):   # a file where a folder would be: refused before the write, as the system does
+        os.makedirs(directory, exist_ok=True)
     prefix = f".{os.path.basename(path)}."
     temporary = None
-    descriptor = _unnamed_file(directory)
+    descriptor = _unnamed_file(staging)
     if descriptor is None:
-        descriptor, temporary = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=".tmp")
+        descriptor, temporary = tempfile.mkstemp(dir=staging, prefix=prefix, suffix=".tmp")
     try:
         with os.fdopen(descriptor, "w+b") as file:
             write(file)
             file.flush()
             os.fsync(file.fileno())
+            os.makedirs(directory, exist_ok=True)
             if temporary is None:  # name the finished unnamed file, then move it into place
                 temporary = os.path.join(directory, f"{prefix}{secrets.token_hex(6)}.tmp")
                 _name(file.fileno(), temporary)

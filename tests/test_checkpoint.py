@@ -38,6 +38,48 @@ def test_failed_save_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
     assert os.listdir(tmp_path) == ["ckpt.pt"]
 
 
+@pytest.mark.parametrize("unnamed", [True, False], ids=["unnamed file", "named temporary file"])
+@pytest.mark.parametrize("value", [np.float64(0.97), lambda: 0])
+def test_a_failed_save_makes_no_folder_and_a_good_one_makes_them(tmp_path, monkeypatch, value, unnamed):
+    # The folders on the way were made before the state was pickled, and left behind, empty, when it could not be
+    # (removing them could pull one from under another writer's unnamed file): the data is now written first.
+    if not unnamed:   # a file system without O_TMPFILE
+        monkeypatch.setattr(checkpoint, "_unnamed_file", lambda directory: None)
+    (tmp_path / "runs").mkdir()
+    destination = tmp_path / "runs" / "new" / "deeper" / "ckpt.pt"
+    with pytest.raises((TypeError, pickle.PicklingError, AttributeError)):
+        checkpoint.save({"step": 2, "value": value}, destination)
+    assert os.listdir(tmp_path) == ["runs"] and os.listdir(tmp_path / "runs") == []
+    checkpoint.save({"step": 2}, destination)
+    assert checkpoint.load(destination) == {"step": 2} and os.listdir(tmp_path / "runs" / "new") == ["deeper"]
+    assert os.listdir(tmp_path / "runs" / "new" / "deeper") == ["ckpt.pt"]
+
+
+@pytest.mark.parametrize("destination", ["afile/ckpt.pt", "afile/new/ckpt.pt"])
+def test_a_file_where_a_folder_would_be_is_refused_before_the_write(tmp_path, destination):
+    (tmp_path / "afile").touch()
+    written = []
+    with pytest.raises((FileExistsError, NotADirectoryError)):
+        checkpoint.write_atomically(tmp_path / destination, written.append)
+    assert written == [] and os.listdir(tmp_path) == ["afile"]
+
+
+def test_every_atomic_writer_follows_a_link_at_its_destination(tmp_path):
+    # write_text replaced the link by a file of its own, where checkpoint.save (and open, torch.save) write through it:
+    # results linked into another disk stayed on this one.
+    from sparsekern.cli.output import write_text
+
+    (tmp_path / "disk").mkdir()
+    for name, write, read in [("ckpt.pt", lambda path: checkpoint.save({"step": 3}, path), checkpoint.load),
+                              ("results.md", lambda path: write_text(path, "results"), lambda path: path.read_text())]:
+        link, target = tmp_path / name, tmp_path / "disk" / name
+        link.symlink_to(target)   # dangling: the first write makes the target
+        for _ in range(2):
+            write(str(link))
+            assert link.is_symlink() and os.readlink(link) == str(target) and read(target) in ({"step": 3}, "results")
+    assert sorted(os.listdir(tmp_path / "disk")) == ["ckpt.pt", "results.md"]
+
+
 @pytest.mark.parametrize("value, refused", [
     (np.float64(0.97), "multiarray.scalar"),   # a metric computed with NumPy (numpy._core or numpy.core)
     (np.arange(3), "multiarray._reconstruct"),

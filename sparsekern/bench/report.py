@@ -86,6 +86,12 @@ def write(rows: list[core.Row], path: str, kind: str, environment_line: str = ""
     checkpoint.write_atomically(path, lambda file: file.write(stream.getvalue().encode()))
 
 
+def path_argument(text: str) -> str:
+    """A path option's value (argparse's `type`), `~` and `~user` expanded: the shell expands neither in
+    `--out=~/runs`, nor anywhere in a quoted path, and a folder named `~` would be made in the working one."""
+    return os.path.expanduser(text)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad argument on one line (no usage block), exit code 2, takes options as spelled
     only (an abbreviation is refused, with the option it abbreviates suggested: `sparsekern compare --seed 5` read
@@ -136,8 +142,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m benchmarks",
     parser.add_argument("--only", metavar="OP",
                         help="one case module (e.g. topk_mask), or the cases whose op starts with OP; "
                              "compiled_training_step (torch.compile, minutes of compiling) runs only when named")
-    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
-    parser.add_argument("--csv", metavar="PATH", help="also write the rows as CSV")
+    parser.add_argument("--json", type=path_argument, metavar="PATH", help="also write the rows as JSON")
+    parser.add_argument("--csv", type=path_argument, metavar="PATH", help="also write the rows as CSV")
     parser.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--budget", type=float, metavar="SECONDS",
                         help="seconds of timed calls per implementation (default 2, 0.05 with --quick)")

@@ -198,7 +198,7 @@ def _add_run_options(parser: argparse.ArgumentParser, defaults: TrainConfig) -> 
     """Options shared by train and compare: the model, data and optimisation."""
     parser.add_argument("--model", choices=MODELS, default=defaults.model,
                         help="network: an MLP (width 256) or a small CNN that adapts to the image size")
-    parser.add_argument("--dataset", default=defaults.dataset,
+    parser.add_argument("--dataset", type=report.path_argument, default=defaults.dataset,
                         help="'digits' (bundled with scikit-learn), a .npz with arrays x and y, or an image folder "
                              "with one subfolder per class")
     parser.add_argument("--distribution", choices=DISTRIBUTIONS,
@@ -302,11 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument("--seed", type=_seed, default=TrainConfig.seed,
                               help="initial weights, masks, data order and random criteria (the test split is fixed)")
     _add_run_options(train_parser, TrainConfig())
-    train_parser.add_argument("--out", help="directory for the metrics (metrics.json, metrics.csv, "
-                                            "gradient_flow.csv) and checkpoint.pt, rewritten after every epoch "
-                                            f"(default: {TRAIN_OUT}; with --resume, the checkpoint's folder)")
-    train_parser.add_argument("--resume", metavar="CKPT", help="continue the run saved in this checkpoint (given "
-                                                                "the arguments it was started with)")
+    train_parser.add_argument("--out", type=report.path_argument,
+                              help="directory for the metrics (metrics.json, metrics.csv, gradient_flow.csv) and "
+                                   f"checkpoint.pt, rewritten after every epoch (default: {TRAIN_OUT}; with --resume, "
+                                   f"the checkpoint's folder)")
+    train_parser.add_argument("--resume", type=report.path_argument, metavar="CKPT",
+                              help="continue the run saved in this checkpoint (given the arguments it was started "
+                                   "with)")
     train_parser.add_argument("--stop-after", type=_positive, metavar="EPOCH",
                               help="stop after this epoch (resume later with --resume)")
 
@@ -337,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare_parser.add_argument("--seeds", type=_positive, default=compare_module.DEFAULT_SEEDS,
                                 help="N: seeds 0..N-1 per point")
     _add_run_options(compare_parser, compare_defaults)
-    compare_parser.add_argument("--out", default="runs/compare",
+    compare_parser.add_argument("--out", type=report.path_argument, default="runs/compare",
                                 help="directory for the tables, CSVs and plot; finished runs are kept in its runs/ "
                                      "folder, and a rerun into it trains only what is missing")
     compare_parser.add_argument("--fresh", action="store_true", help="train every run again, ignoring finished "
@@ -355,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce_parser.add_argument("--quick", action="store_true",
                                   help="a smoke test of every claim (fewer seeds, epochs and densities): under a "
                                        "minute of CPU time, so a minute or more of waiting on a busy machine")
-    reproduce_parser.add_argument("--out", default="runs/reproduce",
+    reproduce_parser.add_argument("--out", type=report.path_argument, default="runs/reproduce",
                                   help="directory for report.md, plots and CSVs; finished runs are kept in its runs/ "
                                        "folder, and a rerun into it trains only what is missing")
     reproduce_parser.add_argument("--fresh", action="store_true",
