@@ -117,14 +117,15 @@ class DST(distributed.CatchesUp):
         drop_fraction: α, the schedule's initial fraction (default per schedule: 0.3 cosine and
             constant, 0.5 annealed); a named schedule's option (with a function, ValueError).
         final_drop_fraction: the annealed schedule's final fraction (default 0.005).
-        schedule: "cosine" (RigL), "constant" (SET) or "annealed" (Fantastic Weights), or a drop-fraction
-            schedule of your own: a function r(step) -> the fraction in [0, 1] of the active weights that the update
-            at that step swaps (linear decay, step decay, ...), `step` counting step() calls from 1. It is called at
-            each update step, and at no other, before anything changes: an error it raises (RuntimeError), or a
-            value that is no real number (TypeError) or not in [0, 1] (ValueError), is raised naming it and the step,
-            and the step is not counted. It must be a pure function of the step, the same on every rank of a
-            distributed run (the construction compares its qualified name across ranks). `DST.schedule.name` is
-            then "function" (`schedules.FUNCTION`); a state holds the timing, not the function (`load_state_dict`).
+        schedule: "cosine" (RigL), "constant" (SET) or "annealed" (Fantastic Weights), or a drop-fraction schedule of
+            your own: a function r(step) -> the fraction in [0, 1] of the active weights that the update at that step
+            swaps (linear decay, step decay, ...), `step` counting step() calls from 1. It is called at each update step
+            made (not one skipped: non-finite gradients, after `finish()`), and at no other, before anything changes: an
+            error it raises (RuntimeError), or a value that is no real number (TypeError) or not in [0, 1] (ValueError),
+            is raised naming it and the step, and the step is not counted. It must be a pure function of the step, the
+            same on every rank of a distributed run (the construction compares its qualified name across ranks).
+            `DST.schedule.name` is then "function" (`schedules.FUNCTION`); a state holds the timing, not the function
+            (`load_state_dict`).
         update_every: ΔT, steps between mask updates (default per schedule: 100 cosine, constant and a function,
             as RigL; 800 annealed, as the Fantastic Weights code).
         end_step, end_fraction: the end point T_end, no updates from it on (none at T_end itself: RigL's
@@ -380,7 +381,7 @@ class DST(distributed.CatchesUp):
         before anything changes: what it raises, or a fraction that it gives outside [0, 1], is raised naming it and
         the step, which is not counted. A layer without a gradient keeps its mask under a
         criterion that reads the gradient (see the class). With a GradScaler, call
-        scaler.unscale_(optimizer) before step() (as for gradient clipping): the gradients are scaled
+        scaler.unscale_(optimizer) before step(): the gradients are scaled
         until then, which changes no ranking by |g| but makes MEST's |θ| + γ|g| rank by the scaled
         gradient.
         Clip gradients after step(), not before: on an update step they are dense (where a criterion

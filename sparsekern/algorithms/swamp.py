@@ -170,19 +170,23 @@ class SWAMP:
         Call it after every batch, also one whose step a GradScaler skipped: steps count batches, so
         that every particle's cycle has the same length in data. A skipped step that falls on an SWA
         sample adds the unchanged weights once more, as `torch.optim.swa_utils.AveragedModel` would.
-        ValueError, nothing counted, for a layer training in inference mode, as `IMP.step` (on this rank alone, as
-        DST's and OptG's step(): a loop evaluating on one rank that forgot `to_training()` there fails there).
+        ValueError, nothing counted, for a layer training in inference mode, as `IMP.step`: on this rank alone, as
+        DST's and OptG's step() (a loop evaluating on one rank that forgot `to_training()` there fails there), but on
+        every rank at the step that keeps θ_k, whose broadcast the others would wait in.
         """
         if self.averaged:
             raise RuntimeError("step() after the cycle's last particle: call next_cycle() first")
         _tickets.refuse_count_end(self.step_in_cycle, "step_in_cycle", "SWAMP")
-        _tickets.refuse_training_in_inference_mode(self._groups, "SWAMP")
         if self._capture_due(self.step_in_cycle + 1):   # before the count moves on
             # Collective, as the broadcast of rank 0's θ_k that follows: each rank trains its own particle's batches,
             # and a lazy module that only some ranks' batches run (a data-dependent branch) is made on those ranks
-            # alone. Refused on one rank only, it left the others waiting in that broadcast.
+            # alone, as a rank's evaluation may leave its layers alone in inference mode. Refused on one rank only,
+            # either left the others waiting in that broadcast.
             with distributed.Agreement("SWAMP.step()", self.group):
+                _tickets.refuse_training_in_inference_mode(self._groups, "SWAMP")
                 _tickets.refuse_unmaterialised_at_step(self.model, "SWAMP", self.rewind_step)
+        else:
+            _tickets.refuse_training_in_inference_mode(self._groups, "SWAMP")
         self.step_in_cycle += 1
         self._capture_if_due()
         if self.swa_start is not None and self.step_in_cycle > self.swa_start \

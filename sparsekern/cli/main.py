@@ -407,29 +407,42 @@ def _run(parser: argparse.ArgumentParser, args) -> None:
     _warn_each(parser.prog, held)
     with warnings.catch_warnings(record=True) as held:  # shown after the results, one line each
         warnings.simplefilter("always")
+        found = _checkpoint_written(args)
         try:
             start()
         except KeyboardInterrupt:
             if _leads():
-                print(f"{parser.prog}: interrupted; finished work is kept in {args.out} ({_rerun(args)} to go on)",
-                      file=sys.stderr)
+                print(f"{parser.prog}: interrupted; finished work is kept in {args.out} ({_rerun(args, found)} to go "
+                      f"on)", file=sys.stderr)
             sys.exit(130)
         except Diverged as error:   # an --lr too high for the run: its finished epochs stay in --out
             parser.error(str(error))
         except OSError as error:   # --out checked writable before, but a disk fills up or a folder goes away
-            parser.error(f"{first_line(error)}; finished work is kept in {args.out} ({_rerun(args)} to go on once "
-                         f"it can be written)")
+            parser.error(f"{first_line(error)}; finished work is kept in {args.out} ({_rerun(args, found)} to go on "
+                         f"once it can be written)")
         finally:
             _warn_each(parser.prog, held)
 
 
-def _rerun(args) -> str:
+def _rerun(args, found: tuple[int, int] | None) -> str:
     """How to go on after an interruption: compare and reproduce, run again, reuse the runs they finished, but train
-    starts over unless told to resume, and overwrites the checkpoint of its last finished epoch."""
-    checkpoint = os.path.join(args.out, CHECKPOINT_NAME)
-    if args.command == "train" and os.path.isfile(checkpoint):
-        return f"rerun the same command with --resume {checkpoint}"
+    starts over unless told to resume, and overwrites the checkpoint of its last finished epoch; `found`, the
+    checkpoint in --out as the command started (`_checkpoint_written`), tells one this run wrote from an older run's,
+    which resuming with this run's arguments would refuse."""
+    written = _checkpoint_written(args)
+    if args.command == "train" and written is not None and written != found:
+        return f"rerun the same command with --resume {os.path.join(args.out, CHECKPOINT_NAME)}"
     return "rerun the same command"
+
+
+def _checkpoint_written(args) -> tuple[int, int] | None:
+    """(inode, modification time) of train's checkpoint in --out, None where there is none: each save replaces the
+    file whole (`sparsekern.checkpoint.save`), so a save since changes both."""
+    try:
+        stat = os.stat(os.path.join(args.out, CHECKPOINT_NAME))
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
 
 
 def _refuse_launcher(parser: argparse.ArgumentParser, command: str) -> None:
@@ -528,7 +541,8 @@ def _check_criterion_parameters(args, configs: list[TrainConfig]) -> None:
 
 
 def _check_block_criterion(args, configs: list[TrainConfig]) -> None:
-    """ValueError for --block given where a DST run prunes by a criterion that scores no single weight (the set ones)."""
+    """ValueError for --block given where a DST run prunes by a criterion that scores no single weight (set and
+    its threshold rules)."""
     ranked = sorted({criteria_of(config)[0] for config in configs if config.method in DST_PRESETS} - ELEMENTWISE)
     if args.block is not None and ranked:
         reasons = [f"{name} (a threshold rule: it decides how many it drops)" if name in OWN_COUNT

@@ -1,6 +1,6 @@
 """One rank of test_swamp.py's lazy-module test (torch.distributed.run, gloo, CPU): SWAMP refuses a lazy module
 that the forward never made on every rank when it is unmade on one, rather than leave the others waiting in its
-next collective. Each rank trains its own particle's batches, and a data-dependent branch runs the lazy module on
+next collective, and so a layer left in inference mode on one rank at the step that keeps θ_k. Each rank trains its own particle's batches, and a data-dependent branch runs the lazy module on
 particle 0's alone (rank 0's), so rank 1's stays unmade.
 
 Each scenario returns a bool (True: as it should be); they run in order, and a hang in one shows as the test's
@@ -95,11 +95,28 @@ def step_k_is_refused_on_every_rank_and_goes_on_once_made(rank):
     return refused and unchanged and swamp.step_in_cycle == 2 and torch.equal(kept, rank0)
 
 
+def step_k_is_refused_on_every_rank_for_a_layer_left_in_inference_mode(rank):
+    """The step that reaches rewind_step with a layer left in inference mode on rank 1 alone (an evaluation there
+    that forgot to_training): refused on both ranks before anything changed, where rank 0 waited in the broadcast of
+    its θ_k."""
+    model, swamp = _built()
+    with torch.no_grad():
+        model.rare(torch.zeros(1, 4))   # made on both ranks: only the inference mode differs
+    _train_step(model, swamp)
+    if rank == 1:
+        sparsekern.nn.to_inference(model)
+    named = "layer 'body.0' is in inference mode"
+    words = [named] if rank == 1 else ["SWAMP.step() failed on rank 1", named]
+    refused = _refused(swamp.step, words)
+    return refused and swamp.step_in_cycle == 1 and swamp.rewind_state is None
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     results = {scenario.__name__: scenario(rank)
-               for scenario in (load_is_refused_on_every_rank, step_k_is_refused_on_every_rank_and_goes_on_once_made)}
+               for scenario in (load_is_refused_on_every_rank, step_k_is_refused_on_every_rank_and_goes_on_once_made,
+                                step_k_is_refused_on_every_rank_for_a_layer_left_in_inference_mode)}
     torch.save(results, os.path.join(sys.argv[1], f"rank{rank}.pt"))
     end_rank()

@@ -10,8 +10,8 @@
    A layer frozen on one rank after construction is refused likewise by broadcast_masks(algorithm=...), whose
    copy would diverge again at the next update.
 3. Equal settings build (a sparsekern.Criterion of one name, flags and score function on both ranks, a schedule
-   function of one name, total_steps that time no update), in one all_gather_object, and DST trains under DDP to the same masks and weights as a DST
-   whose group of one rank compares nothing.
+   function of one name, total_steps that time no update), in one all_gather_object, and DST trains under DDP to the
+   same masks and weights as a DST whose group of one rank compares nothing.
 Writes {"refused": {scenario: error message or None}, "unchanged": {scenario: masks as before},
 "accepted": {scenario: bool}, "frozen_apart": {scenario: (error message or None, masks as before)},
 "gathers": int, "trains_as_unchecked": bool} to <out>/rank<r>.pt.

@@ -527,7 +527,8 @@ def test_a_layer_whose_mask_was_put_in_place_through_data_is_refused_before_swam
 def test_a_lazy_module_unmade_on_one_rank_only_is_refused_on_every_rank(tmp_path):
     # Each rank trains its own particle's batches: a lazy module that only rank 0's run was refused on rank 1 alone,
     # at the step that keeps θ_k (rank 0 went on into the broadcast of its θ_k, and waited there for rank 1) or at
-    # load_state_dict (rank 0 loaded, and would wait in the next collective).
+    # load_state_dict (rank 0 loaded, and would wait in the next collective); so was a layer left in inference mode
+    # on one rank at that step.
     result = torchrun("tests.algorithms.lazy_swamp_worker", str(tmp_path), timeout=90)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     for rank in (0, 1):

@@ -1116,6 +1116,24 @@ def test_a_train_interrupted_after_an_epoch_says_to_resume_from_its_checkpoint(t
     assert training.read_checkpoint(str(checkpoint))["epoch"] == 2
 
 
+def test_a_train_interrupted_before_its_first_save_points_to_no_older_runs_checkpoint(tmp_path, capsys, monkeypatch):
+    # An older run's checkpoint in --out, of other arguments: --resume of it would be refused.
+    out = tmp_path / "run"
+    arguments = ["train", "--method", "static", "--epochs", "1", "--density", "0.3", "--quiet", "--out", str(out)]
+    main([*arguments, "--seed", "1"])
+    capsys.readouterr()
+
+    def interrupt(run, out_dir, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.Run, "train", interrupt)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*arguments, "--seed", "2"])
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.splitlines() == [
+        f"sparsekern train: interrupted; finished work is kept in {out} (rerun the same command to go on)"]
+
+
 @pytest.mark.parametrize("command", ["train", "compare"])
 def test_an_output_that_fails_mid_run_exits_2_with_one_line(command, tmp_path, capsys, monkeypatch):
     # A full disk (or --out removed) while training ended in a traceback.
