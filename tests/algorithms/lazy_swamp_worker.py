@@ -1,7 +1,8 @@
 """One rank of test_swamp.py's lazy-module test (torch.distributed.run, gloo, CPU): SWAMP refuses a lazy module
 that the forward never made on every rank when it is unmade on one, rather than leave the others waiting in its
-next collective, and so a layer left in inference mode on one rank at the step that keeps θ_k. Each rank trains its own particle's batches, and a data-dependent branch runs the lazy module on
-particle 0's alone (rank 0's), so rank 1's stays unmade.
+next collective, and so a layer left in inference mode on one rank at the step that keeps θ_k. Each rank trains
+its own particle's batches, and a data-dependent branch runs the lazy module on particle 0's alone (rank 0's), so
+rank 1's stays unmade.
 
 Each scenario returns a bool (True: as it should be); they run in order, and a hang in one shows as the test's
 timeout. Writes {scenario: bool} to <out>/rank<r>.pt.
