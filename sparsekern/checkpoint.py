@@ -418,7 +418,7 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], object
     On Linux the data goes to an unnamed file (O_TMPFILE) that gets a name only once complete, so a
     kill (even SIGKILL) mid-write leaves nothing; the name it then gets is renamed over `path` at
     once. Elsewhere a named temporary file is used and removed on any exception (a SIGKILL can leave that one
-    behind). The folders on the way to `path` that do not exist are made only once the data is written (until then
+    behind, in the nearest folder of `path`'s that exists). The folders on the way to `path` that do not exist are made only once the data is written (until then
     it is written in the nearest folder that exists, on the file system the new folders will be on), so a write
     that fails (an object that cannot be pickled, a full disk) leaves the file system as it was: removing a folder
     made for it, empty as it looked, could pull it from under another writer's unnamed file.

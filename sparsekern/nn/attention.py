@@ -20,9 +20,8 @@ from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
 from ..ops import _checks, _masked_linear_op
-from . import _load_calls
-from .modules import (DenseClass, SparseLinear, SparseModule, _check_dtype, _checked_pruned, _copy_masked_into,
-                      _rename_dense_entries, _translate_pruned, is_computed, weight_is_computed)
+from .modules import (DenseClass, SparseLinear, SparseModule, _check_dtype, _copy_masked_into, _rename_dense_entries,
+                      _translate_pruned, is_computed, weight_is_computed)
 
 # nn.MultiheadAttention's keys of the input-projection weights -> this module's.
 _DENSE_WEIGHT_KEYS = {"in_proj_weight": "in_proj.weight", "q_proj_weight": "q_proj.weight",
@@ -268,17 +267,10 @@ class SparseMultiheadAttention(nn.Module):
         # `<weight>_orig` and `<weight>_mask` of a pruned one, which the projection then loads as its mask
         # and pruned values (SparseModule's rule too). A pruned bias of the attention's own loads as its
         # pruned values, as a sparse layer's pruned bias does.
-        with _load_calls.refusing(missing_keys):
-            _translate_pruned(state_dict, prefix, _OWN_BIASES)
+        _translate_pruned(state_dict, prefix, _OWN_BIASES)
         _rename_dense_entries(state_dict, prefix, _DENSE_WEIGHT_KEYS)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-
-    def _check_loadable(self, state_dict, prefix: str, local_metadata: dict) -> None:
-        """Raises what this module's load would refuse of its own entries in `state_dict` (a copy), which it renames
-        as the load does, so that the projections' checks that follow see theirs (`check_before_loading`)."""
-        _checked_pruned(state_dict, prefix, _OWN_BIASES)
-        _rename_dense_entries(state_dict, prefix, _DENSE_WEIGHT_KEYS)
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, kdim={self.kdim}, vdim={self.vdim}, "

@@ -8,7 +8,6 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from . import load_checks
 from .attention import SparseMultiheadAttention
 from .modules import (_PACKED_FIELDS, SparseLinear, SparseModule, _forward_through_the_mask, check_own_masks,
                       computed_weight_refusal, sparse_modules)
@@ -83,9 +82,7 @@ def densify(model: nn.Module) -> nn.Module:
     copied = _weights_to_copy(model, staged)
     for warning in (*dropped_hooks, *copied.values()):
         warnings.warn(warning, stacklevel=2)
-    dense = _commit(model, staged, copied)
-    load_checks.forget(dense)   # sparsify's whole-model check of sparse layers' entries: it has none
-    return dense
+    return _commit(model, staged, copied)
 
 
 def _refuse_unmaskable(model: nn.Module) -> None:

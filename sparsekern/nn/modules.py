@@ -80,8 +80,7 @@ remove_parametrizations(leave_parametrized=True) registers the original one agai
 values), sets `zero_off_mask` from the weight's values. A module moved off the meta device by `to_empty`
 gets a new module's all-True mask (its weight holds whatever memory held, all of it active, until an init
 or a state dict), the deferred-initialisation recipe; a mask for it comes from `set_mask`, a state dict or
-`sparsify`. A SparseLinear in inference mode (`SparseLinear.to_inference`) is packed again from what it loaded, once
-at the end of the load_state_dict call, however many of its tied twins the call loads.
+`sparsify`. A SparseLinear in inference mode (`SparseLinear.to_inference`) is packed again from what it loaded.
 """
 from __future__ import annotations
 
@@ -95,7 +94,7 @@ from torch.nn.utils import parametrize
 from .. import ops
 from ..ops import _checks, _masked_linear_op, _transforms, reference
 from ..ops.packing import PackedWeight
-from . import _load_calls
+from . import _dense_loads
 from .optimizer_state import (check_optimizer, check_state_writable, mask_state_in_place, optimizer_state,
                               trained_parameters)
 from .sharding import is_dtensor
@@ -510,20 +509,13 @@ class SparseModule(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        with _load_calls.refusing(missing_keys):
-            self._load_entries(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        # A layer in inference mode serves the loaded weight and mask, and so does a tied twin (the weight is one):
-        # packed at the call's end, once, however many twins the call loads.
-        stale = [module for module in (self, *self._tied_modules()) if module._in_inference_mode]
-        if stale:
-            _load_calls.pack_at_end(missing_keys, stale)
-
-    def _load_entries(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                      error_msgs) -> None:
-        """`_load_from_state_dict`'s loading: torch's, after this layer's checks and translations of its entries."""
+        _translate_pruned(state_dict, prefix)
         # Every entry of this module before any loads: torch copies each entry it can and raises for the
         # others only at the end, which would leave the module half loaded.
-        _put_pruned(state_dict, prefix, self._check_loadable(state_dict, prefix, local_metadata))
+        for name in (*self._parameters, *self._buffers):
+            _check_loaded_layout(state_dict.get(prefix + name), prefix + name)
+        if self._in_inference_mode and local_metadata.get("assign_to_params_buffers", False):
+            _refuse_meta_into_pack(state_dict, prefix)
         # load_state_dict hands each module its own copy of the dict, so filling in the mask of a
         # dense checkpoint here does not touch the caller's dict.
         if prefix + "mask" not in state_dict and prefix + "weight" in state_dict:
@@ -532,9 +524,15 @@ class SparseModule(nn.Module):
             device = state_dict[prefix + "weight"].device
             if not self.mask.is_meta and not bool(self.mask.all()):
                 # A pretrained dense checkpoint loaded into a sparsified model: it would train dense, silently.
-                _load_calls.note_dense(missing_keys, prefix + "mask", self)
+                _dense_loads.note(missing_keys, prefix + "mask", self)
             state_dict[prefix + "mask"] = torch.ones(self.mask.shape, dtype=torch.bool, device=device)
         mask = state_dict.get(prefix + "mask")
+        _check_loaded_mask(mask, prefix + "mask")
+        if mask is not None:
+            # Copied into the module's own buffer; assign=True puts the loaded one in its place instead, but reads the
+            # old one as the weight is put in place first (`_recheck_zero_off_mask`).
+            check_own_mask(self, f"load_state_dict: layer {prefix[:-1] or '(root)'!r}",
+                           written=not local_metadata.get("assign_to_params_buffers", False))
         if isinstance(mask, Tensor) and (mask.dtype != torch.bool or not _checks.non_overlapping(mask)):
             # As a bool tensor of its own here, not in the copy into the buffer: load_state_dict(assign=True)
             # puts the tensor itself in the module, where an expanded view (which torch.save keeps as
@@ -545,30 +543,7 @@ class SparseModule(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         self._recheck_zero_off_mask()
-
-    def _check_loadable(self, state_dict, prefix: str, local_metadata: dict) -> list[tuple[str, Tensor, Tensor]]:
-        """Raises what this layer's load would refuse of `state_dict` (its entries under `prefix`), changing nothing;
-        returns torch.nn.utils.prune's entries it would translate (`_checked_pruned`). `check_before_loading` runs it
-        for every sparse layer of a model before any module loads."""
-        pruned = _checked_pruned(state_dict, prefix)
-        entries = {name: state_dict[prefix + name] for name in (*self._parameters, *self._buffers)
-                   if prefix + name in state_dict}
-        for name, values, mask in pruned:   # as the load will hold them: masked values, the mask made bool
-            entries[name] = values
-            if name == "weight":
-                entries["mask"] = mask
-        for name, value in entries.items():
-            _check_loaded_layout(value, prefix + name)
-        assign = local_metadata.get("assign_to_params_buffers", False)
-        if self._in_inference_mode and assign:
-            _refuse_meta_into_pack(entries, prefix)
-        if "weight" not in (name for name, _, _ in pruned):   # prune's mask is checked as it is found
-            _check_loaded_mask(entries.get("mask"), prefix + "mask")
-        if "mask" in entries or "weight" in entries:   # a mask loaded, or made all True for a dense weight
-            # Copied into the module's own buffer; assign=True puts the loaded one in its place instead, but reads the
-            # old one as the weight is put in place first (`_recheck_zero_off_mask`).
-            check_own_mask(self, f"load_state_dict: layer {prefix[:-1] or '(root)'!r}", written=not assign)
-        return pruned
+        self._refresh_pack()   # a layer in inference mode serves the loaded weight and mask
 
     def extra_repr(self) -> str:
         if self.mask.is_meta:  # no values to count
@@ -620,52 +595,37 @@ def _translate_pruned(state_dict: dict, prefix: str, names: tuple[str, ...] = ("
     `mask`; a pruned bias (`bias_orig`, `bias_mask`), or any other of `names` (an attention's
     `in_proj_bias`, `bias_k`, `bias_v`), as its pruned values. So a model pruned by torch (a lottery-ticket
     code base's checkpoint) loads into its sparse twin. ValueError naming the key for a mask that is not
-    0/1 or not shaped like its values, before anything loads (`_checked_pruned`)."""
-    _put_pruned(state_dict, prefix, _checked_pruned(state_dict, prefix, names))
-
-
-def _checked_pruned(state_dict: dict, prefix: str,
-                    names: tuple[str, ...] = ("weight", "bias")) -> list[tuple[str, Tensor, Tensor]]:
-    """(name, values, mask) of each of `names` that `state_dict` holds as torch.nn.utils.prune saves it (`<name>_orig`
-    and `<name>_mask` under `prefix`), checked (`_translate_pruned` says how), `state_dict` unchanged."""
-    pruned = []
+    0/1 or not shaped like its values, before anything loads."""
     for name in names:
-        original, mask_key = f"{prefix}{name}_orig", f"{prefix}{name}_mask"
+        original, pruned = f"{prefix}{name}_orig", f"{prefix}{name}_mask"
         if prefix + name in state_dict or not (isinstance(state_dict.get(original), Tensor)
-                                               and isinstance(state_dict.get(mask_key), Tensor)):
+                                               and isinstance(state_dict.get(pruned), Tensor)):
             continue
         if name == "weight" and prefix + "mask" in state_dict:
             # A sparse module's own mask beside prune's: one that torch pruned itself (its weight_orig and
             # weight_mask are its own entries), or nothing says which mask holds.
             continue
-        for key in (original, mask_key):
+        for key in (original, pruned):
             _check_loaded_layout(state_dict[key], key)
-        _check_loaded_mask(state_dict[mask_key], mask_key)
-        values, mask = state_dict[original], state_dict[mask_key]
+        _check_loaded_mask(state_dict[pruned], pruned)
+        values, mask = state_dict[original], state_dict[pruned]
         if mask.shape != values.shape:
-            raise ValueError(f"state dict entry {mask_key!r} must have the shape of {original!r} "
+            raise ValueError(f"state dict entry {pruned!r} must have the shape of {original!r} "
                              f"{tuple(values.shape)}, got {tuple(mask.shape)}")
-        pruned.append((name, values, mask))
-    return pruned
-
-
-def _put_pruned(state_dict: dict, prefix: str, pruned: list[tuple[str, Tensor, Tensor]]) -> None:
-    """Puts each of `pruned` (`_checked_pruned`'s) in `state_dict` as a sparse module's entries, in place of prune's."""
-    for name, values, mask in pruned:
         keep = mask.bool()
-        del state_dict[f"{prefix}{name}_orig"], state_dict[f"{prefix}{name}_mask"]
+        del state_dict[original], state_dict[pruned]
         state_dict[prefix + name] = reference.masked_weight(values, keep)
         if name == "weight":
             state_dict[prefix + "mask"] = keep
 
 
-def _refuse_meta_into_pack(entries: dict, prefix: str) -> None:
+def _refuse_meta_into_pack(state_dict: dict, prefix: str) -> None:
     """ValueError naming the entry, before anything is assigned, for a meta weight or mask that load_state_dict(...,
     assign=True) would put in a layer in inference mode: its pack, made again from them (`_refresh_pack`), holds no
     values there, and failed after the assignment, naming no layer. Refused rather than leaving inference mode
     unasked: the layer keeps serving as it did; one in training mode takes meta tensors (to materialize later)."""
-    for name in ("weight", "mask"):   # `entries`: the layer's, by name
-        value = entries.get(name)
+    for name in ("weight", "mask"):
+        value = state_dict.get(prefix + name)
         if isinstance(value, Tensor) and value.is_meta:
             raise ValueError(f"load_state_dict(assign=True): state dict entry {prefix + name!r} is on the meta "
                              f"device, and layer {prefix[:-1] or '(root)'!r} is in inference mode, which packs its "

@@ -255,18 +255,10 @@ class SparseRNNBase(nn.Module):
         # missing masks load as all True, SparseModule's rule). Renamed here, before load_state_dict hands the
         # children their entries; so are torch.nn.utils.prune's `<name>_orig` and `<name>_mask` of a pruned one,
         # which the child then loads as its mask and pruned values (SparseModule's rule too).
-        _rename_dense_entries(state_dict, prefix, self._dense_keys())
+        _rename_dense_entries(state_dict, prefix, {name: ".".join(_layer_and_kind(name))
+                                                   for name in self._flat_weights_names})
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-
-    def _check_loadable(self, state_dict, prefix: str, local_metadata: dict) -> None:
-        """Renames a plain module's entries in `state_dict` (a copy) to the children's keys, refusing none, as its
-        load does, so that the children's checks that follow see theirs (`check_before_loading`)."""
-        _rename_dense_entries(state_dict, prefix, self._dense_keys())
-
-    def _dense_keys(self) -> dict[str, str]:
-        """The plain module's keys of the weights -> this module's (`weight_hh_l0` -> `hh_l0.weight`)."""
-        return {name: ".".join(_layer_and_kind(name)) for name in self._flat_weights_names}
 
 
 def _layer_doc(dense: type[nn.RNNBase], arguments: str, children: str) -> str:

@@ -14,7 +14,7 @@ from torch.nn.utils import parametrize
 
 from .. import ops
 from ..ops import _checks
-from . import distributions, init as sparse_init, load_checks, tying
+from . import distributions, init as sparse_init, tying
 from .attention import DENSE_ENTRIES, SparseMultiheadAttention, computed_biases
 from .convolutions import (SparseConv1d, SparseConv2d, SparseConv3d, SparseConvTranspose1d, SparseConvTranspose2d,
                            SparseConvTranspose3d)
@@ -824,9 +824,7 @@ def _commit(model: nn.Module, staged, optimizer: torch.optim.Optimizer | None,
             replacements[id(original)] = sparse
         tying.record(modules)
     _replace(model, replacements)
-    model = replacements.get(id(model), model)
-    load_checks.register(model)   # its state dict checked whole before any module loads
-    return model
+    return replacements.get(id(model), model)
 
 
 def _replace(model: nn.Module, replacements: dict[int, nn.Module]) -> None:

@@ -1,0 +1,83 @@
+"""One warning per load_state_dict call that loads a dense checkpoint into sparse layers, naming every such layer.
+
+A pretrained dense checkpoint loaded into a sparsified model gives each sparse layer whose mask the state dict lacks
+a mask of all True: the model would train dense, silently. Each layer learns this in its own `_load_from_state_dict`,
+which sees neither the other layers nor the end of the call, and a warning per layer would print a dozen for a
+ResNet. So the first such layer of a call finds the module the call loads into (the frame of its
+`nn.Module.load_state_dict`: `_loading_into`) and registers a post-hook there, which torch runs once every module has
+loaded; each layer of the call adds itself to the hook's list, and the hook warns once, naming them.
+"""
+from __future__ import annotations
+
+import inspect
+import sys
+import threading
+import warnings
+
+from torch import nn
+
+# The layers named in full; beyond, a count.
+_NAMED = 5
+# The report of the call that last loaded a dense layer (per thread): torch hands one missing-keys list to every module
+# of a call, so its identity tells that call's later layers from a new call's.
+_current = threading.local()
+
+
+def note(missing_keys: list, key: str, layer: nn.Module) -> None:
+    """Records that `layer` loads as dense: its state dict has no `key` (its mask's full key) in the
+    load_state_dict call that owns `missing_keys`; the call warns once at its end (module docstring)."""
+    entry = (key, type(layer).__name__, layer.density)
+    report = getattr(_current, "report", None)
+    if report is None or report.missing_keys is not missing_keys:
+        root = _loading_into(missing_keys)
+        if root is None:   # not under nn.Module.load_state_dict (a direct _load_from_state_dict): warn now
+            warnings.warn(_message([entry]), stacklevel=3)
+            return
+        report = _current.report = _DenseLoads(missing_keys)
+        report.handle = root.register_load_state_dict_post_hook(report)
+    report.layers.append(entry)
+
+
+def _loading_into(missing_keys: list) -> nn.Module | None:
+    """The module whose load_state_dict call owns `missing_keys`, from that call's frame, or None.
+
+    torch offers no other way to it: no load hook of every module (its global hooks are of forward, backward and
+    registration), and a layer knows nothing of the modules holding it. So the frame is found by its code (through
+    any wrapper of functools.wraps's) and holding the list, and the module is its first argument: no local is read
+    by name, which torch is free to change. A torch whose call holds the list elsewhere finds None, and each layer
+    warns for itself."""
+    code = inspect.unwrap(nn.Module.load_state_dict).__code__
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code is code:
+            values = frame.f_locals
+            root = values.get(code.co_varnames[0])
+            if isinstance(root, nn.Module) and any(value is missing_keys for value in values.values()):
+                return root
+        frame = frame.f_back
+    return None
+
+
+class _DenseLoads:
+    """A load_state_dict post-hook: warns of the layers of its call that loaded as dense, then removes itself. A
+    class, not a closure, so that a module it was left on (a call that raised before its end) still pickles; a
+    later call's run of it, whose missing keys are another list, only removes it."""
+
+    def __init__(self, missing_keys: list):
+        self.missing_keys, self.layers, self.handle = missing_keys, [], None
+
+    def __call__(self, module: nn.Module, incompatible_keys) -> None:
+        self.handle.remove()
+        if incompatible_keys.missing_keys is self.missing_keys:
+            # This hook, in torch's load (inside load_state_dict), in the caller's code.
+            warnings.warn(_message(self.layers), stacklevel=4)
+
+
+def _message(layers: list[tuple[str, str, float]]) -> str:
+    """The warning for `layers`, (mask key, module type, density) each."""
+    named = ", ".join(f"{key!r} ({kind}, density {density:.3g})" for key, kind, density in layers[:_NAMED])
+    more = f" and {len(layers) - _NAMED} more" if len(layers) > _NAMED else ""
+    count = "1 sparse layer" if len(layers) == 1 else f"{len(layers)} sparse layers"
+    return (f"state dict has no mask for {count}, {named}{more}: load_state_dict loads each as a dense layer (mask "
+            f"all True), replacing its mask; to start sparse from dense weights, load them into the dense model and "
+            f"sparsify it then (mask='magnitude' keeps the largest)")
