@@ -39,7 +39,8 @@ from ._gradients import GradientWatch, finite_sums, zero_everywhere
 from ._stack import user_stacklevel
 from ..nn import sparse_modules, tying
 from ..nn.modules import computed_weight_refusal
-from ..nn.optimizer_state import check_optimizer, check_state_writable, mask_state_in_place, optimizer_state
+from ..nn.optimizer_state import (check_optimizer, check_state_writable, fresh_state, optimizer_state,
+                                  reset_state_off_mask)
 from ..nn.sharding import refuse_sharded
 
 SCOPES = ("layer", "global")
@@ -364,8 +365,7 @@ class DST(distributed.CatchesUp):
         # inactive weights off 0.
         with torch.no_grad():
             for _, module in self.modules:
-                for tensor in self._state(module.weight):
-                    mask_state_in_place(tensor, module.mask)
+                reset_state_off_mask(optimizer, module.weight, module.mask)
         self._sync_modules()
         self._remember_gradients()
 
@@ -621,9 +621,8 @@ class DST(distributed.CatchesUp):
             for module, mask in staged:
                 module.set_mask(mask)
                 # As at construction: state left off the mask (an optimizer not rolled back with the masks)
-                # would move inactive weights off 0. A state saved with these masks is 0 there already.
-                for tensor in self._state(module.weight):
-                    mask_state_in_place(tensor, mask)
+                # would move inactive weights off 0. A state saved with these masks is reset there already.
+                reset_state_off_mask(self.optimizer, module.weight, mask)
             self.schedule = schedule
             self.step_count = step_count
             self.generator.set_state(generator_state)
@@ -793,7 +792,8 @@ class DST(distributed.CatchesUp):
         state = [self._state(w) for w in weights]
         # Optimizer state follows the weight (0 off the new mask and at grown entries) when reset,
         # else only the mask; gradients follow the mask, so the optimizer step cannot revive a
-        # dropped weight.
+        # dropped weight. The kernels zero it; the few states that start elsewhere are set to that after.
+        fresh = [fresh_state(self.optimizer, w) for w in weights]
         zeroed_like_weight = state if self.reset_state else [[] for _ in weights]
         masked = [([] if g is None else [g]) + ([] if self.reset_state else s) for g, s in zip(grads, state)]
         if self.block is None:
@@ -803,6 +803,7 @@ class DST(distributed.CatchesUp):
         else:
             new = self._update_blocks(fraction, masks, prune, prune_abs, grow, grow_abs)
             reference.apply_masks(weights, masks, new, zeroed_like_weight, masked)
+        self._refill_fresh_state(fresh, masks, new)
         # The weights are 0 off the new masks already (prune_grow wrote them), so the masks are copied
         # in directly rather than through set_mask, which would read every weight again; the modules
         # promise zero_off_mask, as set_mask would have them.
@@ -813,6 +814,17 @@ class DST(distributed.CatchesUp):
             module.zero_off_mask = True
         self._remember_counts(masks, self._counts[1])
         return {} if before is None else {name: (old, mask) for (name, _), old, mask in zip(named, before, masks)}
+
+    def _refill_fresh_state(self, fresh: list[list[tuple[Tensor, float | complex]]], old: list[Tensor],
+                            new: list[Tensor]) -> None:
+        """Sets the state that the update zeroed but that starts elsewhere (`fresh`, per layer: Rprop's step sizes,
+        Adagrad's sums) to its fresh value where it was zeroed: off the `new` masks, and with reset_state at the grown
+        entries too, off `old` (the masks before), so that a weight grown there starts as a fresh one would."""
+        for states, before, after in zip(fresh, old, new):
+            if states:   # none for the optimizers whose state starts at 0: no mask is computed for them
+                zeroed = ~(before & after) if self.reset_state else ~after
+                for tensor, value in states:
+                    tensor.masked_fill_(zeroed, value)
 
     def _layers_updated(self) -> list[str]:
         """The names of the layers the next update sets the masks of: those not frozen (construction and
