@@ -103,9 +103,11 @@ class DST(distributed.CatchesUp):
             in place, and must stay on one device.
         optimizer: the torch optimizer of the model's parameters; its per-weight state tensors
             (momentum, Adam moments: every state tensor shaped like the weight) are zeroed at
-            inactive positions on update steps. Not an LBFGS (ValueError): its history, flattened
-            over all parameters, cannot follow a mask update, and its closure's backward would
-            recompute the gradients step() masked (dense before an update step).
+            inactive positions on update steps, or set to where a fresh state starts for the few that do not
+            start at 0 (Rprop's step_size: the lr of the weight's group; Adagrad's sum: its
+            initial_accumulator_value), so that a weight grown there starts as a fresh one. Not an LBFGS
+            (ValueError): its history, flattened over all parameters, cannot follow a mask update, and its
+            closure's backward would recompute the gradients step() masked (dense before an update step).
         prune: pruning criterion, one of `sparsekern.algorithms.criteria.PRUNE` (drop the lowest score):
             "magnitude", "set", "mest", "snip", "sensitivity", "rsensitivity", "random", or "set_fw" and
             "set_fixed", the Fantastic Weights repository's two SET rules, which decide how many weights they drop
@@ -137,11 +139,11 @@ class DST(distributed.CatchesUp):
         scope: "layer" (each layer keeps its count) or "global" (one selection of the drop and one
             of the growth over all layers; layer counts may change, the total stays). Either way one
             `ops.prune_grow` call updates every layer.
-        reset_state: zero the optimizer state at newly grown positions (RigL). Dropped positions'
-            state is always zeroed, because momentum left there would move an inactive weight off
-            0; so with SGD and Adam, whose state at an inactive weight is then 0, False (the
-            Fantastic Weights code) changes nothing, and it matters only for optimizers that keep
-            non-zero state at zero-gradient entries.
+        reset_state: zero the optimizer state at newly grown positions (RigL); "zero" here and below means
+            reset to the fresh value (see `optimizer`). Dropped positions' state is always zeroed, because
+            momentum left there would move an inactive weight off 0; so with SGD and Adam, whose state at an
+            inactive weight is then 0, False (the Fantastic Weights code) changes nothing, and it matters only
+            for optimizers that keep non-zero state at zero-gradient entries.
         block: None, or (bh, bw): masks are all-or-nothing per bh×bw block of the weight viewed
             as (dim 0, rest): (out, rest), or a transposed convolution's (in, rest) (edge blocks may
             be smaller). Scores are summed per block and whole blocks are dropped and grown,

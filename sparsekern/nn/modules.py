@@ -337,7 +337,9 @@ class SparseModule(nn.Module):
 
         `optimizer`: one that trains this weight and has stepped (a method of your own changing masks mid-training,
         a one-shot pruning before fine-tuning): its per-weight state (momentum, Adam's moments: every state tensor
-        shaped like the weight) is zeroed off the new mask too, as `sparsify(optimizer=)` and DST zero it. Left
+        shaped like the weight) is zeroed off the new mask too, as `sparsify(optimizer=)` and DST zero it (Rprop's
+        step_size and Adagrad's sum are set to where a fresh state starts instead: the lr of the weight's group, the
+        initial_accumulator_value; `optimizer_state.fresh_state`). Left
         there, it would move the pruned weights off 0 at the next step while the module promises they are 0, and
         forward would compute with them (the state of a weight shared by tied layers is zeroed once). Not an LBFGS
         (ValueError), nor one that does not train this weight (ValueError: another layer's, say), nor one holding such

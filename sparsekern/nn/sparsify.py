@@ -122,7 +122,9 @@ def sparsify(model: nn.Module, density: float | None, distribution: str | Mappin
             each layer's own density); an already sparse model gets them in place of its masks.
         optimizer: an optimizer that already trains the model and has stepped (pruning a trained
             model to fine-tune it): its per-weight state (momentum, Adam moments: every state
-            tensor shaped like a sparsified weight) is zeroed off the new masks. Left there, it
+            tensor shaped like a sparsified weight) is zeroed off the new masks (Rprop's step_size set to the
+            lr of the weight's group, Adagrad's sum to its initial_accumulator_value instead: where a fresh state
+            starts, so that a weight grown there later starts as a fresh one). Left there, it
             would move pruned weights off 0 at the next step, and the layers, which then still
             promise `zero_off_mask`, would compute with them. Not an LBFGS (ValueError): its
             history is flattened over all parameters; build it after sparsify. Nor one that trains
