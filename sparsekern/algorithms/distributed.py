@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..nn import sparse_modules
 from ..nn.modules import check_own_masks, computed_weight_refusal, refuse_inference_mode
-from ..nn.optimizer_state import (check_optimizer, check_state_writable, mask_state_in_place, optimizer_state,
+from ..nn.optimizer_state import (check_optimizer, check_state_writable, optimizer_state, reset_state_off_mask,
                                   state_is_sharded)
 from ..nn.sharding import refuse_sharded
 from ..ops import _checks
@@ -172,11 +172,10 @@ def _broadcast_replica(model: nn.Module, src: int, group, weights: bool, optimiz
             module.mask.copy_(mask.bool())
         else:
             module.set_mask(mask.bool())
-        for tensor in state:
-            if copy_state:
-                dist.broadcast(tensor, src=src, group=group)
-            if not keeps_pruned:
-                mask_state_in_place(tensor, module.mask)
+        for tensor in state if copy_state else ():
+            dist.broadcast(tensor, src=src, group=group)
+        if state and not keeps_pruned:   # reset off the mask (zeroed, or Rprop's step sizes to their lr)
+            reset_state_off_mask(optimizer, module.weight, module.mask)
 
 
 def _check_source(src, group) -> None:

@@ -39,7 +39,8 @@ from ._gradients import GradientWatch, finite_sums, zero_everywhere
 from ._stack import user_stacklevel
 from ..nn import sparse_modules, tying
 from ..nn.modules import computed_weight_refusal
-from ..nn.optimizer_state import check_optimizer, check_state_writable, mask_state_in_place, optimizer_state
+from ..nn.optimizer_state import (check_optimizer, check_state_writable, fresh_state, optimizer_state,
+                                  reset_state_off_mask)
 from ..nn.sharding import refuse_sharded
 
 SCOPES = ("layer", "global")
@@ -102,9 +103,11 @@ class DST(distributed.CatchesUp):
             in place, and must stay on one device.
         optimizer: the torch optimizer of the model's parameters; its per-weight state tensors
             (momentum, Adam moments: every state tensor shaped like the weight) are zeroed at
-            inactive positions on update steps. Not an LBFGS (ValueError): its history, flattened
-            over all parameters, cannot follow a mask update, and its closure's backward would
-            recompute the gradients step() masked (dense before an update step).
+            inactive positions on update steps, or set to where a fresh state starts for the few that do not
+            start at 0 (Rprop's step_size: the lr of the weight's group; Adagrad's sum: its
+            initial_accumulator_value), so that a weight grown there starts as a fresh one. Not an LBFGS
+            (ValueError): its history, flattened over all parameters, cannot follow a mask update, and its
+            closure's backward would recompute the gradients step() masked (dense before an update step).
         prune: pruning criterion, one of `sparsekern.algorithms.criteria.PRUNE` (drop the lowest score):
             "magnitude", "set", "mest", "snip", "sensitivity", "rsensitivity", "random", or "set_fw" and
             "set_fixed", the Fantastic Weights repository's two SET rules, which decide how many weights they drop
@@ -137,11 +140,11 @@ class DST(distributed.CatchesUp):
         scope: "layer" (each layer keeps its count) or "global" (one selection of the drop and one
             of the growth over all layers; layer counts may change, the total stays). Either way one
             `ops.prune_grow` call updates every layer.
-        reset_state: zero the optimizer state at newly grown positions (RigL). Dropped positions'
-            state is always zeroed, because momentum left there would move an inactive weight off
-            0; so with SGD and Adam, whose state at an inactive weight is then 0, False (the
-            Fantastic Weights code) changes nothing, and it matters only for optimizers that keep
-            non-zero state at zero-gradient entries.
+        reset_state: zero the optimizer state at newly grown positions (RigL); "zero" here and below means
+            reset to the fresh value (see `optimizer`). Dropped positions' state is always zeroed, because
+            momentum left there would move an inactive weight off 0; so with SGD and Adam, whose state at an
+            inactive weight is then 0, False (the Fantastic Weights code) changes nothing, and it matters only
+            for optimizers that keep non-zero state at zero-gradient entries.
         block: None, or (bh, bw): masks are all-or-nothing per bh×bw block of the weight viewed
             as (dim 0, rest): (out, rest), or a transposed convolution's (in, rest) (edge blocks may
             be smaller). Scores are summed per block and whole blocks are dropped and grown,
@@ -365,8 +368,7 @@ class DST(distributed.CatchesUp):
         # inactive weights off 0.
         with torch.no_grad():
             for _, module in self.modules:
-                for tensor in self._state(module.weight):
-                    mask_state_in_place(tensor, module.mask)
+                reset_state_off_mask(optimizer, module.weight, module.mask)
         self._sync_modules()
         self._remember_gradients()
 
@@ -622,9 +624,8 @@ class DST(distributed.CatchesUp):
             for module, mask in staged:
                 module.set_mask(mask)
                 # As at construction: state left off the mask (an optimizer not rolled back with the masks)
-                # would move inactive weights off 0. A state saved with these masks is 0 there already.
-                for tensor in self._state(module.weight):
-                    mask_state_in_place(tensor, mask)
+                # would move inactive weights off 0. A state saved with these masks is reset there already.
+                reset_state_off_mask(self.optimizer, module.weight, mask)
             self.schedule = schedule
             self.step_count = step_count
             self.generator.set_state(generator_state)
@@ -794,7 +795,8 @@ class DST(distributed.CatchesUp):
         state = [self._state(w) for w in weights]
         # Optimizer state follows the weight (0 off the new mask and at grown entries) when reset,
         # else only the mask; gradients follow the mask, so the optimizer step cannot revive a
-        # dropped weight.
+        # dropped weight. The kernels zero it; the few states that start elsewhere are set to that after.
+        fresh = [fresh_state(self.optimizer, w) for w in weights]
         zeroed_like_weight = state if self.reset_state else [[] for _ in weights]
         masked = [([] if g is None else [g]) + ([] if self.reset_state else s) for g, s in zip(grads, state)]
         if self.block is None:
@@ -804,6 +806,7 @@ class DST(distributed.CatchesUp):
         else:
             new = self._update_blocks(fraction, masks, prune, prune_abs, grow, grow_abs)
             reference.apply_masks(weights, masks, new, zeroed_like_weight, masked)
+        self._refill_fresh_state(fresh, masks, new)
         # The weights are 0 off the new masks already (prune_grow wrote them), so the masks are copied
         # in directly rather than through set_mask, which would read every weight again; the modules
         # promise zero_off_mask, as set_mask would have them.
@@ -814,6 +817,17 @@ class DST(distributed.CatchesUp):
             module.zero_off_mask = True
         self._remember_counts(masks, self._counts[1])
         return {} if before is None else {name: (old, mask) for (name, _), old, mask in zip(named, before, masks)}
+
+    def _refill_fresh_state(self, fresh: list[list[tuple[Tensor, float | complex]]], old: list[Tensor],
+                            new: list[Tensor]) -> None:
+        """Sets the state that the update zeroed but that starts elsewhere (`fresh`, per layer: Rprop's step sizes,
+        Adagrad's sums) to its fresh value where it was zeroed: off the `new` masks, and with reset_state at the grown
+        entries too, off `old` (the masks before), so that a weight grown there starts as a fresh one would."""
+        for states, before, after in zip(fresh, old, new):
+            if states:   # none for the optimizers whose state starts at 0: no mask is computed for them
+                zeroed = ~(before & after) if self.reset_state else ~after
+                for tensor, value in states:
+                    tensor.masked_fill_(zeroed, value)
 
     def _layers_updated(self) -> list[str]:
         """The names of the layers the next update sets the masks of: those not frozen (construction and

@@ -48,6 +48,9 @@ class IMP(distributed.CatchesUp):
     k's θ_k holds k optimizer steps); at the end of a cycle call `next_cycle()`.
     `step_in_cycle` counts steps within the cycle; after `next_cycle()` it restarts at k, so a
     learning-rate schedule indexed by it is rewound to step k as well (in both rewind modes).
+    Every cycle trains a new optimizer, so an LR scheduler built on the first cycle's `imp.optimizer` silently
+    stops driving the later cycles (it steps the replaced one): build the scheduler on `imp.optimizer` anew at the
+    start of every cycle, or set each group's lr from `step_in_cycle` before every step.
 
         imp = IMP(model, lambda params: torch.optim.SGD(params, lr=0.1), rewind_step=k)
         for cycle in range(cycles):

@@ -41,7 +41,9 @@ class SWAMP:
             forward made them, and trains as the module it becomes (one the forward never runs, on any rank, is
             refused by name on every rank at step k, before anything changes).
         optimizer_factory: called with `model.parameters()` for every particle; use `swamp.optimizer` (one it
-            replaced refuses to step, as IMP's do).
+            replaced refuses to step, as IMP's do). So an LR scheduler built on the first particle's optimizer
+            silently stops driving the later particles: build it on `swamp.optimizer` anew for every particle,
+            or set each group's lr from `step_in_cycle` before every step.
         particles: N, the number of particles per cycle (default 4).
         prune_fraction, rewind_step, scope: as for `IMP` (weight rewinding only).
         swa_start: the step within the cycle after which the particle's running mean starts: the

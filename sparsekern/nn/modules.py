@@ -95,8 +95,7 @@ from .. import ops
 from ..ops import _checks, _masked_linear_op, _transforms, reference
 from ..ops.packing import PackedWeight
 from . import _dense_loads
-from .optimizer_state import (check_optimizer, check_state_writable, mask_state_in_place, optimizer_state,
-                              trained_parameters)
+from .optimizer_state import check_optimizer, check_state_writable, reset_state_off_mask, trained_parameters
 from .sharding import is_dtensor
 
 
@@ -338,7 +337,9 @@ class SparseModule(nn.Module):
 
         `optimizer`: one that trains this weight and has stepped (a method of your own changing masks mid-training,
         a one-shot pruning before fine-tuning): its per-weight state (momentum, Adam's moments: every state tensor
-        shaped like the weight) is zeroed off the new mask too, as `sparsify(optimizer=)` and DST zero it. Left
+        shaped like the weight) is zeroed off the new mask too, as `sparsify(optimizer=)` and DST zero it (Rprop's
+        step_size and Adagrad's sum are set to where a fresh state starts instead: the lr of the weight's group, the
+        initial_accumulator_value; `optimizer_state.fresh_state`). Left
         there, it would move the pruned weights off 0 at the next step while the module promises they are 0, and
         forward would compute with them (the state of a weight shared by tied layers is zeroed once). Not an LBFGS
         (ValueError), nor one that does not train this weight (ValueError: another layer's, say), nor one holding such
@@ -369,7 +370,7 @@ class SparseModule(nn.Module):
         computed = weight_is_computed(self)
         if not computed:
             self._check_weight_writable()   # before the mask changes: torch would refuse the weight's write only
-        state = self._optimizer_state(optimizer, mask)   # the shared weight's, zeroed once
+        resets_state = self._check_optimizer(optimizer, mask)   # the shared weight's, reset once
         # The layers in inference mode (this one, a twin) keep serving, from the new mask: their pack is made before
         # anything changes, so that one that cannot be made leaves every layer as it was. Entries off the mask are
         # dropped from a pack, so the weight's values there (zeroed below) do not matter.
@@ -377,8 +378,8 @@ class SparseModule(nn.Module):
         packed = ops.pack(self.weight, mask.to(self.mask.device)) if serving else None
         for module in (self, *tied):
             module.mask.copy_(mask)
-        for tensor in state:
-            mask_state_in_place(tensor, self.mask)
+        if resets_state:
+            reset_state_off_mask(optimizer, self.weight, self.mask)
         if computed:
             self.zero_off_mask = False   # a new mask: the promise is not made for it (nor can be)
         else:
@@ -388,16 +389,17 @@ class SparseModule(nn.Module):
         for module in serving:
             module._hold_packed(packed)
 
-    def _optimizer_state(self, optimizer: torch.optim.Optimizer | None, mask: Tensor) -> list[Tensor]:
-        """`optimizer`'s per-weight state of this module's weight, each tensor checked writable (`set_mask`)."""
+    def _check_optimizer(self, optimizer: torch.optim.Optimizer | None, mask: Tensor) -> bool:
+        """Whether `set_mask` resets `optimizer`'s per-weight state of this module's weight, each tensor of it checked
+        writable."""
         check_optimizer(optimizer, "build the LBFGS after the masks are set")
         if optimizer is None or weight_is_computed(self):   # a computed weight holds no optimizer state of its own
-            return []
+            return False
         if id(self.weight) not in trained_parameters(optimizer):
             raise ValueError(f"optimizer does not train this {type(self).__name__}'s weight, so it holds no state of "
                              f"it to zero off the mask: pass the optimizer that trains it, or None")
         check_state_writable(optimizer, self.weight, self.mask, f"this {type(self).__name__}")
-        return optimizer_state(optimizer, self.weight)
+        return True
 
     @torch.no_grad()
     def zero_weights_off_mask(self) -> None:

@@ -1,6 +1,8 @@
-"""The optimizer's per-weight state (momentum, Adam's moments) that a mask change must zero off the new mask: left
-there, the next step would move pruned weights off 0. Shared by every writer of masks that takes an optimizer
-(`sparsify`, `SparseModule.set_mask`, the algorithms, `broadcast_masks`)."""
+"""The optimizer's per-weight state (momentum, Adam's moments) that a mask change must reset off the new mask: left
+there, the next step would move pruned weights off 0. Reset means zeroed, or, for the few states that do not start at
+0 (Rprop's step sizes, Adagrad's sums: `fresh_state`), set to the value they start at, for weights grown there
+later. Shared by every writer of masks that takes an optimizer (`sparsify`, `SparseModule.set_mask`, the algorithms,
+`broadcast_masks`)."""
 
 from __future__ import annotations
 
@@ -59,6 +61,38 @@ def check_state_writable(optimizer: torch.optim.Optimizer, weight: Tensor, mask:
             raise ValueError(f"{name} is on {tensor.device}, its weight on {weight.device}: it cannot be zeroed off "
                              f"the mask{' (the meta device holds no values)' if tensor.is_meta else ''}")
         _checks.writable_in_place(tensor, name, mask, f"{layer}.mask")
+
+
+def fresh_state(optimizer: torch.optim.Optimizer, weight: Tensor) -> list[tuple[Tensor, float | complex]]:
+    """The `optimizer_state` tensors of `weight` whose fresh state (what the optimizer makes for a weight it has not
+    stepped) is not 0, each with that value: Rprop's `step_size` starts at the lr of the weight's group, Adagrad's
+    `sum` at its `initial_accumulator_value` (the constructor's, which torch gives every group). Off a mask they hold
+    it, so that a weight grown there starts as a fresh one would: zeroed, Rprop's steps would start at its
+    step_sizes minimum (1e-6) and Adagrad's first step would be lr·g/|g|. Every other torch.optim state shaped like
+    the weight starts at 0 (checked against torch 2.13's `_init_group`s), so this is empty for them, and the zeroing
+    kernels alone reset it. A complex state holds the value in both parts, as torch starts it."""
+    local = optimizer.optim if state_is_sharded(optimizer) else optimizer
+    if isinstance(local, torch.optim.Rprop):
+        group = next((group for group in local.param_groups if any(p is weight for p in group["params"])), None)
+        values = {} if group is None else {"step_size": float(group["lr"])}   # a Tensor lr is read, as torch's is
+    elif isinstance(local, torch.optim.Adagrad):
+        values = {"sum": float(local.defaults["initial_accumulator_value"])}
+    else:
+        return []
+    return [(tensor, complex(values[key], values[key]) if tensor.is_complex() else values[key])
+            for key, tensor in _weight_shaped_state(optimizer, weight).items() if values.get(key, 0)]
+
+
+def reset_state_off_mask(optimizer: torch.optim.Optimizer, weight: Tensor, mask: Tensor) -> None:
+    """Resets every `optimizer_state` tensor of `weight` off `mask` (bool, the weight's shape and device) to the
+    optimizer's fresh value there (`fresh_state`), 0 for all but a few (`mask_state_in_place`). Checked first by
+    `check_state_writable`."""
+    fresh = {id(tensor): value for tensor, value in fresh_state(optimizer, weight)}
+    for tensor in optimizer_state(optimizer, weight):
+        if id(tensor) in fresh:
+            tensor.masked_fill_(~mask, fresh[id(tensor)])
+        else:
+            mask_state_in_place(tensor, mask)
 
 
 def mask_state_in_place(tensor: Tensor, mask: Tensor) -> None:

@@ -20,8 +20,7 @@ from .convolutions import (SparseConv1d, SparseConv2d, SparseConv3d, SparseConvT
                            SparseConvTranspose3d)
 from .modules import (SparseLinear, SparseModule, check_own_masks, is_computed, refuse_meta, sparse_modules,
                       weight_type_problem)
-from .optimizer_state import (check_optimizer, check_state_writable, mask_state_in_place, optimizer_state,
-                              trained_parameters)
+from .optimizer_state import check_optimizer, check_state_writable, reset_state_off_mask, trained_parameters
 from .recurrent import SparseGRU, SparseLSTM, SparseRNN, SparseRNNBase
 from .sharding import refuse_sharded
 
@@ -123,7 +122,9 @@ def sparsify(model: nn.Module, density: float | None, distribution: str | Mappin
             each layer's own density); an already sparse model gets them in place of its masks.
         optimizer: an optimizer that already trains the model and has stepped (pruning a trained
             model to fine-tune it): its per-weight state (momentum, Adam moments: every state
-            tensor shaped like a sparsified weight) is zeroed off the new masks. Left there, it
+            tensor shaped like a sparsified weight) is zeroed off the new masks (Rprop's step_size set to the
+            lr of the weight's group, Adagrad's sum to its initial_accumulator_value instead: where a fresh state
+            starts, so that a weight grown there later starts as a fresh one). Left there, it
             would move pruned weights off 0 at the next step, and the layers, which then still
             promise `zero_off_mask`, would compute with them. Not an LBFGS (ValueError): its
             history is flattened over all parameters; build it after sparsify. Nor one that trains
@@ -811,8 +812,8 @@ def _commit(model: nn.Module, staged, optimizer: torch.optim.Optimizer | None,
     for originals, modules, mask, new_weight, new_bias in staged:
         primary = modules[0]
         primary.weight.copy_(new_weight)
-        for tensor in [] if optimizer is None else optimizer_state(optimizer, primary.weight):
-            tensor.masked_fill_(~mask.to(tensor.device), 0)
+        if optimizer is not None:
+            reset_state_off_mask(optimizer, primary.weight, mask.to(primary.weight.device))
         if primary.weight.grad is not None:
             primary.weight.grad.masked_fill_(~mask.to(primary.weight.grad.device), 0)
         if new_bias is not None:

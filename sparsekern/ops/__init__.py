@@ -98,7 +98,8 @@ def prune_grow(weights, masks, prune_scores, grow_scores, n, state=(), masked=()
         n: entries to swap. A list with one int per layer (layer scope: 0 <= n[i] <= active
             entries of masks[i]), or one int (global scope: 0 <= n <= active entries of the list).
         state: per layer, a list of tensors zeroed like the weight (optimizer state: momentum,
-            Adam moments), or () for none.
+            Adam moments), or () for none. State whose fresh value is not 0 (Rprop's step_size, Adagrad's
+            sum: `sparsekern.nn.optimizer_state.fresh_state`) is not for it: DST sets it to that value after.
         masked: per layer, a list of tensors zeroed off the new mask only (the gradients the next
             optimizer step reads; optimizer state that new connections keep), or () for none.
         active: the caller's count of active entries, shaped like n (a list per layer, or the

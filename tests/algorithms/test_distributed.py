@@ -219,6 +219,27 @@ def test_broadcast_masks_leaves_the_pruned_weights_optg_keeps_and_their_momentum
 
 
 @gloo
+def test_broadcast_masks_resets_rprops_step_sizes_off_the_masks_to_the_lr(one_rank):
+    # Zeroed, a weight grown there later would move by Rprop's minimum step size (1e-6) for dozens of steps.
+    from sparsekern.algorithms import distributed
+    torch.manual_seed(0)
+    model = sparsekern.sparsify(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)),
+                                0.3, distribution="uniform")
+    optimizer = torch.optim.Rprop(model.parameters(), lr=0.01)
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(torch.randn(5, 8)).square().sum().backward()
+        optimizer.step()
+    layers = [module for _, module in sparsekern.nn.sparse_modules(model)]
+    for layer in layers:
+        optimizer.state[layer.weight]["step_size"].fill_(3.0)   # state off the masks, as a diverged replica's
+    distributed.broadcast_masks(model, optimizer=optimizer)
+    for layer in layers:
+        step_size = optimizer.state[layer.weight]["step_size"]
+        assert torch.all(step_size[~layer.mask] == 0.01) and torch.all(step_size[layer.mask] == 3.0)
+
+
+@gloo
 def test_a_call_that_fails_on_one_rank_fails_on_every_rank_and_changes_nothing(tmp_path):
     # Where one rank raised and the other went on into the next collective, the run hung (the timeout).
     for rank, result in enumerate(rank_results("agreement_worker", tmp_path)):

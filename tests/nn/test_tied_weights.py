@@ -220,13 +220,13 @@ def test_set_mask_on_a_tied_layer_zeroes_the_shared_weights_optimizer_state_once
     model(torch.randn(4, 8, generator=generator)).square().sum().backward()
     optimizer.step()
     zeroed = []
-    masking = sparsekern.nn.modules.mask_state_in_place
-    monkeypatch.setattr(sparsekern.nn.modules, "mask_state_in_place",
-                        lambda tensor, mask: zeroed.append(tensor) or masking(tensor, mask))
+    resetting = sparsekern.nn.modules.reset_state_off_mask
+    monkeypatch.setattr(sparsekern.nn.modules, "reset_state_off_mask",
+                        lambda optimizer, weight, mask: zeroed.append(weight) or resetting(optimizer, weight, mask))
     mask = torch.rand(8, 8, generator=generator) < 0.3
     model[2].set_mask(mask, optimizer=optimizer)
     state = optimizer.state[model[0].weight]
-    assert len(zeroed) == 2 and all(torch.all(state[key][~mask] == 0) for key in ("exp_avg", "exp_avg_sq"))
+    assert len(zeroed) == 1 and all(torch.all(state[key][~mask] == 0) for key in ("exp_avg", "exp_avg_sq"))
 
 
 def test_set_mask_refuses_before_any_tied_layer_changes(generator):
