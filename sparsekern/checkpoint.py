@@ -22,8 +22,8 @@ def save(obj, path: str | os.PathLike) -> None:
     """torch.save(obj) to `path`, atomically (`write_atomically`).
 
     On any error (an unpicklable object, a full disk, an interrupt) the file at `path` is as
-    before and no temporary file is left behind, nor a folder on the way to it. `path` naming a directory (or ending in a
-    separator) raises IsADirectoryError, and naming something other than a regular file (a FIFO,
+    before and no temporary file is left behind, nor a folder on the way to it. `path` naming a directory (or ending
+    in a separator) raises IsADirectoryError, and naming something other than a regular file (a FIFO,
     a device such as /dev/null, which the atomic rename would replace) ValueError, before anything
     is written. A symbolic link is followed: the file it points to is replaced, the link stays.
     An object that `load` would refuse to unpickle (a NumPy value, a dataclass or another class of your
@@ -417,11 +417,11 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], object
 
     On Linux the data goes to an unnamed file (O_TMPFILE) that gets a name only once complete, so a
     kill (even SIGKILL) mid-write leaves nothing; the name it then gets is renamed over `path` at
-    once. Elsewhere a named temporary file is used and removed on any exception (a SIGKILL can leave that one
-    behind, in the nearest folder of `path`'s that exists). The folders on the way to `path` that do not exist are made only once the data is written (until then
-    it is written in the nearest folder that exists, on the file system the new folders will be on), so a write
-    that fails (an object that cannot be pickled, a full disk) leaves the file system as it was: removing a folder
-    made for it, empty as it looked, could pull it from under another writer's unnamed file.
+    once. Elsewhere a named temporary file is used and removed on any exception (a SIGKILL can leave that one behind, in
+    the nearest folder of `path`'s that exists). The folders on the way to `path` that do not exist are made only once
+    the data is written (until then it is written in the nearest folder that exists, on the file system the new folders
+    will be on), so a write that fails (an object that cannot be pickled, a full disk) leaves the file system as it was:
+    removing a folder made for it, empty as it looked, could pull it from under another writer's unnamed file.
     """
     if not callable(write):
         raise TypeError(f"write must be a callable taking the open file, got {type(write).__name__}")
