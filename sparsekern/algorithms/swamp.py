@@ -191,8 +191,7 @@ class SWAMP:
             _tickets.refuse_training_in_inference_mode(self._groups, "SWAMP")
         self.step_in_cycle += 1
         self._capture_if_due()
-        if self.swa_start is not None and self.step_in_cycle > self.swa_start \
-                and (self.step_in_cycle - self.swa_start) % self.swa_every == 0:
+        if self._samples_by(self.step_in_cycle) > self._samples_by(self.step_in_cycle - 1):   # an SWA sample's step
             self._update_average()
 
     @torch.no_grad()
@@ -205,9 +204,9 @@ class SWAMP:
             average.add_(p.detach() - average, alpha=1 / self.average_count)
 
     def _samples_by(self, step_in_cycle: int) -> int:
-        """The SWA samples a particle has taken once its cycle has counted `step_in_cycle` steps (`step` takes one
-        after every `swa_every`-th step past `swa_start`; every particle starts at or before it, at 0 or
-        rewind_step)."""
+        """The SWA samples a particle has taken once its cycle has counted `step_in_cycle` steps: one after every
+        `swa_every`-th step past `swa_start` (every particle starts at or before it, at 0 or rewind_step). The one
+        rule of the samples: `step` takes one where the count grows, `load_state_dict` checks a state's count."""
         return 0 if self.swa_start is None else max(0, (step_in_cycle - self.swa_start) // self.swa_every)
 
     def _capture_due(self, step_in_cycle: int) -> bool:
