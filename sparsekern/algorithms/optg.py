@@ -227,7 +227,7 @@ class OptG(distributed.CatchesUp):
             if nesterov and momentum == 0:
                 raise ValueError("nesterov=True needs momentum > 0")
             if lr_schedule is not None:
-                _tickets.check_callable(lr_schedule, "lr_schedule")
+                _tickets.check_callable(lr_schedule, "lr_schedule", "epoch")
             total = sum(layer.weight.numel() for layer in self.layers)
             if total - round(sparsity * total) == 0:
                 raise ValueError(f"{target} would prune all {total} prunable weights")
@@ -274,10 +274,11 @@ class OptG(distributed.CatchesUp):
         return complement(self.sparsity)
 
     def score_lr(self, epoch: int) -> float:
-        """lr_e·σ(β(e − E/2)); ValueError naming lr_schedule unless lr_e is a finite number >= 0."""
-        lr = self.lr_schedule(epoch)
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
-            raise ValueError(f"lr_schedule({epoch}) must return a finite number >= 0, got {lr!r}")
+        """lr_e·σ(β(e − E/2)); ValueError naming lr_schedule unless lr_e is a finite number >= 0 (TypeError unless a
+        real number, not a bool; an int or a NumPy float is taken as the float it is), RuntimeError naming it for an
+        error it raises."""
+        lr = _checks.users_call(self.lr_schedule, "lr_schedule", f" at epoch {epoch}", epoch)
+        lr = _checks.number(lr, f"the lr lr_schedule gave at epoch {epoch}", lambda value: value >= 0, ">= 0")
         return lr * _sigmoid(self.beta * (epoch - self.epochs / 2))
 
     def sparsity_at(self, epoch: int) -> float:
