@@ -1517,6 +1517,18 @@ error("OptG.next_epoch() with lr_schedule raising", _raising_schedule_later_worl
       RuntimeError, "^lr_schedule raised ZeroDivisionError at epoch 1")
 
 
+def _optg_before_backward_world(tmp_path=None):
+    world = optg_world()
+    world.optimizer.zero_grad()   # the gradients None, as a loop's before its backward
+    return world
+
+
+# Campaign 28: taken as a step of no gradient, it trained no score, and the backward after it gave the optimizer dense
+# gradients, moving the pruned weights (DST refuses a step() before backward).
+error("OptG.step() before backward", _optg_before_backward_world, lambda w: w.algo.step(), RuntimeError,
+      "^OptG.step\\(\\): no sparse layer it trains has a gradient")
+
+
 # -- sparsekern.algorithms.distributed, without a process group -------------------------------------
 
 for _name, _call in (("masks_identical", lambda w: distributed.masks_identical(w.model)),
