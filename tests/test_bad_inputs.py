@@ -768,6 +768,10 @@ def _divides_by_zero(step):
     return 1 / (step - 2)
 
 
+def _always_divides_by_zero(argument):
+    return 1 / 0
+
+
 # What a schedule function gives at an update step is checked before anything changes, the random stream included.
 for _value, _error, _match in ((1.5, ValueError, "in \\[0, 1\\], got 1.5"), (-0.1, ValueError, "got -0.1"),
                                (NAN, ValueError, "got nan"), (INF, ValueError, "got inf"),
@@ -1310,7 +1314,9 @@ OPTG_BAD = [
     ("nesterov", "yes", TypeError), ("nesterov", 1, TypeError), ("nesterov", None, TypeError),
     ("lr_schedule", 0.1, TypeError), ("lr_schedule", "cosine", TypeError),
     ("lr_schedule", lambda epoch: NAN, ValueError), ("lr_schedule", lambda epoch: -1.0, ValueError),
-    ("lr_schedule", lambda epoch: "x", ValueError), ("lr_schedule", lambda epoch: INF, ValueError),
+    ("lr_schedule", lambda epoch: "x", TypeError), ("lr_schedule", lambda epoch: INF, ValueError),
+    # Campaign 28: one that takes no epoch, or raises, gave its own error, naming no argument
+    ("lr_schedule", lambda: 0.1, TypeError), ("lr_schedule", _always_divides_by_zero, RuntimeError),
     ("dense_while_scores_tie", 1, TypeError), ("dense_while_scores_tie", "no", TypeError),
     ("dense_while_scores_tie", None, TypeError),
 ]
@@ -1499,6 +1505,28 @@ def _bad_schedule_later_world(tmp_path=None):
 
 error("OptG.next_epoch() with lr_schedule giving NaN", _bad_schedule_later_world, lambda w: w.algo.next_epoch(),
       ValueError, "lr_schedule")
+
+
+def _raising_schedule_later_world(tmp_path=None):
+    model = sparse_model(density=1.0)
+    return SimpleNamespace(model=model, algo=OptG(model, sparsity=0.5, epochs=3,
+                                                  lr_schedule=lambda epoch: 0.1 if epoch == 0 else 1 / 0))
+
+
+error("OptG.next_epoch() with lr_schedule raising", _raising_schedule_later_world, lambda w: w.algo.next_epoch(),
+      RuntimeError, "^lr_schedule raised ZeroDivisionError at epoch 1")
+
+
+def _optg_before_backward_world(tmp_path=None):
+    world = optg_world()
+    world.optimizer.zero_grad()   # the gradients None, as a loop's before its backward
+    return world
+
+
+# Campaign 28: taken as a step of no gradient, it trained no score, and the backward after it gave the optimizer dense
+# gradients, moving the pruned weights (DST refuses a step() before backward).
+error("OptG.step() before backward", _optg_before_backward_world, lambda w: w.algo.step(), RuntimeError,
+      "^OptG.step\\(\\): no sparse layer it trains has a gradient")
 
 
 # -- sparsekern.algorithms.distributed, without a process group -------------------------------------
@@ -2473,7 +2501,8 @@ for _role in ("prune", "grow"):
              "score of layer '0' is on meta but its weight is on cpu"),
             ("NaN in the last layer", lambda w, m, s: [*s[:2], torch.full_like(s[2], NAN)], ValueError,
              r"^criterion 'mine' scored NaN in layers \['5'\]"),
-            ("a KeyError", _raise_key_error, KeyError, "this score cannot")]:
+            ("a KeyError", _raise_key_error, RuntimeError,
+             r"^criterion 'mine' raised KeyError scoring layers \['0', '3', '5'\]: 'this score cannot'")]:
         error(f"DST.step({_role}=a Criterion returning {_name})", _turns_bad_world(_bad, _role),
               lambda w: w.algo.step(), _error, _match)
 
@@ -3019,6 +3048,65 @@ for _cls, _world in (("IMP", imp_world), ("SWAMP", swamp_world),
         if (_cls == "IMP[layer]") == (_density == 0.005):
             error(f"{_cls}.run(cycles=3, density={_density})", _world,
                   lambda w, d=_density: w.algo.run(lambda algo: _imp_train(w, 4), 3, density=d), ValueError, _match)
+
+
+# -- campaign 28: functions of a user's own that fail when called, and an optimizer factory failing mid-run ---------
+
+def _rule_divides_by_zero(shapes, density, *, names):
+    return [1 / 0 for _ in shapes]
+
+
+error("sparsify(0.5, distribution=a rule that raises)", dense_world,
+      lambda w: sparsekern.sparsify(w.model, 0.5, distribution=_rule_divides_by_zero, generator=w.generator),
+      RuntimeError, "^distribution _rule_divides_by_zero raised ZeroDivisionError")
+
+
+class _Factory:
+    """An optimizer factory that works until told to fail (at a later cycle's or particle's call, out of memory)."""
+
+    def __init__(self):
+        self.fails = False
+
+    def __call__(self, parameters):
+        if self.fails:
+            raise RuntimeError("out of memory")
+        return _sgd(parameters)
+
+
+def _failing_factory_world(cls, particles_done=0):
+    """IMP or SWAMP trained past its rewind step (SWAMP: `particles_done` of its 2 particles ended), then its
+    optimizer factory fails."""
+    def make(tmp_path=None):
+        model = sparse_model(density=1.0)
+        factory = _Factory()
+        options = dict(particles=2, rewind_step=1, swa_start=2) if cls is SWAMP else dict(rewind_step=2)
+        world = SimpleNamespace(model=model, algo=cls(model, factory, **options))
+        _imp_train(world, 4)
+        for _ in range(particles_done):
+            world.algo.next_particle()
+            _imp_train(world, 4)
+        factory.fails = True
+        return world
+    return make
+
+
+# SWAMP made the next particle's optimizer after it had folded the particle into the sum and moved on to the next:
+# a factory failing there left the particle counted and the sum changed. Every call names optimizer_factory.
+error("IMP.next_cycle() with the optimizer factory failing", _failing_factory_world(IMP),
+      lambda w: w.algo.next_cycle(), RuntimeError, "^optimizer_factory raised RuntimeError: out of memory")
+error("SWAMP.next_particle() with the optimizer factory failing", _failing_factory_world(SWAMP),
+      lambda w: w.algo.next_particle(), RuntimeError, "^optimizer_factory raised RuntimeError: out of memory")
+error("SWAMP.next_cycle() with the optimizer factory failing", _failing_factory_world(SWAMP, particles_done=2),
+      lambda w: w.algo.next_cycle(), RuntimeError, "^optimizer_factory raised RuntimeError: out of memory")
+for _cls, _world in (("IMP", imp_world), ("SWAMP", swamp_world)):
+    error(f"{_cls}(optimizer_factory=a factory taking nothing)", model_world,
+          lambda w, c=_cls: (IMP if c == "IMP" else SWAMP)(w.model, lambda: None), TypeError,
+          r"^optimizer_factory must be callable as optimizer_factory\(parameters\)")
+    error(f"{_cls}(optimizer_factory=a factory that raises)", model_world,
+          lambda w, c=_cls: (IMP if c == "IMP" else SWAMP)(w.model, _always_divides_by_zero), RuntimeError,
+          "^optimizer_factory raised ZeroDivisionError")
+    error(f"{_cls}.run(train_fn=a function taking nothing)", _world, lambda w: w.algo.run(lambda: None, 2), TypeError,
+          r"^train_fn must be callable as train_fn\(")
 
 
 # -- the tests -------------------------------------------------------------------------------------

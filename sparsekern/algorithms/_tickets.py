@@ -107,8 +107,9 @@ def primaries(groups: list[tying.Group]) -> list[SparseModule]:
 
 def make_optimizer(optimizer_factory: Callable, model: nn.Module) -> torch.optim.Optimizer:
     """optimizer_factory(model.parameters()), checked to be a torch optimizer that trains every
-    trainable sparse weight of `model` (one that does not would leave the ticket untrained)."""
-    optimizer = optimizer_factory(model.parameters())
+    trainable sparse weight of `model` (one that does not would leave the ticket untrained); RuntimeError naming
+    optimizer_factory for an error it raises."""
+    optimizer = _checks.users_call(optimizer_factory, "optimizer_factory", "", model.parameters())
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer_factory must return a torch.optim.Optimizer, got {type(optimizer).__name__}")
     trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -151,9 +152,10 @@ def _refuse_replaced_step(owner: str, optimizer, args, kwargs) -> None:
                        f"as the {owner} docstring's loop reads it, not kept from before")
 
 
-def check_callable(value, name: str) -> None:
-    if not callable(value):
-        raise TypeError(f"{name} must be callable, got {type(value).__name__}")
+def check_callable(value, name: str, argument: str) -> None:
+    """TypeError naming `name` unless `value` can be called with one positional argument (`argument`, as the message
+    says it: `optimizer_factory(parameters)`): it is called later, in a call whose own error would name nothing."""
+    _checks.callable_as(value, name, f"{name}({argument})", None)
 
 
 def check_fraction(prune_fraction) -> float:

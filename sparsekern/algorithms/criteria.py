@@ -367,7 +367,8 @@ class Criterion:
     its own count are checked in its read, whatever host_checks (ValueError naming the criterion and the layers):
     none may be NaN, none below 0 (such an entry would be dropped before those scored 0, in their stead), and none 0
     at an inactive entry (a drop of an entry that is not active: a rule that ignored `masks`, whose drops, counted,
-    could outnumber the active entries). A step() refused so (or one whose `score` raised) changes nothing: not its
+    could outnumber the active entries). An error `score` raises is raised as RuntimeError naming the criterion and
+    the layers. A step() refused so (or one whose `score` raised) changes nothing: not its
     count, nor the random stream (except under a CUDA graph capture, where the stream's state cannot be read). A
     `score` that wrote into its arguments raises RuntimeError.
 
@@ -451,13 +452,14 @@ class Criterion:
         versions = [t._version for t in inputs]
         try:
             scores = self.score(weights, grads, masks, generator=generator, **self._count(n))
-        except TypeError as error:
-            if _signature(self.score) is not None:   # checked when made: the error is the score's own
-                raise
-            # A callable without a signature (a builtin such as max) could not be checked when the Criterion was made:
-            # a call it refuses names the criterion here, at the first update (which it leaves undone).
-            raise TypeError(f"Criterion {self.name!r}: score must take {self._arguments()}, and the call raised: "
-                            f"{error}") from error
+        except Exception as error:   # a user's code: any error it raises, said with the criterion and the layers
+            if isinstance(error, TypeError) and _signature(self.score) is None:
+                # A callable without a signature (a builtin such as max) could not be checked when the Criterion was
+                # made: a call it refuses names the criterion here, at the first update (which it leaves undone).
+                raise TypeError(f"Criterion {self.name!r}: score must take {self._arguments()}, and the call raised: "
+                                f"{error}") from error
+            raise RuntimeError(f"criterion {self.name!r} raised {type(error).__name__} scoring layers {layers}: "
+                               f"{error}") from error
         if any(t._version != version for t, version in zip(inputs, versions)):
             raise RuntimeError(f"criterion {self.name!r} wrote into its arguments (weights, gradients or masks) in "
                                f"place: its score must make new tensors")

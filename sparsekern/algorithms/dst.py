@@ -1205,12 +1205,15 @@ def _check_block(block):
         return None
     if not isinstance(block, (tuple, list)) or len(block) != 2:
         raise TypeError(f"block must be None or a pair (bh, bw), got {block!r}")
-    for size in block:
-        if isinstance(size, bool) or not isinstance(size, int):
-            raise TypeError(f"block must hold two ints, got {block!r}")
-        if size < 1:
+    sizes = []
+    for size in block:   # any integer scalar, as every count DST takes (a NumPy one from a sweep), kept as an int
+        try:
+            sizes.append(_checks.integer(size, "block"))
+        except TypeError:
+            raise TypeError(f"block must hold two ints, got {block!r}") from None
+        if sizes[-1] < 1:
             raise ValueError(f"block sizes must be >= 1, got {block!r}")
-    return tuple(block)
+    return tuple(sizes)
 
 
 def RigL(model: nn.Module, optimizer: torch.optim.Optimizer, **options) -> DST:

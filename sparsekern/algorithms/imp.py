@@ -84,7 +84,7 @@ class IMP(distributed.CatchesUp):
         with distributed.ReplicaCheck("IMP", group) as replicas:
             self._groups = _tickets.sparse_layers(model, "IMP")
             self.layers = _tickets.primaries(self._groups)
-            _tickets.check_callable(optimizer_factory, "optimizer_factory")
+            _tickets.check_callable(optimizer_factory, "optimizer_factory", "parameters")
             self.prune_fraction = _tickets.check_fraction(prune_fraction)
             self.rewind_step = _checks.count(rewind_step, "rewind_step")
             self.scope = _checks.choice(scope, "scope", _tickets.SCOPES)
@@ -192,7 +192,7 @@ class IMP(distributed.CatchesUp):
         where it keeps no weight (of a layer, with scope="layer") or the prunings before the last would leave fewer
         weights than it keeps.
         """
-        _tickets.check_callable(train_fn, "train_fn")
+        _tickets.check_callable(train_fn, "train_fn", "imp")
         cycles = _checks.count(cycles, "cycles", 1)
         density = _tickets.check_run_density(density, cycles, self._groups, self.prune_fraction, self.scope,
                                              self.cycle)

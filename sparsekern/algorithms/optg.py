@@ -227,7 +227,7 @@ class OptG(distributed.CatchesUp):
             if nesterov and momentum == 0:
                 raise ValueError("nesterov=True needs momentum > 0")
             if lr_schedule is not None:
-                _tickets.check_callable(lr_schedule, "lr_schedule")
+                _tickets.check_callable(lr_schedule, "lr_schedule", "epoch")
             total = sum(layer.weight.numel() for layer in self.layers)
             if total - round(sparsity * total) == 0:
                 raise ValueError(f"{target} would prune all {total} prunable weights")
@@ -274,10 +274,11 @@ class OptG(distributed.CatchesUp):
         return complement(self.sparsity)
 
     def score_lr(self, epoch: int) -> float:
-        """lr_e·σ(β(e − E/2)); ValueError naming lr_schedule unless lr_e is a finite number >= 0."""
-        lr = self.lr_schedule(epoch)
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
-            raise ValueError(f"lr_schedule({epoch}) must return a finite number >= 0, got {lr!r}")
+        """lr_e·σ(β(e − E/2)); ValueError naming lr_schedule unless lr_e is a finite number >= 0 (TypeError unless a
+        real number, not a bool; an int or a NumPy float is taken as the float it is), RuntimeError naming it for an
+        error it raises."""
+        lr = _checks.users_call(self.lr_schedule, "lr_schedule", f" at epoch {epoch}", epoch)
+        lr = _checks.number(lr, f"the lr lr_schedule gave at epoch {epoch}", lambda value: value >= 0, ">= 0")
         return lr * _sigmoid(self.beta * (epoch - self.epochs / 2))
 
     def sparsity_at(self, epoch: int) -> float:
@@ -365,7 +366,9 @@ class OptG(distributed.CatchesUp):
         """Scores' gradient g ⊙ θ at every position, weights' gradient g ⊙ m, one score update.
 
         Reads the dense gradient g = ∂L/∂(θ ⊙ m) that the modules' `dense_grad` gives; a layer
-        whose weight received no gradient contributes none. With criterion="magnitude" it only
+        whose weight received no gradient contributes none, but with criterion="learned" a step at which no layer
+        it trains has one (step() called before backward) raises RuntimeError, with nothing changed: the backward
+        to come would give the optimizer dense gradients. With criterion="magnitude" it only
         masks the weights' gradient. A gradient unchanged since the previous `step()` (no backward in
         between) raises RuntimeError, with nothing changed: it would count the same gradient twice in
         the scores; so does (ValueError naming it) one that cannot be masked in place (an expanded view, an
@@ -385,6 +388,12 @@ class OptG(distributed.CatchesUp):
             raise RuntimeError(f"OptG.step(): the gradient of sparse layer {stale} has not changed since the "
                                f"previous step() (step() called twice, or without a backward in between)")
         grads = [weight.grad for weight in weights]
+        trained = [grad for index, grad in enumerate(grads) if index not in frozen]
+        if self._learns and trained and all(grad is None for grad in trained):
+            # A step() before backward: the scores would learn nothing, and the dense gradient of the backward to
+            # come would reach the optimizer unmasked, moving the pruned weights.
+            raise RuntimeError("OptG.step(): no sparse layer it trains has a gradient: call step() after backward, "
+                               "before the optimizer step")
         for name, layer, grad in zip(_tickets.layer_names(self._groups), self.layers, grads):
             if grad is not None:   # masked below, after the layers before it: checked for all of them first
                 _checks.maskable_in_place(grad, f"{name}.weight.grad", layer.mask, f"{name}.mask")

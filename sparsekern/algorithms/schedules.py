@@ -108,10 +108,7 @@ class Schedule:
 
     def _function_fraction(self, step: int) -> float:
         shown = f"schedule={_checks.qualified_name(self.function)}"
-        try:
-            value = self.function(step)
-        except Exception as error:   # a user's code: any error it raises, said with the schedule and the step
-            raise RuntimeError(f"{shown} raised {type(error).__name__} at step {step}: {error}") from error
+        value = _checks.users_call(self.function, shown, f" at step {step}", step)
         return _checks.number(value, f"the drop fraction {shown} gave at step {step}", lambda value: 0 <= value <= 1,
                               "in [0, 1]")
 
@@ -156,9 +153,7 @@ def make(schedule, total_steps, *, update_every=None, end_step=None, end_fractio
         raise ValueError(f"give end_step or end_fraction, not both (got {end_step} and {end_fraction})")
     if end_step is None:
         end_fraction = DEFAULT_END_FRACTION[name] if end_fraction is None else end_fraction
-        end_fraction = _fraction(end_fraction, "end_fraction")
-        if end_fraction == 0:
-            raise ValueError("end_fraction must be in (0, 1], got 0")
+        end_fraction = _checks.number(end_fraction, "end_fraction", lambda value: 0 < value <= 1, "in (0, 1]")
         end_step = max(1, round(end_fraction * total_steps))
     else:
         end_step = _checks.count(end_step, "end_step", 1)

@@ -107,7 +107,7 @@ class SWAMP:
         with distributed.Agreement("SWAMP", group) as agreement:
             self._groups = _tickets.sparse_layers(model, "SWAMP")
             self.layers = _tickets.primaries(self._groups)
-            _tickets.check_callable(optimizer_factory, "optimizer_factory")
+            _tickets.check_callable(optimizer_factory, "optimizer_factory", "parameters")
             self.particles = _checks.count(particles, "particles", 1)
             self.prune_fraction = _tickets.check_fraction(prune_fraction)
             self.rewind_step = _checks.count(rewind_step, "rewind_step")
@@ -249,10 +249,12 @@ class SWAMP:
             raise RuntimeError(f"particle ended before the rewind step {self.rewind_step} was reached (only "
                                f"{self.step_in_cycle} steps were counted): call swamp.step() after every optimizer "
                                f"step")
+        if self.particle_average is None and self.swa_start is not None:
+            raise RuntimeError(f"particle ended with no SWA sample: swa_start={self.swa_start} "
+                               f"but only {self.step_in_cycle} steps were taken")
+        another = self.particle + self.world_size < self.particles
+        optimizer = self._particles_optimizer(self.cycle) if another else None   # before anything changes
         if self.particle_average is None:
-            if self.swa_start is not None:
-                raise RuntimeError(f"particle ended with no SWA sample: swa_start={self.swa_start} "
-                                   f"but only {self.step_in_cycle} steps were taken")
             self.particle_average = [p.detach().clone() for p in self.averaged_parameters]
         if self.particle_sum is None:
             self.particle_sum = self.particle_average
@@ -260,9 +262,9 @@ class SWAMP:
             for total, average in zip(self.particle_sum, self.particle_average):
                 total.add_(average)
         self.particle_average, self.average_count = None, 0
-        if self.particle + self.world_size < self.particles:
+        if another:
             self.particle += self.world_size
-            self._start_particle()
+            self._start_particle(optimizer)
             return True
         self._average()
         return False
@@ -323,10 +325,15 @@ class SWAMP:
                                f"statistics as they were: call torch.optim.swa_utils.update_bn(loader, model) "
                                f"with a working loader") from error
 
-    def _start_particle(self) -> None:
+    def _particles_optimizer(self, cycle: int) -> torch.optim.Optimizer:
+        """A new particle's optimizer in `cycle`: the factory's, holding the state at step k in cycle 0, whose particles
+        all start from it. Made before anything changes, so that a factory that fails leaves SWAMP as it was."""
         optimizer = _tickets.make_optimizer(self.optimizer_factory, self.model)
-        if self.cycle == 0:
+        if cycle == 0:
             optimizer.load_state_dict(_tickets.map_tensors(Tensor.clone, self.rewind_optimizer_state))
+        return optimizer
+
+    def _start_particle(self, optimizer: torch.optim.Optimizer) -> None:
         _tickets.restore(self.model, self.rewind_state)
         if self.cycle > 0:
             _tickets.set_masks(self._groups, self.masks)
@@ -348,17 +355,18 @@ class SWAMP:
             raise RuntimeError("next_cycle() before the cycle's particles were averaged (next_particle())")
         _tickets.check_masks_writable(self._groups, "SWAMP")
         masks = self.prune_masks(density)
+        optimizer = self._particles_optimizer(self.cycle + 1)
         _tickets.set_masks(self._groups, masks)
         self.cycle += 1
         self.particle = self.rank
         self.averaged = False
-        self._start_particle()
+        self._start_particle(optimizer)
         return masks
 
     def run(self, train_fn: Callable[["SWAMP"], None], cycles: int, *, density: float | None = None) -> None:
         """Runs (or resumes) `cycles` cycles; the model ends holding the last cycle's θ̄. `density`: the last
         pruning is `next_cycle(density)`, as in `IMP.run` (cycles >= 2)."""
-        _tickets.check_callable(train_fn, "train_fn")
+        _tickets.check_callable(train_fn, "train_fn", "swamp")
         cycles = _checks.count(cycles, "cycles", 1)
         density = _tickets.check_run_density(density, cycles, self._groups, self.prune_fraction, self.scope,
                                              self.cycle)

@@ -113,11 +113,13 @@ def name_of_rule(rule) -> str:
 
 def _ruled(rule, shapes: Sequence[Sequence[int]], density: float, names: Sequence[str] | None) -> list[float]:
     """`rule(shapes, density, names=names)`'s densities, checked: a sequence of one number in (0, 1] per layer
-    (TypeError or ValueError naming the rule and the layer otherwise)."""
+    (TypeError or ValueError naming the rule and the layer otherwise; RuntimeError naming the rule for an error it
+    raises)."""
     shapes = _shapes(shapes)
     names = [str(index) for index in range(len(shapes))] if names is None else list(names)
     rule_name = name_of_rule(rule)
-    densities = rule([tuple(shape) for shape in shapes], density, names=list(names))
+    densities = _checks.users_call(rule, f"distribution {rule_name}", "", [tuple(shape) for shape in shapes], density,
+                                   names=list(names))
     if isinstance(densities, (str, bytes, Mapping)) or not isinstance(densities, Sequence):
         raise TypeError(f"distribution {rule_name} must return a list of densities, one per layer, got "
                         f"{type(densities).__name__}")

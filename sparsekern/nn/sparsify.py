@@ -88,8 +88,9 @@ def sparsify(model: nn.Module, density: float | None, distribution: str | Mappin
             a function `rule(shapes, density, *, names)` returning one density in (0, 1] per layer: it is called with
             the weight shapes (tuples) and names (as the mapping names them) of the layers selected, in model order,
             and `density`, which it may follow or not (the total is what its densities make); a function that cannot
-            take that call raises TypeError naming `distribution`, what it returns is checked (TypeError or
-            ValueError naming the rule and the layer), and `power` and `dense_first_layer` must keep their defaults.
+            take that call raises TypeError naming `distribution`, an error it raises is raised as RuntimeError naming
+            the rule, what it returns is checked (TypeError or ValueError naming the rule and the layer), and `power`
+            and `dense_first_layer` must keep their defaults.
         include, exclude: fnmatch patterns on qualified module names ("features.*", "fc"); a
             module is sparsified if one of its names matches some `include` pattern (all do when
             None) and none matches an `exclude` pattern. A pattern that matches no module's name

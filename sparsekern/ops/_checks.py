@@ -576,6 +576,17 @@ def callable_as(value, name: str, form: str, *args, **kwargs) -> None:
         raise TypeError(f"{name} must be callable as {form}, got {value!r} with signature {signature}") from None
 
 
+def users_call(function, shown: str, when: str, *args, **kwargs):
+    """`function(*args, **kwargs)`, a function of a user's own given as an argument (`shown`: that argument as messages
+    say it, "schedule=step_decay"), called where what it raises would name nothing of the call (at a training step,
+    deep inside another call): an exception it raises is raised again as RuntimeError saying `shown`, `when` (" at
+    step 3", or "") and the error, which is chained to it."""
+    try:
+        return function(*args, **kwargs)
+    except Exception as error:   # a user's code: any error it raises
+        raise RuntimeError(f"{shown} raised {type(error).__name__}{when}: {error}") from error
+
+
 def qualified_name(function) -> str:
     """The qualified name of a callable of a user's own (`__qualname__`; a functools.partial's function's, a callable
     object's class's), without its module: what messages call it, and what the ranks of a distributed run compare

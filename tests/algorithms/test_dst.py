@@ -689,6 +689,16 @@ def test_a_numpy_integer_seed_draws_what_the_equal_int_draws():
     assert all(torch.equal(a, b) for other in drawn[1:] for a, b in zip(drawn[0], other))
 
 
+def test_a_block_of_numpy_or_tensor_integers_is_a_block_of_ints():
+    # A NumPy integer was refused ("block must hold two ints") though every other count DST takes accepts it.
+    import numpy as np
+
+    for block in ((np.int64(2), 2), (2, torch.tensor(2)), [2, 2]):
+        model = small_model(seed=0)
+        algo = sparsekern.DST(model, torch.optim.SGD(model.parameters(), lr=0.05), block=block, total_steps=4)
+        assert algo.block == (2, 2) and all(type(size) is int for size in algo.block)
+
+
 # -- the update path: one op call, counts kept on the host, swap counts above the inactive count --
 
 

@@ -438,6 +438,15 @@ def test_bad_arguments_raise_naming_them(kwargs, error, match):
         OptG(mlp(0, hidden=4), **arguments)
 
 
+@pytest.mark.parametrize("lr", [np.float32(0.25), np.float64(0.25), 1])
+def test_an_lr_schedule_giving_any_real_number_is_taken_as_its_float(lr):
+    # A NumPy float32 was refused ("must return a finite number >= 0, got np.float32(0.25)"): only int and float were
+    # taken, not the real numbers every other numeric argument takes.
+    optg = OptG(mlp(0, hidden=4), sparsity=0.5, epochs=3, lr_schedule=lambda epoch: lr)
+    assert optg.score_lr(1) == pytest.approx(float(lr) / (1 + math.exp(0.5)))   # lr_1 σ(β(1 - E/2)), β = 1, E = 3
+    assert type(optg.score_optimizer.param_groups[0]["lr"]) is float
+
+
 def test_a_criterion_given_as_a_str_subclass_is_kept_as_its_text(tmp_path):
     # A NumPy str_ was kept as it came and went into state_dict(), which sparsekern.checkpoint.save refused; a
     # subclass's own __eq__ could say it was "learned".

@@ -63,6 +63,8 @@ def test_updates_only_on_multiples_before_end_step(name):
     (dict(name="cosine", total_steps=10, end_step=5, end_fraction=0.5), ValueError, "end_step or end_fraction"),
     (dict(name="constant", total_steps=10, end_fraction=0), ValueError, "end_fraction"),
     (dict(name="constant", total_steps=10, end_fraction=1.5), ValueError, "end_fraction"),
+    # Campaign 28: a negative one was said to need [0, 1], which holds 0, which is refused
+    (dict(name="constant", total_steps=10, end_fraction=-0.1), ValueError, r"end_fraction .* in \(0, 1\], got -0.1"),
     (dict(name="annealed", total_steps=10, end_fraction=float("nan")), ValueError, "end_fraction"),
     (dict(name="annealed", total_steps=10, end_fraction="0.5"), TypeError, "end_fraction"),
     (dict(name="cosine", total_steps=10, drop_fraction=1.5), ValueError, "drop_fraction"),
