@@ -188,8 +188,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m benchmarks",
                      f"{'' if args.quick else ' without --quick'}")
     where = environment(device)
     print(where)
-    print("speed-up = baseline time / time: above 1 is faster than the case's baseline, "
-          "the torch code it replaces.")
+    # The ratio is paired per round (core.measure): on a loaded machine it can be far from the ratio of the two
+    # medians in the time column, which the header said it was.
+    print("speed-up = baseline time / time in the same round, the median over rounds (each times every "
+          "implementation once), so not the ratio of the median times shown: above 1 is faster than the case's "
+          "baseline, the torch code it replaces.")
     if args.quick:
         print("--quick: tiny sizes, to check that every case runs; its times and speed-ups are not measurements.")
     print(format_table(rows))

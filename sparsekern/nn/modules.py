@@ -716,7 +716,8 @@ class SparseLinear(SparseModule, nn.Linear):
         function) is not seen, as it cannot be without reading the tensors at every forward: call `to_inference()`
         again after one.
 
-        Forward computes in the packed weight's dtype, under torch.autocast too (`ops.sparse_linear`); torch.compile
+        Forward computes in the packed weight's dtype, under torch.autocast too, which hands it the output of a
+        layer before it in autocast's dtype: that is cast to the packed weight's (`ops.sparse_linear`); torch.compile
         runs it (with a graph break), torch.export refuses it (RuntimeError): export the training-mode layer.
 
         A projection of a SparseMultiheadAttention or SparseRNN/LSTM/GRU does not run its own forward (its parent

@@ -320,8 +320,9 @@ def sparse_linear(x: Tensor, packed: PackedWeight, bias: Tensor | None = None) -
     """y = x @ W.T + bias for a weight W packed by `pack`: inference at small batch.
 
     x: (..., in_features), of the packed weight's dtype and device; bias: (out_features,) or None,
-    same dtype. Returns (..., out_features) in x's dtype, accumulated in float32 (float64 for
-    float64), under torch.autocast too (which it ignores). No autograd: this is for inference.
+    same dtype. Returns (..., out_features) in the packed weight's dtype, accumulated in float32
+    (float64 for float64), under torch.autocast too, which casts a floating x of another dtype (the
+    output of a layer autocast ran before it) to the packed weight's. No autograd: this is for inference.
     Where the dense product is faster (density or row count above SPARSE_LINEAR_LIMITS for the
     device), it calls F.linear on `packed.dense()`, the unpacked weight, which the PackedWeight
     makes on the first such call and keeps.
@@ -338,6 +339,10 @@ def sparse_linear(x: Tensor, packed: PackedWeight, bias: Tensor | None = None) -
     if not isinstance(packed, PackedWeight):
         raise TypeError(f"packed must be a PackedWeight (from sparsekern.ops.pack), got {type(packed).__name__}")
     _checks.floating(x, "x")
+    if x.dtype != packed.dtype and _autocast_enabled(x.device.type):
+        # Under autocast, the layer before a layer in inference mode (a convolution, an attention, an LSTM)
+        # answers in autocast's dtype, which the packed weight does not hold: refusing it failed every such model.
+        x = x.to(packed.dtype)
     if x.dim() < 1 or x.shape[-1] != packed.in_features:
         raise ValueError(f"x must end in in_features={packed.in_features}, got shape {tuple(x.shape)}")
     if x.dtype != packed.dtype:

@@ -133,6 +133,7 @@ def test_main_writes_json_and_csv(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| topk_mask (global) |" in table and "torch cat+topk" in table
     assert "--quick: tiny sizes" in table and "not measurements" in table   # its speed-ups are noise
+    assert "in the same round, the median over rounds" in table   # not the ratio of the times shown beside it
     saved = json.loads(json_path.read_text())
     assert saved["environment"].startswith("device cpu")
     records = saved["rows"]

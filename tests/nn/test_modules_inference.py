@@ -85,6 +85,30 @@ def test_layers_in_inference_mode_chain_under_autocast(generator, rows):
     torch.testing.assert_close(got, expected)
 
 
+def test_a_layer_in_inference_mode_takes_autocasts_output_of_the_layer_before(generator):
+    # A convolution (or attention, or LSTM) under autocast answers in bfloat16: the layer after it raised TypeError.
+    conv, linear = torch.nn.Conv2d(3, 4, 3), sparse_layer(generator, 4 * 4 * 4, 5, 0.03)
+    x = torch.randn(2, 3, 6, 6, generator=generator)
+    with torch.autocast("cpu", torch.bfloat16):
+        expected = linear(conv(x).flatten(1))
+        linear.to_inference()
+        got = linear(conv(x).flatten(1))
+    torch.testing.assert_close(got, expected.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("rows", [1, 4])   # the dense fallback (1 row), the sparse kernel where it runs (4)
+def test_torch_jit_trace_of_a_called_layer_in_inference_mode_gives_its_outputs(generator, rows):
+    # As README says: traced before its first call, the trace's check saw two graphs and raised TracingCheckError.
+    layer = sparse_layer(generator, 70, 33, 0.03).to_inference()
+    x = torch.randn(rows, 70, generator=generator)
+    with torch.no_grad():
+        layer(x)
+        traced = torch.jit.trace(layer, x)
+        for batch in (1, 4, 16):
+            other = torch.randn(batch, 70, generator=generator)
+            torch.testing.assert_close(traced(other), layer(other))
+
+
 def test_torch_export_refuses_inference_mode_by_name_and_exports_training_mode(generator):
     layer = sparse_layer(generator, 70, 33, 0.03).to_inference()
     x = torch.randn(4, 70, generator=generator)

@@ -528,3 +528,16 @@ def test_the_dense_fallback_answers_in_xs_dtype_under_autocast(generator):
         got = ops.sparse_linear(x, packed)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, x @ torch.where(mask, weight, 0).T)
+
+
+@pytest.mark.parametrize("rows", [1, 4])   # the dense fallback (1 row), the sparse kernel where it runs (4)
+def test_autocast_casts_an_x_of_its_dtype_to_the_packed_weights(generator, rows):
+    # What autocast gives a layer in inference mode after one it ran in bfloat16: refused with a TypeError before.
+    weight, mask = torch.randn(6, 40, generator=generator), torch.rand(6, 40, generator=generator) < 0.05
+    x = torch.randn(rows, 40, generator=generator).bfloat16()
+    with torch.autocast("cpu", torch.bfloat16):
+        got = ops.sparse_linear(x, ops.pack(weight, mask))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, x.float() @ torch.where(mask, weight, 0).T)
+    with pytest.raises(TypeError, match="x has dtype torch.bfloat16 but the packed weight has torch.float32"):
+        ops.sparse_linear(x, ops.pack(weight, mask))   # outside autocast a dtype that differs is a mistake
