@@ -848,20 +848,21 @@ def computed_weight_refusal(named: list[tuple[str, SparseModule]], who: str, bui
     divides by σ of the whole original; weight_norm's magnitude has another shape; a user's parametrization may
     move a 0 anywhere). Written into the computed tensor, a change would be lost at the next forward."""
     for name, module in named:
-        if weight_is_computed(module) and not _computed_by_torch(module):
+        if not weight_is_computed(module):
+            continue
+        if not _computed_by_torch(module):
             when = f" after {who} was built" if built else ""
             return (f"{who}: layer {name!r}'s weight is not a Parameter: it was deleted or replaced by a plain "
                     f"tensor{when}, and {who} masks, regrows and rewinds Parameters; give the layer its weight back "
                     f"as an nn.Parameter (del layer.weight; layer.weight = nn.Parameter(...)), or leave the layer out "
                     f"of sparsify (exclude=)")
-        if weight_is_computed(module):
-            when = f", registered after {who} was built" if built else ""
-            return (f"{who}: layer {name!r}'s weight is computed from other parameters at every forward (a "
-                    f"parametrization, weight_norm, spectral_norm or torch.nn.utils.prune{when}), not a Parameter "
-                    f"of its own whose values {who} could mask, regrow or rewind: register the parametrization "
-                    f"before sparsify (the layer then stays dense), remove it "
-                    f"(torch.nn.utils.parametrize.remove_parametrizations, torch.nn.utils.remove_weight_norm / "
-                    f"remove_spectral_norm), or leave the layer out of sparsify (exclude=)")
+        when = f", registered after {who} was built" if built else ""
+        return (f"{who}: layer {name!r}'s weight is computed from other parameters at every forward (a "
+                f"parametrization, weight_norm, spectral_norm or torch.nn.utils.prune{when}), not a Parameter "
+                f"of its own whose values {who} could mask, regrow or rewind: register the parametrization "
+                f"before sparsify (the layer then stays dense), remove it "
+                f"(torch.nn.utils.parametrize.remove_parametrizations, torch.nn.utils.remove_weight_norm / "
+                f"remove_spectral_norm), or leave the layer out of sparsify (exclude=)")
     return None
 
 
