@@ -136,12 +136,14 @@ def set_rule(weights, grads, masks, *, generator=None, gamma=1.0, offset=EPSILON
     closest to zero, in proportion to their numbers, expressed as one score.
 
     Of any n dropped, n₊ = round(n·A₊/A) are positive and n₋ = n − n₊ negative, where A₊ and A₋
-    count the active positive and negative weights and A = A₊ + A₋ (rounded half up). Mocanu drops
-    the fraction ζ of each sign, which this equals up to rounding while keeping n exact. Neither his paper nor
-    the package's specification says which way a share of exactly half rounds (n·A₊/A = m + ½: equal sign counts
-    and an odd n); half up, the schoolbook reading, drops the odd weight from the positive side (n = 1 of
-    {0.1, 0.2, −0.1, −0.2} drops 0.1), where Python's round, the swap count's, would alternate with m. Since n₊
-    and n₋ never decrease as n grows, one ranking serves every n: the k-th lowest score (k = 1..A)
+    count the active positive and negative weights and A = A₊ + A₋. Mocanu drops the fraction ζ of each sign, which
+    this equals up to rounding while keeping n exact. round is Python's, as for the swap count n = round(r·A) and
+    every other count the package rounds: a share of exactly half (n·A₊/A = m + ½: equal sign counts and an odd n)
+    goes to the even neighbour, so the odd weight is the negative one at n = 1 of {0.1, 0.2, −0.1, −0.2} (−0.1)
+    and a positive one at n = 3 (0.1, 0.2 and −0.1): neither sign always loses the odd weight, as it would with
+    one fixed direction (half up drops one positive weight more at every such update). Since n₊
+    and n₋ never decrease as n grows, and each grows by at most 1 per step of n, one ranking serves every n: the
+    k-th lowest score (k = 1..A)
     goes to the next positive weight (smallest first) when n₊(k) > n₊(k − 1), else to the next
     negative weight (closest to zero first), ties by lower position (row-major, in list order).
     n₊(A) = A₊, so a sign never runs out before its share is dropped: with no positive (or no
@@ -175,7 +177,10 @@ def set_rule(weights, grads, masks, *, generator=None, gamma=1.0, offset=EPSILON
     signed = positive.numel() + negative.numel()
     if signed:
         k = torch.arange(1, signed + 1, device=device)
-        positive_share = (2 * k * positive.numel() + signed) // (2 * signed)   # n₊(k), half up
+        share = k * positive.numel()
+        whole, remainder = share // signed, share % signed
+        # n₊(k) = round(k·A₊/A), halves to even: up past the half, and at it where the whole part is odd
+        positive_share = whole + ((2 * remainder > signed) | ((2 * remainder == signed) & (whole % 2 == 1))).long()
         takes_positive = torch.diff(positive_share, prepend=positive_share.new_zeros(1)) == 1
         rank = torch.arange(zeros.numel(), zeros.numel() + signed, device=device).to(dtype)
         score[positive] = rank[takes_positive]

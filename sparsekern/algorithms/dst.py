@@ -39,7 +39,7 @@ from ._gradients import GradientWatch, finite_sums, zero_everywhere
 from ._stack import user_stacklevel
 from ..nn import sparse_modules, tying
 from ..nn.modules import computed_weight_refusal
-from ..nn.optimizer_state import (check_optimizer, check_state_writable, fresh_state, optimizer_state,
+from ..nn.optimizer_state import (check_optimizer, check_state_writable, fill_fresh, fresh_state, optimizer_state,
                                   reset_state_off_mask)
 from ..nn.sharding import refuse_sharded
 
@@ -818,7 +818,7 @@ class DST(distributed.CatchesUp):
         self._remember_counts(masks, self._counts[1])
         return {} if before is None else {name: (old, mask) for (name, _), old, mask in zip(named, before, masks)}
 
-    def _refill_fresh_state(self, fresh: list[list[tuple[Tensor, float | complex]]], old: list[Tensor],
+    def _refill_fresh_state(self, fresh: list[list[tuple[Tensor, float | complex | Tensor]]], old: list[Tensor],
                             new: list[Tensor]) -> None:
         """Sets the state that the update zeroed but that starts elsewhere (`fresh`, per layer: Rprop's step sizes,
         Adagrad's sums) to its fresh value where it was zeroed: off the `new` masks, and with reset_state at the grown
@@ -827,7 +827,7 @@ class DST(distributed.CatchesUp):
             if states:   # none for the optimizers whose state starts at 0: no mask is computed for them
                 zeroed = ~(before & after) if self.reset_state else ~after
                 for tensor, value in states:
-                    tensor.masked_fill_(zeroed, value)
+                    fill_fresh(tensor, zeroed, value)
 
     def _layers_updated(self) -> list[str]:
         """The names of the layers the next update sets the masks of: those not frozen (construction and

@@ -6,7 +6,8 @@ Every bad input (an argument, the dataset's content, a resume checkpoint, the ou
 SPARSEKERN_BACKEND) fails with a one-line error and exit code 2 before any training, which starts with the
 subcommand as argparse's own errors do (`sparsekern train: error: ...`), as do warnings. `train` also runs
 data-parallel on the ranks torchrun starts (README.md, `sparsekern train`), where a bad input on any rank stops every
-rank with that error.
+rank with that error. A Ctrl-C once this module is imported stops it with one line (`sparsekern train: interrupted`,
+and how to go on once training started) and exit code 130.
 """
 from __future__ import annotations
 
@@ -404,6 +405,8 @@ def _run(parser: argparse.ArgumentParser, args) -> None:
             start = job(args)
         except ValueError as error:
             parser.error(str(error))
+        except KeyboardInterrupt:   # checking the inputs, reading the data, joining the other ranks: nothing done yet
+            _stop_interrupted(parser.prog)
     _warn_each(parser.prog, held)
     with warnings.catch_warnings(record=True) as held:  # shown after the results, one line each
         warnings.simplefilter("always")
@@ -411,10 +414,7 @@ def _run(parser: argparse.ArgumentParser, args) -> None:
         try:
             start()
         except KeyboardInterrupt:
-            if _leads():
-                print(f"{parser.prog}: interrupted; finished work is kept in {args.out} ({_rerun(args, found)} to go "
-                      f"on)", file=sys.stderr)
-            sys.exit(130)
+            _stop_interrupted(parser.prog, f"; finished work is kept in {args.out} ({_rerun(args, found)} to go on)")
         except Diverged as error:   # an --lr too high for the run: its finished epochs stay in --out
             parser.error(str(error))
         except OSError as error:   # --out checked writable before, but a disk fills up or a folder goes away
@@ -422,6 +422,14 @@ def _run(parser: argparse.ArgumentParser, args) -> None:
                          f"once it can be written)")
         finally:
             _warn_each(parser.prog, held)
+
+
+def _stop_interrupted(prog: str, hint: str = "") -> None:
+    """Ends the command after a Ctrl-C: one line, `sparsekern train: interrupted` and `hint` (rank 0 only), and exit
+    code 130, the shell's for a command that SIGINT ended (128 + 2), rather than KeyboardInterrupt's traceback."""
+    if _leads():
+        print(f"{prog}: interrupted{hint}", file=sys.stderr)
+    sys.exit(130)
 
 
 def _rerun(args, found: tuple[int, int] | None) -> str:

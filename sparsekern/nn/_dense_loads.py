@@ -23,10 +23,11 @@ _NAMED = 5
 _current = threading.local()
 
 
-def note(missing_keys: list, key: str, layer: nn.Module) -> None:
+def note(missing_keys: list, key: str, layer: nn.Module, tied: int = 0) -> None:
     """Records that `layer` loads as dense: its state dict has no `key` (its mask's full key) in the
-    load_state_dict call that owns `missing_keys`; the call warns once at its end (module docstring)."""
-    entry = (key, type(layer).__name__, layer.density)
+    load_state_dict call that owns `missing_keys`; the call warns once at its end (module docstring). `tied`: how many
+    layers sharing its weight load dense with it."""
+    entry = (key, type(layer).__name__, layer.density, tied)
     report = getattr(_current, "report", None)
     if report is None or report.missing_keys is not missing_keys:
         root = _loading_into(missing_keys)
@@ -73,11 +74,19 @@ class _DenseLoads:
             warnings.warn(_message(self.layers), stacklevel=4)
 
 
-def _message(layers: list[tuple[str, str, float]]) -> str:
-    """The warning for `layers`, (mask key, module type, density) each."""
-    named = ", ".join(f"{key!r} ({kind}, density {density:.3g})" for key, kind, density in layers[:_NAMED])
+def _message(layers: list[tuple[str, str, float, int]]) -> str:
+    """The warning for `layers`, (mask key, module type, density, layers tied to it) each."""
+    named = ", ".join(f"{key!r} ({kind}, density {density:.3g}{_tied(tied)})"
+                      for key, kind, density, tied in layers[:_NAMED])
     more = f" and {len(layers) - _NAMED} more" if len(layers) > _NAMED else ""
     count = "1 sparse layer" if len(layers) == 1 else f"{len(layers)} sparse layers"
     return (f"state dict has no mask for {count}, {named}{more}: load_state_dict loads each as a dense layer (mask "
             f"all True), replacing its mask; to start sparse from dense weights, load them into the dense model and "
             f"sparsify it then (mask='magnitude' keeps the largest)")
+
+
+def _tied(count: int) -> str:
+    """What the warning says of the layers sharing a dense-loaded layer's weight, which load dense with it."""
+    if not count:
+        return ""
+    return f", with the {'layer' if count == 1 else f'{count} layers'} sharing its weight"

@@ -520,13 +520,20 @@ class SparseModule(nn.Module):
             _refuse_meta_into_pack(state_dict, prefix)
         # load_state_dict hands each module its own copy of the dict, so filling in the mask of a
         # dense checkpoint here does not touch the caller's dict.
-        if prefix + "mask" not in state_dict and prefix + "weight" in state_dict:
+        dense = prefix + "mask" not in state_dict and prefix + "weight" in state_dict
+        if dense:
             # The module's shape: a weight of another shape is refused on its own (a Conv2d's into a
             # SparseConv3d), with no mismatch reported for a mask the checkpoint does not hold.
             device = state_dict[prefix + "weight"].device
+            # Its tied twins' masks follow this one's (below), checked before anything changes; a weight assigned in
+            # place of this one's (assign=True) is its own, and its former twins keep their weight and mask.
+            twins = [] if local_metadata.get("assign_to_params_buffers", False) else self._tied_modules()
+            for twin in twins:
+                check_own_mask(twin, f"load_state_dict: the {type(twin).__name__} tied to layer "
+                                     f"{prefix[:-1] or '(root)'!r} (sharing its weight)")
             if not self.mask.is_meta and not bool(self.mask.all()):
                 # A pretrained dense checkpoint loaded into a sparsified model: it would train dense, silently.
-                _dense_loads.note(missing_keys, prefix + "mask", self)
+                _dense_loads.note(missing_keys, prefix + "mask", self, tied=len(twins))
             state_dict[prefix + "mask"] = torch.ones(self.mask.shape, dtype=torch.bool, device=device)
         mask = state_dict.get(prefix + "mask")
         _check_loaded_mask(mask, prefix + "mask")
@@ -545,7 +552,15 @@ class SparseModule(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         self._recheck_zero_off_mask()
-        self._refresh_pack()   # a layer in inference mode serves the loaded weight and mask
+        if dense:
+            # A tied twin holds the weight just loaded dense: left on its old mask, it would promise 0 off that mask
+            # where the weight is not, compute densely while counted sparse, and differ from this layer's mask, which
+            # the algorithms refuse. So the tie loads dense whichever of its layers' keys a checkpoint holds (one
+            # leaving the tied duplicate out, as torch.save of a tied LM may).
+            for twin in twins:
+                twin.mask.copy_(self.mask)
+                twin.zero_off_mask = self.zero_off_mask
+        self._refresh_pack()   # a layer in inference mode (this one, a twin) serves the loaded weight and mask
 
     def extra_repr(self) -> str:
         if self.mask.is_meta:  # no values to count
@@ -849,20 +864,21 @@ def computed_weight_refusal(named: list[tuple[str, SparseModule]], who: str, bui
     divides by σ of the whole original; weight_norm's magnitude has another shape; a user's parametrization may
     move a 0 anywhere). Written into the computed tensor, a change would be lost at the next forward."""
     for name, module in named:
-        if weight_is_computed(module) and not _computed_by_torch(module):
+        if not weight_is_computed(module):
+            continue
+        if not _computed_by_torch(module):
             when = f" after {who} was built" if built else ""
             return (f"{who}: layer {name!r}'s weight is not a Parameter: it was deleted or replaced by a plain "
                     f"tensor{when}, and {who} masks, regrows and rewinds Parameters; give the layer its weight back "
                     f"as an nn.Parameter (del layer.weight; layer.weight = nn.Parameter(...)), or leave the layer out "
                     f"of sparsify (exclude=)")
-        if weight_is_computed(module):
-            when = f", registered after {who} was built" if built else ""
-            return (f"{who}: layer {name!r}'s weight is computed from other parameters at every forward (a "
-                    f"parametrization, weight_norm, spectral_norm or torch.nn.utils.prune{when}), not a Parameter "
-                    f"of its own whose values {who} could mask, regrow or rewind: register the parametrization "
-                    f"before sparsify (the layer then stays dense), remove it "
-                    f"(torch.nn.utils.parametrize.remove_parametrizations, torch.nn.utils.remove_weight_norm / "
-                    f"remove_spectral_norm), or leave the layer out of sparsify (exclude=)")
+        when = f", registered after {who} was built" if built else ""
+        return (f"{who}: layer {name!r}'s weight is computed from other parameters at every forward (a "
+                f"parametrization, weight_norm, spectral_norm or torch.nn.utils.prune{when}), not a Parameter "
+                f"of its own whose values {who} could mask, regrow or rewind: register the parametrization "
+                f"before sparsify (the layer then stays dense), remove it "
+                f"(torch.nn.utils.parametrize.remove_parametrizations, torch.nn.utils.remove_weight_norm / "
+                f"remove_spectral_norm), or leave the layer out of sparsify (exclude=)")
     return None
 
 

@@ -63,24 +63,45 @@ def check_state_writable(optimizer: torch.optim.Optimizer, weight: Tensor, mask:
         _checks.writable_in_place(tensor, name, mask, f"{layer}.mask")
 
 
-def fresh_state(optimizer: torch.optim.Optimizer, weight: Tensor) -> list[tuple[Tensor, float | complex]]:
+def fresh_state(optimizer: torch.optim.Optimizer, weight: Tensor) -> list[tuple[Tensor, float | complex | Tensor]]:
     """The `optimizer_state` tensors of `weight` whose fresh state (what the optimizer makes for a weight it has not
     stepped) is not 0, each with that value: Rprop's `step_size` starts at the lr of the weight's group, Adagrad's
     `sum` at its `initial_accumulator_value` (the constructor's, which torch gives every group). Off a mask they hold
     it, so that a weight grown there starts as a fresh one would: zeroed, Rprop's steps would start at its
     step_sizes minimum (1e-6) and Adagrad's first step would be lr·g/|g|. Every other torch.optim state shaped like
     the weight starts at 0 (checked against torch 2.13's `_init_group`s), so this is empty for them, and the zeroing
-    kernels alone reset it. A complex state holds the value in both parts, as torch starts it."""
+    kernels alone reset it. A complex state holds the value in both parts, as torch starts it. A Tensor lr is kept a
+    tensor (0-d, on the weight's device unless on the CPU), not read to the host (a sync on GPU at every update of
+    every layer): `fill_fresh` writes it."""
     local = optimizer.optim if state_is_sharded(optimizer) else optimizer
     if isinstance(local, torch.optim.Rprop):
         group = next((group for group in local.param_groups if any(p is weight for p in group["params"])), None)
-        values = {} if group is None else {"step_size": float(group["lr"])}   # a Tensor lr is read, as torch's is
+        values = {} if group is None else {"step_size": _lr_value(group["lr"], weight)}
     elif isinstance(local, torch.optim.Adagrad):
-        values = {"sum": float(local.defaults["initial_accumulator_value"])}
+        initial = float(local.defaults["initial_accumulator_value"])
+        values = {"sum": initial} if initial else {}   # 0, its default, is what the zeroing leaves
     else:
         return []
-    return [(tensor, complex(values[key], values[key]) if tensor.is_complex() else values[key])
-            for key, tensor in _weight_shaped_state(optimizer, weight).items() if values.get(key, 0)]
+    return [(tensor, values[key] * (1 + 1j) if tensor.is_complex() else values[key])
+            for key, tensor in _weight_shaped_state(optimizer, weight).items() if key in values]
+
+
+def _lr_value(lr: float | Tensor, weight: Tensor) -> float | Tensor:
+    """Rprop's `lr` as `fill_fresh` takes it: a float, or a 1-element Tensor as a 0-d one, which torch.where reads on
+    the device (moved to the weight's unless it is on the CPU, whose 0-d tensors any device's ops take as numbers)."""
+    if not isinstance(lr, Tensor):
+        return float(lr)
+    lr = lr.detach().reshape(())
+    return lr if lr.device.type == "cpu" else lr.to(weight.device)
+
+
+def fill_fresh(tensor: Tensor, where: Tensor, value: float | complex | Tensor) -> None:
+    """Sets `tensor` (a state of `fresh_state`) to its fresh `value` at `where` (bool, its shape), in place. A Tensor
+    value goes through torch.where, which reads it on the device: masked_fill_ would read it to the host."""
+    if isinstance(value, Tensor):
+        torch.where(where, value, tensor, out=tensor)
+    else:
+        tensor.masked_fill_(where, value)
 
 
 def reset_state_off_mask(optimizer: torch.optim.Optimizer, weight: Tensor, mask: Tensor) -> None:
@@ -90,7 +111,7 @@ def reset_state_off_mask(optimizer: torch.optim.Optimizer, weight: Tensor, mask:
     fresh = {id(tensor): value for tensor, value in fresh_state(optimizer, weight)}
     for tensor in optimizer_state(optimizer, weight):
         if id(tensor) in fresh:
-            tensor.masked_fill_(~mask, fresh[id(tensor)])
+            fill_fresh(tensor, ~mask, fresh[id(tensor)])
         else:
             mask_state_in_place(tensor, mask)
 

@@ -1,6 +1,5 @@
 """Acceptance check 5: every pruning criterion removes exactly the set a NumPy re-implementation
 removes for fixed (θ, g), through the whole DST update (layer and global scope)."""
-import math
 from fractions import Fraction
 
 import numpy as np
@@ -33,7 +32,7 @@ def numpy_removed(name, theta, g, active, n):
 
 def numpy_set_removed(theta, active, n):
     """Mocanu's rule, written independently: zeros first (by position), then of the rest n₊ =
-    round-half-up(n·A₊/A) smallest positive and n − n₊ negative weights closest to zero."""
+    round(n·A₊/A) (Python's: halves to even) smallest positive and n − n₊ negative weights closest to zero."""
     values = theta[active]
     zeros = active[values == 0]
     if n <= len(zeros):
@@ -43,7 +42,7 @@ def numpy_set_removed(theta, active, n):
     positive = positive[np.argsort(theta[positive], kind="stable")]     # smallest first
     negative = negative[np.argsort(-theta[negative], kind="stable")]    # closest to zero first
     signed = len(positive) + len(negative)
-    take_positive = math.floor(Fraction(rest * len(positive), signed) + Fraction(1, 2))
+    take_positive = round(Fraction(rest * len(positive), signed))
     return np.sort(np.concatenate([zeros, positive[:take_positive], negative[:rest - take_positive]]))
 
 
@@ -168,22 +167,42 @@ def test_set_rule_splits_in_proportion_not_half_and_half():
     assert dropped == {0, 1, 2, 3, 8}
 
 
-def test_set_rule_rounds_a_half_share_up():
-    # A₊ = A₋ = 2: n₊ = n·2/4. n = 1: a share of exactly ½, rounded up: the smallest positive (0.1) goes, where
-    # Python's round (halves to even) would take the negative closest to 0 (-0.1). n = 3: 1.5 rounds to 2 either
-    # way: 0.1, 0.2 and -0.1.
+def test_set_rule_rounds_a_half_share_to_even_as_the_swap_count():
+    # A₊ = A₋ = 2: n₊ = round(n·2/4), Python's round as the swap count n = round(r·A) (the specification writes round for
+    # both). n = 1: ½ rounds to 0, the negative closest to 0 (-0.1) goes (half up took the smallest positive, 0.1,
+    # and at every odd n the odd weight was positive). n = 2: 1 of each. n = 3: 1.5 rounds to 2: 0.1, 0.2 and -0.1.
     weight = torch.tensor([0.2, -0.2, 0.1, -0.1])
     score = criteria.set_rule([weight], [None], [torch.ones(4, dtype=torch.bool)])[0]
     order = torch.argsort(score).tolist()
-    assert set(order[:1]) == {2}
+    assert set(order[:1]) == {3}
+    assert set(order[:2]) == {2, 3}
     assert set(order[:3]) == {0, 2, 3}
+
+
+@pytest.mark.parametrize("fraction, positive, negative", [(0.625, 2, 3), (0.375, 2, 1), (0.875, 4, 3)])
+def test_a_dst_update_under_set_drops_each_signs_share_rounded_half_to_even(fraction, positive, negative):
+    # 4 positive and 4 negative active weights: n = round(r·8) = 5, 3, 7 swaps, of which n₊ = round(n/2) = round(2.5),
+    # round(1.5), round(3.5) = 2, 2, 4 positive (half up: 3, 2, 4) and the rest negative. Growth by gradient takes
+    # inactive entries only (planted gradients), so the dropped ones are exactly old & ~new.
+    layer = SparseLinear(4, 4, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[0.1, 0.2, 0.3, 0.4], [-0.1, -0.2, -0.3, -0.4], [0.0] * 4, [0.0] * 4]))
+    old = torch.tensor([[True] * 4, [True] * 4, [False] * 4, [False] * 4])
+    layer.set_mask(old)
+    model = torch.nn.Sequential(layer)
+    algo = sparsekern.DST(model, torch.optim.SGD(model.parameters(), lr=0.1), prune="set", grow="gradient",
+                          schedule="constant", drop_fraction=fraction, update_every=1, total_steps=10)
+    layer.weight.grad = torch.cat([torch.zeros(2, 4), torch.arange(1.0, 9.0).view(2, 4)])
+    assert algo.step()
+    dropped = old & ~layer.mask
+    assert [int(dropped[0].sum()), int(dropped[1].sum())] == [positive, negative]
 
 
 def test_set_rule_ranks_zeros_first_then_interleaves_by_share():
     weight = torch.tensor([0.5, -0.1, 0.2, -0.3, 0.0, 9.0, -2.0])
     mask = torch.tensor([True, True, True, True, True, False, True])
     score = criteria.set_rule([weight], [None], [mask])[0]
-    # zero first (0); then A₊ = 2 and A₋ = 3: n₊(k) = round-half-up(2k/5) = 0, 1, 1, 2, 2 for k = 1..5,
+    # zero first (0); then A₊ = 2 and A₋ = 3: n₊(k) = round(2k/5) = 0, 1, 1, 2, 2 for k = 1..5 (no half),
     # so ranks 1..5 go -, +, -, +, -: -0.1 (1), 0.2 (2), -0.3 (3), 0.5 (4), -2.0 (5); inactive +inf.
     torch.testing.assert_close(score, torch.tensor([4.0, 1.0, 2.0, 3.0, 0.0, float("inf"), 5.0]))
 

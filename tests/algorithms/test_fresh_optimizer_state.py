@@ -159,3 +159,54 @@ def test_the_state_of_the_common_optimizers_is_exactly_zero_off_the_masks(name):
         states = [tensor for tensor in optimizer.state[layer.weight].values() if tensor.shape == layer.weight.shape]
         assert states and all(torch.equal(state[~layer.mask], torch.zeros_like(state[~layer.mask]))
                               for state in states)
+
+
+def no_host_reads(monkeypatch):
+    """Makes a read of a tensor's value to the host from Python (float(), .item()) raise: on GPU each is a sync."""
+    def refuse(tensor, *args):
+        raise AssertionError("a tensor's value was read to the host")
+
+    monkeypatch.setattr(torch.Tensor, "__float__", refuse)
+    monkeypatch.setattr(torch.Tensor, "item", refuse)
+
+
+@pytest.mark.parametrize("lr", [torch.tensor(LR, dtype=torch.float64), torch.tensor([LR])], ids=["0-d", "1-element"])
+def test_a_tensor_lr_of_rprop_fills_the_fresh_state_without_reading_it_to_the_host(lr, monkeypatch):
+    # fresh_state took float(lr): on GPU a sync at every update, for every layer.
+    model = sparsekern.sparsify(dense_model(), 0.3, distribution="uniform", generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.Rprop(model.parameters(), lr=lr)
+    algo = sparsekern.DST(model, optimizer, update_every=4, total_steps=100)
+    train(model, optimizer, 3, algo)
+    before = [layer.mask.clone() for layer in sparse_layers(model)]
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 8, generator=generator), torch.randn(16, 4, generator=generator)
+    nn.functional.mse_loss(model(x), y).backward()
+    with monkeypatch.context() as patch:
+        no_host_reads(patch)
+        assert algo.step()
+        layer = sparse_layers(model)[0]
+        layer.set_mask(layer.mask & torch.ones_like(layer.mask).tril(), optimizer=optimizer)
+    for layer, old in zip(sparse_layers(model), before):
+        state = optimizer.state[layer.weight]["step_size"]
+        assert state.dtype == torch.float32
+        assert_fresh_where(optimizer, layer, ~layer.mask | ~old, "step_size", torch.tensor(LR))
+
+
+@pytest.mark.gpu
+def test_a_cuda_tensor_lr_of_rprop_is_never_read_back_by_an_update():
+    model = sparsekern.sparsify(dense_model(), 0.3, distribution="uniform", generator=torch.Generator().manual_seed(0))
+    model.cuda()
+    optimizer = torch.optim.Rprop(model.parameters(), lr=torch.tensor(LR, device="cuda"))
+    algo = sparsekern.DST(model, optimizer, update_every=1, total_steps=100, host_checks=False)
+    model(torch.randn(16, 8, device="cuda")).square().mean().backward()
+    optimizer.step()
+    algo.step()   # the first update counts the masks (one read), later ones do not
+    model(torch.randn(16, 8, device="cuda")).square().mean().backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        assert algo.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for layer in sparse_layers(model):
+        assert torch.all(optimizer.state[layer.weight]["step_size"][~layer.mask] == LR)

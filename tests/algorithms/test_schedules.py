@@ -1,6 +1,8 @@
 import copy
 import functools
+import io
 import math
+import pickle
 import warnings
 
 import numpy as np
@@ -457,3 +459,26 @@ def test_a_schedule_function_that_reaches_no_update_step_warns_as_a_named_one_an
         sparsekern.DST(model, torch.optim.SGD(model.parameters(), lr=0.1), schedule=lambda step: calls.append(step),
                        update_every=200, total_steps=100)
     assert calls == []
+
+
+def _dst_of(schedule):
+    model = sparsekern.sparsify(torch.nn.Sequential(torch.nn.Linear(8, 8)), 0.5,
+                                generator=torch.Generator().manual_seed(0))
+    return sparsekern.DST(model, torch.optim.SGD(model.parameters(), lr=0.1), schedule=schedule, update_every=2,
+                          total_steps=10)
+
+
+@pytest.mark.parametrize("save", [pickle.dumps, lambda algo: torch.save(algo, io.BytesIO())], ids=["pickle", "torch"])
+def test_pickling_a_dst_with_a_lambda_schedule_is_refused_naming_it_and_state_dict(save):
+    # pickle's own error named the lambda's attribute lookup in __main__, neither the schedule nor what to save.
+    with pytest.raises(pickle.PicklingError, match=r"^schedule=\S*<lambda> cannot be pickled \(.*\): define the "
+                                                   r"function at the top level of a module, or save DST.state_dict"):
+        save(_dst_of(lambda step: 0.25))
+
+
+def test_a_dst_with_a_module_level_schedule_function_pickles_and_one_with_a_lambda_copies():
+    loaded = pickle.loads(pickle.dumps(_dst_of(_linear)))
+    assert loaded.schedule == schedules.make(_linear, 10, update_every=2)
+    lambda_schedule = _dst_of(lambda step: 0.25)
+    for copied in (copy.deepcopy(lambda_schedule), copy.copy(lambda_schedule)):
+        assert copied.schedule == lambda_schedule.schedule and copied.schedule.fraction(2) == 0.25

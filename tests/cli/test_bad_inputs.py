@@ -1093,6 +1093,25 @@ def test_an_interrupted_command_says_so_under_its_name(tmp_path, capsys, monkeyp
     assert capsys.readouterr().err.startswith("sparsekern train: interrupted; finished work is kept in ")
 
 
+@pytest.mark.parametrize("command", ["train", "compare", "reproduce"])
+def test_a_command_interrupted_before_it_trains_stops_with_one_line_and_exit_code_130(tmp_path, capsys, monkeypatch,
+                                                                                       command):
+    # While it checked the inputs, read the data or joined the other ranks, a Ctrl-C printed KeyboardInterrupt's
+    # traceback; later it printed one line and exit code 130.
+    def interrupt(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib.import_module("sparsekern.cli.main"), f"_prepare_{command}", interrupt)
+    with pytest.raises(SystemExit) as exit_info:
+        try:
+            main([command, "--out", str(tmp_path / "out"), "--quiet"])
+        except KeyboardInterrupt:   # as a failure of this test, not the end of pytest's session
+            pytest.fail("KeyboardInterrupt left main: Python prints its traceback")
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.splitlines() == [f"sparsekern {command}: interrupted"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_train_interrupted_after_an_epoch_says_to_resume_from_its_checkpoint(tmp_path, capsys, monkeypatch):
     # It said "rerun the same command to go on", which starts train over and overwrites the epoch's checkpoint.
     save = training.Run.save

@@ -262,3 +262,50 @@ def test_set_mask_on_a_tied_layer_of_a_wrapped_model_sets_both(generator, one_ra
     assert torch.equal(model[0].mask, mask)
     compiled(x).square().sum().backward()
     assert torch.all(model[0].weight.grad[~mask] == 0)
+
+
+DENSE_LOADS = {  # a dense checkpoint's weight reaching the tie through one layer's key, or both
+    "the twin's key alone": lambda model, weight: model.load_state_dict({"2.weight": weight}, strict=False),
+    "the first layer's key alone": lambda model, weight: model.load_state_dict({"0.weight": weight}, strict=False),
+    "the twin layer's own load": lambda model, weight: model[2].load_state_dict(
+        {"weight": weight, "bias": model[2].bias.detach()}),
+    "both keys": lambda model, weight: model.load_state_dict({"0.weight": weight, "2.weight": weight}, strict=False),
+}
+
+
+@pytest.mark.parametrize("load", DENSE_LOADS)
+def test_a_dense_weight_loaded_through_either_tied_layer_makes_both_dense(generator, load):
+    # Through one layer alone (a checkpoint leaving the tied duplicate out), that layer's mask became all True and
+    # its twin kept its own: the twin promised 0 off its mask where the loaded weight is not, so it computed densely
+    # while counted sparse, and DST refused the tie's two masks.
+    model = tied_pair(generator)
+    weight = torch.randn(8, 8, generator=generator)
+    with pytest.warns(UserWarning, match=r"no mask for 1 sparse layer, '\d?\.?mask' \(SparseLinear, density 0.5, "
+                                         r"with the layer sharing its weight\): load_state_dict loads each as a dense"):
+        DENSE_LOADS[load](model, weight)
+    x = torch.randn(4, 8, generator=generator)
+    for layer in (model[0], model[2]):
+        assert layer.mask.all() and layer.zero_off_mask
+        torch.testing.assert_close(layer(x), nn.functional.linear(x, weight, layer.bias))
+    sparsekern.DST(model, torch.optim.SGD(model.parameters(), lr=0.1), total_steps=1000)
+
+
+def test_a_weight_assigned_in_place_of_a_tied_one_leaves_its_former_twin(generator):
+    """load_state_dict(assign=True) gives the layer a weight of its own: its former twin keeps its weight and mask."""
+    model = tied_pair(generator)
+    before = model[0].mask.clone()
+    with pytest.warns(UserWarning, match=r"no mask for 1 sparse layer, 'mask' \(SparseLinear, density 0.5\): "):
+        model[2].load_state_dict({"weight": torch.randn(8, 8, generator=generator), "bias": model[2].bias.detach()},
+                                 assign=True)
+    assert model[2].weight is not model[0].weight and model[2].mask.all()
+    assert torch.equal(model[0].mask, before) and model[0].zero_off_mask
+
+
+def test_a_dense_load_refuses_a_twin_whose_mask_cannot_be_written_before_any_change(generator):
+    model = tied_pair(generator)
+    weight, mask = model[0].weight.detach().clone(), model[0].mask.clone()
+    model[0].mask.data = mask[:1].expand(8, 8)
+    with pytest.raises(ValueError, match=r"^load_state_dict: the SparseLinear tied to layer '2' \(sharing its weight\)"
+                                         r".*share memory"):
+        model.load_state_dict({"2.weight": torch.randn(8, 8, generator=generator)}, strict=False)
+    assert torch.equal(model[2].weight, weight) and torch.equal(model[2].mask, mask)
