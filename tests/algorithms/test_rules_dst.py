@@ -1,7 +1,8 @@
 """DST's drop-and-grow rules, each on a layer small enough to work out by hand: the gradient a criterion reads (the
 dense one of the batch, through backward), ties, what a regrown just-dropped entry keeps (its value and its optimizer
 state) against a newly grown one (0 both), one global selection against per-layer ones, swap counts above the
-inactive count (RigL's ResNet-50 case), and the criteria's formulas at every weight dtype."""
+inactive count (RigL's ResNet-50 case), the criteria's formulas at every weight dtype, and the zeros-off-mask
+promise an update leaves a layer with."""
 import pytest
 import torch
 from torch import nn
@@ -80,6 +81,22 @@ def test_ties_keep_and_grow_the_lower_flat_position():
     layer.weight.grad = torch.tensor([[0.0, 0, 5, 5], [5, 5, 5, 0]])
     assert algo.step()
     assert positions(layer.mask) == [2, 3, 7]
+
+
+def test_an_update_leaves_a_layer_that_held_values_off_its_mask_promising_zeros_again():
+    # The update writes every weight off the new mask to 0 (the value 7 at flat 5 is grown and starts at 0), so
+    # the layer may take the dense kernel again, as set_mask would leave it: DST must say so (zero_off_mask).
+    layer = hand_layer([0.5, -0.1, 0.3, 0.05, 0, 0], range(4))
+    with torch.no_grad():
+        layer.weight[0, 5] = 7.0
+    layer.zero_off_mask = False
+    model = nn.Sequential(layer)
+    algo = constant_dst(model, torch.optim.SGD(model.parameters(), lr=0.1), 0.5)
+    layer.weight.grad = torch.tensor([[0.0, 0, 0, 0, 1, 2]])
+    assert algo.step()
+    assert positions(layer.mask) == [0, 2, 4, 5]
+    assert torch.equal(layer.weight.detach().flatten(), torch.tensor([0.5, 0, 0.3, 0, 0, 0]))
+    assert layer.zero_off_mask
 
 
 @pytest.mark.parametrize("reset_state", [True, False])
