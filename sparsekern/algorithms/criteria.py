@@ -457,6 +457,8 @@ class Criterion:
         versions = [t._version for t in inputs]
         try:
             scores = self.score(weights, grads, masks, generator=generator, **self._count(n))
+        except torch.OutOfMemoryError:   # as _checks.users_call lets it pass, for the handlers that catch it
+            raise
         except Exception as error:   # a user's code: any error it raises, said with the criterion and the layers
             if isinstance(error, TypeError) and _signature(self.score) is None:
                 # A callable without a signature (a builtin such as max) could not be checked when the Criterion was

@@ -274,9 +274,9 @@ class OptG(distributed.CatchesUp):
         return complement(self.sparsity)
 
     def score_lr(self, epoch: int) -> float:
-        """lr_e·σ(β(e − E/2)); ValueError naming lr_schedule unless lr_e is a finite number >= 0 (TypeError unless a
-        real number, not a bool; an int or a NumPy float is taken as the float it is), RuntimeError naming it for an
-        error it raises."""
+        """lr_e·σ(β(e − E/2)); ValueError naming lr_schedule unless lr_e is a finite number >= 0 (TypeError unless
+        a real number, not a bool; an int or a NumPy float is taken as the float it is), RuntimeError naming it for
+        an error it raises."""
         lr = _checks.users_call(self.lr_schedule, "lr_schedule", f" at epoch {epoch}", epoch)
         lr = _checks.number(lr, f"the lr lr_schedule gave at epoch {epoch}", lambda value: value >= 0, ">= 0")
         return lr * _sigmoid(self.beta * (epoch - self.epochs / 2))
@@ -366,9 +366,9 @@ class OptG(distributed.CatchesUp):
         """Scores' gradient g ⊙ θ at every position, weights' gradient g ⊙ m, one score update.
 
         Reads the dense gradient g = ∂L/∂(θ ⊙ m) that the modules' `dense_grad` gives; a layer
-        whose weight received no gradient contributes none, but with criterion="learned" a step at which no layer
-        it trains has one (step() called before backward) raises RuntimeError, with nothing changed: the backward
-        to come would give the optimizer dense gradients. With criterion="magnitude" it only
+        whose weight received no gradient contributes none, but with criterion="learned" a step at which no
+        parameter of the model has one (step() called before backward) raises RuntimeError, with nothing changed:
+        the backward to come would give the optimizer dense gradients. With criterion="magnitude" it only
         masks the weights' gradient. A gradient unchanged since the previous `step()` (no backward in
         between) raises RuntimeError, with nothing changed: it would count the same gradient twice in
         the scores; so does (ValueError naming it) one that cannot be masked in place (an expanded view, an
@@ -388,11 +388,11 @@ class OptG(distributed.CatchesUp):
             raise RuntimeError(f"OptG.step(): the gradient of sparse layer {stale} has not changed since the "
                                f"previous step() (step() called twice, or without a backward in between)")
         grads = [weight.grad for weight in weights]
-        trained = [grad for index, grad in enumerate(grads) if index not in frozen]
-        if self._learns and trained and all(grad is None for grad in trained):
-            # A step() before backward: the scores would learn nothing, and the dense gradient of the backward to
-            # come would reach the optimizer unmasked, moving the pruned weights.
-            raise RuntimeError("OptG.step(): no sparse layer it trains has a gradient: call step() after backward, "
+        if self._learns and all(parameter.grad is None for parameter in self._replicas.parameters()):
+            # A step() before backward (DST's rule): the scores would learn nothing, and the dense gradient of the
+            # backward to come would reach the optimizer unmasked, moving the pruned weights. Sparse layers alone
+            # without one are layers this step did not use (a branch, an adapter): they keep their scores.
+            raise RuntimeError("OptG.step(): no parameter of the model has a gradient: call step() after backward, "
                                "before the optimizer step")
         for name, layer, grad in zip(_tickets.layer_names(self._groups), self.layers, grads):
             if grad is not None:   # masked below, after the layers before it: checked for all of them first

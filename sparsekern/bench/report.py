@@ -191,8 +191,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m benchmarks",
     # The ratio is paired per round (core.measure): on a loaded machine it can be far from the ratio of the two
     # medians in the time column, which the header said it was.
     print("speed-up = baseline time / time in the same round, the median over rounds (each times every "
-          "implementation once), so not the ratio of the median times shown: above 1 is faster than the case's "
-          "baseline, the torch code it replaces.")
+          "implementation once), so not always the ratio of the median times shown (it is for an implementation "
+          "too slow to time more than once): above 1 is faster than the case's baseline, the torch code it "
+          "replaces.")
     if args.quick:
         print("--quick: tiny sizes, to check that every case runs; its times and speed-ups are not measurements.")
     print(format_table(rows))

@@ -321,8 +321,9 @@ def sparse_linear(x: Tensor, packed: PackedWeight, bias: Tensor | None = None) -
 
     x: (..., in_features), of the packed weight's dtype and device; bias: (out_features,) or None,
     same dtype. Returns (..., out_features) in the packed weight's dtype, accumulated in float32
-    (float64 for float64), under torch.autocast too, which casts a floating x of another dtype (the
-    output of a layer autocast ran before it) to the packed weight's. No autograd: this is for inference.
+    (float64 for float64), under torch.autocast too, where an x of another floating dtype but float64
+    (the output of a layer autocast ran before it) is cast to the packed weight's, as autocast casts
+    inputs. No autograd: this is for inference.
     Where the dense product is faster (density or row count above SPARSE_LINEAR_LIMITS for the
     device), it calls F.linear on `packed.dense()`, the unpacked weight, which the PackedWeight
     makes on the first such call and keeps.
@@ -339,9 +340,11 @@ def sparse_linear(x: Tensor, packed: PackedWeight, bias: Tensor | None = None) -
     if not isinstance(packed, PackedWeight):
         raise TypeError(f"packed must be a PackedWeight (from sparsekern.ops.pack), got {type(packed).__name__}")
     _checks.floating(x, "x")
-    if x.dtype != packed.dtype and _autocast_enabled(x.device.type):
+    given = x   # what torch.func differentiates: a cast of it below would hide that from refuse_derivatives
+    if x.dtype not in (packed.dtype, torch.float64) and _autocast_enabled(x.device.type):
         # Under autocast, the layer before a layer in inference mode (a convolution, an attention, an LSTM)
         # answers in autocast's dtype, which the packed weight does not hold: refusing it failed every such model.
+        # float64 is refused as outside autocast, which leaves it alone too.
         x = x.to(packed.dtype)
     if x.dim() < 1 or x.shape[-1] != packed.in_features:
         raise ValueError(f"x must end in in_features={packed.in_features}, got shape {tuple(x.shape)}")
@@ -356,7 +359,7 @@ def sparse_linear(x: Tensor, packed: PackedWeight, bias: Tensor | None = None) -
             raise TypeError(f"bias has dtype {bias.dtype} but x has {x.dtype}")
         tensors.append(("bias", bias))
     _checks.same_device(tensors)
-    _transforms.refuse_derivatives("sparsekern.ops.sparse_linear", (x, bias), "it has no derivatives (inference mode)",
+    _transforms.refuse_derivatives("sparsekern.ops.sparse_linear", (given, bias), "it has no derivatives (inference mode)",
                                    "leave inference mode first (SparseLinear.to_training()), or call masked_linear")
     rows = x.numel() // packed.in_features if packed.in_features else 0
     # vmap: the sparse kernel has no batching rule, and its fallback runs it once per sample.

@@ -580,9 +580,12 @@ def users_call(function, shown: str, when: str, *args, **kwargs):
     """`function(*args, **kwargs)`, a function of a user's own given as an argument (`shown`: that argument as messages
     say it, "schedule=step_decay"), called where what it raises would name nothing of the call (at a training step,
     deep inside another call): an exception it raises is raised again as RuntimeError saying `shown`, `when` (" at
-    step 3", or "") and the error, which is chained to it."""
+    step 3", or "") and the error, which is chained to it. torch.OutOfMemoryError passes as it is, for the handlers
+    that catch it (a retry at a smaller batch), as does what is not an Exception (KeyboardInterrupt)."""
     try:
         return function(*args, **kwargs)
+    except torch.OutOfMemoryError:
+        raise
     except Exception as error:   # a user's code: any error it raises
         raise RuntimeError(f"{shown} raised {type(error).__name__}{when}: {error}") from error
 

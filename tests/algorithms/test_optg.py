@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import sparsekern.checkpoint
+import sparsekern.nn
 import sparsekern.ops
 from sparsekern.algorithms import OptG, _tickets
 from sparsekern.algorithms.optg import cosine_lr, sparsity_at
@@ -326,6 +327,26 @@ def _train_freezing(model, optg, x, y, epochs, steps, layer, since, until, start
 
 def _kept(optg):
     return sum(int(mask.sum()) for mask in optg.masks)
+
+
+def test_a_step_that_used_no_sparse_layer_keeps_their_scores_and_one_before_backward_is_refused():
+    # Review 28: refusing every step at which no sparse layer had a gradient refused a sparse adapter (a branch) a
+    # step did not use, after its backward; only no gradient anywhere is a step() before backward, as for DST.
+    torch.manual_seed(0)
+    trunk, adapter = torch.nn.Linear(6, 6), sparsekern.nn.SparseLinear(6, 6)
+    model = torch.nn.Sequential(trunk, adapter)
+    optg = OptG(model, sparsity=0.5, epochs=3, lr=0.1)
+    x = torch.randn(4, 6)
+    trunk(x).sum().backward()   # the adapter unused at this step
+    scores = [score.clone() for score in optg.scores]
+    optg.step()
+    assert all(torch.equal(old, new) for old, new in zip(scores, optg.scores))
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(RuntimeError, match="no parameter of the model has a gradient"):
+        optg.step()
+    model(x).sum().backward()
+    optg.step()
+    assert not torch.equal(scores[0], optg.scores[0])
 
 
 def test_a_layer_frozen_after_construction_keeps_its_mask_and_scores_and_the_model_stays_on_the_ramp():

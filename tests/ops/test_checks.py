@@ -469,3 +469,15 @@ def test_memory_sharing_is_exact_for_slices_of_one_tensor_and_never_missed():
                          (w[:, ::2], w[:, 2::2], True), (w[1:3, 2:6], w[3:5, 2:6], False),
                          (w.view(-1)[3:40], w[:, 5:], True)]:
         assert _checks.overlap(a, b) is shares
+
+
+def test_users_call_names_the_function_for_its_errors_and_lets_out_of_memory_pass():
+    def failing(error):
+        raise error
+
+    with pytest.raises(RuntimeError, match=r"^schedule=f raised ValueError at step 3: bad$") as caught:
+        _checks.users_call(failing, "schedule=f", " at step 3", ValueError("bad"))
+    assert isinstance(caught.value.__cause__, ValueError)
+    # What a handler catches to retry at a smaller batch, left as it is (review 28).
+    with pytest.raises(torch.OutOfMemoryError):
+        _checks.users_call(failing, "schedule=f", "", torch.OutOfMemoryError("out of memory"))

@@ -541,3 +541,16 @@ def test_autocast_casts_an_x_of_its_dtype_to_the_packed_weights(generator, rows)
     torch.testing.assert_close(got, x.float() @ torch.where(mask, weight, 0).T)
     with pytest.raises(TypeError, match="x has dtype torch.bfloat16 but the packed weight has torch.float32"):
         ops.sparse_linear(x, ops.pack(weight, mask))   # outside autocast a dtype that differs is a mistake
+
+
+def test_under_autocast_float64_is_refused_and_torch_func_grad_of_a_cast_x_too(generator):
+    # Review 28: the cast came before the derivative check, which then saw a detached copy: torch.func.grad gave
+    # zeros; and a float64 x, which autocast leaves alone, was cut to float32.
+    weight, mask = torch.randn(6, 40, generator=generator), torch.rand(6, 40, generator=generator) < 0.05
+    packed = ops.pack(weight, mask)
+    x = torch.randn(4, 40, generator=generator)
+    with torch.autocast("cpu", torch.bfloat16):
+        with pytest.raises(TypeError, match="x has dtype torch.float64"):
+            ops.sparse_linear(x.double(), packed)
+        with pytest.raises(RuntimeError, match="sparse_linear"):
+            torch.func.grad(lambda x: ops.sparse_linear(x, packed).sum())(x.bfloat16())
