@@ -138,10 +138,11 @@ def set_rule(weights, grads, masks, *, generator=None, gamma=1.0, offset=EPSILON
     Of any n dropped, n₊ = round(n·A₊/A) are positive and n₋ = n − n₊ negative, where A₊ and A₋
     count the active positive and negative weights and A = A₊ + A₋. Mocanu drops the fraction ζ of each sign, which
     this equals up to rounding while keeping n exact. round is Python's, as for the swap count n = round(r·A) and
-    every other count the package rounds: a share of exactly half (n·A₊/A = m + ½: equal sign counts and an odd n)
-    goes to the even neighbour, so the odd weight is the negative one at n = 1 of {0.1, 0.2, −0.1, −0.2} (−0.1)
-    and a positive one at n = 3 (0.1, 0.2 and −0.1): neither sign always loses the odd weight, as it would with
-    one fixed direction (half up drops one positive weight more at every such update). Since n₊
+    every other count the package rounds: a share of exactly half (n·A₊/A = m + ½: 2·n·A₊ an odd multiple of A, as
+    with equal sign counts and an odd n) goes to the even neighbour, so the odd weight is the negative one at n = 1
+    of {0.1, 0.2, −0.1, −0.2} (−0.1) and a positive one at n = 3 (0.1, 0.2 and −0.1): neither sign always loses the
+    odd weight, as it would with one fixed direction (half up drops one positive weight more at every such update).
+    Since n₊
     and n₋ never decrease as n grows, and each grows by at most 1 per step of n, one ranking serves every n: the
     k-th lowest score (k = 1..A)
     goes to the next positive weight (smallest first) when n₊(k) > n₊(k − 1), else to the next

@@ -24,10 +24,7 @@ grown weights (at 0) would get no step to train and the dropped ones would be lo
 """
 from __future__ import annotations
 
-import copy
-import dataclasses
 import math
-import pickle
 from dataclasses import dataclass
 from typing import Callable, ClassVar
 
@@ -92,28 +89,6 @@ class Schedule:
     def state(self) -> dict:
         """The fields SAVED, by name: what `DST.state_dict()` saves of the schedule."""
         return {field: getattr(self, field) for field in self.SAVED}
-
-    def __getstate__(self) -> dict:
-        """What pickle (and torch.save) saves: every field. A function is saved by reference, its module and name,
-        which a lambda or a function defined inside another has not: pickle's error, raised deep in the object
-        pickled, named neither the schedule nor what to save instead."""
-        if self.function is not None:
-            try:
-                pickle.dumps(self.function)
-            except Exception as error:   # pickle raises PicklingError, AttributeError or TypeError, by the object
-                raise pickle.PicklingError(
-                    f"schedule={_checks.qualified_name(self.function)} cannot be pickled ({error}): define the "
-                    f"function at the top level of a module, or save DST.state_dict() (which holds no function) and "
-                    f"load it into a DST built with the same schedule=") from error
-        return dict(vars(self))
-
-    def __copy__(self) -> Schedule:
-        return self   # frozen: a copy would be the same
-
-    def __deepcopy__(self, memo: dict) -> Schedule:
-        """A copy holding deepcopy's copy of the function (a plain function is itself), which no pickling check
-        (__getstate__) stands in the way of: a DST copies whole with a lambda for its schedule."""
-        return dataclasses.replace(self, function=copy.deepcopy(self.function, memo))
 
     def is_update(self, step: int) -> bool:
         return step % self.update_every == 0 and 0 < step < self.end_step

@@ -6,8 +6,8 @@ Every bad input (an argument, the dataset's content, a resume checkpoint, the ou
 SPARSEKERN_BACKEND) fails with a one-line error and exit code 2 before any training, which starts with the
 subcommand as argparse's own errors do (`sparsekern train: error: ...`), as do warnings. `train` also runs
 data-parallel on the ranks torchrun starts (README.md, `sparsekern train`), where a bad input on any rank stops every
-rank with that error. A Ctrl-C once this module is imported stops it with one line (`sparsekern train: interrupted`,
-and how to go on once training started) and exit code 130.
+rank with that error. A Ctrl-C while train, compare or reproduce checks its inputs or runs stops it with one line
+(`sparsekern train: interrupted`, and how to go on once training started) and exit code 130.
 """
 from __future__ import annotations
 

@@ -520,28 +520,32 @@ class SparseModule(nn.Module):
             _refuse_meta_into_pack(state_dict, prefix)
         # load_state_dict hands each module its own copy of the dict, so filling in the mask of a
         # dense checkpoint here does not touch the caller's dict.
+        assign = local_metadata.get("assign_to_params_buffers", False)
         dense = prefix + "mask" not in state_dict and prefix + "weight" in state_dict
+        # Its tied twins' masks follow the one it loads (below), checked before anything changes; a weight assigned in
+        # place of this one's (assign=True) is its own, and its former twins keep their weight and mask.
+        twins = [] if assign or not (dense or prefix + "mask" in state_dict) else self._tied_modules()
+        for twin in twins:
+            subject = f"load_state_dict: the {type(twin).__name__} tied to layer {prefix[:-1] or '(root)'!r}"
+            check_own_mask(twin, f"{subject} (sharing its weight)")
+            _checks.writable_in_place(twin.mask, f"{subject}'s mask")
         if dense:
-            # The module's shape: a weight of another shape is refused on its own (a Conv2d's into a
-            # SparseConv3d), with no mismatch reported for a mask the checkpoint does not hold.
-            device = state_dict[prefix + "weight"].device
-            # Its tied twins' masks follow this one's (below), checked before anything changes; a weight assigned in
-            # place of this one's (assign=True) is its own, and its former twins keep their weight and mask.
-            twins = [] if local_metadata.get("assign_to_params_buffers", False) else self._tied_modules()
-            for twin in twins:
-                check_own_mask(twin, f"load_state_dict: the {type(twin).__name__} tied to layer "
-                                     f"{prefix[:-1] or '(root)'!r} (sharing its weight)")
-            if not self.mask.is_meta and not bool(self.mask.all()):
+            # The module's shape: a weight of another shape (a Conv2d's into a SparseConv3d) fails torch's own check,
+            # which loads nothing of it, so the mask stays as it is, with no mismatch reported for a mask the
+            # checkpoint does not hold.
+            weight = state_dict[prefix + "weight"]
+            fits = weight.shape == self.mask.shape
+            if fits and not self.mask.is_meta and not bool(self.mask.all()):
                 # A pretrained dense checkpoint loaded into a sparsified model: it would train dense, silently.
                 _dense_loads.note(missing_keys, prefix + "mask", self, tied=len(twins))
-            state_dict[prefix + "mask"] = torch.ones(self.mask.shape, dtype=torch.bool, device=device)
+            state_dict[prefix + "mask"] = (torch.ones(self.mask.shape, dtype=torch.bool, device=weight.device)
+                                           if fits else self.mask.clone())
         mask = state_dict.get(prefix + "mask")
         _check_loaded_mask(mask, prefix + "mask")
         if mask is not None:
             # Copied into the module's own buffer; assign=True puts the loaded one in its place instead, but reads the
             # old one as the weight is put in place first (`_recheck_zero_off_mask`).
-            check_own_mask(self, f"load_state_dict: layer {prefix[:-1] or '(root)'!r}",
-                           written=not local_metadata.get("assign_to_params_buffers", False))
+            check_own_mask(self, f"load_state_dict: layer {prefix[:-1] or '(root)'!r}", written=not assign)
         if isinstance(mask, Tensor) and (mask.dtype != torch.bool or not _checks.non_overlapping(mask)):
             # As a bool tensor of its own here, not in the copy into the buffer: load_state_dict(assign=True)
             # puts the tensor itself in the module, where an expanded view (which torch.save keeps as
@@ -549,14 +553,15 @@ class SparseModule(nn.Module):
             state_dict[prefix + "mask"] = mask.bool().contiguous()
         # Weight values load as saved: a checkpoint of a module that kept the invariant already
         # holds zeros off its mask, and OptG's deliberately kept values off the mask come back.
+        errors = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         self._recheck_zero_off_mask()
-        if dense:
-            # A tied twin holds the weight just loaded dense: left on its old mask, it would promise 0 off that mask
-            # where the weight is not, compute densely while counted sparse, and differ from this layer's mask, which
-            # the algorithms refuse. So the tie loads dense whichever of its layers' keys a checkpoint holds (one
-            # leaving the tied duplicate out, as torch.save of a tied LM may).
+        if len(error_msgs) == errors:   # a refused entry (torch's shape check) leaves the twins as they were
+            # A tied twin holds the weight just loaded: left on its old mask, it would promise 0 off that mask where
+            # the weight is not, compute densely while counted sparse, and differ from this layer's mask, which the
+            # algorithms refuse. So the tie loads the mask (dense for a dense weight) whichever of its layers' keys a
+            # checkpoint holds (one leaving the tied duplicate out, as torch.save of a tied LM may).
             for twin in twins:
                 twin.mask.copy_(self.mask)
                 twin.zero_off_mask = self.zero_off_mask

@@ -359,7 +359,8 @@ def sparse_linear(x: Tensor, packed: PackedWeight, bias: Tensor | None = None) -
             raise TypeError(f"bias has dtype {bias.dtype} but x has {x.dtype}")
         tensors.append(("bias", bias))
     _checks.same_device(tensors)
-    _transforms.refuse_derivatives("sparsekern.ops.sparse_linear", (given, bias), "it has no derivatives (inference mode)",
+    _transforms.refuse_derivatives("sparsekern.ops.sparse_linear", (given, bias),
+                                   "it has no derivatives (inference mode)",
                                    "leave inference mode first (SparseLinear.to_training()), or call masked_linear")
     rows = x.numel() // packed.in_features if packed.in_features else 0
     # vmap: the sparse kernel has no batching rule, and its fallback runs it once per sample.

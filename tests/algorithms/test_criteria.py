@@ -168,9 +168,10 @@ def test_set_rule_splits_in_proportion_not_half_and_half():
 
 
 def test_set_rule_rounds_a_half_share_to_even_as_the_swap_count():
-    # A₊ = A₋ = 2: n₊ = round(n·2/4), Python's round as the swap count n = round(r·A) (the specification writes round for
-    # both). n = 1: ½ rounds to 0, the negative closest to 0 (-0.1) goes (half up took the smallest positive, 0.1,
-    # and at every odd n the odd weight was positive). n = 2: 1 of each. n = 3: 1.5 rounds to 2: 0.1, 0.2 and -0.1.
+    # A₊ = A₋ = 2: n₊ = round(n·2/4), Python's round as the swap count n = round(r·A) (the specification writes
+    # round for both). n = 1: ½ rounds to 0, the negative closest to 0 (-0.1) goes (half up took the smallest
+    # positive, 0.1, and at every odd n the odd weight was positive). n = 2: 1 of each. n = 3: 1.5 rounds to 2:
+    # 0.1, 0.2 and -0.1.
     weight = torch.tensor([0.2, -0.2, 0.1, -0.1])
     score = criteria.set_rule([weight], [None], [torch.ones(4, dtype=torch.bool)])[0]
     order = torch.argsort(score).tolist()

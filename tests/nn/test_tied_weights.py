@@ -309,3 +309,35 @@ def test_a_dense_load_refuses_a_twin_whose_mask_cannot_be_written_before_any_cha
                                          r".*share memory"):
         model.load_state_dict({"2.weight": torch.randn(8, 8, generator=generator)}, strict=False)
     assert torch.equal(model[2].weight, weight) and torch.equal(model[2].mask, mask)
+
+
+def test_a_mask_loaded_through_one_tied_layer_is_its_twins_too(generator):
+    # Review 28: a load holding one layer's weight and mask (a state dict leaving the tied duplicate's keys out)
+    # left the twin on its old mask, computing with the loaded weight off it while promising zeros there.
+    model, other = tied_pair(generator), tied_pair(torch.Generator().manual_seed(11))
+    model[0].load_state_dict(other[0].state_dict())
+    x = torch.randn(4, 8, generator=generator)
+    for layer in (model[0], model[2]):
+        assert torch.equal(layer.mask, other[0].mask) and layer.zero_off_mask
+    torch.testing.assert_close(model[2](x), nn.functional.linear(x, other[0].masked_weight(), model[2].bias))
+    sparsekern.DST(model, torch.optim.SGD(model.parameters(), lr=0.1), total_steps=1000)
+
+
+def test_a_load_torch_refuses_leaves_both_tied_layers_masks(generator):
+    # Review 28: a dense weight of another shape failed torch's size check, yet both masks had become all True.
+    model = tied_pair(generator)
+    masks = [model[0].mask.clone(), model[2].mask.clone()]
+    with pytest.raises(RuntimeError, match="size mismatch for 2.weight"):
+        model.load_state_dict({"2.weight": torch.randn(4, 8, generator=generator)}, strict=False)
+    assert torch.equal(model[0].mask, masks[0]) and torch.equal(model[2].mask, masks[1])
+
+
+def test_a_load_refuses_a_twin_whose_mask_is_an_inference_tensor_before_any_change(generator):
+    with torch.inference_mode():
+        model = tied_pair(generator)
+    weight, masks = model[0].weight.clone(), [model[0].mask.clone(), model[2].mask.clone()]
+    with pytest.raises(ValueError, match=r"^load_state_dict: the SparseLinear tied to layer '2''s mask is an "
+                                         r"inference tensor"):
+        model.load_state_dict({"2.weight": torch.randn(8, 8, generator=generator)}, strict=False)
+    assert torch.equal(model[0].weight, weight)
+    assert torch.equal(model[0].mask, masks[0]) and torch.equal(model[2].mask, masks[1])
