@@ -737,8 +737,9 @@ class SparseLinear(SparseModule, nn.Linear):
         again after one.
 
         Forward computes in the packed weight's dtype, under torch.autocast too, which hands it the output of a
-        layer before it in autocast's dtype: that is cast to the packed weight's (`ops.sparse_linear`); torch.compile
-        runs it (with a graph break), torch.export refuses it (RuntimeError): export the training-mode layer.
+        layer before it in autocast's dtype: that is cast to the packed weight's (`ops.sparse_linear`); torch.jit.trace
+        traces it (called yet or not), torch.compile runs it (with a graph break), torch.export refuses it
+        (RuntimeError): export the training-mode layer.
 
         A projection of a SparseMultiheadAttention or SparseRNN/LSTM/GRU does not run its own forward (its parent
         hands its weight to torch's fused op): that parent's forward refuses one in inference mode, naming it.

@@ -1,5 +1,7 @@
 """sk.flops counted by hand: each weight entry (a sparse layer's active ones) times the positions it is applied at,
 per layer and in total, in one forward that leaves the model's modes, buffers and hooks as they were."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -161,6 +163,37 @@ def test_an_lstm_counts_each_direction_and_its_projection():
     lstm = nn.LSTM(4, 6, bidirectional=True, proj_size=3)     # per direction: ih 24x4, hh 24x3, hr 3x6
     result = _flops(lstm, torch.randn(7, 2, 4))                # 14 steps, batch 2 (not batch_first)
     assert result["dense_macs"] == 2 * (96 + 72 + 18) * 14 and result["batch_size"] == 2
+
+
+class _EmbeddingLSTM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embedding, self.lstm, self.head = nn.Embedding(20, 8), nn.LSTM(8, 6, batch_first=True), nn.Linear(6, 3)
+
+    def forward(self, tokens):
+        return self.head(self.lstm(self.embedding(tokens))[0])
+
+
+def _encoder():
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    return nn.Sequential(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.LayerNorm(16),
+                         nn.Linear(16, 4))
+
+
+@pytest.mark.parametrize("make, example, uncounted", [
+    (_encoder, torch.ones(2, 5, 16),
+     ["0.layers.0.norm1", "0.layers.0.norm2", "0.layers.1.norm1", "0.layers.1.norm2", "1"]),
+    (lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.PReLU(), nn.Dropout(), nn.Conv2d(8, 4, 1),
+                           nn.GroupNorm(2, 4)), torch.ones(2, 3, 6, 6), ["1", "2", "5"]),
+    (_EmbeddingLSTM, torch.tensor([[1, 2, 3], [4, 5, 6]]), ["embedding"]),
+])
+def test_a_sparsified_model_leaves_the_same_modules_uncounted_as_the_dense_one(make, example, uncounted):
+    # Sparse attention, recurrent and linear layers are counted where their dense originals are: the normalisations,
+    # activations and embeddings around them are listed alike.
+    dense = make()
+    sparse = sk.sparsify(copy.deepcopy(dense), density=0.5, generator=torch.Generator().manual_seed(0))
+    assert [row["name"] for row in _flops(dense, example)["not_counted"]] == uncounted
+    assert _flops(sparse, example)["not_counted"] == _flops(dense, example)["not_counted"]
 
 
 def _model_in_mixed_modes():
