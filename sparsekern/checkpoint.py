@@ -90,6 +90,8 @@ def load(path: str | os.PathLike, map_location=None):
         file.seek(0)
         try:
             return torch.load(file, map_location=map_location, weights_only=True)
+        except torch.OutOfMemoryError:   # the device, not the file: as it is, for a handler that loads elsewhere
+            raise
         # TypeError and AssertionError: torch's loader meets a pickle's odd arguments (a persistent id that is no
         # tuple, a tensor rebuilt from too few arguments) in code of its own, which raises them naming no file.
         except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, RuntimeError, ValueError, OSError,

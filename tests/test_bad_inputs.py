@@ -1526,7 +1526,7 @@ def _optg_before_backward_world(tmp_path=None):
 # Campaign 28: taken as a step of no gradient, it trained no score, and the backward after it gave the optimizer dense
 # gradients, moving the pruned weights (DST refuses a step() before backward).
 error("OptG.step() before backward", _optg_before_backward_world, lambda w: w.algo.step(), RuntimeError,
-      "^OptG.step\\(\\): no parameter of the model has a gradient")
+      "^OptG.step\\(\\): no trained parameter of the model has a gradient")
 
 
 # -- sparsekern.algorithms.distributed, without a process group -------------------------------------

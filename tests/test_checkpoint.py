@@ -387,3 +387,16 @@ def test_a_destination_under_a_file_is_refused_however_the_path_reaches_it(tmp_p
     with pytest.raises(ValueError, match=refused):
         checkpoint.check_destination(destination, "--out's file")
     checkpoint.check_destination("new/deeper/ckpt.pt", "--out's file")   # missing folders are made later
+
+
+def test_running_out_of_device_memory_while_loading_stays_out_of_memory(tmp_path, monkeypatch):
+    # Review 28c: it became 'cannot load this checkpoint' (a ValueError blaming a good file), which a handler
+    # catching torch.OutOfMemoryError to load onto the CPU instead never saw.
+    path = tmp_path / "good.pt"
+    checkpoint.save({"weight": torch.arange(10.0)}, path)
+
+    def failing(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(torch, "load", failing)
+    with pytest.raises(torch.OutOfMemoryError):
+        checkpoint.load(path)

@@ -367,8 +367,8 @@ class OptG(distributed.CatchesUp):
 
         Reads the dense gradient g = ∂L/∂(θ ⊙ m) that the modules' `dense_grad` gives; a layer
         whose weight received no gradient contributes none, but with criterion="learned" a step at which no
-        parameter of the model has one (step() called before backward) raises RuntimeError, with nothing changed:
-        the backward to come would give the optimizer dense gradients. With criterion="magnitude" it only
+        trained parameter of the model has one (step() called before backward) raises RuntimeError, with nothing
+        changed: the backward to come would give the optimizer dense gradients. With criterion="magnitude" it only
         masks the weights' gradient. A gradient unchanged since the previous `step()` (no backward in
         between) raises RuntimeError, with nothing changed: it would count the same gradient twice in
         the scores; so does (ValueError naming it) one that cannot be masked in place (an expanded view, an
@@ -388,12 +388,14 @@ class OptG(distributed.CatchesUp):
             raise RuntimeError(f"OptG.step(): the gradient of sparse layer {stale} has not changed since the "
                                f"previous step() (step() called twice, or without a backward in between)")
         grads = [weight.grad for weight in weights]
-        if self._learns and all(parameter.grad is None for parameter in self._replicas.parameters()):
-            # A step() before backward (DST's rule): the scores would learn nothing, and the dense gradient of the
-            # backward to come would reach the optimizer unmasked, moving the pruned weights. Sparse layers alone
-            # without one are layers this step did not use (a branch, an adapter): they keep their scores.
-            raise RuntimeError("OptG.step(): no parameter of the model has a gradient: call step() after backward, "
-                               "before the optimizer step")
+        if self._learns and all(parameter.grad is None for parameter in self._replicas.parameters()
+                                if parameter.requires_grad):
+            # A step() before backward (DST's rule; a frozen parameter may hold a gradient from before it was
+            # frozen): the scores would learn nothing, and the dense gradient of the backward to come would reach the
+            # optimizer unmasked, moving the pruned weights. Sparse layers alone without one are layers this step did
+            # not use (a branch, an adapter): they keep their scores.
+            raise RuntimeError("OptG.step(): no trained parameter of the model has a gradient: call step() after "
+                               "backward, before the optimizer step")
         for name, layer, grad in zip(_tickets.layer_names(self._groups), self.layers, grads):
             if grad is not None:   # masked below, after the layers before it: checked for all of them first
                 _checks.maskable_in_place(grad, f"{name}.weight.grad", layer.mask, f"{name}.mask")
@@ -615,6 +617,8 @@ class OptG(distributed.CatchesUp):
         try:  # into a fresh optimizer, so that a state that does not fit leaves the current one alone
             # A copy: torch's optimizer would keep the caller's tensors as its own and train them in place.
             score_optimizer.load_state_dict(_tickets.map_tensors(Tensor.clone, saved_optimizer))
+        except torch.OutOfMemoryError:   # the device, not the state: as it is
+            raise
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
             raise ValueError(f"state['score_optimizer'] does not fit the scores' optimizer: "
                              f"{type(error).__name__}: {error}") from None

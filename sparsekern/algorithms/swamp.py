@@ -320,6 +320,8 @@ class SWAMP:
                 module.load_state_dict(state)
                 module.momentum = momentum
                 module.train(mode)
+            if isinstance(error, torch.OutOfMemoryError):   # as it is, for a handler that retries smaller
+                raise
             raise RuntimeError(f"recomputing BatchNorm statistics on bn_loader failed ({type(error).__name__}: "
                                f"{error}); the model holds the particles' average with its BatchNorm "
                                f"statistics as they were: call torch.optim.swa_utils.update_bn(loader, model) "

@@ -524,7 +524,8 @@ class SparseModule(nn.Module):
         dense = prefix + "mask" not in state_dict and prefix + "weight" in state_dict
         # Its tied twins' masks follow the one it loads (below), checked before anything changes; a weight assigned in
         # place of this one's (assign=True) is its own, and its former twins keep their weight and mask.
-        twins = [] if assign or not (dense or prefix + "mask" in state_dict) else self._tied_modules()
+        unties = assign and prefix + "weight" in state_dict
+        twins = [] if unties or not (dense or prefix + "mask" in state_dict) else self._tied_modules()
         for twin in twins:
             subject = f"load_state_dict: the {type(twin).__name__} tied to layer {prefix[:-1] or '(root)'!r}"
             check_own_mask(twin, f"{subject} (sharing its weight)")
@@ -553,18 +554,17 @@ class SparseModule(nn.Module):
             state_dict[prefix + "mask"] = mask.bool().contiguous()
         # Weight values load as saved: a checkpoint of a module that kept the invariant already
         # holds zeros off its mask, and OptG's deliberately kept values off the mask come back.
-        errors = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         self._recheck_zero_off_mask()
-        if len(error_msgs) == errors:   # a refused entry (torch's shape check) leaves the twins as they were
-            # A tied twin holds the weight just loaded: left on its old mask, it would promise 0 off that mask where
-            # the weight is not, compute densely while counted sparse, and differ from this layer's mask, which the
-            # algorithms refuse. So the tie loads the mask (dense for a dense weight) whichever of its layers' keys a
-            # checkpoint holds (one leaving the tied duplicate out, as torch.save of a tied LM may).
-            for twin in twins:
-                twin.mask.copy_(self.mask)
-                twin.zero_off_mask = self.zero_off_mask
+        # A tied twin holds the weight just loaded: left on its old mask, it would promise 0 off that mask where the
+        # weight is not, compute densely while counted sparse, and differ from this layer's mask, which the
+        # algorithms refuse. So the tie loads the mask (dense for a dense weight) whichever of its layers' keys a
+        # checkpoint holds (one leaving the tied duplicate out, as torch.save of a tied LM may); where torch refused
+        # an entry of this layer, the twins take the mask it holds now, so that the tie stays one.
+        for twin in twins:
+            twin.mask.copy_(self.mask)
+            twin.zero_off_mask = self.zero_off_mask
         self._refresh_pack()   # a layer in inference mode (this one, a twin) serves the loaded weight and mask
 
     def extra_repr(self) -> str:

@@ -765,6 +765,8 @@ def _stage(groups: list[tying.Group], masks: list[Tensor], init_function: Callab
         with torch.no_grad():
             try:
                 init_function(trial, generator=generator)
+            except torch.OutOfMemoryError:   # as it is, for a handler that retries smaller (nothing has changed)
+                raise
             except Exception as error:
                 kind = TypeError if isinstance(error, (TypeError, AttributeError)) else RuntimeError
                 raise kind(f"init={init!r} failed on layer {name or '(root)'!r}: {type(error).__name__}: "

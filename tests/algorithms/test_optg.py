@@ -342,11 +342,16 @@ def test_a_step_that_used_no_sparse_layer_keeps_their_scores_and_one_before_back
     optg.step()
     assert all(torch.equal(old, new) for old, new in zip(scores, optg.scores))
     model.zero_grad(set_to_none=True)
-    with pytest.raises(RuntimeError, match="no parameter of the model has a gradient"):
+    with pytest.raises(RuntimeError, match="no trained parameter of the model has a gradient"):
         optg.step()
     model(x).sum().backward()
     optg.step()
     assert not torch.equal(scores[0], optg.scores[0])
+    # Review 28c: a gradient a frozen parameter kept from before it was frozen is no backward of this step.
+    trunk.weight.requires_grad_(False)
+    adapter.weight.grad = trunk.bias.grad = adapter.bias.grad = None
+    with pytest.raises(RuntimeError, match="no trained parameter of the model has a gradient"):
+        optg.step()
 
 
 def test_a_layer_frozen_after_construction_keeps_its_mask_and_scores_and_the_model_stays_on_the_ramp():
@@ -868,3 +873,16 @@ def test_the_constructor_refuses_a_layer_whose_mask_was_put_in_place_through_dat
     with pytest.raises(error, match="^OptG: layer '2'" + match):
         OptG(model, sparsity=0.8, epochs=4, lr=0.1)
     assert_unchanged(before, everything(model))
+
+
+def test_a_state_whose_score_optimizer_runs_out_of_memory_loading_raises_out_of_memory(monkeypatch):
+    # Review 28c: it became ValueError 'does not fit the scores' optimizer', blaming a good state.
+    model = mlp(5, hidden=16)
+    optg = OptG(model, sparsity=0.7, epochs=3, lr=0.1)
+    state = optg.state_dict()
+
+    def failing(self, state_dict):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(torch.optim.SGD, "load_state_dict", failing)
+    with pytest.raises(torch.OutOfMemoryError):
+        optg.load_state_dict(state)

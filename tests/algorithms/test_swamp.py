@@ -596,3 +596,23 @@ def test_a_state_whose_swa_sample_count_its_step_does_not_take_is_refused_naming
                                          rf"comes after {swamp.average_count} SWA samples"):
         loaded.load_state_dict(state)
     assert (loaded.step_in_cycle, loaded.average_count, loaded.particle_average, loaded.optimizer) == before
+
+
+def test_a_bn_loader_running_out_of_memory_raises_out_of_memory_and_leaves_the_statistics():
+    # Review 28c: it became RuntimeError 'recomputing BatchNorm statistics ... failed', which a handler catching
+    # torch.OutOfMemoryError (to retry at a smaller batch) missed.
+    x, y = _data(2)
+    model = mlp(3, hidden=12, batch_norm=True)
+
+    def loader():
+        yield x[:32]
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    swamp = SWAMP(model, _sgd, particles=1, swa_start=4, bn_loader=[x[:32]])
+    _train(model, swamp, x, y, swamp.data_seed)
+    swamp.bn_loader = loader()
+    norm = model[1]
+    before = {k: v.clone() for k, v in norm.named_buffers()}
+    with pytest.raises(torch.OutOfMemoryError):
+        swamp.next_particle()
+    for key, value in before.items():
+        assert torch.equal(dict(norm.named_buffers())[key], value), key

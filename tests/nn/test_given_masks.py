@@ -273,3 +273,10 @@ def test_masks_are_copies_on_the_masks_device():
 def test_masks_refuses_a_non_module(value):
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         sparsekern.masks(value)
+
+
+def test_an_init_running_out_of_memory_raises_out_of_memory_with_nothing_changed():
+    # Review 28c: it became RuntimeError 'init=... failed', which a handler catching torch.OutOfMemoryError missed.
+    def init(module, generator):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    _refused_unchanged(convnet(), torch.OutOfMemoryError, "out of memory", mask=GOOD, init=init)

@@ -341,3 +341,23 @@ def test_a_load_refuses_a_twin_whose_mask_is_an_inference_tensor_before_any_chan
         model.load_state_dict({"2.weight": torch.randn(8, 8, generator=generator)}, strict=False)
     assert torch.equal(model[0].weight, weight)
     assert torch.equal(model[0].mask, masks[0]) and torch.equal(model[2].mask, masks[1])
+
+
+def test_a_mask_alone_assigned_into_a_tied_layer_is_its_twins_too(generator):
+    # Review 28c: assign=True without a weight leaves the weight shared, yet the twin kept its old mask.
+    model = tied_pair(generator)
+    mask = ~model[0].mask
+    model.load_state_dict({"0.mask": mask.clone()}, strict=False, assign=True)
+    assert model[0].weight is model[2].weight
+    assert torch.equal(model[0].mask, mask) and torch.equal(model[2].mask, mask)
+    sparsekern.DST(model, torch.optim.SGD(model.parameters(), lr=0.1), total_steps=1000)
+
+
+def test_a_load_torch_refuses_after_a_tied_layer_took_its_mask_leaves_the_twin_on_it(generator):
+    # Review 28c: a weight of another shape beside a good mask: torch refuses the weight after the mask loaded, and
+    # the twin, skipped on that error, kept its old mask (DST then refused the tie's two masks).
+    model = tied_pair(generator)
+    mask = ~model[0].mask
+    with pytest.raises(RuntimeError, match="size mismatch for 0.weight"):
+        model.load_state_dict({"0.weight": torch.randn(4, 8, generator=generator), "0.mask": mask}, strict=False)
+    assert torch.equal(model[0].mask, model[2].mask) and model[0].zero_off_mask == model[2].zero_off_mask
