@@ -294,6 +294,21 @@ def test_training_step_case_labels_each_run_with_its_peak_and_keeps_the_profiler
         assert all(" (step peak " in label and label.endswith("x dense)") for label in case.runs)
 
 
+
+def test_training_step_times_the_digits_mlp_under_adamw_default_and_fused_as_well():
+    # AdamW's default CPU implementation takes the square root of a second moment that is 0 at every pruned weight
+    # (slow on some CPUs), its fused kernel not: both are timed, every run of a case with the same optimizer.
+    from sparsekern.bench.cases import training_step
+    optimizers = {}
+    for case in training_step.cases(CPU, quick=True):
+        kinds = {(type(run.optimizer), run.optimizer.defaults.get("fused")) for run in case.runs.values()}
+        assert len(kinds) == 1, case.size
+        optimizers[case.size] = kinds.pop()
+    adamw = {size: fused for size, (kind, fused) in optimizers.items() if kind is torch.optim.AdamW}
+    assert sorted(map(bool, adamw.values())) == [False, True]
+    assert all(size.startswith("MLP ") for size in adamw)
+    assert sum(kind is torch.optim.SGD for kind, _ in optimizers.values()) == len(optimizers) - 2
+
 def test_a_warning_in_the_profiled_training_step_still_reaches_stderr():
     # The memory profile silences file descriptor 2 for Kineto's lines; a Python warning raised in the step
     # must still be seen. A subprocess, so that stderr is the real descriptor 2 and not pytest's capture.

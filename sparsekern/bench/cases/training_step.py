@@ -4,7 +4,10 @@ Models, at density 0.1 (ERK): the MLP 1024-2048-2048-10 at batch 256, the CLI's 
 batch 64 (small enough that a sparse layer's fixed per-call cost, not its products, decides the ratio), a small
 conv net (four 3x3 convolutions 3-32-64-128-256, batch norm, a linear head) at batch 32 on 32x32 images, and a
 small Transformer (two encoder layers of width 64, 16 tokens, batch 16: many small layers, where fixed per-call
-costs show). A step is zero_grad, forward, cross-entropy, backward, [DST.step()], SGD with momentum. Runs:
+costs show). A step is zero_grad, forward, cross-entropy, backward, [DST.step()], SGD with momentum; the digits
+MLP is timed with AdamW as well, torch's default CPU implementation and fused=True: the default takes the square
+root of a second moment that is 0 at every pruned weight, which torch.sqrt computed ~5x slower than other values on
+an AMD EPYC (AVX-512), and the fused kernel did not (README, `sparsekern bench`). Runs:
 
 - "dense" (the baseline): the nn.Linear / nn.Conv2d model;
 - "sparse, static": sparsified, weights 0 off the masks, so every layer runs the dense kernel on its
@@ -179,12 +182,29 @@ STATIC, RIGL, MASKED = "sparse, static", "sparse + RigL (no update)", "sparse, m
 OPTG = "sparse + OptG"
 
 
+def momentum_sgd(parameters) -> torch.optim.Optimizer:
+    return torch.optim.SGD(parameters, lr=0.01, momentum=0.9)
+
+
+def adamw(parameters) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(parameters, lr=1e-3)
+
+
+def fused_adamw(parameters) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(parameters, lr=1e-3, fused=True)
+
+
+# The digits MLP's AdamW cases: (description, optimizer).
+ADAMW = (("AdamW", adamw), ("AdamW fused=True", fused_adamw))
+
+
 def training_runs(build: Callable[[], nn.Module], input_shape, device: torch.device,
-                  compiled: bool = False) -> dict[str, Callable[[], None]]:
+                  compiled: bool = False, optimizer: Callable = momentum_sgd) -> dict[str, Callable[[], None]]:
     """One training-step callable per run (dense, static, RigL on a non-update step, masked path, and
     in eager mode OptG) of the model `build` makes, on a fixed random batch of `input_shape`, each with
-    its own model copy. compiled: each step calls torch.compile(model) (compiled on its first call); the
-    optimizer and RigL hold the model itself, whose parameters the compiled one shares."""
+    its own model copy and its own `optimizer(parameters)`. compiled: each step calls torch.compile(model)
+    (compiled on its first call); the optimizer and RigL hold the model itself, whose parameters the
+    compiled one shares."""
     generator = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(input_shape, generator=generator, device=device)
     y = torch.randint(0, 10, (input_shape[0],), generator=generator, device=device)
@@ -199,7 +219,7 @@ def training_runs(build: Callable[[], nn.Module], input_shape, device: torch.dev
         models[OPTG] = model(True)
     for _, module in sparse_modules(models[MASKED]):
         module.zero_off_mask = False
-    optimizers = {name: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for name, m in models.items()}
+    optimizers = {name: optimizer(m.parameters()) for name, m in models.items()}
     # A step count no update ever reaches: every step() is an ordinary, non-update step.
     algorithms = {RIGL: RigL(models[RIGL], optimizers[RIGL], update_every=10 ** 9, total_steps=10 ** 10)}
     if not compiled:
@@ -226,8 +246,9 @@ def mask_bytes(runs: dict[str, Callable[[], None]]) -> int:
     return sum(module.mask.numel() * module.mask.element_size() for _, module in sparse_modules(runs[STATIC].model))
 
 
-def _case(description: str, build: Callable[[], nn.Module], input_shape, device: torch.device) -> Case:
-    runs = training_runs(build, input_shape, device)
+def _case(description: str, build: Callable[[], nn.Module], input_shape, device: torch.device,
+          optimizer: Callable = momentum_sgd) -> Case:
+    runs = training_runs(build, input_shape, device, optimizer=optimizer)
     peaks = step_peaks(runs, device)
     label = {name: f"{name} (step peak {peak / 2 ** 20:.1f} MB, {peak / peaks[DENSE]:.2f}x dense)"
              for name, peak in peaks.items()}
@@ -237,4 +258,7 @@ def _case(description: str, build: Callable[[], nn.Module], input_shape, device:
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
     models = (*MODELS[quick], TRANSFORMERS[quick])
-    return [_case(description, build, shape, device) for description, build, shape in models]
+    # The digits MLP (on --quick, the small MLP): its small products leave the optimizer's share of a step largest.
+    digits, build, shape = MODELS[quick][0 if quick else 1]
+    return ([_case(description, build, shape, device) for description, build, shape in models]
+            + [_case(f"{digits}, {name}", build, shape, device, optimizer) for name, optimizer in ADAMW])
