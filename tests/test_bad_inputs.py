@@ -3062,7 +3062,8 @@ error("sparsify(0.5, distribution=a rule that raises)", dense_world,
 
 
 class _Factory:
-    """An optimizer factory that works until told to fail (at a later cycle's or particle's call, out of memory)."""
+    """An optimizer factory that works until told to fail (at a later cycle's or particle's call) with an error of
+    its own, which IMP/SWAMP raise as RuntimeError naming it (a torch.OutOfMemoryError would pass as it is)."""
 
     def __init__(self):
         self.fails = False

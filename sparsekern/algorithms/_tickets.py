@@ -719,6 +719,8 @@ def loaded_optimizer(optimizer_factory: Callable, model: nn.Module, saved, name:
         # A copy: torch's optimizer keeps the caller's tensors as its own (where device and dtype fit) and would
         # train them in place, so that a state loaded twice (a retry, a rollback) would not resume alike.
         optimizer.load_state_dict(map_tensors(Tensor.clone, saved))
+    except torch.OutOfMemoryError:   # the device, not the state: as it is
+        raise
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
         raise ValueError(f"{name} does not fit the optimizer: {type(error).__name__}: {error}") from None
     check_hyperparameters(optimizer, name, held)

@@ -135,16 +135,16 @@ def set_rule(weights, grads, masks, *, generator=None, gamma=1.0, offset=EPSILON
     """SET (Mocanu et al. 2018): drop the smallest positive weights and the negative weights
     closest to zero, in proportion to their numbers, expressed as one score.
 
-    Of any n dropped, n₊ = round(n·A₊/A) are positive and n₋ = n − n₊ negative, where A₊ and A₋
-    count the active positive and negative weights and A = A₊ + A₋. Mocanu drops the fraction ζ of each sign, which
-    this equals up to rounding while keeping n exact. round is Python's, as for the swap count n = round(r·A) and
-    every other count the package rounds: a share of exactly half (n·A₊/A = m + ½: 2·n·A₊ an odd multiple of A, as
-    with equal sign counts and an odd n) goes to the even neighbour, so the odd weight is the negative one at n = 1
-    of {0.1, 0.2, −0.1, −0.2} (−0.1) and a positive one at n = 3 (0.1, 0.2 and −0.1): neither sign always loses the
-    odd weight, as it would with one fixed direction (half up drops one positive weight more at every such update).
-    Since n₊
-    and n₋ never decrease as n grows, and each grows by at most 1 per step of n, one ranking serves every n: the
-    k-th lowest score (k = 1..A)
+    Of any n dropped, n₊ = round(n·A₊/A) are positive and n₋ = n − n₊ negative, where A₊ and A₋ count
+    the active positive and negative weights and A = A₊ + A₋. Mocanu drops the fraction ζ of each sign,
+    which this equals up to rounding while keeping n exact. round is Python's, as for the default swap
+    count n = round(r·A) and every other count the package rounds: a share of exactly half
+    (n·A₊/A = m + ½: 2·n·A₊ an odd multiple of A, as with equal sign counts and an odd n) goes to the
+    even neighbour, so the odd weight is the negative one at n = 1 of {0.1, 0.2, −0.1, −0.2} (−0.1) and
+    a positive one at n = 3 (0.1, 0.2 and −0.1): neither sign always loses the odd weight, as it would
+    with one fixed direction (half up drops one positive weight more at every such update). Since n₊
+    and n₋ never decrease as n grows, and each grows by at most 1 per step of n, one ranking serves
+    every n: the k-th lowest score (k = 1..A)
     goes to the next positive weight (smallest first) when n₊(k) > n₊(k − 1), else to the next
     negative weight (closest to zero first), ties by lower position (row-major, in list order).
     n₊(A) = A₊, so a sign never runs out before its share is dropped: with no positive (or no
@@ -339,8 +339,8 @@ class Criterion:
             whose signature cannot be called so raises TypeError here, not at the first update step (one without a
             signature, such as a builtin, at its first call, naming the criterion).
         reads_gradient: whether `score` reads `grads`. Then, as for RigL's growth, step() refuses an update step
-            at which no parameter has a gradient (called before backward), and a layer without a gradient keeps
-            its mask at that update. Dense gradients reach every update step whatever the criteria.
+            at which no trained parameter has a gradient (called before backward), and a layer without a gradient
+            keeps its mask at that update. Dense gradients reach every update step whatever the criteria.
         elementwise: whether each entry's score is a quantity of that entry alone (|θ|, |θ·g|), so that scoring
             the whole list at once is scoring each layer, and a block's score (DST's `block=`) is the sum of its
             entries'. Then `score` is called once over every layer. False for a score that ranks entries against

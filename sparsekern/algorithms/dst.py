@@ -712,11 +712,11 @@ class DST(distributed.CatchesUp):
                 raise RuntimeError(f"{name}.weight is no longer a parameter of the optimizer (replaced by another "
                                    f"Parameter, or removed from it, after DST was built); build the optimizer and DST "
                                    f"again")
-        # A layer without a gradient keeps its mask (_keep_masks_without_gradient); no parameter with one
-        # is a step() called before backward.
+        # A layer without a gradient keeps its mask (_keep_masks_without_gradient); no trained parameter with one
+        # is a step() called before backward (a frozen parameter may hold a gradient from before it was frozen).
         if self._reads_gradient and all(parameter.grad is None for group in self.optimizer.param_groups
-                                        for parameter in group["params"]):
-            raise RuntimeError(f"no parameter has a gradient at update step {step}: call DST.step() after "
+                                        for parameter in group["params"] if parameter.requires_grad):
+            raise RuntimeError(f"no trained parameter has a gradient at update step {step}: call DST.step() after "
                                f"backward (prune={self.prune!r}, grow={self.grow!r} read it)")
         stale = self._gradients.unchanged([module.weight for _, module in self.modules])
         if stale is not None:

@@ -37,7 +37,8 @@ class IMP(distributed.CatchesUp):
         optimizer_factory: called with `model.parameters()` at construction and after every
             pruning; IMP starts each cycle with a fresh optimizer, `imp.optimizer`. Use that one: one it
             replaced (at next_cycle() or load_state_dict()) refuses to step (RuntimeError, nothing changed),
-            since its momentum would move pruned weights off 0.
+            since its momentum would move pruned weights off 0. An error it raises is raised as RuntimeError
+            naming it (torch.OutOfMemoryError as it is).
         prune_fraction: p, the fraction of the remaining weights removed per cycle (⌈p·remaining⌉).
         rewind_step: k, the number of optimizer steps (calls of `step()`) after which θ_k is kept.
         scope: "global" ranks all sparse layers' weights together; "layer" prunes each layer by p.

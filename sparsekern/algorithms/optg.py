@@ -122,7 +122,8 @@ class OptG(distributed.CatchesUp):
             weights and sets none of their learning rates. The score lr of epoch e is lr_e·σ(β(e − E/2)),
             lr_e following `cosine_lr(lr, epochs)` unless `lr_schedule` (epoch -> lr_e) is given, as
             `optg.lr_schedule`: give the weights' optimizer that schedule (the loop below does), or pass
-            the schedule it follows.
+            the schedule it follows. An error lr_schedule raises (OptG calls it at construction and at every
+            next_epoch) is raised as RuntimeError naming it (torch.OutOfMemoryError as it is).
         beta: β of the sigmoid.
         momentum, nesterov: of the scores' SGD (the paper uses the weights' momentum). The scores are
             kept in float32 at least (a half-precision layer's too), so that small steps add up.

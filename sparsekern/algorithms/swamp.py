@@ -43,7 +43,8 @@ class SWAMP:
         optimizer_factory: called with `model.parameters()` for every particle; use `swamp.optimizer` (one it
             replaced refuses to step, as IMP's do). So an LR scheduler built on the first particle's optimizer
             silently stops driving the later particles: build it on `swamp.optimizer` anew for every particle,
-            or set each group's lr from `step_in_cycle` before every step.
+            or set each group's lr from `step_in_cycle` before every step. An error it raises is raised as
+            RuntimeError naming it (torch.OutOfMemoryError as it is).
         particles: N, the number of particles per cycle (default 4).
         prune_fraction, rewind_step, scope: as for `IMP` (weight rewinding only).
         swa_start: the step within the cycle after which the particle's running mean starts: the

@@ -106,18 +106,13 @@ def layer_densities(shapes: Sequence[Sequence[int]], density: float | None, dist
         return uniform(shapes, density, dense_first_layer=dense_first_layer)
 
 
-def name_of_rule(rule) -> str:
-    """How errors name a distribution function: its qualified name (a callable object's class name)."""
-    return getattr(rule, "__qualname__", type(rule).__name__)
-
-
 def _ruled(rule, shapes: Sequence[Sequence[int]], density: float, names: Sequence[str] | None) -> list[float]:
     """`rule(shapes, density, names=names)`'s densities, checked: a sequence of one number in (0, 1] per layer
     (TypeError or ValueError naming the rule and the layer otherwise; RuntimeError naming the rule for an error it
     raises)."""
     shapes = _shapes(shapes)
     names = [str(index) for index in range(len(shapes))] if names is None else list(names)
-    rule_name = name_of_rule(rule)
+    rule_name = _checks.qualified_name(rule)
     densities = _checks.users_call(rule, f"distribution {rule_name}", "", [tuple(shape) for shape in shapes], density,
                                    names=list(names))
     if isinstance(densities, (str, bytes, Mapping)) or not isinstance(densities, Sequence):

@@ -527,9 +527,9 @@ class SparseModule(nn.Module):
         unties = assign and prefix + "weight" in state_dict
         twins = [] if unties or not (dense or prefix + "mask" in state_dict) else self._tied_modules()
         for twin in twins:
-            subject = f"load_state_dict: the {type(twin).__name__} tied to layer {prefix[:-1] or '(root)'!r}"
-            check_own_mask(twin, f"{subject} (sharing its weight)")
-            _checks.writable_in_place(twin.mask, f"{subject}'s mask")
+            twin_name = f"the {type(twin).__name__} tied to layer {prefix[:-1] or '(root)'!r}"
+            check_own_mask(twin, f"load_state_dict: {twin_name} (sharing its weight)")
+            _checks.writable_in_place(twin.mask, f"load_state_dict: the mask of {twin_name}")
         if dense:
             # The module's shape: a weight of another shape (a Conv2d's into a SparseConv3d) fails torch's own check,
             # which loads nothing of it, so the mask stays as it is, with no mismatch reported for a mask the

@@ -249,7 +249,7 @@ def _layer_counts(groups: list[tying.Group], density, distribution, power: float
             cause, under, remedy = f"density={density} leaves", f" under distribution={distribution!r}", "density"
         else:
             source = ("given" if isinstance(distribution, Mapping)
-                      else f"of distribution {distributions.name_of_rule(distribution)}")
+                      else f"of distribution {_checks.qualified_name(distribution)}")
             cause, under, remedy = f"the densities {source} leave", "", "their densities"
         raise ValueError(f"{cause} {len(empty)} layer(s) with no active weight "
                          f"({', '.join(map(repr, empty[:5]))}{', ...' if len(empty) > 5 else ''}){under}: raise "

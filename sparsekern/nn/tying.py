@@ -5,8 +5,9 @@ A weight has one set of active entries, so every sparse module holding it must c
 mask: `sparsify` gives them one, and the algorithms update the first module of each group (its
 *primary*, in `named_modules()` order) and copy the result to the others with `sync`. `sparsify` also tells
 each member the others (`record`, weak references that `SparseModule.set_mask` checks again at each call: still
-alive, still holding the weight), so that `set_mask` on any member sets every member's mask; deepcopy and pickling
-carry the record over to the copies. A module reachable under two names is one module and needs none of this.
+alive, still holding the weight), so that `set_mask` (or `load_state_dict`) on any member sets every member's mask;
+deepcopy and pickling carry the record over to the copies. A module reachable under two names is one module and
+needs none of this.
 """
 from __future__ import annotations
 

@@ -341,10 +341,10 @@ def sparse_linear(x: Tensor, packed: PackedWeight, bias: Tensor | None = None) -
         raise TypeError(f"packed must be a PackedWeight (from sparsekern.ops.pack), got {type(packed).__name__}")
     _checks.floating(x, "x")
     given = x   # what torch.func differentiates: a cast of it below would hide that from refuse_derivatives
-    if x.dtype not in (packed.dtype, torch.float64) and _autocast_enabled(x.device.type):
+    if x.dtype != packed.dtype and x.dtype in _AUTOCAST_CASTS and _autocast_enabled(x.device.type):
         # Under autocast, the layer before a layer in inference mode (a convolution, an attention, an LSTM)
         # answers in autocast's dtype, which the packed weight does not hold: refusing it failed every such model.
-        # float64 is refused as outside autocast, which leaves it alone too.
+        # A dtype autocast leaves alone (float64) is refused as outside autocast.
         x = x.to(packed.dtype)
     if x.dim() < 1 or x.shape[-1] != packed.in_features:
         raise ValueError(f"x must end in in_features={packed.in_features}, got shape {tuple(x.shape)}")
@@ -366,8 +366,8 @@ def sparse_linear(x: Tensor, packed: PackedWeight, bias: Tensor | None = None) -
     # vmap: the sparse kernel has no batching rule, and its fallback runs it once per sample.
     if _transforms.active() or dense_is_faster(packed.density, rows, x.dtype, x.device.type):
         if _autocast_enabled(x.device.type):
-            # In x's dtype, as the sparse kernels answer: autocast would run F.linear in its own dtype, the output's
-            # dtype depending on the path, and the next layer in inference mode refusing it.
+            # In the packed weight's dtype, as the sparse kernels answer: autocast would run F.linear in its own
+            # dtype, the output's dtype depending on the path.
             with torch.autocast(x.device.type, enabled=False):
                 return torch.nn.functional.linear(x, packed.dense(), bias)
         return torch.nn.functional.linear(x, packed.dense(), bias)

@@ -93,7 +93,7 @@ def test_a_criterion_reading_gradients_refuses_a_step_before_backward_and_sees_d
                           update_every=2, total_steps=20)
     train_step(model, optimizer, algo, 0)
     optimizer.zero_grad(set_to_none=True)
-    with pytest.raises(RuntimeError, match="no parameter has a gradient.*prune='saliency'"):
+    with pytest.raises(RuntimeError, match="no trained parameter has a gradient.*prune='saliency'"):
         algo.step()
     train_step(model, optimizer, algo, 1)
     assert seen == [[True, True, True]]   # dense: the inactive entries' gradients too

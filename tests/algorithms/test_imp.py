@@ -447,3 +447,16 @@ def test_next_cycle_refuses_a_layer_whose_mask_was_put_in_place_through_data_wit
         imp.next_cycle()
     assert_unchanged(before, everything(model, optimizer))
     assert imp.optimizer is optimizer and imp.cycle == 0 and imp.step_in_cycle == 3
+
+
+def test_a_state_whose_optimizer_runs_out_of_memory_loading_raises_out_of_memory(monkeypatch):
+    # Review 28d: it became ValueError 'state['optimizer'] does not fit the optimizer', blaming a good state.
+    model = mlp(4)
+    imp = IMP(model, _sgd, prune_fraction=0.5)
+    state = imp.state_dict()
+
+    def failing(self, state_dict):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(torch.optim.SGD, "load_state_dict", failing)
+    with pytest.raises(torch.OutOfMemoryError):
+        IMP(model, _sgd, prune_fraction=0.5).load_state_dict(state)

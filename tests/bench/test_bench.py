@@ -294,7 +294,6 @@ def test_training_step_case_labels_each_run_with_its_peak_and_keeps_the_profiler
         assert all(" (step peak " in label and label.endswith("x dense)") for label in case.runs)
 
 
-
 def test_training_step_times_the_digits_mlp_under_adamw_default_and_fused_as_well():
     # AdamW's default CPU implementation takes the square root of a second moment that is 0 at every pruned weight
     # (slow on some CPUs), its fused kernel not: both are timed, every run of a case with the same optimizer.

@@ -336,8 +336,8 @@ def test_a_load_refuses_a_twin_whose_mask_is_an_inference_tensor_before_any_chan
     with torch.inference_mode():
         model = tied_pair(generator)
     weight, masks = model[0].weight.clone(), [model[0].mask.clone(), model[2].mask.clone()]
-    with pytest.raises(ValueError, match=r"^load_state_dict: the SparseLinear tied to layer '2''s mask is an "
-                                         r"inference tensor"):
+    with pytest.raises(ValueError, match=r"^load_state_dict: the mask of the SparseLinear tied to layer '2' is "
+                                         r"an inference tensor"):
         model.load_state_dict({"2.weight": torch.randn(8, 8, generator=generator)}, strict=False)
     assert torch.equal(model[0].weight, weight)
     assert torch.equal(model[0].mask, masks[0]) and torch.equal(model[2].mask, masks[1])

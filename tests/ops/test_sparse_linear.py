@@ -518,7 +518,7 @@ def test_pack_refuses_fake_tensors_by_name(fake):
         ops.pack(tensors["weight"], tensors["mask"])
 
 
-def test_the_dense_fallback_answers_in_xs_dtype_under_autocast(generator):
+def test_the_dense_fallback_answers_in_the_packed_weights_dtype_under_autocast(generator):
     # As the sparse kernels do: autocast's dtype made the output's depend on the path.
     weight, mask = torch.randn(6, 40, generator=generator), torch.rand(6, 40, generator=generator) < 0.5
     x = torch.randn(1, 40, generator=generator)
