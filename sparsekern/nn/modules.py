@@ -516,11 +516,11 @@ class SparseModule(nn.Module):
         # others only at the end, which would leave the module half loaded.
         for name in (*self._parameters, *self._buffers):
             _check_loaded_layout(state_dict.get(prefix + name), prefix + name)
-        if self._in_inference_mode and local_metadata.get("assign_to_params_buffers", False):
+        assign = local_metadata.get("assign_to_params_buffers", False)
+        if self._in_inference_mode and assign:
             _refuse_meta_into_pack(state_dict, prefix)
         # load_state_dict hands each module its own copy of the dict, so filling in the mask of a
         # dense checkpoint here does not touch the caller's dict.
-        assign = local_metadata.get("assign_to_params_buffers", False)
         dense = prefix + "mask" not in state_dict and prefix + "weight" in state_dict
         # Its tied twins' masks follow the one it loads (below), checked before anything changes; a weight assigned in
         # place of this one's (assign=True) is its own, and its former twins keep their weight and mask.

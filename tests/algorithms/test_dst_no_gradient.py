@@ -198,15 +198,20 @@ def test_a_gradient_that_sums_to_0_or_holds_tiny_entries_is_a_gradient(host_chec
     assert [torch.equal(a, m.mask) for a, m in zip(before, model)] == [False, False, True]
 
 
-def test_a_step_with_no_gradient_on_any_sparse_layer_keeps_every_mask():
-    """The sparse layers all dropped, the dense head alone trained: no mask moves, and no error (a
-    step() before backward, where no trained parameter has a gradient, is refused: test_dst)."""
+def _sparse_body_dense_head():
+    """Sparse residual blocks and a dense head, SGD and RigL updating at every step."""
     torch.manual_seed(0)
     model = nn.ModuleDict({"body": sparsekern.sparsify(StochasticDepth().blocks, 0.3,
                                                        generator=torch.Generator().manual_seed(0)),
                            "head": nn.Linear(16, 3)})
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    algo = sparsekern.RigL(model, optimizer, update_every=1, total_steps=10)
+    return model, optimizer, sparsekern.RigL(model, optimizer, update_every=1, total_steps=10)
+
+
+def test_a_step_with_no_gradient_on_any_sparse_layer_keeps_every_mask():
+    """The sparse layers all dropped, the dense head alone trained: no mask moves, and no error (a
+    step() before backward, where no trained parameter has a gradient, is refused: test_dst)."""
+    model, optimizer, algo = _sparse_body_dense_head()
     before = [m.mask.clone() for _, m in sparse_modules(model)]
     optimizer.zero_grad(set_to_none=True)
     model["head"](torch.randn(4, 16)).sum().backward()
@@ -326,12 +331,7 @@ def test_a_cuda_update_keeps_an_unrouted_experts_mask_without_waiting_for_the_de
 def test_a_step_before_backward_is_refused_though_a_frozen_parameter_holds_an_old_gradient():
     # Review 28d: a gradient left on a parameter frozen since counted as this step's backward, and the update ran
     # (counted, no mask moved), where OptG refuses the same step.
-    torch.manual_seed(0)
-    model = nn.ModuleDict({"body": sparsekern.sparsify(StochasticDepth().blocks, 0.3,
-                                                       generator=torch.Generator().manual_seed(0)),
-                           "head": nn.Linear(16, 3)})
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    algo = sparsekern.RigL(model, optimizer, update_every=1, total_steps=10)
+    model, _, algo = _sparse_body_dense_head()
     model["head"](torch.randn(4, 16)).sum().backward()
     model["head"].requires_grad_(False)   # its gradient stays
     with pytest.raises(RuntimeError, match="no trained parameter has a gradient at update step 1"):
