@@ -456,18 +456,17 @@ class Criterion:
         criterion."""
         inputs = [t for t in (*weights, *grads, *masks) if t is not None]
         versions = [t._version for t in inputs]
-        try:
-            scores = self.score(weights, grads, masks, generator=generator, **self._count(n))
-        except torch.OutOfMemoryError:   # as _checks.users_call lets it pass, for the handlers that catch it
-            raise
-        except Exception as error:   # a user's code: any error it raises, said with the criterion and the layers
-            if isinstance(error, TypeError) and _signature(self.score) is None:
+        try:   # a user's code: any error it raises, said with the criterion and the layers
+            scores = _checks.users_call(self.score, f"criterion {self.name!r}", f" scoring layers {layers}", weights,
+                                        grads, masks, generator=generator, **self._count(n))
+        except RuntimeError as error:
+            refused = error.__cause__
+            if isinstance(refused, TypeError) and _signature(self.score) is None:
                 # A callable without a signature (a builtin such as max) could not be checked when the Criterion was
                 # made: a call it refuses names the criterion here, at the first update (which it leaves undone).
                 raise TypeError(f"Criterion {self.name!r}: score must take {self._arguments()}, and the call raised: "
-                                f"{error}") from error
-            raise RuntimeError(f"criterion {self.name!r} raised {type(error).__name__} scoring layers {layers}: "
-                               f"{error}") from error
+                                f"{refused}") from refused
+            raise
         if any(t._version != version for t, version in zip(inputs, versions)):
             raise RuntimeError(f"criterion {self.name!r} wrote into its arguments (weights, gradients or masks) in "
                                f"place: its score must make new tensors")
