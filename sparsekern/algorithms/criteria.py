@@ -146,12 +146,14 @@ def set_rule(weights, grads, masks, *, generator=None, gamma=1.0, offset=EPSILON
     and n₋ never decrease as n grows, and each grows by at most 1 per step of n, one ranking serves
     every n: the k-th lowest score (k = 1..A)
     goes to the next positive weight (smallest first) when n₊(k) > n₊(k − 1), else to the next
-    negative weight (closest to zero first), ties by lower position (row-major, in list order).
+    negative weight (closest to zero first); among equal weights the higher position (row-major, in list
+    order) ranks lower, so that ties keep the lower position, as under every other criterion (DST's rule).
     n₊(A) = A₊, so a sign never runs out before its share is dropped: with no positive (or no
     negative) weights every drop is of the other sign.
 
-    Zeros carry no sign: they rank first, by position, so they are dropped before anything else
-    (Mocanu's code drops every zero weight; here a zero is a grown weight that has not moved).
+    Zeros carry no sign: they rank first, the highest position first (ties keep the lower one), so they are
+    dropped before anything else (Mocanu's code drops every zero weight; here a zero is a grown weight that has
+    not moved).
     NaN weights score NaN (prune_grow drops them first). Inactive entries score +inf. Ranks are
     computed over the whole list, so a per-layer update passes one layer. Scores are float32
     while the ranks fit its 24-bit mantissa, float64 beyond.
@@ -171,7 +173,7 @@ def set_rule(weights, grads, masks, *, generator=None, gamma=1.0, offset=EPSILON
     dtype = torch.float32 if flat_weight.numel() <= 2 ** 24 else torch.float64
     score = torch.full(flat_weight.shape, float("inf"), dtype=dtype, device=device)
     score[flat_mask & torch.isnan(flat_weight)] = float("nan")
-    zeros = (flat_mask & (flat_weight == 0)).nonzero().squeeze(1)
+    zeros = (flat_mask & (flat_weight == 0)).nonzero().squeeze(1).flip(0)
     score[zeros] = torch.arange(zeros.numel(), device=device).to(dtype)
     positive = _sorted_positions(flat_weight, flat_mask & (flat_weight > 0), descending=False)
     negative = _sorted_positions(flat_weight, flat_mask & (flat_weight < 0), descending=True)
@@ -287,8 +289,9 @@ def dropped_counts(scores: list[Tensor], masks: list[Tensor]) -> list[int]:
 
 
 def _sorted_positions(values: Tensor, selected: Tensor, descending: bool) -> Tensor:
-    """Flat positions of `selected` entries ordered by value (ties by lower position)."""
-    positions = selected.nonzero().squeeze(1)
+    """Flat positions of `selected` entries in the order set_rule drops them, by value; among ties the higher
+    position first, so that the lower one is kept."""
+    positions = selected.nonzero().squeeze(1).flip(0)
     return positions[torch.sort(values[positions], descending=descending, stable=True).indices]
 
 

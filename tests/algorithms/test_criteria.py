@@ -31,16 +31,17 @@ def numpy_removed(name, theta, g, active, n):
 
 
 def numpy_set_removed(theta, active, n):
-    """Mocanu's rule, written independently: zeros first (by position), then of the rest n₊ =
-    round(n·A₊/A) (Python's: halves to even) smallest positive and n − n₊ negative weights closest to zero."""
+    """Mocanu's rule, written independently: zeros first, then of the rest n₊ = round(n·A₊/A) (Python's: halves
+    to even) smallest positive and n − n₊ negative weights closest to zero; ties keep the lower position, as under
+    every criterion, so among equal weights (zeros included) the highest position goes first."""
     values = theta[active]
-    zeros = active[values == 0]
+    zeros = active[values == 0][::-1]
     if n <= len(zeros):
         return np.sort(zeros[:n])
     rest = n - len(zeros)
     positive, negative = active[values > 0], active[values < 0]
-    positive = positive[np.argsort(theta[positive], kind="stable")]     # smallest first
-    negative = negative[np.argsort(-theta[negative], kind="stable")]    # closest to zero first
+    positive = positive[np.lexsort((-positive, theta[positive]))]     # smallest first, ties: highest position
+    negative = negative[np.lexsort((-negative, -theta[negative]))]    # closest to zero first, ties: highest
     signed = len(positive) + len(negative)
     take_positive = round(Fraction(rest * len(positive), signed))
     return np.sort(np.concatenate([zeros, positive[:take_positive], negative[:rest - take_positive]]))
@@ -197,6 +198,32 @@ def test_a_dst_update_under_set_drops_each_signs_share_rounded_half_to_even(frac
     assert algo.step()
     dropped = old & ~layer.mask
     assert [int(dropped[0].sum()), int(dropped[1].sum())] == [positive, negative]
+
+
+@pytest.mark.parametrize("prune, dropped", [("magnitude", {2, 3}), ("set", {3, 5})])
+def test_ties_keep_the_lower_position_under_set_as_under_magnitude(prune, dropped):
+    # DST's tie rule: ties keep (and grow) the lower flat position. Four equal positive weights, two equal
+    # negative ones: magnitude drops the two highest 0.1s; SET (n = 2: n₊ = round(2·4/6) = 1, n₋ = 1) the highest
+    # 0.1 and the highest -0.5. SET ranked ties the other way before, dropping positions 0 and 4.
+    layer = SparseLinear(8, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[0.1, 0.1, 0.1, 0.1, -0.5, -0.5, 0.0, 0.0]]))
+    old = torch.tensor([[True] * 6 + [False] * 2])
+    layer.set_mask(old)
+    model = torch.nn.Sequential(layer)
+    algo = sparsekern.DST(model, torch.optim.SGD(model.parameters(), lr=0.1), prune=prune, grow="gradient",
+                          schedule="constant", drop_fraction=1 / 3, update_every=1, total_steps=10)
+    layer.weight.grad = torch.tensor([[0.0] * 6 + [5.0, 6.0]])   # growth takes the two inactive entries
+    assert algo.step()
+    assert set((old & ~layer.mask)[0].nonzero().flatten().tolist()) == dropped
+
+
+def test_set_rule_drops_the_highest_zeros_first():
+    # Zeros (grown weights that have not moved) go first, the highest position first: of three, n = 2 keeps the
+    # lowest, as magnitude keeps the lower of tied weights.
+    weight = torch.tensor([0.0, 0.3, 0.0, -0.2, 0.0])
+    score = criteria.set_rule([weight], [None], [torch.ones(5, dtype=torch.bool)])[0]
+    assert set(torch.argsort(score)[:2].tolist()) == {2, 4}
 
 
 def test_set_rule_ranks_zeros_first_then_interleaves_by_share():
