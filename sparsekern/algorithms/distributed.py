@@ -432,16 +432,22 @@ def check_same_settings(who: str, settings: list[dict]) -> None:
     reads, say) shows as "unset" there. Every rank reads the same gathered settings and raises the same error.
     Ranks built with other settings would train on silently with masks that diverge at the first update,
     or enter their collectives at other steps, where they pair wrongly or hang."""
-    names = list(dict.fromkeys(name for held in settings for name in held))
-    differing = []
-    for name in names:
-        values = [held.get(name, _UNSET) for held in settings]
-        if any(value != values[0] for value in values):
-            differing.append(f"{name}: {_ranks_by_value(values)}")
+    differing = differing_values(settings)
     if differing:
         raise ValueError(f"{who} was built with other settings on some ranks ({'; '.join(differing)}), under which "
                          f"the ranks would not train one run (masks that diverge at the first update, or "
                          f"collectives that pair wrongly); build it with the same arguments on every rank")
+
+
+def differing_values(held: list[dict]) -> list[str]:
+    """"name: 'a' on rank 0, 'b' on rank 1" for each name whose value differs across the ranks' dicts `held` (gathered,
+    in rank order), in order of first appearance; a name some ranks lack shows as "unset" there."""
+    differing = []
+    for name in dict.fromkeys(name for on_rank in held for name in on_rank):
+        values = [on_rank.get(name, _UNSET) for on_rank in held]
+        if any(value != values[0] for value in values):
+            differing.append(f"{name}: {_ranks_by_value(values)}")
+    return differing
 
 
 def check_same_layers_updated(who: str, updated: list[list[str] | None]) -> None:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..algorithms import distributed
+
 
 @dataclass(frozen=True)
 class Ranks:
@@ -129,6 +131,22 @@ def agree(error: str | None) -> None:
     if len(failed) == len(errors) and len({message for _, message in failed}) == 1:
         raise ValueError(message)
     raise ValueError(f"rank {rank} of {len(errors)}: {message}")
+
+
+def agree_on_run(options: dict) -> None:
+    """Collective: ValueError (one line, the same on every rank) naming each of `options` (this rank's value of each,
+    by its name on the command line) whose value differs across the ranks, with the ranks holding each value.
+    torchrun gives every rank one command line, but ranks started by hand, or on several machines each with its own
+    command, may differ: they would not train one run. Some differences stop it at the first update (DST's
+    settings), others only after an epoch, as a divergence that looks like a bug (another --lr), or never (another
+    --batch-size trains a run that is neither rank's), and ranks with other step counts (--epochs, --stop-after, a
+    --resume given on some ranks only) pair their collectives wrongly, or wait for one that never comes."""
+    held: list[dict | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(held, options)
+    differing = distributed.differing_values(held)
+    if differing:
+        raise ValueError(f"the ranks were started with other arguments ({'; '.join(differing)}), under which they "
+                         f"would not train one run: start every rank with the same command")
 
 
 def world() -> tuple[int, int]:

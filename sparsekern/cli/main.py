@@ -565,7 +565,9 @@ def _prepare_train(args):
     ranks = data_parallel.from_environment()
     if ranks.several:
         data_parallel.start(ranks, args.device)
-    config, dataset = _agreed(ranks, lambda: _check_train(args, ranks))
+    config, dataset, resumed_epoch = _agreed(ranks, lambda: _check_train(args, ranks))
+    if ranks.several:   # before prepare(), whose algorithms would refuse some differences in their own terms only
+        data_parallel.agree_on_run(_lockstep_arguments(args, config, resumed_epoch))
     run = prepare(config, dataset)  # collective on several ranks: the algorithms check that the ranks' masks agree
     _agreed(ranks, lambda: _check_run(args, run, ranks))
     _warn_short_optg(config.method, config.epochs)
@@ -615,9 +617,16 @@ def _agreed(ranks: data_parallel.Ranks, check):
     return result
 
 
+def _lockstep_arguments(args, config: TrainConfig, resumed_epoch: int | None) -> dict:
+    """What every rank of a data-parallel run must share, by option name: the config's options, --stop-after and the
+    epoch --resume's checkpoint holds (None without --resume; its path may differ from one machine to another)."""
+    options = {f"--{name.replace('_', '-')}": value for name, value in asdict(config).items()}
+    return {**options, "--stop-after": args.stop_after, "--resume (its epoch)": resumed_epoch}
+
+
 def _check_train(args, ranks: data_parallel.Ranks):
-    """(config, dataset) of a train command, every input but --resume's state and whether --out can be created and
-    written in checked (ValueError, one line)."""
+    """(config, dataset, the epoch of --resume's checkpoint or None) of a train command, every input but --resume's
+    state and whether --out can be created and written in checked (ValueError, one line)."""
     _check_options_apply(args, [args.method])
     density = TrainConfig.density if args.density is None else args.density
     config = _config(args, method=args.method, density=density, seed=args.seed, prune=args.prune,
@@ -637,9 +646,8 @@ def _check_train(args, ranks: data_parallel.Ranks):
     check_cycle_steps(config, dataset)
     check_counts(config, sparse_layers(build_model(config.model, dataset.input_shape, dataset.num_classes,
                                                    config.width)))
-    if args.resume is not None:
-        _check_resume(args.resume, config)
-    return config, dataset
+    resumed_epoch = None if args.resume is None else _check_resume(args.resume, config)
+    return config, dataset, resumed_epoch
 
 
 def _check_run(args, run, ranks: data_parallel.Ranks) -> None:
@@ -722,13 +730,17 @@ def _runs_trained(runs: int, trained: int, out: str) -> str:
     return f"{counted(runs, 'run')} ({trained} trained now{found})"
 
 
-def _check_resume(path: str, config: TrainConfig) -> None:
-    saved = read_checkpoint(path, map_location="cpu")["config"]
+def _check_resume(path: str, config: TrainConfig) -> int | None:
+    """The epoch of the checkpoint at `path` (None where it holds no int: restoring it refuses that); ValueError unless
+    `config` wrote it."""
+    state = read_checkpoint(path, map_location="cpu")
+    saved = state["config"]
     changed = [f"{name} {saved.get(name)!r} -> {value!r}" for name, value in asdict(config).items()
                if saved.get(name) != value]
     if changed:
         raise ValueError(f"resume checkpoint {path!r} was written with other arguments ({', '.join(changed)}); "
                          f"resume with the arguments of the interrupted run")
+    return state["epoch"] if type(state["epoch"]) is int else None
 
 
 def _bench(bench_args: list[str]) -> int:

@@ -151,24 +151,47 @@ def test_joining_a_gloo_group_writes_nothing_to_stdout(capfd, monkeypatch):
     assert capfd.readouterr().out == "after\n"
 
 
-@gloo
-def test_a_bad_input_on_one_rank_stops_every_rank_with_exit_2_and_one_line(tmp_path):
-    # Only rank 0, which writes --out, checks it: rank 1 must stop with rank 0's error rather than wait for it.
-    # The ranks are started with torchrun's variables but without it: torchrun ends the other ranks as soon as
-    # one fails, which would hide their exit codes and a rank left waiting.
-    afile = tmp_path / "afile"
-    afile.write_text("")
-    error = f"sparsekern train: error: rank 0 of 2: --out {str(afile)!r} is a file, not a folder"
-    environment = dict(os.environ, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
-                       OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "sparsekern.cli", "train", "--epochs", "1", "--out", str(afile)]
-    ranks = [subprocess.Popen(command, env=dict(environment, RANK=str(rank), LOCAL_RANK=str(rank)), cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+def started_by_hand(arguments: list[list[str]]) -> list[tuple[int, str, str]]:
+    """(exit code, stdout, stderr) of each rank of `sparsekern train` started with `arguments[rank]`, with torchrun's
+    variables but without it: torchrun ends the other ranks as soon as one fails, which would hide their exit codes
+    and a rank left waiting."""
+    environment = dict(os.environ, WORLD_SIZE=str(len(arguments)), MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
+    ranks = [subprocess.Popen([sys.executable, "-m", "sparsekern.cli", "train", *mine],
+                              env=dict(environment, RANK=str(rank), LOCAL_RANK=str(rank)), cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank, mine in enumerate(arguments)]
     try:
         ended = [rank.communicate(timeout=TIMEOUT) for rank in ranks]
     finally:
         for rank in ranks:
             rank.kill()
-    for rank, (stdout, stderr) in zip(ranks, ended):
-        assert rank.returncode == 2 and stdout == "", (stdout, stderr)
+    return [(rank.returncode, stdout, stderr) for rank, (stdout, stderr) in zip(ranks, ended)]
+
+
+@gloo
+def test_a_bad_input_on_one_rank_stops_every_rank_with_exit_2_and_one_line(tmp_path):
+    # Only rank 0, which writes --out, checks it: rank 1 must stop with rank 0's error rather than wait for it.
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    error = f"sparsekern train: error: rank 0 of 2: --out {str(afile)!r} is a file, not a folder"
+    for code, stdout, stderr in started_by_hand([["--epochs", "1", "--out", str(afile)]] * 2):
+        assert code == 2 and stdout == "", (stdout, stderr)
         assert stderr.strip().splitlines() == [error]
+
+
+@gloo
+def test_ranks_started_with_other_arguments_stop_before_training_with_exit_2_naming_them(tmp_path):
+    # torchrun gives every rank one command, but ranks started by hand or on several machines may differ. Another
+    # --lr trained an epoch and then stopped with "a bug, please report it"; another --batch-size trained a run that
+    # was neither rank's, silently; another --stop-after left a rank failing in a collective its peer had left.
+    run = ["--method", "set", "--epochs", "1", "--update-every", "5", "--quiet"]
+    ended = started_by_hand([[*run, "--lr", "0.05", "--batch-size", "63", "--out", str(tmp_path / "rank0")],
+                             [*run, "--out", str(tmp_path / "rank1")]])
+    error = ("sparsekern train: error: the ranks were started with other arguments (--batch-size: 63 on rank 0, 64 "
+             "on rank 1; --lr: 0.05 on rank 0, 0.1 on rank 1), under which they would not train one run: start every "
+             "rank with the same command")
+    for code, stdout, stderr in ended:
+        assert code == 2 and stdout == "", (stdout, stderr)
+        assert stderr.strip().splitlines() == [error]
+    assert not (tmp_path / "rank0").exists()   # nothing written
