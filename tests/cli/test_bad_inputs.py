@@ -805,15 +805,18 @@ def _nan_weight(state):
 
 
 # Campaign 29: masks of all True (or none, which loads as all True) resumed a static or DST run dense, reported at
-# --density; a NaN weight trained a whole epoch, then stopped the run as diverged ("lower --lr").
+# --density; a NaN weight trained a whole epoch, then stopped the run as diverged ("lower --lr"); an entry of the
+# recipe's state that no recipe saves was ignored.
 @pytest.mark.parametrize("method, edit, words", [
     ("static", _every_model_mask_all_true, "its masks hold 16384 active weights in '1' where --density 0.3 gives "),
     ("static", _mask_dropped_from_the_model_state, "its masks hold 65536 active weights in '3' where --density 0.3"),
     ("rigl", _every_mask_all_true, "its masks hold 16384 active weights in '1' where --density 0.3 gives "),
-    ("static", _nan_weight, "is damaged: its model state's '3.weight' holds inf or NaN")],
+    ("static", _nan_weight, "is damaged: its model state's '3.weight' holds inf or NaN"),
+    ("rigl", lambda state: state["recipe"].update(optimiser={}), "its recipe state holds ['optimiser'], which no "
+                                                                "recipe saves")],
     ids=["static, masks all True", "static, a mask dropped", "rigl, model's and DST's masks all True",
-         "static, a NaN weight"])
-def test_a_resume_checkpoint_of_other_counts_or_nan_weights_exits_2(method, edit, words, tmp_path, capsys):
+         "static, a NaN weight", "rigl, a misspelled recipe entry"])
+def test_a_resume_checkpoint_of_other_counts_nan_weights_or_strange_entries_exits_2(method, edit, words, tmp_path, capsys):
     arguments = ["train", "--method", method, "--epochs", "2", "--density", "0.3", "--quiet"]
     main([*arguments, "--stop-after", "1", "--out", str(tmp_path / "run")])
     path = tmp_path / "run" / "checkpoint.pt"
