@@ -3172,6 +3172,22 @@ warning("RigL(scope='global').load_state_dict(a state whose mask of layer 3 is a
         r"^state\['masks'\] holds other active weight counts than the model's masks for all layers together")
 
 
+
+def _momentum_dropped(state, key, parameter="3.weight", entry=None):
+    """`state` whose `key` optimizer state holds `entry` (no momentum buffer) for `parameter`."""
+    optimizer = state[key]
+    return {**state, key: {**optimizer, "state": {**optimizer["state"], parameter: entry or {"momentum_buffer": None}}}}
+
+
+# A momentum buffer of None where the parameter's group holds one for every other parameter loaded, and the next step
+# started that parameter's momentum afresh: a resumed run went on as another run, without a word.
+error("IMP.load_state_dict(a momentum buffer of None for one parameter)", imp_world,
+      lambda w: w.algo.load_state_dict(_momentum_dropped(w.state, "optimizer")), ValueError,
+      r"^state\['optimizer'\] holds for parameter '3.weight' no momentum buffer, which the other parameters of its")
+error("SWAMP.load_state_dict(a momentum buffer of None for one parameter)", swamp_world,
+      lambda w: w.algo.load_state_dict(_momentum_dropped(w.state, "optimizer", "0.bias")), ValueError,
+      r"^state\['optimizer'\] holds for parameter '0.bias' no momentum buffer")
+
 # -- the tests -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("case", ERRORS, ids=[case.name for case in ERRORS])

@@ -539,8 +539,10 @@ class DST(distributed.CatchesUp):
         settings does not save (a misspelled or tampered setting, which would go unchecked), naming it. A step count
         past the schedule's total_steps (a run that called step() too often, which step() allows) loads with a
         warning (step() refuses to count past 2**63 - 1, the largest count a state holds), as does a saved schedule
-        that differs from the one this DST was built with (which it replaces), and a mask with no active weight
-        under scope="layer" (the layer stays empty, as construction warns).
+        that differs from the one this DST was built with (which it replaces), a mask with no active weight
+        under scope="layer" (the layer stays empty, as construction warns), and masks holding other active weight counts
+        than the model's (per layer, or in all under scope="global"; not with block=): the run goes on at the state's
+        counts, which its updates keep (a state of another density, or a damaged one: a mask of all True).
 
         A schedule function of one's own is not saved (no state can hold a function, and no name of one tells it
         apart: lambdas share theirs, and a script's functions move between modules): its state holds the timing

@@ -74,7 +74,8 @@ pruned weight; a missing `mask` means all True: modules whose masks were not all
 one warning per load_state_dict call naming them), and `to_dense()` returns a plain module holding the masked
 weight (`sparsekern.nn.densify` turns a whole model back). A saved mask that is not bool
 (torch.nn.utils.prune's are float) must hold only 0 and 1 (ValueError naming its key otherwise, the
-module unchanged).
+module unchanged). An entry that torch's load_state_dict refuses (of another shape, not a tensor) leaves the whole
+module as it was, its RuntimeError naming the entry: torch alone loads the others first.
 Loading a state dict, or assigning or registering a `weight` Parameter (torch.nn.utils.parametrize's
 remove_parametrizations(leave_parametrized=True) registers the original one again, holding the computed
 values), sets `zero_off_mask` from the weight's values. A module moved off the meta device by `to_empty`
@@ -517,6 +518,8 @@ class SparseModule(nn.Module):
         for name in (*self._parameters, *self._buffers):
             _check_loaded_layout(state_dict.get(prefix + name), prefix + name)
         assign = local_metadata.get("assign_to_params_buffers", False)
+        if prefix + "mask" in state_dict:   # its own buffer first: one put in through mask.data may be of another shape
+            check_own_mask(self, f"load_state_dict: layer {prefix[:-1] or '(root)'!r}", written=not assign)
         own = {prefix + name: value for name, value in (*self._parameters.items(), *self._buffers.items())
                if value is not None and name not in self._non_persistent_buffers_set}
         refused = [key for key, value in own.items()
@@ -529,7 +532,10 @@ class SparseModule(nn.Module):
             absent: list[str] = []
             super()._load_from_state_dict(entries, prefix, local_metadata, strict, absent, unexpected_keys,
                                           error_msgs)
-            missing_keys.extend(key for key in absent if key not in state_dict)
+            # A dense checkpoint's absent mask is no missing key: it loads as all True (below) where nothing is refused.
+            dense_checkpoint = prefix + "weight" in state_dict
+            missing_keys.extend(key for key in absent
+                                if key not in state_dict and not (dense_checkpoint and key == prefix + "mask"))
             return
         if self._in_inference_mode and assign:
             _refuse_meta_into_pack(state_dict, prefix)
