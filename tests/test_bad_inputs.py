@@ -3110,6 +3110,84 @@ for _cls, _world in (("IMP", imp_world), ("SWAMP", swamp_world)):
           r"^train_fn must be callable as train_fn\(")
 
 
+# -- campaign 29: tampered state dicts and saved states ---------------------------------------------------------------
+
+def _inference_layer_world(tmp_path=None):
+    world = layer_world()
+    world.layer.to_inference()
+    return world
+
+
+def _conv_layer_world(tmp_path=None):
+    layer = SparseConv2d(2, 3, 3)
+    layer.set_mask(torch.rand(3, 2, 3, 3, generator=torch.Generator().manual_seed(0)) < 0.5)
+    return SimpleNamespace(layer=layer)
+
+
+def _tampered_layer_state(world, **entries):
+    """A state dict whose every entry would change the layer (a new weight, bias and mask), with `entries` put in."""
+    layer = world.layer
+    return {"weight": layer.weight.detach() * 2 + 1, "bias": layer.bias.detach() + 1, "mask": ~layer.mask, **entries}
+
+
+def _transposed_mask(world):
+    return world.layer.mask.transpose(0, 1).contiguous()
+
+
+# torch copied the entries it could before it raised for the one it refused: the layer was left half loaded, a new
+# weight (and bias) under its old mask, or the other way round.
+for _layer, _world in (("SparseLinear", layer_world), ("SparseLinear[inference mode]", _inference_layer_world),
+                       ("SparseConv2d", _conv_layer_world)):
+    for _name, _entries, _options, _match in [
+            ("a mask of another shape", lambda w: {"mask": _transposed_mask(w)}, {}, "size mismatch for mask"),
+            ("a bias of another shape", lambda w: {"bias": w.layer.bias.detach()[:2]}, {}, "size mismatch for bias"),
+            ("a mask that is None", lambda w: {"mask": None}, {}, 'named "mask", expected torch.Tensor'),
+            ("a meta mask", lambda w: {"mask": w.layer.mask.to("meta")}, {}, 'copying the parameter named "mask"'),
+            ("assign=True, a mask of another shape", lambda w: {"mask": _transposed_mask(w)}, {"assign": True},
+             "size mismatch for mask"),
+            ("assign=True, an integer weight", lambda w: {"weight": w.layer.weight.detach().long()}, {"assign": True},
+             'copying the parameter named "weight"')]:
+        error(f"{_layer}.load_state_dict({_name}, beside a new weight and mask)", _world,
+              lambda w, e=_entries, o=_options: w.layer.load_state_dict(_tampered_layer_state(w, **e(w)), **o),
+              RuntimeError, _match)
+
+# Pruned by where(mask, values, 0), which refused a mask on another device naming neither entry.
+error("SparseLinear.load_state_dict(torch.nn.utils.prune's weight_orig on the meta device)", layer_world,
+      lambda w: w.layer.load_state_dict({"weight_orig": w.layer.weight.detach().to("meta"), "bias": w.layer.bias,
+                                         "weight_mask": w.layer.mask.float()}), ValueError,
+      r"^state dict entry 'weight_mask' must be on the device of 'weight_orig' \(meta\), got cpu")
+
+
+def _state_with_dense_mask(world, layer="3"):
+    return {**world.state, "masks": {**world.state["masks"], layer: torch.ones_like(world.state["masks"][layer])}}
+
+
+# A mask of all True loaded without a word: the layer trained dense while the model was built sparse.
+warning("RigL(scope='layer').load_state_dict(a state whose mask of layer 3 is all True)", dst_world,
+        lambda w: w.algo.load_state_dict(_state_with_dense_mask(w)),
+        r"^state\['masks'\] holds other active weight counts than the model's masks for '3' \(1024 in the state, "
+        r"\d+ in the model\)")
+warning("RigL(scope='global').load_state_dict(a state whose mask of layer 3 is all True)",
+        functools.partial(dst_world, scope="global"), lambda w: w.algo.load_state_dict(_state_with_dense_mask(w)),
+        r"^state\['masks'\] holds other active weight counts than the model's masks for all layers together")
+
+
+
+def _momentum_dropped(state, key, parameter="3.weight", entry=None):
+    """`state` whose `key` optimizer state holds `entry` (no momentum buffer) for `parameter`."""
+    optimizer = state[key]
+    return {**state, key: {**optimizer, "state": {**optimizer["state"], parameter: entry or {"momentum_buffer": None}}}}
+
+
+# A momentum buffer of None where the parameter's group holds one for every other parameter loaded, and the next step
+# started that parameter's momentum afresh: a resumed run went on as another run, without a word.
+error("IMP.load_state_dict(a momentum buffer of None for one parameter)", imp_world,
+      lambda w: w.algo.load_state_dict(_momentum_dropped(w.state, "optimizer")), ValueError,
+      r"^state\['optimizer'\] holds for parameter '3.weight' no momentum buffer, which the other parameters of its")
+error("SWAMP.load_state_dict(a momentum buffer of None for one parameter)", swamp_world,
+      lambda w: w.algo.load_state_dict(_momentum_dropped(w.state, "optimizer", "0.bias")), ValueError,
+      r"^state\['optimizer'\] holds for parameter '0.bias' no momentum buffer")
+
 # -- the tests -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("case", ERRORS, ids=[case.name for case in ERRORS])

@@ -831,6 +831,28 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, parameters: list[tup
                 continue
             raise ValueError(f"{name} must hold for {what} {parameter_name!r} a finite {key.replace('_', ' ')} of "
                              f"{parameter.dtype} and shape {tuple(parameter.shape)}, got {got}")
+    _check_state_entries_alike(optimizer, {id(parameter): label for label, parameter in parameters}, name, what)
+
+
+def _check_state_entries_alike(optimizer: torch.optim.Optimizer, names: dict[int, str], name: str, what: str) -> None:
+    """ValueError naming `name` and the `what` whose state, just loaded into `optimizer`, lacks a tensor (or holds
+    None) of PARAMETER_SHAPED_STATE where the other parameters of its group that hold any state hold one: torch's
+    optimizers that keep those give every parameter of a group that has stepped the same (SGD's momentum buffer,
+    Adam's moments), and loaded, such a state starts that parameter's afresh (a momentum of None is made again from
+    the next gradient), without a word. Other entries may differ by the parameter's shape (Adafactor's row and column
+    variances of a matrix, variance of a vector); a parameter holding no state at all (one that never had a gradient)
+    is left alone."""
+    for group in optimizer.param_groups:
+        held = [(parameter, optimizer.state.get(parameter)) for parameter in group["params"]]
+        held = [(parameter, state) for parameter, state in held if state]
+        kinds = {key for _, state in held for key, value in state.items()
+                 if key in PARAMETER_SHAPED_STATE and isinstance(value, Tensor)}
+        for parameter, state in held:
+            lacking = sorted(key for key in kinds if not isinstance(state.get(key), Tensor))
+            if lacking:
+                raise ValueError(f"{name} holds for {what} {names.get(id(parameter), '?')!r} no "
+                                 f"{lacking[0].replace('_', ' ')}, which the other parameters of its group hold (a "
+                                 f"dropped or damaged entry): loaded, its optimizer would start it afresh")
 
 
 def _finite_number(value) -> bool:

@@ -539,8 +539,10 @@ class DST(distributed.CatchesUp):
         settings does not save (a misspelled or tampered setting, which would go unchecked), naming it. A step count
         past the schedule's total_steps (a run that called step() too often, which step() allows) loads with a
         warning (step() refuses to count past 2**63 - 1, the largest count a state holds), as does a saved schedule
-        that differs from the one this DST was built with (which it replaces), and a mask with no active weight
-        under scope="layer" (the layer stays empty, as construction warns).
+        that differs from the one this DST was built with (which it replaces), a mask with no active weight
+        under scope="layer" (the layer stays empty, as construction warns), and masks holding other active weight counts
+        than the model's (per layer, or in all under scope="global"; not with block=): the run goes on at the state's
+        counts, which its updates keep (a state of another density, or a damaged one: a mask of all True).
 
         A schedule function of one's own is not saved (no state can hold a function, and no name of one tells it
         apart: lambdas share theirs, and a script's functions move between modules): its state holds the timing
@@ -600,10 +602,15 @@ class DST(distributed.CatchesUp):
             raise ValueError(f"state['generator'] is not a state of a {self.generator.device.type} "
                              f"generator: {error}") from None
         finished = _checks.flag(state.get("finished", False), "state['finished']")
-        counts = None
+        # One host read for all layers: the saved masks' counts, then the model's.
+        counts = reference.active_counts([mask for _, mask in staged])
+        if self.block is None:   # whole blocks of another size at the edges move a layer's count
+            _warn_if_counts_differ(counts, reference.active_counts([module.mask for module, _ in staged]),
+                                [name for name, _ in self.modules], self.scope)
         if self.scope == "layer":   # as at construction: a loaded mask may have emptied a layer for good
-            counts = reference.active_counts([mask for _, mask in staged])   # one host read for all layers
             _warn_if_empty([name for (name, _), count in zip(self.modules, counts) if not count], self.scope)
+        else:
+            counts = None
         if schedule != self.schedule:
             # The saved schedule is the run's own (its cosine was laid over its total_steps); built
             # with other arguments (a longer run, a new end_step), this DST would silently follow it.
@@ -1066,6 +1073,25 @@ def _warn_if_idle(schedule: schedules.Schedule, empty: list[str], scope: str) ->
     elif schedule.drop_fraction == 0 and (schedule.name != "annealed" or schedule.final_drop_fraction == 0):
         warnings.warn("drop_fraction is 0: every mask update swaps no weight", stacklevel=user_stacklevel())
     _warn_if_empty(empty, scope)
+
+
+def _warn_if_counts_differ(saved: list[int], held: list[int], names: list[str], scope: str) -> None:
+    """Warns, naming the layers (or, under scope="global", the total), where a state's masks hold another number of
+    active weights, `saved`, than the model's masks, `held`: DST's updates never change them (per layer, or in total
+    under scope="global"), so the run goes on at the state's counts, not the model's. A state of another run's density
+    loads so on purpose; a damaged one (a mask of all True, which would train its layer dense while the model was
+    built sparse) said nothing."""
+    if scope == "layer":
+        differ = [f"{name!r} ({saved_count} in the state, {held_count} in the model)"
+                  for name, saved_count, held_count in zip(names, saved, held) if saved_count != held_count]
+    else:
+        differ = [f"all layers together ({sum(saved)} in the state, {sum(held)} in the model)"] \
+            if sum(saved) != sum(held) else []
+    if differ:
+        warnings.warn(f"state['masks'] holds other active weight counts than the model's masks for {', '.join(differ)}"
+                      f": the run goes on at the state's (DST's updates keep them, scope={scope!r}); load the model's "
+                      f"state dict saved with this state first, or check that the state is of this run",
+                      stacklevel=user_stacklevel())
 
 
 def _warn_if_empty(empty: list[str], scope: str) -> None:

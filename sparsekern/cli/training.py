@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .. import checkpoint
-from ..algorithms import criteria, distributed, schedules
+from ..algorithms import _tickets, criteria, distributed, schedules
 from ..algorithms.dst import SCOPES, SWAP_ROUNDINGS
 from ..nn import gradient_flow, sparsify
 from ..nn import masks as model_masks   # `masks` names the masks given to a run
@@ -276,17 +276,25 @@ class Run:
         damaged = damaged_records(state["history"], state["gradient_flow"], epoch)
         if damaged:   # else the metrics files written after the next epoch fail, or carry the damage on
             raise ValueError(f"resume checkpoint {path!r} is inconsistent: {damaged}")
+        non_finite = _non_finite_entry(state["model"])
+        if non_finite is not None:   # train stops at an epoch that diverged before it saves (_check_finite)
+            raise ValueError(f"resume checkpoint {path!r} is damaged: its model state's {non_finite!r} holds inf or "
+                             f"NaN, which no checkpoint of train holds")
         # Everything is checked before anything is kept: the random state on a scratch generator (it is set last),
         # the model's and the recipe's as they load, the model rolled back if either is refused (torch's
         # load_state_dict copies the tensors that fit before it raises for the others; the recipe's loads last).
         before = {name: tensor.clone() for name, tensor in self.model.state_dict().items()}
+        counts = _active_counts(self.model)
         try:
             torch.Generator().set_state(state["rng"])
             try:
                 self.model.load_state_dict(state["model"])
             except RuntimeError as error:   # torch's names the keys missing, unexpected or misshapen, a line each
                 raise ValueError(f"its model state: {' '.join(str(error).split())}") from None
+            # The model's masks, then the algorithm's, which DST's load puts in place of the model's.
+            _check_counts_kept(self.config, counts, _active_counts(self.model))
             self.recipe.load_state_dict(state["recipe"], steps=epoch * self.steps_per_epoch)
+            _check_counts_kept(self.config, counts, _active_counts(self.model))
         except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as error:
             self.model.load_state_dict(before)
             raise ValueError(f"resume checkpoint {path!r} does not fit this run: {first_line(error)}") from None
@@ -461,6 +469,36 @@ def read_checkpoint(path: str, map_location=None) -> dict:
         raise ValueError(f"resume checkpoint {path!r} is damaged: its config holds a {kind} for {odd!r}, where "
                          f"train's options are numbers, strings, None or lists of them")
     return state
+
+
+def _non_finite_entry(model_state) -> str | None:
+    """The key of the first floating-point tensor of `model_state` (a checkpoint's model state dict) holding inf or
+    NaN, or None: resumed, such a run trained a whole epoch before it stopped as diverged ("lower --lr")."""
+    if not isinstance(model_state, dict):
+        return None   # refused by load_state_dict, naming it
+    return next((key for key, value in model_state.items()
+                 if _tickets.dense_values(value) and not _tickets.finite(value)), None)
+
+
+def _active_counts(model: nn.Module) -> dict[str, int]:
+    """{layer name: active weights of its mask} of `model`'s sparse layers."""
+    return {name: int(mask.sum()) for name, mask in model_masks(model).items()}
+
+
+def _check_counts_kept(config: TrainConfig, built: dict[str, int], loaded: dict[str, int]) -> None:
+    """ValueError where a resumed run's masks hold other active weight counts than the run's config gives (`built`,
+    those of the model prepared for it), for the methods whose counts never change: dense and static, and DST's
+    (per layer, or in total under --scope global; not with --block, whose edge blocks hold fewer weights). A mask
+    of all True in the checkpoint trained its layer dense while the run was reported at --density."""
+    if config.method not in ("dense", "static", *DST_PRESETS) or config.block is not None:
+        return
+    if config.method in DST_PRESETS and config.scope == "global":
+        built, loaded = {"all layers": sum(built.values())}, {"all layers": sum(loaded.values())}
+    differ = next((name for name in built if loaded.get(name) != built[name]), None)
+    if differ is not None:
+        raise ValueError(f"its masks hold {loaded.get(differ)} active weights in {differ!r} where --density "
+                         f"{config.density:g} gives {built[differ]}, which {config.method} never changes (a damaged "
+                         f"or doctored checkpoint)")
 
 
 def _is_plain(value) -> bool:

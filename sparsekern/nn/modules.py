@@ -74,7 +74,8 @@ pruned weight; a missing `mask` means all True: modules whose masks were not all
 one warning per load_state_dict call naming them), and `to_dense()` returns a plain module holding the masked
 weight (`sparsekern.nn.densify` turns a whole model back). A saved mask that is not bool
 (torch.nn.utils.prune's are float) must hold only 0 and 1 (ValueError naming its key otherwise, the
-module unchanged).
+module unchanged). An entry that torch's load_state_dict refuses (of another shape, not a tensor) leaves the whole
+module as it was, its RuntimeError naming the entry: torch alone loads the others first.
 Loading a state dict, or assigning or registering a `weight` Parameter (torch.nn.utils.parametrize's
 remove_parametrizations(leave_parametrized=True) registers the original one again, holding the computed
 values), sets `zero_off_mask` from the weight's values. A module moved off the meta device by `to_empty`
@@ -517,6 +518,25 @@ class SparseModule(nn.Module):
         for name in (*self._parameters, *self._buffers):
             _check_loaded_layout(state_dict.get(prefix + name), prefix + name)
         assign = local_metadata.get("assign_to_params_buffers", False)
+        if prefix + "mask" in state_dict:   # its own buffer first: one put in through mask.data may be of another shape
+            check_own_mask(self, f"load_state_dict: layer {prefix[:-1] or '(root)'!r}", written=not assign)
+        own = {prefix + name: value for name, value in (*self._parameters.items(), *self._buffers.items())
+               if value is not None and name not in self._non_persistent_buffers_set}
+        refused = [key for key, value in own.items()
+                   if key in state_dict and _refused_by_torch(value, state_dict[key], assign)]
+        if refused:
+            # torch loads each entry it can and reports the others at the end, which left this module half loaded (a
+            # new weight under the old mask). Handed only the entries it refuses, torch reports them in its own words
+            # (a RuntimeError naming each key, at the end of the call) and loads nothing of this module.
+            entries = {key: value for key, value in state_dict.items() if key not in own or key in refused}
+            absent: list[str] = []
+            super()._load_from_state_dict(entries, prefix, local_metadata, strict, absent, unexpected_keys,
+                                          error_msgs)
+            # A dense checkpoint's absent mask is no missing key: it loads as all True (below) where nothing is refused.
+            dense_checkpoint = prefix + "weight" in state_dict
+            missing_keys.extend(key for key in absent
+                                if key not in state_dict and not (dense_checkpoint and key == prefix + "mask"))
+            return
         if self._in_inference_mode and assign:
             _refuse_meta_into_pack(state_dict, prefix)
         # load_state_dict hands each module its own copy of the dict, so filling in the mask of a
@@ -634,6 +654,11 @@ def _translate_pruned(state_dict: dict, prefix: str, names: tuple[str, ...] = ("
         if mask.shape != values.shape:
             raise ValueError(f"state dict entry {pruned!r} must have the shape of {original!r} "
                              f"{tuple(values.shape)}, got {tuple(mask.shape)}")
+        if mask.device != values.device:
+            # Pruned below by where(mask, values, 0), which refused them naming neither ("Tensor on device meta is not
+            # on the expected device cpu!").
+            raise ValueError(f"state dict entry {pruned!r} must be on the device of {original!r} ({values.device}), "
+                             f"got {mask.device}")
         keep = mask.bool()
         del state_dict[original], state_dict[pruned]
         state_dict[prefix + name] = reference.masked_weight(values, keep)
@@ -653,6 +678,20 @@ def _refuse_meta_into_pack(state_dict: dict, prefix: str) -> None:
                              f"device, and layer {prefix[:-1] or '(root)'!r} is in inference mode, which packs its "
                              f"weight and mask: call to_training() on it first (sparsekern.nn.to_training(model)), or "
                              f"load tensors holding values")
+
+
+def _refused_by_torch(current: Tensor, saved, assign: bool) -> bool:
+    """Whether torch's load_state_dict refuses `saved` for the module's tensor `current` (its error naming the key):
+    not a tensor, of another shape (a lazy parameter takes any), a meta tensor copied into one holding values, or one
+    that cannot become a Parameter requiring grad (an integer weight under assign=True)."""
+    if not torch.overrides.is_tensor_like(saved):
+        return True
+    if not nn.parameter.is_lazy(current) and saved.shape != current.shape:
+        return True
+    if assign:
+        return (isinstance(current, nn.Parameter) and current.requires_grad
+                and not (saved.is_floating_point() or saved.is_complex()))
+    return saved.is_meta and not current.is_meta
 
 
 def _check_loaded_layout(value, key: str) -> None:

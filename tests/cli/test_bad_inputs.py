@@ -785,6 +785,58 @@ def test_a_doctored_ticket_or_optg_counter_exits_2_leaving_the_run_as_it_was(met
     assert _same(algorithm, run.recipe.algorithm.state_dict())
 
 
+def _every_model_mask_all_true(state):
+    state["model"] = {key: torch.ones_like(value) if key.endswith(".mask") else value
+                      for key, value in state["model"].items()}
+
+
+def _every_mask_all_true(state):
+    _every_model_mask_all_true(state)
+    masks = state["recipe"]["algorithm"]["masks"]
+    state["recipe"]["algorithm"]["masks"] = {name: torch.ones_like(mask) for name, mask in masks.items()}
+
+
+def _mask_dropped_from_the_model_state(state):
+    del state["model"]["3.mask"]
+
+
+def _no_momentum_of_the_first_weight(state):
+    state["recipe"]["optimizer"]["state"]["1.weight"]["momentum_buffer"] = None
+
+
+def _nan_weight(state):
+    state["model"]["3.weight"] = torch.full_like(state["model"]["3.weight"], float("nan"))
+
+
+# Campaign 29: masks of all True (or none, which loads as all True) resumed a static or DST run dense, reported at
+# --density; a NaN weight trained a whole epoch, then stopped the run as diverged ("lower --lr"); an entry of the
+# recipe's state that no recipe saves was ignored; a momentum buffer of None started that weight's momentum afresh.
+@pytest.mark.parametrize("method, edit, words", [
+    ("static", _every_model_mask_all_true, "its masks hold 16384 active weights in '1' where --density 0.3 gives "),
+    ("static", _mask_dropped_from_the_model_state, "its masks hold 65536 active weights in '3' where --density 0.3"),
+    ("rigl", _every_mask_all_true, "its masks hold 16384 active weights in '1' where --density 0.3 gives "),
+    ("static", _nan_weight, "is damaged: its model state's '3.weight' holds inf or NaN"),
+    ("rigl", lambda state: state["recipe"].update(optimiser={}), "its recipe state holds ['optimiser'], which no "
+                                                                "recipe saves"),
+    ("static", _no_momentum_of_the_first_weight, "its optimizer state holds for parameter '1.weight' no momentum "
+                                                 "buffer")],
+    ids=["static, masks all True", "static, a mask dropped", "rigl, model's and DST's masks all True",
+         "static, a NaN weight", "rigl, a misspelled recipe entry", "static, a momentum buffer of None"])
+def test_a_resume_checkpoint_of_other_counts_nan_weights_or_strange_entries_exits_2(method, edit, words, tmp_path,
+                                                                                       capsys):
+    arguments = ["train", "--method", method, "--epochs", "2", "--density", "0.3", "--quiet"]
+    main([*arguments, "--stop-after", "1", "--out", str(tmp_path / "run")])
+    path = tmp_path / "run" / "checkpoint.pt"
+    state = checkpoint.load(path)
+    edit(state)
+    checkpoint.save(state, path)
+    files = {file.name: file.read_bytes() for file in (tmp_path / "run").iterdir()}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training.Run, "train", lambda *a, **k: pytest.fail("training started"))
+        refused([*arguments, "--resume", str(path)], capsys, words)
+    assert {file.name: file.read_bytes() for file in (tmp_path / "run").iterdir()} == files
+
+
 @pytest.mark.parametrize("options", [dict(method="imp", epochs=2, cycles=2), dict(method="swamp", epochs=1, cycles=2,
                                                                                   particles=2),
                                      dict(method="optg", epochs=3), dict(method="gmp", epochs=3)],
