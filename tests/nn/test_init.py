@@ -139,6 +139,26 @@ def test_bad_arguments_raise_and_change_nothing(kwargs, argument):
         init.resolve("orthogonal")
 
 
+class _CudaReportingGenerator(torch.Generator):
+    """A CPU generator that reports a CUDA device, where this machine has none to make a real one on."""
+
+    device = property(lambda self: torch.device("cuda", 0))
+
+
+def test_a_generator_off_the_cpu_is_refused_naming_it_before_the_draw():
+    # Masks and weights are drawn on the CPU, so that one seed gives the same on every device: a CUDA generator
+    # failed in torch.randn naming no argument (or, on a CPU-only build, could not be made at all).
+    generator = torch.Generator(device="cuda") if torch.cuda.is_available() else _CudaReportingGenerator()
+    layer = SparseLinear(6, 4)
+    before = layer.weight.detach().clone()
+    for function in (init.sparse_, init.layer_scaled_):
+        with pytest.raises(ValueError, match="generator must be a CPU torch.Generator"):
+            function(layer, generator=generator)
+    with pytest.raises(ValueError, match="generator must be a CPU torch.Generator"):
+        sparsekern.sparsify(nn.Sequential(nn.Linear(6, 4)), 0.5, generator=generator)
+    assert torch.equal(layer.weight, before)
+
+
 @pytest.mark.parametrize("kind", [kind for kind in BAD_OWN_MASKS if kind != "expanded"])  # read only: fine
 @pytest.mark.parametrize("function", [init.sparse_, init.layer_scaled_, init.dense_])
 def test_a_mask_put_in_place_through_data_is_refused_naming_the_function(function, kind):

@@ -173,6 +173,16 @@ def test_new_module_is_dense_and_set_mask_zeroes_weights(generator):
     assert layer.density == pytest.approx(int(mask.sum()) / 32)
 
 
+@pytest.mark.parametrize("make", [lambda: SparseLinear(0, 4), lambda: SparseLinear(4, 0),
+                                  lambda: SparseConv2d(2, 0, 3)])
+def test_a_layer_with_no_weight_entries_has_density_1_and_so_has_its_pack(make):
+    # Nothing to keep: the layer keeps all of it, as `summary` counts it (0 would read as a layer pruned away).
+    layer = make()
+    assert layer.density == 1.0
+    if isinstance(layer, SparseLinear):
+        assert layer.to_inference().packed.density == 1.0
+
+
 @pytest.mark.parametrize("bad, error", [(torch.ones(4, 8), TypeError), (torch.ones(8, 4, dtype=torch.bool), ValueError),
                                         ([[True]], TypeError)])
 def test_set_mask_rejects_bad_masks_and_changes_nothing(bad, error):
