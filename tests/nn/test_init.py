@@ -200,6 +200,26 @@ def _std_per_entry(initialise, mask):
     return layer.weight.detach() / torch.randn(mask.shape, generator=torch.Generator().manual_seed(3))
 
 
+@pytest.mark.parametrize("shape, groups, transposed", [((6, 2), 4, False), ((3, 2, 2), 2, False),
+                                                       ((3, 2, 2), 2, True)])
+def test_fans_refuse_groups_that_do_not_divide_the_units(shape, groups, transposed):
+    # (3, 2, 2) in 2 groups reshaped without an error into fans of the wrong units; (6, 2) in 4 failed naming none.
+    units = "input" if transposed else "output"
+    with pytest.raises(ValueError, match=f"groups={groups} does not divide the weight's {shape[0]} {units} units"):
+        init.fans(torch.ones(shape, dtype=torch.bool), groups=groups, transposed=transposed)
+
+
+def test_dense_init_zeroes_the_weights_off_the_mask_and_keeps_the_others():
+    # Called on a layer whose weight was written off its mask (sparsify's own calls find it zeroed already).
+    layer = SparseLinear(6, 4)
+    mask = torch.rand(4, 6, generator=torch.Generator().manual_seed(0)) < 0.5
+    layer.set_mask(mask)
+    with torch.no_grad():
+        layer.weight.fill_(0.5)
+    init.dense_(layer)
+    assert torch.equal(layer.weight, torch.where(mask, 0.5, 0.0))
+
+
 def test_sparse_and_layer_scaled_variances_by_hand():
     mask = torch.tensor([[True, True, False], [True, False, False], [False, False, False]])
     std = _std_per_entry(functools.partial(init.sparse_, scale=2.0), mask)

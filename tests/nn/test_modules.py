@@ -267,6 +267,15 @@ def test_dense_round_trip_and_state_dicts(generator, make, shape):
     assert torch.equal(other.mask, mask) and torch.equal(other.weight, sparse.weight)
 
 
+@pytest.mark.parametrize("make", [lambda: SparseLinear(4, 3), lambda: SparseConv2d(2, 3, 3)])
+def test_to_dense_keeps_which_parameters_train(make):
+    # A frozen layer (a fine-tuned model's backbone) turned dense stays frozen, its trained bias trained.
+    layer = make()
+    layer.weight.requires_grad_(False)
+    dense = layer.to_dense()
+    assert dense.weight.requires_grad is False and dense.bias.requires_grad is True
+
+
 def test_from_dense_takes_only_its_own_kind_of_layer():
     with pytest.raises(TypeError, match="SparseConv3d.from_dense takes an nn.Conv3d, got Conv1d"):
         SparseConv3d.from_dense(nn.Conv1d(2, 2, 3))
