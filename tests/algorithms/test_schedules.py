@@ -34,6 +34,8 @@ def test_annealed_goes_from_half_to_final_over_all_training(step):
     assert schedule.fraction(step) == pytest.approx(expected, abs=1e-15)
     assert schedules.annealed(0, end_step=1000) == pytest.approx(0.5)
     assert schedules.annealed(1000, end_step=1000) == pytest.approx(0.005)
+    # Past its end point it stays at the final fraction: the cosine does not climb back.
+    assert schedules.annealed(1500, end_step=1000) == pytest.approx(0.005, abs=1e-15)
 
 
 def test_constant_and_options():

@@ -276,6 +276,13 @@ def test_to_dense_keeps_which_parameters_train(make):
     assert dense.weight.requires_grad is False and dense.bias.requires_grad is True
 
 
+@pytest.mark.parametrize("sparse, dense", [(SparseLinear, nn.Linear(4, 3)), (SparseConv1d, nn.Conv1d(2, 3, 3))])
+def test_from_dense_keeps_the_dense_layers_mode(sparse, dense):
+    # A layer in eval mode stays in it, as it would in a model switched to evaluation (and back).
+    for training in (False, True):
+        assert sparse.from_dense(dense.train(training)).training is training
+
+
 def test_from_dense_takes_only_its_own_kind_of_layer():
     with pytest.raises(TypeError, match="SparseConv3d.from_dense takes an nn.Conv3d, got Conv1d"):
         SparseConv3d.from_dense(nn.Conv1d(2, 2, 3))

@@ -210,11 +210,14 @@ def test_dense_fallback_unpacks_once_and_never_saves_the_copy(generator, tmp_pat
     packed = ops.pack(weight, mask)
     x = torch.randn(64, 33, generator=generator)
     assert ops.dense_is_faster(packed.density, 64, x.dtype, "cpu")
+    checkpoint.save(packed, tmp_path / "before.pt")
     first = ops.sparse_linear(x, packed)
     kept = packed.dense()
     torch.testing.assert_close(ops.sparse_linear(x, packed), first)
     assert packed.dense() is kept and torch.equal(kept, packed.unpack())
     checkpoint.save(packed, tmp_path / "packed.pt")
+    # The file holds no more than before the copy was made (loading drops a saved copy: that alone tells nothing).
+    assert (tmp_path / "packed.pt").stat().st_size == (tmp_path / "before.pt").stat().st_size
     assert checkpoint.load(tmp_path / "packed.pt")._dense is None
 
 
@@ -369,6 +372,12 @@ def test_a_saved_dense_copy_is_never_loaded(tmp_path):
     loaded = PackedWeight.__new__(PackedWeight)
     loaded.__setstate__(state)
     assert loaded._dense is None and torch.equal(loaded.dense(), packed.unpack())
+
+
+def test_to_refuses_a_bool_device_naming_the_argument():
+    # True is an int to Python, and torch.device(True) raised its own TypeError naming no argument.
+    with pytest.raises(TypeError, match="device must be a torch.device, a device name or an index, got bool"):
+        PackedWeight(**valid_fields()).to(True)
 
 
 def test_fields_cannot_be_reassigned_after_the_checks():
