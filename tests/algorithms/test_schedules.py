@@ -179,6 +179,18 @@ def test_constant_drop_counts_by_hand_stop_at_75_percent():
     assert _drop_counts(8, 2, schedule="constant", end_fraction=1.0) == {2: 12, 4: 12, 6: 12}
 
 
+def test_the_end_point_is_the_rounded_fraction_of_training_by_hand():
+    # 0.75 · 13 = 9.75 rounds to 10 (truncated, 9); 0.75 · 10 = 7.5 to 8, Python's round halving to even.
+    assert schedules.make("cosine", 13).end_step == 10
+    assert schedules.make("cosine", 10).end_step == 8
+
+
+def test_a_drop_fraction_of_0_is_a_schedule_that_swaps_nothing():
+    assert schedules.make("constant", 100, drop_fraction=0.0).fraction(50) == 0.0
+    annealed = schedules.make("annealed", 100, drop_fraction=0.0, final_drop_fraction=0.0)
+    assert annealed.fraction(50) == 0.0
+
+
 def test_default_schedule_constants_by_hand():
     rigl = schedules.make("cosine", 1000)
     assert (rigl.update_every, rigl.end_step, rigl.drop_fraction) == (100, 750, 0.3)

@@ -205,6 +205,17 @@ def test_dense_fallback_rule():
     assert ops.dense_is_faster(0.1, 4, torch.float32, "meta") is True
 
 
+def test_the_path_counts_the_rows_of_every_leading_dim_of_x(generator):
+    # x (1, 4, 64) is 4 rows, which the CPU's sparse kernel takes at density 1/64; counted by x's first dim alone
+    # (1 row) it went to the dense fallback, which makes and keeps the unpacked weight.
+    mask = torch.zeros(8, 64, dtype=torch.bool)
+    mask[:, 0] = True
+    packed = ops.pack(torch.randn(8, 64, generator=generator), mask)
+    assert not ops.dense_is_faster(packed.density, 4, torch.float32, "cpu")
+    ops.sparse_linear(torch.randn(1, 4, 64, generator=generator), packed)
+    assert packed._dense is None
+
+
 def test_dense_fallback_unpacks_once_and_never_saves_the_copy(generator, tmp_path):
     weight, mask = random_layer(generator, 9, 33, 0.9, torch.float32)
     packed = ops.pack(weight, mask)
