@@ -598,6 +598,14 @@ def test_refused_arguments_name_the_flag(argv, words, tmp_path, capsys, nothing_
     assert not spoken, line
 
 
+def test_a_history_whose_epochs_are_out_of_order_is_damaged():
+    # Epoch 2's metrics in the place of epoch 1's: metrics.csv and the tables would file them under the wrong epoch.
+    row = {name: 1.0 for name in training.HISTORY_KEYS} | {"epoch": 2}
+    flow = [{"step": 0, "epoch": 0, "when": "init", "gradient_flow": 1.0},
+            {"step": 1, "epoch": 1, "when": "epoch", "gradient_flow": 1.0}]
+    assert training.damaged_records([row], flow, 1) == "history[0] is not the metrics of epoch 1"
+
+
 def test_a_layer_kept_in_half_a_block_or_more_is_a_block_and_less_is_refused():
     # DST rounds a layer's count to whole blocks: 10 weights of an (8, 8) layer are 0.625 of a 4x4 block, one block;
     # 7 are 0.44, none. Truncated, 10 was refused as well.
