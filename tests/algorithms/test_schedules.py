@@ -34,6 +34,8 @@ def test_annealed_goes_from_half_to_final_over_all_training(step):
     assert schedule.fraction(step) == pytest.approx(expected, abs=1e-15)
     assert schedules.annealed(0, end_step=1000) == pytest.approx(0.5)
     assert schedules.annealed(1000, end_step=1000) == pytest.approx(0.005)
+    # Past its end point it stays at the final fraction: the cosine does not climb back.
+    assert schedules.annealed(1500, end_step=1000) == pytest.approx(0.005, abs=1e-15)
 
 
 def test_constant_and_options():
@@ -175,6 +177,18 @@ def test_constant_drop_counts_by_hand_stop_at_75_percent():
     assert _drop_counts(8, 2, schedule="constant") == {2: 12, 4: 12}
     # With the end point moved to the end (Mocanu's SET): 2, 4 and 6.
     assert _drop_counts(8, 2, schedule="constant", end_fraction=1.0) == {2: 12, 4: 12, 6: 12}
+
+
+def test_the_end_point_is_the_rounded_fraction_of_training_by_hand():
+    # 0.75 · 13 = 9.75 rounds to 10 (truncated, 9); 0.75 · 10 = 7.5 to 8, Python's round halving to even.
+    assert schedules.make("cosine", 13).end_step == 10
+    assert schedules.make("cosine", 10).end_step == 8
+
+
+def test_a_drop_fraction_of_0_is_a_schedule_that_swaps_nothing():
+    assert schedules.make("constant", 100, drop_fraction=0.0).fraction(50) == 0.0
+    annealed = schedules.make("annealed", 100, drop_fraction=0.0, final_drop_fraction=0.0)
+    assert annealed.fraction(50) == 0.0
 
 
 def test_default_schedule_constants_by_hand():

@@ -5,6 +5,7 @@ checkpoint, an unwritable --out, a bad SPARSEKERN_BACKEND. And a killed write le
 BAD_INPUTS lists each input once; most are tried through more than one command (train, compare, reproduce).
 """
 import copy
+import dataclasses
 import importlib
 import json
 import os
@@ -21,7 +22,7 @@ import pytest
 import torch
 
 from sparsekern import checkpoint
-from sparsekern.cli import main
+from sparsekern.cli import counts, main
 from sparsekern.cli import runs as runs_module
 from sparsekern.cli import training
 
@@ -595,6 +596,23 @@ def test_refused_arguments_name_the_flag(argv, words, tmp_path, capsys, nothing_
     assert not (tmp_path / "out").exists()
     spoken = [word for word in LIBRARY_WORDS if word in line.replace(f"--{word}", "")]
     assert not spoken, line
+
+
+def test_a_history_whose_epochs_are_out_of_order_is_damaged():
+    # Epoch 2's metrics in the place of epoch 1's: metrics.csv and the tables would file them under the wrong epoch.
+    row = {name: 1.0 for name in training.HISTORY_KEYS} | {"epoch": 2}
+    flow = [{"step": 0, "epoch": 0, "when": "init", "gradient_flow": 1.0},
+            {"step": 1, "epoch": 1, "when": "epoch", "gradient_flow": 1.0}]
+    assert training.damaged_records([row], flow, 1) == "history[0] is not the metrics of epoch 1"
+
+
+def test_a_layer_kept_in_half_a_block_or_more_is_a_block_and_less_is_refused():
+    # DST rounds a layer's count to whole blocks: 10 weights of an (8, 8) layer are 0.625 of a 4x4 block, one block;
+    # 7 are 0.44, none. Truncated, 10 was refused as well.
+    config = training.TrainConfig(method="rigl", block=(4, 4), distribution="uniform", density=10 / 64)
+    counts.check_counts(config, {"layer": (8, 8)})
+    with pytest.raises(ValueError, match="--block 4x4 is too large at --density 0.109375"):
+        counts.check_counts(dataclasses.replace(config, density=7 / 64), {"layer": (8, 8)})
 
 
 @pytest.mark.parametrize("argv", [["--bogus"], ["--device", "cuda"] if not torch.cuda.is_available() else ["--budget", "0"],

@@ -1155,6 +1155,15 @@ def test_the_finite_check_reads_every_parameter_back_at_once_and_names_the_first
     assert reads == 1 and "the weights of layer '2' are not finite" in message
 
 
+def test_only_a_density_where_two_sparse_lines_ran_gets_a_best_line():
+    # Bold compares lines: at 0.1 rigl ran alone beside the dense baseline, with nothing to beat.
+    rows = [{"method": "dense", "density": 1.0, "accuracy_mean": 0.9},
+            {"method": "rigl", "density": 0.1, "accuracy_mean": 0.8},
+            {"method": "rigl", "density": 0.05, "accuracy_mean": 0.7},
+            {"method": "set", "density": 0.05, "accuracy_mean": 0.75}]
+    assert compare_module.best_rows(rows) == [rows[3]]
+
+
 def test_the_caption_says_which_lines_spread_their_density_by_distribution():
     # The caption said "erk layer densities" of every comparison, imp's and gmp's too, which prune all layers together.
     base = TrainConfig(distribution="uniform")

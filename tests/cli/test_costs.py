@@ -14,7 +14,7 @@ from sparsekern.cli.costs import TrainingCost
 from sparsekern.cli.data import load_dataset
 from sparsekern.cli.models import build_model
 from sparsekern.cli.runs import key
-from sparsekern.cli.training import COST_KEYS, TrainConfig, train
+from sparsekern.cli.training import COST_KEYS, TrainConfig, summary_of, train
 from sparsekern.nn import sparse_modules
 
 from .stored_runs import stored_and_run_again
@@ -83,6 +83,14 @@ def test_training_flops_integrate_the_density_each_step_trained_at(tmp_path, met
     assert expected(fractions), fractions
     if method == "static":   # 3 f_S at every step: exactly the inference fraction
         assert fractions[0] == rows[0]["inference_flops_fraction"]
+
+
+def test_the_training_flops_fraction_divides_every_segment_s_steps_by_one_segment_of_dense_training():
+    # IMP's 3 cycles of 1 epoch, each at 0.2 of a dense epoch: 0.6 of one dense segment (--epochs), as the papers
+    # count a ticket's cost; divided by the 3 epochs of its history it read 0.2.
+    history = [{"epoch": epoch, "test_accuracy": 0.5, "test_loss": 1.0, "density": 0.5, "gradient_flow": 1.0,
+                "seconds": 1.0, "training_flops_fraction": 0.2} for epoch in (1, 2, 3)]
+    assert summary_of(history, "imp", epochs=1)["training_flops_fraction"] == pytest.approx(0.6)
 
 
 def test_the_training_cost_of_a_convolution_counts_its_positions_and_follows_its_mask():

@@ -158,6 +158,14 @@ def test_erk_by_hand_power_raises_the_raw_density():
     assert distributions.erk([(10, 10), (20, 5)], 0.41, power=2.0) == pytest.approx([0.32, 0.5], abs=1e-12)
 
 
+def test_erk_by_hand_a_huge_power_fills_the_layers_in_order_of_their_raw_density():
+    # Raw densities 0.2 and 0.25: as power grows the (20, 5) layer takes the budget first. At 0.6 of 200 weights
+    # it saturates (100), and the (10, 10) layer gets the other 20. The raw values are scaled by the largest
+    # before exp: scaled by the smallest, exp(1e4 · log(1.25)) overflowed (OverflowError).
+    for power in (1e4, 1e308):
+        assert distributions.erk([(10, 10), (20, 5)], 0.6, power=power) == pytest.approx([0.2, 1.0], abs=1e-12)
+
+
 def test_erk_by_hand_a_saturated_layer_is_made_dense_and_eps_solved_again():
     # d = 94/204 (94 of 204 weights): first eps = 94 / (4 + 20 + 25) = 1.92 puts the (2, 2) layer at 1.92;
     # made dense, eps = (94 - 4) / (20 + 25) = 2: densities 1, 0.4, 0.5.
@@ -175,6 +183,12 @@ def test_erk_by_hand_dense_first_layer_spreads_the_rest_of_the_budget():
 def test_uniform_by_hand_dense_first_layer_puts_the_total_above_d():
     assert distributions.uniform([(10, 10), (20, 5)], 0.1, dense_first_layer=True) == [1.0, 0.1]
     assert distributions.layer_counts([(10, 10), (20, 5)], [1.0, 0.1]) == [100, 10]   # 110 > 0.1 · 200
+
+
+def test_counts_refuse_a_density_list_of_another_length_than_the_shapes():
+    # zip would drop the layers past the shorter list: a count too few, given silently.
+    with pytest.raises(ValueError, match="densities has 1 entries but shapes has 2"):
+        distributions.layer_counts([(2, 2), (3, 3)], [0.5])
 
 
 def test_counts_by_hand_round_halves_to_even():

@@ -158,6 +158,13 @@ def test_a_recurrent_layer_counts_every_matrix_at_each_step_without_the_padding(
     assert result["batch_size"] == 3
 
 
+def test_per_example_counts_of_sequences_of_several_lengths_are_not_truncated():
+    # 5 steps of 2 sequences (3 and 2 long), each (3·2 + 3·3) MACs: 75, 37.5 an example (37 truncated).
+    packed = pack_padded_sequence(torch.randn(2, 3, 2), [3, 2], batch_first=True)
+    result = _flops(nn.Sequential(nn.RNN(2, 3, batch_first=True)), packed)
+    assert (result["dense_macs"], result["batch_size"], result["dense_macs_per_example"]) == (75, 2, 37.5)
+
+
 @pytest.mark.filterwarnings("ignore:LSTM with projections")   # oneDNN's note that it runs torch's own kernel
 def test_an_lstm_counts_each_direction_and_its_projection():
     lstm = nn.LSTM(4, 6, bidirectional=True, proj_size=3)     # per direction: ih 24x4, hh 24x3, hr 3x6

@@ -139,6 +139,26 @@ def test_bad_arguments_raise_and_change_nothing(kwargs, argument):
         init.resolve("orthogonal")
 
 
+class _CudaReportingGenerator(torch.Generator):
+    """A CPU generator that reports a CUDA device, where this machine has none to make a real one on."""
+
+    device = property(lambda self: torch.device("cuda", 0))
+
+
+def test_a_generator_off_the_cpu_is_refused_naming_it_before_the_draw():
+    # Masks and weights are drawn on the CPU, so that one seed gives the same on every device: a CUDA generator
+    # failed in torch.randn naming no argument (or, on a CPU-only build, could not be made at all).
+    generator = torch.Generator(device="cuda") if torch.cuda.is_available() else _CudaReportingGenerator()
+    layer = SparseLinear(6, 4)
+    before = layer.weight.detach().clone()
+    for function in (init.sparse_, init.layer_scaled_):
+        with pytest.raises(ValueError, match="generator must be a CPU torch.Generator"):
+            function(layer, generator=generator)
+    with pytest.raises(ValueError, match="generator must be a CPU torch.Generator"):
+        sparsekern.sparsify(nn.Sequential(nn.Linear(6, 4)), 0.5, generator=generator)
+    assert torch.equal(layer.weight, before)
+
+
 @pytest.mark.parametrize("kind", [kind for kind in BAD_OWN_MASKS if kind != "expanded"])  # read only: fine
 @pytest.mark.parametrize("function", [init.sparse_, init.layer_scaled_, init.dense_])
 def test_a_mask_put_in_place_through_data_is_refused_naming_the_function(function, kind):
@@ -178,6 +198,26 @@ def _std_per_entry(initialise, mask):
     layer.set_mask(mask)
     initialise(layer, generator=torch.Generator().manual_seed(3))
     return layer.weight.detach() / torch.randn(mask.shape, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("shape, groups, transposed", [((6, 2), 4, False), ((3, 2, 2), 2, False),
+                                                       ((3, 2, 2), 2, True)])
+def test_fans_refuse_groups_that_do_not_divide_the_units(shape, groups, transposed):
+    # (3, 2, 2) in 2 groups reshaped without an error into fans of the wrong units; (6, 2) in 4 failed naming none.
+    units = "input" if transposed else "output"
+    with pytest.raises(ValueError, match=f"groups={groups} does not divide the weight's {shape[0]} {units} units"):
+        init.fans(torch.ones(shape, dtype=torch.bool), groups=groups, transposed=transposed)
+
+
+def test_dense_init_zeroes_the_weights_off_the_mask_and_keeps_the_others():
+    # Called on a layer whose weight was written off its mask (sparsify's own calls find it zeroed already).
+    layer = SparseLinear(6, 4)
+    mask = torch.rand(4, 6, generator=torch.Generator().manual_seed(0)) < 0.5
+    layer.set_mask(mask)
+    with torch.no_grad():
+        layer.weight.fill_(0.5)
+    init.dense_(layer)
+    assert torch.equal(layer.weight, torch.where(mask, 0.5, 0.0))
 
 
 def test_sparse_and_layer_scaled_variances_by_hand():

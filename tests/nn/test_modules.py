@@ -173,6 +173,16 @@ def test_new_module_is_dense_and_set_mask_zeroes_weights(generator):
     assert layer.density == pytest.approx(int(mask.sum()) / 32)
 
 
+@pytest.mark.parametrize("make", [lambda: SparseLinear(0, 4), lambda: SparseLinear(4, 0),
+                                  lambda: SparseConv2d(2, 0, 3)])
+def test_a_layer_with_no_weight_entries_has_density_1_and_so_has_its_pack(make):
+    # Nothing to keep: the layer keeps all of it, as `summary` counts it (0 would read as a layer pruned away).
+    layer = make()
+    assert layer.density == 1.0
+    if isinstance(layer, SparseLinear):
+        assert layer.to_inference().packed.density == 1.0
+
+
 @pytest.mark.parametrize("bad, error", [(torch.ones(4, 8), TypeError), (torch.ones(8, 4, dtype=torch.bool), ValueError),
                                         ([[True]], TypeError)])
 def test_set_mask_rejects_bad_masks_and_changes_nothing(bad, error):
@@ -255,6 +265,22 @@ def test_dense_round_trip_and_state_dicts(generator, make, shape):
     other = copy.deepcopy(fresh)
     other.load_state_dict(state)
     assert torch.equal(other.mask, mask) and torch.equal(other.weight, sparse.weight)
+
+
+@pytest.mark.parametrize("make", [lambda: SparseLinear(4, 3), lambda: SparseConv2d(2, 3, 3)])
+def test_to_dense_keeps_which_parameters_train(make):
+    # A frozen layer (a fine-tuned model's backbone) turned dense stays frozen, its trained bias trained.
+    layer = make()
+    layer.weight.requires_grad_(False)
+    dense = layer.to_dense()
+    assert dense.weight.requires_grad is False and dense.bias.requires_grad is True
+
+
+@pytest.mark.parametrize("sparse, dense", [(SparseLinear, nn.Linear(4, 3)), (SparseConv1d, nn.Conv1d(2, 3, 3))])
+def test_from_dense_keeps_the_dense_layers_mode(sparse, dense):
+    # A layer in eval mode stays in it, as it would in a model switched to evaluation (and back).
+    for training in (False, True):
+        assert sparse.from_dense(dense.train(training)).training is training
 
 
 def test_from_dense_takes_only_its_own_kind_of_layer():

@@ -205,16 +205,30 @@ def test_dense_fallback_rule():
     assert ops.dense_is_faster(0.1, 4, torch.float32, "meta") is True
 
 
+def test_the_path_counts_the_rows_of_every_leading_dim_of_x(generator):
+    # x (1, 4, 64) is 4 rows, which the CPU's sparse kernel takes at density 1/64; counted by x's first dim alone
+    # (1 row) it went to the dense fallback, which makes and keeps the unpacked weight.
+    mask = torch.zeros(8, 64, dtype=torch.bool)
+    mask[:, 0] = True
+    packed = ops.pack(torch.randn(8, 64, generator=generator), mask)
+    assert not ops.dense_is_faster(packed.density, 4, torch.float32, "cpu")
+    ops.sparse_linear(torch.randn(1, 4, 64, generator=generator), packed)
+    assert packed._dense is None
+
+
 def test_dense_fallback_unpacks_once_and_never_saves_the_copy(generator, tmp_path):
     weight, mask = random_layer(generator, 9, 33, 0.9, torch.float32)
     packed = ops.pack(weight, mask)
     x = torch.randn(64, 33, generator=generator)
     assert ops.dense_is_faster(packed.density, 64, x.dtype, "cpu")
+    checkpoint.save(packed, tmp_path / "before.pt")
     first = ops.sparse_linear(x, packed)
     kept = packed.dense()
     torch.testing.assert_close(ops.sparse_linear(x, packed), first)
     assert packed.dense() is kept and torch.equal(kept, packed.unpack())
     checkpoint.save(packed, tmp_path / "packed.pt")
+    # The file holds no more than before the copy was made (loading drops a saved copy: that alone tells nothing).
+    assert (tmp_path / "packed.pt").stat().st_size == (tmp_path / "before.pt").stat().st_size
     assert checkpoint.load(tmp_path / "packed.pt")._dense is None
 
 
@@ -369,6 +383,12 @@ def test_a_saved_dense_copy_is_never_loaded(tmp_path):
     loaded = PackedWeight.__new__(PackedWeight)
     loaded.__setstate__(state)
     assert loaded._dense is None and torch.equal(loaded.dense(), packed.unpack())
+
+
+def test_to_refuses_a_bool_device_naming_the_argument():
+    # True is an int to Python, and torch.device(True) raised its own TypeError naming no argument.
+    with pytest.raises(TypeError, match="device must be a torch.device, a device name or an index, got bool"):
+        PackedWeight(**valid_fields()).to(True)
 
 
 def test_fields_cannot_be_reassigned_after_the_checks():
