@@ -134,7 +134,19 @@ def main(argv: list[str] | None = None, prog: str = "python -m benchmarks",
     (`sparsekern bench` from the CLI), and `parser_class` the argument parser (both the default and the CLI's report
     errors on one line, exit code 2). Arguments, --json and --csv paths and --only included, are checked before any
     case is built. Modules run on request only (compiled_training_step) run when --only names them or their ops.
+
+    A Ctrl-C stops it with one line on stderr, `<prog>: interrupted`, and returns 130 (the shell's code for a command
+    that SIGINT ended), as it stops `sparsekern train`: what was printed stays, and a --json or --csv file is
+    written whole or not at all (`sparsekern.checkpoint.write_atomically`).
     """
+    try:
+        return _report(argv, prog, parser_class)
+    except KeyboardInterrupt:   # rather than its traceback
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _report(argv: list[str] | None, prog: str, parser_class: type[argparse.ArgumentParser]) -> int:
     parser = parser_class(prog=prog, description="Times sparsekern's ops against the torch code they replace.")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="where to time the ops (default: cpu; `sparsekern bench` uses cuda when there is a GPU)")

@@ -6,8 +6,10 @@ Every bad input (an argument, the dataset's content, a resume checkpoint, the ou
 SPARSEKERN_BACKEND) fails with a one-line error and exit code 2 before any training, which starts with the
 subcommand as argparse's own errors do (`sparsekern train: error: ...`), as do warnings. `train` also runs
 data-parallel on the ranks torchrun starts (README.md, `sparsekern train`), where a bad input on any rank stops every
-rank with that error. A Ctrl-C while train, compare or reproduce checks its inputs or runs stops it with one line
-(`sparsekern train: interrupted`, and how to go on once training started) and exit code 130.
+rank with that error. A device that runs out of memory (torch.OutOfMemoryError: loading --resume, training) stops
+the command with one such line and exit code 2 too. A Ctrl-C while train, compare or reproduce checks its inputs or
+runs stops it with one line (`sparsekern train: interrupted`, and how to go on once training started) and exit code
+130, as it stops bench (`sparsekern bench: interrupted`).
 """
 from __future__ import annotations
 
@@ -403,7 +405,7 @@ def _run(parser: argparse.ArgumentParser, args) -> None:
             job = {"train": _prepare_train, "compare": _prepare_compare,
                    "reproduce": _prepare_reproduce}[args.command]
             start = job(args)
-        except ValueError as error:
+        except (ValueError, torch.OutOfMemoryError) as error:   # a bad input; a device too small to load the run
             parser.error(str(error))
         except KeyboardInterrupt:   # checking the inputs, reading the data, joining the other ranks: nothing done yet
             _stop_interrupted(parser.prog)
@@ -417,9 +419,11 @@ def _run(parser: argparse.ArgumentParser, args) -> None:
             _stop_interrupted(parser.prog, f"; finished work is kept in {args.out} ({_rerun(args, found)} to go on)")
         except Diverged as error:   # an --lr too high for the run: its finished epochs stay in --out
             parser.error(str(error))
-        except OSError as error:   # --out checked writable before, but a disk fills up or a folder goes away
+        except (OSError, torch.OutOfMemoryError) as error:
+            # --out checked writable before, but a disk fills up or a folder goes away; or the device's memory runs out
+            once = "it can be written" if isinstance(error, OSError) else "the device has the memory"
             parser.error(f"{first_line(error)}; finished work is kept in {args.out} ({_rerun(args, found)} to go on "
-                         f"once it can be written)")
+                         f"once {once})")
         finally:
             _warn_each(parser.prog, held)
 
@@ -604,14 +608,15 @@ def _costs_text(summary: dict) -> str:
 
 
 def _agreed(ranks: data_parallel.Ranks, check):
-    """check()'s result. On several ranks each runs its check, then all agree: a ValueError on any rank is raised
-    on every rank, where one rank stopping alone would leave the others waiting in their next collective."""
+    """check()'s result. On several ranks each runs its check, then all agree: a ValueError (or
+    torch.OutOfMemoryError) on any rank is raised on every rank as a ValueError, where one rank stopping alone would
+    leave the others waiting in their next collective."""
     if not ranks.several:
         return check()
     result = error = None
     try:
         result = check()
-    except ValueError as failed:
+    except (ValueError, torch.OutOfMemoryError) as failed:   # a rank out of memory restoring --resume, say
         error = str(failed)
     data_parallel.agree(error)
     return result

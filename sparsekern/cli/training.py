@@ -263,7 +263,8 @@ class Run:
 
     def restore(self, path: str) -> None:
         """Continues the run saved in the checkpoint at `path` (written by `train` for the same config, on any
-        number of ranks)."""
+        number of ranks). ValueError for a checkpoint that does not fit this run, and torch.OutOfMemoryError as it is
+        (the device, not the checkpoint: a handler may load it elsewhere), the model rolled back after either."""
         state = read_checkpoint(path, map_location=_onto(self.model))
         if settings(state["config"]) != settings(self.config):
             raise ValueError(f"resume checkpoint {path!r} was written by a different configuration")
@@ -289,6 +290,8 @@ class Run:
             torch.Generator().set_state(state["rng"])
             try:
                 self.model.load_state_dict(state["model"])
+            except torch.OutOfMemoryError:   # to the rollback below, as it is
+                raise
             except RuntimeError as error:   # torch's names the keys missing, unexpected or misshapen, a line each
                 raise ValueError(f"its model state: {' '.join(str(error).split())}") from None
             # The model's masks, then the algorithm's, which DST's load puts in place of the model's.
@@ -297,6 +300,8 @@ class Run:
             _check_counts_kept(self.config, counts, _active_counts(self.model))
         except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as error:
             self.model.load_state_dict(before)
+            if isinstance(error, torch.OutOfMemoryError):   # the device, not the checkpoint: as it is
+                raise
             raise ValueError(f"resume checkpoint {path!r} does not fit this run: {first_line(error)}") from None
         torch.set_rng_state(state["rng"])
         self.history = [_with_world_size(row) for row in state["history"]]

@@ -360,7 +360,10 @@ class SparseModule(nn.Module):
         # shape, which is the buffers' (their weight's).
         check_own_mask(self, f"set_mask: this {type(self).__name__}")
         for twin in tied:
-            check_own_mask(twin, f"set_mask: the {type(twin).__name__} tied to this one (sharing its weight)")
+            twin_name = f"the {type(twin).__name__} tied to this one"
+            check_own_mask(twin, f"set_mask: {twin_name} (sharing its weight)")
+            # As a load checks it: torch refused a twin's inference-tensor mask only after this one's had changed.
+            _checks.writable_in_place(twin.mask, f"set_mask: the mask of {twin_name}")
         # The mask's shape, which is the weight's: reading a computed weight would run its parametrization
         # (spectral_norm's power iteration, in training mode).
         if mask.shape != self.mask.shape:

@@ -78,7 +78,6 @@ def topk_mask(scores: Sequence[Tensor], k: int | Sequence[int]) -> list[Tensor]:
     return list(_backend.choose(op, scores[0].device.type, (scores[0].dtype,))[1].run(scores, k))
 
 
-@torch.no_grad()
 def prune_grow(weights, masks, prune_scores, grow_scores, n, state=(), masked=(), *, active=None,
                prune_abs: bool = False, grow_abs: bool = False):
     """The drop-and-grow mask update of RigL, SET, MEST, ... for every layer at once.
@@ -118,9 +117,13 @@ def prune_grow(weights, masks, prune_scores, grow_scores, n, state=(), masked=()
     TypeError or ValueError naming it and changes no layer. Tensors written in place may not
     overlap themselves (expanded views), each other or a mask (slices of one tensor that share no
     entry, such as its column blocks, do not overlap; a mask of another dtype in the same memory is
-    taken to), nor be inference tensors outside torch.inference_mode. A score may be the very tensor its
-    own layer writes (magnitude pruning passes the weight); one sharing an entry with a written tensor
-    in any other way is copied first (a slice sharing none, as above, is read in place).
+    taken to), nor be inference tensors outside torch.inference_mode, nor tensors that autograd records
+    (requiring grad with grad mode on: a weight Parameter in a training loop), whose change would be missing
+    from their graph: call prune_grow under torch.no_grad(), as DST calls it and as torch.optim's steps write
+    parameters (`mask_in_place`'s rule; torch's in-place ops refuse such a Parameter too).
+    A score may be the very tensor its own layer writes (magnitude pruning passes the weight); one sharing an
+    entry with a written tensor in any other way is copied first (a slice sharing none, as above, is read in
+    place). Scores that require grad are read, not recorded: the update is not differentiable.
 
     One-layer form: prune_grow(weight, mask, prune_score, grow_score, n, state=[...], masked=[...])
     with tensors, an int n (and an int active) returns the new mask.
@@ -129,12 +132,15 @@ def prune_grow(weights, masks, prune_scores, grow_scores, n, state=(), masked=()
     """
     _transforms.refuse_vmap("sparsekern.ops.prune_grow", "it updates tensors in place through kernels with no batching rule",
                        "call it outside vmap, with the batch as lists of per-layer tensors")
+    # Checked in the caller's grad mode, which decides whether autograd records a written tensor; run under no_grad,
+    # which records no score either.
     args = _checks.prune_grow_args(weights, masks, prune_scores, grow_scores, n, state, masked, active,
                                    prune_abs, grow_abs)
     if not args.weights:
         return []
     dtypes = tuple({w.dtype for w in args.weights} | {args.prune_scores[0].dtype})
-    new = list(_backend.choose("prune_grow", args.weights[0].device.type, dtypes)[1].run(*args.backend_args()))
+    with torch.no_grad():
+        new = list(_backend.choose("prune_grow", args.weights[0].device.type, dtypes)[1].run(*args.backend_args()))
     return new[0] if args.single else new
 
 

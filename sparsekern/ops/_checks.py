@@ -513,9 +513,9 @@ def _check_memory(weights, masks, prune_scores, grow_scores, state, masked, name
                     for i, t in enumerate(per_layer[layer])]
         for name, t in tensors:
             # An overlapping view, or an inference tensor: torch refuses such writes (the reference raised its
-            # RuntimeError), the compiled and Triton kernels write through raw pointers and would have done it.
-            # Its grad check never fires (prune_grow runs under torch.no_grad); memory shared with another tensor
-            # or a mask is found below, all pairs at once.
+            # RuntimeError), the compiled and Triton kernels write through raw pointers and would have done it. A
+            # tensor autograd records too, in the caller's grad mode (prune_grow runs its kernels under no_grad).
+            # Memory shared with another tensor or a mask is found below, all pairs at once.
             writable_in_place(t, name)
             where = _byte_range(t)
             if where is not None:

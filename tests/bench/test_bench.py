@@ -285,6 +285,37 @@ def test_sparsekern_bench_reports_a_bad_argument_on_one_line(tmp_path, capsys):
         assert exit_info.value.code == 2 and error.startswith("sparsekern bench: error: ") and error.count("\n") == 1
 
 
+def test_a_ctrl_c_while_bench_writes_its_json_keeps_the_printed_table_and_the_old_file(tmp_path, capsys, monkeypatch):
+    # It ended in KeyboardInterrupt's traceback. The table printed by then stays; the file is written whole or not at
+    # all, and here not at all.
+    from sparsekern import checkpoint
+    from sparsekern.cli import main
+
+    monkeypatch.setattr(report, "run", lambda *args, **kwargs: [core.Row("topk_mask", "8", "torch", 1.0, 1.0, 1,
+                                                                         "torch")])
+    write_atomically = checkpoint.write_atomically
+
+    def interrupted_midway(path, write):
+        def half(file):
+            file.write(b'{"environment": ')
+            raise KeyboardInterrupt
+        write_atomically(path, half)
+
+    monkeypatch.setattr(checkpoint, "write_atomically", interrupted_midway)
+    table = tmp_path / "table.json"
+    table.write_text("the last run's")
+    with pytest.raises(SystemExit) as exit_info:
+        try:
+            main(["bench", "--device", "cpu", "--json", str(table)])
+        except KeyboardInterrupt:   # as a failure of this test, not the end of pytest's session
+            pytest.fail("KeyboardInterrupt left main: Python prints its traceback")
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 130
+    assert captured.err.splitlines() == ["sparsekern bench: interrupted"]
+    assert "| topk_mask | 8 | torch | 1.000 | 1.00x (baseline) |" in captured.out.splitlines()
+    assert table.read_text() == "the last run's" and os.listdir(tmp_path) == ["table.json"]
+
+
 def test_training_step_case_labels_each_run_with_its_peak_and_keeps_the_profiler_off_stderr(capfd):
     from sparsekern.bench.cases import training_step
     cases = training_step.cases(CPU, quick=True)

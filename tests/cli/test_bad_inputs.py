@@ -22,9 +22,8 @@ import pytest
 import torch
 
 from sparsekern import checkpoint
-from sparsekern.cli import counts, main
+from sparsekern.cli import counts, data_parallel, main, recipes, training
 from sparsekern.cli import runs as runs_module
-from sparsekern.cli import training
 
 QUICK_COMPARE = ["--methods", "static", "--densities", "0.5", "--seeds", "1", "--epochs", "1", "--jobs", "1"]
 
@@ -903,6 +902,65 @@ def test_a_refused_resume_leaves_the_run_as_it_was(edit, tmp_path):
     assert _same(optimizer, run.recipe.optimizer.state_dict())
     assert _same(algorithm, run.recipe.algorithm.state_dict())
     assert torch.equal(random_state, torch.get_rng_state())
+
+
+OUT_OF_MEMORY = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.15 GiB"
+
+
+def out_of_memory(*args, **kwargs):
+    raise torch.OutOfMemoryError(OUT_OF_MEMORY)
+
+
+def resumable_rigl_checkpoint(tmp_path):
+    """(arguments of a 2-epoch RigL train, its checkpoint after epoch 1)."""
+    arguments = ["train", "--method", "rigl", "--epochs", "2", "--density", "0.3", "--quiet"]
+    main([*arguments, "--stop-after", "1", "--out", str(tmp_path / "run")])
+    return arguments, tmp_path / "run" / "checkpoint.pt"
+
+
+@pytest.mark.parametrize("loading", ["model", "recipe"])
+def test_an_out_of_memory_error_restoring_passes_as_it_is_with_the_model_rolled_back(loading, tmp_path):
+    # It was raised as ValueError "resume checkpoint ... does not fit this run": the device, not the checkpoint, for
+    # a handler that catches torch.OutOfMemoryError (as sparsekern.checkpoint.load and the algorithms' loads let it
+    # pass) to load elsewhere.
+    _, path = resumable_rigl_checkpoint(tmp_path)
+    run = training.prepare(training.TrainConfig(method="rigl", epochs=2, density=0.3))
+    model = {name: tensor.clone() for name, tensor in run.model.state_dict().items()}
+    if loading == "model":   # the first load, the checkpoint's; the rollback's loads
+        loads = [out_of_memory, run.model.load_state_dict]
+        run.model.load_state_dict = lambda *args, **kwargs: loads.pop(0)(*args, **kwargs)
+    else:
+        run.recipe.load_state_dict = out_of_memory
+    with pytest.raises(torch.OutOfMemoryError, match="^CUDA out of memory"):
+        run.restore(str(path))
+    assert all(torch.equal(model[name], tensor) for name, tensor in run.model.state_dict().items())
+
+
+def test_an_out_of_memory_error_loading_the_resume_checkpoint_exits_2_with_torch_s_line(tmp_path, capsys,
+                                                                                          monkeypatch):
+    # It read "resume checkpoint ... does not fit this run: CUDA out of memory ..."
+    arguments, path = resumable_rigl_checkpoint(tmp_path)
+    monkeypatch.setattr(recipes.Recipe, "load_state_dict", out_of_memory)
+    monkeypatch.setattr(training.Run, "train", lambda *a, **k: pytest.fail("training started"))
+    line = refused([*arguments, "--resume", str(path)], capsys)
+    assert line == f"sparsekern train: error: {OUT_OF_MEMORY}"
+
+
+def test_an_out_of_memory_error_while_training_exits_2_with_one_line(tmp_path, capsys, monkeypatch):
+    # A traceback, where a full disk got one line.
+    monkeypatch.setattr(training.Run, "train", out_of_memory)
+    out = tmp_path / "out"
+    line = refused(["train", "--method", "static", "--epochs", "1", "--out", str(out), "--quiet"], capsys)
+    assert line == (f"sparsekern train: error: {OUT_OF_MEMORY}; finished work is kept in {out} (rerun the same "
+                    f"command to go on once the device has the memory)")
+
+
+def test_an_out_of_memory_error_on_one_rank_is_agreed_by_every_rank_as_a_bad_input_is(monkeypatch):
+    # It left the rank before the ranks agreed, the others waiting for it in their collective.
+    told = []
+    monkeypatch.setattr(data_parallel, "agree", told.append)
+    assert importlib.import_module("sparsekern.cli.main")._agreed(data_parallel.Ranks(0, 0, 2), out_of_memory) is None
+    assert told == [OUT_OF_MEMORY]
 
 
 def _same(a, b) -> bool:

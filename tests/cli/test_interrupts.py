@@ -1,5 +1,6 @@
 """Ctrl-C on `compare` with worker processes: the command stops with one line, exit code 130, whenever it comes,
-and the workers, which a terminal's Ctrl-C reaches too, neither die of it with tracebacks nor lose it.
+and the workers, which a terminal's Ctrl-C reaches too, neither die of it with tracebacks nor lose it. `bench` stops
+alike.
 
 A worker is caught as it starts by wrapping multiprocessing's spawn: the Ctrl-C comes while the parent is still
 starting it, however fast or loaded the machine (it used to be lost then, at random: a sleep was to wait out the
@@ -149,3 +150,35 @@ def test_ctrl_c_on_compare_while_its_workers_train_prints_one_line(tmp_path):
     assert done.stderr.splitlines() == [INTERRUPTED.format(out)]
     finished = [name for name in os.listdir(runs) if name.endswith(".json")]
     assert 1 <= len(finished) < 8
+
+
+# `sparsekern ARGS...` (bench) whose first timed case, once measured, writes the file TIMING and waits there.
+HELD_AFTER_FIRST_CASE = textwrap.dedent("""
+    import sys, time
+    from sparsekern.bench import core
+    from sparsekern.cli import main
+
+    timing, argv = sys.argv[1], sys.argv[2:]
+    measure = core.measure
+
+    def measure_and_wait(*args, **kwargs):
+        rows = measure(*args, **kwargs)
+        open(timing, "w").close()
+        time.sleep({wait_s})
+        return rows
+
+    core.measure = measure_and_wait
+    main(argv)
+""").replace("{wait_s}", str(WAIT_S))
+
+
+def test_ctrl_c_on_bench_while_it_times_prints_one_line(tmp_path):
+    # It printed KeyboardInterrupt's traceback, and the process died of SIGINT.
+    timing, table = tmp_path / "timing", tmp_path / "table.json"
+    done = interrupted([sys.executable, "-c", HELD_AFTER_FIRST_CASE, str(timing), "bench", "--device", "cpu",
+                        "--quick", "--only", "topk_mask", "--json", str(table)], timing.exists)
+    assert done.returncode == 130 and done.stdout == "", done.stderr
+    lines = done.stderr.splitlines()
+    assert lines[-1] == "sparsekern bench: interrupted", done.stderr
+    assert all(line.startswith("sparsekern bench: timing ") for line in lines[:-1]) and len(lines) > 1
+    assert os.listdir(tmp_path) == ["timing"]   # no table, whole or in part

@@ -343,6 +343,23 @@ def test_a_load_refuses_a_twin_whose_mask_is_an_inference_tensor_before_any_chan
     assert torch.equal(model[0].mask, masks[0]) and torch.equal(model[2].mask, masks[1])
 
 
+@pytest.mark.parametrize("dense", [nn.Linear, nn.Conv2d])
+def test_set_mask_refuses_a_twin_whose_mask_is_an_inference_tensor_before_any_change(dense, generator):
+    # A load checked it; set_mask wrote this layer's mask, then torch refused the twin's (RuntimeError naming no
+    # layer), leaving the tie on two masks and this layer promising zeros its weight did not hold.
+    first, second = (dense(8, 8), dense(8, 8)) if dense is nn.Linear else (dense(2, 2, 3), dense(2, 2, 3))
+    second.weight = first.weight
+    model = sparsekern.sparsify(nn.Sequential(first, nn.Tanh(), second), 0.5, generator=generator)
+    with torch.inference_mode():
+        model[2].mask = model[2].mask.clone()
+    weight, masks = model[0].weight.detach().clone(), [model[0].mask.clone(), model[2].mask.clone()]
+    with pytest.raises(ValueError, match=rf"^set_mask: the mask of the Sparse{dense.__name__} tied to this one is an "
+                                         rf"inference tensor"):
+        model[0].set_mask(~masks[0])
+    assert torch.equal(model[0].weight, weight)
+    assert torch.equal(model[0].mask, masks[0]) and torch.equal(model[2].mask, masks[1])
+
+
 def test_a_mask_alone_assigned_into_a_tied_layer_is_its_twins_too(generator):
     # Review 28c: assign=True without a weight leaves the weight shared, yet the twin kept its old mask.
     model = tied_pair(generator)

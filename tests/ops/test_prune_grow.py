@@ -299,6 +299,38 @@ def test_a_swap_count_above_the_active_entries_is_refused_on_cpu_by_every_backen
     assert all(torch.equal(t, b) for t, b in zip(after, before))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("written, name", [("weight", r"weights\[1\]"), ("state", r"state\[1\]\[0\]"),
+                                           ("masked", r"masked\[1\]\[0\]"), ("one-layer weight", "weight")])
+def test_a_written_tensor_that_autograd_records_is_refused_by_every_backend_with_nothing_changed(
+        backend, written, name, use_backend, generator):
+    # prune_grow ran under torch.no_grad whatever the caller's grad mode: it wrote into a Parameter (or a result)
+    # requiring grad behind autograd's back, where mask_in_place, and torch's in-place ops on such a Parameter, refuse.
+    use_backend(backend, "prune_grow")
+    weights, masks, prune, grow, state, masked = layer_list(generator, torch.float32, "normal", "contiguous",
+                                                            shapes=[(6, 5), (9, 7)], densities=[0.5, 0.5])
+    n = [round(0.3 * int(m.sum())) for m in masks]
+    expected_weights = [w.clone() for w in weights]
+    copies = [[[t.clone() for t in ts] for ts in per_layer] for per_layer in (state, masked)]
+    expected_masks = reference.prune_grow(expected_weights, masks, prune, grow, n, False, *copies)
+    tensors, index = (weights, 1) if written.endswith("weight") else ({"state": state, "masked": masked}[written][1], 0)
+    tensors[index] = torch.nn.Parameter(tensors[index])   # layer 1's
+
+    def update():
+        if written == "one-layer weight":
+            return [sparsekern.ops.prune_grow(weights[1], masks[1], prune[1], grow[1], n[1])]
+        return sparsekern.ops.prune_grow(weights, masks, prune, grow, n, state, masked)
+
+    written_tensors = [*weights, *(t for ts in (*state, *masked) for t in ts)]
+    before = [t.detach().clone() for t in written_tensors]
+    with pytest.raises(ValueError, match=f"^{name} requires grad, and autograd would not see it changed in place"):
+        update()
+    assert all(torch.equal(t, b) for t, b in zip(written_tensors, before))
+    with torch.no_grad():   # as torch.optim's steps write parameters
+        new = update()
+    assert torch.equal(new[-1], expected_masks[1]) and torch.equal(weights[1].detach(), expected_weights[1])
+
+
 compiled = pytest.mark.skipif(_extension.kernel_missing("prune_grow", "cpu") is not None,
                               reason=f"no compiled CPU kernels: {_extension.kernel_missing('prune_grow', 'cpu')}")
 
