@@ -200,7 +200,7 @@ def erk(shapes: Sequence[Sequence[int]], density: float, *, power: float = 1.0,
         # Scaled by the largest raw value among the sparse layers (eps absorbs the scale), so the largest
         # is 1 and the sum below is at least one layer's size, whatever the power. Its exponent is a power times
         # a difference of logs: power * log(...) itself may be infinite (power=1e308), and inf - inf NaN.
-        top = (max if power >= 0 else min)(logs[i] for i in sparse)
+        top = max(logs[i] for i in sparse)   # power > 0 (check_power): the largest raw value's log
         raw = {i: math.exp(power * (logs[i] - top)) for i in sparse}
         epsilon = (budget - sum(sizes[i] for i in dense)) / sum(raw[i] * sizes[i] for i in sparse)
         saturated = {i for i in sparse if epsilon * raw[i] > 1}
