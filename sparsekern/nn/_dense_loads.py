@@ -6,6 +6,12 @@ which sees neither the other layers nor the end of the call, and a warning per l
 ResNet. So the first such layer of a call finds the module the call loads into (the frame of its
 `nn.Module.load_state_dict`: `_loading_into`) and registers a post-hook there, which torch runs once every module has
 loaded; each layer of the call adds itself to the hook's list, and the hook warns once, naming them.
+
+Layers sharing one weight (tied) load one mask, and a state dict may hold it under one layer's keys while another
+layer's weight comes without a mask (torch loads the layers in model order, each seeing its own keys only). The mask
+the state dict holds is the tie's, whichever layer comes first: a layer that loads one records its tie in the call's
+report (`mask_loaded`), which withdraws a dense load noted earlier for any of them, and a twin loading its weight
+later keeps the mask (`mask_loaded_in_call`). So the warning names exactly the layers that end dense.
 """
 from __future__ import annotations
 
@@ -13,30 +19,52 @@ import inspect
 import sys
 import threading
 import warnings
+from typing import NamedTuple
 
 from torch import nn
 
 # The layers named in full; beyond, a count.
 _NAMED = 5
-# The report of the call that last loaded a dense layer (per thread): torch hands one missing-keys list to every module
-# of a call, so its identity tells that call's later layers from a new call's.
+# The report of the call that last loaded a dense layer or a tied layer's mask (per thread): torch hands one
+# missing-keys list to every module of a call, so its identity tells that call's later layers from a new call's.
 _current = threading.local()
 
 
-def note(missing_keys: list, key: str, layer: nn.Module, tied: int = 0) -> None:
-    """Records that `layer` loads as dense: its state dict has no `key` (its mask's full key) in the
-    load_state_dict call that owns `missing_keys`; the call warns once at its end (module docstring). `tied`: how many
-    layers sharing its weight load dense with it."""
-    entry = (key, type(layer).__name__, layer.density, tied)
-    report = getattr(_current, "report", None)
-    if report is None or report.missing_keys is not missing_keys:
+def note(missing_keys: list, key: str, layer: nn.Module, twins: list[nn.Module]) -> None:
+    """Records that `layer` loads as dense, with `twins` (the layers sharing its weight): its state dict has no `key`
+    (its mask's full key) in the load_state_dict call that owns `missing_keys`; the call warns once at its end (module
+    docstring), unless a twin loads a mask later in the call (`mask_loaded`)."""
+    entry = _Dense(key, type(layer).__name__, layer.density, len(twins), {id(module) for module in (layer, *twins)})
+    report = _report(missing_keys)
+    if report.handle is None:
         root = _loading_into(missing_keys)
         if root is None:   # not under nn.Module.load_state_dict (a direct _load_from_state_dict): warn now
             warnings.warn(_message([entry]), stacklevel=3)
             return
-        report = _current.report = _DenseLoads(missing_keys)
         report.handle = root.register_load_state_dict_post_hook(report)
     report.layers.append(entry)
+
+
+def mask_loaded(missing_keys: list, tie: list[nn.Module]) -> None:
+    """Records that the layers of `tie` (a layer and its twins) took a mask from the state dict of the call that owns
+    `missing_keys`: a dense load noted for any of them earlier in the call is withdrawn, as they end on that mask."""
+    report = _report(missing_keys)
+    report.masked.update(id(module) for module in tie)
+    report.layers = [entry for entry in report.layers if not entry.modules & report.masked]
+
+
+def mask_loaded_in_call(missing_keys: list, layer: nn.Module) -> bool:
+    """Whether `layer`'s mask came from the state dict of the call that owns `missing_keys` (`mask_loaded`)."""
+    report = getattr(_current, "report", None)
+    return report is not None and report.missing_keys is missing_keys and id(layer) in report.masked
+
+
+def _report(missing_keys: list) -> _DenseLoads:
+    """The report of the call that owns `missing_keys`, made on its first use."""
+    report = getattr(_current, "report", None)
+    if report is None or report.missing_keys is not missing_keys:
+        report = _current.report = _DenseLoads(missing_keys)
+    return report
 
 
 def _loading_into(missing_keys: list) -> nn.Module | None:
@@ -59,25 +87,38 @@ def _loading_into(missing_keys: list) -> nn.Module | None:
     return None
 
 
+class _Dense(NamedTuple):
+    """A layer that loads as dense: its mask's key, type, density before the load, how many layers share its weight,
+    and the ids of those layers and itself (ids, not the modules: the report outlives its call, and would keep a
+    model alive)."""
+    key: str
+    kind: str
+    density: float
+    tied: int
+    modules: set[int]
+
+
 class _DenseLoads:
-    """A load_state_dict post-hook: warns of the layers of its call that loaded as dense, then removes itself. A
-    class, not a closure, so that a module it was left on (a call that raised before its end) still pickles; a
-    later call's run of it, whose missing keys are another list, only removes it."""
+    """A load_state_dict call's report: the layers that load as dense (`layers`) and the ids of those whose mask the
+    state dict holds (`masked`). Also its post-hook (`handle`, registered on the first dense layer): warns of the
+    layers left in `layers`, then removes itself. A class, not a closure, so that a module it was left on (a call that
+    raised before its end) still pickles; a later call's run of it, whose missing keys are another list, only removes
+    it."""
 
     def __init__(self, missing_keys: list):
-        self.missing_keys, self.layers, self.handle = missing_keys, [], None
+        self.missing_keys, self.layers, self.masked, self.handle = missing_keys, [], set(), None
 
     def __call__(self, module: nn.Module, incompatible_keys) -> None:
         self.handle.remove()
-        if incompatible_keys.missing_keys is self.missing_keys:
+        if incompatible_keys.missing_keys is self.missing_keys and self.layers:
             # This hook, in torch's load (inside load_state_dict), in the caller's code.
             warnings.warn(_message(self.layers), stacklevel=4)
 
 
-def _message(layers: list[tuple[str, str, float, int]]) -> str:
-    """The warning for `layers`, (mask key, module type, density, layers tied to it) each."""
-    named = ", ".join(f"{key!r} ({kind}, density {density:.3g}{_tied(tied)})"
-                      for key, kind, density, tied in layers[:_NAMED])
+def _message(layers: list[_Dense]) -> str:
+    """The warning for `layers`."""
+    named = ", ".join(f"{layer.key!r} ({layer.kind}, density {layer.density:.3g}{_tied(layer.tied)})"
+                      for layer in layers[:_NAMED])
     more = f" and {len(layers) - _NAMED} more" if len(layers) > _NAMED else ""
     count = "1 sparse layer" if len(layers) == 1 else f"{len(layers)} sparse layers"
     return (f"state dict has no mask for {count}, {named}{more}: load_state_dict loads each as a dense layer (mask "

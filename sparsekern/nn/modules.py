@@ -544,11 +544,12 @@ class SparseModule(nn.Module):
             _refuse_meta_into_pack(state_dict, prefix)
         # load_state_dict hands each module its own copy of the dict, so filling in the mask of a
         # dense checkpoint here does not touch the caller's dict.
-        dense = prefix + "mask" not in state_dict and prefix + "weight" in state_dict
+        given_mask = prefix + "mask" in state_dict
+        dense = not given_mask and prefix + "weight" in state_dict
         # Its tied twins' masks follow the one it loads (below), checked before anything changes; a weight assigned in
         # place of this one's (assign=True) is its own, and its former twins keep their weight and mask.
         unties = assign and prefix + "weight" in state_dict
-        twins = [] if unties or not (dense or prefix + "mask" in state_dict) else self._tied_modules()
+        twins = [] if unties or not (dense or given_mask) else self._tied_modules()
         for twin in twins:
             twin_name = f"the {type(twin).__name__} tied to layer {prefix[:-1] or '(root)'!r}"
             check_own_mask(twin, f"load_state_dict: {twin_name} (sharing its weight)")
@@ -558,12 +559,14 @@ class SparseModule(nn.Module):
             # which loads nothing of it, so the mask stays as it is, with no mismatch reported for a mask the
             # checkpoint does not hold.
             weight = state_dict[prefix + "weight"]
-            fits = weight.shape == self.mask.shape
-            if fits and not self.mask.is_meta and not bool(self.mask.all()):
+            # A twin that took its mask from this state dict earlier in the call gave the tie that mask, which stays:
+            # the tie ends on the mask the state dict holds, whichever of its layers torch loads first (`_dense_loads`).
+            keeps = weight.shape != self.mask.shape or twins and _dense_loads.mask_loaded_in_call(missing_keys, self)
+            if not keeps and not self.mask.is_meta and not bool(self.mask.all()):
                 # A pretrained dense checkpoint loaded into a sparsified model: it would train dense, silently.
-                _dense_loads.note(missing_keys, prefix + "mask", self, tied=len(twins))
-            state_dict[prefix + "mask"] = (torch.ones(self.mask.shape, dtype=torch.bool, device=weight.device)
-                                           if fits else self.mask.clone())
+                _dense_loads.note(missing_keys, prefix + "mask", self, twins)
+            state_dict[prefix + "mask"] = (self.mask.clone() if keeps
+                                           else torch.ones(self.mask.shape, dtype=torch.bool, device=weight.device))
         mask = state_dict.get(prefix + "mask")
         _check_loaded_mask(mask, prefix + "mask")
         if mask is not None:
@@ -582,12 +585,15 @@ class SparseModule(nn.Module):
         self._recheck_zero_off_mask()
         # A tied twin holds the weight just loaded: left on its old mask, it would promise 0 off that mask where the
         # weight is not, compute densely while counted sparse, and differ from this layer's mask, which the
-        # algorithms refuse. So the tie loads the mask (dense for a dense weight) whichever of its layers' keys a
-        # checkpoint holds (one leaving the tied duplicate out, as torch.save of a tied LM may); where torch refused
-        # an entry of this layer, the twins take the mask it holds now, so that the tie stays one.
+        # algorithms refuse. So the tie loads the mask (the one a checkpoint holds for any of its layers, in any order,
+        # else dense for a dense weight) whichever of its layers' keys a checkpoint holds (one leaving the tied
+        # duplicate out, as torch.save of a tied LM may); where torch refused an entry of this layer, the twins take
+        # the mask it holds now, so that the tie stays one.
         for twin in twins:
             twin.mask.copy_(self.mask)
             twin.zero_off_mask = self.zero_off_mask
+        if given_mask and twins:
+            _dense_loads.mask_loaded(missing_keys, [self, *twins])
         self._refresh_pack()   # a layer in inference mode (this one, a twin) serves the loaded weight and mask
 
     def extra_repr(self) -> str:

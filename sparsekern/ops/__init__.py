@@ -352,6 +352,28 @@ def sparse_linear(x: Tensor, packed: PackedWeight, bias: Tensor | None = None) -
         # answers in autocast's dtype, which the packed weight does not hold: refusing it failed every such model.
         # A dtype autocast leaves alone (float64) is refused as outside autocast.
         x = x.to(packed.dtype)
+    # Under torch.jit.trace, checked and chosen as in eager code but not recorded (`_checks.untraced`): they read x's
+    # and the pack's sizes, which a trace holds as tensors, as Python bools, and warned (TracerWarning) of branches
+    # that no trace records; the trace keeps the path its example's batch chose.
+    dense = _checks.untraced(lambda: _sparse_linear_checks(x, packed, bias))
+    _transforms.refuse_derivatives("sparsekern.ops.sparse_linear", (given, bias),
+                                   "it has no derivatives (inference mode)",
+                                   "leave inference mode first (SparseLinear.to_training()), or call masked_linear")
+    # vmap: the sparse kernel has no batching rule, and its fallback runs it once per sample.
+    if _transforms.active() or dense:
+        if _autocast_enabled(x.device.type):
+            # In the packed weight's dtype, as the sparse kernels answer: autocast would run F.linear in its own
+            # dtype, the output's dtype depending on the path.
+            with torch.autocast(x.device.type, enabled=False):
+                return torch.nn.functional.linear(x, packed.dense(), bias)
+        return torch.nn.functional.linear(x, packed.dense(), bias)
+    return _backend.choose("sparse_linear", x.device.type, (x.dtype,))[1].run(
+        x, packed.bitmap, packed.values, packed.chunk_offsets, bias)
+
+
+def _sparse_linear_checks(x: Tensor, packed: PackedWeight, bias: Tensor | None) -> bool:
+    """sparse_linear's checks of x (cast as the packed weight's under autocast) and bias against `packed`, then
+    whether the dense product is the faster (`dense_is_faster`)."""
     if x.dim() < 1 or x.shape[-1] != packed.in_features:
         raise ValueError(f"x must end in in_features={packed.in_features}, got shape {tuple(x.shape)}")
     if x.dtype != packed.dtype:
@@ -365,20 +387,8 @@ def sparse_linear(x: Tensor, packed: PackedWeight, bias: Tensor | None = None) -
             raise TypeError(f"bias has dtype {bias.dtype} but x has {x.dtype}")
         tensors.append(("bias", bias))
     _checks.same_device(tensors)
-    _transforms.refuse_derivatives("sparsekern.ops.sparse_linear", (given, bias),
-                                   "it has no derivatives (inference mode)",
-                                   "leave inference mode first (SparseLinear.to_training()), or call masked_linear")
     rows = x.numel() // packed.in_features if packed.in_features else 0
-    # vmap: the sparse kernel has no batching rule, and its fallback runs it once per sample.
-    if _transforms.active() or dense_is_faster(packed.density, rows, x.dtype, x.device.type):
-        if _autocast_enabled(x.device.type):
-            # In the packed weight's dtype, as the sparse kernels answer: autocast would run F.linear in its own
-            # dtype, the output's dtype depending on the path.
-            with torch.autocast(x.device.type, enabled=False):
-                return torch.nn.functional.linear(x, packed.dense(), bias)
-        return torch.nn.functional.linear(x, packed.dense(), bias)
-    return _backend.choose("sparse_linear", x.device.type, (x.dtype,))[1].run(
-        x, packed.bitmap, packed.values, packed.chunk_offsets, bias)
+    return dense_is_faster(packed.density, rows, x.dtype, x.device.type)
 
 
 def _compiled(op: str) -> Implementation:

@@ -645,7 +645,13 @@ def packed_weight(bitmap, values, chunk_offsets, in_features) -> int:
     """Checks that the three tensors of a packed weight are the layout of sparsekern.ops.packing for
     `in_features` columns, contents included: the kernels index `values` and x by them, so a bitmap
     that disagrees with `values` or `chunk_offsets` would make them read out of bounds. Returns
-    in_features as an int. Meta tensors have no contents to check."""
+    in_features as an int. Meta tensors have no contents to check.
+    Under torch.jit.trace, checked as in eager code but not recorded (`untraced`): its reads of sizes and values as
+    Python bools warned (TracerWarning) of branches that no trace records."""
+    return untraced(lambda: _packed_weight(bitmap, values, chunk_offsets, in_features))
+
+
+def _packed_weight(bitmap, values, chunk_offsets, in_features) -> int:
     fields = [("bitmap", bitmap), ("values", values), ("chunk_offsets", chunk_offsets)]
     for name, value in fields:
         tensor(value, name)
@@ -691,3 +697,16 @@ def _packed_contents(bitmap: Tensor, values: Tensor, chunk_offsets: Tensor, in_f
     marked = int(reference.popcount(bitmap).sum())
     if values.numel() != marked:
         raise ValueError(f"values has {values.numel()} entries but bitmap marks {marked}")
+
+
+def untraced(make: Callable[[], object]):
+    """`make()`, with torch.jit.trace's recording paused while a trace runs: the trace holds its result as a constant
+    and none of its work (a check's reads of values, a cache filled once)."""
+    if not torch.jit.is_tracing():   # the test torch.compile folds to False
+        return make()
+    state = torch._C._get_tracing_state()
+    torch._C._set_tracing_state(None)
+    try:
+        return make()
+    finally:
+        torch._C._set_tracing_state(state)

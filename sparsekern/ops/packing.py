@@ -19,7 +19,6 @@ fewer bytes at every density above 1/16, which covers the densities sparse train
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -106,7 +105,10 @@ class PackedWeight:
     def dense(self) -> Tensor:
         """`unpack()`, made once and kept (do not modify it): what sparse_linear's dense fallback multiplies."""
         if self._dense is None:
-            object.__setattr__(self, "_dense", _untraced(self.unpack) if torch.jit.is_tracing() else self.unpack())
+            # Made outside torch.jit.trace's recording: the trace's check runs the forward again and compares the
+            # graphs, and a cache filled while recording would show its making in the first graph and a constant in
+            # the next ("Graphs differed across invocations").
+            object.__setattr__(self, "_dense", _checks.untraced(self.unpack))
         return self._dense
 
     def __getstate__(self):
@@ -120,19 +122,6 @@ class PackedWeight:
             shown = sorted(state) if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"a saved PackedWeight must hold exactly {', '.join(_FIELDS)}; got {shown}")
         self.__init__(**{name: state[name] for name in _FIELDS})
-
-
-def _untraced(make: Callable[[], Tensor]) -> Tensor:
-    """`make()` with torch.jit.trace's recording paused, so that the trace holds its result as a constant.
-
-    The trace's check runs the forward again and compares the graphs: a cache filled while recording would show
-    its making in the first graph and a constant in the next ("Graphs differed across invocations")."""
-    state = torch._C._get_tracing_state()
-    torch._C._set_tracing_state(None)
-    try:
-        return make()
-    finally:
-        torch._C._set_tracing_state(state)
 
 
 # torch.load(weights_only=True), which sparsekern.checkpoint.load uses, accepts only listed classes.

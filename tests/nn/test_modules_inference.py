@@ -1,9 +1,11 @@
 """SparseLinear's inference mode: forward through pack + sparse_linear matches the training forward."""
+import warnings
+
 import pytest
 import torch
 
 from sparsekern import ops
-from sparsekern.nn import SparseLinear
+from sparsekern.nn import SparseLinear, to_inference
 
 
 def sparse_layer(generator, in_features, out_features, density, dtype=torch.float32):
@@ -110,6 +112,22 @@ def test_torch_jit_trace_of_a_layer_in_inference_mode_gives_its_outputs(generato
         for batch in (1, 4, 16):
             other = torch.randn(batch, 70, generator=generator)
             torch.testing.assert_close(traced(other), layer(other))
+
+
+@pytest.mark.parametrize("backend", ["reference", "compiled"])
+@pytest.mark.parametrize("rows", [1, 4])   # the dense fallback (1 row), the sparse kernel where it runs (4)
+def test_torch_jit_trace_of_a_model_in_inference_mode_warns_nothing(generator, use_backend, backend, rows):
+    # Loop 29: sparse_linear's checks and kernel choice (and the reference's check of the pack) read sizes, which a
+    # trace holds as tensors, as Python bools: a TracerWarning per read, per layer.
+    use_backend(backend, "sparse_linear")
+    model = torch.nn.Sequential(sparse_layer(generator, 70, 33, 0.03), torch.nn.ReLU(),
+                                sparse_layer(generator, 33, 5, 0.3))
+    to_inference(model)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", torch.jit.TracerWarning)
+        traced = torch.jit.trace(model, torch.randn(rows, 70, generator=generator))
+        x = torch.randn(rows, 70, generator=generator)
+        torch.testing.assert_close(traced(x), model(x))
 
 
 def test_torch_export_refuses_inference_mode_by_name_and_exports_training_mode(generator):

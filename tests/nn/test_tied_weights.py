@@ -2,6 +2,8 @@
 dense module left dense with a warning, and summary counting a shared parameter once."""
 import copy
 import pickle
+import re
+import warnings
 
 import pytest
 import torch
@@ -321,6 +323,46 @@ def test_a_mask_loaded_through_one_tied_layer_is_its_twins_too(generator):
         assert torch.equal(layer.mask, other[0].mask) and layer.zero_off_mask
     torch.testing.assert_close(model[2](x), nn.functional.linear(x, other[0].masked_weight(), model[2].bias))
     sparsekern.DST(model, torch.optim.SGD(model.parameters(), lr=0.1), total_steps=1000)
+
+
+def dense_load_warnings(load):
+    """The dense-load warnings that `load()` gives."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load()
+    return [str(warning.message) for warning in caught if "state dict has no mask" in str(warning.message)]
+
+
+@pytest.mark.parametrize("masked, plain", [("0.", "2."), ("2.", "0.")], ids=["mask first", "mask second"])
+@pytest.mark.parametrize("masked_weight", [True, False], ids=["with its weight", "alone"])
+def test_a_mask_under_one_tied_layer_beside_the_twins_plain_weight_is_the_ties_in_either_order(
+        generator, masked, plain, masked_weight):
+    # Loop 29: torch loads layer 0 before layer 2, and the later one decided: a mask under "0." beside a plain weight
+    # under "2." ended dense, the same keys the other way round ended sparse, under a warning naming layer 0 dense.
+    model, other = tied_pair(generator), tied_pair(torch.Generator().manual_seed(11))
+    weight = other[0].weight.detach().clone()
+    state = {masked + "mask": other[0].mask.clone(), plain + "weight": weight,
+             **({masked + "weight": weight} if masked_weight else {})}
+    assert dense_load_warnings(lambda: model.load_state_dict(state, strict=False)) == []
+    x = torch.randn(4, 8, generator=generator)
+    for layer in (model[0], model[2]):
+        assert torch.equal(layer.mask, other[0].mask) and layer.zero_off_mask
+        torch.testing.assert_close(layer(x), nn.functional.linear(x, other[0].masked_weight(), layer.bias))
+    sparsekern.DST(model, torch.optim.SGD(model.parameters(), lr=0.1), total_steps=1000)
+
+
+def test_the_dense_load_warning_names_only_the_layers_that_end_dense(generator):
+    # Layer 0's plain weight is noted dense, then withdrawn when its twin loads the tie's mask; layer 3 stays dense.
+    first, second = nn.Linear(8, 8), nn.Linear(8, 8)
+    second.weight = first.weight
+    model = sparsekern.sparsify(nn.Sequential(first, nn.Tanh(), second, nn.Linear(8, 8)), 0.5, generator=generator)
+    mask = model[0].mask.clone()
+    state = {"0.weight": torch.randn(8, 8, generator=generator), "2.mask": mask,
+             "3.weight": torch.randn(8, 8, generator=generator)}
+    messages = dense_load_warnings(lambda: model.load_state_dict(state, strict=False))
+    assert len(messages) == 1 and re.match(r"state dict has no mask for 1 sparse layer, '3\.mask' \(SparseLinear, "
+                                           r"density 0\.5\): ", messages[0])
+    assert torch.equal(model[0].mask, mask) and torch.equal(model[2].mask, mask) and model[3].mask.all()
 
 
 def test_a_load_torch_refuses_leaves_both_tied_layers_masks(generator):

@@ -1,5 +1,6 @@
 """pack / sparse_linear: the packed layout, the reference, and the C++ CPU kernel against it."""
 import dataclasses
+import importlib.util
 import re
 import subprocess
 import sys
@@ -32,6 +33,17 @@ def expected(x, weight, mask, bias):
     dense = torch.where(mask, weight, torch.zeros((), dtype=weight.dtype)).double()
     y = x.double() @ dense.T
     return y + bias.double() if bias is not None else y
+
+
+def test_importing_this_file_packs_nothing(monkeypatch):
+    """Each weight here is packed by a test that uses it: packed at import (parametrize values), one failure of pack or
+    of the PackedWeight checks errored the whole file instead of failing the tests that use them."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a weight packed at import")
+    monkeypatch.setattr(ops, "pack", refuse)
+    monkeypatch.setattr(PackedWeight, "__post_init__", refuse)
+    spec = importlib.util.spec_from_file_location("test_sparse_linear_imported_again", __file__)
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
 
 
 @pytest.mark.parametrize("shape", [(37, 100), (5, 1025), (1, 1), (3, 2100), (0, 8), (4, 0)])
@@ -366,14 +378,18 @@ def test_a_tampered_checkpoint_is_refused_on_load(case, tmp_path):
     assert isinstance(raised.value.__cause__, error)
 
 
-@pytest.mark.parametrize("state", [
-    {"bitmap": 0, "values": 0},                      # a field missing
-    {**valid_fields(), "weight": torch.zeros(3)},    # a field that is not one
-    (valid_fields(), None),                          # not a dict
-])
+# Each state made by its test (as every packed weight here): made at import, one failure would fail the file.
+SAVED_STATES = {
+    "a field missing": lambda: {"bitmap": 0, "values": 0},
+    "a field that is not one": lambda: {**valid_fields(), "weight": torch.zeros(3)},
+    "not a dict": lambda: (valid_fields(), None),
+}
+
+
+@pytest.mark.parametrize("state", list(SAVED_STATES))
 def test_a_saved_state_must_hold_exactly_the_fields(state):
     with pytest.raises(ValueError, match="saved PackedWeight"):
-        PackedWeight.__new__(PackedWeight).__setstate__(state)
+        PackedWeight.__new__(PackedWeight).__setstate__(SAVED_STATES[state]())
 
 
 def test_a_saved_dense_copy_is_never_loaded(tmp_path):
@@ -404,15 +420,18 @@ def test_short_values_no_longer_give_garbage():
         PackedWeight(**{**fields, "values": fields["values"][:3]})
 
 
-@pytest.mark.parametrize("fields", [
-    {"bitmap": torch.zeros(6, 0, dtype=torch.int32), "values": torch.zeros(0),
-     "chunk_offsets": torch.zeros(6, 0, dtype=torch.int64), "in_features": 0},
-    {"bitmap": torch.zeros(0, 35, dtype=torch.int32), "values": torch.zeros(0),
-     "chunk_offsets": torch.zeros(0, 2, dtype=torch.int64), "in_features": 1100},
-    {**valid_fields(), "in_features": torch.tensor(1100)},
-], ids=["no columns", "no rows", "in_features a 0-d tensor"])
+EDGE_LAYOUTS = {
+    "no columns": lambda: {"bitmap": torch.zeros(6, 0, dtype=torch.int32), "values": torch.zeros(0),
+                           "chunk_offsets": torch.zeros(6, 0, dtype=torch.int64), "in_features": 0},
+    "no rows": lambda: {"bitmap": torch.zeros(0, 35, dtype=torch.int32), "values": torch.zeros(0),
+                        "chunk_offsets": torch.zeros(0, 2, dtype=torch.int64), "in_features": 1100},
+    "in_features a 0-d tensor": lambda: {**valid_fields(), "in_features": torch.tensor(1100)},
+}
+
+
+@pytest.mark.parametrize("fields", list(EDGE_LAYOUTS))
 def test_edge_layouts_that_agree_are_accepted(fields):
-    packed = PackedWeight(**fields)
+    packed = PackedWeight(**EDGE_LAYOUTS[fields]())
     assert isinstance(packed.in_features, int) and packed.unpack().shape == packed.shape
 
 

@@ -361,6 +361,22 @@ def test_prune_grow_reads_any_nonzero_mask_byte_as_true(kernels, generator):
     assert torch.equal(got[0], expected[0]) and torch.equal(tensors[0], expected_weight)
 
 
+@pytest.mark.parametrize("global_scope", [False, True])
+def test_prune_grow_never_grows_into_a_blocks_padding(kernels, global_scope, generator):
+    """Layers that fill part of their last 1024-entry block: the lanes past a layer's end read score 0 and a clear mask
+    byte, which makes them grow candidates but for the bounds check. Grow scores below 0 rank every such lane above
+    every entry, so one taken would grow nothing real in its place and the active count would fall."""
+    _, _, _, pg = kernels
+    layers = []
+    for shape in [(100,), (7, 9)]:
+        tensors, state = _prune_grow_case(shape, torch.float32, generator)
+        tensors[3] = -1 - torch.rand(shape, generator=generator)
+        layers.append(tensors + [state])
+    counts = [int(layer[1].sum()) for layer in layers]
+    _check_prune_grow(pg, layers, [sum(counts) // 2] if global_scope else [count // 2 for count in counts],
+                      global_scope)
+
+
 def test_prune_grow_non_contiguous_weight_and_empty(kernels, generator):
     _, _, _, pg = kernels
     tensors, state = _prune_grow_case((30, 20), torch.float32, generator)
