@@ -147,7 +147,8 @@ def set_rule(weights, grads, masks, *, generator=None, gamma=1.0, offset=EPSILON
     every n: the k-th lowest score (k = 1..A)
     goes to the next positive weight (smallest first) when n₊(k) > n₊(k − 1), else to the next
     negative weight (closest to zero first); among equal weights the higher position (row-major, in list
-    order) ranks lower, so that ties keep the lower position, as under every other criterion (DST's rule).
+    order) ranks lower, so that ties keep the lower position, as under every criterion that ranks (DST's
+    rule; set_fw and set_fixed drop every weight tied with their threshold).
     n₊(A) = A₊, so a sign never runs out before its share is dropped: with no positive (or no
     negative) weights every drop is of the other sign.
 

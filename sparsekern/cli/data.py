@@ -5,6 +5,7 @@ pass a local copy.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 
@@ -33,6 +34,15 @@ class Dataset:
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.train_x.shape[1:])
+
+    def fingerprint(self) -> str:
+        """A digest of the data (its tensors' shapes and values, and the class count), the same wherever the same
+        data was read from: the ranks of a data-parallel run may read it at other paths, one machine's from another."""
+        digest = hashlib.sha256(str(self.num_classes).encode())
+        for tensor in (self.train_x, self.train_y, self.test_x, self.test_y):
+            digest.update(f"{tuple(tensor.shape)} {tensor.dtype}".encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
 
 def check_dataset(spec: str) -> None:

@@ -571,7 +571,7 @@ def _prepare_train(args):
         data_parallel.start(ranks, args.device)
     config, dataset, resumed_epoch = _agreed(ranks, lambda: _check_train(args, ranks))
     if ranks.several:   # before prepare(), whose algorithms would refuse some differences in their own terms only
-        data_parallel.agree_on_run(_lockstep_arguments(args, config, resumed_epoch))
+        data_parallel.agree_on_run(_lockstep_arguments(args, config, dataset, resumed_epoch))
     run = prepare(config, dataset)  # collective on several ranks: the algorithms check that the ranks' masks agree
     _agreed(ranks, lambda: _check_run(args, run, ranks))
     _warn_short_optg(config.method, config.epochs)
@@ -622,11 +622,13 @@ def _agreed(ranks: data_parallel.Ranks, check):
     return result
 
 
-def _lockstep_arguments(args, config: TrainConfig, resumed_epoch: int | None) -> dict:
-    """What every rank of a data-parallel run must share, by option name: the config's options, --stop-after and the
-    epoch --resume's checkpoint holds (None without --resume; its path may differ from one machine to another)."""
-    options = {f"--{name.replace('_', '-')}": value for name, value in asdict(config).items()}
-    return {**options, "--stop-after": args.stop_after, "--resume (its epoch)": resumed_epoch}
+def _lockstep_arguments(args, config: TrainConfig, dataset, resumed_epoch: int | None) -> dict:
+    """What every rank of a data-parallel run must share, by option name: the config's options but --dataset's path,
+    the data read from it, --stop-after and the epoch --resume's checkpoint holds (None without --resume). Paths may
+    differ from one machine to another; the same path may hold other data on another."""
+    options = {f"--{name.replace('_', '-')}": value for name, value in asdict(config).items() if name != "dataset"}
+    return {**options, "--dataset (its data)": dataset.fingerprint(), "--stop-after": args.stop_after,
+            "--resume (its epoch)": resumed_epoch}
 
 
 def _check_train(args, ranks: data_parallel.Ranks):
@@ -735,9 +737,8 @@ def _runs_trained(runs: int, trained: int, out: str) -> str:
     return f"{counted(runs, 'run')} ({trained} trained now{found})"
 
 
-def _check_resume(path: str, config: TrainConfig) -> int | None:
-    """The epoch of the checkpoint at `path` (None where it holds no int: restoring it refuses that); ValueError unless
-    `config` wrote it."""
+def _check_resume(path: str, config: TrainConfig) -> int:
+    """The epoch of the checkpoint at `path`; ValueError unless `config` wrote it and its epoch is an int."""
     state = read_checkpoint(path, map_location="cpu")
     saved = state["config"]
     changed = [f"{name} {saved.get(name)!r} -> {value!r}" for name, value in asdict(config).items()
@@ -745,7 +746,9 @@ def _check_resume(path: str, config: TrainConfig) -> int | None:
     if changed:
         raise ValueError(f"resume checkpoint {path!r} was written with other arguments ({', '.join(changed)}); "
                          f"resume with the arguments of the interrupted run")
-    return state["epoch"] if type(state["epoch"]) is int else None
+    if type(state["epoch"]) is not int:   # named here, on its rank: the ranks' comparison would show it as no --resume
+        raise ValueError(f"resume checkpoint {path!r} is inconsistent (epoch {state['epoch']!r})")
+    return state["epoch"]
 
 
 def _bench(bench_args: list[str]) -> int:

@@ -164,19 +164,16 @@ def _check_counters(saved, algorithm: str, expected: dict, steps: int) -> None:
             raise ValueError(f"its {algorithm} state's {key} is {shown}, but the run had trained {steps} steps{after}")
 
 
-# The entries a recipe's state may hold (`Recipe.state_dict`), in every version.
-_RECIPE_ENTRIES = ("optimizer", "algorithm")
-
-
 def _check_recipe_state(state, entries: tuple[str, ...]) -> None:
     """ValueError unless `state` is a dict holding `entries` (a recipe's state: the optimizer's and the algorithm's)
-    and no entry that no recipe saves (a misspelled or tampered one, which the resume would ignore)."""
+    and no other entry (a misspelled or tampered one, or another method's, which the resume would ignore)."""
     if not isinstance(state, dict) or any(entry not in state for entry in entries):
         got = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"its recipe state must be a dict holding {list(entries)}, got {got}")
-    unknown = sorted((key for key in state if key not in _RECIPE_ENTRIES), key=str)
+    unknown = sorted((key for key in state if key not in entries), key=str)
     if unknown:
-        raise ValueError(f"its recipe state holds {unknown}, which no recipe saves (a misspelled or tampered entry?)")
+        raise ValueError(f"its recipe state holds {unknown}, which this method's recipe does not save (a misspelled or "
+                         f"tampered entry?)")
 
 
 class DSTRecipe(Recipe):

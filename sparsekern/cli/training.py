@@ -30,6 +30,7 @@ from ..nn import gradient_flow, sparsify
 from ..nn import masks as model_masks   # `masks` names the masks given to a run
 from ..nn import init as sparse_init
 from ..nn.sparsify import SPARSIFIABLE
+from ..ops import reference
 from . import costs, data_parallel
 from .data import Dataset, load_dataset
 from .models import build_model
@@ -294,10 +295,11 @@ class Run:
                 raise
             except RuntimeError as error:   # torch's names the keys missing, unexpected or misshapen, a line each
                 raise ValueError(f"its model state: {' '.join(str(error).split())}") from None
-            # The model's masks, then the algorithm's, which DST's load puts in place of the model's.
+            # The model's masks, then those of DST's state, which its load puts in place of the model's: checked
+            # before the recipe loads, which the rollback does not undo.
             _check_counts_kept(self.config, counts, _active_counts(self.model))
+            _check_counts_kept(self.config, counts, _saved_algorithm_counts(state["recipe"]))
             self.recipe.load_state_dict(state["recipe"], steps=epoch * self.steps_per_epoch)
-            _check_counts_kept(self.config, counts, _active_counts(self.model))
         except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as error:
             self.model.load_state_dict(before)
             if isinstance(error, torch.OutOfMemoryError):   # the device, not the checkpoint: as it is
@@ -454,6 +456,8 @@ def read_checkpoint(path: str, map_location=None) -> dict:
         with warnings.catch_warnings():  # torch warns about foreign pickles on stderr: the error says it all
             warnings.simplefilter("ignore")
             state = checkpoint.load(path, map_location=map_location)
+    except torch.OutOfMemoryError:   # the device, not the file (restore lets it pass)
+        raise
     except Exception as error:  # torch.load raises many types for a damaged file; all mean the same here
         # torch.load(weights_only=True) raises UnpicklingError where its unpickler refuses what the file holds (an
         # object other than tensors and containers), which checkpoint.load's ValueError has for its cause: told by
@@ -487,23 +491,40 @@ def _non_finite_entry(model_state) -> str | None:
 
 def _active_counts(model: nn.Module) -> dict[str, int]:
     """{layer name: active weights of its mask} of `model`'s sparse layers."""
-    return {name: int(mask.sum()) for name, mask in model_masks(model).items()}
+    return _counts(model_masks(model))
 
 
-def _check_counts_kept(config: TrainConfig, built: dict[str, int], loaded: dict[str, int]) -> None:
+def _saved_algorithm_counts(recipe_state) -> dict[str, int] | None:
+    """{layer name: active weights} of the masks a recipe state's DST state holds, which its load puts in place of
+    the model's; None where it holds none as bool tensors (another method's, or a damaged one, which DST's load
+    refuses, naming the entry)."""
+    algorithm = recipe_state.get("algorithm") if isinstance(recipe_state, dict) else None
+    masks = algorithm.get("masks") if isinstance(algorithm, dict) else None
+    if not isinstance(masks, dict) or not all(isinstance(mask, torch.Tensor) and mask.dtype == torch.bool
+                                              for mask in masks.values()):
+        return None
+    return _counts(masks)
+
+
+def _counts(masks: dict[str, torch.Tensor]) -> dict[str, int]:
+    """{name: True entries} of `masks`, read from the device at once."""
+    return dict(zip(masks, reference.active_counts(list(masks.values()))))
+
+
+def _check_counts_kept(config: TrainConfig, built: dict[str, int], loaded: dict[str, int] | None) -> None:
     """ValueError where a resumed run's masks hold other active weight counts than the run's config gives (`built`,
     those of the model prepared for it), for the methods whose counts never change: dense and static, and DST's
     (per layer, or in total under --scope global; not with --block, whose edge blocks hold fewer weights). A mask
     of all True in the checkpoint trained its layer dense while the run was reported at --density."""
-    if config.method not in ("dense", "static", *DST_PRESETS) or config.block is not None:
+    if loaded is None or loaded.keys() != built.keys() or config.method not in ("dense", "static", *DST_PRESETS) or config.block is not None:
         return
     if config.method in DST_PRESETS and config.scope == "global":
         built, loaded = {"all layers": sum(built.values())}, {"all layers": sum(loaded.values())}
     differ = next((name for name in built if loaded.get(name) != built[name]), None)
     if differ is not None:
-        raise ValueError(f"its masks hold {loaded.get(differ)} active weights in {differ!r} where --density "
-                         f"{config.density:g} gives {built[differ]}, which {config.method} never changes (a damaged "
-                         f"or doctored checkpoint)")
+        expected = "the dense method keeps all" if config.method == "dense" else f"--density {config.density:g} gives"
+        raise ValueError(f"its masks hold {loaded.get(differ)} active weights in {differ!r} where {expected} "
+                         f"{built[differ]}, which {config.method} never changes (a damaged or doctored checkpoint)")
 
 
 def _is_plain(value) -> bool:

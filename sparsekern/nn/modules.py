@@ -359,11 +359,7 @@ class SparseModule(nn.Module):
         # Its own buffer and its twins', written below (`mask`, only read, may be an expanded view); then the mask's
         # shape, which is the buffers' (their weight's).
         check_own_mask(self, f"set_mask: this {type(self).__name__}")
-        for twin in tied:
-            twin_name = f"the {type(twin).__name__} tied to this one"
-            check_own_mask(twin, f"set_mask: {twin_name} (sharing its weight)")
-            # As a load checks it: torch refused a twin's inference-tensor mask only after this one's had changed.
-            _checks.writable_in_place(twin.mask, f"set_mask: the mask of {twin_name}")
+        _check_twin_masks(tied, "set_mask", "this one")
         # The mask's shape, which is the weight's: reading a computed weight would run its parametrization
         # (spectral_norm's power iteration, in training mode).
         if mask.shape != self.mask.shape:
@@ -550,10 +546,7 @@ class SparseModule(nn.Module):
         # place of this one's (assign=True) is its own, and its former twins keep their weight and mask.
         unties = assign and prefix + "weight" in state_dict
         twins = [] if unties or not (dense or given_mask) else self._tied_modules()
-        for twin in twins:
-            twin_name = f"the {type(twin).__name__} tied to layer {prefix[:-1] or '(root)'!r}"
-            check_own_mask(twin, f"load_state_dict: {twin_name} (sharing its weight)")
-            _checks.writable_in_place(twin.mask, f"load_state_dict: the mask of {twin_name}")
+        _check_twin_masks(twins, "load_state_dict", f"layer {prefix[:-1] or '(root)'!r}")
         if dense:
             # The module's shape: a weight of another shape (a Conv2d's into a SparseConv3d) fails torch's own check,
             # which loads nothing of it, so the mask stays as it is, with no mismatch reported for a mask the
@@ -569,7 +562,7 @@ class SparseModule(nn.Module):
                                            else torch.ones(self.mask.shape, dtype=torch.bool, device=weight.device))
         mask = state_dict.get(prefix + "mask")
         _check_loaded_mask(mask, prefix + "mask")
-        if mask is not None:
+        if dense:   # a mask the state dict holds had its buffer checked first, above
             # Copied into the module's own buffer; assign=True puts the loaded one in its place instead, but reads the
             # old one as the weight is put in place first (`_recheck_zero_off_mask`).
             check_own_mask(self, f"load_state_dict: layer {prefix[:-1] or '(root)'!r}", written=not assign)
@@ -998,6 +991,15 @@ def check_own_masks(named: list[tuple[str, SparseModule]], who: str, written: bo
     no value is read, so no host sync on a GPU."""
     for name, module in named:
         check_own_mask(module, f"{who}: layer {name or '(root)'!r}", written)
+
+
+def _check_twin_masks(twins: list[SparseModule], who: str, layer: str) -> None:
+    """Refuses, before `who` writes the mask of `layer` and its tied `twins`, a twin mask that cannot be written in
+    place (`check_own_mask`, and an inference tensor, which torch refused only after `layer`'s mask had changed)."""
+    for twin in twins:
+        twin_name = f"the {type(twin).__name__} tied to {layer}"
+        check_own_mask(twin, f"{who}: {twin_name} (sharing its weight)")
+        _checks.writable_in_place(twin.mask, f"{who}: the mask of {twin_name}")
 
 
 def check_own_mask(module: SparseModule, subject: str, written: bool = True) -> None:

@@ -833,12 +833,15 @@ def _nan_weight(state):
     ("static", _mask_dropped_from_the_model_state, "its masks hold 65536 active weights in '3' where --density 0.3"),
     ("rigl", _every_mask_all_true, "its masks hold 16384 active weights in '1' where --density 0.3 gives "),
     ("static", _nan_weight, "is damaged: its model state's '3.weight' holds inf or NaN"),
-    ("rigl", lambda state: state["recipe"].update(optimiser={}), "its recipe state holds ['optimiser'], which no "
-                                                                "recipe saves"),
+    ("rigl", lambda state: state["recipe"].update(optimiser={}), "its recipe state holds ['optimiser'], which this "
+                                                                "method's recipe does not save"),
+    ("static", lambda state: state["recipe"].update(algorithm={}), "its recipe state holds ['algorithm'], which "
+                                                                  "this method's recipe does not save"),
     ("static", _no_momentum_of_the_first_weight, "its optimizer state holds for parameter '1.weight' no momentum "
                                                  "buffer")],
     ids=["static, masks all True", "static, a mask dropped", "rigl, model's and DST's masks all True",
-         "static, a NaN weight", "rigl, a misspelled recipe entry", "static, a momentum buffer of None"])
+         "static, a NaN weight", "rigl, a misspelled recipe entry", "static, another method's recipe entry",
+         "static, a momentum buffer of None"])
 def test_a_resume_checkpoint_of_other_counts_nan_weights_or_strange_entries_exits_2(method, edit, words, tmp_path,
                                                                                        capsys):
     arguments = ["train", "--method", method, "--epochs", "2", "--density", "0.3", "--quiet"]
@@ -880,7 +883,8 @@ def _rename_a_parameter_of_the_optimizer_state(state):
 @pytest.mark.parametrize("edit", [
     _remove_first_weight_from_the_model_state, _rename_a_parameter_of_the_optimizer_state,
     lambda state: state.update(rng=torch.zeros(3)),
-    lambda state: state["recipe"]["optimizer"]["param_groups"][0].update(lr=float("nan"))])
+    lambda state: state["recipe"]["optimizer"]["param_groups"][0].update(lr=float("nan")),
+    lambda state: state["recipe"]["algorithm"]["masks"]["1"].fill_(True)])
 def test_a_refused_resume_leaves_the_run_as_it_was(edit, tmp_path):
     """Campaign 20: Run.restore loaded the model's state before it checked the recipe's (and set the global random
     state before nothing), so that a refused checkpoint left the run holding the checkpoint's weights (its
@@ -934,6 +938,34 @@ def test_an_out_of_memory_error_restoring_passes_as_it_is_with_the_model_rolled_
     with pytest.raises(torch.OutOfMemoryError, match="^CUDA out of memory"):
         run.restore(str(path))
     assert all(torch.equal(model[name], tensor) for name, tensor in run.model.state_dict().items())
+
+
+def test_an_out_of_memory_error_reading_the_resume_checkpoint_passes_as_it_is(tmp_path, monkeypatch):
+    # torch.load placing the tensors on the device, the likeliest place to run out: it read "resume checkpoint ...
+    # cannot be read (OutOfMemoryError: ...)".
+    _, path = resumable_rigl_checkpoint(tmp_path)
+    monkeypatch.setattr(checkpoint, "load", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError, match="^CUDA out of memory"):
+        training.read_checkpoint(str(path))
+
+
+def test_a_resume_checkpoint_s_epoch_other_than_an_int_is_refused_where_it_is_read(tmp_path):
+    # Read as "no --resume" (None) by the ranks' comparison: a rank holding a damaged checkpoint was reported as one
+    # started without --resume.
+    _, path = resumable_rigl_checkpoint(tmp_path)
+    state = checkpoint.load(path)
+    state["epoch"] = 1.0
+    checkpoint.save(state, path)
+    config = training.TrainConfig(method="rigl", epochs=2, density=0.3)
+    with pytest.raises(ValueError, match=r"is inconsistent \(epoch 1\.0\)"):
+        importlib.import_module("sparsekern.cli.main")._check_resume(str(path), config)
+
+
+def test_a_dense_run_s_mask_count_error_names_no_density(tmp_path):
+    # The dense method takes no --density: the line quoted the default's ("where --density 0.1 gives 16384").
+    config = training.TrainConfig(method="dense")
+    with pytest.raises(ValueError, match=r"holds? 64 active weights in '1' where the dense method keeps all 16384,"):
+        training._check_counts_kept(config, {"1": 16384}, {"1": 64})
 
 
 def test_an_out_of_memory_error_loading_the_resume_checkpoint_exits_2_with_torch_s_line(tmp_path, capsys,
