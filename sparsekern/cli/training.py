@@ -515,8 +515,11 @@ def _check_counts_kept(config: TrainConfig, built: dict[str, int], loaded: dict[
     """ValueError where a resumed run's masks hold other active weight counts than the run's config gives (`built`,
     those of the model prepared for it), for the methods whose counts never change: dense and static, and DST's
     (per layer, or in total under --scope global; not with --block, whose edge blocks hold fewer weights). A mask
-    of all True in the checkpoint trained its layer dense while the run was reported at --density."""
-    if loaded is None or loaded.keys() != built.keys() or config.method not in ("dense", "static", *DST_PRESETS) or config.block is not None:
+    of all True in the checkpoint trained its layer dense while the run was reported at --density. `loaded` None, or
+    of other layers than `built`: nothing to compare (a state that its load refuses, naming what it lacks)."""
+    if loaded is None or loaded.keys() != built.keys():
+        return
+    if config.method not in ("dense", "static", *DST_PRESETS) or config.block is not None:
         return
     if config.method in DST_PRESETS and config.scope == "global":
         built, loaded = {"all layers": sum(built.values())}, {"all layers": sum(loaded.values())}
