@@ -48,6 +48,14 @@ def test_a_linear_layer_is_counted_at_each_row_of_a_3d_input():
     assert result["batch_size"] == 3 and result["dense_macs_per_example"] == 720 // 3
 
 
+def test_an_empty_batch_counts_no_mac_at_a_ratio_of_1():
+    # Nothing computed, nothing saved: the ratio and each layer's density are 1, not 0 (a mutant returning 0 lived).
+    model = sk.nn.sparsify(nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3)), density=0.5)
+    result = sk.nn.flops(model, torch.zeros(0, 8), print_fn=None)
+    assert result["dense_macs"] == result["sparse_macs"] == 0 and result["ratio"] == 1.0
+    assert [layer["density"] for layer in result["layers"]] == [1.0, 1.0]
+
+
 def test_a_single_unbatched_vector_is_counted_per_call():
     result = _flops(nn.Linear(3, 4), torch.randn(3))
     assert result["dense_macs"] == 12
