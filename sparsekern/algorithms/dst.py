@@ -603,10 +603,10 @@ class DST(distributed.CatchesUp):
                              f"generator: {error}") from None
         finished = _checks.flag(state.get("finished", False), "state['finished']")
         # One host read for all layers: the saved masks' counts, then the model's.
-        counts = reference.active_counts([mask for _, mask in staged])
+        both = reference.active_counts([*(mask for _, mask in staged), *(module.mask for module, _ in staged)])
+        counts, held = both[:len(staged)], both[len(staged):]
         if self.block is None:   # whole blocks of another size at the edges move a layer's count
-            _warn_if_counts_differ(counts, reference.active_counts([module.mask for module, _ in staged]),
-                                [name for name, _ in self.modules], self.scope)
+            _warn_if_counts_differ(counts, held, [name for name, _ in self.modules], self.scope)
         if self.scope == "layer":   # as at construction: a loaded mask may have emptied a layer for good
             _warn_if_empty([name for (name, _), count in zip(self.modules, counts) if not count], self.scope)
         else:
