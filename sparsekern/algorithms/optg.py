@@ -284,7 +284,9 @@ class OptG(distributed.CatchesUp):
 
     def sparsity_at(self, epoch: int) -> float:
         """The fraction of the weights pruned while epoch `epoch` (from 0) trains, on OptG's ramp (module
-        function `sparsity_at`): `sparsity` from epoch `epochs` - 1 on, unless reach_target=False."""
+        function `sparsity_at`): `sparsity` from epoch `epochs` - 1 on, unless reach_target=False. The ramp's
+        value, not what an epoch whose scores all tie trains at: with dense_while_scores_tie, that epoch (epoch 0
+        of criterion="learned", its scores all 0) trains dense, whatever this returns for it."""
         return sparsity_at(epoch, self.sparsity, self.epochs, self.beta, self.reach_target)
 
     @torch.no_grad()
