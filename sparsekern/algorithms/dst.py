@@ -1244,7 +1244,8 @@ def _check_block(block):
 
 def RigL(model: nn.Module, optimizer: torch.optim.Optimizer, **options) -> DST:
     """RigL (Evci et al. 2020): magnitude pruning, gradient growth, cosine schedule (α = 0.3,
-    ΔT = 100, T_end = 75% of training). Every DST option may be overridden."""
+    ΔT = 100, T_end = 75% of training). Every DST option may be overridden; swap counts are DST's default
+    round(r · active), where RigL's code floors them (swap_rounding="floor")."""
     return DST(model, optimizer, **{"prune": "magnitude", "grow": "gradient", "schedule": "cosine", **options})
 
 

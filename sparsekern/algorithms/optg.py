@@ -119,8 +119,10 @@ class OptG(distributed.CatchesUp):
             `optg.sparsity` and the read-only `optg.density` hold the target either way.
         epochs: E, the number of training epochs (required).
         lr: the weights' base learning rate, read for the scores' only: OptG holds no optimizer of the
-            weights and sets none of their learning rates. The score lr of epoch e is lr_e·σ(β(e − E/2)),
-            lr_e following `cosine_lr(lr, epochs)` unless `lr_schedule` (epoch -> lr_e) is given, as
+            weights and sets none of their learning rates. 0.1 by default, not read from the weights' optimizer (a
+            torch optimizer holds no base lr once a scheduler moves it): pass the base lr that optimizer trains with.
+            The score lr of epoch e is lr_e·σ(β(e − E/2)), lr_e following `cosine_lr(lr, epochs)` unless
+            `lr_schedule` (epoch -> lr_e) is given, as
             `optg.lr_schedule`: give the weights' optimizer that schedule (the loop below does), or pass
             the schedule it follows. An error lr_schedule raises (OptG calls it at construction and at every
             next_epoch) is raised as RuntimeError naming it (torch.OutOfMemoryError as it is).
@@ -284,7 +286,9 @@ class OptG(distributed.CatchesUp):
 
     def sparsity_at(self, epoch: int) -> float:
         """The fraction of the weights pruned while epoch `epoch` (from 0) trains, on OptG's ramp (module
-        function `sparsity_at`): `sparsity` from epoch `epochs` - 1 on, unless reach_target=False."""
+        function `sparsity_at`): `sparsity` from epoch `epochs` - 1 on, unless reach_target=False. The ramp's
+        value, not what an epoch whose scores all tie trains at: with dense_while_scores_tie, that epoch (epoch 0
+        of criterion="learned", its scores all 0) trains dense, whatever this returns for it."""
         return sparsity_at(epoch, self.sparsity, self.epochs, self.beta, self.reach_target)
 
     @torch.no_grad()

@@ -21,7 +21,7 @@ from .convolutions import (SparseConv1d, SparseConv2d, SparseConv3d, SparseConvT
 from .modules import (SparseLinear, SparseModule, check_own_masks, is_computed, refuse_meta, sparse_modules,
                       weight_type_problem)
 from .optimizer_state import check_optimizer, check_state_writable, reset_state_off_mask, trained_parameters
-from .recurrent import SparseGRU, SparseLSTM, SparseRNN, SparseRNNBase
+from .recurrent import SparseGRU, SparseLSTM, SparseRNN, SparseRNNBase, _layer_and_kind
 from .sharding import refuse_sharded
 
 # Exact types: a subclass of nn.Linear may read its weight outside forward (MultiheadAttention's
@@ -94,7 +94,8 @@ def sparsify(model: nn.Module, density: float | None, distribution: str | Mappin
         include, exclude: fnmatch patterns on qualified module names ("features.*", "fc"); a
             module is sparsified if one of its names matches some `include` pattern (all do when
             None) and none matches an `exclude` pattern. A pattern that matches no module's name
-            at all warns (a typo would otherwise change nothing). An nn.MultiheadAttention is matched
+            at all warns (a typo would otherwise change nothing), naming the attention or recurrent module
+            whose layer it names ("*.in_proj", "rnn.hh_l0": see below). An nn.MultiheadAttention is matched
             by its own name and sparsified as a whole, its out_proj with it (its forward reads the
             out_proj's weight directly): exclude="*.self_attn" keeps the attentions dense, and
             include="*.self_attn.out_proj" alone sparsifies nothing there (named in the warning).
@@ -397,6 +398,22 @@ def _patterns(patterns, name: str) -> list[str] | None:
     return patterns
 
 
+def _projection_names(model: nn.Module) -> dict[str, str]:
+    """{layer name: its module's name} of the layers that an exact nn.MultiheadAttention or nn.RNN/LSTM/GRU of
+    `model` will hold once converted ("attn.in_proj", "rnn.hh_l0"), named as `densities` names them: not yet
+    modules, so no include/exclude pattern can match them."""
+    names = {}
+    for name, module in model.named_modules():
+        if _exactly(module, (nn.MultiheadAttention,)):
+            children = ("in_proj",) if module._qkv_same_embed_dim else ("q_proj", "k_proj", "v_proj")
+        elif _exactly(module, tuple(_SPARSE_RECURRENT_OF)):
+            children = [layer for layer, kind in map(_layer_and_kind, module._flat_weights_names) if kind == "weight"]
+        else:
+            continue
+        names.update({f"{name}.{child}" if name else child: name or "(root)" for child in children})
+    return names
+
+
 def _matches(names: list[str], patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for name in names for pattern in patterns)
 
@@ -413,10 +430,17 @@ def _layers(model: nn.Module, include: list[str] | None,
     for name, module in model.named_modules(remove_duplicate=False):
         names.setdefault(id(module), []).append(name)
     every_name = [name for module_names in names.values() for name in module_names]
+    projections = _projection_names(model)
     for label, patterns in (("include", include or []), ("exclude", exclude)):
         for pattern in patterns:
             if not any(fnmatch.fnmatchcase(name, pattern) for name in every_name):
-                warnings.warn(f"{label} pattern {pattern!r} matches no module of the model", stacklevel=3)
+                # A name that `densities` and DST report ("attn.in_proj") but that no module has yet: say which
+                # module the pattern must name, since that layer is sparsified (or not) with it as a whole.
+                owners = list(dict.fromkeys(owner for name, owner in projections.items()
+                                            if fnmatch.fnmatchcase(name, pattern)))
+                hint = (f", only weight layers of {' and '.join(owners)}, which sparsify converts whole: "
+                        f"include/exclude must name the attention or recurrent module itself" if owners else "")
+                warnings.warn(f"{label} pattern {pattern!r} matches no module of the model{hint}", stacklevel=3)
 
     # A converted attention (sparsify called again) is matched by its own name too, as the nn.MultiheadAttention
     # it was: exclude="*.self_attn" leaves its projections as they are, include="*.self_attn" selects them. So is

@@ -22,8 +22,8 @@ def test_quick_reproduce_writes_a_report_of_every_claim(tmp_path, capsys, monkey
 
     def keep_axes(figure, path, *args):
         axes_drawn[os.path.basename(path)] = [(axes.get_xlabel(), axes.get_ylabel(), axes.get_yscale(),
-                                               [tick.get_text() for tick in axes.get_xticklabels()])
-                                              for axes in figure.axes]
+                                               [tick.get_text() for tick in axes.get_xticklabels()], axes.get_ylim(),
+                                               bool(axes.patches)) for axes in figure.axes]
         save_figure(figure, path, *args)
 
     monkeypatch.setattr(reproduce, "save_figure", keep_axes)
@@ -60,8 +60,10 @@ def test_quick_reproduce_writes_a_report_of_every_claim(tmp_path, capsys, monkey
     # every axis says what it shows, the y axes their unit; density ticks are numbers (c_d.png's read "d = 0.2", under
     # no label); f.png's gradient flow at one density was on a log axis with no tick but 10^-1
     for figure, panels in axes_drawn.items():
-        for xlabel, ylabel, _, ticks in panels:
+        for xlabel, ylabel, _, ticks, ylim, bars in panels:
             assert xlabel and ylabel.endswith(")"), (figure, xlabel, ylabel)
+            # bars start at 0, or their heights do not compare (c_d.png's started 10 points below the lowest)
+            assert not bars or ylim[0] == 0, (figure, ylim)
             assert not xlabel.startswith("density") or xlabel == "density (fraction of weights kept)" and \
                 all(float(tick) > 0 for tick in ticks), (figure, xlabel, ticks)
     assert axes_drawn["f.png"][0][2] == "linear"
