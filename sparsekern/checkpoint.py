@@ -415,7 +415,9 @@ def check_writable_folder(path: str, argument: str) -> None:
 def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
     """Calls write(file) on a new file (open for reading and writing), flushes it to disk and only then puts it at
     `path`. A symbolic link at `path` is followed, as open() follows it: the file it points to is replaced (made, for
-    a dangling link), the link stays.
+    a dangling link), the link stays. Something other than a regular file or folder there (a FIFO, a device, or a
+    link to one) raises ValueError before anything is written: the rename would replace the node itself (a link
+    to /dev/zero in a run folder replaced /dev/zero with a run's record).
 
     On Linux the data goes to an unnamed file (O_TMPFILE) that gets a name only once complete, so a
     kill (even SIGKILL) mid-write leaves nothing; the name it then gets is renamed over `path` at
@@ -428,6 +430,8 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], object
     if not callable(write):
         raise TypeError(f"write must be a callable taking the open file, got {type(write).__name__}")
     path = os.path.realpath(os.fspath(path))
+    if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
+        raise ValueError(f"path {path!r} is not a regular file (a FIFO, socket or device), which writing would replace")
     directory = os.path.dirname(path)
     staging = directory if os.path.lexists(directory) else _nearest_existing_parent(directory)
     if not os.path.isdir(staging):   # a file where a folder would be: refused before the write, as the system does

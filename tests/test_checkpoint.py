@@ -4,6 +4,7 @@ import io
 import os
 import pickle
 import re
+import stat
 import tracemalloc
 import zipfile
 
@@ -78,6 +79,21 @@ def test_every_atomic_writer_follows_a_link_at_its_destination(tmp_path):
             write(str(link))
             assert link.is_symlink() and os.readlink(link) == str(target) and read(target) in ({"step": 3}, "results")
     assert sorted(os.listdir(tmp_path / "disk")) == ["ckpt.pt", "results.md"]
+
+
+def test_an_atomic_write_through_a_link_to_a_fifo_or_device_is_refused_and_leaves_it(tmp_path):
+    # Campaign 30: a stored run's record linked to /dev/zero was written through by RunStore.train (write_text): the
+    # rename replaced /dev/zero itself with a run's record. A FIFO stands in for the device here.
+    from sparsekern.cli.output import write_text
+
+    fifo, link = tmp_path / "fifo", tmp_path / "record.json"
+    os.mkfifo(fifo)
+    link.symlink_to(fifo)
+    for path in (fifo, link):
+        with pytest.raises(ValueError, match="is not a regular file"):
+            write_text(str(path), "{}")
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and link.is_symlink() and sorted(os.listdir(tmp_path)) == [
+        "fifo", "record.json"]
 
 
 @pytest.mark.parametrize("value, refused", [

@@ -26,7 +26,8 @@ from ..nn import masks as model_masks   # `masks` names the masks a run starts f
 from .data import Dataset
 from .interrupts import held_while_starting_workers, ignore_in_this_worker
 from .output import write_text
-from .training import TrainConfig, damaged_records, damaged_summary, mask_layout, settings, total_epochs, train
+from .training import (COST_KEYS, TrainConfig, damaged_records, damaged_summary, mask_layout, settings, total_epochs,
+                       train)
 
 # How often the parent looks for progress from its workers while none of their runs finishes: a bar moves this
 # much after the epoch it shows, at most.
@@ -115,20 +116,25 @@ class RunStore:
         if self.fresh:
             return None
         name = job.key
+        if not os.path.isfile(self._path(name, RECORD_SUFFIX)):   # a FIFO blocked the read, /dev/zero filled memory
+            return None
         try:
             with open(self._path(name, RECORD_SUFFIX)) as file:
                 record = json.load(file)
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):   # RecursionError: JSON nested too deep to read
             return None
+        # The config compared as JSON text: 1 == True == 1.0 in Python, and runs.csv writes the stored one
         if not isinstance(record, dict) or not isinstance(record.get("config"), dict) or \
-                settings(record["config"]) != settings(job.config) or \
-                not all(name in record for name in RECORD_KEYS) or not isinstance(record["history"], list) or \
+                json.dumps(settings(record["config"]), sort_keys=True) != \
+                json.dumps(settings(job.config), sort_keys=True) or \
+                not all(name in record for name in RECORD_KEYS) or not record.keys() <= {*RECORD_KEYS, *COST_KEYS} or \
+                not isinstance(record["history"], list) or \
                 damaged_records(record["history"], record["flow"], len(record["history"])) or \
                 damaged_summary(record) or record["key"] != name or not isinstance(record["warnings"], list) or \
                 not all(isinstance(warning, str) for warning in record["warnings"]):
             # damaged or cut down: trained again (reproduce reads the flow records, the tables its summary)
             return None
-        if masks is not None and not _readable_masks(self._path(name, MASKS_SUFFIX), masks):
+        if masks is not None and not _readable_masks(self._path(name, MASKS_SUFFIX), masks, record["final_density"]):
             return None   # the run is trained again, rather than the run starting from its masks failing
         return record
 
@@ -153,16 +159,22 @@ class RunStore:
         return os.path.join(self.directory, name + suffix)
 
 
-def _readable_masks(path: str, layout: dict[str, tuple[int, ...]]) -> bool:
-    """Whether `path` holds masks as `RunStore.train` keeps them: a dict of bool CPU tensors by layer name, of the
-    layers and shapes of `layout` (a run starting from masks of others failed with a traceback)."""
+def _readable_masks(path: str, layout: dict[str, tuple[int, ...]], density: float) -> bool:
+    """Whether `path` holds masks as `RunStore.train` keeps them: a dict of bool CPU (strided) tensors by layer name,
+    of the layers and shapes of `layout` (a run starting from masks of others failed with a traceback), keeping
+    the `density` of its run's record (its final density, over the same layers: masks flipped, emptied or made
+    of one row started a run from other masks than the record's)."""
     try:
         masks = checkpoint.load(path)
     except (OSError, ValueError):
         return False
-    return isinstance(masks, dict) and all(isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and
-                                           mask.device.type == "cpu" for mask in masks.values()) and \
-        {name: tuple(mask.shape) for name, mask in masks.items()} == layout
+    if not (isinstance(masks, dict) and all(isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and
+                                            mask.device.type == "cpu" and mask.layout == torch.strided
+                                            for mask in masks.values()) and
+            {name: tuple(mask.shape) for name, mask in masks.items()} == layout):
+        return False
+    total = sum(mask.numel() for mask in masks.values())
+    return (sum(int(mask.sum()) for mask in masks.values()) / total if total else 1.0) == density   # as density()
 
 
 def execute(jobs: list[Job], store: RunStore, dataset: Dataset, workers: int = 1, on_done=None,

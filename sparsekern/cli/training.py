@@ -547,7 +547,7 @@ def damaged_records(history: list, flow, epochs: int) -> str:
                 not all(_is_number(value) for value in row.values()) or not _is_int(row["epoch"]) or \
                 row["epoch"] != index + 1:
             return f"history[{index}] is not the metrics of epoch {index + 1}"
-        damaged = _damaged_costs(row)
+        damaged = _uncounted(row)
         if damaged:
             return f"history[{index}]'s {damaged} is {row[damaged]!r:.40}, which no run counts"
     if not isinstance(flow, list):
@@ -557,11 +557,35 @@ def damaged_records(history: list, flow, epochs: int) -> str:
                 not _is_int(record["step"]) or not _is_int(record["epoch"]) or \
                 record["when"] not in FLOW_MOMENTS or not _is_number(record["gradient_flow"]) or \
                 not isinstance(record.get("layers", {}), dict) or \
-                not all(_is_number(value) for value in record.get("layers", {}).values()):
-            return f"gradient-flow record {index} is damaged ({record!r:.100})"
+                not all(_is_number(value) for value in record.get("layers", {}).values()) or \
+                any(value < 0 for value in (record["gradient_flow"], *record.get("layers", {}).values())):
+            return f"gradient-flow record {index} is damaged ({record!r:.100})"   # norms: none is < 0
     if not flow or flow[0]["when"] != "init" or \
             [record["epoch"] for record in flow if record["when"] == "epoch"] != list(range(1, epochs + 1)):
         return f"its gradient-flow records are not those of step 0 and epochs 1 to {epochs}"
+    return _misplaced_flow(history, flow)
+
+
+def _misplaced_flow(history: list[dict], flow: list[dict]) -> str:
+    """What is out of place in gradient-flow records that `damaged_records` found whole, "" if nothing: recorded in
+    order (step and epoch never fall back), init once at step 0, each "before update" just before the "after
+    update" of its step, each epoch's at the step that ends it with the value its metrics hold. Reproduce pairs
+    the updates' records in order and finds the epochs' by step: records dropped, repeated or moved went into its
+    numbers (the rise across an update taken between two others) or failed its plot."""
+    steps_per_epoch = next((record["step"] for record in flow if record["when"] == "epoch"), 0)
+    for index, record in enumerate(flow):
+        previous = flow[index - 1] if index else {"step": 0, "epoch": 0, "when": "init"}
+        where, previous_where = (record["step"], record["epoch"]), (previous["step"], previous["epoch"])
+        paired = (previous["when"] == "before update", record["when"] == "after update")
+        epoch_end = record["when"] != "epoch" or (
+            record["step"] == record["epoch"] * steps_per_epoch and
+            _same_number(record["gradient_flow"], history[record["epoch"] - 1]["gradient_flow"]))
+        if (record["when"] == "init") != (index == 0) or (index == 0 and where != (0, 0)) or \
+                where[0] < previous_where[0] or where[1] < previous_where[1] or not epoch_end or \
+                (any(paired) and not (all(paired) and where == previous_where)):
+            return f"gradient-flow record {index} is out of place ({record!r:.100})"
+    if flow[-1]["when"] == "before update":
+        return f"gradient-flow record {len(flow) - 1} is a \"before update\" with no \"after update\""
     return ""
 
 
@@ -580,20 +604,38 @@ def damaged_summary(record: dict) -> str:
         if name in COST_KEYS and name not in record:
             continue
         stored = record[name]
-        if type(stored) is not type(value) or not (stored == value or stored != stored and value != value):   # NaN
+        if type(stored) is not type(value) or not _same_number(stored, value):
             return f"its {name} is {stored!r:.40}, where its history gives {value!r}"
     return ""
 
 
-def _damaged_costs(row: dict) -> str | None:
-    """The first of an epoch's costs (those it holds: an epoch of earlier versions has none) that no run counts, or
-    None: the MACs an int >= 0, the fractions floats in [0, 1] (sparse MACs are at most dense, and a step's at most
-    a dense step's). A NaN, a negative or another type, written by hand with the summary to match, went into the
-    tables."""
-    if "inference_macs" in row and not (_is_int(row["inference_macs"]) and row["inference_macs"] >= 0):
-        return "inference_macs"
-    return next((name for name in ("inference_flops_fraction", "training_flops_fraction")
-                 if name in row and not (isinstance(row[name], float) and 0 <= row[name] <= 1)), None)
+def _uncounted(row: dict) -> str | None:
+    """The first of an epoch's metrics that no run counts, or None: accuracy and density fractions in [0, 1], the
+    losses and gradient flow not negative (NaN or inf only where finite weights overflowed), seconds finite and not
+    negative, mask updates an int >= 0, and of its costs (those it holds: an epoch of earlier versions has none) the
+    MACs an int >= 0, the fractions floats in [0, 1] (sparse MACs are at most dense, and a step's at most a dense
+    step's). A NaN, a negative or another type, written by hand with the summary to match, went into the tables."""
+    def in_unit(value):
+        return 0 <= value <= 1
+
+    def count(value):
+        return _is_int(value) and value >= 0
+
+    def not_negative(value):
+        return not value < 0
+
+    def fraction(value):
+        return isinstance(value, float) and in_unit(value)
+
+    counted = {"test_accuracy": in_unit, "density": in_unit, "train_loss": not_negative, "test_loss": not_negative,
+               "gradient_flow": not_negative, "seconds": lambda value: 0 <= value < math.inf, "mask_updates": count,
+               "inference_macs": count, "inference_flops_fraction": fraction, "training_flops_fraction": fraction}
+    return next((name for name, counts in counted.items() if name in row and not counts(row[name])), None)
+
+
+def _same_number(a, b) -> bool:
+    """a == b, NaN equal to NaN."""
+    return a == b or a != a and b != b
 
 
 def _is_number(value) -> bool:

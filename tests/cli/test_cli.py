@@ -202,13 +202,18 @@ def _edited_masks(edit):
     _cut_short, _edited_masks(lambda masks: masks.update({"1": masks["1"][:3]})),
     _edited_masks(lambda masks: masks.update(renamed=masks.pop("1"))),
     _edited_masks(lambda masks: masks.update({"1": torch.empty_like(masks["1"], device="meta")})),
-    _edited_masks(lambda masks: masks.clear())],
-    ids=["cut short", "a mask of another shape", "a layer renamed", "a mask on the meta device", "no masks"])
+    _edited_masks(lambda masks: masks.clear()),
+    _edited_masks(lambda masks: masks.update({name: ~mask for name, mask in masks.items()})),
+    _edited_masks(lambda masks: masks.update({"1": masks["1"][:1].expand_as(masks["1"])})),
+    _edited_masks(lambda masks: masks.update({"1": masks["1"].to_sparse()}))],
+    ids=["cut short", "a mask of another shape", "a layer renamed", "a mask on the meta device", "no masks",
+         "masks flipped", "a mask of its first row", "a sparse tensor"])
 def test_a_damaged_stored_ticket_is_trained_again_by_a_rerun(tmp_path, damage):
     # A run whose masks another starts from (reproduce's lottery tickets) keeps them in <key>.masks.pt. A damaged
     # one, cut short, counted as stored: the rerun did not train its run again and stopped on loading it. Campaign
     # 21: so did masks of another layer or shape, or on the meta device (a ValueError or NotImplementedError
-    # traceback from the run starting from them).
+    # traceback from the run starting from them). Campaign 30: masks of another density than the ticket's record
+    # (flipped, one row repeated) started the run from them, and a sparse tensor counted as a mask.
     from sparsekern.cli.runs import Job, RunStore, execute, key
 
     dataset = load_dataset("digits")
@@ -1040,6 +1045,72 @@ def test_a_stored_run_with_damaged_gradient_flow_records_is_trained_again(tmp_pa
     config = TrainConfig(method="static", density=0.3, epochs=1, batch_size=256)
     trained, records = stored_and_run_again(tmp_path, config, lambda record: record["flow"][0].pop("when"))
     assert trained == [True] and records[key(config)]["flow"][0]["when"] == "init"
+
+
+def _throughout(metric: str, value, summary: str | None = None):
+    """Sets the last epoch's `metric` to `value`, and the record's summary entry to match (damaged_summary's check)."""
+    def damage(record):
+        record["history"][-1][metric] = value
+        record.update({summary: value} if summary else {})
+        record["seconds"] = sum(epoch["seconds"] for epoch in record["history"])
+    return damage
+
+
+def _update_records_swapped(record):
+    first = next(index for index, entry in enumerate(record["flow"]) if entry["when"] == "before update")
+    record["flow"][first:first + 2] = reversed(record["flow"][first:first + 2])
+
+
+def _without_last_after_update(record):
+    last = max(index for index, entry in enumerate(record["flow"]) if entry["when"] == "after update")
+    del record["flow"][last]
+
+
+@pytest.mark.parametrize("damage", [
+    _throughout("test_accuracy", float("nan"), "test_accuracy"), _throughout("test_accuracy", 1.5, "test_accuracy"),
+    _throughout("density", -1.0, "final_density"), _throughout("test_loss", -0.5, "test_loss"),
+    _throughout("seconds", float("inf")), _throughout("mask_updates", -2), _without_last_after_update,
+    lambda record: [entry for entry in record["flow"] if entry["when"] == "epoch"][-1].update(gradient_flow=0.5),
+    _update_records_swapped, lambda record: record.update(accuracy_mean=0.99),
+    lambda record: record["config"].update(seed=False)],
+    ids=["NaN accuracy", "accuracy 1.5", "negative density", "negative loss", "infinite seconds",
+         "negative mask updates", "an update's after record dropped", "an epoch's flow not its metrics'",
+         "an update's records swapped", "a key no record holds", "seed False for 0"])
+def test_a_stored_run_with_values_no_run_gives_is_trained_again(tmp_path, damage):
+    # Campaign 30: each was taken as stored, its summary made to match: a NaN or 150% accuracy, a negative density
+    # or loss, infinite seconds went into the tables; reproduce pairs the updates' flow records in order (one dropped
+    # paired the rest across other updates) and finds the epochs' by step; an unknown key became a column of its
+    # runs.csv, and a config of False for 0 (equal in Python) was written there as False.
+    config = TrainConfig(method="rigl", density=0.3, epochs=2, batch_size=256, update_every=3)
+    trained, records = stored_and_run_again(tmp_path, config, damage)
+    assert trained == [True]
+    record = records[key(config)]
+    assert 0 <= record["test_accuracy"] <= 1 and type(record["config"]["seed"]) is int and "accuracy_mean" not in record
+    assert training.damaged_records(record["history"], record["flow"], 2) == ""
+
+
+def test_a_stored_record_nested_too_deep_for_json_or_not_a_file_is_trained_again(tmp_path):
+    # Campaign 30: JSON nested too deep raised RecursionError out of compare and reproduce; a FIFO at a record's name
+    # blocked them for good (and a link to /dev/zero filled the memory) on reading it.
+    import threading
+
+    from sparsekern.cli.runs import Job, RunStore
+
+    config = TrainConfig(method="static", density=0.3, epochs=1, batch_size=256)
+    record = tmp_path / f"{key(config)}.json"
+    record.write_text("[" * 100_000)
+    assert RunStore(str(tmp_path)).get(Job(config)) is None
+    record.unlink()
+    os.mkfifo(record)
+    found = []
+    reader = threading.Thread(target=lambda: found.append(RunStore(str(tmp_path)).get(Job(config))), daemon=True)
+    reader.start()
+    reader.join(timeout=20)
+    blocked = reader.is_alive()
+    if blocked:   # let the reader go: a writer opening the FIFO ends its wait
+        with open(record, "w") as fifo:
+            fifo.write("{}")
+    assert not blocked and found == [None]
 
 
 def test_compare_marks_the_best_line_and_gives_gradient_flow_a_spread(tmp_path, capsys):
