@@ -550,6 +550,8 @@ class SparseModule(nn.Module):
         unties = assign and prefix + "weight" in state_dict
         twins = [] if unties or not (dense or given_mask) else self._tied_modules()
         _check_twin_masks(twins, "load_state_dict", f"layer {prefix[:-1] or '(root)'!r}")
+        if twins:
+            _dense_loads.check_tie_masks(missing_keys, [self, *twins], assign)
         if dense:
             # The module's shape: a weight of another shape (a Conv2d's into a SparseConv3d) fails torch's own check,
             # which loads nothing of it, so the mask stays as it is, with no mismatch reported for a mask the
