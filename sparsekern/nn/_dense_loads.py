@@ -79,7 +79,7 @@ def check_tie_masks(missing_keys: list, tie: list[nn.Module], assign: bool) -> N
     mask of its own. Outside nn.Module.load_state_dict (a direct _load_from_state_dict) the other layers' entries are
     unknown, and nothing is checked."""
     call = _loading_call(missing_keys)
-    if call is None:
+    if call is None or not isinstance(call[1], Mapping):
         return
     root, state_dict = call
     members = {id(module) for module in tie}
@@ -104,7 +104,7 @@ def _loading_into(missing_keys: list) -> nn.Module | None:
     return None if call is None else call[0]
 
 
-def _loading_call(missing_keys: list) -> tuple[nn.Module, Mapping] | None:
+def _loading_call(missing_keys: list) -> tuple[nn.Module, object] | None:
     """(the module whose load_state_dict call owns `missing_keys`, the state dict it loads), from that call's frame,
     or None.
 
@@ -119,8 +119,7 @@ def _loading_call(missing_keys: list) -> tuple[nn.Module, Mapping] | None:
         if frame.f_code is code:
             values = frame.f_locals
             root, state_dict = values.get(code.co_varnames[0]), values.get(code.co_varnames[1])
-            if (isinstance(root, nn.Module) and isinstance(state_dict, Mapping)
-                    and any(value is missing_keys for value in values.values())):
+            if isinstance(root, nn.Module) and any(value is missing_keys for value in values.values()):
                 return root, state_dict
         frame = frame.f_back
     return None
