@@ -205,7 +205,8 @@ def test_ranks_agree_on_dst_settings_written_out_at_the_methods_defaults(tmp_pat
     run = ["--method", "rigl", "--epochs", "1", "--update-every", "5", "--quiet"]
     written = ["--prune", "magnitude", "--grow", "gradient", "--schedule", "cosine", "--drop-fraction", "0.3",
                "--end-fraction", "0.75", "--swap-rounding", "round"]
-    ended = started_by_hand([[*run, *written, "--out", str(tmp_path / "rank0")], [*run, "--out", str(tmp_path / "rank1")]])
+    ended = started_by_hand([[*run, *written, "--out", str(tmp_path / "rank0")],
+                             [*run, "--out", str(tmp_path / "rank1")]])
     assert [code for code, _, _ in ended] == [0, 0], ended
 
 
