@@ -439,6 +439,18 @@ def check_same_settings(who: str, settings: list[dict]) -> None:
                          f"collectives that pair wrongly); build it with the same arguments on every rank")
 
 
+def check_same_arguments(who: str, arguments: list[dict]) -> None:
+    """ValueError naming every argument of the call `who` whose value differs across the ranks' `arguments` (gathered
+    by an `Agreement`, in rank order), with the ranks holding each value, raised alike on every rank before the call
+    changes anything: called with others on each rank, a call that prunes (IMP.next_cycle's density) would draw the
+    replicas' masks apart, silently until `masks_identical` looked."""
+    differing = differing_values(arguments)
+    if differing:
+        raise ValueError(f"{who} was called with other arguments on some ranks ({'; '.join(differing)}), under which "
+                         f"the replicas' masks would diverge: call it with the same arguments on every rank; nothing "
+                         f"changed on any")
+
+
 def differing_values(held: list[dict]) -> list[str]:
     """"name: 'a' on rank 0, 'b' on rank 1" for each name whose value differs across the ranks' dicts `held` (gathered,
     in rank order), in order of first appearance; a name some ranks lack shows as "unset" there."""

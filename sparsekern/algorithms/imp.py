@@ -69,7 +69,8 @@ class IMP(distributed.CatchesUp):
     them, that differ across ranks, and settings that differ across ranks (prune_fraction, rewind_step,
     scope, rewind: the masks, or the weights rewound under them, would diverge at the first pruning),
     naming each and the ranks holding each value; an argument refused on one rank only is refused on
-    every rank (the others' error names that rank), so that none waits for it. `group` (a
+    every rank (the others' error names that rank), so that none waits for it. So are `next_cycle()` and `run()`,
+    which refuse a density (and run's cycles) that differs across ranks alike. `group` (a
     torch.distributed process group, None: the default one) names the ranks holding replicas, those the
     check compares: independent runs on each rank of one job (masks differing on purpose) give each rank
     a group of its own, `torch.distributed.new_subgroups(1)[0]`, which compares nothing. For uneven
@@ -150,10 +151,17 @@ class IMP(distributed.CatchesUp):
 
         Returns the new masks (one bool tensor per sparse module, in `sparse_modules` order).
         RuntimeError if weight rewinding is asked before step k was reached.
+
+        Collective under a process group of several ranks (as the construction): every rank of `group` calls it, and
+        a call refused on one rank, or given another `density` on some ranks (whose masks would diverge), is refused
+        on every rank, nothing changed on any.
         """
-        if self.rewind == "weights" and self.rewind_state is None:
-            raise self._before_rewind("next_cycle()")
-        _tickets.check_masks_writable(self._groups, "IMP")   # before the pruning reads them (reset writes them)
+        with distributed.Agreement("IMP.next_cycle()", self.group) as agreement:
+            if self.rewind == "weights" and self.rewind_state is None:
+                raise self._before_rewind("next_cycle()")
+            _tickets.check_masks_writable(self._groups, "IMP")   # before the pruning reads them (reset writes them)
+            agreement.shared = {"density": _tickets.check_target_density(density)}
+        distributed.check_same_arguments("IMP.next_cycle()", agreement.gathered)
         masks = self.prune_masks(density)
         self.reset(masks)
         return masks
@@ -191,12 +199,16 @@ class IMP(distributed.CatchesUp):
         `prune_fraction` = 1 - density^(1/(cycles - 1)) the earlier ones prune evenly towards it); it needs
         cycles >= 2 (ValueError otherwise: no pruning would reach it), and is refused before training (ValueError)
         where it keeps no weight (of a layer, with scope="layer") or the prunings before the last would leave fewer
-        weights than it keeps.
+        weights than it keeps. Collective under a process group of several ranks, as `next_cycle`: arguments refused
+        on one rank, or another `cycles` or `density` on some ranks, are refused on every rank before training.
         """
-        _tickets.check_callable(train_fn, "train_fn", "imp")
-        cycles = _checks.count(cycles, "cycles", 1)
-        density = _tickets.check_run_density(density, cycles, self._groups, self.prune_fraction, self.scope,
-                                             self.cycle)
+        with distributed.Agreement("IMP.run()", self.group) as agreement:
+            _tickets.check_callable(train_fn, "train_fn", "imp")
+            cycles = _checks.count(cycles, "cycles", 1)
+            density = _tickets.check_run_density(density, cycles, self._groups, self.prune_fraction, self.scope,
+                                                 self.cycle)
+            agreement.shared = {"cycles": cycles, "density": density}
+        distributed.check_same_arguments("IMP.run()", agreement.gathered)
         while self.cycle < cycles:
             train_fn(self)
             if self.cycle == cycles - 1:

@@ -1,4 +1,5 @@
-"""Ctrl-C while `compare` and `reproduce` start their worker processes: none lost, and none reaching a worker.
+"""Ctrl-C while `compare` and `reproduce` start their worker processes (and `bench` Inductor's compile workers):
+none lost, and none reaching a worker.
 
 A Ctrl-C in a terminal reaches every process of its group, workers included; workers that got it died with a
 traceback each, mid-import or mid-run, so they ignore it and the parent answers it for them. A spawned worker

@@ -38,7 +38,7 @@ from .counts import check_counts, sparse_layers
 from .data import check_dataset, load_dataset
 from .models import MODELS, build_model
 from .output import check_outputs, counted, first_line, make_output_folders
-from .recipes import CRITERION_PARAMETERS, DST_PRESETS, TICKET_METHODS, criteria_of
+from .recipes import CRITERION_PARAMETERS, DST_PRESETS, TICKET_METHODS, criteria_of, dst_settings
 from .runs import RUNS_FOLDER
 from .training import (CHECKPOINT_NAME, DISTRIBUTIONS, INITS, METHODS, OUTPUT_FILES, SCHEDULES, Diverged,
                        TrainConfig, check_cycle_steps, prepare, read_checkpoint, total_epochs)
@@ -625,8 +625,10 @@ def _agreed(ranks: data_parallel.Ranks, check):
 def _lockstep_arguments(args, config: TrainConfig, dataset, resumed_epoch: int | None) -> dict:
     """What every rank of a data-parallel run must share, by option name: the config's options but --dataset's path,
     the data read from it, --stop-after and the epoch --resume's checkpoint holds (None without --resume). Paths may
-    differ from one machine to another; the same path may hold other data on another."""
-    options = {f"--{name.replace('_', '-')}": value for name, value in asdict(config).items() if name != "dataset"}
+    differ from one machine to another; the same path may hold other data on another. A DST option is compared as
+    the run takes it (`dst_settings`): --prune magnitude given on one rank and left to rigl's own on another agree."""
+    settings = {**asdict(config), **dst_settings(config)}
+    options = {f"--{name.replace('_', '-')}": value for name, value in settings.items() if name != "dataset"}
     return {**options, "--dataset (its data)": dataset.fingerprint(), "--stop-after": args.stop_after,
             "--resume (its epoch)": resumed_epoch}
 

@@ -10,6 +10,7 @@ the optimizer step and at a segment's end, and holds the state a checkpoint need
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import warnings
 
@@ -19,7 +20,7 @@ from torch import nn
 from .. import checkpoint
 from ..algorithms import DST, IMP, MEST, SET, SWAMP, OptG, RigL, _tickets
 from ..algorithms.dst import ArgumentWarning, NoUpdateWarning, as_argument
-from ..algorithms.schedules import DEFAULT_END_FRACTION
+from ..algorithms.schedules import DEFAULT_DROP_FRACTION, DEFAULT_END_FRACTION
 from ..ops import _checks
 
 DST_PRESETS = {"set": SET, "rigl": RigL, "mest": MEST, "dst": DST}
@@ -27,6 +28,9 @@ DST_PRESETS = {"set": SET, "rigl": RigL, "mest": MEST, "dst": DST}
 # builds each method's algorithm and checks them).
 DST_CRITERIA = {"set": ("set", "random"), "rigl": ("magnitude", "gradient"), "mest": ("mest", "random"),
                 "dst": ("magnitude", "gradient")}
+# The schedule of each DST method when the config names none: the presets' own and DST's default (a test builds
+# each method's algorithm and checks `dst_settings` against it).
+DST_SCHEDULES = {"set": "constant", "rigl": "cosine", "mest": "constant", "dst": "cosine"}
 # The parameters of a pruning criterion a run may set, and the criteria that read them (DST ignores them otherwise).
 CRITERION_PARAMETERS = {"mest_gamma": ("mest",), "sensitivity_offset": ("sensitivity", "rsensitivity"),
                         "snip_shift": ("snip",)}
@@ -42,6 +46,22 @@ def criteria_of(config) -> tuple[str, str]:
         return "", ""
     prune, grow = DST_CRITERIA[config.method]
     return config.prune or prune, config.grow or grow
+
+
+def dst_settings(config) -> dict:
+    """The DST settings a DST method's run trains under, by TrainConfig's field names: the config's, and for each it
+    leaves None what the method then takes (`criteria_of`'s criteria, the method's schedule and that schedule's drop
+    and end fractions, DST's swap rounding and criterion parameters), so that a setting written out at its default
+    and one left to it read alike; {} for the other methods, which read none of them. block stays the config's."""
+    if config.method not in DST_PRESETS:
+        return {}
+    prune, grow = criteria_of(config)
+    schedule = config.schedule or DST_SCHEDULES[config.method]
+    defaults = {name: parameter.default for name, parameter in inspect.signature(DST).parameters.items()}
+    defaults.update(drop_fraction=DEFAULT_DROP_FRACTION[schedule], end_fraction=DEFAULT_END_FRACTION[schedule])
+    return {"prune": prune, "grow": grow, "schedule": schedule,
+            **{name: defaults[name] if getattr(config, name) is None else getattr(config, name)
+               for name in ("drop_fraction", "end_fraction", "swap_rounding", *CRITERION_PARAMETERS)}}
 
 
 def start_density(method: str, density: float) -> float:

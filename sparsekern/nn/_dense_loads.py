@@ -11,7 +11,9 @@ Layers sharing one weight (tied) load one mask, and a state dict may hold it und
 layer's weight comes without a mask (torch loads the layers in model order, each seeing its own keys only). The mask
 the state dict holds is the tie's, whichever layer comes first: a layer that loads one records its tie in the call's
 report (`mask_loaded`), which withdraws a dense load noted earlier for any of them, and a twin loading its weight
-later keeps the mask (`mask_loaded_in_call`). So the warning names exactly the layers that end dense.
+later keeps the mask (`mask_loaded_in_call`). So the warning names exactly the layers that end dense. A state dict
+holding different masks under two of the tie's keys is refused before the tie loads (`check_tie_masks`, which reads
+the call's whole state dict from the same frame): each layer would copy its own into the tie, the last one winning.
 """
 from __future__ import annotations
 
@@ -19,9 +21,11 @@ import inspect
 import sys
 import threading
 import warnings
+from collections.abc import Mapping
 from typing import NamedTuple
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 # The layers named in full; beyond, a count.
 _NAMED = 5
@@ -67,22 +71,56 @@ def _report(missing_keys: list) -> _DenseLoads:
     return report
 
 
+def check_tie_masks(missing_keys: list, tie: list[nn.Module], assign: bool) -> None:
+    """ValueError naming two entries of the state dict of the load_state_dict call that owns `missing_keys` that hold
+    different masks for the layers of `tie` (a layer and the twins sharing its weight), raised before the first of
+    them loads: the weight has one mask, and each layer's load copies its own into the whole tie, so the layer torch
+    loads last won, silently. A layer whose weight the call assigns in place (`assign`) leaves the tie, and may hold a
+    mask of its own. Outside nn.Module.load_state_dict (a direct _load_from_state_dict) the other layers' entries are
+    unknown, and nothing is checked."""
+    call = _loading_call(missing_keys)
+    if call is None or not isinstance(call[1], Mapping):
+        return
+    root, state_dict = call
+    members = {id(module) for module in tie}
+    masks = []   # (key, mask): the masks the state dict holds for the tie's layers, in torch's loading order
+    for name, module in root.named_modules(remove_duplicate=False):
+        prefix = f"{name}." if name else ""
+        mask = state_dict.get(prefix + "mask")
+        if (id(module) in members and isinstance(mask, Tensor) and not mask.is_meta
+                and not (assign and prefix + "weight" in state_dict)):
+            masks.append((prefix + "mask", mask))
+    for (first_key, first), (key, mask) in zip(masks, masks[1:]):
+        # Of another shape, torch refuses one of them, naming it.
+        if mask.shape == first.shape and not torch.equal(first.bool(), mask.to(first.device).bool()):
+            raise ValueError(f"load_state_dict: state dict entries {first_key!r} and {key!r} hold different masks for "
+                             f"layers sharing one weight, which has one mask: give them the same mask (a tied model's "
+                             f"state_dict() holds it under both); their weight and masks are left as they were")
+
+
 def _loading_into(missing_keys: list) -> nn.Module | None:
-    """The module whose load_state_dict call owns `missing_keys`, from that call's frame, or None.
+    """The module whose load_state_dict call owns `missing_keys` (`_loading_call`), or None."""
+    call = _loading_call(missing_keys)
+    return None if call is None else call[0]
+
+
+def _loading_call(missing_keys: list) -> tuple[nn.Module, object] | None:
+    """(the module whose load_state_dict call owns `missing_keys`, the state dict it loads), from that call's frame,
+    or None.
 
     torch offers no other way to it: no load hook of every module (its global hooks are of forward, backward and
-    registration), and a layer knows nothing of the modules holding it. So the frame is found by its code (through
-    any wrapper of functools.wraps's) and holding the list, and the module is its first argument: no local is read
-    by name, which torch is free to change. A torch whose call holds the list elsewhere finds None, and each layer
-    warns for itself."""
+    registration), and a layer knows nothing of the modules holding it, nor sees other layers' entries. So the frame
+    is found by its code (through any wrapper of functools.wraps's) and holding the list, and the module and state
+    dict are its first two arguments: no local is read by name, which torch is free to change. A torch whose call
+    holds the list elsewhere finds None, and each layer warns for itself."""
     code = inspect.unwrap(nn.Module.load_state_dict).__code__
     frame = sys._getframe(2)
     while frame is not None:
         if frame.f_code is code:
             values = frame.f_locals
-            root = values.get(code.co_varnames[0])
+            root, state_dict = values.get(code.co_varnames[0]), values.get(code.co_varnames[1])
             if isinstance(root, nn.Module) and any(value is missing_keys for value in values.values()):
-                return root
+                return root, state_dict
         frame = frame.f_back
     return None
 

@@ -370,6 +370,9 @@ class SparseModule(nn.Module):
         computed = weight_is_computed(self)
         if not computed:
             self._check_weight_writable()   # before the mask changes: torch would refuse the weight's write only
+        # Its mask alone an inference tensor (assigned under torch.inference_mode), which torch refused to write
+        # naming no layer (a layer built there is refused by its weight, above).
+        _checks.writable_in_place(self.mask, f"set_mask: the mask of this {type(self).__name__}")
         resets_state = self._check_optimizer(optimizer, mask)   # the shared weight's, reset once
         # The layers in inference mode (this one, a twin) keep serving, from the new mask: their pack is made before
         # anything changes, so that one that cannot be made leaves every layer as it was. Entries off the mask are
@@ -547,6 +550,8 @@ class SparseModule(nn.Module):
         unties = assign and prefix + "weight" in state_dict
         twins = [] if unties or not (dense or given_mask) else self._tied_modules()
         _check_twin_masks(twins, "load_state_dict", f"layer {prefix[:-1] or '(root)'!r}")
+        if twins:
+            _dense_loads.check_tie_masks(missing_keys, [self, *twins], assign)
         if dense:
             # The module's shape: a weight of another shape (a Conv2d's into a SparseConv3d) fails torch's own check,
             # which loads nothing of it, so the mask stays as it is, with no mismatch reported for a mask the

@@ -381,6 +381,23 @@ def swamp_fails_together(rank):
                   ValueError, "failed on rank 1" if rank == 0 else "prune_fraction")
 
 
+def imp_densities_differing_across_ranks_are_refused(rank):
+    """IMP.next_cycle(density) and IMP.run(density=) given another density on each rank: ValueError on both ranks
+    naming it, with nothing changed (the ranks pruned their masks apart, which masks_identical found only later); the
+    same density prunes alike. A train_fn refused on rank 1 alone is refused on both (rank 0 trained on alone)."""
+    model, ddp = ddp_model()
+    imp = sparsekern.IMP(ddp, lambda parameters: torch.optim.SGD(parameters, lr=0.1))
+    before = masks_of(model)
+    words = "was called with other arguments on some ranks (density: 0.1 on rank 0, 0.2 on rank 1)"
+    refused = [raised(lambda: imp.next_cycle(0.1 + 0.1 * rank), ValueError, f"IMP.next_cycle() {words}"),
+               raised(lambda: imp.run(lambda imp: None, 2, density=0.1 + 0.1 * rank), ValueError, f"IMP.run() {words}"),
+               raised(lambda: imp.run(rank or (lambda imp: None), 2), TypeError,
+                      "failed on rank 1" if rank == 0 else "train_fn")]
+    unchanged = imp.cycle == 0 and all(torch.equal(a, b) for a, b in zip(before, masks_of(model)))
+    imp.next_cycle(0.1)
+    return all(refused) and unchanged and distributed.masks_identical(ddp)
+
+
 def swamp_per_rank_with_a_group_of_one(rank):
     """SWAMP given a group of one rank trains all its particles on that rank (rank 0 of its group), as other
     runs on the other ranks do; over the default group one particle on two ranks is refused."""
@@ -398,7 +415,8 @@ SCENARIOS = (refused_load_changes_nothing, finish_is_carried, constructors_fail_
              other_parameter_order_is_refused_under_join, a_scheduler_catches_up_under_join,
              join_keywords_are_checked_on_every_rank,
              error_kinds_follow_their_bases,
-             masks_identical_fails_together, swamp_fails_together, swamp_per_rank_with_a_group_of_one)
+             masks_identical_fails_together, swamp_fails_together, swamp_per_rank_with_a_group_of_one,
+             imp_densities_differing_across_ranks_are_refused)
 
 
 def main(out):

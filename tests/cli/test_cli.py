@@ -115,6 +115,37 @@ def test_the_criteria_reported_are_those_the_algorithm_uses(method):
         assert recipes.criteria_of(config) == (algorithm.prune, algorithm.grow)
 
 
+@pytest.mark.parametrize("method", ["set", "rigl", "mest", "dst"])
+def test_the_dst_settings_a_config_leaves_to_the_method_are_those_the_algorithm_takes(method):
+    from sparsekern.cli import recipes
+
+    config = TrainConfig(method=method)
+    settings = recipes.dst_settings(config)
+    algorithm = prepare(config, dataset=load_dataset("digits")).recipe.algorithm
+    schedule = algorithm.schedule
+    assert (settings["prune"], settings["grow"], settings["schedule"], settings["drop_fraction"]) == \
+           (algorithm.prune, algorithm.grow, schedule.name, schedule.drop_fraction)
+    assert schedule.end_step == max(1, round(settings["end_fraction"] * schedule.total_steps))
+    for name in ("swap_rounding", *recipes.CRITERION_PARAMETERS):
+        assert settings[name] == getattr(algorithm, name), name
+    assert recipes.dst_settings(TrainConfig(method=method, **settings)) == settings   # written out: read alike
+
+
+def test_ranks_compare_the_dst_settings_a_run_takes_not_how_they_were_given():
+    # `--prune magnitude` on one rank and rigl's own (magnitude) on the other were refused as other arguments.
+    from types import SimpleNamespace
+
+    from sparsekern.cli.main import _lockstep_arguments
+
+    args, dataset = SimpleNamespace(stop_after=None), load_dataset("digits")
+    left = _lockstep_arguments(args, TrainConfig(method="rigl"), dataset, None)
+    written = TrainConfig(method="rigl", prune="magnitude", grow="gradient", schedule="cosine", drop_fraction=0.3,
+                          end_fraction=0.75, swap_rounding="round")
+    assert _lockstep_arguments(args, written, dataset, None) == left
+    other = _lockstep_arguments(args, TrainConfig(method="rigl", schedule="annealed"), dataset, None)
+    assert {name for name in left if other[name] != left[name]} == {"--schedule", "--drop-fraction", "--end-fraction"}
+
+
 def test_one_seed_shows_no_spread_rather_than_a_measured_zero(tmp_path, capsys):
     main(["compare", "--methods", "dense,static", "--densities", "0.3", "--seeds", "1", "--epochs", "1", "--jobs",
           "1", "--out", str(tmp_path), "--quiet"])

@@ -198,6 +198,18 @@ def test_ranks_started_with_other_arguments_stop_before_training_with_exit_2_nam
     assert not (tmp_path / "rank0").exists()   # nothing written
 
 
+@gloo
+def test_ranks_agree_on_dst_settings_written_out_at_the_methods_defaults(tmp_path):
+    # The raw option was compared: --prune magnitude on one rank and rigl's own (magnitude) on the other were
+    # refused as other arguments, though the ranks would train one run.
+    run = ["--method", "rigl", "--epochs", "1", "--update-every", "5", "--quiet"]
+    written = ["--prune", "magnitude", "--grow", "gradient", "--schedule", "cosine", "--drop-fraction", "0.3",
+               "--end-fraction", "0.75", "--swap-rounding", "round"]
+    ended = started_by_hand([[*run, *written, "--out", str(tmp_path / "rank0")],
+                             [*run, "--out", str(tmp_path / "rank1")]])
+    assert [code for code, _, _ in ended] == [0, 0], ended
+
+
 def _saved_data(path, labels_shift: int = 0):
     """An .npz dataset of 120 samples of 8 features (fixed values), its labels moved by `labels_shift` classes."""
     x = np.arange(120 * 8, dtype=np.float32).reshape(120, 8) % 7

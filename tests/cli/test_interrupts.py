@@ -182,3 +182,55 @@ def test_ctrl_c_on_bench_while_it_times_prints_one_line(tmp_path):
     assert lines[-1] == "sparsekern bench: interrupted", done.stderr
     assert all(line.startswith("sparsekern bench: timing ") for line in lines[:-1]) and len(lines) > 1
     assert os.listdir(tmp_path) == ["timing"]   # no table, whole or in part
+
+
+# `sparsekern ARGS...` (bench) whose torch.compile starts Inductor's compile workers first, as a CUDA run's first
+# Triton kernel does (and torch's `backend="inductor"` entry at every compile; a CPU compile starts none), its pid in
+# the file PID.
+COMPILING_WITH_WORKERS = textwrap.dedent("""
+    import os, sys
+    import torch
+    from torch._inductor.async_compile import AsyncCompile
+    from sparsekern.cli import main
+
+    pid, argv = sys.argv[1], sys.argv[2:]
+    with open(pid, "w") as file:
+        file.write(str(os.getpid()))
+    compile = torch.compile
+
+    def compile_with_workers(*args, **kwargs):
+        AsyncCompile.warm_pool()
+        return compile(*args, **kwargs)
+
+    torch.compile = compile_with_workers
+    main(argv)
+""")
+
+
+def compile_worker_answers_ctrl_c(parent_pid: str) -> bool:
+    """Whether a compile worker of the process `parent_pid` runs Python with its Ctrl-C handler (KeyboardInterrupt):
+    importing torch, before torch ignores SIGINT there."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline") as file:
+                command = file.read().split("\0")
+            with open(f"/proc/{pid}/status") as file:
+                caught = next(line for line in file if line.startswith("SigCgt:")).split()[1]
+        except (OSError, StopIteration):
+            continue
+        if (any("compile_worker" in part for part in command) and f"--parent={parent_pid}" in command
+                and int(caught, 16) & 1 << (signal.SIGINT - 1)):
+            return True
+    return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the processes' signal state in /proc")
+def test_ctrl_c_on_bench_while_inductors_compile_workers_start_prints_one_line(tmp_path, monkeypatch):
+    # Each worker still importing torch died of it with a traceback where its output is not suppressed.
+    monkeypatch.setenv("TORCHINDUCTOR_WORKER_SUPPRESS_LOGGING", "0")
+    pid = tmp_path / "pid"
+    done = interrupted([sys.executable, "-c", COMPILING_WITH_WORKERS, str(pid), "bench", "--device", "cpu", "--quick",
+                        "--only", "compiled_training_step"],
+                       lambda: pid.exists() and compile_worker_answers_ctrl_c(pid.read_text()))
+    assert done.returncode == 130 and done.stdout == "", done.stderr
+    assert done.stderr.splitlines() == ["sparsekern bench: interrupted"]

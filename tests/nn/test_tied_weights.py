@@ -351,6 +351,24 @@ def test_a_mask_under_one_tied_layer_beside_the_twins_plain_weight_is_the_ties_i
     sparsekern.DST(model, torch.optim.SGD(model.parameters(), lr=0.1), total_steps=1000)
 
 
+@pytest.mark.parametrize("with_weights", [True, False], ids=["whole state dict", "masks alone"])
+def test_different_masks_under_two_tied_layers_keys_are_refused_naming_both_before_either_loads(generator,
+                                                                                                with_weights):
+    # Each layer's load copied its mask into the tie: the layer torch loaded last decided, silently.
+    model, other = tied_pair(generator), tied_pair(torch.Generator().manual_seed(11))
+    state = other.state_dict() if with_weights else {"0.mask": other[0].mask.clone()}
+    state["2.mask"] = ~other[0].mask
+    weight, masks = model[0].weight.detach().clone(), [model[0].mask.clone(), model[2].mask.clone()]
+    with pytest.raises(ValueError, match=r"^load_state_dict: state dict entries '0\.mask' and '2\.mask' hold "
+                                         r"different masks for layers sharing one weight, which has one mask"):
+        model.load_state_dict(state, strict=with_weights)
+    assert torch.equal(model[0].weight, weight)
+    assert torch.equal(model[0].mask, masks[0]) and torch.equal(model[2].mask, masks[1])
+    state["2.mask"] = other[0].mask.float()   # the same mask, as torch.nn.utils.prune saves one: it loads
+    model.load_state_dict(state, strict=with_weights)
+    assert torch.equal(model[0].mask, other[0].mask) and torch.equal(model[2].mask, other[0].mask)
+
+
 def test_the_dense_load_warning_names_only_the_layers_that_end_dense(generator):
     # Layer 0's plain weight is noted dense, then withdrawn when its twin loads the tie's mask; layer 3 stays dense.
     first, second = nn.Linear(8, 8), nn.Linear(8, 8)

@@ -522,6 +522,21 @@ def test_a_layer_made_under_inference_mode_refuses_a_new_mask_outside_it_before_
 
 
 @LAYERS
+def test_set_mask_refuses_a_mask_buffer_assigned_under_inference_mode_naming_it_before_anything_changes(make, shape,
+                                                                                                      generator):
+    # The weight was checked, the mask was not: torch refused the copy into it ("Inplace update to inference tensor
+    # outside InferenceMode is not allowed"), naming no layer, where a tied twin's mask got this error.
+    layer = masked_layer(make, generator)
+    with torch.inference_mode():
+        layer.mask = layer.mask.clone()
+    before = (layer.weight.detach().clone(), layer.mask.clone())
+    name = type(layer).__name__
+    with pytest.raises(ValueError, match=rf"^set_mask: the mask of this {name} is an inference tensor"):
+        layer.set_mask(torch.zeros_like(layer.mask))
+    assert torch.equal(layer.weight, before[0]) and torch.equal(layer.mask, before[1])
+
+
+@LAYERS
 @pytest.mark.parametrize("how", ["assign", "register_buffer", "buffers"])
 def test_a_mask_put_in_place_of_the_old_is_noticed(make, shape, how, generator):
     # A new mask tensor is not the one the promise was made for, whatever its version counter says (a fresh

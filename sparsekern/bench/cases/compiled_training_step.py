@@ -75,9 +75,24 @@ def _case(description: str, build: Callable[[], nn.Module], input_shape, device:
     return Case("compiled training step", f"{description}, d={DENSITY}", labelled, baseline=baseline)
 
 
+def _start_compile_workers() -> None:
+    """Starts Inductor's pool of compile workers (when it compiles with more than one process; torch's own
+    `backend="inductor"` entry starts it at every compile, torch.compile's default path at its first Triton kernel)
+    with SIGINT held, so that none of its processes takes a Ctrl-C: a terminal's reaches the whole process group, and
+    workers still importing torch (torch ignores SIGINT in them only once they run) died of it, each printing a
+    traceback where their output is not suppressed. The bench's own process answers it: one line, exit code 130."""
+    from torch._inductor.async_compile import AsyncCompile
+
+    from ...cli.interrupts import held_while_starting_workers   # here: the command line imports the bench
+
+    with held_while_starting_workers():
+        AsyncCompile.warm_pool()
+
+
 def cases(device: torch.device, quick: bool) -> list[Case]:
     if unavailable(device) is not None:
         return []
+    _start_compile_workers()
     # Dynamo keeps at most 8 compiled versions of one function (nn.Sequential.forward here) and falls back
     # to eager past them; each model structure and path takes one. Starting empty keeps far below.
     torch._dynamo.reset()
