@@ -352,11 +352,18 @@ class SWAMP:
 
     def next_cycle(self, density: float | None = None) -> list[Tensor]:
         """Prunes θ̄ by magnitude and starts the next cycle's first particle from θ_k ⊙ m. `density`: prune to
-        exactly that density instead of by ⌈p·remaining⌉, as `IMP.next_cycle` does."""
-        _tickets.check_own_weights(self._groups, "SWAMP")
-        if not self.averaged:
-            raise RuntimeError("next_cycle() before the cycle's particles were averaged (next_particle())")
-        _tickets.check_masks_writable(self._groups, "SWAMP")
+        exactly that density instead of by ⌈p·remaining⌉, as `IMP.next_cycle` does.
+
+        Collective under a process group of several ranks, as `IMP.next_cycle`: θ̄ is the same on every rank, and a
+        call refused on one rank, or given another `density` on some ranks (whose masks would diverge), is refused on
+        every rank, nothing changed on any."""
+        with distributed.Agreement("SWAMP.next_cycle()", self.group) as agreement:
+            _tickets.check_own_weights(self._groups, "SWAMP")
+            if not self.averaged:
+                raise RuntimeError("next_cycle() before the cycle's particles were averaged (next_particle())")
+            _tickets.check_masks_writable(self._groups, "SWAMP")
+            agreement.shared = {"density": _tickets.check_target_density(density)}
+        distributed.check_same_arguments("SWAMP.next_cycle()", agreement.gathered)
         masks = self.prune_masks(density)
         optimizer = self._particles_optimizer(self.cycle + 1)
         _tickets.set_masks(self._groups, masks)
@@ -368,11 +375,16 @@ class SWAMP:
 
     def run(self, train_fn: Callable[["SWAMP"], None], cycles: int, *, density: float | None = None) -> None:
         """Runs (or resumes) `cycles` cycles; the model ends holding the last cycle's θ̄. `density`: the last
-        pruning is `next_cycle(density)`, as in `IMP.run` (cycles >= 2)."""
-        _tickets.check_callable(train_fn, "train_fn", "swamp")
-        cycles = _checks.count(cycles, "cycles", 1)
-        density = _tickets.check_run_density(density, cycles, self._groups, self.prune_fraction, self.scope,
-                                             self.cycle)
+        pruning is `next_cycle(density)`, as in `IMP.run` (cycles >= 2). Collective, as `IMP.run`: arguments
+        refused on one rank, or another `cycles` or `density` on some ranks, are refused on every rank before training.
+        """
+        with distributed.Agreement("SWAMP.run()", self.group) as agreement:
+            _tickets.check_callable(train_fn, "train_fn", "swamp")
+            cycles = _checks.count(cycles, "cycles", 1)
+            density = _tickets.check_run_density(density, cycles, self._groups, self.prune_fraction, self.scope,
+                                                 self.cycle)
+            agreement.shared = {"cycles": cycles, "density": density}
+        distributed.check_same_arguments("SWAMP.run()", agreement.gathered)
         while self.cycle < cycles:
             if not self.averaged:
                 train_fn(self)

@@ -398,6 +398,25 @@ def imp_densities_differing_across_ranks_are_refused(rank):
     return all(refused) and unchanged and distributed.masks_identical(ddp)
 
 
+def swamp_densities_differing_across_ranks_are_refused(rank):
+    """SWAMP.next_cycle(density) and SWAMP.run(density=) given another density on each rank, once the particles (one
+    per rank) are averaged into one θ̄: ValueError on both ranks naming it, nothing changed (the ranks pruned θ̄ to
+    other masks); the same density prunes alike."""
+    model, _ = ddp_model()
+    swamp = sparsekern.SWAMP(model, lambda parameters: torch.optim.SGD(parameters, lr=0.1), particles=2)
+    swamp.step()
+    swamp.next_particle()
+    before = masks_of(model)
+    words = "was called with other arguments on some ranks (density: 0.1 on rank 0, 0.2 on rank 1)"
+    refused = [raised(lambda: swamp.next_cycle(0.1 + 0.1 * rank), ValueError, f"SWAMP.next_cycle() {words}"),
+               raised(lambda: swamp.run(lambda swamp: None, 2, density=0.1 + 0.1 * rank), ValueError,
+                      f"SWAMP.run() {words}")]
+    unchanged = (swamp.cycle, swamp.averaged) == (0, True) and all(
+        torch.equal(a, b) for a, b in zip(before, masks_of(model)))
+    swamp.next_cycle(0.1)
+    return all(refused) and unchanged and distributed.masks_identical(model)
+
+
 def swamp_per_rank_with_a_group_of_one(rank):
     """SWAMP given a group of one rank trains all its particles on that rank (rank 0 of its group), as other
     runs on the other ranks do; over the default group one particle on two ranks is refused."""
@@ -416,7 +435,7 @@ SCENARIOS = (refused_load_changes_nothing, finish_is_carried, constructors_fail_
              join_keywords_are_checked_on_every_rank,
              error_kinds_follow_their_bases,
              masks_identical_fails_together, swamp_fails_together, swamp_per_rank_with_a_group_of_one,
-             imp_densities_differing_across_ranks_are_refused)
+             imp_densities_differing_across_ranks_are_refused, swamp_densities_differing_across_ranks_are_refused)
 
 
 def main(out):
