@@ -520,6 +520,8 @@ class SparseModule(nn.Module):
         for name in (*self._parameters, *self._buffers):
             _check_loaded_layout(state_dict.get(prefix + name), prefix + name)
         assign = local_metadata.get("assign_to_params_buffers", False)
+        if not assign:
+            _refuse_inference_targets(self, state_dict, prefix)
         if prefix + "mask" in state_dict:   # its own buffer first: one put in through mask.data may be of another shape
             check_own_mask(self, f"load_state_dict: layer {prefix[:-1] or '(root)'!r}", written=not assign)
         own = {prefix + name: value for name, value in (*self._parameters.items(), *self._buffers.items())
@@ -699,6 +701,20 @@ def _refused_by_torch(current: Tensor, saved, assign: bool) -> bool:
         return (isinstance(current, nn.Parameter) and current.requires_grad
                 and not (saved.is_floating_point() or saved.is_complex()))
     return saved.is_meta and not current.is_meta
+
+
+def _refuse_inference_targets(module: SparseModule, state_dict, prefix: str) -> None:
+    """ValueError naming the first of `module`'s tensors that `state_dict` would be copied into and that is an
+    inference tensor (made under torch.inference_mode, a mask assigned there) outside inference mode: torch's copy
+    into one writes it, then refuses it, so the layer ended with the loaded mask (or weight) and its error."""
+    if torch.is_inference_mode_enabled():
+        return
+    for name, value in (*module._parameters.items(), *module._buffers.items()):
+        if (isinstance(value, Tensor) and value.is_inference() and prefix + name in state_dict
+                and name not in module._non_persistent_buffers_set):
+            raise ValueError(f"load_state_dict: layer {prefix[:-1] or '(root)'!r}'s {name} is an inference tensor "
+                             f"(made under torch.inference_mode), which cannot be loaded into outside inference mode: "
+                             f"load under torch.inference_mode(), or with assign=True; nothing of the layer was loaded")
 
 
 def _check_loaded_layout(value, key: str) -> None:

@@ -537,6 +537,23 @@ def test_set_mask_refuses_a_mask_buffer_assigned_under_inference_mode_naming_it_
 
 
 @LAYERS
+def test_a_load_into_a_mask_buffer_assigned_under_inference_mode_loads_nothing_of_the_layer(make, shape, generator):
+    # torch's copy into an inference tensor writes it, then raises (naming no layer): the layer was left with the
+    # loaded mask and weight, its error at the end. Now the layer loads nothing, refused naming the mask.
+    layer = masked_layer(make, generator)
+    with torch.inference_mode():
+        layer.mask = layer.mask.clone()
+    before = {key: value.clone() for key, value in layer.state_dict().items()}
+    saved = {key: torch.randn_like(value) if value.is_floating_point() else ~value for key, value in before.items()}
+    with pytest.raises(ValueError, match=r"^load_state_dict: layer '\(root\)''s mask is an inference tensor"):
+        layer.load_state_dict(saved)
+    assert all(torch.equal(value, layer.state_dict()[key]) for key, value in before.items())
+    with torch.inference_mode():   # where it can be written
+        layer.load_state_dict(saved)
+    assert all(torch.equal(value, layer.state_dict()[key]) for key, value in saved.items())
+
+
+@LAYERS
 @pytest.mark.parametrize("how", ["assign", "register_buffer", "buffers"])
 def test_a_mask_put_in_place_of_the_old_is_noticed(make, shape, how, generator):
     # A new mask tensor is not the one the promise was made for, whatever its version counter says (a fresh
