@@ -416,3 +416,22 @@ def test_running_out_of_device_memory_while_loading_stays_out_of_memory(tmp_path
     monkeypatch.setattr(torch, "load", failing)
     with pytest.raises(torch.OutOfMemoryError):
         checkpoint.load(path)
+
+
+def test_a_destination_ending_in_a_separator_is_refused_as_a_folder(tmp_path, monkeypatch):
+    # Missing, it would pass every other check (its folders are made later), and the write would fail after the work.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"^--out's file 'new/' ends in a separator: a folder, not a file$"):
+        checkpoint.check_destination("new/", "--out's file")
+    checkpoint.check_destination("new/", "--out", folder=True)   # a folder may end in one
+
+
+_LARGEST_SHOWN = 2 ** 64 - 1   # 64 bits: a byte count or a saved counter (2**63) is shown by its digits
+
+
+@pytest.mark.parametrize("value, shown", [(_LARGEST_SHOWN, "18446744073709551615"),
+                                          (-_LARGEST_SHOWN, "-18446744073709551615"),
+                                          (_LARGEST_SHOWN + 1, "an integer of 65 bits"),
+                                          (-_LARGEST_SHOWN - 1, "an integer of 65 bits")])
+def test_integers_are_shown_by_their_digits_up_to_64_bits(value, shown):
+    assert checkpoint.integer_shown(value) == shown

@@ -458,6 +458,20 @@ def test_loading_masks_zeroes_the_optimizer_state_off_them():
     assert not train_step(model, optimizer, algo, 13)    # no update: nothing else zeroes the weights
     assert_inactive_zero(model)
 
+def test_state_at_total_steps_loads_without_a_warning():
+    # A run that ended where its schedule ends did not go past it: its state loads silently.
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    algo = sparsekern.SET(model, optimizer, update_every=2, total_steps=4)
+    for step in range(4):
+        train_step(model, optimizer, algo, step)
+    fresh = sparsekern.SET(model, optimizer, update_every=2, total_steps=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fresh.load_state_dict(algo.state_dict())
+    assert fresh.step_count == 4
+
+
 def test_state_past_total_steps_loads_with_a_warning_before_any_change():
     # step() lets a run go past total_steps (warning once), so such a state is DST's own and must load
     # back; loading it warns, since step() will not, and the warning comes before any change.
@@ -776,6 +790,25 @@ def test_the_emptied_layer_warning_reads_whole_masks_whose_first_entries_are_ina
         algo._warn_if_emptied()
 
 
+def test_the_emptied_layer_warning_names_a_layer_again_only_once_it_was_refilled():
+    # Each global update that leaves a layer empty would repeat the warning for as long as training goes on.
+    model = sparsekern.sparsify(nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4)), 0.5,
+                                generator=torch.Generator().manual_seed(0))
+    algo = sparsekern.RigL(model, torch.optim.SGD(model.parameters(), lr=0.1), scope="global", total_steps=10)
+    refilled = model[2].mask.clone()
+    model[2].set_mask(torch.zeros(4, 6, dtype=torch.bool))
+    with pytest.warns(UserWarning, match=r"left \['2'\] with no active weight"):
+        algo._warn_if_emptied()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        algo._warn_if_emptied()   # still empty: said already
+        model[2].set_mask(refilled)
+        algo._warn_if_emptied()
+    model[2].set_mask(torch.zeros(4, 6, dtype=torch.bool))
+    with pytest.warns(UserWarning, match=r"left \['2'\] with no active weight"):
+        algo._warn_if_emptied()
+
+
 def dense_layer_model(density, seed=0):
     """One SparseLinear(20, 10) at `density`, its dense gradient set."""
     generator = torch.Generator().manual_seed(seed)
@@ -938,6 +971,32 @@ def test_a_mask_written_without_its_version_changing_is_counted_again(write, sco
     assert warned == [f"DST.step(): {changed} was changed without its version counter changing (a write through "
                       f".data or a NumPy view?), so DST counted the masks again; use module.set_mask(...) to change "
                       f"a mask"]
+
+
+def test_masks_written_unseen_with_their_total_kept_are_counted_again_in_layer_scope():
+    # Layer scope counts each layer: one layer losing the entries another gains leaves the total as DST counted it,
+    # yet each layer's count is stale, and the update must count them again rather than raise the kernels' refusal.
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    algo = sparsekern.DST(model, optimizer, update_every=2, total_steps=100, scope="layer", grow="gradient")
+    for step in range(3):
+        train_step(model, optimizer, algo, step)
+    x, y = batch(3)
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    (_, hidden), (_, last) = algo.modules[1], algo.modules[2]
+    sparser, denser = hidden.mask.clone(), last.mask.clone()
+    sparser.view(-1)[sparser.flatten().nonzero()[:8]] = False
+    denser.view(-1)[(~denser).flatten().nonzero()[:8]] = True
+    hidden.mask.data.copy_(sparser)
+    last.mask.data.copy_(denser)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert algo.step()
+    warned = [str(w.message) for w in caught]
+    assert len(warned) == 1
+    assert warned[0].startswith("DST.step(): the masks of layers '3' (") and "and '5' (" in warned[0]
+    assert [int(m.sum()) for m in masks(model)[1:]] == [int(sparser.sum()), int(denser.sum())]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

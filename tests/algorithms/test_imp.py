@@ -97,6 +97,14 @@ def test_layer_scope_removes_the_fraction_from_every_layer():
         assert int(old_mask.sum()) - int(new_mask.sum()) == removed
 
 
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_an_exact_fraction_of_the_weights_is_removed_whatever_its_float_product(scope):
+    # 0.55 * 100 is 55.00000000000001 in floats: rounded up as it is, it would remove 56 weights, not 55.
+    model = sparsekern.sparsify(torch.nn.Sequential(torch.nn.Linear(10, 10)), 1.0)
+    masks = IMP(model, _sgd, prune_fraction=0.55, scope=scope).next_cycle()
+    assert int(masks[0].sum()) == 45
+
+
 def test_learning_rate_rewinding_keeps_the_trained_survivors():
     x, y = _data(2)
     model = mlp(3, hidden=16)

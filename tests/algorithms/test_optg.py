@@ -408,6 +408,12 @@ def test_frozen_layers_that_leave_the_others_no_count_meeting_the_budget_are_ref
     masks[0] = first.mask.clone()
     with pytest.raises(RuntimeError, match=r"with 1 active weights.* \(which hold 160\) would have to keep 752"):
         optg.next_epoch()
+    with torch.no_grad():   # exactly the epoch's budget: the others would keep no weight at all
+        first.mask.zero_()
+        first.mask.view(-1)[:753] = True
+    masks[0] = first.mask.clone()
+    with pytest.raises(RuntimeError, match=r"with 753 active weights.* \(which hold 160\) would have to keep 0"):
+        optg.next_epoch()
     assert optg.epoch == 0
     assert all(torch.equal(a, b) for a, b in zip(masks + scores, optg.masks + optg.scores))
     first.weight.requires_grad_(True)
@@ -886,3 +892,18 @@ def test_a_state_whose_score_optimizer_runs_out_of_memory_loading_raises_out_of_
     monkeypatch.setattr(torch.optim.SGD, "load_state_dict", failing)
     with pytest.raises(torch.OutOfMemoryError):
         optg.load_state_dict(state)
+
+
+def test_step_right_after_a_load_refuses_the_gradients_the_model_held_at_the_load():
+    # The loaded run's scores go on from the state: gradients computed before the load belong to no step of it, and
+    # a step() without a backward after the load would add them to the loaded scores.
+    model = mlp(3, hidden=16)
+    optg = OptG(model, sparsity=0.6, epochs=3)
+    x, y = _data(3)
+    state = optg.state_dict()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    optg.load_state_dict(state)
+    scores = [score.clone() for score in optg.scores]
+    with pytest.raises(RuntimeError, match="has not changed since the previous step"):
+        optg.step()
+    assert all(torch.equal(a, b) for a, b in zip(scores, optg.scores))

@@ -266,6 +266,7 @@ MASKED_LINEAR_CASES = {
     "mask shape": (linear_args(mask=torch.ones(6, 4, dtype=torch.bool)), ValueError, "mask"),
     "mask not bool": (linear_args(mask=torch.ones(4, 6)), TypeError, "mask"),
     "bias shape": (linear_args(bias=torch.randn(6)), ValueError, "bias"),
+    "bias of one entry": (linear_args(bias=torch.randn(1)), ValueError, "bias"),   # torch would broadcast it
     "bias dtype": (linear_args(bias=torch.randn(4).half()), TypeError, "bias"),
     "weight on another device": (linear_args(weight=torch.randn(4, 6, device="meta")), ValueError, "weight"),
     "mask on another device": (linear_args(mask=torch.ones(4, 6, dtype=torch.bool, device="meta")), ValueError,
@@ -413,6 +414,16 @@ def test_writable_in_place_refuses_a_mask_in_its_memory_and_takes_one_beside_it(
     # The mask's own checks, without one to compare: refused as a written tensor is.
     with pytest.raises(ValueError, match="^mask has entries that share memory"):
         _checks.writable_in_place(torch.ones(1, dtype=torch.bool).expand(4), "mask")
+
+
+@pytest.mark.parametrize("view", [lambda t: t.t(), lambda t: t[:, ::2], lambda t: t[::2, 1:3],
+                                  lambda t: t.view(2, 3, 4).permute(2, 0, 1)])
+def test_writable_in_place_takes_a_strided_view_whose_entries_share_no_memory(view):
+    # Not contiguous, yet every entry its own (a transposed gradient, a channels_last weight's): written in place
+    # alike. Only views whose entries overlap (expanded, stride 0) are refused.
+    value = view(torch.zeros(6, 4))
+    assert not value.is_contiguous()
+    assert _checks.writable_in_place(value, "value") is value
 
 
 def test_prune_grow_refuses_the_tensors_it_writes_as_writable_in_place_does():

@@ -74,7 +74,7 @@ def test_pack_layout_matches_its_description():
 @needs_cpu_kernel
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
 @pytest.mark.parametrize("density", [0.0, 0.05, 0.3, 1.0])
-@pytest.mark.parametrize("batch", [0, 1, 4, 16])
+@pytest.mark.parametrize("batch", [0, 1, 4, 5, 16, 21])   # each row tile of the CPU kernel, partly filled too
 def test_cpu_kernel_matches_reference(generator, dtype, atol, rtol, density, batch):
     weight, mask = random_layer(generator, 37, 1100, density, dtype)
     bias = torch.randn(37, generator=generator).to(dtype)
