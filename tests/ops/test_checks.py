@@ -245,6 +245,15 @@ def test_a_wrong_active_count_is_refused_before_any_write(backend, scope, use_ba
     assert_unchanged(before, list(args.values()))
 
 
+def test_the_argument_checks_alone_refuse_a_global_n_past_the_active_count():
+    # The CPU kernels count again and refuse it too; the CUDA kernels trust the count they are given, so the checks
+    # before any kernel must refuse it (a mutant dropping them lived on the CPU).
+    args = layer_lists()
+    active = sum(int(m.sum()) for m in args["masks"])
+    args["n"] = active + 1
+    assert_rejected(_checks.prune_grow_args, (*args.values(), active, False, False), ValueError, "n")
+
+
 def linear_args(**changes):
     args = dict(x=torch.randn(2, 3, 6), weight=torch.randn(4, 6), mask=torch.rand(4, 6) < 0.5, bias=torch.randn(4))
     args.update(changes)
