@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, replace
 from .data import Dataset, load_dataset
 from .output import DENSITY_LABEL, counted, csv_text, density_axis, flops_cell, save_figure, write_text
 from .progress import execute_shown
-from .recipes import CRITERION_PARAMETERS, criteria_of, start_density
+from .recipes import CRITERION_PARAMETERS, TICKET_METHODS, criteria_of, start_density, ticket_scope_of
 from .runs import RUNS_FOLDER, Job, RunStore, key, record_files, unique, warnings_cell
 from .training import COST_KEYS, TrainConfig, cost_means
 
@@ -81,10 +81,12 @@ def grid_lines(methods: list[str], criteria: list[str], grow: str, schedule: str
 def line_config(base: TrainConfig, line: Line, density: float, seed: int) -> TrainConfig:
     """The run of `line` at `density` (dense: 1) and `seed`; ValueError if the line cannot run so. The base's
     end_fraction, swap_rounding and block apply to DST lines only, mest_gamma, sensitivity_offset and snip_shift to
-    those whose pruning criterion reads them (the other lines keep their run keys)."""
+    those whose pruning criterion reads them, ticket_scope to IMP and SWAMP lines (the other lines keep their run
+    keys)."""
     dst = line.method in ("set", "rigl", "mest", CRITERION_METHOD)
     config = replace(base, method=line.method, prune=line.prune, grow=line.grow, schedule=line.schedule, seed=seed,
                      density=1.0 if line.method == "dense" else density,
+                     ticket_scope=base.ticket_scope if line.method in TICKET_METHODS else None,
                      end_fraction=base.end_fraction if dst else None,
                      swap_rounding=base.swap_rounding if dst else None, block=base.block if dst else None,
                      **{name: None for name in CRITERION_PARAMETERS})
@@ -190,13 +192,17 @@ def caption(base: TrainConfig, seeds: int, methods) -> str:
 
 def layer_densities(base: TrainConfig, methods) -> str:
     """How the lines of `methods` spread their density over the layers, "" for dense alone: --distribution's
-    layer densities for those that start sparse; those that prune from dense rank all layers together."""
+    layer densities for those that start sparse; those that prune from dense rank all layers together, or, IMP
+    and SWAMP under --scope layer, each layer's weights apart."""
     spread = [method for method in methods if start_density(method, 0.5) < 1]
     pruned = [method for method in methods if method != "dense" and method not in spread]
-    together = f"{', '.join(pruned)} pruned over all layers together" if pruned else ""
+    per_layer = [method for method in pruned if method in TICKET_METHODS and ticket_scope_of(base) == "layer"]
+    together = [method for method in pruned if method not in per_layer]
+    ranked = "; ".join(f"{', '.join(names)} pruned {how}" for names, how in
+                       ((together, "over all layers together"), (per_layer, "per layer")) if names)
     if not spread:
-        return f"{together}, " if pruned else ""
-    return f"{base.distribution} layer densities{f' ({together})' if pruned else ''}, "
+        return f"{ranked}, " if pruned else ""
+    return f"{base.distribution} layer densities{f' ({ranked})' if pruned else ''}, "
 
 
 def best_rows(rows: list[dict]) -> list[dict]:

@@ -1,9 +1,9 @@
 """The weights a run's density leaves each layer, checked before the library would refuse them.
 
-`sparsify`, DST's --block, IMP and OptG refuse a density that leaves a layer, or the model, no weight, but in
-their argument names (density=..., distribution='uniform', block=(4, 4), sparsity=...) and with remedies the
-command line does not offer (exclude those layers). The command line computes the same counts first and
-refuses in its options.
+`sparsify`, DST's --block, IMP and SWAMP (per layer under --scope layer) and OptG refuse a density that leaves a
+layer, or the model, no weight, but in their argument names (density=..., distribution='uniform', block=(4, 4),
+sparsity=...) and with remedies the command line does not offer (exclude those layers). The command line computes
+the same counts first and refuses in its options.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from torch import nn
 
 from ..algorithms.optg import complement
 from ..nn import distributions, sparse_modules, sparsify
-from .recipes import DST_PRESETS, start_density
+from .recipes import DST_PRESETS, TICKET_METHODS, start_density, ticket_scope_of
 
 
 def sparse_layers(model: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -40,7 +40,15 @@ def check_counts(config, layers: dict[str, tuple[int, ...]], option: str = "--de
                              f"{_layers(empty, sizes)} with no weight: raise {option}{erk}")
         if config.method in DST_PRESETS and config.block is not None:
             _check_blocks(counts, config.block, option, density)
-    elif config.method != "dense":   # pruned as it trains, over the whole model to one count
+    elif config.method != "dense":   # pruned as it trains, over the whole model to one count (or each layer to its own)
+        if config.method in TICKET_METHODS and ticket_scope_of(config) == "layer":
+            empty = [name for name, size in sizes.items() if round(density * size) == 0]
+            if empty:
+                smallest = min(sizes[name] for name in empty)
+                raise ValueError(f"{option} {density:g} under --scope layer leaves {_layers(empty, sizes)} with no "
+                                 f"weight: {config.method} would prune {'them' if len(empty) > 1 else 'it'} whole; "
+                                 f"raise {option} above {0.5 / smallest:.2g}, or prune all layers together "
+                                 f"(--scope global)")
         total = sum(sizes.values())
         if round(density * total) == 0 or total - round(complement(density) * total) == 0:
             raise ValueError(f"{option} {density:g} keeps no weight of the model's {total} (round({density:g} x "

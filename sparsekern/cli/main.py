@@ -38,7 +38,8 @@ from .counts import check_counts, sparse_layers
 from .data import check_dataset, load_dataset
 from .models import MODELS, build_model
 from .output import check_outputs, counted, first_line, make_output_folders
-from .recipes import CRITERION_PARAMETERS, DST_PRESETS, TICKET_METHODS, criteria_of, dst_settings
+from .recipes import (CRITERION_PARAMETERS, DST_PRESETS, TICKET_METHODS, TICKET_SCOPE, criteria_of, dst_settings,
+                      ticket_scope_of)
 from .runs import RUNS_FOLDER
 from .training import (CHECKPOINT_NAME, DISTRIBUTIONS, INITS, METHODS, OUTPUT_FILES, SCHEDULES, Diverged,
                        TrainConfig, check_cycle_steps, prepare, read_checkpoint, total_epochs)
@@ -206,7 +207,8 @@ def _add_run_options(parser: argparse.ArgumentParser, defaults: TrainConfig) -> 
                              "with one subfolder per class")
     parser.add_argument("--distribution", choices=DISTRIBUTIONS,
                         help=f"how the density is spread over the layers of the runs that start sparse (static, "
-                             f"DST); imp, swamp, optg and gmp prune all layers together from dense "
+                             f"DST); imp, swamp, optg and gmp prune from dense, all layers together (imp and "
+                             f"swamp per layer with --scope layer) "
                              f"(default: {defaults.distribution})")
     parser.add_argument("--init", choices=INITS, default=defaults.init,
                         help="initial weights: 'sparse' (variance 1/fan-in over the active inputs), 'layer-scaled' "
@@ -220,7 +222,9 @@ def _add_run_options(parser: argparse.ArgumentParser, defaults: TrainConfig) -> 
                         help=f"SGD learning rate (momentum {defaults.momentum:g}, weight decay "
                              f"{defaults.weight_decay:g}), cosine-annealed to 0 over each segment (SWAMP: to half of it, "
                              f"held there while it averages)")
-    parser.add_argument("--scope", choices=SCOPES, help=f"DST: per layer or global updates (default: {defaults.scope})")
+    parser.add_argument("--scope", choices=SCOPES,
+                        help=f"DST: per layer or global updates (default: {defaults.scope}); IMP, SWAMP: magnitude "
+                             f"pruning per layer or over all layers together (default: {TICKET_SCOPE})")
     parser.add_argument("--update-every", type=_positive,
                         help=f"DST: steps between mask updates (default: {defaults.update_every})")
     parser.add_argument("--end-fraction", type=_fraction("end fraction"),
@@ -510,7 +514,8 @@ def _warn_short_optg(method: str, epochs: int) -> None:
 # Dense trains every weight: train's --density, and compare's --densities when dense is its only line.
 _METHOD_OPTIONS = {"density": _SPARSE_METHODS, "densities": _SPARSE_METHODS,
                    "distribution": ("static", *DST_PRESETS),
-                   "scope": tuple(DST_PRESETS), "update_every": tuple(DST_PRESETS), "end_fraction": tuple(DST_PRESETS),
+                   "scope": (*DST_PRESETS, *TICKET_METHODS),
+                   "update_every": tuple(DST_PRESETS), "end_fraction": tuple(DST_PRESETS),
                    "swap_rounding": tuple(DST_PRESETS), "mest_gamma": tuple(DST_PRESETS),
                    "sensitivity_offset": tuple(DST_PRESETS), "snip_shift": tuple(DST_PRESETS),
                    "block": tuple(DST_PRESETS),
@@ -626,8 +631,12 @@ def _lockstep_arguments(args, config: TrainConfig, dataset, resumed_epoch: int |
     """What every rank of a data-parallel run must share, by option name: the config's options but --dataset's path,
     the data read from it, --stop-after and the epoch --resume's checkpoint holds (None without --resume). Paths may
     differ from one machine to another; the same path may hold other data on another. A DST option is compared as
-    the run takes it (`dst_settings`): --prune magnitude given on one rank and left to rigl's own on another agree."""
+    the run takes it (`dst_settings`): --prune magnitude given on one rank and left to rigl's own on another agree;
+    so is an IMP or SWAMP run's --scope, which sets its ticket_scope (`_config`)."""
     settings = {**asdict(config), **dst_settings(config)}
+    del settings["ticket_scope"]
+    if config.method in TICKET_METHODS:
+        settings["scope"] = ticket_scope_of(config)
     options = {f"--{name.replace('_', '-')}": value for name, value in settings.items() if name != "dataset"}
     return {**options, "--dataset (its data)": dataset.fingerprint(), "--stop-after": args.stop_after,
             "--resume (its epoch)": resumed_epoch}
@@ -761,8 +770,16 @@ def _bench(bench_args: list[str]) -> int:
 
 
 def _config(args, **run) -> TrainConfig:
-    given = {name: getattr(args, name) for name in ("distribution", "scope", "update_every", "cycles",
-                                                    "particles") if getattr(args, name) is not None}
+    """The run of `args` (`run`: train's method, density, seed and criteria; compare's lines set theirs later, and
+    `compare.line_config` keeps ticket_scope for its IMP and SWAMP lines only). --scope sets DST's scope, or the
+    tickets' ticket_scope: a field of its own, where runs stored before it hold DST's default scope."""
+    given = {name: getattr(args, name) for name in ("distribution", "update_every", "cycles", "particles")
+             if getattr(args, name) is not None}
+    method = run.get("method")   # None: compare's base, for lines of both
+    if args.scope is not None and method not in TICKET_METHODS:
+        given["scope"] = args.scope
+    if args.scope is not None and method in (None, *TICKET_METHODS):
+        given["ticket_scope"] = args.scope
     return TrainConfig(init=args.init, model=args.model, dataset=args.dataset,
                        epochs=args.epochs, device=args.device, batch_size=args.batch_size, lr=args.lr,
                        end_fraction=args.end_fraction, swap_rounding=args.swap_rounding,

@@ -35,6 +35,7 @@ DST_SCHEDULES = {"set": "constant", "rigl": "cosine", "mest": "constant", "dst":
 CRITERION_PARAMETERS = {"mest_gamma": ("mest",), "sensitivity_offset": ("sensitivity", "rsensitivity"),
                         "snip_shift": ("snip",)}
 TICKET_METHODS = ("imp", "swamp")
+TICKET_SCOPE = "global"   # IMP's and SWAMP's own scope, a ticket run's without --scope (a test checks both)
 RAMP_METHODS = {"optg": "learned", "gmp": "magnitude"}  # OptG's sigmoid ramp, and the OptG criterion it uses
 METHODS = ("dense", "static", *DST_PRESETS, *TICKET_METHODS, *RAMP_METHODS)
 
@@ -62,6 +63,11 @@ def dst_settings(config) -> dict:
     return {"prune": prune, "grow": grow, "schedule": schedule,
             **{name: defaults[name] if getattr(config, name) is None else getattr(config, name)
                for name in ("drop_fraction", "end_fraction", "swap_rounding", *CRITERION_PARAMETERS)}}
+
+
+def ticket_scope_of(config) -> str:
+    """The scope an IMP or SWAMP run prunes by: per layer or over all layers together (global)."""
+    return config.ticket_scope or TICKET_SCOPE
 
 
 def start_density(method: str, density: float) -> float:
@@ -298,16 +304,17 @@ class OptGRecipe(Recipe):
 
 class TicketRecipe(Recipe):
     """IMP with weight rewinding (and SWAMP, below): `cycles` segments, each but the last followed by a pruning by
-    global magnitude: of ⌈p·remaining⌉ weights, p = 1 - d^(1/(cycles-1)), then, last, to exactly round(d·N)
-    (the earlier ones' rounding up would leave the last cycle a weight or two short of the target density d);
-    the ticket is rewound to step k = 10% of a cycle."""
+    magnitude (over all layers together, or per layer under ticket_scope "layer"): of ⌈p·remaining⌉ weights,
+    p = 1 - d^(1/(cycles-1)), then, last, to exactly round(d·N) (of each layer: round(d·N_l)) (the earlier ones'
+    rounding up would leave the last cycle a weight or two short of the target density d); the ticket is rewound
+    to step k = 10% of a cycle."""
 
     def __init__(self, config, model, steps_per_epoch):
         self.config, self.model = config, model
         self.steps_per_epoch, self.steps_per_segment = steps_per_epoch, config.epochs * steps_per_epoch
         self.cycles = config.cycles
         self.algorithm = self._make_algorithm(prune_fraction=1 - config.density ** (1 / (config.cycles - 1)),
-                                              rewind_step=self.steps_per_segment // 10)
+                                              rewind_step=self.steps_per_segment // 10, scope=ticket_scope_of(config))
 
     @property
     def segments(self) -> int:

@@ -64,7 +64,9 @@ class TrainConfig:
     how sparse weights start (`sparsekern.nn.init`: "sparse" draws Var = 1/fan_in over the active inputs,
     "layer-scaled" the dense variance over the density, "dense" keeps torch's default init, masked); the dense
     method and the methods that start dense use it at density 1, where "sparse" and "layer-scaled" are both Var =
-    1/fan_in. epochs counts one segment: IMP trains `cycles` of them, SWAMP `cycles` x `particles`.
+    1/fan_in. epochs counts one segment: IMP trains `cycles` of them, SWAMP `cycles` x `particles`. scope is DST's
+    (per layer or global updates); ticket_scope IMP's and SWAMP's pruning, per layer or global: None keeps theirs,
+    global (a field of its own: runs stored before it hold scope "layer" and pruned globally).
     """
 
     method: str = "rigl"
@@ -80,6 +82,7 @@ class TrainConfig:
     snip_shift: float | None = None
     block: tuple[int, int] | None = None
     scope: str = "layer"
+    ticket_scope: str | None = None
     update_every: int = 25
     distribution: str = "erk"
     init: str = "sparse"
@@ -105,6 +108,7 @@ class TrainConfig:
         _check_choice("grow", self.grow, criteria.GROW)
         _check_choice("schedule", self.schedule, SCHEDULES)
         _check_choice("scope", self.scope, SCOPES)
+        _check_choice("ticket_scope", self.ticket_scope, SCOPES)
         _check_choice("swap_rounding", self.swap_rounding, SWAP_ROUNDINGS)
         _check_choice("distribution", self.distribution, DISTRIBUTIONS)
         _check_choice("init", self.init, INITS)
@@ -146,7 +150,7 @@ class TrainConfig:
 
 # Options added to TrainConfig after runs and checkpoints were stored: a config's settings leave them out at
 # their default, None, so that those runs are still found (runs.key) and those checkpoints still resume.
-LATER_OPTIONS = ("swap_rounding", "mest_gamma", "sensitivity_offset", "snip_shift", "block")
+LATER_OPTIONS = ("swap_rounding", "mest_gamma", "sensitivity_offset", "snip_shift", "block", "ticket_scope")
 
 
 def settings(config: TrainConfig | dict) -> dict:

@@ -363,6 +363,11 @@ BAD_ARGUMENTS = [
     ["train", "--method", "rigl", "--cycles", "3"],
     ["train", "--method", "imp", "--particles", "3"],
     ["train", "--method", "static", "--scope", "global"],
+    ["train", "--method", "optg", "--scope", "layer"],   # OptG ranks all layers together: it has no scope
+    ["compare", "--methods", "static,gmp", "--scope", "layer"],
+    ["train", "--method", "imp", "--scope", "Layer"],
+    ["train", "--method", "imp", "--scope", "layer", "--density", "0.0001"],   # empties the last layer only
+    ["compare", "--methods", "rigl,swamp", "--scope", "layer", "--densities", "0.2,0.0001"],
     ["train", "--method", "swamp", "--update-every", "7"],
     ["compare", "--methods", "rigl", "--criteria", "snip"],
     ["compare", "--methods", "static,rigl", "--grow", "random"],
@@ -413,6 +418,15 @@ WORDED_ARGUMENTS = [
     (["train", "--seed", str(2 ** 70)], "argument --seed: seed must be in [0, 4294967295]"),
     (["train", "--threads", "5000"], "argument --threads: threads must be at most 1024"),
     (["train", "--method", "static", "--scope", "global"], "--scope applies to the methods set, rigl, mest, dst"),
+    (["train", "--method", "gmp", "--scope", "global"],
+     "--scope applies to the methods set, rigl, mest, dst, imp, swamp, not 'gmp'"),
+    # A layer pruned to no weight: IMP refused it in its own words (density=...) at the last pruning, after every
+    # cycle but the last had trained.
+    (["train", "--method", "imp", "--scope", "layer", "--density", "0.0001"],
+     "--density 0.0001 under --scope layer leaves layer '5' (2560 weights) with no weight: imp would prune it "
+     "whole; raise --density above 0.0002, or prune all layers together (--scope global)"),
+    (["compare", "--methods", "swamp", "--scope", "layer", "--densities", "0.2,0.0001"],
+     "--densities 0.0001 under --scope layer leaves layer '5' (2560 weights) with no weight: swamp"),
     (["compare", "--methods", "rigl", "--criteria", "snip"], "--criteria applies to the criteria lines"),
     (["train", "--swap-rounding", "up"], "argument --swap-rounding: invalid choice: 'up'"),
     (["train", "--method", "imp", "--swap-rounding", "floor"], "--swap-rounding applies to the methods set, rigl"),

@@ -2,6 +2,7 @@
 `train` loses no finished work, runs record gradient flow and stop updating at their end point, and local
 datasets load. Bad inputs: test_bad_inputs.py."""
 import csv
+import inspect
 import json
 import math
 import os
@@ -14,11 +15,13 @@ import pytest
 import torch
 
 from sparsekern import checkpoint
+from sparsekern.algorithms import IMP, SWAMP
 from sparsekern.algorithms.optg import MIN_EPOCHS_DIGITS
 from sparsekern.cli import compare as compare_module
 from sparsekern.cli import main
 from sparsekern.cli.data import load_dataset
 from sparsekern.cli.main import _config, _warn_short_optg, build_parser
+from sparsekern.cli.recipes import TICKET_SCOPE
 from sparsekern.cli.runs import key
 from sparsekern.cli import training
 from sparsekern.cli.training import TrainConfig, prepare
@@ -555,6 +558,7 @@ def test_the_dense_baseline_uses_the_stated_init(init, std):
     ("rigl", ["--epochs", "3", "--update-every", "10"], 3, 1),  # mask updates before and after the stop
     ("set", ["--epochs", "2", "--update-every", "5", "--scope", "global"], 2, 1),
     ("imp", ["--epochs", "2", "--cycles", "2"], 4, 3),  # stopped mid-cycle, after a pruning
+    ("imp", ["--epochs", "1", "--cycles", "3", "--scope", "layer"], 3, 2),
     ("swamp", ["--epochs", "1", "--cycles", "2", "--particles", "2"], 4, 1),  # between particles
     ("optg", ["--epochs", "3"], 3, 2),
 ])
@@ -928,6 +932,70 @@ def test_a_run_at_the_default_swap_rounding_keeps_the_key_it_had_before_the_opti
     assert key(TrainConfig(method="static")) == "3033dd5ff0330a70aef6"
     assert key(TrainConfig(swap_rounding="floor")) != key(TrainConfig())
     assert key(TrainConfig(method="mest", mest_gamma=0.5)) != key(TrainConfig(method="mest"))
+
+
+def test_ticket_runs_without_scope_keep_their_keys_and_prune_globally_as_before_the_option():
+    # --scope reached DST only: IMP and SWAMP pruned globally (the library's default) under a config holding DST's
+    # scope "layer". Their runs stored so must still be found, and a ticket's --scope layer must be another run.
+    assert key(TrainConfig(method="imp")) == "f76e9e6e3d086e185e2a"
+    assert key(TrainConfig(method="swamp")) == "d1902e9d605388bb4b4e"
+    assert key(TrainConfig(method="imp", ticket_scope="layer")) != key(TrainConfig(method="imp"))
+    for algorithm in (IMP, SWAMP):
+        assert inspect.signature(algorithm).parameters["scope"].default == TICKET_SCOPE == "global"
+
+
+@pytest.mark.parametrize("method", ["imp", "swamp"])
+@pytest.mark.parametrize("argv, scope", [([], "global"), (["--scope", "layer"], "layer"),
+                                         (["--scope", "global"], "global")])
+def test_train_hands_the_scope_to_imp_and_swamp(method, argv, scope):
+    args = build_parser().parse_args(["train", "--method", method, *argv])
+    config = _config(args, method=method)
+    assert (config.scope, config.ticket_scope) == ("layer", argv[1] if argv else None)   # DST's scope untouched
+    assert prepare(config).recipe.algorithm.scope == scope
+
+
+def test_imp_under_scope_layer_prunes_each_layer_to_its_density_and_resumes_only_with_it(tmp_path, capsys):
+    common = ["train", "--method", "imp", "--density", "0.2", "--epochs", "1", "--cycles", "2", "--batch-size",
+              "256", "--quiet"]
+    main([*common, "--scope", "layer", "--out", str(tmp_path / "layer")])
+    main([*common, "--out", str(tmp_path / "global")])
+    shapes = {}
+    for run in ("layer", "global"):
+        state = checkpoint.load(tmp_path / run / "checkpoint.pt")
+        shapes[run] = {name: (int(mask.sum()), mask.numel()) for name, mask in state["model"].items()
+                       if name.endswith("mask")}
+    assert all(active == round(0.2 * size) for active, size in shapes["layer"].values())
+    assert any(active != round(0.2 * size) for active, size in shapes["global"].values())   # ranked together
+    saved = checkpoint.load(tmp_path / "layer" / "checkpoint.pt")["config"]
+    assert (saved["scope"], saved["ticket_scope"]) == ("layer", "layer")
+    assert checkpoint.load(tmp_path / "global" / "checkpoint.pt")["config"]["ticket_scope"] is None
+    capsys.readouterr()
+    for run, other in (("layer", []), ("global", ["--scope", "layer"])):   # a checkpoint of the other scope
+        with pytest.raises(SystemExit) as exit_info:
+            main([*common, *other, "--resume", str(tmp_path / run / "checkpoint.pt"), "--out", str(tmp_path / run)])
+        assert exit_info.value.code == 2
+        line, = capsys.readouterr().err.strip().splitlines()
+        assert "written with other arguments (ticket_scope" in line, line
+
+
+def test_compare_hands_the_scope_to_its_ticket_lines_and_its_caption_says_how_they_prune(tmp_path):
+    args = build_parser().parse_args(["compare", "--methods", "static,rigl,imp,swamp,gmp", "--scope", "layer"])
+    base = _config(args)
+    lines = compare_module.grid_lines(args.methods, ["snip"], "gradient", "cosine")
+    configs = {line.method: compare_module.line_config(base, line, 0.1, seed=0) for line in lines}
+    assert {method: config.ticket_scope for method, config in configs.items()} == {
+        "static": None, "rigl": None, "imp": "layer", "swamp": "layer", "gmp": None}
+    assert configs["rigl"].scope == "layer"
+    assert compare_module.layer_densities(base, args.methods) == \
+        "erk layer densities (gmp pruned over all layers together; imp, swamp pruned per layer), "
+    assert compare_module.layer_densities(_config(build_parser().parse_args(["compare"])), ["imp", "gmp"]) == \
+        "imp, gmp pruned over all layers together, "
+
+    main(["compare", "--methods", "imp", "--scope", "layer", "--densities", "0.2", "--seeds", "1", "--epochs", "1",
+          "--cycles", "2", "--batch-size", "256", "--jobs", "1", "--out", str(tmp_path), "--quiet"])
+    assert "on digits, imp pruned per layer, init sparse" in (tmp_path / "results.md").read_text()
+    record, = [json.loads(path.read_text()) for path in (tmp_path / "runs").glob("*.json")]
+    assert record["config"]["ticket_scope"] == "layer"
 
 
 def test_runs_and_checkpoints_stored_before_the_later_options_are_still_found_and_resume(tmp_path):

@@ -20,7 +20,9 @@ import torch.distributed
 from sparsekern import checkpoint
 from sparsekern.cli import main
 from sparsekern.cli import data_parallel
+from sparsekern.cli.data import load_dataset
 from sparsekern.cli.data_parallel import Ranks, batch_slice, check_config
+from sparsekern.cli.main import _config, _lockstep_arguments, build_parser
 from sparsekern.cli.training import TrainConfig
 
 from ..helpers import ROOT, torchrun
@@ -133,6 +135,19 @@ def test_runs_that_cannot_train_data_parallel_are_refused():
         check_config(TrainConfig(batch_size=3), ranks)
     check_config(TrainConfig(batch_size=4), ranks)
     check_config(TrainConfig(method="swamp", batch_size=1), Ranks())
+
+
+def test_ranks_compare_the_scope_a_ticket_run_prunes_by_under_its_option_name():
+    # --scope reaches IMP through a field of its own (ticket_scope): ranks with and without --scope layer would prune
+    # to other masks, and must be told apart, as --scope (no --ticket-scope option exists), and as the run takes it
+    # (as DST's options are compared): --scope global and IMP's own, global, agree.
+    def compared(*argv):
+        args = build_parser().parse_args(["train", "--method", "imp", *argv])
+        return _lockstep_arguments(args, _config(args, method="imp"), load_dataset("digits"), None)
+
+    assert [compared(*argv)["--scope"] for argv in ([], ["--scope", "layer"], ["--scope", "global"])] == \
+        ["global", "layer", "global"]
+    assert "--ticket-scope" not in compared("--scope", "layer")
 
 
 @gloo
