@@ -429,9 +429,16 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], object
     """
     if not callable(write):
         raise TypeError(f"write must be a callable taking the open file, got {type(write).__name__}")
-    path = os.path.realpath(os.fspath(path))
-    if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
-        raise ValueError(f"path {path!r} is not a regular file (a FIFO, socket or device), which writing would replace")
+    given = os.fspath(path)
+    path = os.path.realpath(given)
+    try:   # stat follows the links, /proc's of open descriptors too (a pipe's realpath names no file: "pipe:[N]")
+        mode = os.stat(given).st_mode
+    except OSError:   # nothing there yet (or a dangling link): made
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        link = f" (a link to {path!r})" if path != os.path.abspath(given) else ""
+        raise ValueError(f"path {given!r}{link} is not a regular file (a FIFO, socket or device), which writing would "
+                         f"replace")
     directory = os.path.dirname(path)
     staging = directory if os.path.lexists(directory) else _nearest_existing_parent(directory)
     if not os.path.isdir(staging):   # a file where a folder would be: refused before the write, as the system does

@@ -94,6 +94,21 @@ def test_an_atomic_write_through_a_link_to_a_fifo_or_device_is_refused_and_leave
             write_text(str(path), "{}")
     assert stat.S_ISFIFO(os.stat(fifo).st_mode) and link.is_symlink() and sorted(os.listdir(tmp_path)) == [
         "fifo", "record.json"]
+    with pytest.raises(ValueError, match=rf"^path '{re.escape(str(link))}' \(a link to '{re.escape(str(fifo))}'\)"):
+        write_text(str(link), "{}")   # named as given, and where it leads
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc's links to open descriptors")
+def test_an_atomic_write_to_a_pipe_through_proc_is_refused_as_not_a_regular_file():
+    # /dev/stdout in a pipeline: its realpath names no file ("pipe:[N]"), which passed as nothing there, and the write
+    # failed with FileNotFoundError naming a temporary file beside "pipe:[N]".
+    read, write = os.pipe()
+    try:
+        with pytest.raises(ValueError, match=rf"^path '/proc/self/fd/{write}' .*is not a regular file"):
+            checkpoint.write_atomically(f"/proc/self/fd/{write}", lambda file: file.write(b"{}"))
+    finally:
+        os.close(read)
+        os.close(write)
 
 
 @pytest.mark.parametrize("value, refused", [

@@ -47,13 +47,20 @@ def check_counts(config, layers: dict[str, tuple[int, ...]], option: str = "--de
                 smallest = min(sizes[name] for name in empty)
                 raise ValueError(f"{option} {density:g} under --scope layer leaves {_layers(empty, sizes)} with no "
                                  f"weight: {config.method} would prune {'them' if len(empty) > 1 else 'it'} whole; "
-                                 f"raise {option} above {0.5 / smallest:.2g}, or prune all layers together "
+                                 f"raise {option} to at least {at_least(1 / smallest)}, or prune all layers together "
                                  f"(--scope global)")
         total = sum(sizes.values())
         if round(density * total) == 0 or total - round(complement(density) * total) == 0:
             raise ValueError(f"{option} {density:g} keeps no weight of the model's {total} (round({density:g} x "
-                             f"{total}) = 0): {config.method} would prune them all; raise {option} above "
-                             f"{0.5 / total:.2g}")
+                             f"{total}) = 0): {config.method} would prune them all; raise {option} to at least "
+                             f"{at_least(1 / total)}")
+
+
+def at_least(value: float) -> str:
+    """`value` rounded up to two significant figures, as a density to suggest: one rounded to nearest may fall
+    below the count it is meant to reach (0.5/N rounds to no weight, 1/N of 2560 weights shown as 0.00039 too)."""
+    unit = 10.0 ** (math.floor(math.log10(value)) - 1)
+    return f"{math.ceil(round(value / unit, 9)) * unit:.2g}"
 
 
 def _counts(layers: dict[str, tuple[int, ...]], density: float, distribution: str) -> dict[str, int]:

@@ -778,8 +778,8 @@ def _config(args, **run) -> TrainConfig:
     method = run.get("method")   # None: compare's base, for lines of both
     if args.scope is not None and method not in TICKET_METHODS:
         given["scope"] = args.scope
-    if args.scope is not None and method in (None, *TICKET_METHODS):
-        given["ticket_scope"] = args.scope
+    if args.scope is not None and method in (None, *TICKET_METHODS):   # their own written out: the same run
+        given["ticket_scope"] = None if args.scope == TICKET_SCOPE else args.scope
     return TrainConfig(init=args.init, model=args.model, dataset=args.dataset,
                        epochs=args.epochs, device=args.device, batch_size=args.batch_size, lr=args.lr,
                        end_fraction=args.end_fraction, swap_rounding=args.swap_rounding,

@@ -86,10 +86,12 @@ def check_tie_masks(missing_keys: list, tie: list[nn.Module], assign: bool) -> N
     masks = []   # (key, mask): the masks the state dict holds for the tie's layers, in torch's loading order
     for name, module in root.named_modules(remove_duplicate=False):
         prefix = f"{name}." if name else ""
-        mask = state_dict.get(prefix + "mask")
+        # A mask, or torch.nn.utils.prune's weight_mask (which the layer's load takes as its mask)
+        key = next((prefix + entry for entry in ("mask", "weight_mask") if prefix + entry in state_dict), None)
+        mask = None if key is None else state_dict[key]
         if (id(module) in members and isinstance(mask, Tensor) and not mask.is_meta
                 and not (assign and prefix + "weight" in state_dict)):
-            masks.append((prefix + "mask", mask))
+            masks.append((key, mask))
     for (first_key, first), (key, mask) in zip(masks, masks[1:]):
         # Of another shape, torch refuses one of them, naming it.
         if mask.shape == first.shape and not torch.equal(first.bool(), mask.to(first.device).bool()):

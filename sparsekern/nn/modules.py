@@ -372,7 +372,7 @@ class SparseModule(nn.Module):
             self._check_weight_writable()   # before the mask changes: torch would refuse the weight's write only
         # Its mask alone an inference tensor (assigned under torch.inference_mode), which torch refused to write
         # naming no layer (a layer built there is refused by its weight, above).
-        _checks.writable_in_place(self.mask, f"set_mask: the mask of this {type(self).__name__}")
+        _refuse_inference_mask(self, f"set_mask: the mask of this {type(self).__name__}", "call set_mask")
         resets_state = self._check_optimizer(optimizer, mask)   # the shared weight's, reset once
         # The layers in inference mode (this one, a twin) keep serving, from the new mask: their pack is made before
         # anything changes, so that one that cannot be made leaves every layer as it was. Entries off the mask are
@@ -704,17 +704,31 @@ def _refused_by_torch(current: Tensor, saved, assign: bool) -> bool:
 
 
 def _refuse_inference_targets(module: SparseModule, state_dict, prefix: str) -> None:
-    """ValueError naming the first of `module`'s tensors that `state_dict` would be copied into and that is an
-    inference tensor (made under torch.inference_mode, a mask assigned there) outside inference mode: torch's copy
-    into one writes it, then refuses it, so the layer ended with the loaded mask (or weight) and its error."""
-    if torch.is_inference_mode_enabled():
-        return
+    """ValueError naming the first of `module`'s tensors that `state_dict` would be copied into (the mask too where
+    it holds the weight alone: a dense checkpoint loads the mask as all True) and that is an inference tensor (made
+    under torch.inference_mode, a mask assigned there) outside inference mode: torch's copy into one writes it, then
+    refuses it, so the layer ended with the loaded mask (or weight) and its error."""
+    layer = f"layer {prefix[:-1] or '(root)'!r}"
     for name, value in (*module._parameters.items(), *module._buffers.items()):
-        if (isinstance(value, Tensor) and value.is_inference() and prefix + name in state_dict
+        loaded = prefix + name in state_dict or name == "mask" and prefix + "weight" in state_dict
+        if name == "mask" and loaded:
+            _refuse_inference_mask(module, f"load_state_dict: the mask of {layer}",
+                                   "load under torch.inference_mode(), or with assign=True")
+        elif (isinstance(value, Tensor) and value.is_inference() and not torch.is_inference_mode_enabled() and loaded
                 and name not in module._non_persistent_buffers_set):
-            raise ValueError(f"load_state_dict: layer {prefix[:-1] or '(root)'!r}'s {name} is an inference tensor "
-                             f"(made under torch.inference_mode), which cannot be loaded into outside inference mode: "
-                             f"load under torch.inference_mode(), or with assign=True; nothing of the layer was loaded")
+            raise ValueError(f"load_state_dict: the {name} of {layer} is an inference tensor (made under "
+                             f"torch.inference_mode), which cannot be loaded into outside inference mode: load under "
+                             f"torch.inference_mode(), or with assign=True; nothing of the layer was loaded")
+
+
+def _refuse_inference_mask(module: SparseModule, subject: str, or_else: str) -> None:
+    """ValueError (`subject` starts it) where `module`'s own mask is an inference tensor (assigned under
+    torch.inference_mode) outside inference mode, which torch writes, then refuses: the remedy is a mask of its own,
+    not another argument."""
+    if module.mask.is_inference() and not torch.is_inference_mode_enabled():
+        raise ValueError(f"{subject} is an inference tensor (assigned under torch.inference_mode), which cannot be "
+                         f"written outside inference mode: put a copy in its place first (layer.mask = "
+                         f"layer.mask.clone()), or {or_else}; nothing was changed")
 
 
 def _check_loaded_layout(value, key: str) -> None:

@@ -410,7 +410,7 @@ def _projection_names(model: nn.Module) -> dict[str, str]:
             children = [layer for layer, kind in map(_layer_and_kind, module._flat_weights_names) if kind == "weight"]
         else:
             continue
-        names.update({f"{name}.{child}" if name else child: name or "(root)" for child in children})
+        names.update({f"{name}.{child}" if name else child: repr(name) for child in children})
     return names
 
 

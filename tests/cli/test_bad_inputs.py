@@ -424,7 +424,7 @@ WORDED_ARGUMENTS = [
     # cycle but the last had trained.
     (["train", "--method", "imp", "--scope", "layer", "--density", "0.0001"],
      "--density 0.0001 under --scope layer leaves layer '5' (2560 weights) with no weight: imp would prune it "
-     "whole; raise --density above 0.0002, or prune all layers together (--scope global)"),
+     "whole; raise --density to at least 0.0004, or prune all layers together (--scope global)"),
     (["compare", "--methods", "swamp", "--scope", "layer", "--densities", "0.2,0.0001"],
      "--densities 0.0001 under --scope layer leaves layer '5' (2560 weights) with no weight: swamp"),
     (["compare", "--methods", "rigl", "--criteria", "snip"], "--criteria applies to the criteria lines"),
@@ -463,7 +463,7 @@ WORDED_ARGUMENTS = [
     (["compare", "--methods", "rigl", "--densities", "0.5,0.01", "--block", "24x24"],
      "--block 24x24 is too large at --densities 0.01"),
     (["train", "--method", "imp", "--density", "0.000001"], "--density 1e-06 keeps no weight of the model's 84480"),
-    (["train", "--method", "optg", "--density", "0.000001"], "optg would prune them all; raise --density above"),
+    (["train", "--method", "optg", "--density", "0.000001"], "optg would prune them all; raise --density to at least"),
     (["compare", "--methods", "gmp", "--densities", "0.000001"], "--densities 1e-06 keeps no weight"),
     (["train", "--method", "imp", "--density", "1"], "imp prunes to its density, which must be below 1"),
     (["train", "--method", "swamp", "--cycles", "1"], "--cycles must be >= 2 for swamp"),

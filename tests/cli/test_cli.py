@@ -950,7 +950,8 @@ def test_ticket_runs_without_scope_keep_their_keys_and_prune_globally_as_before_
 def test_train_hands_the_scope_to_imp_and_swamp(method, argv, scope):
     args = build_parser().parse_args(["train", "--method", method, *argv])
     config = _config(args, method=method)
-    assert (config.scope, config.ticket_scope) == ("layer", argv[1] if argv else None)   # DST's scope untouched
+    # DST's scope untouched; the tickets' own scope written out is the run left to it (same key, same checkpoint)
+    assert (config.scope, config.ticket_scope) == ("layer", None if scope == "global" else scope)
     assert prepare(config).recipe.algorithm.scope == scope
 
 
@@ -1186,6 +1187,36 @@ def test_a_stored_run_with_values_no_run_gives_is_trained_again(tmp_path, damage
     record = records[key(config)]
     assert 0 <= record["test_accuracy"] <= 1 and type(record["config"]["seed"]) is int and "accuracy_mean" not in record
     assert training.damaged_records(record["history"], record["flow"], 2) == ""
+
+
+@pytest.fixture(scope="module")
+def rigl_records():
+    """(history, flow) of a small RigL run with mask updates."""
+    result = training.train(TrainConfig(method="rigl", density=0.3, epochs=2, batch_size=256, update_every=3),
+                            progress=False)
+    return result.history, result.flow
+
+
+def _flow_entry(when: str, index: int = 0):
+    """The record's `index`-th gradient-flow record taken `when`."""
+    return lambda flow: [entry for entry in flow if entry["when"] == when][index]
+
+
+@pytest.mark.parametrize("damage", [
+    lambda flow: _flow_entry("before update")(flow).update(gradient_flow=-0.1),
+    lambda flow: _flow_entry("after update")(flow).setdefault("layers", {}).update({"fc": -1.0}),
+    lambda flow: flow.append(dict(flow[-1], when="before update")),
+    lambda flow: flow.insert(1, dict(flow[0])),
+    lambda flow: _flow_entry("after update", 1)(flow).update(step=0)],
+    ids=["a negative flow", "a negative layer's flow", "a trailing before update", "a second init",
+         "a step going back"])
+def test_flow_records_out_of_place_or_negative_are_damaged(rigl_records, damage):
+    # Campaign 30's checks of the flow records (stored runs, train --resume): no test failed without each.
+    history, flow = rigl_records
+    assert training.damaged_records(history, flow, len(history)) == ""
+    flow = [dict(entry, layers=dict(entry.get("layers", {}))) for entry in flow]
+    damage(flow)
+    assert training.damaged_records(history, flow, len(history)) != ""
 
 
 def test_a_stored_record_nested_too_deep_for_json_or_not_a_file_is_trained_again(tmp_path):

@@ -240,11 +240,13 @@ def test_a_pattern_naming_a_projection_layer_says_which_module_to_name(generator
     torch.manual_seed(0)
     model = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0), nn.LSTM(8, 8))
     with pytest.warns(UserWarning, match=r"exclude pattern '\*\.in_proj' matches no module of the model, only weight "
-                                         r"layers of 0\.self_attn, which sparsify converts whole: include/exclude "
+                                         r"layers of '0\.self_attn', which sparsify converts whole: include/exclude "
                                          r"must name the attention or recurrent module itself"):
         sparsekern.sparsify(model, 0.5, exclude="*.in_proj", generator=generator)
-    with pytest.warns(UserWarning, match=r"'1\.hh_l0' matches no module of the model, only weight layers of 1,"):
+    with pytest.warns(UserWarning, match=r"'1\.hh_l0' matches no module of the model, only weight layers of '1',"):
         sparsekern.sparsify(nn.Sequential(nn.Linear(8, 8), nn.LSTM(8, 8)), 0.5, exclude="1.hh_l0", generator=generator)
+    with pytest.warns(UserWarning, match=r"'in_proj' matches no module of the model, only weight layers of '', "):
+        sparsekern.sparsify(nn.MultiheadAttention(8, 2), 0.5, exclude="in_proj", generator=generator)   # the root
     with pytest.warns(UserWarning, match=r"'fc\*' matches no module of the model$"):   # a mere typo: no module named
         sparsekern.sparsify(nn.Sequential(nn.Linear(8, 8)), 0.5, exclude="fc*", generator=generator)
 

@@ -369,6 +369,19 @@ def test_different_masks_under_two_tied_layers_keys_are_refused_naming_both_befo
     assert torch.equal(model[0].mask, other[0].mask) and torch.equal(model[2].mask, other[0].mask)
 
 
+def test_a_pruned_pair_and_a_mask_that_differ_under_two_tied_layers_keys_are_refused(generator):
+    # torch.nn.utils.prune's weight_orig/weight_mask under one layer's keys (translated as each layer loads) and
+    # another mask under its twin's: the later won silently, the check reading "<layer>.mask" only.
+    model, other = tied_pair(generator), tied_pair(torch.Generator().manual_seed(11))
+    mask = other[0].mask.clone()
+    state = {"0.weight_orig": other[0].weight.detach().clone(), "0.weight_mask": mask.float(), "2.mask": ~mask}
+    masks = [model[0].mask.clone(), model[2].mask.clone()]
+    with pytest.raises(ValueError, match=r"^load_state_dict: state dict entries '0\.weight_mask' and '2\.mask' hold "
+                                         r"different masks"):
+        model.load_state_dict(state, strict=False)
+    assert torch.equal(model[0].mask, masks[0]) and torch.equal(model[2].mask, masks[1])
+
+
 def test_the_dense_load_warning_names_only_the_layers_that_end_dense(generator):
     # Layer 0's plain weight is noted dense, then withdrawn when its twin loads the tie's mask; layer 3 stays dense.
     first, second = nn.Linear(8, 8), nn.Linear(8, 8)
