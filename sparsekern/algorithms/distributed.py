@@ -34,6 +34,7 @@ from ..nn.optimizer_state import (check_optimizer, check_state_writable, optimiz
                                   state_is_sharded)
 from ..nn.sharding import refuse_sharded
 from ..ops import _checks
+from . import _tickets
 from ._tickets import map_tensors
 
 
@@ -437,6 +438,20 @@ def check_same_settings(who: str, settings: list[dict]) -> None:
         raise ValueError(f"{who} was built with other settings on some ranks ({'; '.join(differing)}), under which "
                          f"the ranks would not train one run (masks that diverge at the first update, or "
                          f"collectives that pair wrongly); build it with the same arguments on every rank")
+
+
+def agreed_run_arguments(algorithm, train_fn, cycles, density) -> tuple[int, float | None]:
+    """(cycles, density) of `algorithm.run(train_fn, cycles, density=density)`, IMP's or SWAMP's, checked on every
+    rank of its group in one Agreement, and refused alike on every rank where they differ across ranks."""
+    who = f"{type(algorithm).__name__}.run()"
+    with Agreement(who, algorithm.group) as agreement:
+        _tickets.check_callable(train_fn, "train_fn", type(algorithm).__name__.lower())
+        cycles = _checks.count(cycles, "cycles", 1)
+        density = _tickets.check_run_density(density, cycles, algorithm._groups, algorithm.prune_fraction,
+                                             algorithm.scope, algorithm.cycle)
+        agreement.shared = {"cycles": cycles, "density": density}
+    check_same_arguments(who, agreement.gathered)
+    return cycles, density
 
 
 def check_same_arguments(who: str, arguments: list[dict]) -> None:

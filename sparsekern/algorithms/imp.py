@@ -202,13 +202,7 @@ class IMP(distributed.CatchesUp):
         weights than it keeps. Collective under a process group of several ranks, as `next_cycle`: arguments refused
         on one rank, or another `cycles` or `density` on some ranks, are refused on every rank before training.
         """
-        with distributed.Agreement("IMP.run()", self.group) as agreement:
-            _tickets.check_callable(train_fn, "train_fn", "imp")
-            cycles = _checks.count(cycles, "cycles", 1)
-            density = _tickets.check_run_density(density, cycles, self._groups, self.prune_fraction, self.scope,
-                                                 self.cycle)
-            agreement.shared = {"cycles": cycles, "density": density}
-        distributed.check_same_arguments("IMP.run()", agreement.gathered)
+        cycles, density = distributed.agreed_run_arguments(self, train_fn, cycles, density)
         while self.cycle < cycles:
             train_fn(self)
             if self.cycle == cycles - 1:

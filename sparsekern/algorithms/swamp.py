@@ -378,13 +378,7 @@ class SWAMP:
         pruning is `next_cycle(density)`, as in `IMP.run` (cycles >= 2). Collective, as `IMP.run`: arguments
         refused on one rank, or another `cycles` or `density` on some ranks, are refused on every rank before training.
         """
-        with distributed.Agreement("SWAMP.run()", self.group) as agreement:
-            _tickets.check_callable(train_fn, "train_fn", "swamp")
-            cycles = _checks.count(cycles, "cycles", 1)
-            density = _tickets.check_run_density(density, cycles, self._groups, self.prune_fraction, self.scope,
-                                                 self.cycle)
-            agreement.shared = {"cycles": cycles, "density": density}
-        distributed.check_same_arguments("SWAMP.run()", agreement.gathered)
+        cycles, density = distributed.agreed_run_arguments(self, train_fn, cycles, density)
         while self.cycle < cycles:
             if not self.averaged:
                 train_fn(self)

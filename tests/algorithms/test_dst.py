@@ -425,7 +425,6 @@ def test_state_dict_round_trip_and_bad_state_changes_nothing():
     assert all(torch.equal(a, b) for a, b in zip(before, masks(model))) and algo.step_count == 5
 
 
-
 def test_a_saved_schedule_that_replaces_the_built_one_is_named_in_a_warning():
     # A run resumed through the Python API with a longer total_steps followed the saved schedule without a word.
     model = small_model()
@@ -439,6 +438,7 @@ def test_a_saved_schedule_that_replaces_the_built_one_is_named_in_a_warning():
                                          r"total_steps: 80 -> 40\)"):
         longer.load_state_dict(state)
     assert longer.schedule.total_steps == 40
+
 
 def test_loading_masks_zeroes_the_optimizer_state_off_them():
     # Rolling the model and DST back to an earlier state while the optimizer keeps its momentum. Before: the
@@ -457,6 +457,7 @@ def test_loading_masks_zeroes_the_optimizer_state_off_them():
     algo.load_state_dict(saved["algo"])
     assert not train_step(model, optimizer, algo, 13)    # no update: nothing else zeroes the weights
     assert_inactive_zero(model)
+
 
 def test_state_at_total_steps_loads_without_a_warning():
     # A run that ended where its schedule ends did not go past it: its state loads silently.
