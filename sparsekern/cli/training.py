@@ -613,28 +613,32 @@ def damaged_summary(record: dict) -> str:
     return ""
 
 
+def _in_unit(value) -> bool:
+    return 0 <= value <= 1
+
+
+def _count(value) -> bool:
+    return _is_int(value) and value >= 0
+
+
+def _fraction(value) -> bool:
+    return isinstance(value, float) and _in_unit(value)
+
+
+# What each of an epoch's metrics may hold (`_uncounted`), by name.
+_COUNTED = {"test_accuracy": _in_unit, "density": _in_unit, "train_loss": lambda value: not value < 0,
+            "test_loss": lambda value: not value < 0, "gradient_flow": lambda value: not value < 0,
+            "seconds": lambda value: 0 <= value < math.inf, "mask_updates": _count, "inference_macs": _count,
+            "inference_flops_fraction": _fraction, "training_flops_fraction": _fraction}
+
+
 def _uncounted(row: dict) -> str | None:
     """The first of an epoch's metrics that no run counts, or None: accuracy and density fractions in [0, 1], the
     losses and gradient flow not negative (NaN or inf only where finite weights overflowed), seconds finite and not
     negative, mask updates an int >= 0, and of its costs (those it holds: an epoch of earlier versions has none) the
     MACs an int >= 0, the fractions floats in [0, 1] (sparse MACs are at most dense, and a step's at most a dense
     step's). A NaN, a negative or another type, written by hand with the summary to match, went into the tables."""
-    def in_unit(value):
-        return 0 <= value <= 1
-
-    def count(value):
-        return _is_int(value) and value >= 0
-
-    def not_negative(value):
-        return not value < 0
-
-    def fraction(value):
-        return isinstance(value, float) and in_unit(value)
-
-    counted = {"test_accuracy": in_unit, "density": in_unit, "train_loss": not_negative, "test_loss": not_negative,
-               "gradient_flow": not_negative, "seconds": lambda value: 0 <= value < math.inf, "mask_updates": count,
-               "inference_macs": count, "inference_flops_fraction": fraction, "training_flops_fraction": fraction}
-    return next((name for name, counts in counted.items() if name in row and not counts(row[name])), None)
+    return next((name for name, counts in _COUNTED.items() if name in row and not counts(row[name])), None)
 
 
 def _same_number(a, b) -> bool:
